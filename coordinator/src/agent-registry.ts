@@ -1,0 +1,123 @@
+import { fromBinary } from "@bufbuild/protobuf";
+import type { NatsConnection, Subscription } from "@nats-io/transport-node";
+import {
+  AgentService,
+  HeartbeatSchema,
+  createClient,
+  subjects,
+  type AgentInfo,
+  type Heartbeat,
+  type Logger,
+  type ServiceClient,
+} from "@latentfarm/shared";
+
+type AgentServiceMethods = typeof AgentService extends { method: infer M } ? M : never;
+
+export interface AgentState {
+  readonly id: string;
+  info: AgentInfo;
+  available: Set<string>;
+  freeMemoryBytes: bigint;
+  lastSeen: number;
+  /** Tasks this coordinator has running there; authoritative over the heartbeat's busy count. */
+  inFlight: number;
+  client: ServiceClient<AgentServiceMethods>;
+}
+
+/**
+ * Agents known from NATS heartbeats. An agent that stays silent past the timeout is dropped and
+ * its tasks are handed back to the scheduler through onLost.
+ */
+export class AgentRegistry {
+  private readonly agents = new Map<string, AgentState>();
+  private sub: Subscription | undefined;
+  private sweep: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly opts: {
+      timeoutMs: number;
+      logger: Logger;
+      onJoin?: (a: AgentState) => void;
+      onUpdate?: (a: AgentState) => void;
+      onLost?: (a: AgentState, reason: string) => void;
+    },
+  ) {}
+
+  start(nc: NatsConnection): void {
+    this.sub = nc.subscribe(subjects.allAgentHeartbeats, {
+      callback: (err, msg) => {
+        if (err) return;
+        let hb: Heartbeat;
+        try {
+          hb = fromBinary(HeartbeatSchema, msg.data);
+        } catch {
+          this.opts.logger.warn("undecodable heartbeat", { subject: msg.subject });
+          return;
+        }
+        this.observe(hb);
+      },
+    });
+    this.sweep = setInterval(() => this.expire(), Math.max(50, Math.floor(this.opts.timeoutMs / 4)));
+  }
+
+  private observe(hb: Heartbeat): void {
+    const info = hb.agent;
+    if (!info || !info.agentId || !info.address) return;
+    let a = this.agents.get(info.agentId);
+    if (a && a.info.address !== info.address) {
+      // Same id, new address: a restarted agent. Treat the old one as lost.
+      this.drop(a, "agent restarted at a new address");
+      a = undefined;
+    }
+    if (!a) {
+      a = {
+        id: info.agentId,
+        info,
+        available: new Set(hb.availableModels.map((m) => m.name)),
+        freeMemoryBytes: hb.freeMemoryBytes,
+        lastSeen: Date.now(),
+        inFlight: 0,
+        client: createClient(AgentService, info.address),
+      };
+      this.agents.set(a.id, a);
+      this.opts.logger.info("agent joined", { agentId: a.id, address: info.address });
+      this.opts.onJoin?.(a);
+      return;
+    }
+    a.info = info;
+    a.available = new Set(hb.availableModels.map((m) => m.name));
+    a.freeMemoryBytes = hb.freeMemoryBytes;
+    a.lastSeen = Date.now();
+    this.opts.onUpdate?.(a);
+  }
+
+  private expire(): void {
+    const now = Date.now();
+    for (const a of this.agents.values()) {
+      if (now - a.lastSeen > this.opts.timeoutMs) this.drop(a, `no heartbeat for ${now - a.lastSeen} ms`);
+    }
+  }
+
+  private drop(a: AgentState, reason: string): void {
+    if (this.agents.get(a.id) !== a) return;
+    this.agents.delete(a.id);
+    this.opts.logger.warn("agent lost", { agentId: a.id, reason });
+    this.opts.onLost?.(a, reason);
+    a.client.close();
+  }
+
+  get(id: string): AgentState | undefined {
+    return this.agents.get(id);
+  }
+
+  list(): AgentState[] {
+    return [...this.agents.values()];
+  }
+
+  close(): void {
+    this.sub?.unsubscribe();
+    if (this.sweep) clearInterval(this.sweep);
+    for (const a of this.agents.values()) a.client.close();
+    this.agents.clear();
+  }
+}

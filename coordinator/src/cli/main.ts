@@ -1,0 +1,433 @@
+import { parseArgs, type ParseArgsConfig } from "node:util";
+import { mkdir, readdir, writeFile } from "node:fs/promises";
+import { join, resolve } from "node:path";
+import { spawn, type ChildProcess } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import { execFileSync } from "node:child_process";
+import {
+  FarmError,
+  RenderService,
+  RngSource,
+  createClient,
+  jsonLogger,
+  type LogLevel,
+} from "@latentfarm/shared";
+import { Coordinator } from "../coordinator.js";
+import { startNatsServer, type NatsServerHandle } from "./nats-server.js";
+
+type Out = { out: (s: string) => void; err: (s: string) => void };
+const io: Out = { out: (s) => process.stdout.write(s), err: (s) => process.stderr.write(s) };
+
+const USAGE = `latentfarm — a distributed Stable Diffusion render farm
+
+Usage:
+  latentfarm up [--models DIR] [--nats URL] [--port N] [--agents N] [--ep cpu|cuda|webgpu] [--metrics-port N]
+  latentfarm demo [--models DIR] [--out DIR]           start a one-machine farm, render one image, stop
+  latentfarm coordinator [--port N] [--nats URL] [--metrics-port N] [--default-model NAME] [--agent-timeout-ms N]
+  latentfarm agent --models DIR [--port N] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N] [--slots N]
+                   [--metrics-port N] [--health-port N] [--advertise-address HOST:PORT] [--id ID]
+  latentfarm txt2img --coordinator HOST:PORT --prompt TEXT --out DIR [generation options]
+  latentfarm agents  --coordinator HOST:PORT [--json]
+  latentfarm models  --coordinator HOST:PORT [--json]
+  latentfarm prompt "<prompt>" [--steps N] [--json] [--tokenizer DIR]
+
+Generation options (A1111's parameter names in kebab case):
+  --negative-prompt TEXT  --model NAME  --seed N  --subseed N  --subseed-strength F
+  --sampler-name NAME  --scheduler NAME  --steps N  --cfg-scale F  --width N  --height N
+  --batch-size N  --n-iter N  --clip-skip N  --rng CPU|GPU|NV  --eta-noise-seed-delta N
+`;
+
+const GEN_OPTIONS = {
+  coordinator: { type: "string", default: "127.0.0.1:50051" },
+  prompt: { type: "string", default: "" },
+  out: { type: "string", default: "outputs" },
+  "negative-prompt": { type: "string", default: "" },
+  model: { type: "string", default: "" },
+  seed: { type: "string" },
+  subseed: { type: "string" },
+  "subseed-strength": { type: "string" },
+  "sampler-name": { type: "string", default: "" },
+  scheduler: { type: "string", default: "" },
+  steps: { type: "string" },
+  "cfg-scale": { type: "string" },
+  width: { type: "string" },
+  height: { type: "string" },
+  "batch-size": { type: "string" },
+  "n-iter": { type: "string" },
+  "clip-skip": { type: "string" },
+  rng: { type: "string" },
+  "eta-noise-seed-delta": { type: "string" },
+  json: { type: "boolean", default: false },
+  quiet: { type: "boolean", default: false },
+} as const satisfies ParseArgsConfig["options"];
+
+function num(name: string, v: string | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (!Number.isFinite(n)) throw new UsageError(`--${name} must be a number, got "${v}"`);
+  return n;
+}
+
+function big(name: string, v: string | undefined): bigint | undefined {
+  if (v === undefined) return undefined;
+  if (!/^-?\d+$/.test(v)) throw new UsageError(`--${name} must be an integer, got "${v}"`);
+  return BigInt(v);
+}
+
+class UsageError extends Error {}
+
+function rngOf(v: string | undefined): RngSource {
+  if (v === undefined) return RngSource.UNSPECIFIED;
+  const m: Record<string, RngSource> = { CPU: RngSource.CPU, GPU: RngSource.GPU, NV: RngSource.NV };
+  const r = m[v.toUpperCase()];
+  if (r === undefined) throw new UsageError(`--rng must be CPU, GPU or NV, got "${v}"`);
+  return r;
+}
+
+async function nextImageNumber(dir: string): Promise<number> {
+  const names = await readdir(dir).catch(() => [] as string[]);
+  let max = -1;
+  for (const n of names) {
+    const m = /^(\d{5})-/.exec(n);
+    if (m) max = Math.max(max, Number(m[1]));
+  }
+  return max + 1;
+}
+
+function progressLine(done: number, total: number, images: number, imageCount: number): string {
+  const width = 30;
+  const filled = total > 0 ? Math.round((done / total) * width) : 0;
+  return `\r[${"#".repeat(filled)}${".".repeat(width - filled)}] ${done}/${total} steps, ${images}/${imageCount} images`;
+}
+
+export async function txt2img(argv: string[], o: Out = io): Promise<number> {
+  const { values: v } = parseArgs({ args: argv, options: GEN_OPTIONS, allowPositionals: false });
+  const params = {
+    prompt: v.prompt,
+    negativePrompt: v["negative-prompt"],
+    model: v.model,
+    seed: big("seed", v.seed),
+    subseed: big("subseed", v.subseed),
+    subseedStrength: num("subseed-strength", v["subseed-strength"]) ?? 0,
+    samplerName: v["sampler-name"],
+    scheduler: v.scheduler,
+    steps: num("steps", v.steps),
+    cfgScale: num("cfg-scale", v["cfg-scale"]),
+    width: num("width", v.width),
+    height: num("height", v.height),
+    batchSize: num("batch-size", v["batch-size"]),
+    nIter: num("n-iter", v["n-iter"]),
+    clipSkip: num("clip-skip", v["clip-skip"]),
+    rng: rngOf(v.rng),
+    etaNoiseSeedDelta: big("eta-noise-seed-delta", v["eta-noise-seed-delta"]) ?? 0n,
+  };
+  const client = createClient(RenderService, v.coordinator);
+  const ac = new AbortController();
+  const onSigint = (): void => ac.abort();
+  process.once("SIGINT", onSigint);
+  try {
+    const { jobId, imageCount } = await client.submit({ params }, { signal: ac.signal, timeoutMs: 30_000 });
+    const dir = resolve(v.out);
+    await mkdir(dir, { recursive: true });
+    let n = await nextImageNumber(dir);
+    const steps = new Map<number, number>();
+    let totalSteps = 0;
+    let written = 0;
+    const paths: string[] = [];
+    let ok = false;
+    let failure = "";
+    for await (const { event } of client.watch({ jobId }, { signal: ac.signal })) {
+      const e = event?.event;
+      if (!e) continue;
+      if (e.case === "step") {
+        steps.set(e.value.imageIndex, e.value.step);
+        totalSteps = e.value.totalSteps * imageCount;
+      } else if (e.case === "image" && e.value.image) {
+        const img = e.value.image;
+        const path = join(dir, `${String(n++).padStart(5, "0")}-${img.seed}.png`);
+        await writeFile(path, img.png);
+        paths.push(path);
+        written++;
+        steps.set(img.index, totalSteps / Math.max(1, imageCount));
+      } else if (e.case === "warning") {
+        o.err(`\nwarning: ${e.value.message}\n`);
+      } else if (e.case === "done") {
+        ok = true;
+      } else if (e.case === "failed") {
+        failure = `${e.value.code}: ${e.value.message}`;
+      } else if (e.case === "cancelled") {
+        failure = "cancelled";
+      }
+      if (!v.quiet && !v.json) {
+        const done = [...steps.values()].reduce((a, b) => a + b, 0);
+        o.err(progressLine(done, totalSteps, written, imageCount));
+      }
+    }
+    if (!v.quiet && !v.json) o.err("\n");
+    if (v.json) o.out(JSON.stringify({ jobId, images: paths, ok, error: failure || undefined }) + "\n");
+    else for (const p of paths) o.out(p + "\n");
+    if (!ok || written !== imageCount) {
+      o.err(`job ${jobId} ${failure ? `failed: ${failure}` : `wrote ${written} of ${imageCount} images`}\n`);
+      return 1;
+    }
+    return 0;
+  } catch (err) {
+    const fe = FarmError.from(err);
+    o.err(`error: ${fe.codeName}: ${fe.message}\n`);
+    return 1;
+  } finally {
+    process.off("SIGINT", onSigint);
+    client.close();
+  }
+}
+
+async function listCommand(kind: "agents" | "models", argv: string[], o: Out = io): Promise<number> {
+  const { values: v } = parseArgs({
+    args: argv,
+    options: { coordinator: { type: "string", default: "127.0.0.1:50051" }, json: { type: "boolean", default: false } },
+  });
+  const client = createClient(RenderService, v.coordinator);
+  try {
+    if (kind === "agents") {
+      const { agents } = await client.listAgents({}, { timeoutMs: 10_000 });
+      if (v.json) {
+        o.out(JSON.stringify(agents.map((a) => ({ id: a.agentId, address: a.address, ep: a.executionProvider, slots: a.slots, busy: a.busySlots, loadedModels: a.loadedModels, draining: a.draining }))) + "\n");
+      } else {
+        for (const a of agents) o.out(`${a.agentId}\t${a.address}\t${a.executionProvider}\t${a.busySlots}/${a.slots} busy\t${a.draining ? "draining" : "ready"}\t${a.loadedModels.join(",") || "-"}\n`);
+      }
+    } else {
+      const { models } = await client.listModels({}, { timeoutMs: 10_000 });
+      if (v.json) o.out(JSON.stringify(models.map((m) => ({ name: m.name, format: m.format, loadedOn: m.loadedOn }))) + "\n");
+      else for (const m of models) o.out(`${m.name}\t${m.loadedOn.length ? `loaded on ${m.loadedOn.join(",")}` : "not loaded"}\n`);
+    }
+    return 0;
+  } catch (err) {
+    const fe = FarmError.from(err);
+    o.err(`error: ${fe.codeName}: ${fe.message}\n`);
+    return 1;
+  } finally {
+    client.close();
+  }
+}
+
+function logLevel(): LogLevel {
+  return (process.env["LATENTFARM_LOG_LEVEL"] as LogLevel | undefined) ?? "info";
+}
+
+async function runCoordinator(argv: string[]): Promise<number> {
+  const { values: v } = parseArgs({
+    args: argv,
+    options: {
+      port: { type: "string", default: "50051" },
+      host: { type: "string", default: "0.0.0.0" },
+      nats: { type: "string", default: process.env["NATS_URL"] ?? "nats://127.0.0.1:4222" },
+      "metrics-port": { type: "string", default: "9464" },
+      "default-model": { type: "string" },
+      "agent-timeout-ms": { type: "string", default: "5000" },
+    },
+  });
+  const logger = jsonLogger({ level: logLevel(), base: { service: "coordinator" } });
+  const c = new Coordinator({
+    listen: `${v.host}:${v.port}`,
+    natsUrl: v.nats,
+    metricsPort: Number(v["metrics-port"]),
+    agentTimeoutMs: Number(v["agent-timeout-ms"]),
+    ...(v["default-model"] ? { defaultModel: v["default-model"] } : {}),
+    logger,
+  });
+  await c.start();
+  process.stdout.write(JSON.stringify({ ready: true, port: c.port, metrics: c.metricsUrl }) + "\n");
+  await untilSignal();
+  await c.close();
+  return 0;
+}
+
+function untilSignal(): Promise<void> {
+  return new Promise((resolve) => {
+    const done = (): void => {
+      process.off("SIGINT", done);
+      process.off("SIGTERM", done);
+      resolve();
+    };
+    process.once("SIGINT", done);
+    process.once("SIGTERM", done);
+  });
+}
+
+const binPath = fileURLToPath(new URL("../../../bin/latentfarm.js", import.meta.url));
+
+function gpuCount(): number {
+  try {
+    return execFileSync("nvidia-smi", ["-L"], { encoding: "utf8" }).split("\n").filter((l) => l.startsWith("GPU ")).length;
+  } catch {
+    return 0;
+  }
+}
+
+export interface Farm {
+  coordinatorAddress: string;
+  metricsUrl: string | undefined;
+  agents: ChildProcess[];
+  close(): Promise<void>;
+}
+
+/** A whole farm on one machine: NATS (given or started), a coordinator, one agent process per GPU. */
+export async function startFarm(opts: {
+  models: string;
+  nats?: string;
+  port?: number;
+  agents?: number;
+  ep?: string;
+  metricsPort?: number;
+  onLog?: (line: string) => void;
+}): Promise<Farm> {
+  let nats: NatsServerHandle | undefined;
+  const natsUrl = opts.nats ?? (nats = await startNatsServer()).url;
+  const logger = jsonLogger({ level: logLevel(), base: { service: "coordinator" } });
+  const coordinator = new Coordinator({
+    listen: `0.0.0.0:${opts.port ?? 50051}`,
+    natsUrl,
+    ...(opts.metricsPort !== undefined ? { metricsPort: opts.metricsPort } : {}),
+    logger,
+  });
+  await coordinator.start();
+  const ep = opts.ep ?? "cpu";
+  const gpus = ep === "cpu" ? 0 : gpuCount();
+  const count = ep === "cpu" ? (opts.agents ?? 1) : (opts.agents ?? Math.max(1, gpus));
+  const agents: ChildProcess[] = [];
+  const ready: Array<Promise<void>> = [];
+  for (let i = 0; i < count; i++) {
+    const args = [binPath, "agent", "--models", resolve(opts.models), "--nats", natsUrl, "--port", "0", "--ep", ep, "--id", `agent-${i}`];
+    if (ep === "cuda") args.push("--device-id", String(i));
+    // Each CPU agent gets its share of the cores, so agents on one machine do not oversubscribe.
+    if (ep === "cpu") args.push("--threads", String(Math.max(1, Math.floor((await import("node:os")).availableParallelism() / count))));
+    const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });
+    agents.push(child);
+    ready.push(
+      new Promise<void>((res, rej) => {
+        let buf = "";
+        child.stdout!.on("data", (d: Buffer) => {
+          buf += d.toString();
+          if (buf.includes('"ready":true')) res();
+        });
+        child.once("exit", (code) => rej(new Error(`agent ${i} exited with ${code} before it was ready`)));
+      }),
+    );
+  }
+  await Promise.all(ready);
+  // Wait until the coordinator has heard every agent's heartbeat.
+  const client = createClient(RenderService, `127.0.0.1:${coordinator.port}`);
+  for (const deadline = Date.now() + 15_000; Date.now() < deadline; ) {
+    const { agents: seen } = await client.listAgents({});
+    if (seen.length >= count) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  client.close();
+  return {
+    coordinatorAddress: `127.0.0.1:${coordinator.port}`,
+    metricsUrl: coordinator.metricsUrl,
+    agents,
+    close: async () => {
+      await Promise.all(
+        agents.map(
+          (a) =>
+            new Promise<void>((r) => {
+              if (a.exitCode !== null || a.signalCode !== null) return r();
+              a.once("exit", () => r());
+              a.kill("SIGTERM");
+              setTimeout(() => a.kill("SIGKILL"), 10_000).unref();
+            }),
+        ),
+      );
+      await coordinator.close();
+      await nats?.stop();
+    },
+  };
+}
+
+const UP_OPTIONS = {
+  models: { type: "string", default: "models" },
+  nats: { type: "string" },
+  port: { type: "string", default: "50051" },
+  agents: { type: "string" },
+  ep: { type: "string", default: "cpu" },
+  "metrics-port": { type: "string", default: "9464" },
+} as const satisfies ParseArgsConfig["options"];
+
+async function up(argv: string[]): Promise<number> {
+  const { values: v } = parseArgs({ args: argv, options: UP_OPTIONS });
+  if (!["cpu", "cuda", "webgpu"].includes(v.ep)) throw new UsageError(`--ep must be cpu, cuda or webgpu, got "${v.ep}"`);
+  const farm = await startFarm({
+    models: v.models,
+    ...(v.nats ? { nats: v.nats } : {}),
+    port: Number(v.port),
+    ...(v.agents ? { agents: Number(v.agents) } : {}),
+    ep: v.ep,
+    metricsPort: Number(v["metrics-port"]),
+  });
+  io.out(`farm up: coordinator ${farm.coordinatorAddress}, ${farm.agents.length} agent(s); Ctrl-C stops it\n`);
+  await untilSignal();
+  await farm.close();
+  return 0;
+}
+
+async function demo(argv: string[]): Promise<number> {
+  const { values: v } = parseArgs({
+    args: argv,
+    options: {
+      models: { type: "string", default: "models" },
+      out: { type: "string", default: "outputs/demo" },
+      prompt: { type: "string", default: "a photo of a cat" },
+    },
+  });
+  const farm = await startFarm({ models: v.models, port: 0, agents: 1, ep: "cpu" });
+  try {
+    const client = createClient(RenderService, farm.coordinatorAddress);
+    const { models } = await client.listModels({});
+    client.close();
+    const model = models[0]?.name;
+    if (!model) throw new UsageError(`no models in ${resolve(v.models)}`);
+    io.err(`rendering "${v.prompt}" with ${model} on a one-machine farm\n`);
+    return await txt2img([
+      "--coordinator", farm.coordinatorAddress, "--prompt", v.prompt, "--model", model, "--out", v.out,
+      "--width", "64", "--height", "64", "--steps", "20", "--sampler-name", "Euler a", "--seed", "42",
+    ]);
+  } finally {
+    await farm.close();
+  }
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  try {
+    switch (cmd) {
+      case "up":
+        return await up(rest);
+      case "demo":
+        return await demo(rest);
+      case "coordinator":
+        return await runCoordinator(rest);
+      case "txt2img":
+        return await txt2img(rest);
+      case "agents":
+      case "models":
+        return await listCommand(cmd, rest);
+      case undefined:
+      case "help":
+      case "--help":
+      case "-h":
+        io.out(USAGE);
+        return cmd === undefined ? 2 : 0;
+      default:
+        io.err(`unknown command "${cmd}"\n\n${USAGE}`);
+        return 2;
+    }
+  } catch (err) {
+    if (err instanceof UsageError || (err instanceof TypeError && "code" in err && String((err as { code: unknown }).code).startsWith("ERR_PARSE_ARGS"))) {
+      io.err(`${err.message}\n`);
+      return 2;
+    }
+    io.err(`error: ${err instanceof Error ? err.message : String(err)}\n`);
+    return 1;
+  }
+}

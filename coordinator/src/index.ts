@@ -1,0 +1,2 @@
+export { Coordinator, type CoordinatorConfig } from "./coordinator.js";
+export { validateJob, imageSeeds, resolveSeed, DEFAULT_LIMITS, type Limits } from "./validate.js";

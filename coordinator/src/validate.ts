@@ -1,0 +1,144 @@
+import { create } from "@bufbuild/protobuf";
+import {
+  FarmError,
+  GenerationParamsSchema,
+  RngSource,
+  UnknownNameError,
+  resolveSampler,
+  type GenerationParams,
+  type ResolvedSampler,
+} from "@latentfarm/shared";
+
+export interface Limits {
+  maxSteps: number;
+  maxBatchSize: number;
+  maxNIter: number;
+  maxImagesPerJob: number;
+  maxSide: number;
+  maxPromptChars: number;
+}
+
+export const DEFAULT_LIMITS: Limits = {
+  maxSteps: 150,
+  maxBatchSize: 64,
+  maxNIter: 100,
+  maxImagesPerJob: 1000,
+  maxSide: 4096,
+  maxPromptChars: 100_000,
+};
+
+/** Samplers the agents run today; the rest of A1111's list is known but refused as UNIMPLEMENTED. */
+export type SamplerSupport = (resolved: ResolvedSampler) => boolean;
+
+export interface ValidatedJob {
+  /** The request with A1111's defaults filled in. */
+  params: GenerationParams;
+  sampler: ResolvedSampler;
+  imageCount: number;
+}
+
+const SEED_MAX = 2 ** 53 - 1;
+
+function finite(field: string, v: number | undefined): void {
+  if (v !== undefined && !Number.isFinite(v)) throw FarmError.invalid(field, `must be a finite number, got ${v}`);
+}
+
+function intIn(field: string, v: number, lo: number, hi: number): void {
+  if (!Number.isInteger(v) || v < lo || v > hi) throw FarmError.invalid(field, `must be an integer in [${lo}, ${hi}], got ${v}`);
+}
+
+/**
+ * Checks a job field by field and fills A1111's API defaults (steps 50, cfg 7, 512×512, Euler).
+ * Fields that later issues implement are refused with UNIMPLEMENTED rather than ignored.
+ */
+export function validateJob(
+  input: GenerationParams,
+  opts: { limits?: Limits; samplerSupported?: SamplerSupport; defaultModel?: string } = {},
+): ValidatedJob {
+  const L = opts.limits ?? DEFAULT_LIMITS;
+  const p = create(GenerationParamsSchema, input);
+
+  if (p.prompt.length > L.maxPromptChars) throw FarmError.invalid("prompt", `is longer than ${L.maxPromptChars} characters`);
+  if (p.negativePrompt.length > L.maxPromptChars) throw FarmError.invalid("negative_prompt", `is longer than ${L.maxPromptChars} characters`);
+
+  p.steps ??= 50;
+  intIn("steps", p.steps, 1, L.maxSteps);
+  p.cfgScale ??= 7;
+  finite("cfg_scale", p.cfgScale);
+  if (p.cfgScale < 0) throw FarmError.invalid("cfg_scale", `must be ≥ 0, got ${p.cfgScale}`);
+  p.width ??= 512;
+  p.height ??= 512;
+  for (const [f, v] of [["width", p.width], ["height", p.height]] as const) {
+    intIn(f, v, 8, L.maxSide);
+    if (v % 8 !== 0) throw FarmError.invalid(f, `must be a multiple of 8, got ${v}`);
+  }
+  p.batchSize ??= 1;
+  intIn("batch_size", p.batchSize, 1, L.maxBatchSize);
+  p.nIter ??= 1;
+  intIn("n_iter", p.nIter, 1, L.maxNIter);
+  const imageCount = p.batchSize * p.nIter;
+  if (imageCount > L.maxImagesPerJob) throw FarmError.invalid("batch_size", `batch_size × n_iter = ${imageCount} exceeds ${L.maxImagesPerJob}`);
+  p.clipSkip ??= 1;
+  intIn("clip_skip", p.clipSkip, 1, 12);
+
+  for (const [f, v] of [["seed", p.seed], ["subseed", p.subseed]] as const) {
+    if (v !== undefined && v !== -1n && (v < 0n || v > BigInt(SEED_MAX))) throw FarmError.invalid(f, `must be -1 (random) or in [0, ${SEED_MAX}], got ${v}`);
+  }
+  finite("subseed_strength", p.subseedStrength);
+  if (p.subseedStrength < 0 || p.subseedStrength > 1) throw FarmError.invalid("subseed_strength", `must be in [0, 1], got ${p.subseedStrength}`);
+  if (p.seedResizeFromW < 0 && p.seedResizeFromW !== -1) throw FarmError.invalid("seed_resize_from_w", "must be ≥ 0 or -1");
+  if (p.seedResizeFromH < 0 && p.seedResizeFromH !== -1) throw FarmError.invalid("seed_resize_from_h", "must be ≥ 0 or -1");
+  if (!(p.rng in RngSource)) throw FarmError.invalid("rng", `unknown RNG source ${p.rng}`);
+  if (p.etaNoiseSeedDelta < 0n || p.etaNoiseSeedDelta > BigInt(SEED_MAX)) throw FarmError.invalid("eta_noise_seed_delta", "must be ≥ 0");
+  for (const [f, v] of [["eta", p.eta], ["s_churn", p.sChurn], ["s_tmin", p.sTmin], ["s_tmax", p.sTmax], ["s_noise", p.sNoise]] as const) {
+    finite(f, v);
+    if (v !== undefined && v < 0) throw FarmError.invalid(f, `must be ≥ 0, got ${v}`);
+  }
+
+  let sampler: ResolvedSampler;
+  try {
+    sampler = resolveSampler(p.samplerName, p.scheduler);
+  } catch (err) {
+    if (err instanceof UnknownNameError) throw FarmError.invalid(err.field, err.message.slice(err.field.length + 2));
+    throw err;
+  }
+  if (opts.samplerSupported && !opts.samplerSupported(sampler)) {
+    throw FarmError.unimplemented("sampler_name", `"${sampler.sampler.name}" with schedule "${sampler.scheduler}" is not implemented by this farm yet`);
+  }
+
+  if (p.model === "") p.model = opts.defaultModel ?? "";
+  if (p.model === "") throw FarmError.invalid("model", "no model named and the farm has no default model");
+  if (/[/\\\0]/.test(p.model) || p.model.startsWith(".")) throw FarmError.invalid("model", `"${p.model}" is not a model name`);
+
+  // Fields of later features: refused, never silently ignored.
+  const later: Array<[string, boolean]> = [
+    ["enable_hr", p.enableHr],
+    ["init_images", p.initImages.length > 0],
+    ["mask", p.mask.length > 0],
+    ["restore_faces", p.restoreFaces],
+    ["loras", p.loras.length > 0],
+    ["subseed_strength", p.subseedStrength !== 0],
+    ["seed_resize_from_w", p.seedResizeFromW > 0 || p.seedResizeFromH > 0],
+  ];
+  for (const [field, set] of later) if (set) throw FarmError.unimplemented(field, "is not implemented by this farm yet");
+  finite("denoising_strength", p.denoisingStrength);
+  finite("hr_scale", p.hrScale);
+  finite("code_former_weight", p.codeFormerWeight);
+  finite("initial_noise_multiplier", p.initialNoiseMultiplier);
+
+  return { params: p, sampler, imageCount };
+}
+
+/** A1111's seed bookkeeping (behaviour spec §3.1): -1 → random in [0, 4294967293]. */
+export function resolveSeed(v: bigint | undefined): bigint {
+  if (v === undefined || v === -1n) return BigInt(Math.floor(Math.random() * 4294967294));
+  return v;
+}
+
+/** Image i's seed and subseed: seed + i unless a variation seed is in use (then all share seed). */
+export function imageSeeds(seed: bigint, subseed: bigint, subseedStrength: number, count: number): Array<{ seed: bigint; subseed: bigint }> {
+  return Array.from({ length: count }, (_, i) => ({
+    seed: subseedStrength === 0 ? seed + BigInt(i) : seed,
+    subseed: subseed + BigInt(i),
+  }));
+}

@@ -1,0 +1,91 @@
+import { parseArgs } from "node:util";
+import { availableParallelism } from "node:os";
+import { jsonLogger, type LogLevel } from "@latentfarm/shared";
+import { Agent } from "./agent.js";
+import type { ExecutionProvider } from "./runtime/protocol.js";
+
+const AGENT_USAGE = `latentfarm agent --models DIR [--port N] [--host ADDR] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N]
+                 [--slots N] [--threads N] [--max-loaded-models N] [--metrics-port N] [--health-port N]
+                 [--advertise-address HOST:PORT] [--id ID] [--heartbeat-ms N] [--drain-seconds N]
+`;
+
+function ep(name: string, deviceId: number): ExecutionProvider {
+  if (name === "cpu") return { name: "cpu" };
+  if (name === "cuda") return { name: "cuda", deviceId };
+  if (name === "webgpu") return { name: "webgpu" };
+  throw new Error(`--ep must be cpu, cuda or webgpu, got "${name}"`);
+}
+
+async function runAgent(argv: string[]): Promise<number> {
+  const { values: v } = parseArgs({
+    args: argv,
+    options: {
+      models: { type: "string", default: process.env["LATENTFARM_MODELS"] ?? "models" },
+      port: { type: "string", default: "50052" },
+      host: { type: "string", default: "0.0.0.0" },
+      nats: { type: "string", default: process.env["NATS_URL"] ?? "nats://127.0.0.1:4222" },
+      ep: { type: "string", default: "cpu" },
+      "device-id": { type: "string", default: "0" },
+      slots: { type: "string", default: "4" },
+      threads: { type: "string" },
+      "max-loaded-models": { type: "string", default: "2" },
+      "metrics-port": { type: "string" },
+      "health-port": { type: "string" },
+      "advertise-address": { type: "string" },
+      id: { type: "string" },
+      "heartbeat-ms": { type: "string", default: "1000" },
+      "drain-seconds": { type: "string", default: "300" },
+      help: { type: "boolean", default: false },
+    },
+  });
+  if (v.help) {
+    process.stdout.write(AGENT_USAGE);
+    return 0;
+  }
+  const logger = jsonLogger({ level: (process.env["LATENTFARM_LOG_LEVEL"] as LogLevel | undefined) ?? "info", base: { service: "gpu-agent" } });
+  const agent = new Agent({
+    listen: `${v.host}:${v.port}`,
+    natsUrl: v.nats,
+    modelsDir: v.models,
+    ep: ep(v.ep, Number(v["device-id"])),
+    slots: Number(v.slots),
+    heartbeatMs: Number(v["heartbeat-ms"]),
+    maxLoadedModels: Number(v["max-loaded-models"]),
+    intraOpNumThreads: v.threads ? Number(v.threads) : Math.max(1, availableParallelism()),
+    ...(v.id ? { agentId: v.id } : {}),
+    ...(v["metrics-port"] !== undefined ? { metricsPort: Number(v["metrics-port"]) } : {}),
+    ...(v["health-port"] !== undefined ? { healthPort: Number(v["health-port"]) } : {}),
+    ...(v["advertise-address"] ? { advertiseAddress: v["advertise-address"] } : {}),
+    logger,
+  });
+  await agent.start();
+  process.stdout.write(JSON.stringify({ ready: true, id: agent.id, address: agent.address, metrics: agent.metricsUrl }) + "\n");
+  const graceMs = Number(v["drain-seconds"]) * 1000;
+  await new Promise<void>((resolve) => {
+    const stop = (): void => {
+      process.off("SIGTERM", stop);
+      process.off("SIGINT", stop);
+      void agent.drain(graceMs).then(resolve, resolve);
+    };
+    process.once("SIGTERM", stop);
+    process.once("SIGINT", stop);
+  });
+  await agent.close();
+  return 0;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  try {
+    switch (cmd) {
+      case "agent":
+        return await runAgent(rest);
+      default:
+        process.stderr.write(`unknown agent command "${cmd}"\n`);
+        return 2;
+    }
+  } catch (err) {
+    process.stderr.write(`error: ${err instanceof Error ? err.message : String(err)}\n`);
+    return 1;
+  }
+}

@@ -1,0 +1,99 @@
+import { FarmError, type Logger } from "@latentfarm/shared";
+import type { ModelCatalog } from "./catalog.js";
+import { SdModel } from "./sd-model.js";
+import type { ExecutionProvider } from "../runtime/protocol.js";
+
+interface Slot<T> {
+  value: Promise<T>;
+  users: number;
+  lastUsed: number;
+}
+
+export interface Loaded<T> {
+  readonly value: T;
+  release(): void;
+}
+
+/**
+ * Loaded pipelines, most recently used kept, at most `capacity` of them. A pipeline in use is
+ * never evicted; the cache may exceed capacity briefly until its users release it.
+ */
+export class PipelineCache<T extends { close(): Promise<void> }> {
+  private readonly slots = new Map<string, Slot<T>>();
+
+  constructor(
+    private readonly capacity: number,
+    private readonly load: (name: string, signal?: AbortSignal) => Promise<T>,
+    private readonly onChange?: (names: string[]) => void,
+  ) {}
+
+  get names(): string[] {
+    return [...this.slots.keys()];
+  }
+
+  async acquire(name: string, signal?: AbortSignal): Promise<Loaded<T>> {
+    let slot = this.slots.get(name);
+    if (!slot) {
+      const value = this.load(name, signal);
+      slot = { value, users: 0, lastUsed: Date.now() };
+      this.slots.set(name, slot);
+      value.then(
+        () => this.onChange?.(this.names),
+        () => {
+          // A failed load must not stay cached: the next task retries it.
+          if (this.slots.get(name)?.value === value) this.slots.delete(name);
+        },
+      );
+    }
+    slot.users++;
+    slot.lastUsed = Date.now();
+    try {
+      const value = await slot.value;
+      let released = false;
+      const s = slot;
+      return {
+        value,
+        release: () => {
+          if (released) return;
+          released = true;
+          s.users--;
+          s.lastUsed = Date.now();
+          void this.evict();
+        },
+      };
+    } catch (err) {
+      slot.users--;
+      throw err;
+    }
+  }
+
+  private async evict(): Promise<void> {
+    while (this.slots.size > this.capacity) {
+      const idle = [...this.slots.entries()].filter(([, s]) => s.users === 0).sort((a, b) => a[1].lastUsed - b[1].lastUsed)[0];
+      if (!idle) return;
+      this.slots.delete(idle[0]);
+      this.onChange?.(this.names);
+      await idle[1].value.then((v) => v.close(), () => undefined);
+    }
+  }
+
+  async close(): Promise<void> {
+    const all = [...this.slots.values()];
+    this.slots.clear();
+    await Promise.all(all.map((s) => s.value.then((v) => v.close(), () => undefined)));
+  }
+}
+
+export function sdModelLoader(
+  catalog: ModelCatalog,
+  opts: { ep: ExecutionProvider; intraOpNumThreads?: number; logger: Logger },
+): (name: string, signal?: AbortSignal) => Promise<SdModel> {
+  return async (name, signal) => {
+    const entry = await catalog.get(name);
+    try {
+      return await SdModel.load(entry, { ...opts, ...(signal ? { signal } : {}) });
+    } catch (err) {
+      throw FarmError.from(err);
+    }
+  };
+}

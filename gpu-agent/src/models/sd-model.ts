@@ -1,0 +1,278 @@
+import { readFile } from "node:fs/promises";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import * as grpc from "@grpc/grpc-js";
+import { FarmError, type Logger } from "@latentfarm/shared";
+import { OrtWorker } from "../runtime/ort-runtime.js";
+import type { ExecutionProvider, SessionInfo, TensorType, ValueMeta, WireTensor } from "../runtime/protocol.js";
+import { floatsToHalf, halfToFloats } from "../runtime/float16.js";
+import type { ModelEntry } from "./catalog.js";
+
+const CLIP_LAYER_NORM_EPS = 1e-5;
+
+/** What the conditioning layer needs from a text encoder. */
+export interface TextEncoder {
+  readonly hiddenSize: number;
+  /** The largest usable clip skip: 1 when the model exports no hidden states. */
+  readonly maxClipSkip: number;
+  encode(batch: Int32Array, n: number, clipSkip: number, signal?: AbortSignal): Promise<Float32Array>;
+}
+
+function own<T extends Float32Array | Int32Array | BigInt64Array | Uint16Array>(a: T): T {
+  // Feeds are transferred to the worker, so each must own its whole buffer.
+  return a.byteOffset === 0 && a.byteLength === a.buffer.byteLength ? a : (a.slice() as T);
+}
+
+function inputOf(info: SessionInfo, names: string[], session: string): ValueMeta {
+  for (const n of names) {
+    const m = info.inputs.find((i) => i.name === n);
+    if (m) return m;
+  }
+  const first = info.inputs[0];
+  if (!first) throw new FarmError(grpc.status.FAILED_PRECONDITION, `${session} has no inputs`);
+  return first;
+}
+
+function floatTensor(meta: ValueMeta, data: Float32Array, dims: number[]): WireTensor {
+  if (meta.type === "float16") return { type: "float16", dims, data: floatsToHalf(data) };
+  return { type: "float32", dims, data: own(data) };
+}
+
+function readFloats(t: WireTensor): Float32Array {
+  if (t.type === "float16") return halfToFloats(t.data as Uint16Array);
+  if (t.type === "float32") return t.data as Float32Array;
+  throw new FarmError(grpc.status.INTERNAL, `unexpected output type ${t.type}`);
+}
+
+export interface SdModelConfig {
+  readonly scalingFactor: number;
+  readonly predictionType: "epsilon" | "v_prediction";
+  readonly latentChannels: number;
+}
+
+/**
+ * A loaded Stable Diffusion pipeline in the diffusers ONNX layout, its sessions held by one
+ * worker thread. Input names and dtypes come from the sessions' metadata, since exporters differ
+ * (timestep float or int64, input_ids int32 or int64, fp16 or fp32).
+ */
+export class SdModel {
+  private constructor(
+    readonly entry: ModelEntry,
+    readonly config: SdModelConfig,
+    readonly tokenizerDir: string,
+    private readonly worker: OrtWorker,
+    private readonly sessions: Record<"text_encoder" | "unet" | "vae_decoder", SessionInfo>,
+    private readonly unetInputs: { sample: ValueMeta; timestep: ValueMeta; context: ValueMeta; output: string },
+    readonly textEncoder: TextEncoder,
+  ) {}
+
+  get name(): string {
+    return this.entry.name;
+  }
+
+  static async load(
+    entry: ModelEntry,
+    opts: { ep: ExecutionProvider; intraOpNumThreads?: number; logger: Logger; signal?: AbortSignal },
+  ): Promise<SdModel> {
+    if (entry.format !== "diffusers-onnx") {
+      throw new FarmError(grpc.status.UNIMPLEMENTED, `model "${entry.name}" is a ${entry.format} checkpoint; only diffusers ONNX folders load today`, { field: "model" });
+    }
+    const dir = entry.path;
+    for (const part of ["text_encoder", "unet", "vae_decoder", "tokenizer"]) {
+      if (!existsSync(join(dir, part))) {
+        throw new FarmError(grpc.status.FAILED_PRECONDITION, `model "${entry.name}" lacks ${part}/`, { field: "model" });
+      }
+    }
+    const config = await readConfig(dir);
+    const worker = new OrtWorker(opts.ep, opts.intraOpNumThreads === undefined ? {} : { intraOpNumThreads: opts.intraOpNumThreads });
+    try {
+      const te = await worker.load("text_encoder", join(dir, "text_encoder", "model.onnx"), opts.signal);
+      const unet = await worker.load("unet", join(dir, "unet", "model.onnx"), opts.signal);
+      const vae = await worker.load("vae_decoder", join(dir, "vae_decoder", "model.onnx"), opts.signal);
+      const unetInputs = {
+        sample: inputOf(unet, ["sample"], "unet"),
+        timestep: inputOf(unet, ["timestep", "timesteps", "t"], "unet"),
+        context: inputOf(unet, ["encoder_hidden_states", "context"], "unet"),
+        output: unet.outputs[0]?.name ?? "out_sample",
+      };
+      const textEncoder = await OnnxTextEncoder.create(worker, te, opts.signal);
+      return new SdModel(entry, config, join(dir, "tokenizer"), worker, { text_encoder: te, unet, vae_decoder: vae }, unetInputs, textEncoder);
+    } catch (err) {
+      await worker.close();
+      throw err;
+    }
+  }
+
+  /** eps (or v) prediction for a batch: sample [n,C,h,w], timesteps [n] (fractional), context [n,seq,dim]. */
+  async unet(
+    sample: Float32Array,
+    timesteps: Float32Array,
+    context: Float32Array,
+    dims: { n: number; h: number; w: number; seq: number; dim: number },
+    signal?: AbortSignal,
+  ): Promise<Float32Array> {
+    const u = this.unetInputs;
+    const c = this.config.latentChannels;
+    let t: WireTensor;
+    if (u.timestep.type === "int64") {
+      // An integer-timestep export cannot express A1111's fractional t; round as such exports expect.
+      t = { type: "int64", dims: [dims.n], data: BigInt64Array.from(timesteps, (v) => BigInt(Math.round(v))) };
+    } else {
+      t = floatTensor(u.timestep, timesteps, u.timestep.shape.length === 0 ? [] : [dims.n]);
+    }
+    const out = await this.worker.run(
+      "unet",
+      {
+        [u.sample.name]: floatTensor(u.sample, sample, [dims.n, c, dims.h, dims.w]),
+        [u.timestep.name]: t,
+        [u.context.name]: floatTensor(u.context, context, [dims.n, dims.seq, dims.dim]),
+      },
+      [u.output],
+      signal,
+    );
+    return readFloats(out[u.output]!);
+  }
+
+  /** latent [1,C,h,w] (already divided by the scaling factor) → image [1,3,8h,8w] in [-1,1]. */
+  async vaeDecode(latent: Float32Array, h: number, w: number, signal?: AbortSignal): Promise<Float32Array> {
+    const info = this.sessions.vae_decoder;
+    const input = inputOf(info, ["latent_sample"], "vae_decoder");
+    const outName = info.outputs[0]?.name ?? "sample";
+    const out = await this.worker.run(
+      "vae_decoder",
+      { [input.name]: floatTensor(input, latent, [1, this.config.latentChannels, h, w]) },
+      [outName],
+      signal,
+    );
+    return readFloats(out[outName]!);
+  }
+
+  close(): Promise<void> {
+    return this.worker.close();
+  }
+}
+
+async function readConfig(dir: string): Promise<SdModelConfig> {
+  const json = async (p: string): Promise<Record<string, unknown>> => {
+    try {
+      return JSON.parse(await readFile(join(dir, p), "utf8")) as Record<string, unknown>;
+    } catch {
+      return {};
+    }
+  };
+  const vae = await json("vae_decoder/config.json");
+  const tiny = await json("tiny_config.json");
+  const sched = await json("scheduler/scheduler_config.json");
+  const scaling = Number(vae["scaling_factor"] ?? tiny["scaling_factor"] ?? 0.18215);
+  return {
+    scalingFactor: scaling,
+    predictionType: sched["prediction_type"] === "v_prediction" ? "v_prediction" : "epsilon",
+    latentChannels: Number(tiny["latent_channels"] ?? vae["latent_channels"] ?? 4),
+  };
+}
+
+/**
+ * CLIP text encoder over ONNX Runtime. CLIP skip takes hidden_states.(L+1-skip) through the final
+ * LayerNorm, as A1111 does. Exported graphs keep that LayerNorm inside, so its affine parameters are
+ * recovered once at load time: last_hidden_state = norm(hidden_states.L)·γ + β is linear per channel,
+ * and a least-squares fit over one encoded batch gives γ and β to float precision.
+ */
+class OnnxTextEncoder implements TextEncoder {
+  private constructor(
+    private readonly worker: OrtWorker,
+    private readonly idsType: TensorType,
+    private readonly idsName: string,
+    readonly hiddenSize: number,
+    private readonly layers: number,
+    private readonly lastName: string,
+    private readonly gamma: Float32Array | undefined,
+    private readonly beta: Float32Array | undefined,
+  ) {}
+
+  get maxClipSkip(): number {
+    return this.gamma ? this.layers : 1;
+  }
+
+  static async create(worker: OrtWorker, info: SessionInfo, signal?: AbortSignal): Promise<OnnxTextEncoder> {
+    const ids = inputOf(info, ["input_ids"], "text_encoder");
+    const idsType: TensorType = ids.type === "int64" ? "int64" : "int32";
+    const last = info.outputs.find((o) => o.name === "last_hidden_state") ?? info.outputs[0];
+    if (!last) throw new FarmError(grpc.status.FAILED_PRECONDITION, "text_encoder has no outputs");
+    const hiddenSize = Number(last.shape[last.shape.length - 1]);
+    const hs = info.outputs.map((o) => /^hidden_states\.(\d+)$/.exec(o.name)).filter((m) => m !== null).map((m) => Number(m[1]));
+    const layers = hs.length > 0 ? Math.max(...hs) : 0;
+    const base = new OnnxTextEncoder(worker, idsType, ids.name, hiddenSize, layers, last.name, undefined, undefined);
+    if (layers < 2 || !Number.isFinite(hiddenSize)) return base;
+    // Calibrate the final LayerNorm from a prompt-like batch: BOS, a spread of ids, EOS padding.
+    const calib = new Int32Array(77);
+    calib[0] = 49406;
+    for (let i = 1; i < 77; i++) calib[i] = i < 60 ? 320 + ((i * 997) % 40000) : 49407;
+    const out = await base.runRaw(calib, 1, [last.name, `hidden_states.${layers}`], signal);
+    const { gamma, beta } = fitLayerNormAffine(out[`hidden_states.${layers}`]!, out[last.name]!, hiddenSize);
+    return new OnnxTextEncoder(worker, idsType, ids.name, hiddenSize, layers, last.name, gamma, beta);
+  }
+
+  private async runRaw(batch: Int32Array, n: number, outputs: string[], signal?: AbortSignal): Promise<Record<string, Float32Array>> {
+    const data = this.idsType === "int64" ? BigInt64Array.from(batch, (v) => BigInt(v)) : own(batch.slice());
+    const res = await this.worker.run("text_encoder", { [this.idsName]: { type: this.idsType, dims: [n, batch.length / n], data } }, outputs, signal);
+    const out: Record<string, Float32Array> = {};
+    for (const o of outputs) out[o] = readFloats(res[o]!);
+    return out;
+  }
+
+  async encode(batch: Int32Array, n: number, clipSkip: number, signal?: AbortSignal): Promise<Float32Array> {
+    if (clipSkip <= 1) return (await this.runRaw(batch, n, [this.lastName], signal))[this.lastName]!;
+    if (!this.gamma || !this.beta || clipSkip > this.layers) {
+      throw new FarmError(
+        grpc.status.FAILED_PRECONDITION,
+        this.gamma
+          ? `clip_skip ${clipSkip} exceeds the text encoder's ${this.layers} layers`
+          : "clip_skip > 1 needs a text encoder that exports hidden_states.N outputs, and this model's does not",
+        { field: "clip_skip" },
+      );
+    }
+    const name = `hidden_states.${this.layers + 1 - clipSkip}`;
+    const h = (await this.runRaw(batch, n, [name], signal))[name]!;
+    return layerNorm(h, this.hiddenSize, this.gamma, this.beta);
+  }
+}
+
+function normalizeRows(x: Float32Array, d: number): Float64Array {
+  const out = new Float64Array(x.length);
+  for (let r = 0; r < x.length / d; r++) {
+    let mean = 0;
+    for (let j = 0; j < d; j++) mean += x[r * d + j]!;
+    mean /= d;
+    let v = 0;
+    for (let j = 0; j < d; j++) v += (x[r * d + j]! - mean) ** 2;
+    const inv = 1 / Math.sqrt(v / d + CLIP_LAYER_NORM_EPS);
+    for (let j = 0; j < d; j++) out[r * d + j] = (x[r * d + j]! - mean) * inv;
+  }
+  return out;
+}
+
+export function layerNorm(x: Float32Array, d: number, gamma: Float32Array, beta: Float32Array): Float32Array {
+  const n = normalizeRows(x, d);
+  const out = new Float32Array(x.length);
+  for (let i = 0; i < x.length; i++) out[i] = n[i]! * gamma[i % d]! + beta[i % d]!;
+  return out;
+}
+
+export function fitLayerNormAffine(h: Float32Array, y: Float32Array, d: number): { gamma: Float32Array; beta: Float32Array } {
+  const n = normalizeRows(h, d);
+  const rows = h.length / d;
+  const gamma = new Float32Array(d);
+  const beta = new Float32Array(d);
+  for (let j = 0; j < d; j++) {
+    let sx = 0, sy = 0, sxx = 0, sxy = 0;
+    for (let r = 0; r < rows; r++) {
+      const xv = n[r * d + j]!;
+      const yv = y[r * d + j]!;
+      sx += xv; sy += yv; sxx += xv * xv; sxy += xv * yv;
+    }
+    const g = (rows * sxy - sx * sy) / (rows * sxx - sx * sx);
+    gamma[j] = g;
+    beta[j] = (sy - g * sx) / rows;
+  }
+  return { gamma, beta };
+}

@@ -1,0 +1,173 @@
+import * as grpc from "@grpc/grpc-js";
+import {
+  FarmError,
+  RngSource as WireRng,
+  abortError,
+  resolveSampler,
+  schedulerLabel,
+  type Image,
+  type RunTaskRequest,
+} from "@latentfarm/shared";
+import { create } from "@bufbuild/protobuf";
+import { ImageSchema } from "@latentfarm/shared";
+import { ImageRng } from "../sampling/image-rng.js";
+import { cIn, sigmaToT } from "../sampling/sigmas.js";
+import { combineDenoised, type PreparedConditioning } from "./plain-conditioning.js";
+import { prepareSampler } from "./sampler-adapter.js";
+import type { LoadedPipeline } from "./loaded-pipeline.js";
+import { buildInfotext } from "./infotext.js";
+import { encodePng, toRgb8 } from "./png.js";
+
+export interface RenderContext {
+  signal: AbortSignal;
+  agentId: string;
+  onStep: (step: number, totalSteps: number) => void;
+  onWarning: (message: string) => void;
+}
+
+const RNG_NAMES: Record<WireRng, "GPU" | "CPU" | "NV"> = {
+  [WireRng.UNSPECIFIED]: "GPU",
+  [WireRng.GPU]: "GPU",
+  [WireRng.CPU]: "CPU",
+  [WireRng.NV]: "NV",
+};
+
+function checkAborted(signal: AbortSignal): void {
+  if (signal.aborted) throw abortError(signal);
+}
+
+/**
+ * Renders one txt2img image: conditioning, the sampler's model calls through the step batcher
+ * (so concurrent images share UNet calls), CFG, VAE decode and a PNG with A1111's infotext.
+ */
+export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): Promise<Image> {
+  const p = req.params!;
+  const steps = p.steps ?? 50;
+  const width = p.width ?? 512;
+  const height = p.height ?? 512;
+  const cfg = p.cfgScale ?? 7;
+  const clipSkip = p.clipSkip ?? 1;
+  const seed = Number(req.seed);
+  const subseed = Number(req.subseed);
+  const rng = RNG_NAMES[p.rng] ?? "GPU";
+  const resolved = resolveSampler(p.samplerName, p.scheduler);
+  const h = height / 8;
+  const w = width / 8;
+  const C = pipe.model.config.latentChannels;
+  const plane = C * h * w;
+  const ensd = Number(p.etaNoiseSeedDelta);
+
+  const conditioner = await pipe.conditioner();
+  checkAborted(ctx.signal);
+  const cond: PreparedConditioning = await conditioner.prepare(
+    { prompt: p.prompt, negativePrompt: p.negativePrompt, steps, clipSkip },
+    ctx.signal,
+  );
+  for (const warning of cond.warnings ?? []) ctx.onWarning(warning);
+
+  const imageRng = new ImageRng({
+    shape: [C, h, w],
+    seeds: [seed],
+    subseeds: [subseed],
+    subseedStrength: p.subseedStrength,
+    seedResizeFromH: p.seedResizeFromH,
+    seedResizeFromW: p.seedResizeFromW,
+    source: rng,
+    etaNoiseSeedDelta: ensd,
+  });
+  const sampler = prepareSampler(resolved, steps, {
+    noise: () => imageRng.next(),
+    eta: p.eta,
+    sChurn: p.sChurn,
+    sTmin: p.sTmin,
+    sTmax: p.sTmax,
+    sNoise: p.sNoise,
+    seed,
+    source: rng,
+  });
+  const x0 = imageRng.first();
+  const sigma0 = sampler.sigmas[0]!;
+  for (let i = 0; i < x0.length; i++) x0[i] = x0[i]! * sigma0;
+
+  const dim = pipe.model.textEncoder.hiddenSize;
+  const gen = sampler.run(x0);
+  let r = gen.next();
+  let lastStep = -1;
+  while (!r.done) {
+    checkAborted(ctx.signal);
+    const { x, sigma, step } = r.value;
+    if (step !== lastStep) {
+      if (lastStep >= 0) ctx.onStep(lastStep + 1, sampler.steps);
+      lastStep = step;
+    }
+    const scaled = new Float32Array(plane);
+    const c = cIn(sigma);
+    for (let i = 0; i < plane; i++) scaled[i] = x[i]! * c;
+    const t = sigmaToT(sigma);
+    const conds = cond.condAt(step);
+    const uncond = cond.uncondAt(step);
+    // Cond and uncond of different lengths go in separate requests (A1111's default, no padding).
+    const groups = new Map<number, Float32Array[]>();
+    const add = (tensor: Float32Array): number => {
+      const seq = tensor.length / dim;
+      const g = groups.get(seq) ?? [];
+      g.push(tensor);
+      groups.set(seq, g);
+      return g.length - 1;
+    };
+    const uIdx = add(uncond.tensor);
+    const cIdx = conds.map((cd) => add(cd.tensor));
+    const results = new Map<number, Float32Array[]>();
+    await Promise.all(
+      [...groups.entries()].map(async ([seq, contexts]) => {
+        results.set(seq, await pipe.batcher.evaluate({ x: scaled, t, contexts, h, w, seq }, ctx.signal));
+      }),
+    );
+    const denoised = (eps: Float32Array): Float32Array => {
+      const out = new Float32Array(plane);
+      for (let i = 0; i < plane; i++) out[i] = x[i]! - eps[i]! * sigma;
+      return out;
+    };
+    const uSeq = uncond.tensor.length / dim;
+    const dUncond = denoised(results.get(uSeq)![uIdx]!);
+    const dConds = conds.map((cd, k) => ({ denoised: denoised(results.get(cd.tensor.length / dim)![cIdx[k]!]!), weight: cd.weight }));
+    r = gen.next(combineDenoised(dUncond, dConds, cfg));
+  }
+  ctx.onStep(sampler.steps, sampler.steps);
+  checkAborted(ctx.signal);
+  const latent = r.value;
+  const scaledLatent = new Float32Array(plane);
+  for (let i = 0; i < plane; i++) scaledLatent[i] = latent[i]! / pipe.model.config.scalingFactor;
+  const image = await pipe.model.vaeDecode(scaledLatent, h, w, ctx.signal);
+  const rgb = toRgb8(image, width, height);
+  const infotext = buildInfotext({
+    prompt: p.prompt,
+    negativePrompt: p.negativePrompt,
+    steps,
+    sampler: resolved.sampler.name,
+    scheduleType: resolved.effectiveScheduler ? schedulerLabel(resolved.effectiveScheduler) : "Automatic",
+    cfgScale: cfg,
+    seed,
+    width,
+    height,
+    model: pipe.name,
+    subseed,
+    subseedStrength: p.subseedStrength,
+    seedResizeFrom: { w: p.seedResizeFromW, h: p.seedResizeFromH },
+    clipSkip,
+    ensd: resolved.sampler.usesEnsd && ensd !== 0 ? ensd : undefined,
+    rng,
+  });
+  const png = await encodePng(rgb, width, height, infotext);
+  if (png.length === 0) throw new FarmError(grpc.status.INTERNAL, "PNG encoding produced no bytes");
+  return create(ImageSchema, {
+    index: req.imageIndex,
+    seed: req.seed,
+    subseed: req.subseed,
+    png,
+    infotext,
+    width,
+    height,
+    agentId: ctx.agentId,
+  });
+}

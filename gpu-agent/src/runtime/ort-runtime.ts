@@ -1,0 +1,96 @@
+import { Worker } from "node:worker_threads";
+import { existsSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import * as grpc from "@grpc/grpc-js";
+import { FarmError, abortError } from "@latentfarm/shared";
+import type { ExecutionProvider, InitMessage, Request, Response, SessionInfo, WireTensor } from "./protocol.js";
+
+type DistributiveOmit<T, K extends keyof T> = T extends unknown ? Omit<T, K> : never;
+type Pending = { resolve: (r: Response) => void; reject: (e: Error) => void };
+
+// The built agent runs ort-worker.js. Under tsx (tests, benchmarks) only the .ts source exists,
+// and a worker does not inherit the parent's loader hooks, so the worker registers tsx itself.
+function spawnWorker(init: InitMessage): Worker {
+  const js = new URL("./ort-worker.js", import.meta.url);
+  if (existsSync(fileURLToPath(js))) return new Worker(js, { workerData: init });
+  const ts = new URL("./ort-worker.ts", import.meta.url).href;
+  const boot = `import("tsx/esm/api").then((m) => { m.register(); return import(${JSON.stringify(ts)}); });`;
+  return new Worker(boot, { eval: true, workerData: init });
+}
+
+/**
+ * One worker thread holding a pipeline's ONNX Runtime sessions. Calls are queued in order; a
+ * run() in the worker never blocks the caller's event loop.
+ */
+export class OrtWorker {
+  private readonly worker: Worker;
+  private readonly pending = new Map<number, Pending>();
+  private nextId = 1;
+  private closed = false;
+  private failure: Error | undefined;
+
+  constructor(ep: ExecutionProvider, opts: { intraOpNumThreads?: number } = {}) {
+    this.worker = spawnWorker({ models: {}, ep, ...opts });
+    this.worker.on("message", (res: Response) => {
+      const p = this.pending.get(res.id);
+      if (!p) return;
+      this.pending.delete(res.id);
+      p.resolve(res);
+    });
+    const failAll = (err: Error): void => {
+      this.failure = err;
+      for (const p of this.pending.values()) p.reject(err);
+      this.pending.clear();
+    };
+    this.worker.on("error", (err) => failAll(err));
+    this.worker.on("exit", (code) => {
+      if (!this.closed) failAll(new Error(`ONNX Runtime worker exited with code ${code}`));
+    });
+  }
+
+  private call(req: DistributiveOmit<Request, "id">, transfer: ArrayBuffer[] = []): Promise<Response> {
+    if (this.closed) return Promise.reject(new FarmError(grpc.status.UNAVAILABLE, "ONNX Runtime worker is closed"));
+    if (this.failure) return Promise.reject(this.failure);
+    const id = this.nextId++;
+    return new Promise<Response>((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.worker.postMessage({ ...req, id } as Request, transfer);
+    }).then((res) => {
+      if (!res.ok) throw new FarmError(grpc.status.INTERNAL, `ONNX Runtime: ${res.error}`);
+      return res;
+    });
+  }
+
+  async load(name: string, path: string, signal?: AbortSignal): Promise<SessionInfo> {
+    if (signal?.aborted) throw abortError(signal);
+    const res = await this.call({ op: "load", name, path });
+    return (res as { info: SessionInfo }).info;
+  }
+
+  /**
+   * Runs a session. The feeds' buffers are transferred to the worker (the caller loses them);
+   * pass copies when the caller still needs the data.
+   */
+  async run(
+    session: string,
+    feeds: Record<string, WireTensor>,
+    outputs: string[],
+    signal?: AbortSignal,
+  ): Promise<Record<string, WireTensor>> {
+    if (signal?.aborted) throw abortError(signal);
+    const transfer = Object.values(feeds).map((t) => t.data.buffer as ArrayBuffer);
+    const res = await this.call({ op: "run", session, feeds, outputs }, transfer);
+    return (res as { outputs: Record<string, WireTensor> }).outputs;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    try {
+      if (!this.failure) await this.call({ op: "close" });
+    } catch {
+      // The worker is going away either way.
+    }
+    this.closed = true;
+    await this.worker.terminate();
+  }
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env node
+// Collects *.test.ts files explicitly: Node 20 treats --test arguments as paths, Node 22 as globs,
+// so passing a file list works on both.
+import { readdirSync, statSync } from "node:fs";
+import { join, relative } from "node:path";
+import { spawnSync } from "node:child_process";
+
+const root = new URL("..", import.meta.url).pathname;
+const which = process.argv[2] ?? "all"; // all | unit | e2e
+const roots = {
+  unit: ["shared/src", "gpu-agent/src", "coordinator/src"],
+  e2e: ["tests"],
+};
+const dirs = which === "all" ? [...roots.unit, ...roots.e2e] : roots[which];
+if (!dirs) {
+  console.error(`unknown test set ${which}: use all, unit or e2e`);
+  process.exit(2);
+}
+const files = [];
+function walk(dir) {
+  for (const name of readdirSync(dir)) {
+    if (name === "node_modules" || name === "dist" || name === "bench") continue;
+    const p = join(dir, name);
+    if (statSync(p).isDirectory()) walk(p);
+    else if (name.endsWith(".test.ts")) files.push(relative(root, p));
+  }
+}
+for (const d of dirs) walk(join(root, d));
+files.sort();
+const r = spawnSync(
+  process.execPath,
+  ["--import", "tsx", "--test", "--test-reporter=spec", "--test-concurrency=1", ...files],
+  { cwd: root, stdio: "inherit" },
+);
+process.exit(r.status ?? 1);

@@ -1,0 +1,148 @@
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+
+// Every metric the farm exports, in one table: the services create theirs from it, and the docs
+// test compares the README against what a live /metrics actually serves. Labels are bounded sets
+// (outcomes, model names, tenants); job ids, prompts and seeds never become labels.
+
+type Kind = "counter" | "gauge" | "histogram";
+interface MetricDef {
+  readonly name: string;
+  readonly kind: Kind;
+  readonly help: string;
+  readonly labels: readonly string[];
+  readonly buckets?: readonly number[];
+}
+
+// Job latency spans seconds to minutes on real GPUs; step times span milliseconds to seconds.
+const JOB_BUCKETS = [0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300];
+const STEP_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5];
+const LOAD_BUCKETS = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120];
+
+export const COORDINATOR_METRICS = {
+  jobsSubmitted: { name: "latentfarm_jobs_submitted_total", kind: "counter", help: "Jobs accepted by Submit.", labels: ["tenant"] },
+  jobsFinished: {
+    name: "latentfarm_jobs_finished_total",
+    kind: "counter",
+    help: "Jobs that reached a final state, by outcome (succeeded, failed, cancelled) and failure reason (a gRPC status name, or none).",
+    labels: ["outcome", "reason"],
+  },
+  imagesFinished: {
+    name: "latentfarm_images_finished_total",
+    kind: "counter",
+    help: "Images that reached a final state, by outcome.",
+    labels: ["outcome"],
+  },
+  jobDuration: {
+    name: "latentfarm_job_duration_seconds",
+    kind: "histogram",
+    help: "Time from Submit to the job's final state.",
+    labels: ["outcome"],
+    buckets: JOB_BUCKETS,
+  },
+  queueDepth: { name: "latentfarm_queue_depth", kind: "gauge", help: "Image tasks waiting for an agent.", labels: [] },
+  tasksRunning: { name: "latentfarm_tasks_running", kind: "gauge", help: "Image tasks running on agents.", labels: [] },
+  agents: { name: "latentfarm_agents", kind: "gauge", help: "Agents known from heartbeats, by state (ready, draining).", labels: ["state"] },
+  agentsLost: {
+    name: "latentfarm_agents_lost_total",
+    kind: "counter",
+    help: "Agents dropped because their heartbeats stopped.",
+    labels: [],
+  },
+  tasksDispatched: { name: "latentfarm_tasks_dispatched_total", kind: "counter", help: "Task attempts sent to agents.", labels: [] },
+  taskRetries: {
+    name: "latentfarm_task_retries_total",
+    kind: "counter",
+    help: "Task attempts that failed retryably and were placed again, by reason (a gRPC status name).",
+    labels: ["reason"],
+  },
+  submitRejections: {
+    name: "latentfarm_submit_rejections_total",
+    kind: "counter",
+    help: "Submit calls refused, by tenant and gRPC status name.",
+    labels: ["tenant", "code"],
+  },
+  tenantImages: {
+    name: "latentfarm_tenant_images_total",
+    kind: "counter",
+    help: "Images requested by accepted jobs, by tenant.",
+    labels: ["tenant"],
+  },
+} as const satisfies Record<string, MetricDef>;
+
+export const AGENT_METRICS = {
+  tasks: {
+    name: "latentfarm_agent_tasks_total",
+    kind: "counter",
+    help: "Tasks this agent finished, by outcome (succeeded, failed, cancelled).",
+    labels: ["outcome"],
+  },
+  taskDuration: {
+    name: "latentfarm_task_duration_seconds",
+    kind: "histogram",
+    help: "Time an agent spent on one image task, model load included.",
+    labels: ["outcome"],
+    buckets: JOB_BUCKETS,
+  },
+  unetSteps: { name: "latentfarm_unet_steps_total", kind: "counter", help: "UNet evaluations (model calls), by model.", labels: ["model"] },
+  unetStepDuration: {
+    name: "latentfarm_unet_step_duration_seconds",
+    kind: "histogram",
+    help: "Wall time of one UNet evaluation (cond and uncond together), by model.",
+    labels: ["model"],
+    buckets: STEP_BUCKETS,
+  },
+  modelLoad: {
+    name: "latentfarm_model_load_seconds",
+    kind: "histogram",
+    help: "Time to load a model's ONNX sessions, by model.",
+    labels: ["model"],
+    buckets: LOAD_BUCKETS,
+  },
+  modelLoadFailures: {
+    name: "latentfarm_model_load_failures_total",
+    kind: "counter",
+    help: "Model loads that failed, by model.",
+    labels: ["model"],
+  },
+  modelsLoaded: { name: "latentfarm_models_loaded", kind: "gauge", help: "Models held in memory.", labels: [] },
+  slots: { name: "latentfarm_agent_slots", kind: "gauge", help: "Tasks this agent runs at once.", labels: [] },
+  busySlots: { name: "latentfarm_agent_busy_slots", kind: "gauge", help: "Slots running a task now.", labels: [] },
+  busySeconds: {
+    name: "latentfarm_agent_busy_seconds_total",
+    kind: "counter",
+    help: "Seconds the agent spent with at least one task running; rate() of it is utilization.",
+    labels: [],
+  },
+} as const satisfies Record<string, MetricDef>;
+
+type Metric<D extends MetricDef> = D["kind"] extends "counter"
+  ? Counter<D["labels"][number]>
+  : D["kind"] extends "gauge"
+    ? Gauge<D["labels"][number]>
+    : Histogram<D["labels"][number]>;
+
+export type MetricSet<T extends Record<string, MetricDef>> = { readonly [K in keyof T]: Metric<T[K]> };
+
+/** Creates the metrics of one catalog in its own Registry (never the global one), plus process metrics. */
+export function createMetrics<T extends Record<string, MetricDef>>(
+  catalog: T,
+  opts: { defaultMetrics?: boolean } = {},
+): { registry: Registry; metrics: MetricSet<T> } {
+  const registry = new Registry();
+  const out: Record<string, unknown> = {};
+  for (const [key, d] of Object.entries(catalog)) {
+    const common = { name: d.name, help: d.help, labelNames: [...d.labels], registers: [registry] };
+    out[key] =
+      d.kind === "counter"
+        ? new Counter(common)
+        : d.kind === "gauge"
+          ? new Gauge(common)
+          : new Histogram({ ...common, buckets: [...(d.buckets ?? [])] });
+  }
+  if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry });
+  return { registry, metrics: out as MetricSet<T> };
+}
+
+export function metricNames(catalog: Record<string, MetricDef>): string[] {
+  return Object.values(catalog).map((d) => d.name);
+}
