@@ -97,6 +97,15 @@ export class Coordinator {
   }
 
   async start(): Promise<void> {
+    try {
+      await this.startServices();
+    } catch (err) {
+      await this.close();
+      throw err;
+    }
+  }
+
+  private async startServices(): Promise<void> {
     this.nc = await connect({ servers: this.cfg.natsUrl, name: "latentfarm-coordinator", maxReconnectAttempts: -1 });
     this.registry.start(this.nc);
     this.progressSub = this.nc.subscribe(subjects.allTaskProgress, {

@@ -131,6 +131,15 @@ export class Agent {
   }
 
   async start(): Promise<void> {
+    try {
+      await this.startServices();
+    } catch (err) {
+      await this.close();
+      throw err;
+    }
+  }
+
+  private async startServices(): Promise<void> {
     this.health = addHealthAndReflection(this.server, [SERVICE]);
     addService(this.server, AgentService, {
       runTask: (req, ctx) => this.runTask(req, ctx.signal),

@@ -2,12 +2,14 @@ import * as grpc from "@grpc/grpc-js";
 import { create, fromBinary, isMessage, toBinary } from "@bufbuild/protobuf";
 import type { DescMessage, DescMethod, DescService, MessageInitShape, MessageShape } from "@bufbuild/protobuf";
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
-import { readFileSync } from "node:fs";
-import { fileURLToPath } from "node:url";
+import { FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
 import { HealthImplementation } from "grpc-health-check";
 import { ReflectionService } from "@grpc/reflection";
 import { loadFileDescriptorSetFromBuffer } from "@grpc/proto-loader";
 import { FarmError } from "./errors.js";
+import { file_latentfarm_v1_agent } from "./gen/latentfarm/v1/agent_pb.js";
+import { file_latentfarm_v1_generation } from "./gen/latentfarm/v1/generation_pb.js";
+import { file_latentfarm_v1_render } from "./gen/latentfarm/v1/render_pb.js";
 
 /** Images exceed grpc-js's 4 MiB receive default; both directions get the same explicit limit. */
 export const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
@@ -212,7 +214,11 @@ export function createClient<S extends GenServiceMethods>(
   return out as ServiceClient<S>;
 }
 
-const descriptorPath = fileURLToPath(new URL("./gen/descriptor.binpb", import.meta.url));
+// Reflection serves the descriptors embedded in the generated code, so no descriptor file ships.
+function descriptorSet(): Buffer {
+  const files = [file_latentfarm_v1_generation, file_latentfarm_v1_render, file_latentfarm_v1_agent].map((f) => f.proto);
+  return Buffer.from(toBinary(FileDescriptorSetSchema, create(FileDescriptorSetSchema, { file: files })));
+}
 
 /** Adds grpc.health.v1 and server reflection (v1 and v1alpha) for the given services. */
 export function addHealthAndReflection(
@@ -223,7 +229,7 @@ export function addHealthAndReflection(
   for (const s of serviceNames) initial[s] = "NOT_SERVING";
   const health = new HealthImplementation(initial);
   health.addToServer(server);
-  const pkg = loadFileDescriptorSetFromBuffer(readFileSync(descriptorPath));
+  const pkg = loadFileDescriptorSetFromBuffer(descriptorSet());
   new ReflectionService(pkg).addToServer(server);
   return health;
 }

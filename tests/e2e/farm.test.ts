@@ -1,0 +1,188 @@
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import sharp from "sharp";
+import * as grpc from "@grpc/grpc-js";
+import { FarmError, JobState, RngSource, type JobEvent } from "@latentfarm/shared";
+import { FIXTURES, farmSkipReason, startTestFarm, type TestFarm } from "../harness/farm.js";
+
+const skip = farmSkipReason();
+
+async function collect(farm: TestFarm, jobId: string): Promise<JobEvent[]> {
+  const events: JobEvent[] = [];
+  for await (const { event } of farm.client.watch({ jobId })) if (event) events.push(event);
+  return events;
+}
+
+async function maxLevelDiff(png: Uint8Array, expectedPath: string): Promise<number> {
+  const a = await sharp(png).removeAlpha().raw().toBuffer();
+  const b = await sharp(expectedPath).removeAlpha().raw().toBuffer();
+  assert.equal(a.length, b.length, "image sizes differ");
+  let max = 0;
+  for (let i = 0; i < a.length; i++) max = Math.max(max, Math.abs(a[i]! - b[i]!));
+  return max;
+}
+
+async function expectStatus(p: Promise<unknown>, code: grpc.status, field?: string): Promise<void> {
+  await assert.rejects(p, (err: unknown) => {
+    const fe = FarmError.from(err);
+    assert.equal(fe.codeName, grpc.status[code], `expected ${grpc.status[code]}, got ${fe.codeName}: ${fe.message}`);
+    if (field) assert.match(fe.message, new RegExp(field), `message should name ${field}: ${fe.message}`);
+    return true;
+  });
+}
+
+describe("farm end to end (nats-server, coordinator and two agents as processes)", { skip, concurrency: false, timeout: 300_000 }, () => {
+  let farm: TestFarm;
+  before(async () => {
+    farm = await startTestFarm({ agents: 2, slots: 2 });
+  });
+  after(async () => {
+    await farm?.close();
+  });
+
+  test("batch_size 2 × n_iter 2 lands on both agents; four PNGs come back through Watch with ordered steps", async () => {
+    const { jobId, imageCount } = await farm.client.submit({
+      params: { prompt: "a photo of a cat", model: "tiny-sd15", samplerName: "Euler a", steps: 6, width: 64, height: 64, batchSize: 2, nIter: 2, seed: 1000n },
+    });
+    assert.equal(imageCount, 4);
+    const events = await collect(farm, jobId);
+    const seqs = events.map((e) => Number(e.sequence));
+    assert.deepEqual(seqs, seqs.map((_, i) => i + 1), "event sequence numbers are 1..n without gaps");
+    const images = events.filter((e) => e.event.case === "image").map((e) => (e.event.value as { image: { seed: bigint; png: Uint8Array; agentId: string; index: number } }).image);
+    assert.equal(images.length, 4);
+    assert.deepEqual(images.map((i) => i.seed).sort(), [1000n, 1001n, 1002n, 1003n]);
+    assert.equal(new Set(images.map((i) => i.agentId)).size, 2, "both agents rendered");
+    for (const img of images) {
+      const meta = await sharp(img.png).metadata();
+      assert.equal(meta.format, "png");
+      assert.equal(meta.width, 64);
+    }
+    // Steps arrive in order per image, and each image's steps precede its image event.
+    const lastStep = new Map<number, number>();
+    for (const e of events) {
+      if (e.event.case === "step") {
+        const s = e.event.value;
+        assert.ok(s.step > (lastStep.get(s.imageIndex) ?? 0), `step ${s.step} of image ${s.imageIndex} out of order`);
+        assert.equal(s.totalSteps, 6);
+        lastStep.set(s.imageIndex, s.step);
+      }
+    }
+    assert.ok(lastStep.size > 0, "step events were relayed");
+    assert.equal(events.at(-1)?.event.case, "done");
+    const got = await farm.client.get({ jobId });
+    assert.equal(got.state, JobState.SUCCEEDED);
+    assert.equal(got.images.length, 4);
+    // Re-watching a finished job replays from a sequence number.
+    const replay: JobEvent[] = [];
+    for await (const { event } of farm.client.watch({ jobId, afterSequence: BigInt(events.length - 2) })) if (event) replay.push(event);
+    assert.deepEqual(replay.map((e) => Number(e.sequence)), [events.length - 1, events.length]);
+  });
+
+  for (const [id, rng] of [["p1-euler-a-cpu", RngSource.CPU], ["p2-euler-a-nv", RngSource.NV]] as const) {
+    test(`reference ${id} comes out within ±2 levels through the farm`, async () => {
+      const cases = JSON.parse(readFileSync(join(FIXTURES, "reference", "txt2img", "cases.json"), "utf8")) as Array<Record<string, unknown>>;
+      const c = cases.find((x) => x["id"] === id)!;
+      const { jobId } = await farm.client.submit({
+        params: {
+          prompt: c["prompt"] as string, negativePrompt: c["negative_prompt"] as string, seed: BigInt(c["seed"] as number),
+          samplerName: c["sampler_name"] as string, steps: c["steps"] as number, cfgScale: c["cfg_scale"] as number,
+          width: c["width"] as number, height: c["height"] as number, rng, model: "tiny-sd15",
+        },
+      });
+      const events = await collect(farm, jobId);
+      const img = events.find((e) => e.event.case === "image")?.event.value as { image: { png: Uint8Array; infotext: string } } | undefined;
+      assert.ok(img, `no image: ${JSON.stringify(events.at(-1)?.event)}`);
+      const diff = await maxLevelDiff(img.image.png, join(FIXTURES, "reference", "txt2img", (c["expected"] as string[])[0]!));
+      assert.ok(diff <= 2, `max difference ${diff} levels`);
+      assert.match(img.image.infotext, /Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 42, Size: 64x64/);
+    });
+  }
+
+  test("bad input gets a clear status naming the field, and the farm keeps serving", async () => {
+    const base = { prompt: "x", model: "tiny-sd15", width: 64, height: 64, steps: 2 };
+    const s = (p: Record<string, unknown>) => farm.client.submit({ params: { ...base, ...p } });
+    await expectStatus(s({ width: 65 }), grpc.status.INVALID_ARGUMENT, "width");
+    await expectStatus(s({ height: 100 }), grpc.status.INVALID_ARGUMENT, "height");
+    await expectStatus(s({ steps: 0 }), grpc.status.INVALID_ARGUMENT, "steps");
+    await expectStatus(s({ steps: 10_000 }), grpc.status.INVALID_ARGUMENT, "steps");
+    await expectStatus(s({ samplerName: "Euler z" }), grpc.status.INVALID_ARGUMENT, "sampler_name");
+    await expectStatus(s({ scheduler: "Fancy" }), grpc.status.INVALID_ARGUMENT, "scheduler");
+    await expectStatus(s({ batchSize: 0 }), grpc.status.INVALID_ARGUMENT, "batch_size");
+    await expectStatus(s({ nIter: 0 }), grpc.status.INVALID_ARGUMENT, "n_iter");
+    await expectStatus(s({ cfgScale: -1 }), grpc.status.INVALID_ARGUMENT, "cfg_scale");
+    await expectStatus(s({ cfgScale: Number.NaN }), grpc.status.INVALID_ARGUMENT, "cfg_scale");
+    await expectStatus(s({ model: "no-such-model" }), grpc.status.NOT_FOUND, "model");
+    await expectStatus(s({ model: "../etc" }), grpc.status.INVALID_ARGUMENT, "model");
+    await expectStatus(s({ enableHr: true }), grpc.status.UNIMPLEMENTED, "enable_hr");
+    await expectStatus(s({ restoreFaces: true }), grpc.status.UNIMPLEMENTED, "restore_faces");
+    await expectStatus(s({ initImages: [new Uint8Array(10)] }), grpc.status.UNIMPLEMENTED, "init_images");
+    await expectStatus(s({ prompt: "x".repeat(70 * 1024 * 1024) }), grpc.status.RESOURCE_EXHAUSTED);
+    await expectStatus(farm.client.get({ jobId: "nope" }), grpc.status.NOT_FOUND, "job_id");
+    await expectStatus(farm.client.cancel({ jobId: "nope" }), grpc.status.NOT_FOUND, "job_id");
+    // Still serving.
+    await farm.runJob();
+  });
+
+  test("Cancel ends the job cancelled within one step and frees the agent", async () => {
+    const { jobId } = await farm.client.submit({
+      params: { prompt: "slow", model: "tiny-sd15", width: 64, height: 64, steps: 150, samplerName: "Euler", seed: 5n },
+    });
+    const it = farm.client.watch({ jobId })[Symbol.asyncIterator]();
+    let stepsBefore = 0;
+    for (;;) {
+      const { value, done } = await it.next();
+      assert.ok(!done, "job ended before it started");
+      if (value.event?.event.case === "step") {
+        stepsBefore = value.event.event.value.step;
+        break;
+      }
+    }
+    const sent = Date.now();
+    const { state } = await farm.client.cancel({ jobId });
+    assert.equal(state, JobState.CANCELLED);
+    const rest: JobEvent[] = [];
+    for (;;) {
+      const { value, done } = await it.next();
+      if (done) break;
+      if (value.event) rest.push(value.event);
+    }
+    assert.equal(rest.at(-1)?.event.case, "cancelled");
+    // The agent stops within one model call: its busy slots drop to zero well before 150 steps.
+    for (;;) {
+      const { agents } = await farm.client.listAgents({});
+      const busy = agents.reduce((n, a) => n + a.busySlots, 0);
+      if (busy === 0) break;
+      assert.ok(Date.now() - sent < 3000, "agent still busy 3 s after cancel");
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.ok(stepsBefore < 150);
+    await expectStatus(farm.client.cancel({ jobId }), grpc.status.FAILED_PRECONDITION, "job_id");
+  });
+
+  test("killing an agent mid-task re-runs its task on the other agent and the job completes", async () => {
+    const { jobId } = await farm.client.submit({
+      params: { prompt: "resilient", model: "tiny-sd15", width: 64, height: 64, steps: 60, samplerName: "Euler a", seed: 77n, batchSize: 2 },
+    });
+    const events: JobEvent[] = [];
+    let killed = "";
+    for await (const { event } of farm.client.watch({ jobId })) {
+      if (!event) continue;
+      events.push(event);
+      if (!killed && event.event.case === "step" && event.event.value.step >= 3) {
+        const placed = events.filter((e) => e.event.case === "placed").map((e) => e.event.value as { agentId: string; imageIndex: number });
+        const victim = placed.find((p) => p.imageIndex === (event.event.value as { imageIndex: number }).imageIndex)!.agentId;
+        killed = victim;
+        const proc = farm.agents.find((a) => a.ready["id"] === victim)!;
+        await proc.kill("SIGKILL");
+      }
+    }
+    assert.ok(killed, "an agent was killed mid-task");
+    assert.equal(events.at(-1)?.event.case, "done", `job ended with ${events.at(-1)?.event.case}`);
+    assert.ok(events.some((e) => e.event.case === "retried"), "a task was retried");
+    const images = events.filter((e) => e.event.case === "image").map((e) => (e.event.value as { image: { agentId: string } }).image);
+    assert.equal(images.length, 2);
+    assert.ok(images.every((i) => i.agentId !== killed), "the killed agent produced no image");
+  });
+});

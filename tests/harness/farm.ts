@@ -1,0 +1,149 @@
+// Real processes for end-to-end tests: nats-server, a coordinator and agents, each its own
+// process on loopback, all stopped by close().
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync, rmSync, symlinkSync, mkdirSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { RenderService, createClient, type ServiceClient } from "@latentfarm/shared";
+import { startNatsServer, findNatsServer, type NatsServerHandle } from "@latentfarm/coordinator";
+
+export const REPO = fileURLToPath(new URL("../../", import.meta.url));
+export const KIT = join(REPO, "..", "shared");
+export const FIXTURES = join(KIT, "fixtures");
+export const TINY_SD15 = join(FIXTURES, "tiny-sd15");
+const BIN = join(REPO, "bin", "latentfarm.js");
+
+/** Why e2e tests cannot run here, or undefined when they can. */
+export function farmSkipReason(): string | false {
+  if (!existsSync(TINY_SD15)) return `team kit fixtures absent (${TINY_SD15})`;
+  if (!findNatsServer()) return "nats-server not installed (apt-get install nats-server)";
+  if (!existsSync(join(REPO, "coordinator", "dist", "cli", "main.js"))) return "project not built (run npm run build)";
+  return false;
+}
+
+type RenderClient = ServiceClient<typeof RenderService extends { method: infer M } ? M : never>;
+
+export interface ServiceProcess {
+  readonly child: ChildProcess;
+  readonly ready: Record<string, unknown>;
+  readonly stderr: () => string;
+  kill(signal?: NodeJS.Signals): Promise<void>;
+}
+
+export function startService(args: string[], env: Record<string, string> = {}): Promise<ServiceProcess> {
+  const child = spawn(process.execPath, [BIN, ...args], {
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, LATENTFARM_LOG_LEVEL: "warn", ...env },
+  });
+  let err = "";
+  child.stderr!.on("data", (d: Buffer) => (err = (err + d.toString()).slice(-20_000)));
+  return new Promise((resolve, reject) => {
+    let out = "";
+    const onData = (d: Buffer): void => {
+      out += d.toString();
+      const line = out.split("\n").find((l) => l.includes('"ready":true'));
+      if (line) {
+        child.stdout!.off("data", onData);
+        resolve({
+          child,
+          ready: JSON.parse(line) as Record<string, unknown>,
+          stderr: () => err,
+          kill: (signal = "SIGTERM") =>
+            new Promise<void>((r) => {
+              if (child.exitCode !== null || child.signalCode !== null) return r();
+              child.once("exit", () => r());
+              child.kill(signal);
+              setTimeout(() => child.kill("SIGKILL"), 10_000).unref();
+            }),
+        });
+      }
+    };
+    child.stdout!.on("data", onData);
+    child.once("exit", (code) => reject(new Error(`${args[0]} exited with ${code} before ready: ${err}`)));
+  });
+}
+
+export interface TestFarm {
+  coordinatorAddress: string;
+  coordinatorMetricsUrl: string;
+  agentMetricsUrls: string[];
+  agentMetricsUrl: string;
+  nats: NatsServerHandle;
+  coordinator: ServiceProcess;
+  agents: ServiceProcess[];
+  modelsDir: string;
+  client: RenderClient;
+  /** Runs a short job to completion. */
+  runJob(params?: Record<string, unknown>): Promise<void>;
+  waitForAgents(n: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+export async function startTestFarm(opts: { agents?: number; agentTimeoutMs?: number; slots?: number } = {}): Promise<TestFarm> {
+  const nats = await startNatsServer();
+  const tmp = mkdtempSync(join(tmpdir(), "latentfarm-test-"));
+  const modelsDir = join(tmp, "models");
+  mkdirSync(modelsDir);
+  symlinkSync(TINY_SD15, join(modelsDir, "tiny-sd15"));
+  const started: ServiceProcess[] = [];
+  try {
+    const coordinator = await startService([
+      "coordinator", "--port", "0", "--host", "127.0.0.1", "--nats", nats.url, "--metrics-port", "0",
+      "--agent-timeout-ms", String(opts.agentTimeoutMs ?? 3000),
+    ]);
+    started.push(coordinator);
+    const agents: ServiceProcess[] = [];
+    for (let i = 0; i < (opts.agents ?? 2); i++) {
+      const a = await startService([
+        "agent", "--port", "0", "--host", "127.0.0.1", "--nats", nats.url, "--models", modelsDir, "--id", `agent-${i}`,
+        "--metrics-port", "0", "--threads", "1", "--slots", String(opts.slots ?? 2), "--heartbeat-ms", "250", "--drain-seconds", "2",
+      ]);
+      started.push(a);
+      agents.push(a);
+    }
+    const coordinatorAddress = `127.0.0.1:${coordinator.ready["port"] as number}`;
+    const client = createClient(RenderService, coordinatorAddress) as RenderClient;
+    const farm: TestFarm = {
+      coordinatorAddress,
+      coordinatorMetricsUrl: coordinator.ready["metrics"] as string,
+      agentMetricsUrls: agents.map((a) => a.ready["metrics"] as string),
+      agentMetricsUrl: agents[0]?.ready["metrics"] as string,
+      nats,
+      coordinator,
+      agents,
+      modelsDir,
+      client,
+      waitForAgents: async (n) => {
+        for (const deadline = Date.now() + 15_000; Date.now() < deadline; ) {
+          const { agents: seen } = await client.listAgents({});
+          if (seen.length === n) return;
+          await new Promise((r) => setTimeout(r, 50));
+        }
+        throw new Error(`coordinator did not see ${n} agents`);
+      },
+      runJob: async (params = {}) => {
+        const { jobId } = await client.submit({
+          params: { prompt: "a photo of a cat", model: "tiny-sd15", width: 64, height: 64, steps: 4, samplerName: "Euler a", seed: 1n, ...params },
+        });
+        for await (const { event } of client.watch({ jobId })) {
+          if (event?.event.case === "failed") throw new Error(`job failed: ${event.event.value.message}`);
+        }
+      },
+      close: async () => {
+        client.close();
+        await Promise.all(agents.map((a) => a.kill()));
+        await coordinator.kill();
+        await nats.stop();
+        rmSync(tmp, { recursive: true, force: true });
+      },
+    };
+    await farm.waitForAgents(agents.length);
+    return farm;
+  } catch (err) {
+    await Promise.all(started.map((s) => s.kill("SIGKILL")));
+    await nats.stop();
+    rmSync(tmp, { recursive: true, force: true });
+    throw err;
+  }
+}
