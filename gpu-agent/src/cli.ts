@@ -1,7 +1,9 @@
 import { parseArgs } from "node:util";
 import { availableParallelism } from "node:os";
 import { jsonLogger, type LogLevel } from "@latentfarm/shared";
+import { join } from "node:path";
 import { Agent } from "./agent.js";
+import { ClipTokenizer, describePrompt } from "./conditioning/index.js";
 import type { ExecutionProvider } from "./runtime/protocol.js";
 
 const AGENT_USAGE = `latentfarm agent --models DIR [--port N] [--host ADDR] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N]
@@ -74,12 +76,73 @@ async function runAgent(argv: string[]): Promise<number> {
   return 0;
 }
 
+const PROMPT_USAGE = `latentfarm prompt "<prompt>" [--steps N] [--json] [--tokenizer DIR | --models DIR --model NAME]
+`;
+
+/** A1111's token counter and prompt inspection, offline: no farm needed, only a tokenizer. */
+async function prompt(argv: string[]): Promise<number> {
+  const { values: v, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      steps: { type: "string", default: "20" },
+      json: { type: "boolean", default: false },
+      tokenizer: { type: "string" },
+      models: { type: "string", default: process.env["LATENTFARM_MODELS"] ?? "models" },
+      model: { type: "string" },
+    },
+  });
+  if (positionals.length !== 1) {
+    process.stderr.write(PROMPT_USAGE);
+    return 2;
+  }
+  const steps = Number(v.steps);
+  if (!Number.isInteger(steps) || steps < 1) {
+    process.stderr.write(`--steps must be a positive integer, got "${v.steps}"\n`);
+    return 2;
+  }
+  let dir = v.tokenizer;
+  if (!dir) {
+    if (!v.model) {
+      process.stderr.write(`prompt needs --tokenizer DIR, or --models DIR with --model NAME\n`);
+      return 2;
+    }
+    dir = join(v.models, v.model, "tokenizer");
+  }
+  const tok = await ClipTokenizer.fromDirectory(dir);
+  const d = describePrompt(tok, positionals[0]!, steps);
+  const out = {
+    attention: d.attention,
+    schedule: d.schedule,
+    chunks: d.chunks.map((c) => ({ tokens: c.tokens, multipliers: c.multipliers })),
+    token_count: d.token_count,
+  };
+  if (v.json) {
+    process.stdout.write(JSON.stringify(out) + "\n");
+    return 0;
+  }
+  const w = (s: string): boolean => process.stdout.write(s + "\n");
+  w(`${d.token_count}/${d.max_length} tokens`);
+  w("attention:");
+  for (const [text, weight] of d.attention) w(`  ${JSON.stringify(text)}  ×${weight}`);
+  w("schedule:");
+  for (const [step, text] of d.schedule) w(`  until step ${step}: ${JSON.stringify(text)}`);
+  d.chunks.forEach((c, i) => {
+    w(`chunk ${i}:`);
+    w(`  tokens:      ${c.tokens.join(" ")}`);
+    w(`  multipliers: ${c.multipliers.join(" ")}`);
+  });
+  return 0;
+}
+
 export async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
   try {
     switch (cmd) {
       case "agent":
         return await runAgent(rest);
+      case "prompt":
+        return await prompt(rest);
       default:
         process.stderr.write(`unknown agent command "${cmd}"\n`);
         return 2;

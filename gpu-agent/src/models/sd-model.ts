@@ -7,16 +7,10 @@ import { OrtWorker } from "../runtime/ort-runtime.js";
 import type { ExecutionProvider, SessionInfo, TensorType, ValueMeta, WireTensor } from "../runtime/protocol.js";
 import { floatsToHalf, halfToFloats } from "../runtime/float16.js";
 import type { ModelEntry } from "./catalog.js";
+import type { TextEncoder } from "../conditioning/index.js";
 
 const CLIP_LAYER_NORM_EPS = 1e-5;
 
-/** What the conditioning layer needs from a text encoder. */
-export interface TextEncoder {
-  readonly hiddenSize: number;
-  /** The largest usable clip skip: 1 when the model exports no hidden states. */
-  readonly maxClipSkip: number;
-  encode(batch: Int32Array, n: number, clipSkip: number, signal?: AbortSignal): Promise<Float32Array>;
-}
 
 function own<T extends Float32Array | Int32Array | BigInt64Array | Uint16Array>(a: T): T {
   // Feeds are transferred to the worker, so each must own its whole buffer.

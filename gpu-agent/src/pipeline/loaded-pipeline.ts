@@ -1,5 +1,4 @@
-import { ClipTokenizer } from "../conditioning/clip-tokenizer.js";
-import { Conditioner } from "./plain-conditioning.js";
+import { ClipTokenizer, Conditioner } from "../conditioning/index.js";
 import type { SdModel } from "../models/sd-model.js";
 import { StepBatcher } from "./step-batcher.js";
 
@@ -27,7 +26,7 @@ export class LoadedPipeline {
 
   conditioner(): Promise<Conditioner> {
     this.conditionerPromise ??= ClipTokenizer.fromDirectory(this.model.tokenizerDir).then(
-      (tok) => new Conditioner(tok, this.model.textEncoder),
+      (tokenizer) => new Conditioner({ tokenizer, encoder: this.model.textEncoder }),
     );
     return this.conditionerPromise;
   }

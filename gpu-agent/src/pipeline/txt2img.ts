@@ -12,7 +12,7 @@ import { create } from "@bufbuild/protobuf";
 import { ImageSchema } from "@latentfarm/shared";
 import { ImageRng } from "../sampling/image-rng.js";
 import { cIn, sigmaToT } from "../sampling/sigmas.js";
-import { combineDenoised, type PreparedConditioning } from "./plain-conditioning.js";
+import { combineDenoised, scheduleSteps, type PreparedConditioning } from "../conditioning/index.js";
 import { prepareSampler } from "./sampler-adapter.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { buildInfotext } from "./infotext.js";
@@ -59,11 +59,18 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
 
   const conditioner = await pipe.conditioner();
   checkAborted(ctx.signal);
-  const cond: PreparedConditioning = await conditioner.prepare(
-    { prompt: p.prompt, negativePrompt: p.negativePrompt, steps, clipSkip },
-    ctx.signal,
-  );
-  for (const warning of cond.warnings ?? []) ctx.onWarning(warning);
+  // Prompt schedules count denoiser calls, which second-order samplers make twice per step.
+  const cond: PreparedConditioning = await conditioner.prepare({
+    prompt: p.prompt,
+    negativePrompt: p.negativePrompt,
+    steps: scheduleSteps(steps, resolved.sampler.secondOrder === true),
+    clipSkip,
+    signal: ctx.signal,
+  });
+  for (const u of cond.extraNetworks.unknown) ctx.onWarning(`unknown extra network tag ${u.raw} removed from the prompt`);
+  if (cond.extraNetworks.networks.length > 0) {
+    throw FarmError.unimplemented("prompt", `LoRA tags (<lora:${cond.extraNetworks.networks[0]!.name}:…>) are not implemented by this farm yet`);
+  }
 
   const imageRng = new ImageRng({
     shape: [C, h, w],
@@ -93,6 +100,7 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
   const gen = sampler.run(x0);
   let r = gen.next();
   let lastStep = -1;
+  let call = 0;
   while (!r.done) {
     checkAborted(ctx.signal);
     const { x, sigma, step } = r.value;
@@ -104,8 +112,9 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     const c = cIn(sigma);
     for (let i = 0; i < plane; i++) scaled[i] = x[i]! * c;
     const t = sigmaToT(sigma);
-    const conds = cond.condAt(step);
-    const uncond = cond.uncondAt(step);
+    const conds = cond.condAt(call);
+    const uncond = cond.uncondAt(call);
+    call++;
     // Cond and uncond of different lengths go in separate requests (A1111's default, no padding).
     const groups = new Map<number, Float32Array[]>();
     const add = (tensor: Float32Array): number => {
@@ -131,7 +140,7 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     const uSeq = uncond.tensor.length / dim;
     const dUncond = denoised(results.get(uSeq)![uIdx]!);
     const dConds = conds.map((cd, k) => ({ denoised: denoised(results.get(cd.tensor.length / dim)![cIdx[k]!]!), weight: cd.weight }));
-    r = gen.next(combineDenoised(dUncond, dConds, cfg));
+    r = gen.next(combineDenoised(dConds, dUncond, cfg));
   }
   ctx.onStep(sampler.steps, sampler.steps);
   checkAborted(ctx.signal);

@@ -1,0 +1,22 @@
+import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { test } from "node:test";
+import { fileURLToPath } from "node:url";
+import { benchConditioningDetailed, benchPrompt } from "./bench.js";
+import { ClipTokenizer } from "./clip-tokenizer.js";
+import { getPromptSchedule } from "./schedule.js";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const TOKENIZER_DIR = join(here, "../../../../shared/fixtures/tiny-sd15/tokenizer");
+const skip = !existsSync(TOKENIZER_DIR) && "../shared/fixtures absent";
+
+test("bench prompt is ~300 tokens with edits; conditioning stays fast", { skip }, async (t) => {
+  const tok = await ClipTokenizer.fromDirectory(TOKENIZER_DIR);
+  assert.ok(getPromptSchedule(benchPrompt(0), 20).length > 2);
+  const r = await benchConditioningDetailed(tok, { iterations: 20 });
+  t.diagnostic(JSON.stringify(r));
+  assert.ok(r.promptTokens >= 280 && r.promptTokens <= 340, `prompt has ${r.promptTokens} tokens`);
+  // The 2 ms target is checked by tests/bench; here only a loose bound for a shared 2-core machine.
+  assert.ok(r.prepareMs < 100, `prepare took ${r.prepareMs} ms`);
+});

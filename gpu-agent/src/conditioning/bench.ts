@@ -1,0 +1,92 @@
+// Cost of conditioning on the CPU with the text encoder taken out: prompt-editing schedule,
+// attention parsing, tokenization, chunking, batching and emphasis for a ~300-token prompt with
+// edits and an alternation, at SD1 width (768).
+import { tokenizeLine } from "./chunking.js";
+import type { ClipTokenizer } from "./clip-tokenizer.js";
+import { Conditioner, type TextEncoder } from "./conditioner.js";
+import { getPromptSchedule } from "./schedule.js";
+
+const PHRASES = [
+  "masterpiece", "best quality", "(highly detailed:1.2)", "portrait of a [young:old:0.4] woman", "intricate",
+  "red dress", "cinematic lighting", "((sharp focus))", "bokeh", "[forest:city street:0.6] background",
+  "8k uhd", "dslr", "film grain", "by greg rutkowski and alphonse mucha", "trending on artstation",
+  "volumetric fog", "(rim light:0.8)", "[[soft shadows]]", "ornate jewelry", "looking at viewer",
+];
+
+/** A prompt of about 300 CLIP tokens; `variant` changes one word so caches cannot answer. */
+export function benchPrompt(variant: number): string {
+  const parts: string[] = [];
+  for (let i = 0; parts.join(", ").length < 1400; i++) parts.push(PHRASES[i % PHRASES.length]!);
+  parts.push(`seed ${variant}`);
+  return parts.join(", ");
+}
+
+/** An encoder that returns a preallocated output instantly, so only conditioning's own work is timed. */
+class NullTextEncoder implements TextEncoder {
+  readonly maxClipSkip = 12;
+  private readonly buffers = new Map<number, Float32Array>();
+  constructor(readonly hiddenSize: number) {}
+  encode(batch: Int32Array): Promise<Float32Array> {
+    const size = batch.length * this.hiddenSize;
+    let buffer = this.buffers.get(size);
+    if (buffer === undefined) {
+      buffer = new Float32Array(size);
+      for (let i = 0; i < size; i++) buffer[i] = 0.5 + (i % 7) * 0.01;
+      this.buffers.set(size, buffer);
+    }
+    return Promise.resolve(buffer);
+  }
+}
+
+export interface ConditioningBench {
+  /** Median ms of Conditioner.prepare (positive + negative prompt, encoder excluded). */
+  prepareMs: number;
+  /** Median ms of the text side alone: schedule, attention, tokens, chunks for every variant. */
+  textMs: number;
+  promptTokens: number;
+  scheduleEntries: number;
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)]!;
+}
+
+export async function benchConditioningDetailed(
+  tokenizer: ClipTokenizer,
+  opts: { iterations?: number; hidden?: number; steps?: number } = {},
+): Promise<ConditioningBench> {
+  const iterations = opts.iterations ?? 50;
+  const steps = opts.steps ?? 20;
+  const conditioner = new Conditioner({ tokenizer, encoder: new NullTextEncoder(opts.hidden ?? 768), cacheEntries: 4 });
+
+  // Warm-up: JIT and the per-word BPE cache, as on an agent that has served a few prompts.
+  for (let i = 0; i < 10; i++) {
+    await conditioner.prepare({ prompt: benchPrompt(-i - 1), negativePrompt: "blurry", steps });
+  }
+
+  const textTimes: number[] = [];
+  const prepareTimes: number[] = [];
+  let promptTokens = 0;
+  let scheduleEntries = 0;
+  for (let i = 0; i < iterations; i++) {
+    const prompt = benchPrompt(i);
+    let t0 = performance.now();
+    const schedule = getPromptSchedule(prompt, steps);
+    // Like A1111's process_texts, each distinct text is tokenized once.
+    for (const text of new Set(schedule.map(([, t]) => t))) promptTokens = tokenizeLine(tokenizer, text).tokenCount;
+    textTimes.push(performance.now() - t0);
+    scheduleEntries = schedule.length;
+
+    const negative = `blurry, lowres ${i}`;
+    t0 = performance.now();
+    await conditioner.prepare({ prompt: `${prompt} `, negativePrompt: negative, steps });
+    prepareTimes.push(performance.now() - t0);
+  }
+  return { prepareMs: median(prepareTimes), textMs: median(textTimes), promptTokens, scheduleEntries };
+}
+
+/** Median ms of one Conditioner.prepare for a ~300-token prompt with edits, text encoder excluded. */
+export async function benchConditioning(tokenizer: ClipTokenizer): Promise<number> {
+  return (await benchConditioningDetailed(tokenizer)).prepareMs;
+}

@@ -1,0 +1,184 @@
+import assert from "node:assert/strict";
+import { existsSync, readFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { test } from "node:test";
+import { fileURLToPath } from "node:url";
+import { CHUNK_TOKENS, emptyChunk, tokenizeLine, type EmphasisMode, type PromptChunk } from "./chunking.js";
+import { ClipTokenizer, parseMerges } from "./clip-tokenizer.js";
+import { Conditioner, stackConds } from "./conditioner.js";
+import { ConditioningPreconditionError } from "./errors.js";
+import { getPromptSchedule } from "./schedule.js";
+import { FakeTextEncoder, fakeHidden } from "./test-support/fake-text-encoder.js";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const TOKENIZER_DIR = join(here, "../../../../shared/fixtures/tiny-sd15/tokenizer");
+const skip = !existsSync(TOKENIZER_DIR) && "../shared/fixtures absent";
+let loaded: Promise<ClipTokenizer> | undefined;
+const tokenizer = () => (loaded ??= ClipTokenizer.fromDirectory(TOKENIZER_DIR));
+const H = 8;
+
+/**
+ * The spec's §2.3–2.4 written out literally: every schedule text is a row of the batch (repeats
+ * included), short texts get empty chunks, and for each chunk index the mean is taken over the
+ * whole [B, 77, H] tensor. No deduplication, float64 except the final float32 store.
+ */
+function naiveBatch(tok: ClipTokenizer, texts: string[], mode: EmphasisMode, clipSkip = 1): Float32Array[] {
+  const chunked = texts.map((t) => tokenizeLine(tok, t, { emphasis: mode }).chunks);
+  const chunkCount = Math.max(...chunked.map((c) => c.length));
+  const out = texts.map(() => new Float32Array(chunkCount * CHUNK_TOKENS * H));
+  for (let ci = 0; ci < chunkCount; ci++) {
+    const rows: PromptChunk[] = chunked.map((c) => c[ci] ?? emptyChunk(tok));
+    const z = rows.map((r) => r.tokens.map((t, k) => Array.from({ length: H }, (_, h) => fakeHidden(t, k, h, clipSkip))));
+    let mean0 = 0;
+    let mean1 = 0;
+    rows.forEach((r, b) => r.tokens.forEach((_, k) => z[b]![k]!.forEach((v) => {
+      mean0 += v;
+      mean1 += v * r.multipliers[k]!;
+    })));
+    const scale = mode === "Original" ? mean0 / mean1 : 1;
+    rows.forEach((r, b) => r.tokens.forEach((_, k) => z[b]![k]!.forEach((v, h) => {
+      const m = mode === "Ignore" || mode === "None" ? 1 : r.multipliers[k]!;
+      out[b]![(ci * CHUNK_TOKENS + k) * H + h] = v * m * scale;
+    })));
+  }
+  return out;
+}
+
+function assertClose(actual: Float32Array, expected: Float32Array, tol: number, label: string): void {
+  assert.equal(actual.length, expected.length, label);
+  for (let i = 0; i < actual.length; i++) {
+    assert.ok(Math.abs(actual[i]! - expected[i]!) <= tol, `${label}[${i}]: ${actual[i]} vs ${expected[i]}`);
+  }
+}
+
+test("emphasis mean is taken over the whole schedule batch, repeats and filler chunks included", { skip }, async () => {
+  const tok = await tokenizer();
+  const prompts: Array<[string, number]> = [
+    ["[(cat:1.3):dog BREAK (bird:0.7):0.5]", 10], // two variants, 1 and 2 chunks → a filler chunk
+    ["[(a:1.2)|b|b]", 4], // alternation: texts a, b, b, a → repeats weigh in the mean
+    ["a (red:1.4) [fox] " + "word ".repeat(80), 6], // 2 chunks, no schedule
+  ];
+  for (const mode of ["Original", "No norm", "Ignore"] as EmphasisMode[]) {
+    for (const [prompt, steps] of prompts) {
+      const enc = new FakeTextEncoder(H);
+      const conditioner = new Conditioner({ tokenizer: tok, encoder: enc });
+      const schedule = getPromptSchedule(prompt, steps);
+      const expected = naiveBatch(tok, schedule.map(([, t]) => t), mode);
+      const got = await conditioner.scheduledConditioning(prompt, { steps, emphasis: mode });
+      assert.equal(got.length, schedule.length);
+      got.forEach((entry, i) => {
+        assert.equal(entry.endAtStep, schedule[i]![0]);
+        assert.equal(entry.text, schedule[i]![1]);
+        assertClose(entry.cond.data, expected[i]!, 2e-6, `${mode} ${prompt} entry ${i}`);
+      });
+    }
+  }
+});
+
+test("the mean really depends on the batch: a variant alone differs from it within its schedule", { skip }, async () => {
+  const tok = await tokenizer();
+  const conditioner = new Conditioner({ tokenizer: tok, encoder: new FakeTextEncoder(H) });
+  const [alone] = await conditioner.encodeBatch(["(cat:1.3)"]);
+  const inSchedule = await conditioner.scheduledConditioning("[(cat:1.3):dog:0.5]", { steps: 10 });
+  assert.equal(inSchedule[0]!.text, "(cat:1.3)");
+  assert.notDeepEqual(alone!.data, inSchedule[0]!.cond.data);
+});
+
+test("prepare: AND subprompts, negative prompt, condAt/uncondAt by denoiser call", { skip }, async () => {
+  const tok = await tokenizer();
+  const enc = new FakeTextEncoder(H);
+  const conditioner = new Conditioner({ tokenizer: tok, encoder: enc });
+  const prepared = await conditioner.prepare({
+    prompt: "<lora:detail:0.8:0.5> a [cat:dog:3] :1.2 AND sky BREAK sea:0.5",
+    negativePrompt: "blurry AND <lora:x:1>",
+    steps: 10,
+  });
+  assert.equal(prepared.positivePrompt, " a [cat:dog:3] :1.2 AND sky BREAK sea:0.5");
+  assert.deepEqual(prepared.extraNetworks.networks, [{ kind: "lora", name: "detail", teWeight: 0.8, unetWeight: 0.5 }]);
+  assert.deepEqual(prepared.subprompts.map((s) => [s.text, s.weight]), [[" a [cat:dog:3]", 1.2], [" sky BREAK sea", 0.5]]);
+  const [catSchedule] = [prepared.subprompts[0]!.schedule];
+  assert.deepEqual(catSchedule.map((s) => [s.endAtStep, s.text]), [[3, " a cat"], [10, " a dog"]]);
+  for (const [step, entry] of [[0, 0], [3, 0], [4, 1], [9, 1], [11, 0]] as const) {
+    const conds = prepared.condAt(step);
+    assert.equal(conds.length, 2);
+    assert.equal(conds[0]!.tensor, catSchedule[entry]!.cond.data, `step ${step}`);
+    assert.equal(conds[0]!.weight, 1.2);
+    assert.equal(conds[1]!.tokens, 154);
+    assert.equal(conds[1]!.weight, 0.5);
+  }
+  // The negative prompt is neither AND-split nor stripped of tags.
+  assert.equal(prepared.negative[0]!.text, "blurry AND <lora:x:1>");
+  const [expectedUncond] = naiveBatch(tok, ["blurry AND <lora:x:1>"], "Original");
+  assertClose(prepared.uncondAt(5).tensor, expectedUncond!, 2e-6, "uncond");
+  assert.equal(prepared.uncondAt(5).tokens, 77);
+});
+
+test("cache: a batch encodes its prompt once; clip skip and steps are part of the key; LRU bound", { skip }, async () => {
+  const tok = await tokenizer();
+  const enc = new FakeTextEncoder(H, 3, 5);
+  const conditioner = new Conditioner({ tokenizer: tok, encoder: enc, cacheEntries: 3 });
+  const req = { prompt: "a cat", negativePrompt: "", steps: 20 };
+  const batch = await Promise.all([1, 2, 3, 4].map(() => conditioner.prepare(req)));
+  assert.equal(enc.calls.length, 2); // "a cat" and ""
+  assert.equal(batch[0]!.condAt(0)[0]!.tensor, batch[3]!.condAt(0)[0]!.tensor);
+  await conditioner.prepare(req);
+  assert.equal(enc.calls.length, 2);
+  await conditioner.prepare({ ...req, clipSkip: 2 });
+  assert.equal(enc.calls.length, 4);
+  assert.equal(enc.calls[3]!.clipSkip, 2);
+  await conditioner.prepare({ ...req, steps: 30 });
+  assert.equal(enc.calls.length, 6);
+  // Capacity 3: ("a cat",20,skip1) was evicted by now.
+  await conditioner.prepare(req);
+  assert.equal(enc.calls.length, 8);
+  conditioner.clearCache();
+  await conditioner.prepare(req);
+  assert.equal(enc.calls.length, 10);
+});
+
+test("an aborted encode rejects, is not cached, and does not fail another caller", { skip }, async () => {
+  const tok = await tokenizer();
+  const enc = new FakeTextEncoder(H, 3, 20);
+  const conditioner = new Conditioner({ tokenizer: tok, encoder: enc });
+  const controller = new AbortController();
+  const first = conditioner.prepare({ prompt: "a cat", steps: 10, signal: controller.signal });
+  const second = conditioner.prepare({ prompt: "a cat", steps: 10 });
+  controller.abort();
+  await assert.rejects(first, (err: unknown) => err instanceof Error && err.name === "AbortError");
+  const result = await second;
+  assert.equal(result.condAt(0)[0]!.tokens, 77);
+});
+
+test("clip skip checks: FAILED_PRECONDITION with the reason", { skip }, async () => {
+  const tok = await tokenizer();
+  const noHidden = new Conditioner({ tokenizer: tok, encoder: new FakeTextEncoder(H, 1) });
+  await assert.rejects(noHidden.prepare({ prompt: "x", steps: 5, clipSkip: 2 }), (err: unknown) => {
+    assert.ok(err instanceof ConditioningPreconditionError);
+    assert.equal(err.codeName, "FAILED_PRECONDITION");
+    assert.match(err.message, /hidden_states/);
+    return true;
+  });
+  const twelve = new Conditioner({ tokenizer: tok, encoder: new FakeTextEncoder(H, 12) });
+  await assert.rejects(twelve.prepare({ prompt: "x", steps: 5, clipSkip: 13 }), /at most 12/);
+  await assert.rejects(twelve.prepare({ prompt: "x", steps: 5, clipSkip: 0 }), ConditioningPreconditionError);
+  await assert.rejects(twelve.prepare({ prompt: "x", steps: 0 }), /steps/);
+});
+
+test("a tokenizer whose pad differs from EOS (SD2) pads after the first EOS", { skip }, async () => {
+  const vocab = JSON.parse(readFileSync(join(TOKENIZER_DIR, "vocab.json"), "utf8")) as Record<string, number>;
+  const merges = parseMerges(readFileSync(join(TOKENIZER_DIR, "merges.txt"), "utf8"));
+  const tok = new ClipTokenizer(vocab, merges, { padToken: "!" });
+  assert.equal(tok.padId, 0);
+  const enc = new FakeTextEncoder(H);
+  await new Conditioner({ tokenizer: tok, encoder: enc }).encodeBatch(["a cat"]);
+  assert.deepEqual([...enc.calls[0]!.batch.slice(0, 5)], [49406, 320, 2368, 49407, 0]);
+  assert.equal(enc.calls[0]!.batch[76], 0);
+});
+
+test("stackConds pads shorter conds by repeating their last token vector", () => {
+  const a = { tensor: Float32Array.from({ length: 2 * 2 }, (_, i) => i + 1), tokens: 2 };
+  const b = { tensor: Float32Array.from({ length: 4 * 2 }, (_, i) => -(i + 1)), tokens: 4 };
+  const stacked = stackConds([a, b], 2);
+  assert.equal(stacked.tokens, 4);
+  assert.deepEqual([...stacked.data], [1, 2, 3, 4, 3, 4, 3, 4, -1, -2, -3, -4, -5, -6, -7, -8]);
+});

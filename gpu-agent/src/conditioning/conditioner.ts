@@ -1,0 +1,347 @@
+import { CHUNK_TOKENS, emptyChunk, tokenizeLine, type EmphasisMode, type PromptChunk } from "./chunking.js";
+import type { ClipTokenizer } from "./clip-tokenizer.js";
+import { parseComposablePrompt } from "./composable.js";
+import { applyEmphasis, type EmphasisRow } from "./emphasis.js";
+import { ConditioningPreconditionError } from "./errors.js";
+import { extractExtraNetworks, type LoraNetwork, type UnknownExtraNetwork } from "./extra-networks.js";
+import { getPromptSchedule, type ScheduleEntry } from "./schedule.js";
+
+/** The CLIP text model, injected so conditioning stays independent of the runtime. */
+export interface TextEncoder {
+  /** Width of a hidden state (768 for SD1's ViT-L/14). */
+  readonly hiddenSize: number;
+  /** Largest CLIP skip the model can serve: its layer count with hidden_states outputs, else 1. */
+  readonly maxClipSkip: number;
+  /**
+   * Encodes n×77 token ids. clipSkip 1 returns last_hidden_state; N > 1 returns hidden_states[-N]
+   * passed through the model's final LayerNorm (A1111's CLIP_stop_at_last_layers).
+   */
+  encode(batch: Int32Array, n: number, clipSkip: number, signal?: AbortSignal): Promise<Float32Array>;
+}
+
+/** Conditioning for one text: [tokens, hidden] with tokens = 77 × chunks. */
+export interface CondTensor {
+  data: Float32Array;
+  tokens: number;
+  hidden: number;
+}
+
+export interface ScheduledCond {
+  endAtStep: number;
+  text: string;
+  cond: CondTensor;
+}
+
+export interface EncodeOptions {
+  /** A1111's "Clip skip" (CLIP_stop_at_last_layers); default 1. */
+  clipSkip?: number;
+  emphasis?: EmphasisMode;
+}
+
+export interface ScheduleRequest extends EncodeOptions {
+  /** Schedule length: the sampler's total steps (doubled for second-order samplers, see scheduleSteps). */
+  steps: number;
+  hiresSteps?: number;
+  useOldScheduling?: boolean;
+  signal?: AbortSignal;
+}
+
+export interface PrepareRequest extends ScheduleRequest {
+  prompt: string;
+  negativePrompt?: string;
+  /** Remove `<lora:…>`-style tags from the positive prompt first (A1111 order); default true. */
+  stripExtraNetworks?: boolean;
+}
+
+export interface WeightedCond {
+  tensor: Float32Array;
+  /** 77 × chunks of this subprompt's conditioning. */
+  tokens: number;
+  /** AND weight of the subprompt. */
+  weight: number;
+}
+
+export interface PreparedSubprompt {
+  text: string;
+  weight: number;
+  schedule: ScheduledCond[];
+}
+
+export interface PreparedConditioning {
+  hidden: number;
+  /** The positive prompt after extra-network tags were removed. */
+  positivePrompt: string;
+  subprompts: PreparedSubprompt[];
+  negative: ScheduledCond[];
+  extraNetworks: { networks: LoraNetwork[]; unknown: UnknownExtraNetwork[] };
+  /** Subprompt conds at denoiser call `step` (0-based, one per model call). */
+  condAt(step: number): WeightedCond[];
+  /** The negative prompt's cond at denoiser call `step`. */
+  uncondAt(step: number): { tensor: Float32Array; tokens: number };
+}
+
+export interface ConditionerOptions {
+  tokenizer: ClipTokenizer;
+  encoder: TextEncoder;
+  /** A1111's comma_padding_backtrack; default 20. */
+  commaPaddingBacktrack?: number;
+  /** Bound of the (text, steps, clip skip, emphasis) cache: entries and bytes of tensors. */
+  cacheEntries?: number;
+  cacheBytes?: number;
+}
+
+interface CacheEntry {
+  promise: Promise<ScheduledCond[]>;
+  bytes: number;
+}
+
+/**
+ * A1111's text-conditioning path: prompt schedules, chunking, CLIP encoding of a whole schedule as
+ * one batch, emphasis, and per-step lookup. Results are cached per (text, steps, clip skip, …) so a
+ * batch of images encodes its prompt once.
+ */
+export class Conditioner {
+  readonly tokenizer: ClipTokenizer;
+  readonly encoder: TextEncoder;
+  private readonly backtrack: number;
+  private readonly maxEntries: number;
+  private readonly maxBytes: number;
+  private readonly cache = new Map<string, CacheEntry>();
+  private cachedBytes = 0;
+
+  constructor(opts: ConditionerOptions) {
+    this.tokenizer = opts.tokenizer;
+    this.encoder = opts.encoder;
+    this.backtrack = opts.commaPaddingBacktrack ?? 20;
+    this.maxEntries = opts.cacheEntries ?? 32;
+    this.maxBytes = opts.cacheBytes ?? 256 * 1024 * 1024;
+  }
+
+  /** Drops cached conditioning, e.g. after the encoder's weights changed (LoRA merged). */
+  clearCache(): void {
+    this.cache.clear();
+    this.cachedBytes = 0;
+  }
+
+  /** Checks a CLIP skip against the encoder; throws FAILED_PRECONDITION with the reason. */
+  checkClipSkip(clipSkip: number): void {
+    if (!Number.isInteger(clipSkip) || clipSkip < 1) {
+      throw new ConditioningPreconditionError(`clip skip must be an integer ≥ 1, got ${clipSkip}`, "clip_skip");
+    }
+    if (clipSkip === 1) return;
+    if (this.encoder.maxClipSkip <= 1) {
+      throw new ConditioningPreconditionError(
+        `clip skip ${clipSkip} needs the text encoder's hidden_states outputs, and this model exports none ` +
+          "(re-export the text encoder with output_hidden_states)",
+        "clip_skip",
+      );
+    }
+    if (clipSkip > this.encoder.maxClipSkip) {
+      throw new ConditioningPreconditionError(
+        `clip skip ${clipSkip} is deeper than the text encoder allows (at most ${this.encoder.maxClipSkip}: ` +
+          `one per encoder layer)`,
+        "clip_skip",
+      );
+    }
+  }
+
+  /**
+   * cond_stage_model(texts): encodes texts as one batch (chunk counts padded with empty chunks,
+   * emphasis mean over the batch). Repeated texts count as often as they appear.
+   */
+  async encodeBatch(texts: readonly string[], opts: EncodeOptions = {}, signal?: AbortSignal): Promise<CondTensor[]> {
+    const clipSkip = opts.clipSkip ?? 1;
+    const emphasis = opts.emphasis ?? "Original";
+    this.checkClipSkip(clipSkip);
+    const hidden = this.encoder.hiddenSize;
+
+    const distinct: string[] = [];
+    const counts = new Map<string, number>();
+    for (const t of texts) {
+      const c = counts.get(t);
+      if (c === undefined) distinct.push(t);
+      counts.set(t, (c ?? 0) + 1);
+    }
+    const chunked = distinct.map(
+      (t) => tokenizeLine(this.tokenizer, t, { emphasis, commaPaddingBacktrack: this.backtrack }).chunks,
+    );
+    const chunkCount = Math.max(...chunked.map((c) => c.length));
+    const filler = emptyChunk(this.tokenizer);
+    const outputs = distinct.map(() => new Float32Array(chunkCount * CHUNK_TOKENS * hidden));
+
+    for (let ci = 0; ci < chunkCount; ci++) {
+      const chunks: PromptChunk[] = chunked.map((c) => c[ci] ?? filler);
+      // Rows with the same tokens give the same hidden states; encode each token row once.
+      const rowOf = new Map<string, number>();
+      const encoderRows: PromptChunk[] = [];
+      const rows: EmphasisRow[] = chunks.map((chunk, d) => {
+        const key = chunk.tokens.join(",");
+        let encoderRow = rowOf.get(key);
+        if (encoderRow === undefined) {
+          encoderRow = encoderRows.length;
+          rowOf.set(key, encoderRow);
+          encoderRows.push(chunk);
+        }
+        return { encoderRow, multipliers: chunk.multipliers, count: counts.get(distinct[d]!)! };
+      });
+      const batch = new Int32Array(encoderRows.length * CHUNK_TOKENS);
+      encoderRows.forEach((chunk, r) => batch.set(this.withPadding(chunk.tokens), r * CHUNK_TOKENS));
+      signal?.throwIfAborted();
+      const z = await this.encoder.encode(batch, encoderRows.length, clipSkip, signal);
+      if (z.length !== encoderRows.length * CHUNK_TOKENS * hidden) {
+        throw new Error(`text encoder returned ${z.length} values for ${encoderRows.length}×77×${hidden}`);
+      }
+      const offset = ci * CHUNK_TOKENS * hidden;
+      applyEmphasis(emphasis, z, CHUNK_TOKENS, hidden, rows, outputs.map((array) => ({ array, offset })));
+    }
+
+    const byText = new Map(distinct.map((t, d): [string, CondTensor] => [
+      t,
+      { data: outputs[d]!, tokens: chunkCount * CHUNK_TOKENS, hidden },
+    ]));
+    return texts.map((t) => byText.get(t)!);
+  }
+
+  /**
+   * get_learned_conditioning for one prompt: its schedule's texts encoded together, one cond per
+   * schedule entry. Cached.
+   */
+  async scheduledConditioning(text: string, req: ScheduleRequest): Promise<ScheduledCond[]> {
+    const clipSkip = req.clipSkip ?? 1;
+    const emphasis = req.emphasis ?? "Original";
+    this.checkClipSkip(clipSkip);
+    if (!Number.isInteger(req.steps) || req.steps < 1) {
+      throw new ConditioningPreconditionError(`steps must be an integer ≥ 1, got ${req.steps}`, "steps");
+    }
+    const key = JSON.stringify([text, req.steps, req.hiresSteps ?? null, !!req.useOldScheduling, clipSkip, emphasis]);
+    for (;;) {
+      let entry = this.cache.get(key);
+      const ours = entry === undefined;
+      if (entry === undefined) {
+        const schedule = getPromptSchedule(text, req.steps, {
+          useOldScheduling: !!req.useOldScheduling,
+          ...(req.hiresSteps === undefined ? {} : { hiresSteps: req.hiresSteps }),
+        });
+        const promise = this.encodeSchedule(schedule, { clipSkip, emphasis }, req.signal);
+        const created: CacheEntry = { promise, bytes: 0 };
+        entry = created;
+        this.cache.set(key, created);
+        promise.then(
+          (conds) => {
+            created.bytes = new Set(conds.map((c) => c.cond.data)).size * conds[0]!.cond.data.byteLength;
+            if (this.cache.get(key) === created) {
+              this.cachedBytes += created.bytes;
+              this.evict();
+            }
+          },
+          () => {
+            if (this.cache.get(key) === created) this.cache.delete(key);
+          },
+        );
+      } else {
+        // Least recently used goes first: move a hit to the end.
+        this.cache.delete(key);
+        this.cache.set(key, entry);
+      }
+      try {
+        return await entry.promise;
+      } catch (err) {
+        // Someone else's aborted request must not fail ours: encode again under our own signal.
+        if (!ours && !req.signal?.aborted && isAbort(err)) continue;
+        throw err;
+      }
+    }
+  }
+
+  /** Everything the sampler needs for one image's prompt pair. */
+  async prepare(req: PrepareRequest): Promise<PreparedConditioning> {
+    const extracted =
+      req.stripExtraNetworks === false
+        ? { text: req.prompt, networks: [], unknown: [] }
+        : extractExtraNetworks(req.prompt);
+    const parts = parseComposablePrompt(extracted.text);
+    const [negative, ...schedules] = await Promise.all([
+      this.scheduledConditioning(req.negativePrompt ?? "", req),
+      ...parts.map((p) => this.scheduledConditioning(p.text, req)),
+    ]);
+    const subprompts = parts.map(
+      (p, i): PreparedSubprompt => ({ text: p.text, weight: p.weight, schedule: schedules[i]! }),
+    );
+    const at = (schedule: ScheduledCond[], step: number) => schedule[condIndexAt(schedule, step)]!.cond;
+    return {
+      hidden: this.encoder.hiddenSize,
+      positivePrompt: extracted.text,
+      subprompts,
+      negative: negative!,
+      extraNetworks: { networks: extracted.networks, unknown: extracted.unknown },
+      condAt: (step) =>
+        subprompts.map((s) => {
+          const cond = at(s.schedule, step);
+          return { tensor: cond.data, tokens: cond.tokens, weight: s.weight };
+        }),
+      uncondAt: (step) => {
+        const cond = at(negative!, step);
+        return { tensor: cond.data, tokens: cond.tokens };
+      },
+    };
+  }
+
+  private async encodeSchedule(
+    schedule: ScheduleEntry[],
+    opts: EncodeOptions,
+    signal?: AbortSignal,
+  ): Promise<ScheduledCond[]> {
+    const conds = await this.encodeBatch(
+      schedule.map(([, text]) => text),
+      opts,
+      signal,
+    );
+    return schedule.map(([endAtStep, text], i) => ({ endAtStep, text, cond: conds[i]! }));
+  }
+
+  // SD1 pads with EOS already; for a tokenizer whose pad differs (SD2), A1111 rewrites every
+  // position after the first EOS to pad before running CLIP.
+  private withPadding(tokens: readonly number[]): readonly number[] {
+    const { eosId, padId } = this.tokenizer;
+    if (padId === eosId) return tokens;
+    const end = tokens.indexOf(eosId);
+    return tokens.map((t, i) => (i > end ? padId : t));
+  }
+
+  private evict(): void {
+    for (const [key, entry] of this.cache) {
+      if (this.cache.size <= this.maxEntries && this.cachedBytes <= this.maxBytes) break;
+      this.cache.delete(key);
+      this.cachedBytes -= entry.bytes;
+    }
+  }
+}
+
+/** reconstruct_cond_batch's choice: first entry with step ≤ end_at_step, else entry 0. */
+function condIndexAt(schedule: readonly ScheduledCond[], step: number): number {
+  for (let i = 0; i < schedule.length; i++) if (step <= schedule[i]!.endAtStep) return i;
+  return 0;
+}
+
+function isAbort(err: unknown): boolean {
+  return err instanceof Error && (err.name === "AbortError" || (err as { code?: unknown }).code === 1);
+}
+
+/**
+ * A1111's stack_conds: conds of different lengths are padded to the longest by repeating their
+ * last token vector (not with empty chunks), then stacked → [n, maxTokens, hidden].
+ */
+export function stackConds(conds: ReadonlyArray<{ tensor: Float32Array; tokens: number }>, hidden: number): {
+  data: Float32Array;
+  tokens: number;
+} {
+  const tokens = Math.max(...conds.map((c) => c.tokens));
+  const data = new Float32Array(conds.length * tokens * hidden);
+  conds.forEach((c, i) => {
+    const base = i * tokens * hidden;
+    data.set(c.tensor.subarray(0, c.tokens * hidden), base);
+    const last = c.tensor.subarray((c.tokens - 1) * hidden, c.tokens * hidden);
+    for (let t = c.tokens; t < tokens; t++) data.set(last, base + t * hidden);
+  });
+  return { data, tokens };
+}
