@@ -1,4 +1,5 @@
 import { fromBinary } from "@bufbuild/protobuf";
+import type * as grpc from "@grpc/grpc-js";
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import {
   AgentService,
@@ -40,6 +41,8 @@ export class AgentRegistry {
       onJoin?: (a: AgentState) => void;
       onUpdate?: (a: AgentState) => void;
       onLost?: (a: AgentState, reason: string) => void;
+      /** Credentials for coordinator → agent channels (mTLS in production). */
+      credentials?: grpc.ChannelCredentials;
     },
   ) {}
 
@@ -77,7 +80,7 @@ export class AgentRegistry {
         freeMemoryBytes: hb.freeMemoryBytes,
         lastSeen: Date.now(),
         inFlight: 0,
-        client: createClient(AgentService, info.address),
+        client: createClient(AgentService, info.address, this.opts.credentials ? { credentials: this.opts.credentials } : {}),
       };
       this.agents.set(a.id, a);
       this.opts.logger.info("agent joined", { agentId: a.id, address: info.address });

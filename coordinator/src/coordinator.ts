@@ -18,8 +18,13 @@ import {
   startMetricsServer,
   statusName,
   subjects,
+  channelCredentials,
+  serverCredentials,
   type GenerationParams,
+  type HandlerContext,
   type Logger,
+  type TlsFiles,
+  type TokenAuth,
 } from "@latentfarm/shared";
 import { AgentRegistry } from "./agent-registry.js";
 import { JobStore, isFinal, type Job } from "./job-store.js";
@@ -38,6 +43,12 @@ export interface CoordinatorConfig {
   defaultModel?: string;
   limits?: Partial<Limits>;
   samplerSupported?: SamplerSupport;
+  /** TLS for clients and mTLS towards agents; plaintext when absent. */
+  tls?: TlsFiles;
+  /** Tenant API tokens; when set, every RenderService call needs a bearer token. */
+  auth?: TokenAuth;
+  /** Plaintext grpc.health.v1 port for kubelet probes (needed when the main port uses TLS). */
+  healthPort?: number;
   logger: Logger;
 }
 
@@ -55,6 +66,7 @@ export class Coordinator {
   private nc: NatsConnection | undefined;
   private progressSub: Subscription | undefined;
   private health: ReturnType<typeof addHealthAndReflection> | undefined;
+  private healthServer: grpc.Server | undefined;
   private metricsServer: { url: string; close(): Promise<void> } | undefined;
   private accepting = true;
   port = 0;
@@ -64,6 +76,7 @@ export class Coordinator {
     this.registry = new AgentRegistry({
       timeoutMs: cfg.agentTimeoutMs ?? 5000,
       logger: cfg.logger,
+      ...(cfg.tls ? { credentials: channelCredentials(cfg.tls) } : {}),
       onJoin: () => {
         this.updateAgentGauge();
         this.scheduler.pump();
@@ -119,7 +132,7 @@ export class Coordinator {
       RenderService,
       {
         submit: async (req, ctx) => {
-          const tenant = ctx.metadata.get(TENANT_HEADER)[0]?.toString() || "default";
+          const tenant = this.tenantOf(ctx);
           try {
             return this.submit(req.params, req.requestId, tenant);
           } catch (err) {
@@ -127,8 +140,12 @@ export class Coordinator {
             throw err;
           }
         },
-        watch: (req, ctx) => this.watch(req.jobId, req.afterSequence, ctx.signal),
-        get: async (req) => {
+        watch: (req, ctx) => {
+          this.tenantOf(ctx);
+          return this.watch(req.jobId, req.afterSequence, ctx.signal);
+        },
+        get: async (req, ctx) => {
+          this.tenantOf(ctx);
           const job = this.job(req.jobId);
           return {
             jobId: job.id,
@@ -140,9 +157,14 @@ export class Coordinator {
             errorMessage: job.errorMessage,
           };
         },
-        cancel: async (req) => ({ state: this.cancel(req.jobId) }),
-        listAgents: async () => ({ agents: this.registry.list().map((a) => ({ ...a.info, busySlots: a.inFlight })) }),
-        listModels: async () => {
+        cancel: async (req, ctx) => {
+          this.tenantOf(ctx);
+          return { state: this.cancel(req.jobId) };
+        },
+        listAgents: async (_req, ctx) => ({
+          ...this.authorized(ctx), agents: this.registry.list().map((a) => ({ ...a.info, busySlots: a.inFlight })) }),
+        listModels: async (_req, ctx) => {
+          this.tenantOf(ctx);
           const models = new Map<string, { format: string; loadedOn: string[] }>();
           for (const a of this.registry.list()) {
             for (const name of a.available) {
@@ -158,12 +180,34 @@ export class Coordinator {
         if (err.code === grpc.status.INTERNAL) this.cfg.logger.error("rpc failed", { method, error: err.message });
       },
     );
-    this.port = await bindServer(this.server, this.cfg.listen);
+    this.port = await bindServer(this.server, this.cfg.listen, serverCredentials(this.cfg.tls));
+    if (this.cfg.healthPort !== undefined) {
+      this.healthServer = new grpc.Server();
+      const probe = addHealthAndReflection(this.healthServer, [SERVICE]);
+      const main = this.health;
+      const orig = main.setStatus.bind(main);
+      main.setStatus = (service, status) => {
+        orig(service, status);
+        probe.setStatus(service, status);
+      };
+      await bindServer(this.healthServer, `0.0.0.0:${this.cfg.healthPort}`);
+    }
     if (this.cfg.metricsPort !== undefined) {
       this.metricsServer = await startMetricsServer(this.m.registry, this.cfg.metricsPort, this.cfg.metricsHost ?? "0.0.0.0");
     }
     setServing(this.health, [SERVICE], true);
     this.cfg.logger.info("coordinator started", { port: this.port, metrics: this.metricsServer?.url });
+  }
+
+  /** The caller's tenant: from its API token when tokens are configured, else the x-tenant header. */
+  private tenantOf(ctx: HandlerContext): string {
+    if (this.cfg.auth) return this.cfg.auth.tenantOf(ctx.metadata);
+    return ctx.metadata.get(TENANT_HEADER)[0]?.toString() || "default";
+  }
+
+  private authorized(ctx: HandlerContext): Record<string, never> {
+    this.tenantOf(ctx);
+    return {};
   }
 
   private job(id: string): Job {
@@ -295,6 +339,7 @@ export class Coordinator {
     this.accepting = false;
     if (this.health) setServing(this.health, [SERVICE], false);
     await shutdownServer(this.server);
+    if (this.healthServer) await shutdownServer(this.healthServer);
     this.progressSub?.unsubscribe();
     this.registry.close();
     await this.metricsServer?.close();

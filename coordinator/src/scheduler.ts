@@ -47,6 +47,7 @@ export class Scheduler {
   private readonly queue: Task[] = [];
   readonly tasks = new Map<string, Task>();
   private pumping = false;
+  private runningCount = 0;
 
   constructor(
     private readonly registry: AgentRegistry,
@@ -71,29 +72,35 @@ export class Scheduler {
 
   private updateGauges(): void {
     this.metrics.queueDepth.set(this.queue.length);
-    let running = 0;
-    for (const t of this.tasks.values()) if (t.state === "running") running++;
-    this.metrics.tasksRunning.set(running);
+    this.metrics.tasksRunning.set(this.runningCount);
   }
 
   /** Places as many queued tasks as agents have room for. */
   pump(): void {
-    if (this.pumping) return;
+    if (this.pumping || this.queue.length === 0) return;
     this.pumping = true;
     try {
-      for (let i = 0; i < this.queue.length; ) {
+      // Models some agent has room for; when none has, the queue scan is skipped entirely.
+      const open = new Set<string>();
+      for (const a of this.registry.list()) if (!a.info.draining && a.info.slots - a.inFlight > 0) for (const m of a.available) open.add(m);
+      for (let i = 0; i < this.queue.length && open.size > 0; ) {
         const task = this.queue[i]!;
         if (task.state !== "queued" || isFinal(task.job.state)) {
           this.queue.splice(i, 1);
           continue;
         }
-        const agent = this.pick(task);
+        const agent = open.has(task.job.params.model) ? this.pick(task) : undefined;
         if (!agent) {
+          open.delete(task.job.params.model);
           i++;
           continue;
         }
         this.queue.splice(i, 1);
         this.dispatch(task, agent);
+        if (agent.info.slots - agent.inFlight <= 0) {
+          open.clear();
+          for (const a of this.registry.list()) if (!a.info.draining && a.info.slots - a.inFlight > 0) for (const m of a.available) open.add(m);
+        }
       }
     } finally {
       this.pumping = false;
@@ -128,6 +135,7 @@ export class Scheduler {
     const abort = new AbortController();
     task.abort = abort;
     agent.inFlight++;
+    this.runningCount++;
     this.metrics.tasksDispatched.inc();
     if (task.job.state === JobState.QUEUED) task.job.state = JobState.RUNNING;
     this.store.emit(task.job, {
@@ -164,6 +172,7 @@ export class Scheduler {
         this.onAttemptFailed(task, agent, FarmError.from(abort.signal.aborted && abort.signal.reason instanceof FarmError ? abort.signal.reason : err));
       } finally {
         agent.inFlight = Math.max(0, agent.inFlight - 1);
+        this.runningCount--;
         if (task.abort === abort) task.abort = undefined;
         if (isFinal(task.job.state)) this.tasks.delete(task.id);
         this.updateGauges();

@@ -20,8 +20,10 @@ import {
   shutdownServer,
   startMetricsServer,
   subjects,
+  serverCredentials,
   type AgentInfo,
   type Logger,
+  type TlsFiles,
   type RunTaskRequest,
 } from "@latentfarm/shared";
 import type { MessageInitShape } from "@bufbuild/protobuf";
@@ -53,6 +55,8 @@ export interface AgentConfig {
   intraOpNumThreads?: number;
   /** Rows per UNet call at most. */
   maxBatchRows?: number;
+  /** mTLS on the AgentService port: only holders of a certificate from this CA (the coordinator) get in. */
+  tls?: TlsFiles;
   logger: Logger;
 }
 
@@ -147,7 +151,7 @@ export class Agent {
     }, (method, err) => {
       if (err.code === grpc.status.INTERNAL) this.cfg.logger.error("rpc failed", { method, error: err.message });
     });
-    this.port = await bindServer(this.server, this.cfg.listen);
+    this.port = await bindServer(this.server, this.cfg.listen, serverCredentials(this.cfg.tls, true));
     const host = this.cfg.listen.slice(0, this.cfg.listen.lastIndexOf(":"));
     this.address = this.cfg.advertiseAddress ?? `${host === "0.0.0.0" || host === "[::]" ? "127.0.0.1" : host}:${this.port}`;
     if (this.cfg.healthPort !== undefined) {

@@ -1,6 +1,6 @@
 import { parseArgs } from "node:util";
 import { availableParallelism } from "node:os";
-import { jsonLogger, type LogLevel } from "@latentfarm/shared";
+import { jsonLogger, tlsFromFlags, type LogLevel } from "@latentfarm/shared";
 import { join } from "node:path";
 import { Agent } from "./agent.js";
 import { ClipTokenizer, describePrompt } from "./conditioning/index.js";
@@ -9,6 +9,7 @@ import type { ExecutionProvider } from "./runtime/protocol.js";
 const AGENT_USAGE = `latentfarm agent --models DIR [--port N] [--host ADDR] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N]
                  [--slots N] [--threads N] [--max-loaded-models N] [--metrics-port N] [--health-port N]
                  [--advertise-address HOST:PORT] [--id ID] [--heartbeat-ms N] [--drain-seconds N]
+                 [--tls-cert FILE --tls-key FILE --tls-ca FILE]
 `;
 
 function ep(name: string, deviceId: number): ExecutionProvider {
@@ -37,6 +38,9 @@ async function runAgent(argv: string[]): Promise<number> {
       id: { type: "string" },
       "heartbeat-ms": { type: "string", default: "1000" },
       "drain-seconds": { type: "string", default: "300" },
+      "tls-cert": { type: "string" },
+      "tls-key": { type: "string" },
+      "tls-ca": { type: "string" },
       help: { type: "boolean", default: false },
     },
   });
@@ -58,6 +62,7 @@ async function runAgent(argv: string[]): Promise<number> {
     ...(v["metrics-port"] !== undefined ? { metricsPort: Number(v["metrics-port"]) } : {}),
     ...(v["health-port"] !== undefined ? { healthPort: Number(v["health-port"]) } : {}),
     ...(v["advertise-address"] ? { advertiseAddress: v["advertise-address"] } : {}),
+    ...(tlsFromFlags(v) ? { tls: tlsFromFlags(v)! } : {}),
     logger,
   });
   await agent.start();

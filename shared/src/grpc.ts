@@ -241,9 +241,9 @@ export function setServing(health: HealthImplementation, serviceNames: readonly 
 }
 
 /** Binds a server and resolves with the port actually bound (for port 0). */
-export function bindServer(server: grpc.Server, address: string): Promise<number> {
+export function bindServer(server: grpc.Server, address: string, credentials = grpc.ServerCredentials.createInsecure()): Promise<number> {
   return new Promise((resolve, reject) => {
-    server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (err, port) => (err ? reject(err) : resolve(port)));
+    server.bindAsync(address, credentials, (err, port) => (err ? reject(err) : resolve(port)));
   });
 }
 

@@ -8,3 +8,4 @@ export * from "./metrics.js";
 export * from "./grpc.js";
 export * from "./sampler-catalog.js";
 export * from "./metrics-server.js";
+export * from "./security.js";

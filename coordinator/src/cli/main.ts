@@ -1,4 +1,6 @@
 import { parseArgs, type ParseArgsConfig } from "node:util";
+import { readFileSync } from "node:fs";
+import * as grpc from "@grpc/grpc-js";
 import { mkdir, readdir, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { spawn, type ChildProcess } from "node:child_process";
@@ -8,8 +10,10 @@ import {
   FarmError,
   RenderService,
   RngSource,
+  TokenAuth,
   createClient,
   jsonLogger,
+  tlsFromFlags,
   type LogLevel,
 } from "@latentfarm/shared";
 import { Coordinator } from "../coordinator.js";
@@ -23,9 +27,11 @@ const USAGE = `latentfarm — a distributed Stable Diffusion render farm
 Usage:
   latentfarm up [--models DIR] [--nats URL] [--port N] [--agents N] [--ep cpu|cuda|webgpu] [--metrics-port N]
   latentfarm demo [--models DIR] [--out DIR]           start a one-machine farm, render one image, stop
-  latentfarm coordinator [--port N] [--nats URL] [--metrics-port N] [--default-model NAME] [--agent-timeout-ms N]
+  latentfarm coordinator [--port N] [--host ADDR] [--nats URL] [--metrics-port N] [--default-model NAME]
+                   [--agent-timeout-ms N] [--tls-cert F --tls-key F --tls-ca F] [--api-tokens-file F] [--health-port N]
   latentfarm agent --models DIR [--port N] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N] [--slots N]
                    [--metrics-port N] [--health-port N] [--advertise-address HOST:PORT] [--id ID]
+                   [--threads N] [--heartbeat-ms N] [--drain-seconds N] [--tls-cert F --tls-key F --tls-ca F]
   latentfarm txt2img --coordinator HOST:PORT --prompt TEXT --out DIR [generation options]
   latentfarm agents  --coordinator HOST:PORT [--json]
   latentfarm models  --coordinator HOST:PORT [--json]
@@ -35,6 +41,8 @@ Generation options (A1111's parameter names in kebab case):
   --negative-prompt TEXT  --model NAME  --seed N  --subseed N  --subseed-strength F
   --sampler-name NAME  --scheduler NAME  --steps N  --cfg-scale F  --width N  --height N
   --batch-size N  --n-iter N  --clip-skip N  --rng CPU|GPU|NV  --eta-noise-seed-delta N
+
+Client options (txt2img, agents, models): --token T (or LATENTFARM_TOKEN), --tls-ca FILE, --json
 `;
 
 const GEN_OPTIONS = {
@@ -59,7 +67,16 @@ const GEN_OPTIONS = {
   "eta-noise-seed-delta": { type: "string" },
   json: { type: "boolean", default: false },
   quiet: { type: "boolean", default: false },
+  token: { type: "string", default: process.env["LATENTFARM_TOKEN"] },
+  "tls-ca": { type: "string" },
 } as const satisfies ParseArgsConfig["options"];
+
+/** A RenderService client for the CLI: TLS when --tls-ca is given, a bearer token when --token is. */
+function renderClient(address: string, v: { token?: string | undefined; "tls-ca"?: string | undefined }) {
+  const client = createClient(RenderService, address, v["tls-ca"] ? { credentials: grpc.credentials.createSsl(readFileSync(v["tls-ca"])) } : {});
+  const metadata: Record<string, string> = v.token ? { authorization: `Bearer ${v.token}` } : {};
+  return { client, metadata };
+}
 
 function num(name: string, v: string | undefined): number | undefined {
   if (v === undefined) return undefined;
@@ -121,12 +138,12 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
     rng: rngOf(v.rng),
     etaNoiseSeedDelta: big("eta-noise-seed-delta", v["eta-noise-seed-delta"]) ?? 0n,
   };
-  const client = createClient(RenderService, v.coordinator);
+  const { client, metadata } = renderClient(v.coordinator, v);
   const ac = new AbortController();
   const onSigint = (): void => ac.abort();
   process.once("SIGINT", onSigint);
   try {
-    const { jobId, imageCount } = await client.submit({ params }, { signal: ac.signal, timeoutMs: 30_000 });
+    const { jobId, imageCount } = await client.submit({ params }, { signal: ac.signal, timeoutMs: 30_000, metadata });
     const dir = resolve(v.out);
     await mkdir(dir, { recursive: true });
     let n = await nextImageNumber(dir);
@@ -136,7 +153,7 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
     const paths: string[] = [];
     let ok = false;
     let failure = "";
-    for await (const { event } of client.watch({ jobId }, { signal: ac.signal })) {
+    for await (const { event } of client.watch({ jobId }, { signal: ac.signal, metadata })) {
       const e = event?.event;
       if (!e) continue;
       if (e.case === "step") {
@@ -184,19 +201,24 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
 async function listCommand(kind: "agents" | "models", argv: string[], o: Out = io): Promise<number> {
   const { values: v } = parseArgs({
     args: argv,
-    options: { coordinator: { type: "string", default: "127.0.0.1:50051" }, json: { type: "boolean", default: false } },
+    options: {
+      coordinator: { type: "string", default: "127.0.0.1:50051" },
+      json: { type: "boolean", default: false },
+      token: { type: "string", default: process.env["LATENTFARM_TOKEN"] },
+      "tls-ca": { type: "string" },
+    },
   });
-  const client = createClient(RenderService, v.coordinator);
+  const { client, metadata } = renderClient(v.coordinator, v);
   try {
     if (kind === "agents") {
-      const { agents } = await client.listAgents({}, { timeoutMs: 10_000 });
+      const { agents } = await client.listAgents({}, { timeoutMs: 10_000, metadata });
       if (v.json) {
         o.out(JSON.stringify(agents.map((a) => ({ id: a.agentId, address: a.address, ep: a.executionProvider, slots: a.slots, busy: a.busySlots, loadedModels: a.loadedModels, draining: a.draining }))) + "\n");
       } else {
         for (const a of agents) o.out(`${a.agentId}\t${a.address}\t${a.executionProvider}\t${a.busySlots}/${a.slots} busy\t${a.draining ? "draining" : "ready"}\t${a.loadedModels.join(",") || "-"}\n`);
       }
     } else {
-      const { models } = await client.listModels({}, { timeoutMs: 10_000 });
+      const { models } = await client.listModels({}, { timeoutMs: 10_000, metadata });
       if (v.json) o.out(JSON.stringify(models.map((m) => ({ name: m.name, format: m.format, loadedOn: m.loadedOn }))) + "\n");
       else for (const m of models) o.out(`${m.name}\t${m.loadedOn.length ? `loaded on ${m.loadedOn.join(",")}` : "not loaded"}\n`);
     }
@@ -224,8 +246,14 @@ async function runCoordinator(argv: string[]): Promise<number> {
       "metrics-port": { type: "string", default: "9464" },
       "default-model": { type: "string" },
       "agent-timeout-ms": { type: "string", default: "5000" },
+      "tls-cert": { type: "string" },
+      "tls-key": { type: "string" },
+      "tls-ca": { type: "string" },
+      "api-tokens-file": { type: "string" },
+      "health-port": { type: "string" },
     },
   });
+  const tls = tlsFromFlags(v);
   const logger = jsonLogger({ level: logLevel(), base: { service: "coordinator" } });
   const c = new Coordinator({
     listen: `${v.host}:${v.port}`,
@@ -233,6 +261,9 @@ async function runCoordinator(argv: string[]): Promise<number> {
     metricsPort: Number(v["metrics-port"]),
     agentTimeoutMs: Number(v["agent-timeout-ms"]),
     ...(v["default-model"] ? { defaultModel: v["default-model"] } : {}),
+    ...(tls ? { tls } : {}),
+    ...(v["api-tokens-file"] ? { auth: TokenAuth.fromFile(v["api-tokens-file"]) } : {}),
+    ...(v["health-port"] !== undefined ? { healthPort: Number(v["health-port"]) } : {}),
     logger,
   });
   await c.start();
