@@ -44,7 +44,7 @@ export class TokenAuth {
     try {
       parsed = JSON.parse(readFileSync(path, "utf8"));
     } catch (err) {
-      throw new Error(`cannot read API tokens from ${path}: ${err instanceof Error ? err.message : String(err)}`);
+      throw new Error(`cannot read API tokens from ${path}: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
     }
     if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) {
       throw new Error(`${path} must hold a JSON object of token → tenant`);

@@ -130,12 +130,10 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       params: { prompt: "slow", model: "tiny-sd15", width: 64, height: 64, steps: 150, samplerName: "Euler", seed: 5n },
     });
     const it = farm.client.watch({ jobId })[Symbol.asyncIterator]();
-    let stepsBefore = 0;
     for (;;) {
       const { value, done } = await it.next();
       assert.ok(!done, "job ended before it started");
       if (value.event?.event.case === "step") {
-        stepsBefore = value.event.event.value.step;
         break;
       }
     }
@@ -157,7 +155,6 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       assert.ok(Date.now() - sent < 3000, "agent still busy 3 s after cancel");
       await new Promise((r) => setTimeout(r, 20));
     }
-    assert.ok(stepsBefore < 150);
     await expectStatus(farm.client.cancel({ jobId }), grpc.status.FAILED_PRECONDITION, "job_id");
   });
 

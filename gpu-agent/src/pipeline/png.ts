@@ -26,7 +26,7 @@ function chunk(type: string, data: Buffer): Buffer {
   return Buffer.concat([head, data, crc]);
 }
 
-const isLatin1 = (s: string): boolean => /^[\u0000-\u00ff]*$/.test(s);
+const isLatin1 = (s: string): boolean => [...s].every((c) => c.codePointAt(0)! <= 0xff);
 
 /**
  * A PNG text chunk the way Pillow writes A1111's infotext: tEXt when the text is Latin-1,

@@ -45,7 +45,7 @@ async function handle(req: Request): Promise<Response> {
   switch (req.op) {
     case "load": {
       const s = await ort.InferenceSession.create(req.path, sessionOptions());
-      sessions.get(req.name)?.release();
+      await sessions.get(req.name)?.release();
       sessions.set(req.name, s);
       return { id: req.id, ok: true, info: info(s) };
     }
