@@ -3,17 +3,13 @@ import {
   FarmError,
   RngSource as WireRng,
   abortError,
-  resolveSampler,
-  schedulerLabel,
   type Image,
   type RunTaskRequest,
 } from "@latentfarm/shared";
 import { create } from "@bufbuild/protobuf";
 import { ImageSchema } from "@latentfarm/shared";
-import { ImageRng } from "../sampling/image-rng.js";
-import { cIn, sigmaToT } from "../sampling/sigmas.js";
-import { combineDenoised, scheduleSteps, type PreparedConditioning } from "../conditioning/index.js";
-import { prepareSampler } from "./sampler-adapter.js";
+import { ImageRng, cIn, epsToDenoised, prepareSampling, vToDenoised, type SamplingSettings } from "../sampling/index.js";
+import { combineDenoised, type PreparedConditioning } from "../conditioning/index.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { buildInfotext } from "./infotext.js";
 import { encodePng, toRgb8 } from "./png.js";
@@ -50,27 +46,11 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
   const seed = Number(req.seed);
   const subseed = Number(req.subseed);
   const rng = RNG_NAMES[p.rng] ?? "GPU";
-  const resolved = resolveSampler(p.samplerName, p.scheduler);
   const h = height / 8;
   const w = width / 8;
   const C = pipe.model.config.latentChannels;
   const plane = C * h * w;
   const ensd = Number(p.etaNoiseSeedDelta);
-
-  const conditioner = await pipe.conditioner();
-  checkAborted(ctx.signal);
-  // Prompt schedules count denoiser calls, which second-order samplers make twice per step.
-  const cond: PreparedConditioning = await conditioner.prepare({
-    prompt: p.prompt,
-    negativePrompt: p.negativePrompt,
-    steps: scheduleSteps(steps, resolved.sampler.secondOrder === true),
-    clipSkip,
-    signal: ctx.signal,
-  });
-  for (const u of cond.extraNetworks.unknown) ctx.onWarning(`unknown extra network tag ${u.raw} removed from the prompt`);
-  if (cond.extraNetworks.networks.length > 0) {
-    throw FarmError.unimplemented("prompt", `LoRA tags (<lora:${cond.extraNetworks.networks[0]!.name}:…>) are not implemented by this farm yet`);
-  }
 
   const imageRng = new ImageRng({
     shape: [C, h, w],
@@ -82,39 +62,56 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     source: rng,
     etaNoiseSeedDelta: ensd,
   });
-  const sampler = prepareSampler(resolved, steps, {
+  const settings: SamplingSettings = {};
+  if (p.eta !== undefined) settings.eta = p.eta;
+  if (p.sChurn !== undefined) settings.sChurn = p.sChurn;
+  if (p.sTmin !== undefined) settings.sTmin = p.sTmin;
+  if (p.sTmax !== undefined) settings.sTmax = p.sTmax;
+  if (p.sNoise !== undefined) settings.sNoise = p.sNoise;
+  const sampler = prepareSampling({
+    samplerName: p.samplerName,
+    scheduler: p.scheduler,
+    steps,
     noise: () => imageRng.next(),
-    eta: p.eta,
-    sChurn: p.sChurn,
-    sTmin: p.sTmin,
-    sTmax: p.sTmax,
-    sNoise: p.sNoise,
-    seed,
-    source: rng,
+    // SDE samplers: A1111's Brownian tree per image, seeded with the plain seed (no ENSD).
+    brownian: { seeds: [seed], shape: [C, h, w], source: rng },
+    settings,
   });
-  const x0 = imageRng.first();
-  const sigma0 = sampler.sigmas[0]!;
-  for (let i = 0; i < x0.length; i++) x0[i] = x0[i]! * sigma0;
+  const resolved = sampler.choice;
+
+  const conditioner = await pipe.conditioner();
+  checkAborted(ctx.signal);
+  // Prompt schedules count denoiser calls, which second-order samplers make twice per step.
+  const cond: PreparedConditioning = await conditioner.prepare({
+    prompt: p.prompt,
+    negativePrompt: p.negativePrompt,
+    steps: sampler.promptScheduleSteps,
+    clipSkip,
+    signal: ctx.signal,
+  });
+  for (const u of cond.extraNetworks.unknown) ctx.onWarning(`unknown extra network tag ${u.raw} removed from the prompt`);
+  if (cond.extraNetworks.networks.length > 0) {
+    throw FarmError.unimplemented("prompt", `LoRA tags (<lora:${cond.extraNetworks.networks[0]!.name}:…>) are not implemented by this farm yet`);
+  }
 
   const dim = pipe.model.textEncoder.hiddenSize;
-  const gen = sampler.run(x0);
+  const vPred = pipe.model.config.predictionType === "v_prediction";
+  const gen = sampler.run(sampler.startLatent(imageRng.first()));
   let r = gen.next();
   let lastStep = -1;
-  let call = 0;
   while (!r.done) {
     checkAborted(ctx.signal);
-    const { x, sigma, step } = r.value;
-    if (step !== lastStep) {
+    const req = r.value;
+    if (req.step !== lastStep) {
       if (lastStep >= 0) ctx.onStep(lastStep + 1, sampler.steps);
-      lastStep = step;
+      lastStep = req.step;
     }
+    const x = req.x;
+    const scale = req.kind === "denoise" ? cIn(req.sigma) : req.inputScale;
     const scaled = new Float32Array(plane);
-    const c = cIn(sigma);
-    for (let i = 0; i < plane; i++) scaled[i] = x[i]! * c;
-    const t = sigmaToT(sigma);
-    const conds = cond.condAt(call);
-    const uncond = cond.uncondAt(call);
-    call++;
+    for (let i = 0; i < plane; i++) scaled[i] = x[i]! * scale;
+    const conds = cond.condAt(req.call);
+    const uncond = cond.uncondAt(req.call);
     // Cond and uncond of different lengths go in separate requests (A1111's default, no padding).
     const groups = new Map<number, Float32Array[]>();
     const add = (tensor: Float32Array): number => {
@@ -129,18 +126,22 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     const results = new Map<number, Float32Array[]>();
     await Promise.all(
       [...groups.entries()].map(async ([seq, contexts]) => {
-        results.set(seq, await pipe.batcher.evaluate({ x: scaled, t, contexts, h, w, seq }, ctx.signal));
+        results.set(seq, await pipe.batcher.evaluate({ x: scaled, t: req.timestep, contexts, h, w, seq }, ctx.signal));
       }),
     );
-    const denoised = (eps: Float32Array): Float32Array => {
-      const out = new Float32Array(plane);
-      for (let i = 0; i < plane; i++) out[i] = x[i]! - eps[i]! * sigma;
-      return out;
-    };
-    const uSeq = uncond.tensor.length / dim;
-    const dUncond = denoised(results.get(uSeq)![uIdx]!);
-    const dConds = conds.map((cd, k) => ({ denoised: denoised(results.get(cd.tensor.length / dim)![cIdx[k]!]!), weight: cd.weight }));
-    r = gen.next(combineDenoised(dConds, dUncond, cfg));
+    const outOf = (tensor: Float32Array, idx: number): Float32Array => results.get(tensor.length / dim)![idx]!;
+    if (req.kind === "denoise") {
+      const denoised = (out: Float32Array): Float32Array => (vPred ? vToDenoised(x, out, req.sigma) : epsToDenoised(x, out, req.sigma));
+      const dUncond = denoised(outOf(uncond.tensor, uIdx));
+      const dConds = conds.map((cd, k) => ({ denoised: denoised(outOf(cd.tensor, cIdx[k]!)), weight: cd.weight }));
+      r = gen.next(combineDenoised(dConds, dUncond, cfg));
+    } else {
+      if (vPred) throw new FarmError(grpc.status.UNIMPLEMENTED, `${resolved.sampler.name} on v-prediction models is not implemented yet`, { field: "sampler_name" });
+      const eUncond = outOf(uncond.tensor, uIdx);
+      const eConds = conds.map((cd, k) => ({ denoised: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));
+      const output = combineDenoised(eConds, eUncond, cfg * (req.cfgScaleMultiplier ?? 1));
+      r = gen.next(req.needUncond ? { output, uncond: eUncond } : output);
+    }
   }
   ctx.onStep(sampler.steps, sampler.steps);
   checkAborted(ctx.signal);
@@ -154,7 +155,7 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     negativePrompt: p.negativePrompt,
     steps,
     sampler: resolved.sampler.name,
-    scheduleType: resolved.effectiveScheduler ? schedulerLabel(resolved.effectiveScheduler) : "Automatic",
+    scheduleType: String(sampler.infotext["Schedule type"] ?? "Automatic"),
     cfgScale: cfg,
     seed,
     width,
@@ -166,6 +167,7 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     clipSkip,
     ensd: resolved.sampler.usesEnsd && ensd !== 0 ? ensd : undefined,
     rng,
+    extra: Object.entries(sampler.infotext).filter(([k]) => k !== "Schedule type"),
   });
   const png = await encodePng(rgb, width, height, infotext);
   if (png.length === 0) throw new FarmError(grpc.status.INTERNAL, "PNG encoding produced no bytes");

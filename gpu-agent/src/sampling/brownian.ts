@@ -1,0 +1,306 @@
+/**
+ * Brownian-tree noise for the SDE samplers, following A1111 1.10: k-diffusion's BrownianTreeNoiseSampler
+ * over one torchsde 0.2.6 BrownianTree per image (BrownianInterval with halfway_tree, tol 1e-6,
+ * pool_size 24), numpy SeedSequence seed splitting, and torchsde's normal draws redirected to the
+ * configured RNG source (A1111's randn_local: the first draw of a fresh generator).
+ */
+import { createGenerator, type RngSource } from "./generator.js";
+import { f32 } from "./float32.js";
+import type { LatentShape } from "./image-rng.js";
+
+/* ---- numpy.random.SeedSequence (entropy pool hashing, generate_state) ---- */
+
+const INIT_A = 0x43b0d7e5;
+const MULT_A = 0x931e8875;
+const INIT_B = 0x8b51f9dd;
+const MULT_B = 0x58f38ded;
+const MIX_MULT_L = 0xca01f9dd;
+const MIX_MULT_R = 0x4973f715;
+
+/** Little-endian 32-bit words of a non-negative integer (numpy _int_to_uint32_array; 0 → [0]). */
+function toUint32Words(value: bigint): number[] {
+  if (value < 0n) throw new RangeError("SeedSequence entropy must be non-negative");
+  if (value === 0n) return [0];
+  const words: number[] = [];
+  let v = value;
+  while (v > 0n) {
+    words.push(Number(v & 0xffffffffn));
+    v >>= 32n;
+  }
+  return words;
+}
+
+export class SeedSequence {
+  readonly pool: Uint32Array;
+
+  constructor(entropy: bigint | number, spawnKey: readonly (bigint | number)[] = [], poolSize = 4) {
+    let runEntropy = toUint32Words(BigInt(entropy));
+    const spawnEntropy = spawnKey.flatMap((k) => toUint32Words(BigInt(k)));
+    if (spawnEntropy.length > 0 && runEntropy.length < poolSize) {
+      runEntropy = [...runEntropy, ...new Array<number>(poolSize - runEntropy.length).fill(0)];
+    }
+    const entropyArray = [...runEntropy, ...spawnEntropy];
+    this.pool = new Uint32Array(poolSize);
+    let hashConst = INIT_A;
+    const hashmix = (input: number): number => {
+      let value = (input ^ hashConst) >>> 0;
+      hashConst = Math.imul(hashConst, MULT_A) >>> 0;
+      value = Math.imul(value, hashConst) >>> 0;
+      return (value ^ (value >>> 16)) >>> 0;
+    };
+    const mix = (x: number, y: number): number => {
+      const result = (Math.imul(MIX_MULT_L, x) - Math.imul(MIX_MULT_R, y)) >>> 0;
+      return (result ^ (result >>> 16)) >>> 0;
+    };
+    const pool = this.pool;
+    for (let i = 0; i < poolSize; i++) pool[i] = hashmix(i < entropyArray.length ? entropyArray[i]! : 0);
+    for (let src = 0; src < poolSize; src++) {
+      for (let dst = 0; dst < poolSize; dst++) {
+        if (src !== dst) pool[dst] = mix(pool[dst]!, hashmix(pool[src]!));
+      }
+    }
+    for (let src = poolSize; src < entropyArray.length; src++) {
+      for (let dst = 0; dst < poolSize; dst++) pool[dst] = mix(pool[dst]!, hashmix(entropyArray[src]!));
+    }
+  }
+
+  generateState(words: number): Uint32Array {
+    const out = new Uint32Array(words);
+    let hashConst = INIT_B;
+    for (let i = 0; i < words; i++) {
+      let value = (this.pool[i % this.pool.length]! ^ hashConst) >>> 0;
+      hashConst = Math.imul(hashConst, MULT_B) >>> 0;
+      value = Math.imul(value, hashConst) >>> 0;
+      out[i] = (value ^ (value >>> 16)) >>> 0;
+    }
+    return out;
+  }
+}
+
+/* ---- torchsde BrownianInterval (halfway tree, no Lévy area) ---- */
+
+/** Python's round(x, 6) for the magnitudes used here (ties cannot occur for binary doubles at 6 digits). */
+function roundTol(x: number): number {
+  return Number(x.toFixed(6));
+}
+
+interface Node {
+  readonly start: number;
+  readonly end: number;
+  readonly parent: Node | undefined;
+  readonly isLeft: boolean;
+  readonly spawnKey: bigint;
+  readonly depth: number;
+  midway?: number;
+  wSeed?: number;
+  left?: Node;
+  right?: Node;
+}
+
+/** Draws the first normal tensor of a fresh generator seeded `seed` (A1111 randn_local). */
+export type SeededNormals = (seed: number, length: number) => Float32Array;
+
+export class BrownianInterval {
+  private readonly top: Node;
+  private readonly topW: Float32Array;
+  /** LRU caches of node increments and of each split node's W_seed draw (shared by both children). */
+  private readonly cache = new Map<Node, Float32Array>();
+  private readonly noiseCache = new Map<Node, Float32Array>();
+
+  constructor(
+    t0: number,
+    t1: number,
+    private readonly length: number,
+    private readonly entropy: number,
+    private readonly randn: SeededNormals,
+    private readonly poolSize = 24,
+    private readonly cacheSize = 96,
+  ) {
+    if (!(t0 <= t1)) throw new RangeError(`Brownian interval needs t0 ≤ t1, got ${t0}, ${t1}`);
+    this.top = { start: roundTol(t0), end: roundTol(t1), parent: undefined, isLeft: false, spawnKey: 0n, depth: 0 };
+    const [wSeed] = new SeedSequence(entropy, [], poolSize).generateState(3);
+    const scale = f32(Math.sqrt(t1 - t0));
+    this.topW = this.randn(wSeed!, length).map((v) => v * scale);
+  }
+
+  /** W(tb) − W(ta) for ta ≤ tb, clamped to the interval like torchsde. */
+  increment(ta: number, tb: number): Float32Array {
+    ta = Math.min(Math.max(ta, this.top.start), this.top.end);
+    tb = Math.min(Math.max(tb, this.top.start), this.top.end);
+    if (ta > tb) throw new RangeError(`query times must satisfy ta ≤ tb, got ${ta}, ${tb}`);
+    if (ta === tb) return new Float32Array(this.length);
+    const intervals: Node[] = [];
+    this.locate(this.top, roundTol(ta), roundTol(tb), intervals);
+    let w = this.incrementOf(intervals[0]!);
+    for (let i = 1; i < intervals.length; i++) {
+      const wi = this.incrementOf(intervals[i]!);
+      const sum = new Float32Array(this.length);
+      for (let k = 0; k < sum.length; k++) sum[k] = w[k]! + wi[k]!;
+      w = sum;
+    }
+    return w;
+  }
+
+  private locate(node: Node, ta: number, tb: number, out: Node[]): void {
+    // Iterative form of torchsde's _loc_inner (which recurses through a trampoline).
+    const pending: Array<[Node, number, number]> = [[node, ta, tb]];
+    while (pending.length > 0) {
+      let [current, a, b] = pending.shift()!;
+      for (;;) {
+        if (a < current.start || b > current.end) {
+          current = current.parent!;
+          continue;
+        }
+        if (a === current.start && b === current.end) {
+          out.push(current);
+          break;
+        }
+        if (current.midway === undefined) {
+          if (a === current.start) {
+            this.split(current, b);
+            current = current.left!;
+          } else {
+            this.split(current, a);
+            current = current.right!;
+          }
+          continue;
+        }
+        if (b <= current.midway) {
+          current = current.left!;
+          continue;
+        }
+        if (a >= current.midway) {
+          current = current.right!;
+          continue;
+        }
+        pending.unshift([current.right!, current.midway, b]);
+        b = current.midway;
+        current = current.left!;
+      }
+    }
+  }
+
+  /** halfway_tree split: always at the (rounded) midpoint, descending until `target` is a node edge. */
+  private split(node: Node, target: number): void {
+    let current = node;
+    for (;;) {
+      this.splitExact(current, 0.5 * (current.end + current.start));
+      const mid = current.midway!;
+      if (target > mid) current = current.right!;
+      else if (target < mid) current = current.left!;
+      else return;
+      if (current.midway !== undefined) return;
+    }
+  }
+
+  private splitExact(node: Node, midway: number): void {
+    const mid = roundTol(midway);
+    node.midway = mid;
+    const state = new SeedSequence(this.entropy, [node.spawnKey, node.depth], this.poolSize).generateState(4);
+    node.wSeed = state[0]!;
+    const childDepth = node.depth + 1;
+    node.left = { start: node.start, end: mid, parent: node, isLeft: true, spawnKey: 2n * node.spawnKey, depth: childDepth };
+    node.right = { start: mid, end: node.end, parent: node, isLeft: false, spawnKey: 2n * node.spawnKey + 1n, depth: childDepth };
+  }
+
+  private lookup(cache: Map<Node, Float32Array>, node: Node): Float32Array | undefined {
+    const value = cache.get(node);
+    if (value !== undefined) {
+      cache.delete(node);
+      cache.set(node, value);
+    }
+    return value;
+  }
+
+  private remember(cache: Map<Node, Float32Array>, node: Node, value: Float32Array): void {
+    cache.set(node, value);
+    if (cache.size > this.cacheSize) cache.delete(cache.keys().next().value!);
+  }
+
+  private splitNoise(parent: Node): Float32Array {
+    let noise = this.lookup(this.noiseCache, parent);
+    if (noise === undefined) {
+      noise = this.randn(parent.wSeed!, this.length);
+      this.remember(this.noiseCache, parent, noise);
+    }
+    return noise;
+  }
+
+  /** Caching changes no value (every node is a pure function of its place in the tree), only the cost. */
+  private incrementOf(node: Node): Float32Array {
+    if (node === this.top) return this.topW;
+    const cached = this.lookup(this.cache, node);
+    if (cached !== undefined) return cached;
+    const parent = node.parent!;
+    const w = this.incrementOf(parent);
+    const hReciprocal = 1 / (parent.end - parent.start);
+    const leftDiff = parent.midway! - parent.start;
+    const rightDiff = parent.end - parent.midway!;
+    const leftDiffF = f32(leftDiff);
+    const hReciprocalF = f32(hReciprocal);
+    const root = f32(Math.sqrt(leftDiff * rightDiff * hReciprocal));
+    const noise = this.splitNoise(parent);
+    const out = new Float32Array(this.length);
+    for (let k = 0; k < out.length; k++) {
+      const mean = f32(f32(leftDiffF * w[k]!) * hReciprocalF);
+      const leftW = f32(mean + f32(root * noise[k]!));
+      out[k] = node.isLeft ? leftW : w[k]! - leftW;
+    }
+    this.remember(this.cache, node, out);
+    return out;
+  }
+}
+
+export interface BrownianNoiseOptions {
+  /** Smallest positive σ of the full schedule and its largest σ (PreparedSampling.brownianRange). */
+  sigmaMin: number;
+  sigmaMax: number;
+  /** One entropy per image: the batch's seeds (A1111 all_seeds, without ENSD). */
+  seeds: readonly number[];
+  /** Latent shape of one image. */
+  shape: LatentShape;
+  source: RngSource;
+  /** "GPU" source only: see GeneratorOptions.cudaResidentThreads. */
+  cudaResidentThreads?: number;
+}
+
+/**
+ * k-diffusion BrownianTreeNoiseSampler with a list of seeds: noise(σ, σnext) =
+ * (W(σnext) − W(σ))/sqrt|σnext − σ| per image, concatenated image after image.
+ */
+export class BrownianTreeNoiseSampler {
+  private readonly trees: BrownianInterval[];
+  private readonly imageSize: number;
+
+  constructor(options: BrownianNoiseOptions) {
+    const [c, h, w] = options.shape;
+    this.imageSize = c * h * w;
+    const t0 = Math.min(options.sigmaMin, options.sigmaMax);
+    const t1 = Math.max(options.sigmaMin, options.sigmaMax);
+    const generatorOptions = options.cudaResidentThreads === undefined ? {} : { cudaResidentThreads: options.cudaResidentThreads };
+    const randn: SeededNormals = (seed, length) => createGenerator(options.source, seed, generatorOptions).next(length);
+    this.trees = options.seeds.map((seed) => new BrownianInterval(t0, t1, this.imageSize, seed, randn));
+  }
+
+  sample(sigma: number, sigmaNext: number): Float32Array {
+    const a = f32(sigma);
+    const b = f32(sigmaNext);
+    const sign = a < b ? 1 : -1;
+    const lo = Math.min(a, b);
+    const hi = Math.max(a, b);
+    const scale = f32(Math.sqrt(Math.abs(f32(b - a))));
+    const out = new Float32Array(this.trees.length * this.imageSize);
+    this.trees.forEach((tree, i) => {
+      const w = tree.increment(lo, hi);
+      const offset = i * this.imageSize;
+      for (let k = 0; k < w.length; k++) out[offset + k] = (w[k]! * sign) / scale;
+    });
+    return out;
+  }
+}
+
+/** Convenience: a NoiseSampler function for `prepareSampling` / the SDE samplers. */
+export function createBrownianNoiseSampler(options: BrownianNoiseOptions): (sigma: number, sigmaNext: number) => Float32Array {
+  const sampler = new BrownianTreeNoiseSampler(options);
+  return (sigma, sigmaNext) => sampler.sample(sigma, sigmaNext);
+}

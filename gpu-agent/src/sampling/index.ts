@@ -1,0 +1,97 @@
+/**
+ * Public API of the sampling core: RNG, noise schedules, samplers (as generators) and their setup.
+ *
+ * Typical txt2img flow for one batch of images:
+ *   const { seeds, subseeds } = seedsForJob({ seed, subseed, subseedStrength, count });
+ *   const rng = new ImageRng({ shape: [4, h / 8, w / 8], seeds, subseeds, subseedStrength, source, etaNoiseSeedDelta });
+ *   const prep = prepareSampling({ samplerName, scheduler, steps, noise: () => rng.next(), brownian: { seeds, shape, source } });
+ *   const run = prep.run(prep.startLatent(rng.first()));
+ *   for (let r = run.next(); !r.done; r = run.next(evaluate(r.value))) {}
+ * where evaluate() runs the UNet for the request (see ModelRequest) and returns the CFG-combined
+ * result; r.value.call selects the prompt-schedule entry, r.value.step is the progress step.
+ */
+export { createGenerator, elementCount, RNG_SOURCES, type GeneratorOptions, type ImageGenerator, type NoiseShape, type RngSource } from "./generator.js";
+export { philox4x32, philoxNormals, philoxNormalsCuda } from "./philox.js";
+export { Mt19937, TorchCpuGenerator, type TorchCpuKernel } from "./torch-cpu.js";
+export { ImageRng, slerp, type ImageRngOptions, type LatentShape } from "./image-rng.js";
+export { seedsForJob, resolveSeed, RANDOM_SEED_LIMIT, type JobSeeds, type SeedInput, type SeedsForJobInput } from "./seeds.js";
+export { InvalidSamplingParameter } from "./errors.js";
+export {
+  DiscreteSchedule,
+  NUM_TRAIN_TIMESTEPS,
+  cIn,
+  discreteSigmas,
+  epsToDenoised,
+  rescaleZeroTerminalSnr,
+  scaleModelInput,
+  sd1AlphasCumprod,
+  sd1Schedule,
+  sigmaToT,
+  tToSigma,
+  vScalings,
+  vToDenoised,
+  vToEps,
+} from "./sigmas.js";
+export {
+  DEFAULT_RHO,
+  SCHEDULE_LABELS,
+  alignYourStepsSigmas,
+  betaSigmas,
+  ddimSigmas,
+  exponentialSigmas,
+  karrasSigmas,
+  klOptimalSigmas,
+  normalSigmas,
+  polyexponentialSigmas,
+  samplerSigmas,
+  scheduleSigmas,
+  simpleSigmas,
+  type SamplerSigmas,
+  type SamplerSigmasInput,
+  type ScheduleParameters,
+  type ScheduleType,
+  type SigmaModel,
+} from "./schedules.js";
+export { betaQuantile, regularizedIncompleteBeta, type BetaQuantile } from "./beta-quantile.js";
+export { LcmSchedule } from "./lcm.js";
+export { BrownianTreeNoiseSampler, createBrownianNoiseSampler, type BrownianNoiseOptions } from "./brownian.js";
+export {
+  img2imgSteps,
+  listSamplers,
+  listSchedulers,
+  prepareSampling,
+  promptScheduleSteps,
+  resolveSampler,
+  type Img2imgStepMapping,
+  type PreparedSampling,
+  type PrepareSamplingInput,
+  type ResolvedSamplerChoice,
+  type SamplerListing,
+  type SamplingSettings,
+  type SchedulerListing,
+} from "./plan.js";
+export * from "./samplers/kdiffusion.js";
+export { restartStepList, sampleRestart } from "./samplers/restart.js";
+export { sampleDpmAdaptive, sampleDpmFast, type DpmAdaptiveOptions, type DpmSolverOptions } from "./samplers/dpm-solver.js";
+export {
+  ddimTimesteps,
+  sampleDdim,
+  sampleDdimCfgpp,
+  samplePlms,
+  sampleUniPc,
+  type TimestepSamplerOptions,
+  type UniPcOptions,
+  type UniPcSkipType,
+  type UniPcVariant,
+} from "./samplers/timesteps.js";
+export type {
+  DenoiseRequest,
+  EpsRequest,
+  EpsWithUncond,
+  ModelRequest,
+  ModelResponse,
+  NoiseSampler,
+  SamplerFunction,
+  SamplerOptions,
+  SamplerRun,
+} from "./samplers/types.js";

@@ -1,0 +1,191 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { img2imgSteps, listSamplers, listSchedulers, prepareSampling, promptScheduleSteps, resolveSampler } from "./plan.js";
+import { InvalidSamplingParameter } from "./errors.js";
+import { ImageRng } from "./image-rng.js";
+import { createBrownianNoiseSampler } from "./brownian.js";
+import { drive, gaussianModel } from "./samplers/test-harness.js";
+import { INTERMEDIATE_DIR, assertClose, assertRelClose, fixturesAbsent, readF32, readJson } from "./test-support.js";
+import type { ModelRequest } from "./samplers/types.js";
+
+test("legacy combined names split into sampler + schedule type; the default schedule becomes Automatic", () => {
+  const a = resolveSampler("DPM++ 2M Karras");
+  assert.equal(a.sampler.name, "DPM++ 2M");
+  assert.equal(a.scheduler, "automatic");
+  assert.equal(a.scheduleType, "karras");
+  assert.equal(a.label, "Karras");
+  const b = resolveSampler("Euler a Exponential");
+  assert.equal(b.sampler.name, "Euler a");
+  assert.equal(b.scheduleType, "exponential");
+  assert.equal(b.label, "Exponential");
+  const c = resolveSampler("k_euler_a");
+  assert.equal(c.sampler.name, "Euler a");
+  assert.equal(c.scheduleType, undefined);
+  assert.equal(c.label, "Automatic");
+  const d = resolveSampler("DPM++ 2M", "Karras");
+  assert.deepEqual([d.scheduler, d.scheduleType], ["automatic", "karras"]);
+  const e = resolveSampler("Euler", "sgmuniform");
+  assert.equal(e.scheduleType, "sgm_uniform");
+  assert.equal(resolveSampler("DPM++ 3M SDE").scheduleType, "exponential");
+  // Timestep samplers ignore the schedule type but the infotext still shows the chosen one.
+  const ddim = resolveSampler("DDIM", "Karras");
+  assert.equal(ddim.scheduleType, undefined);
+  assert.equal(ddim.label, "Karras");
+});
+
+test("unknown sampler or schedule names throw InvalidSamplingParameter naming the field", () => {
+  assert.throws(() => resolveSampler("Nope"), (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "sampler_name");
+  assert.throws(() => resolveSampler("Euler", "Sideways"), (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "scheduler");
+  assert.throws(
+    () => resolveSampler("Nope", undefined, { sampler: "hr_sampler_name", scheduler: "hr_scheduler" }),
+    (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "hr_sampler_name",
+  );
+});
+
+test("listings: 20 samplers with aliases/options, 12 schedulers with rho and inner-model flags", () => {
+  const samplers = listSamplers();
+  assert.equal(samplers.length, 20);
+  assert.deepEqual(samplers.find((s) => s.name === "DPM2")?.options, { scheduler: "karras", second_order: true, discard_next_to_last_sigma: true });
+  assert.deepEqual(samplers.find((s) => s.name === "Euler a")?.aliases, ["k_euler_a", "k_euler_ancestral"]);
+  const schedulers = listSchedulers();
+  assert.equal(schedulers.length, 12);
+  assert.deepEqual(schedulers.find((s) => s.name === "karras"), { name: "karras", label: "Karras", aliases: null, default_rho: 7, need_inner_model: false });
+  assert.deepEqual(schedulers.find((s) => s.name === "sgm_uniform")?.aliases, ["SGMUniform"]);
+  assert.equal(schedulers.find((s) => s.name === "simple")?.need_inner_model, true);
+});
+
+test("prompt schedules use doubled steps for second-order samplers", () => {
+  assert.equal(promptScheduleSteps(resolveSampler("Heun").sampler, 10), 20);
+  assert.equal(promptScheduleSteps(resolveSampler("Euler").sampler, 10), 10);
+});
+
+test("img2img step mapping (spec §4.4)", () => {
+  assert.deepEqual(img2imgSteps(20, 0.75), { scheduleSteps: 20, tEnc: 15 });
+  assert.deepEqual(img2imgSteps(20, 1), { scheduleSteps: 20, tEnc: 19 });
+  assert.deepEqual(img2imgSteps(20, 0.7, true), { scheduleSteps: 28, tEnc: 19 });
+  assert.deepEqual(img2imgSteps(10, 0, true), { scheduleSteps: 0, tEnc: 9 });
+  assert.throws(() => img2imgSteps(20, 1.5), (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "denoising_strength");
+});
+
+test("img2img: Euler a, 20 steps, denoise 0.75 → 16 steps from σ = 4.85565; hires Karras 0.7 → from 3.82133", () => {
+  const plain = prepareSampling({ samplerName: "Euler a", steps: 20, noise: () => new Float32Array(1), img2img: { denoisingStrength: 0.75 } });
+  assert.equal(plain.sigmas.length, 17);
+  assert.ok(Math.abs(plain.sigmas[0]! - 4.85565) < 1e-5);
+  assert.equal(plain.steps, 16);
+  const start = plain.startLatent(Float32Array.from([1]), Float32Array.from([0.5]));
+  assert.ok(Math.abs(start[0]! - (0.5 + plain.sigmas[0]!)) < 1e-6);
+  const noisier = prepareSampling({
+    samplerName: "Euler a",
+    steps: 20,
+    noise: () => new Float32Array(1),
+    img2img: { denoisingStrength: 0.75 },
+    settings: { initialNoiseMultiplier: 1.5 },
+  });
+  assert.ok(Math.abs(noisier.startLatent(Float32Array.from([1]), Float32Array.from([0.5]))[0]! - (0.5 + 1.5 * plain.sigmas[0]!)) < 1e-5);
+  assert.equal(noisier.infotext["Noise multiplier"], 1.5);
+  const hires = prepareSampling({ samplerName: "DPM++ 2M", steps: 20, noise: () => new Float32Array(1), img2img: { denoisingStrength: 0.7, fixSteps: true } });
+  assert.equal(hires.sigmas.length, 21);
+  assert.ok(Math.abs(hires.sigmas[0]! - 3.82133) < 1e-5, `${hires.sigmas[0]}`);
+  assert.equal(hires.steps, 20);
+});
+
+test("DDIM 20 steps makes 19 model calls; img2img starts at timesteps[t_enc] noise level", () => {
+  const prepared = prepareSampling({ samplerName: "DDIM", steps: 20, noise: () => new Float32Array(2) });
+  assert.deepEqual(Array.from(prepared.timesteps!), Array.from({ length: 20 }, (_, i) => 1 + 50 * i));
+  const { requests } = drive(prepared.run(prepared.startLatent(Float32Array.from([1, -1]))), gaussianModel(0.8));
+  assert.equal(requests.length, 19);
+  const img = prepareSampling({ samplerName: "DDIM", steps: 20, noise: () => new Float32Array(1), img2img: { denoisingStrength: 0.5 } });
+  assert.equal(img.timesteps!.length, 10);
+  assert.equal(img.steps, 11);
+});
+
+test("infotext entries: Schedule type for explicit schedules, Eta when not 1, Discard penultimate when forced", () => {
+  assert.deepEqual(prepareSampling({ samplerName: "Euler a", steps: 5, noise: () => new Float32Array(1) }).infotext, {});
+  assert.deepEqual(prepareSampling({ samplerName: "DPM++ 2M", steps: 5, noise: () => new Float32Array(1) }).infotext, { "Schedule type": "Karras" });
+  assert.deepEqual(
+    prepareSampling({ samplerName: "Euler a", steps: 5, noise: () => new Float32Array(1), settings: { eta: 0.5, alwaysDiscardNextToLastSigma: true } }).infotext,
+    { Eta: 0.5, "Discard penultimate sigma": true },
+  );
+  assert.deepEqual(prepareSampling({ samplerName: "DDIM", steps: 5, noise: () => new Float32Array(1), settings: { etaDdim: 0.3 } }).infotext, { "Eta DDIM": 0.3 });
+});
+
+test("every catalog sampler runs end to end through prepareSampling on a closed-form model", () => {
+  for (const { name } of listSamplers()) {
+    let draws = 0;
+    const prepared = prepareSampling({ samplerName: name, steps: 12, noise: () => (draws++, new Float32Array(4)) });
+    const x = prepared.startLatent(Float32Array.from([1, -0.5, 0.25, 2]));
+    const answer = gaussianModel(0.8);
+    const { x: out, requests } = drive(prepared.run(x), (r: ModelRequest) => {
+      const eps = answer(r);
+      return r.kind === "eps" && r.needUncond ? { output: eps, uncond: eps } : eps;
+    });
+    assert.ok(requests.length > 0, name);
+    assert.ok(out.every(Number.isFinite), `${name} output finite`);
+    assert.ok(Math.abs(out[3]!) < 5, `${name} output plausible: ${out[3]}`);
+  }
+});
+
+interface Case {
+  id: string;
+  seed: number;
+  rng: "CPU" | "NV";
+  steps: number;
+  sampler_name: string;
+  scheduler?: string;
+  width: number;
+  height: number;
+}
+interface IndexEntry {
+  sigmas: number[];
+  timesteps: number[];
+  noise: { file: string; shape: number[] };
+}
+
+test("fixture Euler a path (p1 CPU, p2 NV): σ/timestep per call and sampler noise = ImageRng draws 1…19", { skip: fixturesAbsent }, () => {
+  const cases = readJson<Case[]>(`${INTERMEDIATE_DIR}/../cases.json`);
+  const index = readJson<Record<string, IndexEntry>>(`${INTERMEDIATE_DIR}/index.json`);
+  for (const id of ["p1-euler-a-cpu", "p2-euler-a-nv"]) {
+    const c = cases.find((k) => k.id === id)!;
+    const entry = index[id]!;
+    const draws = readF32(`${INTERMEDIATE_DIR}/${entry.noise.file}`);
+    const size = 4 * (c.height / 8) * (c.width / 8);
+    const rng = new ImageRng({ shape: [4, c.height / 8, c.width / 8], seeds: [c.seed], source: c.rng });
+    const consumed: Float32Array[] = [];
+    const prepared = prepareSampling({
+      samplerName: c.sampler_name,
+      steps: c.steps,
+      noise: () => {
+        const n = rng.next();
+        consumed.push(n);
+        return n;
+      },
+    });
+    assertRelClose(prepared.sigmas, entry.sigmas, 2.5e-7, `${id} sigmas`);
+    const initial = rng.first();
+    assertClose(initial, draws.subarray(0, size), 1e-5, `${id} initial noise`);
+    const x = prepared.startLatent(initial);
+    assertClose(x, Array.from(draws.subarray(0, size), (v) => v * entry.sigmas[0]!), 2e-4, `${id} start latent`);
+    // A denoiser that returns zeros: each step is x·σ_down/σ + n·σ_up, so the noise draws are visible.
+    const { requests } = drive(prepared.run(x), (r) => new Float32Array(r.x.length));
+    assert.equal(requests.length, c.steps);
+    assertClose(requests.map((r) => r.timestep), entry.timesteps, 1e-4, `${id} timesteps`);
+    assert.equal(consumed.length, c.steps - 1);
+    consumed.forEach((n, k) => assertClose(n, draws.subarray((k + 1) * size, (k + 2) * size), 1e-5, `${id} sampler draw ${k + 1}`));
+  }
+});
+
+test("SDE samplers get A1111's Brownian tree over the full σ list when `brownian` is given", () => {
+  const shape = [1, 2, 2] as const;
+  const common = { samplerName: "DPM++ 2M SDE", steps: 6, noise: (): Float32Array => assert.fail("plain noise drawn") };
+  const withTree = prepareSampling({ ...common, brownian: { seeds: [7], shape, source: "NV" } });
+  assert.deepEqual(withTree.brownianRange, { sigmaMin: withTree.sigmas[withTree.sigmas.length - 2], sigmaMax: withTree.sigmas[0] });
+  const manual = prepareSampling({
+    ...common,
+    noiseSampler: createBrownianNoiseSampler({ ...withTree.brownianRange!, seeds: [7], shape, source: "NV" }),
+  });
+  const start = Float32Array.from([1, -1, 0.5, 2]);
+  const a = drive(withTree.run(withTree.startLatent(start)), gaussianModel(0.8)).x;
+  const b = drive(manual.run(manual.startLatent(start)), gaussianModel(0.8)).x;
+  assert.deepEqual(a, b);
+  assert.equal(prepareSampling({ samplerName: "Euler", steps: 6, noise: () => new Float32Array(4), brownian: { seeds: [7], shape, source: "NV" } }).brownianRange, undefined);
+});

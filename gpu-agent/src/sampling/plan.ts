@@ -1,0 +1,478 @@
+/**
+ * From A1111 request fields to a runnable sampler: name resolution (legacy "DPM++ 2M Karras" names,
+ * aliases), the σ list or timesteps for txt2img and img2img, the start latent, and the generator that
+ * yields model requests. Names and options come from the shared catalog, so the coordinator validates
+ * with the same table.
+ */
+import {
+  SAMPLERS,
+  SCHEDULERS,
+  UnknownNameError,
+  resolveSampler as resolveCatalogSampler,
+  type SamplerEntry,
+  type SchedulerId,
+} from "@latentfarm/shared";
+import type { BetaQuantile } from "./beta-quantile.js";
+import { createBrownianNoiseSampler, type BrownianNoiseOptions } from "./brownian.js";
+import { InvalidSamplingParameter } from "./errors.js";
+import { f32 } from "./float32.js";
+import { LcmSchedule } from "./lcm.js";
+import { DEFAULT_RHO, SCHEDULE_LABELS, samplerSigmas, type ScheduleType, type SigmaModel } from "./schedules.js";
+import { sd1Schedule, type DiscreteSchedule } from "./sigmas.js";
+import { sampleDpmAdaptive, sampleDpmFast } from "./samplers/dpm-solver.js";
+import {
+  sampleDpm2,
+  sampleDpm2Ancestral,
+  sampleDpmpp2m,
+  sampleDpmpp2mSde,
+  sampleDpmpp3mSde,
+  sampleDpmppSde,
+  sampleDpmppSecondOrderAncestral,
+  sampleEuler,
+  sampleEulerAncestral,
+  sampleHeun,
+  sampleLcm,
+  sampleLms,
+} from "./samplers/kdiffusion.js";
+import { sampleRestart } from "./samplers/restart.js";
+import {
+  ddimTimesteps,
+  sampleDdim,
+  sampleDdimCfgpp,
+  samplePlms,
+  sampleUniPc,
+  type UniPcSkipType,
+  type UniPcVariant,
+} from "./samplers/timesteps.js";
+import type { NoiseSampler, SamplerOptions, SamplerRun } from "./samplers/types.js";
+
+export interface ResolvedSamplerChoice {
+  sampler: SamplerEntry;
+  /** The schedule type as chosen ("automatic" when none, or when it equals the sampler's default). */
+  scheduler: SchedulerId;
+  /** The schedule actually built; undefined = the model's own discrete schedule (uniform in t). */
+  scheduleType: ScheduleType | undefined;
+  /** What the infotext shows as "Schedule type". */
+  label: string;
+}
+
+/**
+ * A1111 get_sampler_and_scheduler plus Automatic resolution. Unknown names throw
+ * InvalidSamplingParameter naming `sampler_name` / `scheduler` (or the hr_ fields).
+ */
+export function resolveSampler(
+  samplerName: string,
+  scheduler?: string,
+  fields: { sampler: "sampler_name" | "hr_sampler_name"; scheduler: "scheduler" | "hr_scheduler" } = {
+    sampler: "sampler_name",
+    scheduler: "scheduler",
+  },
+): ResolvedSamplerChoice {
+  let resolved;
+  try {
+    resolved = resolveCatalogSampler(samplerName, scheduler ?? "", fields);
+  } catch (error) {
+    if (error instanceof UnknownNameError) throw new InvalidSamplingParameter(error.field, error.message);
+    throw error;
+  }
+  const { sampler } = resolved;
+  const effective = sampler.timestepSampler ? undefined : resolved.effectiveScheduler;
+  const scheduleType = effective === undefined || effective === "automatic" ? undefined : effective;
+  const label = scheduleType !== undefined ? SCHEDULE_LABELS[scheduleType] : schedulerLabel(resolved.scheduler);
+  return { sampler, scheduler: resolved.scheduler, scheduleType, label };
+}
+
+function schedulerLabel(id: SchedulerId): string {
+  return SCHEDULERS.find((s) => s.id === id)?.label ?? id;
+}
+
+export interface SamplerListing {
+  name: string;
+  aliases: string[];
+  options: Record<string, string | boolean>;
+}
+
+/** GET /sdapi/v1/samplers. */
+export function listSamplers(): SamplerListing[] {
+  return SAMPLERS.map((s) => {
+    const options: Record<string, string | boolean> = {};
+    if (s.defaultScheduler !== undefined) options["scheduler"] = s.defaultScheduler;
+    if (s.secondOrder) options["second_order"] = true;
+    if (s.discardNextToLastSigma) options["discard_next_to_last_sigma"] = true;
+    if (s.usesEnsd) options["uses_ensd"] = true;
+    if (s.brownianNoise) options["brownian_noise"] = true;
+    if (s.name === "DPM++ 2M SDE Heun") options["solver_type"] = "heun";
+    return { name: s.name, aliases: [...s.aliases], options };
+  });
+}
+
+export interface SchedulerListing {
+  name: string;
+  label: string;
+  aliases: string[] | null;
+  default_rho: number;
+  need_inner_model: boolean;
+}
+
+const NEEDS_INNER_MODEL = new Set<SchedulerId>(["uniform", "sgm_uniform", "simple", "normal", "ddim", "beta"]);
+
+/** GET /sdapi/v1/schedulers. */
+export function listSchedulers(): SchedulerListing[] {
+  return SCHEDULERS.map((s) => ({
+    name: s.id,
+    label: s.label,
+    aliases: s.aliases.length > 0 ? [...s.aliases] : null,
+    default_rho: s.id === "automatic" ? -1 : (DEFAULT_RHO[s.id] ?? -1),
+    need_inner_model: NEEDS_INNER_MODEL.has(s.id),
+  }));
+}
+
+/** Steps prompt schedules are built for: doubled for second-order samplers (A1111 total_steps). */
+export function promptScheduleSteps(sampler: SamplerEntry, steps: number): number {
+  return sampler.secondOrder ? steps * 2 : steps;
+}
+
+export interface Img2imgStepMapping {
+  /** Steps of the full schedule that is built (`steps` of get_sigmas / get_timesteps). */
+  scheduleSteps: number;
+  /** A1111 t_enc; t_enc + 1 sampler steps run. */
+  tEnc: number;
+}
+
+/**
+ * setup_img2img_steps: plain img2img runs int(min(d, 0.999)·steps) + 1 steps of a `steps` schedule;
+ * hires passes (and option img2img_fix_steps) run exactly `steps` steps of an int(steps/d) schedule.
+ */
+export function img2imgSteps(steps: number, denoisingStrength: number, fixSteps = false): Img2imgStepMapping {
+  if (!Number.isSafeInteger(steps) || steps < 1) throw new InvalidSamplingParameter("steps", `steps must be a positive integer, got ${steps}`);
+  if (!(denoisingStrength >= 0 && denoisingStrength <= 1)) {
+    throw new InvalidSamplingParameter("denoising_strength", `denoising_strength must be within 0..1, got ${denoisingStrength}`);
+  }
+  const d = Math.min(denoisingStrength, 0.999);
+  if (fixSteps) {
+    return { scheduleSteps: denoisingStrength > 0 ? Math.trunc(steps / d) : 0, tEnc: steps - 1 };
+  }
+  return { scheduleSteps: steps, tEnc: Math.trunc(d * steps) };
+}
+
+export interface SamplingSettings {
+  /** The request's eta (A1111 p.eta); when absent the option below applies. */
+  eta?: number;
+  /** Option eta_ancestral (default 1) for k-diffusion samplers that take eta. */
+  etaAncestral?: number;
+  /** Option eta_ddim (default 0) for DDIM and DDIM CFG++. */
+  etaDdim?: number;
+  sChurn?: number;
+  sTmin?: number;
+  sTmax?: number;
+  sNoise?: number;
+  alwaysDiscardNextToLastSigma?: boolean;
+  sigmaMin?: number;
+  sigmaMax?: number;
+  rho?: number;
+  useOldKarrasSchedulerSigmas?: boolean;
+  betaAlpha?: number;
+  betaBeta?: number;
+  betaQuantile?: BetaQuantile;
+  /** Option sgm_noise_multiplier: txt2img start latent = noise·sqrt(1 + σ₀²). */
+  sgmNoiseMultiplier?: boolean;
+  /** Option img2img_extra_noise. */
+  img2imgExtraNoise?: number;
+  /** img2img `initial_noise_multiplier` (default 1): scales the noise before it is added. */
+  initialNoiseMultiplier?: number;
+  uniPcVariant?: UniPcVariant;
+  uniPcSkipType?: UniPcSkipType;
+  uniPcOrder?: number;
+  uniPcLowerOrderFinal?: boolean;
+  modelFamily?: "sd1" | "sdxl";
+}
+
+export interface PrepareSamplingInput {
+  samplerName: string;
+  scheduler?: string;
+  steps: number;
+  /** `randn_like`: the next draw of the per-image generators (ImageRng.next()). */
+  noise: () => Float32Array;
+  /**
+   * Brownian-tree noise for the SDE samplers, created over `brownianRange` (see BrownianTreeNoiseSampler).
+   * Without it those samplers use `noise()` draws instead: deterministic, but not A1111's values.
+   */
+  noiseSampler?: NoiseSampler;
+  /**
+   * Builds A1111's Brownian-tree noise sampler for the SDE samplers (over the full σ list, one tree
+   * per image seeded with the batch's plain seeds) unless `noiseSampler` is given.
+   */
+  brownian?: Omit<BrownianNoiseOptions, "sigmaMin" | "sigmaMax">;
+  settings?: SamplingSettings;
+  /** img2img / hires second pass: start from an encoded or upscaled latent. */
+  img2img?: { denoisingStrength: number; fixSteps?: boolean };
+  schedule?: DiscreteSchedule;
+  fields?: { sampler: "sampler_name" | "hr_sampler_name"; scheduler: "scheduler" | "hr_scheduler" };
+}
+
+export interface PreparedSampling {
+  choice: ResolvedSamplerChoice;
+  /** σ list the sampler walks (k-diffusion), or the σ equivalents of the timesteps (timestep samplers). */
+  sigmas: Float32Array;
+  /** Model timesteps for DDIM/PLMS/UniPC. */
+  timesteps: Int32Array | undefined;
+  /** Steps A1111 reports for progress (state.sampling_steps): steps, or t_enc + 1 for img2img. */
+  steps: number;
+  /** Steps prompt-editing schedules are built for (doubled for second-order samplers). */
+  promptScheduleSteps: number;
+  /** σmin/σmax the Brownian tree spans (A1111 create_noise_sampler uses the full σ list). */
+  brownianRange: { sigmaMin: number; sigmaMax: number } | undefined;
+  /** Infotext entries the sampler setup adds (Schedule type, Eta, Discard penultimate sigma, …). */
+  infotext: Record<string, string | number | boolean>;
+  /**
+   * The sampler's start latent: txt2img → noise·σ₀ (noise for timestep samplers); img2img → the
+   * init latent plus noise at the first scheduled level.
+   */
+  startLatent(noise: Float32Array, initLatent?: Float32Array): Float32Array;
+  run(x: Float32Array): SamplerRun;
+}
+
+export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
+  const choice = resolveSampler(input.samplerName, input.scheduler, input.fields);
+  const s = input.settings ?? {};
+  const { sampler } = choice;
+  const baseSchedule = input.schedule ?? sd1Schedule();
+  const isLcm = sampler.name === "LCM";
+  const lcm = isLcm ? new LcmSchedule(baseSchedule) : undefined;
+  const sigmaModel: SigmaModel = lcm ?? baseSchedule;
+  const infotext: Record<string, string | number | boolean> = {};
+
+  const mapping = input.img2img
+    ? img2imgSteps(input.steps, input.img2img.denoisingStrength, input.img2img.fixSteps ?? false)
+    : undefined;
+  const scheduleSteps = mapping ? mapping.scheduleSteps : input.steps;
+  if (!Number.isSafeInteger(input.steps) || input.steps < 1) {
+    throw new InvalidSamplingParameter("steps", `steps must be a positive integer, got ${input.steps}`);
+  }
+  if (scheduleSteps < 1) throw new InvalidSamplingParameter("denoising_strength", "denoising_strength 0 leaves nothing to sample");
+  const reportedSteps = mapping ? mapping.tEnc + 1 : input.steps;
+
+  if (sampler.timestepSampler) {
+    return prepareTimestepSampler(input, choice, baseSchedule, scheduleSteps, mapping?.tEnc, reportedSteps, infotext);
+  }
+
+  const eta = s.eta ?? s.etaAncestral ?? 1;
+  const usesEta = sampler.usesEnsd || sampler.brownianNoise || sampler.name === "DPM fast" || sampler.name === "DPM adaptive";
+  if (usesEta && eta !== 1) infotext["Eta"] = eta;
+
+  const built = samplerSigmas({
+    steps: scheduleSteps,
+    scheduleType: choice.scheduleType,
+    discardNextToLastSigma: sampler.discardNextToLastSigma ?? false,
+    alwaysDiscardNextToLastSigma: s.alwaysDiscardNextToLastSigma ?? false,
+    model: sigmaModel,
+    ...(s.modelFamily !== undefined && { modelFamily: s.modelFamily }),
+    ...(s.sigmaMin !== undefined && { sigmaMinOverride: s.sigmaMin }),
+    ...(s.sigmaMax !== undefined && { sigmaMaxOverride: s.sigmaMax }),
+    ...(s.rho !== undefined && { rhoOverride: s.rho }),
+    ...(s.useOldKarrasSchedulerSigmas !== undefined && { useOldKarrasSchedulerSigmas: s.useOldKarrasSchedulerSigmas }),
+    ...(s.betaAlpha !== undefined && { betaAlpha: s.betaAlpha }),
+    ...(s.betaBeta !== undefined && { betaBeta: s.betaBeta }),
+    ...(s.betaQuantile !== undefined && { betaQuantile: s.betaQuantile }),
+  });
+  Object.assign(infotext, built.infotext);
+  const fullSigmas = built.sigmas;
+  const sigmas = mapping ? fullSigmas.slice(Math.max(scheduleSteps - mapping.tEnc - 1, 0)) : fullSigmas;
+  if (sigmas.length < 2) throw new InvalidSamplingParameter("denoising_strength", "the img2img schedule has no steps left");
+
+  let brownianRange: PreparedSampling["brownianRange"];
+  if (sampler.brownianNoise) {
+    let sigmaMin = Infinity;
+    let sigmaMax = -Infinity;
+    for (const v of fullSigmas) {
+      if (v > 0) sigmaMin = Math.min(sigmaMin, v);
+      sigmaMax = Math.max(sigmaMax, v);
+    }
+    brownianRange = { sigmaMin, sigmaMax };
+  }
+  const noiseSampler =
+    input.noiseSampler ?? (brownianRange !== undefined && input.brownian !== undefined ? createBrownianNoiseSampler({ ...input.brownian, ...brownianRange }) : undefined);
+
+  const options: SamplerOptions = {
+    sigmas,
+    noise: input.noise,
+    schedule: baseSchedule,
+    eta,
+    ...(s.sChurn !== undefined && { sChurn: s.sChurn }),
+    ...(s.sTmin !== undefined && { sTmin: s.sTmin }),
+    ...(s.sTmax !== undefined && { sTmax: s.sTmax }),
+    ...(s.sNoise !== undefined && { sNoise: s.sNoise }),
+    ...(noiseSampler !== undefined && { noiseSampler }),
+  };
+
+  const startLatent = (noise: Float32Array, initLatent?: Float32Array): Float32Array => {
+    const out = new Float32Array(noise.length);
+    if (mapping) {
+      if (initLatent === undefined || initLatent.length !== noise.length) {
+        throw new RangeError("img2img needs an init latent of the noise's length");
+      }
+      const sigma0 = sigmas[0]!;
+      const extra = f32(s.img2imgExtraNoise ?? 0);
+      const scaled = scaleInitialNoise(noise, s.initialNoiseMultiplier, infotext);
+      for (let k = 0; k < out.length; k++) {
+        let v = f32(initLatent[k]! + f32(scaled[k]! * sigma0));
+        if (extra > 0) v = f32(v + f32(scaled[k]! * extra));
+        out[k] = v;
+      }
+      if (extra > 0) infotext["Extra noise"] = extra;
+      return out;
+    }
+    const sigma0 = sigmas[0]!;
+    const scale = s.sgmNoiseMultiplier ? f32(Math.sqrt(f32(1 + f32(sigma0 * sigma0)))) : sigma0;
+    if (s.sgmNoiseMultiplier) infotext["SGM noise multiplier"] = true;
+    for (let k = 0; k < out.length; k++) out[k] = noise[k]! * scale;
+    return out;
+  };
+
+  const run = (x: Float32Array): SamplerRun => {
+    switch (sampler.name) {
+      case "Euler a":
+        return sampleEulerAncestral(x, options);
+      case "Euler":
+        return sampleEuler(x, options);
+      case "LMS":
+        return sampleLms(x, options);
+      case "Heun":
+        return sampleHeun(x, options);
+      case "DPM2":
+        return sampleDpm2(x, options);
+      case "DPM2 a":
+        return sampleDpm2Ancestral(x, options);
+      case "DPM++ 2S a":
+        return sampleDpmppSecondOrderAncestral(x, options);
+      case "DPM++ 2M":
+        return sampleDpmpp2m(x, options);
+      case "DPM++ SDE":
+        return sampleDpmppSde(x, options);
+      case "DPM++ 2M SDE":
+        return sampleDpmpp2mSde(x, options, "midpoint");
+      case "DPM++ 2M SDE Heun":
+        return sampleDpmpp2mSde(x, options, "heun");
+      case "DPM++ 3M SDE":
+        return sampleDpmpp3mSde(x, options);
+      case "Restart":
+        return sampleRestart(x, options);
+      case "LCM":
+        return sampleLcm(x, { ...options, lcm: lcm! });
+      case "DPM fast":
+      case "DPM adaptive": {
+        // txt2img: the model's σ range and n = steps; img2img: sched[−2], sched[0], n = len − 1.
+        const sigmaMin = mapping ? sigmas[sigmas.length - 2]! : sigmaModel.sigmaMin;
+        const sigmaMax = mapping ? sigmas[0]! : sigmaModel.sigmaMax;
+        const common = { sigmaMin, sigmaMax, noise: input.noise, schedule: baseSchedule, eta, sNoise: s.sNoise ?? 1 };
+        return sampler.name === "DPM fast"
+          ? sampleDpmFast(x, mapping ? sigmas.length - 1 : input.steps, common)
+          : sampleDpmAdaptive(x, common);
+      }
+      default:
+        throw new InvalidSamplingParameter(input.fields?.sampler ?? "sampler_name", `sampler "${sampler.name}" has no implementation`);
+    }
+  };
+
+  return {
+    choice,
+    sigmas,
+    timesteps: undefined,
+    steps: reportedSteps,
+    promptScheduleSteps: promptScheduleSteps(sampler, input.steps),
+    brownianRange,
+    infotext,
+    startLatent,
+    run,
+  };
+}
+
+/** img2img: A1111 multiplies the first noise draw by initial_noise_multiplier before using it. */
+function scaleInitialNoise(noise: Float32Array, multiplier: number | undefined, infotext: Record<string, string | number | boolean>): Float32Array {
+  if (multiplier === undefined || multiplier === 1) return noise;
+  infotext["Noise multiplier"] = multiplier;
+  const m = f32(multiplier);
+  return noise.map((v) => v * m);
+}
+
+function prepareTimestepSampler(
+  input: PrepareSamplingInput,
+  choice: ResolvedSamplerChoice,
+  schedule: DiscreteSchedule,
+  scheduleSteps: number,
+  tEnc: number | undefined,
+  reportedSteps: number,
+  infotext: Record<string, string | number | boolean>,
+): PreparedSampling {
+  const s = input.settings ?? {};
+  const { sampler } = choice;
+  let discard = sampler.discardNextToLastSigma ?? false;
+  if (s.alwaysDiscardNextToLastSigma && !discard) {
+    discard = true;
+    infotext["Discard penultimate sigma"] = true;
+  }
+  const all = ddimTimesteps(scheduleSteps + (discard ? 1 : 0), schedule.alphasCumprod.length);
+  const timesteps = tEnc === undefined ? all : all.slice(0, tEnc);
+  if (timesteps.length < 1) throw new InvalidSamplingParameter("denoising_strength", "the img2img schedule has no steps left");
+  const uniPcOrder = s.uniPcOrder ?? 3;
+  if (sampler.name === "UniPC" && timesteps.length < uniPcOrder) {
+    throw new InvalidSamplingParameter("steps", `UniPC of order ${uniPcOrder} needs at least ${uniPcOrder} steps`);
+  }
+  const isDdim = sampler.name === "DDIM" || sampler.name === "DDIM CFG++";
+  const eta = isDdim ? (s.eta ?? s.etaDdim ?? 0) : 0;
+  if (isDdim && eta !== 0) infotext["Eta DDIM"] = eta;
+  const sigmas = Float32Array.from(timesteps, (t) => schedule.sigmas[t]!).reverse();
+
+  const startLatent = (noise: Float32Array, initLatent?: Float32Array): Float32Array => {
+    if (tEnc === undefined) return Float32Array.from(noise);
+    if (initLatent === undefined || initLatent.length !== noise.length) throw new RangeError("img2img needs an init latent of the noise's length");
+    const a = schedule.alphasCumprod[all[tEnc]!]!;
+    const sqrtA = f32(Math.sqrt(a));
+    const sqrtOneMinusA = f32(Math.sqrt(f32(1 - a)));
+    const extra = f32(s.img2imgExtraNoise ?? 0);
+    const scaled = scaleInitialNoise(noise, s.initialNoiseMultiplier, infotext);
+    const out = new Float32Array(noise.length);
+    for (let k = 0; k < out.length; k++) {
+      let v = f32(initLatent[k]! * sqrtA) + f32(scaled[k]! * sqrtOneMinusA);
+      if (extra > 0) v = f32(v + f32(f32(scaled[k]! * extra) * sqrtA));
+      out[k] = v;
+    }
+    if (extra > 0) infotext["Extra noise"] = extra;
+    return out;
+  };
+
+  const run = (x: Float32Array): SamplerRun => {
+    switch (sampler.name) {
+      case "DDIM":
+        return sampleDdim(x, { timesteps, noise: input.noise, schedule, eta });
+      case "DDIM CFG++":
+        return sampleDdimCfgpp(x, { timesteps, noise: input.noise, schedule, eta });
+      case "PLMS":
+        return samplePlms(x, { timesteps, noise: input.noise, schedule });
+      case "UniPC":
+        return sampleUniPc(x, {
+          timesteps,
+          schedule,
+          isImg2img: tEnc !== undefined,
+          ...(s.uniPcVariant !== undefined && { variant: s.uniPcVariant }),
+          ...(s.uniPcSkipType !== undefined && { skipType: s.uniPcSkipType }),
+          ...(s.uniPcOrder !== undefined && { order: s.uniPcOrder }),
+          ...(s.uniPcLowerOrderFinal !== undefined && { lowerOrderFinal: s.uniPcLowerOrderFinal }),
+        });
+      default:
+        throw new InvalidSamplingParameter(input.fields?.sampler ?? "sampler_name", `sampler "${sampler.name}" has no implementation`);
+    }
+  };
+
+  return {
+    choice,
+    sigmas,
+    timesteps,
+    steps: reportedSteps,
+    promptScheduleSteps: promptScheduleSteps(sampler, input.steps),
+    brownianRange: undefined,
+    infotext,
+    startLatent,
+    run,
+  };
+}

@@ -1,0 +1,144 @@
+import { f32 } from "../float32.js";
+import { sd1Schedule, type DiscreteSchedule } from "../sigmas.js";
+import type { EpsWithUncond, ModelRequest, ModelResponse, NoiseSampler, SamplerOptions } from "./types.js";
+
+/** Counts model calls and builds requests; one per sampler run. */
+export class ModelCaller {
+  private calls = 0;
+  readonly schedule: DiscreteSchedule;
+
+  constructor(
+    private readonly length: number,
+    schedule?: DiscreteSchedule,
+  ) {
+    this.schedule = schedule ?? sd1Schedule();
+  }
+
+  /** D(x, σ): the CFG-combined denoised prediction. */
+  *denoise(x: Float32Array, sigma: number, step: number): Generator<ModelRequest, Float32Array, ModelResponse> {
+    const request: ModelRequest = {
+      kind: "denoise",
+      x,
+      sigma,
+      timestep: this.schedule.sigmaToT(sigma),
+      step,
+      call: this.calls++,
+    };
+    return expectArray(yield request, this.length);
+  }
+
+  /** CFG-combined eps at a model timestep. */
+  *eps(
+    x: Float32Array,
+    timestep: number,
+    sigma: number,
+    step: number,
+    inputScale = 1,
+  ): Generator<ModelRequest, Float32Array, ModelResponse> {
+    const request: ModelRequest = { kind: "eps", x, sigma, timestep, inputScale, step, call: this.calls++ };
+    return expectArray(yield request, this.length);
+  }
+
+  /** CFG-combined eps plus the unconditional eps (DDIM CFG++). */
+  *epsWithUncond(
+    x: Float32Array,
+    timestep: number,
+    sigma: number,
+    step: number,
+    cfgScaleMultiplier: number,
+  ): Generator<ModelRequest, EpsWithUncond, ModelResponse> {
+    const request: ModelRequest = {
+      kind: "eps",
+      x,
+      sigma,
+      timestep,
+      inputScale: 1,
+      step,
+      call: this.calls++,
+      cfgScaleMultiplier,
+      needUncond: true,
+    };
+    const response = yield request;
+    if (response instanceof Float32Array || response.output.length !== this.length || response.uncond.length !== this.length) {
+      throw new TypeError("this request needs { output, uncond } arrays of the latent's length");
+    }
+    return response;
+  }
+}
+
+function expectArray(response: ModelResponse, length: number): Float32Array {
+  const array = response instanceof Float32Array ? response : response.output;
+  if (!(array instanceof Float32Array) || array.length !== length) {
+    throw new TypeError(`model result must be a Float32Array of ${length} values`);
+  }
+  return array;
+}
+
+export function checkedNoise(noise: () => Float32Array, length: number): Float32Array {
+  const n = noise();
+  if (n.length !== length) throw new RangeError(`noise draw has ${n.length} values, the latent has ${length}`);
+  return n;
+}
+
+export function brownianOrPlain(options: SamplerOptions, length: number): NoiseSampler {
+  const sampler = options.noiseSampler;
+  if (sampler === undefined) return () => checkedNoise(options.noise, length);
+  return (sigma, sigmaNext) => {
+    const n = sampler(sigma, sigmaNext);
+    if (n.length !== length) throw new RangeError(`noise sampler returned ${n.length} values, the latent has ${length}`);
+    return n;
+  };
+}
+
+/** k-diffusion `get_ancestral_step` in float32; eta 0 gives (σ_to, 0). */
+export function ancestralStep(sigmaFrom: number, sigmaTo: number, eta: number): { sigmaDown: number; sigmaUp: number } {
+  if (!eta) return { sigmaDown: sigmaTo, sigmaUp: 0 };
+  const from2 = f32(sigmaFrom * sigmaFrom);
+  const to2 = f32(sigmaTo * sigmaTo);
+  const candidate = f32(f32(eta) * f32(Math.sqrt(f32(f32(to2 * f32(from2 - to2)) / from2))));
+  // Python's min(a, b) keeps a unless b is strictly smaller.
+  const sigmaUp = candidate < sigmaTo ? candidate : sigmaTo;
+  const sigmaDown = f32(Math.sqrt(f32(to2 - f32(sigmaUp * sigmaUp))));
+  return { sigmaDown, sigmaUp };
+}
+
+/** float32 natural log / exp / expm1 of a float32 value, as torch's 0-d tensor ops. */
+export const logF = (v: number): number => f32(Math.log(v));
+export const expF = (v: number): number => f32(Math.exp(v));
+export const expm1F = (v: number): number => f32(Math.expm1(v));
+/** k-diffusion t = −ln σ and σ = exp(−t), each rounded like the tensor ops. */
+export const tOfSigma = (sigma: number): number => -logF(sigma);
+export const sigmaOfT = (t: number): number => expF(-t);
+
+/** torch.lerp(a, b, w) for scalars in float32. */
+export function lerpF(a: number, b: number, w: number): number {
+  const diff = f32(b - a);
+  return w < 0.5 ? f32(a + f32(w * diff)) : f32(b - f32(diff * f32(1 - w)));
+}
+
+/** d = (x − D)/σ per element. */
+export function toD(x: Float32Array, denoised: Float32Array, sigma: number): Float32Array {
+  const d = new Float32Array(x.length);
+  for (let i = 0; i < x.length; i++) d[i] = f32(x[i]! - denoised[i]!) / sigma;
+  return d;
+}
+
+/** x + d·dt per element. */
+export function addScaled(x: Float32Array, d: Float32Array, dt: number): Float32Array {
+  const out = new Float32Array(x.length);
+  for (let i = 0; i < x.length; i++) out[i] = x[i]! + f32(d[i]! * dt);
+  return out;
+}
+
+/** x + noise·sNoise·scale, in torch's left-to-right tensor order. */
+export function addNoise(x: Float32Array, noise: Float32Array, sNoise: number, scale: number): Float32Array {
+  const out = new Float32Array(x.length);
+  const s = f32(sNoise);
+  for (let i = 0; i < x.length; i++) out[i] = x[i]! + f32(f32(noise[i]! * s) * scale);
+  return out;
+}
+
+export function checkSigmas(sigmas: Float32Array): void {
+  if (sigmas.length < 2) throw new RangeError("a schedule needs at least two sigmas (one step)");
+  for (const s of sigmas) if (!(s >= 0) || !Number.isFinite(s)) throw new RangeError(`invalid sigma ${s}`);
+}

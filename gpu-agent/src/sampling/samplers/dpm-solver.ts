@@ -1,0 +1,240 @@
+/**
+ * k-diffusion's DPMSolver: "DPM fast" (fixed orders 3…3,2,1) and "DPM adaptive" (embedded 2/3 pair with
+ * PID step-size control), in t = −ln σ. They take σmin/σmax and a step budget instead of a σ list.
+ */
+import { f32, linspaceF32 } from "../float32.js";
+import { ModelCaller, ancestralStep, checkedNoise, expF, expm1F, logF } from "./common.js";
+import type { ModelRequest, ModelResponse } from "./types.js";
+import type { DiscreteSchedule } from "../sigmas.js";
+
+export interface DpmSolverOptions {
+  sigmaMin: number;
+  sigmaMax: number;
+  noise: () => Float32Array;
+  schedule?: DiscreteSchedule;
+  /** A1111 passes eta_ancestral (1.0) here, so both samplers are ancestral by default. */
+  eta?: number;
+  sNoise?: number;
+}
+
+type EvalGenerator = Generator<ModelRequest, Float32Array, ModelResponse>;
+
+const sigmaOf = (t: number): number => expF(-t);
+const tOf = (sigma: number): number => -logF(sigma);
+
+class Solver {
+  readonly model: ModelCaller;
+  step = 0;
+
+  constructor(length: number, schedule: DiscreteSchedule | undefined) {
+    this.model = new ModelCaller(length, schedule);
+  }
+
+  /** eps = (x − D(x, σ(t)))/σ(t), cached per key within one step like k-diffusion's eps_cache. */
+  *eps(cache: Map<string, Float32Array>, key: string, x: Float32Array, t: number): EvalGenerator {
+    const cached = cache.get(key);
+    if (cached !== undefined) return cached;
+    const sigma = sigmaOf(t);
+    const denoised = yield* this.model.denoise(x, sigma, this.step);
+    const eps = new Float32Array(x.length);
+    for (let k = 0; k < x.length; k++) eps[k] = f32(x[k]! - denoised[k]!) / sigma;
+    cache.set(key, eps);
+    return eps;
+  }
+
+  *step1(x: Float32Array, t: number, tNext: number, cache: Map<string, Float32Array>): EvalGenerator {
+    const h = f32(tNext - t);
+    const eps = yield* this.eps(cache, "eps", x, t);
+    const a = f32(sigmaOf(tNext) * expm1F(h));
+    const out = new Float32Array(x.length);
+    for (let k = 0; k < x.length; k++) out[k] = x[k]! - f32(a * eps[k]!);
+    return out;
+  }
+
+  *step2(x: Float32Array, t: number, tNext: number, cache: Map<string, Float32Array>, r1 = 1 / 2): EvalGenerator {
+    const h = f32(tNext - t);
+    const eps = yield* this.eps(cache, "eps", x, t);
+    const s1 = f32(t + f32(f32(r1) * h));
+    const c1 = f32(sigmaOf(s1) * expm1F(f32(f32(r1) * h)));
+    const u1 = new Float32Array(x.length);
+    for (let k = 0; k < x.length; k++) u1[k] = x[k]! - f32(c1 * eps[k]!);
+    const epsR1 = yield* this.eps(cache, "eps_r1", u1, s1);
+    const sigmaNext = sigmaOf(tNext);
+    const a = f32(sigmaNext * expm1F(h));
+    const b = f32(f32(sigmaNext / f32(2 * r1)) * expm1F(h));
+    const out = new Float32Array(x.length);
+    for (let k = 0; k < x.length; k++) out[k] = f32(x[k]! - f32(a * eps[k]!)) - f32(b * f32(epsR1[k]! - eps[k]!));
+    return out;
+  }
+
+  *step3(x: Float32Array, t: number, tNext: number, cache: Map<string, Float32Array>, r1 = 1 / 3, r2 = 2 / 3): EvalGenerator {
+    const h = f32(tNext - t);
+    const eps = yield* this.eps(cache, "eps", x, t);
+    const r1h = f32(f32(r1) * h);
+    const r2h = f32(f32(r2) * h);
+    const s1 = f32(t + r1h);
+    const s2 = f32(t + r2h);
+    const c1 = f32(sigmaOf(s1) * expm1F(r1h));
+    const u1 = new Float32Array(x.length);
+    for (let k = 0; k < x.length; k++) u1[k] = x[k]! - f32(c1 * eps[k]!);
+    const epsR1 = yield* this.eps(cache, "eps_r1", u1, s1);
+    const sigmaS2 = sigmaOf(s2);
+    const c2 = f32(sigmaS2 * expm1F(r2h));
+    const c3 = f32(f32(sigmaS2 * f32(r2 / r1)) * f32(f32(expm1F(r2h) / r2h) - 1));
+    const u2 = new Float32Array(x.length);
+    for (let k = 0; k < x.length; k++) u2[k] = f32(x[k]! - f32(c2 * eps[k]!)) - f32(c3 * f32(epsR1[k]! - eps[k]!));
+    const epsR2 = yield* this.eps(cache, "eps_r2", u2, s2);
+    const sigmaNext = sigmaOf(tNext);
+    const a = f32(sigmaNext * expm1F(h));
+    const b = f32(f32(sigmaNext / f32(r2)) * f32(f32(expm1F(h) / h) - 1));
+    const out = new Float32Array(x.length);
+    for (let k = 0; k < x.length; k++) out[k] = f32(x[k]! - f32(a * eps[k]!)) - f32(b * f32(epsR2[k]! - eps[k]!));
+    return out;
+  }
+}
+
+function checkRange(o: DpmSolverOptions): void {
+  if (!(o.sigmaMin > 0) || !(o.sigmaMax > 0)) throw new RangeError("sigma_min and sigma_max must not be 0");
+}
+
+/** Ancestral split in t: the deterministic target t_next′ and the noise scale su. */
+function ancestralT(t: number, tNext: number, tEnd: number, eta: number): { tTarget: number; su: number } {
+  if (!eta) return { tTarget: tNext, su: 0 };
+  const { sigmaDown } = ancestralStep(sigmaOf(t), sigmaOf(tNext), eta);
+  const tTarget = Math.min(tEnd, tOf(sigmaDown));
+  const sn = sigmaOf(tNext);
+  const st = sigmaOf(tTarget);
+  return { tTarget, su: f32(Math.sqrt(f32(f32(sn * sn) - f32(st * st)))) };
+}
+
+function addAncestralNoise(x: Float32Array, su: number, sNoise: number, noise: () => Float32Array): Float32Array {
+  // k-diffusion adds su·s_noise·noise even when su is 0, so the draw is consumed every step.
+  const n = checkedNoise(noise, x.length);
+  const scale = f32(su * sNoise);
+  const out = new Float32Array(x.length);
+  for (let k = 0; k < x.length; k++) out[k] = x[k]! + f32(scale * n[k]!);
+  return out;
+}
+
+export function* sampleDpmFast(x: Float32Array, n: number, o: DpmSolverOptions): EvalGenerator {
+  checkRange(o);
+  if (!Number.isSafeInteger(n) || n < 1) throw new RangeError(`DPM fast needs a positive step count, got ${n}`);
+  const solver = new Solver(x.length, o.schedule);
+  const eta = o.eta ?? 0;
+  const sNoise = f32(o.sNoise ?? 1);
+  const tStart = tOf(f32(o.sigmaMax));
+  const tEnd = tOf(f32(o.sigmaMin));
+  const m = Math.floor(n / 3) + 1;
+  const ts = linspaceF32(tStart, tEnd, m + 1);
+  const orders = n % 3 === 0 ? [...Array<number>(m - 2).fill(3), 2, 1] : [...Array<number>(m - 1).fill(3), n % 3];
+  for (let i = 0; i < orders.length; i++) {
+    solver.step = i;
+    const cache = new Map<string, Float32Array>();
+    const t = ts[i]!;
+    const tNext = ts[i + 1]!;
+    const { tTarget, su } = ancestralT(t, tNext, tEnd, eta);
+    const order = orders[i]!;
+    if (order === 1) x = yield* solver.step1(x, t, tTarget, cache);
+    else if (order === 2) x = yield* solver.step2(x, t, tTarget, cache);
+    else x = yield* solver.step3(x, t, tTarget, cache);
+    x = addAncestralNoise(x, su, sNoise, o.noise);
+  }
+  return x;
+}
+
+export interface DpmAdaptiveOptions extends DpmSolverOptions {
+  order?: 2 | 3;
+  rtol?: number;
+  atol?: number;
+  hInit?: number;
+  pcoeff?: number;
+  icoeff?: number;
+  dcoeff?: number;
+  acceptSafety?: number;
+  /** Safety net against a pathological model: stop after this many attempted steps. */
+  maxSteps?: number;
+}
+
+class PidStepSizeController {
+  private readonly b1: number;
+  private readonly b2: number;
+  private readonly b3: number;
+  private errs: number[] = [];
+
+  constructor(
+    public h: number,
+    pcoeff: number,
+    icoeff: number,
+    dcoeff: number,
+    order: number,
+    private readonly acceptSafety: number,
+    private readonly eps = 1e-8,
+  ) {
+    this.b1 = (pcoeff + icoeff + dcoeff) / order;
+    this.b2 = -(pcoeff + 2 * dcoeff) / order;
+    this.b3 = dcoeff / order;
+  }
+
+  proposeStep(error: number): boolean {
+    const invError = 1 / (error + this.eps);
+    if (this.errs.length === 0) this.errs = [invError, invError, invError];
+    this.errs[0] = invError;
+    let factor = this.errs[0] ** this.b1 * this.errs[1]! ** this.b2 * this.errs[2]! ** this.b3;
+    factor = 1 + Math.atan(factor - 1);
+    const accept = factor >= this.acceptSafety;
+    if (accept) {
+      this.errs[2] = this.errs[1]!;
+      this.errs[1] = this.errs[0];
+    }
+    this.h *= factor;
+    return accept;
+  }
+}
+
+export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): EvalGenerator {
+  checkRange(o);
+  const order = o.order ?? 3;
+  const eta = o.eta ?? 0;
+  const sNoise = f32(o.sNoise ?? 1);
+  const solver = new Solver(x.length, o.schedule);
+  const tStart = tOf(f32(o.sigmaMax));
+  const tEnd = tOf(f32(o.sigmaMin));
+  const forward = tEnd > tStart;
+  if (!forward && eta) throw new RangeError("eta must be 0 for reverse sampling");
+  const atol = f32(o.atol ?? 0.0078);
+  const rtol = f32(o.rtol ?? 0.05);
+  const pid = new PidStepSizeController(Math.abs(o.hInit ?? 0.05) * (forward ? 1 : -1), o.pcoeff ?? 0, o.icoeff ?? 1, o.dcoeff ?? 0, eta ? 1.5 : order, o.acceptSafety ?? 0.81);
+  const maxSteps = o.maxSteps ?? 10000;
+  let s = tStart;
+  let xPrev = x;
+  const limit = forward ? f32(tEnd - 1e-5) : f32(tEnd + 1e-5);
+  while (forward ? s < limit : s > limit) {
+    if (solver.step >= maxSteps) throw new RangeError(`DPM adaptive did not finish within ${maxSteps} steps`);
+    const cache = new Map<string, Float32Array>();
+    const t = forward ? Math.min(tEnd, f32(s + pid.h)) : Math.max(tEnd, f32(s + pid.h));
+    const { tTarget, su } = ancestralT(s, t, tEnd, eta);
+    let low: Float32Array;
+    let high: Float32Array;
+    if (order === 2) {
+      low = yield* solver.step1(x, s, tTarget, cache);
+      high = yield* solver.step2(x, s, tTarget, cache);
+    } else {
+      low = yield* solver.step2(x, s, tTarget, cache, 1 / 3);
+      high = yield* solver.step3(x, s, tTarget, cache);
+    }
+    let sumSquares = 0;
+    for (let k = 0; k < x.length; k++) {
+      const delta = Math.max(atol, f32(rtol * Math.max(Math.abs(low[k]!), Math.abs(xPrev[k]!))));
+      const r = f32(f32(low[k]! - high[k]!) / delta);
+      sumSquares += r * r;
+    }
+    const error = f32(f32(Math.sqrt(sumSquares)) / f32(Math.sqrt(x.length)));
+    if (pid.proposeStep(error)) {
+      xPrev = low;
+      x = addAncestralNoise(high, su, sNoise, o.noise);
+      s = t;
+    }
+    solver.step++;
+  }
+  return x;
+}
