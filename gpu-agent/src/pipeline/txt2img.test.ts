@@ -69,4 +69,80 @@ describe("txt2img pipeline against A1111 reference renders", { skip, concurrency
       }
     });
   }
+
+  const base = { prompt: "a castle", samplerName: "Euler a", steps: 6, cfgScale: 7, width: 64, height: 64, rng: RngSource.NV, model: "tiny-sd15" };
+  const renderWith = async (seed: number, subseed: number, params: Record<string, unknown> = {}): Promise<Buffer> => {
+    const img = await renderTask(
+      pipe,
+      create(RunTaskRequestSchema, { taskId: "v", jobId: "v", seed: BigInt(seed), subseed: BigInt(subseed), params: { ...base, ...params } }),
+      { signal: new AbortController().signal, agentId: "t", onStep: () => {}, onWarning: () => {} },
+    );
+    return sharp(img.png).raw().toBuffer();
+  };
+
+  test("variation seed at strength 0 equals the plain seed, at strength 1 the subseed", async () => {
+    // A deterministic sampler: the variation seed only changes the initial noise; an ancestral
+    // sampler would still draw its later noise from the main seed's generator, as in A1111.
+    const det = { samplerName: "DPM++ 2M" };
+    const plain = await renderWith(11, 0, det);
+    const sub = await renderWith(99, 0, det);
+    assert.deepEqual(await renderWith(11, 99, { ...det, subseedStrength: 0 }), plain);
+    const one = await renderWith(11, 99, { ...det, subseedStrength: 1 });
+    let max = 0;
+    for (let k = 0; k < one.length; k++) max = Math.max(max, Math.abs(one[k]! - sub[k]!));
+    assert.ok(max <= 1, `strength 1 differs from the subseed's render by ${max} levels`);
+    const half = await renderWith(11, 99, { ...det, subseedStrength: 0.5 });
+    assert.notDeepEqual(half, plain);
+    assert.notDeepEqual(half, sub);
+  });
+
+  test("an image's seed alone decides it: a batch of 4 equals 4 single renders", async () => {
+    // The coordinator gives image i seed s+i; each task renders with its own generator, so running
+    // them concurrently (one shared UNet batch) gives the single renders.
+    const singles = [];
+    for (let i = 0; i < 4; i++) singles.push(await renderWith(500 + i, 0));
+    const batch = await Promise.all([0, 1, 2, 3].map((i) => renderWith(500 + i, 0)));
+    for (let i = 0; i < 4; i++) {
+      let max = 0;
+      for (let k = 0; k < singles[i]!.length; k++) max = Math.max(max, Math.abs(singles[i]![k]! - batch[i]![k]!));
+      assert.ok(max <= 1, `image ${i} differs by ${max} levels`);
+    }
+  });
+
+  test("ENSD changes Euler a's ancestral noise and is written to the infotext; DPM++ 2M ignores it", async () => {
+    const a = await renderWith(7, 0, { etaNoiseSeedDelta: 31337n });
+    assert.notDeepEqual(a, await renderWith(7, 0));
+    const img = await renderTask(
+      pipe,
+      create(RunTaskRequestSchema, { taskId: "e", jobId: "e", seed: 7n, params: { ...base, etaNoiseSeedDelta: 31337n } }),
+      { signal: new AbortController().signal, agentId: "t", onStep: () => {}, onWarning: () => {} },
+    );
+    assert.match(img.infotext, /ENSD: 31337/);
+    const dpm = { samplerName: "DPM++ 2M" };
+    assert.deepEqual(await renderWith(7, 0, { ...dpm, etaNoiseSeedDelta: 31337n }), await renderWith(7, 0, dpm));
+  });
+
+  test("a legacy combined name gives the same image and infotext as sampler + schedule type", async () => {
+    const legacy = await renderWith(3, 0, { samplerName: "DPM++ 2M Karras" });
+    assert.deepEqual(legacy, await renderWith(3, 0, { samplerName: "DPM++ 2M", scheduler: "Karras" }));
+    assert.deepEqual(legacy, await renderWith(3, 0, { samplerName: "DPM++ 2M" }));
+  });
+
+  test("cancellation stops a render at the next model call", async () => {
+    const ac = new AbortController();
+    let steps = 0;
+    await assert.rejects(
+      renderTask(pipe, create(RunTaskRequestSchema, { taskId: "c", jobId: "c", seed: 1n, params: { ...base, steps: 100 } }), {
+        signal: ac.signal,
+        agentId: "t",
+        onStep: (s) => {
+          steps = s;
+          if (s === 3) ac.abort();
+        },
+        onWarning: () => {},
+      }),
+      (err: unknown) => (err as { codeName?: string }).codeName === "CANCELLED",
+    );
+    assert.equal(steps, 3, "no step after the abort");
+  });
 });
