@@ -1,0 +1,232 @@
+/**
+ * Hires.fix planning as A1111 v1.10 does it (processing.py StableDiffusionProcessingTxt2Img:
+ * calculate_target_resolution, init, sample_hr_pass). Pure arithmetic; the caller runs the passes.
+ */
+import { latentUpscaleMode, type LatentUpscaleMode } from "./interpolate.js";
+import { setupImg2imgSteps, type Img2imgStepPlan } from "./denoise-steps.js";
+
+/** opt_f: VAE downsampling factor. */
+export const LATENT_FACTOR = 8;
+
+export interface HiresSizeInput {
+  /** First-pass width/height as requested (p.width/p.height). */
+  width: number;
+  height: number;
+  /** hr_scale, default 2.0. */
+  hrScale?: number;
+  /** hr_resize_x / hr_resize_y, 0 = unset. */
+  hrResizeX?: number;
+  hrResizeY?: number;
+  /** Legacy API firstphase_width/height: when either is non-zero they become the first-pass size. */
+  firstphaseWidth?: number;
+  firstphaseHeight?: number;
+  /** Option use_old_hires_fix_width_height: width/height are the final size, the first pass is derived. */
+  useOldHiresFixWidthHeight?: boolean;
+}
+
+export interface HiresTarget {
+  firstPass: { width: number; height: number };
+  /** hr_upscale_to_x/y: what the upscaler (latent or pixel) produces before cropping. */
+  upscaleTo: { width: number; height: number };
+  /** Latent size the latent upscaler interpolates to: (upscaleTo // 8). */
+  upscaledLatent: { width: number; height: number };
+  /** truncate_x/y in latent cells (both resize values given: cover, then crop). */
+  truncate: { x: number; y: number };
+  /** Latent crop `[top : h − bottom, left : w − right]` applied after upscaling. */
+  latentCrop: { top: number; bottom: number; left: number; right: number };
+  /** Second-pass latent size after the crop, and the final image size (×8). */
+  secondPassLatent: { width: number; height: number };
+  final: { width: number; height: number };
+  /** The infotext entry this sizing adds: "Hires upscale" (the scale) or "Hires resize" ("XxY"). */
+  infotext: readonly ["Hires upscale", number] | readonly ["Hires resize", string];
+}
+
+export function hiresTarget(input: HiresSizeInput): HiresTarget {
+  let width = input.width;
+  let height = input.height;
+  let hrResizeX = input.hrResizeX ?? 0;
+  let hrResizeY = input.hrResizeY ?? 0;
+  const hrScale = input.hrScale ?? 2;
+  for (const [name, v] of [["width", width], ["height", height]] as const) {
+    if (!Number.isInteger(v) || v < 1) throw new RangeError(`${name} must be a positive integer, got ${v}`);
+  }
+  if (!Number.isInteger(hrResizeX) || !Number.isInteger(hrResizeY) || hrResizeX < 0 || hrResizeY < 0) {
+    throw new RangeError(`hr_resize_x/y must be non-negative integers, got ${hrResizeX}x${hrResizeY}`);
+  }
+  if ((input.firstphaseWidth ?? 0) !== 0 || (input.firstphaseHeight ?? 0) !== 0) {
+    width = input.firstphaseWidth ?? 0;
+    height = input.firstphaseHeight ?? 0;
+  }
+  if (input.useOldHiresFixWidthHeight) {
+    hrResizeX = width;
+    hrResizeY = height;
+    const scale = Math.sqrt((512 * 512) / (width * height));
+    width = Math.ceil((scale * width) / 64) * 64;
+    height = Math.ceil((scale * height) / 64) * 64;
+  }
+
+  let upW: number;
+  let upH: number;
+  let truncX = 0;
+  let truncY = 0;
+  let infotext: HiresTarget["infotext"];
+  if (hrResizeX === 0 && hrResizeY === 0) {
+    if (!(hrScale > 0)) throw new RangeError(`hr_scale must be positive, got ${hrScale}`);
+    infotext = ["Hires upscale", hrScale];
+    upW = Math.trunc(width * hrScale);
+    upH = Math.trunc(height * hrScale);
+  } else {
+    infotext = ["Hires resize", `${hrResizeX}x${hrResizeY}`];
+    if (hrResizeY === 0) {
+      upW = hrResizeX;
+      upH = Math.floor((hrResizeX * height) / width);
+    } else if (hrResizeX === 0) {
+      upW = Math.floor((hrResizeY * width) / height);
+      upH = hrResizeY;
+    } else {
+      // Cover the requested box keeping the aspect ratio, then crop the overhang in whole latent cells.
+      if (width / height < hrResizeX / hrResizeY) {
+        upW = hrResizeX;
+        upH = Math.floor((hrResizeX * height) / width);
+      } else {
+        upW = Math.floor((hrResizeY * width) / height);
+        upH = hrResizeY;
+      }
+      truncX = Math.floor((upW - hrResizeX) / LATENT_FACTOR);
+      truncY = Math.floor((upH - hrResizeY) / LATENT_FACTOR);
+    }
+  }
+  const latentW = Math.floor(upW / LATENT_FACTOR);
+  const latentH = Math.floor(upH / LATENT_FACTOR);
+  const latentCrop = {
+    top: Math.floor(truncY / 2),
+    bottom: Math.floor((truncY + 1) / 2),
+    left: Math.floor(truncX / 2),
+    right: Math.floor((truncX + 1) / 2),
+  };
+  const secondPassLatent = { width: latentW - truncX, height: latentH - truncY };
+  if (secondPassLatent.width < 1 || secondPassLatent.height < 1) {
+    throw new RangeError(`hires target ${upW}x${upH} is smaller than one latent cell`);
+  }
+  return {
+    firstPass: { width, height },
+    upscaleTo: { width: upW, height: upH },
+    upscaledLatent: { width: latentW, height: latentH },
+    truncate: { x: truncX, y: truncY },
+    latentCrop,
+    secondPassLatent,
+    final: { width: secondPassLatent.width * LATENT_FACTOR, height: secondPassLatent.height * LATENT_FACTOR },
+    infotext,
+  };
+}
+
+/** Applies `samples[:, :, top : h − bottom, left : w − right]` to an NCHW latent. */
+export function cropLatent(
+  latent: Float32Array, shape: readonly [number, number, number, number], crop: HiresTarget["latentCrop"],
+): { data: Float32Array; shape: [number, number, number, number] } {
+  const [n, c, h, w] = shape;
+  const outH = h - crop.top - crop.bottom;
+  const outW = w - crop.left - crop.right;
+  if (outH < 1 || outW < 1) throw new RangeError(`crop ${JSON.stringify(crop)} leaves nothing of ${h}x${w}`);
+  if (crop.top === 0 && crop.bottom === 0 && crop.left === 0 && crop.right === 0) {
+    return { data: latent.slice(), shape: [n, c, h, w] };
+  }
+  const out = new Float32Array(n * c * outH * outW);
+  for (let p = 0; p < n * c; p++) {
+    for (let y = 0; y < outH; y++) {
+      const src = p * h * w + (y + crop.top) * w + crop.left;
+      out.set(latent.subarray(src, src + outW), p * outH * outW + y * outW);
+    }
+  }
+  return { data: out, shape: [n, c, outH, outW] };
+}
+
+export interface HiresPassInput {
+  steps: number;
+  denoisingStrength: number;
+  /** hr_second_pass_steps; 0 = same as the first pass. */
+  hrSecondPassSteps?: number;
+  /** hr_upscaler; null/undefined = "Latent". */
+  hrUpscaler?: string | null;
+}
+
+export interface HiresPassPlan {
+  /** `hr_second_pass_steps or steps`: the second pass always runs exactly this many sampler steps. */
+  secondPassSteps: number;
+  /** Schedule length and t_enc for the second pass (the fixed-steps branch of setup_img2img_steps). */
+  img2img: Img2imgStepPlan;
+  /** The latent interpolation to use, or undefined when a pixel-space upscaler (decode → upscale → encode) runs. */
+  latentUpscale: LatentUpscaleMode | undefined;
+  /** The pixel upscaler name when latentUpscale is undefined. */
+  pixelUpscaler: string | undefined;
+}
+
+export function hiresPassPlan(input: HiresPassInput): HiresPassPlan {
+  const hrSteps = input.hrSecondPassSteps ?? 0;
+  if (!Number.isInteger(hrSteps) || hrSteps < 0) throw new RangeError(`hr_second_pass_steps must be ≥ 0, got ${hrSteps}`);
+  const secondPassSteps = hrSteps || input.steps;
+  const latentUpscale = latentUpscaleMode(input.hrUpscaler);
+  return {
+    secondPassSteps,
+    img2img: setupImg2imgSteps({ steps: input.steps, denoisingStrength: input.denoisingStrength, requestedSteps: secondPassSteps }),
+    latentUpscale,
+    pixelUpscaler: latentUpscale === undefined ? (input.hrUpscaler ?? undefined) : undefined,
+  };
+}
+
+// The UI's "keep the first-pass value" choices arrive as these strings instead of null.
+const SAME_SAMPLER = "Use same sampler";
+const SAME_SCHEDULER = "Use same scheduler";
+const SAME_CHECKPOINT = "Use same checkpoint";
+
+export interface HiresInfotextInput extends HiresSizeInput {
+  denoisingStrength: number;
+  samplerName: string;
+  hrSamplerName?: string | null;
+  /** Title of the hires checkpoint (A1111 writes its short_title), unless the same one is used. */
+  hrCheckpointTitle?: string | null;
+  /** This image's first-pass prompt texts and hires prompt texts ('' = same as first pass). */
+  prompt: string;
+  negativePrompt: string;
+  hrPrompt?: string;
+  hrNegativePrompt?: string;
+  /**
+   * Label of the scheduler function each pass used ("Karras", …), or undefined when the sampler ran
+   * without one (the uniform discrete schedule). Only these labels are compared, as A1111 does.
+   */
+  firstPassScheduleLabel?: string;
+  hiresScheduleLabel?: string;
+  hrSecondPassSteps?: number;
+  hrUpscaler?: string | null;
+}
+
+export type InfotextValue = string | number;
+
+/**
+ * The extra_generation_params entries a hires job adds, in A1111's insertion order (the infotext writer
+ * keeps this order; "Denoising strength" also has an earlier fixed slot, which wins).
+ */
+export function hiresInfotextFields(input: HiresInfotextInput): Array<readonly [string, InfotextValue]> {
+  const fields: Array<readonly [string, InfotextValue]> = [["Denoising strength", input.denoisingStrength]];
+  if (input.hrCheckpointTitle && input.hrCheckpointTitle !== SAME_CHECKPOINT) {
+    fields.push(["Hires checkpoint", input.hrCheckpointTitle]);
+  }
+  const hrSampler = input.hrSamplerName === SAME_SAMPLER ? null : input.hrSamplerName;
+  if (hrSampler != null && hrSampler !== input.samplerName) fields.push(["Hires sampler", hrSampler]);
+  const hrPrompt = input.hrPrompt || input.prompt;
+  if (hrPrompt !== input.prompt) fields.push(["Hires prompt", hrPrompt]);
+  const hrNegative = input.hrNegativePrompt || input.negativePrompt;
+  if (hrNegative !== input.negativePrompt) fields.push(["Hires negative prompt", hrNegative]);
+  if (input.hiresScheduleLabel !== undefined && input.hiresScheduleLabel !== input.firstPassScheduleLabel) {
+    fields.push(["Hires schedule type", input.hiresScheduleLabel]);
+  }
+  fields.push(hiresTarget(input).infotext);
+  if (input.hrSecondPassSteps) fields.push(["Hires steps", input.hrSecondPassSteps]);
+  if (input.hrUpscaler != null) fields.push(["Hires upscaler", input.hrUpscaler]);
+  return fields;
+}
+
+/** Normalises the UI's "Use same scheduler" to null, so callers fall back to the first-pass scheduler. */
+export function hiresSchedulerName(hrScheduler: string | null | undefined): string | null {
+  return hrScheduler == null || hrScheduler === SAME_SCHEDULER ? null : hrScheduler;
+}
