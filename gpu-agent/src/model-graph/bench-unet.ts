@@ -1,0 +1,150 @@
+// Benchmark: build + load of an SD1.5-size UNet from a generated random checkpoint, against ONNX Runtime
+// loading the same graph from disk. Not a test (it writes gigabytes); run by hand:
+//   node --import tsx gpu-agent/src/model-graph/bench-unet.ts --dir /tmp/sd15-bench [--dtype F16|F32] [--mode link|copy]
+// Each phase runs in a fresh child process so that its peak RSS is its own.
+
+import { execFileSync } from "node:child_process";
+import { existsSync, rmSync, statSync } from "node:fs";
+import { availableParallelism } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import * as ort from "onnxruntime-node";
+import { f32ToF16 } from "./half.js";
+import { importCheckpoint } from "./pipeline.js";
+import { SeededRandom } from "./random.js";
+import { writeSafetensorsStreaming } from "./safetensors.js";
+import type { LazyTensorToWrite } from "./safetensors.js";
+import { ldmTensorShapes, randomTensor } from "./tiny-model.js";
+import type { TinySpec } from "./tiny-model.js";
+
+/** SD 1.5's shapes (v1-inference.yaml), expressed as a TinySpec. */
+export const SD15_SPEC: TinySpec = {
+  family: "sd1",
+  unetChannels: [320, 640, 1280, 1280],
+  unetLayers: 2,
+  unetAttention: [true, true, true, false],
+  unetHeads: 8,
+  inChannels: 4,
+  transformerDepth: 1,
+  textHidden: 768,
+  textLayers: 12,
+  textHeads: 12,
+  textIntermediate: 3072,
+  maxPositions: 77,
+  vaeChannels: [128, 256, 512, 512],
+  vaeLayers: 2,
+  latentChannels: 4,
+};
+
+const HINTS = { unetHeads: 8, textHeads: 12 };
+
+async function make(path: string, dtype: "F16" | "F32"): Promise<void> {
+  const shapes = ldmTensorShapes(SD15_SPEC, 49408);
+  // Values only need plausible scales; a cycled random block keeps generation fast.
+  const rng = new SeededRandom(1);
+  const block = rng.normalArray(1 << 20);
+  const tensors = new Map<string, LazyTensorToWrite>();
+  for (const [key, shape] of shapes) {
+    tensors.set(key, {
+      dtype,
+      shape,
+      load: () => {
+        const n = shape.reduce((a, b) => a * b, 1);
+        let v: Float32Array;
+        if (n <= 4096) v = randomTensor(rng, key, shape);
+        else {
+          v = new Float32Array(n);
+          const s = 1 / Math.sqrt(shape.slice(1).reduce((a, b) => a * b, 1));
+          for (let i = 0; i < n; i += block.length) v.set(block.subarray(0, Math.min(block.length, n - i)), i);
+          for (let i = 0; i < n; i++) v[i]! *= s;
+        }
+        return dtype === "F32" ? v : f32ToF16(v);
+      },
+    });
+  }
+  await writeSafetensorsStreaming(path, tensors, { format: "pt" });
+}
+
+function maxRssMiB(): number {
+  return Math.round(process.resourceUsage().maxRSS / 1024);
+}
+
+async function child(phase: string, ckpt: string, cacheDir: string, mode: string): Promise<void> {
+  const t0 = performance.now();
+  if (phase === "ort-load") {
+    const s = await ort.InferenceSession.create(join(cacheDir, "unet", "model.onnx"));
+    const ms = performance.now() - t0;
+    await s.release();
+    process.stdout.write(JSON.stringify({ phase, loadMs: Math.round(ms), maxRssMiB: maxRssMiB() }));
+    return;
+  }
+  const imported = await importCheckpoint(ckpt, { cacheDir, ...HINTS, components: ["unet"], linkCheckpoint: mode === "link" });
+  const importMs = performance.now() - t0;
+  const importRss = maxRssMiB();
+  const s = await ort.InferenceSession.create(join(imported.dir, "unet", "model.onnx"));
+  const totalMs = performance.now() - t0;
+  await s.release();
+  process.stdout.write(
+    JSON.stringify({
+      phase,
+      cached: imported.cached,
+      importMs: Math.round(importMs),
+      totalMs: Math.round(totalMs),
+      importMaxRssMiB: importRss,
+      dir: imported.dir,
+    }),
+  );
+}
+
+async function main(): Promise<void> {
+  const args = process.argv.slice(2);
+  const get = (name: string, dflt?: string): string => {
+    const i = args.indexOf(name);
+    const v = i >= 0 ? args[i + 1] : dflt;
+    if (v === undefined) throw new Error(`${name} is required`);
+    return v;
+  };
+  if (args[0] === "--child") {
+    await child(args[1]!, args[2]!, args[3]!, args[4]!);
+    return;
+  }
+  const dir = get("--dir");
+  const dtype = get("--dtype", "F16") as "F16" | "F32";
+  const mode = get("--mode", "link");
+  const ckpt = join(dir, `sd15-random-${dtype}.safetensors`);
+  if (!existsSync(ckpt)) {
+    const t = performance.now();
+    await make(ckpt, dtype);
+    process.stderr.write(`made ${ckpt} (${(statSync(ckpt).size / 2 ** 30).toFixed(2)} GiB) in ${Math.round(performance.now() - t)} ms\n`);
+  }
+  const cacheDir = join(dir, `cache-${dtype}-${mode}`);
+  rmSync(cacheDir, { recursive: true, force: true });
+  const script = fileURLToPath(import.meta.url);
+  const run = (phase: string, target: string): Record<string, unknown> =>
+    JSON.parse(
+      execFileSync(process.execPath, [...process.execArgv, script, "--child", phase, ckpt, target, mode], {
+        encoding: "utf8",
+        maxBuffer: 1 << 20,
+      }),
+    ) as Record<string, unknown>;
+  const first = run("import", cacheDir);
+  const built = String(first.dir);
+  const ortRuns = [run("ort-load", built), run("ort-load", built)];
+  const cached = run("import", cacheDir);
+  const ortMs = Math.min(...ortRuns.map((r) => Number(r.loadMs)));
+  const sizeGiB = statSync(ckpt).size / 2 ** 30;
+  const report = {
+    checkpoint: { path: ckpt, dtype, GiB: Number(sizeGiB.toFixed(2)) },
+    mode,
+    cpus: availableParallelism(),
+    ortLoadMs: ortRuns.map((r) => r.loadMs),
+    firstLoad: first,
+    cachedLoad: cached,
+    firstOverOrt: Number((Number(first.totalMs) / ortMs).toFixed(2)),
+    cachedOverOrt: Number((Number(cached.totalMs) / ortMs).toFixed(2)),
+    importPeakRssOverCheckpoint: Number((Number(first.importMaxRssMiB) / 1024 / sizeGiB).toFixed(2)),
+  };
+  process.stdout.write(`${JSON.stringify(report, null, 1)}\n`);
+}
+
+await main();

@@ -1,0 +1,90 @@
+// Public API of the model-graph module: checkpoints and LoRAs in, diffusers-layout ONNX folders out.
+
+export { ModelFileError } from "./errors.js";
+
+export {
+  SafetensorsFile,
+  readSafetensors,
+  encodeSafetensors,
+  writeSafetensors,
+  writeSafetensorsStreaming,
+  toFloat32,
+  numel,
+  isSafetensorsDType,
+  MAX_HEADER_BYTES,
+} from "./safetensors.js";
+export type { SafetensorsDType, Tensor, TensorData, TensorInfo, TensorToWrite, LazyTensorToWrite } from "./safetensors.js";
+export { f16ToF32, bf16ToF32, f32ToF16, f32ToF16Bits, f32ToBf16 } from "./half.js";
+
+export { GraphBuilder, encodeModel, saveModel, f, DataType, DEFAULT_EMBED_LIMIT } from "./onnx.js";
+export type {
+  Attr,
+  Dim,
+  ElemType,
+  ModelSpec,
+  SaveOptions,
+  SavedModel,
+  ExternalLocation,
+  InitializerSpec,
+  NodeSpec,
+  ValueInfoSpec,
+} from "./onnx.js";
+export { decodeModel, readModel, initializerFloat32 } from "./onnx-read.js";
+export type { DecodedModel, DecodedNode, DecodedTensor } from "./onnx-read.js";
+export type { LazyBytes } from "./protobuf.js";
+
+export { SafetensorsWeights, MemoryWeights } from "./weights.js";
+export type { WeightSource, WeightTransform, WeightType, MemoryTensor } from "./weights.js";
+export { Net } from "./nn.js";
+export { buildUNet, detectUNetConfig, timestepFrequencies, UNET_PREFIX } from "./unet.js";
+export type { UNetConfig } from "./unet.js";
+export { buildTextEncoder, detectTextEncoderConfig } from "./clip.js";
+export type { TextEncoderConfig } from "./clip.js";
+export { buildVaeDecoder, buildVaeEncoder, detectVaeConfig } from "./vae.js";
+export type { VaeConfig } from "./vae.js";
+export { detectArchitecture } from "./architecture.js";
+export type { Architecture, ArchitectureHints, ModelFamily, PredictionType } from "./architecture.js";
+
+export {
+  buildPipeline,
+  buildPipelineFromCheckpoint,
+  importCheckpoint,
+  checkpointSha256,
+  readManifest,
+  sha256File,
+  a1111ModelHash,
+  a1111LegacyModelHash,
+  loraAddnetHash,
+  COMPONENTS,
+  MANIFEST_FILE,
+  LINK_NAME,
+  BUILDER_VERSION,
+} from "./pipeline.js";
+export type {
+  BuiltPipeline,
+  ComponentName,
+  ImportOptions,
+  ImportedCheckpoint,
+  PipelineBuildOptions,
+  PipelineManifest,
+} from "./pipeline.js";
+
+export { makeTinyModel, makeTinyModelCli, readTinyConfig, ldmTensorShapes, randomTensor, TINY_SPECS } from "./tiny-model.js";
+export type { MakeTinyModelOptions, TinyModel, TinySpec, TinyConfigName } from "./tiny-model.js";
+export { makeTinyVocab, tinyTokenizerFiles } from "./tiny-tokenizer.js";
+export type { TinyVocab } from "./tiny-tokenizer.js";
+
+export {
+  loadLora,
+  loraTransform,
+  loraTargets,
+  importCheckpointWithLoras,
+  resolveNamedFile,
+  computeDelta,
+  deltaShape,
+  compvisCandidates,
+  moduleIndex,
+} from "./lora.js";
+export type { LoraApplication, LoraModule, LoraRequest, ParsedLora, ImportedWithLoras } from "./lora.js";
+
+export { SeededRandom } from "./random.js";

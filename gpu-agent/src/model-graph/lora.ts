@@ -1,0 +1,661 @@
+// LoRA / LyCORIS merging into checkpoint weights (a1111-behaviour.md §6, onnx-notes.md §D.2).
+// A LoRA file is parsed into per-layer modules, each mapped onto the LDM checkpoint key it modifies;
+// `loraTransform` then adds ΔW·scale·multiplier to those weights while a model is being written, so the
+// base checkpoint is never modified.
+
+import { readdir, stat } from "node:fs/promises";
+import * as ort from "onnxruntime-node";
+import { basename, isAbsolute, join } from "node:path";
+import { detectArchitecture } from "./architecture.js";
+import type { Architecture } from "./architecture.js";
+import { ModelFileError, invalidArgument } from "./errors.js";
+import { GraphBuilder, encodeModel } from "./onnx.js";
+import { importCheckpoint, sha256File } from "./pipeline.js";
+import type { ImportOptions, ImportedCheckpoint } from "./pipeline.js";
+import { readSafetensors } from "./safetensors.js";
+import { SafetensorsWeights } from "./weights.js";
+import type { WeightTransform } from "./weights.js";
+
+interface Mat {
+  readonly shape: readonly number[];
+  readonly data: Float32Array;
+}
+
+type ModuleKind = "lora" | "loha" | "lokr";
+
+/** One layer's adapter, already mapped onto the checkpoint. */
+export interface LoraModule {
+  /** The layer key as written in the file, e.g. `lora_unet_down_blocks_0_attentions_0_proj_in`. */
+  readonly layer: string;
+  /** The checkpoint weight it changes, e.g. `model.diffusion_model.input_blocks.1.1.proj_in.weight`. */
+  readonly target: string;
+  /** For OpenCLIP's fused q/k/v projection: the delta goes into rows [rowOffset, rowOffset + rows). */
+  readonly rowOffset: number;
+  readonly isText: boolean;
+  readonly kind: ModuleKind;
+  readonly scale: number;
+  readonly parts: Readonly<Record<string, Mat>>;
+}
+
+export interface ParsedLora {
+  readonly path: string;
+  readonly modules: readonly LoraModule[];
+  /** Layers that match nothing in the model, or use unsupported parts; A1111 ignores these too. */
+  readonly warnings: readonly string[];
+  readonly metadata: Readonly<Record<string, string>>;
+}
+
+// ---- names -----------------------------------------------------------------------------------------
+
+const RESNET_SUFFIX: Record<string, string> = {
+  conv1: "in_layers_2",
+  conv2: "out_layers_3",
+  norm1: "in_layers_0",
+  norm2: "out_layers_0",
+  time_emb_proj: "emb_layers_1",
+  conv_shortcut: "skip_connection",
+};
+
+function resnetSuffix(s: string): string {
+  return RESNET_SUFFIX[s] ?? s;
+}
+
+/**
+ * kohya/diffusers layer name → the A1111 "compvis" module name (checkpoint module path minus `model.` or
+ * `cond_stage_model.`, dots as underscores). Candidates are tried in order, like A1111's fallbacks.
+ */
+export function compvisCandidates(layer: string, arch: Pick<Architecture, "unet" | "textEncoder">): string[] {
+  const out: string[] = [];
+  const per = arch.unet.layersPerBlock + 1;
+  const levels = arch.unet.levelChannels.length;
+  let m: RegExpExecArray | null;
+  if ((m = /^lora_unet_conv_in(.*)$/.exec(layer))) out.push(`diffusion_model_input_blocks_0_0${m[1]}`);
+  else if ((m = /^lora_unet_conv_out(.*)$/.exec(layer))) out.push(`diffusion_model_out_2${m[1]}`);
+  else if ((m = /^lora_unet_conv_norm_out(.*)$/.exec(layer))) out.push(`diffusion_model_out_0${m[1]}`);
+  else if ((m = /^lora_unet_time_embedding_linear_(\d+)(.*)$/.exec(layer)))
+    out.push(`diffusion_model_time_embed_${2 * Number(m[1]) - 2}${m[2]}`);
+  else if ((m = /^lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)$/.exec(layer))) {
+    const attn = m[2] === "attentions";
+    const s = attn ? m[4]! : resnetSuffix(m[4]!);
+    out.push(`diffusion_model_input_blocks_${1 + per * Number(m[1]) + Number(m[3])}_${attn ? 1 : 0}_${s}`);
+  } else if ((m = /^lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)$/.exec(layer))) {
+    const attn = m[1] === "attentions";
+    out.push(`diffusion_model_middle_block_${attn ? 1 : 2 * Number(m[2])}_${attn ? m[3]! : resnetSuffix(m[3]!)}`);
+  } else if ((m = /^lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)$/.exec(layer))) {
+    const attn = m[2] === "attentions";
+    out.push(`diffusion_model_output_blocks_${per * Number(m[1]) + Number(m[3])}_${attn ? 1 : 0}_${attn ? m[4]! : resnetSuffix(m[4]!)}`);
+  } else if ((m = /^lora_unet_down_blocks_(\d+)_downsamplers_0_conv$/.exec(layer))) {
+    out.push(`diffusion_model_input_blocks_${per * (Number(m[1]) + 1)}_0_op`);
+  } else if ((m = /^lora_unet_up_blocks_(\d+)_upsamplers_0_conv$/.exec(layer))) {
+    const i = Number(m[1]);
+    const level = levels - 1 - i;
+    out.push(`diffusion_model_output_blocks_${per * i + per - 1}_${arch.unet.attentionLevels[level] ? 2 : 1}_conv`);
+  }
+  if ((m = /^lora_unet_(.+)$/.exec(layer))) out.push(`diffusion_model_${m[1]}`);
+  if ((m = /^lora_te1?_text_model_(.+)$/.exec(layer))) {
+    // Checkpoints from old transformers versions lack the text_model level.
+    if (arch.textEncoder.layout === "hf-clip") out.push(`transformer_text_model_${m[1]}`, `transformer_${m[1]}`);
+    else {
+      const t = /^encoder_layers_(\d+)_(.+)$/.exec(m[1]!);
+      if (t) {
+        const s = t[2]!
+          .replace(/^mlp_fc1$/, "mlp_c_fc")
+          .replace(/^mlp_fc2$/, "mlp_c_proj")
+          .replace(/^self_attn_/, "attn_");
+        out.push(`model_transformer_resblocks_${t[1]}_${s}`);
+      }
+    }
+  }
+  if ((m = /^lora_te_(.+)$/.exec(layer)) && !layer.startsWith("lora_te_text_model_")) out.push(m[1]!);
+  return out;
+}
+
+/** Module paths of the checkpoint in A1111's underscore form → their weight key. */
+export function moduleIndex(keys: Iterable<string>): Map<string, string> {
+  const idx = new Map<string, string>();
+  for (const k of keys) {
+    let module: string;
+    if (k.endsWith(".weight")) module = k.slice(0, -".weight".length);
+    else if (k.endsWith(".in_proj_weight")) module = k.slice(0, -".in_proj_weight".length);
+    else continue;
+    const stripped = module.startsWith("model.") ? module.slice(6) : module.startsWith("cond_stage_model.") ? module.slice(17) : undefined;
+    if (stripped !== undefined) idx.set(stripped.replaceAll(".", "_"), k);
+  }
+  return idx;
+}
+
+/** diffusers/PEFT key → (kohya-style layer, part), or undefined for keys that are not adapter weights. */
+function splitKey(key: string): { layer: string; part: string } | undefined {
+  const peft = /^(.*)\.(lora_A|lora_B)(?:\.default)?\.weight$/.exec(key);
+  if (peft) {
+    let layer = peft[1]!.replace(/^base_model\.model\./, "");
+    layer = layer.replace(/^unet\./, "lora_unet_").replace(/^text_encoder\./, "lora_te_");
+    return { layer: layer.replaceAll(".", "_"), part: peft[2] === "lora_A" ? "lora_down.weight" : "lora_up.weight" };
+  }
+  const dot = key.indexOf(".");
+  if (dot < 0) return undefined;
+  return { layer: key.slice(0, dot), part: key.slice(dot + 1) };
+}
+
+// ---- parsing ---------------------------------------------------------------------------------------
+
+/**
+ * Reads a LoRA/LoHa/LoKr .safetensors and maps its layers onto `checkpointKeys` (the base model's tensor
+ * names and shapes). Bad shapes and unreadable files throw ModelFileError; unmatched layers are warnings.
+ */
+export async function loadLora(
+  path: string,
+  arch: Pick<Architecture, "unet" | "textEncoder">,
+  checkpointShapes: ReadonlyMap<string, readonly number[]>,
+): Promise<ParsedLora> {
+  const file = await readSafetensors(path);
+  const bad = (msg: string): never => {
+    throw ModelFileError.invalidFile(path, msg);
+  };
+  try {
+    const groups = new Map<string, Map<string, string>>();
+    const warnings: string[] = [];
+    for (const key of file.keys()) {
+      const s = splitKey(key);
+      if (!s) {
+        warnings.push(`ignored key ${key}`);
+        continue;
+      }
+      if (s.layer === "bundle_emb" || key.startsWith("bundle_emb.")) continue;
+      let g = groups.get(s.layer);
+      if (!g) groups.set(s.layer, (g = new Map()));
+      g.set(s.part, key);
+    }
+    const index = moduleIndex(checkpointShapes.keys());
+    const modules: LoraModule[] = [];
+    for (const [layer, parts] of groups) {
+      const kind: ModuleKind | undefined =
+        parts.has("lora_up.weight") && parts.has("lora_down.weight")
+          ? "lora"
+          : parts.has("hada_w1_a") && parts.has("hada_w1_b") && parts.has("hada_w2_a") && parts.has("hada_w2_b")
+            ? "loha"
+            : (parts.has("lokr_w1") || (parts.has("lokr_w1_a") && parts.has("lokr_w1_b"))) &&
+                (parts.has("lokr_w2") || (parts.has("lokr_w2_a") && parts.has("lokr_w2_b")))
+              ? "lokr"
+              : undefined;
+      if (!kind) {
+        warnings.push(`layer ${layer}: unsupported parts ${[...parts.keys()].join(", ")}`);
+        continue;
+      }
+      const unsupported = ["hada_t1", "hada_t2", "lokr_t2"].filter((p) => parts.has(p));
+      if (unsupported.length) {
+        // Merging without the Tucker cores would give a different ΔW than A1111; skip the layer instead.
+        warnings.push(`layer ${layer}: ${unsupported.join(", ")} (Tucker form) is not supported; layer skipped`);
+        continue;
+      }
+      // Resolve the target module.
+      let target: string | undefined;
+      let rowOffset = 0;
+      for (const cand of compvisCandidates(layer, arch)) {
+        target = index.get(cand);
+        if (target) break;
+        // OpenCLIP's MultiheadAttention: q/k/v LoRAs land in slices of the fused in_proj weight.
+        const qkv = /^(.*)_(q|k|v)_proj$/.exec(cand);
+        if (qkv) {
+          const fused = index.get(qkv[1]!);
+          if (fused?.endsWith(".in_proj_weight")) {
+            target = fused;
+            rowOffset = { q: 0, k: 1, v: 2 }[qkv[2] as "q" | "k" | "v"] * (checkpointShapes.get(fused)![0]! / 3);
+            break;
+          }
+        }
+      }
+      if (!target) {
+        warnings.push(`layer ${layer} matches no layer of the model`);
+        continue;
+      }
+      const tensors: Record<string, Mat> = {};
+      for (const [part, key] of parts) {
+        const info = file.info(key);
+        if (!["F32", "F16", "BF16", "F64"].includes(info.dtype)) bad(`${key} has dtype ${info.dtype}; LoRA tensors must be floats`);
+        tensors[part] = { shape: info.shape, data: await file.float32(key) };
+      }
+      const alpha = tensors.alpha?.data[0];
+      const explicit = tensors.scale?.data[0];
+      let dim: number | undefined;
+      if (kind === "lora") dim = tensors["lora_down.weight"]!.shape[0];
+      else if (kind === "loha") dim = tensors.hada_w1_b!.shape[0];
+      else dim = tensors.lokr_w1_b?.shape[0] ?? tensors.lokr_w2_b?.shape[0];
+      const scale = explicit ?? (alpha !== undefined && dim ? alpha / dim : 1);
+      if (!Number.isFinite(scale)) bad(`layer ${layer} has a non-finite scale`);
+      const mod: LoraModule = {
+        layer,
+        target,
+        rowOffset,
+        isText: target.startsWith("cond_stage_model."),
+        kind,
+        scale,
+        parts: tensors,
+      };
+      // Validate shapes now, so that a broken file fails when it is loaded, not halfway through a build.
+      const targetShape = checkpointShapes.get(target)!;
+      checkFit(path, mod, deltaShape(path, mod), targetShape);
+      const dora = tensors.dora_scale;
+      if (dora && (rowOffset > 0 || target.endsWith(".in_proj_weight") || targetShape.length < 2 || numel(dora.shape) !== targetShape[1])) {
+        bad(`layer ${layer}: dora_scale of shape ${JSON.stringify(dora.shape)} does not match ${target} ${JSON.stringify(targetShape)}`);
+      }
+      modules.push(mod);
+    }
+    return { path, modules, warnings, metadata: { ...file.metadata } };
+  } finally {
+    await file.close();
+  }
+}
+
+// ---- delta math ------------------------------------------------------------------------------------
+
+const numel = (s: readonly number[]): number => s.reduce((a, b) => a * b, 1);
+
+/** [m, k] · [k, n] with float64 accumulation, for small products. */
+function matmulJs(a: Float32Array, b: Float32Array, m: number, k: number, n: number): Float32Array {
+  const out = new Float32Array(m * n);
+  const row = new Float64Array(n);
+  for (let i = 0; i < m; i++) {
+    row.fill(0);
+    for (let p = 0; p < k; p++) {
+      const av = a[i * k + p]!;
+      if (av === 0) continue;
+      const off = p * n;
+      for (let j = 0; j < n; j++) row[j]! += av * b[off + j]!;
+    }
+    out.set(row, i * n);
+  }
+  return out;
+}
+
+let matmulSession: Promise<ort.InferenceSession> | undefined;
+
+/** A one-node MatMul model, built once: ONNX Runtime's multithreaded GEMM is ~100× faster than a JS loop. */
+function ortMatmul(): Promise<ort.InferenceSession> {
+  matmulSession ??= (async () => {
+    const g = new GraphBuilder("matmul");
+    const a = g.input("a", "float32", ["m", "k"]);
+    const b = g.input("b", "float32", ["k", "n"]);
+    g.output(g.op1("MatMul", [a, b]), "c", "float32", ["m", "n"]);
+    return ort.InferenceSession.create(encodeModel(g.toSpec()).toBytes());
+  })();
+  return matmulSession;
+}
+
+/** [m, k] · [k, n]. Large products (a LoRA on a 1280-wide layer) go through ONNX Runtime. */
+async function matmul(a: Float32Array, b: Float32Array, m: number, k: number, n: number): Promise<Float32Array> {
+  if (m * k * n < 1 << 18) return matmulJs(a, b, m, k, n);
+  const s = await ortMatmul();
+  const out = await s.run({ a: new ort.Tensor("float32", a, [m, k]), b: new ort.Tensor("float32", b, [k, n]) });
+  return out.c!.data as Float32Array;
+}
+
+function asMatrix(file: string, t: Mat, rows: number | undefined, what: string): { data: Float32Array; rows: number; cols: number } {
+  const r = rows ?? t.shape[0] ?? 1;
+  const n = t.data.length;
+  if (r <= 0 || n % r !== 0)
+    throw ModelFileError.invalidFile(file, `${what} of shape ${JSON.stringify(t.shape)} cannot be a matrix with ${r} rows`);
+  return { data: t.data, rows: r, cols: n / r };
+}
+
+/** kron of [a, b(, ka, kb)] and [c, d(, kc, kd)] → [a·c, b·d, ka·kc, kb·kd], with 2-D operands as 1×1 kernels. */
+function kron(x: Mat, y: Mat): Mat {
+  const [a, b, xa = 1, xb = 1] = x.shape as number[];
+  const [c, d, ya = 1, yb = 1] = y.shape as number[];
+  const [o0, o1, o2, o3] = [a! * c!, b! * d!, xa * ya, xb * yb];
+  const out = new Float32Array(o0 * o1 * o2 * o3);
+  for (let i = 0; i < a!; i++)
+    for (let j = 0; j < b!; j++)
+      for (let p = 0; p < xa; p++)
+        for (let q = 0; q < xb; q++) {
+          const xv = x.data[((i * b! + j) * xa + p) * xb + q]!;
+          if (xv === 0) continue;
+          for (let k = 0; k < c!; k++)
+            for (let l = 0; l < d!; l++)
+              for (let r = 0; r < ya; r++)
+                for (let s = 0; s < yb; s++) {
+                  const oi = (((i * c! + k) * o1 + (j * d! + l)) * o2 + (p * ya + r)) * o3 + (q * yb + s);
+                  out[oi] = xv * y.data[((k * d! + l) * ya + r) * yb + s]!;
+                }
+        }
+  const shape = x.shape.length > 2 || y.shape.length > 2 ? [o0, o1, o2, o3] : [o0, o1];
+  return { shape, data: out };
+}
+
+function matrixDims(file: string, t: Mat, what: string): [number, number] {
+  const r = t.shape[0] ?? 1;
+  const n = numel(t.shape);
+  if (r <= 0 || n % r !== 0 || n === 0) throw ModelFileError.invalidFile(file, `${what} has an unusable shape ${JSON.stringify(t.shape)}`);
+  return [r, n / r];
+}
+
+/** The shape of ΔW implied by a module's factors, checking that they fit together (no arithmetic on data). */
+export function deltaShape(file: string, mod: LoraModule): readonly number[] {
+  const p = mod.parts;
+  const spatial = (t: Mat): number[] => (t.shape.length === 4 ? [t.shape[2]!, t.shape[3]!] : []);
+  if (mod.kind === "lora") {
+    const up = p["lora_up.weight"]!;
+    const down = p["lora_down.weight"]!;
+    const [out, ur] = matrixDims(file, up, `${mod.layer}.lora_up`);
+    const [rank, dcols] = matrixDims(file, down, `${mod.layer}.lora_down`);
+    if (ur !== rank) throw ModelFileError.invalidFile(file, `${mod.layer}: lora_up has rank ${ur} but lora_down has ${rank}`);
+    const mid = p["lora_mid.weight"];
+    if (mid) {
+      if (mid.shape.length !== 4 || mid.shape[0] !== rank || mid.shape[1] !== rank) {
+        throw ModelFileError.invalidFile(file, `${mod.layer}: lora_mid shape ${JSON.stringify(mid.shape)} does not match rank ${rank}`);
+      }
+      return [out, dcols, mid.shape[2]!, mid.shape[3]!];
+    }
+    return down.shape.length === 4 ? [out, down.shape[1]!, ...spatial(down)] : [out, dcols];
+  }
+  if (mod.kind === "loha") {
+    const [o1, r1a] = matrixDims(file, p.hada_w1_a!, `${mod.layer}.hada_w1_a`);
+    const [r1, c1] = matrixDims(file, p.hada_w1_b!, `${mod.layer}.hada_w1_b`);
+    const [o2, r2a] = matrixDims(file, p.hada_w2_a!, `${mod.layer}.hada_w2_a`);
+    const [r2, c2] = matrixDims(file, p.hada_w2_b!, `${mod.layer}.hada_w2_b`);
+    if (r1a !== r1 || r2a !== r2 || o1 !== o2 || c1 !== c2)
+      throw ModelFileError.invalidFile(file, `${mod.layer}: LoHa factors have inconsistent shapes`);
+    const b = p.hada_w1_b!;
+    return b.shape.length === 4 ? [o1, b.shape[1]!, ...spatial(b)] : [o1, c1];
+  }
+  const factor = (full: string, fa: string, fb: string): readonly number[] => {
+    if (p[full]) return p[full].shape;
+    const [ra, ca] = matrixDims(file, p[fa]!, `${mod.layer}.${fa}`);
+    const [rb, cb] = matrixDims(file, p[fb]!, `${mod.layer}.${fb}`);
+    if (ca !== rb) throw ModelFileError.invalidFile(file, `${mod.layer}: ${fa} and ${fb} do not multiply`);
+    const b = p[fb]!;
+    return b.shape.length === 4 ? [ra, b.shape[1]!, ...spatial(b)] : [ra, cb];
+  };
+  const x = factor("lokr_w1", "lokr_w1_a", "lokr_w1_b");
+  const y = factor("lokr_w2", "lokr_w2_a", "lokr_w2_b");
+  if (![2, 4].includes(x.length) || ![2, 4].includes(y.length) || x.some((d) => d < 1) || y.some((d) => d < 1)) {
+    throw ModelFileError.invalidFile(file, `${mod.layer}: LoKr factors must be non-empty 2-D or 4-D tensors`);
+  }
+  const out = [x[0]! * y[0]!, x[1]! * y[1]!];
+  if (x.length === 4 || y.length === 4) out.push((x[2] ?? 1) * (y[2] ?? 1), (x[3] ?? 1) * (y[3] ?? 1));
+  return out;
+}
+
+function checkFit(file: string, mod: LoraModule, delta: readonly number[], target: readonly number[]): void {
+  const fused = mod.target.endsWith(".in_proj_weight");
+  const rows = fused ? target[0]! / 3 : target[0]!;
+  if (numel(delta) === rows * numel(target.slice(1))) return;
+  if (isPaddable(delta, target)) return;
+  throw ModelFileError.invalidFile(
+    file,
+    `${mod.layer}: delta of shape ${JSON.stringify(delta)} does not fit ${mod.target} ${JSON.stringify(target)}`,
+  );
+}
+
+/** A1111 pads a 4-channel conv_in delta with zeros for 9-channel inpainting UNets. */
+function isPaddable(delta: readonly number[], target: readonly number[]): boolean {
+  return (
+    target.length === 4 &&
+    delta.length === 4 &&
+    delta[0] === target[0] &&
+    delta[1]! < target[1]! &&
+    delta[2] === target[2] &&
+    delta[3] === target[3]
+  );
+}
+
+/** ΔW of one module before scale and multiplier, with the shape its factors imply. */
+export async function computeDelta(file: string, mod: LoraModule): Promise<Mat> {
+  const p = mod.parts;
+  if (mod.kind === "lora") {
+    const up = p["lora_up.weight"]!;
+    const down = p["lora_down.weight"]!;
+    const rank = down.shape[0]!;
+    const out = up.shape[0]!;
+    const u = asMatrix(file, up, out, `${mod.layer}.lora_up`);
+    if (u.cols !== rank) throw ModelFileError.invalidFile(file, `${mod.layer}: lora_up has rank ${u.cols} but lora_down has ${rank}`);
+    const mid = p["lora_mid.weight"];
+    if (mid) {
+      // CP decomposition: ΔW[i,j,k,l] = Σ mid[n,m,k,l]·up[i,n]·down[m,j].
+      const [r0, r1, kh = 1, kw = 1] = mid.shape as number[];
+      const dn = asMatrix(file, down, rank, `${mod.layer}.lora_down`);
+      if (r0 !== rank || r1 !== rank)
+        throw ModelFileError.invalidFile(file, `${mod.layer}: lora_mid shape ${JSON.stringify(mid.shape)} does not match rank ${rank}`);
+      const inCh = dn.cols;
+      const taps = kh * kw;
+      // T[n, j, t] = Σ_m mid[n, m, t]·down[m, j], one r×r by r×in product per kernel tap; then ΔW = up · T.
+      const t = new Float32Array(rank * inCh * taps);
+      for (let tap = 0; tap < taps; tap++) {
+        const midTap = new Float32Array(rank * rank);
+        for (let i = 0; i < rank * rank; i++) midTap[i] = mid.data[i * taps + tap]!;
+        const prod = await matmul(midTap, dn.data, rank, rank, inCh);
+        for (let n = 0; n < rank; n++) for (let j = 0; j < inCh; j++) t[(n * inCh + j) * taps + tap] = prod[n * inCh + j]!;
+      }
+      return { shape: [out, inCh, kh, kw], data: await matmul(u.data, t, out, rank, inCh * taps) };
+    }
+    const d = asMatrix(file, down, rank, `${mod.layer}.lora_down`);
+    const shape = down.shape.length === 4 ? [out, down.shape[1]!, down.shape[2]!, down.shape[3]!] : [out, d.cols];
+    return { shape, data: await matmul(u.data, d.data, out, rank, d.cols) };
+  }
+  if (mod.kind === "loha") {
+    const w1a = p.hada_w1_a!;
+    const w1b = p.hada_w1_b!;
+    const w2a = p.hada_w2_a!;
+    const w2b = p.hada_w2_b!;
+    const r1 = w1b.shape[0]!;
+    const r2 = w2b.shape[0]!;
+    const a1 = asMatrix(file, w1a, w1a.shape[0], `${mod.layer}.hada_w1_a`);
+    const b1 = asMatrix(file, w1b, r1, `${mod.layer}.hada_w1_b`);
+    const a2 = asMatrix(file, w2a, w2a.shape[0], `${mod.layer}.hada_w2_a`);
+    const b2 = asMatrix(file, w2b, r2, `${mod.layer}.hada_w2_b`);
+    if (a1.cols !== r1 || a2.cols !== r2 || a1.rows !== a2.rows || b1.cols !== b2.cols) {
+      throw ModelFileError.invalidFile(file, `${mod.layer}: LoHa factors have inconsistent shapes`);
+    }
+    const x = Float32Array.from(await matmul(a1.data, b1.data, a1.rows, r1, b1.cols));
+    const y = await matmul(a2.data, b2.data, a2.rows, r2, b2.cols);
+    for (let i = 0; i < x.length; i++) x[i]! *= y[i]!;
+    const shape = w1b.shape.length === 4 ? [a1.rows, w1b.shape[1]!, w1b.shape[2]!, w1b.shape[3]!] : [a1.rows, b1.cols];
+    return { shape, data: x };
+  }
+  const factor = async (full: string, fa: string, fb: string): Promise<Mat> => {
+    if (p[full]) return p[full];
+    const a = p[fa]!;
+    const b = p[fb]!;
+    const ma = asMatrix(file, a, a.shape[0], `${mod.layer}.${fa}`);
+    const mb = asMatrix(file, b, b.shape[0], `${mod.layer}.${fb}`);
+    if (ma.cols !== mb.rows) throw ModelFileError.invalidFile(file, `${mod.layer}: ${fa} and ${fb} do not multiply`);
+    const shape = b.shape.length === 4 ? [ma.rows, b.shape[1]!, b.shape[2]!, b.shape[3]!] : [ma.rows, mb.cols];
+    return { shape, data: await matmul(ma.data, mb.data, ma.rows, ma.cols, mb.cols) };
+  };
+  const w1 = await factor("lokr_w1", "lokr_w1_a", "lokr_w1_b");
+  const w2 = await factor("lokr_w2", "lokr_w2_a", "lokr_w2_b");
+  if (w1.shape.length < 2 || w2.shape.length < 2 || w1.shape.length > 4 || w2.shape.length > 4) {
+    throw ModelFileError.invalidFile(file, `${mod.layer}: LoKr factors must be 2-D or 4-D`);
+  }
+  if (numel(w1.shape) * numel(w2.shape) > 1e9) throw ModelFileError.invalidFile(file, `${mod.layer}: LoKr product is implausibly large`);
+  return kron(w1, w2);
+}
+
+/** Checks ΔW against the target and returns it laid out like the target (inpainting conv_in zero-padded). */
+function fitDelta(file: string, mod: LoraModule, delta: Mat, target: readonly number[]): Float32Array {
+  const rows = mod.target.endsWith(".in_proj_weight") ? target[0]! / 3 : target[0]!;
+  const want = rows * numel(target.slice(1));
+  if (delta.data.length === want) return delta.data;
+  if (isPaddable(delta.shape, target)) {
+    const [o, iw, kh, kw] = target as [number, number, number, number];
+    const id = delta.shape[1]!;
+    const out = new Float32Array(o * iw * kh * kw);
+    for (let a = 0; a < o; a++) out.set(delta.data.subarray(a * id * kh * kw, (a + 1) * id * kh * kw), a * iw * kh * kw);
+    return out;
+  }
+  throw ModelFileError.invalidFile(
+    file,
+    `${mod.layer}: delta of shape ${JSON.stringify(delta.shape)} does not fit ${mod.target} ${JSON.stringify(target)}`,
+  );
+}
+
+// ---- merging ---------------------------------------------------------------------------------------
+
+export interface LoraApplication {
+  readonly lora: ParsedLora;
+  /** Multiplier for UNet layers (the `w` of `<lora:name:w>`). */
+  readonly unetWeight: number;
+  /** Multiplier for text-encoder layers (defaults to unetWeight in A1111's tag syntax). */
+  readonly textWeight: number;
+}
+
+/**
+ * A weight transform adding every LoRA's ΔW·scale·multiplier. Deltas of plain LoRAs commute, so the order
+ * of `apps` does not matter. Returns the input array untouched for weights no LoRA targets.
+ */
+export function loraTransform(apps: readonly LoraApplication[]): WeightTransform {
+  const byTarget = new Map<string, { mod: LoraModule; mult: number; file: string }[]>();
+  for (const app of apps) {
+    for (const mod of app.lora.modules) {
+      const mult = mod.isText ? app.textWeight : app.unetWeight;
+      if (mult === 0) continue;
+      let list = byTarget.get(mod.target);
+      if (!list) byTarget.set(mod.target, (list = []));
+      list.push({ mod, mult, file: app.lora.path });
+    }
+  }
+  const apply = async (key: string, values: Float32Array, shape: readonly number[]): Promise<Float32Array> => {
+    const list = byTarget.get(key);
+    if (!list) return values;
+    const out = Float32Array.from(values);
+    // In order: like A1111, each module sees the weight as the modules before it left it (matters for DoRA).
+    for (const { mod, mult, file } of list) {
+      const delta = fitDelta(file, mod, await computeDelta(file, mod), shape);
+      const base = mod.rowOffset * numel(shape.slice(1));
+      const dora = mod.parts.dora_scale;
+      if (dora) {
+        applyDora(out, delta, mod.scale, mult, dora.data, shape);
+        continue;
+      }
+      const k = mod.scale * mult;
+      for (let i = 0; i < delta.length; i++) out[base + i]! += delta[i]! * k;
+    }
+    return out;
+  };
+  return Object.assign(apply, { targets: new Set(byTarget.keys()) as ReadonlySet<string> });
+}
+
+/**
+ * DoRA (a1111-behaviour.md §6.3): W' = W + ΔW·scale, rescaled per input column j to the norm dora_scale[j]
+ * (the norm taken over outputs and kernel taps); the change W'' − W is then multiplied by `mult`.
+ */
+function applyDora(
+  weight: Float32Array,
+  delta: Float32Array,
+  scale: number,
+  mult: number,
+  doraScale: Float32Array,
+  shape: readonly number[],
+): void {
+  const rows = shape[0]!;
+  const cols = shape[1]!;
+  const taps = numel(shape.slice(2));
+  const merged = new Float64Array(weight.length);
+  for (let i = 0; i < weight.length; i++) merged[i] = weight[i]! + delta[i]! * scale;
+  const norm = new Float64Array(cols);
+  for (let r = 0; r < rows; r++)
+    for (let c = 0; c < cols; c++) for (let t = 0; t < taps; t++) norm[c]! += merged[(r * cols + c) * taps + t]! ** 2;
+  for (let c = 0; c < cols; c++) norm[c] = Math.sqrt(norm[c]!);
+  for (let r = 0; r < rows; r++)
+    for (let c = 0; c < cols; c++)
+      for (let t = 0; t < taps; t++) {
+        const i = (r * cols + c) * taps + t;
+        const rescaled = merged[i]! * (doraScale[c]! / norm[c]!);
+        weight[i] = weight[i]! + (rescaled - weight[i]!) * mult;
+      }
+}
+
+/** Targets changed by a set of LoRAs (for reporting and tests). */
+export function loraTargets(apps: readonly LoraApplication[]): Set<string> {
+  return new Set(apps.flatMap((a) => a.lora.modules.filter((m) => (m.isText ? a.textWeight : a.unetWeight) !== 0).map((m) => m.target)));
+}
+
+// ---- names inside configured folders ---------------------------------------------------------------
+
+/**
+ * Resolves a model or LoRA name to `<dir>/<name><ext>`. Names are plain file stems: separators, `..`,
+ * absolute paths and control characters are INVALID_ARGUMENT; a name that is not there is NOT_FOUND.
+ */
+export async function resolveNamedFile(
+  dir: string,
+  name: string,
+  field: string,
+  extensions: readonly string[] = [".safetensors"],
+): Promise<string> {
+  // eslint-disable-next-line no-control-regex
+  if (!name || name.includes("/") || name.includes("\\") || name.includes("..") || isAbsolute(name) || /[\u0000-\u001f]/.test(name)) {
+    throw invalidArgument(field, `${JSON.stringify(name)} is not a plain name`);
+  }
+  for (const ext of extensions) {
+    const candidate = name.endsWith(ext) ? name : `${name}${ext}`;
+    const p = join(dir, candidate);
+    const st = await stat(p).catch(() => undefined);
+    if (st?.isFile()) return p;
+  }
+  // Case-insensitive match, as users type names from the UI.
+  const entries = await readdir(dir).catch(() => [] as string[]);
+  const hit = entries.find((e) => extensions.some((ext) => e.toLowerCase() === `${name}${ext}`.toLowerCase()));
+  if (hit) return join(dir, hit);
+  throw ModelFileError.fileNotFound(join(dir, name), `no ${field} named ${JSON.stringify(name)}`);
+}
+
+// ---- import with LoRAs -----------------------------------------------------------------------------
+
+export interface LoraRequest {
+  /** Path of the LoRA file, already resolved inside the LoRA folder (see resolveNamedFile). */
+  readonly path: string;
+  readonly unetWeight: number;
+  /** Defaults to unetWeight. */
+  readonly textWeight?: number;
+}
+
+export interface ImportedWithLoras extends ImportedCheckpoint {
+  /** Per LoRA file: keys that were ignored (matching no layer, unsupported parts). */
+  readonly loraWarnings: readonly { readonly path: string; readonly warnings: readonly string[] }[];
+}
+
+/**
+ * The checkpoint with LoRAs merged, from the build cache keyed by (checkpoint sha256, sorted LoRA set).
+ * LoRAs whose weights are all zero are left out, so they share the base entry.
+ */
+export async function importCheckpointWithLoras(
+  checkpointPath: string,
+  loras: readonly LoraRequest[],
+  opts: ImportOptions,
+): Promise<ImportedWithLoras> {
+  const active = loras.filter((l) => l.unetWeight !== 0 || (l.textWeight ?? l.unetWeight) !== 0);
+  if (active.length === 0) return { ...(await importCheckpoint(checkpointPath, opts)), loraWarnings: [] };
+  for (const l of active) {
+    if (!Number.isFinite(l.unetWeight) || !Number.isFinite(l.textWeight ?? 0))
+      throw invalidArgument("lora", `weights of ${l.path} must be finite`);
+  }
+  const file = await readSafetensors(checkpointPath);
+  let arch: Architecture;
+  const shapes = new Map<string, readonly number[]>();
+  try {
+    arch = detectArchitecture(new SafetensorsWeights(file), opts);
+    for (const k of file.keys()) shapes.set(k, file.info(k).shape);
+  } finally {
+    await file.close();
+  }
+  const apps: LoraApplication[] = [];
+  const keyParts: string[] = [];
+  for (const l of active) {
+    const lora = await loadLora(l.path, arch, shapes);
+    const textWeight = l.textWeight ?? l.unetWeight;
+    apps.push({ lora, unetWeight: l.unetWeight, textWeight });
+    keyParts.push(`${await sha256File(l.path)}:${l.unetWeight}:${textWeight}`);
+  }
+  keyParts.sort();
+  const variantKey = `lora:${keyParts.join(",")}${opts.variantKey ? `|${opts.variantKey}` : ""}`;
+  const imported = await importCheckpoint(checkpointPath, {
+    ...opts,
+    transform: loraTransform(apps),
+    variantKey,
+    manifestExtra: {
+      ...opts.manifestExtra,
+      loras: active.map((l) => ({ file: basename(l.path), unetWeight: l.unetWeight, textWeight: l.textWeight ?? l.unetWeight })),
+    },
+  });
+  return { ...imported, loraWarnings: apps.map((a) => ({ path: a.lora.path, warnings: a.lora.warnings })) };
+}

@@ -1,0 +1,387 @@
+// Checkpoint → diffusers-ONNX folder (text_encoder/, unet/, vae_decoder/, vae_encoder/, tokenizer/,
+// scheduler/, model_index.json), plus an on-disk cache keyed by the checkpoint's sha256.
+
+import { createHash, randomBytes } from "node:crypto";
+import { createReadStream } from "node:fs";
+import { copyFile, mkdir, open, readFile, readdir, realpath, rename, rm, stat, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { status } from "@grpc/grpc-js";
+import { detectArchitecture } from "./architecture.js";
+import type { Architecture, ArchitectureHints } from "./architecture.js";
+import { buildTextEncoder } from "./clip.js";
+import { ModelFileError } from "./errors.js";
+import { Net } from "./nn.js";
+import { GraphBuilder, saveModel } from "./onnx.js";
+import type { SavedModel } from "./onnx.js";
+import { readSafetensors } from "./safetensors.js";
+import { buildUNet } from "./unet.js";
+import { buildVaeDecoder, buildVaeEncoder } from "./vae.js";
+import { SafetensorsWeights } from "./weights.js";
+import type { WeightSource, WeightTransform, WeightType } from "./weights.js";
+
+/** Bumped whenever the emitted graphs change, so that stale cache entries are not reused. */
+export const BUILDER_VERSION = 1;
+
+export const MANIFEST_FILE = "latentfarm.json";
+
+/** Name of the checkpoint hard link inside each component folder of a linked build. */
+export const LINK_NAME = "checkpoint.safetensors";
+
+export type ComponentName = "text_encoder" | "unet" | "vae_decoder" | "vae_encoder";
+export const COMPONENTS: readonly ComponentName[] = ["text_encoder", "unet", "vae_decoder", "vae_encoder"];
+
+export interface PipelineBuildOptions extends ArchitectureHints {
+  /** Folder with vocab.json, merges.txt, … copied to `tokenizer/`. Without it no tokenizer is written. */
+  readonly tokenizerDir?: string;
+  /** Float type of UNet and text encoder. The VAE stays float32 (fp16 VAEs overflow to NaN/black). */
+  readonly weightType?: WeightType;
+  /** Applied to every weight as it is written (LoRA merging). */
+  readonly transform?: WeightTransform;
+  /** Only these components (default: all that the checkpoint has). */
+  readonly components?: readonly ComponentName[];
+  /** Initializers above this many bytes go to an external `weights.pb` (the UNet always does, as diffusers does). */
+  readonly embedLimitBytes?: number;
+  /**
+   * Use com.microsoft MultiHeadAttention in the UNet instead of MatMul/Softmax/MatMul. The plain graph is
+   * the reference; fused graphs need an execution provider with that contrib op (CPU, CUDA).
+   */
+  readonly fusedAttention?: boolean;
+  /**
+   * Reference the checkpoint's bytes instead of copying them: each component folder gets a hard link of the
+   * checkpoint ("checkpoint.safetensors") that its external data points into, and fp16 weights are cast to
+   * float32 by a Cast node that ONNX Runtime folds at load. Default true. Copies when linking is impossible.
+   */
+  readonly linkCheckpoint?: boolean;
+  /** Extra fields recorded in the manifest (hashes, LoRA list). */
+  readonly manifestExtra?: Readonly<Record<string, unknown>>;
+}
+
+export interface PipelineManifest {
+  readonly builderVersion: number;
+  readonly family: Architecture["family"];
+  readonly prediction: Architecture["prediction"];
+  readonly inpainting: boolean;
+  readonly weightType: WeightType;
+  readonly fusedAttention: boolean;
+  readonly architecture: Architecture;
+  /** Per component: bytes of the .onnx file, of its weights.pb, and read from the checkpoint link. */
+  readonly components: Partial<
+    Record<ComponentName, { modelBytes: number; externalBytes: number; linkedBytes: number; initializers: number }>
+  >;
+  /** Checkpoint tensors that no graph uses (EMA copies, position_ids, OpenCLIP's unused last layer…). */
+  readonly unusedKeys: number;
+  readonly [extra: string]: unknown;
+}
+
+export interface BuiltPipeline {
+  readonly dir: string;
+  readonly architecture: Architecture;
+  readonly manifest: PipelineManifest;
+  readonly unusedKeys: readonly string[];
+}
+
+const SCHEDULER_BASE = {
+  _class_name: "PNDMScheduler",
+  beta_end: 0.012,
+  beta_schedule: "scaled_linear",
+  beta_start: 0.00085,
+  num_train_timesteps: 1000,
+  set_alpha_to_one: false,
+  skip_prk_steps: true,
+  steps_offset: 1,
+  clip_sample: false,
+  trained_betas: null,
+};
+
+function modelIndex(components: readonly ComponentName[], withTokenizer: boolean): Record<string, unknown> {
+  const idx: Record<string, unknown> = {
+    _class_name: "OnnxStableDiffusionPipeline",
+    feature_extractor: [null, null],
+    safety_checker: [null, null],
+    requires_safety_checker: false,
+    scheduler: ["diffusers", "PNDMScheduler"],
+    tokenizer: withTokenizer ? ["transformers", "CLIPTokenizer"] : [null, null],
+  };
+  for (const c of COMPONENTS) idx[c] = components.includes(c) ? ["diffusers", "OnnxRuntimeModel"] : [null, null];
+  return idx;
+}
+
+/** Builds every component of `weights` into `outDir` (created if needed). Writes the manifest last. */
+export async function buildPipeline(weights: WeightSource, outDir: string, opts: PipelineBuildOptions = {}): Promise<BuiltPipeline> {
+  const arch = detectArchitecture(weights, opts);
+  const weightType = opts.weightType ?? "float32";
+  const wanted = (opts.components ?? COMPONENTS).filter((c) => c !== "vae_encoder" || arch.vae.hasEncoder);
+  await mkdir(outDir, { recursive: true });
+  // A half-written folder must never look complete.
+  await rm(join(outDir, MANIFEST_FILE), { force: true });
+
+  const used = new Set<string>();
+  const components: Record<string, { modelBytes: number; externalBytes: number; linkedBytes: number; initializers: number }> = {};
+  for (const name of wanted) {
+    const floatType: WeightType = name.startsWith("vae") ? "float32" : weightType;
+    const g = new GraphBuilder(name);
+    const link = opts.linkCheckpoint ?? true;
+    const net = new Net(g, weights, floatType, name === "unet" && opts.fusedAttention === true, link);
+    if (name === "text_encoder") buildTextEncoder(net, arch.textEncoder);
+    else if (name === "unet") buildUNet(net, arch.unet);
+    else if (name === "vae_decoder") buildVaeDecoder(net, arch.vae);
+    else buildVaeEncoder(net, arch.vae);
+    for (const k of net.used) used.add(k);
+    const dir = join(outDir, name);
+    await mkdir(dir, { recursive: true });
+    await rm(join(dir, "weights.pb"), { force: true });
+    await rm(join(dir, LINK_NAME), { force: true });
+    const metadata = {
+      "latentfarm.family": arch.family,
+      "latentfarm.prediction": arch.prediction,
+      "latentfarm.builder": String(BUILDER_VERSION),
+    };
+    const saved: SavedModel = await saveModel(g.toSpec({ metadata }), join(dir, "model.onnx"), {
+      weights: name === "unet" || link ? "external" : "auto",
+      externalFile: "weights.pb",
+      ...(link ? { linkName: LINK_NAME } : {}),
+      ...(opts.embedLimitBytes === undefined ? {} : { embedLimitBytes: opts.embedLimitBytes }),
+    });
+    const linkedBytes = [...saved.layout.values()].filter((l) => l.location === LINK_NAME).reduce((a, l) => a + l.length, 0);
+    components[name] = {
+      modelBytes: saved.modelBytes,
+      externalBytes: saved.externalBytes,
+      linkedBytes,
+      initializers: g.initializers.length,
+    };
+  }
+
+  await mkdir(join(outDir, "scheduler"), { recursive: true });
+  await writeJson(join(outDir, "scheduler", "scheduler_config.json"), { ...SCHEDULER_BASE, prediction_type: arch.prediction });
+  let withTokenizer = false;
+  if (opts.tokenizerDir) {
+    await copyDir(opts.tokenizerDir, join(outDir, "tokenizer"));
+    withTokenizer = true;
+  }
+  await writeJson(join(outDir, "model_index.json"), modelIndex(wanted, withTokenizer));
+
+  const unusedKeys = [...weights.keys()].filter((k) => !used.has(k) && isModelKey(k));
+  const manifest: PipelineManifest = {
+    builderVersion: BUILDER_VERSION,
+    family: arch.family,
+    prediction: arch.prediction,
+    inpainting: arch.inpainting,
+    weightType,
+    fusedAttention: opts.fusedAttention ?? false,
+    architecture: arch,
+    components,
+    unusedKeys: unusedKeys.length,
+    ...opts.manifestExtra,
+  };
+  await writeJson(join(outDir, MANIFEST_FILE), manifest);
+  return { dir: outDir, architecture: arch, manifest, unusedKeys };
+}
+
+function isModelKey(k: string): boolean {
+  return k.startsWith("model.diffusion_model.") || k.startsWith("first_stage_model.") || k.startsWith("cond_stage_model.");
+}
+
+/** Builds the ONNX folder for a single-file (LDM layout) .safetensors checkpoint. */
+export async function buildPipelineFromCheckpoint(path: string, outDir: string, opts: PipelineBuildOptions = {}): Promise<BuiltPipeline> {
+  const file = await readSafetensors(path);
+  try {
+    return await buildPipeline(new SafetensorsWeights(file, opts.transform), outDir, opts);
+  } finally {
+    await file.close();
+  }
+}
+
+async function writeJson(path: string, value: unknown): Promise<void> {
+  await writeFile(path, `${JSON.stringify(value, null, 1)}\n`);
+}
+
+async function copyDir(from: string, to: string): Promise<void> {
+  let entries;
+  try {
+    entries = await readdir(from, { withFileTypes: true });
+  } catch (err) {
+    throw ModelFileError.fileNotFound(from, "tokenizer folder not readable", err);
+  }
+  await mkdir(to, { recursive: true });
+  for (const e of entries) if (e.isFile()) await copyFile(join(from, e.name), join(to, e.name));
+}
+
+// ---- hashes --------------------------------------------------------------------------------------
+
+/** sha256 of a whole file, streamed. */
+export async function sha256File(path: string, start = 0): Promise<string> {
+  const hash = createHash("sha256");
+  await new Promise<void>((resolve, reject) => {
+    const s = createReadStream(path, { start, highWaterMark: 4 << 20 });
+    s.on("data", (chunk) => hash.update(chunk));
+    s.on("error", (err) => reject(ModelFileError.invalidFile(path, `cannot read: ${err.message}`, err)));
+    s.on("end", () => resolve());
+  });
+  return hash.digest("hex");
+}
+
+/** A1111's "Model hash" (AutoV2): the first 10 hex digits of the file's sha256. */
+export function a1111ModelHash(sha256: string): string {
+  if (!/^[0-9a-f]{64}$/i.test(sha256)) throw new RangeError("expected a 64-digit hex sha256");
+  return sha256.slice(0, 10).toLowerCase();
+}
+
+/** A1111's legacy AutoV1 hash: sha256 of the 64 KiB at offset 0x100000, first 8 hex digits. */
+export async function a1111LegacyModelHash(path: string): Promise<string> {
+  const h = await open(path, "r");
+  try {
+    const buf = Buffer.alloc(0x10000);
+    const { bytesRead } = await h.read(buf, 0, buf.length, 0x100000);
+    return createHash("sha256").update(buf.subarray(0, bytesRead)).digest("hex").slice(0, 8);
+  } finally {
+    await h.close();
+  }
+}
+
+/** kohya "addnet" hash A1111 shows for LoRAs: sha256 of a safetensors file's bytes after the header, 12 hex digits. */
+export async function loraAddnetHash(path: string): Promise<string> {
+  const h = await open(path, "r");
+  let n: bigint;
+  try {
+    const len = Buffer.alloc(8);
+    await h.read(len, 0, 8, 0);
+    n = len.readBigUInt64LE(0);
+  } finally {
+    await h.close();
+  }
+  return (await sha256File(path, 8 + Number(n))).slice(0, 12);
+}
+
+// ---- cache ---------------------------------------------------------------------------------------
+
+export interface ImportOptions extends PipelineBuildOptions {
+  /** Root of the build cache; entries live in `<cacheDir>/<sha256>-<options digest>/`. */
+  readonly cacheDir: string;
+  /** Part of the cache key besides the checkpoint hash and build options (e.g. the merged LoRA set). */
+  readonly variantKey?: string;
+}
+
+export interface ImportedCheckpoint extends BuiltPipeline {
+  readonly sha256: string;
+  /** A1111 AutoV2 hash for the infotext. */
+  readonly modelHash: string;
+  /** True when the folder came from the cache. */
+  readonly cached: boolean;
+}
+
+interface HashRecord {
+  path: string;
+  size: number;
+  mtimeMs: number;
+  sha256: string;
+}
+
+/**
+ * The checkpoint's sha256, remembered per (real path, size, mtime) so that a cached load does not rehash
+ * gigabytes (A1111 keeps a similar cache.json).
+ */
+export async function checkpointSha256(path: string, cacheDir: string): Promise<string> {
+  const real = await realpath(path).catch((err: unknown) => {
+    throw ModelFileError.fileNotFound(path, "no such checkpoint", err);
+  });
+  const st = await stat(real);
+  const indexDir = join(cacheDir, "hashes");
+  const recordPath = join(indexDir, `${createHash("sha1").update(real).digest("hex")}.json`);
+  try {
+    const rec = JSON.parse(await readFile(recordPath, "utf8")) as HashRecord;
+    if (rec.path === real && rec.size === st.size && rec.mtimeMs === st.mtimeMs && /^[0-9a-f]{64}$/.test(rec.sha256)) return rec.sha256;
+  } catch {
+    // No record yet, or a damaged one: rehash.
+  }
+  const sha256 = await sha256File(real);
+  await mkdir(indexDir, { recursive: true });
+  const rec: HashRecord = { path: real, size: st.size, mtimeMs: st.mtimeMs, sha256 };
+  const tmp = `${recordPath}.${randomBytes(4).toString("hex")}.tmp`;
+  await writeFile(tmp, JSON.stringify(rec));
+  await rename(tmp, recordPath);
+  return sha256;
+}
+
+function optionsDigest(opts: ImportOptions): string {
+  const key = {
+    v: BUILDER_VERSION,
+    weightType: opts.weightType ?? "float32",
+    fusedAttention: opts.fusedAttention ?? false,
+    link: opts.linkCheckpoint ?? true,
+    unetHeads: opts.unetHeads ?? null,
+    unetHeadDim: opts.unetHeadDim ?? null,
+    textHeads: opts.textHeads ?? null,
+    prediction: opts.prediction ?? null,
+    components: opts.components ? [...opts.components].sort() : null,
+    variant: opts.variantKey ?? null,
+    tokenizer: opts.tokenizerDir ?? null,
+  };
+  return createHash("sha256").update(JSON.stringify(key)).digest("hex").slice(0, 12);
+}
+
+/**
+ * Returns the ONNX folder for a checkpoint from the cache, building it on a miss. Builds go to a private
+ * temporary folder that is renamed into place, so concurrent imports and crashes never expose a partial folder.
+ */
+export async function importCheckpoint(path: string, opts: ImportOptions): Promise<ImportedCheckpoint> {
+  const sha256 = await checkpointSha256(path, opts.cacheDir);
+  const modelHash = a1111ModelHash(sha256);
+  const dir = join(opts.cacheDir, `${sha256}-${optionsDigest(opts)}`);
+  const existing = await readManifest(dir);
+  if (existing && (await linksIntact(dir, existing))) {
+    return { dir, architecture: existing.architecture, manifest: existing, unusedKeys: [], sha256, modelHash, cached: true };
+  }
+  if (existing) await rm(dir, { recursive: true, force: true });
+  const tmp = join(opts.cacheDir, `.build-${randomBytes(6).toString("hex")}`);
+  try {
+    const st = await stat(path);
+    const checkpointFile = { size: st.size, mtimeMs: st.mtimeMs };
+    const built = await buildPipelineFromCheckpoint(path, tmp, {
+      ...opts,
+      manifestExtra: { ...opts.manifestExtra, sha256, modelHash, checkpointFile },
+    });
+    try {
+      await rename(tmp, dir);
+    } catch (err) {
+      if (await readManifest(dir)) {
+        // Another import finished first; its folder is equivalent.
+        await rm(tmp, { recursive: true, force: true });
+      } else {
+        // A leftover without a manifest is a broken entry: replace it.
+        await rm(dir, { recursive: true, force: true });
+        await rename(tmp, dir).catch((again: unknown) => {
+          throw new ModelFileError(status.INTERNAL, dir, `cannot move the built model into the cache: ${(again as Error).message}`, {
+            cause: err,
+          });
+        });
+      }
+    }
+    return { ...built, dir, sha256, modelHash, cached: false };
+  } catch (err) {
+    await rm(tmp, { recursive: true, force: true });
+    throw err;
+  }
+}
+
+/**
+ * A linked cache entry shares the checkpoint's inode; if that file was rewritten in place since the build,
+ * the entry no longer matches its hash and must be rebuilt.
+ */
+async function linksIntact(dir: string, manifest: PipelineManifest): Promise<boolean> {
+  const recorded = manifest.checkpointFile as { size: number; mtimeMs: number } | undefined;
+  for (const c of COMPONENTS) {
+    if (!manifest.components[c]?.linkedBytes) continue;
+    const st = await stat(join(dir, c, LINK_NAME)).catch(() => undefined);
+    if (!st || !recorded || st.size !== recorded.size || st.mtimeMs !== recorded.mtimeMs) return false;
+  }
+  return true;
+}
+
+export async function readManifest(dir: string): Promise<PipelineManifest | undefined> {
+  try {
+    const m = JSON.parse(await readFile(join(dir, MANIFEST_FILE), "utf8")) as PipelineManifest;
+    return m.builderVersion === BUILDER_VERSION ? m : undefined;
+  } catch {
+    return undefined;
+  }
+}
