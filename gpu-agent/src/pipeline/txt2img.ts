@@ -2,14 +2,14 @@ import * as grpc from "@grpc/grpc-js";
 import {
   FarmError,
   RngSource as WireRng,
-  abortError,
   type Image,
   type RunTaskRequest,
 } from "@latentfarm/shared";
 import { create } from "@bufbuild/protobuf";
 import { ImageSchema } from "@latentfarm/shared";
-import { ImageRng, cIn, epsToDenoised, prepareSampling, vToDenoised, type SamplingSettings } from "../sampling/index.js";
-import { combineDenoised, type PreparedConditioning } from "../conditioning/index.js";
+import { ImageRng, prepareSampling, type SamplingSettings } from "../sampling/index.js";
+import type { PreparedConditioning } from "../conditioning/index.js";
+import { checkAborted, decodeLatent, denoise } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { buildInfotext } from "./infotext.js";
 import { encodePng, toRgb8 } from "./png.js";
@@ -28,10 +28,6 @@ const RNG_NAMES: Record<WireRng, "GPU" | "CPU" | "NV"> = {
   [WireRng.NV]: "NV",
 };
 
-function checkAborted(signal: AbortSignal): void {
-  if (signal.aborted) throw abortError(signal);
-}
-
 /**
  * Renders one txt2img image: conditioning, the sampler's model calls through the step batcher
  * (so concurrent images share UNet calls), CFG, VAE decode and a PNG with A1111's infotext.
@@ -49,7 +45,6 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
   const h = height / 8;
   const w = width / 8;
   const C = pipe.model.config.latentChannels;
-  const plane = C * h * w;
   const ensd = Number(p.etaNoiseSeedDelta);
 
   const imageRng = new ImageRng({
@@ -94,61 +89,17 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     throw FarmError.unimplemented("prompt", `LoRA tags (<lora:${cond.extraNetworks.networks[0]!.name}:…>) are not implemented by this farm yet`);
   }
 
-  const dim = pipe.model.textEncoder.hiddenSize;
-  const vPred = pipe.model.config.predictionType === "v_prediction";
-  const gen = sampler.run(sampler.startLatent(imageRng.first()));
-  let r = gen.next();
-  let lastStep = -1;
-  while (!r.done) {
-    checkAborted(ctx.signal);
-    const req = r.value;
-    if (req.step !== lastStep) {
-      if (lastStep >= 0) ctx.onStep(lastStep + 1, sampler.steps);
-      lastStep = req.step;
-    }
-    const x = req.x;
-    const scale = req.kind === "denoise" ? cIn(req.sigma) : req.inputScale;
-    const scaled = new Float32Array(plane);
-    for (let i = 0; i < plane; i++) scaled[i] = x[i]! * scale;
-    const conds = cond.condAt(req.call);
-    const uncond = cond.uncondAt(req.call);
-    // Cond and uncond of different lengths go in separate requests (A1111's default, no padding).
-    const groups = new Map<number, Float32Array[]>();
-    const add = (tensor: Float32Array): number => {
-      const seq = tensor.length / dim;
-      const g = groups.get(seq) ?? [];
-      g.push(tensor);
-      groups.set(seq, g);
-      return g.length - 1;
-    };
-    const uIdx = add(uncond.tensor);
-    const cIdx = conds.map((cd) => add(cd.tensor));
-    const results = new Map<number, Float32Array[]>();
-    await Promise.all(
-      [...groups.entries()].map(async ([seq, contexts]) => {
-        results.set(seq, await pipe.batcher.evaluate({ x: scaled, t: req.timestep, contexts, h, w, seq }, ctx.signal));
-      }),
-    );
-    const outOf = (tensor: Float32Array, idx: number): Float32Array => results.get(tensor.length / dim)![idx]!;
-    if (req.kind === "denoise") {
-      const denoised = (out: Float32Array): Float32Array => (vPred ? vToDenoised(x, out, req.sigma) : epsToDenoised(x, out, req.sigma));
-      const dUncond = denoised(outOf(uncond.tensor, uIdx));
-      const dConds = conds.map((cd, k) => ({ denoised: denoised(outOf(cd.tensor, cIdx[k]!)), weight: cd.weight }));
-      r = gen.next(combineDenoised(dConds, dUncond, cfg));
-    } else {
-      if (vPred) throw new FarmError(grpc.status.UNIMPLEMENTED, `${resolved.sampler.name} on v-prediction models is not implemented yet`, { field: "sampler_name" });
-      const eUncond = outOf(uncond.tensor, uIdx);
-      const eConds = conds.map((cd, k) => ({ denoised: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));
-      const output = combineDenoised(eConds, eUncond, cfg * (req.cfgScaleMultiplier ?? 1));
-      r = gen.next(req.needUncond ? { output, uncond: eUncond } : output);
-    }
-  }
-  ctx.onStep(sampler.steps, sampler.steps);
-  checkAborted(ctx.signal);
-  const latent = r.value;
-  const scaledLatent = new Float32Array(plane);
-  for (let i = 0; i < plane; i++) scaledLatent[i] = latent[i]! / pipe.model.config.scalingFactor;
-  const image = await pipe.model.vaeDecode(scaledLatent, h, w, ctx.signal);
+  const latent = await denoise(pipe, {
+    sampler,
+    cond,
+    cfgScale: cfg,
+    h,
+    w,
+    start: sampler.startLatent(imageRng.first()),
+    signal: ctx.signal,
+    onStep: ctx.onStep,
+  });
+  const image = await decodeLatent(pipe, latent, h, w, ctx.signal);
   const rgb = toRgb8(image, width, height);
   const infotext = buildInfotext({
     prompt: p.prompt,

@@ -1,0 +1,93 @@
+import * as grpc from "@grpc/grpc-js";
+import { FarmError, abortError } from "@latentfarm/shared";
+import { cIn, epsToDenoised, vToDenoised, type PreparedSampling } from "../sampling/index.js";
+import { combineDenoised, type PreparedConditioning } from "../conditioning/index.js";
+import type { LoadedPipeline } from "./loaded-pipeline.js";
+
+export function checkAborted(signal: AbortSignal): void {
+  if (signal.aborted) throw abortError(signal);
+}
+
+export interface DenoiseInput {
+  sampler: PreparedSampling;
+  cond: PreparedConditioning;
+  cfgScale: number;
+  /** Latent size (pixels / 8). */
+  h: number;
+  w: number;
+  /** The sampler's start latent (PreparedSampling.startLatent). */
+  start: Float32Array;
+  signal: AbortSignal;
+  onStep: (step: number, totalSteps: number) => void;
+}
+
+/**
+ * Drives a sampler generator to the end: each model request becomes UNet calls through the
+ * pipeline's step batcher (shared with concurrent images), then CFG as A1111 combines it.
+ * Cancellation is checked before every model call.
+ */
+export async function denoise(pipe: LoadedPipeline, input: DenoiseInput): Promise<Float32Array> {
+  const { sampler, cond, cfgScale, h, w, signal } = input;
+  const plane = pipe.model.config.latentChannels * h * w;
+  const dim = pipe.model.textEncoder.hiddenSize;
+  const vPred = pipe.model.config.predictionType === "v_prediction";
+  const gen = sampler.run(input.start);
+  let r = gen.next();
+  let lastStep = -1;
+  while (!r.done) {
+    checkAborted(signal);
+    const req = r.value;
+    if (req.step !== lastStep) {
+      if (lastStep >= 0) input.onStep(lastStep + 1, sampler.steps);
+      lastStep = req.step;
+    }
+    const x = req.x;
+    const scale = req.kind === "denoise" ? cIn(req.sigma) : req.inputScale;
+    const scaled = new Float32Array(plane);
+    for (let i = 0; i < plane; i++) scaled[i] = x[i]! * scale;
+    const conds = cond.condAt(req.call);
+    const uncond = cond.uncondAt(req.call);
+    // Cond and uncond of different lengths go in separate requests (A1111's default, no padding).
+    const groups = new Map<number, Float32Array[]>();
+    const add = (tensor: Float32Array): number => {
+      const seq = tensor.length / dim;
+      const g = groups.get(seq) ?? [];
+      g.push(tensor);
+      groups.set(seq, g);
+      return g.length - 1;
+    };
+    const uIdx = add(uncond.tensor);
+    const cIdx = conds.map((cd) => add(cd.tensor));
+    const results = new Map<number, Float32Array[]>();
+    await Promise.all(
+      [...groups.entries()].map(async ([seq, contexts]) => {
+        results.set(seq, await pipe.batcher.evaluate({ x: scaled, t: req.timestep, contexts, h, w, seq }, signal));
+      }),
+    );
+    const outOf = (tensor: Float32Array, idx: number): Float32Array => results.get(tensor.length / dim)![idx]!;
+    if (req.kind === "denoise") {
+      const denoised = (out: Float32Array): Float32Array => (vPred ? vToDenoised(x, out, req.sigma) : epsToDenoised(x, out, req.sigma));
+      const dUncond = denoised(outOf(uncond.tensor, uIdx));
+      const dConds = conds.map((cd, k) => ({ denoised: denoised(outOf(cd.tensor, cIdx[k]!)), weight: cd.weight }));
+      r = gen.next(combineDenoised(dConds, dUncond, cfgScale));
+    } else {
+      if (vPred) {
+        throw new FarmError(grpc.status.UNIMPLEMENTED, `${sampler.choice.sampler.name} on v-prediction models is not implemented yet`, { field: "sampler_name" });
+      }
+      const eUncond = outOf(uncond.tensor, uIdx);
+      const eConds = conds.map((cd, k) => ({ denoised: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));
+      const output = combineDenoised(eConds, eUncond, cfgScale * (req.cfgScaleMultiplier ?? 1));
+      r = gen.next(req.needUncond ? { output, uncond: eUncond } : output);
+    }
+  }
+  input.onStep(sampler.steps, sampler.steps);
+  checkAborted(signal);
+  return r.value;
+}
+
+/** VAE-decodes a latent [C,h,w] to RGB8 (A1111's truncation), returning pixels HWC. */
+export async function decodeLatent(pipe: LoadedPipeline, latent: Float32Array, h: number, w: number, signal: AbortSignal): Promise<Float32Array> {
+  const scaled = new Float32Array(latent.length);
+  for (let i = 0; i < latent.length; i++) scaled[i] = latent[i]! / pipe.model.config.scalingFactor;
+  return pipe.model.vaeDecode(scaled, h, w, signal);
+}
