@@ -31,7 +31,7 @@ import type { RunTaskResponseSchema } from "@latentfarm/shared";
 import { ModelCatalog } from "./models/catalog.js";
 import { PipelineCache, sdModelLoader } from "./models/pipeline-cache.js";
 import { LoadedPipeline } from "./pipeline/loaded-pipeline.js";
-import { renderTask } from "./pipeline/txt2img.js";
+import { DEFAULT_RESOURCES, renderTask } from "./pipeline/txt2img.js";
 import type { ExecutionProvider } from "./runtime/protocol.js";
 
 export interface AgentConfig {
@@ -55,6 +55,13 @@ export interface AgentConfig {
   intraOpNumThreads?: number;
   /** Rows per UNet call at most. */
   maxBatchRows?: number;
+  /** ESRGAN-family upscaler models (hires fix). */
+  upscalersDir?: string;
+  /** Face restoration models (CodeFormer and a face detector). */
+  faceModelsDir?: string;
+  /** Limits on decoded input images. */
+  maxInputPixels?: number;
+  maxInputBytes?: number;
   /** mTLS on the AgentService port: only holders of a certificate from this CA (the coordinator) get in. */
   tls?: TlsFiles;
   logger: Logger;
@@ -241,6 +248,12 @@ export class Agent {
             );
           },
           onWarning: (message) => push({ kind: { case: "warning", value: { message } } }),
+          resources: {
+            maxInputPixels: this.cfg.maxInputPixels ?? DEFAULT_RESOURCES.maxInputPixels,
+            maxInputBytes: this.cfg.maxInputBytes ?? DEFAULT_RESOURCES.maxInputBytes,
+            ...(this.cfg.upscalersDir ? { upscalersDir: this.cfg.upscalersDir } : {}),
+            ...(this.cfg.faceModelsDir ? { faceModelsDir: this.cfg.faceModelsDir } : {}),
+          },
         });
       } finally {
         loaded.release();

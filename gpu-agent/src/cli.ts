@@ -9,7 +9,8 @@ import type { ExecutionProvider } from "./runtime/protocol.js";
 const AGENT_USAGE = `latentfarm agent --models DIR [--port N] [--host ADDR] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N]
                  [--slots N] [--threads N] [--max-loaded-models N] [--metrics-port N] [--health-port N]
                  [--advertise-address HOST:PORT] [--id ID] [--heartbeat-ms N] [--drain-seconds N]
-                 [--tls-cert FILE --tls-key FILE --tls-ca FILE]
+                 [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--upscalers DIR] [--face-models DIR]
+                 [--max-input-pixels N] [--max-input-bytes N]
 `;
 
 function ep(name: string, deviceId: number): ExecutionProvider {
@@ -41,6 +42,10 @@ async function runAgent(argv: string[]): Promise<number> {
       "tls-cert": { type: "string" },
       "tls-key": { type: "string" },
       "tls-ca": { type: "string" },
+      upscalers: { type: "string" },
+      "face-models": { type: "string" },
+      "max-input-pixels": { type: "string" },
+      "max-input-bytes": { type: "string" },
       help: { type: "boolean", default: false },
     },
   });
@@ -63,6 +68,10 @@ async function runAgent(argv: string[]): Promise<number> {
     ...(v["health-port"] !== undefined ? { healthPort: Number(v["health-port"]) } : {}),
     ...(v["advertise-address"] ? { advertiseAddress: v["advertise-address"] } : {}),
     ...(tlsFromFlags(v) ? { tls: tlsFromFlags(v)! } : {}),
+    ...(v.upscalers ? { upscalersDir: v.upscalers } : {}),
+    ...(v["face-models"] ? { faceModelsDir: v["face-models"] } : {}),
+    ...(v["max-input-pixels"] ? { maxInputPixels: Number(v["max-input-pixels"]) } : {}),
+    ...(v["max-input-bytes"] ? { maxInputBytes: Number(v["max-input-bytes"]) } : {}),
     logger,
   });
   await agent.start();

@@ -14,11 +14,25 @@ import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { buildInfotext } from "./infotext.js";
 import { encodePng, toRgb8 } from "./png.js";
 
+/** Folders and limits a task may use beyond its model, from the agent's configuration. */
+export interface RenderResources {
+  /** ESRGAN-family ONNX upscalers, named after their file stems. */
+  upscalersDir?: string;
+  /** Face restoration models (CodeFormer, face detector). */
+  faceModelsDir?: string;
+  /** Limits for decoded input images (img2img, masks). */
+  maxInputPixels: number;
+  maxInputBytes: number;
+}
+
+export const DEFAULT_RESOURCES: RenderResources = { maxInputPixels: 4096 * 4096, maxInputBytes: 32 * 1024 * 1024 };
+
 export interface RenderContext {
   signal: AbortSignal;
   agentId: string;
   onStep: (step: number, totalSteps: number) => void;
   onWarning: (message: string) => void;
+  resources?: RenderResources;
 }
 
 const RNG_NAMES: Record<WireRng, "GPU" | "CPU" | "NV"> = {
