@@ -29,7 +29,11 @@ import {
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { RunTaskResponseSchema } from "@latentfarm/shared";
 import { ModelCatalog } from "./models/catalog.js";
-import { PipelineCache, sdModelLoader } from "./models/pipeline-cache.js";
+import { PipelineCache } from "./models/pipeline-cache.js";
+import { loadModel, parsePipelineKey, pipelineKey, type LoraUse } from "./models/model-loader.js";
+import { extractExtraNetworks } from "./conditioning/index.js";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { LoadedPipeline } from "./pipeline/loaded-pipeline.js";
 import { DEFAULT_RESOURCES, renderTask } from "./pipeline/txt2img.js";
 import type { ExecutionProvider } from "./runtime/protocol.js";
@@ -55,6 +59,12 @@ export interface AgentConfig {
   intraOpNumThreads?: number;
   /** Rows per UNet call at most. */
   maxBatchRows?: number;
+  /** Where .safetensors checkpoints are built into ONNX graphs (cached by sha256). */
+  cacheDir?: string;
+  /** CLIP tokenizer for checkpoints; defaults to the first ONNX model's tokenizer in the models folder. */
+  tokenizerDir?: string;
+  /** kohya/PEFT LoRA files, referenced as <lora:name:weight>. */
+  lorasDir?: string;
   /** ESRGAN-family upscaler models (hires fix). */
   upscalersDir?: string;
   /** Face restoration models (CodeFormer and a face detector). */
@@ -92,20 +102,28 @@ export class Agent {
   constructor(private readonly cfg: AgentConfig) {
     this.id = cfg.agentId ?? `${hostname()}-${randomUUID().slice(0, 8)}`;
     this.catalog = new ModelCatalog(cfg.modelsDir);
-    const load = sdModelLoader(this.catalog, {
+    const loaderOpts = {
       ep: cfg.ep,
       logger: cfg.logger,
+      cacheDir: cfg.cacheDir ?? join(tmpdir(), "latentfarm-model-cache"),
       ...(cfg.intraOpNumThreads ? { intraOpNumThreads: cfg.intraOpNumThreads } : {}),
-    });
+      ...(cfg.tokenizerDir ? { tokenizerDir: cfg.tokenizerDir } : {}),
+      ...(cfg.lorasDir ? { lorasDir: cfg.lorasDir } : {}),
+    };
     this.cache = new PipelineCache<LoadedPipeline>(
       cfg.maxLoadedModels ?? 2,
-      async (name, signal) => {
+      async (keyString, signal) => {
+        const key = parsePipelineKey(keyString);
+        const name = key.model;
         const end = this.m.metrics.modelLoad.startTimer({ model: name });
         try {
-          const model = await load(name, signal);
+          const loaded = await loadModel(this.catalog, key, loaderOpts, signal);
           end();
-          return new LoadedPipeline(model, {
+          return new LoadedPipeline(loaded.model, {
             maxBatchRows: cfg.maxBatchRows ?? 16,
+            modelHash: loaded.modelHash,
+            loraHashes: loaded.loraHashes,
+            loadWarnings: loaded.warnings,
             onUnetCall: (_rows, seconds) => {
               this.m.metrics.unetSteps.inc({ model: name });
               this.m.metrics.unetStepDuration.observe({ model: name }, seconds);
@@ -113,11 +131,11 @@ export class Agent {
           });
         } catch (err) {
           this.m.metrics.modelLoadFailures.inc({ model: name });
-          throw err;
+          throw FarmError.from(err);
         }
       },
-      (names) => {
-        this.m.metrics.modelsLoaded.set(names.length);
+      (keys) => {
+        this.m.metrics.modelsLoaded.set(keys.length);
         this.publishHeartbeat();
       },
     );
@@ -184,7 +202,7 @@ export class Agent {
       executionProvider: this.cfg.ep.name,
       slots: this.slots,
       busySlots: this.running.size,
-      loadedModels: this.cache.names,
+      loadedModels: [...new Set(this.cache.names.map((k) => parsePipelineKey(k).model))],
       lastHeartbeatUnixMs: BigInt(Date.now()),
       draining: this.draining,
     });
@@ -232,9 +250,13 @@ export class Agent {
       events.push(e);
       wake?.();
     };
-    const modelName = req.params.model;
+    const params = req.params;
     const work = (async () => {
-      const loaded = await this.cache.acquire(modelName, ac.signal);
+      // The LoRAs a task names decide which merged pipeline it runs on.
+      const loras: LoraUse[] = extractExtraNetworks(params.prompt).networks.map((n) => ({ name: n.name, teWeight: n.teWeight, unetWeight: n.unetWeight }));
+      for (const l of params.loras) loras.push({ name: l.name, teWeight: l.teWeight, unetWeight: l.unetWeight });
+      const loaded = await this.cache.acquire(pipelineKey(params.model, loras), ac.signal);
+      for (const w of loaded.value.loadWarnings) push({ kind: { case: "warning", value: { message: w } } });
       try {
         return await renderTask(loaded.value, req, {
           signal: ac.signal,

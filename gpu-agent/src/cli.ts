@@ -4,12 +4,14 @@ import { jsonLogger, tlsFromFlags, type LogLevel } from "@latentfarm/shared";
 import { join } from "node:path";
 import { Agent } from "./agent.js";
 import { ClipTokenizer, describePrompt } from "./conditioning/index.js";
+import { makeTinyModelCli } from "./model-graph/index.js";
 import type { ExecutionProvider } from "./runtime/protocol.js";
 
 const AGENT_USAGE = `latentfarm agent --models DIR [--port N] [--host ADDR] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N]
                  [--slots N] [--threads N] [--max-loaded-models N] [--metrics-port N] [--health-port N]
                  [--advertise-address HOST:PORT] [--id ID] [--heartbeat-ms N] [--drain-seconds N]
-                 [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--upscalers DIR] [--face-models DIR]
+                 [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--cache-dir DIR] [--tokenizer DIR] [--loras DIR]
+                 [--upscalers DIR] [--face-models DIR]
                  [--max-input-pixels N] [--max-input-bytes N]
 `;
 
@@ -42,6 +44,9 @@ async function runAgent(argv: string[]): Promise<number> {
       "tls-cert": { type: "string" },
       "tls-key": { type: "string" },
       "tls-ca": { type: "string" },
+      "cache-dir": { type: "string" },
+      tokenizer: { type: "string" },
+      loras: { type: "string" },
       upscalers: { type: "string" },
       "face-models": { type: "string" },
       "max-input-pixels": { type: "string" },
@@ -68,6 +73,9 @@ async function runAgent(argv: string[]): Promise<number> {
     ...(v["health-port"] !== undefined ? { healthPort: Number(v["health-port"]) } : {}),
     ...(v["advertise-address"] ? { advertiseAddress: v["advertise-address"] } : {}),
     ...(tlsFromFlags(v) ? { tls: tlsFromFlags(v)! } : {}),
+    ...(v["cache-dir"] ? { cacheDir: v["cache-dir"] } : {}),
+    ...(v.tokenizer ? { tokenizerDir: v.tokenizer } : {}),
+    ...(v.loras ? { lorasDir: v.loras } : {}),
     ...(v.upscalers ? { upscalersDir: v.upscalers } : {}),
     ...(v["face-models"] ? { faceModelsDir: v["face-models"] } : {}),
     ...(v["max-input-pixels"] ? { maxInputPixels: Number(v["max-input-pixels"]) } : {}),
@@ -157,6 +165,11 @@ export async function main(argv: string[]): Promise<number> {
         return await runAgent(rest);
       case "prompt":
         return await prompt(rest);
+      case "make-tiny-model": {
+        const m = await makeTinyModelCli(rest);
+        process.stdout.write(JSON.stringify({ checkpoint: m.checkpointPath, onnx: m.onnxDir, tokenizer: m.tokenizerDir, hints: m.hints }) + "\n");
+        return 0;
+      }
       default:
         process.stderr.write(`unknown agent command "${cmd}"\n`);
         return 2;

@@ -1,7 +1,7 @@
 // Minimal ONNX schema (field numbers from onnx/onnx.proto, which is proto2: repeated scalars unpacked
 // unless marked packed) and a small graph builder on top of it.
 
-import { link, open, rm } from "node:fs/promises";
+import { link, open, rm, realpath } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { ProtoMessage, isLazy, writeFully, writeMessage } from "./protobuf.js";
 import type { LazyBytes } from "./protobuf.js";
@@ -293,7 +293,9 @@ async function linkSource(
   const target = join(dir, linkName);
   await rm(target, { force: true });
   try {
-    await link(best, target);
+    // link() does not follow symlinks: a symlinked checkpoint would become a symlink that ONNX Runtime
+    // rejects as escaping the model folder, so link the real file.
+    await link(await realpath(best), target);
     return best;
   } catch {
     return undefined;

@@ -1,7 +1,3 @@
-import { FarmError, type Logger } from "@latentfarm/shared";
-import type { ModelCatalog } from "./catalog.js";
-import { SdModel } from "./sd-model.js";
-import type { ExecutionProvider } from "../runtime/protocol.js";
 
 interface Slot<T> {
   value: Promise<T>;
@@ -82,18 +78,4 @@ export class PipelineCache<T extends { close(): Promise<void> }> {
     this.slots.clear();
     await Promise.all(all.map((s) => s.value.then((v) => v.close(), () => undefined)));
   }
-}
-
-export function sdModelLoader(
-  catalog: ModelCatalog,
-  opts: { ep: ExecutionProvider; intraOpNumThreads?: number; logger: Logger },
-): (name: string, signal?: AbortSignal) => Promise<SdModel> {
-  return async (name, signal) => {
-    const entry = await catalog.get(name);
-    try {
-      return await SdModel.load(entry, { ...opts, ...(signal ? { signal } : {}) });
-    } catch (err) {
-      throw FarmError.from(err);
-    }
-  };
 }

@@ -7,10 +7,25 @@ export class LoadedPipeline {
   readonly batcher: StepBatcher;
   private conditionerPromise: Promise<Conditioner> | undefined;
 
+  /** A1111 infotext entries: "Model hash" (checkpoints) and "Lora hashes". */
+  readonly modelHash: string | undefined;
+  readonly loraHashes: readonly string[];
+  /** Warnings from building the model (LoRA keys that matched no layer), repeated to each task. */
+  readonly loadWarnings: readonly string[];
+
   constructor(
     readonly model: SdModel,
-    opts: { maxBatchRows: number; onUnetCall?: (rows: number, seconds: number) => void },
+    opts: {
+      maxBatchRows: number;
+      onUnetCall?: (rows: number, seconds: number) => void;
+      modelHash?: string | undefined;
+      loraHashes?: readonly string[];
+      loadWarnings?: readonly string[];
+    },
   ) {
+    this.modelHash = opts.modelHash;
+    this.loraHashes = opts.loraHashes ?? [];
+    this.loadWarnings = opts.loadWarnings ?? [];
     this.batcher = new StepBatcher(
       (s, t, c, d, signal) => model.unet(s, t, c, d, signal),
       model.config.latentChannels,

@@ -99,9 +99,6 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     signal: ctx.signal,
   });
   for (const u of cond.extraNetworks.unknown) ctx.onWarning(`unknown extra network tag ${u.raw} removed from the prompt`);
-  if (cond.extraNetworks.networks.length > 0) {
-    throw FarmError.unimplemented("prompt", `LoRA tags (<lora:${cond.extraNetworks.networks[0]!.name}:…>) are not implemented by this farm yet`);
-  }
 
   const latent = await denoise(pipe, {
     sampler,
@@ -126,13 +123,17 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     width,
     height,
     model: pipe.name,
+    modelHash: pipe.modelHash,
     subseed,
     subseedStrength: p.subseedStrength,
     seedResizeFrom: { w: p.seedResizeFromW, h: p.seedResizeFromH },
     clipSkip,
     ensd: resolved.sampler.usesEnsd && ensd !== 0 ? ensd : undefined,
     rng,
-    extra: Object.entries(sampler.infotext).filter(([k]) => k !== "Schedule type"),
+    extra: [
+      ...Object.entries(sampler.infotext).filter(([k]) => k !== "Schedule type"),
+      ["Lora hashes", pipe.loraHashes.length > 0 ? pipe.loraHashes.join(", ") : undefined],
+    ],
   });
   const png = await encodePng(rgb, width, height, infotext);
   if (png.length === 0) throw new FarmError(grpc.status.INTERNAL, "PNG encoding produced no bytes");

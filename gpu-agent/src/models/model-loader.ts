@@ -1,0 +1,130 @@
+import { existsSync } from "node:fs";
+import { readdir, readFile } from "node:fs/promises";
+import { join } from "node:path";
+import * as grpc from "@grpc/grpc-js";
+import { FarmError, type Logger } from "@latentfarm/shared";
+import { importCheckpoint, importCheckpointWithLoras, loraAddnetHash, resolveNamedFile, type ArchitectureHints } from "../model-graph/index.js";
+import type { ExecutionProvider } from "../runtime/protocol.js";
+import type { ModelCatalog, ModelEntry } from "./catalog.js";
+import { SdModel } from "./sd-model.js";
+
+/** A LoRA as a task asks for it: from a `<lora:name:te:unet>` tag or the request's loras field. */
+export interface LoraUse {
+  readonly name: string;
+  readonly teWeight: number;
+  readonly unetWeight: number;
+}
+
+/** What a pipeline is keyed by: the model and the exact set of merged LoRAs. */
+export interface PipelineKey {
+  readonly model: string;
+  readonly loras: readonly LoraUse[];
+}
+
+/** A stable cache key: LoRAs sorted by name, weight-0 LoRAs dropped (they equal the base). */
+export function pipelineKey(model: string, loras: readonly LoraUse[]): string {
+  const active = loras.filter((l) => l.teWeight !== 0 || l.unetWeight !== 0).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  return JSON.stringify({ model, loras: active } satisfies PipelineKey);
+}
+
+export function parsePipelineKey(key: string): PipelineKey {
+  return JSON.parse(key) as PipelineKey;
+}
+
+export interface LoadedModelInfo {
+  model: SdModel;
+  /** A1111's "Model hash" (AutoV2, 10 hex) for checkpoints; undefined for ONNX folders. */
+  modelHash: string | undefined;
+  /** A1111's "Lora hashes" entries ("name: hash"), in request order. */
+  loraHashes: string[];
+  warnings: string[];
+}
+
+export interface ModelLoaderOptions {
+  ep: ExecutionProvider;
+  intraOpNumThreads?: number;
+  logger: Logger;
+  /** Where checkpoints are built into ONNX folders (cached by sha256). */
+  cacheDir: string;
+  /** CLIP tokenizer for checkpoints, which carry none; defaults to the first ONNX model's tokenizer. */
+  tokenizerDir?: string;
+  lorasDir?: string;
+}
+
+async function defaultTokenizer(catalog: ModelCatalog): Promise<string | undefined> {
+  if (existsSync(join(catalog.root, "tokenizer", "vocab.json"))) return join(catalog.root, "tokenizer");
+  for (const e of await catalog.list()) {
+    if (e.format === "diffusers-onnx" && existsSync(join(e.path, "tokenizer", "vocab.json"))) return join(e.path, "tokenizer");
+  }
+  return undefined;
+}
+
+/**
+ * Architecture hints a checkpoint cannot carry (head counts of unusual models, v-prediction), from an
+ * optional `<stem>.json` next to it, the way A1111 reads a `<stem>.yaml`.
+ */
+async function hintsFor(entry: ModelEntry): Promise<ArchitectureHints> {
+  const side = entry.path.replace(/\.safetensors$/, ".json");
+  if (!existsSync(side)) return {};
+  try {
+    return JSON.parse(await readFile(side, "utf8")) as ArchitectureHints;
+  } catch (err) {
+    throw new FarmError(grpc.status.FAILED_PRECONDITION, `${side} is not valid JSON`, { field: "model", cause: err });
+  }
+}
+
+/** Loads a model (and merges LoRAs into it) as an ONNX Runtime pipeline. */
+export async function loadModel(catalog: ModelCatalog, key: PipelineKey, opts: ModelLoaderOptions, signal?: AbortSignal): Promise<LoadedModelInfo> {
+  const entry = await catalog.get(key.model);
+  const load = (path: string): Promise<SdModel> =>
+    SdModel.load(
+      { ...entry, path, format: "diffusers-onnx" },
+      { ep: opts.ep, logger: opts.logger, ...(opts.intraOpNumThreads ? { intraOpNumThreads: opts.intraOpNumThreads } : {}), ...(signal ? { signal } : {}) },
+    );
+  if (entry.format === "diffusers-onnx") {
+    if (key.loras.length > 0) {
+      throw new FarmError(
+        grpc.status.FAILED_PRECONDITION,
+        `LoRAs merge into .safetensors checkpoints; "${entry.name}" is an ONNX folder whose weights lost their checkpoint names`,
+        { field: "loras" },
+      );
+    }
+    return { model: await load(entry.path), modelHash: undefined, loraHashes: [], warnings: [] };
+  }
+  const tokenizerDir = opts.tokenizerDir ?? (await defaultTokenizer(catalog));
+  if (!tokenizerDir) {
+    throw new FarmError(grpc.status.FAILED_PRECONDITION, "checkpoint models need a CLIP tokenizer: give the agent --tokenizer DIR (vocab.json + merges.txt)", {
+      field: "model",
+    });
+  }
+  const importOpts = { cacheDir: opts.cacheDir, tokenizerDir, ...(await hintsFor(entry)) };
+  const warnings: string[] = [];
+  const loraHashes: string[] = [];
+  let dir: string;
+  let modelHash: string;
+  if (key.loras.length === 0) {
+    const imported = await importCheckpoint(entry.path, importOpts);
+    dir = imported.dir;
+    modelHash = imported.modelHash;
+  } else {
+    if (!opts.lorasDir) throw new FarmError(grpc.status.FAILED_PRECONDITION, "this agent has no LoRA folder (--loras DIR)", { field: "loras" });
+    const requests = [];
+    for (const l of key.loras) {
+      const path = await resolveNamedFile(opts.lorasDir, l.name, "lora");
+      requests.push({ path, unetWeight: l.unetWeight, textWeight: l.teWeight });
+      loraHashes.push(`${l.name}: ${await loraAddnetHash(path)}`);
+    }
+    const imported = await importCheckpointWithLoras(entry.path, requests, importOpts);
+    dir = imported.dir;
+    modelHash = imported.modelHash;
+    for (const w of imported.loraWarnings) for (const m of w.warnings) warnings.push(`${w.path}: ${m}`);
+  }
+  return { model: await load(dir), modelHash, loraHashes, warnings };
+}
+
+/** Files in the LoRA folder, for listings. */
+export async function listLoras(dir: string | undefined): Promise<string[]> {
+  if (!dir) return [];
+  const names = await readdir(dir).catch(() => [] as string[]);
+  return names.filter((n) => n.endsWith(".safetensors")).map((n) => n.slice(0, -".safetensors".length));
+}

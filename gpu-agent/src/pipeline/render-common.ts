@@ -1,0 +1,207 @@
+/**
+ * What txt2img, img2img and Hires.fix tasks share: request defaults, per-image RNG, conditioning,
+ * VAE encode/decode in A1111's pixel conventions, infotext with the img2img/face-restoration slots,
+ * and the final PNG.
+ */
+import * as grpc from "@grpc/grpc-js";
+import { create } from "@bufbuild/protobuf";
+import {
+  FarmError,
+  ImageSchema,
+  RngSource as WireRng,
+  type GenerationParams,
+  type Image,
+  type RunTaskRequest,
+} from "@latentfarm/shared";
+import { ImageRng, type PreparedSampling, type SamplingSettings } from "../sampling/index.js";
+import type { PreparedConditioning } from "../conditioning/index.js";
+import { ImageInputError } from "../imaging/index.js";
+import { checkAborted } from "./denoise.js";
+import type { LoadedPipeline } from "./loaded-pipeline.js";
+import { FARM_VERSION, formatInfotext, type InfotextFields, type InfotextValue } from "./infotext.js";
+import { encodePng, toRgb8 } from "./png.js";
+import { DEFAULT_RESOURCES, type RenderContext, type RenderResources } from "./txt2img.js";
+
+const RNG_NAMES: Record<WireRng, "GPU" | "CPU" | "NV"> = {
+  [WireRng.UNSPECIFIED]: "GPU",
+  [WireRng.GPU]: "GPU",
+  [WireRng.CPU]: "CPU",
+  [WireRng.NV]: "NV",
+};
+
+/** The request's fields with A1111's API defaults applied. */
+export interface TaskBasics {
+  p: GenerationParams;
+  steps: number;
+  width: number;
+  height: number;
+  cfgScale: number;
+  clipSkip: number;
+  seed: number;
+  subseed: number;
+  rng: "GPU" | "CPU" | "NV";
+  ensd: number;
+  channels: number;
+  settings: SamplingSettings;
+}
+
+export function taskBasics(pipe: LoadedPipeline, req: RunTaskRequest): TaskBasics {
+  const p = req.params;
+  if (!p) throw FarmError.invalid("params", "the task has no generation parameters");
+  const settings: SamplingSettings = {};
+  if (p.eta !== undefined) settings.eta = p.eta;
+  if (p.sChurn !== undefined) settings.sChurn = p.sChurn;
+  if (p.sTmin !== undefined) settings.sTmin = p.sTmin;
+  if (p.sTmax !== undefined) settings.sTmax = p.sTmax;
+  if (p.sNoise !== undefined) settings.sNoise = p.sNoise;
+  return {
+    p,
+    steps: p.steps ?? 50,
+    width: p.width ?? 512,
+    height: p.height ?? 512,
+    cfgScale: p.cfgScale ?? 7,
+    clipSkip: p.clipSkip ?? 1,
+    seed: Number(req.seed),
+    subseed: Number(req.subseed),
+    rng: RNG_NAMES[p.rng] ?? "GPU",
+    ensd: Number(p.etaNoiseSeedDelta),
+    channels: pipe.model.config.latentChannels,
+    settings,
+  };
+}
+
+export function resourcesOf(ctx: RenderContext): RenderResources {
+  return ctx.resources ?? DEFAULT_RESOURCES;
+}
+
+/** A1111's ImageRNG for one image at latent size h×w (a hires pass makes a new one at its own size). */
+export function imageRngFor(b: TaskBasics, h: number, w: number): ImageRng {
+  return new ImageRng({
+    shape: [b.channels, h, w],
+    seeds: [b.seed],
+    subseeds: [b.subseed],
+    subseedStrength: b.p.subseedStrength,
+    seedResizeFromH: b.p.seedResizeFromH,
+    seedResizeFromW: b.p.seedResizeFromW,
+    source: b.rng,
+    etaNoiseSeedDelta: b.ensd,
+  });
+}
+
+export async function conditioningFor(
+  pipe: LoadedPipeline, ctx: RenderContext, b: TaskBasics, prompt: string, negativePrompt: string, sampler: PreparedSampling,
+  fields: { prompt: string } = { prompt: "prompt" },
+): Promise<PreparedConditioning> {
+  const conditioner = await pipe.conditioner();
+  checkAborted(ctx.signal);
+  const cond = await conditioner.prepare({ prompt, negativePrompt, steps: sampler.promptScheduleSteps, clipSkip: b.clipSkip, signal: ctx.signal });
+  for (const u of cond.extraNetworks.unknown) ctx.onWarning(`unknown extra network tag ${u.raw} removed from the prompt`);
+  if (cond.extraNetworks.networks.length > 0) {
+    throw FarmError.unimplemented(fields.prompt, `LoRA tags (<lora:${cond.extraNetworks.networks[0]!.name}:…>) are not implemented by this farm yet`);
+  }
+  return cond;
+}
+
+/** Bad user images become INVALID_ARGUMENT naming the request field; anything else passes through. */
+export function asFarmError(err: unknown): unknown {
+  if (err instanceof ImageInputError) return new FarmError(grpc.status.INVALID_ARGUMENT, err.message, { cause: err });
+  return err;
+}
+
+/** VAE decode with A1111's truncation to 8-bit RGB (HWC). */
+export async function decodeToRgb(pipe: LoadedPipeline, latent: Float32Array, h: number, w: number, signal: AbortSignal): Promise<Uint8Array> {
+  const scaled = new Float32Array(latent.length);
+  for (let i = 0; i < latent.length; i++) scaled[i] = latent[i]! / pipe.model.config.scalingFactor;
+  const image = await pipe.model.vaeDecode(scaled, h, w, signal);
+  return toRgb8(image, w * 8, h * 8);
+}
+
+/** 8-bit RGB (HWC) → NCHW in [-1, 1] as A1111 feeds the VAE encoder: 2·(v/255) − 1 in float32. */
+export function rgbToVaeInput(rgb: Uint8Array, width: number, height: number): Float32Array {
+  const plane = width * height;
+  if (rgb.length !== plane * 3) throw new RangeError(`expected ${plane * 3} bytes, got ${rgb.length}`);
+  const out = new Float32Array(3 * plane);
+  for (let i = 0; i < plane; i++) {
+    for (let c = 0; c < 3; c++) out[c * plane + i] = Math.fround(2 * Math.fround(rgb[i * 3 + c]! / 255)) - 1;
+  }
+  return out;
+}
+
+/** Posterior mean × scaling factor (the latent samplers work on), with its latent size. */
+export async function encodeRgb(
+  pipe: LoadedPipeline, rgb: Uint8Array, width: number, height: number, signal: AbortSignal,
+): Promise<{ latent: Float32Array; h: number; w: number }> {
+  const { latent, h, w } = await pipe.model.vaeEncode(rgbToVaeInput(rgb, width, height), height, width, signal);
+  const k = pipe.model.config.scalingFactor;
+  const out = new Float32Array(latent.length);
+  for (let i = 0; i < latent.length; i++) out[i] = Math.fround(latent[i]! * k);
+  return { latent: out, h, w };
+}
+
+export interface A1111InfotextFields extends InfotextFields {
+  /** "Face restoration" slot (after Seed). */
+  faceRestoration?: string | undefined;
+  /** "Denoising strength" slot (after Seed resize from). */
+  denoisingStrength?: number | undefined;
+}
+
+/** A1111's create_infotext key order, including the img2img and face-restoration slots. */
+export function a1111Infotext(f: A1111InfotextFields): string {
+  const variation = f.subseedStrength !== undefined && f.subseedStrength !== 0;
+  const extra = (f.extra ?? []).filter(([k]) => k !== "Denoising strength");
+  const params: Array<[string, InfotextValue]> = [
+    ["Steps", f.steps],
+    ["Sampler", f.sampler],
+    ["Schedule type", f.scheduleType],
+    ["CFG scale", f.cfgScale],
+    ["Seed", f.seed],
+    ["Face restoration", f.faceRestoration],
+    ["Size", `${f.width}x${f.height}`],
+    ["Model hash", f.modelHash],
+    ["Model", f.model],
+    ["Variation seed", variation ? f.subseed : undefined],
+    ["Variation seed strength", variation ? f.subseedStrength : undefined],
+    ["Seed resize from", f.seedResizeFrom && f.seedResizeFrom.w > 0 && f.seedResizeFrom.h > 0 ? `${f.seedResizeFrom.w}x${f.seedResizeFrom.h}` : undefined],
+    ["Denoising strength", f.denoisingStrength],
+    ["Clip skip", f.clipSkip !== undefined && f.clipSkip > 1 ? f.clipSkip : undefined],
+    ["ENSD", f.ensd ? f.ensd : undefined],
+    ["RNG", f.rng && f.rng !== "GPU" ? f.rng : undefined],
+    ...extra,
+    ["Version", FARM_VERSION],
+  ];
+  return formatInfotext(f.prompt, f.negativePrompt, params);
+}
+
+/** The infotext fields every pass shares, from the request and the (first-pass) sampler. */
+export function baseInfotext(pipe: LoadedPipeline, b: TaskBasics, sampler: PreparedSampling, size: { width: number; height: number }): A1111InfotextFields {
+  return {
+    prompt: b.p.prompt,
+    negativePrompt: b.p.negativePrompt,
+    steps: b.steps,
+    sampler: sampler.choice.sampler.name,
+    scheduleType: String(sampler.infotext["Schedule type"] ?? "Automatic"),
+    cfgScale: b.cfgScale,
+    seed: b.seed,
+    width: size.width,
+    height: size.height,
+    model: pipe.name,
+    subseed: b.subseed,
+    subseedStrength: b.p.subseedStrength,
+    seedResizeFrom: { w: b.p.seedResizeFromW, h: b.p.seedResizeFromH },
+    clipSkip: b.clipSkip,
+    ensd: sampler.choice.sampler.usesEnsd && b.ensd !== 0 ? b.ensd : undefined,
+    rng: b.rng,
+    extra: samplerExtras(sampler),
+  };
+}
+
+export function samplerExtras(sampler: PreparedSampling): Array<[string, InfotextValue]> {
+  return Object.entries(sampler.infotext).filter(([k]) => k !== "Schedule type");
+}
+
+/** PNG with the infotext, as the task's Image. */
+export async function finishImage(req: RunTaskRequest, ctx: RenderContext, rgb: Uint8Array, width: number, height: number, infotext: string): Promise<Image> {
+  const png = await encodePng(rgb, width, height, infotext);
+  if (png.length === 0) throw new FarmError(grpc.status.INTERNAL, "PNG encoding produced no bytes");
+  return create(ImageSchema, { index: req.imageIndex, seed: req.seed, subseed: req.subseed, png, infotext, width, height, agentId: ctx.agentId });
+}
