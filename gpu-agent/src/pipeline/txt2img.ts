@@ -13,6 +13,8 @@ import { checkAborted, decodeLatent, denoise } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { buildInfotext } from "./infotext.js";
 import { encodePng, toRgb8 } from "./png.js";
+import { renderImg2img } from "./img2img.js";
+import { renderTxt2imgExtended } from "./hires.js";
 
 /** Folders and limits a task may use beyond its model, from the agent's configuration. */
 export interface RenderResources {
@@ -48,6 +50,8 @@ const RNG_NAMES: Record<WireRng, "GPU" | "CPU" | "NV"> = {
  */
 export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): Promise<Image> {
   const p = req.params!;
+  if (p.initImages.length > 0) return renderImg2img(pipe, req, ctx);
+  if (p.enableHr || p.restoreFaces) return renderTxt2imgExtended(pipe, req, ctx);
   const steps = p.steps ?? 50;
   const width = p.width ?? 512;
   const height = p.height ?? 512;

@@ -1,0 +1,106 @@
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { existsSync, mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { create } from "@bufbuild/protobuf";
+import { RngSource, RunTaskRequestSchema, silentLogger } from "@latentfarm/shared";
+import { SdModel } from "../models/sd-model.js";
+import { tToSigma } from "../sampling/index.js";
+import { writeTinyCodeFormer, writeTinyFaceDetector, writeTinySrvggNet } from "../imaging/tiny-models.js";
+import { FFHQ_TEMPLATE_512 } from "../imaging/index.js";
+import { LoadedPipeline } from "./loaded-pipeline.js";
+import { renderTask, type RenderContext } from "./txt2img.js";
+
+const FIXTURES = fileURLToPath(new URL("../../../../shared/fixtures/", import.meta.url));
+const skip = !existsSync(join(FIXTURES, "tiny-sd15")) && "team kit fixtures (../shared/fixtures) absent";
+
+describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, () => {
+  let pipe: LoadedPipeline;
+  let calls: Array<{ t: number; h: number; w: number }> = [];
+  const upscalersDir = mkdtempSync(join(tmpdir(), "hires-up-"));
+  before(async () => {
+    const model = await SdModel.load({ name: "tiny-sd15", format: "diffusers-onnx", path: join(FIXTURES, "tiny-sd15") }, { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 });
+    pipe = new LoadedPipeline(model, { maxBatchRows: 16 });
+    const evaluate = pipe.batcher.evaluate.bind(pipe.batcher);
+    pipe.batcher.evaluate = (req, signal) => {
+      calls.push({ t: req.t, h: req.h, w: req.w });
+      return evaluate(req, signal);
+    };
+    await writeTinySrvggNet(join(upscalersDir, "realesr-general-x4v3.onnx"));
+    // One face filling the 64×64 render (detector scale 10): template × 0.1 → image, × 10 → detector.
+    await writeTinyFaceDetector(join(upscalersDir, "yoloface_8n.onnx"), [
+      { box: [320, 320, 500, 500], score: 0.9, landmarks: FFHQ_TEMPLATE_512.map(([x, y]) => [x, y] as const) },
+    ]);
+    await writeTinyCodeFormer(join(upscalersDir, "codeformer.onnx"));
+  });
+  after(async () => pipe?.close());
+
+  const ctx: RenderContext = {
+    signal: new AbortController().signal, agentId: "t", onStep: () => {}, onWarning: () => {},
+    resources: { upscalersDir, maxInputPixels: 1 << 24, maxInputBytes: 1 << 24 },
+  };
+  const request = (params: Record<string, unknown>) =>
+    create(RunTaskRequestSchema, {
+      taskId: "h", jobId: "h", seed: 7n, subseed: 0n,
+      params: { prompt: "a castle", samplerName: "DPM++ 2M", scheduler: "Karras", steps: 20, cfgScale: 7, width: 64, height: 64, rng: RngSource.NV, model: "tiny-sd15", enableHr: true, hrScale: 1.5, denoisingStrength: 0.7, ...params },
+    });
+
+  test("steps 20, denoise 0.7: the second pass runs exactly 20 steps from sigmas₂₈[8] = 3.82133 (Karras)", async () => {
+    calls = [];
+    const img = await renderTask(pipe, request({}), ctx);
+    assert.equal(calls.length, 40, "20 first-pass + 20 second-pass calls (DPM++ 2M: one per step)");
+    assert.ok(calls.slice(0, 20).every((c) => c.h === 8 && c.w === 8));
+    assert.ok(calls.slice(20).every((c) => c.h === 12 && c.w === 12), "second pass at 96×96 px");
+    const sigma = tToSigma(calls[20]!.t);
+    assert.ok(Math.abs(sigma - 3.82133) < 1e-3, `second pass starts at σ ${sigma}`);
+    assert.equal(img.width, 96);
+    assert.equal(img.height, 96);
+    assert.match(img.infotext, /Size: 64x64, Model: tiny-sd15, Denoising strength: 0\.7, .*Hires upscale: 1\.5, /);
+    assert.doesNotMatch(img.infotext, /Hires upscaler/, "None (= Latent) is not written");
+  });
+
+  test("hr_second_pass_steps, hr sampler and the latent modes; output sizes follow hr_resize", async () => {
+    calls = [];
+    const img = await renderTask(pipe, request({ steps: 4, hrSecondPassSteps: 3, hrSamplerName: "Euler", hrUpscaler: "Latent (bicubic antialiased)", hrResizeX: 80, hrResizeY: 72 }), ctx);
+    assert.equal(calls.length, 7);
+    // Cover 80×72 keeping 1:1 → 80×80 → latent 10×10, cropped by (80−72)//8 = 1 row.
+    assert.deepEqual([img.width, img.height], [80, 72]);
+    assert.match(img.infotext, /Hires sampler: Euler/);
+    assert.match(img.infotext, /Hires resize: 80x72, Hires steps: 3, Hires upscaler: Latent \(bicubic antialiased\)/);
+    for (const hrUpscaler of ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (nearest)", "Latent (nearest-exact)"]) {
+      const out = await renderTask(pipe, request({ steps: 2, hrSecondPassSteps: 1, hrUpscaler }), ctx);
+      assert.deepEqual([out.width, out.height], [96, 96], hrUpscaler);
+    }
+  });
+
+  test("pixel upscalers: Lanczos and an ESRGAN-family model from the folder; a missing one is FAILED_PRECONDITION", async () => {
+    for (const hrUpscaler of ["Lanczos", "R-ESRGAN General 4xV3"]) {
+      const out = await renderTask(pipe, request({ steps: 2, hrSecondPassSteps: 1, hrUpscaler }), ctx);
+      assert.deepEqual([out.width, out.height], [96, 96]);
+      assert.match(out.infotext, new RegExp(`Hires upscaler: ${hrUpscaler}`));
+    }
+    await assert.rejects(renderTask(pipe, request({ steps: 2, hrUpscaler: "R-ESRGAN 4x+" }), ctx), (e: Error & { codeName?: string }) => {
+      assert.equal(e.codeName, "FAILED_PRECONDITION");
+      assert.match(e.message, /hr_upscaler.*RealESRGAN_x4plus\.onnx/);
+      return true;
+    });
+  });
+
+  test("restore_faces runs CodeFormer after generation and writes Face restoration; missing models fail", async () => {
+    const faces = { ...ctx, resources: { ...ctx.resources!, faceModelsDir: upscalersDir } };
+    const plain = await renderTask(pipe, request({ enableHr: false, steps: 3 }), ctx);
+    const restored = await renderTask(pipe, request({ enableHr: false, steps: 3, restoreFaces: true, codeFormerWeight: 0 }), faces);
+    assert.notDeepEqual(restored.png, plain.png);
+    assert.match(restored.infotext, /Seed: 7, Face restoration: CodeFormer, Size: 64x64/);
+    await assert.rejects(renderTask(pipe, request({ enableHr: false, steps: 3, restoreFaces: true }), ctx), (e: Error & { codeName?: string }) =>
+      e.codeName === "FAILED_PRECONDITION" && /restore_faces/.test(e.message));
+  });
+
+  test("the same seed gives the same hires image", async () => {
+    const a = await renderTask(pipe, request({ steps: 3 }), ctx);
+    const b = await renderTask(pipe, request({ steps: 3 }), ctx);
+    assert.deepEqual(a.png, b.png);
+  });
+});

@@ -1,0 +1,115 @@
+/**
+ * Pixel-space upscalers for Hires.fix and img2img: Lanczos and Nearest through sharp, and ESRGAN-family
+ * ONNX models (RRDBNet, SRVGGNetCompact) from the agent's upscaler folder, tiled as A1111 tiles them.
+ */
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import * as grpc from "@grpc/grpc-js";
+import sharp from "sharp";
+import { FarmError } from "@latentfarm/shared";
+import {
+  bgrTensorToTile,
+  planPixelUpscale,
+  tileToBgrTensor,
+  upscaleWithModel,
+  type Image8,
+  type Size,
+} from "../imaging/index.js";
+import type { SdModel } from "../models/sd-model.js";
+import type { WireTensor } from "../runtime/protocol.js";
+import { floatsToHalf, halfToFloats } from "../runtime/float16.js";
+import type { RenderResources } from "./txt2img.js";
+import { checkAborted } from "./denoise.js";
+
+/** A1111 upscaler names → the file stems their models are usually published under. */
+const KNOWN_FILES: Readonly<Record<string, readonly string[]>> = {
+  "R-ESRGAN 4x+": ["RealESRGAN_x4plus"],
+  "R-ESRGAN 4x+ Anime6B": ["RealESRGAN_x4plus_anime_6B"],
+  "R-ESRGAN 2x+": ["RealESRGAN_x2plus"],
+  "R-ESRGAN General 4xV3": ["realesr-general-x4v3"],
+  "R-ESRGAN General WDN 4xV3": ["realesr-general-wdn-x4v3"],
+  "R-ESRGAN AnimeVideo": ["realesr-animevideov3"],
+  ESRGAN_4x: ["ESRGAN_x4", "ESRGAN_4x"],
+};
+
+/** What the upscaler and face paths need from a model host: SdModel's auxiliary sessions. */
+export type AuxiliaryRunner = Pick<SdModel, "loadAuxiliary" | "runAuxiliary">;
+
+export type PixelUpscaler =
+  | { kind: "resize"; name: "Lanczos" | "Nearest" | "None" }
+  | { kind: "model"; name: string; path: string; scale: number; run: (tile: Image8, signal: AbortSignal) => Promise<Image8> };
+
+/** The files an upscaler name may be stored as, in the order they are tried. */
+export function upscalerFileCandidates(name: string): string[] {
+  const stems = [name, ...(KNOWN_FILES[name] ?? [])];
+  return [...new Set(stems)].map((s) => `${s}.onnx`);
+}
+
+/**
+ * Resolves an upscaler name. Model upscalers must exist in `resources.upscalersDir`; otherwise the
+ * task fails with FAILED_PRECONDITION naming the files looked for, since no retry elsewhere with the
+ * same configuration would help.
+ */
+export async function resolveUpscaler(
+  model: AuxiliaryRunner, name: string, resources: RenderResources, field: string, signal: AbortSignal,
+): Promise<PixelUpscaler> {
+  if (name === "Lanczos" || name === "Nearest" || name === "None") return { kind: "resize", name };
+  const files = upscalerFileCandidates(name);
+  if (!resources.upscalersDir) {
+    throw new FarmError(grpc.status.FAILED_PRECONDITION, `upscaler "${name}" needs ${files.join(" or ")}, but this agent has no upscaler folder (--upscalers)`, { field });
+  }
+  const found = files.map((f) => join(resources.upscalersDir!, f)).find((p) => existsSync(p));
+  if (found === undefined) {
+    throw new FarmError(grpc.status.FAILED_PRECONDITION, `upscaler "${name}": ${files.map((f) => join(resources.upscalersDir!, f)).join(" or ")} not found`, { field });
+  }
+  const info = await model.loadAuxiliary(found, signal);
+  const input = info.inputs[0];
+  const output = info.outputs[0];
+  if (!input || !output) throw new FarmError(grpc.status.FAILED_PRECONDITION, `upscaler ${found} has no input or output`, { field });
+  const half = input.type === "float16";
+  const run = async (tile: Image8, sig: AbortSignal): Promise<Image8> => {
+    const x = tileToBgrTensor(tile);
+    const feed: WireTensor = half
+      ? { type: "float16", dims: [1, 3, tile.height, tile.width], data: floatsToHalf(x) }
+      : { type: "float32", dims: [1, 3, tile.height, tile.width], data: x };
+    const out = (await model.runAuxiliary(found, { [input.name]: feed }, [output.name], sig))[output.name]!;
+    const data = out.type === "float16" ? halfToFloats(out.data as Uint16Array) : (out.data as Float32Array);
+    const oh = Number(out.dims[2]);
+    const ow = Number(out.dims[3]);
+    return bgrTensorToTile(data, ow, oh);
+  };
+  // The scale is a property of the network, not of its metadata (often symbolic): measure it once.
+  const probe = await run({ width: 16, height: 16, channels: 3, data: new Uint8Array(16 * 16 * 3) }, signal);
+  const scale = probe.width / 16;
+  if (!Number.isInteger(scale) || scale < 1 || probe.height !== 16 * scale) {
+    throw new FarmError(grpc.status.FAILED_PRECONDITION, `upscaler ${found} maps 16x16 to ${probe.width}x${probe.height}, not an integer scale`, { field });
+  }
+  return { kind: "model", name, path: found, scale, run };
+}
+
+async function sharpResize(img: Image8, to: Size, kernel: "lanczos3" | "nearest"): Promise<Image8> {
+  const { data, info } = await sharp(img.data, { raw: { width: img.width, height: img.height, channels: img.channels as 3 } })
+    .resize(to.width, to.height, { fit: "fill", kernel })
+    .raw()
+    .toBuffer({ resolveWithObject: true });
+  return { width: info.width, height: info.height, channels: info.channels, data: new Uint8Array(data.buffer, data.byteOffset, data.length) };
+}
+
+/** A1111 `images.resize_image(0, img, W, H, upscaler)`: the upscaler's passes, then Lanczos to the exact size. */
+export async function upscaleImage(img: Image8, target: Size, upscaler: PixelUpscaler, signal: AbortSignal): Promise<Image8> {
+  const steps = planPixelUpscale({ width: img.width, height: img.height }, target, {
+    name: upscaler.name,
+    ...(upscaler.kind === "model" && { modelScale: upscaler.scale }),
+  });
+  let cur = img;
+  for (const step of steps) {
+    checkAborted(signal);
+    if (step.op === "resize") {
+      cur = await sharpResize(cur, step.to, step.kernel);
+    } else {
+      if (upscaler.kind !== "model") throw new RangeError(`${upscaler.name} has no model`);
+      cur = await upscaleWithModel(cur, (tile) => upscaler.run(tile, signal));
+    }
+  }
+  return cur;
+}
