@@ -110,17 +110,35 @@ export function validateJob(
   if (p.model === "") throw FarmError.invalid("model", "no model named and the farm has no default model");
   if (/[/\\\0]/.test(p.model) || p.model.startsWith(".")) throw FarmError.invalid("model", `"${p.model}" is not a model name`);
 
-  // Fields of later features: refused, never silently ignored.
-  const later: Array<[string, boolean]> = [
-    ["enable_hr", p.enableHr],
-    ["init_images", p.initImages.length > 0],
-    ["mask", p.mask.length > 0],
-    ["restore_faces", p.restoreFaces],
-    ["loras", p.loras.length > 0],
-    ["subseed_strength", p.subseedStrength !== 0],
-    ["seed_resize_from_w", p.seedResizeFromW > 0 || p.seedResizeFromH > 0],
-  ];
-  for (const [field, set] of later) if (set) throw FarmError.unimplemented(field, "is not implemented by this farm yet");
+  // Fields of features not built yet: refused, never silently ignored.
+  if (p.mask.length > 0) throw FarmError.unimplemented("mask", "inpainting is not implemented by this farm yet");
+  if (p.enableHr && p.initImages.length > 0) throw FarmError.invalid("enable_hr", "hires fix applies to txt2img; it cannot be combined with init_images");
+  for (const [i, l] of p.loras.entries()) {
+    if (!l.name || /[/\\\0]/.test(l.name) || l.name.includes("..")) throw FarmError.invalid(`loras[${i}].name`, `"${l.name}" is not a LoRA name`);
+    if (!Number.isFinite(l.teWeight) || !Number.isFinite(l.unetWeight)) throw FarmError.invalid(`loras[${i}]`, "weights must be finite");
+  }
+  if (p.enableHr) {
+    finite("hr_scale", p.hrScale);
+    if (p.hrScale !== undefined && (p.hrScale < 1 || p.hrScale > 8)) throw FarmError.invalid("hr_scale", `must be in [1, 8], got ${p.hrScale}`);
+    for (const [f, v] of [["hr_resize_x", p.hrResizeX], ["hr_resize_y", p.hrResizeY]] as const) {
+      if (v < 0 || v > L.maxSide) throw FarmError.invalid(f, `must be in [0, ${L.maxSide}], got ${v}`);
+    }
+    if (p.hrSecondPassSteps < 0 || p.hrSecondPassSteps > L.maxSteps) throw FarmError.invalid("hr_second_pass_steps", `must be in [0, ${L.maxSteps}]`);
+    if (p.hrSamplerName !== "" || p.hrScheduler !== "") {
+      try {
+        resolveSampler(p.hrSamplerName === "" ? p.samplerName : p.hrSamplerName, p.hrScheduler, { sampler: "hr_sampler_name", scheduler: "hr_scheduler" });
+      } catch (err) {
+        if (err instanceof UnknownNameError) throw FarmError.invalid(err.field, err.message.slice(err.field.length + 2));
+        throw err;
+      }
+    }
+  }
+  if (p.denoisingStrength !== undefined && (!Number.isFinite(p.denoisingStrength) || p.denoisingStrength < 0 || p.denoisingStrength > 1)) {
+    throw FarmError.invalid("denoising_strength", `must be in [0, 1], got ${p.denoisingStrength}`);
+  }
+  if (p.codeFormerWeight !== undefined && (!Number.isFinite(p.codeFormerWeight) || p.codeFormerWeight < 0 || p.codeFormerWeight > 1)) {
+    throw FarmError.invalid("code_former_weight", `must be in [0, 1], got ${p.codeFormerWeight}`);
+  }
   finite("denoising_strength", p.denoisingStrength);
   finite("hr_scale", p.hrScale);
   finite("code_former_weight", p.codeFormerWeight);

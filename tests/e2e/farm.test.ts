@@ -121,14 +121,41 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     await expectStatus(s({ cfgScale: Number.NaN }), grpc.status.INVALID_ARGUMENT, "cfg_scale");
     await expectStatus(s({ model: "no-such-model" }), grpc.status.NOT_FOUND, "model");
     await expectStatus(s({ model: "../etc" }), grpc.status.INVALID_ARGUMENT, "model");
-    await expectStatus(s({ enableHr: true }), grpc.status.UNIMPLEMENTED, "enable_hr");
-    await expectStatus(s({ restoreFaces: true }), grpc.status.UNIMPLEMENTED, "restore_faces");
-    await expectStatus(s({ initImages: [new Uint8Array(10)] }), grpc.status.UNIMPLEMENTED, "init_images");
+    await expectStatus(s({ mask: new Uint8Array(10) }), grpc.status.UNIMPLEMENTED, "mask");
+    await expectStatus(s({ enableHr: true, hrScale: 0.5 }), grpc.status.INVALID_ARGUMENT, "hr_scale");
+    await expectStatus(s({ enableHr: true, hrSamplerName: "nope" }), grpc.status.INVALID_ARGUMENT, "hr_sampler_name");
+    await expectStatus(s({ denoisingStrength: 1.5 }), grpc.status.INVALID_ARGUMENT, "denoising_strength");
+    await expectStatus(s({ loras: [{ name: "../x", teWeight: 1, unetWeight: 1 }] }), grpc.status.INVALID_ARGUMENT, "loras");
+    // Undecodable init images are found by the agent: the job fails with the agent's status, not a crash.
+    const { jobId: bad } = await farm.client.submit({ params: { ...base, initImages: [new Uint8Array(10)] } });
+    const badEvents = await collect(farm, bad);
+    const failed = badEvents.at(-1)?.event;
+    assert.equal(failed?.case, "failed");
+    assert.equal((failed?.value as { code: string }).code, "INVALID_ARGUMENT");
+    assert.match((failed?.value as { message: string }).message, /init_images/);
     await expectStatus(s({ prompt: "x".repeat(70 * 1024 * 1024) }), grpc.status.RESOURCE_EXHAUSTED);
     await expectStatus(farm.client.get({ jobId: "nope" }), grpc.status.NOT_FOUND, "job_id");
     await expectStatus(farm.client.cancel({ jobId: "nope" }), grpc.status.NOT_FOUND, "job_id");
     // Still serving.
     await farm.runJob();
+  });
+
+  test("a hires-fix job renders every image at the upscaled size with A1111's hires infotext", async () => {
+    const { jobId } = await farm.client.submit({
+      params: {
+        prompt: "a castle", model: "tiny-sd15", width: 64, height: 64, steps: 4, samplerName: "Euler", seed: 9n, batchSize: 2,
+        enableHr: true, hrScale: 1.5, hrUpscaler: "Latent", denoisingStrength: 0.6,
+      },
+    });
+    const events = await collect(farm, jobId);
+    assert.equal(events.at(-1)?.event.case, "done", JSON.stringify(events.at(-1)?.event.value));
+    const images = events.filter((e) => e.event.case === "image").map((e) => (e.event.value as { image: { png: Uint8Array; infotext: string } }).image);
+    assert.equal(images.length, 2);
+    for (const img of images) {
+      const meta = await sharp(img.png).metadata();
+      assert.deepEqual([meta.width, meta.height], [96, 96]);
+      assert.match(img.infotext, /Size: 64x64, .*Denoising strength: 0\.6, .*Hires upscale: 1\.5/);
+    }
   });
 
   test("Cancel ends the job cancelled within one step and frees the agent", async () => {

@@ -10,9 +10,10 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file latentfarm/v1/generation.proto.
  */
 export const file_latentfarm_v1_generation: GenFile = /*@__PURE__*/
-  fileDesc("Ch5sYXRlbnRmYXJtL3YxL2dlbmVyYXRpb24ucHJvdG8SDWxhdGVudGZhcm0udjEixwsKEEdlbmVyYXRpb25QYXJhbXMSDgoGcHJvbXB0GAEgASgJEhcKD25lZ2F0aXZlX3Byb21wdBgCIAEoCRIRCgRzZWVkGAMgASgDSACIAQESFAoHc3Vic2VlZBgEIAEoA0gBiAEBEhgKEHN1YnNlZWRfc3RyZW5ndGgYBSABKAISGgoSc2VlZF9yZXNpemVfZnJvbV93GAYgASgFEhoKEnNlZWRfcmVzaXplX2Zyb21faBgHIAEoBRIUCgxzYW1wbGVyX25hbWUYCCABKAkSEQoJc2NoZWR1bGVyGAkgASgJEhIKBXN0ZXBzGAogASgFSAKIAQESFgoJY2ZnX3NjYWxlGAsgASgCSAOIAQESEgoFd2lkdGgYDCABKAVIBIgBARITCgZoZWlnaHQYDSABKAVIBYgBARIXCgpiYXRjaF9zaXplGA4gASgFSAaIAQESEwoGbl9pdGVyGA8gASgFSAeIAQESFgoJY2xpcF9za2lwGBAgASgFSAiIAQESDQoFbW9kZWwYESABKAkSJQoDcm5nGBIgASgOMhgubGF0ZW50ZmFybS52MS5SbmdTb3VyY2USHAoUZXRhX25vaXNlX3NlZWRfZGVsdGEYEyABKAMSEAoDZXRhGBQgASgCSAmIAQESFAoHc19jaHVybhgVIAEoAkgKiAEBEhMKBnNfdG1pbhgWIAEoAkgLiAEBEhMKBnNfdG1heBgXIAEoAkgMiAEBEhQKB3Nfbm9pc2UYGCABKAJIDYgBARIRCgllbmFibGVfaHIYHiABKAgSFQoIaHJfc2NhbGUYHyABKAJIDogBARITCgtocl91cHNjYWxlchggIAEoCRIcChRocl9zZWNvbmRfcGFzc19zdGVwcxghIAEoBRITCgtocl9yZXNpemVfeBgiIAEoBRITCgtocl9yZXNpemVfeRgjIAEoBRIXCg9ocl9zYW1wbGVyX25hbWUYJCABKAkSFAoMaHJfc2NoZWR1bGVyGCUgASgJEhEKCWhyX3Byb21wdBgmIAEoCRIaChJocl9uZWdhdGl2ZV9wcm9tcHQYJyABKAkSHwoSZGVub2lzaW5nX3N0cmVuZ3RoGCggASgCSA+IAQESEwoLaW5pdF9pbWFnZXMYMiADKAwSLgoLcmVzaXplX21vZGUYMyABKA4yGS5sYXRlbnRmYXJtLnYxLlJlc2l6ZU1vZGUSDAoEbWFzaxg0IAEoDBIWCgltYXNrX2JsdXIYNSABKAVIEIgBARI2Cg9pbnBhaW50aW5nX2ZpbGwYNiABKA4yHS5sYXRlbnRmYXJtLnYxLklucGFpbnRpbmdGaWxsEhgKEGlucGFpbnRfZnVsbF9yZXMYNyABKAgSIAoYaW5wYWludF9mdWxsX3Jlc19wYWRkaW5nGDggASgFEh4KFmlucGFpbnRpbmdfbWFza19pbnZlcnQYOSABKAgSJQoYaW5pdGlhbF9ub2lzZV9tdWx0aXBsaWVyGDogASgCSBGIAQESFQoNcmVzdG9yZV9mYWNlcxg8IAEoCBIfChJjb2RlX2Zvcm1lcl93ZWlnaHQYPSABKAJIEogBARIlCgVsb3JhcxhGIAMoCzIWLmxhdGVudGZhcm0udjEuTG9yYVJlZkIHCgVfc2VlZEIKCghfc3Vic2VlZEIICgZfc3RlcHNCDAoKX2NmZ19zY2FsZUIICgZfd2lkdGhCCQoHX2hlaWdodEINCgtfYmF0Y2hfc2l6ZUIJCgdfbl9pdGVyQgwKCl9jbGlwX3NraXBCBgoEX2V0YUIKCghfc19jaHVybkIJCgdfc190bWluQgkKB19zX3RtYXhCCgoIX3Nfbm9pc2VCCwoJX2hyX3NjYWxlQhUKE19kZW5vaXNpbmdfc3RyZW5ndGhCDAoKX21hc2tfYmx1ckIbChlfaW5pdGlhbF9ub2lzZV9tdWx0aXBsaWVyQhUKE19jb2RlX2Zvcm1lcl93ZWlnaHQiPwoHTG9yYVJlZhIMCgRuYW1lGAEgASgJEhEKCXRlX3dlaWdodBgCIAEoAhITCgt1bmV0X3dlaWdodBgDIAEoAiKFAQoFSW1hZ2USDQoFaW5kZXgYASABKAUSDAoEc2VlZBgCIAEoAxIPCgdzdWJzZWVkGAMgASgDEgsKA3BuZxgEIAEoDBIQCghpbmZvdGV4dBgFIAEoCRINCgV3aWR0aBgGIAEoBRIOCgZoZWlnaHQYByABKAUSEAoIYWdlbnRfaWQYCCABKAkqYgoJUm5nU291cmNlEhoKFlJOR19TT1VSQ0VfVU5TUEVDSUZJRUQQABISCg5STkdfU09VUkNFX0dQVRABEhIKDlJOR19TT1VSQ0VfQ1BVEAISEQoNUk5HX1NPVVJDRV9OVhADKosBCgpSZXNpemVNb2RlEhsKF1JFU0laRV9NT0RFX0pVU1RfUkVTSVpFEAASHwobUkVTSVpFX01PREVfQ1JPUF9BTkRfUkVTSVpFEAESHwobUkVTSVpFX01PREVfUkVTSVpFX0FORF9GSUxMEAISHgoaUkVTSVpFX01PREVfTEFURU5UX1VQU0NBTEUQAyqOAQoOSW5wYWludGluZ0ZpbGwSGAoUSU5QQUlOVElOR19GSUxMX0ZJTEwQABIcChhJTlBBSU5USU5HX0ZJTExfT1JJR0lOQUwQARIgChxJTlBBSU5USU5HX0ZJTExfTEFURU5UX05PSVNFEAISIgoeSU5QQUlOVElOR19GSUxMX0xBVEVOVF9OT1RISU5HEANiBnByb3RvMw");
+  fileDesc("Ch5sYXRlbnRmYXJtL3YxL2dlbmVyYXRpb24ucHJvdG8SDWxhdGVudGZhcm0udjEixwsKEEdlbmVyYXRpb25QYXJhbXMSDgoGcHJvbXB0GAEgASgJEhcKD25lZ2F0aXZlX3Byb21wdBgCIAEoCRIRCgRzZWVkGAMgASgDSACIAQESFAoHc3Vic2VlZBgEIAEoA0gBiAEBEhgKEHN1YnNlZWRfc3RyZW5ndGgYBSABKAESGgoSc2VlZF9yZXNpemVfZnJvbV93GAYgASgFEhoKEnNlZWRfcmVzaXplX2Zyb21faBgHIAEoBRIUCgxzYW1wbGVyX25hbWUYCCABKAkSEQoJc2NoZWR1bGVyGAkgASgJEhIKBXN0ZXBzGAogASgFSAKIAQESFgoJY2ZnX3NjYWxlGAsgASgBSAOIAQESEgoFd2lkdGgYDCABKAVIBIgBARITCgZoZWlnaHQYDSABKAVIBYgBARIXCgpiYXRjaF9zaXplGA4gASgFSAaIAQESEwoGbl9pdGVyGA8gASgFSAeIAQESFgoJY2xpcF9za2lwGBAgASgFSAiIAQESDQoFbW9kZWwYESABKAkSJQoDcm5nGBIgASgOMhgubGF0ZW50ZmFybS52MS5SbmdTb3VyY2USHAoUZXRhX25vaXNlX3NlZWRfZGVsdGEYEyABKAMSEAoDZXRhGBQgASgBSAmIAQESFAoHc19jaHVybhgVIAEoAUgKiAEBEhMKBnNfdG1pbhgWIAEoAUgLiAEBEhMKBnNfdG1heBgXIAEoAUgMiAEBEhQKB3Nfbm9pc2UYGCABKAFIDYgBARIRCgllbmFibGVfaHIYHiABKAgSFQoIaHJfc2NhbGUYHyABKAFIDogBARITCgtocl91cHNjYWxlchggIAEoCRIcChRocl9zZWNvbmRfcGFzc19zdGVwcxghIAEoBRITCgtocl9yZXNpemVfeBgiIAEoBRITCgtocl9yZXNpemVfeRgjIAEoBRIXCg9ocl9zYW1wbGVyX25hbWUYJCABKAkSFAoMaHJfc2NoZWR1bGVyGCUgASgJEhEKCWhyX3Byb21wdBgmIAEoCRIaChJocl9uZWdhdGl2ZV9wcm9tcHQYJyABKAkSHwoSZGVub2lzaW5nX3N0cmVuZ3RoGCggASgBSA+IAQESEwoLaW5pdF9pbWFnZXMYMiADKAwSLgoLcmVzaXplX21vZGUYMyABKA4yGS5sYXRlbnRmYXJtLnYxLlJlc2l6ZU1vZGUSDAoEbWFzaxg0IAEoDBIWCgltYXNrX2JsdXIYNSABKAVIEIgBARI2Cg9pbnBhaW50aW5nX2ZpbGwYNiABKA4yHS5sYXRlbnRmYXJtLnYxLklucGFpbnRpbmdGaWxsEhgKEGlucGFpbnRfZnVsbF9yZXMYNyABKAgSIAoYaW5wYWludF9mdWxsX3Jlc19wYWRkaW5nGDggASgFEh4KFmlucGFpbnRpbmdfbWFza19pbnZlcnQYOSABKAgSJQoYaW5pdGlhbF9ub2lzZV9tdWx0aXBsaWVyGDogASgBSBGIAQESFQoNcmVzdG9yZV9mYWNlcxg8IAEoCBIfChJjb2RlX2Zvcm1lcl93ZWlnaHQYPSABKAFIEogBARIlCgVsb3JhcxhGIAMoCzIWLmxhdGVudGZhcm0udjEuTG9yYVJlZkIHCgVfc2VlZEIKCghfc3Vic2VlZEIICgZfc3RlcHNCDAoKX2NmZ19zY2FsZUIICgZfd2lkdGhCCQoHX2hlaWdodEINCgtfYmF0Y2hfc2l6ZUIJCgdfbl9pdGVyQgwKCl9jbGlwX3NraXBCBgoEX2V0YUIKCghfc19jaHVybkIJCgdfc190bWluQgkKB19zX3RtYXhCCgoIX3Nfbm9pc2VCCwoJX2hyX3NjYWxlQhUKE19kZW5vaXNpbmdfc3RyZW5ndGhCDAoKX21hc2tfYmx1ckIbChlfaW5pdGlhbF9ub2lzZV9tdWx0aXBsaWVyQhUKE19jb2RlX2Zvcm1lcl93ZWlnaHQiPwoHTG9yYVJlZhIMCgRuYW1lGAEgASgJEhEKCXRlX3dlaWdodBgCIAEoARITCgt1bmV0X3dlaWdodBgDIAEoASKFAQoFSW1hZ2USDQoFaW5kZXgYASABKAUSDAoEc2VlZBgCIAEoAxIPCgdzdWJzZWVkGAMgASgDEgsKA3BuZxgEIAEoDBIQCghpbmZvdGV4dBgFIAEoCRINCgV3aWR0aBgGIAEoBRIOCgZoZWlnaHQYByABKAUSEAoIYWdlbnRfaWQYCCABKAkqYgoJUm5nU291cmNlEhoKFlJOR19TT1VSQ0VfVU5TUEVDSUZJRUQQABISCg5STkdfU09VUkNFX0dQVRABEhIKDlJOR19TT1VSQ0VfQ1BVEAISEQoNUk5HX1NPVVJDRV9OVhADKosBCgpSZXNpemVNb2RlEhsKF1JFU0laRV9NT0RFX0pVU1RfUkVTSVpFEAASHwobUkVTSVpFX01PREVfQ1JPUF9BTkRfUkVTSVpFEAESHwobUkVTSVpFX01PREVfUkVTSVpFX0FORF9GSUxMEAISHgoaUkVTSVpFX01PREVfTEFURU5UX1VQU0NBTEUQAyqOAQoOSW5wYWludGluZ0ZpbGwSGAoUSU5QQUlOVElOR19GSUxMX0ZJTEwQABIcChhJTlBBSU5USU5HX0ZJTExfT1JJR0lOQUwQARIgChxJTlBBSU5USU5HX0ZJTExfTEFURU5UX05PSVNFEAISIgoeSU5QQUlOVElOR19GSUxMX0xBVEVOVF9OT1RISU5HEANiBnByb3RvMw");
 
 /**
+ * Real-valued parameters are double so the decimal a user typed (0.6, 7.1) is what the infotext prints.
  * Generation parameters use AUTOMATIC1111's API names and defaults (txt2img / img2img).
  * Optional scalars carry presence so "not given" can take A1111's default rather than zero.
  *
@@ -42,7 +43,7 @@ export type GenerationParams = Message<"latentfarm.v1.GenerationParams"> & {
   subseed?: bigint | undefined;
 
   /**
-   * @generated from field: float subseed_strength = 5;
+   * @generated from field: double subseed_strength = 5;
    */
   subseedStrength: number;
 
@@ -76,7 +77,7 @@ export type GenerationParams = Message<"latentfarm.v1.GenerationParams"> & {
   steps?: number | undefined;
 
   /**
-   * @generated from field: optional float cfg_scale = 11;
+   * @generated from field: optional double cfg_scale = 11;
    */
   cfgScale?: number | undefined;
 
@@ -125,27 +126,27 @@ export type GenerationParams = Message<"latentfarm.v1.GenerationParams"> & {
   etaNoiseSeedDelta: bigint;
 
   /**
-   * @generated from field: optional float eta = 20;
+   * @generated from field: optional double eta = 20;
    */
   eta?: number | undefined;
 
   /**
-   * @generated from field: optional float s_churn = 21;
+   * @generated from field: optional double s_churn = 21;
    */
   sChurn?: number | undefined;
 
   /**
-   * @generated from field: optional float s_tmin = 22;
+   * @generated from field: optional double s_tmin = 22;
    */
   sTmin?: number | undefined;
 
   /**
-   * @generated from field: optional float s_tmax = 23;
+   * @generated from field: optional double s_tmax = 23;
    */
   sTmax?: number | undefined;
 
   /**
-   * @generated from field: optional float s_noise = 24;
+   * @generated from field: optional double s_noise = 24;
    */
   sNoise?: number | undefined;
 
@@ -157,7 +158,7 @@ export type GenerationParams = Message<"latentfarm.v1.GenerationParams"> & {
   enableHr: boolean;
 
   /**
-   * @generated from field: optional float hr_scale = 31;
+   * @generated from field: optional double hr_scale = 31;
    */
   hrScale?: number | undefined;
 
@@ -202,7 +203,7 @@ export type GenerationParams = Message<"latentfarm.v1.GenerationParams"> & {
   hrNegativePrompt: string;
 
   /**
-   * @generated from field: optional float denoising_strength = 40;
+   * @generated from field: optional double denoising_strength = 40;
    */
   denoisingStrength?: number | undefined;
 
@@ -249,7 +250,7 @@ export type GenerationParams = Message<"latentfarm.v1.GenerationParams"> & {
   inpaintingMaskInvert: boolean;
 
   /**
-   * @generated from field: optional float initial_noise_multiplier = 58;
+   * @generated from field: optional double initial_noise_multiplier = 58;
    */
   initialNoiseMultiplier?: number | undefined;
 
@@ -261,7 +262,7 @@ export type GenerationParams = Message<"latentfarm.v1.GenerationParams"> & {
   restoreFaces: boolean;
 
   /**
-   * @generated from field: optional float code_former_weight = 61;
+   * @generated from field: optional double code_former_weight = 61;
    */
   codeFormerWeight?: number | undefined;
 
@@ -290,12 +291,12 @@ export type LoraRef = Message<"latentfarm.v1.LoraRef"> & {
   name: string;
 
   /**
-   * @generated from field: float te_weight = 2;
+   * @generated from field: double te_weight = 2;
    */
   teWeight: number;
 
   /**
-   * @generated from field: float unet_weight = 3;
+   * @generated from field: double unet_weight = 3;
    */
   unetWeight: number;
 };
