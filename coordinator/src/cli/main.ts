@@ -1,9 +1,9 @@
 import { parseArgs, type ParseArgsConfig } from "node:util";
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import * as grpc from "@grpc/grpc-js";
-import { mkdir, readdir, writeFile } from "node:fs/promises";
+import { mkdir, readdir, rename, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
-import { spawn, type ChildProcess } from "node:child_process";
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { execFileSync } from "node:child_process";
 import {
@@ -402,22 +402,43 @@ async function up(argv: string[]): Promise<number> {
   return 0;
 }
 
+/**
+ * Without --models, the demo renders with a tiny random-weight model generated once into
+ * .latentfarm/models (by the agent's make-tiny-model command, run as a child process so this
+ * package never imports agent code).
+ */
+async function demoModels(): Promise<string> {
+  const root = resolve(".latentfarm");
+  const models = join(root, "models");
+  if (existsSync(join(models, "tiny", "unet", "model.onnx"))) return models;
+  io.err("generating a tiny demo model into .latentfarm/models/tiny\n");
+  const build = join(root, "build");
+  const r = spawnSync(process.execPath, [binPath, "make-tiny-model", "--out", build, "--seed", "0", "--config", "small"], { stdio: ["ignore", "ignore", "inherit"] });
+  if (r.status !== 0) throw new Error("make-tiny-model failed");
+  await mkdir(models, { recursive: true });
+  await rename(join(build, "onnx"), join(models, "tiny"));
+  return models;
+}
+
 async function demo(argv: string[]): Promise<number> {
   const { values: v } = parseArgs({
     args: argv,
     options: {
-      models: { type: "string", default: "models" },
+      models: { type: "string" },
       out: { type: "string", default: "outputs/demo" },
       prompt: { type: "string", default: "a photo of a cat" },
     },
   });
-  const farm = await startFarm({ models: v.models, port: 0, agents: 1, ep: "cpu" });
+  // The demo's own output is the progress bar; service logs only when something goes wrong.
+  process.env["LATENTFARM_LOG_LEVEL"] ??= "warn";
+  const modelsDir = v.models ?? (await demoModels());
+  const farm = await startFarm({ models: modelsDir, port: 0, agents: 1, ep: "cpu" });
   try {
     const client = createClient(RenderService, farm.coordinatorAddress);
     const { models } = await client.listModels({});
     client.close();
     const model = models[0]?.name;
-    if (!model) throw new UsageError(`no models in ${resolve(v.models)}`);
+    if (!model) throw new UsageError(`no models in ${resolve(modelsDir)}`);
     io.err(`rendering "${v.prompt}" with ${model} on a one-machine farm\n`);
     return await txt2img([
       "--coordinator", farm.coordinatorAddress, "--prompt", v.prompt, "--model", model, "--out", v.out,
