@@ -33,13 +33,15 @@ export class AgentRegistry {
   private readonly agents = new Map<string, AgentState>();
   private sub: Subscription | undefined;
   private sweep: NodeJS.Timeout | undefined;
+  private connected = true;
 
   constructor(
     private readonly opts: {
       timeoutMs: number;
       logger: Logger;
       onJoin?: (a: AgentState) => void;
-      onUpdate?: (a: AgentState) => void;
+      /** Every heartbeat; `changed` when the agent's models, slots or draining flag changed. */
+      onUpdate?: (a: AgentState, changed: boolean) => void;
       onLost?: (a: AgentState, reason: string) => void;
       /** Credentials for coordinator → agent channels (mTLS in production). */
       credentials?: grpc.ChannelCredentials;
@@ -80,21 +82,48 @@ export class AgentRegistry {
         freeMemoryBytes: hb.freeMemoryBytes,
         lastSeen: Date.now(),
         inFlight: 0,
-        client: createClient(AgentService, info.address, this.opts.credentials ? { credentials: this.opts.credentials } : {}),
+        // No transparent retries on agent calls: the scheduler retries tasks itself (on another
+        // agent, counting attempts), and grpc-js's retry layer buffers every message of every call.
+        client: createClient(AgentService, info.address, {
+          ...(this.opts.credentials ? { credentials: this.opts.credentials } : {}),
+          channelOptions: { "grpc.enable_retries": 0 },
+        }),
       };
       this.agents.set(a.id, a);
       this.opts.logger.info("agent joined", { agentId: a.id, address: info.address });
       this.opts.onJoin?.(a);
       return;
     }
+    const available = hb.availableModels.map((m) => m.name);
+    // Placement indexes agents by model; only a change in what the agent offers needs a re-index.
+    const changed =
+      a.info.draining !== info.draining ||
+      a.info.slots !== info.slots ||
+      a.info.loadedModels.join("\u0000") !== info.loadedModels.join("\u0000") ||
+      available.length !== a.available.size ||
+      available.some((m) => !a.available.has(m));
     a.info = info;
-    a.available = new Set(hb.availableModels.map((m) => m.name));
+    if (changed) a.available = new Set(available);
     a.freeMemoryBytes = hb.freeMemoryBytes;
     a.lastSeen = Date.now();
-    this.opts.onUpdate?.(a);
+    this.opts.onUpdate?.(a, changed);
+  }
+
+  /**
+   * While this coordinator is cut off from NATS, silence says nothing about the agents; their
+   * clocks restart when the connection is back.
+   */
+  setConnected(connected: boolean): void {
+    this.connected = connected;
+    if (connected) {
+      // Agents reconnect on their own schedule (the NATS client waits up to seconds between tries).
+      const graceUntil = Date.now() + Math.max(2000, this.opts.timeoutMs);
+      for (const a of this.agents.values()) a.lastSeen = graceUntil;
+    }
   }
 
   private expire(): void {
+    if (!this.connected) return;
     const now = Date.now();
     for (const a of this.agents.values()) {
       if (now - a.lastSeen > this.opts.timeoutMs) this.drop(a, `no heartbeat for ${now - a.lastSeen} ms`);

@@ -1,10 +1,11 @@
 import * as grpc from "@grpc/grpc-js";
 import { randomUUID } from "node:crypto";
-import { fromBinary } from "@bufbuild/protobuf";
+import { create, fromBinary } from "@bufbuild/protobuf";
 import { connect, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import {
   COORDINATOR_METRICS,
   FarmError,
+  ImageSchema,
   JobState,
   RenderService,
   TaskProgressSchema,
@@ -16,19 +17,22 @@ import {
   setServing,
   shutdownServer,
   startMetricsServer,
-  statusName,
   subjects,
   channelCredentials,
   serverCredentials,
   type GenerationParams,
   type HandlerContext,
+  type Image,
   type Logger,
   type TlsFiles,
   type TokenAuth,
 } from "@latentfarm/shared";
 import { AgentRegistry } from "./agent-registry.js";
-import { JobStore, isFinal, type Job } from "./job-store.js";
+import { DEFAULT_DURABLE_CONFIG, DurableStore, type DurableStoreConfig } from "./durable-store.js";
+import { DEFAULT_TENANT_POLICY, type TenantPolicy } from "./fair-queue.js";
+import { Job, JobStore, type JobSpec } from "./job-store.js";
 import { Scheduler, type Task } from "./scheduler.js";
+import { SpeedModel, type SpeedKey } from "./speed-model.js";
 import { DEFAULT_LIMITS, imageSeeds, resolveSeed, validateJob, type Limits, type SamplerSupport } from "./validate.js";
 
 export interface CoordinatorConfig {
@@ -37,6 +41,7 @@ export interface CoordinatorConfig {
   natsUrl: string;
   /** An agent silent this long is dropped and its tasks re-placed. */
   agentTimeoutMs?: number;
+  /** Failed attempts after which an image fails (a poison task); default 3. */
   maxAttempts?: number;
   metricsPort?: number;
   metricsHost?: string;
@@ -49,41 +54,90 @@ export interface CoordinatorConfig {
   auth?: TokenAuth;
   /** Plaintext grpc.health.v1 port for kubelet probes (needed when the main port uses TLS). */
   healthPort?: number;
+  /** JetStream settings; false keeps jobs in memory only (nothing survives a restart). */
+  durable?: Partial<DurableStoreConfig> | false;
+  /** Per-tenant weights and limits; the "*" entry is the default for tenants not listed. */
+  tenants?: Record<string, Partial<TenantPolicy>>;
+  /** Backup copies of slow or stalled attempts on idle agents (default on). */
+  speculate?: boolean;
+  /** Finished jobs kept in memory; older ones are read back from JetStream on demand. */
+  maxFinishedInMemory?: number;
+  imageCacheBytes?: number;
+  /** Agents below this free memory get a model they have not loaded only when no other agent can. */
+  minFreeMemoryBytes?: bigint;
   logger: Logger;
 }
 
 const SERVICE = RenderService.typeName;
 const TENANT_HEADER = "x-tenant";
 
-/** The coordinator: RenderService for clients, the scheduler, and the agent registry. */
+/** JetStream trouble (NATS down, a timeout) is UNAVAILABLE to clients: they may retry. */
+async function storeCall<T>(fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    if (err instanceof FarmError && err.code !== grpc.status.INTERNAL) throw err;
+    throw new FarmError(grpc.status.UNAVAILABLE, `job store unavailable: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+  }
+}
+
+/** RESOURCE_EXHAUSTED with a hint, in trailers, of when a retry can succeed (gRPC's pushback header). */
+export class RetryLaterError extends FarmError {
+  constructor(
+    message: string,
+    readonly retryAfterMs: number,
+  ) {
+    super(grpc.status.RESOURCE_EXHAUSTED, `${message}; retry in ${(retryAfterMs / 1000).toFixed(1)} s`, { retryable: true });
+  }
+
+  override toStatus(): Partial<grpc.StatusObject> {
+    const s = super.toStatus();
+    s.metadata?.set("grpc-retry-pushback-ms", String(Math.round(this.retryAfterMs)));
+    return s;
+  }
+}
+
+/** The coordinator: RenderService for clients, durable job state on JetStream, the scheduler, and the agent registry. */
 export class Coordinator {
   private readonly server = new grpc.Server(serverOptions);
   private readonly m = createMetrics(COORDINATOR_METRICS);
-  private readonly store = new JobStore();
+  private store: JobStore;
   private readonly registry: AgentRegistry;
   private readonly scheduler: Scheduler;
+  readonly speed: SpeedModel;
   private readonly limits: Limits;
+  private readonly tenantPolicies: Map<string, TenantPolicy>;
+  private readonly defaultPolicy: TenantPolicy;
+  /** Unfinished images per tenant (queued or running): what the queued-images limit counts. */
+  private readonly outstanding = new Map<string, number>();
+  private readonly deadlines = new Map<string, NodeJS.Timeout>();
   private nc: NatsConnection | undefined;
   private progressSub: Subscription | undefined;
   private health: ReturnType<typeof addHealthAndReflection> | undefined;
   private healthServer: grpc.Server | undefined;
   private metricsServer: { url: string; close(): Promise<void> } | undefined;
   private accepting = true;
+  private closed = false;
   port = 0;
 
   constructor(private readonly cfg: CoordinatorConfig) {
     this.limits = { ...DEFAULT_LIMITS, ...cfg.limits };
+    this.defaultPolicy = { ...DEFAULT_TENANT_POLICY, ...cfg.tenants?.["*"] };
+    this.tenantPolicies = new Map(Object.entries(cfg.tenants ?? {}).map(([t, p]) => [t, { ...this.defaultPolicy, ...p }]));
+    this.speed = new SpeedModel();
+    this.store = new JobStore(undefined, this.storeOptions());
     this.registry = new AgentRegistry({
       timeoutMs: cfg.agentTimeoutMs ?? 5000,
       logger: cfg.logger,
       ...(cfg.tls ? { credentials: channelCredentials(cfg.tls) } : {}),
       onJoin: () => {
         this.updateAgentGauge();
-        this.scheduler.pump();
+        this.scheduler.agentsChanged();
       },
-      onUpdate: () => {
+      onUpdate: (_a, changed) => {
+        if (!changed) return;
         this.updateAgentGauge();
-        this.scheduler.pump();
+        this.scheduler.agentsChanged();
       },
       onLost: (a, reason) => {
         this.m.metrics.agentsLost.inc();
@@ -91,14 +145,60 @@ export class Coordinator {
         this.scheduler.agentLost(a, reason);
       },
     });
-    this.scheduler = new Scheduler(this.registry, this.store, this.m.metrics, {
-      logger: cfg.logger,
-      maxAttempts: cfg.maxAttempts ?? 3,
-      onImage: (t) => this.onImage(t),
-      onTaskFailed: (t, err) => this.finish(t.job, JobState.FAILED, err, t.imageIndex),
-    });
+    this.scheduler = new Scheduler(
+      this.registry,
+      {
+        onPlaced: (task, run) => {
+          const job = task.job;
+          job.attempts[task.imageIndex] = run.attempt;
+          job.agents[task.imageIndex] = run.agent.id;
+          job.images[task.imageIndex] = "r";
+          if (job.state === JobState.QUEUED) job.state = JobState.RUNNING;
+          this.store.emit(job, { case: "placed", value: { taskId: task.id, imageIndex: task.imageIndex, agentId: run.agent.id, attempt: run.attempt } });
+          // Not written on its own: a placement rides along with the job's next state write. Lost
+          // in a crash it only means the image is placed afresh, which a restart does anyway.
+          this.updateTenantGauges(job.spec.tenant);
+        },
+        onStep: (task, step) => this.store.emit(task.job, { case: "step", value: step }),
+        onWarning: (task, message) => this.store.emit(task.job, { case: "warning", value: { message } }),
+        onResult: (task, image, run) => void this.onImage(task, image, run.agent.id),
+        onRetry: (task, err) => {
+          const job = task.job;
+          job.images[task.imageIndex] = "q";
+          job.failures[task.imageIndex] = task.failures;
+          this.store.emit(job, { case: "retried", value: { taskId: task.id, imageIndex: task.imageIndex, reason: `${err.codeName}: ${err.message}` } });
+          this.persistLater(job);
+          this.updateTenantGauges(job.spec.tenant);
+        },
+        onFailed: (task, err) => void this.onImageFailed(task, err),
+      },
+      {
+        logger: cfg.logger,
+        maxAttempts: cfg.maxAttempts ?? 3,
+        speculate: cfg.speculate ?? true,
+        tenantPolicy: (t) => this.policy(t),
+        speed: this.speed,
+        metrics: this.m.metrics,
+        ...(cfg.minFreeMemoryBytes !== undefined ? { minFreeMemoryBytes: cfg.minFreeMemoryBytes } : {}),
+      },
+    );
     for (const state of ["ready", "draining"]) this.m.metrics.agents.set({ state }, 0);
     for (const outcome of ["succeeded", "failed", "cancelled"]) this.m.metrics.imagesFinished.inc({ outcome }, 0);
+    for (const reason of ["slow", "stalled"]) this.m.metrics.taskBackups.inc({ reason }, 0);
+    for (const reason of ["duplicate", "late"]) this.m.metrics.resultsDiscarded.inc({ reason }, 0);
+    for (const reason of ["state", "events", "image"]) this.m.metrics.storeRetries.inc({ reason }, 0);
+    this.m.metrics.jobsResumed.inc(0);
+    this.m.metrics.jobsInMemory.set(0);
+  }
+
+  private storeOptions() {
+    return {
+      logger: this.cfg.logger,
+      ...(this.cfg.maxFinishedInMemory !== undefined ? { maxFinishedInMemory: this.cfg.maxFinishedInMemory } : {}),
+      ...(this.cfg.imageCacheBytes !== undefined ? { imageCacheBytes: this.cfg.imageCacheBytes } : {}),
+      onRemoteFinal: (job: Job) => this.onRemoteFinal(job),
+      onStoreRetry: (reason: "state" | "events" | "image") => this.m.metrics.storeRetries.inc({ reason }),
+    };
   }
 
   get registryMetrics() {
@@ -107,6 +207,15 @@ export class Coordinator {
 
   get metricsUrl(): string | undefined {
     return this.metricsServer?.url;
+  }
+
+  /** Placement statistics (passes, placed, held, backups, pass times), for benchmarks. */
+  get schedulerStats() {
+    return this.scheduler.stats;
+  }
+
+  policy(tenant: string): TenantPolicy {
+    return this.tenantPolicies.get(tenant) ?? this.defaultPolicy;
   }
 
   async start(): Promise<void> {
@@ -119,13 +228,21 @@ export class Coordinator {
   }
 
   private async startServices(): Promise<void> {
-    this.nc = await connect({ servers: this.cfg.natsUrl, name: "latentfarm-coordinator", maxReconnectAttempts: -1 });
+    // noAsyncTraces: without it every request builds an Error up front for its stack trace, a
+    // measurable share of the coordinator's CPU at hundreds of JetStream writes per second.
+    this.nc = await connect({ servers: this.cfg.natsUrl, name: "latentfarm-coordinator", maxReconnectAttempts: -1, reconnectTimeWait: 250, noAsyncTraces: true });
+    void this.watchConnection(this.nc);
+    if (this.cfg.durable !== false) {
+      const durable = await DurableStore.open(this.nc, { ...DEFAULT_DURABLE_CONFIG, ...this.cfg.durable }, this.cfg.logger);
+      this.store = new JobStore(durable, this.storeOptions());
+    }
     this.registry.start(this.nc);
     this.progressSub = this.nc.subscribe(subjects.allTaskProgress, {
       callback: (err, msg) => {
         if (!err) this.onProgress(msg.data);
       },
     });
+    await this.resume();
     this.health = addHealthAndReflection(this.server, [SERVICE]);
     addService(
       this.server,
@@ -133,11 +250,14 @@ export class Coordinator {
       {
         submit: async (req, ctx) => {
           const tenant = this.tenantOf(ctx);
+          const end = this.m.metrics.submitDuration.startTimer();
           try {
-            return this.submit(req.params, req.requestId, tenant);
+            return await this.submit(req.params, req.requestId, tenant, { deadlineUnixMs: Number(req.deadlineUnixMs), priority: req.priority });
           } catch (err) {
             this.m.metrics.submitRejections.inc({ tenant, code: FarmError.from(err).codeName });
             throw err;
+          } finally {
+            end();
           }
         },
         watch: (req, ctx) => {
@@ -146,23 +266,38 @@ export class Coordinator {
         },
         get: async (req, ctx) => {
           this.tenantOf(ctx);
-          const job = this.job(req.jobId);
+          const job = await this.job(req.jobId);
+          const images: Image[] = [];
+          const failed: number[] = [];
+          const cancelled: number[] = [];
+          for (let i = 0; i < job.images.length; i++) {
+            const s = job.images[i];
+            if (s === "d") {
+              const img = await this.store.image(job.id, i);
+              if (img) images.push(img);
+            } else if (s === "f") failed.push(i);
+            else if (s === "c") cancelled.push(i);
+          }
           return {
             jobId: job.id,
             state: job.state,
-            params: job.params,
-            images: job.images.filter((i) => i !== undefined),
-            imageCount: job.imageCount,
-            errorCode: job.errorCode,
-            errorMessage: job.errorMessage,
+            params: job.spec.params,
+            images,
+            imageCount: job.spec.imageCount,
+            errorCode: job.error?.code ?? "",
+            errorMessage: job.error?.message ?? "",
+            failedImages: failed,
+            cancelledImages: cancelled,
           };
         },
         cancel: async (req, ctx) => {
           this.tenantOf(ctx);
-          return { state: this.cancel(req.jobId) };
+          return this.cancel(req.jobId, req.imageIndices, req.taskIds);
         },
         listAgents: async (_req, ctx) => ({
-          ...this.authorized(ctx), agents: this.registry.list().map((a) => ({ ...a.info, busySlots: a.inFlight })) }),
+          ...this.authorized(ctx),
+          agents: this.registry.list().map((a) => ({ ...a.info, busySlots: a.inFlight })),
+        }),
         listModels: async (_req, ctx) => {
           this.tenantOf(ctx);
           const models = new Map<string, { format: string; loadedOn: string[] }>();
@@ -196,7 +331,67 @@ export class Coordinator {
       this.metricsServer = await startMetricsServer(this.m.registry, this.cfg.metricsPort, this.cfg.metricsHost ?? "0.0.0.0");
     }
     setServing(this.health, [SERVICE], true);
-    this.cfg.logger.info("coordinator started", { port: this.port, metrics: this.metricsServer?.url });
+    this.cfg.logger.info("coordinator started", { port: this.port, metrics: this.metricsServer?.url, durable: this.store.durable !== undefined });
+  }
+
+  private async watchConnection(nc: NatsConnection): Promise<void> {
+    for await (const s of nc.status()) {
+      if (s.type === "disconnect") {
+        this.cfg.logger.warn("NATS connection lost", { server: s.server });
+        this.registry.setConnected(false);
+      } else if (s.type !== "reconnect") {
+        this.cfg.logger.debug("NATS status", { type: s.type });
+      } else {
+        this.cfg.logger.info("NATS connection back", { server: s.server });
+        this.registry.setConnected(true);
+      }
+    }
+  }
+
+  /**
+   * Reads every unfinished job back from JetStream and queues its unfinished images: finished
+   * images are not rendered again; images that were running are placed again, preferring the agent
+   * they ran on.
+   */
+  private async resume(): Promise<void> {
+    const durable = this.store.durable;
+    if (!durable) return;
+    let resumed = 0;
+    for await (const { id, job: stored, revision } of durable.scanJobs()) {
+      if (["succeeded", "failed", "cancelled"].includes(stored.state)) continue;
+      const job = Job.fromStored(id, stored, revision);
+      job.live = true;
+      await this.store.restoreEvents(job);
+      // Images finish in the object store first; the record may not have caught up before the crash.
+      const announced = new Set(job.events.flatMap((e) => (e.event.case === "image" && e.event.value.image ? [e.event.value.image.index] : [])));
+      for (let i = 0; i < job.images.length; i++) {
+        if (job.images[i] !== "q" && job.images[i] !== "r") continue;
+        if (announced.has(i) || (await durable.hasImage(job.id, i))) job.images[i] = "d";
+      }
+      this.store.add(job);
+      const lost = await this.store.repairEvents(job);
+      for (const i of lost) job.images[i] = "q";
+      const tasks: Task[] = [];
+      const p = job.spec.params;
+      const seeds = imageSeeds(p.seed ?? 0n, p.subseed ?? 0n, p.subseedStrength, job.spec.imageCount);
+      for (let i = 0; i < job.images.length; i++) {
+        const s = job.images[i];
+        if (s !== "q" && s !== "r") continue;
+        const t = this.makeTask(job, i, seeds);
+        t.failures = job.failures[i] ?? 0;
+        if (s === "r") t.preferAgent = job.agents[i];
+        job.images[i] = "q";
+        tasks.push(t);
+      }
+      this.addOutstanding(job.spec.tenant, tasks.length);
+      this.armDeadline(job);
+      this.m.metrics.jobsResumed.inc();
+      resumed++;
+      if (tasks.length > 0) this.scheduler.enqueueJob(job, tasks);
+      else this.completeIfDone(job);
+    }
+    if (resumed > 0) this.cfg.logger.info("resumed unfinished jobs", { jobs: resumed });
+    this.m.metrics.jobsInMemory.set(this.store.size);
   }
 
   /** The caller's tenant: from its API token when tokens are configured, else the x-tenant header. */
@@ -210,8 +405,8 @@ export class Coordinator {
     return {};
   }
 
-  private job(id: string): Job {
-    const job = this.store.get(id);
+  private async job(id: string): Promise<Job> {
+    const job = await storeCall(() => this.store.open(id));
     if (!job) throw FarmError.notFound(`job "${id}" is unknown`, "job_id");
     return job;
   }
@@ -219,17 +414,98 @@ export class Coordinator {
   private updateAgentGauge(): void {
     let ready = 0;
     let draining = 0;
-    for (const a of this.registry.list()) a.info.draining ? draining++ : ready++;
+    for (const a of this.registry.list()) {
+      if (a.info.draining) draining++;
+      else ready++;
+    }
     this.m.metrics.agents.set({ state: "ready" }, ready);
     this.m.metrics.agents.set({ state: "draining" }, draining);
   }
 
-  submit(params: GenerationParams | undefined, requestId: string, tenant: string): { jobId: string; imageCount: number } {
-    if (!this.accepting) throw new FarmError(grpc.status.UNAVAILABLE, "coordinator is shutting down");
+  private addOutstanding(tenant: string, n: number): void {
+    const v = (this.outstanding.get(tenant) ?? 0) + n;
+    if (v <= 0) this.outstanding.delete(tenant);
+    else this.outstanding.set(tenant, v);
+    this.updateTenantGauges(tenant);
+  }
+
+  private updateTenantGauges(tenant: string): void {
+    this.m.metrics.tenantQueuedImages.set({ tenant }, this.outstanding.get(tenant) ?? 0);
+    this.m.metrics.tenantRunningImages.set({ tenant }, this.scheduler.tenantRunning(tenant));
+  }
+
+  private makeTask(job: Job, i: number, all?: Array<{ seed: bigint; subseed: bigint }>): Task {
+    const p = job.spec.params;
+    const seeds = (all ?? imageSeeds(p.seed ?? 0n, p.subseed ?? 0n, p.subseedStrength, job.spec.imageCount))[i]!;
+    const key: SpeedKey = { model: p.model, width: p.width ?? 512, height: p.height ?? 512 };
+    const steps = p.steps ?? 20;
+    const t: Task = {
+      id: `${job.id}-${i}`,
+      job,
+      imageIndex: i,
+      seed: seeds.seed,
+      subseed: seeds.subseed,
+      tenant: job.spec.tenant,
+      key,
+      steps,
+      // Fair-share cost: steps × megapixels, so a tenant of big images does not get more for its share.
+      cost: (steps * key.width * key.height) / (512 * 512),
+      state: "queued",
+      failures: 0,
+      failedOn: new Set(),
+      runs: [],
+      preferAgent: undefined,
+      lastStep: 0,
+    };
+    job.tasks[i] = t;
+    return t;
+  }
+
+  /**
+   * The speed model's view of how long `count` images of this kind take to finish for a tenant,
+   * with the work already queued ahead: the tenant's own backlog at its fair share of the farm, or
+   * the whole backlog in order, whichever is sooner. Undefined when no agent offering the model
+   * has been measured.
+   */
+  estimateMs(tenant: string, key: SpeedKey, steps: number, count: number): { ms: number; measured: boolean } | undefined {
+    let rate = 0; // images per second
+    let measured = false;
+    let fastest = Infinity;
+    for (const a of this.registry.list()) {
+      if (a.info.draining || !a.available.has(key.model)) continue;
+      const e = this.speed.taskSeconds(a.id, key, steps, a.info.loadedModels.includes(key.model));
+      measured ||= e.measured;
+      rate += a.info.slots / Math.max(1e-6, e.seconds);
+      fastest = Math.min(fastest, e.seconds);
+    }
+    if (rate === 0) return undefined;
+    let total = 0;
+    for (const n of this.outstanding.values()) total += n;
+    const mine = this.outstanding.get(tenant) ?? 0;
+    const w = this.policy(tenant).weight;
+    let others = 0;
+    for (const t of this.outstanding.keys()) if (t !== tenant) others += this.policy(t).weight;
+    const share = w / (w + others);
+    const cap = this.policy(tenant).maxRunningImages;
+    const tenantRate = Math.min(rate * share, cap > 0 ? cap / fastest : Infinity);
+    const fifo = (total + count) / rate;
+    const fair = (mine + count) / tenantRate;
+    return { ms: Math.max(fastest, Math.min(fifo, fair)) * 1000, measured };
+  }
+
+  async submit(
+    params: GenerationParams | undefined,
+    requestId: string,
+    tenant: string,
+    opts: { deadlineUnixMs?: number; priority?: number } = {},
+  ): Promise<{ jobId: string; imageCount: number }> {
+    if (!this.accepting) throw new FarmError(grpc.status.UNAVAILABLE, "coordinator is draining; submit to another coordinator or retry");
     if (!params) throw FarmError.invalid("params", "missing");
     if (requestId) {
+      // A retry of a recent Submit is answered from memory; an older one is found by the claim in
+      // store.create, after admission (one round trip less for every Submit with a request id).
       const existing = this.store.byRequest(tenant, requestId);
-      if (existing) return { jobId: existing.id, imageCount: existing.imageCount };
+      if (existing) return { jobId: existing.id, imageCount: existing.spec.imageCount };
     }
     const agents = this.registry.list();
     const defaultModel = this.cfg.defaultModel ?? [...new Set(agents.flatMap((a) => [...a.available]))].sort()[0];
@@ -243,37 +519,78 @@ export class Coordinator {
       const known = [...new Set(agents.flatMap((a) => [...a.available]))].sort();
       throw FarmError.notFound(`model "${v.params.model}" is not offered by any agent (known: ${known.join(", ") || "none"})`, "model");
     }
-    const seed = resolveSeed(v.params.seed);
-    const subseed = resolveSeed(v.params.subseed);
-    v.params.seed = seed;
-    v.params.subseed = subseed;
-    const job = this.store.add({
+    const key: SpeedKey = { model: v.params.model, width: v.params.width ?? 512, height: v.params.height ?? 512 };
+    const steps = v.params.steps ?? 20;
+    this.admit(tenant, key, steps, v.imageCount, opts.deadlineUnixMs ?? 0);
+    v.params.seed = resolveSeed(v.params.seed);
+    v.params.subseed = resolveSeed(v.params.subseed);
+    const spec: JobSpec = {
       id: randomUUID(),
       params: v.params,
       requestId,
       tenant,
       imageCount: v.imageCount,
       createdAt: Date.now(),
-    });
+      deadlineUnixMs: opts.deadlineUnixMs ?? 0,
+      priority: opts.priority ?? 0,
+    };
+    const { job, created } = await storeCall(() => this.store.create(spec));
+    if (!created) return { jobId: job.id, imageCount: job.spec.imageCount };
     this.m.metrics.jobsSubmitted.inc({ tenant });
     this.m.metrics.tenantImages.inc({ tenant }, v.imageCount);
+    this.m.metrics.jobsInMemory.set(this.store.size);
     this.store.emit(job, { case: "queued", value: { imageCount: v.imageCount } });
-    const seeds = imageSeeds(seed, subseed, v.params.subseedStrength, v.imageCount);
-    const tasks: Task[] = seeds.map((s, i) => ({
-      id: `${job.id}-${i}`,
-      job,
-      imageIndex: i,
-      seed: s.seed,
-      subseed: s.subseed,
-      attempt: 0,
-      agentId: undefined,
-      failedOn: new Set(),
-      abort: undefined,
-      lastStep: 0,
-      state: "queued",
-    }));
-    this.scheduler.enqueue(tasks);
+    const seeds = imageSeeds(v.params.seed, v.params.subseed, v.params.subseedStrength, v.imageCount);
+    const tasks = Array.from({ length: v.imageCount }, (_, i) => this.makeTask(job, i, seeds));
+    this.addOutstanding(tenant, v.imageCount);
+    this.armDeadline(job);
+    this.scheduler.enqueueJob(job, tasks);
     return { jobId: job.id, imageCount: v.imageCount };
+  }
+
+  /** Tenant limits and deadlines, checked before anything is stored. */
+  private admit(tenant: string, key: SpeedKey, steps: number, count: number, deadlineUnixMs: number): void {
+    const policy = this.policy(tenant);
+    const queued = this.outstanding.get(tenant) ?? 0;
+    if (policy.maxQueuedImages > 0 && queued + count > policy.maxQueuedImages) {
+      if (count > policy.maxQueuedImages) {
+        throw new FarmError(grpc.status.RESOURCE_EXHAUSTED, `a job of ${count} images exceeds tenant "${tenant}"'s limit of ${policy.maxQueuedImages} queued images`, {
+          retryable: false,
+        });
+      }
+      // Time until enough of the tenant's own images finish to make room.
+      const excess = queued + count - policy.maxQueuedImages;
+      const e = this.estimateMs(tenant, key, steps, 0);
+      const perImage = e && queued > 0 ? e.ms / queued : 1000;
+      const retryAfter = Math.min(600_000, Math.max(250, excess * perImage));
+      throw new RetryLaterError(`tenant "${tenant}" has ${queued} images queued or running (limit ${policy.maxQueuedImages})`, retryAfter);
+    }
+    if (deadlineUnixMs > 0) {
+      const now = Date.now();
+      if (deadlineUnixMs <= now) throw new FarmError(grpc.status.FAILED_PRECONDITION, `is ${now - deadlineUnixMs} ms in the past`, { field: "deadline_unix_ms" });
+      const e = this.estimateMs(tenant, key, steps, count);
+      if (e?.measured && now + e.ms > deadlineUnixMs) {
+        throw new FarmError(
+          grpc.status.FAILED_PRECONDITION,
+          `cannot be met: the farm's speed model estimates the job needs ${(e.ms / 1000).toFixed(1)} s with the work queued ahead, ` +
+            `${((now + e.ms - deadlineUnixMs) / 1000).toFixed(1)} s past the deadline`,
+          { field: "deadline_unix_ms" },
+        );
+      }
+    }
+  }
+
+  private armDeadline(job: Job): void {
+    const d = job.spec.deadlineUnixMs;
+    if (d <= 0 || job.final) return;
+    const t = setTimeout(() => {
+      this.deadlines.delete(job.id);
+      if (!job.final) {
+        void this.finish(job, JobState.FAILED, new FarmError(grpc.status.DEADLINE_EXCEEDED, `the job's deadline passed with ${job.open} of ${job.spec.imageCount} images unfinished`), "f");
+      }
+    }, Math.max(0, d - Date.now()));
+    t.unref();
+    this.deadlines.set(job.id, t);
   }
 
   private onProgress(data: Uint8Array): void {
@@ -283,61 +600,210 @@ export class Coordinator {
     } catch {
       return;
     }
-    const task = this.scheduler.tasks.get(p.taskId);
-    // Progress from an earlier attempt's agent, or out of order, is dropped.
-    if (!task || task.state !== "running" || task.agentId !== p.agentId || !p.step) return;
-    if (p.step.step <= task.lastStep) return;
-    task.lastStep = p.step.step;
-    this.store.emit(task.job, { case: "step", value: p.step });
+    if (p.step) this.scheduler.onNatsProgress(p.taskId, p.agentId, p.step);
   }
 
-  private onImage(task: Task): void {
+  private persistLater(job: Job): void {
+    this.store.persist(job).catch((err: unknown) => this.cfg.logger.warn("job state not stored", { jobId: job.id, error: String(err) }));
+  }
+
+  /** A state write within ~100 ms, carrying every change of the job made until then. */
+  private persistSoon(job: Job): void {
+    if (job.persistTimer) return;
+    job.persistTimer = setTimeout(() => {
+      job.persistTimer = undefined;
+      if (!job.final) this.persistLater(job);
+    }, 100);
+  }
+
+  /** A finished image: stored in the object store, then announced; the job record follows shortly. */
+  private async onImage(task: Task, image: Image, agentId: string): Promise<void> {
     const job = task.job;
-    if (isFinal(job.state)) return;
-    const image = job.images[task.imageIndex]!;
-    this.m.metrics.imagesFinished.inc({ outcome: "succeeded" });
-    this.store.emit(job, { case: "image", value: { image } });
-    if (job.images.every((i) => i !== undefined)) this.finish(job, JobState.SUCCEEDED);
+    const i = task.imageIndex;
+    try {
+      const full = create(ImageSchema, { ...image, agentId, index: i });
+      await this.store.storeImage(job, full);
+      if (job.images[i] !== "q" && job.images[i] !== "r") return;
+      // The stored object is what makes the image done (a restart looks for it); the job record
+      // catches up with a write shortly after, shared with the job's other images.
+      job.images[i] = "d";
+      job.agents[i] = agentId;
+      this.persistSoon(job);
+      this.m.metrics.imagesFinished.inc({ outcome: "succeeded" });
+      this.store.emit(job, { case: "image", value: { image: full } });
+      this.addOutstanding(job.spec.tenant, -1);
+      this.completeIfDone(job);
+    } catch (err) {
+      // Only when shutting down: the image is recomputed after the restart.
+      this.cfg.logger.warn("finished image not stored", { jobId: job.id, index: i, error: String(err) });
+    }
   }
 
-  private finish(job: Job, state: JobState, err?: FarmError, imageIndex = -1): void {
-    if (isFinal(job.state)) return;
+  private async onImageFailed(task: Task, err: FarmError): Promise<void> {
+    const job = task.job;
+    const i = task.imageIndex;
+    if (job.images[i] !== "q" && job.images[i] !== "r") return;
+    job.images[i] = "f";
+    job.failures[i] = task.failures;
+    job.imageErrors.set(i, { code: err.codeName, message: err.message });
+    job.error = { code: err.codeName, message: err.message, imageIndex: i };
+    job.announcing++;
+    try {
+      await this.store.persist(job);
+    } catch (e) {
+      this.cfg.logger.warn("image failure not stored", { jobId: job.id, index: i, error: String(e) });
+      return;
+    } finally {
+      job.announcing--;
+    }
+    this.m.metrics.imagesFinished.inc({ outcome: "failed" });
+    this.store.emit(job, { case: "imageFailed", value: { imageIndex: i, code: err.codeName, message: err.message, attempts: job.attempts[i] ?? 0 } });
+    this.addOutstanding(job.spec.tenant, -1);
+    this.completeIfDone(job);
+  }
+
+  /** Every image reached an end: the job ends failed if any image failed, succeeded if any was made, else cancelled. */
+  private completeIfDone(job: Job): void {
+    // An image stored but not yet announced ends first; its announcer calls back here.
+    if (job.final || job.open > 0 || job.announcing > 0) return;
+    const state = job.count("f") > 0 ? JobState.FAILED : job.count("d") > 0 ? JobState.SUCCEEDED : JobState.CANCELLED;
+    void this.finish(job, state, undefined, "c");
+  }
+
+  /**
+   * Ends a job: its state is written with CAS before the terminal event, so exactly one final state
+   * is ever stored. Unfinished images become `rest` (cancelled, or failed at a deadline).
+   */
+  private async finish(job: Job, state: JobState, err: FarmError | undefined, rest: "c" | "f"): Promise<void> {
+    if (job.final) return;
     job.state = state;
     job.finishedAt = Date.now();
-    const outcome = state === JobState.SUCCEEDED ? "succeeded" : state === JobState.FAILED ? "failed" : "cancelled";
-    const pending = job.images.filter((i) => i === undefined).length;
-    if (pending > 0 && state !== JobState.SUCCEEDED) this.m.metrics.imagesFinished.inc({ outcome }, pending);
-    if (err) {
-      job.errorCode = err.codeName;
-      job.errorMessage = err.message;
+    if (err) job.error = { code: err.codeName, message: err.message, imageIndex: -1 };
+    const open: Task[] = [];
+    for (let i = 0; i < job.images.length; i++) {
+      if (job.images[i] !== "q" && job.images[i] !== "r") continue;
+      job.images[i] = rest;
+      const t = job.tasks[i];
+      if (t) open.push(t);
     }
-    this.m.metrics.jobsFinished.inc({ outcome, reason: err ? err.codeName : "none" });
-    this.m.metrics.jobDuration.observe({ outcome }, (job.finishedAt - job.createdAt) / 1000);
-    if (state === JobState.SUCCEEDED) this.store.emit(job, { case: "done", value: { imageCount: job.imageCount } });
-    else if (state === JobState.CANCELLED) this.store.emit(job, { case: "cancelled", value: {} });
-    else this.store.emit(job, { case: "failed", value: { code: err ? statusName(err.code) : "UNKNOWN", message: err?.message ?? "", imageIndex } });
-    if (state !== JobState.SUCCEEDED) this.scheduler.cancelJob(job);
-    this.scheduler.forgetJob(job);
+    if (open.length > 0) {
+      this.scheduler.cancel(open, state === JobState.CANCELLED ? "job cancelled" : `job ${JobState[state].toLowerCase()}`);
+      this.m.metrics.imagesFinished.inc({ outcome: rest === "c" ? "cancelled" : "failed" }, open.length);
+      this.addOutstanding(job.spec.tenant, -open.length);
+    }
+    const timer = this.deadlines.get(job.id);
+    if (timer) clearTimeout(timer);
+    this.deadlines.delete(job.id);
+    if (job.persistTimer) clearTimeout(job.persistTimer);
+    job.persistTimer = undefined;
+    try {
+      await this.store.persist(job);
+    } catch (e) {
+      this.cfg.logger.warn("final job state not stored", { jobId: job.id, error: String(e) });
+      return;
+    }
+    // Images that finished just before the end are announced before the terminal event.
+    while (job.announcing > 0) await new Promise((r) => setTimeout(r, 2));
+    if (job.state !== state) return;
+    const outcome = state === JobState.SUCCEEDED ? "succeeded" : state === JobState.FAILED ? "failed" : "cancelled";
+    this.m.metrics.jobsFinished.inc({ outcome, reason: state === JobState.FAILED ? (job.error?.code ?? "UNKNOWN") : "none" });
+    this.m.metrics.jobDuration.observe({ outcome }, (job.finishedAt - job.spec.createdAt) / 1000);
+    this.store.emitTerminal(job);
+    job.tasks.fill(undefined);
+    this.store.markFinished(job);
+    this.m.metrics.jobsInMemory.set(this.store.size);
   }
 
-  cancel(jobId: string): JobState {
-    const job = this.job(jobId);
-    if (isFinal(job.state)) {
+  /** Another coordinator finished the job first: stop working on it. */
+  private onRemoteFinal(job: Job): void {
+    const open = job.tasks.filter((t): t is Task => t !== undefined && (t.state === "queued" || t.state === "running"));
+    this.scheduler.cancel(open, "job finished by another coordinator");
+    this.addOutstanding(job.spec.tenant, -open.length);
+    if (!job.events.some((e) => ["done", "failed", "cancelled"].includes(e.event.case ?? ""))) this.store.emitTerminal(job);
+    this.store.markFinished(job);
+  }
+
+  /**
+   * Cancels a whole job, or only some of its images (by index or task id). Returns once the
+   * cancellation is stored; the agents running those images are cancelled at their next model call.
+   */
+  async cancel(jobId: string, imageIndices: readonly number[] = [], taskIds: readonly string[] = []): Promise<{ state: JobState; cancelledImages: number[] }> {
+    const job = await this.job(jobId);
+    if (job.final) {
       throw new FarmError(grpc.status.FAILED_PRECONDITION, `job "${jobId}" already ended as ${JobState[job.state]}`, { field: "job_id" });
     }
-    this.finish(job, JobState.CANCELLED);
-    return job.state;
+    const indices = new Set<number>();
+    for (const i of imageIndices) {
+      if (!Number.isInteger(i) || i < 0 || i >= job.spec.imageCount) throw FarmError.invalid("image_indices", `${i} is not an image of this job (0..${job.spec.imageCount - 1})`);
+      indices.add(i);
+    }
+    for (const id of taskIds) {
+      const prefix = `${job.id}-`;
+      const i = id.startsWith(prefix) ? Number(id.slice(prefix.length)) : NaN;
+      if (!Number.isInteger(i) || i < 0 || i >= job.spec.imageCount) throw FarmError.invalid("task_ids", `"${id}" is not a task of this job`);
+      indices.add(i);
+    }
+    const openBefore = job.images.map((s, i) => (s === "q" || s === "r" ? i : -1)).filter((i) => i >= 0);
+    if (indices.size === 0) {
+      await this.finish(job, JobState.CANCELLED, undefined, "c");
+      return { state: job.state, cancelledImages: openBefore };
+    }
+    const cancelled: number[] = [];
+    const tasks: Task[] = [];
+    for (const i of [...indices].sort((a, b) => a - b)) {
+      const t = job.tasks[i];
+      if ((job.images[i] !== "q" && job.images[i] !== "r") || t?.state === "done") continue;
+      job.images[i] = "c";
+      cancelled.push(i);
+      if (t) tasks.push(t);
+    }
+    this.scheduler.cancel(tasks, "image cancelled");
+    job.announcing++;
+    try {
+      await this.store.persist(job);
+    } finally {
+      job.announcing--;
+    }
+    for (const i of cancelled) this.store.emit(job, { case: "imageCancelled", value: { imageIndex: i } });
+    if (cancelled.length > 0) {
+      this.m.metrics.imagesFinished.inc({ outcome: "cancelled" }, cancelled.length);
+      this.addOutstanding(job.spec.tenant, -cancelled.length);
+    }
+    this.completeIfDone(job);
+    return { state: job.state, cancelledImages: cancelled };
   }
 
   private async *watch(jobId: string, after: bigint, signal: AbortSignal) {
-    const job = this.job(jobId);
+    const job = await this.job(jobId);
     for await (const event of this.store.watch(job, after, signal)) yield { event };
+  }
+
+  /**
+   * Graceful drain: stop admitting (Submit answers UNAVAILABLE, health NOT_SERVING), place nothing
+   * new, let running tasks finish for up to `graceMs`, then store everything. Tasks still running
+   * at the end stay unfinished in JetStream and the next coordinator places them again.
+   */
+  async drain(graceMs: number): Promise<void> {
+    this.accepting = false;
+    if (this.health) setServing(this.health, [SERVICE], false);
+    this.scheduler.pause();
+    const deadline = Date.now() + graceMs;
+    while (this.scheduler.running > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    this.scheduler.abortAll("coordinator shutting down");
+    await this.store.flush(Math.max(1000, deadline - Date.now()));
   }
 
   /** Stops admitting jobs, then closes everything it started. */
   async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
     this.accepting = false;
     if (this.health) setServing(this.health, [SERVICE], false);
+    this.scheduler.abortAll("coordinator shutting down");
+    await this.store.flush(2000);
+    this.store.close();
+    this.scheduler.close();
+    for (const t of this.deadlines.values()) clearTimeout(t);
     await shutdownServer(this.server);
     if (this.healthServer) await shutdownServer(this.healthServer);
     this.progressSub?.unsubscribe();

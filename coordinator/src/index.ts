@@ -1,4 +1,18 @@
-export { Coordinator, type CoordinatorConfig } from "./coordinator.js";
+export { Coordinator, RetryLaterError, type CoordinatorConfig } from "./coordinator.js";
 export { validateJob, imageSeeds, resolveSeed, DEFAULT_LIMITS, type Limits } from "./validate.js";
 export { startNatsServer, findNatsServer, freePort, type NatsServerHandle } from "./cli/nats-server.js";
 export { startFarm, type Farm } from "./cli/main.js";
+export {
+  DurableStore,
+  DEFAULT_DURABLE_CONFIG,
+  ConflictError,
+  StoreConfigError,
+  ensureStream,
+  type DurableStoreConfig,
+  type StoredJob,
+} from "./durable-store.js";
+export { FairQueue, DEFAULT_TENANT_POLICY, type TenantPolicy, type FairItem } from "./fair-queue.js";
+export { SpeedModel, type SpeedKey, type Estimate } from "./speed-model.js";
+export { Scheduler, type Task, type Run, type SchedulerHooks, type SchedulerOptions } from "./scheduler.js";
+export { Job, JobStore, type JobSpec } from "./job-store.js";
+export type { AgentState } from "./agent-registry.js";

@@ -2,29 +2,83 @@ import * as grpc from "@grpc/grpc-js";
 import { create } from "@bufbuild/protobuf";
 import {
   FarmError,
-  JobState,
   RunTaskRequestSchema,
+  isServiceError,
   statusName,
   type COORDINATOR_METRICS,
+  type Image,
   type Logger,
   type MetricSet,
+  type StepProgress,
 } from "@latentfarm/shared";
 import type { AgentRegistry, AgentState } from "./agent-registry.js";
-import { isFinal, type Job, type JobStore } from "./job-store.js";
+import { FairQueue, type FairItem, type TenantPolicy } from "./fair-queue.js";
+import type { Job } from "./job-store.js";
+import type { SpeedKey, SpeedModel } from "./speed-model.js";
 
-export interface Task {
+export type TaskState = "queued" | "running" | "done" | "failed" | "cancelled";
+
+/** One image of a job: the unit the scheduler queues, places and retries. */
+export interface Task extends FairItem {
   readonly id: string;
   readonly job: Job;
   readonly imageIndex: number;
   readonly seed: bigint;
   readonly subseed: bigint;
-  attempt: number;
-  agentId: string | undefined;
-  /** Agents this task already failed on; avoided when others can take it. */
-  failedOn: Set<string>;
-  abort: AbortController | undefined;
+  readonly key: SpeedKey;
+  readonly steps: number;
+  state: TaskState;
+  /** Attempts that failed in a way that counts toward the delivery limit. */
+  failures: number;
+  /** Agents this task failed on; avoided while others can take it. */
+  readonly failedOn: Set<string>;
+  /** Attempts running now: normally one; two while a backup copy races a slow or stalled one. */
+  readonly runs: Run[];
+  /** Agent of the attempt that was running when the coordinator restarted; preferred on resume. */
+  preferAgent: string | undefined;
   lastStep: number;
-  state: "queued" | "running" | "done" | "failed" | "cancelled";
+}
+
+/** One attempt of a task on one agent. */
+export interface Run {
+  readonly task: Task;
+  readonly agent: AgentState;
+  readonly attempt: number;
+  readonly abort: AbortController;
+  readonly startedAt: number;
+  readonly backup: boolean;
+  readonly modelLoaded: boolean;
+  firstProgressAt: number | undefined;
+  lastProgressAt: number | undefined;
+  lastStep: number;
+  /** When this attempt should end, from the speed model, refined by its progress. */
+  expectedEnd: number;
+  /** Whether the estimate came from measurements of this agent (speculation needs that). */
+  measured: boolean;
+}
+
+export interface SchedulerHooks {
+  onPlaced(task: Task, run: Run): void;
+  onStep(task: Task, step: StepProgress): void;
+  onWarning(task: Task, message: string): void;
+  /** The task's image; the task is already "done" and every other attempt is being cancelled. */
+  onResult(task: Task, image: Image, run: Run): void;
+  onRetry(task: Task, err: FarmError, run: Run): void;
+  /** The task failed for good (non-retryable error, or the delivery limit was reached). */
+  onFailed(task: Task, err: FarmError): void;
+}
+
+export interface SchedulerOptions {
+  logger: Logger;
+  /** Failed attempts after which a task fails (a poison task); hand-backs from draining agents do not count. */
+  maxAttempts: number;
+  /** Start a backup copy of a slow or stalled attempt on an idle agent that would finish it sooner. */
+  speculate: boolean;
+  tenantPolicy: (tenant: string) => TenantPolicy;
+  speed: SpeedModel;
+  metrics?: MetricSet<typeof COORDINATOR_METRICS>;
+  /** Agents whose free memory is below this, without the model loaded, are used only when nothing else can run the task. */
+  minFreeMemoryBytes?: bigint;
 }
 
 // Statuses that mean "this agent could not finish", not "this task is bad".
@@ -38,195 +92,715 @@ const RETRY_ON = new Set<grpc.status>([
   grpc.status.INTERNAL,
 ]);
 
-/**
- * The task queue and placement: each image task goes to an agent with a free slot that offers the
- * model, preferring one that has it loaded, then the least busy. A task that fails retryably is
- * queued again, up to maxAttempts.
- */
-export class Scheduler {
-  private readonly queue: Task[] = [];
-  readonly tasks = new Map<string, Task>();
-  private pumping = false;
-  private runningCount = 0;
-
+/** Why the coordinator ended an attempt itself: decides whether the attempt counts as a failure. */
+class AttemptAborted extends FarmError {
   constructor(
-    private readonly registry: AgentRegistry,
-    private readonly store: JobStore,
-    private readonly metrics: MetricSet<typeof COORDINATOR_METRICS>,
-    private readonly opts: {
-      logger: Logger;
-      maxAttempts: number;
-      onImage: (task: Task) => void;
-      onTaskFailed: (task: Task, err: FarmError) => void;
-    },
+    code: grpc.status,
+    message: string,
+    readonly counts: boolean,
+  ) {
+    super(code, message);
+  }
+}
+
+/** An agent returned the task without trying it (draining, no free slot): not the task's fault. */
+function isHandBack(err: FarmError, agent: AgentState): boolean {
+  if (agent.info.draining && (err.code === grpc.status.UNAVAILABLE || err.code === grpc.status.CANCELLED)) return true;
+  if (err.code === grpc.status.RESOURCE_EXHAUSTED) return true;
+  const cause: unknown = err.cause;
+  if (isServiceError(cause) && cause.metadata?.get("x-handback")[0]?.toString() === "true") return true;
+  return false;
+}
+
+const HOLD_MIN_GAIN_MS = 5;
+
+/**
+ * Slot availability per agent, as one placement pass sees it: now for a free slot, else the
+ * expected end of a running attempt. Agents the pass has not planned on are read straight from
+ * their runs; only the ones it places or holds work on get a copy it can change.
+ */
+class Plan {
+  private readonly planned = new Map<AgentState, number[]>();
+  private readonly busyUntil = new Map<AgentState, number>();
+  /** Estimates per task kind (model, size, steps), aligned with the kind's candidate agents. */
+  readonly estimates = new Map<string, { ms: Float64Array; measured: Uint8Array }>();
+  private readonly capacities = new Map<object, Map<string, number>>();
+  private lastCapacity: { kind: object; key: string } | undefined;
+
+  capacity(kind: object, key: string): number | undefined {
+    const v = this.capacities.get(kind)?.get(key);
+    if (v !== undefined) this.lastCapacity = { kind, key };
+    return v;
+  }
+
+  setCapacity(kind: object, key: string, n: number): void {
+    let m = this.capacities.get(kind);
+    if (!m) this.capacities.set(kind, (m = new Map()));
+    m.set(key, n);
+    this.lastCapacity = { kind, key };
+  }
+
+  /** A task was held: one unit of the capacity last asked for is spoken for. */
+  capacityUsed(key: string): void {
+    const l = this.lastCapacity;
+    if (!l || l.key !== key) return;
+    const m = this.capacities.get(l.kind);
+    const v = m?.get(key);
+    if (m && v !== undefined) m.set(key, v - 1);
+  }
+  constructor(
+    readonly now: number,
+    private readonly runsOf: (a: AgentState) => Iterable<Run>,
   ) {}
 
-  enqueue(tasks: Task[]): void {
-    for (const t of tasks) {
-      this.tasks.set(t.id, t);
-      this.queue.push(t);
-    }
-    this.updateGauges();
-    this.pump();
-  }
-
-  private updateGauges(): void {
-    this.metrics.queueDepth.set(this.queue.length);
-    this.metrics.tasksRunning.set(this.runningCount);
-  }
-
-  /** Places as many queued tasks as agents have room for. */
-  pump(): void {
-    if (this.pumping || this.queue.length === 0) return;
-    this.pumping = true;
-    try {
-      // Models some agent has room for; when none has, the queue scan is skipped entirely.
-      const open = new Set<string>();
-      for (const a of this.registry.list()) if (!a.info.draining && a.info.slots - a.inFlight > 0) for (const m of a.available) open.add(m);
-      for (let i = 0; i < this.queue.length && open.size > 0; ) {
-        const task = this.queue[i]!;
-        if (task.state !== "queued" || isFinal(task.job.state)) {
-          this.queue.splice(i, 1);
-          continue;
-        }
-        const agent = open.has(task.job.params.model) ? this.pick(task) : undefined;
-        if (!agent) {
-          open.delete(task.job.params.model);
-          i++;
-          continue;
-        }
-        this.queue.splice(i, 1);
-        this.dispatch(task, agent);
-        if (agent.info.slots - agent.inFlight <= 0) {
-          open.clear();
-          for (const a of this.registry.list()) if (!a.info.draining && a.info.slots - a.inFlight > 0) for (const m of a.available) open.add(m);
-        }
-      }
-    } finally {
-      this.pumping = false;
-      this.updateGauges();
-    }
-  }
-
-  private pick(task: Task): AgentState | undefined {
-    const model = task.job.params.model;
-    let best: AgentState | undefined;
-    let bestScore = -Infinity;
-    for (const a of this.registry.list()) {
-      if (a.info.draining || !a.available.has(model)) continue;
+  private of(a: AgentState): number[] {
+    let s = this.planned.get(a);
+    if (!s) {
+      s = [];
       const free = a.info.slots - a.inFlight;
-      if (free <= 0) continue;
-      let score = free / Math.max(1, a.info.slots);
-      if (a.info.loadedModels.includes(model)) score += 10;
-      if (task.failedOn.has(a.id)) score -= 100;
-      if (score > bestScore) {
-        best = a;
-        bestScore = score;
-      }
+      for (let i = 0; i < free; i++) s.push(this.now);
+      for (const r of this.runsOf(a)) s.push(this.endOf(r));
+      s.sort((x, y) => x - y);
+      this.planned.set(a, s);
     }
-    return best;
+    return s;
   }
 
-  private dispatch(task: Task, agent: AgentState): void {
-    task.attempt++;
-    task.agentId = agent.id;
-    task.state = "running";
-    task.lastStep = 0;
-    const abort = new AbortController();
-    task.abort = abort;
-    agent.inFlight++;
-    this.runningCount++;
-    this.metrics.tasksDispatched.inc();
-    if (task.job.state === JobState.QUEUED) task.job.state = JobState.RUNNING;
-    this.store.emit(task.job, {
-      case: "placed",
-      value: { taskId: task.id, imageIndex: task.imageIndex, agentId: agent.id, attempt: task.attempt },
-    });
-    const req = create(RunTaskRequestSchema, {
-      taskId: task.id,
-      jobId: task.job.id,
-      params: task.job.params,
-      imageIndex: task.imageIndex,
-      seed: task.seed,
-      subseed: task.subseed,
-      attempt: task.attempt,
-    });
-    void (async () => {
-      let result = false;
-      try {
-        for await (const msg of agent.client.runTask(req, { signal: abort.signal })) {
-          if (msg.kind.case === "result") {
-            const image = msg.kind.value;
-            image.agentId = agent.id;
-            image.index = task.imageIndex;
-            task.job.images[task.imageIndex] = image;
-            result = true;
-          } else if (msg.kind.case === "warning") {
-            this.store.emit(task.job, { case: "warning", value: msg.kind.value });
-          }
-        }
-        if (!result) throw new FarmError(grpc.status.INTERNAL, `agent ${agent.id} ended task ${task.id} without a result`);
-        task.state = "done";
-        this.opts.onImage(task);
-      } catch (err) {
-        this.onAttemptFailed(task, agent, FarmError.from(abort.signal.aborted && abort.signal.reason instanceof FarmError ? abort.signal.reason : err));
-      } finally {
-        agent.inFlight = Math.max(0, agent.inFlight - 1);
-        this.runningCount--;
-        if (task.abort === abort) task.abort = undefined;
-        if (isFinal(task.job.state)) this.tasks.delete(task.id);
-        this.updateGauges();
-        this.pump();
-      }
-    })();
+  // A running attempt past its estimate still holds its slot: it ends "any moment", never "now"
+  // (only a free slot is available now).
+  private endOf(r: Run): number {
+    return Math.max(this.now + 1, r.expectedEnd);
   }
 
-  private onAttemptFailed(task: Task, agent: AgentState, err: FarmError): void {
-    if (task.state === "cancelled" || isFinal(task.job.state)) return;
-    if (RETRY_ON.has(err.code) && task.attempt < this.opts.maxAttempts) {
-      task.failedOn.add(agent.id);
-      task.state = "queued";
-      task.agentId = undefined;
-      this.metrics.taskRetries.inc({ reason: statusName(err.code) });
-      this.opts.logger.warn("task attempt failed; retrying", { taskId: task.id, agentId: agent.id, attempt: task.attempt, error: err.message });
-      this.store.emit(task.job, {
-        case: "retried",
-        value: { taskId: task.id, imageIndex: task.imageIndex, reason: `${statusName(err.code)}: ${err.message}` },
-      });
-      this.queue.unshift(task);
-      return;
+  slotTimes(a: AgentState): readonly number[] {
+    return this.of(a);
+  }
+
+  earliest(a: AgentState): number {
+    const s = this.planned.get(a);
+    if (s) return s[0] ?? Infinity;
+    if (a.info.slots - a.inFlight > 0) return this.now;
+    let m = this.busyUntil.get(a);
+    if (m === undefined) {
+      m = Infinity;
+      for (const r of this.runsOf(a)) m = Math.min(m, this.endOf(r));
+      this.busyUntil.set(a, m);
     }
-    task.state = "failed";
-    this.opts.onTaskFailed(task, err);
+    return m;
   }
 
-  /** An agent is gone: abort its calls so their tasks go back to the queue. */
-  agentLost(agent: AgentState, reason: string): void {
-    for (const t of this.tasks.values()) {
-      if (t.agentId === agent.id && t.state === "running") {
-        t.abort?.abort(new FarmError(grpc.status.UNAVAILABLE, `agent ${agent.id} lost: ${reason}`));
-      }
+  freeNow(a: AgentState): boolean {
+    return this.earliest(a) <= this.now;
+  }
+
+  /** The agent's earliest slot is taken until `until`. */
+  occupy(a: AgentState, until: number): void {
+    const s = this.of(a);
+    s.shift();
+    let i = s.length;
+    while (i > 0 && s[i - 1]! > until) i--;
+    s.splice(i, 0, until);
+  }
+}
+
+/**
+ * The task queue and placement. Tasks wait in per-tenant fair queues; each pass walks them in fair
+ * order and gives each task the agent expected to finish it first ("earliest completion time"):
+ * an agent's start is now if it has a free slot, else when its running attempt should end; its
+ * duration comes from the speed model (seconds per step for the model and size, plus load time
+ * when the model is not loaded). So a batch splits across unequal agents in proportion to their
+ * speed, and a task may wait a moment for a fast agent rather than start on a slow one. When the
+ * queue runs dry, an idle agent takes over work from a slower or stalled one by starting a backup
+ * copy; the first result wins and the other copy is cancelled (images are deterministic, so both
+ * are the same image).
+ */
+export class Scheduler {
+  readonly tasks = new Map<string, Task>();
+  private readonly queue: FairQueue<Task>;
+  private readonly runsByAgent = new Map<string, Set<Run>>();
+  private byModel: Map<string, AgentState[]> | undefined;
+  private readonly estimateCache = new Map<
+    string,
+    { agents: AgentState[]; ms: Float64Array; measured: Uint8Array; version: Float64Array; loaded: Uint8Array; fleet: number }
+  >();
+  private queuedCount = 0;
+  /** Queued tasks per model: how deep the queue is behind a task decides whether holding it back pays. */
+  private readonly queuedByModel = new Map<string, number>();
+  private runningCount = 0;
+  private pumpScheduled = false;
+  private wakeTimer: NodeJS.Timeout | undefined;
+  private wakeAt = Infinity;
+  private tick: NodeJS.Timeout | undefined;
+  private paused = false;
+  private closing = false;
+  /** Placement passes and the tasks they placed, for the placement benchmark and metrics. */
+  readonly stats = {
+    passes: 0,
+    placed: 0,
+    held: 0,
+    backups: 0,
+    /** Wall time of each pass. */
+    passMs: [] as number[],
+    /** Per placement: from the event that asked for a pass (a slot freed, a task arrived) to the placement. */
+    placeMs: [] as number[],
+  };
+  private pumpRequestedAt = 0;
+  private lastSpeculation = 0;
+  private lastPassEnd = 0;
+
+  constructor(
+    private readonly registry: Pick<AgentRegistry, "list">,
+    private readonly hooks: SchedulerHooks,
+    private readonly opts: SchedulerOptions,
+  ) {
+    this.queue = new FairQueue<Task>((t) => t.state === "queued", opts.tenantPolicy);
+    if (opts.speculate) {
+      // Stalls show only as silence, so look again now and then while anything runs.
+      this.tick = setInterval(() => {
+        if (this.runningCount > 0) this.schedulePump();
+      }, 500);
+      this.tick.unref();
     }
-  }
-
-  /** Cancels every task of a job: queued ones are dropped, running calls are cancelled. */
-  cancelJob(job: Job): void {
-    for (const t of this.tasks.values()) {
-      if (t.job !== job) continue;
-      if (t.state === "queued" || t.state === "running") {
-        t.state = "cancelled";
-        t.abort?.abort(new FarmError(grpc.status.CANCELLED, "job cancelled"));
-      }
-    }
-    this.pump();
-  }
-
-  /** Drops bookkeeping of a finished job's tasks. */
-  forgetJob(job: Job): void {
-    for (const [id, t] of this.tasks) if (t.job === job && t.state !== "running") this.tasks.delete(id);
   }
 
   get queued(): number {
-    return this.queue.length;
+    return this.queuedCount;
+  }
+
+  private countQueued(task: Task, delta: number): void {
+    this.queuedCount += delta;
+    const m = task.key.model;
+    const n = (this.queuedByModel.get(m) ?? 0) + delta;
+    if (n <= 0) this.queuedByModel.delete(m);
+    else this.queuedByModel.set(m, n);
+  }
+
+  get running(): number {
+    return this.runningCount;
+  }
+
+  tenantRunning(tenant: string): number {
+    return this.queue.running(tenant);
+  }
+
+  /** Queues a job's tasks (new, or resumed after a restart). */
+  enqueueJob(job: Job, tasks: Task[]): void {
+    for (const t of tasks) {
+      this.tasks.set(t.id, t);
+      t.state = "queued";
+      this.countQueued(t, 1);
+    }
+    this.queue.pushJob(job.spec.tenant, job.spec.priority, tasks);
+    this.updateGauges();
+    this.schedulePump();
+  }
+
+  /** Agents joined, left or changed what they offer. */
+  agentsChanged(): void {
+    this.byModel = undefined;
+    this.estimateCache.clear();
+    this.schedulePump();
+  }
+
+  pause(): void {
+    this.paused = true;
+  }
+
+  /** Coalesces placement into one pass per event-loop turn. */
+  schedulePump(): void {
+    if (this.pumpScheduled || this.paused) return;
+    this.pumpScheduled = true;
+    const now = performance.now();
+    this.pumpRequestedAt = now;
+    const run = (): void => {
+      this.pumpScheduled = false;
+      this.pump();
+    };
+    // Placement right away while passes are rare; when they come back to back (a saturated farm),
+    // one pass per event-loop turn serves every slot freed in it, which is cheaper.
+    if (now - this.lastPassEnd > 2) queueMicrotask(run);
+    else setImmediate(run);
+  }
+
+  private updateGauges(): void {
+    this.opts.metrics?.queueDepth.set(this.queuedCount);
+    this.opts.metrics?.tasksRunning.set(this.runningCount);
+  }
+
+  private agentsFor(model: string): AgentState[] {
+    if (!this.byModel) {
+      this.byModel = new Map();
+      for (const a of this.registry.list()) {
+        for (const m of a.available) {
+          let l = this.byModel.get(m);
+          if (!l) this.byModel.set(m, (l = []));
+          l.push(a);
+        }
+      }
+    }
+    return this.byModel.get(model) ?? [];
+  }
+
+  private runsOn = (a: AgentState): Iterable<Run> => this.runsByAgent.get(a.id) ?? [];
+
+  /** One placement pass: fills free slots in fair order, holding tasks for faster busy agents. */
+  pump(): void {
+    if (this.paused || (this.queuedCount === 0 && !this.opts.speculate)) return;
+    const t0 = performance.now();
+    const requested = this.pumpRequestedAt > 0 && this.pumpRequestedAt <= t0 ? this.pumpRequestedAt : t0;
+    this.pumpRequestedAt = 0;
+    const now = Date.now();
+    let free = 0;
+    for (const a of this.registry.list()) if (!a.info.draining) free += Math.max(0, a.info.slots - a.inFlight);
+    if (free === 0) return;
+    this.stats.passes++;
+    const plan = new Plan(now, this.runsOn);
+    // Models with no agent free now are skipped cheaply; held tasks bound how far the pass looks.
+    const closed = new Set<string>();
+    const heldByModel = new Map<string, number>();
+    let held = 0;
+    // Holding only matters at the end of a batch, where a few dozen tasks are in play.
+    const lookahead = 64;
+    let wakeAt = Infinity;
+    let exhausted = true;
+    if (this.queuedCount > 0) {
+      for (const task of this.queue.order((t) => closed.has(t.key.model))) {
+        if (free <= 0 || held >= lookahead) {
+          exhausted = false;
+          break;
+        }
+        if (task.job.final) continue;
+        const model = task.key.model;
+        if (closed.has(model)) continue;
+        const choice = this.choose(task, plan, (this.queuedByModel.get(model) ?? 0) - (heldByModel.get(model) ?? 0));
+        if (!choice) {
+          // A task that avoids agents it failed on says nothing about the model's other tasks.
+          if (task.failedOn.size === 0) closed.add(model);
+          continue;
+        }
+        if (choice.start <= now) {
+          // The plan is updated first: it reads the agent's slots as they were before this run.
+          plan.occupy(choice.agent, now + choice.ms);
+          this.queue.take(task);
+          this.startRun(task, choice.agent, false, choice);
+          free--;
+          this.stats.placed++;
+          if (this.stats.placeMs.length < 200_000) this.stats.placeMs.push(performance.now() - requested);
+        } else {
+          plan.occupy(choice.agent, choice.start + choice.ms);
+          heldByModel.set(model, (heldByModel.get(model) ?? 0) + 1);
+          held++;
+          this.stats.held++;
+          wakeAt = Math.min(wakeAt, choice.start);
+        }
+      }
+    }
+    // Backups only when the queue has nothing left these free agents should run instead.
+    if (free > 0 && exhausted && held === 0 && this.opts.speculate && this.runningCount > 0 && t0 - this.lastSpeculation >= 50) {
+      // At the end of a batch every freed slot asks; looking every 50 ms is enough for backups.
+      this.lastSpeculation = t0;
+      this.speculate(plan);
+    }
+    if (wakeAt < Infinity) this.wakeUpAt(wakeAt);
+    this.lastPassEnd = performance.now();
+    const ms = this.lastPassEnd - t0;
+    if (this.stats.passMs.length < 100_000) this.stats.passMs.push(ms);
+    this.opts.metrics?.placementPass.observe(ms / 1000);
+    this.updateGauges();
+  }
+
+  private wakeUpAt(at: number): void {
+    if (this.wakeTimer && this.wakeAt <= at) return;
+    if (this.wakeTimer) clearTimeout(this.wakeTimer);
+    this.wakeAt = at;
+    this.wakeTimer = setTimeout(() => {
+      this.wakeTimer = undefined;
+      this.wakeAt = Infinity;
+      this.schedulePump();
+    }, Math.max(1, at - Date.now() + 1));
+    this.wakeTimer.unref();
+  }
+
+  private estimate(a: AgentState, task: Task): { ms: number; measured: boolean } {
+    const loaded = a.info.loadedModels.includes(task.key.model);
+    const e = this.opts.speed.taskSeconds(a.id, task.key, task.steps, loaded);
+    return { ms: e.seconds * 1000, measured: e.measured };
+  }
+
+  /**
+   * Estimates for every candidate agent of a task kind, kept across passes: an entry is recomputed
+   * only when its agent's figures changed (or, for an unmeasured agent, the fleet's), or the agent
+   * loaded or dropped the model.
+   */
+  private estimatesFor(task: Task, candidates: AgentState[], plan: Plan): { ms: Float64Array; measured: Uint8Array } {
+    const kind = `${task.key.model}|${task.key.width}x${task.key.height}|${task.steps}`;
+    const inPass = plan.estimates.get(kind);
+    if (inPass) return inPass;
+    let e = this.estimateCache.get(kind);
+    if (!e || e.agents !== candidates) {
+      const n = candidates.length;
+      e = { agents: candidates, ms: new Float64Array(n), measured: new Uint8Array(n), version: new Float64Array(n).fill(-1), loaded: new Uint8Array(n), fleet: -1 };
+      this.estimateCache.set(kind, e);
+    }
+    const speed = this.opts.speed;
+    const fleet = speed.fleetVersion;
+    for (let i = 0; i < candidates.length; i++) {
+      const a = candidates[i]!;
+      const v = speed.agentVersion(a.id);
+      const loaded = a.info.loadedModels.includes(task.key.model) ? 1 : 0;
+      // Load times are fleet figures too, so an unloaded agent follows the fleet version.
+      if (e.version[i] === v && e.loaded[i] === loaded && ((e.measured[i] && loaded) || e.fleet === fleet)) continue;
+      const x = this.estimate(a, task);
+      e.ms[i] = x.ms;
+      e.measured[i] = x.measured ? 1 : 0;
+      e.version[i] = v;
+      e.loaded[i] = loaded;
+    }
+    e.fleet = fleet;
+    plan.estimates.set(kind, e);
+    return e;
+  }
+
+  /**
+   * The agent expected to finish the task first. A busy agent wins over a free one only when both
+   * estimates are measured and it finishes clearly sooner; on guesses the free agent goes first.
+   */
+  private choose(task: Task, plan: Plan, waiting: number): { agent: AgentState; start: number; ms: number; measured: boolean } | undefined {
+    const candidates = this.agentsFor(task.key.model);
+    const est = this.estimatesFor(task, candidates, plan);
+    // Agents the task failed on, or short of memory, only when no other agent can take it.
+    let restrict = false;
+    if (task.failedOn.size > 0 || this.opts.minFreeMemoryBytes) {
+      for (const a of candidates) {
+        if (!a.info.draining && !task.failedOn.has(a.id) && this.memoryOk(a, task)) {
+          restrict = true;
+          break;
+        }
+      }
+    }
+    const now = plan.now;
+    let fi = -1;
+    let fFinish = Infinity;
+    let fTie = Infinity;
+    let bi = -1;
+    let bFinish = Infinity;
+    let bStart = 0;
+    for (let i = 0; i < candidates.length; i++) {
+      const a = candidates[i]!;
+      if (a.info.draining) continue;
+      if (restrict && (task.failedOn.has(a.id) || !this.memoryOk(a, task))) continue;
+      const start = plan.earliest(a);
+      if (start === Infinity) continue;
+      let finish = start + est.ms[i]!;
+      if (task.preferAgent === a.id) finish -= 1;
+      if (start <= now) {
+        // Among free agents with equal estimates, the least busy one (spreads a batch).
+        const tie = a.inFlight / Math.max(1, a.info.slots);
+        if (finish < fFinish - 1e-6 || (Math.abs(finish - fFinish) <= 1e-6 && tie < fTie)) {
+          fi = i;
+          fFinish = finish;
+          fTie = tie;
+        }
+      } else if (finish < bFinish) {
+        bi = i;
+        bFinish = finish;
+        bStart = start;
+      }
+    }
+    // No agent free for this task now: nothing to decide in this pass.
+    if (fi < 0) return undefined;
+    if (bi >= 0 && est.measured[bi] && est.measured[fi] && bFinish + Math.max(HOLD_MIN_GAIN_MS, 0.1 * est.ms[fi]!) < fFinish) {
+      // Holding pays only near the end of a batch: when the agents can finish all the waiting work
+      // of this model before the free agent would finish this task. With a deeper queue the free
+      // agent's work is needed anyway, so it starts now.
+      if (waiting <= this.capacityBefore(fFinish, candidates, est, plan, restrict ? task : undefined, `${fi}`)) {
+        plan.capacityUsed(`${fi}`);
+        return { agent: candidates[bi]!, start: bStart, ms: est.ms[bi]!, measured: true };
+      }
+    }
+    return { agent: candidates[fi]!, start: now, ms: est.ms[fi]!, measured: est.measured[fi] === 1 };
+  }
+
+  /** How many tasks of this kind the candidate agents could finish by `until`, counting what is already planned. */
+  private capacityBefore(until: number, candidates: AgentState[], est: { ms: Float64Array }, plan: Plan, excludeFailedOf: Task | undefined, key: string): number {
+    // Computed once per pass and free agent; each task held after that uses up one unit of it.
+    const cached = plan.capacity(est, key);
+    if (cached !== undefined) return cached;
+    let n = 0;
+    for (let i = 0; i < candidates.length; i++) {
+      const a = candidates[i]!;
+      if (a.info.draining || (excludeFailedOf && excludeFailedOf.failedOn.has(a.id))) continue;
+      const ms = Math.max(1e-3, est.ms[i]!);
+      for (const free of plan.slotTimes(a)) if (free < until) n += Math.floor((until - free) / ms);
+    }
+    plan.setCapacity(est, key, n);
+    return n;
+  }
+
+  private memoryOk(a: AgentState, task: Task): boolean {
+    const min = this.opts.minFreeMemoryBytes;
+    if (!min || a.freeMemoryBytes <= 0n) return true;
+    return a.info.loadedModels.includes(task.key.model) || a.freeMemoryBytes >= min;
+  }
+
+  /** Idle agents take over slow or stalled attempts with a backup copy, when they would finish sooner. */
+  private speculate(plan: Plan): void {
+    const now = plan.now;
+    const idle: AgentState[] = [];
+    for (const a of this.registry.list()) {
+      if (a.info.draining || !plan.freeNow(a)) continue;
+      // An agent with queued work for its models is idle by choice (held for faster agents), not out of work.
+      let hasQueued = false;
+      for (const m of a.available) if (this.queuedByModel.has(m)) hasQueued = true;
+      if (!hasQueued) idle.push(a);
+      if (idle.length >= 64) break;
+    }
+    if (idle.length === 0) return;
+    // Only attempts with enough time left for a backup to win are worth a look.
+    const candidates: Array<{ task: Task; run: Run; remaining: number }> = [];
+    for (const set of this.runsByAgent.values()) {
+      for (const run of set) {
+        const task = run.task;
+        if (task.state !== "running" || task.runs.length !== 1 || run.backup || task.job.final) continue;
+        const remaining = this.remaining(run, now);
+        if (remaining === Infinity || (run.measured && remaining > HOLD_MIN_GAIN_MS * 4)) candidates.push({ task, run, remaining });
+      }
+    }
+    if (candidates.length === 0) return;
+    candidates.sort((a, b) => b.remaining - a.remaining);
+    const top = candidates.slice(0, 32).map((c) => ({ ...c, kind: `${c.task.key.model}|${c.task.key.width}x${c.task.key.height}|${c.task.steps}` }));
+    const estimates = new Map<string, Map<AgentState, { ms: number; measured: boolean }>>();
+    for (const a of idle) {
+      for (const c of top) {
+        if (c.task.runs.length !== 1 || c.run.agent === a || c.task.failedOn.has(a.id) || !a.available.has(c.task.key.model)) continue;
+        let byAgent = estimates.get(c.kind);
+        if (!byAgent) estimates.set(c.kind, (byAgent = new Map()));
+        let est = byAgent.get(a);
+        if (!est) byAgent.set(a, (est = this.estimate(a, c.task)));
+        if (!est.measured) continue;
+        const stalled = c.remaining === Infinity;
+        if (!stalled && !(est.ms * 1.25 + HOLD_MIN_GAIN_MS < c.remaining)) continue;
+        this.stats.backups++;
+        this.opts.metrics?.taskBackups.inc({ reason: stalled ? "stalled" : "slow" });
+        plan.occupy(a, now + est.ms);
+        this.startRun(c.task, a, true, { ms: est.ms, measured: true });
+        break;
+      }
+    }
+  }
+
+  /** Expected time left for an attempt; Infinity when it stopped making progress. */
+  private remaining(run: Run, now: number): number {
+    const stepMs = (this.opts.speed.agentStepSeconds(run.agent.id, run.task.key) ?? 0) * 1000;
+    if (run.lastProgressAt !== undefined && now - run.lastProgressAt > Math.max(2000, 5 * stepMs)) return Infinity;
+    return Math.max(0, run.expectedEnd - now);
+  }
+
+  private startRun(task: Task, agent: AgentState, backup: boolean, est: { ms: number; measured: boolean }): void {
+    const wasQueued = task.state === "queued";
+    task.state = "running";
+    if (wasQueued) {
+      this.countQueued(task, -1);
+      this.runningCount++;
+    }
+    const now = Date.now();
+    const run: Run = {
+      task,
+      agent,
+      attempt: task.job.attempts[task.imageIndex]! + 1,
+      abort: new AbortController(),
+      startedAt: now,
+      backup,
+      modelLoaded: agent.info.loadedModels.includes(task.key.model),
+      firstProgressAt: undefined,
+      lastProgressAt: undefined,
+      lastStep: 0,
+      expectedEnd: now + est.ms,
+      measured: est.measured,
+    };
+    task.runs.push(run);
+    agent.inFlight++;
+    let set = this.runsByAgent.get(agent.id);
+    if (!set) this.runsByAgent.set(agent.id, (set = new Set()));
+    set.add(run);
+    this.opts.metrics?.tasksDispatched.inc();
+    this.hooks.onPlaced(task, run);
+    void this.drive(run);
+  }
+
+  private async drive(run: Run): Promise<void> {
+    const { task, agent } = run;
+    const deadline = task.job.spec.deadlineUnixMs;
+    const req = create(RunTaskRequestSchema, {
+      taskId: task.id,
+      jobId: task.job.id,
+      params: task.job.spec.params,
+      imageIndex: task.imageIndex,
+      seed: task.seed,
+      subseed: task.subseed,
+      attempt: run.attempt,
+    });
+    let image: Image | undefined;
+    try {
+      const call = agent.client.runTask(req, { signal: run.abort.signal, ...(deadline > 0 ? { timeoutMs: Math.max(1, deadline - Date.now()) } : {}) });
+      for await (const msg of call) {
+        if (msg.kind.case === "progress") this.onProgress(run, msg.kind.value);
+        else if (msg.kind.case === "result") image = msg.kind.value;
+        else if (msg.kind.case === "warning" && task.state === "running") this.hooks.onWarning(task, msg.kind.value.message);
+      }
+      if (!image) throw new FarmError(grpc.status.INTERNAL, `agent ${agent.id} ended task ${task.id} without a result`);
+      this.onResult(run, image);
+    } catch (err) {
+      const reason: unknown = run.abort.signal.reason;
+      this.onAttemptFailed(run, run.abort.signal.aborted && reason instanceof FarmError ? reason : FarmError.from(err));
+    } finally {
+      this.endRun(run);
+    }
+  }
+
+  /** Step progress of an attempt, from its RunTask stream or from NATS. */
+  onProgress(run: Run, step: StepProgress): void {
+    const now = Date.now();
+    if (step.step <= run.lastStep) return;
+    run.lastStep = step.step;
+    run.firstProgressAt ??= now;
+    run.lastProgressAt = now;
+    const perStep = this.opts.speed.agentStepSeconds(run.agent.id, run.task.key);
+    if (perStep !== undefined) {
+      run.expectedEnd = now + (run.task.steps - step.step) * perStep * 1000;
+    } else if (step.step > 1) {
+      run.expectedEnd = now + ((run.task.steps - step.step) * (now - run.firstProgressAt)) / (step.step - 1);
+    }
+    const task = run.task;
+    if (task.state !== "running" || step.step <= task.lastStep) return;
+    task.lastStep = step.step;
+    this.hooks.onStep(task, step);
+  }
+
+  /** Progress that arrived over NATS for a task id. */
+  onNatsProgress(taskId: string, agentId: string, step: StepProgress): void {
+    const task = this.tasks.get(taskId);
+    if (!task) return;
+    const run = task.runs.find((r) => r.agent.id === agentId);
+    if (run) this.onProgress(run, step);
+  }
+
+  private onResult(run: Run, image: Image): void {
+    const { task, agent } = run;
+    if (task.state !== "running") {
+      // A late result: the task finished elsewhere, was cancelled, or this attempt was given up on.
+      this.opts.metrics?.resultsDiscarded.inc({ reason: task.state === "done" ? "duplicate" : "late" });
+      return;
+    }
+    task.state = "done";
+    this.leaveRunning(task);
+    this.tasks.delete(task.id);
+    for (const other of task.runs) {
+      if (other !== run) other.abort.abort(new AttemptAborted(grpc.status.CANCELLED, `task ${task.id} finished on ${agent.id}`, false));
+    }
+    this.observeSpeed(run);
+    this.hooks.onResult(task, image, run);
+  }
+
+  private observeSpeed(run: Run): void {
+    const end = Date.now();
+    const steps = run.task.steps;
+    if (run.firstProgressAt !== undefined && steps > 1) {
+      const perStep = (end - run.firstProgressAt) / (steps - 1) / 1000;
+      const before = (run.firstProgressAt - run.startedAt) / 1000 - perStep;
+      if (run.modelLoaded) this.opts.speed.observe(run.agent.id, run.task.key, { secondsPerStep: perStep, overheadSeconds: Math.max(0, before) });
+      else {
+        const usual = this.opts.speed.overheadSeconds(run.agent.id) ?? 0;
+        this.opts.speed.observe(run.agent.id, run.task.key, { secondsPerStep: perStep, loadSeconds: Math.max(0, before - usual) });
+      }
+    } else if (run.modelLoaded) {
+      this.opts.speed.observe(run.agent.id, run.task.key, { secondsPerStep: (end - run.startedAt) / 1000 / Math.max(1, steps) });
+    }
+  }
+
+  private onAttemptFailed(run: Run, err: FarmError): void {
+    const { task, agent } = run;
+    // At shutdown running tasks stay "running" in the store; the next coordinator places them again.
+    if (task.state !== "running" || this.closing) return;
+    if (task.runs.length > 1) {
+      // Another copy is still running; this one just ends.
+      if (!(err instanceof AttemptAborted && !err.counts)) task.failedOn.add(agent.id);
+      return;
+    }
+    const handBack = err instanceof AttemptAborted ? !err.counts : isHandBack(err, agent);
+    if (!handBack) {
+      task.failures++;
+      task.failedOn.add(agent.id);
+    }
+    if (RETRY_ON.has(err.code) && (handBack || task.failures < this.opts.maxAttempts) && !task.job.final) {
+      task.state = "queued";
+      this.leaveRunning(task);
+      this.countQueued(task, 1);
+      this.queue.pushRetry(task);
+      this.opts.metrics?.taskRetries.inc({ reason: handBack ? "HANDED_BACK" : statusName(err.code) });
+      this.opts.logger.warn("task attempt failed; placing it again", { taskId: task.id, agentId: agent.id, attempt: run.attempt, failures: task.failures, error: err.message });
+      this.hooks.onRetry(task, err, run);
+      return;
+    }
+    task.state = "failed";
+    this.leaveRunning(task);
+    this.tasks.delete(task.id);
+    this.hooks.onFailed(task, err);
+  }
+
+  private leaveRunning(task: Task): void {
+    this.runningCount--;
+    this.queue.release(task.tenant);
+  }
+
+  private endRun(run: Run): void {
+    const { task, agent } = run;
+    const i = task.runs.indexOf(run);
+    if (i >= 0) task.runs.splice(i, 1);
+    agent.inFlight = Math.max(0, agent.inFlight - 1);
+    this.runsByAgent.get(agent.id)?.delete(run);
+    this.updateGauges();
+    this.schedulePump();
+  }
+
+  /** An agent is gone: its attempts end, and their tasks go back to the queue (this counts as a failure). */
+  agentLost(agent: AgentState, reason: string): void {
+    for (const run of this.runsByAgent.get(agent.id) ?? []) {
+      run.abort.abort(new AttemptAborted(grpc.status.UNAVAILABLE, `agent ${agent.id} lost: ${reason}`, true));
+    }
+    this.runsByAgent.delete(agent.id);
+    this.agentsChanged();
+  }
+
+  /** Cancels tasks: queued ones leave the queue, running attempts are cancelled on their agents. */
+  cancel(tasks: Iterable<Task>, message: string): void {
+    for (const t of tasks) {
+      if (t.state === "queued") {
+        t.state = "cancelled";
+        this.countQueued(t, -1);
+      } else if (t.state === "running") {
+        t.state = "cancelled";
+        this.leaveRunning(t);
+        for (const r of t.runs) r.abort.abort(new AttemptAborted(grpc.status.CANCELLED, message, false));
+      } else continue;
+      this.tasks.delete(t.id);
+    }
+    this.updateGauges();
+    this.schedulePump();
+  }
+
+  /** Ends every running attempt (coordinator shutdown); the tasks stay unfinished in the store. */
+  abortAll(message: string): void {
+    this.paused = true;
+    this.closing = true;
+    for (const set of this.runsByAgent.values()) {
+      for (const r of set) r.abort.abort(new AttemptAborted(grpc.status.UNAVAILABLE, message, false));
+    }
+  }
+
+  close(): void {
+    this.paused = true;
+    if (this.tick) clearInterval(this.tick);
+    if (this.wakeTimer) clearTimeout(this.wakeTimer);
   }
 }

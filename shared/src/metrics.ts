@@ -17,6 +17,9 @@ interface MetricDef {
 const JOB_BUCKETS = [0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300];
 const STEP_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5];
 const LOAD_BUCKETS = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120];
+// Submit is a validation plus one or two JetStream round trips; placement passes take microseconds to milliseconds.
+const SUBMIT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1];
+const PLACEMENT_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1];
 
 export const COORDINATOR_METRICS = {
   jobsSubmitted: { name: "latentfarm_jobs_submitted_total", kind: "counter", help: "Jobs accepted by Submit.", labels: ["tenant"] },
@@ -66,6 +69,62 @@ export const COORDINATOR_METRICS = {
     kind: "counter",
     help: "Images requested by accepted jobs, by tenant.",
     labels: ["tenant"],
+  },
+  tenantQueuedImages: {
+    name: "latentfarm_tenant_queued_images",
+    kind: "gauge",
+    help: "Images of a tenant's jobs not finished yet (queued or running), by tenant; the queued-images limit applies to it.",
+    labels: ["tenant"],
+  },
+  tenantRunningImages: {
+    name: "latentfarm_tenant_running_images",
+    kind: "gauge",
+    help: "Images of a tenant running on agents now, by tenant.",
+    labels: ["tenant"],
+  },
+  submitDuration: {
+    name: "latentfarm_submit_duration_seconds",
+    kind: "histogram",
+    help: "Time to accept a job (validation, admission and the durable write).",
+    labels: [],
+    buckets: SUBMIT_BUCKETS,
+  },
+  placementPass: {
+    name: "latentfarm_placement_pass_seconds",
+    kind: "histogram",
+    help: "Wall time of one placement pass over the queue.",
+    labels: [],
+    buckets: PLACEMENT_BUCKETS,
+  },
+  taskBackups: {
+    name: "latentfarm_task_backups_total",
+    kind: "counter",
+    help: "Backup copies of running tasks started on idle agents, by reason (slow: a faster agent would finish first; stalled: no progress).",
+    labels: ["reason"],
+  },
+  resultsDiscarded: {
+    name: "latentfarm_results_discarded_total",
+    kind: "counter",
+    help: "Task results ignored because the task had already finished elsewhere (duplicate) or was cancelled or given up on (late).",
+    labels: ["reason"],
+  },
+  jobsResumed: {
+    name: "latentfarm_jobs_resumed_total",
+    kind: "counter",
+    help: "Unfinished jobs read back from JetStream and resumed after a coordinator start.",
+    labels: [],
+  },
+  jobsInMemory: {
+    name: "latentfarm_jobs_in_memory",
+    kind: "gauge",
+    help: "Jobs held in coordinator memory (unfinished ones plus a bounded set of recently finished ones).",
+    labels: [],
+  },
+  storeRetries: {
+    name: "latentfarm_store_retries_total",
+    kind: "counter",
+    help: "JetStream writes that failed and were retried, by reason (state, events or image).",
+    labels: ["reason"],
   },
 } as const satisfies Record<string, MetricDef>;
 

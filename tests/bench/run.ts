@@ -1,8 +1,10 @@
 // `npm run bench`: every benchmark, printing measured numbers and ratios side by side.
+// `npm run bench -- NAME…` runs only those (agent-overhead, coordinator-dispatch, placement, speed-split).
 import { availableParallelism, cpus } from "node:os";
 import { benchAgentOverhead } from "./agent-overhead.js";
 import { benchCoordinatorDispatch } from "./coordinator-dispatch.js";
-import { benchStepBatching } from "./step-batching.js";
+import { benchPlacementBoth } from "./placement.js";
+import { benchSpeedSplit } from "./speed-split.js";
 
 const only = process.argv.slice(2);
 const want = (name: string): boolean => only.length === 0 || only.includes(name);
@@ -12,4 +14,5 @@ const fmt = (o: Record<string, number> | undefined): string =>
 process.stdout.write(`machine: ${cpus()[0]?.model ?? "?"} × ${availableParallelism()}, node ${process.version}\n`);
 if (want("agent-overhead")) process.stdout.write(`agent-overhead (target ≤ 5%): ${fmt(await benchAgentOverhead())}\n`);
 if (want("coordinator-dispatch")) process.stdout.write(`coordinator-dispatch (target ≥ 500 tasks/s): ${fmt(await benchCoordinatorDispatch())}\n`);
-if (want("step-batching")) process.stdout.write(`step-batching, 8 concurrent vs 8 sequential jobs, one CPU agent: ${fmt(await benchStepBatching())}\n`);
+if (want("placement")) process.stdout.write(`placement, 256 agents (target ≥ 2,000/s, p99 ≤ 5 ms): ${fmt(await benchPlacementBoth())}\n`);
+if (want("speed-split")) process.stdout.write(`speed-split 1×/2×/4× (target makespan ≤ 1.15 × ideal): ${fmt(await benchSpeedSplit())}\n`);

@@ -1,12 +1,16 @@
 // An agent whose model evaluation is simulated: real gRPC server, real NATS heartbeats and
-// progress, but each "step" is a timer instead of a UNet call. Benchmarks and load tests use it to
-// measure the farm's own overhead without ONNX Runtime.
+// progress, but each "step" is a timer instead of a UNet call. Benchmarks, load tests and fault
+// tests use it to measure and break the farm's own machinery without ONNX Runtime. Its "PNG" is a
+// digest of what determines an image (model, prompt, size, steps, seed, subseed), so a retried or
+// re-placed task must produce the same bytes, as a real agent's deterministic render does.
 import * as grpc from "@grpc/grpc-js";
+import { createHash } from "node:crypto";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import {
   AgentInfoSchema,
   AgentService,
+  FarmError,
   HeartbeatSchema,
   ImageSchema,
   TaskProgressSchema,
@@ -16,6 +20,7 @@ import {
   shutdownServer,
   subjects,
   type AgentInfo,
+  type GenerationParams,
   type HandlerContext,
   type RunTaskRequest,
 } from "@latentfarm/shared";
@@ -25,11 +30,38 @@ export interface SimAgentOptions {
   natsUrl: string;
   models?: string[];
   slots?: number;
-  /** Simulated time per sampling step, ms (0 = none). */
+  /** Simulated time per sampling step at speed 1, ms (0 = none). */
   stepMs?: number;
+  /** Relative speed: a step takes stepMs / speed. */
+  speed?: number;
   heartbeatMs?: number;
   /** Publish step progress on NATS (as a real agent does). */
   progress?: boolean;
+  /** Tasks whose image seed is listed fail on every attempt, with this status (a poison task). */
+  poisonSeeds?: readonly bigint[];
+  poisonCode?: grpc.status;
+  /** Called on task start and end (fault tests count executions with it). */
+  onTask?: (event: "start" | "done" | "aborted" | "failed", req: RunTaskRequest) => void;
+}
+
+/** The bytes a simulated agent returns for an image: the same inputs always give the same bytes. */
+export function simImageBytes(params: Pick<GenerationParams, "model" | "prompt" | "width" | "height" | "steps">, seed: bigint, subseed: bigint): Uint8Array {
+  const h = createHash("sha256")
+    .update(`${params.model}|${params.prompt}|${params.width}x${params.height}|${params.steps}|${seed}|${subseed}`)
+    .digest();
+  return new Uint8Array(Buffer.concat([Buffer.from("SIMPNG"), h]));
+}
+
+/** Ends a task the agent will not finish (draining), marked so the coordinator does not count it as a failure. */
+class HandBack extends FarmError {
+  constructor(message: string) {
+    super(grpc.status.UNAVAILABLE, message);
+  }
+  override toStatus(): Partial<grpc.StatusObject> {
+    const s = super.toStatus();
+    s.metadata?.set("x-handback", "true");
+    return s;
+  }
 }
 
 export class SimAgent {
@@ -37,10 +69,16 @@ export class SimAgent {
   private nc: NatsConnection | undefined;
   private timer: NodeJS.Timeout | undefined;
   private busy = 0;
+  private draining = false;
+  private readonly running = new Map<string, AbortController>();
   address = "";
   tasksRun = 0;
 
   constructor(private readonly o: SimAgentOptions) {}
+
+  get id(): string {
+    return this.o.id;
+  }
 
   private info(): AgentInfo {
     return create(AgentInfoSchema, {
@@ -51,19 +89,38 @@ export class SimAgent {
       busySlots: this.busy,
       loadedModels: this.o.models ?? ["sim"],
       lastHeartbeatUnixMs: BigInt(Date.now()),
+      draining: this.draining,
     });
   }
 
   async start(): Promise<void> {
-    const png = new Uint8Array(64);
+    const poison = new Set((this.o.poisonSeeds ?? []).map(String));
     addService(this.server, AgentService, {
       runTask: async function* (this: SimAgent, req: RunTaskRequest, ctx: HandlerContext) {
+        if (this.draining) throw new HandBack(`agent ${this.o.id} is draining`);
+        if (this.busy >= (this.o.slots ?? 4)) throw new FarmError(grpc.status.RESOURCE_EXHAUSTED, `agent ${this.o.id} has no free slot`);
         this.busy++;
+        const ac = new AbortController();
+        const onCall = (): void => ac.abort(ctx.signal.reason);
+        ctx.signal.addEventListener("abort", onCall, { once: true });
+        this.running.set(req.taskId, ac);
+        this.o.onTask?.("start", req);
+        let outcome: "done" | "aborted" | "failed" = "failed";
         try {
           const steps = req.params?.steps ?? 1;
+          const stepMs = (this.o.stepMs ?? 0) / (this.o.speed ?? 1);
+          // Steps keep to a schedule from the start, so timer lateness does not add up: a simulated
+          // agent's speed is what it was given, as a GPU's is.
+          const t0 = performance.now();
           for (let s = 1; s <= steps; s++) {
-            if (this.o.stepMs) await new Promise((r) => setTimeout(r, this.o.stepMs));
-            if (ctx.signal.aborted) throw ctx.signal.reason;
+            if (stepMs > 0) await new Promise((r) => setTimeout(r, Math.max(0, t0 + s * stepMs - performance.now())));
+            if (ac.signal.aborted) {
+              outcome = "aborted";
+              throw ac.signal.reason instanceof Error ? ac.signal.reason : new FarmError(grpc.status.CANCELLED, "cancelled");
+            }
+            if (s === Math.ceil(steps / 2) && poison.has(String(req.seed))) {
+              throw new FarmError(this.o.poisonCode ?? grpc.status.INTERNAL, `simulated crash rendering seed ${req.seed} on ${this.o.id}`);
+            }
             const step = { taskId: req.taskId, imageIndex: req.imageIndex, step: s, totalSteps: steps };
             if (this.o.progress) {
               this.nc?.publish(subjects.taskProgress(req.taskId), toBinary(TaskProgressSchema, create(TaskProgressSchema, { taskId: req.taskId, jobId: req.jobId, agentId: this.o.id, step })));
@@ -71,28 +128,47 @@ export class SimAgent {
             yield { kind: { case: "progress" as const, value: step } };
           }
           this.tasksRun++;
-          yield { kind: { case: "result" as const, value: create(ImageSchema, { index: req.imageIndex, seed: req.seed, subseed: req.subseed, png, width: 8, height: 8, agentId: this.o.id }) } };
+          const p = req.params!;
+          const png = simImageBytes(p, req.seed, req.subseed);
+          outcome = "done";
+          yield { kind: { case: "result" as const, value: create(ImageSchema, { index: req.imageIndex, seed: req.seed, subseed: req.subseed, png, width: p.width ?? 0, height: p.height ?? 0, agentId: this.o.id, infotext: `sim seed ${req.seed}` }) } };
         } finally {
+          ctx.signal.removeEventListener("abort", onCall);
+          this.running.delete(req.taskId);
           this.busy--;
+          this.o.onTask?.(outcome, req);
         }
       }.bind(this),
       status: async () => ({ agent: this.info(), models: this.o.models ?? ["sim"] }),
     });
     const port = await bindServer(this.server, "127.0.0.1:0");
     this.address = `127.0.0.1:${port}`;
-    this.nc = await connect({ servers: this.o.natsUrl });
-    const beat = (): void => {
-      this.nc?.publish(
-        subjects.agentHeartbeat(this.o.id),
-        toBinary(HeartbeatSchema, create(HeartbeatSchema, { agent: this.info(), availableModels: (this.o.models ?? ["sim"]).map((name) => ({ name, format: "simulated" })) })),
-      );
-    };
-    beat();
-    this.timer = setInterval(beat, this.o.heartbeatMs ?? 500);
+    this.nc = await connect({ servers: this.o.natsUrl, maxReconnectAttempts: -1, reconnectTimeWait: 250 });
+    this.beat();
+    this.timer = setInterval(() => this.beat(), this.o.heartbeatMs ?? 500);
+  }
+
+  private beat(): void {
+    if (!this.nc || this.nc.isClosed()) return;
+    this.nc.publish(
+      subjects.agentHeartbeat(this.o.id),
+      toBinary(HeartbeatSchema, create(HeartbeatSchema, { agent: this.info(), availableModels: (this.o.models ?? ["sim"]).map((name) => ({ name, format: "simulated" })) })),
+    );
+  }
+
+  /** As a real agent on SIGTERM: take nothing new, finish within the grace period, hand the rest back. */
+  async drain(graceMs: number): Promise<void> {
+    this.draining = true;
+    this.beat();
+    const deadline = Date.now() + graceMs;
+    while (this.running.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    for (const ac of this.running.values()) ac.abort(new HandBack(`agent ${this.o.id} is shutting down`));
+    while (this.running.size > 0) await new Promise((r) => setTimeout(r, 5));
   }
 
   async close(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
+    for (const ac of this.running.values()) ac.abort(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.o.id} is shutting down`));
     await shutdownServer(this.server, 500);
     await this.nc?.drain().catch(() => undefined);
   }

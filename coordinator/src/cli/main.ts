@@ -16,7 +16,7 @@ import {
   tlsFromFlags,
   type LogLevel,
 } from "@latentfarm/shared";
-import { Coordinator } from "../coordinator.js";
+import { Coordinator, type CoordinatorConfig } from "../coordinator.js";
 import { startNatsServer, type NatsServerHandle } from "./nats-server.js";
 
 type Out = { out: (s: string) => void; err: (s: string) => void };
@@ -29,6 +29,8 @@ Usage:
   latentfarm demo [--models DIR] [--out DIR]           start a one-machine farm, render one image, stop
   latentfarm coordinator [--port N] [--host ADDR] [--nats URL] [--metrics-port N] [--default-model NAME]
                    [--agent-timeout-ms N] [--tls-cert F --tls-key F --tls-ca F] [--api-tokens-file F] [--health-port N]
+                   [--max-attempts N] [--replicas N] [--image-ttl-hours H] [--job-retention-hours H] [--store-prefix P]
+                   [--tenants-file F] [--drain-seconds N] [--no-speculate] [--memory-only] [--max-finished-in-memory N]
   latentfarm agent --models DIR [--port N] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N] [--slots N]
                    [--metrics-port N] [--health-port N] [--advertise-address HOST:PORT] [--id ID]
                    [--threads N] [--heartbeat-ms N] [--drain-seconds N] [--tls-cert F --tls-key F --tls-ca F]
@@ -251,15 +253,42 @@ async function runCoordinator(argv: string[]): Promise<number> {
       "tls-ca": { type: "string" },
       "api-tokens-file": { type: "string" },
       "health-port": { type: "string" },
+      "max-attempts": { type: "string", default: "3" },
+      "memory-only": { type: "boolean", default: false },
+      replicas: { type: "string", default: "1" },
+      "image-ttl-hours": { type: "string", default: "24" },
+      "job-retention-hours": { type: "string", default: "168" },
+      "store-prefix": { type: "string", default: "lf" },
+      "tenants-file": { type: "string" },
+      "no-speculate": { type: "boolean", default: false },
+      "drain-seconds": { type: "string", default: "30" },
+      "max-finished-in-memory": { type: "string" },
     },
   });
   const tls = tlsFromFlags(v);
   const logger = jsonLogger({ level: logLevel(), base: { service: "coordinator" } });
+  const hours = (name: string, x: string): number => {
+    const n = num(name, x)!;
+    if (n <= 0) throw new UsageError(`--${name} must be positive`);
+    return n * 3_600_000;
+  };
   const c = new Coordinator({
     listen: `${v.host}:${v.port}`,
     natsUrl: v.nats,
     metricsPort: Number(v["metrics-port"]),
     agentTimeoutMs: Number(v["agent-timeout-ms"]),
+    maxAttempts: num("max-attempts", v["max-attempts"])!,
+    durable: v["memory-only"]
+      ? false
+      : {
+          replicas: num("replicas", v.replicas)!,
+          imageTtlMs: hours("image-ttl-hours", v["image-ttl-hours"]),
+          jobRetentionMs: hours("job-retention-hours", v["job-retention-hours"]),
+          prefix: v["store-prefix"],
+        },
+    speculate: !v["no-speculate"],
+    ...(v["tenants-file"] ? { tenants: JSON.parse(readFileSync(v["tenants-file"], "utf8")) as CoordinatorConfig["tenants"] } : {}),
+    ...(v["max-finished-in-memory"] ? { maxFinishedInMemory: num("max-finished-in-memory", v["max-finished-in-memory"])! } : {}),
     ...(v["default-model"] ? { defaultModel: v["default-model"] } : {}),
     ...(tls ? { tls } : {}),
     ...(v["api-tokens-file"] ? { auth: TokenAuth.fromFile(v["api-tokens-file"]) } : {}),
@@ -269,6 +298,8 @@ async function runCoordinator(argv: string[]): Promise<number> {
   await c.start();
   process.stdout.write(JSON.stringify({ ready: true, port: c.port, metrics: c.metricsUrl }) + "\n");
   await untilSignal();
+  // SIGTERM: stop admitting, let running tasks finish within the grace period, store everything.
+  await c.drain(num("drain-seconds", v["drain-seconds"])! * 1000);
   await c.close();
   return 0;
 }

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file latentfarm/v1/render.proto.
  */
 export const file_latentfarm_v1_render: GenFile = /*@__PURE__*/
-  fileDesc("ChpsYXRlbnRmYXJtL3YxL3JlbmRlci5wcm90bxINbGF0ZW50ZmFybS52MSJUCg1TdWJtaXRSZXF1ZXN0Ei8KBnBhcmFtcxgBIAEoCzIfLmxhdGVudGZhcm0udjEuR2VuZXJhdGlvblBhcmFtcxISCgpyZXF1ZXN0X2lkGAIgASgJIjUKDlN1Ym1pdFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRITCgtpbWFnZV9jb3VudBgCIAEoBSI2CgxXYXRjaFJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhYKDmFmdGVyX3NlcXVlbmNlGAIgASgEItkDCghKb2JFdmVudBIOCgZqb2JfaWQYASABKAkSEAoIc2VxdWVuY2UYAiABKAQSFAoMdGltZV91bml4X21zGAMgASgDEicKBnF1ZXVlZBgKIAEoCzIVLmxhdGVudGZhcm0udjEuUXVldWVkSAASKwoGcGxhY2VkGAsgASgLMhkubGF0ZW50ZmFybS52MS5UYXNrUGxhY2VkSAASKwoEc3RlcBgMIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASKQoFaW1hZ2UYDSABKAsyGC5sYXRlbnRmYXJtLnYxLkltYWdlRG9uZUgAEiYKBGRvbmUYDiABKAsyFi5sYXRlbnRmYXJtLnYxLkpvYkRvbmVIABIqCgZmYWlsZWQYDyABKAsyGC5sYXRlbnRmYXJtLnYxLkpvYkZhaWxlZEgAEjAKCWNhbmNlbGxlZBgQIAEoCzIbLmxhdGVudGZhcm0udjEuSm9iQ2FuY2VsbGVkSAASKQoHd2FybmluZxgRIAEoCzIWLmxhdGVudGZhcm0udjEuV2FybmluZ0gAEi0KB3JldHJpZWQYEiABKAsyGi5sYXRlbnRmYXJtLnYxLlRhc2tSZXRyaWVkSABCBwoFZXZlbnQiHQoGUXVldWVkEhMKC2ltYWdlX2NvdW50GAEgASgFIlUKClRhc2tQbGFjZWQSDwoHdGFza19pZBgBIAEoCRITCgtpbWFnZV9pbmRleBgCIAEoBRIQCghhZ2VudF9pZBgDIAEoCRIPCgdhdHRlbXB0GAQgASgFIlcKDFN0ZXBQcm9ncmVzcxIPCgd0YXNrX2lkGAEgASgJEhMKC2ltYWdlX2luZGV4GAIgASgFEgwKBHN0ZXAYAyABKAUSEwoLdG90YWxfc3RlcHMYBCABKAUiMAoJSW1hZ2VEb25lEiMKBWltYWdlGAEgASgLMhQubGF0ZW50ZmFybS52MS5JbWFnZSIeCgdKb2JEb25lEhMKC2ltYWdlX2NvdW50GAEgASgFIj8KCUpvYkZhaWxlZBIMCgRjb2RlGAEgASgJEg8KB21lc3NhZ2UYAiABKAkSEwoLaW1hZ2VfaW5kZXgYAyABKAUiDgoMSm9iQ2FuY2VsbGVkIhoKB1dhcm5pbmcSDwoHbWVzc2FnZRgBIAEoCSJDCgtUYXNrUmV0cmllZBIPCgd0YXNrX2lkGAEgASgJEhMKC2ltYWdlX2luZGV4GAIgASgFEg4KBnJlYXNvbhgDIAEoCSI3Cg1XYXRjaFJlc3BvbnNlEiYKBWV2ZW50GAEgASgLMhcubGF0ZW50ZmFybS52MS5Kb2JFdmVudCIcCgpHZXRSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSLcAQoLR2V0UmVzcG9uc2USDgoGam9iX2lkGAEgASgJEiYKBXN0YXRlGAIgASgOMhcubGF0ZW50ZmFybS52MS5Kb2JTdGF0ZRIvCgZwYXJhbXMYAyABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSJAoGaW1hZ2VzGAQgAygLMhQubGF0ZW50ZmFybS52MS5JbWFnZRITCgtpbWFnZV9jb3VudBgFIAEoBRISCgplcnJvcl9jb2RlGAYgASgJEhUKDWVycm9yX21lc3NhZ2UYByABKAkiHwoNQ2FuY2VsUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiOAoOQ2FuY2VsUmVzcG9uc2USJgoFc3RhdGUYASABKA4yFy5sYXRlbnRmYXJtLnYxLkpvYlN0YXRlIhMKEUxpc3RBZ2VudHNSZXF1ZXN0Ij4KEkxpc3RBZ2VudHNSZXNwb25zZRIoCgZhZ2VudHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbyK2AQoJQWdlbnRJbmZvEhAKCGFnZW50X2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkSGgoSZXhlY3V0aW9uX3Byb3ZpZGVyGAMgASgJEg0KBXNsb3RzGAQgASgFEhIKCmJ1c3lfc2xvdHMYBSABKAUSFQoNbG9hZGVkX21vZGVscxgGIAMoCRIeChZsYXN0X2hlYXJ0YmVhdF91bml4X21zGAcgASgDEhAKCGRyYWluaW5nGAggASgIIhMKEUxpc3RNb2RlbHNSZXF1ZXN0Ij4KEkxpc3RNb2RlbHNSZXNwb25zZRIoCgZtb2RlbHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLk1vZGVsSW5mbyI8CglNb2RlbEluZm8SDAoEbmFtZRgBIAEoCRIOCgZmb3JtYXQYAiABKAkSEQoJbG9hZGVkX29uGAMgAygJKpoBCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIUChBKT0JfU1RBVEVfUVVFVUVEEAESFQoRSk9CX1NUQVRFX1JVTk5JTkcQAhIXChNKT0JfU1RBVEVfU1VDQ0VFREVEEAMSFAoQSk9CX1NUQVRFX0ZBSUxFRBAEEhcKE0pPQl9TVEFURV9DQU5DRUxMRUQQBTLHAwoNUmVuZGVyU2VydmljZRJFCgZTdWJtaXQSHC5sYXRlbnRmYXJtLnYxLlN1Ym1pdFJlcXVlc3QaHS5sYXRlbnRmYXJtLnYxLlN1Ym1pdFJlc3BvbnNlEkQKBVdhdGNoEhsubGF0ZW50ZmFybS52MS5XYXRjaFJlcXVlc3QaHC5sYXRlbnRmYXJtLnYxLldhdGNoUmVzcG9uc2UwARI8CgNHZXQSGS5sYXRlbnRmYXJtLnYxLkdldFJlcXVlc3QaGi5sYXRlbnRmYXJtLnYxLkdldFJlc3BvbnNlEkUKBkNhbmNlbBIcLmxhdGVudGZhcm0udjEuQ2FuY2VsUmVxdWVzdBodLmxhdGVudGZhcm0udjEuQ2FuY2VsUmVzcG9uc2USUQoKTGlzdEFnZW50cxIgLmxhdGVudGZhcm0udjEuTGlzdEFnZW50c1JlcXVlc3QaIS5sYXRlbnRmYXJtLnYxLkxpc3RBZ2VudHNSZXNwb25zZRJRCgpMaXN0TW9kZWxzEiAubGF0ZW50ZmFybS52MS5MaXN0TW9kZWxzUmVxdWVzdBohLmxhdGVudGZhcm0udjEuTGlzdE1vZGVsc1Jlc3BvbnNlYgZwcm90bzM", [file_latentfarm_v1_generation]);
+  fileDesc("ChpsYXRlbnRmYXJtL3YxL3JlbmRlci5wcm90bxINbGF0ZW50ZmFybS52MSKAAQoNU3VibWl0UmVxdWVzdBIvCgZwYXJhbXMYASABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEgoKcmVxdWVzdF9pZBgCIAEoCRIYChBkZWFkbGluZV91bml4X21zGAMgASgDEhAKCHByaW9yaXR5GAQgASgFIjUKDlN1Ym1pdFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRITCgtpbWFnZV9jb3VudBgCIAEoBSI2CgxXYXRjaFJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhYKDmFmdGVyX3NlcXVlbmNlGAIgASgEIscECghKb2JFdmVudBIOCgZqb2JfaWQYASABKAkSEAoIc2VxdWVuY2UYAiABKAQSFAoMdGltZV91bml4X21zGAMgASgDEicKBnF1ZXVlZBgKIAEoCzIVLmxhdGVudGZhcm0udjEuUXVldWVkSAASKwoGcGxhY2VkGAsgASgLMhkubGF0ZW50ZmFybS52MS5UYXNrUGxhY2VkSAASKwoEc3RlcBgMIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASKQoFaW1hZ2UYDSABKAsyGC5sYXRlbnRmYXJtLnYxLkltYWdlRG9uZUgAEiYKBGRvbmUYDiABKAsyFi5sYXRlbnRmYXJtLnYxLkpvYkRvbmVIABIqCgZmYWlsZWQYDyABKAsyGC5sYXRlbnRmYXJtLnYxLkpvYkZhaWxlZEgAEjAKCWNhbmNlbGxlZBgQIAEoCzIbLmxhdGVudGZhcm0udjEuSm9iQ2FuY2VsbGVkSAASKQoHd2FybmluZxgRIAEoCzIWLmxhdGVudGZhcm0udjEuV2FybmluZ0gAEi0KB3JldHJpZWQYEiABKAsyGi5sYXRlbnRmYXJtLnYxLlRhc2tSZXRyaWVkSAASOAoPaW1hZ2VfY2FuY2VsbGVkGBMgASgLMh0ubGF0ZW50ZmFybS52MS5JbWFnZUNhbmNlbGxlZEgAEjIKDGltYWdlX2ZhaWxlZBgUIAEoCzIaLmxhdGVudGZhcm0udjEuSW1hZ2VGYWlsZWRIAEIHCgVldmVudCIdCgZRdWV1ZWQSEwoLaW1hZ2VfY291bnQYASABKAUiVQoKVGFza1BsYWNlZBIPCgd0YXNrX2lkGAEgASgJEhMKC2ltYWdlX2luZGV4GAIgASgFEhAKCGFnZW50X2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUiVwoMU3RlcFByb2dyZXNzEg8KB3Rhc2tfaWQYASABKAkSEwoLaW1hZ2VfaW5kZXgYAiABKAUSDAoEc3RlcBgDIAEoBRITCgt0b3RhbF9zdGVwcxgEIAEoBSIwCglJbWFnZURvbmUSIwoFaW1hZ2UYASABKAsyFC5sYXRlbnRmYXJtLnYxLkltYWdlIh4KB0pvYkRvbmUSEwoLaW1hZ2VfY291bnQYASABKAUiPwoJSm9iRmFpbGVkEgwKBGNvZGUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRITCgtpbWFnZV9pbmRleBgDIAEoBSIOCgxKb2JDYW5jZWxsZWQiGgoHV2FybmluZxIPCgdtZXNzYWdlGAEgASgJIkMKC1Rhc2tSZXRyaWVkEg8KB3Rhc2tfaWQYASABKAkSEwoLaW1hZ2VfaW5kZXgYAiABKAUSDgoGcmVhc29uGAMgASgJIiUKDkltYWdlQ2FuY2VsbGVkEhMKC2ltYWdlX2luZGV4GAEgASgFIlMKC0ltYWdlRmFpbGVkEhMKC2ltYWdlX2luZGV4GAEgASgFEgwKBGNvZGUYAiABKAkSDwoHbWVzc2FnZRgDIAEoCRIQCghhdHRlbXB0cxgEIAEoBSI4Cg1Kb2JFdmVudEJhdGNoEicKBmV2ZW50cxgBIAMoCzIXLmxhdGVudGZhcm0udjEuSm9iRXZlbnQiNwoNV2F0Y2hSZXNwb25zZRImCgVldmVudBgBIAEoCzIXLmxhdGVudGZhcm0udjEuSm9iRXZlbnQiHAoKR2V0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkijQIKC0dldFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRImCgVzdGF0ZRgCIAEoDjIXLmxhdGVudGZhcm0udjEuSm9iU3RhdGUSLwoGcGFyYW1zGAMgASgLMh8ubGF0ZW50ZmFybS52MS5HZW5lcmF0aW9uUGFyYW1zEiQKBmltYWdlcxgEIAMoCzIULmxhdGVudGZhcm0udjEuSW1hZ2USEwoLaW1hZ2VfY291bnQYBSABKAUSEgoKZXJyb3JfY29kZRgGIAEoCRIVCg1lcnJvcl9tZXNzYWdlGAcgASgJEhUKDWZhaWxlZF9pbWFnZXMYCCADKAUSGAoQY2FuY2VsbGVkX2ltYWdlcxgJIAMoBSJICg1DYW5jZWxSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIVCg1pbWFnZV9pbmRpY2VzGAIgAygFEhAKCHRhc2tfaWRzGAMgAygJIlIKDkNhbmNlbFJlc3BvbnNlEiYKBXN0YXRlGAEgASgOMhcubGF0ZW50ZmFybS52MS5Kb2JTdGF0ZRIYChBjYW5jZWxsZWRfaW1hZ2VzGAIgAygFIhMKEUxpc3RBZ2VudHNSZXF1ZXN0Ij4KEkxpc3RBZ2VudHNSZXNwb25zZRIoCgZhZ2VudHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbyK2AQoJQWdlbnRJbmZvEhAKCGFnZW50X2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkSGgoSZXhlY3V0aW9uX3Byb3ZpZGVyGAMgASgJEg0KBXNsb3RzGAQgASgFEhIKCmJ1c3lfc2xvdHMYBSABKAUSFQoNbG9hZGVkX21vZGVscxgGIAMoCRIeChZsYXN0X2hlYXJ0YmVhdF91bml4X21zGAcgASgDEhAKCGRyYWluaW5nGAggASgIIhMKEUxpc3RNb2RlbHNSZXF1ZXN0Ij4KEkxpc3RNb2RlbHNSZXNwb25zZRIoCgZtb2RlbHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLk1vZGVsSW5mbyI8CglNb2RlbEluZm8SDAoEbmFtZRgBIAEoCRIOCgZmb3JtYXQYAiABKAkSEQoJbG9hZGVkX29uGAMgAygJKpoBCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIUChBKT0JfU1RBVEVfUVVFVUVEEAESFQoRSk9CX1NUQVRFX1JVTk5JTkcQAhIXChNKT0JfU1RBVEVfU1VDQ0VFREVEEAMSFAoQSk9CX1NUQVRFX0ZBSUxFRBAEEhcKE0pPQl9TVEFURV9DQU5DRUxMRUQQBTLHAwoNUmVuZGVyU2VydmljZRJFCgZTdWJtaXQSHC5sYXRlbnRmYXJtLnYxLlN1Ym1pdFJlcXVlc3QaHS5sYXRlbnRmYXJtLnYxLlN1Ym1pdFJlc3BvbnNlEkQKBVdhdGNoEhsubGF0ZW50ZmFybS52MS5XYXRjaFJlcXVlc3QaHC5sYXRlbnRmYXJtLnYxLldhdGNoUmVzcG9uc2UwARI8CgNHZXQSGS5sYXRlbnRmYXJtLnYxLkdldFJlcXVlc3QaGi5sYXRlbnRmYXJtLnYxLkdldFJlc3BvbnNlEkUKBkNhbmNlbBIcLmxhdGVudGZhcm0udjEuQ2FuY2VsUmVxdWVzdBodLmxhdGVudGZhcm0udjEuQ2FuY2VsUmVzcG9uc2USUQoKTGlzdEFnZW50cxIgLmxhdGVudGZhcm0udjEuTGlzdEFnZW50c1JlcXVlc3QaIS5sYXRlbnRmYXJtLnYxLkxpc3RBZ2VudHNSZXNwb25zZRJRCgpMaXN0TW9kZWxzEiAubGF0ZW50ZmFybS52MS5MaXN0TW9kZWxzUmVxdWVzdBohLmxhdGVudGZhcm0udjEuTGlzdE1vZGVsc1Jlc3BvbnNlYgZwcm90bzM", [file_latentfarm_v1_generation]);
 
 /**
  * @generated from message latentfarm.v1.SubmitRequest
@@ -29,6 +29,21 @@ export type SubmitRequest = Message<"latentfarm.v1.SubmitRequest"> & {
    * @generated from field: string request_id = 2;
    */
   requestId: string;
+
+  /**
+   * The job must finish by this time (Unix ms; 0 = no deadline). Work the speed model says cannot
+   * finish in time is refused at admission; a job still running at its deadline fails.
+   *
+   * @generated from field: int64 deadline_unix_ms = 3;
+   */
+  deadlineUnixMs: bigint;
+
+  /**
+   * Order among the tenant's own jobs (higher first); tenants share the farm by weight regardless.
+   *
+   * @generated from field: int32 priority = 4;
+   */
+  priority: number;
 };
 
 /**
@@ -162,6 +177,18 @@ export type JobEvent = Message<"latentfarm.v1.JobEvent"> & {
      */
     value: TaskRetried;
     case: "retried";
+  } | {
+    /**
+     * @generated from field: latentfarm.v1.ImageCancelled image_cancelled = 19;
+     */
+    value: ImageCancelled;
+    case: "imageCancelled";
+  } | {
+    /**
+     * @generated from field: latentfarm.v1.ImageFailed image_failed = 20;
+     */
+    value: ImageFailed;
+    case: "imageFailed";
   } | { case: undefined; value?: undefined };
 };
 
@@ -374,6 +401,83 @@ export const TaskRetriedSchema: GenMessage<TaskRetried> = /*@__PURE__*/
   messageDesc(file_latentfarm_v1_render, 12);
 
 /**
+ * One image will not be produced because it was cancelled; the rest of the job goes on.
+ *
+ * @generated from message latentfarm.v1.ImageCancelled
+ */
+export type ImageCancelled = Message<"latentfarm.v1.ImageCancelled"> & {
+  /**
+   * @generated from field: int32 image_index = 1;
+   */
+  imageIndex: number;
+};
+
+/**
+ * Describes the message latentfarm.v1.ImageCancelled.
+ * Use `create(ImageCancelledSchema)` to create a new message.
+ */
+export const ImageCancelledSchema: GenMessage<ImageCancelled> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_render, 13);
+
+/**
+ * One image failed for good (for example a poison task that failed on several agents); the rest of
+ * the job goes on, and the job ends FAILED with this error.
+ *
+ * @generated from message latentfarm.v1.ImageFailed
+ */
+export type ImageFailed = Message<"latentfarm.v1.ImageFailed"> & {
+  /**
+   * @generated from field: int32 image_index = 1;
+   */
+  imageIndex: number;
+
+  /**
+   * A gRPC status code name.
+   *
+   * @generated from field: string code = 2;
+   */
+  code: string;
+
+  /**
+   * @generated from field: string message = 3;
+   */
+  message: string;
+
+  /**
+   * @generated from field: int32 attempts = 4;
+   */
+  attempts: number;
+};
+
+/**
+ * Describes the message latentfarm.v1.ImageFailed.
+ * Use `create(ImageFailedSchema)` to create a new message.
+ */
+export const ImageFailedSchema: GenMessage<ImageFailed> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_render, 14);
+
+/**
+ * Job events as the coordinator stores them on JetStream (subject lf.job.<job_id>.events): one
+ * message carries consecutive events, so a burst costs one write. Image events are stored without
+ * PNG bytes; the images live in the object store.
+ *
+ * @generated from message latentfarm.v1.JobEventBatch
+ */
+export type JobEventBatch = Message<"latentfarm.v1.JobEventBatch"> & {
+  /**
+   * @generated from field: repeated latentfarm.v1.JobEvent events = 1;
+   */
+  events: JobEvent[];
+};
+
+/**
+ * Describes the message latentfarm.v1.JobEventBatch.
+ * Use `create(JobEventBatchSchema)` to create a new message.
+ */
+export const JobEventBatchSchema: GenMessage<JobEventBatch> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_render, 15);
+
+/**
  * @generated from message latentfarm.v1.WatchResponse
  */
 export type WatchResponse = Message<"latentfarm.v1.WatchResponse"> & {
@@ -388,7 +492,7 @@ export type WatchResponse = Message<"latentfarm.v1.WatchResponse"> & {
  * Use `create(WatchResponseSchema)` to create a new message.
  */
 export const WatchResponseSchema: GenMessage<WatchResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 13);
+  messageDesc(file_latentfarm_v1_render, 16);
 
 /**
  * @generated from message latentfarm.v1.GetRequest
@@ -405,7 +509,7 @@ export type GetRequest = Message<"latentfarm.v1.GetRequest"> & {
  * Use `create(GetRequestSchema)` to create a new message.
  */
 export const GetRequestSchema: GenMessage<GetRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 14);
+  messageDesc(file_latentfarm_v1_render, 17);
 
 /**
  * @generated from message latentfarm.v1.GetResponse
@@ -445,6 +549,16 @@ export type GetResponse = Message<"latentfarm.v1.GetResponse"> & {
    * @generated from field: string error_message = 7;
    */
   errorMessage: string;
+
+  /**
+   * @generated from field: repeated int32 failed_images = 8;
+   */
+  failedImages: number[];
+
+  /**
+   * @generated from field: repeated int32 cancelled_images = 9;
+   */
+  cancelledImages: number[];
 };
 
 /**
@@ -452,9 +566,12 @@ export type GetResponse = Message<"latentfarm.v1.GetResponse"> & {
  * Use `create(GetResponseSchema)` to create a new message.
  */
 export const GetResponseSchema: GenMessage<GetResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 15);
+  messageDesc(file_latentfarm_v1_render, 18);
 
 /**
+ * Without image_indices or task_ids the whole job is cancelled; with them, only those images
+ * (a task renders one image), and the job goes on with the rest.
+ *
  * @generated from message latentfarm.v1.CancelRequest
  */
 export type CancelRequest = Message<"latentfarm.v1.CancelRequest"> & {
@@ -462,6 +579,16 @@ export type CancelRequest = Message<"latentfarm.v1.CancelRequest"> & {
    * @generated from field: string job_id = 1;
    */
   jobId: string;
+
+  /**
+   * @generated from field: repeated int32 image_indices = 2;
+   */
+  imageIndices: number[];
+
+  /**
+   * @generated from field: repeated string task_ids = 3;
+   */
+  taskIds: string[];
 };
 
 /**
@@ -469,7 +596,7 @@ export type CancelRequest = Message<"latentfarm.v1.CancelRequest"> & {
  * Use `create(CancelRequestSchema)` to create a new message.
  */
 export const CancelRequestSchema: GenMessage<CancelRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 16);
+  messageDesc(file_latentfarm_v1_render, 19);
 
 /**
  * @generated from message latentfarm.v1.CancelResponse
@@ -479,6 +606,13 @@ export type CancelResponse = Message<"latentfarm.v1.CancelResponse"> & {
    * @generated from field: latentfarm.v1.JobState state = 1;
    */
   state: JobState;
+
+  /**
+   * Images this call cancelled (already finished ones are not included).
+   *
+   * @generated from field: repeated int32 cancelled_images = 2;
+   */
+  cancelledImages: number[];
 };
 
 /**
@@ -486,7 +620,7 @@ export type CancelResponse = Message<"latentfarm.v1.CancelResponse"> & {
  * Use `create(CancelResponseSchema)` to create a new message.
  */
 export const CancelResponseSchema: GenMessage<CancelResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 17);
+  messageDesc(file_latentfarm_v1_render, 20);
 
 /**
  * @generated from message latentfarm.v1.ListAgentsRequest
@@ -499,7 +633,7 @@ export type ListAgentsRequest = Message<"latentfarm.v1.ListAgentsRequest"> & {
  * Use `create(ListAgentsRequestSchema)` to create a new message.
  */
 export const ListAgentsRequestSchema: GenMessage<ListAgentsRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 18);
+  messageDesc(file_latentfarm_v1_render, 21);
 
 /**
  * @generated from message latentfarm.v1.ListAgentsResponse
@@ -516,7 +650,7 @@ export type ListAgentsResponse = Message<"latentfarm.v1.ListAgentsResponse"> & {
  * Use `create(ListAgentsResponseSchema)` to create a new message.
  */
 export const ListAgentsResponseSchema: GenMessage<ListAgentsResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 19);
+  messageDesc(file_latentfarm_v1_render, 22);
 
 /**
  * @generated from message latentfarm.v1.AgentInfo
@@ -568,7 +702,7 @@ export type AgentInfo = Message<"latentfarm.v1.AgentInfo"> & {
  * Use `create(AgentInfoSchema)` to create a new message.
  */
 export const AgentInfoSchema: GenMessage<AgentInfo> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 20);
+  messageDesc(file_latentfarm_v1_render, 23);
 
 /**
  * @generated from message latentfarm.v1.ListModelsRequest
@@ -581,7 +715,7 @@ export type ListModelsRequest = Message<"latentfarm.v1.ListModelsRequest"> & {
  * Use `create(ListModelsRequestSchema)` to create a new message.
  */
 export const ListModelsRequestSchema: GenMessage<ListModelsRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 21);
+  messageDesc(file_latentfarm_v1_render, 24);
 
 /**
  * @generated from message latentfarm.v1.ListModelsResponse
@@ -598,7 +732,7 @@ export type ListModelsResponse = Message<"latentfarm.v1.ListModelsResponse"> & {
  * Use `create(ListModelsResponseSchema)` to create a new message.
  */
 export const ListModelsResponseSchema: GenMessage<ListModelsResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 22);
+  messageDesc(file_latentfarm_v1_render, 25);
 
 /**
  * @generated from message latentfarm.v1.ModelInfo
@@ -629,7 +763,7 @@ export type ModelInfo = Message<"latentfarm.v1.ModelInfo"> & {
  * Use `create(ModelInfoSchema)` to create a new message.
  */
 export const ModelInfoSchema: GenMessage<ModelInfo> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 23);
+  messageDesc(file_latentfarm_v1_render, 26);
 
 /**
  * @generated from enum latentfarm.v1.JobState

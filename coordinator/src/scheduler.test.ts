@@ -1,0 +1,247 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import * as grpc from "@grpc/grpc-js";
+import { create } from "@bufbuild/protobuf";
+import { AgentInfoSchema, FarmError, GenerationParamsSchema, ImageSchema, silentLogger, type RunTaskRequest } from "@latentfarm/shared";
+import type { AgentState } from "./agent-registry.js";
+import { DEFAULT_TENANT_POLICY } from "./fair-queue.js";
+import { Job } from "./job-store.js";
+import { Scheduler, type SchedulerHooks, type Task } from "./scheduler.js";
+import { SpeedModel } from "./speed-model.js";
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+const concurrency = new Map<string, { now: number; max: number }>();
+
+interface FakeBehaviour {
+  stepMs: number;
+  /** Fails the attempt at its first step with this error. */
+  fail?: (req: RunTaskRequest) => FarmError | undefined;
+  /** Stops making progress after the first step, until cancelled. */
+  stall?: boolean;
+}
+
+/** An agent whose RunTask stream is simulated in-process: steps are timers, results are empty images. */
+function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): AgentState {
+  const client = {
+    runTask: (req: RunTaskRequest, opts?: { signal?: AbortSignal }) => ({
+      async *[Symbol.asyncIterator]() {
+        const signal = opts?.signal;
+        const wait = async (ms: number): Promise<void> => {
+          await new Promise<void>((resolve, reject) => {
+            const t = setTimeout(resolve, ms);
+            signal?.addEventListener("abort", () => {
+              clearTimeout(t);
+              reject(new FarmError(grpc.status.CANCELLED, "cancelled"));
+            }, { once: true });
+          });
+        };
+        log.push(`start ${id} ${req.taskId}`);
+        const c = concurrency.get(id) ?? { now: 0, max: 0 };
+        concurrency.set(id, c);
+        c.now++;
+        c.max = Math.max(c.max, c.now);
+        try {
+        const steps = req.params?.steps ?? 1;
+        for (let s = 1; s <= steps; s++) {
+          await wait(b.stepMs);
+          const err = b.fail?.(req);
+          if (err) throw err;
+          yield { kind: { case: "progress" as const, value: { taskId: req.taskId, imageIndex: req.imageIndex, step: s, totalSteps: steps } } };
+          if (b.stall) await wait(3_600_000);
+        }
+        yield { kind: { case: "result" as const, value: create(ImageSchema, { index: req.imageIndex, seed: req.seed }) } };
+        } finally {
+          c.now--;
+        }
+      },
+    }),
+  };
+  return {
+    id,
+    info: create(AgentInfoSchema, { agentId: id, address: id, slots, loadedModels: ["m"] }),
+    available: new Set(["m"]),
+    freeMemoryBytes: 0n,
+    lastSeen: Date.now(),
+    inFlight: 0,
+    client: client as unknown as AgentState["client"],
+  };
+}
+
+function harness(agents: AgentState[], opts: { maxAttempts?: number; speculate?: boolean } = {}) {
+  const done: Array<{ task: Task; agent: string }> = [];
+  const failed: Array<{ task: Task; err: FarmError }> = [];
+  const retried: Array<{ task: Task; err: FarmError }> = [];
+  let waiters: Array<() => void> = [];
+  const wake = (): void => {
+    for (const w of waiters) w();
+    waiters = [];
+  };
+  const hooks: SchedulerHooks = {
+    onPlaced: (task, run) => {
+      task.job.attempts[task.imageIndex] = run.attempt;
+    },
+    onStep: () => undefined,
+    onWarning: () => undefined,
+    onResult: (task, _image, run) => {
+      done.push({ task, agent: run.agent.id });
+      wake();
+    },
+    onRetry: (task, err) => retried.push({ task, err }),
+    onFailed: (task, err) => {
+      failed.push({ task, err });
+      wake();
+    },
+  };
+  const speed = new SpeedModel();
+  const scheduler = new Scheduler({ list: () => agents }, hooks, {
+    logger: silentLogger,
+    maxAttempts: opts.maxAttempts ?? 3,
+    speculate: opts.speculate ?? false,
+    tenantPolicy: () => DEFAULT_TENANT_POLICY,
+    speed,
+  });
+  let jobs = 0;
+  const submit = (n: number, steps: number): Task[] => {
+    const job = new Job({
+      id: `job${jobs++}`,
+      params: create(GenerationParamsSchema, { model: "m", steps, width: 64, height: 64 }),
+      tenant: "t",
+      requestId: "",
+      imageCount: n,
+      createdAt: Date.now(),
+      deadlineUnixMs: 0,
+      priority: 0,
+    });
+    const tasks: Task[] = Array.from({ length: n }, (_, i) => ({
+      id: `${job.id}-${i}`,
+      job,
+      imageIndex: i,
+      seed: BigInt(i),
+      subseed: 0n,
+      tenant: "t",
+      key: { model: "m", width: 64, height: 64 },
+      steps,
+      cost: steps,
+      state: "queued",
+      failures: 0,
+      failedOn: new Set<string>(),
+      runs: [],
+      preferAgent: undefined,
+      lastStep: 0,
+    }));
+    scheduler.enqueueJob(job, tasks);
+    return tasks;
+  };
+  const settled = async (count: number, timeoutMs = 20_000): Promise<void> => {
+    const deadline = Date.now() + timeoutMs;
+    while (done.length + failed.length < count) {
+      assert.ok(Date.now() < deadline, `only ${done.length + failed.length} of ${count} tasks settled`);
+      await new Promise<void>((r) => {
+        waiters.push(r);
+        setTimeout(r, 100);
+      });
+    }
+  };
+  return { scheduler, speed, submit, settled, done, failed, retried };
+}
+
+test("with measured speeds 1×, 2×, 4× a batch splits about 1:2:4, and the fastest agent takes the most", async () => {
+  const log: string[] = [];
+  const agents = [fakeAgent("x1", 1, { stepMs: 24 }, log), fakeAgent("x2", 1, { stepMs: 12 }, log), fakeAgent("x4", 1, { stepMs: 6 }, log)];
+  const h = harness(agents);
+  h.submit(6, 4);
+  await h.settled(6);
+  h.done.length = 0;
+  h.submit(28, 4);
+  await h.settled(28);
+  const count = (id: string): number => h.done.filter((d) => d.agent === id).length;
+  assert.ok(count("x4") > count("x2") && count("x2") > count("x1"), `split ${count("x1")}:${count("x2")}:${count("x4")}`);
+  assert.ok(count("x4") >= 12, `the 4× agent did ${count("x4")} of 28 (ideal 16)`);
+  h.scheduler.close();
+});
+
+test("a task waits for a measured fast agent rather than start on a much slower free one", async () => {
+  const log: string[] = [];
+  const agents = [fakeAgent("fast", 1, { stepMs: 5 }, log), fakeAgent("slow", 1, { stepMs: 150 }, log)];
+  const h = harness(agents);
+  h.speed.observe("fast", { model: "m", width: 64, height: 64 }, { secondsPerStep: 0.005, overheadSeconds: 0 });
+  h.speed.observe("slow", { model: "m", width: 64, height: 64 }, { secondsPerStep: 0.15, overheadSeconds: 0 });
+  h.submit(4, 2);
+  await h.settled(4);
+  assert.deepEqual(new Set(h.done.map((d) => d.agent)), new Set(["fast"]), "four 10 ms tasks on the fast agent end before one 300 ms task on the slow one");
+  h.scheduler.close();
+});
+
+test("a poison task fails after maxAttempts, each attempt on a different agent, with the last error", async () => {
+  const log: string[] = [];
+  const poison = (id: string) => (req: RunTaskRequest) => (req.seed === 1n ? new FarmError(grpc.status.INTERNAL, `crash on ${id}`) : undefined);
+  const agents = ["p", "q", "r", "s"].map((id) => fakeAgent(id, 1, { stepMs: 2, fail: poison(id) }, log));
+  const h = harness(agents, { maxAttempts: 3 });
+  h.submit(3, 2);
+  await h.settled(3);
+  assert.equal(h.done.length, 2);
+  assert.equal(h.failed.length, 1);
+  const f = h.failed[0]!;
+  assert.equal(f.task.imageIndex, 1);
+  assert.equal(f.task.failures, 3);
+  assert.equal(f.task.failedOn.size, 3, "three different agents");
+  const starts = log.filter((l) => l.endsWith("job0-1")).map((l) => l.split(" ")[1]);
+  assert.equal(new Set(starts).size, 3);
+  assert.equal(f.err.message, `crash on ${starts.at(-1)}`, "the image fails with the last attempt's error");
+  h.scheduler.close();
+});
+
+test("a hand-back (draining agent) is placed again without counting as a failed attempt", async () => {
+  const log: string[] = [];
+  const drainingAgent = fakeAgent("d", 1, { stepMs: 60, fail: () => new FarmError(grpc.status.UNAVAILABLE, "agent d is shutting down") }, log);
+  const h = harness([drainingAgent], { maxAttempts: 1 });
+  h.submit(1, 2);
+  await sleep(10);
+  assert.equal(drainingAgent.inFlight, 1);
+  // Heartbeat says draining now; a healthy agent joins.
+  drainingAgent.info = create(AgentInfoSchema, { ...drainingAgent.info, draining: true });
+  const healthy = fakeAgent("h", 1, { stepMs: 2 }, log);
+  const agents = [drainingAgent, healthy];
+  (h.scheduler as unknown as { registry: { list: () => AgentState[] } }).registry.list = () => agents;
+  h.scheduler.agentsChanged();
+  await h.settled(1);
+  assert.equal(h.failed.length, 0);
+  assert.equal(h.done[0]!.agent, "h");
+  assert.equal(h.done[0]!.task.failures, 0);
+  assert.equal(h.retried.length, 1);
+  h.scheduler.close();
+});
+
+test("a stalled attempt gets a backup copy on an idle agent; the first result wins and the stalled copy is cancelled", async () => {
+  const log: string[] = [];
+  const stuck = fakeAgent("stuck", 1, { stepMs: 5, stall: true }, log);
+  const idle = fakeAgent("idle", 1, { stepMs: 5 }, log);
+  const agents = [stuck];
+  const h = harness([], { speculate: true });
+  (h.scheduler as unknown as { registry: { list: () => AgentState[] } }).registry.list = () => agents;
+  h.speed.observe("idle", { model: "m", width: 64, height: 64 }, { secondsPerStep: 0.005 });
+  const [task] = h.submit(1, 3);
+  await sleep(50);
+  agents.push(idle);
+  h.scheduler.agentsChanged();
+  await h.settled(1, 10_000);
+  await sleep(20);
+  assert.equal(h.done[0]!.agent, "idle");
+  assert.equal(task!.runs.length, 0, "the stalled copy was cancelled");
+  assert.equal(h.scheduler.stats.backups, 1);
+  h.scheduler.close();
+});
+
+test("an agent never gets more attempts than its slots, even when attempts overrun their estimates", async () => {
+  const log: string[] = [];
+  const agents = [fakeAgent("o1", 2, { stepMs: 15 }, log), fakeAgent("o2", 3, { stepMs: 10 }, log)];
+  const h = harness(agents, { speculate: true });
+  // The model believes these agents are 10× faster than they are: every attempt runs past its estimate.
+  for (const a of agents) h.speed.observe(a.id, { model: "m", width: 64, height: 64 }, { secondsPerStep: 0.001, overheadSeconds: 0 });
+  h.submit(40, 3);
+  await h.settled(40);
+  assert.ok(concurrency.get("o1")!.max <= 2, `o1 ran ${concurrency.get("o1")!.max} at once`);
+  assert.ok(concurrency.get("o2")!.max <= 3, `o2 ran ${concurrency.get("o2")!.max} at once`);
+  h.scheduler.close();
+});
