@@ -8,6 +8,8 @@ import {
   ImageSchema,
   JobState,
   RenderService,
+  SAMPLERS,
+  SCHEDULERS,
   TaskProgressSchema,
   addHealthAndReflection,
   addService,
@@ -18,6 +20,7 @@ import {
   shutdownServer,
   startMetricsServer,
   subjects,
+  samplerApiOptions,
   channelCredentials,
   serverCredentials,
   type GenerationParams,
@@ -41,6 +44,11 @@ export interface CoordinatorConfig {
   natsUrl: string;
   /** An agent silent this long is dropped and its tasks re-placed. */
   agentTimeoutMs?: number;
+  /**
+   * After a restart, how long a task that was running waits for its agent to be seen again, so the
+   * render still going there is re-attached instead of started over (default 2 × agentTimeoutMs).
+   */
+  adoptWaitMs?: number;
   /** Failed attempts after which an image fails (a poison task); default 3. */
   maxAttempts?: number;
   metricsPort?: number;
@@ -310,6 +318,14 @@ export class Coordinator {
           }
           return { models: [...models.entries()].sort().map(([name, m]) => ({ name, format: m.format, loadedOn: m.loadedOn })) };
         },
+        listSamplers: async (_req, ctx) => {
+          this.tenantOf(ctx);
+          return { samplers: SAMPLERS.map((e) => ({ name: e.name, aliases: [...e.aliases], options: samplerApiOptions(e) })) };
+        },
+        listSchedulers: async (_req, ctx) => {
+          this.tenantOf(ctx);
+          return { schedulers: SCHEDULERS.map((e) => ({ name: e.id, label: e.label, aliases: [...e.aliases] })) };
+        },
       },
       (method, err) => {
         if (err.code === grpc.status.INTERNAL) this.cfg.logger.error("rpc failed", { method, error: err.message });
@@ -368,6 +384,14 @@ export class Coordinator {
         if (job.images[i] !== "q" && job.images[i] !== "r") continue;
         if (announced.has(i) || (await durable.hasImage(job.id, i))) job.images[i] = "d";
       }
+      // A placement is written with the job's next state write, so the record can lag behind; the
+      // event stream says where each image went last, unless it came back for a retry after that.
+      const placedOn = new Map<number, { agentId: string; attempt: number }>();
+      for (const e of job.events) {
+        const ev = e.event;
+        if (ev.case === "placed") placedOn.set(ev.value.imageIndex, { agentId: ev.value.agentId, attempt: ev.value.attempt });
+        else if (ev.case === "retried") placedOn.delete(ev.value.imageIndex);
+      }
       this.store.add(job);
       const lost = await this.store.repairEvents(job);
       for (const i of lost) job.images[i] = "q";
@@ -379,7 +403,16 @@ export class Coordinator {
         if (s !== "q" && s !== "r") continue;
         const t = this.makeTask(job, i, seeds);
         t.failures = job.failures[i] ?? 0;
-        if (s === "r") t.preferAgent = job.agents[i];
+        const last = placedOn.get(i);
+        if (last && last.attempt >= (job.attempts[i] ?? 0)) {
+          job.agents[i] = last.agentId;
+          job.attempts[i] = last.attempt;
+        }
+        if (s === "r" || last) {
+          // The render may still be going on that agent: wait a little for it to show up and re-attach.
+          t.preferAgent = job.agents[i];
+          t.adoptUntil = Date.now() + (this.cfg.adoptWaitMs ?? 2 * (this.cfg.agentTimeoutMs ?? 5000));
+        }
         job.images[i] = "q";
         tasks.push(t);
       }

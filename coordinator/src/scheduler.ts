@@ -3,7 +3,6 @@ import { create } from "@bufbuild/protobuf";
 import {
   FarmError,
   RunTaskRequestSchema,
-  isServiceError,
   statusName,
   type COORDINATOR_METRICS,
   type Image,
@@ -36,6 +35,11 @@ export interface Task extends FairItem {
   readonly runs: Run[];
   /** Agent of the attempt that was running when the coordinator restarted; preferred on resume. */
   preferAgent: string | undefined;
+  /**
+   * Until when (Date.now() ms) the task waits for `preferAgent` to be seen, so that it is re-attached
+   * to the render still running there rather than started again elsewhere (after a coordinator restart).
+   */
+  adoptUntil?: number;
   lastStep: number;
 }
 
@@ -107,9 +111,7 @@ class AttemptAborted extends FarmError {
 function isHandBack(err: FarmError, agent: AgentState): boolean {
   if (agent.info.draining && (err.code === grpc.status.UNAVAILABLE || err.code === grpc.status.CANCELLED)) return true;
   if (err.code === grpc.status.RESOURCE_EXHAUSTED) return true;
-  const cause: unknown = err.cause;
-  if (isServiceError(cause) && cause.metadata?.get("x-handback")[0]?.toString() === "true") return true;
-  return false;
+  return err.handBack;
 }
 
 const HOLD_MIN_GAIN_MS = 5;
@@ -239,12 +241,16 @@ export class Scheduler {
     placed: 0,
     held: 0,
     backups: 0,
+    /** Tasks re-attached to the agent still running them after a restart. */
+    adopted: 0,
     /** Wall time of each pass. */
     passMs: [] as number[],
     /** Per placement: from the event that asked for a pass (a slot freed, a task arrived) to the placement. */
     placeMs: [] as number[],
   };
   private pumpRequestedAt = 0;
+  /** Resumed tasks waiting to be re-attached to the agent that still runs them. */
+  private readonly adopting = new Set<Task>();
   private lastSpeculation = 0;
   private lastPassEnd = 0;
 
@@ -289,6 +295,10 @@ export class Scheduler {
       this.tasks.set(t.id, t);
       t.state = "queued";
       this.countQueued(t, 1);
+      if (t.preferAgent !== undefined && (t.adoptUntil ?? 0) > Date.now()) {
+        this.adopting.add(t);
+        this.wakeUpAt(t.adoptUntil!);
+      }
     }
     this.queue.pushJob(job.spec.tenant, job.spec.priority, tasks);
     this.updateGauges();
@@ -346,6 +356,7 @@ export class Scheduler {
   /** One placement pass: fills free slots in fair order, holding tasks for faster busy agents. */
   pump(): void {
     if (this.paused || (this.queuedCount === 0 && !this.opts.speculate)) return;
+    if (this.adopting.size > 0) this.adopt();
     const t0 = performance.now();
     const requested = this.pumpRequestedAt > 0 && this.pumpRequestedAt <= t0 ? this.pumpRequestedAt : t0;
     this.pumpRequestedAt = 0;
@@ -369,7 +380,7 @@ export class Scheduler {
           exhausted = false;
           break;
         }
-        if (task.job.final) continue;
+        if (task.job.final || this.adopting.has(task)) continue;
         const model = task.key.model;
         if (closed.has(model)) continue;
         const choice = this.choose(task, plan, (this.queuedByModel.get(model) ?? 0) - (heldByModel.get(model) ?? 0));
@@ -407,6 +418,31 @@ export class Scheduler {
     if (this.stats.passMs.length < 100_000) this.stats.passMs.push(ms);
     this.opts.metrics?.placementPass.observe(ms / 1000);
     this.updateGauges();
+  }
+
+  /**
+   * Re-attaches resumed tasks to the agents that were running them: the agent's render went on
+   * while the coordinator was down, and a RunTask for the same task id picks it up where it is. The
+   * agent's slot is already taken by that render, so no free slot is needed. A task whose agent is
+   * not seen in time goes through normal placement.
+   */
+  private adopt(): void {
+    const now = Date.now();
+    for (const task of this.adopting) {
+      if (task.state !== "queued") {
+        this.adopting.delete(task);
+        continue;
+      }
+      const agent = this.registry.list().find((a) => a.id === task.preferAgent);
+      if (agent && !agent.info.draining) {
+        this.adopting.delete(task);
+        this.queue.take(task);
+        this.startRun(task, agent, false, this.estimate(agent, task), true);
+        this.stats.adopted++;
+      } else if ((task.adoptUntil ?? 0) <= now) {
+        this.adopting.delete(task);
+      }
+    }
   }
 
   private wakeUpAt(at: number): void {
@@ -596,7 +632,7 @@ export class Scheduler {
     return Math.max(0, run.expectedEnd - now);
   }
 
-  private startRun(task: Task, agent: AgentState, backup: boolean, est: { ms: number; measured: boolean }): void {
+  private startRun(task: Task, agent: AgentState, backup: boolean, est: { ms: number; measured: boolean }, adopt = false): void {
     const wasQueued = task.state === "queued";
     task.state = "running";
     if (wasQueued) {
@@ -607,7 +643,8 @@ export class Scheduler {
     const run: Run = {
       task,
       agent,
-      attempt: task.job.attempts[task.imageIndex]! + 1,
+      // A re-attach continues the attempt that is running; anything else is a new attempt.
+      attempt: (task.job.attempts[task.imageIndex] ?? 0) + (adopt ? 0 : 1),
       abort: new AbortController(),
       startedAt: now,
       backup,
@@ -652,10 +689,22 @@ export class Scheduler {
       this.onResult(run, image);
     } catch (err) {
       const reason: unknown = run.abort.signal.reason;
-      this.onAttemptFailed(run, run.abort.signal.aborted && reason instanceof FarmError ? reason : FarmError.from(err));
+      const fe = run.abort.signal.aborted && reason instanceof FarmError ? reason : FarmError.from(err);
+      // A broken stream only orphans the render on the agent (it waits there for a restarted
+      // coordinator to re-attach), so an attempt this coordinator gives up on is stopped explicitly.
+      // At shutdown the renders are left running on purpose: the next coordinator adopts them.
+      if (!this.closing && (run.abort.signal.aborted || fe.code === grpc.status.DEADLINE_EXCEEDED)) this.stopOnAgent(run, fe.message);
+      this.onAttemptFailed(run, fe);
     } finally {
       this.endRun(run);
     }
+  }
+
+  private stopOnAgent(run: Run, reason: string): void {
+    run.agent.client.cancelTask({ taskId: run.task.id, attempt: run.attempt, reason }, { timeoutMs: 30_000 }).catch((err: unknown) => {
+      // The agent may be gone or frozen; an orphaned render ends on its own after the agent's grace period.
+      this.opts.logger.debug("could not stop a task on its agent", { taskId: run.task.id, agentId: run.agent.id, error: String(err) });
+    });
   }
 
   /** Step progress of an attempt, from its RunTask stream or from NATS. */
