@@ -123,7 +123,6 @@ const HOLD_MIN_GAIN_MS = 5;
  */
 class Plan {
   private readonly planned = new Map<AgentState, number[]>();
-  private readonly busyUntil = new Map<AgentState, number>();
   /** Estimates per task kind (model, size, steps), aligned with the kind's candidate agents. */
   readonly estimates = new Map<string, { ms: Float64Array; measured: Uint8Array }>();
   private readonly capacities = new Map<object, Map<string, number>>();
@@ -150,9 +149,16 @@ class Plan {
     const v = m?.get(key);
     if (m && v !== undefined) m.set(key, v - 1);
   }
+  /**
+   * `busyUntil` outlives passes (entries are stamped with the pass): a pass at 256 agents reads
+   * every agent, and fresh per-pass maps made the garbage whose collection pauses were the tail
+   * of placement latency.
+   */
   constructor(
     readonly now: number,
     private readonly runsOf: (a: AgentState) => Iterable<Run>,
+    private readonly pass: number,
+    private readonly busyUntil: Map<AgentState, { pass: number; at: number }>,
   ) {}
 
   private of(a: AgentState): number[] {
@@ -174,21 +180,36 @@ class Plan {
     return Math.max(this.now + 1, r.expectedEnd);
   }
 
-  slotTimes(a: AgentState): readonly number[] {
-    return this.of(a);
+  /** Tasks of `ms` each the agent's slots could finish by `until`, counting what is planned. */
+  capacityUntil(a: AgentState, until: number, ms: number): number {
+    let n = 0;
+    const s = this.planned.get(a);
+    if (s) {
+      for (const free of s) if (free < until) n += Math.floor((until - free) / ms);
+      return n;
+    }
+    const free = a.info.slots - a.inFlight;
+    if (free > 0 && this.now < until) n += free * Math.floor((until - this.now) / ms);
+    for (const r of this.runsOf(a)) {
+      const end = this.endOf(r);
+      if (end < until) n += Math.floor((until - end) / ms);
+    }
+    return n;
   }
 
   earliest(a: AgentState): number {
     const s = this.planned.get(a);
     if (s) return s[0] ?? Infinity;
     if (a.info.slots - a.inFlight > 0) return this.now;
-    let m = this.busyUntil.get(a);
-    if (m === undefined) {
-      m = Infinity;
+    let e = this.busyUntil.get(a);
+    if (e === undefined) this.busyUntil.set(a, (e = { pass: -1, at: Infinity }));
+    if (e.pass !== this.pass) {
+      let m = Infinity;
       for (const r of this.runsOf(a)) m = Math.min(m, this.endOf(r));
-      this.busyUntil.set(a, m);
+      e.pass = this.pass;
+      e.at = m;
     }
-    return m;
+    return e.at;
   }
 
   freeNow(a: AgentState): boolean {
@@ -220,6 +241,7 @@ export class Scheduler {
   readonly tasks = new Map<string, Task>();
   private readonly queue: FairQueue<Task>;
   private readonly runsByAgent = new Map<string, Set<Run>>();
+  private readonly busyUntil = new Map<AgentState, { pass: number; at: number }>();
   private byModel: Map<string, AgentState[]> | undefined;
   private readonly estimateCache = new Map<
     string,
@@ -308,6 +330,7 @@ export class Scheduler {
   /** Agents joined, left or changed what they offer. */
   agentsChanged(): void {
     this.byModel = undefined;
+    this.busyUntil.clear();
     this.estimateCache.clear();
     this.schedulePump();
   }
@@ -365,7 +388,7 @@ export class Scheduler {
     for (const a of this.registry.list()) if (!a.info.draining) free += Math.max(0, a.info.slots - a.inFlight);
     if (free === 0) return;
     this.stats.passes++;
-    const plan = new Plan(now, this.runsOn);
+    const plan = new Plan(now, this.runsOn, this.stats.passes, this.busyUntil);
     // Models with no agent free now are skipped cheaply; held tasks bound how far the pass looks.
     const closed = new Set<string>();
     const heldByModel = new Map<string, number>();
@@ -566,8 +589,7 @@ export class Scheduler {
     for (let i = 0; i < candidates.length; i++) {
       const a = candidates[i]!;
       if (a.info.draining || (excludeFailedOf && excludeFailedOf.failedOn.has(a.id))) continue;
-      const ms = Math.max(1e-3, est.ms[i]!);
-      for (const free of plan.slotTimes(a)) if (free < until) n += Math.floor((until - free) / ms);
+      n += plan.capacityUntil(a, until, Math.max(1e-3, est.ms[i]!));
     }
     plan.setCapacity(est, key, n);
     return n;
