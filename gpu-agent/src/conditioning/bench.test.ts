@@ -17,6 +17,8 @@ test("bench prompt is ~300 tokens with edits; conditioning stays fast", { skip }
   const r = await benchConditioningDetailed(tok, { iterations: 20 });
   t.diagnostic(JSON.stringify(r));
   assert.ok(r.promptTokens >= 280 && r.promptTokens <= 340, `prompt has ${r.promptTokens} tokens`);
+  // The cached timing is of a cache hit, not of another encode.
+  assert.equal(r.cachedEncodeCalls, 0);
   // The 2 ms target is checked by tests/bench; here only a loose bound for a shared 2-core machine.
   assert.ok(r.prepareMs < 100, `prepare took ${r.prepareMs} ms`);
 });

@@ -24,9 +24,11 @@ export function benchPrompt(variant: number): string {
 /** An encoder that returns a preallocated output instantly, so only conditioning's own work is timed. */
 class NullTextEncoder implements TextEncoder {
   readonly maxClipSkip = 12;
+  calls = 0;
   private readonly buffers = new Map<number, Float32Array>();
   constructor(readonly hiddenSize: number) {}
   encode(batch: Int32Array): Promise<Float32Array> {
+    this.calls++;
     const size = batch.length * this.hiddenSize;
     let buffer = this.buffers.get(size);
     if (buffer === undefined) {
@@ -39,8 +41,12 @@ class NullTextEncoder implements TextEncoder {
 }
 
 export interface ConditioningBench {
-  /** Median ms of Conditioner.prepare (positive + negative prompt, encoder excluded). */
+  /** Median ms of Conditioner.prepare (positive + negative prompt, encoder excluded), nothing cached. */
   prepareMs: number;
+  /** Median ms of the same prepare again, answered by the conditioning cache (the 2nd…64th image of a batch). */
+  cachedMs: number;
+  /** Text-encoder calls the cached prepares made: 0 when the cache answers them. */
+  cachedEncodeCalls: number;
   /** Median ms of the text side alone: schedule, attention, tokens, chunks for every variant. */
   textMs: number;
   promptTokens: number;
@@ -58,7 +64,8 @@ export async function benchConditioningDetailed(
 ): Promise<ConditioningBench> {
   const iterations = opts.iterations ?? 50;
   const steps = opts.steps ?? 20;
-  const conditioner = new Conditioner({ tokenizer, encoder: new NullTextEncoder(opts.hidden ?? 768), cacheEntries: 4 });
+  const encoder = new NullTextEncoder(opts.hidden ?? 768);
+  const conditioner = new Conditioner({ tokenizer, encoder, cacheEntries: 4 });
 
   // Warm-up: JIT and the per-word BPE cache, as on an agent that has served a few prompts.
   for (let i = 0; i < 10; i++) {
@@ -67,6 +74,8 @@ export async function benchConditioningDetailed(
 
   const textTimes: number[] = [];
   const prepareTimes: number[] = [];
+  const cachedTimes: number[] = [];
+  let cachedEncodeCalls = 0;
   let promptTokens = 0;
   let scheduleEntries = 0;
   for (let i = 0; i < iterations; i++) {
@@ -78,12 +87,24 @@ export async function benchConditioningDetailed(
     textTimes.push(performance.now() - t0);
     scheduleEntries = schedule.length;
 
-    const negative = `blurry, lowres ${i}`;
+    const request = { prompt: `${prompt} `, negativePrompt: `blurry, lowres ${i}`, steps };
     t0 = performance.now();
-    await conditioner.prepare({ prompt: `${prompt} `, negativePrompt: negative, steps });
+    await conditioner.prepare(request);
     prepareTimes.push(performance.now() - t0);
+    const calls = encoder.calls;
+    t0 = performance.now();
+    await conditioner.prepare(request);
+    cachedTimes.push(performance.now() - t0);
+    cachedEncodeCalls += encoder.calls - calls;
   }
-  return { prepareMs: median(prepareTimes), textMs: median(textTimes), promptTokens, scheduleEntries };
+  return {
+    prepareMs: median(prepareTimes),
+    cachedMs: median(cachedTimes),
+    cachedEncodeCalls,
+    textMs: median(textTimes),
+    promptTokens,
+    scheduleEntries,
+  };
 }
 
 /** Median ms of one Conditioner.prepare for a ~300-token prompt with edits, text encoder excluded. */

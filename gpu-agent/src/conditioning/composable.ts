@@ -10,7 +10,16 @@ export interface Subprompt {
 // Python's `\b` is a Unicode word boundary, so "ANDROID" or "éAND" are not split.
 const AND_RE = /(?<![\p{L}\p{N}_])AND(?![\p{L}\p{N}_])/u;
 const WS = `[${PY_WHITESPACE_CLASS}]`;
-const WEIGHT_RE = new RegExp(`^([\\s\\S]*?)(?:${WS}*:${WS}*([-+]?(?:\\p{Nd}+\\.?|\\p{Nd}*\\.\\p{Nd}+)))?${WS}*$`, "u");
+// A1111 matches `^(.*?)(?:\s*:\s*(number))?\s*$` on each part. A number holds no ":", so a weight can
+// only follow the last ":"; matching from there (and trimming the whitespace before it) gives the
+// same split without running a lazy pattern over the whole prompt.
+const WEIGHT_SUFFIX_RE = new RegExp(`^:${WS}*([-+]?(?:\\p{Nd}+\\.?|\\p{Nd}*\\.\\p{Nd}+))${WS}*$`, "u");
+const IS_WS = new RegExp(`^${WS}$`);
+
+function trimEndPythonWhitespace(text: string, end: number): string {
+  while (end > 0 && IS_WS.test(text[end - 1]!)) end--;
+  return text.slice(0, end);
+}
 
 /**
  * A1111's composable-diffusion split (prompt_parser.get_multicond_prompt_list for one prompt):
@@ -19,10 +28,10 @@ const WEIGHT_RE = new RegExp(`^([\\s\\S]*?)(?:${WS}*:${WS}*([-+]?(?:\\p{Nd}+\\.?
  */
 export function parseComposablePrompt(prompt: string): Subprompt[] {
   return prompt.split(AND_RE).map((part) => {
-    const m = WEIGHT_RE.exec(part);
-    if (m === null) return { text: part, weight: 1.0 };
-    const weight = m[2] === undefined ? 1.0 : parsePythonFloat(m[2]);
-    return { text: m[1]!, weight: weight ?? 1.0 };
+    const colon = part.lastIndexOf(":");
+    const m = colon < 0 ? null : WEIGHT_SUFFIX_RE.exec(part.slice(colon));
+    if (m === null) return { text: trimEndPythonWhitespace(part, part.length), weight: 1.0 };
+    return { text: trimEndPythonWhitespace(part, colon), weight: parsePythonFloat(m[1]!) ?? 1.0 };
   });
 }
 

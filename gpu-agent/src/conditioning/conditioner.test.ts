@@ -136,6 +136,40 @@ test("cache: a batch encodes its prompt once; clip skip and steps are part of th
   assert.equal(enc.calls.length, 10);
 });
 
+test("a batch of 64 images encodes its prompt once per (model, prompt, clip skip)", { skip }, async () => {
+  const tok = await tokenizer();
+  // A slow encoder, so all 64 requests are in flight before the first encode finishes.
+  const enc = new FakeTextEncoder(H, 3, 10);
+  const conditioner = new Conditioner({ tokenizer: tok, encoder: enc });
+  const req = { prompt: "a [cat:dog:0.5] on a sofa", negativePrompt: "blurry", steps: 20 };
+  const images = await Promise.all(Array.from({ length: 64 }, () => conditioner.prepare(req)));
+  // One call for the positive prompt's whole schedule (both texts, one row each), one for the negative.
+  assert.equal(enc.calls.length, 2);
+  assert.deepEqual(enc.calls.map((c) => c.n).sort(), [1, 2]);
+  for (const step of [0, 15]) {
+    for (const image of images) {
+      assert.equal(image.condAt(step)[0]!.tensor, images[0]!.condAt(step)[0]!.tensor);
+      assert.equal(image.uncondAt(step).tensor, images[0]!.uncondAt(step).tensor);
+    }
+  }
+  // A second batch of 64 after the first finished: answered from the cache.
+  for (let i = 0; i < 64; i++) await conditioner.prepare(req);
+  assert.equal(enc.calls.length, 2);
+
+  // Another clip skip is another key: the prompt is encoded again, once, for all 64.
+  await Promise.all(Array.from({ length: 64 }, () => conditioner.prepare({ ...req, clipSkip: 2 })));
+  assert.equal(enc.calls.length, 4);
+  assert.deepEqual(enc.calls.slice(2).map((c) => c.clipSkip), [2, 2]);
+
+  // Each model has its own Conditioner (LoadedPipeline.conditioner()), so another model's
+  // encoder is asked once too, and never answered from this model's cache.
+  const otherEnc = new FakeTextEncoder(H, 3, 10);
+  const other = new Conditioner({ tokenizer: tok, encoder: otherEnc });
+  await Promise.all(Array.from({ length: 64 }, () => other.prepare(req)));
+  assert.equal(otherEnc.calls.length, 2);
+  assert.equal(enc.calls.length, 4);
+});
+
 test("an aborted encode rejects, is not cached, and does not fail another caller", { skip }, async () => {
   const tok = await tokenizer();
   const enc = new FakeTextEncoder(H, 3, 20);

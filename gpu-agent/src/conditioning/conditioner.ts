@@ -98,7 +98,8 @@ interface CacheEntry {
 /**
  * A1111's text-conditioning path: prompt schedules, chunking, CLIP encoding of a whole schedule as
  * one batch, emphasis, and per-step lookup. Results are cached per (text, steps, clip skip, …) so a
- * batch of images encodes its prompt once.
+ * batch of images encodes its prompt once; each model has its own Conditioner (and encoder), which
+ * makes the model part of the key.
  */
 export class Conditioner {
   readonly tokenizer: ClipTokenizer;
@@ -167,7 +168,7 @@ export class Conditioner {
     );
     const chunkCount = Math.max(...chunked.map((c) => c.length));
     const filler = emptyChunk(this.tokenizer);
-    const outputs = distinct.map(() => new Float32Array(chunkCount * CHUNK_TOKENS * hidden));
+    const outputs = distinct.map(() => uninitializedFloat32(chunkCount * CHUNK_TOKENS * hidden));
 
     for (let ci = 0; ci < chunkCount; ci++) {
       const chunks: PromptChunk[] = chunked.map((c) => c[ci] ?? filler);
@@ -321,6 +322,14 @@ export class Conditioner {
 function condIndexAt(schedule: readonly ScheduledCond[], step: number): number {
   for (let i = 0; i < schedule.length; i++) if (step <= schedule[i]!.endAtStep) return i;
   return 0;
+}
+
+// applyEmphasis writes every value of every output (one full row per text and chunk index) before
+// the tensor is returned, so the zero fill of `new Float32Array` (a memset wherever the allocator
+// hands back recycled memory) would be wasted work on megabytes per prompt.
+function uninitializedFloat32(length: number): Float32Array {
+  const bytes = Buffer.allocUnsafeSlow(length * Float32Array.BYTES_PER_ELEMENT);
+  return new Float32Array(bytes.buffer, bytes.byteOffset, length);
 }
 
 function isAbort(err: unknown): boolean {

@@ -1,10 +1,13 @@
 import { PY_WHITESPACE_CLASS } from "./text-cleanup.js";
 
 const PY_FLOAT_RE = /^[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf(?:inity)?|nan)$/i;
+const ASCII_DECIMAL = /^[+-]?(?:\d+\.?\d*|\.\d+)$/;
 const EDGE_WS = new RegExp(`^[${PY_WHITESPACE_CLASS}]+|[${PY_WHITESPACE_CLASS}]+$`, "g");
 
 /** Python's float(str) for the forms prompts use; undefined where Python raises ValueError. */
 export function parsePythonFloat(literal: string): number | undefined {
+  // Most weights are plain ASCII like "1.2": Number() reads those exactly as Python's float() does.
+  if (ASCII_DECIMAL.test(literal)) return Number(literal);
   let s = literal.replace(EDGE_WS, "");
   // Python accepts any Unicode decimal digit and single underscores between digits.
   s = s.replace(/\p{Nd}/gu, (d) => String(unicodeDigitValue(d)));
@@ -28,6 +31,7 @@ export function parsePythonInt(literal: string): number | undefined {
 /** Value of a Unicode decimal digit: digits come in runs of ten starting at zero (some runs adjoin). */
 export function unicodeDigitValue(ch: string): number {
   const cp = ch.codePointAt(0)!;
+  if (cp >= 0x30 && cp <= 0x39) return cp - 0x30;
   let start = cp;
   while (/\p{Nd}/u.test(String.fromCodePoint(start - 1))) start--;
   return (cp - start) % 10;
