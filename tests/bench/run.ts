@@ -2,8 +2,10 @@
 // `npm run bench -- NAME…` runs only those (agent-overhead, coordinator-dispatch, placement, speed-split).
 import { availableParallelism, cpus } from "node:os";
 import { benchAgentOverhead } from "./agent-overhead.js";
+import { benchConditioningCost } from "./conditioning.js";
 import { benchCoordinatorDispatch } from "./coordinator-dispatch.js";
 import { benchPlacementBoth } from "./placement.js";
+import { benchSamplerOverhead } from "./samplers.js";
 import { benchSpeedSplit } from "./speed-split.js";
 
 const only = process.argv.slice(2);
@@ -16,3 +18,5 @@ if (want("agent-overhead")) process.stdout.write(`agent-overhead (target ≤ 5%)
 if (want("coordinator-dispatch")) process.stdout.write(`coordinator-dispatch (target ≥ 500 tasks/s): ${fmt(await benchCoordinatorDispatch())}\n`);
 if (want("placement")) process.stdout.write(`placement, 256 agents (target ≥ 2,000/s, p99 ≤ 5 ms): ${fmt(await benchPlacementBoth())}\n`);
 if (want("speed-split")) process.stdout.write(`speed-split 1×/2×/4× (target makespan ≤ 1.15 × ideal): ${fmt(await benchSpeedSplit())}\n`);
+if (want("conditioning")) process.stdout.write(`conditioning, ~300-token prompt with edits, encoder excluded (target ≤ 2 ms cold): ${fmt(await benchConditioningCost())}\n`);
+if (want("samplers")) process.stdout.write(`samplers, 4×128×128 latent, model excluded (target b_critical ≤ 0.3 ms/step): ${fmt(await benchSamplerOverhead())}\n`);

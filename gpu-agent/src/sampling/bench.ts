@@ -1,12 +1,25 @@
 /**
- * Sampler overhead benchmark (not a test): time per sampling step spent in the sampler itself, its
- * schedule and the RNG, for a 4×128×128 latent (1024×1024 px) with a trivial model, so that the
- * numbers show what the sampling core adds to each UNet step.
+ * Sampler overhead benchmark (not a test): what the sampling core (sampler updates, schedule, RNG,
+ * Brownian tree) costs per step for a 4×128×128 latent (1024×1024 px), model evaluation excluded.
+ * Two numbers per sampler:
+ *
+ * (a) sync — CPU time inside the sampler generator with everything synchronous: every noise draw
+ *     and tree query happens when the sampler asks for it. The model's answer is computed outside
+ *     the timed region.
+ * (b) critical — wall time per step minus the simulated model time, with a model evaluation that
+ *     really runs off-thread (a worker that computes a trivial answer and sleeps until `modelMs` have
+ *     passed, like the ORT worker) and the driver calling `drawAhead` during it, as the agent's denoise
+ *     loop does. This includes the harness's own cost (copying the latent to the worker and the answer
+ *     back, two messages); `floorMsPerStep` is that cost alone, measured with a sampler that does nothing,
+ *     and `criticalInSamplerMsPerStep` is the part spent inside the sampler itself. On a machine with
+ *     fewer free cores than threads, the worker's wake-up delays also land in criticalMsPerStep.
  */
+import { Worker } from "node:worker_threads";
+import { createBrownianNoiseSampler } from "./brownian.js";
 import type { RngSource } from "./generator.js";
 import { ImageRng, type LatentShape } from "./image-rng.js";
-import { listSamplers, prepareSampling } from "./plan.js";
-import type { ModelRequest, ModelResponse } from "./samplers/types.js";
+import { listSamplers, prepareSampling, type PreparedSampling } from "./plan.js";
+import type { ModelRequest, ModelResponse, NoiseSampler, SamplerRun } from "./samplers/types.js";
 
 export interface BenchSamplersOptions {
   /** Sampler names to measure (default: all 20). */
@@ -16,10 +29,16 @@ export interface BenchSamplersOptions {
   source?: RngSource;
   /** Use the Brownian tree for the SDE samplers, as A1111 does (default true). */
   brownian?: boolean;
-  /** Clock in milliseconds (injectable for tests). */
+  /** Clock in milliseconds for (a) (injectable for tests). */
   now?: () => number;
-  /** Run each sampler once for 3 steps first, so JIT compilation is not timed (default true). */
+  /** Run each sampler once untimed first, so JIT compilation is not timed (default true). */
   warmup?: boolean;
+  /** Also measure (b) with a simulated off-thread model of this many milliseconds (0 = skip (b)). */
+  modelMs?: number;
+  /** (b) only: also measure the critical path without drawing ahead, for comparison (default true). */
+  withoutPrefetch?: boolean;
+  /** Measure each number this many times and keep the fastest, against noise from other load (default 3). */
+  repeats?: number;
 }
 
 export interface SamplerBenchResult {
@@ -27,48 +46,245 @@ export interface SamplerBenchResult {
   /** Sampler steps A1111 would report. */
   steps: number;
   modelCalls: number;
-  totalMs: number;
-  msPerStep: number;
+  /** Per run, before the first step: prepareSampling (σ list, Brownian trees) and the start latent. */
+  setupMs: number;
+  /** (a) sampler + schedule + RNG CPU time per step, all synchronous. */
+  syncMsPerStep: number;
+  /** Noise draws and tree queries a run makes (per image). */
+  noiseCalls: number;
+  /** (b) wall − model time per step, drawing ahead during the model evaluation. */
+  criticalMsPerStep?: number;
+  /**
+   * (b) the part of criticalMsPerStep spent inside the sampler (its generator), drawing ahead: what the
+   * sampling core itself still costs between two model calls, without the harness's messaging.
+   */
+  criticalInSamplerMsPerStep?: number;
+  /** (b) the same without drawing ahead. */
+  criticalNoPrefetchMsPerStep?: number;
+  /** (b) of the harness alone (a do-nothing sampler making as many model calls). */
+  floorMsPerStep?: number;
+  /** (b) noise draws or tree queries still made on the critical path (inside the sampler, not ahead). */
+  criticalNoiseCalls?: number;
 }
 
-/** Identity denoiser (D(x, σ) = x); zero eps for timestep samplers. */
-function trivialModel(request: ModelRequest): ModelResponse {
-  if (request.kind === "denoise") return Float32Array.from(request.x);
-  const zeros = new Float32Array(request.x.length);
-  return request.needUncond ? { output: zeros, uncond: zeros } : zeros;
+/** The trivial model: D(x, σ) = x/(1 + σ²), eps = x·σ/(1 + σ²) (scaled input), uncond 0.9·eps. */
+function modelFactor(request: ModelRequest): number {
+  const s2 = request.sigma * request.sigma;
+  return request.kind === "denoise" ? 1 / (1 + s2) : (request.sigma / (1 + s2)) * request.inputScale;
 }
 
-export function benchSamplers(options: BenchSamplersOptions = {}): SamplerBenchResult[] {
+function answer(request: ModelRequest, out: Float32Array): ModelResponse {
+  return request.kind === "eps" && request.needUncond ? { output: out, uncond: out.map((v) => v * 0.9) } : out;
+}
+
+function computeAnswer(request: ModelRequest): ModelResponse {
+  const f = modelFactor(request);
+  return answer(request, request.x.map((v) => v * f));
+}
+
+interface Counted {
+  prepared: PreparedSampling;
+  start: Float32Array;
+  setupMs: number;
+  counts: { calls: number; critical: number; ahead: boolean };
+}
+
+/** prepareSampling as the agent calls it, with the noise source and Brownian tree counted. */
+function prepare(name: string, steps: number, shape: LatentShape, source: RngSource, brownian: boolean, now: () => number): Counted {
+  const counts = { calls: 0, critical: 0, ahead: false };
+  const count = (): void => {
+    counts.calls++;
+    if (!counts.ahead) counts.critical++;
+  };
+  const started = now();
+  const rng = new ImageRng({ shape, seeds: [0], source });
+  const noise = (): Float32Array => (count(), rng.next());
+  let noiseSampler: NoiseSampler | undefined;
+  const range = prepareSampling({ samplerName: name, steps, noise }).brownianRange;
+  if (brownian && range !== undefined) {
+    const tree = createBrownianNoiseSampler({ ...range, seeds: [0], shape, source });
+    noiseSampler = (sigma, sigmaNext) => (count(), tree(sigma, sigmaNext));
+  }
+  const prepared = prepareSampling({ samplerName: name, steps, noise, ...(noiseSampler !== undefined && { noiseSampler }) });
+  const start = prepared.startLatent(rng.first());
+  const setupMs = now() - started;
+  counts.calls = 0;
+  counts.critical = 0;
+  return { prepared, start, setupMs, counts };
+}
+
+function runSync(c: Counted, now: () => number): { ms: number; modelCalls: number } {
+  let ms = 0;
+  let t = now();
+  const run = c.prepared.run(c.start);
+  let r = run.next();
+  ms += now() - t;
+  let modelCalls = 0;
+  while (!r.done) {
+    modelCalls++;
+    const response = computeAnswer(r.value);
+    t = now();
+    r = run.next(response);
+    ms += now() - t;
+  }
+  return { ms, modelCalls };
+}
+
+const WORKER_SOURCE = `
+const { parentPort, workerData } = require("node:worker_threads");
+const x = new Float32Array(workerData.x);
+const out = new Float32Array(workerData.out);
+const sleeper = new Int32Array(new SharedArrayBuffer(4));
+parentPort.on("message", (m) => {
+  const started = performance.now();
+  for (let i = 0; i < m.n; i++) out[i] = x[i] * m.factor;
+  const left = workerData.modelMs - (performance.now() - started);
+  if (left > 0) Atomics.wait(sleeper, 0, 0, left);
+  parentPort.postMessage(performance.now() - started);
+});
+`;
+
+/** A simulated UNet in its own thread: the latent goes over in shared memory, the answer comes back the same way. */
+class OffThreadModel {
+  private readonly worker: Worker;
+  private readonly x: Float32Array;
+  private readonly out: Float32Array;
+  private pending: ((ms: number) => void) | undefined;
+
+  constructor(length: number, modelMs: number) {
+    const xBuffer = new SharedArrayBuffer(length * 4);
+    const outBuffer = new SharedArrayBuffer(length * 4);
+    this.x = new Float32Array(xBuffer);
+    this.out = new Float32Array(outBuffer);
+    this.worker = new Worker(WORKER_SOURCE, { eval: true, workerData: { x: xBuffer, out: outBuffer, modelMs } });
+    this.worker.on("message", (ms: number) => {
+      const resolve = this.pending;
+      this.pending = undefined;
+      resolve?.(ms);
+    });
+  }
+
+  /** Starts the evaluation (synchronously posted) and resolves with the answer and the model's own time. */
+  evaluate(request: ModelRequest): Promise<{ response: ModelResponse; modelMs: number }> {
+    this.x.set(request.x);
+    return new Promise((resolve) => {
+      this.pending = (modelMs) => resolve({ response: answer(request, this.out.slice(0, request.x.length)), modelMs });
+      this.worker.postMessage({ n: request.x.length, factor: modelFactor(request) });
+    });
+  }
+
+  close(): Promise<number> {
+    return this.worker.terminate();
+  }
+}
+
+async function runOffThread(
+  run: SamplerRun, model: OffThreadModel, drawAhead: ((r: ModelRequest) => void) | undefined,
+): Promise<{ wallMs: number; modelMs: number; samplerMs: number }> {
+  const started = performance.now();
+  let modelMs = 0;
+  let r = run.next();
+  let samplerMs = performance.now() - started;
+  while (!r.done) {
+    const request = r.value;
+    const evaluating = model.evaluate(request);
+    // As in the agent's denoise loop: the request is posted first, then the noise is drawn while it runs.
+    if (drawAhead !== undefined) setImmediate(() => drawAhead(request));
+    const { response, modelMs: ms } = await evaluating;
+    modelMs += ms;
+    const resumed = performance.now();
+    r = run.next(response);
+    samplerMs += performance.now() - resumed;
+  }
+  return { wallMs: performance.now() - started, modelMs, samplerMs };
+}
+
+/** Yields the same requests as a recorded run and does nothing else: the harness floor. */
+function* replay(requests: readonly ModelRequest[]): SamplerRun {
+  for (const request of requests) yield request;
+  return requests[0]!.x;
+}
+
+function measureSync(name: string, steps: number, shape: LatentShape, source: RngSource, brownian: boolean, now: () => number): SamplerBenchResult {
+  const sync = prepare(name, steps, shape, source, brownian, now);
+  const { ms, modelCalls } = runSync(sync, now);
+  const reported = sync.prepared.steps;
+  return { sampler: name, steps: reported, modelCalls, setupMs: sync.setupMs, syncMsPerStep: ms / reported, noiseCalls: sync.counts.calls };
+}
+
+type OffThreadNumbers = Pick<
+  SamplerBenchResult,
+  "criticalMsPerStep" | "criticalInSamplerMsPerStep" | "criticalNoPrefetchMsPerStep" | "floorMsPerStep" | "criticalNoiseCalls"
+>;
+
+function minimum(a: OffThreadNumbers, b: OffThreadNumbers): OffThreadNumbers {
+  const min = (x: number | undefined, y: number | undefined): number | undefined => (x === undefined ? y : y === undefined ? x : Math.min(x, y));
+  return {
+    criticalMsPerStep: min(a.criticalMsPerStep, b.criticalMsPerStep),
+    criticalInSamplerMsPerStep: min(a.criticalInSamplerMsPerStep, b.criticalInSamplerMsPerStep),
+    criticalNoPrefetchMsPerStep: min(a.criticalNoPrefetchMsPerStep, b.criticalNoPrefetchMsPerStep),
+    floorMsPerStep: min(a.floorMsPerStep, b.floorMsPerStep),
+    criticalNoiseCalls: Math.max(a.criticalNoiseCalls ?? 0, b.criticalNoiseCalls ?? 0),
+  };
+}
+
+async function measureOffThread(
+  name: string, steps: number, shape: LatentShape, source: RngSource, brownian: boolean, now: () => number,
+  model: OffThreadModel, withoutPrefetch: boolean,
+): Promise<OffThreadNumbers> {
+  const ahead = prepare(name, steps, shape, source, brownian, now);
+  const reported = ahead.prepared.steps;
+  const requests: ModelRequest[] = [];
+  const drawAhead = (request: ModelRequest): void => {
+    requests.push(request);
+    ahead.counts.ahead = true;
+    ahead.prepared.drawAhead(request);
+    ahead.counts.ahead = false;
+  };
+  const withPrefetch = await runOffThread(ahead.prepared.run(ahead.start), model, drawAhead);
+  const out: OffThreadNumbers = {
+    criticalMsPerStep: (withPrefetch.wallMs - withPrefetch.modelMs) / reported,
+    criticalInSamplerMsPerStep: withPrefetch.samplerMs / reported,
+    criticalNoiseCalls: ahead.counts.critical,
+  };
+  if (withoutPrefetch) {
+    const plain = prepare(name, steps, shape, source, brownian, now);
+    const without = await runOffThread(plain.prepared.run(plain.start), model, undefined);
+    out.criticalNoPrefetchMsPerStep = (without.wallMs - without.modelMs) / reported;
+  }
+  const floor = await runOffThread(replay(requests), model, undefined);
+  out.floorMsPerStep = (floor.wallMs - floor.modelMs) / reported;
+  return out;
+}
+
+export async function benchSamplers(options: BenchSamplersOptions = {}): Promise<SamplerBenchResult[]> {
   const shape = options.shape ?? [4, 128, 128];
   const steps = options.steps ?? 10;
   const source = options.source ?? "NV";
+  const brownian = options.brownian ?? true;
   const now = options.now ?? (() => performance.now());
   const names = options.samplers ?? listSamplers().map((s) => s.name);
+  const modelMs = options.modelMs ?? 0;
+  const length = shape[0] * shape[1] * shape[2];
+  const model = modelMs > 0 ? new OffThreadModel(length, modelMs) : undefined;
   const results: SamplerBenchResult[] = [];
-  for (const name of names) {
-    if (options.warmup ?? true) runOnce(name, 3, shape, source, options.brownian ?? true);
-    const started = now();
-    const { steps: reported, modelCalls } = runOnce(name, steps, shape, source, options.brownian ?? true);
-    const totalMs = now() - started;
-    results.push({ sampler: name, steps: reported, modelCalls, totalMs, msPerStep: totalMs / reported });
+  const repeats = Math.max(1, options.repeats ?? 3);
+  try {
+    for (const name of names) {
+      if (options.warmup ?? true) runSync(prepare(name, steps, shape, source, brownian, now), now);
+      const result = measureSync(name, steps, shape, source, brownian, now);
+      for (let k = 1; k < repeats; k++) {
+        const again = measureSync(name, steps, shape, source, brownian, now);
+        result.setupMs = Math.min(result.setupMs, again.setupMs);
+        result.syncMsPerStep = Math.min(result.syncMsPerStep, again.syncMsPerStep);
+      }
+      for (let k = 0; k < repeats && model !== undefined; k++) {
+        Object.assign(result, minimum(result, await measureOffThread(name, steps, shape, source, brownian, now, model, options.withoutPrefetch ?? true)));
+      }
+      results.push(result);
+    }
+  } finally {
+    await model?.close();
   }
   return results;
-}
-
-function runOnce(name: string, steps: number, shape: LatentShape, source: RngSource, brownian: boolean): { steps: number; modelCalls: number } {
-  const rng = new ImageRng({ shape, seeds: [0], source });
-  const prepared = prepareSampling({
-    samplerName: name,
-    steps,
-    noise: () => rng.next(),
-    ...(brownian && { brownian: { seeds: [0], shape, source } }),
-  });
-  const run = prepared.run(prepared.startLatent(rng.first()));
-  let modelCalls = 0;
-  let r = run.next();
-  while (!r.done) {
-    modelCalls++;
-    r = run.next(trivialModel(r.value));
-  }
-  return { steps: prepared.steps, modelCalls };
 }

@@ -1,12 +1,37 @@
 /**
  * Brownian-tree noise for the SDE samplers, following A1111 1.10: k-diffusion's BrownianTreeNoiseSampler
- * over one torchsde 0.2.6 BrownianTree per image (BrownianInterval with halfway_tree, tol 1e-6,
- * pool_size 24), numpy SeedSequence seed splitting, and torchsde's normal draws redirected to the
- * configured RNG source (A1111's randn_local: the first draw of a fresh generator).
+ * over one torchsde BrownianTree per image (BrownianInterval with halfway_tree, tol 1e-6, pool_size 24),
+ * numpy SeedSequence seed splitting, and torchsde's normal draws redirected to the configured RNG source
+ * (A1111's randn_local: the first draw of a fresh generator).
+ *
+ * What is verified, and how:
+ * - SeedSequence: against numpy's own output (brownian.test.ts).
+ * - The interval logic (halfway splits, spawn key and depth of each split, W seed = generate_state(4)[0],
+ *   the top increment from generate_state(3)[0] × sqrt(t1 − t0), the bridge formula, left-to-right sums,
+ *   clamping, rounding with Python's round(x, 6)): read from torchsde's public BrownianInterval source and
+ *   tested for its structural properties (bridge, order independence, additivity).
+ * What is not verified: no test compares these increments with values produced by torchsde 0.2.6
+ * itself (there is no such reference in the fixtures), and that k-diffusion's BrownianTree(t0, w0, t1,
+ * entropy) call reaches BrownianInterval with exactly these defaults in the 0.2.6 wheel A1111 pins is
+ * taken from the source, not checked against the wheel. Treat DPM++ SDE / 2M SDE / 3M SDE images as
+ * "same construction", not "bit-identical to A1111", until such a reference exists.
  */
 import { createGenerator, type RngSource } from "./generator.js";
-import { f32 } from "./float32.js";
 import type { LatentShape } from "./image-rng.js";
+import { Kernel, e } from "./kernels.js";
+
+const f32 = Math.fround;
+
+/**
+ * Both children of a split node from its increment W and the split noise n:
+ * left = (Δ_left·W)·(1/h) + root·n, right = W − left.
+ */
+const leftW = e.add(e.mul(e.mul(e.param(0), e.in(0)), e.param(1)), e.mul(e.param(2), e.in(1)));
+const splitKernel = new Kernel({ inputs: 2, params: 3, outputs: [leftW, e.sub(e.in(0), leftW)] });
+/** a + b */
+const sumKernel = new Kernel({ inputs: 2, params: 0, outputs: [e.add(e.in(0), e.in(1))] });
+/** (W·sign)/scale */
+const normalizeKernel = new Kernel({ inputs: 1, params: 2, outputs: [e.div(e.mul(e.in(0), e.param(0)), e.param(1))] });
 
 /* ---- numpy.random.SeedSequence (entropy pool hashing, generate_state) ---- */
 
@@ -79,8 +104,17 @@ export class SeedSequence {
 
 /* ---- torchsde BrownianInterval (halfway tree, no Lévy area) ---- */
 
-/** Python's round(x, 6) for the magnitudes used here (ties cannot occur for binary doubles at 6 digits). */
-function roundTol(x: number): number {
+/**
+ * Python's round(x, 6): the exact binary value to 6 decimals, ties to even. JS toFixed breaks ties away
+ * from zero instead; a double is an exact tie at 6 decimals precisely when it is an odd multiple of 2⁻⁷.
+ */
+export function roundTol(x: number): number {
+  const scaled = x * 128;
+  if (Number.isInteger(scaled) && scaled % 2 !== 0) {
+    const micro = x * 1e6; // exact: an odd multiple of 7812.5
+    const down = Math.floor(micro);
+    return (down % 2 === 0 ? down : down + 1) / 1e6;
+  }
   return Number(x.toFixed(6));
 }
 
@@ -131,13 +165,12 @@ export class BrownianInterval {
     if (ta === tb) return new Float32Array(this.length);
     const intervals: Node[] = [];
     this.locate(this.top, roundTol(ta), roundTol(tb), intervals);
-    let w = this.incrementOf(intervals[0]!);
-    for (let i = 1; i < intervals.length; i++) {
-      const wi = this.incrementOf(intervals[i]!);
-      const sum = new Float32Array(this.length);
-      for (let k = 0; k < sum.length; k++) sum[k] = w[k]! + wi[k]!;
-      w = sum;
-    }
+    const first = this.incrementOf(intervals[0]!);
+    if (intervals.length === 1) return first;
+    // Summed left to right, one float32 rounding per addition, like torchsde's sum of the pieces.
+    const w = new Float32Array(this.length);
+    sumKernel.run([w], [first, this.incrementOf(intervals[1]!)]);
+    for (let i = 2; i < intervals.length; i++) sumKernel.run([w], [w, this.incrementOf(intervals[i]!)]);
     return w;
   }
 
@@ -145,7 +178,9 @@ export class BrownianInterval {
     // Iterative form of torchsde's _loc_inner (which recurses through a trampoline).
     const pending: Array<[Node, number, number]> = [[node, ta, tb]];
     while (pending.length > 0) {
-      let [current, a, b] = pending.shift()!;
+      const [start, a, end] = pending.shift()!;
+      let current = start;
+      let b = end;
       for (;;) {
         if (a < current.start || b > current.end) {
           current = current.parent!;
@@ -226,7 +261,10 @@ export class BrownianInterval {
     return noise;
   }
 
-  /** Caching changes no value (every node is a pure function of its place in the tree), only the cost. */
+  /**
+   * Caching changes no value (every node is a pure function of its place in the tree), only the cost.
+   * Both children of a split are computed together, since they share the parent's increment and noise.
+   */
   private incrementOf(node: Node): Float32Array {
     if (node === this.top) return this.topW;
     const cached = this.lookup(this.cache, node);
@@ -236,16 +274,14 @@ export class BrownianInterval {
     const hReciprocal = 1 / (parent.end - parent.start);
     const leftDiff = parent.midway! - parent.start;
     const rightDiff = parent.end - parent.midway!;
-    const leftDiffF = f32(leftDiff);
-    const hReciprocalF = f32(hReciprocal);
     const root = f32(Math.sqrt(leftDiff * rightDiff * hReciprocal));
     const noise = this.splitNoise(parent);
-    const out = new Float32Array(this.length);
-    for (let k = 0; k < out.length; k++) {
-      const mean = f32(f32(leftDiffF * w[k]!) * hReciprocalF);
-      const leftW = f32(mean + f32(root * noise[k]!));
-      out[k] = node.isLeft ? leftW : w[k]! - leftW;
-    }
+    const left = new Float32Array(this.length);
+    const right = new Float32Array(this.length);
+    splitKernel.run([left, right], [w, noise], [f32(leftDiff), f32(hReciprocal), root]);
+    const sibling = node.isLeft ? parent.right! : parent.left!;
+    if (this.cache.get(sibling) === undefined) this.remember(this.cache, sibling, node.isLeft ? right : left);
+    const out = node.isLeft ? left : right;
     this.remember(this.cache, node, out);
     return out;
   }
@@ -291,9 +327,8 @@ export class BrownianTreeNoiseSampler {
     const scale = f32(Math.sqrt(Math.abs(f32(b - a))));
     const out = new Float32Array(this.trees.length * this.imageSize);
     this.trees.forEach((tree, i) => {
-      const w = tree.increment(lo, hi);
       const offset = i * this.imageSize;
-      for (let k = 0; k < w.length; k++) out[offset + k] = (w[k]! * sign) / scale;
+      normalizeKernel.run([out.subarray(offset, offset + this.imageSize)], [tree.increment(lo, hi)], [sign, scale]);
     });
     return out;
   }

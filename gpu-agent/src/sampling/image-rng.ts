@@ -92,6 +92,8 @@ export class ImageRng {
   /** Sampler noise (`randn_like`): the next draw of each image's generator; the first call is `first()`. */
   next(): Float32Array {
     if (this.isFirst) return this.first();
+    // One image: the generator's fresh array is the result, no copy.
+    if (this.generators.length === 1) return this.generators[0]!.next(this.shape);
     const size = this.imageSize;
     const out = new Float32Array(this.imageCount * size);
     this.generators.forEach((generator, i) => out.set(generator.next(this.shape), i * size));

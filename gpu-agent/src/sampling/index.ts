@@ -8,7 +8,9 @@
  *   const run = prep.run(prep.startLatent(rng.first()));
  *   for (let r = run.next(); !r.done; r = run.next(evaluate(r.value))) {}
  * where evaluate() runs the UNet for the request (see ModelRequest) and returns the CFG-combined
- * result; r.value.call selects the prompt-schedule entry, r.value.step is the progress step.
+ * result; r.value.call selects the prompt-schedule entry, r.value.step is the progress step. When the
+ * evaluation runs off-thread, call prep.drawAhead(r.value) once it is dispatched: the noise the sampler
+ * needs next is drawn during the wait instead of after it (same values, same order).
  */
 export { createGenerator, elementCount, RNG_SOURCES, type GeneratorOptions, type ImageGenerator, type NoiseShape, type RngSource } from "./generator.js";
 export { philox4x32, philoxNormals, philoxNormalsCuda } from "./philox.js";

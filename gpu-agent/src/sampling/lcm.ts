@@ -6,6 +6,7 @@
 import { f32, linspaceF32 } from "./float32.js";
 import type { SigmaModel } from "./schedules.js";
 import type { LcmDenoiser } from "./samplers/kdiffusion.js";
+import { lcmStep } from "./samplers/updates.js";
 import { sd1Schedule, type DiscreteSchedule } from "./sigmas.js";
 
 const ORIGINAL_TIMESTEPS = 50;
@@ -65,18 +66,16 @@ export class LcmSchedule implements SigmaModel, LcmDenoiser {
     return out;
   }
 
-  /** LCM's denoised output from the CFG-combined eps of UNet(x·c_in(σ), sigmaToT(σ)). */
-  denoisedFromEps(x: Float32Array, eps: Float32Array, sigma: number): Float32Array {
+  /** c_skip and c_out of LCM's boundary condition (σ_data = 0.5, timestep scaled by 10). */
+  boundaryScalings(sigma: number): { cSkip: number; cOut: number } {
     const scaledTimestep = f32(this.sigmaToT(sigma) * 10);
     const st2 = f32(scaledTimestep * scaledTimestep);
-    const cSkip = f32(0.25 / f32(st2 + 0.25));
-    const cOut = f32(scaledTimestep / f32(Math.sqrt(f32(st2 + 0.25))));
-    const negSigma = -f32(sigma);
-    const out = new Float32Array(x.length);
-    for (let k = 0; k < x.length; k++) {
-      const inner = x[k]! + f32(eps[k]! * negSigma);
-      out[k] = f32(cOut * f32(inner)) + f32(cSkip * x[k]!);
-    }
-    return out;
+    return { cSkip: f32(0.25 / f32(st2 + 0.25)), cOut: f32(scaledTimestep / f32(Math.sqrt(f32(st2 + 0.25)))) };
+  }
+
+  /** LCM's denoised output from the CFG-combined eps of UNet(x·c_in(σ), sigmaToT(σ)). */
+  denoisedFromEps(x: Float32Array, eps: Float32Array, sigma: number): Float32Array {
+    const { cSkip, cOut } = this.boundaryScalings(sigma);
+    return lcmStep(new Float32Array(x.length), x, eps, -f32(sigma), cOut, cSkip);
   }
 }

@@ -1,3 +1,4 @@
+import { philoxNormalsSimd } from "./philox-simd.js";
 import { philoxOutputWords } from "./philox-wasm.js";
 
 /**
@@ -50,9 +51,22 @@ export function philox4x32(
 /**
  * Fills `out` with the normals of one NV `randn` call: element i uses counter (offset, 0, i, 0).
  * Box–Muller runs in float64 with float32 constants and is rounded to float32 at the end, as in A1111.
- * The Philox rounds run in WebAssembly when it is available (about 6× faster than the JS loop).
+ * Fastest first: the WebAssembly SIMD loop (philox-simd.ts, same values by construction), else the
+ * scalar WebAssembly Philox with Box–Muller in JS, else everything in JS.
  */
 export function philoxNormals(out: Float32Array, k0: number, k1: number, offset: number): void {
+  if (out.length > 0 && philoxNormalsSimd(out, k0, k1, offset, (i) => philoxNormalAt(i, k0, k1, offset))) return;
+  philoxNormalsScalar(out, k0, k1, offset);
+}
+
+/** Element i of a draw, the slow way: for the elements the SIMD loop leaves to libm. */
+function philoxNormalAt(i: number, k0: number, k1: number, offset: number): number {
+  const [c0, c1] = philox4x32([offset >>> 0, 0, i >>> 0, 0], [k0 >>> 0, k1 >>> 0]);
+  return Math.sqrt(-2 * Math.log(c0 * BOX_MULLER_A + HALF_A)) * Math.sin(c1 * BOX_MULLER_B + HALF_B);
+}
+
+/** The draw without SIMD: scalar WebAssembly Philox words, Box–Muller in JS. */
+function philoxNormalsScalar(out: Float32Array, k0: number, k1: number, offset: number): void {
   const words = out.length > 0 ? philoxOutputWords(out.length, offset, k0, k1) : null;
   if (words !== null) {
     for (let i = 0; i < out.length; i++) {

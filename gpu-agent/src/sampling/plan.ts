@@ -17,6 +17,7 @@ import { createBrownianNoiseSampler, type BrownianNoiseOptions } from "./brownia
 import { InvalidSamplingParameter } from "./errors.js";
 import { f32 } from "./float32.js";
 import { LcmSchedule } from "./lcm.js";
+import { NoisePrefetcher } from "./prefetch.js";
 import { DEFAULT_RHO, SCHEDULE_LABELS, samplerSigmas, type ScheduleType, type SigmaModel } from "./schedules.js";
 import { sd1Schedule, type DiscreteSchedule } from "./sigmas.js";
 import { sampleDpmAdaptive, sampleDpmFast } from "./samplers/dpm-solver.js";
@@ -44,7 +45,7 @@ import {
   type UniPcSkipType,
   type UniPcVariant,
 } from "./samplers/timesteps.js";
-import type { NoiseSampler, SamplerOptions, SamplerRun } from "./samplers/types.js";
+import type { ModelRequest, NoiseSampler, SamplerOptions, SamplerRun } from "./samplers/types.js";
 
 export interface ResolvedSamplerChoice {
   sampler: SamplerEntry;
@@ -230,6 +231,12 @@ export interface PreparedSampling {
    */
   startLatent(noise: Float32Array, initLatent?: Float32Array): Float32Array;
   run(x: Float32Array): SamplerRun;
+  /**
+   * Draws now the noise `request` announces (its `upcoming` field): call it while that request's model
+   * evaluation runs elsewhere (the ORT worker), after the evaluation has been dispatched, so the draws
+   * leave the critical path. Values and draw order are unchanged (see prefetch.ts); never throws.
+   */
+  drawAhead(request: ModelRequest, signal?: AbortSignal): void;
 }
 
 export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
@@ -290,12 +297,14 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
     }
     brownianRange = { sigmaMin, sigmaMax };
   }
-  const noiseSampler =
+  const querySource =
     input.noiseSampler ?? (brownianRange !== undefined && input.brownian !== undefined ? createBrownianNoiseSampler({ ...input.brownian, ...brownianRange }) : undefined);
+  const prefetcher = new NoisePrefetcher(input.noise, querySource);
+  const noiseSampler = querySource === undefined ? undefined : prefetcher.query;
 
   const options: SamplerOptions = {
     sigmas,
-    noise: input.noise,
+    noise: prefetcher.noise,
     schedule: baseSchedule,
     eta,
     ...(s.sChurn !== undefined && { sChurn: s.sChurn }),
@@ -364,7 +373,7 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
         // txt2img: the model's σ range and n = steps; img2img: sched[−2], sched[0], n = len − 1.
         const sigmaMin = mapping ? sigmas[sigmas.length - 2]! : sigmaModel.sigmaMin;
         const sigmaMax = mapping ? sigmas[0]! : sigmaModel.sigmaMax;
-        const common = { sigmaMin, sigmaMax, noise: input.noise, schedule: baseSchedule, eta, sNoise: s.sNoise ?? 1 };
+        const common = { sigmaMin, sigmaMax, noise: prefetcher.noise, schedule: baseSchedule, eta, sNoise: s.sNoise ?? 1 };
         return sampler.name === "DPM fast"
           ? sampleDpmFast(x, mapping ? sigmas.length - 1 : input.steps, common)
           : sampleDpmAdaptive(x, common);
@@ -384,6 +393,7 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
     infotext,
     startLatent,
     run,
+    drawAhead: (request, signal) => prefetcher.drawAhead(request.upcoming, signal),
   };
 }
 
@@ -422,6 +432,7 @@ function prepareTimestepSampler(
   const eta = isDdim ? (s.eta ?? s.etaDdim ?? 0) : 0;
   if (isDdim && eta !== 0) infotext["Eta DDIM"] = eta;
   const sigmas = Float32Array.from(timesteps, (t) => schedule.sigmas[t]!).reverse();
+  const prefetcher = new NoisePrefetcher(input.noise);
 
   const startLatent = (noise: Float32Array, initLatent?: Float32Array): Float32Array => {
     if (tEnc === undefined) return Float32Array.from(noise);
@@ -444,11 +455,11 @@ function prepareTimestepSampler(
   const run = (x: Float32Array): SamplerRun => {
     switch (sampler.name) {
       case "DDIM":
-        return sampleDdim(x, { timesteps, noise: input.noise, schedule, eta });
+        return sampleDdim(x, { timesteps, noise: prefetcher.noise, schedule, eta });
       case "DDIM CFG++":
-        return sampleDdimCfgpp(x, { timesteps, noise: input.noise, schedule, eta });
+        return sampleDdimCfgpp(x, { timesteps, noise: prefetcher.noise, schedule, eta });
       case "PLMS":
-        return samplePlms(x, { timesteps, noise: input.noise, schedule });
+        return samplePlms(x, { timesteps, noise: prefetcher.noise, schedule });
       case "UniPC":
         return sampleUniPc(x, {
           timesteps,
@@ -474,5 +485,6 @@ function prepareTimestepSampler(
     infotext,
     startLatent,
     run,
+    drawAhead: (request, signal) => prefetcher.drawAhead(request.upcoming, signal),
   };
 }

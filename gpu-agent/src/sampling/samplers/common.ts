@@ -1,6 +1,8 @@
-import { f32 } from "../float32.js";
 import { sd1Schedule, type DiscreteSchedule } from "../sigmas.js";
-import type { EpsWithUncond, ModelRequest, ModelResponse, NoiseSampler, SamplerOptions } from "./types.js";
+import type { EpsWithUncond, ModelRequest, ModelResponse, NoiseSampler, SamplerOptions, UpcomingNoise } from "./types.js";
+
+// A module-local alias: an imported binding can cost a getter call per use under some loaders.
+const f32 = Math.fround;
 
 /** Counts model calls and builds requests; one per sampler run. */
 export class ModelCaller {
@@ -15,7 +17,7 @@ export class ModelCaller {
   }
 
   /** D(x, σ): the CFG-combined denoised prediction. */
-  *denoise(x: Float32Array, sigma: number, step: number): Generator<ModelRequest, Float32Array, ModelResponse> {
+  *denoise(x: Float32Array, sigma: number, step: number, upcoming?: UpcomingNoise): Generator<ModelRequest, Float32Array, ModelResponse> {
     const request: ModelRequest = {
       kind: "denoise",
       x,
@@ -23,6 +25,7 @@ export class ModelCaller {
       timestep: this.schedule.sigmaToT(sigma),
       step,
       call: this.calls++,
+      ...(upcoming !== undefined && { upcoming }),
     };
     return expectArray(yield request, this.length);
   }
@@ -34,8 +37,9 @@ export class ModelCaller {
     sigma: number,
     step: number,
     inputScale = 1,
+    upcoming?: UpcomingNoise,
   ): Generator<ModelRequest, Float32Array, ModelResponse> {
-    const request: ModelRequest = { kind: "eps", x, sigma, timestep, inputScale, step, call: this.calls++ };
+    const request: ModelRequest = { kind: "eps", x, sigma, timestep, inputScale, step, call: this.calls++, ...(upcoming !== undefined && { upcoming }) };
     return expectArray(yield request, this.length);
   }
 
@@ -46,6 +50,7 @@ export class ModelCaller {
     sigma: number,
     step: number,
     cfgScaleMultiplier: number,
+    upcoming?: UpcomingNoise,
   ): Generator<ModelRequest, EpsWithUncond, ModelResponse> {
     const request: ModelRequest = {
       kind: "eps",
@@ -57,6 +62,7 @@ export class ModelCaller {
       call: this.calls++,
       cfgScaleMultiplier,
       needUncond: true,
+      ...(upcoming !== undefined && { upcoming }),
     };
     const response = yield request;
     if (response instanceof Float32Array || response.output.length !== this.length || response.uncond.length !== this.length) {
@@ -116,26 +122,12 @@ export function lerpF(a: number, b: number, w: number): number {
   return w < 0.5 ? f32(a + f32(w * diff)) : f32(b - f32(diff * f32(1 - w)));
 }
 
-/** d = (x − D)/σ per element. */
-export function toD(x: Float32Array, denoised: Float32Array, sigma: number): Float32Array {
-  const d = new Float32Array(x.length);
-  for (let i = 0; i < x.length; i++) d[i] = f32(x[i]! - denoised[i]!) / sigma;
-  return d;
-}
+/** One upcoming `noise()` draw (or none). */
+export const ONE_DRAW: UpcomingNoise = { draws: 1 };
 
-/** x + d·dt per element. */
-export function addScaled(x: Float32Array, d: Float32Array, dt: number): Float32Array {
-  const out = new Float32Array(x.length);
-  for (let i = 0; i < x.length; i++) out[i] = x[i]! + f32(d[i]! * dt);
-  return out;
-}
-
-/** x + noise·sNoise·scale, in torch's left-to-right tensor order. */
-export function addNoise(x: Float32Array, noise: Float32Array, sNoise: number, scale: number): Float32Array {
-  const out = new Float32Array(x.length);
-  const s = f32(sNoise);
-  for (let i = 0; i < x.length; i++) out[i] = x[i]! + f32(f32(noise[i]! * s) * scale);
-  return out;
+/** An upcoming noise-sampler call: a Brownian-tree query, or a plain draw where there is no tree. */
+export function upcomingSde(options: SamplerOptions, sigma: number, sigmaNext: number): UpcomingNoise {
+  return options.noiseSampler === undefined ? ONE_DRAW : { queries: [[sigma, sigmaNext]] };
 }
 
 export function checkSigmas(sigmas: Float32Array): void {

@@ -2,10 +2,13 @@
  * k-diffusion's DPMSolver: "DPM fast" (fixed orders 3…3,2,1) and "DPM adaptive" (embedded 2/3 pair with
  * PID step-size control), in t = −ln σ. They take σmin/σmax and a step budget instead of a σ list.
  */
-import { f32, linspaceF32 } from "../float32.js";
-import { ModelCaller, ancestralStep, checkedNoise, expF, expm1F, logF } from "./common.js";
-import type { ModelRequest, ModelResponse } from "./types.js";
+import { linspaceF32 } from "../float32.js";
+import { ModelCaller, ONE_DRAW, ancestralStep, checkedNoise, expF, expm1F, logF } from "./common.js";
+import type { ModelRequest, ModelResponse, UpcomingNoise } from "./types.js";
 import type { DiscreteSchedule } from "../sigmas.js";
+import { addScaledNoise, dpmSolverCombine, epsFromDenoised, subtractScaled } from "./updates.js";
+
+const f32 = Math.fround;
 
 export interface DpmSolverOptions {
   sigmaMin: number;
@@ -22,52 +25,73 @@ type EvalGenerator = Generator<ModelRequest, Float32Array, ModelResponse>;
 const sigmaOf = (t: number): number => expF(-t);
 const tOf = (sigma: number): number => -logF(sigma);
 
+/** eps values of one step by cache key (k-diffusion's eps_cache), in buffers reused from step to step. */
+class EpsCache {
+  private readonly buffers = new Map<string, Float32Array>();
+  private readonly valid = new Set<string>();
+
+  constructor(private readonly length: number) {}
+
+  get(key: string): Float32Array | undefined {
+    return this.valid.has(key) ? this.buffers.get(key) : undefined;
+  }
+
+  /** A buffer for `key`, valid once filled, until the next `clear`. */
+  slot(key: string): Float32Array {
+    let buffer = this.buffers.get(key);
+    if (buffer === undefined) {
+      buffer = new Float32Array(this.length);
+      this.buffers.set(key, buffer);
+    }
+    this.valid.add(key);
+    return buffer;
+  }
+
+  clear(): void {
+    this.valid.clear();
+  }
+}
+
 class Solver {
   readonly model: ModelCaller;
   step = 0;
+  /** Noise announced with every model call of the current step. */
+  upcoming: UpcomingNoise | undefined;
 
   constructor(length: number, schedule: DiscreteSchedule | undefined) {
     this.model = new ModelCaller(length, schedule);
   }
 
   /** eps = (x − D(x, σ(t)))/σ(t), cached per key within one step like k-diffusion's eps_cache. */
-  *eps(cache: Map<string, Float32Array>, key: string, x: Float32Array, t: number): EvalGenerator {
+  *eps(cache: EpsCache, key: string, x: Float32Array, t: number): EvalGenerator {
     const cached = cache.get(key);
     if (cached !== undefined) return cached;
     const sigma = sigmaOf(t);
-    const denoised = yield* this.model.denoise(x, sigma, this.step);
-    const eps = new Float32Array(x.length);
-    for (let k = 0; k < x.length; k++) eps[k] = f32(x[k]! - denoised[k]!) / sigma;
-    cache.set(key, eps);
-    return eps;
+    const denoised = yield* this.model.denoise(x, sigma, this.step, this.upcoming);
+    return epsFromDenoised(cache.slot(key), x, denoised, sigma);
   }
 
-  *step1(x: Float32Array, t: number, tNext: number, cache: Map<string, Float32Array>): EvalGenerator {
+  *step1(x: Float32Array, t: number, tNext: number, cache: EpsCache): EvalGenerator {
     const h = f32(tNext - t);
     const eps = yield* this.eps(cache, "eps", x, t);
     const a = f32(sigmaOf(tNext) * expm1F(h));
-    const out = new Float32Array(x.length);
-    for (let k = 0; k < x.length; k++) out[k] = x[k]! - f32(a * eps[k]!);
-    return out;
+    return subtractScaled(new Float32Array(x.length), x, eps, a);
   }
 
-  *step2(x: Float32Array, t: number, tNext: number, cache: Map<string, Float32Array>, r1 = 1 / 2): EvalGenerator {
+  *step2(x: Float32Array, t: number, tNext: number, cache: EpsCache, r1 = 1 / 2): EvalGenerator {
     const h = f32(tNext - t);
     const eps = yield* this.eps(cache, "eps", x, t);
     const s1 = f32(t + f32(f32(r1) * h));
     const c1 = f32(sigmaOf(s1) * expm1F(f32(f32(r1) * h)));
-    const u1 = new Float32Array(x.length);
-    for (let k = 0; k < x.length; k++) u1[k] = x[k]! - f32(c1 * eps[k]!);
+    const u1 = subtractScaled(new Float32Array(x.length), x, eps, c1);
     const epsR1 = yield* this.eps(cache, "eps_r1", u1, s1);
     const sigmaNext = sigmaOf(tNext);
     const a = f32(sigmaNext * expm1F(h));
     const b = f32(f32(sigmaNext / f32(2 * r1)) * expm1F(h));
-    const out = new Float32Array(x.length);
-    for (let k = 0; k < x.length; k++) out[k] = f32(x[k]! - f32(a * eps[k]!)) - f32(b * f32(epsR1[k]! - eps[k]!));
-    return out;
+    return dpmSolverCombine(new Float32Array(x.length), x, eps, epsR1, a, b);
   }
 
-  *step3(x: Float32Array, t: number, tNext: number, cache: Map<string, Float32Array>, r1 = 1 / 3, r2 = 2 / 3): EvalGenerator {
+  *step3(x: Float32Array, t: number, tNext: number, cache: EpsCache, r1 = 1 / 3, r2 = 2 / 3): EvalGenerator {
     const h = f32(tNext - t);
     const eps = yield* this.eps(cache, "eps", x, t);
     const r1h = f32(f32(r1) * h);
@@ -75,21 +99,17 @@ class Solver {
     const s1 = f32(t + r1h);
     const s2 = f32(t + r2h);
     const c1 = f32(sigmaOf(s1) * expm1F(r1h));
-    const u1 = new Float32Array(x.length);
-    for (let k = 0; k < x.length; k++) u1[k] = x[k]! - f32(c1 * eps[k]!);
+    const u1 = subtractScaled(new Float32Array(x.length), x, eps, c1);
     const epsR1 = yield* this.eps(cache, "eps_r1", u1, s1);
     const sigmaS2 = sigmaOf(s2);
     const c2 = f32(sigmaS2 * expm1F(r2h));
     const c3 = f32(f32(sigmaS2 * f32(r2 / r1)) * f32(f32(expm1F(r2h) / r2h) - 1));
-    const u2 = new Float32Array(x.length);
-    for (let k = 0; k < x.length; k++) u2[k] = f32(x[k]! - f32(c2 * eps[k]!)) - f32(c3 * f32(epsR1[k]! - eps[k]!));
+    const u2 = dpmSolverCombine(new Float32Array(x.length), x, eps, epsR1, c2, c3);
     const epsR2 = yield* this.eps(cache, "eps_r2", u2, s2);
     const sigmaNext = sigmaOf(tNext);
     const a = f32(sigmaNext * expm1F(h));
     const b = f32(f32(sigmaNext / f32(r2)) * f32(f32(expm1F(h) / h) - 1));
-    const out = new Float32Array(x.length);
-    for (let k = 0; k < x.length; k++) out[k] = f32(x[k]! - f32(a * eps[k]!)) - f32(b * f32(epsR2[k]! - eps[k]!));
-    return out;
+    return dpmSolverCombine(new Float32Array(x.length), x, eps, epsR2, a, b);
   }
 }
 
@@ -107,13 +127,11 @@ function ancestralT(t: number, tNext: number, tEnd: number, eta: number): { tTar
   return { tTarget, su: f32(Math.sqrt(f32(f32(sn * sn) - f32(st * st)))) };
 }
 
+/** In place: `x` is the step's own fresh result, not yet handed out. */
 function addAncestralNoise(x: Float32Array, su: number, sNoise: number, noise: () => Float32Array): Float32Array {
   // k-diffusion adds su·s_noise·noise even when su is 0, so the draw is consumed every step.
   const n = checkedNoise(noise, x.length);
-  const scale = f32(su * sNoise);
-  const out = new Float32Array(x.length);
-  for (let k = 0; k < x.length; k++) out[k] = x[k]! + f32(scale * n[k]!);
-  return out;
+  return addScaledNoise(x, x, n, f32(su * sNoise));
 }
 
 export function* sampleDpmFast(x: Float32Array, n: number, o: DpmSolverOptions): EvalGenerator {
@@ -127,9 +145,12 @@ export function* sampleDpmFast(x: Float32Array, n: number, o: DpmSolverOptions):
   const m = Math.floor(n / 3) + 1;
   const ts = linspaceF32(tStart, tEnd, m + 1);
   const orders = n % 3 === 0 ? [...Array<number>(m - 2).fill(3), 2, 1] : [...Array<number>(m - 1).fill(3), n % 3];
+  const cache = new EpsCache(x.length);
+  // Every step ends with a noise draw.
+  solver.upcoming = ONE_DRAW;
   for (let i = 0; i < orders.length; i++) {
     solver.step = i;
-    const cache = new Map<string, Float32Array>();
+    cache.clear();
     const t = ts[i]!;
     const tNext = ts[i + 1]!;
     const { tTarget, su } = ancestralT(t, tNext, tEnd, eta);
@@ -208,9 +229,12 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
   let s = tStart;
   let xPrev = x;
   const limit = forward ? f32(tEnd - 1e-5) : f32(tEnd + 1e-5);
+  const cache = new EpsCache(x.length);
+  // Accepted steps end with a noise draw; a rejected step's draw just waits for the next acceptance.
+  solver.upcoming = ONE_DRAW;
   while (forward ? s < limit : s > limit) {
     if (solver.step >= maxSteps) throw new RangeError(`DPM adaptive did not finish within ${maxSteps} steps`);
-    const cache = new Map<string, Float32Array>();
+    cache.clear();
     const t = forward ? Math.min(tEnd, f32(s + pid.h)) : Math.max(tEnd, f32(s + pid.h));
     const { tTarget, su } = ancestralT(s, t, tEnd, eta);
     let low: Float32Array;

@@ -1,12 +1,11 @@
 /**
  * k-diffusion samplers (crowsonkb/k-diffusion 0.0.16, the version A1111 1.10 pins) as generators.
- * Arithmetic is float32 and in torch's operation order so that results track A1111 closely.
+ * Arithmetic is float32 and in torch's operation order so that results track A1111 closely; the
+ * array updates are fused single-pass kernels (./updates.ts).
  */
-import { f32 } from "../float32.js";
 import {
   ModelCaller,
-  addNoise,
-  addScaled,
+  ONE_DRAW,
   ancestralStep,
   brownianOrPlain,
   checkSigmas,
@@ -17,9 +16,27 @@ import {
   logF,
   sigmaOfT,
   tOfSigma,
-  toD,
+  upcomingSde,
 } from "./common.js";
+import {
+  addNoise,
+  dpmSolverAncestralStep,
+  dpmSolverStep,
+  dpmpp2mSdeStep,
+  dpmpp2mStep,
+  dpmpp3mSdeStep,
+  dpmppSdeFinalStep,
+  eulerAncestralStep,
+  eulerStep,
+  heunStep,
+  lcmStep,
+  lmsStep,
+  midpointAncestralStep,
+  midpointStep,
+} from "./updates.js";
 import type { SamplerOptions, SamplerRun } from "./types.js";
+
+const f32 = Math.fround;
 
 interface Churn {
   sChurn: number;
@@ -49,11 +66,11 @@ function churn(x: Float32Array, sigmas: Float32Array, i: number, c: Churn, optio
   const sigmaHat = f32(sigma * f32(gamma + 1));
   if (!(gamma > 0)) return { x, sigmaHat };
   const scale = f32(Math.sqrt(f32(f32(sigmaHat * sigmaHat) - f32(sigma * sigma))));
-  const s = f32(c.sNoise);
-  const out = new Float32Array(x.length);
-  for (let k = 0; k < x.length; k++) out[k] = x[k]! + f32(f32(raw[k]! * s) * scale);
-  return { x: out, sigmaHat };
+  return { x: addNoise(new Float32Array(x.length), x, raw, c.sNoise, scale), sigmaHat };
 }
+
+/** The churn draw of the next step, announced while this step's model call runs. */
+const nextChurn = (sigmas: Float32Array, i: number) => (i + 2 < sigmas.length ? ONE_DRAW : undefined);
 
 export function* sampleEuler(x: Float32Array, options: SamplerOptions): SamplerRun {
   const { sigmas } = options;
@@ -63,9 +80,8 @@ export function* sampleEuler(x: Float32Array, options: SamplerOptions): SamplerR
   for (let i = 0; i < sigmas.length - 1; i++) {
     const churned = churn(x, sigmas, i, c, options);
     x = churned.x;
-    const denoised = yield* model.denoise(x, churned.sigmaHat, i);
-    const d = toD(x, denoised, churned.sigmaHat);
-    x = addScaled(x, d, f32(sigmas[i + 1]! - churned.sigmaHat));
+    const denoised = yield* model.denoise(x, churned.sigmaHat, i, nextChurn(sigmas, i));
+    x = eulerStep(new Float32Array(x.length), x, denoised, churned.sigmaHat, f32(sigmas[i + 1]! - churned.sigmaHat));
   }
   return x;
 }
@@ -79,12 +95,14 @@ export function* sampleEulerAncestral(x: Float32Array, options: SamplerOptions):
   for (let i = 0; i < sigmas.length - 1; i++) {
     const sigma = sigmas[i]!;
     const next = sigmas[i + 1]!;
-    const denoised = yield* model.denoise(x, sigma, i);
+    const denoised = yield* model.denoise(x, sigma, i, next > 0 ? ONE_DRAW : undefined);
     const { sigmaDown, sigmaUp } = ancestralStep(sigma, next, eta);
-    const d = toD(x, denoised, sigma);
-    x = addScaled(x, d, f32(sigmaDown - sigma));
+    const dt = f32(sigmaDown - sigma);
+    const out = new Float32Array(x.length);
     // Drawn whenever σnext > 0, also at eta 0 (then scaled by σ_up = 0).
-    if (next > 0) x = addNoise(x, checkedNoise(options.noise, x.length), sNoise, sigmaUp);
+    x = next > 0
+      ? eulerAncestralStep(out, x, denoised, checkedNoise(options.noise, x.length), sigma, dt, sNoise, sigmaUp)
+      : eulerStep(out, x, denoised, sigma, dt);
   }
   return x;
 }
@@ -99,18 +117,15 @@ export function* sampleHeun(x: Float32Array, options: SamplerOptions): SamplerRu
     x = churned.x;
     const sigmaHat = churned.sigmaHat;
     const next = sigmas[i + 1]!;
-    const denoised = yield* model.denoise(x, sigmaHat, i);
-    const d = toD(x, denoised, sigmaHat);
+    const upcoming = nextChurn(sigmas, i);
+    const denoised = yield* model.denoise(x, sigmaHat, i, upcoming);
     const dt = f32(next - sigmaHat);
+    const x2 = eulerStep(new Float32Array(x.length), x, denoised, sigmaHat, dt);
     if (next === 0) {
-      x = addScaled(x, d, dt);
+      x = x2;
     } else {
-      const x2 = addScaled(x, d, dt);
-      const denoised2 = yield* model.denoise(x2, next, i);
-      const d2 = toD(x2, denoised2, next);
-      const out = new Float32Array(x.length);
-      for (let k = 0; k < x.length; k++) out[k] = x[k]! + f32(f32(f32(d[k]! + d2[k]!) / 2) * dt);
-      x = out;
+      const denoised2 = yield* model.denoise(x2, next, i, upcoming);
+      x = heunStep(new Float32Array(x.length), x, denoised, x2, denoised2, sigmaHat, next, dt);
     }
   }
   return x;
@@ -126,16 +141,15 @@ export function* sampleDpm2(x: Float32Array, options: SamplerOptions): SamplerRu
     x = churned.x;
     const sigmaHat = churned.sigmaHat;
     const next = sigmas[i + 1]!;
-    const denoised = yield* model.denoise(x, sigmaHat, i);
-    const d = toD(x, denoised, sigmaHat);
+    const upcoming = nextChurn(sigmas, i);
+    const denoised = yield* model.denoise(x, sigmaHat, i, upcoming);
     if (next === 0) {
-      x = addScaled(x, d, f32(next - sigmaHat));
+      x = eulerStep(new Float32Array(x.length), x, denoised, sigmaHat, f32(next - sigmaHat));
     } else {
       const sigmaMid = expF(lerpF(logF(sigmaHat), logF(next), 0.5));
-      const x2 = addScaled(x, d, f32(sigmaMid - sigmaHat));
-      const denoised2 = yield* model.denoise(x2, sigmaMid, i);
-      const d2 = toD(x2, denoised2, sigmaMid);
-      x = addScaled(x, d2, f32(next - sigmaHat));
+      const x2 = eulerStep(new Float32Array(x.length), x, denoised, sigmaHat, f32(sigmaMid - sigmaHat));
+      const denoised2 = yield* model.denoise(x2, sigmaMid, i, upcoming);
+      x = midpointStep(new Float32Array(x.length), x, x2, denoised2, sigmaMid, f32(next - sigmaHat));
     }
   }
   return x;
@@ -149,18 +163,17 @@ export function* sampleDpm2Ancestral(x: Float32Array, options: SamplerOptions): 
   const sNoise = options.sNoise ?? 1;
   for (let i = 0; i < sigmas.length - 1; i++) {
     const sigma = sigmas[i]!;
-    const denoised = yield* model.denoise(x, sigma, i);
     const { sigmaDown, sigmaUp } = ancestralStep(sigma, sigmas[i + 1]!, eta);
-    const d = toD(x, denoised, sigma);
+    const upcoming = sigmaDown === 0 ? undefined : ONE_DRAW;
+    const denoised = yield* model.denoise(x, sigma, i, upcoming);
     if (sigmaDown === 0) {
-      x = addScaled(x, d, f32(sigmaDown - sigma));
+      x = eulerStep(new Float32Array(x.length), x, denoised, sigma, f32(sigmaDown - sigma));
     } else {
       const sigmaMid = expF(lerpF(logF(sigma), logF(sigmaDown), 0.5));
-      const x2 = addScaled(x, d, f32(sigmaMid - sigma));
-      const denoised2 = yield* model.denoise(x2, sigmaMid, i);
-      const d2 = toD(x2, denoised2, sigmaMid);
-      x = addScaled(x, d2, f32(sigmaDown - sigma));
-      x = addNoise(x, checkedNoise(options.noise, x.length), sNoise, sigmaUp);
+      const x2 = eulerStep(new Float32Array(x.length), x, denoised, sigma, f32(sigmaMid - sigma));
+      const denoised2 = yield* model.denoise(x2, sigmaMid, i, upcoming);
+      const noise = checkedNoise(options.noise, x.length);
+      x = midpointAncestralStep(new Float32Array(x.length), x, x2, denoised2, noise, sigmaMid, f32(sigmaDown - sigma), sNoise, sigmaUp);
     }
   }
   return x;
@@ -192,34 +205,23 @@ export function* sampleLms(x: Float32Array, options: SamplerOptions, order = 4):
   const { sigmas } = options;
   checkSigmas(sigmas);
   const model = new ModelCaller(x.length, options.schedule);
+  // The last `order` derivatives, newest first, in buffers reused round-robin.
   const ds: Float32Array[] = [];
+  let spare: Float32Array | undefined;
   for (let i = 0; i < sigmas.length - 1; i++) {
     const sigma = sigmas[i]!;
     const denoised = yield* model.denoise(x, sigma, i);
-    ds.push(toD(x, denoised, sigma));
-    if (ds.length > order) ds.shift();
     const currentOrder = Math.min(i + 1, order);
     const coefficients: number[] = [];
     for (let j = 0; j < currentOrder; j++) coefficients.push(f32(linearMultistepCoefficient(currentOrder, sigmas, i, j)));
-    // sum(coeff·d for newest-first d) starts from Python's 0, then x + sum
-    const sum = new Float32Array(x.length);
-    for (let j = 0; j < currentOrder; j++) {
-      const d = ds[ds.length - 1 - j]!;
-      const coeff = coefficients[j]!;
-      for (let k = 0; k < x.length; k++) sum[k] = sum[k]! + f32(coeff * d[k]!);
-    }
+    const d = spare ?? new Float32Array(x.length);
     const out = new Float32Array(x.length);
-    for (let k = 0; k < x.length; k++) out[k] = x[k]! + sum[k]!;
+    lmsStep(out, d, x, denoised, ds, sigma, coefficients);
+    ds.unshift(d);
+    spare = ds.length > order ? ds.pop() : undefined;
     x = out;
   }
   return x;
-}
-
-/** (σ(t_next)/σ(t))·x − expm1(−h)·D, the first-order DPM-Solver++ update used by several samplers. */
-function dpmSolverUpdate(x: Float32Array, ratio: number, expm1NegH: number, denoised: Float32Array): Float32Array {
-  const out = new Float32Array(x.length);
-  for (let k = 0; k < x.length; k++) out[k] = f32(ratio * x[k]!) - f32(expm1NegH * denoised[k]!);
-  return out;
 }
 
 export function* sampleDpmppSecondOrderAncestral(x: Float32Array, options: SamplerOptions): SamplerRun {
@@ -231,10 +233,15 @@ export function* sampleDpmppSecondOrderAncestral(x: Float32Array, options: Sampl
   for (let i = 0; i < sigmas.length - 1; i++) {
     const sigma = sigmas[i]!;
     const next = sigmas[i + 1]!;
-    const denoised = yield* model.denoise(x, sigma, i);
+    const upcoming = next > 0 ? ONE_DRAW : undefined;
+    const denoised = yield* model.denoise(x, sigma, i, upcoming);
     const { sigmaDown, sigmaUp } = ancestralStep(sigma, next, eta);
+    const out = new Float32Array(x.length);
     if (sigmaDown === 0) {
-      x = addScaled(x, toD(x, denoised, sigma), f32(sigmaDown - sigma));
+      const dt = f32(sigmaDown - sigma);
+      x = next > 0
+        ? eulerAncestralStep(out, x, denoised, checkedNoise(options.noise, x.length), sigma, dt, sNoise, sigmaUp)
+        : eulerStep(out, x, denoised, sigma, dt);
     } else {
       const t = tOfSigma(sigma);
       const tNext = tOfSigma(sigmaDown);
@@ -242,11 +249,13 @@ export function* sampleDpmppSecondOrderAncestral(x: Float32Array, options: Sampl
       const s = f32(t + f32(0.5 * h));
       const sigmaT = sigmaOfT(t);
       const sigmaS = sigmaOfT(s);
-      const x2 = dpmSolverUpdate(x, f32(sigmaS / sigmaT), expm1F(f32(-h * 0.5)), denoised);
-      const denoised2 = yield* model.denoise(x2, sigmaS, i);
-      x = dpmSolverUpdate(x, f32(sigmaOfT(tNext) / sigmaT), expm1F(-h), denoised2);
+      const x2 = dpmSolverStep(new Float32Array(x.length), x, denoised, f32(sigmaS / sigmaT), expm1F(f32(-h * 0.5)));
+      const denoised2 = yield* model.denoise(x2, sigmaS, i, upcoming);
+      const ratio = f32(sigmaOfT(tNext) / sigmaT);
+      x = next > 0
+        ? dpmSolverAncestralStep(out, x, denoised2, checkedNoise(options.noise, x.length), ratio, expm1F(-h), sNoise, sigmaUp)
+        : dpmSolverStep(out, x, denoised2, ratio, expm1F(-h));
     }
-    if (next > 0) x = addNoise(x, checkedNoise(options.noise, x.length), sNoise, sigmaUp);
   }
   return x;
 }
@@ -261,9 +270,9 @@ export function* sampleDpmppSde(x: Float32Array, options: SamplerOptions, r = 0.
   for (let i = 0; i < sigmas.length - 1; i++) {
     const sigma = sigmas[i]!;
     const next = sigmas[i + 1]!;
-    const denoised = yield* model.denoise(x, sigma, i);
     if (next === 0) {
-      x = addScaled(x, toD(x, denoised, sigma), f32(next - sigma));
+      const denoised = yield* model.denoise(x, sigma, i);
+      x = eulerStep(new Float32Array(x.length), x, denoised, sigma, f32(next - sigma));
       continue;
     }
     const t = tOfSigma(sigma);
@@ -273,21 +282,22 @@ export function* sampleDpmppSde(x: Float32Array, options: SamplerOptions, r = 0.
     const fac = 1 / (2 * r);
     const sigmaT = sigmaOfT(t);
     const sigmaS = sigmaOfT(s);
+    const sigmaNext = sigmaOfT(tNext);
+    const denoised = yield* model.denoise(x, sigma, i, upcomingSde(options, sigmaT, sigmaS));
 
     const step1 = ancestralStep(sigmaT, sigmaS, eta);
     const s1 = tOfSigma(step1.sigmaDown);
-    let x2 = dpmSolverUpdate(x, f32(sigmaOfT(s1) / sigmaT), expm1F(f32(t - s1)), denoised);
-    x2 = addNoise(x2, noise(sigmaT, sigmaS), sNoise, step1.sigmaUp);
-    const denoised2 = yield* model.denoise(x2, sigmaS, i);
+    const x2 = dpmSolverAncestralStep(
+      new Float32Array(x.length), x, denoised, noise(sigmaT, sigmaS), f32(sigmaOfT(s1) / sigmaT), expm1F(f32(t - s1)), sNoise, step1.sigmaUp,
+    );
+    const denoised2 = yield* model.denoise(x2, sigmaS, i, upcomingSde(options, sigmaT, sigmaNext));
 
-    const step2 = ancestralStep(sigmaT, sigmaOfT(tNext), eta);
+    const step2 = ancestralStep(sigmaT, sigmaNext, eta);
     const t2 = tOfSigma(step2.sigmaDown);
-    const mixed = new Float32Array(x.length);
-    const w1 = f32(1 - fac);
-    const w2 = f32(fac);
-    for (let k = 0; k < x.length; k++) mixed[k] = f32(w1 * denoised[k]!) + f32(w2 * denoised2[k]!);
-    x = dpmSolverUpdate(x, f32(sigmaOfT(t2) / sigmaT), expm1F(f32(t - t2)), mixed);
-    x = addNoise(x, noise(sigmaT, sigmaOfT(tNext)), sNoise, step2.sigmaUp);
+    x = dpmppSdeFinalStep(
+      new Float32Array(x.length), x, denoised, denoised2, noise(sigmaT, sigmaNext),
+      f32(1 - fac), f32(fac), f32(sigmaOfT(t2) / sigmaT), expm1F(f32(t - t2)), sNoise, step2.sigmaUp,
+    );
   }
   return x;
 }
@@ -306,16 +316,14 @@ export function* sampleDpmpp2m(x: Float32Array, options: SamplerOptions): Sample
     const h = f32(tNext - t);
     const ratio = f32(sigmaOfT(tNext) / sigmaOfT(t));
     const expm1NegH = expm1F(-h);
+    const out = new Float32Array(x.length);
     if (oldDenoised === undefined || next === 0) {
-      x = dpmSolverUpdate(x, ratio, expm1NegH, denoised);
+      x = dpmSolverStep(out, x, denoised, ratio, expm1NegH);
     } else {
       const hLast = f32(t - tOfSigma(sigmas[i - 1]!));
       const r = f32(hLast / h);
       const inv2r = f32(1 / f32(2 * r));
-      const wNew = f32(1 + inv2r);
-      const mixed = new Float32Array(x.length);
-      for (let k = 0; k < x.length; k++) mixed[k] = f32(wNew * denoised[k]!) - f32(inv2r * oldDenoised[k]!);
-      x = dpmSolverUpdate(x, ratio, expm1NegH, mixed);
+      x = dpmpp2mStep(out, x, denoised, oldDenoised, f32(1 + inv2r), inv2r, ratio, expm1NegH);
     }
     oldDenoised = denoised;
   }
@@ -336,7 +344,8 @@ export function* sampleDpmpp2mSde(x: Float32Array, options: SamplerOptions, solv
   for (let i = 0; i < sigmas.length - 1; i++) {
     const sigma = sigmas[i]!;
     const next = sigmas[i + 1]!;
-    const denoised = yield* model.denoise(x, sigma, i);
+    const noisy = next !== 0 && Boolean(eta);
+    const denoised = yield* model.denoise(x, sigma, i, noisy ? upcomingSde(options, sigma, next) : undefined);
     if (next === 0) {
       x = denoised;
     } else {
@@ -347,22 +356,17 @@ export function* sampleDpmpp2mSde(x: Float32Array, options: SamplerOptions, solv
       const xScale = f32(f32(next / sigma) * expF(-etaH));
       const negHEtaH = f32(-h - etaH);
       const dScale = -expm1F(negHEtaH);
-      const out = new Float32Array(x.length);
-      for (let k = 0; k < x.length; k++) out[k] = f32(xScale * x[k]!) + f32(dScale * denoised[k]!);
-      x = out;
+      let old: { den: Float32Array; c: number } | undefined;
       if (oldDenoised !== undefined) {
         const r = f32(hLast / h);
         const invR = f32(1 / r);
-        const correction =
-          solver === "heun" ? f32(f32(f32(dScale / negHEtaH) + 1) * invR) : f32(f32(0.5 * dScale) * invR);
-        for (let k = 0; k < x.length; k++) x[k] = x[k]! + f32(correction * f32(denoised[k]! - oldDenoised[k]!));
+        const c = solver === "heun" ? f32(f32(f32(dScale / negHEtaH) + 1) * invR) : f32(f32(0.5 * dScale) * invR);
+        old = { den: oldDenoised, c };
       }
-      if (eta) {
-        const root = f32(Math.sqrt(-expm1F(f32(-2 * etaH))));
-        const n = noise(sigma, next);
-        const s = f32(sNoise);
-        for (let k = 0; k < x.length; k++) x[k] = x[k]! + f32(f32(f32(n[k]! * next) * root) * s);
-      }
+      const noiseTerm = noisy
+        ? { noise: noise(sigma, next), sigmaNext: next, root: f32(Math.sqrt(-expm1F(f32(-2 * etaH)))), sNoise }
+        : undefined;
+      x = dpmpp2mSdeStep(new Float32Array(x.length), x, denoised, xScale, dScale, old, noiseTerm);
       hLast = h;
     }
     oldDenoised = denoised;
@@ -384,7 +388,8 @@ export function* sampleDpmpp3mSde(x: Float32Array, options: SamplerOptions): Sam
   for (let i = 0; i < sigmas.length - 1; i++) {
     const sigma = sigmas[i]!;
     const next = sigmas[i + 1]!;
-    const denoised = yield* model.denoise(x, sigma, i);
+    const noisy = next !== 0 && Boolean(eta);
+    const denoised = yield* model.denoise(x, sigma, i, noisy ? upcomingSde(options, sigma, next) : undefined);
     let h = h1 ?? 0;
     if (next === 0) {
       x = denoised;
@@ -395,33 +400,19 @@ export function* sampleDpmpp3mSde(x: Float32Array, options: SamplerOptions): Sam
       const hEta = f32(h * f32(eta + 1));
       const xScale = expF(-hEta);
       const dScale = -expm1F(-hEta);
-      const out = new Float32Array(x.length);
-      for (let k = 0; k < x.length; k++) out[k] = f32(xScale * x[k]!) + f32(dScale * denoised[k]!);
-      x = out;
       const phi2 = f32(f32(expm1F(-hEta) / hEta) + 1);
+      let history: Parameters<typeof dpmpp3mSdeStep>[5];
       if (h2 !== undefined && denoised1 !== undefined && denoised2 !== undefined) {
         const r0 = f32(h1! / h);
         const r1 = f32(h2 / h);
-        const rSum = f32(r0 + r1);
-        const phi3 = f32(f32(phi2 / hEta) - 0.5);
-        for (let k = 0; k < x.length; k++) {
-          const d10 = f32(f32(denoised[k]! - denoised1[k]!) / r0);
-          const d11 = f32(f32(denoised1[k]! - denoised2[k]!) / r1);
-          const diff = f32(d10 - d11);
-          const d1 = f32(d10 + f32(f32(diff * r0) / rSum));
-          const d2 = f32(diff / rSum);
-          x[k] = f32(x[k]! + f32(phi2 * d1)) - f32(phi3 * d2);
-        }
+        history = { phi2, phi3: f32(f32(phi2 / hEta) - 0.5), d1: denoised1, d2: denoised2, r0, r1, rSum: f32(r0 + r1) };
       } else if (h1 !== undefined && denoised1 !== undefined) {
-        const r = f32(h1 / h);
-        for (let k = 0; k < x.length; k++) x[k] = x[k]! + f32(phi2 * f32(f32(denoised[k]! - denoised1[k]!) / r));
+        history = { phi2, phi3: 0, d1: denoised1, r0: f32(h1 / h) };
       }
-      if (eta) {
-        const root = f32(Math.sqrt(-expm1F(f32(f32(-2 * h) * f32(eta)))));
-        const n = noise(sigma, next);
-        const s = f32(sNoise);
-        for (let k = 0; k < x.length; k++) x[k] = x[k]! + f32(f32(f32(n[k]! * next) * root) * s);
-      }
+      const noiseTerm = noisy
+        ? { noise: noise(sigma, next), sigmaNext: next, root: f32(Math.sqrt(-expm1F(f32(f32(-2 * h) * f32(eta))))), sNoise }
+        : undefined;
+      x = dpmpp3mSdeStep(new Float32Array(x.length), x, denoised, xScale, dScale, history, noiseTerm);
     }
     denoised2 = denoised1;
     denoised1 = denoised;
@@ -444,20 +435,17 @@ export function* sampleLcm(x: Float32Array, options: SamplerOptions & { lcm: Lcm
     const next = sigmas[i + 1]!;
     const timestep = lcm.sigmaToT(sigma);
     const cIn = f32(1 / f32(Math.sqrt(f32(f32(sigma * sigma) + 1))));
-    const eps = yield* model.eps(x, timestep, sigma, i, cIn);
-    x = lcm.denoisedFromEps(x, eps, sigma);
-    if (next > 0) {
-      const n = checkedNoise(options.noise, x.length);
-      const out = new Float32Array(x.length);
-      for (let k = 0; k < x.length; k++) out[k] = x[k]! + f32(next * n[k]!);
-      x = out;
-    }
+    const eps = yield* model.eps(x, timestep, sigma, i, cIn, next > 0 ? ONE_DRAW : undefined);
+    const { cSkip, cOut } = lcm.boundaryScalings(sigma);
+    const noise = next > 0 ? { noise: checkedNoise(options.noise, x.length), sigmaNext: next } : undefined;
+    x = lcmStep(new Float32Array(x.length), x, eps, -f32(sigma), cOut, cSkip, noise);
   }
   return x;
 }
 
-/** The parts of A1111's LCMCompVisDenoiser the sampler needs (see `createLcmDenoiser`). */
+/** The parts of A1111's LCMCompVisDenoiser the sampler needs (see `LcmSchedule`). */
 export interface LcmDenoiser {
   sigmaToT(sigma: number): number;
-  denoisedFromEps(x: Float32Array, eps: Float32Array, sigma: number): Float32Array;
+  /** c_skip and c_out of LCM's boundary condition at σ: x₀ = c_out·(x − σ·eps) + c_skip·x. */
+  boundaryScalings(sigma: number): { cSkip: number; cOut: number };
 }

@@ -1,8 +1,10 @@
 /** A1111's Restart sampler (modules/sd_samplers_extra.py, "Restart Sampling for Improving Generative Processes"). */
-import { f32 } from "../float32.js";
 import { karrasSigmas } from "../schedules.js";
-import { ModelCaller, addScaled, checkSigmas, checkedNoise, toD } from "./common.js";
+import { ModelCaller, ONE_DRAW, checkSigmas, checkedNoise } from "./common.js";
 import type { SamplerOptions, SamplerRun } from "./types.js";
+import { addNoise, eulerStep, heunStep } from "./updates.js";
+
+const f32 = Math.fround;
 
 /** Index of the σ closest to `target` (torch.argmin of |σ − target|: first index on ties). */
 function nearestIndex(sigmas: Float32Array, target: number): number {
@@ -59,32 +61,26 @@ export function* sampleRestart(x: Float32Array, options: SamplerOptions): Sample
   const sNoise = f32(options.sNoise ?? 1);
   const stepList = restartStepList(options.sigmas);
   let lastSigma: number | undefined;
-  let step = 0;
-  for (const [oldSigma, newSigma] of stepList) {
-    if (lastSigma === undefined) {
-      lastSigma = oldSigma;
-    } else if (lastSigma < oldSigma) {
+  for (let step = 0; step < stepList.length; step++) {
+    const [oldSigma, newSigma] = stepList[step]!;
+    if (lastSigma !== undefined && lastSigma < oldSigma) {
       // Jumping back up: fresh noise to raise the level from lastSigma to oldSigma.
       const n = checkedNoise(options.noise, x.length);
       const scale = f32(Math.sqrt(f32(f32(oldSigma * oldSigma) - f32(lastSigma * lastSigma))));
-      const out = new Float32Array(x.length);
-      for (let k = 0; k < x.length; k++) out[k] = x[k]! + f32(f32(n[k]! * sNoise) * scale);
-      x = out;
+      x = addNoise(new Float32Array(x.length), x, n, sNoise, scale);
     }
-    const denoised = yield* model.denoise(x, oldSigma, step);
-    const d = toD(x, denoised, oldSigma);
+    // The next item jumps back up when its start lies above this item's end.
+    const following = stepList[step + 1];
+    const upcoming = following !== undefined && newSigma < following[0] ? ONE_DRAW : undefined;
+    const denoised = yield* model.denoise(x, oldSigma, step, upcoming);
     const dt = f32(newSigma - oldSigma);
+    const x2 = eulerStep(new Float32Array(x.length), x, denoised, oldSigma, dt);
     if (newSigma === 0) {
-      x = addScaled(x, d, dt);
+      x = x2;
     } else {
-      const x2 = addScaled(x, d, dt);
-      const denoised2 = yield* model.denoise(x2, newSigma, step);
-      const d2 = toD(x2, denoised2, newSigma);
-      const out = new Float32Array(x.length);
-      for (let k = 0; k < x.length; k++) out[k] = x[k]! + f32(f32(f32(d[k]! + d2[k]!) / 2) * dt);
-      x = out;
+      const denoised2 = yield* model.denoise(x2, newSigma, step, upcoming);
+      x = heunStep(new Float32Array(x.length), x, denoised, x2, denoised2, oldSigma, newSigma, dt);
     }
-    step++;
     lastSigma = newSigma;
   }
   return x;

@@ -2,11 +2,14 @@
  * A1111's timestep samplers (modules/sd_samplers_timesteps_impl.py): DDIM, DDIM CFG++, PLMS and UniPC.
  * They walk integer (UniPC: fractional) model timesteps on the VP latent and ask for CFG-combined eps.
  */
-import { f32, linspaceF32 } from "../float32.js";
+import { linspaceF32 } from "../float32.js";
 import { InvalidSamplingParameter } from "../errors.js";
 import { sd1Schedule, type DiscreteSchedule } from "../sigmas.js";
-import { ModelCaller, checkedNoise, expm1F } from "./common.js";
+import { ModelCaller, ONE_DRAW, checkedNoise, expm1F } from "./common.js";
 import type { ModelRequest, ModelResponse } from "./types.js";
+import { ddimStep, plmsStep, uniPcCorrect, uniPcDataPrediction, uniPcPredict } from "./updates.js";
+
+const f32 = Math.fround;
 
 type Run = Generator<ModelRequest, Float32Array, ModelResponse>;
 
@@ -72,11 +75,11 @@ function* ddimLoop(x: Float32Array, o: TimestepSamplerOptions, cfgpp: boolean): 
     let direction: Float32Array;
     if (cfgpp) {
       // CFG++: scale 1/12.5 of the CFG scale, and the direction term uses the unconditional eps.
-      const r = yield* model.epsWithUncond(x, t, sigmaAt(schedule, t), i, 1 / 12.5);
+      const r = yield* model.epsWithUncond(x, t, sigmaAt(schedule, t), i, 1 / 12.5, ONE_DRAW);
       eps = r.output;
       direction = r.uncond;
     } else {
-      eps = yield* model.eps(x, t, sigmaAt(schedule, t), i);
+      eps = yield* model.eps(x, t, sigmaAt(schedule, t), i, 1, ONE_DRAW);
       direction = eps;
     }
     const aT = c.alphas[index]!;
@@ -88,12 +91,7 @@ function* ddimLoop(x: Float32Array, o: TimestepSamplerOptions, cfgpp: boolean): 
     const dirScale = f32(Math.sqrt(f32(f32(1 - aPrev) - f32(sigmaT * sigmaT))));
     // A1111 draws this noise every step, also at eta 0.
     const n = checkedNoise(o.noise, x.length);
-    const out = new Float32Array(x.length);
-    for (let k = 0; k < x.length; k++) {
-      const predX0 = f32(f32(x[k]! - f32(s1m * eps[k]!)) / sqrtAT);
-      out[k] = f32(f32(sqrtAPrev * predX0) + f32(dirScale * direction[k]!)) + f32(sigmaT * n[k]!);
-    }
-    x = out;
+    x = ddimStep(new Float32Array(x.length), x, eps, direction, n, s1m, sqrtAT, sqrtAPrev, dirScale, sigmaT);
   }
   return x;
 }
@@ -114,46 +112,26 @@ export function* samplePlms(x: Float32Array, o: TimestepSamplerOptions): Run {
   const model = new ModelCaller(x.length, schedule);
   const c = ddimCoefficients(schedule, ts, 0);
   const oldEps: Float32Array[] = [];
-  const xPrevFor = (current: Float32Array, e: Float32Array, index: number): Float32Array => {
-    const sqrtAT = f32(Math.sqrt(c.alphas[index]!));
-    const aPrev = f32(c.alphasPrev[index]!);
-    const sqrtAPrev = f32(Math.sqrt(aPrev));
-    const dirScale = f32(Math.sqrt(f32(1 - aPrev)));
-    const s1m = c.sqrtOneMinusAlphas[index]!;
-    const out = new Float32Array(current.length);
-    for (let k = 0; k < current.length; k++) {
-      const predX0 = f32(f32(current[k]! - f32(s1m * e[k]!)) / sqrtAT);
-      out[k] = f32(sqrtAPrev * predX0) + f32(dirScale * e[k]!);
-    }
-    return out;
-  };
   for (let i = 0; i < ts.length - 1; i++) {
     const index = ts.length - 1 - i;
     const t = ts[index]!;
     const tNext = ts[Math.max(index - 1, 0)]!;
     const e = yield* model.eps(x, t, sigmaAt(schedule, t), i);
-    const ePrime = new Float32Array(x.length);
+    const aPrev = f32(c.alphasPrev[index]!);
+    const coefficients = {
+      s1m: c.sqrtOneMinusAlphas[index]!,
+      sqrtA: f32(Math.sqrt(c.alphas[index]!)),
+      sqrtAPrev: f32(Math.sqrt(aPrev)),
+      dirScale: f32(Math.sqrt(f32(1 - aPrev))),
+    };
     if (oldEps.length === 0) {
       // Pseudo improved Euler: a second evaluation at the next timestep.
-      const xPrev = xPrevFor(x, e, index);
+      const xPrev = plmsStep(new Float32Array(x.length), x, e, "plain", undefined, coefficients);
       const eNext = yield* model.eps(xPrev, tNext, sigmaAt(schedule, tNext), i);
-      for (let k = 0; k < x.length; k++) ePrime[k] = f32(e[k]! + eNext[k]!) / 2;
-    } else if (oldEps.length === 1) {
-      const e1 = oldEps[0]!;
-      for (let k = 0; k < x.length; k++) ePrime[k] = f32(f32(3 * e[k]!) - e1[k]!) / 2;
-    } else if (oldEps.length === 2) {
-      const e1 = oldEps[1]!;
-      const e2 = oldEps[0]!;
-      for (let k = 0; k < x.length; k++) ePrime[k] = f32(f32(f32(23 * e[k]!) - f32(16 * e1[k]!)) + f32(5 * e2[k]!)) / 12;
+      x = plmsStep(new Float32Array(x.length), x, e, [], eNext, coefficients);
     } else {
-      const e1 = oldEps[2]!;
-      const e2 = oldEps[1]!;
-      const e3 = oldEps[0]!;
-      for (let k = 0; k < x.length; k++) {
-        ePrime[k] = f32(f32(f32(f32(55 * e[k]!) - f32(59 * e1[k]!)) + f32(37 * e2[k]!)) - f32(9 * e3[k]!)) / 24;
-      }
+      x = plmsStep(new Float32Array(x.length), x, e, [...oldEps].reverse(), undefined, coefficients);
     }
-    x = xPrevFor(x, ePrime, index);
     oldEps.push(e);
     if (oldEps.length >= 4) oldEps.shift();
   }
@@ -282,15 +260,15 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
   }
 
   let updateIndex = 0;
+  /** CFG-combined eps of the model at x_t, time t. */
+  const modelEps = function* (xt: Float32Array, t: number): Run {
+    const inputTime = f32(f32(t - f32(1 / ns.totalN)) * 1000);
+    return yield* model.eps(xt, inputTime, sigmaAt(schedule, inputTime), updateIndex);
+  };
   /** Data prediction x0 = (x − σ_t·eps)/α_t from the CFG-combined eps. */
   const dataPrediction = function* (xt: Float32Array, t: number): Run {
-    const inputTime = f32(f32(t - f32(1 / ns.totalN)) * 1000);
-    const eps = yield* model.eps(xt, inputTime, sigmaAt(schedule, inputTime), updateIndex);
-    const alpha = ns.alpha(t);
-    const sigma = ns.std(t);
-    const out = new Float32Array(xt.length);
-    for (let k = 0; k < xt.length; k++) out[k] = f32(xt[k]! - f32(sigma * eps[k]!)) / alpha;
-    return out;
+    const eps = yield* modelEps(xt, t);
+    return uniPcDataPrediction(new Float32Array(xt.length), xt, eps, ns.std(t), ns.alpha(t));
   };
 
   const update = function* (
@@ -311,25 +289,26 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
     const alphaT = f32(Math.exp(ns.logMeanCoeff(t)));
     const h = f32(lambdaT - lambdaPrev0);
     const rks: number[] = [];
-    const d1s: Float32Array[] = [];
+    const older: Float32Array[] = [];
     for (let i = 1; i < stepOrder; i++) {
       const lambdaPrevI = ns.lambda(tPrev[tPrev.length - 1 - i]!);
-      const modelPrevI = modelPrev[modelPrev.length - 1 - i]!;
-      const rk = f32(f32(lambdaPrevI - lambdaPrev0) / h);
-      rks.push(rk);
-      const d = new Float32Array(n);
-      for (let k = 0; k < n; k++) d[k] = f32(modelPrevI[k]! - modelPrev0[k]!) / rk;
-      d1s.push(d);
+      rks.push(f32(f32(lambdaPrevI - lambdaPrev0) / h));
+      older.push(modelPrev[modelPrev.length - 1 - i]!);
     }
     rks.push(1);
     const hh = -h;
     const hPhi1 = expm1F(hh);
-    const xBase = new Float32Array(n);
     const ratio = f32(sigmaT / sigmaPrev0);
     const baseScale = f32(alphaT * hPhi1);
-    for (let k = 0; k < n; k++) xBase[k] = f32(ratio * xIn[k]!) - f32(baseScale * modelPrev0[k]!);
 
     if (variant === "vary_coeff") {
+      const d1s = older.map((modelPrevI, i) => {
+        const d = new Float32Array(n);
+        for (let k = 0; k < n; k++) d[k] = f32(modelPrevI[k]! - modelPrev0[k]!) / rks[i]!;
+        return d;
+      });
+      const xBase = new Float32Array(n);
+      for (let k = 0; k < n; k++) xBase[k] = f32(ratio * xIn[k]!) - f32(baseScale * modelPrev0[k]!);
       const kk = rks.length;
       const cMatrix: number[][] = Array.from({ length: kk }, () => new Array<number>(kk).fill(0));
       let col = rks.map(() => 1);
@@ -401,35 +380,18 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
       hPhiK = f32(f32(hPhiK / hh) - f32(1 / factorial));
     }
     let rhosP: number[] = [];
-    if (d1s.length > 0) {
+    if (older.length > 0) {
       rhosP = stepOrder === 2 ? [0.5] : solve(rMatrix.slice(0, -1).map((row) => row.slice(0, -1)), b.slice(0, -1)).map(f32);
     }
     const rhosC = useCorrector ? (stepOrder === 1 ? [0.5] : solve(rMatrix, b).map(f32)) : [];
-    const scale = f32(alphaT * bH);
-    const weighted = (weights: number[]): Float32Array => {
-      const out = new Float32Array(n);
-      for (let j = 0; j < d1s.length; j++) {
-        const w = weights[j]!;
-        const d = d1s[j]!;
-        for (let k = 0; k < n; k++) out[k] = out[k]! + f32(w * d[k]!);
-      }
-      return out;
-    };
-    const predRes = weighted(rhosP);
-    let xt = new Float32Array(n);
-    for (let k = 0; k < n; k++) xt[k] = xBase[k]! - f32(scale * predRes[k]!);
-    let modelT: Float32Array | undefined;
-    if (useCorrector) {
-      modelT = yield* dataPrediction(xt, t);
-      const corrRes = weighted(rhosC.slice(0, -1));
-      const last = rhosC[rhosC.length - 1]!;
-      const corrected = new Float32Array(n);
-      for (let k = 0; k < n; k++) {
-        corrected[k] = xBase[k]! - f32(scale * f32(corrRes[k]! + f32(last * f32(modelT[k]! - modelPrev0[k]!))));
-      }
-      xt = corrected;
-    }
-    return { x: xt, modelT };
+    const terms = { ratio, baseScale, scale: f32(alphaT * bH), rks: rks.slice(0, -1), rhosP, rhosC };
+    const xt = uniPcPredict(new Float32Array(n), xIn, modelPrev0, older, terms);
+    if (!useCorrector) return { x: xt, modelT: undefined };
+    const eps = yield* modelEps(xt, t);
+    const modelT = new Float32Array(n);
+    const corrected = new Float32Array(n);
+    uniPcCorrect(modelT, corrected, xIn, modelPrev0, older, xt, eps, terms, ns.std(t), ns.alpha(t));
+    return { x: corrected, modelT };
   };
 
   const modelPrev: Float32Array[] = [yield* dataPrediction(x, times[0]!)];

@@ -30,6 +30,19 @@ interface RequestBase {
    * prompt-schedule entry (`a [b:3]` uses "a " while call ≤ 3). Heun-style samplers make ~2 calls per step.
    */
   readonly call: number;
+  /**
+   * Noise the sampler will draw soon after this request is answered: the driver may draw it while the
+   * model runs (PreparedSampling.drawAhead). Draws keep their order, so this changes no value.
+   */
+  readonly upcoming?: UpcomingNoise;
+}
+
+/** What a sampler announces it will draw next (before it yields again, or soon after). */
+export interface UpcomingNoise {
+  /** How many of the next `noise()` draws follow. */
+  readonly draws?: number;
+  /** Noise-sampler calls (σ, σ_next) that follow, with exactly these arguments. */
+  readonly queries?: ReadonlyArray<readonly [sigma: number, sigmaNext: number]>;
 }
 
 export interface DenoiseRequest extends RequestBase {

@@ -1,0 +1,80 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { Kernel, e, type Expr } from "./kernels.js";
+
+/** A small deterministic PRNG (xorshift32) so that failures reproduce. */
+function prng(seed: number): () => number {
+  let s = seed >>> 0 || 1;
+  return () => {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    return (s >>> 0) / 2 ** 32;
+  };
+}
+
+/** float32 values of every kind: normal, tiny, huge, subnormal, ±0 and ±∞. */
+function operand(random: () => number, n: number): Float32Array {
+  const special = [0, -0, 1, -1, 1e-40, -3e-39, 3e38, -3e38, Infinity, -Infinity, 1e-30, 65504];
+  return Float32Array.from({ length: n }, () => {
+    const pick = random();
+    if (pick < 0.15) return special[Math.floor(random() * special.length)]!;
+    return (random() - 0.5) * 10 ** Math.floor(random() * 12 - 6);
+  });
+}
+
+function randomExpr(random: () => number, inputs: number, params: number, depth: number): Expr {
+  if (depth === 0 || random() < 0.2) return random() < 0.7 ? e.in(Math.floor(random() * inputs)) : e.param(Math.floor(random() * params));
+  const ops = ["add", "sub", "mul", "div", "sqrt"] as const;
+  const op = ops[Math.floor(random() * ops.length)]!;
+  if (op === "sqrt") return e.sqrt(randomExpr(random, inputs, params, depth - 1));
+  return e[op](randomExpr(random, inputs, params, depth - 1), randomExpr(random, inputs, params, depth - 1));
+}
+
+function sameBits(a: Float32Array, b: Float32Array): boolean {
+  for (let i = 0; i < a.length; i++) if (!Object.is(a[i], b[i])) return false;
+  return true;
+}
+
+test("compiled kernels give the bits of one Math.fround per operation (random expressions, all value kinds)", () => {
+  const random = prng(7);
+  let simd = 0;
+  for (let trial = 0; trial < 60; trial++) {
+    const inputs = 1 + Math.floor(random() * 4);
+    const params = 1 + Math.floor(random() * 3);
+    const shared = randomExpr(random, inputs, params, 3);
+    const outputs = [e.add(shared, randomExpr(random, inputs, params, 3)), e.mul(shared, e.param(0))];
+    const kernel = new Kernel({ inputs, params, outputs });
+    if (kernel.simd) simd++;
+    const n = 1 + Math.floor(random() * 70);
+    const ins = Array.from({ length: inputs }, () => operand(random, n));
+    const ps = Array.from({ length: params }, () => Math.fround((random() - 0.5) * 8));
+    const got = [new Float32Array(n), new Float32Array(n)];
+    const want = [new Float32Array(n), new Float32Array(n)];
+    kernel.run(got, ins, ps);
+    kernel.runReference(want, ins, ps);
+    assert.ok(sameBits(got[0]!, want[0]!) && sameBits(got[1]!, want[1]!), `trial ${trial} (n=${n})`);
+  }
+  assert.equal(simd, 60, "WebAssembly SIMD is available in Node, so every kernel compiled");
+});
+
+test("a kernel reproduces a hand-written fused loop, and may write over its inputs", () => {
+  const f32 = Math.fround;
+  const x = Float32Array.from({ length: 37 }, (_, i) => Math.sin(i) * 3);
+  const d = Float32Array.from({ length: 37 }, (_, i) => Math.cos(i * 1.3));
+  const sigma = f32(1.37);
+  const dt = f32(-0.21);
+  const want = new Float32Array(37);
+  for (let k = 0; k < 37; k++) want[k] = f32(x[k]! + f32(f32(f32(x[k]! - d[k]!) / sigma) * dt));
+  const kernel = new Kernel({ inputs: 2, params: 2, outputs: [e.add(e.in(0), e.mul(e.div(e.sub(e.in(0), e.in(1)), e.param(0)), e.param(1)))] });
+  kernel.run([x], [x, d], [sigma, dt]);
+  assert.ok(sameBits(x, want));
+});
+
+test("kernels refuse parameters that are not float32 values and operands of the wrong shape", () => {
+  const kernel = new Kernel({ inputs: 1, params: 1, outputs: [e.mul(e.in(0), e.param(0))] });
+  const out = new Float32Array(8);
+  assert.throws(() => kernel.run([out], [new Float32Array(8)], [0.1]), /not a float32 value/);
+  assert.throws(() => kernel.run([out], [new Float32Array(4)], [Math.fround(0.1)]), /needs 8/);
+  assert.throws(() => kernel.run([out], [], [1]), /wrong number/);
+});

@@ -1,0 +1,302 @@
+/**
+ * Elementwise float32 kernels: a sampler update such as x + ((x − D)/σ)·dt is written once as an
+ * expression over whole arrays and compiled to a WebAssembly SIMD loop (four lanes per instruction).
+ *
+ * Every node is one IEEE binary32 operation with round-to-nearest, which is exactly what the JS
+ * form `Math.fround(a op b)` of two float32 values computes (a double result of +, −, ×, ÷ or √ of
+ * float32 operands rounds to the same float32 as the single-precision operation), so a kernel gives
+ * the same bits as the scalar loops it replaces. Without WebAssembly the same expression runs as a
+ * scalar JS loop, which is also the reference the tests compare the compiled form against.
+ */
+
+export type Expr =
+  | { readonly op: "in"; readonly index: number }
+  | { readonly op: "param"; readonly index: number }
+  | { readonly op: "add" | "sub" | "mul" | "div"; readonly a: Expr; readonly b: Expr }
+  | { readonly op: "sqrt"; readonly a: Expr };
+
+export const e = {
+  in: (index: number): Expr => ({ op: "in", index }),
+  param: (index: number): Expr => ({ op: "param", index }),
+  add: (a: Expr, b: Expr): Expr => ({ op: "add", a, b }),
+  sub: (a: Expr, b: Expr): Expr => ({ op: "sub", a, b }),
+  mul: (a: Expr, b: Expr): Expr => ({ op: "mul", a, b }),
+  div: (a: Expr, b: Expr): Expr => ({ op: "div", a, b }),
+  sqrt: (a: Expr): Expr => ({ op: "sqrt", a }),
+};
+
+export interface KernelSpec {
+  /** Array operands, referenced as e.in(0…inputs − 1). */
+  inputs: number;
+  /** Scalar operands, referenced as e.param(…); each must already be a float32 value. */
+  params: number;
+  /** One expression per output array; shared subexpressions (same object) are computed once. */
+  outputs: readonly Expr[];
+}
+
+/* ---- WebAssembly encoding ---- */
+
+function uleb(value: number): number[] {
+  const out: number[] = [];
+  let v = value >>> 0;
+  do {
+    let byte = v & 0x7f;
+    v >>>= 7;
+    if (v !== 0) byte |= 0x80;
+    out.push(byte);
+  } while (v !== 0);
+  return out;
+}
+
+function section(id: number, body: number[]): number[] {
+  return [id, ...uleb(body.length), ...body];
+}
+
+const I32 = 0x7f;
+const F32 = 0x7d;
+const V128 = 0x7b;
+const SIMD = 0xfd;
+const SIMD_OP = { load: 0x00, store: 0x0b, splat: 0x13, sqrt: 0xe3, add: 0xe4, sub: 0xe5, mul: 0xe6, div: 0xe7 } as const;
+const OP = {
+  block: 0x02,
+  loop: 0x03,
+  br: 0x0c,
+  brIf: 0x0d,
+  end: 0x0b,
+  localGet: 0x20,
+  localSet: 0x21,
+  localTee: 0x22,
+  i32Const: 0x41,
+  i32GeU: 0x4f,
+  i32Add: 0x6a,
+  i32Shl: 0x74,
+} as const;
+const simd = (op: number): number[] => [SIMD, ...uleb(op)];
+
+function countUses(outputs: readonly Expr[]): Map<Expr, number> {
+  const uses = new Map<Expr, number>();
+  const visit = (node: Expr): void => {
+    const seen = uses.get(node) ?? 0;
+    uses.set(node, seen + 1);
+    if (seen > 0) return;
+    if (node.op === "add" || node.op === "sub" || node.op === "mul" || node.op === "div") {
+      visit(node.a);
+      visit(node.b);
+    } else if (node.op === "sqrt") visit(node.a);
+  };
+  outputs.forEach(visit);
+  return uses;
+}
+
+/**
+ * Function (n4, in0…, out0…, p0…): n4 = element count rounded up to a multiple of 4, pointers are
+ * byte offsets into the imported memory (16-byte aligned).
+ */
+function moduleBytes(spec: KernelSpec): Uint8Array {
+  const { inputs, params, outputs } = spec;
+  const nOut = outputs.length;
+  const argTypes = [I32, ...new Array<number>(inputs + nOut).fill(I32), ...new Array<number>(params).fill(F32)];
+  const N = 0;
+  const inPtr = (j: number): number => 1 + j;
+  const outPtr = (j: number): number => 1 + inputs + j;
+  const paramArg = (j: number): number => 1 + inputs + nOut + j;
+  let nextLocal = argTypes.length;
+  const I = nextLocal++;
+  const END = nextLocal++;
+  const i32Locals = 2;
+  const splat = (j: number): number => nextLocal + j;
+  nextLocal += params;
+  const uses = countUses(outputs);
+  const shared = new Map<Expr, number>();
+  for (const [node, count] of uses) {
+    if (count > 1 && node.op !== "in" && node.op !== "param") shared.set(node, nextLocal++);
+  }
+  const v128Locals = nextLocal - (argTypes.length + i32Locals);
+
+  const code: number[] = [];
+  for (let j = 0; j < params; j++) code.push(OP.localGet, ...uleb(paramArg(j)), ...simd(SIMD_OP.splat), OP.localSet, ...uleb(splat(j)));
+  code.push(OP.localGet, N, OP.i32Const, 2, OP.i32Shl, OP.localSet, ...uleb(END));
+  code.push(OP.i32Const, 0, OP.localSet, ...uleb(I));
+  code.push(OP.block, 0x40, OP.loop, 0x40);
+  code.push(OP.localGet, ...uleb(I), OP.localGet, ...uleb(END), OP.i32GeU, OP.brIf, 1);
+  const computed = new Set<Expr>();
+  const emit = (node: Expr): void => {
+    const local = shared.get(node);
+    if (local !== undefined && computed.has(node)) {
+      code.push(OP.localGet, ...uleb(local));
+      return;
+    }
+    switch (node.op) {
+      case "in":
+        code.push(OP.localGet, ...uleb(inPtr(node.index)), OP.localGet, ...uleb(I), OP.i32Add, ...simd(SIMD_OP.load), 4, 0);
+        break;
+      case "param":
+        code.push(OP.localGet, ...uleb(splat(node.index)));
+        break;
+      case "sqrt":
+        emit(node.a);
+        code.push(...simd(SIMD_OP.sqrt));
+        break;
+      default:
+        emit(node.a);
+        emit(node.b);
+        code.push(...simd(SIMD_OP[node.op]));
+    }
+    if (local !== undefined) {
+      code.push(OP.localTee, ...uleb(local));
+      computed.add(node);
+    }
+  };
+  outputs.forEach((out, j) => {
+    code.push(OP.localGet, ...uleb(outPtr(j)), OP.localGet, ...uleb(I), OP.i32Add);
+    emit(out);
+    code.push(...simd(SIMD_OP.store), 4, 0);
+  });
+  code.push(OP.localGet, ...uleb(I), OP.i32Const, 16, OP.i32Add, OP.localSet, ...uleb(I), OP.br, 0, OP.end, OP.end, OP.end);
+
+  const localDecls = [2, ...uleb(i32Locals), I32, ...uleb(params + v128Locals), V128];
+  const body = [...localDecls, ...code];
+  const type = section(1, [1, 0x60, ...uleb(argTypes.length), ...argTypes, 0]);
+  const name = (s: string): number[] => [s.length, ...Array.from(s, (c) => c.charCodeAt(0))];
+  const imports = section(2, [1, ...name("m"), ...name("memory"), 0x02, 0x00, 0]);
+  const func = section(3, [1, 0]);
+  const exports = section(7, [1, ...name("k"), 0x00, 0]);
+  const codeSection = section(10, [1, ...uleb(body.length), ...body]);
+  return Uint8Array.from([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, ...type, ...imports, ...func, ...exports, ...codeSection]);
+}
+
+// The project's TypeScript lib (ES2023 without DOM) has no WebAssembly types; Node has the global.
+interface WasmMemory {
+  readonly buffer: ArrayBuffer;
+  grow(pages: number): number;
+}
+declare const WebAssembly: {
+  Module: new (bytes: Uint8Array) => object;
+  Instance: new (module: object, imports: object) => { readonly exports: object };
+  Memory: new (descriptor: { initial: number }) => WasmMemory;
+};
+
+type WasmKernel = (...args: number[]) => void;
+
+/** One memory for all kernels: they run synchronously, so each call may reuse it from offset 0. */
+let arena: WasmMemory | null | undefined;
+let arenaView: Float32Array | undefined;
+
+function sharedArena(): WasmMemory | null {
+  if (arena !== undefined) return arena;
+  try {
+    arena = new WebAssembly.Memory({ initial: 1 });
+  } catch {
+    arena = null;
+  }
+  return arena;
+}
+
+function arenaFloats(bytes: number): Float32Array {
+  const memory = arena!;
+  if (memory.buffer.byteLength < bytes) memory.grow(Math.ceil((bytes - memory.buffer.byteLength) / 65536));
+  if (arenaView === undefined || arenaView.buffer !== memory.buffer) arenaView = new Float32Array(memory.buffer);
+  return arenaView;
+}
+
+function compile(spec: KernelSpec): WasmKernel | null {
+  const memory = sharedArena();
+  if (memory === null) return null;
+  try {
+    const module = new WebAssembly.Module(moduleBytes(spec));
+    return (new WebAssembly.Instance(module, { m: { memory } }).exports as { k: WasmKernel }).k;
+  } catch {
+    // No WebAssembly SIMD (or compilation is forbidden): the scalar loop below is used instead.
+    return null;
+  }
+}
+
+const fround = Math.fround;
+
+/** The scalar form: one Math.fround per operation, element by element. */
+function evaluate(node: Expr, ins: readonly Float32Array[], params: readonly number[], k: number): number {
+  switch (node.op) {
+    case "in":
+      return ins[node.index]![k]!;
+    case "param":
+      return params[node.index]!;
+    case "add":
+      return fround(evaluate(node.a, ins, params, k) + evaluate(node.b, ins, params, k));
+    case "sub":
+      return fround(evaluate(node.a, ins, params, k) - evaluate(node.b, ins, params, k));
+    case "mul":
+      return fround(evaluate(node.a, ins, params, k) * evaluate(node.b, ins, params, k));
+    case "div":
+      return fround(evaluate(node.a, ins, params, k) / evaluate(node.b, ins, params, k));
+    case "sqrt":
+      return fround(Math.sqrt(evaluate(node.a, ins, params, k)));
+  }
+}
+
+export class Kernel {
+  private compiled: WasmKernel | null | undefined;
+  private readonly args: number[];
+
+  constructor(readonly spec: KernelSpec) {
+    this.args = new Array<number>(1 + spec.inputs + spec.outputs.length + spec.params).fill(0);
+  }
+
+  /** Whether calls run as WebAssembly SIMD (false: the scalar JS loop). */
+  get simd(): boolean {
+    return this.wasm() !== null;
+  }
+
+  private wasm(): WasmKernel | null {
+    if (this.compiled === undefined) this.compiled = compile(this.spec);
+    return this.compiled;
+  }
+
+  /**
+   * outs[j][k] = outputs[j](ins[…][k], params) for k < outs[0].length. Outputs may be the same arrays
+   * as inputs (every input is read before any output is written).
+   */
+  run(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[] = []): void {
+    const { spec } = this;
+    const n = outs[0]!.length;
+    if (ins.length !== spec.inputs || outs.length !== spec.outputs.length || params.length !== spec.params) {
+      throw new RangeError("kernel called with the wrong number of operands");
+    }
+    for (const a of ins) if (a.length < n) throw new RangeError(`kernel input has ${a.length} values, needs ${n}`);
+    for (const a of outs) if (a.length !== n) throw new RangeError("kernel outputs differ in length");
+    for (const p of params) {
+      if (fround(p) !== p && !Number.isNaN(p)) throw new RangeError(`kernel parameter ${p} is not a float32 value`);
+    }
+    const wasm = n >= 4 ? this.wasm() : null;
+    if (wasm === null) {
+      this.runReference(outs, ins, params);
+      return;
+    }
+    const n4 = (n + 3) & ~3;
+    const slots = ins.length + outs.length;
+    const view = arenaFloats(slots * n4 * 4);
+    const args = this.args;
+    args[0] = n4;
+    for (let j = 0; j < ins.length; j++) {
+      view.set(n === ins[j]!.length ? ins[j]! : ins[j]!.subarray(0, n), j * n4);
+      args[1 + j] = j * n4 * 4;
+    }
+    for (let j = 0; j < outs.length; j++) args[1 + ins.length + j] = (ins.length + j) * n4 * 4;
+    for (let j = 0; j < params.length; j++) args[1 + slots + j] = params[j]!;
+    wasm(...args);
+    for (let j = 0; j < outs.length; j++) {
+      const at = (ins.length + j) * n4;
+      outs[j]!.set(view.subarray(at, at + n));
+    }
+  }
+
+  /** The scalar loop (also the tests' reference for the compiled form): one Math.fround per operation. */
+  runReference(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[] = []): void {
+    const { outputs } = this.spec;
+    const n = outs[0]!.length;
+    const results = new Float64Array(outputs.length);
+    for (let k = 0; k < n; k++) {
+      for (let j = 0; j < outputs.length; j++) results[j] = evaluate(outputs[j]!, ins, params, k);
+      for (let j = 0; j < outputs.length; j++) outs[j]![k] = results[j]!;
+    }
+  }
+}

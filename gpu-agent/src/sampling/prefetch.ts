@@ -1,0 +1,70 @@
+/**
+ * Noise drawn ahead, while the model runs. Samplers announce with each model request the noise they
+ * will draw next (ModelRequest.upcoming); during that evaluation the JS thread is idle (the UNet runs in
+ * the ONNX Runtime worker), so the driver calls `drawAhead` and the draws happen then instead of on the
+ * critical path between two UNet calls.
+ *
+ * Nothing changes value or order:
+ * - plain draws come from the same source in the same sequence: a draw made ahead waits in a FIFO and
+ *   the sampler's next `noise()` takes the oldest one, so the k-th value the sampler gets is the k-th
+ *   value the source produced, whenever it was produced;
+ * - noise-sampler (Brownian-tree) answers are pure functions of their (σ, σ_next) arguments, so an
+ *   answer computed early is the answer, and it is only handed out for exactly those arguments.
+ * A wrong announcement therefore costs time (a draw nobody takes), never a different image.
+ */
+import type { ModelRequest, NoiseSampler, UpcomingNoise } from "./samplers/types.js";
+
+/** Answers kept for queries announced but not (yet) asked; each is one latent of memory. */
+const MAX_PENDING_ANSWERS = 4;
+
+export class NoisePrefetcher {
+  private readonly ready: Float32Array[] = [];
+  private readonly answers: Array<{ sigma: number; sigmaNext: number; noise: Float32Array }> = [];
+
+  constructor(
+    private readonly source: () => Float32Array,
+    private readonly querySource?: NoiseSampler,
+  ) {}
+
+  /** The samplers' `noise()`: the oldest draw made ahead, else a draw now. */
+  readonly noise = (): Float32Array => this.ready.shift() ?? this.source();
+
+  /** The samplers' noise sampler: an answer computed ahead for exactly these arguments, else one now. */
+  readonly query: NoiseSampler = (sigma, sigmaNext) => {
+    const i = this.answers.findIndex((a) => a.sigma === sigma && a.sigmaNext === sigmaNext);
+    if (i >= 0) return this.answers.splice(i, 1)[0]!.noise;
+    if (this.querySource === undefined) throw new TypeError("this sampling has no noise sampler");
+    return this.querySource(sigma, sigmaNext);
+  };
+
+  /** Draws made ahead and not yet taken (for tests and metrics). */
+  get readyDraws(): number {
+    return this.ready.length;
+  }
+
+  /**
+   * Computes what `upcoming` announces and is not computed yet. Never throws: a failing draw is left
+   * to the sampler, which makes it again in its own context and gets the error there.
+   */
+  drawAhead(upcoming: UpcomingNoise | undefined, signal?: AbortSignal): void {
+    if (upcoming === undefined) return;
+    try {
+      const draws = upcoming.draws ?? 0;
+      while (this.ready.length < draws) {
+        if (signal?.aborted) return;
+        this.ready.push(this.source());
+      }
+      for (const [sigma, sigmaNext] of upcoming.queries ?? []) {
+        if (signal?.aborted || this.querySource === undefined) return;
+        if (this.answers.some((a) => a.sigma === sigma && a.sigmaNext === sigmaNext)) continue;
+        this.answers.push({ sigma, sigmaNext, noise: this.querySource(sigma, sigmaNext) });
+        if (this.answers.length > MAX_PENDING_ANSWERS) this.answers.shift();
+      }
+    } catch {
+      // Deliberately dropped: see above.
+    }
+  }
+}
+
+/** The driver's hook: draw what `request` announces, during its evaluation. */
+export type DrawAhead = (request: ModelRequest, signal?: AbortSignal) => void;

@@ -1,0 +1,432 @@
+/**
+ * The per-step array updates of the samplers as float32 kernels (see ../kernels.ts). Each one is a
+ * whole step fused into a single pass, spelled in exactly the operation order (and with exactly the
+ * roundings) of the torch tensor code it reproduces; the comments give that order.
+ *
+ * Ownership: samplers yield fresh arrays (a request's `x` is never written after it is yielded) and
+ * never write into model results; the other operands are read only.
+ */
+import { Kernel, e, type Expr } from "../kernels.js";
+
+const fround = Math.fround;
+
+const X = e.in(0);
+const D = e.in(1);
+
+/** d = (x − D)/σ, the k-diffusion `to_d`. */
+const toD = (x: Expr, den: Expr, sigma: Expr): Expr => e.div(e.sub(x, den), sigma);
+
+/** x + d·dt */
+const euler = new Kernel({ inputs: 2, params: 2, outputs: [e.add(X, e.mul(toD(X, D, e.param(0)), e.param(1)))] });
+
+export function eulerStep(out: Float32Array, x: Float32Array, den: Float32Array, sigma: number, dt: number): Float32Array {
+  euler.run([out], [x, den], [sigma, dt]);
+  return out;
+}
+
+/** (x + d·dt) + (n·s_noise)·σ_up */
+const eulerNoise = new Kernel({
+  inputs: 3,
+  params: 4,
+  outputs: [e.add(e.add(X, e.mul(toD(X, D, e.param(0)), e.param(1))), e.mul(e.mul(e.in(2), e.param(2)), e.param(3)))],
+});
+
+export function eulerAncestralStep(out: Float32Array, x: Float32Array, den: Float32Array, noise: Float32Array, sigma: number, dt: number, sNoise: number, sigmaUp: number): Float32Array {
+  eulerNoise.run([out], [x, den, noise], [sigma, dt, fround(sNoise), sigmaUp]);
+  return out;
+}
+
+/** x + (n·s)·scale: churn, restart jumps and ancestral noise. */
+const addNoiseKernel = new Kernel({ inputs: 2, params: 2, outputs: [e.add(X, e.mul(e.mul(e.in(1), e.param(0)), e.param(1)))] });
+
+export function addNoise(out: Float32Array, x: Float32Array, noise: Float32Array, s: number, scale: number): Float32Array {
+  addNoiseKernel.run([out], [x, noise], [fround(s), scale]);
+  return out;
+}
+
+/** x + n·c (DPM fast/adaptive's su·s_noise·noise, LCM's σ_next·noise). */
+const addScaledKernel = new Kernel({ inputs: 2, params: 1, outputs: [e.add(X, e.mul(e.in(1), e.param(0)))] });
+
+export function addScaledNoise(out: Float32Array, x: Float32Array, noise: Float32Array, c: number): Float32Array {
+  addScaledKernel.run([out], [x, noise], [c]);
+  return out;
+}
+
+/** Heun's correction: x + ((d + d₂)/2)·dt with d = (x − D)/σ̂, d₂ = (x₂ − D₂)/σ_next. */
+const heun = new Kernel({
+  inputs: 4,
+  params: 4,
+  outputs: [e.add(X, e.mul(e.div(e.add(toD(X, D, e.param(0)), toD(e.in(2), e.in(3), e.param(1))), e.param(3)), e.param(2)))],
+});
+
+export function heunStep(out: Float32Array, x: Float32Array, den: Float32Array, x2: Float32Array, den2: Float32Array, sigma: number, sigma2: number, dt: number): Float32Array {
+  heun.run([out], [x, den, x2, den2], [sigma, sigma2, dt, 2]);
+  return out;
+}
+
+/** DPM2's second half: x + d₂·dt with d₂ = (x₂ − D₂)/σ_mid; optionally + (n·s)·σ_up (DPM2 a). */
+const midpoint = new Kernel({ inputs: 3, params: 2, outputs: [e.add(X, e.mul(toD(e.in(1), e.in(2), e.param(0)), e.param(1)))] });
+const midpointNoise = new Kernel({
+  inputs: 4,
+  params: 4,
+  outputs: [e.add(e.add(X, e.mul(toD(e.in(1), e.in(2), e.param(0)), e.param(1))), e.mul(e.mul(e.in(3), e.param(2)), e.param(3)))],
+});
+
+export function midpointStep(out: Float32Array, x: Float32Array, x2: Float32Array, den2: Float32Array, sigmaMid: number, dt: number): Float32Array {
+  midpoint.run([out], [x, x2, den2], [sigmaMid, dt]);
+  return out;
+}
+
+export function midpointAncestralStep(
+  out: Float32Array, x: Float32Array, x2: Float32Array, den2: Float32Array, noise: Float32Array, sigmaMid: number, dt: number, sNoise: number, sigmaUp: number,
+): Float32Array {
+  midpointNoise.run([out], [x, x2, den2, noise], [sigmaMid, dt, fround(sNoise), sigmaUp]);
+  return out;
+}
+
+/** First-order DPM-Solver++: ratio·x − expm1(−h)·D; optionally + (n·s)·σ_up. */
+const dpmSolverExpr = e.sub(e.mul(e.param(0), X), e.mul(e.param(1), D));
+const dpmSolver = new Kernel({ inputs: 2, params: 2, outputs: [dpmSolverExpr] });
+const dpmSolverNoise = new Kernel({ inputs: 3, params: 4, outputs: [e.add(dpmSolverExpr, e.mul(e.mul(e.in(2), e.param(2)), e.param(3)))] });
+
+export function dpmSolverStep(out: Float32Array, x: Float32Array, den: Float32Array, ratio: number, expm1NegH: number): Float32Array {
+  dpmSolver.run([out], [x, den], [ratio, expm1NegH]);
+  return out;
+}
+
+export function dpmSolverAncestralStep(
+  out: Float32Array, x: Float32Array, den: Float32Array, noise: Float32Array, ratio: number, expm1NegH: number, sNoise: number, sigmaUp: number,
+): Float32Array {
+  dpmSolverNoise.run([out], [x, den, noise], [ratio, expm1NegH, fround(sNoise), sigmaUp]);
+  return out;
+}
+
+/** DPM++ SDE's second stage: D' = (1 − fac)·D + fac·D₂, then ratio·x − expm1·D' + (n·s)·σ_up. */
+const dpmppSdeFinal = new Kernel({
+  inputs: 4,
+  params: 6,
+  outputs: [
+    e.add(
+      e.sub(e.mul(e.param(2), X), e.mul(e.param(3), e.add(e.mul(e.param(0), D), e.mul(e.param(1), e.in(2))))),
+      e.mul(e.mul(e.in(3), e.param(4)), e.param(5)),
+    ),
+  ],
+});
+
+export function dpmppSdeFinalStep(
+  out: Float32Array, x: Float32Array, den: Float32Array, den2: Float32Array, noise: Float32Array,
+  w1: number, w2: number, ratio: number, expm1: number, sNoise: number, sigmaUp: number,
+): Float32Array {
+  dpmppSdeFinal.run([out], [x, den, den2, noise], [w1, w2, ratio, expm1, fround(sNoise), sigmaUp]);
+  return out;
+}
+
+/** DPM++ 2M: D' = (1 + 1/2r)·D − (1/2r)·D_old, then ratio·x − expm1(−h)·D'. */
+const dpmpp2m = new Kernel({
+  inputs: 3,
+  params: 4,
+  outputs: [e.sub(e.mul(e.param(2), X), e.mul(e.param(3), e.sub(e.mul(e.param(0), D), e.mul(e.param(1), e.in(2)))))],
+});
+
+export function dpmpp2mStep(out: Float32Array, x: Float32Array, den: Float32Array, old: Float32Array, wNew: number, inv2r: number, ratio: number, expm1NegH: number): Float32Array {
+  dpmpp2m.run([out], [x, den, old], [wNew, inv2r, ratio, expm1NegH]);
+  return out;
+}
+
+/**
+ * DPM++ 2M SDE: xScale·x + dScale·D, then + c·(D − D_old) when there is an older D, then
+ * + ((n·σ_next)·root)·s_noise when eta > 0. Operands: x, D, [D_old], [n].
+ */
+function sde2mExpr(correction: boolean, noise: boolean): { spec: { inputs: number; params: number }; out: Expr } {
+  let out = e.add(e.mul(e.param(0), X), e.mul(e.param(1), D));
+  let next = 2;
+  if (correction) out = e.add(out, e.mul(e.param(2), e.sub(D, e.in(next++))));
+  if (noise) out = e.add(out, e.mul(e.mul(e.mul(e.in(next++), e.param(3)), e.param(4)), e.param(5)));
+  return { spec: { inputs: next, params: 6 }, out };
+}
+
+const sde2m = [false, true].map((c) => [false, true].map((n) => {
+  const { spec, out } = sde2mExpr(c, n);
+  return new Kernel({ ...spec, outputs: [out] });
+}));
+
+export interface SdeNoiseTerm {
+  noise: Float32Array;
+  sigmaNext: number;
+  root: number;
+  sNoise: number;
+}
+
+export function dpmpp2mSdeStep(
+  out: Float32Array, x: Float32Array, den: Float32Array, xScale: number, dScale: number,
+  old: { den: Float32Array; c: number } | undefined, noise: SdeNoiseTerm | undefined,
+): Float32Array {
+  const ins = [x, den];
+  if (old !== undefined) ins.push(old.den);
+  if (noise !== undefined) ins.push(noise.noise);
+  sde2m[old === undefined ? 0 : 1]![noise === undefined ? 0 : 1]!.run([out], ins, [
+    xScale, dScale, old?.c ?? 0, noise?.sigmaNext ?? 0, noise?.root ?? 0, fround(noise?.sNoise ?? 0),
+  ]);
+  return out;
+}
+
+/**
+ * DPM++ 3M SDE: xScale·x + dScale·D, then the multistep correction (none, first order with D₁, or
+ * second order with D₁ and D₂), then the noise term as in 2M SDE.
+ * Params: xScale, dScale, phi2, phi3, r0 (or r), r1, rSum, σ_next, root, s_noise.
+ */
+function sde3mExpr(order: 0 | 1 | 2, noise: boolean): { inputs: number; out: Expr } {
+  let out = e.add(e.mul(e.param(0), X), e.mul(e.param(1), D));
+  let next = 2;
+  if (order === 2) {
+    const d1In = e.in(next++);
+    const d2In = e.in(next++);
+    const d10 = e.div(e.sub(D, d1In), e.param(4));
+    const d11 = e.div(e.sub(d1In, d2In), e.param(5));
+    const diff = e.sub(d10, d11);
+    const d1 = e.add(d10, e.div(e.mul(diff, e.param(4)), e.param(6)));
+    const d2 = e.div(diff, e.param(6));
+    out = e.sub(e.add(out, e.mul(e.param(2), d1)), e.mul(e.param(3), d2));
+  } else if (order === 1) {
+    out = e.add(out, e.mul(e.param(2), e.div(e.sub(D, e.in(next++)), e.param(4))));
+  }
+  if (noise) out = e.add(out, e.mul(e.mul(e.mul(e.in(next++), e.param(7)), e.param(8)), e.param(9)));
+  return { inputs: next, out };
+}
+
+const sde3m = ([0, 1, 2] as const).map((order) => [false, true].map((n) => {
+  const { inputs, out } = sde3mExpr(order, n);
+  return new Kernel({ inputs, params: 10, outputs: [out] });
+}));
+
+export function dpmpp3mSdeStep(
+  out: Float32Array, x: Float32Array, den: Float32Array, xScale: number, dScale: number,
+  history: { phi2: number; phi3: number; d1: Float32Array; r0: number; d2?: Float32Array; r1?: number; rSum?: number } | undefined,
+  noise: SdeNoiseTerm | undefined,
+): Float32Array {
+  const ins = [x, den];
+  const order = history === undefined ? 0 : history.d2 === undefined ? 1 : 2;
+  if (history !== undefined) {
+    ins.push(history.d1);
+    if (history.d2 !== undefined) ins.push(history.d2);
+  }
+  if (noise !== undefined) ins.push(noise.noise);
+  sde3m[order]![noise === undefined ? 0 : 1]!.run([out], ins, [
+    xScale, dScale, history?.phi2 ?? 0, history?.phi3 ?? 0, history?.r0 ?? 1, history?.r1 ?? 1, history?.rSum ?? 1,
+    noise?.sigmaNext ?? 0, noise?.root ?? 0, fround(noise?.sNoise ?? 0),
+  ]);
+  return out;
+}
+
+/**
+ * LMS: d = (x − D)/σ is stored for later steps, and x + Σ c_j·d_j (newest first, the sum starting
+ * from Python's 0). Operands: x, D, then the older d's newest first; outputs: new x, d.
+ */
+const lms = [1, 2, 3, 4].map((order) => {
+  const d = toD(X, D, e.param(0));
+  let sum = e.add(e.param(1), e.mul(e.param(2), d));
+  for (let j = 1; j < order; j++) sum = e.add(sum, e.mul(e.param(2 + j), e.in(1 + j)));
+  return new Kernel({ inputs: 1 + order, params: 6, outputs: [e.add(X, sum), d] });
+});
+
+export function lmsStep(out: Float32Array, dOut: Float32Array, x: Float32Array, den: Float32Array, older: readonly Float32Array[], sigma: number, coefficients: readonly number[]): void {
+  const order = coefficients.length;
+  const params = [sigma, 0, 0, 0, 0, 0];
+  for (let j = 0; j < order; j++) params[2 + j] = coefficients[j]!;
+  lms[order - 1]!.run([out, dOut], [x, den, ...older.slice(0, order - 1)], params);
+}
+
+/** DPM-Solver eps = (x − D)/σ. */
+const epsKernel = new Kernel({ inputs: 2, params: 1, outputs: [toD(X, D, e.param(0))] });
+
+export function epsFromDenoised(out: Float32Array, x: Float32Array, den: Float32Array, sigma: number): Float32Array {
+  epsKernel.run([out], [x, den], [sigma]);
+  return out;
+}
+
+/** x − c·eps */
+const xMinusScaled = new Kernel({ inputs: 2, params: 1, outputs: [e.sub(X, e.mul(e.param(0), e.in(1)))] });
+
+export function subtractScaled(out: Float32Array, x: Float32Array, eps: Float32Array, c: number): Float32Array {
+  xMinusScaled.run([out], [x, eps], [c]);
+  return out;
+}
+
+/** (x − a·eps) − b·(eps₂ − eps) */
+const dpmCombine = new Kernel({ inputs: 3, params: 2, outputs: [e.sub(e.sub(X, e.mul(e.param(0), e.in(1))), e.mul(e.param(1), e.sub(e.in(2), e.in(1))))] });
+
+export function dpmSolverCombine(out: Float32Array, x: Float32Array, eps: Float32Array, eps2: Float32Array, a: number, b: number): Float32Array {
+  dpmCombine.run([out], [x, eps, eps2], [a, b]);
+  return out;
+}
+
+/**
+ * DDIM: pred_x0 = (x − sqrt(1 − ᾱ)·eps)/sqrt(ᾱ), then sqrt(ᾱ_prev)·pred_x0 + dirScale·dir + σ_t·n.
+ * Operands: x, eps, dir (eps itself, or the unconditional eps for CFG++), n.
+ */
+const ddim = new Kernel({
+  inputs: 4,
+  params: 5,
+  outputs: [
+    e.add(
+      e.add(e.mul(e.param(2), e.div(e.sub(X, e.mul(e.param(0), e.in(1))), e.param(1))), e.mul(e.param(3), e.in(2))),
+      e.mul(e.param(4), e.in(3)),
+    ),
+  ],
+});
+
+export function ddimStep(
+  out: Float32Array, x: Float32Array, eps: Float32Array, dir: Float32Array, noise: Float32Array,
+  sqrtOneMinusA: number, sqrtA: number, sqrtAPrev: number, dirScale: number, sigma: number,
+): Float32Array {
+  ddim.run([out], [x, eps, dir, noise], [sqrtOneMinusA, sqrtA, sqrtAPrev, dirScale, sigma]);
+  return out;
+}
+
+/**
+ * PLMS: eps' from the current and up to three older eps (the Adams–Bashforth weights, or the
+ * pseudo improved Euler mean on the first step), then sqrt(ᾱ_prev)·pred_x0(eps') + sqrt(1 − ᾱ_prev)·eps'.
+ * Params: s1m, sqrtA, sqrtAPrev, dirScale, then the weights and divisor.
+ */
+function plmsExpr(history: 0 | 1 | 2 | 3 | "plain"): { inputs: number; params: number; out: Expr } {
+  const p = (k: number): Expr => e.param(4 + k);
+  const eps = e.in(1);
+  let ePrime: Expr;
+  let inputs = 2;
+  let params = 4;
+  switch (history) {
+    case "plain":
+      ePrime = eps;
+      break;
+    case 0:
+      ePrime = e.div(e.add(eps, e.in(2)), p(0));
+      inputs = 3;
+      params = 5;
+      break;
+    case 1:
+      ePrime = e.div(e.sub(e.mul(p(0), eps), e.in(2)), p(1));
+      inputs = 3;
+      params = 6;
+      break;
+    case 2:
+      ePrime = e.div(e.add(e.sub(e.mul(p(0), eps), e.mul(p(1), e.in(2))), e.mul(p(2), e.in(3))), p(3));
+      inputs = 4;
+      params = 8;
+      break;
+    case 3:
+      ePrime = e.div(e.sub(e.add(e.sub(e.mul(p(0), eps), e.mul(p(1), e.in(2))), e.mul(p(2), e.in(3))), e.mul(p(3), e.in(4))), p(4));
+      inputs = 5;
+      params = 9;
+      break;
+  }
+  const predX0 = e.div(e.sub(X, e.mul(e.param(0), ePrime)), e.param(1));
+  return { inputs, params, out: e.add(e.mul(e.param(2), predX0), e.mul(e.param(3), ePrime)) };
+}
+
+const plmsKernels = new Map<string, Kernel>();
+const PLMS_WEIGHTS: Record<string, readonly number[]> = { "0": [2], "1": [3, 2], "2": [23, 16, 5, 12], "3": [55, 59, 37, 9, 24] };
+
+/** `older` newest first (e₁, e₂, e₃); with `eNext` (first step) the mean (e + e_next)/2 is used. */
+export function plmsStep(
+  out: Float32Array, x: Float32Array, eps: Float32Array, older: readonly Float32Array[] | "plain", eNext: Float32Array | undefined,
+  coefficients: { s1m: number; sqrtA: number; sqrtAPrev: number; dirScale: number },
+): Float32Array {
+  const history = older === "plain" ? "plain" : eNext !== undefined ? 0 : (older.length as 1 | 2 | 3);
+  const key = String(history);
+  let kernel = plmsKernels.get(key);
+  if (kernel === undefined) {
+    const { inputs, params, out: expr } = plmsExpr(history);
+    kernel = new Kernel({ inputs, params, outputs: [expr] });
+    plmsKernels.set(key, kernel);
+  }
+  const ins = [x, eps, ...(eNext !== undefined ? [eNext] : older === "plain" ? [] : older)];
+  const params = [coefficients.s1m, coefficients.sqrtA, coefficients.sqrtAPrev, coefficients.dirScale, ...(history === "plain" ? [] : PLMS_WEIGHTS[key]!)];
+  kernel.run([out], ins, params);
+  return out;
+}
+
+/** LCM: x_0 = c_out·(x − σ·eps) + c_skip·x, then + σ_next·n when there is a next step. */
+const lcmExpr = e.add(e.mul(e.param(1), e.add(X, e.mul(e.in(1), e.param(0)))), e.mul(e.param(2), X));
+const lcmKernel = new Kernel({ inputs: 2, params: 3, outputs: [lcmExpr] });
+const lcmNoiseKernel = new Kernel({ inputs: 3, params: 4, outputs: [e.add(lcmExpr, e.mul(e.param(3), e.in(2)))] });
+
+export function lcmStep(out: Float32Array, x: Float32Array, eps: Float32Array, negSigma: number, cOut: number, cSkip: number, noise?: { noise: Float32Array; sigmaNext: number }): Float32Array {
+  if (noise === undefined) lcmKernel.run([out], [x, eps], [negSigma, cOut, cSkip]);
+  else lcmNoiseKernel.run([out], [x, eps, noise.noise], [negSigma, cOut, cSkip, noise.sigmaNext]);
+  return out;
+}
+
+/**
+ * UniPC (B(h) variants), predictor: x_t = x_base − scale·Σ ρ_p,j·D1_j with x_base = ratio·x − baseScale·m₀
+ * and D1_j = (m_j − m₀)/r_j. Corrector: m_t = (x_t − σ_t·eps)/α_t, then x_base − scale·(Σ ρ_c,j·D1_j +
+ * ρ_c,last·(m_t − m₀)). Sums start from 0 like the zero-initialised buffers of the tensor code.
+ * Operands: x, m₀, m₁…m_{k−1} [, x_t, eps]. Params: ratio, baseScale, scale, 0, σ_t, α_t, ρ_c,last,
+ * then per j: r_j, ρ_p,j, ρ_c,j.
+ */
+function uniPcExprs(d1Count: number, corrector: boolean): { inputs: number; outputs: Expr[] } {
+  const x = e.in(0);
+  const m0 = e.in(1);
+  const p = (k: number): Expr => e.param(k);
+  const xBase = e.sub(e.mul(p(0), x), e.mul(p(1), m0));
+  const zero = p(3);
+  const d1s: Expr[] = [];
+  for (let j = 0; j < d1Count; j++) d1s.push(e.div(e.sub(e.in(2 + j), m0), p(7 + 3 * j)));
+  const weighted = (offset: number): Expr => d1s.reduce<Expr>((acc, d, j) => e.add(acc, e.mul(p(7 + 3 * j + offset), d)), zero);
+  if (!corrector) return { inputs: 2 + d1Count, outputs: [e.sub(xBase, e.mul(p(2), weighted(1)))] };
+  const xt = e.in(2 + d1Count);
+  const eps = e.in(3 + d1Count);
+  const modelT = e.div(e.sub(xt, e.mul(p(4), eps)), p(5));
+  const corrected = e.sub(xBase, e.mul(p(2), e.add(weighted(2), e.mul(p(6), e.sub(modelT, m0)))));
+  return { inputs: 4 + d1Count, outputs: [modelT, corrected] };
+}
+
+const uniPcKernels = new Map<string, Kernel>();
+
+function uniPcKernel(d1Count: number, corrector: boolean): Kernel {
+  const key = `${d1Count}/${corrector}`;
+  let kernel = uniPcKernels.get(key);
+  if (kernel === undefined) {
+    const { inputs, outputs } = uniPcExprs(d1Count, corrector);
+    kernel = new Kernel({ inputs, params: 7 + 3 * d1Count, outputs });
+    uniPcKernels.set(key, kernel);
+  }
+  return kernel;
+}
+
+export interface UniPcTerms {
+  ratio: number;
+  baseScale: number;
+  scale: number;
+  /** r_j of each older model output (newest first), and the predictor/corrector weights. */
+  rks: readonly number[];
+  rhosP: readonly number[];
+  rhosC: readonly number[];
+}
+
+function uniPcParams(t: UniPcTerms, sigmaT: number, alphaT: number): number[] {
+  const params = [t.ratio, t.baseScale, t.scale, 0, sigmaT, alphaT, t.rhosC[t.rhosC.length - 1] ?? 0];
+  for (let j = 0; j < t.rks.length; j++) params.push(t.rks[j]!, t.rhosP[j] ?? 0, t.rhosC[j] ?? 0);
+  return params;
+}
+
+/** The predictor x_t (`older`: m₁…m_{k−1}, newest first). */
+export function uniPcPredict(out: Float32Array, x: Float32Array, m0: Float32Array, older: readonly Float32Array[], t: UniPcTerms): Float32Array {
+  uniPcKernel(older.length, false).run([out], [x, m0, ...older], uniPcParams(t, 0, 1));
+  return out;
+}
+
+/** The corrector: writes the data prediction m_t at x_t into `modelT` and the corrected x into `out`. */
+export function uniPcCorrect(
+  modelT: Float32Array, out: Float32Array, x: Float32Array, m0: Float32Array, older: readonly Float32Array[], xt: Float32Array, eps: Float32Array,
+  t: UniPcTerms, sigmaT: number, alphaT: number,
+): void {
+  uniPcKernel(older.length, true).run([modelT, out], [x, m0, ...older, xt, eps], uniPcParams(t, sigmaT, alphaT));
+}
+
+/** The data prediction (x − σ·eps)/α alone. */
+const dataPrediction = new Kernel({ inputs: 2, params: 2, outputs: [e.div(e.sub(X, e.mul(e.param(0), e.in(1))), e.param(1))] });
+
+export function uniPcDataPrediction(out: Float32Array, x: Float32Array, eps: Float32Array, sigma: number, alpha: number): Float32Array {
+  dataPrediction.run([out], [x, eps], [sigma, alpha]);
+  return out;
+}

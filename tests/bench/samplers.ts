@@ -1,0 +1,43 @@
+// Sampler + schedule + RNG cost per step for a 4×128×128 latent (1024×1024 px), model evaluation
+// excluded, for each of the 20 samplers (issue 4; target ≤ 0.3 ms, 1% of a 30 ms UNet step):
+//   "<sampler> a_sync":       CPU ms per step with every noise draw and Brownian-tree query made
+//                             synchronously when the sampler asks for it;
+//   "<sampler> b_critical":   ms per step on the critical path (wall time minus the simulated model
+//                             time) with a 30 ms model in a worker thread and the noise drawn ahead
+//                             during it — what the target applies to;
+//   "<sampler> b_in_sampler": the part of b_critical spent inside the sampler itself;
+//   "<sampler> b_no_prefetch": b_critical without drawing ahead, measured side by side.
+// b_critical and b_no_prefetch include the harness's own latent copies and messages (harness_floor_ms per
+// step, measured with a do-nothing sampler) and, on a loaded machine, thread wake-up delays. Each number is
+// the fastest of `repeats` runs; load_1min is the machine's load when the run started.
+import { loadavg } from "node:os";
+import { benchSamplers } from "../../gpu-agent/src/sampling/bench.js";
+
+export async function benchSamplerOverhead(
+  opts: { steps?: number; modelMs?: number; samplers?: string[]; repeats?: number } = {},
+): Promise<Record<string, number>> {
+  const out: Record<string, number> = { load_1min: loadavg()[0] ?? 0 };
+  const results = await benchSamplers({
+    steps: opts.steps ?? 20,
+    modelMs: opts.modelMs ?? 30,
+    repeats: opts.repeats ?? 2,
+    ...(opts.samplers !== undefined && { samplers: opts.samplers }),
+  });
+  let floor = 0;
+  let setup = 0;
+  let meeting = 0;
+  for (const r of results) {
+    out[`${r.sampler} a_sync`] = r.syncMsPerStep;
+    out[`${r.sampler} b_critical`] = r.criticalMsPerStep!;
+    out[`${r.sampler} b_in_sampler`] = r.criticalInSamplerMsPerStep!;
+    out[`${r.sampler} b_no_prefetch`] = r.criticalNoPrefetchMsPerStep!;
+    floor = Math.max(floor, r.floorMsPerStep!);
+    setup = Math.max(setup, r.setupMs);
+    if (r.criticalMsPerStep! <= 0.3) meeting++;
+  }
+  out["harness_floor_ms"] = floor;
+  out["setup_ms_max"] = setup;
+  out["samplers_b_within_0.3ms"] = meeting;
+  out["samplers"] = results.length;
+  return out;
+}
