@@ -2,6 +2,7 @@ import { create } from "@bufbuild/protobuf";
 import {
   FarmError,
   GenerationParamsSchema,
+  InpaintingFill,
   RngSource,
   UnknownNameError,
   resolveSampler,
@@ -38,6 +39,9 @@ export interface ValidatedJob {
 }
 
 const SEED_MAX = 2 ** 53 - 1;
+
+/** Largest mask blur accepted (A1111's UI maximum; the agent enforces the same bound). */
+const MAX_MASK_BLUR = 64;
 
 function finite(field: string, v: number | undefined): void {
   if (v !== undefined && !Number.isFinite(v)) throw FarmError.invalid(field, `must be a finite number, got ${v}`);
@@ -111,7 +115,19 @@ export function validateJob(
   if (/[/\\\0]/.test(p.model) || p.model.startsWith(".")) throw FarmError.invalid("model", `"${p.model}" is not a model name`);
 
   // Fields of features not built yet: refused, never silently ignored.
-  if (p.mask.length > 0) throw FarmError.unimplemented("mask", "inpainting is not implemented by this farm yet");
+  if (p.mask.length > 0) {
+    // The mask's bytes are decoded (and their size checked) by the agent, like init_images.
+    if (p.initImages.length === 0) throw FarmError.invalid("mask", "a mask needs init_images to inpaint");
+    for (const [f, v] of [["mask_blur", p.maskBlur], ["mask_blur_x", p.maskBlurX], ["mask_blur_y", p.maskBlurY]] as const) {
+      if (v !== undefined) intIn(f, v, 0, MAX_MASK_BLUR);
+    }
+    intIn("inpaint_full_res_padding", p.inpaintFullResPadding, 0, 2 ** 31 - 1);
+    if (!(p.inpaintingFill in InpaintingFill)) throw FarmError.invalid("inpainting_fill", `must be 0..3, got ${p.inpaintingFill}`);
+  }
+  finite("inpainting_mask_weight", p.inpaintingMaskWeight);
+  if (p.inpaintingMaskWeight !== undefined && (p.inpaintingMaskWeight < 0 || p.inpaintingMaskWeight > 1)) {
+    throw FarmError.invalid("inpainting_mask_weight", `must be in [0, 1], got ${p.inpaintingMaskWeight}`);
+  }
   if (p.enableHr && p.initImages.length > 0) throw FarmError.invalid("enable_hr", "hires fix applies to txt2img; it cannot be combined with init_images");
   for (const [i, l] of p.loras.entries()) {
     if (!l.name || /[/\\\0]/.test(l.name) || l.name.includes("..")) throw FarmError.invalid(`loras[${i}].name`, `"${l.name}" is not a LoRA name`);

@@ -1,11 +1,13 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { spawnSync } from "node:child_process";
 import sharp from "sharp";
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, JobState, RngSource, type JobEvent } from "@latentfarm/shared";
-import { FIXTURES, farmSkipReason, startTestFarm, type TestFarm } from "../harness/farm.js";
+import { FIXTURES, REPO, farmSkipReason, startTestFarm, type TestFarm } from "../harness/farm.js";
 
 const skip = farmSkipReason();
 
@@ -123,6 +125,39 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     }
   });
 
+  test("the CLI's img2img, inpainting and hires flags reach the agents; a bad flag value is a usage error", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "latentfarm-cli-"));
+    try {
+      const init = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 200, g: 80, b: 40 } } }).png().toBuffer();
+      const mask = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 0, g: 0, b: 0 } } })
+        .composite([{ input: { create: { width: 24, height: 24, channels: 3, background: { r: 255, g: 255, b: 255 } } }, left: 20, top: 20 }])
+        .png()
+        .toBuffer();
+      writeFileSync(join(dir, "init.png"), init);
+      writeFileSync(join(dir, "mask.png"), mask);
+      const cli = (...args: string[]) =>
+        spawnSync(process.execPath, [join(REPO, "bin", "latentfarm.js"), ...args, "--coordinator", farm.coordinatorAddress, "--model", "tiny-sd15", "--quiet", "--seed", "9"], { encoding: "utf8", timeout: 120_000 });
+      const inpaint = cli("img2img", "--prompt", "a red door", "--init-image", join(dir, "init.png"), "--mask", join(dir, "mask.png"), "--mask-blur", "2",
+        "--inpainting-fill", "latent-noise", "--denoising-strength", "0.6", "--steps", "6", "--width", "64", "--height", "64", "--out", join(dir, "inpaint"));
+      assert.equal(inpaint.status, 0, inpaint.stderr);
+      const [png] = readdirSync(join(dir, "inpaint"));
+      const text = (await sharp(join(dir, "inpaint", png!)).metadata()).comments?.find((c) => c.keyword === "parameters")?.text ?? "";
+      assert.match(text, /Denoising strength: 0\.6/);
+      assert.match(text, /Mask blur: 2/);
+      assert.match(text, /Masked content: latent noise/);
+      const hires = cli("txt2img", "--prompt", "a lighthouse", "--hr-scale", "2", "--hr-upscaler", "Latent (nearest)", "--hr-second-pass-steps", "3",
+        "--denoising-strength", "0.5", "--steps", "4", "--width", "64", "--height", "64", "--out", join(dir, "hires"));
+      assert.equal(hires.status, 0, hires.stderr);
+      const [hpng] = readdirSync(join(dir, "hires"));
+      assert.deepEqual([(await sharp(join(dir, "hires", hpng!)).metadata()).width], [128]);
+      const bad = cli("img2img", "--prompt", "x", "--init-image", join(dir, "init.png"), "--resize-mode", "stretch", "--out", join(dir, "bad"));
+      assert.equal(bad.status, 2);
+      assert.match(bad.stderr, /--resize-mode must be one of/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test("bad input gets a clear status naming the field, and the farm keeps serving", async () => {
     const base = { prompt: "x", model: "tiny-sd15", width: 64, height: 64, steps: 2 };
     const s = (p: Record<string, unknown>) => farm.client.submit({ params: { ...base, ...p } });
@@ -138,7 +173,7 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     await expectStatus(s({ cfgScale: Number.NaN }), grpc.status.INVALID_ARGUMENT, "cfg_scale");
     await expectStatus(s({ model: "no-such-model" }), grpc.status.NOT_FOUND, "model");
     await expectStatus(s({ model: "../etc" }), grpc.status.INVALID_ARGUMENT, "model");
-    await expectStatus(s({ mask: new Uint8Array(10) }), grpc.status.UNIMPLEMENTED, "mask");
+    await expectStatus(s({ mask: new Uint8Array(10) }), grpc.status.INVALID_ARGUMENT, "mask");
     await expectStatus(s({ enableHr: true, hrScale: 0.5 }), grpc.status.INVALID_ARGUMENT, "hr_scale");
     await expectStatus(s({ enableHr: true, hrSamplerName: "nope" }), grpc.status.INVALID_ARGUMENT, "hr_sampler_name");
     await expectStatus(s({ denoisingStrength: 1.5 }), grpc.status.INVALID_ARGUMENT, "denoising_strength");

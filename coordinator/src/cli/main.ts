@@ -1,14 +1,16 @@
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { existsSync, readFileSync } from "node:fs";
 import * as grpc from "@grpc/grpc-js";
-import { mkdir, readdir, rename, writeFile } from "node:fs/promises";
+import { mkdir, readFile, readdir, rename, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { execFileSync } from "node:child_process";
 import {
   FarmError,
+  InpaintingFill,
   RenderService,
+  ResizeMode,
   RngSource,
   TokenAuth,
   createClient,
@@ -44,7 +46,15 @@ Usage:
 Generation options (A1111's parameter names in kebab case):
   --negative-prompt TEXT  --model NAME  --seed N  --subseed N  --subseed-strength F
   --sampler-name NAME  --scheduler NAME  --steps N  --cfg-scale F  --width N  --height N
-  --batch-size N  --n-iter N  --clip-skip N  --rng CPU|GPU|NV  --eta-noise-seed-delta N
+  --batch-size N  --n-iter N  --clip-skip N  --rng CPU|GPU|NV  --eta-noise-seed-delta N  --eta F  --s-noise F
+  Hires.fix: --enable-hr (implied by --hr-scale/--hr-resize-*)  --hr-scale F  --hr-upscaler NAME
+    --hr-second-pass-steps N  --hr-resize-x N  --hr-resize-y N  --hr-sampler-name NAME  --hr-scheduler NAME
+    --hr-prompt TEXT  --hr-negative-prompt TEXT  --denoising-strength F
+  img2img: --init-image FILE (PNG/JPEG/WebP, repeatable)  --resize-mode just-resize|crop-and-resize|resize-and-fill|latent-upscale
+    --initial-noise-multiplier F  --denoising-strength F
+  inpainting: --mask FILE  --mask-blur N  --inpainting-fill fill|original|latent-noise|latent-nothing
+    --inpaint-full-res true|false  --inpaint-full-res-padding N  --inpainting-mask-invert
+  --restore-faces  --code-former-weight F  --lora NAME[:WEIGHT[:UNET_WEIGHT]] (repeatable; or <lora:…> in the prompt)
 
 Client options (txt2img, agents, models): --token T (or LATENTFARM_TOKEN), --tls-ca FILE, --json
 `;
@@ -69,6 +79,31 @@ const GEN_OPTIONS = {
   "clip-skip": { type: "string" },
   rng: { type: "string" },
   "eta-noise-seed-delta": { type: "string" },
+  eta: { type: "string" },
+  "s-noise": { type: "string" },
+  "enable-hr": { type: "boolean", default: false },
+  "hr-scale": { type: "string" },
+  "hr-upscaler": { type: "string", default: "" },
+  "hr-second-pass-steps": { type: "string" },
+  "hr-resize-x": { type: "string" },
+  "hr-resize-y": { type: "string" },
+  "hr-sampler-name": { type: "string", default: "" },
+  "hr-scheduler": { type: "string", default: "" },
+  "hr-prompt": { type: "string", default: "" },
+  "hr-negative-prompt": { type: "string", default: "" },
+  "denoising-strength": { type: "string" },
+  "init-image": { type: "string", multiple: true },
+  "resize-mode": { type: "string" },
+  mask: { type: "string" },
+  "mask-blur": { type: "string" },
+  "inpainting-fill": { type: "string" },
+  "inpaint-full-res": { type: "string" },
+  "inpaint-full-res-padding": { type: "string" },
+  "inpainting-mask-invert": { type: "boolean", default: false },
+  "initial-noise-multiplier": { type: "string" },
+  "restore-faces": { type: "boolean", default: false },
+  "code-former-weight": { type: "string" },
+  lora: { type: "string", multiple: true },
   json: { type: "boolean", default: false },
   quiet: { type: "boolean", default: false },
   token: { type: "string", default: process.env["LATENTFARM_TOKEN"] },
@@ -96,6 +131,42 @@ function big(name: string, v: string | undefined): bigint | undefined {
 }
 
 class UsageError extends Error {}
+
+// A1111's API takes these as numbers; the CLI takes the number or the UI's words.
+const RESIZE_MODES: Record<string, ResizeMode> = {
+  "0": ResizeMode.JUST_RESIZE, "just-resize": ResizeMode.JUST_RESIZE,
+  "1": ResizeMode.CROP_AND_RESIZE, "crop-and-resize": ResizeMode.CROP_AND_RESIZE,
+  "2": ResizeMode.RESIZE_AND_FILL, "resize-and-fill": ResizeMode.RESIZE_AND_FILL,
+  "3": ResizeMode.LATENT_UPSCALE, "latent-upscale": ResizeMode.LATENT_UPSCALE,
+};
+const INPAINTING_FILLS: Record<string, InpaintingFill> = {
+  "0": InpaintingFill.FILL, fill: InpaintingFill.FILL,
+  "1": InpaintingFill.ORIGINAL, original: InpaintingFill.ORIGINAL,
+  "2": InpaintingFill.LATENT_NOISE, "latent-noise": InpaintingFill.LATENT_NOISE,
+  "3": InpaintingFill.LATENT_NOTHING, "latent-nothing": InpaintingFill.LATENT_NOTHING,
+};
+
+function choice<T>(name: string, v: string | undefined, options: Record<string, T>): T | undefined {
+  if (v === undefined) return undefined;
+  const r = options[v.toLowerCase()];
+  if (r === undefined) throw new UsageError(`--${name} must be one of ${Object.keys(options).join(", ")}; got "${v}"`);
+  return r;
+}
+
+function boolFlag(name: string, v: string): boolean {
+  if (/^(true|1|yes)$/i.test(v)) return true;
+  if (/^(false|0|no)$/i.test(v)) return false;
+  throw new UsageError(`--${name} must be true or false, got "${v}"`);
+}
+
+/** --lora NAME[:WEIGHT[:UNET_WEIGHT]], as A1111's <lora:name:te:unet> tag. */
+function loraOf(v: string): { name: string; teWeight: number; unetWeight: number } {
+  const [name, te, unet] = v.split(":");
+  const teWeight = te === undefined || te === "" ? 1 : num("lora", te)!;
+  const unetWeight = unet === undefined || unet === "" ? teWeight : num("lora", unet)!;
+  if (!name) throw new UsageError(`--lora must be NAME[:WEIGHT[:UNET_WEIGHT]], got "${v}"`);
+  return { name, teWeight, unetWeight };
+}
 
 function rngOf(v: string | undefined): RngSource {
   if (v === undefined) return RngSource.UNSPECIFIED;
@@ -141,6 +212,31 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
     clipSkip: num("clip-skip", v["clip-skip"]),
     rng: rngOf(v.rng),
     etaNoiseSeedDelta: big("eta-noise-seed-delta", v["eta-noise-seed-delta"]) ?? 0n,
+    eta: num("eta", v.eta),
+    sNoise: num("s-noise", v["s-noise"]),
+    enableHr: v["enable-hr"] || v["hr-scale"] !== undefined || v["hr-resize-x"] !== undefined || v["hr-resize-y"] !== undefined,
+    hrScale: num("hr-scale", v["hr-scale"]),
+    hrUpscaler: v["hr-upscaler"],
+    hrSecondPassSteps: num("hr-second-pass-steps", v["hr-second-pass-steps"]) ?? 0,
+    hrResizeX: num("hr-resize-x", v["hr-resize-x"]) ?? 0,
+    hrResizeY: num("hr-resize-y", v["hr-resize-y"]) ?? 0,
+    hrSamplerName: v["hr-sampler-name"],
+    hrScheduler: v["hr-scheduler"],
+    hrPrompt: v["hr-prompt"],
+    hrNegativePrompt: v["hr-negative-prompt"],
+    denoisingStrength: num("denoising-strength", v["denoising-strength"]),
+    initImages: await Promise.all((v["init-image"] ?? []).map((f) => readFile(f))),
+    resizeMode: choice("resize-mode", v["resize-mode"], RESIZE_MODES),
+    ...(v.mask !== undefined && { mask: await readFile(v.mask) }),
+    maskBlur: num("mask-blur", v["mask-blur"]),
+    inpaintingFill: choice("inpainting-fill", v["inpainting-fill"], INPAINTING_FILLS),
+    inpaintFullRes: v["inpaint-full-res"] === undefined ? undefined : boolFlag("inpaint-full-res", v["inpaint-full-res"]),
+    inpaintFullResPadding: num("inpaint-full-res-padding", v["inpaint-full-res-padding"]) ?? 0,
+    inpaintingMaskInvert: v["inpainting-mask-invert"],
+    initialNoiseMultiplier: num("initial-noise-multiplier", v["initial-noise-multiplier"]),
+    restoreFaces: v["restore-faces"],
+    codeFormerWeight: num("code-former-weight", v["code-former-weight"]),
+    loras: (v.lora ?? []).map(loraOf),
   };
   const { client, metadata } = renderClient(v.coordinator, v);
   const ac = new AbortController();
@@ -501,6 +597,7 @@ export async function main(argv: string[]): Promise<number> {
       case "coordinator":
         return await runCoordinator(rest);
       case "txt2img":
+      case "img2img":
         return await txt2img(rest);
       case "agents":
       case "models":

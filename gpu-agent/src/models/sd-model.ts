@@ -97,7 +97,13 @@ export class SdModel {
     }
   }
 
-  /** eps (or v) prediction for a batch: sample [n,C,h,w], timesteps [n] (fractional), context [n,seq,dim]. */
+  /** Channels the UNet's `sample` takes: the latent's, or 9 for inpainting UNets (latent, mask, masked-picture latent). */
+  get unetInChannels(): number {
+    const c = this.unetInputs.sample.shape[1];
+    return typeof c === "number" && c > 0 ? c : this.config.latentChannels;
+  }
+
+  /** eps (or v) prediction for a batch: sample [n,Cin,h,w], timesteps [n] (fractional), context [n,seq,dim]. */
   async unet(
     sample: Float32Array,
     timesteps: Float32Array,
@@ -106,7 +112,7 @@ export class SdModel {
     signal?: AbortSignal,
   ): Promise<Float32Array> {
     const u = this.unetInputs;
-    const c = this.config.latentChannels;
+    const c = sample.length / (dims.n * dims.h * dims.w);
     let t: WireTensor;
     if (u.timestep.type === "int64") {
       // An integer-timestep export cannot express A1111's fractional t; round as such exports expect.

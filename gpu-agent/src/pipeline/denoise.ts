@@ -19,6 +19,28 @@ export interface DenoiseInput {
   start: Float32Array;
   signal: AbortSignal;
   onStep: (step: number, totalSteps: number) => void;
+  /** Inpainting UNets (9 input channels): A1111's c_concat, appended to every row unscaled. */
+  imageCond?: Float32Array;
+  /** Inpainting: A1111's CFGDenoiser mask blend. */
+  maskBlend?: MaskBlend;
+}
+
+/**
+ * `x·nmask + init·mask`, which A1111's CFGDenoiser applies to the model input before the call for
+ * timestep samplers (mask_before_denoising) and to the CFG-combined denoised after it for k-diffusion.
+ * Only the model's view changes; the sampler's own latent is never blended.
+ */
+export interface MaskBlend {
+  init: Float32Array;
+  nmask: Float32Array;
+  mask: Float32Array;
+  beforeModel: boolean;
+}
+
+export function blendLatent(x: Float32Array, b: Pick<MaskBlend, "init" | "nmask" | "mask">): Float32Array {
+  const out = new Float32Array(x.length);
+  for (let i = 0; i < x.length; i++) out[i] = Math.fround(x[i]! * b.nmask[i]!) + Math.fround(b.init[i]! * b.mask[i]!);
+  return out;
 }
 
 /**
@@ -41,7 +63,8 @@ export async function denoise(pipe: LoadedPipeline, input: DenoiseInput): Promis
       if (lastStep >= 0) input.onStep(lastStep + 1, sampler.steps);
       lastStep = req.step;
     }
-    const x = req.x;
+    const blend = input.maskBlend;
+    const x = blend?.beforeModel ? blendLatent(req.x, blend) : req.x;
     const scale = req.kind === "denoise" ? cIn(req.sigma) : req.inputScale;
     const scaled = new Float32Array(plane);
     for (let i = 0; i < plane; i++) scaled[i] = x[i]! * scale;
@@ -59,18 +82,26 @@ export async function denoise(pipe: LoadedPipeline, input: DenoiseInput): Promis
     const uIdx = add(uncond.tensor);
     const cIdx = conds.map((cd) => add(cd.tensor));
     const results = new Map<number, Float32Array[]>();
-    await Promise.all(
+    const evaluating = Promise.all(
       [...groups.entries()].map(async ([seq, contexts]) => {
-        results.set(seq, await pipe.batcher.evaluate({ x: scaled, t: req.timestep, contexts, h, w, seq }, signal));
+        const concat = input.imageCond ? { concat: input.imageCond } : {};
+        results.set(seq, await pipe.batcher.evaluate({ x: scaled, t: req.timestep, contexts, h, w, seq, ...concat }, signal));
       }),
     );
+    // Queued after the batcher's dispatch: draws the sampler's next noise while the UNet runs off-thread.
+    setImmediate(() => sampler.drawAhead(req, signal));
+    await evaluating;
     const outOf = (tensor: Float32Array, idx: number): Float32Array => results.get(tensor.length / dim)![idx]!;
     if (req.kind === "denoise") {
       const denoised = (out: Float32Array): Float32Array => (vPred ? vToDenoised(x, out, req.sigma) : epsToDenoised(x, out, req.sigma));
       const dUncond = denoised(outOf(uncond.tensor, uIdx));
       const dConds = conds.map((cd, k) => ({ denoised: denoised(outOf(cd.tensor, cIdx[k]!)), weight: cd.weight }));
-      r = gen.next(combineDenoised(dConds, dUncond, cfgScale));
+      const combined = combineDenoised(dConds, dUncond, cfgScale);
+      r = gen.next(blend && !blend.beforeModel ? blendLatent(combined, blend) : combined);
     } else {
+      if (blend && !blend.beforeModel) {
+        throw new FarmError(grpc.status.UNIMPLEMENTED, `${sampler.choice.sampler.name} cannot blend an inpainting mask into its denoised latent yet`, { field: "sampler_name" });
+      }
       if (vPred) {
         throw new FarmError(grpc.status.UNIMPLEMENTED, `${sampler.choice.sampler.name} on v-prediction models is not implemented yet`, { field: "sampler_name" });
       }

@@ -1,8 +1,9 @@
 /**
  * img2img as A1111 runs it: init image decoded within the agent's limits, placed on the canvas by the
  * resize mode, VAE-encoded (posterior mean), noised to the first σ of the truncated schedule
- * (setup_img2img_steps), sampled and decoded.
+ * (setup_img2img_steps), sampled and decoded. With a mask it inpaints (inpaint.ts).
  */
+import * as grpc from "@grpc/grpc-js";
 import sharp from "sharp";
 import { FarmError, type Image, type RunTaskRequest } from "@latentfarm/shared";
 import { prepareSampling } from "../sampling/index.js";
@@ -29,6 +30,15 @@ import {
   taskBasics,
 } from "./render-common.js";
 import { restoreFacesIfRequested } from "./face-restore.js";
+import {
+  inpaintSettings,
+  inpaintingMaskWeight,
+  inpaintingImageConditioning,
+  prepareInpaint,
+  pyFloat,
+  takesInpaintingConditioning,
+  type PreparedInpaint,
+} from "./inpaint.js";
 
 /** A1111's img2img default denoising strength. */
 export const DEFAULT_DENOISING_STRENGTH = 0.75;
@@ -60,29 +70,31 @@ export async function placeOnCanvas(img: Image8, mode: number, width: number, he
 }
 
 /**
- * The init latent for a task: decoded, resized by `resize_mode`, encoded. "Just resize (latent
- * upscale)" encodes the image at its own size and bilinearly resizes the latent instead.
+ * Encodes a picture placed for `resize_mode` (modes 0–2: already on the canvas). "Just resize (latent
+ * upscale)" encodes the picture at its own size and bilinearly resizes the latent instead.
  */
-export async function initLatent(
-  pipe: LoadedPipeline, img: Image8, mode: number, width: number, height: number, signal: AbortSignal,
+export async function encodeInit(
+  pipe: LoadedPipeline, picture: Image8, mode: number, width: number, height: number, signal: AbortSignal,
 ): Promise<Float32Array> {
   const C = pipe.model.config.latentChannels;
   const h = Math.floor(height / 8);
   const w = Math.floor(width / 8);
-  if (mode === 3) {
-    const enc = await encodeRgb(pipe, img.data, img.width, img.height, signal);
-    if (enc.h === h && enc.w === w) return enc.latent;
-    return interpolate(enc.latent, [1, C, enc.h, enc.w], { mode: "bilinear", size: [h, w] }).data;
-  }
-  const canvas = await placeOnCanvas(img, mode, width, height);
-  return (await encodeRgb(pipe, canvas.data, canvas.width, canvas.height, signal)).latent;
+  const enc = await encodeRgb(pipe, picture.data, picture.width, picture.height, signal);
+  if (mode !== 3 || (enc.h === h && enc.w === w)) return enc.latent;
+  return interpolate(enc.latent, [1, C, enc.h, enc.w], { mode: "bilinear", size: [h, w] }).data;
 }
 
 export async function renderImg2img(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): Promise<Image> {
   const b = taskBasics(pipe, req);
   const { p } = b;
-  if (p.mask.length > 0) throw FarmError.unimplemented("mask", "inpainting (img2img with a mask) is not implemented by this farm yet");
   if (p.enableHr) throw FarmError.invalid("enable_hr", "Hires.fix applies to txt2img, not to img2img with init_images");
+  const C = pipe.model.config.latentChannels;
+  const inpaintingUnet = takesInpaintingConditioning(pipe);
+  if (pipe.model.unetInChannels !== C && !inpaintingUnet) {
+    throw new FarmError(grpc.status.FAILED_PRECONDITION, `model "${pipe.name}" has a ${pipe.model.unetInChannels}-channel UNet, which this farm cannot condition`, { field: "model" });
+  }
+  const inpaint = p.mask.length > 0 ? inpaintSettings(p) : undefined;
+  const maskWeight = inpaint?.maskWeight ?? inpaintingMaskWeight(p);
   const strength = p.denoisingStrength ?? DEFAULT_DENOISING_STRENGTH;
   const h = b.height / 8;
   const w = b.width / 8;
@@ -102,17 +114,37 @@ export async function renderImg2img(pipe: LoadedPipeline, req: RunTaskRequest, c
   const img = await decodeInputImage(source, ctx, "init_images");
   checkAborted(ctx.signal);
   const cond = await conditioningFor(pipe, ctx, b, p.prompt, p.negativePrompt, sampler);
-  const init = await initLatent(pipe, img, p.resizeMode, b.width, b.height, ctx.signal);
+  let init: Float32Array;
+  let imageCond: Float32Array | undefined;
+  let prepared: PreparedInpaint | undefined;
+  if (inpaint) {
+    prepared = await prepareInpaint({ pipe, req, ctx, b, settings: inpaint, sampler, init: img, place: placeOnCanvas });
+    init = prepared.initLatent;
+    imageCond = prepared.imageCond;
+  } else {
+    const picture = p.resizeMode === 3 ? img : await placeOnCanvas(img, p.resizeMode, b.width, b.height);
+    init = await encodeInit(pipe, picture, p.resizeMode, b.width, b.height, ctx.signal);
+    // Without a mask an inpainting UNet sees the whole picture masked (A1111's all-ones mask).
+    if (inpaintingUnet) imageCond = await inpaintingImageConditioning(pipe, picture, undefined, h, w, true, maskWeight, ctx.signal);
+  }
   // A1111 img2img: noise = rng.next() (the first draw), scaled by initial_noise_multiplier inside startLatent.
   const start = sampler.startLatent(imageRng.next(), init);
-  const latent = await denoise(pipe, { sampler, cond, cfgScale: b.cfgScale, h, w, start, signal: ctx.signal, onStep: ctx.onStep });
-  let rgb = await decodeToRgb(pipe, latent, h, w, ctx.signal);
-  const restored = await restoreFacesIfRequested(pipe, ctx, p, { width: b.width, height: b.height, channels: 3, data: rgb });
-  rgb = restored.image.data;
-  const infotext = a1111Infotext({
-    ...baseInfotext(pipe, b, sampler, { width: b.width, height: b.height }),
-    denoisingStrength: strength,
-    faceRestoration: restored.infotext,
+  let latent = await denoise(pipe, {
+    sampler, cond, cfgScale: b.cfgScale, h, w, start, signal: ctx.signal, onStep: ctx.onStep,
+    ...(imageCond && { imageCond }),
+    ...(prepared?.maskBlend && { maskBlend: prepared.maskBlend }),
   });
-  return finishImage(req, ctx, rgb, b.width, b.height, infotext);
+  if (prepared) latent = prepared.finishLatent(latent);
+  const rgb = await decodeToRgb(pipe, latent, h, w, ctx.signal);
+  const restored = await restoreFacesIfRequested(pipe, ctx, p, { width: b.width, height: b.height, channels: 3, data: rgb });
+  const out = prepared ? prepared.finishImage(restored.image) : restored.image;
+  const base = baseInfotext(pipe, b, sampler, { width: b.width, height: b.height });
+  const infotext = a1111Infotext({
+    ...base,
+    denoisingStrength: strength,
+    conditionalMaskWeight: inpaintingUnet ? pyFloat(maskWeight) : undefined,
+    faceRestoration: restored.infotext,
+    extra: [...(prepared?.infotext ?? []), ...(base.extra ?? [])],
+  });
+  return finishImage(req, ctx, out.data, out.width, out.height, infotext);
 }

@@ -143,6 +143,8 @@ export interface A1111InfotextFields extends InfotextFields {
   faceRestoration?: string | undefined;
   /** "Denoising strength" slot (after Seed resize from). */
   denoisingStrength?: number | undefined;
+  /** "Conditional mask weight" slot (inpainting UNets, after Denoising strength). */
+  conditionalMaskWeight?: InfotextValue;
 }
 
 /** A1111's create_infotext key order, including the img2img and face-restoration slots. */
@@ -163,6 +165,7 @@ export function a1111Infotext(f: A1111InfotextFields): string {
     ["Variation seed strength", variation ? f.subseedStrength : undefined],
     ["Seed resize from", f.seedResizeFrom && f.seedResizeFrom.w > 0 && f.seedResizeFrom.h > 0 ? `${f.seedResizeFrom.w}x${f.seedResizeFrom.h}` : undefined],
     ["Denoising strength", f.denoisingStrength],
+    ["Conditional mask weight", f.conditionalMaskWeight],
     ["Clip skip", f.clipSkip !== undefined && f.clipSkip > 1 ? f.clipSkip : undefined],
     ["ENSD", f.ensd ? f.ensd : undefined],
     ["RNG", f.rng && f.rng !== "GPU" ? f.rng : undefined],

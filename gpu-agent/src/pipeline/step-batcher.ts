@@ -11,6 +11,11 @@ export interface UnetRequest {
   readonly h: number;
   readonly w: number;
   readonly seq: number;
+  /**
+   * Inputs an inpainting UNet takes after x (A1111's c_concat: mask and masked-picture latent),
+   * [Cc,h,w], unscaled and the same for every context.
+   */
+  readonly concat?: Float32Array;
 }
 
 export interface UnetCall {
@@ -65,7 +70,7 @@ export class StepBatcher {
   private async flush(): Promise<void> {
     if (this.running || this.queue.length === 0) return;
     const first = this.queue[0]!.req;
-    const key = (r: UnetRequest) => `${r.h}x${r.w}x${r.seq}`;
+    const key = (r: UnetRequest) => `${r.h}x${r.w}x${r.seq}x${r.concat?.length ?? 0}`;
     const batch: Pending[] = [];
     let rows = 0;
     for (let i = 0; i < this.queue.length; ) {
@@ -80,14 +85,16 @@ export class StepBatcher {
     try {
       const { h, w, seq } = first;
       const plane = this.channels * h * w;
+      const inPlane = plane + (first.concat?.length ?? 0);
       const ctxSize = seq * this.dim;
-      const sample = new Float32Array(rows * plane);
+      const sample = new Float32Array(rows * inPlane);
       const ts = new Float32Array(rows);
       const ctx = new Float32Array(rows * ctxSize);
       let r = 0;
       for (const p of batch) {
         for (const c of p.req.contexts) {
-          sample.set(p.req.x, r * plane);
+          sample.set(p.req.x, r * inPlane);
+          if (p.req.concat) sample.set(p.req.concat, r * inPlane + plane);
           ts[r] = p.req.t;
           ctx.set(c, r * ctxSize);
           r++;

@@ -51,6 +51,10 @@ const RNG_NAMES: Record<WireRng, "GPU" | "CPU" | "NV"> = {
 export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): Promise<Image> {
   const p = req.params!;
   if (p.initImages.length > 0) return renderImg2img(pipe, req, ctx);
+  if (p.mask.length > 0) throw FarmError.invalid("mask", "a mask needs init_images to inpaint");
+  if (pipe.model.unetInChannels !== pipe.model.config.latentChannels) {
+    throw new FarmError(grpc.status.FAILED_PRECONDITION, `txt2img on "${pipe.name}", an inpainting (${pipe.model.unetInChannels}-channel) UNet, is not implemented yet; give it init_images`, { field: "model" });
+  }
   if (p.enableHr || p.restoreFaces) return renderTxt2imgExtended(pipe, req, ctx);
   const steps = p.steps ?? 50;
   const width = p.width ?? 512;
