@@ -35,7 +35,7 @@ import { extractExtraNetworks } from "./conditioning/index.js";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { LoadedPipeline } from "./pipeline/loaded-pipeline.js";
-import { DEFAULT_RESOURCES, renderTask } from "./pipeline/txt2img.js";
+import { DEFAULT_RESOURCES, runTask } from "./pipeline/txt2img.js";
 import type { ExecutionProvider } from "./runtime/protocol.js";
 
 export interface AgentConfig {
@@ -258,7 +258,7 @@ export class Agent {
       const loaded = await this.cache.acquire(pipelineKey(params.model, loras), ac.signal);
       for (const w of loaded.value.loadWarnings) push({ kind: { case: "warning", value: { message: w } } });
       try {
-        return await renderTask(loaded.value, req, {
+        return await runTask(loaded.value, req, {
           signal: ac.signal,
           agentId: this.id,
           onStep: (step, total) => {
@@ -298,9 +298,9 @@ export class Agent {
         await new Promise<void>((r) => (wake = r));
         wake = undefined;
       }
-      const image = await work;
+      const output = await work;
       outcome = "succeeded";
-      yield { kind: { case: "result", value: image } };
+      yield { kind: output };
     } catch (err) {
       const fe = FarmError.from(err);
       if (fe.code === grpc.status.CANCELLED || ac.signal.aborted) outcome = "cancelled";

@@ -2,7 +2,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
   extractTile, featherRamp, planTiles, runTiledPass, TileBlender, tileOverheadPercent, tileSeed, tileWeights, type TileLayout, type TileRect,
-} from "./tiled-pass.js";
+} from "./tiling.js";
 
 test("layout: 2048² with 768 tiles / 64 overlap → 3×3 at 0, 640, 1280; overhead 26.5625 %", () => {
   const l = planTiles(2048, 2048, { tileSize: 768, overlap: 64 });
