@@ -534,7 +534,10 @@ export class Scheduler {
     }
     // No agent free for this task now: nothing to decide in this pass.
     if (fi < 0) return undefined;
-    if (bi >= 0 && est.measured[bi] && est.measured[fi] && bFinish + Math.max(HOLD_MIN_GAIN_MS, 0.1 * est.ms[fi]!) < fFinish) {
+    // A stage of a split image is placed work-conserving, never held: the stages after it are not
+    // queued yet, so the queue (what holding weighs) understates the work still to come, and the
+    // agent held for would be needed for it.
+    if (bi >= 0 && !task.stage && est.measured[bi] && est.measured[fi] && bFinish + Math.max(HOLD_MIN_GAIN_MS, 0.1 * est.ms[fi]!) < fFinish) {
       // Holding pays only near the end of a batch: when the agents can finish all the waiting work
       // of this model before the free agent would finish this task. With a deeper queue the free
       // agent's work is needed anyway, so it starts now.
