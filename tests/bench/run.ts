@@ -1,10 +1,11 @@
 // `npm run bench`: every benchmark, printing measured numbers and ratios side by side.
-// `npm run bench -- NAME…` runs only those (agent-overhead, coordinator-dispatch, placement, speed-split).
+// `npm run bench -- NAME…` runs only those (agent-overhead, coordinator-dispatch, placement, speed-split, tiled-hires).
 import { availableParallelism, cpus } from "node:os";
 import { benchAgentOverhead } from "./agent-overhead.js";
 import { benchCoordinatorDispatch } from "./coordinator-dispatch.js";
 import { benchPlacementBoth } from "./placement.js";
 import { benchSpeedSplit } from "./speed-split.js";
+import { benchTiledHires } from "./tiled-hires.js";
 
 const only = process.argv.slice(2);
 const want = (name: string): boolean => only.length === 0 || only.includes(name);
@@ -16,3 +17,4 @@ if (want("agent-overhead")) process.stdout.write(`agent-overhead (target ≤ 5%)
 if (want("coordinator-dispatch")) process.stdout.write(`coordinator-dispatch (target ≥ 500 tasks/s): ${fmt(await benchCoordinatorDispatch())}\n`);
 if (want("placement")) process.stdout.write(`placement, 256 agents (target ≥ 2,000/s, p99 ≤ 5 ms): ${fmt(await benchPlacementBoth())}\n`);
 if (want("speed-split")) process.stdout.write(`speed-split 1×/2×/4× (target makespan ≤ 1.15 × ideal): ${fmt(await benchSpeedSplit())}\n`);
+if (want("tiled-hires")) process.stdout.write(`tiled-hires 2048², 4 vs 1 agent (target second pass ≤ 0.35×): ${fmt(await benchTiledHires())}\n`);
