@@ -126,4 +126,33 @@ describe("Hires.fix stages on simulated agents", { skip, concurrency: false, tim
     assert.equal(placedOn(events, /\.first$/).length, 1);
     assert.deepEqual(Buffer.from(out.images.get(0)!.png), Buffer.from(reference!), "the image is the same");
   });
+
+  test("cancelling a stage task by its id cancels its image: queued tiles never run, running ones stop", async () => {
+    const { jobId } = await farm.client.submit({ params: { ...hires, seed: 43n, hrSecondPassSteps: 20, batchSize: 2 } });
+    let cancelledAt = 0;
+    const { events } = await watchToEnd(farm.client, jobId, {
+      timeoutMs: 60_000,
+      onEvent: async (e) => {
+        if (!cancelledAt && e.event.case === "placed" && e.event.value.imageIndex === 0 && /\.t\d+$/.test(e.event.value.taskId)) {
+          cancelledAt = Number(e.sequence);
+          const r = await farm.client.cancel({ jobId, taskIds: [e.event.value.taskId] });
+          assert.deepEqual(r.cancelledImages, [0]);
+        }
+      },
+    });
+    assert.ok(cancelledAt > 0, "a tile of image 0 was placed");
+    const out = checkJob(events, 2);
+    assert.equal(out.terminal, "done", "the other image finished");
+    assert.deepEqual([...out.cancelled], [0]);
+    assert.ok(out.images.has(1));
+    const cancelEvent = events.find((e) => e.event.case === "imageCancelled")!;
+    const laterImage0 = events.filter((e) => e.sequence > cancelEvent.sequence && e.event.case === "placed" && e.event.value.imageIndex === 0);
+    assert.deepEqual(laterImage0, [], "nothing of image 0 was placed after its cancellation");
+    for (const deadline = Date.now() + 5000; ; ) {
+      const { agents } = await farm.client.listAgents({});
+      if (agents.every((a) => a.busySlots === 0)) break;
+      assert.ok(Date.now() < deadline, "agents still busy after the job ended");
+      await sleep(50);
+    }
+  });
 });
