@@ -396,6 +396,7 @@ export class Coordinator {
       const tasks: Task[] = [];
       const p = job.spec.params;
       const seeds = imageSeeds(p.seed ?? 0n, p.subseed ?? 0n, p.subseedStrength, job.spec.imageCount);
+      let openImages = 0;
       let plan: HiresPlan | undefined;
       try {
         plan = planHires(p, this.tiling);
@@ -411,9 +412,10 @@ export class Coordinator {
           if (s === "r") t.preferAgent = job.agents[i];
         }
         job.images[i] = "q";
+        openImages++;
         tasks.push(...resumed);
       }
-      this.addOutstanding(job.spec.tenant, tasks.length);
+      this.addOutstanding(job.spec.tenant, openImages);
       this.armDeadline(job);
       this.m.metrics.jobsResumed.inc();
       resumed++;

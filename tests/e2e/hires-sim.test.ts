@@ -101,6 +101,9 @@ describe("Hires.fix stages on simulated agents", { skip, concurrency: false, tim
     assert.deepEqual(Buffer.from(out.images.get(0)!.png), Buffer.from(reference!), "the resumed image is the same");
     assert.equal(placedOn(events, /\.first$/).length, 1, "the first pass was placed once, before the crash");
     assert.equal(placedOn(events, /\.up$/).length, 1, "the upscale was placed once");
+    // The resumed image counts once toward the tenant's unfinished images, and leaves with it.
+    const metrics = await (await fetch(farm.coordinator!.ready["metrics"] as string)).text();
+    assert.match(metrics, /latentfarm_tenant_queued_images\{tenant="default"\} 0\n/);
   });
 
   test("an agent killed during its tile: only that tile runs again elsewhere; the image is the same", async () => {
