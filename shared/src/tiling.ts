@@ -224,7 +224,7 @@ export class TileBlender {
     const out = new Uint8Array(sum.length);
     for (let o = 0, i = 0; o < weight.length; o++) {
       const w = weight[o]!;
-      // Uint8Array stores clamp nothing for negatives/NaN in a useful way, so clamp explicitly.
+      // A Uint8Array store wraps out-of-range values instead of clamping them.
       for (let c = 0; c < ch; c++, i++) {
         const v = Math.floor(sum[i]! / w + 0.5);
         out[i] = v < 0 ? 0 : v > 255 ? 255 : v;
@@ -259,6 +259,7 @@ export async function runTiledPass<T extends Float32Array | Uint8Array>(
 /**
  * The layout a coordinator planned, rebuilt from its tile starts (what travels in a TilePlan), with
  * the checks an agent needs before blending: tiles inside the image, covering all of it, in order.
+ * Its `overlap` is the smallest overlap the tiles actually have.
  */
 export function layoutFromStarts(
   width: number, height: number, tileWidth: number, tileHeight: number, xs: readonly number[], ys: readonly number[],
