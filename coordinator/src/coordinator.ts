@@ -8,6 +8,8 @@ import {
   ImageSchema,
   JobState,
   RenderService,
+  SAMPLERS,
+  SCHEDULERS,
   TaskProgressSchema,
   addHealthAndReflection,
   addService,
@@ -18,6 +20,7 @@ import {
   shutdownServer,
   startMetricsServer,
   subjects,
+  samplerApiOptions,
   channelCredentials,
   serverCredentials,
   type GenerationParams,
@@ -43,6 +46,11 @@ export interface CoordinatorConfig {
   natsUrl: string;
   /** An agent silent this long is dropped and its tasks re-placed. */
   agentTimeoutMs?: number;
+  /**
+   * After a restart, how long a task that was running waits for its agent to be seen again, so the
+   * render still going there is re-attached instead of started over (default 2 × agentTimeoutMs).
+   */
+  adoptWaitMs?: number;
   /** Failed attempts after which an image fails (a poison task); default 3. */
   maxAttempts?: number;
   metricsPort?: number;
@@ -332,6 +340,14 @@ export class Coordinator {
           }
           return { models: [...models.entries()].sort().map(([name, m]) => ({ name, format: m.format, loadedOn: m.loadedOn })) };
         },
+        listSamplers: async (_req, ctx) => {
+          this.tenantOf(ctx);
+          return { samplers: SAMPLERS.map((e) => ({ name: e.name, aliases: [...e.aliases], options: samplerApiOptions(e) })) };
+        },
+        listSchedulers: async (_req, ctx) => {
+          this.tenantOf(ctx);
+          return { schedulers: SCHEDULERS.map((e) => ({ name: e.id, label: e.label, aliases: [...e.aliases] })) };
+        },
       },
       (method, err) => {
         if (err.code === grpc.status.INTERNAL) this.cfg.logger.error("rpc failed", { method, error: err.message });
@@ -390,6 +406,21 @@ export class Coordinator {
         if (job.images[i] !== "q" && job.images[i] !== "r") continue;
         if (announced.has(i) || (await durable.hasImage(job.id, i))) job.images[i] = "d";
       }
+      // A placement is written with the job's next state write, so the record can lag behind; the
+      // event stream says where each task went last, unless it came back for a retry after that.
+      const placedOn = new Map<string, { agentId: string; attempt: number; imageIndex: number }>();
+      for (const e of job.events) {
+        const ev = e.event;
+        if (ev.case === "placed") placedOn.set(ev.value.taskId, { agentId: ev.value.agentId, attempt: ev.value.attempt, imageIndex: ev.value.imageIndex });
+        else if (ev.case === "retried") placedOn.delete(ev.value.taskId);
+      }
+      for (const last of placedOn.values()) {
+        const i = last.imageIndex;
+        if (last.attempt >= (job.attempts[i] ?? 0)) {
+          job.agents[i] = last.agentId;
+          job.attempts[i] = last.attempt;
+        }
+      }
       this.store.add(job);
       const lost = await this.store.repairEvents(job);
       for (const i of lost) job.images[i] = "q";
@@ -409,7 +440,13 @@ export class Coordinator {
         const resumed = plan ? await this.resumeStages(job, i, plan, seeds[i]!) : [this.makeTask(job, i, seeds)];
         for (const t of resumed) {
           t.failures = job.failures[i] ?? 0;
-          if (s === "r") t.preferAgent = job.agents[i];
+          // A task whose render may still be going on its agent waits a little for that agent to
+          // show up, and re-attaches to it.
+          const last = placedOn.get(t.id) ?? (s === "r" && resumed.length === 1 && job.agents[i] ? { agentId: job.agents[i]! } : undefined);
+          if (last) {
+            t.preferAgent = last.agentId;
+            t.adoptUntil = Date.now() + (this.cfg.adoptWaitMs ?? 2 * (this.cfg.agentTimeoutMs ?? 5000));
+          } else if (s === "r") t.preferAgent = job.agents[i];
         }
         job.images[i] = "q";
         openImages++;

@@ -56,6 +56,10 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
         }
       },
     }),
+    cancelTask: async (req: { taskId: string }) => {
+      log.push(`cancel ${id} ${req.taskId}`);
+      return { stopped: true };
+    },
   };
   return {
     id,
@@ -102,7 +106,7 @@ function harness(agents: AgentState[], opts: { maxAttempts?: number; speculate?:
     speed,
   });
   let jobs = 0;
-  const submit = (n: number, steps: number): Task[] => {
+  const submit = (n: number, steps: number, resume?: { agent: string; until: number; attempt: number }): Task[] => {
     const job = new Job({
       id: `job${jobs++}`,
       params: create(GenerationParamsSchema, { model: "m", steps, width: 64, height: 64 }),
@@ -127,9 +131,11 @@ function harness(agents: AgentState[], opts: { maxAttempts?: number; speculate?:
       failures: 0,
       failedOn: new Set<string>(),
       runs: [],
-      preferAgent: undefined,
+      preferAgent: resume?.agent,
+      ...(resume && { adoptUntil: resume.until }),
       lastStep: 0,
     }));
+    if (resume) for (let i = 0; i < n; i++) job.attempts[i] = resume.attempt;
     scheduler.enqueueJob(job, tasks);
     return tasks;
   };
@@ -229,6 +235,7 @@ test("a stalled attempt gets a backup copy on an idle agent; the first result wi
   await sleep(20);
   assert.equal(h.done[0]!.agent, "idle");
   assert.equal(task!.runs.length, 0, "the stalled copy was cancelled");
+  assert.ok(log.includes(`cancel stuck ${task!.id}`), "the stalled render was stopped on its agent, not just its stream");
   assert.equal(h.scheduler.stats.backups, 1);
   h.scheduler.close();
 });
@@ -243,5 +250,38 @@ test("an agent never gets more attempts than its slots, even when attempts overr
   await h.settled(40);
   assert.ok(concurrency.get("o1")!.max <= 2, `o1 ran ${concurrency.get("o1")!.max} at once`);
   assert.ok(concurrency.get("o2")!.max <= 3, `o2 ran ${concurrency.get("o2")!.max} at once`);
+  h.scheduler.close();
+});
+
+test("after a restart, running tasks wait for their agent and are re-attached there with the same attempt; unseen agents fall back to placement", async () => {
+  const log: string[] = [];
+  const other = fakeAgent("other", 4, { stepMs: 5 }, log);
+  const late = fakeAgent("late", 1, { stepMs: 5 }, log);
+  const agents = [other];
+  const h = harness(agents);
+  const placed: Array<{ agent: string; attempt: number }> = [];
+  const hooks = (h.scheduler as unknown as { hooks: SchedulerHooks }).hooks;
+  const onPlaced = hooks.onPlaced;
+  hooks.onPlaced = (task, run) => {
+    placed.push({ agent: run.agent.id, attempt: run.attempt });
+    onPlaced(task, run);
+  };
+  // Two tasks were running on "late" (one slot each side of the restart does not matter: the
+  // renders already hold the agent's slots), and their agent has not heart-beaten yet.
+  h.submit(2, 2, { agent: "late", until: Date.now() + 5_000, attempt: 3 });
+  await sleep(60);
+  assert.equal(placed.length, 0, "nothing is started elsewhere while the agent may still come back");
+  agents.push(late);
+  h.scheduler.agentsChanged();
+  await h.settled(2);
+  assert.deepEqual(placed, [{ agent: "late", attempt: 3 }, { agent: "late", attempt: 3 }]);
+  assert.equal(h.scheduler.stats.adopted, 2);
+
+  // An agent that never shows up: placement takes over when the wait ends.
+  placed.length = 0;
+  h.submit(1, 2, { agent: "gone", until: Date.now() + 80, attempt: 1 });
+  await h.settled(3);
+  assert.equal(placed[0]?.agent !== "gone", true);
+  assert.equal(placed[0]?.attempt, 2);
   h.scheduler.close();
 });

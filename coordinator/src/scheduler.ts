@@ -4,7 +4,6 @@ import {
   FarmError,
   RunTaskRequestSchema,
   TaskStage,
-  isServiceError,
   statusName,
   type COORDINATOR_METRICS,
   type Handover,
@@ -39,6 +38,11 @@ export interface Task extends FairItem {
   readonly runs: Run[];
   /** Agent of the attempt that was running when the coordinator restarted; preferred on resume. */
   preferAgent: string | undefined;
+  /**
+   * Until when (Date.now() ms) the task waits for `preferAgent` to be seen, so that it is re-attached
+   * to the render still running there rather than started again elsewhere (after a coordinator restart).
+   */
+  adoptUntil?: number;
   lastStep: number;
   /** Set when the task is one stage of an image split across agents (Hires.fix); absent: the whole image. */
   readonly stage?: TaskStageSpec;
@@ -130,9 +134,7 @@ class AttemptAborted extends FarmError {
 function isHandBack(err: FarmError, agent: AgentState): boolean {
   if (agent.info.draining && (err.code === grpc.status.UNAVAILABLE || err.code === grpc.status.CANCELLED)) return true;
   if (err.code === grpc.status.RESOURCE_EXHAUSTED) return true;
-  const cause: unknown = err.cause;
-  if (isServiceError(cause) && cause.metadata?.get("x-handback")[0]?.toString() === "true") return true;
-  return false;
+  return err.handBack;
 }
 
 const HOLD_MIN_GAIN_MS = 5;
@@ -144,7 +146,6 @@ const HOLD_MIN_GAIN_MS = 5;
  */
 class Plan {
   private readonly planned = new Map<AgentState, number[]>();
-  private readonly busyUntil = new Map<AgentState, number>();
   /** Estimates per task kind (model, size, steps), aligned with the kind's candidate agents. */
   readonly estimates = new Map<string, { ms: Float64Array; measured: Uint8Array }>();
   private readonly capacities = new Map<object, Map<string, number>>();
@@ -171,9 +172,16 @@ class Plan {
     const v = m?.get(key);
     if (m && v !== undefined) m.set(key, v - 1);
   }
+  /**
+   * `busyUntil` outlives passes (entries are stamped with the pass): a pass at 256 agents reads
+   * every agent, and fresh per-pass maps made the garbage whose collection pauses were the tail
+   * of placement latency.
+   */
   constructor(
     readonly now: number,
     private readonly runsOf: (a: AgentState) => Iterable<Run>,
+    private readonly pass: number,
+    private readonly busyUntil: Map<AgentState, { pass: number; at: number }>,
   ) {}
 
   private of(a: AgentState): number[] {
@@ -195,21 +203,36 @@ class Plan {
     return Math.max(this.now + 1, r.expectedEnd);
   }
 
-  slotTimes(a: AgentState): readonly number[] {
-    return this.of(a);
+  /** Tasks of `ms` each the agent's slots could finish by `until`, counting what is planned. */
+  capacityUntil(a: AgentState, until: number, ms: number): number {
+    let n = 0;
+    const s = this.planned.get(a);
+    if (s) {
+      for (const free of s) if (free < until) n += Math.floor((until - free) / ms);
+      return n;
+    }
+    const free = a.info.slots - a.inFlight;
+    if (free > 0 && this.now < until) n += free * Math.floor((until - this.now) / ms);
+    for (const r of this.runsOf(a)) {
+      const end = this.endOf(r);
+      if (end < until) n += Math.floor((until - end) / ms);
+    }
+    return n;
   }
 
   earliest(a: AgentState): number {
     const s = this.planned.get(a);
     if (s) return s[0] ?? Infinity;
     if (a.info.slots - a.inFlight > 0) return this.now;
-    let m = this.busyUntil.get(a);
-    if (m === undefined) {
-      m = Infinity;
+    let e = this.busyUntil.get(a);
+    if (e === undefined) this.busyUntil.set(a, (e = { pass: -1, at: Infinity }));
+    if (e.pass !== this.pass) {
+      let m = Infinity;
       for (const r of this.runsOf(a)) m = Math.min(m, this.endOf(r));
-      this.busyUntil.set(a, m);
+      e.pass = this.pass;
+      e.at = m;
     }
-    return m;
+    return e.at;
   }
 
   freeNow(a: AgentState): boolean {
@@ -241,6 +264,7 @@ export class Scheduler {
   readonly tasks = new Map<string, Task>();
   private readonly queue: FairQueue<Task>;
   private readonly runsByAgent = new Map<string, Set<Run>>();
+  private readonly busyUntil = new Map<AgentState, { pass: number; at: number }>();
   private byModel: Map<string, AgentState[]> | undefined;
   private readonly estimateCache = new Map<
     string,
@@ -264,12 +288,16 @@ export class Scheduler {
     placed: 0,
     held: 0,
     backups: 0,
+    /** Tasks re-attached to the agent still running them after a restart. */
+    adopted: 0,
     /** Wall time of each pass. */
     passMs: [] as number[],
     /** Per placement: from the event that asked for a pass (a slot freed, a task arrived) to the placement. */
     placeMs: [] as number[],
   };
   private pumpRequestedAt = 0;
+  /** Resumed tasks waiting to be re-attached to the agent that still runs them. */
+  private readonly adopting = new Set<Task>();
   private lastSpeculation = 0;
   private lastPassEnd = 0;
 
@@ -314,6 +342,10 @@ export class Scheduler {
       this.tasks.set(t.id, t);
       t.state = "queued";
       this.countQueued(t, 1);
+      if (t.preferAgent !== undefined && (t.adoptUntil ?? 0) > Date.now()) {
+        this.adopting.add(t);
+        this.wakeUpAt(t.adoptUntil!);
+      }
     }
     this.laneOrder.set(job, this.queue.pushJob(job.spec.tenant, job.spec.priority, tasks, this.laneOrder.get(job)));
     this.updateGauges();
@@ -323,6 +355,7 @@ export class Scheduler {
   /** Agents joined, left or changed what they offer. */
   agentsChanged(): void {
     this.byModel = undefined;
+    this.busyUntil.clear();
     this.estimateCache.clear();
     this.schedulePump();
   }
@@ -371,6 +404,7 @@ export class Scheduler {
   /** One placement pass: fills free slots in fair order, holding tasks for faster busy agents. */
   pump(): void {
     if (this.paused || (this.queuedCount === 0 && !this.opts.speculate)) return;
+    if (this.adopting.size > 0) this.adopt();
     const t0 = performance.now();
     const requested = this.pumpRequestedAt > 0 && this.pumpRequestedAt <= t0 ? this.pumpRequestedAt : t0;
     this.pumpRequestedAt = 0;
@@ -379,7 +413,7 @@ export class Scheduler {
     for (const a of this.registry.list()) if (!a.info.draining) free += Math.max(0, a.info.slots - a.inFlight);
     if (free === 0) return;
     this.stats.passes++;
-    const plan = new Plan(now, this.runsOn);
+    const plan = new Plan(now, this.runsOn, this.stats.passes, this.busyUntil);
     // Models with no agent free now are skipped cheaply; held tasks bound how far the pass looks.
     const closed = new Set<string>();
     const heldByModel = new Map<string, number>();
@@ -394,7 +428,7 @@ export class Scheduler {
           exhausted = false;
           break;
         }
-        if (task.job.final) continue;
+        if (task.job.final || this.adopting.has(task)) continue;
         const model = task.key.model;
         if (closed.has(model)) continue;
         const choice = this.choose(task, plan, (this.queuedByModel.get(model) ?? 0) - (heldByModel.get(model) ?? 0));
@@ -432,6 +466,31 @@ export class Scheduler {
     if (this.stats.passMs.length < 100_000) this.stats.passMs.push(ms);
     this.opts.metrics?.placementPass.observe(ms / 1000);
     this.updateGauges();
+  }
+
+  /**
+   * Re-attaches resumed tasks to the agents that were running them: the agent's render went on
+   * while the coordinator was down, and a RunTask for the same task id picks it up where it is. The
+   * agent's slot is already taken by that render, so no free slot is needed. A task whose agent is
+   * not seen in time goes through normal placement.
+   */
+  private adopt(): void {
+    const now = Date.now();
+    for (const task of this.adopting) {
+      if (task.state !== "queued") {
+        this.adopting.delete(task);
+        continue;
+      }
+      const agent = this.registry.list().find((a) => a.id === task.preferAgent);
+      if (agent && !agent.info.draining) {
+        this.adopting.delete(task);
+        this.queue.take(task);
+        this.startRun(task, agent, false, this.estimate(agent, task), true);
+        this.stats.adopted++;
+      } else if ((task.adoptUntil ?? 0) <= now) {
+        this.adopting.delete(task);
+      }
+    }
   }
 
   private wakeUpAt(at: number): void {
@@ -558,8 +617,7 @@ export class Scheduler {
     for (let i = 0; i < candidates.length; i++) {
       const a = candidates[i]!;
       if (a.info.draining || (excludeFailedOf && excludeFailedOf.failedOn.has(a.id))) continue;
-      const ms = Math.max(1e-3, est.ms[i]!);
-      for (const free of plan.slotTimes(a)) if (free < until) n += Math.floor((until - free) / ms);
+      n += plan.capacityUntil(a, until, Math.max(1e-3, est.ms[i]!));
     }
     plan.setCapacity(est, key, n);
     return n;
@@ -624,7 +682,7 @@ export class Scheduler {
     return Math.max(0, run.expectedEnd - now);
   }
 
-  private startRun(task: Task, agent: AgentState, backup: boolean, est: { ms: number; measured: boolean }): void {
+  private startRun(task: Task, agent: AgentState, backup: boolean, est: { ms: number; measured: boolean }, adopt = false): void {
     const wasQueued = task.state === "queued";
     task.state = "running";
     if (wasQueued) {
@@ -635,7 +693,10 @@ export class Scheduler {
     const run: Run = {
       task,
       agent,
-      attempt: task.stage ? ++task.stage.attempts : task.job.attempts[task.imageIndex]! + 1,
+      // A re-attach continues the attempt that is running; anything else is a new attempt.
+      attempt: task.stage
+        ? adopt ? task.stage.attempts : ++task.stage.attempts
+        : (task.job.attempts[task.imageIndex] ?? 0) + (adopt ? 0 : 1),
       abort: new AbortController(),
       startedAt: now,
       backup,
@@ -685,10 +746,22 @@ export class Scheduler {
       this.onResult(run, out);
     } catch (err) {
       const reason: unknown = run.abort.signal.reason;
-      this.onAttemptFailed(run, run.abort.signal.aborted && reason instanceof FarmError ? reason : FarmError.from(err));
+      const fe = run.abort.signal.aborted && reason instanceof FarmError ? reason : FarmError.from(err);
+      // A broken stream only orphans the render on the agent (it waits there for a restarted
+      // coordinator to re-attach), so an attempt this coordinator gives up on is stopped explicitly.
+      // At shutdown the renders are left running on purpose: the next coordinator adopts them.
+      if (!this.closing && (run.abort.signal.aborted || fe.code === grpc.status.DEADLINE_EXCEEDED)) this.stopOnAgent(run, fe.message);
+      this.onAttemptFailed(run, fe);
     } finally {
       this.endRun(run);
     }
+  }
+
+  private stopOnAgent(run: Run, reason: string): void {
+    run.agent.client.cancelTask({ taskId: run.task.id, attempt: run.attempt, reason }, { timeoutMs: 30_000 }).catch((err: unknown) => {
+      // The agent may be gone or frozen; an orphaned render ends on its own after the agent's grace period.
+      this.opts.logger.debug("could not stop a task on its agent", { taskId: run.task.id, agentId: run.agent.id, error: String(err) });
+    });
   }
 
   /** Step progress of an attempt, from its RunTask stream or from NATS. */

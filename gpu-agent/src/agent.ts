@@ -26,8 +26,7 @@ import {
   type TlsFiles,
   type RunTaskRequest,
 } from "@latentfarm/shared";
-import type { MessageInitShape } from "@bufbuild/protobuf";
-import type { RunTaskResponseSchema } from "@latentfarm/shared";
+import { TaskRun, type RunTaskMessage, type TaskOutput } from "./task-run.js";
 import { ModelCatalog } from "./models/catalog.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
 import { loadModel, parsePipelineKey, pipelineKey, type LoraUse } from "./models/model-loader.js";
@@ -72,12 +71,19 @@ export interface AgentConfig {
   /** Limits on decoded input images. */
   maxInputPixels?: number;
   maxInputBytes?: number;
+  /**
+   * How long a task goes on after its coordinator's stream breaks, waiting for a restarted
+   * coordinator to re-attach (and how long a finished task's result is kept for it).
+   */
+  orphanGraceMs?: number;
   /** mTLS on the AgentService port: only holders of a certificate from this CA (the coordinator) get in. */
   tls?: TlsFiles;
   logger: Logger;
 }
 
 const SERVICE = AgentService.typeName;
+/** Longer than a coordinator restart (process start, JetStream scan) plus one heartbeat. */
+export const DEFAULT_ORPHAN_GRACE_MS = 30_000;
 
 /** A GPU agent: serves AgentService, runs tasks on loaded pipelines, heart-beats on NATS. */
 export class Agent {
@@ -91,7 +97,7 @@ export class Agent {
   private heartbeat: NodeJS.Timeout | undefined;
   private metricsServer: { url: string; close(): Promise<void> } | undefined;
   private health: ReturnType<typeof addHealthAndReflection> | undefined;
-  private running = new Map<string, AbortController>();
+  private readonly runs = new Map<string, TaskRun>();
   private busySince: number | undefined;
   private draining = false;
   private closed = false;
@@ -172,7 +178,12 @@ export class Agent {
     this.health = addHealthAndReflection(this.server, [SERVICE]);
     addService(this.server, AgentService, {
       runTask: (req, ctx) => this.runTask(req, ctx.signal),
-      status: async () => ({ agent: this.info(), models: (await this.catalog.list()).map((e) => e.name) }),
+      cancelTask: async (req) => ({ stopped: this.cancelTask(req.taskId, req.attempt, req.reason) }),
+      status: async () => ({
+        agent: this.info(),
+        models: (await this.catalog.list()).map((e) => e.name),
+        runningTasks: [...this.runs.values()].filter((r) => !r.finished).map((r) => r.taskId),
+      }),
     }, (method, err) => {
       if (err.code === grpc.status.INTERNAL) this.cfg.logger.error("rpc failed", { method, error: err.message });
     });
@@ -201,7 +212,7 @@ export class Agent {
       address: this.address,
       executionProvider: this.cfg.ep.name,
       slots: this.slots,
-      busySlots: this.running.size,
+      busySlots: this.active,
       loadedModels: [...new Set(this.cache.names.map((k) => parsePipelineKey(k).model))],
       lastHeartbeatUnixMs: BigInt(Date.now()),
       draining: this.draining,
@@ -224,52 +235,71 @@ export class Agent {
     );
   }
 
-  private markBusy(delta: number): void {
+  /** Call after a run starts or finishes: busy time and the gauge follow the active count. */
+  private markBusy(): void {
     const now = performance.now();
     if (this.busySince !== undefined) this.m.metrics.busySeconds.inc((now - this.busySince) / 1000);
-    this.busySince = this.running.size + delta > 0 ? now : undefined;
-    this.m.metrics.busySlots.set(this.running.size + delta);
+    const after = this.active;
+    this.busySince = after > 0 ? now : undefined;
+    this.m.metrics.busySlots.set(after);
   }
 
-  private async *runTask(req: RunTaskRequest, callSignal: AbortSignal): AsyncGenerator<MessageInitShape<typeof RunTaskResponseSchema>> {
-    if (this.draining || this.closed) throw new FarmError(grpc.status.UNAVAILABLE, `agent ${this.id} is draining`);
-    if (this.running.size >= this.slots) throw new FarmError(grpc.status.RESOURCE_EXHAUSTED, `agent ${this.id} has no free slot`);
+  /** Renders in progress (finished runs stay in `runs` a while for late re-attaches). */
+  private get active(): number {
+    let n = 0;
+    for (const r of this.runs.values()) if (!r.finished) n++;
+    return n;
+  }
+
+  private runTask(req: RunTaskRequest, callSignal: AbortSignal): AsyncGenerator<RunTaskMessage> {
+    const existing = this.runs.get(req.taskId);
+    if (existing) {
+      this.m.metrics.tasksAttached.inc();
+      this.cfg.logger.info("re-attached to a running task", { taskId: req.taskId, attempt: req.attempt, finished: existing.finished });
+      return existing.attach(callSignal, req.attempt);
+    }
+    if (this.draining || this.closed) throw new FarmError(grpc.status.UNAVAILABLE, `agent ${this.id} is draining`, { handBack: true });
+    if (this.active >= this.slots) throw new FarmError(grpc.status.RESOURCE_EXHAUSTED, `agent ${this.id} has no free slot`);
     if (!req.params) throw FarmError.invalid("params", "missing");
-    if (this.running.has(req.taskId)) throw new FarmError(grpc.status.ALREADY_EXISTS, `task ${req.taskId} is already running here`);
-    const ac = new AbortController();
-    const onAbort = (): void => ac.abort(callSignal.reason);
-    callSignal.addEventListener("abort", onAbort, { once: true });
-    this.markBusy(1);
-    this.running.set(req.taskId, ac);
+    const run = new TaskRun({
+      taskId: req.taskId,
+      attempt: req.attempt,
+      orphanGraceMs: this.cfg.orphanGraceMs ?? DEFAULT_ORPHAN_GRACE_MS,
+      onExpired: (r) => {
+        if (this.runs.get(r.taskId) === r) this.runs.delete(r.taskId);
+      },
+    });
+    this.runs.set(req.taskId, run);
+    this.markBusy();
+    void this.render(run, req);
+    return run.attach(callSignal, req.attempt);
+  }
+
+  private async render(run: TaskRun, req: RunTaskRequest): Promise<void> {
     const started = performance.now();
+    const params = req.params!;
+    const signal = run.abort.signal;
     let outcome: "succeeded" | "failed" | "cancelled" = "failed";
-    const events: Array<MessageInitShape<typeof RunTaskResponseSchema>> = [];
-    let wake: (() => void) | undefined;
-    let finished = false;
-    const push = (e: MessageInitShape<typeof RunTaskResponseSchema>): void => {
-      events.push(e);
-      wake?.();
-    };
-    const params = req.params;
-    const work = (async () => {
+    try {
       // The LoRAs a task names decide which merged pipeline it runs on.
       const loras: LoraUse[] = extractExtraNetworks(params.prompt).networks.map((n) => ({ name: n.name, teWeight: n.teWeight, unetWeight: n.unetWeight }));
       for (const l of params.loras) loras.push({ name: l.name, teWeight: l.teWeight, unetWeight: l.unetWeight });
-      const loaded = await this.cache.acquire(pipelineKey(params.model, loras), ac.signal);
-      for (const w of loaded.value.loadWarnings) push({ kind: { case: "warning", value: { message: w } } });
+      const loaded = await this.cache.acquire(pipelineKey(params.model, loras), signal);
+      let output: TaskOutput;
       try {
-        return await runTask(loaded.value, req, {
-          signal: ac.signal,
+        for (const w of loaded.value.loadWarnings) run.warning({ kind: { case: "warning", value: { message: w } } });
+        output = await runTask(loaded.value, req, {
+          signal,
           agentId: this.id,
           onStep: (step, total) => {
             const progress = { taskId: req.taskId, imageIndex: req.imageIndex, step, totalSteps: total };
-            push({ kind: { case: "progress", value: progress } });
+            run.progress({ kind: { case: "progress", value: progress } });
             this.nc?.publish(
               subjects.taskProgress(req.taskId),
               toBinary(TaskProgressSchema, create(TaskProgressSchema, { taskId: req.taskId, jobId: req.jobId, agentId: this.id, step: progress })),
             );
           },
-          onWarning: (message) => push({ kind: { case: "warning", value: { message } } }),
+          onWarning: (message) => run.warning({ kind: { case: "warning", value: { message } } }),
           resources: {
             maxInputPixels: this.cfg.maxInputPixels ?? DEFAULT_RESOURCES.maxInputPixels,
             maxInputBytes: this.cfg.maxInputBytes ?? DEFAULT_RESOURCES.maxInputBytes,
@@ -280,39 +310,26 @@ export class Agent {
       } finally {
         loaded.release();
       }
-    })();
-    work.then(
-      () => {
-        finished = true;
-        wake?.();
-      },
-      () => {
-        finished = true;
-        wake?.();
-      },
-    );
-    try {
-      for (;;) {
-        while (events.length > 0) yield events.shift()!;
-        if (finished) break;
-        await new Promise<void>((r) => (wake = r));
-        wake = undefined;
-      }
-      const output = await work;
       outcome = "succeeded";
-      yield { kind: output };
+      run.finish({ output });
     } catch (err) {
-      const fe = FarmError.from(err);
-      if (fe.code === grpc.status.CANCELLED || ac.signal.aborted) outcome = "cancelled";
-      throw fe;
+      // An abort carries its reason (a drain's hand-back, a CancelTask), which the caller must see.
+      const reason: unknown = signal.aborted ? signal.reason : undefined;
+      const fe = reason instanceof FarmError ? reason : FarmError.from(err);
+      if (fe.code === grpc.status.CANCELLED || signal.aborted) outcome = "cancelled";
+      run.finish({ error: fe });
     } finally {
-      ac.abort();
-      callSignal.removeEventListener("abort", onAbort);
-      this.markBusy(-1);
-      this.running.delete(req.taskId);
+      this.markBusy();
       this.m.metrics.tasks.inc({ outcome });
       this.m.metrics.taskDuration.observe({ outcome }, (performance.now() - started) / 1000);
     }
+  }
+
+  private cancelTask(taskId: string, attempt: number, reason: string): boolean {
+    const run = this.runs.get(taskId);
+    if (!run || run.finished || (attempt !== 0 && run.attempt !== attempt)) return false;
+    run.cancel(new FarmError(grpc.status.CANCELLED, reason || `task ${taskId} cancelled by the coordinator`));
+    return true;
   }
 
   /**
@@ -324,8 +341,8 @@ export class Agent {
     if (this.health) setServing(this.health, [SERVICE], false);
     this.publishHeartbeat();
     const deadline = Date.now() + graceMs;
-    while (this.running.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
-    for (const ac of this.running.values()) ac.abort(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.id} is shutting down`));
+    while (this.active > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    for (const run of this.runs.values()) run.cancel(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.id} is shutting down`, { handBack: true }));
   }
 
   async close(): Promise<void> {
@@ -333,8 +350,9 @@ export class Agent {
     this.closed = true;
     this.draining = true;
     if (this.heartbeat) clearInterval(this.heartbeat);
-    for (const ac of this.running.values()) ac.abort(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.id} is shutting down`));
+    for (const run of this.runs.values()) run.cancel(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.id} is shutting down`, { handBack: true }));
     await shutdownServer(this.server);
+    for (const run of this.runs.values()) run.dispose();
     if (this.healthServer) await shutdownServer(this.healthServer);
     await this.metricsServer?.close();
     await this.nc?.drain().catch(() => undefined);

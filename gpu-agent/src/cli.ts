@@ -9,7 +9,7 @@ import type { ExecutionProvider } from "./runtime/protocol.js";
 
 const AGENT_USAGE = `latentfarm agent --models DIR [--port N] [--host ADDR] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N]
                  [--slots N] [--threads N] [--max-loaded-models N] [--metrics-port N] [--health-port N]
-                 [--advertise-address HOST:PORT] [--id ID] [--heartbeat-ms N] [--drain-seconds N]
+                 [--advertise-address HOST:PORT] [--id ID] [--heartbeat-ms N] [--drain-seconds N] [--orphan-grace-seconds N]
                  [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--cache-dir DIR] [--tokenizer DIR] [--loras DIR]
                  [--upscalers DIR] [--face-models DIR]
                  [--max-input-pixels N] [--max-input-bytes N]
@@ -41,6 +41,8 @@ async function runAgent(argv: string[]): Promise<number> {
       id: { type: "string" },
       "heartbeat-ms": { type: "string", default: "1000" },
       "drain-seconds": { type: "string", default: "300" },
+      // A task whose coordinator went away keeps running this long, for a restarted one to re-attach.
+      "orphan-grace-seconds": { type: "string", default: "30" },
       "tls-cert": { type: "string" },
       "tls-key": { type: "string" },
       "tls-ca": { type: "string" },
@@ -66,6 +68,7 @@ async function runAgent(argv: string[]): Promise<number> {
     ep: ep(v.ep, Number(v["device-id"])),
     slots: Number(v.slots),
     heartbeatMs: Number(v["heartbeat-ms"]),
+    orphanGraceMs: Number(v["orphan-grace-seconds"]) * 1000,
     maxLoadedModels: Number(v["max-loaded-models"]),
     intraOpNumThreads: v.threads ? Number(v.threads) : Math.max(1, availableParallelism()),
     ...(v.id ? { agentId: v.id } : {}),

@@ -19,13 +19,19 @@ export class FarmError extends Error {
   readonly code: grpc.status;
   readonly field: string | undefined;
   readonly retryable: boolean;
+  /**
+   * The work was given back unfinished by a server that is shutting down (trailer x-handback), not
+   * failed: the caller places it elsewhere without counting a failure against it.
+   */
+  readonly handBack: boolean;
 
-  constructor(code: grpc.status, message: string, opts: { field?: string; cause?: unknown; retryable?: boolean } = {}) {
+  constructor(code: grpc.status, message: string, opts: { field?: string; cause?: unknown; retryable?: boolean; handBack?: boolean } = {}) {
     super(opts.field ? `${opts.field}: ${message}` : message, { cause: opts.cause });
     this.name = "FarmError";
     this.code = code;
     this.field = opts.field;
     this.retryable = opts.retryable ?? RETRYABLE.has(code);
+    this.handBack = opts.handBack ?? false;
   }
 
   get codeName(): StatusName {
@@ -47,7 +53,10 @@ export class FarmError extends Error {
   /** Turns anything thrown into a FarmError; unknown errors become INTERNAL. */
   static from(err: unknown): FarmError {
     if (err instanceof FarmError) return err;
-    if (isServiceError(err)) return new FarmError(err.code, err.details || err.message, { cause: err });
+    if (isServiceError(err)) {
+      const handBack = err.metadata?.get("x-handback")[0]?.toString() === "true";
+      return new FarmError(err.code, err.details || err.message, { cause: err, handBack });
+    }
     if (err instanceof Error && err.name === "AbortError") {
       return new FarmError(grpc.status.CANCELLED, err.message || "cancelled", { cause: err });
     }
@@ -63,6 +72,7 @@ export class FarmError extends Error {
     const metadata = new grpc.Metadata();
     if (this.field) metadata.set("x-field", this.field);
     metadata.set("x-retryable", String(this.retryable));
+    if (this.handBack) metadata.set("x-handback", "true");
     return { code: this.code, details: this.message, metadata };
   }
 }

@@ -135,6 +135,12 @@ export const AGENT_METRICS = {
     help: "Tasks this agent finished, by outcome (succeeded, failed, cancelled).",
     labels: ["outcome"],
   },
+  tasksAttached: {
+    name: "latentfarm_agent_task_reattaches_total",
+    kind: "counter",
+    help: "RunTask calls that attached to a task already running or just finished here (a restarted coordinator re-adopting it).",
+    labels: [],
+  },
   taskDuration: {
     name: "latentfarm_task_duration_seconds",
     kind: "histogram",

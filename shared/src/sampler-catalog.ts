@@ -164,3 +164,15 @@ export function resolveSampler(
 export function schedulerLabel(id: SchedulerId): string {
   return SCHEDULERS.find((s) => s.id === id)?.label ?? id;
 }
+
+/** A sampler's options as A1111's /sdapi/v1/samplers reports them (string values, set flags only). */
+export function samplerApiOptions(e: SamplerEntry): Record<string, string> {
+  const o: Record<string, string> = {};
+  if (e.defaultScheduler !== undefined) o["scheduler"] = e.defaultScheduler;
+  if (e.secondOrder) o["second_order"] = "True";
+  if (e.discardNextToLastSigma) o["discard_next_to_last_sigma"] = "True";
+  if (e.brownianNoise) o["brownian_noise"] = "True";
+  if (e.usesEnsd) o["uses_ensd"] = "True";
+  if (e.timestepSampler) o["timestep_sampler"] = "True";
+  return o;
+}

@@ -50,6 +50,8 @@ export async function benchPlacement(opts: { agents?: number; slots?: number; ta
           }
         },
       }),
+      // Aborting the attempt's stream above already ended it; a real agent is told explicitly.
+      cancelTask: async () => ({ stopped: false }),
     };
     return {
       id,

@@ -106,6 +106,23 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     });
   }
 
+  test("ListSamplers and ListSchedulers list A1111's names with their aliases and options", async () => {
+    const { samplers } = await farm.client.listSamplers({});
+    assert.equal(samplers.length, 20);
+    const dpm = samplers.find((s) => s.name === "DPM++ 2M SDE");
+    assert.deepEqual(dpm?.aliases, ["k_dpmpp_2m_sde"]);
+    assert.deepEqual(dpm?.options, { scheduler: "exponential", brownian_noise: "True" });
+    assert.deepEqual(samplers.find((s) => s.name === "Euler a")?.aliases, ["k_euler_a", "k_euler_ancestral"]);
+    const { schedulers } = await farm.client.listSchedulers({});
+    assert.equal(schedulers.length, 12);
+    assert.deepEqual(schedulers.find((s) => s.name === "sgm_uniform"), { $typeName: "latentfarm.v1.SchedulerInfo", name: "sgm_uniform", label: "SGM Uniform", aliases: ["SGMUniform"] });
+    // Every listed name and alias is accepted by Submit's validation (a 1-step job reaches the queue).
+    for (const name of [...samplers.flatMap((s) => [s.name, ...s.aliases])]) {
+      const { jobId } = await farm.client.submit({ params: { prompt: "x", model: "tiny-sd15", width: 64, height: 64, steps: 1, samplerName: name, seed: 1n } });
+      await farm.client.cancel({ jobId }).catch(() => undefined);
+    }
+  });
+
   test("bad input gets a clear status naming the field, and the farm keeps serving", async () => {
     const base = { prompt: "x", model: "tiny-sd15", width: 64, height: 64, steps: 2 };
     const s = (p: Record<string, unknown>) => farm.client.submit({ params: { ...base, ...p } });

@@ -178,6 +178,12 @@ describe("fault injection with simulated agents", { skip, concurrency: false, ti
     const results = await Promise.all(watchers);
     await restarting;
     assert.ok(killed, "the coordinator was killed mid-batch");
+    // Renders running at the kill went on, and the new coordinator re-attached to them instead of
+    // starting them over: each re-attached task was started exactly once.
+    const ours = new Set(jobs.flatMap(({ jobId }) => [0, 1, 2, 3].map((i) => `${jobId}-${i}`)));
+    const attached = new Set(sims.log.filter((l) => l.event === "attach" && ours.has(l.taskId)).map((l) => l.taskId));
+    assert.ok(attached.size > 0, "the restarted coordinator re-adopted running tasks");
+    for (const id of attached) assert.equal(sims.log.filter((l) => l.event === "start" && l.taskId === id).length, 1, `task ${id} was rendered once`);
     assert.ok(results.some((r) => r.reconnects > 0), "watchers reconnected");
     for (const [j, r] of results.entries()) {
       const out = checkJob(r.events, 4);

@@ -17,7 +17,7 @@ export type RenderClient = ServiceClient<typeof RenderService extends { method: 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 export interface TaskLogLine {
-  event: "start" | "done" | "aborted" | "failed";
+  event: "start" | "done" | "aborted" | "failed" | "attach";
   agent: string;
   taskId: string;
   attempt: number;

@@ -40,6 +40,7 @@ import {
   type Image,
   type RunTaskRequest,
 } from "@latentfarm/shared";
+import { DEFAULT_ORPHAN_GRACE_MS, TaskRun } from "@latentfarm/gpu-agent";
 
 export interface SimAgentOptions {
   id: string;
@@ -59,7 +60,9 @@ export interface SimAgentOptions {
   poisonSeeds?: readonly bigint[];
   poisonCode?: grpc.status;
   /** Called on task start and end (fault tests count executions with it). */
-  onTask?: (event: "start" | "done" | "aborted" | "failed", req: RunTaskRequest) => void;
+  onTask?: (event: "start" | "done" | "aborted" | "failed" | "attach", req: RunTaskRequest) => void;
+  /** How long a task outlives a broken RunTask stream, waiting for a re-attach (ms). */
+  orphanGraceMs?: number;
 }
 
 /** The bytes a simulated agent returns for an image: the same inputs always give the same bytes. */
@@ -149,25 +152,13 @@ export function simWork(req: RunTaskRequest, agentId: string): SimWork {
   }
 }
 
-/** Ends a task the agent will not finish (draining), marked so the coordinator does not count it as a failure. */
-class HandBack extends FarmError {
-  constructor(message: string) {
-    super(grpc.status.UNAVAILABLE, message);
-  }
-  override toStatus(): Partial<grpc.StatusObject> {
-    const s = super.toStatus();
-    s.metadata?.set("x-handback", "true");
-    return s;
-  }
-}
-
 export class SimAgent {
   private readonly server = new grpc.Server(serverOptions);
   private nc: NatsConnection | undefined;
   private timer: NodeJS.Timeout | undefined;
   private busy = 0;
   private draining = false;
-  private readonly running = new Map<string, AbortController>();
+  private readonly running = new Map<string, TaskRun>();
   address = "";
   tasksRun = 0;
 
@@ -193,61 +184,84 @@ export class SimAgent {
   async start(): Promise<void> {
     const poison = new Set((this.o.poisonSeeds ?? []).map(String));
     addService(this.server, AgentService, {
-      runTask: async function* (this: SimAgent, req: RunTaskRequest, ctx: HandlerContext) {
-        if (this.draining) throw new HandBack(`agent ${this.o.id} is draining`);
-        if (this.busy >= (this.o.slots ?? 4)) throw new FarmError(grpc.status.RESOURCE_EXHAUSTED, `agent ${this.o.id} has no free slot`);
-        this.busy++;
-        const ac = new AbortController();
-        const onCall = (): void => ac.abort(ctx.signal.reason);
-        ctx.signal.addEventListener("abort", onCall, { once: true });
-        this.running.set(req.taskId, ac);
-        this.o.onTask?.("start", req);
-        let outcome: "done" | "aborted" | "failed" = "failed";
-        try {
-          const work = simWork(req, this.o.id);
-          const steps = work.steps;
-          const scale = this.o.refPixels ? work.pixels / this.o.refPixels : 1;
-          const stepMs = ((this.o.stepMs ?? 0) * scale) / (this.o.speed ?? 1);
-          // Steps keep to a schedule from the start, so timer lateness does not add up: a simulated
-          // agent's speed is what it was given, as a GPU's is.
-          const t0 = performance.now();
-          for (let s = 1; s <= steps; s++) {
-            if (stepMs > 0) await new Promise((r) => setTimeout(r, Math.max(0, t0 + s * stepMs - performance.now())));
-            if (ac.signal.aborted) {
-              outcome = "aborted";
-              throw ac.signal.reason instanceof Error ? ac.signal.reason : new FarmError(grpc.status.CANCELLED, "cancelled");
-            }
-            if (s === Math.ceil(steps / 2) && poison.has(String(req.seed))) {
-              throw new FarmError(this.o.poisonCode ?? grpc.status.INTERNAL, `simulated crash rendering seed ${req.seed} on ${this.o.id}`);
-            }
-            const step = { taskId: req.taskId, imageIndex: req.imageIndex, step: s, totalSteps: steps };
-            if (this.o.progress) {
-              this.nc?.publish(subjects.taskProgress(req.taskId), toBinary(TaskProgressSchema, create(TaskProgressSchema, { taskId: req.taskId, jobId: req.jobId, agentId: this.o.id, step })));
-            }
-            yield { kind: { case: "progress" as const, value: step } };
-          }
-          if (ac.signal.aborted) {
-            outcome = "aborted";
-            throw ac.signal.reason instanceof Error ? ac.signal.reason : new FarmError(grpc.status.CANCELLED, "cancelled");
-          }
-          this.tasksRun++;
-          const output = work.output();
-          outcome = "done";
-          yield { kind: output };
-        } finally {
-          ctx.signal.removeEventListener("abort", onCall);
-          this.running.delete(req.taskId);
-          this.busy--;
-          this.o.onTask?.(outcome, req);
+      runTask: (req: RunTaskRequest, ctx: HandlerContext) => {
+        // The agent's real task-run machinery: a re-sent task id attaches to the running render.
+        const existing = this.running.get(req.taskId);
+        if (existing) {
+          this.o.onTask?.("attach", req);
+          return existing.attach(ctx.signal, req.attempt);
         }
-      }.bind(this),
-      status: async () => ({ agent: this.info(), models: this.o.models ?? ["sim"] }),
+        if (this.draining) throw new FarmError(grpc.status.UNAVAILABLE, `agent ${this.o.id} is draining`, { handBack: true });
+        if (this.busy >= (this.o.slots ?? 4)) throw new FarmError(grpc.status.RESOURCE_EXHAUSTED, `agent ${this.o.id} has no free slot`);
+        const run = new TaskRun({
+          taskId: req.taskId,
+          attempt: req.attempt,
+          orphanGraceMs: this.o.orphanGraceMs ?? DEFAULT_ORPHAN_GRACE_MS,
+          onExpired: (r) => {
+            if (this.running.get(r.taskId) === r) this.running.delete(r.taskId);
+          },
+        });
+        this.running.set(req.taskId, run);
+        this.busy++;
+        void this.simulate(run, req, poison);
+        return run.attach(ctx.signal, req.attempt);
+      },
+      cancelTask: async (req) => {
+        const run = this.running.get(req.taskId);
+        if (!run || run.finished || (req.attempt !== 0 && run.attempt !== req.attempt)) return { stopped: false };
+        run.cancel(new FarmError(grpc.status.CANCELLED, req.reason || "cancelled"));
+        return { stopped: true };
+      },
+      status: async () => ({ agent: this.info(), models: this.o.models ?? ["sim"], runningTasks: [...this.running.values()].filter((r) => !r.finished).map((r) => r.taskId) }),
     });
     const port = await bindServer(this.server, "127.0.0.1:0");
     this.address = `127.0.0.1:${port}`;
     this.nc = await connect({ servers: this.o.natsUrl, maxReconnectAttempts: -1, reconnectTimeWait: 250 });
     this.beat();
     this.timer = setInterval(() => this.beat(), this.o.heartbeatMs ?? 500);
+  }
+
+  private async simulate(run: TaskRun, req: RunTaskRequest, poison: Set<string>): Promise<void> {
+    const signal = run.abort.signal;
+    this.o.onTask?.("start", req);
+    let outcome: "done" | "aborted" | "failed" = "failed";
+    try {
+      const work = simWork(req, this.o.id);
+      const steps = work.steps;
+      const scale = this.o.refPixels ? work.pixels / this.o.refPixels : 1;
+      const stepMs = ((this.o.stepMs ?? 0) * scale) / (this.o.speed ?? 1);
+      // Steps keep to a schedule from the start, so timer lateness does not add up: a simulated
+      // agent's speed is what it was given, as a GPU's is.
+      const t0 = performance.now();
+      for (let s = 1; s <= steps; s++) {
+        if (stepMs > 0) await new Promise((r) => setTimeout(r, Math.max(0, t0 + s * stepMs - performance.now())));
+        if (signal.aborted) {
+          outcome = "aborted";
+          throw signal.reason instanceof Error ? signal.reason : new FarmError(grpc.status.CANCELLED, "cancelled");
+        }
+        if (s === Math.ceil(steps / 2) && poison.has(String(req.seed))) {
+          throw new FarmError(this.o.poisonCode ?? grpc.status.INTERNAL, `simulated crash rendering seed ${req.seed} on ${this.o.id}`);
+        }
+        const step = { taskId: req.taskId, imageIndex: req.imageIndex, step: s, totalSteps: steps };
+        if (this.o.progress) {
+          this.nc?.publish(subjects.taskProgress(req.taskId), toBinary(TaskProgressSchema, create(TaskProgressSchema, { taskId: req.taskId, jobId: req.jobId, agentId: this.o.id, step })));
+        }
+        run.progress({ kind: { case: "progress", value: step } });
+      }
+      if (signal.aborted) {
+        outcome = "aborted";
+        throw signal.reason instanceof Error ? signal.reason : new FarmError(grpc.status.CANCELLED, "cancelled");
+      }
+      this.tasksRun++;
+      const output = work.output();
+      outcome = "done";
+      run.finish({ output });
+    } catch (err) {
+      run.finish({ error: FarmError.from(err) });
+    } finally {
+      this.busy--;
+      this.o.onTask?.(outcome, req);
+    }
   }
 
   private beat(): void {
@@ -263,15 +277,16 @@ export class SimAgent {
     this.draining = true;
     this.beat();
     const deadline = Date.now() + graceMs;
-    while (this.running.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-    for (const ac of this.running.values()) ac.abort(new HandBack(`agent ${this.o.id} is shutting down`));
-    while (this.running.size > 0) await new Promise((r) => setTimeout(r, 5));
+    while (this.busy > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    for (const run of this.running.values()) run.cancel(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.o.id} is shutting down`, { handBack: true }));
+    while (this.busy > 0) await new Promise((r) => setTimeout(r, 5));
   }
 
   async close(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
-    for (const ac of this.running.values()) ac.abort(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.o.id} is shutting down`));
+    for (const run of this.running.values()) run.cancel(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.o.id} is shutting down`, { handBack: true }));
     await shutdownServer(this.server, 500);
+    for (const run of this.running.values()) run.dispose();
     await this.nc?.drain().catch(() => undefined);
   }
 }

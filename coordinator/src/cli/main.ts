@@ -35,10 +35,12 @@ Usage:
                    [hires tiling]
   latentfarm agent --models DIR [--port N] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N] [--slots N]
                    [--metrics-port N] [--health-port N] [--advertise-address HOST:PORT] [--id ID]
-                   [--threads N] [--heartbeat-ms N] [--drain-seconds N] [--tls-cert F --tls-key F --tls-ca F]
+                   [--threads N] [--heartbeat-ms N] [--drain-seconds N] [--orphan-grace-seconds N] [--tls-cert F --tls-key F --tls-ca F]
   latentfarm txt2img --coordinator HOST:PORT --prompt TEXT --out DIR [generation options]
   latentfarm agents  --coordinator HOST:PORT [--json]
   latentfarm models  --coordinator HOST:PORT [--json]
+  latentfarm samplers   --coordinator HOST:PORT [--json]   (A1111 sampler names, aliases, options)
+  latentfarm schedulers --coordinator HOST:PORT [--json]   (schedule types: API name, label, aliases)
   latentfarm prompt "<prompt>" [--steps N] [--json] [--tokenizer DIR]
 
 Generation options (A1111's parameter names in kebab case):
@@ -224,7 +226,7 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
   }
 }
 
-async function listCommand(kind: "agents" | "models", argv: string[], o: Out = io): Promise<number> {
+async function listCommand(kind: "agents" | "models" | "samplers" | "schedulers", argv: string[], o: Out = io): Promise<number> {
   const { values: v } = parseArgs({
     args: argv,
     options: {
@@ -243,6 +245,14 @@ async function listCommand(kind: "agents" | "models", argv: string[], o: Out = i
       } else {
         for (const a of agents) o.out(`${a.agentId}\t${a.address}\t${a.executionProvider}\t${a.busySlots}/${a.slots} busy\t${a.draining ? "draining" : "ready"}\t${a.loadedModels.join(",") || "-"}\n`);
       }
+    } else if (kind === "samplers") {
+      const { samplers } = await client.listSamplers({}, { timeoutMs: 10_000, metadata });
+      if (v.json) o.out(JSON.stringify(samplers.map((s) => ({ name: s.name, aliases: s.aliases, options: s.options }))) + "\n");
+      else for (const s of samplers) o.out(`${s.name}\t${s.aliases.join(",") || "-"}\t${Object.entries(s.options).map(([k, val]) => `${k}=${val}`).join(" ") || "-"}\n`);
+    } else if (kind === "schedulers") {
+      const { schedulers } = await client.listSchedulers({}, { timeoutMs: 10_000, metadata });
+      if (v.json) o.out(JSON.stringify(schedulers.map((s) => ({ name: s.name, label: s.label, aliases: s.aliases }))) + "\n");
+      else for (const s of schedulers) o.out(`${s.name}\t${s.label}\t${s.aliases.join(",") || "-"}\n`);
     } else {
       const { models } = await client.listModels({}, { timeoutMs: 10_000, metadata });
       if (v.json) o.out(JSON.stringify(models.map((m) => ({ name: m.name, format: m.format, loadedOn: m.loadedOn }))) + "\n");
@@ -524,6 +534,8 @@ export async function main(argv: string[]): Promise<number> {
         return await txt2img(rest);
       case "agents":
       case "models":
+      case "samplers":
+      case "schedulers":
         return await listCommand(cmd, rest);
       case undefined:
       case "help":

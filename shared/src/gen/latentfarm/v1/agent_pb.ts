@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file latentfarm/v1/agent.proto.
  */
 export const file_latentfarm_v1_agent: GenFile = /*@__PURE__*/
-  fileDesc("ChlsYXRlbnRmYXJtL3YxL2FnZW50LnByb3RvEg1sYXRlbnRmYXJtLnYxIrUCCg5SdW5UYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIvCgZwYXJhbXMYAyABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEwoLaW1hZ2VfaW5kZXgYBCABKAUSDAoEc2VlZBgFIAEoAxIPCgdzdWJzZWVkGAYgASgDEg8KB2F0dGVtcHQYByABKAUSJwoFc3RhZ2UYCCABKA4yGC5sYXRlbnRmYXJtLnYxLlRhc2tTdGFnZRInCgZpbnB1dHMYCSADKAsyFy5sYXRlbnRmYXJtLnYxLkhhbmRvdmVyEhIKCnRpbGVfaW5kZXgYCiABKAUSJgoFdGlsZXMYCyABKAsyFy5sYXRlbnRmYXJtLnYxLlRpbGVQbGFuImkKCEhhbmRvdmVyEi0KBmxhdGVudBgBIAEoCzIbLmxhdGVudGZhcm0udjEuTGF0ZW50VGVuc29ySAASJgoDcmdiGAIgASgLMhcubGF0ZW50ZmFybS52MS5SZ2JJbWFnZUgAQgYKBGRhdGEiKwoMTGF0ZW50VGVuc29yEg0KBXNoYXBlGAEgAygFEgwKBGRhdGEYAiABKAwiNwoIUmdiSW1hZ2USDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEgwKBGRhdGEYAyABKAwiagoIVGlsZVBsYW4SDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEhIKCnRpbGVfd2lkdGgYAyABKAUSEwoLdGlsZV9oZWlnaHQYBCABKAUSCgoCeHMYBSADKAUSCgoCeXMYBiADKAUiygEKD1J1blRhc2tSZXNwb25zZRIvCghwcm9ncmVzcxgBIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASJgoGcmVzdWx0GAIgASgLMhQubGF0ZW50ZmFybS52MS5JbWFnZUgAEikKB3dhcm5pbmcYAyABKAsyFi5sYXRlbnRmYXJtLnYxLldhcm5pbmdIABIrCghoYW5kb3ZlchgEIAEoCzIXLmxhdGVudGZhcm0udjEuSGFuZG92ZXJIAEIGCgRraW5kIg8KDVN0YXR1c1JlcXVlc3QiSQoOU3RhdHVzUmVzcG9uc2USJwoFYWdlbnQYASABKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbxIOCgZtb2RlbHMYAiADKAkigwEKCUhlYXJ0YmVhdBInCgVhZ2VudBgBIAEoCzIYLmxhdGVudGZhcm0udjEuQWdlbnRJbmZvEjIKEGF2YWlsYWJsZV9tb2RlbHMYAiADKAsyGC5sYXRlbnRmYXJtLnYxLk1vZGVsSW5mbxIZChFmcmVlX21lbW9yeV9ieXRlcxgDIAEoAyJsCgxUYXNrUHJvZ3Jlc3MSDwoHdGFza19pZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSEAoIYWdlbnRfaWQYAyABKAkSKQoEc3RlcBgEIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzKqkBCglUYXNrU3RhZ2USEwoPVEFTS19TVEFHRV9GVUxMEAASGQoVVEFTS19TVEFHRV9GSVJTVF9QQVNTEAESGgoWVEFTS19TVEFHRV9TRUNPTkRfUEFTUxACEhYKElRBU0tfU1RBR0VfVVBTQ0FMRRADEh8KG1RBU0tfU1RBR0VfU0VDT05EX1BBU1NfVElMRRAEEhcKE1RBU0tfU1RBR0VfQVNTRU1CTEUQBTKhAQoMQWdlbnRTZXJ2aWNlEkoKB1J1blRhc2sSHS5sYXRlbnRmYXJtLnYxLlJ1blRhc2tSZXF1ZXN0Gh4ubGF0ZW50ZmFybS52MS5SdW5UYXNrUmVzcG9uc2UwARJFCgZTdGF0dXMSHC5sYXRlbnRmYXJtLnYxLlN0YXR1c1JlcXVlc3QaHS5sYXRlbnRmYXJtLnYxLlN0YXR1c1Jlc3BvbnNlYgZwcm90bzM", [file_latentfarm_v1_generation, file_latentfarm_v1_render]);
+  fileDesc("ChlsYXRlbnRmYXJtL3YxL2FnZW50LnByb3RvEg1sYXRlbnRmYXJtLnYxIrUCCg5SdW5UYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIvCgZwYXJhbXMYAyABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEwoLaW1hZ2VfaW5kZXgYBCABKAUSDAoEc2VlZBgFIAEoAxIPCgdzdWJzZWVkGAYgASgDEg8KB2F0dGVtcHQYByABKAUSJwoFc3RhZ2UYCCABKA4yGC5sYXRlbnRmYXJtLnYxLlRhc2tTdGFnZRInCgZpbnB1dHMYCSADKAsyFy5sYXRlbnRmYXJtLnYxLkhhbmRvdmVyEhIKCnRpbGVfaW5kZXgYCiABKAUSJgoFdGlsZXMYCyABKAsyFy5sYXRlbnRmYXJtLnYxLlRpbGVQbGFuImkKCEhhbmRvdmVyEi0KBmxhdGVudBgBIAEoCzIbLmxhdGVudGZhcm0udjEuTGF0ZW50VGVuc29ySAASJgoDcmdiGAIgASgLMhcubGF0ZW50ZmFybS52MS5SZ2JJbWFnZUgAQgYKBGRhdGEiKwoMTGF0ZW50VGVuc29yEg0KBXNoYXBlGAEgAygFEgwKBGRhdGEYAiABKAwiNwoIUmdiSW1hZ2USDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEgwKBGRhdGEYAyABKAwiagoIVGlsZVBsYW4SDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEhIKCnRpbGVfd2lkdGgYAyABKAUSEwoLdGlsZV9oZWlnaHQYBCABKAUSCgoCeHMYBSADKAUSCgoCeXMYBiADKAUiygEKD1J1blRhc2tSZXNwb25zZRIvCghwcm9ncmVzcxgBIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASJgoGcmVzdWx0GAIgASgLMhQubGF0ZW50ZmFybS52MS5JbWFnZUgAEikKB3dhcm5pbmcYAyABKAsyFi5sYXRlbnRmYXJtLnYxLldhcm5pbmdIABIrCghoYW5kb3ZlchgEIAEoCzIXLmxhdGVudGZhcm0udjEuSGFuZG92ZXJIAEIGCgRraW5kIkUKEUNhbmNlbFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIOCgZyZWFzb24YAyABKAkiJQoSQ2FuY2VsVGFza1Jlc3BvbnNlEg8KB3N0b3BwZWQYASABKAgiDwoNU3RhdHVzUmVxdWVzdCJgCg5TdGF0dXNSZXNwb25zZRInCgVhZ2VudBgBIAEoCzIYLmxhdGVudGZhcm0udjEuQWdlbnRJbmZvEg4KBm1vZGVscxgCIAMoCRIVCg1ydW5uaW5nX3Rhc2tzGAMgAygJIoMBCglIZWFydGJlYXQSJwoFYWdlbnQYASABKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbxIyChBhdmFpbGFibGVfbW9kZWxzGAIgAygLMhgubGF0ZW50ZmFybS52MS5Nb2RlbEluZm8SGQoRZnJlZV9tZW1vcnlfYnl0ZXMYAyABKAMibAoMVGFza1Byb2dyZXNzEg8KB3Rhc2tfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEikKBHN0ZXAYBCABKAsyGy5sYXRlbnRmYXJtLnYxLlN0ZXBQcm9ncmVzcyqpAQoJVGFza1N0YWdlEhMKD1RBU0tfU1RBR0VfRlVMTBAAEhkKFVRBU0tfU1RBR0VfRklSU1RfUEFTUxABEhoKFlRBU0tfU1RBR0VfU0VDT05EX1BBU1MQAhIWChJUQVNLX1NUQUdFX1VQU0NBTEUQAxIfChtUQVNLX1NUQUdFX1NFQ09ORF9QQVNTX1RJTEUQBBIXChNUQVNLX1NUQUdFX0FTU0VNQkxFEAUy9AEKDEFnZW50U2VydmljZRJKCgdSdW5UYXNrEh0ubGF0ZW50ZmFybS52MS5SdW5UYXNrUmVxdWVzdBoeLmxhdGVudGZhcm0udjEuUnVuVGFza1Jlc3BvbnNlMAESUQoKQ2FuY2VsVGFzaxIgLmxhdGVudGZhcm0udjEuQ2FuY2VsVGFza1JlcXVlc3QaIS5sYXRlbnRmYXJtLnYxLkNhbmNlbFRhc2tSZXNwb25zZRJFCgZTdGF0dXMSHC5sYXRlbnRmYXJtLnYxLlN0YXR1c1JlcXVlc3QaHS5sYXRlbnRmYXJtLnYxLlN0YXR1c1Jlc3BvbnNlYgZwcm90bzM", [file_latentfarm_v1_generation, file_latentfarm_v1_render]);
 
 /**
  * @generated from message latentfarm.v1.RunTaskRequest
@@ -270,6 +270,54 @@ export const RunTaskResponseSchema: GenMessage<RunTaskResponse> = /*@__PURE__*/
   messageDesc(file_latentfarm_v1_agent, 5);
 
 /**
+ * @generated from message latentfarm.v1.CancelTaskRequest
+ */
+export type CancelTaskRequest = Message<"latentfarm.v1.CancelTaskRequest"> & {
+  /**
+   * @generated from field: string task_id = 1;
+   */
+  taskId: string;
+
+  /**
+   * The attempt to stop: a later attempt of the same task attached to the run is left alone.
+   *
+   * @generated from field: int32 attempt = 2;
+   */
+  attempt: number;
+
+  /**
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message latentfarm.v1.CancelTaskRequest.
+ * Use `create(CancelTaskRequestSchema)` to create a new message.
+ */
+export const CancelTaskRequestSchema: GenMessage<CancelTaskRequest> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_agent, 6);
+
+/**
+ * @generated from message latentfarm.v1.CancelTaskResponse
+ */
+export type CancelTaskResponse = Message<"latentfarm.v1.CancelTaskResponse"> & {
+  /**
+   * Whether a run of that attempt was there to stop.
+   *
+   * @generated from field: bool stopped = 1;
+   */
+  stopped: boolean;
+};
+
+/**
+ * Describes the message latentfarm.v1.CancelTaskResponse.
+ * Use `create(CancelTaskResponseSchema)` to create a new message.
+ */
+export const CancelTaskResponseSchema: GenMessage<CancelTaskResponse> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_agent, 7);
+
+/**
  * @generated from message latentfarm.v1.StatusRequest
  */
 export type StatusRequest = Message<"latentfarm.v1.StatusRequest"> & {
@@ -280,7 +328,7 @@ export type StatusRequest = Message<"latentfarm.v1.StatusRequest"> & {
  * Use `create(StatusRequestSchema)` to create a new message.
  */
 export const StatusRequestSchema: GenMessage<StatusRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 6);
+  messageDesc(file_latentfarm_v1_agent, 8);
 
 /**
  * @generated from message latentfarm.v1.StatusResponse
@@ -295,6 +343,13 @@ export type StatusResponse = Message<"latentfarm.v1.StatusResponse"> & {
    * @generated from field: repeated string models = 2;
    */
   models: string[];
+
+  /**
+   * Tasks running here now, attached or waiting to be re-attached.
+   *
+   * @generated from field: repeated string running_tasks = 3;
+   */
+  runningTasks: string[];
 };
 
 /**
@@ -302,7 +357,7 @@ export type StatusResponse = Message<"latentfarm.v1.StatusResponse"> & {
  * Use `create(StatusResponseSchema)` to create a new message.
  */
 export const StatusResponseSchema: GenMessage<StatusResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 7);
+  messageDesc(file_latentfarm_v1_agent, 9);
 
 /**
  * Published on NATS subject lf.agent.<agent_id>.heartbeat.
@@ -333,7 +388,7 @@ export type Heartbeat = Message<"latentfarm.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 8);
+  messageDesc(file_latentfarm_v1_agent, 10);
 
 /**
  * Published on NATS subject lf.task.<task_id>.progress.
@@ -367,7 +422,7 @@ export type TaskProgress = Message<"latentfarm.v1.TaskProgress"> & {
  * Use `create(TaskProgressSchema)` to create a new message.
  */
 export const TaskProgressSchema: GenMessage<TaskProgress> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 9);
+  messageDesc(file_latentfarm_v1_agent, 11);
 
 /**
  * A Hires.fix image runs as a small graph of tasks that may land on different agents:
@@ -436,7 +491,10 @@ export const TaskStageSchema: GenEnum<TaskStage> = /*@__PURE__*/
  */
 export const AgentService: GenService<{
   /**
-   * Runs one image task: streams progress, then exactly one result.
+   * Runs one image task: streams progress, then exactly one result. A call for a task id the agent
+   * is already running (or finished moments ago) attaches to that run instead of starting another:
+   * a coordinator that restarted re-adopts its running tasks this way. A call that breaks leaves
+   * its task running for a grace period, waiting for such a call; CancelTask stops it at once.
    *
    * @generated from rpc latentfarm.v1.AgentService.RunTask
    */
@@ -444,6 +502,16 @@ export const AgentService: GenService<{
     methodKind: "server_streaming";
     input: typeof RunTaskRequestSchema;
     output: typeof RunTaskResponseSchema;
+  },
+  /**
+   * Stops a task now (job or image cancelled, attempt given up on).
+   *
+   * @generated from rpc latentfarm.v1.AgentService.CancelTask
+   */
+  cancelTask: {
+    methodKind: "unary";
+    input: typeof CancelTaskRequestSchema;
+    output: typeof CancelTaskResponseSchema;
   },
   /**
    * @generated from rpc latentfarm.v1.AgentService.Status

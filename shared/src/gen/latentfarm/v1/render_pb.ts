@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file latentfarm/v1/render.proto.
  */
 export const file_latentfarm_v1_render: GenFile = /*@__PURE__*/
-  fileDesc("ChpsYXRlbnRmYXJtL3YxL3JlbmRlci5wcm90bxINbGF0ZW50ZmFybS52MSKAAQoNU3VibWl0UmVxdWVzdBIvCgZwYXJhbXMYASABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEgoKcmVxdWVzdF9pZBgCIAEoCRIYChBkZWFkbGluZV91bml4X21zGAMgASgDEhAKCHByaW9yaXR5GAQgASgFIjUKDlN1Ym1pdFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRITCgtpbWFnZV9jb3VudBgCIAEoBSI2CgxXYXRjaFJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhYKDmFmdGVyX3NlcXVlbmNlGAIgASgEIscECghKb2JFdmVudBIOCgZqb2JfaWQYASABKAkSEAoIc2VxdWVuY2UYAiABKAQSFAoMdGltZV91bml4X21zGAMgASgDEicKBnF1ZXVlZBgKIAEoCzIVLmxhdGVudGZhcm0udjEuUXVldWVkSAASKwoGcGxhY2VkGAsgASgLMhkubGF0ZW50ZmFybS52MS5UYXNrUGxhY2VkSAASKwoEc3RlcBgMIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASKQoFaW1hZ2UYDSABKAsyGC5sYXRlbnRmYXJtLnYxLkltYWdlRG9uZUgAEiYKBGRvbmUYDiABKAsyFi5sYXRlbnRmYXJtLnYxLkpvYkRvbmVIABIqCgZmYWlsZWQYDyABKAsyGC5sYXRlbnRmYXJtLnYxLkpvYkZhaWxlZEgAEjAKCWNhbmNlbGxlZBgQIAEoCzIbLmxhdGVudGZhcm0udjEuSm9iQ2FuY2VsbGVkSAASKQoHd2FybmluZxgRIAEoCzIWLmxhdGVudGZhcm0udjEuV2FybmluZ0gAEi0KB3JldHJpZWQYEiABKAsyGi5sYXRlbnRmYXJtLnYxLlRhc2tSZXRyaWVkSAASOAoPaW1hZ2VfY2FuY2VsbGVkGBMgASgLMh0ubGF0ZW50ZmFybS52MS5JbWFnZUNhbmNlbGxlZEgAEjIKDGltYWdlX2ZhaWxlZBgUIAEoCzIaLmxhdGVudGZhcm0udjEuSW1hZ2VGYWlsZWRIAEIHCgVldmVudCIdCgZRdWV1ZWQSEwoLaW1hZ2VfY291bnQYASABKAUiVQoKVGFza1BsYWNlZBIPCgd0YXNrX2lkGAEgASgJEhMKC2ltYWdlX2luZGV4GAIgASgFEhAKCGFnZW50X2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUiVwoMU3RlcFByb2dyZXNzEg8KB3Rhc2tfaWQYASABKAkSEwoLaW1hZ2VfaW5kZXgYAiABKAUSDAoEc3RlcBgDIAEoBRITCgt0b3RhbF9zdGVwcxgEIAEoBSIwCglJbWFnZURvbmUSIwoFaW1hZ2UYASABKAsyFC5sYXRlbnRmYXJtLnYxLkltYWdlIh4KB0pvYkRvbmUSEwoLaW1hZ2VfY291bnQYASABKAUiPwoJSm9iRmFpbGVkEgwKBGNvZGUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRITCgtpbWFnZV9pbmRleBgDIAEoBSIOCgxKb2JDYW5jZWxsZWQiGgoHV2FybmluZxIPCgdtZXNzYWdlGAEgASgJIkMKC1Rhc2tSZXRyaWVkEg8KB3Rhc2tfaWQYASABKAkSEwoLaW1hZ2VfaW5kZXgYAiABKAUSDgoGcmVhc29uGAMgASgJIiUKDkltYWdlQ2FuY2VsbGVkEhMKC2ltYWdlX2luZGV4GAEgASgFIlMKC0ltYWdlRmFpbGVkEhMKC2ltYWdlX2luZGV4GAEgASgFEgwKBGNvZGUYAiABKAkSDwoHbWVzc2FnZRgDIAEoCRIQCghhdHRlbXB0cxgEIAEoBSI4Cg1Kb2JFdmVudEJhdGNoEicKBmV2ZW50cxgBIAMoCzIXLmxhdGVudGZhcm0udjEuSm9iRXZlbnQiNwoNV2F0Y2hSZXNwb25zZRImCgVldmVudBgBIAEoCzIXLmxhdGVudGZhcm0udjEuSm9iRXZlbnQiHAoKR2V0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkijQIKC0dldFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRImCgVzdGF0ZRgCIAEoDjIXLmxhdGVudGZhcm0udjEuSm9iU3RhdGUSLwoGcGFyYW1zGAMgASgLMh8ubGF0ZW50ZmFybS52MS5HZW5lcmF0aW9uUGFyYW1zEiQKBmltYWdlcxgEIAMoCzIULmxhdGVudGZhcm0udjEuSW1hZ2USEwoLaW1hZ2VfY291bnQYBSABKAUSEgoKZXJyb3JfY29kZRgGIAEoCRIVCg1lcnJvcl9tZXNzYWdlGAcgASgJEhUKDWZhaWxlZF9pbWFnZXMYCCADKAUSGAoQY2FuY2VsbGVkX2ltYWdlcxgJIAMoBSJICg1DYW5jZWxSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIVCg1pbWFnZV9pbmRpY2VzGAIgAygFEhAKCHRhc2tfaWRzGAMgAygJIlIKDkNhbmNlbFJlc3BvbnNlEiYKBXN0YXRlGAEgASgOMhcubGF0ZW50ZmFybS52MS5Kb2JTdGF0ZRIYChBjYW5jZWxsZWRfaW1hZ2VzGAIgAygFIhMKEUxpc3RBZ2VudHNSZXF1ZXN0Ij4KEkxpc3RBZ2VudHNSZXNwb25zZRIoCgZhZ2VudHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbyK2AQoJQWdlbnRJbmZvEhAKCGFnZW50X2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkSGgoSZXhlY3V0aW9uX3Byb3ZpZGVyGAMgASgJEg0KBXNsb3RzGAQgASgFEhIKCmJ1c3lfc2xvdHMYBSABKAUSFQoNbG9hZGVkX21vZGVscxgGIAMoCRIeChZsYXN0X2hlYXJ0YmVhdF91bml4X21zGAcgASgDEhAKCGRyYWluaW5nGAggASgIIhMKEUxpc3RNb2RlbHNSZXF1ZXN0Ij4KEkxpc3RNb2RlbHNSZXNwb25zZRIoCgZtb2RlbHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLk1vZGVsSW5mbyI8CglNb2RlbEluZm8SDAoEbmFtZRgBIAEoCRIOCgZmb3JtYXQYAiABKAkSEQoJbG9hZGVkX29uGAMgAygJKpoBCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIUChBKT0JfU1RBVEVfUVVFVUVEEAESFQoRSk9CX1NUQVRFX1JVTk5JTkcQAhIXChNKT0JfU1RBVEVfU1VDQ0VFREVEEAMSFAoQSk9CX1NUQVRFX0ZBSUxFRBAEEhcKE0pPQl9TVEFURV9DQU5DRUxMRUQQBTLHAwoNUmVuZGVyU2VydmljZRJFCgZTdWJtaXQSHC5sYXRlbnRmYXJtLnYxLlN1Ym1pdFJlcXVlc3QaHS5sYXRlbnRmYXJtLnYxLlN1Ym1pdFJlc3BvbnNlEkQKBVdhdGNoEhsubGF0ZW50ZmFybS52MS5XYXRjaFJlcXVlc3QaHC5sYXRlbnRmYXJtLnYxLldhdGNoUmVzcG9uc2UwARI8CgNHZXQSGS5sYXRlbnRmYXJtLnYxLkdldFJlcXVlc3QaGi5sYXRlbnRmYXJtLnYxLkdldFJlc3BvbnNlEkUKBkNhbmNlbBIcLmxhdGVudGZhcm0udjEuQ2FuY2VsUmVxdWVzdBodLmxhdGVudGZhcm0udjEuQ2FuY2VsUmVzcG9uc2USUQoKTGlzdEFnZW50cxIgLmxhdGVudGZhcm0udjEuTGlzdEFnZW50c1JlcXVlc3QaIS5sYXRlbnRmYXJtLnYxLkxpc3RBZ2VudHNSZXNwb25zZRJRCgpMaXN0TW9kZWxzEiAubGF0ZW50ZmFybS52MS5MaXN0TW9kZWxzUmVxdWVzdBohLmxhdGVudGZhcm0udjEuTGlzdE1vZGVsc1Jlc3BvbnNlYgZwcm90bzM", [file_latentfarm_v1_generation]);
+  fileDesc("ChpsYXRlbnRmYXJtL3YxL3JlbmRlci5wcm90bxINbGF0ZW50ZmFybS52MSKAAQoNU3VibWl0UmVxdWVzdBIvCgZwYXJhbXMYASABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEgoKcmVxdWVzdF9pZBgCIAEoCRIYChBkZWFkbGluZV91bml4X21zGAMgASgDEhAKCHByaW9yaXR5GAQgASgFIjUKDlN1Ym1pdFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRITCgtpbWFnZV9jb3VudBgCIAEoBSI2CgxXYXRjaFJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhYKDmFmdGVyX3NlcXVlbmNlGAIgASgEIscECghKb2JFdmVudBIOCgZqb2JfaWQYASABKAkSEAoIc2VxdWVuY2UYAiABKAQSFAoMdGltZV91bml4X21zGAMgASgDEicKBnF1ZXVlZBgKIAEoCzIVLmxhdGVudGZhcm0udjEuUXVldWVkSAASKwoGcGxhY2VkGAsgASgLMhkubGF0ZW50ZmFybS52MS5UYXNrUGxhY2VkSAASKwoEc3RlcBgMIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASKQoFaW1hZ2UYDSABKAsyGC5sYXRlbnRmYXJtLnYxLkltYWdlRG9uZUgAEiYKBGRvbmUYDiABKAsyFi5sYXRlbnRmYXJtLnYxLkpvYkRvbmVIABIqCgZmYWlsZWQYDyABKAsyGC5sYXRlbnRmYXJtLnYxLkpvYkZhaWxlZEgAEjAKCWNhbmNlbGxlZBgQIAEoCzIbLmxhdGVudGZhcm0udjEuSm9iQ2FuY2VsbGVkSAASKQoHd2FybmluZxgRIAEoCzIWLmxhdGVudGZhcm0udjEuV2FybmluZ0gAEi0KB3JldHJpZWQYEiABKAsyGi5sYXRlbnRmYXJtLnYxLlRhc2tSZXRyaWVkSAASOAoPaW1hZ2VfY2FuY2VsbGVkGBMgASgLMh0ubGF0ZW50ZmFybS52MS5JbWFnZUNhbmNlbGxlZEgAEjIKDGltYWdlX2ZhaWxlZBgUIAEoCzIaLmxhdGVudGZhcm0udjEuSW1hZ2VGYWlsZWRIAEIHCgVldmVudCIdCgZRdWV1ZWQSEwoLaW1hZ2VfY291bnQYASABKAUiVQoKVGFza1BsYWNlZBIPCgd0YXNrX2lkGAEgASgJEhMKC2ltYWdlX2luZGV4GAIgASgFEhAKCGFnZW50X2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUiVwoMU3RlcFByb2dyZXNzEg8KB3Rhc2tfaWQYASABKAkSEwoLaW1hZ2VfaW5kZXgYAiABKAUSDAoEc3RlcBgDIAEoBRITCgt0b3RhbF9zdGVwcxgEIAEoBSIwCglJbWFnZURvbmUSIwoFaW1hZ2UYASABKAsyFC5sYXRlbnRmYXJtLnYxLkltYWdlIh4KB0pvYkRvbmUSEwoLaW1hZ2VfY291bnQYASABKAUiPwoJSm9iRmFpbGVkEgwKBGNvZGUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRITCgtpbWFnZV9pbmRleBgDIAEoBSIOCgxKb2JDYW5jZWxsZWQiGgoHV2FybmluZxIPCgdtZXNzYWdlGAEgASgJIkMKC1Rhc2tSZXRyaWVkEg8KB3Rhc2tfaWQYASABKAkSEwoLaW1hZ2VfaW5kZXgYAiABKAUSDgoGcmVhc29uGAMgASgJIiUKDkltYWdlQ2FuY2VsbGVkEhMKC2ltYWdlX2luZGV4GAEgASgFIlMKC0ltYWdlRmFpbGVkEhMKC2ltYWdlX2luZGV4GAEgASgFEgwKBGNvZGUYAiABKAkSDwoHbWVzc2FnZRgDIAEoCRIQCghhdHRlbXB0cxgEIAEoBSI4Cg1Kb2JFdmVudEJhdGNoEicKBmV2ZW50cxgBIAMoCzIXLmxhdGVudGZhcm0udjEuSm9iRXZlbnQiNwoNV2F0Y2hSZXNwb25zZRImCgVldmVudBgBIAEoCzIXLmxhdGVudGZhcm0udjEuSm9iRXZlbnQiHAoKR2V0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkijQIKC0dldFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRImCgVzdGF0ZRgCIAEoDjIXLmxhdGVudGZhcm0udjEuSm9iU3RhdGUSLwoGcGFyYW1zGAMgASgLMh8ubGF0ZW50ZmFybS52MS5HZW5lcmF0aW9uUGFyYW1zEiQKBmltYWdlcxgEIAMoCzIULmxhdGVudGZhcm0udjEuSW1hZ2USEwoLaW1hZ2VfY291bnQYBSABKAUSEgoKZXJyb3JfY29kZRgGIAEoCRIVCg1lcnJvcl9tZXNzYWdlGAcgASgJEhUKDWZhaWxlZF9pbWFnZXMYCCADKAUSGAoQY2FuY2VsbGVkX2ltYWdlcxgJIAMoBSJICg1DYW5jZWxSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIVCg1pbWFnZV9pbmRpY2VzGAIgAygFEhAKCHRhc2tfaWRzGAMgAygJIlIKDkNhbmNlbFJlc3BvbnNlEiYKBXN0YXRlGAEgASgOMhcubGF0ZW50ZmFybS52MS5Kb2JTdGF0ZRIYChBjYW5jZWxsZWRfaW1hZ2VzGAIgAygFIhMKEUxpc3RBZ2VudHNSZXF1ZXN0Ij4KEkxpc3RBZ2VudHNSZXNwb25zZRIoCgZhZ2VudHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbyK2AQoJQWdlbnRJbmZvEhAKCGFnZW50X2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkSGgoSZXhlY3V0aW9uX3Byb3ZpZGVyGAMgASgJEg0KBXNsb3RzGAQgASgFEhIKCmJ1c3lfc2xvdHMYBSABKAUSFQoNbG9hZGVkX21vZGVscxgGIAMoCRIeChZsYXN0X2hlYXJ0YmVhdF91bml4X21zGAcgASgDEhAKCGRyYWluaW5nGAggASgIIhMKEUxpc3RNb2RlbHNSZXF1ZXN0Ij4KEkxpc3RNb2RlbHNSZXNwb25zZRIoCgZtb2RlbHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLk1vZGVsSW5mbyI8CglNb2RlbEluZm8SDAoEbmFtZRgBIAEoCRIOCgZmb3JtYXQYAiABKAkSEQoJbG9hZGVkX29uGAMgAygJIhUKE0xpc3RTYW1wbGVyc1JlcXVlc3QiRAoUTGlzdFNhbXBsZXJzUmVzcG9uc2USLAoIc2FtcGxlcnMYASADKAsyGi5sYXRlbnRmYXJtLnYxLlNhbXBsZXJJbmZvIpYBCgtTYW1wbGVySW5mbxIMCgRuYW1lGAEgASgJEg8KB2FsaWFzZXMYAiADKAkSOAoHb3B0aW9ucxgDIAMoCzInLmxhdGVudGZhcm0udjEuU2FtcGxlckluZm8uT3B0aW9uc0VudHJ5Gi4KDE9wdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIhcKFUxpc3RTY2hlZHVsZXJzUmVxdWVzdCJKChZMaXN0U2NoZWR1bGVyc1Jlc3BvbnNlEjAKCnNjaGVkdWxlcnMYASADKAsyHC5sYXRlbnRmYXJtLnYxLlNjaGVkdWxlckluZm8iPQoNU2NoZWR1bGVySW5mbxIMCgRuYW1lGAEgASgJEg0KBWxhYmVsGAIgASgJEg8KB2FsaWFzZXMYAyADKAkqmgEKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEEpPQl9TVEFURV9RVUVVRUQQARIVChFKT0JfU1RBVEVfUlVOTklORxACEhcKE0pPQl9TVEFURV9TVUNDRUVERUQQAxIUChBKT0JfU1RBVEVfRkFJTEVEEAQSFwoTSk9CX1NUQVRFX0NBTkNFTExFRBAFMv8ECg1SZW5kZXJTZXJ2aWNlEkUKBlN1Ym1pdBIcLmxhdGVudGZhcm0udjEuU3VibWl0UmVxdWVzdBodLmxhdGVudGZhcm0udjEuU3VibWl0UmVzcG9uc2USRAoFV2F0Y2gSGy5sYXRlbnRmYXJtLnYxLldhdGNoUmVxdWVzdBocLmxhdGVudGZhcm0udjEuV2F0Y2hSZXNwb25zZTABEjwKA0dldBIZLmxhdGVudGZhcm0udjEuR2V0UmVxdWVzdBoaLmxhdGVudGZhcm0udjEuR2V0UmVzcG9uc2USRQoGQ2FuY2VsEhwubGF0ZW50ZmFybS52MS5DYW5jZWxSZXF1ZXN0Gh0ubGF0ZW50ZmFybS52MS5DYW5jZWxSZXNwb25zZRJRCgpMaXN0QWdlbnRzEiAubGF0ZW50ZmFybS52MS5MaXN0QWdlbnRzUmVxdWVzdBohLmxhdGVudGZhcm0udjEuTGlzdEFnZW50c1Jlc3BvbnNlElEKCkxpc3RNb2RlbHMSIC5sYXRlbnRmYXJtLnYxLkxpc3RNb2RlbHNSZXF1ZXN0GiEubGF0ZW50ZmFybS52MS5MaXN0TW9kZWxzUmVzcG9uc2USVwoMTGlzdFNhbXBsZXJzEiIubGF0ZW50ZmFybS52MS5MaXN0U2FtcGxlcnNSZXF1ZXN0GiMubGF0ZW50ZmFybS52MS5MaXN0U2FtcGxlcnNSZXNwb25zZRJdCg5MaXN0U2NoZWR1bGVycxIkLmxhdGVudGZhcm0udjEuTGlzdFNjaGVkdWxlcnNSZXF1ZXN0GiUubGF0ZW50ZmFybS52MS5MaXN0U2NoZWR1bGVyc1Jlc3BvbnNlYgZwcm90bzM", [file_latentfarm_v1_generation]);
 
 /**
  * @generated from message latentfarm.v1.SubmitRequest
@@ -766,6 +766,131 @@ export const ModelInfoSchema: GenMessage<ModelInfo> = /*@__PURE__*/
   messageDesc(file_latentfarm_v1_render, 26);
 
 /**
+ * @generated from message latentfarm.v1.ListSamplersRequest
+ */
+export type ListSamplersRequest = Message<"latentfarm.v1.ListSamplersRequest"> & {
+};
+
+/**
+ * Describes the message latentfarm.v1.ListSamplersRequest.
+ * Use `create(ListSamplersRequestSchema)` to create a new message.
+ */
+export const ListSamplersRequestSchema: GenMessage<ListSamplersRequest> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_render, 27);
+
+/**
+ * @generated from message latentfarm.v1.ListSamplersResponse
+ */
+export type ListSamplersResponse = Message<"latentfarm.v1.ListSamplersResponse"> & {
+  /**
+   * @generated from field: repeated latentfarm.v1.SamplerInfo samplers = 1;
+   */
+  samplers: SamplerInfo[];
+};
+
+/**
+ * Describes the message latentfarm.v1.ListSamplersResponse.
+ * Use `create(ListSamplersResponseSchema)` to create a new message.
+ */
+export const ListSamplersResponseSchema: GenMessage<ListSamplersResponse> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_render, 28);
+
+/**
+ * @generated from message latentfarm.v1.SamplerInfo
+ */
+export type SamplerInfo = Message<"latentfarm.v1.SamplerInfo"> & {
+  /**
+   * The name A1111 shows and writes into the infotext ("DPM++ 2M").
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Other accepted names (k-diffusion function names such as "k_dpmpp_2m").
+   *
+   * @generated from field: repeated string aliases = 2;
+   */
+  aliases: string[];
+
+  /**
+   * A1111's sampler options: "scheduler" (what Automatic resolves to), "second_order",
+   * "discard_next_to_last_sigma", "brownian_noise", "uses_ensd", "timestep_sampler".
+   *
+   * @generated from field: map<string, string> options = 3;
+   */
+  options: { [key: string]: string };
+};
+
+/**
+ * Describes the message latentfarm.v1.SamplerInfo.
+ * Use `create(SamplerInfoSchema)` to create a new message.
+ */
+export const SamplerInfoSchema: GenMessage<SamplerInfo> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_render, 29);
+
+/**
+ * @generated from message latentfarm.v1.ListSchedulersRequest
+ */
+export type ListSchedulersRequest = Message<"latentfarm.v1.ListSchedulersRequest"> & {
+};
+
+/**
+ * Describes the message latentfarm.v1.ListSchedulersRequest.
+ * Use `create(ListSchedulersRequestSchema)` to create a new message.
+ */
+export const ListSchedulersRequestSchema: GenMessage<ListSchedulersRequest> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_render, 30);
+
+/**
+ * @generated from message latentfarm.v1.ListSchedulersResponse
+ */
+export type ListSchedulersResponse = Message<"latentfarm.v1.ListSchedulersResponse"> & {
+  /**
+   * @generated from field: repeated latentfarm.v1.SchedulerInfo schedulers = 1;
+   */
+  schedulers: SchedulerInfo[];
+};
+
+/**
+ * Describes the message latentfarm.v1.ListSchedulersResponse.
+ * Use `create(ListSchedulersResponseSchema)` to create a new message.
+ */
+export const ListSchedulersResponseSchema: GenMessage<ListSchedulersResponse> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_render, 31);
+
+/**
+ * @generated from message latentfarm.v1.SchedulerInfo
+ */
+export type SchedulerInfo = Message<"latentfarm.v1.SchedulerInfo"> & {
+  /**
+   * The id A1111's API uses ("karras", "align_your_steps").
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The label A1111 shows and writes as "Schedule type" ("Karras", "Align Your Steps").
+   *
+   * @generated from field: string label = 2;
+   */
+  label: string;
+
+  /**
+   * @generated from field: repeated string aliases = 3;
+   */
+  aliases: string[];
+};
+
+/**
+ * Describes the message latentfarm.v1.SchedulerInfo.
+ * Use `create(SchedulerInfoSchema)` to create a new message.
+ */
+export const SchedulerInfoSchema: GenMessage<SchedulerInfo> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_render, 32);
+
+/**
  * @generated from enum latentfarm.v1.JobState
  */
 export enum JobState {
@@ -863,6 +988,26 @@ export const RenderService: GenService<{
     methodKind: "unary";
     input: typeof ListModelsRequestSchema;
     output: typeof ListModelsResponseSchema;
+  },
+  /**
+   * The sampler names a job may use, with their aliases, as A1111's /sdapi/v1/samplers lists them.
+   *
+   * @generated from rpc latentfarm.v1.RenderService.ListSamplers
+   */
+  listSamplers: {
+    methodKind: "unary";
+    input: typeof ListSamplersRequestSchema;
+    output: typeof ListSamplersResponseSchema;
+  },
+  /**
+   * The schedule types ("scheduler" in a job), as A1111's /sdapi/v1/schedulers lists them.
+   *
+   * @generated from rpc latentfarm.v1.RenderService.ListSchedulers
+   */
+  listSchedulers: {
+    methodKind: "unary";
+    input: typeof ListSchedulersRequestSchema;
+    output: typeof ListSchedulersResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_latentfarm_v1_render, 0);

@@ -1,0 +1,138 @@
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import { FarmError, type Handover, type Image, type RunTaskResponseSchema } from "@latentfarm/shared";
+import * as grpc from "@grpc/grpc-js";
+
+export type RunTaskMessage = MessageInitShape<typeof RunTaskResponseSchema>;
+/** What a task produces: the final image, or a Hires.fix stage's hand-over to the next stage. */
+export type TaskOutput = { case: "result"; value: Image } | { case: "handover"; value: Handover };
+
+interface Subscriber {
+  readonly queue: RunTaskMessage[];
+  wake: (() => void) | undefined;
+}
+
+export interface TaskRunOptions {
+  taskId: string;
+  attempt: number;
+  /**
+   * How long the run goes on with nobody attached (its coordinator's stream broke), waiting for a
+   * restarted coordinator to re-attach; after that it is cancelled. Also how long a finished
+   * run's result is kept for a late re-attach.
+   */
+  orphanGraceMs: number;
+  /** The run has ended and its retention is over: the owner forgets it. */
+  onExpired: (run: TaskRun) => void;
+}
+
+/**
+ * One task's render on this agent, decoupled from the RunTask calls that watch it. A coordinator
+ * that restarts loses its streams but not the agents' work: the render keeps going for a grace
+ * period, and a RunTask for the same task id attaches to it and receives the rest — the latest
+ * step at once, then live progress and the result. Every attached call sees the same outcome.
+ */
+export class TaskRun {
+  readonly taskId: string;
+  readonly abort = new AbortController();
+  /** The newest attempt attached; CancelTask for an older attempt leaves the run alone. */
+  attempt: number;
+  private readonly subscribers = new Set<Subscriber>();
+  private readonly warnings: RunTaskMessage[] = [];
+  private latestProgress: RunTaskMessage | undefined;
+  private outcome: { output: TaskOutput } | { error: FarmError } | undefined;
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(private readonly opts: TaskRunOptions) {
+    this.taskId = opts.taskId;
+    this.attempt = opts.attempt;
+  }
+
+  get finished(): boolean {
+    return this.outcome !== undefined;
+  }
+
+  get attached(): number {
+    return this.subscribers.size;
+  }
+
+  progress(msg: RunTaskMessage): void {
+    this.latestProgress = msg;
+    this.broadcast(msg);
+  }
+
+  warning(msg: RunTaskMessage): void {
+    this.warnings.push(msg);
+    this.broadcast(msg);
+  }
+
+  /** The render ended; attached calls get its output or the error. */
+  finish(outcome: { output: TaskOutput } | { error: FarmError }): void {
+    if (this.outcome) return;
+    this.outcome = outcome;
+    for (const s of this.subscribers) s.wake?.();
+    if (this.subscribers.size === 0) this.startTimer();
+  }
+
+  /** Stops the render now (CancelTask, drain, shutdown). */
+  cancel(reason: FarmError): void {
+    this.abort.abort(reason);
+  }
+
+  /**
+   * Streams the run to one caller: warnings so far, the latest step, then everything live, then
+   * the result (or throws the run's error). The caller leaving does not stop the run.
+   */
+  async *attach(signal: AbortSignal, attempt: number): AsyncGenerator<RunTaskMessage> {
+    this.attempt = Math.max(this.attempt, attempt);
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
+    const sub: Subscriber = { queue: [...this.warnings], wake: undefined };
+    if (this.latestProgress) sub.queue.push(this.latestProgress);
+    this.subscribers.add(sub);
+    const onAbort = (): void => sub.wake?.();
+    signal.addEventListener("abort", onAbort, { once: true });
+    try {
+      for (;;) {
+        while (sub.queue.length > 0) yield sub.queue.shift()!;
+        if (signal.aborted) throw FarmError.from(signal.reason ?? new FarmError(grpc.status.CANCELLED, "call cancelled"));
+        if (this.outcome) break;
+        await new Promise<void>((r) => (sub.wake = r));
+        sub.wake = undefined;
+      }
+      const outcome = this.outcome;
+      if ("error" in outcome) throw outcome.error;
+      yield { kind: outcome.output };
+    } finally {
+      signal.removeEventListener("abort", onAbort);
+      this.subscribers.delete(sub);
+      if (this.subscribers.size === 0) this.startTimer();
+    }
+  }
+
+  /** Drops the retention timer (agent shutdown). */
+  dispose(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
+  }
+
+  private broadcast(msg: RunTaskMessage): void {
+    for (const s of this.subscribers) {
+      s.queue.push(msg);
+      s.wake?.();
+    }
+  }
+
+  private startTimer(): void {
+    if (this.timer) return;
+    this.timer = setTimeout(() => {
+      this.timer = undefined;
+      if (this.subscribers.size > 0) return;
+      if (!this.outcome) {
+        this.abort.abort(new FarmError(grpc.status.CANCELLED, `no coordinator re-attached to task ${this.taskId} within ${this.opts.orphanGraceMs} ms`));
+        // The render's own end calls finish(), which starts the retention timer.
+        return;
+      }
+      this.opts.onExpired(this);
+    }, this.opts.orphanGraceMs);
+    this.timer.unref();
+  }
+}
