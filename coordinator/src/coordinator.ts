@@ -25,6 +25,7 @@ import {
   serverCredentials,
   type GenerationParams,
   type HandlerContext,
+  type Handover,
   type Image,
   type Logger,
   type TlsFiles,
@@ -35,6 +36,7 @@ import { DEFAULT_DURABLE_CONFIG, DurableStore, type DurableStoreConfig } from ".
 import { DEFAULT_TENANT_POLICY, type TenantPolicy } from "./fair-queue.js";
 import { Job, JobStore, type JobSpec } from "./job-store.js";
 import { Scheduler, type Task } from "./scheduler.js";
+import { DEFAULT_HIRES_TILING, HiresImage, checkTiling, equivalentSteps, planHires, type HiresPlan, type HiresTiling } from "./hires-stages.js";
 import { SpeedModel, type SpeedKey } from "./speed-model.js";
 import { DEFAULT_LIMITS, imageSeeds, resolveSeed, validateJob, type Limits, type SamplerSupport } from "./validate.js";
 
@@ -73,6 +75,8 @@ export interface CoordinatorConfig {
   imageCacheBytes?: number;
   /** Agents below this free memory get a model they have not loaded only when no other agent can. */
   minFreeMemoryBytes?: bigint;
+  /** When a Hires.fix second pass is tiled, and the tiles' size and overlap. */
+  hires?: Partial<HiresTiling>;
   logger: Logger;
 }
 
@@ -114,6 +118,7 @@ export class Coordinator {
   private readonly scheduler: Scheduler;
   readonly speed: SpeedModel;
   private readonly limits: Limits;
+  private readonly tiling: HiresTiling;
   private readonly tenantPolicies: Map<string, TenantPolicy>;
   private readonly defaultPolicy: TenantPolicy;
   /** Unfinished images per tenant (queued or running): what the queued-images limit counts. */
@@ -130,6 +135,8 @@ export class Coordinator {
 
   constructor(private readonly cfg: CoordinatorConfig) {
     this.limits = { ...DEFAULT_LIMITS, ...cfg.limits };
+    this.tiling = { ...DEFAULT_HIRES_TILING, ...cfg.hires };
+    checkTiling(this.tiling);
     this.defaultPolicy = { ...DEFAULT_TENANT_POLICY, ...cfg.tenants?.["*"] };
     this.tenantPolicies = new Map(Object.entries(cfg.tenants ?? {}).map(([t, p]) => [t, { ...this.defaultPolicy, ...p }]));
     this.speed = new SpeedModel();
@@ -158,7 +165,8 @@ export class Coordinator {
       {
         onPlaced: (task, run) => {
           const job = task.job;
-          job.attempts[task.imageIndex] = run.attempt;
+          // A split image counts the attempts of its stages each; the record keeps the most.
+          job.attempts[task.imageIndex] = task.stage ? Math.max(job.attempts[task.imageIndex] ?? 0, run.attempt) : run.attempt;
           job.agents[task.imageIndex] = run.agent.id;
           job.images[task.imageIndex] = "r";
           if (job.state === JobState.QUEUED) job.state = JobState.RUNNING;
@@ -167,13 +175,27 @@ export class Coordinator {
           // in a crash it only means the image is placed afresh, which a restart does anyway.
           this.updateTenantGauges(job.spec.tenant);
         },
-        onStep: (task, step) => this.store.emit(task.job, { case: "step", value: step }),
+        onStep: (task, step) => {
+          if (!task.stage) {
+            this.store.emit(task.job, { case: "step", value: step });
+            return;
+          }
+          // Stages count their own steps; the image's progress adds the passes up (A1111's total).
+          const hi = task.job.hires[task.imageIndex];
+          const v = hi?.progress(task.stage.request.stage, task.stage.request.tileIndex ?? 0, step.step);
+          if (hi && v !== undefined) {
+            this.store.emit(task.job, { case: "step", value: { taskId: task.id, imageIndex: task.imageIndex, step: v, totalSteps: hi.totalSteps } });
+          }
+        },
         onWarning: (task, message) => this.store.emit(task.job, { case: "warning", value: { message } }),
         onResult: (task, image, run) => void this.onImage(task, image, run.agent.id),
+        onHandover: (task, handover) => void this.onHandover(task, handover),
         onRetry: (task, err) => {
           const job = task.job;
-          job.images[task.imageIndex] = "q";
-          job.failures[task.imageIndex] = task.failures;
+          const hi = job.hires[task.imageIndex];
+          // An image with other stages still running stays running.
+          if (!hi || ![...hi.tasks].some((t) => t !== task && t.state === "running")) job.images[task.imageIndex] = "q";
+          job.failures[task.imageIndex] = task.stage ? Math.max(job.failures[task.imageIndex] ?? 0, task.failures) : task.failures;
           this.store.emit(job, { case: "retried", value: { taskId: task.id, imageIndex: task.imageIndex, reason: `${err.codeName}: ${err.message}` } });
           this.persistLater(job);
           this.updateTenantGauges(job.spec.tenant);
@@ -385,12 +407,19 @@ export class Coordinator {
         if (announced.has(i) || (await durable.hasImage(job.id, i))) job.images[i] = "d";
       }
       // A placement is written with the job's next state write, so the record can lag behind; the
-      // event stream says where each image went last, unless it came back for a retry after that.
-      const placedOn = new Map<number, { agentId: string; attempt: number }>();
+      // event stream says where each task went last, unless it came back for a retry after that.
+      const placedOn = new Map<string, { agentId: string; attempt: number; imageIndex: number }>();
       for (const e of job.events) {
         const ev = e.event;
-        if (ev.case === "placed") placedOn.set(ev.value.imageIndex, { agentId: ev.value.agentId, attempt: ev.value.attempt });
-        else if (ev.case === "retried") placedOn.delete(ev.value.imageIndex);
+        if (ev.case === "placed") placedOn.set(ev.value.taskId, { agentId: ev.value.agentId, attempt: ev.value.attempt, imageIndex: ev.value.imageIndex });
+        else if (ev.case === "retried") placedOn.delete(ev.value.taskId);
+      }
+      for (const last of placedOn.values()) {
+        const i = last.imageIndex;
+        if (last.attempt >= (job.attempts[i] ?? 0)) {
+          job.agents[i] = last.agentId;
+          job.attempts[i] = last.attempt;
+        }
       }
       this.store.add(job);
       const lost = await this.store.repairEvents(job);
@@ -398,25 +427,32 @@ export class Coordinator {
       const tasks: Task[] = [];
       const p = job.spec.params;
       const seeds = imageSeeds(p.seed ?? 0n, p.subseed ?? 0n, p.subseedStrength, job.spec.imageCount);
+      let openImages = 0;
+      let plan: HiresPlan | undefined;
+      try {
+        plan = planHires(p, this.tiling);
+      } catch {
+        // Refused at Submit; a record that has it anyway runs as one task and fails on the agent.
+      }
       for (let i = 0; i < job.images.length; i++) {
         const s = job.images[i];
         if (s !== "q" && s !== "r") continue;
-        const t = this.makeTask(job, i, seeds);
-        t.failures = job.failures[i] ?? 0;
-        const last = placedOn.get(i);
-        if (last && last.attempt >= (job.attempts[i] ?? 0)) {
-          job.agents[i] = last.agentId;
-          job.attempts[i] = last.attempt;
-        }
-        if (s === "r" || last) {
-          // The render may still be going on that agent: wait a little for it to show up and re-attach.
-          t.preferAgent = job.agents[i];
-          t.adoptUntil = Date.now() + (this.cfg.adoptWaitMs ?? 2 * (this.cfg.agentTimeoutMs ?? 5000));
+        const resumed = plan ? await this.resumeStages(job, i, plan, seeds[i]!) : [this.makeTask(job, i, seeds)];
+        for (const t of resumed) {
+          t.failures = job.failures[i] ?? 0;
+          // A task whose render may still be going on its agent waits a little for that agent to
+          // show up, and re-attaches to it.
+          const last = placedOn.get(t.id) ?? (s === "r" && resumed.length === 1 && job.agents[i] ? { agentId: job.agents[i]! } : undefined);
+          if (last) {
+            t.preferAgent = last.agentId;
+            t.adoptUntil = Date.now() + (this.cfg.adoptWaitMs ?? 2 * (this.cfg.agentTimeoutMs ?? 5000));
+          } else if (s === "r") t.preferAgent = job.agents[i];
         }
         job.images[i] = "q";
-        tasks.push(t);
+        openImages++;
+        tasks.push(...resumed);
       }
-      this.addOutstanding(job.spec.tenant, tasks.length);
+      this.addOutstanding(job.spec.tenant, openImages);
       this.armDeadline(job);
       this.m.metrics.jobsResumed.inc();
       resumed++;
@@ -465,6 +501,110 @@ export class Coordinator {
   private updateTenantGauges(tenant: string): void {
     this.m.metrics.tenantQueuedImages.set({ tenant }, this.outstanding.get(tenant) ?? 0);
     this.m.metrics.tenantRunningImages.set({ tenant }, this.scheduler.tenantRunning(tenant));
+  }
+
+  /**
+   * A Hires.fix image after a restart: the hand-overs stored before the crash are read back, and
+   * only the stages after them are queued.
+   */
+  private async resumeStages(job: Job, i: number, plan: HiresPlan, seeds: { seed: bigint; subseed: bigint }): Promise<Task[]> {
+    const hi = new HiresImage<Task>(plan, seeds.seed, seeds.subseed);
+    job.hires[i] = hi;
+    for (const { name, object } of hi.storedNames()) {
+      // Later hand-overs are only useful on top of earlier ones.
+      if (name === "up" && !hi.outputs.has("first")) break;
+      if (name.startsWith("t") && !hi.outputs.has("up")) break;
+      const h = await this.store.handover(job.id, i, object).catch(() => undefined);
+      if (!h) continue;
+      try {
+        hi.check(name, h);
+        hi.outputs.set(name, h);
+      } catch (err) {
+        this.cfg.logger.warn("stored hand-over ignored", { jobId: job.id, index: i, name, error: String(err) });
+      }
+    }
+    return this.readyStages(job, i);
+  }
+
+  /** Tasks of an image: one, or the first stages of a Hires.fix image split across agents. */
+  private imageTasks(job: Job, i: number, plan: HiresPlan | undefined, seeds: Array<{ seed: bigint; subseed: bigint }>): Task[] {
+    if (!plan) return [this.makeTask(job, i, seeds)];
+    job.hires[i] = new HiresImage<Task>(plan, seeds[i]!.seed, seeds[i]!.subseed);
+    return this.readyStages(job, i);
+  }
+
+  /** Tasks for the stages of an image whose inputs have all arrived (not yet queued). */
+  private readyStages(job: Job, i: number): Task[] {
+    const hi = job.hires[i];
+    if (!hi) return [];
+    const p = job.spec.params;
+    return hi.ready().map((spec) => {
+      const key: SpeedKey = { model: p.model, width: spec.width, height: spec.height };
+      const t: Task = {
+        id: `${job.id}-${i}.${spec.name}`,
+        job,
+        imageIndex: i,
+        seed: hi.seed,
+        subseed: hi.subseed,
+        tenant: job.spec.tenant,
+        key,
+        steps: spec.steps,
+        cost: (Math.max(1, spec.steps) * key.width * key.height) / (512 * 512),
+        state: "queued",
+        failures: 0,
+        failedOn: new Set(),
+        runs: [],
+        preferAgent: undefined,
+        lastStep: 0,
+        stage: { name: spec.name, request: hi.request(spec), attempts: 0 },
+      };
+      hi.started.add(spec.name);
+      hi.tasks.add(t);
+      return t;
+    });
+  }
+
+  /** An image ended (done, failed, cancelled): its open stages stop and its hand-overs go. */
+  private endStages(job: Job, i: number, reason: string): void {
+    const hi = job.hires[i];
+    if (!hi) return;
+    job.hires[i] = undefined;
+    const open = [...hi.tasks].filter((t) => t.state === "queued" || t.state === "running");
+    if (open.length > 0) this.scheduler.cancel(open, reason);
+    this.store.dropHandovers(job.id, i, hi.storedNames().map((n) => n.object));
+  }
+
+  /**
+   * A stage handed over: kept durably first (a restart then resumes after it), then the stages it
+   * completes the inputs of are queued, keeping the job's place in its tenant's queue.
+   */
+  private async onHandover(task: Task, handover: Handover): Promise<void> {
+    const job = task.job;
+    const i = task.imageIndex;
+    const hi = job.hires[i];
+    const name = task.stage?.name;
+    if (!hi || name === undefined) return;
+    hi.tasks.delete(task);
+    const open = (): boolean => !job.final && job.hires[i] === hi && (job.images[i] === "q" || job.images[i] === "r");
+    if (!open()) return;
+    try {
+      hi.check(name, handover);
+    } catch (err) {
+      await this.onImageFailed(task, FarmError.from(err));
+      return;
+    }
+    const object = hi.storedNames().find((n) => n.name === name)?.object ?? name;
+    try {
+      await this.store.storeHandover(job, i, object, handover);
+    } catch (err) {
+      // Only when shutting down: the stage runs again after the restart.
+      this.cfg.logger.warn("hand-over not stored", { jobId: job.id, index: i, stage: name, error: String(err) });
+      return;
+    }
+    if (!open()) return;
+    hi.outputs.set(name, handover);
+    const next = this.readyStages(job, i);
+    if (next.length > 0) this.scheduler.enqueueJob(job, next);
   }
 
   private makeTask(job: Job, i: number, all?: Array<{ seed: bigint; subseed: bigint }>): Task {
@@ -553,7 +693,8 @@ export class Coordinator {
       throw FarmError.notFound(`model "${v.params.model}" is not offered by any agent (known: ${known.join(", ") || "none"})`, "model");
     }
     const key: SpeedKey = { model: v.params.model, width: v.params.width ?? 512, height: v.params.height ?? 512 };
-    const steps = v.params.steps ?? 20;
+    const plan = planHires(v.params, this.tiling);
+    const steps = plan ? equivalentSteps(plan) : (v.params.steps ?? 20);
     this.admit(tenant, key, steps, v.imageCount, opts.deadlineUnixMs ?? 0);
     v.params.seed = resolveSeed(v.params.seed);
     v.params.subseed = resolveSeed(v.params.subseed);
@@ -574,7 +715,7 @@ export class Coordinator {
     this.m.metrics.jobsInMemory.set(this.store.size);
     this.store.emit(job, { case: "queued", value: { imageCount: v.imageCount } });
     const seeds = imageSeeds(v.params.seed, v.params.subseed, v.params.subseedStrength, v.imageCount);
-    const tasks = Array.from({ length: v.imageCount }, (_, i) => this.makeTask(job, i, seeds));
+    const tasks = Array.from({ length: v.imageCount }, (_, i) => this.imageTasks(job, i, plan, seeds)).flat();
     this.addOutstanding(tenant, v.imageCount);
     this.armDeadline(job);
     this.scheduler.enqueueJob(job, tasks);
@@ -653,10 +794,16 @@ export class Coordinator {
   private async onImage(task: Task, image: Image, agentId: string): Promise<void> {
     const job = task.job;
     const i = task.imageIndex;
+    const hi = job.hires[i];
+    if (hi) {
+      hi.tasks.delete(task);
+      hi.finishing = true;
+    }
     try {
       const full = create(ImageSchema, { ...image, agentId, index: i });
       await this.store.storeImage(job, full);
       if (job.images[i] !== "q" && job.images[i] !== "r") return;
+      this.endStages(job, i, "image finished");
       // The stored object is what makes the image done (a restart looks for it); the job record
       // catches up with a write shortly after, shared with the job's other images.
       job.images[i] = "d";
@@ -677,8 +824,9 @@ export class Coordinator {
     const i = task.imageIndex;
     if (job.images[i] !== "q" && job.images[i] !== "r") return;
     job.images[i] = "f";
-    job.failures[i] = task.failures;
+    job.failures[i] = Math.max(task.stage ? (job.failures[i] ?? 0) : 0, task.failures);
     job.imageErrors.set(i, { code: err.codeName, message: err.message });
+    this.endStages(job, i, "image failed");
     job.error = { code: err.codeName, message: err.message, imageIndex: i };
     job.announcing++;
     try {
@@ -713,16 +861,20 @@ export class Coordinator {
     job.finishedAt = Date.now();
     if (err) job.error = { code: err.codeName, message: err.message, imageIndex: -1 };
     const open: Task[] = [];
+    let openImages = 0;
+    const reason = state === JobState.CANCELLED ? "job cancelled" : `job ${JobState[state].toLowerCase()}`;
     for (let i = 0; i < job.images.length; i++) {
       if (job.images[i] !== "q" && job.images[i] !== "r") continue;
       job.images[i] = rest;
+      openImages++;
       const t = job.tasks[i];
       if (t) open.push(t);
+      this.endStages(job, i, reason);
     }
-    if (open.length > 0) {
-      this.scheduler.cancel(open, state === JobState.CANCELLED ? "job cancelled" : `job ${JobState[state].toLowerCase()}`);
-      this.m.metrics.imagesFinished.inc({ outcome: rest === "c" ? "cancelled" : "failed" }, open.length);
-      this.addOutstanding(job.spec.tenant, -open.length);
+    if (open.length > 0) this.scheduler.cancel(open, reason);
+    if (openImages > 0) {
+      this.m.metrics.imagesFinished.inc({ outcome: rest === "c" ? "cancelled" : "failed" }, openImages);
+      this.addOutstanding(job.spec.tenant, -openImages);
     }
     const timer = this.deadlines.get(job.id);
     if (timer) clearTimeout(timer);
@@ -743,6 +895,7 @@ export class Coordinator {
     this.m.metrics.jobDuration.observe({ outcome }, (job.finishedAt - job.spec.createdAt) / 1000);
     this.store.emitTerminal(job);
     job.tasks.fill(undefined);
+    job.hires.fill(undefined);
     this.store.markFinished(job);
     this.m.metrics.jobsInMemory.set(this.store.size);
   }
@@ -750,8 +903,14 @@ export class Coordinator {
   /** Another coordinator finished the job first: stop working on it. */
   private onRemoteFinal(job: Job): void {
     const open = job.tasks.filter((t): t is Task => t !== undefined && (t.state === "queued" || t.state === "running"));
+    const images = new Set(open.map((t) => t.imageIndex));
+    for (let i = 0; i < job.hires.length; i++) {
+      if (!job.hires[i]) continue;
+      images.add(i);
+      this.endStages(job, i, "job finished by another coordinator");
+    }
     this.scheduler.cancel(open, "job finished by another coordinator");
-    this.addOutstanding(job.spec.tenant, -open.length);
+    this.addOutstanding(job.spec.tenant, -images.size);
     if (!job.events.some((e) => ["done", "failed", "cancelled"].includes(e.event.case ?? ""))) this.store.emitTerminal(job);
     this.store.markFinished(job);
   }
@@ -771,8 +930,10 @@ export class Coordinator {
       indices.add(i);
     }
     for (const id of taskIds) {
+      // A stage task (`<job>-<image>.<stage>`) names its image: the image is cancelled.
       const prefix = `${job.id}-`;
-      const i = id.startsWith(prefix) ? Number(id.slice(prefix.length)) : NaN;
+      const m = id.startsWith(prefix) ? /^(\d+)(?:\.[a-z0-9]+)?$/.exec(id.slice(prefix.length)) : null;
+      const i = m ? Number(m[1]) : NaN;
       if (!Number.isInteger(i) || i < 0 || i >= job.spec.imageCount) throw FarmError.invalid("task_ids", `"${id}" is not a task of this job`);
       indices.add(i);
     }
@@ -785,10 +946,11 @@ export class Coordinator {
     const tasks: Task[] = [];
     for (const i of [...indices].sort((a, b) => a - b)) {
       const t = job.tasks[i];
-      if ((job.images[i] !== "q" && job.images[i] !== "r") || t?.state === "done") continue;
+      if ((job.images[i] !== "q" && job.images[i] !== "r") || t?.state === "done" || job.hires[i]?.finishing) continue;
       job.images[i] = "c";
       cancelled.push(i);
       if (t) tasks.push(t);
+      this.endStages(job, i, "image cancelled");
     }
     this.scheduler.cancel(tasks, "image cancelled");
     job.announcing++;

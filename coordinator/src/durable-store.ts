@@ -17,10 +17,12 @@ import {
 import { Kvm, type KV } from "@nats-io/kv";
 import { Objm, type ObjectStore } from "@nats-io/obj";
 import {
+  HandoverSchema,
   ImageSchema,
   JobEventBatchSchema,
   JobEventSchema,
   subjects,
+  type Handover,
   type Image,
   type JobEvent,
   type Logger,
@@ -276,8 +278,35 @@ export class DurableStore {
    * an overwritten image (rare: a re-render after a crash) are left to the bucket's TTL.
    */
   async putImage(jobId: string, image: Image): Promise<void> {
-    const name = `${jobId}.${image.index}`;
-    const data = toBinary(ImageSchema, image);
+    await this.putObject(`${jobId}.${image.index}`, toBinary(ImageSchema, image));
+  }
+
+  /**
+   * Stores what one stage of an image hands to the next (see hires-stages.ts) under
+   * `<job_id>.<index>.<name>`, next to the images and with their TTL; a restart reads it back so
+   * only the stages after it run again.
+   */
+  async putHandover(jobId: string, index: number, name: string, handover: Handover): Promise<void> {
+    await this.putObject(`${jobId}.${index}.${name}`, toBinary(HandoverSchema, handover));
+  }
+
+  async getHandover(jobId: string, index: number, name: string): Promise<Handover | undefined> {
+    const b = await this.images.getBlob(`${jobId}.${index}.${name}`);
+    return b ? fromBinary(HandoverSchema, b) : undefined;
+  }
+
+  /** Drops hand-overs once their image is finished (missing ones are fine). */
+  async deleteHandovers(jobId: string, index: number, names: readonly string[]): Promise<void> {
+    for (const name of names) {
+      try {
+        await this.images.delete(`${jobId}.${index}.${name}`);
+      } catch (err) {
+        if (!/not found/i.test(String(err))) throw err;
+      }
+    }
+  }
+
+  private async putObject(name: string, data: Uint8Array): Promise<void> {
     const bucket = this.names.images;
     const id = nuid.next();
     const chunkSubject = `$O.${bucket}.C.${id}`;

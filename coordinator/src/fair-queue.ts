@@ -61,15 +61,21 @@ export class FairQueue<T extends FairItem> {
     return t;
   }
 
-  /** Adds a job's items as one lane of its tenant. */
-  pushJob(tenant: string, priority: number, items: readonly T[]): void {
-    if (items.length === 0) return;
+  /**
+   * Adds a job's items as one lane of its tenant; returns the lane's place in submission order.
+   * Items a job adds later (stages that became ready) pass that place back as `order`, so they keep
+   * the job's place among the tenant's jobs instead of queueing behind newer ones.
+   */
+  pushJob(tenant: string, priority: number, items: readonly T[], order?: number): number {
+    const o = order ?? this.laneOrder++;
+    if (items.length === 0) return o;
     const t = this.tenant(tenant);
-    const lane: Lane<T> = { priority, order: this.laneOrder++, items: [...items], head: 0 };
+    const lane: Lane<T> = { priority, order: o, items: [...items], head: 0 };
     let i = t.lanes.length;
-    while (i > 0 && t.lanes[i - 1]!.priority < priority) i--;
+    while (i > 0 && (t.lanes[i - 1]!.priority < priority || (t.lanes[i - 1]!.priority === priority && t.lanes[i - 1]!.order > o))) i--;
     t.lanes.splice(i, 0, lane);
     this.count += items.length;
+    return o;
   }
 
   /** Puts an item back at the front of its tenant's queue (a retry). */

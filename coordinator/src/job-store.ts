@@ -8,11 +8,13 @@ import {
   JobEventSchema,
   JobState,
   type GenerationParams,
+  type Handover,
   type Image,
   type JobEvent,
   type Logger,
 } from "@latentfarm/shared";
 import type { Task } from "./scheduler.js";
+import type { HiresImage } from "./hires-stages.js";
 import { ConflictError, DurableStore, isFinalStored, type ImageStatus, type StoredJob, type StoredJobState } from "./durable-store.js";
 
 export type EventBody = NonNullable<MessageInitShape<typeof JobEventSchema>["event"]>;
@@ -44,8 +46,10 @@ export class Job {
   readonly attempts: number[];
   /** Failed attempts per image that count toward the delivery limit. */
   readonly failures: number[];
-  /** Scheduler tasks of a live job, by image. */
+  /** Scheduler tasks of a live job, by image (images run as one task; see `hires` for split ones). */
   readonly tasks: Array<Task | undefined>;
+  /** Stage state of each Hires.fix image still in progress, by image. */
+  readonly hires: Array<HiresImage<Task> | undefined>;
   /** Agent of each image's latest attempt. */
   readonly agents: Array<string | undefined>;
   readonly imageErrors = new Map<number, { code: string; message: string }>();
@@ -77,6 +81,7 @@ export class Job {
     this.attempts = new Array<number>(spec.imageCount).fill(0);
     this.failures = new Array<number>(spec.imageCount).fill(0);
     this.tasks = new Array<Task | undefined>(spec.imageCount).fill(undefined);
+    this.hires = new Array<HiresImage<Task> | undefined>(spec.imageCount).fill(undefined);
     this.agents = new Array<string | undefined>(spec.imageCount).fill(undefined);
   }
 
@@ -577,6 +582,40 @@ export class JobStore {
         backoff = Math.min(backoff * 2, 2000);
       }
     }
+  }
+
+  /**
+   * Keeps a stage's hand-over durably before the stages after it start (as an image is stored
+   * before it is announced): a crash after this point re-runs only later stages.
+   */
+  async storeHandover(job: Job, index: number, name: string, handover: Handover): Promise<void> {
+    if (!this.durable) return;
+    let backoff = 50;
+    await this.tick();
+    for (;;) {
+      try {
+        await this.durable.putHandover(job.id, index, name, handover);
+        return;
+      } catch (err) {
+        if (this.closed) throw err;
+        this.opts.onStoreRetry?.("image");
+        this.opts.logger.warn("storing a hand-over failed; retrying", { jobId: job.id, index, name, error: String(err) });
+        await sleep(backoff);
+        backoff = Math.min(backoff * 2, 2000);
+      }
+    }
+  }
+
+  /** A stored hand-over (after a restart), or undefined. */
+  async handover(jobId: string, index: number, name: string): Promise<Handover | undefined> {
+    return this.durable?.getHandover(jobId, index, name);
+  }
+
+  /** Drops an image's hand-overs once it ended; best effort (the object store's TTL removes leftovers). */
+  dropHandovers(jobId: string, index: number, names: readonly string[]): void {
+    this.durable?.deleteHandovers(jobId, index, names).catch((err: unknown) => {
+      this.opts.logger.debug("hand-overs not deleted; the store's TTL will", { jobId, index, error: String(err) });
+    });
   }
 
   /** A finished image with its PNG, from the cache or the object store. */

@@ -3,13 +3,16 @@ import { create } from "@bufbuild/protobuf";
 import {
   FarmError,
   RunTaskRequestSchema,
+  TaskStage,
   statusName,
   type COORDINATOR_METRICS,
+  type Handover,
   type Image,
   type Logger,
   type MetricSet,
   type StepProgress,
 } from "@latentfarm/shared";
+import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { AgentRegistry, AgentState } from "./agent-registry.js";
 import { FairQueue, type FairItem, type TenantPolicy } from "./fair-queue.js";
 import type { Job } from "./job-store.js";
@@ -41,6 +44,24 @@ export interface Task extends FairItem {
    */
   adoptUntil?: number;
   lastStep: number;
+  /** Set when the task is one stage of an image split across agents (Hires.fix); absent: the whole image. */
+  readonly stage?: TaskStageSpec;
+}
+
+/** What a stage task sends beyond the job's params: the stage, its inputs, its tile. */
+export type StageRequest = Pick<MessageInitShape<typeof RunTaskRequestSchema>, "stage" | "inputs" | "tileIndex" | "tiles">;
+
+export interface TaskStageSpec {
+  /** Short name, also the task id's suffix: "first", "second", "up", "t<n>", "asm". */
+  readonly name: string;
+  readonly request: StageRequest;
+  /** Attempts of this stage (an image's stages count their attempts each). */
+  attempts: number;
+}
+
+/** Stages whose result is a hand-over to a later stage rather than the image. */
+export function handsOver(stage: TaskStage | undefined): boolean {
+  return stage === TaskStage.FIRST_PASS || stage === TaskStage.UPSCALE || stage === TaskStage.SECOND_PASS_TILE;
 }
 
 /** One attempt of a task on one agent. */
@@ -67,6 +88,8 @@ export interface SchedulerHooks {
   onWarning(task: Task, message: string): void;
   /** The task's image; the task is already "done" and every other attempt is being cancelled. */
   onResult(task: Task, image: Image, run: Run): void;
+  /** A stage task's hand-over to later stages (see TaskStageSpec); the task is "done" as with onResult. */
+  onHandover?(task: Task, handover: Handover, run: Run): void;
   onRetry(task: Task, err: FarmError, run: Run): void;
   /** The task failed for good (non-retryable error, or the delivery limit was reached). */
   onFailed(task: Task, err: FarmError): void;
@@ -251,6 +274,8 @@ export class Scheduler {
   /** Queued tasks per model: how deep the queue is behind a task decides whether holding it back pays. */
   private readonly queuedByModel = new Map<string, number>();
   private runningCount = 0;
+  /** Each job's place in its tenant's queue, kept for the stages it adds later. */
+  private readonly laneOrder = new WeakMap<Job, number>();
   private pumpScheduled = false;
   private wakeTimer: NodeJS.Timeout | undefined;
   private wakeAt = Infinity;
@@ -311,7 +336,7 @@ export class Scheduler {
     return this.queue.running(tenant);
   }
 
-  /** Queues a job's tasks (new, or resumed after a restart). */
+  /** Queues a job's tasks (new, resumed after a restart, or stages whose inputs just arrived). */
   enqueueJob(job: Job, tasks: Task[]): void {
     for (const t of tasks) {
       this.tasks.set(t.id, t);
@@ -322,7 +347,7 @@ export class Scheduler {
         this.wakeUpAt(t.adoptUntil!);
       }
     }
-    this.queue.pushJob(job.spec.tenant, job.spec.priority, tasks);
+    this.laneOrder.set(job, this.queue.pushJob(job.spec.tenant, job.spec.priority, tasks, this.laneOrder.get(job)));
     this.updateGauges();
     this.schedulePump();
   }
@@ -568,7 +593,10 @@ export class Scheduler {
     }
     // No agent free for this task now: nothing to decide in this pass.
     if (fi < 0) return undefined;
-    if (bi >= 0 && est.measured[bi] && est.measured[fi] && bFinish + Math.max(HOLD_MIN_GAIN_MS, 0.1 * est.ms[fi]!) < fFinish) {
+    // A stage of a split image is placed work-conserving, never held: the stages after it are not
+    // queued yet, so the queue (what holding weighs) understates the work still to come, and the
+    // agent held for would be needed for it.
+    if (bi >= 0 && !task.stage && est.measured[bi] && est.measured[fi] && bFinish + Math.max(HOLD_MIN_GAIN_MS, 0.1 * est.ms[fi]!) < fFinish) {
       // Holding pays only near the end of a batch: when the agents can finish all the waiting work
       // of this model before the free agent would finish this task. With a deeper queue the free
       // agent's work is needed anyway, so it starts now.
@@ -666,7 +694,9 @@ export class Scheduler {
       task,
       agent,
       // A re-attach continues the attempt that is running; anything else is a new attempt.
-      attempt: (task.job.attempts[task.imageIndex] ?? 0) + (adopt ? 0 : 1),
+      attempt: task.stage
+        ? adopt ? task.stage.attempts : ++task.stage.attempts
+        : (task.job.attempts[task.imageIndex] ?? 0) + (adopt ? 0 : 1),
       abort: new AbortController(),
       startedAt: now,
       backup,
@@ -698,17 +728,22 @@ export class Scheduler {
       seed: task.seed,
       subseed: task.subseed,
       attempt: run.attempt,
+      ...task.stage?.request,
     });
-    let image: Image | undefined;
+    let out: { case: "result"; value: Image } | { case: "handover"; value: Handover } | undefined;
     try {
       const call = agent.client.runTask(req, { signal: run.abort.signal, ...(deadline > 0 ? { timeoutMs: Math.max(1, deadline - Date.now()) } : {}) });
       for await (const msg of call) {
         if (msg.kind.case === "progress") this.onProgress(run, msg.kind.value);
-        else if (msg.kind.case === "result") image = msg.kind.value;
+        else if (msg.kind.case === "result" || msg.kind.case === "handover") out = msg.kind;
         else if (msg.kind.case === "warning" && task.state === "running") this.hooks.onWarning(task, msg.kind.value.message);
       }
-      if (!image) throw new FarmError(grpc.status.INTERNAL, `agent ${agent.id} ended task ${task.id} without a result`);
-      this.onResult(run, image);
+      if (!out) throw new FarmError(grpc.status.INTERNAL, `agent ${agent.id} ended task ${task.id} without a result`);
+      // An agent that does not know stages renders the whole image instead: another agent may.
+      if ((out.case === "handover") !== handsOver(task.stage?.request.stage)) {
+        throw new FarmError(grpc.status.INTERNAL, `agent ${agent.id} returned ${out.case === "handover" ? "a hand-over" : "an image"} for task ${task.id}`);
+      }
+      this.onResult(run, out);
     } catch (err) {
       const reason: unknown = run.abort.signal.reason;
       const fe = run.abort.signal.aborted && reason instanceof FarmError ? reason : FarmError.from(err);
@@ -756,7 +791,7 @@ export class Scheduler {
     if (run) this.onProgress(run, step);
   }
 
-  private onResult(run: Run, image: Image): void {
+  private onResult(run: Run, out: { case: "result"; value: Image } | { case: "handover"; value: Handover }): void {
     const { task, agent } = run;
     if (task.state !== "running") {
       // A late result: the task finished elsewhere, was cancelled, or this attempt was given up on.
@@ -770,12 +805,15 @@ export class Scheduler {
       if (other !== run) other.abort.abort(new AttemptAborted(grpc.status.CANCELLED, `task ${task.id} finished on ${agent.id}`, false));
     }
     this.observeSpeed(run);
-    this.hooks.onResult(task, image, run);
+    if (out.case === "handover") this.hooks.onHandover?.(task, out.value, run);
+    else this.hooks.onResult(task, out.value, run);
   }
 
   private observeSpeed(run: Run): void {
     const end = Date.now();
     const steps = run.task.steps;
+    // Stages without sampling steps (upscale, assemble) say nothing about seconds per step.
+    if (steps === 0) return;
     if (run.firstProgressAt !== undefined && steps > 1) {
       const perStep = (end - run.firstProgressAt) / (steps - 1) / 1000;
       const before = (run.firstProgressAt - run.startedAt) / 1000 - perStep;

@@ -22,12 +22,11 @@ import {
   subjects,
   serverCredentials,
   type AgentInfo,
-  type Image,
   type Logger,
   type TlsFiles,
   type RunTaskRequest,
 } from "@latentfarm/shared";
-import { TaskRun, type RunTaskMessage } from "./task-run.js";
+import { TaskRun, type RunTaskMessage, type TaskOutput } from "./task-run.js";
 import { ModelCatalog } from "./models/catalog.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
 import { loadModel, parsePipelineKey, pipelineKey, type LoraUse } from "./models/model-loader.js";
@@ -35,7 +34,7 @@ import { extractExtraNetworks } from "./conditioning/index.js";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { LoadedPipeline } from "./pipeline/loaded-pipeline.js";
-import { DEFAULT_RESOURCES, renderTask } from "./pipeline/txt2img.js";
+import { DEFAULT_RESOURCES, runTask } from "./pipeline/txt2img.js";
 import type { ExecutionProvider } from "./runtime/protocol.js";
 
 export interface AgentConfig {
@@ -286,10 +285,10 @@ export class Agent {
       const loras: LoraUse[] = extractExtraNetworks(params.prompt).networks.map((n) => ({ name: n.name, teWeight: n.teWeight, unetWeight: n.unetWeight }));
       for (const l of params.loras) loras.push({ name: l.name, teWeight: l.teWeight, unetWeight: l.unetWeight });
       const loaded = await this.cache.acquire(pipelineKey(params.model, loras), signal);
-      let image: Image;
+      let output: TaskOutput;
       try {
         for (const w of loaded.value.loadWarnings) run.warning({ kind: { case: "warning", value: { message: w } } });
-        image = await renderTask(loaded.value, req, {
+        output = await runTask(loaded.value, req, {
           signal,
           agentId: this.id,
           onStep: (step, total) => {
@@ -312,7 +311,7 @@ export class Agent {
         loaded.release();
       }
       outcome = "succeeded";
-      run.finish({ image });
+      run.finish({ output });
     } catch (err) {
       // An abort carries its reason (a drain's hand-back, a CancelTask), which the caller must see.
       const reason: unknown = signal.aborted ? signal.reason : undefined;

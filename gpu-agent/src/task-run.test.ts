@@ -34,7 +34,7 @@ test("a caller that re-attaches after its stream broke gets the latest step, the
   assert.equal(run.abort.signal.aborted, false, "the render goes on with nobody attached");
   const b = collect(run.attach(new AbortController().signal, 1));
   run.progress(step(4));
-  run.finish({ image });
+  run.finish({ output: { case: "result", value: image } });
   const got = await b;
   assert.deepEqual(
     got.map((m) => (m.kind?.case === "progress" ? m.kind.value?.step : m.kind?.case)),
@@ -56,7 +56,7 @@ test("an orphaned run is cancelled after the grace period; a finished one is for
 
   const expired: TaskRun[] = [];
   const done = newRun(30, expired);
-  done.finish({ image });
+  done.finish({ output: { case: "result", value: image } });
   // A late attach within the retention still gets the result.
   const late = await collect(done.attach(new AbortController().signal, 1));
   assert.equal(late.at(-1)?.kind?.case, "result");

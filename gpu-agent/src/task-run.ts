@@ -1,8 +1,10 @@
 import type { MessageInitShape } from "@bufbuild/protobuf";
-import { FarmError, type Image, type RunTaskResponseSchema } from "@latentfarm/shared";
+import { FarmError, type Handover, type Image, type RunTaskResponseSchema } from "@latentfarm/shared";
 import * as grpc from "@grpc/grpc-js";
 
 export type RunTaskMessage = MessageInitShape<typeof RunTaskResponseSchema>;
+/** What a task produces: the final image, or a Hires.fix stage's hand-over to the next stage. */
+export type TaskOutput = { case: "result"; value: Image } | { case: "handover"; value: Handover };
 
 interface Subscriber {
   readonly queue: RunTaskMessage[];
@@ -36,7 +38,7 @@ export class TaskRun {
   private readonly subscribers = new Set<Subscriber>();
   private readonly warnings: RunTaskMessage[] = [];
   private latestProgress: RunTaskMessage | undefined;
-  private outcome: { image: Image } | { error: FarmError } | undefined;
+  private outcome: { output: TaskOutput } | { error: FarmError } | undefined;
   private timer: NodeJS.Timeout | undefined;
 
   constructor(private readonly opts: TaskRunOptions) {
@@ -62,8 +64,8 @@ export class TaskRun {
     this.broadcast(msg);
   }
 
-  /** The render ended; attached calls get the result or the error. */
-  finish(outcome: { image: Image } | { error: FarmError }): void {
+  /** The render ended; attached calls get its output or the error. */
+  finish(outcome: { output: TaskOutput } | { error: FarmError }): void {
     if (this.outcome) return;
     this.outcome = outcome;
     for (const s of this.subscribers) s.wake?.();
@@ -98,7 +100,7 @@ export class TaskRun {
       }
       const outcome = this.outcome;
       if ("error" in outcome) throw outcome.error;
-      yield { kind: { case: "result", value: outcome.image } };
+      yield { kind: outcome.output };
     } finally {
       signal.removeEventListener("abort", onAbort);
       this.subscribers.delete(sub);

@@ -9,3 +9,6 @@ export * from "./grpc.js";
 export * from "./sampler-catalog.js";
 export * from "./metrics-server.js";
 export * from "./security.js";
+export * from "./tiling.js";
+export * from "./hires-size.js";
+export * from "./handover.js";

@@ -1,5 +1,5 @@
 // `npm run bench`: every benchmark, printing measured numbers and ratios side by side.
-// `npm run bench -- NAME…` runs only those (agent-overhead, coordinator-dispatch, placement, speed-split).
+// `npm run bench -- NAME…` runs only those (agent-overhead, coordinator-dispatch, placement, speed-split, tiled-hires, conditioning, samplers).
 import { availableParallelism, cpus } from "node:os";
 import { benchAgentOverhead } from "./agent-overhead.js";
 import { benchConditioningCost } from "./conditioning.js";
@@ -7,6 +7,7 @@ import { benchCoordinatorDispatch } from "./coordinator-dispatch.js";
 import { benchPlacementBoth } from "./placement.js";
 import { benchSamplerOverhead } from "./samplers.js";
 import { benchSpeedSplit } from "./speed-split.js";
+import { benchTiledHires } from "./tiled-hires.js";
 
 const only = process.argv.slice(2);
 const want = (name: string): boolean => only.length === 0 || only.includes(name);
@@ -20,3 +21,4 @@ if (want("placement")) process.stdout.write(`placement, 256 agents (target ≥ 2
 if (want("speed-split")) process.stdout.write(`speed-split 1×/2×/4× (target makespan ≤ 1.15 × ideal): ${fmt(await benchSpeedSplit())}\n`);
 if (want("conditioning")) process.stdout.write(`conditioning, ~300-token prompt with edits, encoder excluded (target ≤ 2 ms cold): ${fmt(await benchConditioningCost())}\n`);
 if (want("samplers")) process.stdout.write(`samplers, 4×128×128 latent, model excluded (target b_critical ≤ 0.3 ms/step): ${fmt(await benchSamplerOverhead())}\n`);
+if (want("tiled-hires")) process.stdout.write(`tiled-hires 2048², 4 vs 1 agent (target second pass ≤ 0.35×): ${fmt(await benchTiledHires())}\n`);

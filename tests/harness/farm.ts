@@ -80,7 +80,7 @@ export interface TestFarm {
   close(): Promise<void>;
 }
 
-export async function startTestFarm(opts: { agents?: number; agentTimeoutMs?: number; slots?: number } = {}): Promise<TestFarm> {
+export async function startTestFarm(opts: { agents?: number; agentTimeoutMs?: number; slots?: number; coordinatorArgs?: string[] } = {}): Promise<TestFarm> {
   const nats = await startNatsServer();
   const tmp = mkdtempSync(join(tmpdir(), "latentfarm-test-"));
   const modelsDir = join(tmp, "models");
@@ -90,7 +90,7 @@ export async function startTestFarm(opts: { agents?: number; agentTimeoutMs?: nu
   try {
     const coordinator = await startService([
       "coordinator", "--port", "0", "--host", "127.0.0.1", "--nats", nats.url, "--metrics-port", "0",
-      "--agent-timeout-ms", String(opts.agentTimeoutMs ?? 3000),
+      "--agent-timeout-ms", String(opts.agentTimeoutMs ?? 3000), ...(opts.coordinatorArgs ?? []),
     ]);
     started.push(coordinator);
     const agents: ServiceProcess[] = [];

@@ -45,6 +45,8 @@ export interface SimAgentsSpec {
   poisonSeeds?: bigint[];
   drainMs?: number;
   logTasks?: boolean;
+  /** Steps scale with a task's pixels: stepMs is a step at this many pixels. */
+  refPixels?: number;
 }
 
 export function startSimAgents(natsUrl: string, s: SimAgentsSpec): Promise<SimProcess> {
@@ -55,6 +57,7 @@ export function startSimAgents(natsUrl: string, s: SimAgentsSpec): Promise<SimPr
   ];
   if (s.progress) args.push("--progress");
   if (s.logTasks) args.push("--log-tasks");
+  if (s.refPixels) args.push("--ref-pixels", String(s.refPixels));
   if (s.poisonSeeds?.length) args.push("--poison-seeds", s.poisonSeeds.join(","));
   const child = spawn(process.execPath, args, { cwd: REPO, stdio: ["ignore", "pipe", "pipe"] });
   let err = "";

@@ -2,7 +2,8 @@
 //   node --import tsx tests/harness/sim-agents-main.ts NATS_URL COUNT SLOTS STEP_MS [options]
 // Options: --id-prefix P (ids P0, P1, …; default "sim-"), --speeds 1,2,4 (per agent, cycled),
 // --heartbeat-ms N, --progress, --poison-seeds 5,9, --drain-ms N (grace on SIGTERM), --log-tasks
-// (one JSON line per task start/end on stdout, for tests that count executions).
+// (one JSON line per task start/end on stdout, for tests that count executions), --ref-pixels N
+// (STEP_MS is a step at N pixels; steps scale with each task's pixels).
 import { parseArgs } from "node:util";
 import { SimAgent } from "./sim-agent.js";
 
@@ -17,6 +18,7 @@ const { values: o, positionals } = parseArgs({
     "poison-seeds": { type: "string", default: "" },
     "drain-ms": { type: "string", default: "0" },
     "log-tasks": { type: "boolean", default: false },
+    "ref-pixels": { type: "string", default: "0" },
   },
 });
 const [natsUrl, count = "4", slots = "8", stepMs = "0"] = positionals;
@@ -35,6 +37,7 @@ const agents = Array.from(
       progress: o.progress,
       poisonSeeds,
       models: ["sim"],
+      refPixels: Number(o["ref-pixels"]),
       ...(o["log-tasks"]
         ? { onTask: (event, req) => process.stdout.write(JSON.stringify({ event, agent: `${o["id-prefix"]}${i}`, taskId: req.taskId, attempt: req.attempt, t: performance.timeOrigin + performance.now() }) + "\n") }
         : {}),

@@ -19,6 +19,7 @@ import {
   type LogLevel,
 } from "@latentfarm/shared";
 import { Coordinator, type CoordinatorConfig } from "../coordinator.js";
+import { parsePixelCount, type HiresTiling } from "../hires-stages.js";
 import { startNatsServer, type NatsServerHandle } from "./nats-server.js";
 
 type Out = { out: (s: string) => void; err: (s: string) => void };
@@ -27,12 +28,13 @@ const io: Out = { out: (s) => process.stdout.write(s), err: (s) => process.stder
 const USAGE = `latentfarm — a distributed Stable Diffusion render farm
 
 Usage:
-  latentfarm up [--models DIR] [--nats URL] [--port N] [--agents N] [--ep cpu|cuda|webgpu] [--metrics-port N]
+  latentfarm up [--models DIR] [--nats URL] [--port N] [--agents N] [--ep cpu|cuda|webgpu] [--metrics-port N] [hires tiling]
   latentfarm demo [--models DIR] [--out DIR]           start a one-machine farm, render one image, stop
   latentfarm coordinator [--port N] [--host ADDR] [--nats URL] [--metrics-port N] [--default-model NAME]
                    [--agent-timeout-ms N] [--tls-cert F --tls-key F --tls-ca F] [--api-tokens-file F] [--health-port N]
                    [--max-attempts N] [--replicas N] [--image-ttl-hours H] [--job-retention-hours H] [--store-prefix P]
                    [--tenants-file F] [--drain-seconds N] [--no-speculate] [--memory-only] [--max-finished-in-memory N]
+                   [hires tiling]
   latentfarm agent --models DIR [--port N] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N] [--slots N]
                    [--metrics-port N] [--health-port N] [--advertise-address HOST:PORT] [--id ID]
                    [--threads N] [--heartbeat-ms N] [--drain-seconds N] [--orphan-grace-seconds N] [--tls-cert F --tls-key F --tls-ca F]
@@ -57,7 +59,29 @@ Generation options (A1111's parameter names in kebab case):
   --restore-faces  --code-former-weight F  --lora NAME[:WEIGHT[:UNET_WEIGHT]] (repeatable; or <lora:…> in the prompt)
 
 Client options (txt2img, agents, models): --token T (or LATENTFARM_TOKEN), --tls-ca FILE, --json
+
+Hires tiling (coordinator, up): a Hires.fix second pass of more pixels than --hires-tile-above
+(WxH or a count; default 1536x1536) runs as overlapping tiles on several agents, blended without
+seams: --hires-tile-size PX (default 512, a multiple of 64) --hires-tile-overlap PX (default 64).
 `;
+
+const TILING_OPTIONS = {
+  "hires-tile-above": { type: "string" },
+  "hires-tile-size": { type: "string" },
+  "hires-tile-overlap": { type: "string" },
+} as const satisfies ParseArgsConfig["options"];
+
+function tilingFromFlags(v: { "hires-tile-above"?: string | undefined; "hires-tile-size"?: string | undefined; "hires-tile-overlap"?: string | undefined }): Partial<HiresTiling> {
+  const out: Partial<HiresTiling> = {};
+  try {
+    if (v["hires-tile-above"] !== undefined) out.tileAbovePixels = parsePixelCount(v["hires-tile-above"]);
+  } catch (err) {
+    throw new UsageError(`--hires-tile-above: ${(err as Error).message}`);
+  }
+  if (v["hires-tile-size"] !== undefined) out.tileSize = num("hires-tile-size", v["hires-tile-size"])!;
+  if (v["hires-tile-overlap"] !== undefined) out.tileOverlap = num("hires-tile-overlap", v["hires-tile-overlap"])!;
+  return out;
+}
 
 const GEN_OPTIONS = {
   coordinator: { type: "string", default: "127.0.0.1:50051" },
@@ -369,6 +393,7 @@ async function runCoordinator(argv: string[]): Promise<number> {
       "no-speculate": { type: "boolean", default: false },
       "drain-seconds": { type: "string", default: "30" },
       "max-finished-in-memory": { type: "string" },
+      ...TILING_OPTIONS,
     },
   });
   const tls = tlsFromFlags(v);
@@ -393,6 +418,7 @@ async function runCoordinator(argv: string[]): Promise<number> {
           prefix: v["store-prefix"],
         },
     speculate: !v["no-speculate"],
+    hires: tilingFromFlags(v),
     ...(v["tenants-file"] ? { tenants: JSON.parse(readFileSync(v["tenants-file"], "utf8")) as CoordinatorConfig["tenants"] } : {}),
     ...(v["max-finished-in-memory"] ? { maxFinishedInMemory: num("max-finished-in-memory", v["max-finished-in-memory"])! } : {}),
     ...(v["default-model"] ? { defaultModel: v["default-model"] } : {}),
@@ -447,6 +473,7 @@ export async function startFarm(opts: {
   agents?: number;
   ep?: string;
   metricsPort?: number;
+  hires?: Partial<HiresTiling>;
   onLog?: (line: string) => void;
 }): Promise<Farm> {
   let nats: NatsServerHandle | undefined;
@@ -456,6 +483,7 @@ export async function startFarm(opts: {
     listen: `0.0.0.0:${opts.port ?? 50051}`,
     natsUrl,
     ...(opts.metricsPort !== undefined ? { metricsPort: opts.metricsPort } : {}),
+    ...(opts.hires ? { hires: opts.hires } : {}),
     logger,
   });
   await coordinator.start();
@@ -520,6 +548,7 @@ const UP_OPTIONS = {
   agents: { type: "string" },
   ep: { type: "string", default: "cpu" },
   "metrics-port": { type: "string", default: "9464" },
+  ...TILING_OPTIONS,
 } as const satisfies ParseArgsConfig["options"];
 
 async function up(argv: string[]): Promise<number> {
@@ -532,6 +561,7 @@ async function up(argv: string[]): Promise<number> {
     ...(v.agents ? { agents: Number(v.agents) } : {}),
     ep: v.ep,
     metricsPort: Number(v["metrics-port"]),
+    hires: tilingFromFlags(v),
   });
   io.out(`farm up: coordinator ${farm.coordinatorAddress}, ${farm.agents.length} agent(s); Ctrl-C stops it\n`);
   await untilSignal();

@@ -5,13 +5,13 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { create } from "@bufbuild/protobuf";
-import { RngSource, RunTaskRequestSchema, silentLogger } from "@latentfarm/shared";
+import { RngSource, RunTaskRequestSchema, TaskStage, cropHandover, planTiles, silentLogger, type Handover, type Image } from "@latentfarm/shared";
 import { SdModel } from "../models/sd-model.js";
 import { tToSigma } from "../sampling/index.js";
 import { writeTinyCodeFormer, writeTinyFaceDetector, writeTinySrvggNet } from "../imaging/tiny-models.js";
 import { FFHQ_TEMPLATE_512 } from "../imaging/index.js";
 import { LoadedPipeline } from "./loaded-pipeline.js";
-import { renderTask, type RenderContext } from "./txt2img.js";
+import { renderTask, runTask, type RenderContext } from "./txt2img.js";
 
 const FIXTURES = fileURLToPath(new URL("../../../../shared/fixtures/", import.meta.url));
 const skip = !existsSync(join(FIXTURES, "tiny-sd15")) && "team kit fixtures (../shared/fixtures) absent";
@@ -96,6 +96,59 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
     assert.match(restored.infotext, /Seed: 7, Face restoration: CodeFormer, Size: 64x64/);
     await assert.rejects(renderTask(pipe, request({ enableHr: false, steps: 3, restoreFaces: true }), ctx), (e: Error & { codeName?: string }) =>
       e.codeName === "FAILED_PRECONDITION" && /restore_faces/.test(e.message));
+  });
+
+  const stage = async (params: Record<string, unknown>, st: TaskStage, inputs: Handover[] = [], extra: Record<string, unknown> = {}, steps?: Array<[number, number]>) => {
+    const c = steps ? { ...ctx, onStep: (k: number, n: number) => steps.push([k, n]) } : ctx;
+    return runTask(pipe, create(RunTaskRequestSchema, { ...request(params), stage: st, inputs, ...extra }), c);
+  };
+  const handover = (o: Awaited<ReturnType<typeof stage>>): Handover => {
+    assert.equal(o.case, "handover");
+    return o.value as Handover;
+  };
+  const image = (o: Awaited<ReturnType<typeof stage>>): Image => {
+    assert.equal(o.case, "result");
+    return o.value as Image;
+  };
+
+  test("split into FIRST_PASS → SECOND_PASS (latent and pixel upscalers) gives FULL's bytes and infotext", async () => {
+    for (const hrUpscaler of ["Latent (bicubic antialiased)", "Lanczos"]) {
+      const params = { steps: 3, hrSecondPassSteps: 2, hrUpscaler, hrResizeX: 80, hrResizeY: 72 };
+      const full = await renderTask(pipe, request(params), ctx);
+      const steps1: Array<[number, number]> = [];
+      const first = handover(await stage(params, TaskStage.FIRST_PASS, [], {}, steps1));
+      assert.equal(first.data.case, hrUpscaler === "Lanczos" ? "rgb" : "latent", "a pixel upscaler starts from the decoded 8-bit image");
+      assert.deepEqual(steps1.at(-1), [3, 3], "first-pass progress counts its own steps");
+      const steps2: Array<[number, number]> = [];
+      const second = image(await stage(params, TaskStage.SECOND_PASS, [first], {}, steps2));
+      assert.deepEqual(steps2.at(-1), [2, 2]);
+      assert.equal(second.infotext, full.infotext, hrUpscaler);
+      assert.deepEqual(second.png, full.png, `${hrUpscaler}: same bytes as one task`);
+      assert.deepEqual([second.width, second.height], [80, 72]);
+    }
+  });
+
+  test("tiled stages: UPSCALE once, tiles in any order, ASSEMBLE in tile order → identical bytes, FULL's infotext", async () => {
+    for (const hrUpscaler of ["Latent", "Lanczos"]) {
+      const params = { steps: 3, hrSecondPassSteps: 2, hrUpscaler, restoreFaces: false };
+      const full = await renderTask(pipe, request(params), ctx);
+      const first = handover(await stage(params, TaskStage.FIRST_PASS));
+      const up = handover(await stage(params, TaskStage.UPSCALE, [first]));
+      const layout = planTiles(96, 96, { tileSize: 64, overlap: 16 });
+      assert.equal(layout.tiles.length, 4);
+      const tiles = { width: 96, height: 96, tileWidth: layout.tileWidth, tileHeight: layout.tileHeight, xs: layout.xs, ys: layout.ys };
+      const runTiles = async (order: number[]) => {
+        const out: Handover[] = [];
+        for (const i of order) out[i] = handover(await stage(params, TaskStage.SECOND_PASS_TILE, [cropHandover(up, layout.tiles[i]!)], { tileIndex: i }));
+        return out;
+      };
+      const a = image(await stage(params, TaskStage.ASSEMBLE, await runTiles([0, 1, 2, 3]), { tiles }));
+      const b = image(await stage(params, TaskStage.ASSEMBLE, await runTiles([3, 1, 0, 2]), { tiles }));
+      assert.deepEqual(a.png, b.png, `${hrUpscaler}: tile order does not change the image`);
+      assert.deepEqual([a.width, a.height], [96, 96]);
+      assert.equal(a.infotext, full.infotext, "the tiled image's infotext is what one task writes");
+      await assert.rejects(stage(params, TaskStage.ASSEMBLE, (await runTiles([0, 1, 2, 3])).slice(0, 3), { tiles }), /4 tiles, 3 results/);
+    }
   });
 
   test("the same seed gives the same hires image", async () => {

@@ -1,21 +1,43 @@
 /**
- * txt2img with Hires.fix and/or face restoration in one task (A1111 StableDiffusionProcessingTxt2Img):
- * first pass, upscale in latent space (torch interpolate) or pixel space (Lanczos/Nearest/ESRGAN,
- * then VAE encode), crop, and an img2img second pass with new noise from the same seeds at the new
- * size that runs exactly `hr_second_pass_steps or steps` steps.
+ * txt2img with Hires.fix and/or face restoration (A1111 StableDiffusionProcessingTxt2Img): first
+ * pass, upscale in latent space (torch interpolate) or pixel space (Lanczos/Nearest/ESRGAN, then VAE
+ * encode), crop, and an img2img second pass with new noise from the same seeds at the new size that
+ * runs exactly `hr_second_pass_steps or steps` steps.
+ *
+ * The passes are stages a farm may run on different agents (proto TaskStage). A FULL task runs the
+ * same stage functions back to back in this process, so an image is the same bytes whichever way
+ * it was run. The hand-over between the passes is what A1111 keeps between them: the first-pass
+ * latent (latent upscalers, exact float32) or the first pass decoded to 8-bit RGB (pixel upscalers
+ * start from that PIL image). A second pass above the coordinator's threshold is tiled instead:
+ * UPSCALE makes the cropped second-pass source once, each SECOND_PASS_TILE runs img2img on its crop
+ * (Ultimate SD Upscale style: same seed for every tile, noise at the tile's size), and ASSEMBLE
+ * blends the tiles in tile order, then restores faces and writes the infotext and PNG.
  */
-import { FarmError, type Image, type RunTaskRequest } from "@latentfarm/shared";
+import {
+  FarmError,
+  TaskStage,
+  latentHandover,
+  layoutFromStarts,
+  readLatent,
+  readRgb,
+  rgbHandover,
+  type Handover,
+  type Image,
+  type RunTaskRequest,
+} from "@latentfarm/shared";
 import { prepareSampling, type PreparedSampling } from "../sampling/index.js";
 import {
+  TileBlender,
   cropLatent,
   hiresInfotextFields,
   hiresSchedulerName,
   hiresTarget,
   interpolate,
   latentUpscaleMode,
+  tileSeed,
   type HiresTarget,
 } from "../imaging/index.js";
-import { denoise } from "./denoise.js";
+import { checkAborted, denoise } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import type { RenderContext } from "./txt2img.js";
 import {
@@ -44,41 +66,20 @@ function upscalerName(b: TaskBasics): string | null {
   return b.p.hrUpscaler === "" ? null : b.p.hrUpscaler;
 }
 
-export interface HiresSecondPassInput {
-  /** First-pass latent [1,C,h,w] (already scaled by the VAE factor). */
-  latent: Float32Array;
+/** What every pass derives from the request: sizes, strength and step counts. */
+interface HiresSetup {
+  b: TaskBasics;
+  target: HiresTarget | undefined;
+  /** First-pass size in pixels and latent cells. */
+  width: number;
+  height: number;
   h: number;
   w: number;
-  target: HiresTarget;
+  strength: number;
+  hrSteps: number;
 }
 
-/** The upscaled and cropped latent the second pass starts from, with its size. */
-export async function upscaleForSecondPass(
-  pipe: LoadedPipeline, b: TaskBasics, ctx: RenderContext, input: HiresSecondPassInput,
-): Promise<{ latent: Float32Array; h: number; w: number }> {
-  const C = pipe.model.config.latentChannels;
-  const name = upscalerName(b);
-  const mode = latentUpscaleMode(name);
-  const { target } = input;
-  let up: Float32Array;
-  let shape: [number, number, number, number];
-  if (mode !== undefined) {
-    const size = [target.upscaledLatent.height, target.upscaledLatent.width] as const;
-    up = interpolate(input.latent, [1, C, input.h, input.w], { mode: mode.mode, antialias: mode.antialias, size }).data;
-    shape = [1, C, size[0], size[1]];
-  } else {
-    const upscaler = await resolveUpscaler(pipe.model, name!, resourcesOf(ctx), "hr_upscaler", ctx.signal);
-    const rgb = await decodeToRgb(pipe, input.latent, input.h, input.w, ctx.signal);
-    const img = await upscaleImage({ width: input.w * 8, height: input.h * 8, channels: 3, data: rgb }, target.upscaleTo, upscaler, ctx.signal);
-    const enc = await encodeRgb(pipe, img.data, img.width, img.height, ctx.signal);
-    up = enc.latent;
-    shape = [1, C, enc.h, enc.w];
-  }
-  const cropped = cropLatent(up, shape, target.latentCrop);
-  return { latent: cropped.data, h: cropped.shape[2], w: cropped.shape[3] };
-}
-
-export async function renderTxt2imgExtended(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): Promise<Image> {
+function hiresSetup(pipe: LoadedPipeline, req: RunTaskRequest): HiresSetup {
   const b = taskBasics(pipe, req);
   const { p } = b;
   let target: HiresTarget | undefined;
@@ -91,81 +92,296 @@ export async function renderTxt2imgExtended(pipe: LoadedPipeline, req: RunTaskRe
   }
   const width = target?.firstPass.width ?? b.width;
   const height = target?.firstPass.height ?? b.height;
-  const h = height / 8;
-  const w = width / 8;
-  const strength = p.denoisingStrength ?? DEFAULT_DENOISING_STRENGTH;
-  const hrSteps = p.hrSecondPassSteps || b.steps;
+  return { b, target, width, height, h: height / 8, w: width / 8, strength: p.denoisingStrength ?? DEFAULT_DENOISING_STRENGTH, hrSteps: p.hrSecondPassSteps || b.steps };
+}
 
-  // Sampler names are validated before any model work, so a bad hires request fails fast.
-  const rng1 = imageRngFor(b, h, w);
-  const sampler1 = prepareSampling({
-    samplerName: p.samplerName,
-    scheduler: p.scheduler,
+function requireTarget(s: HiresSetup): HiresTarget {
+  if (!s.target) throw FarmError.invalid("stage", "a Hires.fix stage needs enable_hr");
+  return s.target;
+}
+
+// Stages that only need the samplers for their infotext never draw noise from them.
+const NO_NOISE = (): Float32Array => {
+  throw new Error("this stage does not sample");
+};
+
+function firstPassSampler(s: HiresSetup, noise: () => Float32Array = NO_NOISE): PreparedSampling {
+  const { b } = s;
+  return prepareSampling({
+    samplerName: b.p.samplerName,
+    scheduler: b.p.scheduler,
     steps: b.steps,
-    noise: () => rng1.next(),
-    brownian: { seeds: [b.seed], shape: [b.channels, h, w], source: b.rng },
+    noise,
+    brownian: { seeds: [b.seed], shape: [b.channels, s.h, s.w], source: b.rng },
     settings: b.settings,
   });
-  const totalSteps = sampler1.steps + (target ? hrSteps : 0);
-  let offset = 0;
-  const onStep = (s: number): void => ctx.onStep(offset + s, totalSteps);
+}
 
-  const cond1 = await conditioningFor(pipe, ctx, b, p.prompt, p.negativePrompt, sampler1);
-  const latent1 = await denoise(pipe, { sampler: sampler1, cond: cond1, cfgScale: b.cfgScale, h, w, start: sampler1.startLatent(rng1.first()), signal: ctx.signal, onStep });
-  offset = sampler1.steps;
+function secondPassSampler(s: HiresSetup, h: number, w: number, seed: number, noise: () => Float32Array = NO_NOISE): PreparedSampling {
+  const { b } = s;
+  const { p } = b;
+  return prepareSampling({
+    samplerName: p.hrSamplerName && p.hrSamplerName !== "Use same sampler" ? p.hrSamplerName : p.samplerName,
+    scheduler: hiresSchedulerName(p.hrScheduler) ?? p.scheduler,
+    steps: s.hrSteps,
+    noise,
+    brownian: { seeds: [seed], shape: [b.channels, h, w], source: b.rng },
+    settings: b.settings,
+    img2img: { denoisingStrength: s.strength, fixSteps: true },
+    fields: { sampler: "hr_sampler_name", scheduler: "hr_scheduler" },
+  });
+}
 
-  let final = { latent: latent1, h, w };
-  let hiresExtras: Array<[string, string | number]> = [];
-  let sampler2: PreparedSampling | undefined;
-  if (target) {
-    const up = await upscaleForSecondPass(pipe, b, ctx, { latent: latent1, h, w, target });
-    const rng2 = imageRngFor(b, up.h, up.w);
-    const hrScheduler = hiresSchedulerName(p.hrScheduler) ?? p.scheduler;
-    const hrSampler = p.hrSamplerName && p.hrSamplerName !== "Use same sampler" ? p.hrSamplerName : p.samplerName;
-    sampler2 = prepareSampling({
-      samplerName: hrSampler,
-      scheduler: hrScheduler,
-      steps: hrSteps,
-      noise: () => rng2.next(),
-      brownian: { seeds: [b.seed], shape: [b.channels, up.h, up.w], source: b.rng },
-      settings: b.settings,
-      img2img: { denoisingStrength: strength, fixSteps: true },
-      fields: { sampler: "hr_sampler_name", scheduler: "hr_scheduler" },
-    });
-    const cond2 = await conditioningFor(pipe, ctx, b, p.hrPrompt || p.prompt, p.hrNegativePrompt || p.negativePrompt, sampler2, { prompt: "hr_prompt" });
-    const start = sampler2.startLatent(rng2.first(), up.latent);
-    const latent2 = await denoise(pipe, { sampler: sampler2, cond: cond2, cfgScale: b.cfgScale, h: up.h, w: up.w, start, signal: ctx.signal, onStep });
-    final = { latent: latent2, h: up.h, w: up.w };
-    hiresExtras = hiresInfotextFields({
-      width: b.width,
-      height: b.height,
-      hrScale: p.hrScale ?? 2,
-      hrResizeX: p.hrResizeX,
-      hrResizeY: p.hrResizeY,
-      denoisingStrength: strength,
-      samplerName: sampler1.choice.sampler.name,
-      hrSamplerName: p.hrSamplerName ? sampler2.choice.sampler.name : null,
-      prompt: p.prompt,
-      negativePrompt: p.negativePrompt,
-      hrPrompt: p.hrPrompt,
-      hrNegativePrompt: p.hrNegativePrompt,
-      firstPassScheduleLabel: scheduleLabel(sampler1),
-      hiresScheduleLabel: scheduleLabel(sampler2),
-      hrSecondPassSteps: p.hrSecondPassSteps,
-      hrUpscaler: upscalerName(b),
-    }).map(([k, v]) => [k, v]);
+/** The first pass's output as the second pass starts from it: a latent, or the decoded 8-bit image. */
+export type FirstPassOutput =
+  | { kind: "latent"; latent: Float32Array; h: number; w: number }
+  | { kind: "rgb"; rgb: Uint8Array; width: number; height: number };
+
+export function firstPassHandover(out: FirstPassOutput, channels: number): Handover {
+  return out.kind === "latent" ? latentHandover(out.latent, [1, channels, out.h, out.w]) : rgbHandover(out.rgb, out.width, out.height);
+}
+
+/** Reads a first-pass hand-over back, checked against the size this request's first pass has. */
+function firstPassFromHandover(s: HiresSetup, h: Handover | undefined, channels: number): FirstPassOutput {
+  if (latentUpscaleMode(upscalerName(s.b)) !== undefined) {
+    const l = readLatent(h);
+    if (l.shape[0] !== 1 || l.shape[1] !== channels || l.shape[2] !== s.h || l.shape[3] !== s.w) {
+      throw FarmError.invalid("inputs", `first-pass latent is [${l.shape.join(",")}], this request's is [1,${channels},${s.h},${s.w}]`);
+    }
+    return { kind: "latent", latent: l.data, h: s.h, w: s.w };
   }
+  const img = readRgb(h);
+  if (img.width !== s.width || img.height !== s.height) {
+    throw FarmError.invalid("inputs", `first-pass image is ${img.width}x${img.height}, this request's is ${s.width}x${s.height}`);
+  }
+  return { kind: "rgb", rgb: img.data, width: img.width, height: img.height };
+}
 
-  const outW = final.w * 8;
-  const outH = final.h * 8;
-  const rgb = await decodeToRgb(pipe, final.latent, final.h, final.w, ctx.signal);
+/** Runs the first pass; its output is what the upscaler needs (A1111 decodes before a pixel upscaler). */
+async function runFirstPass(
+  pipe: LoadedPipeline, s: HiresSetup, ctx: RenderContext, onStep: (step: number) => void,
+): Promise<{ latent: Float32Array; sampler: PreparedSampling }> {
+  const { b } = s;
+  const rng = imageRngFor(b, s.h, s.w);
+  // Sampler names are validated before any model work, so a bad hires request fails fast.
+  const sampler = firstPassSampler(s, () => rng.next());
+  if (s.target) secondPassSampler(s, s.target.secondPassLatent.height, s.target.secondPassLatent.width, b.seed);
+  const cond = await conditioningFor(pipe, ctx, b, b.p.prompt, b.p.negativePrompt, sampler);
+  const latent = await denoise(pipe, { sampler, cond, cfgScale: b.cfgScale, h: s.h, w: s.w, start: sampler.startLatent(rng.first()), signal: ctx.signal, onStep });
+  return { latent, sampler };
+}
+
+async function firstPassOutput(pipe: LoadedPipeline, s: HiresSetup, ctx: RenderContext, latent: Float32Array): Promise<FirstPassOutput> {
+  if (latentUpscaleMode(upscalerName(s.b)) !== undefined) return { kind: "latent", latent, h: s.h, w: s.w };
+  return { kind: "rgb", rgb: await decodeToRgb(pipe, latent, s.h, s.w, ctx.signal), width: s.width, height: s.height };
+}
+
+/** The upscaled and cropped latent the (untiled) second pass starts from, with its size. */
+export async function upscaleForSecondPass(
+  pipe: LoadedPipeline, b: TaskBasics, ctx: RenderContext, source: FirstPassOutput, target: HiresTarget,
+): Promise<{ latent: Float32Array; h: number; w: number }> {
+  const C = pipe.model.config.latentChannels;
+  let up: Float32Array;
+  let shape: [number, number, number, number];
+  if (source.kind === "latent") {
+    const mode = latentUpscaleMode(upscalerName(b))!;
+    const size = [target.upscaledLatent.height, target.upscaledLatent.width] as const;
+    up = interpolate(source.latent, [1, C, source.h, source.w], { mode: mode.mode, antialias: mode.antialias, size }).data;
+    shape = [1, C, size[0], size[1]];
+  } else {
+    const img = await upscalePixels(pipe, b, ctx, source, target);
+    const enc = await encodeRgb(pipe, img.data, img.width, img.height, ctx.signal);
+    up = enc.latent;
+    shape = [1, C, enc.h, enc.w];
+  }
+  const cropped = cropLatent(up, shape, target.latentCrop);
+  return { latent: cropped.data, h: cropped.shape[2], w: cropped.shape[3] };
+}
+
+async function upscalePixels(
+  pipe: LoadedPipeline, b: TaskBasics, ctx: RenderContext, source: Extract<FirstPassOutput, { kind: "rgb" }>, target: HiresTarget,
+) {
+  const upscaler = await resolveUpscaler(pipe.model, upscalerName(b)!, resourcesOf(ctx), "hr_upscaler", ctx.signal);
+  return upscaleImage({ width: source.width, height: source.height, channels: 3, data: source.rgb }, target.upscaleTo, upscaler, ctx.signal);
+}
+
+/** Face restoration, infotext and PNG of a finished hires image (untiled or assembled, the same). */
+async function finishHires(
+  pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext, s: HiresSetup, sampler1: PreparedSampling, sampler2: PreparedSampling | undefined,
+  rgb: Uint8Array, outW: number, outH: number,
+): Promise<Image> {
+  const { b } = s;
+  const { p } = b;
   const restored = await restoreFacesIfRequested(pipe, ctx, p, { width: outW, height: outH, channels: 3, data: rgb });
-  const base = baseInfotext(pipe, b, sampler1, { width, height });
+  const base = baseInfotext(pipe, b, sampler1, { width: s.width, height: s.height });
+  const hiresExtras: Array<[string, string | number]> = !sampler2
+    ? []
+    : hiresInfotextFields({
+        width: b.width,
+        height: b.height,
+        hrScale: p.hrScale ?? 2,
+        hrResizeX: p.hrResizeX,
+        hrResizeY: p.hrResizeY,
+        denoisingStrength: s.strength,
+        samplerName: sampler1.choice.sampler.name,
+        hrSamplerName: p.hrSamplerName ? sampler2.choice.sampler.name : null,
+        prompt: p.prompt,
+        negativePrompt: p.negativePrompt,
+        hrPrompt: p.hrPrompt,
+        hrNegativePrompt: p.hrNegativePrompt,
+        firstPassScheduleLabel: scheduleLabel(sampler1),
+        hiresScheduleLabel: scheduleLabel(sampler2),
+        hrSecondPassSteps: p.hrSecondPassSteps,
+        hrUpscaler: upscalerName(b),
+      }).map(([k, v]) => [k, v]);
   const infotext = a1111Infotext({
     ...base,
-    denoisingStrength: target ? strength : undefined,
+    denoisingStrength: sampler2 ? s.strength : undefined,
     faceRestoration: restored.infotext,
     extra: [...hiresExtras, ...samplerExtras(sampler1), ...(sampler2 ? samplerExtras(sampler2).filter(([k]) => !(base.extra ?? []).some(([e]) => e === k)) : [])],
   });
   return finishImage(req, ctx, restored.image.data, outW, outH, infotext);
+}
+
+/** The untiled second pass from the first pass's output, to the finished image. */
+async function runSecondPass(
+  pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext, s: HiresSetup, sampler1: PreparedSampling, source: FirstPassOutput,
+  onStep: (step: number) => void,
+): Promise<Image> {
+  const { b } = s;
+  const { p } = b;
+  const target = requireTarget(s);
+  const up = await upscaleForSecondPass(pipe, b, ctx, source, target);
+  const rng = imageRngFor(b, up.h, up.w);
+  const sampler2 = secondPassSampler(s, up.h, up.w, b.seed, () => rng.next());
+  const cond = await conditioningFor(pipe, ctx, b, p.hrPrompt || p.prompt, p.hrNegativePrompt || p.negativePrompt, sampler2, { prompt: "hr_prompt" });
+  const start = sampler2.startLatent(rng.first(), up.latent);
+  const latent = await denoise(pipe, { sampler: sampler2, cond, cfgScale: b.cfgScale, h: up.h, w: up.w, start, signal: ctx.signal, onStep });
+  const rgb = await decodeToRgb(pipe, latent, up.h, up.w, ctx.signal);
+  return finishHires(pipe, req, ctx, s, sampler1, sampler2, rgb, up.w * 8, up.h * 8);
+}
+
+export async function renderTxt2imgExtended(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): Promise<Image> {
+  const s = hiresSetup(pipe, req);
+  // Progress counts both passes, as A1111's total does (a txt2img sampler reports its requested steps).
+  let offset = 0;
+  const total = s.b.steps + (s.target ? s.hrSteps : 0);
+  const onStep = (k: number): void => ctx.onStep(offset + k, total);
+  const first = await runFirstPass(pipe, s, ctx, onStep);
+  if (!s.target) {
+    const rgb = await decodeToRgb(pipe, first.latent, s.h, s.w, ctx.signal);
+    return finishHires(pipe, req, ctx, s, first.sampler, undefined, rgb, s.width, s.height);
+  }
+  offset = first.sampler.steps;
+  const source = await firstPassOutput(pipe, s, ctx, first.latent);
+  return runSecondPass(pipe, req, ctx, s, first.sampler, source, onStep);
+}
+
+/** The output of one stage task: the image (last stage) or what the next stage needs. */
+export type StageOutput = { case: "result"; value: Image } | { case: "handover"; value: Handover };
+
+/**
+ * One stage of a split Hires.fix image (see the file comment). Progress is counted within the
+ * stage (step of this stage's steps); the coordinator adds the stages up for the job's progress.
+ */
+export async function runHiresStage(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): Promise<StageOutput> {
+  const s = hiresSetup(pipe, req);
+  const target = requireTarget(s);
+  const C = pipe.model.config.latentChannels;
+  switch (req.stage) {
+    case TaskStage.FIRST_PASS: {
+      const first = await runFirstPass(pipe, s, ctx, (k) => ctx.onStep(k, s.b.steps));
+      return { case: "handover", value: firstPassHandover(await firstPassOutput(pipe, s, ctx, first.latent), C) };
+    }
+    case TaskStage.SECOND_PASS: {
+      const source = firstPassFromHandover(s, req.inputs[0], C);
+      const image = await runSecondPass(pipe, req, ctx, s, firstPassSampler(s), source, (k) => ctx.onStep(k, s.hrSteps));
+      return { case: "result", value: image };
+    }
+    case TaskStage.UPSCALE:
+      return { case: "handover", value: await upscaleForTiles(pipe, s, ctx, firstPassFromHandover(s, req.inputs[0], C), target) };
+    case TaskStage.SECOND_PASS_TILE:
+      return { case: "handover", value: await runTile(pipe, req, ctx, s) };
+    case TaskStage.ASSEMBLE:
+      return { case: "result", value: await assemble(pipe, req, ctx, s, target) };
+    default:
+      throw FarmError.invalid("stage", `stage ${TaskStage[req.stage] ?? req.stage} is not a Hires.fix stage`);
+  }
+}
+
+/**
+ * The tiled second pass's source, made once: the upscaled latent cropped to the second-pass size
+ * (latent upscalers), or the upscaled image cropped to it in whole latent cells (pixel upscalers;
+ * each tile encodes its own crop, as Ultimate SD Upscale does).
+ */
+async function upscaleForTiles(pipe: LoadedPipeline, s: HiresSetup, ctx: RenderContext, source: FirstPassOutput, target: HiresTarget): Promise<Handover> {
+  const C = pipe.model.config.latentChannels;
+  if (source.kind === "latent") {
+    const up = await upscaleForSecondPass(pipe, s.b, ctx, source, target);
+    return latentHandover(up.latent, [1, C, up.h, up.w]);
+  }
+  const img = await upscalePixels(pipe, s.b, ctx, source, target);
+  const f = 8;
+  const x0 = target.latentCrop.left * f;
+  const y0 = target.latentCrop.top * f;
+  const W = target.final.width;
+  const H = target.final.height;
+  if (x0 + W > img.width || y0 + H > img.height) throw new RangeError(`upscaled ${img.width}x${img.height} cannot hold ${W}x${H}+${x0}+${y0}`);
+  const out = new Uint8Array(W * H * 3);
+  for (let y = 0; y < H; y++) out.set(img.data.subarray(((y0 + y) * img.width + x0) * 3, ((y0 + y) * img.width + x0 + W) * 3), y * W * 3);
+  return rgbHandover(out, W, H);
+}
+
+/** One tile: img2img of its crop with the image's seed (the "same" rule) at the tile's size, decoded to 8-bit RGB. */
+async function runTile(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext, s: HiresSetup): Promise<Handover> {
+  const { b } = s;
+  const { p } = b;
+  const input = req.inputs[0];
+  let latent: Float32Array;
+  let h: number;
+  let w: number;
+  if (latentUpscaleMode(upscalerName(b)) !== undefined) {
+    const l = readLatent(input);
+    if (l.shape[0] !== 1 || l.shape[1] !== b.channels) throw FarmError.invalid("inputs", `tile latent is [${l.shape.join(",")}]`);
+    ({ data: latent } = l);
+    [h, w] = [l.shape[2], l.shape[3]];
+  } else {
+    const img = readRgb(input);
+    if (img.width % 8 !== 0 || img.height % 8 !== 0) throw FarmError.invalid("inputs", `tile ${img.width}x${img.height} is not on the latent grid`);
+    const enc = await encodeRgb(pipe, img.data, img.width, img.height, ctx.signal);
+    ({ latent, h, w } = enc);
+  }
+  const seed = tileSeed(b.seed, req.tileIndex, "same");
+  const rng = imageRngFor({ ...b, seed }, h, w);
+  const sampler = secondPassSampler(s, h, w, seed, () => rng.next());
+  const cond = await conditioningFor(pipe, ctx, b, p.hrPrompt || p.prompt, p.hrNegativePrompt || p.negativePrompt, sampler, { prompt: "hr_prompt" });
+  const start = sampler.startLatent(rng.first(), latent);
+  const out = await denoise(pipe, { sampler, cond, cfgScale: b.cfgScale, h, w, start, signal: ctx.signal, onStep: (k) => ctx.onStep(k, s.hrSteps) });
+  return rgbHandover(await decodeToRgb(pipe, out, h, w, ctx.signal), w * 8, h * 8);
+}
+
+/** Blends the tiles in index order (so the bytes never depend on which agent ran which tile), then finishes the image. */
+async function assemble(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext, s: HiresSetup, target: HiresTarget): Promise<Image> {
+  const plan = req.tiles;
+  if (!plan) throw FarmError.invalid("tiles", "ASSEMBLE needs the tile layout");
+  if (plan.width !== target.final.width || plan.height !== target.final.height) {
+    throw FarmError.invalid("tiles", `layout ${plan.width}x${plan.height} is not the second pass's ${target.final.width}x${target.final.height}`);
+  }
+  let layout;
+  try {
+    layout = layoutFromStarts(plan.width, plan.height, plan.tileWidth, plan.tileHeight, plan.xs, plan.ys);
+  } catch (err) {
+    throw FarmError.invalid("tiles", (err as Error).message);
+  }
+  if (req.inputs.length !== layout.tiles.length) throw FarmError.invalid("inputs", `${layout.tiles.length} tiles, ${req.inputs.length} results`);
+  const blender = new TileBlender(layout, 3);
+  for (const t of layout.tiles) {
+    checkAborted(ctx.signal);
+    const img = readRgb(req.inputs[t.index], `inputs[${t.index}]`);
+    if (img.width !== t.width || img.height !== t.height) throw FarmError.invalid(`inputs[${t.index}]`, `tile is ${img.width}x${img.height}, layout says ${t.width}x${t.height}`);
+    blender.add(t.index, img.data);
+  }
+  const rgb = blender.resultUint8();
+  const sampler2 = secondPassSampler(s, target.secondPassLatent.height, target.secondPassLatent.width, s.b.seed);
+  return finishHires(pipe, req, ctx, s, firstPassSampler(s), sampler2, rgb, layout.width, layout.height);
 }

@@ -2,6 +2,7 @@ import * as grpc from "@grpc/grpc-js";
 import {
   FarmError,
   RngSource as WireRng,
+  TaskStage,
   type Image,
   type RunTaskRequest,
 } from "@latentfarm/shared";
@@ -14,7 +15,7 @@ import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { buildInfotext } from "./infotext.js";
 import { encodePng, toRgb8 } from "./png.js";
 import { renderImg2img } from "./img2img.js";
-import { renderTxt2imgExtended } from "./hires.js";
+import { renderTxt2imgExtended, runHiresStage, type StageOutput } from "./hires.js";
 
 /** Folders and limits a task may use beyond its model, from the agent's configuration. */
 export interface RenderResources {
@@ -43,6 +44,13 @@ const RNG_NAMES: Record<WireRng, "GPU" | "CPU" | "NV"> = {
   [WireRng.CPU]: "CPU",
   [WireRng.NV]: "NV",
 };
+
+/** Runs a task: a whole image (FULL), or one stage of a Hires.fix image split across agents. */
+export async function runTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): Promise<StageOutput> {
+  if (req.stage === TaskStage.FULL) return { case: "result", value: await renderTask(pipe, req, ctx) };
+  if (req.params?.initImages.length) throw FarmError.invalid("stage", "Hires.fix stages apply to txt2img, not to img2img with init_images");
+  return runHiresStage(pipe, req, ctx);
+}
 
 /**
  * Renders one txt2img image: conditioning, the sampler's model calls through the step batcher

@@ -2,8 +2,8 @@
 // @generated from file latentfarm/v1/agent.proto (package latentfarm.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { GenerationParams, Image } from "./generation_pb.js";
 import { file_latentfarm_v1_generation } from "./generation_pb.js";
 import type { AgentInfo, ModelInfo, StepProgress, Warning } from "./render_pb.js";
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file latentfarm/v1/agent.proto.
  */
 export const file_latentfarm_v1_agent: GenFile = /*@__PURE__*/
-  fileDesc("ChlsYXRlbnRmYXJtL3YxL2FnZW50LnByb3RvEg1sYXRlbnRmYXJtLnYxIqcBCg5SdW5UYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIvCgZwYXJhbXMYAyABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEwoLaW1hZ2VfaW5kZXgYBCABKAUSDAoEc2VlZBgFIAEoAxIPCgdzdWJzZWVkGAYgASgDEg8KB2F0dGVtcHQYByABKAUinQEKD1J1blRhc2tSZXNwb25zZRIvCghwcm9ncmVzcxgBIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASJgoGcmVzdWx0GAIgASgLMhQubGF0ZW50ZmFybS52MS5JbWFnZUgAEikKB3dhcm5pbmcYAyABKAsyFi5sYXRlbnRmYXJtLnYxLldhcm5pbmdIAEIGCgRraW5kIkUKEUNhbmNlbFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIOCgZyZWFzb24YAyABKAkiJQoSQ2FuY2VsVGFza1Jlc3BvbnNlEg8KB3N0b3BwZWQYASABKAgiDwoNU3RhdHVzUmVxdWVzdCJgCg5TdGF0dXNSZXNwb25zZRInCgVhZ2VudBgBIAEoCzIYLmxhdGVudGZhcm0udjEuQWdlbnRJbmZvEg4KBm1vZGVscxgCIAMoCRIVCg1ydW5uaW5nX3Rhc2tzGAMgAygJIoMBCglIZWFydGJlYXQSJwoFYWdlbnQYASABKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbxIyChBhdmFpbGFibGVfbW9kZWxzGAIgAygLMhgubGF0ZW50ZmFybS52MS5Nb2RlbEluZm8SGQoRZnJlZV9tZW1vcnlfYnl0ZXMYAyABKAMibAoMVGFza1Byb2dyZXNzEg8KB3Rhc2tfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEikKBHN0ZXAYBCABKAsyGy5sYXRlbnRmYXJtLnYxLlN0ZXBQcm9ncmVzczL0AQoMQWdlbnRTZXJ2aWNlEkoKB1J1blRhc2sSHS5sYXRlbnRmYXJtLnYxLlJ1blRhc2tSZXF1ZXN0Gh4ubGF0ZW50ZmFybS52MS5SdW5UYXNrUmVzcG9uc2UwARJRCgpDYW5jZWxUYXNrEiAubGF0ZW50ZmFybS52MS5DYW5jZWxUYXNrUmVxdWVzdBohLmxhdGVudGZhcm0udjEuQ2FuY2VsVGFza1Jlc3BvbnNlEkUKBlN0YXR1cxIcLmxhdGVudGZhcm0udjEuU3RhdHVzUmVxdWVzdBodLmxhdGVudGZhcm0udjEuU3RhdHVzUmVzcG9uc2ViBnByb3RvMw", [file_latentfarm_v1_generation, file_latentfarm_v1_render]);
+  fileDesc("ChlsYXRlbnRmYXJtL3YxL2FnZW50LnByb3RvEg1sYXRlbnRmYXJtLnYxIrUCCg5SdW5UYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIvCgZwYXJhbXMYAyABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEwoLaW1hZ2VfaW5kZXgYBCABKAUSDAoEc2VlZBgFIAEoAxIPCgdzdWJzZWVkGAYgASgDEg8KB2F0dGVtcHQYByABKAUSJwoFc3RhZ2UYCCABKA4yGC5sYXRlbnRmYXJtLnYxLlRhc2tTdGFnZRInCgZpbnB1dHMYCSADKAsyFy5sYXRlbnRmYXJtLnYxLkhhbmRvdmVyEhIKCnRpbGVfaW5kZXgYCiABKAUSJgoFdGlsZXMYCyABKAsyFy5sYXRlbnRmYXJtLnYxLlRpbGVQbGFuImkKCEhhbmRvdmVyEi0KBmxhdGVudBgBIAEoCzIbLmxhdGVudGZhcm0udjEuTGF0ZW50VGVuc29ySAASJgoDcmdiGAIgASgLMhcubGF0ZW50ZmFybS52MS5SZ2JJbWFnZUgAQgYKBGRhdGEiKwoMTGF0ZW50VGVuc29yEg0KBXNoYXBlGAEgAygFEgwKBGRhdGEYAiABKAwiNwoIUmdiSW1hZ2USDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEgwKBGRhdGEYAyABKAwiagoIVGlsZVBsYW4SDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEhIKCnRpbGVfd2lkdGgYAyABKAUSEwoLdGlsZV9oZWlnaHQYBCABKAUSCgoCeHMYBSADKAUSCgoCeXMYBiADKAUiygEKD1J1blRhc2tSZXNwb25zZRIvCghwcm9ncmVzcxgBIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASJgoGcmVzdWx0GAIgASgLMhQubGF0ZW50ZmFybS52MS5JbWFnZUgAEikKB3dhcm5pbmcYAyABKAsyFi5sYXRlbnRmYXJtLnYxLldhcm5pbmdIABIrCghoYW5kb3ZlchgEIAEoCzIXLmxhdGVudGZhcm0udjEuSGFuZG92ZXJIAEIGCgRraW5kIkUKEUNhbmNlbFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIOCgZyZWFzb24YAyABKAkiJQoSQ2FuY2VsVGFza1Jlc3BvbnNlEg8KB3N0b3BwZWQYASABKAgiDwoNU3RhdHVzUmVxdWVzdCJgCg5TdGF0dXNSZXNwb25zZRInCgVhZ2VudBgBIAEoCzIYLmxhdGVudGZhcm0udjEuQWdlbnRJbmZvEg4KBm1vZGVscxgCIAMoCRIVCg1ydW5uaW5nX3Rhc2tzGAMgAygJIoMBCglIZWFydGJlYXQSJwoFYWdlbnQYASABKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbxIyChBhdmFpbGFibGVfbW9kZWxzGAIgAygLMhgubGF0ZW50ZmFybS52MS5Nb2RlbEluZm8SGQoRZnJlZV9tZW1vcnlfYnl0ZXMYAyABKAMibAoMVGFza1Byb2dyZXNzEg8KB3Rhc2tfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEikKBHN0ZXAYBCABKAsyGy5sYXRlbnRmYXJtLnYxLlN0ZXBQcm9ncmVzcyqpAQoJVGFza1N0YWdlEhMKD1RBU0tfU1RBR0VfRlVMTBAAEhkKFVRBU0tfU1RBR0VfRklSU1RfUEFTUxABEhoKFlRBU0tfU1RBR0VfU0VDT05EX1BBU1MQAhIWChJUQVNLX1NUQUdFX1VQU0NBTEUQAxIfChtUQVNLX1NUQUdFX1NFQ09ORF9QQVNTX1RJTEUQBBIXChNUQVNLX1NUQUdFX0FTU0VNQkxFEAUy9AEKDEFnZW50U2VydmljZRJKCgdSdW5UYXNrEh0ubGF0ZW50ZmFybS52MS5SdW5UYXNrUmVxdWVzdBoeLmxhdGVudGZhcm0udjEuUnVuVGFza1Jlc3BvbnNlMAESUQoKQ2FuY2VsVGFzaxIgLmxhdGVudGZhcm0udjEuQ2FuY2VsVGFza1JlcXVlc3QaIS5sYXRlbnRmYXJtLnYxLkNhbmNlbFRhc2tSZXNwb25zZRJFCgZTdGF0dXMSHC5sYXRlbnRmYXJtLnYxLlN0YXR1c1JlcXVlc3QaHS5sYXRlbnRmYXJtLnYxLlN0YXR1c1Jlc3BvbnNlYgZwcm90bzM", [file_latentfarm_v1_generation, file_latentfarm_v1_render]);
 
 /**
  * @generated from message latentfarm.v1.RunTaskRequest
@@ -58,6 +58,36 @@ export type RunTaskRequest = Message<"latentfarm.v1.RunTaskRequest"> & {
    * @generated from field: int32 attempt = 7;
    */
   attempt: number;
+
+  /**
+   * The part of the image this task runs (FULL: all of it).
+   *
+   * @generated from field: latentfarm.v1.TaskStage stage = 8;
+   */
+  stage: TaskStage;
+
+  /**
+   * What earlier stages of this image handed over, through the coordinator: SECOND_PASS and
+   * UPSCALE get the first pass's output; SECOND_PASS_TILE its crop of the upscaled source;
+   * ASSEMBLE every tile's result, in tile index order.
+   *
+   * @generated from field: repeated latentfarm.v1.Handover inputs = 9;
+   */
+  inputs: Handover[];
+
+  /**
+   * SECOND_PASS_TILE: the tile's index in the layout (its seed rule depends only on it).
+   *
+   * @generated from field: int32 tile_index = 10;
+   */
+  tileIndex: number;
+
+  /**
+   * SECOND_PASS_TILE and ASSEMBLE: the tile layout of the second pass, decided by the coordinator.
+   *
+   * @generated from field: latentfarm.v1.TilePlan tiles = 11;
+   */
+  tiles?: TilePlan | undefined;
 };
 
 /**
@@ -66,6 +96,135 @@ export type RunTaskRequest = Message<"latentfarm.v1.RunTaskRequest"> & {
  */
 export const RunTaskRequestSchema: GenMessage<RunTaskRequest> = /*@__PURE__*/
   messageDesc(file_latentfarm_v1_agent, 0);
+
+/**
+ * Bytes one stage hands to the next.
+ *
+ * @generated from message latentfarm.v1.Handover
+ */
+export type Handover = Message<"latentfarm.v1.Handover"> & {
+  /**
+   * @generated from oneof latentfarm.v1.Handover.data
+   */
+  data: {
+    /**
+     * @generated from field: latentfarm.v1.LatentTensor latent = 1;
+     */
+    value: LatentTensor;
+    case: "latent";
+  } | {
+    /**
+     * @generated from field: latentfarm.v1.RgbImage rgb = 2;
+     */
+    value: RgbImage;
+    case: "rgb";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message latentfarm.v1.Handover.
+ * Use `create(HandoverSchema)` to create a new message.
+ */
+export const HandoverSchema: GenMessage<Handover> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_agent, 1);
+
+/**
+ * A latent as float32 little-endian values in NCHW order.
+ *
+ * @generated from message latentfarm.v1.LatentTensor
+ */
+export type LatentTensor = Message<"latentfarm.v1.LatentTensor"> & {
+  /**
+   * @generated from field: repeated int32 shape = 1;
+   */
+  shape: number[];
+
+  /**
+   * @generated from field: bytes data = 2;
+   */
+  data: Uint8Array;
+};
+
+/**
+ * Describes the message latentfarm.v1.LatentTensor.
+ * Use `create(LatentTensorSchema)` to create a new message.
+ */
+export const LatentTensorSchema: GenMessage<LatentTensor> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_agent, 2);
+
+/**
+ * 8-bit RGB, row-major, 3 bytes per pixel.
+ *
+ * @generated from message latentfarm.v1.RgbImage
+ */
+export type RgbImage = Message<"latentfarm.v1.RgbImage"> & {
+  /**
+   * @generated from field: int32 width = 1;
+   */
+  width: number;
+
+  /**
+   * @generated from field: int32 height = 2;
+   */
+  height: number;
+
+  /**
+   * @generated from field: bytes data = 3;
+   */
+  data: Uint8Array;
+};
+
+/**
+ * Describes the message latentfarm.v1.RgbImage.
+ * Use `create(RgbImageSchema)` to create a new message.
+ */
+export const RgbImageSchema: GenMessage<RgbImage> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_agent, 3);
+
+/**
+ * Overlapping tiles of a width × height second pass: every (x, y) of xs × ys is the top-left
+ * corner of a tile_width × tile_height tile; tile index = row × len(xs) + column.
+ *
+ * @generated from message latentfarm.v1.TilePlan
+ */
+export type TilePlan = Message<"latentfarm.v1.TilePlan"> & {
+  /**
+   * @generated from field: int32 width = 1;
+   */
+  width: number;
+
+  /**
+   * @generated from field: int32 height = 2;
+   */
+  height: number;
+
+  /**
+   * @generated from field: int32 tile_width = 3;
+   */
+  tileWidth: number;
+
+  /**
+   * @generated from field: int32 tile_height = 4;
+   */
+  tileHeight: number;
+
+  /**
+   * @generated from field: repeated int32 xs = 5;
+   */
+  xs: number[];
+
+  /**
+   * @generated from field: repeated int32 ys = 6;
+   */
+  ys: number[];
+};
+
+/**
+ * Describes the message latentfarm.v1.TilePlan.
+ * Use `create(TilePlanSchema)` to create a new message.
+ */
+export const TilePlanSchema: GenMessage<TilePlan> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_agent, 4);
 
 /**
  * @generated from message latentfarm.v1.RunTaskResponse
@@ -92,6 +251,14 @@ export type RunTaskResponse = Message<"latentfarm.v1.RunTaskResponse"> & {
      */
     value: Warning;
     case: "warning";
+  } | {
+    /**
+     * The output of a stage that is not the image's last (see TaskStage).
+     *
+     * @generated from field: latentfarm.v1.Handover handover = 4;
+     */
+    value: Handover;
+    case: "handover";
   } | { case: undefined; value?: undefined };
 };
 
@@ -100,7 +267,7 @@ export type RunTaskResponse = Message<"latentfarm.v1.RunTaskResponse"> & {
  * Use `create(RunTaskResponseSchema)` to create a new message.
  */
 export const RunTaskResponseSchema: GenMessage<RunTaskResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 1);
+  messageDesc(file_latentfarm_v1_agent, 5);
 
 /**
  * @generated from message latentfarm.v1.CancelTaskRequest
@@ -129,7 +296,7 @@ export type CancelTaskRequest = Message<"latentfarm.v1.CancelTaskRequest"> & {
  * Use `create(CancelTaskRequestSchema)` to create a new message.
  */
 export const CancelTaskRequestSchema: GenMessage<CancelTaskRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 2);
+  messageDesc(file_latentfarm_v1_agent, 6);
 
 /**
  * @generated from message latentfarm.v1.CancelTaskResponse
@@ -148,7 +315,7 @@ export type CancelTaskResponse = Message<"latentfarm.v1.CancelTaskResponse"> & {
  * Use `create(CancelTaskResponseSchema)` to create a new message.
  */
 export const CancelTaskResponseSchema: GenMessage<CancelTaskResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 3);
+  messageDesc(file_latentfarm_v1_agent, 7);
 
 /**
  * @generated from message latentfarm.v1.StatusRequest
@@ -161,7 +328,7 @@ export type StatusRequest = Message<"latentfarm.v1.StatusRequest"> & {
  * Use `create(StatusRequestSchema)` to create a new message.
  */
 export const StatusRequestSchema: GenMessage<StatusRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 4);
+  messageDesc(file_latentfarm_v1_agent, 8);
 
 /**
  * @generated from message latentfarm.v1.StatusResponse
@@ -190,7 +357,7 @@ export type StatusResponse = Message<"latentfarm.v1.StatusResponse"> & {
  * Use `create(StatusResponseSchema)` to create a new message.
  */
 export const StatusResponseSchema: GenMessage<StatusResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 5);
+  messageDesc(file_latentfarm_v1_agent, 9);
 
 /**
  * Published on NATS subject lf.agent.<agent_id>.heartbeat.
@@ -221,7 +388,7 @@ export type Heartbeat = Message<"latentfarm.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 6);
+  messageDesc(file_latentfarm_v1_agent, 10);
 
 /**
  * Published on NATS subject lf.task.<task_id>.progress.
@@ -255,7 +422,67 @@ export type TaskProgress = Message<"latentfarm.v1.TaskProgress"> & {
  * Use `create(TaskProgressSchema)` to create a new message.
  */
 export const TaskProgressSchema: GenMessage<TaskProgress> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 7);
+  messageDesc(file_latentfarm_v1_agent, 11);
+
+/**
+ * A Hires.fix image runs as a small graph of tasks that may land on different agents:
+ * FIRST_PASS → SECOND_PASS, or, for a second pass above the coordinator's tiling threshold,
+ * FIRST_PASS → UPSCALE → SECOND_PASS_TILE × n → ASSEMBLE. Every stage is deterministic, so a
+ * re-run anywhere hands over the same bytes, and the image equals the one FULL renders (tiled: the
+ * same whichever agents ran the tiles).
+ *
+ * @generated from enum latentfarm.v1.TaskStage
+ */
+export enum TaskStage {
+  /**
+   * The whole image in one task (txt2img, img2img, or Hires.fix on one agent).
+   *
+   * @generated from enum value: TASK_STAGE_FULL = 0;
+   */
+  FULL = 0,
+
+  /**
+   * Hires first pass; hands over the first-pass latent (latent hr_upscaler) or the decoded 8-bit
+   * image (pixel hr_upscaler, which A1111 upscales from its PIL image).
+   *
+   * @generated from enum value: TASK_STAGE_FIRST_PASS = 1;
+   */
+  FIRST_PASS = 1,
+
+  /**
+   * Upscale, crop and the img2img second pass from the first pass's output; returns the image.
+   *
+   * @generated from enum value: TASK_STAGE_SECOND_PASS = 2;
+   */
+  SECOND_PASS = 2,
+
+  /**
+   * The upscaled, cropped second-pass source for tiling: a latent (latent hr_upscaler) or 8-bit RGB.
+   *
+   * @generated from enum value: TASK_STAGE_UPSCALE = 3;
+   */
+  UPSCALE = 3,
+
+  /**
+   * img2img of one tile of the upscaled source; hands over the tile decoded to 8-bit RGB.
+   *
+   * @generated from enum value: TASK_STAGE_SECOND_PASS_TILE = 4;
+   */
+  SECOND_PASS_TILE = 4,
+
+  /**
+   * Blends the tiles with feathered overlaps in tile order, restores faces, writes infotext and PNG.
+   *
+   * @generated from enum value: TASK_STAGE_ASSEMBLE = 5;
+   */
+  ASSEMBLE = 5,
+}
+
+/**
+ * Describes the enum latentfarm.v1.TaskStage.
+ */
+export const TaskStageSchema: GenEnum<TaskStage> = /*@__PURE__*/
+  enumDesc(file_latentfarm_v1_agent, 0);
 
 /**
  * The GPU agent's API, called by the coordinator only.

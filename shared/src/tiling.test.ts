@@ -1,8 +1,9 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
-  extractTile, featherRamp, planTiles, runTiledPass, TileBlender, tileOverheadPercent, tileSeed, tileWeights, type TileLayout, type TileRect,
-} from "./tiled-pass.js";
+  cropNchw, extractTile, featherRamp, layoutFromStarts, planTiles, runTiledPass, TileBlender, tileOverheadPercent, tileSeed, tileWeights, type TileLayout, type TileRect,
+} from "./tiling.js";
+import { cropHandover, latentHandover, readLatent, readRgb, rgbHandover } from "./handover.js";
 
 test("layout: 2048² with 768 tiles / 64 overlap → 3×3 at 0, 640, 1280; overhead 26.5625 %", () => {
   const l = planTiles(2048, 2048, { tileSize: 768, overlap: 64 });
@@ -179,4 +180,31 @@ test("tile seed rules", () => {
   assert.equal(tileSeed(42, 5, "per-tile"), 47);
   assert.equal(tileSeed(0xffffffff, 1, "per-tile"), 0);
   assert.throws(() => tileSeed(-1, 0), RangeError);
+});
+
+test("a layout rebuilt from its starts (what agents receive) equals the planned one; gaps and overruns are refused", () => {
+  const l = planTiles(1000, 600, { tileSize: 512, overlap: 64 });
+  const rebuilt = layoutFromStarts(1000, 600, l.tileWidth, l.tileHeight, l.xs, l.ys);
+  // Its overlap is the smallest one the tiles have, at least the one asked for.
+  assert.ok(rebuilt.overlap >= l.overlap);
+  assert.deepEqual({ ...rebuilt, overlap: l.overlap }, l);
+  assert.throws(() => layoutFromStarts(1200, 600, 512, 512, [0, 688], [0, 88]), /gap/);
+  assert.throws(() => layoutFromStarts(1000, 600, 512, 512, [0, 400], [0, 88]), /span/);
+  assert.throws(() => layoutFromStarts(1000, 600, 1100, 512, [0], [0, 88]), /does not fit/);
+});
+
+test("hand-overs: latents crop on the latent grid, images by pixels; wrong kinds and sizes name the field", () => {
+  const latent = new Float32Array(2 * 4 * 6).map((_, i) => i);
+  const h = latentHandover(latent, [1, 2, 4, 6]);
+  const crop = readLatent(cropHandover(h, { x: 8, y: 16, width: 24, height: 16 }));
+  assert.deepEqual(crop.shape, [1, 2, 2, 3]);
+  assert.deepEqual([...crop.data], [13, 14, 15, 19, 20, 21, 37, 38, 39, 43, 44, 45]);
+  assert.deepEqual([...cropNchw(latent, [1, 2, 4, 6], { x: 1, y: 2, width: 3, height: 2 })], [...crop.data]);
+  assert.throws(() => cropHandover(h, { x: 4, y: 0, width: 8, height: 8 }), /latent grid/);
+  const rgb = rgbHandover(new Uint8Array(4 * 3 * 3).map((_, i) => i), 4, 3);
+  const px = readRgb(cropHandover(rgb, { x: 1, y: 1, width: 2, height: 2 }));
+  assert.deepEqual([px.width, px.height, ...px.data], [2, 2, 15, 16, 17, 18, 19, 20, 27, 28, 29, 30, 31, 32]);
+  assert.throws(() => readLatent(rgb, "inputs[0]"), /inputs\[0\].*expected a latent, got rgb/);
+  assert.throws(() => readRgb(undefined), /expected an RGB image, got nothing/);
+  assert.throws(() => latentHandover(latent, [1, 2, 4, 5]), RangeError);
 });
