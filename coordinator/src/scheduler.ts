@@ -144,6 +144,11 @@ const HOLD_MIN_GAIN_MS = 5;
  * expected end of a running attempt. Agents the pass has not planned on are read straight from
  * their runs; only the ones it places or holds work on get a copy it can change.
  */
+interface AgentSlot {
+  pass: number;
+  at: number;
+}
+
 class Plan {
   private readonly planned = new Map<AgentState, number[]>();
   /** Estimates per task kind (model, size, steps), aligned with the kind's candidate agents. */
@@ -173,15 +178,16 @@ class Plan {
     if (m && v !== undefined) m.set(key, v - 1);
   }
   /**
-   * `busyUntil` outlives passes (entries are stamped with the pass): a pass at 256 agents reads
-   * every agent, and fresh per-pass maps made the garbage whose collection pauses were the tail
-   * of placement latency.
+   * `slots` outlives passes (entries are stamped with the pass): a pass at 256 agents reads every
+   * agent, and per-pass maps, sorted arrays and doubles boxed on return from calls made the
+   * garbage whose collection pauses were the tail of placement latency. Hot loops read
+   * `slot(a).at` (a field, no boxing) rather than calling a function that returns a number.
    */
   constructor(
     readonly now: number,
     private readonly runsOf: (a: AgentState) => Iterable<Run>,
     private readonly pass: number,
-    private readonly busyUntil: Map<AgentState, { pass: number; at: number }>,
+    private readonly slots: Map<AgentState, AgentSlot>,
   ) {}
 
   private of(a: AgentState): number[] {
@@ -190,21 +196,32 @@ class Plan {
       s = [];
       const free = a.info.slots - a.inFlight;
       for (let i = 0; i < free; i++) s.push(this.now);
-      for (const r of this.runsOf(a)) s.push(this.endOf(r));
-      s.sort((x, y) => x - y);
+      // A running attempt past its estimate still holds its slot: it ends "any moment", never
+      // "now" (only a free slot is available now).
+      const soon = this.now + 1;
+      for (const r of this.runsOf(a)) {
+        const end = r.expectedEnd > soon ? r.expectedEnd : soon;
+        // Insertion keeps it sorted; a handful of slots, and Array#sort allocates.
+        let i = s.length;
+        s.push(end);
+        while (i > 0 && s[i - 1]! > end) {
+          s[i] = s[i - 1]!;
+          i--;
+        }
+        s[i] = end;
+      }
       this.planned.set(a, s);
     }
     return s;
   }
 
-  // A running attempt past its estimate still holds its slot: it ends "any moment", never "now"
-  // (only a free slot is available now).
-  private endOf(r: Run): number {
-    return Math.max(this.now + 1, r.expectedEnd);
-  }
+  /** The horizon capacityUntil counts to (a field: doubles passed to a call are boxed). */
+  until = 0;
 
-  /** Tasks of `ms` each the agent's slots could finish by `until`, counting what is planned. */
-  capacityUntil(a: AgentState, until: number, ms: number): number {
+  /** Tasks of `ms[i]` each the agent's slots could finish by `this.until`, counting what is planned. */
+  capacityUntil(a: AgentState, msOf: Float64Array, i: number): number {
+    const until = this.until;
+    const ms = Math.max(1e-3, msOf[i]!);
     let n = 0;
     const s = this.planned.get(a);
     if (s) {
@@ -213,26 +230,36 @@ class Plan {
     }
     const free = a.info.slots - a.inFlight;
     if (free > 0 && this.now < until) n += free * Math.floor((until - this.now) / ms);
+    const soon = this.now + 1;
     for (const r of this.runsOf(a)) {
-      const end = this.endOf(r);
+      const end = r.expectedEnd > soon ? r.expectedEnd : soon;
       if (end < until) n += Math.floor((until - end) / ms);
     }
     return n;
   }
 
-  earliest(a: AgentState): number {
-    const s = this.planned.get(a);
-    if (s) return s[0] ?? Infinity;
-    if (a.info.slots - a.inFlight > 0) return this.now;
-    let e = this.busyUntil.get(a);
-    if (e === undefined) this.busyUntil.set(a, (e = { pass: -1, at: Infinity }));
-    if (e.pass !== this.pass) {
-      let m = Infinity;
-      for (const r of this.runsOf(a)) m = Math.min(m, this.endOf(r));
-      e.pass = this.pass;
-      e.at = m;
+  /** When the agent's earliest slot is free (`at`), as this pass sees it. */
+  slot(a: AgentState): AgentSlot {
+    let e = this.slots.get(a);
+    if (e === undefined) this.slots.set(a, (e = { pass: -1, at: Infinity }));
+    if (e.pass === this.pass) return e;
+    e.pass = this.pass;
+    if (a.info.slots - a.inFlight > 0) {
+      e.at = this.now;
+      return e;
     }
-    return e.at;
+    let m = Infinity;
+    const soon = this.now + 1;
+    for (const r of this.runsOf(a)) {
+      const end = r.expectedEnd > soon ? r.expectedEnd : soon;
+      if (end < m) m = end;
+    }
+    e.at = m;
+    return e;
+  }
+
+  earliest(a: AgentState): number {
+    return this.slot(a).at;
   }
 
   freeNow(a: AgentState): boolean {
@@ -246,6 +273,8 @@ class Plan {
     let i = s.length;
     while (i > 0 && s[i - 1]! > until) i--;
     s.splice(i, 0, until);
+    const e = this.slot(a);
+    e.at = s[0] ?? Infinity;
   }
 }
 
@@ -264,7 +293,7 @@ export class Scheduler {
   readonly tasks = new Map<string, Task>();
   private readonly queue: FairQueue<Task>;
   private readonly runsByAgent = new Map<string, Set<Run>>();
-  private readonly busyUntil = new Map<AgentState, { pass: number; at: number }>();
+  private readonly slotCache = new Map<AgentState, AgentSlot>();
   private byModel: Map<string, AgentState[]> | undefined;
   private readonly estimateCache = new Map<
     string,
@@ -355,7 +384,7 @@ export class Scheduler {
   /** Agents joined, left or changed what they offer. */
   agentsChanged(): void {
     this.byModel = undefined;
-    this.busyUntil.clear();
+    this.slotCache.clear();
     this.estimateCache.clear();
     this.schedulePump();
   }
@@ -413,7 +442,7 @@ export class Scheduler {
     for (const a of this.registry.list()) if (!a.info.draining) free += Math.max(0, a.info.slots - a.inFlight);
     if (free === 0) return;
     this.stats.passes++;
-    const plan = new Plan(now, this.runsOn, this.stats.passes, this.busyUntil);
+    const plan = new Plan(now, this.runsOn, this.stats.passes, this.slotCache);
     // Models with no agent free now are skipped cheaply; held tasks bound how far the pass looks.
     const closed = new Set<string>();
     const heldByModel = new Map<string, number>();
@@ -573,7 +602,7 @@ export class Scheduler {
       const a = candidates[i]!;
       if (a.info.draining) continue;
       if (restrict && (task.failedOn.has(a.id) || !this.memoryOk(a, task))) continue;
-      const start = plan.earliest(a);
+      const start = plan.slot(a).at;
       if (start === Infinity) continue;
       let finish = start + est.ms[i]!;
       if (task.preferAgent === a.id) finish -= 1;
@@ -614,10 +643,11 @@ export class Scheduler {
     const cached = plan.capacity(est, key);
     if (cached !== undefined) return cached;
     let n = 0;
+    plan.until = until;
     for (let i = 0; i < candidates.length; i++) {
       const a = candidates[i]!;
       if (a.info.draining || (excludeFailedOf && excludeFailedOf.failedOn.has(a.id))) continue;
-      n += plan.capacityUntil(a, until, Math.max(1e-3, est.ms[i]!));
+      n += plan.capacityUntil(a, est.ms, i);
     }
     plan.setCapacity(est, key, n);
     return n;
