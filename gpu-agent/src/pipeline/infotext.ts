@@ -47,9 +47,16 @@ export interface InfotextFields {
   clipSkip?: number | undefined;
   ensd?: number | undefined;
   rng?: "CPU" | "GPU" | "NV" | undefined;
+  /** "Face restoration" slot (after Seed). */
+  faceRestoration?: string | undefined;
+  /** "Denoising strength" slot (after Seed resize from). */
+  denoisingStrength?: number | undefined;
+  /** "Conditional mask weight" slot (inpainting UNets, after Denoising strength). */
+  conditionalMaskWeight?: InfotextValue;
   extra?: Array<[string, InfotextValue]>;
 }
 
+/** A1111's create_infotext key order, including the img2img and face-restoration slots. */
 export function buildInfotext(f: InfotextFields): string {
   const variation = f.subseedStrength !== undefined && f.subseedStrength !== 0;
   const params: Array<[string, InfotextValue]> = [
@@ -58,12 +65,15 @@ export function buildInfotext(f: InfotextFields): string {
     ["Schedule type", f.scheduleType],
     ["CFG scale", f.cfgScale],
     ["Seed", f.seed],
+    ["Face restoration", f.faceRestoration],
     ["Size", `${f.width}x${f.height}`],
     ["Model hash", f.modelHash],
     ["Model", f.model],
     ["Variation seed", variation ? f.subseed : undefined],
     ["Variation seed strength", variation ? f.subseedStrength : undefined],
     ["Seed resize from", f.seedResizeFrom && f.seedResizeFrom.w > 0 && f.seedResizeFrom.h > 0 ? `${f.seedResizeFrom.w}x${f.seedResizeFrom.h}` : undefined],
+    ["Denoising strength", f.denoisingStrength],
+    ["Conditional mask weight", f.conditionalMaskWeight],
     ["Clip skip", f.clipSkip !== undefined && f.clipSkip > 1 ? f.clipSkip : undefined],
     ["ENSD", f.ensd ? f.ensd : undefined],
     ["RNG", f.rng && f.rng !== "GPU" ? f.rng : undefined],

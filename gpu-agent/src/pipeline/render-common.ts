@@ -18,7 +18,7 @@ import type { PreparedConditioning } from "../conditioning/index.js";
 import { ImageInputError } from "../imaging/index.js";
 import { checkAborted } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
-import { FARM_VERSION, formatInfotext, type InfotextFields, type InfotextValue } from "./infotext.js";
+import { buildInfotext, type InfotextFields, type InfotextValue } from "./infotext.js";
 import { encodePng, toRgb8 } from "./png.js";
 import { DEFAULT_RESOURCES, type RenderContext, type RenderResources } from "./txt2img.js";
 
@@ -138,41 +138,15 @@ export async function encodeRgb(
   return { latent: out, h, w };
 }
 
-export interface A1111InfotextFields extends InfotextFields {
-  /** "Face restoration" slot (after Seed). */
-  faceRestoration?: string | undefined;
-  /** "Denoising strength" slot (after Seed resize from). */
-  denoisingStrength?: number | undefined;
-  /** "Conditional mask weight" slot (inpainting UNets, after Denoising strength). */
-  conditionalMaskWeight?: InfotextValue;
-}
+/** The infotext fields of any render; A1111's key order lives in buildInfotext. */
+export type A1111InfotextFields = InfotextFields;
 
-/** A1111's create_infotext key order, including the img2img and face-restoration slots. */
+/**
+ * buildInfotext for the img2img/hires paths: "Denoising strength" has its own slot there, so a
+ * sampler's entry of that name is dropped from the extras.
+ */
 export function a1111Infotext(f: A1111InfotextFields): string {
-  const variation = f.subseedStrength !== undefined && f.subseedStrength !== 0;
-  const extra = (f.extra ?? []).filter(([k]) => k !== "Denoising strength");
-  const params: Array<[string, InfotextValue]> = [
-    ["Steps", f.steps],
-    ["Sampler", f.sampler],
-    ["Schedule type", f.scheduleType],
-    ["CFG scale", f.cfgScale],
-    ["Seed", f.seed],
-    ["Face restoration", f.faceRestoration],
-    ["Size", `${f.width}x${f.height}`],
-    ["Model hash", f.modelHash],
-    ["Model", f.model],
-    ["Variation seed", variation ? f.subseed : undefined],
-    ["Variation seed strength", variation ? f.subseedStrength : undefined],
-    ["Seed resize from", f.seedResizeFrom && f.seedResizeFrom.w > 0 && f.seedResizeFrom.h > 0 ? `${f.seedResizeFrom.w}x${f.seedResizeFrom.h}` : undefined],
-    ["Denoising strength", f.denoisingStrength],
-    ["Conditional mask weight", f.conditionalMaskWeight],
-    ["Clip skip", f.clipSkip !== undefined && f.clipSkip > 1 ? f.clipSkip : undefined],
-    ["ENSD", f.ensd ? f.ensd : undefined],
-    ["RNG", f.rng && f.rng !== "GPU" ? f.rng : undefined],
-    ...extra,
-    ["Version", FARM_VERSION],
-  ];
-  return formatInfotext(f.prompt, f.negativePrompt, params);
+  return buildInfotext({ ...f, extra: (f.extra ?? []).filter(([k]) => k !== "Denoising strength") });
 }
 
 /** The infotext fields every pass shares, from the request and the (first-pass) sampler. */
