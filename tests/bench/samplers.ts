@@ -6,7 +6,14 @@
 //                             time) with a 30 ms model in a worker thread and the noise drawn ahead
 //                             during it — what the target applies to;
 //   "<sampler> b_in_sampler": the part of b_critical spent inside the sampler itself;
-//   "<sampler> b_no_prefetch": b_critical without drawing ahead, measured side by side.
+//   "<sampler> b_no_prefetch": b_critical without drawing ahead, measured side by side;
+//   "<sampler> b_tree_in_thread": SDE samplers only: b_critical with the Brownian tree drawn ahead on the
+//                             JS thread instead of in its own worker thread (b_critical), side by side;
+//   "<sampler> b_longest_block" / "b_longest_block_tree_in_thread": the longest synchronous stretch of
+//                             the driver's JS thread (how long the agent's event loop is held up);
+//   "<sampler> b_first_wait": SDE samplers: the wait for the worker's first answer, including the
+//                             worker thread's start (under tsx it registers tsx and compiles the sources);
+//   "<sampler> b_critical_after_start": SDE samplers: b_critical without b_first_wait.
 // b_critical and b_no_prefetch include the harness's own latent copies and messages (harness_floor_ms per
 // step, measured with a do-nothing sampler) and, on a loaded machine, thread wake-up delays. Each number is
 // the fastest of `repeats` runs; load_1min is the machine's load when the run started.
@@ -31,6 +38,13 @@ export async function benchSamplerOverhead(
     out[`${r.sampler} b_critical`] = r.criticalMsPerStep!;
     out[`${r.sampler} b_in_sampler`] = r.criticalInSamplerMsPerStep!;
     out[`${r.sampler} b_no_prefetch`] = r.criticalNoPrefetchMsPerStep!;
+    out[`${r.sampler} b_longest_block`] = r.longestBlockMs!;
+    if (r.criticalInThreadMsPerStep !== undefined) {
+      out[`${r.sampler} b_tree_in_thread`] = r.criticalInThreadMsPerStep;
+      out[`${r.sampler} b_longest_block_tree_in_thread`] = r.longestBlockInThreadMs!;
+      out[`${r.sampler} b_first_wait`] = r.firstWaitMs!;
+      out[`${r.sampler} b_critical_after_start`] = r.criticalAfterStartMsPerStep!;
+    }
     floor = Math.max(floor, r.floorMsPerStep!);
     setup = Math.max(setup, r.setupMs);
     if (r.criticalMsPerStep! <= 0.3) meeting++;

@@ -1,6 +1,6 @@
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, abortError } from "@latentfarm/shared";
-import { cIn, epsToDenoised, vToDenoised, type PreparedSampling } from "../sampling/index.js";
+import { cIn, epsToDenoised, vToDenoised, type NoiseAhead, type PreparedSampling } from "../sampling/index.js";
 import { combineDenoised, type PreparedConditioning } from "../conditioning/index.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 
@@ -49,6 +49,16 @@ export function blendLatent(x: Float32Array, b: Pick<MaskBlend, "init" | "nmask"
  * Cancellation is checked before every model call.
  */
 export async function denoise(pipe: LoadedPipeline, input: DenoiseInput): Promise<Float32Array> {
+  // The SDE samplers' Brownian tree runs in a worker thread for this run; it ends with the run, however it ends.
+  const ahead = input.sampler.openNoiseAhead();
+  try {
+    return await drive(pipe, input, ahead);
+  } finally {
+    await ahead.close();
+  }
+}
+
+async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhead): Promise<Float32Array> {
   const { sampler, cond, cfgScale, h, w, signal } = input;
   const plane = pipe.model.config.latentChannels * h * w;
   const dim = pipe.model.textEncoder.hiddenSize;
@@ -89,8 +99,10 @@ export async function denoise(pipe: LoadedPipeline, input: DenoiseInput): Promis
       }),
     );
     // Queued after the batcher's dispatch: draws the sampler's next noise while the UNet runs off-thread.
-    setImmediate(() => sampler.drawAhead(req, signal));
+    setImmediate(() => ahead.drawAhead(req, signal));
     await evaluating;
+    // The generator is synchronous: noise being computed off-thread for it must be here before it resumes.
+    await ahead.ensureReady(req, signal);
     const outOf = (tensor: Float32Array, idx: number): Float32Array => results.get(tensor.length / dim)![idx]!;
     if (req.kind === "denoise") {
       const denoised = (out: Float32Array): Float32Array => (vPred ? vToDenoised(x, out, req.sigma) : epsToDenoised(x, out, req.sigma));

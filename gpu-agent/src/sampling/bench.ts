@@ -13,12 +13,17 @@
  *     back, two messages); `floorMsPerStep` is that cost alone, measured with a sampler that does nothing,
  *     and `criticalInSamplerMsPerStep` is the part spent inside the sampler itself. On a machine with
  *     fewer free cores than threads, the worker's wake-up delays also land in criticalMsPerStep.
+ *     The driver is the agent's: PreparedSampling.openNoiseAhead(), so the SDE samplers' Brownian tree
+ *     runs in its own worker thread (spawned at the run's first request: its start-up is in the wall
+ *     time) and the driver awaits ensureReady before resuming the sampler. For those samplers
+ *     `criticalInThreadMsPerStep` is the same run with the tree drawn ahead on the JS thread instead.
  */
 import { Worker } from "node:worker_threads";
 import { createBrownianNoiseSampler } from "./brownian.js";
 import type { RngSource } from "./generator.js";
 import { ImageRng, type LatentShape } from "./image-rng.js";
 import { listSamplers, prepareSampling, type PreparedSampling } from "./plan.js";
+import type { NoiseAhead } from "./noise-ahead.js";
 import type { ModelRequest, ModelResponse, NoiseSampler, SamplerRun } from "./samplers/types.js";
 
 export interface BenchSamplersOptions {
@@ -59,6 +64,19 @@ export interface SamplerBenchResult {
    * sampling core itself still costs between two model calls, without the harness's messaging.
    */
   criticalInSamplerMsPerStep?: number;
+  /** (b) Brownian samplers only: drawing the tree's noise ahead on the JS thread, not in a worker. */
+  criticalInThreadMsPerStep?: number;
+  /**
+   * (b) the longest stretch the driver's JS thread spent in one synchronous call (a sampler resumption
+   * or a drawAhead): how long the agent's event loop (gRPC, heartbeats, other images) is held up.
+   */
+  longestBlockMs?: number;
+  /** (b) longestBlockMs with the tree drawn ahead on the JS thread (Brownian samplers only). */
+  longestBlockInThreadMs?: number;
+  /** (b) the wait for the worker's first answer, which includes starting the worker thread. */
+  firstWaitMs?: number;
+  /** (b) criticalMsPerStep without firstWaitMs: the per-step cost once the worker runs. */
+  criticalAfterStartMsPerStep?: number;
   /** (b) the same without drawing ahead. */
   criticalNoPrefetchMsPerStep?: number;
   /** (b) of the harness alone (a do-nothing sampler making as many model calls). */
@@ -89,8 +107,12 @@ interface Counted {
   counts: { calls: number; critical: number; ahead: boolean };
 }
 
-/** prepareSampling as the agent calls it, with the noise source and Brownian tree counted. */
-function prepare(name: string, steps: number, shape: LatentShape, source: RngSource, brownian: boolean, now: () => number): Counted {
+/**
+ * prepareSampling with the noise source and Brownian tree counted. With `treeInWorker` the tree comes
+ * from `brownian` options, as the agent passes it, so openNoiseAhead can move it to a worker thread;
+ * its queries are then counted there (NoiseAhead.queriesOnCall).
+ */
+function prepare(name: string, steps: number, shape: LatentShape, source: RngSource, brownian: boolean, now: () => number, treeInWorker = false): Counted {
   const counts = { calls: 0, critical: 0, ahead: false };
   const count = (): void => {
     counts.calls++;
@@ -102,10 +124,12 @@ function prepare(name: string, steps: number, shape: LatentShape, source: RngSou
   let noiseSampler: NoiseSampler | undefined;
   const range = prepareSampling({ samplerName: name, steps, noise }).brownianRange;
   if (brownian && range !== undefined) {
-    const tree = createBrownianNoiseSampler({ ...range, seeds: [0], shape, source });
-    noiseSampler = (sigma, sigmaNext) => (count(), tree(sigma, sigmaNext));
+    // Built only where it is used: its constructor draws the top increment.
+    let tree: NoiseSampler | undefined;
+    noiseSampler = (sigma, sigmaNext) => (count(), (tree ??= createBrownianNoiseSampler({ ...range, seeds: [0], shape, source }))(sigma, sigmaNext));
   }
-  const prepared = prepareSampling({ samplerName: name, steps, noise, ...(noiseSampler !== undefined && { noiseSampler }) });
+  const tree = treeInWorker && noiseSampler !== undefined ? { brownian: { seeds: [0], shape, source } } : noiseSampler !== undefined ? { noiseSampler } : {};
+  const prepared = prepareSampling({ samplerName: name, steps, noise, ...tree });
   const start = prepared.startLatent(rng.first());
   const setupMs = now() - started;
   counts.calls = 0;
@@ -179,24 +203,37 @@ class OffThreadModel {
 }
 
 async function runOffThread(
-  run: SamplerRun, model: OffThreadModel, drawAhead: ((r: ModelRequest) => void) | undefined,
-): Promise<{ wallMs: number; modelMs: number; samplerMs: number }> {
+  run: SamplerRun, model: OffThreadModel, drawAhead: ((r: ModelRequest) => void) | undefined, ahead?: NoiseAhead,
+): Promise<{ wallMs: number; modelMs: number; samplerMs: number; longestBlockMs: number; firstWaitMs: number }> {
   const started = performance.now();
   let modelMs = 0;
   let r = run.next();
   let samplerMs = performance.now() - started;
+  let longestBlockMs = samplerMs;
+  let firstWaitMs = -1;
+  const timedDrawAhead = drawAhead && ((request: ModelRequest): void => {
+    const t = performance.now();
+    drawAhead(request);
+    longestBlockMs = Math.max(longestBlockMs, performance.now() - t);
+  });
   while (!r.done) {
     const request = r.value;
     const evaluating = model.evaluate(request);
     // As in the agent's denoise loop: the request is posted first, then the noise is drawn while it runs.
-    if (drawAhead !== undefined) setImmediate(() => drawAhead(request));
+    if (timedDrawAhead !== undefined) setImmediate(() => timedDrawAhead(request));
     const { response, modelMs: ms } = await evaluating;
     modelMs += ms;
+    // Waiting for the worker's answers is on the critical path, and counted in wallMs.
+    const waitStarted = performance.now();
+    await ahead?.ensureReady(request);
+    if (firstWaitMs < 0) firstWaitMs = performance.now() - waitStarted;
     const resumed = performance.now();
     r = run.next(response);
-    samplerMs += performance.now() - resumed;
+    const inSampler = performance.now() - resumed;
+    samplerMs += inSampler;
+    longestBlockMs = Math.max(longestBlockMs, inSampler);
   }
-  return { wallMs: performance.now() - started, modelMs, samplerMs };
+  return { wallMs: performance.now() - started, modelMs, samplerMs, longestBlockMs, firstWaitMs: Math.max(firstWaitMs, 0) };
 }
 
 /** Yields the same requests as a recorded run and does nothing else: the harness floor. */
@@ -214,7 +251,8 @@ function measureSync(name: string, steps: number, shape: LatentShape, source: Rn
 
 type OffThreadNumbers = Pick<
   SamplerBenchResult,
-  "criticalMsPerStep" | "criticalInSamplerMsPerStep" | "criticalNoPrefetchMsPerStep" | "floorMsPerStep" | "criticalNoiseCalls"
+  | "criticalMsPerStep" | "criticalInSamplerMsPerStep" | "criticalInThreadMsPerStep" | "criticalNoPrefetchMsPerStep" | "floorMsPerStep"
+  | "criticalNoiseCalls" | "longestBlockMs" | "longestBlockInThreadMs" | "firstWaitMs" | "criticalAfterStartMsPerStep"
 >;
 
 function minimum(a: OffThreadNumbers, b: OffThreadNumbers): OffThreadNumbers {
@@ -222,6 +260,11 @@ function minimum(a: OffThreadNumbers, b: OffThreadNumbers): OffThreadNumbers {
   return {
     criticalMsPerStep: min(a.criticalMsPerStep, b.criticalMsPerStep),
     criticalInSamplerMsPerStep: min(a.criticalInSamplerMsPerStep, b.criticalInSamplerMsPerStep),
+    criticalInThreadMsPerStep: min(a.criticalInThreadMsPerStep, b.criticalInThreadMsPerStep),
+    longestBlockMs: min(a.longestBlockMs, b.longestBlockMs),
+    longestBlockInThreadMs: min(a.longestBlockInThreadMs, b.longestBlockInThreadMs),
+    firstWaitMs: min(a.firstWaitMs, b.firstWaitMs),
+    criticalAfterStartMsPerStep: min(a.criticalAfterStartMsPerStep, b.criticalAfterStartMsPerStep),
     criticalNoPrefetchMsPerStep: min(a.criticalNoPrefetchMsPerStep, b.criticalNoPrefetchMsPerStep),
     floorMsPerStep: min(a.floorMsPerStep, b.floorMsPerStep),
     criticalNoiseCalls: Math.max(a.criticalNoiseCalls ?? 0, b.criticalNoiseCalls ?? 0),
@@ -232,21 +275,37 @@ async function measureOffThread(
   name: string, steps: number, shape: LatentShape, source: RngSource, brownian: boolean, now: () => number,
   model: OffThreadModel, withoutPrefetch: boolean,
 ): Promise<OffThreadNumbers> {
-  const ahead = prepare(name, steps, shape, source, brownian, now);
-  const reported = ahead.prepared.steps;
+  const counted = prepare(name, steps, shape, source, brownian, now, true);
+  const reported = counted.prepared.steps;
   const requests: ModelRequest[] = [];
+  const ahead = counted.prepared.openNoiseAhead();
   const drawAhead = (request: ModelRequest): void => {
     requests.push(request);
-    ahead.counts.ahead = true;
-    ahead.prepared.drawAhead(request);
-    ahead.counts.ahead = false;
+    counted.counts.ahead = true;
+    ahead.drawAhead(request);
+    counted.counts.ahead = false;
   };
-  const withPrefetch = await runOffThread(ahead.prepared.run(ahead.start), model, drawAhead);
+  let withPrefetch: Awaited<ReturnType<typeof runOffThread>>;
+  try {
+    withPrefetch = await runOffThread(counted.prepared.run(counted.start), model, drawAhead, ahead);
+  } finally {
+    await ahead.close();
+  }
   const out: OffThreadNumbers = {
     criticalMsPerStep: (withPrefetch.wallMs - withPrefetch.modelMs) / reported,
     criticalInSamplerMsPerStep: withPrefetch.samplerMs / reported,
-    criticalNoiseCalls: ahead.counts.critical,
+    criticalNoiseCalls: counted.counts.critical + ahead.queriesOnCall,
+    longestBlockMs: withPrefetch.longestBlockMs,
+    firstWaitMs: withPrefetch.firstWaitMs,
   };
+  if (counted.prepared.brownianRange !== undefined && brownian) {
+    const inThread = prepare(name, steps, shape, source, brownian, now);
+    const drawHere = (request: ModelRequest): void => inThread.prepared.drawAhead(request);
+    const here = await runOffThread(inThread.prepared.run(inThread.start), model, drawHere);
+    out.criticalAfterStartMsPerStep = (withPrefetch.wallMs - withPrefetch.modelMs - withPrefetch.firstWaitMs) / reported;
+    out.criticalInThreadMsPerStep = (here.wallMs - here.modelMs) / reported;
+    out.longestBlockInThreadMs = here.longestBlockMs;
+  }
   if (withoutPrefetch) {
     const plain = prepare(name, steps, shape, source, brownian, now);
     const without = await runOffThread(plain.prepared.run(plain.start), model, undefined);

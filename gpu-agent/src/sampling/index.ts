@@ -10,7 +10,9 @@
  * where evaluate() runs the UNet for the request (see ModelRequest) and returns the CFG-combined
  * result; r.value.call selects the prompt-schedule entry, r.value.step is the progress step. When the
  * evaluation runs off-thread, call prep.drawAhead(r.value) once it is dispatched: the noise the sampler
- * needs next is drawn during the wait instead of after it (same values, same order).
+ * needs next is drawn during the wait instead of after it (same values, same order). A driver that
+ * awaits its evaluations uses prep.openNoiseAhead() instead: drawAhead, then ensureReady before resuming
+ * the generator, close() at the end; the Brownian tree then runs in a worker thread of its own.
  */
 export { createGenerator, elementCount, RNG_SOURCES, type GeneratorOptions, type ImageGenerator, type NoiseShape, type RngSource } from "./generator.js";
 export { philox4x32, philoxNormals, philoxNormalsCuda } from "./philox.js";
@@ -57,6 +59,7 @@ export {
 export { betaQuantile, regularizedIncompleteBeta, type BetaQuantile } from "./beta-quantile.js";
 export { LcmSchedule } from "./lcm.js";
 export { BrownianTreeNoiseSampler, createBrownianNoiseSampler, type BrownianNoiseOptions } from "./brownian.js";
+export type { NoiseAhead } from "./noise-ahead.js";
 export {
   img2imgSteps,
   listSamplers,

@@ -13,10 +13,11 @@ import {
   type SchedulerId,
 } from "@latentfarm/shared";
 import type { BetaQuantile } from "./beta-quantile.js";
-import { createBrownianNoiseSampler, type BrownianNoiseOptions } from "./brownian.js";
+import { BrownianTreeNoiseSampler, type BrownianNoiseOptions } from "./brownian.js";
 import { InvalidSamplingParameter } from "./errors.js";
 import { f32 } from "./float32.js";
 import { LcmSchedule } from "./lcm.js";
+import { InThreadNoiseAhead, WorkerNoiseAhead, type NoiseAhead } from "./noise-ahead.js";
 import { NoisePrefetcher } from "./prefetch.js";
 import { DEFAULT_RHO, SCHEDULE_LABELS, samplerSigmas, type ScheduleType, type SigmaModel } from "./schedules.js";
 import { sd1Schedule, type DiscreteSchedule } from "./sigmas.js";
@@ -237,6 +238,13 @@ export interface PreparedSampling {
    * leave the critical path. Values and draw order are unchanged (see prefetch.ts); never throws.
    */
   drawAhead(request: ModelRequest, signal?: AbortSignal): void;
+  /**
+   * For a driver that awaits each model evaluation (the agent's denoise loop): drawing ahead with the
+   * Brownian tree in a worker thread of this run's own (when the tree comes from `brownian`; otherwise
+   * as drawAhead). Call it once per run, before the first request; the caller must close() it when
+   * the run ends, fails or is cancelled. See noise-ahead.ts.
+   */
+  openNoiseAhead(): NoiseAhead;
 }
 
 export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
@@ -297,8 +305,11 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
     }
     brownianRange = { sigmaMin, sigmaMax };
   }
+  const tree = input.noiseSampler === undefined && brownianRange !== undefined && input.brownian !== undefined ? { ...input.brownian, ...brownianRange } : undefined;
+  // Built at the first query made on this thread: when a worker answers them all, the tree here never costs a draw.
+  let localTree: BrownianTreeNoiseSampler | undefined;
   const querySource =
-    input.noiseSampler ?? (brownianRange !== undefined && input.brownian !== undefined ? createBrownianNoiseSampler({ ...input.brownian, ...brownianRange }) : undefined);
+    input.noiseSampler ?? (tree !== undefined ? (sigma: number, sigmaNext: number) => (localTree ??= new BrownianTreeNoiseSampler(tree)).sample(sigma, sigmaNext) : undefined);
   const prefetcher = new NoisePrefetcher(input.noise, querySource);
   const noiseSampler = querySource === undefined ? undefined : prefetcher.query;
 
@@ -394,6 +405,7 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
     startLatent,
     run,
     drawAhead: (request, signal) => prefetcher.drawAhead(request.upcoming, signal),
+    openNoiseAhead: () => (tree !== undefined ? new WorkerNoiseAhead(prefetcher, tree) : new InThreadNoiseAhead(prefetcher)),
   };
 }
 
@@ -486,5 +498,6 @@ function prepareTimestepSampler(
     startLatent,
     run,
     drawAhead: (request, signal) => prefetcher.drawAhead(request.upcoming, signal),
+    openNoiseAhead: () => new InThreadNoiseAhead(prefetcher),
   };
 }

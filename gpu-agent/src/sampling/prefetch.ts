@@ -20,6 +20,7 @@ const MAX_PENDING_ANSWERS = 4;
 export class NoisePrefetcher {
   private readonly ready: Float32Array[] = [];
   private readonly answers: Array<{ sigma: number; sigmaNext: number; noise: Float32Array }> = [];
+  private onCall = 0;
 
   constructor(
     private readonly source: () => Float32Array,
@@ -34,12 +35,33 @@ export class NoisePrefetcher {
     const i = this.answers.findIndex((a) => a.sigma === sigma && a.sigmaNext === sigmaNext);
     if (i >= 0) return this.answers.splice(i, 1)[0]!.noise;
     if (this.querySource === undefined) throw new TypeError("this sampling has no noise sampler");
+    this.onCall++;
     return this.querySource(sigma, sigmaNext);
   };
 
   /** Draws made ahead and not yet taken (for tests and metrics). */
   get readyDraws(): number {
     return this.ready.length;
+  }
+
+  /** Noise-sampler queries computed when the sampler asked, i.e. not ready ahead (for tests and metrics). */
+  get queriesOnCall(): number {
+    return this.onCall;
+  }
+
+  /** Whether an answer for exactly (σ, σ_next) is waiting. */
+  hasAnswer(sigma: number, sigmaNext: number): boolean {
+    return this.answers.some((a) => a.sigma === sigma && a.sigmaNext === sigmaNext);
+  }
+
+  /**
+   * Stores an answer computed elsewhere (the Brownian-tree worker) for exactly (σ, σ_next). The caller
+   * vouches that it equals querySource(σ, σ_next); the tree's answers are pure functions of the query.
+   */
+  offer(sigma: number, sigmaNext: number, noise: Float32Array): void {
+    if (this.hasAnswer(sigma, sigmaNext)) return;
+    this.answers.push({ sigma, sigmaNext, noise });
+    if (this.answers.length > MAX_PENDING_ANSWERS) this.answers.shift();
   }
 
   /**
@@ -56,9 +78,8 @@ export class NoisePrefetcher {
       }
       for (const [sigma, sigmaNext] of upcoming.queries ?? []) {
         if (signal?.aborted || this.querySource === undefined) return;
-        if (this.answers.some((a) => a.sigma === sigma && a.sigmaNext === sigmaNext)) continue;
-        this.answers.push({ sigma, sigmaNext, noise: this.querySource(sigma, sigmaNext) });
-        if (this.answers.length > MAX_PENDING_ANSWERS) this.answers.shift();
+        if (this.hasAnswer(sigma, sigmaNext)) continue;
+        this.offer(sigma, sigmaNext, this.querySource(sigma, sigmaNext));
       }
     } catch {
       // Deliberately dropped: see above.

@@ -1,0 +1,170 @@
+/**
+ * Drawing ahead for one sampling run driven asynchronously (the agent's denoise loop). The sampler
+ * generators are synchronous, so the driver works in three moves per model request:
+ *   drawAhead(request)   once the model evaluation is dispatched: starts what the request announces;
+ *   ensureReady(request) after the evaluation, before resuming the generator: waits for what was started
+ *                        off-thread, so the sampler finds it instead of computing it again here;
+ *   close()              when the run ends, fails or is cancelled.
+ * With a Brownian tree built from `brownian` options, its queries go to a worker thread of their own
+ * (BrownianThread), spawned at the first query and ended by close(), so the tree never runs on this
+ * thread (unless the worker cannot be spawned). Plain `noise()` draws stay on this thread (they come
+ * from the caller's generators) and are drawn ahead here as before. Values never change:
+ * the tree's answers are pure functions of (σ, σ_next), and a missing answer is computed by the sampler.
+ */
+import { abortError } from "@latentfarm/shared";
+import { BrownianThread } from "./brownian-thread.js";
+import type { BrownianNoiseOptions } from "./brownian.js";
+import type { NoisePrefetcher } from "./prefetch.js";
+import type { ModelRequest } from "./samplers/types.js";
+
+export interface NoiseAhead {
+  /** Starts what `request` announces: tree queries posted to the worker, plain draws made here. Never throws. */
+  drawAhead(request: ModelRequest, signal?: AbortSignal): void;
+  /**
+   * Resolves once what `request` announced is ready for the sampler (at once when nothing is pending, or
+   * when the worker could not answer: the sampler then computes it itself). Rejects only when `signal` aborts.
+   */
+  ensureReady(request: ModelRequest, signal?: AbortSignal): Promise<void>;
+  /** Ends the worker thread, if one was started. Safe to call more than once. */
+  close(): Promise<void>;
+  /** Tree queries the sampler computed on its own thread because no answer was ready (metrics, benchmarks). */
+  readonly queriesOnCall: number;
+}
+
+/** Everything on this thread: PreparedSampling.drawAhead behind the async interface. */
+export class InThreadNoiseAhead implements NoiseAhead {
+  constructor(private readonly prefetcher: NoisePrefetcher) {}
+
+  drawAhead(request: ModelRequest, signal?: AbortSignal): void {
+    this.prefetcher.drawAhead(request.upcoming, signal);
+  }
+
+  ensureReady(_request: ModelRequest, signal?: AbortSignal): Promise<void> {
+    return signal?.aborted ? Promise.reject(abortError(signal)) : Promise.resolve();
+  }
+
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  get queriesOnCall(): number {
+    return this.prefetcher.queriesOnCall;
+  }
+}
+
+const queryKey = (sigma: number, sigmaNext: number): string => `${sigma} ${sigmaNext}`;
+
+/** Brownian-tree queries answered by a worker thread; plain draws ahead on this thread. */
+export class WorkerNoiseAhead implements NoiseAhead {
+  private thread: BrownianThread | undefined;
+  private closed = false;
+  private spawnFailed = false;
+  private workerAnswers = 0;
+  /** Queries posted and not answered yet, by (σ, σ_next). */
+  private readonly inFlight = new Map<string, Promise<void>>();
+  /** Requests whose queries were posted already (drawAhead and ensureReady may both see one). */
+  private readonly posted = new WeakSet<ModelRequest>();
+
+  constructor(
+    private readonly prefetcher: NoisePrefetcher,
+    private readonly tree: BrownianNoiseOptions,
+  ) {}
+
+  drawAhead(request: ModelRequest, signal?: AbortSignal): void {
+    this.post(request, signal);
+    const draws = request.upcoming?.draws;
+    if (draws !== undefined && !this.closed) this.prefetcher.drawAhead({ draws }, signal);
+  }
+
+  private post(request: ModelRequest, signal: AbortSignal | undefined): void {
+    if (this.posted.has(request)) return;
+    this.posted.add(request);
+    for (const [sigma, sigmaNext] of request.upcoming?.queries ?? []) {
+      if (this.closed || signal?.aborted) return;
+      const key = queryKey(sigma, sigmaNext);
+      if (this.inFlight.has(key) || this.prefetcher.hasAnswer(sigma, sigmaNext)) continue;
+      const thread = this.startThread();
+      if (thread === undefined) {
+        this.prefetcher.drawAhead({ queries: [[sigma, sigmaNext]] }, signal);
+        continue;
+      }
+      // Posted even while the worker is starting (~60 ms built, ~300 ms under tsx, which registers
+      // itself there first): it answers once started. Drawing the first queries here meanwhile was
+      // measured slower on a loaded 2-core machine (the start competes for the same cores, and the
+      // worker's tree then begins cold) and would hold up the event loop, which this worker exists to avoid.
+      const answered = thread.query(sigma, sigmaNext).then((noise) => {
+        this.inFlight.delete(key);
+        if (noise === undefined || this.closed) return;
+        this.workerAnswers++;
+        this.prefetcher.offer(sigma, sigmaNext, noise);
+      });
+      this.inFlight.set(key, answered);
+    }
+  }
+
+  /** The worker thread, spawned at the first call; undefined when it cannot be spawned or the run is closed. */
+  private startThread(): BrownianThread | undefined {
+    if (this.closed || this.spawnFailed) return undefined;
+    try {
+      return (this.thread ??= new BrownianThread(this.tree));
+    } catch {
+      // No worker: the queries are drawn ahead on this thread, as without one.
+      this.spawnFailed = true;
+      return undefined;
+    }
+  }
+
+  /**
+   * Starts the worker thread now instead of at the first query, and resolves once it answers queries
+   * (true) or never will (false). Optional: queries posted before that wait in the worker's queue.
+   */
+  async start(): Promise<boolean> {
+    return (await this.startThread()?.ready) ?? false;
+  }
+
+  async ensureReady(request: ModelRequest, signal?: AbortSignal): Promise<void> {
+    if (signal?.aborted) throw abortError(signal);
+    this.post(request, signal);
+    const waits: Promise<void>[] = [];
+    for (const [sigma, sigmaNext] of request.upcoming?.queries ?? []) {
+      const wait = this.inFlight.get(queryKey(sigma, sigmaNext));
+      if (wait !== undefined) waits.push(wait);
+    }
+    if (waits.length === 0) return;
+    if (signal === undefined) {
+      await Promise.all(waits);
+      return;
+    }
+    let onAbort: (() => void) | undefined;
+    try {
+      await Promise.race([
+        Promise.all(waits),
+        new Promise<never>((_, reject) => {
+          onAbort = () => reject(abortError(signal));
+          signal.addEventListener("abort", onAbort, { once: true });
+        }),
+      ]);
+    } finally {
+      if (onAbort !== undefined) signal.removeEventListener("abort", onAbort);
+    }
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await this.thread?.close();
+  }
+
+  get queriesOnCall(): number {
+    return this.prefetcher.queriesOnCall;
+  }
+
+  /** Tree queries the worker answered (tests, benchmarks); the rest were drawn ahead or on call here. */
+  get answeredByWorker(): number {
+    return this.workerAnswers;
+  }
+
+  /** "none" until the first query starts the worker thread (tests). */
+  get threadState(): "none" | "running" | "ended" {
+    return this.thread === undefined ? "none" : this.thread.running ? "running" : "ended";
+  }
+}
