@@ -103,6 +103,12 @@ export class SdModel {
     return typeof c === "number" && c > 0 ? c : this.config.latentChannels;
   }
 
+  /** Calls and milliseconds inside ONNX Runtime's run() for one of this model's sessions. */
+  ortRunStats(session: "unet" | "text_encoder" | "vae_decoder"): { runs: number; ms: number } {
+    const st = this.worker.runStats.get(session);
+    return { runs: st?.runs ?? 0, ms: st?.ms ?? 0 };
+  }
+
   /** eps (or v) prediction for a batch: sample [n,Cin,h,w], timesteps [n] (fractional), context [n,seq,dim]. */
   async unet(
     sample: Float32Array,

@@ -28,6 +28,11 @@ export class OrtWorker {
   private nextId = 1;
   private closed = false;
   private failure: Error | undefined;
+  /**
+   * Per session: run() calls and the milliseconds spent inside ONNX Runtime's run() in the worker.
+   * Against the wall time of the same calls this is what the agent adds to each model call.
+   */
+  readonly runStats = new Map<string, { runs: number; ms: number }>();
 
   constructor(ep: ExecutionProvider, opts: { intraOpNumThreads?: number } = {}) {
     this.worker = spawnWorker({ models: {}, ep, ...opts });
@@ -79,8 +84,12 @@ export class OrtWorker {
   ): Promise<Record<string, WireTensor>> {
     if (signal?.aborted) throw abortError(signal);
     const transfer = Object.values(feeds).map((t) => t.data.buffer as ArrayBuffer);
-    const res = await this.call({ op: "run", session, feeds, outputs }, transfer);
-    return (res as { outputs: Record<string, WireTensor> }).outputs;
+    const res = (await this.call({ op: "run", session, feeds, outputs }, transfer)) as { outputs: Record<string, WireTensor>; runMs?: number };
+    let st = this.runStats.get(session);
+    if (!st) this.runStats.set(session, (st = { runs: 0, ms: 0 }));
+    st.runs++;
+    st.ms += res.runMs ?? 0;
+    return res.outputs;
   }
 
   async close(): Promise<void> {

@@ -54,14 +54,16 @@ async function handle(req: Request): Promise<Response> {
       if (!s) throw new Error(`session ${req.session} is not loaded`);
       const feeds: Record<string, ort.Tensor> = {};
       for (const [k, v] of Object.entries(req.feeds)) feeds[k] = new ort.Tensor(v.type, v.data, v.dims);
+      const started = performance.now();
       const out = await s.run(feeds, req.outputs);
+      const runMs = performance.now() - started;
       const outputs: Record<string, WireTensor> = {};
       for (const name of req.outputs) {
         const t = out[name];
         if (!t) throw new Error(`session ${req.session} produced no output ${name}`);
         outputs[name] = toWire(t);
       }
-      return { id: req.id, ok: true, outputs };
+      return { id: req.id, ok: true, outputs, runMs };
     }
     case "close": {
       for (const s of sessions.values()) await s.release();
