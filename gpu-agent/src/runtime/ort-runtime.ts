@@ -83,6 +83,14 @@ export class OrtWorker {
     signal?: AbortSignal,
   ): Promise<Record<string, WireTensor>> {
     if (signal?.aborted) throw abortError(signal);
+    for (const [name, t] of Object.entries(feeds)) {
+      // A buffer transferred by an earlier call arrives detached (empty); the worker could not even
+      // read such a message, and the call would never settle, so it is refused here.
+      const size = t.dims.reduce((n, d) => n * d, 1);
+      if (t.data.length !== size) {
+        throw new FarmError(grpc.status.INTERNAL, `feed ${name} has ${t.data.length} values for shape [${t.dims.join(",")}]${t.data.byteLength === 0 ? " (its buffer was already transferred)" : ""}`);
+      }
+    }
     const transfer = Object.values(feeds).map((t) => t.data.buffer as ArrayBuffer);
     const res = (await this.call({ op: "run", session, feeds, outputs }, transfer)) as { outputs: Record<string, WireTensor>; runMs?: number };
     let st = this.runStats.get(session);
