@@ -7,6 +7,7 @@ import { betaQuantile as defaultBetaQuantile, type BetaQuantile } from "./beta-q
 import { InvalidSamplingParameter } from "./errors.js";
 import { f32, interp, linspaceF32, linspaceF64 } from "./float32.js";
 import { sd1Schedule } from "./sigmas.js";
+import { SCHEDULERS, type SchedulerId } from "@latentfarm/shared";
 
 /** What a scheduler needs from the model's noise schedule (k-diffusion's "inner model"). */
 export interface SigmaModel {
@@ -20,18 +21,8 @@ export interface SigmaModel {
   getSigmas(n: number): Float32Array;
 }
 
-export type ScheduleType =
-  | "uniform"
-  | "karras"
-  | "exponential"
-  | "polyexponential"
-  | "sgm_uniform"
-  | "kl_optimal"
-  | "align_your_steps"
-  | "simple"
-  | "normal"
-  | "ddim"
-  | "beta";
+/** A concrete schedule type: the shared catalog's ids without "Automatic" (resolved before this). */
+export type ScheduleType = Exclude<SchedulerId, "automatic">;
 
 export interface ScheduleParameters {
   sigmaMin: number;
@@ -168,19 +159,10 @@ export function scheduleSigmas(type: ScheduleType, n: number, p: ScheduleParamet
 /** Default ρ of the schedules that take one (A1111 Scheduler.default_rho). */
 export const DEFAULT_RHO: Partial<Record<ScheduleType, number>> = { karras: 7, polyexponential: 1 };
 
-export const SCHEDULE_LABELS: Record<ScheduleType, string> = {
-  uniform: "Uniform",
-  karras: "Karras",
-  exponential: "Exponential",
-  polyexponential: "Polyexponential",
-  sgm_uniform: "SGM Uniform",
-  kl_optimal: "KL Optimal",
-  align_your_steps: "Align Your Steps",
-  simple: "Simple",
-  normal: "Normal",
-  ddim: "DDIM",
-  beta: "Beta",
-};
+/** A1111's labels ("Karras"), from the shared catalog both services resolve names with. */
+export const SCHEDULE_LABELS: Record<ScheduleType, string> = Object.fromEntries(
+  SCHEDULERS.filter((e) => e.id !== "automatic").map((e) => [e.id, e.label]),
+) as Record<ScheduleType, string>;
 
 export interface SamplerSigmasInput {
   steps: number;
