@@ -119,7 +119,7 @@ class Prometheus {
       await until("Prometheus to be ready", 15_000, async () => ((await fetch(`${p.url}/-/ready`)).ok ? true : undefined));
     } catch (err) {
       await p.stop();
-      throw new Error(`${String(err)}\n${log.join("")}`);
+      throw new Error(`${String(err)}\n${log.join("")}`, { cause: err });
     }
     return p;
   }
@@ -226,7 +226,7 @@ test("live: the deploy files hold against a running coordinator and agent", { sk
       assert.deepEqual(alerts.data.result.map((s) => s.metric), []);
     });
   } catch (err) {
-    if (prom) throw new Error(`${String(err)}\n--- prometheus log ---\n${prom.recentLog()}`);
+    if (prom) throw new Error(`${String(err)}\n--- prometheus log ---\n${prom.recentLog()}`, { cause: err });
     throw err;
   } finally {
     await prom?.stop();

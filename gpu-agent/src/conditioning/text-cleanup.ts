@@ -117,6 +117,8 @@ function isControlToRemove(cp: number): boolean {
   );
 }
 
+// ESC is the point: A1111's cleanup strips terminal escape sequences from prompts.
+// eslint-disable-next-line no-control-regex
 const TERMINAL_ESCAPE_RE = /\x1b\[((?:\p{Nd}|;)*)([a-zA-Z])/gu;
 const LONE_SURROGATE_RE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g;
 

@@ -156,7 +156,7 @@ function boxMuller16Avx2(data: Float32Array, start: number): void {
 const bitsF32 = new Float32Array(1);
 const bitsI32 = new Int32Array(bitsF32.buffer);
 
-const LOG_SQRTHF = f32(0.707106781186547524);
+const LOG_SQRTHF = f32(0.7071067811865476);
 const LOG_P = [
   7.0376836292e-2, -1.151461031e-1, 1.167699874e-1, -1.2420140846e-1, 1.4249322787e-1, -1.6668057665e-1,
   2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1,
@@ -189,7 +189,7 @@ function avxMathfunLog(value: number): number {
 const FOUR_OVER_PI = f32(1.27323954473516);
 const DP1 = f32(-0.78515625);
 const DP2 = f32(-2.4187564849853515625e-4);
-const DP3 = f32(-3.77489497744594108e-8);
+const DP3 = f32(-3.774894977445941e-8);
 const COS_P0 = f32(2.443315711809948e-5);
 const COS_P1 = f32(-1.388731625493765e-3);
 const COS_P2 = f32(4.166664568298827e-2);
