@@ -27,9 +27,8 @@ function walk(dir) {
 }
 for (const d of dirs) walk(join(root, d));
 files.sort();
-const r = spawnSync(
-  process.execPath,
-  ["--import", "tsx", "--test", "--test-reporter=spec", "--test-concurrency=1", ...files],
-  { cwd: root, stdio: "inherit" },
-);
+const r = spawnSync(process.execPath, ["--import", "tsx", "--test", "--test-reporter=spec", "--test-concurrency=1", ...files], {
+  cwd: root,
+  stdio: "inherit",
+});
 process.exit(r.status ?? 1);

@@ -36,7 +36,15 @@ import { DEFAULT_DURABLE_CONFIG, DurableStore, type DurableStoreConfig } from ".
 import { DEFAULT_TENANT_POLICY, type TenantPolicy } from "./fair-queue.js";
 import { Job, JobStore, type JobSpec } from "./job-store.js";
 import { Scheduler, type Task } from "./scheduler.js";
-import { DEFAULT_HIRES_TILING, HiresImage, checkTiling, equivalentSteps, planHires, type HiresPlan, type HiresTiling } from "./hires-stages.js";
+import {
+  DEFAULT_HIRES_TILING,
+  HiresImage,
+  checkTiling,
+  equivalentSteps,
+  planHires,
+  type HiresPlan,
+  type HiresTiling,
+} from "./hires-stages.js";
 import { SpeedModel, type SpeedKey } from "./speed-model.js";
 import { DEFAULT_LIMITS, imageSeeds, resolveSeed, validateJob, type Limits, type SamplerSupport } from "./validate.js";
 
@@ -89,7 +97,9 @@ async function storeCall<T>(fn: () => Promise<T>): Promise<T> {
     return await fn();
   } catch (err) {
     if (err instanceof FarmError && err.code !== grpc.status.INTERNAL) throw err;
-    throw new FarmError(grpc.status.UNAVAILABLE, `job store unavailable: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+    throw new FarmError(grpc.status.UNAVAILABLE, `job store unavailable: ${err instanceof Error ? err.message : String(err)}`, {
+      cause: err,
+    });
   }
 }
 
@@ -170,7 +180,10 @@ export class Coordinator {
           job.agents[task.imageIndex] = run.agent.id;
           job.images[task.imageIndex] = "r";
           if (job.state === JobState.QUEUED) job.state = JobState.RUNNING;
-          this.store.emit(job, { case: "placed", value: { taskId: task.id, imageIndex: task.imageIndex, agentId: run.agent.id, attempt: run.attempt } });
+          this.store.emit(job, {
+            case: "placed",
+            value: { taskId: task.id, imageIndex: task.imageIndex, agentId: run.agent.id, attempt: run.attempt },
+          });
           // Not written on its own: a placement rides along with the job's next state write. Lost
           // in a crash it only means the image is placed afresh, which a restart does anyway.
           this.updateTenantGauges(job.spec.tenant);
@@ -184,7 +197,10 @@ export class Coordinator {
           const hi = task.job.hires[task.imageIndex];
           const v = hi?.progress(task.stage.request.stage, task.stage.request.tileIndex ?? 0, step.step);
           if (hi && v !== undefined) {
-            this.store.emit(task.job, { case: "step", value: { taskId: task.id, imageIndex: task.imageIndex, step: v, totalSteps: hi.totalSteps } });
+            this.store.emit(task.job, {
+              case: "step",
+              value: { taskId: task.id, imageIndex: task.imageIndex, step: v, totalSteps: hi.totalSteps },
+            });
           }
         },
         onWarning: (task, message) => this.store.emit(task.job, { case: "warning", value: { message } }),
@@ -196,7 +212,10 @@ export class Coordinator {
           // An image with other stages still running stays running.
           if (!hi || ![...hi.tasks].some((t) => t !== task && t.state === "running")) job.images[task.imageIndex] = "q";
           job.failures[task.imageIndex] = task.stage ? Math.max(job.failures[task.imageIndex] ?? 0, task.failures) : task.failures;
-          this.store.emit(job, { case: "retried", value: { taskId: task.id, imageIndex: task.imageIndex, reason: `${err.codeName}: ${err.message}` } });
+          this.store.emit(job, {
+            case: "retried",
+            value: { taskId: task.id, imageIndex: task.imageIndex, reason: `${err.codeName}: ${err.message}` },
+          });
           this.persistLater(job);
           this.updateTenantGauges(job.spec.tenant);
         },
@@ -260,7 +279,13 @@ export class Coordinator {
   private async startServices(): Promise<void> {
     // noAsyncTraces: without it every request builds an Error up front for its stack trace, a
     // measurable share of the coordinator's CPU at hundreds of JetStream writes per second.
-    this.nc = await connect({ servers: this.cfg.natsUrl, name: "latentfarm-coordinator", maxReconnectAttempts: -1, reconnectTimeWait: 250, noAsyncTraces: true });
+    this.nc = await connect({
+      servers: this.cfg.natsUrl,
+      name: "latentfarm-coordinator",
+      maxReconnectAttempts: -1,
+      reconnectTimeWait: 250,
+      noAsyncTraces: true,
+    });
     void this.watchConnection(this.nc);
     if (this.cfg.durable !== false) {
       const durable = await DurableStore.open(this.nc, { ...DEFAULT_DURABLE_CONFIG, ...this.cfg.durable }, this.cfg.logger);
@@ -282,7 +307,10 @@ export class Coordinator {
           const tenant = this.tenantOf(ctx);
           const end = this.m.metrics.submitDuration.startTimer();
           try {
-            return await this.submit(req.params, req.requestId, tenant, { deadlineUnixMs: Number(req.deadlineUnixMs), priority: req.priority });
+            return await this.submit(req.params, req.requestId, tenant, {
+              deadlineUnixMs: Number(req.deadlineUnixMs),
+              priority: req.priority,
+            });
           } catch (err) {
             this.m.metrics.submitRejections.inc({ tenant, code: FarmError.from(err).codeName });
             throw err;
@@ -369,7 +397,11 @@ export class Coordinator {
       this.metricsServer = await startMetricsServer(this.m.registry, this.cfg.metricsPort, this.cfg.metricsHost ?? "0.0.0.0");
     }
     setServing(this.health, [SERVICE], true);
-    this.cfg.logger.info("coordinator started", { port: this.port, metrics: this.metricsServer?.url, durable: this.store.durable !== undefined });
+    this.cfg.logger.info("coordinator started", {
+      port: this.port,
+      metrics: this.metricsServer?.url,
+      durable: this.store.durable !== undefined,
+    });
   }
 
   private async watchConnection(nc: NatsConnection): Promise<void> {
@@ -401,7 +433,9 @@ export class Coordinator {
       job.live = true;
       await this.store.restoreEvents(job);
       // Images finish in the object store first; the record may not have caught up before the crash.
-      const announced = new Set(job.events.flatMap((e) => (e.event.case === "image" && e.event.value.image ? [e.event.value.image.index] : [])));
+      const announced = new Set(
+        job.events.flatMap((e) => (e.event.case === "image" && e.event.value.image ? [e.event.value.image.index] : [])),
+      );
       for (let i = 0; i < job.images.length; i++) {
         if (job.images[i] !== "q" && job.images[i] !== "r") continue;
         if (announced.has(i) || (await durable.hasImage(job.id, i))) job.images[i] = "d";
@@ -411,7 +445,8 @@ export class Coordinator {
       const placedOn = new Map<string, { agentId: string; attempt: number; imageIndex: number }>();
       for (const e of job.events) {
         const ev = e.event;
-        if (ev.case === "placed") placedOn.set(ev.value.taskId, { agentId: ev.value.agentId, attempt: ev.value.attempt, imageIndex: ev.value.imageIndex });
+        if (ev.case === "placed")
+          placedOn.set(ev.value.taskId, { agentId: ev.value.agentId, attempt: ev.value.attempt, imageIndex: ev.value.imageIndex });
         else if (ev.case === "retried") placedOn.delete(ev.value.taskId);
       }
       for (const last of placedOn.values()) {
@@ -571,7 +606,11 @@ export class Coordinator {
     job.hires[i] = undefined;
     const open = [...hi.tasks].filter((t) => t.state === "queued" || t.state === "running");
     if (open.length > 0) this.scheduler.cancel(open, reason);
-    this.store.dropHandovers(job.id, i, hi.storedNames().map((n) => n.object));
+    this.store.dropHandovers(
+      job.id,
+      i,
+      hi.storedNames().map((n) => n.object),
+    );
   }
 
   /**
@@ -728,9 +767,13 @@ export class Coordinator {
     const queued = this.outstanding.get(tenant) ?? 0;
     if (policy.maxQueuedImages > 0 && queued + count > policy.maxQueuedImages) {
       if (count > policy.maxQueuedImages) {
-        throw new FarmError(grpc.status.RESOURCE_EXHAUSTED, `a job of ${count} images exceeds tenant "${tenant}"'s limit of ${policy.maxQueuedImages} queued images`, {
-          retryable: false,
-        });
+        throw new FarmError(
+          grpc.status.RESOURCE_EXHAUSTED,
+          `a job of ${count} images exceeds tenant "${tenant}"'s limit of ${policy.maxQueuedImages} queued images`,
+          {
+            retryable: false,
+          },
+        );
       }
       // Time until enough of the tenant's own images finish to make room.
       const excess = queued + count - policy.maxQueuedImages;
@@ -741,7 +784,8 @@ export class Coordinator {
     }
     if (deadlineUnixMs > 0) {
       const now = Date.now();
-      if (deadlineUnixMs <= now) throw new FarmError(grpc.status.FAILED_PRECONDITION, `is ${now - deadlineUnixMs} ms in the past`, { field: "deadline_unix_ms" });
+      if (deadlineUnixMs <= now)
+        throw new FarmError(grpc.status.FAILED_PRECONDITION, `is ${now - deadlineUnixMs} ms in the past`, { field: "deadline_unix_ms" });
       const e = this.estimateMs(tenant, key, steps, count);
       if (e?.measured && now + e.ms > deadlineUnixMs) {
         throw new FarmError(
@@ -757,12 +801,23 @@ export class Coordinator {
   private armDeadline(job: Job): void {
     const d = job.spec.deadlineUnixMs;
     if (d <= 0 || job.final) return;
-    const t = setTimeout(() => {
-      this.deadlines.delete(job.id);
-      if (!job.final) {
-        void this.finish(job, JobState.FAILED, new FarmError(grpc.status.DEADLINE_EXCEEDED, `the job's deadline passed with ${job.open} of ${job.spec.imageCount} images unfinished`), "f");
-      }
-    }, Math.max(0, d - Date.now()));
+    const t = setTimeout(
+      () => {
+        this.deadlines.delete(job.id);
+        if (!job.final) {
+          void this.finish(
+            job,
+            JobState.FAILED,
+            new FarmError(
+              grpc.status.DEADLINE_EXCEEDED,
+              `the job's deadline passed with ${job.open} of ${job.spec.imageCount} images unfinished`,
+            ),
+            "f",
+          );
+        }
+      },
+      Math.max(0, d - Date.now()),
+    );
     t.unref();
     this.deadlines.set(job.id, t);
   }
@@ -838,7 +893,10 @@ export class Coordinator {
       job.announcing--;
     }
     this.m.metrics.imagesFinished.inc({ outcome: "failed" });
-    this.store.emit(job, { case: "imageFailed", value: { imageIndex: i, code: err.codeName, message: err.message, attempts: job.attempts[i] ?? 0 } });
+    this.store.emit(job, {
+      case: "imageFailed",
+      value: { imageIndex: i, code: err.codeName, message: err.message, attempts: job.attempts[i] ?? 0 },
+    });
     this.addOutstanding(job.spec.tenant, -1);
     this.completeIfDone(job);
   }
@@ -919,14 +977,19 @@ export class Coordinator {
    * Cancels a whole job, or only some of its images (by index or task id). Returns once the
    * cancellation is stored; the agents running those images are cancelled at their next model call.
    */
-  async cancel(jobId: string, imageIndices: readonly number[] = [], taskIds: readonly string[] = []): Promise<{ state: JobState; cancelledImages: number[] }> {
+  async cancel(
+    jobId: string,
+    imageIndices: readonly number[] = [],
+    taskIds: readonly string[] = [],
+  ): Promise<{ state: JobState; cancelledImages: number[] }> {
     const job = await this.job(jobId);
     if (job.final) {
       throw new FarmError(grpc.status.FAILED_PRECONDITION, `job "${jobId}" already ended as ${JobState[job.state]}`, { field: "job_id" });
     }
     const indices = new Set<number>();
     for (const i of imageIndices) {
-      if (!Number.isInteger(i) || i < 0 || i >= job.spec.imageCount) throw FarmError.invalid("image_indices", `${i} is not an image of this job (0..${job.spec.imageCount - 1})`);
+      if (!Number.isInteger(i) || i < 0 || i >= job.spec.imageCount)
+        throw FarmError.invalid("image_indices", `${i} is not an image of this job (0..${job.spec.imageCount - 1})`);
       indices.add(i);
     }
     for (const id of taskIds) {
@@ -934,7 +997,8 @@ export class Coordinator {
       const prefix = `${job.id}-`;
       const m = id.startsWith(prefix) ? /^(\d+)(?:\.[a-z0-9]+)?$/.exec(id.slice(prefix.length)) : null;
       const i = m ? Number(m[1]) : NaN;
-      if (!Number.isInteger(i) || i < 0 || i >= job.spec.imageCount) throw FarmError.invalid("task_ids", `"${id}" is not a task of this job`);
+      if (!Number.isInteger(i) || i < 0 || i >= job.spec.imageCount)
+        throw FarmError.invalid("task_ids", `"${id}" is not a task of this job`);
       indices.add(i);
     }
     const openBefore = job.images.map((s, i) => (s === "q" || s === "r" ? i : -1)).filter((i) => i >= 0);

@@ -6,12 +6,32 @@ import { jetstreamManager } from "@nats-io/jetstream";
 import { Objm } from "@nats-io/obj";
 import { ImageSchema, JobEventBatchSchema, JobEventSchema, silentLogger, type JobEvent } from "@latentfarm/shared";
 import { findNatsServer, startNatsServer, type NatsServerHandle } from "./cli/nats-server.js";
-import { ConflictError, DEFAULT_DURABLE_CONFIG, DurableStore, StoreConfigError, encodeBatch, ensureStream, type StoredJob } from "./durable-store.js";
+import {
+  ConflictError,
+  DEFAULT_DURABLE_CONFIG,
+  DurableStore,
+  StoreConfigError,
+  encodeBatch,
+  ensureStream,
+  type StoredJob,
+} from "./durable-store.js";
 
 const skip = findNatsServer() ? false : "nats-server not installed (apt-get install nats-server)";
 
 function stored(images: string, state: StoredJob["state"] = "queued"): StoredJob {
-  return { v: 1, params: "", tenant: "t", requestId: "", imageCount: images.length, createdAt: 1, deadlineUnixMs: 0, priority: 0, state, images, updatedAt: 1 };
+  return {
+    v: 1,
+    params: "",
+    tenant: "t",
+    requestId: "",
+    imageCount: images.length,
+    createdAt: 1,
+    deadlineUnixMs: 0,
+    priority: 0,
+    state,
+    images,
+    updatedAt: 1,
+  };
 }
 
 function events(jobId: string, from: number, n: number, pad = 0): JobEvent[] {
@@ -53,7 +73,10 @@ describe("DurableStore on a real nats-server", { skip, concurrency: false }, () 
     const [major, minor] = version.split(".").map(Number) as [number, number];
     const check = ensureStream(jsm, store.names.events, { allow_msg_ttl: true }, version, silentLogger);
     if (major === 2 && minor < 11) {
-      await assert.rejects(check, (err: unknown) => err instanceof StoreConfigError && /allow_msg_ttl \(dropped by the server\)/.test(err.message));
+      await assert.rejects(
+        check,
+        (err: unknown) => err instanceof StoreConfigError && /allow_msg_ttl \(dropped by the server\)/.test(err.message),
+      );
     } else {
       await check;
     }
@@ -89,7 +112,10 @@ describe("DurableStore on a real nats-server", { skip, concurrency: false }, () 
     await store.publishEvents("job-e", first);
     await store.publishEvents("job-e", events("job-e", 4, 2));
     const back = await store.readEvents("job-e");
-    assert.deepEqual(back.map((e) => Number(e.sequence)), [1, 2, 3, 4, 5]);
+    assert.deepEqual(
+      back.map((e) => Number(e.sequence)),
+      [1, 2, 3, 4, 5],
+    );
     assert.deepEqual(await store.readEvents("job-none"), []);
   });
 
@@ -102,7 +128,10 @@ describe("DurableStore on a real nats-server", { skip, concurrency: false }, () 
     const big = events("j", 1, 10, 200_000);
     const parts = DurableStore.batches(big);
     assert.ok(parts.length >= 4, `${parts.length} batches`);
-    assert.deepEqual(parts.flat().map((e) => Number(e.sequence)), big.map((e) => Number(e.sequence)));
+    assert.deepEqual(
+      parts.flat().map((e) => Number(e.sequence)),
+      big.map((e) => Number(e.sequence)),
+    );
   });
 
   test("images round-trip through the object store under a deterministic name; a re-put overwrites", async () => {

@@ -341,7 +341,9 @@ export class DurableStore {
   /** Whether an image was stored (its metadata record exists and is not a deletion). */
   async hasImage(jobId: string, index: number): Promise<boolean> {
     const name = `${jobId}.${index}`;
-    const m = await this.jsm.streams.getMessage(this.names.imagesStream, { last_by_subj: `$O.${this.names.images}.M.${base64UrlPadded(Buffer.from(name, "latin1"))}` });
+    const m = await this.jsm.streams.getMessage(this.names.imagesStream, {
+      last_by_subj: `$O.${this.names.images}.M.${base64UrlPadded(Buffer.from(name, "latin1"))}`,
+    });
     if (!m) return false;
     try {
       return (m.json<{ deleted?: boolean }>().deleted ?? false) === false;
@@ -399,7 +401,11 @@ export class DurableStore {
   }
 
   /** Reads a subject's messages with a short-lived consumer, stopping at what was pending when it began. */
-  private async *readSubject(stream: string, subject: string, deliver: DeliverPolicy): AsyncGenerator<{ subject: string; data: Uint8Array; seq: number }> {
+  private async *readSubject(
+    stream: string,
+    subject: string,
+    deliver: DeliverPolicy,
+  ): AsyncGenerator<{ subject: string; data: Uint8Array; seq: number }> {
     const ci = await this.jsm.consumers.add(stream, {
       filter_subject: subject,
       ack_policy: AckPolicy.None,
@@ -500,7 +506,9 @@ export async function ensureStream(
   }
   const after = configDifferences(info.config, wanted);
   if (after.length > 0) {
-    const detail = after.map((d) => (d.got === undefined ? `${d.field} (dropped by the server)` : `${d.field}=${JSON.stringify(d.got)}, wanted ${JSON.stringify(d.want)}`));
+    const detail = after.map((d) =>
+      d.got === undefined ? `${d.field} (dropped by the server)` : `${d.field}=${JSON.stringify(d.got)}, wanted ${JSON.stringify(d.want)}`,
+    );
     throw new StoreConfigError(`stream ${name} on nats-server ${serverVersion} does not keep ${detail.join("; ")}`);
   }
 }

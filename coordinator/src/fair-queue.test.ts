@@ -64,7 +64,9 @@ test("a tenant that was idle gets no saved-up credit when it comes back", () => 
   q.pushJob("a", 0, items("a", 30));
   drain(20);
   q.pushJob("b", 0, items("b", 10));
-  const got = drain(6).map((n) => n[0]).join("");
+  const got = drain(6)
+    .map((n) => n[0])
+    .join("");
   assert.equal([...got].filter((c) => c === "b").length, 3, `b shares equally from its arrival on, no burst: ${got}`);
 });
 
@@ -91,16 +93,31 @@ test("the running limit skips a tenant at its cap without blocking others; order
   q.pushJob("narrow", 0, items("narrow", 3));
   q.pushJob("wide", 0, items("wide", 3));
   const look = [...q.order()].map((i) => i.name);
-  assert.deepEqual(look.filter((n) => n.startsWith("narrow")), ["narrow0"], "only one narrow item while none runs");
+  assert.deepEqual(
+    look.filter((n) => n.startsWith("narrow")),
+    ["narrow0"],
+    "only one narrow item while none runs",
+  );
   assert.equal(look.filter((n) => n.startsWith("wide")).length, 3);
-  assert.deepEqual([...q.order()].map((i) => i.name), look, "looking is free");
+  assert.deepEqual(
+    [...q.order()].map((i) => i.name),
+    look,
+    "looking is free",
+  );
   const first = look.find((n) => n.startsWith("narrow"))!;
   const item = [...q.order()].find((i) => i.name === first)!;
   q.take(item);
   item.queued = false;
-  assert.deepEqual([...q.order()].filter((i) => i.tenant === "narrow"), [], "at its cap the tenant is skipped");
+  assert.deepEqual(
+    [...q.order()].filter((i) => i.tenant === "narrow"),
+    [],
+    "at its cap the tenant is skipped",
+  );
   q.release("narrow");
-  assert.deepEqual([...q.order()].filter((i) => i.tenant === "narrow").map((i) => i.name), ["narrow1"]);
+  assert.deepEqual(
+    [...q.order()].filter((i) => i.tenant === "narrow").map((i) => i.name),
+    ["narrow1"],
+  );
 });
 
 test("items that left the queue (cancelled, placed) are skipped and dropped", () => {
@@ -109,7 +126,10 @@ test("items that left the queue (cancelled, placed) are skipped and dropped", ()
   q.pushJob("t", 0, xs);
   xs[0]!.queued = false;
   xs[2]!.queued = false;
-  assert.deepEqual([...q.order()].map((i) => i.name), ["t1", "t3"]);
+  assert.deepEqual(
+    [...q.order()].map((i) => i.name),
+    ["t1", "t3"],
+  );
   xs[1]!.queued = false;
   xs[3]!.queued = false;
   assert.deepEqual([...q.order()], []);

@@ -10,7 +10,13 @@ const params = (p: Record<string, unknown>) =>
 test("plan: no hires → one task; hires at or under the threshold → two stages; above → tiles", () => {
   assert.equal(planHires(params({ enableHr: false }), DEFAULT_HIRES_TILING), undefined);
   const small = planHires(params({ width: 512, height: 512 }), DEFAULT_HIRES_TILING)!;
-  assert.deepEqual([small.firstPass, small.final], [{ width: 512, height: 512 }, { width: 1024, height: 1024 }]);
+  assert.deepEqual(
+    [small.firstPass, small.final],
+    [
+      { width: 512, height: 512 },
+      { width: 1024, height: 1024 },
+    ],
+  );
   assert.equal(small.layout, undefined);
   const big = planHires(params({ hrSecondPassSteps: 6 }), DEFAULT_HIRES_TILING)!;
   assert.deepEqual(big.final, { width: 2048, height: 2048 });
@@ -31,10 +37,17 @@ test("tiling config: sizes on the UNet's grid, overlap at most half a tile; thre
 });
 
 test("stage graph: first → up → tiles (inputs cut from the upscaled source) → assemble (every tile, in order)", () => {
-  const plan = planHires(params({ width: 64, height: 64, hrScale: 1.5, steps: 4 }), { tileAbovePixels: 64 * 64, tileSize: 64, tileOverlap: 16 })!;
+  const plan = planHires(params({ width: 64, height: 64, hrScale: 1.5, steps: 4 }), {
+    tileAbovePixels: 64 * 64,
+    tileSize: 64,
+    tileOverlap: 16,
+  })!;
   assert.deepEqual(plan.layout?.xs, [0, 32]);
   const hi = new HiresImage(plan, 9n, 0n);
-  assert.deepEqual(hi.ready().map((s) => s.name), ["first"]);
+  assert.deepEqual(
+    hi.ready().map((s) => s.name),
+    ["first"],
+  );
   hi.started.add("first");
   assert.deepEqual(hi.ready(), [], "a started stage is not offered again");
   const first = latentHandover(new Float32Array(4 * 8 * 8), [1, 4, 8, 8]);
@@ -48,7 +61,10 @@ test("stage graph: first → up → tiles (inputs cut from the upscaled source) 
   assert.throws(() => hi.check("up", latentHandover(src.slice(0, 4 * 8 * 8), [1, 4, 8, 8])), /handed over a latent/);
   hi.outputs.set("up", latentHandover(src, [1, 4, 12, 12]));
   const tiles = hi.ready();
-  assert.deepEqual(tiles.map((s) => s.name), ["t0", "t1", "t2", "t3"]);
+  assert.deepEqual(
+    tiles.map((s) => s.name),
+    ["t0", "t1", "t2", "t3"],
+  );
   const t3 = hi.request(tiles[3]!);
   assert.equal(t3.tileIndex, 3);
   assert.deepEqual(t3.tiles?.xs, [0, 32]);
@@ -67,12 +83,22 @@ test("stage graph: first → up → tiles (inputs cut from the upscaled source) 
   hi.outputs.set("t1", rgbHandover(new Uint8Array(64 * 64 * 3).fill(1), 64, 64));
   const [asm] = hi.ready();
   assert.equal(asm?.stage, TaskStage.ASSEMBLE);
-  assert.deepEqual(hi.request(asm!).inputs!.map((h) => readRgb(h as Handover).data[0]), [0, 1, 2, 3]);
-  assert.deepEqual(hi.storedNames().map((n) => n.object), ["first", "up", "tile-0-0-64x64", "tile-32-0-64x64", "tile-0-32-64x64", "tile-32-32-64x64"]);
+  assert.deepEqual(
+    hi.request(asm!).inputs!.map((h) => readRgb(h as Handover).data[0]),
+    [0, 1, 2, 3],
+  );
+  assert.deepEqual(
+    hi.storedNames().map((n) => n.object),
+    ["first", "up", "tile-0-0-64x64", "tile-32-0-64x64", "tile-0-32-64x64", "tile-32-32-64x64"],
+  );
 });
 
 test("progress adds the passes up: first-pass steps, then the mean of the tiles; never backwards", () => {
-  const plan = planHires(params({ width: 64, height: 64, hrScale: 1.5, steps: 4, hrSecondPassSteps: 6 }), { tileAbovePixels: 0, tileSize: 64, tileOverlap: 16 })!;
+  const plan = planHires(params({ width: 64, height: 64, hrScale: 1.5, steps: 4, hrSecondPassSteps: 6 }), {
+    tileAbovePixels: 0,
+    tileSize: 64,
+    tileOverlap: 16,
+  })!;
   const hi = new HiresImage(plan, 1n, 0n);
   assert.equal(hi.totalSteps, 10);
   assert.equal(hi.progress(TaskStage.FIRST_PASS, 0, 4), 4);

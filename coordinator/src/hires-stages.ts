@@ -39,8 +39,10 @@ export interface HiresTiling {
 export const DEFAULT_HIRES_TILING: HiresTiling = { tileAbovePixels: 1536 * 1536, tileSize: 512, tileOverlap: 64 };
 
 export function checkTiling(t: HiresTiling): void {
-  if (!Number.isSafeInteger(t.tileAbovePixels) || t.tileAbovePixels < 0) throw new RangeError(`tile threshold must be a pixel count ≥ 0, got ${t.tileAbovePixels}`);
-  if (!Number.isInteger(t.tileSize) || t.tileSize < 64 || t.tileSize % 64 !== 0) throw new RangeError(`tile size must be a multiple of 64 px, got ${t.tileSize}`);
+  if (!Number.isSafeInteger(t.tileAbovePixels) || t.tileAbovePixels < 0)
+    throw new RangeError(`tile threshold must be a pixel count ≥ 0, got ${t.tileAbovePixels}`);
+  if (!Number.isInteger(t.tileSize) || t.tileSize < 64 || t.tileSize % 64 !== 0)
+    throw new RangeError(`tile size must be a multiple of 64 px, got ${t.tileSize}`);
   if (!Number.isInteger(t.tileOverlap) || t.tileOverlap < 8 || t.tileOverlap % 8 !== 0 || t.tileOverlap * 2 > t.tileSize) {
     throw new RangeError(`tile overlap must be a multiple of 8 px from 8 to half the tile size, got ${t.tileOverlap}`);
   }
@@ -68,7 +70,13 @@ export function planHires(p: GenerationParams, tiling: HiresTiling): HiresPlan |
   if (!p.enableHr || p.initImages.length > 0) return undefined;
   let target;
   try {
-    target = hiresTarget({ width: p.width ?? 512, height: p.height ?? 512, hrScale: p.hrScale ?? 2, hrResizeX: p.hrResizeX, hrResizeY: p.hrResizeY });
+    target = hiresTarget({
+      width: p.width ?? 512,
+      height: p.height ?? 512,
+      hrScale: p.hrScale ?? 2,
+      hrResizeX: p.hrResizeX,
+      hrResizeY: p.hrResizeY,
+    });
   } catch (err) {
     throw FarmError.invalid("hr_scale", (err as Error).message);
   }
@@ -166,7 +174,14 @@ export class HiresImage<T = unknown> {
       if (!h) throw new Error(`stage ${spec.name} started before ${name} was handed over`);
       return h;
     };
-    const tiles = layout && { width: layout.width, height: layout.height, tileWidth: layout.tileWidth, tileHeight: layout.tileHeight, xs: layout.xs, ys: layout.ys };
+    const tiles = layout && {
+      width: layout.width,
+      height: layout.height,
+      tileWidth: layout.tileWidth,
+      tileHeight: layout.tileHeight,
+      xs: layout.xs,
+      ys: layout.ys,
+    };
     switch (spec.stage) {
       case TaskStage.FIRST_PASS:
         return { stage: spec.stage };
@@ -193,14 +208,23 @@ export class HiresImage<T = unknown> {
     if (d.case === undefined) fail("nothing");
     if (spec.stage === TaskStage.FIRST_PASS) {
       const { width, height } = this.plan.firstPass;
-      if (d.case === "rgb" && (d.value.width !== width || d.value.height !== height)) fail(`a ${d.value.width}x${d.value.height} image, not ${width}x${height}`);
-      if (d.case === "latent" && (d.value.shape[2] !== height / 8 || d.value.shape[3] !== width / 8)) fail(`a latent [${d.value.shape.join(",")}]`);
+      if (d.case === "rgb" && (d.value.width !== width || d.value.height !== height))
+        fail(`a ${d.value.width}x${d.value.height} image, not ${width}x${height}`);
+      if (d.case === "latent" && (d.value.shape[2] !== height / 8 || d.value.shape[3] !== width / 8))
+        fail(`a latent [${d.value.shape.join(",")}]`);
     } else if (spec.stage === TaskStage.UPSCALE) {
       const { width, height } = this.plan.final;
-      if (d.case === "rgb" && (d.value.width !== width || d.value.height !== height)) fail(`a ${d.value.width}x${d.value.height} image, not ${width}x${height}`);
-      if (d.case === "latent" && (d.value.shape.length !== 4 || d.value.shape[2] !== height / 8 || d.value.shape[3] !== width / 8)) fail(`a latent [${d.value.shape.join(",")}]`);
+      if (d.case === "rgb" && (d.value.width !== width || d.value.height !== height))
+        fail(`a ${d.value.width}x${d.value.height} image, not ${width}x${height}`);
+      if (d.case === "latent" && (d.value.shape.length !== 4 || d.value.shape[2] !== height / 8 || d.value.shape[3] !== width / 8))
+        fail(`a latent [${d.value.shape.join(",")}]`);
     } else if (spec.stage === TaskStage.SECOND_PASS_TILE) {
-      if (d.case !== "rgb" || d.value.width !== spec.width || d.value.height !== spec.height || d.value.data.length !== spec.width * spec.height * 3) {
+      if (
+        d.case !== "rgb" ||
+        d.value.width !== spec.width ||
+        d.value.height !== spec.height ||
+        d.value.data.length !== spec.width * spec.height * 3
+      ) {
         fail(`${d.case === "rgb" ? `a ${d.value.width}x${d.value.height} image` : `a ${d.case}`} for a ${spec.width}x${spec.height} tile`);
       }
     } else fail("a result for a stage that returns the image");

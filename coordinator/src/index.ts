@@ -13,7 +13,16 @@ export {
 } from "./durable-store.js";
 export { FairQueue, DEFAULT_TENANT_POLICY, type TenantPolicy, type FairItem } from "./fair-queue.js";
 export { SpeedModel, type SpeedKey, type Estimate } from "./speed-model.js";
-export { Scheduler, handsOver, type Task, type Run, type SchedulerHooks, type SchedulerOptions, type TaskStageSpec, type StageRequest } from "./scheduler.js";
+export {
+  Scheduler,
+  handsOver,
+  type Task,
+  type Run,
+  type SchedulerHooks,
+  type SchedulerOptions,
+  type TaskStageSpec,
+  type StageRequest,
+} from "./scheduler.js";
 export { Job, JobStore, type JobSpec } from "./job-store.js";
 export type { AgentState } from "./agent-registry.js";
 export {

@@ -168,8 +168,7 @@ export class Job {
   }
 }
 
-export const isFinal = (s: JobState): boolean =>
-  s === JobState.SUCCEEDED || s === JobState.FAILED || s === JobState.CANCELLED;
+export const isFinal = (s: JobState): boolean => s === JobState.SUCCEEDED || s === JobState.FAILED || s === JobState.CANCELLED;
 
 function storedState(s: JobState): StoredJobState {
   switch (s) {
@@ -187,7 +186,13 @@ function storedState(s: JobState): StoredJobState {
 }
 
 function jobState(s: StoredJobState): JobState {
-  return { queued: JobState.QUEUED, running: JobState.RUNNING, succeeded: JobState.SUCCEEDED, failed: JobState.FAILED, cancelled: JobState.CANCELLED }[s];
+  return {
+    queued: JobState.QUEUED,
+    running: JobState.RUNNING,
+    succeeded: JobState.SUCCEEDED,
+    failed: JobState.FAILED,
+    cancelled: JobState.CANCELLED,
+  }[s];
 }
 
 const TERMINAL_EVENTS = new Set(["done", "failed", "cancelled"]);
@@ -307,8 +312,14 @@ export class JobStore {
       } catch (err) {
         // A write that timed out may still have landed: the record decides.
         const back = await this.durable.getJob(id).catch(() => undefined);
-        if (!back) throw FarmError.from(err).code === grpc.status.INTERNAL ? new FarmError(grpc.status.UNAVAILABLE, `job store unavailable: ${String(err)}`) : err;
-        r = back.job.params === stored.params && back.job.createdAt === stored.createdAt ? { created: true, revision: back.revision } : { created: false, revision: 0 };
+        if (!back)
+          throw FarmError.from(err).code === grpc.status.INTERNAL
+            ? new FarmError(grpc.status.UNAVAILABLE, `job store unavailable: ${String(err)}`)
+            : err;
+        r =
+          back.job.params === stored.params && back.job.createdAt === stored.createdAt
+            ? { created: true, revision: back.revision }
+            : { created: false, revision: 0 };
       }
       if (!r.created) {
         const prior = await this.open(id);
@@ -394,7 +405,8 @@ export class JobStore {
       else lost.push(i);
     }
     for (const [i, e] of job.imageErrors) {
-      if (job.images[i] === "f" && !cancelledOrFailed.has(i)) this.emit(job, { case: "imageFailed", value: { imageIndex: i, code: e.code, message: e.message, attempts: job.attempts[i] ?? 0 } });
+      if (job.images[i] === "f" && !cancelledOrFailed.has(i))
+        this.emit(job, { case: "imageFailed", value: { imageIndex: i, code: e.code, message: e.message, attempts: job.attempts[i] ?? 0 } });
     }
     if (job.final && !terminal) this.emitTerminal(job);
     return lost;
@@ -403,7 +415,11 @@ export class JobStore {
   emitTerminal(job: Job): void {
     if (job.state === JobState.SUCCEEDED) this.emit(job, { case: "done", value: { imageCount: job.count("d") } });
     else if (job.state === JobState.CANCELLED) this.emit(job, { case: "cancelled", value: {} });
-    else this.emit(job, { case: "failed", value: { code: job.error?.code ?? "UNKNOWN", message: job.error?.message ?? "", imageIndex: job.error?.imageIndex ?? -1 } });
+    else
+      this.emit(job, {
+        case: "failed",
+        value: { code: job.error?.code ?? "UNKNOWN", message: job.error?.message ?? "", imageIndex: job.error?.imageIndex ?? -1 },
+      });
   }
 
   byRequest(tenant: string, requestId: string): Job | undefined {
@@ -646,7 +662,8 @@ export class JobStore {
         }
         if (signal.aborted) return;
       }
-      if (job.final && next >= job.eventsStored && next >= job.events.length && TERMINAL_EVENTS.has(job.events.at(-1)?.event.case ?? "")) return;
+      if (job.final && next >= job.eventsStored && next >= job.events.length && TERMINAL_EVENTS.has(job.events.at(-1)?.event.case ?? ""))
+        return;
       if (signal.aborted) return;
       await new Promise<void>((resolve) => {
         const wake = (): void => {
@@ -676,7 +693,8 @@ export class JobStore {
         const old = now - (job.finishedAt ?? now) > this.maxAgeMs;
         if (liveFinished <= this.maxFinished && !old) break;
         // Without JetStream the memory copy is the only one; it goes when over the bound all the same.
-        const settled = !job.eventFlush && !job.stateWriting && job.eventsStored === job.events.length && job.stateWritten === job.stateVersion;
+        const settled =
+          !job.eventFlush && !job.stateWriting && job.eventsStored === job.events.length && job.stateWritten === job.stateVersion;
         if (this.durable && !settled) break;
         this.jobs.delete(id);
         if (job.spec.requestId && this.byRequestId.get(this.reqKey(job.spec.tenant, job.spec.requestId)) === id) {

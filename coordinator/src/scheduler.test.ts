@@ -30,10 +30,14 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
         const wait = async (ms: number): Promise<void> => {
           await new Promise<void>((resolve, reject) => {
             const t = setTimeout(resolve, ms);
-            signal?.addEventListener("abort", () => {
-              clearTimeout(t);
-              reject(new FarmError(grpc.status.CANCELLED, "cancelled"));
-            }, { once: true });
+            signal?.addEventListener(
+              "abort",
+              () => {
+                clearTimeout(t);
+                reject(new FarmError(grpc.status.CANCELLED, "cancelled"));
+              },
+              { once: true },
+            );
           });
         };
         log.push(`start ${id} ${req.taskId}`);
@@ -42,15 +46,17 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
         c.now++;
         c.max = Math.max(c.max, c.now);
         try {
-        const steps = req.params?.steps ?? 1;
-        for (let s = 1; s <= steps; s++) {
-          await wait(b.stepMs);
-          const err = b.fail?.(req);
-          if (err) throw err;
-          yield { kind: { case: "progress" as const, value: { taskId: req.taskId, imageIndex: req.imageIndex, step: s, totalSteps: steps } } };
-          if (b.stall) await wait(3_600_000);
-        }
-        yield { kind: { case: "result" as const, value: create(ImageSchema, { index: req.imageIndex, seed: req.seed }) } };
+          const steps = req.params?.steps ?? 1;
+          for (let s = 1; s <= steps; s++) {
+            await wait(b.stepMs);
+            const err = b.fail?.(req);
+            if (err) throw err;
+            yield {
+              kind: { case: "progress" as const, value: { taskId: req.taskId, imageIndex: req.imageIndex, step: s, totalSteps: steps } },
+            };
+            if (b.stall) await wait(3_600_000);
+          }
+          yield { kind: { case: "result" as const, value: create(ImageSchema, { index: req.imageIndex, seed: req.seed }) } };
         } finally {
           c.now--;
         }
@@ -175,13 +181,18 @@ test("a task waits for a measured fast agent rather than start on a much slower 
   h.speed.observe("slow", { model: "m", width: 64, height: 64 }, { secondsPerStep: 0.15, overheadSeconds: 0 });
   h.submit(4, 2);
   await h.settled(4);
-  assert.deepEqual(new Set(h.done.map((d) => d.agent)), new Set(["fast"]), "four 10 ms tasks on the fast agent end before one 300 ms task on the slow one");
+  assert.deepEqual(
+    new Set(h.done.map((d) => d.agent)),
+    new Set(["fast"]),
+    "four 10 ms tasks on the fast agent end before one 300 ms task on the slow one",
+  );
   h.scheduler.close();
 });
 
 test("a poison task fails after maxAttempts, each attempt on a different agent, with the last error", async () => {
   const log: string[] = [];
-  const poison = (id: string) => (req: RunTaskRequest) => (req.seed === 1n ? new FarmError(grpc.status.INTERNAL, `crash on ${id}`) : undefined);
+  const poison = (id: string) => (req: RunTaskRequest) =>
+    req.seed === 1n ? new FarmError(grpc.status.INTERNAL, `crash on ${id}`) : undefined;
   const agents = ["p", "q", "r", "s"].map((id) => fakeAgent(id, 1, { stepMs: 2, fail: poison(id) }, log));
   const h = harness(agents, { maxAttempts: 3 });
   h.submit(3, 2);
@@ -200,7 +211,12 @@ test("a poison task fails after maxAttempts, each attempt on a different agent, 
 
 test("a hand-back (draining agent) is placed again without counting as a failed attempt", async () => {
   const log: string[] = [];
-  const drainingAgent = fakeAgent("d", 1, { stepMs: 60, fail: () => new FarmError(grpc.status.UNAVAILABLE, "agent d is shutting down") }, log);
+  const drainingAgent = fakeAgent(
+    "d",
+    1,
+    { stepMs: 60, fail: () => new FarmError(grpc.status.UNAVAILABLE, "agent d is shutting down") },
+    log,
+  );
   const h = harness([drainingAgent], { maxAttempts: 1 });
   h.submit(1, 2);
   await sleep(10);
@@ -274,7 +290,10 @@ test("after a restart, running tasks wait for their agent and are re-attached th
   agents.push(late);
   h.scheduler.agentsChanged();
   await h.settled(2);
-  assert.deepEqual(placed, [{ agent: "late", attempt: 3 }, { agent: "late", attempt: 3 }]);
+  assert.deepEqual(placed, [
+    { agent: "late", attempt: 3 },
+    { agent: "late", attempt: 3 },
+  ]);
   assert.equal(h.scheduler.stats.adopted, 2);
 
   // An agent that never shows up: placement takes over when the wait ends.

@@ -526,11 +526,14 @@ export class Scheduler {
     if (this.wakeTimer && this.wakeAt <= at) return;
     if (this.wakeTimer) clearTimeout(this.wakeTimer);
     this.wakeAt = at;
-    this.wakeTimer = setTimeout(() => {
-      this.wakeTimer = undefined;
-      this.wakeAt = Infinity;
-      this.schedulePump();
-    }, Math.max(1, at - Date.now() + 1));
+    this.wakeTimer = setTimeout(
+      () => {
+        this.wakeTimer = undefined;
+        this.wakeAt = Infinity;
+        this.schedulePump();
+      },
+      Math.max(1, at - Date.now() + 1),
+    );
     this.wakeTimer.unref();
   }
 
@@ -552,7 +555,14 @@ export class Scheduler {
     let e = this.estimateCache.get(kind);
     if (!e || e.agents !== candidates) {
       const n = candidates.length;
-      e = { agents: candidates, ms: new Float64Array(n), measured: new Uint8Array(n), version: new Float64Array(n).fill(-1), loaded: new Uint8Array(n), fleet: -1 };
+      e = {
+        agents: candidates,
+        ms: new Float64Array(n),
+        measured: new Uint8Array(n),
+        version: new Float64Array(n).fill(-1),
+        loaded: new Uint8Array(n),
+        fleet: -1,
+      };
       this.estimateCache.set(kind, e);
     }
     const speed = this.opts.speed;
@@ -625,7 +635,13 @@ export class Scheduler {
     // A stage of a split image is placed work-conserving, never held: the stages after it are not
     // queued yet, so the queue (what holding weighs) understates the work still to come, and the
     // agent held for would be needed for it.
-    if (bi >= 0 && !task.stage && est.measured[bi] && est.measured[fi] && bFinish + Math.max(HOLD_MIN_GAIN_MS, 0.1 * est.ms[fi]!) < fFinish) {
+    if (
+      bi >= 0 &&
+      !task.stage &&
+      est.measured[bi] &&
+      est.measured[fi] &&
+      bFinish + Math.max(HOLD_MIN_GAIN_MS, 0.1 * est.ms[fi]!) < fFinish
+    ) {
       // Holding pays only near the end of a batch: when the agents can finish all the waiting work
       // of this model before the free agent would finish this task. With a deeper queue the free
       // agent's work is needed anyway, so it starts now.
@@ -638,7 +654,14 @@ export class Scheduler {
   }
 
   /** How many tasks of this kind the candidate agents could finish by `until`, counting what is already planned. */
-  private capacityBefore(until: number, candidates: AgentState[], est: { ms: Float64Array }, plan: Plan, excludeFailedOf: Task | undefined, key: string): number {
+  private capacityBefore(
+    until: number,
+    candidates: AgentState[],
+    est: { ms: Float64Array },
+    plan: Plan,
+    excludeFailedOf: Task | undefined,
+    key: string,
+  ): number {
     // Computed once per pass and free agent; each task held after that uses up one unit of it.
     const cached = plan.capacity(est, key);
     if (cached !== undefined) return cached;
@@ -684,7 +707,9 @@ export class Scheduler {
     }
     if (candidates.length === 0) return;
     candidates.sort((a, b) => b.remaining - a.remaining);
-    const top = candidates.slice(0, 32).map((c) => ({ ...c, kind: `${c.task.key.model}|${c.task.key.width}x${c.task.key.height}|${c.task.steps}` }));
+    const top = candidates
+      .slice(0, 32)
+      .map((c) => ({ ...c, kind: `${c.task.key.model}|${c.task.key.width}x${c.task.key.height}|${c.task.steps}` }));
     const estimates = new Map<string, Map<AgentState, { ms: number; measured: boolean }>>();
     for (const a of idle) {
       for (const c of top) {
@@ -725,7 +750,9 @@ export class Scheduler {
       agent,
       // A re-attach continues the attempt that is running; anything else is a new attempt.
       attempt: task.stage
-        ? adopt ? task.stage.attempts : ++task.stage.attempts
+        ? adopt
+          ? task.stage.attempts
+          : ++task.stage.attempts
         : (task.job.attempts[task.imageIndex] ?? 0) + (adopt ? 0 : 1),
       abort: new AbortController(),
       startedAt: now,
@@ -762,7 +789,10 @@ export class Scheduler {
     });
     let out: { case: "result"; value: Image } | { case: "handover"; value: Handover } | undefined;
     try {
-      const call = agent.client.runTask(req, { signal: run.abort.signal, ...(deadline > 0 ? { timeoutMs: Math.max(1, deadline - Date.now()) } : {}) });
+      const call = agent.client.runTask(req, {
+        signal: run.abort.signal,
+        ...(deadline > 0 ? { timeoutMs: Math.max(1, deadline - Date.now()) } : {}),
+      });
       for await (const msg of call) {
         if (msg.kind.case === "progress") this.onProgress(run, msg.kind.value);
         else if (msg.kind.case === "result" || msg.kind.case === "handover") out = msg.kind;
@@ -771,7 +801,10 @@ export class Scheduler {
       if (!out) throw new FarmError(grpc.status.INTERNAL, `agent ${agent.id} ended task ${task.id} without a result`);
       // An agent that does not know stages renders the whole image instead: another agent may.
       if ((out.case === "handover") !== handsOver(task.stage?.request.stage)) {
-        throw new FarmError(grpc.status.INTERNAL, `agent ${agent.id} returned ${out.case === "handover" ? "a hand-over" : "an image"} for task ${task.id}`);
+        throw new FarmError(
+          grpc.status.INTERNAL,
+          `agent ${agent.id} returned ${out.case === "handover" ? "a hand-over" : "an image"} for task ${task.id}`,
+        );
       }
       this.onResult(run, out);
     } catch (err) {
@@ -847,7 +880,8 @@ export class Scheduler {
     if (run.firstProgressAt !== undefined && steps > 1) {
       const perStep = (end - run.firstProgressAt) / (steps - 1) / 1000;
       const before = (run.firstProgressAt - run.startedAt) / 1000 - perStep;
-      if (run.modelLoaded) this.opts.speed.observe(run.agent.id, run.task.key, { secondsPerStep: perStep, overheadSeconds: Math.max(0, before) });
+      if (run.modelLoaded)
+        this.opts.speed.observe(run.agent.id, run.task.key, { secondsPerStep: perStep, overheadSeconds: Math.max(0, before) });
       else {
         const usual = this.opts.speed.overheadSeconds(run.agent.id) ?? 0;
         this.opts.speed.observe(run.agent.id, run.task.key, { secondsPerStep: perStep, loadSeconds: Math.max(0, before - usual) });
@@ -877,7 +911,13 @@ export class Scheduler {
       this.countQueued(task, 1);
       this.queue.pushRetry(task);
       this.opts.metrics?.taskRetries.inc({ reason: handBack ? "HANDED_BACK" : statusName(err.code) });
-      this.opts.logger.warn("task attempt failed; placing it again", { taskId: task.id, agentId: agent.id, attempt: run.attempt, failures: task.failures, error: err.message });
+      this.opts.logger.warn("task attempt failed; placing it again", {
+        taskId: task.id,
+        agentId: agent.id,
+        attempt: run.attempt,
+        failures: task.failures,
+        error: err.message,
+      });
       this.hooks.onRetry(task, err, run);
       return;
     }

@@ -63,7 +63,8 @@ export function validateJob(
   const p = create(GenerationParamsSchema, input);
 
   if (p.prompt.length > L.maxPromptChars) throw FarmError.invalid("prompt", `is longer than ${L.maxPromptChars} characters`);
-  if (p.negativePrompt.length > L.maxPromptChars) throw FarmError.invalid("negative_prompt", `is longer than ${L.maxPromptChars} characters`);
+  if (p.negativePrompt.length > L.maxPromptChars)
+    throw FarmError.invalid("negative_prompt", `is longer than ${L.maxPromptChars} characters`);
 
   p.steps ??= 50;
   intIn("steps", p.steps, 1, L.maxSteps);
@@ -72,7 +73,10 @@ export function validateJob(
   if (p.cfgScale < 0) throw FarmError.invalid("cfg_scale", `must be ≥ 0, got ${p.cfgScale}`);
   p.width ??= 512;
   p.height ??= 512;
-  for (const [f, v] of [["width", p.width], ["height", p.height]] as const) {
+  for (const [f, v] of [
+    ["width", p.width],
+    ["height", p.height],
+  ] as const) {
     intIn(f, v, 8, L.maxSide);
     if (v % 8 !== 0) throw FarmError.invalid(f, `must be a multiple of 8, got ${v}`);
   }
@@ -81,20 +85,32 @@ export function validateJob(
   p.nIter ??= 1;
   intIn("n_iter", p.nIter, 1, L.maxNIter);
   const imageCount = p.batchSize * p.nIter;
-  if (imageCount > L.maxImagesPerJob) throw FarmError.invalid("batch_size", `batch_size × n_iter = ${imageCount} exceeds ${L.maxImagesPerJob}`);
+  if (imageCount > L.maxImagesPerJob)
+    throw FarmError.invalid("batch_size", `batch_size × n_iter = ${imageCount} exceeds ${L.maxImagesPerJob}`);
   p.clipSkip ??= 1;
   intIn("clip_skip", p.clipSkip, 1, 12);
 
-  for (const [f, v] of [["seed", p.seed], ["subseed", p.subseed]] as const) {
-    if (v !== undefined && v !== -1n && (v < 0n || v > BigInt(SEED_MAX))) throw FarmError.invalid(f, `must be -1 (random) or in [0, ${SEED_MAX}], got ${v}`);
+  for (const [f, v] of [
+    ["seed", p.seed],
+    ["subseed", p.subseed],
+  ] as const) {
+    if (v !== undefined && v !== -1n && (v < 0n || v > BigInt(SEED_MAX)))
+      throw FarmError.invalid(f, `must be -1 (random) or in [0, ${SEED_MAX}], got ${v}`);
   }
   finite("subseed_strength", p.subseedStrength);
-  if (p.subseedStrength < 0 || p.subseedStrength > 1) throw FarmError.invalid("subseed_strength", `must be in [0, 1], got ${p.subseedStrength}`);
+  if (p.subseedStrength < 0 || p.subseedStrength > 1)
+    throw FarmError.invalid("subseed_strength", `must be in [0, 1], got ${p.subseedStrength}`);
   if (p.seedResizeFromW < 0 && p.seedResizeFromW !== -1) throw FarmError.invalid("seed_resize_from_w", "must be ≥ 0 or -1");
   if (p.seedResizeFromH < 0 && p.seedResizeFromH !== -1) throw FarmError.invalid("seed_resize_from_h", "must be ≥ 0 or -1");
   if (!(p.rng in RngSource)) throw FarmError.invalid("rng", `unknown RNG source ${p.rng}`);
   if (p.etaNoiseSeedDelta < 0n || p.etaNoiseSeedDelta > BigInt(SEED_MAX)) throw FarmError.invalid("eta_noise_seed_delta", "must be ≥ 0");
-  for (const [f, v] of [["eta", p.eta], ["s_churn", p.sChurn], ["s_tmin", p.sTmin], ["s_tmax", p.sTmax], ["s_noise", p.sNoise]] as const) {
+  for (const [f, v] of [
+    ["eta", p.eta],
+    ["s_churn", p.sChurn],
+    ["s_tmin", p.sTmin],
+    ["s_tmax", p.sTmax],
+    ["s_noise", p.sNoise],
+  ] as const) {
     finite(f, v);
     if (v !== undefined && v < 0) throw FarmError.invalid(f, `must be ≥ 0, got ${v}`);
   }
@@ -107,7 +123,10 @@ export function validateJob(
     throw err;
   }
   if (opts.samplerSupported && !opts.samplerSupported(sampler)) {
-    throw FarmError.unimplemented("sampler_name", `"${sampler.sampler.name}" with schedule "${sampler.scheduler}" is not implemented by this farm yet`);
+    throw FarmError.unimplemented(
+      "sampler_name",
+      `"${sampler.sampler.name}" with schedule "${sampler.scheduler}" is not implemented by this farm yet`,
+    );
   }
 
   if (p.model === "") p.model = opts.defaultModel ?? "";
@@ -118,7 +137,11 @@ export function validateJob(
   if (p.mask.length > 0) {
     // The mask's bytes are decoded (and their size checked) by the agent, like init_images.
     if (p.initImages.length === 0) throw FarmError.invalid("mask", "a mask needs init_images to inpaint");
-    for (const [f, v] of [["mask_blur", p.maskBlur], ["mask_blur_x", p.maskBlurX], ["mask_blur_y", p.maskBlurY]] as const) {
+    for (const [f, v] of [
+      ["mask_blur", p.maskBlur],
+      ["mask_blur_x", p.maskBlurX],
+      ["mask_blur_y", p.maskBlurY],
+    ] as const) {
       if (v !== undefined) intIn(f, v, 0, MAX_MASK_BLUR);
     }
     intIn("inpaint_full_res_padding", p.inpaintFullResPadding, 0, 2 ** 31 - 1);
@@ -128,21 +151,31 @@ export function validateJob(
   if (p.inpaintingMaskWeight !== undefined && (p.inpaintingMaskWeight < 0 || p.inpaintingMaskWeight > 1)) {
     throw FarmError.invalid("inpainting_mask_weight", `must be in [0, 1], got ${p.inpaintingMaskWeight}`);
   }
-  if (p.enableHr && p.initImages.length > 0) throw FarmError.invalid("enable_hr", "hires fix applies to txt2img; it cannot be combined with init_images");
+  if (p.enableHr && p.initImages.length > 0)
+    throw FarmError.invalid("enable_hr", "hires fix applies to txt2img; it cannot be combined with init_images");
   for (const [i, l] of p.loras.entries()) {
-    if (!l.name || /[/\\\0]/.test(l.name) || l.name.includes("..")) throw FarmError.invalid(`loras[${i}].name`, `"${l.name}" is not a LoRA name`);
+    if (!l.name || /[/\\\0]/.test(l.name) || l.name.includes(".."))
+      throw FarmError.invalid(`loras[${i}].name`, `"${l.name}" is not a LoRA name`);
     if (!Number.isFinite(l.teWeight) || !Number.isFinite(l.unetWeight)) throw FarmError.invalid(`loras[${i}]`, "weights must be finite");
   }
   if (p.enableHr) {
     finite("hr_scale", p.hrScale);
-    if (p.hrScale !== undefined && (p.hrScale < 1 || p.hrScale > 8)) throw FarmError.invalid("hr_scale", `must be in [1, 8], got ${p.hrScale}`);
-    for (const [f, v] of [["hr_resize_x", p.hrResizeX], ["hr_resize_y", p.hrResizeY]] as const) {
+    if (p.hrScale !== undefined && (p.hrScale < 1 || p.hrScale > 8))
+      throw FarmError.invalid("hr_scale", `must be in [1, 8], got ${p.hrScale}`);
+    for (const [f, v] of [
+      ["hr_resize_x", p.hrResizeX],
+      ["hr_resize_y", p.hrResizeY],
+    ] as const) {
       if (v < 0 || v > L.maxSide) throw FarmError.invalid(f, `must be in [0, ${L.maxSide}], got ${v}`);
     }
-    if (p.hrSecondPassSteps < 0 || p.hrSecondPassSteps > L.maxSteps) throw FarmError.invalid("hr_second_pass_steps", `must be in [0, ${L.maxSteps}]`);
+    if (p.hrSecondPassSteps < 0 || p.hrSecondPassSteps > L.maxSteps)
+      throw FarmError.invalid("hr_second_pass_steps", `must be in [0, ${L.maxSteps}]`);
     if (p.hrSamplerName !== "" || p.hrScheduler !== "") {
       try {
-        resolveSampler(p.hrSamplerName === "" ? p.samplerName : p.hrSamplerName, p.hrScheduler, { sampler: "hr_sampler_name", scheduler: "hr_scheduler" });
+        resolveSampler(p.hrSamplerName === "" ? p.samplerName : p.hrSamplerName, p.hrScheduler, {
+          sampler: "hr_sampler_name",
+          scheduler: "hr_scheduler",
+        });
       } catch (err) {
         if (err instanceof UnknownNameError) throw FarmError.invalid(err.field, err.message.slice(err.field.length + 2));
         throw err;
@@ -170,7 +203,12 @@ export function resolveSeed(v: bigint | undefined): bigint {
 }
 
 /** Image i's seed and subseed: seed + i unless a variation seed is in use (then all share seed). */
-export function imageSeeds(seed: bigint, subseed: bigint, subseedStrength: number, count: number): Array<{ seed: bigint; subseed: bigint }> {
+export function imageSeeds(
+  seed: bigint,
+  subseed: bigint,
+  subseedStrength: number,
+  count: number,
+): Array<{ seed: bigint; subseed: bigint }> {
   return Array.from({ length: count }, (_, i) => ({
     seed: subseedStrength === 0 ? seed + BigInt(i) : seed,
     subseed: subseed + BigInt(i),

@@ -176,17 +176,22 @@ export class Agent {
 
   private async startServices(): Promise<void> {
     this.health = addHealthAndReflection(this.server, [SERVICE]);
-    addService(this.server, AgentService, {
-      runTask: (req, ctx) => this.runTask(req, ctx.signal),
-      cancelTask: async (req) => ({ stopped: this.cancelTask(req.taskId, req.attempt, req.reason) }),
-      status: async () => ({
-        agent: this.info(),
-        models: (await this.catalog.list()).map((e) => e.name),
-        runningTasks: [...this.runs.values()].filter((r) => !r.finished).map((r) => r.taskId),
-      }),
-    }, (method, err) => {
-      if (err.code === grpc.status.INTERNAL) this.cfg.logger.error("rpc failed", { method, error: err.message });
-    });
+    addService(
+      this.server,
+      AgentService,
+      {
+        runTask: (req, ctx) => this.runTask(req, ctx.signal),
+        cancelTask: async (req) => ({ stopped: this.cancelTask(req.taskId, req.attempt, req.reason) }),
+        status: async () => ({
+          agent: this.info(),
+          models: (await this.catalog.list()).map((e) => e.name),
+          runningTasks: [...this.runs.values()].filter((r) => !r.finished).map((r) => r.taskId),
+        }),
+      },
+      (method, err) => {
+        if (err.code === grpc.status.INTERNAL) this.cfg.logger.error("rpc failed", { method, error: err.message });
+      },
+    );
     this.port = await bindServer(this.server, this.cfg.listen, serverCredentials(this.cfg.tls, true));
     const host = this.cfg.listen.slice(0, this.cfg.listen.lastIndexOf(":"));
     this.address = this.cfg.advertiseAddress ?? `${host === "0.0.0.0" || host === "[::]" ? "127.0.0.1" : host}:${this.port}`;
@@ -282,7 +287,11 @@ export class Agent {
     let outcome: "succeeded" | "failed" | "cancelled" = "failed";
     try {
       // The LoRAs a task names decide which merged pipeline it runs on.
-      const loras: LoraUse[] = extractExtraNetworks(params.prompt).networks.map((n) => ({ name: n.name, teWeight: n.teWeight, unetWeight: n.unetWeight }));
+      const loras: LoraUse[] = extractExtraNetworks(params.prompt).networks.map((n) => ({
+        name: n.name,
+        teWeight: n.teWeight,
+        unetWeight: n.unetWeight,
+      }));
       for (const l of params.loras) loras.push({ name: l.name, teWeight: l.teWeight, unetWeight: l.unetWeight });
       const loaded = await this.cache.acquire(pipelineKey(params.model, loras), signal);
       let output: TaskOutput;
@@ -296,7 +305,10 @@ export class Agent {
             run.progress({ kind: { case: "progress", value: progress } });
             this.nc?.publish(
               subjects.taskProgress(req.taskId),
-              toBinary(TaskProgressSchema, create(TaskProgressSchema, { taskId: req.taskId, jobId: req.jobId, agentId: this.id, step: progress })),
+              toBinary(
+                TaskProgressSchema,
+                create(TaskProgressSchema, { taskId: req.taskId, jobId: req.jobId, agentId: this.id, step: progress }),
+              ),
             );
           },
           onWarning: (message) => run.warning({ kind: { case: "warning", value: { message } } }),
@@ -342,7 +354,8 @@ export class Agent {
     this.publishHeartbeat();
     const deadline = Date.now() + graceMs;
     while (this.active > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
-    for (const run of this.runs.values()) run.cancel(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.id} is shutting down`, { handBack: true }));
+    for (const run of this.runs.values())
+      run.cancel(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.id} is shutting down`, { handBack: true }));
   }
 
   async close(): Promise<void> {
@@ -350,7 +363,8 @@ export class Agent {
     this.closed = true;
     this.draining = true;
     if (this.heartbeat) clearInterval(this.heartbeat);
-    for (const run of this.runs.values()) run.cancel(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.id} is shutting down`, { handBack: true }));
+    for (const run of this.runs.values())
+      run.cancel(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.id} is shutting down`, { handBack: true }));
     await shutdownServer(this.server);
     for (const run of this.runs.values()) run.dispose();
     if (this.healthServer) await shutdownServer(this.healthServer);

@@ -60,7 +60,10 @@ async function runAgent(argv: string[]): Promise<number> {
     process.stdout.write(AGENT_USAGE);
     return 0;
   }
-  const logger = jsonLogger({ level: (process.env["LATENTFARM_LOG_LEVEL"] as LogLevel | undefined) ?? "info", base: { service: "gpu-agent" } });
+  const logger = jsonLogger({
+    level: (process.env["LATENTFARM_LOG_LEVEL"] as LogLevel | undefined) ?? "info",
+    base: { service: "gpu-agent" },
+  });
   const agent = new Agent({
     listen: `${v.host}:${v.port}`,
     natsUrl: v.nats,
@@ -170,7 +173,9 @@ export async function main(argv: string[]): Promise<number> {
         return await prompt(rest);
       case "make-tiny-model": {
         const m = await makeTinyModelCli(rest);
-        process.stdout.write(JSON.stringify({ checkpoint: m.checkpointPath, onnx: m.onnxDir, tokenizer: m.tokenizerDir, hints: m.hints }) + "\n");
+        process.stdout.write(
+          JSON.stringify({ checkpoint: m.checkpointPath, onnx: m.onnxDir, tokenizer: m.tokenizerDir, hints: m.hints }) + "\n",
+        );
         return 0;
       }
       default:

@@ -5,7 +5,9 @@ import { create } from "@bufbuild/protobuf";
 import { FarmError, ImageSchema } from "@latentfarm/shared";
 import { TaskRun, type RunTaskMessage } from "./task-run.js";
 
-const step = (n: number): RunTaskMessage => ({ kind: { case: "progress", value: { taskId: "t", imageIndex: 0, step: n, totalSteps: 10 } } });
+const step = (n: number): RunTaskMessage => ({
+  kind: { case: "progress", value: { taskId: "t", imageIndex: 0, step: n, totalSteps: 10 } },
+});
 const image = create(ImageSchema, { index: 0, seed: 1n, png: new Uint8Array([1, 2, 3]) });
 
 async function collect(gen: AsyncGenerator<RunTaskMessage>, upTo = Infinity): Promise<RunTaskMessage[]> {
@@ -27,7 +29,10 @@ test("a caller that re-attaches after its stream broke gets the latest step, the
   const a = run.attach(first.signal, 1);
   run.warning({ kind: { case: "warning", value: { message: "w" } } });
   run.progress(step(1));
-  assert.deepEqual((await collect(a, 2)).map((m) => m.kind?.case), ["warning", "progress"]);
+  assert.deepEqual(
+    (await collect(a, 2)).map((m) => m.kind?.case),
+    ["warning", "progress"],
+  );
   first.abort();
   run.progress(step(2));
   run.progress(step(3));
@@ -70,6 +75,7 @@ test("every attached caller sees the run's error, and a newer attempt is recorde
   const b = collect(run.attach(new AbortController().signal, 2));
   assert.equal(run.attempt, 2);
   run.finish({ error: new FarmError(grpc.status.UNAVAILABLE, "draining", { handBack: true }) });
-  for (const p of [a, b]) await assert.rejects(p, (e: unknown) => e instanceof FarmError && e.handBack && e.toStatus().metadata?.get("x-handback")[0] === "true");
+  for (const p of [a, b])
+    await assert.rejects(p, (e: unknown) => e instanceof FarmError && e.handBack && e.toStatus().metadata?.get("x-handback")[0] === "true");
   run.dispose();
 });

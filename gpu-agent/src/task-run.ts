@@ -127,7 +127,9 @@ export class TaskRun {
       this.timer = undefined;
       if (this.subscribers.size > 0) return;
       if (!this.outcome) {
-        this.abort.abort(new FarmError(grpc.status.CANCELLED, `no coordinator re-attached to task ${this.taskId} within ${this.opts.orphanGraceMs} ms`));
+        this.abort.abort(
+          new FarmError(grpc.status.CANCELLED, `no coordinator re-attached to task ${this.taskId} within ${this.opts.orphanGraceMs} ms`),
+        );
         // The render's own end calls finish(), which starts the retention timer.
         return;
       }

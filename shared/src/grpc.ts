@@ -221,10 +221,7 @@ function descriptorSet(): Buffer {
 }
 
 /** Adds grpc.health.v1 and server reflection (v1 and v1alpha) for the given services. */
-export function addHealthAndReflection(
-  server: grpc.Server,
-  serviceNames: readonly string[],
-): HealthImplementation {
+export function addHealthAndReflection(server: grpc.Server, serviceNames: readonly string[]): HealthImplementation {
   const initial: Record<string, "SERVING" | "NOT_SERVING"> = { "": "NOT_SERVING", liveness: "SERVING" };
   for (const s of serviceNames) initial[s] = "NOT_SERVING";
   const health = new HealthImplementation(initial);

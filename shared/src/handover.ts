@@ -20,14 +20,16 @@ function assertLittleEndian(): void {
 
 export function latentHandover(data: Float32Array, shape: readonly number[]): Handover {
   assertLittleEndian();
-  if (shape.reduce((a, b) => a * b, 1) !== data.length) throw new RangeError(`shape [${shape.join(",")}] does not hold ${data.length} values`);
+  if (shape.reduce((a, b) => a * b, 1) !== data.length)
+    throw new RangeError(`shape [${shape.join(",")}] does not hold ${data.length} values`);
   return create(HandoverSchema, {
     data: { case: "latent", value: { shape: [...shape], data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) } },
   });
 }
 
 export function rgbHandover(data: Uint8Array, width: number, height: number): Handover {
-  if (data.length !== width * height * 3) throw new RangeError(`${width}x${height} RGB needs ${width * height * 3} bytes, got ${data.length}`);
+  if (data.length !== width * height * 3)
+    throw new RangeError(`${width}x${height} RGB needs ${width * height * 3} bytes, got ${data.length}`);
   return create(HandoverSchema, { data: { case: "rgb", value: { width, height, data } } });
 }
 
@@ -38,7 +40,8 @@ export function readLatent(h: Handover | undefined, field = "inputs"): { data: F
   assertLittleEndian();
   if (h?.data.case !== "latent") throw bad(field, `expected a latent, got ${h?.data.case ?? "nothing"}`);
   const { shape, data } = h.data.value;
-  if (shape.length !== 4 || shape.some((d) => !Number.isInteger(d) || d < 1)) throw bad(field, `latent shape [${shape.join(",")}] is not NCHW`);
+  if (shape.length !== 4 || shape.some((d) => !Number.isInteger(d) || d < 1))
+    throw bad(field, `latent shape [${shape.join(",")}] is not NCHW`);
   const n = shape.reduce((a, b) => a * b, 1);
   if (data.byteLength !== n * 4) throw bad(field, `latent [${shape.join(",")}] needs ${n * 4} bytes, got ${data.byteLength}`);
   const out = new Float32Array(n);
@@ -62,7 +65,8 @@ export function cropHandover(source: Handover, rect: Pick<TileRect, "x" | "y" | 
   if (source.data.case === "latent") {
     const { data, shape } = readLatent(source);
     const f = LATENT_FACTOR;
-    if ([rect.x, rect.y, rect.width, rect.height].some((v) => v % f !== 0)) throw new RangeError(`tile ${JSON.stringify(rect)} is not on the latent grid`);
+    if ([rect.x, rect.y, rect.width, rect.height].some((v) => v % f !== 0))
+      throw new RangeError(`tile ${JSON.stringify(rect)} is not on the latent grid`);
     const r = { x: rect.x / f, y: rect.y / f, width: rect.width / f, height: rect.height / f };
     return latentHandover(cropNchw(data, shape, r), [shape[0], shape[1], r.height, r.width]);
   }

@@ -45,7 +45,10 @@ export function hiresTarget(input: HiresSizeInput): HiresTarget {
   let hrResizeX = input.hrResizeX ?? 0;
   let hrResizeY = input.hrResizeY ?? 0;
   const hrScale = input.hrScale ?? 2;
-  for (const [name, v] of [["width", width], ["height", height]] as const) {
+  for (const [name, v] of [
+    ["width", width],
+    ["height", height],
+  ] as const) {
     if (!Number.isInteger(v) || v < 1) throw new RangeError(`${name} must be a positive integer, got ${v}`);
   }
   if (!Number.isInteger(hrResizeX) || !Number.isInteger(hrResizeY) || hrResizeX < 0 || hrResizeY < 0) {

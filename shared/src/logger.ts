@@ -11,9 +11,7 @@ export type LogLevel = "debug" | "info" | "warn" | "error" | "silent";
 const ORDER: Record<LogLevel, number> = { debug: 10, info: 20, warn: 30, error: 40, silent: 99 };
 
 /** JSON lines to a writable stream (stderr by default), so logs stay apart from a CLI's stdout. */
-export function jsonLogger(
-  opts: { level?: LogLevel; stream?: NodeJS.WritableStream; base?: Record<string, unknown> } = {},
-): Logger {
+export function jsonLogger(opts: { level?: LogLevel; stream?: NodeJS.WritableStream; base?: Record<string, unknown> } = {}): Logger {
   const level = ORDER[opts.level ?? "info"];
   const stream = opts.stream ?? process.stderr;
   const base = opts.base ?? {};

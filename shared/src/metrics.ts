@@ -44,7 +44,12 @@ export const COORDINATOR_METRICS = {
   },
   queueDepth: { name: "latentfarm_queue_depth", kind: "gauge", help: "Image tasks waiting for an agent.", labels: [] },
   tasksRunning: { name: "latentfarm_tasks_running", kind: "gauge", help: "Image tasks running on agents.", labels: [] },
-  agents: { name: "latentfarm_agents", kind: "gauge", help: "Agents known from heartbeats, by state (ready, draining).", labels: ["state"] },
+  agents: {
+    name: "latentfarm_agents",
+    kind: "gauge",
+    help: "Agents known from heartbeats, by state (ready, draining).",
+    labels: ["state"],
+  },
   agentsLost: {
     name: "latentfarm_agents_lost_total",
     kind: "counter",

@@ -25,7 +25,11 @@ export function channelCredentials(tls: TlsFiles | undefined): grpc.ChannelCrede
   return grpc.credentials.createSsl(readFileSync(tls.ca), readFileSync(tls.key), readFileSync(tls.cert));
 }
 
-export function tlsFromFlags(v: { "tls-cert"?: string | undefined; "tls-key"?: string | undefined; "tls-ca"?: string | undefined }): TlsFiles | undefined {
+export function tlsFromFlags(v: {
+  "tls-cert"?: string | undefined;
+  "tls-key"?: string | undefined;
+  "tls-ca"?: string | undefined;
+}): TlsFiles | undefined {
   const given = [v["tls-cert"], v["tls-key"], v["tls-ca"]].filter((x) => x !== undefined).length;
   if (given === 0) return undefined;
   if (given !== 3) throw new Error("--tls-cert, --tls-key and --tls-ca go together");
@@ -51,7 +55,8 @@ export class TokenAuth {
     }
     const m = new Map<string, string>();
     for (const [token, tenant] of Object.entries(parsed)) {
-      if (typeof tenant !== "string" || tenant === "" || token.length < 16) throw new Error(`${path}: every token needs ≥ 16 characters and a tenant name`);
+      if (typeof tenant !== "string" || tenant === "" || token.length < 16)
+        throw new Error(`${path}: every token needs ≥ 16 characters and a tenant name`);
       m.set(token, tenant);
     }
     return new TokenAuth(m);
@@ -66,7 +71,8 @@ export class TokenAuth {
     const header = metadata.get("authorization")[0]?.toString() ?? "";
     const m = /^Bearer\s+(\S+)$/i.exec(header);
     const tenant = m ? this.tokens.get(m[1]!) : undefined;
-    if (!tenant) throw new FarmError(grpc.status.UNAUTHENTICATED, m ? "unknown API token" : "missing \"authorization: Bearer <token>\" metadata");
+    if (!tenant)
+      throw new FarmError(grpc.status.UNAUTHENTICATED, m ? "unknown API token" : 'missing "authorization: Bearer <token>" metadata');
     return tenant;
   }
 }

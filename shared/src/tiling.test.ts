@@ -1,7 +1,18 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
-  cropNchw, extractTile, featherRamp, layoutFromStarts, planTiles, runTiledPass, TileBlender, tileOverheadPercent, tileSeed, tileWeights, type TileLayout, type TileRect,
+  cropNchw,
+  extractTile,
+  featherRamp,
+  layoutFromStarts,
+  planTiles,
+  runTiledPass,
+  TileBlender,
+  tileOverheadPercent,
+  tileSeed,
+  tileWeights,
+  type TileLayout,
+  type TileRect,
 } from "./tiling.js";
 import { cropHandover, latentHandover, readLatent, readRgb, rgbHandover } from "./handover.js";
 
@@ -44,7 +55,8 @@ test("feathers: linear (k+½)/ov ramps that are complementary across every overl
     const total = new Float64Array(layout.width * layout.height);
     for (const t of layout.tiles) {
       const w = tileWeights(layout, t);
-      for (let y = 0; y < t.height; y++) for (let x = 0; x < t.width; x++) total[(t.y + y) * layout.width + t.x + x]! += w[y * t.width + x]!;
+      for (let y = 0; y < t.height; y++)
+        for (let x = 0; x < t.width; x++) total[(t.y + y) * layout.width + t.x + x]! += w[y * t.width + x]!;
     }
     for (const v of total) assert.ok(Math.abs(v - 1) < 1e-12, `weights sum to ${v}`);
   }
@@ -52,13 +64,17 @@ test("feathers: linear (k+½)/ov ramps that are complementary across every overl
   const crowded = planTiles(1000, 600, { tileSize: 512, overlap: 64 });
   const b = new TileBlender(crowded, 1);
   for (const t of crowded.tiles) b.add(t.index, new Float32Array(t.width * t.height).fill(7));
-  assert.ok(b.resultFloat32().every((v) => Math.abs(v - 7) < 1e-5), "constant in, constant out");
+  assert.ok(
+    b.resultFloat32().every((v) => Math.abs(v - 7) < 1e-5),
+    "constant in, constant out",
+  );
 });
 
 function smoothImage(width: number, height: number, ch: number): Float32Array {
   const img = new Float32Array(width * height * ch);
   for (let y = 0; y < height; y++) {
-    for (let x = 0; x < width; x++) for (let c = 0; c < ch; c++) img[(y * width + x) * ch + c] = 128 + 100 * Math.sin(x / 41 + c) * Math.cos(y / 29 - c);
+    for (let x = 0; x < width; x++)
+      for (let c = 0; c < ch; c++) img[(y * width + x) * ch + c] = 128 + 100 * Math.sin(x / 41 + c) * Math.cos(y / 29 - c);
   }
   return img;
 }
@@ -106,10 +122,19 @@ test("tiled local operator: ≤ 1e-4 away from seams, ≤ 1 level in the blend z
   const tiled8 = blender.resultUint8();
   // A pixel is "away from seams" when every tile covering it has it ≥ 1 px inside its interior edges.
   const nearSeam = (x: number, y: number) =>
-    layout.tiles.some((t) =>
-      x >= t.x && x < t.x + t.width && y >= t.y && y < t.y + t.height &&
-      ((t.x > 0 && x - t.x < 1) || (t.x + t.width < W && t.x + t.width - 1 - x < 1) || (t.y > 0 && y - t.y < 1) || (t.y + t.height < H && t.y + t.height - 1 - y < 1)));
-  const inOverlap = (x: number, y: number) => layout.tiles.filter((t) => x >= t.x && x < t.x + t.width && y >= t.y && y < t.y + t.height).length > 1;
+    layout.tiles.some(
+      (t) =>
+        x >= t.x &&
+        x < t.x + t.width &&
+        y >= t.y &&
+        y < t.y + t.height &&
+        ((t.x > 0 && x - t.x < 1) ||
+          (t.x + t.width < W && t.x + t.width - 1 - x < 1) ||
+          (t.y > 0 && y - t.y < 1) ||
+          (t.y + t.height < H && t.y + t.height - 1 - y < 1)),
+    );
+  const inOverlap = (x: number, y: number) =>
+    layout.tiles.filter((t) => x >= t.x && x < t.x + t.width && y >= t.y && y < t.y + t.height).length > 1;
   let away = 0;
   let blend = 0;
   for (let y = 0; y < H; y++) {
@@ -138,10 +163,16 @@ test("determinism: 1 agent vs 3 agents with random finishing order give identica
   };
   const runWith = async (concurrency: number, jitter: boolean) => {
     let calls = 0;
-    const blender = await runTiledPass(img, layout, 3, async (px, t) => {
-      if (jitter) await new Promise((r) => setTimeout(r, (t.index * 7919 + calls++ * 31) % 5));
-      return model(tileSeed(1234, t.index, "per-tile"))(px, t);
-    }, { concurrency });
+    const blender = await runTiledPass(
+      img,
+      layout,
+      3,
+      async (px, t) => {
+        if (jitter) await new Promise((r) => setTimeout(r, (t.index * 7919 + calls++ * 31) % 5));
+        return model(tileSeed(1234, t.index, "per-tile"))(px, t);
+      },
+      { concurrency },
+    );
     return blender.resultUint8();
   };
   const one = await runWith(1, false);
@@ -171,7 +202,10 @@ test("blender: incomplete results throw, duplicates are ignored, sizes are check
   b.add(0, ones);
   b.add(0, new Float32Array(128 * 128).fill(9));
   assert.ok(b.complete, "complete");
-  assert.ok(b.resultFloat32().every((v) => Math.abs(v - 1) < 1e-12), "first result kept");
+  assert.ok(
+    b.resultFloat32().every((v) => Math.abs(v - 1) < 1e-12),
+    "first result kept",
+  );
   assert.throws(() => b.add(0, new Float32Array(3)), RangeError);
 });
 
@@ -201,7 +235,11 @@ test("hand-overs: latents crop on the latent grid, images by pixels; wrong kinds
   assert.deepEqual([...crop.data], [13, 14, 15, 19, 20, 21, 37, 38, 39, 43, 44, 45]);
   assert.deepEqual([...cropNchw(latent, [1, 2, 4, 6], { x: 1, y: 2, width: 3, height: 2 })], [...crop.data]);
   assert.throws(() => cropHandover(h, { x: 4, y: 0, width: 8, height: 8 }), /latent grid/);
-  const rgb = rgbHandover(new Uint8Array(4 * 3 * 3).map((_, i) => i), 4, 3);
+  const rgb = rgbHandover(
+    new Uint8Array(4 * 3 * 3).map((_, i) => i),
+    4,
+    3,
+  );
   const px = readRgb(cropHandover(rgb, { x: 1, y: 1, width: 2, height: 2 }));
   assert.deepEqual([px.width, px.height, ...px.data], [2, 2, 15, 16, 17, 18, 19, 20, 27, 28, 29, 30, 31, 32]);
   assert.throws(() => readLatent(rgb, "inputs[0]"), /inputs\[0\].*expected a latent, got rgb/);

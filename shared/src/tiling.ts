@@ -44,8 +44,14 @@ export interface TileLayoutOptions {
 export function planTiles(width: number, height: number, options: TileLayoutOptions): TileLayout {
   const align = options.align ?? 8;
   const { tileSize, overlap } = options;
-  for (const [name, v] of [["width", width], ["height", height], ["tileSize", tileSize], ["overlap", overlap]] as const) {
-    if (!Number.isInteger(v) || v < 0 || v % align !== 0) throw new RangeError(`${name} must be a non-negative multiple of ${align}, got ${v}`);
+  for (const [name, v] of [
+    ["width", width],
+    ["height", height],
+    ["tileSize", tileSize],
+    ["overlap", overlap],
+  ] as const) {
+    if (!Number.isInteger(v) || v < 0 || v % align !== 0)
+      throw new RangeError(`${name} must be a non-negative multiple of ${align}, got ${v}`);
   }
   if (width === 0 || height === 0 || tileSize === 0) throw new RangeError("image and tile sizes must be positive");
   if (overlap * 2 > tileSize) throw new RangeError(`overlap ${overlap} must be at most half the tile ${tileSize}`);
@@ -262,13 +268,19 @@ export async function runTiledPass<T extends Float32Array | Uint8Array>(
  * Its `overlap` is the smallest overlap the tiles actually have.
  */
 export function layoutFromStarts(
-  width: number, height: number, tileWidth: number, tileHeight: number, xs: readonly number[], ys: readonly number[],
+  width: number,
+  height: number,
+  tileWidth: number,
+  tileHeight: number,
+  xs: readonly number[],
+  ys: readonly number[],
 ): TileLayout {
   const axis = (name: string, starts: readonly number[], tile: number, length: number): void => {
     if (!Number.isInteger(length) || length < 1 || !Number.isInteger(tile) || tile < 1 || tile > length) {
       throw new RangeError(`${name}: tile ${tile} does not fit ${length}`);
     }
-    if (starts.length === 0 || starts[0] !== 0 || starts.at(-1)! + tile !== length) throw new RangeError(`${name}: tiles do not span 0..${length}`);
+    if (starts.length === 0 || starts[0] !== 0 || starts.at(-1)! + tile !== length)
+      throw new RangeError(`${name}: tiles do not span 0..${length}`);
     for (let i = 1; i < starts.length; i++) {
       if (!Number.isInteger(starts[i]) || starts[i]! <= starts[i - 1]! || starts[i]! > starts[i - 1]! + tile) {
         throw new RangeError(`${name}: tile starts ${starts.join(",")} leave a gap or are out of order`);
@@ -279,12 +291,19 @@ export function layoutFromStarts(
   axis("y", ys, tileHeight, height);
   const tiles: TileRect[] = [];
   ys.forEach((y, row) => xs.forEach((x, col) => tiles.push({ index: tiles.length, row, col, x, y, width: tileWidth, height: tileHeight })));
-  const overlap = Math.min(...[xs, ys].flatMap((st, a) => st.slice(1).map((s, i) => st[i]! + (a === 0 ? tileWidth : tileHeight) - s)), Infinity);
+  const overlap = Math.min(
+    ...[xs, ys].flatMap((st, a) => st.slice(1).map((s, i) => st[i]! + (a === 0 ? tileWidth : tileHeight) - s)),
+    Infinity,
+  );
   return { width, height, overlap: overlap === Infinity ? 0 : overlap, xs: [...xs], ys: [...ys], tileWidth, tileHeight, tiles };
 }
 
 /** Crops an NCHW tensor to rows y..y+h and columns x..x+w of every plane. */
-export function cropNchw(data: Float32Array, shape: readonly number[], rect: { x: number; y: number; width: number; height: number }): Float32Array {
+export function cropNchw(
+  data: Float32Array,
+  shape: readonly number[],
+  rect: { x: number; y: number; width: number; height: number },
+): Float32Array {
   if (shape.length !== 4) throw new RangeError(`expected an NCHW shape, got [${shape.join(",")}]`);
   const [n, c, h, w] = shape as [number, number, number, number];
   if (data.length !== n * c * h * w) throw new RangeError(`shape [${shape.join(",")}] needs ${n * c * h * w} values, got ${data.length}`);

@@ -12,7 +12,9 @@ import { TINY_SD15 } from "../harness/farm.js";
 
 const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
-export async function benchAgentOverhead(opts: { steps?: number; rounds?: number; threads?: number; size?: number } = {}): Promise<Record<string, number> | undefined> {
+export async function benchAgentOverhead(
+  opts: { steps?: number; rounds?: number; threads?: number; size?: number } = {},
+): Promise<Record<string, number> | undefined> {
   if (!existsSync(TINY_SD15)) return undefined;
   const steps = opts.steps ?? 40;
   const rounds = opts.rounds ?? 9;
@@ -20,8 +22,14 @@ export async function benchAgentOverhead(opts: { steps?: number; rounds?: number
   const size = opts.size ?? 64;
   const lat = size / 8;
 
-  const bare = await ort.InferenceSession.create(join(TINY_SD15, "unet", "model.onnx"), { graphOptimizationLevel: "all", intraOpNumThreads: threads });
-  const model = await SdModel.load({ name: "tiny-sd15", format: "diffusers-onnx", path: TINY_SD15 }, { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: threads });
+  const bare = await ort.InferenceSession.create(join(TINY_SD15, "unet", "model.onnx"), {
+    graphOptimizationLevel: "all",
+    intraOpNumThreads: threads,
+  });
+  const model = await SdModel.load(
+    { name: "tiny-sd15", format: "diffusers-onnx", path: TINY_SD15 },
+    { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: threads },
+  );
   const pipe = new LoadedPipeline(model, { maxBatchRows: 16 });
   const feeds = {
     sample: new ort.Tensor("float32", new Float32Array(2 * 4 * lat * lat).fill(0.1), [2, 4, lat, lat]),
@@ -29,8 +37,19 @@ export async function benchAgentOverhead(opts: { steps?: number; rounds?: number
     encoder_hidden_states: new ort.Tensor("float32", new Float32Array(2 * 77 * 32).fill(0.05), [2, 77, 32]),
   };
   const req = create(RunTaskRequestSchema, {
-    taskId: "bench", jobId: "bench", seed: 1n,
-    params: { prompt: "a photo of a cat", samplerName: "Euler", steps, cfgScale: 7, width: size, height: size, rng: RngSource.CPU, model: "tiny-sd15" },
+    taskId: "bench",
+    jobId: "bench",
+    seed: 1n,
+    params: {
+      prompt: "a photo of a cat",
+      samplerName: "Euler",
+      steps,
+      cfgScale: 7,
+      width: size,
+      height: size,
+      rng: RngSource.CPU,
+      model: "tiny-sd15",
+    },
   });
   const bareMs: number[] = [];
   const agentMs: number[] = [];

@@ -5,14 +5,20 @@ import { RenderService, createClient } from "@latentfarm/shared";
 import { startNatsServer } from "@latentfarm/coordinator";
 import { REPO, startService } from "../harness/farm.js";
 
-export async function benchCoordinatorDispatch(opts: { agents?: number; slots?: number; jobs?: number; imagesPerJob?: number } = {}): Promise<Record<string, number>> {
+export async function benchCoordinatorDispatch(
+  opts: { agents?: number; slots?: number; jobs?: number; imagesPerJob?: number } = {},
+): Promise<Record<string, number>> {
   const agentsN = opts.agents ?? 4;
   const jobs = opts.jobs ?? 40;
   const per = opts.imagesPerJob ?? 50;
   const nats = await startNatsServer();
   // Client (this process), coordinator and agents each get their own process and event loop.
   const coordinator = await startService(["coordinator", "--port", "0", "--host", "127.0.0.1", "--nats", nats.url, "--metrics-port", "0"]);
-  const agents = spawn(process.execPath, ["--import", "tsx", "tests/harness/sim-agents-main.ts", nats.url, String(agentsN), String(opts.slots ?? 8), "0"], { cwd: REPO, stdio: ["ignore", "pipe", "inherit"] });
+  const agents = spawn(
+    process.execPath,
+    ["--import", "tsx", "tests/harness/sim-agents-main.ts", nats.url, String(agentsN), String(opts.slots ?? 8), "0"],
+    { cwd: REPO, stdio: ["ignore", "pipe", "inherit"] },
+  );
   await new Promise<void>((resolve, reject) => {
     agents.stdout!.on("data", (d: Buffer) => d.toString().includes('"ready":true') && resolve());
     agents.once("exit", (c) => reject(new Error(`simulated agents exited with ${c}`)));
@@ -29,7 +35,9 @@ export async function benchCoordinatorDispatch(opts: { agents?: number; slots?: 
     const started = performance.now();
     await Promise.all(
       Array.from({ length: jobs }, async (_, j) => {
-        const { jobId } = await client.submit({ params: { prompt: "p", model: "sim", width: 64, height: 64, steps: 1, batchSize: per, seed: BigInt(j) } });
+        const { jobId } = await client.submit({
+          params: { prompt: "p", model: "sim", width: 64, height: 64, steps: 1, batchSize: per, seed: BigInt(j) },
+        });
         const placedAt = new Map<number, number>();
         for await (const { event } of client.watch({ jobId })) {
           const e = event?.event;

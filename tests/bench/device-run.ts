@@ -14,7 +14,8 @@ import { renderTask } from "../../gpu-agent/src/pipeline/txt2img.js";
 import type { ExecutionProvider } from "../../gpu-agent/src/runtime/protocol.js";
 import { benchStepBatching } from "./step-batching.js";
 
-const [modelDir = ".device-carry/tiny-sd15", refDir = ".device-carry/ref", outDir = process.env["OUT"] ?? "/tmp/out"] = process.argv.slice(2);
+const [modelDir = ".device-carry/tiny-sd15", refDir = ".device-carry/ref", outDir = process.env["OUT"] ?? "/tmp/out"] =
+  process.argv.slice(2);
 mkdirSync(outDir, { recursive: true });
 const results: Record<string, unknown> = { machine: `${cpus()[0]?.model ?? "?"} × ${availableParallelism()}`, node: process.version };
 const save = (): void => writeFileSync(join(outDir, "device.json"), JSON.stringify(results, null, 2));
@@ -34,7 +35,10 @@ async function reference(ep: ExecutionProvider, id: string, seed: bigint, params
   try {
     const t1 = performance.now();
     const img = await renderTask(pipe, create(RunTaskRequestSchema, { taskId: id, jobId: id, seed, params: { model: "m", ...params } }), {
-      signal: new AbortController().signal, agentId: "device", onStep: () => {}, onWarning: () => {},
+      signal: new AbortController().signal,
+      agentId: "device",
+      onStep: () => {},
+      onWarning: () => {},
     });
     const render = performance.now() - t1;
     const a = await sharp(img.png).raw().toBuffer();
@@ -54,8 +58,15 @@ async function reference(ep: ExecutionProvider, id: string, seed: bigint, params
 
 const p1 = { prompt: "a photo of a cat", samplerName: "Euler a", steps: 20, cfgScale: 7, width: 64, height: 64, rng: RngSource.CPU };
 const p3 = {
-  prompt: "(masterpiece:1.2), best quality, a [red] fox BREAK deep forest, ((sunset))", negativePrompt: "lowres, (bad anatomy:1.3)",
-  samplerName: "DPM++ 2M", scheduler: "Karras", steps: 15, cfgScale: 6.5, width: 64, height: 96, rng: RngSource.NV,
+  prompt: "(masterpiece:1.2), best quality, a [red] fox BREAK deep forest, ((sunset))",
+  negativePrompt: "lowres, (bad anatomy:1.3)",
+  samplerName: "DPM++ 2M",
+  scheduler: "Karras",
+  steps: 15,
+  cfgScale: 6.5,
+  width: 64,
+  height: 96,
+  rng: RngSource.NV,
 };
 const eps: ExecutionProvider[] = process.env["DEVICE_EPS"] === "webgpu" ? [{ name: "webgpu" }] : [{ name: "webgpu" }, { name: "cpu" }];
 for (const ep of eps) {

@@ -12,7 +12,9 @@ import { create } from "@bufbuild/protobuf";
 import { AgentInfoSchema, GenerationParamsSchema, ImageSchema, silentLogger, type RunTaskRequest } from "@latentfarm/shared";
 import { DEFAULT_TENANT_POLICY, Job, Scheduler, SpeedModel, type AgentState, type Task } from "@latentfarm/coordinator";
 
-export async function benchPlacement(opts: { agents?: number; slots?: number; tasks?: number; taskMs?: number; tenants?: number } = {}): Promise<Record<string, number>> {
+export async function benchPlacement(
+  opts: { agents?: number; slots?: number; tasks?: number; taskMs?: number; tenants?: number } = {},
+): Promise<Record<string, number>> {
   const agentsN = opts.agents ?? 256;
   const slots = opts.slots ?? 2;
   const total = opts.tasks ?? 30_000;
@@ -22,7 +24,7 @@ export async function benchPlacement(opts: { agents?: number; slots?: number; ta
   // Real renders vary by a few percent; without that, thousands of timers fire in lockstep and the
   // bench measures bursts of its own making. A fixed-seed generator keeps runs comparable.
   let seed = 12345;
-  const random = (): number => ((seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648);
+  const random = (): number => (seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648;
   let running = 0;
   let maxRunning = 0;
   const agents: AgentState[] = Array.from({ length: agentsN }, (_, i) => {
@@ -36,15 +38,19 @@ export async function benchPlacement(opts: { agents?: number; slots?: number; ta
           running++;
           maxRunning = Math.max(maxRunning, running);
           try {
-          await new Promise<void>((resolve, reject) => {
-            const t = setTimeout(resolve, (taskMs / speed) * (0.9 + 0.2 * random()));
-            o?.signal?.addEventListener("abort", () => {
-              clearTimeout(t);
-              reject(new Error("aborted"));
-            }, { once: true });
-          });
-          yield { kind: { case: "result" as const, value: create(ImageSchema, { index: req.imageIndex, seed: req.seed }) } };
-          freedAt.set(id, performance.now());
+            await new Promise<void>((resolve, reject) => {
+              const t = setTimeout(resolve, (taskMs / speed) * (0.9 + 0.2 * random()));
+              o?.signal?.addEventListener(
+                "abort",
+                () => {
+                  clearTimeout(t);
+                  reject(new Error("aborted"));
+                },
+                { once: true },
+              );
+            });
+            yield { kind: { case: "result" as const, value: create(ImageSchema, { index: req.imageIndex, seed: req.seed }) } };
+            freedAt.set(id, performance.now());
           } finally {
             running--;
           }

@@ -12,13 +12,25 @@ import { benchTiledHires } from "./tiled-hires.js";
 const only = process.argv.slice(2);
 const want = (name: string): boolean => only.length === 0 || only.includes(name);
 const fmt = (o: Record<string, number> | undefined): string =>
-  o === undefined ? "skipped (fixtures absent)" : Object.entries(o).map(([k, v]) => `${k}=${Number.isInteger(v) ? v : v.toFixed(3)}`).join("  ");
+  o === undefined
+    ? "skipped (fixtures absent)"
+    : Object.entries(o)
+        .map(([k, v]) => `${k}=${Number.isInteger(v) ? v : v.toFixed(3)}`)
+        .join("  ");
 
 process.stdout.write(`machine: ${cpus()[0]?.model ?? "?"} × ${availableParallelism()}, node ${process.version}\n`);
 if (want("agent-overhead")) process.stdout.write(`agent-overhead (target ≤ 5%): ${fmt(await benchAgentOverhead())}\n`);
-if (want("coordinator-dispatch")) process.stdout.write(`coordinator-dispatch (target ≥ 500 tasks/s): ${fmt(await benchCoordinatorDispatch())}\n`);
+if (want("coordinator-dispatch"))
+  process.stdout.write(`coordinator-dispatch (target ≥ 500 tasks/s): ${fmt(await benchCoordinatorDispatch())}\n`);
 if (want("placement")) process.stdout.write(`placement, 256 agents (target ≥ 2,000/s, p99 ≤ 5 ms): ${fmt(await benchPlacementBoth())}\n`);
 if (want("speed-split")) process.stdout.write(`speed-split 1×/2×/4× (target makespan ≤ 1.15 × ideal): ${fmt(await benchSpeedSplit())}\n`);
-if (want("conditioning")) process.stdout.write(`conditioning, ~300-token prompt with edits, encoder excluded (target ≤ 2 ms cold): ${fmt(await benchConditioningCost())}\n`);
-if (want("samplers")) process.stdout.write(`samplers, 4×128×128 latent, model excluded (target b_critical ≤ 0.3 ms/step): ${fmt(await benchSamplerOverhead())}\n`);
-if (want("tiled-hires")) process.stdout.write(`tiled-hires 2048², 4 vs 1 agent (target second pass ≤ 0.35×): ${fmt(await benchTiledHires())}\n`);
+if (want("conditioning"))
+  process.stdout.write(
+    `conditioning, ~300-token prompt with edits, encoder excluded (target ≤ 2 ms cold): ${fmt(await benchConditioningCost())}\n`,
+  );
+if (want("samplers"))
+  process.stdout.write(
+    `samplers, 4×128×128 latent, model excluded (target b_critical ≤ 0.3 ms/step): ${fmt(await benchSamplerOverhead())}\n`,
+  );
+if (want("tiled-hires"))
+  process.stdout.write(`tiled-hires 2048², 4 vs 1 agent (target second pass ≤ 0.35×): ${fmt(await benchTiledHires())}\n`);

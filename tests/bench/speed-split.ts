@@ -10,19 +10,43 @@ import { RenderService, createClient } from "@latentfarm/shared";
 import { startNatsServer } from "@latentfarm/coordinator";
 import { REPO, startService } from "../harness/farm.js";
 
-export async function benchSpeedSplit(opts: { images?: number; stepMs?: number; steps?: number; speculate?: boolean } = {}): Promise<Record<string, number>> {
+export async function benchSpeedSplit(
+  opts: { images?: number; stepMs?: number; steps?: number; speculate?: boolean } = {},
+): Promise<Record<string, number>> {
   const n = opts.images ?? 70;
   const stepMs = opts.stepMs ?? 40;
   const steps = opts.steps ?? 5;
   const speeds = [1, 2, 4];
   const nats = await startNatsServer();
   const coordinator = await startService([
-    "coordinator", "--port", "0", "--host", "127.0.0.1", "--nats", nats.url, "--metrics-port", "0",
+    "coordinator",
+    "--port",
+    "0",
+    "--host",
+    "127.0.0.1",
+    "--nats",
+    nats.url,
+    "--metrics-port",
+    "0",
     ...(opts.speculate === false ? ["--no-speculate"] : []),
   ]);
   const agents = spawn(
     process.execPath,
-    ["--import", "tsx", "tests/harness/sim-agents-main.ts", nats.url, "3", "1", String(stepMs), "--speeds", speeds.join(","), "--id-prefix", "x", "--heartbeat-ms", "200"],
+    [
+      "--import",
+      "tsx",
+      "tests/harness/sim-agents-main.ts",
+      nats.url,
+      "3",
+      "1",
+      String(stepMs),
+      "--speeds",
+      speeds.join(","),
+      "--id-prefix",
+      "x",
+      "--heartbeat-ms",
+      "200",
+    ],
     { cwd: REPO, stdio: ["ignore", "pipe", "inherit"] },
   );
   await new Promise<void>((resolve, reject) => {

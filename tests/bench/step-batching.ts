@@ -17,14 +17,27 @@ export async function benchStepBatching(
   const jobs = opts.jobs ?? 8;
   const steps = opts.steps ?? 10;
   const size = opts.size ?? 64;
-  const model = await SdModel.load({ name: "m", format: "diffusers-onnx", path: dir }, { ep: opts.ep ?? { name: "cpu" }, logger: silentLogger, ...(opts.threads ? { intraOpNumThreads: opts.threads } : {}) });
+  const model = await SdModel.load(
+    { name: "m", format: "diffusers-onnx", path: dir },
+    { ep: opts.ep ?? { name: "cpu" }, logger: silentLogger, ...(opts.threads ? { intraOpNumThreads: opts.threads } : {}) },
+  );
   const pipe = new LoadedPipeline(model, { maxBatchRows: 2 * jobs });
   const render = (i: number) =>
     renderTask(
       pipe,
       create(RunTaskRequestSchema, {
-        taskId: `b${i}`, jobId: `j${i}`, seed: BigInt(i),
-        params: { prompt: `job ${i}: a photo of a cat`, samplerName: "Euler a", steps, width: size, height: size, rng: RngSource.NV, model: "m" },
+        taskId: `b${i}`,
+        jobId: `j${i}`,
+        seed: BigInt(i),
+        params: {
+          prompt: `job ${i}: a photo of a cat`,
+          samplerName: "Euler a",
+          steps,
+          width: size,
+          height: size,
+          rng: RngSource.NV,
+          model: "m",
+        },
       }),
       { signal: new AbortController().signal, agentId: "bench", onStep: () => {}, onWarning: () => {} },
     );

@@ -18,8 +18,18 @@ import { REPO, startService } from "../harness/farm.js";
 
 // A1111's defaults for the passes: 20 steps, and the second pass as many (hr_second_pass_steps 0).
 const PARAMS = {
-  prompt: "tiled", model: "sim", width: 1024, height: 1024, steps: 20, samplerName: "Euler", seed: 7n, subseed: 3n,
-  enableHr: true, hrScale: 2, hrSecondPassSteps: 0, denoisingStrength: 0.5,
+  prompt: "tiled",
+  model: "sim",
+  width: 1024,
+  height: 1024,
+  steps: 20,
+  samplerName: "Euler",
+  seed: 7n,
+  subseed: 3n,
+  enableHr: true,
+  hrScale: 2,
+  hrSecondPassSteps: 0,
+  denoisingStrength: 0.5,
 };
 
 interface RunResult {
@@ -34,7 +44,22 @@ async function runOn(agentCount: number, stepMs: number): Promise<RunResult> {
   const coordinator = await startService(["coordinator", "--port", "0", "--host", "127.0.0.1", "--nats", nats.url, "--metrics-port", "0"]);
   const agents = spawn(
     process.execPath,
-    ["--import", "tsx", "tests/harness/sim-agents-main.ts", nats.url, String(agentCount), "1", String(stepMs), "--ref-pixels", String(512 * 512), "--id-prefix", "tile-", "--heartbeat-ms", "200", "--progress"],
+    [
+      "--import",
+      "tsx",
+      "tests/harness/sim-agents-main.ts",
+      nats.url,
+      String(agentCount),
+      "1",
+      String(stepMs),
+      "--ref-pixels",
+      String(512 * 512),
+      "--id-prefix",
+      "tile-",
+      "--heartbeat-ms",
+      "200",
+      "--progress",
+    ],
     { cwd: REPO, stdio: ["ignore", "pipe", "inherit"] },
   );
   await new Promise<void>((resolve, reject) => {
@@ -59,7 +84,8 @@ async function runOn(agentCount: number, stepMs: number): Promise<RunResult> {
     if (!image || image.event.case !== "image" || !up) throw new Error("no image or no upscale stage");
     const tilesPerAgent = new Map<string, number>();
     for (const e of events) {
-      if (e.event.case === "placed" && /\.t\d+$/.test(e.event.value.taskId)) tilesPerAgent.set(e.event.value.agentId, (tilesPerAgent.get(e.event.value.agentId) ?? 0) + 1);
+      if (e.event.case === "placed" && /\.t\d+$/.test(e.event.value.taskId))
+        tilesPerAgent.set(e.event.value.agentId, (tilesPerAgent.get(e.event.value.agentId) ?? 0) + 1);
     }
     return {
       jobSeconds: (Number(image.timeUnixMs) - t0) / 1000,

@@ -12,7 +12,16 @@ import { TINY_SD15, farmSkipReason } from "../harness/farm.js";
 import { checkJob, sleep, startFaultFarm, watchToEnd, type FaultFarm } from "../harness/sim-agent-farm.js";
 
 const skip = farmSkipReason();
-const PARAMS = { prompt: "a lighthouse at dusk", model: "tiny-sd15", width: 64, height: 64, steps: 8, samplerName: "Euler a", batchSize: 4, seed: 4242n };
+const PARAMS = {
+  prompt: "a lighthouse at dusk",
+  model: "tiny-sd15",
+  width: 64,
+  height: 64,
+  steps: 8,
+  samplerName: "Euler a",
+  batchSize: 4,
+  seed: 4242n,
+};
 
 describe("fault injection with real agents: outputs equal a fault-free run", { skip, concurrency: false, timeout: 240_000 }, () => {
   let farm: FaultFarm;
@@ -63,40 +72,51 @@ describe("fault injection with real agents: outputs equal a fault-free run", { s
     });
     assert.ok(victim, "an agent was killed mid-step");
     const out = sameAsReference(events);
-    assert.ok(events.some((e) => e.event.case === "retried"), "a task was placed again");
+    assert.ok(
+      events.some((e) => e.event.case === "retried"),
+      "a task was placed again",
+    );
     assert.notEqual(out.images.get(killedImage)!.agentId, victim, "the killed agent's image came from the other agent");
     // Bring the farm back to two agents for the next faults.
-    farm.agents.splice(farm.agents.findIndex((a) => a.ready["id"] === victim), 1);
+    farm.agents.splice(
+      farm.agents.findIndex((a) => a.ready["id"] === victim),
+      1,
+    );
     await farm.startRealAgent(victim, join(models, "m"));
     await farm.waitForAgents(2);
   });
 
-  test("kill -9 of the coordinator mid-batch, then a restart: the job finishes from where it was, identical", { timeout: 45_000 }, async () => {
-    const { jobId } = await farm.client.submit({ params: PARAMS });
-    let killedAfter = -1;
-    let restart: Promise<void> | undefined;
-    const before = new Set<number>();
-    const { events, reconnects } = await watchToEnd(farm.client, jobId, {
-      onEvent: (e) => {
-        if (e.event.case === "image" && killedAfter < 0) {
-          before.add(e.event.value.image!.index);
-          killedAfter = Number(e.sequence);
-          restart = (async () => {
-            await farm.stopCoordinator("SIGKILL");
-            await sleep(200);
-            await farm.startCoordinator();
-          })();
-        }
-      },
-    });
-    await restart;
-    assert.ok(killedAfter > 0 && reconnects > 0, "the coordinator was killed and the client watched again");
-    sameAsReference(events);
-    for (const e of events) {
-      if (e.event.case === "placed" && Number(e.sequence) > killedAfter) assert.ok(!before.has(e.event.value.imageIndex), "a finished image was rendered again");
-    }
-    await farm.waitForAgents(2);
-  });
+  test(
+    "kill -9 of the coordinator mid-batch, then a restart: the job finishes from where it was, identical",
+    { timeout: 45_000 },
+    async () => {
+      const { jobId } = await farm.client.submit({ params: PARAMS });
+      let killedAfter = -1;
+      let restart: Promise<void> | undefined;
+      const before = new Set<number>();
+      const { events, reconnects } = await watchToEnd(farm.client, jobId, {
+        onEvent: (e) => {
+          if (e.event.case === "image" && killedAfter < 0) {
+            before.add(e.event.value.image!.index);
+            killedAfter = Number(e.sequence);
+            restart = (async () => {
+              await farm.stopCoordinator("SIGKILL");
+              await sleep(200);
+              await farm.startCoordinator();
+            })();
+          }
+        },
+      });
+      await restart;
+      assert.ok(killedAfter > 0 && reconnects > 0, "the coordinator was killed and the client watched again");
+      sameAsReference(events);
+      for (const e of events) {
+        if (e.event.case === "placed" && Number(e.sequence) > killedAfter)
+          assert.ok(!before.has(e.event.value.imageIndex), "a finished image was rendered again");
+      }
+      await farm.waitForAgents(2);
+    },
+  );
 
   test("nats-server killed (-9) and restarted mid-job: the job completes, identical", { timeout: 45_000 }, async () => {
     const { jobId } = await farm.client.submit({ params: PARAMS });

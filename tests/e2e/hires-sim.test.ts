@@ -20,7 +20,18 @@ const skip = !findNatsServer()
 // 64² first pass × 2 = 128² second pass; above 96×96 it is tiled in 64 px tiles with 16 px overlap: 3 × 3 tiles.
 const TILING = ["--hires-tile-above", "96x96", "--hires-tile-size", "64", "--hires-tile-overlap", "16"];
 // The subseed is pinned: an unset one is drawn at random per job, and the simulated render digests it.
-const hires = { prompt: "castle", model: "sim", width: 64, height: 64, steps: 4, samplerName: "Euler", enableHr: true, hrScale: 2, denoisingStrength: 0.5, subseed: 7n };
+const hires = {
+  prompt: "castle",
+  model: "sim",
+  width: 64,
+  height: 64,
+  steps: 4,
+  samplerName: "Euler",
+  enableHr: true,
+  hrScale: 2,
+  denoisingStrength: 0.5,
+  subseed: 7n,
+};
 
 const placedOn = (events: readonly JobEvent[], suffix: RegExp): string[] =>
   events.flatMap((e) => (e.event.case === "placed" && suffix.test(e.event.value.taskId) ? [e.event.value.agentId] : []));
@@ -49,13 +60,21 @@ describe("Hires.fix stages on simulated agents", { skip, concurrency: false, tim
     assert.deepEqual([img.width, img.height], [128, 128]);
     reference = img.png;
     const tileAgents = placedOn(events, /\.t\d+$/);
-    assert.equal(new Set(events.flatMap((e) => (e.event.case === "placed" && /\.t\d+$/.test(e.event.value.taskId) ? [e.event.value.taskId] : []))).size, 9, "nine tiles");
+    assert.equal(
+      new Set(events.flatMap((e) => (e.event.case === "placed" && /\.t\d+$/.test(e.event.value.taskId) ? [e.event.value.taskId] : [])))
+        .size,
+      9,
+      "nine tiles",
+    );
     assert.equal(new Set(tileAgents).size, 3, `tiles ran on every agent (${tileAgents.join(",")})`);
     assert.equal(placedOn(events, /\.first$/).length, 1);
     assert.equal(placedOn(events, /\.up$/).length, 1);
     assert.equal(placedOn(events, /\.asm$/).length, 1);
     const steps = events.flatMap((e) => (e.event.case === "step" ? [e.event.value] : []));
-    assert.ok(steps.every((s, i) => s.totalSteps === 7 && (i === 0 || s.step > steps[i - 1]!.step)), "steps rise to 4 + 3");
+    assert.ok(
+      steps.every((s, i) => s.totalSteps === 7 && (i === 0 || s.step > steps[i - 1]!.step)),
+      "steps rise to 4 + 3",
+    );
     assert.equal(steps.at(-1)?.step, 7);
   });
 
@@ -63,7 +82,7 @@ describe("Hires.fix stages on simulated agents", { skip, concurrency: false, tim
     assert.ok(reference, "the 3-agent run produced an image");
     await three!.kill("SIGKILL");
     // The coordinator drops the killed agents after its heartbeat timeout.
-    for (const deadline = Date.now() + 10_000; ; ) {
+    for (const deadline = Date.now() + 10_000; ;) {
       const { agents } = await farm.client.listAgents({});
       if (agents.length === 0) break;
       assert.ok(Date.now() < deadline, "killed agents were not dropped");
@@ -149,9 +168,11 @@ describe("Hires.fix stages on simulated agents", { skip, concurrency: false, tim
     assert.deepEqual([...out.cancelled], [0]);
     assert.ok(out.images.has(1));
     const cancelEvent = events.find((e) => e.event.case === "imageCancelled")!;
-    const laterImage0 = events.filter((e) => e.sequence > cancelEvent.sequence && e.event.case === "placed" && e.event.value.imageIndex === 0);
+    const laterImage0 = events.filter(
+      (e) => e.sequence > cancelEvent.sequence && e.event.case === "placed" && e.event.value.imageIndex === 0,
+    );
     assert.deepEqual(laterImage0, [], "nothing of image 0 was placed after its cancellation");
-    for (const deadline = Date.now() + 5000; ; ) {
+    for (const deadline = Date.now() + 5000; ;) {
       const { agents } = await farm.client.listAgents({});
       if (agents.every((a) => a.busySlots === 0)) break;
       assert.ok(Date.now() < deadline, "agents still busy after the job ended");

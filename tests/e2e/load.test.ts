@@ -78,7 +78,8 @@ describe("load: 1,000 jobs, 20 clients, 4 simulated agents", { skip, timeout: 30
           submitMs.push(performance.now() - t0);
           const out = checkJob((await watchToEnd(farm.client, jobId)).events, batchSize);
           assert.equal(out.terminal, "done", `job ${j}`);
-          for (const [i, img] of out.images) assert.deepEqual(Buffer.from(img.png), Buffer.from(simImageBytes(params, BigInt(j * 10 + i), img.subseed)));
+          for (const [i, img] of out.images)
+            assert.deepEqual(Buffer.from(img.png), Buffer.from(simImageBytes(params, BigInt(j * 10 + i), img.subseed)));
           images += out.images.size;
           finished++;
           if (finished % 25 === 0) sample();
@@ -104,7 +105,10 @@ describe("load: 1,000 jobs, 20 clients, 4 simulated agents", { skip, timeout: 30
     };
     const mid = low(0, JOBS / 2);
     const late = low(JOBS / 2, JOBS);
-    assert.ok(late < mid + 16 * 1024 * 1024, `heap after major collections ${(mid / 2 ** 20).toFixed(0)} MiB over the first 500 jobs, ${(late / 2 ** 20).toFixed(0)} MiB over the last 500`);
+    assert.ok(
+      late < mid + 16 * 1024 * 1024,
+      `heap after major collections ${(mid / 2 ** 20).toFixed(0)} MiB over the first 500 jobs, ${(late / 2 ** 20).toFixed(0)} MiB over the last 500`,
+    );
     submitMs.sort((a, b) => a - b);
     const p = (q: number): number => submitMs[Math.min(submitMs.length - 1, Math.floor(submitMs.length * q))]!;
     const report = {

@@ -80,7 +80,9 @@ export interface TestFarm {
   close(): Promise<void>;
 }
 
-export async function startTestFarm(opts: { agents?: number; agentTimeoutMs?: number; slots?: number; coordinatorArgs?: string[] } = {}): Promise<TestFarm> {
+export async function startTestFarm(
+  opts: { agents?: number; agentTimeoutMs?: number; slots?: number; coordinatorArgs?: string[] } = {},
+): Promise<TestFarm> {
   const nats = await startNatsServer();
   const tmp = mkdtempSync(join(tmpdir(), "latentfarm-test-"));
   const modelsDir = join(tmp, "models");
@@ -89,15 +91,44 @@ export async function startTestFarm(opts: { agents?: number; agentTimeoutMs?: nu
   const started: ServiceProcess[] = [];
   try {
     const coordinator = await startService([
-      "coordinator", "--port", "0", "--host", "127.0.0.1", "--nats", nats.url, "--metrics-port", "0",
-      "--agent-timeout-ms", String(opts.agentTimeoutMs ?? 3000), ...(opts.coordinatorArgs ?? []),
+      "coordinator",
+      "--port",
+      "0",
+      "--host",
+      "127.0.0.1",
+      "--nats",
+      nats.url,
+      "--metrics-port",
+      "0",
+      "--agent-timeout-ms",
+      String(opts.agentTimeoutMs ?? 3000),
+      ...(opts.coordinatorArgs ?? []),
     ]);
     started.push(coordinator);
     const agents: ServiceProcess[] = [];
     for (let i = 0; i < (opts.agents ?? 2); i++) {
       const a = await startService([
-        "agent", "--port", "0", "--host", "127.0.0.1", "--nats", nats.url, "--models", modelsDir, "--id", `agent-${i}`,
-        "--metrics-port", "0", "--threads", "1", "--slots", String(opts.slots ?? 2), "--heartbeat-ms", "250", "--drain-seconds", "2",
+        "agent",
+        "--port",
+        "0",
+        "--host",
+        "127.0.0.1",
+        "--nats",
+        nats.url,
+        "--models",
+        modelsDir,
+        "--id",
+        `agent-${i}`,
+        "--metrics-port",
+        "0",
+        "--threads",
+        "1",
+        "--slots",
+        String(opts.slots ?? 2),
+        "--heartbeat-ms",
+        "250",
+        "--drain-seconds",
+        "2",
       ]);
       started.push(a);
       agents.push(a);
@@ -115,7 +146,7 @@ export async function startTestFarm(opts: { agents?: number; agentTimeoutMs?: nu
       modelsDir,
       client,
       waitForAgents: async (n) => {
-        for (const deadline = Date.now() + 15_000; Date.now() < deadline; ) {
+        for (const deadline = Date.now() + 15_000; Date.now() < deadline;) {
           const { agents: seen } = await client.listAgents({});
           if (seen.length === n) return;
           await new Promise((r) => setTimeout(r, 50));
@@ -124,7 +155,16 @@ export async function startTestFarm(opts: { agents?: number; agentTimeoutMs?: nu
       },
       runJob: async (params = {}) => {
         const { jobId } = await client.submit({
-          params: { prompt: "a photo of a cat", model: "tiny-sd15", width: 64, height: 64, steps: 4, samplerName: "Euler a", seed: 1n, ...params },
+          params: {
+            prompt: "a photo of a cat",
+            model: "tiny-sd15",
+            width: 64,
+            height: 64,
+            steps: 4,
+            samplerName: "Euler a",
+            seed: 1n,
+            ...params,
+          },
         });
         for await (const { event } of client.watch({ jobId })) {
           if (event?.event.case === "failed") throw new Error(`job failed: ${event.event.value.message}`);

@@ -51,9 +51,21 @@ export interface SimAgentsSpec {
 
 export function startSimAgents(natsUrl: string, s: SimAgentsSpec): Promise<SimProcess> {
   const args = [
-    "--import", "tsx", "tests/harness/sim-agents-main.ts", natsUrl, String(s.count), String(s.slots ?? 2), String(s.stepMs ?? 0),
-    "--id-prefix", s.prefix ?? "sim-", "--speeds", (s.speeds ?? [1]).join(","), "--heartbeat-ms", String(s.heartbeatMs ?? 200),
-    "--drain-ms", String(s.drainMs ?? 0),
+    "--import",
+    "tsx",
+    "tests/harness/sim-agents-main.ts",
+    natsUrl,
+    String(s.count),
+    String(s.slots ?? 2),
+    String(s.stepMs ?? 0),
+    "--id-prefix",
+    s.prefix ?? "sim-",
+    "--speeds",
+    (s.speeds ?? [1]).join(","),
+    "--heartbeat-ms",
+    String(s.heartbeatMs ?? 200),
+    "--drain-ms",
+    String(s.drainMs ?? 0),
   ];
   if (s.progress) args.push("--progress");
   if (s.logTasks) args.push("--log-tasks");
@@ -144,10 +156,24 @@ export async function startFaultFarm(opts: { coordinatorArgs?: string[] } = {}):
     sims: [],
     agents: [],
     startCoordinator: async (extra = []) => {
-      farm.coordinator = await startService([
-        "coordinator", "--port", String(coordPort), "--host", "127.0.0.1", "--nats", nats.url, "--metrics-port", "0",
-        "--agent-timeout-ms", "1500", ...(opts.coordinatorArgs ?? []), ...extra,
-      ], { LATENTFARM_LOG_LEVEL: process.env["LATENTFARM_TEST_LOG_LEVEL"] ?? "warn" });
+      farm.coordinator = await startService(
+        [
+          "coordinator",
+          "--port",
+          String(coordPort),
+          "--host",
+          "127.0.0.1",
+          "--nats",
+          nats.url,
+          "--metrics-port",
+          "0",
+          "--agent-timeout-ms",
+          "1500",
+          ...(opts.coordinatorArgs ?? []),
+          ...extra,
+        ],
+        { LATENTFARM_LOG_LEVEL: process.env["LATENTFARM_TEST_LOG_LEVEL"] ?? "warn" },
+      );
     },
     stopCoordinator: async (signal) => {
       keepLog("coordinator", farm.coordinator);
@@ -169,8 +195,26 @@ export async function startFaultFarm(opts: { coordinatorArgs?: string[] } = {}):
     },
     startRealAgent: async (id, modelsDir, extra = []) => {
       const a = await startService([
-        "agent", "--port", "0", "--host", "127.0.0.1", "--nats", nats.url, "--models", modelsDir, "--id", id,
-        "--threads", "1", "--slots", "1", "--heartbeat-ms", "200", "--drain-seconds", "2", ...extra,
+        "agent",
+        "--port",
+        "0",
+        "--host",
+        "127.0.0.1",
+        "--nats",
+        nats.url,
+        "--models",
+        modelsDir,
+        "--id",
+        id,
+        "--threads",
+        "1",
+        "--slots",
+        "1",
+        "--heartbeat-ms",
+        "200",
+        "--drain-seconds",
+        "2",
+        ...extra,
       ]);
       farm.agents.push(a);
       return a;
@@ -200,7 +244,13 @@ export async function startFaultFarm(opts: { coordinatorArgs?: string[] } = {}):
   return farm;
 }
 
-const RECONNECTABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.CANCELLED, grpc.status.INTERNAL, grpc.status.UNKNOWN, grpc.status.DEADLINE_EXCEEDED]);
+const RECONNECTABLE = new Set([
+  grpc.status.UNAVAILABLE,
+  grpc.status.CANCELLED,
+  grpc.status.INTERNAL,
+  grpc.status.UNKNOWN,
+  grpc.status.DEADLINE_EXCEEDED,
+]);
 
 /**
  * Watches a job to its end the way a careful client does: when the stream breaks (coordinator
@@ -221,7 +271,10 @@ export async function watchToEnd(
     for (;;) {
       try {
         const after = events.at(-1)?.sequence ?? 0n;
-        for await (const { event } of client.watch({ jobId, afterSequence: after }, { signal: ac.signal, ...(opts.metadata ? { metadata: opts.metadata } : {}) })) {
+        for await (const { event } of client.watch(
+          { jobId, afterSequence: after },
+          { signal: ac.signal, ...(opts.metadata ? { metadata: opts.metadata } : {}) },
+        )) {
           if (!event) continue;
           events.push(event);
           await opts.onEvent?.(event);
@@ -231,7 +284,10 @@ export async function watchToEnd(
         if (!ac.signal.aborted && !RECONNECTABLE.has(FarmError.from(err).code)) throw err;
       }
       if (Date.now() > deadline || ac.signal.aborted) {
-        const tail = events.slice(-4).map((e) => `${e.sequence}:${e.event.case}`).join(" ");
+        const tail = events
+          .slice(-4)
+          .map((e) => `${e.sequence}:${e.event.case}`)
+          .join(" ");
         throw new Error(`job ${jobId} did not end within the time limit (${events.length} events seen, last: ${tail})`);
       }
       reconnects++;
@@ -256,7 +312,11 @@ export interface JobOutcome {
  */
 export function checkJob(events: readonly JobEvent[], imageCount: number): JobOutcome {
   const seqs = events.map((e) => Number(e.sequence));
-  assert.deepEqual(seqs, seqs.map((_, i) => i + 1), "event sequence numbers are 1..n, each once");
+  assert.deepEqual(
+    seqs,
+    seqs.map((_, i) => i + 1),
+    "event sequence numbers are 1..n, each once",
+  );
   const terminals = events.filter((e) => ["done", "failed", "cancelled"].includes(e.event.case ?? ""));
   assert.equal(terminals.length, 1, `exactly one terminal event (got ${terminals.map((e) => e.event.case).join(",") || "none"})`);
   assert.equal(terminals[0], events.at(-1), "the terminal event is the last one");
@@ -285,6 +345,7 @@ export function checkJob(events: readonly JobEvent[], imageCount: number): JobOu
     assert.equal(images.size + cancelled.size, imageCount, "a done job has every image that was not cancelled");
     assert.equal(failed.size, 0);
   }
-  if (terminal === "failed") assert.ok(failed.size > 0 || images.size + cancelled.size < imageCount, "a failed job says which images failed");
+  if (terminal === "failed")
+    assert.ok(failed.size > 0 || images.size + cancelled.size < imageCount, "a failed job says which images failed");
   return { terminal, images, failed, cancelled };
 }

@@ -66,7 +66,11 @@ export interface SimAgentOptions {
 }
 
 /** The bytes a simulated agent returns for an image: the same inputs always give the same bytes. */
-export function simImageBytes(params: Pick<GenerationParams, "model" | "prompt" | "width" | "height" | "steps">, seed: bigint, subseed: bigint): Uint8Array {
+export function simImageBytes(
+  params: Pick<GenerationParams, "model" | "prompt" | "width" | "height" | "steps">,
+  seed: bigint,
+  subseed: bigint,
+): Uint8Array {
   const h = createHash("sha256")
     .update(`${params.model}|${params.prompt}|${params.width}x${params.height}|${params.steps}|${seed}|${subseed}`)
     .digest();
@@ -104,19 +108,34 @@ interface SimWork {
 export function simWork(req: RunTaskRequest, agentId: string): SimWork {
   const p = req.params!;
   const steps = p.steps ?? 1;
-  const image = (png: Uint8Array, width: number, height: number, infotext: string) =>
-    ({ case: "result" as const, value: create(ImageSchema, { index: req.imageIndex, seed: req.seed, subseed: req.subseed, png, width, height, agentId, infotext }) });
+  const image = (png: Uint8Array, width: number, height: number, infotext: string) => ({
+    case: "result" as const,
+    value: create(ImageSchema, { index: req.imageIndex, seed: req.seed, subseed: req.subseed, png, width, height, agentId, infotext }),
+  });
   if (req.stage === TaskStage.FULL) {
-    return { steps, pixels: (p.width ?? 512) * (p.height ?? 512), output: () => image(simImageBytes(p, req.seed, req.subseed), p.width ?? 0, p.height ?? 0, `sim seed ${req.seed}`) };
+    return {
+      steps,
+      pixels: (p.width ?? 512) * (p.height ?? 512),
+      output: () => image(simImageBytes(p, req.seed, req.subseed), p.width ?? 0, p.height ?? 0, `sim seed ${req.seed}`),
+    };
   }
-  const target = hiresTarget({ width: p.width ?? 512, height: p.height ?? 512, hrScale: p.hrScale ?? 2, hrResizeX: p.hrResizeX, hrResizeY: p.hrResizeY });
+  const target = hiresTarget({
+    width: p.width ?? 512,
+    height: p.height ?? 512,
+    hrScale: p.hrScale ?? 2,
+    hrResizeX: p.hrResizeX,
+    hrResizeY: p.hrResizeY,
+  });
   const latentMode = p.hrUpscaler === "" || p.hrUpscaler.startsWith("Latent");
   const hrSteps = p.hrSecondPassSteps || steps;
   const fw = target.final.width;
   const fh = target.final.height;
   const source = (width: number, height: number, digest: Buffer): Handover =>
     latentMode
-      ? latentHandover(new Float32Array(fill(new Uint8Array(((width * height) / 64) * 4 * 4), digest).buffer).map((v) => (Number.isFinite(v) ? v : 0)), [1, 4, height / 8, width / 8])
+      ? latentHandover(
+          new Float32Array(fill(new Uint8Array(((width * height) / 64) * 4 * 4), digest).buffer).map((v) => (Number.isFinite(v) ? v : 0)),
+          [1, 4, height / 8, width / 8],
+        )
       : rgbHandover(fill(new Uint8Array(width * height * 3), digest), width, height);
   const key = `${p.model}|${p.prompt}|${p.hrPrompt}|${req.seed}|${req.subseed}|${steps}|${hrSteps}`;
   switch (req.stage) {
@@ -126,15 +145,41 @@ export function simWork(req: RunTaskRequest, agentId: string): SimWork {
     }
     case TaskStage.UPSCALE:
       // A latent upscale is arithmetic; a pixel upscaler is a model run at the output size.
-      return { steps: latentMode ? 0 : 1, pixels: fw * fh, output: () => ({ case: "handover", value: source(fw, fh, digestOf("up", key, handoverBytesOf(req.inputs[0]))) }) };
+      return {
+        steps: latentMode ? 0 : 1,
+        pixels: fw * fh,
+        output: () => ({ case: "handover", value: source(fw, fh, digestOf("up", key, handoverBytesOf(req.inputs[0]))) }),
+      };
     case TaskStage.SECOND_PASS_TILE: {
       const h = req.inputs[0];
-      const [w, ht] = h?.data.case === "latent" ? [h.data.value.shape[3]! * 8, h.data.value.shape[2]! * 8] : h?.data.case === "rgb" ? [h.data.value.width, h.data.value.height] : [0, 0];
+      const [w, ht] =
+        h?.data.case === "latent"
+          ? [h.data.value.shape[3]! * 8, h.data.value.shape[2]! * 8]
+          : h?.data.case === "rgb"
+            ? [h.data.value.width, h.data.value.height]
+            : [0, 0];
       if (w === 0) throw FarmError.invalid("inputs", "a tile needs its input");
-      return { steps: hrSteps, pixels: w * ht, output: () => ({ case: "handover", value: rgbHandover(fill(new Uint8Array(w * ht * 3), digestOf("tile", key, String(req.tileIndex), handoverBytesOf(h))), w, ht) }) };
+      return {
+        steps: hrSteps,
+        pixels: w * ht,
+        output: () => ({
+          case: "handover",
+          value: rgbHandover(fill(new Uint8Array(w * ht * 3), digestOf("tile", key, String(req.tileIndex), handoverBytesOf(h))), w, ht),
+        }),
+      };
     }
     case TaskStage.SECOND_PASS:
-      return { steps: hrSteps, pixels: fw * fh, output: () => image(new Uint8Array(Buffer.concat([Buffer.from("SIMPNG"), digestOf("second", key, handoverBytesOf(req.inputs[0]))])), fw, fh, `sim hires seed ${req.seed}`) };
+      return {
+        steps: hrSteps,
+        pixels: fw * fh,
+        output: () =>
+          image(
+            new Uint8Array(Buffer.concat([Buffer.from("SIMPNG"), digestOf("second", key, handoverBytesOf(req.inputs[0]))])),
+            fw,
+            fh,
+            `sim hires seed ${req.seed}`,
+          ),
+      };
     case TaskStage.ASSEMBLE:
       return {
         steps: 0,
@@ -144,7 +189,12 @@ export function simWork(req: RunTaskRequest, agentId: string): SimWork {
           const layout = layoutFromStarts(t.width, t.height, t.tileWidth, t.tileHeight, t.xs, t.ys);
           const blender = new TileBlender(layout, 3);
           for (const tile of layout.tiles) blender.add(tile.index, readRgb(req.inputs[tile.index]).data);
-          return image(new Uint8Array(Buffer.concat([Buffer.from("SIMPNG"), digestOf("asm", blender.resultUint8())])), t.width, t.height, `sim hires seed ${req.seed}`);
+          return image(
+            new Uint8Array(Buffer.concat([Buffer.from("SIMPNG"), digestOf("asm", blender.resultUint8())])),
+            t.width,
+            t.height,
+            `sim hires seed ${req.seed}`,
+          );
         },
       };
     default:
@@ -212,7 +262,11 @@ export class SimAgent {
         run.cancel(new FarmError(grpc.status.CANCELLED, req.reason || "cancelled"));
         return { stopped: true };
       },
-      status: async () => ({ agent: this.info(), models: this.o.models ?? ["sim"], runningTasks: [...this.running.values()].filter((r) => !r.finished).map((r) => r.taskId) }),
+      status: async () => ({
+        agent: this.info(),
+        models: this.o.models ?? ["sim"],
+        runningTasks: [...this.running.values()].filter((r) => !r.finished).map((r) => r.taskId),
+      }),
     });
     const port = await bindServer(this.server, "127.0.0.1:0");
     this.address = `127.0.0.1:${port}`;
@@ -244,7 +298,10 @@ export class SimAgent {
         }
         const step = { taskId: req.taskId, imageIndex: req.imageIndex, step: s, totalSteps: steps };
         if (this.o.progress) {
-          this.nc?.publish(subjects.taskProgress(req.taskId), toBinary(TaskProgressSchema, create(TaskProgressSchema, { taskId: req.taskId, jobId: req.jobId, agentId: this.o.id, step })));
+          this.nc?.publish(
+            subjects.taskProgress(req.taskId),
+            toBinary(TaskProgressSchema, create(TaskProgressSchema, { taskId: req.taskId, jobId: req.jobId, agentId: this.o.id, step })),
+          );
         }
         run.progress({ kind: { case: "progress", value: step } });
       }
@@ -268,7 +325,13 @@ export class SimAgent {
     if (!this.nc || this.nc.isClosed()) return;
     this.nc.publish(
       subjects.agentHeartbeat(this.o.id),
-      toBinary(HeartbeatSchema, create(HeartbeatSchema, { agent: this.info(), availableModels: (this.o.models ?? ["sim"]).map((name) => ({ name, format: "simulated" })) })),
+      toBinary(
+        HeartbeatSchema,
+        create(HeartbeatSchema, {
+          agent: this.info(),
+          availableModels: (this.o.models ?? ["sim"]).map((name) => ({ name, format: "simulated" })),
+        }),
+      ),
     );
   }
 
@@ -278,13 +341,15 @@ export class SimAgent {
     this.beat();
     const deadline = Date.now() + graceMs;
     while (this.busy > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-    for (const run of this.running.values()) run.cancel(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.o.id} is shutting down`, { handBack: true }));
+    for (const run of this.running.values())
+      run.cancel(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.o.id} is shutting down`, { handBack: true }));
     while (this.busy > 0) await new Promise((r) => setTimeout(r, 5));
   }
 
   async close(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
-    for (const run of this.running.values()) run.cancel(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.o.id} is shutting down`, { handBack: true }));
+    for (const run of this.running.values())
+      run.cancel(new FarmError(grpc.status.UNAVAILABLE, `agent ${this.o.id} is shutting down`, { handBack: true }));
     await shutdownServer(this.server, 500);
     for (const run of this.running.values()) run.dispose();
     await this.nc?.drain().catch(() => undefined);

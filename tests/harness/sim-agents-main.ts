@@ -39,7 +39,18 @@ const agents = Array.from(
       models: ["sim"],
       refPixels: Number(o["ref-pixels"]),
       ...(o["log-tasks"]
-        ? { onTask: (event, req) => process.stdout.write(JSON.stringify({ event, agent: `${o["id-prefix"]}${i}`, taskId: req.taskId, attempt: req.attempt, t: performance.timeOrigin + performance.now() }) + "\n") }
+        ? {
+            onTask: (event, req) =>
+              process.stdout.write(
+                JSON.stringify({
+                  event,
+                  agent: `${o["id-prefix"]}${i}`,
+                  taskId: req.taskId,
+                  attempt: req.attempt,
+                  t: performance.timeOrigin + performance.now(),
+                }) + "\n",
+              ),
+          }
         : {}),
     }),
 );

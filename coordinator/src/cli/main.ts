@@ -71,7 +71,11 @@ const TILING_OPTIONS = {
   "hires-tile-overlap": { type: "string" },
 } as const satisfies ParseArgsConfig["options"];
 
-function tilingFromFlags(v: { "hires-tile-above"?: string | undefined; "hires-tile-size"?: string | undefined; "hires-tile-overlap"?: string | undefined }): Partial<HiresTiling> {
+function tilingFromFlags(v: {
+  "hires-tile-above"?: string | undefined;
+  "hires-tile-size"?: string | undefined;
+  "hires-tile-overlap"?: string | undefined;
+}): Partial<HiresTiling> {
   const out: Partial<HiresTiling> = {};
   try {
     if (v["hires-tile-above"] !== undefined) out.tileAbovePixels = parsePixelCount(v["hires-tile-above"]);
@@ -136,7 +140,11 @@ const GEN_OPTIONS = {
 
 /** A RenderService client for the CLI: TLS when --tls-ca is given, a bearer token when --token is. */
 function renderClient(address: string, v: { token?: string | undefined; "tls-ca"?: string | undefined }) {
-  const client = createClient(RenderService, address, v["tls-ca"] ? { credentials: grpc.credentials.createSsl(readFileSync(v["tls-ca"])) } : {});
+  const client = createClient(
+    RenderService,
+    address,
+    v["tls-ca"] ? { credentials: grpc.credentials.createSsl(readFileSync(v["tls-ca"])) } : {},
+  );
   const metadata: Record<string, string> = v.token ? { authorization: `Bearer ${v.token}` } : {};
   return { client, metadata };
 }
@@ -158,16 +166,24 @@ class UsageError extends Error {}
 
 // A1111's API takes these as numbers; the CLI takes the number or the UI's words.
 const RESIZE_MODES: Record<string, ResizeMode> = {
-  "0": ResizeMode.JUST_RESIZE, "just-resize": ResizeMode.JUST_RESIZE,
-  "1": ResizeMode.CROP_AND_RESIZE, "crop-and-resize": ResizeMode.CROP_AND_RESIZE,
-  "2": ResizeMode.RESIZE_AND_FILL, "resize-and-fill": ResizeMode.RESIZE_AND_FILL,
-  "3": ResizeMode.LATENT_UPSCALE, "latent-upscale": ResizeMode.LATENT_UPSCALE,
+  "0": ResizeMode.JUST_RESIZE,
+  "just-resize": ResizeMode.JUST_RESIZE,
+  "1": ResizeMode.CROP_AND_RESIZE,
+  "crop-and-resize": ResizeMode.CROP_AND_RESIZE,
+  "2": ResizeMode.RESIZE_AND_FILL,
+  "resize-and-fill": ResizeMode.RESIZE_AND_FILL,
+  "3": ResizeMode.LATENT_UPSCALE,
+  "latent-upscale": ResizeMode.LATENT_UPSCALE,
 };
 const INPAINTING_FILLS: Record<string, InpaintingFill> = {
-  "0": InpaintingFill.FILL, fill: InpaintingFill.FILL,
-  "1": InpaintingFill.ORIGINAL, original: InpaintingFill.ORIGINAL,
-  "2": InpaintingFill.LATENT_NOISE, "latent-noise": InpaintingFill.LATENT_NOISE,
-  "3": InpaintingFill.LATENT_NOTHING, "latent-nothing": InpaintingFill.LATENT_NOTHING,
+  "0": InpaintingFill.FILL,
+  fill: InpaintingFill.FILL,
+  "1": InpaintingFill.ORIGINAL,
+  original: InpaintingFill.ORIGINAL,
+  "2": InpaintingFill.LATENT_NOISE,
+  "latent-noise": InpaintingFill.LATENT_NOISE,
+  "3": InpaintingFill.LATENT_NOTHING,
+  "latent-nothing": InpaintingFill.LATENT_NOTHING,
 };
 
 function choice<T>(name: string, v: string | undefined, options: Record<string, T>): T | undefined {
@@ -337,14 +353,37 @@ async function listCommand(kind: "agents" | "models" | "samplers" | "schedulers"
     if (kind === "agents") {
       const { agents } = await client.listAgents({}, { timeoutMs: 10_000, metadata });
       if (v.json) {
-        o.out(JSON.stringify(agents.map((a) => ({ id: a.agentId, address: a.address, ep: a.executionProvider, slots: a.slots, busy: a.busySlots, loadedModels: a.loadedModels, draining: a.draining }))) + "\n");
+        o.out(
+          JSON.stringify(
+            agents.map((a) => ({
+              id: a.agentId,
+              address: a.address,
+              ep: a.executionProvider,
+              slots: a.slots,
+              busy: a.busySlots,
+              loadedModels: a.loadedModels,
+              draining: a.draining,
+            })),
+          ) + "\n",
+        );
       } else {
-        for (const a of agents) o.out(`${a.agentId}\t${a.address}\t${a.executionProvider}\t${a.busySlots}/${a.slots} busy\t${a.draining ? "draining" : "ready"}\t${a.loadedModels.join(",") || "-"}\n`);
+        for (const a of agents)
+          o.out(
+            `${a.agentId}\t${a.address}\t${a.executionProvider}\t${a.busySlots}/${a.slots} busy\t${a.draining ? "draining" : "ready"}\t${a.loadedModels.join(",") || "-"}\n`,
+          );
       }
     } else if (kind === "samplers") {
       const { samplers } = await client.listSamplers({}, { timeoutMs: 10_000, metadata });
       if (v.json) o.out(JSON.stringify(samplers.map((s) => ({ name: s.name, aliases: s.aliases, options: s.options }))) + "\n");
-      else for (const s of samplers) o.out(`${s.name}\t${s.aliases.join(",") || "-"}\t${Object.entries(s.options).map(([k, val]) => `${k}=${val}`).join(" ") || "-"}\n`);
+      else
+        for (const s of samplers)
+          o.out(
+            `${s.name}\t${s.aliases.join(",") || "-"}\t${
+              Object.entries(s.options)
+                .map(([k, val]) => `${k}=${val}`)
+                .join(" ") || "-"
+            }\n`,
+          );
     } else if (kind === "schedulers") {
       const { schedulers } = await client.listSchedulers({}, { timeoutMs: 10_000, metadata });
       if (v.json) o.out(JSON.stringify(schedulers.map((s) => ({ name: s.name, label: s.label, aliases: s.aliases }))) + "\n");
@@ -452,7 +491,9 @@ const binPath = fileURLToPath(new URL("../../../bin/latentfarm.js", import.meta.
 
 function gpuCount(): number {
   try {
-    return execFileSync("nvidia-smi", ["-L"], { encoding: "utf8" }).split("\n").filter((l) => l.startsWith("GPU ")).length;
+    return execFileSync("nvidia-smi", ["-L"], { encoding: "utf8" })
+      .split("\n")
+      .filter((l) => l.startsWith("GPU ")).length;
   } catch {
     return 0;
   }
@@ -513,7 +554,7 @@ export async function startFarm(opts: {
   await Promise.all(ready);
   // Wait until the coordinator has heard every agent's heartbeat.
   const client = createClient(RenderService, `127.0.0.1:${coordinator.port}`);
-  for (const deadline = Date.now() + 15_000; Date.now() < deadline; ) {
+  for (const deadline = Date.now() + 15_000; Date.now() < deadline;) {
     const { agents: seen } = await client.listAgents({});
     if (seen.length >= count) break;
     await new Promise((r) => setTimeout(r, 100));
@@ -580,7 +621,9 @@ async function demoModels(): Promise<string> {
   if (existsSync(join(models, "tiny", "unet", "model.onnx"))) return models;
   io.err("generating a tiny demo model into .latentfarm/models/tiny\n");
   const build = join(root, "build");
-  const r = spawnSync(process.execPath, [binPath, "make-tiny-model", "--out", build, "--seed", "0", "--config", "small"], { stdio: ["ignore", "ignore", "inherit"] });
+  const r = spawnSync(process.execPath, [binPath, "make-tiny-model", "--out", build, "--seed", "0", "--config", "small"], {
+    stdio: ["ignore", "ignore", "inherit"],
+  });
   if (r.status !== 0) throw new Error("make-tiny-model failed");
   await mkdir(models, { recursive: true });
   await rename(join(build, "onnx"), join(models, "tiny"));
@@ -608,8 +651,24 @@ async function demo(argv: string[]): Promise<number> {
     if (!model) throw new UsageError(`no models in ${resolve(modelsDir)}`);
     io.err(`rendering "${v.prompt}" with ${model} on a one-machine farm\n`);
     return await txt2img([
-      "--coordinator", farm.coordinatorAddress, "--prompt", v.prompt, "--model", model, "--out", v.out,
-      "--width", "64", "--height", "64", "--steps", "20", "--sampler-name", "Euler a", "--seed", "42",
+      "--coordinator",
+      farm.coordinatorAddress,
+      "--prompt",
+      v.prompt,
+      "--model",
+      model,
+      "--out",
+      v.out,
+      "--width",
+      "64",
+      "--height",
+      "64",
+      "--steps",
+      "20",
+      "--sampler-name",
+      "Euler a",
+      "--seed",
+      "42",
     ]);
   } finally {
     await farm.close();
@@ -645,7 +704,10 @@ export async function main(argv: string[]): Promise<number> {
         return 2;
     }
   } catch (err) {
-    if (err instanceof UsageError || (err instanceof TypeError && "code" in err && String((err as { code: unknown }).code).startsWith("ERR_PARSE_ARGS"))) {
+    if (
+      err instanceof UsageError ||
+      (err instanceof TypeError && "code" in err && String((err as { code: unknown }).code).startsWith("ERR_PARSE_ARGS"))
+    ) {
       io.err(`${err.message}\n`);
       return 2;
     }

@@ -35,14 +35,17 @@ export interface NatsServerHandle {
 /** Starts a local nats-server with JetStream in a temp store, capped so it cannot take the disk. */
 export async function startNatsServer(opts: { binary?: string; port?: number; storeDir?: string } = {}): Promise<NatsServerHandle> {
   const bin = opts.binary ?? findNatsServer();
-  if (!bin) throw new Error("nats-server not found on PATH or in /usr/sbin: install it (Debian: apt-get install nats-server) or pass --nats URL");
+  if (!bin)
+    throw new Error("nats-server not found on PATH or in /usr/sbin: install it (Debian: apt-get install nats-server) or pass --nats URL");
   const port = opts.port ?? (await freePort());
   const monitor = await freePort();
   const dir = mkdtempSync(join(tmpdir(), "latentfarm-nats-"));
   const store = opts.storeDir ?? join(dir, "js");
   const conf = join(dir, "nats.conf");
   writeFileSync(conf, `jetstream { store_dir: "${store}", max_memory_store: 256MB, max_file_store: 1GB }\n`);
-  const child = spawn(bin, ["-a", "127.0.0.1", "-p", String(port), "-m", String(monitor), "-c", conf], { stdio: ["ignore", "ignore", "pipe"] });
+  const child = spawn(bin, ["-a", "127.0.0.1", "-p", String(port), "-m", String(monitor), "-c", conf], {
+    stdio: ["ignore", "ignore", "pipe"],
+  });
   let stderr = "";
   child.stderr?.on("data", (d: Buffer) => (stderr = (stderr + d.toString()).slice(-4000)));
   const monitorUrl = `http://127.0.0.1:${monitor}`;

@@ -55,7 +55,7 @@ export function parsePromptAttention(text: string): AttentionFragment[] {
     for (let p = start; p < res.length; p++) res[p]![1] *= multiplier;
   };
 
-  for (let i = 0; i < text.length; ) {
+  for (let i = 0; i < text.length;) {
     const { end, weight } = nextToken(text, i);
     const token = text.slice(i, end);
     i = end;

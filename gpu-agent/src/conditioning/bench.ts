@@ -7,10 +7,26 @@ import { Conditioner, type TextEncoder } from "./conditioner.js";
 import { getPromptSchedule } from "./schedule.js";
 
 const PHRASES = [
-  "masterpiece", "best quality", "(highly detailed:1.2)", "portrait of a [young:old:0.4] woman", "intricate",
-  "red dress", "cinematic lighting", "((sharp focus))", "bokeh", "[forest:city street:0.6] background",
-  "8k uhd", "dslr", "film grain", "by greg rutkowski and alphonse mucha", "trending on artstation",
-  "volumetric fog", "(rim light:0.8)", "[[soft shadows]]", "ornate jewelry", "looking at viewer",
+  "masterpiece",
+  "best quality",
+  "(highly detailed:1.2)",
+  "portrait of a [young:old:0.4] woman",
+  "intricate",
+  "red dress",
+  "cinematic lighting",
+  "((sharp focus))",
+  "bokeh",
+  "[forest:city street:0.6] background",
+  "8k uhd",
+  "dslr",
+  "film grain",
+  "by greg rutkowski and alphonse mucha",
+  "trending on artstation",
+  "volumetric fog",
+  "(rim light:0.8)",
+  "[[soft shadows]]",
+  "ornate jewelry",
+  "looking at viewer",
 ];
 
 /** A prompt of about 300 CLIP tokens; `variant` changes one word so caches cannot answer. */

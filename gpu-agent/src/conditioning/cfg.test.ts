@@ -13,7 +13,14 @@ test("AND weights: uncond + Σ w_j·cfg·(cond_j − uncond)", () => {
   const uncond = Float32Array.from([1, 1]);
   const a = Float32Array.from([2, 0]);
   const b = Float32Array.from([1, 3]);
-  const out = combineDenoised([{ denoised: a, weight: 1.2 }, { denoised: b, weight: -0.5 }], uncond, 5);
+  const out = combineDenoised(
+    [
+      { denoised: a, weight: 1.2 },
+      { denoised: b, weight: -0.5 },
+    ],
+    uncond,
+    5,
+  );
   const expected = [1 + 1.2 * 5 * 1 + -0.5 * 5 * 0, 1 + 1.2 * 5 * -1 + -0.5 * 5 * 2];
   assert.ok(Math.abs(out[0]! - expected[0]!) < 1e-6);
   assert.ok(Math.abs(out[1]! - expected[1]!) < 1e-6);

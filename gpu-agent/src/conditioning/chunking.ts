@@ -79,12 +79,7 @@ export function tokenizeLine(tokenizer: ChunkTokenizer, line: string, opts: Toke
     for (const token of tokenizer.encode(text)) {
       if (token === tokenizer.commaId) {
         lastComma = tokens.length;
-      } else if (
-        backtrack !== 0 &&
-        tokens.length === CHUNK_LENGTH &&
-        lastComma !== -1 &&
-        tokens.length - lastComma <= backtrack
-      ) {
+      } else if (backtrack !== 0 && tokens.length === CHUNK_LENGTH && lastComma !== -1 && tokens.length - lastComma <= backtrack) {
         const breakAt = lastComma + 1;
         const movedTokens = tokens.slice(breakAt);
         const movedMultipliers = multipliers.slice(breakAt);

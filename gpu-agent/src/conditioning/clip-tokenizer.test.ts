@@ -89,7 +89,15 @@ test("BPE merges by rank, not left to right", () => {
   // A toy vocabulary where greedy left-to-right merging would give "ab"+"c</w>" but rank order
   // merges "b c</w>" first (rank 0), then nothing else applies.
   const vocab: Record<string, number> = {
-    "<|startoftext|>": 0, "<|endoftext|>": 1, ",</w>": 2, a: 3, b: 4, "c</w>": 5, "bc</w>": 6, ab: 7, "abc</w>": 8,
+    "<|startoftext|>": 0,
+    "<|endoftext|>": 1,
+    ",</w>": 2,
+    a: 3,
+    b: 4,
+    "c</w>": 5,
+    "bc</w>": 6,
+    ab: 7,
+    "abc</w>": 8,
   };
   const tok = new ClipTokenizer(vocab, ["b c</w>", "a b", "a bc</w>"]);
   assert.deepEqual(tok.encode("abc"), [8]);

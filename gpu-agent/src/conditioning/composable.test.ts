@@ -18,7 +18,10 @@ test("§1.6 AND split with weights (spec vectors)", () => {
 test("AND needs word boundaries; weights need a number; trailing whitespace is dropped", () => {
   assert.deepEqual(parseComposablePrompt("ANDROID and ANDY"), [{ text: "ANDROID and ANDY", weight: 1 }]);
   assert.deepEqual(parseComposablePrompt("éAND x"), [{ text: "éAND x", weight: 1 }]);
-  assert.deepEqual(parseComposablePrompt("a AND"), [{ text: "a", weight: 1 }, { text: "", weight: 1 }]);
+  assert.deepEqual(parseComposablePrompt("a AND"), [
+    { text: "a", weight: 1 },
+    { text: "", weight: 1 },
+  ]);
   assert.deepEqual(parseComposablePrompt("(x:1.2):.5 \n"), [{ text: "(x:1.2)", weight: 0.5 }]);
   assert.deepEqual(parseComposablePrompt("x:1.2.3"), [{ text: "x:1.2.3", weight: 1 }]);
   assert.deepEqual(parseComposablePrompt("x :2."), [{ text: "x", weight: 2 }]);
@@ -28,7 +31,16 @@ test("AND needs word boundaries; weights need a number; trailing whitespace is d
 test("get_multicond_prompt_list dedupes subprompt texts across a batch", () => {
   const list = getMulticondPromptList(["cat AND dog:0.5", "dog AND cat"]);
   assert.deepEqual(list.texts, ["cat", " dog", "dog", " cat"]);
-  assert.deepEqual(list.indexes, [[[0, 1], [1, 0.5]], [[2, 1], [3, 1]]]);
+  assert.deepEqual(list.indexes, [
+    [
+      [0, 1],
+      [1, 0.5],
+    ],
+    [
+      [2, 1],
+      [3, 1],
+    ],
+  ]);
 });
 
 test("§1.7 LoRA tags (spec examples) and text removal", () => {
@@ -58,5 +70,8 @@ test("malformed LoRA tags fail clearly", () => {
 test("only the first prompt of a batch decides the networks", () => {
   const batch = extractExtraNetworksBatch(["a <lora:x:1>", "b <lora:y:1>"]);
   assert.deepEqual(batch.texts, ["a ", "b "]);
-  assert.deepEqual(batch.networks.map((n) => n.name), ["x"]);
+  assert.deepEqual(
+    batch.networks.map((n) => n.name),
+    ["x"],
+  );
 });

@@ -91,10 +91,7 @@ test("cond and uncond of every reference case match A1111's tensors", { skip }, 
 
 test("emphasis and CLIP skip are not no-ops (the reference comparison can fail)", { skip }, async () => {
   const cases = JSON.parse(readFileSync(join(REFERENCE, "cases.json"), "utf8")) as Case[];
-  const index = JSON.parse(readFileSync(join(REFERENCE, "intermediate/index.json"), "utf8")) as Record<
-    string,
-    { cond: TensorRef }
-  >;
+  const index = JSON.parse(readFileSync(join(REFERENCE, "intermediate/index.json"), "utf8")) as Record<string, { cond: TensorRef }>;
   const p3 = cases.find((c) => c.id.startsWith("p3"))!;
   const p4 = cases.find((c) => c.id.startsWith("p4"))!;
   const noNorm = await conditioner!.prepare({ prompt: p3.prompt, steps: p3.steps, emphasis: "No norm" });

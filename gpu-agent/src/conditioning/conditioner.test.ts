@@ -31,15 +31,23 @@ function naiveBatch(tok: ClipTokenizer, texts: string[], mode: EmphasisMode, cli
     const z = rows.map((r) => r.tokens.map((t, k) => Array.from({ length: H }, (_, h) => fakeHidden(t, k, h, clipSkip))));
     let mean0 = 0;
     let mean1 = 0;
-    rows.forEach((r, b) => r.tokens.forEach((_, k) => z[b]![k]!.forEach((v) => {
-      mean0 += v;
-      mean1 += v * r.multipliers[k]!;
-    })));
+    rows.forEach((r, b) =>
+      r.tokens.forEach((_, k) =>
+        z[b]![k]!.forEach((v) => {
+          mean0 += v;
+          mean1 += v * r.multipliers[k]!;
+        }),
+      ),
+    );
     const scale = mode === "Original" ? mean0 / mean1 : 1;
-    rows.forEach((r, b) => r.tokens.forEach((_, k) => z[b]![k]!.forEach((v, h) => {
-      const m = mode === "Ignore" || mode === "None" ? 1 : r.multipliers[k]!;
-      out[b]![(ci * CHUNK_TOKENS + k) * H + h] = v * m * scale;
-    })));
+    rows.forEach((r, b) =>
+      r.tokens.forEach((_, k) =>
+        z[b]![k]!.forEach((v, h) => {
+          const m = mode === "Ignore" || mode === "None" ? 1 : r.multipliers[k]!;
+          out[b]![(ci * CHUNK_TOKENS + k) * H + h] = v * m * scale;
+        }),
+      ),
+    );
   }
   return out;
 }
@@ -63,7 +71,11 @@ test("emphasis mean is taken over the whole schedule batch, repeats and filler c
       const enc = new FakeTextEncoder(H);
       const conditioner = new Conditioner({ tokenizer: tok, encoder: enc });
       const schedule = getPromptSchedule(prompt, steps);
-      const expected = naiveBatch(tok, schedule.map(([, t]) => t), mode);
+      const expected = naiveBatch(
+        tok,
+        schedule.map(([, t]) => t),
+        mode,
+      );
       const got = await conditioner.scheduledConditioning(prompt, { steps, emphasis: mode });
       assert.equal(got.length, schedule.length);
       got.forEach((entry, i) => {
@@ -95,10 +107,28 @@ test("prepare: AND subprompts, negative prompt, condAt/uncondAt by denoiser call
   });
   assert.equal(prepared.positivePrompt, " a [cat:dog:3] :1.2 AND sky BREAK sea:0.5");
   assert.deepEqual(prepared.extraNetworks.networks, [{ kind: "lora", name: "detail", teWeight: 0.8, unetWeight: 0.5 }]);
-  assert.deepEqual(prepared.subprompts.map((s) => [s.text, s.weight]), [[" a [cat:dog:3]", 1.2], [" sky BREAK sea", 0.5]]);
+  assert.deepEqual(
+    prepared.subprompts.map((s) => [s.text, s.weight]),
+    [
+      [" a [cat:dog:3]", 1.2],
+      [" sky BREAK sea", 0.5],
+    ],
+  );
   const [catSchedule] = [prepared.subprompts[0]!.schedule];
-  assert.deepEqual(catSchedule.map((s) => [s.endAtStep, s.text]), [[3, " a cat"], [10, " a dog"]]);
-  for (const [step, entry] of [[0, 0], [3, 0], [4, 1], [9, 1], [11, 0]] as const) {
+  assert.deepEqual(
+    catSchedule.map((s) => [s.endAtStep, s.text]),
+    [
+      [3, " a cat"],
+      [10, " a dog"],
+    ],
+  );
+  for (const [step, entry] of [
+    [0, 0],
+    [3, 0],
+    [4, 1],
+    [9, 1],
+    [11, 0],
+  ] as const) {
     const conds = prepared.condAt(step);
     assert.equal(conds.length, 2);
     assert.equal(conds[0]!.tensor, catSchedule[entry]!.cond.data, `step ${step}`);
@@ -159,7 +189,10 @@ test("a batch of 64 images encodes its prompt once per (model, prompt, clip skip
   // Another clip skip is another key: the prompt is encoded again, once, for all 64.
   await Promise.all(Array.from({ length: 64 }, () => conditioner.prepare({ ...req, clipSkip: 2 })));
   assert.equal(enc.calls.length, 4);
-  assert.deepEqual(enc.calls.slice(2).map((c) => c.clipSkip), [2, 2]);
+  assert.deepEqual(
+    enc.calls.slice(2).map((c) => c.clipSkip),
+    [2, 2],
+  );
 
   // Each model has its own Conditioner (LoadedPipeline.conditioner()), so another model's
   // encoder is asked once too, and never answered from this model's cache.

@@ -139,8 +139,7 @@ export class Conditioner {
     }
     if (clipSkip > this.encoder.maxClipSkip) {
       throw new ConditioningPreconditionError(
-        `clip skip ${clipSkip} is deeper than the text encoder allows (at most ${this.encoder.maxClipSkip}: ` +
-          `one per encoder layer)`,
+        `clip skip ${clipSkip} is deeper than the text encoder allows (at most ${this.encoder.maxClipSkip}: ` + `one per encoder layer)`,
         "clip_skip",
       );
     }
@@ -163,9 +162,7 @@ export class Conditioner {
       if (c === undefined) distinct.push(t);
       counts.set(t, (c ?? 0) + 1);
     }
-    const chunked = distinct.map(
-      (t) => tokenizeLine(this.tokenizer, t, { emphasis, commaPaddingBacktrack: this.backtrack }).chunks,
-    );
+    const chunked = distinct.map((t) => tokenizeLine(this.tokenizer, t, { emphasis, commaPaddingBacktrack: this.backtrack }).chunks);
     const chunkCount = Math.max(...chunked.map((c) => c.length));
     const filler = emptyChunk(this.tokenizer);
     const outputs = distinct.map(() => uninitializedFloat32(chunkCount * CHUNK_TOKENS * hidden));
@@ -193,13 +190,19 @@ export class Conditioner {
         throw new Error(`text encoder returned ${z.length} values for ${encoderRows.length}×77×${hidden}`);
       }
       const offset = ci * CHUNK_TOKENS * hidden;
-      applyEmphasis(emphasis, z, CHUNK_TOKENS, hidden, rows, outputs.map((array) => ({ array, offset })));
+      applyEmphasis(
+        emphasis,
+        z,
+        CHUNK_TOKENS,
+        hidden,
+        rows,
+        outputs.map((array) => ({ array, offset })),
+      );
     }
 
-    const byText = new Map(distinct.map((t, d): [string, CondTensor] => [
-      t,
-      { data: outputs[d]!, tokens: chunkCount * CHUNK_TOKENS, hidden },
-    ]));
+    const byText = new Map(
+      distinct.map((t, d): [string, CondTensor] => [t, { data: outputs[d]!, tokens: chunkCount * CHUNK_TOKENS, hidden }]),
+    );
     return texts.map((t) => byText.get(t)!);
   }
 
@@ -256,18 +259,13 @@ export class Conditioner {
 
   /** Everything the sampler needs for one image's prompt pair. */
   async prepare(req: PrepareRequest): Promise<PreparedConditioning> {
-    const extracted =
-      req.stripExtraNetworks === false
-        ? { text: req.prompt, networks: [], unknown: [] }
-        : extractExtraNetworks(req.prompt);
+    const extracted = req.stripExtraNetworks === false ? { text: req.prompt, networks: [], unknown: [] } : extractExtraNetworks(req.prompt);
     const parts = parseComposablePrompt(extracted.text);
     const [negative, ...schedules] = await Promise.all([
       this.scheduledConditioning(req.negativePrompt ?? "", req),
       ...parts.map((p) => this.scheduledConditioning(p.text, req)),
     ]);
-    const subprompts = parts.map(
-      (p, i): PreparedSubprompt => ({ text: p.text, weight: p.weight, schedule: schedules[i]! }),
-    );
+    const subprompts = parts.map((p, i): PreparedSubprompt => ({ text: p.text, weight: p.weight, schedule: schedules[i]! }));
     const at = (schedule: ScheduledCond[], step: number) => schedule[condIndexAt(schedule, step)]!.cond;
     return {
       hidden: this.encoder.hiddenSize,
@@ -287,11 +285,7 @@ export class Conditioner {
     };
   }
 
-  private async encodeSchedule(
-    schedule: ScheduleEntry[],
-    opts: EncodeOptions,
-    signal?: AbortSignal,
-  ): Promise<ScheduledCond[]> {
+  private async encodeSchedule(schedule: ScheduleEntry[], opts: EncodeOptions, signal?: AbortSignal): Promise<ScheduledCond[]> {
     const conds = await this.encodeBatch(
       schedule.map(([, text]) => text),
       opts,
@@ -340,7 +334,10 @@ function isAbort(err: unknown): boolean {
  * A1111's stack_conds: conds of different lengths are padded to the longest by repeating their
  * last token vector (not with empty chunks), then stacked → [n, maxTokens, hidden].
  */
-export function stackConds(conds: ReadonlyArray<{ tensor: Float32Array; tokens: number }>, hidden: number): {
+export function stackConds(
+  conds: ReadonlyArray<{ tensor: Float32Array; tokens: number }>,
+  hidden: number,
+): {
   data: Float32Array;
   tokens: number;
 } {

@@ -15,14 +15,24 @@ const tokenizer = () => (loaded ??= ClipTokenizer.fromDirectory(TOKENIZER_DIR));
 
 test("describePrompt: attention, schedule, chunks, counter", { skip }, async () => {
   const d = describePrompt(await tokenizer(), "<lora:x:0.5>a (cat:1.2) [on:in:2] the mat", 10);
-  assert.deepEqual(d.schedule, [[2, "a (cat:1.2) on the mat"], [10, "a (cat:1.2) in the mat"]]);
-  assert.deepEqual(d.attention, [["a ", 1], ["cat", 1.2], [" on the mat", 1]]);
+  assert.deepEqual(d.schedule, [
+    [2, "a (cat:1.2) on the mat"],
+    [10, "a (cat:1.2) in the mat"],
+  ]);
+  assert.deepEqual(d.attention, [
+    ["a ", 1],
+    ["cat", 1.2],
+    [" on the mat", 1],
+  ]);
   assert.equal(d.chunks.length, 1);
   assert.deepEqual(d.chunks[0]!.tokens.slice(0, 7), [49406, 320, 2368, 525, 518, 9063, 49407]);
   assert.deepEqual(d.chunks[0]!.multipliers.slice(0, 4), [1, 1, 1.2, 1]);
   assert.equal(d.token_count, 5);
   assert.equal(d.max_length, 75);
-  assert.deepEqual(d.networks.map((n) => n.name), ["x"]);
+  assert.deepEqual(
+    d.networks.map((n) => n.name),
+    ["x"],
+  );
 });
 
 test("the counter takes the longest AND part and schedule text", { skip }, async () => {
@@ -44,7 +54,11 @@ test("bad input: 10,000 characters, unbalanced brackets, [a:b:NaN], unknown and 
   assert.ok(performance.now() - t0 < 3000);
   assert.ok(d.chunks.length > 10);
   assert.ok(d.chunks.every((c) => c.tokens.length === 77 && c.multipliers.length === 77));
-  assert.deepEqual(describePrompt(tok, "a ((b [c", 10).attention, [["a ", 1], ["b ", 1.2100000000000002], ["c", 1.2100000000000002 / 1.1]]);
+  assert.deepEqual(describePrompt(tok, "a ((b [c", 10).attention, [
+    ["a ", 1],
+    ["b ", 1.2100000000000002],
+    ["c", 1.2100000000000002 / 1.1],
+  ]);
   assert.deepEqual(getPromptSchedule("[a:b:NaN]", 10), [[10, "[a:b:NaN]"]]);
   assert.deepEqual(describePrompt(tok, "[a:b:NaN]", 10).attention, [["a:b:NaN", 1 / 1.1]]);
   const unknownTag = describePrompt(tok, "x <hypernet:y:1> <lora:te=1>", 10);

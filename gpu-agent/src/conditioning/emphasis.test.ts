@@ -9,13 +9,7 @@ import { EmphasisKernel } from "./emphasis-kernel.js";
  * per-position float64 sums of the hidden values in index order, mean(z) and mean(z·m) over the
  * batch (repeated rows weighted by their count) rounded to float32, and torch's float32 products.
  */
-function reference(
-  mode: EmphasisMode,
-  z: Float32Array,
-  positions: number,
-  hidden: number,
-  rows: readonly EmphasisRow[],
-): Float32Array[] {
+function reference(mode: EmphasisMode, z: Float32Array, positions: number, hidden: number, rows: readonly EmphasisRow[]): Float32Array[] {
   const rowSize = positions * hidden;
   const m = rows.map((r) => r.multipliers.map((x) => Math.fround(x)));
   let scale = 1;
@@ -117,7 +111,14 @@ test("emphasis is bit-identical to the plain float64-sum / float32-product arith
   // hidden % 4 === 0 runs the WebAssembly kernel (768: SD1; 12 and 8: its shorter unrolls); 6 and 10
   // run the scalar code. 77 positions leave one for the kernel's single-lane tail; 13 and 3 more.
   for (const mode of ["Original", "No norm", "Ignore", "None"] as EmphasisMode[]) {
-    for (const [positions, hidden] of [[77, 768], [77, 12], [13, 8], [3, 16], [77, 6], [13, 10]] as const) {
+    for (const [positions, hidden] of [
+      [77, 768],
+      [77, 12],
+      [13, 8],
+      [3, 16],
+      [77, 6],
+      [13, 10],
+    ] as const) {
       for (const seed of [1, 2, 3]) check(mode, positions, hidden, seed * 7919 + positions + hidden);
     }
   }

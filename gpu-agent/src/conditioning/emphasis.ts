@@ -236,14 +236,7 @@ function writeScaled(
 }
 
 /** "No norm": fp32(z·m); positions with weight 1 are plain copies. */
-function writeWeighted(
-  z: Float32Array,
-  base: number,
-  m: Float32Array,
-  positions: number,
-  hidden: number,
-  target: EmphasisTarget,
-): void {
+function writeWeighted(z: Float32Array, base: number, m: Float32Array, positions: number, hidden: number, target: EmphasisTarget): void {
   const out = target.array;
   for (let k = 0; k < positions; k++) {
     const mk = m[k]!;

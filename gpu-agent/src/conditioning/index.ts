@@ -27,12 +27,7 @@ export {
   type ScheduleEntry,
   type ScheduleOptions,
 } from "./schedule.js";
-export {
-  parseComposablePrompt,
-  getMulticondPromptList,
-  type Subprompt,
-  type MulticondPromptList,
-} from "./composable.js";
+export { parseComposablePrompt, getMulticondPromptList, type Subprompt, type MulticondPromptList } from "./composable.js";
 export {
   extractExtraNetworks,
   extractExtraNetworksBatch,

@@ -1,15 +1,8 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import {
-  getLearnedConditioningPromptSchedules,
-  scheduledTextAt,
-  scheduleIndexAt,
-  scheduleSteps,
-  type ScheduleEntry,
-} from "./schedule.js";
+import { getLearnedConditioningPromptSchedules, scheduledTextAt, scheduleIndexAt, scheduleSteps, type ScheduleEntry } from "./schedule.js";
 
-const first = (p: string, base: number, hires?: number, old = false) =>
-  getLearnedConditioningPromptSchedules([p], base, hires, old)[0];
+const first = (p: string, base: number, hires?: number, old = false) => getLearnedConditioningPromptSchedules([p], base, hires, old)[0];
 
 const alternating = (texts: string[], steps: number): ScheduleEntry[] =>
   Array.from({ length: steps }, (_, i): ScheduleEntry => [i + 1, texts[i % texts.length]!]);
@@ -17,20 +10,93 @@ const alternating = (texts: string[], steps: number): ScheduleEntry[] =>
 // Spec §1.4 doctest vectors S1–S16 (S10 see below).
 const DOCTESTS: Array<[string, number, number | undefined, ScheduleEntry[]]> = [
   ["test", 10, undefined, [[10, "test"]]],
-  ["a [b:3]", 10, undefined, [[3, "a "], [10, "a b"]]],
-  ["a [b: 3]", 10, undefined, [[3, "a "], [10, "a b"]]],
-  ["a [[[b]]:2]", 10, undefined, [[2, "a "], [10, "a [[b]]"]]],
-  ["[(a:2):3]", 10, undefined, [[3, ""], [10, "(a:2)"]]],
-  ["a [b : c : 1] d", 10, undefined, [[1, "a b  d"], [10, "a  c  d"]]],
-  ["a[b:[c:d:2]:1]e", 10, undefined, [[1, "abe"], [2, "ace"], [10, "ade"]]],
+  [
+    "a [b:3]",
+    10,
+    undefined,
+    [
+      [3, "a "],
+      [10, "a b"],
+    ],
+  ],
+  [
+    "a [b: 3]",
+    10,
+    undefined,
+    [
+      [3, "a "],
+      [10, "a b"],
+    ],
+  ],
+  [
+    "a [[[b]]:2]",
+    10,
+    undefined,
+    [
+      [2, "a "],
+      [10, "a [[b]]"],
+    ],
+  ],
+  [
+    "[(a:2):3]",
+    10,
+    undefined,
+    [
+      [3, ""],
+      [10, "(a:2)"],
+    ],
+  ],
+  [
+    "a [b : c : 1] d",
+    10,
+    undefined,
+    [
+      [1, "a b  d"],
+      [10, "a  c  d"],
+    ],
+  ],
+  [
+    "a[b:[c:d:2]:1]e",
+    10,
+    undefined,
+    [
+      [1, "abe"],
+      [2, "ace"],
+      [10, "ade"],
+    ],
+  ],
   ["a [unbalanced", 10, undefined, [[10, "a [unbalanced"]]],
-  ["a [b:.5] c", 10, undefined, [[5, "a  c"], [10, "a b c"]]],
-  ["((a][:b:c [d:3]", 10, undefined, [[3, "((a][:b:c "], [10, "((a][:b:c d"]]],
+  [
+    "a [b:.5] c",
+    10,
+    undefined,
+    [
+      [5, "a  c"],
+      [10, "a b c"],
+    ],
+  ],
+  [
+    "((a][:b:c [d:3]",
+    10,
+    undefined,
+    [
+      [3, "((a][:b:c "],
+      [10, "((a][:b:c d"],
+    ],
+  ],
   ["[a|(b:1.1)]", 10, undefined, alternating(["a", "(b:1.1)"], 10)],
   ["[fe|]male", 10, undefined, alternating(["female", "male"], 10)],
   ["[fe|||]male", 10, undefined, alternating(["female", "male", "male", "male"], 10)],
   ["a [b:.5] c", 10, 10, [[10, "a b c"]]],
-  ["a [b:1.5] c", 10, 10, [[5, "a  c"], [10, "a b c"]]],
+  [
+    "a [b:1.5] c",
+    10,
+    10,
+    [
+      [5, "a  c"],
+      [10, "a b c"],
+    ],
+  ],
 ];
 
 for (const [prompt, base, hires, expected] of DOCTESTS) {
@@ -47,19 +113,73 @@ test("S10: a prompt lark cannot parse is used unchanged", () => {
 
 // Spec §1.4 additional verified vectors.
 const ADDITIONAL: Array<[string, number, number | undefined, boolean, ScheduleEntry[]]> = [
-  ["a [b:c:0.25] d", 10, undefined, false, [[2, "a b d"], [10, "a c d"]]],
+  [
+    "a [b:c:0.25] d",
+    10,
+    undefined,
+    false,
+    [
+      [2, "a b d"],
+      [10, "a c d"],
+    ],
+  ],
   ["a [b:c:1.0] d", 10, undefined, false, [[10, "a b d"]]],
-  ["a [b:c:1] d", 10, undefined, false, [[1, "a b d"], [10, "a c d"]]],
+  [
+    "a [b:c:1] d",
+    10,
+    undefined,
+    false,
+    [
+      [1, "a b d"],
+      [10, "a c d"],
+    ],
+  ],
   ["a [b:c:0] d", 10, undefined, false, [[10, "a c d"]]],
   ["a [b:c:-1] d", 10, undefined, false, [[10, "a c d"]]],
   ["a [b:c:15] d", 10, undefined, false, [[10, "a b d"]]],
   ["[a|b|c]", 10, undefined, false, alternating(["a", "b", "c"], 10)],
-  ["[cat:dog:0.75]", 10, undefined, false, [[7, "cat"], [10, "dog"]]],
+  [
+    "[cat:dog:0.75]",
+    10,
+    undefined,
+    false,
+    [
+      [7, "cat"],
+      [10, "dog"],
+    ],
+  ],
   ["a [b:c:0.25] d", 10, 20, false, [[20, "a c d"]]],
   ["a [b:c:5] d", 10, 20, false, [[20, "a c d"]]],
-  ["a [b:c:12] d", 10, 20, false, [[2, "a b d"], [20, "a c d"]]],
-  ["a [b:c:1.5] d", 10, 20, false, [[10, "a b d"], [20, "a c d"]]],
-  ["a [b:c:1.5] d", 10, 20, true, [[1, "a b d"], [10, "a c d"]]],
+  [
+    "a [b:c:12] d",
+    10,
+    20,
+    false,
+    [
+      [2, "a b d"],
+      [20, "a c d"],
+    ],
+  ],
+  [
+    "a [b:c:1.5] d",
+    10,
+    20,
+    false,
+    [
+      [10, "a b d"],
+      [20, "a c d"],
+    ],
+  ],
+  [
+    "a [b:c:1.5] d",
+    10,
+    20,
+    true,
+    [
+      [1, "a b d"],
+      [10, "a c d"],
+    ],
+  ],
 ];
 
 for (const [prompt, base, hires, old, expected] of ADDITIONAL) {
@@ -82,10 +202,19 @@ test("prompt_parser.py header example, 100 steps", () => {
 });
 
 test("number forms: exponent without '.' is a step, sign, trailing dot, whitespace", () => {
-  assert.deepEqual(first("[a:b:1e0]", 10), [[1, "a"], [10, "b"]]);
-  assert.deepEqual(first("[a:b:+2]", 10), [[2, "a"], [10, "b"]]);
+  assert.deepEqual(first("[a:b:1e0]", 10), [
+    [1, "a"],
+    [10, "b"],
+  ]);
+  assert.deepEqual(first("[a:b:+2]", 10), [
+    [2, "a"],
+    [10, "b"],
+  ]);
   assert.deepEqual(first("[a:b:3.]", 10), [[10, "a"]]);
-  assert.deepEqual(first("[a:b:\u3000.3\t]", 10), [[3, "a"], [10, "b"]]);
+  assert.deepEqual(first("[a:b:\u3000.3\t]", 10), [
+    [3, "a"],
+    [10, "b"],
+  ]);
   assert.deepEqual(first("[a:b:1e999]", 10), [[10, "a"]]);
   assert.deepEqual(first("[a:b:-1e999]", 10), [[10, "b"]]);
 });
@@ -95,7 +224,10 @@ test("text the grammar rejects passes through unchanged", () => {
     assert.deepEqual(first(p, 10), [[10, p]], p);
   }
   // Stray brackets are fine and the edit still applies.
-  assert.deepEqual(first("a) [b:2]", 10), [[2, "a) "], [10, "a) b"]]);
+  assert.deepEqual(first("a) [b:2]", 10), [
+    [2, "a) "],
+    [10, "a) b"],
+  ]);
   // The lexer only offers the longest run of stray brackets, so ")[" swallows the "[".
   assert.deepEqual(first("a)[b:2]", 10), [[10, "a)[b:2]"]]);
   assert.deepEqual(first("[[a:b:3]", 10), [[10, "[[a:b:3]"]]);
@@ -103,10 +235,25 @@ test("text the grammar rejects passes through unchanged", () => {
 
 test("escapes, emphasis and empty parts inside edits", () => {
   assert.deepEqual(first("\\[a:b:2\\]", 10), [[10, "\\[a:b:2\\]"]]);
-  assert.deepEqual(first("[\\(x\\):y:2]", 10), [[2, "\\(x\\)"], [10, "y"]]);
-  assert.deepEqual(first("[(a:1.2):[b|c]:2]", 4), [[1, "(a:1.2)"], [2, "(a:1.2)"], [3, "b"], [4, "c"]]);
-  assert.deepEqual(first("[::3]x", 10), [[3, "x"], [10, "x"]]);
-  assert.deepEqual(first("[|]", 3), [[1, ""], [2, ""], [3, ""]]);
+  assert.deepEqual(first("[\\(x\\):y:2]", 10), [
+    [2, "\\(x\\)"],
+    [10, "y"],
+  ]);
+  assert.deepEqual(first("[(a:1.2):[b|c]:2]", 4), [
+    [1, "(a:1.2)"],
+    [2, "(a:1.2)"],
+    [3, "b"],
+    [4, "c"],
+  ]);
+  assert.deepEqual(first("[::3]x", 10), [
+    [3, "x"],
+    [10, "x"],
+  ]);
+  assert.deepEqual(first("[|]", 3), [
+    [1, ""],
+    [2, ""],
+    [3, ""],
+  ]);
   assert.deepEqual(first("", 10), [[10, ""]]);
 });
 
@@ -118,9 +265,15 @@ test("identical prompts share one schedule", () => {
 
 test("§1.5: a [b:3] at 10 steps uses 'a ' for calls 0–3; [a|b] gives a, a, b, a, b", () => {
   const s = first("a [b:3]", 10)!;
-  assert.deepEqual([0, 1, 2, 3, 4, 9, 10].map((k) => scheduledTextAt(s, k)), ["a ", "a ", "a ", "a ", "a b", "a b", "a b"]);
+  assert.deepEqual(
+    [0, 1, 2, 3, 4, 9, 10].map((k) => scheduledTextAt(s, k)),
+    ["a ", "a ", "a ", "a ", "a b", "a b", "a b"],
+  );
   const alt = first("[a|b]", 10)!;
-  assert.deepEqual([0, 1, 2, 3, 4].map((k) => scheduledTextAt(alt, k)), ["a", "a", "b", "a", "b"]);
+  assert.deepEqual(
+    [0, 1, 2, 3, 4].map((k) => scheduledTextAt(alt, k)),
+    ["a", "a", "b", "a", "b"],
+  );
   // Past the last entry A1111's reconstruct_cond_batch falls back to entry 0.
   assert.equal(scheduleIndexAt(s, 11), 0);
   assert.equal(scheduledTextAt(s, 11), "a ");
@@ -130,7 +283,10 @@ test("Heun-like samplers build schedules with doubled steps", () => {
   assert.equal(scheduleSteps(20, true), 40);
   assert.equal(scheduleSteps(20, false), 20);
   // [a:b:0.5] with Heun at 10 steps switches after model call 10 of ~20, i.e. halfway.
-  assert.deepEqual(first("[a:b:0.5]", scheduleSteps(10, true)), [[10, "a"], [20, "b"]]);
+  assert.deepEqual(first("[a:b:0.5]", scheduleSteps(10, true)), [
+    [10, "a"],
+    [20, "b"],
+  ]);
 });
 
 test("10,000-character and deeply nested prompts do not throw", () => {

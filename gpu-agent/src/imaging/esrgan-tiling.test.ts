@@ -1,7 +1,15 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
-  bgrTensorToTile, combineGrid, cropPadded, div255, overlapAlpha, splitGrid, tileToBgrTensor, upscaleWithModel, type UpscaleTile,
+  bgrTensorToTile,
+  combineGrid,
+  cropPadded,
+  div255,
+  overlapAlpha,
+  splitGrid,
+  tileToBgrTensor,
+  upscaleWithModel,
+  type UpscaleTile,
 } from "./esrgan-tiling.js";
 import type { Image8 } from "./resize-modes.js";
 
@@ -31,13 +39,19 @@ const localModel: UpscaleTile = async (t) => {
 test("split_grid positions (tile 192, overlap 8)", () => {
   // 512: cols = ceil(504/184) = 3, dx = 160; 768: rows = ceil(760/184) = 5, dy = 144
   const g = splitGrid(512, 768, 192, 192, 8);
-  assert.deepEqual(g.rows.map((r) => r.y), [0, 144, 288, 432, 576]);
+  assert.deepEqual(
+    g.rows.map((r) => r.y),
+    [0, 144, 288, 432, 576],
+  );
   assert.deepEqual(g.rows[0]!.xs, [0, 160, 320]);
   // 1000: cols = ceil(992/184) = 6, dx = 808/5 = 161.6 → int(c·dx)
   assert.deepEqual(splitGrid(1000, 192, 192, 192, 8).rows[0]!.xs, [0, 161, 323, 484, 646, 808]);
   // smaller than a tile: one tile flush with the far edge, i.e. at a negative offset
   const small = splitGrid(190, 100, 192, 192, 8);
-  assert.deepEqual(small.rows.map((r) => [r.y, r.xs]), [[-92, [-2]]]);
+  assert.deepEqual(
+    small.rows.map((r) => [r.y, r.xs]),
+    [[-92, [-2]]],
+  );
 });
 
 test("overlap alpha is numpy's float32 r·255/ov truncated", () => {
@@ -72,7 +86,8 @@ test("tiled local model: exact away from seams, ≤ 1 level in the blend zones",
   const s = 4;
   const ov = 8 * s;
   const inBlend = (x: number, y: number) =>
-    grid.rows[0]!.xs.some((tx) => tx > 0 && x >= tx * s && x < tx * s + ov) || grid.rows.some((r) => r.y > 0 && y >= r.y * s && y < r.y * s + ov);
+    grid.rows[0]!.xs.some((tx) => tx > 0 && x >= tx * s && x < tx * s + ov) ||
+    grid.rows.some((r) => r.y > 0 && y >= r.y * s && y < r.y * s + ov);
   let awayMax = 0;
   let blendMax = 0;
   let blendPixels = 0;
@@ -107,11 +122,25 @@ test("image narrower than a tile: A1111 blends the first overlap columns with bl
 test("combineGrid rejects missing tiles; models that change the tile size are refused", async () => {
   const g = splitGrid(300, 192, 192, 192, 8);
   assert.throws(() => combineGrid(g, [[]]), RangeError);
-  await assert.rejects(upscaleWithModel(image(300, 200, () => 0), async (t) => t.width === 192 ? image(384, 380, () => 0) : t), RangeError);
+  await assert.rejects(
+    upscaleWithModel(
+      image(300, 200, () => 0),
+      async (t) => (t.width === 192 ? image(384, 380, () => 0) : t),
+    ),
+    RangeError,
+  );
 });
 
 test("model tensors: BGR planes of v/255 in; clamp, ×255, round half to even out", () => {
-  const tile = image(2, 1, (x, _y, c) => [[255, 0, 51], [1, 2, 3]][x]![c]!);
+  const tile = image(
+    2,
+    1,
+    (x, _y, c) =>
+      [
+        [255, 0, 51],
+        [1, 2, 3],
+      ][x]![c]!,
+  );
   const t = tileToBgrTensor(tile);
   // planes B, G, R
   assert.deepEqual(Array.from(t), [51 / 255, 3 / 255, 0, 2 / 255, 1, 1 / 255].map(Math.fround));

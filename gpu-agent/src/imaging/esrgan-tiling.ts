@@ -27,7 +27,8 @@ export interface TileGrid {
 
 /** `split_grid`: evenly spread tiles; the last one flush with the far edge (negative when the image is smaller). */
 export function splitGrid(imageWidth: number, imageHeight: number, tileWidth: number, tileHeight: number, overlap: number): TileGrid {
-  if (tileWidth <= overlap || tileHeight <= overlap) throw new RangeError(`tile ${tileWidth}x${tileHeight} must exceed the overlap ${overlap}`);
+  if (tileWidth <= overlap || tileHeight <= overlap)
+    throw new RangeError(`tile ${tileWidth}x${tileHeight} must exceed the overlap ${overlap}`);
   const cols = Math.ceil((imageWidth - overlap) / (tileWidth - overlap));
   const rowsCount = Math.ceil((imageHeight - overlap) / (tileHeight - overlap));
   const dx = cols > 1 ? (imageWidth - tileWidth) / (cols - 1) : 0;
@@ -113,7 +114,10 @@ export async function upscaleWithModel(img: Image8, upscaleTile: UpscaleTile, op
     rows: grid.rows.map((row) => ({ y: row.y * scale, height: row.height * scale, xs: row.xs.map((x) => x * scale) })),
   };
   let k = 0;
-  return combineGrid(scaled, grid.rows.map((row) => row.xs.map(() => outputs[k++]!)));
+  return combineGrid(
+    scaled,
+    grid.rows.map((row) => row.xs.map(() => outputs[k++]!)),
+  );
 }
 
 /** numpy float32 `arange(ov) * 255 / ov` cast to uint8 (truncation). */
@@ -156,7 +160,14 @@ export function combineGrid(grid: TileGrid, tiles: Image8[][]): Image8 {
  * with a mask m (indexed in block coordinates): out = DIV255(dst·(255−m) + src·m).
  */
 function paste(
-  dst: Image8, src: Image8, sx: number, sy: number, dx: number, dy: number, w: number, h: number,
+  dst: Image8,
+  src: Image8,
+  sx: number,
+  sy: number,
+  dx: number,
+  dy: number,
+  w: number,
+  h: number,
   mask: ((bx: number, by: number) => number) | undefined,
 ): void {
   const ch = 3;

@@ -1,8 +1,22 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
-  alignFace, alignmentMatrix, ALIGN_BORDER_RGB, applyAffine, boxFeatherMask, decomposeSimilarity, estimateSimilarity,
-  faceToTensor, FFHQ_TEMPLATE_512, invertAffine, parseMask, pasteFaces, tensorToFace, warpAffine, type Affine, type Point,
+  alignFace,
+  alignmentMatrix,
+  ALIGN_BORDER_RGB,
+  applyAffine,
+  boxFeatherMask,
+  decomposeSimilarity,
+  estimateSimilarity,
+  faceToTensor,
+  FFHQ_TEMPLATE_512,
+  invertAffine,
+  parseMask,
+  pasteFaces,
+  tensorToFace,
+  warpAffine,
+  type Affine,
+  type Point,
 } from "./face-align.js";
 import type { Image8 } from "./resize-modes.js";
 
@@ -46,19 +60,35 @@ test("a known similarity is recovered from its 5 landmarks", () => {
 
 test("with noisy landmarks the estimate is the least-squares similarity", () => {
   const T = similarity(1.3, -0.2, -40, 30);
-  const noise = [[1.5, -0.7], [-0.4, 0.9], [0.8, 0.3], [-1.1, -0.6], [0.2, 1.2]];
+  const noise = [
+    [1.5, -0.7],
+    [-0.4, 0.9],
+    [0.8, 0.3],
+    [-1.1, -0.6],
+    [0.2, 1.2],
+  ];
   const src = FFHQ_TEMPLATE_512.map((p, i) => {
     const [x, y] = applyAffine(T, p);
     return [x + noise[i]![0]!, y + noise[i]![1]!] as Point;
   });
   const M = estimateSimilarity(src, FFHQ_TEMPLATE_512);
-  const sse = (m: Affine) => src.reduce((s, p, i) => {
-    const [x, y] = applyAffine(m, p);
-    return s + (x - FFHQ_TEMPLATE_512[i]![0]) ** 2 + (y - FFHQ_TEMPLATE_512[i]![1]) ** 2;
-  }, 0);
+  const sse = (m: Affine) =>
+    src.reduce((s, p, i) => {
+      const [x, y] = applyAffine(m, p);
+      return s + (x - FFHQ_TEMPLATE_512[i]![0]) ** 2 + (y - FFHQ_TEMPLATE_512[i]![1]) ** 2;
+    }, 0);
   const best = sse(M);
   // any nudge of the 4 similarity parameters (a, b, tx, ty) makes it worse
-  for (const [k, eps] of [[0, 1e-4], [0, -1e-4], [3, 1e-4], [3, -1e-4], [2, 1e-2], [2, -1e-2], [5, 1e-2], [5, -1e-2]] as const) {
+  for (const [k, eps] of [
+    [0, 1e-4],
+    [0, -1e-4],
+    [3, 1e-4],
+    [3, -1e-4],
+    [2, 1e-2],
+    [2, -1e-2],
+    [5, 1e-2],
+    [5, -1e-2],
+  ] as const) {
     const m = [...M] as number[];
     m[k] = m[k]! + eps;
     if (k === 0) m[4] = m[4]! + eps;
@@ -129,7 +159,12 @@ test("synthetic face: align recovers the crop; paste-back restores it and leaves
     }
   }
   // Far from the face the mask is 0 and the background is kept byte for byte.
-  for (const [x, y] of [[5, 5], [790, 690], [10, 600], [700, 20]] as const) {
+  for (const [x, y] of [
+    [5, 5],
+    [790, 690],
+    [10, 600],
+    [700, 20],
+  ] as const) {
     for (let c = 0; c < 3; c++) assert.equal(out.data[(y * W + x) * 3 + c], background.data[(y * W + x) * 3 + c]);
   }
 });
@@ -146,7 +181,10 @@ test("network tensors: (v/255 − .5)/.5 in, clamp → (x+1)/2·255 truncated ou
   out[2] = -3; // → 0
   out[3] = 0.5; // 0.75·255 = 191.25 → 191
   const img = tensorToFace(out);
-  assert.deepEqual([0, 1, 2, 3].map((i) => img.data[i * 3]), [127, 255, 0, 191]);
+  assert.deepEqual(
+    [0, 1, 2, 3].map((i) => img.data[i * 3]),
+    [127, 255, 0, 191],
+  );
   const back = tensorToFace(t);
   for (let i = 0; i < face.data.length; i += 97) assert.ok(Math.abs(back.data[i]! - face.data[i]!) <= 1, `round trip at ${i}`);
 });

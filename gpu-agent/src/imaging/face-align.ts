@@ -33,13 +33,23 @@ export const ALIGN_BORDER_RGB: readonly [number, number, number] = [132, 133, 13
 export function estimateSimilarity(src: readonly Point[], dst: readonly Point[]): Affine {
   if (src.length !== dst.length || src.length < 2) throw new RangeError("need at least 2 matching point pairs");
   const n = src.length;
-  let sx = 0, sy = 0, dx = 0, dy = 0;
+  let sx = 0,
+    sy = 0,
+    dx = 0,
+    dy = 0;
   for (let i = 0; i < n; i++) {
-    sx += src[i]![0]; sy += src[i]![1];
-    dx += dst[i]![0]; dy += dst[i]![1];
+    sx += src[i]![0];
+    sy += src[i]![1];
+    dx += dst[i]![0];
+    dy += dst[i]![1];
   }
-  sx /= n; sy /= n; dx /= n; dy /= n;
-  let norm = 0, dot = 0, cross = 0;
+  sx /= n;
+  sy /= n;
+  dx /= n;
+  dy /= n;
+  let norm = 0,
+    dot = 0,
+    cross = 0;
   for (let i = 0; i < n; i++) {
     const px = src[i]![0] - sx;
     const py = src[i]![1] - sy;
@@ -60,7 +70,10 @@ export function invertAffine(m: Affine): Affine {
   const [a, b, c, d, e, f] = m;
   const det = a * e - b * d;
   const D = det !== 0 ? 1 / det : 0;
-  const A11 = e * D, A22 = a * D, A12 = -b * D, A21 = -d * D;
+  const A11 = e * D,
+    A22 = a * D,
+    A12 = -b * D,
+    A21 = -d * D;
   return [A11, A12, -A11 * c - A12 * f, A21, A22, -A21 * c - A22 * f];
 }
 
@@ -77,7 +90,10 @@ export function decomposeSimilarity(m: Affine): { scale: number; rotation: numbe
 export function alignmentMatrix(landmarks: readonly Point[], faceSize = FACE_SIZE): Affine {
   if (landmarks.length !== 5) throw new RangeError(`expected 5 landmarks, got ${landmarks.length}`);
   const k = faceSize / 512;
-  return estimateSimilarity(landmarks, FFHQ_TEMPLATE_512.map(([x, y]) => [x * k, y * k] as const));
+  return estimateSimilarity(
+    landmarks,
+    FFHQ_TEMPLATE_512.map(([x, y]) => [x * k, y * k] as const),
+  );
 }
 
 export interface FloatImage {
@@ -103,11 +119,19 @@ function cvRound(v: number): number {
  * cv2.warpAffine(src, M, (dstW, dstH), INTER_LINEAR, BORDER_CONSTANT, border): dst(x, y) = src(M⁻¹(x, y)).
  * 8-bit images use OpenCV's integer weights; float images the same 1/32 positions with float weights.
  */
-export function warpAffine<T extends Image8 | FloatImage>(src: T, m: Affine, dstW: number, dstH: number, border: readonly number[] = []): T {
+export function warpAffine<T extends Image8 | FloatImage>(
+  src: T,
+  m: Affine,
+  dstW: number,
+  dstH: number,
+  border: readonly number[] = [],
+): T {
   const inv = invertAffine(m);
   const ch = src.channels;
   const isByte = src.data instanceof Uint8Array;
-  const out = isByte ? new Uint8Array(dstW * dstH * ch) : new (src.data.constructor as new (n: number) => Float32Array | Float64Array)(dstW * dstH * ch);
+  const out = isByte
+    ? new Uint8Array(dstW * dstH * ch)
+    : new (src.data.constructor as new (n: number) => Float32Array | Float64Array)(dstW * dstH * ch);
   const bval = Array.from({ length: ch }, (_, c) => border[c] ?? 0);
   const adelta = new Int32Array(dstW);
   const bdelta = new Int32Array(dstW);
@@ -144,8 +168,10 @@ export function warpAffine<T extends Image8 | FloatImage>(src: T, m: Affine, dst
         if (isByte) {
           // Weights (32−fx)(32−fy)·32 … sum to 2¹⁵; FixedPtCast rounds with +2¹⁴ >> 15.
           const acc =
-            taps[0]! * (32 - fx) * (32 - fy) * 32 + taps[1]! * fx * (32 - fy) * 32 +
-            taps[2]! * (32 - fx) * fy * 32 + taps[3]! * fx * fy * 32;
+            taps[0]! * (32 - fx) * (32 - fy) * 32 +
+            taps[1]! * fx * (32 - fy) * 32 +
+            taps[2]! * (32 - fx) * fy * 32 +
+            taps[3]! * fx * fy * 32;
           out[o + c] = Math.min(255, Math.max(0, (acc + (1 << 14)) >> 15));
         } else {
           const wx = fx / INTER_TAB_SIZE;
@@ -273,7 +299,7 @@ export function boxFeatherMask(size = FACE_SIZE, margin = Math.round(size * 0.1)
   const key = `${size}/${margin}/${sigma}`;
   const cached = boxMaskCache.get(key);
   if (cached) return cached;
-  const ksize = (cvRound(sigma * 8 + 1) | 1);
+  const ksize = cvRound(sigma * 8 + 1) | 1;
   const line = new Float64Array(size);
   for (let i = margin; i < size - margin; i++) line[i] = 1;
   const profile = gaussianBlur(line, size, 1, ksize, sigma);
@@ -302,7 +328,8 @@ export function pasteFaces(image: Image8, faces: readonly RestoredFace[]): Image
   const acc = Float64Array.from(image.data);
   for (const f of faces) {
     const size = f.face.width;
-    if (f.face.height !== size || f.mask.length !== size * size) throw new RangeError("face crop and mask must be square and the same size");
+    if (f.face.height !== size || f.mask.length !== size * size)
+      throw new RangeError("face crop and mask must be square and the same size");
     const back = warpAffine(f.face, f.inverse, W, H);
     const mask = warpAffine({ width: size, height: size, channels: 1, data: f.mask }, f.inverse, W, H);
     for (let p = 0; p < W * H; p++) {

@@ -1,14 +1,12 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { cropLatent, hiresInfotextFields, hiresPassPlan, hiresSchedulerName, hiresTarget } from "./hires.js";
-import {
-  a1111Timesteps, kdiffusionImg2imgSchedule, setupImg2imgSteps, timestepImg2imgSchedule,
-} from "./denoise-steps.js";
+import { a1111Timesteps, kdiffusionImg2imgSchedule, setupImg2imgSteps, timestepImg2imgSchedule } from "./denoise-steps.js";
 
 // a1111-behaviour.md §4.3: Uniform/Normal sigmas for 20 steps (float32 emulation).
 const UNIFORM_20 = Float32Array.from([
-  14.6146, 10.7468, 8.08152, 6.20493, 4.85565, 3.86538, 3.12376, 2.55717, 2.11566, 1.76482, 1.48058, 1.24581,
-  1.04814, 0.878428, 0.729719, 0.596434, 0.473585, 0.355545, 0.232164, 0.0291675, 0,
+  14.6146, 10.7468, 8.08152, 6.20493, 4.85565, 3.86538, 3.12376, 2.55717, 2.11566, 1.76482, 1.48058, 1.24581, 1.04814, 0.878428, 0.729719,
+  0.596434, 0.473585, 0.355545, 0.232164, 0.0291675, 0,
 ]);
 
 // Karras (ρ = 7) from its closed form with the SD1 model σ bounds (§4.1, §4.3), independent of the sampler code.
@@ -160,7 +158,14 @@ test("hires infotext entries, in A1111's insertion order", () => {
     ["Hires upscale", 2],
     ["Hires upscaler", "Latent"],
   ]);
-  assert.deepEqual(hiresInfotextFields(base), [["Denoising strength", 0.7], ["Hires upscale", 2]], "no upscaler named → none written");
+  assert.deepEqual(
+    hiresInfotextFields(base),
+    [
+      ["Denoising strength", 0.7],
+      ["Hires upscale", 2],
+    ],
+    "no upscaler named → none written",
+  );
   assert.deepEqual(
     hiresInfotextFields({
       ...base,
@@ -188,10 +193,17 @@ test("hires infotext entries, in A1111's insertion order", () => {
     ],
   );
   const same = hiresInfotextFields({
-    ...base, hrSamplerName: "DPM++ 2M", hrPrompt: "a cat", hrCheckpointTitle: "Use same checkpoint",
-    firstPassScheduleLabel: "Karras", hiresScheduleLabel: "Karras",
+    ...base,
+    hrSamplerName: "DPM++ 2M",
+    hrPrompt: "a cat",
+    hrCheckpointTitle: "Use same checkpoint",
+    firstPassScheduleLabel: "Karras",
+    hiresScheduleLabel: "Karras",
   });
-  assert.deepEqual(same, [["Denoising strength", 0.7], ["Hires upscale", 2]]);
+  assert.deepEqual(same, [
+    ["Denoising strength", 0.7],
+    ["Hires upscale", 2],
+  ]);
   assert.equal(hiresSchedulerName("Use same scheduler"), null);
   assert.equal(hiresSchedulerName("Karras"), "Karras");
 });

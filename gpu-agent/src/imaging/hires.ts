@@ -10,7 +10,9 @@ export { LATENT_FACTOR, hiresTarget, type HiresSizeInput, type HiresTarget } fro
 
 /** Applies `samples[:, :, top : h − bottom, left : w − right]` to an NCHW latent. */
 export function cropLatent(
-  latent: Float32Array, shape: readonly [number, number, number, number], crop: HiresTarget["latentCrop"],
+  latent: Float32Array,
+  shape: readonly [number, number, number, number],
+  crop: HiresTarget["latentCrop"],
 ): { data: Float32Array; shape: [number, number, number, number] } {
   const [n, c, h, w] = shape;
   const outH = h - crop.top - crop.bottom;

@@ -61,11 +61,16 @@ test("a 20000×20000 decompression bomb is refused from its header, without allo
 });
 
 test("byte limit, empty input, unknown and disallowed formats", async () => {
-  const png = await sharp({ create: { width: 16, height: 16, channels: 3, background: { r: 1, g: 2, b: 3 } } }).png().toBuffer();
+  const png = await sharp({ create: { width: 16, height: 16, channels: 3, background: { r: 1, g: 2, b: 3 } } })
+    .png()
+    .toBuffer();
   await rejects(decodeImage(png, { maxBytes: png.length - 1, maxPixels: 1e6 }, "init_images[0]"), "too-many-bytes");
   await rejects(decodeImage(new Uint8Array(0), LIMITS, "init_images[0]"), "empty");
   await rejects(decodeImage(Buffer.from("GIF89a............"), LIMITS, "init_images[0]"), "unsupported-format");
-  await rejects(decodeImage(Buffer.from('<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>'), LIMITS, "init_images[0]"), "unsupported-format");
+  await rejects(
+    decodeImage(Buffer.from('<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>'), LIMITS, "init_images[0]"),
+    "unsupported-format",
+  );
   await rejects(decodeImage(png, { ...LIMITS, formats: ["jpeg"] }, "init_images[0]"), "unsupported-format");
   await rejects(decodeImage(png, { maxBytes: 1e6, maxPixels: 255 }, "mask"), "too-many-pixels", "mask");
 });
@@ -87,24 +92,33 @@ test("corrupt and truncated data is INVALID_ARGUMENT, and the decoder keeps serv
 test("PNG, JPEG and WebP decode to RGB; RGBA is flattened onto white with PIL's rounding", async () => {
   // one pixel (200, 100, 0) at alpha 128 over white: DIV255(255·127 + c·128) = 227, 177, 127
   const rgba = Buffer.from([200, 100, 0, 128, 10, 20, 30, 255, 0, 0, 0, 0, 50, 60, 70, 1]);
-  const png = await sharp(rgba, { raw: { width: 2, height: 2, channels: 4 } }).png().toBuffer();
+  const png = await sharp(rgba, { raw: { width: 2, height: 2, channels: 4 } })
+    .png()
+    .toBuffer();
   const d = await decodeImage(png, LIMITS);
   assert.deepEqual(d.info.format, "png");
   assert.deepEqual(Array.from(d.data), [227, 177, 127, 10, 20, 30, 255, 255, 255, 254, 254, 254]);
   const black = await decodeImage(png, LIMITS, "image", { background: [0, 0, 0] });
   assert.deepEqual(Array.from(black.data.subarray(0, 3)), [100, 50, 0]);
 
-  const webp = await sharp(rgba, { raw: { width: 2, height: 2, channels: 4 } }).webp({ lossless: true }).toBuffer();
+  const webp = await sharp(rgba, { raw: { width: 2, height: 2, channels: 4 } })
+    .webp({ lossless: true })
+    .toBuffer();
   assert.equal(sniffImageFormat(webp), "webp");
   assert.deepEqual(Array.from((await decodeImage(webp, LIMITS)).data), Array.from(d.data));
 
-  const jpeg = await sharp({ create: { width: 40, height: 24, channels: 3, background: { r: 128, g: 128, b: 128 } } }).jpeg({ quality: 95 }).toBuffer();
+  const jpeg = await sharp({ create: { width: 40, height: 24, channels: 3, background: { r: 128, g: 128, b: 128 } } })
+    .jpeg({ quality: 95 })
+    .toBuffer();
   const j = await decodeImage(jpeg, LIMITS);
   assert.deepEqual([j.info.format, j.width, j.height, j.data.length], ["jpeg", 40, 24, 40 * 24 * 3]);
   assert.ok(Math.abs(j.data[0]! - 128) <= 1, `jpeg gray ${j.data[0]}`);
 
   // gray + alpha is PIL mode "LA": converted to RGB without compositing
-  const la = await sharp(Buffer.from([90, 0, 90, 255]), { raw: { width: 2, height: 1, channels: 2 } }).toColourspace("b-w").png().toBuffer();
+  const la = await sharp(Buffer.from([90, 0, 90, 255]), { raw: { width: 2, height: 1, channels: 2 } })
+    .toColourspace("b-w")
+    .png()
+    .toBuffer();
   assert.equal(la[25], 4, "PNG colour type 4 (gray + alpha)");
   assert.deepEqual(Array.from((await decodeImage(la, LIMITS)).data), [90, 90, 90, 90, 90, 90]);
 });

@@ -106,7 +106,11 @@ export async function inspectImage(buf: Uint8Array, limits: ImageLimits = DEFAUL
   const { width, height } = meta;
   if (!(width > 0 && height > 0)) throw new ImageInputError(field, "undecodable", "image has no size");
   if (width * height > limits.maxPixels) {
-    throw new ImageInputError(field, "too-many-pixels", `image is ${width}x${height} = ${width * height} pixels, the limit is ${limits.maxPixels}`);
+    throw new ImageInputError(
+      field,
+      "too-many-pixels",
+      `image is ${width}x${height} = ${width * height} pixels, the limit is ${limits.maxPixels}`,
+    );
   }
   return {
     format,
@@ -136,7 +140,10 @@ export interface DecodedImage extends Image8 {
  * transparency are dropped (PIL converts those modes to RGB without compositing).
  */
 export async function decodeImage(
-  buf: Uint8Array, limits: ImageLimits = DEFAULT_IMAGE_LIMITS, field = "image", options: DecodeOptions = {},
+  buf: Uint8Array,
+  limits: ImageLimits = DEFAULT_IMAGE_LIMITS,
+  field = "image",
+  options: DecodeOptions = {},
 ): Promise<DecodedImage> {
   const info = await inspectImage(buf, limits, field);
   let raw: { data: Buffer; info: OutputInfo };

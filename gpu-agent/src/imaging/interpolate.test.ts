@@ -37,7 +37,12 @@ test("bicubic (A = −0.75): 2× exact dyadic weights by hand", () => {
   const out = run1d([0, 1], 4, "bicubic");
   assert.deepEqual(out, [-0.10546875, 0.2265625, 0.7734375, 1.10546875]);
   const out2 = run1d([2, 6], 4, "bicubic");
-  assert.deepEqual(out2, [2 * 1.10546875 - 6 * 0.10546875, 2 * 0.7734375 + 6 * 0.2265625, 2 * 0.2265625 + 6 * 0.7734375, -2 * 0.10546875 + 6 * 1.10546875]);
+  assert.deepEqual(out2, [
+    2 * 1.10546875 - 6 * 0.10546875,
+    2 * 0.7734375 + 6 * 0.2265625,
+    2 * 0.2265625 + 6 * 0.7734375,
+    -2 * 0.10546875 + 6 * 1.10546875,
+  ]);
 });
 
 test("bicubic antialias: 2× upscale uses Keys −0.5 with renormalised borders; 4→2 downscale widens support", () => {
@@ -62,7 +67,12 @@ test("bilinear antialias: 5→3 downscale (triangle of width 5/3, normalised)", 
 
 test("antialiased bilinear equals plain bilinear when upscaling", () => {
   const rnd = lcg(7);
-  for (const [inW, outW] of [[3, 5], [4, 8], [6, 9], [5, 13]] as const) {
+  for (const [inW, outW] of [
+    [3, 5],
+    [4, 8],
+    [6, 9],
+    [5, 13],
+  ] as const) {
     const x = Array.from({ length: inW }, () => rnd() * 2 - 1);
     assertClose(run1d(x, outW, "bilinear", true), run1d(x, outW, "bilinear"), 2e-7, `${inW}→${outW}`);
   }
@@ -102,8 +112,19 @@ test("2D: separable product inputs for every mode, batch and channels kept apart
   const shape: Nchw = [2, 3, 5, 7];
   const plane = (k: number) => r.flatMap((ry) => c.map((cx) => ry * cx * (k + 1)));
   const input = Float32Array.from([0, 1, 2, 3, 4, 5].flatMap((k) => plane(k)));
-  for (const [mode, aa] of [["bilinear", false], ["bilinear", true], ["bicubic", false], ["bicubic", true], ["nearest", false], ["nearest-exact", false]] as const) {
-    for (const [oh, ow] of [[9, 4], [3, 13], [10, 14]] as const) {
+  for (const [mode, aa] of [
+    ["bilinear", false],
+    ["bilinear", true],
+    ["bicubic", false],
+    ["bicubic", true],
+    ["nearest", false],
+    ["nearest-exact", false],
+  ] as const) {
+    for (const [oh, ow] of [
+      [9, 4],
+      [3, 13],
+      [10, 14],
+    ] as const) {
       const got = interpolate(input, shape, { mode, size: [oh, ow], antialias: aa });
       assert.deepEqual(got.shape, [2, 3, oh, ow]);
       const rr = run1d(r, oh, mode, aa);
@@ -121,7 +142,12 @@ test("A1111 hires latent sizes match an independent float64 reference (64→128,
   const inH = 64;
   const inW = 64;
   const input = Float32Array.from({ length: 4 * inH * inW }, () => rnd() * 4 - 2);
-  for (const [mode, aa] of [["bilinear", false], ["bicubic", false], ["bilinear", true], ["bicubic", true]] as const) {
+  for (const [mode, aa] of [
+    ["bilinear", false],
+    ["bicubic", false],
+    ["bilinear", true],
+    ["bicubic", true],
+  ] as const) {
     for (const out of [128, 96, 40]) {
       const got = interpolate(input, [1, 4, inH, inW], { mode, size: [out, out], antialias: aa }).data;
       const ref = referenceResize(input, 4, inH, inW, out, out, mode, aa);
@@ -194,7 +220,10 @@ function referenceTaps(inS: number, outS: number, mode: "bilinear" | "bicubic", 
       const p0 = Math.min(Math.floor(s), inS - 1);
       const p1 = Math.min(p0 + 1, inS - 1);
       const l = Math.min(s - p0, 1);
-      taps.push([[p0, 1 - l], [p1, l]]);
+      taps.push([
+        [p0, 1 - l],
+        [p1, l],
+      ]);
     } else {
       const s = (i + 0.5) * scale - 0.5;
       const p = Math.floor(s);
@@ -207,8 +236,14 @@ function referenceTaps(inS: number, outS: number, mode: "bilinear" | "bicubic", 
 }
 
 function referenceResize(
-  input: Float32Array, planes: number, inH: number, inW: number, outH: number, outW: number,
-  mode: "bilinear" | "bicubic", aa: boolean,
+  input: Float32Array,
+  planes: number,
+  inH: number,
+  inW: number,
+  outH: number,
+  outW: number,
+  mode: "bilinear" | "bicubic",
+  aa: boolean,
 ): Float64Array {
   const th = referenceTaps(inH, outH, mode, aa);
   const tw = referenceTaps(inW, outW, mode, aa);

@@ -169,8 +169,14 @@ function linearAxis(inSize: number, outSize: number, scaleFactor: number | undef
 
 /** `cpu_upsample_generic<float, 2, 2>`: ((x00·w0 + x01·w1)·h0 + (x10·w0 + x11·w1)·h1). */
 function bilinearGenericKernel(
-  input: Float32Array, planes: number, inH: number, inW: number, outH: number, outW: number,
-  h: LinearAxis, w: LinearAxis,
+  input: Float32Array,
+  planes: number,
+  inH: number,
+  inW: number,
+  outH: number,
+  outW: number,
+  h: LinearAxis,
+  w: LinearAxis,
 ): Float32Array {
   const out = new Float32Array(planes * outH * outW);
   for (let p = 0; p < planes; p++) {
@@ -204,8 +210,15 @@ const VEC_FLOATS = 8;
  * right to left.
  */
 function bilinearChannelsLastKernel(
-  input: Float32Array, n: number, c: number, inH: number, inW: number, outH: number, outW: number,
-  h: LinearAxis, w: LinearAxis,
+  input: Float32Array,
+  n: number,
+  c: number,
+  inH: number,
+  inW: number,
+  outH: number,
+  outW: number,
+  h: LinearAxis,
+  w: LinearAxis,
 ): Float32Array {
   const out = new Float32Array(n * c * outH * outW);
   const vectorChannels = c - (c % VEC_FLOATS);
@@ -279,8 +292,14 @@ function cubicAxis(inSize: number, outSize: number, scaleFactor: number | undefi
 
 /** `cpu_upsample_generic<float, 2, 4>`: Σ_j (Σ_k x[h_j, w_k]·ww_k)·wh_j, each sum left to right. */
 function bicubicGeneric(
-  input: Float32Array, planes: number, inH: number, inW: number, outH: number, outW: number,
-  scaleH: number | undefined, scaleW: number | undefined,
+  input: Float32Array,
+  planes: number,
+  inH: number,
+  inW: number,
+  outH: number,
+  outW: number,
+  scaleH: number | undefined,
+  scaleW: number | undefined,
 ): Float32Array {
   const h = cubicAxis(inH, outH, scaleH);
   const w = cubicAxis(inW, outW, scaleW);
@@ -306,7 +325,10 @@ function bicubicGeneric(
 }
 
 function nearestAxis(
-  mode: "nearest" | "nearest-exact", inSize: number, outSize: number, scaleFactor: number | undefined,
+  mode: "nearest" | "nearest-exact",
+  inSize: number,
+  outSize: number,
+  scaleFactor: number | undefined,
   exactUsesDouble: boolean,
 ): Int32Array {
   const idx = new Int32Array(outSize);
@@ -329,8 +351,14 @@ function nearestAxis(
 }
 
 function gather(
-  input: Float32Array, planes: number, inH: number, inW: number, outH: number, outW: number,
-  hIdx: Int32Array, wIdx: Int32Array,
+  input: Float32Array,
+  planes: number,
+  inH: number,
+  inW: number,
+  outH: number,
+  outW: number,
+  hIdx: Int32Array,
+  wIdx: Int32Array,
 ): Float32Array {
   const out = new Float32Array(planes * outH * outW);
   for (let p = 0; p < planes; p++) {
@@ -374,7 +402,10 @@ interface AaAxis {
  * instead of clamping).
  */
 export function antialiasAxisWeights(
-  inSize: number, outSize: number, interpSize: 2 | 4, scaleFactor?: number,
+  inSize: number,
+  outSize: number,
+  interpSize: 2 | 4,
+  scaleFactor?: number,
 ): { xmin: Int32Array; xsize: Int32Array; weights: Float32Array; maxInterp: number } {
   return aaAxis(inSize, outSize, scaleFactor, interpSize, interpSize === 2 ? triangleFilter : keysCubicFilter);
 }
@@ -413,8 +444,16 @@ function aaAxis(inSize: number, outSize: number, scaleFactor: number | undefined
 
 /** `separable_upsample_generic_Nd_kernel_impl`: the width pass first, then the height pass. */
 function separableAntialias(
-  input: Float32Array, planes: number, inH: number, inW: number, outH: number, outW: number,
-  scaleH: number | undefined, scaleW: number | undefined, interpSize: number, filter: AaFilter,
+  input: Float32Array,
+  planes: number,
+  inH: number,
+  inW: number,
+  outH: number,
+  outW: number,
+  scaleH: number | undefined,
+  scaleW: number | undefined,
+  interpSize: number,
+  filter: AaFilter,
 ): Float32Array {
   if (inH === outH && inW === outW) return input.slice();
   let cur = input;

@@ -69,7 +69,10 @@ export interface Img2imgResizePlan {
 
 export function planImg2imgResize(mode: number | ResizeModeName, source: Size, target: Size): Img2imgResizePlan {
   const name = resizeModeName(mode);
-  for (const [label, s] of [["source", source], ["target", target]] as const) {
+  for (const [label, s] of [
+    ["source", source],
+    ["target", target],
+  ] as const) {
     if (!Number.isInteger(s.width) || !Number.isInteger(s.height) || s.width < 1 || s.height < 1) {
       throw new RangeError(`${label} size must be positive integers, got ${s.width}x${s.height}`);
     }
@@ -224,9 +227,7 @@ export function sharpOperations(plan: Img2imgResizePlan): SharpOperation[] {
   return ops;
 }
 
-export type UpscaleStep =
-  | { op: "model"; from: Size; to: Size }
-  | { op: "resize"; kernel: "lanczos3" | "nearest"; from: Size; to: Size };
+export type UpscaleStep = { op: "model"; from: Size; to: Size } | { op: "resize"; kernel: "lanczos3" | "nearest"; from: Size; to: Size };
 
 /**
  * `images.resize_image(0, …, upscaler_name)` for one image: plain Lanczos when no upscaler or no growth,
@@ -236,7 +237,9 @@ export type UpscaleStep =
  * upscale by `scale` itself in one pass.
  */
 export function planPixelUpscale(
-  source: Size, target: Size, upscaler: { name: string | null | undefined; modelScale?: number },
+  source: Size,
+  target: Size,
+  upscaler: { name: string | null | undefined; modelScale?: number },
 ): UpscaleStep[] {
   const steps: UpscaleStep[] = [];
   const name = upscaler.name;
@@ -249,7 +252,10 @@ export function planPixelUpscale(
   const scale = Math.max(target.width / source.width, target.height / source.height);
   let cur: Size = source;
   if (scale > 1) {
-    const dest = { width: Math.trunc(Math.floor((source.width * scale) / 8) * 8), height: Math.trunc(Math.floor((source.height * scale) / 8) * 8) };
+    const dest = {
+      width: Math.trunc(Math.floor((source.width * scale) / 8) * 8),
+      height: Math.trunc(Math.floor((source.height * scale) / 8) * 8),
+    };
     for (let i = 0; i < 3; i++) {
       if (cur.width >= dest.width && cur.height >= dest.height && (i > 0 || scale !== 1)) break;
       let next: Size;

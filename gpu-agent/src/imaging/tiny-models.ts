@@ -33,7 +33,11 @@ function conv(g: GraphBuilder, x: string, name: string, cin: number, cout: numbe
 }
 
 function nearest2x(g: GraphBuilder, x: string): string {
-  return g.op1("Resize", [x, "", g.constant("float32", [4], [1, 1, 2, 2], "scales")], { mode: "nearest", coordinate_transformation_mode: "asymmetric", nearest_mode: "floor" });
+  return g.op1("Resize", [x, "", g.constant("float32", [4], [1, 1, 2, 2], "scales")], {
+    mode: "nearest",
+    coordinate_transformation_mode: "asymmetric",
+    nearest_mode: "floor",
+  });
 }
 
 /** RRDBNet-shaped ×4 upscaler (features `nf`): conv_first, a residual body, two nearest ×2 + conv stages, conv_last. */
@@ -59,7 +63,15 @@ export async function writeTinySrvggNet(path: string, seed = 2, nf = 4): Promise
   const rand = mulberry32(seed);
   const x = g.input("input", "float32", [1, 3, "height", "width"]);
   let h = conv(g, x, "body.0", 3, nf, rand);
-  h = g.op1("PRelu", [h, g.constant("float32", [nf, 1, 1], Array.from({ length: nf }, () => 0.25), "prelu")]);
+  h = g.op1("PRelu", [
+    h,
+    g.constant(
+      "float32",
+      [nf, 1, 1],
+      Array.from({ length: nf }, () => 0.25),
+      "prelu",
+    ),
+  ]);
   h = conv(g, h, "body.2", nf, 48, rand);
   const shuffled = g.op1("DepthToSpace", [h], { blocksize: 4, mode: "CRD" });
   const base = nearest2x(g, nearest2x(g, x));

@@ -17,7 +17,16 @@ export interface ModelEntry {
  * Names are folder names or checkpoint stems, so they can be checked before touching the disk.
  */
 export function validateModelName(name: string, field = "model"): void {
-  if (name === "" || name.length > 200 || name.includes("/") || name.includes("\\") || name.includes("\0") || name === "." || name === ".." || name.startsWith(".")) {
+  if (
+    name === "" ||
+    name.length > 200 ||
+    name.includes("/") ||
+    name.includes("\\") ||
+    name.includes("\0") ||
+    name === "." ||
+    name === ".." ||
+    name.startsWith(".")
+  ) {
     throw FarmError.invalid(field, `"${name}" is not a model name (names may not contain path separators or start with a dot)`);
   }
 }

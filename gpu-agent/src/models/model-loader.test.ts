@@ -16,65 +16,105 @@ import { loadModel, pipelineKey, parsePipelineKey, type LoraUse } from "./model-
 const FIXTURES = fileURLToPath(new URL("../../../../shared/fixtures/", import.meta.url));
 const REF = join(FIXTURES, "reference", "txt2img");
 
-async function pipelineFor(catalog: ModelCatalog, model: string, loras: LoraUse[], opts: { cacheDir: string; tokenizerDir?: string; lorasDir?: string }) {
-  const loaded = await loadModel(catalog, parsePipelineKey(pipelineKey(model, loras)), { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1, ...opts });
-  return new LoadedPipeline(loaded.model, { maxBatchRows: 8, modelHash: loaded.modelHash, loraHashes: loaded.loraHashes, loadWarnings: loaded.warnings });
+async function pipelineFor(
+  catalog: ModelCatalog,
+  model: string,
+  loras: LoraUse[],
+  opts: { cacheDir: string; tokenizerDir?: string; lorasDir?: string },
+) {
+  const loaded = await loadModel(catalog, parsePipelineKey(pipelineKey(model, loras)), {
+    ep: { name: "cpu" },
+    logger: silentLogger,
+    intraOpNumThreads: 1,
+    ...opts,
+  });
+  return new LoadedPipeline(loaded.model, {
+    maxBatchRows: 8,
+    modelHash: loaded.modelHash,
+    loraHashes: loaded.loraHashes,
+    loadWarnings: loaded.warnings,
+  });
 }
 
 async function render(pipe: LoadedPipeline, params: Record<string, unknown>, seed = 42n) {
   return renderTask(pipe, create(RunTaskRequestSchema, { taskId: "t", jobId: "j", seed, params: { model: pipe.name, ...params } }), {
-    signal: new AbortController().signal, agentId: "t", onStep: () => {}, onWarning: () => {},
+    signal: new AbortController().signal,
+    agentId: "t",
+    onStep: () => {},
+    onWarning: () => {},
   });
 }
 
 test("pipeline keys ignore LoRA order and weight-0 LoRAs", () => {
-  const a = pipelineKey("m", [{ name: "b", teWeight: 1, unetWeight: 1 }, { name: "a", teWeight: 0.5, unetWeight: 0.5 }]);
-  const b = pipelineKey("m", [{ name: "a", teWeight: 0.5, unetWeight: 0.5 }, { name: "z", teWeight: 0, unetWeight: 0 }, { name: "b", teWeight: 1, unetWeight: 1 }]);
+  const a = pipelineKey("m", [
+    { name: "b", teWeight: 1, unetWeight: 1 },
+    { name: "a", teWeight: 0.5, unetWeight: 0.5 },
+  ]);
+  const b = pipelineKey("m", [
+    { name: "a", teWeight: 0.5, unetWeight: 0.5 },
+    { name: "z", teWeight: 0, unetWeight: 0 },
+    { name: "b", teWeight: 1, unetWeight: 1 },
+  ]);
   assert.equal(a, b);
   assert.equal(pipelineKey("m", [{ name: "x", teWeight: 0, unetWeight: 0 }]), pipelineKey("m", []));
 });
 
-describe("a civitai-style .safetensors checkpoint renders A1111's reference images", { skip: !existsSync(join(FIXTURES, "tiny-sd15.safetensors")) && "team kit fixtures absent", concurrency: false }, () => {
-  let dir: string;
-  let pipe: LoadedPipeline;
-  before(async () => {
-    dir = mkdtempSync(join(tmpdir(), "lf-ckpt-"));
-    const models = join(dir, "models");
-    mkdirSync(models);
-    symlinkSync(join(FIXTURES, "tiny-sd15.safetensors"), join(models, "tiny-ckpt.safetensors"));
-    // Head counts of a tiny model cannot be inferred from its weights: A1111-style sidecar config.
-    writeFileSync(join(models, "tiny-ckpt.json"), JSON.stringify({ unetHeads: 8, textHeads: 4 }));
-    pipe = await pipelineFor(new ModelCatalog(models), "tiny-ckpt", [], { cacheDir: join(dir, "cache"), tokenizerDir: join(FIXTURES, "tiny-sd15", "tokenizer") });
-  });
-  after(async () => {
-    await pipe?.close();
-    rmSync(dir, { recursive: true, force: true });
-  });
-
-  const cases = existsSync(REF) ? (JSON.parse(readFileSync(join(REF, "cases.json"), "utf8")) as Array<Record<string, unknown>>) : [];
-  const RNG: Record<string, RngSource> = { CPU: RngSource.CPU, NV: RngSource.NV, GPU: RngSource.GPU };
-  for (const c of cases) {
-    test(`${c["id"] as string} within ±2 levels, with the A1111 model hash in the infotext`, async () => {
-      const expected = c["expected"] as string[];
-      for (let i = 0; i < expected.length; i++) {
-        const img = await render(
-          pipe,
-          {
-            prompt: c["prompt"], negativePrompt: c["negative_prompt"], samplerName: c["sampler_name"], scheduler: c["scheduler"] ?? "",
-            steps: c["steps"], cfgScale: c["cfg_scale"], width: c["width"], height: c["height"], clipSkip: c["clip_skip"] ?? 1, rng: RNG[c["rng"] as string],
-          },
-          BigInt((c["seed"] as number) + i),
-        );
-        const a = await sharp(img.png).raw().toBuffer();
-        const b = await sharp(join(REF, expected[i]!)).removeAlpha().raw().toBuffer();
-        let max = 0;
-        for (let k = 0; k < a.length; k++) max = Math.max(max, Math.abs(a[k]! - b[k]!));
-        assert.ok(max <= 2, `${expected[i]}: ${max} levels`);
-        assert.match(img.infotext, /Model hash: [0-9a-f]{10}, Model: tiny-ckpt/);
-      }
+describe(
+  "a civitai-style .safetensors checkpoint renders A1111's reference images",
+  { skip: !existsSync(join(FIXTURES, "tiny-sd15.safetensors")) && "team kit fixtures absent", concurrency: false },
+  () => {
+    let dir: string;
+    let pipe: LoadedPipeline;
+    before(async () => {
+      dir = mkdtempSync(join(tmpdir(), "lf-ckpt-"));
+      const models = join(dir, "models");
+      mkdirSync(models);
+      symlinkSync(join(FIXTURES, "tiny-sd15.safetensors"), join(models, "tiny-ckpt.safetensors"));
+      // Head counts of a tiny model cannot be inferred from its weights: A1111-style sidecar config.
+      writeFileSync(join(models, "tiny-ckpt.json"), JSON.stringify({ unetHeads: 8, textHeads: 4 }));
+      pipe = await pipelineFor(new ModelCatalog(models), "tiny-ckpt", [], {
+        cacheDir: join(dir, "cache"),
+        tokenizerDir: join(FIXTURES, "tiny-sd15", "tokenizer"),
+      });
     });
-  }
-});
+    after(async () => {
+      await pipe?.close();
+      rmSync(dir, { recursive: true, force: true });
+    });
+
+    const cases = existsSync(REF) ? (JSON.parse(readFileSync(join(REF, "cases.json"), "utf8")) as Array<Record<string, unknown>>) : [];
+    const RNG: Record<string, RngSource> = { CPU: RngSource.CPU, NV: RngSource.NV, GPU: RngSource.GPU };
+    for (const c of cases) {
+      test(`${c["id"] as string} within ±2 levels, with the A1111 model hash in the infotext`, async () => {
+        const expected = c["expected"] as string[];
+        for (let i = 0; i < expected.length; i++) {
+          const img = await render(
+            pipe,
+            {
+              prompt: c["prompt"],
+              negativePrompt: c["negative_prompt"],
+              samplerName: c["sampler_name"],
+              scheduler: c["scheduler"] ?? "",
+              steps: c["steps"],
+              cfgScale: c["cfg_scale"],
+              width: c["width"],
+              height: c["height"],
+              clipSkip: c["clip_skip"] ?? 1,
+              rng: RNG[c["rng"] as string],
+            },
+            BigInt((c["seed"] as number) + i),
+          );
+          const a = await sharp(img.png).raw().toBuffer();
+          const b = await sharp(join(REF, expected[i]!)).removeAlpha().raw().toBuffer();
+          let max = 0;
+          for (let k = 0; k < a.length; k++) max = Math.max(max, Math.abs(a[k]! - b[k]!));
+          assert.ok(max <= 2, `${expected[i]}: ${max} levels`);
+          assert.match(img.infotext, /Model hash: [0-9a-f]{10}, Model: tiny-ckpt/);
+        }
+      });
+    }
+  },
+);
 
 describe("LoRAs named in a prompt merge into the checkpoint", { concurrency: false }, () => {
   let dir: string;
@@ -92,7 +132,11 @@ describe("LoRAs named in a prompt merge into the checkpoint", { concurrency: fal
     const loras = join(dir, "loras");
     mkdirSync(loras);
     // A LoRA on one attention projection of the UNet and one of the text encoder.
-    const n = (shape: number[], v: number): TensorToWrite => ({ dtype: "F32", shape, data: Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, (_, i) => v * Math.sin(i + 1)) });
+    const n = (shape: number[], v: number): TensorToWrite => ({
+      dtype: "F32",
+      shape,
+      data: Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, (_, i) => v * Math.sin(i + 1)),
+    });
     const q = tiny.spec.unetChannels[0]!;
     const te = tiny.spec.textHidden;
     await writeSafetensors(join(loras, "style.safetensors"), {
@@ -115,8 +159,15 @@ describe("LoRAs named in a prompt merge into the checkpoint", { concurrency: fal
     const zero = await pipelineFor(catalog, "tiny", [{ name: "style", teWeight: 0, unetWeight: 0 }], opts);
     const one = await pipelineFor(catalog, "tiny", [{ name: "style", teWeight: 1, unetWeight: 1 }], opts);
     open.push(base, zero, one);
-    const b = await sharp((await render(base, params)).png).raw().toBuffer();
-    assert.deepEqual(await sharp((await render(zero, params)).png).raw().toBuffer(), b);
+    const b = await sharp((await render(base, params)).png)
+      .raw()
+      .toBuffer();
+    assert.deepEqual(
+      await sharp((await render(zero, params)).png)
+        .raw()
+        .toBuffer(),
+      b,
+    );
     const img = await render(one, params);
     assert.notDeepEqual(await sharp(img.png).raw().toBuffer(), b);
     assert.match(img.infotext, /Lora hashes: "style: [0-9a-f]{12}"/);
@@ -124,7 +175,10 @@ describe("LoRAs named in a prompt merge into the checkpoint", { concurrency: fal
 
   test("unknown, path-like and misplaced LoRAs get clear statuses", async () => {
     const fails = async (loras: LoraUse[], code: string, model = "tiny", o = opts) =>
-      assert.rejects(pipelineFor(catalog, model, loras, o), (e: unknown) => FarmError.from(e).codeName === code && /lora/.test(FarmError.from(e).message));
+      assert.rejects(
+        pipelineFor(catalog, model, loras, o),
+        (e: unknown) => FarmError.from(e).codeName === code && /lora/.test(FarmError.from(e).message),
+      );
     await fails([{ name: "nope", teWeight: 1, unetWeight: 1 }], "NOT_FOUND");
     await fails([{ name: "../style", teWeight: 1, unetWeight: 1 }], "INVALID_ARGUMENT");
     await fails([{ name: "/etc/passwd", teWeight: 1, unetWeight: 1 }], "INVALID_ARGUMENT");

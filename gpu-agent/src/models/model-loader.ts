@@ -3,7 +3,13 @@ import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, type Logger } from "@latentfarm/shared";
-import { importCheckpoint, importCheckpointWithLoras, loraAddnetHash, resolveNamedFile, type ArchitectureHints } from "../model-graph/index.js";
+import {
+  importCheckpoint,
+  importCheckpointWithLoras,
+  loraAddnetHash,
+  resolveNamedFile,
+  type ArchitectureHints,
+} from "../model-graph/index.js";
 import type { ExecutionProvider } from "../runtime/protocol.js";
 import type { ModelCatalog, ModelEntry } from "./catalog.js";
 import { SdModel } from "./sd-model.js";
@@ -23,7 +29,9 @@ export interface PipelineKey {
 
 /** A stable cache key: LoRAs sorted by name, weight-0 LoRAs dropped (they equal the base). */
 export function pipelineKey(model: string, loras: readonly LoraUse[]): string {
-  const active = loras.filter((l) => l.teWeight !== 0 || l.unetWeight !== 0).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  const active = loras
+    .filter((l) => l.teWeight !== 0 || l.unetWeight !== 0)
+    .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   return JSON.stringify({ model, loras: active } satisfies PipelineKey);
 }
 
@@ -74,12 +82,22 @@ async function hintsFor(entry: ModelEntry): Promise<ArchitectureHints> {
 }
 
 /** Loads a model (and merges LoRAs into it) as an ONNX Runtime pipeline. */
-export async function loadModel(catalog: ModelCatalog, key: PipelineKey, opts: ModelLoaderOptions, signal?: AbortSignal): Promise<LoadedModelInfo> {
+export async function loadModel(
+  catalog: ModelCatalog,
+  key: PipelineKey,
+  opts: ModelLoaderOptions,
+  signal?: AbortSignal,
+): Promise<LoadedModelInfo> {
   const entry = await catalog.get(key.model);
   const load = (path: string): Promise<SdModel> =>
     SdModel.load(
       { ...entry, path, format: "diffusers-onnx" },
-      { ep: opts.ep, logger: opts.logger, ...(opts.intraOpNumThreads ? { intraOpNumThreads: opts.intraOpNumThreads } : {}), ...(signal ? { signal } : {}) },
+      {
+        ep: opts.ep,
+        logger: opts.logger,
+        ...(opts.intraOpNumThreads ? { intraOpNumThreads: opts.intraOpNumThreads } : {}),
+        ...(signal ? { signal } : {}),
+      },
     );
   if (entry.format === "diffusers-onnx") {
     if (key.loras.length > 0) {
@@ -93,9 +111,13 @@ export async function loadModel(catalog: ModelCatalog, key: PipelineKey, opts: M
   }
   const tokenizerDir = opts.tokenizerDir ?? (await defaultTokenizer(catalog));
   if (!tokenizerDir) {
-    throw new FarmError(grpc.status.FAILED_PRECONDITION, "checkpoint models need a CLIP tokenizer: give the agent --tokenizer DIR (vocab.json + merges.txt)", {
-      field: "model",
-    });
+    throw new FarmError(
+      grpc.status.FAILED_PRECONDITION,
+      "checkpoint models need a CLIP tokenizer: give the agent --tokenizer DIR (vocab.json + merges.txt)",
+      {
+        field: "model",
+      },
+    );
   }
   const importOpts = { cacheDir: opts.cacheDir, tokenizerDir, ...(await hintsFor(entry)) };
   const warnings: string[] = [];
@@ -107,7 +129,8 @@ export async function loadModel(catalog: ModelCatalog, key: PipelineKey, opts: M
     dir = imported.dir;
     modelHash = imported.modelHash;
   } else {
-    if (!opts.lorasDir) throw new FarmError(grpc.status.FAILED_PRECONDITION, "this agent has no LoRA folder (--loras DIR)", { field: "loras" });
+    if (!opts.lorasDir)
+      throw new FarmError(grpc.status.FAILED_PRECONDITION, "this agent has no LoRA folder (--loras DIR)", { field: "loras" });
     const requests = [];
     for (const l of key.loras) {
       const path = await resolveNamedFile(opts.lorasDir, l.name, "lora");

@@ -1,4 +1,3 @@
-
 interface Slot<T> {
   value: Promise<T>;
   users: number;
@@ -69,13 +68,23 @@ export class PipelineCache<T extends { close(): Promise<void> }> {
       if (!idle) return;
       this.slots.delete(idle[0]);
       this.onChange?.(this.names);
-      await idle[1].value.then((v) => v.close(), () => undefined);
+      await idle[1].value.then(
+        (v) => v.close(),
+        () => undefined,
+      );
     }
   }
 
   async close(): Promise<void> {
     const all = [...this.slots.values()];
     this.slots.clear();
-    await Promise.all(all.map((s) => s.value.then((v) => v.close(), () => undefined)));
+    await Promise.all(
+      all.map((s) =>
+        s.value.then(
+          (v) => v.close(),
+          () => undefined,
+        ),
+      ),
+    );
   }
 }

@@ -11,7 +11,6 @@ import type { TextEncoder } from "../conditioning/index.js";
 
 const CLIP_LAYER_NORM_EPS = 1e-5;
 
-
 function own<T extends Float32Array | Int32Array | BigInt64Array | Uint16Array>(a: T): T {
   // Feeds are transferred to the worker, so each must own its whole buffer.
   return a.byteOffset === 0 && a.byteLength === a.buffer.byteLength ? a : (a.slice() as T);
@@ -69,7 +68,11 @@ export class SdModel {
     opts: { ep: ExecutionProvider; intraOpNumThreads?: number; logger: Logger; signal?: AbortSignal },
   ): Promise<SdModel> {
     if (entry.format !== "diffusers-onnx") {
-      throw new FarmError(grpc.status.UNIMPLEMENTED, `model "${entry.name}" is a ${entry.format} checkpoint; only diffusers ONNX folders load today`, { field: "model" });
+      throw new FarmError(
+        grpc.status.UNIMPLEMENTED,
+        `model "${entry.name}" is a ${entry.format} checkpoint; only diffusers ONNX folders load today`,
+        { field: "model" },
+      );
     }
     const dir = entry.path;
     for (const part of ["text_encoder", "unet", "vae_decoder", "tokenizer"]) {
@@ -90,7 +93,15 @@ export class SdModel {
         output: unet.outputs[0]?.name ?? "out_sample",
       };
       const textEncoder = await OnnxTextEncoder.create(worker, te, opts.signal);
-      return new SdModel(entry, config, join(dir, "tokenizer"), worker, { text_encoder: te, unet, vae_decoder: vae }, unetInputs, textEncoder);
+      return new SdModel(
+        entry,
+        config,
+        join(dir, "tokenizer"),
+        worker,
+        { text_encoder: te, unet, vae_decoder: vae },
+        unetInputs,
+        textEncoder,
+      );
     } catch (err) {
       await worker.close();
       throw err;
@@ -161,11 +172,20 @@ export class SdModel {
    * ⌊size/8⌋ for any size), not yet multiplied by the scaling factor. The encoder loads on first use,
    * so txt2img-only agents never pay for it.
    */
-  async vaeEncode(image: Float32Array, height: number, width: number, signal?: AbortSignal): Promise<{ latent: Float32Array; h: number; w: number }> {
+  async vaeEncode(
+    image: Float32Array,
+    height: number,
+    width: number,
+    signal?: AbortSignal,
+  ): Promise<{ latent: Float32Array; h: number; w: number }> {
     const path = join(this.entry.path, "vae_encoder", "model.onnx");
     if (this.vaeEncoderInfo === undefined) {
       if (!existsSync(path)) {
-        throw new FarmError(grpc.status.FAILED_PRECONDITION, `model "${this.entry.name}" lacks vae_encoder/ (needed for img2img and hires upscalers)`, { field: "model" });
+        throw new FarmError(
+          grpc.status.FAILED_PRECONDITION,
+          `model "${this.entry.name}" lacks vae_encoder/ (needed for img2img and hires upscalers)`,
+          { field: "model" },
+        );
       }
       this.vaeEncoderInfo = this.worker.load("vae_encoder", path, signal);
       this.vaeEncoderInfo.catch(() => (this.vaeEncoderInfo = undefined));
@@ -193,7 +213,12 @@ export class SdModel {
   }
 
   /** Runs a session loaded with loadAuxiliary; feeds are transferred like unet()'s. */
-  async runAuxiliary(path: string, feeds: Record<string, WireTensor>, outputs: string[], signal?: AbortSignal): Promise<Record<string, WireTensor>> {
+  async runAuxiliary(
+    path: string,
+    feeds: Record<string, WireTensor>,
+    outputs: string[],
+    signal?: AbortSignal,
+  ): Promise<Record<string, WireTensor>> {
     await this.loadAuxiliary(path, signal);
     return this.worker.run(`aux:${path}`, feeds, outputs, signal);
   }
@@ -250,7 +275,10 @@ class OnnxTextEncoder implements TextEncoder {
     const last = info.outputs.find((o) => o.name === "last_hidden_state") ?? info.outputs[0];
     if (!last) throw new FarmError(grpc.status.FAILED_PRECONDITION, "text_encoder has no outputs");
     const hiddenSize = Number(last.shape[last.shape.length - 1]);
-    const hs = info.outputs.map((o) => /^hidden_states\.(\d+)$/.exec(o.name)).filter((m) => m !== null).map((m) => Number(m[1]));
+    const hs = info.outputs
+      .map((o) => /^hidden_states\.(\d+)$/.exec(o.name))
+      .filter((m) => m !== null)
+      .map((m) => Number(m[1]));
     const layers = hs.length > 0 ? Math.max(...hs) : 0;
     const base = new OnnxTextEncoder(worker, idsType, ids.name, hiddenSize, layers, last.name, undefined, undefined);
     if (layers < 2 || !Number.isFinite(hiddenSize)) return base;
@@ -265,7 +293,12 @@ class OnnxTextEncoder implements TextEncoder {
 
   private async runRaw(batch: Int32Array, n: number, outputs: string[], signal?: AbortSignal): Promise<Record<string, Float32Array>> {
     const data = this.idsType === "int64" ? BigInt64Array.from(batch, (v) => BigInt(v)) : own(batch.slice());
-    const res = await this.worker.run("text_encoder", { [this.idsName]: { type: this.idsType, dims: [n, batch.length / n], data } }, outputs, signal);
+    const res = await this.worker.run(
+      "text_encoder",
+      { [this.idsName]: { type: this.idsType, dims: [n, batch.length / n], data } },
+      outputs,
+      signal,
+    );
     const out: Record<string, Float32Array> = {};
     for (const o of outputs) out[o] = readFloats(res[o]!);
     return out;
@@ -315,11 +348,17 @@ export function fitLayerNormAffine(h: Float32Array, y: Float32Array, d: number):
   const gamma = new Float32Array(d);
   const beta = new Float32Array(d);
   for (let j = 0; j < d; j++) {
-    let sx = 0, sy = 0, sxx = 0, sxy = 0;
+    let sx = 0,
+      sy = 0,
+      sxx = 0,
+      sxy = 0;
     for (let r = 0; r < rows; r++) {
       const xv = n[r * d + j]!;
       const yv = y[r * d + j]!;
-      sx += xv; sy += yv; sxx += xv * xv; sxy += xv * yv;
+      sx += xv;
+      sy += yv;
+      sxx += xv * xv;
+      sxy += xv * yv;
     }
     const g = (rows * sxy - sx * sy) / (rows * sxx - sx * sx);
     gamma[j] = g;

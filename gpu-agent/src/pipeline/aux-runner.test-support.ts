@@ -26,7 +26,8 @@ export function inProcessRunner(): AuxiliaryRunner & { runs: Map<string, number>
       for (const [k, v] of Object.entries(feeds)) f[k] = new ort.Tensor(v.type, v.data, v.dims);
       const out = await s.run(f, outputs);
       const r: Record<string, WireTensor> = {};
-      for (const o of outputs) r[o] = { type: out[o]!.type as WireTensor["type"], dims: [...out[o]!.dims], data: new Float32Array(out[o]!.data as Float32Array) };
+      for (const o of outputs)
+        r[o] = { type: out[o]!.type as WireTensor["type"], dims: [...out[o]!.dims], data: new Float32Array(out[o]!.data as Float32Array) };
       return r;
     },
   };

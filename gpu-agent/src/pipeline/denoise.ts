@@ -112,10 +112,16 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       r = gen.next(blend && !blend.beforeModel ? blendLatent(combined, blend) : combined);
     } else {
       if (blend && !blend.beforeModel) {
-        throw new FarmError(grpc.status.UNIMPLEMENTED, `${sampler.choice.sampler.name} cannot blend an inpainting mask into its denoised latent yet`, { field: "sampler_name" });
+        throw new FarmError(
+          grpc.status.UNIMPLEMENTED,
+          `${sampler.choice.sampler.name} cannot blend an inpainting mask into its denoised latent yet`,
+          { field: "sampler_name" },
+        );
       }
       if (vPred) {
-        throw new FarmError(grpc.status.UNIMPLEMENTED, `${sampler.choice.sampler.name} on v-prediction models is not implemented yet`, { field: "sampler_name" });
+        throw new FarmError(grpc.status.UNIMPLEMENTED, `${sampler.choice.sampler.name} on v-prediction models is not implemented yet`, {
+          field: "sampler_name",
+        });
       }
       const eUncond = outOf(uncond.tensor, uIdx);
       const eConds = conds.map((cd, k) => ({ denoised: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));
@@ -129,7 +135,13 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
 }
 
 /** VAE-decodes a latent [C,h,w] to RGB8 (A1111's truncation), returning pixels HWC. */
-export async function decodeLatent(pipe: LoadedPipeline, latent: Float32Array, h: number, w: number, signal: AbortSignal): Promise<Float32Array> {
+export async function decodeLatent(
+  pipe: LoadedPipeline,
+  latent: Float32Array,
+  h: number,
+  w: number,
+  signal: AbortSignal,
+): Promise<Float32Array> {
   const scaled = new Float32Array(latent.length);
   for (let i = 0; i < latent.length; i++) scaled[i] = latent[i]! / pipe.model.config.scalingFactor;
   return pipe.model.vaeDecode(scaled, h, w, signal);

@@ -14,7 +14,9 @@ const H = 128;
 // A face at scale 0.2 of the 512 template, rotated 10°, placed at (40, 20).
 const angle = (10 * Math.PI) / 180;
 const k = 0.2;
-const LANDMARKS: Point[] = FFHQ_TEMPLATE_512.map(([x, y]) => [k * (Math.cos(angle) * x - Math.sin(angle) * y) + 40, k * (Math.sin(angle) * x + Math.cos(angle) * y) + 20] as const);
+const LANDMARKS: Point[] = FFHQ_TEMPLATE_512.map(
+  ([x, y]) => [k * (Math.cos(angle) * x - Math.sin(angle) * y) + 40, k * (Math.sin(angle) * x + Math.cos(angle) * y) + 20] as const,
+);
 
 function smoothImage(): Image8 {
   const data = new Uint8Array(W * H * 3);
@@ -48,7 +50,11 @@ describe("CodeFormer face restoration with tiny generated models", () => {
   before(async () => {
     const scale = Math.min(640 / W, 640 / H);
     await writeTinyFaceDetector(join(dir, DETECTOR_FILE), [
-      { box: [80 * scale, 64 * scale, 100 * scale, 100 * scale], score: 0.9, landmarks: LANDMARKS.map(([x, y]) => [x * scale, y * scale] as const) },
+      {
+        box: [80 * scale, 64 * scale, 100 * scale, 100 * scale],
+        score: 0.9,
+        landmarks: LANDMARKS.map(([x, y]) => [x * scale, y * scale] as const),
+      },
     ]);
     await writeTinyCodeFormer(join(dir, CODEFORMER_FILE));
   });
@@ -88,7 +94,11 @@ describe("CodeFormer face restoration with tiny generated models", () => {
 
   test("missing model files are FAILED_PRECONDITION naming the file", () => {
     const empty = mkdtempSync(join(tmpdir(), "nofaces-"));
-    assert.throws(() => faceModelPaths(empty), (e: Error & { codeName?: string }) => e.codeName === "FAILED_PRECONDITION" && e.message.includes(DETECTOR_FILE) && e.message.includes("restore_faces"));
+    assert.throws(
+      () => faceModelPaths(empty),
+      (e: Error & { codeName?: string }) =>
+        e.codeName === "FAILED_PRECONDITION" && e.message.includes(DETECTOR_FILE) && e.message.includes("restore_faces"),
+    );
     assert.throws(() => faceModelPaths(undefined), /--face-models/);
   });
 });

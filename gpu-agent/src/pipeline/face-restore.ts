@@ -68,10 +68,17 @@ export function decodeYoloFaces(out: Float32Array, dims: readonly number[], scal
   for (let i = 0; i < n; i++) {
     const score = at(4, i);
     if (!(score > threshold)) continue;
-    const cx = at(0, i), cy = at(1, i), bw = at(2, i), bh = at(3, i);
+    const cx = at(0, i),
+      cy = at(1, i),
+      bw = at(2, i),
+      bh = at(3, i);
     const landmarks: Point[] = [];
     for (let k = 0; k < 5; k++) landmarks.push([at(5 + 3 * k, i) / scale, at(6 + 3 * k, i) / scale]);
-    candidates.push({ score, box: [(cx - bw / 2) / scale, (cy - bh / 2) / scale, (cx + bw / 2) / scale, (cy + bh / 2) / scale], landmarks });
+    candidates.push({
+      score,
+      box: [(cx - bw / 2) / scale, (cy - bh / 2) / scale, (cx + bw / 2) / scale, (cy + bh / 2) / scale],
+      landmarks,
+    });
   }
   candidates.sort((a, b) => b.score - a.score);
   const kept: DetectedFace[] = [];
@@ -110,23 +117,42 @@ export async function detectorInput(image: Image8, size = DETECTOR_SIZE): Promis
 /** The model files restore_faces needs; a missing one is FAILED_PRECONDITION naming it. */
 export function faceModelPaths(dir: string | undefined): { detector: string; codeformer: string } {
   if (!dir) {
-    throw new FarmError(grpc.status.FAILED_PRECONDITION, `restore_faces needs ${DETECTOR_FILE} and ${CODEFORMER_FILE}, but this agent has no face model folder (--face-models)`, { field: "restore_faces" });
+    throw new FarmError(
+      grpc.status.FAILED_PRECONDITION,
+      `restore_faces needs ${DETECTOR_FILE} and ${CODEFORMER_FILE}, but this agent has no face model folder (--face-models)`,
+      { field: "restore_faces" },
+    );
   }
   const detector = join(dir, DETECTOR_FILE);
   const codeformer = join(dir, CODEFORMER_FILE);
   for (const f of [detector, codeformer]) {
-    if (!existsSync(f)) throw new FarmError(grpc.status.FAILED_PRECONDITION, `face restoration model ${f} not found`, { field: "restore_faces" });
+    if (!existsSync(f))
+      throw new FarmError(grpc.status.FAILED_PRECONDITION, `face restoration model ${f} not found`, { field: "restore_faces" });
   }
   return { detector, codeformer };
 }
 
-export async function detectFaces(model: AuxiliaryRunner, path: string, image: Image8, signal: AbortSignal, options: DetectorOptions = {}): Promise<DetectedFace[]> {
+export async function detectFaces(
+  model: AuxiliaryRunner,
+  path: string,
+  image: Image8,
+  signal: AbortSignal,
+  options: DetectorOptions = {},
+): Promise<DetectedFace[]> {
   const info = await model.loadAuxiliary(path, signal);
   const input = info.inputs[0];
   const output = info.outputs[0];
-  if (!input || !output) throw new FarmError(grpc.status.FAILED_PRECONDITION, `face detector ${path} has no input or output`, { field: "restore_faces" });
+  if (!input || !output)
+    throw new FarmError(grpc.status.FAILED_PRECONDITION, `face detector ${path} has no input or output`, { field: "restore_faces" });
   const { tensor, scale } = await detectorInput(image);
-  const out = (await model.runAuxiliary(path, { [input.name]: { type: "float32", dims: [1, 3, DETECTOR_SIZE, DETECTOR_SIZE], data: tensor } }, [output.name], signal))[output.name]!;
+  const out = (
+    await model.runAuxiliary(
+      path,
+      { [input.name]: { type: "float32", dims: [1, 3, DETECTOR_SIZE, DETECTOR_SIZE], data: tensor } },
+      [output.name],
+      signal,
+    )
+  )[output.name]!;
   return decodeYoloFaces(out.data as Float32Array, out.dims, scale, options);
 }
 
@@ -136,13 +162,17 @@ export async function codeFormer(model: AuxiliaryRunner, path: string, face: Ima
   const image = info.inputs.find((i) => i.shape.length === 4) ?? info.inputs[0];
   const w = info.inputs.find((i) => i !== image);
   const output = info.outputs[0];
-  if (!image || !output) throw new FarmError(grpc.status.FAILED_PRECONDITION, `CodeFormer ${path} has no input or output`, { field: "restore_faces" });
-  const feeds: Record<string, WireTensor> = { [image.name]: { type: "float32", dims: [1, 3, face.height, face.width], data: faceToTensor(face) } };
+  if (!image || !output)
+    throw new FarmError(grpc.status.FAILED_PRECONDITION, `CodeFormer ${path} has no input or output`, { field: "restore_faces" });
+  const feeds: Record<string, WireTensor> = {
+    [image.name]: { type: "float32", dims: [1, 3, face.height, face.width], data: faceToTensor(face) },
+  };
   if (w) {
     // The worker hands (type, data) straight to ort.Tensor, which accepts float64; the wire type list lacks it.
-    feeds[w.name] = w.type === "float64"
-      ? { type: "float64" as TensorType, dims: [1], data: new Float64Array([weight]) as unknown as Float32Array }
-      : { type: "float32", dims: [1], data: new Float32Array([weight]) };
+    feeds[w.name] =
+      w.type === "float64"
+        ? { type: "float64" as TensorType, dims: [1], data: new Float64Array([weight]) as unknown as Float32Array }
+        : { type: "float32", dims: [1], data: new Float32Array([weight]) };
   }
   const out = (await model.runAuxiliary(path, feeds, [output.name], signal))[output.name]!;
   return tensorToFace(out.data as Float32Array, face.width, face.height);
@@ -150,7 +180,11 @@ export async function codeFormer(model: AuxiliaryRunner, path: string, face: Ima
 
 /** Detect, align, restore and paste back every face. */
 export async function restoreFaces(
-  model: AuxiliaryRunner, paths: { detector: string; codeformer: string }, image: Image8, weight: number, signal: AbortSignal,
+  model: AuxiliaryRunner,
+  paths: { detector: string; codeformer: string },
+  image: Image8,
+  weight: number,
+  signal: AbortSignal,
 ): Promise<{ image: Image8; faces: DetectedFace[] }> {
   const faces = await detectFaces(model, paths.detector, image, signal);
   const restored: RestoredFace[] = [];
@@ -165,7 +199,10 @@ export async function restoreFaces(
 
 /** The post-processing step of a task: a no-op unless restore_faces; returns the infotext value too. */
 export async function restoreFacesIfRequested(
-  pipe: LoadedPipeline, ctx: RenderContext, p: GenerationParams, image: Image8,
+  pipe: LoadedPipeline,
+  ctx: RenderContext,
+  p: GenerationParams,
+  image: Image8,
 ): Promise<{ image: Image8; infotext: string | undefined }> {
   if (!p.restoreFaces) return { image, infotext: undefined };
   const weight = p.codeFormerWeight ?? DEFAULT_CODEFORMER_WEIGHT;

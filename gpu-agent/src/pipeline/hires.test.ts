@@ -5,7 +5,16 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { create } from "@bufbuild/protobuf";
-import { RngSource, RunTaskRequestSchema, TaskStage, cropHandover, planTiles, silentLogger, type Handover, type Image } from "@latentfarm/shared";
+import {
+  RngSource,
+  RunTaskRequestSchema,
+  TaskStage,
+  cropHandover,
+  planTiles,
+  silentLogger,
+  type Handover,
+  type Image,
+} from "@latentfarm/shared";
 import { SdModel } from "../models/sd-model.js";
 import { tToSigma } from "../sampling/index.js";
 import { writeTinyCodeFormer, writeTinyFaceDetector, writeTinySrvggNet } from "../imaging/tiny-models.js";
@@ -21,7 +30,10 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
   let calls: Array<{ t: number; h: number; w: number }> = [];
   const upscalersDir = mkdtempSync(join(tmpdir(), "hires-up-"));
   before(async () => {
-    const model = await SdModel.load({ name: "tiny-sd15", format: "diffusers-onnx", path: join(FIXTURES, "tiny-sd15") }, { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 });
+    const model = await SdModel.load(
+      { name: "tiny-sd15", format: "diffusers-onnx", path: join(FIXTURES, "tiny-sd15") },
+      { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 },
+    );
     pipe = new LoadedPipeline(model, { maxBatchRows: 16 });
     const evaluate = pipe.batcher.evaluate.bind(pipe.batcher);
     pipe.batcher.evaluate = (req, signal) => {
@@ -38,13 +50,33 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
   after(async () => pipe?.close());
 
   const ctx: RenderContext = {
-    signal: new AbortController().signal, agentId: "t", onStep: () => {}, onWarning: () => {},
+    signal: new AbortController().signal,
+    agentId: "t",
+    onStep: () => {},
+    onWarning: () => {},
     resources: { upscalersDir, maxInputPixels: 1 << 24, maxInputBytes: 1 << 24 },
   };
   const request = (params: Record<string, unknown>) =>
     create(RunTaskRequestSchema, {
-      taskId: "h", jobId: "h", seed: 7n, subseed: 0n,
-      params: { prompt: "a castle", samplerName: "DPM++ 2M", scheduler: "Karras", steps: 20, cfgScale: 7, width: 64, height: 64, rng: RngSource.NV, model: "tiny-sd15", enableHr: true, hrScale: 1.5, denoisingStrength: 0.7, ...params },
+      taskId: "h",
+      jobId: "h",
+      seed: 7n,
+      subseed: 0n,
+      params: {
+        prompt: "a castle",
+        samplerName: "DPM++ 2M",
+        scheduler: "Karras",
+        steps: 20,
+        cfgScale: 7,
+        width: 64,
+        height: 64,
+        rng: RngSource.NV,
+        model: "tiny-sd15",
+        enableHr: true,
+        hrScale: 1.5,
+        denoisingStrength: 0.7,
+        ...params,
+      },
     });
 
   test("steps 20, denoise 0.7: the second pass runs exactly 20 steps from sigmas₂₈[8] = 3.82133 (Karras)", async () => {
@@ -52,7 +84,10 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
     const img = await renderTask(pipe, request({}), ctx);
     assert.equal(calls.length, 40, "20 first-pass + 20 second-pass calls (DPM++ 2M: one per step)");
     assert.ok(calls.slice(0, 20).every((c) => c.h === 8 && c.w === 8));
-    assert.ok(calls.slice(20).every((c) => c.h === 12 && c.w === 12), "second pass at 96×96 px");
+    assert.ok(
+      calls.slice(20).every((c) => c.h === 12 && c.w === 12),
+      "second pass at 96×96 px",
+    );
     const sigma = tToSigma(calls[20]!.t);
     assert.ok(Math.abs(sigma - 3.82133) < 1e-3, `second pass starts at σ ${sigma}`);
     assert.equal(img.width, 96);
@@ -63,7 +98,18 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
 
   test("hr_second_pass_steps, hr sampler and the latent modes; output sizes follow hr_resize", async () => {
     calls = [];
-    const img = await renderTask(pipe, request({ steps: 4, hrSecondPassSteps: 3, hrSamplerName: "Euler", hrUpscaler: "Latent (bicubic antialiased)", hrResizeX: 80, hrResizeY: 72 }), ctx);
+    const img = await renderTask(
+      pipe,
+      request({
+        steps: 4,
+        hrSecondPassSteps: 3,
+        hrSamplerName: "Euler",
+        hrUpscaler: "Latent (bicubic antialiased)",
+        hrResizeX: 80,
+        hrResizeY: 72,
+      }),
+      ctx,
+    );
     assert.equal(calls.length, 7);
     // Cover 80×72 keeping 1:1 → 80×80 → latent 10×10, cropped by (80−72)//8 = 1 row.
     assert.deepEqual([img.width, img.height], [80, 72]);
@@ -94,11 +140,19 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
     const restored = await renderTask(pipe, request({ enableHr: false, steps: 3, restoreFaces: true, codeFormerWeight: 0 }), faces);
     assert.notDeepEqual(restored.png, plain.png);
     assert.match(restored.infotext, /Seed: 7, Face restoration: CodeFormer, Size: 64x64/);
-    await assert.rejects(renderTask(pipe, request({ enableHr: false, steps: 3, restoreFaces: true }), ctx), (e: Error & { codeName?: string }) =>
-      e.codeName === "FAILED_PRECONDITION" && /restore_faces/.test(e.message));
+    await assert.rejects(
+      renderTask(pipe, request({ enableHr: false, steps: 3, restoreFaces: true }), ctx),
+      (e: Error & { codeName?: string }) => e.codeName === "FAILED_PRECONDITION" && /restore_faces/.test(e.message),
+    );
   });
 
-  const stage = async (params: Record<string, unknown>, st: TaskStage, inputs: Handover[] = [], extra: Record<string, unknown> = {}, steps?: Array<[number, number]>) => {
+  const stage = async (
+    params: Record<string, unknown>,
+    st: TaskStage,
+    inputs: Handover[] = [],
+    extra: Record<string, unknown> = {},
+    steps?: Array<[number, number]>,
+  ) => {
     const c = steps ? { ...ctx, onStep: (k: number, n: number) => steps.push([k, n]) } : ctx;
     return runTask(pipe, create(RunTaskRequestSchema, { ...request(params), stage: st, inputs, ...extra }), c);
   };
@@ -139,7 +193,8 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
       const tiles = { width: 96, height: 96, tileWidth: layout.tileWidth, tileHeight: layout.tileHeight, xs: layout.xs, ys: layout.ys };
       const runTiles = async (order: number[]) => {
         const out: Handover[] = [];
-        for (const i of order) out[i] = handover(await stage(params, TaskStage.SECOND_PASS_TILE, [cropHandover(up, layout.tiles[i]!)], { tileIndex: i }));
+        for (const i of order)
+          out[i] = handover(await stage(params, TaskStage.SECOND_PASS_TILE, [cropHandover(up, layout.tiles[i]!)], { tileIndex: i }));
         return out;
       };
       const a = image(await stage(params, TaskStage.ASSEMBLE, await runTiles([0, 1, 2, 3]), { tiles }));

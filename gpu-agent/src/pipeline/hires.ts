@@ -92,7 +92,16 @@ function hiresSetup(pipe: LoadedPipeline, req: RunTaskRequest): HiresSetup {
   }
   const width = target?.firstPass.width ?? b.width;
   const height = target?.firstPass.height ?? b.height;
-  return { b, target, width, height, h: height / 8, w: width / 8, strength: p.denoisingStrength ?? DEFAULT_DENOISING_STRENGTH, hrSteps: p.hrSecondPassSteps || b.steps };
+  return {
+    b,
+    target,
+    width,
+    height,
+    h: height / 8,
+    w: width / 8,
+    strength: p.denoisingStrength ?? DEFAULT_DENOISING_STRENGTH,
+    hrSteps: p.hrSecondPassSteps || b.steps,
+  };
 }
 
 function requireTarget(s: HiresSetup): HiresTarget {
@@ -134,8 +143,7 @@ function secondPassSampler(s: HiresSetup, h: number, w: number, seed: number, no
 
 /** The first pass's output as the second pass starts from it: a latent, or the decoded 8-bit image. */
 export type FirstPassOutput =
-  | { kind: "latent"; latent: Float32Array; h: number; w: number }
-  | { kind: "rgb"; rgb: Uint8Array; width: number; height: number };
+  { kind: "latent"; latent: Float32Array; h: number; w: number } | { kind: "rgb"; rgb: Uint8Array; width: number; height: number };
 
 export function firstPassHandover(out: FirstPassOutput, channels: number): Handover {
   return out.kind === "latent" ? latentHandover(out.latent, [1, channels, out.h, out.w]) : rgbHandover(out.rgb, out.width, out.height);
@@ -159,7 +167,10 @@ function firstPassFromHandover(s: HiresSetup, h: Handover | undefined, channels:
 
 /** Runs the first pass; its output is what the upscaler needs (A1111 decodes before a pixel upscaler). */
 async function runFirstPass(
-  pipe: LoadedPipeline, s: HiresSetup, ctx: RenderContext, onStep: (step: number) => void,
+  pipe: LoadedPipeline,
+  s: HiresSetup,
+  ctx: RenderContext,
+  onStep: (step: number) => void,
 ): Promise<{ latent: Float32Array; sampler: PreparedSampling }> {
   const { b } = s;
   const rng = imageRngFor(b, s.h, s.w);
@@ -167,7 +178,16 @@ async function runFirstPass(
   const sampler = firstPassSampler(s, () => rng.next());
   if (s.target) secondPassSampler(s, s.target.secondPassLatent.height, s.target.secondPassLatent.width, b.seed);
   const cond = await conditioningFor(pipe, ctx, b, b.p.prompt, b.p.negativePrompt, sampler);
-  const latent = await denoise(pipe, { sampler, cond, cfgScale: b.cfgScale, h: s.h, w: s.w, start: sampler.startLatent(rng.first()), signal: ctx.signal, onStep });
+  const latent = await denoise(pipe, {
+    sampler,
+    cond,
+    cfgScale: b.cfgScale,
+    h: s.h,
+    w: s.w,
+    start: sampler.startLatent(rng.first()),
+    signal: ctx.signal,
+    onStep,
+  });
   return { latent, sampler };
 }
 
@@ -178,7 +198,11 @@ async function firstPassOutput(pipe: LoadedPipeline, s: HiresSetup, ctx: RenderC
 
 /** The upscaled and cropped latent the (untiled) second pass starts from, with its size. */
 export async function upscaleForSecondPass(
-  pipe: LoadedPipeline, b: TaskBasics, ctx: RenderContext, source: FirstPassOutput, target: HiresTarget,
+  pipe: LoadedPipeline,
+  b: TaskBasics,
+  ctx: RenderContext,
+  source: FirstPassOutput,
+  target: HiresTarget,
 ): Promise<{ latent: Float32Array; h: number; w: number }> {
   const C = pipe.model.config.latentChannels;
   let up: Float32Array;
@@ -199,16 +223,32 @@ export async function upscaleForSecondPass(
 }
 
 async function upscalePixels(
-  pipe: LoadedPipeline, b: TaskBasics, ctx: RenderContext, source: Extract<FirstPassOutput, { kind: "rgb" }>, target: HiresTarget,
+  pipe: LoadedPipeline,
+  b: TaskBasics,
+  ctx: RenderContext,
+  source: Extract<FirstPassOutput, { kind: "rgb" }>,
+  target: HiresTarget,
 ) {
   const upscaler = await resolveUpscaler(pipe.model, upscalerName(b)!, resourcesOf(ctx), "hr_upscaler", ctx.signal);
-  return upscaleImage({ width: source.width, height: source.height, channels: 3, data: source.rgb }, target.upscaleTo, upscaler, ctx.signal);
+  return upscaleImage(
+    { width: source.width, height: source.height, channels: 3, data: source.rgb },
+    target.upscaleTo,
+    upscaler,
+    ctx.signal,
+  );
 }
 
 /** Face restoration, infotext and PNG of a finished hires image (untiled or assembled, the same). */
 async function finishHires(
-  pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext, s: HiresSetup, sampler1: PreparedSampling, sampler2: PreparedSampling | undefined,
-  rgb: Uint8Array, outW: number, outH: number,
+  pipe: LoadedPipeline,
+  req: RunTaskRequest,
+  ctx: RenderContext,
+  s: HiresSetup,
+  sampler1: PreparedSampling,
+  sampler2: PreparedSampling | undefined,
+  rgb: Uint8Array,
+  outW: number,
+  outH: number,
 ): Promise<Image> {
   const { b } = s;
   const { p } = b;
@@ -238,14 +278,23 @@ async function finishHires(
     ...base,
     denoisingStrength: sampler2 ? s.strength : undefined,
     faceRestoration: restored.infotext,
-    extra: [...hiresExtras, ...samplerExtras(sampler1), ...(sampler2 ? samplerExtras(sampler2).filter(([k]) => !(base.extra ?? []).some(([e]) => e === k)) : [])],
+    extra: [
+      ...hiresExtras,
+      ...samplerExtras(sampler1),
+      ...(sampler2 ? samplerExtras(sampler2).filter(([k]) => !(base.extra ?? []).some(([e]) => e === k)) : []),
+    ],
   });
   return finishImage(req, ctx, restored.image.data, outW, outH, infotext);
 }
 
 /** The untiled second pass from the first pass's output, to the finished image. */
 async function runSecondPass(
-  pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext, s: HiresSetup, sampler1: PreparedSampling, source: FirstPassOutput,
+  pipe: LoadedPipeline,
+  req: RunTaskRequest,
+  ctx: RenderContext,
+  s: HiresSetup,
+  sampler1: PreparedSampling,
+  source: FirstPassOutput,
   onStep: (step: number) => void,
 ): Promise<Image> {
   const { b } = s;
@@ -254,9 +303,20 @@ async function runSecondPass(
   const up = await upscaleForSecondPass(pipe, b, ctx, source, target);
   const rng = imageRngFor(b, up.h, up.w);
   const sampler2 = secondPassSampler(s, up.h, up.w, b.seed, () => rng.next());
-  const cond = await conditioningFor(pipe, ctx, b, p.hrPrompt || p.prompt, p.hrNegativePrompt || p.negativePrompt, sampler2, { prompt: "hr_prompt" });
+  const cond = await conditioningFor(pipe, ctx, b, p.hrPrompt || p.prompt, p.hrNegativePrompt || p.negativePrompt, sampler2, {
+    prompt: "hr_prompt",
+  });
   const start = sampler2.startLatent(rng.first(), up.latent);
-  const latent = await denoise(pipe, { sampler: sampler2, cond, cfgScale: b.cfgScale, h: up.h, w: up.w, start, signal: ctx.signal, onStep });
+  const latent = await denoise(pipe, {
+    sampler: sampler2,
+    cond,
+    cfgScale: b.cfgScale,
+    h: up.h,
+    w: up.w,
+    start,
+    signal: ctx.signal,
+    onStep,
+  });
   const rgb = await decodeToRgb(pipe, latent, up.h, up.w, ctx.signal);
   return finishHires(pipe, req, ctx, s, sampler1, sampler2, rgb, up.w * 8, up.h * 8);
 }
@@ -314,7 +374,13 @@ export async function runHiresStage(pipe: LoadedPipeline, req: RunTaskRequest, c
  * (latent upscalers), or the upscaled image cropped to it in whole latent cells (pixel upscalers;
  * each tile encodes its own crop, as Ultimate SD Upscale does).
  */
-async function upscaleForTiles(pipe: LoadedPipeline, s: HiresSetup, ctx: RenderContext, source: FirstPassOutput, target: HiresTarget): Promise<Handover> {
+async function upscaleForTiles(
+  pipe: LoadedPipeline,
+  s: HiresSetup,
+  ctx: RenderContext,
+  source: FirstPassOutput,
+  target: HiresTarget,
+): Promise<Handover> {
   const C = pipe.model.config.latentChannels;
   if (source.kind === "latent") {
     const up = await upscaleForSecondPass(pipe, s.b, ctx, source, target);
@@ -326,7 +392,8 @@ async function upscaleForTiles(pipe: LoadedPipeline, s: HiresSetup, ctx: RenderC
   const y0 = target.latentCrop.top * f;
   const W = target.final.width;
   const H = target.final.height;
-  if (x0 + W > img.width || y0 + H > img.height) throw new RangeError(`upscaled ${img.width}x${img.height} cannot hold ${W}x${H}+${x0}+${y0}`);
+  if (x0 + W > img.width || y0 + H > img.height)
+    throw new RangeError(`upscaled ${img.width}x${img.height} cannot hold ${W}x${H}+${x0}+${y0}`);
   const out = new Uint8Array(W * H * 3);
   for (let y = 0; y < H; y++) out.set(img.data.subarray(((y0 + y) * img.width + x0) * 3, ((y0 + y) * img.width + x0 + W) * 3), y * W * 3);
   return rgbHandover(out, W, H);
@@ -347,16 +414,28 @@ async function runTile(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCon
     [h, w] = [l.shape[2], l.shape[3]];
   } else {
     const img = readRgb(input);
-    if (img.width % 8 !== 0 || img.height % 8 !== 0) throw FarmError.invalid("inputs", `tile ${img.width}x${img.height} is not on the latent grid`);
+    if (img.width % 8 !== 0 || img.height % 8 !== 0)
+      throw FarmError.invalid("inputs", `tile ${img.width}x${img.height} is not on the latent grid`);
     const enc = await encodeRgb(pipe, img.data, img.width, img.height, ctx.signal);
     ({ latent, h, w } = enc);
   }
   const seed = tileSeed(b.seed, req.tileIndex, "same");
   const rng = imageRngFor({ ...b, seed }, h, w);
   const sampler = secondPassSampler(s, h, w, seed, () => rng.next());
-  const cond = await conditioningFor(pipe, ctx, b, p.hrPrompt || p.prompt, p.hrNegativePrompt || p.negativePrompt, sampler, { prompt: "hr_prompt" });
+  const cond = await conditioningFor(pipe, ctx, b, p.hrPrompt || p.prompt, p.hrNegativePrompt || p.negativePrompt, sampler, {
+    prompt: "hr_prompt",
+  });
   const start = sampler.startLatent(rng.first(), latent);
-  const out = await denoise(pipe, { sampler, cond, cfgScale: b.cfgScale, h, w, start, signal: ctx.signal, onStep: (k) => ctx.onStep(k, s.hrSteps) });
+  const out = await denoise(pipe, {
+    sampler,
+    cond,
+    cfgScale: b.cfgScale,
+    h,
+    w,
+    start,
+    signal: ctx.signal,
+    onStep: (k) => ctx.onStep(k, s.hrSteps),
+  });
   return rgbHandover(await decodeToRgb(pipe, out, h, w, ctx.signal), w * 8, h * 8);
 }
 
@@ -365,7 +444,10 @@ async function assemble(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCo
   const plan = req.tiles;
   if (!plan) throw FarmError.invalid("tiles", "ASSEMBLE needs the tile layout");
   if (plan.width !== target.final.width || plan.height !== target.final.height) {
-    throw FarmError.invalid("tiles", `layout ${plan.width}x${plan.height} is not the second pass's ${target.final.width}x${target.final.height}`);
+    throw FarmError.invalid(
+      "tiles",
+      `layout ${plan.width}x${plan.height} is not the second pass's ${target.final.width}x${target.final.height}`,
+    );
   }
   let layout;
   try {
@@ -373,12 +455,14 @@ async function assemble(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCo
   } catch (err) {
     throw FarmError.invalid("tiles", (err as Error).message);
   }
-  if (req.inputs.length !== layout.tiles.length) throw FarmError.invalid("inputs", `${layout.tiles.length} tiles, ${req.inputs.length} results`);
+  if (req.inputs.length !== layout.tiles.length)
+    throw FarmError.invalid("inputs", `${layout.tiles.length} tiles, ${req.inputs.length} results`);
   const blender = new TileBlender(layout, 3);
   for (const t of layout.tiles) {
     checkAborted(ctx.signal);
     const img = readRgb(req.inputs[t.index], `inputs[${t.index}]`);
-    if (img.width !== t.width || img.height !== t.height) throw FarmError.invalid(`inputs[${t.index}]`, `tile is ${img.width}x${img.height}, layout says ${t.width}x${t.height}`);
+    if (img.width !== t.width || img.height !== t.height)
+      throw FarmError.invalid(`inputs[${t.index}]`, `tile is ${img.width}x${img.height}, layout says ${t.width}x${t.height}`);
     blender.add(t.index, img.data);
   }
   const rgb = blender.resultUint8();

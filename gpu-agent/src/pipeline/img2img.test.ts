@@ -31,7 +31,11 @@ function gradient(width: number, height: number): Uint8Array {
 }
 
 async function png(rgb: Uint8Array, width: number, height: number): Promise<Uint8Array> {
-  return new Uint8Array(await sharp(rgb, { raw: { width, height, channels: 3 } }).png().toBuffer());
+  return new Uint8Array(
+    await sharp(rgb, { raw: { width, height, channels: 3 } })
+      .png()
+      .toBuffer(),
+  );
 }
 
 function crc32(buf: Uint8Array): number {
@@ -70,7 +74,10 @@ function pngBomb(): Uint8Array {
 test("VAE input is 2·v/255 − 1 per channel plane", () => {
   const x = rgbToVaeInput(Uint8Array.from([0, 255, 51, 102, 153, 204]), 2, 1);
   // Pixels (0,255,51) and (102,153,204) → R, G, B planes.
-  assert.deepEqual([...x].map((v) => Math.round(v * 1000) / 1000), [-1, -0.2, 1, 0.2, -0.6, 0.6]);
+  assert.deepEqual(
+    [...x].map((v) => Math.round(v * 1000) / 1000),
+    [-1, -0.2, 1, 0.2, -0.6, 0.6],
+  );
 });
 
 describe("img2img on the tiny fixture model", { skip, concurrency: false }, () => {
@@ -78,7 +85,10 @@ describe("img2img on the tiny fixture model", { skip, concurrency: false }, () =
   let calls: Array<{ t: number; x: Float32Array }> = [];
   let initPng: Uint8Array;
   before(async () => {
-    const model = await SdModel.load({ name: "tiny-sd15", format: "diffusers-onnx", path: join(FIXTURES, "tiny-sd15") }, { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 });
+    const model = await SdModel.load(
+      { name: "tiny-sd15", format: "diffusers-onnx", path: join(FIXTURES, "tiny-sd15") },
+      { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 },
+    );
     pipe = new LoadedPipeline(model, { maxBatchRows: 16 });
     const evaluate = pipe.batcher.evaluate.bind(pipe.batcher);
     pipe.batcher.evaluate = (req, signal) => {
@@ -90,12 +100,31 @@ describe("img2img on the tiny fixture model", { skip, concurrency: false }, () =
   after(async () => pipe?.close());
 
   const ctx = (resources?: RenderContext["resources"]): RenderContext => ({
-    signal: new AbortController().signal, agentId: "t", onStep: () => {}, onWarning: () => {}, ...(resources && { resources }),
+    signal: new AbortController().signal,
+    agentId: "t",
+    onStep: () => {},
+    onWarning: () => {},
+    ...(resources && { resources }),
   });
   const request = (params: Record<string, unknown>) =>
     create(RunTaskRequestSchema, {
-      taskId: "i", jobId: "i", seed: 42n, subseed: 0n,
-      params: { prompt: "a castle", samplerName: "Euler a", steps: 20, cfgScale: 7, width: 64, height: 64, rng: RngSource.NV, model: "tiny-sd15", initImages: [initPng], denoisingStrength: 0.75, ...params },
+      taskId: "i",
+      jobId: "i",
+      seed: 42n,
+      subseed: 0n,
+      params: {
+        prompt: "a castle",
+        samplerName: "Euler a",
+        steps: 20,
+        cfgScale: 7,
+        width: 64,
+        height: 64,
+        rng: RngSource.NV,
+        model: "tiny-sd15",
+        initImages: [initPng],
+        denoisingStrength: 0.75,
+        ...params,
+      },
     });
 
   test("strength 0.75 × 20 steps: 16 model calls, the first at σ = 4.85565 on init latent + noise·σ", async () => {
@@ -145,13 +174,13 @@ describe("img2img on the tiny fixture model", { skip, concurrency: false }, () =
   };
 
   test("bad init images are INVALID_ARGUMENT naming init_images, and the agent keeps serving", async () => {
-    await assert.rejects(renderTask(pipe, request({ initImages: [Uint8Array.from([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])] }), ctx()), invalid(/PNG|format/i));
+    await assert.rejects(
+      renderTask(pipe, request({ initImages: [Uint8Array.from([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])] }), ctx()),
+      invalid(/PNG|format/i),
+    );
     const truncated = initPng.slice(0, 60);
     await assert.rejects(renderTask(pipe, request({ initImages: [truncated] }), ctx()), invalid(/decode|image/i));
-    await assert.rejects(
-      renderTask(pipe, request({}), ctx({ maxInputPixels: 1000, maxInputBytes: 1 << 20 })),
-      invalid(/pixel/i),
-    );
+    await assert.rejects(renderTask(pipe, request({}), ctx({ maxInputPixels: 1000, maxInputBytes: 1 << 20 })), invalid(/pixel/i));
     await assert.rejects(renderTask(pipe, request({}), ctx({ maxInputPixels: 1 << 24, maxInputBytes: 100 })), invalid(/bytes/i));
     await assert.rejects(renderTask(pipe, request({ initImages: [pngBomb()] }), ctx()), invalid(/pixel/i));
     const ok = await renderTask(pipe, request({ steps: 4 }), ctx());

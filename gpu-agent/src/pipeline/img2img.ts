@@ -7,13 +7,7 @@ import * as grpc from "@grpc/grpc-js";
 import sharp from "sharp";
 import { FarmError, type Image, type RunTaskRequest } from "@latentfarm/shared";
 import { prepareSampling } from "../sampling/index.js";
-import {
-  composeOnCanvas,
-  decodeImage,
-  interpolate,
-  planImg2imgResize,
-  type Image8,
-} from "../imaging/index.js";
+import { composeOnCanvas, decodeImage, interpolate, planImg2imgResize, type Image8 } from "../imaging/index.js";
 import { checkAborted, denoise } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import type { RenderContext } from "./txt2img.js";
@@ -74,7 +68,12 @@ export async function placeOnCanvas(img: Image8, mode: number, width: number, he
  * upscale)" encodes the picture at its own size and bilinearly resizes the latent instead.
  */
 export async function encodeInit(
-  pipe: LoadedPipeline, picture: Image8, mode: number, width: number, height: number, signal: AbortSignal,
+  pipe: LoadedPipeline,
+  picture: Image8,
+  mode: number,
+  width: number,
+  height: number,
+  signal: AbortSignal,
 ): Promise<Float32Array> {
   const C = pipe.model.config.latentChannels;
   const h = Math.floor(height / 8);
@@ -91,7 +90,11 @@ export async function renderImg2img(pipe: LoadedPipeline, req: RunTaskRequest, c
   const C = pipe.model.config.latentChannels;
   const inpaintingUnet = takesInpaintingConditioning(pipe);
   if (pipe.model.unetInChannels !== C && !inpaintingUnet) {
-    throw new FarmError(grpc.status.FAILED_PRECONDITION, `model "${pipe.name}" has a ${pipe.model.unetInChannels}-channel UNet, which this farm cannot condition`, { field: "model" });
+    throw new FarmError(
+      grpc.status.FAILED_PRECONDITION,
+      `model "${pipe.name}" has a ${pipe.model.unetInChannels}-channel UNet, which this farm cannot condition`,
+      { field: "model" },
+    );
   }
   const inpaint = p.mask.length > 0 ? inpaintSettings(p) : undefined;
   const maskWeight = inpaint?.maskWeight ?? inpaintingMaskWeight(p);
@@ -130,7 +133,14 @@ export async function renderImg2img(pipe: LoadedPipeline, req: RunTaskRequest, c
   // A1111 img2img: noise = rng.next() (the first draw), scaled by initial_noise_multiplier inside startLatent.
   const start = sampler.startLatent(imageRng.next(), init);
   let latent = await denoise(pipe, {
-    sampler, cond, cfgScale: b.cfgScale, h, w, start, signal: ctx.signal, onStep: ctx.onStep,
+    sampler,
+    cond,
+    cfgScale: b.cfgScale,
+    h,
+    w,
+    start,
+    signal: ctx.signal,
+    onStep: ctx.onStep,
     ...(imageCond && { imageCond }),
     ...(prepared?.maskBlend && { maskBlend: prepared.maskBlend }),
   });

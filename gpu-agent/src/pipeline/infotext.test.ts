@@ -51,5 +51,11 @@ test("values with commas, colons or newlines are JSON-quoted; non-default RNG, c
 });
 
 test("a key whose value equals the key is written alone", () => {
-  assert.equal(formatInfotext("p", "", [["Tiling", "Tiling"], ["Steps", 1]]), "p\nTiling, Steps: 1");
+  assert.equal(
+    formatInfotext("p", "", [
+      ["Tiling", "Tiling"],
+      ["Steps", 1],
+    ]),
+    "p\nTiling, Steps: 1",
+  );
 });

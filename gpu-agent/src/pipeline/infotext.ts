@@ -71,7 +71,10 @@ export function buildInfotext(f: InfotextFields): string {
     ["Model", f.model],
     ["Variation seed", variation ? f.subseed : undefined],
     ["Variation seed strength", variation ? f.subseedStrength : undefined],
-    ["Seed resize from", f.seedResizeFrom && f.seedResizeFrom.w > 0 && f.seedResizeFrom.h > 0 ? `${f.seedResizeFrom.w}x${f.seedResizeFrom.h}` : undefined],
+    [
+      "Seed resize from",
+      f.seedResizeFrom && f.seedResizeFrom.w > 0 && f.seedResizeFrom.h > 0 ? `${f.seedResizeFrom.w}x${f.seedResizeFrom.h}` : undefined,
+    ],
     ["Denoising strength", f.denoisingStrength],
     ["Conditional mask weight", f.conditionalMaskWeight],
     ["Clip skip", f.clipSkip !== undefined && f.clipSkip > 1 ? f.clipSkip : undefined],

@@ -35,10 +35,7 @@ const isLatin1 = (s: string): boolean => [...s].every((c) => c.codePointAt(0)! <
 export function textChunk(keyword: string, text: string): Buffer {
   if (isLatin1(text)) return chunk("tEXt", Buffer.concat([Buffer.from(keyword, "latin1"), Buffer.from([0]), Buffer.from(text, "latin1")]));
   // keyword \0 compression-flag compression-method language \0 translated-keyword \0 text
-  return chunk(
-    "iTXt",
-    Buffer.concat([Buffer.from(keyword, "latin1"), Buffer.from([0, 0, 0, 0, 0]), Buffer.from(text, "utf8")]),
-  );
+  return chunk("iTXt", Buffer.concat([Buffer.from(keyword, "latin1"), Buffer.from([0, 0, 0, 0, 0]), Buffer.from(text, "utf8")]));
 }
 
 /** Inserts text chunks right after IHDR, where readers find them before the image data. */
@@ -91,6 +88,8 @@ export function toRgb8(image: Float32Array, width: number, height: number): Uint
 }
 
 export async function encodePng(rgb: Uint8Array, width: number, height: number, infotext: string): Promise<Buffer> {
-  const png = await sharp(rgb, { raw: { width, height, channels: 3 } }).png({ compressionLevel: 6 }).toBuffer();
+  const png = await sharp(rgb, { raw: { width, height, channels: 3 } })
+    .png({ compressionLevel: 6 })
+    .toBuffer();
   return withTextChunks(png, { parameters: infotext });
 }

@@ -5,14 +5,7 @@
  */
 import * as grpc from "@grpc/grpc-js";
 import { create } from "@bufbuild/protobuf";
-import {
-  FarmError,
-  ImageSchema,
-  RngSource as WireRng,
-  type GenerationParams,
-  type Image,
-  type RunTaskRequest,
-} from "@latentfarm/shared";
+import { FarmError, ImageSchema, RngSource as WireRng, type GenerationParams, type Image, type RunTaskRequest } from "@latentfarm/shared";
 import { ImageRng, type PreparedSampling, type SamplingSettings } from "../sampling/index.js";
 import type { PreparedConditioning } from "../conditioning/index.js";
 import { ImageInputError } from "../imaging/index.js";
@@ -89,15 +82,29 @@ export function imageRngFor(b: TaskBasics, h: number, w: number): ImageRng {
 }
 
 export async function conditioningFor(
-  pipe: LoadedPipeline, ctx: RenderContext, b: TaskBasics, prompt: string, negativePrompt: string, sampler: PreparedSampling,
+  pipe: LoadedPipeline,
+  ctx: RenderContext,
+  b: TaskBasics,
+  prompt: string,
+  negativePrompt: string,
+  sampler: PreparedSampling,
   fields: { prompt: string } = { prompt: "prompt" },
 ): Promise<PreparedConditioning> {
   const conditioner = await pipe.conditioner();
   checkAborted(ctx.signal);
-  const cond = await conditioner.prepare({ prompt, negativePrompt, steps: sampler.promptScheduleSteps, clipSkip: b.clipSkip, signal: ctx.signal });
+  const cond = await conditioner.prepare({
+    prompt,
+    negativePrompt,
+    steps: sampler.promptScheduleSteps,
+    clipSkip: b.clipSkip,
+    signal: ctx.signal,
+  });
   for (const u of cond.extraNetworks.unknown) ctx.onWarning(`unknown extra network tag ${u.raw} removed from the prompt`);
   if (cond.extraNetworks.networks.length > 0) {
-    throw FarmError.unimplemented(fields.prompt, `LoRA tags (<lora:${cond.extraNetworks.networks[0]!.name}:…>) are not implemented by this farm yet`);
+    throw FarmError.unimplemented(
+      fields.prompt,
+      `LoRA tags (<lora:${cond.extraNetworks.networks[0]!.name}:…>) are not implemented by this farm yet`,
+    );
   }
   return cond;
 }
@@ -109,7 +116,13 @@ export function asFarmError(err: unknown): unknown {
 }
 
 /** VAE decode with A1111's truncation to 8-bit RGB (HWC). */
-export async function decodeToRgb(pipe: LoadedPipeline, latent: Float32Array, h: number, w: number, signal: AbortSignal): Promise<Uint8Array> {
+export async function decodeToRgb(
+  pipe: LoadedPipeline,
+  latent: Float32Array,
+  h: number,
+  w: number,
+  signal: AbortSignal,
+): Promise<Uint8Array> {
   const scaled = new Float32Array(latent.length);
   for (let i = 0; i < latent.length; i++) scaled[i] = latent[i]! / pipe.model.config.scalingFactor;
   const image = await pipe.model.vaeDecode(scaled, h, w, signal);
@@ -129,7 +142,11 @@ export function rgbToVaeInput(rgb: Uint8Array, width: number, height: number): F
 
 /** Posterior mean × scaling factor (the latent samplers work on), with its latent size. */
 export async function encodeRgb(
-  pipe: LoadedPipeline, rgb: Uint8Array, width: number, height: number, signal: AbortSignal,
+  pipe: LoadedPipeline,
+  rgb: Uint8Array,
+  width: number,
+  height: number,
+  signal: AbortSignal,
 ): Promise<{ latent: Float32Array; h: number; w: number }> {
   const { latent, h, w } = await pipe.model.vaeEncode(rgbToVaeInput(rgb, width, height), height, width, signal);
   const k = pipe.model.config.scalingFactor;
@@ -150,7 +167,12 @@ export function a1111Infotext(f: A1111InfotextFields): string {
 }
 
 /** The infotext fields every pass shares, from the request and the (first-pass) sampler. */
-export function baseInfotext(pipe: LoadedPipeline, b: TaskBasics, sampler: PreparedSampling, size: { width: number; height: number }): A1111InfotextFields {
+export function baseInfotext(
+  pipe: LoadedPipeline,
+  b: TaskBasics,
+  sampler: PreparedSampling,
+  size: { width: number; height: number },
+): A1111InfotextFields {
   return {
     prompt: b.p.prompt,
     negativePrompt: b.p.negativePrompt,
@@ -177,8 +199,24 @@ export function samplerExtras(sampler: PreparedSampling): Array<[string, Infotex
 }
 
 /** PNG with the infotext, as the task's Image. */
-export async function finishImage(req: RunTaskRequest, ctx: RenderContext, rgb: Uint8Array, width: number, height: number, infotext: string): Promise<Image> {
+export async function finishImage(
+  req: RunTaskRequest,
+  ctx: RenderContext,
+  rgb: Uint8Array,
+  width: number,
+  height: number,
+  infotext: string,
+): Promise<Image> {
   const png = await encodePng(rgb, width, height, infotext);
   if (png.length === 0) throw new FarmError(grpc.status.INTERNAL, "PNG encoding produced no bytes");
-  return create(ImageSchema, { index: req.imageIndex, seed: req.seed, subseed: req.subseed, png, infotext, width, height, agentId: ctx.agentId });
+  return create(ImageSchema, {
+    index: req.imageIndex,
+    seed: req.seed,
+    subseed: req.subseed,
+    png,
+    infotext,
+    width,
+    height,
+    agentId: ctx.agentId,
+  });
 }

@@ -19,7 +19,13 @@ export interface UnetRequest {
 }
 
 export interface UnetCall {
-  (sample: Float32Array, timesteps: Float32Array, context: Float32Array, dims: { n: number; h: number; w: number; seq: number; dim: number }, signal?: AbortSignal): Promise<Float32Array>;
+  (
+    sample: Float32Array,
+    timesteps: Float32Array,
+    context: Float32Array,
+    dims: { n: number; h: number; w: number; seq: number; dim: number },
+    signal?: AbortSignal,
+  ): Promise<Float32Array>;
 }
 
 interface Pending {
@@ -73,7 +79,7 @@ export class StepBatcher {
     const key = (r: UnetRequest) => `${r.h}x${r.w}x${r.seq}x${r.concat?.length ?? 0}`;
     const batch: Pending[] = [];
     let rows = 0;
-    for (let i = 0; i < this.queue.length; ) {
+    for (let i = 0; i < this.queue.length;) {
       const p = this.queue[i]!;
       if (key(p.req) === key(first) && (batch.length === 0 || rows + p.req.contexts.length <= this.maxRows)) {
         batch.push(p);

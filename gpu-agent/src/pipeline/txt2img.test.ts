@@ -37,7 +37,10 @@ const RNG = { CPU: RngSource.CPU, GPU: RngSource.GPU, NV: RngSource.NV };
 describe("txt2img pipeline against A1111 reference renders", { skip, concurrency: false }, () => {
   let pipe: LoadedPipeline;
   before(async () => {
-    const model = await SdModel.load({ name: "tiny-sd15", format: "diffusers-onnx", path: join(FIXTURES, "tiny-sd15") }, { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 });
+    const model = await SdModel.load(
+      { name: "tiny-sd15", format: "diffusers-onnx", path: join(FIXTURES, "tiny-sd15") },
+      { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 },
+    );
     pipe = new LoadedPipeline(model, { maxBatchRows: 16 });
   });
   after(async () => pipe?.close());
@@ -53,28 +56,61 @@ describe("txt2img pipeline against A1111 reference renders", { skip, concurrency
           seed: BigInt(c.seed + i),
           subseed: 0n,
           params: {
-            prompt: c.prompt, negativePrompt: c.negative_prompt, samplerName: c.sampler_name, scheduler: c.scheduler ?? "",
-            steps: c.steps, cfgScale: c.cfg_scale, width: c.width, height: c.height, clipSkip: c.clip_skip ?? 1, rng: RNG[c.rng], model: "tiny-sd15",
+            prompt: c.prompt,
+            negativePrompt: c.negative_prompt,
+            samplerName: c.sampler_name,
+            scheduler: c.scheduler ?? "",
+            steps: c.steps,
+            cfgScale: c.cfg_scale,
+            width: c.width,
+            height: c.height,
+            clipSkip: c.clip_skip ?? 1,
+            rng: RNG[c.rng],
+            model: "tiny-sd15",
           },
         });
         const steps: number[] = [];
-        const img = await renderTask(pipe, req, { signal: new AbortController().signal, agentId: "test", onStep: (s) => steps.push(s), onWarning: () => {} });
+        const img = await renderTask(pipe, req, {
+          signal: new AbortController().signal,
+          agentId: "test",
+          onStep: (s) => steps.push(s),
+          onWarning: () => {},
+        });
         const a = await sharp(img.png).removeAlpha().raw().toBuffer();
         const b = await sharp(join(REF, c.expected[i]!)).removeAlpha().raw().toBuffer();
         let max = 0;
         for (let k = 0; k < a.length; k++) max = Math.max(max, Math.abs(a[k]! - b[k]!));
         assert.ok(max <= 2, `${c.expected[i]}: max difference ${max} levels`);
-        assert.deepEqual(steps, Array.from({ length: c.steps }, (_, k) => k + 1), "one progress event per sampling step");
+        assert.deepEqual(
+          steps,
+          Array.from({ length: c.steps }, (_, k) => k + 1),
+          "one progress event per sampling step",
+        );
         assert.match(img.infotext, new RegExp(`Seed: ${c.seed + i}, Size: ${c.width}x${c.height}`));
       }
     });
   }
 
-  const base = { prompt: "a castle", samplerName: "Euler a", steps: 6, cfgScale: 7, width: 64, height: 64, rng: RngSource.NV, model: "tiny-sd15" };
+  const base = {
+    prompt: "a castle",
+    samplerName: "Euler a",
+    steps: 6,
+    cfgScale: 7,
+    width: 64,
+    height: 64,
+    rng: RngSource.NV,
+    model: "tiny-sd15",
+  };
   const renderWith = async (seed: number, subseed: number, params: Record<string, unknown> = {}): Promise<Buffer> => {
     const img = await renderTask(
       pipe,
-      create(RunTaskRequestSchema, { taskId: "v", jobId: "v", seed: BigInt(seed), subseed: BigInt(subseed), params: { ...base, ...params } }),
+      create(RunTaskRequestSchema, {
+        taskId: "v",
+        jobId: "v",
+        seed: BigInt(seed),
+        subseed: BigInt(subseed),
+        params: { ...base, ...params },
+      }),
       { signal: new AbortController().signal, agentId: "t", onStep: () => {}, onWarning: () => {} },
     );
     return sharp(img.png).raw().toBuffer();

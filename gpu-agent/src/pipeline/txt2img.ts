@@ -1,11 +1,5 @@
 import * as grpc from "@grpc/grpc-js";
-import {
-  FarmError,
-  RngSource as WireRng,
-  TaskStage,
-  type Image,
-  type RunTaskRequest,
-} from "@latentfarm/shared";
+import { FarmError, RngSource as WireRng, TaskStage, type Image, type RunTaskRequest } from "@latentfarm/shared";
 import { create } from "@bufbuild/protobuf";
 import { ImageSchema } from "@latentfarm/shared";
 import { ImageRng, prepareSampling, type SamplingSettings } from "../sampling/index.js";
@@ -61,7 +55,11 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
   if (p.initImages.length > 0) return renderImg2img(pipe, req, ctx);
   if (p.mask.length > 0) throw FarmError.invalid("mask", "a mask needs init_images to inpaint");
   if (pipe.model.unetInChannels !== pipe.model.config.latentChannels) {
-    throw new FarmError(grpc.status.FAILED_PRECONDITION, `txt2img on "${pipe.name}", an inpainting (${pipe.model.unetInChannels}-channel) UNet, is not implemented yet; give it init_images`, { field: "model" });
+    throw new FarmError(
+      grpc.status.FAILED_PRECONDITION,
+      `txt2img on "${pipe.name}", an inpainting (${pipe.model.unetInChannels}-channel) UNet, is not implemented yet; give it init_images`,
+      { field: "model" },
+    );
   }
   if (p.enableHr || p.restoreFaces) return renderTxt2imgExtended(pipe, req, ctx);
   const steps = p.steps ?? 50;

@@ -42,12 +42,18 @@ describe("ESRGAN-family ONNX upscalers", () => {
 
   test("a missing model is FAILED_PRECONDITION naming the file; no folder names the flag", async () => {
     const runner = inProcessRunner();
-    await assert.rejects(resolveUpscaler(runner, "4x-UltraSharp", resources(dir), "hr_upscaler", signal), (e: Error & { codeName?: string }) => {
-      assert.equal(e.codeName, "FAILED_PRECONDITION");
-      assert.match(e.message, /hr_upscaler.*4x-UltraSharp\.onnx/);
-      return true;
-    });
-    await assert.rejects(resolveUpscaler(runner, "R-ESRGAN 4x+", resources(), "hr_upscaler", signal), /--upscalers.*RealESRGAN_x4plus\.onnx|RealESRGAN_x4plus\.onnx.*--upscalers/);
+    await assert.rejects(
+      resolveUpscaler(runner, "4x-UltraSharp", resources(dir), "hr_upscaler", signal),
+      (e: Error & { codeName?: string }) => {
+        assert.equal(e.codeName, "FAILED_PRECONDITION");
+        assert.match(e.message, /hr_upscaler.*4x-UltraSharp\.onnx/);
+        return true;
+      },
+    );
+    await assert.rejects(
+      resolveUpscaler(runner, "R-ESRGAN 4x+", resources(), "hr_upscaler", signal),
+      /--upscalers.*RealESRGAN_x4plus\.onnx|RealESRGAN_x4plus\.onnx.*--upscalers/,
+    );
   });
 
   test("tiled (192/8) equals the whole-image run away from the seam", async () => {
@@ -83,6 +89,9 @@ describe("ESRGAN-family ONNX upscalers", () => {
     const nearest = await upscaleImage(picture(40, 24), { width: 80, height: 48 }, { kind: "resize", name: "Nearest" }, signal);
     const src = picture(40, 24);
     // Nearest ×2: output (2x, 2y) is source (x, y).
-    assert.deepEqual([...nearest.data.subarray((2 * 80 + 2) * 3, (2 * 80 + 2) * 3 + 3)], [...src.data.subarray((1 * 40 + 1) * 3, (1 * 40 + 1) * 3 + 3)]);
+    assert.deepEqual(
+      [...nearest.data.subarray((2 * 80 + 2) * 3, (2 * 80 + 2) * 3 + 3)],
+      [...src.data.subarray((1 * 40 + 1) * 3, (1 * 40 + 1) * 3 + 3)],
+    );
   });
 });

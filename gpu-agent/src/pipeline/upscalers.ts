@@ -7,14 +7,7 @@ import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import sharp from "sharp";
 import { FarmError } from "@latentfarm/shared";
-import {
-  bgrTensorToTile,
-  planPixelUpscale,
-  tileToBgrTensor,
-  upscaleWithModel,
-  type Image8,
-  type Size,
-} from "../imaging/index.js";
+import { bgrTensorToTile, planPixelUpscale, tileToBgrTensor, upscaleWithModel, type Image8, type Size } from "../imaging/index.js";
 import type { SdModel } from "../models/sd-model.js";
 import type { WireTensor } from "../runtime/protocol.js";
 import { floatsToHalf, halfToFloats } from "../runtime/float16.js";
@@ -51,16 +44,28 @@ export function upscalerFileCandidates(name: string): string[] {
  * same configuration would help.
  */
 export async function resolveUpscaler(
-  model: AuxiliaryRunner, name: string, resources: RenderResources, field: string, signal: AbortSignal,
+  model: AuxiliaryRunner,
+  name: string,
+  resources: RenderResources,
+  field: string,
+  signal: AbortSignal,
 ): Promise<PixelUpscaler> {
   if (name === "Lanczos" || name === "Nearest" || name === "None") return { kind: "resize", name };
   const files = upscalerFileCandidates(name);
   if (!resources.upscalersDir) {
-    throw new FarmError(grpc.status.FAILED_PRECONDITION, `upscaler "${name}" needs ${files.join(" or ")}, but this agent has no upscaler folder (--upscalers)`, { field });
+    throw new FarmError(
+      grpc.status.FAILED_PRECONDITION,
+      `upscaler "${name}" needs ${files.join(" or ")}, but this agent has no upscaler folder (--upscalers)`,
+      { field },
+    );
   }
   const found = files.map((f) => join(resources.upscalersDir!, f)).find((p) => existsSync(p));
   if (found === undefined) {
-    throw new FarmError(grpc.status.FAILED_PRECONDITION, `upscaler "${name}": ${files.map((f) => join(resources.upscalersDir!, f)).join(" or ")} not found`, { field });
+    throw new FarmError(
+      grpc.status.FAILED_PRECONDITION,
+      `upscaler "${name}": ${files.map((f) => join(resources.upscalersDir!, f)).join(" or ")} not found`,
+      { field },
+    );
   }
   const info = await model.loadAuxiliary(found, signal);
   const input = info.inputs[0];
@@ -82,7 +87,11 @@ export async function resolveUpscaler(
   const probe = await run({ width: 16, height: 16, channels: 3, data: new Uint8Array(16 * 16 * 3) }, signal);
   const scale = probe.width / 16;
   if (!Number.isInteger(scale) || scale < 1 || probe.height !== 16 * scale) {
-    throw new FarmError(grpc.status.FAILED_PRECONDITION, `upscaler ${found} maps 16x16 to ${probe.width}x${probe.height}, not an integer scale`, { field });
+    throw new FarmError(
+      grpc.status.FAILED_PRECONDITION,
+      `upscaler ${found} maps 16x16 to ${probe.width}x${probe.height}, not an integer scale`,
+      { field },
+    );
   }
   return { kind: "model", name, path: found, scale, run };
 }
@@ -92,7 +101,12 @@ async function sharpResize(img: Image8, to: Size, kernel: "lanczos3" | "nearest"
     .resize(to.width, to.height, { fit: "fill", kernel })
     .raw()
     .toBuffer({ resolveWithObject: true });
-  return { width: info.width, height: info.height, channels: info.channels, data: new Uint8Array(data.buffer, data.byteOffset, data.length) };
+  return {
+    width: info.width,
+    height: info.height,
+    channels: info.channels,
+    data: new Uint8Array(data.buffer, data.byteOffset, data.length),
+  };
 }
 
 /** A1111 `images.resize_image(0, img, W, H, upscaler)`: the upscaler's passes, then Lanczos to the exact size. */

@@ -88,11 +88,17 @@ export class OrtWorker {
       // read such a message, and the call would never settle, so it is refused here.
       const size = t.dims.reduce((n, d) => n * d, 1);
       if (t.data.length !== size) {
-        throw new FarmError(grpc.status.INTERNAL, `feed ${name} has ${t.data.length} values for shape [${t.dims.join(",")}]${t.data.byteLength === 0 ? " (its buffer was already transferred)" : ""}`);
+        throw new FarmError(
+          grpc.status.INTERNAL,
+          `feed ${name} has ${t.data.length} values for shape [${t.dims.join(",")}]${t.data.byteLength === 0 ? " (its buffer was already transferred)" : ""}`,
+        );
       }
     }
     const transfer = Object.values(feeds).map((t) => t.data.buffer as ArrayBuffer);
-    const res = (await this.call({ op: "run", session, feeds, outputs }, transfer)) as { outputs: Record<string, WireTensor>; runMs?: number };
+    const res = (await this.call({ op: "run", session, feeds, outputs }, transfer)) as {
+      outputs: Record<string, WireTensor>;
+      runMs?: number;
+    };
     let st = this.runStats.get(session);
     if (!st) this.runStats.set(session, (st = { runs: 0, ms: 0 }));
     st.runs++;

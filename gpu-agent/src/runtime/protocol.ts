@@ -36,5 +36,11 @@ export type Request =
   | { id: number; op: "close" };
 
 export type Response =
-  | { id: number; ok: true; info?: SessionInfo; outputs?: Record<string, WireTensor>; /** ms inside ORT's run(), for run requests. */ runMs?: number }
+  | {
+      id: number;
+      ok: true;
+      info?: SessionInfo;
+      outputs?: Record<string, WireTensor>;
+      /** ms inside ORT's run(), for run requests. */ runMs?: number;
+    }
   | { id: number; ok: false; error: string };

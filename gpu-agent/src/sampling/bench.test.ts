@@ -6,13 +6,27 @@ import { listSamplers } from "./plan.js";
 test("benchSamplers (a): per-sampler timings from the injected clock, and the noise each run draws", async () => {
   let clock = 0;
   const results = await benchSamplers({
-    samplers: ["Euler a", "Heun", "DPM++ 2M SDE", "DDIM"], steps: 4, shape: [4, 2, 2], now: () => (clock += 5), repeats: 1, warmup: false,
+    samplers: ["Euler a", "Heun", "DPM++ 2M SDE", "DDIM"],
+    steps: 4,
+    shape: [4, 2, 2],
+    now: () => (clock += 5),
+    repeats: 1,
+    warmup: false,
   });
-  assert.deepEqual(results.map((r) => r.sampler), ["Euler a", "Heun", "DPM++ 2M SDE", "DDIM"]);
-  assert.deepEqual(results.map((r) => r.modelCalls), [4, 7, 4, 3]);
+  assert.deepEqual(
+    results.map((r) => r.sampler),
+    ["Euler a", "Heun", "DPM++ 2M SDE", "DDIM"],
+  );
+  assert.deepEqual(
+    results.map((r) => r.modelCalls),
+    [4, 7, 4, 3],
+  );
   // Euler a: a draw after every step but the last; Heun: the churn draw of every step; 2M SDE: a tree
   // query after every step but the last; DDIM: a draw after every model call.
-  assert.deepEqual(results.map((r) => r.noiseCalls), [3, 4, 3, 3]);
+  assert.deepEqual(
+    results.map((r) => r.noiseCalls),
+    [3, 4, 3, 3],
+  );
   for (const r of results) {
     assert.equal(r.setupMs, 5);
     // Every resumption of the generator (model calls + the start) is timed by two clock reads 5 apart.
@@ -23,13 +37,18 @@ test("benchSamplers (a): per-sampler timings from the injected clock, and the no
 
 test("benchSamplers (b): with an off-thread model every draw after the first request happens ahead", async () => {
   const results = await benchSamplers({ steps: 4, shape: [4, 4, 4], modelMs: 2, repeats: 1, withoutPrefetch: false });
-  assert.deepEqual(results.map((r) => r.sampler), listSamplers().map((s) => s.name));
+  assert.deepEqual(
+    results.map((r) => r.sampler),
+    listSamplers().map((s) => s.name),
+  );
   // Euler, Heun and DPM2 draw their first churn noise before their first model request; nothing can be ahead of that.
   const firstDrawBeforeModel = new Set(["Euler", "Heun", "DPM2"]);
   for (const r of results) {
     assert.equal(r.criticalNoiseCalls, firstDrawBeforeModel.has(r.sampler) ? 1 : 0, `${r.sampler}: draws left on the critical path`);
-    for (const v of [r.criticalMsPerStep, r.floorMsPerStep]) assert.ok(v !== undefined && Number.isFinite(v) && v >= 0, `${r.sampler}: ${v}`);
+    for (const v of [r.criticalMsPerStep, r.floorMsPerStep])
+      assert.ok(v !== undefined && Number.isFinite(v) && v >= 0, `${r.sampler}: ${v}`);
   }
   const noisy = results.filter((r) => r.noiseCalls > 0).map((r) => r.sampler);
-  for (const name of ["Euler a", "DPM++ SDE", "DPM++ 2M SDE", "DDIM", "LCM", "DPM fast", "DPM adaptive"]) assert.ok(noisy.includes(name), name);
+  for (const name of ["Euler a", "DPM++ SDE", "DPM++ 2M SDE", "DDIM", "LCM", "DPM fast", "DPM adaptive"])
+    assert.ok(noisy.includes(name), name);
 });

@@ -97,7 +97,10 @@ function answer(request: ModelRequest, out: Float32Array): ModelResponse {
 
 function computeAnswer(request: ModelRequest): ModelResponse {
   const f = modelFactor(request);
-  return answer(request, request.x.map((v) => v * f));
+  return answer(
+    request,
+    request.x.map((v) => v * f),
+  );
 }
 
 interface Counted {
@@ -112,7 +115,15 @@ interface Counted {
  * from `brownian` options, as the agent passes it, so openNoiseAhead can move it to a worker thread;
  * its queries are then counted there (NoiseAhead.queriesOnCall).
  */
-function prepare(name: string, steps: number, shape: LatentShape, source: RngSource, brownian: boolean, now: () => number, treeInWorker = false): Counted {
+function prepare(
+  name: string,
+  steps: number,
+  shape: LatentShape,
+  source: RngSource,
+  brownian: boolean,
+  now: () => number,
+  treeInWorker = false,
+): Counted {
   const counts = { calls: 0, critical: 0, ahead: false };
   const count = (): void => {
     counts.calls++;
@@ -126,9 +137,17 @@ function prepare(name: string, steps: number, shape: LatentShape, source: RngSou
   if (brownian && range !== undefined) {
     // Built only where it is used: its constructor draws the top increment.
     let tree: NoiseSampler | undefined;
-    noiseSampler = (sigma, sigmaNext) => (count(), (tree ??= createBrownianNoiseSampler({ ...range, seeds: [0], shape, source }))(sigma, sigmaNext));
+    noiseSampler = (sigma, sigmaNext) => (
+      count(),
+      (tree ??= createBrownianNoiseSampler({ ...range, seeds: [0], shape, source }))(sigma, sigmaNext)
+    );
   }
-  const tree = treeInWorker && noiseSampler !== undefined ? { brownian: { seeds: [0], shape, source } } : noiseSampler !== undefined ? { noiseSampler } : {};
+  const tree =
+    treeInWorker && noiseSampler !== undefined
+      ? { brownian: { seeds: [0], shape, source } }
+      : noiseSampler !== undefined
+        ? { noiseSampler }
+        : {};
   const prepared = prepareSampling({ samplerName: name, steps, noise, ...tree });
   const start = prepared.startLatent(rng.first());
   const setupMs = now() - started;
@@ -203,7 +222,10 @@ class OffThreadModel {
 }
 
 async function runOffThread(
-  run: SamplerRun, model: OffThreadModel, drawAhead: ((r: ModelRequest) => void) | undefined, ahead?: NoiseAhead,
+  run: SamplerRun,
+  model: OffThreadModel,
+  drawAhead: ((r: ModelRequest) => void) | undefined,
+  ahead?: NoiseAhead,
 ): Promise<{ wallMs: number; modelMs: number; samplerMs: number; longestBlockMs: number; firstWaitMs: number }> {
   const started = performance.now();
   let modelMs = 0;
@@ -211,11 +233,13 @@ async function runOffThread(
   let samplerMs = performance.now() - started;
   let longestBlockMs = samplerMs;
   let firstWaitMs = -1;
-  const timedDrawAhead = drawAhead && ((request: ModelRequest): void => {
-    const t = performance.now();
-    drawAhead(request);
-    longestBlockMs = Math.max(longestBlockMs, performance.now() - t);
-  });
+  const timedDrawAhead =
+    drawAhead &&
+    ((request: ModelRequest): void => {
+      const t = performance.now();
+      drawAhead(request);
+      longestBlockMs = Math.max(longestBlockMs, performance.now() - t);
+    });
   while (!r.done) {
     const request = r.value;
     const evaluating = model.evaluate(request);
@@ -242,7 +266,14 @@ function* replay(requests: readonly ModelRequest[]): SamplerRun {
   return requests[0]!.x;
 }
 
-function measureSync(name: string, steps: number, shape: LatentShape, source: RngSource, brownian: boolean, now: () => number): SamplerBenchResult {
+function measureSync(
+  name: string,
+  steps: number,
+  shape: LatentShape,
+  source: RngSource,
+  brownian: boolean,
+  now: () => number,
+): SamplerBenchResult {
   const sync = prepare(name, steps, shape, source, brownian, now);
   const { ms, modelCalls } = runSync(sync, now);
   const reported = sync.prepared.steps;
@@ -251,12 +282,21 @@ function measureSync(name: string, steps: number, shape: LatentShape, source: Rn
 
 type OffThreadNumbers = Pick<
   SamplerBenchResult,
-  | "criticalMsPerStep" | "criticalInSamplerMsPerStep" | "criticalInThreadMsPerStep" | "criticalNoPrefetchMsPerStep" | "floorMsPerStep"
-  | "criticalNoiseCalls" | "longestBlockMs" | "longestBlockInThreadMs" | "firstWaitMs" | "criticalAfterStartMsPerStep"
+  | "criticalMsPerStep"
+  | "criticalInSamplerMsPerStep"
+  | "criticalInThreadMsPerStep"
+  | "criticalNoPrefetchMsPerStep"
+  | "floorMsPerStep"
+  | "criticalNoiseCalls"
+  | "longestBlockMs"
+  | "longestBlockInThreadMs"
+  | "firstWaitMs"
+  | "criticalAfterStartMsPerStep"
 >;
 
 function minimum(a: OffThreadNumbers, b: OffThreadNumbers): OffThreadNumbers {
-  const min = (x: number | undefined, y: number | undefined): number | undefined => (x === undefined ? y : y === undefined ? x : Math.min(x, y));
+  const min = (x: number | undefined, y: number | undefined): number | undefined =>
+    x === undefined ? y : y === undefined ? x : Math.min(x, y);
   return {
     criticalMsPerStep: min(a.criticalMsPerStep, b.criticalMsPerStep),
     criticalInSamplerMsPerStep: min(a.criticalInSamplerMsPerStep, b.criticalInSamplerMsPerStep),
@@ -272,8 +312,14 @@ function minimum(a: OffThreadNumbers, b: OffThreadNumbers): OffThreadNumbers {
 }
 
 async function measureOffThread(
-  name: string, steps: number, shape: LatentShape, source: RngSource, brownian: boolean, now: () => number,
-  model: OffThreadModel, withoutPrefetch: boolean,
+  name: string,
+  steps: number,
+  shape: LatentShape,
+  source: RngSource,
+  brownian: boolean,
+  now: () => number,
+  model: OffThreadModel,
+  withoutPrefetch: boolean,
 ): Promise<OffThreadNumbers> {
   const counted = prepare(name, steps, shape, source, brownian, now, true);
   const reported = counted.prepared.steps;
@@ -338,7 +384,10 @@ export async function benchSamplers(options: BenchSamplersOptions = {}): Promise
         result.syncMsPerStep = Math.min(result.syncMsPerStep, again.syncMsPerStep);
       }
       for (let k = 0; k < repeats && model !== undefined; k++) {
-        Object.assign(result, minimum(result, await measureOffThread(name, steps, shape, source, brownian, now, model, options.withoutPrefetch ?? true)));
+        Object.assign(
+          result,
+          minimum(result, await measureOffThread(name, steps, shape, source, brownian, now, model, options.withoutPrefetch ?? true)),
+        );
       }
       results.push(result);
     }

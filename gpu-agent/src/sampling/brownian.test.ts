@@ -37,7 +37,12 @@ test("one split is a Brownian bridge: left = (m−t0)/h·W + sqrt((m−t0)(t1−
   const n = randn(rootSeed, 6);
   const expectedLeft = Array.from(whole, (w, k) => 0.5 * w + Math.sqrt(0.5) * n[k]!);
   assertClose(left, expectedLeft, 1e-6, "left");
-  assertClose(right, Array.from(whole, (w, k) => w - expectedLeft[k]!), 1e-6, "right");
+  assertClose(
+    right,
+    Array.from(whole, (w, k) => w - expectedLeft[k]!),
+    1e-6,
+    "right",
+  );
 });
 
 test("halfway tree: values do not depend on the order of queries; increments add up", () => {
@@ -70,10 +75,18 @@ test("noise sampler output is (W(σnext) − W(σ))/sqrt|σnext − σ|: standar
   const single = new BrownianTreeNoiseSampler({ sigmaMin: 0.03, sigmaMax: 14.6, seeds: [1003], shape: [1, 4, 4], source: "NV" });
   assert.deepEqual(Array.from(single.sample(6.2, 4.85)), Array.from(out.subarray(3 * 16, 4 * 16)));
   const reverse = new BrownianTreeNoiseSampler({ sigmaMin: 0.03, sigmaMax: 14.6, seeds: [1003], shape: [1, 4, 4], source: "NV" });
-  assertClose(reverse.sample(4.85, 6.2), Array.from(out.subarray(3 * 16, 4 * 16), (v) => -v), 1e-6, "reversed");
+  assertClose(
+    reverse.sample(4.85, 6.2),
+    Array.from(out.subarray(3 * 16, 4 * 16), (v) => -v),
+    1e-6,
+    "reversed",
+  );
 });
 
 test("times are rounded like Python's round(x, 6), ties to even (they occur at odd multiples of 2^-7)", () => {
   // Values from CPython 3: round(0.0078125, 6), round(0.0234375, 6), round(1.5078125, 6), round(14.614642, 6), round(0.0291675123, 6).
-  assert.deepEqual([0.0078125, 0.0234375, 1.5078125, 14.614642, 0.0291675123].map(roundTol), [0.007812, 0.023438, 1.507812, 14.614642, 0.029168]);
+  assert.deepEqual(
+    [0.0078125, 0.0234375, 1.5078125, 14.614642, 0.0291675123].map(roundTol),
+    [0.007812, 0.023438, 1.507812, 14.614642, 0.029168],
+  );
 });

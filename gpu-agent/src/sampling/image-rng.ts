@@ -37,7 +37,8 @@ export class ImageRng {
   constructor(options: ImageRngOptions) {
     const [c, h, w] = options.shape;
     for (const dim of [c, h, w]) {
-      if (!Number.isSafeInteger(dim) || dim <= 0) throw new InvalidSamplingParameter("shape", `invalid latent shape ${options.shape.join("×")}`);
+      if (!Number.isSafeInteger(dim) || dim <= 0)
+        throw new InvalidSamplingParameter("shape", `invalid latent shape ${options.shape.join("×")}`);
     }
     if (options.seeds.length === 0) throw new InvalidSamplingParameter("seed", "at least one seed is needed");
     this.options = options;
@@ -66,8 +67,7 @@ export class ImageRng {
     const { shape, options } = this;
     const resizeH = options.seedResizeFromH ?? 0;
     const resizeW = options.seedResizeFromW ?? 0;
-    const noiseShape: LatentShape =
-      resizeH <= 0 || resizeW <= 0 ? shape : [shape[0], Math.floor(resizeH / 8), Math.floor(resizeW / 8)];
+    const noiseShape: LatentShape = resizeH <= 0 || resizeW <= 0 ? shape : [shape[0], Math.floor(resizeH / 8), Math.floor(resizeW / 8)];
     const resized = noiseShape[1] !== shape[1] || noiseShape[2] !== shape[2];
     const strength = options.subseedStrength ?? 0;
     const out = new Float32Array(this.imageCount * this.imageSize);

@@ -14,7 +14,15 @@
  * awaits its evaluations uses prep.openNoiseAhead() instead: drawAhead, then ensureReady before resuming
  * the generator, close() at the end; the Brownian tree then runs in a worker thread of its own.
  */
-export { createGenerator, elementCount, RNG_SOURCES, type GeneratorOptions, type ImageGenerator, type NoiseShape, type RngSource } from "./generator.js";
+export {
+  createGenerator,
+  elementCount,
+  RNG_SOURCES,
+  type GeneratorOptions,
+  type ImageGenerator,
+  type NoiseShape,
+  type RngSource,
+} from "./generator.js";
 export { philox4x32, philoxNormals, philoxNormalsCuda } from "./philox.js";
 export { Mt19937, TorchCpuGenerator, type TorchCpuKernel } from "./torch-cpu.js";
 export { ImageRng, slerp, type ImageRngOptions, type LatentShape } from "./image-rng.js";

@@ -66,7 +66,11 @@ test("a kernel reproduces a hand-written fused loop, and may write over its inpu
   const dt = f32(-0.21);
   const want = new Float32Array(37);
   for (let k = 0; k < 37; k++) want[k] = f32(x[k]! + f32(f32(f32(x[k]! - d[k]!) / sigma) * dt));
-  const kernel = new Kernel({ inputs: 2, params: 2, outputs: [e.add(e.in(0), e.mul(e.div(e.sub(e.in(0), e.in(1)), e.param(0)), e.param(1)))] });
+  const kernel = new Kernel({
+    inputs: 2,
+    params: 2,
+    outputs: [e.add(e.in(0), e.mul(e.div(e.sub(e.in(0), e.in(1)), e.param(0)), e.param(1)))],
+  });
   kernel.run([x], [x, d], [sigma, dt]);
   assert.ok(sameBits(x, want));
 });

@@ -26,7 +26,10 @@ interface Setup {
 function prepare(s: Setup): { prepared: PreparedSampling; start: Float32Array } {
   const rng = new ImageRng({ shape: s.shape, seeds: s.seeds, source: s.source });
   const prepared = prepareSampling({
-    samplerName: s.name, steps: 6, noise: () => rng.next(), brownian: { seeds: s.seeds, shape: s.shape, source: s.source },
+    samplerName: s.name,
+    steps: 6,
+    noise: () => rng.next(),
+    brownian: { seeds: s.seeds, shape: s.shape, source: s.source },
     ...(s.eta !== undefined && { settings: { eta: s.eta } }),
   });
   return { prepared, start: prepared.startLatent(rng.first()) };
@@ -42,7 +45,12 @@ function inThread(s: Setup): Float32Array {
 }
 
 /** As the agent's denoise loop drives it: the model "runs" for a macrotask, noise is drawn ahead meanwhile. */
-async function driven(prepared: PreparedSampling, start: Float32Array, ahead: NoiseAhead, signal?: AbortSignal): Promise<{ x: Float32Array; queries: number }> {
+async function driven(
+  prepared: PreparedSampling,
+  start: Float32Array,
+  ahead: NoiseAhead,
+  signal?: AbortSignal,
+): Promise<{ x: Float32Array; queries: number }> {
   const run = prepared.run(start);
   let r = run.next();
   let queries = 0;
@@ -58,7 +66,9 @@ async function driven(prepared: PreparedSampling, start: Float32Array, ahead: No
   return { x: r.value, queries };
 }
 
-const brownianSamplers = listSamplers().filter((s) => s.options["brownian_noise"] === true).map((s) => s.name);
+const brownianSamplers = listSamplers()
+  .filter((s) => s.options["brownian_noise"] === true)
+  .map((s) => s.name);
 
 test("the Brownian samplers are the four SDE samplers", () => {
   assert.deepEqual(brownianSamplers, ["DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"]);
@@ -108,7 +118,9 @@ test("without start(), the first queries wait for the worker's start and the wor
 });
 
 test("without a Brownian tree (or without tree queries) no thread is started", async () => {
-  assert.ok(prepare({ name: "Euler a", seeds: [1], shape: [4, 2, 2], source: "NV" }).prepared.openNoiseAhead() instanceof InThreadNoiseAhead);
+  assert.ok(
+    prepare({ name: "Euler a", seeds: [1], shape: [4, 2, 2], source: "NV" }).prepared.openNoiseAhead() instanceof InThreadNoiseAhead,
+  );
   const s: Setup = { name: "DPM++ 2M SDE", seeds: [1], shape: [4, 2, 2], source: "NV", eta: 0 };
   const { prepared, start } = prepare(s);
   const ahead = prepared.openNoiseAhead() as WorkerNoiseAhead;
@@ -146,7 +158,12 @@ test("a worker that cannot answer leaves the query to the sampler, which meets t
   assert.equal(thread.running, false);
 
   const rng = new ImageRng({ shape: [4, 2, 2], seeds: [1], source: "NV" });
-  const prepared = prepareSampling({ samplerName: "DPM++ 2M SDE", steps: 4, noise: () => rng.next(), brownian: { seeds: [1], shape: [4, 2, 2], source: "bogus" as RngSource } });
+  const prepared = prepareSampling({
+    samplerName: "DPM++ 2M SDE",
+    steps: 4,
+    noise: () => rng.next(),
+    brownian: { seeds: [1], shape: [4, 2, 2], source: "bogus" as RngSource },
+  });
   const ahead = prepared.openNoiseAhead();
   try {
     const run = prepared.run(prepared.startLatent(rng.first()));

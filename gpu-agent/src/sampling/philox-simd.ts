@@ -192,7 +192,12 @@ const UPPER_HALF = [8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15];
  * byte offset `out`, and at `fix` the element index of each pair the bound could not settle.
  */
 function functionBody(): number[] {
-  const N4 = 0, OFFSET = 1, K0 = 2, K1 = 3, OUT = 4, FIX = 5;
+  const N4 = 0,
+    OFFSET = 1,
+    K0 = 2,
+    K1 = 3,
+    OUT = 4,
+    FIX = 5;
   const a = new Asm(6, 2);
   const I = a.i32Local(0);
   const FIXES = a.i32Local(1);
@@ -216,7 +221,10 @@ function functionBody(): number[] {
   a.get(K0).simd(S.i32x4Splat).set(key0);
   a.get(K1).simd(S.i32x4Splat).set(key1);
   for (let round = 0; round < 10; round++) {
-    for (const [src, m, hi, lo] of [[c[0], PHILOX_M0, hi0, lo0], [c[2], PHILOX_M1, hi1, lo1]] as const) {
+    for (const [src, m, hi, lo] of [
+      [c[0], PHILOX_M0, hi0, lo0],
+      [c[2], PHILOX_M1, hi1, lo1],
+    ] as const) {
       a.get(src).i32x4(m, m, m, m).simd(S.i64x2ExtmulLowU).set(pLo);
       a.get(src).i32x4(m, m, m, m).simd(S.i64x2ExtmulHighU).set(pHi);
       a.get(pLo).get(pHi).shuffle(HIGH_WORDS).set(hi);
@@ -259,17 +267,33 @@ function functionBody(): number[] {
     // u = w0·A + A/2, v = w1·B + B/2 in float64, as the scalar path computes them.
     a.get(c[0]);
     if (pair === 1) a.get(c[0]).shuffle(UPPER_HALF);
-    a.simd(S.f64x2ConvertLowI32x4U).f64x2(BOX_MULLER_A).simd(S.f64x2Mul).f64x2(BOX_MULLER_A / 2).simd(S.f64x2Add).set(u);
+    a.simd(S.f64x2ConvertLowI32x4U)
+      .f64x2(BOX_MULLER_A)
+      .simd(S.f64x2Mul)
+      .f64x2(BOX_MULLER_A / 2)
+      .simd(S.f64x2Add)
+      .set(u);
     a.get(c[1]);
     if (pair === 1) a.get(c[1]).shuffle(UPPER_HALF);
-    a.simd(S.f64x2ConvertLowI32x4U).f64x2(BOX_MULLER_B).simd(S.f64x2Mul).f64x2(BOX_MULLER_B / 2).simd(S.f64x2Add).set(v);
+    a.simd(S.f64x2ConvertLowI32x4U)
+      .f64x2(BOX_MULLER_B)
+      .simd(S.f64x2Mul)
+      .f64x2(BOX_MULLER_B / 2)
+      .simd(S.f64x2Add)
+      .set(v);
 
     // ln u: u = 2^k·f with f in (√2/2, √2]; k = (exponent bits) − 1023, computed as 2⁵² + e − (2⁵² + 1023),
     // plus 1 where f was halved.
     a.get(u).i64x2Bits(0x000fffff, 0xffffffff).simd(S.and).i64x2Bits(0x3ff00000, 0).simd(S.or).set(f);
     a.get(f).f64x2(Math.SQRT2).simd(S.f64x2Gt).set(mask);
     a.get(f).f64x2(0.5).simd(S.f64x2Mul).get(f).get(mask).simd(S.bitselect).set(f);
-    a.get(u).i32(52).simd(S.i64x2ShrU).i64x2Bits(0x43300000, 0).simd(S.or).f64x2(2 ** 52 + 1023).simd(S.f64x2Sub);
+    a.get(u)
+      .i32(52)
+      .simd(S.i64x2ShrU)
+      .i64x2Bits(0x43300000, 0)
+      .simd(S.or)
+      .f64x2(2 ** 52 + 1023)
+      .simd(S.f64x2Sub);
     a.get(mask).f64x2(1).simd(S.and).simd(S.f64x2Add).set(k);
     // s = (f − 1)/(f + 1), z = s²; ln f = 2s + 2s·(z·series(z)).
     a.get(f).f64x2(1).simd(S.f64x2Sub).get(f).f64x2(1).simd(S.f64x2Add).simd(S.f64x2Div).tee(s).get(s).simd(S.f64x2Mul).set(z);
@@ -283,7 +307,11 @@ function functionBody(): number[] {
     a.simd(S.f64x2Add).f64x2(-2).simd(S.f64x2Mul).simd(S.f64x2Sqrt).set(radius);
 
     // sin v: q = round(v/π), r = v − q·π, value = (−1)^q·sin r·radius.
-    a.get(v).f64x2(1 / Math.PI).simd(S.f64x2Mul).simd(S.f64x2Nearest).set(q);
+    a.get(v)
+      .f64x2(1 / Math.PI)
+      .simd(S.f64x2Mul)
+      .simd(S.f64x2Nearest)
+      .set(q);
     a.get(v).get(q).f64x2(PI_1).simd(S.f64x2Mul).simd(S.f64x2Sub);
     a.get(q).f64x2(PI_2).simd(S.f64x2Mul).simd(S.f64x2Sub);
     a.get(q).f64x2(PI_3).simd(S.f64x2Mul).simd(S.f64x2Sub).tee(r).get(r).simd(S.f64x2Mul).set(rr);
@@ -301,10 +329,19 @@ function functionBody(): number[] {
     a.simd(S.f32x4Eq).simd(S.i32x4AllTrue).op(0x45); // i32.eqz
     a.op(0x04, 0x40); // if
     a.get(FIX).get(FIXES).i32(2).op(0x74).op(0x6a); // fix + fixes·4
-    a.get(I).i32(2 * pair).op(0x6a).op(0x36, 2, 0); // i32.store
+    a.get(I)
+      .i32(2 * pair)
+      .op(0x6a)
+      .op(0x36, 2, 0); // i32.store
     a.get(FIXES).i32(1).op(0x6a).set(FIXES);
     a.op(0x0b); // end if
-    a.get(OUT).get(I).i32(2).op(0x74).op(0x6a).get(low32).simd(S.store64Lane, 3, 8 * pair, 0);
+    a.get(OUT)
+      .get(I)
+      .i32(2)
+      .op(0x74)
+      .op(0x6a)
+      .get(low32)
+      .simd(S.store64Lane, 3, 8 * pair, 0);
   }
 
   a.get(I).i32(4).op(0x6a).set(I);

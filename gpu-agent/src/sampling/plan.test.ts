@@ -34,8 +34,14 @@ test("legacy combined names split into sampler + schedule type; the default sche
 });
 
 test("unknown sampler or schedule names throw InvalidSamplingParameter naming the field", () => {
-  assert.throws(() => resolveSampler("Nope"), (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "sampler_name");
-  assert.throws(() => resolveSampler("Euler", "Sideways"), (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "scheduler");
+  assert.throws(
+    () => resolveSampler("Nope"),
+    (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "sampler_name",
+  );
+  assert.throws(
+    () => resolveSampler("Euler", "Sideways"),
+    (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "scheduler",
+  );
   assert.throws(
     () => resolveSampler("Nope", undefined, { sampler: "hr_sampler_name", scheduler: "hr_scheduler" }),
     (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "hr_sampler_name",
@@ -45,11 +51,18 @@ test("unknown sampler or schedule names throw InvalidSamplingParameter naming th
 test("listings: 20 samplers with aliases/options, 12 schedulers with rho and inner-model flags", () => {
   const samplers = listSamplers();
   assert.equal(samplers.length, 20);
-  assert.deepEqual(samplers.find((s) => s.name === "DPM2")?.options, { scheduler: "karras", second_order: true, discard_next_to_last_sigma: true });
+  assert.deepEqual(samplers.find((s) => s.name === "DPM2")?.options, {
+    scheduler: "karras",
+    second_order: true,
+    discard_next_to_last_sigma: true,
+  });
   assert.deepEqual(samplers.find((s) => s.name === "Euler a")?.aliases, ["k_euler_a", "k_euler_ancestral"]);
   const schedulers = listSchedulers();
   assert.equal(schedulers.length, 12);
-  assert.deepEqual(schedulers.find((s) => s.name === "karras"), { name: "karras", label: "Karras", aliases: null, default_rho: 7, need_inner_model: false });
+  assert.deepEqual(
+    schedulers.find((s) => s.name === "karras"),
+    { name: "karras", label: "Karras", aliases: null, default_rho: 7, need_inner_model: false },
+  );
   assert.deepEqual(schedulers.find((s) => s.name === "sgm_uniform")?.aliases, ["SGMUniform"]);
   assert.equal(schedulers.find((s) => s.name === "simple")?.need_inner_model, true);
 });
@@ -64,11 +77,19 @@ test("img2img step mapping (spec §4.4)", () => {
   assert.deepEqual(img2imgSteps(20, 1), { scheduleSteps: 20, tEnc: 19 });
   assert.deepEqual(img2imgSteps(20, 0.7, true), { scheduleSteps: 28, tEnc: 19 });
   assert.deepEqual(img2imgSteps(10, 0, true), { scheduleSteps: 0, tEnc: 9 });
-  assert.throws(() => img2imgSteps(20, 1.5), (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "denoising_strength");
+  assert.throws(
+    () => img2imgSteps(20, 1.5),
+    (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "denoising_strength",
+  );
 });
 
 test("img2img: Euler a, 20 steps, denoise 0.75 → 16 steps from σ = 4.85565; hires Karras 0.7 → from 3.82133", () => {
-  const plain = prepareSampling({ samplerName: "Euler a", steps: 20, noise: () => new Float32Array(1), img2img: { denoisingStrength: 0.75 } });
+  const plain = prepareSampling({
+    samplerName: "Euler a",
+    steps: 20,
+    noise: () => new Float32Array(1),
+    img2img: { denoisingStrength: 0.75 },
+  });
   assert.equal(plain.sigmas.length, 17);
   assert.ok(Math.abs(plain.sigmas[0]! - 4.85565) < 1e-5);
   assert.equal(plain.steps, 16);
@@ -83,7 +104,12 @@ test("img2img: Euler a, 20 steps, denoise 0.75 → 16 steps from σ = 4.85565; h
   });
   assert.ok(Math.abs(noisier.startLatent(Float32Array.from([1]), Float32Array.from([0.5]))[0]! - (0.5 + 1.5 * plain.sigmas[0]!)) < 1e-5);
   assert.equal(noisier.infotext["Noise multiplier"], 1.5);
-  const hires = prepareSampling({ samplerName: "DPM++ 2M", steps: 20, noise: () => new Float32Array(1), img2img: { denoisingStrength: 0.7, fixSteps: true } });
+  const hires = prepareSampling({
+    samplerName: "DPM++ 2M",
+    steps: 20,
+    noise: () => new Float32Array(1),
+    img2img: { denoisingStrength: 0.7, fixSteps: true },
+  });
   assert.equal(hires.sigmas.length, 21);
   assert.ok(Math.abs(hires.sigmas[0]! - 3.82133) < 1e-5, `${hires.sigmas[0]}`);
   assert.equal(hires.steps, 20);
@@ -91,7 +117,10 @@ test("img2img: Euler a, 20 steps, denoise 0.75 → 16 steps from σ = 4.85565; h
 
 test("DDIM 20 steps makes 19 model calls; img2img starts at timesteps[t_enc] noise level", () => {
   const prepared = prepareSampling({ samplerName: "DDIM", steps: 20, noise: () => new Float32Array(2) });
-  assert.deepEqual(Array.from(prepared.timesteps!), Array.from({ length: 20 }, (_, i) => 1 + 50 * i));
+  assert.deepEqual(
+    Array.from(prepared.timesteps!),
+    Array.from({ length: 20 }, (_, i) => 1 + 50 * i),
+  );
   const { requests } = drive(prepared.run(prepared.startLatent(Float32Array.from([1, -1]))), gaussianModel(0.8));
   assert.equal(requests.length, 19);
   const img = prepareSampling({ samplerName: "DDIM", steps: 20, noise: () => new Float32Array(1), img2img: { denoisingStrength: 0.5 } });
@@ -101,12 +130,22 @@ test("DDIM 20 steps makes 19 model calls; img2img starts at timesteps[t_enc] noi
 
 test("infotext entries: Schedule type for explicit schedules, Eta when not 1, Discard penultimate when forced", () => {
   assert.deepEqual(prepareSampling({ samplerName: "Euler a", steps: 5, noise: () => new Float32Array(1) }).infotext, {});
-  assert.deepEqual(prepareSampling({ samplerName: "DPM++ 2M", steps: 5, noise: () => new Float32Array(1) }).infotext, { "Schedule type": "Karras" });
+  assert.deepEqual(prepareSampling({ samplerName: "DPM++ 2M", steps: 5, noise: () => new Float32Array(1) }).infotext, {
+    "Schedule type": "Karras",
+  });
   assert.deepEqual(
-    prepareSampling({ samplerName: "Euler a", steps: 5, noise: () => new Float32Array(1), settings: { eta: 0.5, alwaysDiscardNextToLastSigma: true } }).infotext,
+    prepareSampling({
+      samplerName: "Euler a",
+      steps: 5,
+      noise: () => new Float32Array(1),
+      settings: { eta: 0.5, alwaysDiscardNextToLastSigma: true },
+    }).infotext,
     { Eta: 0.5, "Discard penultimate sigma": true },
   );
-  assert.deepEqual(prepareSampling({ samplerName: "DDIM", steps: 5, noise: () => new Float32Array(1), settings: { etaDdim: 0.3 } }).infotext, { "Eta DDIM": 0.3 });
+  assert.deepEqual(
+    prepareSampling({ samplerName: "DDIM", steps: 5, noise: () => new Float32Array(1), settings: { etaDdim: 0.3 } }).infotext,
+    { "Eta DDIM": 0.3 },
+  );
 });
 
 test("every catalog sampler runs end to end through prepareSampling on a closed-form model", () => {
@@ -163,11 +202,21 @@ test("fixture Euler a path (p1 CPU, p2 NV): σ/timestep per call and sampler noi
     const initial = rng.first();
     assertClose(initial, draws.subarray(0, size), 1e-5, `${id} initial noise`);
     const x = prepared.startLatent(initial);
-    assertClose(x, Array.from(draws.subarray(0, size), (v) => v * entry.sigmas[0]!), 2e-4, `${id} start latent`);
+    assertClose(
+      x,
+      Array.from(draws.subarray(0, size), (v) => v * entry.sigmas[0]!),
+      2e-4,
+      `${id} start latent`,
+    );
     // A denoiser that returns zeros: each step is x·σ_down/σ + n·σ_up, so the noise draws are visible.
     const { requests } = drive(prepared.run(x), (r) => new Float32Array(r.x.length));
     assert.equal(requests.length, c.steps);
-    assertClose(requests.map((r) => r.timestep), entry.timesteps, 1e-4, `${id} timesteps`);
+    assertClose(
+      requests.map((r) => r.timestep),
+      entry.timesteps,
+      1e-4,
+      `${id} timesteps`,
+    );
     assert.equal(consumed.length, c.steps - 1);
     consumed.forEach((n, k) => assertClose(n, draws.subarray((k + 1) * size, (k + 2) * size), 1e-5, `${id} sampler draw ${k + 1}`));
   }
@@ -186,5 +235,9 @@ test("SDE samplers get A1111's Brownian tree over the full σ list when `brownia
   const a = drive(withTree.run(withTree.startLatent(start)), gaussianModel(0.8)).x;
   const b = drive(manual.run(manual.startLatent(start)), gaussianModel(0.8)).x;
   assert.deepEqual(a, b);
-  assert.equal(prepareSampling({ samplerName: "Euler", steps: 6, noise: () => new Float32Array(4), brownian: { seeds: [7], shape, source: "NV" } }).brownianRange, undefined);
+  assert.equal(
+    prepareSampling({ samplerName: "Euler", steps: 6, noise: () => new Float32Array(4), brownian: { seeds: [7], shape, source: "NV" } })
+      .brownianRange,
+    undefined,
+  );
 });

@@ -146,7 +146,8 @@ export interface Img2imgStepMapping {
  * hires passes (and option img2img_fix_steps) run exactly `steps` steps of an int(steps/d) schedule.
  */
 export function img2imgSteps(steps: number, denoisingStrength: number, fixSteps = false): Img2imgStepMapping {
-  if (!Number.isSafeInteger(steps) || steps < 1) throw new InvalidSamplingParameter("steps", `steps must be a positive integer, got ${steps}`);
+  if (!Number.isSafeInteger(steps) || steps < 1)
+    throw new InvalidSamplingParameter("steps", `steps must be a positive integer, got ${steps}`);
   if (!(denoisingStrength >= 0 && denoisingStrength <= 1)) {
     throw new InvalidSamplingParameter("denoising_strength", `denoising_strength must be within 0..1, got ${denoisingStrength}`);
   }
@@ -257,9 +258,7 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
   const sigmaModel: SigmaModel = lcm ?? baseSchedule;
   const infotext: Record<string, string | number | boolean> = {};
 
-  const mapping = input.img2img
-    ? img2imgSteps(input.steps, input.img2img.denoisingStrength, input.img2img.fixSteps ?? false)
-    : undefined;
+  const mapping = input.img2img ? img2imgSteps(input.steps, input.img2img.denoisingStrength, input.img2img.fixSteps ?? false) : undefined;
   const scheduleSteps = mapping ? mapping.scheduleSteps : input.steps;
   if (!Number.isSafeInteger(input.steps) || input.steps < 1) {
     throw new InvalidSamplingParameter("steps", `steps must be a positive integer, got ${input.steps}`);
@@ -305,11 +304,17 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
     }
     brownianRange = { sigmaMin, sigmaMax };
   }
-  const tree = input.noiseSampler === undefined && brownianRange !== undefined && input.brownian !== undefined ? { ...input.brownian, ...brownianRange } : undefined;
+  const tree =
+    input.noiseSampler === undefined && brownianRange !== undefined && input.brownian !== undefined
+      ? { ...input.brownian, ...brownianRange }
+      : undefined;
   // Built at the first query made on this thread: when a worker answers them all, the tree here never costs a draw.
   let localTree: BrownianTreeNoiseSampler | undefined;
   const querySource =
-    input.noiseSampler ?? (tree !== undefined ? (sigma: number, sigmaNext: number) => (localTree ??= new BrownianTreeNoiseSampler(tree)).sample(sigma, sigmaNext) : undefined);
+    input.noiseSampler ??
+    (tree !== undefined
+      ? (sigma: number, sigmaNext: number) => (localTree ??= new BrownianTreeNoiseSampler(tree)).sample(sigma, sigmaNext)
+      : undefined);
   const prefetcher = new NoisePrefetcher(input.noise, querySource);
   const noiseSampler = querySource === undefined ? undefined : prefetcher.query;
 
@@ -410,7 +415,11 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
 }
 
 /** img2img: A1111 multiplies the first noise draw by initial_noise_multiplier before using it. */
-function scaleInitialNoise(noise: Float32Array, multiplier: number | undefined, infotext: Record<string, string | number | boolean>): Float32Array {
+function scaleInitialNoise(
+  noise: Float32Array,
+  multiplier: number | undefined,
+  infotext: Record<string, string | number | boolean>,
+): Float32Array {
   if (multiplier === undefined || multiplier === 1) return noise;
   infotext["Noise multiplier"] = multiplier;
   const m = f32(multiplier);
@@ -448,7 +457,8 @@ function prepareTimestepSampler(
 
   const startLatent = (noise: Float32Array, initLatent?: Float32Array): Float32Array => {
     if (tEnc === undefined) return Float32Array.from(noise);
-    if (initLatent === undefined || initLatent.length !== noise.length) throw new RangeError("img2img needs an init latent of the noise's length");
+    if (initLatent === undefined || initLatent.length !== noise.length)
+      throw new RangeError("img2img needs an init latent of the noise's length");
     const a = schedule.alphasCumprod[all[tEnc]!]!;
     const sqrtA = f32(Math.sqrt(a));
     const sqrtOneMinusA = f32(Math.sqrt(f32(1 - a)));

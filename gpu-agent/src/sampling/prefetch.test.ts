@@ -24,8 +24,16 @@ test("draws made ahead are handed out oldest first, so the sequence the sampler 
 test("noise-sampler answers made ahead serve exactly their own arguments", () => {
   const asked: Array<[number, number]> = [];
   const p = new NoisePrefetcher(counter(), (a, b) => (asked.push([a, b]), Float32Array.of(a - b)));
-  p.drawAhead({ queries: [[3, 2], [2, 1]] });
-  assert.deepEqual(asked, [[3, 2], [2, 1]]);
+  p.drawAhead({
+    queries: [
+      [3, 2],
+      [2, 1],
+    ],
+  });
+  assert.deepEqual(asked, [
+    [3, 2],
+    [2, 1],
+  ]);
   assert.deepEqual(p.query(2, 1), Float32Array.of(1));
   assert.deepEqual(p.query(2.5, 1), Float32Array.of(1.5)); // not announced: computed now
   assert.deepEqual(p.query(3, 2), Float32Array.of(1));
@@ -63,7 +71,13 @@ test("every sampler gives the same latents with noise drawn ahead (twice, even) 
     const results: Float32Array[] = [];
     for (const ahead of [0, 1, 2]) {
       const rng = new ImageRng({ shape, seeds: [11], source: "NV" });
-      const prepared = prepareSampling({ samplerName: name, steps: 6, noise: () => rng.next(), brownian: { seeds: [11], shape, source: "NV" }, settings: { sChurn: 0.5 } });
+      const prepared = prepareSampling({
+        samplerName: name,
+        steps: 6,
+        noise: () => rng.next(),
+        brownian: { seeds: [11], shape, source: "NV" },
+        settings: { sChurn: 0.5 },
+      });
       const run = prepared.run(prepared.startLatent(rng.first()));
       let r = run.next();
       while (!r.done) {

@@ -46,8 +46,14 @@ test("numeric strings parse like Python int(); other negatives are kept", () => 
 });
 
 test("invalid counts and non-finite numbers name the field", () => {
-  assert.throws(() => seedsForJob({ seed: 1, count: 0 }), (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "batch_size");
-  assert.throws(() => seedsForJob({ seed: Number.NaN, count: 1 }), (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "seed");
+  assert.throws(
+    () => seedsForJob({ seed: 1, count: 0 }),
+    (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "batch_size",
+  );
+  assert.throws(
+    () => seedsForJob({ seed: Number.NaN, count: 1 }),
+    (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "seed",
+  );
   assert.throws(
     () => seedsForJob({ seed: 1, count: 1, subseedStrength: Infinity }),
     (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "subseed_strength",

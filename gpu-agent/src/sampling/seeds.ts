@@ -56,7 +56,8 @@ function defaultRandom(limit: number): number {
 
 export function seedsForJob(input: SeedsForJobInput): JobSeeds {
   const { count } = input;
-  if (!Number.isSafeInteger(count) || count < 1) throw new InvalidSamplingParameter("batch_size", `image count must be a positive integer, got ${count}`);
+  if (!Number.isSafeInteger(count) || count < 1)
+    throw new InvalidSamplingParameter("batch_size", `image count must be a positive integer, got ${count}`);
   const strength = input.subseedStrength ?? 0;
   if (!Number.isFinite(strength)) throw new InvalidSamplingParameter("subseed_strength", "subseed_strength must be a finite number");
   const random = input.random ?? defaultRandom;

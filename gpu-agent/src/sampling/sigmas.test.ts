@@ -41,7 +41,10 @@ test("sigma_to_t is fractional and t_to_sigma inverts it", () => {
 test("Karras 20-step UNet timesteps match spec §4.3", () => {
   const { sigmas } = samplerSigmas({ steps: 20, scheduleType: "karras" });
   const ts = Array.from(sigmas.subarray(0, 19), (s) => sigmaToT(s));
-  const expected = [999, 961.7328, 921.0421, 876.3138, 826.7906, 771.552, 709.5298, 639.6147, 560.9753, 473.7491, 380.1319, 285.3177, 197.0808, 123.3954, 69.2571, 34.6975, 15.4816, 5.9918, 1.7829];
+  const expected = [
+    999, 961.7328, 921.0421, 876.3138, 826.7906, 771.552, 709.5298, 639.6147, 560.9753, 473.7491, 380.1319, 285.3177, 197.0808, 123.3954,
+    69.2571, 34.6975, 15.4816, 5.9918, 1.7829,
+  ];
   assertClose(ts, expected, 2e-3, "karras timesteps");
 });
 
@@ -88,7 +91,11 @@ test("v denoiser: x0 = c_skip·x + c_out·v recovers the data for a consistent (
   const v = Float32Array.from(x0.map((v, i) => (n[i]! - sigma * v) / Math.sqrt(sigma * sigma + 1)));
   assertClose(vToDenoised(x, v, sigma), x0, 1e-6);
   const { cSkip, cOut, cIn: ci } = vScalings(sigma);
-  assert.ok(Math.abs(cSkip - 1 / (sigma ** 2 + 1)) < 1e-7 && Math.abs(cOut + sigma / Math.sqrt(sigma ** 2 + 1)) < 1e-7 && Math.abs(ci - cIn(sigma)) < 1e-7);
+  assert.ok(
+    Math.abs(cSkip - 1 / (sigma ** 2 + 1)) < 1e-7 &&
+      Math.abs(cOut + sigma / Math.sqrt(sigma ** 2 + 1)) < 1e-7 &&
+      Math.abs(ci - cIn(sigma)) < 1e-7,
+  );
   // VP form: x_t = sqrt(ᾱ)x0 + sqrt(1−ᾱ)ε, v = sqrt(ᾱ)ε − sqrt(1−ᾱ)x0 ⇒ ε = sqrt(ᾱ)v + sqrt(1−ᾱ)x_t.
   const a = 0.64;
   const xt = Float32Array.from(x0.map((v, i) => 0.8 * v + 0.6 * n[i]!));

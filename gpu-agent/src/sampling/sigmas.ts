@@ -7,11 +7,7 @@ import { f32, linspaceF32 } from "./float32.js";
 export const NUM_TRAIN_TIMESTEPS = 1000;
 
 /** ldm "linear" schedule (diffusers "scaled_linear"): β = linspace(√0.00085, √0.012)², ᾱ = Πᵢ(1 − βᵢ) in float64. */
-export function sd1AlphasCumprod(
-  linearStart = 0.00085,
-  linearEnd = 0.012,
-  timesteps = NUM_TRAIN_TIMESTEPS,
-): Float32Array {
+export function sd1AlphasCumprod(linearStart = 0.00085, linearEnd = 0.012, timesteps = NUM_TRAIN_TIMESTEPS): Float32Array {
   const start = Math.sqrt(linearStart);
   const end = Math.sqrt(linearEnd);
   const step = (end - start) / (timesteps - 1);
@@ -158,12 +154,7 @@ export function scaleModelInput(x: Float32Array, sigma: number, out = new Float3
 }
 
 /** eps-prediction: denoised = x − σ·eps (torch: x + eps·(−σ)). */
-export function epsToDenoised(
-  x: Float32Array,
-  eps: Float32Array,
-  sigma: number,
-  out = new Float32Array(x.length),
-): Float32Array {
+export function epsToDenoised(x: Float32Array, eps: Float32Array, sigma: number, out = new Float32Array(x.length)): Float32Array {
   const cOut = -f32(sigma);
   for (let i = 0; i < x.length; i++) out[i] = x[i]! + f32(eps[i]! * cOut);
   return out;
@@ -178,24 +169,14 @@ export function vScalings(sigma: number): { cSkip: number; cOut: number; cIn: nu
 }
 
 /** v-prediction: denoised = v·c_out + x·c_skip. */
-export function vToDenoised(
-  x: Float32Array,
-  v: Float32Array,
-  sigma: number,
-  out = new Float32Array(x.length),
-): Float32Array {
+export function vToDenoised(x: Float32Array, v: Float32Array, sigma: number, out = new Float32Array(x.length)): Float32Array {
   const { cSkip, cOut } = vScalings(sigma);
   for (let i = 0; i < x.length; i++) out[i] = f32(v[i]! * cOut) + f32(x[i]! * cSkip);
   return out;
 }
 
 /** For timestep samplers on v-models: eps = sqrt(ᾱ_t)·v + sqrt(1 − ᾱ_t)·x (x unscaled, VP). */
-export function vToEps(
-  x: Float32Array,
-  v: Float32Array,
-  alphaCumprod: number,
-  out = new Float32Array(x.length),
-): Float32Array {
+export function vToEps(x: Float32Array, v: Float32Array, alphaCumprod: number, out = new Float32Array(x.length)): Float32Array {
   const a = f32(Math.sqrt(alphaCumprod));
   const b = f32(Math.sqrt(f32(1 - alphaCumprod)));
   for (let i = 0; i < x.length; i++) out[i] = f32(a * v[i]!) + f32(b * x[i]!);

@@ -158,10 +158,10 @@ const bitsI32 = new Int32Array(bitsF32.buffer);
 
 const LOG_SQRTHF = f32(0.7071067811865476);
 const LOG_P = [
-  7.0376836292e-2, -1.151461031e-1, 1.167699874e-1, -1.2420140846e-1, 1.4249322787e-1, -1.6668057665e-1,
-  2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1,
+  7.0376836292e-2, -1.151461031e-1, 1.167699874e-1, -1.2420140846e-1, 1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
+  3.3333331174e-1,
 ].map(f32) as [number, number, number, number, number, number, number, number, number];
-const LOG_Q1 = f32(-2.12194440e-4);
+const LOG_Q1 = f32(-2.1219444e-4);
 const LOG_Q2 = f32(0.693359375);
 
 /** Only called with u ∈ (0, 1], so the NaN/denormal handling of the vector code never applies. */

@@ -18,7 +18,13 @@ const CLIP_SPLIT = "<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'
 
 export function clipTokenizerJson(vocab: Record<string, number>, merges: string[]): object {
   const special = (id: number, content: string) => ({
-    id, content, single_word: false, lstrip: false, rstrip: false, normalized: true, special: true,
+    id,
+    content,
+    single_word: false,
+    lstrip: false,
+    rstrip: false,
+    normalized: true,
+    special: true,
   });
   return {
     version: "1.0",
@@ -27,11 +33,7 @@ export function clipTokenizerJson(vocab: Record<string, number>, merges: string[
     added_tokens: [special(49406, "<|startoftext|>"), special(49407, "<|endoftext|>")],
     normalizer: {
       type: "Sequence",
-      normalizers: [
-        { type: "NFC" },
-        { type: "Replace", pattern: { Regex: "\\s+" }, content: " " },
-        { type: "Lowercase" },
-      ],
+      normalizers: [{ type: "NFC" }, { type: "Replace", pattern: { Regex: "\\s+" }, content: " " }, { type: "Lowercase" }],
     },
     pre_tokenizer: {
       type: "Sequence",

@@ -39,7 +39,16 @@ export class ModelCaller {
     inputScale = 1,
     upcoming?: UpcomingNoise,
   ): Generator<ModelRequest, Float32Array, ModelResponse> {
-    const request: ModelRequest = { kind: "eps", x, sigma, timestep, inputScale, step, call: this.calls++, ...(upcoming !== undefined && { upcoming }) };
+    const request: ModelRequest = {
+      kind: "eps",
+      x,
+      sigma,
+      timestep,
+      inputScale,
+      step,
+      call: this.calls++,
+      ...(upcoming !== undefined && { upcoming }),
+    };
     return expectArray(yield request, this.length);
   }
 

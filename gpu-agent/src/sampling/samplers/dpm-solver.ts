@@ -224,7 +224,14 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
   if (!forward && eta) throw new RangeError("eta must be 0 for reverse sampling");
   const atol = f32(o.atol ?? 0.0078);
   const rtol = f32(o.rtol ?? 0.05);
-  const pid = new PidStepSizeController(Math.abs(o.hInit ?? 0.05) * (forward ? 1 : -1), o.pcoeff ?? 0, o.icoeff ?? 1, o.dcoeff ?? 0, eta ? 1.5 : order, o.acceptSafety ?? 0.81);
+  const pid = new PidStepSizeController(
+    Math.abs(o.hInit ?? 0.05) * (forward ? 1 : -1),
+    o.pcoeff ?? 0,
+    o.icoeff ?? 1,
+    o.dcoeff ?? 0,
+    eta ? 1.5 : order,
+    o.acceptSafety ?? 0.81,
+  );
   const maxSteps = o.maxSteps ?? 10000;
   let s = tStart;
   let xPrev = x;

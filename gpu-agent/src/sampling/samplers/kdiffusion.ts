@@ -100,9 +100,10 @@ export function* sampleEulerAncestral(x: Float32Array, options: SamplerOptions):
     const dt = f32(sigmaDown - sigma);
     const out = new Float32Array(x.length);
     // Drawn whenever σnext > 0, also at eta 0 (then scaled by σ_up = 0).
-    x = next > 0
-      ? eulerAncestralStep(out, x, denoised, checkedNoise(options.noise, x.length), sigma, dt, sNoise, sigmaUp)
-      : eulerStep(out, x, denoised, sigma, dt);
+    x =
+      next > 0
+        ? eulerAncestralStep(out, x, denoised, checkedNoise(options.noise, x.length), sigma, dt, sNoise, sigmaUp)
+        : eulerStep(out, x, denoised, sigma, dt);
   }
   return x;
 }
@@ -239,9 +240,10 @@ export function* sampleDpmppSecondOrderAncestral(x: Float32Array, options: Sampl
     const out = new Float32Array(x.length);
     if (sigmaDown === 0) {
       const dt = f32(sigmaDown - sigma);
-      x = next > 0
-        ? eulerAncestralStep(out, x, denoised, checkedNoise(options.noise, x.length), sigma, dt, sNoise, sigmaUp)
-        : eulerStep(out, x, denoised, sigma, dt);
+      x =
+        next > 0
+          ? eulerAncestralStep(out, x, denoised, checkedNoise(options.noise, x.length), sigma, dt, sNoise, sigmaUp)
+          : eulerStep(out, x, denoised, sigma, dt);
     } else {
       const t = tOfSigma(sigma);
       const tNext = tOfSigma(sigmaDown);
@@ -252,9 +254,10 @@ export function* sampleDpmppSecondOrderAncestral(x: Float32Array, options: Sampl
       const x2 = dpmSolverStep(new Float32Array(x.length), x, denoised, f32(sigmaS / sigmaT), expm1F(f32(-h * 0.5)));
       const denoised2 = yield* model.denoise(x2, sigmaS, i, upcoming);
       const ratio = f32(sigmaOfT(tNext) / sigmaT);
-      x = next > 0
-        ? dpmSolverAncestralStep(out, x, denoised2, checkedNoise(options.noise, x.length), ratio, expm1F(-h), sNoise, sigmaUp)
-        : dpmSolverStep(out, x, denoised2, ratio, expm1F(-h));
+      x =
+        next > 0
+          ? dpmSolverAncestralStep(out, x, denoised2, checkedNoise(options.noise, x.length), ratio, expm1F(-h), sNoise, sigmaUp)
+          : dpmSolverStep(out, x, denoised2, ratio, expm1F(-h));
     }
   }
   return x;
@@ -288,15 +291,31 @@ export function* sampleDpmppSde(x: Float32Array, options: SamplerOptions, r = 0.
     const step1 = ancestralStep(sigmaT, sigmaS, eta);
     const s1 = tOfSigma(step1.sigmaDown);
     const x2 = dpmSolverAncestralStep(
-      new Float32Array(x.length), x, denoised, noise(sigmaT, sigmaS), f32(sigmaOfT(s1) / sigmaT), expm1F(f32(t - s1)), sNoise, step1.sigmaUp,
+      new Float32Array(x.length),
+      x,
+      denoised,
+      noise(sigmaT, sigmaS),
+      f32(sigmaOfT(s1) / sigmaT),
+      expm1F(f32(t - s1)),
+      sNoise,
+      step1.sigmaUp,
     );
     const denoised2 = yield* model.denoise(x2, sigmaS, i, upcomingSde(options, sigmaT, sigmaNext));
 
     const step2 = ancestralStep(sigmaT, sigmaNext, eta);
     const t2 = tOfSigma(step2.sigmaDown);
     x = dpmppSdeFinalStep(
-      new Float32Array(x.length), x, denoised, denoised2, noise(sigmaT, sigmaNext),
-      f32(1 - fac), f32(fac), f32(sigmaOfT(t2) / sigmaT), expm1F(f32(t - t2)), sNoise, step2.sigmaUp,
+      new Float32Array(x.length),
+      x,
+      denoised,
+      denoised2,
+      noise(sigmaT, sigmaNext),
+      f32(1 - fac),
+      f32(fac),
+      f32(sigmaOfT(t2) / sigmaT),
+      expm1F(f32(t - t2)),
+      sNoise,
+      step2.sigmaUp,
     );
   }
   return x;

@@ -100,8 +100,14 @@ test("Heun trajectory matches the hand-derived two-stage update; the last step i
   assertRelative(out, expected, 5e-6, "Heun");
   // 5 two-call steps + a final one-call step; calls count up, steps repeat for the second evaluation.
   assert.equal(requests.length, 11);
-  assert.deepEqual(requests.map((r) => r.step), [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5]);
-  assert.deepEqual(requests.map((r) => r.call), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+  assert.deepEqual(
+    requests.map((r) => r.step),
+    [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5],
+  );
+  assert.deepEqual(
+    requests.map((r) => r.call),
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+  );
   assert.equal(requests[1]!.sigma, sigmas[1]);
 });
 
@@ -226,7 +232,10 @@ test("SDE samplers take their noise from the injected noise sampler with (σ, σ
   assert.equal(pairs.length, 4);
   assert.ok(Math.abs(pairs[0]![1] - Math.sqrt(8 * 3)) < 1e-4, `midpoint ${pairs[0]![1]}`);
   assert.ok(Math.abs(pairs[1]![0] - 8) < 1e-5 && Math.abs(pairs[1]![1] - 3) < 1e-5);
-  assert.deepEqual(requests.map((r) => r.step), [0, 0, 1, 1, 2]);
+  assert.deepEqual(
+    requests.map((r) => r.step),
+    [0, 0, 1, 1, 2],
+  );
 });
 
 test("SDE samplers without a Brownian sampler fall back to plain noise() draws", () => {
@@ -305,7 +314,10 @@ test("DPM fast makes exactly n model calls and DPM adaptive converges (eta 0)", 
 });
 
 test("DDIM timesteps, call count and convergence; CFG++ asks for the unconditional eps", () => {
-  assert.deepEqual(Array.from(ddimTimesteps(20)), Array.from({ length: 20 }, (_, i) => 1 + 50 * i));
+  assert.deepEqual(
+    Array.from(ddimTimesteps(20)),
+    Array.from({ length: 20 }, (_, i) => 1 + 50 * i),
+  );
   const schedule = sd1Schedule();
   const ts = ddimTimesteps(100);
   const noise = Float32Array.from(START);
@@ -313,7 +325,10 @@ test("DDIM timesteps, call count and convergence; CFG++ asks for the uncondition
   const { x: out, requests } = drive(sampleDdim(noise, { timesteps: ts, noise: () => (draws++, new Float32Array(4)) }), gaussianModel(S));
   assert.equal(requests.length, 99);
   assert.equal(draws, 99);
-  assert.deepEqual(requests.slice(0, 2).map((r) => r.timestep), [991, 981]);
+  assert.deepEqual(
+    requests.slice(0, 2).map((r) => r.timestep),
+    [991, 981],
+  );
   // VP → VE: x/sqrt(ᾱ) follows the flow from σ(t=991) down to σ(t=1), where DDIM stops.
   const a = schedule.alphasCumprod;
   const sigmaOf = (t: number): number => Math.sqrt((1 - a[t]!) / a[t]!);
@@ -331,7 +346,14 @@ test("PLMS: two calls in its first step, then one per step; converges like DDIM"
   const ts = ddimTimesteps(100);
   const { x: out, requests } = drive(samplePlms(Float32Array.from(START), { timesteps: ts, noise: noMoreNoise }), gaussianModel(S));
   assert.equal(requests.length, 100);
-  assert.deepEqual(requests.slice(0, 3).map((r) => [r.timestep, r.step]), [[991, 0], [981, 0], [981, 1]]);
+  assert.deepEqual(
+    requests.slice(0, 3).map((r) => [r.timestep, r.step]),
+    [
+      [991, 0],
+      [981, 0],
+      [981, 1],
+    ],
+  );
   const a = schedule.alphasCumprod;
   const sigmaOf = (t: number): number => Math.sqrt((1 - a[t]!) / a[t]!);
   const expected = START.map((v) => Math.sqrt(a[1]!) * exactFlow(v / Math.sqrt(a[991]!), sigmaOf(991), sigmaOf(1), S));
@@ -350,12 +372,22 @@ test("UniPC: N model calls for N steps at fractional timesteps; bh1, bh2 and var
   const fine = drive(sampleUniPc(Float32Array.from(START), { timesteps: ddimTimesteps(500) }), gaussianModel(S)).x;
   assert.ok(Math.abs(fine[0]! - expected[0]!) < Math.abs(coarse[0]! - expected[0]!) / 10, "UniPC converges");
   assertRelative(fine, expected, 5e-4, "UniPC 500 steps");
-  for (const [variant, tol] of [["bh1", 5e-3], ["bh2", 5e-3], ["vary_coeff", 1.5e-2]] as const) {
+  for (const [variant, tol] of [
+    ["bh1", 5e-3],
+    ["bh2", 5e-3],
+    ["vary_coeff", 1.5e-2],
+  ] as const) {
     const { x: out, requests } = drive(sampleUniPc(Float32Array.from(START), { timesteps: ddimTimesteps(100), variant }), gaussianModel(S));
     assert.equal(requests.length, 100, variant);
     assert.ok(Math.abs(requests[0]!.timestep - 999) < 1e-3, `first t ${requests[0]!.timestep}`);
-    assert.ok(requests.some((r) => !Number.isInteger(r.timestep)), "fractional timesteps");
+    assert.ok(
+      requests.some((r) => !Number.isInteger(r.timestep)),
+      "fractional timesteps",
+    );
     assertRelative(out, expected, tol, `UniPC ${variant}`);
   }
-  assert.throws(() => drive(sampleUniPc(Float32Array.from(START), { timesteps: ddimTimesteps(2) }), gaussianModel(S)), /needs at least 3 steps/);
+  assert.throws(
+    () => drive(sampleUniPc(Float32Array.from(START), { timesteps: ddimTimesteps(2) }), gaussianModel(S)),
+    /needs at least 3 steps/,
+  );
 });

@@ -15,7 +15,8 @@ type Run = Generator<ModelRequest, Float32Array, ModelResponse>;
 
 /** `get_timesteps(steps)`: clip(range(0, 1000, 1000 // steps) + 1, 0, 999), ascending. */
 export function ddimTimesteps(steps: number, numTrainTimesteps = 1000): Int32Array {
-  if (!Number.isSafeInteger(steps) || steps < 1) throw new InvalidSamplingParameter("steps", `steps must be a positive integer, got ${steps}`);
+  if (!Number.isSafeInteger(steps) || steps < 1)
+    throw new InvalidSamplingParameter("steps", `steps must be a positive integer, got ${steps}`);
   const stride = Math.floor(numTrainTimesteps / steps);
   if (stride < 1) throw new InvalidSamplingParameter("steps", `at most ${numTrainTimesteps} steps are possible with timestep samplers`);
   const out: number[] = [];
@@ -233,7 +234,12 @@ function solve(matrix: number[][], rhs: number[]): number[] {
 
 function invert(matrix: number[][]): number[][] {
   const n = matrix.length;
-  const columns = Array.from({ length: n }, (_, j) => solve(matrix, Array.from({ length: n }, (_, i) => (i === j ? 1 : 0))));
+  const columns = Array.from({ length: n }, (_, j) =>
+    solve(
+      matrix,
+      Array.from({ length: n }, (_, i) => (i === j ? 1 : 0)),
+    ),
+  );
   return Array.from({ length: n }, (_, i) => Array.from({ length: n }, (_, j) => columns[j]![i]!));
 }
 
@@ -381,7 +387,13 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
     }
     let rhosP: number[] = [];
     if (older.length > 0) {
-      rhosP = stepOrder === 2 ? [0.5] : solve(rMatrix.slice(0, -1).map((row) => row.slice(0, -1)), b.slice(0, -1)).map(f32);
+      rhosP =
+        stepOrder === 2
+          ? [0.5]
+          : solve(
+              rMatrix.slice(0, -1).map((row) => row.slice(0, -1)),
+              b.slice(0, -1),
+            ).map(f32);
     }
     const rhosC = useCorrector ? (stepOrder === 1 ? [0.5] : solve(rMatrix, b).map(f32)) : [];
     const terms = { ratio, baseScale, scale: f32(alphaT * bH), rks: rks.slice(0, -1), rhosP, rhosC };

@@ -31,7 +31,16 @@ const eulerNoise = new Kernel({
   outputs: [e.add(e.add(X, e.mul(toD(X, D, e.param(0)), e.param(1))), e.mul(e.mul(e.in(2), e.param(2)), e.param(3)))],
 });
 
-export function eulerAncestralStep(out: Float32Array, x: Float32Array, den: Float32Array, noise: Float32Array, sigma: number, dt: number, sNoise: number, sigmaUp: number): Float32Array {
+export function eulerAncestralStep(
+  out: Float32Array,
+  x: Float32Array,
+  den: Float32Array,
+  noise: Float32Array,
+  sigma: number,
+  dt: number,
+  sNoise: number,
+  sigmaUp: number,
+): Float32Array {
   eulerNoise.run([out], [x, den, noise], [sigma, dt, fround(sNoise), sigmaUp]);
   return out;
 }
@@ -59,7 +68,16 @@ const heun = new Kernel({
   outputs: [e.add(X, e.mul(e.div(e.add(toD(X, D, e.param(0)), toD(e.in(2), e.in(3), e.param(1))), e.param(3)), e.param(2)))],
 });
 
-export function heunStep(out: Float32Array, x: Float32Array, den: Float32Array, x2: Float32Array, den2: Float32Array, sigma: number, sigma2: number, dt: number): Float32Array {
+export function heunStep(
+  out: Float32Array,
+  x: Float32Array,
+  den: Float32Array,
+  x2: Float32Array,
+  den2: Float32Array,
+  sigma: number,
+  sigma2: number,
+  dt: number,
+): Float32Array {
   heun.run([out], [x, den, x2, den2], [sigma, sigma2, dt, 2]);
   return out;
 }
@@ -72,13 +90,28 @@ const midpointNoise = new Kernel({
   outputs: [e.add(e.add(X, e.mul(toD(e.in(1), e.in(2), e.param(0)), e.param(1))), e.mul(e.mul(e.in(3), e.param(2)), e.param(3)))],
 });
 
-export function midpointStep(out: Float32Array, x: Float32Array, x2: Float32Array, den2: Float32Array, sigmaMid: number, dt: number): Float32Array {
+export function midpointStep(
+  out: Float32Array,
+  x: Float32Array,
+  x2: Float32Array,
+  den2: Float32Array,
+  sigmaMid: number,
+  dt: number,
+): Float32Array {
   midpoint.run([out], [x, x2, den2], [sigmaMid, dt]);
   return out;
 }
 
 export function midpointAncestralStep(
-  out: Float32Array, x: Float32Array, x2: Float32Array, den2: Float32Array, noise: Float32Array, sigmaMid: number, dt: number, sNoise: number, sigmaUp: number,
+  out: Float32Array,
+  x: Float32Array,
+  x2: Float32Array,
+  den2: Float32Array,
+  noise: Float32Array,
+  sigmaMid: number,
+  dt: number,
+  sNoise: number,
+  sigmaUp: number,
 ): Float32Array {
   midpointNoise.run([out], [x, x2, den2, noise], [sigmaMid, dt, fround(sNoise), sigmaUp]);
   return out;
@@ -95,7 +128,14 @@ export function dpmSolverStep(out: Float32Array, x: Float32Array, den: Float32Ar
 }
 
 export function dpmSolverAncestralStep(
-  out: Float32Array, x: Float32Array, den: Float32Array, noise: Float32Array, ratio: number, expm1NegH: number, sNoise: number, sigmaUp: number,
+  out: Float32Array,
+  x: Float32Array,
+  den: Float32Array,
+  noise: Float32Array,
+  ratio: number,
+  expm1NegH: number,
+  sNoise: number,
+  sigmaUp: number,
 ): Float32Array {
   dpmSolverNoise.run([out], [x, den, noise], [ratio, expm1NegH, fround(sNoise), sigmaUp]);
   return out;
@@ -114,8 +154,17 @@ const dpmppSdeFinal = new Kernel({
 });
 
 export function dpmppSdeFinalStep(
-  out: Float32Array, x: Float32Array, den: Float32Array, den2: Float32Array, noise: Float32Array,
-  w1: number, w2: number, ratio: number, expm1: number, sNoise: number, sigmaUp: number,
+  out: Float32Array,
+  x: Float32Array,
+  den: Float32Array,
+  den2: Float32Array,
+  noise: Float32Array,
+  w1: number,
+  w2: number,
+  ratio: number,
+  expm1: number,
+  sNoise: number,
+  sigmaUp: number,
 ): Float32Array {
   dpmppSdeFinal.run([out], [x, den, den2, noise], [w1, w2, ratio, expm1, fround(sNoise), sigmaUp]);
   return out;
@@ -128,7 +177,16 @@ const dpmpp2m = new Kernel({
   outputs: [e.sub(e.mul(e.param(2), X), e.mul(e.param(3), e.sub(e.mul(e.param(0), D), e.mul(e.param(1), e.in(2)))))],
 });
 
-export function dpmpp2mStep(out: Float32Array, x: Float32Array, den: Float32Array, old: Float32Array, wNew: number, inv2r: number, ratio: number, expm1NegH: number): Float32Array {
+export function dpmpp2mStep(
+  out: Float32Array,
+  x: Float32Array,
+  den: Float32Array,
+  old: Float32Array,
+  wNew: number,
+  inv2r: number,
+  ratio: number,
+  expm1NegH: number,
+): Float32Array {
   dpmpp2m.run([out], [x, den, old], [wNew, inv2r, ratio, expm1NegH]);
   return out;
 }
@@ -145,10 +203,12 @@ function sde2mExpr(correction: boolean, noise: boolean): { spec: { inputs: numbe
   return { spec: { inputs: next, params: 6 }, out };
 }
 
-const sde2m = [false, true].map((c) => [false, true].map((n) => {
-  const { spec, out } = sde2mExpr(c, n);
-  return new Kernel({ ...spec, outputs: [out] });
-}));
+const sde2m = [false, true].map((c) =>
+  [false, true].map((n) => {
+    const { spec, out } = sde2mExpr(c, n);
+    return new Kernel({ ...spec, outputs: [out] });
+  }),
+);
 
 export interface SdeNoiseTerm {
   noise: Float32Array;
@@ -158,14 +218,24 @@ export interface SdeNoiseTerm {
 }
 
 export function dpmpp2mSdeStep(
-  out: Float32Array, x: Float32Array, den: Float32Array, xScale: number, dScale: number,
-  old: { den: Float32Array; c: number } | undefined, noise: SdeNoiseTerm | undefined,
+  out: Float32Array,
+  x: Float32Array,
+  den: Float32Array,
+  xScale: number,
+  dScale: number,
+  old: { den: Float32Array; c: number } | undefined,
+  noise: SdeNoiseTerm | undefined,
 ): Float32Array {
   const ins = [x, den];
   if (old !== undefined) ins.push(old.den);
   if (noise !== undefined) ins.push(noise.noise);
   sde2m[old === undefined ? 0 : 1]![noise === undefined ? 0 : 1]!.run([out], ins, [
-    xScale, dScale, old?.c ?? 0, noise?.sigmaNext ?? 0, noise?.root ?? 0, fround(noise?.sNoise ?? 0),
+    xScale,
+    dScale,
+    old?.c ?? 0,
+    noise?.sigmaNext ?? 0,
+    noise?.root ?? 0,
+    fround(noise?.sNoise ?? 0),
   ]);
   return out;
 }
@@ -194,13 +264,19 @@ function sde3mExpr(order: 0 | 1 | 2, noise: boolean): { inputs: number; out: Exp
   return { inputs: next, out };
 }
 
-const sde3m = ([0, 1, 2] as const).map((order) => [false, true].map((n) => {
-  const { inputs, out } = sde3mExpr(order, n);
-  return new Kernel({ inputs, params: 10, outputs: [out] });
-}));
+const sde3m = ([0, 1, 2] as const).map((order) =>
+  [false, true].map((n) => {
+    const { inputs, out } = sde3mExpr(order, n);
+    return new Kernel({ inputs, params: 10, outputs: [out] });
+  }),
+);
 
 export function dpmpp3mSdeStep(
-  out: Float32Array, x: Float32Array, den: Float32Array, xScale: number, dScale: number,
+  out: Float32Array,
+  x: Float32Array,
+  den: Float32Array,
+  xScale: number,
+  dScale: number,
   history: { phi2: number; phi3: number; d1: Float32Array; r0: number; d2?: Float32Array; r1?: number; rSum?: number } | undefined,
   noise: SdeNoiseTerm | undefined,
 ): Float32Array {
@@ -212,8 +288,16 @@ export function dpmpp3mSdeStep(
   }
   if (noise !== undefined) ins.push(noise.noise);
   sde3m[order]![noise === undefined ? 0 : 1]!.run([out], ins, [
-    xScale, dScale, history?.phi2 ?? 0, history?.phi3 ?? 0, history?.r0 ?? 1, history?.r1 ?? 1, history?.rSum ?? 1,
-    noise?.sigmaNext ?? 0, noise?.root ?? 0, fround(noise?.sNoise ?? 0),
+    xScale,
+    dScale,
+    history?.phi2 ?? 0,
+    history?.phi3 ?? 0,
+    history?.r0 ?? 1,
+    history?.r1 ?? 1,
+    history?.rSum ?? 1,
+    noise?.sigmaNext ?? 0,
+    noise?.root ?? 0,
+    fround(noise?.sNoise ?? 0),
   ]);
   return out;
 }
@@ -229,7 +313,15 @@ const lms = [1, 2, 3, 4].map((order) => {
   return new Kernel({ inputs: 1 + order, params: 6, outputs: [e.add(X, sum), d] });
 });
 
-export function lmsStep(out: Float32Array, dOut: Float32Array, x: Float32Array, den: Float32Array, older: readonly Float32Array[], sigma: number, coefficients: readonly number[]): void {
+export function lmsStep(
+  out: Float32Array,
+  dOut: Float32Array,
+  x: Float32Array,
+  den: Float32Array,
+  older: readonly Float32Array[],
+  sigma: number,
+  coefficients: readonly number[],
+): void {
   const order = coefficients.length;
   const params = [sigma, 0, 0, 0, 0, 0];
   for (let j = 0; j < order; j++) params[2 + j] = coefficients[j]!;
@@ -253,9 +345,20 @@ export function subtractScaled(out: Float32Array, x: Float32Array, eps: Float32A
 }
 
 /** (x − a·eps) − b·(eps₂ − eps) */
-const dpmCombine = new Kernel({ inputs: 3, params: 2, outputs: [e.sub(e.sub(X, e.mul(e.param(0), e.in(1))), e.mul(e.param(1), e.sub(e.in(2), e.in(1))))] });
+const dpmCombine = new Kernel({
+  inputs: 3,
+  params: 2,
+  outputs: [e.sub(e.sub(X, e.mul(e.param(0), e.in(1))), e.mul(e.param(1), e.sub(e.in(2), e.in(1))))],
+});
 
-export function dpmSolverCombine(out: Float32Array, x: Float32Array, eps: Float32Array, eps2: Float32Array, a: number, b: number): Float32Array {
+export function dpmSolverCombine(
+  out: Float32Array,
+  x: Float32Array,
+  eps: Float32Array,
+  eps2: Float32Array,
+  a: number,
+  b: number,
+): Float32Array {
   dpmCombine.run([out], [x, eps, eps2], [a, b]);
   return out;
 }
@@ -276,8 +379,16 @@ const ddim = new Kernel({
 });
 
 export function ddimStep(
-  out: Float32Array, x: Float32Array, eps: Float32Array, dir: Float32Array, noise: Float32Array,
-  sqrtOneMinusA: number, sqrtA: number, sqrtAPrev: number, dirScale: number, sigma: number,
+  out: Float32Array,
+  x: Float32Array,
+  eps: Float32Array,
+  dir: Float32Array,
+  noise: Float32Array,
+  sqrtOneMinusA: number,
+  sqrtA: number,
+  sqrtAPrev: number,
+  dirScale: number,
+  sigma: number,
 ): Float32Array {
   ddim.run([out], [x, eps, dir, noise], [sqrtOneMinusA, sqrtA, sqrtAPrev, dirScale, sigma]);
   return out;
@@ -328,7 +439,11 @@ const PLMS_WEIGHTS: Record<string, readonly number[]> = { "0": [2], "1": [3, 2],
 
 /** `older` newest first (e₁, e₂, e₃); with `eNext` (first step) the mean (e + e_next)/2 is used. */
 export function plmsStep(
-  out: Float32Array, x: Float32Array, eps: Float32Array, older: readonly Float32Array[] | "plain", eNext: Float32Array | undefined,
+  out: Float32Array,
+  x: Float32Array,
+  eps: Float32Array,
+  older: readonly Float32Array[] | "plain",
+  eNext: Float32Array | undefined,
   coefficients: { s1m: number; sqrtA: number; sqrtAPrev: number; dirScale: number },
 ): Float32Array {
   const history = older === "plain" ? "plain" : eNext !== undefined ? 0 : (older.length as 1 | 2 | 3);
@@ -340,7 +455,13 @@ export function plmsStep(
     plmsKernels.set(key, kernel);
   }
   const ins = [x, eps, ...(eNext !== undefined ? [eNext] : older === "plain" ? [] : older)];
-  const params = [coefficients.s1m, coefficients.sqrtA, coefficients.sqrtAPrev, coefficients.dirScale, ...(history === "plain" ? [] : PLMS_WEIGHTS[key]!)];
+  const params = [
+    coefficients.s1m,
+    coefficients.sqrtA,
+    coefficients.sqrtAPrev,
+    coefficients.dirScale,
+    ...(history === "plain" ? [] : PLMS_WEIGHTS[key]!),
+  ];
   kernel.run([out], ins, params);
   return out;
 }
@@ -350,7 +471,15 @@ const lcmExpr = e.add(e.mul(e.param(1), e.add(X, e.mul(e.in(1), e.param(0)))), e
 const lcmKernel = new Kernel({ inputs: 2, params: 3, outputs: [lcmExpr] });
 const lcmNoiseKernel = new Kernel({ inputs: 3, params: 4, outputs: [e.add(lcmExpr, e.mul(e.param(3), e.in(2)))] });
 
-export function lcmStep(out: Float32Array, x: Float32Array, eps: Float32Array, negSigma: number, cOut: number, cSkip: number, noise?: { noise: Float32Array; sigmaNext: number }): Float32Array {
+export function lcmStep(
+  out: Float32Array,
+  x: Float32Array,
+  eps: Float32Array,
+  negSigma: number,
+  cOut: number,
+  cSkip: number,
+  noise?: { noise: Float32Array; sigmaNext: number },
+): Float32Array {
   if (noise === undefined) lcmKernel.run([out], [x, eps], [negSigma, cOut, cSkip]);
   else lcmNoiseKernel.run([out], [x, eps, noise.noise], [negSigma, cOut, cSkip, noise.sigmaNext]);
   return out;
@@ -410,15 +539,29 @@ function uniPcParams(t: UniPcTerms, sigmaT: number, alphaT: number): number[] {
 }
 
 /** The predictor x_t (`older`: m₁…m_{k−1}, newest first). */
-export function uniPcPredict(out: Float32Array, x: Float32Array, m0: Float32Array, older: readonly Float32Array[], t: UniPcTerms): Float32Array {
+export function uniPcPredict(
+  out: Float32Array,
+  x: Float32Array,
+  m0: Float32Array,
+  older: readonly Float32Array[],
+  t: UniPcTerms,
+): Float32Array {
   uniPcKernel(older.length, false).run([out], [x, m0, ...older], uniPcParams(t, 0, 1));
   return out;
 }
 
 /** The corrector: writes the data prediction m_t at x_t into `modelT` and the corrected x into `out`. */
 export function uniPcCorrect(
-  modelT: Float32Array, out: Float32Array, x: Float32Array, m0: Float32Array, older: readonly Float32Array[], xt: Float32Array, eps: Float32Array,
-  t: UniPcTerms, sigmaT: number, alphaT: number,
+  modelT: Float32Array,
+  out: Float32Array,
+  x: Float32Array,
+  m0: Float32Array,
+  older: readonly Float32Array[],
+  xt: Float32Array,
+  eps: Float32Array,
+  t: UniPcTerms,
+  sigmaT: number,
+  alphaT: number,
 ): void {
   uniPcKernel(older.length, true).run([modelT, out], [x, m0, ...older, xt, eps], uniPcParams(t, sigmaT, alphaT));
 }
