@@ -12,6 +12,7 @@ import { TINY_SD15, farmSkipReason } from "../harness/farm.js";
 import { checkJob, sleep, startFaultFarm, watchToEnd, type FaultFarm } from "../harness/sim-agent-farm.js";
 
 const skip = farmSkipReason();
+const METRICS = ["--metrics-port", "0"];
 const PARAMS = {
   prompt: "a lighthouse at dusk",
   model: "tiny-sd15",
@@ -33,7 +34,10 @@ describe("fault injection with real agents: outputs equal a fault-free run", { s
     symlinkSync(TINY_SD15, join(models, "m", "tiny-sd15"));
     farm = await startFaultFarm({ coordinatorArgs: ["--max-attempts", "4"] });
     await farm.startCoordinator();
-    await Promise.all([farm.startRealAgent("agent-0", join(models, "m")), farm.startRealAgent("agent-1", join(models, "m"))]);
+    await Promise.all([
+      farm.startRealAgent("agent-0", join(models, "m"), METRICS),
+      farm.startRealAgent("agent-1", join(models, "m"), METRICS),
+    ]);
     await farm.waitForAgents(2);
     const { jobId } = await farm.client.submit({ params: PARAMS });
     const out = checkJob((await watchToEnd(farm.client, jobId)).events, 4);
@@ -82,7 +86,7 @@ describe("fault injection with real agents: outputs equal a fault-free run", { s
       farm.agents.findIndex((a) => a.ready["id"] === victim),
       1,
     );
-    await farm.startRealAgent(victim, join(models, "m"));
+    await farm.startRealAgent(victim, join(models, "m"), METRICS);
     await farm.waitForAgents(2);
   });
 
@@ -114,6 +118,13 @@ describe("fault injection with real agents: outputs equal a fault-free run", { s
         if (e.event.case === "placed" && Number(e.sequence) > killedAfter)
           assert.ok(!before.has(e.event.value.imageIndex), "a finished image was rendered again");
       }
+      // The render that was running at the kill went on, and the new coordinator attached to it.
+      let reattached = 0;
+      for (const a of farm.agents) {
+        const text = await (await fetch(a.ready["metrics"] as string)).text();
+        reattached += Number(/^latentfarm_agent_task_reattaches_total (\S+)$/m.exec(text)?.[1] ?? 0);
+      }
+      assert.ok(reattached > 0, "the restarted coordinator re-attached to a render still running on an agent");
       await farm.waitForAgents(2);
     },
   );
