@@ -4,7 +4,18 @@ import js from "@eslint/js";
 import tseslint from "typescript-eslint";
 
 export default tseslint.config(
-  { ignores: ["**/dist/**", "**/gen/**", "node_modules/**", ".device-carry/**", "deploy/**", "**/*.d.ts", "**/fixtures/**"] },
+  {
+    ignores: [
+      "**/dist/**",
+      "**/dist-test/**",
+      "**/gen/**",
+      "node_modules/**",
+      ".device-carry/**",
+      "deploy/**",
+      "**/*.d.ts",
+      "**/fixtures/**",
+    ],
+  },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {

@@ -19,7 +19,7 @@ if (!dirs) {
 const files = [];
 function walk(dir) {
   for (const name of readdirSync(dir)) {
-    if (name === "node_modules" || name === "dist" || name === "bench") continue;
+    if (name === "node_modules" || name === "dist" || name === "dist-test" || name === "bench") continue;
     const p = join(dir, name);
     if (statSync(p).isDirectory()) walk(p);
     else if (name.endsWith(".test.ts")) files.push(relative(root, p));

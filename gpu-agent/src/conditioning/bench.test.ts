@@ -1,15 +1,12 @@
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
-import { dirname, join } from "node:path";
 import { test } from "node:test";
-import { fileURLToPath } from "node:url";
 import { benchConditioningDetailed, benchPrompt } from "./bench.js";
 import { ClipTokenizer } from "./clip-tokenizer.js";
 import { getPromptSchedule } from "./schedule.js";
+import { kitFixture, kitSkip } from "../test-support/kit.js";
 
-const here = dirname(fileURLToPath(import.meta.url));
-const TOKENIZER_DIR = join(here, "../../../../shared/fixtures/tiny-sd15/tokenizer");
-const skip = !existsSync(TOKENIZER_DIR) && "../shared/fixtures absent";
+const TOKENIZER_DIR = kitFixture("tiny-sd15", "tokenizer");
+const skip = kitSkip("tiny-sd15", "tokenizer");
 
 test("bench prompt is ~300 tokens with edits; conditioning stays fast", { skip }, async (t) => {
   const tok = await ClipTokenizer.fromDirectory(TOKENIZER_DIR);

@@ -1,15 +1,16 @@
 import assert from "node:assert/strict";
-import { existsSync, readFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { ClipTokenizer, parseMerges } from "./clip-tokenizer.js";
 import { cleanText, fixText } from "./text-cleanup.js";
 import { CORPUS_SEED, CORPUS_SIZE, FTFY_CASES, generateTokenizerCorpus } from "./test-support/tokenizer-corpus.js";
+import { kitFixture, kitSkip } from "../test-support/kit.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
-const TOKENIZER_DIR = join(here, "../../../../shared/fixtures/tiny-sd15/tokenizer");
-const skip = !existsSync(TOKENIZER_DIR) && "../shared/fixtures absent";
+const TOKENIZER_DIR = kitFixture("tiny-sd15", "tokenizer");
+const skip = kitSkip("tiny-sd15", "tokenizer");
 
 interface CorpusFixture {
   reference: string;

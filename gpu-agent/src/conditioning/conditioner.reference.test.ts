@@ -1,21 +1,20 @@
 // The conditioning of the reference txt2img cases against the tensors A1111's text pipeline
 // produced for them (shared/fixtures/reference/txt2img/intermediate), using the fixture's CLIP.
 import assert from "node:assert/strict";
-import { existsSync, readFileSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { fileURLToPath } from "node:url";
 import { ClipTokenizer } from "./clip-tokenizer.js";
 import { Conditioner } from "./conditioner.js";
 import { ConditioningPreconditionError } from "./errors.js";
 import { scheduleSteps } from "./schedule.js";
 import { OnnxClipTextEncoder } from "./test-support/onnx-text-encoder.js";
+import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
 
-const here = dirname(fileURLToPath(import.meta.url));
-const FIXTURES = join(here, "../../../../shared/fixtures");
+const FIXTURES = KIT_FIXTURES;
 const MODEL = join(FIXTURES, "tiny-sd15");
 const REFERENCE = join(FIXTURES, "reference/txt2img");
-const skip = !existsSync(join(REFERENCE, "intermediate/index.json")) && "../shared/fixtures absent";
+const skip = kitSkip("reference", "txt2img", "intermediate", "index.json");
 
 interface Case {
   id: string;

@@ -1,18 +1,17 @@
 import assert from "node:assert/strict";
-import { existsSync, readFileSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
 import { test } from "node:test";
-import { fileURLToPath } from "node:url";
 import { CHUNK_TOKENS, emptyChunk, tokenizeLine, type EmphasisMode, type PromptChunk } from "./chunking.js";
 import { ClipTokenizer, parseMerges } from "./clip-tokenizer.js";
 import { Conditioner, stackConds } from "./conditioner.js";
 import { ConditioningPreconditionError } from "./errors.js";
 import { getPromptSchedule } from "./schedule.js";
 import { FakeTextEncoder, fakeHidden } from "./test-support/fake-text-encoder.js";
+import { kitFixture, kitSkip } from "../test-support/kit.js";
 
-const here = dirname(fileURLToPath(import.meta.url));
-const TOKENIZER_DIR = join(here, "../../../../shared/fixtures/tiny-sd15/tokenizer");
-const skip = !existsSync(TOKENIZER_DIR) && "../shared/fixtures absent";
+const TOKENIZER_DIR = kitFixture("tiny-sd15", "tokenizer");
+const skip = kitSkip("tiny-sd15", "tokenizer");
 let loaded: Promise<ClipTokenizer> | undefined;
 const tokenizer = () => (loaded ??= ClipTokenizer.fromDirectory(TOKENIZER_DIR));
 const H = 8;

@@ -1,15 +1,12 @@
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
-import { dirname, join } from "node:path";
 import { test } from "node:test";
-import { fileURLToPath } from "node:url";
 import { ClipTokenizer } from "./clip-tokenizer.js";
 import { describePrompt } from "./describe.js";
 import { getPromptSchedule } from "./schedule.js";
+import { kitFixture, kitSkip } from "../test-support/kit.js";
 
-const here = dirname(fileURLToPath(import.meta.url));
-const TOKENIZER_DIR = join(here, "../../../../shared/fixtures/tiny-sd15/tokenizer");
-const skip = !existsSync(TOKENIZER_DIR) && "../shared/fixtures absent";
+const TOKENIZER_DIR = kitFixture("tiny-sd15", "tokenizer");
+const skip = kitSkip("tiny-sd15", "tokenizer");
 let loaded: Promise<ClipTokenizer> | undefined;
 const tokenizer = () => (loaded ??= ClipTokenizer.fromDirectory(TOKENIZER_DIR));
 

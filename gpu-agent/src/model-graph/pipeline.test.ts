@@ -21,11 +21,12 @@ import { SeededRandom } from "./random.js";
 import { writeSafetensors } from "./safetensors.js";
 import { makeTinyModel } from "./tiny-model.js";
 import { timestepFrequencies } from "./unet.js";
+import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
 
-const FIXTURES = join(import.meta.dirname, "../../../../shared/fixtures");
+const FIXTURES = KIT_FIXTURES;
 const CKPT = join(FIXTURES, "tiny-sd15.safetensors");
 const REF = join(FIXTURES, "tiny-sd15");
-const noFixtures = !existsSync(CKPT) && "../shared/fixtures absent";
+const noFixtures = kitSkip("tiny-sd15.safetensors");
 
 const dir = mkdtempSync(join(tmpdir(), "pipeline-test-"));
 test.after(() => rmSync(dir, { recursive: true, force: true }));

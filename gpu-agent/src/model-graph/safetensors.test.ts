@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync, writeFileSync, existsSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { status } from "@grpc/grpc-js";
@@ -9,6 +9,7 @@ import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, f32ToF16Bits } from "./half.j
 import { SeededRandom } from "./random.js";
 import { encodeSafetensors, readSafetensors, writeSafetensors } from "./safetensors.js";
 import type { TensorToWrite } from "./safetensors.js";
+import { kitFixture, kitSkip } from "../test-support/kit.js";
 
 const dir = mkdtempSync(join(tmpdir(), "st-test-"));
 test.after(() => rmSync(dir, { recursive: true, force: true }));
@@ -213,8 +214,8 @@ test("fuzz: 1,500 mutated files either load consistently or fail with ModelFileE
   assert.ok(Date.now() - started < 20_000, "fuzzing is bounded in time");
 });
 
-const fixture = join(import.meta.dirname, "../../../../shared/fixtures/tiny-sd15.safetensors");
-test("fixture checkpoint opens and its tensors are readable", { skip: !existsSync(fixture) && "../shared/fixtures absent" }, async () => {
+const fixture = kitFixture("tiny-sd15.safetensors");
+test("fixture checkpoint opens and its tensors are readable", { skip: kitSkip("tiny-sd15.safetensors") }, async () => {
   const f = await readSafetensors(fixture);
   try {
     assert.equal(f.keys().length, 980);

@@ -11,8 +11,9 @@ import { buildPipelineFromCheckpoint } from "./pipeline.js";
 import { readSafetensors } from "./safetensors.js";
 import { bytesToUnicode, makeTinyVocab } from "./tiny-tokenizer.js";
 import { TINY_SPECS, ldmTensorShapes, makeTinyModel, makeTinyModelCli } from "./tiny-model.js";
+import { kitFixture, kitSkip } from "../test-support/kit.js";
 
-const FIXTURE = join(import.meta.dirname, "../../../../shared/fixtures/tiny-sd15.safetensors");
+const FIXTURE = kitFixture("tiny-sd15.safetensors");
 const dir = mkdtempSync(join(tmpdir(), "tiny-test-"));
 test.after(() => rmSync(dir, { recursive: true, force: true }));
 
@@ -78,20 +79,16 @@ test("tokenizer: CLIP byte table, contiguous ids, BOS/EOS last, merges consisten
   await f.close();
 });
 
-test(
-  "sd15-topology has the fixture's keys and shapes (vocabulary size aside)",
-  { skip: !existsSync(FIXTURE) && "../shared/fixtures absent" },
-  async () => {
-    const shapes = ldmTensorShapes(TINY_SPECS["sd15-topology"], 49408);
-    const f = await readSafetensors(FIXTURE);
-    try {
-      assert.deepEqual([...shapes.keys()].sort(), f.keys().sort());
-      for (const [k, s] of shapes) assert.deepEqual(s, [...f.info(k).shape], k);
-    } finally {
-      await f.close();
-    }
-  },
-);
+test("sd15-topology has the fixture's keys and shapes (vocabulary size aside)", { skip: kitSkip("tiny-sd15.safetensors") }, async () => {
+  const shapes = ldmTensorShapes(TINY_SPECS["sd15-topology"], 49408);
+  const f = await readSafetensors(FIXTURE);
+  try {
+    assert.deepEqual([...shapes.keys()].sort(), f.keys().sort());
+    for (const [k, s] of shapes) assert.deepEqual(s, [...f.info(k).shape], k);
+  } finally {
+    await f.close();
+  }
+});
 
 test("the tiny model runs end to end: text encoder → UNet → VAE decoder at 8× the latent size", async () => {
   const m = await makeTinyModel({ outDir: join(dir, "run"), seed: 2, config: "small" });

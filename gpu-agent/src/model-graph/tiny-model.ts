@@ -1,6 +1,6 @@
 // Deterministic tiny Stable Diffusion models with random weights, in both forms the farm consumes: an
 // LDM-layout .safetensors checkpoint and the diffusers ONNX folder built from it, plus a small tokenizer.
-// The project's tests use these instead of ../shared fixtures.
+// The project's tests use these instead of the team kit's fixtures.
 
 import { createHash } from "node:crypto";
 import { mkdir, readFile, writeFile } from "node:fs/promises";
@@ -37,7 +37,7 @@ export interface TinySpec {
 export type TinyConfigName = "small" | "sd15-topology";
 
 export const TINY_SPECS: Readonly<Record<TinyConfigName, TinySpec>> = {
-  // The fixture's topology (../shared/fixtures/README.md) with a small vocabulary.
+  // The team kit's tiny-sd15 topology (see the kit's fixtures README) with a small vocabulary.
   "sd15-topology": {
     family: "sd1",
     unetChannels: [32, 32, 64, 64],

@@ -3,7 +3,6 @@ import assert from "node:assert/strict";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import sharp from "sharp";
 import { create } from "@bufbuild/protobuf";
 import { FarmError, RngSource, RunTaskRequestSchema, silentLogger } from "@latentfarm/shared";
@@ -12,8 +11,9 @@ import { LoadedPipeline } from "../pipeline/loaded-pipeline.js";
 import { renderTask } from "../pipeline/txt2img.js";
 import { ModelCatalog } from "./catalog.js";
 import { loadModel, pipelineKey, parsePipelineKey, type LoraUse } from "./model-loader.js";
+import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
 
-const FIXTURES = fileURLToPath(new URL("../../../../shared/fixtures/", import.meta.url));
+const FIXTURES = KIT_FIXTURES;
 const REF = join(FIXTURES, "reference", "txt2img");
 
 async function pipelineFor(
@@ -61,7 +61,7 @@ test("pipeline keys ignore LoRA order and weight-0 LoRAs", () => {
 
 describe(
   "a civitai-style .safetensors checkpoint renders A1111's reference images",
-  { skip: !existsSync(join(FIXTURES, "tiny-sd15.safetensors")) && "team kit fixtures absent", concurrency: false },
+  { skip: kitSkip("tiny-sd15.safetensors"), concurrency: false },
   () => {
     let dir: string;
     let pipe: LoadedPipeline;

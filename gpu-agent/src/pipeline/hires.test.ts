@@ -1,9 +1,8 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdtempSync } from "node:fs";
+import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { create } from "@bufbuild/protobuf";
 import {
   RngSource,
@@ -21,9 +20,10 @@ import { writeTinyCodeFormer, writeTinyFaceDetector, writeTinySrvggNet } from ".
 import { FFHQ_TEMPLATE_512 } from "../imaging/index.js";
 import { LoadedPipeline } from "./loaded-pipeline.js";
 import { renderTask, runTask, type RenderContext } from "./txt2img.js";
+import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
 
-const FIXTURES = fileURLToPath(new URL("../../../../shared/fixtures/", import.meta.url));
-const skip = !existsSync(join(FIXTURES, "tiny-sd15")) && "team kit fixtures (../shared/fixtures) absent";
+const FIXTURES = KIT_FIXTURES;
+const skip = kitSkip("tiny-sd15");
 
 describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, () => {
   let pipe: LoadedPipeline;

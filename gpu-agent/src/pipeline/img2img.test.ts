@@ -1,8 +1,6 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { deflateSync } from "node:zlib";
 import sharp from "sharp";
 import { create } from "@bufbuild/protobuf";
@@ -12,9 +10,10 @@ import { ImageRng, cIn, tToSigma } from "../sampling/index.js";
 import { LoadedPipeline } from "./loaded-pipeline.js";
 import { encodeRgb, rgbToVaeInput } from "./render-common.js";
 import { renderTask, type RenderContext } from "./txt2img.js";
+import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
 
-const FIXTURES = fileURLToPath(new URL("../../../../shared/fixtures/", import.meta.url));
-const skip = !existsSync(join(FIXTURES, "tiny-sd15")) && "team kit fixtures (../shared/fixtures) absent";
+const FIXTURES = KIT_FIXTURES;
+const skip = kitSkip("tiny-sd15");
 
 /** A smooth 64×64 RGB test picture. */
 function gradient(width: number, height: number): Uint8Array {

@@ -1,10 +1,8 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import sharp from "sharp";
 import { create } from "@bufbuild/protobuf";
 import { RngSource, RunTaskRequestSchema, silentLogger, type Image } from "@latentfarm/shared";
@@ -15,9 +13,10 @@ import { binaryMask, blurMask, latentMask, resizeImageA1111 } from "../imaging/m
 import { LoadedPipeline } from "./loaded-pipeline.js";
 import { encodeRgb } from "./render-common.js";
 import { renderTask, type RenderContext } from "./txt2img.js";
+import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
 
-const FIXTURES = fileURLToPath(new URL("../../../../shared/fixtures/", import.meta.url));
-const skip = !existsSync(join(FIXTURES, "tiny-sd15")) && "team kit fixtures (../shared/fixtures) absent";
+const FIXTURES = KIT_FIXTURES;
+const skip = kitSkip("tiny-sd15");
 
 function gradient(width: number, height: number): Uint8Array {
   const out = new Uint8Array(width * height * 3);

@@ -1,7 +1,6 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { fileURLToPath } from "node:url";
 import sharp from "sharp";
 import { create } from "@bufbuild/protobuf";
 import { RngSource, RunTaskRequestSchema, silentLogger, type Image } from "@latentfarm/shared";
@@ -9,8 +8,9 @@ import { SdModel } from "../models/sd-model.js";
 import { LoadedPipeline } from "./loaded-pipeline.js";
 import { StepBatcher } from "./step-batcher.js";
 import { renderTask } from "./txt2img.js";
+import { TINY_SD15 } from "../test-support/kit.js";
 
-const TINY = fileURLToPath(new URL("../../../../shared/fixtures/tiny-sd15", import.meta.url));
+const TINY = TINY_SD15;
 
 test("requests that arrive together share one call; different shapes never mix", async () => {
   const calls: Array<{ n: number; h: number; seq: number; t: number[] }> = [];

@@ -1,18 +1,18 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, readFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import sharp from "sharp";
 import { create } from "@bufbuild/protobuf";
 import { RngSource, RunTaskRequestSchema, silentLogger } from "@latentfarm/shared";
 import { SdModel } from "../models/sd-model.js";
 import { LoadedPipeline } from "./loaded-pipeline.js";
 import { renderTask } from "./txt2img.js";
+import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
 
-const FIXTURES = fileURLToPath(new URL("../../../../shared/fixtures/", import.meta.url));
+const FIXTURES = KIT_FIXTURES;
 const REF = join(FIXTURES, "reference", "txt2img");
-const skip = !existsSync(join(FIXTURES, "tiny-sd15")) && "team kit fixtures (../shared/fixtures) absent";
+const skip = kitSkip("tiny-sd15");
 
 interface Case {
   id: string;

@@ -1,17 +1,15 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
-import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import * as grpc from "@grpc/grpc-js";
 import { FarmError } from "@latentfarm/shared";
 import { OrtWorker } from "./ort-runtime.js";
+import { kitFixture, kitSkip } from "../test-support/kit.js";
 
-const UNET = join(fileURLToPath(new URL("../../../../shared/fixtures/tiny-sd15/unet/model.onnx", import.meta.url)));
+const UNET = kitFixture("tiny-sd15", "unet", "model.onnx");
 
 test(
   "a run reports its time inside ORT; a feed whose buffer was already transferred is refused instead of hanging",
-  { skip: existsSync(UNET) ? false : "../shared/fixtures absent" },
+  { skip: kitSkip("tiny-sd15", "unet", "model.onnx") },
   async () => {
     const w = new OrtWorker({ name: "cpu" }, { intraOpNumThreads: 1 });
     try {

@@ -1,10 +1,10 @@
 /** Helpers shared by this folder's tests (fixture paths, float32 file reading, tolerance checks). */
-import { existsSync, readFileSync } from "node:fs";
-import { fileURLToPath } from "node:url";
+import { readFileSync } from "node:fs";
 import assert from "node:assert/strict";
+import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
 
-export const FIXTURES_DIR = fileURLToPath(new URL("../../../../shared/fixtures", import.meta.url));
-export const fixturesAbsent = !existsSync(FIXTURES_DIR) && "../shared/fixtures absent";
+export const FIXTURES_DIR = KIT_FIXTURES;
+export const fixturesAbsent = kitSkip();
 export const INTERMEDIATE_DIR = `${FIXTURES_DIR}/reference/txt2img/intermediate`;
 
 export function readJson<T>(path: string): T {

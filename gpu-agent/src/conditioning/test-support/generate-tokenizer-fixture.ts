@@ -5,9 +5,10 @@
 //   HF_TOKENIZERS=/path/to/@huggingface/tokenizers node --import tsx \
 //     gpu-agent/src/conditioning/test-support/generate-tokenizer-fixture.ts [tokenizer dir]
 import { readFileSync, writeFileSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { CORPUS_SEED, CORPUS_SIZE, FTFY_CASES, generateTokenizerCorpus } from "./tokenizer-corpus.js";
+import { kitFixture } from "../../test-support/kit.js";
 
 interface HfTokenizer {
   encode(text: string, options: { add_special_tokens: boolean }): { ids: number[] };
@@ -59,8 +60,7 @@ export function clipTokenizerJson(vocab: Record<string, number>, merges: string[
 }
 
 async function main(): Promise<void> {
-  const here = dirname(fileURLToPath(import.meta.url));
-  const tokenizerDir = process.argv[2] ?? join(here, "../../../../../shared/fixtures/tiny-sd15/tokenizer");
+  const tokenizerDir = process.argv[2] ?? kitFixture("tiny-sd15", "tokenizer");
   const modulePath = process.env.HF_TOKENIZERS ?? "@huggingface/tokenizers";
   const specifier = modulePath.startsWith("/") ? pathToFileURL(join(modulePath, "dist/tokenizers.mjs")).href : modulePath;
   const mod = (await import(specifier)) as { Tokenizer: HfTokenizerCtor };
@@ -83,7 +83,7 @@ async function main(): Promise<void> {
     cases: generateTokenizerCorpus(CORPUS_SEED, CORPUS_SIZE).map((text) => ({ text, ids: encode(text) })),
     ftfyCases: FTFY_CASES.map((c) => ({ ...c, ids: encode(c.equivalent) })),
   };
-  const out = join(here, "../fixtures/tokenizer-corpus.json");
+  const out = fileURLToPath(new URL("../fixtures/tokenizer-corpus.json", import.meta.url));
   writeFileSync(out, JSON.stringify(fixture, null, 1) + "\n");
   process.stderr.write(`wrote ${fixture.cases.length} + ${fixture.ftfyCases.length} cases to ${out}\n`);
 }
