@@ -9,6 +9,8 @@
 //     (each position one chain, several positions at a time).
 //   scale(src, dst, mults, positions, s): dst[k·H + h] = f32(f32(src[k·H + h] · mults[k]) · s).
 
+import { name, section, sleb, uleb, vec } from "../runtime/wasm-encoding.js";
+
 const I32 = 0x7f;
 const F32 = 0x7d;
 const F64 = 0x7c;
@@ -44,33 +46,6 @@ const F64X2_SPLAT = [SIMD, 0x14];
 const F64X2_ADD = [SIMD, 0xf0, 0x01];
 const F64X2_PROMOTE_LOW_F32X4 = [SIMD, 0x5f];
 
-function uleb(n: number): number[] {
-  const out: number[] = [];
-  do {
-    let byte = n & 0x7f;
-    n >>>= 7;
-    if (n !== 0) byte |= 0x80;
-    out.push(byte);
-  } while (n !== 0);
-  return out;
-}
-
-function sleb(n: number): number[] {
-  const out: number[] = [];
-  for (;;) {
-    const byte = n & 0x7f;
-    n >>= 7;
-    if ((n === 0 && (byte & 0x40) === 0) || (n === -1 && (byte & 0x40) !== 0)) {
-      out.push(byte);
-      return out;
-    }
-    out.push(byte | 0x80);
-  }
-}
-
-const vec = (items: number[][]): number[] => [...uleb(items.length), ...items.flat()];
-const section = (id: number, body: number[]): number[] => [id, ...uleb(body.length), ...body];
-const str = (s: string): number[] => [...uleb(s.length), ...Array.from(s, (c) => c.charCodeAt(0))];
 const get = (i: number) => [GET, i];
 const set = (i: number) => [SET, i];
 const i32 = (n: number) => [I32_CONST, ...sleb(n)];
@@ -365,9 +340,9 @@ function moduleBytes(hidden: number): Uint8Array {
     ...section(
       7,
       vec([
-        [...str("memory"), 0x02, 0],
-        [...str("sums"), 0x00, 0],
-        [...str("scale"), 0x00, 1],
+        [...name("memory"), 0x02, 0],
+        [...name("sums"), 0x00, 0],
+        [...name("scale"), 0x00, 1],
       ]),
     ),
     ...section(10, vec([body(sumsBody(hidden)), body(scaleBody(hidden))])),

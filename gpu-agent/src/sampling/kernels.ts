@@ -9,6 +9,7 @@
  * scalar JS loop, which is also the reference the tests compare the compiled form against.
  */
 
+import { name, section, uleb } from "../runtime/wasm-encoding.js";
 export type Expr =
   | { readonly op: "in"; readonly index: number }
   | { readonly op: "param"; readonly index: number }
@@ -35,22 +36,6 @@ export interface KernelSpec {
 }
 
 /* ---- WebAssembly encoding ---- */
-
-function uleb(value: number): number[] {
-  const out: number[] = [];
-  let v = value >>> 0;
-  do {
-    let byte = v & 0x7f;
-    v >>>= 7;
-    if (v !== 0) byte |= 0x80;
-    out.push(byte);
-  } while (v !== 0);
-  return out;
-}
-
-function section(id: number, body: number[]): number[] {
-  return [id, ...uleb(body.length), ...body];
-}
 
 const I32 = 0x7f;
 const F32 = 0x7d;
@@ -157,7 +142,6 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
   const localDecls = [2, ...uleb(i32Locals), I32, ...uleb(params + v128Locals), V128];
   const body = [...localDecls, ...code];
   const type = section(1, [1, 0x60, ...uleb(argTypes.length), ...argTypes, 0]);
-  const name = (s: string): number[] => [s.length, ...Array.from(s, (c) => c.charCodeAt(0))];
   const imports = section(2, [1, ...name("m"), ...name("memory"), 0x02, 0x00, 0]);
   const func = section(3, [1, 0]);
   const exports = section(7, [1, ...name("k"), 0x00, 0]);

@@ -20,6 +20,7 @@
  *   it with Math.log/Math.sin, exactly as the scalar path does.
  */
 
+import { name, section, sleb, uleb } from "../runtime/wasm-encoding.js";
 const PHILOX_M0 = 0xd2511f53;
 const PHILOX_M1 = 0xcd9e8d57;
 const PHILOX_W0 = 0x9e3779b9;
@@ -43,36 +44,6 @@ const factorial = (k: number): number => (k <= 1 ? 1 : k * factorial(k - 1));
 const SIN_SERIES = [3, 5, 7, 9, 11, 13, 15, 17, 19, 21].map((k, j) => (j % 2 === 0 ? -1 : 1) / factorial(k));
 
 /* ---- a minimal assembler ---- */
-
-function uleb(value: number): number[] {
-  const out: number[] = [];
-  let v = value >>> 0;
-  do {
-    let byte = v & 0x7f;
-    v >>>= 7;
-    if (v !== 0) byte |= 0x80;
-    out.push(byte);
-  } while (v !== 0);
-  return out;
-}
-
-function sleb(value: number): number[] {
-  const out: number[] = [];
-  let v = value | 0;
-  for (;;) {
-    const byte = v & 0x7f;
-    v >>= 7;
-    if ((v === 0 && (byte & 0x40) === 0) || (v === -1 && (byte & 0x40) !== 0)) {
-      out.push(byte);
-      return out;
-    }
-    out.push(byte | 0x80);
-  }
-}
-
-function section(id: number, body: number[]): number[] {
-  return [id, ...uleb(body.length), ...body];
-}
 
 const I32 = 0x7f;
 const V128 = 0x7b;
@@ -355,7 +326,6 @@ function moduleBytes(): Uint8Array {
   const type = section(1, [1, 0x60, 6, I32, I32, I32, I32, I32, I32, 1, I32]);
   const func = section(3, [1, 0]);
   const memory = section(5, [1, 0x00, 1]);
-  const name = (s: string): number[] => [s.length, ...Array.from(s, (ch) => ch.charCodeAt(0))];
   const exports = section(7, [2, ...name("normals"), 0x00, 0, ...name("memory"), 0x02, 0]);
   const code = section(10, [1, ...functionBody()]);
   return Uint8Array.from([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, ...type, ...func, ...memory, ...exports, ...code]);

@@ -5,41 +5,11 @@
  * assembled here from its instruction bytes, so there is no build step or binary file.
  */
 
+import { name, section, slebBig as signedLeb, uleb as unsignedLeb } from "../runtime/wasm-encoding.js";
 const PHILOX_M0 = 0xd2511f53n;
 const PHILOX_M1 = 0xcd9e8d57n;
 const PHILOX_W0 = 0x9e3779b9 | 0;
 const PHILOX_W1 = 0xbb67ae85 | 0;
-
-function unsignedLeb(value: number): number[] {
-  const out: number[] = [];
-  let v = value >>> 0;
-  do {
-    let byte = v & 0x7f;
-    v >>>= 7;
-    if (v !== 0) byte |= 0x80;
-    out.push(byte);
-  } while (v !== 0);
-  return out;
-}
-
-function signedLeb(value: bigint): number[] {
-  const out: number[] = [];
-  let v = value;
-  for (;;) {
-    const byte = Number(v & 0x7fn);
-    v >>= 7n;
-    const signBit = (byte & 0x40) !== 0;
-    if ((v === 0n && !signBit) || (v === -1n && signBit)) {
-      out.push(byte);
-      return out;
-    }
-    out.push(byte | 0x80);
-  }
-}
-
-function section(id: number, body: number[]): number[] {
-  return [id, ...unsignedLeb(body.length), ...body];
-}
 
 const op = {
   block: 0x02,
@@ -197,7 +167,6 @@ function moduleBytes(): Uint8Array {
   const type = section(1, [1, 0x60, 4, op.i32, op.i32, op.i32, op.i32, 0]);
   const func = section(3, [1, 0]);
   const memory = section(5, [1, 0x00, 1]);
-  const name = (s: string): number[] => [s.length, ...Array.from(s, (c) => c.charCodeAt(0))];
   const exports = section(7, [2, ...name("philox"), 0x00, 0, ...name("memory"), 0x02, 0]);
   const code = section(10, [1, ...functionBody()]);
   return Uint8Array.from([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, ...type, ...func, ...memory, ...exports, ...code]);
