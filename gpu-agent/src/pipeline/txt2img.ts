@@ -1,13 +1,12 @@
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, RngSource as WireRng, TaskStage, type Image, type RunTaskRequest } from "@latentfarm/shared";
-import { create } from "@bufbuild/protobuf";
-import { ImageSchema } from "@latentfarm/shared";
 import { ImageRng, prepareSampling, type SamplingSettings } from "../sampling/index.js";
 import type { PreparedConditioning } from "../conditioning/index.js";
 import { checkAborted, decodeLatent, denoise } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { buildInfotext } from "./infotext.js";
-import { encodePng, toRgb8 } from "./png.js";
+import { toRgb8 } from "./png.js";
+import { finishImage } from "./render-common.js";
 import { renderImg2img } from "./img2img.js";
 import { renderTxt2imgExtended, runHiresStage, type StageOutput } from "./hires.js";
 
@@ -149,16 +148,5 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
       ["Lora hashes", pipe.loraHashes.length > 0 ? pipe.loraHashes.join(", ") : undefined],
     ],
   });
-  const png = await encodePng(rgb, width, height, infotext);
-  if (png.length === 0) throw new FarmError(grpc.status.INTERNAL, "PNG encoding produced no bytes");
-  return create(ImageSchema, {
-    index: req.imageIndex,
-    seed: req.seed,
-    subseed: req.subseed,
-    png,
-    infotext,
-    width,
-    height,
-    agentId: ctx.agentId,
-  });
+  return finishImage(req, ctx, rgb, width, height, infotext);
 }
