@@ -1,9 +1,9 @@
 // Coordinator dispatch throughput through the full gRPC path: a real coordinator and NATS, and
 // simulated agents (no model evaluation), so what is measured is the farm's own overhead.
-import { spawn } from "node:child_process";
 import { RenderService, createClient } from "@latentfarm/shared";
 import { startNatsServer } from "@latentfarm/coordinator";
-import { REPO, startService } from "../harness/farm.js";
+import { startService } from "../harness/farm.js";
+import { startSimAgents, waitForAgentCount } from "../harness/sim-agent-farm.js";
 
 export async function benchCoordinatorDispatch(
   opts: { agents?: number; slots?: number; jobs?: number; imagesPerJob?: number } = {},
@@ -14,22 +14,10 @@ export async function benchCoordinatorDispatch(
   const nats = await startNatsServer();
   // Client (this process), coordinator and agents each get their own process and event loop.
   const coordinator = await startService(["coordinator", "--port", "0", "--host", "127.0.0.1", "--nats", nats.url, "--metrics-port", "0"]);
-  const agents = spawn(
-    process.execPath,
-    ["--import", "tsx", "tests/harness/sim-agents-main.ts", nats.url, String(agentsN), String(opts.slots ?? 8), "0"],
-    { cwd: REPO, stdio: ["ignore", "pipe", "inherit"] },
-  );
-  await new Promise<void>((resolve, reject) => {
-    agents.stdout!.on("data", (d: Buffer) => d.toString().includes('"ready":true') && resolve());
-    agents.once("exit", (c) => reject(new Error(`simulated agents exited with ${c}`)));
-  });
+  const agents = await startSimAgents(nats.url, { count: agentsN, slots: opts.slots ?? 8, stepMs: 0 });
   const client = createClient(RenderService, `127.0.0.1:${coordinator.ready["port"] as number}`);
   try {
-    for (;;) {
-      const { agents: seen } = await client.listAgents({});
-      if (seen.length === agentsN) break;
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    await waitForAgentCount(client, agentsN);
     // Latency per task: from the "placed" event to the "image" event, minus nothing (zero compute).
     const latencies: number[] = [];
     const started = performance.now();
@@ -57,10 +45,7 @@ export async function benchCoordinatorDispatch(
     };
   } finally {
     client.close();
-    await new Promise((r) => {
-      agents.once("exit", r);
-      agents.kill("SIGTERM");
-    });
+    await agents.kill();
     await coordinator.kill();
     await nats.stop();
   }

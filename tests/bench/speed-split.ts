@@ -4,11 +4,11 @@
 // split 10 + 20 + 40 also reaches). Target: within 15% of it. A first, smaller batch lets the
 // coordinator measure the agents (their speeds are unknown at start); it is reported too.
 //   node --import tsx tests/bench/speed-split.ts
-import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { RenderService, createClient } from "@latentfarm/shared";
 import { startNatsServer } from "@latentfarm/coordinator";
-import { REPO, startService } from "../harness/farm.js";
+import { startService } from "../harness/farm.js";
+import { startSimAgents, waitForAgentCount } from "../harness/sim-agent-farm.js";
 
 export async function benchSpeedSplit(
   opts: { images?: number; stepMs?: number; steps?: number; speculate?: boolean } = {},
@@ -30,36 +30,10 @@ export async function benchSpeedSplit(
     "0",
     ...(opts.speculate === false ? ["--no-speculate"] : []),
   ]);
-  const agents = spawn(
-    process.execPath,
-    [
-      "--import",
-      "tsx",
-      "tests/harness/sim-agents-main.ts",
-      nats.url,
-      "3",
-      "1",
-      String(stepMs),
-      "--speeds",
-      speeds.join(","),
-      "--id-prefix",
-      "x",
-      "--heartbeat-ms",
-      "200",
-    ],
-    { cwd: REPO, stdio: ["ignore", "pipe", "inherit"] },
-  );
-  await new Promise<void>((resolve, reject) => {
-    agents.stdout!.on("data", (d: Buffer) => d.toString().includes('"ready":true') && resolve());
-    agents.once("exit", (c) => reject(new Error(`simulated agents exited with ${c}`)));
-  });
+  const agents = await startSimAgents(nats.url, { count: 3, slots: 1, stepMs, speeds, prefix: "x", heartbeatMs: 200 });
   const client = createClient(RenderService, `127.0.0.1:${coordinator.ready["port"] as number}`);
   try {
-    for (;;) {
-      const { agents: seen } = await client.listAgents({});
-      if (seen.length === 3) break;
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    await waitForAgentCount(client, 3);
     const run = async (count: number, seed: bigint): Promise<{ seconds: number; perAgent: Map<string, number> }> => {
       const t0 = performance.now();
       // batch_size is capped at 64: larger batches use n_iter.
@@ -90,10 +64,7 @@ export async function benchSpeedSplit(
     };
   } finally {
     client.close();
-    await new Promise((r) => {
-      agents.once("exit", r);
-      agents.kill("SIGTERM");
-    });
+    await agents.kill();
     await coordinator.kill();
     await nats.stop();
   }

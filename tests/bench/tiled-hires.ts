@@ -8,13 +8,13 @@
 // the second pass: ≤ 0.35), the ideal ratio for that many tiles, the tile overhead (extra pixels
 // the overlaps make the tiles process, in % of the image), and whether both runs gave the same bytes.
 //   node --import tsx tests/bench/tiled-hires.ts
-import { spawn } from "node:child_process";
 import { loadavg } from "node:os";
 import { fileURLToPath } from "node:url";
 import { create } from "@bufbuild/protobuf";
 import { GenerationParamsSchema, RenderService, createClient, tileOverheadPercent, type JobEvent } from "@latentfarm/shared";
 import { DEFAULT_HIRES_TILING, planHires, startNatsServer } from "@latentfarm/coordinator";
-import { REPO, startService } from "../harness/farm.js";
+import { startService } from "../harness/farm.js";
+import { startSimAgents, waitForAgentCount } from "../harness/sim-agent-farm.js";
 
 // A1111's defaults for the passes: 20 steps, and the second pass as many (hr_second_pass_steps 0).
 const PARAMS = {
@@ -42,37 +42,18 @@ interface RunResult {
 async function runOn(agentCount: number, stepMs: number): Promise<RunResult> {
   const nats = await startNatsServer();
   const coordinator = await startService(["coordinator", "--port", "0", "--host", "127.0.0.1", "--nats", nats.url, "--metrics-port", "0"]);
-  const agents = spawn(
-    process.execPath,
-    [
-      "--import",
-      "tsx",
-      "tests/harness/sim-agents-main.ts",
-      nats.url,
-      String(agentCount),
-      "1",
-      String(stepMs),
-      "--ref-pixels",
-      String(512 * 512),
-      "--id-prefix",
-      "tile-",
-      "--heartbeat-ms",
-      "200",
-      "--progress",
-    ],
-    { cwd: REPO, stdio: ["ignore", "pipe", "inherit"] },
-  );
-  await new Promise<void>((resolve, reject) => {
-    agents.stdout!.on("data", (d: Buffer) => d.toString().includes('"ready":true') && resolve());
-    agents.once("exit", (c) => reject(new Error(`simulated agents exited with ${c}`)));
+  const agents = await startSimAgents(nats.url, {
+    count: agentCount,
+    slots: 1,
+    stepMs,
+    refPixels: 512 * 512,
+    prefix: "tile-",
+    heartbeatMs: 200,
+    progress: true,
   });
   const client = createClient(RenderService, `127.0.0.1:${coordinator.ready["port"] as number}`);
   try {
-    for (;;) {
-      const { agents: seen } = await client.listAgents({});
-      if (seen.length === agentCount) break;
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    await waitForAgentCount(client, agentCount);
     const t0 = Date.now();
     const { jobId } = await client.submit({ params: PARAMS });
     const events: JobEvent[] = [];
@@ -95,10 +76,7 @@ async function runOn(agentCount: number, stepMs: number): Promise<RunResult> {
     };
   } finally {
     client.close();
-    await new Promise((r) => {
-      agents.once("exit", r);
-      agents.kill("SIGTERM");
-    });
+    await agents.kill();
     await coordinator.kill();
     await nats.stop();
   }

@@ -31,6 +31,39 @@ export interface ServiceProcess {
   kill(signal?: NodeJS.Signals): Promise<void>;
 }
 
+/** A real agent as a child process on loopback, one ONNX Runtime thread, a short drain (tests). */
+export function startAgentProcess(o: {
+  natsUrl: string;
+  modelsDir: string;
+  id: string;
+  slots: number;
+  heartbeatMs: number;
+  extra?: string[];
+}): Promise<ServiceProcess> {
+  return startService([
+    "agent",
+    "--port",
+    "0",
+    "--host",
+    "127.0.0.1",
+    "--nats",
+    o.natsUrl,
+    "--models",
+    o.modelsDir,
+    "--id",
+    o.id,
+    "--threads",
+    "1",
+    "--slots",
+    String(o.slots),
+    "--heartbeat-ms",
+    String(o.heartbeatMs),
+    "--drain-seconds",
+    "2",
+    ...(o.extra ?? []),
+  ]);
+}
+
 export function startService(args: string[], env: Record<string, string> = {}): Promise<ServiceProcess> {
   const child = spawn(process.execPath, [BIN, ...args], {
     stdio: ["ignore", "pipe", "pipe"],
@@ -107,29 +140,14 @@ export async function startTestFarm(
     started.push(coordinator);
     const agents: ServiceProcess[] = [];
     for (let i = 0; i < (opts.agents ?? 2); i++) {
-      const a = await startService([
-        "agent",
-        "--port",
-        "0",
-        "--host",
-        "127.0.0.1",
-        "--nats",
-        nats.url,
-        "--models",
+      const a = await startAgentProcess({
+        natsUrl: nats.url,
         modelsDir,
-        "--id",
-        `agent-${i}`,
-        "--metrics-port",
-        "0",
-        "--threads",
-        "1",
-        "--slots",
-        String(opts.slots ?? 2),
-        "--heartbeat-ms",
-        "250",
-        "--drain-seconds",
-        "2",
-      ]);
+        id: `agent-${i}`,
+        slots: opts.slots ?? 2,
+        heartbeatMs: 250,
+        extra: ["--metrics-port", "0"],
+      });
       started.push(a);
       agents.push(a);
     }

@@ -10,7 +10,7 @@ import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, RenderService, createClient, type Image, type JobEvent, type ServiceClient } from "@latentfarm/shared";
 import { freePort, startNatsServer, type NatsServerHandle } from "@latentfarm/coordinator";
-import { REPO, startService, type ServiceProcess } from "./farm.js";
+import { REPO, startAgentProcess, startService, type ServiceProcess } from "./farm.js";
 
 export type RenderClient = ServiceClient<typeof RenderService extends { method: infer M } ? M : never>;
 
@@ -47,6 +47,21 @@ export interface SimAgentsSpec {
   logTasks?: boolean;
   /** Steps scale with a task's pixels: stepMs is a step at this many pixels. */
   refPixels?: number;
+}
+
+/** Resolves once the coordinator lists at least `n` agents (it may still be starting). */
+export async function waitForAgentCount(client: RenderClient, n: number, timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      const { agents } = await client.listAgents({}, { timeoutMs: 2000 });
+      if (agents.length >= n) return;
+    } catch {
+      // coordinator still starting
+    }
+    if (Date.now() > deadline) throw new Error(`coordinator did not see ${n} agents`);
+    await sleep(50);
+  }
 }
 
 export function startSimAgents(natsUrl: string, s: SimAgentsSpec): Promise<SimProcess> {
@@ -194,44 +209,11 @@ export async function startFaultFarm(opts: { coordinatorArgs?: string[] } = {}):
       return s;
     },
     startRealAgent: async (id, modelsDir, extra = []) => {
-      const a = await startService([
-        "agent",
-        "--port",
-        "0",
-        "--host",
-        "127.0.0.1",
-        "--nats",
-        nats.url,
-        "--models",
-        modelsDir,
-        "--id",
-        id,
-        "--threads",
-        "1",
-        "--slots",
-        "1",
-        "--heartbeat-ms",
-        "200",
-        "--drain-seconds",
-        "2",
-        ...extra,
-      ]);
+      const a = await startAgentProcess({ natsUrl: nats.url, modelsDir, id, slots: 1, heartbeatMs: 200, extra });
       farm.agents.push(a);
       return a;
     },
-    waitForAgents: async (n, timeoutMs = 20_000) => {
-      const deadline = Date.now() + timeoutMs;
-      for (;;) {
-        try {
-          const { agents } = await client.listAgents({}, { timeoutMs: 2000 });
-          if (agents.length >= n) return;
-        } catch {
-          // coordinator still starting
-        }
-        if (Date.now() > deadline) throw new Error(`coordinator did not see ${n} agents`);
-        await sleep(50);
-      }
-    },
+    waitForAgents: (n, timeoutMs) => waitForAgentCount(client, n, timeoutMs),
     close: async () => {
       keepLog("coordinator", farm.coordinator);
       client.close();
