@@ -26,7 +26,7 @@ import {
   type TlsFiles,
   type RunTaskRequest,
 } from "@latentfarm/shared";
-import { TaskRun, type RunTaskMessage, type TaskOutput } from "./task-run.js";
+import { DEFAULT_ORPHAN_GRACE_MS, TaskRun, type RunTaskMessage, type TaskOutput } from "./task-run.js";
 import { ModelCatalog } from "./models/catalog.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
 import { loadModel, parsePipelineKey, pipelineKey, type LoraUse } from "./models/model-loader.js";
@@ -82,8 +82,6 @@ export interface AgentConfig {
 }
 
 const SERVICE = AgentService.typeName;
-/** Longer than a coordinator restart (process start, JetStream scan) plus one heartbeat. */
-export const DEFAULT_ORPHAN_GRACE_MS = 30_000;
 
 /** A GPU agent: serves AgentService, runs tasks on loaded pipelines, heart-beats on NATS. */
 export class Agent {

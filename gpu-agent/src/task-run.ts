@@ -2,6 +2,9 @@ import type { MessageInitShape } from "@bufbuild/protobuf";
 import { FarmError, type Handover, type Image, type RunTaskResponseSchema } from "@latentfarm/shared";
 import * as grpc from "@grpc/grpc-js";
 
+/** Longer than a coordinator restart (process start, JetStream scan) plus one heartbeat. */
+export const DEFAULT_ORPHAN_GRACE_MS = 30_000;
+
 export type RunTaskMessage = MessageInitShape<typeof RunTaskResponseSchema>;
 /** What a task produces: the final image, or a Hires.fix stage's hand-over to the next stage. */
 export type TaskOutput = { case: "result"; value: Image } | { case: "handover"; value: Handover };

@@ -40,7 +40,8 @@ import {
   type Image,
   type RunTaskRequest,
 } from "@latentfarm/shared";
-import { DEFAULT_ORPHAN_GRACE_MS, TaskRun } from "@latentfarm/gpu-agent";
+// The task-run module alone: simulated agents need its attach semantics, not ONNX Runtime.
+import { DEFAULT_ORPHAN_GRACE_MS, TaskRun } from "@latentfarm/gpu-agent/task-run";
 
 export interface SimAgentOptions {
   id: string;
