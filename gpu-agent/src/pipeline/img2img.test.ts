@@ -2,7 +2,6 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { deflateSync } from "node:zlib";
-import sharp from "sharp";
 import { create } from "@bufbuild/protobuf";
 import { RngSource, RunTaskRequestSchema, silentLogger } from "@latentfarm/shared";
 import { SdModel } from "../models/sd-model.js";
@@ -11,32 +10,12 @@ import { LoadedPipeline } from "./loaded-pipeline.js";
 import { encodeRgb, rgbToVaeInput } from "./render-common.js";
 import { renderTask, type RenderContext } from "./txt2img.js";
 import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
+import { gradientRgb, rawPng } from "../test-support/images.js";
 
 const FIXTURES = KIT_FIXTURES;
 const skip = kitSkip("tiny-sd15");
 
 /** A smooth 64×64 RGB test picture. */
-function gradient(width: number, height: number): Uint8Array {
-  const out = new Uint8Array(width * height * 3);
-  for (let y = 0; y < height; y++) {
-    for (let x = 0; x < width; x++) {
-      const i = (y * width + x) * 3;
-      out[i] = (x * 255) / (width - 1);
-      out[i + 1] = (y * 255) / (height - 1);
-      out[i + 2] = 128;
-    }
-  }
-  return out;
-}
-
-async function png(rgb: Uint8Array, width: number, height: number): Promise<Uint8Array> {
-  return new Uint8Array(
-    await sharp(rgb, { raw: { width, height, channels: 3 } })
-      .png()
-      .toBuffer(),
-  );
-}
-
 function crc32(buf: Uint8Array): number {
   let c = ~0;
   for (const b of buf) {
@@ -94,7 +73,7 @@ describe("img2img on the tiny fixture model", { skip, concurrency: false }, () =
       calls.push({ t: req.t, x: req.x.slice() });
       return evaluate(req, signal);
     };
-    initPng = await png(gradient(64, 64), 64, 64);
+    initPng = await rawPng(gradientRgb(64, 64), 64, 64);
   });
   after(async () => pipe?.close());
 
@@ -135,7 +114,7 @@ describe("img2img on the tiny fixture model", { skip, concurrency: false }, () =
     const sigma0 = tToSigma(calls[0]!.t);
     assert.ok(Math.abs(sigma0 - 4.85565) < 1e-3, `first σ ${sigma0}`);
     // The sampler's first input is (init + noise·σ₀)·c_in; rebuild it from the parts.
-    const { latent: init } = await encodeRgb(pipe, gradient(64, 64), 64, 64, new AbortController().signal);
+    const { latent: init } = await encodeRgb(pipe, gradientRgb(64, 64), 64, 64, new AbortController().signal);
     const noise = new ImageRng({ shape: [4, 8, 8], seeds: [42], subseeds: [0], source: "NV" }).first();
     let max = 0;
     for (let k = 0; k < init.length; k++) max = Math.max(max, Math.abs(calls[0]!.x[k]! - (init[k]! + noise[k]! * 4.85565) * cIn(4.85565)));
@@ -154,7 +133,7 @@ describe("img2img on the tiny fixture model", { skip, concurrency: false }, () =
   });
 
   test("resize modes place a 48×80 image on a 64×64 canvas", async () => {
-    const tall = await png(gradient(48, 80), 48, 80);
+    const tall = await rawPng(gradientRgb(48, 80), 48, 80);
     for (const resizeMode of [0, 1, 2, 3]) {
       calls = [];
       const img = await renderTask(pipe, request({ initImages: [tall], resizeMode, denoisingStrength: 0.5, steps: 4 }), ctx());

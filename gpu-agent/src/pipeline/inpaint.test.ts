@@ -14,22 +14,12 @@ import { LoadedPipeline } from "./loaded-pipeline.js";
 import { encodeRgb } from "./render-common.js";
 import { renderTask, type RenderContext } from "./txt2img.js";
 import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
+import { gradientRgb, rawPng } from "../test-support/images.js";
 
 const FIXTURES = KIT_FIXTURES;
 const skip = kitSkip("tiny-sd15");
-
-function gradient(width: number, height: number): Uint8Array {
-  const out = new Uint8Array(width * height * 3);
-  for (let y = 0; y < height; y++) {
-    for (let x = 0; x < width; x++) {
-      const i = (y * width + x) * 3;
-      out[i] = (x * 255) / (width - 1);
-      out[i + 1] = (y * 255) / (height - 1);
-      out[i + 2] = (x * 7 + y * 13) % 256;
-    }
-  }
-  return out;
-}
+/** A blue channel with structure, so that masks and blurs have something to show. */
+const patternBlue = (x: number, y: number): number => (x * 7 + y * 13) % 256;
 
 interface Rect {
   x0: number;
@@ -43,14 +33,6 @@ function rectMask(width: number, height: number, r: Rect): Uint8Array {
   const m = new Uint8Array(width * height);
   for (let y = r.y0; y < r.y1; y++) m.fill(255, y * width + r.x0, y * width + r.x1);
   return m;
-}
-
-async function rgbPng(rgb: Uint8Array, width: number, height: number): Promise<Uint8Array> {
-  return new Uint8Array(
-    await sharp(rgb, { raw: { width, height, channels: 3 } })
-      .png()
-      .toBuffer(),
-  );
 }
 
 async function grayPng(gray: Uint8Array, width: number, height: number): Promise<Uint8Array> {
@@ -115,8 +97,8 @@ describe("inpainting on the tiny fixture model", { skip, concurrency: false }, (
   let pipe: LoadedPipeline;
   let calls: Array<{ t: number; x: Float32Array }> = [];
   const RECT: Rect = { x0: 40, y0: 30, x1: 56, y1: 46 };
-  const init96 = gradient(96, 80);
-  const init64 = gradient(64, 64);
+  const init96 = gradientRgb(96, 80, patternBlue);
+  const init64 = gradientRgb(64, 64, patternBlue);
   let init96Png: Uint8Array;
   let init64Png: Uint8Array;
   let mask96: Uint8Array;
@@ -134,8 +116,8 @@ describe("inpainting on the tiny fixture model", { skip, concurrency: false }, (
       calls.push({ t: req.t, x: req.x.slice() });
       return evaluate(req, signal);
     };
-    init96Png = await rgbPng(init96, 96, 80);
-    init64Png = await rgbPng(init64, 64, 64);
+    init96Png = await rawPng(init96, 96, 80);
+    init64Png = await rawPng(init64, 64, 64);
     mask96 = await grayPng(rectMask(96, 80, RECT), 96, 80);
     mask64 = await grayPng(rectMask(64, 64, RECT64), 64, 64);
   });
@@ -359,7 +341,7 @@ describe("inpainting UNets (9 input channels)", { concurrency: false }, () => {
 
   test("the UNet gets [x, mask, masked-picture latent]; the infotext carries Conditional mask weight", async () => {
     assert.equal(pipe.model.unetInChannels, 9);
-    const init = await rgbPng(gradient(32, 32), 32, 32);
+    const init = await rawPng(gradientRgb(32, 32, patternBlue), 32, 32);
     const mask = await grayPng(rectMask(32, 32, { x0: 0, y0: 0, x1: 16, y1: 32 }), 32, 32);
     samples.length = 0;
     const img = await renderTask(pipe, request({ initImages: [init], mask, inpaintFullRes: false, maskBlur: 0 }), ctxOf());
@@ -387,7 +369,7 @@ describe("inpainting UNets (9 input channels)", { concurrency: false }, () => {
   });
 
   test("img2img without a mask conditions on an all-ones mask; txt2img is refused plainly", async () => {
-    const init = await rgbPng(gradient(32, 32), 32, 32);
+    const init = await rawPng(gradientRgb(32, 32, patternBlue), 32, 32);
     samples.length = 0;
     await renderTask(pipe, request({ initImages: [init] }), ctxOf());
     const { data, dims } = samples[0]!;
