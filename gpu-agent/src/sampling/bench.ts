@@ -243,8 +243,10 @@ async function runOffThread(
   while (!r.done) {
     const request = r.value;
     const evaluating = model.evaluate(request);
-    // As in the agent's denoise loop: the request is posted first, then the noise is drawn while it runs.
-    if (timedDrawAhead !== undefined) setImmediate(() => timedDrawAhead(request));
+    // The request is posted (synchronously, above), then the noise is drawn while it runs. The agent
+    // defers this with setImmediate because its batcher posts in one; here that deferral would let a
+    // fast answer, on a loaded machine, overtake the draw and make the count flaky.
+    if (timedDrawAhead !== undefined) timedDrawAhead(request);
     const { response, modelMs: ms } = await evaluating;
     modelMs += ms;
     // Waiting for the worker's answers is on the critical path, and counted in wallMs.
