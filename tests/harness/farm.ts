@@ -10,7 +10,8 @@ import { startNatsServer, findNatsServer, type NatsServerHandle } from "@latentf
 
 export const REPO = fileURLToPath(new URL("../../", import.meta.url));
 export const KIT = join(REPO, "..", "shared");
-export const FIXTURES = join(KIT, "fixtures");
+/** The team kit's fixtures; LATENTFARM_KIT_FIXTURES points elsewhere (as for the unit tests). */
+export const FIXTURES = process.env["LATENTFARM_KIT_FIXTURES"] ?? join(KIT, "fixtures");
 export const TINY_SD15 = join(FIXTURES, "tiny-sd15");
 const BIN = join(REPO, "bin", "latentfarm.js");
 
