@@ -29,12 +29,12 @@ import {
 import { DEFAULT_ORPHAN_GRACE_MS, TaskRun, type RunTaskMessage, type TaskOutput } from "./task-run.js";
 import { ModelCatalog } from "./models/catalog.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
-import { loadModel, parsePipelineKey, pipelineKey, type LoraUse } from "./models/model-loader.js";
+import { parsePipelineKey, pipelineKey, type LoraUse } from "./models/model-loader.js";
 import { extractExtraNetworks } from "./conditioning/index.js";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { LoadedPipeline } from "./pipeline/loaded-pipeline.js";
-import { DEFAULT_RESOURCES, runTask } from "./pipeline/txt2img.js";
+import { PipelineHost } from "./pipeline-host/pipeline-host.js";
+import { DEFAULT_RESOURCES } from "./pipeline/txt2img.js";
 import type { ExecutionProvider } from "./runtime/protocol.js";
 
 export interface AgentConfig {
@@ -89,7 +89,7 @@ export class Agent {
   private readonly server = new grpc.Server(serverOptions);
   private healthServer: grpc.Server | undefined;
   private readonly catalog: ModelCatalog;
-  private readonly cache: PipelineCache<LoadedPipeline>;
+  private readonly cache: PipelineCache<PipelineHost>;
   private readonly m = createMetrics(AGENT_METRICS);
   private nc: NatsConnection | undefined;
   private heartbeat: NodeJS.Timeout | undefined;
@@ -106,33 +106,34 @@ export class Agent {
   constructor(private readonly cfg: AgentConfig) {
     this.id = cfg.agentId ?? `${hostname()}-${randomUUID().slice(0, 8)}`;
     this.catalog = new ModelCatalog(cfg.modelsDir);
-    const loaderOpts = {
-      ep: cfg.ep,
-      logger: cfg.logger,
-      cacheDir: cfg.cacheDir ?? join(tmpdir(), "latentfarm-model-cache"),
-      ...(cfg.intraOpNumThreads ? { intraOpNumThreads: cfg.intraOpNumThreads } : {}),
-      ...(cfg.tokenizerDir ? { tokenizerDir: cfg.tokenizerDir } : {}),
-      ...(cfg.lorasDir ? { lorasDir: cfg.lorasDir } : {}),
-    };
-    this.cache = new PipelineCache<LoadedPipeline>(
+    const cacheDir = cfg.cacheDir ?? join(tmpdir(), "latentfarm-model-cache");
+    this.cache = new PipelineCache<PipelineHost>(
       cfg.maxLoadedModels ?? 2,
       async (keyString, signal) => {
-        const key = parsePipelineKey(keyString);
-        const name = key.model;
+        const name = parsePipelineKey(keyString).model;
         const end = this.m.metrics.modelLoad.startTimer({ model: name });
         try {
-          const loaded = await loadModel(this.catalog, key, loaderOpts, signal);
-          end();
-          return new LoadedPipeline(loaded.model, {
-            maxBatchRows: cfg.maxBatchRows ?? 16,
-            modelHash: loaded.modelHash,
-            loraHashes: loaded.loraHashes,
-            loadWarnings: loaded.warnings,
-            onUnetCall: (_rows, seconds) => {
-              this.m.metrics.unetSteps.inc({ model: name });
-              this.m.metrics.unetStepDuration.observe({ model: name }, seconds);
+          // Each pipeline loads and renders in a thread of its own (see PipelineHost).
+          const host = await PipelineHost.start(
+            {
+              modelsDir: cfg.modelsDir,
+              key: keyString,
+              ep: cfg.ep,
+              cacheDir,
+              maxBatchRows: cfg.maxBatchRows ?? 16,
+              logger: cfg.logger,
+              ...(cfg.intraOpNumThreads ? { intraOpNumThreads: cfg.intraOpNumThreads } : {}),
+              ...(cfg.tokenizerDir ? { tokenizerDir: cfg.tokenizerDir } : {}),
+              ...(cfg.lorasDir ? { lorasDir: cfg.lorasDir } : {}),
+              onUnetCall: (_rows, seconds) => {
+                this.m.metrics.unetSteps.inc({ model: name });
+                this.m.metrics.unetStepDuration.observe({ model: name }, seconds);
+              },
             },
-          });
+            signal,
+          );
+          end();
+          return host;
         } catch (err) {
           this.m.metrics.modelLoadFailures.inc({ model: name });
           throw FarmError.from(err);
@@ -291,11 +292,12 @@ export class Agent {
         unetWeight: n.unetWeight,
       }));
       for (const l of params.loras) loras.push({ name: l.name, teWeight: l.teWeight, unetWeight: l.unetWeight });
-      const loaded = await this.cache.acquire(pipelineKey(params.model, loras), signal);
+      const key = pipelineKey(params.model, loras);
+      const loaded = await this.cache.acquire(key, signal);
       let output: TaskOutput;
       try {
         for (const w of loaded.value.loadWarnings) run.warning({ kind: { case: "warning", value: { message: w } } });
-        output = await runTask(loaded.value, req, {
+        output = await loaded.value.runTask(req, {
           signal,
           agentId: this.id,
           onStep: (step, total) => {
@@ -319,6 +321,8 @@ export class Agent {
         });
       } finally {
         loaded.release();
+        // A pipeline whose thread died is reloaded by the next task that needs it.
+        if (loaded.value.failed) this.cache.discard(key, loaded.value);
       }
       outcome = "succeeded";
       run.finish({ output });

@@ -57,6 +57,8 @@ export interface ModelLoaderOptions {
   /** CLIP tokenizer for checkpoints, which carry none; defaults to the first ONNX model's tokenizer. */
   tokenizerDir?: string;
   lorasDir?: string;
+  /** Where the ONNX Runtime sessions run (SdModel.load's `sessions`). */
+  sessions?: "worker" | "this-thread";
 }
 
 async function defaultTokenizer(catalog: ModelCatalog): Promise<string | undefined> {
@@ -96,6 +98,7 @@ export async function loadModel(
         ep: opts.ep,
         logger: opts.logger,
         ...(opts.intraOpNumThreads ? { intraOpNumThreads: opts.intraOpNumThreads } : {}),
+        ...(opts.sessions ? { sessions: opts.sessions } : {}),
         ...(signal ? { signal } : {}),
       },
     );

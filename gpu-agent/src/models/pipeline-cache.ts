@@ -62,6 +62,28 @@ export class PipelineCache<T extends { close(): Promise<void> }> {
     }
   }
 
+  /**
+   * Forgets `value` under `name` (a pipeline that broke), so the next acquire loads it again. It is
+   * closed once its current users have released it; until then they keep what they hold.
+   */
+  discard(name: string, value: T): void {
+    const slot = this.slots.get(name);
+    if (!slot) return;
+    void slot.value.then(
+      (v) => {
+        if (v !== value || this.slots.get(name) !== slot) return;
+        this.slots.delete(name);
+        this.onChange?.(this.names);
+        const closeWhenIdle = (): void => {
+          if (slot.users > 0) setTimeout(closeWhenIdle, 100).unref();
+          else void value.close().catch(() => undefined);
+        };
+        closeWhenIdle();
+      },
+      () => undefined,
+    );
+  }
+
   private async evict(): Promise<void> {
     while (this.slots.size > this.capacity) {
       const idle = [...this.slots.entries()].filter(([, s]) => s.users === 0).sort((a, b) => a[1].lastUsed - b[1].lastUsed)[0];

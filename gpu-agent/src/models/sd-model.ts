@@ -4,6 +4,7 @@ import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, type Logger } from "@latentfarm/shared";
 import { OrtWorker } from "../runtime/ort-runtime.js";
+import { InThreadOrtSessions, type OrtSessions } from "../runtime/ort-sessions.js";
 import type { ExecutionProvider, SessionInfo, TensorType, ValueMeta, WireTensor } from "../runtime/protocol.js";
 import { floatsToHalf, halfToFloats } from "../runtime/float16.js";
 import type { ModelEntry } from "./catalog.js";
@@ -53,7 +54,7 @@ export class SdModel {
     readonly entry: ModelEntry,
     readonly config: SdModelConfig,
     readonly tokenizerDir: string,
-    private readonly worker: OrtWorker,
+    private readonly worker: OrtSessions,
     private readonly sessions: Record<"text_encoder" | "unet" | "vae_decoder", SessionInfo>,
     private readonly unetInputs: { sample: ValueMeta; timestep: ValueMeta; context: ValueMeta; output: string },
     readonly textEncoder: TextEncoder,
@@ -65,7 +66,18 @@ export class SdModel {
 
   static async load(
     entry: ModelEntry,
-    opts: { ep: ExecutionProvider; intraOpNumThreads?: number; logger: Logger; signal?: AbortSignal },
+    opts: {
+      ep: ExecutionProvider;
+      intraOpNumThreads?: number;
+      logger: Logger;
+      signal?: AbortSignal;
+      /**
+       * Where the sessions run: "worker" (default) puts them in a worker thread of their own, for callers on
+       * an event loop that must not block; "this-thread" runs them on the calling thread, for a thread that
+       * hosts the whole render (PipelineHost), where a hop to yet another thread per model call is pure cost.
+       */
+      sessions?: "worker" | "this-thread";
+    },
   ): Promise<SdModel> {
     if (entry.format !== "diffusers-onnx") {
       throw new FarmError(
@@ -81,7 +93,9 @@ export class SdModel {
       }
     }
     const config = await readConfig(dir);
-    const worker = new OrtWorker(opts.ep, opts.intraOpNumThreads === undefined ? {} : { intraOpNumThreads: opts.intraOpNumThreads });
+    const threads = opts.intraOpNumThreads === undefined ? {} : { intraOpNumThreads: opts.intraOpNumThreads };
+    const worker: OrtSessions =
+      opts.sessions === "this-thread" ? new InThreadOrtSessions({ ep: opts.ep, ...threads }) : new OrtWorker(opts.ep, threads);
     try {
       const te = await worker.load("text_encoder", join(dir, "text_encoder", "model.onnx"), opts.signal);
       const unet = await worker.load("unet", join(dir, "unet", "model.onnx"), opts.signal);
@@ -255,7 +269,7 @@ async function readConfig(dir: string): Promise<SdModelConfig> {
  */
 class OnnxTextEncoder implements TextEncoder {
   private constructor(
-    private readonly worker: OrtWorker,
+    private readonly worker: OrtSessions,
     private readonly idsType: TensorType,
     private readonly idsName: string,
     readonly hiddenSize: number,
@@ -269,7 +283,7 @@ class OnnxTextEncoder implements TextEncoder {
     return this.gamma ? this.layers : 1;
   }
 
-  static async create(worker: OrtWorker, info: SessionInfo, signal?: AbortSignal): Promise<OnnxTextEncoder> {
+  static async create(worker: OrtSessions, info: SessionInfo, signal?: AbortSignal): Promise<OnnxTextEncoder> {
     const ids = inputOf(info, ["input_ids"], "text_encoder");
     const idsType: TensorType = ids.type === "int64" ? "int64" : "int32";
     const last = info.outputs.find((o) => o.name === "last_hidden_state") ?? info.outputs[0];

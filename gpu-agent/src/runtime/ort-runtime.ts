@@ -1,28 +1,22 @@
-import { Worker } from "node:worker_threads";
-import { existsSync } from "node:fs";
-import { fileURLToPath } from "node:url";
+import type { Worker } from "node:worker_threads";
+import { spawnModuleWorker } from "./spawn-worker.js";
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, abortError } from "@latentfarm/shared";
 import type { ExecutionProvider, InitMessage, Request, Response, SessionInfo, WireTensor } from "./protocol.js";
+import type { OrtSessions } from "./ort-sessions.js";
 
 type DistributiveOmit<T, K extends keyof T> = T extends unknown ? Omit<T, K> : never;
 type Pending = { resolve: (r: Response) => void; reject: (e: Error) => void };
 
-// The built agent runs ort-worker.js. Under tsx (tests, benchmarks) only the .ts source exists,
-// and a worker does not inherit the parent's loader hooks, so the worker registers tsx itself.
 function spawnWorker(init: InitMessage): Worker {
-  const js = new URL("./ort-worker.js", import.meta.url);
-  if (existsSync(fileURLToPath(js))) return new Worker(js, { workerData: init });
-  const ts = new URL("./ort-worker.ts", import.meta.url).href;
-  const boot = `import("tsx/esm/api").then((m) => { m.register(); return import(${JSON.stringify(ts)}); });`;
-  return new Worker(boot, { eval: true, workerData: init });
+  return spawnModuleWorker(import.meta.url, "ort-worker", { workerData: init });
 }
 
 /**
  * One worker thread holding a pipeline's ONNX Runtime sessions. Calls are queued in order; a
  * run() in the worker never blocks the caller's event loop.
  */
-export class OrtWorker {
+export class OrtWorker implements OrtSessions {
   private readonly worker: Worker;
   private readonly pending = new Map<number, Pending>();
   private nextId = 1;
@@ -61,7 +55,8 @@ export class OrtWorker {
       this.pending.set(id, { resolve, reject });
       this.worker.postMessage({ ...req, id } as Request, transfer);
     }).then((res) => {
-      if (!res.ok) throw new FarmError(grpc.status.INTERNAL, `ONNX Runtime: ${res.error}`);
+      if (!res.ok)
+        throw new FarmError(grpc.status.INTERNAL, res.error.startsWith("ONNX Runtime") ? res.error : `ONNX Runtime: ${res.error}`);
       return res;
     });
   }
