@@ -1,5 +1,5 @@
 import { philoxNormals, philoxNormalsCuda } from "./philox.js";
-import { TorchCpuGenerator } from "./torch-cpu.js";
+import { TorchCpuGenerator, type TorchCpuGeneratorState } from "./torch-cpu.js";
 
 /** A1111's `randn_source` option. "GPU" means CUDA's Philox, which "NV" reproduces on any hardware. */
 export type RngSource = "CPU" | "GPU" | "NV";
@@ -14,7 +14,14 @@ export interface ImageGenerator {
   readonly seed: number;
   /** Draws `shape`'s element count (or `length`) standard normals in row-major order. */
   next(shapeOrLength: NoiseShape | number): Float32Array;
+  /** The generator's state: restoreGenerator(snapshot()) continues with the very values this one would draw. */
+  snapshot(): GeneratorSnapshot;
 }
+
+/** A generator's state as plain data (it crosses threads by structured clone). */
+export type GeneratorSnapshot =
+  | { kind: "torch-cpu"; seed: number; state: TorchCpuGeneratorState }
+  | { kind: "philox"; source: "GPU" | "NV"; seed: number; offset: number; residentThreads: number | undefined };
 
 export function elementCount(shapeOrLength: NoiseShape | number): number {
   if (typeof shapeOrLength === "number") return checkedLength(shapeOrLength);
@@ -34,7 +41,7 @@ function checkedSeed(seed: number): void {
 
 class TorchCpuImageGenerator implements ImageGenerator {
   readonly source = "CPU" as const;
-  private readonly generator: TorchCpuGenerator;
+  private generator: TorchCpuGenerator;
 
   constructor(readonly seed: number) {
     this.generator = new TorchCpuGenerator(seed);
@@ -42,6 +49,16 @@ class TorchCpuImageGenerator implements ImageGenerator {
 
   next(shapeOrLength: NoiseShape | number): Float32Array {
     return this.generator.randn(elementCount(shapeOrLength));
+  }
+
+  snapshot(): GeneratorSnapshot {
+    return { kind: "torch-cpu", seed: this.seed, state: this.generator.saveState() };
+  }
+
+  static restore(s: Extract<GeneratorSnapshot, { kind: "torch-cpu" }>): TorchCpuImageGenerator {
+    const g = new TorchCpuImageGenerator(s.seed);
+    g.generator = TorchCpuGenerator.fromState(s.state);
+    return g;
   }
 }
 
@@ -82,6 +99,23 @@ class PhiloxImageGenerator implements ImageGenerator {
     }
     return out;
   }
+
+  snapshot(): GeneratorSnapshot {
+    return { kind: "philox", source: this.source, seed: this.seed, offset: this.offset, residentThreads: this.residentThreads };
+  }
+
+  /** Counter-based: any position is one assignment away. */
+  seek(offset: number): void {
+    this.offset = offset;
+  }
+}
+
+/** A generator that continues exactly where the snapshotted one stood. */
+export function restoreGenerator(s: GeneratorSnapshot): ImageGenerator {
+  if (s.kind === "torch-cpu") return TorchCpuImageGenerator.restore(s);
+  const g = new PhiloxImageGenerator(s.source, s.seed, s.residentThreads);
+  g.seek(s.offset);
+  return g;
 }
 
 export function createGenerator(source: RngSource, seed: number, options: GeneratorOptions = {}): ImageGenerator {

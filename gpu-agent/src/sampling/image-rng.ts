@@ -2,7 +2,14 @@
  * Per-image noise as A1111's ImageRNG produces it (modules/rng.py): variation seeds (slerp), seed
  * resize, the eta-noise-seed-delta swap, and sampler noise from the same per-image generators.
  */
-import { createGenerator, type GeneratorOptions, type ImageGenerator, type RngSource } from "./generator.js";
+import {
+  createGenerator,
+  restoreGenerator,
+  type GeneratorOptions,
+  type GeneratorSnapshot,
+  type ImageGenerator,
+  type RngSource,
+} from "./generator.js";
 import { InvalidSamplingParameter } from "./errors.js";
 import { f32 } from "./float32.js";
 
@@ -92,13 +99,48 @@ export class ImageRng {
   /** Sampler noise (`randn_like`): the next draw of each image's generator; the first call is `first()`. */
   next(): Float32Array {
     if (this.isFirst) return this.first();
-    // One image: the generator's fresh array is the result, no copy.
-    if (this.generators.length === 1) return this.generators[0]!.next(this.shape);
-    const size = this.imageSize;
-    const out = new Float32Array(this.imageCount * size);
-    this.generators.forEach((generator, i) => out.set(generator.next(this.shape), i * size));
-    return out;
+    return drawEach(this.generators, this.shape);
   }
+
+  /**
+   * The sampler noise still to come, as plain data: `NoiseContinuation.resume(c).next()` draws what this
+   * object's next() would. Only after first() (the initial latent is where variations and resizing apply).
+   */
+  continuation(): NoiseContinuationState {
+    if (this.isFirst) throw new Error("a noise continuation starts after the initial noise: call first() before");
+    return { shape: this.shape, generators: this.generators.map((g) => g.snapshot()) };
+  }
+}
+
+/** ImageRng's sampler noise after first(), as plain data (it crosses threads by structured clone). */
+export interface NoiseContinuationState {
+  shape: LatentShape;
+  generators: GeneratorSnapshot[];
+}
+
+/** ImageRng.next() continued from a NoiseContinuationState, in this thread or another. */
+export class NoiseContinuation {
+  private constructor(
+    private readonly shape: LatentShape,
+    private readonly generators: ImageGenerator[],
+  ) {}
+
+  static resume(state: NoiseContinuationState): NoiseContinuation {
+    return new NoiseContinuation(state.shape, state.generators.map(restoreGenerator));
+  }
+
+  next(): Float32Array {
+    return drawEach(this.generators, this.shape);
+  }
+}
+
+function drawEach(generators: readonly ImageGenerator[], shape: LatentShape): Float32Array {
+  // One image: the generator's fresh array is the result, no copy.
+  if (generators.length === 1) return generators[0]!.next(shape);
+  const size = shape[0] * shape[1] * shape[2];
+  const out = new Float32Array(generators.length * size);
+  generators.forEach((generator, i) => out.set(generator.next(shape), i * size));
+  return out;
 }
 
 /**

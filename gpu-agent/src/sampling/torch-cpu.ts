@@ -23,6 +23,19 @@ export class Mt19937 {
     }
   }
 
+  /** The whole engine state, to continue the same stream elsewhere (another thread). */
+  saveState(): { words: Uint32Array; index: number } {
+    return { words: this.state.slice(), index: this.index };
+  }
+
+  static fromState(saved: { words: Uint32Array; index: number }): Mt19937 {
+    if (saved.words.length !== MT_N || !(saved.index >= 0 && saved.index <= MT_N)) throw new RangeError("not an mt19937 state");
+    const mt = new Mt19937(0);
+    mt.state.set(saved.words);
+    mt.index = saved.index;
+    return mt;
+  }
+
   nextUint32(): number {
     if (this.index >= MT_N) this.twist();
     let y = this.state[this.index++]!;
@@ -52,12 +65,18 @@ export class Mt19937 {
  */
 export type TorchCpuKernel = "avx2" | "scalar";
 
+export interface TorchCpuGeneratorState {
+  engine: { words: Uint32Array; index: number };
+  kernel: TorchCpuKernel;
+  cachedDoubleNormal?: number;
+}
+
 /**
  * A torch CPU generator after `manual_seed(seed)`. Seeds are taken mod 2^64 (torch accepts negative
  * seeds as their two's complement); mt19937 itself only sees the low 32 bits.
  */
 export class TorchCpuGenerator {
-  readonly engine: Mt19937;
+  engine: Mt19937;
   /** torch caches the second Box–Muller value of its double-precision path between calls. */
   private cachedDoubleNormal: number | undefined;
 
@@ -67,6 +86,22 @@ export class TorchCpuGenerator {
   ) {
     const low32 = Number(BigInt.asUintN(32, BigInt(seed)));
     this.engine = new Mt19937(low32);
+  }
+
+  /** Everything that decides the values drawn from here on. */
+  saveState(): TorchCpuGeneratorState {
+    return {
+      engine: this.engine.saveState(),
+      kernel: this.kernel,
+      ...(this.cachedDoubleNormal !== undefined && { cachedDoubleNormal: this.cachedDoubleNormal }),
+    };
+  }
+
+  static fromState(saved: TorchCpuGeneratorState): TorchCpuGenerator {
+    const g = new TorchCpuGenerator(0, saved.kernel);
+    g.engine = Mt19937.fromState(saved.engine);
+    g.cachedDoubleNormal = saved.cachedDoubleNormal;
+    return g;
   }
 
   /** `torch.randn(n)` in float32 (contiguous tensor). */

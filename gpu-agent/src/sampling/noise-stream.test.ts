@@ -1,0 +1,88 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { ImageRng, NoiseContinuation } from "./image-rng.js";
+import { NoiseThread } from "./noise-stream.js";
+import { createGenerator, restoreGenerator } from "./generator.js";
+import type { RngSource } from "./generator.js";
+
+const shape = [4, 24, 24] as const;
+const rng = (source: RngSource) =>
+  new ImageRng({ shape, seeds: [11, 12], subseeds: [5, 6], subseedStrength: 0.3, source, etaNoiseSeedDelta: 31337 });
+
+/** ImageRng's sampler draws after first(), computed the plain way. */
+function reference(source: RngSource, n: number): Float32Array[] {
+  const r = rng(source);
+  r.first();
+  return Array.from({ length: n }, () => r.next());
+}
+
+test("a generator restored from a snapshot draws exactly what the original draws next", () => {
+  for (const source of ["CPU", "GPU", "NV"] as const) {
+    const g = createGenerator(source, 1234);
+    g.next(7); // an odd size: the CPU source's small-tensor path caches a second normal
+    g.next([4, 5, 5]);
+    const copy = restoreGenerator(structuredClone(g.snapshot()));
+    for (const size of [3, 100, 33]) assert.deepEqual(copy.next(size), g.next(size), `${source} size ${size}`);
+  }
+});
+
+test("a noise continuation resumed elsewhere continues ImageRng.next() exactly", () => {
+  for (const source of ["CPU", "NV"] as const) {
+    const r = rng(source);
+    r.first();
+    r.next();
+    const resumed = NoiseContinuation.resume(structuredClone(r.continuation()));
+    for (let i = 0; i < 3; i++) assert.deepEqual(resumed.next(), r.next());
+  }
+  assert.throws(() => rng("CPU").continuation(), /after the initial noise/);
+});
+
+test("a noise stream hands out the thread's draws in order: awaited, waited for synchronously, or unrequested", async () => {
+  const thread = new NoiseThread();
+  try {
+    for (const source of ["CPU", "NV"] as const) {
+      const want = reference(source, 7);
+      const r = rng(source);
+      r.first();
+      const stream = thread.open(r.continuation());
+      assert.ok(stream.remote);
+      stream.request(2);
+      await stream.ready();
+      const got = [stream.take(), stream.take()];
+      got.push(stream.take()); // never requested: asked for and waited for on the spot
+      stream.request(2);
+      got.push(stream.take(), stream.take()); // requested but not awaited
+      stream.request(1);
+      await stream.ready();
+      got.push(stream.take(), stream.take());
+      got.forEach((g, i) => assert.deepEqual(g, want[i], `${source} draw ${i}`));
+      stream.close();
+    }
+  } finally {
+    await thread.close();
+  }
+});
+
+test("when the thread is gone a stream continues on this thread after the draws already taken", async () => {
+  const want = reference("CPU", 5);
+  const thread = new NoiseThread();
+  const r = rng("CPU");
+  r.first();
+  const stream = thread.open(r.continuation());
+  stream.request(2);
+  await stream.ready();
+  const got = [stream.take(), stream.take()];
+  stream.request(3);
+  stream.threadFailed();
+  assert.equal(stream.remote, false);
+  await stream.ready();
+  got.push(stream.take(), stream.take(), stream.take());
+  got.forEach((g, i) => assert.deepEqual(g, want[i], `draw ${i}`));
+  await thread.close();
+  // A closed thread opens streams that draw here.
+  const r2 = rng("NV");
+  r2.first();
+  const local = thread.open(r2.continuation());
+  assert.equal(local.remote, false);
+  assert.deepEqual(local.take(), reference("NV", 1)[0]);
+});
