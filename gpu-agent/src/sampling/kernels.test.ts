@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { Kernel, e, type Expr } from "./kernels.js";
+import { KERNEL_BLOCK, Kernel, e, type Expr } from "./kernels.js";
 
 /** A small deterministic PRNG (xorshift32) so that failures reproduce. */
 function prng(seed: number): () => number {
@@ -81,4 +81,37 @@ test("kernels refuse parameters that are not float32 values and operands of the 
   assert.throws(() => kernel.run([out], [new Float32Array(8)], [0.1]), /not a float32 value/);
   assert.throws(() => kernel.run([out], [new Float32Array(4)], [Math.fround(0.1)]), /needs 8/);
   assert.throws(() => kernel.run([out], [], [1]), /wrong number/);
+});
+
+test("abs and max match Math.abs and Math.max, and long arrays run block by block with the same bits", () => {
+  const random = prng(11);
+  for (let trial = 0; trial < 12; trial++) {
+    const inputs = 1 + Math.floor(random() * 3);
+    const params = 1 + Math.floor(random() * 2);
+    const leaf = (): Expr => (random() < 0.7 ? e.in(Math.floor(random() * inputs)) : e.param(Math.floor(random() * params)));
+    const a = randomExpr(random, inputs, params, 2);
+    const outputs = [e.max(e.abs(a), leaf()), e.div(e.sub(leaf(), a), e.max(e.param(0), e.abs(leaf())))];
+    const kernel = new Kernel({ inputs, params, outputs });
+    // Several blocks, a partial last block, and a tail that is not a multiple of 4.
+    const n = [KERNEL_BLOCK * 2 + 7, KERNEL_BLOCK, KERNEL_BLOCK + 1, 3 * KERNEL_BLOCK - 2][trial % 4]!;
+    const ins = Array.from({ length: inputs }, () => operand(random, n));
+    const ps = Array.from({ length: params }, () => Math.fround((random() - 0.5) * 8));
+    const want = [new Float32Array(n), new Float32Array(n)];
+    kernel.runReference(want, ins, ps);
+    const got = [new Float32Array(n), new Float32Array(n)];
+    kernel.run(got, ins, ps);
+    assert.ok(sameBits(got[0]!, want[0]!) && sameBits(got[1]!, want[1]!), `trial ${trial} (n=${n})`);
+    // Writing over an input, block by block, still reads each input value before it is replaced.
+    const inPlace = ins.map((x) => x.slice());
+    kernel.run([inPlace[0]!, got[1]!], inPlace, ps);
+    assert.ok(sameBits(inPlace[0]!, want[0]!) && sameBits(got[1]!, want[1]!), `in place, trial ${trial}`);
+  }
+  assert.equal(Math.max(-0, 0), 0);
+  const signed = new Kernel({ inputs: 2, params: 0, outputs: [e.max(e.in(0), e.in(1))] });
+  const out = new Float32Array(8);
+  signed.run([out], [Float32Array.of(-0, 0, NaN, 1, -0, 0, -1, 2), Float32Array.of(0, -0, 1, NaN, -0, 0, -2, 2)]);
+  assert.deepEqual(
+    [...out].map((v) => (Object.is(v, -0) ? "-0" : String(v))),
+    ["0", "0", "NaN", "NaN", "-0", "0", "-1", "2"],
+  );
 });

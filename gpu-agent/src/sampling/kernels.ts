@@ -5,7 +5,7 @@
  * Every node is one IEEE binary32 operation with round-to-nearest, which is exactly what the JS
  * form `Math.fround(a op b)` of two float32 values computes (a double result of +, −, ×, ÷ or √ of
  * float32 operands rounds to the same float32 as the single-precision operation), so a kernel gives
- * the same bits as the scalar loops it replaces. Without WebAssembly the same expression runs as a
+ * the same bits as the scalar loops it replaces. (abs and max pick or sign-flip an operand: exact.) Without WebAssembly the same expression runs as a
  * scalar JS loop, which is also the reference the tests compare the compiled form against.
  */
 
@@ -13,8 +13,8 @@ import { name, section, uleb } from "../runtime/wasm-encoding.js";
 export type Expr =
   | { readonly op: "in"; readonly index: number }
   | { readonly op: "param"; readonly index: number }
-  | { readonly op: "add" | "sub" | "mul" | "div"; readonly a: Expr; readonly b: Expr }
-  | { readonly op: "sqrt"; readonly a: Expr };
+  | { readonly op: "add" | "sub" | "mul" | "div" | "max"; readonly a: Expr; readonly b: Expr }
+  | { readonly op: "sqrt" | "abs"; readonly a: Expr };
 
 export const e = {
   in: (index: number): Expr => ({ op: "in", index }),
@@ -24,6 +24,10 @@ export const e = {
   mul: (a: Expr, b: Expr): Expr => ({ op: "mul", a, b }),
   div: (a: Expr, b: Expr): Expr => ({ op: "div", a, b }),
   sqrt: (a: Expr): Expr => ({ op: "sqrt", a }),
+  /** |a|: exact (no rounding). */
+  abs: (a: Expr): Expr => ({ op: "abs", a }),
+  /** JS Math.max(a, b): NaN when either is NaN, +0 over −0; exact (it picks one operand). */
+  max: (a: Expr, b: Expr): Expr => ({ op: "max", a, b }),
 };
 
 export interface KernelSpec {
@@ -41,7 +45,19 @@ const I32 = 0x7f;
 const F32 = 0x7d;
 const V128 = 0x7b;
 const SIMD = 0xfd;
-const SIMD_OP = { load: 0x00, store: 0x0b, splat: 0x13, sqrt: 0xe3, add: 0xe4, sub: 0xe5, mul: 0xe6, div: 0xe7 } as const;
+const SIMD_OP = {
+  load: 0x00,
+  store: 0x0b,
+  splat: 0x13,
+  abs: 0xe0,
+  sqrt: 0xe3,
+  add: 0xe4,
+  sub: 0xe5,
+  mul: 0xe6,
+  div: 0xe7,
+  // f32x4.max, not pmax: NaN-propagating and +0 over −0, as Math.max.
+  max: 0xe9,
+} as const;
 const OP = {
   block: 0x02,
   loop: 0x03,
@@ -64,10 +80,10 @@ function countUses(outputs: readonly Expr[]): Map<Expr, number> {
     const seen = uses.get(node) ?? 0;
     uses.set(node, seen + 1);
     if (seen > 0) return;
-    if (node.op === "add" || node.op === "sub" || node.op === "mul" || node.op === "div") {
+    if (node.op === "add" || node.op === "sub" || node.op === "mul" || node.op === "div" || node.op === "max") {
       visit(node.a);
       visit(node.b);
-    } else if (node.op === "sqrt") visit(node.a);
+    } else if (node.op === "sqrt" || node.op === "abs") visit(node.a);
   };
   outputs.forEach(visit);
   return uses;
@@ -119,8 +135,9 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
         code.push(OP.localGet, ...uleb(splat(node.index)));
         break;
       case "sqrt":
+      case "abs":
         emit(node.a);
-        code.push(...simd(SIMD_OP.sqrt));
+        code.push(...simd(SIMD_OP[node.op]));
         break;
       default:
         emit(node.a);
@@ -197,6 +214,9 @@ function compile(spec: KernelSpec): WasmKernel | null {
 
 const fround = Math.fround;
 
+/** Elements per kernel block (a multiple of 4). */
+export const KERNEL_BLOCK = 4096;
+
 /** The scalar form: one Math.fround per operation, element by element. */
 function evaluate(node: Expr, ins: readonly Float32Array[], params: readonly number[], k: number): number {
   switch (node.op) {
@@ -214,6 +234,10 @@ function evaluate(node: Expr, ins: readonly Float32Array[], params: readonly num
       return fround(evaluate(node.a, ins, params, k) / evaluate(node.b, ins, params, k));
     case "sqrt":
       return fround(Math.sqrt(evaluate(node.a, ins, params, k)));
+    case "abs":
+      return Math.abs(evaluate(node.a, ins, params, k));
+    case "max":
+      return Math.max(evaluate(node.a, ins, params, k), evaluate(node.b, ins, params, k));
   }
 }
 
@@ -255,21 +279,25 @@ export class Kernel {
       this.runReference(outs, ins, params);
       return;
     }
-    const n4 = (n + 3) & ~3;
+    // Block by block, so that all operand slots of the arena stay in the core's cache from the copy in
+    // through the kernel to the copy out: whole 256 KB latents in 4–8 slots would stream through memory.
+    const block = Math.min(n, KERNEL_BLOCK);
+    const block4 = (block + 3) & ~3;
     const slots = ins.length + outs.length;
-    const view = arenaFloats(slots * n4 * 4);
+    const view = arenaFloats(slots * block4 * 4);
     const args = this.args;
-    args[0] = n4;
-    for (let j = 0; j < ins.length; j++) {
-      view.set(n === ins[j]!.length ? ins[j]! : ins[j]!.subarray(0, n), j * n4);
-      args[1 + j] = j * n4 * 4;
-    }
-    for (let j = 0; j < outs.length; j++) args[1 + ins.length + j] = (ins.length + j) * n4 * 4;
+    for (let j = 0; j < slots; j++) args[1 + j] = j * block4 * 4;
     for (let j = 0; j < params.length; j++) args[1 + slots + j] = params[j]!;
-    wasm(...args);
-    for (let j = 0; j < outs.length; j++) {
-      const at = (ins.length + j) * n4;
-      outs[j]!.set(view.subarray(at, at + n));
+    for (let start = 0; start < n; start += block) {
+      const end = Math.min(n, start + block);
+      const m = end - start;
+      args[0] = (m + 3) & ~3;
+      for (let j = 0; j < ins.length; j++) view.set(ins[j]!.subarray(start, end), j * block4);
+      wasm(...args);
+      for (let j = 0; j < outs.length; j++) {
+        const at = (ins.length + j) * block4;
+        outs[j]!.set(view.subarray(at, at + m), start);
+      }
     }
   }
 

@@ -1,4 +1,5 @@
 import { sd1Schedule, type DiscreteSchedule } from "../sigmas.js";
+import { allocateAhead } from "./latent-pool.js";
 import type { EpsWithUncond, ModelRequest, ModelResponse, NoiseSampler, SamplerOptions, UpcomingNoise } from "./types.js";
 
 // A module-local alias: an imported binding can cost a getter call per use under some loaders.
@@ -9,9 +10,14 @@ export class ModelCaller {
   private calls = 0;
   readonly schedule: DiscreteSchedule;
 
+  /**
+   * @param freshPerCall how many new latent arrays the sampler takes (freshLatent) between a model
+   *   answer and its next request; they are allocated while the model runs (./latent-pool.ts).
+   */
   constructor(
     private readonly length: number,
     schedule?: DiscreteSchedule,
+    private readonly freshPerCall = 2,
   ) {
     this.schedule = schedule ?? sd1Schedule();
   }
@@ -27,6 +33,7 @@ export class ModelCaller {
       call: this.calls++,
       ...(upcoming !== undefined && { upcoming }),
     };
+    allocateAhead(this.length, this.freshPerCall);
     return expectArray(yield request, this.length);
   }
 
@@ -49,6 +56,7 @@ export class ModelCaller {
       call: this.calls++,
       ...(upcoming !== undefined && { upcoming }),
     };
+    allocateAhead(this.length, this.freshPerCall);
     return expectArray(yield request, this.length);
   }
 
@@ -73,6 +81,7 @@ export class ModelCaller {
       needUncond: true,
       ...(upcoming !== undefined && { upcoming }),
     };
+    allocateAhead(this.length, this.freshPerCall);
     const response = yield request;
     if (response instanceof Float32Array || response.output.length !== this.length || response.uncond.length !== this.length) {
       throw new TypeError("this request needs { output, uncond } arrays of the latent's length");

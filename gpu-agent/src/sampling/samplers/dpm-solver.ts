@@ -6,7 +6,8 @@ import { linspaceF32 } from "../float32.js";
 import { ModelCaller, ONE_DRAW, ancestralStep, checkedNoise, expF, expm1F, logF } from "./common.js";
 import type { ModelRequest, ModelResponse, UpcomingNoise } from "./types.js";
 import type { DiscreteSchedule } from "../sigmas.js";
-import { addScaledNoise, dpmSolverCombine, epsFromDenoised, subtractScaled } from "./updates.js";
+import { adaptiveErrorSumOfSquares, addScaledNoise, dpmSolverCombine, epsFromDenoised, subtractScaled } from "./updates.js";
+import { freshLatent } from "./latent-pool.js";
 
 const f32 = Math.fround;
 
@@ -75,7 +76,7 @@ class Solver {
     const h = f32(tNext - t);
     const eps = yield* this.eps(cache, "eps", x, t);
     const a = f32(sigmaOf(tNext) * expm1F(h));
-    return subtractScaled(new Float32Array(x.length), x, eps, a);
+    return subtractScaled(freshLatent(x.length), x, eps, a);
   }
 
   *step2(x: Float32Array, t: number, tNext: number, cache: EpsCache, r1 = 1 / 2): EvalGenerator {
@@ -83,12 +84,12 @@ class Solver {
     const eps = yield* this.eps(cache, "eps", x, t);
     const s1 = f32(t + f32(f32(r1) * h));
     const c1 = f32(sigmaOf(s1) * expm1F(f32(f32(r1) * h)));
-    const u1 = subtractScaled(new Float32Array(x.length), x, eps, c1);
+    const u1 = subtractScaled(freshLatent(x.length), x, eps, c1);
     const epsR1 = yield* this.eps(cache, "eps_r1", u1, s1);
     const sigmaNext = sigmaOf(tNext);
     const a = f32(sigmaNext * expm1F(h));
     const b = f32(f32(sigmaNext / f32(2 * r1)) * expm1F(h));
-    return dpmSolverCombine(new Float32Array(x.length), x, eps, epsR1, a, b);
+    return dpmSolverCombine(freshLatent(x.length), x, eps, epsR1, a, b);
   }
 
   *step3(x: Float32Array, t: number, tNext: number, cache: EpsCache, r1 = 1 / 3, r2 = 2 / 3): EvalGenerator {
@@ -98,18 +99,19 @@ class Solver {
     const r2h = f32(f32(r2) * h);
     const s1 = f32(t + r1h);
     const s2 = f32(t + r2h);
-    const c1 = f32(sigmaOf(s1) * expm1F(r1h));
-    const u1 = subtractScaled(new Float32Array(x.length), x, eps, c1);
-    const epsR1 = yield* this.eps(cache, "eps_r1", u1, s1);
+    // DPM adaptive's step3 follows a step2 with the same r1, whose eps_r1 is cached: u1 would go unused.
+    const epsR1 =
+      cache.get("eps_r1") ??
+      (yield* this.eps(cache, "eps_r1", subtractScaled(freshLatent(x.length), x, eps, f32(sigmaOf(s1) * expm1F(r1h))), s1));
     const sigmaS2 = sigmaOf(s2);
     const c2 = f32(sigmaS2 * expm1F(r2h));
     const c3 = f32(f32(sigmaS2 * f32(r2 / r1)) * f32(f32(expm1F(r2h) / r2h) - 1));
-    const u2 = dpmSolverCombine(new Float32Array(x.length), x, eps, epsR1, c2, c3);
+    const u2 = dpmSolverCombine(freshLatent(x.length), x, eps, epsR1, c2, c3);
     const epsR2 = yield* this.eps(cache, "eps_r2", u2, s2);
     const sigmaNext = sigmaOf(tNext);
     const a = f32(sigmaNext * expm1F(h));
     const b = f32(f32(sigmaNext / f32(r2)) * f32(f32(expm1F(h) / h) - 1));
-    return dpmSolverCombine(new Float32Array(x.length), x, eps, epsR2, a, b);
+    return dpmSolverCombine(freshLatent(x.length), x, eps, epsR2, a, b);
   }
 }
 
@@ -237,6 +239,7 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
   let xPrev = x;
   const limit = forward ? f32(tEnd - 1e-5) : f32(tEnd + 1e-5);
   const cache = new EpsCache(x.length);
+  let errors: Float32Array | undefined;
   // Accepted steps end with a noise draw; a rejected step's draw just waits for the next acceptance.
   solver.upcoming = ONE_DRAW;
   while (forward ? s < limit : s > limit) {
@@ -253,12 +256,8 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
       low = yield* solver.step2(x, s, tTarget, cache, 1 / 3);
       high = yield* solver.step3(x, s, tTarget, cache);
     }
-    let sumSquares = 0;
-    for (let k = 0; k < x.length; k++) {
-      const delta = Math.max(atol, f32(rtol * Math.max(Math.abs(low[k]!), Math.abs(xPrev[k]!))));
-      const r = f32(f32(low[k]! - high[k]!) / delta);
-      sumSquares += r * r;
-    }
+    errors ??= new Float32Array(x.length);
+    const sumSquares = adaptiveErrorSumOfSquares(errors, low, high, xPrev, atol, rtol);
     const error = f32(f32(Math.sqrt(sumSquares)) / f32(Math.sqrt(x.length)));
     if (pid.proposeStep(error)) {
       xPrev = low;

@@ -34,6 +34,7 @@ import {
   midpointAncestralStep,
   midpointStep,
 } from "./updates.js";
+import { freshLatent } from "./latent-pool.js";
 import type { SamplerOptions, SamplerRun } from "./types.js";
 
 const f32 = Math.fround;
@@ -66,7 +67,7 @@ function churn(x: Float32Array, sigmas: Float32Array, i: number, c: Churn, optio
   const sigmaHat = f32(sigma * f32(gamma + 1));
   if (!(gamma > 0)) return { x, sigmaHat };
   const scale = f32(Math.sqrt(f32(f32(sigmaHat * sigmaHat) - f32(sigma * sigma))));
-  return { x: addNoise(new Float32Array(x.length), x, raw, c.sNoise, scale), sigmaHat };
+  return { x: addNoise(freshLatent(x.length), x, raw, c.sNoise, scale), sigmaHat };
 }
 
 /** The churn draw of the next step, announced while this step's model call runs. */
@@ -81,7 +82,7 @@ export function* sampleEuler(x: Float32Array, options: SamplerOptions): SamplerR
     const churned = churn(x, sigmas, i, c, options);
     x = churned.x;
     const denoised = yield* model.denoise(x, churned.sigmaHat, i, nextChurn(sigmas, i));
-    x = eulerStep(new Float32Array(x.length), x, denoised, churned.sigmaHat, f32(sigmas[i + 1]! - churned.sigmaHat));
+    x = eulerStep(freshLatent(x.length), x, denoised, churned.sigmaHat, f32(sigmas[i + 1]! - churned.sigmaHat));
   }
   return x;
 }
@@ -98,7 +99,7 @@ export function* sampleEulerAncestral(x: Float32Array, options: SamplerOptions):
     const denoised = yield* model.denoise(x, sigma, i, next > 0 ? ONE_DRAW : undefined);
     const { sigmaDown, sigmaUp } = ancestralStep(sigma, next, eta);
     const dt = f32(sigmaDown - sigma);
-    const out = new Float32Array(x.length);
+    const out = freshLatent(x.length);
     // Drawn whenever σnext > 0, also at eta 0 (then scaled by σ_up = 0).
     x =
       next > 0
@@ -121,12 +122,12 @@ export function* sampleHeun(x: Float32Array, options: SamplerOptions): SamplerRu
     const upcoming = nextChurn(sigmas, i);
     const denoised = yield* model.denoise(x, sigmaHat, i, upcoming);
     const dt = f32(next - sigmaHat);
-    const x2 = eulerStep(new Float32Array(x.length), x, denoised, sigmaHat, dt);
+    const x2 = eulerStep(freshLatent(x.length), x, denoised, sigmaHat, dt);
     if (next === 0) {
       x = x2;
     } else {
       const denoised2 = yield* model.denoise(x2, next, i, upcoming);
-      x = heunStep(new Float32Array(x.length), x, denoised, x2, denoised2, sigmaHat, next, dt);
+      x = heunStep(freshLatent(x.length), x, denoised, denoised2, sigmaHat, next, dt);
     }
   }
   return x;
@@ -145,12 +146,12 @@ export function* sampleDpm2(x: Float32Array, options: SamplerOptions): SamplerRu
     const upcoming = nextChurn(sigmas, i);
     const denoised = yield* model.denoise(x, sigmaHat, i, upcoming);
     if (next === 0) {
-      x = eulerStep(new Float32Array(x.length), x, denoised, sigmaHat, f32(next - sigmaHat));
+      x = eulerStep(freshLatent(x.length), x, denoised, sigmaHat, f32(next - sigmaHat));
     } else {
       const sigmaMid = expF(lerpF(logF(sigmaHat), logF(next), 0.5));
-      const x2 = eulerStep(new Float32Array(x.length), x, denoised, sigmaHat, f32(sigmaMid - sigmaHat));
+      const x2 = eulerStep(freshLatent(x.length), x, denoised, sigmaHat, f32(sigmaMid - sigmaHat));
       const denoised2 = yield* model.denoise(x2, sigmaMid, i, upcoming);
-      x = midpointStep(new Float32Array(x.length), x, x2, denoised2, sigmaMid, f32(next - sigmaHat));
+      x = midpointStep(freshLatent(x.length), x, x2, denoised2, sigmaMid, f32(next - sigmaHat));
     }
   }
   return x;
@@ -168,13 +169,13 @@ export function* sampleDpm2Ancestral(x: Float32Array, options: SamplerOptions): 
     const upcoming = sigmaDown === 0 ? undefined : ONE_DRAW;
     const denoised = yield* model.denoise(x, sigma, i, upcoming);
     if (sigmaDown === 0) {
-      x = eulerStep(new Float32Array(x.length), x, denoised, sigma, f32(sigmaDown - sigma));
+      x = eulerStep(freshLatent(x.length), x, denoised, sigma, f32(sigmaDown - sigma));
     } else {
       const sigmaMid = expF(lerpF(logF(sigma), logF(sigmaDown), 0.5));
-      const x2 = eulerStep(new Float32Array(x.length), x, denoised, sigma, f32(sigmaMid - sigma));
+      const x2 = eulerStep(freshLatent(x.length), x, denoised, sigma, f32(sigmaMid - sigma));
       const denoised2 = yield* model.denoise(x2, sigmaMid, i, upcoming);
       const noise = checkedNoise(options.noise, x.length);
-      x = midpointAncestralStep(new Float32Array(x.length), x, x2, denoised2, noise, sigmaMid, f32(sigmaDown - sigma), sNoise, sigmaUp);
+      x = midpointAncestralStep(freshLatent(x.length), x, x2, denoised2, noise, sigmaMid, f32(sigmaDown - sigma), sNoise, sigmaUp);
     }
   }
   return x;
@@ -215,8 +216,8 @@ export function* sampleLms(x: Float32Array, options: SamplerOptions, order = 4):
     const currentOrder = Math.min(i + 1, order);
     const coefficients: number[] = [];
     for (let j = 0; j < currentOrder; j++) coefficients.push(f32(linearMultistepCoefficient(currentOrder, sigmas, i, j)));
-    const d = spare ?? new Float32Array(x.length);
-    const out = new Float32Array(x.length);
+    const d = spare ?? freshLatent(x.length);
+    const out = freshLatent(x.length);
     lmsStep(out, d, x, denoised, ds, sigma, coefficients);
     ds.unshift(d);
     spare = ds.length > order ? ds.pop() : undefined;
@@ -237,7 +238,7 @@ export function* sampleDpmppSecondOrderAncestral(x: Float32Array, options: Sampl
     const upcoming = next > 0 ? ONE_DRAW : undefined;
     const denoised = yield* model.denoise(x, sigma, i, upcoming);
     const { sigmaDown, sigmaUp } = ancestralStep(sigma, next, eta);
-    const out = new Float32Array(x.length);
+    const out = freshLatent(x.length);
     if (sigmaDown === 0) {
       const dt = f32(sigmaDown - sigma);
       x =
@@ -251,7 +252,7 @@ export function* sampleDpmppSecondOrderAncestral(x: Float32Array, options: Sampl
       const s = f32(t + f32(0.5 * h));
       const sigmaT = sigmaOfT(t);
       const sigmaS = sigmaOfT(s);
-      const x2 = dpmSolverStep(new Float32Array(x.length), x, denoised, f32(sigmaS / sigmaT), expm1F(f32(-h * 0.5)));
+      const x2 = dpmSolverStep(freshLatent(x.length), x, denoised, f32(sigmaS / sigmaT), expm1F(f32(-h * 0.5)));
       const denoised2 = yield* model.denoise(x2, sigmaS, i, upcoming);
       const ratio = f32(sigmaOfT(tNext) / sigmaT);
       x =
@@ -275,7 +276,7 @@ export function* sampleDpmppSde(x: Float32Array, options: SamplerOptions, r = 0.
     const next = sigmas[i + 1]!;
     if (next === 0) {
       const denoised = yield* model.denoise(x, sigma, i);
-      x = eulerStep(new Float32Array(x.length), x, denoised, sigma, f32(next - sigma));
+      x = eulerStep(freshLatent(x.length), x, denoised, sigma, f32(next - sigma));
       continue;
     }
     const t = tOfSigma(sigma);
@@ -291,7 +292,7 @@ export function* sampleDpmppSde(x: Float32Array, options: SamplerOptions, r = 0.
     const step1 = ancestralStep(sigmaT, sigmaS, eta);
     const s1 = tOfSigma(step1.sigmaDown);
     const x2 = dpmSolverAncestralStep(
-      new Float32Array(x.length),
+      freshLatent(x.length),
       x,
       denoised,
       noise(sigmaT, sigmaS),
@@ -305,7 +306,7 @@ export function* sampleDpmppSde(x: Float32Array, options: SamplerOptions, r = 0.
     const step2 = ancestralStep(sigmaT, sigmaNext, eta);
     const t2 = tOfSigma(step2.sigmaDown);
     x = dpmppSdeFinalStep(
-      new Float32Array(x.length),
+      freshLatent(x.length),
       x,
       denoised,
       denoised2,
@@ -335,7 +336,7 @@ export function* sampleDpmpp2m(x: Float32Array, options: SamplerOptions): Sample
     const h = f32(tNext - t);
     const ratio = f32(sigmaOfT(tNext) / sigmaOfT(t));
     const expm1NegH = expm1F(-h);
-    const out = new Float32Array(x.length);
+    const out = freshLatent(x.length);
     if (oldDenoised === undefined || next === 0) {
       x = dpmSolverStep(out, x, denoised, ratio, expm1NegH);
     } else {
@@ -385,7 +386,7 @@ export function* sampleDpmpp2mSde(x: Float32Array, options: SamplerOptions, solv
       const noiseTerm = noisy
         ? { noise: noise(sigma, next), sigmaNext: next, root: f32(Math.sqrt(-expm1F(f32(-2 * etaH)))), sNoise }
         : undefined;
-      x = dpmpp2mSdeStep(new Float32Array(x.length), x, denoised, xScale, dScale, old, noiseTerm);
+      x = dpmpp2mSdeStep(freshLatent(x.length), x, denoised, xScale, dScale, old, noiseTerm);
       hLast = h;
     }
     oldDenoised = denoised;
@@ -431,7 +432,7 @@ export function* sampleDpmpp3mSde(x: Float32Array, options: SamplerOptions): Sam
       const noiseTerm = noisy
         ? { noise: noise(sigma, next), sigmaNext: next, root: f32(Math.sqrt(-expm1F(f32(f32(-2 * h) * f32(eta))))), sNoise }
         : undefined;
-      x = dpmpp3mSdeStep(new Float32Array(x.length), x, denoised, xScale, dScale, history, noiseTerm);
+      x = dpmpp3mSdeStep(freshLatent(x.length), x, denoised, xScale, dScale, history, noiseTerm);
     }
     denoised2 = denoised1;
     denoised1 = denoised;
@@ -457,7 +458,7 @@ export function* sampleLcm(x: Float32Array, options: SamplerOptions & { lcm: Lcm
     const eps = yield* model.eps(x, timestep, sigma, i, cIn, next > 0 ? ONE_DRAW : undefined);
     const { cSkip, cOut } = lcm.boundaryScalings(sigma);
     const noise = next > 0 ? { noise: checkedNoise(options.noise, x.length), sigmaNext: next } : undefined;
-    x = lcmStep(new Float32Array(x.length), x, eps, -f32(sigma), cOut, cSkip, noise);
+    x = lcmStep(freshLatent(x.length), x, eps, -f32(sigma), cOut, cSkip, noise);
   }
   return x;
 }

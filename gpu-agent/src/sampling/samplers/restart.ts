@@ -3,6 +3,7 @@ import { karrasSigmas } from "../schedules.js";
 import { ModelCaller, ONE_DRAW, checkSigmas, checkedNoise } from "./common.js";
 import type { SamplerOptions, SamplerRun } from "./types.js";
 import { addNoise, eulerStep, heunStep } from "./updates.js";
+import { freshLatent } from "./latent-pool.js";
 
 const f32 = Math.fround;
 
@@ -67,19 +68,19 @@ export function* sampleRestart(x: Float32Array, options: SamplerOptions): Sample
       // Jumping back up: fresh noise to raise the level from lastSigma to oldSigma.
       const n = checkedNoise(options.noise, x.length);
       const scale = f32(Math.sqrt(f32(f32(oldSigma * oldSigma) - f32(lastSigma * lastSigma))));
-      x = addNoise(new Float32Array(x.length), x, n, sNoise, scale);
+      x = addNoise(freshLatent(x.length), x, n, sNoise, scale);
     }
     // The next item jumps back up when its start lies above this item's end.
     const following = stepList[step + 1];
     const upcoming = following !== undefined && newSigma < following[0] ? ONE_DRAW : undefined;
     const denoised = yield* model.denoise(x, oldSigma, step, upcoming);
     const dt = f32(newSigma - oldSigma);
-    const x2 = eulerStep(new Float32Array(x.length), x, denoised, oldSigma, dt);
+    const x2 = eulerStep(freshLatent(x.length), x, denoised, oldSigma, dt);
     if (newSigma === 0) {
       x = x2;
     } else {
       const denoised2 = yield* model.denoise(x2, newSigma, step, upcoming);
-      x = heunStep(new Float32Array(x.length), x, denoised, x2, denoised2, oldSigma, newSigma, dt);
+      x = heunStep(freshLatent(x.length), x, denoised, denoised2, oldSigma, newSigma, dt);
     }
     lastSigma = newSigma;
   }

@@ -8,6 +8,7 @@ import { sd1Schedule, type DiscreteSchedule } from "../sigmas.js";
 import { ModelCaller, ONE_DRAW, checkedNoise, expm1F } from "./common.js";
 import type { ModelRequest, ModelResponse } from "./types.js";
 import { ddimStep, plmsStep, uniPcCorrect, uniPcDataPrediction, uniPcPredict } from "./updates.js";
+import { freshLatent } from "./latent-pool.js";
 
 const f32 = Math.fround;
 
@@ -92,7 +93,7 @@ function* ddimLoop(x: Float32Array, o: TimestepSamplerOptions, cfgpp: boolean): 
     const dirScale = f32(Math.sqrt(f32(f32(1 - aPrev) - f32(sigmaT * sigmaT))));
     // A1111 draws this noise every step, also at eta 0.
     const n = checkedNoise(o.noise, x.length);
-    x = ddimStep(new Float32Array(x.length), x, eps, direction, n, s1m, sqrtAT, sqrtAPrev, dirScale, sigmaT);
+    x = ddimStep(freshLatent(x.length), x, eps, direction, n, s1m, sqrtAT, sqrtAPrev, dirScale, sigmaT);
   }
   return x;
 }
@@ -127,11 +128,11 @@ export function* samplePlms(x: Float32Array, o: TimestepSamplerOptions): Run {
     };
     if (oldEps.length === 0) {
       // Pseudo improved Euler: a second evaluation at the next timestep.
-      const xPrev = plmsStep(new Float32Array(x.length), x, e, "plain", undefined, coefficients);
+      const xPrev = plmsStep(freshLatent(x.length), x, e, "plain", undefined, coefficients);
       const eNext = yield* model.eps(xPrev, tNext, sigmaAt(schedule, tNext), i);
-      x = plmsStep(new Float32Array(x.length), x, e, [], eNext, coefficients);
+      x = plmsStep(freshLatent(x.length), x, e, [], eNext, coefficients);
     } else {
-      x = plmsStep(new Float32Array(x.length), x, e, [...oldEps].reverse(), undefined, coefficients);
+      x = plmsStep(freshLatent(x.length), x, e, [...oldEps].reverse(), undefined, coefficients);
     }
     oldEps.push(e);
     if (oldEps.length >= 4) oldEps.shift();
@@ -246,7 +247,7 @@ function invert(matrix: number[][]): number[][] {
 export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
   const schedule = o.schedule ?? sd1Schedule();
   const ns = new VpSchedule(schedule.alphasCumprod);
-  const model = new ModelCaller(x.length, schedule);
+  const model = new ModelCaller(x.length, schedule, 3);
   const steps = o.timesteps.length;
   const order = o.order ?? 3;
   const variant = o.variant ?? "bh1";
@@ -274,7 +275,7 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
   /** Data prediction x0 = (x − σ_t·eps)/α_t from the CFG-combined eps. */
   const dataPrediction = function* (xt: Float32Array, t: number): Run {
     const eps = yield* modelEps(xt, t);
-    return uniPcDataPrediction(new Float32Array(xt.length), xt, eps, ns.std(t), ns.alpha(t));
+    return uniPcDataPrediction(freshLatent(xt.length), xt, eps, ns.std(t), ns.alpha(t));
   };
 
   const update = function* (
@@ -397,11 +398,11 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
     }
     const rhosC = useCorrector ? (stepOrder === 1 ? [0.5] : solve(rMatrix, b).map(f32)) : [];
     const terms = { ratio, baseScale, scale: f32(alphaT * bH), rks: rks.slice(0, -1), rhosP, rhosC };
-    const xt = uniPcPredict(new Float32Array(n), xIn, modelPrev0, older, terms);
+    const xt = uniPcPredict(freshLatent(n), xIn, modelPrev0, older, terms);
     if (!useCorrector) return { x: xt, modelT: undefined };
     const eps = yield* modelEps(xt, t);
-    const modelT = new Float32Array(n);
-    const corrected = new Float32Array(n);
+    const modelT = freshLatent(n);
+    const corrected = freshLatent(n);
     uniPcCorrect(modelT, corrected, xIn, modelPrev0, older, xt, eps, terms, ns.std(t), ns.alpha(t));
     return { x: corrected, modelT };
   };

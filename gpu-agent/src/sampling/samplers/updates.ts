@@ -61,24 +61,30 @@ export function addScaledNoise(out: Float32Array, x: Float32Array, noise: Float3
   return out;
 }
 
-/** Heun's correction: x + ((d + d₂)/2)·dt with d = (x − D)/σ̂, d₂ = (x₂ − D₂)/σ_next. */
+/**
+ * Heun's correction: x + ((d + d₂)/2)·dt with d = (x − D)/σ̂, d₂ = (x₂ − D₂)/σ_next, where x₂ is the Euler
+ * step x + d·dt. x₂ is recomputed rather than read (the same operations on the same operands give the same
+ * bits), which saves a pass over one latent.
+ */
+const heunD = toD(X, D, e.param(0));
+const heunX2 = e.add(X, e.mul(heunD, e.param(2)));
 const heun = new Kernel({
-  inputs: 4,
+  inputs: 3,
   params: 4,
-  outputs: [e.add(X, e.mul(e.div(e.add(toD(X, D, e.param(0)), toD(e.in(2), e.in(3), e.param(1))), e.param(3)), e.param(2)))],
+  outputs: [e.add(X, e.mul(e.div(e.add(heunD, toD(heunX2, e.in(2), e.param(1))), e.param(3)), e.param(2)))],
 });
 
+/** Heun's correction of the Euler step eulerStep(x, den, sigma, dt) (whose result D₂ was computed at). */
 export function heunStep(
   out: Float32Array,
   x: Float32Array,
   den: Float32Array,
-  x2: Float32Array,
   den2: Float32Array,
   sigma: number,
   sigma2: number,
   dt: number,
 ): Float32Array {
-  heun.run([out], [x, den, x2, den2], [sigma, sigma2, dt, 2]);
+  heun.run([out], [x, den, den2], [sigma, sigma2, dt, 2]);
   return out;
 }
 
@@ -572,4 +578,35 @@ const dataPrediction = new Kernel({ inputs: 2, params: 2, outputs: [e.div(e.sub(
 export function uniPcDataPrediction(out: Float32Array, x: Float32Array, eps: Float32Array, sigma: number, alpha: number): Float32Array {
   dataPrediction.run([out], [x, eps], [sigma, alpha]);
   return out;
+}
+
+/**
+ * DPM adaptive's error ratio r = (low − high)/δ with δ = max(atol, rtol·max(|low|, |x_prev|)), one
+ * float32 rounding per operation as the scalar form max(atol, f32(rtol·max(…))), f32(f32(low − high)/δ).
+ */
+const adaptiveErrorKernel = new Kernel({
+  inputs: 3,
+  params: 2,
+  outputs: [e.div(e.sub(e.in(0), e.in(1)), e.max(e.param(0), e.mul(e.param(1), e.max(e.abs(e.in(0)), e.abs(e.in(2))))))],
+});
+
+/**
+ * Σ r² over the latent in float64, added in index order (each r² of a float32 r is exact in float64, so
+ * only the order of the additions matters, and it is the scalar loop's). `scratch` receives the r's.
+ */
+export function adaptiveErrorSumOfSquares(
+  scratch: Float32Array,
+  low: Float32Array,
+  high: Float32Array,
+  xPrev: Float32Array,
+  atol: number,
+  rtol: number,
+): number {
+  adaptiveErrorKernel.run([scratch], [low, high, xPrev], [atol, rtol]);
+  let sum = 0;
+  for (let k = 0; k < scratch.length; k++) {
+    const r = scratch[k]!;
+    sum += r * r;
+  }
+  return sum;
 }
