@@ -42,50 +42,73 @@ const MULT_B = 0x58f38ded;
 const MIX_MULT_L = 0xca01f9dd;
 const MIX_MULT_R = 0x4973f715;
 
-/** Little-endian 32-bit words of a non-negative integer (numpy _int_to_uint32_array; 0 → [0]). */
-function toUint32Words(value: bigint): number[] {
-  if (value < 0n) throw new RangeError("SeedSequence entropy must be non-negative");
-  if (value === 0n) return [0];
-  const words: number[] = [];
-  let v = value;
-  while (v > 0n) {
-    words.push(Number(v & 0xffffffffn));
-    v >>= 32n;
+const WORD = 2 ** 32;
+
+/**
+ * Appends the little-endian 32-bit words of a non-negative integer (numpy _int_to_uint32_array; 0 → [0]).
+ * Plain number arithmetic where it is exact (every integer-valued double: % and ÷ by 2³² are exact), as
+ * the tree makes one SeedSequence per split and BigInt made those a visible share of its time.
+ */
+function pushUint32Words(out: number[], value: bigint | number): void {
+  if (typeof value === "bigint") {
+    if (value < 0n) throw new RangeError("SeedSequence entropy must be non-negative");
+    if (value <= BigInt(Number.MAX_SAFE_INTEGER)) {
+      value = Number(value);
+    } else {
+      for (let v = value; v > 0n; v >>= 32n) out.push(Number(v & 0xffffffffn));
+      return;
+    }
   }
-  return words;
+  if (!Number.isInteger(value)) throw new RangeError(`SeedSequence entropy must be an integer, got ${value}`);
+  if (value < 0) throw new RangeError("SeedSequence entropy must be non-negative");
+  if (value === 0) {
+    out.push(0);
+    return;
+  }
+  for (let v = value; v > 0; v = Math.floor(v / WORD)) out.push(v % WORD);
 }
 
 export class SeedSequence {
   readonly pool: Uint32Array;
 
   constructor(entropy: bigint | number, spawnKey: readonly (bigint | number)[] = [], poolSize = 4) {
-    let runEntropy = toUint32Words(BigInt(entropy));
-    const spawnEntropy = spawnKey.flatMap((k) => toUint32Words(BigInt(k)));
-    if (spawnEntropy.length > 0 && runEntropy.length < poolSize) {
-      runEntropy = [...runEntropy, ...new Array<number>(poolSize - runEntropy.length).fill(0)];
+    const entropyArray: number[] = [];
+    pushUint32Words(entropyArray, entropy);
+    if (spawnKey.length > 0) {
+      while (entropyArray.length < poolSize) entropyArray.push(0);
+      for (const k of spawnKey) pushUint32Words(entropyArray, k);
     }
-    const entropyArray = [...runEntropy, ...spawnEntropy];
-    this.pool = new Uint32Array(poolSize);
+    // numpy's mix_entropy, written out without closures: the tree runs it once per split node.
+    const pool = (this.pool = new Uint32Array(poolSize));
     let hashConst = INIT_A;
-    const hashmix = (input: number): number => {
-      let value = (input ^ hashConst) >>> 0;
+    let value: number;
+    let mixed: number;
+    for (let i = 0; i < poolSize; i++) {
+      value = ((i < entropyArray.length ? entropyArray[i]! : 0) ^ hashConst) >>> 0;
       hashConst = Math.imul(hashConst, MULT_A) >>> 0;
       value = Math.imul(value, hashConst) >>> 0;
-      return (value ^ (value >>> 16)) >>> 0;
-    };
-    const mix = (x: number, y: number): number => {
-      const result = (Math.imul(MIX_MULT_L, x) - Math.imul(MIX_MULT_R, y)) >>> 0;
-      return (result ^ (result >>> 16)) >>> 0;
-    };
-    const pool = this.pool;
-    for (let i = 0; i < poolSize; i++) pool[i] = hashmix(i < entropyArray.length ? entropyArray[i]! : 0);
+      pool[i] = (value ^ (value >>> 16)) >>> 0;
+    }
     for (let src = 0; src < poolSize; src++) {
       for (let dst = 0; dst < poolSize; dst++) {
-        if (src !== dst) pool[dst] = mix(pool[dst]!, hashmix(pool[src]!));
+        if (src === dst) continue;
+        value = (pool[src]! ^ hashConst) >>> 0;
+        hashConst = Math.imul(hashConst, MULT_A) >>> 0;
+        value = Math.imul(value, hashConst) >>> 0;
+        value = (value ^ (value >>> 16)) >>> 0;
+        mixed = (Math.imul(MIX_MULT_L, pool[dst]!) - Math.imul(MIX_MULT_R, value)) >>> 0;
+        pool[dst] = (mixed ^ (mixed >>> 16)) >>> 0;
       }
     }
     for (let src = poolSize; src < entropyArray.length; src++) {
-      for (let dst = 0; dst < poolSize; dst++) pool[dst] = mix(pool[dst]!, hashmix(entropyArray[src]!));
+      for (let dst = 0; dst < poolSize; dst++) {
+        value = (entropyArray[src]! ^ hashConst) >>> 0;
+        hashConst = Math.imul(hashConst, MULT_A) >>> 0;
+        value = Math.imul(value, hashConst) >>> 0;
+        value = (value ^ (value >>> 16)) >>> 0;
+        mixed = (Math.imul(MIX_MULT_L, pool[dst]!) - Math.imul(MIX_MULT_R, value)) >>> 0;
+        pool[dst] = (mixed ^ (mixed >>> 16)) >>> 0;
+      }
     }
   }
 
@@ -300,6 +323,12 @@ export interface BrownianNoiseOptions {
   cudaResidentThreads?: number;
 }
 
+/** The tree's draws from the configured source: the first normals of a generator seeded `seed`. */
+export function seededNormals(options: Pick<BrownianNoiseOptions, "source" | "cudaResidentThreads">): SeededNormals {
+  const generatorOptions = options.cudaResidentThreads === undefined ? {} : { cudaResidentThreads: options.cudaResidentThreads };
+  return (seed, length) => createGenerator(options.source, seed, generatorOptions).next(length);
+}
+
 /**
  * k-diffusion BrownianTreeNoiseSampler with a list of seeds: noise(σ, σnext) =
  * (W(σnext) − W(σ))/sqrt|σnext − σ| per image, concatenated image after image.
@@ -308,14 +337,18 @@ export class BrownianTreeNoiseSampler {
   private readonly trees: BrownianInterval[];
   private readonly imageSize: number;
 
-  constructor(options: BrownianNoiseOptions) {
+  /**
+   * `randnFor` replaces the configured source's draws for image i (brownian-pool.ts hands out draws made
+   * ahead by other threads; brownian-plan.ts records which draws a run needs). It must return exactly
+   * seededNormals(options)'s values, or the tree changes.
+   */
+  constructor(options: BrownianNoiseOptions, randnFor?: (image: number) => SeededNormals) {
     const [c, h, w] = options.shape;
     this.imageSize = c * h * w;
     const t0 = Math.min(options.sigmaMin, options.sigmaMax);
     const t1 = Math.max(options.sigmaMin, options.sigmaMax);
-    const generatorOptions = options.cudaResidentThreads === undefined ? {} : { cudaResidentThreads: options.cudaResidentThreads };
-    const randn: SeededNormals = (seed, length) => createGenerator(options.source, seed, generatorOptions).next(length);
-    this.trees = options.seeds.map((seed) => new BrownianInterval(t0, t1, this.imageSize, seed, randn));
+    const randn = seededNormals(options);
+    this.trees = options.seeds.map((seed, i) => new BrownianInterval(t0, t1, this.imageSize, seed, randnFor?.(i) ?? randn));
   }
 
   sample(sigma: number, sigmaNext: number): Float32Array {

@@ -7,11 +7,15 @@
  *   close()              when the run ends, fails or is cancelled.
  * With a Brownian tree built from `brownian` options, its queries go to a worker thread of their own
  * (BrownianThread), spawned at the first query and ended by close(), so the tree never runs on this
- * thread (unless the worker cannot be spawned). Plain `noise()` draws stay on this thread (they come
+ * thread (unless the worker cannot be spawned). Given the run's whole query list (PreparedSampling
+ * passes it), that worker and its draw helpers make the tree's draws for the whole run from the start,
+ * not one step ahead (brownian-pool.ts), and nothing of it assumes this is the main thread.
+ * Plain `noise()` draws stay on this thread (they come
  * from the caller's generators) and are drawn ahead here as before. Values never change:
  * the tree's answers are pure functions of (σ, σ_next), and a missing answer is computed by the sampler.
  */
 import { abortError } from "@latentfarm/shared";
+import type { BrownianQueryList } from "./brownian-pool.js";
 import { BrownianThread } from "./brownian-thread.js";
 import type { BrownianNoiseOptions } from "./brownian.js";
 import type { NoisePrefetcher } from "./prefetch.js";
@@ -54,6 +58,16 @@ export class InThreadNoiseAhead implements NoiseAhead {
 
 const queryKey = (sigma: number, sigmaNext: number): string => `${sigma} ${sigmaNext}`;
 
+export interface WorkerNoisePlan {
+  /**
+   * The run's tree queries in the order the sampler asks them (computed when the thread starts): with
+   * them the thread's draws for the whole run are made ahead, by `helpers` more threads (BrownianThread).
+   */
+  queries?: () => BrownianQueryList | undefined;
+  /** Draw helper threads (default: defaultDrawHelpers(); 0 = the tree's own thread draws alone). */
+  helpers?: number;
+}
+
 /** Brownian-tree queries answered by a worker thread; plain draws ahead on this thread. */
 export class WorkerNoiseAhead implements NoiseAhead {
   private thread: BrownianThread | undefined;
@@ -68,6 +82,7 @@ export class WorkerNoiseAhead implements NoiseAhead {
   constructor(
     private readonly prefetcher: NoisePrefetcher,
     private readonly tree: BrownianNoiseOptions,
+    private readonly plan: WorkerNoisePlan = {},
   ) {}
 
   drawAhead(request: ModelRequest, signal?: AbortSignal): void {
@@ -106,7 +121,13 @@ export class WorkerNoiseAhead implements NoiseAhead {
   private startThread(): BrownianThread | undefined {
     if (this.closed || this.spawnFailed) return undefined;
     try {
-      return (this.thread ??= new BrownianThread(this.tree));
+      if (this.thread === undefined) {
+        const queries = this.plan.queries?.();
+        const ahead =
+          queries === undefined ? undefined : { queries, ...(this.plan.helpers !== undefined && { helpers: this.plan.helpers }) };
+        this.thread = new BrownianThread(this.tree, ahead);
+      }
+      return this.thread;
     } catch {
       // No worker: the queries are drawn ahead on this thread, as without one.
       this.spawnFailed = true;

@@ -14,6 +14,7 @@ import {
 } from "@latentfarm/shared";
 import type { BetaQuantile } from "./beta-quantile.js";
 import { BrownianTreeNoiseSampler, type BrownianNoiseOptions } from "./brownian.js";
+import type { BrownianQueryList } from "./brownian-pool.js";
 import { InvalidSamplingParameter } from "./errors.js";
 import { f32 } from "./float32.js";
 import { LcmSchedule } from "./lcm.js";
@@ -246,6 +247,11 @@ export interface PreparedSampling {
    * the run ends, fails or is cancelled. See noise-ahead.ts.
    */
   openNoiseAhead(): NoiseAhead;
+  /**
+   * The Brownian-tree queries (σ, σ_next) a run makes, in the order the sampler announces them (what
+   * openNoiseAhead's threads draw ahead for); undefined without a tree built from `brownian`.
+   */
+  brownianQueries?(): BrownianQueryList | undefined;
 }
 
 export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
@@ -354,7 +360,7 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
     return out;
   };
 
-  const run = (x: Float32Array): SamplerRun => {
+  const runWith = (x: Float32Array, options: SamplerOptions): SamplerRun => {
     switch (sampler.name) {
       case "Euler a":
         return sampleEulerAncestral(x, options);
@@ -398,6 +404,34 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
         throw new InvalidSamplingParameter(input.fields?.sampler ?? "sampler_name", `sampler "${sampler.name}" has no implementation`);
     }
   };
+  const run = (x: Float32Array): SamplerRun => runWith(x, options);
+
+  /**
+   * The run's tree queries in the order the sampler announces them, found by running the sampler on a
+   * one-element latent with a stand-in model and noise: the queries depend on the σ list only, never
+   * on the latent. Undefined if the dry run fails (the tree then draws on request, as without it).
+   */
+  const plannedQueries = (): BrownianQueryList | undefined => {
+    const queries: Array<readonly [number, number]> = [];
+    const seen = new Set<string>();
+    const one = (): Float32Array => new Float32Array(1);
+    try {
+      const dry = runWith(one(), { ...options, noise: one, noiseSampler: one });
+      for (let r = dry.next(); !r.done;) {
+        const request = r.value;
+        for (const [sigma, sigmaNext] of request.upcoming?.queries ?? []) {
+          const key = `${sigma} ${sigmaNext}`;
+          if (!seen.has(key)) queries.push([sigma, sigmaNext]);
+          seen.add(key);
+        }
+        const out = one();
+        r = dry.next(request.kind === "eps" && request.needUncond ? { output: out, uncond: one() } : out);
+      }
+    } catch {
+      return undefined;
+    }
+    return queries;
+  };
 
   return {
     choice,
@@ -410,7 +444,9 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
     startLatent,
     run,
     drawAhead: (request, signal) => prefetcher.drawAhead(request.upcoming, signal),
-    openNoiseAhead: () => (tree !== undefined ? new WorkerNoiseAhead(prefetcher, tree) : new InThreadNoiseAhead(prefetcher)),
+    openNoiseAhead: () =>
+      tree !== undefined ? new WorkerNoiseAhead(prefetcher, tree, { queries: plannedQueries }) : new InThreadNoiseAhead(prefetcher),
+    brownianQueries: () => (tree !== undefined ? plannedQueries() : undefined),
   };
 }
 
