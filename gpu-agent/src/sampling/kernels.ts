@@ -215,7 +215,7 @@ function compile(spec: KernelSpec): WasmKernel | null {
 const fround = Math.fround;
 
 /** Elements per kernel block (a multiple of 4). */
-export const KERNEL_BLOCK = 4096;
+export const KERNEL_BLOCK = 16384;
 
 /** The scalar form: one Math.fround per operation, element by element. */
 function evaluate(node: Expr, ins: readonly Float32Array[], params: readonly number[], k: number): number {

@@ -6,7 +6,7 @@ import { linspaceF32 } from "../float32.js";
 import { ModelCaller, ONE_DRAW, ancestralStep, checkedNoise, expF, expm1F, logF } from "./common.js";
 import type { ModelRequest, ModelResponse, UpcomingNoise } from "./types.js";
 import type { DiscreteSchedule } from "../sigmas.js";
-import { adaptiveErrorSumOfSquares, addScaledNoise, dpmSolverCombine, epsFromDenoised, subtractScaled } from "./updates.js";
+import { adaptiveErrorSumOfSquares, addScaledNoise, dpmEpsCombines, dpmEpsStages } from "./updates.js";
 import { freshLatent } from "./latent-pool.js";
 
 const f32 = Math.fround;
@@ -26,92 +26,121 @@ type EvalGenerator = Generator<ModelRequest, Float32Array, ModelResponse>;
 const sigmaOf = (t: number): number => expF(-t);
 const tOf = (sigma: number): number => -logF(sigma);
 
-/** eps values of one step by cache key (k-diffusion's eps_cache), in buffers reused from step to step. */
-class EpsCache {
-  private readonly buffers = new Map<string, Float32Array>();
-  private readonly valid = new Set<string>();
-
-  constructor(private readonly length: number) {}
-
-  get(key: string): Float32Array | undefined {
-    return this.valid.has(key) ? this.buffers.get(key) : undefined;
-  }
-
-  /** A buffer for `key`, valid once filled, until the next `clear`. */
-  slot(key: string): Float32Array {
-    let buffer = this.buffers.get(key);
-    if (buffer === undefined) {
-      buffer = new Float32Array(this.length);
-      this.buffers.set(key, buffer);
-    }
-    this.valid.add(key);
-    return buffer;
-  }
-
-  clear(): void {
-    this.valid.clear();
-  }
-}
-
+/**
+ * k-diffusion's DPMSolver steps. Its eps_cache (eps at t and at the r1 stage, shared by DPM adaptive's
+ * embedded pair) is kept implicit: each attempt is written out with every eps computed once, and eps
+ * itself is fused into the kernels that use it (./updates.ts).
+ */
 class Solver {
   readonly model: ModelCaller;
   step = 0;
   /** Noise announced with every model call of the current step. */
   upcoming: UpcomingNoise | undefined;
+  /** eps at the step's start: used within one step only, so one buffer serves the whole run. */
+  private readonly eps: Float32Array;
 
-  constructor(length: number, schedule: DiscreteSchedule | undefined) {
+  constructor(
+    private readonly length: number,
+    schedule: DiscreteSchedule | undefined,
+  ) {
     this.model = new ModelCaller(length, schedule);
+    this.eps = new Float32Array(length);
   }
 
-  /** eps = (x − D(x, σ(t)))/σ(t), cached per key within one step like k-diffusion's eps_cache. */
-  *eps(cache: EpsCache, key: string, x: Float32Array, t: number): EvalGenerator {
-    const cached = cache.get(key);
-    if (cached !== undefined) return cached;
-    const sigma = sigmaOf(t);
-    const denoised = yield* this.model.denoise(x, sigma, this.step, this.upcoming);
-    return epsFromDenoised(cache.slot(key), x, denoised, sigma);
+  private denoised(x: Float32Array, t: number): EvalGenerator {
+    return this.model.denoise(x, sigmaOf(t), this.step, this.upcoming);
   }
 
-  *step1(x: Float32Array, t: number, tNext: number, cache: EpsCache): EvalGenerator {
-    const h = f32(tNext - t);
-    const eps = yield* this.eps(cache, "eps", x, t);
-    const a = f32(sigmaOf(tNext) * expm1F(h));
-    return subtractScaled(freshLatent(x.length), x, eps, a);
+  /** D at (x, t), then eps into this.eps and the points x − c_j·eps (fresh arrays). */
+  private *start(x: Float32Array, t: number, cs: readonly number[]): Generator<ModelRequest, Float32Array[], ModelResponse> {
+    const den = yield* this.denoised(x, t);
+    const outs = cs.map(() => freshLatent(this.length));
+    dpmEpsStages([this.eps, ...outs], x, den, sigmaOf(t), cs, true);
+    return outs;
   }
 
-  *step2(x: Float32Array, t: number, tNext: number, cache: EpsCache, r1 = 1 / 2): EvalGenerator {
-    const h = f32(tNext - t);
-    const eps = yield* this.eps(cache, "eps", x, t);
+  /** D at (u, s), then (x − a_j·eps) − b_j·(eps_u − eps) per pair (fresh arrays). */
+  private *combine(
+    u: Float32Array,
+    s: number,
+    x: Float32Array,
+    pairs: ReadonlyArray<readonly [number, number]>,
+  ): Generator<ModelRequest, Float32Array[], ModelResponse> {
+    const den = yield* this.denoised(u, s);
+    const outs = pairs.map(() => freshLatent(this.length));
+    dpmEpsCombines(outs, u, den, x, this.eps, sigmaOf(s), pairs);
+    return outs;
+  }
+
+  /** Coefficients of DPM-Solver-1: x − a·eps. */
+  private static first(tNext: number, h: number): number {
+    return f32(sigmaOf(tNext) * expm1F(h));
+  }
+
+  /** Stage r1 of DPM-Solver-2: (s1, c1) with u1 = x − c1·eps, and the final (a, b). */
+  private static second(t: number, tNext: number, h: number, r1: number): { s1: number; c1: number; final: [number, number] } {
     const s1 = f32(t + f32(f32(r1) * h));
     const c1 = f32(sigmaOf(s1) * expm1F(f32(f32(r1) * h)));
-    const u1 = subtractScaled(freshLatent(x.length), x, eps, c1);
-    const epsR1 = yield* this.eps(cache, "eps_r1", u1, s1);
     const sigmaNext = sigmaOf(tNext);
     const a = f32(sigmaNext * expm1F(h));
     const b = f32(f32(sigmaNext / f32(2 * r1)) * expm1F(h));
-    return dpmSolverCombine(freshLatent(x.length), x, eps, epsR1, a, b);
+    return { s1, c1, final: [a, b] };
   }
 
-  *step3(x: Float32Array, t: number, tNext: number, cache: EpsCache, r1 = 1 / 3, r2 = 2 / 3): EvalGenerator {
-    const h = f32(tNext - t);
-    const eps = yield* this.eps(cache, "eps", x, t);
+  /** DPM-Solver-3 with r1 = 1/3, r2 = 2/3: stages (s1, c1), (s2, c2, c3) and the final (a, b). */
+  private static third(t: number, tNext: number, h: number, r1 = 1 / 3, r2 = 2 / 3) {
     const r1h = f32(f32(r1) * h);
     const r2h = f32(f32(r2) * h);
     const s1 = f32(t + r1h);
     const s2 = f32(t + r2h);
-    // DPM adaptive's step3 follows a step2 with the same r1, whose eps_r1 is cached: u1 would go unused.
-    const epsR1 =
-      cache.get("eps_r1") ??
-      (yield* this.eps(cache, "eps_r1", subtractScaled(freshLatent(x.length), x, eps, f32(sigmaOf(s1) * expm1F(r1h))), s1));
+    const c1 = f32(sigmaOf(s1) * expm1F(r1h));
     const sigmaS2 = sigmaOf(s2);
     const c2 = f32(sigmaS2 * expm1F(r2h));
     const c3 = f32(f32(sigmaS2 * f32(r2 / r1)) * f32(f32(expm1F(r2h) / r2h) - 1));
-    const u2 = dpmSolverCombine(freshLatent(x.length), x, eps, epsR1, c2, c3);
-    const epsR2 = yield* this.eps(cache, "eps_r2", u2, s2);
     const sigmaNext = sigmaOf(tNext);
     const a = f32(sigmaNext * expm1F(h));
     const b = f32(f32(sigmaNext / f32(r2)) * f32(f32(expm1F(h) / h) - 1));
-    return dpmSolverCombine(freshLatent(x.length), x, eps, epsR2, a, b);
+    return { s1, c1, s2, stage2: [c2, c3] as [number, number], final: [a, b] as [number, number] };
+  }
+
+  *step1(x: Float32Array, t: number, tNext: number): EvalGenerator {
+    const [out] = yield* this.start(x, t, [Solver.first(tNext, f32(tNext - t))]);
+    return out!;
+  }
+
+  *step2(x: Float32Array, t: number, tNext: number): EvalGenerator {
+    const { s1, c1, final } = Solver.second(t, tNext, f32(tNext - t), 1 / 2);
+    const [u1] = yield* this.start(x, t, [c1]);
+    const [out] = yield* this.combine(u1!, s1, x, [final]);
+    return out!;
+  }
+
+  *step3(x: Float32Array, t: number, tNext: number): EvalGenerator {
+    const { s1, c1, s2, stage2, final } = Solver.third(t, tNext, f32(tNext - t));
+    const [u1] = yield* this.start(x, t, [c1]);
+    const [u2] = yield* this.combine(u1!, s1, x, [stage2]);
+    const [out] = yield* this.combine(u2!, s2, x, [final]);
+    return out!;
+  }
+
+  /** DPM adaptive's order-2 pair: step1 (low) and step2 (high), sharing eps. */
+  *pair12(x: Float32Array, t: number, tNext: number): Generator<ModelRequest, { low: Float32Array; high: Float32Array }, ModelResponse> {
+    const h = f32(tNext - t);
+    const { s1, c1, final } = Solver.second(t, tNext, h, 1 / 2);
+    const [low, u1] = yield* this.start(x, t, [Solver.first(tNext, h), c1]);
+    const [high] = yield* this.combine(u1!, s1, x, [final]);
+    return { low: low!, high: high! };
+  }
+
+  /** DPM adaptive's order-3 pair: step2 with r1 = 1/3 (low) and step3 (high), sharing eps and eps_r1. */
+  *pair23(x: Float32Array, t: number, tNext: number): Generator<ModelRequest, { low: Float32Array; high: Float32Array }, ModelResponse> {
+    const h = f32(tNext - t);
+    const second = Solver.second(t, tNext, h, 1 / 3);
+    const third = Solver.third(t, tNext, h);
+    const [u1] = yield* this.start(x, t, [second.c1]);
+    const [low, u2] = yield* this.combine(u1!, second.s1, x, [second.final, third.stage2]);
+    const [high] = yield* this.combine(u2!, third.s2, x, [third.final]);
+    return { low: low!, high: high! };
   }
 }
 
@@ -147,19 +176,17 @@ export function* sampleDpmFast(x: Float32Array, n: number, o: DpmSolverOptions):
   const m = Math.floor(n / 3) + 1;
   const ts = linspaceF32(tStart, tEnd, m + 1);
   const orders = n % 3 === 0 ? [...Array<number>(m - 2).fill(3), 2, 1] : [...Array<number>(m - 1).fill(3), n % 3];
-  const cache = new EpsCache(x.length);
   // Every step ends with a noise draw.
   solver.upcoming = ONE_DRAW;
   for (let i = 0; i < orders.length; i++) {
     solver.step = i;
-    cache.clear();
     const t = ts[i]!;
     const tNext = ts[i + 1]!;
     const { tTarget, su } = ancestralT(t, tNext, tEnd, eta);
     const order = orders[i]!;
-    if (order === 1) x = yield* solver.step1(x, t, tTarget, cache);
-    else if (order === 2) x = yield* solver.step2(x, t, tTarget, cache);
-    else x = yield* solver.step3(x, t, tTarget, cache);
+    if (order === 1) x = yield* solver.step1(x, t, tTarget);
+    else if (order === 2) x = yield* solver.step2(x, t, tTarget);
+    else x = yield* solver.step3(x, t, tTarget);
     x = addAncestralNoise(x, su, sNoise, o.noise);
   }
   return x;
@@ -238,24 +265,14 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
   let s = tStart;
   let xPrev = x;
   const limit = forward ? f32(tEnd - 1e-5) : f32(tEnd + 1e-5);
-  const cache = new EpsCache(x.length);
   let errors: Float32Array | undefined;
   // Accepted steps end with a noise draw; a rejected step's draw just waits for the next acceptance.
   solver.upcoming = ONE_DRAW;
   while (forward ? s < limit : s > limit) {
     if (solver.step >= maxSteps) throw new RangeError(`DPM adaptive did not finish within ${maxSteps} steps`);
-    cache.clear();
     const t = forward ? Math.min(tEnd, f32(s + pid.h)) : Math.max(tEnd, f32(s + pid.h));
     const { tTarget, su } = ancestralT(s, t, tEnd, eta);
-    let low: Float32Array;
-    let high: Float32Array;
-    if (order === 2) {
-      low = yield* solver.step1(x, s, tTarget, cache);
-      high = yield* solver.step2(x, s, tTarget, cache);
-    } else {
-      low = yield* solver.step2(x, s, tTarget, cache, 1 / 3);
-      high = yield* solver.step3(x, s, tTarget, cache);
-    }
+    const { low, high } = order === 2 ? yield* solver.pair12(x, s, tTarget) : yield* solver.pair23(x, s, tTarget);
     errors ??= new Float32Array(x.length);
     const sumSquares = adaptiveErrorSumOfSquares(errors, low, high, xPrev, atol, rtol);
     const error = f32(f32(Math.sqrt(sumSquares)) / f32(Math.sqrt(x.length)));

@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { setImmediate as nextTurn } from "node:timers/promises";
-import { adaptiveErrorSumOfSquares, eulerStep, heunStep } from "./updates.js";
+import { adaptiveErrorSumOfSquares, ddimStep, dpmEpsCombines, dpmEpsStages, eulerStep, heunStep } from "./updates.js";
 import { allocateAhead, clearLatentPool, freshLatent } from "./latent-pool.js";
 
 const f32 = Math.fround;
@@ -89,4 +89,51 @@ test("the latent pool hands out each array once, zero-filled, prepared while the
     "a spare is new, not a returned array",
   );
   clearLatentPool();
+});
+
+test("fused DPM-Solver kernels give the bits of eps stored in float32 and the unfused updates", () => {
+  const x = latent(7);
+  const den = latent(8);
+  const u = latent(9);
+  const denU = latent(10);
+  const n = x.length;
+  const sigma = f32(3.7);
+  const sigmaU = f32(2.1);
+  const cs = [f32(-0.31), f32(1.7)];
+  const pairs = [
+    [f32(0.9), f32(-0.2)],
+    [f32(-1.3), f32(0.05)],
+  ] as const;
+  const eps = new Float32Array(n);
+  const stages = cs.map(() => new Float32Array(n));
+  dpmEpsStages([eps, ...stages], x, den, sigma, cs, true);
+  const combined = pairs.map(() => new Float32Array(n));
+  dpmEpsCombines(combined, u, denU, x, eps, sigmaU, pairs);
+  const wantEps = new Float32Array(n);
+  for (let k = 0; k < n; k++) wantEps[k] = f32(f32(x[k]! - den[k]!) / sigma);
+  assert.ok(sameBits(eps, wantEps), "eps");
+  cs.forEach((c, j) => {
+    const want = x.map((v, k) => f32(v - f32(c * wantEps[k]!)));
+    assert.ok(sameBits(stages[j]!, want), `stage ${j}`);
+  });
+  pairs.forEach(([a, b], j) => {
+    const want = x.map((v, k) => {
+      const epsU = f32(f32(u[k]! - denU[k]!) / sigmaU);
+      return f32(f32(v - f32(a * wantEps[k]!)) - f32(b * f32(epsU - wantEps[k]!)));
+    });
+    assert.ok(sameBits(combined[j]!, want), `combination ${j}`);
+  });
+  const withoutEps = [new Float32Array(n)];
+  dpmEpsStages(withoutEps, x, den, sigma, [cs[0]!], false);
+  assert.ok(sameBits(withoutEps[0]!, stages[0]!));
+});
+
+test("DDIM reads eps once when it is also the direction, with the same bits", () => {
+  const x = latent(11);
+  const eps = latent(12);
+  const noise = latent(13);
+  const params = [f32(0.8), f32(0.6), f32(0.7), f32(0.71), f32(0.02)] as const;
+  const shared = ddimStep(new Float32Array(x.length), x, eps, eps, noise, ...params);
+  const separate = ddimStep(new Float32Array(x.length), x, eps, eps.slice(), noise, ...params);
+  assert.ok(sameBits(shared, separate));
 });

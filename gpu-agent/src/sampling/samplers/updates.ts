@@ -334,55 +334,73 @@ export function lmsStep(
   lms[order - 1]!.run([out, dOut], [x, den, ...older.slice(0, order - 1)], params);
 }
 
-/** DPM-Solver eps = (x − D)/σ. */
-const epsKernel = new Kernel({ inputs: 2, params: 1, outputs: [toD(X, D, e.param(0))] });
+/*
+ * DPM-Solver (DPM fast / adaptive). eps = (x − D)/σ is rounded once and then used by every output of the
+ * same kernel, exactly as when it was stored and read back; stage points are x − c·eps and the combined
+ * updates (x − a·eps) − b·(eps₂ − eps). Fusing them saves storing and re-reading the eps arrays.
+ */
 
-export function epsFromDenoised(out: Float32Array, x: Float32Array, den: Float32Array, sigma: number): Float32Array {
-  epsKernel.run([out], [x, den], [sigma]);
-  return out;
+/** From (x, D): [eps,] then x − c_j·eps per coefficient. Params: σ, c_0… */
+const dpmStagesKernels = new Map<string, Kernel>();
+
+export function dpmEpsStages(
+  outs: readonly Float32Array[],
+  x: Float32Array,
+  den: Float32Array,
+  sigma: number,
+  cs: readonly number[],
+  withEps: boolean,
+): void {
+  const key = `${withEps}/${cs.length}`;
+  let kernel = dpmStagesKernels.get(key);
+  if (kernel === undefined) {
+    const eps = toD(X, D, e.param(0));
+    const outputs = cs.map((_, j) => e.sub(X, e.mul(e.param(1 + j), eps)));
+    kernel = new Kernel({ inputs: 2, params: 1 + cs.length, outputs: withEps ? [eps, ...outputs] : outputs });
+    dpmStagesKernels.set(key, kernel);
+  }
+  kernel.run(outs, [x, den], [sigma, ...cs]);
 }
 
-/** x − c·eps */
-const xMinusScaled = new Kernel({ inputs: 2, params: 1, outputs: [e.sub(X, e.mul(e.param(0), e.in(1)))] });
+/**
+ * From (u, D_u, x, eps): eps_u = (u − D_u)/σ_u, then (x − a_j·eps) − b_j·(eps_u − eps) per pair.
+ * Params: σ_u, a_0, b_0, a_1, b_1…
+ */
+const dpmCombinesKernels = new Map<number, Kernel>();
 
-export function subtractScaled(out: Float32Array, x: Float32Array, eps: Float32Array, c: number): Float32Array {
-  xMinusScaled.run([out], [x, eps], [c]);
-  return out;
-}
-
-/** (x − a·eps) − b·(eps₂ − eps) */
-const dpmCombine = new Kernel({
-  inputs: 3,
-  params: 2,
-  outputs: [e.sub(e.sub(X, e.mul(e.param(0), e.in(1))), e.mul(e.param(1), e.sub(e.in(2), e.in(1))))],
-});
-
-export function dpmSolverCombine(
-  out: Float32Array,
+export function dpmEpsCombines(
+  outs: readonly Float32Array[],
+  u: Float32Array,
+  denU: Float32Array,
   x: Float32Array,
   eps: Float32Array,
-  eps2: Float32Array,
-  a: number,
-  b: number,
-): Float32Array {
-  dpmCombine.run([out], [x, eps, eps2], [a, b]);
-  return out;
+  sigmaU: number,
+  pairs: ReadonlyArray<readonly [a: number, b: number]>,
+): void {
+  let kernel = dpmCombinesKernels.get(pairs.length);
+  if (kernel === undefined) {
+    const epsU = toD(X, D, e.param(0));
+    const xIn = e.in(2);
+    const epsIn = e.in(3);
+    const outputs = pairs.map((_, j) => e.sub(e.sub(xIn, e.mul(e.param(1 + 2 * j), epsIn)), e.mul(e.param(2 + 2 * j), e.sub(epsU, epsIn))));
+    kernel = new Kernel({ inputs: 4, params: 1 + 2 * pairs.length, outputs });
+    dpmCombinesKernels.set(pairs.length, kernel);
+  }
+  kernel.run(outs, [u, denU, x, eps], [sigmaU, ...pairs.flat()]);
 }
 
 /**
  * DDIM: pred_x0 = (x − sqrt(1 − ᾱ)·eps)/sqrt(ᾱ), then sqrt(ᾱ_prev)·pred_x0 + dirScale·dir + σ_t·n.
  * Operands: x, eps, dir (eps itself, or the unconditional eps for CFG++), n.
  */
-const ddim = new Kernel({
-  inputs: 4,
-  params: 5,
-  outputs: [
-    e.add(
-      e.add(e.mul(e.param(2), e.div(e.sub(X, e.mul(e.param(0), e.in(1))), e.param(1))), e.mul(e.param(3), e.in(2))),
-      e.mul(e.param(4), e.in(3)),
-    ),
-  ],
-});
+const ddimExpr = (dir: Expr, noise: Expr): Expr =>
+  e.add(
+    e.add(e.mul(e.param(2), e.div(e.sub(X, e.mul(e.param(0), e.in(1))), e.param(1))), e.mul(e.param(3), dir)),
+    e.mul(e.param(4), noise),
+  );
+const ddim = new Kernel({ inputs: 4, params: 5, outputs: [ddimExpr(e.in(2), e.in(3))] });
+/** Plain DDIM's direction is eps itself: read once instead of twice. */
+const ddimOwnDirection = new Kernel({ inputs: 3, params: 5, outputs: [ddimExpr(e.in(1), e.in(2))] });
 
 export function ddimStep(
   out: Float32Array,
@@ -396,7 +414,9 @@ export function ddimStep(
   dirScale: number,
   sigma: number,
 ): Float32Array {
-  ddim.run([out], [x, eps, dir, noise], [sqrtOneMinusA, sqrtA, sqrtAPrev, dirScale, sigma]);
+  const params = [sqrtOneMinusA, sqrtA, sqrtAPrev, dirScale, sigma];
+  if (dir === eps) ddimOwnDirection.run([out], [x, eps, noise], params);
+  else ddim.run([out], [x, eps, dir, noise], params);
   return out;
 }
 
