@@ -13,7 +13,8 @@
 //                             the driver's JS thread (how long the agent's event loop is held up);
 //   "<sampler> b_first_wait": SDE samplers: the wait for the worker's first answer, including the
 //                             worker thread's start (under tsx it registers tsx and compiles the sources);
-//   "<sampler> b_critical_after_start": SDE samplers: b_critical without b_first_wait.
+//   "<sampler> b_critical_after_start": SDE samplers: b_critical without b_first_wait;
+//   "<sampler> b_worker_boot": SDE samplers: the tree worker's start-up alone (the floor under b_first_wait).
 // b_critical and b_no_prefetch include the harness's own latent copies and messages (harness_floor_ms per
 // step, measured with a do-nothing sampler) and, on a loaded machine, thread wake-up delays. Each number is
 // the fastest of `repeats` runs; load_1min is the machine's load when the run started.
@@ -44,6 +45,7 @@ export async function benchSamplerOverhead(
       out[`${r.sampler} b_longest_block_tree_in_thread`] = r.longestBlockInThreadMs!;
       out[`${r.sampler} b_first_wait`] = r.firstWaitMs!;
       out[`${r.sampler} b_critical_after_start`] = r.criticalAfterStartMsPerStep!;
+      out[`${r.sampler} b_worker_boot`] = r.workerBootMs!;
     }
     floor = Math.max(floor, r.floorMsPerStep!);
     setup = Math.max(setup, r.setupMs);

@@ -14,12 +14,14 @@
  *     and `criticalInSamplerMsPerStep` is the part spent inside the sampler itself. On a machine with
  *     fewer free cores than threads, the worker's wake-up delays also land in criticalMsPerStep.
  *     The driver is the agent's: PreparedSampling.openNoiseAhead(), so the SDE samplers' Brownian tree
- *     runs in its own worker thread (spawned at the run's first request: its start-up is in the wall
- *     time) and the driver awaits ensureReady before resuming the sampler. For those samplers
+ *     runs in its own worker thread, with draw helpers making the whole run's draws ahead (spawned at
+ *     the run's first request: their start-up is in the wall time, `workerBootMs` is that start-up
+ *     alone) and the driver awaits ensureReady before resuming the sampler. For those samplers
  *     `criticalInThreadMsPerStep` is the same run with the tree drawn ahead on the JS thread instead.
  */
 import { Worker } from "node:worker_threads";
 import { createBrownianNoiseSampler } from "./brownian.js";
+import { BrownianThread } from "./brownian-thread.js";
 import type { RngSource } from "./generator.js";
 import { ImageRng, type LatentShape } from "./image-rng.js";
 import { listSamplers, prepareSampling, type PreparedSampling } from "./plan.js";
@@ -75,6 +77,11 @@ export interface SamplerBenchResult {
   longestBlockInThreadMs?: number;
   /** (b) the wait for the worker's first answer, which includes starting the worker thread. */
   firstWaitMs?: number;
+  /**
+   * (b) Brownian samplers: how long the tree's worker thread takes to start and build a tiny tree (under
+   * tsx mostly tsx's own registration), the floor under firstWaitMs.
+   */
+  workerBootMs?: number;
   /** (b) criticalMsPerStep without firstWaitMs: the per-step cost once the worker runs. */
   criticalAfterStartMsPerStep?: number;
   /** (b) the same without drawing ahead. */
@@ -293,6 +300,7 @@ type OffThreadNumbers = Pick<
   | "longestBlockMs"
   | "longestBlockInThreadMs"
   | "firstWaitMs"
+  | "workerBootMs"
   | "criticalAfterStartMsPerStep"
 >;
 
@@ -306,6 +314,7 @@ function minimum(a: OffThreadNumbers, b: OffThreadNumbers): OffThreadNumbers {
     longestBlockMs: min(a.longestBlockMs, b.longestBlockMs),
     longestBlockInThreadMs: min(a.longestBlockInThreadMs, b.longestBlockInThreadMs),
     firstWaitMs: min(a.firstWaitMs, b.firstWaitMs),
+    workerBootMs: min(a.workerBootMs, b.workerBootMs),
     criticalAfterStartMsPerStep: min(a.criticalAfterStartMsPerStep, b.criticalAfterStartMsPerStep),
     criticalNoPrefetchMsPerStep: min(a.criticalNoPrefetchMsPerStep, b.criticalNoPrefetchMsPerStep),
     floorMsPerStep: min(a.floorMsPerStep, b.floorMsPerStep),
@@ -347,6 +356,11 @@ async function measureOffThread(
     firstWaitMs: withPrefetch.firstWaitMs,
   };
   if (counted.prepared.brownianRange !== undefined && brownian) {
+    const booting = performance.now();
+    const thread = new BrownianThread({ ...counted.prepared.brownianRange, seeds: [0], shape: [1, 1, 1], source });
+    await thread.ready;
+    out.workerBootMs = performance.now() - booting;
+    await thread.close();
     const inThread = prepare(name, steps, shape, source, brownian, now);
     const drawHere = (request: ModelRequest): void => inThread.prepared.drawAhead(request);
     const here = await runOffThread(inThread.prepared.run(inThread.start), model, drawHere);

@@ -1,4 +1,5 @@
 import { test } from "node:test";
+import { Worker } from "node:worker_threads";
 import assert from "node:assert/strict";
 import { BrownianTreeNoiseSampler, seededNormals, type BrownianNoiseOptions } from "./brownian.js";
 import { PooledNormals, createDrawRing, failRing, planDraws, type BrownianQueryList } from "./brownian-pool.js";
@@ -159,4 +160,32 @@ test("closing mid-run stops helpers that are waiting for room in the ring", asyn
   await thread.close();
   assert.equal(thread.running, false);
   assert.equal(thread.runningHelpers, 0);
+});
+
+test("the pool works when the tree's owner is itself a worker thread (the sampler loop may run in the ORT worker)", async () => {
+  const { tree, asked } = record(RUNS[4]!, [21], [4, 6, 6]);
+  const plain = new BrownianTreeNoiseSampler(tree);
+  const expected = asked.map(([s, n]) => plain.sample(s, n));
+  const threadModule = new URL("./brownian-thread.ts", import.meta.url).href;
+  const source = `
+    const { parentPort, workerData } = require("node:worker_threads");
+    import("tsx/esm/api").then(async (m) => {
+      m.register();
+      const { BrownianThread } = await import(${JSON.stringify(threadModule)});
+      const thread = new BrownianThread(workerData.tree, { queries: workerData.asked, helpers: 2 });
+      const answers = await Promise.all(workerData.asked.map(([s, n]) => thread.query(s, n)));
+      await thread.close();
+      parentPort.postMessage({ answers, running: thread.running });
+    });`;
+  const owner = new Worker(source, { eval: true, workerData: { tree, asked } });
+  try {
+    const reply = await new Promise<{ answers: Float32Array[]; running: boolean }>((resolve, reject) => {
+      owner.once("message", resolve);
+      owner.once("error", reject);
+    });
+    assert.deepEqual(reply.answers, expected);
+    assert.equal(reply.running, false);
+  } finally {
+    await owner.terminate();
+  }
 });
