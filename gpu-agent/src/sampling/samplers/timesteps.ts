@@ -7,7 +7,15 @@ import { InvalidSamplingParameter } from "../errors.js";
 import { sd1Schedule, type DiscreteSchedule } from "../sigmas.js";
 import { ModelCaller, ONE_DRAW, checkedNoise, expm1F } from "./common.js";
 import type { ModelRequest, ModelResponse } from "./types.js";
-import { ddimStep, plmsStep, uniPcCorrect, uniPcDataPrediction, uniPcPredict } from "./updates.js";
+import {
+  ddimStep,
+  plmsStep,
+  uniPcCorrect,
+  uniPcCorrectThenPredict,
+  uniPcDataPrediction,
+  uniPcPredict,
+  type UniPcTerms,
+} from "./updates.js";
 import { freshLatent } from "./latent-pool.js";
 
 const f32 = Math.fround;
@@ -374,7 +382,36 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
       return { x: xt, modelT };
     }
 
-    // B(h) variants
+    throw new Error("B(h) updates run in bhLoop");
+  };
+
+  /** The B(h) coefficients of one update, and its older model outputs m₁… (newest first). */
+  const bhTerms = (
+    modelPrev: readonly Float32Array[],
+    tPrev: readonly number[],
+    t: number,
+    stepOrder: number,
+    useCorrector: boolean,
+  ): { terms: UniPcTerms; older: Float32Array[] } => {
+    const tPrev0 = tPrev[tPrev.length - 1]!;
+    const lambdaPrev0 = ns.lambda(tPrev0);
+    const lambdaT = ns.lambda(t);
+    const sigmaPrev0 = ns.std(tPrev0);
+    const sigmaT = ns.std(t);
+    const alphaT = f32(Math.exp(ns.logMeanCoeff(t)));
+    const h = f32(lambdaT - lambdaPrev0);
+    const rks: number[] = [];
+    const older: Float32Array[] = [];
+    for (let i = 1; i < stepOrder; i++) {
+      const lambdaPrevI = ns.lambda(tPrev[tPrev.length - 1 - i]!);
+      rks.push(f32(f32(lambdaPrevI - lambdaPrev0) / h));
+      older.push(modelPrev[modelPrev.length - 1 - i]!);
+    }
+    rks.push(1);
+    const hh = -h;
+    const hPhi1 = expm1F(hh);
+    const ratio = f32(sigmaT / sigmaPrev0);
+    const baseScale = f32(alphaT * hPhi1);
     const bH = variant === "bh1" ? hh : expm1F(hh);
     let hPhiK = f32(f32(hPhi1 / hh) - 1);
     let factorial = 1;
@@ -398,17 +435,63 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
     }
     const rhosC = useCorrector ? (stepOrder === 1 ? [0.5] : solve(rMatrix, b).map(f32)) : [];
     const terms = { ratio, baseScale, scale: f32(alphaT * bH), rks: rks.slice(0, -1), rhosP, rhosC };
-    const xt = uniPcPredict(freshLatent(n), xIn, modelPrev0, older, terms);
-    if (!useCorrector) return { x: xt, modelT: undefined };
-    const eps = yield* modelEps(xt, t);
-    const modelT = freshLatent(n);
-    const corrected = freshLatent(n);
-    uniPcCorrect(modelT, corrected, xIn, modelPrev0, older, xt, eps, terms, ns.std(t), ns.alpha(t));
-    return { x: corrected, modelT };
+    return { terms, older };
+  };
+
+  /**
+   * The B(h) updates: warm-up with rising order, then the main steps. Each corrector also computes the
+   * next update's predictor in the same pass (uniPcCorrectThenPredict): its coefficients depend on the
+   * times only, and its operands are this pass's results and operands.
+   */
+  const bhLoop = function* (xIn: Float32Array, modelPrev: Float32Array[], tPrev: number[]): Run {
+    let x = xIn;
+    const n = x.length;
+    const plan: Array<{ t: number; stepOrder: number; useCorrector: boolean }> = [];
+    for (let initOrder = 1; initOrder < order; initOrder++) plan.push({ t: times[initOrder]!, stepOrder: initOrder, useCorrector: true });
+    for (let step = order; step <= steps; step++) {
+      const stepOrder = lowerOrderFinal ? Math.min(order, steps + 1 - step) : order;
+      plan.push({ t: times[step]!, stepOrder, useCorrector: step !== steps });
+    }
+    /** The history after an update: its model output appended, the last `order` entries kept. */
+    const advanced = <T>(list: readonly T[], item: T): T[] => [...list, item].slice(-order);
+    let predicted: Float32Array | undefined;
+    for (let k = 0; k < plan.length; k++) {
+      const { t, stepOrder, useCorrector } = plan[k]!;
+      const { terms, older } = bhTerms(modelPrev, tPrev, t, stepOrder, useCorrector);
+      const m0 = modelPrev[modelPrev.length - 1]!;
+      const xt = predicted ?? uniPcPredict(freshLatent(n), x, m0, older, terms);
+      predicted = undefined;
+      if (!useCorrector) {
+        x = xt;
+        updateIndex++;
+        if (k + 1 < plan.length) throw new Error("only the last UniPC update goes without a corrector");
+        break;
+      }
+      const eps = yield* modelEps(xt, t);
+      const modelT = freshLatent(n);
+      const corrected = freshLatent(n);
+      const following = plan[k + 1];
+      const nextModelPrev = advanced(modelPrev, modelT);
+      const nextTPrev = advanced(tPrev, t);
+      const next = following && bhTerms(nextModelPrev, nextTPrev, following.t, following.stepOrder, following.useCorrector);
+      const operands = [m0, ...older];
+      if (next !== undefined && next.older.every((m, j) => m === operands[j])) {
+        predicted = freshLatent(n);
+        uniPcCorrectThenPredict(modelT, corrected, predicted, x, m0, older, xt, eps, terms, ns.std(t), ns.alpha(t), next.terms);
+      } else {
+        uniPcCorrect(modelT, corrected, x, m0, older, xt, eps, terms, ns.std(t), ns.alpha(t));
+      }
+      x = corrected;
+      updateIndex++;
+      modelPrev = nextModelPrev;
+      tPrev = nextTPrev;
+    }
+    return x;
   };
 
   const modelPrev: Float32Array[] = [yield* dataPrediction(x, times[0]!)];
   const tPrev: number[] = [times[0]!];
+  if (variant !== "vary_coeff") return yield* bhLoop(x, modelPrev, tPrev);
   for (let initOrder = 1; initOrder < order; initOrder++) {
     const t = times[initOrder]!;
     const r = yield* update(x, modelPrev, tPrev, t, initOrder, true);

@@ -1,7 +1,18 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { setImmediate as nextTurn } from "node:timers/promises";
-import { adaptiveErrorSumOfSquares, ddimStep, dpmEpsCombines, dpmEpsStages, eulerStep, heunStep } from "./updates.js";
+import {
+  adaptiveErrorSumOfSquares,
+  ddimStep,
+  dpmEpsCombines,
+  dpmEpsStages,
+  eulerStep,
+  heunStep,
+  uniPcCorrect,
+  uniPcCorrectThenPredict,
+  uniPcPredict,
+  type UniPcTerms,
+} from "./updates.js";
 import { allocateAhead, clearLatentPool, freshLatent } from "./latent-pool.js";
 
 const f32 = Math.fround;
@@ -136,4 +147,39 @@ test("DDIM reads eps once when it is also the direction, with the same bits", ()
   const shared = ddimStep(new Float32Array(x.length), x, eps, eps, noise, ...params);
   const separate = ddimStep(new Float32Array(x.length), x, eps, eps.slice(), noise, ...params);
   assert.ok(sameBits(shared, separate));
+});
+
+test("UniPC's corrector fused with the next predictor gives the bits of the two kernels run apart", () => {
+  const x = latent(14);
+  const m = [latent(15), latent(16), latent(17)];
+  const xt = latent(18);
+  const eps = latent(19);
+  const n = x.length;
+  const terms = (k: number, seed: number): UniPcTerms => ({
+    ratio: f32(0.93 + seed / 100),
+    baseScale: f32(-0.12),
+    scale: f32(0.27 - seed / 50),
+    rks: Array.from({ length: k }, (_, j) => f32(-0.6 - j / 3)),
+    rhosP: Array.from({ length: k }, (_, j) => f32(0.4 - j / 7)),
+    rhosC: [...Array.from({ length: k }, (_, j) => f32(0.2 + j / 9)), f32(0.5)],
+  });
+  // This step's older count, then the next step's (at most one more: the history moves on by one).
+  for (const [k, kNext] of [
+    [0, 0],
+    [0, 1],
+    [1, 2],
+    [2, 2],
+    [2, 1],
+  ] as const) {
+    const older = m.slice(1, 1 + k);
+    const now = terms(k, 1);
+    const next = terms(kNext, 2);
+    const wantModelT = new Float32Array(n);
+    const wantOut = new Float32Array(n);
+    uniPcCorrect(wantModelT, wantOut, x, m[0]!, older, xt, eps, now, f32(0.3), f32(0.95));
+    const wantNext = uniPcPredict(new Float32Array(n), wantOut, wantModelT, [m[0]!, ...older].slice(0, kNext), next);
+    const got = [new Float32Array(n), new Float32Array(n), new Float32Array(n)] as const;
+    uniPcCorrectThenPredict(got[0], got[1], got[2], x, m[0]!, older, xt, eps, now, f32(0.3), f32(0.95), next);
+    assert.ok(sameBits(got[0], wantModelT) && sameBits(got[1], wantOut) && sameBits(got[2], wantNext), `${k} → ${kNext}`);
+  }
 });

@@ -518,31 +518,51 @@ export function lcmStep(
  * Operands: x, m₀, m₁…m_{k−1} [, x_t, eps]. Params: ratio, baseScale, scale, 0, σ_t, α_t, ρ_c,last,
  * then per j: r_j, ρ_p,j, ρ_c,j.
  */
-function uniPcExprs(d1Count: number, corrector: boolean): { inputs: number; outputs: Expr[] } {
+/** The predictor x_t from x, m₀ and the older m_j, with its params at `p(0…)`. */
+function uniPcPredictorExpr(x: Expr, m0: Expr, older: readonly Expr[], p: (k: number) => Expr): Expr {
+  const xBase = e.sub(e.mul(p(0), x), e.mul(p(1), m0));
+  const d1s = older.map((m, j) => e.div(e.sub(m, m0), p(7 + 3 * j)));
+  const weighted = d1s.reduce<Expr>((acc, d, j) => e.add(acc, e.mul(p(8 + 3 * j), d)), p(3));
+  return e.sub(xBase, e.mul(p(2), weighted));
+}
+
+/** The corrector's [m_t, corrected x]; it shares xBase and D1_j with nothing else, so it builds its own. */
+function uniPcCorrectorExprs(x: Expr, m0: Expr, older: readonly Expr[], xt: Expr, eps: Expr, p: (k: number) => Expr): Expr[] {
+  const xBase = e.sub(e.mul(p(0), x), e.mul(p(1), m0));
+  const d1s = older.map((m, j) => e.div(e.sub(m, m0), p(7 + 3 * j)));
+  const weighted = d1s.reduce<Expr>((acc, d, j) => e.add(acc, e.mul(p(9 + 3 * j), d)), p(3));
+  const modelT = e.div(e.sub(xt, e.mul(p(4), eps)), p(5));
+  const corrected = e.sub(xBase, e.mul(p(2), e.add(weighted, e.mul(p(6), e.sub(modelT, m0)))));
+  return [modelT, corrected];
+}
+
+/**
+ * Kernels by (older count, mode). "correct+predict" also runs the next step's predictor on the corrected
+ * x and m_t in the same pass (its older m's are this step's m₀, m₁…, already operands), with the next
+ * step's params after this step's: the next request's latent comes without re-reading x, m_t and the m's.
+ */
+function uniPcExprs(d1Count: number, mode: "predict" | "correct" | number): { inputs: number; params: number; outputs: Expr[] } {
   const x = e.in(0);
   const m0 = e.in(1);
+  const older = Array.from({ length: d1Count }, (_, j) => e.in(2 + j));
   const p = (k: number): Expr => e.param(k);
-  const xBase = e.sub(e.mul(p(0), x), e.mul(p(1), m0));
-  const zero = p(3);
-  const d1s: Expr[] = [];
-  for (let j = 0; j < d1Count; j++) d1s.push(e.div(e.sub(e.in(2 + j), m0), p(7 + 3 * j)));
-  const weighted = (offset: number): Expr => d1s.reduce<Expr>((acc, d, j) => e.add(acc, e.mul(p(7 + 3 * j + offset), d)), zero);
-  if (!corrector) return { inputs: 2 + d1Count, outputs: [e.sub(xBase, e.mul(p(2), weighted(1)))] };
-  const xt = e.in(2 + d1Count);
-  const eps = e.in(3 + d1Count);
-  const modelT = e.div(e.sub(xt, e.mul(p(4), eps)), p(5));
-  const corrected = e.sub(xBase, e.mul(p(2), e.add(weighted(2), e.mul(p(6), e.sub(modelT, m0)))));
-  return { inputs: 4 + d1Count, outputs: [modelT, corrected] };
+  const params = 7 + 3 * d1Count;
+  if (mode === "predict") return { inputs: 2 + d1Count, params, outputs: [uniPcPredictorExpr(x, m0, older, p)] };
+  const [modelT, corrected] = uniPcCorrectorExprs(x, m0, older, e.in(2 + d1Count), e.in(3 + d1Count), p);
+  if (mode === "correct") return { inputs: 4 + d1Count, params, outputs: [modelT!, corrected!] };
+  const nextOlder = [m0, ...older].slice(0, mode);
+  const next = uniPcPredictorExpr(corrected!, modelT!, nextOlder, (k) => e.param(params + k));
+  return { inputs: 4 + d1Count, params: params + 7 + 3 * mode, outputs: [modelT!, corrected!, next] };
 }
 
 const uniPcKernels = new Map<string, Kernel>();
 
-function uniPcKernel(d1Count: number, corrector: boolean): Kernel {
-  const key = `${d1Count}/${corrector}`;
+function uniPcKernel(d1Count: number, mode: "predict" | "correct" | number): Kernel {
+  const key = `${d1Count}/${mode}`;
   let kernel = uniPcKernels.get(key);
   if (kernel === undefined) {
-    const { inputs, outputs } = uniPcExprs(d1Count, corrector);
-    kernel = new Kernel({ inputs, params: 7 + 3 * d1Count, outputs });
+    const { inputs, params, outputs } = uniPcExprs(d1Count, mode);
+    kernel = new Kernel({ inputs, params, outputs });
     uniPcKernels.set(key, kernel);
   }
   return kernel;
@@ -572,7 +592,7 @@ export function uniPcPredict(
   older: readonly Float32Array[],
   t: UniPcTerms,
 ): Float32Array {
-  uniPcKernel(older.length, false).run([out], [x, m0, ...older], uniPcParams(t, 0, 1));
+  uniPcKernel(older.length, "predict").run([out], [x, m0, ...older], uniPcParams(t, 0, 1));
   return out;
 }
 
@@ -589,7 +609,32 @@ export function uniPcCorrect(
   sigmaT: number,
   alphaT: number,
 ): void {
-  uniPcKernel(older.length, true).run([modelT, out], [x, m0, ...older, xt, eps], uniPcParams(t, sigmaT, alphaT));
+  uniPcKernel(older.length, "correct").run([modelT, out], [x, m0, ...older, xt, eps], uniPcParams(t, sigmaT, alphaT));
+}
+
+/**
+ * uniPcCorrect, then the next step's predictor (`uniPcPredict(nextXt, out, modelT, nextOlder, next)`) in the
+ * same pass. The next step's older m's must be [m₀, …older] from the front (newest first), which is how
+ * the history moves on by one step.
+ */
+export function uniPcCorrectThenPredict(
+  modelT: Float32Array,
+  out: Float32Array,
+  nextXt: Float32Array,
+  x: Float32Array,
+  m0: Float32Array,
+  older: readonly Float32Array[],
+  xt: Float32Array,
+  eps: Float32Array,
+  t: UniPcTerms,
+  sigmaT: number,
+  alphaT: number,
+  next: UniPcTerms,
+): void {
+  const nextCount = next.rks.length;
+  if (nextCount > older.length + 1) throw new RangeError("the next UniPC step uses older model outputs than this one has");
+  const params = [...uniPcParams(t, sigmaT, alphaT), ...uniPcParams(next, 0, 1)];
+  uniPcKernel(older.length, nextCount).run([modelT, out, nextXt], [x, m0, ...older, xt, eps], params);
 }
 
 /** The data prediction (x − σ·eps)/α alone. */
