@@ -218,8 +218,8 @@ export class PooledNormals {
       }
       // Not claimed yet: draw it here rather than wait for a helper to get to it.
       if (Atomics.compareExchange(control, CLAIM, index, index + 1) === index) break;
-      // Claimed by a helper that will never fill it: draw it here too (the values are the same).
-      if (Atomics.load(control, FAILED) !== 0) break;
+      // Claimed by a helper that will never fill it (it failed, or the ring stopped): draw it here too.
+      if (Atomics.load(control, FAILED) !== 0 || this.view.stopped) break;
       Atomics.wait(filled, s, Atomics.load(filled, s), WAIT_MS);
     }
     out ??= this.view.randn(seed, length);
