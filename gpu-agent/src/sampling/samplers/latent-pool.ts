@@ -14,8 +14,12 @@
  * ownership rule.
  */
 
-/** Spares kept per length, and lengths kept: bounds what the pool holds between runs (3 × 256 KB at 1024²). */
-const MAX_SPARES = 3;
+/**
+ * Spares kept per length, and lengths kept: bounds what the pool holds between runs (at most 16 × 256 KB
+ * per length at 1024²; a single image leaves 2–3). Requests made in the same turn add up, so a batch of
+ * images that all post their model calls before the model runs gets arrays for each.
+ */
+const MAX_SPARES = 16;
 const MAX_LENGTHS = 4;
 
 const spares = new Map<number, Float32Array[]>();
@@ -30,7 +34,7 @@ export function freshLatent(length: number): Float32Array {
 /** Asks for `count` fresh arrays of `length` to be ready the next time the sampler runs. */
 export function allocateAhead(length: number, count: number): void {
   if (length < MIN_POOLED) return;
-  wanted.set(length, Math.min(MAX_SPARES, Math.max(wanted.get(length) ?? 0, count)));
+  wanted.set(length, Math.min(MAX_SPARES, (wanted.get(length) ?? 0) + count));
   if (scheduled) return;
   scheduled = true;
   setImmediate(fill).unref();

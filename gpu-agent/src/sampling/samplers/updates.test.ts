@@ -99,6 +99,13 @@ test("the latent pool hands out each array once, zero-filled, prepared while the
     freshLatent(n).every((x) => x === 0),
     "a spare is new, not a returned array",
   );
+  // Several samplers asking in one turn (a batch) get arrays for all of them.
+  allocateAhead(n, 2);
+  allocateAhead(n, 3);
+  await nextTurn();
+  const batch = Array.from({ length: 5 }, () => freshLatent(n));
+  assert.equal(new Set([...all, ...batch].map((v) => v.buffer)).size, 9);
+  assert.ok(batch.every((v) => v.every((x) => x === 0)));
   clearLatentPool();
 });
 
