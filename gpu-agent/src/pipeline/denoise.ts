@@ -1,6 +1,6 @@
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, abortError } from "@latentfarm/shared";
-import { cIn, epsToDenoised, vToDenoised, type NoiseAhead, type PreparedSampling } from "../sampling/index.js";
+import { cIn, epsToDenoised, vToDenoised, type ImageRng, type NoiseAhead, type PreparedSampling } from "../sampling/index.js";
 import { combineDenoised, type PreparedConditioning } from "../conditioning/index.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 
@@ -23,6 +23,11 @@ export interface DenoiseInput {
   imageCond?: Float32Array;
   /** Inpainting: A1111's CFGDenoiser mask blend. */
   maskBlend?: MaskBlend;
+  /**
+   * The generator behind the sampler's `noise()` (already past first()). Given, the run's plain draws are
+   * continued from its state on the pipeline's noise thread, during the UNet calls.
+   */
+  noiseRng?: ImageRng;
 }
 
 /**
@@ -52,6 +57,10 @@ export async function denoise(pipe: LoadedPipeline, input: DenoiseInput): Promis
   // The SDE samplers' Brownian tree runs in a worker thread for this run; it ends with the run, however it ends.
   const ahead = input.sampler.openNoiseAhead();
   try {
+    const rng = input.noiseRng;
+    if (rng !== undefined && rng.imageCount * rng.imageSize >= pipe.noiseThreadMinValues) {
+      ahead.usePlainDraws(pipe.noise.open(rng.continuation()));
+    }
     return await drive(pipe, input, ahead);
   } finally {
     await ahead.close();

@@ -187,6 +187,7 @@ async function runFirstPass(
     start: sampler.startLatent(rng.first()),
     signal: ctx.signal,
     onStep,
+    noiseRng: rng,
   });
   return { latent, sampler };
 }
@@ -316,6 +317,7 @@ async function runSecondPass(
     start,
     signal: ctx.signal,
     onStep,
+    noiseRng: rng,
   });
   const rgb = await decodeToRgb(pipe, latent, up.h, up.w, ctx.signal);
   return finishHires(pipe, req, ctx, s, sampler1, sampler2, rgb, up.w * 8, up.h * 8);
@@ -435,6 +437,7 @@ async function runTile(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCon
     start,
     signal: ctx.signal,
     onStep: (k) => ctx.onStep(k, s.hrSteps),
+    noiseRng: rng,
   });
   return rgbHandover(await decodeToRgb(pipe, out, h, w, ctx.signal), w * 8, h * 8);
 }

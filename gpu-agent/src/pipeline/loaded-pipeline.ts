@@ -1,4 +1,5 @@
 import { ClipTokenizer, Conditioner } from "../conditioning/index.js";
+import { NoiseThread } from "../sampling/index.js";
 import type { SdModel } from "../models/sd-model.js";
 import { StepBatcher } from "./step-batcher.js";
 
@@ -12,6 +13,13 @@ export class LoadedPipeline {
   readonly loraHashes: readonly string[];
   /** Warnings from building the model (LoRA keys that matched no layer), repeated to each task. */
   readonly loadWarnings: readonly string[];
+  /** Makes the samplers' plain noise during UNet calls, for every run on this pipeline (see denoise). */
+  readonly noise = new NoiseThread();
+  /**
+   * Runs whose noise draws have at least this many values use the noise thread; smaller draws (under
+   * ~0.5 ms) are made in the render's thread. 16,384 = one 512×512 image.
+   */
+  readonly noiseThreadMinValues: number;
 
   constructor(
     readonly model: SdModel,
@@ -21,8 +29,10 @@ export class LoadedPipeline {
       modelHash?: string | undefined;
       loraHashes?: readonly string[];
       loadWarnings?: readonly string[];
+      noiseThreadMinValues?: number;
     },
   ) {
+    this.noiseThreadMinValues = opts.noiseThreadMinValues ?? 16_384;
     this.modelHash = opts.modelHash;
     this.loraHashes = opts.loraHashes ?? [];
     this.loadWarnings = opts.loadWarnings ?? [];
@@ -46,7 +56,8 @@ export class LoadedPipeline {
     return this.conditionerPromise;
   }
 
-  close(): Promise<void> {
-    return this.model.close();
+  async close(): Promise<void> {
+    await this.noise.close();
+    await this.model.close();
   }
 }

@@ -122,6 +122,7 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     start: sampler.startLatent(imageRng.first()),
     signal: ctx.signal,
     onStep: ctx.onStep,
+    noiseRng: imageRng,
   });
   const image = await decodeLatent(pipe, latent, h, w, ctx.signal);
   const rgb = toRgb8(image, width, height);

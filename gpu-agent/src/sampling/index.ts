@@ -25,7 +25,8 @@ export {
 } from "./generator.js";
 export { philox4x32, philoxNormals, philoxNormalsCuda } from "./philox.js";
 export { Mt19937, TorchCpuGenerator, type TorchCpuKernel } from "./torch-cpu.js";
-export { ImageRng, slerp, type ImageRngOptions, type LatentShape } from "./image-rng.js";
+export { ImageRng, NoiseContinuation, slerp, type ImageRngOptions, type LatentShape, type NoiseContinuationState } from "./image-rng.js";
+export { NoiseStream, NoiseThread } from "./noise-stream.js";
 export { seedsForJob, resolveSeed, RANDOM_SEED_LIMIT, type JobSeeds, type SeedInput, type SeedsForJobInput } from "./seeds.js";
 export { InvalidSamplingParameter } from "./errors.js";
 export {

@@ -18,6 +18,7 @@ import { abortError } from "@latentfarm/shared";
 import type { BrownianQueryList } from "./brownian-pool.js";
 import { BrownianThread } from "./brownian-thread.js";
 import type { BrownianNoiseOptions } from "./brownian.js";
+import type { NoiseStream } from "./noise-stream.js";
 import type { NoisePrefetcher } from "./prefetch.js";
 import type { ModelRequest } from "./samplers/types.js";
 
@@ -29,7 +30,14 @@ export interface NoiseAhead {
    * when the worker could not answer: the sampler then computes it itself). Rejects only when `signal` aborts.
    */
   ensureReady(request: ModelRequest, signal?: AbortSignal): Promise<void>;
-  /** Ends the worker thread, if one was started. Safe to call more than once. */
+  /**
+   * Plain draws from now on come from `stream` (which continues the run's noise source exactly), made on
+   * its thread during the model calls instead of here. Closed with this object.
+   */
+  usePlainDraws(stream: NoiseStream): void;
+  /** Starts any thread this run will need now (e.g. while the prompt is encoded), instead of at the first request. */
+  warmUp(): void;
+  /** Ends the worker thread, if one was started, and the plain-draw stream. Safe to call more than once. */
   close(): Promise<void>;
   /** Tree queries the sampler computed on its own thread because no answer was ready (metrics, benchmarks). */
   readonly queriesOnCall: number;
@@ -37,17 +45,28 @@ export interface NoiseAhead {
 
 /** Everything on this thread: PreparedSampling.drawAhead behind the async interface. */
 export class InThreadNoiseAhead implements NoiseAhead {
+  private stream: NoiseStream | undefined;
+
   constructor(private readonly prefetcher: NoisePrefetcher) {}
 
   drawAhead(request: ModelRequest, signal?: AbortSignal): void {
     this.prefetcher.drawAhead(request.upcoming, signal);
   }
 
+  usePlainDraws(stream: NoiseStream): void {
+    this.stream = stream;
+    this.prefetcher.useStream(stream);
+  }
+
+  warmUp(): void {}
+
   ensureReady(_request: ModelRequest, signal?: AbortSignal): Promise<void> {
-    return signal?.aborted ? Promise.reject(abortError(signal)) : Promise.resolve();
+    if (signal?.aborted) return Promise.reject(abortError(signal));
+    return untilAborted(this.prefetcher.streamReady(), signal);
   }
 
   close(): Promise<void> {
+    this.stream?.close();
     return Promise.resolve();
   }
 
@@ -57,6 +76,23 @@ export class InThreadNoiseAhead implements NoiseAhead {
 }
 
 const queryKey = (sigma: number, sigmaNext: number): string => `${sigma} ${sigmaNext}`;
+
+/** `work`, or a rejection as soon as `signal` aborts. */
+async function untilAborted(work: Promise<void>, signal: AbortSignal | undefined): Promise<void> {
+  if (signal === undefined) return work;
+  let onAbort: (() => void) | undefined;
+  try {
+    await Promise.race([
+      work,
+      new Promise<never>((_, reject) => {
+        onAbort = () => reject(abortError(signal));
+        signal.addEventListener("abort", onAbort, { once: true });
+      }),
+    ]);
+  } finally {
+    if (onAbort !== undefined) signal.removeEventListener("abort", onAbort);
+  }
+}
 
 export interface WorkerNoisePlan {
   /**
@@ -78,6 +114,7 @@ export class WorkerNoiseAhead implements NoiseAhead {
   private readonly inFlight = new Map<string, Promise<void>>();
   /** Requests whose queries were posted already (drawAhead and ensureReady may both see one). */
   private readonly posted = new WeakSet<ModelRequest>();
+  private stream: NoiseStream | undefined;
 
   constructor(
     private readonly prefetcher: NoisePrefetcher,
@@ -143,35 +180,32 @@ export class WorkerNoiseAhead implements NoiseAhead {
     return (await this.startThread()?.ready) ?? false;
   }
 
+  usePlainDraws(stream: NoiseStream): void {
+    this.stream = stream;
+    this.prefetcher.useStream(stream);
+  }
+
+  warmUp(): void {
+    this.startThread();
+  }
+
   async ensureReady(request: ModelRequest, signal?: AbortSignal): Promise<void> {
     if (signal?.aborted) throw abortError(signal);
     this.post(request, signal);
-    const waits: Promise<void>[] = [];
+    const waits: Promise<void>[] = [this.prefetcher.streamReady()];
     for (const [sigma, sigmaNext] of request.upcoming?.queries ?? []) {
       const wait = this.inFlight.get(queryKey(sigma, sigmaNext));
       if (wait !== undefined) waits.push(wait);
     }
-    if (waits.length === 0) return;
-    if (signal === undefined) {
-      await Promise.all(waits);
-      return;
-    }
-    let onAbort: (() => void) | undefined;
-    try {
-      await Promise.race([
-        Promise.all(waits),
-        new Promise<never>((_, reject) => {
-          onAbort = () => reject(abortError(signal));
-          signal.addEventListener("abort", onAbort, { once: true });
-        }),
-      ]);
-    } finally {
-      if (onAbort !== undefined) signal.removeEventListener("abort", onAbort);
-    }
+    await untilAborted(
+      Promise.all(waits).then(() => undefined),
+      signal,
+    );
   }
 
   async close(): Promise<void> {
     this.closed = true;
+    this.stream?.close();
     await this.thread?.close();
   }
 

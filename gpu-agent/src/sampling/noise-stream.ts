@@ -26,6 +26,8 @@ export class NoiseThread {
   private closed = false;
   private nextId = 1;
   private readonly streams = new Map<number, NoiseStream>();
+  /** Draws the thread delivered (tests, metrics). */
+  delivered = 0;
 
   /** The thread, started on first use; undefined when it cannot run (the streams then draw here). */
   private start(): boolean {
@@ -54,6 +56,7 @@ export class NoiseThread {
   }
 
   private accept(m: NoiseDraw): void {
+    this.delivered++;
     this.streams.get(m.id)?.arrive(m.index, m.draw);
   }
 
@@ -128,6 +131,11 @@ export class NoiseStream {
   /** Whether the draws are made on another thread (false after a fallback to this one). */
   get remote(): boolean {
     return this.thread !== undefined;
+  }
+
+  /** Draws asked for and not taken yet. */
+  get pending(): number {
+    return this.requested - this.taken;
   }
 
   /** Asks for `count` more draws beyond those already requested, to be made now, off this thread. */

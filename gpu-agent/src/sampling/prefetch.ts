@@ -12,6 +12,7 @@
  *   answer computed early is the answer, and it is only handed out for exactly those arguments.
  * A wrong announcement therefore costs time (a draw nobody takes), never a different image.
  */
+import type { NoiseStream } from "./noise-stream.js";
 import type { ModelRequest, NoiseSampler, UpcomingNoise } from "./samplers/types.js";
 
 /** Answers kept for queries announced but not (yet) asked; each is one latent of memory. */
@@ -21,6 +22,8 @@ export class NoisePrefetcher {
   private readonly ready: Float32Array[] = [];
   private readonly answers: Array<{ sigma: number; sigmaNext: number; noise: Float32Array }> = [];
   private onCall = 0;
+  /** Where plain draws come from once set: another thread continuing the source (see useStream). */
+  private stream: NoiseStream | undefined;
 
   constructor(
     private readonly source: () => Float32Array,
@@ -28,7 +31,21 @@ export class NoisePrefetcher {
   ) {}
 
   /** The samplers' `noise()`: the oldest draw made ahead, else a draw now. */
-  readonly noise = (): Float32Array => this.ready.shift() ?? this.source();
+  readonly noise = (): Float32Array => this.ready.shift() ?? (this.stream ? this.stream.take() : this.source());
+
+  /**
+   * From now on plain draws come from `stream`, which continues this prefetcher's source exactly where it
+   * stands (its ImageRng's continuation): the source itself is never called again. drawAhead then asks
+   * the stream's thread for the draws instead of making them here.
+   */
+  useStream(stream: NoiseStream): void {
+    this.stream = stream;
+  }
+
+  /** Resolves once the draws asked of the stream have arrived (at once without one). */
+  streamReady(): Promise<void> {
+    return this.stream ? this.stream.ready() : Promise.resolve();
+  }
 
   /** The samplers' noise sampler: an answer computed ahead for exactly these arguments, else one now. */
   readonly query: NoiseSampler = (sigma, sigmaNext) => {
@@ -72,10 +89,13 @@ export class NoisePrefetcher {
     if (upcoming === undefined) return;
     try {
       const draws = upcoming.draws ?? 0;
-      while (this.ready.length < draws) {
-        if (signal?.aborted) return;
-        this.ready.push(this.source());
-      }
+      if (this.stream) {
+        this.stream.request(draws - this.ready.length - this.stream.pending);
+      } else
+        while (this.ready.length < draws) {
+          if (signal?.aborted) return;
+          this.ready.push(this.source());
+        }
       for (const [sigma, sigmaNext] of upcoming.queries ?? []) {
         if (signal?.aborted || this.querySource === undefined) return;
         if (this.hasAnswer(sigma, sigmaNext)) continue;
