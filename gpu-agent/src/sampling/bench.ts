@@ -18,6 +18,13 @@
  *     the run's first request: their start-up is in the wall time, `workerBootMs` is that start-up
  *     alone) and the driver awaits ensureReady before resuming the sampler. For those samplers
  *     `criticalInThreadMsPerStep` is the same run with the tree drawn ahead on the JS thread instead.
+ * (c) pipeline thread — the agent's arrangement since renders run in their pipeline's thread: the
+ *     simulated model blocks the driver's own thread for `modelMs` (as ONNX Runtime's run() does there),
+ *     after one event-loop turn (the step batcher's). Whatever the sampler does between two model calls,
+ *     including anything "ahead" that still runs on this thread, is on the critical path; the plain
+ *     draws come from a NoiseThread (as the pipeline's) and the tree from its worker and pool.
+ *     `pipelineCriticalMsPerStep` = (wall − model)/steps; `pipelineFirstWaitMs` is the first wait for
+ *     noise (which includes starting the tree's threads), `pipelineAfterStartMsPerStep` excludes it.
  */
 import { Worker } from "node:worker_threads";
 import { createBrownianNoiseSampler } from "./brownian.js";
@@ -25,6 +32,7 @@ import { BrownianThread } from "./brownian-thread.js";
 import type { RngSource } from "./generator.js";
 import { ImageRng, type LatentShape } from "./image-rng.js";
 import { listSamplers, prepareSampling, type PreparedSampling } from "./plan.js";
+import { NoiseThread } from "./noise-stream.js";
 import type { NoiseAhead } from "./noise-ahead.js";
 import type { ModelRequest, ModelResponse, NoiseSampler, SamplerRun } from "./samplers/types.js";
 
@@ -84,6 +92,12 @@ export interface SamplerBenchResult {
   workerBootMs?: number;
   /** (b) criticalMsPerStep without firstWaitMs: the per-step cost once the worker runs. */
   criticalAfterStartMsPerStep?: number;
+  /** (c) wall − model time per step with the model blocking the sampler's own thread (the agent's pipeline thread). */
+  pipelineCriticalMsPerStep?: number;
+  /** (c) the first wait for noise made on other threads (includes their start). */
+  pipelineFirstWaitMs?: number;
+  /** (c) pipelineCriticalMsPerStep without pipelineFirstWaitMs. */
+  pipelineAfterStartMsPerStep?: number;
   /** (b) the same without drawing ahead. */
   criticalNoPrefetchMsPerStep?: number;
   /** (b) of the harness alone (a do-nothing sampler making as many model calls). */
@@ -112,6 +126,7 @@ function computeAnswer(request: ModelRequest): ModelResponse {
 
 interface Counted {
   prepared: PreparedSampling;
+  rng: ImageRng;
   start: Float32Array;
   setupMs: number;
   counts: { calls: number; critical: number; ahead: boolean };
@@ -160,7 +175,7 @@ function prepare(
   const setupMs = now() - started;
   counts.calls = 0;
   counts.critical = 0;
-  return { prepared, start, setupMs, counts };
+  return { prepared, rng, start, setupMs, counts };
 }
 
 function runSync(c: Counted, now: () => number): { ms: number; modelCalls: number } {
@@ -267,6 +282,65 @@ async function runOffThread(
     longestBlockMs = Math.max(longestBlockMs, inSampler);
   }
   return { wallMs: performance.now() - started, modelMs, samplerMs, longestBlockMs, firstWaitMs: Math.max(firstWaitMs, 0) };
+}
+
+/**
+ * (c): the model blocks this thread for `modelMs` after one event-loop turn, as ONNX Runtime's run()
+ * does in a pipeline thread after the step batcher's turn; the announced noise is posted just before.
+ */
+async function runInPipelineThread(
+  run: SamplerRun,
+  modelMs: number,
+  ahead: NoiseAhead,
+): Promise<{ wallMs: number; modelMs: number; firstWaitMs: number }> {
+  const sleeper = new Int32Array(new SharedArrayBuffer(4));
+  const started = performance.now();
+  let model = 0;
+  let firstWaitMs = -1;
+  let r = run.next();
+  while (!r.done) {
+    const request = r.value;
+    ahead.drawAhead(request);
+    await new Promise<void>((resolve) => setImmediate(resolve));
+    const evaluating = performance.now();
+    const response = computeAnswer(request);
+    const left = modelMs - (performance.now() - evaluating);
+    if (left > 0) Atomics.wait(sleeper, 0, 0, left);
+    model += performance.now() - evaluating;
+    const waitStarted = performance.now();
+    await ahead.ensureReady(request);
+    if (firstWaitMs < 0) firstWaitMs = performance.now() - waitStarted;
+    r = run.next(response);
+  }
+  return { wallMs: performance.now() - started, modelMs: model, firstWaitMs: Math.max(firstWaitMs, 0) };
+}
+
+async function measurePipelineThread(
+  name: string,
+  steps: number,
+  shape: LatentShape,
+  source: RngSource,
+  brownian: boolean,
+  now: () => number,
+  modelMs: number,
+  noiseThread: NoiseThread,
+): Promise<Pick<SamplerBenchResult, "pipelineCriticalMsPerStep" | "pipelineFirstWaitMs" | "pipelineAfterStartMsPerStep">> {
+  const counted = prepare(name, steps, shape, source, brownian, now, true);
+  const reported = counted.prepared.steps;
+  const ahead = counted.prepared.openNoiseAhead();
+  ahead.usePlainDraws(noiseThread.open(counted.rng.continuation()));
+  let result: Awaited<ReturnType<typeof runInPipelineThread>>;
+  try {
+    result = await runInPipelineThread(counted.prepared.run(counted.start), modelMs, ahead);
+  } finally {
+    await ahead.close();
+  }
+  const critical = result.wallMs - result.modelMs;
+  return {
+    pipelineCriticalMsPerStep: critical / reported,
+    pipelineFirstWaitMs: result.firstWaitMs,
+    pipelineAfterStartMsPerStep: (critical - result.firstWaitMs) / reported,
+  };
 }
 
 /** Yields the same requests as a recorded run and does nothing else: the harness floor. */
@@ -388,6 +462,7 @@ export async function benchSamplers(options: BenchSamplersOptions = {}): Promise
   const modelMs = options.modelMs ?? 0;
   const length = shape[0] * shape[1] * shape[2];
   const model = modelMs > 0 ? new OffThreadModel(length, modelMs) : undefined;
+  const noiseThread = new NoiseThread();
   const results: SamplerBenchResult[] = [];
   const repeats = Math.max(1, options.repeats ?? 3);
   try {
@@ -405,10 +480,17 @@ export async function benchSamplers(options: BenchSamplersOptions = {}): Promise
           minimum(result, await measureOffThread(name, steps, shape, source, brownian, now, model, options.withoutPrefetch ?? true)),
         );
       }
+      for (let k = 0; k < repeats && modelMs > 0; k++) {
+        const c = await measurePipelineThread(name, steps, shape, source, brownian, now, modelMs, noiseThread);
+        for (const key of ["pipelineCriticalMsPerStep", "pipelineFirstWaitMs", "pipelineAfterStartMsPerStep"] as const) {
+          result[key] = Math.min(result[key] ?? Infinity, c[key]!);
+        }
+      }
       results.push(result);
     }
   } finally {
     await model?.close();
+    await noiseThread.close();
   }
   return results;
 }
