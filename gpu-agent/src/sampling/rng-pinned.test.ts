@@ -4,7 +4,7 @@ import { createHash } from "node:crypto";
 import { execFileSync } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { createGenerator, restoreGenerator } from "./generator.js";
-import { philoxNormals, philoxNormalsCuda, philoxNormalsJs } from "./philox.js";
+import { philoxNormals, philoxNormalsJs } from "./philox.js";
 import { TorchCpuGenerator, type TorchCpuKernel } from "./torch-cpu.js";
 
 // Digests of the generators' exact output bits, taken before the draws were optimised: any faster

@@ -3,6 +3,8 @@
  * source gives the same latents here.
  */
 
+import { mtUniformsSimd, torchNormalsAvx2Simd } from "./rng-mt-simd.js";
+
 const MT_N = 624;
 const MT_M = 397;
 const TWO_PI = 2 * Math.PI;
@@ -46,14 +48,37 @@ export class Mt19937 {
     return y >>> 0;
   }
 
+  /** out[start…start+count) = the next `count` uniforms (y & 0xffffff)·2⁻²⁴, torch's float32 `uniform`. */
+  fillUniformFloats(out: Float32Array, start: number, count: number): void {
+    const next = mtUniformsSimd(this.state, this.index, out, start, count);
+    if (next >= 0) {
+      this.index = next;
+      return;
+    }
+    for (let i = 0; i < count; i++) out[start + i] = (this.nextUint32() & 0xffffff) * TWO_POW_MINUS_24;
+  }
+
+  /** torch's AVX2 float32 normal_fill (out.length ≥ 16) in WebAssembly SIMD; false where that is unavailable. */
+  normalFillAvx2Simd(out: Float32Array): boolean {
+    const next = torchNormalsAvx2Simd(this.state, this.index, out);
+    if (next < 0) return false;
+    this.index = next;
+    return true;
+  }
+
   private twist(): void {
     const s = this.state;
-    for (let i = 0; i < MT_N; i++) {
-      const y = (s[i]! & 0x80000000) | (s[(i + 1) % MT_N]! & 0x7fffffff);
-      let next = s[(i + MT_M) % MT_N]! ^ (y >>> 1);
-      if (y & 1) next ^= 0x9908b0df;
-      s[i] = next >>> 0;
+    // Split where i + 397 and i + 1 wrap, so the loops need no modulo.
+    for (let i = 0; i < MT_N - MT_M; i++) {
+      const y = (s[i]! & 0x80000000) | (s[i + 1]! & 0x7fffffff);
+      s[i] = s[i + MT_M]! ^ (y >>> 1) ^ (-(y & 1) & 0x9908b0df);
     }
+    for (let i = MT_N - MT_M; i < MT_N - 1; i++) {
+      const y = (s[i]! & 0x80000000) | (s[i + 1]! & 0x7fffffff);
+      s[i] = s[i + MT_M - MT_N]! ^ (y >>> 1) ^ (-(y & 1) & 0x9908b0df);
+    }
+    const y = (s[MT_N - 1]! & 0x80000000) | (s[0]! & 0x7fffffff);
+    s[MT_N - 1] = s[MT_M - 1]! ^ (y >>> 1) ^ (-(y & 1) & 0x9908b0df);
     this.index = 0;
   }
 }
@@ -112,19 +137,16 @@ export class TorchCpuGenerator {
     return out;
   }
 
-  private uniformFloat(): number {
-    return (this.engine.nextUint32() & 0xffffff) * TWO_POW_MINUS_24;
-  }
-
   /** torch `normal_fill`: all uniforms first, Box–Muller per block of 16, last 16 redrawn when n % 16 ≠ 0. */
   private fillNormal16(data: Float32Array): void {
+    if (this.kernel === "avx2" && this.engine.normalFillAvx2Simd(data)) return;
     const n = data.length;
-    for (let i = 0; i < n; i++) data[i] = this.uniformFloat();
+    this.engine.fillUniformFloats(data, 0, n);
     const transform = this.kernel === "avx2" ? boxMuller16Avx2 : boxMuller16Scalar;
     for (let start = 0; start + 16 <= n; start += 16) transform(data, start);
     if (n % 16 !== 0) {
       const start = n - 16;
-      for (let i = 0; i < 16; i++) data[start + i] = this.uniformFloat();
+      this.engine.fillUniformFloats(data, start, 16);
       transform(data, start);
     }
   }
