@@ -12,14 +12,16 @@
  *   the sum rounded to double, then to float32 — so both round identically.
  */
 
-import { Fn, I32, S, V128, ensureMemory, instantiate, moduleBytes, op, type WasmMemory } from "./rng-wasm-asm.js";
+import { ConstPool, Fn, I32, S, V128, ensureMemory, instantiate, moduleBytes, op, type WasmMemory } from "./rng-wasm-asm.js";
 
 const MT_N = 624;
 const MT_M = 397;
 const UPPER = 0x80000000;
 const LOWER = 0x7fffffff;
 const MATRIX_A = 0x9908b0df;
-/** Bytes reserved for the state, including the 16-byte over-read of the last four-word chunk. */
+/** Constants at 0, the state at STATE (with 16 bytes for the last chunk's over-read), values at DATA. */
+const POOL_BYTES = 1024;
+const STATE = POOL_BYTES;
 const DATA = 4096;
 
 const f32 = Math.fround;
@@ -47,11 +49,11 @@ const UPPER_HALF = [8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15];
 /** Lanes 0, 1 of a then lanes 0, 1 of b. */
 const JOIN_LOW = [0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23];
 
-const i32Load = (f: Fn, address: number): Fn => f.i32(address).op(0x28, 2, 0);
+const i32Load = (f: Fn, address: number): Fn => f.i32(STATE + address).op(0x28, 2, 0);
 
 /** s[i] = s[(i+397) mod 624] ^ (y >>> 1) ^ (y odd ? MATRIX_A : 0), y = upper bit of s[i] | lower bits of s[i+1]. */
 function twistScalar(f: Fn, y: number, i: number): void {
-  f.i32(4 * i);
+  f.i32(STATE + 4 * i);
   i32Load(f, 4 * ((i + MT_M) % MT_N));
   i32Load(f, 4 * i)
     .i32(UPPER | 0)
@@ -71,17 +73,17 @@ function twistScalar(f: Fn, y: number, i: number): void {
   f.op(0x36, 2, 0);
 }
 
-function twistFunction(): Fn {
-  const f = new Fn([], []);
+function twistFunction(pool: ConstPool): Fn {
+  const f = new Fn([], [], pool);
   const p = f.local(I32);
   const y = f.local(I32);
   const yv = f.local(V128);
   /** Four words from byte address p, the (i + m) words at p + mDelta. */
   const chunkLoop = (from: number, to: number, mDelta: number): void => {
-    f.i32(4 * from).set(p);
+    f.i32(STATE + 4 * from).set(p);
     f.loop(() => {
       f.get(p)
-        .i32(4 * to)
+        .i32(STATE + 4 * to)
         .op(op.i32GeU, 0x0d, 1);
       f.get(p);
       f.get(p).i32(mDelta).op(op.i32Add).load();
@@ -102,8 +104,8 @@ function twistFunction(): Fn {
 }
 
 /** uniforms(out, count, index) → index: `count` tempered words as (y & 0xffffff)·2⁻²⁴ at byte address out. */
-function uniformsFunction(twist: number): Fn {
-  const f = new Fn([I32, I32, I32], [I32]);
+function uniformsFunction(pool: ConstPool, twist: number): Fn {
+  const f = new Fn([I32, I32, I32], [I32], pool);
   const [OUT, COUNT, INDEX] = [0, 1, 2];
   const avail = f.local(I32);
   const src = f.local(I32);
@@ -118,7 +120,7 @@ function uniformsFunction(twist: number): Fn {
         f.call(twist).i32(0).set(INDEX);
       });
     f.i32(MT_N).get(INDEX).op(op.i32Sub).tee(avail).get(COUNT).get(avail).get(COUNT).op(op.i32LtU, op.select).set(avail);
-    f.get(INDEX).i32(2).op(op.i32Shl).tee(src).get(avail).i32(2).op(op.i32Shl, op.i32Add).set(stop);
+    f.get(INDEX).i32(2).op(op.i32Shl).i32(STATE).op(op.i32Add).tee(src).get(avail).i32(2).op(op.i32Shl, op.i32Add).set(stop);
     // Whole chunks of four: the last may read past the run (into the state's padding or words not
     // yet used) and write up to three values past it, which the next run or the caller's slack absorbs.
     f.loop(() => {
@@ -149,8 +151,8 @@ function uniformsFunction(twist: number): Fn {
 }
 
 /** boxMuller(ptr, blocks): torch's normal_fill_16_AVX2 on `blocks` consecutive blocks of 16 floats. */
-function boxMullerFunction(): Fn {
-  const f = new Fn([I32, I32], []);
+function boxMullerFunction(pool: ConstPool): Fn {
+  const f = new Fn([I32, I32], [], pool);
   const [PTR, BLOCKS] = [0, 1];
   const end = f.local(I32);
   const base = f.local(I32);
@@ -273,13 +275,15 @@ let instance: MtExports | null | undefined;
 
 function load(): MtExports | null {
   if (instance === undefined) {
-    instance = instantiate<MtExports>(() =>
-      moduleBytes([
-        ["twist", twistFunction()],
-        ["uniforms", uniformsFunction(0)],
-        ["boxMuller", boxMullerFunction()],
-      ]),
-    );
+    instance = instantiate<MtExports>(() => {
+      const pool = new ConstPool(POOL_BYTES);
+      const functions = [
+        ["twist", twistFunction(pool)],
+        ["uniforms", uniformsFunction(pool, 0)],
+        ["boxMuller", boxMullerFunction(pool)],
+      ] as const;
+      return moduleBytes(functions, pool);
+    });
   }
   return instance;
 }
@@ -292,9 +296,9 @@ export function mtSimdAvailable(): boolean {
 function withState(wasm: MtExports, state: Uint32Array, values: number, run: () => number): number {
   // Four floats of slack for the chunk loops' over-writes.
   ensureMemory(wasm.memory, DATA + (values + 4) * 4);
-  new Uint32Array(wasm.memory.buffer, 0, MT_N).set(state);
+  new Uint32Array(wasm.memory.buffer, STATE, MT_N).set(state);
   const index = run();
-  state.set(new Uint32Array(wasm.memory.buffer, 0, MT_N));
+  state.set(new Uint32Array(wasm.memory.buffer, STATE, MT_N));
   return index;
 }
 

@@ -74,6 +74,30 @@ export const S = {
   f64x2ConvertLowI32x4U: 0xff,
 } as const;
 
+/**
+ * The module's 16-byte constants, laid out from address 0 by a data segment. V8 materialises each
+ * `v128.const` through general registers (three or four instructions); a load from here is one.
+ */
+export class ConstPool {
+  readonly bytes: number[] = [];
+  private readonly addresses = new Map<string, number>();
+
+  /** Linear memory from `capacity` on is free for the kernels. */
+  constructor(readonly capacity: number) {}
+
+  address(value: Uint8Array): number {
+    const key = value.join(",");
+    let address = this.addresses.get(key);
+    if (address === undefined) {
+      address = this.bytes.length;
+      if (address + 16 > this.capacity) throw new RangeError("constant pool full");
+      this.bytes.push(...value);
+      this.addresses.set(key, address);
+    }
+    return address;
+  }
+}
+
 export class Fn {
   readonly code: number[] = [];
   private readonly locals: ValType[] = [];
@@ -81,6 +105,7 @@ export class Fn {
   constructor(
     readonly params: readonly ValType[],
     readonly results: readonly ValType[],
+    private readonly pool?: ConstPool,
   ) {}
 
   param(k: number): number {
@@ -131,7 +156,8 @@ export class Fn {
   }
 
   bytes16(bytes: Uint8Array): this {
-    return this.simd(S.const, ...bytes);
+    if (this.pool === undefined) return this.simd(S.const, ...bytes);
+    return this.i32(0).simd(S.load, 4, ...uleb(this.pool.address(bytes)));
   }
 
   i32x4(a: number, b = a, c = a, d = a): this {
@@ -185,7 +211,7 @@ export class Fn {
 }
 
 /** A module whose functions are exported under the given names, with its memory exported as "memory". */
-export function moduleBytes(functions: ReadonlyArray<readonly [string, Fn]>): Uint8Array {
+export function moduleBytes(functions: ReadonlyArray<readonly [string, Fn]>, pool?: ConstPool): Uint8Array {
   const types = functions.map(([, f]) => [0x60, ...uleb(f.params.length), ...f.params, ...uleb(f.results.length), ...f.results]);
   const type = section(1, [...uleb(types.length), ...types.flat()]);
   const func = section(3, [...uleb(functions.length), ...functions.flatMap((_, i) => uleb(i))]);
@@ -193,7 +219,8 @@ export function moduleBytes(functions: ReadonlyArray<readonly [string, Fn]>): Ui
   const exportEntries = functions.flatMap(([n], i) => [...name(n), 0x00, ...uleb(i)]);
   const exports = section(7, [...uleb(functions.length + 1), ...exportEntries, ...name("memory"), 0x02, 0]);
   const code = section(10, [...uleb(functions.length), ...functions.flatMap(([, f]) => f.encoded())]);
-  return Uint8Array.from([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, ...type, ...func, ...memory, ...exports, ...code]);
+  const data = pool === undefined ? [] : section(11, [1, 0x00, 0x41, 0, 0x0b, ...uleb(pool.bytes.length), ...pool.bytes]);
+  return Uint8Array.from([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, ...type, ...func, ...memory, ...exports, ...code, ...data]);
 }
 
 // The project's TypeScript lib (ES2023 without DOM) has no WebAssembly types; Node has the global.
