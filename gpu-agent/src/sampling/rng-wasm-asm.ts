@@ -155,9 +155,18 @@ export class Fn {
     return this.simd(S.store, 0, ...uleb(offset));
   }
 
+  /** Pool constants as locals, loaded once at function entry: a plain value, not a load ordered after the loop's stores. */
+  private readonly constLocals = new Map<number, number>();
+
   bytes16(bytes: Uint8Array): this {
     if (this.pool === undefined) return this.simd(S.const, ...bytes);
-    return this.i32(0).simd(S.load, 4, ...uleb(this.pool.address(bytes)));
+    const address = this.pool.address(bytes);
+    let local = this.constLocals.get(address);
+    if (local === undefined) {
+      local = this.local(V128);
+      this.constLocals.set(address, local);
+    }
+    return this.get(local);
   }
 
   i32x4(a: number, b = a, c = a, d = a): this {
@@ -205,7 +214,9 @@ export class Fn {
       }
     }
     const runs = groups.length / 2;
-    const body = [...uleb(runs), ...groups, ...this.code, 0x0b];
+    const loads: number[] = [];
+    for (const [address, local] of this.constLocals) loads.push(0x41, 0, 0xfd, S.load, 4, ...uleb(address), 0x21, ...uleb(local));
+    const body = [...uleb(runs), ...groups, ...loads, ...this.code, 0x0b];
     return [...uleb(body.length), ...body];
   }
 }
