@@ -11,16 +11,19 @@
 //                             JS thread instead of in its own worker thread (b_critical), side by side;
 //   "<sampler> b_longest_block" / "b_longest_block_tree_in_thread": the longest synchronous stretch of
 //                             the driver's JS thread (how long the agent's event loop is held up);
-//   "<sampler> b_first_wait": SDE samplers: the wait for the worker's first answer, including the
-//                             worker thread's start (under tsx it registers tsx and compiles the sources);
+//   "<sampler> b_first_wait": SDE samplers: the wait for the tree's first answer of a run; the tree's
+//                             threads are one long-lived service for the whole bench (as a pipeline's),
+//                             already running, so this is the run's own start (its trees, first draws);
 //   "<sampler> b_critical_after_start": SDE samplers: b_critical without b_first_wait;
-//   "<sampler> b_worker_boot": SDE samplers: the tree worker's start-up alone (the floor under b_first_wait);
+//   "<sampler> b_worker_boot": SDE samplers: the service's start-up (tree thread + helpers; under tsx it
+//                             registers tsx and compiles the sources), measured once per bench and paid
+//                             by a pipeline's first SDE run only;
 //   "<sampler> c_critical":   the agent's arrangement since renders run in their pipeline's thread: the
 //                             30 ms model blocks the sampler's own thread, so everything done between
 //                             model calls on that thread is on the critical path; plain noise comes from
-//                             a noise thread and the tree from its pool, drawn during the model call;
-//   "<sampler> c_first_wait" / "c_after_start": the first wait for noise made elsewhere (thread start-up
-//                             included), and c_critical without it.
+//                             a noise thread and the tree from the same service, drawn during the model call;
+//   "<sampler> c_first_wait" / "c_after_start": the first wait for noise made elsewhere (on threads
+//                             already running), and c_critical without it.
 // b_critical and b_no_prefetch include the harness's own latent copies and messages (harness_floor_ms per
 // step, measured with a do-nothing sampler) and, on a loaded machine, thread wake-up delays. Each number is
 // the fastest of `repeats` runs; load_1min is the machine's load when the run started.
@@ -55,7 +58,7 @@ export async function benchSamplerOverhead(
       out[`${r.sampler} b_worker_boot`] = r.workerBootMs!;
     }
     out[`${r.sampler} c_critical`] = r.pipelineCriticalMsPerStep!;
-    if (r.pipelineFirstWaitMs! > 1) {
+    if (r.pipelineFirstWaitMs! > 1 || r.workerBootMs !== undefined) {
       out[`${r.sampler} c_first_wait`] = r.pipelineFirstWaitMs!;
       out[`${r.sampler} c_after_start`] = r.pipelineAfterStartMsPerStep!;
     }

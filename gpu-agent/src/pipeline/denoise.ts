@@ -54,8 +54,8 @@ export function blendLatent(x: Float32Array, b: Pick<MaskBlend, "init" | "nmask"
  * Cancellation is checked before every model call.
  */
 export async function denoise(pipe: LoadedPipeline, input: DenoiseInput): Promise<Float32Array> {
-  // The SDE samplers' Brownian tree runs in a worker thread for this run; it ends with the run, however it ends.
-  const ahead = input.sampler.openNoiseAhead();
+  // The SDE samplers' Brownian tree runs on the pipeline's tree thread; the run's state there ends with the run, however it ends.
+  const ahead = input.sampler.openNoiseAhead({ brownian: pipe.brownian });
   try {
     const rng = input.noiseRng;
     if (rng !== undefined && rng.imageCount * rng.imageSize >= pipe.noiseThreadMinValues) {

@@ -1,5 +1,6 @@
 import { ClipTokenizer, Conditioner } from "../conditioning/index.js";
 import { NoiseThread } from "../sampling/index.js";
+import { BrownianWorkers } from "../sampling/brownian-thread.js";
 import type { SdModel } from "../models/sd-model.js";
 import { StepBatcher } from "./step-batcher.js";
 
@@ -15,6 +16,11 @@ export class LoadedPipeline {
   readonly loadWarnings: readonly string[];
   /** Makes the samplers' plain noise during UNet calls, for every run on this pipeline (see denoise). */
   readonly noise = new NoiseThread();
+  /**
+   * The SDE samplers' Brownian-tree thread and draw helpers, shared by every run on this pipeline
+   * (concurrent ones too): started at the first SDE run, so later runs do not pay their start-up.
+   */
+  readonly brownian = new BrownianWorkers();
   /**
    * Runs whose noise draws have at least this many values use the noise thread; smaller draws (under
    * ~0.5 ms) are made in the render's thread. 16,384 = one 512×512 image.
@@ -57,7 +63,7 @@ export class LoadedPipeline {
   }
 
   async close(): Promise<void> {
-    await this.noise.close();
+    await Promise.all([this.noise.close(), this.brownian.close()]);
     await this.model.close();
   }
 }

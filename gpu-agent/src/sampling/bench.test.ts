@@ -48,6 +48,10 @@ test("benchSamplers (b): with an off-thread model every draw after the first req
     for (const v of [r.criticalMsPerStep, r.floorMsPerStep])
       assert.ok(v !== undefined && Number.isFinite(v) && v >= 0, `${r.sampler}: ${v}`);
   }
+  // One service serves every run of the bench: its start-up is measured once, the same for each SDE sampler.
+  const boots = new Set(results.filter((r) => r.workerBootMs !== undefined).map((r) => r.workerBootMs));
+  assert.equal(boots.size, 1);
+  assert.ok([...boots][0]! > 0);
   const noisy = results.filter((r) => r.noiseCalls > 0).map((r) => r.sampler);
   for (const name of ["Euler a", "DPM++ SDE", "DPM++ 2M SDE", "DDIM", "LCM", "DPM fast", "DPM adaptive"])
     assert.ok(noisy.includes(name), name);

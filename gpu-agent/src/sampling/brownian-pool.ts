@@ -83,6 +83,11 @@ export interface DrawRing {
   data: SharedArrayBuffer;
   slots: number;
   length: number;
+  /**
+   * A service's wake word, shared by all its runs' rings (Int32 ×1): bumped and notified whenever a ring
+   * gets room or stops, so one helper can wait for any of several runs' rings at once (RingDrawer).
+   */
+  wake?: SharedArrayBuffer;
 }
 
 /** Slots for the ring: enough for a few steps' draws, at most ~16 MiB of them. */
@@ -90,13 +95,14 @@ export function ringSlots(length: number): number {
   return Math.max(4, Math.min(64, Math.floor((16 * 2 ** 20) / (4 * Math.max(1, length)))));
 }
 
-export function createDrawRing(length: number, slots = ringSlots(length)): DrawRing {
+export function createDrawRing(length: number, slots = ringSlots(length), wake?: SharedArrayBuffer): DrawRing {
   const ring: DrawRing = {
     control: new SharedArrayBuffer(4 * CONTROL_WORDS),
     filled: new SharedArrayBuffer(4 * slots),
     data: new SharedArrayBuffer(4 * slots * length),
     slots,
     length,
+    ...(wake !== undefined && { wake }),
   };
   new Int32Array(ring.filled).fill(-1);
   return ring;
@@ -108,6 +114,21 @@ export function stopRing(ring: DrawRing): void {
   Atomics.store(control, STOP, 1);
   Atomics.notify(control, TAKEN);
   Atomics.notify(new Int32Array(ring.filled), 0);
+  wakeAll(ring);
+}
+
+/** A new wake word for a service's rings. */
+export function createWakeWord(): SharedArrayBuffer {
+  return new SharedArrayBuffer(4);
+}
+
+/** Tells the helpers waiting on `wake` (or on `ring`'s wake word) to look again. */
+export function wakeAll(wake: DrawRing | SharedArrayBuffer | undefined): void {
+  const buffer = wake instanceof SharedArrayBuffer ? wake : wake?.wake;
+  if (buffer === undefined) return;
+  const word = new Int32Array(buffer);
+  Atomics.add(word, 0, 1);
+  Atomics.notify(word, 0);
 }
 
 /** Marks that a helper stopped drawing before the end: its claimed draws will never be filled. */
@@ -178,6 +199,43 @@ export function drawPlanned(ring: DrawRing, plan: DrawPlanner, randn: SeededNorm
 }
 
 /**
+ * A long-lived helper's side of one run (brownian-pool-worker.ts): unlike drawPlanned it never waits,
+ * so one helper can serve several runs' rings in turn and wait on the service's wake word instead.
+ */
+export class RingDrawer {
+  private readonly view: RingView;
+
+  constructor(ring: DrawRing, plan: DrawPlanner, randn: SeededNormals) {
+    this.view = new RingView(ring, plan, randn);
+  }
+
+  get ring(): DrawRing {
+    return this.view.ring;
+  }
+
+  /**
+   * Claims and makes the next draw if its slot is free: "drew"; "full" when the ring has no room now;
+   * "done" once the plan is claimed to the end or the ring stopped (drop the run). If a draw throws,
+   * the ring is marked failed (the tree's thread makes that draw itself) and the error is thrown.
+   */
+  tryDraw(): "drew" | "full" | "done" {
+    const { control, plan, ring } = this.view;
+    if (this.view.stopped) return "done";
+    const index = Atomics.load(control, CLAIM);
+    if (!plan.has(index)) return "done";
+    if (index >= Atomics.load(control, TAKEN) + ring.slots) return "full";
+    if (Atomics.compareExchange(control, CLAIM, index, index + 1) !== index) return "drew";
+    try {
+      this.view.fill(index);
+    } catch (error) {
+      failRing(ring);
+      throw error;
+    }
+    return "drew";
+  }
+}
+
+/**
  * The tree thread's side: its trees' draws, taken from the ring in plan order. `randnFor` is what
  * BrownianTreeNoiseSampler takes; `drawIdle` lets the tree's thread draw ahead between queries.
  */
@@ -186,9 +244,11 @@ export class PooledNormals {
   /** Plan index of the next draw the trees will ask for. */
   private cursor = 0;
   private unplanned = 0;
+  private readonly wake: Int32Array | undefined;
 
   constructor(ring: DrawRing, plan: DrawPlanner, randn: SeededNormals) {
     this.view = new RingView(ring, plan, randn);
+    this.wake = ring.wake === undefined ? undefined : new Int32Array(ring.wake);
   }
 
   /** Draws the trees asked for that the plan did not foresee (tests: 0 when the plan was right). */
@@ -226,6 +286,10 @@ export class PooledNormals {
     // Only this thread advances TAKEN; a helper waiting for this slot may now reuse it.
     Atomics.store(control, TAKEN, index + 1);
     Atomics.notify(control, TAKEN);
+    if (this.wake !== undefined) {
+      Atomics.add(this.wake, 0, 1);
+      Atomics.notify(this.wake, 0);
+    }
     return out;
   }
 

@@ -1,18 +1,10 @@
-/** Messages between the agent thread and the Brownian-tree worker (brownian-worker.ts). */
+/**
+ * Messages between a BrownianWorkers service (brownian-thread.ts), its tree thread (brownian-worker.ts)
+ * and its draw helpers (brownian-pool-worker.ts). One service serves many runs, each under its own id:
+ * a run's trees, plan and ring are its own, so runs never see each other's answers.
+ */
 import type { BrownianNoiseOptions } from "./brownian.js";
 import type { BrownianQueryList, DrawRing } from "./brownian-pool.js";
-
-export interface BrownianQuery {
-  id: number;
-  sigma: number;
-  sigmaNext: number;
-}
-
-/** Replies to queries; the first message of all is `{ id: 0, ready: true }`, once the trees are built. */
-export type BrownianReply =
-  | { id: number; noise: Float32Array; error?: undefined; ready?: undefined }
-  | { id: number; noise?: undefined; error: string; ready?: undefined }
-  | { id: 0; noise?: undefined; error?: undefined; ready: true };
 
 /** A whole run's queries, in the order they will be asked, and the ring their draws meet in (brownian-pool.ts). */
 export interface BrownianAhead {
@@ -20,10 +12,33 @@ export interface BrownianAhead {
   ring: DrawRing;
 }
 
-/** The tree worker's workerData: the trees, and the run's draws made ahead when `ahead` is given. */
-export type BrownianWorkerData = BrownianNoiseOptions & { ahead?: BrownianAhead };
+/** To the tree thread. Messages of one run arrive in order: open, queries, close. */
+export type TreeRequest =
+  | { kind: "open"; run: number; options: BrownianNoiseOptions; ahead?: BrownianAhead }
+  | { kind: "query"; run: number; id: number; sigma: number; sigmaNext: number }
+  | { kind: "close"; run: number };
 
-/** A draw helper's workerData (brownian-pool-worker.ts). */
-export interface BrownianHelperData extends BrownianAhead {
+/** From the tree thread; the first message of all is `{ kind: "ready" }`, once the thread has started. */
+export type TreeReply =
+  | { kind: "ready" }
+  /** The run's trees are built (no error) or cannot be (error: every query of the run answers nothing). */
+  | { kind: "opened"; run: number; error?: string }
+  | { kind: "answer"; run: number; id: number; noise?: Float32Array; error?: string };
+
+/** To a draw helper: draw ahead for this run until its plan is drawn or its ring stops. */
+export interface HelperJob {
+  run: number;
   options: BrownianNoiseOptions;
+  queries: BrownianQueryList;
+  ring: DrawRing;
+}
+
+/** A draw helper's workerData: the service's wake word (bumped whenever any ring has new room or a new job). */
+export interface BrownianHelperData {
+  wake: SharedArrayBuffer;
+}
+
+/** From a draw helper: `{ kind: "ready" }` once it has started. */
+export interface HelperReply {
+  kind: "ready";
 }

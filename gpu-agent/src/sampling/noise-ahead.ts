@@ -5,18 +5,20 @@
  *   ensureReady(request) after the evaluation, before resuming the generator: waits for what was started
  *                        off-thread, so the sampler finds it instead of computing it again here;
  *   close()              when the run ends, fails or is cancelled.
- * With a Brownian tree built from `brownian` options, its queries go to a worker thread of their own
- * (BrownianThread), spawned at the first query and ended by close(), so the tree never runs on this
- * thread (unless the worker cannot be spawned). Given the run's whole query list (PreparedSampling
- * passes it), that worker and its draw helpers make the tree's draws for the whole run from the start,
- * not one step ahead (brownian-pool.ts), and nothing of it assumes this is the main thread.
+ * With a Brownian tree built from `brownian` options, its queries go to a tree thread: the run's own
+ * (BrownianThread, spawned at the first query and ended by close()), or, given a BrownianWorkers service
+ * (a pipeline's), the service's long-lived thread, where the run opens its trees at the first query and
+ * close() ends only the run. Either way the tree never runs on this thread (unless no thread can answer).
+ * Given the run's whole query list (PreparedSampling passes it), the tree thread and its draw helpers
+ * make the tree's draws for the whole run from the start, not one step ahead (brownian-pool.ts), and
+ * nothing of it assumes this is the main thread.
  * Plain `noise()` draws stay on this thread (they come
  * from the caller's generators) and are drawn ahead here as before. Values never change:
  * the tree's answers are pure functions of (σ, σ_next), and a missing answer is computed by the sampler.
  */
 import { abortError } from "@latentfarm/shared";
 import type { BrownianQueryList } from "./brownian-pool.js";
-import { BrownianThread } from "./brownian-thread.js";
+import { BrownianThread, type BrownianQueries, type BrownianWorkers } from "./brownian-thread.js";
 import type { BrownianNoiseOptions } from "./brownian.js";
 import type { NoiseStream } from "./noise-stream.js";
 import type { NoisePrefetcher } from "./prefetch.js";
@@ -37,7 +39,10 @@ export interface NoiseAhead {
   usePlainDraws(stream: NoiseStream): void;
   /** Starts any thread this run will need now (e.g. while the prompt is encoded), instead of at the first request. */
   warmUp(): void;
-  /** Ends the worker thread, if one was started, and the plain-draw stream. Safe to call more than once. */
+  /**
+   * Ends the run's tree state (and its own worker thread, if it started one; a service's threads go on)
+   * and the plain-draw stream. Safe to call more than once.
+   */
   close(): Promise<void>;
   /** Tree queries the sampler computed on its own thread because no answer was ready (metrics, benchmarks). */
   readonly queriesOnCall: number;
@@ -94,19 +99,27 @@ async function untilAborted(work: Promise<void>, signal: AbortSignal | undefined
   }
 }
 
+/** PreparedSampling.openNoiseAhead's options. */
+export interface OpenNoiseAheadOptions {
+  /** The pipeline's Brownian-tree service; without it an SDE run starts (and ends) threads of its own. */
+  brownian?: BrownianWorkers;
+}
+
 export interface WorkerNoisePlan {
   /**
    * The run's tree queries in the order the sampler asks them (computed when the thread starts): with
    * them the thread's draws for the whole run are made ahead, by `helpers` more threads (BrownianThread).
    */
   queries?: () => BrownianQueryList | undefined;
-  /** Draw helper threads (default: defaultDrawHelpers(); 0 = the tree's own thread draws alone). */
+  /** Without `service`: draw helper threads (default: defaultDrawHelpers(); 0 = the tree's own thread draws alone). */
   helpers?: number;
+  /** The long-lived tree thread and helpers to use (a pipeline's) instead of threads of the run's own. */
+  service?: BrownianWorkers;
 }
 
 /** Brownian-tree queries answered by a worker thread; plain draws ahead on this thread. */
 export class WorkerNoiseAhead implements NoiseAhead {
-  private thread: BrownianThread | undefined;
+  private thread: BrownianQueries | undefined;
   private closed = false;
   private spawnFailed = false;
   private workerAnswers = 0;
@@ -154,15 +167,19 @@ export class WorkerNoiseAhead implements NoiseAhead {
     }
   }
 
-  /** The worker thread, spawned at the first call; undefined when it cannot be spawned or the run is closed. */
-  private startThread(): BrownianThread | undefined {
+  /** The run's tree thread, opened at the first call; undefined when no thread can be had or the run is closed. */
+  private startThread(): BrownianQueries | undefined {
     if (this.closed || this.spawnFailed) return undefined;
     try {
       if (this.thread === undefined) {
         const queries = this.plan.queries?.();
         const ahead =
           queries === undefined ? undefined : { queries, ...(this.plan.helpers !== undefined && { helpers: this.plan.helpers }) };
-        this.thread = new BrownianThread(this.tree, ahead);
+        const service = this.plan.service;
+        this.thread =
+          service !== undefined
+            ? service.open(this.tree, queries === undefined ? undefined : { queries })
+            : new BrownianThread(this.tree, ahead);
       }
       return this.thread;
     } catch {
@@ -218,7 +235,7 @@ export class WorkerNoiseAhead implements NoiseAhead {
     return this.workerAnswers;
   }
 
-  /** "none" until the first query starts the worker thread (tests). */
+  /** "none" until the first query starts the worker thread (tests); "ended" once the run can no longer be answered there. */
   get threadState(): "none" | "running" | "ended" {
     return this.thread === undefined ? "none" : this.thread.running ? "running" : "ended";
   }

@@ -18,7 +18,7 @@ import type { BrownianQueryList } from "./brownian-pool.js";
 import { InvalidSamplingParameter } from "./errors.js";
 import { f32 } from "./float32.js";
 import { LcmSchedule } from "./lcm.js";
-import { InThreadNoiseAhead, WorkerNoiseAhead, type NoiseAhead } from "./noise-ahead.js";
+import { InThreadNoiseAhead, WorkerNoiseAhead, type NoiseAhead, type OpenNoiseAheadOptions } from "./noise-ahead.js";
 import { NoisePrefetcher } from "./prefetch.js";
 import { DEFAULT_RHO, SCHEDULE_LABELS, samplerSigmas, type ScheduleType, type SigmaModel } from "./schedules.js";
 import { sd1Schedule, type DiscreteSchedule } from "./sigmas.js";
@@ -244,9 +244,10 @@ export interface PreparedSampling {
    * For a driver that awaits each model evaluation (the agent's denoise loop): drawing ahead with the
    * Brownian tree in a worker thread of this run's own (when the tree comes from `brownian`; otherwise
    * as drawAhead). Call it once per run, before the first request; the caller must close() it when
-   * the run ends, fails or is cancelled. See noise-ahead.ts.
+   * the run ends, fails or is cancelled. See noise-ahead.ts. With `brownian` (a pipeline's service) the
+   * tree runs on that service's long-lived threads instead of threads started for this run alone.
    */
-  openNoiseAhead(): NoiseAhead;
+  openNoiseAhead(options?: OpenNoiseAheadOptions): NoiseAhead;
   /**
    * The Brownian-tree queries (σ, σ_next) a run makes, in the order the sampler announces them (what
    * openNoiseAhead's threads draw ahead for); undefined without a tree built from `brownian`.
@@ -444,8 +445,13 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
     startLatent,
     run,
     drawAhead: (request, signal) => prefetcher.drawAhead(request.upcoming, signal),
-    openNoiseAhead: () =>
-      tree !== undefined ? new WorkerNoiseAhead(prefetcher, tree, { queries: plannedQueries }) : new InThreadNoiseAhead(prefetcher),
+    openNoiseAhead: (options) =>
+      tree !== undefined
+        ? new WorkerNoiseAhead(prefetcher, tree, {
+            queries: plannedQueries,
+            ...(options?.brownian !== undefined && { service: options.brownian }),
+          })
+        : new InThreadNoiseAhead(prefetcher),
     brownianQueries: () => (tree !== undefined ? plannedQueries() : undefined),
   };
 }
