@@ -51,7 +51,9 @@ test(
       assert.ok(threaded.noise.delivered > 0, "the noise thread made draws");
       assert.equal(local.noise.delivered, 0, "small draws stay in the render's thread by default");
     } finally {
+      // The two pipelines share one model: the second close() releases it.
       await threaded.noise.close();
+      await threaded.brownian.close();
       await local.close();
     }
   },
