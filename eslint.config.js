@@ -11,6 +11,7 @@ export default tseslint.config(
       "**/gen/**",
       "node_modules/**",
       ".device-carry/**",
+      ".scratch/**",
       "deploy/**",
       "**/*.d.ts",
       "**/fixtures/**",
