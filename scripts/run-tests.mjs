@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // Collects *.test.ts files explicitly: Node 20 treats --test arguments as paths, Node 22 as globs,
 // so passing a file list works on both.
-import { readdirSync, statSync } from "node:fs";
+import { existsSync, readdirSync, statSync } from "node:fs";
 import { join, relative } from "node:path";
 import { spawnSync } from "node:child_process";
 
@@ -27,8 +27,14 @@ function walk(dir) {
 }
 for (const d of dirs) walk(join(root, d));
 files.sort();
+// Unit tests find the team kit only through LATENTFARM_KIT_FIXTURES (packages know no path outside
+// the repository); the kit's usual place is beside the repository, as CI has it.
+const env = { ...process.env };
+const besideRepo = join(root, "..", "shared", "fixtures");
+if (!env.LATENTFARM_KIT_FIXTURES && existsSync(besideRepo)) env.LATENTFARM_KIT_FIXTURES = besideRepo;
 const r = spawnSync(process.execPath, ["--import", "tsx", "--test", "--test-reporter=spec", "--test-concurrency=1", ...files], {
   cwd: root,
+  env,
   stdio: "inherit",
 });
 process.exit(r.status ?? 1);
