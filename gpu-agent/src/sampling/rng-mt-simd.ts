@@ -13,9 +13,26 @@
  */
 
 import { ConstPool, Fn, I32, S, V128, ensureMemory, instantiate, moduleBytes, op, type WasmMemory } from "./rng-wasm-asm.js";
+import {
+  LOG_SQRTHF,
+  LOG_P,
+  LOG_Q1,
+  LOG_Q2,
+  FOUR_OVER_PI,
+  DP1,
+  DP2,
+  DP3,
+  COS_P0,
+  COS_P1,
+  COS_P2,
+  SIN_P0,
+  SIN_P1,
+  SIN_P2,
+  TWO_PI_F32,
+  MT_N,
+  MT_M,
+} from "./avx-mathfun.js";
 
-const MT_N = 624;
-const MT_M = 397;
 const UPPER = 0x80000000;
 const LOWER = 0x7fffffff;
 const MATRIX_A = 0x9908b0df;
@@ -23,26 +40,6 @@ const MATRIX_A = 0x9908b0df;
 const POOL_BYTES = 1024;
 const STATE = POOL_BYTES;
 const DATA = 4096;
-
-const f32 = Math.fround;
-const LOG_SQRTHF = f32(0.7071067811865476);
-const LOG_P = [
-  7.0376836292e-2, -1.151461031e-1, 1.167699874e-1, -1.2420140846e-1, 1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
-  3.3333331174e-1,
-].map(f32);
-const LOG_Q1 = f32(-2.1219444e-4);
-const LOG_Q2 = f32(0.693359375);
-const TWO_PI_F32 = f32(2 * Math.PI);
-const FOUR_OVER_PI = f32(1.27323954473516);
-const DP1 = f32(-0.78515625);
-const DP2 = f32(-2.4187564849853515625e-4);
-const DP3 = f32(-3.774894977445941e-8);
-const COS_P0 = f32(2.443315711809948e-5);
-const COS_P1 = f32(-1.388731625493765e-3);
-const COS_P2 = f32(4.166664568298827e-2);
-const SIN_P0 = f32(-1.9515295891e-4);
-const SIN_P1 = f32(8.3321608736e-3);
-const SIN_P2 = f32(-1.6666654611e-1);
 
 /** Lanes 2, 3 of a 32-bit vector moved to lanes 0, 1. */
 const UPPER_HALF = [8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15];

@@ -4,9 +4,26 @@
  */
 
 import { mtUniformsSimd, torchNormalsAvx2Simd } from "./rng-mt-simd.js";
+import {
+  LOG_SQRTHF,
+  LOG_P,
+  LOG_Q1,
+  LOG_Q2,
+  FOUR_OVER_PI,
+  DP1,
+  DP2,
+  DP3,
+  COS_P0,
+  COS_P1,
+  COS_P2,
+  SIN_P0,
+  SIN_P1,
+  SIN_P2,
+  TWO_PI_F32,
+  MT_N,
+  MT_M,
+} from "./avx-mathfun.js";
 
-const MT_N = 624;
-const MT_M = 397;
 const TWO_PI = 2 * Math.PI;
 const TWO_POW_MINUS_24 = 2 ** -24;
 const TWO_POW_MINUS_53 = 2 ** -53;
@@ -190,8 +207,6 @@ function boxMuller16Scalar(data: Float32Array, start: number): void {
   }
 }
 
-const TWO_PI_F32 = f32(TWO_PI);
-
 /** torch `normal_fill_16_AVX2`: θ = float32(2π)·u2 in float32, avx_mathfun log and sincos. */
 function boxMuller16Avx2(data: Float32Array, start: number): void {
   for (let j = 0; j < 8; j++) {
@@ -212,14 +227,6 @@ function boxMuller16Avx2(data: Float32Array, start: number): void {
  */
 const bitsF32 = new Float32Array(1);
 const bitsI32 = new Int32Array(bitsF32.buffer);
-
-const LOG_SQRTHF = f32(0.7071067811865476);
-const LOG_P = [
-  7.0376836292e-2, -1.151461031e-1, 1.167699874e-1, -1.2420140846e-1, 1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
-  3.3333331174e-1,
-].map(f32) as [number, number, number, number, number, number, number, number, number];
-const LOG_Q1 = f32(-2.1219444e-4);
-const LOG_Q2 = f32(0.693359375);
 
 /** Only called with u ∈ (0, 1], so the NaN/denormal handling of the vector code never applies. */
 function avxMathfunLog(value: number): number {
@@ -242,17 +249,6 @@ function avxMathfunLog(value: number): number {
   x = f32(x + y);
   return f32(exponent * LOG_Q2 + x);
 }
-
-const FOUR_OVER_PI = f32(1.27323954473516);
-const DP1 = f32(-0.78515625);
-const DP2 = f32(-2.4187564849853515625e-4);
-const DP3 = f32(-3.774894977445941e-8);
-const COS_P0 = f32(2.443315711809948e-5);
-const COS_P1 = f32(-1.388731625493765e-3);
-const COS_P2 = f32(4.166664568298827e-2);
-const SIN_P0 = f32(-1.9515295891e-4);
-const SIN_P1 = f32(8.3321608736e-3);
-const SIN_P2 = f32(-1.6666654611e-1);
 
 /** [sin, cos] of the last `avxMathfunSinCos` call; a shared buffer avoids an allocation per value. */
 const sinCosOut = new Float32Array(2);
