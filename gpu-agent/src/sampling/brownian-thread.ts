@@ -14,24 +14,14 @@
  *
  * BrownianThread is one run on a service of its own, ended with the run (callers without a pipeline).
  */
-import { existsSync } from "node:fs";
 import { availableParallelism } from "node:os";
-import { fileURLToPath } from "node:url";
-import { Worker } from "node:worker_threads";
+import type { Worker } from "node:worker_threads";
+import { spawnModuleWorker } from "../runtime/spawn-worker.js";
 import type { BrownianNoiseOptions } from "./brownian.js";
 import { createDrawRing, createWakeWord, failRing, stopRing, wakeAll, type BrownianQueryList, type DrawRing } from "./brownian-pool.js";
 import type { BrownianHelperData, HelperJob, HelperReply, TreeReply, TreeRequest } from "./brownian-protocol.js";
 
-// The built agent runs the .js worker. Under tsx (tests, benchmarks) only the .ts source exists,
-// and a worker does not inherit the parent's loader hooks, so the worker registers tsx itself
-// (as runtime/ort-runtime.ts does for the ORT worker).
-function spawnWorker(name: string, workerData: unknown): Worker {
-  const js = new URL(`./${name}.js`, import.meta.url);
-  if (existsSync(fileURLToPath(js))) return new Worker(js, { workerData });
-  const ts = new URL(`./${name}.ts`, import.meta.url).href;
-  const boot = `import("tsx/esm/api").then((m) => { m.register(); return import(${JSON.stringify(ts)}); });`;
-  return new Worker(boot, { eval: true, workerData });
-}
+const spawnWorker = (name: string, workerData: unknown): Worker => spawnModuleWorker(import.meta.url, name, { workerData });
 
 /**
  * Draw helpers per service by default: LATENTFARM_BROWNIAN_HELPERS when set (an integer ≥ 0), else all
