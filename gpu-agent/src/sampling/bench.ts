@@ -141,15 +141,17 @@ interface Counted {
  * from `brownian` options, as the agent passes it, so openNoiseAhead can move it to a worker thread;
  * its queries are then counted there (NoiseAhead.queriesOnCall).
  */
-function prepare(
-  name: string,
-  steps: number,
-  shape: LatentShape,
-  source: RngSource,
-  brownian: boolean,
-  now: () => number,
-  treeInWorker = false,
-): Counted {
+/** One sampler's setting in a bench: what every measurement of it prepares. */
+interface BenchCase {
+  name: string;
+  steps: number;
+  shape: LatentShape;
+  source: RngSource;
+  brownian: boolean;
+  now: () => number;
+}
+
+function prepare({ name, steps, shape, source, brownian, now }: BenchCase, treeInWorker = false): Counted {
   const counts = { calls: 0, critical: 0, ahead: false };
   const count = (): void => {
     counts.calls++;
@@ -320,17 +322,12 @@ async function runInPipelineThread(
 }
 
 async function measurePipelineThread(
-  name: string,
-  steps: number,
-  shape: LatentShape,
-  source: RngSource,
-  brownian: boolean,
-  now: () => number,
+  bench: BenchCase,
   modelMs: number,
   noiseThread: NoiseThread,
   service: BrownianWorkers,
 ): Promise<Pick<SamplerBenchResult, "pipelineCriticalMsPerStep" | "pipelineFirstWaitMs" | "pipelineAfterStartMsPerStep">> {
-  const counted = prepare(name, steps, shape, source, brownian, now, true);
+  const counted = prepare(bench, true);
   const reported = counted.prepared.steps;
   const ahead = counted.prepared.openNoiseAhead({ brownian: service });
   ahead.usePlainDraws(noiseThread.open(counted.rng.continuation()));
@@ -354,18 +351,18 @@ function* replay(requests: readonly ModelRequest[]): SamplerRun {
   return requests[0]!.x;
 }
 
-function measureSync(
-  name: string,
-  steps: number,
-  shape: LatentShape,
-  source: RngSource,
-  brownian: boolean,
-  now: () => number,
-): SamplerBenchResult {
-  const sync = prepare(name, steps, shape, source, brownian, now);
-  const { ms, modelCalls } = runSync(sync, now);
+function measureSync(bench: BenchCase): SamplerBenchResult {
+  const sync = prepare(bench);
+  const { ms, modelCalls } = runSync(sync, bench.now);
   const reported = sync.prepared.steps;
-  return { sampler: name, steps: reported, modelCalls, setupMs: sync.setupMs, syncMsPerStep: ms / reported, noiseCalls: sync.counts.calls };
+  return {
+    sampler: bench.name,
+    steps: reported,
+    modelCalls,
+    setupMs: sync.setupMs,
+    syncMsPerStep: ms / reported,
+    noiseCalls: sync.counts.calls,
+  };
 }
 
 type OffThreadNumbers = Pick<
@@ -402,18 +399,13 @@ function minimum(a: OffThreadNumbers, b: OffThreadNumbers): OffThreadNumbers {
 }
 
 async function measureOffThread(
-  name: string,
-  steps: number,
-  shape: LatentShape,
-  source: RngSource,
-  brownian: boolean,
-  now: () => number,
+  bench: BenchCase,
   model: OffThreadModel,
   withoutPrefetch: boolean,
   service: BrownianWorkers,
   workerBootMs: number,
 ): Promise<OffThreadNumbers> {
-  const counted = prepare(name, steps, shape, source, brownian, now, true);
+  const counted = prepare(bench, true);
   const reported = counted.prepared.steps;
   const requests: ModelRequest[] = [];
   const ahead = counted.prepared.openNoiseAhead({ brownian: service });
@@ -436,9 +428,9 @@ async function measureOffThread(
     longestBlockMs: withPrefetch.longestBlockMs,
     firstWaitMs: withPrefetch.firstWaitMs,
   };
-  if (counted.prepared.brownianRange !== undefined && brownian) {
+  if (counted.prepared.brownianRange !== undefined && bench.brownian) {
     out.workerBootMs = workerBootMs;
-    const inThread = prepare(name, steps, shape, source, brownian, now);
+    const inThread = prepare(bench);
     const drawHere = (request: ModelRequest): void => inThread.prepared.drawAhead(request);
     const here = await runOffThread(inThread.prepared.run(inThread.start), model, drawHere);
     out.criticalAfterStartMsPerStep = (withPrefetch.wallMs - withPrefetch.modelMs - withPrefetch.firstWaitMs) / reported;
@@ -446,7 +438,7 @@ async function measureOffThread(
     out.longestBlockInThreadMs = here.longestBlockMs;
   }
   if (withoutPrefetch) {
-    const plain = prepare(name, steps, shape, source, brownian, now);
+    const plain = prepare(bench);
     const without = await runOffThread(plain.prepared.run(plain.start), model, undefined);
     out.criticalNoPrefetchMsPerStep = (without.wallMs - without.modelMs) / reported;
   }
@@ -478,35 +470,22 @@ export async function benchSamplers(options: BenchSamplersOptions = {}): Promise
       workerBootMs = performance.now() - booting;
     }
     for (const name of names) {
-      if (options.warmup ?? true) runSync(prepare(name, steps, shape, source, brownian, now), now);
-      const result = measureSync(name, steps, shape, source, brownian, now);
+      const bench: BenchCase = { name, steps, shape, source, brownian, now };
+      if (options.warmup ?? true) runSync(prepare(bench), now);
+      const result = measureSync(bench);
       for (let k = 1; k < repeats; k++) {
-        const again = measureSync(name, steps, shape, source, brownian, now);
+        const again = measureSync(bench);
         result.setupMs = Math.min(result.setupMs, again.setupMs);
         result.syncMsPerStep = Math.min(result.syncMsPerStep, again.syncMsPerStep);
       }
       for (let k = 0; k < repeats && model !== undefined; k++) {
         Object.assign(
           result,
-          minimum(
-            result,
-            await measureOffThread(
-              name,
-              steps,
-              shape,
-              source,
-              brownian,
-              now,
-              model,
-              options.withoutPrefetch ?? true,
-              service,
-              workerBootMs,
-            ),
-          ),
+          minimum(result, await measureOffThread(bench, model, options.withoutPrefetch ?? true, service, workerBootMs)),
         );
       }
       for (let k = 0; k < repeats && modelMs > 0; k++) {
-        const c = await measurePipelineThread(name, steps, shape, source, brownian, now, modelMs, noiseThread, service);
+        const c = await measurePipelineThread(bench, modelMs, noiseThread, service);
         for (const key of ["pipelineCriticalMsPerStep", "pipelineFirstWaitMs", "pipelineAfterStartMsPerStep"] as const) {
           result[key] = Math.min(result[key] ?? Infinity, c[key]!);
         }
