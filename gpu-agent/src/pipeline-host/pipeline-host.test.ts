@@ -87,6 +87,7 @@ test("a task rendered in a pipeline host thread equals the same task rendered in
     await pipe.close();
     await host.close();
   }
+  assert.equal(PipelineHost.threadsAlive, 0, "close() ended the pipeline thread");
 });
 
 test(
@@ -118,9 +119,11 @@ test(
       await host.close();
     }
     await assert.rejects(host.runTask(request(), ctx()), (e: unknown) => e instanceof FarmError && e.code === grpc.status.UNAVAILABLE);
+    assert.equal(PipelineHost.threadsAlive, 0, "close() ended the pipeline thread");
   },
 );
 
 test("a pipeline that cannot load fails start() with the loader's status, and its thread ends", { skip }, async () => {
   await assert.rejects(start("no-such-model"), (e: unknown) => e instanceof FarmError && e.code === grpc.status.NOT_FOUND);
+  assert.equal(PipelineHost.threadsAlive, 0, "the failed pipeline's thread ended");
 });

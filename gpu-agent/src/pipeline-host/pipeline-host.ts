@@ -47,6 +47,12 @@ const CLOSE_GRACE_MS = 30_000;
  * Images of concurrent tasks on this pipeline still share UNet calls: the step batcher lives in the thread.
  */
 export class PipelineHost {
+  private static alive = 0;
+  /** Pipeline threads started and not yet exited, in this process (leak checks). */
+  static get threadsAlive(): number {
+    return PipelineHost.alive;
+  }
+
   private readonly worker: Worker;
   private readonly pending = new Map<number, Pending>();
   private nextId = 1;
@@ -64,11 +70,13 @@ export class PipelineHost {
     ready: { resolve: () => void; reject: (err: unknown) => void },
   ) {
     this.worker = spawnModuleWorker(import.meta.url, "host-thread", { workerData: hostInit(opts) });
+    PipelineHost.alive++;
     this.worker.on("message", (m: FromHost) => this.onMessage(m, ready));
     this.worker.on("error", (err) =>
       this.fail(new FarmError(grpc.status.INTERNAL, `pipeline thread failed: ${err.message}`, { cause: err }), ready),
     );
     this.worker.on("exit", (code) => {
+      PipelineHost.alive--;
       this.closedSignal?.();
       if (!this.closing) this.fail(new FarmError(grpc.status.UNAVAILABLE, `pipeline thread exited with code ${code}`), ready);
     });
