@@ -6,13 +6,7 @@ import { PooledNormals, createDrawRing, failRing, planDraws, type BrownianQueryL
 import { BrownianThread } from "./brownian-thread.js";
 import { ImageRng, type LatentShape } from "./image-rng.js";
 import { prepareSampling, type SamplingSettings } from "./plan.js";
-import type { ModelRequest, ModelResponse } from "./samplers/types.js";
-
-function model(r: ModelRequest): ModelResponse {
-  const f = r.kind === "denoise" ? 1 / (1 + r.sigma * r.sigma) : r.sigma / (1 + r.sigma * r.sigma);
-  const out = r.x.map((v, k) => v * f + 0.01 * Math.sin(k + r.call));
-  return r.kind === "eps" && r.needUncond ? { output: out, uncond: out.map((v) => v * 0.9) } : out;
-}
+import { standInModel } from "./test-support.js";
 
 interface Run {
   name: string;
@@ -54,7 +48,7 @@ function record(
   const recording = prepareSampling({ ...input, noiseSampler: (s, n) => (asked.push([s, n]), sampler.sample(s, n)) });
   const first = rng.first();
   const gen = recording.run(recording.startLatent(first, run.img2img && first.map((v) => v * 0.5)));
-  for (let r = gen.next(); !r.done;) r = gen.next(model(r.value));
+  for (let r = gen.next(); !r.done;) r = gen.next(standInModel(r.value));
   return { tree, asked, planned: prepared.brownianQueries!()! };
 }
 

@@ -8,13 +8,7 @@ import { BrownianWorkers } from "./brownian-thread.js";
 import { ImageRng, type LatentShape } from "./image-rng.js";
 import type { NoiseAhead, WorkerNoiseAhead } from "./noise-ahead.js";
 import { prepareSampling, type PreparedSampling } from "./plan.js";
-import type { ModelRequest, ModelResponse } from "./samplers/types.js";
-
-function model(r: ModelRequest): ModelResponse {
-  const f = r.kind === "denoise" ? 1 / (1 + r.sigma * r.sigma) : r.sigma / (1 + r.sigma * r.sigma);
-  const out = r.x.map((v, k) => v * f + 0.01 * Math.sin(k + r.call));
-  return r.kind === "eps" && r.needUncond ? { output: out, uncond: out.map((v) => v * 0.9) } : out;
-}
+import { runSynchronously, driveWithNoiseAhead } from "./test-support.js";
 
 interface Setup {
   name: string;
@@ -43,34 +37,11 @@ function expectedAnswers(tree: BrownianNoiseOptions, queries: BrownianQueryList)
 
 function inThread(s: Setup): Float32Array {
   const { prepared, start } = prepare(s);
-  const run = prepared.run(start);
-  let r = run.next();
-  while (!r.done) r = run.next(model(r.value));
-  return r.value;
+  return runSynchronously(prepared, start);
 }
 
-/** As the denoise loop drives a run; `afterFirst` runs once the first request is ready. */
-async function driven(
-  prepared: PreparedSampling,
-  start: Float32Array,
-  ahead: NoiseAhead,
-  afterFirst?: () => Promise<void>,
-): Promise<Float32Array> {
-  const run = prepared.run(start);
-  let r = run.next();
-  let first = true;
-  while (!r.done) {
-    const req = r.value;
-    const evaluating = new Promise<ModelResponse>((resolve) => setTimeout(() => resolve(model(req)), 1));
-    setImmediate(() => ahead.drawAhead(req));
-    const response = await evaluating;
-    await ahead.ensureReady(req);
-    if (first && afterFirst !== undefined) await afterFirst();
-    first = false;
-    r = run.next(response);
-  }
-  return r.value;
-}
+const driven = async (prepared: PreparedSampling, start: Float32Array, ahead: NoiseAhead, afterFirst?: () => Promise<void>) =>
+  (await driveWithNoiseAhead(prepared, start, ahead, afterFirst === undefined ? {} : { afterFirst })).x;
 
 const A: Setup = { name: "DPM++ 2M SDE", steps: 12, seeds: [12, 13], shape: [4, 8, 8] };
 const B: Setup = { name: "DPM++ SDE", steps: 8, seeds: [777], shape: [4, 6, 10] };

@@ -7,13 +7,7 @@ import type { RngSource } from "./generator.js";
 import { ImageRng, type LatentShape } from "./image-rng.js";
 import { InThreadNoiseAhead, WorkerNoiseAhead, type NoiseAhead } from "./noise-ahead.js";
 import { listSamplers, prepareSampling, type PreparedSampling } from "./plan.js";
-import type { ModelRequest, ModelResponse } from "./samplers/types.js";
-
-function model(r: ModelRequest): ModelResponse {
-  const f = r.kind === "denoise" ? 1 / (1 + r.sigma * r.sigma) : r.sigma / (1 + r.sigma * r.sigma);
-  const out = r.x.map((v, k) => v * f + 0.01 * Math.sin(k + r.call));
-  return r.kind === "eps" && r.needUncond ? { output: out, uncond: out.map((v) => v * 0.9) } : out;
-}
+import { standInModel, runSynchronously, driveWithNoiseAhead } from "./test-support.js";
 
 interface Setup {
   name: string;
@@ -38,33 +32,11 @@ function prepare(s: Setup): { prepared: PreparedSampling; start: Float32Array } 
 /** All synchronous, every tree query made on this thread when the sampler asks. */
 function inThread(s: Setup): Float32Array {
   const { prepared, start } = prepare(s);
-  const run = prepared.run(start);
-  let r = run.next();
-  while (!r.done) r = run.next(model(r.value));
-  return r.value;
+  return runSynchronously(prepared, start);
 }
 
-/** As the agent's denoise loop drives it: the model "runs" for a macrotask, noise is drawn ahead meanwhile. */
-async function driven(
-  prepared: PreparedSampling,
-  start: Float32Array,
-  ahead: NoiseAhead,
-  signal?: AbortSignal,
-): Promise<{ x: Float32Array; queries: number }> {
-  const run = prepared.run(start);
-  let r = run.next();
-  let queries = 0;
-  while (!r.done) {
-    const req = r.value;
-    queries += req.upcoming?.queries?.length ?? 0;
-    const evaluating = new Promise<ModelResponse>((resolve) => setTimeout(() => resolve(model(req)), 1));
-    setImmediate(() => ahead.drawAhead(req, signal));
-    const response = await evaluating;
-    await ahead.ensureReady(req, signal);
-    r = run.next(response);
-  }
-  return { x: r.value, queries };
-}
+const driven = (prepared: PreparedSampling, start: Float32Array, ahead: NoiseAhead, signal?: AbortSignal) =>
+  driveWithNoiseAhead(prepared, start, ahead, signal === undefined ? {} : { signal });
 
 const brownianSamplers = listSamplers()
   .filter((s) => s.options["brownian_noise"] === true)
@@ -171,7 +143,7 @@ test("a worker that cannot answer leaves the query to the sampler, which meets t
     assert.ok(!first.done);
     ahead.drawAhead(first.value);
     await ahead.ensureReady(first.value); // resolves: the worker failed, nothing to wait for
-    assert.throws(() => run.next(model(first.value)), /unknown RNG source/);
+    assert.throws(() => run.next(standInModel(first.value)), /unknown RNG source/);
   } finally {
     await ahead.close();
   }

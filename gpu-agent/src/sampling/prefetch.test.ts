@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { ImageRng } from "./image-rng.js";
 import { listSamplers, prepareSampling } from "./plan.js";
 import { NoisePrefetcher } from "./prefetch.js";
-import type { ModelRequest, ModelResponse } from "./samplers/types.js";
+import { standInModel } from "./test-support.js";
 
 const counter = (): (() => Float32Array) => {
   let k = 0;
@@ -59,12 +59,6 @@ test("drawAhead never throws and stops when aborted; the sampler's own draw then
   assert.equal(p.readyDraws, 0);
 });
 
-function model(r: ModelRequest): ModelResponse {
-  const f = r.kind === "denoise" ? 1 / (1 + r.sigma * r.sigma) : r.sigma / (1 + r.sigma * r.sigma);
-  const out = r.x.map((v, k) => v * f + 0.01 * Math.sin(k + r.call));
-  return r.kind === "eps" && r.needUncond ? { output: out, uncond: out.map((v) => v * 0.9) } : out;
-}
-
 test("every sampler gives the same latents with noise drawn ahead (twice, even) as without", () => {
   const shape = [4, 5, 3] as const;
   for (const { name } of listSamplers()) {
@@ -82,7 +76,7 @@ test("every sampler gives the same latents with noise drawn ahead (twice, even) 
       let r = run.next();
       while (!r.done) {
         for (let k = 0; k < ahead; k++) prepared.drawAhead(r.value);
-        r = run.next(model(r.value));
+        r = run.next(standInModel(r.value));
       }
       results.push(r.value);
     }
