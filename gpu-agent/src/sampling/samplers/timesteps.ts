@@ -286,23 +286,15 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
     return uniPcDataPrediction(freshLatent(xt.length), xt, eps, ns.std(t), ns.alpha(t));
   };
 
-  const update = function* (
-    xIn: Float32Array,
-    modelPrev: Float32Array[],
-    tPrev: number[],
-    t: number,
-    stepOrder: number,
-    useCorrector: boolean,
-  ): Generator<ModelRequest, { x: Float32Array; modelT: Float32Array | undefined }, ModelResponse> {
-    const n = xIn.length;
+  /**
+   * What every UniPC update starts from: α_t, the step ratios r_k (last one 1), the older model outputs
+   * m₁… (newest first), −h, h·φ₁(−h) and the x and m₀ scales of the first-order part.
+   */
+  const stepBasics = (modelPrev: readonly Float32Array[], tPrev: readonly number[], t: number, stepOrder: number) => {
     const tPrev0 = tPrev[tPrev.length - 1]!;
     const lambdaPrev0 = ns.lambda(tPrev0);
-    const lambdaT = ns.lambda(t);
-    const modelPrev0 = modelPrev[modelPrev.length - 1]!;
-    const sigmaPrev0 = ns.std(tPrev0);
-    const sigmaT = ns.std(t);
     const alphaT = f32(Math.exp(ns.logMeanCoeff(t)));
-    const h = f32(lambdaT - lambdaPrev0);
+    const h = f32(ns.lambda(t) - lambdaPrev0);
     const rks: number[] = [];
     const older: Float32Array[] = [];
     for (let i = 1; i < stepOrder; i++) {
@@ -313,8 +305,20 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
     rks.push(1);
     const hh = -h;
     const hPhi1 = expm1F(hh);
-    const ratio = f32(sigmaT / sigmaPrev0);
-    const baseScale = f32(alphaT * hPhi1);
+    return { alphaT, rks, older, hh, hPhi1, ratio: f32(ns.std(t) / ns.std(tPrev0)), baseScale: f32(alphaT * hPhi1) };
+  };
+
+  const update = function* (
+    xIn: Float32Array,
+    modelPrev: Float32Array[],
+    tPrev: number[],
+    t: number,
+    stepOrder: number,
+    useCorrector: boolean,
+  ): Generator<ModelRequest, { x: Float32Array; modelT: Float32Array | undefined }, ModelResponse> {
+    const n = xIn.length;
+    const modelPrev0 = modelPrev[modelPrev.length - 1]!;
+    const { alphaT, rks, older, hh, hPhi1, ratio, baseScale } = stepBasics(modelPrev, tPrev, t, stepOrder);
 
     if (variant === "vary_coeff") {
       const d1s = older.map((modelPrevI, i) => {
@@ -393,25 +397,7 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
     stepOrder: number,
     useCorrector: boolean,
   ): { terms: UniPcTerms; older: Float32Array[] } => {
-    const tPrev0 = tPrev[tPrev.length - 1]!;
-    const lambdaPrev0 = ns.lambda(tPrev0);
-    const lambdaT = ns.lambda(t);
-    const sigmaPrev0 = ns.std(tPrev0);
-    const sigmaT = ns.std(t);
-    const alphaT = f32(Math.exp(ns.logMeanCoeff(t)));
-    const h = f32(lambdaT - lambdaPrev0);
-    const rks: number[] = [];
-    const older: Float32Array[] = [];
-    for (let i = 1; i < stepOrder; i++) {
-      const lambdaPrevI = ns.lambda(tPrev[tPrev.length - 1 - i]!);
-      rks.push(f32(f32(lambdaPrevI - lambdaPrev0) / h));
-      older.push(modelPrev[modelPrev.length - 1 - i]!);
-    }
-    rks.push(1);
-    const hh = -h;
-    const hPhi1 = expm1F(hh);
-    const ratio = f32(sigmaT / sigmaPrev0);
-    const baseScale = f32(alphaT * hPhi1);
+    const { alphaT, rks, older, hh, hPhi1, ratio, baseScale } = stepBasics(modelPrev, tPrev, t, stepOrder);
     const bH = variant === "bh1" ? hh : expm1F(hh);
     let hPhiK = f32(f32(hPhi1 / hh) - 1);
     let factorial = 1;

@@ -14,6 +14,8 @@ import {
   type UniPcTerms,
 } from "./updates.js";
 import { allocateAhead, clearLatentPool, freshLatent } from "./latent-pool.js";
+import { createHash } from "node:crypto";
+import { ddimTimesteps, sampleUniPc } from "./timesteps.js";
 
 const f32 = Math.fround;
 
@@ -188,5 +190,48 @@ test("UniPC's corrector fused with the next predictor gives the bits of the two 
     const got = [new Float32Array(n), new Float32Array(n), new Float32Array(n)] as const;
     uniPcCorrectThenPredict(got[0], got[1], got[2], x, m[0]!, older, xt, eps, now, f32(0.3), f32(0.95), next);
     assert.ok(sameBits(got[0], wantModelT) && sameBits(got[1], wantOut) && sameBits(got[2], wantNext), `${k} → ${kNext}`);
+  }
+});
+
+test("UniPC's every model input and result keep their bits (variants, orders, time spacings)", () => {
+  // Pinned from the implementation before its coefficient setup was shared between the B(h) and
+  // vary_coeff paths; any change to the arithmetic shows here even where convergence tests still pass.
+  const pinned = new Map<string, string>([
+    ["bh1 2 time_uniform", "ba446ac3dbb4aa54"],
+    ["bh1 2 logSNR", "a6a6298f7841f3a4"],
+    ["bh1 3 time_uniform", "334d7952a8436f2f"],
+    ["bh1 3 logSNR", "74241fb0b3e46820"],
+    ["bh2 2 time_uniform", "9fa21dcc8d5da8a9"],
+    ["bh2 2 logSNR", "f9ff15eb139b5b9c"],
+    ["bh2 3 time_uniform", "2c7e9612498e63ae"],
+    ["bh2 3 logSNR", "1fae8a2f4ae3e4a7"],
+    ["vary_coeff 2 time_uniform", "b0a384b8a82d8443"],
+    ["vary_coeff 2 logSNR", "76359778119d87f3"],
+    ["vary_coeff 3 time_uniform", "e0a8b1706ff5bcea"],
+    ["vary_coeff 3 logSNR", "db1471341ce362bd"],
+  ]);
+  for (const variant of ["bh1", "bh2", "vary_coeff"] as const) {
+    for (const order of [2, 3]) {
+      for (const skipType of ["time_uniform", "logSNR"] as const) {
+        let seed = 5;
+        const rnd = (): number => {
+          seed = (seed * 1103515245 + 12345) >>> 0;
+          return seed / 2 ** 32 - 0.5;
+        };
+        const x0 = Float32Array.from({ length: 1027 }, () => rnd() * 2);
+        const run = sampleUniPc(x0, { timesteps: ddimTimesteps(8), variant, order, lowerOrderFinal: true, skipType });
+        const hash = createHash("sha256");
+        const bytes = (a: Float32Array): Uint8Array => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+        let r = run.next();
+        while (!r.done) {
+          const q = r.value;
+          hash.update(bytes(q.x));
+          r = run.next(q.x.map((v, i) => v * 0.3 + 0.05 * Math.sin(i * 0.37 + q.call)));
+        }
+        hash.update(bytes(r.value));
+        const key = `${variant} ${order} ${skipType}`;
+        assert.equal(hash.digest("hex").slice(0, 16), pinned.get(key), key);
+      }
+    }
   }
 });
