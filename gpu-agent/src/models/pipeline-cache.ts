@@ -2,6 +2,8 @@ interface Slot<T> {
   value: Promise<T>;
   users: number;
   lastUsed: number;
+  /** Dropped by discard(): closed when its last user releases it. */
+  discarded?: boolean;
 }
 
 export interface Loaded<T> {
@@ -53,6 +55,7 @@ export class PipelineCache<T extends { close(): Promise<void> }> {
           released = true;
           s.users--;
           s.lastUsed = Date.now();
+          if (s.discarded && s.users === 0) void value.close().catch(() => undefined);
           void this.evict();
         },
       };
@@ -74,11 +77,8 @@ export class PipelineCache<T extends { close(): Promise<void> }> {
         if (v !== value || this.slots.get(name) !== slot) return;
         this.slots.delete(name);
         this.onChange?.(this.names);
-        const closeWhenIdle = (): void => {
-          if (slot.users > 0) setTimeout(closeWhenIdle, 100).unref();
-          else void value.close().catch(() => undefined);
-        };
-        closeWhenIdle();
+        slot.discarded = true;
+        if (slot.users === 0) void value.close().catch(() => undefined);
       },
       () => undefined,
     );

@@ -5,6 +5,7 @@ import type { Worker } from "node:worker_threads";
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, abortError, type Logger, type RunTaskRequest } from "@latentfarm/shared";
 import type { RenderContext } from "../pipeline/txt2img.js";
+import { parsePipelineKey } from "../models/model-loader.js";
 import { spawnModuleWorker } from "../runtime/spawn-worker.js";
 import type { TaskOutput } from "../task-run.js";
 import { fromWireError, type FromHost, type HostInit, type ToHost } from "./protocol.js";
@@ -69,6 +70,7 @@ export class PipelineHost {
     private readonly opts: PipelineHostOptions,
     ready: { resolve: () => void; reject: (err: unknown) => void },
   ) {
+    this.name = parsePipelineKey(opts.key).model;
     this.worker = spawnModuleWorker(import.meta.url, "host-thread", { workerData: hostInit(opts) });
     PipelineHost.alive++;
     this.worker.on("message", (m: FromHost) => this.onMessage(m, ready));
@@ -101,9 +103,8 @@ export class PipelineHost {
     }
   }
 
-  get name(): string {
-    return JSON.parse(this.opts.key).model as string;
-  }
+  /** The model's name (the pipeline key's). */
+  readonly name: string;
 
   /** Renders a task in the pipeline thread; ctx.onStep and ctx.onWarning are called here as events arrive. */
   runTask(req: RunTaskRequest, ctx: RenderContext): Promise<TaskOutput> {
