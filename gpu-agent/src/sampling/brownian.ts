@@ -6,15 +6,16 @@
  *
  * What is verified, and how:
  * - SeedSequence: against numpy's own output (brownian.test.ts).
- * - The interval logic (halfway splits, spawn key and depth of each split, W seed = generate_state(4)[0],
- *   the top increment from generate_state(3)[0] × sqrt(t1 − t0), the bridge formula, left-to-right sums,
- *   clamping, rounding with Python's round(x, 6)): read from torchsde's public BrownianInterval source and
- *   tested for its structural properties (bridge, order independence, additivity).
- * What is not verified: no test compares these increments with values produced by torchsde 0.2.6
- * itself (there is no such reference in the fixtures), and that k-diffusion's BrownianTree(t0, w0, t1,
- * entropy) call reaches BrownianInterval with exactly these defaults in the 0.2.6 wheel A1111 pins is
- * taken from the source, not checked against the wheel. Treat DPM++ SDE / 2M SDE / 3M SDE images as
- * "same construction", not "bit-identical to A1111", until such a reference exists.
+ * - The whole construction, bit for bit: brownian-torchsde.test.ts replays every tree query of DPM++ SDE,
+ *   2M SDE, 2M SDE Heun and 3M SDE runs (NV, CPU and GPU sources, batches, a seed above 2³¹) and compares
+ *   the float32 bits with answers computed outside this repository by a line-by-line Python transcription
+ *   of torchsde's BrownianInterval and k-diffusion's BrownianTreeNoiseSampler, run with numpy's own
+ *   SeedSequence and float32 arithmetic (testdata/brownian-torchsde.json says how). A deliberate change
+ *   of pool size or rounding there breaks every query, so the comparison discriminates.
+ * What is still not verified: that output against torchsde 0.2.6 run under real torch (no torch here). Two
+ * things could differ there: torch's float32 ops are the same IEEE operations, so only the query points
+ * (σ values from torch's own log/exp, which may differ from ours in the last bit) and the tree's root σ
+ * range could move values, by float32 rounding at most.
  */
 import { createGenerator, type RngSource } from "./generator.js";
 import type { LatentShape } from "./image-rng.js";
