@@ -192,8 +192,16 @@ class VpSchedule {
     return f32(y0 + f32(f32(f32(x - x0) * f32(y1 - y0)) / f32(x1 - x0)));
   }
 
+  /** Each update asks for the same few times again and again; the interpolation scans up to 1000 knots. */
+  private readonly logMeanCoeffs = new Map<number, number>();
+
   logMeanCoeff(t: number): number {
-    return this.interpolate(t, this.tArray, this.logAlpha);
+    let value = this.logMeanCoeffs.get(t);
+    if (value === undefined) {
+      value = this.interpolate(t, this.tArray, this.logAlpha);
+      this.logMeanCoeffs.set(t, value);
+    }
+    return value;
   }
 
   alpha(t: number): number {
@@ -441,9 +449,11 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
     /** The history after an update: its model output appended, the last `order` entries kept. */
     const advanced = <T>(list: readonly T[], item: T): T[] => [...list, item].slice(-order);
     let predicted: Float32Array | undefined;
+    // The previous update already worked out this one's terms (for its fused predictor).
+    let carried: ReturnType<typeof bhTerms> | undefined;
     for (let k = 0; k < plan.length; k++) {
       const { t, stepOrder, useCorrector } = plan[k]!;
-      const { terms, older } = bhTerms(modelPrev, tPrev, t, stepOrder, useCorrector);
+      const { terms, older } = carried ?? bhTerms(modelPrev, tPrev, t, stepOrder, useCorrector);
       const m0 = modelPrev[modelPrev.length - 1]!;
       const xt = predicted ?? uniPcPredict(freshLatent(n), x, m0, older, terms);
       predicted = undefined;
@@ -461,12 +471,14 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
       const nextTPrev = advanced(tPrev, t);
       const next = following && bhTerms(nextModelPrev, nextTPrev, following.t, following.stepOrder, following.useCorrector);
       const operands = [m0, ...older];
+      // x_t is this update's own predictor: the corrector recomputes it rather than reading it back.
       if (next !== undefined && next.older.every((m, j) => m === operands[j])) {
         predicted = freshLatent(n);
-        uniPcCorrectThenPredict(modelT, corrected, predicted, x, m0, older, xt, eps, terms, ns.std(t), ns.alpha(t), next.terms);
+        uniPcCorrectThenPredict(modelT, corrected, predicted, x, m0, older, undefined, eps, terms, ns.std(t), ns.alpha(t), next.terms);
       } else {
-        uniPcCorrect(modelT, corrected, x, m0, older, xt, eps, terms, ns.std(t), ns.alpha(t));
+        uniPcCorrect(modelT, corrected, x, m0, older, undefined, eps, terms, ns.std(t), ns.alpha(t));
       }
+      carried = next;
       x = corrected;
       updateIndex++;
       modelPrev = nextModelPrev;

@@ -235,3 +235,38 @@ test("UniPC's every model input and result keep their bits (variants, orders, ti
     }
   }
 });
+
+test("UniPC's corrector recomputing its own x_t gives the bits of reading the predictor's x_t", () => {
+  const x = latent(20);
+  const m = [latent(21), latent(22), latent(23)];
+  const eps = latent(24);
+  const n = x.length;
+  const terms = (k: number, seed: number): UniPcTerms => ({
+    ratio: f32(0.91 + seed / 100),
+    baseScale: f32(-0.17),
+    scale: f32(0.29 - seed / 50),
+    rks: Array.from({ length: k }, (_, j) => f32(-0.55 - j / 3)),
+    rhosP: Array.from({ length: k }, (_, j) => f32(0.45 - j / 7)),
+    rhosC: [...Array.from({ length: k }, (_, j) => f32(0.25 + j / 9)), f32(0.5)],
+  });
+  for (const [k, kNext] of [
+    [0, 0],
+    [0, 1],
+    [1, 2],
+    [2, 2],
+    [2, 1],
+  ] as const) {
+    const older = m.slice(1, 1 + k);
+    const now = terms(k, 1);
+    const next = terms(kNext, 2);
+    const xt = uniPcPredict(new Float32Array(n), x, m[0]!, older, now);
+    const want = [new Float32Array(n), new Float32Array(n), new Float32Array(n)] as const;
+    uniPcCorrectThenPredict(want[0], want[1], want[2], x, m[0]!, older, xt, eps, now, f32(0.3), f32(0.95), next);
+    const got = [new Float32Array(n), new Float32Array(n), new Float32Array(n)] as const;
+    uniPcCorrectThenPredict(got[0], got[1], got[2], x, m[0]!, older, undefined, eps, now, f32(0.3), f32(0.95), next);
+    assert.ok(sameBits(got[0], want[0]) && sameBits(got[1], want[1]) && sameBits(got[2], want[2]), `fused ${k} → ${kNext}`);
+    const alone = [new Float32Array(n), new Float32Array(n)] as const;
+    uniPcCorrect(alone[0], alone[1], x, m[0]!, older, undefined, eps, now, f32(0.3), f32(0.95));
+    assert.ok(sameBits(alone[0], want[0]) && sameBits(alone[1], want[1]), `alone ${k}`);
+  }
+});

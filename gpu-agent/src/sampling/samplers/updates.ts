@@ -518,18 +518,23 @@ export function lcmStep(
  * Operands: x, m₀, m₁…m_{k−1} [, x_t, eps]. Params: ratio, baseScale, scale, 0, σ_t, α_t, ρ_c,last,
  * then per j: r_j, ρ_p,j, ρ_c,j.
  */
-/** The predictor x_t from x, m₀ and the older m_j, with its params at `p(0…)`. */
-function uniPcPredictorExpr(x: Expr, m0: Expr, older: readonly Expr[], p: (k: number) => Expr): Expr {
-  const xBase = e.sub(e.mul(p(0), x), e.mul(p(1), m0));
-  const d1s = older.map((m, j) => e.div(e.sub(m, m0), p(7 + 3 * j)));
+/** xBase and the D1_j of one update: shared by its predictor and its corrector within one kernel. */
+function uniPcParts(x: Expr, m0: Expr, older: readonly Expr[], p: (k: number) => Expr): { xBase: Expr; d1s: Expr[] } {
+  return { xBase: e.sub(e.mul(p(0), x), e.mul(p(1), m0)), d1s: older.map((m, j) => e.div(e.sub(m, m0), p(7 + 3 * j))) };
+}
+
+/** The predictor x_t from an update's parts, with its params at `p(0…)`. */
+function uniPcPredictorFrom({ xBase, d1s }: { xBase: Expr; d1s: Expr[] }, p: (k: number) => Expr): Expr {
   const weighted = d1s.reduce<Expr>((acc, d, j) => e.add(acc, e.mul(p(8 + 3 * j), d)), p(3));
   return e.sub(xBase, e.mul(p(2), weighted));
 }
 
-/** The corrector's [m_t, corrected x]; it shares xBase and D1_j with nothing else, so it builds its own. */
-function uniPcCorrectorExprs(x: Expr, m0: Expr, older: readonly Expr[], xt: Expr, eps: Expr, p: (k: number) => Expr): Expr[] {
-  const xBase = e.sub(e.mul(p(0), x), e.mul(p(1), m0));
-  const d1s = older.map((m, j) => e.div(e.sub(m, m0), p(7 + 3 * j)));
+function uniPcPredictorExpr(x: Expr, m0: Expr, older: readonly Expr[], p: (k: number) => Expr): Expr {
+  return uniPcPredictorFrom(uniPcParts(x, m0, older, p), p);
+}
+
+/** The corrector's [m_t, corrected x]. */
+function uniPcCorrectorFrom({ xBase, d1s }: { xBase: Expr; d1s: Expr[] }, m0: Expr, xt: Expr, eps: Expr, p: (k: number) => Expr): Expr[] {
   const weighted = d1s.reduce<Expr>((acc, d, j) => e.add(acc, e.mul(p(9 + 3 * j), d)), p(3));
   const modelT = e.div(e.sub(xt, e.mul(p(4), eps)), p(5));
   const corrected = e.sub(xBase, e.mul(p(2), e.add(weighted, e.mul(p(6), e.sub(modelT, m0)))));
@@ -537,31 +542,40 @@ function uniPcCorrectorExprs(x: Expr, m0: Expr, older: readonly Expr[], xt: Expr
 }
 
 /**
- * Kernels by (older count, mode). "correct+predict" also runs the next step's predictor on the corrected
+ * Kernels by (older count, mode, own). "correct+predict" also runs the next step's predictor on the corrected
  * x and m_t in the same pass (its older m's are this step's m₀, m₁…, already operands), with the next
  * step's params after this step's: the next request's latent comes without re-reading x, m_t and the m's.
+ * With `own`, the corrector's x_t is this update's own predictor, recomputed from operands the corrector
+ * reads anyway (the same operations on the same values give the same bits) instead of read back.
  */
-function uniPcExprs(d1Count: number, mode: "predict" | "correct" | number): { inputs: number; params: number; outputs: Expr[] } {
+function uniPcExprs(
+  d1Count: number,
+  mode: "predict" | "correct" | number,
+  own: boolean,
+): { inputs: number; params: number; outputs: Expr[] } {
   const x = e.in(0);
   const m0 = e.in(1);
   const older = Array.from({ length: d1Count }, (_, j) => e.in(2 + j));
   const p = (k: number): Expr => e.param(k);
   const params = 7 + 3 * d1Count;
-  if (mode === "predict") return { inputs: 2 + d1Count, params, outputs: [uniPcPredictorExpr(x, m0, older, p)] };
-  const [modelT, corrected] = uniPcCorrectorExprs(x, m0, older, e.in(2 + d1Count), e.in(3 + d1Count), p);
-  if (mode === "correct") return { inputs: 4 + d1Count, params, outputs: [modelT!, corrected!] };
+  const parts = uniPcParts(x, m0, older, p);
+  if (mode === "predict") return { inputs: 2 + d1Count, params, outputs: [uniPcPredictorFrom(parts, p)] };
+  const xt = own ? uniPcPredictorFrom(parts, p) : e.in(2 + d1Count);
+  const inputs = own ? 3 + d1Count : 4 + d1Count;
+  const [modelT, corrected] = uniPcCorrectorFrom(parts, m0, xt, e.in(inputs - 1), p);
+  if (mode === "correct") return { inputs, params, outputs: [modelT!, corrected!] };
   const nextOlder = [m0, ...older].slice(0, mode);
   const next = uniPcPredictorExpr(corrected!, modelT!, nextOlder, (k) => e.param(params + k));
-  return { inputs: 4 + d1Count, params: params + 7 + 3 * mode, outputs: [modelT!, corrected!, next] };
+  return { inputs, params: params + 7 + 3 * mode, outputs: [modelT!, corrected!, next] };
 }
 
 const uniPcKernels = new Map<string, Kernel>();
 
-function uniPcKernel(d1Count: number, mode: "predict" | "correct" | number): Kernel {
-  const key = `${d1Count}/${mode}`;
+function uniPcKernel(d1Count: number, mode: "predict" | "correct" | number, own = false): Kernel {
+  const key = `${d1Count}/${mode}/${own}`;
   let kernel = uniPcKernels.get(key);
   if (kernel === undefined) {
-    const { inputs, params, outputs } = uniPcExprs(d1Count, mode);
+    const { inputs, params, outputs } = uniPcExprs(d1Count, mode, own);
     kernel = new Kernel({ inputs, params, outputs });
     uniPcKernels.set(key, kernel);
   }
@@ -596,20 +610,24 @@ export function uniPcPredict(
   return out;
 }
 
-/** The corrector: writes the data prediction m_t at x_t into `modelT` and the corrected x into `out`. */
+/**
+ * The corrector: writes the data prediction m_t at x_t into `modelT` and the corrected x into `out`. `xt`
+ * undefined: x_t is `uniPcPredict(x, m0, older, t)`, recomputed in the pass rather than read.
+ */
 export function uniPcCorrect(
   modelT: Float32Array,
   out: Float32Array,
   x: Float32Array,
   m0: Float32Array,
   older: readonly Float32Array[],
-  xt: Float32Array,
+  xt: Float32Array | undefined,
   eps: Float32Array,
   t: UniPcTerms,
   sigmaT: number,
   alphaT: number,
 ): void {
-  uniPcKernel(older.length, "correct").run([modelT, out], [x, m0, ...older, xt, eps], uniPcParams(t, sigmaT, alphaT));
+  const ins = xt === undefined ? [x, m0, ...older, eps] : [x, m0, ...older, xt, eps];
+  uniPcKernel(older.length, "correct", xt === undefined).run([modelT, out], ins, uniPcParams(t, sigmaT, alphaT));
 }
 
 /**
@@ -624,7 +642,7 @@ export function uniPcCorrectThenPredict(
   x: Float32Array,
   m0: Float32Array,
   older: readonly Float32Array[],
-  xt: Float32Array,
+  xt: Float32Array | undefined,
   eps: Float32Array,
   t: UniPcTerms,
   sigmaT: number,
@@ -634,7 +652,8 @@ export function uniPcCorrectThenPredict(
   const nextCount = next.rks.length;
   if (nextCount > older.length + 1) throw new RangeError("the next UniPC step uses older model outputs than this one has");
   const params = [...uniPcParams(t, sigmaT, alphaT), ...uniPcParams(next, 0, 1)];
-  uniPcKernel(older.length, nextCount).run([modelT, out, nextXt], [x, m0, ...older, xt, eps], params);
+  const ins = xt === undefined ? [x, m0, ...older, eps] : [x, m0, ...older, xt, eps];
+  uniPcKernel(older.length, nextCount, xt === undefined).run([modelT, out, nextXt], ins, params);
 }
 
 /** The data prediction (x − σ·eps)/α alone. */
