@@ -86,3 +86,28 @@ test("when the thread is gone a stream continues on this thread after the draws 
   assert.equal(local.remote, false);
   assert.deepEqual(local.take(), reference("NV", 1)[0]);
 });
+
+test("draws posted while this thread was blocked (as by a UNet call) are ready without an event-loop turn", async () => {
+  const want = reference("NV", 3);
+  const thread = new NoiseThread();
+  try {
+    const r = rng("NV");
+    r.first();
+    const stream = thread.open(r.continuation());
+    stream.request(1);
+    await stream.ready(); // the thread is up
+    stream.request(2);
+    const blocker = new Int32Array(new SharedArrayBuffer(4));
+    const deadline = performance.now() + 10_000;
+    while (!stream.readyNow() && performance.now() < deadline) Atomics.wait(blocker, 0, 0, 20);
+    assert.ok(stream.readyNow(), "the draws arrived within 10 s");
+    let turned = false;
+    setImmediate(() => (turned = true));
+    await stream.ready();
+    assert.equal(turned, false, "ready() resolved in a microtask, before the next turn");
+    [stream.take(), stream.take(), stream.take()].forEach((g, i) => assert.deepEqual(g, want[i], `draw ${i}`));
+    stream.close();
+  } finally {
+    await thread.close();
+  }
+});

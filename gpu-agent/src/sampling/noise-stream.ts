@@ -72,15 +72,27 @@ export class NoiseThread {
   drainOrWait(limitMs: number): void {
     if (!this.port || !this.posted) return;
     const before = Atomics.load(this.posted, 0);
-    let m = receiveMessageOnPort(this.port);
-    if (m === undefined) {
+    if (this.drain() === 0) {
       Atomics.wait(this.posted, 0, before, limitMs);
-      m = receiveMessageOnPort(this.port);
+      this.drain();
     }
-    while (m !== undefined) {
+  }
+
+  /**
+   * Synchronously takes whatever the thread has posted, without waiting; returns how many draws came.
+   * A stream checks here before waiting for a "message" event, which needs a turn of the event loop:
+   * in a pipeline thread the draws usually arrived during the UNet call, and that turn (with whatever
+   * else it runs) would sit between the model's answer and the sampler's next step.
+   * @internal
+   */
+  drain(): number {
+    if (!this.port) return 0;
+    let count = 0;
+    for (let m = receiveMessageOnPort(this.port); m !== undefined; m = receiveMessageOnPort(this.port)) {
       this.accept(m.message as NoiseDraw);
-      m = receiveMessageOnPort(this.port);
+      count++;
     }
+    return count;
   }
 
   /** A stream continuing `state`; its draws are made on this thread's worker when it runs. */
@@ -147,8 +159,15 @@ export class NoiseStream {
 
   /** Resolves once every requested draw has arrived (at once when drawing here). */
   ready(): Promise<void> {
-    if (!this.thread || this.allArrived()) return Promise.resolve();
+    if (this.readyNow()) return Promise.resolve();
     return new Promise((resolve) => (this.waiter = { resolve }));
+  }
+
+  /** Whether every requested draw is here, taking what the thread posted without an event-loop turn. */
+  readyNow(): boolean {
+    if (!this.thread) return true;
+    if (!this.allArrived()) this.thread.drain();
+    return !this.thread || this.allArrived();
   }
 
   private allArrived(): boolean {
