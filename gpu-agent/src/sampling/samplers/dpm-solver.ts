@@ -6,7 +6,7 @@ import { linspaceF32 } from "../float32.js";
 import { ModelCaller, ONE_DRAW, ancestralStep, checkedNoise, expF, expm1F, logF } from "./common.js";
 import type { ModelRequest, ModelResponse, UpcomingNoise } from "./types.js";
 import type { DiscreteSchedule } from "../sigmas.js";
-import { adaptiveErrorSumOfSquares, addScaledNoise, dpmEpsCombines, dpmEpsStages } from "./updates.js";
+import { addScaledNoise, dpmEpsCombineWithError, dpmEpsCombines, dpmEpsStages, type ScaledNoise } from "./updates.js";
 import { freshLatent } from "./latent-pool.js";
 
 const f32 = Math.fround;
@@ -22,6 +22,22 @@ export interface DpmSolverOptions {
 }
 
 type EvalGenerator = Generator<ModelRequest, Float32Array, ModelResponse>;
+
+/**
+ * DPM fast's ancestral noise for the step's result, drawn once the step's last model answer is in (where
+ * the separate pass after the step drew it: no draw comes between) and added in the step's last kernel.
+ */
+type FinalNoise = () => ScaledNoise;
+
+/** What DPM adaptive's error needs besides the pair: the error is computed in the pass that makes `high`. */
+interface ErrorTerms {
+  xPrev: Float32Array;
+  atol: number;
+  rtol: number;
+  scratch: Float32Array;
+}
+
+type PairGenerator = Generator<ModelRequest, { low: Float32Array; high: Float32Array; sumSquares: number }, ModelResponse>;
 
 const sigmaOf = (t: number): number => expF(-t);
 const tOf = (sigma: number): number => -logF(sigma);
@@ -51,11 +67,20 @@ class Solver {
     return this.model.denoise(x, sigmaOf(t), this.step, this.upcoming);
   }
 
-  /** D at (x, t), then eps into this.eps and the points x − c_j·eps (fresh arrays). */
-  private *start(x: Float32Array, t: number, cs: readonly number[]): Generator<ModelRequest, Float32Array[], ModelResponse> {
+  /**
+   * D at (x, t), then eps into this.eps and the points x − c_j·eps (fresh arrays). With `noise` (a one-stage
+   * step), eps is not kept and the noise is added to the last point.
+   */
+  private *start(
+    x: Float32Array,
+    t: number,
+    cs: readonly number[],
+    noise?: FinalNoise,
+  ): Generator<ModelRequest, Float32Array[], ModelResponse> {
     const den = yield* this.denoised(x, t);
     const outs = cs.map(() => freshLatent(this.length));
-    dpmEpsStages([this.eps, ...outs], x, den, sigmaOf(t), cs, true);
+    if (noise === undefined) dpmEpsStages([this.eps, ...outs], x, den, sigmaOf(t), cs, true);
+    else dpmEpsStages(outs, x, den, sigmaOf(t), cs, false, noise());
     return outs;
   }
 
@@ -65,11 +90,40 @@ class Solver {
     s: number,
     x: Float32Array,
     pairs: ReadonlyArray<readonly [number, number]>,
+    noise?: FinalNoise,
   ): Generator<ModelRequest, Float32Array[], ModelResponse> {
     const den = yield* this.denoised(u, s);
     const outs = pairs.map(() => freshLatent(this.length));
-    dpmEpsCombines(outs, u, den, x, this.eps, sigmaOf(s), pairs);
+    dpmEpsCombines(outs, u, den, x, this.eps, sigmaOf(s), pairs, noise?.());
     return outs;
+  }
+
+  /** combine for the last pair of an adaptive attempt: `high`, and the error sum against `low`. */
+  private *combineWithError(
+    u: Float32Array,
+    s: number,
+    x: Float32Array,
+    pair: readonly [number, number],
+    low: Float32Array,
+    error: ErrorTerms,
+  ): PairGenerator {
+    const den = yield* this.denoised(u, s);
+    const high = freshLatent(this.length);
+    const sumSquares = dpmEpsCombineWithError(
+      high,
+      error.scratch,
+      u,
+      den,
+      x,
+      this.eps,
+      sigmaOf(s),
+      pair,
+      low,
+      error.xPrev,
+      error.atol,
+      error.rtol,
+    );
+    return { low, high, sumSquares };
   }
 
   /** Coefficients of DPM-Solver-1: x − a·eps. */
@@ -103,44 +157,42 @@ class Solver {
     return { s1, c1, s2, stage2: [c2, c3] as [number, number], final: [a, b] as [number, number] };
   }
 
-  *step1(x: Float32Array, t: number, tNext: number): EvalGenerator {
-    const [out] = yield* this.start(x, t, [Solver.first(tNext, f32(tNext - t))]);
+  *step1(x: Float32Array, t: number, tNext: number, noise: FinalNoise): EvalGenerator {
+    const [out] = yield* this.start(x, t, [Solver.first(tNext, f32(tNext - t))], noise);
     return out!;
   }
 
-  *step2(x: Float32Array, t: number, tNext: number): EvalGenerator {
+  *step2(x: Float32Array, t: number, tNext: number, noise: FinalNoise): EvalGenerator {
     const { s1, c1, final } = Solver.second(t, tNext, f32(tNext - t), 1 / 2);
     const [u1] = yield* this.start(x, t, [c1]);
-    const [out] = yield* this.combine(u1!, s1, x, [final]);
+    const [out] = yield* this.combine(u1!, s1, x, [final], noise);
     return out!;
   }
 
-  *step3(x: Float32Array, t: number, tNext: number): EvalGenerator {
+  *step3(x: Float32Array, t: number, tNext: number, noise: FinalNoise): EvalGenerator {
     const { s1, c1, s2, stage2, final } = Solver.third(t, tNext, f32(tNext - t));
     const [u1] = yield* this.start(x, t, [c1]);
     const [u2] = yield* this.combine(u1!, s1, x, [stage2]);
-    const [out] = yield* this.combine(u2!, s2, x, [final]);
+    const [out] = yield* this.combine(u2!, s2, x, [final], noise);
     return out!;
   }
 
   /** DPM adaptive's order-2 pair: step1 (low) and step2 (high), sharing eps. */
-  *pair12(x: Float32Array, t: number, tNext: number): Generator<ModelRequest, { low: Float32Array; high: Float32Array }, ModelResponse> {
+  *pair12(x: Float32Array, t: number, tNext: number, error: ErrorTerms): PairGenerator {
     const h = f32(tNext - t);
     const { s1, c1, final } = Solver.second(t, tNext, h, 1 / 2);
     const [low, u1] = yield* this.start(x, t, [Solver.first(tNext, h), c1]);
-    const [high] = yield* this.combine(u1!, s1, x, [final]);
-    return { low: low!, high: high! };
+    return yield* this.combineWithError(u1!, s1, x, final, low!, error);
   }
 
   /** DPM adaptive's order-3 pair: step2 with r1 = 1/3 (low) and step3 (high), sharing eps and eps_r1. */
-  *pair23(x: Float32Array, t: number, tNext: number): Generator<ModelRequest, { low: Float32Array; high: Float32Array }, ModelResponse> {
+  *pair23(x: Float32Array, t: number, tNext: number, error: ErrorTerms): PairGenerator {
     const h = f32(tNext - t);
     const second = Solver.second(t, tNext, h, 1 / 3);
     const third = Solver.third(t, tNext, h);
     const [u1] = yield* this.start(x, t, [second.c1]);
     const [low, u2] = yield* this.combine(u1!, second.s1, x, [second.final, third.stage2]);
-    const [high] = yield* this.combine(u2!, third.s2, x, [third.final]);
-    return { low: low!, high: high! };
+    return yield* this.combineWithError(u2!, third.s2, x, third.final, low!, error);
   }
 }
 
@@ -184,10 +236,11 @@ export function* sampleDpmFast(x: Float32Array, n: number, o: DpmSolverOptions):
     const tNext = ts[i + 1]!;
     const { tTarget, su } = ancestralT(t, tNext, tEnd, eta);
     const order = orders[i]!;
-    if (order === 1) x = yield* solver.step1(x, t, tTarget);
-    else if (order === 2) x = yield* solver.step2(x, t, tTarget);
-    else x = yield* solver.step3(x, t, tTarget);
-    x = addAncestralNoise(x, su, sNoise, o.noise);
+    // k-diffusion adds su·s_noise·noise even when su is 0, so the draw is consumed every step.
+    const noise = (): ScaledNoise => ({ noise: checkedNoise(o.noise, x.length), scale: f32(su * sNoise) });
+    if (order === 1) x = yield* solver.step1(x, t, tTarget, noise);
+    else if (order === 2) x = yield* solver.step2(x, t, tTarget, noise);
+    else x = yield* solver.step3(x, t, tTarget, noise);
   }
   return x;
 }
@@ -272,9 +325,9 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
     if (solver.step >= maxSteps) throw new RangeError(`DPM adaptive did not finish within ${maxSteps} steps`);
     const t = forward ? Math.min(tEnd, f32(s + pid.h)) : Math.max(tEnd, f32(s + pid.h));
     const { tTarget, su } = ancestralT(s, t, tEnd, eta);
-    const { low, high } = order === 2 ? yield* solver.pair12(x, s, tTarget) : yield* solver.pair23(x, s, tTarget);
     errors ??= new Float32Array(x.length);
-    const sumSquares = adaptiveErrorSumOfSquares(errors, low, high, xPrev, atol, rtol);
+    const terms = { xPrev, atol, rtol, scratch: errors };
+    const { low, high, sumSquares } = order === 2 ? yield* solver.pair12(x, s, tTarget, terms) : yield* solver.pair23(x, s, tTarget, terms);
     const error = f32(f32(Math.sqrt(sumSquares)) / f32(Math.sqrt(x.length)));
     if (pid.proposeStep(error)) {
       xPrev = low;

@@ -3,6 +3,8 @@ import assert from "node:assert/strict";
 import { setImmediate as nextTurn } from "node:timers/promises";
 import {
   adaptiveErrorSumOfSquares,
+  addScaledNoise,
+  dpmEpsCombineWithError,
   ddimStep,
   dpmEpsCombines,
   dpmEpsStages,
@@ -268,5 +270,44 @@ test("UniPC's corrector recomputing its own x_t gives the bits of reading the pr
     const alone = [new Float32Array(n), new Float32Array(n)] as const;
     uniPcCorrect(alone[0], alone[1], x, m[0]!, older, undefined, eps, now, f32(0.3), f32(0.95));
     assert.ok(sameBits(alone[0], want[0]) && sameBits(alone[1], want[1]), `alone ${k}`);
+  }
+});
+
+test("DPM-Solver kernels with the ancestral noise or the adaptive error fused in give the bits of the separate passes", () => {
+  const x = latent(25);
+  const den = latent(26);
+  const u = latent(27);
+  const denU = latent(28);
+  const noise = latent(29);
+  const low = latent(30);
+  const prev = latent(31);
+  const n = x.length;
+  const sigma = f32(2.9);
+  const sigmaU = f32(1.6);
+  const c = f32(0.37);
+  const scale = f32(0.21);
+  const pair = [f32(-0.8), f32(0.11)] as const;
+  const eps = new Float32Array(n);
+  const stage = new Float32Array(n);
+  dpmEpsStages([eps, stage], x, den, sigma, [c], true);
+  const wantStage = addScaledNoise(new Float32Array(n), stage, noise, scale);
+  const gotStage = new Float32Array(n);
+  dpmEpsStages([gotStage], x, den, sigma, [c], false, { noise, scale });
+  assert.ok(sameBits(gotStage, wantStage), "stage + noise");
+  const combined = new Float32Array(n);
+  dpmEpsCombines([combined], u, denU, x, eps, sigmaU, [pair]);
+  const wantCombined = addScaledNoise(new Float32Array(n), combined, noise, scale);
+  const gotCombined = new Float32Array(n);
+  dpmEpsCombines([gotCombined], u, denU, x, eps, sigmaU, [pair], { noise, scale });
+  assert.ok(sameBits(gotCombined, wantCombined), "combination + noise");
+  for (const [atol, rtol] of [
+    [f32(0.0078), f32(0.05)],
+    [f32(1e-6), f32(0.5)],
+  ] as const) {
+    const wantSum = adaptiveErrorSumOfSquares(new Float32Array(n), low, combined, prev, atol, rtol);
+    const high = new Float32Array(n);
+    const gotSum = dpmEpsCombineWithError(high, new Float32Array(n), u, denU, x, eps, sigmaU, pair, low, prev, atol, rtol);
+    assert.ok(sameBits(high, combined), "high");
+    assert.ok(Object.is(gotSum, wantSum), `error sum ${gotSum} vs ${wantSum}`);
   }
 });

@@ -341,7 +341,16 @@ export function lmsStep(
  * updates (x − a·eps) − b·(eps₂ − eps). Fusing them saves storing and re-reading the eps arrays.
  */
 
-/** From (x, D): [eps,] then x − c_j·eps per coefficient. Params: σ, c_0… */
+/** An ancestral term n·c added to the last output of a DPM-Solver kernel. */
+export interface ScaledNoise {
+  noise: Float32Array;
+  scale: number;
+}
+
+/** last + n·c, the rounding of DPM fast's separate x + su·s_noise·noise pass on the stored result. */
+const plusNoise = (last: Expr, noise: Expr, scale: Expr): Expr => e.add(last, e.mul(noise, scale));
+
+/** From (x, D[, n]): [eps,] then x − c_j·eps per coefficient [, the last + n·c]. Params: σ, c_0…[, c]. */
 const dpmStagesKernels = new Map<string, Kernel>();
 
 export function dpmEpsStages(
@@ -351,23 +360,40 @@ export function dpmEpsStages(
   sigma: number,
   cs: readonly number[],
   withEps: boolean,
+  noise?: ScaledNoise,
 ): void {
-  const key = `${withEps}/${cs.length}`;
+  const key = `${withEps}/${cs.length}/${noise !== undefined}`;
   let kernel = dpmStagesKernels.get(key);
   if (kernel === undefined) {
     const eps = toD(X, D, e.param(0));
     const outputs = cs.map((_, j) => e.sub(X, e.mul(e.param(1 + j), eps)));
-    kernel = new Kernel({ inputs: 2, params: 1 + cs.length, outputs: withEps ? [eps, ...outputs] : outputs });
+    if (noise !== undefined) outputs.push(plusNoise(outputs.pop()!, e.in(2), e.param(1 + cs.length)));
+    kernel = new Kernel({
+      inputs: noise === undefined ? 2 : 3,
+      params: 1 + cs.length + (noise === undefined ? 0 : 1),
+      outputs: withEps ? [eps, ...outputs] : outputs,
+    });
     dpmStagesKernels.set(key, kernel);
   }
-  kernel.run(outs, [x, den], [sigma, ...cs]);
+  if (noise === undefined) kernel.run(outs, [x, den], [sigma, ...cs]);
+  else kernel.run(outs, [x, den, noise.noise], [sigma, ...cs, noise.scale]);
+}
+
+/** eps_u = (u − D_u)/σ_u and (x − a·eps) − b·(eps_u − eps), from operands u, D_u, x, eps and params σ_u, a, b at `p`. */
+function dpmCombineExprs(pairCount: number, p: (k: number) => Expr): Expr[] {
+  const epsU = toD(X, D, p(0));
+  const xIn = e.in(2);
+  const epsIn = e.in(3);
+  return Array.from({ length: pairCount }, (_, j) =>
+    e.sub(e.sub(xIn, e.mul(p(1 + 2 * j), epsIn)), e.mul(p(2 + 2 * j), e.sub(epsU, epsIn))),
+  );
 }
 
 /**
- * From (u, D_u, x, eps): eps_u = (u − D_u)/σ_u, then (x − a_j·eps) − b_j·(eps_u − eps) per pair.
- * Params: σ_u, a_0, b_0, a_1, b_1…
+ * From (u, D_u, x, eps[, n]): eps_u = (u − D_u)/σ_u, then (x − a_j·eps) − b_j·(eps_u − eps) per pair [, the
+ * last + n·c]. Params: σ_u, a_0, b_0, a_1, b_1…[, c]
  */
-const dpmCombinesKernels = new Map<number, Kernel>();
+const dpmCombinesKernels = new Map<string, Kernel>();
 
 export function dpmEpsCombines(
   outs: readonly Float32Array[],
@@ -377,17 +403,18 @@ export function dpmEpsCombines(
   eps: Float32Array,
   sigmaU: number,
   pairs: ReadonlyArray<readonly [a: number, b: number]>,
+  noise?: ScaledNoise,
 ): void {
-  let kernel = dpmCombinesKernels.get(pairs.length);
+  const key = `${pairs.length}/${noise !== undefined}`;
+  let kernel = dpmCombinesKernels.get(key);
   if (kernel === undefined) {
-    const epsU = toD(X, D, e.param(0));
-    const xIn = e.in(2);
-    const epsIn = e.in(3);
-    const outputs = pairs.map((_, j) => e.sub(e.sub(xIn, e.mul(e.param(1 + 2 * j), epsIn)), e.mul(e.param(2 + 2 * j), e.sub(epsU, epsIn))));
-    kernel = new Kernel({ inputs: 4, params: 1 + 2 * pairs.length, outputs });
-    dpmCombinesKernels.set(pairs.length, kernel);
+    const outputs = dpmCombineExprs(pairs.length, e.param);
+    if (noise !== undefined) outputs.push(plusNoise(outputs.pop()!, e.in(4), e.param(1 + 2 * pairs.length)));
+    kernel = new Kernel({ inputs: noise === undefined ? 4 : 5, params: 1 + 2 * pairs.length + (noise === undefined ? 0 : 1), outputs });
+    dpmCombinesKernels.set(key, kernel);
   }
-  kernel.run(outs, [u, denU, x, eps], [sigmaU, ...pairs.flat()]);
+  if (noise === undefined) kernel.run(outs, [u, denU, x, eps], [sigmaU, ...pairs.flat()]);
+  else kernel.run(outs, [u, denU, x, eps, noise.noise], [sigmaU, ...pairs.flat(), noise.scale]);
 }
 
 /**
@@ -670,16 +697,28 @@ export function uniPcDataPrediction(out: Float32Array, x: Float32Array, eps: Flo
  * DPM adaptive's error ratio r = (low − high)/δ with δ = max(atol, rtol·max(|low|, |x_prev|)), one
  * float32 rounding per operation as the scalar form max(atol, f32(rtol·max(…))), f32(f32(low − high)/δ).
  */
+const adaptiveErrorExpr = (low: Expr, high: Expr, xPrev: Expr, atol: Expr, rtol: Expr): Expr =>
+  e.div(e.sub(low, high), e.max(atol, e.mul(rtol, e.max(e.abs(low), e.abs(xPrev)))));
 const adaptiveErrorKernel = new Kernel({
   inputs: 3,
   params: 2,
-  outputs: [e.div(e.sub(e.in(0), e.in(1)), e.max(e.param(0), e.mul(e.param(1), e.max(e.abs(e.in(0)), e.abs(e.in(2))))))],
+  outputs: [adaptiveErrorExpr(e.in(0), e.in(1), e.in(2), e.param(0), e.param(1))],
 });
 
 /**
- * Σ r² over the latent in float64, added in index order (each r² of a float32 r is exact in float64, so
- * only the order of the additions matters, and it is the scalar loop's). `scratch` receives the r's.
+ * Σ r² in float64, added in index order (each r² of a float32 r is exact in float64, so only the order of
+ * the additions matters, and it is the scalar loop's).
  */
+function sumOfSquares(r: Float32Array): number {
+  let sum = 0;
+  for (let k = 0; k < r.length; k++) {
+    const v = r[k]!;
+    sum += v * v;
+  }
+  return sum;
+}
+
+/** Σ r² over the latent (see sumOfSquares). `scratch` receives the r's. */
 export function adaptiveErrorSumOfSquares(
   scratch: Float32Array,
   low: Float32Array,
@@ -689,10 +728,33 @@ export function adaptiveErrorSumOfSquares(
   rtol: number,
 ): number {
   adaptiveErrorKernel.run([scratch], [low, high, xPrev], [atol, rtol]);
-  let sum = 0;
-  for (let k = 0; k < scratch.length; k++) {
-    const r = scratch[k]!;
-    sum += r * r;
-  }
-  return sum;
+  return sumOfSquares(scratch);
+}
+
+/**
+ * DPM adaptive's last combination (one pair of dpmEpsCombines: `high`) and its error against `low` in the
+ * same pass: `high` is not read back. Returns Σ r² as adaptiveErrorSumOfSquares(scratch, low, high, xPrev, …).
+ * Params: σ_u, a, b, atol, rtol.
+ */
+const combineWithErrorKernel = (() => {
+  const [high] = dpmCombineExprs(1, e.param);
+  return new Kernel({ inputs: 6, params: 5, outputs: [high!, adaptiveErrorExpr(e.in(4), high!, e.in(5), e.param(3), e.param(4))] });
+})();
+
+export function dpmEpsCombineWithError(
+  high: Float32Array,
+  scratch: Float32Array,
+  u: Float32Array,
+  denU: Float32Array,
+  x: Float32Array,
+  eps: Float32Array,
+  sigmaU: number,
+  pair: readonly [a: number, b: number],
+  low: Float32Array,
+  xPrev: Float32Array,
+  atol: number,
+  rtol: number,
+): number {
+  combineWithErrorKernel.run([high, scratch], [u, denU, x, eps, low, xPrev], [sigmaU, pair[0], pair[1], atol, rtol]);
+  return sumOfSquares(scratch);
 }
