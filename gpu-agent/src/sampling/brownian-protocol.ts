@@ -3,6 +3,7 @@
  * and its draw helpers (brownian-pool-worker.ts). One service serves many runs, each under its own id:
  * a run's trees, plan and ring are its own, so runs never see each other's answers.
  */
+import type { MessagePort } from "node:worker_threads";
 import type { BrownianNoiseOptions } from "./brownian.js";
 import type { BrownianQueryList, DrawRing } from "./brownian-pool.js";
 
@@ -10,6 +11,11 @@ import type { BrownianQueryList, DrawRing } from "./brownian-pool.js";
 export interface BrownianAhead {
   queries: BrownianQueryList;
   ring: DrawRing;
+}
+
+/** The tree thread's workerData: every TreeReply goes out on `replies` (the service reads it synchronously too). */
+export interface BrownianTreeData {
+  replies: MessagePort;
 }
 
 /** To the tree thread. Messages of one run arrive in order: open, queries, close. */

@@ -15,13 +15,14 @@
  * BrownianThread is one run on a service of its own, ended with the run (callers without a pipeline).
  */
 import { availableParallelism } from "node:os";
-import type { Worker } from "node:worker_threads";
+import { MessageChannel, receiveMessageOnPort, type MessagePort, type Worker } from "node:worker_threads";
 import { spawnModuleWorker } from "../runtime/spawn-worker.js";
 import type { BrownianNoiseOptions } from "./brownian.js";
 import { createDrawRing, createWakeWord, failRing, stopRing, wakeAll, type BrownianQueryList, type DrawRing } from "./brownian-pool.js";
-import type { BrownianHelperData, HelperJob, HelperReply, TreeReply, TreeRequest } from "./brownian-protocol.js";
+import type { BrownianHelperData, BrownianTreeData, HelperJob, HelperReply, TreeReply, TreeRequest } from "./brownian-protocol.js";
 
-const spawnWorker = (name: string, workerData: unknown): Worker => spawnModuleWorker(import.meta.url, name, { workerData });
+const spawnWorker = (name: string, workerData: unknown, transferList?: MessagePort[]): Worker =>
+  spawnModuleWorker(import.meta.url, name, { workerData, ...(transferList !== undefined && { transferList }) });
 
 /**
  * Draw helpers per service by default: LATENTFARM_BROWNIAN_HELPERS when set (an integer ≥ 0), else all
@@ -46,6 +47,11 @@ export interface BrownianQueries {
   /** Resolves true once the run's trees are built off-thread and answer queries; false if they never will. */
   readonly ready: Promise<boolean>;
   query(sigma: number, sigmaNext: number): Promise<Float32Array | undefined>;
+  /**
+   * Takes the answers the tree thread has posted so far, synchronously (their query promises settle
+   * now), instead of at the next turn of the event loop.
+   */
+  takeArrived(): void;
   /** Whether queries can still be answered off-thread (open, not failed). */
   readonly running: boolean;
   close(): Promise<void>;
@@ -54,6 +60,12 @@ export interface BrownianQueries {
 /** One tree thread: the runs it holds and their waiting queries. Replaced when it dies. */
 class TreeThread {
   readonly worker: Worker;
+  /**
+   * The thread's replies come on a port of their own, not the worker's: a port can be read
+   * synchronously (receiveMessageOnPort), so a sampler that resumes right after a blocking UNet call
+   * takes the answers that arrived meanwhile without waiting for a turn of the event loop.
+   */
+  private readonly replies: MessagePort;
   readonly booted: Promise<boolean>;
   readonly exited: Promise<void>;
   readonly runs = new Map<number, BrownianRun>();
@@ -62,11 +74,11 @@ class TreeThread {
 
   constructor(onDeath: (thread: TreeThread) => void) {
     this.booted = new Promise((resolve) => (this.settleBooted = resolve));
-    this.worker = spawnWorker("brownian-worker", undefined);
-    this.worker.on("message", (reply: TreeReply) => {
-      if (reply.kind === "ready") this.settleBooted(true);
-      else this.runs.get(reply.run)?.receive(reply);
-    });
+    const { port1, port2 } = new MessageChannel();
+    this.replies = port1;
+    const data: BrownianTreeData = { replies: port2 };
+    this.worker = spawnWorker("brownian-worker", data, [port2]);
+    port1.on("message", (reply: TreeReply) => this.dispatch(reply));
     this.worker.on("error", (error) => this.die(error, onDeath));
     this.exited = new Promise((resolve) => {
       this.worker.once("exit", (code) => {
@@ -76,9 +88,34 @@ class TreeThread {
     });
   }
 
+  private dispatch(reply: TreeReply): void {
+    if (reply.kind === "ready") this.settleBooted(true);
+    else this.runs.get(reply.run)?.receive(reply);
+  }
+
+  /** Dispatches every reply already posted, synchronously. */
+  takeArrived(): void {
+    if (!this.alive) return;
+    for (let m = receiveMessageOnPort(this.replies); m !== undefined; m = receiveMessageOnPort(this.replies)) {
+      this.dispatch(m.message as TreeReply);
+    }
+  }
+
+  /** Whether the thread and its reply port keep the process alive. */
+  setRef(ref: boolean): void {
+    if (ref) {
+      this.worker.ref();
+      this.replies.ref();
+    } else {
+      this.worker.unref();
+      this.replies.unref();
+    }
+  }
+
   private die(error: Error, onDeath: (thread: TreeThread) => void): void {
     const wasAlive = this.alive;
     this.alive = false;
+    this.replies.close();
     this.settleBooted(false);
     for (const run of [...this.runs.values()]) run.fail(error);
     this.runs.clear();
@@ -204,7 +241,7 @@ export class BrownianWorkers {
       });
       this.treeStarts++;
       this.exits.push(this.tree.exited);
-      if (this.holds === 0) this.tree.worker.unref();
+      if (this.holds === 0) this.tree.setRef(false);
     }
     return this.tree;
   }
@@ -249,8 +286,8 @@ export class BrownianWorkers {
     const before = this.holds;
     this.holds += change;
     if ((before === 0) === (this.holds === 0)) return;
-    for (const worker of [this.tree?.worker, ...this.helpers]) {
-      if (worker === undefined) continue;
+    this.tree?.setRef(this.holds > 0);
+    for (const worker of this.helpers) {
       if (this.holds > 0) worker.ref();
       else worker.unref();
     }
@@ -334,6 +371,10 @@ export class BrownianRun implements BrownianQueries {
     });
   }
 
+  takeArrived(): void {
+    if (this.pending.size > 0) this.tree.takeArrived();
+  }
+
   /**
    * Ends the run: pending queries resolve undefined, its trees and queued draws are dropped (helpers
    * leave its ring at once); other runs and the threads go on. Safe to call more than once.
@@ -369,6 +410,10 @@ export class BrownianThread implements BrownianQueries {
 
   query(sigma: number, sigmaNext: number): Promise<Float32Array | undefined> {
     return this.run.query(sigma, sigmaNext);
+  }
+
+  takeArrived(): void {
+    this.run.takeArrived();
   }
 
   /** Helper threads started for this run and still running (tests). */

@@ -6,12 +6,13 @@
 // query of a run comes here. With `ahead`, a run's draws come from its ring (brownian-pool.ts), made
 // ahead by the service's helper threads and by this thread between queries, so an answer costs only the
 // tree's cheap split and sum kernels.
-import { parentPort } from "node:worker_threads";
+import { parentPort, workerData } from "node:worker_threads";
 import { BrownianTreeNoiseSampler, seededNormals } from "./brownian.js";
 import { PooledNormals, planDraws } from "./brownian-pool.js";
-import type { TreeReply, TreeRequest } from "./brownian-protocol.js";
+import type { BrownianTreeData, TreeReply, TreeRequest } from "./brownian-protocol.js";
 
-const port = parentPort!;
+const requests = parentPort!;
+const port = (workerData as BrownianTreeData).replies;
 
 interface Run {
   sampler: BrownianTreeNoiseSampler;
@@ -48,7 +49,7 @@ function open(request: Extract<TreeRequest, { kind: "open" }>): TreeReply {
   }
 }
 
-port.on("message", (request: TreeRequest) => {
+requests.on("message", (request: TreeRequest) => {
   if (request.kind === "open") {
     port.postMessage(open(request) satisfies TreeReply);
     pump();

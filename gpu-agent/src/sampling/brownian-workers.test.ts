@@ -227,3 +227,30 @@ test("LoadedPipeline owns the Brownian service: its SDE runs share it and close(
   assert.equal(pipe.brownian.running, false);
   assert.equal(pipe.brownian.runningHelpers, 0);
 });
+
+test("answers posted while this thread was blocked (as by a UNet call) settle at takeArrived, without an event-loop turn", async () => {
+  const service = new BrownianWorkers({ helpers: 0 });
+  try {
+    const a = prepare(A);
+    const run = service.open(a.tree, { queries: a.queries });
+    assert.equal(await run.ready, true);
+    const want = expectedAnswers(a.tree, a.queries.slice(0, 1))[0]!;
+    let answer: Float32Array | undefined;
+    const [sigma, sigmaNext] = a.queries[0]!;
+    void run.query(sigma, sigmaNext).then((noise) => (answer = noise));
+    const blocker = new Int32Array(new SharedArrayBuffer(4));
+    const deadline = performance.now() + 10_000;
+    let turned = false;
+    setImmediate(() => (turned = true));
+    while (answer === undefined && performance.now() < deadline) {
+      Atomics.wait(blocker, 0, 0, 20);
+      run.takeArrived();
+      await Promise.resolve(); // microtasks only: the query's promise settles here
+    }
+    assert.equal(turned, false, "no turn of the event loop was needed");
+    assert.deepEqual(answer, want);
+    await run.close();
+  } finally {
+    await service.close();
+  }
+});

@@ -209,6 +209,8 @@ export class WorkerNoiseAhead implements NoiseAhead {
   async ensureReady(request: ModelRequest, signal?: AbortSignal): Promise<void> {
     if (signal?.aborted) throw abortError(signal);
     this.post(request, signal);
+    // Answers that came during the model call settle now, not a turn of the event loop later.
+    this.thread?.takeArrived();
     const waits: Promise<void>[] = [this.prefetcher.streamReady()];
     for (const [sigma, sigmaNext] of request.upcoming?.queries ?? []) {
       const wait = this.inFlight.get(queryKey(sigma, sigmaNext));
