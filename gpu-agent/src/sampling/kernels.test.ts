@@ -115,3 +115,27 @@ test("abs and max match Math.abs and Math.max, and long arrays run block by bloc
     ["0", "0", "NaN", "NaN", "-0", "0", "-1", "2"],
   );
 });
+
+test("runSumOfSquares adds the squares of one output in float64 in index order, block by block", () => {
+  const random = prng(23);
+  for (let trial = 0; trial < 8; trial++) {
+    const a = randomExpr(random, 2, 2, 2);
+    const b = randomExpr(random, 2, 2, 2);
+    const summed = trial % 2;
+    const kernel = new Kernel({ inputs: 2, params: 2, outputs: [a, b], sumOfSquares: summed });
+    assert.ok(kernel.simd, "compiles to WebAssembly SIMD");
+    const n = [KERNEL_BLOCK * 2 + 7, KERNEL_BLOCK, 3 * KERNEL_BLOCK - 2, 4099, 5, 3, KERNEL_BLOCK + 1, 1000][trial]!;
+    const ins = [operand(random, n), operand(random, n)];
+    const ps = [Math.fround((random() - 0.5) * 8), Math.fround((random() - 0.5) * 8)];
+    const want = [new Float32Array(n), new Float32Array(n)];
+    const wantSum = kernel.runSumOfSquaresReference(want, ins, ps);
+    let loop = 0;
+    for (const v of want[summed]!) loop += v * v;
+    assert.ok(Object.is(wantSum, loop), "the reference is the plain loop");
+    const got = [new Float32Array(n), new Float32Array(n)];
+    const gotSum = kernel.runSumOfSquares(got, ins, ps);
+    assert.ok(sameBits(got[0]!, want[0]!) && sameBits(got[1]!, want[1]!), `outputs, trial ${trial} (n=${n})`);
+    assert.ok(Object.is(gotSum, wantSum), `sum, trial ${trial} (n=${n}): ${gotSum} vs ${wantSum}`);
+  }
+  assert.throws(() => new Kernel({ inputs: 1, params: 0, outputs: [e.in(0)], sumOfSquares: 1 }), RangeError);
+});

@@ -37,12 +37,20 @@ export interface KernelSpec {
   params: number;
   /** One expression per output array; shared subexpressions (same object) are computed once. */
   outputs: readonly Expr[];
+  /**
+   * Index of an output whose values' squares runSumOfSquares also adds up, in float64 and in index
+   * order (a square of a float32 is exact in float64, so only the order of the additions matters). The
+   * additions form one dependency chain; in the kernel's loop it runs alongside the SIMD arithmetic
+   * instead of in a separate pass after it.
+   */
+  sumOfSquares?: number;
 }
 
 /* ---- WebAssembly encoding ---- */
 
 const I32 = 0x7f;
 const F32 = 0x7d;
+const F64 = 0x7c;
 const V128 = 0x7b;
 const SIMD = 0xfd;
 const SIMD_OP = {
@@ -61,6 +69,7 @@ const SIMD_OP = {
 const OP = {
   block: 0x02,
   loop: 0x03,
+  if: 0x04,
   br: 0x0c,
   brIf: 0x0d,
   end: 0x0b,
@@ -68,10 +77,15 @@ const OP = {
   localSet: 0x21,
   localTee: 0x22,
   i32Const: 0x41,
+  i32LtU: 0x49,
   i32GeU: 0x4f,
   i32Add: 0x6a,
   i32Shl: 0x74,
+  f64Add: 0xa0,
+  f64Mul: 0xa2,
+  f64PromoteF32: 0xbb,
 } as const;
+const F32X4_EXTRACT_LANE = 0x1f;
 const simd = (op: number): number[] => [SIMD, ...uleb(op)];
 
 function countUses(outputs: readonly Expr[]): Map<Expr, number> {
@@ -91,12 +105,22 @@ function countUses(outputs: readonly Expr[]): Map<Expr, number> {
 
 /**
  * Function (n4, in0…, out0…, p0…): n4 = element count rounded up to a multiple of 4, pointers are
- * byte offsets into the imported memory (16-byte aligned).
+ * byte offsets into the imported memory (16-byte aligned). With sumOfSquares, two more arguments (the
+ * byte offset where the whole vectors end, and the running sum) and the sum is returned: the lanes of
+ * whole vectors only, the caller adds the last few values itself.
  */
 function moduleBytes(spec: KernelSpec): Uint8Array {
-  const { inputs, params, outputs } = spec;
+  const { inputs, params, outputs, sumOfSquares: summed } = spec;
   const nOut = outputs.length;
-  const argTypes = [I32, ...new Array<number>(inputs + nOut).fill(I32), ...new Array<number>(params).fill(F32)];
+  const sums = summed !== undefined;
+  const argTypes = [
+    I32,
+    ...new Array<number>(inputs + nOut).fill(I32),
+    ...new Array<number>(params).fill(F32),
+    ...(sums ? [I32, F64] : []),
+  ];
+  const WHOLE_END = 1 + inputs + nOut + params;
+  const SUM = WHOLE_END + 1;
   const N = 0;
   const inPtr = (j: number): number => 1 + j;
   const outPtr = (j: number): number => 1 + inputs + j;
@@ -105,14 +129,17 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
   const I = nextLocal++;
   const END = nextLocal++;
   const i32Locals = 2;
-  const splat = (j: number): number => nextLocal + j;
+  const splatBase = nextLocal;
+  const splat = (j: number): number => splatBase + j;
   nextLocal += params;
   const uses = countUses(outputs);
   const shared = new Map<Expr, number>();
   for (const [node, count] of uses) {
     if (count > 1 && node.op !== "in" && node.op !== "param") shared.set(node, nextLocal++);
   }
+  const SUMMED = nextLocal++;
   const v128Locals = nextLocal - (argTypes.length + i32Locals);
+  const SQUARE = nextLocal;
 
   const code: number[] = [];
   for (let j = 0; j < params; j++) code.push(OP.localGet, ...uleb(paramArg(j)), ...simd(SIMD_OP.splat), OP.localSet, ...uleb(splat(j)));
@@ -152,13 +179,26 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
   outputs.forEach((out, j) => {
     code.push(OP.localGet, ...uleb(outPtr(j)), OP.localGet, ...uleb(I), OP.i32Add);
     emit(out);
-    code.push(...simd(SIMD_OP.store), 4, 0);
+    if (j !== summed) {
+      code.push(...simd(SIMD_OP.store), 4, 0);
+      return;
+    }
+    code.push(OP.localTee, ...uleb(SUMMED), ...simd(SIMD_OP.store), 4, 0);
+    // sum = sum + lane², lane by lane in index order, for whole vectors (I < whole end).
+    code.push(OP.localGet, ...uleb(I), OP.localGet, ...uleb(WHOLE_END), OP.i32LtU, OP.if, 0x40);
+    for (let lane = 0; lane < 4; lane++) {
+      code.push(OP.localGet, ...uleb(SUM), OP.localGet, ...uleb(SUMMED), ...simd(F32X4_EXTRACT_LANE), lane, OP.f64PromoteF32);
+      code.push(OP.localTee, ...uleb(SQUARE), OP.localGet, ...uleb(SQUARE), OP.f64Mul, OP.f64Add, OP.localSet, ...uleb(SUM));
+    }
+    code.push(OP.end);
   });
-  code.push(OP.localGet, ...uleb(I), OP.i32Const, 16, OP.i32Add, OP.localSet, ...uleb(I), OP.br, 0, OP.end, OP.end, OP.end);
+  code.push(OP.localGet, ...uleb(I), OP.i32Const, 16, OP.i32Add, OP.localSet, ...uleb(I), OP.br, 0, OP.end, OP.end);
+  if (sums) code.push(OP.localGet, ...uleb(SUM));
+  code.push(OP.end);
 
-  const localDecls = [2, ...uleb(i32Locals), I32, ...uleb(params + v128Locals), V128];
+  const localDecls = [3, ...uleb(i32Locals), I32, ...uleb(v128Locals), V128, 1, F64];
   const body = [...localDecls, ...code];
-  const type = section(1, [1, 0x60, ...uleb(argTypes.length), ...argTypes, 0]);
+  const type = section(1, [1, 0x60, ...uleb(argTypes.length), ...argTypes, ...(sums ? [1, F64] : [0])]);
   const imports = section(2, [1, ...name("m"), ...name("memory"), 0x02, 0x00, 0]);
   const func = section(3, [1, 0]);
   const exports = section(7, [1, ...name("k"), 0x00, 0]);
@@ -177,7 +217,8 @@ declare const WebAssembly: {
   Memory: new (descriptor: { initial: number }) => WasmMemory;
 };
 
-type WasmKernel = (...args: number[]) => void;
+/** Returns the running sum with sumOfSquares (and nothing useful without). */
+type WasmKernel = (...args: number[]) => number;
 
 /** One memory for all kernels: they run synchronously, so each call may reuse it from offset 0. */
 let arena: WasmMemory | null | undefined;
@@ -246,7 +287,11 @@ export class Kernel {
   private readonly args: number[];
 
   constructor(readonly spec: KernelSpec) {
-    this.args = new Array<number>(1 + spec.inputs + spec.outputs.length + spec.params).fill(0);
+    const summed = spec.sumOfSquares;
+    if (summed !== undefined && !(Number.isInteger(summed) && summed >= 0 && summed < spec.outputs.length)) {
+      throw new RangeError(`sumOfSquares names output ${summed}, the kernel has ${spec.outputs.length}`);
+    }
+    this.args = new Array<number>(1 + spec.inputs + spec.outputs.length + spec.params + (summed === undefined ? 0 : 2)).fill(0);
   }
 
   /** Whether calls run as WebAssembly SIMD (false: the scalar JS loop). */
@@ -264,6 +309,19 @@ export class Kernel {
    * as inputs (every input is read before any output is written).
    */
   run(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[] = []): void {
+    this.execute(outs, ins, params);
+  }
+
+  /**
+   * run(), and Σ v² over output `spec.sumOfSquares` in float64, added in index order: the bits of
+   * `let s = 0; for (const v of out) s += v * v`.
+   */
+  runSumOfSquares(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[] = []): number {
+    if (this.spec.sumOfSquares === undefined) throw new RangeError("this kernel sums no output's squares");
+    return this.execute(outs, ins, params);
+  }
+
+  private execute(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[]): number {
     const { spec } = this;
     const n = outs[0]!.length;
     if (ins.length !== spec.inputs || outs.length !== spec.outputs.length || params.length !== spec.params) {
@@ -275,10 +333,7 @@ export class Kernel {
       if (fround(p) !== p && !Number.isNaN(p)) throw new RangeError(`kernel parameter ${p} is not a float32 value`);
     }
     const wasm = n >= 4 ? this.wasm() : null;
-    if (wasm === null) {
-      this.runReference(outs, ins, params);
-      return;
-    }
+    if (wasm === null) return this.reference(outs, ins, params);
     // Block by block, so that all operand slots of the arena stay in the core's cache from the copy in
     // through the kernel to the copy out: whole 256 KB latents in 4–8 slots would stream through memory.
     const block = Math.min(n, KERNEL_BLOCK);
@@ -288,27 +343,59 @@ export class Kernel {
     const args = this.args;
     for (let j = 0; j < slots; j++) args[1 + j] = j * block4 * 4;
     for (let j = 0; j < params.length; j++) args[1 + slots + j] = params[j]!;
+    const summed = spec.sumOfSquares;
+    const wholeEndArg = 1 + slots + params.length;
+    let sum = 0;
     for (let start = 0; start < n; start += block) {
       const end = Math.min(n, start + block);
       const m = end - start;
       args[0] = (m + 3) & ~3;
       for (let j = 0; j < ins.length; j++) view.set(ins[j]!.subarray(start, end), j * block4);
-      wasm(...args);
+      if (summed === undefined) {
+        wasm(...args);
+      } else {
+        args[wholeEndArg] = (m & ~3) * 4;
+        args[wholeEndArg + 1] = sum;
+        sum = wasm(...args);
+      }
       for (let j = 0; j < outs.length; j++) {
         const at = (ins.length + j) * block4;
         outs[j]!.set(view.subarray(at, at + m), start);
       }
+      // The block's last values past its whole vectors (only ever in the last block: blocks are whole vectors).
+      if (summed !== undefined) sum = addSquares(sum, outs[summed]!, start + (m & ~3), end);
     }
+    return sum;
   }
 
   /** The scalar loop (also the tests' reference for the compiled form): one Math.fround per operation. */
   runReference(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[] = []): void {
-    const { outputs } = this.spec;
+    this.reference(outs, ins, params);
+  }
+
+  /** runSumOfSquares by the scalar loop. */
+  runSumOfSquaresReference(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[] = []): number {
+    if (this.spec.sumOfSquares === undefined) throw new RangeError("this kernel sums no output's squares");
+    return this.reference(outs, ins, params);
+  }
+
+  private reference(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[]): number {
+    const { outputs, sumOfSquares: summed } = this.spec;
     const n = outs[0]!.length;
     const results = new Float64Array(outputs.length);
     for (let k = 0; k < n; k++) {
       for (let j = 0; j < outputs.length; j++) results[j] = evaluate(outputs[j]!, ins, params, k);
       for (let j = 0; j < outputs.length; j++) outs[j]![k] = results[j]!;
     }
+    return summed === undefined ? 0 : addSquares(0, outs[summed]!, 0, n);
   }
+}
+
+/** sum + a[from]² + … + a[to − 1]², one float64 addition at a time. */
+function addSquares(sum: number, a: Float32Array, from: number, to: number): number {
+  for (let k = from; k < to; k++) {
+    const v = a[k]!;
+    sum += v * v;
+  }
+  return sum;
 }

@@ -703,22 +703,13 @@ const adaptiveErrorKernel = new Kernel({
   inputs: 3,
   params: 2,
   outputs: [adaptiveErrorExpr(e.in(0), e.in(1), e.in(2), e.param(0), e.param(1))],
+  sumOfSquares: 0,
 });
 
 /**
- * Σ r² in float64, added in index order (each r² of a float32 r is exact in float64, so only the order of
- * the additions matters, and it is the scalar loop's).
+ * Σ r² over the latent in float64, added in index order (each r² of a float32 r is exact in float64, so
+ * only the order of the additions matters, and it is the scalar loop's). `scratch` receives the r's.
  */
-function sumOfSquares(r: Float32Array): number {
-  let sum = 0;
-  for (let k = 0; k < r.length; k++) {
-    const v = r[k]!;
-    sum += v * v;
-  }
-  return sum;
-}
-
-/** Σ r² over the latent (see sumOfSquares). `scratch` receives the r's. */
 export function adaptiveErrorSumOfSquares(
   scratch: Float32Array,
   low: Float32Array,
@@ -727,8 +718,7 @@ export function adaptiveErrorSumOfSquares(
   atol: number,
   rtol: number,
 ): number {
-  adaptiveErrorKernel.run([scratch], [low, high, xPrev], [atol, rtol]);
-  return sumOfSquares(scratch);
+  return adaptiveErrorKernel.runSumOfSquares([scratch], [low, high, xPrev], [atol, rtol]);
 }
 
 /**
@@ -738,7 +728,12 @@ export function adaptiveErrorSumOfSquares(
  */
 const combineWithErrorKernel = (() => {
   const [high] = dpmCombineExprs(1, e.param);
-  return new Kernel({ inputs: 6, params: 5, outputs: [high!, adaptiveErrorExpr(e.in(4), high!, e.in(5), e.param(3), e.param(4))] });
+  return new Kernel({
+    inputs: 6,
+    params: 5,
+    outputs: [high!, adaptiveErrorExpr(e.in(4), high!, e.in(5), e.param(3), e.param(4))],
+    sumOfSquares: 1,
+  });
 })();
 
 export function dpmEpsCombineWithError(
@@ -755,6 +750,5 @@ export function dpmEpsCombineWithError(
   atol: number,
   rtol: number,
 ): number {
-  combineWithErrorKernel.run([high, scratch], [u, denU, x, eps, low, xPrev], [sigmaU, pair[0], pair[1], atol, rtol]);
-  return sumOfSquares(scratch);
+  return combineWithErrorKernel.runSumOfSquares([high, scratch], [u, denU, x, eps, low, xPrev], [sigmaU, pair[0], pair[1], atol, rtol]);
 }
