@@ -39,6 +39,8 @@ export function rescaleZeroTerminalSnr(alphasCumprod: Float32Array): Float32Arra
   return out;
 }
 
+const MAX_REMEMBERED_TIMESTEPS = 4096;
+
 export class DiscreteSchedule {
   readonly alphasCumprod: Float32Array;
   /** σ_t = sqrt((1 − ᾱ_t)/ᾱ_t), ascending in t. */
@@ -66,8 +68,25 @@ export class DiscreteSchedule {
     return this.sigmas[this.sigmas.length - 1]!;
   }
 
+  /**
+   * Timesteps of the σ's already asked for: the search below scans up to 1000 log σ's, and the same σ's
+   * come back within a run (Heun's second call is the next step's first) and in every run on this
+   * schedule, which never changes. Bounded for a long-lived schedule (many step counts over an agent's life).
+   */
+  private readonly timesteps = new Map<number, number>();
+
   /** Fractional model timestep for σ (k-diffusion DiscreteSchedule.sigma_to_t, quantize off). */
   sigmaToT(sigma: number): number {
+    let t = this.timesteps.get(sigma);
+    if (t === undefined) {
+      t = this.searchT(sigma);
+      if (this.timesteps.size >= MAX_REMEMBERED_TIMESTEPS) this.timesteps.clear();
+      this.timesteps.set(sigma, t);
+    }
+    return t;
+  }
+
+  private searchT(sigma: number): number {
     const ls = this.logSigmas;
     const logSigma = f32(Math.log(f32(sigma)));
     let low = 0;

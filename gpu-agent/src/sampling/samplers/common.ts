@@ -5,30 +5,6 @@ import type { EpsWithUncond, ModelRequest, ModelResponse, NoiseSampler, SamplerO
 // A module-local alias: an imported binding can cost a getter call per use under some loaders.
 const f32 = Math.fround;
 
-/**
- * Timesteps of the σ's already asked for, per schedule: sigmaToT scans up to 1000 log σ's (microseconds
- * per request), and the same σ's come back within a run (Heun's second call is the next step's first) and
- * in every run with the same schedule. A schedule is immutable, so its answer for a σ never changes.
- */
-const timesteps = new WeakMap<DiscreteSchedule, Map<number, number>>();
-/** Bounds what one long-lived schedule keeps (many distinct step counts over an agent's life). */
-const MAX_TIMESTEPS = 4096;
-
-function timestepOf(schedule: DiscreteSchedule, sigma: number): number {
-  let known = timesteps.get(schedule);
-  if (known === undefined) {
-    known = new Map();
-    timesteps.set(schedule, known);
-  }
-  let t = known.get(sigma);
-  if (t === undefined) {
-    t = schedule.sigmaToT(sigma);
-    if (known.size >= MAX_TIMESTEPS) known.clear();
-    known.set(sigma, t);
-  }
-  return t;
-}
-
 /** Counts model calls and builds requests; one per sampler run. */
 export class ModelCaller {
   private calls = 0;
@@ -52,7 +28,7 @@ export class ModelCaller {
       kind: "denoise",
       x,
       sigma,
-      timestep: timestepOf(this.schedule, sigma),
+      timestep: this.schedule.sigmaToT(sigma),
       step,
       call: this.calls++,
       ...(upcoming !== undefined && { upcoming }),
