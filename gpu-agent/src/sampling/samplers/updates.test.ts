@@ -160,31 +160,35 @@ test("DDIM reads eps once when it is also the direction, with the same bits", ()
   assert.ok(sameBits(shared, separate));
 });
 
+/** Made-up UniPC update terms for `k` older model outputs (seed varies the scalars). */
+const uniPcTerms = (k: number, seed: number): UniPcTerms => ({
+  ratio: f32(0.93 + seed / 100),
+  baseScale: f32(-0.12),
+  scale: f32(0.27 - seed / 50),
+  rks: Array.from({ length: k }, (_, j) => f32(-0.6 - j / 3)),
+  rhosP: Array.from({ length: k }, (_, j) => f32(0.4 - j / 7)),
+  rhosC: [...Array.from({ length: k }, (_, j) => f32(0.2 + j / 9)), f32(0.5)],
+});
+
+/** This step's older count, then the next step's (at most one more: the history moves on by one). */
+const UNIPC_HISTORIES = [
+  [0, 0],
+  [0, 1],
+  [1, 2],
+  [2, 2],
+  [2, 1],
+] as const;
+
 test("UniPC's corrector fused with the next predictor gives the bits of the two kernels run apart", () => {
   const x = latent(14);
   const m = [latent(15), latent(16), latent(17)];
   const xt = latent(18);
   const eps = latent(19);
   const n = x.length;
-  const terms = (k: number, seed: number): UniPcTerms => ({
-    ratio: f32(0.93 + seed / 100),
-    baseScale: f32(-0.12),
-    scale: f32(0.27 - seed / 50),
-    rks: Array.from({ length: k }, (_, j) => f32(-0.6 - j / 3)),
-    rhosP: Array.from({ length: k }, (_, j) => f32(0.4 - j / 7)),
-    rhosC: [...Array.from({ length: k }, (_, j) => f32(0.2 + j / 9)), f32(0.5)],
-  });
-  // This step's older count, then the next step's (at most one more: the history moves on by one).
-  for (const [k, kNext] of [
-    [0, 0],
-    [0, 1],
-    [1, 2],
-    [2, 2],
-    [2, 1],
-  ] as const) {
+  for (const [k, kNext] of UNIPC_HISTORIES) {
     const older = m.slice(1, 1 + k);
-    const now = terms(k, 1);
-    const next = terms(kNext, 2);
+    const now = uniPcTerms(k, 1);
+    const next = uniPcTerms(kNext, 2);
     const wantModelT = new Float32Array(n);
     const wantOut = new Float32Array(n);
     uniPcCorrect(wantModelT, wantOut, x, m[0]!, older, xt, eps, now, f32(0.3), f32(0.95));
@@ -243,24 +247,10 @@ test("UniPC's corrector recomputing its own x_t gives the bits of reading the pr
   const m = [latent(21), latent(22), latent(23)];
   const eps = latent(24);
   const n = x.length;
-  const terms = (k: number, seed: number): UniPcTerms => ({
-    ratio: f32(0.91 + seed / 100),
-    baseScale: f32(-0.17),
-    scale: f32(0.29 - seed / 50),
-    rks: Array.from({ length: k }, (_, j) => f32(-0.55 - j / 3)),
-    rhosP: Array.from({ length: k }, (_, j) => f32(0.45 - j / 7)),
-    rhosC: [...Array.from({ length: k }, (_, j) => f32(0.25 + j / 9)), f32(0.5)],
-  });
-  for (const [k, kNext] of [
-    [0, 0],
-    [0, 1],
-    [1, 2],
-    [2, 2],
-    [2, 1],
-  ] as const) {
+  for (const [k, kNext] of UNIPC_HISTORIES) {
     const older = m.slice(1, 1 + k);
-    const now = terms(k, 1);
-    const next = terms(kNext, 2);
+    const now = uniPcTerms(k, 1);
+    const next = uniPcTerms(kNext, 2);
     const xt = uniPcPredict(new Float32Array(n), x, m[0]!, older, now);
     const want = [new Float32Array(n), new Float32Array(n), new Float32Array(n)] as const;
     uniPcCorrectThenPredict(want[0], want[1], want[2], x, m[0]!, older, xt, eps, now, f32(0.3), f32(0.95), next);

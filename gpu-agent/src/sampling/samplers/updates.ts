@@ -639,6 +639,17 @@ export function uniPcPredict(
   return out;
 }
 
+/** The corrector kernels' operands: x_t among them only when it is read rather than recomputed. */
+function correctorOperands(
+  x: Float32Array,
+  m0: Float32Array,
+  older: readonly Float32Array[],
+  xt: Float32Array | undefined,
+  eps: Float32Array,
+): Float32Array[] {
+  return xt === undefined ? [x, m0, ...older, eps] : [x, m0, ...older, xt, eps];
+}
+
 /**
  * The corrector: writes the data prediction m_t at x_t into `modelT` and the corrected x into `out`. `xt`
  * undefined: x_t is `uniPcPredict(x, m0, older, t)`, recomputed in the pass rather than read.
@@ -655,8 +666,11 @@ export function uniPcCorrect(
   sigmaT: number,
   alphaT: number,
 ): void {
-  const ins = xt === undefined ? [x, m0, ...older, eps] : [x, m0, ...older, xt, eps];
-  uniPcKernel(older.length, "correct", xt === undefined).run([modelT, out], ins, uniPcParams(t, sigmaT, alphaT));
+  uniPcKernel(older.length, "correct", xt === undefined).run(
+    [modelT, out],
+    correctorOperands(x, m0, older, xt, eps),
+    uniPcParams(t, sigmaT, alphaT),
+  );
 }
 
 /**
@@ -681,8 +695,7 @@ export function uniPcCorrectThenPredict(
   const nextCount = next.rks.length;
   if (nextCount > older.length + 1) throw new RangeError("the next UniPC step uses older model outputs than this one has");
   const params = [...uniPcParams(t, sigmaT, alphaT), ...uniPcParams(next, 0, 1)];
-  const ins = xt === undefined ? [x, m0, ...older, eps] : [x, m0, ...older, xt, eps];
-  uniPcKernel(older.length, nextCount, xt === undefined).run([modelT, out, nextXt], ins, params);
+  uniPcKernel(older.length, nextCount, xt === undefined).run([modelT, out, nextXt], correctorOperands(x, m0, older, xt, eps), params);
 }
 
 /** The data prediction (x − σ·eps)/α alone. */
