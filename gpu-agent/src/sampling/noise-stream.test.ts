@@ -99,12 +99,14 @@ test("draws posted while this thread was blocked (as by a UNet call) are ready w
     stream.request(2);
     const blocker = new Int32Array(new SharedArrayBuffer(4));
     const deadline = performance.now() + 10_000;
-    while (!stream.readyNow() && performance.now() < deadline) Atomics.wait(blocker, 0, 0, 20);
-    assert.ok(stream.readyNow(), "the draws arrived within 10 s");
-    let turned = false;
-    setImmediate(() => (turned = true));
-    await stream.ready();
-    assert.equal(turned, false, "ready() resolved in a microtask, before the next turn");
+    // Waits without taking anything from the port, so that ready() itself has to take the draws.
+    while (thread.postedDraws < 3 && performance.now() < deadline) Atomics.wait(blocker, 0, 0, 20);
+    assert.ok(thread.postedDraws >= 3, "the draws arrived within 10 s");
+    // Microtasks only: a draw still waiting for its "message" event would need a turn of the event loop.
+    let settled = false;
+    void stream.ready().then(() => (settled = true));
+    for (let i = 0; i < 3; i++) await Promise.resolve();
+    assert.equal(settled, true, "ready() resolved in a microtask, before the next turn");
     [stream.take(), stream.take(), stream.take()].forEach((g, i) => assert.deepEqual(g, want[i], `draw ${i}`));
     stream.close();
   } finally {

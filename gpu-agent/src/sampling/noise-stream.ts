@@ -107,6 +107,11 @@ export class NoiseThread {
     return stream;
   }
 
+  /** Draws the thread has posted so far, taken or not (tests: waiting for them without taking any). */
+  get postedDraws(): number {
+    return this.posted === undefined ? 0 : Atomics.load(this.posted, 0);
+  }
+
   get threadFailed(): boolean {
     return this.failed;
   }
