@@ -8,7 +8,7 @@ import { BrownianWorkers } from "./brownian-thread.js";
 import { ImageRng, type LatentShape } from "./image-rng.js";
 import type { NoiseAhead, WorkerNoiseAhead } from "./noise-ahead.js";
 import { prepareSampling, type PreparedSampling } from "./plan.js";
-import { runSynchronously, driveWithNoiseAhead } from "./test-support.js";
+import { runSynchronously, driveWithNoiseAhead, standInModel } from "./test-support.js";
 
 interface Setup {
   name: string;
@@ -251,6 +251,31 @@ test("answers posted while this thread was blocked (as by a UNet call) settle at
     assert.deepEqual(answer, want);
     await run.close();
   } finally {
+    await service.close();
+  }
+});
+
+test("ensureReady takes tree answers that arrived during a blocking model call without an event-loop turn", async () => {
+  const service = new BrownianWorkers({ helpers: 0 });
+  const a = prepare(A);
+  const ahead = a.prepared.openNoiseAhead({ brownian: service });
+  try {
+    const run = a.prepared.run(a.start);
+    let r = run.next();
+    assert.ok(!r.done);
+    ahead.drawAhead(r.value);
+    await ahead.ensureReady(r.value); // the run's trees are up and answering
+    r = run.next(standInModel(r.value));
+    assert.ok(!r.done && (r.value.upcoming?.queries?.length ?? 0) > 0, "the second request announces tree queries");
+    ahead.drawAhead(r.value);
+    // A model call that blocks this thread far longer than a tree answer for this small latent takes.
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 1500);
+    let settled = false;
+    void ahead.ensureReady(r.value).then(() => (settled = true));
+    for (let i = 0; i < 10; i++) await Promise.resolve();
+    assert.equal(settled, true, "ready after microtasks only");
+  } finally {
+    await ahead.close();
     await service.close();
   }
 });
