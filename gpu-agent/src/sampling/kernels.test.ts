@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { KERNEL_BLOCK, Kernel, e, type Expr } from "./kernels.js";
+import { KERNEL_BLOCK, Kernel, allocateResident, e, freeResident, isResident, type Expr } from "./kernels.js";
 
 /** A small deterministic PRNG (xorshift32) so that failures reproduce. */
 function prng(seed: number): () => number {
@@ -138,4 +138,82 @@ test("runSumOfSquares adds the squares of one output in float64 in index order, 
     assert.ok(Object.is(gotSum, wantSum), `sum, trial ${trial} (n=${n}): ${gotSum} vs ${wantSum}`);
   }
   assert.throws(() => new Kernel({ inputs: 1, params: 0, outputs: [e.in(0)], sumOfSquares: 1 }), RangeError);
+});
+
+test("resident operands (in the kernels' memory) give the same bits as copied ones, mixed, in place and across blocks", () => {
+  const random = prng(23);
+  const taken: Float32Array[] = [];
+  const resident = (values: Float32Array): Float32Array => {
+    const a = allocateResident(values.length)!;
+    assert.ok(isResident(a));
+    a.set(values);
+    taken.push(a);
+    return a;
+  };
+  try {
+    for (let trial = 0; trial < 24; trial++) {
+      const inputs = 2 + Math.floor(random() * 3);
+      const params = 1 + Math.floor(random() * 2);
+      const shared = randomExpr(random, inputs, params, 3);
+      // The second output reads input 0, which the in-place trials also write as output 0.
+      const outputs = [e.add(shared, randomExpr(random, inputs, params, 2)), e.sub(e.in(0), e.mul(shared, e.param(0)))];
+      const kernel = new Kernel({ inputs, params, outputs });
+      const n = [KERNEL_BLOCK * 2 + 7, 37, 1000, KERNEL_BLOCK + 4][trial % 4]!;
+      const plainIns = Array.from({ length: inputs }, () => operand(random, n));
+      const ps = Array.from({ length: params }, () => Math.fround((random() - 0.5) * 8));
+      const want = [new Float32Array(n), new Float32Array(n)];
+      kernel.runReference(want, plainIns, ps);
+      // Every other input resident; outputs resident, and in place over input 0 every third trial.
+      const ins = plainIns.map((a, j) => (j % 2 === trial % 2 ? resident(a) : a.slice()));
+      const inPlace = trial % 3 === 0;
+      const outs = [
+        inPlace ? ins[0]! : resident(new Float32Array(n)),
+        trial % 2 === 0 ? resident(new Float32Array(n)) : new Float32Array(n),
+      ];
+      kernel.run(outs, ins, ps);
+      assert.ok(sameBits(outs[0]!, want[0]!) && sameBits(outs[1]!, want[1]!), `trial ${trial} (n=${n}, in place ${inPlace})`);
+    }
+  } finally {
+    for (const a of taken) freeResident(a);
+  }
+});
+
+test("a resident view whose length is not whole vectors is written up to its end and not beyond", () => {
+  const backing = allocateResident(64)!;
+  try {
+    backing.fill(7);
+    const view = backing.subarray(8, 8 + 13);
+    const kernel = new Kernel({ inputs: 1, params: 1, outputs: [e.mul(e.in(0), e.param(0))] });
+    kernel.run([view], [Float32Array.from({ length: 13 }, (_, i) => i)], [2]);
+    assert.deepEqual(
+      [...view],
+      Array.from({ length: 13 }, (_, i) => 2 * i),
+    );
+    assert.ok(backing.subarray(21).every((v) => v === 7) && backing.subarray(0, 8).every((v) => v === 7));
+  } finally {
+    freeResident(backing);
+  }
+});
+
+test("resident arrays stay valid while the memory grows, and a freed slot is handed out again", () => {
+  const first = allocateResident(1000)!;
+  first.fill(3);
+  const more = Array.from({ length: 24 }, () => allocateResident(65536)!);
+  try {
+    assert.ok(
+      first.every((v) => v === 3),
+      "growing the memory did not detach or move earlier arrays",
+    );
+    const kernel = new Kernel({ inputs: 1, params: 0, outputs: [e.add(e.in(0), e.in(0))] });
+    kernel.run([more[23]!.subarray(0, 1000)], [first]);
+    assert.ok(more[23]!.subarray(0, 1000).every((v) => v === 6));
+    const at = more[5]!.byteOffset;
+    freeResident(more[5]!);
+    more[5] = allocateResident(65536)!;
+    assert.equal(more[5].byteOffset, at);
+    assert.throws(() => freeResident(new Float32Array(4)), /not an array from allocateResident/);
+  } finally {
+    freeResident(first);
+    for (const a of more) freeResident(a);
+  }
 });
