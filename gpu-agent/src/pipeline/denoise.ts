@@ -75,68 +75,73 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
   const gen = sampler.run(input.start);
   let r = gen.next();
   let lastStep = -1;
-  while (!r.done) {
-    checkAborted(signal);
-    const req = r.value;
-    if (req.step !== lastStep) {
-      if (lastStep >= 0) input.onStep(lastStep + 1, sampler.steps);
-      lastStep = req.step;
-    }
-    const blend = input.maskBlend;
-    const x = blend?.beforeModel ? blendLatent(req.x, blend) : req.x;
-    const scale = req.kind === "denoise" ? cIn(req.sigma) : req.inputScale;
-    const scaled = new Float32Array(plane);
-    for (let i = 0; i < plane; i++) scaled[i] = x[i]! * scale;
-    const conds = cond.condAt(req.call);
-    const uncond = cond.uncondAt(req.call);
-    // Cond and uncond of different lengths go in separate requests (A1111's default, no padding).
-    const groups = new Map<number, Float32Array[]>();
-    const add = (tensor: Float32Array): number => {
-      const seq = tensor.length / dim;
-      const g = groups.get(seq) ?? [];
-      g.push(tensor);
-      groups.set(seq, g);
-      return g.length - 1;
-    };
-    const uIdx = add(uncond.tensor);
-    const cIdx = conds.map((cd) => add(cd.tensor));
-    const results = new Map<number, Float32Array[]>();
-    const evaluating = Promise.all(
-      [...groups.entries()].map(async ([seq, contexts]) => {
-        const concat = input.imageCond ? { concat: input.imageCond } : {};
-        results.set(seq, await pipe.batcher.evaluate({ x: scaled, t: req.timestep, contexts, h, w, seq, ...concat }, signal));
-      }),
-    );
-    // Queued after the batcher's dispatch: draws the sampler's next noise while the UNet runs off-thread.
-    setImmediate(() => ahead.drawAhead(req, signal));
-    await evaluating;
-    // The generator is synchronous: noise being computed off-thread for it must be here before it resumes.
-    await ahead.ensureReady(req, signal);
-    const outOf = (tensor: Float32Array, idx: number): Float32Array => results.get(tensor.length / dim)![idx]!;
-    if (req.kind === "denoise") {
-      const denoised = (out: Float32Array): Float32Array => (vPred ? vToDenoised(x, out, req.sigma) : epsToDenoised(x, out, req.sigma));
-      const dUncond = denoised(outOf(uncond.tensor, uIdx));
-      const dConds = conds.map((cd, k) => ({ denoised: denoised(outOf(cd.tensor, cIdx[k]!)), weight: cd.weight }));
-      const combined = combineDenoised(dConds, dUncond, cfgScale);
-      r = gen.next(blend && !blend.beforeModel ? blendLatent(combined, blend) : combined);
-    } else {
-      if (blend && !blend.beforeModel) {
-        throw new FarmError(
-          grpc.status.UNIMPLEMENTED,
-          `${sampler.choice.sampler.name} cannot blend an inpainting mask into its denoised latent yet`,
-          { field: "sampler_name" },
-        );
+  try {
+    while (!r.done) {
+      checkAborted(signal);
+      const req = r.value;
+      if (req.step !== lastStep) {
+        if (lastStep >= 0) input.onStep(lastStep + 1, sampler.steps);
+        lastStep = req.step;
       }
-      if (vPred) {
-        throw new FarmError(grpc.status.UNIMPLEMENTED, `${sampler.choice.sampler.name} on v-prediction models is not implemented yet`, {
-          field: "sampler_name",
-        });
+      const blend = input.maskBlend;
+      const x = blend?.beforeModel ? blendLatent(req.x, blend) : req.x;
+      const scale = req.kind === "denoise" ? cIn(req.sigma) : req.inputScale;
+      const scaled = new Float32Array(plane);
+      for (let i = 0; i < plane; i++) scaled[i] = x[i]! * scale;
+      const conds = cond.condAt(req.call);
+      const uncond = cond.uncondAt(req.call);
+      // Cond and uncond of different lengths go in separate requests (A1111's default, no padding).
+      const groups = new Map<number, Float32Array[]>();
+      const add = (tensor: Float32Array): number => {
+        const seq = tensor.length / dim;
+        const g = groups.get(seq) ?? [];
+        g.push(tensor);
+        groups.set(seq, g);
+        return g.length - 1;
+      };
+      const uIdx = add(uncond.tensor);
+      const cIdx = conds.map((cd) => add(cd.tensor));
+      const results = new Map<number, Float32Array[]>();
+      const evaluating = Promise.all(
+        [...groups.entries()].map(async ([seq, contexts]) => {
+          const concat = input.imageCond ? { concat: input.imageCond } : {};
+          results.set(seq, await pipe.batcher.evaluate({ x: scaled, t: req.timestep, contexts, h, w, seq, ...concat }, signal));
+        }),
+      );
+      // Queued after the batcher's dispatch: draws the sampler's next noise while the UNet runs off-thread.
+      setImmediate(() => ahead.drawAhead(req, signal));
+      await evaluating;
+      // The generator is synchronous: noise being computed off-thread for it must be here before it resumes.
+      await ahead.ensureReady(req, signal);
+      const outOf = (tensor: Float32Array, idx: number): Float32Array => results.get(tensor.length / dim)![idx]!;
+      if (req.kind === "denoise") {
+        const denoised = (out: Float32Array): Float32Array => (vPred ? vToDenoised(x, out, req.sigma) : epsToDenoised(x, out, req.sigma));
+        const dUncond = denoised(outOf(uncond.tensor, uIdx));
+        const dConds = conds.map((cd, k) => ({ denoised: denoised(outOf(cd.tensor, cIdx[k]!)), weight: cd.weight }));
+        const combined = combineDenoised(dConds, dUncond, cfgScale);
+        r = gen.next(blend && !blend.beforeModel ? blendLatent(combined, blend) : combined);
+      } else {
+        if (blend && !blend.beforeModel) {
+          throw new FarmError(
+            grpc.status.UNIMPLEMENTED,
+            `${sampler.choice.sampler.name} cannot blend an inpainting mask into its denoised latent yet`,
+            { field: "sampler_name" },
+          );
+        }
+        if (vPred) {
+          throw new FarmError(grpc.status.UNIMPLEMENTED, `${sampler.choice.sampler.name} on v-prediction models is not implemented yet`, {
+            field: "sampler_name",
+          });
+        }
+        const eUncond = outOf(uncond.tensor, uIdx);
+        const eConds = conds.map((cd, k) => ({ denoised: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));
+        const output = combineDenoised(eConds, eUncond, cfgScale * (req.cfgScaleMultiplier ?? 1));
+        r = gen.next(req.needUncond ? { output, uncond: eUncond } : output);
       }
-      const eUncond = outOf(uncond.tensor, uIdx);
-      const eConds = conds.map((cd, k) => ({ denoised: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));
-      const output = combineDenoised(eConds, eUncond, cfgScale * (req.cfgScaleMultiplier ?? 1));
-      r = gen.next(req.needUncond ? { output, uncond: eUncond } : output);
     }
+  } finally {
+    // Cancelled or failed: the run's latents go back to the kernels' memory.
+    if (!r.done) gen.return(undefined as never);
   }
   input.onStep(sampler.steps, sampler.steps);
   checkAborted(signal);

@@ -38,6 +38,7 @@ import {
   sampleLms,
 } from "./samplers/kdiffusion.js";
 import { sampleRestart } from "./samplers/restart.js";
+import { inLatentScope } from "./samplers/latent-pool.js";
 import {
   ddimTimesteps,
   sampleDdim,
@@ -233,6 +234,11 @@ export interface PreparedSampling {
    * init latent plus noise at the first scheduled level.
    */
   startLatent(noise: Float32Array, initLatent?: Float32Array): Float32Array;
+  /**
+   * The sampler's run from `x`, its latents resident in the kernels' memory (samplers/latent-pool.ts): a
+   * request's arrays are valid until the run is resumed, the latent it returns is the caller's, and a
+   * driver that stops early calls the run's return() so that its memory is reused.
+   */
   run(x: Float32Array): SamplerRun;
   /**
    * Draws now the noise `request` announces (its `upcoming` field): call it while that request's model
@@ -405,7 +411,7 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
         throw new InvalidSamplingParameter(input.fields?.sampler ?? "sampler_name", `sampler "${sampler.name}" has no implementation`);
     }
   };
-  const run = (x: Float32Array): SamplerRun => runWith(x, options);
+  const run = (x: Float32Array): SamplerRun => inLatentScope(runWith(x, options));
 
   /**
    * The run's tree queries in the order the sampler announces them, found by running the sampler on a
@@ -516,7 +522,8 @@ function prepareTimestepSampler(
     return out;
   };
 
-  const run = (x: Float32Array): SamplerRun => {
+  const run = (x: Float32Array): SamplerRun => inLatentScope(runTimesteps(x));
+  const runTimesteps = (x: Float32Array): SamplerRun => {
     switch (sampler.name) {
       case "DDIM":
         return sampleDdim(x, { timesteps, noise: prefetcher.noise, schedule, eta });

@@ -7,7 +7,7 @@ import { ModelCaller, ONE_DRAW, ancestralStep, checkedNoise, expF, expm1F, logF 
 import type { ModelRequest, ModelResponse, UpcomingNoise } from "./types.js";
 import type { DiscreteSchedule } from "../sigmas.js";
 import { addScaledNoise, dpmEpsCombineWithError, dpmEpsCombines, dpmEpsStages, type ScaledNoise } from "./updates.js";
-import { freshLatent } from "./latent-pool.js";
+import { freshLatent, releaseLatent, supersede } from "./latent-pool.js";
 
 const f32 = Math.fround;
 
@@ -60,7 +60,8 @@ class Solver {
     schedule: DiscreteSchedule | undefined,
   ) {
     this.model = new ModelCaller(length, schedule);
-    this.eps = new Float32Array(length);
+    // Kept for the whole run (resident in a run's scope): every step writes it before reading it.
+    this.eps = freshLatent(length);
   }
 
   private denoised(x: Float32Array, t: number): EvalGenerator {
@@ -166,6 +167,7 @@ class Solver {
     const { s1, c1, final } = Solver.second(t, tNext, f32(tNext - t), 1 / 2);
     const [u1] = yield* this.start(x, t, [c1]);
     const [out] = yield* this.combine(u1!, s1, x, [final], noise);
+    releaseLatent(u1);
     return out!;
   }
 
@@ -173,7 +175,9 @@ class Solver {
     const { s1, c1, s2, stage2, final } = Solver.third(t, tNext, f32(tNext - t));
     const [u1] = yield* this.start(x, t, [c1]);
     const [u2] = yield* this.combine(u1!, s1, x, [stage2]);
+    releaseLatent(u1);
     const [out] = yield* this.combine(u2!, s2, x, [final], noise);
+    releaseLatent(u2);
     return out!;
   }
 
@@ -182,7 +186,9 @@ class Solver {
     const h = f32(tNext - t);
     const { s1, c1, final } = Solver.second(t, tNext, h, 1 / 2);
     const [low, u1] = yield* this.start(x, t, [Solver.first(tNext, h), c1]);
-    return yield* this.combineWithError(u1!, s1, x, final, low!, error);
+    const pair = yield* this.combineWithError(u1!, s1, x, final, low!, error);
+    releaseLatent(u1);
+    return pair;
   }
 
   /** DPM adaptive's order-3 pair: step2 with r1 = 1/3 (low) and step3 (high), sharing eps and eps_r1. */
@@ -192,7 +198,10 @@ class Solver {
     const third = Solver.third(t, tNext, h);
     const [u1] = yield* this.start(x, t, [second.c1]);
     const [low, u2] = yield* this.combine(u1!, second.s1, x, [second.final, third.stage2]);
-    return yield* this.combineWithError(u2!, third.s2, x, third.final, low!, error);
+    releaseLatent(u1);
+    const pair = yield* this.combineWithError(u2!, third.s2, x, third.final, low!, error);
+    releaseLatent(u2);
+    return pair;
   }
 }
 
@@ -238,9 +247,9 @@ export function* sampleDpmFast(x: Float32Array, n: number, o: DpmSolverOptions):
     const order = orders[i]!;
     // k-diffusion adds su·s_noise·noise even when su is 0, so the draw is consumed every step.
     const noise = (): ScaledNoise => ({ noise: checkedNoise(o.noise, x.length), scale: f32(su * sNoise) });
-    if (order === 1) x = yield* solver.step1(x, t, tTarget, noise);
-    else if (order === 2) x = yield* solver.step2(x, t, tTarget, noise);
-    else x = yield* solver.step3(x, t, tTarget, noise);
+    if (order === 1) x = supersede(x, yield* solver.step1(x, t, tTarget, noise));
+    else if (order === 2) x = supersede(x, yield* solver.step2(x, t, tTarget, noise));
+    else x = supersede(x, yield* solver.step3(x, t, tTarget, noise));
   }
   return x;
 }
@@ -325,14 +334,18 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
     if (solver.step >= maxSteps) throw new RangeError(`DPM adaptive did not finish within ${maxSteps} steps`);
     const t = forward ? Math.min(tEnd, f32(s + pid.h)) : Math.max(tEnd, f32(s + pid.h));
     const { tTarget, su } = ancestralT(s, t, tEnd, eta);
-    errors ??= new Float32Array(x.length);
+    errors ??= freshLatent(x.length);
     const terms = { xPrev, atol, rtol, scratch: errors };
     const { low, high, sumSquares } = order === 2 ? yield* solver.pair12(x, s, tTarget, terms) : yield* solver.pair23(x, s, tTarget, terms);
     const error = f32(f32(Math.sqrt(sumSquares)) / f32(Math.sqrt(x.length)));
     if (pid.proposeStep(error)) {
+      // The previous step's low and high results (the start latent is the caller's: no-op).
+      releaseLatent(xPrev, x);
       xPrev = low;
       x = addAncestralNoise(high, su, sNoise, o.noise);
       s = t;
+    } else {
+      releaseLatent(low, high);
     }
     solver.step++;
   }

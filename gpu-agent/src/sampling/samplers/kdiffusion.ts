@@ -34,7 +34,7 @@ import {
   midpointAncestralStep,
   midpointStep,
 } from "./updates.js";
-import { freshLatent } from "./latent-pool.js";
+import { freshLatent, releaseLatent, supersede } from "./latent-pool.js";
 import type { SamplerOptions, SamplerRun } from "./types.js";
 
 const f32 = Math.fround;
@@ -80,9 +80,9 @@ export function* sampleEuler(x: Float32Array, options: SamplerOptions): SamplerR
   const c = churnOptions(options);
   for (let i = 0; i < sigmas.length - 1; i++) {
     const churned = churn(x, sigmas, i, c, options);
-    x = churned.x;
+    x = supersede(x, churned.x);
     const denoised = yield* model.denoise(x, churned.sigmaHat, i, nextChurn(sigmas, i));
-    x = eulerStep(freshLatent(x.length), x, denoised, churned.sigmaHat, f32(sigmas[i + 1]! - churned.sigmaHat));
+    x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, churned.sigmaHat, f32(sigmas[i + 1]! - churned.sigmaHat)));
   }
   return x;
 }
@@ -101,10 +101,12 @@ export function* sampleEulerAncestral(x: Float32Array, options: SamplerOptions):
     const dt = f32(sigmaDown - sigma);
     const out = freshLatent(x.length);
     // Drawn whenever σnext > 0, also at eta 0 (then scaled by σ_up = 0).
-    x =
+    x = supersede(
+      x,
       next > 0
         ? eulerAncestralStep(out, x, denoised, checkedNoise(options.noise, x.length), sigma, dt, sNoise, sigmaUp)
-        : eulerStep(out, x, denoised, sigma, dt);
+        : eulerStep(out, x, denoised, sigma, dt),
+    );
   }
   return x;
 }
@@ -116,7 +118,7 @@ export function* sampleHeun(x: Float32Array, options: SamplerOptions): SamplerRu
   const c = churnOptions(options);
   for (let i = 0; i < sigmas.length - 1; i++) {
     const churned = churn(x, sigmas, i, c, options);
-    x = churned.x;
+    x = supersede(x, churned.x);
     const sigmaHat = churned.sigmaHat;
     const next = sigmas[i + 1]!;
     const upcoming = nextChurn(sigmas, i);
@@ -124,10 +126,12 @@ export function* sampleHeun(x: Float32Array, options: SamplerOptions): SamplerRu
     const dt = f32(next - sigmaHat);
     const x2 = eulerStep(freshLatent(x.length), x, denoised, sigmaHat, dt);
     if (next === 0) {
-      x = x2;
+      x = supersede(x, x2);
     } else {
       const denoised2 = yield* model.denoise(x2, next, i, upcoming);
-      x = heunStep(freshLatent(x.length), x, denoised, denoised2, sigmaHat, next, dt);
+      const xNext = heunStep(freshLatent(x.length), x, denoised, denoised2, sigmaHat, next, dt);
+      releaseLatent(x, x2);
+      x = xNext;
     }
   }
   return x;
@@ -140,18 +144,20 @@ export function* sampleDpm2(x: Float32Array, options: SamplerOptions): SamplerRu
   const c = churnOptions(options);
   for (let i = 0; i < sigmas.length - 1; i++) {
     const churned = churn(x, sigmas, i, c, options);
-    x = churned.x;
+    x = supersede(x, churned.x);
     const sigmaHat = churned.sigmaHat;
     const next = sigmas[i + 1]!;
     const upcoming = nextChurn(sigmas, i);
     const denoised = yield* model.denoise(x, sigmaHat, i, upcoming);
     if (next === 0) {
-      x = eulerStep(freshLatent(x.length), x, denoised, sigmaHat, f32(next - sigmaHat));
+      x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, sigmaHat, f32(next - sigmaHat)));
     } else {
       const sigmaMid = expF(lerpF(logF(sigmaHat), logF(next), 0.5));
       const x2 = eulerStep(freshLatent(x.length), x, denoised, sigmaHat, f32(sigmaMid - sigmaHat));
       const denoised2 = yield* model.denoise(x2, sigmaMid, i, upcoming);
-      x = midpointStep(freshLatent(x.length), x, x2, denoised2, sigmaMid, f32(next - sigmaHat));
+      const xNext = midpointStep(freshLatent(x.length), x, x2, denoised2, sigmaMid, f32(next - sigmaHat));
+      releaseLatent(x, x2);
+      x = xNext;
     }
   }
   return x;
@@ -169,13 +175,25 @@ export function* sampleDpm2Ancestral(x: Float32Array, options: SamplerOptions): 
     const upcoming = sigmaDown === 0 ? undefined : ONE_DRAW;
     const denoised = yield* model.denoise(x, sigma, i, upcoming);
     if (sigmaDown === 0) {
-      x = eulerStep(freshLatent(x.length), x, denoised, sigma, f32(sigmaDown - sigma));
+      x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, sigma, f32(sigmaDown - sigma)));
     } else {
       const sigmaMid = expF(lerpF(logF(sigma), logF(sigmaDown), 0.5));
       const x2 = eulerStep(freshLatent(x.length), x, denoised, sigma, f32(sigmaMid - sigma));
       const denoised2 = yield* model.denoise(x2, sigmaMid, i, upcoming);
       const noise = checkedNoise(options.noise, x.length);
-      x = midpointAncestralStep(freshLatent(x.length), x, x2, denoised2, noise, sigmaMid, f32(sigmaDown - sigma), sNoise, sigmaUp);
+      const xNext = midpointAncestralStep(
+        freshLatent(x.length),
+        x,
+        x2,
+        denoised2,
+        noise,
+        sigmaMid,
+        f32(sigmaDown - sigma),
+        sNoise,
+        sigmaUp,
+      );
+      releaseLatent(x, x2);
+      x = xNext;
     }
   }
   return x;
@@ -221,7 +239,7 @@ export function* sampleLms(x: Float32Array, options: SamplerOptions, order = 4):
     lmsStep(out, d, x, denoised, ds, sigma, coefficients);
     ds.unshift(d);
     spare = ds.length > order ? ds.pop() : undefined;
-    x = out;
+    x = supersede(x, out);
   }
   return x;
 }
@@ -241,10 +259,12 @@ export function* sampleDpmppSecondOrderAncestral(x: Float32Array, options: Sampl
     const out = freshLatent(x.length);
     if (sigmaDown === 0) {
       const dt = f32(sigmaDown - sigma);
-      x =
+      x = supersede(
+        x,
         next > 0
           ? eulerAncestralStep(out, x, denoised, checkedNoise(options.noise, x.length), sigma, dt, sNoise, sigmaUp)
-          : eulerStep(out, x, denoised, sigma, dt);
+          : eulerStep(out, x, denoised, sigma, dt),
+      );
     } else {
       const t = tOfSigma(sigma);
       const tNext = tOfSigma(sigmaDown);
@@ -255,10 +275,12 @@ export function* sampleDpmppSecondOrderAncestral(x: Float32Array, options: Sampl
       const x2 = dpmSolverStep(freshLatent(x.length), x, denoised, f32(sigmaS / sigmaT), expm1F(f32(-h * 0.5)));
       const denoised2 = yield* model.denoise(x2, sigmaS, i, upcoming);
       const ratio = f32(sigmaOfT(tNext) / sigmaT);
-      x =
+      const xNext =
         next > 0
           ? dpmSolverAncestralStep(out, x, denoised2, checkedNoise(options.noise, x.length), ratio, expm1F(-h), sNoise, sigmaUp)
           : dpmSolverStep(out, x, denoised2, ratio, expm1F(-h));
+      releaseLatent(x, x2);
+      x = xNext;
     }
   }
   return x;
@@ -276,7 +298,7 @@ export function* sampleDpmppSde(x: Float32Array, options: SamplerOptions, r = 0.
     const next = sigmas[i + 1]!;
     if (next === 0) {
       const denoised = yield* model.denoise(x, sigma, i);
-      x = eulerStep(freshLatent(x.length), x, denoised, sigma, f32(next - sigma));
+      x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, sigma, f32(next - sigma)));
       continue;
     }
     const t = tOfSigma(sigma);
@@ -305,7 +327,7 @@ export function* sampleDpmppSde(x: Float32Array, options: SamplerOptions, r = 0.
 
     const step2 = ancestralStep(sigmaT, sigmaNext, eta);
     const t2 = tOfSigma(step2.sigmaDown);
-    x = dpmppSdeFinalStep(
+    const xNext = dpmppSdeFinalStep(
       freshLatent(x.length),
       x,
       denoised,
@@ -318,6 +340,8 @@ export function* sampleDpmppSde(x: Float32Array, options: SamplerOptions, r = 0.
       sNoise,
       step2.sigmaUp,
     );
+    releaseLatent(x, x2);
+    x = xNext;
   }
   return x;
 }
@@ -338,12 +362,12 @@ export function* sampleDpmpp2m(x: Float32Array, options: SamplerOptions): Sample
     const expm1NegH = expm1F(-h);
     const out = freshLatent(x.length);
     if (oldDenoised === undefined || next === 0) {
-      x = dpmSolverStep(out, x, denoised, ratio, expm1NegH);
+      x = supersede(x, dpmSolverStep(out, x, denoised, ratio, expm1NegH));
     } else {
       const hLast = f32(t - tOfSigma(sigmas[i - 1]!));
       const r = f32(hLast / h);
       const inv2r = f32(1 / f32(2 * r));
-      x = dpmpp2mStep(out, x, denoised, oldDenoised, f32(1 + inv2r), inv2r, ratio, expm1NegH);
+      x = supersede(x, dpmpp2mStep(out, x, denoised, oldDenoised, f32(1 + inv2r), inv2r, ratio, expm1NegH));
     }
     oldDenoised = denoised;
   }
@@ -367,7 +391,7 @@ export function* sampleDpmpp2mSde(x: Float32Array, options: SamplerOptions, solv
     const noisy = next !== 0 && Boolean(eta);
     const denoised = yield* model.denoise(x, sigma, i, noisy ? upcomingSde(options, sigma, next) : undefined);
     if (next === 0) {
-      x = denoised;
+      x = supersede(x, denoised);
     } else {
       const t = -logF(sigma);
       const s = -logF(next);
@@ -386,7 +410,7 @@ export function* sampleDpmpp2mSde(x: Float32Array, options: SamplerOptions, solv
       const noiseTerm = noisy
         ? { noise: noise(sigma, next), sigmaNext: next, root: f32(Math.sqrt(-expm1F(f32(-2 * etaH)))), sNoise }
         : undefined;
-      x = dpmpp2mSdeStep(freshLatent(x.length), x, denoised, xScale, dScale, old, noiseTerm);
+      x = supersede(x, dpmpp2mSdeStep(freshLatent(x.length), x, denoised, xScale, dScale, old, noiseTerm));
       hLast = h;
     }
     oldDenoised = denoised;
@@ -412,7 +436,7 @@ export function* sampleDpmpp3mSde(x: Float32Array, options: SamplerOptions): Sam
     const denoised = yield* model.denoise(x, sigma, i, noisy ? upcomingSde(options, sigma, next) : undefined);
     let h = h1 ?? 0;
     if (next === 0) {
-      x = denoised;
+      x = supersede(x, denoised);
     } else {
       const t = -logF(sigma);
       const s = -logF(next);
@@ -432,7 +456,7 @@ export function* sampleDpmpp3mSde(x: Float32Array, options: SamplerOptions): Sam
       const noiseTerm = noisy
         ? { noise: noise(sigma, next), sigmaNext: next, root: f32(Math.sqrt(-expm1F(f32(f32(-2 * h) * f32(eta))))), sNoise }
         : undefined;
-      x = dpmpp3mSdeStep(freshLatent(x.length), x, denoised, xScale, dScale, history, noiseTerm);
+      x = supersede(x, dpmpp3mSdeStep(freshLatent(x.length), x, denoised, xScale, dScale, history, noiseTerm));
     }
     denoised2 = denoised1;
     denoised1 = denoised;
@@ -458,7 +482,7 @@ export function* sampleLcm(x: Float32Array, options: SamplerOptions & { lcm: Lcm
     const eps = yield* model.eps(x, timestep, sigma, i, cIn, next > 0 ? ONE_DRAW : undefined);
     const { cSkip, cOut } = lcm.boundaryScalings(sigma);
     const noise = next > 0 ? { noise: checkedNoise(options.noise, x.length), sigmaNext: next } : undefined;
-    x = lcmStep(freshLatent(x.length), x, eps, -f32(sigma), cOut, cSkip, noise);
+    x = supersede(x, lcmStep(freshLatent(x.length), x, eps, -f32(sigma), cOut, cSkip, noise));
   }
   return x;
 }

@@ -1,5 +1,21 @@
+import { allocateResident, freeResident, isResident } from "../kernels.js";
+import type { ModelRequest, ModelResponse, SamplerRun } from "./types.js";
+
 /**
- * Fresh latent arrays for the samplers' step results, allocated while the model runs instead of on the
+ * Fresh latent arrays for the samplers' step results.
+ *
+ * Inside a run started through `inLatentScope` (the planner's runs, so the agent's), they are resident:
+ * they live in the kernels' WebAssembly memory, where the kernels read and write them without copies
+ * (kernels.ts). A resident array's slot is reused once the sampler releases it (`releaseLatent`, when no
+ * step will read it again) or when the run ends. That makes two rules:
+ * - a sampler releases only arrays it will never read again, and writes every value of a fresh array
+ *   before reading it (slots are not cleared);
+ * - a driver reads a request's arrays until it resumes the sampler, and copies what it wants to keep
+ *   longer. The latent a run returns is copied out of the memory and is the caller's.
+ * Tests run every sampler in a scope that fills released and fresh slots with NaN and compare its bits
+ * with a run without residency, so a release too early shows.
+ *
+ * Outside a scope, arrays come from the pool below, allocated while the model runs instead of on the
  * sampler's critical path.
  *
  * A sampler cannot reuse its output arrays: each one is yielded to the driver (or returned), and a
@@ -26,14 +42,127 @@ const spares = new Map<number, Float32Array[]>();
 const wanted = new Map<number, number>();
 let scheduled = false;
 
-/** A new zero-filled Float32Array of `length` values, from the pool when one is ready. */
+/**
+ * A Float32Array of `length` values for a step's result: resident inside a scope (values undefined until
+ * written), else new and zero-filled, from the pool when one is ready.
+ */
 export function freshLatent(length: number): Float32Array {
-  return spares.get(length)?.pop() ?? new Float32Array(length);
+  return current?.fresh(length) ?? spares.get(length)?.pop() ?? new Float32Array(length);
+}
+
+/** The sampler will not read these arrays again: their slots may be reused (no-op for arrays not resident). */
+export function releaseLatent(...arrays: (Float32Array | undefined)[]): void {
+  if (current === undefined) return;
+  for (const a of arrays) if (a !== undefined) current.release(a);
+}
+
+/** `next`, after releasing `old`, which it replaces as the sampler's state: `x = supersede(x, step(…, x, …))`. */
+export function supersede(old: Float32Array, next: Float32Array): Float32Array {
+  if (old !== next) releaseLatent(old);
+  return next;
+}
+
+/** The scope of the run whose sampler code is running now (set around each resume by inLatentScope). */
+let current: LatentScope | undefined;
+let residency = true;
+let poisonByDefault = false;
+
+/**
+ * Turns residency off or on (on by default): off, scopes hand out ordinary arrays and every kernel copies
+ * its operands in and its results out. For side-by-side measurements; the results are the same bits.
+ * `poison` makes scopes created without options fill fresh and released slots with NaN (tests).
+ */
+export function setLatentResidency(enabled: boolean, options: { poison?: boolean } = {}): void {
+  residency = enabled;
+  poisonByDefault = options.poison ?? false;
+}
+
+export interface LatentScopeOptions {
+  /** Fill fresh and released slots with NaN, so that a read before a write or after a release shows (tests). */
+  poison?: boolean;
+  /** Resident bytes the run may hold at once; beyond, fresh arrays are ordinary ones (default 256 MiB). */
+  maxBytes?: number;
+}
+
+/** One run's resident arrays. */
+export class LatentScope {
+  private readonly held = new Set<Float32Array>();
+  private bytes = 0;
+  private readonly poison: boolean;
+  private readonly maxBytes: number;
+
+  constructor(options: LatentScopeOptions = {}) {
+    this.poison = options.poison ?? poisonByDefault;
+    this.maxBytes = options.maxBytes ?? 256 << 20;
+  }
+
+  /** Arrays the run holds now. */
+  get size(): number {
+    return this.held.size;
+  }
+
+  fresh(length: number): Float32Array | undefined {
+    if (!residency || this.bytes + length * 4 > this.maxBytes) return undefined;
+    const a = allocateResident(length);
+    if (a === undefined) return undefined;
+    if (this.poison) a.fill(NaN);
+    this.held.add(a);
+    this.bytes += a.byteLength;
+    return a;
+  }
+
+  release(a: Float32Array): void {
+    if (!this.held.delete(a)) return;
+    this.bytes -= a.byteLength;
+    freeResident(a, this.poison);
+  }
+
+  /** Releases everything the run still holds. */
+  close(): void {
+    for (const a of this.held) freeResident(a, this.poison);
+    this.held.clear();
+    this.bytes = 0;
+  }
+}
+
+/**
+ * `run` with its fresh latents resident (see above): every resume of the sampler runs in `scope`, the
+ * latent it returns is copied out, and the scope closes when the run ends, however it ends.
+ */
+export function* inLatentScope(run: SamplerRun, scope: LatentScope = new LatentScope()): SamplerRun {
+  try {
+    let started = false;
+    let response!: ModelResponse;
+    for (;;) {
+      const outer = current;
+      current = scope;
+      let r: IteratorResult<ModelRequest, Float32Array>;
+      try {
+        r = started ? run.next(response) : run.next();
+      } finally {
+        current = outer;
+      }
+      started = true;
+      if (r.done) return isResident(r.value) ? r.value.slice() : r.value;
+      response = yield r.value;
+    }
+  } finally {
+    // An abandoned run (the driver's return() or a throw) is closed too, inside its scope.
+    const outer = current;
+    current = scope;
+    try {
+      run.return(undefined as unknown as Float32Array);
+    } finally {
+      current = outer;
+      scope.close();
+    }
+  }
 }
 
 /** Asks for `count` fresh arrays of `length` to be ready the next time the sampler runs. */
 export function allocateAhead(length: number, count: number): void {
-  if (length < MIN_POOLED) return;
+  // A run in a scope takes resident arrays (already paged in once reused), not these.
+  if (length < MIN_POOLED || (current !== undefined && residency)) return;
   wanted.set(length, Math.min(MAX_SPARES, (wanted.get(length) ?? 0) + count));
   if (scheduled) return;
   scheduled = true;

@@ -3,7 +3,7 @@ import { karrasSigmas } from "../schedules.js";
 import { ModelCaller, ONE_DRAW, checkSigmas, checkedNoise } from "./common.js";
 import type { SamplerOptions, SamplerRun } from "./types.js";
 import { addNoise, eulerStep, heunStep } from "./updates.js";
-import { freshLatent } from "./latent-pool.js";
+import { freshLatent, releaseLatent, supersede } from "./latent-pool.js";
 
 const f32 = Math.fround;
 
@@ -68,7 +68,7 @@ export function* sampleRestart(x: Float32Array, options: SamplerOptions): Sample
       // Jumping back up: fresh noise to raise the level from lastSigma to oldSigma.
       const n = checkedNoise(options.noise, x.length);
       const scale = f32(Math.sqrt(f32(f32(oldSigma * oldSigma) - f32(lastSigma * lastSigma))));
-      x = addNoise(freshLatent(x.length), x, n, sNoise, scale);
+      x = supersede(x, addNoise(freshLatent(x.length), x, n, sNoise, scale));
     }
     // The next item jumps back up when its start lies above this item's end.
     const following = stepList[step + 1];
@@ -77,10 +77,12 @@ export function* sampleRestart(x: Float32Array, options: SamplerOptions): Sample
     const dt = f32(newSigma - oldSigma);
     const x2 = eulerStep(freshLatent(x.length), x, denoised, oldSigma, dt);
     if (newSigma === 0) {
-      x = x2;
+      x = supersede(x, x2);
     } else {
       const denoised2 = yield* model.denoise(x2, newSigma, step, upcoming);
-      x = heunStep(freshLatent(x.length), x, denoised, denoised2, oldSigma, newSigma, dt);
+      const xNext = heunStep(freshLatent(x.length), x, denoised, denoised2, oldSigma, newSigma, dt);
+      releaseLatent(x, x2);
+      x = xNext;
     }
     lastSigma = newSigma;
   }

@@ -16,7 +16,7 @@ import {
   uniPcPredict,
   type UniPcTerms,
 } from "./updates.js";
-import { freshLatent } from "./latent-pool.js";
+import { freshLatent, releaseLatent, supersede } from "./latent-pool.js";
 
 const f32 = Math.fround;
 
@@ -101,7 +101,7 @@ function* ddimLoop(x: Float32Array, o: TimestepSamplerOptions, cfgpp: boolean): 
     const dirScale = f32(Math.sqrt(f32(f32(1 - aPrev) - f32(sigmaT * sigmaT))));
     // A1111 draws this noise every step, also at eta 0.
     const n = checkedNoise(o.noise, x.length);
-    x = ddimStep(freshLatent(x.length), x, eps, direction, n, s1m, sqrtAT, sqrtAPrev, dirScale, sigmaT);
+    x = supersede(x, ddimStep(freshLatent(x.length), x, eps, direction, n, s1m, sqrtAT, sqrtAPrev, dirScale, sigmaT));
   }
   return x;
 }
@@ -138,9 +138,11 @@ export function* samplePlms(x: Float32Array, o: TimestepSamplerOptions): Run {
       // Pseudo improved Euler: a second evaluation at the next timestep.
       const xPrev = plmsStep(freshLatent(x.length), x, e, "plain", undefined, coefficients);
       const eNext = yield* model.eps(xPrev, tNext, sigmaAt(schedule, tNext), i);
-      x = plmsStep(freshLatent(x.length), x, e, [], eNext, coefficients);
+      const xNext = plmsStep(freshLatent(x.length), x, e, [], eNext, coefficients);
+      releaseLatent(x, xPrev);
+      x = xNext;
     } else {
-      x = plmsStep(freshLatent(x.length), x, e, [...oldEps].reverse(), undefined, coefficients);
+      x = supersede(x, plmsStep(freshLatent(x.length), x, e, [...oldEps].reverse(), undefined, coefficients));
     }
     oldEps.push(e);
     if (oldEps.length >= 4) oldEps.shift();
@@ -458,7 +460,7 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
       const xt = predicted ?? uniPcPredict(freshLatent(n), x, m0, older, terms);
       predicted = undefined;
       if (!useCorrector) {
-        x = xt;
+        x = supersede(x, xt);
         updateIndex++;
         if (k + 1 < plan.length) throw new Error("only the last UniPC update goes without a corrector");
         break;
@@ -478,6 +480,9 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
       } else {
         uniPcCorrect(modelT, corrected, x, m0, older, undefined, eps, terms, ns.std(t), ns.alpha(t));
       }
+      // Dead now: the predictor's x_t (the corrector recomputed it), the old x, and the model output the
+      // history drops.
+      releaseLatent(xt, x, modelPrev.length >= order ? modelPrev[0] : undefined);
       carried = next;
       x = corrected;
       updateIndex++;

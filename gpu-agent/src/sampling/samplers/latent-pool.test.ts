@@ -1,0 +1,174 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { isResident } from "../kernels.js";
+import { listSamplers, prepareSampling, type PrepareSamplingInput } from "../plan.js";
+import { sampleHeun } from "./kdiffusion.js";
+import { LatentScope, freshLatent, inLatentScope, releaseLatent, setLatentResidency } from "./latent-pool.js";
+import type { ModelRequest, ModelResponse, SamplerRun } from "./types.js";
+
+const SHAPE = [4, 4, 6] as const;
+const LENGTH = SHAPE[0] * SHAPE[1] * SHAPE[2];
+
+/** Fresh noise arrays from a fixed sequence (xorshift32 → roughly normal sums). */
+function noiseSource(seed: number): () => Float32Array {
+  let s = seed >>> 0 || 1;
+  const next = (): number => {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    return (s >>> 0) / 2 ** 32;
+  };
+  return () => Float32Array.from({ length: LENGTH }, () => next() + next() + next() - 1.5);
+}
+
+/** A nonlinear stand-in model, so that every operand of every update changes the result. */
+function answer(request: ModelRequest): ModelResponse {
+  const scale = request.kind === "denoise" ? 1 / (1 + request.sigma * request.sigma) : 0.7 * request.inputScale;
+  const out = Float32Array.from(request.x, (v, k) => v * scale + 0.05 * Math.sin(v * 3 + k));
+  return request.kind === "eps" && request.needUncond === true ? { output: out, uncond: out.map((v) => v * 0.9) } : out;
+}
+
+interface Case {
+  samplerName: string;
+  scheduler?: string;
+  steps: number;
+  settings?: PrepareSamplingInput["settings"];
+  brownian?: boolean;
+}
+
+/** The driver keeps nothing of a request past the resume (the rule), but checks each one's bits on the way. */
+function render(c: Case): { x: Float32Array; requests: Float32Array[] } {
+  const noise = noiseSource(11);
+  const prepared = prepareSampling({
+    samplerName: c.samplerName,
+    steps: c.steps,
+    noise,
+    ...(c.scheduler !== undefined && { scheduler: c.scheduler }),
+    ...(c.settings !== undefined && { settings: c.settings }),
+    ...(c.brownian === true && { brownian: { seeds: [5], shape: [...SHAPE], source: "NV" as const } }),
+  });
+  const run = prepared.run(prepared.startLatent(noise()));
+  const requests: Float32Array[] = [];
+  let r = run.next();
+  while (!r.done) {
+    requests.push(r.value.x.slice());
+    r = run.next(answer(r.value));
+  }
+  return { x: r.value, requests };
+}
+
+const sameBits = (a: Float32Array, b: Float32Array): boolean =>
+  a.length === b.length && a.every((v, k) => Object.is(v, b[k]) || (Number.isNaN(v) && Number.isNaN(b[k])));
+
+const CASES: Case[] = [
+  ...listSamplers().map((s) => ({ samplerName: s.name, steps: 9, brownian: s.options["brownian_noise"] === true })),
+  { samplerName: "Euler", steps: 8, settings: { sChurn: 1.5 } },
+  { samplerName: "Heun", steps: 6, settings: { sChurn: 2, sTmin: 0.5 } },
+  { samplerName: "DPM2", scheduler: "Karras", steps: 7, settings: { sChurn: 1 } },
+  { samplerName: "DPM++ 2M SDE", steps: 8, settings: { eta: 0 } },
+  { samplerName: "DPM++ 3M SDE", scheduler: "Exponential", steps: 8 },
+  { samplerName: "DPM++ SDE", steps: 5 },
+  { samplerName: "DPM adaptive", steps: 5, settings: { eta: 0 } },
+  { samplerName: "LMS", scheduler: "Karras", steps: 12 },
+  { samplerName: "UniPC", steps: 10, settings: { uniPcVariant: "bh2", uniPcOrder: 2 } },
+  { samplerName: "UniPC", steps: 10, settings: { uniPcVariant: "vary_coeff" } },
+  { samplerName: "Restart", steps: 12 },
+];
+
+test("every sampler gives the same bits with its latents resident, slots poisoned with NaN when fresh or released", () => {
+  for (const c of CASES) {
+    const label = `${c.samplerName} ${c.scheduler ?? ""} ${JSON.stringify(c.settings ?? {})}`;
+    setLatentResidency(false);
+    const copied = render(c);
+    setLatentResidency(true, { poison: true });
+    let resident: ReturnType<typeof render>;
+    try {
+      resident = render(c);
+    } finally {
+      setLatentResidency(true);
+    }
+    assert.ok(copied.x.every(Number.isFinite), `${label}: a finite result to compare`);
+    assert.equal(resident.requests.length, copied.requests.length, label);
+    resident.requests.forEach((x, k) => assert.ok(sameBits(x, copied.requests[k]!), `${label}: request ${k}`));
+    assert.ok(sameBits(resident.x, copied.x), `${label}: result`);
+    assert.ok(!isResident(resident.x), `${label}: the result is copied out of the kernels' memory`);
+  }
+});
+
+test("a run's requests are resident, and a finished or abandoned run gives all its slots back", () => {
+  const noise = noiseSource(3);
+  const sigmas = Float32Array.from([14.6, 7, 3, 1.2, 0.4, 0]);
+  const scope = new LatentScope();
+  const run = inLatentScope(sampleHeun(noise(), { sigmas, noise }), scope);
+  let r = run.next();
+  assert.ok(!r.done && !isResident(r.value.x), "the start latent is the caller's array");
+  r = run.next(answer(r.value as ModelRequest));
+  assert.ok(!r.done && isResident(r.value.x), "Heun's Euler half-step lives in the kernels' memory");
+  r = run.next(answer(r.value as ModelRequest));
+  // Only the step's result (the next request): the half-step was released once the step was done.
+  assert.ok(!r.done && isResident(r.value.x));
+  assert.equal(scope.size, 1);
+  run.return(new Float32Array(0));
+  assert.equal(scope.size, 0, "return() closes the scope");
+
+  const held = new LatentScope();
+  const long = inLatentScope(
+    (function* (): SamplerRun {
+      const a = freshLatent(LENGTH);
+      const b = freshLatent(LENGTH);
+      a.fill(1);
+      b.fill(2);
+      releaseLatent(a);
+      // A released slot is the next one handed out.
+      const c = freshLatent(LENGTH);
+      assert.equal(c.byteOffset, a.byteOffset);
+      c.fill(3);
+      yield { kind: "denoise", x: c, sigma: 1, timestep: 999, step: 0, call: 0 };
+      return b;
+    })(),
+    held,
+  );
+  const request = long.next();
+  assert.ok(!request.done && isResident((request.value as ModelRequest).x));
+  assert.equal(held.size, 2);
+  const done = long.next(new Float32Array(LENGTH));
+  assert.ok(done.done && done.value.every((v) => v === 2) && !isResident(done.value));
+  assert.equal(held.size, 0, "the scope closes when the run ends");
+});
+
+test("outside a scope fresh latents are ordinary zero-filled arrays, and a scope has a byte budget", () => {
+  const a = freshLatent(LENGTH);
+  assert.ok(!isResident(a) && a.every((v) => v === 0));
+  releaseLatent(a); // a no-op outside a scope
+  const scope = new LatentScope({ maxBytes: LENGTH * 4 * 2 });
+  const run = inLatentScope(
+    (function* (): SamplerRun {
+      const inside = [freshLatent(LENGTH), freshLatent(LENGTH), freshLatent(LENGTH)];
+      assert.deepEqual(
+        inside.map((v) => isResident(v)),
+        [true, true, false],
+      );
+      inside[0]!.fill(1);
+      yield { kind: "denoise", x: inside[0]!, sigma: 1, timestep: 999, step: 0, call: 0 };
+      return inside[2]!;
+    })(),
+    scope,
+  );
+  assert.ok(!run.next().done);
+  assert.ok(run.next(new Float32Array(LENGTH)).done);
+});
+
+test("a sampler that throws closes its scope", () => {
+  const scope = new LatentScope();
+  const run = inLatentScope(
+    (function* (): SamplerRun {
+      const x = freshLatent(LENGTH);
+      if (x.length > 0) throw new RangeError("boom");
+      yield { kind: "denoise", x, sigma: 1, timestep: 999, step: 0, call: 0 };
+      return x;
+    })(),
+    scope,
+  );
+  assert.throws(() => run.next(), /boom/);
+  assert.equal(scope.size, 0);
+});
