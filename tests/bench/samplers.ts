@@ -8,6 +8,8 @@
 //   "<sampler> b_in_sampler": the part of b_critical spent inside the sampler itself;
 //   "<sampler> b_in_sampler_per_call": b_in_sampler per model call rather than per step, since the target is
 //                             framed against one UNet evaluation and Heun-style samplers make two per step;
+//   "<sampler> b_in_sampler_copying": b_in_sampler with latent residency off, side by side: every kernel
+//                             copies its operands into WebAssembly memory and its results out;
 //   "<sampler> b_no_prefetch": b_critical without drawing ahead, measured side by side;
 //   "<sampler> b_tree_in_thread": SDE samplers only: b_critical with the Brownian tree drawn ahead on the
 //                             JS thread instead of in its own worker thread (b_critical), side by side;
@@ -51,6 +53,7 @@ export async function benchSamplerOverhead(
     out[`${r.sampler} b_critical`] = r.criticalMsPerStep!;
     out[`${r.sampler} b_in_sampler`] = r.criticalInSamplerMsPerStep!;
     out[`${r.sampler} b_in_sampler_per_call`] = (r.criticalInSamplerMsPerStep! * r.steps) / r.modelCalls;
+    out[`${r.sampler} b_in_sampler_copying`] = r.criticalInSamplerCopyingMsPerStep!;
     out[`${r.sampler} b_no_prefetch`] = r.criticalNoPrefetchMsPerStep!;
     out[`${r.sampler} b_longest_block`] = r.longestBlockMs!;
     if (r.criticalInThreadMsPerStep !== undefined) {

@@ -37,6 +37,7 @@ import { ImageRng, type LatentShape } from "./image-rng.js";
 import { listSamplers, prepareSampling, type PreparedSampling } from "./plan.js";
 import { NoiseThread } from "./noise-stream.js";
 import type { NoiseAhead } from "./noise-ahead.js";
+import { setLatentResidency } from "./samplers/latent-pool.js";
 import type { ModelRequest, ModelResponse, NoiseSampler, SamplerRun } from "./samplers/types.js";
 
 export interface BenchSamplersOptions {
@@ -77,6 +78,11 @@ export interface SamplerBenchResult {
    * sampling core itself still costs between two model calls, without the harness's messaging.
    */
   criticalInSamplerMsPerStep?: number;
+  /**
+   * criticalInSamplerMsPerStep with latent residency off (samplers/latent-pool.ts): every kernel copies its
+   * operands into WebAssembly memory and its results out, as before residency. Measured side by side.
+   */
+  criticalInSamplerCopyingMsPerStep?: number;
   /** (b) Brownian samplers only: drawing the tree's noise ahead on the JS thread, not in a worker. */
   criticalInThreadMsPerStep?: number;
   /**
@@ -369,6 +375,7 @@ type OffThreadNumbers = Pick<
   SamplerBenchResult,
   | "criticalMsPerStep"
   | "criticalInSamplerMsPerStep"
+  | "criticalInSamplerCopyingMsPerStep"
   | "criticalInThreadMsPerStep"
   | "criticalNoPrefetchMsPerStep"
   | "floorMsPerStep"
@@ -386,6 +393,7 @@ function minimum(a: OffThreadNumbers, b: OffThreadNumbers): OffThreadNumbers {
   return {
     criticalMsPerStep: min(a.criticalMsPerStep, b.criticalMsPerStep),
     criticalInSamplerMsPerStep: min(a.criticalInSamplerMsPerStep, b.criticalInSamplerMsPerStep),
+    criticalInSamplerCopyingMsPerStep: min(a.criticalInSamplerCopyingMsPerStep, b.criticalInSamplerCopyingMsPerStep),
     criticalInThreadMsPerStep: min(a.criticalInThreadMsPerStep, b.criticalInThreadMsPerStep),
     longestBlockMs: min(a.longestBlockMs, b.longestBlockMs),
     longestBlockInThreadMs: min(a.longestBlockInThreadMs, b.longestBlockInThreadMs),
@@ -436,6 +444,19 @@ async function measureOffThread(
     out.criticalAfterStartMsPerStep = (withPrefetch.wallMs - withPrefetch.modelMs - withPrefetch.firstWaitMs) / reported;
     out.criticalInThreadMsPerStep = (here.wallMs - here.modelMs) / reported;
     out.longestBlockInThreadMs = here.longestBlockMs;
+  }
+  setLatentResidency(false);
+  try {
+    const copying = prepare(bench);
+    const copyingAhead = copying.prepared.openNoiseAhead({ brownian: service });
+    try {
+      const run = await runOffThread(copying.prepared.run(copying.start), model, (r) => copyingAhead.drawAhead(r), copyingAhead);
+      out.criticalInSamplerCopyingMsPerStep = run.samplerMs / reported;
+    } finally {
+      await copyingAhead.close();
+    }
+  } finally {
+    setLatentResidency(true);
   }
   if (withoutPrefetch) {
     const plain = prepare(bench);
