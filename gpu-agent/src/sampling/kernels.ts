@@ -199,10 +199,7 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
   const localDecls = [3, ...uleb(i32Locals), I32, ...uleb(v128Locals), V128, 1, F64];
   const body = [...localDecls, ...code];
   const type = section(1, [1, 0x60, ...uleb(argTypes.length), ...argTypes, ...(sums ? [1, F64] : [0])]);
-  // A shared memory (limits flag 3: shared, with a maximum), so that growing it leaves resident arrays
-  // valid; where shared memory is unavailable, a plain one (flag 0) and no resident arrays.
-  const limits = arenaShared ? [0x03, 0, ...uleb(ARENA_MAX_PAGES)] : [0x00, 0];
-  const imports = section(2, [1, ...name("m"), ...name("memory"), 0x02, ...limits]);
+  const imports = section(2, [1, ...name("m"), ...name("memory"), 0x02, 0x00, 0]);
   const func = section(3, [1, 0]);
   const exports = section(7, [1, ...name("k"), 0x00, 0]);
   const codeSection = section(10, [1, ...uleb(body.length), ...body]);
@@ -211,13 +208,13 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
 
 // The project's TypeScript lib (ES2023 without DOM) has no WebAssembly types; Node has the global.
 interface WasmMemory {
-  readonly buffer: ArrayBufferLike;
+  readonly buffer: ArrayBuffer;
   grow(pages: number): number;
 }
 declare const WebAssembly: {
   Module: new (bytes: Uint8Array) => object;
   Instance: new (module: object, imports: object) => { readonly exports: object };
-  Memory: new (descriptor: { initial: number; maximum?: number; shared?: boolean }) => WasmMemory;
+  Memory: new (descriptor: { initial: number }) => WasmMemory;
 };
 
 /** Returns the running sum with sumOfSquares (and nothing useful without). */
@@ -227,51 +224,46 @@ type WasmKernel = (...args: number[]) => number;
 export const KERNEL_BLOCK = 16384;
 
 /**
- * One memory for all kernels of a thread (they run synchronously). It is shared memory only so that it
- * can grow without detaching the arrays that live in it; no other thread ever sees it. Two regions:
+ * One memory for all kernels of a thread (they run synchronously). Two regions:
  * - [0, SCRATCH_BYTES): a call's operand slots, where operands that do not live in this memory are
  *   copied in block by block and results are written before being copied out;
  * - after it, resident arrays (allocateResident): a sampler's latents, which kernels read and write
  *   where they are. Copying every operand in and every result out moved more bytes than the arithmetic:
  *   a 5-input, 3-output update on 4×128×128 latents took 0.47 ms with copies, 0.13 ms in place.
+ * Growing a memory detaches its buffer, and with it every view, so it grows only while no resident
+ * array is out; its first size leaves room for several runs' latents (address space: pages are only
+ * backed once written). A shared memory would grow without detaching, but copying into or out of one
+ * is 2–5× slower than a plain memcpy, and most calls still copy the model's answer in.
  */
 let arena: WasmMemory | null | undefined;
-let arenaShared = false;
 let arenaView: Float32Array | undefined;
-const ARENA_MAX_PAGES = 16384; // 1 GiB of address space reserved per thread; pages are used as needed
 const SCRATCH_BYTES = 16 * KERNEL_BLOCK * 4;
-/** Resident arrays a thread may hold at once; beyond it allocateResident says no. */
-const RESIDENT_MAX_BYTES = ARENA_MAX_PAGES * 65536 - SCRATCH_BYTES - 65536;
-/** Every buffer object the memory has had (each growth gives a new one over the same memory). */
+/** The memory's size once a resident array is asked for: 64 MiB, 250 latents of 4×128×128. */
+const RESIDENT_FIRST_BYTES = 64 << 20;
+/** The most it grows to (between runs, when it turned out too small). */
+const ARENA_MAX_BYTES = 1 << 30;
+/** Every buffer object the memory has had (each growth gives a new one). */
 const arenaBuffers = new WeakSet<ArrayBufferLike>();
 /** Resident arrays as handed out: whole slots, padded to whole vectors. */
 const slotViews = new WeakSet<Float32Array>();
 const freeSlots = new Map<number, number[]>();
 let residentEnd = SCRATCH_BYTES;
+let residentsOut = 0;
 
-function sharedArena(): WasmMemory | null {
+function kernelMemory(): WasmMemory | null {
   if (arena !== undefined) return arena;
   try {
-    arena = new WebAssembly.Memory({ initial: 1, maximum: ARENA_MAX_PAGES, shared: true });
-    arenaShared = true;
+    arena = new WebAssembly.Memory({ initial: SCRATCH_BYTES / 65536 });
+    arenaBuffers.add(arena.buffer);
   } catch {
-    try {
-      arena = new WebAssembly.Memory({ initial: 1 });
-    } catch {
-      arena = null;
-    }
+    arena = null;
   }
-  if (arenaShared) arenaBuffers.add(arena!.buffer);
   return arena;
 }
 
-/** The memory as floats, grown to at least `bytes` first. */
-function arenaFloats(bytes: number): Float32Array {
+/** The memory as floats (its scratch region never needs it to grow). */
+function arenaFloats(): Float32Array {
   const memory = arena!;
-  if (memory.buffer.byteLength < bytes) {
-    memory.grow(Math.ceil((bytes - memory.buffer.byteLength) / 65536));
-    if (arenaShared) arenaBuffers.add(memory.buffer);
-  }
   if (arenaView === undefined || arenaView.buffer !== memory.buffer) arenaView = new Float32Array(memory.buffer);
   return arenaView;
 }
@@ -284,22 +276,33 @@ export function isResident(a: Float32Array): boolean {
 /**
  * A Float32Array of `length` values in the kernels' memory, or undefined when there is no WebAssembly
  * or no room. Its values are whatever the slot held last: the caller writes every value before reading
- * any. It stays valid until freeResident; the caller owns that rule (see samplers/latent-pool.ts). It
- * is backed by a SharedArrayBuffer: posting it to another thread shares it instead of copying it.
+ * any. It stays valid until freeResident; the caller owns that rule (see samplers/latent-pool.ts).
  */
 export function allocateResident(length: number): Float32Array | undefined {
-  if (!(length > 0) || sharedArena() === null || !arenaShared) return undefined;
+  if (!(length > 0)) return undefined;
+  const memory = kernelMemory();
+  if (memory === null) return undefined;
   const bytes = (length * 4 + 15) & ~15;
   let at = freeSlots.get(bytes)?.pop();
   if (at === undefined) {
-    if (residentEnd + bytes > SCRATCH_BYTES + RESIDENT_MAX_BYTES) return undefined;
+    // 16 bytes past the last slot: a kernel's last vector may read past its array's end.
+    const needed = residentEnd + bytes + 16;
+    if (needed > memory.buffer.byteLength) {
+      if (residentsOut > 0 || needed > ARENA_MAX_BYTES) return undefined;
+      const target = Math.min(ARENA_MAX_BYTES, Math.max(needed, RESIDENT_FIRST_BYTES, 2 * memory.buffer.byteLength));
+      try {
+        memory.grow(Math.ceil((target - memory.buffer.byteLength) / 65536));
+      } catch {
+        return undefined;
+      }
+      arenaBuffers.add(memory.buffer);
+    }
     at = residentEnd;
     residentEnd += bytes;
-    // 16 bytes past the last slot: a kernel's last vector may read past its array's end.
-    arenaFloats(residentEnd + 16);
   }
-  const view = new Float32Array(arena!.buffer, at, length);
+  const view = new Float32Array(memory.buffer, at, length);
   slotViews.add(view);
+  residentsOut++;
   return view;
 }
 
@@ -307,6 +310,7 @@ export function allocateResident(length: number): Float32Array | undefined {
 export function freeResident(a: Float32Array, poison = false): void {
   if (!slotViews.has(a)) throw new RangeError("not an array from allocateResident");
   slotViews.delete(a);
+  residentsOut--;
   if (poison) a.fill(NaN);
   const bytes = (a.byteLength + 15) & ~15;
   let list = freeSlots.get(bytes);
@@ -315,7 +319,7 @@ export function freeResident(a: Float32Array, poison = false): void {
 }
 
 function compile(spec: KernelSpec): WasmKernel | null {
-  const memory = sharedArena();
+  const memory = kernelMemory();
   if (memory === null) return null;
   try {
     const module = new WebAssembly.Module(moduleBytes(spec));
@@ -430,7 +434,7 @@ export class Kernel {
       }
       outAt[j] = at;
     }
-    const view = arenaFloats(slots * block4 * 4);
+    const view = arenaFloats();
     const args = this.args;
     for (let j = 0; j < params.length; j++) args[1 + slots + j] = params[j]!;
     const summed = spec.sumOfSquares;
