@@ -8,6 +8,7 @@ import { RngSource, RunTaskRequestSchema, silentLogger } from "@latentfarm/share
 import { SdModel } from "../models/sd-model.js";
 import { LoadedPipeline } from "./loaded-pipeline.js";
 import { renderTask } from "./txt2img.js";
+import { residentArraysOut } from "../sampling/kernels.js";
 import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
 
 const FIXTURES = KIT_FIXTURES;
@@ -164,8 +165,9 @@ describe("txt2img pipeline against A1111 reference renders", { skip, concurrency
     assert.deepEqual(legacy, await renderWith(3, 0, { samplerName: "DPM++ 2M" }));
   });
 
-  test("cancellation stops a render at the next model call", async () => {
+  test("cancellation stops a render at the next model call, and the run gives its latents back", async () => {
     const ac = new AbortController();
+    const out = residentArraysOut();
     let steps = 0;
     await assert.rejects(
       renderTask(pipe, create(RunTaskRequestSchema, { taskId: "c", jobId: "c", seed: 1n, params: { ...base, steps: 100 } }), {
@@ -180,5 +182,6 @@ describe("txt2img pipeline against A1111 reference renders", { skip, concurrency
       (err: unknown) => (err as { codeName?: string }).codeName === "CANCELLED",
     );
     assert.equal(steps, 3, "no step after the abort");
+    assert.equal(residentArraysOut(), out, "the cancelled run's resident latents are free again");
   });
 });

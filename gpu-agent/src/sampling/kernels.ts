@@ -306,6 +306,11 @@ export function allocateResident(length: number): Float32Array | undefined {
   return view;
 }
 
+/** How many resident arrays are out now (tests: a finished or cancelled run gives all of its back). */
+export function residentArraysOut(): number {
+  return residentsOut;
+}
+
 /** Gives a resident array's slot back; the array must not be used afterwards (`poison` fills it with NaN first). */
 export function freeResident(a: Float32Array, poison = false): void {
   if (!slotViews.has(a)) throw new RangeError("not an array from allocateResident");
