@@ -34,7 +34,7 @@ import {
   midpointAncestralStep,
   midpointStep,
 } from "./updates.js";
-import { freshLatent, releaseLatent, supersede } from "./latent-pool.js";
+import { freshLatent, supersede } from "./latent-pool.js";
 import type { SamplerOptions, SamplerRun } from "./types.js";
 
 const f32 = Math.fround;
@@ -129,9 +129,7 @@ export function* sampleHeun(x: Float32Array, options: SamplerOptions): SamplerRu
       x = supersede(x, x2);
     } else {
       const denoised2 = yield* model.denoise(x2, next, i, upcoming);
-      const xNext = heunStep(freshLatent(x.length), x, denoised, denoised2, sigmaHat, next, dt);
-      releaseLatent(x, x2);
-      x = xNext;
+      x = supersede(x, heunStep(freshLatent(x.length), x, denoised, denoised2, sigmaHat, next, dt), x2);
     }
   }
   return x;
@@ -155,9 +153,7 @@ export function* sampleDpm2(x: Float32Array, options: SamplerOptions): SamplerRu
       const sigmaMid = expF(lerpF(logF(sigmaHat), logF(next), 0.5));
       const x2 = eulerStep(freshLatent(x.length), x, denoised, sigmaHat, f32(sigmaMid - sigmaHat));
       const denoised2 = yield* model.denoise(x2, sigmaMid, i, upcoming);
-      const xNext = midpointStep(freshLatent(x.length), x, x2, denoised2, sigmaMid, f32(next - sigmaHat));
-      releaseLatent(x, x2);
-      x = xNext;
+      x = supersede(x, midpointStep(freshLatent(x.length), x, x2, denoised2, sigmaMid, f32(next - sigmaHat)), x2);
     }
   }
   return x;
@@ -181,19 +177,11 @@ export function* sampleDpm2Ancestral(x: Float32Array, options: SamplerOptions): 
       const x2 = eulerStep(freshLatent(x.length), x, denoised, sigma, f32(sigmaMid - sigma));
       const denoised2 = yield* model.denoise(x2, sigmaMid, i, upcoming);
       const noise = checkedNoise(options.noise, x.length);
-      const xNext = midpointAncestralStep(
-        freshLatent(x.length),
+      x = supersede(
         x,
+        midpointAncestralStep(freshLatent(x.length), x, x2, denoised2, noise, sigmaMid, f32(sigmaDown - sigma), sNoise, sigmaUp),
         x2,
-        denoised2,
-        noise,
-        sigmaMid,
-        f32(sigmaDown - sigma),
-        sNoise,
-        sigmaUp,
       );
-      releaseLatent(x, x2);
-      x = xNext;
     }
   }
   return x;
@@ -275,12 +263,13 @@ export function* sampleDpmppSecondOrderAncestral(x: Float32Array, options: Sampl
       const x2 = dpmSolverStep(freshLatent(x.length), x, denoised, f32(sigmaS / sigmaT), expm1F(f32(-h * 0.5)));
       const denoised2 = yield* model.denoise(x2, sigmaS, i, upcoming);
       const ratio = f32(sigmaOfT(tNext) / sigmaT);
-      const xNext =
+      x = supersede(
+        x,
         next > 0
           ? dpmSolverAncestralStep(out, x, denoised2, checkedNoise(options.noise, x.length), ratio, expm1F(-h), sNoise, sigmaUp)
-          : dpmSolverStep(out, x, denoised2, ratio, expm1F(-h));
-      releaseLatent(x, x2);
-      x = xNext;
+          : dpmSolverStep(out, x, denoised2, ratio, expm1F(-h)),
+        x2,
+      );
     }
   }
   return x;
@@ -327,21 +316,23 @@ export function* sampleDpmppSde(x: Float32Array, options: SamplerOptions, r = 0.
 
     const step2 = ancestralStep(sigmaT, sigmaNext, eta);
     const t2 = tOfSigma(step2.sigmaDown);
-    const xNext = dpmppSdeFinalStep(
-      freshLatent(x.length),
+    x = supersede(
       x,
-      denoised,
-      denoised2,
-      noise(sigmaT, sigmaNext),
-      f32(1 - fac),
-      f32(fac),
-      f32(sigmaOfT(t2) / sigmaT),
-      expm1F(f32(t - t2)),
-      sNoise,
-      step2.sigmaUp,
+      dpmppSdeFinalStep(
+        freshLatent(x.length),
+        x,
+        denoised,
+        denoised2,
+        noise(sigmaT, sigmaNext),
+        f32(1 - fac),
+        f32(fac),
+        f32(sigmaOfT(t2) / sigmaT),
+        expm1F(f32(t - t2)),
+        sNoise,
+        step2.sigmaUp,
+      ),
+      x2,
     );
-    releaseLatent(x, x2);
-    x = xNext;
   }
   return x;
 }

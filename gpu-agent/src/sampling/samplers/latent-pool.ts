@@ -24,10 +24,8 @@ import type { ModelRequest, ModelResponse, SamplerRun } from "./types.js";
  * fault in on first write, and the garbage it leaves drives GC. Before a sampler yields a model
  * request it asks for the arrays it will need once the answer arrives; they are allocated and paged in
  * from a setImmediate callback, which runs while the driver waits for the model. A synchronous driver
- * never lets that callback run in time, and then `freshLatent` simply allocates, as before.
- *
- * Every array handed out is new (zero-filled, never given out before), so this changes no value and no
- * ownership rule.
+ * never lets that callback run in time, and then `freshLatent` simply allocates, as before. Every pool
+ * array is new and zero-filled.
  */
 
 /**
@@ -56,9 +54,13 @@ export function releaseLatent(...arrays: (Float32Array | undefined)[]): void {
   for (const a of arrays) if (a !== undefined) current.release(a);
 }
 
-/** `next`, after releasing `old`, which it replaces as the sampler's state: `x = supersede(x, step(…, x, …))`. */
-export function supersede(old: Float32Array, next: Float32Array): Float32Array {
+/**
+ * `next`, after releasing `old`, which it replaces as the sampler's state, and `alsoDone` (a step's
+ * intermediate latents): `x = supersede(x, step(…, x, x2, …), x2)`.
+ */
+export function supersede(old: Float32Array, next: Float32Array, ...alsoDone: Float32Array[]): Float32Array {
   if (old !== next) releaseLatent(old);
+  releaseLatent(...alsoDone);
   return next;
 }
 

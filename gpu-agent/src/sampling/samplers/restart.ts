@@ -3,7 +3,7 @@ import { karrasSigmas } from "../schedules.js";
 import { ModelCaller, ONE_DRAW, checkSigmas, checkedNoise } from "./common.js";
 import type { SamplerOptions, SamplerRun } from "./types.js";
 import { addNoise, eulerStep, heunStep } from "./updates.js";
-import { freshLatent, releaseLatent, supersede } from "./latent-pool.js";
+import { freshLatent, supersede } from "./latent-pool.js";
 
 const f32 = Math.fround;
 
@@ -80,9 +80,7 @@ export function* sampleRestart(x: Float32Array, options: SamplerOptions): Sample
       x = supersede(x, x2);
     } else {
       const denoised2 = yield* model.denoise(x2, newSigma, step, upcoming);
-      const xNext = heunStep(freshLatent(x.length), x, denoised, denoised2, oldSigma, newSigma, dt);
-      releaseLatent(x, x2);
-      x = xNext;
+      x = supersede(x, heunStep(freshLatent(x.length), x, denoised, denoised2, oldSigma, newSigma, dt), x2);
     }
     lastSigma = newSigma;
   }

@@ -138,9 +138,7 @@ export function* samplePlms(x: Float32Array, o: TimestepSamplerOptions): Run {
       // Pseudo improved Euler: a second evaluation at the next timestep.
       const xPrev = plmsStep(freshLatent(x.length), x, e, "plain", undefined, coefficients);
       const eNext = yield* model.eps(xPrev, tNext, sigmaAt(schedule, tNext), i);
-      const xNext = plmsStep(freshLatent(x.length), x, e, [], eNext, coefficients);
-      releaseLatent(x, xPrev);
-      x = xNext;
+      x = supersede(x, plmsStep(freshLatent(x.length), x, e, [], eNext, coefficients), xPrev);
     } else {
       x = supersede(x, plmsStep(freshLatent(x.length), x, e, [...oldEps].reverse(), undefined, coefficients));
     }
