@@ -216,7 +216,10 @@ test("resident arrays stay valid while more are allocated; the memory grows only
     freeResident(first);
     for (const a of more) freeResident(a);
   }
-  // With nothing out, the memory grows for a larger one.
+  // With nothing out, the region starts afresh: another size reuses the space, and the memory grows for a larger one.
+  const other = allocateResident(1000 * 1000)!;
+  assert.equal(other.byteOffset, first.byteOffset, "the space freed slots of other sizes held is used again");
+  freeResident(other);
   const large = allocateResident(32 << 20);
   assert.ok(large !== undefined && isResident(large));
   large.fill(1);

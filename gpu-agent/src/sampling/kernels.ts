@@ -268,6 +268,11 @@ function arenaFloats(): Float32Array {
   return arenaView;
 }
 
+/** A slot's size for an array of `byteLength` bytes: whole vectors, so that a kernel's last store stays in it. */
+function slotBytes(byteLength: number): number {
+  return (byteLength + 15) & ~15;
+}
+
 /** Whether `a` lives in this thread's kernel memory. */
 export function isResident(a: Float32Array): boolean {
   return arenaBuffers.has(a.buffer);
@@ -282,7 +287,13 @@ export function allocateResident(length: number): Float32Array | undefined {
   if (!(length > 0)) return undefined;
   const memory = kernelMemory();
   if (memory === null) return undefined;
-  const bytes = (length * 4 + 15) & ~15;
+  if (residentsOut === 0) {
+    // Every slot is free: start the region afresh, so that a burst of another size reuses the space
+    // instead of growing past free slots of sizes no longer asked for.
+    freeSlots.clear();
+    residentEnd = SCRATCH_BYTES;
+  }
+  const bytes = slotBytes(length * 4);
   let at = freeSlots.get(bytes)?.pop();
   if (at === undefined) {
     // 16 bytes past the last slot: a kernel's last vector may read past its array's end.
@@ -317,7 +328,7 @@ export function freeResident(a: Float32Array, poison = false): void {
   slotViews.delete(a);
   residentsOut--;
   if (poison) a.fill(NaN);
-  const bytes = (a.byteLength + 15) & ~15;
+  const bytes = slotBytes(a.byteLength);
   let list = freeSlots.get(bytes);
   if (list === undefined) freeSlots.set(bytes, (list = []));
   list.push(a.byteOffset);
