@@ -406,6 +406,22 @@ function minimum(a: OffThreadNumbers, b: OffThreadNumbers): OffThreadNumbers {
   };
 }
 
+/** A run driven off-thread with its noise drawn ahead by the agent's driver (openNoiseAhead), as in (b). */
+async function runDrawingAhead(
+  c: ReturnType<typeof prepare>,
+  model: OffThreadModel,
+  service: BrownianWorkers,
+  draw: (request: ModelRequest, drawAhead: (request: ModelRequest) => void) => void = (request, drawAhead) => drawAhead(request),
+): Promise<{ run: Awaited<ReturnType<typeof runOffThread>>; queriesOnCall: number }> {
+  const ahead = c.prepared.openNoiseAhead({ brownian: service });
+  try {
+    const run = await runOffThread(c.prepared.run(c.start), model, (request) => draw(request, (r) => ahead.drawAhead(r)), ahead);
+    return { run, queriesOnCall: ahead.queriesOnCall };
+  } finally {
+    await ahead.close();
+  }
+}
+
 async function measureOffThread(
   bench: BenchCase,
   model: OffThreadModel,
@@ -416,23 +432,16 @@ async function measureOffThread(
   const counted = prepare(bench, true);
   const reported = counted.prepared.steps;
   const requests: ModelRequest[] = [];
-  const ahead = counted.prepared.openNoiseAhead({ brownian: service });
-  const drawAhead = (request: ModelRequest): void => {
+  const { run: withPrefetch, queriesOnCall } = await runDrawingAhead(counted, model, service, (request, drawAhead) => {
     requests.push(request);
     counted.counts.ahead = true;
-    ahead.drawAhead(request);
+    drawAhead(request);
     counted.counts.ahead = false;
-  };
-  let withPrefetch: Awaited<ReturnType<typeof runOffThread>>;
-  try {
-    withPrefetch = await runOffThread(counted.prepared.run(counted.start), model, drawAhead, ahead);
-  } finally {
-    await ahead.close();
-  }
+  });
   const out: OffThreadNumbers = {
     criticalMsPerStep: (withPrefetch.wallMs - withPrefetch.modelMs) / reported,
     criticalInSamplerMsPerStep: withPrefetch.samplerMs / reported,
-    criticalNoiseCalls: counted.counts.critical + ahead.queriesOnCall,
+    criticalNoiseCalls: counted.counts.critical + queriesOnCall,
     longestBlockMs: withPrefetch.longestBlockMs,
     firstWaitMs: withPrefetch.firstWaitMs,
   };
@@ -447,14 +456,9 @@ async function measureOffThread(
   }
   setLatentResidency(false);
   try {
-    const copying = prepare(bench);
-    const copyingAhead = copying.prepared.openNoiseAhead({ brownian: service });
-    try {
-      const run = await runOffThread(copying.prepared.run(copying.start), model, (r) => copyingAhead.drawAhead(r), copyingAhead);
-      out.criticalInSamplerCopyingMsPerStep = run.samplerMs / reported;
-    } finally {
-      await copyingAhead.close();
-    }
+    // The same arrangement as the resident run above (tree in the worker service), only the latents differ.
+    const { run: copying } = await runDrawingAhead(prepare(bench, true), model, service);
+    out.criticalInSamplerCopyingMsPerStep = copying.samplerMs / reported;
   } finally {
     setLatentResidency(true);
   }
