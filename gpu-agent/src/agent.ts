@@ -224,10 +224,11 @@ export class Agent {
   }
 
   private publishHeartbeat(): void {
-    if (!this.nc || this.nc.isClosed()) return;
+    if (!this.natsOpen()) return;
     void this.catalog.list().then(
       (models) => {
-        if (!this.nc || this.nc.isClosed()) return;
+        // close() may have begun draining while the catalog was listed; publishing then throws.
+        if (!this.nc || !this.natsOpen()) return;
         const hb = create(HeartbeatSchema, {
           agent: this.info(),
           availableModels: models.map((e) => create(ModelInfoSchema, { name: e.name, format: e.format })),
@@ -237,6 +238,11 @@ export class Agent {
       },
       (err: unknown) => this.cfg.logger.warn("cannot list models", { error: String(err) }),
     );
+  }
+
+  /** Whether the NATS connection still takes publishes (not closed, not draining). */
+  private natsOpen(): boolean {
+    return this.nc !== undefined && !this.nc.isClosed() && !this.nc.isDraining();
   }
 
   /** Call after a run starts or finishes: busy time and the gauge follow the active count. */
