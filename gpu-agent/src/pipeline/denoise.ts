@@ -42,8 +42,12 @@ export interface MaskBlend {
   beforeModel: boolean;
 }
 
-export function blendLatent(x: Float32Array, b: Pick<MaskBlend, "init" | "nmask" | "mask">): Float32Array {
-  const out = new Float32Array(x.length);
+export function blendLatent(
+  x: Float32Array,
+  b: Pick<MaskBlend, "init" | "nmask" | "mask">,
+  // Each value reads only its own index of x, so out may be x itself.
+  out: Float32Array = new Float32Array(x.length),
+): Float32Array {
   for (let i = 0; i < x.length; i++) out[i] = Math.fround(x[i]! * b.nmask[i]!) + Math.fround(b.init[i]! * b.mask[i]!);
   return out;
 }
@@ -118,8 +122,9 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
         const denoised = (out: Float32Array): Float32Array => (vPred ? vToDenoised(x, out, req.sigma) : epsToDenoised(x, out, req.sigma));
         const dUncond = denoised(outOf(uncond.tensor, uIdx));
         const dConds = conds.map((cd, k) => ({ denoised: denoised(outOf(cd.tensor, cIdx[k]!)), weight: cd.weight }));
-        const combined = combineDenoised(dConds, dUncond, cfgScale);
-        r = gen.next(blend && !blend.beforeModel ? blendLatent(combined, blend) : combined);
+        // Into the sampler's slot when it offers one: its kernels then read the answer where it is.
+        const combined = combineDenoised(dConds, dUncond, cfgScale, req.into);
+        r = gen.next(blend && !blend.beforeModel ? blendLatent(combined, blend, combined) : combined);
       } else {
         if (blend && !blend.beforeModel) {
           throw new FarmError(
@@ -135,7 +140,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
         }
         const eUncond = outOf(uncond.tensor, uIdx);
         const eConds = conds.map((cd, k) => ({ denoised: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));
-        const output = combineDenoised(eConds, eUncond, cfgScale * (req.cfgScaleMultiplier ?? 1));
+        const output = combineDenoised(eConds, eUncond, cfgScale * (req.cfgScaleMultiplier ?? 1), req.into);
         r = gen.next(req.needUncond ? { output, uncond: eUncond } : output);
       }
     }

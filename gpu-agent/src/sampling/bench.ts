@@ -126,12 +126,13 @@ function answer(request: ModelRequest, out: Float32Array): ModelResponse {
   return request.kind === "eps" && request.needUncond ? { output: out, uncond: out.map((v) => v * 0.9) } : out;
 }
 
+/** The answer goes into the sampler's slot when it offers one, as the agent's CFG combine writes it. */
 function computeAnswer(request: ModelRequest): ModelResponse {
   const f = modelFactor(request);
-  return answer(
-    request,
-    request.x.map((v) => v * f),
-  );
+  const x = request.x;
+  const out = request.into ?? new Float32Array(x.length);
+  for (let i = 0; i < x.length; i++) out[i] = x[i]! * f;
+  return answer(request, out);
 }
 
 interface Counted {
@@ -245,7 +246,12 @@ class OffThreadModel {
   evaluate(request: ModelRequest): Promise<{ response: ModelResponse; modelMs: number }> {
     this.x.set(request.x);
     return new Promise((resolve) => {
-      this.pending = (modelMs) => resolve({ response: answer(request, this.out.slice(0, request.x.length)), modelMs });
+      this.pending = (modelMs) => {
+        const n = request.x.length;
+        const out = request.into ?? new Float32Array(n);
+        out.set(this.out.subarray(0, n));
+        resolve({ response: answer(request, out), modelMs });
+      };
       this.worker.postMessage({ n: request.x.length, factor: modelFactor(request) });
     });
   }
@@ -351,6 +357,14 @@ async function measurePipelineThread(
   };
 }
 
+/** A request to replay: its answer slot was the recorded run's. */
+function withoutSlot(request: ModelRequest): ModelRequest {
+  if (request.into === undefined) return request;
+  const copy: { into?: Float32Array } = { ...request };
+  delete copy.into;
+  return copy as ModelRequest;
+}
+
 /** Yields the same requests as a recorded run and does nothing else: the harness floor. */
 function* replay(requests: readonly ModelRequest[]): SamplerRun {
   for (const request of requests) yield request;
@@ -433,7 +447,7 @@ async function measureOffThread(
   const reported = counted.prepared.steps;
   const requests: ModelRequest[] = [];
   const { run: withPrefetch, queriesOnCall } = await runDrawingAhead(counted, model, service, (request, drawAhead) => {
-    requests.push(request);
+    requests.push(withoutSlot(request));
     counted.counts.ahead = true;
     drawAhead(request);
     counted.counts.ahead = false;

@@ -236,8 +236,9 @@ export interface PreparedSampling {
   startLatent(noise: Float32Array, initLatent?: Float32Array): Float32Array;
   /**
    * The sampler's run from `x`, its latents resident in the kernels' memory (samplers/latent-pool.ts): a
-   * request's arrays are valid until the run is resumed, the latent it returns is the caller's, and a
-   * driver that stops early calls the run's return() so that its memory is reused.
+   * request's arrays are valid until the run is resumed, its answer goes into the request's `into` when
+   * there is one (or an array of the driver's own), the latent it returns is the caller's, and a driver
+   * that stops early calls the run's return() so that its memory is reused.
    */
   run(x: Float32Array): SamplerRun;
   /**

@@ -1,5 +1,5 @@
 import { sd1Schedule, type DiscreteSchedule } from "../sigmas.js";
-import { allocateAhead } from "./latent-pool.js";
+import { allocateAhead, answerSlot, heldByRun, releaseLatent } from "./latent-pool.js";
 import type { EpsWithUncond, ModelRequest, ModelResponse, NoiseSampler, SamplerOptions, UpcomingNoise } from "./types.js";
 
 // A module-local alias: an imported binding can cost a getter call per use under some loaders.
@@ -24,6 +24,7 @@ export class ModelCaller {
 
   /** D(x, σ): the CFG-combined denoised prediction. */
   *denoise(x: Float32Array, sigma: number, step: number, upcoming?: UpcomingNoise): Generator<ModelRequest, Float32Array, ModelResponse> {
+    const into = this.offer();
     const request: ModelRequest = {
       kind: "denoise",
       x,
@@ -32,9 +33,9 @@ export class ModelCaller {
       step,
       call: this.calls++,
       ...(upcoming !== undefined && { upcoming }),
+      ...(into !== undefined && { into }),
     };
-    allocateAhead(this.length, this.freshPerCall);
-    return expectArray(yield request, this.length);
+    return yield* this.ask(request, into);
   }
 
   /** CFG-combined eps at a model timestep. */
@@ -46,6 +47,7 @@ export class ModelCaller {
     inputScale = 1,
     upcoming?: UpcomingNoise,
   ): Generator<ModelRequest, Float32Array, ModelResponse> {
+    const into = this.offer();
     const request: ModelRequest = {
       kind: "eps",
       x,
@@ -55,9 +57,9 @@ export class ModelCaller {
       step,
       call: this.calls++,
       ...(upcoming !== undefined && { upcoming }),
+      ...(into !== undefined && { into }),
     };
-    allocateAhead(this.length, this.freshPerCall);
-    return expectArray(yield request, this.length);
+    return yield* this.ask(request, into);
   }
 
   /** CFG-combined eps plus the unconditional eps (DDIM CFG++). */
@@ -69,6 +71,7 @@ export class ModelCaller {
     cfgScaleMultiplier: number,
     upcoming?: UpcomingNoise,
   ): Generator<ModelRequest, EpsWithUncond, ModelResponse> {
+    const into = this.offer();
     const request: ModelRequest = {
       kind: "eps",
       x,
@@ -80,13 +83,40 @@ export class ModelCaller {
       cfgScaleMultiplier,
       needUncond: true,
       ...(upcoming !== undefined && { upcoming }),
+      ...(into !== undefined && { into }),
     };
-    allocateAhead(this.length, this.freshPerCall);
     const response = yield request;
     if (response instanceof Float32Array || response.output.length !== this.length || response.uncond.length !== this.length) {
       throw new TypeError("this request needs { output, uncond } arrays of the latent's length");
     }
+    this.settle(into, response.output);
+    if (response.uncond === into || heldByRun(response.uncond))
+      throw new TypeError("the unconditional eps must be an array of the driver's own");
     return response;
+  }
+
+  /**
+   * Yields `request` with a slot for its answer and returns the answer. An answer in the slot belongs to
+   * the sampler, which releases it (releaseLatent) once no later step reads it; any other answer is the
+   * driver's, and releasing it does nothing.
+   */
+  private *ask(request: ModelRequest, into: Float32Array | undefined): Generator<ModelRequest, Float32Array, ModelResponse> {
+    const answer = expectArray(yield request, this.length);
+    this.settle(into, answer);
+    return answer;
+  }
+
+  private offer(): Float32Array | undefined {
+    const into = answerSlot(this.length);
+    allocateAhead(this.length, this.freshPerCall);
+    return into;
+  }
+
+  /** The slot goes back when the driver answered elsewhere; an answer in another of the run's arrays is refused. */
+  private settle(into: Float32Array | undefined, answer: Float32Array): void {
+    if (answer === into) return;
+    releaseLatent(into);
+    if (heldByRun(answer)) throw new TypeError("the model's answer must be the request's `into` or an array of the driver's own");
   }
 }
 

@@ -82,6 +82,7 @@ class Solver {
     const outs = cs.map(() => freshLatent(this.length));
     if (noise === undefined) dpmEpsStages([this.eps, ...outs], x, den, sigmaOf(t), cs, true);
     else dpmEpsStages(outs, x, den, sigmaOf(t), cs, false, noise());
+    releaseLatent(den);
     return outs;
   }
 
@@ -96,6 +97,7 @@ class Solver {
     const den = yield* this.denoised(u, s);
     const outs = pairs.map(() => freshLatent(this.length));
     dpmEpsCombines(outs, u, den, x, this.eps, sigmaOf(s), pairs, noise?.());
+    releaseLatent(den);
     return outs;
   }
 
@@ -124,6 +126,7 @@ class Solver {
       error.atol,
       error.rtol,
     );
+    releaseLatent(den);
     return { low, high, sumSquares };
   }
 

@@ -34,7 +34,7 @@ import {
   midpointAncestralStep,
   midpointStep,
 } from "./updates.js";
-import { freshLatent, supersede } from "./latent-pool.js";
+import { freshLatent, releaseLatent, supersede } from "./latent-pool.js";
 import type { SamplerOptions, SamplerRun } from "./types.js";
 
 const f32 = Math.fround;
@@ -82,7 +82,7 @@ export function* sampleEuler(x: Float32Array, options: SamplerOptions): SamplerR
     const churned = churn(x, sigmas, i, c, options);
     x = supersede(x, churned.x);
     const denoised = yield* model.denoise(x, churned.sigmaHat, i, nextChurn(sigmas, i));
-    x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, churned.sigmaHat, f32(sigmas[i + 1]! - churned.sigmaHat)));
+    x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, churned.sigmaHat, f32(sigmas[i + 1]! - churned.sigmaHat)), denoised);
   }
   return x;
 }
@@ -106,6 +106,7 @@ export function* sampleEulerAncestral(x: Float32Array, options: SamplerOptions):
       next > 0
         ? eulerAncestralStep(out, x, denoised, checkedNoise(options.noise, x.length), sigma, dt, sNoise, sigmaUp)
         : eulerStep(out, x, denoised, sigma, dt),
+      denoised,
     );
   }
   return x;
@@ -126,10 +127,10 @@ export function* sampleHeun(x: Float32Array, options: SamplerOptions): SamplerRu
     const dt = f32(next - sigmaHat);
     const x2 = eulerStep(freshLatent(x.length), x, denoised, sigmaHat, dt);
     if (next === 0) {
-      x = supersede(x, x2);
+      x = supersede(x, x2, denoised);
     } else {
       const denoised2 = yield* model.denoise(x2, next, i, upcoming);
-      x = supersede(x, heunStep(freshLatent(x.length), x, denoised, denoised2, sigmaHat, next, dt), x2);
+      x = supersede(x, heunStep(freshLatent(x.length), x, denoised, denoised2, sigmaHat, next, dt), x2, denoised, denoised2);
     }
   }
   return x;
@@ -148,12 +149,13 @@ export function* sampleDpm2(x: Float32Array, options: SamplerOptions): SamplerRu
     const upcoming = nextChurn(sigmas, i);
     const denoised = yield* model.denoise(x, sigmaHat, i, upcoming);
     if (next === 0) {
-      x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, sigmaHat, f32(next - sigmaHat)));
+      x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, sigmaHat, f32(next - sigmaHat)), denoised);
     } else {
       const sigmaMid = expF(lerpF(logF(sigmaHat), logF(next), 0.5));
       const x2 = eulerStep(freshLatent(x.length), x, denoised, sigmaHat, f32(sigmaMid - sigmaHat));
+      releaseLatent(denoised);
       const denoised2 = yield* model.denoise(x2, sigmaMid, i, upcoming);
-      x = supersede(x, midpointStep(freshLatent(x.length), x, x2, denoised2, sigmaMid, f32(next - sigmaHat)), x2);
+      x = supersede(x, midpointStep(freshLatent(x.length), x, x2, denoised2, sigmaMid, f32(next - sigmaHat)), x2, denoised2);
     }
   }
   return x;
@@ -171,16 +173,18 @@ export function* sampleDpm2Ancestral(x: Float32Array, options: SamplerOptions): 
     const upcoming = sigmaDown === 0 ? undefined : ONE_DRAW;
     const denoised = yield* model.denoise(x, sigma, i, upcoming);
     if (sigmaDown === 0) {
-      x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, sigma, f32(sigmaDown - sigma)));
+      x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, sigma, f32(sigmaDown - sigma)), denoised);
     } else {
       const sigmaMid = expF(lerpF(logF(sigma), logF(sigmaDown), 0.5));
       const x2 = eulerStep(freshLatent(x.length), x, denoised, sigma, f32(sigmaMid - sigma));
+      releaseLatent(denoised);
       const denoised2 = yield* model.denoise(x2, sigmaMid, i, upcoming);
       const noise = checkedNoise(options.noise, x.length);
       x = supersede(
         x,
         midpointAncestralStep(freshLatent(x.length), x, x2, denoised2, noise, sigmaMid, f32(sigmaDown - sigma), sNoise, sigmaUp),
         x2,
+        denoised2,
       );
     }
   }
@@ -227,7 +231,7 @@ export function* sampleLms(x: Float32Array, options: SamplerOptions, order = 4):
     lmsStep(out, d, x, denoised, ds, sigma, coefficients);
     ds.unshift(d);
     spare = ds.length > order ? ds.pop() : undefined;
-    x = supersede(x, out);
+    x = supersede(x, out, denoised);
   }
   return x;
 }
@@ -252,6 +256,7 @@ export function* sampleDpmppSecondOrderAncestral(x: Float32Array, options: Sampl
         next > 0
           ? eulerAncestralStep(out, x, denoised, checkedNoise(options.noise, x.length), sigma, dt, sNoise, sigmaUp)
           : eulerStep(out, x, denoised, sigma, dt),
+        denoised,
       );
     } else {
       const t = tOfSigma(sigma);
@@ -261,6 +266,7 @@ export function* sampleDpmppSecondOrderAncestral(x: Float32Array, options: Sampl
       const sigmaT = sigmaOfT(t);
       const sigmaS = sigmaOfT(s);
       const x2 = dpmSolverStep(freshLatent(x.length), x, denoised, f32(sigmaS / sigmaT), expm1F(f32(-h * 0.5)));
+      releaseLatent(denoised);
       const denoised2 = yield* model.denoise(x2, sigmaS, i, upcoming);
       const ratio = f32(sigmaOfT(tNext) / sigmaT);
       x = supersede(
@@ -269,6 +275,7 @@ export function* sampleDpmppSecondOrderAncestral(x: Float32Array, options: Sampl
           ? dpmSolverAncestralStep(out, x, denoised2, checkedNoise(options.noise, x.length), ratio, expm1F(-h), sNoise, sigmaUp)
           : dpmSolverStep(out, x, denoised2, ratio, expm1F(-h)),
         x2,
+        denoised2,
       );
     }
   }
@@ -287,7 +294,7 @@ export function* sampleDpmppSde(x: Float32Array, options: SamplerOptions, r = 0.
     const next = sigmas[i + 1]!;
     if (next === 0) {
       const denoised = yield* model.denoise(x, sigma, i);
-      x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, sigma, f32(next - sigma)));
+      x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, sigma, f32(next - sigma)), denoised);
       continue;
     }
     const t = tOfSigma(sigma);
@@ -332,6 +339,8 @@ export function* sampleDpmppSde(x: Float32Array, options: SamplerOptions, r = 0.
         step2.sigmaUp,
       ),
       x2,
+      denoised,
+      denoised2,
     );
   }
   return x;
@@ -360,6 +369,7 @@ export function* sampleDpmpp2m(x: Float32Array, options: SamplerOptions): Sample
       const inv2r = f32(1 / f32(2 * r));
       x = supersede(x, dpmpp2mStep(out, x, denoised, oldDenoised, f32(1 + inv2r), inv2r, ratio, expm1NegH));
     }
+    releaseLatent(oldDenoised);
     oldDenoised = denoised;
   }
   return x;
@@ -404,6 +414,8 @@ export function* sampleDpmpp2mSde(x: Float32Array, options: SamplerOptions, solv
       x = supersede(x, dpmpp2mSdeStep(freshLatent(x.length), x, denoised, xScale, dScale, old, noiseTerm));
       hLast = h;
     }
+    // At the last step x is this denoised; the run returns it.
+    releaseLatent(oldDenoised);
     oldDenoised = denoised;
   }
   return x;
@@ -449,6 +461,7 @@ export function* sampleDpmpp3mSde(x: Float32Array, options: SamplerOptions): Sam
         : undefined;
       x = supersede(x, dpmpp3mSdeStep(freshLatent(x.length), x, denoised, xScale, dScale, history, noiseTerm));
     }
+    releaseLatent(denoised2);
     denoised2 = denoised1;
     denoised1 = denoised;
     h2 = h1;
@@ -473,7 +486,7 @@ export function* sampleLcm(x: Float32Array, options: SamplerOptions & { lcm: Lcm
     const eps = yield* model.eps(x, timestep, sigma, i, cIn, next > 0 ? ONE_DRAW : undefined);
     const { cSkip, cOut } = lcm.boundaryScalings(sigma);
     const noise = next > 0 ? { noise: checkedNoise(options.noise, x.length), sigmaNext: next } : undefined;
-    x = supersede(x, lcmStep(freshLatent(x.length), x, eps, -f32(sigma), cOut, cSkip, noise));
+    x = supersede(x, lcmStep(freshLatent(x.length), x, eps, -f32(sigma), cOut, cSkip, noise), eps);
   }
   return x;
 }

@@ -1,8 +1,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { isResident } from "../kernels.js";
+import { isResident, residentArraysOut } from "../kernels.js";
 import { listSamplers, prepareSampling, type PrepareSamplingInput } from "../plan.js";
-import { sampleHeun } from "./kdiffusion.js";
+import { sampleEuler, sampleHeun } from "./kdiffusion.js";
 import { LatentScope, freshLatent, inLatentScope, releaseLatent, setLatentResidency } from "./latent-pool.js";
 import type { ModelRequest, ModelResponse, SamplerRun } from "./types.js";
 
@@ -36,8 +36,21 @@ interface Case {
   brownian?: boolean;
 }
 
-/** The driver keeps nothing of a request past the resume (the rule), but checks each one's bits on the way. */
-function render(c: Case): { x: Float32Array; requests: Float32Array[] } {
+/** `answer`, written into the request's `into` when it offers one (as the agent's CFG combine does). */
+function answerInto(request: ModelRequest): ModelResponse {
+  const response = answer(request);
+  const into = request.into;
+  if (into === undefined) return response;
+  if (response instanceof Float32Array) return (into.set(response), into);
+  into.set(response.output);
+  return { output: into, uncond: response.uncond };
+}
+
+/**
+ * The driver keeps nothing of a request past the resume (the rule), but checks each one's bits on the way,
+ * and counts the arrays the run holds in the kernels' memory at each request.
+ */
+function render(c: Case): { x: Float32Array; requests: Float32Array[]; mostHeld: number } {
   const noise = noiseSource(11);
   const prepared = prepareSampling({
     samplerName: c.samplerName,
@@ -49,12 +62,15 @@ function render(c: Case): { x: Float32Array; requests: Float32Array[] } {
   });
   const run = prepared.run(prepared.startLatent(noise()));
   const requests: Float32Array[] = [];
+  const before = residentArraysOut();
+  let mostHeld = 0;
   let r = run.next();
   while (!r.done) {
     requests.push(r.value.x.slice());
-    r = run.next(answer(r.value));
+    mostHeld = Math.max(mostHeld, residentArraysOut() - before);
+    r = run.next(answerInto(r.value));
   }
-  return { x: r.value, requests };
+  return { x: r.value, requests, mostHeld };
 }
 
 const sameBits = (a: Float32Array, b: Float32Array): boolean =>
@@ -75,7 +91,7 @@ const CASES: Case[] = [
   { samplerName: "Restart", steps: 12 },
 ];
 
-test("every sampler gives the same bits with its latents resident, slots poisoned with NaN when fresh or released", () => {
+test("every sampler gives the same bits with its latents and model answers resident, slots poisoned with NaN when fresh or released, and holds no more arrays over a longer run", () => {
   for (const c of CASES) {
     const label = `${c.samplerName} ${c.scheduler ?? ""} ${JSON.stringify(c.settings ?? {})}`;
     setLatentResidency(false);
@@ -92,6 +108,17 @@ test("every sampler gives the same bits with its latents resident, slots poisone
     resident.requests.forEach((x, k) => assert.ok(sameBits(x, copied.requests[k]!), `${label}: request ${k}`));
     assert.ok(sameBits(resident.x, copied.x), `${label}: result`);
     assert.ok(!isResident(resident.x), `${label}: the result is copied out of the kernels' memory`);
+    // A sampler that kept its answers or old latents would hold more the longer it runs: DPM adaptive's
+    // calls do not grow with steps, but it makes 36 here.
+    assert.ok(resident.mostHeld <= 10, `${label}: holds ${resident.mostHeld} arrays at once`);
+    const longer = render({ ...c, steps: c.steps * 3 });
+    if (c.samplerName !== "DPM adaptive") {
+      assert.ok(longer.requests.length > resident.requests.length, `${label}: more calls over more steps`);
+    }
+    assert.ok(
+      longer.mostHeld <= resident.mostHeld,
+      `${label}: holds ${longer.mostHeld} arrays over ${longer.requests.length} calls, ${resident.mostHeld} over ${resident.requests.length}`,
+    );
   }
 });
 
@@ -105,9 +132,11 @@ test("a run's requests are resident, and a finished or abandoned run gives all i
   r = run.next(answer(r.value as ModelRequest));
   assert.ok(!r.done && isResident(r.value.x), "Heun's Euler half-step lives in the kernels' memory");
   r = run.next(answer(r.value as ModelRequest));
-  // Only the step's result (the next request): the half-step was released once the step was done.
+  // The step's result (the next request) and the slot offered for its answer: the half-step and both
+  // answers (the driver's own arrays here) were released once the step was done.
   assert.ok(!r.done && isResident(r.value.x));
-  assert.equal(scope.size, 1);
+  assert.ok(r.value.into !== undefined && isResident(r.value.into));
+  assert.equal(scope.size, 2);
   run.return(new Float32Array(0));
   assert.equal(scope.size, 0, "return() closes the scope");
 
@@ -134,6 +163,27 @@ test("a run's requests are resident, and a finished or abandoned run gives all i
   const done = long.next(new Float32Array(LENGTH));
   assert.ok(done.done && done.value.every((v) => v === 2) && !isResident(done.value));
   assert.equal(held.size, 0, "the scope closes when the run ends");
+});
+
+test("a model answer goes into the offered slot or an array of the driver's own; a run's own array is refused", () => {
+  const noise = noiseSource(4);
+  const sigmas = Float32Array.from([14.6, 7, 3, 1, 0]);
+  const scope = new LatentScope();
+  const run = inLatentScope(sampleEuler(noise(), { sigmas, noise }), scope);
+  let r = run.next();
+  assert.ok(!r.done && r.value.into !== undefined && isResident(r.value.into));
+  assert.equal(scope.size, 1, "the slot for the first answer");
+  // In an array of the driver's: the slot goes back.
+  r = run.next(answer(r.value));
+  assert.ok(!r.done);
+  assert.equal(scope.size, 2, "the step's result and the next slot");
+  // In the slot: the sampler releases it once the step is done with it.
+  r = run.next(answerInto(r.value));
+  assert.ok(!r.done);
+  assert.equal(scope.size, 2);
+  const request = r.value;
+  assert.throws(() => run.next(request.x), /`into` or an array of the driver's own/);
+  assert.equal(scope.size, 0, "the failed run gave its slots back");
 });
 
 test("outside a scope fresh latents are ordinary zero-filled arrays, and a scope has a byte budget", () => {

@@ -77,10 +77,10 @@ export function* sampleRestart(x: Float32Array, options: SamplerOptions): Sample
     const dt = f32(newSigma - oldSigma);
     const x2 = eulerStep(freshLatent(x.length), x, denoised, oldSigma, dt);
     if (newSigma === 0) {
-      x = supersede(x, x2);
+      x = supersede(x, x2, denoised);
     } else {
       const denoised2 = yield* model.denoise(x2, newSigma, step, upcoming);
-      x = supersede(x, heunStep(freshLatent(x.length), x, denoised, denoised2, oldSigma, newSigma, dt), x2);
+      x = supersede(x, heunStep(freshLatent(x.length), x, denoised, denoised2, oldSigma, newSigma, dt), x2, denoised, denoised2);
     }
     lastSigma = newSigma;
   }

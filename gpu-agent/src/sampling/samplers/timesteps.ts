@@ -101,7 +101,7 @@ function* ddimLoop(x: Float32Array, o: TimestepSamplerOptions, cfgpp: boolean): 
     const dirScale = f32(Math.sqrt(f32(f32(1 - aPrev) - f32(sigmaT * sigmaT))));
     // A1111 draws this noise every step, also at eta 0.
     const n = checkedNoise(o.noise, x.length);
-    x = supersede(x, ddimStep(freshLatent(x.length), x, eps, direction, n, s1m, sqrtAT, sqrtAPrev, dirScale, sigmaT));
+    x = supersede(x, ddimStep(freshLatent(x.length), x, eps, direction, n, s1m, sqrtAT, sqrtAPrev, dirScale, sigmaT), eps);
   }
   return x;
 }
@@ -138,12 +138,12 @@ export function* samplePlms(x: Float32Array, o: TimestepSamplerOptions): Run {
       // Pseudo improved Euler: a second evaluation at the next timestep.
       const xPrev = plmsStep(freshLatent(x.length), x, e, "plain", undefined, coefficients);
       const eNext = yield* model.eps(xPrev, tNext, sigmaAt(schedule, tNext), i);
-      x = supersede(x, plmsStep(freshLatent(x.length), x, e, [], eNext, coefficients), xPrev);
+      x = supersede(x, plmsStep(freshLatent(x.length), x, e, [], eNext, coefficients), xPrev, eNext);
     } else {
       x = supersede(x, plmsStep(freshLatent(x.length), x, e, [...oldEps].reverse(), undefined, coefficients));
     }
     oldEps.push(e);
-    if (oldEps.length >= 4) oldEps.shift();
+    if (oldEps.length >= 4) releaseLatent(oldEps.shift());
   }
   return x;
 }
@@ -291,7 +291,9 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
   /** Data prediction x0 = (x − σ_t·eps)/α_t from the CFG-combined eps. */
   const dataPrediction = function* (xt: Float32Array, t: number): Run {
     const eps = yield* modelEps(xt, t);
-    return uniPcDataPrediction(freshLatent(xt.length), xt, eps, ns.std(t), ns.alpha(t));
+    const data = uniPcDataPrediction(freshLatent(xt.length), xt, eps, ns.std(t), ns.alpha(t));
+    releaseLatent(eps);
+    return data;
   };
 
   /**
@@ -480,7 +482,7 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
       }
       // Dead now: the predictor's x_t (the corrector recomputed it), the old x, and the model output the
       // history drops.
-      releaseLatent(xt, x, modelPrev.length >= order ? modelPrev[0] : undefined);
+      releaseLatent(xt, x, eps, modelPrev.length >= order ? modelPrev[0] : undefined);
       carried = next;
       x = corrected;
       updateIndex++;
@@ -509,6 +511,8 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
     const r = yield* update(x, modelPrev, tPrev, t, stepOrder, useCorrector);
     x = r.x;
     updateIndex++;
+    // The oldest model output leaves the history.
+    releaseLatent(modelPrev[0]);
     for (let i = 0; i < order - 1; i++) {
       tPrev[i] = tPrev[i + 1]!;
       modelPrev[i] = modelPrev[i + 1]!;

@@ -35,6 +35,15 @@ interface RequestBase {
    * model runs (PreparedSampling.drawAhead). Draws keep their order, so this changes no value.
    */
   readonly upcoming?: UpcomingNoise;
+  /**
+   * Where the driver may write its answer: an array of the latent's length that belongs to the run (it
+   * lives in the kernels' memory, see latent-pool.ts), handed back as the answer (as `output` for a
+   * needUncond request). The sampler's kernels then read the answer where it is instead of copying it
+   * in. Its values are undefined until written: the driver writes every one. Optional for the driver:
+   * an answer in an array of its own is accepted too. Never answer with any other array of the
+   * sampler's (such as `x`): the sampler gives its answers back when it is done with them.
+   */
+  readonly into?: Float32Array;
 }
 
 /** What a sampler announces it will draw next (before it yields again, or soon after). */
