@@ -246,7 +246,8 @@ const ARENA_MAX_BYTES = 1 << 30;
 const arenaBuffers = new WeakSet<ArrayBufferLike>();
 /** Resident arrays as handed out: whole slots, padded to whole vectors. */
 const slotViews = new WeakSet<Float32Array>();
-const freeSlots = new Map<number, number[]>();
+/** Released arrays by slot size: their views are handed out again (making one costs more than a step's bookkeeping). */
+const freeSlots = new Map<number, Float32Array[]>();
 let residentEnd = SCRATCH_BYTES;
 let residentsOut = 0;
 
@@ -294,8 +295,11 @@ export function allocateResident(length: number): Float32Array | undefined {
     residentEnd = SCRATCH_BYTES;
   }
   const bytes = slotBytes(length * 4);
-  let at = freeSlots.get(bytes)?.pop();
-  if (at === undefined) {
+  const spare = freeSlots.get(bytes)?.pop();
+  let view: Float32Array;
+  if (spare !== undefined) {
+    view = spare.length === length ? spare : new Float32Array(memory.buffer, spare.byteOffset, length);
+  } else {
     // 16 bytes past the last slot: a kernel's last vector may read past its array's end.
     const needed = residentEnd + bytes + 16;
     if (needed > memory.buffer.byteLength) {
@@ -308,10 +312,9 @@ export function allocateResident(length: number): Float32Array | undefined {
       }
       arenaBuffers.add(memory.buffer);
     }
-    at = residentEnd;
+    view = new Float32Array(memory.buffer, residentEnd, length);
     residentEnd += bytes;
   }
-  const view = new Float32Array(memory.buffer, at, length);
   slotViews.add(view);
   residentsOut++;
   return view;
@@ -331,7 +334,7 @@ export function freeResident(a: Float32Array, poison = false): void {
   const bytes = slotBytes(a.byteLength);
   let list = freeSlots.get(bytes);
   if (list === undefined) freeSlots.set(bytes, (list = []));
-  list.push(a.byteOffset);
+  list.push(a);
 }
 
 function compile(spec: KernelSpec): WasmKernel | null {

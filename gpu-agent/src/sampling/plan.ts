@@ -505,7 +505,7 @@ function prepareTimestepSampler(
   const prefetcher = new NoisePrefetcher(input.noise);
 
   const startLatent = (noise: Float32Array, initLatent?: Float32Array): Float32Array => {
-    if (tEnc === undefined) return Float32Array.from(noise);
+    if (tEnc === undefined) return noise.slice();
     if (initLatent === undefined || initLatent.length !== noise.length)
       throw new RangeError("img2img needs an init latent of the noise's length");
     const a = schedule.alphasCumprod[all[tEnc]!]!;

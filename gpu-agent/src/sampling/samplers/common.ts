@@ -35,7 +35,10 @@ export class ModelCaller {
       ...(upcoming !== undefined && { upcoming }),
       ...(into !== undefined && { into }),
     };
-    return yield* this.ask(request, into);
+    // Not a shared generator helper: every yield* level is one more frame on each resume.
+    const answer = expectArray(yield request, this.length);
+    this.settle(into, answer);
+    return answer;
   }
 
   /** CFG-combined eps at a model timestep. */
@@ -59,7 +62,10 @@ export class ModelCaller {
       ...(upcoming !== undefined && { upcoming }),
       ...(into !== undefined && { into }),
     };
-    return yield* this.ask(request, into);
+    // Not a shared generator helper: every yield* level is one more frame on each resume.
+    const answer = expectArray(yield request, this.length);
+    this.settle(into, answer);
+    return answer;
   }
 
   /** CFG-combined eps plus the unconditional eps (DDIM CFG++). */
@@ -96,16 +102,10 @@ export class ModelCaller {
   }
 
   /**
-   * Yields `request` with a slot for its answer and returns the answer. An answer in the slot belongs to
-   * the sampler, which releases it (releaseLatent) once no later step reads it; any other answer is the
-   * driver's, and releasing it does nothing.
+   * A slot for the next answer. An answer in its slot belongs to the sampler, which releases it
+   * (releaseLatent) once no later step reads it; any other answer is the driver's, and releasing it does
+   * nothing.
    */
-  private *ask(request: ModelRequest, into: Float32Array | undefined): Generator<ModelRequest, Float32Array, ModelResponse> {
-    const answer = expectArray(yield request, this.length);
-    this.settle(into, answer);
-    return answer;
-  }
-
   private offer(): Float32Array | undefined {
     const into = answerSlot(this.length);
     allocateAhead(this.length, this.freshPerCall);
