@@ -30,7 +30,7 @@ if (want("conditioning"))
   );
 if (want("samplers"))
   process.stdout.write(
-    `samplers, 4×128×128 latent, model excluded (target b_critical ≤ 0.3 ms/step): ${fmt(await benchSamplerOverhead())}\n`,
+    `samplers, 4×128×128 latent, model excluded (target b_in_sampler ≤ 0.3 ms per step, or per model call): ${fmt(await benchSamplerOverhead())}\n`,
   );
 if (want("tiled-hires"))
   process.stdout.write(`tiled-hires 2048², 4 vs 1 agent (target second pass ≤ 0.35×): ${fmt(await benchTiledHires())}\n`);
