@@ -76,6 +76,8 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
   const plane = pipe.model.config.latentChannels * h * w;
   const dim = pipe.model.textEncoder.hiddenSize;
   const vPred = pipe.model.config.predictionType === "v_prediction";
+  // One UNet input buffer for the run: the batcher copies it into its batch before the call resolves.
+  const scaled = new Float32Array(plane);
   const gen = sampler.run(input.start);
   let r = gen.next();
   let lastStep = -1;
@@ -90,7 +92,6 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       const blend = input.maskBlend;
       const x = blend?.beforeModel ? blendLatent(req.x, blend) : req.x;
       const scale = req.kind === "denoise" ? cIn(req.sigma) : req.inputScale;
-      const scaled = new Float32Array(plane);
       for (let i = 0; i < plane; i++) scaled[i] = x[i]! * scale;
       const conds = cond.condAt(req.call);
       const uncond = cond.uncondAt(req.call);
@@ -119,7 +120,9 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       await ahead.ensureReady(req, signal);
       const outOf = (tensor: Float32Array, idx: number): Float32Array => results.get(tensor.length / dim)![idx]!;
       if (req.kind === "denoise") {
-        const denoised = (out: Float32Array): Float32Array => (vPred ? vToDenoised(x, out, req.sigma) : epsToDenoised(x, out, req.sigma));
+        // In place: the batcher's rows are this request's own copies, read nowhere else.
+        const denoised = (out: Float32Array): Float32Array =>
+          vPred ? vToDenoised(x, out, req.sigma, out) : epsToDenoised(x, out, req.sigma, out);
         const dUncond = denoised(outOf(uncond.tensor, uIdx));
         const dConds = conds.map((cd, k) => ({ denoised: denoised(outOf(cd.tensor, cIdx[k]!)), weight: cd.weight }));
         // Into the sampler's slot when it offers one: its kernels then read the answer where it is.

@@ -172,8 +172,13 @@ export function scaleModelInput(x: Float32Array, sigma: number, out = new Float3
   return out;
 }
 
-/** eps-prediction: denoised = x − σ·eps (torch: x + eps·(−σ)). */
-export function epsToDenoised(x: Float32Array, eps: Float32Array, sigma: number, out = new Float32Array(x.length)): Float32Array {
+/** eps-prediction: denoised = x − σ·eps (torch: x + eps·(−σ)). `out` may be `eps` itself (each value reads only its own index). */
+export function epsToDenoised(
+  x: Float32Array,
+  eps: Float32Array,
+  sigma: number,
+  out: Float32Array = new Float32Array(x.length),
+): Float32Array {
   const cOut = -f32(sigma);
   for (let i = 0; i < x.length; i++) out[i] = x[i]! + f32(eps[i]! * cOut);
   return out;
@@ -187,8 +192,8 @@ export function vScalings(sigma: number): { cSkip: number; cOut: number; cIn: nu
   return { cSkip: f32(1 / s2p1), cOut: f32(-s / root), cIn: f32(1 / root) };
 }
 
-/** v-prediction: denoised = v·c_out + x·c_skip. */
-export function vToDenoised(x: Float32Array, v: Float32Array, sigma: number, out = new Float32Array(x.length)): Float32Array {
+/** v-prediction: denoised = v·c_out + x·c_skip. `out` may be `v` itself. */
+export function vToDenoised(x: Float32Array, v: Float32Array, sigma: number, out: Float32Array = new Float32Array(x.length)): Float32Array {
   const { cSkip, cOut } = vScalings(sigma);
   for (let i = 0; i < x.length; i++) out[i] = f32(v[i]! * cOut) + f32(x[i]! * cSkip);
   return out;
