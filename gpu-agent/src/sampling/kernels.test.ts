@@ -116,22 +116,52 @@ test("abs and max match Math.abs and Math.max, and long arrays run block by bloc
   );
 });
 
-test("runSumOfSquares adds the squares of one output in float64 in index order, block by block", () => {
+test("runSumOfSquares's order: element k into S(k mod 4), then (S0 + S1) + (S2 + S3), then the tail", () => {
+  // Squares from 2^52 down to 25, where each other grouping of the additions rounds differently.
+  const values = Float32Array.of(2 ** 26, 2 ** 26, 2 ** 24, 8193, 2 ** 26 + 8, 2 ** 24, 1048579, 2 ** 24, 5);
+  const sq = (k: number): number => values[k]! * values[k]!;
+  const [s0, s1, s2, s3] = [sq(0) + sq(4), sq(1) + sq(5), sq(2) + sq(6), sq(3) + sq(7)];
+  const want = s0 + s1 + (s2 + s3) + sq(8);
+  let sequential = 0;
+  for (let k = 0; k < values.length; k++) sequential += sq(k);
+  for (const other of [sequential, s0 + s2 + (s1 + s3) + sq(8), s0 + s3 + (s1 + s2) + sq(8), s0 + s1 + s2 + s3 + sq(8)]) {
+    assert.notEqual(other, want, "the values tell the groupings apart");
+  }
+  const kernel = new Kernel({ inputs: 1, params: 0, outputs: [e.in(0)], sumOfSquares: 0 });
+  assert.ok(kernel.simd);
+  assert.equal(kernel.runSumOfSquares([new Float32Array(values.length)], [values]), want);
+  assert.equal(kernel.runSumOfSquaresReference([new Float32Array(values.length)], [values]), want);
+});
+
+test("runSumOfSquares adds the squares of one output in float64 in four interleaved sums, across blocks and tails", () => {
   const random = prng(23);
   for (let trial = 0; trial < 8; trial++) {
-    const a = randomExpr(random, 2, 2, 2);
-    const b = randomExpr(random, 2, 2, 2);
+    // The summed output stays finite (a sum of infinities or NaNs would hide its order); the other is any.
+    const finiteSum = e.add(e.mul(e.param(0), e.in(0)), e.in(1));
+    const other = randomExpr(random, 2, 2, 2);
     const summed = trial % 2;
-    const kernel = new Kernel({ inputs: 2, params: 2, outputs: [a, b], sumOfSquares: summed });
+    const kernel = new Kernel({
+      inputs: 2,
+      params: 2,
+      outputs: summed === 0 ? [finiteSum, other] : [other, finiteSum],
+      sumOfSquares: summed,
+    });
     assert.ok(kernel.simd, "compiles to WebAssembly SIMD");
     const n = [KERNEL_BLOCK * 2 + 7, KERNEL_BLOCK, 3 * KERNEL_BLOCK - 2, 4099, 5, 3, KERNEL_BLOCK + 1, 1000][trial]!;
-    const ins = [operand(random, n), operand(random, n)];
+    const finite = (): Float32Array =>
+      Float32Array.from({ length: n }, () => (random() < 0.05 ? 0 : (random() - 0.5) * 10 ** Math.floor(random() * 12 - 6)));
+    const ins = [finite(), finite()];
     const ps = [Math.fround((random() - 0.5) * 8), Math.fround((random() - 0.5) * 8)];
     const want = [new Float32Array(n), new Float32Array(n)];
     const wantSum = kernel.runSumOfSquaresReference(want, ins, ps);
-    let loop = 0;
-    for (const v of want[summed]!) loop += v * v;
-    assert.ok(Object.is(wantSum, loop), "the reference is the plain loop");
+    const values = want[summed]!;
+    const whole = n & ~3;
+    const partial = [0, 0, 0, 0];
+    for (let k = 0; k < whole; k++) partial[k % 4] = partial[k % 4]! + values[k]! * values[k]!;
+    let loop = partial[0]! + partial[1]! + (partial[2]! + partial[3]!);
+    for (let k = whole; k < n; k++) loop += values[k]! * values[k]!;
+    assert.ok(Object.is(wantSum, loop), "the reference sums element k into S(k mod 4), then (S0 + S1) + (S2 + S3), then the tail");
+    assert.ok(Number.isFinite(wantSum) && wantSum > 0);
     const got = [new Float32Array(n), new Float32Array(n)];
     const gotSum = kernel.runSumOfSquares(got, ins, ps);
     assert.ok(sameBits(got[0]!, want[0]!) && sameBits(got[1]!, want[1]!), `outputs, trial ${trial} (n=${n})`);

@@ -38,10 +38,12 @@ export interface KernelSpec {
   /** One expression per output array; shared subexpressions (same object) are computed once. */
   outputs: readonly Expr[];
   /**
-   * Index of an output whose values' squares runSumOfSquares also adds up, in float64 and in index
-   * order (a square of a float32 is exact in float64, so only the order of the additions matters). The
-   * additions form one dependency chain; in the kernel's loop it runs alongside the SIMD arithmetic
-   * instead of in a separate pass after it.
+   * Index of an output whose values' squares runSumOfSquares also adds up in float64 (a square of a
+   * float32 is exact in float64, so only the order of the additions matters), in a fixed order: four
+   * running sums S_j of the values at indices k ≡ j (mod 4) below the last whole vector of four, each in
+   * index order, combined as (S₀ + S₁) + (S₂ + S₃), then the last n mod 4 values in index order
+   * (`interleavedSumOfSquares`). Four chains of additions instead of one: a single chain took as long as
+   * the rest of DPM adaptive's error kernel. (torch's own norm reduction has an order of its own.)
    */
   sumOfSquares?: number;
 }
@@ -50,7 +52,6 @@ export interface KernelSpec {
 
 const I32 = 0x7f;
 const F32 = 0x7d;
-const F64 = 0x7c;
 const V128 = 0x7b;
 const SIMD = 0xfd;
 const SIMD_OP = {
@@ -65,7 +66,13 @@ const SIMD_OP = {
   div: 0xe7,
   // f32x4.max, not pmax: NaN-propagating and +0 over −0, as Math.max.
   max: 0xe9,
+  shuffle: 0x0d,
+  promoteLow: 0x5f,
+  f64Add: 0xf0,
+  f64Mul: 0xf2,
 } as const;
+/** i8x16.shuffle lanes: a vector's bytes 8–15 (float lanes 2 and 3) moved to the low half. */
+const HIGH_LANES_DOWN = [8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15];
 const OP = {
   block: 0x02,
   loop: 0x03,
@@ -81,11 +88,7 @@ const OP = {
   i32GeU: 0x4f,
   i32Add: 0x6a,
   i32Shl: 0x74,
-  f64Add: 0xa0,
-  f64Mul: 0xa2,
-  f64PromoteF32: 0xbb,
 } as const;
-const F32X4_EXTRACT_LANE = 0x1f;
 const simd = (op: number): number[] => [SIMD, ...uleb(op)];
 
 function countUses(outputs: readonly Expr[]): Map<Expr, number> {
@@ -105,9 +108,9 @@ function countUses(outputs: readonly Expr[]): Map<Expr, number> {
 
 /**
  * Function (n4, in0…, out0…, p0…): n4 = element count rounded up to a multiple of 4, pointers are
- * byte offsets into the imported memory (16-byte aligned). With sumOfSquares, two more arguments (the
- * byte offset where the whole vectors end, and the running sum) and the sum is returned: the lanes of
- * whole vectors only, the caller adds the last few values itself.
+ * byte offsets into the imported memory (16-byte aligned). With sumOfSquares, two more arguments: the
+ * byte offset where the whole vectors end, and where the four float64 running sums S₀…S₃ are kept
+ * between calls (whole vectors only: the caller adds the last few values itself).
  */
 function moduleBytes(spec: KernelSpec): Uint8Array {
   const { inputs, params, outputs, sumOfSquares: summed } = spec;
@@ -117,10 +120,11 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
     I32,
     ...new Array<number>(inputs + nOut).fill(I32),
     ...new Array<number>(params).fill(F32),
-    ...(sums ? [I32, F64] : []),
+    ...(sums ? [I32, I32] : []),
   ];
   const WHOLE_END = 1 + inputs + nOut + params;
-  const SUM = WHOLE_END + 1;
+  /** Byte offset of the four float64 running sums, loaded at the start and stored at the end of a call. */
+  const SUMS_AT = WHOLE_END + 1;
   const N = 0;
   const inPtr = (j: number): number => 1 + j;
   const outPtr = (j: number): number => 1 + inputs + j;
@@ -138,12 +142,19 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
     if (count > 1 && node.op !== "in" && node.op !== "param") shared.set(node, nextLocal++);
   }
   const SUMMED = nextLocal++;
+  const SQUARE = nextLocal++;
+  // Sums S₀, S₁ (low lanes) and S₂, S₃ (high lanes).
+  const SUMS_LOW = nextLocal++;
+  const SUMS_HIGH = nextLocal++;
   const v128Locals = nextLocal - (argTypes.length + i32Locals);
-  const SQUARE = nextLocal;
 
   const code: number[] = [];
   for (let j = 0; j < params; j++) code.push(OP.localGet, ...uleb(paramArg(j)), ...simd(SIMD_OP.splat), OP.localSet, ...uleb(splat(j)));
   code.push(OP.localGet, N, OP.i32Const, 2, OP.i32Shl, OP.localSet, ...uleb(END));
+  if (sums) {
+    code.push(OP.localGet, ...uleb(SUMS_AT), ...simd(SIMD_OP.load), 4, 0, OP.localSet, ...uleb(SUMS_LOW));
+    code.push(OP.localGet, ...uleb(SUMS_AT), ...simd(SIMD_OP.load), 4, 16, OP.localSet, ...uleb(SUMS_HIGH));
+  }
   code.push(OP.i32Const, 0, OP.localSet, ...uleb(I));
   code.push(OP.block, 0x40, OP.loop, 0x40);
   code.push(OP.localGet, ...uleb(I), OP.localGet, ...uleb(END), OP.i32GeU, OP.brIf, 1);
@@ -184,21 +195,30 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
       return;
     }
     code.push(OP.localTee, ...uleb(SUMMED), ...simd(SIMD_OP.store), 4, 0);
-    // sum = sum + lane², lane by lane in index order, for whole vectors (I < whole end).
+    // For whole vectors (I < whole end): lanes 0 and 1 promoted and squared into SUMS_LOW, lanes 2 and
+    // 3 (shuffled down) into SUMS_HIGH.
     code.push(OP.localGet, ...uleb(I), OP.localGet, ...uleb(WHOLE_END), OP.i32LtU, OP.if, 0x40);
-    for (let lane = 0; lane < 4; lane++) {
-      code.push(OP.localGet, ...uleb(SUM), OP.localGet, ...uleb(SUMMED), ...simd(F32X4_EXTRACT_LANE), lane, OP.f64PromoteF32);
-      code.push(OP.localTee, ...uleb(SQUARE), OP.localGet, ...uleb(SQUARE), OP.f64Mul, OP.f64Add, OP.localSet, ...uleb(SUM));
+    for (const [sums, lanes] of [
+      [SUMS_LOW, []],
+      [SUMS_HIGH, HIGH_LANES_DOWN],
+    ] as const) {
+      code.push(OP.localGet, ...uleb(sums), OP.localGet, ...uleb(SUMMED));
+      if (lanes.length > 0) code.push(OP.localGet, ...uleb(SUMMED), ...simd(SIMD_OP.shuffle), ...lanes);
+      code.push(...simd(SIMD_OP.promoteLow), OP.localTee, ...uleb(SQUARE), OP.localGet, ...uleb(SQUARE));
+      code.push(...simd(SIMD_OP.f64Mul), ...simd(SIMD_OP.f64Add), OP.localSet, ...uleb(sums));
     }
     code.push(OP.end);
   });
   code.push(OP.localGet, ...uleb(I), OP.i32Const, 16, OP.i32Add, OP.localSet, ...uleb(I), OP.br, 0, OP.end, OP.end);
-  if (sums) code.push(OP.localGet, ...uleb(SUM));
+  if (sums) {
+    code.push(OP.localGet, ...uleb(SUMS_AT), OP.localGet, ...uleb(SUMS_LOW), ...simd(SIMD_OP.store), 4, 0);
+    code.push(OP.localGet, ...uleb(SUMS_AT), OP.localGet, ...uleb(SUMS_HIGH), ...simd(SIMD_OP.store), 4, 16);
+  }
   code.push(OP.end);
 
-  const localDecls = [3, ...uleb(i32Locals), I32, ...uleb(v128Locals), V128, 1, F64];
+  const localDecls = [2, ...uleb(i32Locals), I32, ...uleb(v128Locals), V128];
   const body = [...localDecls, ...code];
-  const type = section(1, [1, 0x60, ...uleb(argTypes.length), ...argTypes, ...(sums ? [1, F64] : [0])]);
+  const type = section(1, [1, 0x60, ...uleb(argTypes.length), ...argTypes, 0]);
   const imports = section(2, [1, ...name("m"), ...name("memory"), 0x02, 0x00, 0]);
   const func = section(3, [1, 0]);
   const exports = section(7, [1, ...name("k"), 0x00, 0]);
@@ -217,8 +237,7 @@ declare const WebAssembly: {
   Memory: new (descriptor: { initial: number }) => WasmMemory;
 };
 
-/** Returns the running sum with sumOfSquares (and nothing useful without). */
-type WasmKernel = (...args: number[]) => number;
+type WasmKernel = (...args: number[]) => void;
 
 /** Elements per kernel block (a multiple of 4). */
 export const KERNEL_BLOCK = 16384;
@@ -238,6 +257,8 @@ export const KERNEL_BLOCK = 16384;
 let arena: WasmMemory | null | undefined;
 let arenaView: Float32Array | undefined;
 const SCRATCH_BYTES = 16 * KERNEL_BLOCK * 4;
+/** The scratch region's last 32 bytes: the running sums of a sumOfSquares call; operand slots use the rest. */
+const SUMS_AT = SCRATCH_BYTES - 32;
 /** The memory's size once a resident array is asked for: 64 MiB, 250 latents of 4×128×128. */
 const RESIDENT_FIRST_BYTES = 64 << 20;
 /** The most it grows to (between runs, when it turned out too small). */
@@ -435,7 +456,7 @@ export class Kernel {
     const slots = ins.length + outs.length;
     // Block by block, so that the scratch slots stay in the core's cache from the copy in through the
     // kernel to the copy out: whole 256 KB latents in 4–8 slots would stream through memory.
-    const block = Math.min(n, KERNEL_BLOCK, Math.floor(SCRATCH_BYTES / (slots * 16)) * 4);
+    const block = Math.min(n, KERNEL_BLOCK, Math.floor(SUMS_AT / (slots * 16)) * 4);
     const block4 = (block + 3) & ~3;
     const n4 = (n + 3) & ~3;
     // Resident operands are used where they are (a byte offset); the others go through scratch (−1).
@@ -458,7 +479,12 @@ export class Kernel {
     for (let j = 0; j < params.length; j++) args[1 + slots + j] = params[j]!;
     const summed = spec.sumOfSquares;
     const wholeEndArg = 1 + slots + params.length;
-    let sum = 0;
+    let sums: Float64Array | undefined;
+    if (summed !== undefined) {
+      sums = new Float64Array(view.buffer, SUMS_AT, 4);
+      sums.fill(0);
+      args[wholeEndArg + 1] = SUMS_AT;
+    }
     for (let start = 0; start < n; start += block) {
       const end = Math.min(n, start + block);
       const m = end - start;
@@ -476,22 +502,18 @@ export class Kernel {
         const at = outAt[j]!;
         args[1 + ins.length + j] = at >= 0 ? at + start * 4 : (ins.length + j) * block4 * 4;
       }
-      if (summed === undefined) {
-        wasm(...args);
-      } else {
-        args[wholeEndArg] = (m & ~3) * 4;
-        args[wholeEndArg + 1] = sum;
-        sum = wasm(...args);
-      }
+      // Blocks are whole vectors but the last: its few values past them are added below.
+      if (summed !== undefined) args[wholeEndArg] = (m & ~3) * 4;
+      wasm(...args);
       for (let j = 0; j < outs.length; j++) {
         if (outAt[j]! >= 0) continue;
         const at = (ins.length + j) * block4;
         outs[j]!.set(view.subarray(at, at + m), start);
       }
-      // The block's last values past its whole vectors (only ever in the last block: blocks are whole vectors).
-      if (summed !== undefined) sum = addSquares(sum, outs[summed]!, start + (m & ~3), end);
     }
-    return sum;
+    if (sums === undefined) return 0;
+    const whole = n & ~3;
+    return addSquares(sums[0]! + sums[1]! + (sums[2]! + sums[3]!), outs[summed!]!, whole, n);
   }
 
   /** The scalar loop (also the tests' reference for the compiled form): one Math.fround per operation. */
@@ -513,8 +535,31 @@ export class Kernel {
       for (let j = 0; j < outputs.length; j++) results[j] = evaluate(outputs[j]!, ins, params, k);
       for (let j = 0; j < outputs.length; j++) outs[j]![k] = results[j]!;
     }
-    return summed === undefined ? 0 : addSquares(0, outs[summed]!, 0, n);
+    return summed === undefined ? 0 : interleavedSumOfSquares(outs[summed]!);
   }
+}
+
+/**
+ * Σ a[k]² in float64 in the order of KernelSpec.sumOfSquares: four running sums S_j over k ≡ j (mod 4)
+ * below the last whole vector of four, (S₀ + S₁) + (S₂ + S₃), then the last a.length mod 4 values.
+ */
+export function interleavedSumOfSquares(a: Float32Array): number {
+  const whole = a.length & ~3;
+  let s0 = 0;
+  let s1 = 0;
+  let s2 = 0;
+  let s3 = 0;
+  for (let k = 0; k < whole; k += 4) {
+    const v0 = a[k]!;
+    const v1 = a[k + 1]!;
+    const v2 = a[k + 2]!;
+    const v3 = a[k + 3]!;
+    s0 += v0 * v0;
+    s1 += v1 * v1;
+    s2 += v2 * v2;
+    s3 += v3 * v3;
+  }
+  return addSquares(s0 + s1 + (s2 + s3), a, whole, a.length);
 }
 
 /** sum + a[from]² + … + a[to − 1]², one float64 addition at a time. */

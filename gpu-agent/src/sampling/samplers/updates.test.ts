@@ -60,7 +60,7 @@ test("heunStep (x₂ recomputed inside) gives the bits of the unfused Euler step
   }
 });
 
-test("DPM adaptive's error sum gives the float64 sum of the scalar loop it replaces", () => {
+test("DPM adaptive's error sum gives the float64 sum of the scalar error ratios, in the kernels' interleaved order", () => {
   const low = latent(4);
   const high = latent(5);
   const prev = latent(6);
@@ -70,12 +70,18 @@ test("DPM adaptive's error sum gives the float64 sum of the scalar loop it repla
   ] as const) {
     const a = f32(atol);
     const r = f32(rtol);
-    let want = 0;
+    const ratios = new Float32Array(low.length);
     for (let k = 0; k < low.length; k++) {
       const delta = Math.max(a, f32(r * Math.max(Math.abs(low[k]!), Math.abs(prev[k]!))));
-      const ratio = f32(f32(low[k]! - high[k]!) / delta);
-      want += ratio * ratio;
+      ratios[k] = f32(f32(low[k]! - high[k]!) / delta);
     }
+    // Element k into running sum k mod 4 up to the last whole vector, (S₀ + S₁) + (S₂ + S₃), then the tail.
+    const whole = ratios.length & ~3;
+    const partial = [0, 0, 0, 0];
+    for (let k = 0; k < whole; k++) partial[k % 4] = partial[k % 4]! + ratios[k]! * ratios[k]!;
+    let want = partial[0]! + partial[1]! + (partial[2]! + partial[3]!);
+    for (let k = whole; k < ratios.length; k++) want += ratios[k]! * ratios[k]!;
+    assert.equal(ratios.length % 4, 2, "the latent has a tail past its whole vectors");
     const got = adaptiveErrorSumOfSquares(new Float32Array(low.length), low, high, prev, a, r);
     assert.ok(Object.is(got, want), `atol ${atol}: ${got} vs ${want}`);
   }

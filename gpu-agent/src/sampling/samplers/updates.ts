@@ -720,8 +720,10 @@ const adaptiveErrorKernel = new Kernel({
 });
 
 /**
- * Σ r² over the latent in float64, added in index order (each r² of a float32 r is exact in float64, so
- * only the order of the additions matters, and it is the scalar loop's). `scratch` receives the r's.
+ * Σ r² over the latent in float64 (each r² of a float32 r is exact in float64, so only the order of the
+ * additions matters): in the kernels' order, four interleaved running sums (interleavedSumOfSquares).
+ * k-diffusion takes torch's norm, whose CPU reduction has a blocked order of its own, so no order is
+ * A1111's; this one is fixed, and four chains of additions cost a quarter of one. `scratch` receives the r's.
  */
 export function adaptiveErrorSumOfSquares(
   scratch: Float32Array,
