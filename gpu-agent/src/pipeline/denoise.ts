@@ -120,7 +120,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       await ahead.ensureReady(req, signal);
       const outOf = (tensor: Float32Array, idx: number): Float32Array => results.get(tensor.length / dim)![idx]!;
       if (req.kind === "denoise") {
-        // In place: the batcher's rows are this request's own copies, read nowhere else.
+        // In place: the batcher's rows are this request's own, read nowhere else.
         const denoised = (out: Float32Array): Float32Array =>
           vPred ? vToDenoised(x, out, req.sigma, out) : epsToDenoised(x, out, req.sigma, out);
         const dUncond = denoised(outOf(uncond.tensor, uIdx));

@@ -55,6 +55,7 @@ export class StepBatcher {
     private readonly onCall?: (rows: number, seconds: number) => void,
   ) {}
 
+  /** The UNet's output for each of `req.contexts`: views of this request's rows of the batch's output. */
   evaluate(req: UnetRequest, signal?: AbortSignal): Promise<Float32Array[]> {
     if (signal?.aborted) return Promise.reject(abortError(signal));
     return new Promise((resolve, reject) => {
@@ -114,7 +115,9 @@ export class StepBatcher {
       r = 0;
       for (const p of batch) {
         const res: Float32Array[] = [];
-        for (let k = 0; k < p.req.contexts.length; k++, r++) res.push(out.slice(r * plane, (r + 1) * plane));
+        // Views, not copies: the output is this batch's own (ONNX Runtime's worker hands each run's result
+        // over), and each request reads and writes only its own rows.
+        for (let k = 0; k < p.req.contexts.length; k++, r++) res.push(out.subarray(r * plane, (r + 1) * plane));
         p.resolve(res);
       }
     } catch (err) {
