@@ -1,7 +1,7 @@
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, abortError } from "@latentfarm/shared";
-import { cIn, epsToDenoised, vToDenoised, type ImageRng, type NoiseAhead, type PreparedSampling } from "../sampling/index.js";
-import { combineDenoised, type PreparedConditioning } from "../conditioning/index.js";
+import { cIn, cfgCombine, scaleModelInputInto, type ImageRng, type NoiseAhead, type PreparedSampling } from "../sampling/index.js";
+import type { PreparedConditioning } from "../conditioning/index.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 
 export function checkAborted(signal: AbortSignal): void {
@@ -92,7 +92,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       const blend = input.maskBlend;
       const x = blend?.beforeModel ? blendLatent(req.x, blend) : req.x;
       const scale = req.kind === "denoise" ? cIn(req.sigma) : req.inputScale;
-      for (let i = 0; i < plane; i++) scaled[i] = x[i]! * scale;
+      scaleModelInputInto(scaled, x, scale);
       const conds = cond.condAt(req.call);
       const uncond = cond.uncondAt(req.call);
       // Cond and uncond of different lengths go in separate requests (A1111's default, no padding).
@@ -120,13 +120,11 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       await ahead.ensureReady(req, signal);
       const outOf = (tensor: Float32Array, idx: number): Float32Array => results.get(tensor.length / dim)![idx]!;
       if (req.kind === "denoise") {
-        // In place: the batcher's rows are this request's own, read nowhere else.
-        const denoised = (out: Float32Array): Float32Array =>
-          vPred ? vToDenoised(x, out, req.sigma, out) : epsToDenoised(x, out, req.sigma, out);
-        const dUncond = denoised(outOf(uncond.tensor, uIdx));
-        const dConds = conds.map((cd, k) => ({ denoised: denoised(outOf(cd.tensor, cIdx[k]!)), weight: cd.weight }));
-        // Into the sampler's slot when it offers one: its kernels then read the answer where it is.
-        const combined = combineDenoised(dConds, dUncond, cfgScale, req.into);
+        const outputs = conds.map((cd, k) => ({ output: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));
+        // Denoised and CFG-combined in one pass, into the sampler's slot when it offers one: its kernels
+        // then read the answer where it is.
+        const toDenoised = { x, sigma: req.sigma, prediction: vPred ? ("v" as const) : ("eps" as const) };
+        const combined = cfgCombine(outOf(uncond.tensor, uIdx), outputs, cfgScale, toDenoised, req.into);
         r = gen.next(blend && !blend.beforeModel ? blendLatent(combined, blend, combined) : combined);
       } else {
         if (blend && !blend.beforeModel) {
@@ -142,8 +140,8 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
           });
         }
         const eUncond = outOf(uncond.tensor, uIdx);
-        const eConds = conds.map((cd, k) => ({ denoised: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));
-        const output = combineDenoised(eConds, eUncond, cfgScale * (req.cfgScaleMultiplier ?? 1), req.into);
+        const eConds = conds.map((cd, k) => ({ output: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));
+        const output = cfgCombine(eUncond, eConds, cfgScale * (req.cfgScaleMultiplier ?? 1), undefined, req.into);
         r = gen.next(req.needUncond ? { output, uncond: eUncond } : output);
       }
     }

@@ -31,6 +31,7 @@ export { ImageRng, NoiseContinuation, slerp, type ImageRngOptions, type LatentSh
 export { NoiseStream, NoiseThread } from "./noise-stream.js";
 export { seedsForJob, resolveSeed, RANDOM_SEED_LIMIT, type JobSeeds, type SeedInput, type SeedsForJobInput } from "./seeds.js";
 export { InvalidSamplingParameter } from "./errors.js";
+export { cfgCombine, scaleModelInputInto, type ToDenoised } from "./model-io.js";
 export {
   DiscreteSchedule,
   NUM_TRAIN_TIMESTEPS,
