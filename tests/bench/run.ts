@@ -1,8 +1,9 @@
 // `npm run bench`: every benchmark, printing measured numbers and ratios side by side.
-// `npm run bench -- NAME…` runs only those (agent-overhead, coordinator-dispatch, placement, speed-split, tiled-hires, conditioning, samplers).
+// `npm run bench -- NAME…` runs only those (agent-overhead, coordinator-dispatch, placement, speed-split, tiled-hires, conditioning, samplers, model-io).
 import { availableParallelism, cpus } from "node:os";
 import { benchAgentOverhead } from "./agent-overhead.js";
 import { benchConditioningCost } from "./conditioning.js";
+import { benchModelIo } from "./model-io.js";
 import { benchCoordinatorDispatch } from "./coordinator-dispatch.js";
 import { benchPlacementBoth } from "./placement.js";
 import { benchSamplerOverhead } from "./samplers.js";
@@ -31,6 +32,10 @@ if (want("conditioning"))
 if (want("samplers"))
   process.stdout.write(
     `samplers, 4×128×128 latent, model excluded (target b_in_sampler ≤ 0.3 ms per step, or per model call): ${fmt(await benchSamplerOverhead())}\n`,
+  );
+if (want("model-io"))
+  process.stdout.write(
+    `model-io, UNet input + CFG answer per call, 4×128×128, one prompt (kernels vs scalar loops): ${fmt(benchModelIo())}\n`,
   );
 if (want("tiled-hires"))
   process.stdout.write(`tiled-hires 2048², 4 vs 1 agent (target second pass ≤ 0.35×): ${fmt(await benchTiledHires())}\n`);
