@@ -1,12 +1,12 @@
 // The agent's latent-sized arithmetic around each UNet call at 4×128×128 (1024×1024 px), on the pipeline
 // thread's critical path: the UNet input (x·c_in) and the request's answer (eps → denoised for uncond and
-// one prompt, then A1111's CFG combine), as the float32 kernels the denoise loop uses (model-io.ts) and as
+// one prompt, then A1111's CFG combine), as the float32 kernels the denoise loop uses (scaleLatent, cfgCombine) and as
 // the scalar loops they replace (sigmas.ts and conditioning/cfg.ts, each making its own arrays), side by
 // side, alternating call by call. Medians in ms per call.
 import { combineDenoised } from "../../gpu-agent/src/conditioning/cfg.js";
 import { allocateResident, freeResident } from "../../gpu-agent/src/sampling/kernels.js";
-import { cfgCombine, scaleModelInputInto } from "../../gpu-agent/src/sampling/model-io.js";
-import { cIn, epsToDenoised } from "../../gpu-agent/src/sampling/sigmas.js";
+import { cfgCombine } from "../../gpu-agent/src/sampling/cfg-combine.js";
+import { cIn, epsToDenoised, scaleLatent } from "../../gpu-agent/src/sampling/sigmas.js";
 
 const median = (v: number[]): number => [...v].sort((a, b) => a - b)[v.length >> 1]!;
 
@@ -33,7 +33,7 @@ export function benchModelIo(opts: { calls?: number } = {}): Record<string, numb
         const dC = epsToDenoised(x, out.slice(plane), sigma);
         combineDenoised([{ denoised: dC, weight: 1 }], dU, 7);
       } else {
-        scaleModelInputInto(scaled, x, cIn(sigma));
+        scaleLatent(x, cIn(sigma), scaled);
         cfgCombine(out.subarray(0, plane), [{ output: out.subarray(plane), weight: 1 }], 7, { x, sigma, prediction: "eps" }, into);
       }
       const ms = performance.now() - t;

@@ -2,7 +2,8 @@
  * A1111's combine_denoised for one image (§2.6):
  *   denoised = uncond + Σ_j (cond_j − uncond) · (w_j · cfgScale)
  * evaluated in float32 the way torch does it (each difference and product rounded to float32, the
- * scale w_j·cfgScale formed in float64 first, as Python multiplies the two floats).
+ * scale w_j·cfgScale formed in float64 first, as Python multiplies the two floats). The agent's denoise
+ * loop uses the kernel form with the same bits (sampling's cfgCombine); this scalar loop is its reference.
  */
 export function combineDenoised(
   conds: ReadonlyArray<{ denoised: Float32Array; weight: number }>,

@@ -1,6 +1,6 @@
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, abortError } from "@latentfarm/shared";
-import { cIn, cfgCombine, scaleModelInputInto, type ImageRng, type NoiseAhead, type PreparedSampling } from "../sampling/index.js";
+import { cIn, cfgCombine, scaleLatent, type ImageRng, type NoiseAhead, type PreparedSampling } from "../sampling/index.js";
 import type { PreparedConditioning } from "../conditioning/index.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 
@@ -92,7 +92,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       const blend = input.maskBlend;
       const x = blend?.beforeModel ? blendLatent(req.x, blend) : req.x;
       const scale = req.kind === "denoise" ? cIn(req.sigma) : req.inputScale;
-      scaleModelInputInto(scaled, x, scale);
+      scaleLatent(x, scale, scaled);
       const conds = cond.condAt(req.call);
       const uncond = cond.uncondAt(req.call);
       // Cond and uncond of different lengths go in separate requests (A1111's default, no padding).

@@ -31,7 +31,7 @@ export { ImageRng, NoiseContinuation, slerp, type ImageRngOptions, type LatentSh
 export { NoiseStream, NoiseThread } from "./noise-stream.js";
 export { seedsForJob, resolveSeed, RANDOM_SEED_LIMIT, type JobSeeds, type SeedInput, type SeedsForJobInput } from "./seeds.js";
 export { InvalidSamplingParameter } from "./errors.js";
-export { cfgCombine, scaleModelInputInto, type ToDenoised } from "./model-io.js";
+export { cfgCombine, type ToDenoised } from "./cfg-combine.js";
 export {
   DiscreteSchedule,
   NUM_TRAIN_TIMESTEPS,
@@ -39,6 +39,7 @@ export {
   discreteSigmas,
   epsToDenoised,
   rescaleZeroTerminalSnr,
+  scaleLatent,
   scaleModelInput,
   sd1AlphasCumprod,
   sd1Schedule,

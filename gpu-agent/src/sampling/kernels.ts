@@ -252,10 +252,12 @@ export const KERNEL_BLOCK = 16384;
  * Growing a memory detaches its buffer, and with it every view, so it grows only while no resident
  * array is out; its first size leaves room for several runs' latents (address space: pages are only
  * backed once written). A shared memory would grow without detaching, but copying into or out of one
- * is 2–5× slower than a plain memcpy, and most calls still copy the model's answer in.
+ * is 2–5× slower than a plain memcpy, and noise draws and drivers' arrays are still copied in.
  */
 let arena: WasmMemory | null | undefined;
 let arenaView: Float32Array | undefined;
+/** The four running sums of a sumOfSquares call, a view of the same buffer as arenaView. */
+let arenaSums: Float64Array | undefined;
 const SCRATCH_BYTES = 16 * KERNEL_BLOCK * 4;
 /** The scratch region's last 32 bytes: the running sums of a sumOfSquares call; operand slots use the rest. */
 const SUMS_AT = SCRATCH_BYTES - 32;
@@ -286,7 +288,10 @@ function kernelMemory(): WasmMemory | null {
 /** The memory as floats (its scratch region never needs it to grow). */
 function arenaFloats(): Float32Array {
   const memory = arena!;
-  if (arenaView === undefined || arenaView.buffer !== memory.buffer) arenaView = new Float32Array(memory.buffer);
+  if (arenaView === undefined || arenaView.buffer !== memory.buffer) {
+    arenaView = new Float32Array(memory.buffer);
+    arenaSums = new Float64Array(memory.buffer, SUMS_AT, 4);
+  }
   return arenaView;
 }
 
@@ -479,12 +484,8 @@ export class Kernel {
     for (let j = 0; j < params.length; j++) args[1 + slots + j] = params[j]!;
     const summed = spec.sumOfSquares;
     const wholeEndArg = 1 + slots + params.length;
-    let sums: Float64Array | undefined;
-    if (summed !== undefined) {
-      sums = new Float64Array(view.buffer, SUMS_AT, 4);
-      sums.fill(0);
-      args[wholeEndArg + 1] = SUMS_AT;
-    }
+    const sums = summed === undefined ? undefined : arenaSums!.fill(0);
+    if (sums !== undefined) args[wholeEndArg + 1] = SUMS_AT;
     for (let start = 0; start < n; start += block) {
       const end = Math.min(n, start + block);
       const m = end - start;
@@ -543,7 +544,7 @@ export class Kernel {
  * Σ a[k]² in float64 in the order of KernelSpec.sumOfSquares: four running sums S_j over k ≡ j (mod 4)
  * below the last whole vector of four, (S₀ + S₁) + (S₂ + S₃), then the last a.length mod 4 values.
  */
-export function interleavedSumOfSquares(a: Float32Array): number {
+function interleavedSumOfSquares(a: Float32Array): number {
   const whole = a.length & ~3;
   let s0 = 0;
   let s1 = 0;

@@ -95,9 +95,9 @@ export class ModelCaller {
     if (response instanceof Float32Array || response.output.length !== this.length || response.uncond.length !== this.length) {
       throw new TypeError("this request needs { output, uncond } arrays of the latent's length");
     }
+    // Checked while the slot is still the run's, so an uncond in the slot is refused too.
+    if (heldByRun(response.uncond)) throw new TypeError("the unconditional eps must be an array of the driver's own");
     this.settle(into, response.output);
-    if (response.uncond === into || heldByRun(response.uncond))
-      throw new TypeError("the unconditional eps must be an array of the driver's own");
     return response;
   }
 

@@ -1,9 +1,5 @@
 /**
- * A model request's latent-sized arithmetic around the UNet, as float32 kernels (kernels.ts) rather than
- * scalar loops on the pipeline thread: the UNet's input (the latent times its input scale) and the
- * request's answer from the UNet's outputs.
- *
- * The answer comes in one kernel pass: A1111's CFG combine
+ * A model request's answer from the UNet's outputs in one kernel pass: A1111's CFG combine
  * (combine_denoised: uncond + Σ_j (cond_j − uncond)·(w_j·cfgScale)) of the outputs, each first turned
  * into a denoised latent for k-diffusion requests (eps: x − σ·eps; v: v·c_out + x·c_skip). The same float32
  * roundings as the scalar loops (epsToDenoised / vToDenoised, then conditioning's combineDenoised), so the
@@ -21,21 +17,6 @@ export interface ToDenoised {
   x: Float32Array;
   sigma: number;
   prediction: "eps" | "v";
-}
-
-const scaleKernel = new Kernel({ inputs: 1, params: 1, outputs: [e.mul(e.in(0), e.param(0))] });
-
-/**
- * x·scale into `out` (the UNet's input: scale is c_in(σ) for k-diffusion requests, the request's
- * inputScale otherwise), each product rounded to float32 as `out[i] = x[i] * scale` stores it. A kernel
- * pass takes 0.02 ms at 4×128×128 where that loop took 0.15.
- */
-export function scaleModelInputInto(out: Float32Array, x: Float32Array, scale: number): Float32Array {
-  if (out.length !== x.length) throw new RangeError(`input has ${x.length} values, the output ${out.length}`);
-  // A kernel's parameters are float32 values; a scale that is not one is multiplied in float64 first.
-  if (Math.fround(scale) === scale) scaleKernel.run([out], [x], [scale]);
-  else for (let i = 0; i < x.length; i++) out[i] = x[i]! * scale;
-  return out;
 }
 
 const kernels = new Map<string, Kernel>();

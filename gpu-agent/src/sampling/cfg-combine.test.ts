@@ -1,9 +1,9 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { combineDenoised } from "../conditioning/cfg.js";
-import { cfgCombine, scaleModelInputInto } from "./model-io.js";
+import { cfgCombine } from "./cfg-combine.js";
 import { allocateResident, freeResident } from "./kernels.js";
-import { epsToDenoised, vToDenoised } from "./sigmas.js";
+import { epsToDenoised, scaleLatent, vToDenoised } from "./sigmas.js";
 
 function values(seed: number, n: number): Float32Array {
   let s = seed >>> 0 || 1;
@@ -69,14 +69,14 @@ test("cfgCombine writes into a given array (the sampler's slot) and refuses mism
   assert.throws(() => cfgCombine(uncond, conds, 7, undefined, new Float32Array(2)), /output length/);
 });
 
-test("scaleModelInputInto gives the bits of the scalar loop, also for a scale that is not a float32 value", () => {
+test("scaleLatent gives the bits of the scalar loop, also for a scale that is not a float32 value", () => {
   for (const n of [65_536 + 6, 7, 2]) {
     const x = values(9, n);
     for (const scale of [Math.fround(0.2672612), 1, 0.1, Math.fround(1 / 3)]) {
       const want = new Float32Array(n);
       for (let i = 0; i < n; i++) want[i] = x[i]! * scale;
-      assert.ok(sameBits(scaleModelInputInto(new Float32Array(n), x, scale), want), `n ${n}, scale ${scale}`);
+      assert.ok(sameBits(scaleLatent(x, scale), want), `n ${n}, scale ${scale}`);
     }
   }
-  assert.throws(() => scaleModelInputInto(new Float32Array(3), new Float32Array(4), 1), /input has 4 values/);
+  assert.throws(() => scaleLatent(new Float32Array(4), 1, new Float32Array(3)), /input has 4 values/);
 });
