@@ -220,15 +220,18 @@ export function* sampleLms(x: Float32Array, options: SamplerOptions, order = 4):
   // The last `order` derivatives, newest first, in buffers reused round-robin.
   const ds: Float32Array[] = [];
   let spare: Float32Array | undefined;
+  // They depend on the σ list only: worked out before the first model call, not in each step's
+  // (cache-cold) time between two calls.
+  const coefficientsAt = Array.from({ length: sigmas.length - 1 }, (_, i) => {
+    const currentOrder = Math.min(i + 1, order);
+    return Array.from({ length: currentOrder }, (_, j) => f32(linearMultistepCoefficient(currentOrder, sigmas, i, j)));
+  });
   for (let i = 0; i < sigmas.length - 1; i++) {
     const sigma = sigmas[i]!;
     const denoised = yield* model.denoise(x, sigma, i);
-    const currentOrder = Math.min(i + 1, order);
-    const coefficients: number[] = [];
-    for (let j = 0; j < currentOrder; j++) coefficients.push(f32(linearMultistepCoefficient(currentOrder, sigmas, i, j)));
     const d = spare ?? freshLatent(x.length);
     const out = freshLatent(x.length);
-    lmsStep(out, d, x, denoised, ds, sigma, coefficients);
+    lmsStep(out, d, x, denoised, ds, sigma, coefficientsAt[i]!);
     ds.unshift(d);
     spare = ds.length > order ? ds.pop() : undefined;
     x = supersede(x, out, denoised);
