@@ -7,15 +7,7 @@ import { InvalidSamplingParameter } from "../errors.js";
 import { sd1Schedule, type DiscreteSchedule } from "../sigmas.js";
 import { ModelCaller, ONE_DRAW, checkedNoise, expm1F } from "./common.js";
 import type { ModelRequest, ModelResponse } from "./types.js";
-import {
-  ddimStep,
-  plmsStep,
-  uniPcCorrect,
-  uniPcCorrectThenPredict,
-  uniPcDataPrediction,
-  uniPcPredict,
-  type UniPcTerms,
-} from "./updates.js";
+import { ddimStep, plmsStep, uniPcCorrectThenPredict, uniPcDataPrediction, uniPcPredict, type UniPcTerms } from "./updates.js";
 import { freshLatent, releaseLatent, supersede } from "./latent-pool.js";
 
 const f32 = Math.fround;
@@ -438,8 +430,7 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
    * times only, and its operands are this pass's results and operands.
    */
   const bhLoop = function* (xIn: Float32Array, modelPrev: Float32Array[], tPrev: number[]): Run {
-    let x = xIn;
-    const n = x.length;
+    const n = xIn.length;
     const plan: Array<{ t: number; stepOrder: number; useCorrector: boolean }> = [];
     for (let initOrder = 1; initOrder < order; initOrder++) plan.push({ t: times[initOrder]!, stepOrder: initOrder, useCorrector: true });
     for (let step = order; step <= steps; step++) {
@@ -456,42 +447,29 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
       tPrev = advanced(tPrev, t);
       return { terms, sigmaT: ns.std(t), alphaT: ns.alpha(t) };
     });
+    // Each update's corrected x is read by the next update's predictor only, so the kernel that corrects
+    // makes the next x_t from it in registers: after the first update, the sampler's x is never an array.
     let predicted: Float32Array | undefined;
     for (let k = 0; k < plan.length; k++) {
       const { t, stepOrder, useCorrector } = plan[k]!;
       const { terms, sigmaT, alphaT } = stepTerms[k]!;
       const older = olderOutputs(modelPrev, stepOrder);
       const m0 = modelPrev[modelPrev.length - 1]!;
-      const xt = predicted ?? uniPcPredict(freshLatent(n), x, m0, older, terms);
-      predicted = undefined;
-      if (!useCorrector) {
-        x = supersede(x, xt);
-        updateIndex++;
-        if (k + 1 < plan.length) throw new Error("only the last UniPC update goes without a corrector");
-        break;
-      }
+      const xt = predicted ?? uniPcPredict(freshLatent(n), xIn, m0, older, terms);
+      if (!useCorrector) return xt;
       const eps = yield* modelEps(xt, t);
       const modelT = freshLatent(n);
-      const corrected = freshLatent(n);
-      const following = plan[k + 1];
       const nextModelPrev = advanced(modelPrev, modelT);
-      const nextOlder = following && olderOutputs(nextModelPrev, following.stepOrder);
-      const operands = [m0, ...older];
-      // x_t is this update's own predictor: the corrector recomputes it rather than reading it back.
-      if (nextOlder !== undefined && nextOlder.every((m, j) => m === operands[j])) {
-        predicted = freshLatent(n);
-        uniPcCorrectThenPredict(modelT, corrected, predicted, x, m0, older, undefined, eps, terms, sigmaT, alphaT, stepTerms[k + 1]!.terms);
-      } else {
-        uniPcCorrect(modelT, corrected, x, m0, older, undefined, eps, terms, sigmaT, alphaT);
-      }
-      // Dead now: the predictor's x_t (the corrector recomputed it), the old x, and the model output the
-      // history drops.
-      releaseLatent(xt, x, eps, modelPrev.length >= order ? modelPrev[0] : undefined);
-      x = corrected;
+      // The plan's orders rise by at most one per update, so the next update's older outputs are this
+      // one's m₀, m₁… from the front, which the fused kernel reads anyway.
+      predicted = freshLatent(n);
+      uniPcCorrectThenPredict(modelT, predicted, xt, m0, older, eps, terms, sigmaT, alphaT, stepTerms[k + 1]!.terms);
+      // Dead now: x_t, eps, and the model output the history drops.
+      releaseLatent(xt, eps, modelPrev.length >= order ? modelPrev[0] : undefined);
       updateIndex++;
       modelPrev = nextModelPrev;
     }
-    return x;
+    throw new Error("a UniPC plan ends with an update without a corrector");
   };
 
   const modelPrev: Float32Array[] = [yield* dataPrediction(x, times[0]!)];

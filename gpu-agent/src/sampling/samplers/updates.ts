@@ -545,13 +545,16 @@ export function lcmStep(
  * UniPC (B(h) variants). In A1111's terms the predictor is x_t = x_base − scale·Σ ρ_p,j·D1_j with
  * x_base = ratio·x − baseScale·m₀ and D1_j = (m_j − m₀)/r_j, and the corrector, with the data prediction
  * m_t = (x_t − σ_t·eps)/α_t, is x_base − scale·(Σ ρ_c,j·D1_j + ρ_c,last·(m_t − m₀)). Both are linear in
- * the arrays, so a kernel computes each as one weighted sum, its weights worked out once per step in
- * float64 (`uniPcWeights`): ratio·x + w₀·m₀ + w₁·m₁ + … (+ w_t·m_t). That is 4 float32 operations per
- * array where the textbook form takes 7 and a division per D1 term: the fused corrector-and-next-predictor
- * of an order-3 step does 25 operations per value (1 division) instead of 38 (5). The arrays are the same,
- * so the pass stays bound by their 8 streams of memory traffic. No float32 order can be A1111's: it sums
- * Σ ρ_j·D1_j with an einsum, whose BLAS (or TF32 matmul on CUDA) reduction order is its own. The data
- * prediction m_t keeps its division, as the tensor code's.
+ * the arrays, and they share x_base, so the kernels compute
+ * - the predictor as one weighted sum, ratio·x + w₀·m₀ + w₁·m₁ + …;
+ * - the corrector as a correction of its own predictor, x_t + c₀·m₀ + c₁·m₁ + … + c_t·m_t, so that it
+ *   needs no x (ratio·x cancels) and an update reads x_t, which the model was just asked about;
+ * with the weights worked out once per step in float64 (`uniPcWeights`) and rounded once. The corrected x
+ * is only ever the next predictor's input, so the fused kernel keeps it in registers: an order-3 update
+ * reads x_t, m₀, m₁, m₂ and eps and writes m_t and the next x_t, 7 streams of memory where the textbook
+ * form needs 8 (plus x), and does 18 float32 operations per value with 1 division where it did 38 with 5.
+ * No float32 order can be A1111's: it sums Σ ρ_j·D1_j with an einsum, whose BLAS (or TF32 matmul on CUDA)
+ * reduction order is its own. The data prediction keeps its division, as the tensor code's.
  */
 export interface UniPcTerms {
   ratio: number;
@@ -564,80 +567,73 @@ export interface UniPcTerms {
 }
 
 /**
- * The weights of m₀, m₁…m_k in the predictor (`mode` "predict") or the corrector: m_j (j ≥ 1) weighs
+ * The weights of m₀, m₁…m_k in the predictor or the corrector (float64, unrounded): m_j (j ≥ 1) weighs
  * −scale·ρ_j/r_j, m₀ −baseScale plus all of those back, and the corrector's m_t −scale·ρ_c,last (which
- * m₀ gets back too). Each weight rounds once, to float32.
+ * m₀ gets back too).
  */
 function uniPcWeights(t: UniPcTerms, mode: "predict" | "correct"): { m: number[]; modelT: number } {
   const rhos = mode === "predict" ? t.rhosP : t.rhosC;
   const older = t.rks.map((r, j) => (t.scale * (rhos[j] ?? 0)) / r);
   const last = mode === "correct" ? t.scale * (rhos[rhos.length - 1] ?? 0) : 0;
   const m0 = -t.baseScale + older.reduce((sum, w) => sum + w, 0) + last;
-  return { m: [m0, ...older.map((w) => -w)].map(f32), modelT: f32(-last) };
+  return { m: [m0, ...older.map((w) => -w)], modelT: -last };
 }
 
-/** ratio·x + Σ w_j·m_j, added left to right; the weights at params `p(0)` (ratio), `p(1…)`. */
-function uniPcWeighted(ratioX: Expr, ms: readonly Expr[], p: (k: number) => Expr): Expr {
-  return ms.reduce<Expr>((acc, m, j) => e.add(acc, e.mul(p(1 + j), m)), ratioX);
+/** acc + Σ w_j·m_j, added left to right, w_j at `p(j)`. */
+function weightedSum(acc: Expr, ms: readonly Expr[], p: (j: number) => Expr): Expr {
+  return ms.reduce<Expr>((sum, m, j) => e.add(sum, e.mul(p(j), m)), acc);
 }
 
-/** Params of a predictor over k older outputs: ratio, w₀…w_k. */
-const predictParams = (k: number): number => 2 + k;
-/** Params of a corrector over k older outputs after its own predictor's: σ_t, α_t, w₀…w_k, w_t. */
-const correctParams = (k: number): number => 3 + k + 1;
-
-/**
- * Kernels by (older count, mode, own). Operands: x, m₀, m₁…m_k [, x_t], eps. "correct+predict" also runs
- * the next step's predictor on the corrected x and m_t in the same pass (its older m's are this step's
- * m₀, m₁…, already operands), with the next step's params last: the next request's latent comes without
- * re-reading x, m_t and the m's. With `own`, the corrector's x_t is this update's own predictor,
- * recomputed from operands the corrector reads anyway (the same operations on the same values give the
- * same bits) instead of read back. Params: this step's predictor's, its corrector's, the next predictor's.
- */
-function uniPcExprs(k: number, mode: "predict" | "correct" | number, own: boolean): { inputs: number; params: number; outputs: Expr[] } {
-  const x = e.in(0);
-  const ms = Array.from({ length: k + 1 }, (_, j) => e.in(1 + j));
-  const p =
-    (at: number) =>
-    (j: number): Expr =>
-      e.param(at + j);
-  const ratioX = e.mul(e.param(0), x);
-  const predictor = uniPcWeighted(ratioX, ms, p(0));
-  if (mode === "predict") return { inputs: 2 + k, params: predictParams(k), outputs: [predictor] };
-  const c = predictParams(k);
-  const xt = own ? predictor : e.in(2 + k);
-  const inputs = own ? 3 + k : 4 + k;
-  const modelT = e.div(e.sub(xt, e.mul(e.param(c), e.in(inputs - 1))), e.param(c + 1));
-  const corrected = e.add(
-    uniPcWeighted(ratioX, ms, (j) => e.param(c + 1 + j)),
-    e.mul(e.param(c + 3 + k), modelT),
-  );
-  const params = c + correctParams(k);
-  if (mode === "correct") return { inputs, params, outputs: [modelT, corrected] };
-  const next = uniPcWeighted(e.mul(e.param(params), corrected), [modelT, ...ms.slice(0, mode)], p(params));
-  return { inputs, params: params + predictParams(mode), outputs: [modelT, corrected, next] };
+/** The predictor over x and m₀…m_k, its params from `at`: ratio, w₀…w_k. */
+function uniPcPredictorExpr(x: Expr, ms: readonly Expr[], at: number): Expr {
+  return weightedSum(e.mul(e.param(at), x), ms, (j) => e.param(at + 1 + j));
 }
 
 const uniPcKernels = new Map<string, Kernel>();
 
-function uniPcKernel(k: number, mode: "predict" | "correct" | number, own = false): Kernel {
-  const key = `${k}/${mode}/${own}`;
+/**
+ * Kernels by older count k and mode: "predict" (operands x, m₀…m_k), "correct" (operands x_t, m₀…m_k,
+ * eps; writes m_t and the corrected x), or the next predictor's older count (same operands; writes m_t
+ * and the next x_t, the corrected x kept in registers; the next step's older m's are this step's m₀,
+ * m₁…, already operands). Params: σ_t, α_t, c₀…c_k, c_t, then the next predictor's.
+ */
+function uniPcKernel(k: number, mode: "predict" | "correct" | number): Kernel {
+  const key = `${k}/${mode}`;
   let kernel = uniPcKernels.get(key);
-  if (kernel === undefined) {
-    const { inputs, params, outputs } = uniPcExprs(k, mode, own);
-    kernel = new Kernel({ inputs, params, outputs });
-    uniPcKernels.set(key, kernel);
+  if (kernel !== undefined) return kernel;
+  const ms = Array.from({ length: k + 1 }, (_, j) => e.in(1 + j));
+  if (mode === "predict") {
+    kernel = new Kernel({ inputs: 2 + k, params: 2 + k, outputs: [uniPcPredictorExpr(e.in(0), ms, 0)] });
+  } else {
+    const xt = e.in(0);
+    const modelT = e.div(e.sub(xt, e.mul(e.param(0), e.in(2 + k))), e.param(1));
+    const corrected = e.add(
+      weightedSum(xt, ms, (j) => e.param(2 + j)),
+      e.mul(e.param(3 + k), modelT),
+    );
+    const params = 4 + k;
+    kernel =
+      mode === "correct"
+        ? new Kernel({ inputs: 3 + k, params, outputs: [modelT, corrected] })
+        : new Kernel({
+            inputs: 3 + k,
+            params: params + 2 + mode,
+            outputs: [modelT, uniPcPredictorExpr(corrected, [modelT, ...ms.slice(0, mode)], params)],
+          });
   }
+  uniPcKernels.set(key, kernel);
   return kernel;
 }
 
 function uniPcPredictParams(t: UniPcTerms): number[] {
-  return [t.ratio, ...uniPcWeights(t, "predict").m];
+  return [t.ratio, ...uniPcWeights(t, "predict").m.map(f32)];
 }
 
+/** The corrector as a correction of its own predictor: c_j = corrector weight − predictor weight. */
 function uniPcCorrectParams(t: UniPcTerms, sigmaT: number, alphaT: number): number[] {
+  const predictor = uniPcWeights(t, "predict").m;
   const { m, modelT } = uniPcWeights(t, "correct");
-  return [...uniPcPredictParams(t), sigmaT, alphaT, ...m, modelT];
+  return [sigmaT, alphaT, ...m.map((w, j) => f32(w - predictor[j]!)), f32(modelT)];
 }
 
 /** The predictor x_t (`older`: m₁…m_k, newest first). */
@@ -652,53 +648,36 @@ export function uniPcPredict(
   return out;
 }
 
-/** The corrector kernels' operands: x_t among them only when it is read rather than recomputed. */
-function correctorOperands(
-  x: Float32Array,
-  m0: Float32Array,
-  older: readonly Float32Array[],
-  xt: Float32Array | undefined,
-  eps: Float32Array,
-): Float32Array[] {
-  return xt === undefined ? [x, m0, ...older, eps] : [x, m0, ...older, xt, eps];
-}
-
 /**
- * The corrector: writes the data prediction m_t at x_t into `modelT` and the corrected x into `out`. `xt`
- * undefined: x_t is `uniPcPredict(x, m0, older, t)`, recomputed in the pass rather than read.
+ * The corrector at the update's predictor `xt` (uniPcPredict with the same terms and m's): writes the data
+ * prediction m_t into `modelT` and the corrected x into `out`. The sampler always runs it fused with the
+ * next predictor (uniPcCorrectThenPredict); this unfused form is what that fusion is tested against.
  */
 export function uniPcCorrect(
   modelT: Float32Array,
   out: Float32Array,
-  x: Float32Array,
+  xt: Float32Array,
   m0: Float32Array,
   older: readonly Float32Array[],
-  xt: Float32Array | undefined,
   eps: Float32Array,
   t: UniPcTerms,
   sigmaT: number,
   alphaT: number,
 ): void {
-  uniPcKernel(older.length, "correct", xt === undefined).run(
-    [modelT, out],
-    correctorOperands(x, m0, older, xt, eps),
-    uniPcCorrectParams(t, sigmaT, alphaT),
-  );
+  uniPcKernel(older.length, "correct").run([modelT, out], [xt, m0, ...older, eps], uniPcCorrectParams(t, sigmaT, alphaT));
 }
 
 /**
- * uniPcCorrect, then the next step's predictor (`uniPcPredict(nextXt, out, modelT, nextOlder, next)`) in the
- * same pass. The next step's older m's must be [m₀, …older] from the front (newest first), which is how
- * the history moves on by one step.
+ * uniPcCorrect, then the next step's predictor on the corrected x (`uniPcPredict(nextXt, corrected, modelT,
+ * nextOlder, next)`), in one pass that writes m_t and the next x_t only. The next step's older m's must
+ * be [m₀, …older] from the front (newest first), which is how the history moves on by one step.
  */
 export function uniPcCorrectThenPredict(
   modelT: Float32Array,
-  out: Float32Array,
   nextXt: Float32Array,
-  x: Float32Array,
+  xt: Float32Array,
   m0: Float32Array,
   older: readonly Float32Array[],
-  xt: Float32Array | undefined,
   eps: Float32Array,
   t: UniPcTerms,
   sigmaT: number,
@@ -708,7 +687,7 @@ export function uniPcCorrectThenPredict(
   const nextCount = next.rks.length;
   if (nextCount > older.length + 1) throw new RangeError("the next UniPC step uses older model outputs than this one has");
   const params = [...uniPcCorrectParams(t, sigmaT, alphaT), ...uniPcPredictParams(next)];
-  uniPcKernel(older.length, nextCount, xt === undefined).run([modelT, out, nextXt], correctorOperands(x, m0, older, xt, eps), params);
+  uniPcKernel(older.length, nextCount).run([modelT, nextXt], [xt, m0, ...older, eps], params);
 }
 
 /** The data prediction (x − σ·eps)/α alone. */
