@@ -7,12 +7,12 @@ import { create } from "@bufbuild/protobuf";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { GenerationParamsSchema } from "@latentfarm/shared";
 import { FarmError, RngSource, RunTaskRequestSchema, silentLogger, type RunTaskRequest } from "@latentfarm/shared";
-import { KIT_FIXTURES, TINY_SD15, kitSkip } from "../test-support/kit.js";
-import { SdModel } from "../models/sd-model.js";
+import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
 import { pipelineKey } from "../models/model-loader.js";
 import { LoadedPipeline } from "../pipeline/loaded-pipeline.js";
 import { renderTask } from "../pipeline/txt2img.js";
 import { PipelineHost } from "./pipeline-host.js";
+import { loadTinyModel } from "../test-support/tiny-pipeline.js";
 
 const skip = kitSkip("tiny-sd15");
 
@@ -56,10 +56,7 @@ const ctx = (onStep: (s: number, n: number) => void = () => {}, signal = new Abo
 
 test("a task rendered in a pipeline host thread equals the same task rendered in process, byte for byte", { skip }, async () => {
   const host = await start();
-  const model = await SdModel.load(
-    { name: "tiny-sd15", format: "diffusers-onnx", path: TINY_SD15 },
-    { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 },
-  );
+  const model = await loadTinyModel();
   const pipe = new LoadedPipeline(model, { maxBatchRows: 16 });
   try {
     for (const req of [request(), request({ samplerName: "DPM++ 2M SDE", scheduler: "Karras" }, 123n)]) {

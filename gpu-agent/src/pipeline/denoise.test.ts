@@ -1,13 +1,12 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { silentLogger } from "@latentfarm/shared";
-import { SdModel } from "../models/sd-model.js";
 import { ImageRng, prepareSampling, type PreparedSampling } from "../sampling/index.js";
 import { residentArraysOut } from "../sampling/kernels.js";
 import type { SamplerRun } from "../sampling/samplers/types.js";
-import { TINY_SD15, kitSkip } from "../test-support/kit.js";
-import { LoadedPipeline } from "./loaded-pipeline.js";
+import { kitSkip } from "../test-support/kit.js";
+import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { denoise } from "./denoise.js";
+import { loadTinyPipeline } from "../test-support/tiny-pipeline.js";
 
 const skip = kitSkip("tiny-sd15");
 
@@ -37,11 +36,7 @@ function* counted(run: SamplerRun, tally: Answered): SamplerRun {
 describe("the agent's denoise loop", { skip, concurrency: false }, () => {
   let pipe: LoadedPipeline;
   before(async () => {
-    const model = await SdModel.load(
-      { name: "tiny-sd15", format: "diffusers-onnx", path: TINY_SD15 },
-      { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 },
-    );
-    pipe = new LoadedPipeline(model, { maxBatchRows: 16 });
+    pipe = await loadTinyPipeline();
   });
   after(async () => pipe?.close());
 

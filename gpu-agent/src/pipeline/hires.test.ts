@@ -4,25 +4,15 @@ import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
-import {
-  RngSource,
-  RunTaskRequestSchema,
-  TaskStage,
-  cropHandover,
-  planTiles,
-  silentLogger,
-  type Handover,
-  type Image,
-} from "@latentfarm/shared";
-import { SdModel } from "../models/sd-model.js";
+import { RngSource, RunTaskRequestSchema, TaskStage, cropHandover, planTiles, type Handover, type Image } from "@latentfarm/shared";
 import { tToSigma } from "../sampling/index.js";
 import { writeTinyCodeFormer, writeTinyFaceDetector, writeTinySrvggNet } from "../imaging/tiny-models.js";
 import { FFHQ_TEMPLATE_512 } from "../imaging/index.js";
-import { LoadedPipeline } from "./loaded-pipeline.js";
+import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { renderTask, runTask, type RenderContext } from "./txt2img.js";
-import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
+import { kitSkip } from "../test-support/kit.js";
+import { loadTinyPipeline } from "../test-support/tiny-pipeline.js";
 
-const FIXTURES = KIT_FIXTURES;
 const skip = kitSkip("tiny-sd15");
 
 describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, () => {
@@ -30,11 +20,7 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
   let calls: Array<{ t: number; h: number; w: number }> = [];
   const upscalersDir = mkdtempSync(join(tmpdir(), "hires-up-"));
   before(async () => {
-    const model = await SdModel.load(
-      { name: "tiny-sd15", format: "diffusers-onnx", path: join(FIXTURES, "tiny-sd15") },
-      { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 },
-    );
-    pipe = new LoadedPipeline(model, { maxBatchRows: 16 });
+    pipe = await loadTinyPipeline();
     const evaluate = pipe.batcher.evaluate.bind(pipe.batcher);
     pipe.batcher.evaluate = (req, signal) => {
       calls.push({ t: req.t, h: req.h, w: req.w });

@@ -1,18 +1,16 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { join } from "node:path";
 import { deflateSync } from "node:zlib";
 import { create } from "@bufbuild/protobuf";
-import { RngSource, RunTaskRequestSchema, silentLogger } from "@latentfarm/shared";
-import { SdModel } from "../models/sd-model.js";
+import { RngSource, RunTaskRequestSchema } from "@latentfarm/shared";
 import { ImageRng, cIn, tToSigma } from "../sampling/index.js";
-import { LoadedPipeline } from "./loaded-pipeline.js";
+import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { encodeRgb, rgbToVaeInput } from "./render-common.js";
 import { renderTask, type RenderContext } from "./txt2img.js";
-import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
+import { kitSkip } from "../test-support/kit.js";
 import { gradientRgb, rawPng } from "../test-support/images.js";
+import { loadTinyPipeline } from "../test-support/tiny-pipeline.js";
 
-const FIXTURES = KIT_FIXTURES;
 const skip = kitSkip("tiny-sd15");
 
 /** A smooth 64×64 RGB test picture. */
@@ -63,11 +61,7 @@ describe("img2img on the tiny fixture model", { skip, concurrency: false }, () =
   let calls: Array<{ t: number; x: Float32Array }> = [];
   let initPng: Uint8Array;
   before(async () => {
-    const model = await SdModel.load(
-      { name: "tiny-sd15", format: "diffusers-onnx", path: join(FIXTURES, "tiny-sd15") },
-      { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 },
-    );
-    pipe = new LoadedPipeline(model, { maxBatchRows: 16 });
+    pipe = await loadTinyPipeline();
     const evaluate = pipe.batcher.evaluate.bind(pipe.batcher);
     pipe.batcher.evaluate = (req, signal) => {
       calls.push({ t: req.t, x: req.x.slice() });

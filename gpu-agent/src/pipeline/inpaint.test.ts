@@ -5,18 +5,17 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import sharp from "sharp";
 import { create } from "@bufbuild/protobuf";
-import { RngSource, RunTaskRequestSchema, silentLogger, type Image } from "@latentfarm/shared";
-import { SdModel } from "../models/sd-model.js";
+import { RngSource, RunTaskRequestSchema, type Image } from "@latentfarm/shared";
 import { makeTinyModel } from "../model-graph/tiny-model.js";
 import { ImageRng, cIn, tToSigma } from "../sampling/index.js";
 import { binaryMask, blurMask, latentMask, resizeImageA1111 } from "../imaging/mask.js";
 import { LoadedPipeline } from "./loaded-pipeline.js";
 import { encodeRgb } from "./render-common.js";
 import { renderTask, type RenderContext } from "./txt2img.js";
-import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
+import { kitSkip } from "../test-support/kit.js";
 import { gradientRgb, rawPng } from "../test-support/images.js";
+import { loadTinyModel, loadTinyPipeline } from "../test-support/tiny-pipeline.js";
 
-const FIXTURES = KIT_FIXTURES;
 const skip = kitSkip("tiny-sd15");
 /** A blue channel with structure, so that masks and blurs have something to show. */
 const patternBlue = (x: number, y: number): number => (x * 7 + y * 13) % 256;
@@ -106,11 +105,7 @@ describe("inpainting on the tiny fixture model", { skip, concurrency: false }, (
   const RECT64: Rect = { x0: 24, y0: 24, x1: 40, y1: 40 };
 
   before(async () => {
-    const model = await SdModel.load(
-      { name: "tiny-sd15", format: "diffusers-onnx", path: join(FIXTURES, "tiny-sd15") },
-      { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 },
-    );
-    pipe = new LoadedPipeline(model, { maxBatchRows: 16 });
+    pipe = await loadTinyPipeline();
     const evaluate = pipe.batcher.evaluate.bind(pipe.batcher);
     pipe.batcher.evaluate = (req, signal) => {
       calls.push({ t: req.t, x: req.x.slice() });
@@ -304,10 +299,7 @@ describe("inpainting UNets (9 input channels)", { concurrency: false }, () => {
   before(async () => {
     dir = await mkdtemp(join(tmpdir(), "inpaint9-"));
     const tiny = await makeTinyModel({ outDir: dir, seed: 11, config: "small", overrides: { inChannels: 9 } });
-    const model = await SdModel.load(
-      { name: "tiny-inpaint", format: "diffusers-onnx", path: tiny.onnxDir! },
-      { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 },
-    );
+    const model = await loadTinyModel(tiny.onnxDir!, "tiny-inpaint");
     const unet = model.unet.bind(model);
     model.unet = (sample, t, context, dims, signal) => {
       samples.push({ data: sample.slice(), dims });

@@ -1,11 +1,11 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { RngSource, RunTaskRequestSchema, silentLogger, type GenerationParamsSchema } from "@latentfarm/shared";
-import { TINY_SD15, kitSkip } from "../test-support/kit.js";
-import { SdModel } from "../models/sd-model.js";
+import { RngSource, RunTaskRequestSchema, type GenerationParamsSchema } from "@latentfarm/shared";
+import { kitSkip } from "../test-support/kit.js";
 import { LoadedPipeline } from "./loaded-pipeline.js";
 import { renderTask } from "./txt2img.js";
+import { loadTinyModel } from "../test-support/tiny-pipeline.js";
 
 const request = (params: MessageInitShape<typeof GenerationParamsSchema>) =>
   create(RunTaskRequestSchema, {
@@ -30,10 +30,7 @@ test(
   "noise drawn on the pipeline's noise thread gives the same images as noise drawn in the render's thread",
   { skip: kitSkip("tiny-sd15") },
   async () => {
-    const model = await SdModel.load(
-      { name: "tiny-sd15", format: "diffusers-onnx", path: TINY_SD15 },
-      { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 },
-    );
+    const model = await loadTinyModel();
     const threaded = new LoadedPipeline(model, { maxBatchRows: 16, noiseThreadMinValues: 0 });
     const local = new LoadedPipeline(model, { maxBatchRows: 16 });
     try {

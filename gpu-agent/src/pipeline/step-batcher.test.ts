@@ -3,12 +3,12 @@ import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import sharp from "sharp";
 import { create } from "@bufbuild/protobuf";
-import { RngSource, RunTaskRequestSchema, silentLogger, type Image } from "@latentfarm/shared";
-import { SdModel } from "../models/sd-model.js";
-import { LoadedPipeline } from "./loaded-pipeline.js";
+import { RngSource, RunTaskRequestSchema, type Image } from "@latentfarm/shared";
+import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { StepBatcher } from "./step-batcher.js";
 import { renderTask } from "./txt2img.js";
 import { TINY_SD15 } from "../test-support/kit.js";
+import { loadTinyPipeline } from "../test-support/tiny-pipeline.js";
 
 const TINY = TINY_SD15;
 
@@ -72,11 +72,7 @@ describe(
   () => {
     let pipe: LoadedPipeline;
     before(async () => {
-      const model = await SdModel.load(
-        { name: "tiny-sd15", format: "diffusers-onnx", path: TINY },
-        { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 },
-      );
-      pipe = new LoadedPipeline(model, { maxBatchRows: 16 });
+      pipe = await loadTinyPipeline();
     });
     after(async () => pipe?.close());
 

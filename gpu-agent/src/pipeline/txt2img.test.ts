@@ -4,12 +4,12 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import sharp from "sharp";
 import { create } from "@bufbuild/protobuf";
-import { RngSource, RunTaskRequestSchema, silentLogger } from "@latentfarm/shared";
-import { SdModel } from "../models/sd-model.js";
-import { LoadedPipeline } from "./loaded-pipeline.js";
+import { RngSource, RunTaskRequestSchema } from "@latentfarm/shared";
+import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { renderTask } from "./txt2img.js";
 import { residentArraysOut } from "../sampling/kernels.js";
 import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
+import { loadTinyPipeline } from "../test-support/tiny-pipeline.js";
 
 const FIXTURES = KIT_FIXTURES;
 const REF = join(FIXTURES, "reference", "txt2img");
@@ -38,11 +38,7 @@ const RNG = { CPU: RngSource.CPU, GPU: RngSource.GPU, NV: RngSource.NV };
 describe("txt2img pipeline against A1111 reference renders", { skip, concurrency: false }, () => {
   let pipe: LoadedPipeline;
   before(async () => {
-    const model = await SdModel.load(
-      { name: "tiny-sd15", format: "diffusers-onnx", path: join(FIXTURES, "tiny-sd15") },
-      { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1 },
-    );
-    pipe = new LoadedPipeline(model, { maxBatchRows: 16 });
+    pipe = await loadTinyPipeline();
   });
   after(async () => pipe?.close());
 
