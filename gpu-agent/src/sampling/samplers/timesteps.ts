@@ -7,7 +7,15 @@ import { InvalidSamplingParameter } from "../errors.js";
 import { sd1Schedule, type DiscreteSchedule } from "../sigmas.js";
 import { ModelCaller, ONE_DRAW, checkedNoise, expm1F } from "./common.js";
 import type { ModelRequest, ModelResponse } from "./types.js";
-import { ddimStep, plmsStep, uniPcCorrectThenPredict, uniPcDataPrediction, uniPcPredict, type UniPcTerms } from "./updates.js";
+import {
+  ddimStep,
+  plmsStep,
+  prepareUniPcFusedStep,
+  uniPcCorrectThenPredict,
+  uniPcDataPrediction,
+  uniPcPredict,
+  type UniPcTerms,
+} from "./updates.js";
 import { freshLatent, releaseLatent, supersede } from "./latent-pool.js";
 
 const f32 = Math.fround;
@@ -275,14 +283,18 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
   }
 
   let updateIndex = 0;
-  /** CFG-combined eps of the model at x_t, time t. */
-  const modelEps = function* (xt: Float32Array, t: number): Run {
+  /** The model's input time at UniPC time t, and its σ. */
+  const modelTime = (t: number): { inputTime: number; sigma: number } => {
     const inputTime = f32(f32(t - f32(1 / ns.totalN)) * 1000);
-    return yield* model.eps(xt, inputTime, sigmaAt(schedule, inputTime), updateIndex);
+    return { inputTime, sigma: sigmaAt(schedule, inputTime) };
+  };
+  /** CFG-combined eps of the model at x_t, at the model time `at` (modelTime). */
+  const modelEps = function* (xt: Float32Array, at: { inputTime: number; sigma: number }): Run {
+    return yield* model.eps(xt, at.inputTime, at.sigma, updateIndex);
   };
   /** Data prediction x0 = (x − σ_t·eps)/α_t from the CFG-combined eps. */
   const dataPrediction = function* (xt: Float32Array, t: number): Run {
-    const eps = yield* modelEps(xt, t);
+    const eps = yield* modelEps(xt, modelTime(t));
     const data = uniPcDataPrediction(freshLatent(xt.length), xt, eps, ns.std(t), ns.alpha(t));
     releaseLatent(eps);
     return data;
@@ -439,31 +451,38 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
     }
     /** The history after an update: its model output appended, the last `order` entries kept. */
     const advanced = <T>(list: readonly T[], item: T): T[] => [...list, item].slice(-order);
-    // Every update's coefficients (a small linear solve each) depend on the times only, so they are all
-    // worked out here, in one burst before the first update. Between two model calls the same code ran
-    // 4–8× slower than warm on the test VM (12 µs warm, 90 µs after a 30 ms model wait).
+    // Every update's coefficients (a small linear solve each), its fused kernel's params and its model
+    // time depend on the times only, so they are all worked out here, in one burst before the first
+    // update. Between two model calls the same code ran 4–8× slower than warm on the test VM (the solve
+    // 12 µs warm, 90 µs after a 30 ms model wait; the params 55 µs).
     const stepTerms = plan.map(({ t, stepOrder, useCorrector }) => {
       const terms = bhTerms(tPrev, t, stepOrder, useCorrector);
       tPrev = advanced(tPrev, t);
-      return { terms, sigmaT: ns.std(t), alphaT: ns.alpha(t) };
+      return terms;
     });
+    const prepared = plan.map(({ t }, k) => ({
+      at: modelTime(t),
+      // Every update but the last has a corrector, fused with the next update's predictor.
+      fused: k + 1 < plan.length ? prepareUniPcFusedStep(stepTerms[k]!, ns.std(t), ns.alpha(t), stepTerms[k + 1]!) : undefined,
+    }));
     // Each update's corrected x is read by the next update's predictor only, so the kernel that corrects
     // makes the next x_t from it in registers: after the first update, the sampler's x is never an array.
     let predicted: Float32Array | undefined;
     for (let k = 0; k < plan.length; k++) {
-      const { t, stepOrder, useCorrector } = plan[k]!;
-      const { terms, sigmaT, alphaT } = stepTerms[k]!;
+      const { stepOrder, useCorrector } = plan[k]!;
+      const { at, fused } = prepared[k]!;
       const older = olderOutputs(modelPrev, stepOrder);
       const m0 = modelPrev[modelPrev.length - 1]!;
-      const xt = predicted ?? uniPcPredict(freshLatent(n), xIn, m0, older, terms);
+      const xt = predicted ?? uniPcPredict(freshLatent(n), xIn, m0, older, stepTerms[k]!);
       if (!useCorrector) return xt;
-      const eps = yield* modelEps(xt, t);
+      if (fused === undefined) throw new Error("a UniPC plan ends with an update without a corrector");
+      const eps = yield* modelEps(xt, at);
       const modelT = freshLatent(n);
       const nextModelPrev = advanced(modelPrev, modelT);
       // The plan's orders rise by at most one per update, so the next update's older outputs are this
       // one's m₀, m₁… from the front, which the fused kernel reads anyway.
       predicted = freshLatent(n);
-      uniPcCorrectThenPredict(modelT, predicted, xt, m0, older, eps, terms, sigmaT, alphaT, stepTerms[k + 1]!.terms);
+      uniPcCorrectThenPredict(modelT, predicted, xt, m0, older, eps, fused);
       // Dead now: x_t, eps, and the model output the history drops.
       releaseLatent(xt, eps, modelPrev.length >= order ? modelPrev[0] : undefined);
       updateIndex++;

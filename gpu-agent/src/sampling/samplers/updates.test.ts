@@ -10,6 +10,7 @@ import {
   dpmEpsStages,
   eulerStep,
   heunStep,
+  prepareUniPcFusedStep,
   uniPcCorrect,
   uniPcCorrectThenPredict,
   uniPcPredict,
@@ -199,7 +200,7 @@ test("UniPC's corrector fused with the next predictor gives the bits of the two 
     uniPcCorrect(wantModelT, corrected, xt, m[0]!, older, eps, now, f32(0.3), f32(0.95));
     const wantNext = uniPcPredict(new Float32Array(n), corrected, wantModelT, [m[0]!, ...older].slice(0, kNext), next);
     const got = [new Float32Array(n), new Float32Array(n)] as const;
-    uniPcCorrectThenPredict(got[0], got[1], xt, m[0]!, older, eps, now, f32(0.3), f32(0.95), next);
+    uniPcCorrectThenPredict(got[0], got[1], xt, m[0]!, older, eps, prepareUniPcFusedStep(now, f32(0.3), f32(0.95), next));
     assert.ok(sameBits(got[0], wantModelT) && sameBits(got[1], wantNext), `${k} → ${kNext}`);
   }
 });
@@ -226,7 +227,7 @@ test("UniPC's weighted sums (the corrector from its predictor x_t) agree with th
     const predicted = uniPcPredict(new Float32Array(n), x, m[0]!, older, now);
     const got = [new Float32Array(n), new Float32Array(n), new Float32Array(n)] as const;
     uniPcCorrect(got[0], got[1], predicted, m[0]!, older, eps, now, sigmaT, alphaT);
-    uniPcCorrectThenPredict(got[0], got[2], predicted, m[0]!, older, eps, now, sigmaT, alphaT, next);
+    uniPcCorrectThenPredict(got[0], got[2], predicted, m[0]!, older, eps, prepareUniPcFusedStep(now, sigmaT, alphaT, next));
     for (let i = 0; i < n; i++) {
       const ms = [m[0]![i]!, ...older.map((a) => a[i]!)];
       // Every operand at this index has the same order of magnitude (latent()), so one scale serves.
