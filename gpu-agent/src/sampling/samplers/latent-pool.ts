@@ -107,6 +107,14 @@ export interface LatentScopeOptions {
 /** One run's resident arrays. */
 export class LatentScope {
   private readonly held = new Set<Float32Array>();
+  /**
+   * Arrays the run released, handed out again to the run before the kernels' memory is asked (and given
+   * back to it when the run ends): the memory's shared bookkeeping took 11 µs per array on the test VM
+   * between two model calls, where the step's own kernel takes 0.1–0.2 ms. Last released, first reused:
+   * the one most likely still in the cache.
+   */
+  private readonly spare: Float32Array[] = [];
+  /** Resident bytes the run has taken from the kernels' memory, held and spare. */
   private bytes = 0;
   private readonly poison: boolean;
   private readonly maxBytes: number;
@@ -122,12 +130,16 @@ export class LatentScope {
   }
 
   fresh(length: number): Float32Array | undefined {
-    if (!residency || this.bytes + length * 4 > this.maxBytes) return undefined;
-    const a = allocateResident(length);
-    if (a === undefined) return undefined;
+    if (!residency) return undefined;
+    let a = this.spare.length > 0 && this.spare[this.spare.length - 1]!.length === length ? this.spare.pop() : undefined;
+    if (a === undefined) {
+      if (this.bytes + length * 4 > this.maxBytes) return undefined;
+      a = allocateResident(length);
+      if (a === undefined) return undefined;
+      this.bytes += a.byteLength;
+    }
     if (this.poison) a.fill(NaN);
     this.held.add(a);
-    this.bytes += a.byteLength;
     return a;
   }
 
@@ -137,14 +149,16 @@ export class LatentScope {
 
   release(a: Float32Array): void {
     if (!this.held.delete(a)) return;
-    this.bytes -= a.byteLength;
-    freeResident(a, this.poison);
+    if (this.poison) a.fill(NaN);
+    this.spare.push(a);
   }
 
-  /** Releases everything the run still holds. */
+  /** Gives everything the run took back to the kernels' memory. */
   close(): void {
     for (const a of this.held) freeResident(a, this.poison);
+    for (const a of this.spare) freeResident(a, this.poison);
     this.held.clear();
+    this.spare.length = 0;
     this.bytes = 0;
   }
 }
