@@ -460,22 +460,21 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
       tPrev = advanced(tPrev, t);
       return terms;
     });
-    const prepared = plan.map(({ t }, k) => ({
+    // Every update but the last has a corrector, fused with the next update's predictor.
+    const prepared = plan.map(({ t, useCorrector }, k) => ({
       at: modelTime(t),
-      // Every update but the last has a corrector, fused with the next update's predictor.
-      fused: k + 1 < plan.length ? prepareUniPcFusedStep(stepTerms[k]!, ns.std(t), ns.alpha(t), stepTerms[k + 1]!) : undefined,
+      fused: useCorrector ? prepareUniPcFusedStep(stepTerms[k]!, ns.std(t), ns.alpha(t), stepTerms[k + 1]!) : undefined,
     }));
     // Each update's corrected x is read by the next update's predictor only, so the kernel that corrects
     // makes the next x_t from it in registers: after the first update, the sampler's x is never an array.
     let predicted: Float32Array | undefined;
     for (let k = 0; k < plan.length; k++) {
-      const { stepOrder, useCorrector } = plan[k]!;
       const { at, fused } = prepared[k]!;
-      const older = olderOutputs(modelPrev, stepOrder);
+      const older = olderOutputs(modelPrev, plan[k]!.stepOrder);
       const m0 = modelPrev[modelPrev.length - 1]!;
       const xt = predicted ?? uniPcPredict(freshLatent(n), xIn, m0, older, stepTerms[k]!);
-      if (!useCorrector) return xt;
-      if (fused === undefined) throw new Error("a UniPC plan ends with an update without a corrector");
+      // The last update, without a corrector: its predictor is the result.
+      if (fused === undefined) return xt;
       const eps = yield* modelEps(xt, at);
       const modelT = freshLatent(n);
       const nextModelPrev = advanced(modelPrev, modelT);
