@@ -208,6 +208,27 @@ test("outside a scope fresh latents are ordinary zero-filled arrays, and a scope
   assert.ok(run.next(new Float32Array(LENGTH)).done);
 });
 
+test("a run hands its released arrays out again, last released first, and gives them back when it ends", () => {
+  const before = residentArraysOut();
+  const run = inLatentScope(
+    (function* (): SamplerRun {
+      const [a, b] = [freshLatent(LENGTH), freshLatent(LENGTH)];
+      releaseLatent(a, b);
+      // Released, still the run's: the kernels' memory hands out nothing new for them.
+      assert.equal(residentArraysOut(), before + 2);
+      assert.equal(freshLatent(LENGTH), b);
+      assert.equal(freshLatent(LENGTH), a);
+      const c = freshLatent(LENGTH);
+      assert.ok(c !== a && c !== b && isResident(c));
+      yield { kind: "denoise", x: c, sigma: 1, timestep: 999, step: 0, call: 0 };
+      return c;
+    })(),
+  );
+  assert.ok(!run.next().done);
+  assert.ok(run.next(new Float32Array(LENGTH)).done);
+  assert.equal(residentArraysOut(), before);
+});
+
 test("a sampler that throws closes its scope", () => {
   const scope = new LatentScope();
   const run = inLatentScope(

@@ -156,7 +156,8 @@ export class LatentScope {
   /** Gives everything the run took back to the kernels' memory. */
   close(): void {
     for (const a of this.held) freeResident(a, this.poison);
-    for (const a of this.spare) freeResident(a, this.poison);
+    // Spare arrays were poisoned when released.
+    for (const a of this.spare) freeResident(a);
     this.held.clear();
     this.spare.length = 0;
     this.bytes = 0;
