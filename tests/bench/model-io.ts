@@ -29,8 +29,9 @@ export function benchModelIo(opts: { calls?: number } = {}): Record<string, numb
         const s = cIn(sigma);
         const input = new Float32Array(plane);
         for (let i = 0; i < plane; i++) input[i] = x[i]! * s;
-        const dU = epsToDenoised(x, out.slice(0, plane), sigma);
-        const dC = epsToDenoised(x, out.slice(plane), sigma);
+        // Views of the batch's rows on both sides: only the arithmetic differs.
+        const dU = epsToDenoised(x, out.subarray(0, plane), sigma);
+        const dC = epsToDenoised(x, out.subarray(plane), sigma);
         combineDenoised([{ denoised: dC, weight: 1 }], dU, 7);
       } else {
         scaleLatent(x, cIn(sigma), scaled);
