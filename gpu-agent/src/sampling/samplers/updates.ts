@@ -7,7 +7,6 @@
  * never write into model results; the other operands are read only.
  */
 import { Kernel, e, type Expr } from "../kernels.js";
-import { f32 } from "../float32.js";
 
 const fround = Math.fround;
 
@@ -626,14 +625,14 @@ function uniPcKernel(k: number, mode: "predict" | "correct" | number): Kernel {
 }
 
 function uniPcPredictParams(t: UniPcTerms): number[] {
-  return [t.ratio, ...uniPcWeights(t, "predict").m.map(f32)];
+  return [t.ratio, ...uniPcWeights(t, "predict").m.map((w) => fround(w))];
 }
 
 /** The corrector as a correction of its own predictor: c_j = corrector weight − predictor weight. */
 function uniPcCorrectParams(t: UniPcTerms, sigmaT: number, alphaT: number): number[] {
   const predictor = uniPcWeights(t, "predict").m;
   const { m, modelT } = uniPcWeights(t, "correct");
-  return [sigmaT, alphaT, ...m.map((w, j) => f32(w - predictor[j]!)), f32(modelT)];
+  return [sigmaT, alphaT, ...m.map((w, j) => fround(w - predictor[j]!)), fround(modelT)];
 }
 
 /** The predictor x_t (`older`: m₁…m_k, newest first). */
