@@ -163,6 +163,27 @@ test("every catalog sampler runs end to end through prepareSampling on a closed-
   }
 });
 
+test("a prepared sampling runs again with the same bits: its runs share what it worked out once (UniPC's plan) and leave it as it was", () => {
+  const settings = [{}, { uniPcVariant: "bh2" as const }, { uniPcVariant: "vary_coeff" as const }, { uniPcOrder: 2 }];
+  const cases = [...listSamplers().map((s) => ({ name: s.name, settings: {} })), ...settings.map((s) => ({ name: "UniPC", settings: s }))];
+  for (const { name, settings: s } of cases) {
+    const prepared = prepareSampling({ samplerName: name, steps: 9, settings: s, noise: () => Float32Array.from([0.3, -1.1, 0.7, 0.05]) });
+    const answer = gaussianModel(0.8);
+    const once = (): { x: Float32Array; seen: number[][] } => {
+      const seen: number[][] = [];
+      const x = prepared.startLatent(Float32Array.from([1, -0.5, 0.25, 2]));
+      const result = drive(prepared.run(x), (r: ModelRequest) => {
+        seen.push([...r.x, r.sigma]);
+        const eps = answer(r);
+        return r.kind === "eps" && r.needUncond ? { output: eps, uncond: eps } : eps;
+      });
+      return { x: result.x, seen };
+    };
+    const first = once();
+    assert.deepEqual(once(), first, `${name} ${JSON.stringify(s)}`);
+  }
+});
+
 interface Case {
   id: string;
   seed: number;

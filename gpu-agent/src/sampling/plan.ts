@@ -44,7 +44,8 @@ import {
   sampleDdim,
   sampleDdimCfgpp,
   samplePlms,
-  sampleUniPc,
+  planUniPc,
+  runUniPc,
   type UniPcSkipType,
   type UniPcVariant,
 } from "./samplers/timesteps.js";
@@ -523,6 +524,19 @@ function prepareTimestepSampler(
     return out;
   };
 
+  // UniPC's coefficients depend on the times alone: worked out here, once for every run of this sampling.
+  const uniPcPlan =
+    sampler.name === "UniPC"
+      ? planUniPc({
+          timesteps,
+          schedule,
+          isImg2img: tEnc !== undefined,
+          ...(s.uniPcVariant !== undefined && { variant: s.uniPcVariant }),
+          ...(s.uniPcSkipType !== undefined && { skipType: s.uniPcSkipType }),
+          ...(s.uniPcOrder !== undefined && { order: s.uniPcOrder }),
+          ...(s.uniPcLowerOrderFinal !== undefined && { lowerOrderFinal: s.uniPcLowerOrderFinal }),
+        })
+      : undefined;
   const run = (x: Float32Array): SamplerRun => inLatentScope(runTimesteps(x));
   const runTimesteps = (x: Float32Array): SamplerRun => {
     switch (sampler.name) {
@@ -533,15 +547,7 @@ function prepareTimestepSampler(
       case "PLMS":
         return samplePlms(x, { timesteps, noise: prefetcher.noise, schedule });
       case "UniPC":
-        return sampleUniPc(x, {
-          timesteps,
-          schedule,
-          isImg2img: tEnc !== undefined,
-          ...(s.uniPcVariant !== undefined && { variant: s.uniPcVariant }),
-          ...(s.uniPcSkipType !== undefined && { skipType: s.uniPcSkipType }),
-          ...(s.uniPcOrder !== undefined && { order: s.uniPcOrder }),
-          ...(s.uniPcLowerOrderFinal !== undefined && { lowerOrderFinal: s.uniPcLowerOrderFinal }),
-        });
+        return runUniPc(x, uniPcPlan!);
       default:
         throw new InvalidSamplingParameter(input.fields?.sampler ?? "sampler_name", `sampler "${sampler.name}" has no implementation`);
     }

@@ -14,6 +14,7 @@ import {
   uniPcCorrectThenPredict,
   uniPcDataPrediction,
   uniPcPredict,
+  type UniPcFusedStep,
   type UniPcTerms,
 } from "./updates.js";
 import { freshLatent, releaseLatent, supersede } from "./latent-pool.js";
@@ -165,7 +166,7 @@ export interface UniPcOptions {
 }
 
 /** NoiseScheduleVP('discrete'): log α_t interpolated piecewise-linearly on t_n = (n+1)/N, in float32. */
-class VpSchedule {
+export class VpSchedule {
   readonly tArray: Float32Array;
   readonly logAlpha: Float32Array;
   readonly totalN: number;
@@ -192,13 +193,17 @@ class VpSchedule {
     return f32(y0 + f32(f32(f32(x - x0) * f32(y1 - y0)) / f32(x1 - x0)));
   }
 
-  /** Each update asks for the same few times again and again; the interpolation scans up to 1000 knots. */
+  /**
+   * Each update asks for the same few times again and again, and every plan on the schedule shares this
+   * memo; the interpolation scans up to 1000 knots. Bounded, for an agent that sees many step counts.
+   */
   private readonly logMeanCoeffs = new Map<number, number>();
 
   logMeanCoeff(t: number): number {
     let value = this.logMeanCoeffs.get(t);
     if (value === undefined) {
       value = this.interpolate(t, this.tArray, this.logAlpha);
+      if (this.logMeanCoeffs.size >= 4096) this.logMeanCoeffs.clear();
       this.logMeanCoeffs.set(t, value);
     }
     return value;
@@ -260,10 +265,109 @@ function invert(matrix: number[][]): number[][] {
   return Array.from({ length: n }, (_, i) => Array.from({ length: n }, (_, j) => columns[j]![i]!));
 }
 
-export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
+/** The model's input time at a UniPC time t, its σ, and the VP schedule's std and α there. */
+interface UniPcTime {
+  inputTime: number;
+  sigma: number;
+  std: number;
+  alpha: number;
+}
+
+function uniPcTime(schedule: DiscreteSchedule, ns: VpSchedule, t: number): UniPcTime {
+  const inputTime = f32(f32(t - f32(1 / ns.totalN)) * 1000);
+  return { inputTime, sigma: sigmaAt(schedule, inputTime), std: ns.std(t), alpha: ns.alpha(t) };
+}
+
+/**
+ * What every UniPC update starts from, from the times alone: α_t, the step ratios r_k (last one 1), −h,
+ * h·φ₁(−h) and the x and m₀ scales of the first-order part.
+ */
+function stepBasics(ns: VpSchedule, tPrev: readonly number[], t: number, stepOrder: number) {
+  const tPrev0 = tPrev[tPrev.length - 1]!;
+  const lambdaPrev0 = ns.lambda(tPrev0);
+  const alphaT = f32(Math.exp(ns.logMeanCoeff(t)));
+  const h = f32(ns.lambda(t) - lambdaPrev0);
+  const rks: number[] = [];
+  for (let i = 1; i < stepOrder; i++) {
+    const lambdaPrevI = ns.lambda(tPrev[tPrev.length - 1 - i]!);
+    rks.push(f32(f32(lambdaPrevI - lambdaPrev0) / h));
+  }
+  rks.push(1);
+  const hh = -h;
+  const hPhi1 = expm1F(hh);
+  return { alphaT, rks, hh, hPhi1, ratio: f32(ns.std(t) / ns.std(tPrev0)), baseScale: f32(alphaT * hPhi1) };
+}
+
+/** The B(h) coefficients of one update: they depend on the times only. */
+function bhTerms(
+  ns: VpSchedule,
+  variant: "bh1" | "bh2",
+  tPrev: readonly number[],
+  t: number,
+  stepOrder: number,
+  useCorrector: boolean,
+): UniPcTerms {
+  const { alphaT, rks, hh, hPhi1, ratio, baseScale } = stepBasics(ns, tPrev, t, stepOrder);
+  const bH = variant === "bh1" ? hh : expm1F(hh);
+  let hPhiK = f32(f32(hPhi1 / hh) - 1);
+  let factorial = 1;
+  const rMatrix: number[][] = [];
+  const b: number[] = [];
+  for (let i = 1; i <= stepOrder; i++) {
+    rMatrix.push(rks.map((r) => f32(r ** (i - 1))));
+    b.push(f32(f32(f32(hPhiK * factorial)) / bH));
+    factorial *= i + 1;
+    hPhiK = f32(f32(hPhiK / hh) - f32(1 / factorial));
+  }
+  let rhosP: number[] = [];
+  if (stepOrder > 1) {
+    rhosP =
+      stepOrder === 2
+        ? [0.5]
+        : solve(
+            rMatrix.slice(0, -1).map((row) => row.slice(0, -1)),
+            b.slice(0, -1),
+          ).map(f32);
+  }
+  const rhosC = useCorrector ? (stepOrder === 1 ? [0.5] : solve(rMatrix, b).map(f32)) : [];
+  return { ratio, baseScale, scale: f32(alphaT * bH), rks: rks.slice(0, -1), rhosP, rhosC };
+}
+
+/** One B(h) update of a plan. */
+interface UniPcUpdate {
+  at: UniPcTime;
+  stepOrder: number;
+  terms: UniPcTerms;
+  /** Its corrector fused with the next update's predictor; undefined for the last update, which has none. */
+  fused: UniPcFusedStep | undefined;
+}
+
+/**
+ * Everything in a UniPC run that depends on the times alone: made once per prepared sampling
+ * (planUniPc) and read by each of its runs (runUniPc). For B(h) that is every update's coefficients (a
+ * small linear solve each), its fused kernel's params and its model time. Worked out in the run, after
+ * its first model call, they took about 1 ms of it on the test VM (0.05 ms a step at 20 steps).
+ */
+export interface UniPcPlan {
+  readonly schedule: DiscreteSchedule;
+  readonly ns: VpSchedule;
+  readonly variant: UniPcVariant;
+  readonly order: number;
+  readonly lowerOrderFinal: boolean;
+  /** UniPC times t₀ … t_steps. */
+  readonly times: Float32Array;
+  readonly first: UniPcTime;
+  /** The B(h) updates, warm-up with rising order first; undefined for vary_coeff, which works out its own. */
+  readonly updates: readonly UniPcUpdate[] | undefined;
+}
+
+/** The VP schedule of each discrete schedule, shared by every plan on it with its memo of log α_t. */
+const vpSchedules = new WeakMap<DiscreteSchedule, VpSchedule>();
+
+export function planUniPc(o: UniPcOptions): UniPcPlan {
   const schedule = o.schedule ?? sd1Schedule();
-  const ns = new VpSchedule(schedule.alphasCumprod);
-  const model = new ModelCaller(x.length, schedule, 3);
+  let ns = vpSchedules.get(schedule);
+  if (ns === undefined) vpSchedules.set(schedule, (ns = new VpSchedule(schedule.alphasCumprod)));
   const steps = o.timesteps.length;
   const order = o.order ?? 3;
   const variant = o.variant ?? "bh1";
@@ -278,46 +382,56 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
   } else if (skipType === "time_quadratic") {
     times = linspaceF32(Math.sqrt(tStart), Math.sqrt(tEnd), steps + 1).map((v) => f32(v * v));
   } else {
+    const vp = ns;
     const lambdas = linspaceF32(ns.lambda(tStart), ns.lambda(tEnd), steps + 1);
-    times = lambdas.map((l) => ns.inverseLambda(l));
+    times = lambdas.map((l) => vp.inverseLambda(l));
   }
+  const first = uniPcTime(schedule, ns, times[0]!);
+  if (variant === "vary_coeff") return { schedule, ns, variant, order, lowerOrderFinal, times, first, updates: undefined };
+
+  const plan: Array<{ t: number; stepOrder: number; useCorrector: boolean }> = [];
+  for (let initOrder = 1; initOrder < order; initOrder++) plan.push({ t: times[initOrder]!, stepOrder: initOrder, useCorrector: true });
+  for (let step = order; step <= steps; step++) {
+    const stepOrder = lowerOrderFinal ? Math.min(order, steps + 1 - step) : order;
+    plan.push({ t: times[step]!, stepOrder, useCorrector: step !== steps });
+  }
+  let tPrev: number[] = [times[0]!];
+  const terms = plan.map(({ t, stepOrder, useCorrector }) => {
+    const update = bhTerms(ns, variant, tPrev, t, stepOrder, useCorrector);
+    tPrev = [...tPrev, t].slice(-order);
+    return update;
+  });
+  // Every update but the last has a corrector, fused with the next update's predictor.
+  const updates = plan.map(({ t, stepOrder, useCorrector }, k): UniPcUpdate => {
+    const at = uniPcTime(schedule, ns, t);
+    const fused = useCorrector ? prepareUniPcFusedStep(terms[k]!, at.std, at.alpha, terms[k + 1]!) : undefined;
+    return { at, stepOrder, terms: terms[k]!, fused };
+  });
+  return { schedule, ns, variant, order, lowerOrderFinal, times, first, updates };
+}
+
+/** UniPC as A1111 runs it (its uni_pc module, data prediction, multistep). */
+export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
+  return yield* runUniPc(x, planUniPc(o));
+}
+
+/** One UniPC run on a plan (planUniPc); a plan serves any number of runs. */
+export function* runUniPc(x: Float32Array, p: UniPcPlan): Run {
+  const { schedule, ns, times, order, lowerOrderFinal } = p;
+  const steps = times.length - 1;
+  const model = new ModelCaller(x.length, schedule, 3);
 
   let updateIndex = 0;
-  /** The model's input time at UniPC time t, and its σ. */
-  const modelTime = (t: number): { inputTime: number; sigma: number } => {
-    const inputTime = f32(f32(t - f32(1 / ns.totalN)) * 1000);
-    return { inputTime, sigma: sigmaAt(schedule, inputTime) };
-  };
-  /** CFG-combined eps of the model at x_t, at the model time `at` (modelTime). */
-  const modelEps = function* (xt: Float32Array, at: { inputTime: number; sigma: number }): Run {
+  /** CFG-combined eps of the model at x_t, at the model time `at`. */
+  const modelEps = function* (xt: Float32Array, at: UniPcTime): Run {
     return yield* model.eps(xt, at.inputTime, at.sigma, updateIndex);
   };
   /** Data prediction x0 = (x − σ_t·eps)/α_t from the CFG-combined eps. */
-  const dataPrediction = function* (xt: Float32Array, t: number): Run {
-    const eps = yield* modelEps(xt, modelTime(t));
-    const data = uniPcDataPrediction(freshLatent(xt.length), xt, eps, ns.std(t), ns.alpha(t));
+  const dataPrediction = function* (xt: Float32Array, at: UniPcTime): Run {
+    const eps = yield* modelEps(xt, at);
+    const data = uniPcDataPrediction(freshLatent(xt.length), xt, eps, at.std, at.alpha);
     releaseLatent(eps);
     return data;
-  };
-
-  /**
-   * What every UniPC update starts from, from the times alone: α_t, the step ratios r_k (last one 1), −h,
-   * h·φ₁(−h) and the x and m₀ scales of the first-order part.
-   */
-  const stepBasics = (tPrev: readonly number[], t: number, stepOrder: number) => {
-    const tPrev0 = tPrev[tPrev.length - 1]!;
-    const lambdaPrev0 = ns.lambda(tPrev0);
-    const alphaT = f32(Math.exp(ns.logMeanCoeff(t)));
-    const h = f32(ns.lambda(t) - lambdaPrev0);
-    const rks: number[] = [];
-    for (let i = 1; i < stepOrder; i++) {
-      const lambdaPrevI = ns.lambda(tPrev[tPrev.length - 1 - i]!);
-      rks.push(f32(f32(lambdaPrevI - lambdaPrev0) / h));
-    }
-    rks.push(1);
-    const hh = -h;
-    const hPhi1 = expm1F(hh);
-    return { alphaT, rks, hh, hPhi1, ratio: f32(ns.std(t) / ns.std(tPrev0)), baseScale: f32(alphaT * hPhi1) };
   };
   /** The older model outputs m₁…m_{order−1} of an update (newest first). */
   const olderOutputs = (modelPrev: readonly Float32Array[], stepOrder: number): Float32Array[] => {
@@ -326,158 +440,26 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
     return older;
   };
 
-  const update = function* (
-    xIn: Float32Array,
-    modelPrev: Float32Array[],
-    tPrev: number[],
-    t: number,
-    stepOrder: number,
-    useCorrector: boolean,
-  ): Generator<ModelRequest, { x: Float32Array; modelT: Float32Array | undefined }, ModelResponse> {
-    const n = xIn.length;
-    const modelPrev0 = modelPrev[modelPrev.length - 1]!;
-    const { alphaT, rks, hh, hPhi1, ratio, baseScale } = stepBasics(tPrev, t, stepOrder);
-    const older = olderOutputs(modelPrev, stepOrder);
-
-    if (variant === "vary_coeff") {
-      const d1s = older.map((modelPrevI, i) => {
-        const d = new Float32Array(n);
-        for (let k = 0; k < n; k++) d[k] = f32(modelPrevI[k]! - modelPrev0[k]!) / rks[i]!;
-        return d;
-      });
-      const xBase = new Float32Array(n);
-      for (let k = 0; k < n; k++) xBase[k] = f32(ratio * xIn[k]!) - f32(baseScale * modelPrev0[k]!);
-      const kk = rks.length;
-      const cMatrix: number[][] = Array.from({ length: kk }, () => new Array<number>(kk).fill(0));
-      let col = rks.map(() => 1);
-      for (let k = 1; k <= kk; k++) {
-        for (let r = 0; r < kk; r++) cMatrix[r]![k - 1] = col[r]!;
-        col = col.map((v, r) => f32(f32(v * rks[r]!) / (k + 1)));
-      }
-      const hPhiKs: number[] = [];
-      let factorial = 1;
-      let hPhiK = hPhi1;
-      for (let k = 1; k <= kk + 1; k++) {
-        hPhiKs.push(hPhiK);
-        hPhiK = f32(f32(hPhiK / hh) - f32(1 / factorial));
-        factorial *= k + 1;
-      }
-      const combine = (weights: number[]): Float32Array => {
-        const out = new Float32Array(n);
-        for (let j = 0; j < d1s.length; j++) {
-          const w = f32(weights[j]!);
-          const d = d1s[j]!;
-          for (let k = 0; k < n; k++) out[k] = out[k]! + f32(d[k]! * w);
-        }
-        return out;
-      };
-      let xt = xBase;
-      if (d1s.length > 0) {
-        const ap = invert(cMatrix.slice(0, -1).map((row) => row.slice(0, -1)));
-        for (let k = 0; k < kk - 1; k++) {
-          const res = combine(ap[k]!);
-          const scale = f32(alphaT * hPhiKs[k + 1]!);
-          const next = new Float32Array(n);
-          for (let e = 0; e < n; e++) next[e] = xt[e]! - f32(scale * res[e]!);
-          xt = next;
-        }
-      }
-      let modelT: Float32Array | undefined;
-      if (useCorrector) {
-        modelT = yield* dataPrediction(xt, t);
-        const ac = invert(cMatrix);
-        xt = xBase;
-        let last = 0;
-        for (let k = 0; k < kk - 1; k++) {
-          last = k;
-          const res = combine(ac[k]!.slice(0, -1));
-          const scale = f32(alphaT * hPhiKs[k + 1]!);
-          const next = new Float32Array(n);
-          for (let e = 0; e < n; e++) next[e] = xt[e]! - f32(scale * res[e]!);
-          xt = next;
-        }
-        const weight = f32(ac[last]![kk - 1]!);
-        const scale = f32(alphaT * hPhiKs[kk]!);
-        const next = new Float32Array(n);
-        for (let e = 0; e < n; e++) next[e] = xt[e]! - f32(scale * f32(f32(modelT[e]! - modelPrev0[e]!) * weight));
-        xt = next;
-      }
-      return { x: xt, modelT };
-    }
-
-    throw new Error("B(h) updates run in bhLoop");
-  };
-
-  /** The B(h) coefficients of one update: they depend on the times only. */
-  const bhTerms = (tPrev: readonly number[], t: number, stepOrder: number, useCorrector: boolean): UniPcTerms => {
-    const { alphaT, rks, hh, hPhi1, ratio, baseScale } = stepBasics(tPrev, t, stepOrder);
-    const bH = variant === "bh1" ? hh : expm1F(hh);
-    let hPhiK = f32(f32(hPhi1 / hh) - 1);
-    let factorial = 1;
-    const rMatrix: number[][] = [];
-    const b: number[] = [];
-    for (let i = 1; i <= stepOrder; i++) {
-      rMatrix.push(rks.map((r) => f32(r ** (i - 1))));
-      b.push(f32(f32(f32(hPhiK * factorial)) / bH));
-      factorial *= i + 1;
-      hPhiK = f32(f32(hPhiK / hh) - f32(1 / factorial));
-    }
-    let rhosP: number[] = [];
-    if (stepOrder > 1) {
-      rhosP =
-        stepOrder === 2
-          ? [0.5]
-          : solve(
-              rMatrix.slice(0, -1).map((row) => row.slice(0, -1)),
-              b.slice(0, -1),
-            ).map(f32);
-    }
-    const rhosC = useCorrector ? (stepOrder === 1 ? [0.5] : solve(rMatrix, b).map(f32)) : [];
-    return { ratio, baseScale, scale: f32(alphaT * bH), rks: rks.slice(0, -1), rhosP, rhosC };
-  };
-
   /**
-   * The B(h) updates: warm-up with rising order, then the main steps. Each corrector also computes the
-   * next update's predictor in the same pass (uniPcCorrectThenPredict): its coefficients depend on the
-   * times only, and its operands are this pass's results and operands.
+   * The B(h) updates of the plan. Each corrector also computes the next update's predictor in the same
+   * pass (uniPcCorrectThenPredict): its coefficients depend on the times only, and its operands are this
+   * pass's results and operands.
    */
-  const bhLoop = function* (xIn: Float32Array, modelPrev: Float32Array[], tPrev: number[]): Run {
+  const bhLoop = function* (xIn: Float32Array, modelPrev: Float32Array[], updates: readonly UniPcUpdate[]): Run {
     const n = xIn.length;
-    const plan: Array<{ t: number; stepOrder: number; useCorrector: boolean }> = [];
-    for (let initOrder = 1; initOrder < order; initOrder++) plan.push({ t: times[initOrder]!, stepOrder: initOrder, useCorrector: true });
-    for (let step = order; step <= steps; step++) {
-      const stepOrder = lowerOrderFinal ? Math.min(order, steps + 1 - step) : order;
-      plan.push({ t: times[step]!, stepOrder, useCorrector: step !== steps });
-    }
-    /** The history after an update: its model output appended, the last `order` entries kept. */
-    const advanced = <T>(list: readonly T[], item: T): T[] => [...list, item].slice(-order);
-    // Every update's coefficients (a small linear solve each), its fused kernel's params and its model
-    // time depend on the times only, so they are all worked out here, in one burst before the first
-    // update. Between two model calls the same code ran 4–8× slower than warm on the test VM (the solve
-    // 12 µs warm, 90 µs after a 30 ms model wait; the params 55 µs).
-    const stepTerms = plan.map(({ t, stepOrder, useCorrector }) => {
-      const terms = bhTerms(tPrev, t, stepOrder, useCorrector);
-      tPrev = advanced(tPrev, t);
-      return terms;
-    });
-    // Every update but the last has a corrector, fused with the next update's predictor.
-    const prepared = plan.map(({ t, useCorrector }, k) => ({
-      at: modelTime(t),
-      fused: useCorrector ? prepareUniPcFusedStep(stepTerms[k]!, ns.std(t), ns.alpha(t), stepTerms[k + 1]!) : undefined,
-    }));
     // Each update's corrected x is read by the next update's predictor only, so the kernel that corrects
     // makes the next x_t from it in registers: after the first update, the sampler's x is never an array.
     let predicted: Float32Array | undefined;
-    for (let k = 0; k < plan.length; k++) {
-      const { at, fused } = prepared[k]!;
-      const older = olderOutputs(modelPrev, plan[k]!.stepOrder);
+    for (const { at, stepOrder, terms, fused } of updates) {
+      const older = olderOutputs(modelPrev, stepOrder);
       const m0 = modelPrev[modelPrev.length - 1]!;
-      const xt = predicted ?? uniPcPredict(freshLatent(n), xIn, m0, older, stepTerms[k]!);
+      const xt = predicted ?? uniPcPredict(freshLatent(n), xIn, m0, older, terms);
       // The last update, without a corrector: its predictor is the result.
       if (fused === undefined) return xt;
       const eps = yield* modelEps(xt, at);
       const modelT = freshLatent(n);
-      const nextModelPrev = advanced(modelPrev, modelT);
+      // The history after the update: its model output appended, the last `order` entries kept.
+      const nextModelPrev = [...modelPrev, modelT].slice(-order);
       // The plan's orders rise by at most one per update, so the next update's older outputs are this
       // one's m₀, m₁… from the front, which the fused kernel reads anyway.
       predicted = freshLatent(n);
@@ -490,14 +472,92 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
     throw new Error("a UniPC plan ends with an update without a corrector");
   };
 
-  const modelPrev: Float32Array[] = [yield* dataPrediction(x, times[0]!)];
+  const update = function* (
+    xIn: Float32Array,
+    modelPrev: Float32Array[],
+    tPrev: number[],
+    t: number,
+    stepOrder: number,
+    useCorrector: boolean,
+  ): Generator<ModelRequest, { x: Float32Array; modelT: Float32Array | undefined }, ModelResponse> {
+    const n = xIn.length;
+    const modelPrev0 = modelPrev[modelPrev.length - 1]!;
+    const { alphaT, rks, hh, hPhi1, ratio, baseScale } = stepBasics(ns, tPrev, t, stepOrder);
+    const older = olderOutputs(modelPrev, stepOrder);
+
+    const d1s = older.map((modelPrevI, i) => {
+      const d = new Float32Array(n);
+      for (let k = 0; k < n; k++) d[k] = f32(modelPrevI[k]! - modelPrev0[k]!) / rks[i]!;
+      return d;
+    });
+    const xBase = new Float32Array(n);
+    for (let k = 0; k < n; k++) xBase[k] = f32(ratio * xIn[k]!) - f32(baseScale * modelPrev0[k]!);
+    const kk = rks.length;
+    const cMatrix: number[][] = Array.from({ length: kk }, () => new Array<number>(kk).fill(0));
+    let col = rks.map(() => 1);
+    for (let k = 1; k <= kk; k++) {
+      for (let r = 0; r < kk; r++) cMatrix[r]![k - 1] = col[r]!;
+      col = col.map((v, r) => f32(f32(v * rks[r]!) / (k + 1)));
+    }
+    const hPhiKs: number[] = [];
+    let factorial = 1;
+    let hPhiK = hPhi1;
+    for (let k = 1; k <= kk + 1; k++) {
+      hPhiKs.push(hPhiK);
+      hPhiK = f32(f32(hPhiK / hh) - f32(1 / factorial));
+      factorial *= k + 1;
+    }
+    const combine = (weights: number[]): Float32Array => {
+      const out = new Float32Array(n);
+      for (let j = 0; j < d1s.length; j++) {
+        const w = f32(weights[j]!);
+        const d = d1s[j]!;
+        for (let k = 0; k < n; k++) out[k] = out[k]! + f32(d[k]! * w);
+      }
+      return out;
+    };
+    let xt = xBase;
+    if (d1s.length > 0) {
+      const ap = invert(cMatrix.slice(0, -1).map((row) => row.slice(0, -1)));
+      for (let k = 0; k < kk - 1; k++) {
+        const res = combine(ap[k]!);
+        const scale = f32(alphaT * hPhiKs[k + 1]!);
+        const next = new Float32Array(n);
+        for (let e = 0; e < n; e++) next[e] = xt[e]! - f32(scale * res[e]!);
+        xt = next;
+      }
+    }
+    let modelT: Float32Array | undefined;
+    if (useCorrector) {
+      modelT = yield* dataPrediction(xt, uniPcTime(schedule, ns, t));
+      const ac = invert(cMatrix);
+      xt = xBase;
+      let last = 0;
+      for (let k = 0; k < kk - 1; k++) {
+        last = k;
+        const res = combine(ac[k]!.slice(0, -1));
+        const scale = f32(alphaT * hPhiKs[k + 1]!);
+        const next = new Float32Array(n);
+        for (let e = 0; e < n; e++) next[e] = xt[e]! - f32(scale * res[e]!);
+        xt = next;
+      }
+      const weight = f32(ac[last]![kk - 1]!);
+      const scale = f32(alphaT * hPhiKs[kk]!);
+      const next = new Float32Array(n);
+      for (let e = 0; e < n; e++) next[e] = xt[e]! - f32(scale * f32(f32(modelT[e]! - modelPrev0[e]!) * weight));
+      xt = next;
+    }
+    return { x: xt, modelT };
+  };
+
+  const modelPrev: Float32Array[] = [yield* dataPrediction(x, p.first)];
+  if (p.updates !== undefined) return yield* bhLoop(x, modelPrev, p.updates);
   const tPrev: number[] = [times[0]!];
-  if (variant !== "vary_coeff") return yield* bhLoop(x, modelPrev, tPrev);
   for (let initOrder = 1; initOrder < order; initOrder++) {
     const t = times[initOrder]!;
     const r = yield* update(x, modelPrev, tPrev, t, initOrder, true);
     x = r.x;
-    const modelX = r.modelT ?? (yield* dataPrediction(x, t));
+    const modelX = r.modelT ?? (yield* dataPrediction(x, uniPcTime(schedule, ns, t)));
     updateIndex++;
     modelPrev.push(modelX);
     tPrev.push(t);
@@ -516,7 +576,7 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
       modelPrev[i] = modelPrev[i + 1]!;
     }
     tPrev[tPrev.length - 1] = t;
-    if (step < steps) modelPrev[modelPrev.length - 1] = r.modelT ?? (yield* dataPrediction(x, t));
+    if (step < steps) modelPrev[modelPrev.length - 1] = r.modelT ?? (yield* dataPrediction(x, uniPcTime(schedule, ns, t)));
   }
   return x;
 }
