@@ -44,34 +44,50 @@ interface Churn {
   sTmin: number;
   sTmax: number;
   sNoise: number;
+  /** The last step whose churn noise is read (γ > 0), or −1: no step draws after it. */
+  lastDraw: number;
 }
 
 function churnOptions(options: SamplerOptions): Churn {
   const sTmax = options.sTmax ?? 0;
-  return {
+  const c = {
     sChurn: options.sChurn ?? 0,
     sTmin: options.sTmin ?? 0,
     sTmax: sTmax === 0 ? Infinity : sTmax,
     sNoise: options.sNoise ?? 1,
+    lastDraw: -1,
   };
+  const { sigmas } = options;
+  for (let i = 0; i < sigmas.length - 1; i++) if (churnGamma(sigmas, i, c) > 0) c.lastDraw = i;
+  return c;
+}
+
+function churnGamma(sigmas: Float32Array, i: number, c: Omit<Churn, "lastDraw">): number {
+  const sigma = sigmas[i]!;
+  return c.sTmin <= sigma && sigma <= c.sTmax ? Math.min(c.sChurn / (sigmas.length - 1), 2 ** 0.5 - 1) : 0;
 }
 
 /**
- * The churn prologue of Euler/Heun/DPM2. The noise is drawn every step, even when γ = 0: it consumes
- * a draw of the per-image generator, so skipping it would shift all later noise.
+ * The churn prologue of Euler/Heun/DPM2. A1111 draws the noise every step, even when γ = 0. A draw at a
+ * γ = 0 step still counts when a later step adds churn noise: it moves the per-image generator on, and
+ * skipping it would shift that noise. So every step draws up to the last one with γ > 0. No draw after it
+ * is ever read: these samplers draw nothing else, and a later pass (Hires.fix) starts a generator of its
+ * own. Those draws are skipped. With s_churn = 0, A1111's default, that is all of them: the images are
+ * the same, and a step no longer pays for a 4×128×128 draw (0.5–0.8 ms on the test VM before the first
+ * model call, then one per step on the noise thread).
  */
 function churn(x: Float32Array, sigmas: Float32Array, i: number, c: Churn, options: SamplerOptions): { x: Float32Array; sigmaHat: number } {
   const sigma = sigmas[i]!;
-  const gamma = c.sTmin <= sigma && sigma <= c.sTmax ? Math.min(c.sChurn / (sigmas.length - 1), 2 ** 0.5 - 1) : 0;
-  const raw = checkedNoise(options.noise, x.length);
+  const gamma = churnGamma(sigmas, i, c);
+  const raw = i <= c.lastDraw ? checkedNoise(options.noise, x.length) : undefined;
   const sigmaHat = f32(sigma * f32(gamma + 1));
-  if (!(gamma > 0)) return { x, sigmaHat };
+  if (!(gamma > 0) || raw === undefined) return { x, sigmaHat };
   const scale = f32(Math.sqrt(f32(f32(sigmaHat * sigmaHat) - f32(sigma * sigma))));
   return { x: addNoise(freshLatent(x.length), x, raw, c.sNoise, scale), sigmaHat };
 }
 
-/** The churn draw of the next step, announced while this step's model call runs. */
-const nextChurn = (sigmas: Float32Array, i: number) => (i + 2 < sigmas.length ? ONE_DRAW : undefined);
+/** The churn draw of the next step, announced while this step's model call runs (none past the last read one). */
+const nextChurn = (c: Churn, i: number) => (i + 1 <= c.lastDraw ? ONE_DRAW : undefined);
 
 export function* sampleEuler(x: Float32Array, options: SamplerOptions): SamplerRun {
   const { sigmas } = options;
@@ -81,7 +97,7 @@ export function* sampleEuler(x: Float32Array, options: SamplerOptions): SamplerR
   for (let i = 0; i < sigmas.length - 1; i++) {
     const churned = churn(x, sigmas, i, c, options);
     x = supersede(x, churned.x);
-    const denoised = yield* model.denoise(x, churned.sigmaHat, i, nextChurn(sigmas, i));
+    const denoised = yield* model.denoise(x, churned.sigmaHat, i, nextChurn(c, i));
     x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, churned.sigmaHat, f32(sigmas[i + 1]! - churned.sigmaHat)), denoised);
   }
   return x;
@@ -122,7 +138,7 @@ export function* sampleHeun(x: Float32Array, options: SamplerOptions): SamplerRu
     x = supersede(x, churned.x);
     const sigmaHat = churned.sigmaHat;
     const next = sigmas[i + 1]!;
-    const upcoming = nextChurn(sigmas, i);
+    const upcoming = nextChurn(c, i);
     const denoised = yield* model.denoise(x, sigmaHat, i, upcoming);
     const dt = f32(next - sigmaHat);
     const x2 = eulerStep(freshLatent(x.length), x, denoised, sigmaHat, dt);
@@ -146,7 +162,7 @@ export function* sampleDpm2(x: Float32Array, options: SamplerOptions): SamplerRu
     x = supersede(x, churned.x);
     const sigmaHat = churned.sigmaHat;
     const next = sigmas[i + 1]!;
-    const upcoming = nextChurn(sigmas, i);
+    const upcoming = nextChurn(c, i);
     const denoised = yield* model.denoise(x, sigmaHat, i, upcoming);
     if (next === 0) {
       x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, sigmaHat, f32(next - sigmaHat)), denoised);

@@ -55,8 +55,8 @@ function assertRelative(actual: ArrayLike<number>, expected: number[], tol: numb
 test("Euler trajectory matches the hand-derived recurrence x ← x·(1 + σᵢ(σᵢ₊₁ − σᵢ)/(s² + σᵢ²)) step by step", () => {
   const sigmas = sd1Schedule().getSigmas(10);
   const x = startLatent(sigmas[0]!);
-  const drawn: number[] = [];
-  const run = sampleEuler(x, { sigmas, noise: () => (drawn.push(1), new Float32Array(4)) });
+  // s_churn = 0: A1111 draws a churn noise every step and reads none, so no draw is made (see the churn test).
+  const run = sampleEuler(x, { sigmas, noise: noMoreNoise });
   const model = gaussianModel(S);
   let expected = Array.from(x);
   let r = run.next();
@@ -75,9 +75,34 @@ test("Euler trajectory matches the hand-derived recurrence x ← x·(1 + σᵢ(�
     step++;
   }
   assert.equal(step, 10);
-  // A1111's Euler draws (and discards) one noise tensor per step even with s_churn = 0.
-  assert.equal(drawn.length, 10);
   assertRelative(r.value, expected, 5e-6, "final");
+});
+
+test("Euler, Heun and DPM2 churn: every step draws up to the last one with γ > 0, whose draw is the generator's at its step; none after", () => {
+  const sigmas = sd1Schedule().getSigmas(6);
+  // γ > 0 at step 2 alone: the s_tmin…s_tmax window holds σ₂ only.
+  const window = { sChurn: 1, sTmin: sigmas[2]!, sTmax: sigmas[2]! };
+  for (const sample of [sampleEuler, sampleHeun, sampleDpm2]) {
+    const what = sample.name;
+    // A1111's default, s_churn = 0: no draw is ever read, so none is made.
+    assert.doesNotThrow(() => drive(sample(startLatent(sigmas[0]!), { sigmas, noise: noMoreNoise }), gaussianModel(S)), what);
+
+    let made = 0;
+    const indexed = (): Float32Array => new Float32Array(4).fill(made++);
+    const { x, requests } = drive(sample(startLatent(sigmas[0]!), { sigmas, noise: indexed, ...window }), gaussianModel(S));
+    // Steps 0 and 1 draw and discard, as A1111's do, so that step 2 reads the generator's third draw.
+    assert.equal(made, 3, what);
+    const third = drive(
+      sample(startLatent(sigmas[0]!), { sigmas, noise: () => new Float32Array(4).fill(2), ...window }),
+      gaussianModel(S),
+    ).x;
+    assert.deepEqual(x, third, `${what}: step 2 reads the third draw`);
+    const none = drive(sample(startLatent(sigmas[0]!), { sigmas, noise: zeros(4), ...window }), gaussianModel(S)).x;
+    assert.notDeepEqual(x, none, `${what}: the churn noise moves the result`);
+    // The next step's draw is announced during a step's model calls: steps 1 and 2's, and no later one.
+    const announcing = new Set(requests.filter((r) => r.upcoming?.draws === 1).map((r) => r.step));
+    assert.deepEqual([...announcing], [0, 1], what);
+  }
 });
 
 test("Heun trajectory matches the hand-derived two-stage update; the last step is plain Euler", () => {
