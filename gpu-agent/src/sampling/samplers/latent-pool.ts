@@ -181,8 +181,10 @@ export function* inLatentScope(run: SamplerRun, scope: LatentScope = new LatentS
       } finally {
         current = outer;
       }
+      if (r.done) return isResident(r.value) ? resultCopy(r.value) : r.value;
+      // The copy of the result above goes into an array allocated and paged in while the model runs.
+      if (!started && residency) allocateAhead(r.value.x.length, 1);
       started = true;
-      if (r.done) return isResident(r.value) ? r.value.slice() : r.value;
       response = yield r.value;
     }
   } finally {
@@ -196,6 +198,17 @@ export function* inLatentScope(run: SamplerRun, scope: LatentScope = new LatentS
       scope.close();
     }
   }
+}
+
+/**
+ * The caller's copy of a run's resident result: into a pool array when one is ready, since a new 256 KB
+ * array costs its page faults on the copy (0.06–0.5 ms on the test VM where the copy itself takes 0.03).
+ */
+function resultCopy(result: Float32Array): Float32Array {
+  const out = spares.get(result.length)?.pop();
+  if (out === undefined) return result.slice();
+  out.set(result);
+  return out;
 }
 
 /** Asks for `count` fresh arrays of `length` to be ready the next time the sampler runs. */
