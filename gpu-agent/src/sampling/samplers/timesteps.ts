@@ -364,10 +364,15 @@ export interface UniPcPlan {
 /** The VP schedule of each discrete schedule, shared by every plan on it with its memo of log α_t. */
 const vpSchedules = new WeakMap<DiscreteSchedule, VpSchedule>();
 
-export function planUniPc(o: UniPcOptions): UniPcPlan {
-  const schedule = o.schedule ?? sd1Schedule();
+function vpScheduleOf(schedule: DiscreteSchedule): VpSchedule {
   let ns = vpSchedules.get(schedule);
   if (ns === undefined) vpSchedules.set(schedule, (ns = new VpSchedule(schedule.alphasCumprod)));
+  return ns;
+}
+
+export function planUniPc(o: UniPcOptions): UniPcPlan {
+  const schedule = o.schedule ?? sd1Schedule();
+  const ns = vpScheduleOf(schedule);
   const steps = o.timesteps.length;
   const order = o.order ?? 3;
   const variant = o.variant ?? "bh1";
@@ -382,9 +387,8 @@ export function planUniPc(o: UniPcOptions): UniPcPlan {
   } else if (skipType === "time_quadratic") {
     times = linspaceF32(Math.sqrt(tStart), Math.sqrt(tEnd), steps + 1).map((v) => f32(v * v));
   } else {
-    const vp = ns;
     const lambdas = linspaceF32(ns.lambda(tStart), ns.lambda(tEnd), steps + 1);
-    times = lambdas.map((l) => vp.inverseLambda(l));
+    times = lambdas.map((l) => ns.inverseLambda(l));
   }
   const first = uniPcTime(schedule, ns, times[0]!);
   if (variant === "vary_coeff") return { schedule, ns, variant, order, lowerOrderFinal, times, first, updates: undefined };
