@@ -40,31 +40,23 @@ import type { SamplerOptions, SamplerRun } from "./types.js";
 const f32 = Math.fround;
 
 interface Churn {
-  sChurn: number;
-  sTmin: number;
-  sTmax: number;
+  /** γ of each step: min(s_churn/N, √2 − 1) where s_tmin ≤ σᵢ ≤ s_tmax, else 0. */
+  gammas: readonly number[];
   sNoise: number;
   /** The last step whose churn noise is read (γ > 0), or −1: no step draws after it. */
   lastDraw: number;
 }
 
 function churnOptions(options: SamplerOptions): Churn {
-  const sTmax = options.sTmax ?? 0;
-  const c = {
-    sChurn: options.sChurn ?? 0,
-    sTmin: options.sTmin ?? 0,
-    sTmax: sTmax === 0 ? Infinity : sTmax,
-    sNoise: options.sNoise ?? 1,
-    lastDraw: -1,
-  };
   const { sigmas } = options;
-  for (let i = 0; i < sigmas.length - 1; i++) if (churnGamma(sigmas, i, c) > 0) c.lastDraw = i;
-  return c;
-}
-
-function churnGamma(sigmas: Float32Array, i: number, c: Omit<Churn, "lastDraw">): number {
-  const sigma = sigmas[i]!;
-  return c.sTmin <= sigma && sigma <= c.sTmax ? Math.min(c.sChurn / (sigmas.length - 1), 2 ** 0.5 - 1) : 0;
+  const sChurn = options.sChurn ?? 0;
+  const sTmin = options.sTmin ?? 0;
+  // s_tmax 0 means no upper bound (A1111's option default).
+  const sTmax = options.sTmax === undefined || options.sTmax === 0 ? Infinity : options.sTmax;
+  const gammas = Array.from(sigmas.subarray(0, -1), (sigma) =>
+    sTmin <= sigma && sigma <= sTmax ? Math.min(sChurn / (sigmas.length - 1), 2 ** 0.5 - 1) : 0,
+  );
+  return { gammas, sNoise: options.sNoise ?? 1, lastDraw: gammas.findLastIndex((gamma) => gamma > 0) };
 }
 
 /**
@@ -78,9 +70,10 @@ function churnGamma(sigmas: Float32Array, i: number, c: Omit<Churn, "lastDraw">)
  */
 function churn(x: Float32Array, sigmas: Float32Array, i: number, c: Churn, options: SamplerOptions): { x: Float32Array; sigmaHat: number } {
   const sigma = sigmas[i]!;
-  const gamma = churnGamma(sigmas, i, c);
+  const gamma = c.gammas[i]!;
   const raw = i <= c.lastDraw ? checkedNoise(options.noise, x.length) : undefined;
   const sigmaHat = f32(sigma * f32(gamma + 1));
+  // γ > 0 only up to lastDraw, so a step with churn always has its draw.
   if (!(gamma > 0) || raw === undefined) return { x, sigmaHat };
   const scale = f32(Math.sqrt(f32(f32(sigmaHat * sigmaHat) - f32(sigma * sigma))));
   return { x: addNoise(freshLatent(x.length), x, raw, c.sNoise, scale), sigmaHat };
