@@ -333,6 +333,13 @@ function bhTerms(
   return { ratio, baseScale, scale: f32(alphaT * bH), rks: rks.slice(0, -1), rhosP, rhosC };
 }
 
+/** Where an update goes: its time, its order, and whether it has a corrector (all but the last). */
+interface UniPcLayout {
+  t: number;
+  stepOrder: number;
+  useCorrector: boolean;
+}
+
 /** One B(h) update of a plan. */
 interface UniPcUpdate {
   at: UniPcTime;
@@ -351,12 +358,13 @@ interface UniPcUpdate {
 export interface UniPcPlan {
   readonly schedule: DiscreteSchedule;
   readonly ns: VpSchedule;
-  readonly variant: UniPcVariant;
+  /** How many model outputs the history keeps. */
   readonly order: number;
-  readonly lowerOrderFinal: boolean;
-  /** UniPC times t₀ … t_steps. */
-  readonly times: Float32Array;
+  /** The start time t₀, and the model time there (the first call). */
+  readonly t0: number;
   readonly first: UniPcTime;
+  /** The updates in order: warm-up with rising order, then the main steps. */
+  readonly layout: readonly UniPcLayout[];
   /** The B(h) updates, warm-up with rising order first; undefined for vary_coeff, which works out its own. */
   readonly updates: readonly UniPcUpdate[] | undefined;
 }
@@ -390,28 +398,29 @@ export function planUniPc(o: UniPcOptions): UniPcPlan {
     const lambdas = linspaceF32(ns.lambda(tStart), ns.lambda(tEnd), steps + 1);
     times = lambdas.map((l) => ns.inverseLambda(l));
   }
-  const first = uniPcTime(schedule, ns, times[0]!);
-  if (variant === "vary_coeff") return { schedule, ns, variant, order, lowerOrderFinal, times, first, updates: undefined };
-
-  const plan: Array<{ t: number; stepOrder: number; useCorrector: boolean }> = [];
-  for (let initOrder = 1; initOrder < order; initOrder++) plan.push({ t: times[initOrder]!, stepOrder: initOrder, useCorrector: true });
+  const t0 = times[0]!;
+  const first = uniPcTime(schedule, ns, t0);
+  const layout: UniPcLayout[] = [];
+  for (let initOrder = 1; initOrder < order; initOrder++) layout.push({ t: times[initOrder]!, stepOrder: initOrder, useCorrector: true });
   for (let step = order; step <= steps; step++) {
     const stepOrder = lowerOrderFinal ? Math.min(order, steps + 1 - step) : order;
-    plan.push({ t: times[step]!, stepOrder, useCorrector: step !== steps });
+    layout.push({ t: times[step]!, stepOrder, useCorrector: step !== steps });
   }
-  let tPrev: number[] = [times[0]!];
-  const terms = plan.map(({ t, stepOrder, useCorrector }) => {
+  if (variant === "vary_coeff") return { schedule, ns, order, t0, first, layout, updates: undefined };
+
+  let tPrev: number[] = [t0];
+  const terms = layout.map(({ t, stepOrder, useCorrector }) => {
     const update = bhTerms(ns, variant, tPrev, t, stepOrder, useCorrector);
     tPrev = [...tPrev, t].slice(-order);
     return update;
   });
   // Every update but the last has a corrector, fused with the next update's predictor.
-  const updates = plan.map(({ t, stepOrder, useCorrector }, k): UniPcUpdate => {
+  const updates = layout.map(({ t, stepOrder, useCorrector }, k): UniPcUpdate => {
     const at = uniPcTime(schedule, ns, t);
     const fused = useCorrector ? prepareUniPcFusedStep(terms[k]!, at.std, at.alpha, terms[k + 1]!) : undefined;
     return { at, stepOrder, terms: terms[k]!, fused };
   });
-  return { schedule, ns, variant, order, lowerOrderFinal, times, first, updates };
+  return { schedule, ns, order, t0, first, layout, updates };
 }
 
 /** UniPC as A1111 runs it (its uni_pc module, data prediction, multistep). */
@@ -421,8 +430,7 @@ export function* sampleUniPc(x: Float32Array, o: UniPcOptions): Run {
 
 /** One UniPC run on a plan (planUniPc); a plan serves any number of runs. */
 export function* runUniPc(x: Float32Array, p: UniPcPlan): Run {
-  const { schedule, ns, times, order, lowerOrderFinal } = p;
-  const steps = times.length - 1;
+  const { schedule, ns, order } = p;
   const model = new ModelCaller(x.length, schedule, 3);
 
   let updateIndex = 0;
@@ -556,31 +564,20 @@ export function* runUniPc(x: Float32Array, p: UniPcPlan): Run {
 
   const modelPrev: Float32Array[] = [yield* dataPrediction(x, p.first)];
   if (p.updates !== undefined) return yield* bhLoop(x, modelPrev, p.updates);
-  const tPrev: number[] = [times[0]!];
-  for (let initOrder = 1; initOrder < order; initOrder++) {
-    const t = times[initOrder]!;
-    const r = yield* update(x, modelPrev, tPrev, t, initOrder, true);
-    x = r.x;
-    const modelX = r.modelT ?? (yield* dataPrediction(x, uniPcTime(schedule, ns, t)));
-    updateIndex++;
-    modelPrev.push(modelX);
-    tPrev.push(t);
-  }
-  for (let step = order; step <= steps; step++) {
-    const t = times[step]!;
-    const stepOrder = lowerOrderFinal ? Math.min(order, steps + 1 - step) : order;
-    const useCorrector = step !== steps;
+  const tPrev: number[] = [p.t0];
+  for (const { t, stepOrder, useCorrector } of p.layout) {
     const r = yield* update(x, modelPrev, tPrev, t, stepOrder, useCorrector);
     x = r.x;
     updateIndex++;
-    // The oldest model output leaves the history.
-    releaseLatent(modelPrev[0]);
-    for (let i = 0; i < order - 1; i++) {
-      tPrev[i] = tPrev[i + 1]!;
-      modelPrev[i] = modelPrev[i + 1]!;
+    // The last update has no corrector and no model output: its x is the result.
+    if (r.modelT === undefined) break;
+    modelPrev.push(r.modelT);
+    tPrev.push(t);
+    // Once the history is full, the oldest model output leaves it.
+    if (modelPrev.length > order) {
+      releaseLatent(modelPrev.shift());
+      tPrev.shift();
     }
-    tPrev[tPrev.length - 1] = t;
-    if (step < steps) modelPrev[modelPrev.length - 1] = r.modelT ?? (yield* dataPrediction(x, uniPcTime(schedule, ns, t)));
   }
   return x;
 }
