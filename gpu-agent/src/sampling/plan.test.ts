@@ -48,6 +48,20 @@ test("unknown sampler or schedule names throw InvalidSamplingParameter naming th
   );
 });
 
+test("UniPC with fewer model timesteps than its order is refused at prepare time, naming steps", () => {
+  const prepare = (steps: number, uniPcOrder?: number) =>
+    prepareSampling({ samplerName: "UniPC", steps, settings: uniPcOrder ? { uniPcOrder } : {}, noise: () => new Float32Array(4) });
+  for (const [steps, order] of [[1], [2], [3, 5]] as const) {
+    assert.throws(
+      () => prepare(steps, order),
+      (e: unknown) => e instanceof InvalidSamplingParameter && e.field === "steps" && /needs at least/.test(e.message),
+      `steps ${steps}, order ${order ?? 3}`,
+    );
+  }
+  assert.doesNotThrow(() => prepare(3));
+  assert.doesNotThrow(() => prepare(3, 4));
+});
+
 test("listings: 20 samplers with aliases/options, 12 schedulers with rho and inner-model flags", () => {
   const samplers = listSamplers();
   assert.equal(samplers.length, 20);

@@ -495,10 +495,6 @@ function prepareTimestepSampler(
   const all = ddimTimesteps(scheduleSteps + (discard ? 1 : 0), schedule.alphasCumprod.length);
   const timesteps = tEnc === undefined ? all : all.slice(0, tEnc);
   if (timesteps.length < 1) throw new InvalidSamplingParameter("denoising_strength", "the img2img schedule has no steps left");
-  const uniPcOrder = s.uniPcOrder ?? 3;
-  if (sampler.name === "UniPC" && timesteps.length < uniPcOrder) {
-    throw new InvalidSamplingParameter("steps", `UniPC of order ${uniPcOrder} needs at least ${uniPcOrder} steps`);
-  }
   const isDdim = sampler.name === "DDIM" || sampler.name === "DDIM CFG++";
   const eta = isDdim ? (s.eta ?? s.etaDdim ?? 0) : 0;
   if (isDdim && eta !== 0) infotext["Eta DDIM"] = eta;
@@ -524,7 +520,8 @@ function prepareTimestepSampler(
     return out;
   };
 
-  // UniPC's coefficients depend on the times alone: worked out here, once for every run of this sampling.
+  // UniPC's coefficients depend on the times alone: worked out here, once for every run of this sampling
+  // (planUniPc also refuses fewer steps than the order, naming `steps`).
   const uniPcPlan =
     sampler.name === "UniPC"
       ? planUniPc({
