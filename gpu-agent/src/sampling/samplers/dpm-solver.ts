@@ -6,7 +6,7 @@ import { linspaceF32 } from "../float32.js";
 import { ModelCaller, ONE_DRAW, ancestralStep, checkedNoise, expF, expm1F, logF } from "./common.js";
 import type { ModelRequest, ModelResponse, UpcomingNoise } from "./types.js";
 import type { DiscreteSchedule } from "../sigmas.js";
-import { addScaledNoise, dpmEpsCombineWithError, dpmEpsCombines, dpmEpsStages, type ScaledNoise } from "./updates.js";
+import { dpmEpsCombineWithError, dpmEpsCombines, dpmEpsStages, type ScaledNoise } from "./updates.js";
 import { freshLatent, releaseLatent, supersede } from "./latent-pool.js";
 
 const f32 = Math.fround;
@@ -29,14 +29,19 @@ type EvalGenerator = Generator<ModelRequest, Float32Array, ModelResponse>;
  */
 type FinalNoise = () => ScaledNoise;
 
-/** What DPM adaptive's error needs besides the pair: the error is computed in the pass that makes `high`. */
+/**
+ * What DPM adaptive's error needs besides the pair: the error is computed in the pass that makes `high`,
+ * and so is the ancestral noise an accepted step adds to it (`noise`).
+ */
 interface ErrorTerms {
   xPrev: Float32Array;
   atol: number;
   rtol: number;
   scratch: Float32Array;
+  noise: FinalNoise;
 }
 
+/** An adaptive attempt: the low-order result, the high-order one with the step's noise added, and Σ r² of the pair's error. */
 type PairGenerator = Generator<ModelRequest, { low: Float32Array; high: Float32Array; sumSquares: number }, ModelResponse>;
 
 const sigmaOf = (t: number): number => expF(-t);
@@ -101,7 +106,7 @@ class Solver {
     return outs;
   }
 
-  /** combine for the last pair of an adaptive attempt: `high`, and the error sum against `low`. */
+  /** combine for the last pair of an adaptive attempt: `high` plus the step's noise, and the error sum of `high` against `low`. */
   private *combineWithError(
     u: Float32Array,
     s: number,
@@ -125,6 +130,7 @@ class Solver {
       error.xPrev,
       error.atol,
       error.rtol,
+      error.noise(),
     );
     releaseLatent(den);
     return { low, high, sumSquares };
@@ -220,13 +226,6 @@ function ancestralT(t: number, tNext: number, tEnd: number, eta: number): { tTar
   const sn = sigmaOf(tNext);
   const st = sigmaOf(tTarget);
   return { tTarget, su: f32(Math.sqrt(f32(f32(sn * sn) - f32(st * st)))) };
-}
-
-/** In place: `x` is the step's own fresh result, not yet handed out. */
-function addAncestralNoise(x: Float32Array, su: number, sNoise: number, noise: () => Float32Array): Float32Array {
-  // k-diffusion adds su·s_noise·noise even when su is 0, so the draw is consumed every step.
-  const n = checkedNoise(noise, x.length);
-  return addScaledNoise(x, x, n, f32(su * sNoise));
 }
 
 export function* sampleDpmFast(x: Float32Array, n: number, o: DpmSolverOptions): EvalGenerator {
@@ -331,6 +330,10 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
   let xPrev = x;
   const limit = forward ? f32(tEnd - 1e-5) : f32(tEnd + 1e-5);
   let errors: Float32Array | undefined;
+  // An accepted step adds su·s_noise·noise to its result, in the pass that makes it. The draw is taken
+  // during each attempt's last pass and, when the attempt is rejected, kept for the next one: draws are
+  // still consumed once per accepted step, in order, as k-diffusion consumes them after the acceptance.
+  let drawn: Float32Array | undefined;
   // Accepted steps end with a noise draw; a rejected step's draw just waits for the next acceptance.
   solver.upcoming = ONE_DRAW;
   while (forward ? s < limit : s > limit) {
@@ -338,14 +341,17 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
     const t = forward ? Math.min(tEnd, f32(s + pid.h)) : Math.max(tEnd, f32(s + pid.h));
     const { tTarget, su } = ancestralT(s, t, tEnd, eta);
     errors ??= freshLatent(x.length);
-    const terms = { xPrev, atol, rtol, scratch: errors };
+    // k-diffusion adds su·s_noise·noise even when su is 0, so the draw is consumed every accepted step.
+    const noise = (): ScaledNoise => ({ noise: (drawn ??= checkedNoise(o.noise, x.length)), scale: f32(su * sNoise) });
+    const terms = { xPrev, atol, rtol, scratch: errors, noise };
     const { low, high, sumSquares } = order === 2 ? yield* solver.pair12(x, s, tTarget, terms) : yield* solver.pair23(x, s, tTarget, terms);
     const error = f32(f32(Math.sqrt(sumSquares)) / f32(Math.sqrt(x.length)));
     if (pid.proposeStep(error)) {
       // The previous step's low and high results (the start latent is the caller's: no-op).
       releaseLatent(xPrev, x);
       xPrev = low;
-      x = addAncestralNoise(high, su, sNoise, o.noise);
+      x = high;
+      drawn = undefined;
       s = t;
     } else {
       releaseLatent(low, high);

@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto";
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { sd1Schedule } from "../sigmas.js";
@@ -19,6 +20,7 @@ import {
 import { sampleRestart, restartStepList } from "./restart.js";
 import { sampleDpmAdaptive, sampleDpmFast } from "./dpm-solver.js";
 import { ddimTimesteps, sampleDdim, sampleDdimCfgpp, samplePlms, sampleUniPc } from "./timesteps.js";
+import { LatentScope, inLatentScope } from "./latent-pool.js";
 import { drive, exactFlow, gaussianModel } from "./test-harness.js";
 import type { ModelRequest, SamplerOptions, SamplerRun } from "./types.js";
 
@@ -336,6 +338,53 @@ test("DPM fast makes exactly n model calls and DPM adaptive converges (eta 0)", 
   );
   // rtol 0.05 / atol 0.0078 are loose: A1111's adaptive solver stops after a few attempts here.
   assertRelative(adaptive, expectedFinal(model.sigmaMax, model.sigmaMin), 5e-2, "DPM adaptive");
+});
+
+test("DPM fast and adaptive keep every model input's bits and take one noise draw per accepted step, rejected attempts included", () => {
+  // Pinned before DPM adaptive's noise moved into the pass that makes `high`: a rejected attempt keeps its
+  // draw for the next one, so draws stay one per accepted step, in order. The wavy model makes the
+  // adaptive runs reject some attempts (more attempts than draws), which exercises that path.
+  const model = sd1Schedule();
+  const pinned: ReadonlyArray<[string, number, 0 | 2 | 3, number, number, string]> = [
+    ["adaptive", 1, 3, 75, 22, "60a642a5df24c2d5"],
+    ["adaptive", 1, 2, 68, 31, "b0abd7937464d030"],
+    ["adaptive", 0, 3, 36, 10, "c791d64efcab534e"],
+    ["fast", 1, 0, 12, 5, "1073a8a4c93be2fe"],
+  ];
+  for (const [name, eta, order, wantCalls, wantDraws, digest] of pinned) {
+    for (const resident of [false, true]) {
+      let seed = 7;
+      const rnd = (): number => {
+        seed = (seed * 1103515245 + 12345) >>> 0;
+        return seed / 2 ** 32 - 0.5;
+      };
+      const x0 = Float32Array.from({ length: 1027 }, () => rnd() * 2 * model.sigmaMax);
+      let draws = 0;
+      const noise = (): Float32Array => (draws++, Float32Array.from({ length: 1027 }, () => rnd() * 2));
+      const common = { sigmaMin: model.sigmaMin, sigmaMax: model.sigmaMax, noise, eta };
+      const inner = name === "fast" ? sampleDpmFast(x0, 12, common) : sampleDpmAdaptive(x0, { ...common, order: order as 2 | 3 });
+      const run = resident ? inLatentScope(inner, new LatentScope({ poison: true })) : inner;
+      const hash = createHash("sha256");
+      const bytes = (a: Float32Array): Uint8Array => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+      let calls = 0;
+      let r = run.next();
+      while (!r.done) {
+        const q = r.value;
+        calls++;
+        hash.update(bytes(q.x));
+        const out = q.into ?? new Float32Array(q.x.length);
+        const f = 1 / (1 + q.sigma * q.sigma);
+        for (let i = 0; i < out.length; i++) out[i] = q.x[i]! * f * (1 + 0.3 * Math.sin(i * 0.37 + q.call));
+        r = run.next(out);
+      }
+      hash.update(bytes(r.value));
+      const key = `${name} eta ${eta} order ${order}${resident ? " resident" : ""}`;
+      assert.equal(calls, wantCalls, `${key}: model calls`);
+      assert.equal(draws, wantDraws, `${key}: noise draws`);
+      if (name === "adaptive") assert.ok(calls / order > draws, `${key}: some attempts are rejected`);
+      assert.equal(hash.digest("hex").slice(0, 16), digest, key);
+    }
+  }
 });
 
 test("DDIM timesteps, call count and convergence; CFG++ asks for the unconditional eps", () => {

@@ -53,7 +53,7 @@ export function addNoise(out: Float32Array, x: Float32Array, noise: Float32Array
   return out;
 }
 
-/** x + n·c (DPM fast/adaptive's su·s_noise·noise, LCM's σ_next·noise). */
+/** x + n·c: the separate noise pass that DPM fast and adaptive fuse into their last kernels (the reference their tests compare with). */
 const addScaledKernel = new Kernel({ inputs: 2, params: 1, outputs: [e.add(X, e.mul(e.in(1), e.param(0)))] });
 
 export function addScaledNoise(out: Float32Array, x: Float32Array, noise: Float32Array, c: number): Float32Array {
@@ -750,18 +750,12 @@ export function adaptiveErrorSumOfSquares(
 
 /**
  * DPM adaptive's last combination (one pair of dpmEpsCombines: `high`) and its error against `low` in the
- * same pass: `high` is not read back. Returns Σ r² as adaptiveErrorSumOfSquares(scratch, low, high, xPrev, …).
- * Params: σ_u, a, b, atol, rtol.
+ * same pass: `high` is not read back. With `noise`, the first output is the accepted step's result
+ * high + n·c instead (k-diffusion's separate x_high + su·s_noise·noise pass, same roundings), while the
+ * error is still taken on `high` itself: an accepted step then needs no pass of its own. Returns Σ r² as
+ * adaptiveErrorSumOfSquares(scratch, low, high, xPrev, …). Params: σ_u, a, b, atol, rtol[, c].
  */
-const combineWithErrorKernel = (() => {
-  const [high] = dpmCombineExprs(1, e.param);
-  return new Kernel({
-    inputs: 6,
-    params: 5,
-    outputs: [high!, adaptiveErrorExpr(e.in(4), high!, e.in(5), e.param(3), e.param(4))],
-    sumOfSquares: 1,
-  });
-})();
+const combineWithErrorKernels = new Map<boolean, Kernel>();
 
 export function dpmEpsCombineWithError(
   high: Float32Array,
@@ -776,6 +770,25 @@ export function dpmEpsCombineWithError(
   xPrev: Float32Array,
   atol: number,
   rtol: number,
+  noise?: ScaledNoise,
 ): number {
-  return combineWithErrorKernel.runSumOfSquares([high, scratch], [u, denU, x, eps, low, xPrev], [sigmaU, pair[0], pair[1], atol, rtol]);
+  const noisy = noise !== undefined;
+  let kernel = combineWithErrorKernels.get(noisy);
+  if (kernel === undefined) {
+    const [combined] = dpmCombineExprs(1, e.param);
+    kernel = new Kernel({
+      inputs: noisy ? 7 : 6,
+      params: noisy ? 6 : 5,
+      outputs: [
+        noisy ? plusNoise(combined!, e.in(6), e.param(5)) : combined!,
+        adaptiveErrorExpr(e.in(4), combined!, e.in(5), e.param(3), e.param(4)),
+      ],
+      sumOfSquares: 1,
+    });
+    combineWithErrorKernels.set(noisy, kernel);
+  }
+  const params = [sigmaU, pair[0], pair[1], atol, rtol];
+  return noisy
+    ? kernel.runSumOfSquares([high, scratch], [u, denU, x, eps, low, xPrev, noise.noise], [...params, noise.scale])
+    : kernel.runSumOfSquares([high, scratch], [u, denU, x, eps, low, xPrev], params);
 }
