@@ -208,6 +208,44 @@ test("resident operands (in the kernels' memory) give the same bits as copied on
   }
 });
 
+test("whole-latent calls (every operand resident, or one copied) give the bits and sums of the reference", () => {
+  const random = prng(31);
+  const taken: Float32Array[] = [];
+  const resident = (values: Float32Array): Float32Array => {
+    const a = allocateResident(values.length)!;
+    a.set(values);
+    taken.push(a);
+    return a;
+  };
+  try {
+    // 300,001 values: one copied operand is more than the scratch region holds, so it goes in two pieces.
+    for (const n of [65536, KERNEL_BLOCK * 3 + 5, 300_001, 4099]) {
+      for (const copiedInput of [-1, 0, 2]) {
+        const finite = (): Float32Array => Float32Array.from({ length: n }, () => (random() - 0.5) * 10 ** Math.floor(random() * 8 - 4));
+        const kernel = new Kernel({
+          inputs: 3,
+          params: 2,
+          outputs: [e.add(e.mul(e.param(0), e.in(0)), e.mul(e.in(2), e.param(1))), e.sub(e.in(1), e.in(2))],
+          sumOfSquares: 1,
+        });
+        const plain = [finite(), finite(), finite()];
+        const ps = [Math.fround(random() - 0.5), Math.fround(random() * 3)];
+        const want = [new Float32Array(n), new Float32Array(n)];
+        const wantSum = kernel.runSumOfSquaresReference(want, plain, ps);
+        const ins = plain.map((a, j) => (j === copiedInput ? a.slice() : resident(a)));
+        const outs = [resident(new Float32Array(n)), resident(new Float32Array(n))];
+        const gotSum = kernel.runSumOfSquares(outs, ins, ps);
+        const what = `n=${n}, copied input ${copiedInput}`;
+        assert.ok(sameBits(outs[0]!, want[0]!) && sameBits(outs[1]!, want[1]!), what);
+        assert.ok(Object.is(gotSum, wantSum), `${what}: sum ${gotSum} vs ${wantSum}`);
+        for (const a of taken.splice(0)) freeResident(a);
+      }
+    }
+  } finally {
+    for (const a of taken) freeResident(a);
+  }
+});
+
 test("a resident view whose length is not whole vectors is written up to its end and not beyond", () => {
   const backing = allocateResident(64)!;
   try {

@@ -258,6 +258,8 @@ let arena: WasmMemory | null | undefined;
 let arenaView: Float32Array | undefined;
 /** The four running sums of a sumOfSquares call, a view of the same buffer as arenaView. */
 let arenaSums: Float64Array | undefined;
+/** The buffer arenaView and arenaSums are views of. */
+let viewsOf: ArrayBufferLike | undefined;
 const SCRATCH_BYTES = 16 * KERNEL_BLOCK * 4;
 /** The scratch region's last 32 bytes: the running sums of a sumOfSquares call; operand slots use the rest. */
 const SUMS_AT = SCRATCH_BYTES - 32;
@@ -265,8 +267,12 @@ const SUMS_AT = SCRATCH_BYTES - 32;
 const RESIDENT_FIRST_BYTES = 64 << 20;
 /** The most it grows to (between runs, when it turned out too small). */
 const ARENA_MAX_BYTES = 1 << 30;
-/** Every buffer object the memory has had (each growth gives a new one). */
-const arenaBuffers = new WeakSet<ArrayBufferLike>();
+/**
+ * The memory's buffer now. Each growth gives a new one and detaches the old, whose views then have no
+ * values, so only views of this one are resident. A field of our own, not memory.buffer: that getter
+ * is a call into the engine, and the kernels ask for every operand.
+ */
+let arenaBuffer: ArrayBufferLike | undefined;
 /** Resident arrays as handed out: whole slots, padded to whole vectors. */
 const slotViews = new WeakSet<Float32Array>();
 /** Released arrays by slot size: their views are handed out again (making one costs more than a step's bookkeeping). */
@@ -278,7 +284,7 @@ function kernelMemory(): WasmMemory | null {
   if (arena !== undefined) return arena;
   try {
     arena = new WebAssembly.Memory({ initial: SCRATCH_BYTES / 65536 });
-    arenaBuffers.add(arena.buffer);
+    arenaBuffer = arena.buffer;
   } catch {
     arena = null;
   }
@@ -287,10 +293,10 @@ function kernelMemory(): WasmMemory | null {
 
 /** The memory as floats (its scratch region never needs it to grow). */
 function arenaFloats(): Float32Array {
-  const memory = arena!;
-  if (arenaView === undefined || arenaView.buffer !== memory.buffer) {
-    arenaView = new Float32Array(memory.buffer);
-    arenaSums = new Float64Array(memory.buffer, SUMS_AT, 4);
+  if (arenaView === undefined || viewsOf !== arenaBuffer) {
+    viewsOf = arenaBuffer!;
+    arenaView = new Float32Array(viewsOf);
+    arenaSums = new Float64Array(viewsOf, SUMS_AT, 4);
   }
   return arenaView;
 }
@@ -302,7 +308,7 @@ function slotBytes(byteLength: number): number {
 
 /** Whether `a` lives in this thread's kernel memory. */
 export function isResident(a: Float32Array): boolean {
-  return arenaBuffers.has(a.buffer);
+  return a.buffer === arenaBuffer;
 }
 
 /**
@@ -336,7 +342,7 @@ export function allocateResident(length: number): Float32Array | undefined {
       } catch {
         return undefined;
       }
-      arenaBuffers.add(memory.buffer);
+      arenaBuffer = memory.buffer;
     }
     view = new Float32Array(memory.buffer, residentEnd, length);
     residentEnd += bytes;
@@ -459,15 +465,16 @@ export class Kernel {
     const wasm = n >= 4 ? this.wasm() : null;
     if (wasm === null) return this.reference(outs, ins, params);
     const slots = ins.length + outs.length;
-    // Block by block, so that the scratch slots stay in the core's cache from the copy in through the
-    // kernel to the copy out: whole 256 KB latents in 4–8 slots would stream through memory.
-    const block = Math.min(n, KERNEL_BLOCK, Math.floor(SUMS_AT / (slots * 16)) * 4);
-    const block4 = (block + 3) & ~3;
     const n4 = (n + 3) & ~3;
-    // Resident operands are used where they are (a byte offset); the others go through scratch (−1).
+    // Resident operands are used where they are (a byte offset); the others go through scratch, in slots
+    // 0, 1, … in operand order (−1 − slot).
     const inAt = this.inAt;
     const outAt = this.outAt;
-    for (let j = 0; j < ins.length; j++) inAt[j] = isResident(ins[j]!) ? ins[j]!.byteOffset : -1;
+    let copied = 0;
+    for (let j = 0; j < ins.length; j++) {
+      const a = ins[j]!;
+      inAt[j] = isResident(a) ? a.byteOffset : -1 - copied++;
+    }
     for (let j = 0; j < outs.length; j++) {
       const out = outs[j]!;
       let at = isResident(out) && (n % 4 === 0 || slotViews.has(out)) ? out.byteOffset : -1;
@@ -477,8 +484,16 @@ export class Kernel {
         const from = inAt[i]!;
         if (from >= 0 && from < at + n4 * 4 && at < from + n4 * 4) at = -1;
       }
-      outAt[j] = at;
+      outAt[j] = at >= 0 ? at : -1 - copied++;
     }
+    // Several copied operands go block by block, so that the scratch slots stay in the core's cache from
+    // the copy in through the kernel to the copy out: whole 256 KB latents in 4–8 slots would stream
+    // through memory. Otherwise (every operand resident, or a noise draw the only one copied) one call
+    // covers the whole latent: each way into WebAssembly and each block's views cost several µs right
+    // after a model call, when the caches are cold.
+    const fits = Math.floor(SUMS_AT / (Math.max(1, copied) * 16)) * 4;
+    const block = copied === 0 ? n : Math.min(n, copied === 1 ? fits : KERNEL_BLOCK, fits);
+    const block4 = (block + 3) & ~3;
     const view = arenaFloats();
     const args = this.args;
     for (let j = 0; j < params.length; j++) args[1 + slots + j] = params[j]!;
@@ -495,21 +510,24 @@ export class Kernel {
         if (at >= 0) {
           args[1 + j] = at + start * 4;
         } else {
-          args[1 + j] = j * block4 * 4;
-          view.set(ins[j]!.subarray(start, end), j * block4);
+          const slot = (-1 - at) * block4;
+          args[1 + j] = slot * 4;
+          const a = ins[j]!;
+          view.set(start === 0 && end === a.length ? a : a.subarray(start, end), slot);
         }
       }
       for (let j = 0; j < outs.length; j++) {
         const at = outAt[j]!;
-        args[1 + ins.length + j] = at >= 0 ? at + start * 4 : (ins.length + j) * block4 * 4;
+        args[1 + ins.length + j] = at >= 0 ? at + start * 4 : (-1 - at) * block4 * 4;
       }
       // Blocks are whole vectors but the last: its few values past them are added below.
       if (summed !== undefined) args[wholeEndArg] = (m & ~3) * 4;
       wasm(...args);
       for (let j = 0; j < outs.length; j++) {
-        if (outAt[j]! >= 0) continue;
-        const at = (ins.length + j) * block4;
-        outs[j]!.set(view.subarray(at, at + m), start);
+        const at = outAt[j]!;
+        if (at >= 0) continue;
+        const slot = (-1 - at) * block4;
+        outs[j]!.set(view.subarray(slot, slot + m), start);
       }
     }
     if (sums === undefined) return 0;
