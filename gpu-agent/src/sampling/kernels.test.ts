@@ -208,7 +208,7 @@ test("resident operands (in the kernels' memory) give the same bits as copied on
   }
 });
 
-test("whole-latent calls (every operand resident, or one copied) give the bits and sums of the reference", () => {
+test("whole-latent calls (every operand resident) and copied operands in compact scratch slots give the reference's bits and sums", () => {
   const random = prng(31);
   const taken: Float32Array[] = [];
   const resident = (values: Float32Array): Float32Array => {
@@ -218,7 +218,7 @@ test("whole-latent calls (every operand resident, or one copied) give the bits a
     return a;
   };
   try {
-    // 300,001 values: one copied operand is more than the scratch region holds, so it goes in two pieces.
+    // 300,001 values: more than the scratch region holds for even one copied operand.
     for (const n of [65536, KERNEL_BLOCK * 3 + 5, 300_001, 4099]) {
       for (const copiedInput of [-1, 0, 2]) {
         const finite = (): Float32Array => Float32Array.from({ length: n }, () => (random() - 0.5) * 10 ** Math.floor(random() * 8 - 4));

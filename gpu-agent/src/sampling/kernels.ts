@@ -486,13 +486,12 @@ export class Kernel {
       }
       outAt[j] = at >= 0 ? at : -1 - copied++;
     }
-    // Several copied operands go block by block, so that the scratch slots stay in the core's cache from
-    // the copy in through the kernel to the copy out: whole 256 KB latents in 4–8 slots would stream
-    // through memory. Otherwise (every operand resident, or a noise draw the only one copied) one call
-    // covers the whole latent: each way into WebAssembly and each block's views cost several µs right
-    // after a model call, when the caches are cold.
-    const fits = Math.floor(SUMS_AT / (Math.max(1, copied) * 16)) * 4;
-    const block = copied === 0 ? n : Math.min(n, copied === 1 ? fits : KERNEL_BLOCK, fits);
+    // Copied operands go block by block, so that the scratch slots stay in the core's cache from the copy
+    // in through the kernel to the copy out. Even a noise draw alone was slower copied whole: 0.03–0.04 ms
+    // per DPM2 a and DPM++ SDE step on the Xeon of the GPU machine, side by side. With every operand
+    // resident there is nothing to keep: one call covers the whole latent, as each call into WebAssembly
+    // and each block's views cost µs right after a model call, when the caches are cold.
+    const block = copied === 0 ? n : Math.min(n, KERNEL_BLOCK, Math.floor(SUMS_AT / (copied * 16)) * 4);
     const block4 = (block + 3) & ~3;
     const view = arenaFloats();
     const args = this.args;
