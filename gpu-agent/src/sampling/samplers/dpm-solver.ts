@@ -330,18 +330,17 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
   let xPrev = x;
   const limit = forward ? f32(tEnd - 1e-5) : f32(tEnd + 1e-5);
   let errors: Float32Array | undefined;
-  // An accepted step adds su·s_noise·noise to its result, in the pass that makes it. The draw is taken
-  // during each attempt's last pass and, when the attempt is rejected, kept for the next one: draws are
-  // still consumed once per accepted step, in order, as k-diffusion consumes them after the acceptance.
+  // An accepted step adds su·s_noise·noise to its result (k-diffusion adds it even when su is 0), in the
+  // pass that makes the result. That pass takes the draw; a rejected attempt keeps it for the next one,
+  // so draws are consumed once per accepted step, in order, as k-diffusion consumes them.
   let drawn: Float32Array | undefined;
-  // Accepted steps end with a noise draw; a rejected step's draw just waits for the next acceptance.
+  // Every model call announces the one draw its attempt may take.
   solver.upcoming = ONE_DRAW;
   while (forward ? s < limit : s > limit) {
     if (solver.step >= maxSteps) throw new RangeError(`DPM adaptive did not finish within ${maxSteps} steps`);
     const t = forward ? Math.min(tEnd, f32(s + pid.h)) : Math.max(tEnd, f32(s + pid.h));
     const { tTarget, su } = ancestralT(s, t, tEnd, eta);
     errors ??= freshLatent(x.length);
-    // k-diffusion adds su·s_noise·noise even when su is 0, so the draw is consumed every accepted step.
     const noise = (): ScaledNoise => ({ noise: (drawn ??= checkedNoise(o.noise, x.length)), scale: f32(su * sNoise) });
     const terms = { xPrev, atol, rtol, scratch: errors, noise };
     const { low, high, sumSquares } = order === 2 ? yield* solver.pair12(x, s, tTarget, terms) : yield* solver.pair23(x, s, tTarget, terms);

@@ -750,15 +750,24 @@ export function adaptiveErrorSumOfSquares(
 
 /**
  * DPM adaptive's last combination (one pair of dpmEpsCombines: `high`) and its error against `low` in the
- * same pass: `high` is not read back. With `noise`, the first output is the accepted step's result
- * high + n·c instead (k-diffusion's separate x_high + su·s_noise·noise pass, same roundings), while the
- * error is still taken on `high` itself: an accepted step then needs no pass of its own. Returns Σ r² as
- * adaptiveErrorSumOfSquares(scratch, low, high, xPrev, …). Params: σ_u, a, b, atol, rtol[, c].
+ * same pass: `high` is not read back. The first output is the accepted step's result high + n·c
+ * (k-diffusion's separate x_high + su·s_noise·noise pass, same roundings; made whether or not the step
+ * is accepted, so that an accepted one needs no pass of its own), while the error is taken on `high`
+ * itself. Returns Σ r² as adaptiveErrorSumOfSquares(scratch, low, high, xPrev, …).
+ * Params: σ_u, a, b, atol, rtol, c.
  */
-const combineWithErrorKernels = new Map<boolean, Kernel>();
+const combineWithErrorKernel = (() => {
+  const [high] = dpmCombineExprs(1, e.param);
+  return new Kernel({
+    inputs: 7,
+    params: 6,
+    outputs: [plusNoise(high!, e.in(6), e.param(5)), adaptiveErrorExpr(e.in(4), high!, e.in(5), e.param(3), e.param(4))],
+    sumOfSquares: 1,
+  });
+})();
 
 export function dpmEpsCombineWithError(
-  high: Float32Array,
+  highPlusNoise: Float32Array,
   scratch: Float32Array,
   u: Float32Array,
   denU: Float32Array,
@@ -770,25 +779,11 @@ export function dpmEpsCombineWithError(
   xPrev: Float32Array,
   atol: number,
   rtol: number,
-  noise?: ScaledNoise,
+  { noise, scale }: ScaledNoise,
 ): number {
-  const noisy = noise !== undefined;
-  let kernel = combineWithErrorKernels.get(noisy);
-  if (kernel === undefined) {
-    const [combined] = dpmCombineExprs(1, e.param);
-    kernel = new Kernel({
-      inputs: noisy ? 7 : 6,
-      params: noisy ? 6 : 5,
-      outputs: [
-        noisy ? plusNoise(combined!, e.in(6), e.param(5)) : combined!,
-        adaptiveErrorExpr(e.in(4), combined!, e.in(5), e.param(3), e.param(4)),
-      ],
-      sumOfSquares: 1,
-    });
-    combineWithErrorKernels.set(noisy, kernel);
-  }
-  const params = [sigmaU, pair[0], pair[1], atol, rtol];
-  return noisy
-    ? kernel.runSumOfSquares([high, scratch], [u, denU, x, eps, low, xPrev, noise.noise], [...params, noise.scale])
-    : kernel.runSumOfSquares([high, scratch], [u, denU, x, eps, low, xPrev], params);
+  return combineWithErrorKernel.runSumOfSquares(
+    [highPlusNoise, scratch],
+    [u, denU, x, eps, low, xPrev, noise],
+    [sigmaU, pair[0], pair[1], atol, rtol, scale],
+  );
 }
