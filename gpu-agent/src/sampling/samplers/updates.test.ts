@@ -3,7 +3,6 @@ import assert from "node:assert/strict";
 import { setImmediate as nextTurn } from "node:timers/promises";
 import {
   adaptiveErrorSumOfSquares,
-  addScaledNoise,
   dpmEpsCombineWithError,
   ddimStep,
   dpmEpsCombines,
@@ -293,6 +292,11 @@ test("UniPC's every model input and result keep their bits (variants, orders, ti
   }
 });
 
+/** k-diffusion's separate noise pass x + su·s_noise·noise on a stored result: f32(x + f32(n·c)) per value. */
+function plusScaledNoise(x: Float32Array, noise: Float32Array, c: number): Float32Array {
+  return x.map((v, k) => f32(v + f32(noise[k]! * c)));
+}
+
 test("DPM-Solver kernels with the ancestral noise or the adaptive error fused in give the bits of the separate passes", () => {
   const x = latent(25);
   const den = latent(26);
@@ -310,13 +314,13 @@ test("DPM-Solver kernels with the ancestral noise or the adaptive error fused in
   const eps = new Float32Array(n);
   const stage = new Float32Array(n);
   dpmEpsStages([eps, stage], x, den, sigma, [c], true);
-  const wantStage = addScaledNoise(new Float32Array(n), stage, noise, scale);
+  const wantStage = plusScaledNoise(stage, noise, scale);
   const gotStage = new Float32Array(n);
   dpmEpsStages([gotStage], x, den, sigma, [c], false, { noise, scale });
   assert.ok(sameBits(gotStage, wantStage), "stage + noise");
   const combined = new Float32Array(n);
   dpmEpsCombines([combined], u, denU, x, eps, sigmaU, [pair]);
-  const wantCombined = addScaledNoise(new Float32Array(n), combined, noise, scale);
+  const wantCombined = plusScaledNoise(combined, noise, scale);
   const gotCombined = new Float32Array(n);
   dpmEpsCombines([gotCombined], u, denU, x, eps, sigmaU, [pair], { noise, scale });
   assert.ok(sameBits(gotCombined, wantCombined), "combination + noise");

@@ -53,14 +53,6 @@ export function addNoise(out: Float32Array, x: Float32Array, noise: Float32Array
   return out;
 }
 
-/** x + n·c: the separate noise pass that DPM fast and adaptive fuse into their last kernels (the reference their tests compare with). */
-const addScaledKernel = new Kernel({ inputs: 2, params: 1, outputs: [e.add(X, e.mul(e.in(1), e.param(0)))] });
-
-export function addScaledNoise(out: Float32Array, x: Float32Array, noise: Float32Array, c: number): Float32Array {
-  addScaledKernel.run([out], [x, noise], [c]);
-  return out;
-}
-
 /**
  * Heun's correction: x + ((d + d₂)/2)·dt with d = (x − D)/σ̂, d₂ = (x₂ − D₂)/σ_next, where x₂ is the Euler
  * step x + d·dt. x₂ is recomputed rather than read (the same operations on the same operands give the same
