@@ -258,8 +258,6 @@ let arena: WasmMemory | null | undefined;
 let arenaView: Float32Array | undefined;
 /** The four running sums of a sumOfSquares call, a view of the same buffer as arenaView. */
 let arenaSums: Float64Array | undefined;
-/** The buffer arenaView and arenaSums are views of. */
-let viewsOf: ArrayBufferLike | undefined;
 const SCRATCH_BYTES = 16 * KERNEL_BLOCK * 4;
 /** The scratch region's last 32 bytes: the running sums of a sumOfSquares call; operand slots use the rest. */
 const SUMS_AT = SCRATCH_BYTES - 32;
@@ -293,10 +291,9 @@ function kernelMemory(): WasmMemory | null {
 
 /** The memory as floats (its scratch region never needs it to grow). */
 function arenaFloats(): Float32Array {
-  if (arenaView === undefined || viewsOf !== arenaBuffer) {
-    viewsOf = arenaBuffer!;
-    arenaView = new Float32Array(viewsOf);
-    arenaSums = new Float64Array(viewsOf, SUMS_AT, 4);
+  if (arenaView === undefined || arenaView.buffer !== arenaBuffer) {
+    arenaView = new Float32Array(arenaBuffer!);
+    arenaSums = new Float64Array(arenaBuffer!, SUMS_AT, 4);
   }
   return arenaView;
 }
@@ -511,8 +508,7 @@ export class Kernel {
         } else {
           const slot = (-1 - at) * block4;
           args[1 + j] = slot * 4;
-          const a = ins[j]!;
-          view.set(start === 0 && end === a.length ? a : a.subarray(start, end), slot);
+          view.set(ins[j]!.subarray(start, end), slot);
         }
       }
       for (let j = 0; j < outs.length; j++) {
