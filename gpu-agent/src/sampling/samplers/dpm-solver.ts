@@ -41,8 +41,11 @@ interface ErrorTerms {
   noise: FinalNoise;
 }
 
-/** An adaptive attempt: the low-order result, the high-order one with the step's noise added, and Σ r² of the pair's error. */
-type PairGenerator = Generator<ModelRequest, { low: Float32Array; high: Float32Array; sumSquares: number }, ModelResponse>;
+/**
+ * An adaptive attempt: the low-order result, `next` (the high-order one with the step's noise added: the next x
+ * if the attempt is accepted) and Σ r² of the pair's error.
+ */
+type PairGenerator = Generator<ModelRequest, { low: Float32Array; next: Float32Array; sumSquares: number }, ModelResponse>;
 
 const sigmaOf = (t: number): number => expF(-t);
 const tOf = (sigma: number): number => -logF(sigma);
@@ -106,7 +109,7 @@ class Solver {
     return outs;
   }
 
-  /** combine for the last pair of an adaptive attempt: `high` plus the step's noise, and the error sum of `high` against `low`. */
+  /** combine for the last pair of an adaptive attempt: `high` plus the step's noise (`next`), and the error sum of `high` against `low`. */
   private *combineWithError(
     u: Float32Array,
     s: number,
@@ -116,9 +119,9 @@ class Solver {
     error: ErrorTerms,
   ): PairGenerator {
     const den = yield* this.denoised(u, s);
-    const high = freshLatent(this.length);
+    const next = freshLatent(this.length);
     const sumSquares = dpmEpsCombineWithError(
-      high,
+      next,
       error.scratch,
       u,
       den,
@@ -133,7 +136,7 @@ class Solver {
       error.noise(),
     );
     releaseLatent(den);
-    return { low, high, sumSquares };
+    return { low, next, sumSquares };
   }
 
   /** Coefficients of DPM-Solver-1: x − a·eps. */
@@ -343,17 +346,17 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
     errors ??= freshLatent(x.length);
     const noise = (): ScaledNoise => ({ noise: (drawn ??= checkedNoise(o.noise, x.length)), scale: f32(su * sNoise) });
     const terms = { xPrev, atol, rtol, scratch: errors, noise };
-    const { low, high, sumSquares } = order === 2 ? yield* solver.pair12(x, s, tTarget, terms) : yield* solver.pair23(x, s, tTarget, terms);
+    const { low, next, sumSquares } = order === 2 ? yield* solver.pair12(x, s, tTarget, terms) : yield* solver.pair23(x, s, tTarget, terms);
     const error = f32(f32(Math.sqrt(sumSquares)) / f32(Math.sqrt(x.length)));
     if (pid.proposeStep(error)) {
-      // The previous step's low and high results (the start latent is the caller's: no-op).
+      // The previous step's low result and its x (the start latent is the caller's: no-op).
       releaseLatent(xPrev, x);
       xPrev = low;
-      x = high;
+      x = next;
       drawn = undefined;
       s = t;
     } else {
-      releaseLatent(low, high);
+      releaseLatent(low, next);
     }
     solver.step++;
   }
