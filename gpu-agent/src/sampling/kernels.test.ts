@@ -127,34 +127,51 @@ test("runSumOfSquares's order: element k into S(k mod 4), then (S0 + S1) + (S2 +
   for (const other of [sequential, s0 + s2 + (s1 + s3) + sq(8), s0 + s3 + (s1 + s2) + sq(8), s0 + s1 + s2 + s3 + sq(8)]) {
     assert.notEqual(other, want, "the values tell the groupings apart");
   }
-  const kernel = new Kernel({ inputs: 1, params: 0, outputs: [e.in(0)], sumOfSquares: 0 });
+  const kernel = new Kernel({ inputs: 1, params: 0, outputs: [e.in(0)], sumOfSquares: e.in(0) });
   assert.ok(kernel.simd);
   assert.equal(kernel.runSumOfSquares([new Float32Array(values.length)], [values]), want);
   assert.equal(kernel.runSumOfSquaresReference([new Float32Array(values.length)], [values]), want);
 });
 
-test("runSumOfSquares adds the squares of one output in float64 in four interleaved sums, across blocks and tails", () => {
+test("runSumOfSquares adds the squares of an output, or of values it does not store, in float64 in four interleaved sums, across blocks and tails", () => {
   const random = prng(23);
-  for (let trial = 0; trial < 8; trial++) {
-    // The summed output stays finite (a sum of infinities or NaNs would hide its order); the other is any.
+  for (let trial = 0; trial < 12; trial++) {
+    // The summed values stay finite (a sum of infinities or NaNs would hide its order); the other output is any.
     const finiteSum = e.add(e.mul(e.param(0), e.in(0)), e.in(1));
     const other = randomExpr(random, 2, 2, 2);
+    // Trials 8 on: the summed values are no output (the second output then only reads the same inputs).
+    const stored = trial < 8;
     const summed = trial % 2;
+    const second = stored ? finiteSum : e.sub(e.in(1), e.in(0));
     const kernel = new Kernel({
       inputs: 2,
       params: 2,
-      outputs: summed === 0 ? [finiteSum, other] : [other, finiteSum],
-      sumOfSquares: summed,
+      outputs: summed === 0 ? [second, other] : [other, second],
+      sumOfSquares: finiteSum,
     });
     assert.ok(kernel.simd, "compiles to WebAssembly SIMD");
-    const n = [KERNEL_BLOCK * 2 + 7, KERNEL_BLOCK, 3 * KERNEL_BLOCK - 2, 4099, 5, 3, KERNEL_BLOCK + 1, 1000][trial]!;
+    const n = [
+      KERNEL_BLOCK * 2 + 7,
+      KERNEL_BLOCK,
+      3 * KERNEL_BLOCK - 2,
+      4099,
+      5,
+      3,
+      KERNEL_BLOCK + 1,
+      1000,
+      4099,
+      KERNEL_BLOCK * 2 + 7,
+      6,
+      65536,
+    ][trial]!;
     const finite = (): Float32Array =>
       Float32Array.from({ length: n }, () => (random() < 0.05 ? 0 : (random() - 0.5) * 10 ** Math.floor(random() * 12 - 6)));
     const ins = [finite(), finite()];
     const ps = [Math.fround((random() - 0.5) * 8), Math.fround((random() - 0.5) * 8)];
     const want = [new Float32Array(n), new Float32Array(n)];
     const wantSum = kernel.runSumOfSquaresReference(want, ins, ps);
-    const values = want[summed]!;
+    const values = ins[0]!.map((v, k) => Math.fround(Math.fround(ps[0]! * v) + ins[1]![k]!));
+    if (stored) assert.ok(sameBits(want[summed]!, values));
     const whole = n & ~3;
     const partial = [0, 0, 0, 0];
     for (let k = 0; k < whole; k++) partial[k % 4] = partial[k % 4]! + values[k]! * values[k]!;
@@ -162,12 +179,15 @@ test("runSumOfSquares adds the squares of one output in float64 in four interlea
     for (let k = whole; k < n; k++) loop += values[k]! * values[k]!;
     assert.ok(Object.is(wantSum, loop), "the reference sums element k into S(k mod 4), then (S0 + S1) + (S2 + S3), then the tail");
     assert.ok(Number.isFinite(wantSum) && wantSum > 0);
-    const got = [new Float32Array(n), new Float32Array(n)];
-    const gotSum = kernel.runSumOfSquares(got, ins, ps);
+    // Trials 8 and 10 write their first output over input 0, which the sum reads, tail included.
+    const inPlace = !stored && summed === 0;
+    const callIns = ins.map((a) => a.slice());
+    const got = [inPlace ? callIns[0]! : new Float32Array(n), new Float32Array(n)];
+    const gotSum = kernel.runSumOfSquares(got, callIns, ps);
     assert.ok(sameBits(got[0]!, want[0]!) && sameBits(got[1]!, want[1]!), `outputs, trial ${trial} (n=${n})`);
     assert.ok(Object.is(gotSum, wantSum), `sum, trial ${trial} (n=${n}): ${gotSum} vs ${wantSum}`);
   }
-  assert.throws(() => new Kernel({ inputs: 1, params: 0, outputs: [e.in(0)], sumOfSquares: 1 }), RangeError);
+  assert.throws(() => new Kernel({ inputs: 1, params: 0, outputs: [], sumOfSquares: e.in(0) }), RangeError);
 });
 
 test("resident operands (in the kernels' memory) give the same bits as copied ones, mixed, in place and across blocks", () => {
@@ -222,11 +242,13 @@ test("whole-latent calls (every operand resident) and copied operands in compact
     for (const n of [65536, KERNEL_BLOCK * 3 + 5, 300_001, 4099]) {
       for (const copiedInput of [-1, 0, 2]) {
         const finite = (): Float32Array => Float32Array.from({ length: n }, () => (random() - 0.5) * 10 ** Math.floor(random() * 8 - 4));
+        const second = e.sub(e.in(1), e.in(2));
         const kernel = new Kernel({
           inputs: 3,
           params: 2,
-          outputs: [e.add(e.mul(e.param(0), e.in(0)), e.mul(e.in(2), e.param(1))), e.sub(e.in(1), e.in(2))],
-          sumOfSquares: 1,
+          outputs: [e.add(e.mul(e.param(0), e.in(0)), e.mul(e.in(2), e.param(1))), second],
+          // Summed values that are stored, and (with input 2 copied) some that are not.
+          sumOfSquares: copiedInput === 2 ? e.sub(e.in(0), e.in(1)) : second,
         });
         const plain = [finite(), finite(), finite()];
         const ps = [Math.fround(random() - 0.5), Math.fround(random() * 3)];

@@ -38,14 +38,16 @@ export interface KernelSpec {
   /** One expression per output array; shared subexpressions (same object) are computed once. */
   outputs: readonly Expr[];
   /**
-   * Index of an output whose values' squares runSumOfSquares also adds up in float64 (a square of a
-   * float32 is exact in float64, so only the order of the additions matters), in a fixed order: four
-   * running sums S_j of the values at indices k ≡ j (mod 4) below the last whole vector of four, each in
-   * index order, combined as (S₀ + S₁) + (S₂ + S₃), then the last n mod 4 values in index order
+   * An expression whose values' squares runSumOfSquares adds up in float64 (a square of a float32 is exact
+   * in float64, so only the order of the additions matters), in a fixed order: four running sums S_j of
+   * the values at indices k ≡ j (mod 4) below the last whole vector of four, each in index order,
+   * combined as (S₀ + S₁) + (S₂ + S₃), then the last n mod 4 values in index order
    * (`interleavedSumOfSquares`). Four chains of additions instead of one: a single chain took as long as
    * the rest of DPM adaptive's error kernel. (torch's own norm reduction has an order of its own.)
+   * Its values are not stored unless the same object is also an output: a sum that is all a caller
+   * reads costs no array written and read back.
    */
-  sumOfSquares?: number;
+  sumOfSquares?: Expr;
 }
 
 /* ---- WebAssembly encoding ---- */
@@ -136,7 +138,7 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
   const splatBase = nextLocal;
   const splat = (j: number): number => splatBase + j;
   nextLocal += params;
-  const uses = countUses(outputs);
+  const uses = countUses(sums ? [...outputs, summed] : outputs);
   const shared = new Map<Expr, number>();
   for (const [node, count] of uses) {
     if (count > 1 && node.op !== "in" && node.op !== "param") shared.set(node, nextLocal++);
@@ -190,11 +192,12 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
   outputs.forEach((out, j) => {
     code.push(OP.localGet, ...uleb(outPtr(j)), OP.localGet, ...uleb(I), OP.i32Add);
     emit(out);
-    if (j !== summed) {
-      code.push(...simd(SIMD_OP.store), 4, 0);
-      return;
-    }
-    code.push(OP.localTee, ...uleb(SUMMED), ...simd(SIMD_OP.store), 4, 0);
+    code.push(...simd(SIMD_OP.store), 4, 0);
+  });
+  if (sums) {
+    // An output too is a shared node, computed once above: this reads its local.
+    emit(summed);
+    code.push(OP.localSet, ...uleb(SUMMED));
     // For whole vectors (I < whole end): lanes 0 and 1 promoted and squared into SUMS_LOW, lanes 2 and
     // 3 (shuffled down) into SUMS_HIGH.
     code.push(OP.localGet, ...uleb(I), OP.localGet, ...uleb(WHOLE_END), OP.i32LtU, OP.if, 0x40);
@@ -208,7 +211,7 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
       code.push(...simd(SIMD_OP.f64Mul), ...simd(SIMD_OP.f64Add), OP.localSet, ...uleb(sums));
     }
     code.push(OP.end);
-  });
+  }
   code.push(OP.localGet, ...uleb(I), OP.i32Const, 16, OP.i32Add, OP.localSet, ...uleb(I), OP.br, 0, OP.end, OP.end);
   if (sums) {
     code.push(OP.localGet, ...uleb(SUMS_AT), OP.localGet, ...uleb(SUMS_LOW), ...simd(SIMD_OP.store), 4, 0);
@@ -412,10 +415,9 @@ export class Kernel {
   private readonly outAt: number[];
 
   constructor(readonly spec: KernelSpec) {
+    // The outputs' length is the call's: a kernel that only sums still names an output to size it.
+    if (spec.outputs.length === 0) throw new RangeError("a kernel needs at least one output");
     const summed = spec.sumOfSquares;
-    if (summed !== undefined && !(Number.isInteger(summed) && summed >= 0 && summed < spec.outputs.length)) {
-      throw new RangeError(`sumOfSquares names output ${summed}, the kernel has ${spec.outputs.length}`);
-    }
     this.args = new Array<number>(1 + spec.inputs + spec.outputs.length + spec.params + (summed === undefined ? 0 : 2)).fill(0);
     this.inAt = new Array<number>(spec.inputs).fill(-1);
     this.outAt = new Array<number>(spec.outputs.length).fill(-1);
@@ -440,8 +442,7 @@ export class Kernel {
   }
 
   /**
-   * run(), and Σ v² over output `spec.sumOfSquares` in float64, added in index order: the bits of
-   * `let s = 0; for (const v of out) s += v * v`.
+   * run(), and Σ v² over the values v of `spec.sumOfSquares` in float64, in the order given there.
    */
   runSumOfSquares(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[] = []): number {
     if (this.spec.sumOfSquares === undefined) throw new RangeError("this kernel sums no output's squares");
@@ -497,6 +498,10 @@ export class Kernel {
     const wholeEndArg = 1 + slots + params.length;
     const sums = summed === undefined ? undefined : arenaSums!.fill(0);
     if (sums !== undefined) args[wholeEndArg + 1] = SUMS_AT;
+    // The summed values past the last whole vector are added here, from the inputs as they are before
+    // the call: an output may overwrite an input.
+    const whole = n & ~3;
+    const tail = summed === undefined || whole === n ? undefined : tailValues(summed, ins, params, whole, n);
     for (let start = 0; start < n; start += block) {
       const end = Math.min(n, start + block);
       const m = end - start;
@@ -526,8 +531,7 @@ export class Kernel {
       }
     }
     if (sums === undefined) return 0;
-    const whole = n & ~3;
-    return addSquares(sums[0]! + sums[1]! + (sums[2]! + sums[3]!), outs[summed!]!, whole, n);
+    return addSquares(sums[0]! + sums[1]! + (sums[2]! + sums[3]!), tail ?? [], 0, tail?.length ?? 0);
   }
 
   /** The scalar loop (also the tests' reference for the compiled form): one Math.fround per operation. */
@@ -545,11 +549,13 @@ export class Kernel {
     const { outputs, sumOfSquares: summed } = this.spec;
     const n = outs[0]!.length;
     const results = new Float64Array(outputs.length);
+    const summedValues = summed === undefined ? undefined : new Float32Array(n);
     for (let k = 0; k < n; k++) {
       for (let j = 0; j < outputs.length; j++) results[j] = evaluate(outputs[j]!, ins, params, k);
+      if (summedValues !== undefined) summedValues[k] = evaluate(summed!, ins, params, k);
       for (let j = 0; j < outputs.length; j++) outs[j]![k] = results[j]!;
     }
-    return summed === undefined ? 0 : interleavedSumOfSquares(outs[summed]!);
+    return summedValues === undefined ? 0 : interleavedSumOfSquares(summedValues);
   }
 }
 
@@ -576,8 +582,15 @@ function interleavedSumOfSquares(a: Float32Array): number {
   return addSquares(s0 + s1 + (s2 + s3), a, whole, a.length);
 }
 
+/** The values of `node` at indices from…to − 1, by the scalar form. */
+function tailValues(node: Expr, ins: readonly Float32Array[], params: readonly number[], from: number, to: number): number[] {
+  const values: number[] = [];
+  for (let k = from; k < to; k++) values.push(evaluate(node, ins, params, k));
+  return values;
+}
+
 /** sum + a[from]² + … + a[to − 1]², one float64 addition at a time. */
-function addSquares(sum: number, a: Float32Array, from: number, to: number): number {
+function addSquares(sum: number, a: ArrayLike<number>, from: number, to: number): number {
   for (let k = from; k < to; k++) {
     const v = a[k]!;
     sum += v * v;

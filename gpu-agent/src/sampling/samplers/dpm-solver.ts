@@ -6,7 +6,7 @@ import { linspaceF32 } from "../float32.js";
 import { ModelCaller, ONE_DRAW, ancestralStep, checkedNoise, expF, expm1F, logF } from "./common.js";
 import type { ModelRequest, ModelResponse, UpcomingNoise } from "./types.js";
 import type { DiscreteSchedule } from "../sigmas.js";
-import { dpmEpsCombineWithError, dpmEpsCombines, dpmEpsStages, type ScaledNoise } from "./updates.js";
+import { dpmEpsCombineWithError, dpmEpsCombines, dpmEpsStages, type DpmStart, type ScaledNoise } from "./updates.js";
 import { freshLatent, releaseLatent, supersede } from "./latent-pool.js";
 
 const f32 = Math.fround;
@@ -37,7 +37,6 @@ interface ErrorTerms {
   xPrev: Float32Array;
   atol: number;
   rtol: number;
-  scratch: Float32Array;
   noise: FinalNoise;
 }
 
@@ -52,24 +51,22 @@ const tOf = (sigma: number): number => -logF(sigma);
 
 /**
  * k-diffusion's DPMSolver steps. Its eps_cache (eps at t and at the r1 stage, shared by DPM adaptive's
- * embedded pair) is kept implicit: each attempt is written out with every eps computed once, and eps
- * itself is fused into the kernels that use it (./updates.ts).
+ * embedded pair) is kept implicit: each attempt is written out with every eps computed once per kernel,
+ * from the model's answers, which the step keeps instead (./updates.ts).
  */
 class Solver {
   readonly model: ModelCaller;
   step = 0;
   /** Noise announced with every model call of the current step. */
   upcoming: UpcomingNoise | undefined;
-  /** eps at the step's start: used within one step only, so one buffer serves the whole run. */
-  private readonly eps: Float32Array;
+  /** A multi-stage step's start (x, its answer, σ), from which each later stage computes eps; until finish(). */
+  private begun: DpmStart | undefined;
 
   constructor(
     private readonly length: number,
     schedule: DiscreteSchedule | undefined,
   ) {
     this.model = new ModelCaller(length, schedule);
-    // Kept for the whole run (resident in a run's scope): every step writes it before reading it.
-    this.eps = freshLatent(length);
   }
 
   private denoised(x: Float32Array, t: number): EvalGenerator {
@@ -77,8 +74,9 @@ class Solver {
   }
 
   /**
-   * D at (x, t), then eps into this.eps and the points x − c_j·eps (fresh arrays). With `noise` (a one-stage
-   * step), eps is not kept and the noise is added to the last point.
+   * D at (x, t), then the points x − c_j·eps (fresh arrays). A multi-stage step keeps its start for the
+   * later stages until finish(); with `noise` (a one-stage step) the noise is added to the last point and
+   * nothing is kept.
    */
   private *start(
     x: Float32Array,
@@ -87,24 +85,30 @@ class Solver {
     noise?: FinalNoise,
   ): Generator<ModelRequest, Float32Array[], ModelResponse> {
     const den = yield* this.denoised(x, t);
+    const start: DpmStart = { x, den, sigma: sigmaOf(t) };
     const outs = cs.map(() => freshLatent(this.length));
-    if (noise === undefined) dpmEpsStages([this.eps, ...outs], x, den, sigmaOf(t), cs, true);
-    else dpmEpsStages(outs, x, den, sigmaOf(t), cs, false, noise());
-    releaseLatent(den);
+    dpmEpsStages(outs, start, cs, noise?.());
+    if (noise === undefined) this.begun = start;
+    else releaseLatent(den);
     return outs;
   }
 
-  /** D at (u, s), then (x − a_j·eps) − b_j·(eps_u − eps) per pair (fresh arrays). */
+  /** The end of a multi-stage step: its start's answer is read no more. */
+  private finish(): void {
+    releaseLatent(this.begun?.den);
+    this.begun = undefined;
+  }
+
+  /** D at (u, s), then (x − a_j·eps) − b_j·(eps_u − eps) per pair (fresh arrays), x and eps from the step's start. */
   private *combine(
     u: Float32Array,
     s: number,
-    x: Float32Array,
     pairs: ReadonlyArray<readonly [number, number]>,
     noise?: FinalNoise,
   ): Generator<ModelRequest, Float32Array[], ModelResponse> {
     const den = yield* this.denoised(u, s);
     const outs = pairs.map(() => freshLatent(this.length));
-    dpmEpsCombines(outs, u, den, x, this.eps, sigmaOf(s), pairs, noise?.());
+    dpmEpsCombines(outs, u, den, this.begun!, sigmaOf(s), pairs, noise?.());
     releaseLatent(den);
     return outs;
   }
@@ -113,7 +117,6 @@ class Solver {
   private *combineWithError(
     u: Float32Array,
     s: number,
-    x: Float32Array,
     pair: readonly [number, number],
     low: Float32Array,
     error: ErrorTerms,
@@ -122,11 +125,9 @@ class Solver {
     const next = freshLatent(this.length);
     const sumSquares = dpmEpsCombineWithError(
       next,
-      error.scratch,
       u,
       den,
-      x,
-      this.eps,
+      this.begun!,
       sigmaOf(s),
       pair,
       low,
@@ -178,18 +179,20 @@ class Solver {
   *step2(x: Float32Array, t: number, tNext: number, noise: FinalNoise): EvalGenerator {
     const { s1, c1, final } = Solver.second(t, tNext, f32(tNext - t), 1 / 2);
     const [u1] = yield* this.start(x, t, [c1]);
-    const [out] = yield* this.combine(u1!, s1, x, [final], noise);
+    const [out] = yield* this.combine(u1!, s1, [final], noise);
     releaseLatent(u1);
+    this.finish();
     return out!;
   }
 
   *step3(x: Float32Array, t: number, tNext: number, noise: FinalNoise): EvalGenerator {
     const { s1, c1, s2, stage2, final } = Solver.third(t, tNext, f32(tNext - t));
     const [u1] = yield* this.start(x, t, [c1]);
-    const [u2] = yield* this.combine(u1!, s1, x, [stage2]);
+    const [u2] = yield* this.combine(u1!, s1, [stage2]);
     releaseLatent(u1);
-    const [out] = yield* this.combine(u2!, s2, x, [final], noise);
+    const [out] = yield* this.combine(u2!, s2, [final], noise);
     releaseLatent(u2);
+    this.finish();
     return out!;
   }
 
@@ -198,8 +201,9 @@ class Solver {
     const h = f32(tNext - t);
     const { s1, c1, final } = Solver.second(t, tNext, h, 1 / 2);
     const [low, u1] = yield* this.start(x, t, [Solver.first(tNext, h), c1]);
-    const pair = yield* this.combineWithError(u1!, s1, x, final, low!, error);
+    const pair = yield* this.combineWithError(u1!, s1, final, low!, error);
     releaseLatent(u1);
+    this.finish();
     return pair;
   }
 
@@ -209,10 +213,11 @@ class Solver {
     const second = Solver.second(t, tNext, h, 1 / 3);
     const third = Solver.third(t, tNext, h);
     const [u1] = yield* this.start(x, t, [second.c1]);
-    const [low, u2] = yield* this.combine(u1!, second.s1, x, [second.final, third.stage2]);
+    const [low, u2] = yield* this.combine(u1!, second.s1, [second.final, third.stage2]);
     releaseLatent(u1);
-    const pair = yield* this.combineWithError(u2!, third.s2, x, third.final, low!, error);
+    const pair = yield* this.combineWithError(u2!, third.s2, third.final, low!, error);
     releaseLatent(u2);
+    this.finish();
     return pair;
   }
 }
@@ -332,7 +337,6 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
   let s = tStart;
   let xPrev = x;
   const limit = forward ? f32(tEnd - 1e-5) : f32(tEnd + 1e-5);
-  let errors: Float32Array | undefined;
   // An accepted step adds su·s_noise·noise to its result (k-diffusion adds it even when su is 0), in the
   // pass that makes the result. That pass takes the draw; a rejected attempt keeps it for the next one,
   // so draws are consumed once per accepted step, in order, as k-diffusion consumes them.
@@ -343,9 +347,8 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
     if (solver.step >= maxSteps) throw new RangeError(`DPM adaptive did not finish within ${maxSteps} steps`);
     const t = forward ? Math.min(tEnd, f32(s + pid.h)) : Math.max(tEnd, f32(s + pid.h));
     const { tTarget, su } = ancestralT(s, t, tEnd, eta);
-    errors ??= freshLatent(x.length);
     const noise = (): ScaledNoise => ({ noise: (drawn ??= checkedNoise(o.noise, x.length)), scale: f32(su * sNoise) });
-    const terms = { xPrev, atol, rtol, scratch: errors, noise };
+    const terms = { xPrev, atol, rtol, noise };
     const { low, next, sumSquares } = order === 2 ? yield* solver.pair12(x, s, tTarget, terms) : yield* solver.pair23(x, s, tTarget, terms);
     const error = f32(f32(Math.sqrt(sumSquares)) / f32(Math.sqrt(x.length)));
     if (pid.proposeStep(error)) {

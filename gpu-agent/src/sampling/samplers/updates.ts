@@ -328,9 +328,11 @@ export function lmsStep(
 }
 
 /*
- * DPM-Solver (DPM fast / adaptive). eps = (x − D)/σ is rounded once and then used by every output of the
- * same kernel, exactly as when it was stored and read back; stage points are x − c·eps and the combined
- * updates (x − a·eps) − b·(eps₂ − eps). Fusing them saves storing and re-reading the eps arrays.
+ * DPM-Solver (DPM fast / adaptive). eps = (x − D)/σ at the step's start is not stored: each kernel that
+ * reads it computes it again from x and the start's answer D, which takes as many operands as reading a
+ * stored eps, spares the pass that made it one array written, and gives the same bits (the same float32
+ * operations on the same values). Stage points are x − c·eps and the combined updates
+ * (x − a·eps) − b·(eps₂ − eps); eps within one kernel is computed once per value and shared.
  */
 
 /** An ancestral term n·c added to the last output of a DPM-Solver kernel. */
@@ -339,51 +341,48 @@ export interface ScaledNoise {
   scale: number;
 }
 
+/** The step's start: x, the model's answer D there and σ, from which the kernels compute eps = (x − D)/σ. */
+export interface DpmStart {
+  x: Float32Array;
+  den: Float32Array;
+  sigma: number;
+}
+
 /** last + n·c, the rounding of DPM fast's separate x + su·s_noise·noise pass on the stored result. */
 const plusNoise = (last: Expr, noise: Expr, scale: Expr): Expr => e.add(last, e.mul(noise, scale));
 
-/** From (x, D[, n]): [eps,] then x − c_j·eps per coefficient [, the last + n·c]. Params: σ, c_0…[, c]. */
+/** From (x, D[, n]): x − c_j·eps per coefficient [, the last + n·c]. Params: σ, c_0…[, c]. */
 const dpmStagesKernels = new Map<string, Kernel>();
 
-export function dpmEpsStages(
-  outs: readonly Float32Array[],
-  x: Float32Array,
-  den: Float32Array,
-  sigma: number,
-  cs: readonly number[],
-  withEps: boolean,
-  noise?: ScaledNoise,
-): void {
-  const key = `${withEps}/${cs.length}/${noise !== undefined}`;
+export function dpmEpsStages(outs: readonly Float32Array[], start: DpmStart, cs: readonly number[], noise?: ScaledNoise): void {
+  const key = `${cs.length}/${noise !== undefined}`;
   let kernel = dpmStagesKernels.get(key);
   if (kernel === undefined) {
     const eps = toD(X, D, e.param(0));
     const outputs = cs.map((_, j) => e.sub(X, e.mul(e.param(1 + j), eps)));
     if (noise !== undefined) outputs.push(plusNoise(outputs.pop()!, e.in(2), e.param(1 + cs.length)));
-    kernel = new Kernel({
-      inputs: noise === undefined ? 2 : 3,
-      params: 1 + cs.length + (noise === undefined ? 0 : 1),
-      outputs: withEps ? [eps, ...outputs] : outputs,
-    });
+    kernel = new Kernel({ inputs: noise === undefined ? 2 : 3, params: 1 + cs.length + (noise === undefined ? 0 : 1), outputs });
     dpmStagesKernels.set(key, kernel);
   }
+  const { x, den, sigma } = start;
   if (noise === undefined) kernel.run(outs, [x, den], [sigma, ...cs]);
   else kernel.run(outs, [x, den, noise.noise], [sigma, ...cs, noise.scale]);
 }
 
-/** eps_u = (u − D_u)/σ_u and (x − a·eps) − b·(eps_u − eps), from operands u, D_u, x, eps and params σ_u, a, b at `p`. */
+/**
+ * eps_u = (u − D_u)/σ_u, eps = (x − D_x)/σ_x and (x − a·eps) − b·(eps_u − eps), from operands u, D_u, x, D_x
+ * and params σ_u, σ_x, a, b at `p`.
+ */
 function dpmCombineExprs(pairCount: number, p: (k: number) => Expr): Expr[] {
   const epsU = toD(X, D, p(0));
   const xIn = e.in(2);
-  const epsIn = e.in(3);
-  return Array.from({ length: pairCount }, (_, j) =>
-    e.sub(e.sub(xIn, e.mul(p(1 + 2 * j), epsIn)), e.mul(p(2 + 2 * j), e.sub(epsU, epsIn))),
-  );
+  const eps = toD(xIn, e.in(3), p(1));
+  return Array.from({ length: pairCount }, (_, j) => e.sub(e.sub(xIn, e.mul(p(2 + 2 * j), eps)), e.mul(p(3 + 2 * j), e.sub(epsU, eps))));
 }
 
 /**
- * From (u, D_u, x, eps[, n]): eps_u = (u − D_u)/σ_u, then (x − a_j·eps) − b_j·(eps_u − eps) per pair [, the
- * last + n·c]. Params: σ_u, a_0, b_0, a_1, b_1…[, c]
+ * From (u, D_u, x, D_x[, n]): (x − a_j·eps) − b_j·(eps_u − eps) per pair [, the last + n·c]. Params: σ_u, σ_x,
+ * a_0, b_0, a_1, b_1…[, c]
  */
 const dpmCombinesKernels = new Map<string, Kernel>();
 
@@ -391,8 +390,7 @@ export function dpmEpsCombines(
   outs: readonly Float32Array[],
   u: Float32Array,
   denU: Float32Array,
-  x: Float32Array,
-  eps: Float32Array,
+  start: DpmStart,
   sigmaU: number,
   pairs: ReadonlyArray<readonly [a: number, b: number]>,
   noise?: ScaledNoise,
@@ -401,12 +399,13 @@ export function dpmEpsCombines(
   let kernel = dpmCombinesKernels.get(key);
   if (kernel === undefined) {
     const outputs = dpmCombineExprs(pairs.length, e.param);
-    if (noise !== undefined) outputs.push(plusNoise(outputs.pop()!, e.in(4), e.param(1 + 2 * pairs.length)));
-    kernel = new Kernel({ inputs: noise === undefined ? 4 : 5, params: 1 + 2 * pairs.length + (noise === undefined ? 0 : 1), outputs });
+    if (noise !== undefined) outputs.push(plusNoise(outputs.pop()!, e.in(4), e.param(2 + 2 * pairs.length)));
+    kernel = new Kernel({ inputs: noise === undefined ? 4 : 5, params: 2 + 2 * pairs.length + (noise === undefined ? 0 : 1), outputs });
     dpmCombinesKernels.set(key, kernel);
   }
-  if (noise === undefined) kernel.run(outs, [u, denU, x, eps], [sigmaU, ...pairs.flat()]);
-  else kernel.run(outs, [u, denU, x, eps, noise.noise], [sigmaU, ...pairs.flat(), noise.scale]);
+  const { x, den, sigma } = start;
+  if (noise === undefined) kernel.run(outs, [u, denU, x, den], [sigmaU, sigma, ...pairs.flat()]);
+  else kernel.run(outs, [u, denU, x, den, noise.noise], [sigmaU, sigma, ...pairs.flat(), noise.scale]);
 }
 
 /**
@@ -716,55 +715,32 @@ export function uniPcDataPrediction(out: Float32Array, x: Float32Array, eps: Flo
  */
 const adaptiveErrorExpr = (low: Expr, high: Expr, xPrev: Expr, atol: Expr, rtol: Expr): Expr =>
   e.div(e.sub(low, high), e.max(atol, e.mul(rtol, e.max(e.abs(low), e.abs(xPrev)))));
-const adaptiveErrorKernel = new Kernel({
-  inputs: 3,
-  params: 2,
-  outputs: [adaptiveErrorExpr(e.in(0), e.in(1), e.in(2), e.param(0), e.param(1))],
-  sumOfSquares: 0,
-});
-
-/**
- * Σ r² over the latent in float64 (each r² of a float32 r is exact in float64, so only the order of the
- * additions matters): in the kernels' order, four interleaved running sums (interleavedSumOfSquares).
- * k-diffusion takes torch's norm, whose CPU reduction has a blocked order of its own, so no order is
- * A1111's; this one is fixed, and four chains of additions cost a quarter of one. `scratch` receives the r's.
- */
-export function adaptiveErrorSumOfSquares(
-  scratch: Float32Array,
-  low: Float32Array,
-  high: Float32Array,
-  xPrev: Float32Array,
-  atol: number,
-  rtol: number,
-): number {
-  return adaptiveErrorKernel.runSumOfSquares([scratch], [low, high, xPrev], [atol, rtol]);
-}
 
 /**
  * DPM adaptive's last combination (one pair of dpmEpsCombines: `high`) and its error against `low` in the
- * same pass: `high` is not read back. The first output is the accepted step's result high + n·c
- * (k-diffusion's separate x_high + su·s_noise·noise pass, same roundings; made whether or not the step
- * is accepted, so that an accepted one needs no pass of its own), while the error is taken on `high`
- * itself. Returns Σ r² as adaptiveErrorSumOfSquares(scratch, low, high, xPrev, …).
- * Params: σ_u, a, b, atol, rtol, c.
+ * same pass: `high` is not read back. The output is the accepted step's result high + n·c (k-diffusion's
+ * separate x_high + su·s_noise·noise pass, same roundings; made whether or not the step is accepted, so
+ * that an accepted one needs no pass of its own), while the error is taken on `high` itself. Returns
+ * Σ r² over the latent in float64 in the kernels' order (KernelSpec.sumOfSquares); the r's themselves are
+ * not stored, as only their sum is read. k-diffusion takes torch's norm, whose CPU reduction has a blocked
+ * order of its own, so no order is A1111's; this one is fixed. Operands u, D_u, x, D_x, low, x_prev, n;
+ * params σ_u, σ_x, a, b, atol, rtol, c.
  */
 const combineWithErrorKernel = (() => {
   const [high] = dpmCombineExprs(1, e.param);
   return new Kernel({
     inputs: 7,
-    params: 6,
-    outputs: [plusNoise(high!, e.in(6), e.param(5)), adaptiveErrorExpr(e.in(4), high!, e.in(5), e.param(3), e.param(4))],
-    sumOfSquares: 1,
+    params: 7,
+    outputs: [plusNoise(high!, e.in(6), e.param(6))],
+    sumOfSquares: adaptiveErrorExpr(e.in(4), high!, e.in(5), e.param(4), e.param(5)),
   });
 })();
 
 export function dpmEpsCombineWithError(
   highPlusNoise: Float32Array,
-  scratch: Float32Array,
   u: Float32Array,
   denU: Float32Array,
-  x: Float32Array,
-  eps: Float32Array,
+  start: DpmStart,
   sigmaU: number,
   pair: readonly [a: number, b: number],
   low: Float32Array,
@@ -774,8 +750,8 @@ export function dpmEpsCombineWithError(
   { noise, scale }: ScaledNoise,
 ): number {
   return combineWithErrorKernel.runSumOfSquares(
-    [highPlusNoise, scratch],
-    [u, denU, x, eps, low, xPrev, noise],
-    [sigmaU, pair[0], pair[1], atol, rtol, scale],
+    [highPlusNoise],
+    [u, denU, start.x, start.den, low, xPrev, noise],
+    [sigmaU, start.sigma, pair[0], pair[1], atol, rtol, scale],
   );
 }
