@@ -9,6 +9,16 @@
 //                             applies to (samplers_in_sampler_within_0.3ms_per_step / _per_call count them);
 //   "<sampler> b_in_sampler_per_call": b_in_sampler per model call rather than per step, since the target is
 //                             framed against one UNet evaluation and Heun-style samplers make two per step;
+//   "<sampler> b_pass_floor_per_call": measured in the same rounds as b_in_sampler: the same model calls
+//                             with one bare pass after each answer (read x and the answer, write the next
+//                             x: Euler's three resident arrays, no schedule, no noise), the least a sampler
+//                             update costs on this machine right after a model call;
+//   "pass_floor_ms_per_call_median": the median of the samplers' b_pass_floor_per_call, spread over the
+//                             whole run (one sampler's is as noisy as its own numbers);
+//   "<sampler> b_in_sampler_over_floor": b_in_sampler_per_call over pass_floor_ms_per_call_median: how many
+//                             bare passes' worth the sampler costs per model call, which carries from
+//                             machine to machine where milliseconds do not. A step of a sampler making
+//                             two model calls costs at least two passes;
 //   "<sampler> b_in_sampler_copying": b_in_sampler with latent residency off, side by side: every kernel
 //                             copies its operands into WebAssembly memory and its results out;
 //   "<sampler> b_no_prefetch": b_critical without drawing ahead, measured side by side;
@@ -56,6 +66,7 @@ export async function benchSamplerOverhead(
     out[`${r.sampler} b_in_sampler`] = r.criticalInSamplerMsPerStep!;
     const perCall = (r.criticalInSamplerMsPerStep! * r.steps) / r.modelCalls;
     out[`${r.sampler} b_in_sampler_per_call`] = perCall;
+    out[`${r.sampler} b_pass_floor_per_call`] = r.passFloorMsPerCall!;
     out[`${r.sampler} b_in_sampler_copying`] = r.criticalInSamplerCopyingMsPerStep!;
     out[`${r.sampler} b_no_prefetch`] = r.criticalNoPrefetchMsPerStep!;
     out[`${r.sampler} b_longest_block`] = r.longestBlockMs!;
@@ -78,6 +89,11 @@ export async function benchSamplerOverhead(
     if (perCall <= 0.3) meetingPerCall++;
   }
   out["harness_floor_ms"] = floor;
+  const passFloors = results.map((r) => r.passFloorMsPerCall!).sort((a, b) => a - b);
+  const mid = passFloors.length >> 1;
+  const passFloor = passFloors.length % 2 === 1 ? passFloors[mid]! : (passFloors[mid - 1]! + passFloors[mid]!) / 2;
+  out["pass_floor_ms_per_call_median"] = passFloor;
+  for (const r of results) out[`${r.sampler} b_in_sampler_over_floor`] = out[`${r.sampler} b_in_sampler_per_call`]! / passFloor;
   out["setup_ms_max"] = setup;
   // b_in_sampler, not b_critical: b_critical also holds the harness's own copies and messages (harness_floor_ms).
   out["samplers_in_sampler_within_0.3ms_per_step"] = meetingPerStep;

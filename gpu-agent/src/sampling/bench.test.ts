@@ -1,6 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { benchSamplers } from "./bench.js";
+import { residentArraysOut } from "./kernels.js";
 import { listSamplers } from "./plan.js";
 
 test("benchSamplers (a): per-sampler timings from the injected clock, and the noise each run draws", async () => {
@@ -43,9 +44,11 @@ test("benchSamplers (b): with an off-thread model every draw after the first req
   );
   for (const r of results) {
     assert.equal(r.criticalNoiseCalls, 0, `${r.sampler}: draws left on the critical path`);
-    for (const v of [r.criticalMsPerStep, r.floorMsPerStep])
+    for (const v of [r.criticalMsPerStep, r.floorMsPerStep, r.passFloorMsPerCall])
       assert.ok(v !== undefined && Number.isFinite(v) && v >= 0, `${r.sampler}: ${v}`);
   }
+  // Every run, the bare passes' included, gave its latents back.
+  assert.equal(residentArraysOut(), 0);
   // One service serves every run of the bench: its start-up is measured once, the same for each SDE sampler.
   const boots = new Set(results.filter((r) => r.workerBootMs !== undefined).map((r) => r.workerBootMs));
   assert.equal(boots.size, 1);

@@ -37,6 +37,7 @@ import { ImageRng, type LatentShape } from "./image-rng.js";
 import { listSamplers, prepareSampling, type PreparedSampling } from "./plan.js";
 import { NoiseThread } from "./noise-stream.js";
 import type { NoiseAhead } from "./noise-ahead.js";
+import { Kernel, allocateResident, e, freeResident, isResident } from "./kernels.js";
 import { setLatentResidency } from "./samplers/latent-pool.js";
 import type { ModelRequest, ModelResponse, NoiseSampler, SamplerRun } from "./samplers/types.js";
 
@@ -112,6 +113,14 @@ export interface SamplerBenchResult {
   criticalNoPrefetchMsPerStep?: number;
   /** (b) of the harness alone (a do-nothing sampler making as many model calls). */
   floorMsPerStep?: number;
+  /**
+   * (b) the least a sampler update can cost here, per model call: a "sampler" that makes the same model
+   * calls and after each answer does one pass over the latent, reading x and the answer and writing the
+   * next x (Euler's three arrays, resident), measured in the same rounds as the sampler. After a 30 ms
+   * model call the caches are cold, so this is mostly the machine's memory: with it, a sampler's number
+   * reads as how many such passes it costs, and the target as how many a step may cost here.
+   */
+  passFloorMsPerCall?: number;
   /** (b) noise draws or tree queries still made on the critical path (inside the sampler, not ahead). */
   criticalNoiseCalls?: number;
 }
@@ -371,6 +380,31 @@ function* replay(requests: readonly ModelRequest[]): SamplerRun {
   return requests[0]!.x;
 }
 
+/** x + (x − D)·c: one pass that reads the latent and the answer and writes the next latent. */
+const barePass = new Kernel({ inputs: 2, params: 1, outputs: [e.add(e.in(0), e.mul(e.sub(e.in(0), e.in(1)), e.param(0)))] });
+
+/**
+ * The same model calls as a recorded run, with one bare pass after each answer, its latents and the
+ * answer slot resident as a sampler's are: passFloorMsPerCall.
+ */
+function* barePasses(requests: readonly ModelRequest[]): SamplerRun {
+  const n = requests[0]!.x.length;
+  const slots = [0, 1, 2].map(() => allocateResident(n) ?? new Float32Array(n));
+  try {
+    let [x, next] = [slots[0]!, slots[1]!];
+    const into = slots[2]!;
+    x.set(requests[0]!.x);
+    for (const request of requests) {
+      const response = yield { ...request, x, into };
+      barePass.run([next], [x, response instanceof Float32Array ? response : response.output], [0.5]);
+      [x, next] = [next, x];
+    }
+    return x.slice();
+  } finally {
+    for (const a of slots) if (isResident(a)) freeResident(a);
+  }
+}
+
 function measureSync(bench: BenchCase): SamplerBenchResult {
   const sync = prepare(bench);
   const { ms, modelCalls } = runSync(sync, bench.now);
@@ -393,6 +427,7 @@ type OffThreadNumbers = Pick<
   | "criticalInThreadMsPerStep"
   | "criticalNoPrefetchMsPerStep"
   | "floorMsPerStep"
+  | "passFloorMsPerCall"
   | "criticalNoiseCalls"
   | "longestBlockMs"
   | "longestBlockInThreadMs"
@@ -416,6 +451,7 @@ function minimum(a: OffThreadNumbers, b: OffThreadNumbers): OffThreadNumbers {
     criticalAfterStartMsPerStep: min(a.criticalAfterStartMsPerStep, b.criticalAfterStartMsPerStep),
     criticalNoPrefetchMsPerStep: min(a.criticalNoPrefetchMsPerStep, b.criticalNoPrefetchMsPerStep),
     floorMsPerStep: min(a.floorMsPerStep, b.floorMsPerStep),
+    passFloorMsPerCall: min(a.passFloorMsPerCall, b.passFloorMsPerCall),
     criticalNoiseCalls: Math.max(a.criticalNoiseCalls ?? 0, b.criticalNoiseCalls ?? 0),
   };
 }
@@ -483,6 +519,12 @@ async function measureOffThread(
   }
   const floor = await runOffThread(replay(requests), model, undefined);
   out.floorMsPerStep = (floor.wallMs - floor.modelMs) / reported;
+  // Once untimed first, with the trivial model in this thread: the samplers' runs are warmed up too.
+  const warm = barePasses(requests);
+  for (let r = warm.next(); !r.done; r = warm.next(computeAnswer(r.value)));
+  const passes = await runOffThread(barePasses(requests), model, undefined);
+  // Like a sampler's, its first resumption (the start) and its copy of the result out are in it.
+  out.passFloorMsPerCall = passes.samplerMs / requests.length;
   return out;
 }
 
