@@ -228,6 +228,33 @@ test("resident operands (in the kernels' memory) give the same bits as copied on
   }
 });
 
+test("an output written over its own input is in place; one over an input shifted in the same memory is not corrupted", () => {
+  // Whole vectors: an output view that is no slot of its own is written where it is only then.
+  const n = 4096;
+  const source = operand(prng(41), n + 8);
+  // Two outputs that both read input 0: the first is written over input 0 itself.
+  const kernel = new Kernel({ inputs: 2, params: 1, outputs: [e.mul(e.sub(e.in(0), e.in(1)), e.param(0)), e.add(e.in(0), e.in(1))] });
+  const ps = [Math.fround(0.75)];
+  const other = operand(prng(42), n);
+  const slot = allocateResident(n + 8)!;
+  const second = allocateResident(n)!;
+  try {
+    for (const shift of [0, 4, -4]) {
+      slot.set(source);
+      // Input 0 at values 4…, output 0 at 4 + shift: the same place, or overlapping it a vector later or earlier.
+      const input = new Float32Array(slot.buffer, slot.byteOffset + 16, n);
+      const output = new Float32Array(slot.buffer, slot.byteOffset + 16 + shift * 4, n);
+      const want = [new Float32Array(n), new Float32Array(n)];
+      kernel.runReference(want, [input.slice(), other], ps);
+      kernel.run([output, second], [input, other], ps);
+      assert.ok(sameBits(output, want[0]!) && sameBits(second, want[1]!), `shift ${shift}`);
+    }
+  } finally {
+    freeResident(slot);
+    freeResident(second);
+  }
+});
+
 test("whole-latent calls (every operand resident) and copied operands in compact scratch slots give the reference's bits and sums", () => {
   const random = prng(31);
   const taken: Float32Array[] = [];

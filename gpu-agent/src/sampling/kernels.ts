@@ -143,6 +143,12 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
   for (const [node, count] of uses) {
     if (count > 1 && node.op !== "in" && node.op !== "param") shared.set(node, nextLocal++);
   }
+  // Each input read is loaded once per vector, before any output is stored: an output may then be
+  // written over one of the inputs, at the same place (Kernel.execute).
+  const read = new Set<number>();
+  for (const node of uses.keys()) if (node.op === "in") read.add(node.index);
+  const inputLocal = new Map<number, number>();
+  for (const index of [...read].sort((a, b) => a - b)) inputLocal.set(index, nextLocal++);
   const SUMMED = nextLocal++;
   const SQUARE = nextLocal++;
   // Sums S₀, S₁ (low lanes) and S₂, S₃ (high lanes).
@@ -160,6 +166,20 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
   code.push(OP.i32Const, 0, OP.localSet, ...uleb(I));
   code.push(OP.block, 0x40, OP.loop, 0x40);
   code.push(OP.localGet, ...uleb(I), OP.localGet, ...uleb(END), OP.i32GeU, OP.brIf, 1);
+  for (const [index, local] of inputLocal) {
+    code.push(
+      OP.localGet,
+      ...uleb(inPtr(index)),
+      OP.localGet,
+      ...uleb(I),
+      OP.i32Add,
+      ...simd(SIMD_OP.load),
+      4,
+      0,
+      OP.localSet,
+      ...uleb(local),
+    );
+  }
   const computed = new Set<Expr>();
   const emit = (node: Expr): void => {
     const local = shared.get(node);
@@ -169,7 +189,7 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
     }
     switch (node.op) {
       case "in":
-        code.push(OP.localGet, ...uleb(inPtr(node.index)), OP.localGet, ...uleb(I), OP.i32Add, ...simd(SIMD_OP.load), 4, 0);
+        code.push(OP.localGet, ...uleb(inputLocal.get(node.index)!));
         break;
       case "param":
         code.push(OP.localGet, ...uleb(splat(node.index)));
@@ -435,7 +455,8 @@ export class Kernel {
 
   /**
    * outs[j][k] = outputs[j](ins[…][k], params) for k < outs[0].length. Outputs may be the same arrays
-   * as inputs (every input is read before any output is written).
+   * as inputs (every input is read before any output is written): an output that is an input itself is
+   * written in place, one that overlaps an input elsewhere goes through scratch.
    */
   run(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[] = []): void {
     this.execute(outs, ins, params);
@@ -476,11 +497,13 @@ export class Kernel {
     for (let j = 0; j < outs.length; j++) {
       const out = outs[j]!;
       let at = isResident(out) && (n % 4 === 0 || slotViews.has(out)) ? out.byteOffset : -1;
-      // Written in place only if no input is read from the same bytes: with several outputs, a later
-      // output's expression would read what an earlier one just stored.
+      // Written where it is unless an input is read from overlapping bytes at another place: each vector of
+      // every input is loaded before that vector of any output is stored, so the same place is safe, but
+      // a shifted one would read values this call has already written. (Two outputs in one place are
+      // the caller's error.)
       for (let i = 0; at >= 0 && i < ins.length; i++) {
         const from = inAt[i]!;
-        if (from >= 0 && from < at + n4 * 4 && at < from + n4 * 4) at = -1;
+        if (from >= 0 && from !== at && from < at + n4 * 4 && at < from + n4 * 4) at = -1;
       }
       outAt[j] = at >= 0 ? at : -1 - copied++;
     }
