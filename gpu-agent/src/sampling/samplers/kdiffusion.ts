@@ -34,7 +34,7 @@ import {
   midpointAncestralStep,
   midpointStep,
 } from "./updates.js";
-import { freshLatent, releaseLatent, supersede } from "./latent-pool.js";
+import { freshLatent, releaseLatent, resultInPlaceOf, supersede } from "./latent-pool.js";
 import type { SamplerOptions, SamplerRun } from "./types.js";
 
 const f32 = Math.fround;
@@ -76,7 +76,7 @@ function churn(x: Float32Array, sigmas: Float32Array, i: number, c: Churn, optio
   // γ > 0 only up to lastDraw, so a step with churn always has its draw.
   if (!(gamma > 0) || raw === undefined) return { x, sigmaHat };
   const scale = f32(Math.sqrt(f32(f32(sigmaHat * sigmaHat) - f32(sigma * sigma))));
-  return { x: addNoise(freshLatent(x.length), x, raw, c.sNoise, scale), sigmaHat };
+  return { x: addNoise(resultInPlaceOf(x), x, raw, c.sNoise, scale), sigmaHat };
 }
 
 /** The churn draw of the next step, announced while this step's model call runs (none past the last read one). */
@@ -91,7 +91,7 @@ export function* sampleEuler(x: Float32Array, options: SamplerOptions): SamplerR
     const churned = churn(x, sigmas, i, c, options);
     x = supersede(x, churned.x);
     const denoised = yield* model.denoise(x, churned.sigmaHat, i, nextChurn(c, i));
-    x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, churned.sigmaHat, f32(sigmas[i + 1]! - churned.sigmaHat)), denoised);
+    x = supersede(x, eulerStep(resultInPlaceOf(x), x, denoised, churned.sigmaHat, f32(sigmas[i + 1]! - churned.sigmaHat)), denoised);
   }
   return x;
 }
@@ -108,7 +108,7 @@ export function* sampleEulerAncestral(x: Float32Array, options: SamplerOptions):
     const denoised = yield* model.denoise(x, sigma, i, next > 0 ? ONE_DRAW : undefined);
     const { sigmaDown, sigmaUp } = ancestralStep(sigma, next, eta);
     const dt = f32(sigmaDown - sigma);
-    const out = freshLatent(x.length);
+    const out = resultInPlaceOf(x);
     // Drawn whenever σnext > 0, also at eta 0 (then scaled by σ_up = 0).
     x = supersede(
       x,
@@ -139,7 +139,7 @@ export function* sampleHeun(x: Float32Array, options: SamplerOptions): SamplerRu
       x = supersede(x, x2, denoised);
     } else {
       const denoised2 = yield* model.denoise(x2, next, i, upcoming);
-      x = supersede(x, heunStep(freshLatent(x.length), x, denoised, denoised2, sigmaHat, next, dt), x2, denoised, denoised2);
+      x = supersede(x, heunStep(resultInPlaceOf(x), x, denoised, denoised2, sigmaHat, next, dt), x2, denoised, denoised2);
     }
   }
   return x;
@@ -158,13 +158,13 @@ export function* sampleDpm2(x: Float32Array, options: SamplerOptions): SamplerRu
     const upcoming = nextChurn(c, i);
     const denoised = yield* model.denoise(x, sigmaHat, i, upcoming);
     if (next === 0) {
-      x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, sigmaHat, f32(next - sigmaHat)), denoised);
+      x = supersede(x, eulerStep(resultInPlaceOf(x), x, denoised, sigmaHat, f32(next - sigmaHat)), denoised);
     } else {
       const sigmaMid = expF(lerpF(logF(sigmaHat), logF(next), 0.5));
       const x2 = eulerStep(freshLatent(x.length), x, denoised, sigmaHat, f32(sigmaMid - sigmaHat));
       releaseLatent(denoised);
       const denoised2 = yield* model.denoise(x2, sigmaMid, i, upcoming);
-      x = supersede(x, midpointStep(freshLatent(x.length), x, x2, denoised2, sigmaMid, f32(next - sigmaHat)), x2, denoised2);
+      x = supersede(x, midpointStep(resultInPlaceOf(x), x, x2, denoised2, sigmaMid, f32(next - sigmaHat)), x2, denoised2);
     }
   }
   return x;
@@ -182,7 +182,7 @@ export function* sampleDpm2Ancestral(x: Float32Array, options: SamplerOptions): 
     const upcoming = sigmaDown === 0 ? undefined : ONE_DRAW;
     const denoised = yield* model.denoise(x, sigma, i, upcoming);
     if (sigmaDown === 0) {
-      x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, sigma, f32(sigmaDown - sigma)), denoised);
+      x = supersede(x, eulerStep(resultInPlaceOf(x), x, denoised, sigma, f32(sigmaDown - sigma)), denoised);
     } else {
       const sigmaMid = expF(lerpF(logF(sigma), logF(sigmaDown), 0.5));
       const x2 = eulerStep(freshLatent(x.length), x, denoised, sigma, f32(sigmaMid - sigma));
@@ -191,7 +191,7 @@ export function* sampleDpm2Ancestral(x: Float32Array, options: SamplerOptions): 
       const noise = checkedNoise(options.noise, x.length);
       x = supersede(
         x,
-        midpointAncestralStep(freshLatent(x.length), x, x2, denoised2, noise, sigmaMid, f32(sigmaDown - sigma), sNoise, sigmaUp),
+        midpointAncestralStep(resultInPlaceOf(x), x, x2, denoised2, noise, sigmaMid, f32(sigmaDown - sigma), sNoise, sigmaUp),
         x2,
         denoised2,
       );
@@ -239,7 +239,7 @@ export function* sampleLms(x: Float32Array, options: SamplerOptions, order = 4):
     const sigma = sigmas[i]!;
     const denoised = yield* model.denoise(x, sigma, i);
     const d = spare ?? freshLatent(x.length);
-    const out = freshLatent(x.length);
+    const out = resultInPlaceOf(x);
     lmsStep(out, d, x, denoised, ds, sigma, coefficientsAt[i]!);
     ds.unshift(d);
     spare = ds.length > order ? ds.pop() : undefined;
@@ -260,7 +260,8 @@ export function* sampleDpmppSecondOrderAncestral(x: Float32Array, options: Sampl
     const upcoming = next > 0 ? ONE_DRAW : undefined;
     const denoised = yield* model.denoise(x, sigma, i, upcoming);
     const { sigmaDown, sigmaUp } = ancestralStep(sigma, next, eta);
-    const out = freshLatent(x.length);
+    // Written last, after every read of x.
+    const out = resultInPlaceOf(x);
     if (sigmaDown === 0) {
       const dt = f32(sigmaDown - sigma);
       x = supersede(
@@ -306,7 +307,7 @@ export function* sampleDpmppSde(x: Float32Array, options: SamplerOptions, r = 0.
     const next = sigmas[i + 1]!;
     if (next === 0) {
       const denoised = yield* model.denoise(x, sigma, i);
-      x = supersede(x, eulerStep(freshLatent(x.length), x, denoised, sigma, f32(next - sigma)), denoised);
+      x = supersede(x, eulerStep(resultInPlaceOf(x), x, denoised, sigma, f32(next - sigma)), denoised);
       continue;
     }
     const t = tOfSigma(sigma);
@@ -338,7 +339,7 @@ export function* sampleDpmppSde(x: Float32Array, options: SamplerOptions, r = 0.
     x = supersede(
       x,
       dpmppSdeFinalStep(
-        freshLatent(x.length),
+        resultInPlaceOf(x),
         x,
         denoised,
         denoised2,
@@ -372,7 +373,7 @@ export function* sampleDpmpp2m(x: Float32Array, options: SamplerOptions): Sample
     const h = f32(tNext - t);
     const ratio = f32(sigmaOfT(tNext) / sigmaOfT(t));
     const expm1NegH = expm1F(-h);
-    const out = freshLatent(x.length);
+    const out = resultInPlaceOf(x);
     if (oldDenoised === undefined || next === 0) {
       x = supersede(x, dpmSolverStep(out, x, denoised, ratio, expm1NegH));
     } else {
@@ -423,7 +424,7 @@ export function* sampleDpmpp2mSde(x: Float32Array, options: SamplerOptions, solv
       const noiseTerm = noisy
         ? { noise: noise(sigma, next), sigmaNext: next, root: f32(Math.sqrt(-expm1F(f32(-2 * etaH)))), sNoise }
         : undefined;
-      x = supersede(x, dpmpp2mSdeStep(freshLatent(x.length), x, denoised, xScale, dScale, old, noiseTerm));
+      x = supersede(x, dpmpp2mSdeStep(resultInPlaceOf(x), x, denoised, xScale, dScale, old, noiseTerm));
       hLast = h;
     }
     // At the last step x is this denoised; the run returns it.
@@ -471,7 +472,7 @@ export function* sampleDpmpp3mSde(x: Float32Array, options: SamplerOptions): Sam
       const noiseTerm = noisy
         ? { noise: noise(sigma, next), sigmaNext: next, root: f32(Math.sqrt(-expm1F(f32(f32(-2 * h) * f32(eta))))), sNoise }
         : undefined;
-      x = supersede(x, dpmpp3mSdeStep(freshLatent(x.length), x, denoised, xScale, dScale, history, noiseTerm));
+      x = supersede(x, dpmpp3mSdeStep(resultInPlaceOf(x), x, denoised, xScale, dScale, history, noiseTerm));
     }
     releaseLatent(denoised2);
     denoised2 = denoised1;
@@ -498,7 +499,7 @@ export function* sampleLcm(x: Float32Array, options: SamplerOptions & { lcm: Lcm
     const eps = yield* model.eps(x, timestep, sigma, i, cIn, next > 0 ? ONE_DRAW : undefined);
     const { cSkip, cOut } = lcm.boundaryScalings(sigma);
     const noise = next > 0 ? { noise: checkedNoise(options.noise, x.length), sigmaNext: next } : undefined;
-    x = supersede(x, lcmStep(freshLatent(x.length), x, eps, -f32(sigma), cOut, cSkip, noise), eps);
+    x = supersede(x, lcmStep(resultInPlaceOf(x), x, eps, -f32(sigma), cOut, cSkip, noise), eps);
   }
   return x;
 }

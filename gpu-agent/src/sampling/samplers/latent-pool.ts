@@ -23,8 +23,8 @@ import type { ModelRequest, ModelResponse, SamplerRun } from "./types.js";
  * Outside a scope, arrays come from the pool below, allocated while the model runs instead of on the
  * sampler's critical path.
  *
- * A sampler cannot reuse its output arrays: each one is yielded to the driver (or returned), and a
- * yielded array is never written again. So every step needs a new 4×128×128 array, and allocating one
+ * Outside a scope a sampler does not reuse its output arrays: each one is yielded to the driver (or
+ * returned), and the driver may hold it. So every step needs a new 4×128×128 array, and allocating one
  * costs far more than the step's arithmetic: a 256 KB zeroed backing store is fresh memory whose pages
  * fault in on first write, and the garbage it leaves drives GC. Before a sampler yields a model
  * request it asks for the arrays it will need once the answer arrives; they are allocated and paged in
@@ -75,6 +75,18 @@ export function heldByRun(a: Float32Array): boolean {
 export function releaseLatent(...arrays: (Float32Array | undefined)[]): void {
   if (current === undefined) return;
   for (const a of arrays) if (a !== undefined) current.release(a);
+}
+
+/**
+ * Where a step's result that replaces `x` goes: into x itself when the run holds it, else a fresh array (x
+ * is the caller's start latent, or residency is off). Only for a step whose kernel reads x at the index it
+ * writes and whose sampler reads x no more: a kernel loads each value of its inputs before it stores that
+ * of its outputs, and a driver is done with a request's arrays once it resumes the sampler. In place, the
+ * step writes where it has just read instead of a latent last touched a model call ago, and takes and gives
+ * back no array. Pass the result to supersede(x, …), which releases x only when it was not reused.
+ */
+export function resultInPlaceOf(x: Float32Array): Float32Array {
+  return current?.holds(x) === true ? x : freshLatent(x.length);
 }
 
 /**

@@ -3,7 +3,7 @@ import { karrasSigmas } from "../schedules.js";
 import { ModelCaller, ONE_DRAW, checkSigmas, checkedNoise } from "./common.js";
 import type { SamplerOptions, SamplerRun } from "./types.js";
 import { addNoise, eulerStep, heunStep } from "./updates.js";
-import { freshLatent, supersede } from "./latent-pool.js";
+import { freshLatent, resultInPlaceOf, supersede } from "./latent-pool.js";
 
 const f32 = Math.fround;
 
@@ -68,7 +68,7 @@ export function* sampleRestart(x: Float32Array, options: SamplerOptions): Sample
       // Jumping back up: fresh noise to raise the level from lastSigma to oldSigma.
       const n = checkedNoise(options.noise, x.length);
       const scale = f32(Math.sqrt(f32(f32(oldSigma * oldSigma) - f32(lastSigma * lastSigma))));
-      x = supersede(x, addNoise(freshLatent(x.length), x, n, sNoise, scale));
+      x = supersede(x, addNoise(resultInPlaceOf(x), x, n, sNoise, scale));
     }
     // The next item jumps back up when its start lies above this item's end.
     const following = stepList[step + 1];
@@ -80,7 +80,7 @@ export function* sampleRestart(x: Float32Array, options: SamplerOptions): Sample
       x = supersede(x, x2, denoised);
     } else {
       const denoised2 = yield* model.denoise(x2, newSigma, step, upcoming);
-      x = supersede(x, heunStep(freshLatent(x.length), x, denoised, denoised2, oldSigma, newSigma, dt), x2, denoised, denoised2);
+      x = supersede(x, heunStep(resultInPlaceOf(x), x, denoised, denoised2, oldSigma, newSigma, dt), x2, denoised, denoised2);
     }
     lastSigma = newSigma;
   }

@@ -17,7 +17,7 @@ import {
   type UniPcFusedStep,
   type UniPcTerms,
 } from "./updates.js";
-import { freshLatent, releaseLatent, supersede } from "./latent-pool.js";
+import { freshLatent, releaseLatent, resultInPlaceOf, supersede } from "./latent-pool.js";
 
 const f32 = Math.fround;
 
@@ -102,7 +102,7 @@ function* ddimLoop(x: Float32Array, o: TimestepSamplerOptions, cfgpp: boolean): 
     const dirScale = f32(Math.sqrt(f32(f32(1 - aPrev) - f32(sigmaT * sigmaT))));
     // A1111 draws this noise every step, also at eta 0.
     const n = checkedNoise(o.noise, x.length);
-    x = supersede(x, ddimStep(freshLatent(x.length), x, eps, direction, n, s1m, sqrtAT, sqrtAPrev, dirScale, sigmaT), eps);
+    x = supersede(x, ddimStep(resultInPlaceOf(x), x, eps, direction, n, s1m, sqrtAT, sqrtAPrev, dirScale, sigmaT), eps);
   }
   return x;
 }
@@ -139,9 +139,9 @@ export function* samplePlms(x: Float32Array, o: TimestepSamplerOptions): Run {
       // Pseudo improved Euler: a second evaluation at the next timestep.
       const xPrev = plmsStep(freshLatent(x.length), x, e, "plain", undefined, coefficients);
       const eNext = yield* model.eps(xPrev, tNext, sigmaAt(schedule, tNext), i);
-      x = supersede(x, plmsStep(freshLatent(x.length), x, e, [], eNext, coefficients), xPrev, eNext);
+      x = supersede(x, plmsStep(resultInPlaceOf(x), x, e, [], eNext, coefficients), xPrev, eNext);
     } else {
-      x = supersede(x, plmsStep(freshLatent(x.length), x, e, [...oldEps].reverse(), undefined, coefficients));
+      x = supersede(x, plmsStep(resultInPlaceOf(x), x, e, [...oldEps].reverse(), undefined, coefficients));
     }
     oldEps.push(e);
     if (oldEps.length >= 4) releaseLatent(oldEps.shift());
