@@ -11,7 +11,7 @@
 //                             framed against one UNet evaluation and Heun-style samplers make two per step;
 //   "<sampler> b_pass_floor_per_call": measured in the same rounds as b_in_sampler: the same model calls
 //                             with one bare pass after each answer (read x and the answer, write the next
-//                             x: Euler's three resident arrays, no schedule, no noise), the least a sampler
+//                             x over x, resident, as Euler's step: no schedule, no noise), the least a sampler
 //                             update costs on this machine right after a model call;
 //   "pass_floor_ms_per_call_median": the median of the samplers' b_pass_floor_per_call, spread over the
 //                             whole run (one sampler's is as noisy as its own numbers);

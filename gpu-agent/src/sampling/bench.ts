@@ -116,7 +116,7 @@ export interface SamplerBenchResult {
   /**
    * (b) the least a sampler update can cost here, per model call: a "sampler" that makes the same model
    * calls and after each answer does one pass over the latent, reading x and the answer and writing the
-   * next x (Euler's three arrays, resident), measured in the same rounds as the sampler. After a 30 ms
+   * next x over x (as Euler does, resident), measured in the same rounds as the sampler. After a 30 ms
    * model call the caches are cold, so this is mostly the machine's memory: with it, a sampler's number
    * reads as how many such passes it costs, and the target as how many a step may cost here.
    */
@@ -380,7 +380,7 @@ function* replay(requests: readonly ModelRequest[]): SamplerRun {
   return requests[0]!.x;
 }
 
-/** x + (x − D)·c: one pass that reads the latent and the answer and writes the next latent. */
+/** x + (x − D)·c: one pass that reads the latent and the answer and writes the next latent over it. */
 const barePass = new Kernel({ inputs: 2, params: 1, outputs: [e.add(e.in(0), e.mul(e.sub(e.in(0), e.in(1)), e.param(0)))] });
 
 /**
@@ -389,15 +389,13 @@ const barePass = new Kernel({ inputs: 2, params: 1, outputs: [e.add(e.in(0), e.m
  */
 function* barePasses(requests: readonly ModelRequest[]): SamplerRun {
   const n = requests[0]!.x.length;
-  const slots = [0, 1, 2].map(() => allocateResident(n) ?? new Float32Array(n));
+  const slots = [0, 1].map(() => allocateResident(n) ?? new Float32Array(n));
   try {
-    let [x, next] = [slots[0]!, slots[1]!];
-    const into = slots[2]!;
+    const [x, into] = [slots[0]!, slots[1]!];
     x.set(requests[0]!.x);
     for (const request of requests) {
       const response = yield { ...request, x, into };
-      barePass.run([next], [x, response instanceof Float32Array ? response : response.output], [0.5]);
-      [x, next] = [next, x];
+      barePass.run([x], [x, response instanceof Float32Array ? response : response.output], [0.5]);
     }
     return x.slice();
   } finally {
