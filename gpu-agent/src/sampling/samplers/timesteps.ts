@@ -469,15 +469,21 @@ export function* runUniPc(x: Float32Array, p: UniPcPlan): Run {
       // The last update, without a corrector: its predictor is the result.
       if (fused === undefined) return xt;
       const eps = yield* modelEps(xt, at);
-      const modelT = freshLatent(n);
+      // Both outputs go over the inputs that die with this pass, where the run holds them: the model
+      // output over the answer eps, the next x_t over this x_t.
+      const modelT = resultInPlaceOf(eps);
       // The history after the update: its model output appended, the last `order` entries kept.
       const nextModelPrev = [...modelPrev, modelT].slice(-order);
       // The plan's orders rise by at most one per update, so the next update's older outputs are this
       // one's m₀, m₁… from the front, which the fused kernel reads anyway.
-      predicted = freshLatent(n);
+      predicted = resultInPlaceOf(xt);
       uniPcCorrectThenPredict(modelT, predicted, xt, m0, older, eps, fused);
-      // Dead now: x_t, eps, and the model output the history drops.
-      releaseLatent(xt, eps, modelPrev.length >= order ? modelPrev[0] : undefined);
+      // Dead now: x_t and eps unless written over, and the model output the history drops.
+      releaseLatent(
+        predicted === xt ? undefined : xt,
+        modelT === eps ? undefined : eps,
+        modelPrev.length >= order ? modelPrev[0] : undefined,
+      );
       updateIndex++;
       modelPrev = nextModelPrev;
     }
