@@ -13,12 +13,12 @@
 //                             with one bare pass after each answer (read x and the answer, write the next
 //                             x over x, resident, as Euler's step: no schedule, no noise), the least a sampler
 //                             update costs on this machine right after a model call;
-//   "pass_floor_ms_per_call_median": the median of the samplers' b_pass_floor_per_call, spread over the
-//                             whole run (one sampler's is as noisy as its own numbers);
-//   "<sampler> b_in_sampler_over_floor": b_in_sampler_per_call over pass_floor_ms_per_call_median: how many
-//                             bare passes' worth the sampler costs per model call, which carries from
-//                             machine to machine where milliseconds do not. A step of a sampler making
-//                             two model calls costs at least two passes;
+//   "<sampler> b_in_sampler_over_floor": b_in_sampler_per_call over b_pass_floor_per_call: how many bare
+//                             passes' worth the sampler costs per model call, which carries from machine
+//                             to machine, and through a machine's slower and faster minutes, where
+//                             milliseconds do not (this VM's floor doubled halfway through one run). A
+//                             step of a sampler making two model calls costs at least two passes;
+//   "pass_floor_ms_per_call_median": the median of the samplers' b_pass_floor_per_call over the run;
 //   "<sampler> b_in_sampler_copying": b_in_sampler with latent residency off, side by side: every kernel
 //                             copies its operands into WebAssembly memory and its results out;
 //   "<sampler> b_no_prefetch": b_critical without drawing ahead, measured side by side;
@@ -67,6 +67,7 @@ export async function benchSamplerOverhead(
     const perCall = (r.criticalInSamplerMsPerStep! * r.steps) / r.modelCalls;
     out[`${r.sampler} b_in_sampler_per_call`] = perCall;
     out[`${r.sampler} b_pass_floor_per_call`] = r.passFloorMsPerCall!;
+    out[`${r.sampler} b_in_sampler_over_floor`] = perCall / r.passFloorMsPerCall!;
     out[`${r.sampler} b_in_sampler_copying`] = r.criticalInSamplerCopyingMsPerStep!;
     out[`${r.sampler} b_no_prefetch`] = r.criticalNoPrefetchMsPerStep!;
     out[`${r.sampler} b_longest_block`] = r.longestBlockMs!;
@@ -93,7 +94,6 @@ export async function benchSamplerOverhead(
   const mid = passFloors.length >> 1;
   const passFloor = passFloors.length % 2 === 1 ? passFloors[mid]! : (passFloors[mid - 1]! + passFloors[mid]!) / 2;
   out["pass_floor_ms_per_call_median"] = passFloor;
-  for (const r of results) out[`${r.sampler} b_in_sampler_over_floor`] = out[`${r.sampler} b_in_sampler_per_call`]! / passFloor;
   out["setup_ms_max"] = setup;
   // b_in_sampler, not b_critical: b_critical also holds the harness's own copies and messages (harness_floor_ms).
   out["samplers_in_sampler_within_0.3ms_per_step"] = meetingPerStep;
