@@ -215,7 +215,7 @@ function moduleBytes(spec: KernelSpec): Uint8Array {
     code.push(...simd(SIMD_OP.store), 4, 0);
   });
   if (sums) {
-    // An output too is a shared node, computed once above: this reads its local.
+    // When it is also an output, it is a shared node computed above, and this reads its local.
     emit(summed);
     code.push(OP.localSet, ...uleb(SUMMED));
     // For whole vectors (I < whole end): lanes 0 and 1 promoted and squared into SUMS_LOW, lanes 2 and
@@ -466,7 +466,7 @@ export class Kernel {
    * run(), and Σ v² over the values v of `spec.sumOfSquares` in float64, in the order given there.
    */
   runSumOfSquares(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[] = []): number {
-    if (this.spec.sumOfSquares === undefined) throw new RangeError("this kernel sums no output's squares");
+    if (this.spec.sumOfSquares === undefined) throw new RangeError("this kernel sums no squares");
     return this.execute(outs, ins, params);
   }
 
@@ -564,7 +564,7 @@ export class Kernel {
 
   /** runSumOfSquares by the scalar loop. */
   runSumOfSquaresReference(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[] = []): number {
-    if (this.spec.sumOfSquares === undefined) throw new RangeError("this kernel sums no output's squares");
+    if (this.spec.sumOfSquares === undefined) throw new RangeError("this kernel sums no squares");
     return this.reference(outs, ins, params);
   }
 

@@ -23,8 +23,8 @@ import type { ModelRequest, ModelResponse, SamplerRun } from "./types.js";
  * Outside a scope, arrays come from the pool below, allocated while the model runs instead of on the
  * sampler's critical path.
  *
- * Outside a scope a sampler does not reuse its output arrays: each one is yielded to the driver (or
- * returned), and the driver may hold it. So every step needs a new 4×128×128 array, and allocating one
+ * Outside a scope nothing tells a sampler's own arrays from the caller's start latent, so a step never
+ * writes over its x there (resultInPlaceOf): every step needs a new 4×128×128 array, and allocating one
  * costs far more than the step's arithmetic: a 256 KB zeroed backing store is fresh memory whose pages
  * fault in on first write, and the garbage it leaves drives GC. Before a sampler yields a model
  * request it asks for the arrays it will need once the answer arrives; they are allocated and paged in
