@@ -161,8 +161,8 @@ export function* sampleDpm2(x: Float32Array, options: SamplerOptions): SamplerRu
       x = supersede(x, eulerStep(resultInPlaceOf(x), x, denoised, sigmaHat, f32(next - sigmaHat)), denoised);
     } else {
       const sigmaMid = expF(lerpF(logF(sigmaHat), logF(next), 0.5));
-      const x2 = eulerStep(freshLatent(x.length), x, denoised, sigmaHat, f32(sigmaMid - sigmaHat));
-      releaseLatent(denoised);
+      // The answer is read no more: the midpoint goes over it.
+      const x2 = supersede(denoised, eulerStep(resultInPlaceOf(denoised), x, denoised, sigmaHat, f32(sigmaMid - sigmaHat)));
       const denoised2 = yield* model.denoise(x2, sigmaMid, i, upcoming);
       x = supersede(x, midpointStep(resultInPlaceOf(x), x, x2, denoised2, sigmaMid, f32(next - sigmaHat)), x2, denoised2);
     }
@@ -185,8 +185,7 @@ export function* sampleDpm2Ancestral(x: Float32Array, options: SamplerOptions): 
       x = supersede(x, eulerStep(resultInPlaceOf(x), x, denoised, sigma, f32(sigmaDown - sigma)), denoised);
     } else {
       const sigmaMid = expF(lerpF(logF(sigma), logF(sigmaDown), 0.5));
-      const x2 = eulerStep(freshLatent(x.length), x, denoised, sigma, f32(sigmaMid - sigma));
-      releaseLatent(denoised);
+      const x2 = supersede(denoised, eulerStep(resultInPlaceOf(denoised), x, denoised, sigma, f32(sigmaMid - sigma)));
       const denoised2 = yield* model.denoise(x2, sigmaMid, i, upcoming);
       const noise = checkedNoise(options.noise, x.length);
       x = supersede(
@@ -278,8 +277,7 @@ export function* sampleDpmppSecondOrderAncestral(x: Float32Array, options: Sampl
       const s = f32(t + f32(0.5 * h));
       const sigmaT = sigmaOfT(t);
       const sigmaS = sigmaOfT(s);
-      const x2 = dpmSolverStep(freshLatent(x.length), x, denoised, f32(sigmaS / sigmaT), expm1F(f32(-h * 0.5)));
-      releaseLatent(denoised);
+      const x2 = supersede(denoised, dpmSolverStep(resultInPlaceOf(denoised), x, denoised, f32(sigmaS / sigmaT), expm1F(f32(-h * 0.5))));
       const denoised2 = yield* model.denoise(x2, sigmaS, i, upcoming);
       const ratio = f32(sigmaOfT(tNext) / sigmaT);
       x = supersede(
