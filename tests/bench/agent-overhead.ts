@@ -16,8 +16,7 @@ import { LoadedPipeline } from "../../gpu-agent/src/pipeline/loaded-pipeline.js"
 import { renderTask } from "../../gpu-agent/src/pipeline/txt2img.js";
 import { PipelineHost } from "../../gpu-agent/src/pipeline-host/pipeline-host.js";
 import { TINY_SD15 } from "../harness/farm.js";
-
-const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+import { median } from "./stats.js";
 
 interface StepWindow {
   /** ms per step between the first and the last step event. */

@@ -7,8 +7,7 @@ import { combineDenoised } from "../../gpu-agent/src/conditioning/cfg.js";
 import { allocateResident, freeResident } from "../../gpu-agent/src/sampling/kernels.js";
 import { cfgCombine } from "../../gpu-agent/src/sampling/cfg-combine.js";
 import { cIn, epsToDenoised, scaleLatent } from "../../gpu-agent/src/sampling/sigmas.js";
-
-const median = (v: number[]): number => [...v].sort((a, b) => a - b)[v.length >> 1]!;
+import { median } from "./stats.js";
 
 export function benchModelIo(opts: { calls?: number } = {}): Record<string, number> {
   const calls = opts.calls ?? 300;

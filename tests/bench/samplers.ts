@@ -18,7 +18,8 @@
 //                             to machine, and through a machine's slower and faster minutes, where
 //                             milliseconds do not (this VM's floor doubled halfway through one run). A
 //                             step of a sampler making two model calls costs at least two passes;
-//   "pass_floor_ms_per_call_median": the median of the samplers' b_pass_floor_per_call over the run;
+//   "pass_floor_ms_per_call_median": the median of the samplers' b_pass_floor_per_call over the run (the upper
+//                             middle one for an even count);
 //   "<sampler> b_in_sampler_copying": b_in_sampler with latent residency off, side by side: every kernel
 //                             copies its operands into WebAssembly memory and its results out;
 //   "<sampler> b_no_prefetch": b_critical without drawing ahead, measured side by side;
@@ -44,6 +45,7 @@
 // the fastest of `repeats` runs; load_1min is the machine's load when the run started.
 import { loadavg } from "node:os";
 import { benchSamplers } from "../../gpu-agent/src/sampling/bench.js";
+import { median } from "./stats.js";
 
 export async function benchSamplerOverhead(
   opts: { steps?: number; modelMs?: number; samplers?: string[]; repeats?: number } = {},
@@ -90,10 +92,7 @@ export async function benchSamplerOverhead(
     if (perCall <= 0.3) meetingPerCall++;
   }
   out["harness_floor_ms"] = floor;
-  const passFloors = results.map((r) => r.passFloorMsPerCall!).sort((a, b) => a - b);
-  const mid = passFloors.length >> 1;
-  const passFloor = passFloors.length % 2 === 1 ? passFloors[mid]! : (passFloors[mid - 1]! + passFloors[mid]!) / 2;
-  out["pass_floor_ms_per_call_median"] = passFloor;
+  out["pass_floor_ms_per_call_median"] = median(results.map((r) => r.passFloorMsPerCall!));
   out["setup_ms_max"] = setup;
   // b_in_sampler, not b_critical: b_critical also holds the harness's own copies and messages (harness_floor_ms).
   out["samplers_in_sampler_within_0.3ms_per_step"] = meetingPerStep;
