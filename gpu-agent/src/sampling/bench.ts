@@ -37,8 +37,8 @@ import { ImageRng, type LatentShape } from "./image-rng.js";
 import { listSamplers, prepareSampling, type PreparedSampling } from "./plan.js";
 import { NoiseThread } from "./noise-stream.js";
 import type { NoiseAhead } from "./noise-ahead.js";
-import { Kernel, allocateResident, e, freeResident, isResident } from "./kernels.js";
-import { setLatentResidency } from "./samplers/latent-pool.js";
+import { Kernel, e } from "./kernels.js";
+import { answerSlot, freshLatent, inLatentScope, setLatentResidency } from "./samplers/latent-pool.js";
 import type { ModelRequest, ModelResponse, NoiseSampler, SamplerRun } from "./samplers/types.js";
 
 export interface BenchSamplersOptions {
@@ -384,23 +384,22 @@ function* replay(requests: readonly ModelRequest[]): SamplerRun {
 const barePass = new Kernel({ inputs: 2, params: 1, outputs: [e.add(e.in(0), e.mul(e.sub(e.in(0), e.in(1)), e.param(0)))] });
 
 /**
- * The same model calls as a recorded run, with one bare pass after each answer, its latents and the
- * answer slot resident as a sampler's are: passFloorMsPerCall.
+ * The same model calls as a recorded run, with one bare pass after each answer: passFloorMsPerCall. Run in
+ * a latent scope as the samplers' runs are, so its latent and the answer slot are resident as theirs.
  */
-function* barePasses(requests: readonly ModelRequest[]): SamplerRun {
-  const n = requests[0]!.x.length;
-  const slots = [0, 1].map(() => allocateResident(n) ?? new Float32Array(n));
-  try {
-    const [x, into] = [slots[0]!, slots[1]!];
-    x.set(requests[0]!.x);
-    for (const request of requests) {
-      const response = yield { ...request, x, into };
-      barePass.run([x], [x, response instanceof Float32Array ? response : response.output], [0.5]);
-    }
-    return x.slice();
-  } finally {
-    for (const a of slots) if (isResident(a)) freeResident(a);
-  }
+function barePasses(requests: readonly ModelRequest[]): SamplerRun {
+  return inLatentScope(
+    (function* (): SamplerRun {
+      const x = freshLatent(requests[0]!.x.length);
+      x.set(requests[0]!.x);
+      const into = answerSlot(x.length);
+      for (const request of requests) {
+        const response = yield { ...request, x, ...(into !== undefined && { into }) };
+        barePass.run([x], [x, response instanceof Float32Array ? response : response.output], [0.5]);
+      }
+      return x;
+    })(),
+  );
 }
 
 function measureSync(bench: BenchCase): SamplerBenchResult {
