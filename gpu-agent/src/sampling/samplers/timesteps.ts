@@ -478,12 +478,10 @@ export function* runUniPc(x: Float32Array, p: UniPcPlan): Run {
       // one's m₀, m₁… from the front, which the fused kernel reads anyway.
       predicted = resultInPlaceOf(xt);
       uniPcCorrectThenPredict(modelT, predicted, xt, m0, older, eps, fused);
-      // Dead now: x_t and eps unless written over, and the model output the history drops.
-      releaseLatent(
-        predicted === xt ? undefined : xt,
-        modelT === eps ? undefined : eps,
-        modelPrev.length >= order ? modelPrev[0] : undefined,
-      );
+      // Dead now: x_t and eps (where not written over), and the model output the history drops.
+      supersede(xt, predicted);
+      supersede(eps, modelT);
+      releaseLatent(modelPrev.length >= order ? modelPrev[0] : undefined);
       updateIndex++;
       modelPrev = nextModelPrev;
     }
