@@ -523,8 +523,7 @@ export class Kernel {
     if (sums !== undefined) args[wholeEndArg + 1] = SUMS_AT;
     // The summed values past the last whole vector are added here, from the inputs as they are before
     // the call: an output may overwrite an input.
-    const whole = n & ~3;
-    const tail = summed === undefined || whole === n ? undefined : tailValues(summed, ins, params, whole, n);
+    const tail = summed === undefined ? [] : tailValues(summed, ins, params, n & ~3, n);
     for (let start = 0; start < n; start += block) {
       const end = Math.min(n, start + block);
       const m = end - start;
@@ -554,7 +553,7 @@ export class Kernel {
       }
     }
     if (sums === undefined) return 0;
-    return addSquares(sums[0]! + sums[1]! + (sums[2]! + sums[3]!), tail ?? [], 0, tail?.length ?? 0);
+    return addSquares(sums[0]! + sums[1]! + (sums[2]! + sums[3]!), tail, 0, tail.length);
   }
 
   /** The scalar loop (also the tests' reference for the compiled form): one Math.fround per operation. */
