@@ -122,6 +122,22 @@ test("every sampler gives the same bits with its latents and model answers resid
   }
 });
 
+test("a step writes its result over the x it replaces: one-call samplers ask at the same array from the second call on", () => {
+  // The first call is at the caller's start latent, which is never written; every later x is the first
+  // step's result, written over again by each step (resultInPlaceOf). A step that took a fresh array
+  // instead would alternate between two released slots.
+  for (const samplerName of ["Euler", "Euler a", "LMS", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 3M SDE", "DDIM", "UniPC", "LCM"]) {
+    const noise = noiseSource(5);
+    const prepared = prepareSampling({ samplerName, steps: 6, noise });
+    const run = prepared.run(prepared.startLatent(noise()));
+    const xs: Float32Array[] = [];
+    for (let r = run.next(); !r.done; r = run.next(answerInto(r.value))) xs.push(r.value.x);
+    assert.ok(xs.length >= 4, samplerName);
+    assert.ok(!isResident(xs[0]!), `${samplerName}: the start latent is the caller's`);
+    assert.equal(new Set(xs.slice(1)).size, 1, `${samplerName}: ${new Set(xs.slice(1)).size} arrays after the first call`);
+  }
+});
+
 test("a run's requests are resident, and a finished or abandoned run gives all its slots back", () => {
   const noise = noiseSource(3);
   const sigmas = Float32Array.from([14.6, 7, 3, 1.2, 0.4, 0]);
