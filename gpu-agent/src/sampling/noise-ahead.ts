@@ -13,7 +13,8 @@
  * make the tree's draws for the whole run from the start, not one step ahead (brownian-pool.ts), and
  * nothing of it assumes this is the main thread.
  * Plain `noise()` draws stay on this thread (they come
- * from the caller's generators) and are drawn ahead here as before. Values never change:
+ * from the caller's generators) and are drawn ahead here as before, into the kernels' memory (the
+ * prefetcher's staging, ended by close()). Values never change:
  * the tree's answers are pure functions of (σ, σ_next), and a missing answer is computed by the sampler.
  */
 import { abortError } from "@latentfarm/shared";
@@ -52,7 +53,9 @@ export interface NoiseAhead {
 export class InThreadNoiseAhead implements NoiseAhead {
   private stream: NoiseStream | undefined;
 
-  constructor(private readonly prefetcher: NoisePrefetcher) {}
+  constructor(private readonly prefetcher: NoisePrefetcher) {
+    prefetcher.stageInKernelMemory();
+  }
 
   drawAhead(request: ModelRequest, signal?: AbortSignal): void {
     this.prefetcher.drawAhead(request.upcoming, signal);
@@ -71,6 +74,7 @@ export class InThreadNoiseAhead implements NoiseAhead {
   }
 
   close(): Promise<void> {
+    this.prefetcher.unstage();
     this.stream?.close();
     return Promise.resolve();
   }
@@ -133,7 +137,9 @@ export class WorkerNoiseAhead implements NoiseAhead {
     private readonly prefetcher: NoisePrefetcher,
     private readonly tree: BrownianNoiseOptions,
     private readonly plan: WorkerNoisePlan = {},
-  ) {}
+  ) {
+    prefetcher.stageInKernelMemory();
+  }
 
   drawAhead(request: ModelRequest, signal?: AbortSignal): void {
     this.post(request, signal);
@@ -224,6 +230,7 @@ export class WorkerNoiseAhead implements NoiseAhead {
 
   async close(): Promise<void> {
     this.closed = true;
+    this.prefetcher.unstage();
     this.stream?.close();
     await this.thread?.close();
   }

@@ -1,8 +1,11 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { createBrownianNoiseSampler } from "./brownian.js";
 import { ImageRng } from "./image-rng.js";
+import { isResident, residentArraysOut } from "./kernels.js";
 import { listSamplers, prepareSampling } from "./plan.js";
 import { NoisePrefetcher } from "./prefetch.js";
+import { setLatentResidency } from "./samplers/latent-pool.js";
 import { standInModel } from "./test-support.js";
 
 const counter = (): (() => Float32Array) => {
@@ -82,5 +85,94 @@ test("every sampler gives the same latents with noise drawn ahead (twice, even) 
     }
     assert.deepEqual(results[1], results[0], `${name}: drawn ahead once`);
     assert.deepEqual(results[2], results[0], `${name}: drawn ahead twice`);
+  }
+});
+
+test("staged, draws and answers made ahead are lent from the kernels' memory until the next take, and unstage() gives everything back", () => {
+  const before = residentArraysOut();
+  setLatentResidency(true, { poison: true });
+  try {
+    const p = new NoisePrefetcher(counter(), (a, b) => Float32Array.of(a - b));
+    p.drawAhead({ draws: 1 }); // not staged yet: an ordinary array
+    p.stageInKernelMemory();
+    p.drawAhead({ draws: 3, queries: [[5, 3]] });
+    assert.equal(residentArraysOut() - before, 3, "the two new draws and the answer");
+    const first = p.noise();
+    assert.ok(!isResident(first) && first[0] === 1);
+    const second = p.noise();
+    assert.ok(isResident(second) && second[0] === 2, "a staged draw, in the source's order");
+    const answer = p.query(5, 3);
+    assert.ok(isResident(answer) && answer[0] === 2);
+    assert.ok(Number.isNaN(second[0]), "the draw lent before is given back (poisoned) at the next take");
+    assert.equal(p.stagedTakes, 2);
+    // Answers past the four kept are dropped, and their copies given back.
+    for (let k = 0; k < 6; k++) p.drawAhead({ queries: [[10 + k, 1]] });
+    assert.equal(residentArraysOut() - before, 1 + 1 + 4, "the lent answer, draw 3 and four answers");
+    p.unstage();
+    assert.equal(residentArraysOut(), before, "unstage() gives every copy back");
+    const third = p.noise();
+    assert.ok(!isResident(third) && third[0] === 3, "a draw still waiting is kept, as an ordinary array");
+    assert.deepEqual(p.query(15, 1), Float32Array.of(14));
+    p.drawAhead({ draws: 1 });
+    assert.equal(residentArraysOut(), before, "no staging after unstage()");
+  } finally {
+    setLatentResidency(true);
+  }
+});
+
+test("every sampler gives the same bits with its noise staged in the kernels' memory, freed slots poisoned, and gives every slot back", () => {
+  const shape = [4, 6, 5] as const;
+  const cases = [
+    ...listSamplers().map(({ name }) => ({ name, steps: 7, settings: { sChurn: 0.5 } })),
+    // Restart jumps back up (and draws) from 20 steps on.
+    { name: "Restart", steps: 20, settings: {} },
+    { name: "DPM adaptive", steps: 7, settings: { eta: 1 } },
+    { name: "DPM++ 2M SDE", steps: 7, settings: { eta: 0.5 } },
+  ];
+  for (const c of cases) {
+    const render = (ahead: boolean): { requests: Float32Array[]; x: Float32Array; stagedPeak: number; draws: number } => {
+      const rng = new ImageRng({ shape, seeds: [7], source: "NV" });
+      let draws = 0;
+      const options = { samplerName: c.name, steps: c.steps, noise: () => (draws++, rng.next()), settings: c.settings };
+      const range = prepareSampling(options).brownianRange;
+      // The tree in this thread: its answers are made ahead by drawAhead, as the plain draws are.
+      const tree = range && createBrownianNoiseSampler({ ...range, seeds: [7], shape: [...shape], source: "NV" });
+      const sampling = prepareSampling({ ...options, ...(tree !== undefined && { noiseSampler: tree }) });
+      const noiseAhead = ahead ? sampling.openNoiseAhead() : undefined;
+      const run = sampling.run(sampling.startLatent(rng.first()));
+      const requests: Float32Array[] = [];
+      let stagedPeak = 0;
+      for (let r = run.next(); !r.done;) {
+        const held = residentArraysOut();
+        noiseAhead?.drawAhead(r.value);
+        stagedPeak = Math.max(stagedPeak, residentArraysOut() - held);
+        requests.push(r.value.x.slice());
+        r = run.next(standInModel(r.value));
+        if (r.done) {
+          void noiseAhead?.close();
+          return { requests, x: r.value, stagedPeak, draws };
+        }
+      }
+      throw new Error("unreachable");
+    };
+    const before = residentArraysOut();
+    const plain = render(false);
+    setLatentResidency(true, { poison: true });
+    let staged: ReturnType<typeof render>;
+    try {
+      staged = render(true);
+    } finally {
+      setLatentResidency(true);
+    }
+    const label = `${c.name} ${JSON.stringify(c.settings)}`;
+    assert.equal(residentArraysOut(), before, `${label}: every slot given back`);
+    assert.equal(staged.requests.length, plain.requests.length, label);
+    staged.requests.forEach((x, k) => assert.deepEqual(x, plain.requests[k], `${label}: request ${k}`));
+    assert.deepEqual(staged.x, plain.x, `${label}: result`);
+    assert.ok(staged.x.every(Number.isFinite), label);
+    // Plain draws counted (the tree's are not: a sampler that takes either has its noise staged).
+    const noisy =
+      plain.draws > 0 || prepareSampling({ samplerName: c.name, steps: c.steps, noise: () => new Float32Array(0) }).brownianRange;
+    assert.equal(staged.stagedPeak > 0, Boolean(noisy), `${label}: noise staged ahead (${plain.draws} plain draws)`);
   }
 });

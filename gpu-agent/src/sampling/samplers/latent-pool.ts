@@ -114,6 +114,23 @@ export function setLatentResidency(enabled: boolean, options: { poison?: boolean
   poisonByDefault = options.poison ?? false;
 }
 
+/**
+ * A copy of `a` in the kernels' memory, for noise made while the model runs (prefetch.ts): a kernel then
+ * reads it where it is instead of copying it in between two model calls. Undefined with residency off or
+ * no room. The caller owns it and gives it back with freeResidentCopy.
+ */
+export function residentCopy(a: Float32Array): Float32Array | undefined {
+  if (!residency) return undefined;
+  const copy = allocateResident(a.length);
+  copy?.set(a);
+  return copy;
+}
+
+/** Gives back a residentCopy; poisoned with NaN first where scopes are (tests), so a late read shows. */
+export function freeResidentCopy(a: Float32Array): void {
+  freeResident(a, poisonByDefault);
+}
+
 export interface LatentScopeOptions {
   /** Fill fresh and released slots with NaN, so that a read before a write or after a release shows (tests). */
   poison?: boolean;
