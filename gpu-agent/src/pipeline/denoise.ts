@@ -117,7 +117,8 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       setImmediate(() => ahead.drawAhead(req, signal));
       await evaluating;
       // The generator is synchronous: noise being computed off-thread for it must be here before it resumes.
-      await ahead.ensureReady(req, signal);
+      checkAborted(signal);
+      if (!ahead.readyNow(req)) await ahead.ensureReady(req, signal);
       const outOf = (tensor: Float32Array, idx: number): Float32Array => results.get(tensor.length / dim)![idx]!;
       if (req.kind === "denoise") {
         const outputs = conds.map((cd, k) => ({ output: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));

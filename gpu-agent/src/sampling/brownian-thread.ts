@@ -46,7 +46,12 @@ export interface BrownianAheadOptions {
 export interface BrownianQueries {
   /** Resolves true once the run's trees are built off-thread and answer queries; false if they never will. */
   readonly ready: Promise<boolean>;
-  query(sigma: number, sigmaNext: number): Promise<Float32Array | undefined>;
+  /**
+   * The noise for (σ, σ_next), computed off-thread; undefined when it cannot be answered there. `onAnswer`
+   * gets the same value synchronously, as the reply is taken (from takeArrived, say), before the promise
+   * settles: a driver can then tell that everything is here without a turn of the microtask queue.
+   */
+  query(sigma: number, sigmaNext: number, onAnswer?: (noise: Float32Array | undefined) => void): Promise<Float32Array | undefined>;
   /**
    * Takes the answers the tree thread has posted so far, synchronously (their query promises settle
    * now), instead of at the next turn of the event loop.
@@ -362,11 +367,17 @@ export class BrownianRun implements BrownianQueries {
    * when it cannot be answered there (the thread failed, threw for this query, or the run was closed):
    * the caller then lets the sampler compute the value on its own thread, where any error surfaces.
    */
-  query(sigma: number, sigmaNext: number): Promise<Float32Array | undefined> {
-    if (this.closed || this.failure !== undefined || !this.tree.alive) return Promise.resolve(undefined);
+  query(sigma: number, sigmaNext: number, onAnswer?: (noise: Float32Array | undefined) => void): Promise<Float32Array | undefined> {
+    if (this.closed || this.failure !== undefined || !this.tree.alive) {
+      onAnswer?.(undefined);
+      return Promise.resolve(undefined);
+    }
     const id = this.nextId++;
     return new Promise((resolve) => {
-      this.pending.set(id, resolve);
+      this.pending.set(id, (noise) => {
+        onAnswer?.(noise);
+        resolve(noise);
+      });
       this.tree.post({ kind: "query", run: this.id, id, sigma, sigmaNext });
     });
   }
@@ -408,8 +419,8 @@ export class BrownianThread implements BrownianQueries {
     this.ready = this.run.ready;
   }
 
-  query(sigma: number, sigmaNext: number): Promise<Float32Array | undefined> {
-    return this.run.query(sigma, sigmaNext);
+  query(sigma: number, sigmaNext: number, onAnswer?: (noise: Float32Array | undefined) => void): Promise<Float32Array | undefined> {
+    return this.run.query(sigma, sigmaNext, onAnswer);
   }
 
   takeArrived(): void {

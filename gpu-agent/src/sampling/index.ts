@@ -11,8 +11,8 @@
  * result; r.value.call selects the prompt-schedule entry, r.value.step is the progress step. When the
  * evaluation runs off-thread, call prep.drawAhead(r.value) once it is dispatched: the noise the sampler
  * needs next is drawn during the wait instead of after it (same values, same order). A driver that
- * awaits its evaluations uses prep.openNoiseAhead() instead: drawAhead, then ensureReady before resuming
- * the generator, close() at the end. The Brownian tree's draws are then made on other threads: a
+ * awaits its evaluations uses prep.openNoiseAhead() instead: drawAhead, then before resuming the
+ * generator readyNow(), and ensureReady() only when that is false; close() at the end. The Brownian tree's draws are then made on other threads: a
  * BrownianWorkers service shared by a pipeline's runs (openNoiseAhead({ brownian })), or threads of the
  * run's own without one; usePlainDraws(NoiseThread.open(rng.continuation())) does the same for plain draws.
  */

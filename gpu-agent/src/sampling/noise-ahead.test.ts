@@ -148,3 +148,37 @@ test("a worker that cannot answer leaves the query to the sampler, which meets t
     await ahead.close();
   }
 });
+
+test("readyNow takes the answers that came while the thread was blocked, and tells the driver it need not await", async () => {
+  const s: Setup = { name: "DPM++ 2M SDE", seeds: [4], shape: [4, 6, 5], source: "NV" };
+  const { prepared, start } = prepare(s);
+  const ahead = prepared.openNoiseAhead() as WorkerNoiseAhead;
+  const blocked = new Int32Array(new SharedArrayBuffer(4));
+  try {
+    assert.equal(await ahead.start(), true);
+    const run = prepared.run(start);
+    let r = run.next();
+    let sawPending = false;
+    let resumedWithoutAwait = 0;
+    while (!r.done) {
+      const req = r.value;
+      const announced = (req.upcoming?.queries?.length ?? 0) > 0;
+      ahead.drawAhead(req);
+      if (announced) {
+        // Posted just now: the tree thread cannot have answered yet.
+        sawPending ||= !ahead.readyNow(req);
+        // The model blocks this thread (a pipeline thread's ONNX Runtime run); the answer arrives meanwhile.
+        for (let k = 0; k < 200 && !ahead.readyNow(req); k++) Atomics.wait(blocked, 0, 0, 5);
+        if (ahead.readyNow(req)) resumedWithoutAwait++;
+      }
+      if (!ahead.readyNow(req)) await ahead.ensureReady(req);
+      r = run.next(standInModel(req));
+    }
+    assert.deepEqual(r.value, inThread(s));
+    assert.ok(sawPending, "right after posting, a query is still on its way");
+    assert.ok(resumedWithoutAwait > 0, "an answer taken synchronously lets the sampler resume without an await");
+    assert.equal(ahead.queriesOnCall, 0, "the sampler computed no query itself");
+  } finally {
+    await ahead.close();
+  }
+});

@@ -112,6 +112,11 @@ export class NoisePrefetcher {
     this.stream = stream;
   }
 
+  /** Whether the draws asked of the stream have all arrived (taking what it posted meanwhile; true without one). */
+  streamReadyNow(): boolean {
+    return this.stream?.readyNow() ?? true;
+  }
+
   /** Resolves once the draws asked of the stream have arrived (at once without one). */
   streamReady(): Promise<void> {
     return this.stream ? this.stream.ready() : Promise.resolve();

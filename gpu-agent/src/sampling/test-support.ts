@@ -2,6 +2,7 @@
 import { readFileSync } from "node:fs";
 import assert from "node:assert/strict";
 import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
+import { abortError } from "@latentfarm/shared";
 import type { NoiseAhead } from "./noise-ahead.js";
 import type { PreparedSampling } from "./plan.js";
 import type { ModelRequest, ModelResponse } from "./samplers/types.js";
@@ -58,7 +59,7 @@ export function runSynchronously(prepared: PreparedSampling, start: Float32Array
 
 /**
  * A run driven as the agent's denoise loop drives it: the model "runs" for a macrotask while the announced
- * noise is drawn ahead, then ensureReady before the sampler resumes. `afterFirst` runs once after the
+ * noise is drawn ahead, then readyNow (ensureReady when it is not) before the sampler resumes. `afterFirst` runs once after the
  * first model call. Returns the latent and the tree queries the requests announced.
  */
 export async function driveWithNoiseAhead(
@@ -77,7 +78,8 @@ export async function driveWithNoiseAhead(
     const evaluating = new Promise<ModelResponse>((resolve) => setTimeout(() => resolve(standInModel(req)), 1));
     setImmediate(() => ahead.drawAhead(req, opts.signal));
     const response = await evaluating;
-    await ahead.ensureReady(req, opts.signal);
+    if (opts.signal?.aborted) throw abortError(opts.signal);
+    if (!ahead.readyNow(req)) await ahead.ensureReady(req, opts.signal);
     if (first && opts.afterFirst !== undefined) await opts.afterFirst();
     first = false;
     r = run.next(response);
