@@ -2,21 +2,25 @@ import type { MessagePort } from "node:worker_threads";
 import type { NoiseContinuationState } from "./image-rng.js";
 
 export interface NoiseThreadInit {
-  /** Requests come in and draws go out on this port. */
+  /** Control messages come in on this port (read synchronously by the thread's loop). */
   port: MessagePort;
-  /** Int32 [0]: draws posted so far, over all streams, for a caller that must wait synchronously. */
-  posted: SharedArrayBuffer;
+  /** Int32 [0]: the doorbell, added to and notified whenever there is something new for the thread. */
+  bell: SharedArrayBuffer;
 }
 
 export type ToNoiseThread =
-  | { op: "open"; id: number; state: NoiseContinuationState }
-  /** Make this stream's draws up to index upTo (exclusive). */
-  | { op: "want"; id: number; upTo: number }
+  /** A stream continuing `state`, whose draws go into `ring` (RING_* below) of `slots` draws. */
+  | { op: "open"; id: number; state: NoiseContinuationState; ring: SharedArrayBuffer; slots: number }
   | { op: "close"; id: number }
   | { op: "exit" };
 
-export interface NoiseDraw {
-  id: number;
-  index: number;
-  draw: Float32Array;
-}
+/**
+ * A stream's ring: an Int32 header of RING_HEADER_BYTES, then `slots` draws, draw i in slot i % slots.
+ * WANTED (written by the stream): draws asked for; MADE (by the thread): draws written; RELEASED (by the
+ * stream): draws given back, whose slots the thread may write again. The thread writes draw i only while
+ * i < WANTED and i < RELEASED + slots.
+ */
+export const RING_HEADER_BYTES = 16;
+export const WANTED = 0;
+export const MADE = 1;
+export const RELEASED = 2;

@@ -1,54 +1,59 @@
-// Runs inside a noise thread (NoiseThread): continues the sampler-noise streams of the runs it is
-// given and posts each draw, in order, as soon as it is made. Draws are made on request only.
-import { workerData, type MessagePort } from "node:worker_threads";
+// Runs inside a noise thread (NoiseThread): continues the sampler-noise streams of the runs it is given,
+// writing each draw, in order, into its stream's shared ring as soon as the stream asks for it and has
+// a free slot. It sleeps on the doorbell between requests; nothing it makes crosses a message port.
+import { receiveMessageOnPort, workerData, type MessagePort } from "node:worker_threads";
 import { NoiseContinuation } from "./image-rng.js";
-import type { NoiseThreadInit, ToNoiseThread } from "./noise-stream-protocol.js";
+import { MADE, RELEASED, RING_HEADER_BYTES, WANTED, type NoiseThreadInit, type ToNoiseThread } from "./noise-stream-protocol.js";
 
-const { port, posted } = workerData as NoiseThreadInit;
-const count = new Int32Array(posted);
-const streams = new Map<number, { source: NoiseContinuation; made: number; wanted: number }>();
-let pumping = false;
+const { port, bell } = workerData as NoiseThreadInit;
+const rung = new Int32Array(bell);
 
-function pump(): void {
-  pumping = false;
-  let more = false;
-  // One draw per stream per turn, so a new request (or a close) is seen between draws.
-  for (const [id, s] of streams) {
-    if (s.made >= s.wanted) continue;
-    const draw = s.source.next();
-    (port as MessagePort).postMessage({ id, index: s.made, draw }, [draw.buffer as ArrayBuffer]);
-    s.made++;
-    Atomics.add(count, 0, 1);
-    Atomics.notify(count, 0);
-    if (s.made < s.wanted) more = true;
+interface Ring {
+  source: NoiseContinuation;
+  header: Int32Array;
+  slots: Float32Array[];
+  made: number;
+}
+
+const streams = new Map<number, Ring>();
+
+function open(m: Extract<ToNoiseThread, { op: "open" }>): Ring {
+  const length = (m.ring.byteLength - RING_HEADER_BYTES) / 4 / m.slots;
+  const slots = Array.from({ length: m.slots }, (_, k) => new Float32Array(m.ring, RING_HEADER_BYTES + k * length * 4, length));
+  return { source: NoiseContinuation.resume(m.state), header: new Int32Array(m.ring, 0, RING_HEADER_BYTES / 4), slots, made: 0 };
+}
+
+/** Takes the control messages waiting; false once told to exit. */
+function control(): boolean {
+  for (let m = receiveMessageOnPort(port as MessagePort); m !== undefined; m = receiveMessageOnPort(port as MessagePort)) {
+    const message = m.message as ToNoiseThread;
+    if (message.op === "open") streams.set(message.id, open(message));
+    else if (message.op === "close") streams.delete(message.id);
+    else return false;
   }
-  if (more) schedule();
+  return true;
 }
 
-function schedule(): void {
-  if (pumping) return;
-  pumping = true;
-  setImmediate(pump);
-}
-
-(port as MessagePort).on("message", (m: ToNoiseThread) => {
-  switch (m.op) {
-    case "open":
-      streams.set(m.id, { source: NoiseContinuation.resume(m.state), made: 0, wanted: 0 });
-      return;
-    case "want": {
-      const s = streams.get(m.id);
-      if (s && m.upTo > s.wanted) {
-        s.wanted = m.upTo;
-        schedule();
-      }
-      return;
+function serve(): void {
+  for (;;) {
+    // Read before looking for work: a request made after this read rings past it, so the wait below returns at once.
+    const seen = Atomics.load(rung, 0);
+    if (!control()) break;
+    let drew = false;
+    // One draw per stream per pass, so that a close or a new stream is seen between draws.
+    for (const ring of streams.values()) {
+      if (ring.made >= Atomics.load(ring.header, WANTED)) continue;
+      if (ring.made - Atomics.load(ring.header, RELEASED) >= ring.slots.length) continue;
+      ring.slots[ring.made % ring.slots.length]!.set(ring.source.next());
+      ring.made++;
+      Atomics.store(ring.header, MADE, ring.made);
+      Atomics.notify(ring.header, MADE);
+      drew = true;
     }
-    case "close":
-      streams.delete(m.id);
-      return;
-    case "exit":
-      (port as MessagePort).close();
-      return;
+    if (!drew) Atomics.wait(rung, 0, seen);
   }
-});
+  (port as MessagePort).close();
+}
+
+// After the module has been evaluated (the loop never returns until told to exit).
+setImmediate(serve);

@@ -46,15 +46,17 @@ test("a noise stream hands out the thread's draws in order: awaited, waited for 
       r.first();
       const stream = thread.open(r.continuation());
       assert.ok(stream.remote);
+      // A draw is lent until the next take(): kept, it is copied.
+      const take = (): Float32Array => stream.take().slice();
       stream.request(2);
       await stream.ready();
-      const got = [stream.take(), stream.take()];
-      got.push(stream.take()); // never requested: asked for and waited for on the spot
+      const got = [take(), take()];
+      got.push(take()); // never requested: asked for and waited for on the spot
       stream.request(2);
-      got.push(stream.take(), stream.take()); // requested but not awaited
+      got.push(take(), take()); // requested but not awaited
       stream.request(1);
       await stream.ready();
-      got.push(stream.take(), stream.take());
+      got.push(take(), take());
       got.forEach((g, i) => assert.deepEqual(g, want[i], `${source} draw ${i}`));
       stream.close();
     }
@@ -71,7 +73,7 @@ test("when the thread is gone a stream continues on this thread after the draws 
   const stream = thread.open(r.continuation());
   stream.request(2);
   await stream.ready();
-  const got = [stream.take(), stream.take()];
+  const got: Float32Array[] = [stream.take().slice(), stream.take().slice()];
   stream.request(3);
   stream.threadFailed();
   assert.equal(stream.remote, false);
@@ -85,6 +87,32 @@ test("when the thread is gone a stream continues on this thread after the draws 
   const local = thread.open(r2.continuation());
   assert.equal(local.remote, false);
   assert.deepEqual(local.take(), reference("NV", 1)[0]);
+});
+
+test("a taken draw is lent from the stream's ring: intact while the thread makes the next ones, its slot reused after the next take", async () => {
+  const want = reference("NV", 8);
+  const thread = new NoiseThread();
+  try {
+    const r = rng("NV");
+    r.first();
+    const stream = thread.open(r.continuation());
+    const lent: Float32Array[] = [];
+    for (let i = 0; i < 8; i++) {
+      const draw = stream.take();
+      assert.deepEqual(draw, want[i], `draw ${i}`);
+      lent.push(draw);
+      // The sampler asks one or two ahead; the thread makes them while draw i is still lent.
+      stream.request(i % 2 === 0 ? 2 : 1);
+      await stream.ready();
+      assert.deepEqual(draw, want[i], `draw ${i} unchanged while the next ones are made`);
+    }
+    assert.equal(new Set(lent.map((d) => d.buffer)).size, 1, "one ring, not a buffer per draw");
+    assert.ok(new Set(lent.map((d) => d.byteOffset)).size <= 3, "a few slots, reused");
+    assert.equal(thread.delivered, 8);
+    stream.close();
+  } finally {
+    await thread.close();
+  }
 });
 
 test("draws posted while this thread was blocked (as by a UNet call) are ready without an event-loop turn", async () => {
@@ -107,7 +135,7 @@ test("draws posted while this thread was blocked (as by a UNet call) are ready w
     void stream.ready().then(() => (settled = true));
     for (let i = 0; i < 3; i++) await Promise.resolve();
     assert.equal(settled, true, "ready() resolved in a microtask, before the next turn");
-    [stream.take(), stream.take(), stream.take()].forEach((g, i) => assert.deepEqual(g, want[i], `draw ${i}`));
+    for (let i = 0; i < 3; i++) assert.deepEqual(stream.take(), want[i], `draw ${i}`);
     stream.close();
   } finally {
     await thread.close();
