@@ -81,6 +81,22 @@ test("kernels refuse parameters that are not float32 values and operands of the 
   assert.throws(() => kernel.run([out], [new Float32Array(8)], [0.1]), /not a float32 value/);
   assert.throws(() => kernel.run([out], [new Float32Array(4)], [Math.fround(0.1)]), /needs 8/);
   assert.throws(() => kernel.run([out], [], [1]), /wrong number/);
+  // The same with every operand resident (the short path between model calls), after a call that compiled it.
+  const a = allocateResident(8)!;
+  const b = allocateResident(8)!;
+  const short = allocateResident(4)!;
+  try {
+    a.fill(2);
+    kernel.run([b], [a], [Math.fround(0.5)]);
+    assert.deepEqual([...b], Array<number>(8).fill(1));
+    assert.throws(() => kernel.run([b], [a], [0.1]), /not a float32 value/);
+    assert.throws(() => kernel.run([b], [short], [Math.fround(0.1)]), /needs 8/);
+    assert.throws(() => kernel.run([b], [a], []), /wrong number/);
+    kernel.run([b], [a], [NaN]);
+    assert.ok(b.every(Number.isNaN), "NaN is a float32 value");
+  } finally {
+    for (const r of [a, b, short]) freeResident(r);
+  }
 });
 
 test("abs and max match Math.abs and Math.max, and long arrays run block by block with the same bits", () => {
@@ -235,11 +251,14 @@ test("an output written over its own input is in place; one over an input shifte
   // Two outputs that both read input 0: the first is written over input 0 itself.
   const kernel = new Kernel({ inputs: 2, params: 1, outputs: [e.mul(e.sub(e.in(0), e.in(1)), e.param(0)), e.add(e.in(0), e.in(1))] });
   const ps = [Math.fround(0.75)];
-  const other = operand(prng(42), n);
+  const otherValues = operand(prng(42), n);
   const slot = allocateResident(n + 8)!;
   const second = allocateResident(n)!;
+  const otherResident = allocateResident(n)!;
+  otherResident.set(otherValues);
   try {
-    for (const shift of [0, 4, -4]) {
+    // The other input copied in, or resident too (every operand resident: one call over the whole latent).
+    for (const [shift, other] of [0, 4, -4].flatMap((d) => [otherValues, otherResident].map((o) => [d, o] as const))) {
       slot.set(source);
       // Input 0 at values 4…, output 0 at 4 + shift: the same place, or overlapping it a vector later or earlier.
       const input = new Float32Array(slot.buffer, slot.byteOffset + 16, n);
@@ -247,11 +266,15 @@ test("an output written over its own input is in place; one over an input shifte
       const want = [new Float32Array(n), new Float32Array(n)];
       kernel.runReference(want, [input.slice(), other], ps);
       kernel.run([output, second], [input, other], ps);
-      assert.ok(sameBits(output, want[0]!) && sameBits(second, want[1]!), `shift ${shift}`);
+      assert.ok(
+        sameBits(output, want[0]!) && sameBits(second, want[1]!),
+        `shift ${shift}, other ${isResident(other) ? "resident" : "copied"}`,
+      );
     }
   } finally {
     freeResident(slot);
     freeResident(second);
+    freeResident(otherResident);
   }
 });
 

@@ -471,6 +471,55 @@ export class Kernel {
   }
 
   private execute(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[]): number {
+    const wasm0 = this.compiled;
+    if (wasm0 && this.spec.sumOfSquares === undefined && this.residentArgs(outs, ins, params)) {
+      wasm0(...this.args);
+      return 0;
+    }
+    return this.general(outs, ins, params);
+  }
+
+  /**
+   * The call between two model calls, made short: compiled, every operand resident and in whole vectors,
+   * no output over a shifted input, nothing summed. Fills the arguments and says whether it applies;
+   * anything else (and any error) takes the general path. There, right after a model call, the JS alone
+   * cost 40–45 µs per call on the test VM before V8 optimized it (a run makes too few calls for that),
+   * and still 15 µs after; the WebAssembly call itself 6.
+   */
+  private residentArgs(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[]): boolean {
+    const n = outs[0]!.length;
+    const spec = this.spec;
+    if ((n & 3) !== 0 || ins.length !== spec.inputs || outs.length !== spec.outputs.length || params.length !== spec.params) return false;
+    const args = this.args;
+    const buffer = arenaBuffer;
+    const bytes = n * 4;
+    args[0] = n;
+    for (let j = 0; j < ins.length; j++) {
+      const a = ins[j]!;
+      if (a.buffer !== buffer || a.length < n) return false;
+      args[1 + j] = a.byteOffset;
+    }
+    const firstOut = 1 + ins.length;
+    for (let j = 0; j < outs.length; j++) {
+      const a = outs[j]!;
+      if (a.buffer !== buffer || a.length !== n) return false;
+      const at = a.byteOffset;
+      for (let i = 0; i < ins.length; i++) {
+        const from = args[1 + i]!;
+        if (from !== at && from < at + bytes && at < from + bytes) return false;
+      }
+      args[firstOut + j] = at;
+    }
+    const firstParam = firstOut + outs.length;
+    for (let j = 0; j < params.length; j++) {
+      const p = params[j]!;
+      if (fround(p) !== p) return false;
+      args[firstParam + j] = p;
+    }
+    return true;
+  }
+
+  private general(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[]): number {
     const { spec } = this;
     const n = outs[0]!.length;
     if (ins.length !== spec.inputs || outs.length !== spec.outputs.length || params.length !== spec.params) {
