@@ -506,7 +506,7 @@ export class Kernel {
       const at = a.byteOffset;
       for (let i = 0; i < ins.length; i++) {
         const from = args[1 + i]!;
-        if (from !== at && from < at + bytes && at < from + bytes) return false;
+        if (readsShifted(from, at, bytes)) return false;
       }
       args[firstOut + j] = at;
     }
@@ -546,13 +546,9 @@ export class Kernel {
     for (let j = 0; j < outs.length; j++) {
       const out = outs[j]!;
       let at = isResident(out) && (n % 4 === 0 || slotViews.has(out)) ? out.byteOffset : -1;
-      // Written where it is unless an input is read from overlapping bytes at another place: each vector of
-      // every input is loaded before that vector of any output is stored, so the same place is safe, but
-      // a shifted one would read values this call has already written. (Two outputs in one place are
-      // the caller's error.)
       for (let i = 0; at >= 0 && i < ins.length; i++) {
         const from = inAt[i]!;
-        if (from >= 0 && from !== at && from < at + n4 * 4 && at < from + n4 * 4) at = -1;
+        if (from >= 0 && readsShifted(from, at, n4 * 4)) at = -1;
       }
       outAt[j] = at >= 0 ? at : -1 - copied++;
     }
@@ -654,6 +650,16 @@ function interleavedSumOfSquares(a: Float32Array): number {
 }
 
 /** The values of `node` at indices from…to − 1, by the scalar form. */
+/**
+ * Whether an input at byte `from` overlaps an output at byte `at` (both `bytes` long) at another place. Each
+ * vector of every input is loaded before that vector of any output is stored, so an output exactly over
+ * an input is written where it is; a shifted one would read values the call has already written, and goes
+ * through scratch. (Two outputs in one place are the caller's error.)
+ */
+function readsShifted(from: number, at: number, bytes: number): boolean {
+  return from !== at && from < at + bytes && at < from + bytes;
+}
+
 function tailValues(node: Expr, ins: readonly Float32Array[], params: readonly number[], from: number, to: number): number[] {
   const values: number[] = [];
   for (let k = from; k < to; k++) values.push(evaluate(node, ins, params, k));
