@@ -230,9 +230,8 @@ export class WorkerNoiseAhead implements NoiseAhead {
 
   async ensureReady(request: ModelRequest, signal?: AbortSignal): Promise<void> {
     if (signal?.aborted) throw abortError(signal);
-    this.post(request, signal);
-    // Answers that came during the model call settle now, not a turn of the event loop later.
-    this.thread?.takeArrived();
+    // Posts what drawAhead did not, and settles the answers that came during the model call now.
+    if (this.readyNow(request)) return;
     const waits: Promise<void>[] = [this.prefetcher.streamReady()];
     for (const [sigma, sigmaNext] of request.upcoming?.queries ?? []) {
       const wait = this.inFlight.get(queryKey(sigma, sigmaNext));
@@ -246,6 +245,7 @@ export class WorkerNoiseAhead implements NoiseAhead {
 
   readyNow(request: ModelRequest): boolean {
     this.post(request, undefined);
+    // Answers that came during the model call settle now, not a turn of the event loop later.
     this.thread?.takeArrived();
     if (!this.prefetcher.streamReadyNow()) return false;
     for (const [sigma, sigmaNext] of request.upcoming?.queries ?? []) if (this.inFlight.has(queryKey(sigma, sigmaNext))) return false;
