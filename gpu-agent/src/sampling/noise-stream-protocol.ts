@@ -24,3 +24,12 @@ export const RING_HEADER_BYTES = 16;
 export const WANTED = 0;
 export const MADE = 1;
 export const RELEASED = 2;
+
+/** The views of a ring made for `slots` draws: its header and each slot's draw (both sides use the same). */
+export function ringViews(ring: SharedArrayBuffer, slots: number): { header: Int32Array; slots: Float32Array[] } {
+  const length = (ring.byteLength - RING_HEADER_BYTES) / 4 / slots;
+  return {
+    header: new Int32Array(ring, 0, RING_HEADER_BYTES / 4),
+    slots: Array.from({ length: slots }, (_, k) => new Float32Array(ring, RING_HEADER_BYTES + k * length * 4, length)),
+  };
+}

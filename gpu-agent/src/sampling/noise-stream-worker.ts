@@ -3,7 +3,7 @@
 // a free slot. It sleeps on the doorbell between requests; nothing it makes crosses a message port.
 import { receiveMessageOnPort, workerData, type MessagePort } from "node:worker_threads";
 import { NoiseContinuation } from "./image-rng.js";
-import { MADE, RELEASED, RING_HEADER_BYTES, WANTED, type NoiseThreadInit, type ToNoiseThread } from "./noise-stream-protocol.js";
+import { MADE, RELEASED, WANTED, ringViews, type NoiseThreadInit, type ToNoiseThread } from "./noise-stream-protocol.js";
 
 const { port, bell } = workerData as NoiseThreadInit;
 const rung = new Int32Array(bell);
@@ -18,9 +18,7 @@ interface Ring {
 const streams = new Map<number, Ring>();
 
 function open(m: Extract<ToNoiseThread, { op: "open" }>): Ring {
-  const length = (m.ring.byteLength - RING_HEADER_BYTES) / 4 / m.slots;
-  const slots = Array.from({ length: m.slots }, (_, k) => new Float32Array(m.ring, RING_HEADER_BYTES + k * length * 4, length));
-  return { source: NoiseContinuation.resume(m.state), header: new Int32Array(m.ring, 0, RING_HEADER_BYTES / 4), slots, made: 0 };
+  return { source: NoiseContinuation.resume(m.state), ...ringViews(m.ring, m.slots), made: 0 };
 }
 
 /** Takes the control messages waiting; false once told to exit. */

@@ -21,7 +21,7 @@
 import { MessageChannel, type MessagePort, type Worker } from "node:worker_threads";
 import { spawnModuleWorker } from "../runtime/spawn-worker.js";
 import { NoiseContinuation, type NoiseContinuationState } from "./image-rng.js";
-import { MADE, RELEASED, RING_HEADER_BYTES, WANTED, type NoiseThreadInit, type ToNoiseThread } from "./noise-stream-protocol.js";
+import { MADE, RELEASED, RING_HEADER_BYTES, WANTED, ringViews, type NoiseThreadInit, type ToNoiseThread } from "./noise-stream-protocol.js";
 
 /** How long a synchronous take() waits for the thread before continuing the stream here instead. */
 const SYNC_WAIT_LIMIT_MS = 10_000;
@@ -126,7 +126,7 @@ export class NoiseThread {
 /** One run's sampler noise: request() ahead, ready() before the sampler resumes, take() in the sampler. */
 export class NoiseStream {
   private readonly header: Int32Array | undefined;
-  private readonly slots: Float32Array[] = [];
+  private readonly slots: Float32Array[];
   private requested = 0;
   private taken = 0;
   private local: NoiseContinuation | undefined;
@@ -142,11 +142,12 @@ export class NoiseStream {
   ) {
     if (ring === undefined) {
       this.local = NoiseContinuation.resume(state);
+      this.slots = [];
       return;
     }
-    this.header = new Int32Array(ring, 0, RING_HEADER_BYTES / 4);
-    const length = (ring.byteLength - RING_HEADER_BYTES) / 4 / RING_SLOTS;
-    for (let k = 0; k < RING_SLOTS; k++) this.slots.push(new Float32Array(ring, RING_HEADER_BYTES + k * length * 4, length));
+    const views = ringViews(ring, RING_SLOTS);
+    this.header = views.header;
+    this.slots = views.slots;
   }
 
   /** Whether the draws are made on another thread (false after a fallback to this one). */
