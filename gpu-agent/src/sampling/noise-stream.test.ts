@@ -1,13 +1,20 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { ImageRng, NoiseContinuation } from "./image-rng.js";
-import { NoiseThread } from "./noise-stream.js";
+import { NoiseThread, type NoiseStream } from "./noise-stream.js";
 import { createGenerator, restoreGenerator } from "./generator.js";
 import type { RngSource } from "./generator.js";
 
 const shape = [4, 24, 24] as const;
 const rng = (source: RngSource) =>
   new ImageRng({ shape, seeds: [11, 12], subseeds: [5, 6], subseedStrength: 0.3, source, etaNoiseSeedDelta: 31337 });
+
+/** A stream on `thread` continuing rng(source) after its first(). */
+function openStream(thread: NoiseThread, source: RngSource): NoiseStream {
+  const r = rng(source);
+  r.first();
+  return thread.open(r.continuation());
+}
 
 /** ImageRng's sampler draws after first(), computed the plain way. */
 function reference(source: RngSource, n: number): Float32Array[] {
@@ -42,9 +49,7 @@ test("a noise stream hands out the thread's draws in order: awaited, waited for 
   try {
     for (const source of ["CPU", "NV"] as const) {
       const want = reference(source, 7);
-      const r = rng(source);
-      r.first();
-      const stream = thread.open(r.continuation());
+      const stream = openStream(thread, source);
       assert.ok(stream.remote);
       // A draw is lent until the next take(): kept, it is copied.
       const take = (): Float32Array => stream.take().slice();
@@ -68,9 +73,7 @@ test("a noise stream hands out the thread's draws in order: awaited, waited for 
 test("when the thread is gone a stream continues on this thread after the draws already taken", async () => {
   const want = reference("CPU", 5);
   const thread = new NoiseThread();
-  const r = rng("CPU");
-  r.first();
-  const stream = thread.open(r.continuation());
+  const stream = openStream(thread, "CPU");
   stream.request(2);
   await stream.ready();
   const got: Float32Array[] = [stream.take().slice(), stream.take().slice()];
@@ -82,9 +85,7 @@ test("when the thread is gone a stream continues on this thread after the draws 
   got.forEach((g, i) => assert.deepEqual(g, want[i], `draw ${i}`));
   await thread.close();
   // A closed thread opens streams that draw here.
-  const r2 = rng("NV");
-  r2.first();
-  const local = thread.open(r2.continuation());
+  const local = openStream(thread, "NV");
   assert.equal(local.remote, false);
   assert.deepEqual(local.take(), reference("NV", 1)[0]);
 });
@@ -93,9 +94,7 @@ test("a taken draw is lent from the stream's ring: intact while the thread makes
   const want = reference("NV", 8);
   const thread = new NoiseThread();
   try {
-    const r = rng("NV");
-    r.first();
-    const stream = thread.open(r.continuation());
+    const stream = openStream(thread, "NV");
     const lent: Float32Array[] = [];
     for (let i = 0; i < 8; i++) {
       const draw = stream.take();
@@ -119,9 +118,7 @@ test("draws posted while this thread was blocked (as by a UNet call) are ready w
   const want = reference("NV", 3);
   const thread = new NoiseThread();
   try {
-    const r = rng("NV");
-    r.first();
-    const stream = thread.open(r.continuation());
+    const stream = openStream(thread, "NV");
     stream.request(1);
     await stream.ready(); // the thread is up
     stream.request(2);

@@ -5,7 +5,7 @@ import { ImageRng } from "./image-rng.js";
 import { isResident, residentArraysOut } from "./kernels.js";
 import { listSamplers, prepareSampling } from "./plan.js";
 import { NoisePrefetcher } from "./prefetch.js";
-import { setLatentResidency } from "./samplers/latent-pool.js";
+import { withPoisonedResidency } from "./samplers/test-harness.js";
 import { standInModel } from "./test-support.js";
 
 const counter = (): (() => Float32Array) => {
@@ -90,8 +90,7 @@ test("every sampler gives the same latents with noise drawn ahead (twice, even) 
 
 test("staged, draws and answers made ahead are lent from the kernels' memory until the next take, and unstage() gives everything back", () => {
   const before = residentArraysOut();
-  setLatentResidency(true, { poison: true });
-  try {
+  withPoisonedResidency(() => {
     const p = new NoisePrefetcher(counter(), (a, b) => Float32Array.of(a - b));
     p.drawAhead({ draws: 1 }); // not staged yet: an ordinary array
     p.stageInKernelMemory();
@@ -115,9 +114,7 @@ test("staged, draws and answers made ahead are lent from the kernels' memory unt
     assert.deepEqual(p.query(15, 1), Float32Array.of(14));
     p.drawAhead({ draws: 1 });
     assert.equal(residentArraysOut(), before, "no staging after unstage()");
-  } finally {
-    setLatentResidency(true);
-  }
+  });
 });
 
 test("every sampler gives the same bits with its noise staged in the kernels' memory, freed slots poisoned, and gives every slot back", () => {
@@ -157,13 +154,7 @@ test("every sampler gives the same bits with its noise staged in the kernels' me
     };
     const before = residentArraysOut();
     const plain = render(false);
-    setLatentResidency(true, { poison: true });
-    let staged: ReturnType<typeof render>;
-    try {
-      staged = render(true);
-    } finally {
-      setLatentResidency(true);
-    }
+    const staged = withPoisonedResidency(() => render(true));
     const label = `${c.name} ${JSON.stringify(c.settings)}`;
     assert.equal(residentArraysOut(), before, `${label}: every slot given back`);
     assert.equal(staged.requests.length, plain.requests.length, label);

@@ -5,6 +5,7 @@ import { listSamplers, prepareSampling, type PrepareSamplingInput } from "../pla
 import { sampleEuler, sampleHeun } from "./kdiffusion.js";
 import { LatentScope, freshLatent, inLatentScope, releaseLatent, setLatentResidency } from "./latent-pool.js";
 import type { ModelRequest, ModelResponse, SamplerRun } from "./types.js";
+import { withPoisonedResidency } from "./test-harness.js";
 
 const SHAPE = [4, 4, 6] as const;
 const LENGTH = SHAPE[0] * SHAPE[1] * SHAPE[2];
@@ -96,13 +97,7 @@ test("every sampler gives the same bits with its latents and model answers resid
     const label = `${c.samplerName} ${c.scheduler ?? ""} ${JSON.stringify(c.settings ?? {})}`;
     setLatentResidency(false);
     const copied = render(c);
-    setLatentResidency(true, { poison: true });
-    let resident: ReturnType<typeof render>;
-    try {
-      resident = render(c);
-    } finally {
-      setLatentResidency(true);
-    }
+    const resident = withPoisonedResidency(() => render(c));
     assert.ok(copied.x.every(Number.isFinite), `${label}: a finite result to compare`);
     assert.equal(resident.requests.length, copied.requests.length, label);
     resident.requests.forEach((x, k) => assert.ok(sameBits(x, copied.requests[k]!), `${label}: request ${k}`));

@@ -1,6 +1,7 @@
 /** Drives sampler generators in tests with closed-form models of Gaussian data. */
 import type { ModelRequest, ModelResponse, SamplerRun } from "./types.js";
 import { sd1Schedule } from "../sigmas.js";
+import { setLatentResidency } from "./latent-pool.js";
 
 export interface DriveResult {
   x: Float32Array;
@@ -52,4 +53,17 @@ export function alphaBarAt(alphasCumprod: Float32Array, t: number): number {
 /** Exact probability-flow ODE solution for that data: x(σ) = x(σ₀)·sqrt((s² + σ²)/(s² + σ₀²)). */
 export function exactFlow(x0: number, sigma0: number, sigma: number, s: number): number {
   return x0 * Math.sqrt((s * s + sigma * sigma) / (s * s + sigma0 * sigma0));
+}
+
+/**
+ * `fn()` with residency on and every fresh or given-back slot filled with NaN, so that a read before a
+ * write or after a release shows; residency is back to plain on afterwards, however fn ends.
+ */
+export function withPoisonedResidency<T>(fn: () => T): T {
+  setLatentResidency(true, { poison: true });
+  try {
+    return fn();
+  } finally {
+    setLatentResidency(true);
+  }
 }
