@@ -471,9 +471,9 @@ export class Kernel {
   }
 
   private execute(outs: readonly Float32Array[], ins: readonly Float32Array[], params: readonly number[]): number {
-    const wasm0 = this.compiled;
-    if (wasm0 && this.spec.sumOfSquares === undefined && this.residentArgs(outs, ins, params)) {
-      wasm0(...this.args);
+    const compiled = this.compiled;
+    if (compiled && this.spec.sumOfSquares === undefined && this.residentArgs(outs, ins, params)) {
+      compiled(...this.args);
       return 0;
     }
     return this.general(outs, ins, params);
