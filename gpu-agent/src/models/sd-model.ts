@@ -6,7 +6,7 @@ import { FarmError, type Logger } from "@latentfarm/shared";
 import { OrtWorker } from "../runtime/ort-runtime.js";
 import { InThreadOrtSessions, type OrtSessions } from "../runtime/ort-sessions.js";
 import type { ExecutionProvider, SessionInfo, TensorType, ValueMeta, WireTensor } from "../runtime/protocol.js";
-import { floatsToHalf, halfToFloats } from "../runtime/float16.js";
+import { f16ToF32, f32ToF16 } from "../model-graph/index.js";
 import type { ModelEntry } from "./catalog.js";
 import type { TextEncoder } from "../conditioning/index.js";
 
@@ -28,12 +28,12 @@ function inputOf(info: SessionInfo, names: string[], session: string): ValueMeta
 }
 
 function floatTensor(meta: ValueMeta, data: Float32Array, dims: number[]): WireTensor {
-  if (meta.type === "float16") return { type: "float16", dims, data: floatsToHalf(data) };
+  if (meta.type === "float16") return { type: "float16", dims, data: f32ToF16(data) };
   return { type: "float32", dims, data: own(data) };
 }
 
 function readFloats(t: WireTensor): Float32Array {
-  if (t.type === "float16") return halfToFloats(t.data as Uint16Array);
+  if (t.type === "float16") return f16ToF32(t.data as Uint16Array);
   if (t.type === "float32") return t.data as Float32Array;
   throw new FarmError(grpc.status.INTERNAL, `unexpected output type ${t.type}`);
 }

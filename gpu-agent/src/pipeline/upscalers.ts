@@ -10,7 +10,7 @@ import { FarmError } from "@latentfarm/shared";
 import { bgrTensorToTile, planPixelUpscale, tileToBgrTensor, upscaleWithModel, type Image8, type Size } from "../imaging/index.js";
 import type { SdModel } from "../models/sd-model.js";
 import type { WireTensor } from "../runtime/protocol.js";
-import { floatsToHalf, halfToFloats } from "../runtime/float16.js";
+import { f16ToF32, f32ToF16 } from "../model-graph/index.js";
 import type { RenderResources } from "./txt2img.js";
 import { checkAborted } from "./denoise.js";
 
@@ -75,10 +75,10 @@ export async function resolveUpscaler(
   const run = async (tile: Image8, sig: AbortSignal): Promise<Image8> => {
     const x = tileToBgrTensor(tile);
     const feed: WireTensor = half
-      ? { type: "float16", dims: [1, 3, tile.height, tile.width], data: floatsToHalf(x) }
+      ? { type: "float16", dims: [1, 3, tile.height, tile.width], data: f32ToF16(x) }
       : { type: "float32", dims: [1, 3, tile.height, tile.width], data: x };
     const out = (await model.runAuxiliary(found, { [input.name]: feed }, [output.name], sig))[output.name]!;
-    const data = out.type === "float16" ? halfToFloats(out.data as Uint16Array) : (out.data as Float32Array);
+    const data = out.type === "float16" ? f16ToF32(out.data as Uint16Array) : (out.data as Float32Array);
     const oh = Number(out.dims[2]);
     const ow = Number(out.dims[3]);
     return bgrTensorToTile(data, ow, oh);
