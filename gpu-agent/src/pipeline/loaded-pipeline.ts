@@ -46,8 +46,7 @@ export class LoadedPipeline {
       (s, t, c, d, signal) => model.unet(s, t, c, d, signal),
       model.config.latentChannels,
       model.textEncoder.hiddenSize,
-      opts.maxBatchRows,
-      opts.onUnetCall,
+      { maxRows: opts.maxBatchRows, ...(opts.onUnetCall !== undefined && { onCall: opts.onUnetCall }) },
     );
   }
 

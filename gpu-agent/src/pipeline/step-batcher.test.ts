@@ -66,6 +66,117 @@ test("a failing call rejects every request in it, and the batcher keeps serving"
   assert.deepEqual([...(await b.evaluate(r()))[0]!], [1]);
 });
 
+test("a shape's input buffers are kept between calls, and an unchanged context is not copied again", async () => {
+  const seen: Array<{ sample: Float32Array; ctx: Float32Array; ctxValues: number[]; sampleValues: number[] }> = [];
+  const b = new StepBatcher(
+    async (sample, _ts, ctx) => {
+      seen.push({ sample, ctx, ctxValues: [...ctx], sampleValues: [...sample] });
+      return sample.map((v) => v * 10);
+    },
+    1,
+    2,
+  );
+  const a = new Float32Array([1, 2]);
+  const c = new Float32Array([3, 4]);
+  const req = (v: number, contexts: Float32Array[]) => ({ x: new Float32Array([v]), t: v, contexts, h: 1, w: 1, seq: 1 });
+  assert.deepEqual(
+    (await b.evaluate(req(1, [a, c]))).map((o) => [...o]),
+    [[10], [10]],
+  );
+  assert.deepEqual(
+    (await b.evaluate(req(2, [a, c]))).map((o) => [...o]),
+    [[20], [20]],
+  );
+  // The rows' contexts swap: both rows must be written again.
+  assert.deepEqual(
+    (await b.evaluate(req(3, [c, a]))).map((o) => [...o]),
+    [[30], [30]],
+  );
+  assert.equal(seen[1]!.sample, seen[0]!.sample, "the same sample buffer for the same shape");
+  assert.equal(seen[2]!.ctx, seen[0]!.ctx, "the same context buffer for the same shape");
+  assert.deepEqual(
+    seen.map((s) => s.ctxValues),
+    [
+      [1, 2, 3, 4],
+      [1, 2, 3, 4],
+      [3, 4, 1, 2],
+    ],
+  );
+  assert.deepEqual(
+    seen.map((s) => s.sampleValues),
+    [
+      [1, 1],
+      [2, 2],
+      [3, 3],
+    ],
+  );
+  // A different shape (one row) gets buffers of its own and leaves the first shape's alone.
+  assert.deepEqual(
+    (await b.evaluate(req(4, [c]))).map((o) => [...o]),
+    [[40]],
+  );
+  assert.notEqual(seen[3]!.sample, seen[0]!.sample);
+  await b.evaluate(req(5, [a, c]));
+  assert.equal(seen[4]!.sample, seen[0]!.sample);
+  assert.deepEqual(seen[4]!.ctxValues, [1, 2, 3, 4], "its rows written again after the swap");
+});
+
+test("buffers a call took away, wrote its answer over, or failed with are not used again", async () => {
+  const samples: Float32Array[] = [];
+  let mode: "transfer" | "alias" | "fail" | "plain" = "transfer";
+  const b = new StepBatcher(
+    async (sample, _ts, ctx) => {
+      samples.push(sample);
+      const values = [...sample, ...ctx];
+      if (mode === "transfer") {
+        // As OrtWorker does: the feeds' buffers move to another thread and are detached here.
+        structuredClone(sample, { transfer: [sample.buffer as ArrayBuffer, ctx.buffer as ArrayBuffer] });
+        return Float32Array.from(values.slice(0, 1));
+      }
+      if (mode === "fail") throw new Error("boom");
+      if (mode === "alias") return sample;
+      return new Float32Array(sample);
+    },
+    1,
+    1,
+  );
+  const req = (v: number) => ({ x: new Float32Array([v]), t: v, contexts: [new Float32Array([v + 0.5])], h: 1, w: 1, seq: 1 });
+  assert.deepEqual([...(await b.evaluate(req(1)))[0]!], [1]);
+  mode = "plain";
+  assert.deepEqual([...(await b.evaluate(req(2)))[0]!], [2], "fresh buffers after the old ones were transferred");
+  assert.equal(samples[1]!.length, 1);
+  mode = "alias";
+  const aliased = (await b.evaluate(req(3)))[0]!;
+  mode = "plain";
+  await b.evaluate(req(4));
+  assert.notEqual(samples[3], samples[2], "the answer's buffer is not packed over");
+  assert.deepEqual([...aliased], [3], "an earlier answer written over its input stays intact");
+  mode = "fail";
+  await assert.rejects(b.evaluate(req(5)), /boom/);
+  mode = "plain";
+  await b.evaluate(req(6));
+  assert.notEqual(samples[5], samples[4], "a failed call's buffers are dropped");
+  await b.evaluate(req(7));
+  assert.equal(samples[6], samples[5], "and new ones kept again");
+});
+
+test("with reuseBuffers off every call gets new buffers", async () => {
+  const samples: Float32Array[] = [];
+  const b = new StepBatcher(
+    async (sample) => {
+      samples.push(sample);
+      return new Float32Array(sample);
+    },
+    1,
+    1,
+    { reuseBuffers: false },
+  );
+  const req = () => ({ x: new Float32Array([1]), t: 1, contexts: [new Float32Array(1)], h: 1, w: 1, seq: 1 });
+  await b.evaluate(req());
+  await b.evaluate(req());
+  assert.notEqual(samples[0], samples[1]);
+});
+
 describe(
   "concurrent images batch into shared UNet calls with unchanged results",
   { skip: !existsSync(TINY) && "team kit fixtures absent" },
