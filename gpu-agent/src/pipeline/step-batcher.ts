@@ -1,4 +1,5 @@
 import { abortError } from "@latentfarm/shared";
+import type { UnetDims } from "../models/sd-model.js";
 
 /** One image's request: evaluate the UNet on the same input against one or more contexts. */
 export interface UnetRequest {
@@ -19,13 +20,7 @@ export interface UnetRequest {
 }
 
 export interface UnetCall {
-  (
-    sample: Float32Array,
-    timesteps: Float32Array,
-    context: Float32Array,
-    dims: { n: number; h: number; w: number; seq: number; dim: number },
-    signal?: AbortSignal,
-  ): Promise<Float32Array>;
+  (sample: Float32Array, timesteps: Float32Array, context: Float32Array, dims: UnetDims, signal?: AbortSignal): Promise<Float32Array>;
 }
 
 interface Pending {
@@ -135,6 +130,7 @@ export class StepBatcher {
       buffers = this.buffersFor(shape, rows, inPlane, ctxSize);
       const { sample, timesteps: ts, context: ctx, rowContext, rowConcat } = buffers;
       let r = 0;
+      let contextUnchanged = true;
       for (const p of batch) {
         for (const c of p.req.contexts) {
           sample.set(p.req.x, r * inPlane);
@@ -147,12 +143,13 @@ export class StepBatcher {
           if (rowContext[r] !== c) {
             ctx.set(c, r * ctxSize);
             rowContext[r] = c;
+            contextUnchanged = false;
           }
           r++;
         }
       }
       const started = performance.now();
-      const out = await this.unet(sample, ts, ctx, { n: rows, h, w, seq, dim: this.dim });
+      const out = await this.unet(sample, ts, ctx, { n: rows, h, w, seq, dim: this.dim, contextUnchanged });
       // An output written over one of the inputs must not be overwritten by the next batch's packing.
       if (out.buffer === sample.buffer || out.buffer === ctx.buffer) this.kept.delete(shape);
       this.calls++;

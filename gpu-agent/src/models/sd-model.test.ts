@@ -1,0 +1,117 @@
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { cpSync, existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { silentLogger } from "@latentfarm/shared";
+import { GraphBuilder, encodeModel } from "../model-graph/onnx.js";
+import { f16ToF32, f32ToF16 } from "../model-graph/half.js";
+import { TINY_SD15 } from "../test-support/kit.js";
+import { StepBatcher } from "../pipeline/step-batcher.js";
+import { SdModel } from "./sd-model.js";
+
+/**
+ * A UNet with float16 inputs and output, as fp16 exports have: out = sample·t + Σ context per row,
+ * computed in float32 between casts, so every value is traceable to its own row's inputs.
+ */
+function fp16Unet(): Uint8Array {
+  const g = new GraphBuilder("fp16-unet");
+  const sample = g.op1("Cast", [g.input("sample", "float16", ["batch", 4, "height", "width"])], { to: 1 });
+  const t = g.op1("Cast", [g.input("timestep", "float16", ["batch"])], { to: 1 });
+  const ctx = g.op1("Cast", [g.input("encoder_hidden_states", "float16", ["batch", "sequence", 32])], { to: 1 });
+  const perRow = g.constant("int64", [4], [-1, 1, 1, 1]);
+  const scaled = g.op1("Mul", [sample, g.op1("Reshape", [t, perRow])]);
+  const sums = g.op1("ReduceSum", [ctx, g.constant("int64", [2], [1, 2])], { keepdims: 0 });
+  const out = g.op1("Add", [scaled, g.op1("Reshape", [sums, perRow])]);
+  g.output(g.op1("Cast", [out], { to: 10 }), "out_sample", "float16", ["batch", 4, "height", "width"]);
+  return encodeModel(g.toSpec()).toBytes();
+}
+
+describe("fp16 UNet exports", { skip: !existsSync(TINY_SD15) && "team kit fixtures absent" }, () => {
+  let dir: string;
+  before(() => {
+    // The kit's tiny model with its UNet swapped for the fp16 one.
+    dir = mkdtempSync(join(tmpdir(), "latentfarm-fp16-"));
+    cpSync(TINY_SD15, dir, { recursive: true });
+    rmSync(join(dir, "unet"), { recursive: true });
+    cpSync(join(TINY_SD15, "unet"), join(dir, "unet"), { recursive: true, filter: (p) => !p.includes("weights") && !p.endsWith(".pb") });
+    writeFileSync(join(dir, "unet", "model.onnx"), fp16Unet());
+  });
+  after(() => rmSync(dir, { recursive: true, force: true }));
+
+  for (const sessions of ["this-thread", "worker"] as const) {
+    test(`take float16 in and give float32 back, call after call (${sessions})`, async () => {
+      const model = await SdModel.load(
+        { name: "fp16", format: "diffusers-onnx", path: dir },
+        { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1, sessions },
+      );
+      try {
+        const dims = { n: 2, h: 3, w: 5, seq: 2, dim: 32 };
+        const plane = 4 * dims.h * dims.w;
+        // Each call's inputs differ, so an input kept from the call before would show.
+        for (let call = 0; call < 3; call++) {
+          const sample = Float32Array.from({ length: dims.n * plane }, (_, i) => Math.sin(i + call) * 3);
+          const timesteps = Float32Array.of(0.5 + call, 2 - call);
+          const context = Float32Array.from({ length: dims.n * dims.seq * dims.dim }, (_, i) => ((i * 7 + call) % 5) / 8);
+          const out = await model.unet(sample, timesteps, context, dims);
+          // The same arithmetic on the inputs as float16 values, rounded as the graph's last cast rounds.
+          const s16 = f16ToF32(f32ToF16(sample));
+          const t16 = f16ToF32(f32ToF16(timesteps));
+          const c16 = f16ToF32(f32ToF16(context));
+          const expected = new Float32Array(out.length);
+          for (let r = 0; r < dims.n; r++) {
+            let sum = 0;
+            for (let k = 0; k < dims.seq * dims.dim; k++) sum += c16[r * dims.seq * dims.dim + k]!;
+            for (let i = 0; i < plane; i++) expected[r * plane + i] = Math.fround(s16[r * plane + i]! * t16[r]!) + sum;
+          }
+          const rounded = f16ToF32(f32ToF16(expected));
+          assert.equal(out.length, dims.n * plane);
+          for (let i = 0; i < out.length; i++) {
+            // Summation order inside ReduceSum may move the last float32 bit, and so at most one half ulp.
+            assert.ok(
+              Math.abs(out[i]! - rounded[i]!) <= Math.abs(rounded[i]!) * 2 ** -10 + 1e-7,
+              `call ${call}, value ${i}: ${out[i]} vs ${rounded[i]}`,
+            );
+          }
+        }
+      } finally {
+        await model.close();
+      }
+    });
+  }
+
+  for (const sessions of ["this-thread", "worker"] as const) {
+    test(`an unchanged context is converted once, a changed one again (${sessions}, through the step batcher)`, async () => {
+      const model = await SdModel.load(
+        { name: "fp16", format: "diffusers-onnx", path: dir },
+        { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1, sessions },
+      );
+      try {
+        const batcher = new StepBatcher(model.unet.bind(model), 4, 32);
+        const x = new Float32Array(4).fill(1);
+        // Contexts that sum to 1 and 3 per row: the output is x·t + that sum.
+        const a = new Float32Array(64).fill(1 / 64);
+        const b = new Float32Array(64).fill(3 / 64);
+        const order = [
+          [a, b],
+          [a, b],
+          [b, a],
+          [b, a],
+          [a, b],
+          [new Float32Array(64).fill(5 / 64), b],
+        ];
+        for (const [k, contexts] of order.entries()) {
+          const rows = await batcher.evaluate({ x, t: 1, contexts, h: 1, w: 1, seq: 2 });
+          const sums = contexts.map((c) => c.reduce((p, v) => p + v, 0));
+          assert.deepEqual(
+            rows.map((r) => [...r]),
+            sums.map((s) => new Array(4).fill(1 + s)),
+            `call ${k}`,
+          );
+        }
+      } finally {
+        await model.close();
+      }
+    });
+  }
+});
