@@ -1,5 +1,5 @@
 // `npm run bench`: every benchmark, printing measured numbers and ratios side by side.
-// `npm run bench -- NAME…` runs only those (agent-overhead, coordinator-dispatch, placement, speed-split, tiled-hires, conditioning, samplers, model-io).
+// `npm run bench -- NAME…` runs only those (agent-overhead, coordinator-dispatch, placement, speed-split, tiled-hires, conditioning, samplers, model-io, unet-call).
 import { availableParallelism, cpus } from "node:os";
 import { benchAgentOverhead } from "./agent-overhead.js";
 import { benchConditioningCost } from "./conditioning.js";
@@ -9,6 +9,7 @@ import { benchPlacementBoth } from "./placement.js";
 import { benchSamplerOverhead } from "./samplers.js";
 import { benchSpeedSplit } from "./speed-split.js";
 import { benchTiledHires } from "./tiled-hires.js";
+import { benchUnetCall } from "./unet-call.js";
 
 const only = process.argv.slice(2);
 const want = (name: string): boolean => only.length === 0 || only.includes(name);
@@ -36,6 +37,10 @@ if (want("samplers"))
 if (want("model-io"))
   process.stdout.write(
     `model-io, UNet input + CFG answer per call, 4×128×128, one prompt (kernels vs scalar loops): ${fmt(benchModelIo())}\n`,
+  );
+if (want("unet-call"))
+  process.stdout.write(
+    `unet-call, the pipeline thread's work around a UNet call, 4×128×128, CFG, SD1.5 context, run() excluded (kept vs fresh buffers): ${fmt(await benchUnetCall())}\n`,
   );
 if (want("tiled-hires"))
   process.stdout.write(`tiled-hires 2048², 4 vs 1 agent (target second pass ≤ 0.35×): ${fmt(await benchTiledHires())}\n`);
