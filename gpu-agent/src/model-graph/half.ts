@@ -1,6 +1,8 @@
 // IEEE binary16 and bfloat16 <-> float32 conversion. Node 20 has no Float16Array, so halves travel
 // as raw bits in Uint16Array (the same convention onnxruntime-node uses for float16 tensors).
 
+import { halfSimd } from "./half-simd.js";
+
 const f32 = new Float32Array(1);
 const u32 = new Uint32Array(f32.buffer);
 
@@ -24,9 +26,13 @@ function decodeHalf(h: number): number {
   return sign * (1 + frac / 1024) * 2 ** (exp - 15);
 }
 
+/** Arrays at least this long go through the SIMD loops (half-simd.ts), their last few values through JavaScript. */
+const SIMD_FROM = 64;
+
 export function f16ToF32(src: Uint16Array, dst: Float32Array = new Float32Array(src.length)): Float32Array {
+  const simd = src.length >= SIMD_FROM ? halfSimd() : null;
   const t = table();
-  for (let i = 0; i < src.length; i++) dst[i] = t[src[i]!]!;
+  for (let i = simd?.decode(src, dst) ?? 0; i < src.length; i++) dst[i] = t[src[i]!]!;
   return dst;
 }
 
@@ -70,15 +76,15 @@ export function f32ToF16Bits(value: number): number {
 }
 
 /**
- * f32ToF16Bits over an array, on the float32 bits directly: the UNet's inputs go through here on every
- * model call of an fp16 export (0.5 MB at 1024×1024 with CFG), where converting value by value through a
- * scratch float cost 2.2 ms on a 2-vCPU VM. Normal results round by adding 0xfff plus the kept lowest
- * bit before the shift; a carry out of the mantissa moves into the exponent, up to ±Inf, which is
- * round-to-nearest-even. The same bits as f32ToF16Bits for every input (tested).
+ * f32ToF16Bits over an array: an fp16 UNet export's inputs go through here on every model call. Long
+ * arrays go through the SIMD loop (half-simd.ts); the rest is worked on the float32 bits directly, normal
+ * results rounded by adding 0xfff plus the kept lowest bit before the shift (a carry out of the mantissa
+ * moves into the exponent, up to ±Inf: round-to-nearest-even). Both give f32ToF16Bits's bits (tested).
  */
 export function f32ToF16(src: Float32Array, dst: Uint16Array = new Uint16Array(src.length)): Uint16Array {
+  const simd = src.length >= SIMD_FROM ? halfSimd() : null;
   const bits = new Uint32Array(src.buffer, src.byteOffset, src.length);
-  for (let i = 0; i < bits.length; i++) {
+  for (let i = simd?.encode(src, dst) ?? 0; i < bits.length; i++) {
     const x = bits[i]!;
     const abs = x & 0x7fffffff;
     let h: number;
