@@ -12,7 +12,7 @@
  *   keep their payload, made quiet by nothing: any NaN in is a NaN out.
  * Without WebAssembly SIMD, `halfSimd()` is null and half.ts uses its JavaScript loops.
  */
-import { name, section, uleb } from "../runtime/wasm-encoding.js";
+import { name, section, sleb, uleb } from "../runtime/wasm-encoding.js";
 
 // The project's TypeScript lib (ES2023 without DOM) has no WebAssembly types; Node has the global.
 interface WasmMemory {
@@ -21,11 +21,13 @@ interface WasmMemory {
 declare const WebAssembly: {
   Module: new (bytes: Uint8Array) => object;
   Instance: new (module: object, imports: object) => { readonly exports: object };
+  Memory: new (descriptor: { initial: number }) => WasmMemory;
 };
 
 const I32 = 0x7f;
 const SIMD = 0xfd;
 const simd = (op: number): number[] => [SIMD, ...uleb(op)];
+/** SIMD instructions: lanes are i32x4 unless the name says f (f32x4); narrow and extend are between i32x4 and i16x8. */
 const V = {
   load: simd(0x00),
   store: simd(0x0b),
@@ -59,18 +61,7 @@ const OP = {
   i32GeU: 0x4f,
 };
 const memarg = [0x04, 0x00];
-const i32 = (v: number): number[] => [OP.i32Const, ...signed(v)];
-
-function signed(value: number): number[] {
-  const out: number[] = [];
-  let v = value | 0;
-  for (;;) {
-    const byte = v & 0x7f;
-    v >>= 7;
-    if ((v === 0 && (byte & 0x40) === 0) || (v === -1 && (byte & 0x40) !== 0)) return [...out, byte];
-    out.push(byte | 0x80);
-  }
-}
+const i32 = (v: number): number[] => [OP.i32Const, ...sleb(v)];
 
 /** v128.const with the same 32-bit value in all four lanes. */
 function splat32(value: number): number[] {
@@ -290,9 +281,7 @@ let made: HalfSimd | null | undefined;
 export function halfSimd(): HalfSimd | null {
   if (made !== undefined) return made;
   try {
-    const memory = new (WebAssembly as unknown as { Memory: new (d: { initial: number }) => WasmMemory }).Memory({
-      initial: (HALF_AT + CHUNK * 2) / 65536,
-    });
+    const memory = new WebAssembly.Memory({ initial: (HALF_AT + CHUNK * 2) / 65536 });
     const { encode, decode } = new WebAssembly.Instance(new WebAssembly.Module(moduleBytes()), { m: { memory } }).exports as {
       encode: (src: number, dst: number, end: number) => void;
       decode: (src: number, dst: number, end: number) => void;
