@@ -27,6 +27,40 @@ function fp16Unet(): Uint8Array {
   return encodeModel(g.toSpec()).toBytes();
 }
 
+const DIMS = { n: 2, h: 3, w: 5, seq: 2, dim: 32 };
+const PLANE = 4 * DIMS.h * DIMS.w;
+
+function inputs(call: number): { sample: Float32Array; timesteps: Float32Array; context: Float32Array } {
+  return {
+    sample: Float32Array.from({ length: DIMS.n * PLANE }, (_, i) => Math.sin(i + call) * 3),
+    timesteps: Float32Array.of(0.5 + call, 2 - call),
+    context: Float32Array.from({ length: DIMS.n * DIMS.seq * DIMS.dim }, (_, i) => ((i * 7 + call) % 5) / 8),
+  };
+}
+
+/** The graph's arithmetic on call `call`'s inputs as float16 values, rounded as its last cast rounds. */
+function assertOutput(out: Float32Array, call: number): void {
+  const { sample, timesteps, context } = inputs(call);
+  const s16 = f16ToF32(f32ToF16(sample));
+  const t16 = f16ToF32(f32ToF16(timesteps));
+  const c16 = f16ToF32(f32ToF16(context));
+  const expected = new Float32Array(DIMS.n * PLANE);
+  for (let r = 0; r < DIMS.n; r++) {
+    let sum = 0;
+    for (let k = 0; k < DIMS.seq * DIMS.dim; k++) sum += c16[r * DIMS.seq * DIMS.dim + k]!;
+    for (let i = 0; i < PLANE; i++) expected[r * PLANE + i] = Math.fround(s16[r * PLANE + i]! * t16[r]!) + sum;
+  }
+  const rounded = f16ToF32(f32ToF16(expected));
+  assert.equal(out.length, DIMS.n * PLANE);
+  for (let i = 0; i < out.length; i++) {
+    // Summation order inside ReduceSum may move the last float32 bit, and so at most one half ulp.
+    assert.ok(
+      Math.abs(out[i]! - rounded[i]!) <= Math.abs(rounded[i]!) * 2 ** -10 + 1e-7,
+      `call ${call}, value ${i}: ${out[i]} vs ${rounded[i]}`,
+    );
+  }
+}
+
 describe("fp16 UNet exports", { skip: !existsSync(TINY_SD15) && "team kit fixtures absent" }, () => {
   let dir: string;
   before(() => {
@@ -40,40 +74,20 @@ describe("fp16 UNet exports", { skip: !existsSync(TINY_SD15) && "team kit fixtur
   after(() => rmSync(dir, { recursive: true, force: true }));
 
   for (const sessions of ["this-thread", "worker"] as const) {
-    test(`take float16 in and give float32 back, call after call (${sessions})`, async () => {
+    test(`take float16 in and give float32 back, call after call and two at once (${sessions})`, async () => {
       const model = await SdModel.load(
         { name: "fp16", format: "diffusers-onnx", path: dir },
         { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1, sessions },
       );
       try {
-        const dims = { n: 2, h: 3, w: 5, seq: 2, dim: 32 };
-        const plane = 4 * dims.h * dims.w;
         // Each call's inputs differ, so an input kept from the call before would show.
         for (let call = 0; call < 3; call++) {
-          const sample = Float32Array.from({ length: dims.n * plane }, (_, i) => Math.sin(i + call) * 3);
-          const timesteps = Float32Array.of(0.5 + call, 2 - call);
-          const context = Float32Array.from({ length: dims.n * dims.seq * dims.dim }, (_, i) => ((i * 7 + call) % 5) / 8);
-          const out = await model.unet(sample, timesteps, context, dims);
-          // The same arithmetic on the inputs as float16 values, rounded as the graph's last cast rounds.
-          const s16 = f16ToF32(f32ToF16(sample));
-          const t16 = f16ToF32(f32ToF16(timesteps));
-          const c16 = f16ToF32(f32ToF16(context));
-          const expected = new Float32Array(out.length);
-          for (let r = 0; r < dims.n; r++) {
-            let sum = 0;
-            for (let k = 0; k < dims.seq * dims.dim; k++) sum += c16[r * dims.seq * dims.dim + k]!;
-            for (let i = 0; i < plane; i++) expected[r * plane + i] = Math.fround(s16[r * plane + i]! * t16[r]!) + sum;
-          }
-          const rounded = f16ToF32(f32ToF16(expected));
-          assert.equal(out.length, dims.n * plane);
-          for (let i = 0; i < out.length; i++) {
-            // Summation order inside ReduceSum may move the last float32 bit, and so at most one half ulp.
-            assert.ok(
-              Math.abs(out[i]! - rounded[i]!) <= Math.abs(rounded[i]!) * 2 ** -10 + 1e-7,
-              `call ${call}, value ${i}: ${out[i]} vs ${rounded[i]}`,
-            );
-          }
+          const { sample, timesteps, context } = inputs(call);
+          assertOutput(await model.unet(sample, timesteps, context, DIMS), call);
         }
+        // Two calls at once: the second starts while the first waits for its run().
+        const both = await Promise.all([3, 4].map((call) => inputs(call)).map((i) => model.unet(i.sample, i.timesteps, i.context, DIMS)));
+        both.forEach((out, k) => assertOutput(out, 3 + k));
       } finally {
         await model.close();
       }

@@ -85,8 +85,14 @@ export class SdModel {
   /** The context the last fp16 context feed was converted from (see UnetDims.contextUnchanged). */
   private halfContextSource: Float32Array | undefined;
 
+  /**
+   * A UNet call is between converting its feeds and the end of its run(): one that starts meanwhile (two
+   * callers of one model; run() itself waits a turn of the event loop) converts into new arrays.
+   */
+  private unetInFlight = false;
+
   private halfFeed(meta: ValueMeta, length: number): Uint16Array | undefined {
-    if (meta.type !== "float16") return undefined;
+    if (meta.type !== "float16" || this.unetInFlight) return undefined;
     let kept = this.halfFeeds.get(meta.name);
     if (kept?.length !== length) this.halfFeeds.set(meta.name, (kept = new Uint16Array(length)));
     return kept;
@@ -183,17 +189,19 @@ export class SdModel {
     } else {
       t = floatTensor(u.timestep, timesteps, u.timestep.shape.length === 0 ? [] : [dims.n], this.halfFeed(u.timestep, timesteps.length));
     }
-    const out = await this.worker.run(
-      "unet",
-      {
-        [u.sample.name]: floatTensor(u.sample, sample, [dims.n, c, dims.h, dims.w], this.halfFeed(u.sample, sample.length)),
-        [u.timestep.name]: t,
-        [u.context.name]: this.contextFeed(context, dims),
-      },
-      [u.output],
-      signal,
-    );
-    return readFloats(out[u.output]!);
+    const feeds = {
+      [u.sample.name]: floatTensor(u.sample, sample, [dims.n, c, dims.h, dims.w], this.halfFeed(u.sample, sample.length)),
+      [u.timestep.name]: t,
+      [u.context.name]: this.contextFeed(context, dims),
+    };
+    const owner = !this.unetInFlight;
+    this.unetInFlight = true;
+    try {
+      const out = await this.worker.run("unet", feeds, [u.output], signal);
+      return readFloats(out[u.output]!);
+    } finally {
+      if (owner) this.unetInFlight = false;
+    }
   }
 
   private contextFeed(context: Float32Array, dims: UnetDims): WireTensor {
@@ -203,13 +211,14 @@ export class SdModel {
     // An unchanged prompt's context was converted by an earlier call: 0.7 ms per call at SD1.5 with CFG.
     if (
       meta.type === "float16" &&
+      !this.unetInFlight &&
       dims.contextUnchanged === true &&
       this.halfContextSource === context &&
       kept?.length === context.length
     ) {
       return { type: "float16", dims: shape, data: kept };
     }
-    this.halfContextSource = meta.type === "float16" ? context : undefined;
+    if (!this.unetInFlight) this.halfContextSource = meta.type === "float16" ? context : undefined;
     return floatTensor(meta, context, shape, this.halfFeed(meta, context.length));
   }
 
