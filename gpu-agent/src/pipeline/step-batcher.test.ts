@@ -160,6 +160,29 @@ test("buffers a call took away, wrote its answer over, or failed with are not us
   assert.equal(samples[6], samples[5], "and new ones kept again");
 });
 
+test("at most four shapes keep their buffers: the least recently used one goes first", async () => {
+  const samples: Float32Array[] = [];
+  const b = new StepBatcher(
+    async (sample) => {
+      samples.push(sample);
+      return new Float32Array(sample);
+    },
+    1,
+    1,
+  );
+  const call = async (h: number) => {
+    const out = await b.evaluate({ x: new Float32Array(h).fill(h), t: 1, contexts: [new Float32Array(1)], h, w: 1, seq: 1 });
+    assert.deepEqual([...out[0]!], new Array<number>(h).fill(h));
+    return samples.at(-1)!;
+  };
+  const first = new Map<number, Float32Array>();
+  for (const h of [1, 2, 3, 4]) first.set(h, await call(h));
+  assert.equal(await call(1), first.get(1), "shape 1 kept, and now the most recently used");
+  await call(5); // a fifth shape: shape 2, the least recently used, goes
+  assert.notEqual(await call(2), first.get(2));
+  for (const h of [1, 4]) assert.equal(await call(h), first.get(h), `shape ${h} still kept`);
+});
+
 test("with reuseBuffers off every call gets new buffers", async () => {
   const samples: Float32Array[] = [];
   const b = new StepBatcher(
