@@ -8,8 +8,8 @@
  *   halves: add 0.5 as a float, so that the FPU's own round-to-nearest-even aligns the mantissa, then
  *   subtract 0.5's bits. |x| ≥ 65536, Inf and NaN: 0x7c00, or 0x7e00 for NaN. Then the sign.
  * - half → float32. Shift the exponent and mantissa into place and add the bias difference; Inf and NaN
- *   get a second one, subnormals are renormalized by subtracting 2^-14 as a float. Then the sign. NaNs
- *   keep their payload, made quiet by nothing: any NaN in is a NaN out.
+ *   get a second one, subnormals are renormalized by subtracting 2^-14 as a float. Then the sign. A NaN
+ *   keeps its payload (the table in half.ts has one NaN for all): a NaN in is a NaN out either way.
  * Without WebAssembly SIMD, `halfSimd()` is null and half.ts uses its JavaScript loops.
  */
 import { name, section, sleb, uleb } from "../runtime/wasm-encoding.js";
