@@ -28,7 +28,7 @@
  */
 
 import { name, section, sleb, uleb } from "../runtime/wasm-encoding.js";
-import { ConstPool } from "./rng-wasm-asm.js";
+import { ConstPool } from "../runtime/wasm-asm.js";
 const PHILOX_M0 = 0xd2511f53;
 const PHILOX_M1 = 0xcd9e8d57;
 const PHILOX_W0 = 0x9e3779b9;

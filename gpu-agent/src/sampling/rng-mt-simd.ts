@@ -12,7 +12,7 @@
  *   the sum rounded to double, then to float32 — so both round identically.
  */
 
-import { ConstPool, Fn, I32, S, V128, ensureMemory, instantiate, moduleBytes, op, type WasmMemory } from "./rng-wasm-asm.js";
+import { ConstPool, Fn, I32, S, V128, ensureMemory, instantiate, moduleBytes, op, type WasmMemory } from "../runtime/wasm-asm.js";
 import {
   LOG_SQRTHF,
   LOG_P,

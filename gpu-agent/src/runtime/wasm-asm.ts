@@ -1,10 +1,10 @@
 /**
- * A small assembler for the RNG's generated WebAssembly (SIMD) functions: typed locals, the scalar and
- * SIMD opcodes they use, and a module with several exported functions and one exported memory.
- * Encoding primitives come from runtime/wasm-encoding.ts.
+ * A small assembler for the agent's generated WebAssembly (SIMD) functions (the RNG's, the half-float
+ * conversions): typed locals, the scalar and SIMD opcodes they use, and a module with several exported
+ * functions and one exported memory. Encoding primitives come from wasm-encoding.ts.
  */
 
-import { name, section, sleb, uleb } from "../runtime/wasm-encoding.js";
+import { name, section, sleb, uleb } from "./wasm-encoding.js";
 
 export const I32 = 0x7f;
 export const V128 = 0x7b;
@@ -35,6 +35,7 @@ export const S = {
   f32x4Splat: 0x13,
   f64x2Splat: 0x14,
   i32x4Eq: 0x37,
+  i32x4GtU: 0x3c,
   f32x4Eq: 0x41,
   f32x4Lt: 0x43,
   f64x2Eq: 0x47,
@@ -47,8 +48,11 @@ export const S = {
   demoteF64x2Zero: 0x5e,
   promoteLowF32x4: 0x5f,
   store64Lane: 0x5b,
+  i16x8NarrowI32x4U: 0x86,
   i32x4AllTrue: 0xa3,
   i32x4Neg: 0xa1,
+  i32x4ExtendLowI16x8U: 0xa9,
+  i32x4ExtendHighI16x8U: 0xaa,
   i32x4Shl: 0xab,
   i32x4ShrU: 0xad,
   i32x4Add: 0xae,
