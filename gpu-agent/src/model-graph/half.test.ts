@@ -65,7 +65,7 @@ test("the array conversion gives f32ToF16Bits's bits for every kind of float32",
     bits.push(state);
   }
   const input = fromBits(Uint32Array.from(bits));
-  // Whole, the array goes through the SIMD loop; in pieces of 63, through the JavaScript one.
+  // Whole, the array goes through the SIMD loop; in pieces of 63, value by value (and across every piece edge).
   assert.ok(halfSimd() !== null, "WebAssembly SIMD is available on Node 20");
   const simd = f32ToF16(input);
   const js = new Uint16Array(input.length);

@@ -76,36 +76,13 @@ export function f32ToF16Bits(value: number): number {
 }
 
 /**
- * f32ToF16Bits over an array: an fp16 UNet export's inputs go through here on every model call. Long
- * arrays go through the SIMD loop (half-simd.ts); the rest is worked on the float32 bits directly, normal
- * results rounded by adding 0xfff plus the kept lowest bit before the shift (a carry out of the mantissa
- * moves into the exponent, up to ±Inf: round-to-nearest-even). Both give f32ToF16Bits's bits (tested).
+ * f32ToF16Bits over an array: an fp16 UNet export's inputs go through here on every model call, so long
+ * arrays go through the SIMD loop (half-simd.ts, the same bits; tested) and only the last few values, or
+ * everything where there is no WebAssembly SIMD, value by value.
  */
 export function f32ToF16(src: Float32Array, dst: Uint16Array = new Uint16Array(src.length)): Uint16Array {
   const simd = src.length >= SIMD_FROM ? halfSimd() : null;
-  const bits = new Uint32Array(src.buffer, src.byteOffset, src.length);
-  for (let i = simd?.encode(src, dst) ?? 0; i < bits.length; i++) {
-    const x = bits[i]!;
-    const abs = x & 0x7fffffff;
-    let h: number;
-    if (abs >= 0x38800000 && abs < 0x47800000) {
-      // Normal halves (2^-14 ≤ |x| < 2^16): rebias the exponent by 112 << 23.
-      h = (abs - 0x38000000 + 0xfff + ((abs >>> 13) & 1)) >>> 13;
-    } else if (abs < 0x33000000) {
-      h = 0;
-    } else if (abs < 0x38800000) {
-      // Subnormal halves: the mantissa with its hidden bit, shifted by 14 − (exponent − 112).
-      const shift = 126 - (abs >>> 23);
-      const mant = (abs & 0x7fffff) | 0x800000;
-      const rest = mant & ((1 << shift) - 1);
-      const half = 1 << (shift - 1);
-      h = mant >>> shift;
-      if (rest > half || (rest === half && h & 1)) h++;
-    } else {
-      h = abs > 0x7f800000 ? 0x7e00 : 0x7c00;
-    }
-    dst[i] = ((x >>> 16) & 0x8000) | h;
-  }
+  for (let i = simd?.encode(src, dst) ?? 0; i < src.length; i++) dst[i] = f32ToF16Bits(src[i]!);
   return dst;
 }
 

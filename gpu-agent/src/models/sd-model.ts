@@ -27,9 +27,9 @@ function inputOf(info: SessionInfo, names: string[], session: string): ValueMeta
   return first;
 }
 
-/** `data` as the input's float type; an fp16 input converts into `into` when it is given and fits. */
+/** `data` as the input's float type; an fp16 input converts into `into` (as long as `data`) when given. */
 function floatTensor(meta: ValueMeta, data: Float32Array, dims: number[], into?: Uint16Array): WireTensor {
-  if (meta.type === "float16") return { type: "float16", dims, data: f32ToF16(data, into?.length === data.length ? into : undefined) };
+  if (meta.type === "float16") return { type: "float16", dims, data: f32ToF16(data, into) };
   return { type: "float32", dims, data: own(data) };
 }
 
