@@ -5,7 +5,7 @@ import sharp from "sharp";
 import { create } from "@bufbuild/protobuf";
 import { RngSource, RunTaskRequestSchema, type Image } from "@latentfarm/shared";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
-import { StepBatcher } from "./step-batcher.js";
+import { StepBatcher, type StepBatcherOptions } from "./step-batcher.js";
 import { renderTask } from "./txt2img.js";
 import { TINY_SD15 } from "../test-support/kit.js";
 import { loadTinyPipeline } from "../test-support/tiny-pipeline.js";
@@ -66,11 +66,26 @@ test("a failing call rejects every request in it, and the batcher keeps serving"
   assert.deepEqual([...(await b.evaluate(r()))[0]!], [1]);
 });
 
+/** A batcher over channels 1 and dim 1 whose UNet answers a copy of its sample, recording the sample arrays it got. */
+function recordingBatcher(opts?: StepBatcherOptions): { batcher: StepBatcher; samples: Float32Array[] } {
+  const samples: Float32Array[] = [];
+  const batcher = new StepBatcher(
+    async (sample) => {
+      samples.push(sample);
+      return new Float32Array(sample);
+    },
+    1,
+    1,
+    opts,
+  );
+  return { batcher, samples };
+}
+
 test("a shape's input buffers are kept between calls, and an unchanged context is not copied again", async () => {
-  const seen: Array<{ sample: Float32Array; ctx: Float32Array; ctxValues: number[]; sampleValues: number[] }> = [];
+  const seen: Array<{ sample: Float32Array; ctx: Float32Array; ctxValues: number[]; sampleValues: number[]; unchanged?: boolean }> = [];
   const b = new StepBatcher(
-    async (sample, _ts, ctx) => {
-      seen.push({ sample, ctx, ctxValues: [...ctx], sampleValues: [...sample] });
+    async (sample, _ts, ctx, d) => {
+      seen.push({ sample, ctx, ctxValues: [...ctx], sampleValues: [...sample], unchanged: d.contextUnchanged });
       return sample.map((v) => v * 10);
     },
     1,
@@ -119,6 +134,11 @@ test("a shape's input buffers are kept between calls, and an unchanged context i
   await b.evaluate(req(5, [a, c]));
   assert.equal(seen[4]!.sample, seen[0]!.sample);
   assert.deepEqual(seen[4]!.ctxValues, [1, 2, 3, 4], "its rows written again after the swap");
+  // Only the call whose rows already held its contexts skipped the copy (and says so to the UNet call).
+  assert.deepEqual(
+    seen.map((s) => s.unchanged),
+    [false, true, false, false, false],
+  );
 });
 
 test("buffers a call took away, wrote its answer over, or failed with are not used again", async () => {
@@ -161,15 +181,7 @@ test("buffers a call took away, wrote its answer over, or failed with are not us
 });
 
 test("at most four shapes keep their buffers: the least recently used one goes first", async () => {
-  const samples: Float32Array[] = [];
-  const b = new StepBatcher(
-    async (sample) => {
-      samples.push(sample);
-      return new Float32Array(sample);
-    },
-    1,
-    1,
-  );
+  const { batcher: b, samples } = recordingBatcher();
   const call = async (h: number) => {
     const out = await b.evaluate({ x: new Float32Array(h).fill(h), t: 1, contexts: [new Float32Array(1)], h, w: 1, seq: 1 });
     assert.deepEqual([...out[0]!], new Array<number>(h).fill(h));
@@ -184,16 +196,7 @@ test("at most four shapes keep their buffers: the least recently used one goes f
 });
 
 test("with reuseBuffers off every call gets new buffers", async () => {
-  const samples: Float32Array[] = [];
-  const b = new StepBatcher(
-    async (sample) => {
-      samples.push(sample);
-      return new Float32Array(sample);
-    },
-    1,
-    1,
-    { reuseBuffers: false },
-  );
+  const { batcher: b, samples } = recordingBatcher({ reuseBuffers: false });
   const req = () => ({ x: new Float32Array([1]), t: 1, contexts: [new Float32Array(1)], h: 1, w: 1, seq: 1 });
   await b.evaluate(req());
   await b.evaluate(req());
