@@ -649,7 +649,6 @@ function interleavedSumOfSquares(a: Float32Array): number {
   return addSquares(s0 + s1 + (s2 + s3), a, whole, a.length);
 }
 
-/** The values of `node` at indices from…to − 1, by the scalar form. */
 /**
  * Whether an input at byte `from` overlaps an output at byte `at` (both `bytes` long) at another place. Each
  * vector of every input is loaded before that vector of any output is stored, so an output exactly over
@@ -660,6 +659,7 @@ function readsShifted(from: number, at: number, bytes: number): boolean {
   return from !== at && from < at + bytes && at < from + bytes;
 }
 
+/** The values of `node` at indices from…to − 1, by the scalar form. */
 function tailValues(node: Expr, ins: readonly Float32Array[], params: readonly number[], from: number, to: number): number[] {
   const values: number[] = [];
   for (let k = from; k < to; k++) values.push(evaluate(node, ins, params, k));
