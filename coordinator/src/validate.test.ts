@@ -31,3 +31,39 @@ test("inpainting fields: a mask needs init images; blur, padding, fill and weigh
   // Without a mask A1111 ignores the mask fields.
   assert.equal(validateJob(job({ initImages: [init], maskBlur: -3 })).params.maskBlur, -3);
 });
+
+test("sampler settings (A1111's options) and s_min_uncond: names known, numbers finite and in range, each error naming its field", () => {
+  const ok = validateJob(
+    job({
+      sMinUncond: 2,
+      samplerSettings: {
+        etaAncestral: 0.5,
+        sigmaMin: 0.1,
+        sigmaMax: 10,
+        rho: 5,
+        uniPcVariant: "bh2",
+        uniPcSkipType: "logSNR",
+        uniPcOrder: 2,
+        skipEarlyCond: 0.2,
+        sdNoiseSchedule: "Zero Terminal SNR",
+      },
+    }),
+  );
+  assert.equal(ok.params.samplerSettings?.uniPcVariant, "bh2");
+  const s = (settings: NonNullable<Params["samplerSettings"]>): Params => ({ samplerSettings: settings });
+  rejects(s({ uniPcVariant: "bh3" }), "INVALID_ARGUMENT", "sampler_settings.uni_pc_variant");
+  rejects(s({ uniPcSkipType: "time_cubic" }), "INVALID_ARGUMENT", "sampler_settings.uni_pc_skip_type");
+  rejects(s({ uniPcOrder: 0 }), "INVALID_ARGUMENT", "sampler_settings.uni_pc_order");
+  rejects(s({ uniPcOrder: 51 }), "INVALID_ARGUMENT", "sampler_settings.uni_pc_order");
+  rejects(s({ sdNoiseSchedule: "zero terminal snr" }), "INVALID_ARGUMENT", "sampler_settings.sd_noise_schedule");
+  rejects(s({ skipEarlyCond: 1.5 }), "INVALID_ARGUMENT", "sampler_settings.skip_early_cond");
+  rejects(s({ skipEarlyCond: Number.NaN }), "INVALID_ARGUMENT", "sampler_settings.skip_early_cond");
+  rejects(s({ etaAncestral: -0.1 }), "INVALID_ARGUMENT", "sampler_settings.eta_ancestral");
+  rejects(s({ etaDdim: Number.POSITIVE_INFINITY }), "INVALID_ARGUMENT", "sampler_settings.eta_ddim");
+  rejects(s({ sigmaMin: 5, sigmaMax: 2 }), "INVALID_ARGUMENT", "sampler_settings.sigma_min");
+  rejects(s({ rho: -1 }), "INVALID_ARGUMENT", "sampler_settings.rho");
+  rejects(s({ betaDistAlpha: 0 }), "INVALID_ARGUMENT", "sampler_settings.beta_dist_alpha");
+  rejects(s({ img2imgExtraNoise: Number.NaN }), "INVALID_ARGUMENT", "sampler_settings.img2img_extra_noise");
+  rejects({ sMinUncond: -1 }, "INVALID_ARGUMENT", "s_min_uncond");
+  rejects({ sMinUncond: Number.NaN }, "INVALID_ARGUMENT", "s_min_uncond");
+});

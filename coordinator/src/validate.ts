@@ -5,6 +5,7 @@ import {
   InpaintingFill,
   RngSource,
   UnknownNameError,
+  checkSamplerSettings,
   resolveSampler,
   type GenerationParams,
   type ResolvedSampler,
@@ -114,6 +115,8 @@ export function validateJob(
     finite(f, v);
     if (v !== undefined && v < 0) throw FarmError.invalid(f, `must be ≥ 0, got ${v}`);
   }
+
+  checkSamplerSettings(p);
 
   let sampler: ResolvedSampler;
   try {

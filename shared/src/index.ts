@@ -7,6 +7,7 @@ export * from "./subjects.js";
 export * from "./metrics.js";
 export * from "./grpc.js";
 export * from "./sampler-catalog.js";
+export * from "./sampler-settings.js";
 export * from "./metrics-server.js";
 export * from "./security.js";
 export * from "./tiling.js";

@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file latentfarm/v1/generation.proto.
  */
 export const file_latentfarm_v1_generation: GenFile = /*@__PURE__*/
-  fileDesc("Ch5sYXRlbnRmYXJtL3YxL2dlbmVyYXRpb24ucHJvdG8SDWxhdGVudGZhcm0udjEinQ0KEEdlbmVyYXRpb25QYXJhbXMSDgoGcHJvbXB0GAEgASgJEhcKD25lZ2F0aXZlX3Byb21wdBgCIAEoCRIRCgRzZWVkGAMgASgDSACIAQESFAoHc3Vic2VlZBgEIAEoA0gBiAEBEhgKEHN1YnNlZWRfc3RyZW5ndGgYBSABKAESGgoSc2VlZF9yZXNpemVfZnJvbV93GAYgASgFEhoKEnNlZWRfcmVzaXplX2Zyb21faBgHIAEoBRIUCgxzYW1wbGVyX25hbWUYCCABKAkSEQoJc2NoZWR1bGVyGAkgASgJEhIKBXN0ZXBzGAogASgFSAKIAQESFgoJY2ZnX3NjYWxlGAsgASgBSAOIAQESEgoFd2lkdGgYDCABKAVIBIgBARITCgZoZWlnaHQYDSABKAVIBYgBARIXCgpiYXRjaF9zaXplGA4gASgFSAaIAQESEwoGbl9pdGVyGA8gASgFSAeIAQESFgoJY2xpcF9za2lwGBAgASgFSAiIAQESDQoFbW9kZWwYESABKAkSJQoDcm5nGBIgASgOMhgubGF0ZW50ZmFybS52MS5SbmdTb3VyY2USHAoUZXRhX25vaXNlX3NlZWRfZGVsdGEYEyABKAMSEAoDZXRhGBQgASgBSAmIAQESFAoHc19jaHVybhgVIAEoAUgKiAEBEhMKBnNfdG1pbhgWIAEoAUgLiAEBEhMKBnNfdG1heBgXIAEoAUgMiAEBEhQKB3Nfbm9pc2UYGCABKAFIDYgBARIRCgllbmFibGVfaHIYHiABKAgSFQoIaHJfc2NhbGUYHyABKAFIDogBARITCgtocl91cHNjYWxlchggIAEoCRIcChRocl9zZWNvbmRfcGFzc19zdGVwcxghIAEoBRITCgtocl9yZXNpemVfeBgiIAEoBRITCgtocl9yZXNpemVfeRgjIAEoBRIXCg9ocl9zYW1wbGVyX25hbWUYJCABKAkSFAoMaHJfc2NoZWR1bGVyGCUgASgJEhEKCWhyX3Byb21wdBgmIAEoCRIaChJocl9uZWdhdGl2ZV9wcm9tcHQYJyABKAkSHwoSZGVub2lzaW5nX3N0cmVuZ3RoGCggASgBSA+IAQESEwoLaW5pdF9pbWFnZXMYMiADKAwSLgoLcmVzaXplX21vZGUYMyABKA4yGS5sYXRlbnRmYXJtLnYxLlJlc2l6ZU1vZGUSDAoEbWFzaxg0IAEoDBIWCgltYXNrX2JsdXIYNSABKAVIEIgBARIYCgttYXNrX2JsdXJfeBhQIAEoBUgRiAEBEhgKC21hc2tfYmx1cl95GFEgASgFSBKIAQESNgoPaW5wYWludGluZ19maWxsGDYgASgOMh0ubGF0ZW50ZmFybS52MS5JbnBhaW50aW5nRmlsbBIdChBpbnBhaW50X2Z1bGxfcmVzGDcgASgISBOIAQESIAoYaW5wYWludF9mdWxsX3Jlc19wYWRkaW5nGDggASgFEh4KFmlucGFpbnRpbmdfbWFza19pbnZlcnQYOSABKAgSFwoKbWFza19yb3VuZBhSIAEoCEgUiAEBEiMKFmlucGFpbnRpbmdfbWFza193ZWlnaHQYUyABKAFIFYgBARIlChhpbml0aWFsX25vaXNlX211bHRpcGxpZXIYOiABKAFIFogBARIVCg1yZXN0b3JlX2ZhY2VzGDwgASgIEh8KEmNvZGVfZm9ybWVyX3dlaWdodBg9IAEoAUgXiAEBEiUKBWxvcmFzGEYgAygLMhYubGF0ZW50ZmFybS52MS5Mb3JhUmVmQgcKBV9zZWVkQgoKCF9zdWJzZWVkQggKBl9zdGVwc0IMCgpfY2ZnX3NjYWxlQggKBl93aWR0aEIJCgdfaGVpZ2h0Qg0KC19iYXRjaF9zaXplQgkKB19uX2l0ZXJCDAoKX2NsaXBfc2tpcEIGCgRfZXRhQgoKCF9zX2NodXJuQgkKB19zX3RtaW5CCQoHX3NfdG1heEIKCghfc19ub2lzZUILCglfaHJfc2NhbGVCFQoTX2Rlbm9pc2luZ19zdHJlbmd0aEIMCgpfbWFza19ibHVyQg4KDF9tYXNrX2JsdXJfeEIOCgxfbWFza19ibHVyX3lCEwoRX2lucGFpbnRfZnVsbF9yZXNCDQoLX21hc2tfcm91bmRCGQoXX2lucGFpbnRpbmdfbWFza193ZWlnaHRCGwoZX2luaXRpYWxfbm9pc2VfbXVsdGlwbGllckIVChNfY29kZV9mb3JtZXJfd2VpZ2h0Ij8KB0xvcmFSZWYSDAoEbmFtZRgBIAEoCRIRCgl0ZV93ZWlnaHQYAiABKAESEwoLdW5ldF93ZWlnaHQYAyABKAEihQEKBUltYWdlEg0KBWluZGV4GAEgASgFEgwKBHNlZWQYAiABKAMSDwoHc3Vic2VlZBgDIAEoAxILCgNwbmcYBCABKAwSEAoIaW5mb3RleHQYBSABKAkSDQoFd2lkdGgYBiABKAUSDgoGaGVpZ2h0GAcgASgFEhAKCGFnZW50X2lkGAggASgJKmIKCVJuZ1NvdXJjZRIaChZSTkdfU09VUkNFX1VOU1BFQ0lGSUVEEAASEgoOUk5HX1NPVVJDRV9HUFUQARISCg5STkdfU09VUkNFX0NQVRACEhEKDVJOR19TT1VSQ0VfTlYQAyqLAQoKUmVzaXplTW9kZRIbChdSRVNJWkVfTU9ERV9KVVNUX1JFU0laRRAAEh8KG1JFU0laRV9NT0RFX0NST1BfQU5EX1JFU0laRRABEh8KG1JFU0laRV9NT0RFX1JFU0laRV9BTkRfRklMTBACEh4KGlJFU0laRV9NT0RFX0xBVEVOVF9VUFNDQUxFEAMqjgEKDklucGFpbnRpbmdGaWxsEhgKFElOUEFJTlRJTkdfRklMTF9GSUxMEAASHAoYSU5QQUlOVElOR19GSUxMX09SSUdJTkFMEAESIAocSU5QQUlOVElOR19GSUxMX0xBVEVOVF9OT0lTRRACEiIKHklOUEFJTlRJTkdfRklMTF9MQVRFTlRfTk9USElORxADYgZwcm90bzM");
+  fileDesc("Ch5sYXRlbnRmYXJtL3YxL2dlbmVyYXRpb24ucHJvdG8SDWxhdGVudGZhcm0udjEigw4KEEdlbmVyYXRpb25QYXJhbXMSDgoGcHJvbXB0GAEgASgJEhcKD25lZ2F0aXZlX3Byb21wdBgCIAEoCRIRCgRzZWVkGAMgASgDSACIAQESFAoHc3Vic2VlZBgEIAEoA0gBiAEBEhgKEHN1YnNlZWRfc3RyZW5ndGgYBSABKAESGgoSc2VlZF9yZXNpemVfZnJvbV93GAYgASgFEhoKEnNlZWRfcmVzaXplX2Zyb21faBgHIAEoBRIUCgxzYW1wbGVyX25hbWUYCCABKAkSEQoJc2NoZWR1bGVyGAkgASgJEhIKBXN0ZXBzGAogASgFSAKIAQESFgoJY2ZnX3NjYWxlGAsgASgBSAOIAQESEgoFd2lkdGgYDCABKAVIBIgBARITCgZoZWlnaHQYDSABKAVIBYgBARIXCgpiYXRjaF9zaXplGA4gASgFSAaIAQESEwoGbl9pdGVyGA8gASgFSAeIAQESFgoJY2xpcF9za2lwGBAgASgFSAiIAQESDQoFbW9kZWwYESABKAkSJQoDcm5nGBIgASgOMhgubGF0ZW50ZmFybS52MS5SbmdTb3VyY2USHAoUZXRhX25vaXNlX3NlZWRfZGVsdGEYEyABKAMSEAoDZXRhGBQgASgBSAmIAQESFAoHc19jaHVybhgVIAEoAUgKiAEBEhMKBnNfdG1pbhgWIAEoAUgLiAEBEhMKBnNfdG1heBgXIAEoAUgMiAEBEhQKB3Nfbm9pc2UYGCABKAFIDYgBARIZCgxzX21pbl91bmNvbmQYGSABKAFIDogBARI4ChBzYW1wbGVyX3NldHRpbmdzGBogASgLMh4ubGF0ZW50ZmFybS52MS5TYW1wbGVyU2V0dGluZ3MSEQoJZW5hYmxlX2hyGB4gASgIEhUKCGhyX3NjYWxlGB8gASgBSA+IAQESEwoLaHJfdXBzY2FsZXIYICABKAkSHAoUaHJfc2Vjb25kX3Bhc3Nfc3RlcHMYISABKAUSEwoLaHJfcmVzaXplX3gYIiABKAUSEwoLaHJfcmVzaXplX3kYIyABKAUSFwoPaHJfc2FtcGxlcl9uYW1lGCQgASgJEhQKDGhyX3NjaGVkdWxlchglIAEoCRIRCglocl9wcm9tcHQYJiABKAkSGgoSaHJfbmVnYXRpdmVfcHJvbXB0GCcgASgJEh8KEmRlbm9pc2luZ19zdHJlbmd0aBgoIAEoAUgQiAEBEhMKC2luaXRfaW1hZ2VzGDIgAygMEi4KC3Jlc2l6ZV9tb2RlGDMgASgOMhkubGF0ZW50ZmFybS52MS5SZXNpemVNb2RlEgwKBG1hc2sYNCABKAwSFgoJbWFza19ibHVyGDUgASgFSBGIAQESGAoLbWFza19ibHVyX3gYUCABKAVIEogBARIYCgttYXNrX2JsdXJfeRhRIAEoBUgTiAEBEjYKD2lucGFpbnRpbmdfZmlsbBg2IAEoDjIdLmxhdGVudGZhcm0udjEuSW5wYWludGluZ0ZpbGwSHQoQaW5wYWludF9mdWxsX3Jlcxg3IAEoCEgUiAEBEiAKGGlucGFpbnRfZnVsbF9yZXNfcGFkZGluZxg4IAEoBRIeChZpbnBhaW50aW5nX21hc2tfaW52ZXJ0GDkgASgIEhcKCm1hc2tfcm91bmQYUiABKAhIFYgBARIjChZpbnBhaW50aW5nX21hc2tfd2VpZ2h0GFMgASgBSBaIAQESJQoYaW5pdGlhbF9ub2lzZV9tdWx0aXBsaWVyGDogASgBSBeIAQESFQoNcmVzdG9yZV9mYWNlcxg8IAEoCBIfChJjb2RlX2Zvcm1lcl93ZWlnaHQYPSABKAFIGIgBARIlCgVsb3JhcxhGIAMoCzIWLmxhdGVudGZhcm0udjEuTG9yYVJlZkIHCgVfc2VlZEIKCghfc3Vic2VlZEIICgZfc3RlcHNCDAoKX2NmZ19zY2FsZUIICgZfd2lkdGhCCQoHX2hlaWdodEINCgtfYmF0Y2hfc2l6ZUIJCgdfbl9pdGVyQgwKCl9jbGlwX3NraXBCBgoEX2V0YUIKCghfc19jaHVybkIJCgdfc190bWluQgkKB19zX3RtYXhCCgoIX3Nfbm9pc2VCDwoNX3NfbWluX3VuY29uZEILCglfaHJfc2NhbGVCFQoTX2Rlbm9pc2luZ19zdHJlbmd0aEIMCgpfbWFza19ibHVyQg4KDF9tYXNrX2JsdXJfeEIOCgxfbWFza19ibHVyX3lCEwoRX2lucGFpbnRfZnVsbF9yZXNCDQoLX21hc2tfcm91bmRCGQoXX2lucGFpbnRpbmdfbWFza193ZWlnaHRCGwoZX2luaXRpYWxfbm9pc2VfbXVsdGlwbGllckIVChNfY29kZV9mb3JtZXJfd2VpZ2h0IqIHCg9TYW1wbGVyU2V0dGluZ3MSGgoNZXRhX2FuY2VzdHJhbBgBIAEoAUgAiAEBEhUKCGV0YV9kZGltGAIgASgBSAGIAQESLgohYWx3YXlzX2Rpc2NhcmRfbmV4dF90b19sYXN0X3NpZ21hGAMgASgISAKIAQESFgoJc2lnbWFfbWluGAQgASgBSAOIAQESFgoJc2lnbWFfbWF4GAUgASgBSASIAQESEAoDcmhvGAYgASgBSAWIAQESIQoUc2dtX25vaXNlX211bHRpcGxpZXIYByABKAhIBogBARIsCh91c2Vfb2xkX2thcnJhc19zY2hlZHVsZXJfc2lnbWFzGAggASgISAeIAQESHAoPYmV0YV9kaXN0X2FscGhhGAkgASgBSAiIAQESGwoOYmV0YV9kaXN0X2JldGEYCiABKAFICYgBARIWCg51bmlfcGNfdmFyaWFudBgLIAEoCRIYChB1bmlfcGNfc2tpcF90eXBlGAwgASgJEhkKDHVuaV9wY19vcmRlchgNIAEoBUgKiAEBEiUKGHVuaV9wY19sb3dlcl9vcmRlcl9maW5hbBgOIAEoCEgLiAEBEiAKE2ltZzJpbWdfZXh0cmFfbm9pc2UYDyABKAFIDIgBARIeChFpbWcyaW1nX2ZpeF9zdGVwcxgQIAEoCEgNiAEBEhwKD3NraXBfZWFybHlfY29uZBgRIAEoAUgOiAEBEh0KEHNfbWluX3VuY29uZF9hbGwYEiABKAhID4gBARIZChFzZF9ub2lzZV9zY2hlZHVsZRgTIAEoCUIQCg5fZXRhX2FuY2VzdHJhbEILCglfZXRhX2RkaW1CJAoiX2Fsd2F5c19kaXNjYXJkX25leHRfdG9fbGFzdF9zaWdtYUIMCgpfc2lnbWFfbWluQgwKCl9zaWdtYV9tYXhCBgoEX3Job0IXChVfc2dtX25vaXNlX211bHRpcGxpZXJCIgogX3VzZV9vbGRfa2FycmFzX3NjaGVkdWxlcl9zaWdtYXNCEgoQX2JldGFfZGlzdF9hbHBoYUIRCg9fYmV0YV9kaXN0X2JldGFCDwoNX3VuaV9wY19vcmRlckIbChlfdW5pX3BjX2xvd2VyX29yZGVyX2ZpbmFsQhYKFF9pbWcyaW1nX2V4dHJhX25vaXNlQhQKEl9pbWcyaW1nX2ZpeF9zdGVwc0ISChBfc2tpcF9lYXJseV9jb25kQhMKEV9zX21pbl91bmNvbmRfYWxsIj8KB0xvcmFSZWYSDAoEbmFtZRgBIAEoCRIRCgl0ZV93ZWlnaHQYAiABKAESEwoLdW5ldF93ZWlnaHQYAyABKAEihQEKBUltYWdlEg0KBWluZGV4GAEgASgFEgwKBHNlZWQYAiABKAMSDwoHc3Vic2VlZBgDIAEoAxILCgNwbmcYBCABKAwSEAoIaW5mb3RleHQYBSABKAkSDQoFd2lkdGgYBiABKAUSDgoGaGVpZ2h0GAcgASgFEhAKCGFnZW50X2lkGAggASgJKmIKCVJuZ1NvdXJjZRIaChZSTkdfU09VUkNFX1VOU1BFQ0lGSUVEEAASEgoOUk5HX1NPVVJDRV9HUFUQARISCg5STkdfU09VUkNFX0NQVRACEhEKDVJOR19TT1VSQ0VfTlYQAyqLAQoKUmVzaXplTW9kZRIbChdSRVNJWkVfTU9ERV9KVVNUX1JFU0laRRAAEh8KG1JFU0laRV9NT0RFX0NST1BfQU5EX1JFU0laRRABEh8KG1JFU0laRV9NT0RFX1JFU0laRV9BTkRfRklMTBACEh4KGlJFU0laRV9NT0RFX0xBVEVOVF9VUFNDQUxFEAMqjgEKDklucGFpbnRpbmdGaWxsEhgKFElOUEFJTlRJTkdfRklMTF9GSUxMEAASHAoYSU5QQUlOVElOR19GSUxMX09SSUdJTkFMEAESIAocSU5QQUlOVElOR19GSUxMX0xBVEVOVF9OT0lTRRACEiIKHklOUEFJTlRJTkdfRklMTF9MQVRFTlRfTk9USElORxADYgZwcm90bzM");
 
 /**
  * Real-valued parameters are double so the decimal a user typed (0.6, 7.1) is what the infotext prints.
@@ -149,6 +149,23 @@ export type GenerationParams = Message<"latentfarm.v1.GenerationParams"> & {
    * @generated from field: optional double s_noise = 24;
    */
   sNoise?: number | undefined;
+
+  /**
+   * NGMS ("Negative Guidance minimum sigma"): on every other model call whose sigma (timestep for
+   * DDIM, PLMS and UniPC) is below this, the negative prompt is not evaluated and CFG scale 1 applies.
+   * 0 = off (A1111's API default).
+   *
+   * @generated from field: optional double s_min_uncond = 25;
+   */
+  sMinUncond?: number | undefined;
+
+  /**
+   * A1111's settings that change the image (its Settings → Sampling parameters; the API's
+   * override_settings), by the same names. Absent fields keep A1111's defaults.
+   *
+   * @generated from field: latentfarm.v1.SamplerSettings sampler_settings = 26;
+   */
+  samplerSettings?: SamplerSettings | undefined;
 
   /**
    * Hires.fix (A1111 names).
@@ -312,6 +329,150 @@ export const GenerationParamsSchema: GenMessage<GenerationParams> = /*@__PURE__*
   messageDesc(file_latentfarm_v1_generation, 0);
 
 /**
+ * A1111's options (modules/shared_options.py) that shape sampling, with their defaults. They apply to
+ * both passes of a Hires.fix job, as A1111's global settings do.
+ *
+ * @generated from message latentfarm.v1.SamplerSettings
+ */
+export type SamplerSettings = Message<"latentfarm.v1.SamplerSettings"> & {
+  /**
+   * eta of the ancestral k-diffusion samplers when the job gives no `eta` (default 1).
+   *
+   * @generated from field: optional double eta_ancestral = 1;
+   */
+  etaAncestral?: number | undefined;
+
+  /**
+   * eta of DDIM and DDIM CFG++ when the job gives no `eta` (default 0).
+   *
+   * @generated from field: optional double eta_ddim = 2;
+   */
+  etaDdim?: number | undefined;
+
+  /**
+   * Drop the next-to-last sigma for every sampler (default false).
+   *
+   * @generated from field: optional bool always_discard_next_to_last_sigma = 3;
+   */
+  alwaysDiscardNextToLastSigma?: boolean | undefined;
+
+  /**
+   * Schedule overrides; 0 (the default) keeps the model's or the schedule type's own.
+   *
+   * @generated from field: optional double sigma_min = 4;
+   */
+  sigmaMin?: number | undefined;
+
+  /**
+   * @generated from field: optional double sigma_max = 5;
+   */
+  sigmaMax?: number | undefined;
+
+  /**
+   * @generated from field: optional double rho = 6;
+   */
+  rho?: number | undefined;
+
+  /**
+   * txt2img start latent = noise · sqrt(1 + sigma_max²) instead of noise · sigma_max (default false).
+   *
+   * @generated from field: optional bool sgm_noise_multiplier = 7;
+   */
+  sgmNoiseMultiplier?: boolean | undefined;
+
+  /**
+   * Karras schedule from A1111's older fixed sigma range (0.1 .. 10) (default false).
+   *
+   * @generated from field: optional bool use_old_karras_scheduler_sigmas = 8;
+   */
+  useOldKarrasSchedulerSigmas?: boolean | undefined;
+
+  /**
+   * Beta schedule type's alpha and beta (default 0.6 each).
+   *
+   * @generated from field: optional double beta_dist_alpha = 9;
+   */
+  betaDistAlpha?: number | undefined;
+
+  /**
+   * @generated from field: optional double beta_dist_beta = 10;
+   */
+  betaDistBeta?: number | undefined;
+
+  /**
+   * UniPC: "bh1" (default), "bh2" or "vary_coeff".
+   *
+   * @generated from field: string uni_pc_variant = 11;
+   */
+  uniPcVariant: string;
+
+  /**
+   * UniPC: "time_uniform" (default), "time_quadratic" or "logSNR".
+   *
+   * @generated from field: string uni_pc_skip_type = 12;
+   */
+  uniPcSkipType: string;
+
+  /**
+   * UniPC: order 1 .. 50 (default 3); a run needs at least as many steps.
+   *
+   * @generated from field: optional int32 uni_pc_order = 13;
+   */
+  uniPcOrder?: number | undefined;
+
+  /**
+   * UniPC: lower order for the last steps (default true).
+   *
+   * @generated from field: optional bool uni_pc_lower_order_final = 14;
+   */
+  uniPcLowerOrderFinal?: boolean | undefined;
+
+  /**
+   * img2img and the Hires.fix second pass: this many more times the first noise draw added to the
+   * start latent (default 0).
+   *
+   * @generated from field: optional double img2img_extra_noise = 15;
+   */
+  img2imgExtraNoise?: number | undefined;
+
+  /**
+   * img2img: run exactly `steps` steps whatever denoising_strength is (default false; a Hires.fix
+   * second pass always does).
+   *
+   * @generated from field: optional bool img2img_fix_steps = 16;
+   */
+  img2imgFixSteps?: boolean | undefined;
+
+  /**
+   * Skip the negative prompt (CFG scale 1) for this fraction of the model calls at the start (default 0).
+   *
+   * @generated from field: optional double skip_early_cond = 17;
+   */
+  skipEarlyCond?: number | undefined;
+
+  /**
+   * NGMS on every model call below s_min_uncond, not every other one (default false).
+   *
+   * @generated from field: optional bool s_min_uncond_all = 18;
+   */
+  sMinUncondAll?: boolean | undefined;
+
+  /**
+   * "Default" (or empty) or "Zero Terminal SNR": ᾱ rescaled so that the last timestep is pure noise.
+   *
+   * @generated from field: string sd_noise_schedule = 19;
+   */
+  sdNoiseSchedule: string;
+};
+
+/**
+ * Describes the message latentfarm.v1.SamplerSettings.
+ * Use `create(SamplerSettingsSchema)` to create a new message.
+ */
+export const SamplerSettingsSchema: GenMessage<SamplerSettings> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_generation, 1);
+
+/**
  * @generated from message latentfarm.v1.LoraRef
  */
 export type LoraRef = Message<"latentfarm.v1.LoraRef"> & {
@@ -336,7 +497,7 @@ export type LoraRef = Message<"latentfarm.v1.LoraRef"> & {
  * Use `create(LoraRefSchema)` to create a new message.
  */
 export const LoraRefSchema: GenMessage<LoraRef> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_generation, 1);
+  messageDesc(file_latentfarm_v1_generation, 2);
 
 /**
  * One finished image with its A1111 infotext.
@@ -392,7 +553,7 @@ export type Image = Message<"latentfarm.v1.Image"> & {
  * Use `create(ImageSchema)` to create a new message.
  */
 export const ImageSchema: GenMessage<Image> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_generation, 2);
+  messageDesc(file_latentfarm_v1_generation, 3);
 
 /**
  * @generated from enum latentfarm.v1.RngSource

@@ -1,0 +1,94 @@
+// A job's A1111 sampler settings (GenerationParams.sampler_settings and s_min_uncond), checked the same
+// way by the coordinator, at admission, and by the agent, which runs them.
+import { FarmError } from "./errors.js";
+import type { GenerationParams, SamplerSettings } from "./gen/latentfarm/v1/generation_pb.js";
+
+export const UNI_PC_VARIANTS = ["bh1", "bh2", "vary_coeff"] as const;
+export const UNI_PC_SKIP_TYPES = ["time_uniform", "time_quadratic", "logSNR"] as const;
+export const NOISE_SCHEDULES = ["Default", "Zero Terminal SNR"] as const;
+/** A1111's slider maximum for uni_pc_order. */
+export const MAX_UNI_PC_ORDER = 50;
+
+export type UniPcVariantName = (typeof UNI_PC_VARIANTS)[number];
+export type UniPcSkipTypeName = (typeof UNI_PC_SKIP_TYPES)[number];
+export type NoiseScheduleName = (typeof NOISE_SCHEDULES)[number];
+
+/** The settings with their values checked: names known, numbers finite and in range. Absent stays absent. */
+export interface CheckedSamplerSettings {
+  etaAncestral?: number;
+  etaDdim?: number;
+  alwaysDiscardNextToLastSigma?: boolean;
+  sigmaMin?: number;
+  sigmaMax?: number;
+  rho?: number;
+  sgmNoiseMultiplier?: boolean;
+  useOldKarrasSchedulerSigmas?: boolean;
+  betaDistAlpha?: number;
+  betaDistBeta?: number;
+  uniPcVariant?: UniPcVariantName;
+  uniPcSkipType?: UniPcSkipTypeName;
+  uniPcOrder?: number;
+  uniPcLowerOrderFinal?: boolean;
+  img2imgExtraNoise?: number;
+  img2imgFixSteps?: boolean;
+  sMinUncond?: number;
+  sMinUncondAll?: boolean;
+  skipEarlyCond?: number;
+  noiseSchedule?: NoiseScheduleName;
+}
+
+const FIELD = "sampler_settings";
+
+function nonNegative(name: string, v: number | undefined, options: { positive?: boolean; max?: number } = {}): number | undefined {
+  if (v === undefined) return undefined;
+  const field = name === "s_min_uncond" ? name : `${FIELD}.${name}`;
+  if (!Number.isFinite(v)) throw FarmError.invalid(field, `must be a finite number, got ${v}`);
+  if (options.positive ? !(v > 0) : v < 0) throw FarmError.invalid(field, `must be ${options.positive ? "> 0" : "≥ 0"}, got ${v}`);
+  if (options.max !== undefined && v > options.max) throw FarmError.invalid(field, `must be ≤ ${options.max}, got ${v}`);
+  return v;
+}
+
+function oneOf<T extends string>(name: string, v: string, allowed: readonly T[]): T | undefined {
+  if (v === "") return undefined;
+  const found = allowed.find((a) => a === v);
+  if (found === undefined) {
+    throw FarmError.invalid(`${FIELD}.${name}`, `must be one of ${allowed.map((a) => `"${a}"`).join(", ")}, got "${v}"`);
+  }
+  return found;
+}
+
+/** Checks the job's sampler settings, naming the first bad field (INVALID_ARGUMENT). */
+export function checkSamplerSettings(p: Pick<GenerationParams, "sMinUncond" | "samplerSettings">): CheckedSamplerSettings {
+  const s: Partial<SamplerSettings> = p.samplerSettings ?? {};
+  const out: CheckedSamplerSettings = {};
+  const put = <K extends keyof CheckedSamplerSettings>(k: K, v: CheckedSamplerSettings[K] | undefined): void => {
+    if (v !== undefined) out[k] = v;
+  };
+  put("etaAncestral", nonNegative("eta_ancestral", s.etaAncestral));
+  put("etaDdim", nonNegative("eta_ddim", s.etaDdim));
+  put("alwaysDiscardNextToLastSigma", s.alwaysDiscardNextToLastSigma);
+  put("sigmaMin", nonNegative("sigma_min", s.sigmaMin));
+  put("sigmaMax", nonNegative("sigma_max", s.sigmaMax));
+  if (out.sigmaMin && out.sigmaMax && out.sigmaMin >= out.sigmaMax) {
+    throw FarmError.invalid(`${FIELD}.sigma_min`, `must be below sigma_max (${out.sigmaMax}), got ${out.sigmaMin}`);
+  }
+  put("rho", nonNegative("rho", s.rho));
+  put("sgmNoiseMultiplier", s.sgmNoiseMultiplier);
+  put("useOldKarrasSchedulerSigmas", s.useOldKarrasSchedulerSigmas);
+  put("betaDistAlpha", nonNegative("beta_dist_alpha", s.betaDistAlpha, { positive: true }));
+  put("betaDistBeta", nonNegative("beta_dist_beta", s.betaDistBeta, { positive: true }));
+  put("uniPcVariant", oneOf("uni_pc_variant", s.uniPcVariant ?? "", UNI_PC_VARIANTS));
+  put("uniPcSkipType", oneOf("uni_pc_skip_type", s.uniPcSkipType ?? "", UNI_PC_SKIP_TYPES));
+  if (s.uniPcOrder !== undefined && !(Number.isInteger(s.uniPcOrder) && s.uniPcOrder >= 1 && s.uniPcOrder <= MAX_UNI_PC_ORDER)) {
+    throw FarmError.invalid(`${FIELD}.uni_pc_order`, `must be an integer in [1, ${MAX_UNI_PC_ORDER}], got ${s.uniPcOrder}`);
+  }
+  put("uniPcOrder", s.uniPcOrder);
+  put("uniPcLowerOrderFinal", s.uniPcLowerOrderFinal);
+  put("img2imgExtraNoise", nonNegative("img2img_extra_noise", s.img2imgExtraNoise));
+  put("img2imgFixSteps", s.img2imgFixSteps);
+  put("sMinUncond", nonNegative("s_min_uncond", p.sMinUncond));
+  put("sMinUncondAll", s.sMinUncondAll);
+  put("skipEarlyCond", nonNegative("skip_early_cond", s.skipEarlyCond, { max: 1 }));
+  put("noiseSchedule", oneOf("sd_noise_schedule", s.sdNoiseSchedule ?? "", NOISE_SCHEDULES));
+  return out;
+}
