@@ -276,3 +276,122 @@ test("SDE samplers get A1111's Brownian tree over the full σ list when `brownia
     undefined,
   );
 });
+
+/** The model calls of a run on the closed-form model, with whether each ran without the negative prompt. */
+function callsOf(prepared: ReturnType<typeof prepareSampling>): Array<{ call: number; sigma: number; timestep: number; skips: boolean }> {
+  const answer = gaussianModel(0.8);
+  const calls: Array<{ call: number; sigma: number; timestep: number; skips: boolean }> = [];
+  const x = Float32Array.from([1, -0.5, 0.25, 2]);
+  drive(prepared.run(prepared.startLatent(x, x)), (r: ModelRequest) => {
+    calls.push({ call: r.call, sigma: r.sigma, timestep: r.timestep, skips: prepared.skipsUncond(r) });
+    const eps = answer(r);
+    return r.kind === "eps" && r.needUncond ? { output: eps, uncond: eps } : eps;
+  });
+  return calls;
+}
+
+const fourNoise = (): Float32Array => new Float32Array(4);
+
+test("skip_early_cond: calls up to that fraction of A1111's total_steps (doubled for second-order samplers) skip the negative prompt", () => {
+  const euler = prepareSampling({ samplerName: "Euler", steps: 20, noise: fourNoise, settings: { skipEarlyCond: 0.25 } });
+  assert.deepEqual(euler.infotext["Skip Early CFG"], undefined, "recorded when a call first skips, not before");
+  const eulerCalls = callsOf(euler);
+  // call / 20 ≤ 0.25 for calls 0…5.
+  assert.deepEqual(
+    eulerCalls.filter((c) => c.skips).map((c) => c.call),
+    [0, 1, 2, 3, 4, 5],
+  );
+  assert.equal(euler.infotext["Skip Early CFG"], 0.25);
+  // Heun: total_steps = 40, 39 calls; call / 40 ≤ 0.25 for calls 0…10.
+  const heun = prepareSampling({ samplerName: "Heun", steps: 20, noise: fourNoise, settings: { skipEarlyCond: 0.25 } });
+  assert.equal(callsOf(heun).filter((c) => c.skips).length, 11);
+  // img2img: total_steps is t_enc + 1 (16 for 20 steps at 0.75).
+  const img2img = prepareSampling({
+    samplerName: "Euler",
+    steps: 20,
+    noise: fourNoise,
+    img2img: { denoisingStrength: 0.75 },
+    settings: { skipEarlyCond: 0.25 },
+  });
+  assert.equal(callsOf(img2img).filter((c) => c.skips).length, 5);
+  // Off (0, the default): no call skips and nothing is recorded.
+  const off = prepareSampling({ samplerName: "Euler", steps: 20, noise: fourNoise, settings: { skipEarlyCond: 0 } });
+  assert.ok(callsOf(off).every((c) => !c.skips));
+  assert.deepEqual(off.infotext, {});
+});
+
+test("NGMS (s_min_uncond): odd calls below σ skip the negative prompt, every call with s_min_uncond_all; timestep samplers compare t", () => {
+  const settings = { sMinUncond: 1.5 };
+  const euler = prepareSampling({ samplerName: "Euler", scheduler: "Karras", steps: 20, noise: fourNoise, settings });
+  const calls = callsOf(euler);
+  const expected = calls.filter((c) => c.call % 2 === 1 && c.sigma < 1.5).map((c) => c.call);
+  assert.ok(expected.length >= 3 && expected.length < 10, `${expected.length} calls expected to skip`);
+  assert.deepEqual(
+    calls.filter((c) => c.skips).map((c) => c.call),
+    expected,
+  );
+  assert.equal(euler.infotext["NGMS"], 1.5);
+  assert.equal(euler.infotext["NGMS all steps"], undefined);
+
+  const all = prepareSampling({
+    samplerName: "Euler",
+    scheduler: "Karras",
+    steps: 20,
+    noise: fourNoise,
+    settings: { ...settings, sMinUncondAll: true },
+  });
+  const allCalls = callsOf(all);
+  assert.deepEqual(
+    allCalls.filter((c) => c.skips).map((c) => c.call),
+    allCalls.filter((c) => c.sigma < 1.5).map((c) => c.call),
+  );
+  assert.equal(all.infotext["NGMS all steps"], true);
+
+  // A threshold below every call's σ: nothing skips, nothing is recorded.
+  const never = prepareSampling({ samplerName: "Euler", steps: 20, noise: fourNoise, settings: { sMinUncond: 0.01 } });
+  assert.ok(callsOf(never).every((c) => !c.skips));
+  assert.equal(never.infotext["NGMS"], undefined);
+
+  // DDIM's denoiser sees timesteps (1…951 here), so a σ-sized threshold never applies and 200 does.
+  const ddimSigma = prepareSampling({ samplerName: "DDIM", steps: 20, noise: fourNoise, settings: { sMinUncond: 1.5 } });
+  assert.ok(callsOf(ddimSigma).every((c) => !c.skips));
+  const ddim = prepareSampling({ samplerName: "DDIM", steps: 20, noise: fourNoise, settings: { sMinUncond: 200 } });
+  const ddimCalls = callsOf(ddim);
+  assert.deepEqual(
+    ddimCalls.filter((c) => c.skips).map((c) => c.call),
+    ddimCalls.filter((c) => c.call % 2 === 1 && c.timestep < 200).map((c) => c.call),
+  );
+  assert.ok(ddimCalls.some((c) => c.skips));
+
+  // skip_early_cond comes first: its calls record it, not NGMS.
+  const both = prepareSampling({ samplerName: "Euler", steps: 20, noise: fourNoise, settings: { sMinUncond: 100, skipEarlyCond: 0.1 } });
+  const bothCalls = callsOf(both);
+  assert.deepEqual(
+    bothCalls.filter((c) => c.skips).map((c) => c.call),
+    bothCalls.filter((c) => c.call <= 2 || c.call % 2 === 1).map((c) => c.call),
+  );
+  assert.deepEqual([both.infotext["Skip Early CFG"], both.infotext["NGMS"]], [0.1, 100]);
+});
+
+test("Zero Terminal SNR: the σ table ends at pure noise, DDIM's ᾱ come from it too, and the infotext says so", () => {
+  const plain = prepareSampling({ samplerName: "Euler", scheduler: "Karras", steps: 20, noise: fourNoise });
+  const ztsnr = prepareSampling({
+    samplerName: "Euler",
+    scheduler: "Karras",
+    steps: 20,
+    noise: fourNoise,
+    settings: { noiseSchedule: "Zero Terminal SNR" },
+  });
+  assertRelClose([plain.sigmas[0]!], [14.614642], 1e-6, "default σ_max");
+  // σ_max = sqrt((1 − ᾱ)/ᾱ) at ᾱ = 4.8973451890853435e-8.
+  assertRelClose([ztsnr.sigmas[0]!], [Math.sqrt((1 - 4.8973451890853435e-8) / 4.8973451890853435e-8)], 1e-5, "rescaled σ_max");
+  assertRelClose([ztsnr.sigmas[19]!], [plain.sigmas[19]!], 1e-4, "σ_min kept (ᾱ₀ is kept)");
+  assert.equal(ztsnr.infotext["Noise Schedule"], "Zero Terminal SNR");
+  assert.equal(Object.keys(ztsnr.infotext)[0], "Noise Schedule", "set before the sampler's own entries, as A1111 does");
+  assert.equal(plain.infotext["Noise Schedule"], undefined);
+  // DDIM reads ᾱ at its timesteps (…, 901 for 10 steps) from the same rescaled table.
+  const ddimPlain = prepareSampling({ samplerName: "DDIM", steps: 10, noise: fourNoise });
+  const ddim = prepareSampling({ samplerName: "DDIM", steps: 10, noise: fourNoise, settings: { noiseSchedule: "Zero Terminal SNR" } });
+  assert.ok(ddim.sigmas[0]! > 1.5 * ddimPlain.sigmas[0]!, `DDIM's first σ ${ddim.sigmas[0]} vs ${ddimPlain.sigmas[0]}`);
+  assert.equal(ddim.infotext["Noise Schedule"], "Zero Terminal SNR");
+});

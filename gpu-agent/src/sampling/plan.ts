@@ -21,7 +21,7 @@ import { LcmSchedule } from "./lcm.js";
 import { InThreadNoiseAhead, WorkerNoiseAhead, type NoiseAhead, type OpenNoiseAheadOptions } from "./noise-ahead.js";
 import { NoisePrefetcher } from "./prefetch.js";
 import { DEFAULT_RHO, SCHEDULE_LABELS, samplerSigmas, type ScheduleType, type SigmaModel } from "./schedules.js";
-import { sd1Schedule, type DiscreteSchedule } from "./sigmas.js";
+import { sd1ScheduleWith, type DiscreteSchedule, type NoiseScheduleOption } from "./sigmas.js";
 import { sampleDpmAdaptive, sampleDpmFast } from "./samplers/dpm-solver.js";
 import {
   sampleDpm2,
@@ -191,6 +191,14 @@ export interface SamplingSettings {
   uniPcOrder?: number;
   uniPcLowerOrderFinal?: boolean;
   modelFamily?: "sd1" | "sdxl";
+  /** Option sd_noise_schedule (the ᾱ the σ table comes from) when the input gives no schedule of its own. */
+  noiseSchedule?: NoiseScheduleOption;
+  /** The request's s_min_uncond (NGMS): every other model call below this σ (timestep samplers: t) runs without the negative prompt. */
+  sMinUncond?: number;
+  /** Option s_min_uncond_all: NGMS on every call below s_min_uncond, not every other one. */
+  sMinUncondAll?: boolean;
+  /** Option skip_early_cond: the first fraction of model calls runs without the negative prompt. */
+  skipEarlyCond?: number;
 }
 
 export interface PrepareSamplingInput {
@@ -228,8 +236,18 @@ export interface PreparedSampling {
   promptScheduleSteps: number;
   /** σmin/σmax the Brownian tree spans (A1111 create_noise_sampler uses the full σ list). */
   brownianRange: { sigmaMin: number; sigmaMax: number } | undefined;
-  /** Infotext entries the sampler setup adds (Schedule type, Eta, Discard penultimate sigma, …). */
+  /**
+   * Infotext entries the sampler setup adds (Schedule type, Eta, Discard penultimate sigma, …), and
+   * those skipsUncond adds as the run goes (NGMS, Skip Early CFG).
+   */
   infotext: Record<string, string | number | boolean>;
+  /**
+   * Whether the model call `request` runs without the negative prompt, CFG then combining the prompts'
+   * outputs at scale 1 with the first prompt's output standing in for the negative's (A1111's
+   * CFGDenoiser: skip_early_cond for the first calls, else NGMS). A call that skips records the
+   * option in `infotext`, as A1111 records it when it first applies.
+   */
+  skipsUncond(request: ModelRequest): boolean;
   /**
    * The sampler's start latent: txt2img → noise·σ₀ (noise for timestep samplers); img2img → the
    * init latent plus noise at the first scheduled level.
@@ -267,11 +285,14 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
   const choice = resolveSampler(input.samplerName, input.scheduler, input.fields);
   const s = input.settings ?? {};
   const { sampler } = choice;
-  const baseSchedule = input.schedule ?? sd1Schedule();
+  const noiseSchedule = s.noiseSchedule ?? "Default";
+  const baseSchedule = input.schedule ?? sd1ScheduleWith(noiseSchedule);
   const isLcm = sampler.name === "LCM";
   const lcm = isLcm ? new LcmSchedule(baseSchedule) : undefined;
   const sigmaModel: SigmaModel = lcm ?? baseSchedule;
-  const infotext: Record<string, string | number | boolean> = {};
+  // A1111 sets the noise schedule's entry before the sampler is made, so it comes first.
+  const infotext: Record<string, string | number | boolean> =
+    input.schedule === undefined && noiseSchedule !== "Default" ? { "Noise Schedule": noiseSchedule } : {};
 
   const mapping = input.img2img ? img2imgSteps(input.steps, input.img2img.denoisingStrength, input.img2img.fixSteps ?? false) : undefined;
   const scheduleSteps = mapping ? mapping.scheduleSteps : input.steps;
@@ -281,8 +302,9 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
   if (scheduleSteps < 1) throw new InvalidSamplingParameter("denoising_strength", "denoising_strength 0 leaves nothing to sample");
   const reportedSteps = mapping ? mapping.tEnc + 1 : input.steps;
 
+  const skipsUncond = uncondSkipRule(s, promptScheduleSteps(sampler, reportedSteps), sampler.timestepSampler ?? false, infotext);
   if (sampler.timestepSampler) {
-    return prepareTimestepSampler(input, choice, baseSchedule, scheduleSteps, mapping?.tEnc, reportedSteps, infotext);
+    return prepareTimestepSampler(input, choice, baseSchedule, scheduleSteps, mapping?.tEnc, reportedSteps, infotext, skipsUncond);
   }
 
   const eta = s.eta ?? s.etaAncestral ?? 1;
@@ -306,6 +328,7 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
   });
   Object.assign(infotext, built.infotext);
   const fullSigmas = built.sigmas;
+  checkSigmaList(fullSigmas, s);
   const sigmas = mapping ? fullSigmas.slice(Math.max(scheduleSteps - mapping.tEnc - 1, 0)) : fullSigmas;
   if (sigmas.length < 2) throw new InvalidSamplingParameter("denoising_strength", "the img2img schedule has no steps left");
 
@@ -450,6 +473,7 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
     promptScheduleSteps: promptScheduleSteps(sampler, input.steps),
     brownianRange,
     infotext,
+    skipsUncond,
     startLatent,
     run,
     drawAhead: (request, signal) => prefetcher.drawAhead(request.upcoming, signal),
@@ -461,6 +485,60 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
           })
         : new InThreadNoiseAhead(prefetcher),
     brownianQueries: () => (tree !== undefined ? plannedQueries() : undefined),
+  };
+}
+
+/** The infotext keys a run adds as it goes (PreparedSampling.skipsUncond), rather than its setup. */
+export const RUN_INFOTEXT_KEYS: readonly string[] = ["Skip Early CFG", "NGMS", "NGMS all steps"];
+
+/**
+ * Overrides can make a σ list A1111 would run anyway, to a NaN or noisier image: a rho that overflows
+ * the Karras ramp in float32, or a sigma_min above the model's σ_max. Refused here, naming the setting.
+ */
+function checkSigmaList(sigmas: Float32Array, s: SamplingSettings): void {
+  if (!sigmas.every(Number.isFinite)) {
+    const field = s.rho ? "sampler_settings.rho" : s.sigmaMin || s.sigmaMax ? "sampler_settings.sigma_min" : "scheduler";
+    throw new InvalidSamplingParameter(field, "the schedule's sigmas are not finite with these settings");
+  }
+  for (let i = 1; i < sigmas.length; i++) {
+    if (!(sigmas[i]! <= sigmas[i - 1]!)) {
+      const field = s.sigmaMin ? "sampler_settings.sigma_min" : s.sigmaMax ? "sampler_settings.sigma_max" : "scheduler";
+      throw new InvalidSamplingParameter(
+        field,
+        `the schedule's sigmas rise from ${sigmas[i - 1]} to ${sigmas[i]}: sigma_min must be below sigma_max`,
+      );
+    }
+  }
+}
+
+/**
+ * A1111's CFGDenoiser rule for running a call without the negative prompt. `totalCalls` is its
+ * `total_steps` (the run's steps, doubled for second-order samplers); a timestep sampler's denoiser
+ * compares its timestep, not σ, with s_min_uncond, as A1111's does.
+ */
+function uncondSkipRule(
+  s: SamplingSettings,
+  totalCalls: number,
+  timestepSampler: boolean,
+  infotext: Record<string, string | number | boolean>,
+): PreparedSampling["skipsUncond"] {
+  const early = s.skipEarlyCond ?? 0;
+  const minUncond = s.sMinUncond ?? 0;
+  if (early === 0 && !(minUncond > 0)) return () => false;
+  // torch compares the float32 σ tensor with the option in float32.
+  const below = f32(minUncond);
+  const everyCall = s.sMinUncondAll ?? false;
+  return (request) => {
+    if (early !== 0 && request.call / totalCalls <= early) {
+      infotext["Skip Early CFG"] = early;
+      return true;
+    }
+    if ((request.call % 2 === 1 || everyCall) && minUncond > 0 && (timestepSampler ? request.timestep : request.sigma) < below) {
+      infotext["NGMS"] = minUncond;
+      if (everyCall) infotext["NGMS all steps"] = true;
+      return true;
+    }
+    return false;
   };
 }
 
@@ -484,6 +562,7 @@ function prepareTimestepSampler(
   tEnc: number | undefined,
   reportedSteps: number,
   infotext: Record<string, string | number | boolean>,
+  skipsUncond: PreparedSampling["skipsUncond"],
 ): PreparedSampling {
   const s = input.settings ?? {};
   const { sampler } = choice;
@@ -558,6 +637,7 @@ function prepareTimestepSampler(
     promptScheduleSteps: promptScheduleSteps(sampler, input.steps),
     brownianRange: undefined,
     infotext,
+    skipsUncond,
     startLatent,
     run,
     drawAhead: (request, signal) => prefetcher.drawAhead(request.upcoming, signal),

@@ -145,6 +145,18 @@ export function sd1Schedule(): DiscreteSchedule {
   return sd1;
 }
 
+let sd1ZeroTerminalSnr: DiscreteSchedule | undefined;
+
+/** A1111's "Noise schedule for sampling" option: "Default", or "Zero Terminal SNR" (ᾱ rescaled). */
+export type NoiseScheduleOption = "Default" | "Zero Terminal SNR";
+
+/** The SD1/SDXL schedule under A1111's noise-schedule option; one instance each, so their σ → t caches are shared. */
+export function sd1ScheduleWith(option: NoiseScheduleOption): DiscreteSchedule {
+  if (option === "Default") return sd1Schedule();
+  sd1ZeroTerminalSnr ??= new DiscreteSchedule(rescaleZeroTerminalSnr(sd1AlphasCumprod()));
+  return sd1ZeroTerminalSnr;
+}
+
 /** SD1 σ table, ascending (σ₀ = 0.0291675…, σ₉₉₉ = 14.614642…); a fresh copy. */
 export function discreteSigmas(): Float32Array {
   return Float32Array.from(sd1Schedule().sigmas);
