@@ -62,6 +62,13 @@ export function readRgb(h: Handover | undefined, field = "inputs"): { data: Uint
  * either the latent (the rectangle divided by the VAE factor) or the 8-bit image.
  */
 export function cropHandover(source: Handover, rect: Pick<TileRect, "x" | "y" | "width" | "height">): Handover {
+  const crop = cropData(source, rect);
+  crop.firstPassInfotext = source.firstPassInfotext;
+  crop.secondPassInfotext = source.secondPassInfotext;
+  return crop;
+}
+
+function cropData(source: Handover, rect: Pick<TileRect, "x" | "y" | "width" | "height">): Handover {
   if (source.data.case === "latent") {
     const { data, shape } = readLatent(source);
     const f = LATENT_FACTOR;

@@ -94,7 +94,9 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       const scale = req.kind === "denoise" ? cIn(req.sigma) : req.inputScale;
       scaleLatent(x, scale, scaled);
       const conds = cond.condAt(req.call);
-      const uncond = cond.uncondAt(req.call);
+      // NGMS and skip_early_cond: the first prompt's output stands in for the negative's, at CFG scale 1.
+      const skipUncond = sampler.skipsUncond(req);
+      const uncond = skipUncond ? undefined : cond.uncondAt(req.call);
       // Cond and uncond of different lengths go in separate requests (A1111's default, no padding).
       const groups = new Map<number, Float32Array[]>();
       const add = (tensor: Float32Array): number => {
@@ -104,7 +106,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
         groups.set(seq, g);
         return g.length - 1;
       };
-      const uIdx = add(uncond.tensor);
+      const uIdx = uncond === undefined ? -1 : add(uncond.tensor);
       const cIdx = conds.map((cd) => add(cd.tensor));
       const results = new Map<number, Float32Array[]>();
       const evaluating = Promise.all(
@@ -120,12 +122,13 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       checkAborted(signal);
       if (!ahead.readyNow(req)) await ahead.ensureReady(req, signal);
       const outOf = (tensor: Float32Array, idx: number): Float32Array => results.get(tensor.length / dim)![idx]!;
+      const uncondOut = uncond === undefined ? outOf(conds[0]!.tensor, cIdx[0]!) : outOf(uncond.tensor, uIdx);
       if (req.kind === "denoise") {
         const outputs = conds.map((cd, k) => ({ output: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));
         // Denoised and CFG-combined in one pass, into the sampler's slot when it offers one: its kernels
         // then read the answer where it is.
         const toDenoised = { x, sigma: req.sigma, prediction: vPred ? ("v" as const) : ("eps" as const) };
-        const combined = cfgCombine(outOf(uncond.tensor, uIdx), outputs, cfgScale, toDenoised, req.into);
+        const combined = cfgCombine(uncondOut, outputs, skipUncond ? 1 : cfgScale, toDenoised, req.into);
         r = gen.next(blend && !blend.beforeModel ? blendLatent(combined, blend, combined) : combined);
       } else {
         if (blend && !blend.beforeModel) {
@@ -140,10 +143,10 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
             field: "sampler_name",
           });
         }
-        const eUncond = outOf(uncond.tensor, uIdx);
         const eConds = conds.map((cd, k) => ({ output: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));
-        const output = cfgCombine(eUncond, eConds, cfgScale * (req.cfgScaleMultiplier ?? 1), undefined, req.into);
-        r = gen.next(req.needUncond ? { output, uncond: eUncond } : output);
+        const scale = skipUncond ? 1 : cfgScale * (req.cfgScaleMultiplier ?? 1);
+        const output = cfgCombine(uncondOut, eConds, scale, undefined, req.into);
+        r = gen.next(req.needUncond ? { output, uncond: uncondOut } : output);
       }
     }
   } finally {

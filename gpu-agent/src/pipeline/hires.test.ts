@@ -192,6 +192,52 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
     }
   });
 
+  test("NGMS and Skip Early CFG, recorded as a pass runs, reach the infotext whichever stage writes it", async () => {
+    // NGMS fires in the first pass only: the second pass's DDIM compares timesteps (≥ 1) with 0.5.
+    const params = {
+      steps: 4,
+      hrSecondPassSteps: 3,
+      hrUpscaler: "Latent",
+      hrSamplerName: "DDIM",
+      sMinUncond: 0.5,
+      samplerSettings: { skipEarlyCond: 0.1, sMinUncondAll: true },
+    };
+    const full = await renderTask(pipe, request(params), ctx);
+    assert.match(full.infotext, /Skip Early CFG: 0\.1, NGMS: 0\.5, NGMS all steps: True/);
+    const plain = await renderTask(pipe, request({ steps: 4, hrSecondPassSteps: 3, hrUpscaler: "Latent", hrSamplerName: "DDIM" }), ctx);
+    assert.notDeepEqual(full.png, plain.png, "the skipped negative prompt changes the image");
+
+    const first = handover(await stage(params, TaskStage.FIRST_PASS));
+    assert.deepEqual(
+      first.firstPassInfotext.map(({ key, value }) => [key, value]),
+      [
+        ["Skip Early CFG", "0.1"],
+        ["NGMS", "0.5"],
+        ["NGMS all steps", "True"],
+      ],
+    );
+    const second = image(await stage(params, TaskStage.SECOND_PASS, [first]));
+    assert.equal(second.infotext, full.infotext);
+    assert.deepEqual(second.png, full.png);
+
+    const up = handover(await stage(params, TaskStage.UPSCALE, [first]));
+    const layout = planTiles(96, 96, { tileSize: 64, overlap: 16 });
+    const tiles = { width: 96, height: 96, tileWidth: layout.tileWidth, tileHeight: layout.tileHeight, xs: layout.xs, ys: layout.ys };
+    const outs: Handover[] = [];
+    for (const t of layout.tiles) {
+      outs.push(handover(await stage(params, TaskStage.SECOND_PASS_TILE, [cropHandover(up, t)], { tileIndex: t.index })));
+    }
+    assert.deepEqual(
+      outs[0]!.secondPassInfotext.map(({ key }) => key),
+      ["Skip Early CFG"],
+    );
+    const assembled = image(await stage(params, TaskStage.ASSEMBLE, outs, { tiles }));
+    assert.equal(assembled.infotext, full.infotext, "the tiled image's infotext is what one task writes");
+    // A hand-over carries only what runs record.
+    const forged = { ...outs[0]!, secondPassInfotext: [{ $typeName: "latentfarm.v1.InfotextEntry" as const, key: "Seed", value: "1" }] };
+    await assert.rejects(stage(params, TaskStage.ASSEMBLE, [forged, ...outs.slice(1)], { tiles }), /"Seed" is not an entry/);
+  });
+
   test("the same seed gives the same hires image", async () => {
     const a = await renderTask(pipe, request({ steps: 3 }), ctx);
     const b = await renderTask(pipe, request({ steps: 3 }), ctx);

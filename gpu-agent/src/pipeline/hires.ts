@@ -13,6 +13,7 @@
  * (Ultimate SD Upscale style: same seed for every tile, noise at the tile's size), and ASSEMBLE
  * blends the tiles in tile order, then restores faces and writes the infotext and PNG.
  */
+import { create } from "@bufbuild/protobuf";
 import {
   FarmError,
   TaskStage,
@@ -23,9 +24,11 @@ import {
   rgbHandover,
   type Handover,
   type Image,
+  InfotextEntrySchema,
+  type InfotextEntry,
   type RunTaskRequest,
 } from "@latentfarm/shared";
-import { prepareSampling, type PreparedSampling } from "../sampling/index.js";
+import { RUN_INFOTEXT_KEYS, prepareSampling, type PreparedSampling } from "../sampling/index.js";
 import {
   TileBlender,
   cropLatent,
@@ -353,15 +356,21 @@ export async function runHiresStage(pipe: LoadedPipeline, req: RunTaskRequest, c
   switch (req.stage) {
     case TaskStage.FIRST_PASS: {
       const first = await runFirstPass(pipe, s, ctx, (k) => ctx.onStep(k, s.b.steps));
-      return { case: "handover", value: firstPassHandover(await firstPassOutput(pipe, s, ctx, first.latent), C) };
+      const out = firstPassHandover(await firstPassOutput(pipe, s, ctx, first.latent), C);
+      out.firstPassInfotext = ranInfotext(first.sampler);
+      return { case: "handover", value: out };
     }
     case TaskStage.SECOND_PASS: {
       const source = firstPassFromHandover(s, req.inputs[0], C);
-      const image = await runSecondPass(pipe, req, ctx, s, firstPassSampler(s), source, (k) => ctx.onStep(k, s.hrSteps));
+      const sampler1 = withRanInfotext(firstPassSampler(s), req.inputs[0]?.firstPassInfotext ?? []);
+      const image = await runSecondPass(pipe, req, ctx, s, sampler1, source, (k) => ctx.onStep(k, s.hrSteps));
       return { case: "result", value: image };
     }
-    case TaskStage.UPSCALE:
-      return { case: "handover", value: await upscaleForTiles(pipe, s, ctx, firstPassFromHandover(s, req.inputs[0], C), target) };
+    case TaskStage.UPSCALE: {
+      const out = await upscaleForTiles(pipe, s, ctx, firstPassFromHandover(s, req.inputs[0], C), target);
+      out.firstPassInfotext = req.inputs[0]?.firstPassInfotext ?? [];
+      return { case: "handover", value: out };
+    }
     case TaskStage.SECOND_PASS_TILE:
       return { case: "handover", value: await runTile(pipe, req, ctx, s) };
     case TaskStage.ASSEMBLE:
@@ -439,7 +448,10 @@ async function runTile(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCon
     onStep: (k) => ctx.onStep(k, s.hrSteps),
     noiseRng: rng,
   });
-  return rgbHandover(await decodeToRgb(pipe, out, h, w, ctx.signal), w * 8, h * 8);
+  const tile = rgbHandover(await decodeToRgb(pipe, out, h, w, ctx.signal), w * 8, h * 8);
+  tile.firstPassInfotext = input?.firstPassInfotext ?? [];
+  tile.secondPassInfotext = ranInfotext(sampler);
+  return tile;
 }
 
 /** Blends the tiles in index order (so the bytes never depend on which agent ran which tile), then finishes the image. */
@@ -469,6 +481,32 @@ async function assemble(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCo
     blender.add(t.index, img.data);
   }
   const rgb = blender.resultUint8();
-  const sampler2 = secondPassSampler(s, target.secondPassLatent.height, target.secondPassLatent.width, s.b.seed);
-  return finishHires(pipe, req, ctx, s, firstPassSampler(s), sampler2, rgb, layout.width, layout.height);
+  const sampler1 = withRanInfotext(
+    firstPassSampler(s),
+    req.inputs.flatMap((t) => t.firstPassInfotext),
+  );
+  const sampler2 = withRanInfotext(
+    secondPassSampler(s, target.secondPassLatent.height, target.secondPassLatent.width, s.b.seed),
+    req.inputs.flatMap((t) => t.secondPassInfotext),
+  );
+  return finishHires(pipe, req, ctx, s, sampler1, sampler2, rgb, layout.width, layout.height);
+}
+
+/** What a pass's run added to its infotext (NGMS, Skip Early CFG), for a later stage's infotext. */
+function ranInfotext(sampler: PreparedSampling): InfotextEntry[] {
+  return Object.entries(sampler.infotext)
+    .filter(([key]) => RUN_INFOTEXT_KEYS.includes(key))
+    .map(([key, v]) => create(InfotextEntrySchema, { key, value: typeof v === "boolean" ? (v ? "True" : "False") : String(v) }));
+}
+
+/**
+ * A pass prepared again in a later stage, with what its run recorded in an earlier one. The values are
+ * the strings the infotext prints, so the text is the one a single task writes.
+ */
+function withRanInfotext(sampler: PreparedSampling, entries: readonly InfotextEntry[]): PreparedSampling {
+  for (const { key, value } of entries) {
+    if (!RUN_INFOTEXT_KEYS.includes(key)) throw FarmError.invalid("inputs", `"${key}" is not an entry a sampler's run records`);
+    sampler.infotext[key] ??= value;
+  }
+  return sampler;
 }

@@ -5,7 +5,15 @@
  */
 import * as grpc from "@grpc/grpc-js";
 import { create } from "@bufbuild/protobuf";
-import { FarmError, ImageSchema, RngSource as WireRng, type GenerationParams, type Image, type RunTaskRequest } from "@latentfarm/shared";
+import {
+  FarmError,
+  ImageSchema,
+  RngSource as WireRng,
+  checkSamplerSettings,
+  type GenerationParams,
+  type Image,
+  type RunTaskRequest,
+} from "@latentfarm/shared";
 import { ImageRng, type PreparedSampling, type SamplingSettings } from "../sampling/index.js";
 import type { PreparedConditioning } from "../conditioning/index.js";
 import { ImageInputError } from "../imaging/index.js";
@@ -41,12 +49,7 @@ export interface TaskBasics {
 export function taskBasics(pipe: LoadedPipeline, req: RunTaskRequest): TaskBasics {
   const p = req.params;
   if (!p) throw FarmError.invalid("params", "the task has no generation parameters");
-  const settings: SamplingSettings = {};
-  if (p.eta !== undefined) settings.eta = p.eta;
-  if (p.sChurn !== undefined) settings.sChurn = p.sChurn;
-  if (p.sTmin !== undefined) settings.sTmin = p.sTmin;
-  if (p.sTmax !== undefined) settings.sTmax = p.sTmax;
-  if (p.sNoise !== undefined) settings.sNoise = p.sNoise;
+  const settings = samplingSettingsOf(p);
   return {
     p,
     steps: p.steps ?? 50,
@@ -61,6 +64,40 @@ export function taskBasics(pipe: LoadedPipeline, req: RunTaskRequest): TaskBasic
     channels: pipe.model.config.latentChannels,
     settings,
   };
+}
+
+/**
+ * The sampler's settings from the request: its own fields (eta, s_churn, …, s_min_uncond) and A1111's
+ * options in sampler_settings, checked again here (the agent does not rely on the coordinator's checks).
+ */
+export function samplingSettingsOf(p: GenerationParams): SamplingSettings {
+  const o = checkSamplerSettings(p);
+  const settings: SamplingSettings = {};
+  if (p.eta !== undefined) settings.eta = p.eta;
+  if (p.sChurn !== undefined) settings.sChurn = p.sChurn;
+  if (p.sTmin !== undefined) settings.sTmin = p.sTmin;
+  if (p.sTmax !== undefined) settings.sTmax = p.sTmax;
+  if (p.sNoise !== undefined) settings.sNoise = p.sNoise;
+  if (o.etaAncestral !== undefined) settings.etaAncestral = o.etaAncestral;
+  if (o.etaDdim !== undefined) settings.etaDdim = o.etaDdim;
+  if (o.alwaysDiscardNextToLastSigma !== undefined) settings.alwaysDiscardNextToLastSigma = o.alwaysDiscardNextToLastSigma;
+  if (o.sigmaMin !== undefined) settings.sigmaMin = o.sigmaMin;
+  if (o.sigmaMax !== undefined) settings.sigmaMax = o.sigmaMax;
+  if (o.rho !== undefined) settings.rho = o.rho;
+  if (o.sgmNoiseMultiplier !== undefined) settings.sgmNoiseMultiplier = o.sgmNoiseMultiplier;
+  if (o.useOldKarrasSchedulerSigmas !== undefined) settings.useOldKarrasSchedulerSigmas = o.useOldKarrasSchedulerSigmas;
+  if (o.betaDistAlpha !== undefined) settings.betaAlpha = o.betaDistAlpha;
+  if (o.betaDistBeta !== undefined) settings.betaBeta = o.betaDistBeta;
+  if (o.uniPcVariant !== undefined) settings.uniPcVariant = o.uniPcVariant;
+  if (o.uniPcSkipType !== undefined) settings.uniPcSkipType = o.uniPcSkipType;
+  if (o.uniPcOrder !== undefined) settings.uniPcOrder = o.uniPcOrder;
+  if (o.uniPcLowerOrderFinal !== undefined) settings.uniPcLowerOrderFinal = o.uniPcLowerOrderFinal;
+  if (o.img2imgExtraNoise !== undefined) settings.img2imgExtraNoise = o.img2imgExtraNoise;
+  if (o.sMinUncond !== undefined) settings.sMinUncond = o.sMinUncond;
+  if (o.sMinUncondAll !== undefined) settings.sMinUncondAll = o.sMinUncondAll;
+  if (o.skipEarlyCond !== undefined) settings.skipEarlyCond = o.skipEarlyCond;
+  if (o.noiseSchedule !== undefined) settings.noiseSchedule = o.noiseSchedule;
+  return settings;
 }
 
 export function resourcesOf(ctx: RenderContext): RenderResources {

@@ -1,12 +1,12 @@
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, RngSource as WireRng, TaskStage, type Image, type RunTaskRequest } from "@latentfarm/shared";
-import { ImageRng, prepareSampling, type SamplingSettings } from "../sampling/index.js";
+import { ImageRng, prepareSampling } from "../sampling/index.js";
 import type { PreparedConditioning } from "../conditioning/index.js";
 import { checkAborted, decodeLatent, denoise } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { buildInfotext } from "./infotext.js";
 import { toRgb8 } from "./png.js";
-import { finishImage } from "./render-common.js";
+import { finishImage, samplingSettingsOf } from "./render-common.js";
 import { renderImg2img } from "./img2img.js";
 import { renderTxt2imgExtended, runHiresStage, type StageOutput } from "./hires.js";
 
@@ -84,12 +84,7 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     source: rng,
     etaNoiseSeedDelta: ensd,
   });
-  const settings: SamplingSettings = {};
-  if (p.eta !== undefined) settings.eta = p.eta;
-  if (p.sChurn !== undefined) settings.sChurn = p.sChurn;
-  if (p.sTmin !== undefined) settings.sTmin = p.sTmin;
-  if (p.sTmax !== undefined) settings.sTmax = p.sTmax;
-  if (p.sNoise !== undefined) settings.sNoise = p.sNoise;
+  const settings = samplingSettingsOf(p);
   const sampler = prepareSampling({
     samplerName: p.samplerName,
     scheduler: p.scheduler,
