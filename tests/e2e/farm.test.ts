@@ -261,6 +261,32 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       );
       assert.equal(bad.status, 2);
       assert.match(bad.stderr, /--resize-mode must be one of/);
+      const tuned = cli(
+        "txt2img",
+        "--prompt",
+        "a lighthouse",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--s-min-uncond",
+        "100",
+        "--sampler-setting",
+        "skip_early_cond=0.2",
+        "--sampler-setting",
+        "always_discard_next_to_last_sigma=true",
+        "--out",
+        join(dir, "tuned"),
+      );
+      assert.equal(tuned.status, 0, tuned.stderr);
+      const [tpng] = readdirSync(join(dir, "tuned"));
+      const tunedText = (await sharp(join(dir, "tuned", tpng!)).metadata()).comments?.find((c) => c.keyword === "parameters")?.text ?? "";
+      assert.match(tunedText, /Discard penultimate sigma: True, Skip Early CFG: 0\.2, NGMS: 100/);
+      const unknown = cli("txt2img", "--prompt", "x", "--sampler-setting", "eta_ancestrall=1", "--out", join(dir, "bad"));
+      assert.equal(unknown.status, 2);
+      assert.match(unknown.stderr, /--sampler-setting: .*eta_ancestrall/);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
@@ -286,6 +312,20 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     await expectStatus(s({ enableHr: true, hrSamplerName: "nope" }), grpc.status.INVALID_ARGUMENT, "hr_sampler_name");
     await expectStatus(s({ denoisingStrength: 1.5 }), grpc.status.INVALID_ARGUMENT, "denoising_strength");
     await expectStatus(s({ loras: [{ name: "../x", teWeight: 1, unetWeight: 1 }] }), grpc.status.INVALID_ARGUMENT, "loras");
+    await expectStatus(s({ sMinUncond: -1 }), grpc.status.INVALID_ARGUMENT, "s_min_uncond");
+    await expectStatus(s({ samplerSettings: { uniPcVariant: "bh9" } }), grpc.status.INVALID_ARGUMENT, "sampler_settings.uni_pc_variant");
+    await expectStatus(s({ samplerSettings: { skipEarlyCond: 2 } }), grpc.status.INVALID_ARGUMENT, "sampler_settings.skip_early_cond");
+    await expectStatus(
+      s({ samplerSettings: { sdNoiseSchedule: "Cosine" } }),
+      grpc.status.INVALID_ARGUMENT,
+      "sampler_settings.sd_noise_schedule",
+    );
+    // A sigma_min above the model's σ_max is only found where the schedule is built: the job fails with the agent's status.
+    const { jobId: rising } = await farm.client.submit({ params: { ...base, scheduler: "Karras", samplerSettings: { sigmaMin: 20 } } });
+    const risingEnd = (await collect(farm, rising)).at(-1)?.event;
+    assert.equal(risingEnd?.case, "failed");
+    assert.equal((risingEnd?.value as { code: string }).code, "INVALID_ARGUMENT");
+    assert.match((risingEnd?.value as { message: string }).message, /sigma_min/);
     // Undecodable init images are found by the agent: the job fails with the agent's status, not a crash.
     const { jobId: bad } = await farm.client.submit({ params: { ...base, initImages: [new Uint8Array(10)] } });
     const badEvents = await collect(farm, bad);
@@ -298,6 +338,34 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     await expectStatus(farm.client.cancel({ jobId: "nope" }), grpc.status.NOT_FOUND, "job_id");
     // Still serving.
     await farm.runJob();
+  });
+
+  test("A1111's sampler settings reach the agents: they change the image and the infotext says which", async () => {
+    const params = {
+      prompt: "a red cube",
+      negativePrompt: "blurry",
+      model: "tiny-sd15",
+      width: 64,
+      height: 64,
+      steps: 4,
+      samplerName: "Euler a",
+      seed: 5n,
+    };
+    const render = async (extra: Record<string, unknown>) => {
+      const { jobId } = await farm.client.submit({ params: { ...params, ...extra } });
+      const events = await collect(farm, jobId);
+      const img = events.flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))[0];
+      assert.ok(img, JSON.stringify(events.at(-1)?.event.value));
+      return img;
+    };
+    const plain = await render({});
+    const tuned = await render({
+      sMinUncond: 100,
+      samplerSettings: { etaAncestral: 0.5, skipEarlyCond: 0.25, sdNoiseSchedule: "Zero Terminal SNR" },
+    });
+    assert.doesNotMatch(plain.infotext, /Eta|NGMS|Skip Early CFG|Noise Schedule/);
+    assert.match(tuned.infotext, /Noise Schedule: Zero Terminal SNR, Eta: 0\.5, Skip Early CFG: 0\.25, NGMS: 100/);
+    assert.notDeepEqual(tuned.png, plain.png);
   });
 
   test("a hires-fix job renders every image at the upscaled size with A1111's hires infotext", async () => {

@@ -1,6 +1,7 @@
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { existsSync, readFileSync } from "node:fs";
 import * as grpc from "@grpc/grpc-js";
+import { fromJson, type JsonValue } from "@bufbuild/protobuf";
 import { mkdir, readFile, readdir, rename, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
@@ -12,11 +13,13 @@ import {
   RenderService,
   ResizeMode,
   RngSource,
+  SamplerSettingsSchema,
   TokenAuth,
   createClient,
   jsonLogger,
   tlsFromFlags,
   type LogLevel,
+  type SamplerSettings,
 } from "@latentfarm/shared";
 import { Coordinator, type CoordinatorConfig } from "../coordinator.js";
 import { parsePixelCount, type HiresTiling } from "../hires-stages.js";
@@ -49,6 +52,9 @@ Generation options (A1111's parameter names in kebab case):
   --negative-prompt TEXT  --model NAME  --seed N  --subseed N  --subseed-strength F
   --sampler-name NAME  --scheduler NAME  --steps N  --cfg-scale F  --width N  --height N
   --batch-size N  --n-iter N  --clip-skip N  --rng CPU|GPU|NV  --eta-noise-seed-delta N  --eta F  --s-noise F
+  --s-min-uncond F (NGMS)  --sampler-setting KEY=VALUE (repeatable; A1111's option names, as in its
+    override_settings: eta_ancestral, always_discard_next_to_last_sigma, sigma_min, sigma_max, rho,
+    uni_pc_variant, uni_pc_order, skip_early_cond, sd_noise_schedule, …)
   Hires.fix: --enable-hr (implied by --hr-scale/--hr-resize-*)  --hr-scale F  --hr-upscaler NAME
     --hr-second-pass-steps N  --hr-resize-x N  --hr-resize-y N  --hr-sampler-name NAME  --hr-scheduler NAME
     --hr-prompt TEXT  --hr-negative-prompt TEXT  --denoising-strength F
@@ -109,6 +115,8 @@ const GEN_OPTIONS = {
   "eta-noise-seed-delta": { type: "string" },
   eta: { type: "string" },
   "s-noise": { type: "string" },
+  "s-min-uncond": { type: "string" },
+  "sampler-setting": { type: "string", multiple: true },
   "enable-hr": { type: "boolean", default: false },
   "hr-scale": { type: "string" },
   "hr-upscaler": { type: "string", default: "" },
@@ -163,6 +171,23 @@ function big(name: string, v: string | undefined): bigint | undefined {
 }
 
 class UsageError extends Error {}
+
+/** `--sampler-setting KEY=VALUE` flags as a SamplerSettings message: numbers, true/false, or names. */
+function samplerSettingsOf(flags: readonly string[]): SamplerSettings {
+  const json: Record<string, JsonValue> = {};
+  for (const flag of flags) {
+    const eq = flag.indexOf("=");
+    if (eq < 1) throw new UsageError(`--sampler-setting must be KEY=VALUE, got "${flag}"`);
+    const value = flag.slice(eq + 1);
+    json[flag.slice(0, eq)] =
+      value === "true" ? true : value === "false" ? false : value !== "" && Number.isFinite(Number(value)) ? Number(value) : value;
+  }
+  try {
+    return fromJson(SamplerSettingsSchema, json);
+  } catch (err) {
+    throw new UsageError(`--sampler-setting: ${(err as Error).message}`);
+  }
+}
 
 // A1111's API takes these as numbers; the CLI takes the number or the UI's words.
 const RESIZE_MODES: Record<string, ResizeMode> = {
@@ -254,6 +279,8 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
     etaNoiseSeedDelta: big("eta-noise-seed-delta", v["eta-noise-seed-delta"]) ?? 0n,
     eta: num("eta", v.eta),
     sNoise: num("s-noise", v["s-noise"]),
+    sMinUncond: num("s-min-uncond", v["s-min-uncond"]),
+    samplerSettings: samplerSettingsOf(v["sampler-setting"] ?? []),
     enableHr: v["enable-hr"] || v["hr-scale"] !== undefined || v["hr-resize-x"] !== undefined || v["hr-resize-y"] !== undefined,
     hrScale: num("hr-scale", v["hr-scale"]),
     hrUpscaler: v["hr-upscaler"],
