@@ -1,6 +1,14 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { img2imgSteps, listSamplers, listSchedulers, prepareSampling, promptScheduleSteps, resolveSampler } from "./plan.js";
+import {
+  img2imgSteps,
+  listSamplers,
+  listSchedulers,
+  prepareSampling,
+  promptScheduleSteps,
+  resolveSampler,
+  type SamplingSettings,
+} from "./plan.js";
 import { InvalidSamplingParameter } from "./errors.js";
 import { ImageRng } from "./image-rng.js";
 import { createBrownianNoiseSampler } from "./brownian.js";
@@ -394,4 +402,67 @@ test("Zero Terminal SNR: the σ table ends at pure noise, DDIM's ᾱ come from i
   const ddim = prepareSampling({ samplerName: "DDIM", steps: 10, noise: fourNoise, settings: { noiseSchedule: "Zero Terminal SNR" } });
   assert.ok(ddim.sigmas[0]! > 1.5 * ddimPlain.sigmas[0]!, `DDIM's first σ ${ddim.sigmas[0]} vs ${ddimPlain.sigmas[0]}`);
   assert.equal(ddim.infotext["Noise Schedule"], "Zero Terminal SNR");
+});
+
+test("A1111's sampler_extra_params: Euler, Heun and DPM2 take the churn settings, DPM2 a and the SDE samplers s_noise, Euler a none of them", () => {
+  const noise = (): Float32Array => Float32Array.from([0.3, -0.2, 0.1, 0.5]);
+  const final = (samplerName: string, settings: SamplingSettings) => {
+    const prepared = prepareSampling({ samplerName, steps: 8, noise, settings });
+    const answer = gaussianModel(0.8);
+    const { x } = drive(prepared.run(prepared.startLatent(Float32Array.from([1, -0.5, 0.25, 2]))), (r: ModelRequest) => answer(r));
+    return { x, infotext: prepared.infotext };
+  };
+  const churn = { sChurn: 0.5, sTmin: 0.1, sTmax: 0, sNoise: 0.9 };
+  const euler = final("Euler", churn);
+  // s_tmax 0 is A1111's "no bound", its default: not written.
+  assert.deepEqual(Object.entries(euler.infotext), [
+    ["Sigma churn", 0.5],
+    ["Sigma tmin", 0.1],
+    ["Sigma noise", 0.9],
+  ]);
+  assert.notDeepEqual(euler.x, final("Euler", {}).x);
+  const eulerA = final("Euler a", churn);
+  assert.deepEqual(eulerA.x, final("Euler a", {}).x, "Euler a ignores s_noise, as A1111 does");
+  assert.deepEqual(eulerA.infotext, {});
+  const dpm2a = final("DPM2 a", churn);
+  assert.notDeepEqual(dpm2a.x, final("DPM2 a", {}).x);
+  assert.deepEqual(Object.entries(dpm2a.infotext), [
+    ["Schedule type", "Karras"],
+    ["Sigma noise", 0.9],
+  ]);
+  assert.deepEqual(final("LMS", churn).infotext, {});
+});
+
+test("infotext entries keep A1111's order: processing, σ list, start latent, then the sampler's own (Eta, Sigma …)", () => {
+  const keys = (input: Partial<Parameters<typeof prepareSampling>[0]>) =>
+    Object.keys(prepareSampling({ samplerName: "Euler a", steps: 8, noise: fourNoise, ...input }).infotext);
+  assert.deepEqual(keys({ scheduler: "Karras", settings: { sigmaMax: 10, eta: 0.5 } }), ["Schedule type", "Schedule max sigma", "Eta"]);
+  assert.deepEqual(keys({ settings: { sgmNoiseMultiplier: true, eta: 0.5 } }), ["SGM noise multiplier", "Eta"]);
+  const img2img = prepareSampling({
+    samplerName: "Euler a",
+    scheduler: "Karras",
+    steps: 8,
+    noise: fourNoise,
+    img2img: { denoisingStrength: 0.5 },
+    settings: { initialNoiseMultiplier: 0.9, img2imgExtraNoise: 0.1, eta: 0.5, noiseSchedule: "Zero Terminal SNR" },
+  });
+  assert.deepEqual(Object.entries(img2img.infotext), [
+    ["Noise Schedule", "Zero Terminal SNR"],
+    ["Noise multiplier", 0.9],
+    ["Schedule type", "Karras"],
+    ["Extra noise", 0.1],
+    ["Eta", 0.5],
+  ]);
+  const ddim = prepareSampling({
+    samplerName: "DDIM",
+    steps: 8,
+    noise: fourNoise,
+    img2img: { denoisingStrength: 0.5 },
+    settings: { alwaysDiscardNextToLastSigma: true, img2imgExtraNoise: 0.1, etaDdim: 0.3 },
+  });
+  assert.deepEqual(Object.keys(ddim.infotext), ["Discard penultimate sigma", "Extra noise", "Eta DDIM"]);
+  // Written at preparation: a stage that only prepares the pass again writes the same text.
+  const before = { ...img2img.infotext };
+  img2img.startLatent(new Float32Array(4), new Float32Array(4));
+  assert.deepEqual(img2img.infotext, before);
 });

@@ -302,6 +302,7 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
   if (scheduleSteps < 1) throw new InvalidSamplingParameter("denoising_strength", "denoising_strength 0 leaves nothing to sample");
   const reportedSteps = mapping ? mapping.tEnc + 1 : input.steps;
 
+  startLatentInfotext(s, mapping !== undefined, infotext);
   const skipsUncond = uncondSkipRule(s, promptScheduleSteps(sampler, reportedSteps), sampler.timestepSampler ?? false, infotext);
   if (sampler.timestepSampler) {
     return prepareTimestepSampler(input, choice, baseSchedule, scheduleSteps, mapping?.tEnc, reportedSteps, infotext, skipsUncond);
@@ -309,7 +310,6 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
 
   const eta = s.eta ?? s.etaAncestral ?? 1;
   const usesEta = sampler.usesEnsd || sampler.brownianNoise || sampler.name === "DPM fast" || sampler.name === "DPM adaptive";
-  if (usesEta && eta !== 1) infotext["Eta"] = eta;
 
   const built = samplerSigmas({
     steps: scheduleSteps,
@@ -329,6 +329,12 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
   Object.assign(infotext, built.infotext);
   const fullSigmas = built.sigmas;
   checkSigmaList(fullSigmas, s);
+  // A1111 makes the σ list, then the start latent (SGM noise multiplier, Extra noise), then initialize()
+  // (Eta, Sigma churn, …): the infotext keeps that order.
+  if (!mapping && s.sgmNoiseMultiplier) infotext["SGM noise multiplier"] = true;
+  if (mapping && (s.img2imgExtraNoise ?? 0) > 0) infotext["Extra noise"] = s.img2imgExtraNoise!;
+  if (usesEta && eta !== 1) infotext["Eta"] = eta;
+  const churn = churnSettings(sampler.name, s, infotext);
   const sigmas = mapping ? fullSigmas.slice(Math.max(scheduleSteps - mapping.tEnc - 1, 0)) : fullSigmas;
   if (sigmas.length < 2) throw new InvalidSamplingParameter("denoising_strength", "the img2img schedule has no steps left");
 
@@ -361,10 +367,7 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
     noise: prefetcher.noise,
     schedule: baseSchedule,
     eta,
-    ...(s.sChurn !== undefined && { sChurn: s.sChurn }),
-    ...(s.sTmin !== undefined && { sTmin: s.sTmin }),
-    ...(s.sTmax !== undefined && { sTmax: s.sTmax }),
-    ...(s.sNoise !== undefined && { sNoise: s.sNoise }),
+    ...churn,
     ...(noiseSampler !== undefined && { noiseSampler }),
   };
 
@@ -376,18 +379,16 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
       }
       const sigma0 = sigmas[0]!;
       const extra = f32(s.img2imgExtraNoise ?? 0);
-      const scaled = scaleInitialNoise(noise, s.initialNoiseMultiplier, infotext);
+      const scaled = scaleInitialNoise(noise, s.initialNoiseMultiplier);
       for (let k = 0; k < out.length; k++) {
         let v = f32(initLatent[k]! + f32(scaled[k]! * sigma0));
         if (extra > 0) v = f32(v + f32(scaled[k]! * extra));
         out[k] = v;
       }
-      if (extra > 0) infotext["Extra noise"] = extra;
       return out;
     }
     const sigma0 = sigmas[0]!;
     const scale = s.sgmNoiseMultiplier ? f32(Math.sqrt(f32(1 + f32(sigma0 * sigma0)))) : sigma0;
-    if (s.sgmNoiseMultiplier) infotext["SGM noise multiplier"] = true;
     for (let k = 0; k < out.length; k++) out[k] = noise[k]! * scale;
     return out;
   };
@@ -427,7 +428,7 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
         // txt2img: the model's σ range and n = steps; img2img: sched[−2], sched[0], n = len − 1.
         const sigmaMin = mapping ? sigmas[sigmas.length - 2]! : sigmaModel.sigmaMin;
         const sigmaMax = mapping ? sigmas[0]! : sigmaModel.sigmaMax;
-        const common = { sigmaMin, sigmaMax, noise: prefetcher.noise, schedule: baseSchedule, eta, sNoise: s.sNoise ?? 1 };
+        const common = { sigmaMin, sigmaMax, noise: prefetcher.noise, schedule: baseSchedule, eta, sNoise: churn.sNoise ?? 1 };
         return sampler.name === "DPM fast"
           ? sampleDpmFast(x, mapping ? sigmas.length - 1 : input.steps, common)
           : sampleDpmAdaptive(x, common);
@@ -488,6 +489,58 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
   };
 }
 
+/** img2img's noise multiplier: A1111's processing records it before the sampler is set up. */
+function startLatentInfotext(s: SamplingSettings, img2img: boolean, infotext: Record<string, string | number | boolean>): void {
+  if (img2img && s.initialNoiseMultiplier !== undefined && s.initialNoiseMultiplier !== 1) {
+    infotext["Noise multiplier"] = s.initialNoiseMultiplier;
+  }
+}
+
+type ChurnSetting = "sChurn" | "sTmin" | "sTmax" | "sNoise";
+const CHURN_AND_NOISE: readonly ChurnSetting[] = ["sChurn", "sTmin", "sTmax", "sNoise"];
+const NOISE_ONLY: readonly ChurnSetting[] = ["sNoise"];
+
+/**
+ * A1111's sampler_extra_params: the samplers it passes s_churn, s_tmin, s_tmax and s_noise to. The others
+ * run with k-diffusion's defaults whatever the settings say (Euler a's s_noise included), as in A1111.
+ */
+const A1111_EXTRA_PARAMS: Readonly<Record<string, readonly ChurnSetting[]>> = {
+  Euler: CHURN_AND_NOISE,
+  Heun: CHURN_AND_NOISE,
+  DPM2: CHURN_AND_NOISE,
+  "DPM fast": NOISE_ONLY,
+  "DPM2 a": NOISE_ONLY,
+  "DPM++ 2S a": NOISE_ONLY,
+  "DPM++ SDE": NOISE_ONLY,
+  "DPM++ 2M SDE": NOISE_ONLY,
+  "DPM++ 2M SDE Heun": NOISE_ONLY,
+  "DPM++ 3M SDE": NOISE_ONLY,
+};
+
+const CHURN_INFOTEXT: Record<ChurnSetting, { key: string; default: number }> = {
+  sChurn: { key: "Sigma churn", default: 0 },
+  sTmin: { key: "Sigma tmin", default: 0 },
+  sTmax: { key: "Sigma tmax", default: Infinity },
+  sNoise: { key: "Sigma noise", default: 1 },
+};
+
+/** The churn settings the sampler takes, recorded in the infotext when not the default (A1111's initialize()). */
+function churnSettings(
+  samplerName: string,
+  s: SamplingSettings,
+  infotext: Record<string, string | number | boolean>,
+): Partial<Record<ChurnSetting, number>> {
+  const taken: Partial<Record<ChurnSetting, number>> = {};
+  for (const name of A1111_EXTRA_PARAMS[samplerName] ?? []) {
+    // s_tmax 0 means no upper bound.
+    const value = name === "sTmax" && s.sTmax === 0 ? Infinity : s[name];
+    if (value === undefined) continue;
+    taken[name] = value;
+    if (value !== CHURN_INFOTEXT[name].default) infotext[CHURN_INFOTEXT[name].key] = value;
+  }
+  return taken;
+}
+
 /** The infotext keys a run adds as it goes (PreparedSampling.skipsUncond), rather than its setup. */
 export const RUN_INFOTEXT_KEYS: readonly string[] = ["Skip Early CFG", "NGMS", "NGMS all steps"];
 
@@ -543,13 +596,8 @@ function uncondSkipRule(
 }
 
 /** img2img: A1111 multiplies the first noise draw by initial_noise_multiplier before using it. */
-function scaleInitialNoise(
-  noise: Float32Array,
-  multiplier: number | undefined,
-  infotext: Record<string, string | number | boolean>,
-): Float32Array {
+function scaleInitialNoise(noise: Float32Array, multiplier: number | undefined): Float32Array {
   if (multiplier === undefined || multiplier === 1) return noise;
-  infotext["Noise multiplier"] = multiplier;
   const m = f32(multiplier);
   return noise.map((v) => v * m);
 }
@@ -576,6 +624,8 @@ function prepareTimestepSampler(
   if (timesteps.length < 1) throw new InvalidSamplingParameter("denoising_strength", "the img2img schedule has no steps left");
   const isDdim = sampler.name === "DDIM" || sampler.name === "DDIM CFG++";
   const eta = isDdim ? (s.eta ?? s.etaDdim ?? 0) : 0;
+  // A1111's order: timesteps, the img2img start latent, then initialize().
+  if (tEnc !== undefined && (s.img2imgExtraNoise ?? 0) > 0) infotext["Extra noise"] = s.img2imgExtraNoise!;
   if (isDdim && eta !== 0) infotext["Eta DDIM"] = eta;
   const sigmas = Float32Array.from(timesteps, (t) => schedule.sigmas[t]!).reverse();
   const prefetcher = new NoisePrefetcher(input.noise);
@@ -588,14 +638,13 @@ function prepareTimestepSampler(
     const sqrtA = f32(Math.sqrt(a));
     const sqrtOneMinusA = f32(Math.sqrt(f32(1 - a)));
     const extra = f32(s.img2imgExtraNoise ?? 0);
-    const scaled = scaleInitialNoise(noise, s.initialNoiseMultiplier, infotext);
+    const scaled = scaleInitialNoise(noise, s.initialNoiseMultiplier);
     const out = new Float32Array(noise.length);
     for (let k = 0; k < out.length; k++) {
       let v = f32(initLatent[k]! * sqrtA) + f32(scaled[k]! * sqrtOneMinusA);
       if (extra > 0) v = f32(v + f32(f32(scaled[k]! * extra) * sqrtA));
       out[k] = v;
     }
-    if (extra > 0) infotext["Extra noise"] = extra;
     return out;
   };
 

@@ -131,6 +131,10 @@ export type GenerationParams = Message<"latentfarm.v1.GenerationParams"> & {
   eta?: number | undefined;
 
   /**
+   * As A1111 runs them: Euler, Heun and DPM2 take s_churn, s_tmin, s_tmax (0 = no bound) and s_noise;
+   * DPM fast, DPM2 a, DPM++ 2S a and the SDE samplers take s_noise; the other samplers (Euler a too)
+   * run without them. Values other than the defaults are written to the infotext ("Sigma churn", …).
+   *
    * @generated from field: optional double s_churn = 21;
    */
   sChurn?: number | undefined;
