@@ -729,7 +729,12 @@ export class Coordinator {
     if (agents.length === 0) throw new FarmError(grpc.status.UNAVAILABLE, "no agents are connected to the farm");
     if (!agents.some((a) => a.available.has(v.params.model))) {
       const known = [...new Set(agents.flatMap((a) => [...a.available]))].sort();
-      throw FarmError.notFound(`model "${v.params.model}" is not offered by any agent (known: ${known.join(", ") || "none"})`, "model");
+      const fromInfotext =
+        params.model === "" && v.params.infotext !== "" ? "; it comes from the infotext: name a model to render with another" : "";
+      throw FarmError.notFound(
+        `model "${v.params.model}" is not offered by any agent (known: ${known.join(", ") || "none"})${fromInfotext}`,
+        "model",
+      );
     }
     const key: SpeedKey = { model: v.params.model, width: v.params.width ?? 512, height: v.params.height ?? 512 };
     const plan = planHires(v.params, this.tiling);
@@ -753,6 +758,7 @@ export class Coordinator {
     this.m.metrics.tenantImages.inc({ tenant }, v.imageCount);
     this.m.metrics.jobsInMemory.set(this.store.size);
     this.store.emit(job, { case: "queued", value: { imageCount: v.imageCount } });
+    for (const message of v.warnings) this.store.emit(job, { case: "warning", value: { message } });
     const seeds = imageSeeds(v.params.seed, v.params.subseed, v.params.subseedStrength, v.imageCount);
     const tasks = Array.from({ length: v.imageCount }, (_, i) => this.imageTasks(job, i, plan, seeds)).flat();
     this.addOutstanding(tenant, v.imageCount);

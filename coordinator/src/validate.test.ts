@@ -32,11 +32,11 @@ test("inpainting fields: a mask needs init images; blur, padding, fill and weigh
   assert.equal(validateJob(job({ initImages: [init], maskBlur: -3 })).params.maskBlur, -3);
 });
 
-test("sampler settings (A1111's options) and s_min_uncond: names known, numbers finite and in range, each error naming its field", () => {
+test("override settings (A1111's options) and s_min_uncond: names known, numbers finite and in range, each error naming its field", () => {
   const ok = validateJob(
     job({
       sMinUncond: 2,
-      samplerSettings: {
+      overrideSettings: {
         etaAncestral: 0.5,
         sigmaMin: 0.1,
         sigmaMax: 10,
@@ -49,21 +49,30 @@ test("sampler settings (A1111's options) and s_min_uncond: names known, numbers 
       },
     }),
   );
-  assert.equal(ok.params.samplerSettings?.uniPcVariant, "bh2");
-  const s = (settings: NonNullable<Params["samplerSettings"]>): Params => ({ samplerSettings: settings });
-  rejects(s({ uniPcVariant: "bh3" }), "INVALID_ARGUMENT", "sampler_settings.uni_pc_variant");
-  rejects(s({ uniPcSkipType: "time_cubic" }), "INVALID_ARGUMENT", "sampler_settings.uni_pc_skip_type");
-  rejects(s({ uniPcOrder: 0 }), "INVALID_ARGUMENT", "sampler_settings.uni_pc_order");
-  rejects(s({ uniPcOrder: 51 }), "INVALID_ARGUMENT", "sampler_settings.uni_pc_order");
-  rejects(s({ sdNoiseSchedule: "zero terminal snr" }), "INVALID_ARGUMENT", "sampler_settings.sd_noise_schedule");
-  rejects(s({ skipEarlyCond: 1.5 }), "INVALID_ARGUMENT", "sampler_settings.skip_early_cond");
-  rejects(s({ skipEarlyCond: Number.NaN }), "INVALID_ARGUMENT", "sampler_settings.skip_early_cond");
-  rejects(s({ etaAncestral: -0.1 }), "INVALID_ARGUMENT", "sampler_settings.eta_ancestral");
-  rejects(s({ etaDdim: Number.POSITIVE_INFINITY }), "INVALID_ARGUMENT", "sampler_settings.eta_ddim");
-  rejects(s({ sigmaMin: 5, sigmaMax: 2 }), "INVALID_ARGUMENT", "sampler_settings.sigma_min");
-  rejects(s({ rho: -1 }), "INVALID_ARGUMENT", "sampler_settings.rho");
-  rejects(s({ betaDistAlpha: 0 }), "INVALID_ARGUMENT", "sampler_settings.beta_dist_alpha");
-  rejects(s({ img2imgExtraNoise: Number.NaN }), "INVALID_ARGUMENT", "sampler_settings.img2img_extra_noise");
+  assert.equal(ok.params.overrideSettings?.uniPcVariant, "bh2");
+  const s = (settings: NonNullable<Params["overrideSettings"]>): Params => ({ overrideSettings: settings });
+  rejects(s({ uniPcVariant: "bh3" }), "INVALID_ARGUMENT", "override_settings.uni_pc_variant");
+  rejects(s({ uniPcSkipType: "time_cubic" }), "INVALID_ARGUMENT", "override_settings.uni_pc_skip_type");
+  rejects(s({ uniPcOrder: 0 }), "INVALID_ARGUMENT", "override_settings.uni_pc_order");
+  rejects(s({ uniPcOrder: 51 }), "INVALID_ARGUMENT", "override_settings.uni_pc_order");
+  rejects(s({ sdNoiseSchedule: "zero terminal snr" }), "INVALID_ARGUMENT", "override_settings.sd_noise_schedule");
+  rejects(s({ skipEarlyCond: 1.5 }), "INVALID_ARGUMENT", "override_settings.skip_early_cond");
+  rejects(s({ skipEarlyCond: Number.NaN }), "INVALID_ARGUMENT", "override_settings.skip_early_cond");
+  rejects(s({ etaAncestral: -0.1 }), "INVALID_ARGUMENT", "override_settings.eta_ancestral");
+  rejects(s({ etaDdim: Number.POSITIVE_INFINITY }), "INVALID_ARGUMENT", "override_settings.eta_ddim");
+  rejects(s({ sigmaMin: 5, sigmaMax: 2 }), "INVALID_ARGUMENT", "override_settings.sigma_min");
+  rejects(s({ rho: -1 }), "INVALID_ARGUMENT", "override_settings.rho");
+  rejects(s({ betaDistAlpha: 0 }), "INVALID_ARGUMENT", "override_settings.beta_dist_alpha");
+  rejects(s({ img2imgExtraNoise: Number.NaN }), "INVALID_ARGUMENT", "override_settings.img2img_extra_noise");
   rejects({ sMinUncond: -1 }, "INVALID_ARGUMENT", "s_min_uncond");
   rejects({ sMinUncond: Number.NaN }, "INVALID_ARGUMENT", "s_min_uncond");
+});
+
+test("use_downcasted_alpha_bar cannot be combined with Zero Terminal SNR, whose last σ overflows float16", () => {
+  validateJob(job({ overrideSettings: { useDowncastedAlphaBar: true } }));
+  rejects(
+    { overrideSettings: { useDowncastedAlphaBar: true, sdNoiseSchedule: "Zero Terminal SNR" } },
+    "INVALID_ARGUMENT",
+    "override_settings.use_downcasted_alpha_bar",
+  );
 });

@@ -5,7 +5,8 @@ import {
   InpaintingFill,
   RngSource,
   UnknownNameError,
-  checkSamplerSettings,
+  applyInfotext,
+  checkOverrideSettings,
   resolveSampler,
   type GenerationParams,
   type ResolvedSampler,
@@ -37,6 +38,8 @@ export interface ValidatedJob {
   params: GenerationParams;
   sampler: ResolvedSampler;
   imageCount: number;
+  /** For the job's Warning event: what an infotext asked for that the farm does not reproduce. */
+  warnings: string[];
 }
 
 const SEED_MAX = 2 ** 53 - 1;
@@ -62,6 +65,10 @@ export function validateJob(
 ): ValidatedJob {
   const L = opts.limits ?? DEFAULT_LIMITS;
   const p = create(GenerationParamsSchema, input);
+  if (p.infotext.length > L.maxPromptChars * 3) throw FarmError.invalid("infotext", `is longer than ${L.maxPromptChars * 3} characters`);
+  // First, so that the fields it fills are checked like the request's own.
+  const { notReproduced } = applyInfotext(p);
+  const warnings = notReproduced.length > 0 ? [`infotext: not reproduced by this farm: ${notReproduced.join("; ")}`] : [];
 
   if (p.prompt.length > L.maxPromptChars) throw FarmError.invalid("prompt", `is longer than ${L.maxPromptChars} characters`);
   if (p.negativePrompt.length > L.maxPromptChars)
@@ -116,7 +123,7 @@ export function validateJob(
     if (v !== undefined && v < 0) throw FarmError.invalid(f, `must be ≥ 0, got ${v}`);
   }
 
-  checkSamplerSettings(p);
+  checkOverrideSettings(p);
 
   let sampler: ResolvedSampler;
   try {
@@ -196,7 +203,7 @@ export function validateJob(
   finite("code_former_weight", p.codeFormerWeight);
   finite("initial_noise_multiplier", p.initialNoiseMultiplier);
 
-  return { params: p, sampler, imageCount };
+  return { params: p, sampler, imageCount, warnings };
 }
 
 /** A1111's seed bookkeeping (behaviour spec §3.1): -1 → random in [0, 4294967293]. */

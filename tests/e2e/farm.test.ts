@@ -273,9 +273,9 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
         "64",
         "--s-min-uncond",
         "100",
-        "--sampler-setting",
+        "--override-setting",
         "skip_early_cond=0.2",
-        "--sampler-setting",
+        "--override-setting",
         "always_discard_next_to_last_sigma=true",
         "--out",
         join(dir, "tuned"),
@@ -284,9 +284,17 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       const [tpng] = readdirSync(join(dir, "tuned"));
       const tunedText = (await sharp(join(dir, "tuned", tpng!)).metadata()).comments?.find((c) => c.keyword === "parameters")?.text ?? "";
       assert.match(tunedText, /Discard penultimate sigma: True, Skip Early CFG: 0\.2, NGMS: 100/);
-      const unknown = cli("txt2img", "--prompt", "x", "--sampler-setting", "eta_ancestrall=1", "--out", join(dir, "bad"));
+      // An A1111 PNG's parameters as the whole job: the same image.
+      const again = cli("txt2img", "--infotext-from", join(dir, "tuned", tpng!), "--out", join(dir, "again"));
+      assert.equal(again.status, 0, again.stderr);
+      const [apng] = readdirSync(join(dir, "again"));
+      assert.deepEqual(readFileSync(join(dir, "again", apng!)), readFileSync(join(dir, "tuned", tpng!)));
+      const noText = cli("txt2img", "--infotext-from", join(dir, "init.png"), "--out", join(dir, "bad"));
+      assert.equal(noText.status, 2);
+      assert.match(noText.stderr, /has no "parameters" text/);
+      const unknown = cli("txt2img", "--prompt", "x", "--override-setting", "eta_ancestrall=1", "--out", join(dir, "bad"));
       assert.equal(unknown.status, 2);
-      assert.match(unknown.stderr, /--sampler-setting: .*eta_ancestrall/);
+      assert.match(unknown.stderr, /--override-setting: .*eta_ancestrall/);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
@@ -313,15 +321,15 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     await expectStatus(s({ denoisingStrength: 1.5 }), grpc.status.INVALID_ARGUMENT, "denoising_strength");
     await expectStatus(s({ loras: [{ name: "../x", teWeight: 1, unetWeight: 1 }] }), grpc.status.INVALID_ARGUMENT, "loras");
     await expectStatus(s({ sMinUncond: -1 }), grpc.status.INVALID_ARGUMENT, "s_min_uncond");
-    await expectStatus(s({ samplerSettings: { uniPcVariant: "bh9" } }), grpc.status.INVALID_ARGUMENT, "sampler_settings.uni_pc_variant");
-    await expectStatus(s({ samplerSettings: { skipEarlyCond: 2 } }), grpc.status.INVALID_ARGUMENT, "sampler_settings.skip_early_cond");
+    await expectStatus(s({ overrideSettings: { uniPcVariant: "bh9" } }), grpc.status.INVALID_ARGUMENT, "override_settings.uni_pc_variant");
+    await expectStatus(s({ overrideSettings: { skipEarlyCond: 2 } }), grpc.status.INVALID_ARGUMENT, "override_settings.skip_early_cond");
     await expectStatus(
-      s({ samplerSettings: { sdNoiseSchedule: "Cosine" } }),
+      s({ overrideSettings: { sdNoiseSchedule: "Cosine" } }),
       grpc.status.INVALID_ARGUMENT,
-      "sampler_settings.sd_noise_schedule",
+      "override_settings.sd_noise_schedule",
     );
     // A sigma_min above the model's σ_max is only found where the schedule is built: the job fails with the agent's status.
-    const { jobId: rising } = await farm.client.submit({ params: { ...base, scheduler: "Karras", samplerSettings: { sigmaMin: 20 } } });
+    const { jobId: rising } = await farm.client.submit({ params: { ...base, scheduler: "Karras", overrideSettings: { sigmaMin: 20 } } });
     const risingEnd = (await collect(farm, rising)).at(-1)?.event;
     assert.equal(risingEnd?.case, "failed");
     assert.equal((risingEnd?.value as { code: string }).code, "INVALID_ARGUMENT");
@@ -340,7 +348,7 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     await farm.runJob();
   });
 
-  test("A1111's sampler settings reach the agents: they change the image and the infotext says which", async () => {
+  test("A1111's settings and infotexts reach the agents: settings change the image and its infotext, which renders the image again", async () => {
     const params = {
       prompt: "a red cube",
       negativePrompt: "blurry",
@@ -361,11 +369,38 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     const plain = await render({});
     const tuned = await render({
       sMinUncond: 100,
-      samplerSettings: { etaAncestral: 0.5, skipEarlyCond: 0.25, sdNoiseSchedule: "Zero Terminal SNR" },
+      overrideSettings: { etaAncestral: 0.5, skipEarlyCond: 0.25, sdNoiseSchedule: "Zero Terminal SNR" },
     });
     assert.doesNotMatch(plain.infotext, /Eta|NGMS|Skip Early CFG|Noise Schedule/);
     assert.match(tuned.infotext, /Noise Schedule: Zero Terminal SNR, Eta: 0\.5, Skip Early CFG: 0\.25, NGMS: 100/);
     assert.notDeepEqual(tuned.png, plain.png);
+
+    // The image's infotext alone, as A1111's API takes one, renders the same image; entries the farm does
+    // not reproduce come back as the job's warning.
+    const { jobId } = await farm.client.submit({ params: { infotext: `${tuned.infotext}, ADetailer model: face_yolov8n.pt` } });
+    const events = await collect(farm, jobId);
+    const again = events.flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))[0];
+    assert.ok(again, JSON.stringify(events.at(-1)?.event.value));
+    assert.deepEqual(again.png, tuned.png);
+    const warnings = events.flatMap((e) => (e.event.case === "warning" ? [e.event.value.message] : []));
+    assert.deepEqual(warnings, ["infotext: not reproduced by this farm: ADetailer model: face_yolov8n.pt"]);
+    // An A1111 before 1.7.0-225 had ᾱ in float16: its infotext brings that back.
+    const { jobId: oldJob } = await farm.client.submit({ params: { infotext: plain.infotext.replace(/Version: .*$/, "Version: v1.6.0") } });
+    const old = (await collect(farm, oldJob)).flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))[0];
+    assert.ok(old);
+    assert.match(old.infotext, /Downcast alphas_cumprod: True/);
+    assert.notDeepEqual(old.png, plain.png);
+    // A civitai text names a checkpoint this farm may not have.
+    await expectStatus(
+      farm.client.submit({ params: { infotext: "x\nSteps: 2, Seed: 1, Model: not-here" } }),
+      grpc.status.NOT_FOUND,
+      "model",
+    );
+    await expectStatus(
+      farm.client.submit({ params: { infotext: "x\nSteps: many, Sampler: Euler, Seed: 1" } }),
+      grpc.status.INVALID_ARGUMENT,
+      "infotext",
+    );
   });
 
   test("a hires-fix job renders every image at the upscaled size with A1111's hires infotext", async () => {

@@ -13,13 +13,13 @@ import {
   RenderService,
   ResizeMode,
   RngSource,
-  SamplerSettingsSchema,
+  OverrideSettingsSchema,
   TokenAuth,
   createClient,
   jsonLogger,
   tlsFromFlags,
   type LogLevel,
-  type SamplerSettings,
+  type OverrideSettings,
 } from "@latentfarm/shared";
 import { Coordinator, type CoordinatorConfig } from "../coordinator.js";
 import { parsePixelCount, type HiresTiling } from "../hires-stages.js";
@@ -52,7 +52,9 @@ Generation options (A1111's parameter names in kebab case):
   --negative-prompt TEXT  --model NAME  --seed N  --subseed N  --subseed-strength F
   --sampler-name NAME  --scheduler NAME  --steps N  --cfg-scale F  --width N  --height N
   --batch-size N  --n-iter N  --clip-skip N  --rng CPU|GPU|NV  --eta-noise-seed-delta N  --eta F  --s-noise F
-  --s-min-uncond F (NGMS)  --sampler-setting KEY=VALUE (repeatable; A1111's option names, as in its
+  --infotext TEXT | --infotext-from FILE (an A1111 PNG or a text file): A1111's generation parameters,
+    filling every option this command line leaves unset, as A1111's API reads its infotext field
+  --s-min-uncond F (NGMS)  --override-setting KEY=VALUE (repeatable; A1111's option names, as in its
     override_settings: eta_ancestral, always_discard_next_to_last_sigma, sigma_min, sigma_max, rho,
     uni_pc_variant, uni_pc_order, skip_early_cond, sd_noise_schedule, …)
   Hires.fix: --enable-hr (implied by --hr-scale/--hr-resize-*)  --hr-scale F  --hr-upscaler NAME
@@ -116,7 +118,9 @@ const GEN_OPTIONS = {
   eta: { type: "string" },
   "s-noise": { type: "string" },
   "s-min-uncond": { type: "string" },
-  "sampler-setting": { type: "string", multiple: true },
+  infotext: { type: "string", default: "" },
+  "infotext-from": { type: "string" },
+  "override-setting": { type: "string", multiple: true },
   "enable-hr": { type: "boolean", default: false },
   "hr-scale": { type: "string" },
   "hr-upscaler": { type: "string", default: "" },
@@ -172,20 +176,34 @@ function big(name: string, v: string | undefined): bigint | undefined {
 
 class UsageError extends Error {}
 
-/** `--sampler-setting KEY=VALUE` flags as a SamplerSettings message: numbers, true/false, or names. */
-function samplerSettingsOf(flags: readonly string[]): SamplerSettings {
+/** An A1111 PNG's "parameters" text chunk, or a text file's contents. */
+async function readInfotext(path: string): Promise<string> {
+  const bytes = await readFile(path).catch((err: Error) => {
+    throw new UsageError(`--infotext-from: ${err.message}`);
+  });
+  const PNG = [0x89, 0x50, 0x4e, 0x47];
+  if (!PNG.every((b, i) => bytes[i] === b)) return bytes.toString("utf8");
+  const { default: sharp } = await import("sharp");
+  const comments = (await sharp(bytes).metadata()).comments ?? [];
+  const text = comments.find((c) => c.keyword === "parameters")?.text;
+  if (text === undefined) throw new UsageError(`--infotext-from: ${path} has no "parameters" text (A1111's generation data)`);
+  return text;
+}
+
+/** `--override-setting KEY=VALUE` flags as a OverrideSettings message: numbers, true/false, or names. */
+function overrideSettingsOf(flags: readonly string[]): OverrideSettings {
   const json: Record<string, JsonValue> = {};
   for (const flag of flags) {
     const eq = flag.indexOf("=");
-    if (eq < 1) throw new UsageError(`--sampler-setting must be KEY=VALUE, got "${flag}"`);
+    if (eq < 1) throw new UsageError(`--override-setting must be KEY=VALUE, got "${flag}"`);
     const value = flag.slice(eq + 1);
     json[flag.slice(0, eq)] =
       value === "true" ? true : value === "false" ? false : value !== "" && Number.isFinite(Number(value)) ? Number(value) : value;
   }
   try {
-    return fromJson(SamplerSettingsSchema, json);
+    return fromJson(OverrideSettingsSchema, json);
   } catch (err) {
-    throw new UsageError(`--sampler-setting: ${(err as Error).message}`);
+    throw new UsageError(`--override-setting: ${(err as Error).message}`);
   }
 }
 
@@ -280,7 +298,8 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
     eta: num("eta", v.eta),
     sNoise: num("s-noise", v["s-noise"]),
     sMinUncond: num("s-min-uncond", v["s-min-uncond"]),
-    samplerSettings: samplerSettingsOf(v["sampler-setting"] ?? []),
+    infotext: v["infotext-from"] !== undefined ? await readInfotext(v["infotext-from"]) : v.infotext,
+    overrideSettings: overrideSettingsOf(v["override-setting"] ?? []),
     enableHr: v["enable-hr"] || v["hr-scale"] !== undefined || v["hr-resize-x"] !== undefined || v["hr-resize-y"] !== undefined,
     hrScale: num("hr-scale", v["hr-scale"]),
     hrUpscaler: v["hr-upscaler"],

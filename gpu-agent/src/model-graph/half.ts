@@ -42,6 +42,11 @@ export function bf16ToF32(src: Uint16Array, dst: Float32Array = new Float32Array
   return dst;
 }
 
+/** `value` as float32, then rounded to the nearest half: a float16 tensor op's result as torch gives it. */
+export function roundToF16(value: number): number {
+  return decodeHalf(f32ToF16Bits(value));
+}
+
 /** Round-to-nearest-even, as torch's `.half()` does; overflow becomes ±Inf, NaN stays NaN. */
 export function f32ToF16Bits(value: number): number {
   f32[0] = value;

@@ -200,7 +200,7 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
       hrUpscaler: "Latent",
       hrSamplerName: "DDIM",
       sMinUncond: 0.5,
-      samplerSettings: { skipEarlyCond: 0.1, sMinUncondAll: true },
+      overrideSettings: { skipEarlyCond: 0.1, sMinUncondAll: true },
     };
     const full = await renderTask(pipe, request(params), ctx);
     assert.match(full.infotext, /Skip Early CFG: 0\.1, NGMS: 0\.5, NGMS all steps: True/);

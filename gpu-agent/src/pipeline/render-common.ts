@@ -9,7 +9,7 @@ import {
   FarmError,
   ImageSchema,
   RngSource as WireRng,
-  checkSamplerSettings,
+  checkOverrideSettings,
   type GenerationParams,
   type Image,
   type RunTaskRequest,
@@ -68,10 +68,10 @@ export function taskBasics(pipe: LoadedPipeline, req: RunTaskRequest): TaskBasic
 
 /**
  * The sampler's settings from the request: its own fields (eta, s_churn, …, s_min_uncond) and A1111's
- * options in sampler_settings, checked again here (the agent does not rely on the coordinator's checks).
+ * options in override_settings, checked again here (the agent does not rely on the coordinator's checks).
  */
 export function samplingSettingsOf(p: GenerationParams): SamplingSettings {
-  const o = checkSamplerSettings(p);
+  const o = checkOverrideSettings(p);
   const settings: SamplingSettings = {};
   if (p.eta !== undefined) settings.eta = p.eta;
   if (p.sChurn !== undefined) settings.sChurn = p.sChurn;
@@ -97,6 +97,7 @@ export function samplingSettingsOf(p: GenerationParams): SamplingSettings {
   if (o.sMinUncondAll !== undefined) settings.sMinUncondAll = o.sMinUncondAll;
   if (o.skipEarlyCond !== undefined) settings.skipEarlyCond = o.skipEarlyCond;
   if (o.noiseSchedule !== undefined) settings.noiseSchedule = o.noiseSchedule;
+  if (o.useDowncastedAlphaBar !== undefined) settings.downcastAlphasCumprod = o.useDowncastedAlphaBar;
   return settings;
 }
 

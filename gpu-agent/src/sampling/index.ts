@@ -45,6 +45,7 @@ export {
   sd1Schedule,
   sd1ScheduleWith,
   type NoiseScheduleOption,
+  type TablePrecision,
   sigmaToT,
   tToSigma,
   vScalings,

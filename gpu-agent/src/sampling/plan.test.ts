@@ -10,6 +10,7 @@ import {
   type SamplingSettings,
 } from "./plan.js";
 import { InvalidSamplingParameter } from "./errors.js";
+import { FarmError } from "@latentfarm/shared";
 import { ImageRng } from "./image-rng.js";
 import { createBrownianNoiseSampler } from "./brownian.js";
 import { drive, gaussianModel } from "./samplers/test-harness.js";
@@ -465,4 +466,27 @@ test("infotext entries keep A1111's order: processing, σ list, start latent, th
   const before = { ...img2img.infotext };
   img2img.startLatent(new Float32Array(4), new Float32Array(4));
   assert.deepEqual(img2img.infotext, before);
+});
+
+test("use_downcasted_alpha_bar: k-diffusion samplers get the float16 tables and the infotext entry; timestep samplers and LCM are refused", () => {
+  const karras = (downcast: boolean) =>
+    prepareSampling({
+      samplerName: "DPM++ 2M",
+      scheduler: "Karras",
+      steps: 10,
+      noise: fourNoise,
+      settings: { downcastAlphasCumprod: downcast },
+    });
+  const old = karras(true);
+  // Karras between the float16 table's ends (0.0312… vs 0.0292 without the downcast).
+  assertRelClose([old.sigmas[0]!, old.sigmas[9]!], [14.609375, 0.03125], 1e-6, "Karras ends");
+  assert.notDeepEqual(old.sigmas, karras(false).sigmas);
+  assert.deepEqual(Object.keys(old.infotext), ["Downcast alphas_cumprod", "Schedule type"]);
+  for (const samplerName of ["DDIM", "PLMS", "UniPC", "LCM"]) {
+    assert.throws(
+      () => prepareSampling({ samplerName, steps: 10, noise: fourNoise, settings: { downcastAlphasCumprod: true } }),
+      (e: unknown) => e instanceof FarmError && e.codeName === "UNIMPLEMENTED" && e.field === "override_settings.use_downcasted_alpha_bar",
+      samplerName,
+    );
+  }
 });

@@ -5,6 +5,7 @@
  * with the same table.
  */
 import {
+  FarmError,
   SAMPLERS,
   SCHEDULERS,
   UnknownNameError,
@@ -193,6 +194,8 @@ export interface SamplingSettings {
   modelFamily?: "sd1" | "sdxl";
   /** Option sd_noise_schedule (the ᾱ the σ table comes from) when the input gives no schedule of its own. */
   noiseSchedule?: NoiseScheduleOption;
+  /** Option use_downcasted_alpha_bar: ᾱ as float16, as every A1111 before 1.7.0-225 had it with an fp16 model. */
+  downcastAlphasCumprod?: boolean;
   /** The request's s_min_uncond (NGMS): every other model call below this σ (timestep samplers: t) runs without the negative prompt. */
   sMinUncond?: number;
   /** Option s_min_uncond_all: NGMS on every call below s_min_uncond, not every other one. */
@@ -286,13 +289,22 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
   const s = input.settings ?? {};
   const { sampler } = choice;
   const noiseSchedule = s.noiseSchedule ?? "Default";
-  const baseSchedule = input.schedule ?? sd1ScheduleWith(noiseSchedule);
+  const downcast = input.schedule === undefined && (s.downcastAlphasCumprod ?? false);
   const isLcm = sampler.name === "LCM";
+  if (downcast && (sampler.timestepSampler || isLcm)) {
+    // These samplers do their own arithmetic on the float16 ᾱ; only the k-diffusion tables are reproduced.
+    throw FarmError.unimplemented(
+      "override_settings.use_downcasted_alpha_bar",
+      `"${sampler.name}" with ᾱ downcast to float16 (A1111 before 1.7.0-225) is not reproduced; set use_downcasted_alpha_bar false for the current A1111's image`,
+    );
+  }
+  const baseSchedule = input.schedule ?? sd1ScheduleWith(noiseSchedule, downcast ? "float16" : "float32");
   const lcm = isLcm ? new LcmSchedule(baseSchedule) : undefined;
   const sigmaModel: SigmaModel = lcm ?? baseSchedule;
-  // A1111 sets the noise schedule's entry before the sampler is made, so it comes first.
-  const infotext: Record<string, string | number | boolean> =
-    input.schedule === undefined && noiseSchedule !== "Default" ? { "Noise Schedule": noiseSchedule } : {};
+  // A1111 sets the ᾱ entries before the sampler is made (downcast first), so they come first.
+  const infotext: Record<string, string | number | boolean> = {};
+  if (downcast) infotext["Downcast alphas_cumprod"] = true;
+  if (input.schedule === undefined && noiseSchedule !== "Default") infotext["Noise Schedule"] = noiseSchedule;
 
   const mapping = input.img2img ? img2imgSteps(input.steps, input.img2img.denoisingStrength, input.img2img.fixSteps ?? false) : undefined;
   const scheduleSteps = mapping ? mapping.scheduleSteps : input.steps;
@@ -550,12 +562,12 @@ export const RUN_INFOTEXT_KEYS: readonly string[] = ["Skip Early CFG", "NGMS", "
  */
 function checkSigmaList(sigmas: Float32Array, s: SamplingSettings): void {
   if (!sigmas.every(Number.isFinite)) {
-    const field = s.rho ? "sampler_settings.rho" : s.sigmaMin || s.sigmaMax ? "sampler_settings.sigma_min" : "scheduler";
+    const field = s.rho ? "override_settings.rho" : s.sigmaMin || s.sigmaMax ? "override_settings.sigma_min" : "scheduler";
     throw new InvalidSamplingParameter(field, "the schedule's sigmas are not finite with these settings");
   }
   for (let i = 1; i < sigmas.length; i++) {
     if (!(sigmas[i]! <= sigmas[i - 1]!)) {
-      const field = s.sigmaMin ? "sampler_settings.sigma_min" : s.sigmaMax ? "sampler_settings.sigma_max" : "scheduler";
+      const field = s.sigmaMin ? "override_settings.sigma_min" : s.sigmaMax ? "override_settings.sigma_max" : "scheduler";
       throw new InvalidSamplingParameter(
         field,
         `the schedule's sigmas rise from ${sigmas[i - 1]} to ${sigmas[i]}: sigma_min must be below sigma_max`,

@@ -8,6 +8,7 @@ import {
   scaleModelInput,
   sd1AlphasCumprod,
   sd1Schedule,
+  sd1ScheduleWith,
   sigmaToT,
   tToSigma,
   vScalings,
@@ -15,6 +16,7 @@ import {
   vToEps,
 } from "./sigmas.js";
 import { samplerSigmas } from "./schedules.js";
+import { roundToF16 } from "../model-graph/half.js";
 import { INTERMEDIATE_DIR, assertClose, assertRelClose, fixturesAbsent, readJson } from "./test-support.js";
 
 test("SD1 ᾱ and σ table match spec §4.1", () => {
@@ -110,4 +112,28 @@ test("zero terminal SNR rescale keeps ᾱ₀ and pins the last value", () => {
   assert.equal(r[999], Math.fround(4.8973451890853435e-8));
   for (let i = 1; i < 999; i++) assert.ok(r[i]! < r[i - 1]!);
   assert.equal(sd1Schedule().sigmas.length, 1000);
+});
+
+test("downcast ᾱ (A1111 before 1.7.0-225): σ and log σ tables made in float16, as numpy's float16 arithmetic makes them", () => {
+  const h = sd1ScheduleWith("Default", "float16");
+  // numpy: ac = cumprod(1 − linspace(√0.00085, √0.012, 1000)²) as float32 → float16; σ = sqrt((1 − ac)/ac), log σ, each op in float16.
+  const at = [0, 1, 10, 100, 500, 998, 999];
+  assert.deepEqual(
+    at.map((i) => h.sigmas[i]),
+    [0.03125, 0.038299560546875, 0.09930419921875, 0.34423828125, 1.6181640625, 14.5234375, 14.609375],
+  );
+  assert.deepEqual(
+    at.map((i) => h.logSigmas[i]),
+    [-3.46484375, -3.26171875, -2.30859375, -1.06640625, 0.481201171875, 2.67578125, 2.681640625],
+  );
+  assert.deepEqual([h.alphasCumprod[0], h.alphasCumprod[999]], [0.9990234375, 0.00466156005859375]);
+  for (const table of [h.alphasCumprod, h.sigmas, h.logSigmas]) assert.ok(table.every((v) => roundToF16(v) === v));
+  // The float32 schedule is untouched, and one instance serves each variant.
+  assert.equal(sd1ScheduleWith("Default", "float32"), sd1Schedule());
+  assert.equal(sd1ScheduleWith("Default", "float16"), h);
+  assert.ok(Math.abs(sd1Schedule().sigmaMin - 0.0291675) < 1e-6);
+  // σ → t compares log σ (float32) with the float16 log σ table: a table σ lands next to its own timestep,
+  // not on it (log 1.6181640625 = 0.48128…, its table entry 0.481201171875).
+  assert.ok(Math.abs(h.sigmaToT(h.sigmas[500]!) - 500) < 0.05);
+  assert.notEqual(h.sigmaToT(h.sigmas[500]!), 500);
 });

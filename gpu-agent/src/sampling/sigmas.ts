@@ -4,6 +4,7 @@
  */
 import { f32, linspaceF32 } from "./float32.js";
 import { e, Kernel } from "./kernels.js";
+import { roundToF16 } from "../model-graph/half.js";
 
 export const NUM_TRAIN_TIMESTEPS = 1000;
 
@@ -24,19 +25,28 @@ export function sd1AlphasCumprod(linearStart = 0.00085, linearEnd = 0.012, times
   return out;
 }
 
-/** A1111's "Zero Terminal SNR" noise schedule option (rescale_zero_terminal_snr_abar), in float32. */
-export function rescaleZeroTerminalSnr(alphasCumprod: Float32Array): Float32Array {
+/** The precision of a schedule's ᾱ tensor, and so of the arithmetic torch does on it. */
+export type TablePrecision = "float32" | "float16";
+
+const ROUND: Record<TablePrecision, (v: number) => number> = { float32: f32, float16: roundToF16 };
+
+/**
+ * A1111's "Zero Terminal SNR" noise schedule option (rescale_zero_terminal_snr_abar), in the ᾱ
+ * tensor's precision (float16 after "Downcast alphas_cumprod", which A1111 applies first).
+ */
+export function rescaleZeroTerminalSnr(alphasCumprod: Float32Array, precision: TablePrecision = "float32"): Float32Array {
+  const round = ROUND[precision];
   const n = alphasCumprod.length;
-  const roots = alphasCumprod.map((a) => Math.sqrt(a));
+  const roots = alphasCumprod.map((a) => round(Math.sqrt(a)));
   const first = roots[0]!;
   const last = roots[n - 1]!;
-  const scale = f32(first / f32(first - last));
+  const scale = round(first / round(first - last));
   const out = new Float32Array(n);
   for (let i = 0; i < n; i++) {
-    const shifted = f32(f32(roots[i]! - last) * scale);
-    out[i] = shifted * shifted;
+    const shifted = round(round(roots[i]! - last) * scale);
+    out[i] = round(shifted * shifted);
   }
-  out[n - 1] = 4.8973451890853435e-8;
+  out[n - 1] = round(4.8973451890853435e-8);
   return out;
 }
 
@@ -48,16 +58,25 @@ export class DiscreteSchedule {
   readonly sigmas: Float32Array;
   readonly logSigmas: Float32Array;
 
-  constructor(alphasCumprod: Float32Array) {
+  /**
+   * `precision` float16: ᾱ was downcast (A1111's "Downcast alphas_cumprod", and every A1111 before
+   * 1.7.0-225 running an fp16 model), so k-diffusion's σ and log σ tables are float16 tensors, made and
+   * interpolated with float16 arithmetic where both operands are.
+   */
+  constructor(
+    alphasCumprod: Float32Array,
+    readonly precision: TablePrecision = "float32",
+  ) {
     if (alphasCumprod.length < 2) throw new RangeError("a discrete schedule needs at least 2 timesteps");
-    this.alphasCumprod = Float32Array.from(alphasCumprod);
+    const round = ROUND[precision];
+    this.alphasCumprod = alphasCumprod.map(round);
     const n = alphasCumprod.length;
     this.sigmas = new Float32Array(n);
     this.logSigmas = new Float32Array(n);
     for (let i = 0; i < n; i++) {
-      const a = alphasCumprod[i]!;
-      this.sigmas[i] = Math.sqrt(f32(f32(1 - a) / a));
-      this.logSigmas[i] = Math.log(this.sigmas[i]!);
+      const a = this.alphasCumprod[i]!;
+      this.sigmas[i] = round(Math.sqrt(round(round(1 - a) / a)));
+      this.logSigmas[i] = round(Math.log(this.sigmas[i]!));
     }
   }
 
@@ -99,7 +118,8 @@ export class DiscreteSchedule {
     }
     low = Math.min(low, ls.length - 2);
     const high = low + 1;
-    let w = f32(f32(ls[low]! - logSigma) / f32(ls[low]! - ls[high]!));
+    // low − high is an op on two table values: float16 in a float16 table.
+    let w = f32(f32(ls[low]! - logSigma) / ROUND[this.precision](ls[low]! - ls[high]!));
     w = Math.min(Math.max(w, 0), 1);
     return f32(f32(f32(1 - w) * low) + f32(w * high));
   }
@@ -145,16 +165,25 @@ export function sd1Schedule(): DiscreteSchedule {
   return sd1;
 }
 
-let sd1ZeroTerminalSnr: DiscreteSchedule | undefined;
-
 /** A1111's "Noise schedule for sampling" option: "Default", or "Zero Terminal SNR" (ᾱ rescaled). */
 export type NoiseScheduleOption = "Default" | "Zero Terminal SNR";
 
-/** The SD1/SDXL schedule under A1111's noise-schedule option; one instance each, so their σ → t caches are shared. */
-export function sd1ScheduleWith(option: NoiseScheduleOption): DiscreteSchedule {
-  if (option === "Default") return sd1Schedule();
-  sd1ZeroTerminalSnr ??= new DiscreteSchedule(rescaleZeroTerminalSnr(sd1AlphasCumprod()));
-  return sd1ZeroTerminalSnr;
+const sd1Variants = new Map<string, DiscreteSchedule>();
+
+/**
+ * The SD1/SDXL schedule under A1111's noise-schedule option, with ᾱ downcast to float16 or not; one
+ * instance each, so their σ → t caches are shared.
+ */
+export function sd1ScheduleWith(option: NoiseScheduleOption, precision: TablePrecision = "float32"): DiscreteSchedule {
+  if (option === "Default" && precision === "float32") return sd1Schedule();
+  const key = `${option}/${precision}`;
+  let schedule = sd1Variants.get(key);
+  if (schedule === undefined) {
+    const base = sd1AlphasCumprod().map(ROUND[precision]);
+    schedule = new DiscreteSchedule(option === "Default" ? base : rescaleZeroTerminalSnr(base, precision), precision);
+    sd1Variants.set(key, schedule);
+  }
+  return schedule;
 }
 
 /** SD1 σ table, ascending (σ₀ = 0.0291675…, σ₉₉₉ = 14.614642…); a fresh copy. */

@@ -1,7 +1,7 @@
-// A job's A1111 sampler settings (GenerationParams.sampler_settings and s_min_uncond), checked the same
+// A job's A1111 sampler settings (GenerationParams.override_settings and s_min_uncond), checked the same
 // way by the coordinator, at admission, and by the agent, which runs them.
 import { FarmError } from "./errors.js";
-import type { GenerationParams, SamplerSettings } from "./gen/latentfarm/v1/generation_pb.js";
+import type { GenerationParams, OverrideSettings } from "./gen/latentfarm/v1/generation_pb.js";
 
 export const UNI_PC_VARIANTS = ["bh1", "bh2", "vary_coeff"] as const;
 export const UNI_PC_SKIP_TYPES = ["time_uniform", "time_quadratic", "logSNR"] as const;
@@ -14,7 +14,7 @@ export type UniPcSkipTypeName = (typeof UNI_PC_SKIP_TYPES)[number];
 export type NoiseScheduleName = (typeof NOISE_SCHEDULES)[number];
 
 /** The settings with their values checked: names known, numbers finite and in range. Absent stays absent. */
-export interface CheckedSamplerSettings {
+export interface CheckedOverrideSettings {
   etaAncestral?: number;
   etaDdim?: number;
   alwaysDiscardNextToLastSigma?: boolean;
@@ -35,9 +35,10 @@ export interface CheckedSamplerSettings {
   sMinUncondAll?: boolean;
   skipEarlyCond?: number;
   noiseSchedule?: NoiseScheduleName;
+  useDowncastedAlphaBar?: boolean;
 }
 
-const FIELD = "sampler_settings";
+const FIELD = "override_settings";
 
 function nonNegative(name: string, v: number | undefined, options: { positive?: boolean; max?: number } = {}): number | undefined {
   if (v === undefined) return undefined;
@@ -58,10 +59,10 @@ function oneOf<T extends string>(name: string, v: string, allowed: readonly T[])
 }
 
 /** Checks the job's sampler settings, naming the first bad field (INVALID_ARGUMENT). */
-export function checkSamplerSettings(p: Pick<GenerationParams, "sMinUncond" | "samplerSettings">): CheckedSamplerSettings {
-  const s: Partial<SamplerSettings> = p.samplerSettings ?? {};
-  const out: CheckedSamplerSettings = {};
-  const put = <K extends keyof CheckedSamplerSettings>(k: K, v: CheckedSamplerSettings[K] | undefined): void => {
+export function checkOverrideSettings(p: Pick<GenerationParams, "sMinUncond" | "overrideSettings">): CheckedOverrideSettings {
+  const s: Partial<OverrideSettings> = p.overrideSettings ?? {};
+  const out: CheckedOverrideSettings = {};
+  const put = <K extends keyof CheckedOverrideSettings>(k: K, v: CheckedOverrideSettings[K] | undefined): void => {
     if (v !== undefined) out[k] = v;
   };
   put("etaAncestral", nonNegative("eta_ancestral", s.etaAncestral));
@@ -90,5 +91,13 @@ export function checkSamplerSettings(p: Pick<GenerationParams, "sMinUncond" | "s
   put("sMinUncondAll", s.sMinUncondAll);
   put("skipEarlyCond", nonNegative("skip_early_cond", s.skipEarlyCond, { max: 1 }));
   put("noiseSchedule", oneOf("sd_noise_schedule", s.sdNoiseSchedule ?? "", NOISE_SCHEDULES));
+  put("useDowncastedAlphaBar", s.useDowncastedAlphaBar);
+  if (out.useDowncastedAlphaBar && out.noiseSchedule === "Zero Terminal SNR") {
+    // ᾱ's last value, 4.9e-8, is 6e-8 in float16, and its σ overflows float16: A1111 renders NaN.
+    throw FarmError.invalid(
+      `${FIELD}.use_downcasted_alpha_bar`,
+      'cannot be combined with sd_noise_schedule "Zero Terminal SNR" (its last σ overflows float16)',
+    );
+  }
   return out;
 }

@@ -1,0 +1,306 @@
+// A1111's infotext read back into a job: the "parameters" text of its PNGs (what civitai shows as
+// generation data), parsed as A1111's parse_generation_parameters does and applied as its API applies a
+// request's `infotext`: each value fills the field or setting it names when the request leaves that unset.
+import { create } from "@bufbuild/protobuf";
+import { FarmError } from "./errors.js";
+import {
+  InpaintingFill,
+  OverrideSettingsSchema,
+  RngSource,
+  type GenerationParams,
+  type OverrideSettings,
+} from "./gen/latentfarm/v1/generation_pb.js";
+
+export interface ParsedInfotext {
+  prompt: string;
+  negativePrompt: string;
+  /** "Key: value" entries of the parameter line, unquoted; `WxH` values as `Key-1` and `Key-2`. */
+  params: Map<string, string>;
+}
+
+// A1111's re_param: a key of word characters, spaces, '-' and '/', then a JSON-quoted or comma-free value.
+const PARAM = /\s*([\p{L}\p{N}_][\p{L}\p{N}_ \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/gu;
+const IMAGE_SIZE = /^(\d+)x(\d+)$/;
+
+function unquote(v: string): string {
+  if (v.length < 2 || !v.startsWith('"') || !v.endsWith('"')) return v;
+  try {
+    const parsed: unknown = JSON.parse(v);
+    return typeof parsed === "string" ? parsed : v;
+  } catch {
+    return v;
+  }
+}
+
+/** parse_generation_parameters: the last line holds the parameters when it has at least three entries. */
+export function parseInfotext(text: string): ParsedInfotext {
+  const lines = text.trim().split("\n");
+  let last = lines.pop() ?? "";
+  if ([...last.matchAll(PARAM)].length < 3) {
+    lines.push(last);
+    last = "";
+  }
+  let prompt = "";
+  let negativePrompt = "";
+  let negative = false;
+  for (let line of lines) {
+    line = line.trim();
+    if (line.startsWith("Negative prompt:")) {
+      negative = true;
+      line = line.slice("Negative prompt:".length).trim();
+    }
+    if (negative) negativePrompt += (negativePrompt === "" ? "" : "\n") + line;
+    else prompt += (prompt === "" ? "" : "\n") + line;
+  }
+  const params = new Map<string, string>();
+  for (const [, key, raw] of last.matchAll(PARAM)) {
+    const value = unquote(raw!);
+    const size = IMAGE_SIZE.exec(value);
+    if (size) {
+      params.set(`${key}-1`, size[1]!);
+      params.set(`${key}-2`, size[2]!);
+    } else {
+      params.set(key!, value);
+    }
+  }
+  return { prompt, negativePrompt, params };
+}
+
+/** An A1111 version as [major, minor, patch, commits past the tag]; undefined for other writers (latentfarm's own). */
+function parseVersion(v: string | undefined): [number, number, number, number] | undefined {
+  const m = v === undefined ? null : /^v?(\d+)\.(\d+)\.(\d+)(?:-(\d+)|-(?:rc|RC|pre))?/.exec(v);
+  // A release candidate ("1.6.0-RC-28-g…") comes before its release.
+  const after = m?.[4] !== undefined ? Number(m[4]) : m?.[0].includes("-") ? -1 : 0;
+  return m ? [Number(m[1]), Number(m[2]), Number(m[3]), after] : undefined;
+}
+
+function versionBelow(v: [number, number, number, number], than: [number, number, number, number]): boolean {
+  for (let i = 0; i < 4; i++) if (v[i] !== than[i]) return v[i]! < than[i]!;
+  return false;
+}
+
+// Written by A1111 for information only, or handled with another key.
+const INFORMATIONAL = new Set(["Model hash", "Lora hashes", "TI hashes", "Version", "User", "Hashes"]);
+
+/** Defaults A1111's parser fills in or writes that change nothing here. */
+const NEUTRAL: Record<string, string> = {
+  "Hires checkpoint": "Use same checkpoint",
+  "VAE Encoder": "Full",
+  "VAE Decoder": "Full",
+  "FP8 weight": "Disable",
+  Emphasis: "Original",
+  "Token merging ratio": "0",
+  "Token merging ratio hr": "0",
+};
+
+type SettingKind = "number" | "bool" | "string";
+/** Infotext keys of A1111 options, with the OverrideSettings field each sets. */
+const SETTINGS: Record<string, [keyof OverrideSettings & string, SettingKind]> = {
+  Eta: ["etaAncestral", "number"],
+  "Eta DDIM": ["etaDdim", "number"],
+  "Discard penultimate sigma": ["alwaysDiscardNextToLastSigma", "bool"],
+  "Schedule min sigma": ["sigmaMin", "number"],
+  "Schedule max sigma": ["sigmaMax", "number"],
+  "Schedule rho": ["rho", "number"],
+  "SGM noise multiplier": ["sgmNoiseMultiplier", "bool"],
+  "Beta schedule alpha": ["betaDistAlpha", "number"],
+  "Beta schedule beta": ["betaDistBeta", "number"],
+  "UniPC variant": ["uniPcVariant", "string"],
+  "UniPC skip type": ["uniPcSkipType", "string"],
+  "UniPC order": ["uniPcOrder", "number"],
+  "UniPC lower order final": ["uniPcLowerOrderFinal", "bool"],
+  "Extra noise": ["img2imgExtraNoise", "number"],
+  "Skip Early CFG": ["skipEarlyCond", "number"],
+  "NGMS all steps": ["sMinUncondAll", "bool"],
+  "Noise Schedule": ["sdNoiseSchedule", "string"],
+  "Downcast alphas_cumprod": ["useDowncastedAlphaBar", "bool"],
+};
+
+const FILLS: Record<string, InpaintingFill> = {
+  fill: InpaintingFill.FILL,
+  original: InpaintingFill.ORIGINAL,
+  "latent noise": InpaintingFill.LATENT_NOISE,
+  "latent nothing": InpaintingFill.LATENT_NOTHING,
+};
+
+export interface AppliedInfotext {
+  /** What the infotext asked for that the farm does not do, or keys it does not know: for the job's warnings. */
+  notReproduced: string[];
+}
+
+/**
+ * Applies `p.infotext` to the request, as A1111's API does: each entry fills the field it names when the
+ * request leaves that field unset (empty, zero or absent), so the request's own values win. A value that
+ * does not parse is INVALID_ARGUMENT naming `infotext` and the key.
+ */
+export function applyInfotext(p: GenerationParams): AppliedInfotext {
+  const notReproduced: string[] = [];
+  if (p.infotext.trim() === "") return { notReproduced };
+  const { prompt, negativePrompt, params } = parseInfotext(p.infotext);
+  const bad = (key: string, value: string, why: string): FarmError => FarmError.invalid("infotext", `"${key}: ${value}" ${why}`);
+  const num = (key: string): number | undefined => {
+    const v = params.get(key);
+    if (v === undefined) return undefined;
+    const n = Number(v);
+    if (v.trim() === "" || !Number.isFinite(n)) throw bad(key, v, "is not a number");
+    return n;
+  };
+  const int = (key: string): number | undefined => {
+    const n = num(key);
+    if (n !== undefined && !Number.isInteger(n)) throw bad(key, params.get(key)!, "is not an integer");
+    return n;
+  };
+  const big = (key: string): bigint | undefined => {
+    const v = params.get(key);
+    if (v === undefined) return undefined;
+    if (!/^-?\d+$/.test(v.trim())) throw bad(key, v, "is not an integer");
+    return BigInt(v.trim());
+  };
+  const bool = (key: string): boolean | undefined => {
+    const v = params.get(key);
+    if (v === undefined) return undefined;
+    if (v === "True" || v === "true") return true;
+    if (v === "False" || v === "false") return false;
+    throw bad(key, v, "is not True or False");
+  };
+  const str = (key: string): string | undefined => params.get(key);
+  const used = new Set<string>();
+  const take = <T>(key: string, read: (k: string) => T | undefined): T | undefined => {
+    used.add(key);
+    return read(key);
+  };
+
+  if (p.prompt === "") p.prompt = prompt;
+  if (p.negativePrompt === "") p.negativePrompt = negativePrompt;
+  const steps = take("Steps", int);
+  if (p.steps === undefined && steps !== undefined) p.steps = steps;
+  const sampler = take("Sampler", str);
+  const scheduleType = take("Schedule type", str);
+  // Independent fields, as in A1111 (an old combined name such as "DPM++ 2M Karras" is split later).
+  if (p.samplerName === "" && sampler !== undefined) p.samplerName = sampler;
+  if (p.scheduler === "" && scheduleType !== undefined) p.scheduler = scheduleType;
+  const cfg = take("CFG scale", num);
+  if (p.cfgScale === undefined && cfg !== undefined) p.cfgScale = cfg;
+  const seed = take("Seed", big);
+  if (p.seed === undefined && seed !== undefined) p.seed = seed;
+  const width = take("Size-1", int);
+  const height = take("Size-2", int);
+  if (p.width === undefined && width !== undefined) p.width = width;
+  if (p.height === undefined && height !== undefined) p.height = height;
+  const model = take("Model", str);
+  if (p.model === "" && model !== undefined) p.model = model;
+  const subseed = take("Variation seed", big);
+  if (p.subseed === undefined && subseed !== undefined) p.subseed = subseed;
+  const strength = take("Variation seed strength", num);
+  if (p.subseedStrength === 0 && strength !== undefined) p.subseedStrength = strength;
+  const resizeW = take("Seed resize from-1", int);
+  const resizeH = take("Seed resize from-2", int);
+  if (p.seedResizeFromW === 0 && resizeW !== undefined) p.seedResizeFromW = resizeW;
+  if (p.seedResizeFromH === 0 && resizeH !== undefined) p.seedResizeFromH = resizeH;
+  const denoising = take("Denoising strength", num);
+  if (p.denoisingStrength === undefined && denoising !== undefined) p.denoisingStrength = denoising;
+  const clipSkip = take("Clip skip", int);
+  if (p.clipSkip === undefined && clipSkip !== undefined) p.clipSkip = clipSkip;
+  const ensd = take("ENSD", big);
+  if (p.etaNoiseSeedDelta === 0n && ensd !== undefined) p.etaNoiseSeedDelta = ensd;
+  const rng = take("RNG", str);
+  if (p.rng === RngSource.UNSPECIFIED && rng !== undefined) {
+    const source = ({ GPU: RngSource.GPU, CPU: RngSource.CPU, NV: RngSource.NV } as Record<string, RngSource>)[rng];
+    if (source === undefined) throw bad("RNG", rng, "is not CPU, GPU or NV");
+    p.rng = source;
+  }
+  const faces = take("Face restoration", str);
+  if (faces !== undefined && !p.restoreFaces) {
+    p.restoreFaces = true;
+    // The farm restores faces with CodeFormer (GFPGAN's model is not among its face models).
+    if (faces !== "CodeFormer") notReproduced.push(`Face restoration: ${faces} (restored with CodeFormer)`);
+  }
+  for (const [key, field] of [
+    ["Sigma churn", "sChurn"],
+    ["Sigma tmin", "sTmin"],
+    ["Sigma tmax", "sTmax"],
+    ["Sigma noise", "sNoise"],
+    ["NGMS", "sMinUncond"],
+    ["Noise multiplier", "initialNoiseMultiplier"],
+    ["Conditional mask weight", "inpaintingMaskWeight"],
+  ] as const) {
+    const v = take(key, num);
+    if (p[field] === undefined && v !== undefined) p[field] = v;
+  }
+
+  // Hires.fix, as A1111's paste does: enable_hr when the text has a denoising strength and a hires entry.
+  const hires = params.has("Denoising strength") && ["Hires upscale", "Hires upscaler", "Hires resize-1"].some((k) => params.has(k));
+  const hiresApplies = hires && p.initImages.length === 0;
+  if (hiresApplies) {
+    p.enableHr = true;
+    const scale = take("Hires upscale", num);
+    if (p.hrScale === undefined && scale !== undefined) p.hrScale = scale;
+    const upscaler = take("Hires upscaler", str);
+    if (p.hrUpscaler === "" && upscaler !== undefined) p.hrUpscaler = upscaler;
+    const hrSteps = take("Hires steps", int);
+    if (p.hrSecondPassSteps === 0 && hrSteps !== undefined) p.hrSecondPassSteps = hrSteps;
+    const rx = take("Hires resize-1", int);
+    const ry = take("Hires resize-2", int);
+    if (p.hrResizeX === 0 && rx !== undefined) p.hrResizeX = rx;
+    if (p.hrResizeY === 0 && ry !== undefined) p.hrResizeY = ry;
+    const hrSampler = take("Hires sampler", str);
+    if (p.hrSamplerName === "" && hrSampler !== undefined && hrSampler !== "Use same sampler") p.hrSamplerName = hrSampler;
+    const hrSchedule = take("Hires schedule type", str);
+    if (p.hrScheduler === "" && hrSchedule !== undefined && hrSchedule !== "Use same scheduler") p.hrScheduler = hrSchedule;
+    const hrPrompt = take("Hires prompt", str);
+    if (p.hrPrompt === "" && hrPrompt !== undefined) p.hrPrompt = hrPrompt;
+    const hrNegative = take("Hires negative prompt", str);
+    if (p.hrNegativePrompt === "" && hrNegative !== undefined) p.hrNegativePrompt = hrNegative;
+  }
+
+  // Inpainting entries, for an img2img request with a mask.
+  if (p.mask.length > 0) {
+    const blur = take("Mask blur", int);
+    if (p.maskBlur === undefined && p.maskBlurX === undefined && p.maskBlurY === undefined && blur !== undefined) p.maskBlur = blur;
+    const fill = take("Masked content", str);
+    if (p.inpaintingFill === InpaintingFill.FILL && fill !== undefined) {
+      const f = FILLS[fill];
+      if (f === undefined) throw bad("Masked content", fill, `is not one of ${Object.keys(FILLS).join(", ")}`);
+      p.inpaintingFill = f;
+    }
+    const area = take("Inpaint area", str);
+    if (p.inpaintFullRes === undefined && area !== undefined) {
+      if (area !== "Only masked" && area !== "Whole picture") throw bad("Inpaint area", area, 'is not "Only masked" or "Whole picture"');
+      p.inpaintFullRes = area === "Only masked";
+    }
+    const padding = take("Masked area padding", int);
+    if (p.inpaintFullResPadding === 0 && padding !== undefined) p.inpaintFullResPadding = padding;
+  }
+
+  // Behaviours of older A1111 versions that their infotexts imply (infotext_versions.backcompat).
+  const version = parseVersion(params.get("Version"));
+  if (version !== undefined) {
+    if (versionBelow(version, [1, 6, 0, 0]) && prompt.includes("["))
+      notReproduced.push("Old prompt editing timelines (A1111 before 1.6.0)");
+    if (versionBelow(version, [1, 6, 0, 0]) && (sampler === "DDIM" || sampler === "PLMS"))
+      notReproduced.push("Pad conds v0 (A1111 before 1.6.0)");
+    // A1111's own paste turns this one into its option, which the farm reproduces for k-diffusion samplers.
+    if (versionBelow(version, [1, 7, 0, 225]) && !params.has("Downcast alphas_cumprod")) params.set("Downcast alphas_cumprod", "True");
+  }
+  // A1111's options that the text sets, unless the request's override_settings sets them.
+  const settings: OverrideSettings = p.overrideSettings ?? create(OverrideSettingsSchema);
+  for (const [key, [field, kind]] of Object.entries(SETTINGS)) {
+    const read: (k: string) => number | boolean | string | undefined = kind === "number" ? num : kind === "bool" ? bool : str;
+    const value = take(key, read);
+    if (value === undefined) continue;
+    const current = settings[field];
+    if (current !== undefined && current !== "") continue;
+    (settings as unknown as Record<string, unknown>)[field] = value;
+  }
+  p.overrideSettings = settings;
+
+  for (const [key, value] of params) {
+    if (used.has(key) || INFORMATIONAL.has(key) || NEUTRAL[key] === value) continue;
+    // Entries that do not apply to this kind of request (Mask blur without a mask, say).
+    if (!hiresApplies && key.startsWith("Hires ")) continue;
+    if (p.mask.length === 0 && ["Mask blur", "Masked content", "Inpaint area", "Masked area padding"].includes(key)) continue;
+    if (key === "Hires checkpoint" && value === "Use same checkpoint") continue;
+    notReproduced.push(`${key}: ${value}`);
+  }
+  return { notReproduced };
+}
