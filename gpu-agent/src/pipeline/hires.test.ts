@@ -17,13 +17,13 @@ const skip = kitSkip("tiny-sd15");
 
 describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, () => {
   let pipe: LoadedPipeline;
-  let calls: Array<{ t: number; h: number; w: number }> = [];
+  let calls: Array<{ t: number; h: number; w: number; contexts: readonly Float32Array[] }> = [];
   const upscalersDir = mkdtempSync(join(tmpdir(), "hires-up-"));
   before(async () => {
     pipe = await loadTinyPipeline();
     const evaluate = pipe.batcher.evaluate.bind(pipe.batcher);
     pipe.batcher.evaluate = (req, signal) => {
-      calls.push({ t: req.t, h: req.h, w: req.w });
+      calls.push({ t: req.t, h: req.h, w: req.w, contexts: req.contexts });
       return evaluate(req, signal);
     };
     await writeTinySrvggNet(join(upscalersDir, "realesr-general-x4v3.onnx"));
@@ -236,6 +236,33 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
     // A hand-over carries only what runs record.
     const forged = { ...outs[0]!, secondPassInfotext: [{ $typeName: "latentfarm.v1.InfotextEntry" as const, key: "Seed", value: "1" }] };
     await assert.rejects(stage(params, TaskStage.ASSEMBLE, [forged, ...outs.slice(1)], { tiles }), /"Seed" is not an entry/);
+  });
+
+  test("the second pass's prompt editing counts against hires steps, as A1111's hires_steps schedules do", async () => {
+    // First pass 4 steps, second pass 4 (Euler: one call each). "[a:b:1.5]" in the hires prompt: new-style
+    // scheduling with hires_steps puts 1.5 halfway through the second pass, (1.5 − 1)·4 = step 2, so its
+    // calls 0–2 see "a" and call 3 "b" (without hires_steps, 1.5·4 = 6 ≥ 4 would keep "a" throughout).
+    calls = [];
+    await renderTask(
+      pipe,
+      request({
+        steps: 4,
+        samplerName: "Euler",
+        scheduler: "",
+        hrSecondPassSteps: 4,
+        hrUpscaler: "Latent",
+        hrPrompt: "a castle [at dawn:at dusk:1.5]",
+      }),
+      ctx,
+    );
+    const second = calls.filter((c) => c.h === 12);
+    assert.equal(second.length, 4);
+    const cond = (c: (typeof second)[number]) => c.contexts.at(-1)!;
+    assert.deepEqual(
+      second.map((c) => (cond(c) === cond(second[0]!) ? "a" : "b")),
+      ["a", "a", "a", "b"],
+    );
+    assert.equal(second.at(-1)!.contexts[0], second[0]!.contexts[0], "the negative prompt has no schedule");
   });
 
   test("the same seed gives the same hires image", async () => {

@@ -308,7 +308,8 @@ async function runSecondPass(
   const rng = imageRngFor(b, up.h, up.w);
   const sampler2 = secondPassSampler(s, up.h, up.w, b.seed, () => rng.next());
   const cond = await conditioningFor(pipe, ctx, b, p.hrPrompt || p.prompt, p.hrNegativePrompt || p.negativePrompt, sampler2, {
-    prompt: "hr_prompt",
+    fields: { prompt: "hr_prompt" },
+    firstPass: sampler1,
   });
   const start = sampler2.startLatent(rng.first(), up.latent);
   const latent = await denoise(pipe, {
@@ -434,7 +435,8 @@ async function runTile(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCon
   const rng = imageRngFor({ ...b, seed }, h, w);
   const sampler = secondPassSampler(s, h, w, seed, () => rng.next());
   const cond = await conditioningFor(pipe, ctx, b, p.hrPrompt || p.prompt, p.hrNegativePrompt || p.negativePrompt, sampler, {
-    prompt: "hr_prompt",
+    fields: { prompt: "hr_prompt" },
+    firstPass: firstPassSampler(s),
   });
   const start = sampler.startLatent(rng.first(), latent);
   const out = await denoise(pipe, {

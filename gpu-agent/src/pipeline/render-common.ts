@@ -126,14 +126,24 @@ export async function conditioningFor(
   prompt: string,
   negativePrompt: string,
   sampler: PreparedSampling,
-  fields: { prompt: string } = { prompt: "prompt" },
+  opts: {
+    fields?: { prompt: string };
+    /**
+     * A Hires.fix second pass's first pass: A1111 builds the second pass's prompt schedules against the
+     * first pass's steps with the second pass's as hires_steps ("[a:b:1.5]" switches halfway through it).
+     */
+    firstPass?: PreparedSampling;
+  } = {},
 ): Promise<PreparedConditioning> {
+  const fields = opts.fields ?? { prompt: "prompt" };
   const conditioner = await pipe.conditioner();
   checkAborted(ctx.signal);
   const cond = await conditioner.prepare({
     prompt,
     negativePrompt,
-    steps: sampler.promptScheduleSteps,
+    ...(opts.firstPass
+      ? { steps: opts.firstPass.promptScheduleSteps, hiresSteps: sampler.promptScheduleSteps }
+      : { steps: sampler.promptScheduleSteps }),
     clipSkip: b.clipSkip,
     signal: ctx.signal,
   });
