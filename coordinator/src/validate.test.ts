@@ -56,6 +56,7 @@ test("override settings (A1111's options) and s_min_uncond: names known, numbers
   rejects(s({ uniPcOrder: 0 }), "INVALID_ARGUMENT", "override_settings.uni_pc_order");
   rejects(s({ uniPcOrder: 51 }), "INVALID_ARGUMENT", "override_settings.uni_pc_order");
   rejects(s({ sdNoiseSchedule: "zero terminal snr" }), "INVALID_ARGUMENT", "override_settings.sd_noise_schedule");
+  rejects(s({ emphasis: "Strong" }), "INVALID_ARGUMENT", "override_settings.emphasis");
   rejects(s({ skipEarlyCond: 1.5 }), "INVALID_ARGUMENT", "override_settings.skip_early_cond");
   rejects(s({ skipEarlyCond: Number.NaN }), "INVALID_ARGUMENT", "override_settings.skip_early_cond");
   rejects(s({ etaAncestral: -0.1 }), "INVALID_ARGUMENT", "override_settings.eta_ancestral");

@@ -100,12 +100,13 @@ test("apply: what the farm does not reproduce is reported, an older A1111's impl
   const { notReproduced } = applyInfotext(p);
   assert.deepEqual(notReproduced, [
     "Face restoration: GFPGAN (restored with CodeFormer)",
-    "Old prompt editing timelines (A1111 before 1.6.0)",
     "Pad conds v0 (A1111 before 1.6.0)",
     "VAE: kl-f8-anime2.ckpt",
     "ADetailer model: face_yolov8n.pt",
-    "Emphasis: No norm",
   ]);
+  assert.equal(p.overrideSettings?.emphasis, "No norm");
+  // A prompt-editing bracket before 1.6.0: A1111's paste turns on the old timelines.
+  assert.equal(p.overrideSettings?.useOldScheduling, true);
   // ᾱ was float16 before 1.7.0-225 (a release candidate counts as before its release): the option that reproduces it.
   assert.equal(p.overrideSettings?.useDowncastedAlphaBar, true);
   const rc = create(GenerationParamsSchema, { infotext: "x\nSteps: 2, Seed: 1, Version: 1.7.0-RC-5-gabc" });

@@ -88,7 +88,6 @@ const NEUTRAL: Record<string, string> = {
   "VAE Encoder": "Full",
   "VAE Decoder": "Full",
   "FP8 weight": "Disable",
-  Emphasis: "Original",
   "Token merging ratio": "0",
   "Token merging ratio hr": "0",
 };
@@ -114,6 +113,8 @@ const SETTINGS: Record<string, [keyof OverrideSettings & string, SettingKind]> =
   "NGMS all steps": ["sMinUncondAll", "bool"],
   "Noise Schedule": ["sdNoiseSchedule", "string"],
   "Downcast alphas_cumprod": ["useDowncastedAlphaBar", "bool"],
+  Emphasis: ["emphasis", "string"],
+  "Old prompt editing timelines": ["useOldScheduling", "bool"],
 };
 
 const FILLS: Record<string, InpaintingFill> = {
@@ -275,11 +276,12 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
   // Behaviours of older A1111 versions that their infotexts imply (infotext_versions.backcompat).
   const version = parseVersion(params.get("Version"));
   if (version !== undefined) {
-    if (versionBelow(version, [1, 6, 0, 0]) && prompt.includes("["))
-      notReproduced.push("Old prompt editing timelines (A1111 before 1.6.0)");
+    if (versionBelow(version, [1, 6, 0, 0]) && prompt.includes("[") && !params.has("Old prompt editing timelines")) {
+      params.set("Old prompt editing timelines", "True");
+    }
     if (versionBelow(version, [1, 6, 0, 0]) && (sampler === "DDIM" || sampler === "PLMS"))
       notReproduced.push("Pad conds v0 (A1111 before 1.6.0)");
-    // A1111's own paste turns this one into its option, which the farm reproduces for k-diffusion samplers.
+    // A1111's own paste turns these into its options (the downcast reproduced for k-diffusion samplers).
     if (versionBelow(version, [1, 7, 0, 225]) && !params.has("Downcast alphas_cumprod")) params.set("Downcast alphas_cumprod", "True");
   }
   // A1111's options that the text sets, unless the request's override_settings sets them.

@@ -6,12 +6,14 @@ import type { GenerationParams, OverrideSettings } from "./gen/latentfarm/v1/gen
 export const UNI_PC_VARIANTS = ["bh1", "bh2", "vary_coeff"] as const;
 export const UNI_PC_SKIP_TYPES = ["time_uniform", "time_quadratic", "logSNR"] as const;
 export const NOISE_SCHEDULES = ["Default", "Zero Terminal SNR"] as const;
+export const EMPHASIS_NAMES = ["Original", "No norm", "Ignore", "None"] as const;
 /** A1111's slider maximum for uni_pc_order. */
 export const MAX_UNI_PC_ORDER = 50;
 
 export type UniPcVariantName = (typeof UNI_PC_VARIANTS)[number];
 export type UniPcSkipTypeName = (typeof UNI_PC_SKIP_TYPES)[number];
 export type NoiseScheduleName = (typeof NOISE_SCHEDULES)[number];
+export type EmphasisName = (typeof EMPHASIS_NAMES)[number];
 
 /** The settings with their values checked: names known, numbers finite and in range. Absent stays absent. */
 export interface CheckedOverrideSettings {
@@ -36,6 +38,8 @@ export interface CheckedOverrideSettings {
   skipEarlyCond?: number;
   noiseSchedule?: NoiseScheduleName;
   useDowncastedAlphaBar?: boolean;
+  emphasis?: EmphasisName;
+  useOldScheduling?: boolean;
 }
 
 const FIELD = "override_settings";
@@ -92,6 +96,8 @@ export function checkOverrideSettings(p: Pick<GenerationParams, "sMinUncond" | "
   put("skipEarlyCond", nonNegative("skip_early_cond", s.skipEarlyCond, { max: 1 }));
   put("noiseSchedule", oneOf("sd_noise_schedule", s.sdNoiseSchedule ?? "", NOISE_SCHEDULES));
   put("useDowncastedAlphaBar", s.useDowncastedAlphaBar);
+  put("emphasis", oneOf("emphasis", s.emphasis ?? "", EMPHASIS_NAMES));
+  put("useOldScheduling", s.useOldScheduling);
   if (out.useDowncastedAlphaBar && out.noiseSchedule === "Zero Terminal SNR") {
     // ᾱ's last value, 4.9e-8, is 6e-8 in float16, and its σ overflows float16: A1111 renders NaN.
     throw FarmError.invalid(

@@ -173,6 +173,26 @@ describe("LoRAs named in a prompt merge into the checkpoint", { concurrency: fal
     assert.match(img.infotext, /Lora hashes: "style: [0-9a-f]{12}"/);
   });
 
+  test("a LoRA tag in the prompt works with Hires.fix and img2img too, and names its hash there", async () => {
+    const one = await pipelineFor(catalog, "tiny", [{ name: "style", teWeight: 1, unetWeight: 1 }], opts);
+    open.push(one);
+    const hires = await render(one, {
+      ...params,
+      enableHr: true,
+      hrScale: 1.5,
+      hrUpscaler: "Latent",
+      hrSecondPassSteps: 2,
+      denoisingStrength: 0.5,
+    });
+    assert.equal(hires.width, 96);
+    assert.match(hires.infotext, /Lora hashes: "style: [0-9a-f]{12}"/);
+    const init = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 90, g: 120, b: 200 } } })
+      .png()
+      .toBuffer();
+    const img2img = await render(one, { ...params, initImages: [init], denoisingStrength: 0.6 });
+    assert.match(img2img.infotext, /Lora hashes: "style: [0-9a-f]{12}"/);
+  });
+
   test("unknown, path-like and misplaced LoRAs get clear statuses", async () => {
     const fails = async (loras: LoraUse[], code: string, model = "tiny", o = opts) =>
       assert.rejects(

@@ -200,10 +200,11 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
       hrUpscaler: "Latent",
       hrSamplerName: "DDIM",
       sMinUncond: 0.5,
-      overrideSettings: { skipEarlyCond: 0.1, sMinUncondAll: true },
+      prompt: "a (castle:1.3)",
+      overrideSettings: { skipEarlyCond: 0.1, sMinUncondAll: true, emphasis: "No norm" },
     };
     const full = await renderTask(pipe, request(params), ctx);
-    assert.match(full.infotext, /Skip Early CFG: 0\.1, NGMS: 0\.5, NGMS all steps: True/);
+    assert.match(full.infotext, /Emphasis: No norm, Skip Early CFG: 0\.1, NGMS: 0\.5, NGMS all steps: True/);
     const plain = await renderTask(pipe, request({ steps: 4, hrSecondPassSteps: 3, hrUpscaler: "Latent", hrSamplerName: "DDIM" }), ctx);
     assert.notDeepEqual(full.png, plain.png, "the skipped negative prompt changes the image");
 
@@ -211,6 +212,7 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
     assert.deepEqual(
       first.firstPassInfotext.map(({ key, value }) => [key, value]),
       [
+        ["Emphasis", "No norm"],
         ["Skip Early CFG", "0.1"],
         ["NGMS", "0.5"],
         ["NGMS all steps", "True"],
@@ -229,7 +231,7 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
     }
     assert.deepEqual(
       outs[0]!.secondPassInfotext.map(({ key }) => key),
-      ["Skip Early CFG"],
+      ["Emphasis", "Skip Early CFG"],
     );
     const assembled = image(await stage(params, TaskStage.ASSEMBLE, outs, { tiles }));
     assert.equal(assembled.infotext, full.infotext, "the tiled image's infotext is what one task writes");

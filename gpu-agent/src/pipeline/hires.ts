@@ -52,6 +52,7 @@ import {
   finishImage,
   imageRngFor,
   resourcesOf,
+  putFirst,
   samplerExtras,
   taskBasics,
   type TaskBasics,
@@ -284,7 +285,7 @@ async function finishHires(
     faceRestoration: restored.infotext,
     extra: [
       ...hiresExtras,
-      ...samplerExtras(sampler1),
+      ...(base.extra ?? []),
       ...(sampler2 ? samplerExtras(sampler2).filter(([k]) => !(base.extra ?? []).some(([e]) => e === k)) : []),
     ],
   });
@@ -494,7 +495,10 @@ async function assemble(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCo
   return finishHires(pipe, req, ctx, s, sampler1, sampler2, rgb, layout.width, layout.height);
 }
 
-/** What a pass's run added to its infotext (NGMS, Skip Early CFG), for a later stage's infotext. */
+const CONDITIONING_ORDER = ["Old prompt editing timelines", "Emphasis"];
+const CONDITIONING_KEYS = new Set(CONDITIONING_ORDER);
+
+/** What a pass's run added to its infotext (NGMS, Skip Early CFG, Emphasis…), for a later stage's infotext. */
 function ranInfotext(sampler: PreparedSampling): InfotextEntry[] {
   return Object.entries(sampler.infotext)
     .filter(([key]) => RUN_INFOTEXT_KEYS.includes(key))
@@ -506,9 +510,17 @@ function ranInfotext(sampler: PreparedSampling): InfotextEntry[] {
  * the strings the infotext prints, so the text is the one a single task writes.
  */
 function withRanInfotext(sampler: PreparedSampling, entries: readonly InfotextEntry[]): PreparedSampling {
+  const conditioning: Array<[string, string]> = [];
   for (const { key, value } of entries) {
     if (!RUN_INFOTEXT_KEYS.includes(key)) throw FarmError.invalid("inputs", `"${key}" is not an entry a sampler's run records`);
-    sampler.infotext[key] ??= value;
+    if (key in sampler.infotext) continue;
+    if (CONDITIONING_KEYS.has(key)) conditioning.push([key, value]);
+    else sampler.infotext[key] = value;
   }
+  // In the order recordConditioningInfotext gives them: before the sampler's own entries.
+  putFirst(
+    sampler.infotext,
+    conditioning.sort(([a], [b]) => CONDITIONING_ORDER.indexOf(a) - CONDITIONING_ORDER.indexOf(b)),
+  );
   return sampler;
 }

@@ -15,7 +15,12 @@ import {
   type RunTaskRequest,
 } from "@latentfarm/shared";
 import { ImageRng, type PreparedSampling, type SamplingSettings } from "../sampling/index.js";
-import type { PreparedConditioning } from "../conditioning/index.js";
+import {
+  extractExtraNetworks,
+  getLearnedConditioningPromptSchedules,
+  type EmphasisMode,
+  type PreparedConditioning,
+} from "../conditioning/index.js";
 import { ImageInputError } from "../imaging/index.js";
 import { checkAborted } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
@@ -101,6 +106,53 @@ export function samplingSettingsOf(p: GenerationParams): SamplingSettings {
   return settings;
 }
 
+/** The request's conditioning options (A1111's emphasis and use_old_scheduling settings). */
+export interface ConditioningSettings {
+  emphasis: EmphasisMode;
+  useOldScheduling: boolean;
+}
+
+export function conditioningSettingsOf(p: GenerationParams): ConditioningSettings {
+  const o = checkOverrideSettings(p);
+  return { emphasis: o.emphasis ?? "Original", useOldScheduling: o.useOldScheduling ?? false };
+}
+
+/**
+ * The infotext entries A1111 writes as it encodes a pass's prompts: Emphasis when a mode other than
+ * Original met a bracket in a text it encoded, and Old prompt editing timelines when the old reading
+ * changed a schedule. Recorded in the pass's infotext (and carried between stages with the run's own).
+ */
+export function recordConditioningInfotext(
+  sampler: PreparedSampling,
+  cond: PreparedConditioning,
+  negativePrompt: string,
+  c: ConditioningSettings,
+  steps: { steps: number; hiresSteps?: number },
+): void {
+  const entries: Array<[string, string | boolean]> = [];
+  if (c.useOldScheduling) {
+    const prompts = [cond.positivePrompt, negativePrompt];
+    const read = (old: boolean) => JSON.stringify(getLearnedConditioningPromptSchedules(prompts, steps.steps, steps.hiresSteps, old));
+    if (read(true) !== read(false)) entries.push(["Old prompt editing timelines", true]);
+  }
+  if (c.emphasis !== "Original") {
+    const texts = [...cond.subprompts.flatMap((s) => s.schedule.map((e) => e.text)), ...cond.negative.map((e) => e.text)];
+    if (texts.some((t) => t.includes("(") || t.includes("["))) entries.push(["Emphasis", c.emphasis]);
+  }
+  putFirst(sampler.infotext, entries);
+}
+
+/** A1111 encodes a pass's prompts before it sets its sampler up, so their entries precede the sampler's. */
+export function putFirst(
+  infotext: Record<string, string | number | boolean>,
+  entries: ReadonlyArray<[string, string | number | boolean]>,
+): void {
+  if (entries.length === 0) return;
+  const rest = Object.entries(infotext).filter(([k]) => !entries.some(([e]) => e === k));
+  for (const k of Object.keys(infotext)) delete infotext[k];
+  for (const [k, v] of [...entries, ...rest]) infotext[k] = v;
+}
+
 export function resourcesOf(ctx: RenderContext): RenderResources {
   return ctx.resources ?? DEFAULT_RESOURCES;
 }
@@ -138,23 +190,40 @@ export async function conditioningFor(
   const fields = opts.fields ?? { prompt: "prompt" };
   const conditioner = await pipe.conditioner();
   checkAborted(ctx.signal);
+  const steps = opts.firstPass
+    ? { steps: opts.firstPass.promptScheduleSteps, hiresSteps: sampler.promptScheduleSteps }
+    : { steps: sampler.promptScheduleSteps };
+  const settings = conditioningSettingsOf(b.p);
   const cond = await conditioner.prepare({
     prompt,
     negativePrompt,
-    ...(opts.firstPass
-      ? { steps: opts.firstPass.promptScheduleSteps, hiresSteps: sampler.promptScheduleSteps }
-      : { steps: sampler.promptScheduleSteps }),
+    ...steps,
     clipSkip: b.clipSkip,
+    emphasis: settings.emphasis,
+    useOldScheduling: settings.useOldScheduling,
     signal: ctx.signal,
   });
+  recordConditioningInfotext(sampler, cond, negativePrompt, settings, steps);
   for (const u of cond.extraNetworks.unknown) ctx.onWarning(`unknown extra network tag ${u.raw} removed from the prompt`);
-  if (cond.extraNetworks.networks.length > 0) {
+  // The agent merged the LoRAs of the task's prompt into this pipeline; a hires prompt naming others
+  // would need a second merged model for its pass.
+  if (loraSet(cond.extraNetworks.networks) !== loraSet(extractExtraNetworks(b.p.prompt).networks)) {
     throw FarmError.unimplemented(
       fields.prompt,
-      `LoRA tags (<lora:${cond.extraNetworks.networks[0]!.name}:…>) are not implemented by this farm yet`,
+      "a prompt with LoRA tags other than the main prompt's is not implemented (the agent merges one set of LoRAs per pipeline)",
     );
   }
   return cond;
+}
+
+/** LoRA tags as the pipeline key sees them: order and weight-0 tags aside. */
+function loraSet(networks: ReadonlyArray<{ name: string; teWeight: number; unetWeight: number }>): string {
+  return JSON.stringify(
+    networks
+      .filter((n) => n.teWeight !== 0 || n.unetWeight !== 0)
+      .map((n) => [n.name, n.teWeight, n.unetWeight])
+      .sort(),
+  );
 }
 
 /** Bad user images become INVALID_ARGUMENT naming the request field; anything else passes through. */
@@ -232,14 +301,20 @@ export function baseInfotext(
     width: size.width,
     height: size.height,
     model: pipe.name,
+    modelHash: pipe.modelHash,
     subseed: b.subseed,
     subseedStrength: b.p.subseedStrength,
     seedResizeFrom: { w: b.p.seedResizeFromW, h: b.p.seedResizeFromH },
     clipSkip: b.clipSkip,
     ensd: sampler.choice.sampler.usesEnsd && b.ensd !== 0 ? b.ensd : undefined,
     rng: b.rng,
-    extra: samplerExtras(sampler),
+    extra: [loraHashesEntry(pipe), ...samplerExtras(sampler)],
   };
+}
+
+/** A1111 activates extra networks before it encodes prompts or sets the sampler up: its entry comes first. */
+export function loraHashesEntry(pipe: LoadedPipeline): [string, InfotextValue] {
+  return ["Lora hashes", pipe.loraHashes.length > 0 ? pipe.loraHashes.join(", ") : undefined];
 }
 
 export function samplerExtras(sampler: PreparedSampling): Array<[string, InfotextValue]> {

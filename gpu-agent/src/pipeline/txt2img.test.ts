@@ -155,6 +155,35 @@ describe("txt2img pipeline against A1111 reference renders", { skip, concurrency
     assert.deepEqual(await renderWith(7, 0, { ...dpm, etaNoiseSeedDelta: 31337n }), await renderWith(7, 0, dpm));
   });
 
+  test("emphasis and use_old_scheduling settings reach the prompt's encoding and write A1111's infotext entries", async () => {
+    const render = async (params: Record<string, unknown>) =>
+      renderTask(pipe, create(RunTaskRequestSchema, { taskId: "s", jobId: "s", seed: 4n, params: { ...base, ...params } }), {
+        signal: new AbortController().signal,
+        agentId: "t",
+        onStep: () => {},
+        onWarning: () => {},
+      });
+    const weighted = { prompt: "a (red:1.4) cube" };
+    const original = await render(weighted);
+    const noNorm = await render({ ...weighted, overrideSettings: { emphasis: "No norm" } });
+    assert.notDeepEqual(noNorm.png, original.png);
+    assert.match(noNorm.infotext, /Emphasis: No norm/);
+    assert.doesNotMatch(original.infotext, /Emphasis/);
+    // No bracket in any text encoded: the mode changes nothing and is not written.
+    const plainNoNorm = await render({ prompt: "a red cube", overrideSettings: { emphasis: "No norm" } });
+    assert.doesNotMatch(plainNoNorm.infotext, /Emphasis/);
+    assert.deepEqual(plainNoNorm.png, (await render({ prompt: "a red cube" })).png);
+    // "1.5" is step 1 in the old reading and past the end (6 of 4 steps) in the new one.
+    const edited = { prompt: "a [red:blue:1.5] cube", steps: 4 };
+    const oldTimelines = await render({ ...edited, overrideSettings: { useOldScheduling: true } });
+    assert.match(oldTimelines.infotext, /Old prompt editing timelines: True/);
+    assert.notDeepEqual(oldTimelines.png, (await render(edited)).png);
+    // The same setting with a schedule both readings agree on: same image, nothing written.
+    const same = await render({ ...edited, prompt: "a [red:blue:2] cube", overrideSettings: { useOldScheduling: true } });
+    assert.doesNotMatch(same.infotext, /Old prompt editing/);
+    assert.deepEqual(same.png, (await render({ ...edited, prompt: "a [red:blue:2] cube" })).png);
+  });
+
   test("a legacy combined name gives the same image and infotext as sampler + schedule type", async () => {
     const legacy = await renderWith(3, 0, { samplerName: "DPM++ 2M Karras" });
     assert.deepEqual(legacy, await renderWith(3, 0, { samplerName: "DPM++ 2M", scheduler: "Karras" }));

@@ -6,7 +6,7 @@ import { checkAborted, decodeLatent, denoise } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { buildInfotext } from "./infotext.js";
 import { toRgb8 } from "./png.js";
-import { finishImage, samplingSettingsOf } from "./render-common.js";
+import { conditioningSettingsOf, finishImage, loraHashesEntry, recordConditioningInfotext, samplingSettingsOf } from "./render-common.js";
 import { renderImg2img } from "./img2img.js";
 import { renderTxt2imgExtended, runHiresStage, type StageOutput } from "./hires.js";
 
@@ -99,13 +99,17 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
   const conditioner = await pipe.conditioner();
   checkAborted(ctx.signal);
   // Prompt schedules count denoiser calls, which second-order samplers make twice per step.
+  const conditioning = conditioningSettingsOf(p);
   const cond: PreparedConditioning = await conditioner.prepare({
     prompt: p.prompt,
     negativePrompt: p.negativePrompt,
     steps: sampler.promptScheduleSteps,
     clipSkip,
+    emphasis: conditioning.emphasis,
+    useOldScheduling: conditioning.useOldScheduling,
     signal: ctx.signal,
   });
+  recordConditioningInfotext(sampler, cond, p.negativePrompt, conditioning, { steps: sampler.promptScheduleSteps });
   for (const u of cond.extraNetworks.unknown) ctx.onWarning(`unknown extra network tag ${u.raw} removed from the prompt`);
 
   const latent = await denoise(pipe, {
@@ -139,10 +143,7 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     clipSkip,
     ensd: resolved.sampler.usesEnsd && ensd !== 0 ? ensd : undefined,
     rng,
-    extra: [
-      ...Object.entries(sampler.infotext).filter(([k]) => k !== "Schedule type"),
-      ["Lora hashes", pipe.loraHashes.length > 0 ? pipe.loraHashes.join(", ") : undefined],
-    ],
+    extra: [loraHashesEntry(pipe), ...Object.entries(sampler.infotext).filter(([k]) => k !== "Schedule type")],
   });
   return finishImage(req, ctx, rgb, width, height, infotext);
 }

@@ -553,8 +553,17 @@ function churnSettings(
   return taken;
 }
 
-/** The infotext keys a run adds as it goes (PreparedSampling.skipsUncond), rather than its setup. */
-export const RUN_INFOTEXT_KEYS: readonly string[] = ["Skip Early CFG", "NGMS", "NGMS all steps"];
+/**
+ * The infotext keys a pass adds as it runs, rather than at its setup: PreparedSampling.skipsUncond's,
+ * and those its prompts' encoding adds (Emphasis, Old prompt editing timelines).
+ */
+export const RUN_INFOTEXT_KEYS: readonly string[] = [
+  "Skip Early CFG",
+  "NGMS",
+  "NGMS all steps",
+  "Emphasis",
+  "Old prompt editing timelines",
+];
 
 /**
  * Overrides can make a σ list A1111 would run anyway, to a NaN or noisier image: a rho that overflows
