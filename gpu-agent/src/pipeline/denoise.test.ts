@@ -135,11 +135,21 @@ describe("the agent's denoise loop", { skip, concurrency: false }, () => {
     });
   }
 
-  test("a skipped call's stand-in is the first prompt's output: with AND, the other prompts still pull at CFG scale 1", async () => {
-    const single = await rendered("Euler", { settings: { skipEarlyCond: 1 }, prompt: "a red cube" });
-    const composed = await rendered("Euler", { settings: { skipEarlyCond: 1 }, prompt: "a red cube AND a blue sphere" });
-    // Two prompt rows per call, no negative row; the second prompt moves the image.
-    assert.equal(composed.rows, 2 * single.rows);
-    assert.notDeepEqual(composed.latent, single.latent);
-  });
+  // One sampler per kind of answer: denoised (k-diffusion) and eps (timestep samplers).
+  for (const samplerName of ["Euler", "DDIM"]) {
+    test(`${samplerName}: a skipped call's stand-in is the first prompt's output; with AND, the other prompts still pull, at CFG scale 1`, async () => {
+      const skip = { settings: { skipEarlyCond: 1 } };
+      const single = await rendered(samplerName, { ...skip, prompt: "a red cube" });
+      const composed = await rendered(samplerName, { ...skip, prompt: "a red cube AND a blue sphere" });
+      // Two prompt rows per call, no negative row; the second prompt moves the image.
+      assert.equal(composed.rows, 2 * single.rows);
+      assert.notDeepEqual(composed.latent, single.latent);
+      // At CFG scale 1 the combination is a + 1·(b − a): the second prompt's own answer, to rounding (at the
+      // request's 7 it would be a + 7·(b − a)).
+      const second = await rendered(samplerName, { ...skip, prompt: "a blue sphere" });
+      for (let k = 0; k < second.latent.length; k++) {
+        assert.ok(Math.abs(composed.latent[k]! - second.latent[k]!) < 1e-3, `value ${k}: ${composed.latent[k]} vs ${second.latent[k]}`);
+      }
+    });
+  }
 });
