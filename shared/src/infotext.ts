@@ -1,10 +1,11 @@
 // A1111's infotext read back into a job: the "parameters" text of its PNGs (what civitai shows as
 // generation data), parsed as A1111's parse_generation_parameters does and applied as its API applies a
 // request's `infotext`: each value fills the field or setting it names when the request leaves that unset.
-import { create } from "@bufbuild/protobuf";
+import { create, isFieldSet } from "@bufbuild/protobuf";
 import { FarmError } from "./errors.js";
 import {
   InpaintingFill,
+  GenerationParamsSchema,
   OverrideSettingsSchema,
   RngSource,
   type GenerationParams,
@@ -92,30 +93,69 @@ const NEUTRAL: Record<string, string> = {
   "Token merging ratio hr": "0",
 };
 
-type SettingKind = "number" | "bool" | "string";
 /** Infotext keys of A1111 options, with the OverrideSettings field each sets. */
-const SETTINGS: Record<string, [keyof OverrideSettings & string, SettingKind]> = {
-  Eta: ["etaAncestral", "number"],
-  "Eta DDIM": ["etaDdim", "number"],
+const SETTINGS: Record<string, [keyof typeof OverrideSettingsSchema.field, Kind]> = {
+  Eta: ["etaAncestral", "num"],
+  "Eta DDIM": ["etaDdim", "num"],
   "Discard penultimate sigma": ["alwaysDiscardNextToLastSigma", "bool"],
-  "Schedule min sigma": ["sigmaMin", "number"],
-  "Schedule max sigma": ["sigmaMax", "number"],
-  "Schedule rho": ["rho", "number"],
+  "Schedule min sigma": ["sigmaMin", "num"],
+  "Schedule max sigma": ["sigmaMax", "num"],
+  "Schedule rho": ["rho", "num"],
   "SGM noise multiplier": ["sgmNoiseMultiplier", "bool"],
-  "Beta schedule alpha": ["betaDistAlpha", "number"],
-  "Beta schedule beta": ["betaDistBeta", "number"],
-  "UniPC variant": ["uniPcVariant", "string"],
-  "UniPC skip type": ["uniPcSkipType", "string"],
-  "UniPC order": ["uniPcOrder", "number"],
+  "Beta schedule alpha": ["betaDistAlpha", "num"],
+  "Beta schedule beta": ["betaDistBeta", "num"],
+  "UniPC variant": ["uniPcVariant", "str"],
+  "UniPC skip type": ["uniPcSkipType", "str"],
+  "UniPC order": ["uniPcOrder", "int"],
   "UniPC lower order final": ["uniPcLowerOrderFinal", "bool"],
-  "Extra noise": ["img2imgExtraNoise", "number"],
-  "Skip Early CFG": ["skipEarlyCond", "number"],
+  "Extra noise": ["img2imgExtraNoise", "num"],
+  "Skip Early CFG": ["skipEarlyCond", "num"],
   "NGMS all steps": ["sMinUncondAll", "bool"],
-  "Noise Schedule": ["sdNoiseSchedule", "string"],
+  "Noise Schedule": ["sdNoiseSchedule", "str"],
   "Downcast alphas_cumprod": ["useDowncastedAlphaBar", "bool"],
-  Emphasis: ["emphasis", "string"],
+  Emphasis: ["emphasis", "str"],
   "Old prompt editing timelines": ["useOldScheduling", "bool"],
 };
+
+type Kind = "int" | "num" | "big" | "str" | "bool";
+type ParamsField = keyof typeof GenerationParamsSchema.field;
+/** Infotext keys that fill a GenerationParams field of the same meaning. */
+const FIELDS: ReadonlyArray<readonly [string, ParamsField, Kind]> = [
+  ["Steps", "steps", "int"],
+  ["Sampler", "samplerName", "str"],
+  ["Schedule type", "scheduler", "str"],
+  ["CFG scale", "cfgScale", "num"],
+  ["Seed", "seed", "big"],
+  ["Size-1", "width", "int"],
+  ["Size-2", "height", "int"],
+  ["Model", "model", "str"],
+  ["Variation seed", "subseed", "big"],
+  ["Variation seed strength", "subseedStrength", "num"],
+  ["Seed resize from-1", "seedResizeFromW", "int"],
+  ["Seed resize from-2", "seedResizeFromH", "int"],
+  ["Denoising strength", "denoisingStrength", "num"],
+  ["Clip skip", "clipSkip", "int"],
+  ["ENSD", "etaNoiseSeedDelta", "big"],
+  ["Sigma churn", "sChurn", "num"],
+  ["Sigma tmin", "sTmin", "num"],
+  ["Sigma tmax", "sTmax", "num"],
+  ["Sigma noise", "sNoise", "num"],
+  ["NGMS", "sMinUncond", "num"],
+  ["Noise multiplier", "initialNoiseMultiplier", "num"],
+  ["Conditional mask weight", "inpaintingMaskWeight", "num"],
+];
+
+const HIRES_FIELDS: ReadonlyArray<readonly [string, ParamsField, Kind]> = [
+  ["Hires upscale", "hrScale", "num"],
+  ["Hires upscaler", "hrUpscaler", "str"],
+  ["Hires steps", "hrSecondPassSteps", "int"],
+  ["Hires resize-1", "hrResizeX", "int"],
+  ["Hires resize-2", "hrResizeY", "int"],
+  ["Hires sampler", "hrSamplerName", "str"],
+  ["Hires schedule type", "hrScheduler", "str"],
+  ["Hires prompt", "hrPrompt", "str"],
+  ["Hires negative prompt", "hrNegativePrompt", "str"],
+];
 
 const FILLS: Record<string, InpaintingFill> = {
   fill: InpaintingFill.FILL,
@@ -173,37 +213,20 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
 
   if (p.prompt === "") p.prompt = prompt;
   if (p.negativePrompt === "") p.negativePrompt = negativePrompt;
-  const steps = take("Steps", int);
-  if (p.steps === undefined && steps !== undefined) p.steps = steps;
-  const sampler = take("Sampler", str);
-  const scheduleType = take("Schedule type", str);
-  // Independent fields, as in A1111 (an old combined name such as "DPM++ 2M Karras" is split later).
-  if (p.samplerName === "" && sampler !== undefined) p.samplerName = sampler;
-  if (p.scheduler === "" && scheduleType !== undefined) p.scheduler = scheduleType;
-  const cfg = take("CFG scale", num);
-  if (p.cfgScale === undefined && cfg !== undefined) p.cfgScale = cfg;
-  const seed = take("Seed", big);
-  if (p.seed === undefined && seed !== undefined) p.seed = seed;
-  const width = take("Size-1", int);
-  const height = take("Size-2", int);
-  if (p.width === undefined && width !== undefined) p.width = width;
-  if (p.height === undefined && height !== undefined) p.height = height;
-  const model = take("Model", str);
-  if (p.model === "" && model !== undefined) p.model = model;
-  const subseed = take("Variation seed", big);
-  if (p.subseed === undefined && subseed !== undefined) p.subseed = subseed;
-  const strength = take("Variation seed strength", num);
-  if (p.subseedStrength === 0 && strength !== undefined) p.subseedStrength = strength;
-  const resizeW = take("Seed resize from-1", int);
-  const resizeH = take("Seed resize from-2", int);
-  if (p.seedResizeFromW === 0 && resizeW !== undefined) p.seedResizeFromW = resizeW;
-  if (p.seedResizeFromH === 0 && resizeH !== undefined) p.seedResizeFromH = resizeH;
-  const denoising = take("Denoising strength", num);
-  if (p.denoisingStrength === undefined && denoising !== undefined) p.denoisingStrength = denoising;
-  const clipSkip = take("Clip skip", int);
-  if (p.clipSkip === undefined && clipSkip !== undefined) p.clipSkip = clipSkip;
-  const ensd = take("ENSD", big);
-  if (p.etaNoiseSeedDelta === 0n && ensd !== undefined) p.etaNoiseSeedDelta = ensd;
+  const readers: Record<Kind, (key: string) => unknown> = { int, num, big, str, bool };
+  // A field counts as set as protobuf-es sees it: present for optional fields, non-zero for the others.
+  const fillFields = (fields: ReadonlyArray<readonly [string, ParamsField, Kind]>): void => {
+    for (const [key, field, kind] of fields) {
+      const value = take(key, readers[kind]);
+      if (value !== undefined && !isFieldSet(p, GenerationParamsSchema.field[field])) {
+        (p as unknown as Record<string, unknown>)[field] = value;
+      }
+    }
+  };
+  // Sampler and Schedule type are independent fields, as in A1111 (an old combined name such as
+  // "DPM++ 2M Karras" is split when the sampler is resolved).
+  fillFields(FIELDS);
+  const sampler = params.get("Sampler");
   const rng = take("RNG", str);
   if (p.rng === RngSource.UNSPECIFIED && rng !== undefined) {
     const source = ({ GPU: RngSource.GPU, CPU: RngSource.CPU, NV: RngSource.NV } as Record<string, RngSource>)[rng];
@@ -216,42 +239,20 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
     // The farm restores faces with CodeFormer (GFPGAN's model is not among its face models).
     if (faces !== "CodeFormer") notReproduced.push(`Face restoration: ${faces} (restored with CodeFormer)`);
   }
-  for (const [key, field] of [
-    ["Sigma churn", "sChurn"],
-    ["Sigma tmin", "sTmin"],
-    ["Sigma tmax", "sTmax"],
-    ["Sigma noise", "sNoise"],
-    ["NGMS", "sMinUncond"],
-    ["Noise multiplier", "initialNoiseMultiplier"],
-    ["Conditional mask weight", "inpaintingMaskWeight"],
-  ] as const) {
-    const v = take(key, num);
-    if (p[field] === undefined && v !== undefined) p[field] = v;
-  }
 
   // Hires.fix, as A1111's paste does: enable_hr when the text has a denoising strength and a hires entry.
   const hires = params.has("Denoising strength") && ["Hires upscale", "Hires upscaler", "Hires resize-1"].some((k) => params.has(k));
   const hiresApplies = hires && p.initImages.length === 0;
   if (hiresApplies) {
     p.enableHr = true;
-    const scale = take("Hires upscale", num);
-    if (p.hrScale === undefined && scale !== undefined) p.hrScale = scale;
-    const upscaler = take("Hires upscaler", str);
-    if (p.hrUpscaler === "" && upscaler !== undefined) p.hrUpscaler = upscaler;
-    const hrSteps = take("Hires steps", int);
-    if (p.hrSecondPassSteps === 0 && hrSteps !== undefined) p.hrSecondPassSteps = hrSteps;
-    const rx = take("Hires resize-1", int);
-    const ry = take("Hires resize-2", int);
-    if (p.hrResizeX === 0 && rx !== undefined) p.hrResizeX = rx;
-    if (p.hrResizeY === 0 && ry !== undefined) p.hrResizeY = ry;
-    const hrSampler = take("Hires sampler", str);
-    if (p.hrSamplerName === "" && hrSampler !== undefined && hrSampler !== "Use same sampler") p.hrSamplerName = hrSampler;
-    const hrSchedule = take("Hires schedule type", str);
-    if (p.hrScheduler === "" && hrSchedule !== undefined && hrSchedule !== "Use same scheduler") p.hrScheduler = hrSchedule;
-    const hrPrompt = take("Hires prompt", str);
-    if (p.hrPrompt === "" && hrPrompt !== undefined) p.hrPrompt = hrPrompt;
-    const hrNegative = take("Hires negative prompt", str);
-    if (p.hrNegativePrompt === "" && hrNegative !== undefined) p.hrNegativePrompt = hrNegative;
+    // "Use same sampler" / "Use same scheduler" are A1111's names for an empty field.
+    for (const [key, same] of [
+      ["Hires sampler", "Use same sampler"],
+      ["Hires schedule type", "Use same scheduler"],
+    ] as const) {
+      if (params.get(key) === same) params.delete(key);
+    }
+    fillFields(HIRES_FIELDS);
   }
 
   // Inpainting entries, for an img2img request with a mask.
@@ -269,8 +270,7 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
       if (area !== "Only masked" && area !== "Whole picture") throw bad("Inpaint area", area, 'is not "Only masked" or "Whole picture"');
       p.inpaintFullRes = area === "Only masked";
     }
-    const padding = take("Masked area padding", int);
-    if (p.inpaintFullResPadding === 0 && padding !== undefined) p.inpaintFullResPadding = padding;
+    fillFields([["Masked area padding", "inpaintFullResPadding", "int"]]);
   }
 
   // Behaviours of older A1111 versions that their infotexts imply (infotext_versions.backcompat).
@@ -287,12 +287,10 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
   // A1111's options that the text sets, unless the request's override_settings sets them.
   const settings: OverrideSettings = p.overrideSettings ?? create(OverrideSettingsSchema);
   for (const [key, [field, kind]] of Object.entries(SETTINGS)) {
-    const read: (k: string) => number | boolean | string | undefined = kind === "number" ? num : kind === "bool" ? bool : str;
-    const value = take(key, read);
-    if (value === undefined) continue;
-    const current = settings[field];
-    if (current !== undefined && current !== "") continue;
-    (settings as unknown as Record<string, unknown>)[field] = value;
+    const value = take(key, readers[kind]);
+    if (value !== undefined && !isFieldSet(settings, OverrideSettingsSchema.field[field])) {
+      (settings as unknown as Record<string, unknown>)[field] = value;
+    }
   }
   p.overrideSettings = settings;
 
