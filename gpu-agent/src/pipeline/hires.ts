@@ -57,6 +57,7 @@ import {
   taskBasics,
   type TaskBasics,
 } from "./render-common.js";
+import { CONDITIONING_INFOTEXT_KEYS } from "./infotext.js";
 import { resolveUpscaler, upscaleImage } from "./upscalers.js";
 import { restoreFacesIfRequested } from "./face-restore.js";
 import { DEFAULT_DENOISING_STRENGTH } from "./img2img.js";
@@ -495,13 +496,14 @@ async function assemble(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCo
   return finishHires(pipe, req, ctx, s, sampler1, sampler2, rgb, layout.width, layout.height);
 }
 
-const CONDITIONING_ORDER = ["Old prompt editing timelines", "Emphasis"];
-const CONDITIONING_KEYS = new Set(CONDITIONING_ORDER);
+const CONDITIONING_KEYS: ReadonlySet<string> = new Set(CONDITIONING_INFOTEXT_KEYS);
+/** What a pass records as it runs rather than at its setup: its prompts' encoding and its sampler's run. */
+const RAN_KEYS: ReadonlySet<string> = new Set([...CONDITIONING_INFOTEXT_KEYS, ...RUN_INFOTEXT_KEYS]);
 
-/** What a pass's run added to its infotext (NGMS, Skip Early CFG, Emphasis…), for a later stage's infotext. */
+/** What a pass's run added to its infotext (Emphasis, NGMS, Skip Early CFG…), for a later stage's infotext. */
 function ranInfotext(sampler: PreparedSampling): InfotextEntry[] {
   return Object.entries(sampler.infotext)
-    .filter(([key]) => RUN_INFOTEXT_KEYS.includes(key))
+    .filter(([key]) => RAN_KEYS.has(key))
     .map(([key, v]) => create(InfotextEntrySchema, { key, value: typeof v === "boolean" ? (v ? "True" : "False") : String(v) }));
 }
 
@@ -512,15 +514,12 @@ function ranInfotext(sampler: PreparedSampling): InfotextEntry[] {
 function withRanInfotext(sampler: PreparedSampling, entries: readonly InfotextEntry[]): PreparedSampling {
   const conditioning: Array<[string, string]> = [];
   for (const { key, value } of entries) {
-    if (!RUN_INFOTEXT_KEYS.includes(key)) throw FarmError.invalid("inputs", `"${key}" is not an entry a sampler's run records`);
-    if (key in sampler.infotext) continue;
+    if (!RAN_KEYS.has(key)) throw FarmError.invalid("inputs", `"${key}" is not an entry a sampler's run records`);
+    if (key in sampler.infotext || conditioning.some(([k]) => k === key)) continue;
     if (CONDITIONING_KEYS.has(key)) conditioning.push([key, value]);
     else sampler.infotext[key] = value;
   }
-  // In the order recordConditioningInfotext gives them: before the sampler's own entries.
-  putFirst(
-    sampler.infotext,
-    conditioning.sort(([a], [b]) => CONDITIONING_ORDER.indexOf(a) - CONDITIONING_ORDER.indexOf(b)),
-  );
+  // They arrive in the order ranInfotext read them, which is recordConditioningInfotext's: before the sampler's own.
+  putFirst(sampler.infotext, conditioning);
   return sampler;
 }

@@ -110,7 +110,7 @@ export async function renderImg2img(pipe: LoadedPipeline, req: RunTaskRequest, c
     noise: () => imageRng.next(),
     brownian: { seeds: [b.seed], shape: [b.channels, h, w], source: b.rng },
     settings,
-    img2img: { denoisingStrength: strength, fixSteps: p.overrideSettings?.img2imgFixSteps ?? false },
+    img2img: { denoisingStrength: strength, fixSteps: b.img2imgFixSteps },
   });
 
   const source = p.initImages[req.imageIndex % p.initImages.length]!;

@@ -3,6 +3,9 @@
 
 export const FARM_VERSION = "latentfarm-0.1.0";
 
+/** The infotext keys a pass's prompt encoding may add, in the order A1111 adds them. */
+export const CONDITIONING_INFOTEXT_KEYS = ["Old prompt editing timelines", "Emphasis"] as const;
+
 export type InfotextValue = string | number | boolean | undefined | null;
 
 /** Python str() of a float the way A1111 prints it: integers as "7", others shortest repr. */

@@ -24,7 +24,7 @@ import {
 import { ImageInputError } from "../imaging/index.js";
 import { checkAborted } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
-import { buildInfotext, type InfotextFields, type InfotextValue } from "./infotext.js";
+import { buildInfotext, type CONDITIONING_INFOTEXT_KEYS, type InfotextFields, type InfotextValue } from "./infotext.js";
 import { encodePng, toRgb8 } from "./png.js";
 import { DEFAULT_RESOURCES, type RenderContext, type RenderResources } from "./txt2img.js";
 
@@ -49,12 +49,14 @@ export interface TaskBasics {
   ensd: number;
   channels: number;
   settings: SamplingSettings;
+  conditioning: ConditioningSettings;
+  img2imgFixSteps: boolean;
 }
 
 export function taskBasics(pipe: LoadedPipeline, req: RunTaskRequest): TaskBasics {
   const p = req.params;
   if (!p) throw FarmError.invalid("params", "the task has no generation parameters");
-  const settings = samplingSettingsOf(p);
+  const { sampling: settings, conditioning, img2imgFixSteps } = requestSettingsOf(p);
   return {
     p,
     steps: p.steps ?? 50,
@@ -68,42 +70,9 @@ export function taskBasics(pipe: LoadedPipeline, req: RunTaskRequest): TaskBasic
     ensd: Number(p.etaNoiseSeedDelta),
     channels: pipe.model.config.latentChannels,
     settings,
+    conditioning,
+    img2imgFixSteps,
   };
-}
-
-/**
- * The sampler's settings from the request: its own fields (eta, s_churn, …, s_min_uncond) and A1111's
- * options in override_settings, checked again here (the agent does not rely on the coordinator's checks).
- */
-export function samplingSettingsOf(p: GenerationParams): SamplingSettings {
-  const o = checkOverrideSettings(p);
-  const settings: SamplingSettings = {};
-  if (p.eta !== undefined) settings.eta = p.eta;
-  if (p.sChurn !== undefined) settings.sChurn = p.sChurn;
-  if (p.sTmin !== undefined) settings.sTmin = p.sTmin;
-  if (p.sTmax !== undefined) settings.sTmax = p.sTmax;
-  if (p.sNoise !== undefined) settings.sNoise = p.sNoise;
-  if (o.etaAncestral !== undefined) settings.etaAncestral = o.etaAncestral;
-  if (o.etaDdim !== undefined) settings.etaDdim = o.etaDdim;
-  if (o.alwaysDiscardNextToLastSigma !== undefined) settings.alwaysDiscardNextToLastSigma = o.alwaysDiscardNextToLastSigma;
-  if (o.sigmaMin !== undefined) settings.sigmaMin = o.sigmaMin;
-  if (o.sigmaMax !== undefined) settings.sigmaMax = o.sigmaMax;
-  if (o.rho !== undefined) settings.rho = o.rho;
-  if (o.sgmNoiseMultiplier !== undefined) settings.sgmNoiseMultiplier = o.sgmNoiseMultiplier;
-  if (o.useOldKarrasSchedulerSigmas !== undefined) settings.useOldKarrasSchedulerSigmas = o.useOldKarrasSchedulerSigmas;
-  if (o.betaDistAlpha !== undefined) settings.betaAlpha = o.betaDistAlpha;
-  if (o.betaDistBeta !== undefined) settings.betaBeta = o.betaDistBeta;
-  if (o.uniPcVariant !== undefined) settings.uniPcVariant = o.uniPcVariant;
-  if (o.uniPcSkipType !== undefined) settings.uniPcSkipType = o.uniPcSkipType;
-  if (o.uniPcOrder !== undefined) settings.uniPcOrder = o.uniPcOrder;
-  if (o.uniPcLowerOrderFinal !== undefined) settings.uniPcLowerOrderFinal = o.uniPcLowerOrderFinal;
-  if (o.img2imgExtraNoise !== undefined) settings.img2imgExtraNoise = o.img2imgExtraNoise;
-  if (o.sMinUncond !== undefined) settings.sMinUncond = o.sMinUncond;
-  if (o.sMinUncondAll !== undefined) settings.sMinUncondAll = o.sMinUncondAll;
-  if (o.skipEarlyCond !== undefined) settings.skipEarlyCond = o.skipEarlyCond;
-  if (o.noiseSchedule !== undefined) settings.noiseSchedule = o.noiseSchedule;
-  if (o.useDowncastedAlphaBar !== undefined) settings.downcastAlphasCumprod = o.useDowncastedAlphaBar;
-  return settings;
 }
 
 /** The request's conditioning options (A1111's emphasis and use_old_scheduling settings). */
@@ -112,9 +81,36 @@ export interface ConditioningSettings {
   useOldScheduling: boolean;
 }
 
-export function conditioningSettingsOf(p: GenerationParams): ConditioningSettings {
-  const o = checkOverrideSettings(p);
-  return { emphasis: o.emphasis ?? "Original", useOldScheduling: o.useOldScheduling ?? false };
+/** A request's settings for its passes, checked once per task. */
+export interface RequestSettings {
+  sampling: SamplingSettings;
+  conditioning: ConditioningSettings;
+  /** img2img_fix_steps: plain img2img runs exactly `steps` steps. */
+  img2imgFixSteps: boolean;
+}
+
+/**
+ * The request's own sampling fields (eta, s_churn, …, s_min_uncond) and A1111's options in
+ * override_settings, checked again here (the agent does not rely on the coordinator's checks).
+ */
+export function requestSettingsOf(p: GenerationParams): RequestSettings {
+  // The checked options carry the sampler's names, but for these.
+  const { betaDistAlpha, betaDistBeta, useDowncastedAlphaBar, img2imgFixSteps, emphasis, useOldScheduling, ...sampling } =
+    checkOverrideSettings(p);
+  const settings: SamplingSettings = sampling;
+  if (p.eta !== undefined) settings.eta = p.eta;
+  if (p.sChurn !== undefined) settings.sChurn = p.sChurn;
+  if (p.sTmin !== undefined) settings.sTmin = p.sTmin;
+  if (p.sTmax !== undefined) settings.sTmax = p.sTmax;
+  if (p.sNoise !== undefined) settings.sNoise = p.sNoise;
+  if (betaDistAlpha !== undefined) settings.betaAlpha = betaDistAlpha;
+  if (betaDistBeta !== undefined) settings.betaBeta = betaDistBeta;
+  if (useDowncastedAlphaBar !== undefined) settings.downcastAlphasCumprod = useDowncastedAlphaBar;
+  return {
+    sampling: settings,
+    conditioning: { emphasis: emphasis ?? "Original", useOldScheduling: useOldScheduling ?? false },
+    img2imgFixSteps: img2imgFixSteps ?? false,
+  };
 }
 
 /**
@@ -129,7 +125,7 @@ export function recordConditioningInfotext(
   c: ConditioningSettings,
   steps: { steps: number; hiresSteps?: number },
 ): void {
-  const entries: Array<[string, string | boolean]> = [];
+  const entries: Array<[(typeof CONDITIONING_INFOTEXT_KEYS)[number], string | boolean]> = [];
   if (c.useOldScheduling) {
     const prompts = [cond.positivePrompt, negativePrompt];
     const read = (old: boolean) => JSON.stringify(getLearnedConditioningPromptSchedules(prompts, steps.steps, steps.hiresSteps, old));
@@ -193,7 +189,7 @@ export async function conditioningFor(
   const steps = opts.firstPass
     ? { steps: opts.firstPass.promptScheduleSteps, hiresSteps: sampler.promptScheduleSteps }
     : { steps: sampler.promptScheduleSteps };
-  const settings = conditioningSettingsOf(b.p);
+  const settings = b.conditioning;
   const cond = await conditioner.prepare({
     prompt,
     negativePrompt,

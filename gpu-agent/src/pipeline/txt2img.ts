@@ -6,7 +6,7 @@ import { checkAborted, decodeLatent, denoise } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { buildInfotext } from "./infotext.js";
 import { toRgb8 } from "./png.js";
-import { conditioningSettingsOf, finishImage, loraHashesEntry, recordConditioningInfotext, samplingSettingsOf } from "./render-common.js";
+import { finishImage, loraHashesEntry, recordConditioningInfotext, requestSettingsOf } from "./render-common.js";
 import { renderImg2img } from "./img2img.js";
 import { renderTxt2imgExtended, runHiresStage, type StageOutput } from "./hires.js";
 
@@ -84,7 +84,7 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     source: rng,
     etaNoiseSeedDelta: ensd,
   });
-  const settings = samplingSettingsOf(p);
+  const { sampling: settings, conditioning } = requestSettingsOf(p);
   const sampler = prepareSampling({
     samplerName: p.samplerName,
     scheduler: p.scheduler,
@@ -99,7 +99,6 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
   const conditioner = await pipe.conditioner();
   checkAborted(ctx.signal);
   // Prompt schedules count denoiser calls, which second-order samplers make twice per step.
-  const conditioning = conditioningSettingsOf(p);
   const cond: PreparedConditioning = await conditioner.prepare({
     prompt: p.prompt,
     negativePrompt: p.negativePrompt,

@@ -314,7 +314,7 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
   if (scheduleSteps < 1) throw new InvalidSamplingParameter("denoising_strength", "denoising_strength 0 leaves nothing to sample");
   const reportedSteps = mapping ? mapping.tEnc + 1 : input.steps;
 
-  startLatentInfotext(s, mapping !== undefined, infotext);
+  noiseMultiplierInfotext(s, mapping !== undefined, infotext);
   const skipsUncond = uncondSkipRule(s, promptScheduleSteps(sampler, reportedSteps), sampler.timestepSampler ?? false, infotext);
   if (sampler.timestepSampler) {
     return prepareTimestepSampler(input, choice, baseSchedule, scheduleSteps, mapping?.tEnc, reportedSteps, infotext, skipsUncond);
@@ -502,7 +502,7 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
 }
 
 /** img2img's noise multiplier: A1111's processing records it before the sampler is set up. */
-function startLatentInfotext(s: SamplingSettings, img2img: boolean, infotext: Record<string, string | number | boolean>): void {
+function noiseMultiplierInfotext(s: SamplingSettings, img2img: boolean, infotext: Record<string, string | number | boolean>): void {
   if (img2img && s.initialNoiseMultiplier !== undefined && s.initialNoiseMultiplier !== 1) {
     infotext["Noise multiplier"] = s.initialNoiseMultiplier;
   }
@@ -553,17 +553,8 @@ function churnSettings(
   return taken;
 }
 
-/**
- * The infotext keys a pass adds as it runs, rather than at its setup: PreparedSampling.skipsUncond's,
- * and those its prompts' encoding adds (Emphasis, Old prompt editing timelines).
- */
-export const RUN_INFOTEXT_KEYS: readonly string[] = [
-  "Skip Early CFG",
-  "NGMS",
-  "NGMS all steps",
-  "Emphasis",
-  "Old prompt editing timelines",
-];
+/** The infotext keys a run adds as it goes (PreparedSampling.skipsUncond), rather than its setup. */
+export const RUN_INFOTEXT_KEYS: readonly string[] = ["Skip Early CFG", "NGMS", "NGMS all steps"];
 
 /**
  * Overrides can make a σ list A1111 would run anyway, to a NaN or noisier image: a rho that overflows

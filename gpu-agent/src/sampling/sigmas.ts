@@ -157,30 +157,28 @@ export class DiscreteSchedule {
   }
 }
 
-let sd1: DiscreteSchedule | undefined;
+const sd1Variants = new Map<string, DiscreteSchedule>();
 
 /** The SD 1.x / SD 2.x schedule (shared instance; treat its arrays as read-only). */
 export function sd1Schedule(): DiscreteSchedule {
-  sd1 ??= new DiscreteSchedule(sd1AlphasCumprod());
-  return sd1;
+  return sd1ScheduleWith("Default");
 }
 
 /** A1111's "Noise schedule for sampling" option: "Default", or "Zero Terminal SNR" (ᾱ rescaled). */
 export type NoiseScheduleOption = "Default" | "Zero Terminal SNR";
-
-const sd1Variants = new Map<string, DiscreteSchedule>();
 
 /**
  * The SD1/SDXL schedule under A1111's noise-schedule option, with ᾱ downcast to float16 or not; one
  * instance each, so their σ → t caches are shared.
  */
 export function sd1ScheduleWith(option: NoiseScheduleOption, precision: TablePrecision = "float32"): DiscreteSchedule {
-  if (option === "Default" && precision === "float32") return sd1Schedule();
   const key = `${option}/${precision}`;
   let schedule = sd1Variants.get(key);
   if (schedule === undefined) {
-    const base = sd1AlphasCumprod().map(ROUND[precision]);
-    schedule = new DiscreteSchedule(option === "Default" ? base : rescaleZeroTerminalSnr(base, precision), precision);
+    // The constructor rounds ᾱ to the table's precision; Zero Terminal SNR rescales the rounded ᾱ (A1111 downcasts first).
+    const base = sd1AlphasCumprod();
+    const alphas = option === "Default" ? base : rescaleZeroTerminalSnr(base.map(ROUND[precision]), precision);
+    schedule = new DiscreteSchedule(alphas, precision);
     sd1Variants.set(key, schedule);
   }
   return schedule;
