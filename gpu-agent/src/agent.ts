@@ -34,7 +34,7 @@ import { extractExtraNetworks } from "./conditioning/index.js";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PipelineHost } from "./pipeline-host/pipeline-host.js";
-import { DEFAULT_RESOURCES } from "./pipeline/txt2img.js";
+import { DEFAULT_RESOURCES } from "./pipeline/render-common.js";
 import type { ExecutionProvider } from "./runtime/protocol.js";
 
 export interface AgentConfig {

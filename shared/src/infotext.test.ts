@@ -100,7 +100,6 @@ test("apply: what the farm does not reproduce is reported, an older A1111's impl
   const { notReproduced } = applyInfotext(p);
   assert.deepEqual(notReproduced, [
     "Face restoration: GFPGAN (restored with CodeFormer)",
-    "Pad conds v0 (A1111 before 1.6.0)",
     "VAE: kl-f8-anime2.ckpt",
     "ADetailer model: face_yolov8n.pt",
   ]);
@@ -109,6 +108,9 @@ test("apply: what the farm does not reproduce is reported, an older A1111's impl
   assert.equal(p.overrideSettings?.useOldScheduling, true);
   // ᾱ was float16 before 1.7.0-225 (a release candidate counts as before its release): the option that reproduces it.
   assert.equal(p.overrideSettings?.useDowncastedAlphaBar, true);
+  // DDIM and PLMS padded the negative prompt v0's way before 1.6.0.
+  assert.equal(p.overrideSettings?.padCondUncondV0, true);
+  assert.equal(p.overrideSettings?.padCondUncond, undefined);
   const rc = create(GenerationParamsSchema, { infotext: "x\nSteps: 2, Seed: 1, Version: 1.7.0-RC-5-gabc" });
   applyInfotext(rc);
   assert.equal(rc.overrideSettings?.useDowncastedAlphaBar, true);

@@ -115,6 +115,8 @@ const SETTINGS: Record<string, [keyof typeof OverrideSettingsSchema.field, Kind]
   "Downcast alphas_cumprod": ["useDowncastedAlphaBar", "bool"],
   Emphasis: ["emphasis", "str"],
   "Old prompt editing timelines": ["useOldScheduling", "bool"],
+  "Pad conds": ["padCondUncond", "bool"],
+  "Pad conds v0": ["padCondUncondV0", "bool"],
 };
 
 type Kind = "int" | "num" | "big" | "str" | "bool";
@@ -279,8 +281,9 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
     if (versionBelow(version, [1, 6, 0, 0]) && prompt.includes("[") && !params.has("Old prompt editing timelines")) {
       params.set("Old prompt editing timelines", "True");
     }
-    if (versionBelow(version, [1, 6, 0, 0]) && (sampler === "DDIM" || sampler === "PLMS"))
-      notReproduced.push("Pad conds v0 (A1111 before 1.6.0)");
+    if (versionBelow(version, [1, 6, 0, 0]) && (sampler === "DDIM" || sampler === "PLMS") && !params.has("Pad conds v0")) {
+      params.set("Pad conds v0", "True");
+    }
     // A1111's own paste turns these into its options (the downcast reproduced for k-diffusion samplers).
     if (versionBelow(version, [1, 7, 0, 225]) && !params.has("Downcast alphas_cumprod")) params.set("Downcast alphas_cumprod", "True");
   }

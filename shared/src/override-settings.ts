@@ -40,6 +40,8 @@ export interface CheckedOverrideSettings {
   useDowncastedAlphaBar?: boolean;
   emphasis?: EmphasisName;
   useOldScheduling?: boolean;
+  padCondUncond?: boolean;
+  padCondUncondV0?: boolean;
 }
 
 const FIELD = "override_settings";
@@ -98,6 +100,8 @@ export function checkOverrideSettings(p: Pick<GenerationParams, "sMinUncond" | "
   put("useDowncastedAlphaBar", s.useDowncastedAlphaBar);
   put("emphasis", oneOf("emphasis", s.emphasis ?? "", EMPHASIS_NAMES));
   put("useOldScheduling", s.useOldScheduling);
+  put("padCondUncond", s.padCondUncond);
+  put("padCondUncondV0", s.padCondUncondV0);
   if (out.useDowncastedAlphaBar && out.noiseSchedule === "Zero Terminal SNR") {
     // ᾱ's last value, 4.9e-8, is 6e-8 in float16, and its σ overflows float16: A1111 renders NaN.
     throw FarmError.invalid(

@@ -390,6 +390,12 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     assert.ok(old);
     assert.match(old.infotext, /Downcast alphas_cumprod: True/);
     assert.notDeepEqual(old.png, plain.png);
+    // Pad conds: a prompt longer than its negative, padded to one UNet batch; the entry turns the option on again.
+    const padded = await render({ prompt: Array.from({ length: 90 }, () => "cube").join(" "), overrideSettings: { padCondUncond: true } });
+    assert.match(padded.infotext, /, Pad conds: True, Version: /);
+    const { jobId: padJob } = await farm.client.submit({ params: { infotext: padded.infotext } });
+    const padAgain = (await collect(farm, padJob)).flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))[0];
+    assert.deepEqual(padAgain?.png, padded.png);
     // A civitai text names a checkpoint this farm may not have.
     await expectStatus(
       farm.client.submit({ params: { infotext: "x\nSteps: 2, Seed: 1, Model: not-here" } }),

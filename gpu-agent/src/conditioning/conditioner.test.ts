@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { test } from "node:test";
 import { CHUNK_TOKENS, emptyChunk, tokenizeLine, type EmphasisMode, type PromptChunk } from "./chunking.js";
 import { ClipTokenizer, parseMerges } from "./clip-tokenizer.js";
-import { Conditioner, stackConds } from "./conditioner.js";
+import { Conditioner, type PrepareRequest } from "./conditioner.js";
 import { ConditioningPreconditionError } from "./errors.js";
 import { getPromptSchedule } from "./schedule.js";
 import { FakeTextEncoder, fakeHidden } from "./test-support/fake-text-encoder.js";
@@ -130,9 +130,13 @@ test("prepare: AND subprompts, negative prompt, condAt/uncondAt by denoiser call
   ] as const) {
     const conds = prepared.condAt(step);
     assert.equal(conds.length, 2);
-    assert.equal(conds[0]!.tensor, catSchedule[entry]!.cond.data, `step ${step}`);
+    // The one-chunk subprompt is stacked with the two-chunk one: its last token vector repeats.
+    const own = catSchedule[entry]!.cond.data;
+    assert.deepEqual(conds[0]!.tensor.subarray(0, own.length), own, `step ${step}`);
+    assert.equal(conds[0]!.tokens, 154);
     assert.equal(conds[0]!.weight, 1.2);
     assert.equal(conds[1]!.tokens, 154);
+    assert.equal(conds[1]!.tensor, prepared.subprompts[1]!.schedule[0]!.cond.data);
     assert.equal(conds[1]!.weight, 0.5);
   }
   // The negative prompt is neither AND-split nor stripped of tags.
@@ -140,6 +144,7 @@ test("prepare: AND subprompts, negative prompt, condAt/uncondAt by denoiser call
   const [expectedUncond] = naiveBatch(tok, ["blurry AND <lora:x:1>"], "Original");
   assertClose(prepared.uncondAt(5).tensor, expectedUncond!, 2e-6, "uncond");
   assert.equal(prepared.uncondAt(5).tokens, 77);
+  assert.equal(prepared.padding, undefined);
 });
 
 test("cache: a batch encodes its prompt once; clip skip and steps are part of the key; LRU bound", { skip }, async () => {
@@ -241,10 +246,79 @@ test("a tokenizer whose pad differs from EOS (SD2) pads after the first EOS", { 
   assert.equal(enc.calls[0]!.batch[76], 0);
 });
 
-test("stackConds pads shorter conds by repeating their last token vector", () => {
-  const a = { tensor: Float32Array.from({ length: 2 * 2 }, (_, i) => i + 1), tokens: 2 };
-  const b = { tensor: Float32Array.from({ length: 4 * 2 }, (_, i) => -(i + 1)), tokens: 4 };
-  const stacked = stackConds([a, b], 2);
-  assert.equal(stacked.tokens, 4);
-  assert.deepEqual([...stacked.data], [1, 2, 3, 4, 3, 4, 3, 4, -1, -2, -3, -4, -5, -6, -7, -8]);
+/** Token vector `t` of a [tokens, H] tensor. */
+const tokenAt = (tensor: Float32Array, t: number): number[] => [...tensor.subarray(t * H, (t + 1) * H)];
+
+const LONG = Array.from({ length: 90 }, () => "sea").join(" ");
+
+async function padded(req: Omit<PrepareRequest, "steps">) {
+  const tok = await tokenizer();
+  const conditioner = new Conditioner({ tokenizer: tok, encoder: new FakeTextEncoder(H) });
+  const prepared = await conditioner.prepare({ steps: 4, ...req });
+  const alone = async (text: string, emphasis: EmphasisMode = "Original") =>
+    (await conditioner.scheduledConditioning(text, { steps: 4, emphasis }))[0]!.cond.data;
+  return { prepared, alone };
+}
+
+test("AND subprompts of different lengths are stacked: the shorter repeats its last token vector", { skip }, async () => {
+  const { prepared, alone } = await padded({ prompt: `cat AND ${LONG}`, negativePrompt: "" });
+  const [short, long] = prepared.condAt(0);
+  const cat = await alone("cat");
+  assert.equal(short!.tokens, 154);
+  assert.deepEqual(short!.tensor.subarray(0, 77 * H), cat);
+  for (const t of [77, 100, 153]) assert.deepEqual(tokenAt(short!.tensor, t), tokenAt(cat, 76), `token ${t}`);
+  assert.equal(long!.tensor, await alone(` ${LONG}`));
+  // Without a padding option the negative prompt keeps its own length, and the pair runs as two batches.
+  assert.equal(prepared.uncondAt(0).tokens, 77);
+  assert.equal(prepared.padding, undefined);
+  // The same padded tensor serves every call of the run.
+  assert.equal(prepared.condAt(3)[0]!.tensor, short!.tensor);
+});
+
+test("Pad conds: the shorter side gets copies of the empty prompt's 77 vectors", { skip }, async () => {
+  const negShort = await padded({ prompt: LONG, negativePrompt: "blurry", padCondUncond: true });
+  const empty = await negShort.alone("", "None");
+  const blurry = await negShort.alone("blurry");
+  const uncond = negShort.prepared.uncondAt(0);
+  assert.equal(uncond.tokens, 154);
+  assert.deepEqual(uncond.tensor.subarray(0, 77 * H), blurry);
+  assert.deepEqual(uncond.tensor.subarray(77 * H), empty);
+  assert.equal(negShort.prepared.condAt(0)[0]!.tokens, 154);
+  assert.equal(negShort.prepared.padding, "Pad conds");
+
+  // A longer negative prompt pads the prompt instead, after AND's stacking.
+  const negLong = await padded({ prompt: "cat AND dog", negativePrompt: LONG, padCondUncond: true });
+  const [cat] = negLong.prepared.condAt(0);
+  assert.equal(cat!.tokens, 154);
+  assert.deepEqual(cat!.tensor.subarray(0, 77 * H), await negLong.alone("cat"));
+  assert.deepEqual(cat!.tensor.subarray(77 * H), empty);
+  assert.equal(negLong.prepared.uncondAt(0).tensor, await negLong.alone(LONG));
+
+  // Equal lengths: nothing is padded and no entry is written.
+  const equal = await padded({ prompt: "cat", negativePrompt: "dog", padCondUncond: true });
+  assert.equal(equal.prepared.padding, undefined);
+  assert.equal(equal.prepared.uncondAt(0).tensor, await equal.alone("dog"));
+});
+
+test("Pad conds v0: the negative prompt repeats its last vector, or is cut, to the prompt's length", { skip }, async () => {
+  const longer = await padded({ prompt: LONG, negativePrompt: "blurry", padCondUncondV0: true, padCondUncond: true });
+  const blurry = await longer.alone("blurry");
+  const uncond = longer.prepared.uncondAt(0);
+  assert.equal(uncond.tokens, 154);
+  assert.deepEqual(uncond.tensor.subarray(0, 77 * H), blurry);
+  for (const t of [77, 153]) assert.deepEqual(tokenAt(uncond.tensor, t), tokenAt(blurry, 76));
+  assert.equal(longer.prepared.padding, "Pad conds v0");
+
+  const shorter = await padded({ prompt: "cat", negativePrompt: LONG, padCondUncondV0: true });
+  const cut = shorter.prepared.uncondAt(0);
+  assert.equal(cut.tokens, 77);
+  assert.deepEqual(cut.tensor, (await shorter.alone(LONG)).subarray(0, 77 * H));
+  assert.equal(shorter.prepared.condAt(0)[0]!.tokens, 77);
+});
+
+test("a text that is both a subprompt and the negative prompt is padded for each role apart", { skip }, async () => {
+  const { prepared, alone } = await padded({ prompt: `cat AND ${LONG}`, negativePrompt: "cat" });
+  const cat = await alone("cat");
+  assert.equal(prepared.condAt(0)[0]!.tokens, 154);
+  assert.equal(prepared.uncondAt(0).tensor, cat);
 });

@@ -51,7 +51,20 @@ export interface PrepareRequest extends ScheduleRequest {
   negativePrompt?: string;
   /** Remove `<lora:…>`-style tags from the positive prompt first (A1111 order); default true. */
   stripExtraNetworks?: boolean;
+  /**
+   * A1111's option pad_cond_uncond ("Pad conds"): when prompt and negative prompt differ in length, the
+   * shorter gets copies of the empty prompt's encoding, so both run in one UNet batch (and the image changes).
+   */
+  padCondUncond?: boolean;
+  /**
+   * Option pad_cond_uncond_v0 ("Pad conds v0", A1111's DDIM/PLMS before 1.6.0): the negative prompt's
+   * conditioning is extended by its last token vector, or cut, to the prompt's length. Wins over padCondUncond.
+   */
+  padCondUncondV0?: boolean;
 }
+
+/** The infotext entry a prompt pair earns when its conditionings were padded to each other's length. */
+export type CondPadding = "Pad conds" | "Pad conds v0";
 
 export interface WeightedCond {
   tensor: Float32Array;
@@ -74,10 +87,19 @@ export interface PreparedConditioning {
   subprompts: PreparedSubprompt[];
   negative: ScheduledCond[];
   extraNetworks: { networks: LoraNetwork[]; unknown: UnknownExtraNetwork[] };
-  /** Subprompt conds at denoiser call `step` (0-based, one per model call). */
+  /**
+   * Subprompt conds at denoiser call `step` (0-based, one per model call), all of one length: A1111
+   * stacks them, the shorter extended by their last token vector (stack_conds), then pads them as
+   * padCondUncond asks.
+   */
   condAt(step: number): WeightedCond[];
-  /** The negative prompt's cond at denoiser call `step`. */
+  /** The negative prompt's cond at denoiser call `step`, padded or cut as the padding options ask. */
   uncondAt(step: number): { tensor: Float32Array; tokens: number };
+  /**
+   * Set when the options padded one side to the other's length: A1111's CFGDenoiser then writes this
+   * entry, after the pass's sampling.
+   */
+  padding: CondPadding | undefined;
 }
 
 export interface ConditionerOptions {
@@ -266,22 +288,55 @@ export class Conditioner {
       ...parts.map((p) => this.scheduledConditioning(p.text, req)),
     ]);
     const subprompts = parts.map((p, i): PreparedSubprompt => ({ text: p.text, weight: p.weight, schedule: schedules[i]! }));
+    const hidden = this.encoder.hiddenSize;
+    // A schedule's entries are encoded as one batch, so each prompt has one length through its run.
+    const condTokens = Math.max(...schedules.map((s) => s[0]!.cond.tokens));
+    const uncondTokens = negative![0]!.cond.tokens;
+    const lengths = await this.paddedLengths(condTokens, uncondTokens, req);
     const at = (schedule: ScheduledCond[], step: number) => schedule[condIndexAt(schedule, step)]!.cond;
+    const condTensor = memoized((c: CondTensor): Float32Array => {
+      const stacked = c.tokens === condTokens ? c.data : withLastTokenRepeated(c.data, c.tokens, condTokens, hidden);
+      return condTokens === lengths.cond ? stacked : withChunksAppended(stacked, condTokens, lengths.cond, lengths.empty!, hidden);
+    });
+    const uncondTensor = memoized((c: CondTensor): Float32Array => {
+      if (c.tokens === lengths.uncond) return c.data;
+      return lengths.empty === undefined
+        ? withLastTokenRepeated(c.data, c.tokens, lengths.uncond, hidden)
+        : withChunksAppended(c.data, c.tokens, lengths.uncond, lengths.empty, hidden);
+    });
     return {
-      hidden: this.encoder.hiddenSize,
+      hidden,
       positivePrompt: extracted.text,
       subprompts,
       negative: negative!,
       extraNetworks: { networks: extracted.networks, unknown: extracted.unknown },
-      condAt: (step) =>
-        subprompts.map((s) => {
-          const cond = at(s.schedule, step);
-          return { tensor: cond.data, tokens: cond.tokens, weight: s.weight };
-        }),
-      uncondAt: (step) => {
-        const cond = at(negative!, step);
-        return { tensor: cond.data, tokens: cond.tokens };
-      },
+      condAt: (step) => subprompts.map((s) => ({ tensor: condTensor(at(s.schedule, step)), tokens: lengths.cond, weight: s.weight })),
+      uncondAt: (step) => ({ tensor: uncondTensor(at(negative!, step)), tokens: lengths.uncond }),
+      padding: lengths.padding,
+    };
+  }
+
+  /**
+   * The lengths CFGDenoiser gives prompt and negative prompt, and the empty prompt's 77 token vectors
+   * when copies of it pad one of them. A1111 encodes that empty prompt once, when it loads the model.
+   */
+  private async paddedLengths(
+    condTokens: number,
+    uncondTokens: number,
+    req: PrepareRequest,
+  ): Promise<{ cond: number; uncond: number; padding: CondPadding | undefined; empty?: Float32Array }> {
+    if (condTokens === uncondTokens || (!req.padCondUncondV0 && !req.padCondUncond)) {
+      return { cond: condTokens, uncond: uncondTokens, padding: undefined };
+    }
+    if (req.padCondUncondV0) return { cond: condTokens, uncond: condTokens, padding: "Pad conds v0" };
+    // Emphasis leaves an empty prompt as CLIP made it, whatever the mode.
+    const [empty] = await this.scheduledConditioning("", { steps: 1, emphasis: "None", ...optional(req) });
+    const longest = Math.max(condTokens, uncondTokens);
+    return {
+      cond: longest,
+      uncond: longest,
+      padding: "Pad conds",
+      empty: empty!.cond.data.subarray(0, CHUNK_TOKENS * this.encoder.hiddenSize),
     };
   }
 
@@ -312,6 +367,37 @@ export class Conditioner {
   }
 }
 
+/** Padding copies a tensor: each schedule entry is padded once for the whole run. */
+function memoized(pad: (c: CondTensor) => Float32Array): (c: CondTensor) => Float32Array {
+  const done = new Map<Float32Array, Float32Array>();
+  return (c) => {
+    let out = done.get(c.data);
+    if (out === undefined) done.set(c.data, (out = pad(c)));
+    return out;
+  };
+}
+
+function optional(req: PrepareRequest): { clipSkip?: number; signal?: AbortSignal } {
+  return { ...(req.clipSkip !== undefined && { clipSkip: req.clipSkip }), ...(req.signal !== undefined && { signal: req.signal }) };
+}
+
+/** `tensor`'s first `to` token vectors, its last one repeated past its end (stack_conds; v0 also cuts). */
+function withLastTokenRepeated(tensor: Float32Array, tokens: number, to: number, hidden: number): Float32Array {
+  const out = new Float32Array(to * hidden);
+  out.set(tensor.subarray(0, Math.min(tokens, to) * hidden));
+  const last = tensor.subarray((tokens - 1) * hidden, tokens * hidden);
+  for (let t = tokens; t < to; t++) out.set(last, t * hidden);
+  return out;
+}
+
+/** `tensor` followed by copies of a 77-token chunk up to `to` tokens (A1111's pad_cond). */
+function withChunksAppended(tensor: Float32Array, tokens: number, to: number, chunk: Float32Array, hidden: number): Float32Array {
+  const out = new Float32Array(to * hidden);
+  out.set(tensor.subarray(0, tokens * hidden));
+  for (let t = tokens; t < to; t += CHUNK_TOKENS) out.set(chunk, t * hidden);
+  return out;
+}
+
 /** reconstruct_cond_batch's choice: first entry with step ≤ end_at_step, else entry 0. */
 function condIndexAt(schedule: readonly ScheduledCond[], step: number): number {
   for (let i = 0; i < schedule.length; i++) if (step <= schedule[i]!.endAtStep) return i;
@@ -328,26 +414,4 @@ function uninitializedFloat32(length: number): Float32Array {
 
 function isAbort(err: unknown): boolean {
   return err instanceof Error && (err.name === "AbortError" || (err as { code?: unknown }).code === 1);
-}
-
-/**
- * A1111's stack_conds: conds of different lengths are padded to the longest by repeating their
- * last token vector (not with empty chunks), then stacked → [n, maxTokens, hidden].
- */
-export function stackConds(
-  conds: ReadonlyArray<{ tensor: Float32Array; tokens: number }>,
-  hidden: number,
-): {
-  data: Float32Array;
-  tokens: number;
-} {
-  const tokens = Math.max(...conds.map((c) => c.tokens));
-  const data = new Float32Array(conds.length * tokens * hidden);
-  conds.forEach((c, i) => {
-    const base = i * tokens * hidden;
-    data.set(c.tensor.subarray(0, c.tokens * hidden), base);
-    const last = c.tensor.subarray((c.tokens - 1) * hidden, c.tokens * hidden);
-    for (let t = c.tokens; t < tokens; t++) data.set(last, base + t * hidden);
-  });
-  return { data, tokens };
 }

@@ -38,7 +38,6 @@ export {
 export { applyEmphasis, type EmphasisRow, type EmphasisTarget } from "./emphasis.js";
 export {
   Conditioner,
-  stackConds,
   type TextEncoder,
   type CondTensor,
   type ScheduledCond,
@@ -46,6 +45,7 @@ export {
   type ScheduleRequest,
   type PrepareRequest,
   type PreparedConditioning,
+  type CondPadding,
   type PreparedSubprompt,
   type WeightedCond,
   type ConditionerOptions,

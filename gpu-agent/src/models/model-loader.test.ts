@@ -32,6 +32,7 @@ async function pipelineFor(
     maxBatchRows: 8,
     modelHash: loaded.modelHash,
     loraHashes: loaded.loraHashes,
+    textEncoderMerged: loaded.textEncoderMerged,
     loadWarnings: loaded.warnings,
   });
 }
@@ -191,6 +192,20 @@ describe("LoRAs named in a prompt merge into the checkpoint", { concurrency: fal
       .toBuffer();
     const img2img = await render(one, { ...params, initImages: [init], denoisingStrength: 0.6 });
     assert.match(img2img.infotext, /Lora hashes: "style: [0-9a-f]{12}"/);
+  });
+
+  test("Pad conds needs the base model's empty prompt: refused with a text-encoder LoRA, run with a UNet-only one", async () => {
+    const textToo = await pipelineFor(catalog, "tiny", [{ name: "style", teWeight: 1, unetWeight: 1 }], opts);
+    const unetOnly = await pipelineFor(catalog, "tiny", [{ name: "style", teWeight: 0, unetWeight: 1 }], opts);
+    open.push(textToo, unetOnly);
+    const long = { ...params, prompt: `${params.prompt} ${Array.from({ length: 90 }, () => "cat").join(" ")}` };
+    await assert.rejects(render(textToo, { ...long, overrideSettings: { padCondUncond: true } }), (e: unknown) => {
+      const err = FarmError.from(e);
+      return err.codeName === "UNIMPLEMENTED" && err.field === "override_settings.pad_cond_uncond" && /empty prompt/.test(err.message);
+    });
+    // v0 pads with the negative prompt's own vectors; a UNet-only LoRA leaves the empty prompt as the base model has it.
+    assert.match((await render(textToo, { ...long, overrideSettings: { padCondUncondV0: true } })).infotext, /Pad conds v0: True/);
+    assert.match((await render(unetOnly, { ...long, overrideSettings: { padCondUncond: true } })).infotext, /Pad conds: True/);
   });
 
   test("unknown, path-like and misplaced LoRAs get clear statuses", async () => {

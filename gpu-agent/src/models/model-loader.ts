@@ -45,6 +45,8 @@ export interface LoadedModelInfo {
   modelHash: string | undefined;
   /** A1111's "Lora hashes" entries ("name: hash"), in request order. */
   loraHashes: string[];
+  /** A LoRA changed the text encoder's weights (a text-encoder weight other than 0). */
+  textEncoderMerged: boolean;
   warnings: string[];
 }
 
@@ -110,7 +112,7 @@ export async function loadModel(
         { field: "loras" },
       );
     }
-    return { model: await load(entry.path), modelHash: undefined, loraHashes: [], warnings: [] };
+    return { model: await load(entry.path), modelHash: undefined, loraHashes: [], textEncoderMerged: false, warnings: [] };
   }
   const tokenizerDir = opts.tokenizerDir ?? (await defaultTokenizer(catalog));
   if (!tokenizerDir) {
@@ -145,7 +147,8 @@ export async function loadModel(
     modelHash = imported.modelHash;
     for (const w of imported.loraWarnings) for (const m of w.warnings) warnings.push(`${w.path}: ${m}`);
   }
-  return { model: await load(dir), modelHash, loraHashes, warnings };
+  const textEncoderMerged = key.loras.some((l) => l.teWeight !== 0);
+  return { model: await load(dir), modelHash, loraHashes, textEncoderMerged, warnings };
 }
 
 /** Files in the LoRA folder, for listings. */

@@ -4,7 +4,7 @@ import "sharp";
 import type { Worker } from "node:worker_threads";
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, abortError, type Logger, type RunTaskRequest } from "@latentfarm/shared";
-import type { RenderContext } from "../pipeline/txt2img.js";
+import type { RenderContext } from "../pipeline/render-common.js";
 import { parsePipelineKey } from "../models/model-loader.js";
 import { spawnModuleWorker } from "../runtime/spawn-worker.js";
 import type { TaskOutput } from "../task-run.js";

@@ -3,7 +3,7 @@
 import type * as grpc from "@grpc/grpc-js";
 import { FarmError, type RunTaskRequest } from "@latentfarm/shared";
 import type { ExecutionProvider } from "../runtime/protocol.js";
-import type { RenderResources } from "../pipeline/txt2img.js";
+import type { RenderResources } from "../pipeline/render-common.js";
 import type { TaskOutput } from "../task-run.js";
 
 export interface HostInit {

@@ -97,7 +97,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       // NGMS and skip_early_cond: the first prompt's output stands in for the negative's, at CFG scale 1.
       const skipUncond = sampler.skipsUncond(req);
       const uncond = skipUncond ? undefined : cond.uncondAt(req.call);
-      // Cond and uncond of different lengths go in separate requests (A1111's default, no padding).
+      // Cond and uncond of different lengths go in separate requests (A1111's default, without the padding options).
       const groups = new Map<number, Float32Array[]>();
       const add = (tensor: Float32Array): number => {
         const seq = tensor.length / dim;
@@ -155,18 +155,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
   }
   input.onStep(sampler.steps, sampler.steps);
   checkAborted(signal);
+  // A1111's sampler writes this once its sampling is over, after what the run recorded as it went.
+  if (cond.padding !== undefined) sampler.infotext[cond.padding] = true;
   return r.value;
-}
-
-/** VAE-decodes a latent [C,h,w] to RGB8 (A1111's truncation), returning pixels HWC. */
-export async function decodeLatent(
-  pipe: LoadedPipeline,
-  latent: Float32Array,
-  h: number,
-  w: number,
-  signal: AbortSignal,
-): Promise<Float32Array> {
-  const scaled = new Float32Array(latent.length);
-  for (let i = 0; i < latent.length; i++) scaled[i] = latent[i]! / pipe.model.config.scalingFactor;
-  return pipe.model.vaeDecode(scaled, h, w, signal);
 }

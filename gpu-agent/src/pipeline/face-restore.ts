@@ -22,7 +22,7 @@ import type { AuxiliaryRunner } from "./upscalers.js";
 import type { TensorType, WireTensor } from "../runtime/protocol.js";
 import { checkAborted } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
-import type { RenderContext } from "./txt2img.js";
+import type { RenderContext } from "./render-common.js";
 import { resourcesOf } from "./render-common.js";
 
 export const CODEFORMER_FILE = "codeformer.onnx";

@@ -9,7 +9,8 @@ import { tToSigma } from "../sampling/index.js";
 import { writeTinyCodeFormer, writeTinyFaceDetector, writeTinySrvggNet } from "../imaging/tiny-models.js";
 import { FFHQ_TEMPLATE_512 } from "../imaging/index.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
-import { renderTask, runTask, type RenderContext } from "./txt2img.js";
+import type { RenderContext } from "./render-common.js";
+import { renderTask, runTask } from "./txt2img.js";
 import { kitSkip } from "../test-support/kit.js";
 import { loadTinyPipeline } from "../test-support/tiny-pipeline.js";
 
@@ -150,6 +151,31 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
     assert.equal(o.case, "result");
     return o.value as Image;
   };
+  /** A 64×64 job's upscale to 96×96 and its second pass as four tiles: the tiles' hand-overs and the ASSEMBLE layout. */
+  const tiledSecondPass = async (params: Record<string, unknown>, first: Handover) => {
+    const up = handover(await stage(params, TaskStage.UPSCALE, [first]));
+    const layout = planTiles(96, 96, { tileSize: 64, overlap: 16 });
+    const tiles = { width: 96, height: 96, tileWidth: layout.tileWidth, tileHeight: layout.tileHeight, xs: layout.xs, ys: layout.ys };
+    const outs: Handover[] = [];
+    for (const t of layout.tiles) {
+      outs.push(handover(await stage(params, TaskStage.SECOND_PASS_TILE, [cropHandover(up, t)], { tileIndex: t.index })));
+    }
+    return { outs, tiles };
+  };
+  /**
+   * The job as stages: FIRST_PASS → SECOND_PASS, and FIRST_PASS → UPSCALE → tiles → ASSEMBLE, each writing
+   * `full`'s infotext (and SECOND_PASS its bytes). Returns the hand-overs, whose carried entries a test checks.
+   */
+  const stagesMatchFull = async (params: Record<string, unknown>, full: Image) => {
+    const first = handover(await stage(params, TaskStage.FIRST_PASS));
+    const second = image(await stage(params, TaskStage.SECOND_PASS, [first]));
+    assert.equal(second.infotext, full.infotext);
+    assert.deepEqual(second.png, full.png);
+    const { outs, tiles } = await tiledSecondPass(params, first);
+    const assembled = image(await stage(params, TaskStage.ASSEMBLE, outs, { tiles }));
+    assert.equal(assembled.infotext, full.infotext, "the tiled image's infotext is what one task writes");
+    return { first, outs, tiles };
+  };
 
   test("split into FIRST_PASS → SECOND_PASS (latent and pixel upscalers) gives FULL's bytes and infotext", async () => {
     for (const hrUpscaler of ["Latent (bicubic antialiased)", "Lanczos"]) {
@@ -208,7 +234,7 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
     const plain = await renderTask(pipe, request({ steps: 4, hrSecondPassSteps: 3, hrUpscaler: "Latent", hrSamplerName: "DDIM" }), ctx);
     assert.notDeepEqual(full.png, plain.png, "the skipped negative prompt changes the image");
 
-    const first = handover(await stage(params, TaskStage.FIRST_PASS));
+    const { first, outs, tiles } = await stagesMatchFull(params, full);
     assert.deepEqual(
       first.firstPassInfotext.map(({ key, value }) => [key, value]),
       [
@@ -218,26 +244,36 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
         ["NGMS all steps", "True"],
       ],
     );
-    const second = image(await stage(params, TaskStage.SECOND_PASS, [first]));
-    assert.equal(second.infotext, full.infotext);
-    assert.deepEqual(second.png, full.png);
-
-    const up = handover(await stage(params, TaskStage.UPSCALE, [first]));
-    const layout = planTiles(96, 96, { tileSize: 64, overlap: 16 });
-    const tiles = { width: 96, height: 96, tileWidth: layout.tileWidth, tileHeight: layout.tileHeight, xs: layout.xs, ys: layout.ys };
-    const outs: Handover[] = [];
-    for (const t of layout.tiles) {
-      outs.push(handover(await stage(params, TaskStage.SECOND_PASS_TILE, [cropHandover(up, t)], { tileIndex: t.index })));
-    }
     assert.deepEqual(
       outs[0]!.secondPassInfotext.map(({ key }) => key),
       ["Emphasis", "Skip Early CFG"],
     );
-    const assembled = image(await stage(params, TaskStage.ASSEMBLE, outs, { tiles }));
-    assert.equal(assembled.infotext, full.infotext, "the tiled image's infotext is what one task writes");
     // A hand-over carries only what runs record.
     const forged = { ...outs[0]!, secondPassInfotext: [{ $typeName: "latentfarm.v1.InfotextEntry" as const, key: "Seed", value: "1" }] };
     await assert.rejects(stage(params, TaskStage.ASSEMBLE, [forged, ...outs.slice(1)], { tiles }), /"Seed" is not an entry/);
+  });
+
+  test("Pad conds, written after a pass's sampling, reaches the infotext whichever stage writes it", async () => {
+    // Only the hires prompt outgrows the negative prompt's chunk, so only the second pass pads.
+    const params = {
+      steps: 3,
+      hrSecondPassSteps: 2,
+      hrUpscaler: "Latent",
+      sMinUncond: 5,
+      hrPrompt: Array.from({ length: 90 }, () => "castle").join(" "),
+      overrideSettings: { padCondUncond: true },
+    };
+    const full = await renderTask(pipe, request(params), ctx);
+    assert.match(full.infotext, /, NGMS: 5, Pad conds: True, Version: /);
+    const { first, outs } = await stagesMatchFull(params, full);
+    assert.deepEqual(
+      first.firstPassInfotext.map(({ key }) => key),
+      ["NGMS"],
+    );
+    assert.deepEqual(
+      outs[0]!.secondPassInfotext.map(({ key }) => key),
+      ["NGMS", "Pad conds"],
+    );
   });
 
   test("the second pass's prompt editing counts against hires steps, as A1111's hires_steps schedules do", async () => {

@@ -42,7 +42,7 @@ import {
 } from "../imaging/index.js";
 import { checkAborted, denoise } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
-import type { RenderContext } from "./txt2img.js";
+import type { RenderContext } from "./render-common.js";
 import {
   a1111Infotext,
   baseInfotext,
@@ -57,7 +57,7 @@ import {
   taskBasics,
   type TaskBasics,
 } from "./render-common.js";
-import { CONDITIONING_INFOTEXT_KEYS } from "./infotext.js";
+import { AFTER_SAMPLING_INFOTEXT_KEYS, CONDITIONING_INFOTEXT_KEYS } from "./infotext.js";
 import { resolveUpscaler, upscaleImage } from "./upscalers.js";
 import { restoreFacesIfRequested } from "./face-restore.js";
 import { DEFAULT_DENOISING_STRENGTH } from "./img2img.js";
@@ -497,8 +497,8 @@ async function assemble(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCo
 }
 
 const CONDITIONING_KEYS: ReadonlySet<string> = new Set(CONDITIONING_INFOTEXT_KEYS);
-/** What a pass records as it runs rather than at its setup: its prompts' encoding and its sampler's run. */
-const RAN_KEYS: ReadonlySet<string> = new Set([...CONDITIONING_INFOTEXT_KEYS, ...RUN_INFOTEXT_KEYS]);
+/** What a pass records as it runs rather than at its setup: its prompts' encoding, its sampler's run and its end. */
+const RAN_KEYS: ReadonlySet<string> = new Set([...CONDITIONING_INFOTEXT_KEYS, ...RUN_INFOTEXT_KEYS, ...AFTER_SAMPLING_INFOTEXT_KEYS]);
 
 /** What a pass's run added to its infotext (Emphasis, NGMS, Skip Early CFG…), for a later stage's infotext. */
 function ranInfotext(sampler: PreparedSampling): InfotextEntry[] {

@@ -10,7 +10,7 @@ import { prepareSampling } from "../sampling/index.js";
 import { composeOnCanvas, decodeImage, interpolate, planImg2imgResize, type Image8 } from "../imaging/index.js";
 import { checkAborted, denoise } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
-import type { RenderContext } from "./txt2img.js";
+import type { RenderContext } from "./render-common.js";
 import {
   a1111Infotext,
   asFarmError,

@@ -41,7 +41,7 @@ import { blendLatent, checkAborted, type MaskBlend } from "./denoise.js";
 import type { InfotextValue } from "./infotext.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { asFarmError, encodeRgb, resourcesOf, rgbToVaeInput, type TaskBasics } from "./render-common.js";
-import type { RenderContext } from "./txt2img.js";
+import type { RenderContext } from "./render-common.js";
 
 /** A1111's mask_blur_x / mask_blur_y default. */
 export const DEFAULT_MASK_BLUR = 4;

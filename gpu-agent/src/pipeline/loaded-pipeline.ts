@@ -12,6 +12,8 @@ export class LoadedPipeline {
   /** A1111 infotext entries: "Model hash" (checkpoints) and "Lora hashes". */
   readonly modelHash: string | undefined;
   readonly loraHashes: readonly string[];
+  /** LoRAs merged into the text encoder: its encodings are not the base model's. */
+  readonly textEncoderMerged: boolean;
   /** Warnings from building the model (LoRA keys that matched no layer), repeated to each task. */
   readonly loadWarnings: readonly string[];
   /** Makes the samplers' plain noise during UNet calls, for every run on this pipeline (see denoise). */
@@ -34,6 +36,7 @@ export class LoadedPipeline {
       onUnetCall?: (rows: number, seconds: number) => void;
       modelHash?: string | undefined;
       loraHashes?: readonly string[];
+      textEncoderMerged?: boolean;
       loadWarnings?: readonly string[];
       noiseThreadMinValues?: number;
     },
@@ -41,6 +44,7 @@ export class LoadedPipeline {
     this.noiseThreadMinValues = opts.noiseThreadMinValues ?? 16_384;
     this.modelHash = opts.modelHash;
     this.loraHashes = opts.loraHashes ?? [];
+    this.textEncoderMerged = opts.textEncoderMerged ?? false;
     this.loadWarnings = opts.loadWarnings ?? [];
     this.batcher = new StepBatcher(
       (s, t, c, d, signal) => model.unet(s, t, c, d, signal),

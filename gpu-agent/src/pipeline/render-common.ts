@@ -26,7 +26,27 @@ import { checkAborted } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { buildInfotext, type CONDITIONING_INFOTEXT_KEYS, type InfotextFields, type InfotextValue } from "./infotext.js";
 import { encodePng, toRgb8 } from "./png.js";
-import { DEFAULT_RESOURCES, type RenderContext, type RenderResources } from "./txt2img.js";
+
+/** Folders and limits a task may use beyond its model, from the agent's configuration. */
+export interface RenderResources {
+  /** ESRGAN-family ONNX upscalers, named after their file stems. */
+  upscalersDir?: string;
+  /** Face restoration models (CodeFormer, face detector). */
+  faceModelsDir?: string;
+  /** Limits for decoded input images (img2img, masks). */
+  maxInputPixels: number;
+  maxInputBytes: number;
+}
+
+export const DEFAULT_RESOURCES: RenderResources = { maxInputPixels: 4096 * 4096, maxInputBytes: 32 * 1024 * 1024 };
+
+export interface RenderContext {
+  signal: AbortSignal;
+  agentId: string;
+  onStep: (step: number, totalSteps: number) => void;
+  onWarning: (message: string) => void;
+  resources?: RenderResources;
+}
 
 const RNG_NAMES: Record<WireRng, "GPU" | "CPU" | "NV"> = {
   [WireRng.UNSPECIFIED]: "GPU",
@@ -75,10 +95,12 @@ export function taskBasics(pipe: LoadedPipeline, req: RunTaskRequest): TaskBasic
   };
 }
 
-/** The request's conditioning options (A1111's emphasis and use_old_scheduling settings). */
+/** The request's conditioning options (A1111's emphasis, use_old_scheduling and pad_cond_uncond(_v0) settings). */
 export interface ConditioningSettings {
   emphasis: EmphasisMode;
   useOldScheduling: boolean;
+  padCondUncond: boolean;
+  padCondUncondV0: boolean;
 }
 
 /** A request's settings for its passes, checked once per task. */
@@ -95,8 +117,17 @@ export interface RequestSettings {
  */
 export function requestSettingsOf(p: GenerationParams): RequestSettings {
   // The checked options carry the sampler's names, but for these.
-  const { betaDistAlpha, betaDistBeta, useDowncastedAlphaBar, img2imgFixSteps, emphasis, useOldScheduling, ...sampling } =
-    checkOverrideSettings(p);
+  const {
+    betaDistAlpha,
+    betaDistBeta,
+    useDowncastedAlphaBar,
+    img2imgFixSteps,
+    emphasis,
+    useOldScheduling,
+    padCondUncond,
+    padCondUncondV0,
+    ...sampling
+  } = checkOverrideSettings(p);
   const settings: SamplingSettings = sampling;
   if (p.eta !== undefined) settings.eta = p.eta;
   if (p.sChurn !== undefined) settings.sChurn = p.sChurn;
@@ -108,7 +139,12 @@ export function requestSettingsOf(p: GenerationParams): RequestSettings {
   if (useDowncastedAlphaBar !== undefined) settings.downcastAlphasCumprod = useDowncastedAlphaBar;
   return {
     sampling: settings,
-    conditioning: { emphasis: emphasis ?? "Original", useOldScheduling: useOldScheduling ?? false },
+    conditioning: {
+      emphasis: emphasis ?? "Original",
+      useOldScheduling: useOldScheduling ?? false,
+      padCondUncond: padCondUncond ?? false,
+      padCondUncondV0: padCondUncondV0 ?? false,
+    },
     img2imgFixSteps: img2imgFixSteps ?? false,
   };
 }
@@ -197,8 +233,18 @@ export async function conditioningFor(
     clipSkip: b.clipSkip,
     emphasis: settings.emphasis,
     useOldScheduling: settings.useOldScheduling,
+    padCondUncond: settings.padCondUncond,
+    padCondUncondV0: settings.padCondUncondV0,
     signal: ctx.signal,
   });
+  if (cond.padding === "Pad conds" && pipe.textEncoderMerged) {
+    // A1111 encodes its empty prompt once, as it loads the model, before any LoRA applies.
+    throw FarmError.unimplemented(
+      "override_settings.pad_cond_uncond",
+      "padding with a LoRA that changes the text encoder is not implemented: A1111 pads with the base model's empty " +
+        "prompt, and this pipeline's text encoder has the LoRA merged (use pad_cond_uncond_v0, or a text-encoder weight of 0)",
+    );
+  }
   recordConditioningInfotext(sampler, cond, negativePrompt, settings, steps);
   for (const u of cond.extraNetworks.unknown) ctx.onWarning(`unknown extra network tag ${u.raw} removed from the prompt`);
   // The agent merged the LoRAs of the task's prompt into this pipeline; a hires prompt naming others

@@ -113,6 +113,14 @@ describe("txt2img pipeline against A1111 reference renders", { skip, concurrency
     return sharp(img.png).raw().toBuffer();
   };
 
+  const renderImage = (seed: bigint, params: Record<string, unknown>) =>
+    renderTask(pipe, create(RunTaskRequestSchema, { taskId: "r", jobId: "r", seed, params: { ...base, ...params } }), {
+      signal: new AbortController().signal,
+      agentId: "t",
+      onStep: () => {},
+      onWarning: () => {},
+    });
+
   test("variation seed at strength 0 equals the plain seed, at strength 1 the subseed", async () => {
     // A deterministic sampler: the variation seed only changes the initial noise; an ancestral
     // sampler would still draw its later noise from the main seed's generator, as in A1111.
@@ -156,13 +164,7 @@ describe("txt2img pipeline against A1111 reference renders", { skip, concurrency
   });
 
   test("emphasis and use_old_scheduling settings reach the prompt's encoding and write A1111's infotext entries", async () => {
-    const render = async (params: Record<string, unknown>) =>
-      renderTask(pipe, create(RunTaskRequestSchema, { taskId: "s", jobId: "s", seed: 4n, params: { ...base, ...params } }), {
-        signal: new AbortController().signal,
-        agentId: "t",
-        onStep: () => {},
-        onWarning: () => {},
-      });
+    const render = (params: Record<string, unknown>) => renderImage(4n, params);
     const weighted = { prompt: "a (red:1.4) cube" };
     const original = await render(weighted);
     const noNorm = await render({ ...weighted, overrideSettings: { emphasis: "No norm" } });
@@ -182,6 +184,43 @@ describe("txt2img pipeline against A1111 reference renders", { skip, concurrency
     const same = await render({ ...edited, prompt: "a [red:blue:2] cube", overrideSettings: { useOldScheduling: true } });
     assert.doesNotMatch(same.infotext, /Old prompt editing/);
     assert.deepEqual(same.png, (await render({ ...edited, prompt: "a [red:blue:2] cube" })).png);
+  });
+
+  test("pad_cond_uncond(_v0) pad the shorter prompt, run both in one UNet batch, and write A1111's entry last", async () => {
+    const render = (params: Record<string, unknown>) => renderImage(9n, params);
+    const unetRuns = async (params: Record<string, unknown>) => {
+      const before = pipe.model.ortRunStats("unet").runs;
+      const img = await render(params);
+      return { img, runs: pipe.model.ortRunStats("unet").runs - before };
+    };
+    // 90 tokens: two chunks against the negative prompt's one.
+    const long = { prompt: Array.from({ length: 90 }, () => "castle").join(" "), negativePrompt: "blurry", samplerName: "Euler" };
+    const plain = await unetRuns(long);
+    assert.equal(plain.runs, 2 * base.steps, "without padding, prompt and negative prompt run apart");
+    assert.doesNotMatch(plain.img.infotext, /Pad conds/);
+
+    const padded = await unetRuns({ ...long, overrideSettings: { padCondUncond: true } });
+    assert.equal(padded.runs, base.steps, "padded, they share one batch");
+    assert.notDeepEqual(padded.img.png, plain.img.png);
+    assert.match(padded.img.infotext, /, Pad conds: True, Version: /);
+
+    const v0 = await unetRuns({ ...long, overrideSettings: { padCondUncondV0: true } });
+    assert.equal(v0.runs, base.steps);
+    assert.notDeepEqual(v0.img.png, plain.img.png);
+    assert.notDeepEqual(v0.img.png, padded.img.png);
+    assert.match(v0.img.infotext, /, Pad conds v0: True, Version: /);
+    // v0 wins when both are set, as in A1111.
+    const both = await render({ ...long, overrideSettings: { padCondUncond: true, padCondUncondV0: true } });
+    assert.deepEqual(both.png, v0.img.png);
+    assert.doesNotMatch(both.infotext, /Pad conds: True/);
+
+    // v0 cuts a longer negative prompt to the prompt's chunk.
+    const cut = await unetRuns({ prompt: "castle", negativePrompt: long.prompt, overrideSettings: { padCondUncondV0: true } });
+    assert.equal(cut.runs, base.steps);
+    assert.match(cut.img.infotext, /Pad conds v0: True/);
+    // Prompts of one length: nothing to pad, the image and infotext as without the options.
+    const even = await render({ overrideSettings: { padCondUncond: true } });
+    assert.equal(even.infotext, (await render({})).infotext);
   });
 
   test("a legacy combined name gives the same image and infotext as sampler + schedule type", async () => {

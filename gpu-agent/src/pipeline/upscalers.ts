@@ -11,7 +11,7 @@ import { bgrTensorToTile, planPixelUpscale, tileToBgrTensor, upscaleWithModel, t
 import type { SdModel } from "../models/sd-model.js";
 import type { WireTensor } from "../runtime/protocol.js";
 import { f16ToF32, f32ToF16 } from "../model-graph/index.js";
-import type { RenderResources } from "./txt2img.js";
+import type { RenderResources } from "./render-common.js";
 import { checkAborted } from "./denoise.js";
 
 /** A1111 upscaler names → the file stems their models are usually published under. */
