@@ -223,6 +223,15 @@ describe("txt2img pipeline against A1111 reference renders", { skip, concurrency
     assert.equal(even.infotext, (await render({})).infotext);
   });
 
+  test("use_downcasted_alpha_bar reaches DDIM and PLMS: a different image, and A1111's entry", async () => {
+    for (const samplerName of ["DDIM", "PLMS"]) {
+      const current = await renderImage(12n, { samplerName });
+      const old = await renderImage(12n, { samplerName, overrideSettings: { useDowncastedAlphaBar: true } });
+      assert.notDeepEqual(old.png, current.png, samplerName);
+      assert.match(old.infotext, /Downcast alphas_cumprod: True/);
+    }
+  });
+
   test("a legacy combined name gives the same image and infotext as sampler + schedule type", async () => {
     const legacy = await renderWith(3, 0, { samplerName: "DPM++ 2M Karras" });
     assert.deepEqual(legacy, await renderWith(3, 0, { samplerName: "DPM++ 2M", scheduler: "Karras" }));

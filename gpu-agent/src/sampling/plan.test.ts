@@ -16,6 +16,8 @@ import { createBrownianNoiseSampler } from "./brownian.js";
 import { drive, gaussianModel } from "./samplers/test-harness.js";
 import { INTERMEDIATE_DIR, assertClose, assertRelClose, fixturesAbsent, readF32, readJson } from "./test-support.js";
 import type { ModelRequest } from "./samplers/types.js";
+import { ddimCoefficients } from "./samplers/timesteps.js";
+import { sd1ScheduleWith } from "./sigmas.js";
 
 test("legacy combined names split into sampler + schedule type; the default schedule becomes Automatic", () => {
   const a = resolveSampler("DPM++ 2M Karras");
@@ -468,7 +470,7 @@ test("infotext entries keep A1111's order: processing, σ list, start latent, th
   assert.deepEqual(img2img.infotext, before);
 });
 
-test("use_downcasted_alpha_bar: k-diffusion samplers get the float16 tables and the infotext entry; timestep samplers and LCM are refused", () => {
+test("use_downcasted_alpha_bar: k-diffusion samplers get the float16 tables and the infotext entry; UniPC and LCM are refused", () => {
   const karras = (downcast: boolean) =>
     prepareSampling({
       samplerName: "DPM++ 2M",
@@ -482,11 +484,38 @@ test("use_downcasted_alpha_bar: k-diffusion samplers get the float16 tables and 
   assertRelClose([old.sigmas[0]!, old.sigmas[9]!], [14.609375, 0.03125], 1e-6, "Karras ends");
   assert.notDeepEqual(old.sigmas, karras(false).sigmas);
   assert.deepEqual(Object.keys(old.infotext), ["Downcast alphas_cumprod", "Schedule type"]);
-  for (const samplerName of ["DDIM", "PLMS", "UniPC", "LCM"]) {
+  for (const samplerName of ["UniPC", "LCM"]) {
     assert.throws(
       () => prepareSampling({ samplerName, steps: 10, noise: fourNoise, settings: { downcastAlphasCumprod: true } }),
       (e: unknown) => e instanceof FarmError && e.codeName === "UNIMPLEMENTED" && e.field === "override_settings.use_downcasted_alpha_bar",
       samplerName,
     );
   }
+});
+
+test("use_downcasted_alpha_bar with DDIM and PLMS: their coefficients are float16 tensor ops on the float16 ᾱ, as numpy's float16 makes them", () => {
+  // numpy: ac16 as in the σ-table test; sqrt(float16(1) − ac16[t]) in float16; eta sigmas in float64 from
+  // float64 alphas_prev over the float16 difference (torch promotes against the float64 array).
+  const timesteps = [1, 101, 501, 901];
+  const c = ddimCoefficients(sd1ScheduleWith("Default", "float16"), timesteps, 1);
+  assert.deepEqual([...c.alphas], [0.99853515625, 0.89306640625, 0.27490234375, 0.014007568359375]);
+  assert.deepEqual([...c.sqrtOneMinusAlphas], [0.03826904296875, 0.326904296875, 0.8515625, 0.99267578125]);
+  // Steps 10 puts alphas_prev one hundred timesteps back, as here for 101 and 901.
+  assertRelClose([c.sigmas[1]!], [0.03803809767988753], 1e-12, "eta sigma at 101");
+  assert.notEqual(ddimCoefficients(sd1ScheduleWith("Default", "float32"), [901], 0).sqrtOneMinusAlphas[0], 0.99267578125);
+
+  for (const samplerName of ["DDIM", "DDIM CFG++", "PLMS"]) {
+    const prepared = prepareSampling({ samplerName, steps: 10, noise: fourNoise, settings: { downcastAlphasCumprod: true } });
+    assert.equal(Object.keys(prepared.infotext)[0], "Downcast alphas_cumprod", samplerName);
+  }
+  // img2img's start latent: x·sqrt(ᾱ) + noise·sqrt(1 − ᾱ) with both roots float16 (ᾱ at timestep 501).
+  const img2img = prepareSampling({
+    samplerName: "DDIM",
+    steps: 10,
+    noise: fourNoise,
+    img2img: { denoisingStrength: 0.5 },
+    settings: { downcastAlphasCumprod: true },
+  });
+  assert.deepEqual([...img2img.startLatent(new Float32Array(4), new Float32Array(4).fill(1))], Array(4).fill(0.5244140625));
+  assert.deepEqual([...img2img.startLatent(new Float32Array(4).fill(1), new Float32Array(4))], Array(4).fill(0.8515625));
 });

@@ -42,6 +42,7 @@ import { sampleRestart } from "./samplers/restart.js";
 import { inLatentScope } from "./samplers/latent-pool.js";
 import {
   ddimTimesteps,
+  tensorRound,
   sampleDdim,
   sampleDdimCfgpp,
   samplePlms,
@@ -291,8 +292,9 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
   const noiseSchedule = s.noiseSchedule ?? "Default";
   const downcast = input.schedule === undefined && (s.downcastAlphasCumprod ?? false);
   const isLcm = sampler.name === "LCM";
-  if (downcast && (sampler.timestepSampler || isLcm)) {
-    // These samplers do their own arithmetic on the float16 ᾱ; only the k-diffusion tables are reproduced.
+  if (downcast && (sampler.name === "UniPC" || isLcm)) {
+    // These do more of their own arithmetic on the float16 ᾱ (UniPC's log-SNR times, LCM's boundary
+    // scalings) than DDIM's and PLMS's few coefficients, which ddimCoefficients reproduces.
     throw FarmError.unimplemented(
       "override_settings.use_downcasted_alpha_bar",
       `"${sampler.name}" with ᾱ downcast to float16 (A1111 before 1.7.0-225) is not reproduced; set use_downcasted_alpha_bar false for the current A1111's image`,
@@ -646,9 +648,11 @@ function prepareTimestepSampler(
     if (tEnc === undefined) return noise.slice();
     if (initLatent === undefined || initLatent.length !== noise.length)
       throw new RangeError("img2img needs an init latent of the noise's length");
+    // torch.sqrt on ᾱ's own tensor (float16 when it was downcast); x and noise stay float32.
+    const round = tensorRound(schedule);
     const a = schedule.alphasCumprod[all[tEnc]!]!;
-    const sqrtA = f32(Math.sqrt(a));
-    const sqrtOneMinusA = f32(Math.sqrt(f32(1 - a)));
+    const sqrtA = round(f32(Math.sqrt(a)));
+    const sqrtOneMinusA = round(f32(Math.sqrt(round(1 - a))));
     const extra = f32(s.img2imgExtraNoise ?? 0);
     const scaled = scaleInitialNoise(noise, s.initialNoiseMultiplier);
     const out = new Float32Array(noise.length);

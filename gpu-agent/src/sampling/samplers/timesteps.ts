@@ -3,6 +3,7 @@
  * They walk integer (UniPC: fractional) model timesteps on the VP latent and ask for CFG-combined eps.
  */
 import { linspaceF32 } from "../float32.js";
+import { roundToF16 } from "../../model-graph/half.js";
 import { InvalidSamplingParameter } from "../errors.js";
 import { sd1Schedule, type DiscreteSchedule } from "../sigmas.js";
 import { ModelCaller, ONE_DRAW, checkedNoise, expm1F } from "./common.js";
@@ -55,8 +56,14 @@ interface DdimCoefficients {
   sigmas: Float64Array;
 }
 
-function ddimCoefficients(schedule: DiscreteSchedule, timesteps: ArrayLike<number>, eta: number): DdimCoefficients {
+/**
+ * A1111's per-timestep DDIM/PLMS tensors. sqrt(1 − ᾱ) is a tensor op in ᾱ's own dtype (float16 when ᾱ was
+ * downcast: both the difference and the root rounded to float16); alphas_prev is float64, and the eta
+ * sigmas come out float64 from torch's type promotion against it.
+ */
+export function ddimCoefficients(schedule: DiscreteSchedule, timesteps: ArrayLike<number>, eta: number): DdimCoefficients {
   const ac = schedule.alphasCumprod;
+  const round = tensorRound(schedule);
   const n = timesteps.length;
   const alphas = new Float32Array(n);
   const alphasPrev = new Float64Array(n);
@@ -67,10 +74,15 @@ function ddimCoefficients(schedule: DiscreteSchedule, timesteps: ArrayLike<numbe
     const ap = ac[i === 0 ? 0 : timesteps[i - 1]!]!;
     alphas[i] = a;
     alphasPrev[i] = ap;
-    sqrtOneMinusAlphas[i] = Math.sqrt(f32(1 - a));
-    sigmas[i] = eta * Math.sqrt(((1 - ap) / f32(1 - a)) * (1 - a / ap));
+    sqrtOneMinusAlphas[i] = round(f32(Math.sqrt(round(1 - a))));
+    sigmas[i] = eta * Math.sqrt(((1 - ap) / round(1 - a)) * (1 - a / ap));
   }
   return { alphas, alphasPrev, sqrtOneMinusAlphas, sigmas };
+}
+
+/** Rounding of an elementwise op on the schedule's ᾱ tensor: float32, or float16 when ᾱ was downcast. */
+export function tensorRound(schedule: DiscreteSchedule): (v: number) => number {
+  return schedule.precision === "float16" ? roundToF16 : f32;
 }
 
 function* ddimLoop(x: Float32Array, o: TimestepSamplerOptions, cfgpp: boolean): Run {

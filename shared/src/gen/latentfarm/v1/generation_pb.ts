@@ -480,7 +480,8 @@ export type OverrideSettings = Message<"latentfarm.v1.OverrideSettings"> & {
 
   /**
    * ᾱ rounded to float16 before the σ tables are made, as every A1111 before 1.7.0-225 had it with an
-   * fp16 model ("Downcast alphas_cumprod"; for reproducing old seeds). k-diffusion samplers only.
+   * fp16 model ("Downcast alphas_cumprod"; for reproducing old seeds). k-diffusion samplers, DDIM and
+   * PLMS (UniPC and LCM are UNIMPLEMENTED).
    *
    * @generated from field: optional bool use_downcasted_alpha_bar = 20;
    */
