@@ -52,7 +52,7 @@ Generation options (A1111's parameter names in kebab case):
   --negative-prompt TEXT  --model NAME  --seed N  --subseed N  --subseed-strength F
   --sampler-name NAME  --scheduler NAME  --steps N  --cfg-scale F  --width N  --height N
   --batch-size N  --n-iter N  --clip-skip N  --rng CPU|GPU|NV  --eta-noise-seed-delta N  --eta F  --s-noise F
-  --infotext TEXT | --infotext-from FILE (an A1111 PNG or a text file): A1111's generation parameters,
+  --infotext TEXT | --infotext-from FILE (an A1111 PNG, JPEG, WebP or AVIF, or a text file): A1111's generation parameters,
     filling every option this command line leaves unset, as A1111's API reads its infotext field
   --s-min-uncond F (NGMS)  --override-setting KEY=VALUE (repeatable; A1111's option names, as in its
     override_settings: eta_ancestral, always_discard_next_to_last_sigma, sigma_min, sigma_max, rho,
@@ -176,18 +176,13 @@ function big(name: string, v: string | undefined): bigint | undefined {
 
 class UsageError extends Error {}
 
-/** An A1111 PNG's "parameters" text chunk, or a text file's contents. */
+/** A1111's generation data from an image it saved (PNG, JPEG, WebP, AVIF), or a text file's contents. */
 async function readInfotext(path: string): Promise<string> {
-  const bytes = await readFile(path).catch((err: Error) => {
-    throw new UsageError(`--infotext-from: ${err.message}`);
+  // Loaded when asked for: sharp is a native module most commands never need.
+  const { InfotextFileError, readInfotextFile } = await import("./infotext-file.js");
+  return readInfotextFile(path).catch((err: unknown) => {
+    throw err instanceof InfotextFileError ? new UsageError(`--infotext-from: ${err.message}`) : err;
   });
-  const PNG = [0x89, 0x50, 0x4e, 0x47];
-  if (!PNG.every((b, i) => bytes[i] === b)) return bytes.toString("utf8");
-  const { default: sharp } = await import("sharp");
-  const comments = (await sharp(bytes).metadata()).comments ?? [];
-  const text = comments.find((c) => c.keyword === "parameters")?.text;
-  if (text === undefined) throw new UsageError(`--infotext-from: ${path} has no "parameters" text (A1111's generation data)`);
-  return text;
 }
 
 /** `--override-setting KEY=VALUE` flags as a OverrideSettings message: numbers, true/false, or names. */
