@@ -300,6 +300,34 @@ test("Pad conds: the shorter side gets copies of the empty prompt's 77 vectors",
   assert.equal(equal.prepared.uncondAt(0).tensor, await equal.alone("dog"));
 });
 
+test(
+  "Pad conds with a base text encoder (a LoRA merged into this one): its empty prompt, opened once per clip skip",
+  { skip },
+  async () => {
+    const tok = await tokenizer();
+    const base = new FakeTextEncoder(H, 3);
+    let opened = 0;
+    let closed = 0;
+    const conditioner = new Conditioner({
+      tokenizer: tok,
+      // The merged encoder: any values but the base's.
+      encoder: { hiddenSize: H, maxClipSkip: 3, encode: async (b, n, c) => (await base.encode(b, n, c)).map((v) => v + 1) },
+      emptyPromptEncoder: async () => {
+        opened++;
+        return { encoder: base, close: async () => void closed++ };
+      },
+    });
+    const prepare = (clipSkip: number) =>
+      conditioner.prepare({ prompt: LONG, negativePrompt: "blurry", steps: 4, clipSkip, padCondUncond: true });
+    const empty = (clipSkip: number) => base.encode(Int32Array.from(emptyChunk(tok).tokens), 1, clipSkip);
+    assert.deepEqual((await prepare(1)).uncondAt(0).tensor.subarray(77 * H), await empty(1));
+    await prepare(1);
+    assert.deepEqual([opened, closed], [1, 1]);
+    assert.deepEqual((await prepare(2)).uncondAt(0).tensor.subarray(77 * H), await empty(2));
+    assert.deepEqual([opened, closed], [2, 2]);
+  },
+);
+
 test("Pad conds v0: the negative prompt repeats its last vector, or is cut, to the prompt's length", { skip }, async () => {
   const longer = await padded({ prompt: LONG, negativePrompt: "blurry", padCondUncondV0: true, padCondUncond: true });
   const blurry = await longer.alone("blurry");

@@ -19,6 +19,12 @@ export interface TextEncoder {
   encode(batch: Int32Array, n: number, clipSkip: number, signal?: AbortSignal): Promise<Float32Array>;
 }
 
+/** A text encoder with resources of its own (ONNX Runtime sessions), released by close(). */
+export interface ClosableTextEncoder {
+  encoder: TextEncoder;
+  close(): Promise<void>;
+}
+
 /** Conditioning for one text: [tokens, hidden] with tokens = 77 × chunks. */
 export interface CondTensor {
   data: Float32Array;
@@ -107,6 +113,12 @@ export interface ConditionerOptions {
   encoder: TextEncoder;
   /** A1111's comma_padding_backtrack; default 20. */
   commaPaddingBacktrack?: number;
+  /**
+   * The base model's text encoder, opened when needed, where `encoder` has LoRAs merged into it: A1111
+   * encodes the empty prompt it pads with (pad_cond_uncond) once, when it loads the model, before any
+   * LoRA applies.
+   */
+  emptyPromptEncoder?: () => Promise<ClosableTextEncoder>;
   /** Bound of the (text, steps, clip skip, emphasis) cache: entries and bytes of tensors. */
   cacheEntries?: number;
   cacheBytes?: number;
@@ -131,12 +143,16 @@ export class Conditioner {
   private readonly maxBytes: number;
   private readonly cache = new Map<string, CacheEntry>();
   private cachedBytes = 0;
+  private readonly emptyPromptEncoder: ConditionerOptions["emptyPromptEncoder"];
+  /** The base model's empty prompt by clip skip (emptyPromptEncoder's; a few KB each). */
+  private readonly emptyPrompts = new Map<number, Promise<Float32Array>>();
 
   constructor(opts: ConditionerOptions) {
     this.tokenizer = opts.tokenizer;
     this.encoder = opts.encoder;
     this.backtrack = opts.commaPaddingBacktrack ?? 20;
     this.maxEntries = opts.cacheEntries ?? 32;
+    this.emptyPromptEncoder = opts.emptyPromptEncoder;
     this.maxBytes = opts.cacheBytes ?? 256 * 1024 * 1024;
   }
 
@@ -329,15 +345,36 @@ export class Conditioner {
       return { cond: condTokens, uncond: uncondTokens, padding: undefined };
     }
     if (req.padCondUncondV0) return { cond: condTokens, uncond: condTokens, padding: "Pad conds v0" };
-    // Emphasis leaves an empty prompt as CLIP made it, whatever the mode.
-    const [empty] = await this.scheduledConditioning("", { steps: 1, emphasis: "None", ...optional(req) });
     const longest = Math.max(condTokens, uncondTokens);
-    return {
-      cond: longest,
-      uncond: longest,
-      padding: "Pad conds",
-      empty: empty!.cond.data.subarray(0, CHUNK_TOKENS * this.encoder.hiddenSize),
-    };
+    return { cond: longest, uncond: longest, padding: "Pad conds", empty: await this.emptyPrompt(req) };
+  }
+
+  /** A1111's cond_stage_model_empty_prompt: the empty prompt's 77 token vectors, as CLIP makes them. */
+  private async emptyPrompt(req: PrepareRequest): Promise<Float32Array> {
+    const clipSkip = req.clipSkip ?? 1;
+    const open = this.emptyPromptEncoder;
+    if (open === undefined) {
+      // Emphasis leaves an empty prompt as CLIP made it, whatever the mode.
+      const [empty] = await this.scheduledConditioning("", { steps: 1, emphasis: "None", ...optional(req) });
+      return empty!.cond.data.subarray(0, CHUNK_TOKENS * this.encoder.hiddenSize);
+    }
+    let encoded = this.emptyPrompts.get(clipSkip);
+    if (encoded === undefined) {
+      // Shared by every request that pads, so no one request's signal may cancel it.
+      encoded = (async () => {
+        const base = await open();
+        try {
+          const tokens = Int32Array.from(this.withPadding(emptyChunk(this.tokenizer).tokens));
+          return await base.encoder.encode(tokens, 1, clipSkip);
+        } finally {
+          await base.close();
+        }
+      })();
+      this.emptyPrompts.set(clipSkip, encoded);
+      // A failed or aborted encode is not kept: the next request opens the encoder again.
+      encoded.catch(() => this.emptyPrompts.delete(clipSkip));
+    }
+    return encoded;
   }
 
   private async encodeSchedule(schedule: ScheduleEntry[], opts: EncodeOptions, signal?: AbortSignal): Promise<ScheduledCond[]> {

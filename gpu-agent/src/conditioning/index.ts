@@ -39,6 +39,7 @@ export { applyEmphasis, type EmphasisRow, type EmphasisTarget } from "./emphasis
 export {
   Conditioner,
   type TextEncoder,
+  type ClosableTextEncoder,
   type CondTensor,
   type ScheduledCond,
   type EncodeOptions,

@@ -32,7 +32,7 @@ async function pipelineFor(
     maxBatchRows: 8,
     modelHash: loaded.modelHash,
     loraHashes: loaded.loraHashes,
-    textEncoderMerged: loaded.textEncoderMerged,
+    baseTextEncoder: loaded.baseTextEncoder,
     loadWarnings: loaded.warnings,
   });
 }
@@ -194,18 +194,21 @@ describe("LoRAs named in a prompt merge into the checkpoint", { concurrency: fal
     assert.match(img2img.infotext, /Lora hashes: "style: [0-9a-f]{12}"/);
   });
 
-  test("Pad conds needs the base model's empty prompt: refused with a text-encoder LoRA, run with a UNet-only one", async () => {
+  test("Pad conds pads with the base model's empty prompt, also where a LoRA changed the text encoder", async () => {
+    const base = await pipelineFor(catalog, "tiny", [], opts);
     const textToo = await pipelineFor(catalog, "tiny", [{ name: "style", teWeight: 1, unetWeight: 1 }], opts);
-    const unetOnly = await pipelineFor(catalog, "tiny", [{ name: "style", teWeight: 0, unetWeight: 1 }], opts);
-    open.push(textToo, unetOnly);
-    const long = { ...params, prompt: `${params.prompt} ${Array.from({ length: 90 }, () => "cat").join(" ")}` };
-    await assert.rejects(render(textToo, { ...long, overrideSettings: { padCondUncond: true } }), (e: unknown) => {
-      const err = FarmError.from(e);
-      return err.codeName === "UNIMPLEMENTED" && err.field === "override_settings.pad_cond_uncond" && /empty prompt/.test(err.message);
-    });
-    // v0 pads with the negative prompt's own vectors; a UNet-only LoRA leaves the empty prompt as the base model has it.
-    assert.match((await render(textToo, { ...long, overrideSettings: { padCondUncondV0: true } })).infotext, /Pad conds v0: True/);
-    assert.match((await render(unetOnly, { ...long, overrideSettings: { padCondUncond: true } })).infotext, /Pad conds: True/);
+    open.push(base, textToo);
+    const long = Array.from({ length: 90 }, () => "cat").join(" ");
+    const uncond = async (pipe: LoadedPipeline) =>
+      (await (await pipe.conditioner()).prepare({ prompt: long, negativePrompt: "", steps: 3, padCondUncond: true })).uncondAt(0);
+    const [b, l] = [await uncond(base), await uncond(textToo)];
+    assert.equal(l.tokens, 154);
+    const chunk = 77 * (await textToo.conditioner()).encoder.hiddenSize;
+    // The negative prompt itself is encoded with the LoRA, as A1111 encodes it; the padding is the base model's.
+    assert.notDeepEqual(l.tensor.subarray(0, chunk), b.tensor.subarray(0, chunk));
+    assert.deepEqual(l.tensor.subarray(chunk), b.tensor.subarray(chunk));
+    const img = await render(textToo, { ...params, prompt: `${params.prompt} ${long}`, overrideSettings: { padCondUncond: true } });
+    assert.match(img.infotext, /Pad conds: True/);
   });
 
   test("unknown, path-like and misplaced LoRAs get clear statuses", async () => {

@@ -12,7 +12,8 @@ import {
 } from "../model-graph/index.js";
 import type { ExecutionProvider } from "../runtime/protocol.js";
 import type { ModelCatalog, ModelEntry } from "./catalog.js";
-import { SdModel } from "./sd-model.js";
+import { SdModel, loadTextEncoder } from "./sd-model.js";
+import type { ClosableTextEncoder } from "../conditioning/index.js";
 
 /** A LoRA as a task asks for it: from a `<lora:name:te:unet>` tag or the request's loras field. */
 export interface LoraUse {
@@ -45,8 +46,11 @@ export interface LoadedModelInfo {
   modelHash: string | undefined;
   /** A1111's "Lora hashes" entries ("name: hash"), in request order. */
   loraHashes: string[];
-  /** A LoRA changed the text encoder's weights (a text-encoder weight other than 0). */
-  textEncoderMerged: boolean;
+  /**
+   * Where a LoRA changed the text encoder's weights (a text-encoder weight other than 0): opens the base
+   * model's text encoder, whose empty prompt A1111 pads with.
+   */
+  baseTextEncoder: (() => Promise<ClosableTextEncoder>) | undefined;
   warnings: string[];
 }
 
@@ -112,7 +116,7 @@ export async function loadModel(
         { field: "loras" },
       );
     }
-    return { model: await load(entry.path), modelHash: undefined, loraHashes: [], textEncoderMerged: false, warnings: [] };
+    return { model: await load(entry.path), modelHash: undefined, loraHashes: [], baseTextEncoder: undefined, warnings: [] };
   }
   const tokenizerDir = opts.tokenizerDir ?? (await defaultTokenizer(catalog));
   if (!tokenizerDir) {
@@ -147,8 +151,15 @@ export async function loadModel(
     modelHash = imported.modelHash;
     for (const w of imported.loraWarnings) for (const m of w.warnings) warnings.push(`${w.path}: ${m}`);
   }
-  const textEncoderMerged = key.loras.some((l) => l.teWeight !== 0);
-  return { model: await load(dir), modelHash, loraHashes, textEncoderMerged, warnings };
+  const baseTextEncoder = key.loras.some((l) => l.teWeight !== 0)
+    ? async (): Promise<ClosableTextEncoder> =>
+        loadTextEncoder((await importCheckpoint(entry.path, importOpts)).dir, {
+          ep: opts.ep,
+          ...(opts.intraOpNumThreads ? { intraOpNumThreads: opts.intraOpNumThreads } : {}),
+          ...(opts.sessions ? { sessions: opts.sessions } : {}),
+        })
+    : undefined;
+  return { model: await load(dir), modelHash, loraHashes, baseTextEncoder, warnings };
 }
 
 /** Files in the LoRA folder, for listings. */

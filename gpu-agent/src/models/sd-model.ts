@@ -8,7 +8,7 @@ import { InThreadOrtSessions, type OrtSessions } from "../runtime/ort-sessions.j
 import type { ExecutionProvider, SessionInfo, TensorType, ValueMeta, WireTensor } from "../runtime/protocol.js";
 import { f16ToF32, f32ToF16 } from "../model-graph/index.js";
 import type { ModelEntry } from "./catalog.js";
-import type { TextEncoder } from "../conditioning/index.js";
+import type { ClosableTextEncoder, TextEncoder } from "../conditioning/index.js";
 
 const CLIP_LAYER_NORM_EPS = 1e-5;
 
@@ -59,6 +59,37 @@ export interface SdModelConfig {
   readonly latentChannels: number;
 }
 
+export interface SdModelLoadOptions {
+  ep: ExecutionProvider;
+  intraOpNumThreads?: number;
+  logger: Logger;
+  signal?: AbortSignal;
+  /**
+   * Where the sessions run: "worker" (default) puts them in a worker thread of their own, for callers on
+   * an event loop that must not block; "this-thread" runs them on the calling thread, for a thread that
+   * hosts the whole render (PipelineHost), where a hop to yet another thread per model call is pure cost.
+   */
+  sessions?: "worker" | "this-thread";
+}
+
+function sessionsFor(opts: Omit<SdModelLoadOptions, "logger">): OrtSessions {
+  const threads = opts.intraOpNumThreads === undefined ? {} : { intraOpNumThreads: opts.intraOpNumThreads };
+  return opts.sessions === "this-thread" ? new InThreadOrtSessions({ ep: opts.ep, ...threads }) : new OrtWorker(opts.ep, threads);
+}
+
+/** The text encoder of a diffusers ONNX folder alone, e.g. a base model's beside a LoRA-merged pipeline. */
+export async function loadTextEncoder(dir: string, opts: Omit<SdModelLoadOptions, "logger">): Promise<ClosableTextEncoder> {
+  const sessions = sessionsFor(opts);
+  try {
+    const info = await sessions.load("text_encoder", join(dir, "text_encoder", "model.onnx"), opts.signal);
+    const encoder = await OnnxTextEncoder.create(sessions, info, opts.signal);
+    return { encoder, close: () => sessions.close() };
+  } catch (err) {
+    await sessions.close();
+    throw err;
+  }
+}
+
 /**
  * A loaded Stable Diffusion pipeline in the diffusers ONNX layout, its sessions held by one
  * worker thread. Input names and dtypes come from the sessions' metadata, since exporters differ
@@ -102,21 +133,7 @@ export class SdModel {
     return this.entry.name;
   }
 
-  static async load(
-    entry: ModelEntry,
-    opts: {
-      ep: ExecutionProvider;
-      intraOpNumThreads?: number;
-      logger: Logger;
-      signal?: AbortSignal;
-      /**
-       * Where the sessions run: "worker" (default) puts them in a worker thread of their own, for callers on
-       * an event loop that must not block; "this-thread" runs them on the calling thread, for a thread that
-       * hosts the whole render (PipelineHost), where a hop to yet another thread per model call is pure cost.
-       */
-      sessions?: "worker" | "this-thread";
-    },
-  ): Promise<SdModel> {
+  static async load(entry: ModelEntry, opts: SdModelLoadOptions): Promise<SdModel> {
     if (entry.format !== "diffusers-onnx") {
       throw new FarmError(
         grpc.status.UNIMPLEMENTED,
@@ -131,9 +148,7 @@ export class SdModel {
       }
     }
     const config = await readConfig(dir);
-    const threads = opts.intraOpNumThreads === undefined ? {} : { intraOpNumThreads: opts.intraOpNumThreads };
-    const worker: OrtSessions =
-      opts.sessions === "this-thread" ? new InThreadOrtSessions({ ep: opts.ep, ...threads }) : new OrtWorker(opts.ep, threads);
+    const worker = sessionsFor(opts);
     try {
       const te = await worker.load("text_encoder", join(dir, "text_encoder", "model.onnx"), opts.signal);
       const unet = await worker.load("unet", join(dir, "unet", "model.onnx"), opts.signal);

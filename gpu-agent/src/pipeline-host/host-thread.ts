@@ -66,7 +66,7 @@ async function start(): Promise<void> {
       maxBatchRows: init.maxBatchRows,
       modelHash: loaded.modelHash,
       loraHashes: loaded.loraHashes,
-      textEncoderMerged: loaded.textEncoderMerged,
+      baseTextEncoder: loaded.baseTextEncoder,
       loadWarnings: loaded.warnings,
       onUnetCall: (rows, seconds) => post({ type: "unetCall", rows, seconds }),
     });

@@ -1,4 +1,4 @@
-import { ClipTokenizer, Conditioner } from "../conditioning/index.js";
+import { ClipTokenizer, Conditioner, type ClosableTextEncoder } from "../conditioning/index.js";
 import { NoiseThread } from "../sampling/index.js";
 import { BrownianWorkers } from "../sampling/brownian-thread.js";
 import type { SdModel } from "../models/sd-model.js";
@@ -8,12 +8,11 @@ import { StepBatcher } from "./step-batcher.js";
 export class LoadedPipeline {
   readonly batcher: StepBatcher;
   private conditionerPromise: Promise<Conditioner> | undefined;
+  private readonly baseTextEncoder: (() => Promise<ClosableTextEncoder>) | undefined;
 
   /** A1111 infotext entries: "Model hash" (checkpoints) and "Lora hashes". */
   readonly modelHash: string | undefined;
   readonly loraHashes: readonly string[];
-  /** LoRAs merged into the text encoder: its encodings are not the base model's. */
-  readonly textEncoderMerged: boolean;
   /** Warnings from building the model (LoRA keys that matched no layer), repeated to each task. */
   readonly loadWarnings: readonly string[];
   /** Makes the samplers' plain noise during UNet calls, for every run on this pipeline (see denoise). */
@@ -36,7 +35,8 @@ export class LoadedPipeline {
       onUnetCall?: (rows: number, seconds: number) => void;
       modelHash?: string | undefined;
       loraHashes?: readonly string[];
-      textEncoderMerged?: boolean;
+      /** The base model's text encoder where LoRAs changed this one's (ModelLoader's baseTextEncoder). */
+      baseTextEncoder?: (() => Promise<ClosableTextEncoder>) | undefined;
       loadWarnings?: readonly string[];
       noiseThreadMinValues?: number;
     },
@@ -44,7 +44,7 @@ export class LoadedPipeline {
     this.noiseThreadMinValues = opts.noiseThreadMinValues ?? 16_384;
     this.modelHash = opts.modelHash;
     this.loraHashes = opts.loraHashes ?? [];
-    this.textEncoderMerged = opts.textEncoderMerged ?? false;
+    this.baseTextEncoder = opts.baseTextEncoder;
     this.loadWarnings = opts.loadWarnings ?? [];
     this.batcher = new StepBatcher(
       (s, t, c, d, signal) => model.unet(s, t, c, d, signal),
@@ -60,7 +60,12 @@ export class LoadedPipeline {
 
   conditioner(): Promise<Conditioner> {
     this.conditionerPromise ??= ClipTokenizer.fromDirectory(this.model.tokenizerDir).then(
-      (tokenizer) => new Conditioner({ tokenizer, encoder: this.model.textEncoder }),
+      (tokenizer) =>
+        new Conditioner({
+          tokenizer,
+          encoder: this.model.textEncoder,
+          ...(this.baseTextEncoder !== undefined && { emptyPromptEncoder: this.baseTextEncoder }),
+        }),
     );
     return this.conditionerPromise;
   }

@@ -237,14 +237,6 @@ export async function conditioningFor(
     padCondUncondV0: settings.padCondUncondV0,
     signal: ctx.signal,
   });
-  if (cond.padding === "Pad conds" && pipe.textEncoderMerged) {
-    // A1111 encodes its empty prompt once, as it loads the model, before any LoRA applies.
-    throw FarmError.unimplemented(
-      "override_settings.pad_cond_uncond",
-      "padding with a LoRA that changes the text encoder is not implemented: A1111 pads with the base model's empty " +
-        "prompt, and this pipeline's text encoder has the LoRA merged (use pad_cond_uncond_v0, or a text-encoder weight of 0)",
-    );
-  }
   recordConditioningInfotext(sampler, cond, negativePrompt, settings, steps);
   for (const u of cond.extraNetworks.unknown) ctx.onWarning(`unknown extra network tag ${u.raw} removed from the prompt`);
   // The agent merged the LoRAs of the task's prompt into this pipeline; a hires prompt naming others
