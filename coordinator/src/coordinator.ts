@@ -199,7 +199,7 @@ export class Coordinator {
           if (hi && v !== undefined) {
             this.store.emit(task.job, {
               case: "step",
-              value: { taskId: task.id, imageIndex: task.imageIndex, step: v, totalSteps: hi.totalSteps },
+              value: { taskId: task.id, imageIndex: task.imageIndex, step: v, totalSteps: hi.totalSteps, previewPng: step.previewPng },
             });
           }
         },

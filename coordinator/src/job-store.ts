@@ -56,6 +56,8 @@ export class Job {
   error: { code: string; message: string; imageIndex: number } | undefined;
   finishedAt: number | undefined;
   readonly events: JobEvent[] = [];
+  /** Per image, the log index of its latest step event with a live preview (see JobStore.emit). */
+  readonly latestPreview = new Map<number, number>();
   /** Wakes Watch streams waiting for new events. */
   readonly waiters = new Set<() => void>();
   /** Scheduled by this coordinator (false: loaded read-only to serve Watch/Get of an old job). */
@@ -422,6 +424,23 @@ export class JobStore {
       });
   }
 
+  /**
+   * A preview is worth showing until the next one of its image: the log keeps that image's latest in
+   * memory, and an earlier one stays only in the stored events (a Watch that replays the log sees the
+   * step without its picture). Only events already stored are rewritten, so storage sees each as emitted.
+   */
+  private keepLatestPreview(job: Job, imageIndex: number): void {
+    const previous = job.latestPreview.get(imageIndex);
+    job.latestPreview.set(imageIndex, job.events.length - 1);
+    if (previous === undefined || previous >= job.eventsStored) return;
+    const e = job.events[previous]!;
+    if (e.event.case !== "step") return;
+    job.events[previous] = create(JobEventSchema, {
+      ...e,
+      event: { case: "step", value: { ...e.event.value, previewPng: new Uint8Array(0) } },
+    });
+  }
+
   byRequest(tenant: string, requestId: string): Job | undefined {
     const id = this.byRequestId.get(this.reqKey(tenant, requestId));
     return id === undefined ? undefined : this.jobs.get(id);
@@ -443,6 +462,7 @@ export class JobStore {
       event,
     });
     job.events.push(e);
+    if (e.event.case === "step" && e.event.value.previewPng.length > 0) this.keepLatestPreview(job, e.event.value.imageIndex);
     if (this.durable) this.flushEvents(job);
     else {
       job.eventsStored = job.events.length;

@@ -77,3 +77,9 @@ test("use_downcasted_alpha_bar cannot be combined with Zero Terminal SNR, whose 
     "override_settings.use_downcasted_alpha_bar",
   );
 });
+
+test("preview_every_n_steps: 0 (none) up to the step limit", () => {
+  assert.equal(validateJob(job({ previewEveryNSteps: 5 })).params.previewEveryNSteps, 5);
+  rejects({ previewEveryNSteps: -1 }, "INVALID_ARGUMENT", "preview_every_n_steps");
+  rejects({ previewEveryNSteps: 1_000_000 }, "INVALID_ARGUMENT", "preview_every_n_steps");
+});

@@ -76,6 +76,7 @@ export function validateJob(
 
   p.steps ??= 50;
   intIn("steps", p.steps, 1, L.maxSteps);
+  intIn("preview_every_n_steps", p.previewEveryNSteps, 0, L.maxSteps);
   p.cfgScale ??= 7;
   finite("cfg_scale", p.cfgScale);
   if (p.cfgScale < 0) throw FarmError.invalid("cfg_scale", `must be ≥ 0, got ${p.cfgScale}`);

@@ -306,8 +306,14 @@ export class Agent {
         output = await loaded.value.runTask(req, {
           signal,
           agentId: this.id,
-          onStep: (step, total) => {
-            const progress = { taskId: req.taskId, imageIndex: req.imageIndex, step, totalSteps: total };
+          onStep: (step, total, previewPng) => {
+            const progress = {
+              taskId: req.taskId,
+              imageIndex: req.imageIndex,
+              step,
+              totalSteps: total,
+              ...(previewPng !== undefined && { previewPng }),
+            };
             run.progress({ kind: { case: "progress", value: progress } });
             this.nc?.publish(
               subjects.taskProgress(req.taskId),

@@ -277,11 +277,18 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
         "skip_early_cond=0.2",
         "--override-setting",
         "always_discard_next_to_last_sigma=true",
+        "--preview-every",
+        "1",
         "--out",
         join(dir, "tuned"),
       );
       assert.equal(tuned.status, 0, tuned.stderr);
-      const [tpng] = readdirSync(join(dir, "tuned"));
+      // One live preview per step, named by job, image and step.
+      assert.deepEqual(
+        readdirSync(join(dir, "tuned", "previews")).map((f) => f.replace(/^.*-(\d+)-(\d+)\.png$/, "$1/$2")),
+        ["0/0001", "0/0002", "0/0003"],
+      );
+      const [tpng] = readdirSync(join(dir, "tuned")).filter((f) => f.endsWith(".png"));
       const tunedText = (await sharp(join(dir, "tuned", tpng!)).metadata()).comments?.find((c) => c.keyword === "parameters")?.text ?? "";
       assert.match(tunedText, /Discard penultimate sigma: True, Skip Early CFG: 0\.2, NGMS: 100/);
       // An A1111 PNG's parameters as the whole job: the same image.
@@ -424,10 +431,23 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
         hrScale: 1.5,
         hrUpscaler: "Latent",
         denoisingStrength: 0.6,
+        previewEveryNSteps: 2,
       },
     });
     const events = await collect(farm, jobId);
     assert.equal(events.at(-1)?.event.case, "done", JSON.stringify(events.at(-1)?.event.value));
+    // Live previews ride on the step events of both passes: the first pass's at 8×8, the second's at 12×12.
+    const previews = events.flatMap((e) => (e.event.case === "step" && e.event.value.previewPng.length > 0 ? [e.event.value] : []));
+    for (const index of [0, 1]) {
+      const mine = previews.filter((p) => p.imageIndex === index);
+      assert.deepEqual(
+        mine.map((p) => p.step),
+        [2, 4, 6, 8],
+        `image ${index}`,
+      );
+      const sizes = await Promise.all(mine.map(async (p) => (await sharp(p.previewPng).metadata()).width));
+      assert.deepEqual(sizes, [8, 8, 12, 12]);
+    }
     const images = events
       .filter((e) => e.event.case === "image")
       .map((e) => (e.event.value as { image: { png: Uint8Array; infotext: string } }).image);

@@ -54,6 +54,7 @@ Generation options (A1111's parameter names in kebab case):
   --batch-size N  --n-iter N  --clip-skip N  --rng CPU|GPU|NV  --eta-noise-seed-delta N  --eta F  --s-noise F
   --infotext TEXT | --infotext-from FILE (an A1111 PNG, JPEG, WebP or AVIF, or a text file): A1111's generation parameters,
     filling every option this command line leaves unset, as A1111's API reads its infotext field
+  --preview-every N (a live preview every N steps, written to OUT/previews/JOB-IMAGE-STEP.png)
   --s-min-uncond F (NGMS)  --override-setting KEY=VALUE (repeatable; A1111's option names, as in its
     override_settings: eta_ancestral, always_discard_next_to_last_sigma, sigma_min, sigma_max, rho,
     uni_pc_variant, uni_pc_order, skip_early_cond, sd_noise_schedule, …)
@@ -118,6 +119,7 @@ const GEN_OPTIONS = {
   eta: { type: "string" },
   "s-noise": { type: "string" },
   "s-min-uncond": { type: "string" },
+  "preview-every": { type: "string" },
   infotext: { type: "string", default: "" },
   "infotext-from": { type: "string" },
   "override-setting": { type: "string", multiple: true },
@@ -293,6 +295,7 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
     eta: num("eta", v.eta),
     sNoise: num("s-noise", v["s-noise"]),
     sMinUncond: num("s-min-uncond", v["s-min-uncond"]),
+    previewEveryNSteps: num("preview-every", v["preview-every"]) ?? 0,
     infotext: v["infotext-from"] !== undefined ? await readInfotext(v["infotext-from"]) : v.infotext,
     overrideSettings: overrideSettingsOf(v["override-setting"] ?? []),
     enableHr: v["enable-hr"] || v["hr-scale"] !== undefined || v["hr-resize-x"] !== undefined || v["hr-resize-y"] !== undefined,
@@ -340,6 +343,13 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
       if (e.case === "step") {
         steps.set(e.value.imageIndex, e.value.step);
         totalSteps = e.value.totalSteps * imageCount;
+        if (e.value.previewPng.length > 0) {
+          await mkdir(join(dir, "previews"), { recursive: true });
+          await writeFile(
+            join(dir, "previews", `${jobId}-${e.value.imageIndex}-${String(e.value.step).padStart(4, "0")}.png`),
+            e.value.previewPng,
+          );
+        }
       } else if (e.case === "image" && e.value.image) {
         const img = e.value.image;
         const path = join(dir, `${String(n++).padStart(5, "0")}-${img.seed}.png`);

@@ -89,7 +89,7 @@ async function renderOn(m: Extract<ToHost, { op: "run" }>, abort: AbortControlle
     const output = await runTask(p, m.req, {
       signal: abort.signal,
       agentId: m.agentId,
-      onStep: (step, total) =>
+      onStep: (step, total, previewPng) =>
         post({
           type: "step",
           id: m.id,
@@ -97,6 +97,7 @@ async function renderOn(m: Extract<ToHost, { op: "run" }>, abort: AbortControlle
           total,
           at: performance.timeOrigin + performance.now(),
           unetRunMs: p.model.ortRunStats("unet").ms,
+          ...(previewPng !== undefined && { previewPng }),
         }),
       onWarning: (message) => post({ type: "warning", id: m.id, message }),
       ...(m.resources ? { resources: m.resources } : {}),

@@ -145,7 +145,7 @@ export class PipelineHost {
         return;
       case "step": {
         this.lastStep = { at: m.at, unetRunMs: m.unetRunMs };
-        this.pending.get(m.id)?.ctx.onStep(m.step, m.total);
+        this.pending.get(m.id)?.ctx.onStep(m.step, m.total, m.previewPng);
         return;
       }
       case "warning":

@@ -28,8 +28,11 @@ export type LogLevel = "debug" | "info" | "warn" | "error";
 export type FromHost =
   | { type: "ready"; modelHash: string | undefined; loraHashes: string[]; warnings: string[] }
   | { type: "loadFailed"; error: WireError }
-  /** `at`: epoch ms (timeOrigin + now) when the step ended; `unetRunMs`: this pipeline's ORT run() ms so far. */
-  | { type: "step"; id: number; step: number; total: number; at: number; unetRunMs: number }
+  /**
+   * `at`: epoch ms (timeOrigin + now) when the step ended; `unetRunMs`: this pipeline's ORT run() ms so far;
+   * `previewPng`: the step's live preview, when the request asks for one.
+   */
+  | { type: "step"; id: number; step: number; total: number; at: number; unetRunMs: number; previewPng?: Uint8Array }
   | { type: "warning"; id: number; message: string }
   | { type: "done"; id: number; output: TaskOutput }
   | { type: "failed"; id: number; error: WireError }

@@ -3,6 +3,7 @@ import { FarmError, abortError } from "@latentfarm/shared";
 import { cIn, cfgCombine, scaleLatent, type ImageRng, type NoiseAhead, type PreparedSampling } from "../sampling/index.js";
 import type { PreparedConditioning } from "../conditioning/index.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
+import { cheapApproximation, rgbPngSync } from "./preview.js";
 
 export function checkAborted(signal: AbortSignal): void {
   if (signal.aborted) throw abortError(signal);
@@ -18,7 +19,10 @@ export interface DenoiseInput {
   /** The sampler's start latent (PreparedSampling.startLatent). */
   start: Float32Array;
   signal: AbortSignal;
-  onStep: (step: number, totalSteps: number) => void;
+  /** After each sampling step; `previewPng` on every previewEvery-th step. */
+  onStep: (step: number, totalSteps: number, previewPng?: Uint8Array) => void;
+  /** Live previews every this many steps (GenerationParams.preview_every_n_steps); none when absent or 0. */
+  previewEvery?: number;
   /** Inpainting UNets (9 input channels): A1111's c_concat, appended to every row unscaled. */
   imageCond?: Float32Array;
   /** Inpainting: A1111's CFGDenoiser mask blend. */
@@ -78,6 +82,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
   const vPred = pipe.model.config.predictionType === "v_prediction";
   // One UNet input buffer for the run: the batcher copies it into its batch before the call resolves.
   const scaled = new Float32Array(plane);
+  const previews = new Previews(input.previewEvery, pipe.model.config.latentChannels, h, w);
   const gen = sampler.run(input.start);
   let r = gen.next();
   let lastStep = -1;
@@ -86,7 +91,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       checkAborted(signal);
       const req = r.value;
       if (req.step !== lastStep) {
-        if (lastStep >= 0) input.onStep(lastStep + 1, sampler.steps);
+        if (lastStep >= 0) input.onStep(lastStep + 1, sampler.steps, previews.take(lastStep + 1));
         lastStep = req.step;
       }
       const blend = input.maskBlend;
@@ -129,7 +134,10 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
         // then read the answer where it is.
         const toDenoised = { x, sigma: req.sigma, prediction: vPred ? ("v" as const) : ("eps" as const) };
         const combined = cfgCombine(uncondOut, outputs, skipUncond ? 1 : cfgScale, toDenoised, req.into);
-        r = gen.next(blend && !blend.beforeModel ? blendLatent(combined, blend, combined) : combined);
+        const denoised = blend && !blend.beforeModel ? blendLatent(combined, blend, combined) : combined;
+        // Before the sampler has it: its next kernels may write over the answer's slot.
+        previews.offer(req.step + 1, () => denoised);
+        r = gen.next(denoised);
       } else {
         if (blend && !blend.beforeModel) {
           throw new FarmError(
@@ -146,6 +154,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
         const eConds = conds.map((cd, k) => ({ output: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));
         const scale = skipUncond ? 1 : cfgScale * (req.cfgScaleMultiplier ?? 1);
         const output = cfgCombine(uncondOut, eConds, scale, undefined, req.into);
+        previews.offer(req.step + 1, () => predictedX0(x, output, req.sigma));
         r = gen.next(req.needUncond ? { output, uncond: uncondOut } : output);
       }
     }
@@ -153,9 +162,51 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
     // Cancelled or failed: the run's latents go back to the kernels' memory.
     if (!r.done) gen.return(undefined as never);
   }
-  input.onStep(sampler.steps, sampler.steps);
+  input.onStep(sampler.steps, sampler.steps, previews.take(sampler.steps));
   checkAborted(signal);
   // A1111's sampler writes this once its sampling is over, after what the run recorded as it went.
   if (cond.padding !== undefined) sampler.infotext[cond.padding] = true;
   return r.value;
+}
+
+/**
+ * The run's live previews: on a step that shows one, every model call's denoised latent is made into the
+ * preview's pixels (the step's last call wins), and its PNG is made when the step's progress is sent.
+ */
+class Previews {
+  private pending: { step: number; rgb: Uint8Array } | undefined;
+  /** 0 for none. "Approx cheap" mixes SD1's four latent channels: other latents get no preview. */
+  private readonly every: number;
+
+  constructor(
+    every: number | undefined,
+    channels: number,
+    private readonly h: number,
+    private readonly w: number,
+  ) {
+    this.every = every !== undefined && every > 0 && channels === 4 ? every : 0;
+  }
+
+  offer(step: number, denoised: () => Float32Array): void {
+    if (this.every === 0 || step % this.every !== 0) return;
+    this.pending = { step, rgb: cheapApproximation(denoised(), this.h, this.w) };
+  }
+
+  take(step: number): Uint8Array | undefined {
+    const p = this.pending;
+    if (p === undefined || p.step !== step) return undefined;
+    this.pending = undefined;
+    return rgbPngSync(p.rgb, this.w, this.h);
+  }
+}
+
+/**
+ * x0 from a timestep sampler's VP latent and its CFG-combined eps, as A1111's get_pred_x0 makes it:
+ * (x − sqrt(1 − ᾱ)·eps)/sqrt(ᾱ), with ᾱ = 1/(1 + σ²) from the call's σ equivalent.
+ */
+function predictedX0(x: Float32Array, eps: Float32Array, sigma: number): Float32Array {
+  const scale = Math.sqrt(1 + sigma * sigma);
+  const out = new Float32Array(x.length);
+  for (let i = 0; i < x.length; i++) out[i] = x[i]! * scale - sigma * eps[i]!;
+  return out;
 }

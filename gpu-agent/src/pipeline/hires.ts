@@ -175,7 +175,7 @@ async function runFirstPass(
   pipe: LoadedPipeline,
   s: HiresSetup,
   ctx: RenderContext,
-  onStep: (step: number) => void,
+  onStep: (step: number, previewPng?: Uint8Array) => void,
 ): Promise<{ latent: Float32Array; sampler: PreparedSampling }> {
   const { b } = s;
   const rng = imageRngFor(b, s.h, s.w);
@@ -191,7 +191,8 @@ async function runFirstPass(
     w: s.w,
     start: sampler.startLatent(rng.first()),
     signal: ctx.signal,
-    onStep,
+    onStep: (k, _total, previewPng) => onStep(k, previewPng),
+    previewEvery: b.p.previewEveryNSteps,
     noiseRng: rng,
   });
   return { latent, sampler };
@@ -301,7 +302,7 @@ async function runSecondPass(
   s: HiresSetup,
   sampler1: PreparedSampling,
   source: FirstPassOutput,
-  onStep: (step: number) => void,
+  onStep: (step: number, previewPng?: Uint8Array) => void,
 ): Promise<Image> {
   const { b } = s;
   const { p } = b;
@@ -322,7 +323,8 @@ async function runSecondPass(
     w: up.w,
     start,
     signal: ctx.signal,
-    onStep,
+    onStep: (k, _total, previewPng) => onStep(k, previewPng),
+    previewEvery: p.previewEveryNSteps,
     noiseRng: rng,
   });
   const rgb = await decodeToRgb(pipe, latent, up.h, up.w, ctx.signal);
@@ -334,7 +336,7 @@ export async function renderTxt2imgExtended(pipe: LoadedPipeline, req: RunTaskRe
   // Progress counts both passes, as A1111's total does (a txt2img sampler reports its requested steps).
   let offset = 0;
   const total = s.b.steps + (s.target ? s.hrSteps : 0);
-  const onStep = (k: number): void => ctx.onStep(offset + k, total);
+  const onStep = (k: number, previewPng?: Uint8Array): void => ctx.onStep(offset + k, total, previewPng);
   const first = await runFirstPass(pipe, s, ctx, onStep);
   if (!s.target) {
     const rgb = await decodeToRgb(pipe, first.latent, s.h, s.w, ctx.signal);
@@ -358,7 +360,7 @@ export async function runHiresStage(pipe: LoadedPipeline, req: RunTaskRequest, c
   const C = pipe.model.config.latentChannels;
   switch (req.stage) {
     case TaskStage.FIRST_PASS: {
-      const first = await runFirstPass(pipe, s, ctx, (k) => ctx.onStep(k, s.b.steps));
+      const first = await runFirstPass(pipe, s, ctx, (k, previewPng) => ctx.onStep(k, s.b.steps, previewPng));
       const out = firstPassHandover(await firstPassOutput(pipe, s, ctx, first.latent), C);
       out.firstPassInfotext = ranInfotext(first.sampler);
       return { case: "handover", value: out };
@@ -366,7 +368,7 @@ export async function runHiresStage(pipe: LoadedPipeline, req: RunTaskRequest, c
     case TaskStage.SECOND_PASS: {
       const source = firstPassFromHandover(s, req.inputs[0], C);
       const sampler1 = withRanInfotext(firstPassSampler(s), req.inputs[0]?.firstPassInfotext ?? []);
-      const image = await runSecondPass(pipe, req, ctx, s, sampler1, source, (k) => ctx.onStep(k, s.hrSteps));
+      const image = await runSecondPass(pipe, req, ctx, s, sampler1, source, (k, previewPng) => ctx.onStep(k, s.hrSteps, previewPng));
       return { case: "result", value: image };
     }
     case TaskStage.UPSCALE: {
@@ -449,6 +451,7 @@ async function runTile(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCon
     w,
     start,
     signal: ctx.signal,
+    // No previews: one tile's would stand for the whole image's.
     onStep: (k) => ctx.onStep(k, s.hrSteps),
     noiseRng: rng,
   });

@@ -17,7 +17,7 @@ function crc32(buf: Uint8Array): number {
   return (c ^ 0xffffffff) >>> 0;
 }
 
-function chunk(type: string, data: Buffer): Buffer {
+export function pngChunk(type: string, data: Buffer): Buffer {
   const head = Buffer.alloc(8);
   head.writeUInt32BE(data.length, 0);
   head.write(type, 4, "latin1");
@@ -33,9 +33,10 @@ const isLatin1 = (s: string): boolean => [...s].every((c) => c.codePointAt(0)! <
  * otherwise uncompressed iTXt with UTF-8.
  */
 export function textChunk(keyword: string, text: string): Buffer {
-  if (isLatin1(text)) return chunk("tEXt", Buffer.concat([Buffer.from(keyword, "latin1"), Buffer.from([0]), Buffer.from(text, "latin1")]));
+  if (isLatin1(text))
+    return pngChunk("tEXt", Buffer.concat([Buffer.from(keyword, "latin1"), Buffer.from([0]), Buffer.from(text, "latin1")]));
   // keyword \0 compression-flag compression-method language \0 translated-keyword \0 text
-  return chunk("iTXt", Buffer.concat([Buffer.from(keyword, "latin1"), Buffer.from([0, 0, 0, 0, 0]), Buffer.from(text, "utf8")]));
+  return pngChunk("iTXt", Buffer.concat([Buffer.from(keyword, "latin1"), Buffer.from([0, 0, 0, 0, 0]), Buffer.from(text, "utf8")]));
 }
 
 /** Inserts text chunks right after IHDR, where readers find them before the image data. */

@@ -43,7 +43,8 @@ export const DEFAULT_RESOURCES: RenderResources = { maxInputPixels: 4096 * 4096,
 export interface RenderContext {
   signal: AbortSignal;
   agentId: string;
-  onStep: (step: number, totalSteps: number) => void;
+  /** After each sampling step; with the request's preview_every_n_steps, a PNG preview on those steps. */
+  onStep: (step: number, totalSteps: number, previewPng?: Uint8Array) => void;
   onWarning: (message: string) => void;
   resources?: RenderResources;
 }

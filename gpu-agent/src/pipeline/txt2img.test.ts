@@ -232,6 +232,41 @@ describe("txt2img pipeline against A1111 reference renders", { skip, concurrency
     }
   });
 
+  test("preview_every_n_steps: every n-th step's progress carries a latent-sized PNG of the denoised latent", async () => {
+    const previewsOf = async (params: Record<string, unknown>) => {
+      const previews = new Map<number, Uint8Array>();
+      const steps: number[] = [];
+      const img = await renderTask(
+        pipe,
+        create(RunTaskRequestSchema, { taskId: "v", jobId: "v", seed: 2n, params: { ...base, ...params } }),
+        {
+          signal: new AbortController().signal,
+          agentId: "t",
+          onStep: (step, _total, png) => {
+            steps.push(step);
+            if (png) previews.set(step, png);
+          },
+          onWarning: () => {},
+        },
+      );
+      return { img, previews, steps };
+    };
+    for (const samplerName of ["Euler a", "Heun", "DDIM"]) {
+      const { img, previews, steps } = await previewsOf({ samplerName, previewEveryNSteps: 2 });
+      assert.deepEqual(steps, [1, 2, 3, 4, 5, 6], samplerName);
+      assert.deepEqual([...previews.keys()], [2, 4, 6], samplerName);
+      const last = await sharp(previews.get(6)!).raw().toBuffer({ resolveWithObject: true });
+      assert.deepEqual([last.info.width, last.info.height, last.info.channels], [8, 8, 3]);
+      // Each preview shows its own step's prediction.
+      const early = await sharp(previews.get(2)!).raw().toBuffer();
+      assert.notDeepEqual(early, last.data, samplerName);
+      // Previews change nothing in the image.
+      assert.deepEqual(img.png, (await renderImage(2n, { samplerName })).png, samplerName);
+    }
+    const none = await previewsOf({});
+    assert.equal(none.previews.size, 0);
+  });
+
   test("a legacy combined name gives the same image and infotext as sampler + schedule type", async () => {
     const legacy = await renderWith(3, 0, { samplerName: "DPM++ 2M Karras" });
     assert.deepEqual(legacy, await renderWith(3, 0, { samplerName: "DPM++ 2M", scheduler: "Karras" }));

@@ -55,6 +55,7 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     start: sampler.startLatent(imageRng.first()),
     signal: ctx.signal,
     onStep: ctx.onStep,
+    previewEvery: b.p.previewEveryNSteps,
     noiseRng: imageRng,
   });
   const rgb = await decodeToRgb(pipe, latent, h, w, ctx.signal);

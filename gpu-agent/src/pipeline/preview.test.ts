@@ -1,0 +1,27 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import sharp from "sharp";
+import { cheapApproximation, rgbPngSync } from "./preview.js";
+
+test("cheapApproximation: A1111's SD1 channel mix, then x·0.5 + 0.5 clamped and truncated to 8 bits", () => {
+  const h = 1;
+  const w = 3;
+  const latent = new Float32Array(4 * h * w);
+  latent[0] = 1; // pixel 0: channel 0 alone
+  latent[3 * w + 1] = 1; // pixel 1: channel 3 alone
+  latent[2] = 10; // pixel 2: far past the clamp
+  assert.deepEqual(
+    [...cheapApproximation(latent, h, w)],
+    // 255·(0.5 + 0.298/2) = 165.5 → 165, …; 255·(0.5 − 0.184/2) = 104.04 → 104, …
+    [165, 153, 154, 104, 92, 67, 255, 255, 255],
+  );
+  assert.throws(() => cheapApproximation(new Float32Array(9), 1, 3), /4×1×3 latent/);
+});
+
+test("rgbPngSync writes a PNG that decodes to its pixels", async () => {
+  const rgb = Uint8Array.from({ length: 5 * 3 * 3 }, (_, i) => (i * 37) % 256);
+  const png = rgbPngSync(rgb, 5, 3);
+  const { data, info } = await sharp(png).raw().toBuffer({ resolveWithObject: true });
+  assert.deepEqual([info.width, info.height, info.channels], [5, 3, 3]);
+  assert.deepEqual([...data], [...rgb]);
+});

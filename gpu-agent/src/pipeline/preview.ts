@@ -1,0 +1,56 @@
+/**
+ * Live previews: a sampler's denoised latent as A1111's "Approx cheap" shows it (sd_vae_approx's
+ * cheap_approximation), a fixed linear mix of the four latent channels into RGB at latent size. No
+ * VAE runs, so a preview costs about one pass over the latent.
+ */
+import { deflateSync } from "node:zlib";
+import { pngChunk } from "./png.js";
+
+const f32 = Math.fround;
+
+/** cheap_approximation's SD1 coefficients: row l is latent channel l's weight in R, G and B. */
+const SD1_CHEAP_COEFFICIENTS: ReadonlyArray<readonly [number, number, number]> = [
+  [0.298, 0.207, 0.208],
+  [0.187, 0.286, 0.173],
+  [-0.158, 0.189, 0.264],
+  [-0.184, -0.271, -0.473],
+].map((row) => row.map(f32) as [number, number, number]);
+
+/**
+ * RGB8 (HWC) of a 4-channel latent [4,h,w]: the coefficients' mix, then A1111's single_sample_to_image
+ * (x·0.5 + 0.5, clamped to [0, 1], times 255, truncated), in float32.
+ */
+export function cheapApproximation(latent: Float32Array, h: number, w: number): Uint8Array {
+  const plane = h * w;
+  if (latent.length !== 4 * plane) throw new RangeError(`a cheap preview needs a 4×${h}×${w} latent, got ${latent.length} values`);
+  const out = new Uint8Array(plane * 3);
+  for (let i = 0; i < plane; i++) {
+    for (let r = 0; r < 3; r++) {
+      let v = 0;
+      for (let l = 0; l < 4; l++) v = f32(v + f32(latent[l * plane + i]! * SD1_CHEAP_COEFFICIENTS[l]![r]!));
+      const unit = Math.min(Math.max(f32(f32(v * 0.5) + 0.5), 0), 1);
+      out[i * 3 + r] = Math.trunc(f32(unit * 255));
+    }
+  }
+  return out;
+}
+
+/**
+ * An RGB8 image as a PNG, synchronously: previews are made between model calls on the render's thread,
+ * in step order, and sharp only encodes asynchronously (a later step's event could overtake them).
+ */
+export function rgbPngSync(rgb: Uint8Array, width: number, height: number): Buffer {
+  const stride = width * 3;
+  const rows = Buffer.alloc((stride + 1) * height);
+  for (let y = 0; y < height; y++) rows.set(rgb.subarray(y * stride, (y + 1) * stride), y * (stride + 1) + 1);
+  const header = Buffer.alloc(13);
+  header.writeUInt32BE(width, 0);
+  header.writeUInt32BE(height, 4);
+  header.set([8, 2, 0, 0, 0], 8); // 8-bit RGB, deflate, no filter method variants, no interlace
+  return Buffer.concat([
+    Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]),
+    pngChunk("IHDR", header),
+    pngChunk("IDAT", deflateSync(rows)),
+    pngChunk("IEND", Buffer.alloc(0)),
+  ]);
+}
