@@ -135,8 +135,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
         const toDenoised = { x, sigma: req.sigma, prediction: vPred ? ("v" as const) : ("eps" as const) };
         const combined = cfgCombine(uncondOut, outputs, skipUncond ? 1 : cfgScale, toDenoised, req.into);
         const denoised = blend && !blend.beforeModel ? blendLatent(combined, blend, combined) : combined;
-        // Before the sampler has it: its next kernels may write over the answer's slot.
-        previews.offer(req.step + 1, () => denoised);
+        if (previews.wants(req.step + 1)) previews.offer(req.step + 1, (into) => into.set(denoised));
         r = gen.next(denoised);
       } else {
         if (blend && !blend.beforeModel) {
@@ -154,7 +153,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
         const eConds = conds.map((cd, k) => ({ output: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));
         const scale = skipUncond ? 1 : cfgScale * (req.cfgScaleMultiplier ?? 1);
         const output = cfgCombine(uncondOut, eConds, scale, undefined, req.into);
-        previews.offer(req.step + 1, () => predictedX0(x, output, req.sigma));
+        if (previews.wants(req.step + 1)) previews.offer(req.step + 1, (into) => predictedX0(x, output, req.sigma, into));
         r = gen.next(req.needUncond ? { output, uncond: uncondOut } : output);
       }
     }
@@ -170,11 +169,12 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
 }
 
 /**
- * The run's live previews: on a step that shows one, every model call's denoised latent is made into the
- * preview's pixels (the step's last call wins), and its PNG is made when the step's progress is sent.
+ * The run's live previews. On a step that shows one, each model call's denoised latent is kept (the
+ * step's last call wins) and made into a picture when the step's progress is sent.
  */
 class Previews {
-  private pending: { step: number; rgb: Uint8Array } | undefined;
+  private pending: { step: number; latent: Float32Array } | undefined;
+  private buffer: Float32Array | undefined;
   /** 0 for none. "Approx cheap" mixes SD1's four latent channels: other latents get no preview. */
   private readonly every: number;
 
@@ -187,16 +187,23 @@ class Previews {
     this.every = every !== undefined && every > 0 && channels === 4 ? every : 0;
   }
 
-  offer(step: number, denoised: () => Float32Array): void {
-    if (this.every === 0 || step % this.every !== 0) return;
-    this.pending = { step, rgb: cheapApproximation(denoised(), this.h, this.w) };
+  /** Whether `step` shows a preview: then offer() wants each of its calls' denoised latent. */
+  wants(step: number): boolean {
+    return this.every !== 0 && step % this.every === 0;
+  }
+
+  /** Keeps a copy (the sampler's next kernels may write over the answer's slot); `fill` writes it. */
+  offer(step: number, fill: (into: Float32Array) => void): void {
+    this.buffer ??= new Float32Array(4 * this.h * this.w);
+    fill(this.buffer);
+    this.pending = { step, latent: this.buffer };
   }
 
   take(step: number): Uint8Array | undefined {
     const p = this.pending;
     if (p === undefined || p.step !== step) return undefined;
     this.pending = undefined;
-    return rgbPngSync(p.rgb, this.w, this.h);
+    return rgbPngSync(cheapApproximation(p.latent, this.h, this.w), this.w, this.h);
   }
 }
 
@@ -204,9 +211,7 @@ class Previews {
  * x0 from a timestep sampler's VP latent and its CFG-combined eps, as A1111's get_pred_x0 makes it:
  * (x − sqrt(1 − ᾱ)·eps)/sqrt(ᾱ), with ᾱ = 1/(1 + σ²) from the call's σ equivalent.
  */
-function predictedX0(x: Float32Array, eps: Float32Array, sigma: number): Float32Array {
+function predictedX0(x: Float32Array, eps: Float32Array, sigma: number, into: Float32Array): void {
   const scale = Math.sqrt(1 + sigma * sigma);
-  const out = new Float32Array(x.length);
-  for (let i = 0; i < x.length; i++) out[i] = x[i]! * scale - sigma * eps[i]!;
-  return out;
+  for (let i = 0; i < x.length; i++) into[i] = x[i]! * scale - sigma * eps[i]!;
 }

@@ -18,18 +18,31 @@ const SD1_CHEAP_COEFFICIENTS: ReadonlyArray<readonly [number, number, number]> =
 
 /**
  * RGB8 (HWC) of a 4-channel latent [4,h,w]: the coefficients' mix, then A1111's single_sample_to_image
- * (x·0.5 + 0.5, clamped to [0, 1], times 255, truncated), in float32.
+ * (x·0.5 + 0.5, clamped to [0, 1], times 255, truncated). Sums are float32, as torch's einsum makes them
+ * up to the last bit (a preview is a picture to watch, not a result to match).
  */
 export function cheapApproximation(latent: Float32Array, h: number, w: number): Uint8Array {
   const plane = h * w;
   if (latent.length !== 4 * plane) throw new RangeError(`a cheap preview needs a 4×${h}×${w} latent, got ${latent.length} values`);
+  // Channel planes one after another: each pass reads one plane in order.
+  const red = new Float32Array(plane);
+  const green = new Float32Array(plane);
+  const blue = new Float32Array(plane);
+  for (let l = 0; l < 4; l++) {
+    const channel = latent.subarray(l * plane, (l + 1) * plane);
+    const [cr, cg, cb] = SD1_CHEAP_COEFFICIENTS[l]!;
+    for (let i = 0; i < plane; i++) {
+      const v = channel[i]!;
+      red[i] = red[i]! + v * cr;
+      green[i] = green[i]! + v * cg;
+      blue[i] = blue[i]! + v * cb;
+    }
+  }
   const out = new Uint8Array(plane * 3);
-  for (let i = 0; i < plane; i++) {
-    for (let r = 0; r < 3; r++) {
-      let v = 0;
-      for (let l = 0; l < 4; l++) v = f32(v + f32(latent[l * plane + i]! * SD1_CHEAP_COEFFICIENTS[l]![r]!));
-      const unit = Math.min(Math.max(f32(f32(v * 0.5) + 0.5), 0), 1);
-      out[i * 3 + r] = Math.trunc(f32(unit * 255));
+  for (const [c, values] of [red, green, blue].entries()) {
+    for (let i = 0; i < plane; i++) {
+      const unit = Math.min(Math.max(f32(f32(values[i]! * 0.5) + 0.5), 0), 1);
+      out[i * 3 + c] = Math.trunc(f32(unit * 255));
     }
   }
   return out;
