@@ -78,8 +78,13 @@ test("use_downcasted_alpha_bar cannot be combined with Zero Terminal SNR, whose 
   );
 });
 
-test("preview_every_n_steps: 0 (none) up to the step limit", () => {
+test("preview_every_n_steps: 0 (none) up to the step limit; live_preview_content one of A1111's three", () => {
   assert.equal(validateJob(job({ previewEveryNSteps: 5 })).params.previewEveryNSteps, 5);
   rejects({ previewEveryNSteps: -1 }, "INVALID_ARGUMENT", "preview_every_n_steps");
   rejects({ previewEveryNSteps: 1_000_000 }, "INVALID_ARGUMENT", "preview_every_n_steps");
+  assert.equal(
+    validateJob(job({ overrideSettings: { livePreviewContent: "Combined" } })).params.overrideSettings?.livePreviewContent,
+    "Combined",
+  );
+  rejects({ overrideSettings: { livePreviewContent: "Everything" } }, "INVALID_ARGUMENT", "override_settings.live_preview_content");
 });

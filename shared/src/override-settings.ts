@@ -7,6 +7,7 @@ export const UNI_PC_VARIANTS = ["bh1", "bh2", "vary_coeff"] as const;
 export const UNI_PC_SKIP_TYPES = ["time_uniform", "time_quadratic", "logSNR"] as const;
 export const NOISE_SCHEDULES = ["Default", "Zero Terminal SNR"] as const;
 export const EMPHASIS_NAMES = ["Original", "No norm", "Ignore", "None"] as const;
+export const LIVE_PREVIEW_CONTENTS = ["Prompt", "Negative prompt", "Combined"] as const;
 /** A1111's slider maximum for uni_pc_order. */
 export const MAX_UNI_PC_ORDER = 50;
 
@@ -14,6 +15,7 @@ export type UniPcVariantName = (typeof UNI_PC_VARIANTS)[number];
 export type UniPcSkipTypeName = (typeof UNI_PC_SKIP_TYPES)[number];
 export type NoiseScheduleName = (typeof NOISE_SCHEDULES)[number];
 export type EmphasisName = (typeof EMPHASIS_NAMES)[number];
+export type LivePreviewContent = (typeof LIVE_PREVIEW_CONTENTS)[number];
 
 /** The settings with their values checked: names known, numbers finite and in range. Absent stays absent. */
 export interface CheckedOverrideSettings {
@@ -42,6 +44,7 @@ export interface CheckedOverrideSettings {
   useOldScheduling?: boolean;
   padCondUncond?: boolean;
   padCondUncondV0?: boolean;
+  livePreviewContent?: LivePreviewContent;
 }
 
 const FIELD = "override_settings";
@@ -102,6 +105,7 @@ export function checkOverrideSettings(p: Pick<GenerationParams, "sMinUncond" | "
   put("useOldScheduling", s.useOldScheduling);
   put("padCondUncond", s.padCondUncond);
   put("padCondUncondV0", s.padCondUncondV0);
+  put("livePreviewContent", oneOf("live_preview_content", s.livePreviewContent ?? "", LIVE_PREVIEW_CONTENTS));
   if (out.useDowncastedAlphaBar && out.noiseSchedule === "Zero Terminal SNR") {
     // ᾱ's last value, 4.9e-8, is 6e-8 in float16, and its σ overflows float16: A1111 renders NaN.
     throw FarmError.invalid(

@@ -1,9 +1,15 @@
 import * as grpc from "@grpc/grpc-js";
-import { FarmError, abortError } from "@latentfarm/shared";
+import { FarmError, abortError, type LivePreviewContent } from "@latentfarm/shared";
 import { cIn, cfgCombine, scaleLatent, type ImageRng, type NoiseAhead, type PreparedSampling } from "../sampling/index.js";
 import type { PreparedConditioning } from "../conditioning/index.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { cheapApproximation, rgbPngSync } from "./preview.js";
+
+/** A request's live previews: every `every` steps, showing `content` (A1111's live_preview_content). */
+export interface PreviewRequest {
+  every: number;
+  content: LivePreviewContent;
+}
 
 export function checkAborted(signal: AbortSignal): void {
   if (signal.aborted) throw abortError(signal);
@@ -19,10 +25,10 @@ export interface DenoiseInput {
   /** The sampler's start latent (PreparedSampling.startLatent). */
   start: Float32Array;
   signal: AbortSignal;
-  /** After each sampling step; `previewPng` on every previewEvery-th step. */
+  /** After each sampling step; `previewPng` on the steps `preview` asks for. */
   onStep: (step: number, totalSteps: number, previewPng?: Uint8Array) => void;
-  /** Live previews every this many steps (GenerationParams.preview_every_n_steps); none when absent or 0. */
-  previewEvery?: number;
+  /** Live previews; none when absent. */
+  preview?: PreviewRequest | undefined;
   /** Inpainting UNets (9 input channels): A1111's c_concat, appended to every row unscaled. */
   imageCond?: Float32Array;
   /** Inpainting: A1111's CFGDenoiser mask blend. */
@@ -82,7 +88,8 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
   const vPred = pipe.model.config.predictionType === "v_prediction";
   // One UNet input buffer for the run: the batcher copies it into its batch before the call resolves.
   const scaled = new Float32Array(plane);
-  const previews = new Previews(input.previewEvery, pipe.model.config.latentChannels, h, w);
+  const previews = new Previews(input.preview?.every, pipe.model.config.latentChannels, h, w);
+  const previewContent = input.preview?.content ?? "Prompt";
   const gen = sampler.run(input.start);
   let r = gen.next();
   let lastStep = -1;
@@ -135,7 +142,11 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
         const toDenoised = { x, sigma: req.sigma, prediction: vPred ? ("v" as const) : ("eps" as const) };
         const combined = cfgCombine(uncondOut, outputs, skipUncond ? 1 : cfgScale, toDenoised, req.into);
         const denoised = blend && !blend.beforeModel ? blendLatent(combined, blend, combined) : combined;
-        if (previews.wants(req.step + 1)) previews.offer(req.step + 1, (into) => into.set(denoised));
+        if (previews.wants(req.step + 1)) {
+          // A1111's live_preview_content: the prompt's or the negative prompt's own prediction, or the combined one.
+          const own = previewContent === "Prompt" ? outputs[0]!.output : previewContent === "Negative prompt" ? uncondOut : undefined;
+          previews.offer(req.step + 1, (into) => (own === undefined ? into.set(denoised) : cfgCombine(own, [], 1, toDenoised, into)));
+        }
         r = gen.next(denoised);
       } else {
         if (blend && !blend.beforeModel) {
@@ -153,7 +164,10 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
         const eConds = conds.map((cd, k) => ({ output: outOf(cd.tensor, cIdx[k]!), weight: cd.weight }));
         const scale = skipUncond ? 1 : cfgScale * (req.cfgScaleMultiplier ?? 1);
         const output = cfgCombine(uncondOut, eConds, scale, undefined, req.into);
-        if (previews.wants(req.step + 1)) previews.offer(req.step + 1, (into) => predictedX0(x, output, req.sigma, into));
+        if (previews.wants(req.step + 1)) {
+          const eps = previewContent === "Prompt" ? eConds[0]!.output : previewContent === "Negative prompt" ? uncondOut : output;
+          previews.offer(req.step + 1, (into) => predictedX0(x, eps, req.sigma, into));
+        }
         r = gen.next(req.needUncond ? { output, uncond: uncondOut } : output);
       }
     }

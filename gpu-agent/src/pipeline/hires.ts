@@ -192,7 +192,7 @@ async function runFirstPass(
     start: sampler.startLatent(rng.first()),
     signal: ctx.signal,
     onStep: (k, _total, previewPng) => onStep(k, previewPng),
-    previewEvery: b.p.previewEveryNSteps,
+    preview: b.preview,
     noiseRng: rng,
   });
   return { latent, sampler };
@@ -324,7 +324,7 @@ async function runSecondPass(
     start,
     signal: ctx.signal,
     onStep: (k, _total, previewPng) => onStep(k, previewPng),
-    previewEvery: p.previewEveryNSteps,
+    preview: b.preview,
     noiseRng: rng,
   });
   const rgb = await decodeToRgb(pipe, latent, up.h, up.w, ctx.signal);

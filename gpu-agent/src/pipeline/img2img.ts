@@ -141,7 +141,7 @@ export async function renderImg2img(pipe: LoadedPipeline, req: RunTaskRequest, c
     start,
     signal: ctx.signal,
     onStep: ctx.onStep,
-    previewEvery: b.p.previewEveryNSteps,
+    preview: b.preview,
     noiseRng: imageRng,
     ...(imageCond && { imageCond }),
     ...(prepared?.maskBlend && { maskBlend: prepared.maskBlend }),

@@ -22,7 +22,7 @@ import {
   type PreparedConditioning,
 } from "../conditioning/index.js";
 import { ImageInputError } from "../imaging/index.js";
-import { checkAborted } from "./denoise.js";
+import { checkAborted, type PreviewRequest } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { buildInfotext, type CONDITIONING_INFOTEXT_KEYS, type InfotextFields, type InfotextValue } from "./infotext.js";
 import { encodePng, toRgb8 } from "./png.js";
@@ -72,12 +72,13 @@ export interface TaskBasics {
   settings: SamplingSettings;
   conditioning: ConditioningSettings;
   img2imgFixSteps: boolean;
+  preview: PreviewRequest | undefined;
 }
 
 export function taskBasics(pipe: LoadedPipeline, req: RunTaskRequest): TaskBasics {
   const p = req.params;
   if (!p) throw FarmError.invalid("params", "the task has no generation parameters");
-  const { sampling: settings, conditioning, img2imgFixSteps } = requestSettingsOf(p);
+  const { sampling: settings, conditioning, img2imgFixSteps, preview } = requestSettingsOf(p);
   return {
     p,
     steps: p.steps ?? 50,
@@ -93,6 +94,7 @@ export function taskBasics(pipe: LoadedPipeline, req: RunTaskRequest): TaskBasic
     settings,
     conditioning,
     img2imgFixSteps,
+    preview,
   };
 }
 
@@ -110,6 +112,8 @@ export interface RequestSettings {
   conditioning: ConditioningSettings;
   /** img2img_fix_steps: plain img2img runs exactly `steps` steps. */
   img2imgFixSteps: boolean;
+  /** Live previews (preview_every_n_steps, live_preview_content), if asked for. */
+  preview: PreviewRequest | undefined;
 }
 
 /**
@@ -127,6 +131,7 @@ export function requestSettingsOf(p: GenerationParams): RequestSettings {
     useOldScheduling,
     padCondUncond,
     padCondUncondV0,
+    livePreviewContent,
     ...sampling
   } = checkOverrideSettings(p);
   const settings: SamplingSettings = sampling;
@@ -147,6 +152,7 @@ export function requestSettingsOf(p: GenerationParams): RequestSettings {
       padCondUncondV0: padCondUncondV0 ?? false,
     },
     img2imgFixSteps: img2imgFixSteps ?? false,
+    preview: p.previewEveryNSteps > 0 ? { every: p.previewEveryNSteps, content: livePreviewContent ?? "Prompt" } : undefined,
   };
 }
 

@@ -265,6 +265,20 @@ describe("txt2img pipeline against A1111 reference renders", { skip, concurrency
     }
     const none = await previewsOf({});
     assert.equal(none.previews.size, 0);
+    // live_preview_content: the prompt's own prediction (A1111's default), the negative prompt's, or CFG's.
+    const shown = async (content: string | undefined, samplerName = "Euler") =>
+      (
+        await previewsOf({ samplerName, previewEveryNSteps: 3, ...(content && { overrideSettings: { livePreviewContent: content } }) })
+      ).previews.get(3);
+    for (const samplerName of ["Euler", "DDIM"]) {
+      const [byDefault, prompt, negative, combined] = await Promise.all(
+        [undefined, "Prompt", "Negative prompt", "Combined"].map((c) => shown(c, samplerName)),
+      );
+      assert.deepEqual(byDefault, prompt, samplerName);
+      assert.notDeepEqual(prompt, negative, samplerName);
+      assert.notDeepEqual(prompt, combined, samplerName);
+      assert.notDeepEqual(negative, combined, samplerName);
+    }
   });
 
   test("a legacy combined name gives the same image and infotext as sampler + schedule type", async () => {

@@ -55,7 +55,7 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     start: sampler.startLatent(imageRng.first()),
     signal: ctx.signal,
     onStep: ctx.onStep,
-    previewEvery: b.p.previewEveryNSteps,
+    preview: b.preview,
     noiseRng: imageRng,
   });
   const rgb = await decodeToRgb(pipe, latent, h, w, ctx.signal);

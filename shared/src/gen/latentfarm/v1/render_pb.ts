@@ -273,9 +273,10 @@ export type StepProgress = Message<"latentfarm.v1.StepProgress"> & {
   totalSteps: number;
 
   /**
-   * With GenerationParams.preview_every_n_steps, on every n-th step: what the sampler's latest model call
-   * predicts the image to be (A1111's live preview of the "Combined" denoised latent), shown the way
-   * A1111's "Approx cheap" shows it: a PNG at latent size (width/8 × height/8), no VAE involved.
+   * With GenerationParams.preview_every_n_steps, on every n-th step: what the step's last model call
+   * predicts the image to be (by default the prompt's own prediction; override_settings'
+   * live_preview_content), shown the way A1111's "Approx cheap" shows it: a PNG at latent size
+   * (width/8 × height/8), no VAE involved.
    *
    * @generated from field: bytes preview_png = 5;
    */
