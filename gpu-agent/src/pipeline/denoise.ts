@@ -3,7 +3,7 @@ import { FarmError, abortError, type LivePreviewContent } from "@latentfarm/shar
 import { cIn, cfgCombine, scaleLatent, type ImageRng, type NoiseAhead, type PreparedSampling } from "../sampling/index.js";
 import type { PreparedConditioning } from "../conditioning/index.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
-import { cheapApproximation, rgbPngSync } from "./preview.js";
+import { previewPng } from "./preview.js";
 
 /** A request's live previews: every `every` steps, showing `content` (A1111's live_preview_content). */
 export interface PreviewRequest {
@@ -217,7 +217,7 @@ class Previews {
     const p = this.pending;
     if (p === undefined || p.step !== step) return undefined;
     this.pending = undefined;
-    return rgbPngSync(cheapApproximation(p.latent, this.h, this.w), this.w, this.h);
+    return previewPng(p.latent, this.h, this.w);
   }
 }
 

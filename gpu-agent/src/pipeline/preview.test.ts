@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import sharp from "sharp";
-import { cheapApproximation, rgbPngSync } from "./preview.js";
+import { MAX_PREVIEW_SIDE, cheapApproximation, previewPng, rgbPngSync } from "./preview.js";
 
 test("cheapApproximation: A1111's SD1 channel mix, then x·0.5 + 0.5 clamped and truncated to 8 bits", () => {
   const h = 1;
@@ -24,4 +24,22 @@ test("rgbPngSync writes a PNG that decodes to its pixels", async () => {
   const { data, info } = await sharp(png).raw().toBuffer({ resolveWithObject: true });
   assert.deepEqual([info.width, info.height, info.channels], [5, 3, 3]);
   assert.deepEqual([...data], [...rgb]);
+});
+
+test("previewPng: latent size up to 256 a side; a larger latent is box-averaged down by a whole factor", async () => {
+  const size = async (h: number, w: number) => {
+    const meta = await sharp(previewPng(new Float32Array(4 * h * w).fill(0.3), h, w)).metadata();
+    return [meta.width, meta.height];
+  };
+  assert.deepEqual(await size(64, 96), [96, 64]);
+  assert.deepEqual(await size(MAX_PREVIEW_SIDE, 8), [8, MAX_PREVIEW_SIDE]);
+  // A 4096×4096 image's latent (factor 2), and an odd one (factor 3): ceil(side / k) a side.
+  assert.deepEqual(await size(512, 512), [256, 256]);
+  assert.deepEqual(await size(520, 10), [4, 174]);
+  // Averaging keeps a flat picture flat: every pixel is the one pixel of the same latent value.
+  const pixel = [...cheapApproximation(new Float32Array(4).fill(0.3), 1, 1)];
+  const { data } = await sharp(previewPng(new Float32Array(4 * 512 * 512).fill(0.3), 512, 512))
+    .raw()
+    .toBuffer({ resolveWithObject: true });
+  for (let i = 0; i < data.length; i += 3) assert.deepEqual([data[i], data[i + 1], data[i + 2]], pixel, `pixel ${i / 3}`);
 });

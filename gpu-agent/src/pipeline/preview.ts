@@ -48,6 +48,35 @@ export function cheapApproximation(latent: Float32Array, h: number, w: number): 
   return out;
 }
 
+/** A preview's largest side: 256 pixels of RGB stay well inside one NATS message (1 MiB) as a PNG. */
+export const MAX_PREVIEW_SIDE = 256;
+
+/**
+ * The live preview of a 4-channel latent [4,h,w] as a PNG: cheapApproximation at latent size, box-averaged
+ * down by a whole factor when a side exceeds MAX_PREVIEW_SIDE (a 4096-pixel image's latent is 512).
+ */
+export function previewPng(latent: Float32Array, h: number, w: number): Buffer {
+  const rgb = cheapApproximation(latent, h, w);
+  const k = Math.ceil(Math.max(h, w) / MAX_PREVIEW_SIDE);
+  if (k <= 1) return rgbPngSync(rgb, w, h);
+  const ow = Math.ceil(w / k);
+  const oh = Math.ceil(h / k);
+  const out = new Uint8Array(ow * oh * 3);
+  for (let oy = 0; oy < oh; oy++) {
+    for (let ox = 0; ox < ow; ox++) {
+      for (let c = 0; c < 3; c++) {
+        let sum = 0;
+        let n = 0;
+        for (let y = oy * k; y < Math.min(h, (oy + 1) * k); y++) {
+          for (let x = ox * k; x < Math.min(w, (ox + 1) * k); x++, n++) sum += rgb[(y * w + x) * 3 + c]!;
+        }
+        out[(oy * ow + ox) * 3 + c] = Math.round(sum / n);
+      }
+    }
+  }
+  return rgbPngSync(out, ow, oh);
+}
+
 /**
  * An RGB8 image as a PNG, synchronously: previews are made between model calls on the render's thread,
  * in step order, and sharp only encodes asynchronously (a later step's event could overtake them).

@@ -276,7 +276,7 @@ export type StepProgress = Message<"latentfarm.v1.StepProgress"> & {
    * With GenerationParams.preview_every_n_steps, on every n-th step: what the step's last model call
    * predicts the image to be (by default the prompt's own prediction; override_settings'
    * live_preview_content), shown the way A1111's "Approx cheap" shows it: a PNG at latent size
-   * (width/8 × height/8), no VAE involved.
+   * (width/8 × height/8, box-averaged down to at most 256 a side), no VAE involved.
    *
    * @generated from field: bytes preview_png = 5;
    */
