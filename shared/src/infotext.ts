@@ -284,7 +284,7 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
     if (versionBelow(version, [1, 6, 0, 0]) && (sampler === "DDIM" || sampler === "PLMS") && !params.has("Pad conds v0")) {
       params.set("Pad conds v0", "True");
     }
-    // A1111's own paste turns these into its options (the downcast reproduced for k-diffusion samplers).
+    // A1111's own paste turns these into its options (the downcast is reproduced for all but UniPC and LCM).
     if (versionBelow(version, [1, 7, 0, 225]) && !params.has("Downcast alphas_cumprod")) params.set("Downcast alphas_cumprod", "True");
   }
   // A1111's options that the text sets, unless the request's override_settings sets them.
@@ -302,7 +302,6 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
     // Entries that do not apply to this kind of request (Mask blur without a mask, say).
     if (!hiresApplies && key.startsWith("Hires ")) continue;
     if (p.mask.length === 0 && ["Mask blur", "Masked content", "Inpaint area", "Masked area padding"].includes(key)) continue;
-    if (key === "Hires checkpoint" && value === "Use same checkpoint") continue;
     notReproduced.push(`${key}: ${value}`);
   }
   return { notReproduced };

@@ -192,6 +192,13 @@ describe("LoRAs named in a prompt merge into the checkpoint", { concurrency: fal
       .toBuffer();
     const img2img = await render(one, { ...params, initImages: [init], denoisingStrength: 0.6 });
     assert.match(img2img.infotext, /Lora hashes: "style: [0-9a-f]{12}"/);
+    // A hires prompt naming the same LoRAs (a zero-weight tag aside) runs; naming others would need a second merged model.
+    const hr = { ...params, enableHr: true, hrScale: 1.5, hrUpscaler: "Latent", hrSecondPassSteps: 2, denoisingStrength: 0.5 };
+    assert.equal((await render(one, { ...hr, hrPrompt: "a dog <lora:style:1> <lora:other:0>" })).width, 96);
+    await assert.rejects(render(one, { ...hr, hrPrompt: "a dog <lora:style:0.5>" }), (e: unknown) => {
+      const err = FarmError.from(e);
+      return err.codeName === "UNIMPLEMENTED" && err.field === "hr_prompt";
+    });
   });
 
   test("Pad conds pads with the base model's empty prompt, also where a LoRA changed the text encoder", async () => {

@@ -97,17 +97,13 @@ export async function loadModel(
   signal?: AbortSignal,
 ): Promise<LoadedModelInfo> {
   const entry = await catalog.get(key.model);
+  const sessions = {
+    ep: opts.ep,
+    ...(opts.intraOpNumThreads ? { intraOpNumThreads: opts.intraOpNumThreads } : {}),
+    ...(opts.sessions ? { sessions: opts.sessions } : {}),
+  };
   const load = (path: string): Promise<SdModel> =>
-    SdModel.load(
-      { ...entry, path, format: "diffusers-onnx" },
-      {
-        ep: opts.ep,
-        logger: opts.logger,
-        ...(opts.intraOpNumThreads ? { intraOpNumThreads: opts.intraOpNumThreads } : {}),
-        ...(opts.sessions ? { sessions: opts.sessions } : {}),
-        ...(signal ? { signal } : {}),
-      },
-    );
+    SdModel.load({ ...entry, path, format: "diffusers-onnx" }, { ...sessions, logger: opts.logger, ...(signal ? { signal } : {}) });
   if (entry.format === "diffusers-onnx") {
     if (key.loras.length > 0) {
       throw new FarmError(
@@ -152,12 +148,7 @@ export async function loadModel(
     for (const w of imported.loraWarnings) for (const m of w.warnings) warnings.push(`${w.path}: ${m}`);
   }
   const baseTextEncoder = key.loras.some((l) => l.teWeight !== 0)
-    ? async (): Promise<ClosableTextEncoder> =>
-        loadTextEncoder((await importCheckpoint(entry.path, importOpts)).dir, {
-          ep: opts.ep,
-          ...(opts.intraOpNumThreads ? { intraOpNumThreads: opts.intraOpNumThreads } : {}),
-          ...(opts.sessions ? { sessions: opts.sessions } : {}),
-        })
+    ? async (): Promise<ClosableTextEncoder> => loadTextEncoder((await importCheckpoint(entry.path, importOpts)).dir, sessions)
     : undefined;
   return { model: await load(dir), modelHash, loraHashes, baseTextEncoder, warnings };
 }

@@ -89,7 +89,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
   // One UNet input buffer for the run: the batcher copies it into its batch before the call resolves.
   const scaled = new Float32Array(plane);
   const previews = new Previews(input.preview?.every, pipe.model.config.latentChannels, h, w);
-  const previewContent = input.preview?.content ?? "Prompt";
+  const previewContent = input.preview?.content;
   const gen = sampler.run(input.start);
   let r = gen.next();
   let lastStep = -1;

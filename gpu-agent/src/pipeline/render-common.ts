@@ -24,6 +24,7 @@ import {
 import { ImageInputError } from "../imaging/index.js";
 import { checkAborted, type PreviewRequest } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
+import { pipelineKey } from "../models/model-loader.js";
 import { buildInfotext, type CONDITIONING_INFOTEXT_KEYS, type InfotextFields, type InfotextValue } from "./infotext.js";
 import { encodePng, toRgb8 } from "./png.js";
 
@@ -248,23 +249,13 @@ export async function conditioningFor(
   for (const u of cond.extraNetworks.unknown) ctx.onWarning(`unknown extra network tag ${u.raw} removed from the prompt`);
   // The agent merged the LoRAs of the task's prompt into this pipeline; a hires prompt naming others
   // would need a second merged model for its pass.
-  if (loraSet(cond.extraNetworks.networks) !== loraSet(extractExtraNetworks(b.p.prompt).networks)) {
+  if (pipelineKey("", cond.extraNetworks.networks) !== pipelineKey("", extractExtraNetworks(b.p.prompt).networks)) {
     throw FarmError.unimplemented(
       fields.prompt,
       "a prompt with LoRA tags other than the main prompt's is not implemented (the agent merges one set of LoRAs per pipeline)",
     );
   }
   return cond;
-}
-
-/** LoRA tags as the pipeline key sees them: order and weight-0 tags aside. */
-function loraSet(networks: ReadonlyArray<{ name: string; teWeight: number; unetWeight: number }>): string {
-  return JSON.stringify(
-    networks
-      .filter((n) => n.teWeight !== 0 || n.unetWeight !== 0)
-      .map((n) => [n.name, n.teWeight, n.unetWeight])
-      .sort(),
-  );
 }
 
 /** Bad user images become INVALID_ARGUMENT naming the request field; anything else passes through. */

@@ -42,7 +42,6 @@ import { sampleRestart } from "./samplers/restart.js";
 import { inLatentScope } from "./samplers/latent-pool.js";
 import {
   ddimTimesteps,
-  tensorRound,
   sampleDdim,
   sampleDdimCfgpp,
   samplePlms,
@@ -649,7 +648,7 @@ function prepareTimestepSampler(
     if (initLatent === undefined || initLatent.length !== noise.length)
       throw new RangeError("img2img needs an init latent of the noise's length");
     // torch.sqrt on ᾱ's own tensor (float16 when it was downcast); x and noise stay float32.
-    const round = tensorRound(schedule);
+    const round = schedule.round;
     const a = schedule.alphasCumprod[all[tEnc]!]!;
     const sqrtA = round(f32(Math.sqrt(a)));
     const sqrtOneMinusA = round(f32(Math.sqrt(round(1 - a))));

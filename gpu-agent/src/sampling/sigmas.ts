@@ -57,6 +57,8 @@ export class DiscreteSchedule {
   /** σ_t = sqrt((1 − ᾱ_t)/ᾱ_t), ascending in t. */
   readonly sigmas: Float32Array;
   readonly logSigmas: Float32Array;
+  /** The result of an elementwise torch op on this schedule's tensors, rounded to their precision. */
+  readonly round: (v: number) => number;
 
   /**
    * `precision` float16: ᾱ was downcast (A1111's "Downcast alphas_cumprod", and every A1111 before
@@ -69,6 +71,7 @@ export class DiscreteSchedule {
   ) {
     if (alphasCumprod.length < 2) throw new RangeError("a discrete schedule needs at least 2 timesteps");
     const round = ROUND[precision];
+    this.round = round;
     this.alphasCumprod = alphasCumprod.map(round);
     const n = alphasCumprod.length;
     this.sigmas = new Float32Array(n);
@@ -119,7 +122,7 @@ export class DiscreteSchedule {
     low = Math.min(low, ls.length - 2);
     const high = low + 1;
     // low − high is an op on two table values: float16 in a float16 table.
-    let w = f32(f32(ls[low]! - logSigma) / ROUND[this.precision](ls[low]! - ls[high]!));
+    let w = f32(f32(ls[low]! - logSigma) / this.round(ls[low]! - ls[high]!));
     w = Math.min(Math.max(w, 0), 1);
     return f32(f32(f32(1 - w) * low) + f32(w * high));
   }

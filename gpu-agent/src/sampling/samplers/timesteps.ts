@@ -3,7 +3,6 @@
  * They walk integer (UniPC: fractional) model timesteps on the VP latent and ask for CFG-combined eps.
  */
 import { linspaceF32 } from "../float32.js";
-import { roundToF16 } from "../../model-graph/half.js";
 import { InvalidSamplingParameter } from "../errors.js";
 import { sd1Schedule, type DiscreteSchedule } from "../sigmas.js";
 import { ModelCaller, ONE_DRAW, checkedNoise, expm1F } from "./common.js";
@@ -63,7 +62,7 @@ interface DdimCoefficients {
  */
 export function ddimCoefficients(schedule: DiscreteSchedule, timesteps: ArrayLike<number>, eta: number): DdimCoefficients {
   const ac = schedule.alphasCumprod;
-  const round = tensorRound(schedule);
+  const round = schedule.round;
   const n = timesteps.length;
   const alphas = new Float32Array(n);
   const alphasPrev = new Float64Array(n);
@@ -78,11 +77,6 @@ export function ddimCoefficients(schedule: DiscreteSchedule, timesteps: ArrayLik
     sigmas[i] = eta * Math.sqrt(((1 - ap) / round(1 - a)) * (1 - a / ap));
   }
   return { alphas, alphasPrev, sqrtOneMinusAlphas, sigmas };
-}
-
-/** Rounding of an elementwise op on the schedule's ᾱ tensor: float32, or float16 when ᾱ was downcast. */
-export function tensorRound(schedule: DiscreteSchedule): (v: number) => number {
-  return schedule.precision === "float16" ? roundToF16 : f32;
 }
 
 function* ddimLoop(x: Float32Array, o: TimestepSamplerOptions, cfgpp: boolean): Run {
