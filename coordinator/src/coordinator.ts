@@ -11,6 +11,7 @@ import {
   SAMPLERS,
   SCHEDULERS,
   TaskProgressSchema,
+  TaskStage,
   addHealthAndReflection,
   addService,
   bindServer,
@@ -20,7 +21,9 @@ import {
   shutdownServer,
   startMetricsServer,
   subjects,
+  hiresCheckpoint,
   samplerApiOptions,
+  secondPassModel,
   channelCredentials,
   serverCredentials,
   type GenerationParams,
@@ -574,7 +577,9 @@ export class Coordinator {
     if (!hi) return [];
     const p = job.spec.params;
     return hi.ready().map((spec) => {
-      const key: SpeedKey = { model: p.model, width: spec.width, height: spec.height };
+      // The second pass's stages run where its checkpoint is (the first pass's model unless it names one).
+      const model = spec.stage === TaskStage.FIRST_PASS ? p.model : secondPassModel(p);
+      const key: SpeedKey = { model, width: spec.width, height: spec.height };
       const t: Task = {
         id: `${job.id}-${i}.${spec.name}`,
         job,
@@ -734,6 +739,14 @@ export class Coordinator {
       throw FarmError.notFound(
         `model "${v.params.model}" is not offered by any agent (known: ${known.join(", ") || "none"})${fromInfotext}`,
         "model",
+      );
+    }
+    const checkpoint = hiresCheckpoint(v.params);
+    if (checkpoint !== undefined && !agents.some((a) => a.available.has(checkpoint))) {
+      const known = [...new Set(agents.flatMap((a) => [...a.available]))].sort();
+      throw FarmError.notFound(
+        `hires checkpoint "${checkpoint}" is not offered by any agent (known: ${known.join(", ") || "none"})`,
+        "hr_checkpoint_name",
       );
     }
     const key: SpeedKey = { model: v.params.model, width: v.params.width ?? 512, height: v.params.height ?? 512 };

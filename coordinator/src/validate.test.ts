@@ -88,3 +88,14 @@ test("preview_every_n_steps: 0 (none) up to the step limit; live_preview_content
   );
   rejects({ overrideSettings: { livePreviewContent: "Everything" } }, "INVALID_ARGUMENT", "override_settings.live_preview_content");
 });
+
+test("hr_checkpoint_name: a model name, checked only where Hires.fix applies", () => {
+  const hires = { enableHr: true, hrCheckpointName: "other" };
+  assert.equal(validateJob(job(hires)).params.hrCheckpointName, "other");
+  for (const bad of ["../models/x", "a/b", ".hidden", "x".repeat(201)]) {
+    rejects({ ...hires, hrCheckpointName: bad }, "INVALID_ARGUMENT", "hr_checkpoint_name");
+  }
+  // A1111's UI value for none, and a name without Hires.fix, choose nothing.
+  validateJob(job({ enableHr: true, hrCheckpointName: "Use same checkpoint" }));
+  validateJob(job({ hrCheckpointName: "../x" }));
+});

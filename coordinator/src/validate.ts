@@ -1,6 +1,7 @@
 import { create } from "@bufbuild/protobuf";
 import {
   FarmError,
+  hiresCheckpoint,
   GenerationParamsSchema,
   InpaintingFill,
   RngSource,
@@ -181,6 +182,9 @@ export function validateJob(
     }
     if (p.hrSecondPassSteps < 0 || p.hrSecondPassSteps > L.maxSteps)
       throw FarmError.invalid("hr_second_pass_steps", `must be in [0, ${L.maxSteps}]`);
+    const checkpoint = hiresCheckpoint(p);
+    if (checkpoint !== undefined && (checkpoint.length > 200 || /[/\\\0]/.test(checkpoint) || checkpoint.startsWith(".")))
+      throw FarmError.invalid("hr_checkpoint_name", `"${checkpoint.slice(0, 200)}" is not a model name`);
     if (p.hrSamplerName !== "" || p.hrScheduler !== "") {
       try {
         resolveSampler(p.hrSamplerName === "" ? p.samplerName : p.hrSamplerName, p.hrScheduler, {

@@ -26,11 +26,11 @@ import {
   type TlsFiles,
   type RunTaskRequest,
 } from "@latentfarm/shared";
-import { DEFAULT_ORPHAN_GRACE_MS, TaskRun, type RunTaskMessage, type TaskOutput } from "./task-run.js";
+import { DEFAULT_ORPHAN_GRACE_MS, TaskRun, type RunTaskMessage } from "./task-run.js";
 import { ModelCatalog } from "./models/catalog.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
-import { parsePipelineKey, pipelineKey, type LoraUse } from "./models/model-loader.js";
-import { extractExtraNetworks } from "./conditioning/index.js";
+import { parsePipelineKey } from "./models/model-loader.js";
+import { runTaskPasses, type RunOnPipeline } from "./task-passes.js";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PipelineHost } from "./pipeline-host/pipeline-host.js";
@@ -287,23 +287,24 @@ export class Agent {
 
   private async render(run: TaskRun, req: RunTaskRequest): Promise<void> {
     const started = performance.now();
-    const params = req.params!;
     const signal = run.abort.signal;
     let outcome: "succeeded" | "failed" | "cancelled" = "failed";
     try {
-      // The LoRAs a task names decide which merged pipeline it runs on.
-      const loras: LoraUse[] = extractExtraNetworks(params.prompt).networks.map((n) => ({
-        name: n.name,
-        teWeight: n.teWeight,
-        unetWeight: n.unetWeight,
-      }));
-      for (const l of params.loras) loras.push({ name: l.name, teWeight: l.teWeight, unetWeight: l.unetWeight });
-      const key = pipelineKey(params.model, loras);
-      const loaded = await this.cache.acquire(key, signal);
-      let output: TaskOutput;
-      try {
-        for (const w of loaded.value.loadWarnings) run.warning({ kind: { case: "warning", value: { message: w } } });
-        output = await loaded.value.runTask(req, {
+      // The pass a task belongs to decides its pipeline: the checkpoint and the LoRAs merged into it.
+      const runOn: RunOnPipeline = async (key, stageReq, ctx) => {
+        const loaded = await this.cache.acquire(key, signal);
+        try {
+          for (const w of loaded.value.loadWarnings) run.warning({ kind: { case: "warning", value: { message: w } } });
+          return await loaded.value.runTask(stageReq, ctx);
+        } finally {
+          loaded.release();
+          // A pipeline whose thread died is reloaded by the next task that needs it.
+          if (loaded.value.failed) this.cache.discard(key, loaded.value);
+        }
+      };
+      const output = await runTaskPasses(
+        req,
+        {
           signal,
           agentId: this.id,
           onStep: (step, total, previewPng) => {
@@ -330,12 +331,9 @@ export class Agent {
             ...(this.cfg.upscalersDir ? { upscalersDir: this.cfg.upscalersDir } : {}),
             ...(this.cfg.faceModelsDir ? { faceModelsDir: this.cfg.faceModelsDir } : {}),
           },
-        });
-      } finally {
-        loaded.release();
-        // A pipeline whose thread died is reloaded by the next task that needs it.
-        if (loaded.value.failed) this.cache.discard(key, loaded.value);
-      }
+        },
+        runOn,
+      );
       outcome = "succeeded";
       run.finish({ output });
     } catch (err) {

@@ -64,6 +64,7 @@ export function readRgb(h: Handover | undefined, field = "inputs"): { data: Uint
 export function cropHandover(source: Handover, rect: Pick<TileRect, "x" | "y" | "width" | "height">): Handover {
   const crop = cropData(source, rect);
   crop.firstPassInfotext = source.firstPassInfotext;
+  if (source.firstPassModel) crop.firstPassModel = source.firstPassModel;
   crop.secondPassInfotext = source.secondPassInfotext;
   return crop;
 }

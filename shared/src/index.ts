@@ -14,3 +14,4 @@ export * from "./security.js";
 export * from "./tiling.js";
 export * from "./hires-size.js";
 export * from "./handover.js";
+export * from "./hires-passes.js";

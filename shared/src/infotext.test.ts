@@ -135,3 +135,21 @@ test("apply: what the farm does not reproduce is reported, an older A1111's impl
     );
   }
 });
+
+test("apply: Hires checkpoint names the second pass's model by name, without the hash A1111 writes after it", () => {
+  const text = (checkpoint: string) =>
+    `a tower\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64, Model: base, Denoising strength: 0.5, Hires upscale: 2, Hires checkpoint: ${checkpoint}`;
+  for (const [checkpoint, name] of [
+    ["detail-v2 [0123456789]", "detail-v2"],
+    ["detail [v2]", "detail [v2]"],
+    ["Use same checkpoint", ""],
+  ] as const) {
+    const p = create(GenerationParamsSchema, { infotext: text(checkpoint) });
+    assert.deepEqual(applyInfotext(p).notReproduced, []);
+    assert.deepEqual([p.model, p.enableHr, p.hrCheckpointName], ["base", true, name], checkpoint);
+  }
+  // The request's own hires checkpoint wins.
+  const own = create(GenerationParamsSchema, { infotext: text("detail-v2 [0123456789]"), hrCheckpointName: "mine" });
+  applyInfotext(own);
+  assert.equal(own.hrCheckpointName, "mine");
+});

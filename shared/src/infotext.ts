@@ -3,6 +3,7 @@
 // request's `infotext`: each value fills the field or setting it names when the request leaves that unset.
 import { create, isFieldSet } from "@bufbuild/protobuf";
 import { FarmError } from "./errors.js";
+import { SAME_CHECKPOINT } from "./hires-passes.js";
 import {
   InpaintingFill,
   GenerationParamsSchema,
@@ -85,7 +86,6 @@ const INFORMATIONAL = new Set(["Model hash", "Lora hashes", "TI hashes", "Versio
 
 /** Defaults A1111's parser fills in or writes that change nothing here. */
 const NEUTRAL: Record<string, string> = {
-  "Hires checkpoint": "Use same checkpoint",
   "VAE Encoder": "Full",
   "VAE Decoder": "Full",
   "FP8 weight": "Disable",
@@ -157,6 +157,7 @@ const HIRES_FIELDS: ReadonlyArray<readonly [string, ParamsField, Kind]> = [
   ["Hires schedule type", "hrScheduler", "str"],
   ["Hires prompt", "hrPrompt", "str"],
   ["Hires negative prompt", "hrNegativePrompt", "str"],
+  ["Hires checkpoint", "hrCheckpointName", "str"],
 ];
 
 const FILLS: Record<string, InpaintingFill> = {
@@ -251,9 +252,13 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
     for (const [key, same] of [
       ["Hires sampler", "Use same sampler"],
       ["Hires schedule type", "Use same scheduler"],
+      ["Hires checkpoint", SAME_CHECKPOINT],
     ] as const) {
       if (params.get(key) === same) params.delete(key);
     }
+    // A1111 writes the checkpoint's short title, "name [hash]"; the farm names models by name.
+    const checkpoint = params.get("Hires checkpoint");
+    if (checkpoint !== undefined) params.set("Hires checkpoint", checkpoint.replace(/ \[[0-9a-f]{8,10}\]$/, ""));
     fillFields(HIRES_FIELDS);
   }
 

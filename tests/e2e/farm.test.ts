@@ -459,6 +459,41 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     }
   });
 
+  test("a hires checkpoint: the second pass loads it and runs there; the infotext names both models", async () => {
+    const params = {
+      prompt: "a tower",
+      model: "tiny-sd15",
+      width: 64,
+      height: 64,
+      steps: 3,
+      samplerName: "Euler",
+      seed: 21n,
+      enableHr: true,
+      hrScale: 1.5,
+      denoisingStrength: 0.5,
+    };
+    const image = async (extra: Record<string, unknown>) => {
+      const { jobId } = await farm.client.submit({ params: { ...params, ...extra } });
+      const events = await collect(farm, jobId);
+      assert.equal(events.at(-1)?.event.case, "done", JSON.stringify(events.at(-1)?.event.value));
+      const img = events.flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))[0]!;
+      return { infotext: img.infotext, pixels: await sharp(img.png).raw().toBuffer() };
+    };
+    const switched = await image({ hrCheckpointName: "tiny-sd15-hr" });
+    assert.match(switched.infotext, /Model: tiny-sd15, .*Hires checkpoint: tiny-sd15-hr,/);
+    // Agents report their loaded models in their heartbeats.
+    for (const deadline = Date.now() + 5000; ;) {
+      const { agents } = await farm.client.listAgents({});
+      if (agents.some((a) => a.loadedModels.includes("tiny-sd15-hr"))) break;
+      assert.ok(Date.now() < deadline, "no agent reports the hires checkpoint loaded");
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    // The checkpoint is a second name for the same weights: the same pixels as without it.
+    const same = await image({});
+    assert.deepEqual(switched.pixels, same.pixels);
+    assert.doesNotMatch(same.infotext, /Hires checkpoint/);
+  });
+
   test("Cancel ends the job cancelled within one step and frees the agent", async () => {
     const { jobId } = await farm.client.submit({
       params: { prompt: "slow", model: "tiny-sd15", width: 64, height: 64, steps: 150, samplerName: "Euler", seed: 5n },

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { findNatsServer } from "@latentfarm/coordinator";
-import type { JobEvent } from "@latentfarm/shared";
+import { FarmError, type JobEvent } from "@latentfarm/shared";
 import { REPO } from "../harness/farm.js";
 import { checkJob, sleep, startFaultFarm, watchToEnd, type FaultFarm, type SimProcess } from "../harness/sim-agent-farm.js";
 
@@ -178,5 +178,48 @@ describe("Hires.fix stages on simulated agents", { skip, concurrency: false, tim
       assert.ok(Date.now() < deadline, "agents still busy after the job ended");
       await sleep(50);
     }
+  });
+});
+
+describe("a hires checkpoint's stages go to the agents that offer it", { skip, concurrency: false, timeout: 120_000 }, () => {
+  let farm: FaultFarm;
+  before(async () => {
+    farm = await startFaultFarm({ coordinatorArgs: TILING });
+    await farm.startCoordinator();
+    await farm.startSims({ count: 1, slots: 2, stepMs: 5, prefix: "first-", models: ["sim"] });
+    await farm.startSims({ count: 2, slots: 2, stepMs: 5, prefix: "second-", models: ["sim-hr"] });
+    await farm.waitForAgents(3);
+  });
+  after(async () => {
+    await farm?.close();
+  });
+
+  test("the first pass runs on the model's agent; the second pass, untiled or as upscale, tiles and assembly, on the checkpoint's", async () => {
+    for (const [hrScale, tiled] of [
+      [1.5, false],
+      [2, true],
+    ] as const) {
+      const { jobId } = await farm.client.submit({ params: { ...hires, seed: 9n, hrScale, hrCheckpointName: "sim-hr" } });
+      const { events } = await watchToEnd(farm.client, jobId);
+      assert.equal(checkJob(events, 1).terminal, "done");
+      assert.deepEqual(placedOn(events, /\.first$/), ["first-0"]);
+      const later = placedOn(events, tiled ? /\.(up|t\d+|asm)$/ : /\.second$/);
+      assert.equal(later.length, tiled ? 11 : 1);
+      assert.ok(
+        later.every((a) => a.startsWith("second-")),
+        `second-pass stages on ${later.join(",")}`,
+      );
+    }
+  });
+
+  test("a hires checkpoint no agent offers is NOT_FOUND naming hr_checkpoint_name; without enable_hr it is ignored", async () => {
+    await assert.rejects(farm.client.submit({ params: { ...hires, hrCheckpointName: "nowhere" } }), (err: unknown) => {
+      const fe = FarmError.from(err);
+      return fe.codeName === "NOT_FOUND" && /hr_checkpoint_name/.test(fe.message) && /nowhere/.test(fe.message);
+    });
+    const { jobId } = await farm.client.submit({ params: { ...hires, enableHr: false, hrCheckpointName: "nowhere" } });
+    const { events } = await watchToEnd(farm.client, jobId);
+    assert.equal(checkJob(events, 1).terminal, "done");
+    assert.deepEqual(placedOn(events, /./), ["first-0"]);
   });
 });

@@ -122,6 +122,8 @@ export async function startTestFarm(
   const modelsDir = join(tmp, "models");
   mkdirSync(modelsDir);
   symlinkSync(TINY_SD15, join(modelsDir, "tiny-sd15"));
+  // The same weights under a second name: a checkpoint to switch to (a Hires.fix job's hires checkpoint).
+  symlinkSync(TINY_SD15, join(modelsDir, "tiny-sd15-hr"));
   const started: ServiceProcess[] = [];
   try {
     const coordinator = await startService([

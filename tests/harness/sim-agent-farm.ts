@@ -47,6 +47,8 @@ export interface SimAgentsSpec {
   logTasks?: boolean;
   /** Steps scale with a task's pixels: stepMs is a step at this many pixels. */
   refPixels?: number;
+  /** The models the agents offer (default ["sim"]). */
+  models?: string[];
 }
 
 /** Resolves once the coordinator lists at least `n` agents (it may still be starting). */
@@ -85,6 +87,7 @@ export function startSimAgents(natsUrl: string, s: SimAgentsSpec): Promise<SimPr
   if (s.progress) args.push("--progress");
   if (s.logTasks) args.push("--log-tasks");
   if (s.refPixels) args.push("--ref-pixels", String(s.refPixels));
+  if (s.models) args.push("--models", s.models.join(","));
   if (s.poisonSeeds?.length) args.push("--poison-seeds", s.poisonSeeds.join(","));
   const child = spawn(process.execPath, args, { cwd: REPO, stdio: ["ignore", "pipe", "pipe"] });
   let err = "";

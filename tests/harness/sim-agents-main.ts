@@ -3,7 +3,7 @@
 // Options: --id-prefix P (ids P0, P1, …; default "sim-"), --speeds 1,2,4 (per agent, cycled),
 // --heartbeat-ms N, --progress, --poison-seeds 5,9, --drain-ms N (grace on SIGTERM), --log-tasks
 // (one JSON line per task start/end on stdout, for tests that count executions), --ref-pixels N
-// (STEP_MS is a step at N pixels; steps scale with each task's pixels).
+// (STEP_MS is a step at N pixels; steps scale with each task's pixels), --models a,b (default "sim").
 import { parseArgs } from "node:util";
 import { SimAgent } from "./sim-agent.js";
 
@@ -19,6 +19,7 @@ const { values: o, positionals } = parseArgs({
     "drain-ms": { type: "string", default: "0" },
     "log-tasks": { type: "boolean", default: false },
     "ref-pixels": { type: "string", default: "0" },
+    models: { type: "string", default: "sim" },
   },
 });
 const [natsUrl, count = "4", slots = "8", stepMs = "0"] = positionals;
@@ -36,7 +37,7 @@ const agents = Array.from(
       heartbeatMs: Number(o["heartbeat-ms"]),
       progress: o.progress,
       poisonSeeds,
-      models: ["sim"],
+      models: o.models.split(","),
       refPixels: Number(o["ref-pixels"]),
       ...(o["log-tasks"]
         ? {

@@ -60,7 +60,7 @@ Generation options (A1111's parameter names in kebab case):
     uni_pc_variant, uni_pc_order, skip_early_cond, sd_noise_schedule, …)
   Hires.fix: --enable-hr (implied by --hr-scale/--hr-resize-*)  --hr-scale F  --hr-upscaler NAME
     --hr-second-pass-steps N  --hr-resize-x N  --hr-resize-y N  --hr-sampler-name NAME  --hr-scheduler NAME
-    --hr-prompt TEXT  --hr-negative-prompt TEXT  --denoising-strength F
+    --hr-prompt TEXT  --hr-negative-prompt TEXT  --hr-checkpoint MODEL  --denoising-strength F
   img2img: --init-image FILE (PNG/JPEG/WebP, repeatable)  --resize-mode just-resize|crop-and-resize|resize-and-fill|latent-upscale
     --initial-noise-multiplier F  --denoising-strength F
   inpainting: --mask FILE  --mask-blur N  --inpainting-fill fill|original|latent-noise|latent-nothing
@@ -133,6 +133,7 @@ const GEN_OPTIONS = {
   "hr-scheduler": { type: "string", default: "" },
   "hr-prompt": { type: "string", default: "" },
   "hr-negative-prompt": { type: "string", default: "" },
+  "hr-checkpoint": { type: "string", default: "" },
   "denoising-strength": { type: "string" },
   "init-image": { type: "string", multiple: true },
   "resize-mode": { type: "string" },
@@ -308,6 +309,7 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
     hrScheduler: v["hr-scheduler"],
     hrPrompt: v["hr-prompt"],
     hrNegativePrompt: v["hr-negative-prompt"],
+    hrCheckpointName: v["hr-checkpoint"],
     denoisingStrength: num("denoising-strength", v["denoising-strength"]),
     initImages: await Promise.all((v["init-image"] ?? []).map((f) => readFile(f))),
     resizeMode: choice("resize-mode", v["resize-mode"], RESIZE_MODES),

@@ -5,37 +5,16 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import sharp from "sharp";
 import { create } from "@bufbuild/protobuf";
-import { FarmError, RngSource, RunTaskRequestSchema, silentLogger } from "@latentfarm/shared";
-import { makeTinyModel, writeSafetensors, type TensorToWrite } from "../model-graph/index.js";
-import { LoadedPipeline } from "../pipeline/loaded-pipeline.js";
+import { FarmError, RngSource, RunTaskRequestSchema } from "@latentfarm/shared";
+import type { LoadedPipeline } from "../pipeline/loaded-pipeline.js";
 import { renderTask } from "../pipeline/txt2img.js";
 import { ModelCatalog } from "./catalog.js";
-import { loadModel, pipelineKey, parsePipelineKey, type LoraUse } from "./model-loader.js";
+import { pipelineKey, type LoraUse } from "./model-loader.js";
 import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
+import { makeLoraCatalog, pipelineFor } from "../test-support/lora-catalog.js";
 
 const FIXTURES = KIT_FIXTURES;
 const REF = join(FIXTURES, "reference", "txt2img");
-
-async function pipelineFor(
-  catalog: ModelCatalog,
-  model: string,
-  loras: LoraUse[],
-  opts: { cacheDir: string; tokenizerDir?: string; lorasDir?: string },
-) {
-  const loaded = await loadModel(catalog, parsePipelineKey(pipelineKey(model, loras)), {
-    ep: { name: "cpu" },
-    logger: silentLogger,
-    intraOpNumThreads: 1,
-    ...opts,
-  });
-  return new LoadedPipeline(loaded.model, {
-    maxBatchRows: 8,
-    modelHash: loaded.modelHash,
-    loraHashes: loaded.loraHashes,
-    baseTextEncoder: loaded.baseTextEncoder,
-    loadWarnings: loaded.warnings,
-  });
-}
 
 async function render(pipe: LoadedPipeline, params: Record<string, unknown>, seed = 42n) {
   return renderTask(pipe, create(RunTaskRequestSchema, { taskId: "t", jobId: "j", seed, params: { model: pipe.name, ...params } }), {
@@ -124,30 +103,7 @@ describe("LoRAs named in a prompt merge into the checkpoint", { concurrency: fal
   const open: LoadedPipeline[] = [];
   before(async () => {
     dir = mkdtempSync(join(tmpdir(), "lf-lora-"));
-    const tiny = await makeTinyModel({ outDir: join(dir, "gen"), seed: 3, config: "small" });
-    const models = join(dir, "models");
-    mkdirSync(models);
-    symlinkSync(tiny.checkpointPath, join(models, "tiny.safetensors"));
-    writeFileSync(join(models, "tiny.json"), JSON.stringify(tiny.hints));
-    symlinkSync(tiny.tokenizerDir, join(models, "tokenizer"));
-    const loras = join(dir, "loras");
-    mkdirSync(loras);
-    // A LoRA on one attention projection of the UNet and one of the text encoder.
-    const n = (shape: number[], v: number): TensorToWrite => ({
-      dtype: "F32",
-      shape,
-      data: Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, (_, i) => v * Math.sin(i + 1)),
-    });
-    const q = tiny.spec.unetChannels[0]!;
-    const te = tiny.spec.textHidden;
-    await writeSafetensors(join(loras, "style.safetensors"), {
-      "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": n([q, 2], 0.5),
-      "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": n([2, q], 0.5),
-      "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": n([te, 2], 0.5),
-      "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": n([2, te], 0.5),
-    });
-    catalog = new ModelCatalog(models);
-    opts = { cacheDir: join(dir, "cache"), lorasDir: loras };
+    ({ catalog, opts } = await makeLoraCatalog(dir));
   });
   after(async () => {
     for (const p of open) await p.close();

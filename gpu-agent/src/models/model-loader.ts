@@ -2,7 +2,7 @@ import { existsSync } from "node:fs";
 import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
-import { FarmError, type Logger } from "@latentfarm/shared";
+import { FarmError, secondPassModel, secondPassPrompt, type GenerationParams, type Logger, type LoraRef } from "@latentfarm/shared";
 import {
   importCheckpoint,
   importCheckpointWithLoras,
@@ -13,7 +13,7 @@ import {
 import type { ExecutionProvider } from "../runtime/protocol.js";
 import type { ModelCatalog, ModelEntry } from "./catalog.js";
 import { SdModel, loadTextEncoder } from "./sd-model.js";
-import type { ClosableTextEncoder } from "../conditioning/index.js";
+import { extractExtraNetworks, type ClosableTextEncoder } from "../conditioning/index.js";
 
 /** A LoRA as a task asks for it: from a `<lora:name:te:unet>` tag or the request's loras field. */
 export interface LoraUse {
@@ -34,6 +34,28 @@ export function pipelineKey(model: string, loras: readonly LoraUse[]): string {
     .filter((l) => l.teWeight !== 0 || l.unetWeight !== 0)
     .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   return JSON.stringify({ model, loras: active } satisfies PipelineKey);
+}
+
+/** The LoRAs a prompt's `<lora:…>` tags and the request's `loras` field name, in that order. */
+export function lorasOf(prompt: string, explicit: readonly LoraRef[]): LoraUse[] {
+  const loras: LoraUse[] = extractExtraNetworks(prompt).networks.map((n) => ({
+    name: n.name,
+    teWeight: n.teWeight,
+    unetWeight: n.unetWeight,
+  }));
+  for (const l of explicit) loras.push({ name: l.name, teWeight: l.teWeight, unetWeight: l.unetWeight });
+  return loras;
+}
+
+/**
+ * The pipeline a pass of a task runs on. The first pass: `model` with the LoRAs of `prompt`. A Hires.fix
+ * second pass: the hires checkpoint (else `model`) with the LoRAs of the hires prompt (else `prompt`),
+ * as A1111 switches checkpoints and activates the hires prompt's extra networks for it. The request's
+ * `loras` apply to both.
+ */
+export function passPipelineKey(p: GenerationParams, pass: "first" | "second"): string {
+  if (pass === "first") return pipelineKey(p.model, lorasOf(p.prompt, p.loras));
+  return pipelineKey(secondPassModel(p), lorasOf(secondPassPrompt(p), p.loras));
 }
 
 export function parsePipelineKey(key: string): PipelineKey {

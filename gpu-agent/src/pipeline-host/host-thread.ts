@@ -48,9 +48,10 @@ let closing: Promise<void> | undefined;
 
 async function start(): Promise<void> {
   try {
+    const key = parsePipelineKey(init.key);
     const loaded = await loadModel(
       new ModelCatalog(init.modelsDir),
-      parsePipelineKey(init.key),
+      key,
       {
         ep: init.ep,
         logger,
@@ -66,6 +67,7 @@ async function start(): Promise<void> {
       maxBatchRows: init.maxBatchRows,
       modelHash: loaded.modelHash,
       loraHashes: loaded.loraHashes,
+      loras: key.loras,
       baseTextEncoder: loaded.baseTextEncoder,
       loadWarnings: loaded.warnings,
       onUnetCall: (rows, seconds) => post({ type: "unetCall", rows, seconds }),

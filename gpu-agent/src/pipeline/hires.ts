@@ -17,6 +17,7 @@ import { create } from "@bufbuild/protobuf";
 import {
   FarmError,
   TaskStage,
+  hiresCheckpoint,
   latentHandover,
   layoutFromStarts,
   readLatent,
@@ -51,10 +52,13 @@ import {
   encodeRgb,
   finishImage,
   imageRngFor,
+  modelIdentity,
+  passModel,
   resourcesOf,
   putFirst,
   samplerExtras,
   taskBasics,
+  type ModelIdentity,
   type TaskBasics,
 } from "./render-common.js";
 import { AFTER_SAMPLING_INFOTEXT_KEYS, CONDITIONING_INFOTEXT_KEYS } from "./infotext.js";
@@ -245,12 +249,33 @@ async function upscalePixels(
   );
 }
 
-/** Face restoration, infotext and PNG of a finished hires image (untiled or assembled, the same). */
+/**
+ * A1111 keeps one "Lora hashes" dict per image: the second pass's LoRAs are added to the first pass's
+ * (a name already there keeps its place and takes the new hash).
+ */
+function mergeLoraHashes(first: readonly string[], second: readonly string[]): string[] {
+  const byName = new Map<string, string>();
+  const nameOf = (entry: string): string => entry.slice(0, Math.max(0, entry.lastIndexOf(": ")));
+  for (const entry of [...first, ...second]) byName.set(nameOf(entry), entry);
+  return [...byName.values()];
+}
+
+/** A1111's short_title of a checkpoint, as "Hires checkpoint" names it: "name [hash]" (an ONNX folder has no hash). */
+function checkpointTitle(model: ModelIdentity): string {
+  return model.modelHash !== undefined ? `${model.name} [${model.modelHash}]` : model.name;
+}
+
+/**
+ * Face restoration, infotext and PNG of a finished hires image (untiled or assembled, the same). `pipe`
+ * is the pipeline the second pass ran on, `firstModel` the first pass's (another where the second pass
+ * has a checkpoint or LoRAs of its own).
+ */
 async function finishHires(
   pipe: LoadedPipeline,
   req: RunTaskRequest,
   ctx: RenderContext,
   s: HiresSetup,
+  firstModel: ModelIdentity,
   sampler1: PreparedSampling,
   sampler2: PreparedSampling | undefined,
   rgb: Uint8Array,
@@ -260,7 +285,12 @@ async function finishHires(
   const { b } = s;
   const { p } = b;
   const restored = await restoreFacesIfRequested(pipe, ctx, p, { width: outW, height: outH, channels: 3, data: rgb });
-  const base = baseInfotext(pipe, b, sampler1, { width: s.width, height: s.height });
+  const model: ModelIdentity = {
+    name: firstModel.name,
+    modelHash: firstModel.modelHash,
+    loraHashes: sampler2 ? mergeLoraHashes(firstModel.loraHashes, pipe.loraHashes) : firstModel.loraHashes,
+  };
+  const base = baseInfotext(model, b, sampler1, { width: s.width, height: s.height });
   const hiresExtras: Array<[string, string | number]> = !sampler2
     ? []
     : hiresInfotextFields({
@@ -272,6 +302,7 @@ async function finishHires(
         denoisingStrength: s.strength,
         samplerName: sampler1.choice.sampler.name,
         hrSamplerName: p.hrSamplerName ? sampler2.choice.sampler.name : null,
+        hrCheckpointTitle: hiresCheckpoint(p) !== undefined ? checkpointTitle(pipe) : null,
         prompt: p.prompt,
         negativePrompt: p.negativePrompt,
         hrPrompt: p.hrPrompt,
@@ -300,6 +331,7 @@ async function runSecondPass(
   req: RunTaskRequest,
   ctx: RenderContext,
   s: HiresSetup,
+  firstModel: ModelIdentity,
   sampler1: PreparedSampling,
   source: FirstPassOutput,
   onStep: (step: number, previewPng?: Uint8Array) => void,
@@ -328,7 +360,7 @@ async function runSecondPass(
     noiseRng: rng,
   });
   const rgb = await decodeToRgb(pipe, latent, up.h, up.w, ctx.signal);
-  return finishHires(pipe, req, ctx, s, sampler1, sampler2, rgb, up.w * 8, up.h * 8);
+  return finishHires(pipe, req, ctx, s, firstModel, sampler1, sampler2, rgb, up.w * 8, up.h * 8);
 }
 
 export async function renderTxt2imgExtended(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): Promise<Image> {
@@ -340,11 +372,11 @@ export async function renderTxt2imgExtended(pipe: LoadedPipeline, req: RunTaskRe
   const first = await runFirstPass(pipe, s, ctx, onStep);
   if (!s.target) {
     const rgb = await decodeToRgb(pipe, first.latent, s.h, s.w, ctx.signal);
-    return finishHires(pipe, req, ctx, s, first.sampler, undefined, rgb, s.width, s.height);
+    return finishHires(pipe, req, ctx, s, pipe, first.sampler, undefined, rgb, s.width, s.height);
   }
   offset = first.sampler.steps;
   const source = await firstPassOutput(pipe, s, ctx, first.latent);
-  return runSecondPass(pipe, req, ctx, s, first.sampler, source, onStep);
+  return runSecondPass(pipe, req, ctx, s, pipe, first.sampler, source, onStep);
 }
 
 /** The output of one stage task: the image (last stage) or what the next stage needs. */
@@ -363,17 +395,22 @@ export async function runHiresStage(pipe: LoadedPipeline, req: RunTaskRequest, c
       const first = await runFirstPass(pipe, s, ctx, (k, previewPng) => ctx.onStep(k, s.b.steps, previewPng));
       const out = firstPassHandover(await firstPassOutput(pipe, s, ctx, first.latent), C);
       out.firstPassInfotext = ranInfotext(first.sampler);
+      out.firstPassModel = passModel(pipe);
       return { case: "handover", value: out };
     }
     case TaskStage.SECOND_PASS: {
       const source = firstPassFromHandover(s, req.inputs[0], C);
       const sampler1 = withRanInfotext(firstPassSampler(s), req.inputs[0]?.firstPassInfotext ?? []);
-      const image = await runSecondPass(pipe, req, ctx, s, sampler1, source, (k, previewPng) => ctx.onStep(k, s.hrSteps, previewPng));
+      const firstModel = modelIdentity(req.inputs[0]?.firstPassModel, pipe);
+      const image = await runSecondPass(pipe, req, ctx, s, firstModel, sampler1, source, (k, previewPng) =>
+        ctx.onStep(k, s.hrSteps, previewPng),
+      );
       return { case: "result", value: image };
     }
     case TaskStage.UPSCALE: {
       const out = await upscaleForTiles(pipe, s, ctx, firstPassFromHandover(s, req.inputs[0], C), target);
       out.firstPassInfotext = req.inputs[0]?.firstPassInfotext ?? [];
+      if (req.inputs[0]?.firstPassModel) out.firstPassModel = req.inputs[0].firstPassModel;
       return { case: "handover", value: out };
     }
     case TaskStage.SECOND_PASS_TILE:
@@ -457,6 +494,7 @@ async function runTile(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCon
   });
   const tile = rgbHandover(await decodeToRgb(pipe, out, h, w, ctx.signal), w * 8, h * 8);
   tile.firstPassInfotext = input?.firstPassInfotext ?? [];
+  if (input?.firstPassModel) tile.firstPassModel = input.firstPassModel;
   tile.secondPassInfotext = ranInfotext(sampler);
   return tile;
 }
@@ -496,7 +534,8 @@ async function assemble(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCo
     secondPassSampler(s, target.secondPassLatent.height, target.secondPassLatent.width, s.b.seed),
     req.inputs.flatMap((t) => t.secondPassInfotext),
   );
-  return finishHires(pipe, req, ctx, s, sampler1, sampler2, rgb, layout.width, layout.height);
+  const firstModel = modelIdentity(req.inputs[0]?.firstPassModel, pipe);
+  return finishHires(pipe, req, ctx, s, firstModel, sampler1, sampler2, rgb, layout.width, layout.height);
 }
 
 const CONDITIONING_KEYS: ReadonlySet<string> = new Set(CONDITIONING_INFOTEXT_KEYS);

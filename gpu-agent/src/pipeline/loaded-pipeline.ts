@@ -2,6 +2,7 @@ import { ClipTokenizer, Conditioner, type ClosableTextEncoder } from "../conditi
 import { NoiseThread } from "../sampling/index.js";
 import { BrownianWorkers } from "../sampling/brownian-thread.js";
 import type { SdModel } from "../models/sd-model.js";
+import type { LoraUse } from "../models/model-loader.js";
 import { StepBatcher } from "./step-batcher.js";
 
 /** A model with what tasks share: its tokenizer, a conditioning cache and the step batcher. */
@@ -13,6 +14,8 @@ export class LoadedPipeline {
   /** A1111 infotext entries: "Model hash" (checkpoints) and "Lora hashes". */
   readonly modelHash: string | undefined;
   readonly loraHashes: readonly string[];
+  /** The LoRAs merged into this pipeline's weights (its pipeline key's): the only ones its prompts may name. */
+  readonly loras: readonly LoraUse[];
   /** Warnings from building the model (LoRA keys that matched no layer), repeated to each task. */
   readonly loadWarnings: readonly string[];
   /** Makes the samplers' plain noise during UNet calls, for every run on this pipeline (see denoise). */
@@ -35,6 +38,8 @@ export class LoadedPipeline {
       onUnetCall?: (rows: number, seconds: number) => void;
       modelHash?: string | undefined;
       loraHashes?: readonly string[];
+      /** The LoRAs merged into `model` (default none). */
+      loras?: readonly LoraUse[];
       /** The base model's text encoder where LoRAs changed this one's (ModelLoader's baseTextEncoder). */
       baseTextEncoder?: (() => Promise<ClosableTextEncoder>) | undefined;
       loadWarnings?: readonly string[];
@@ -44,6 +49,7 @@ export class LoadedPipeline {
     this.noiseThreadMinValues = opts.noiseThreadMinValues ?? 16_384;
     this.modelHash = opts.modelHash;
     this.loraHashes = opts.loraHashes ?? [];
+    this.loras = opts.loras ?? [];
     this.baseTextEncoder = opts.baseTextEncoder;
     this.loadWarnings = opts.loadWarnings ?? [];
     this.batcher = new StepBatcher(

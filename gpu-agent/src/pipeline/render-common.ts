@@ -9,18 +9,16 @@ import {
   FarmError,
   ImageSchema,
   RngSource as WireRng,
+  PassModelSchema,
   checkOverrideSettings,
+  hiresCheckpoint,
   type GenerationParams,
+  type PassModel,
   type Image,
   type RunTaskRequest,
 } from "@latentfarm/shared";
 import { ImageRng, type PreparedSampling, type SamplingSettings } from "../sampling/index.js";
-import {
-  extractExtraNetworks,
-  getLearnedConditioningPromptSchedules,
-  type EmphasisMode,
-  type PreparedConditioning,
-} from "../conditioning/index.js";
+import { getLearnedConditioningPromptSchedules, type EmphasisMode, type PreparedConditioning } from "../conditioning/index.js";
 import { ImageInputError } from "../imaging/index.js";
 import { checkAborted, type PreviewRequest } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
@@ -247,15 +245,40 @@ export async function conditioningFor(
   });
   recordConditioningInfotext(sampler, cond, negativePrompt, settings, steps);
   for (const u of cond.extraNetworks.unknown) ctx.onWarning(`unknown extra network tag ${u.raw} removed from the prompt`);
-  // The agent merged the LoRAs of the task's prompt into this pipeline; a hires prompt naming others
-  // would need a second merged model for its pass.
-  if (pipelineKey("", cond.extraNetworks.networks) !== pipelineKey("", extractExtraNetworks(b.p.prompt).networks)) {
+  checkPassPipeline(pipe, b.p, cond, opts.firstPass !== undefined, fields.prompt);
+  return cond;
+}
+
+/**
+ * A pipeline is one checkpoint with one set of LoRAs merged into its weights, and the agent picks one
+ * per pass (passPipelineKey): a Hires.fix second pass whose checkpoint or LoRAs differ from the first
+ * pass's runs as a stage of its own, on its own pipeline. A second pass handed a pipeline that is not
+ * its own fails here rather than render with the wrong weights. (A first pass runs on whatever
+ * pipeline its caller chose: a library caller may render a prompt's tags on the base model.)
+ */
+function checkPassPipeline(
+  pipe: LoadedPipeline,
+  p: GenerationParams,
+  cond: PreparedConditioning,
+  secondPass: boolean,
+  promptField: string,
+): void {
+  if (!secondPass) return;
+  const asked = [...cond.extraNetworks.networks, ...p.loras].map((l) => ({ name: l.name, teWeight: l.teWeight, unetWeight: l.unetWeight }));
+  if (pipelineKey("", asked) !== pipelineKey("", pipe.loras)) {
+    const merged = pipe.loras.map((l) => l.name).join(", ") || "none";
     throw FarmError.unimplemented(
-      fields.prompt,
-      "a prompt with LoRA tags other than the main prompt's is not implemented (the agent merges one set of LoRAs per pipeline)",
+      promptField,
+      `the second pass's LoRAs are not the ones merged into this pipeline (${merged}): it runs as a stage of its own, on a pipeline of its LoRAs`,
     );
   }
-  return cond;
+  const checkpoint = hiresCheckpoint(p);
+  if (checkpoint !== undefined && checkpoint !== pipe.name) {
+    throw FarmError.unimplemented(
+      "hr_checkpoint_name",
+      `the second pass runs on "${checkpoint}", not on this pipeline's "${pipe.name}": it runs as a stage of its own`,
+    );
+  }
 }
 
 /** Bad user images become INVALID_ARGUMENT naming the request field; anything else passes through. */
@@ -315,9 +338,27 @@ export function a1111Infotext(f: A1111InfotextFields): string {
   return buildInfotext({ ...f, extra: (f.extra ?? []).filter(([k]) => k !== "Denoising strength") });
 }
 
-/** The infotext fields every pass shares, from the request and the (first-pass) sampler. */
+/** A model as an infotext names it: a LoadedPipeline, or the first pass's as its hand-over carries it. */
+export interface ModelIdentity {
+  readonly name: string;
+  readonly modelHash: string | undefined;
+  readonly loraHashes: readonly string[];
+}
+
+/** The hand-over's record of the model a pass ran on. */
+export function passModel(model: ModelIdentity): PassModel {
+  return create(PassModelSchema, { name: model.name, modelHash: model.modelHash ?? "", loraHashes: [...model.loraHashes] });
+}
+
+/** The first pass's model from its hand-over; `fallback` (this stage's own) for a hand-over without one. */
+export function modelIdentity(passed: PassModel | undefined, fallback: ModelIdentity): ModelIdentity {
+  if (passed === undefined || passed.name === "") return fallback;
+  return { name: passed.name, modelHash: passed.modelHash || undefined, loraHashes: passed.loraHashes };
+}
+
+/** The infotext fields every pass shares, from the request, the first pass's model and its sampler. */
 export function baseInfotext(
-  pipe: LoadedPipeline,
+  pipe: ModelIdentity,
   b: TaskBasics,
   sampler: PreparedSampling,
   size: { width: number; height: number },
@@ -345,7 +386,7 @@ export function baseInfotext(
 }
 
 /** A1111 activates extra networks before it encodes prompts or sets the sampler up: its entry comes first. */
-export function loraHashesEntry(pipe: LoadedPipeline): [string, InfotextValue] {
+export function loraHashesEntry(pipe: ModelIdentity): [string, InfotextValue] {
   return ["Lora hashes", pipe.loraHashes.length > 0 ? pipe.loraHashes.join(", ") : undefined];
 }
 

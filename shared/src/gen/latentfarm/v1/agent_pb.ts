@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file latentfarm/v1/agent.proto.
  */
 export const file_latentfarm_v1_agent: GenFile = /*@__PURE__*/
-  fileDesc("ChlsYXRlbnRmYXJtL3YxL2FnZW50LnByb3RvEg1sYXRlbnRmYXJtLnYxIrUCCg5SdW5UYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIvCgZwYXJhbXMYAyABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEwoLaW1hZ2VfaW5kZXgYBCABKAUSDAoEc2VlZBgFIAEoAxIPCgdzdWJzZWVkGAYgASgDEg8KB2F0dGVtcHQYByABKAUSJwoFc3RhZ2UYCCABKA4yGC5sYXRlbnRmYXJtLnYxLlRhc2tTdGFnZRInCgZpbnB1dHMYCSADKAsyFy5sYXRlbnRmYXJtLnYxLkhhbmRvdmVyEhIKCnRpbGVfaW5kZXgYCiABKAUSJgoFdGlsZXMYCyABKAsyFy5sYXRlbnRmYXJtLnYxLlRpbGVQbGFuIuABCghIYW5kb3ZlchItCgZsYXRlbnQYASABKAsyGy5sYXRlbnRmYXJtLnYxLkxhdGVudFRlbnNvckgAEiYKA3JnYhgCIAEoCzIXLmxhdGVudGZhcm0udjEuUmdiSW1hZ2VIABI5ChNmaXJzdF9wYXNzX2luZm90ZXh0GAMgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjoKFHNlY29uZF9wYXNzX2luZm90ZXh0GAQgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5QgYKBGRhdGEiKwoNSW5mb3RleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAkiKwoMTGF0ZW50VGVuc29yEg0KBXNoYXBlGAEgAygFEgwKBGRhdGEYAiABKAwiNwoIUmdiSW1hZ2USDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEgwKBGRhdGEYAyABKAwiagoIVGlsZVBsYW4SDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEhIKCnRpbGVfd2lkdGgYAyABKAUSEwoLdGlsZV9oZWlnaHQYBCABKAUSCgoCeHMYBSADKAUSCgoCeXMYBiADKAUiygEKD1J1blRhc2tSZXNwb25zZRIvCghwcm9ncmVzcxgBIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASJgoGcmVzdWx0GAIgASgLMhQubGF0ZW50ZmFybS52MS5JbWFnZUgAEikKB3dhcm5pbmcYAyABKAsyFi5sYXRlbnRmYXJtLnYxLldhcm5pbmdIABIrCghoYW5kb3ZlchgEIAEoCzIXLmxhdGVudGZhcm0udjEuSGFuZG92ZXJIAEIGCgRraW5kIkUKEUNhbmNlbFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIOCgZyZWFzb24YAyABKAkiJQoSQ2FuY2VsVGFza1Jlc3BvbnNlEg8KB3N0b3BwZWQYASABKAgiDwoNU3RhdHVzUmVxdWVzdCJgCg5TdGF0dXNSZXNwb25zZRInCgVhZ2VudBgBIAEoCzIYLmxhdGVudGZhcm0udjEuQWdlbnRJbmZvEg4KBm1vZGVscxgCIAMoCRIVCg1ydW5uaW5nX3Rhc2tzGAMgAygJIoMBCglIZWFydGJlYXQSJwoFYWdlbnQYASABKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbxIyChBhdmFpbGFibGVfbW9kZWxzGAIgAygLMhgubGF0ZW50ZmFybS52MS5Nb2RlbEluZm8SGQoRZnJlZV9tZW1vcnlfYnl0ZXMYAyABKAMibAoMVGFza1Byb2dyZXNzEg8KB3Rhc2tfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEikKBHN0ZXAYBCABKAsyGy5sYXRlbnRmYXJtLnYxLlN0ZXBQcm9ncmVzcyqpAQoJVGFza1N0YWdlEhMKD1RBU0tfU1RBR0VfRlVMTBAAEhkKFVRBU0tfU1RBR0VfRklSU1RfUEFTUxABEhoKFlRBU0tfU1RBR0VfU0VDT05EX1BBU1MQAhIWChJUQVNLX1NUQUdFX1VQU0NBTEUQAxIfChtUQVNLX1NUQUdFX1NFQ09ORF9QQVNTX1RJTEUQBBIXChNUQVNLX1NUQUdFX0FTU0VNQkxFEAUy9AEKDEFnZW50U2VydmljZRJKCgdSdW5UYXNrEh0ubGF0ZW50ZmFybS52MS5SdW5UYXNrUmVxdWVzdBoeLmxhdGVudGZhcm0udjEuUnVuVGFza1Jlc3BvbnNlMAESUQoKQ2FuY2VsVGFzaxIgLmxhdGVudGZhcm0udjEuQ2FuY2VsVGFza1JlcXVlc3QaIS5sYXRlbnRmYXJtLnYxLkNhbmNlbFRhc2tSZXNwb25zZRJFCgZTdGF0dXMSHC5sYXRlbnRmYXJtLnYxLlN0YXR1c1JlcXVlc3QaHS5sYXRlbnRmYXJtLnYxLlN0YXR1c1Jlc3BvbnNlYgZwcm90bzM", [file_latentfarm_v1_generation, file_latentfarm_v1_render]);
+  fileDesc("ChlsYXRlbnRmYXJtL3YxL2FnZW50LnByb3RvEg1sYXRlbnRmYXJtLnYxIrUCCg5SdW5UYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIvCgZwYXJhbXMYAyABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEwoLaW1hZ2VfaW5kZXgYBCABKAUSDAoEc2VlZBgFIAEoAxIPCgdzdWJzZWVkGAYgASgDEg8KB2F0dGVtcHQYByABKAUSJwoFc3RhZ2UYCCABKA4yGC5sYXRlbnRmYXJtLnYxLlRhc2tTdGFnZRInCgZpbnB1dHMYCSADKAsyFy5sYXRlbnRmYXJtLnYxLkhhbmRvdmVyEhIKCnRpbGVfaW5kZXgYCiABKAUSJgoFdGlsZXMYCyABKAsyFy5sYXRlbnRmYXJtLnYxLlRpbGVQbGFuIpQCCghIYW5kb3ZlchItCgZsYXRlbnQYASABKAsyGy5sYXRlbnRmYXJtLnYxLkxhdGVudFRlbnNvckgAEiYKA3JnYhgCIAEoCzIXLmxhdGVudGZhcm0udjEuUmdiSW1hZ2VIABI5ChNmaXJzdF9wYXNzX2luZm90ZXh0GAMgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjoKFHNlY29uZF9wYXNzX2luZm90ZXh0GAQgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjIKEGZpcnN0X3Bhc3NfbW9kZWwYBSABKAsyGC5sYXRlbnRmYXJtLnYxLlBhc3NNb2RlbEIGCgRkYXRhIkIKCVBhc3NNb2RlbBIMCgRuYW1lGAEgASgJEhIKCm1vZGVsX2hhc2gYAiABKAkSEwoLbG9yYV9oYXNoZXMYAyADKAkiKwoNSW5mb3RleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAkiKwoMTGF0ZW50VGVuc29yEg0KBXNoYXBlGAEgAygFEgwKBGRhdGEYAiABKAwiNwoIUmdiSW1hZ2USDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEgwKBGRhdGEYAyABKAwiagoIVGlsZVBsYW4SDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEhIKCnRpbGVfd2lkdGgYAyABKAUSEwoLdGlsZV9oZWlnaHQYBCABKAUSCgoCeHMYBSADKAUSCgoCeXMYBiADKAUiygEKD1J1blRhc2tSZXNwb25zZRIvCghwcm9ncmVzcxgBIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASJgoGcmVzdWx0GAIgASgLMhQubGF0ZW50ZmFybS52MS5JbWFnZUgAEikKB3dhcm5pbmcYAyABKAsyFi5sYXRlbnRmYXJtLnYxLldhcm5pbmdIABIrCghoYW5kb3ZlchgEIAEoCzIXLmxhdGVudGZhcm0udjEuSGFuZG92ZXJIAEIGCgRraW5kIkUKEUNhbmNlbFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIOCgZyZWFzb24YAyABKAkiJQoSQ2FuY2VsVGFza1Jlc3BvbnNlEg8KB3N0b3BwZWQYASABKAgiDwoNU3RhdHVzUmVxdWVzdCJgCg5TdGF0dXNSZXNwb25zZRInCgVhZ2VudBgBIAEoCzIYLmxhdGVudGZhcm0udjEuQWdlbnRJbmZvEg4KBm1vZGVscxgCIAMoCRIVCg1ydW5uaW5nX3Rhc2tzGAMgAygJIoMBCglIZWFydGJlYXQSJwoFYWdlbnQYASABKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbxIyChBhdmFpbGFibGVfbW9kZWxzGAIgAygLMhgubGF0ZW50ZmFybS52MS5Nb2RlbEluZm8SGQoRZnJlZV9tZW1vcnlfYnl0ZXMYAyABKAMibAoMVGFza1Byb2dyZXNzEg8KB3Rhc2tfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEikKBHN0ZXAYBCABKAsyGy5sYXRlbnRmYXJtLnYxLlN0ZXBQcm9ncmVzcyqpAQoJVGFza1N0YWdlEhMKD1RBU0tfU1RBR0VfRlVMTBAAEhkKFVRBU0tfU1RBR0VfRklSU1RfUEFTUxABEhoKFlRBU0tfU1RBR0VfU0VDT05EX1BBU1MQAhIWChJUQVNLX1NUQUdFX1VQU0NBTEUQAxIfChtUQVNLX1NUQUdFX1NFQ09ORF9QQVNTX1RJTEUQBBIXChNUQVNLX1NUQUdFX0FTU0VNQkxFEAUy9AEKDEFnZW50U2VydmljZRJKCgdSdW5UYXNrEh0ubGF0ZW50ZmFybS52MS5SdW5UYXNrUmVxdWVzdBoeLmxhdGVudGZhcm0udjEuUnVuVGFza1Jlc3BvbnNlMAESUQoKQ2FuY2VsVGFzaxIgLmxhdGVudGZhcm0udjEuQ2FuY2VsVGFza1JlcXVlc3QaIS5sYXRlbnRmYXJtLnYxLkNhbmNlbFRhc2tSZXNwb25zZRJFCgZTdGF0dXMSHC5sYXRlbnRmYXJtLnYxLlN0YXR1c1JlcXVlc3QaHS5sYXRlbnRmYXJtLnYxLlN0YXR1c1Jlc3BvbnNlYgZwcm90bzM", [file_latentfarm_v1_generation, file_latentfarm_v1_render]);
 
 /**
  * @generated from message latentfarm.v1.RunTaskRequest
@@ -133,6 +133,15 @@ export type Handover = Message<"latentfarm.v1.Handover"> & {
    * @generated from field: repeated latentfarm.v1.InfotextEntry second_pass_infotext = 4;
    */
   secondPassInfotext: InfotextEntry[];
+
+  /**
+   * The model the first pass ran on, as the image's infotext names it (its "Model", "Model hash" and
+   * "Lora hashes"): the second pass may run on another checkpoint or other LoRAs. Passed on by
+   * UPSCALE and the tiles.
+   *
+   * @generated from field: latentfarm.v1.PassModel first_pass_model = 5;
+   */
+  firstPassModel?: PassModel | undefined;
 };
 
 /**
@@ -141,6 +150,41 @@ export type Handover = Message<"latentfarm.v1.Handover"> & {
  */
 export const HandoverSchema: GenMessage<Handover> = /*@__PURE__*/
   messageDesc(file_latentfarm_v1_agent, 1);
+
+/**
+ * A pipeline as an infotext names it.
+ *
+ * @generated from message latentfarm.v1.PassModel
+ */
+export type PassModel = Message<"latentfarm.v1.PassModel"> & {
+  /**
+   * The model's name ("Model").
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * A1111's AutoV2 "Model hash" (10 hex digits); '' for ONNX folders, which carry none.
+   *
+   * @generated from field: string model_hash = 2;
+   */
+  modelHash: string;
+
+  /**
+   * A1111's "Lora hashes" entries ("name: hash") of the LoRAs merged into it.
+   *
+   * @generated from field: repeated string lora_hashes = 3;
+   */
+  loraHashes: string[];
+};
+
+/**
+ * Describes the message latentfarm.v1.PassModel.
+ * Use `create(PassModelSchema)` to create a new message.
+ */
+export const PassModelSchema: GenMessage<PassModel> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_agent, 2);
 
 /**
  * One "Key: value" of an infotext, the value as the infotext prints it.
@@ -164,7 +208,7 @@ export type InfotextEntry = Message<"latentfarm.v1.InfotextEntry"> & {
  * Use `create(InfotextEntrySchema)` to create a new message.
  */
 export const InfotextEntrySchema: GenMessage<InfotextEntry> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 2);
+  messageDesc(file_latentfarm_v1_agent, 3);
 
 /**
  * A latent as float32 little-endian values in NCHW order.
@@ -188,7 +232,7 @@ export type LatentTensor = Message<"latentfarm.v1.LatentTensor"> & {
  * Use `create(LatentTensorSchema)` to create a new message.
  */
 export const LatentTensorSchema: GenMessage<LatentTensor> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 3);
+  messageDesc(file_latentfarm_v1_agent, 4);
 
 /**
  * 8-bit RGB, row-major, 3 bytes per pixel.
@@ -217,7 +261,7 @@ export type RgbImage = Message<"latentfarm.v1.RgbImage"> & {
  * Use `create(RgbImageSchema)` to create a new message.
  */
 export const RgbImageSchema: GenMessage<RgbImage> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 4);
+  messageDesc(file_latentfarm_v1_agent, 5);
 
 /**
  * Overlapping tiles of a width × height second pass: every (x, y) of xs × ys is the top-left
@@ -262,7 +306,7 @@ export type TilePlan = Message<"latentfarm.v1.TilePlan"> & {
  * Use `create(TilePlanSchema)` to create a new message.
  */
 export const TilePlanSchema: GenMessage<TilePlan> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 5);
+  messageDesc(file_latentfarm_v1_agent, 6);
 
 /**
  * @generated from message latentfarm.v1.RunTaskResponse
@@ -305,7 +349,7 @@ export type RunTaskResponse = Message<"latentfarm.v1.RunTaskResponse"> & {
  * Use `create(RunTaskResponseSchema)` to create a new message.
  */
 export const RunTaskResponseSchema: GenMessage<RunTaskResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 6);
+  messageDesc(file_latentfarm_v1_agent, 7);
 
 /**
  * @generated from message latentfarm.v1.CancelTaskRequest
@@ -334,7 +378,7 @@ export type CancelTaskRequest = Message<"latentfarm.v1.CancelTaskRequest"> & {
  * Use `create(CancelTaskRequestSchema)` to create a new message.
  */
 export const CancelTaskRequestSchema: GenMessage<CancelTaskRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 7);
+  messageDesc(file_latentfarm_v1_agent, 8);
 
 /**
  * @generated from message latentfarm.v1.CancelTaskResponse
@@ -353,7 +397,7 @@ export type CancelTaskResponse = Message<"latentfarm.v1.CancelTaskResponse"> & {
  * Use `create(CancelTaskResponseSchema)` to create a new message.
  */
 export const CancelTaskResponseSchema: GenMessage<CancelTaskResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 8);
+  messageDesc(file_latentfarm_v1_agent, 9);
 
 /**
  * @generated from message latentfarm.v1.StatusRequest
@@ -366,7 +410,7 @@ export type StatusRequest = Message<"latentfarm.v1.StatusRequest"> & {
  * Use `create(StatusRequestSchema)` to create a new message.
  */
 export const StatusRequestSchema: GenMessage<StatusRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 9);
+  messageDesc(file_latentfarm_v1_agent, 10);
 
 /**
  * @generated from message latentfarm.v1.StatusResponse
@@ -395,7 +439,7 @@ export type StatusResponse = Message<"latentfarm.v1.StatusResponse"> & {
  * Use `create(StatusResponseSchema)` to create a new message.
  */
 export const StatusResponseSchema: GenMessage<StatusResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 10);
+  messageDesc(file_latentfarm_v1_agent, 11);
 
 /**
  * Published on NATS subject lf.agent.<agent_id>.heartbeat.
@@ -426,7 +470,7 @@ export type Heartbeat = Message<"latentfarm.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 11);
+  messageDesc(file_latentfarm_v1_agent, 12);
 
 /**
  * Published on NATS subject lf.task.<task_id>.progress.
@@ -460,7 +504,7 @@ export type TaskProgress = Message<"latentfarm.v1.TaskProgress"> & {
  * Use `create(TaskProgressSchema)` to create a new message.
  */
 export const TaskProgressSchema: GenMessage<TaskProgress> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 12);
+  messageDesc(file_latentfarm_v1_agent, 13);
 
 /**
  * A Hires.fix image runs as a small graph of tasks that may land on different agents:

@@ -1,0 +1,57 @@
+/**
+ * The pipelines a task runs on. A pipeline is one checkpoint with one set of LoRAs merged into its
+ * weights, so each pass of a Hires.fix image runs on its own (passPipelineKey): the second pass on
+ * the hires checkpoint with the hires prompt's LoRAs. A stage task runs on its pass's pipeline. A FULL
+ * Hires.fix task whose passes need different pipelines runs as its two stages back to back on this
+ * agent, the first pass's hand-over going straight to the second: the same bytes as a FULL task on
+ * one pipeline or as stages on two agents.
+ */
+import * as grpc from "@grpc/grpc-js";
+import { create } from "@bufbuild/protobuf";
+import { FarmError, RunTaskRequestSchema, TaskStage, isHiresTxt2img, type RunTaskRequest } from "@latentfarm/shared";
+import { passPipelineKey } from "./models/model-loader.js";
+import type { RenderContext } from "./pipeline/render-common.js";
+import type { TaskOutput } from "./task-run.js";
+
+/** Stages that belong to the second pass: they run on its pipeline. */
+const SECOND_PASS_STAGES: ReadonlySet<TaskStage> = new Set([
+  TaskStage.SECOND_PASS,
+  TaskStage.UPSCALE,
+  TaskStage.SECOND_PASS_TILE,
+  TaskStage.ASSEMBLE,
+]);
+
+/** The pipeline key of the pass a stage task belongs to. */
+export function stagePipelineKey(req: RunTaskRequest): string {
+  const p = req.params!;
+  return passPipelineKey(p, SECOND_PASS_STAGES.has(req.stage) && isHiresTxt2img(p) ? "second" : "first");
+}
+
+/** Runs `req` on the pipeline of `key` (acquired and released by the caller's cache). */
+export type RunOnPipeline = (key: string, req: RunTaskRequest, ctx: RenderContext) => Promise<TaskOutput>;
+
+/**
+ * Runs a task on its pipelines: one for most tasks, two in a row for a FULL Hires.fix task whose second
+ * pass needs another. Progress then counts both passes, as a FULL task's does.
+ */
+export async function runTaskPasses(req: RunTaskRequest, ctx: RenderContext, runOn: RunOnPipeline): Promise<TaskOutput> {
+  const p = req.params!;
+  const first = stagePipelineKey(req);
+  if (req.stage !== TaskStage.FULL || !isHiresTxt2img(p)) return runOn(first, req, ctx);
+  const second = passPipelineKey(p, "second");
+  if (second === first) return runOn(first, req, ctx);
+  // A FULL task reports first-pass steps out of both passes' total; the first pass reports its own.
+  let firstSteps = 0;
+  const handover = await runOn(first, create(RunTaskRequestSchema, { ...req, stage: TaskStage.FIRST_PASS }), {
+    ...ctx,
+    onStep: (step, total, previewPng) => {
+      firstSteps = total;
+      ctx.onStep(step, total + (p.hrSecondPassSteps || total), previewPng);
+    },
+  });
+  if (handover.case !== "handover") throw new FarmError(grpc.status.INTERNAL, "the first pass returned an image instead of its hand-over");
+  return runOn(second, create(RunTaskRequestSchema, { ...req, stage: TaskStage.SECOND_PASS, inputs: [handover.value] }), {
+    ...ctx,
+    onStep: (step, total, previewPng) => ctx.onStep(firstSteps + step, firstSteps + total, previewPng),
+  });
+}

@@ -1,0 +1,66 @@
+import { mkdirSync, symlinkSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { makeTinyModel, writeSafetensors, type TensorToWrite } from "../model-graph/index.js";
+import { ModelCatalog } from "../models/catalog.js";
+import { loadModel, parsePipelineKey, pipelineKey, type LoraUse } from "../models/model-loader.js";
+import { LoadedPipeline } from "../pipeline/loaded-pipeline.js";
+import { silentLogger } from "@latentfarm/shared";
+
+export interface PipelineOptions {
+  cacheDir: string;
+  tokenizerDir?: string;
+  lorasDir?: string;
+}
+
+/** A pipeline as the agent's pipeline thread loads it, for a model and LoRAs (one ORT thread). */
+export async function pipelineFor(catalog: ModelCatalog, model: string, loras: LoraUse[], opts: PipelineOptions): Promise<LoadedPipeline> {
+  const key = parsePipelineKey(pipelineKey(model, loras));
+  const loaded = await loadModel(catalog, key, { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1, ...opts });
+  return new LoadedPipeline(loaded.model, {
+    maxBatchRows: 8,
+    modelHash: loaded.modelHash,
+    loraHashes: loaded.loraHashes,
+    loras: key.loras,
+    baseTextEncoder: loaded.baseTextEncoder,
+    loadWarnings: loaded.warnings,
+  });
+}
+
+/**
+ * A models folder of generated tiny checkpoints (`tiny`, seed 3, and any `others` by name and seed) with
+ * their tokenizer, and a LoRA folder with `style`: one attention projection of the UNet and one of the
+ * text encoder.
+ */
+export async function makeLoraCatalog(
+  dir: string,
+  others: Record<string, number> = {},
+): Promise<{ catalog: ModelCatalog; opts: PipelineOptions & { lorasDir: string } }> {
+  const models = join(dir, "models");
+  mkdirSync(models);
+  let first = true;
+  let spec: Awaited<ReturnType<typeof makeTinyModel>>["spec"] | undefined;
+  for (const [name, seed] of Object.entries({ tiny: 3, ...others })) {
+    const tiny = await makeTinyModel({ outDir: join(dir, `gen-${name}`), seed, config: "small" });
+    symlinkSync(tiny.checkpointPath, join(models, `${name}.safetensors`));
+    writeFileSync(join(models, `${name}.json`), JSON.stringify(tiny.hints));
+    if (first) symlinkSync(tiny.tokenizerDir, join(models, "tokenizer"));
+    first = false;
+    spec = tiny.spec;
+  }
+  const loras = join(dir, "loras");
+  mkdirSync(loras);
+  const n = (shape: number[], v: number): TensorToWrite => ({
+    dtype: "F32",
+    shape,
+    data: Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, (_, i) => v * Math.sin(i + 1)),
+  });
+  const q = spec!.unetChannels[0]!;
+  const te = spec!.textHidden;
+  await writeSafetensors(join(loras, "style.safetensors"), {
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": n([q, 2], 0.5),
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": n([2, q], 0.5),
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": n([te, 2], 0.5),
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": n([2, te], 0.5),
+  });
+  return { catalog: new ModelCatalog(models), opts: { cacheDir: join(dir, "cache"), lorasDir: loras } };
+}
