@@ -175,6 +175,13 @@ describe("a Hires.fix second pass with its own checkpoint or LoRAs runs on its o
     assert.doesNotMatch(without.image.infotext, /Lora hashes/);
   });
 
+  test("Lora hashes list the LoRAs in prompt order, the first pass's before the ones only the hires prompt adds", async () => {
+    const { image } = await throughPasses({ ...base, prompt: "a cat <lora:style:1>", hrPrompt: "a cat <lora:ink:1> <lora:style:1>" });
+    assert.match(image.infotext, /Lora hashes: "style: [0-9a-f]{12}, ink: [0-9a-f]{12}"/);
+    const plain = await throughPasses({ ...base, enableHr: false, prompt: "a cat <lora:style:0.5> <lora:ink:0.5>" });
+    assert.match(plain.image.infotext, /Lora hashes: "style: [0-9a-f]{12}, ink: [0-9a-f]{12}"/);
+  });
+
   test("Hires checkpoint: the second pass runs on it; the infotext names the first model and the hires checkpoint's title", async () => {
     for (const hrUpscaler of ["Latent", "Lanczos"]) {
       const params = { ...base, prompt: "a cat", hrCheckpointName: "tiny-b", hrUpscaler };

@@ -19,6 +19,7 @@ import {
   TaskStage,
   hiresCheckpoint,
   latentHandover,
+  secondPassPrompt,
   layoutFromStarts,
   readLatent,
   readRgb,
@@ -52,6 +53,8 @@ import {
   encodeRgb,
   finishImage,
   imageRngFor,
+  loraHashesInPromptOrder,
+  mergeLoraHashes,
   modelIdentity,
   passModel,
   resourcesOf,
@@ -249,17 +252,6 @@ async function upscalePixels(
   );
 }
 
-/**
- * A1111 keeps one "Lora hashes" dict per image: the second pass's LoRAs are added to the first pass's
- * (a name already there keeps its place and takes the new hash).
- */
-function mergeLoraHashes(first: readonly string[], second: readonly string[]): string[] {
-  const byName = new Map<string, string>();
-  const nameOf = (entry: string): string => entry.slice(0, Math.max(0, entry.lastIndexOf(": ")));
-  for (const entry of [...first, ...second]) byName.set(nameOf(entry), entry);
-  return [...byName.values()];
-}
-
 /** A1111's short_title of a checkpoint, as "Hires checkpoint" names it: "name [hash]" (an ONNX folder has no hash). */
 function checkpointTitle(model: ModelIdentity): string {
   return model.modelHash !== undefined ? `${model.name} [${model.modelHash}]` : model.name;
@@ -288,7 +280,12 @@ async function finishHires(
   const model: ModelIdentity = {
     name: firstModel.name,
     modelHash: firstModel.modelHash,
-    loraHashes: sampler2 ? mergeLoraHashes(firstModel.loraHashes, pipe.loraHashes) : firstModel.loraHashes,
+    loraHashes: sampler2
+      ? mergeLoraHashes(
+          loraHashesInPromptOrder(firstModel.loraHashes, p.prompt, p.loras),
+          loraHashesInPromptOrder(pipe.loraHashes, secondPassPrompt(p), p.loras),
+        )
+      : firstModel.loraHashes,
   };
   const base = baseInfotext(model, b, sampler1, { width: s.width, height: s.height });
   const hiresExtras: Array<[string, string | number]> = !sampler2

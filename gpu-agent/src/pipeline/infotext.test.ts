@@ -1,6 +1,9 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { create } from "@bufbuild/protobuf";
+import { GenerationParamsSchema } from "@latentfarm/shared";
 import { buildInfotext, formatInfotext } from "./infotext.js";
+import { loraHashesEntry, loraHashesInPromptOrder, mergeLoraHashes } from "./render-common.js";
 
 test("infotext follows A1111's key order, omissions and quoting", () => {
   const s = buildInfotext({
@@ -58,4 +61,14 @@ test("a key whose value equals the key is written alone", () => {
     ]),
     "p\nTiling, Steps: 1",
   );
+});
+
+test("Lora hashes: in the order the prompt names the LoRAs, then the request's; names without ':' and ','; passes merged as A1111's dict", () => {
+  const model = { name: "m", modelHash: undefined, loraHashes: ["a,x: 222", "b: 111", "c: 333"] };
+  const p = create(GenerationParamsSchema, { prompt: "<lora:b:1> x <lora:a,x:0.5>", loras: [{ name: "c", teWeight: 1, unetWeight: 1 }] });
+  assert.deepEqual(loraHashesEntry(model, p), ["Lora hashes", "b: 111, ax: 222, c: 333"]);
+  assert.deepEqual(loraHashesEntry({ ...model, loraHashes: [] }, p), ["Lora hashes", undefined]);
+  // A weight-0 tag merges nothing and has no hash; a hash of a LoRA no prompt names keeps its place after them.
+  assert.deepEqual(loraHashesInPromptOrder(["a: 1", "z: 9"], "<lora:q:0> <lora:a:1>", []), ["a: 1", "z: 9"]);
+  assert.deepEqual(mergeLoraHashes(["b: 1", "a: 2"], ["c: 3", "b: 4"]), ["b: 4", "a: 2", "c: 3"]);
 });

@@ -15,6 +15,7 @@ import {
   type GenerationParams,
   type PassModel,
   type Image,
+  type LoraRef,
   type RunTaskRequest,
 } from "@latentfarm/shared";
 import { ImageRng, type PreparedSampling, type SamplingSettings } from "../sampling/index.js";
@@ -22,7 +23,7 @@ import { getLearnedConditioningPromptSchedules, type EmphasisMode, type Prepared
 import { ImageInputError } from "../imaging/index.js";
 import { checkAborted, type PreviewRequest } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
-import { pipelineKey } from "../models/model-loader.js";
+import { lorasOf, pipelineKey } from "../models/model-loader.js";
 import { buildInfotext, type CONDITIONING_INFOTEXT_KEYS, type InfotextFields, type InfotextValue } from "./infotext.js";
 import { encodePng, toRgb8 } from "./png.js";
 
@@ -381,13 +382,46 @@ export function baseInfotext(
     clipSkip: b.clipSkip,
     ensd: sampler.choice.sampler.usesEnsd && b.ensd !== 0 ? b.ensd : undefined,
     rng: b.rng,
-    extra: [loraHashesEntry(pipe), ...samplerExtras(sampler)],
+    extra: [loraHashesEntry(pipe, b.p), ...samplerExtras(sampler)],
   };
 }
 
-/** A1111 activates extra networks before it encodes prompts or sets the sampler up: its entry comes first. */
-export function loraHashesEntry(pipe: ModelIdentity): [string, InfotextValue] {
-  return ["Lora hashes", pipe.loraHashes.length > 0 ? pipe.loraHashes.join(", ") : undefined];
+/** A "Lora hashes" entry's LoRA name ("name: hash"). */
+const loraOfEntry = (entry: string): string => entry.slice(0, Math.max(0, entry.lastIndexOf(": ")));
+
+/**
+ * A pipeline's LoRA hashes in the order `prompt` (then the request's `loras`) names the LoRAs, as A1111
+ * lists its loaded networks; the pipeline keeps them in its key's order (by name).
+ */
+export function loraHashesInPromptOrder(hashes: readonly string[], prompt: string, explicit: readonly LoraRef[]): string[] {
+  const byName = new Map(hashes.map((entry) => [loraOfEntry(entry), entry]));
+  const ordered = new Map<string, string>();
+  for (const name of [...lorasOf(prompt, explicit).map((l) => l.name), ...byName.keys()]) {
+    const entry = byName.get(name);
+    if (entry !== undefined && !ordered.has(name)) ordered.set(name, entry);
+  }
+  return [...ordered.values()];
+}
+
+/**
+ * A1111 keeps one "Lora hashes" dict per image: a later pass's LoRAs are added to the earlier one's
+ * (a name already there keeps its place and takes the new hash).
+ */
+export function mergeLoraHashes(first: readonly string[], second: readonly string[]): string[] {
+  const byName = new Map<string, string>();
+  for (const entry of [...first, ...second]) byName.set(loraOfEntry(entry), entry);
+  return [...byName.values()];
+}
+
+/**
+ * A1111 activates extra networks before it encodes prompts or sets the sampler up: its entry comes first.
+ * Its names are the prompt's, with ":" and "," removed.
+ */
+export function loraHashesEntry(pipe: ModelIdentity, p: GenerationParams): [string, InfotextValue] {
+  const entries = loraHashesInPromptOrder(pipe.loraHashes, p.prompt, p.loras).map(
+    (entry) => `${loraOfEntry(entry).replace(/[:,]/g, "")}${entry.slice(loraOfEntry(entry).length)}`,
+  );
+  return ["Lora hashes", entries.length > 0 ? entries.join(", ") : undefined];
 }
 
 export function samplerExtras(sampler: PreparedSampling): Array<[string, InfotextValue]> {

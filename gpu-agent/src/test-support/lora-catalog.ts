@@ -28,8 +28,8 @@ export async function pipelineFor(catalog: ModelCatalog, model: string, loras: L
 
 /**
  * A models folder of generated tiny checkpoints (`tiny`, seed 3, and any `others` by name and seed) with
- * their tokenizer, and a LoRA folder with `style`: one attention projection of the UNet and one of the
- * text encoder.
+ * their tokenizer, and a LoRA folder with `style` and `ink`: each on one attention projection of the UNet
+ * and one of the text encoder.
  */
 export async function makeLoraCatalog(
   dir: string,
@@ -56,11 +56,16 @@ export async function makeLoraCatalog(
   });
   const q = spec!.unetChannels[0]!;
   const te = spec!.textHidden;
-  await writeSafetensors(join(loras, "style.safetensors"), {
-    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": n([q, 2], 0.5),
-    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": n([2, q], 0.5),
-    "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": n([te, 2], 0.5),
-    "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": n([2, te], 0.5),
-  });
+  for (const [name, v] of [
+    ["style", 0.5],
+    ["ink", -0.3],
+  ] as const) {
+    await writeSafetensors(join(loras, `${name}.safetensors`), {
+      "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": n([q, 2], v),
+      "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": n([2, q], v),
+      "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": n([te, 2], v),
+      "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": n([2, te], v),
+    });
+  }
   return { catalog: new ModelCatalog(models), opts: { cacheDir: join(dir, "cache"), lorasDir: loras } };
 }
