@@ -4,7 +4,8 @@ import { create, toBinary } from "@bufbuild/protobuf";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { Objm } from "@nats-io/obj";
-import { ImageSchema, JobEventBatchSchema, JobEventSchema, silentLogger, type JobEvent } from "@latentfarm/shared";
+import { GenerationParamsSchema, ImageSchema, JobEventBatchSchema, JobEventSchema, silentLogger, type JobEvent } from "@latentfarm/shared";
+import { Job, JobStore } from "./job-store.js";
 import { findNatsServer, startNatsServer, type NatsServerHandle } from "./cli/nats-server.js";
 import {
   ConflictError,
@@ -117,6 +118,44 @@ describe("DurableStore on a real nats-server", { skip, concurrency: false }, () 
       [1, 2, 3, 4, 5],
     );
     assert.deepEqual(await store.readEvents("job-none"), []);
+  });
+
+  test("a log read back after a restart keeps in memory only each image's latest preview; storage keeps them all", async () => {
+    const step = (sequence: number, imageIndex: number, preview: number[]) =>
+      create(JobEventSchema, {
+        jobId: "job-p",
+        sequence: BigInt(sequence),
+        event: { case: "step", value: { taskId: "t", imageIndex, step: sequence, totalSteps: 9, previewPng: Uint8Array.from(preview) } },
+      });
+    await store.publishEvents("job-p", [
+      step(1, 0, [1]),
+      step(2, 1, [2]),
+      step(3, 0, []),
+      step(4, 0, [4]),
+      step(5, 1, [5]),
+      step(6, 0, []),
+    ]);
+    const jobs = new JobStore(store, { logger: silentLogger });
+    const job = new Job({
+      id: "job-p",
+      params: create(GenerationParamsSchema, { model: "m" }),
+      tenant: "t",
+      requestId: "",
+      imageCount: 2,
+      createdAt: 1,
+      deadlineUnixMs: 0,
+      priority: 0,
+    });
+    await jobs.restoreEvents(job);
+    assert.deepEqual(
+      job.events.map((e) => (e.event.case === "step" ? [...e.event.value.previewPng] : undefined)),
+      [[], [], [], [4], [5], []],
+    );
+    assert.equal(job.eventsStored, 6);
+    assert.deepEqual(
+      (await store.readEvents("job-p")).map((e) => (e.event.case === "step" ? e.event.value.previewPng.length : -1)),
+      [1, 1, 0, 1, 1, 0],
+    );
   });
 
   test("a batch encoded by hand is the JobEventBatch protobuf-es writes", () => {

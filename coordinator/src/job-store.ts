@@ -375,12 +375,17 @@ export class JobStore {
     if (!this.durable) return;
     const events = await this.durable.readEvents(job.id);
     job.events.length = 0;
+    job.latestPreview.clear();
     for (const e of events) {
       // Sequence numbers are gapless from 1; a hole means a lost batch, and what follows it cannot be trusted.
       if (Number(e.sequence) !== job.events.length + 1) break;
       job.events.push(e);
     }
     job.eventsStored = job.events.length;
+    // A log read back keeps in memory only each image's latest preview, as one written here does.
+    job.events.forEach((e, at) => {
+      if (e.event.case === "step" && e.event.value.previewPng.length > 0) this.keepLatestPreview(job, e.event.value.imageIndex, at);
+    });
   }
 
   /**
@@ -425,13 +430,13 @@ export class JobStore {
   }
 
   /**
-   * A preview is worth showing until the next one of its image: the log keeps that image's latest in
+   * A preview is worth showing until the next one of its image (the event at `at`): the log keeps that image's latest in
    * memory, and an earlier one stays only in the stored events (a Watch that replays the log sees the
    * step without its picture). Only events already stored are rewritten, so storage sees each as emitted.
    */
-  private keepLatestPreview(job: Job, imageIndex: number): void {
+  private keepLatestPreview(job: Job, imageIndex: number, at = job.events.length - 1): void {
     const previous = job.latestPreview.get(imageIndex);
-    job.latestPreview.set(imageIndex, job.events.length - 1);
+    job.latestPreview.set(imageIndex, at);
     if (previous === undefined || previous >= job.eventsStored) return;
     const e = job.events[previous]!;
     if (e.event.case !== "step") return;
