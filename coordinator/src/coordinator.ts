@@ -22,8 +22,11 @@ import {
   startMetricsServer,
   subjects,
   hiresCheckpoint,
+  imageWork,
+  passWork,
   samplerApiOptions,
   secondPassModel,
+  secondPassSamplerName,
   channelCredentials,
   serverCredentials,
   type GenerationParams,
@@ -43,7 +46,7 @@ import {
   DEFAULT_HIRES_TILING,
   HiresImage,
   checkTiling,
-  equivalentSteps,
+  equivalentModelCalls,
   planHires,
   type HiresPlan,
   type HiresTiling,
@@ -578,8 +581,10 @@ export class Coordinator {
     const p = job.spec.params;
     return hi.ready().map((spec) => {
       // The second pass's stages run where its checkpoint is (the first pass's model unless it names one).
-      const model = spec.stage === TaskStage.FIRST_PASS ? p.model : secondPassModel(p);
+      const first = spec.stage === TaskStage.FIRST_PASS;
+      const model = first ? p.model : secondPassModel(p);
       const key: SpeedKey = { model, width: spec.width, height: spec.height };
+      const work = passWork(spec.steps, first ? p.samplerName : secondPassSamplerName(p));
       const t: Task = {
         id: `${job.id}-${i}.${spec.name}`,
         job,
@@ -588,8 +593,9 @@ export class Coordinator {
         subseed: hi.subseed,
         tenant: job.spec.tenant,
         key,
-        steps: spec.steps,
-        cost: (Math.max(1, spec.steps) * key.width * key.height) / (512 * 512),
+        steps: work.steps,
+        modelCalls: work.modelCalls,
+        cost: (Math.max(1, work.modelCalls) * key.width * key.height) / (512 * 512),
         state: "queued",
         failures: 0,
         failedOn: new Set(),
@@ -655,7 +661,7 @@ export class Coordinator {
     const p = job.spec.params;
     const seeds = (all ?? imageSeeds(p.seed ?? 0n, p.subseed ?? 0n, p.subseedStrength, job.spec.imageCount))[i]!;
     const key: SpeedKey = { model: p.model, width: p.width ?? 512, height: p.height ?? 512 };
-    const steps = p.steps ?? 20;
+    const work = imageWork(p);
     const t: Task = {
       id: `${job.id}-${i}`,
       job,
@@ -664,9 +670,10 @@ export class Coordinator {
       subseed: seeds.subseed,
       tenant: job.spec.tenant,
       key,
-      steps,
-      // Fair-share cost: steps × megapixels, so a tenant of big images does not get more for its share.
-      cost: (steps * key.width * key.height) / (512 * 512),
+      steps: work.steps,
+      modelCalls: work.modelCalls,
+      // Fair-share cost: model calls × megapixels, so a tenant of big images does not get more for its share.
+      cost: (work.modelCalls * key.width * key.height) / (512 * 512),
       state: "queued",
       failures: 0,
       failedOn: new Set(),
@@ -684,13 +691,13 @@ export class Coordinator {
    * the whole backlog in order, whichever is sooner. Undefined when no agent offering the model
    * has been measured.
    */
-  estimateMs(tenant: string, key: SpeedKey, steps: number, count: number): { ms: number; measured: boolean } | undefined {
+  estimateMs(tenant: string, key: SpeedKey, modelCalls: number, count: number): { ms: number; measured: boolean } | undefined {
     let rate = 0; // images per second
     let measured = false;
     let fastest = Infinity;
     for (const a of this.registry.list()) {
       if (a.info.draining || !a.available.has(key.model)) continue;
-      const e = this.speed.taskSeconds(a.id, key, steps, a.info.loadedModels.includes(key.model));
+      const e = this.speed.taskSeconds(a.id, key, modelCalls, a.info.loadedModels.includes(key.model));
       measured ||= e.measured;
       rate += a.info.slots / Math.max(1e-6, e.seconds);
       fastest = Math.min(fastest, e.seconds);
@@ -751,8 +758,8 @@ export class Coordinator {
     }
     const key: SpeedKey = { model: v.params.model, width: v.params.width ?? 512, height: v.params.height ?? 512 };
     const plan = planHires(v.params, this.tiling);
-    const steps = plan ? equivalentSteps(plan) : (v.params.steps ?? 20);
-    this.admit(tenant, key, steps, v.imageCount, opts.deadlineUnixMs ?? 0);
+    const modelCalls = plan ? equivalentModelCalls(plan, v.params) : imageWork(v.params).modelCalls;
+    this.admit(tenant, key, modelCalls, v.imageCount, opts.deadlineUnixMs ?? 0);
     v.params.seed = resolveSeed(v.params.seed);
     v.params.subseed = resolveSeed(v.params.subseed);
     const spec: JobSpec = {
@@ -781,7 +788,7 @@ export class Coordinator {
   }
 
   /** Tenant limits and deadlines, checked before anything is stored. */
-  private admit(tenant: string, key: SpeedKey, steps: number, count: number, deadlineUnixMs: number): void {
+  private admit(tenant: string, key: SpeedKey, modelCalls: number, count: number, deadlineUnixMs: number): void {
     const policy = this.policy(tenant);
     const queued = this.outstanding.get(tenant) ?? 0;
     if (policy.maxQueuedImages > 0 && queued + count > policy.maxQueuedImages) {
@@ -796,7 +803,7 @@ export class Coordinator {
       }
       // Time until enough of the tenant's own images finish to make room.
       const excess = queued + count - policy.maxQueuedImages;
-      const e = this.estimateMs(tenant, key, steps, 0);
+      const e = this.estimateMs(tenant, key, modelCalls, 0);
       const perImage = e && queued > 0 ? e.ms / queued : 1000;
       const retryAfter = Math.min(600_000, Math.max(250, excess * perImage));
       throw new RetryLaterError(`tenant "${tenant}" has ${queued} images queued or running (limit ${policy.maxQueuedImages})`, retryAfter);
@@ -805,7 +812,7 @@ export class Coordinator {
       const now = Date.now();
       if (deadlineUnixMs <= now)
         throw new FarmError(grpc.status.FAILED_PRECONDITION, `is ${now - deadlineUnixMs} ms in the past`, { field: "deadline_unix_ms" });
-      const e = this.estimateMs(tenant, key, steps, count);
+      const e = this.estimateMs(tenant, key, modelCalls, count);
       if (e?.measured && now + e.ms > deadlineUnixMs) {
         throw new FarmError(
           grpc.status.FAILED_PRECONDITION,

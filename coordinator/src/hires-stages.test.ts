@@ -2,7 +2,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { create } from "@bufbuild/protobuf";
 import { GenerationParamsSchema, TaskStage, latentHandover, readLatent, readRgb, rgbHandover, type Handover } from "@latentfarm/shared";
-import { DEFAULT_HIRES_TILING, HiresImage, checkTiling, equivalentSteps, parsePixelCount, planHires } from "./hires-stages.js";
+import { DEFAULT_HIRES_TILING, HiresImage, checkTiling, equivalentModelCalls, parsePixelCount, planHires } from "./hires-stages.js";
 
 const params = (p: Record<string, unknown>) =>
   create(GenerationParamsSchema, { model: "m", prompt: "x", steps: 10, width: 1024, height: 1024, enableHr: true, hrScale: 2, ...p });
@@ -23,7 +23,10 @@ test("plan: no hires → one task; hires at or under the threshold → two stage
   assert.equal(big.layout?.tiles.length, 25, "2048² in 512 px tiles with ≥ 64 px overlap: 5 × 5");
   assert.equal(big.hrSteps, 6);
   // 10 first-pass steps + 6 steps over 25 tiles of 512² measured in 1024² passes.
-  assert.equal(equivalentSteps(big), 10 + Math.ceil((6 * 25 * 512 * 512) / (1024 * 1024)));
+  assert.equal(equivalentModelCalls(big, params({})), 10 + Math.ceil((6 * 25 * 512 * 512) / (1024 * 1024)));
+  // Heun evaluates twice a step; a hires sampler of its own counts for the second pass only.
+  assert.equal(equivalentModelCalls(big, params({ samplerName: "Heun" })), 20 + Math.ceil((12 * 25 * 512 * 512) / (1024 * 1024)));
+  assert.equal(equivalentModelCalls(big, params({ hrSamplerName: "DPM2 a" })), 10 + Math.ceil((12 * 25 * 512 * 512) / (1024 * 1024)));
   assert.throws(() => planHires(params({ hrResizeX: 4, hrResizeY: 4, width: 64, height: 2048 }), DEFAULT_HIRES_TILING), /hr_scale/);
 });
 

@@ -18,7 +18,9 @@ import {
   TaskStage,
   cropHandover,
   hiresTarget,
+  passWork,
   planTiles,
+  secondPassSamplerName,
   type GenerationParams,
   type Handover,
   type TileLayout,
@@ -90,11 +92,15 @@ export function planHires(p: GenerationParams, tiling: HiresTiling): HiresPlan |
   return { firstPass: target.firstPass, final, steps, hrSteps: p.hrSecondPassSteps || steps, layout };
 }
 
-/** Work of an image in first-pass steps (for admission estimates): the second pass scaled by its pixels, tile overlaps included. */
-export function equivalentSteps(plan: HiresPlan): number {
+/**
+ * Work of an image in first-pass model calls (for admission estimates): the second pass's calls scaled by
+ * its pixels, tile overlaps included.
+ */
+export function equivalentModelCalls(plan: HiresPlan, p: Pick<GenerationParams, "samplerName" | "hrSamplerName">): number {
   const px1 = plan.firstPass.width * plan.firstPass.height;
   const px2 = plan.layout ? plan.layout.tiles.reduce((n, t) => n + t.width * t.height, 0) : plan.final.width * plan.final.height;
-  return plan.steps + Math.ceil((plan.hrSteps * px2) / px1);
+  const second = passWork(plan.hrSteps, secondPassSamplerName(p)).modelCalls;
+  return passWork(plan.steps, p.samplerName).modelCalls + Math.ceil((second * px2) / px1);
 }
 
 export interface StageSpec {

@@ -30,7 +30,7 @@ export {
   DEFAULT_HIRES_TILING,
   planHires,
   checkTiling,
-  equivalentSteps,
+  equivalentModelCalls,
   parsePixelCount,
   type HiresPlan,
   type HiresTiling,

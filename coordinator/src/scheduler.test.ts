@@ -112,7 +112,7 @@ function harness(agents: AgentState[], opts: { maxAttempts?: number; speculate?:
     speed,
   });
   let jobs = 0;
-  const submit = (n: number, steps: number, resume?: { agent: string; until: number; attempt: number }): Task[] => {
+  const submit = (n: number, steps: number, resume?: { agent: string; until: number; attempt: number }, callsPerStep = 1): Task[] => {
     const job = new Job({
       id: `job${jobs++}`,
       params: create(GenerationParamsSchema, { model: "m", steps, width: 64, height: 64 }),
@@ -132,6 +132,7 @@ function harness(agents: AgentState[], opts: { maxAttempts?: number; speculate?:
       tenant: "t",
       key: { model: "m", width: 64, height: 64 },
       steps,
+      modelCalls: steps * callsPerStep,
       cost: steps,
       state: "queued",
       failures: 0,
@@ -177,8 +178,8 @@ test("a task waits for a measured fast agent rather than start on a much slower 
   const log: string[] = [];
   const agents = [fakeAgent("fast", 1, { stepMs: 5 }, log), fakeAgent("slow", 1, { stepMs: 150 }, log)];
   const h = harness(agents);
-  h.speed.observe("fast", { model: "m", width: 64, height: 64 }, { secondsPerStep: 0.005, overheadSeconds: 0 });
-  h.speed.observe("slow", { model: "m", width: 64, height: 64 }, { secondsPerStep: 0.15, overheadSeconds: 0 });
+  h.speed.observe("fast", { model: "m", width: 64, height: 64 }, { secondsPerCall: 0.005, overheadSeconds: 0 });
+  h.speed.observe("slow", { model: "m", width: 64, height: 64 }, { secondsPerCall: 0.15, overheadSeconds: 0 });
   h.submit(4, 2);
   await h.settled(4);
   assert.deepEqual(
@@ -187,6 +188,21 @@ test("a task waits for a measured fast agent rather than start on a much slower 
     "four 10 ms tasks on the fast agent end before one 300 ms task on the slow one",
   );
   h.scheduler.close();
+});
+
+test("the speed model learns seconds per model call: a step of a two-call sampler (Heun) counts twice", async () => {
+  const key = { model: "m", width: 64, height: 64 };
+  const perCall = async (callsPerStep: number): Promise<number> => {
+    const h = harness([fakeAgent("a", 1, { stepMs: 40 }, [])]);
+    h.submit(1, 6, undefined, callsPerStep);
+    await h.settled(1);
+    h.scheduler.close();
+    return h.speed.agentCallSeconds("a", key)!;
+  };
+  const one = await perCall(1);
+  const two = await perCall(2);
+  // Same steps, same time per step: half the time per call. Timers only run late, so the bounds are loose.
+  assert.ok(two > 0.3 * one && two < 0.7 * one, `${two} s per call with two calls a step, ${one} s with one`);
 });
 
 test("a poison task fails after maxAttempts, each attempt on a different agent, with the last error", async () => {
@@ -242,7 +258,7 @@ test("a stalled attempt gets a backup copy on an idle agent; the first result wi
   const agents = [stuck];
   const h = harness([], { speculate: true });
   (h.scheduler as unknown as { registry: { list: () => AgentState[] } }).registry.list = () => agents;
-  h.speed.observe("idle", { model: "m", width: 64, height: 64 }, { secondsPerStep: 0.005 });
+  h.speed.observe("idle", { model: "m", width: 64, height: 64 }, { secondsPerCall: 0.005 });
   const [task] = h.submit(1, 3);
   await sleep(50);
   agents.push(idle);
@@ -261,7 +277,7 @@ test("an agent never gets more attempts than its slots, even when attempts overr
   const agents = [fakeAgent("o1", 2, { stepMs: 15 }, log), fakeAgent("o2", 3, { stepMs: 10 }, log)];
   const h = harness(agents, { speculate: true });
   // The model believes these agents are 10× faster than they are: every attempt runs past its estimate.
-  for (const a of agents) h.speed.observe(a.id, { model: "m", width: 64, height: 64 }, { secondsPerStep: 0.001, overheadSeconds: 0 });
+  for (const a of agents) h.speed.observe(a.id, { model: "m", width: 64, height: 64 }, { secondsPerCall: 0.001, overheadSeconds: 0 });
   h.submit(40, 3);
   await h.settled(40);
   assert.ok(concurrency.get("o1")!.max <= 2, `o1 ran ${concurrency.get("o1")!.max} at once`);

@@ -28,7 +28,10 @@ export interface Task extends FairItem {
   readonly seed: bigint;
   readonly subseed: bigint;
   readonly key: SpeedKey;
+  /** Sampling steps the agent reports as progress (0 for stages that do not sample). */
   readonly steps: number;
+  /** UNet evaluations those steps take (shared SamplingWork): what the speed model estimates the task by. */
+  readonly modelCalls: number;
   state: TaskState;
   /** Attempts that failed in a way that counts toward the delivery limit. */
   failures: number;
@@ -57,6 +60,11 @@ export interface TaskStageSpec {
   readonly request: StageRequest;
   /** Attempts of this stage (an image's stages count their attempts each). */
   attempts: number;
+}
+
+/** UNet evaluations a reported step of the task takes. */
+function callsPerStep(task: Task): number {
+  return task.steps > 0 ? task.modelCalls / task.steps : 1;
 }
 
 /** Stages whose result is a hand-over to a later stage rather than the image. */
@@ -282,7 +290,7 @@ class Plan {
  * The task queue and placement. Tasks wait in per-tenant fair queues; each pass walks them in fair
  * order and gives each task the agent expected to finish it first ("earliest completion time"):
  * an agent's start is now if it has a free slot, else when its running attempt should end; its
- * duration comes from the speed model (seconds per step for the model and size, plus load time
+ * duration comes from the speed model (seconds per model call for the model and size, plus load time
  * when the model is not loaded). So a batch splits across unequal agents in proportion to their
  * speed, and a task may wait a moment for a fast agent rather than start on a slow one. When the
  * queue runs dry, an idle agent takes over work from a slower or stalled one by starting a backup
@@ -539,7 +547,7 @@ export class Scheduler {
 
   private estimate(a: AgentState, task: Task): { ms: number; measured: boolean } {
     const loaded = a.info.loadedModels.includes(task.key.model);
-    const e = this.opts.speed.taskSeconds(a.id, task.key, task.steps, loaded);
+    const e = this.opts.speed.taskSeconds(a.id, task.key, task.modelCalls, loaded);
     return { ms: e.seconds * 1000, measured: e.measured };
   }
 
@@ -549,7 +557,7 @@ export class Scheduler {
    * loaded or dropped the model.
    */
   private estimatesFor(task: Task, candidates: AgentState[], plan: Plan): { ms: Float64Array; measured: Uint8Array } {
-    const kind = `${task.key.model}|${task.key.width}x${task.key.height}|${task.steps}`;
+    const kind = `${task.key.model}|${task.key.width}x${task.key.height}|${task.modelCalls}`;
     const inPass = plan.estimates.get(kind);
     if (inPass) return inPass;
     let e = this.estimateCache.get(kind);
@@ -709,7 +717,7 @@ export class Scheduler {
     candidates.sort((a, b) => b.remaining - a.remaining);
     const top = candidates
       .slice(0, 32)
-      .map((c) => ({ ...c, kind: `${c.task.key.model}|${c.task.key.width}x${c.task.key.height}|${c.task.steps}` }));
+      .map((c) => ({ ...c, kind: `${c.task.key.model}|${c.task.key.width}x${c.task.key.height}|${c.task.modelCalls}` }));
     const estimates = new Map<string, Map<AgentState, { ms: number; measured: boolean }>>();
     for (const a of idle) {
       for (const c of top) {
@@ -732,7 +740,7 @@ export class Scheduler {
 
   /** Expected time left for an attempt; Infinity when it stopped making progress. */
   private remaining(run: Run, now: number): number {
-    const stepMs = (this.opts.speed.agentStepSeconds(run.agent.id, run.task.key) ?? 0) * 1000;
+    const stepMs = (this.opts.speed.agentCallSeconds(run.agent.id, run.task.key) ?? 0) * callsPerStep(run.task) * 1000;
     if (run.lastProgressAt !== undefined && now - run.lastProgressAt > Math.max(2000, 5 * stepMs)) return Infinity;
     return Math.max(0, run.expectedEnd - now);
   }
@@ -834,9 +842,9 @@ export class Scheduler {
     run.lastStep = step.step;
     run.firstProgressAt ??= now;
     run.lastProgressAt = now;
-    const perStep = this.opts.speed.agentStepSeconds(run.agent.id, run.task.key);
-    if (perStep !== undefined) {
-      run.expectedEnd = now + (run.task.steps - step.step) * perStep * 1000;
+    const perCall = this.opts.speed.agentCallSeconds(run.agent.id, run.task.key);
+    if (perCall !== undefined) {
+      run.expectedEnd = now + (run.task.steps - step.step) * callsPerStep(run.task) * perCall * 1000;
     } else if (step.step > 1) {
       run.expectedEnd = now + ((run.task.steps - step.step) * (now - run.firstProgressAt)) / (step.step - 1);
     }
@@ -875,19 +883,22 @@ export class Scheduler {
   private observeSpeed(run: Run): void {
     const end = Date.now();
     const steps = run.task.steps;
-    // Stages without sampling steps (upscale, assemble) say nothing about seconds per step.
+    // Stages without sampling steps (upscale, assemble) say nothing about seconds per model call.
     if (steps === 0) return;
+    const calls = callsPerStep(run.task);
     if (run.firstProgressAt !== undefined && steps > 1) {
       const perStep = (end - run.firstProgressAt) / (steps - 1) / 1000;
       const before = (run.firstProgressAt - run.startedAt) / 1000 - perStep;
       if (run.modelLoaded)
-        this.opts.speed.observe(run.agent.id, run.task.key, { secondsPerStep: perStep, overheadSeconds: Math.max(0, before) });
+        this.opts.speed.observe(run.agent.id, run.task.key, { secondsPerCall: perStep / calls, overheadSeconds: Math.max(0, before) });
       else {
         const usual = this.opts.speed.overheadSeconds(run.agent.id) ?? 0;
-        this.opts.speed.observe(run.agent.id, run.task.key, { secondsPerStep: perStep, loadSeconds: Math.max(0, before - usual) });
+        this.opts.speed.observe(run.agent.id, run.task.key, { secondsPerCall: perStep / calls, loadSeconds: Math.max(0, before - usual) });
       }
     } else if (run.modelLoaded) {
-      this.opts.speed.observe(run.agent.id, run.task.key, { secondsPerStep: (end - run.startedAt) / 1000 / Math.max(1, steps) });
+      this.opts.speed.observe(run.agent.id, run.task.key, {
+        secondsPerCall: (end - run.startedAt) / 1000 / Math.max(1, run.task.modelCalls),
+      });
     }
   }
 

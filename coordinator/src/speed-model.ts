@@ -1,4 +1,4 @@
-/** What a step costs depends on the model and the latent size; seconds per step are kept per key. */
+/** What a model call costs depends on the model and the latent size; seconds per call are kept per key. */
 export interface SpeedKey {
   readonly model: string;
   readonly width: number;
@@ -30,18 +30,19 @@ class Ema {
 
 /**
  * Measured speed per agent and (model, resolution), as exponential moving averages: seconds per
- * sampling step, the fixed cost of a task around its steps (dispatch, VAE decode, PNG encode), and
+ * model call (one UNet evaluation of an image: a sampling step of most samplers, half a step of the
+ * second-order ones; shared SamplingWork), the fixed cost of a task around its steps (dispatch, VAE decode, PNG encode), and
  * each model's load time. Missing figures fall back to the agent's speed at other resolutions
  * (scaled by pixel count), then to the fleet's.
  */
 export class SpeedModel {
-  // agent → model → pixel count → seconds per step
+  // agent → model → pixel count → seconds per model call
   private readonly perStep = new Map<string, Map<string, Map<number, Ema>>>();
   private readonly overhead = new Map<string, Ema>(); // agent → s
   private readonly load = new Map<string, Ema>(); // model → s
   private readonly alpha: number;
-  /** Guess for a 512×512 step when nothing at all is known. */
-  private readonly defaultStepSeconds: number;
+  /** Guess for a 512×512 model call when nothing at all is known. */
+  private readonly defaultCallSeconds: number;
   // Fleet figures are asked for once per agent and task in a placement pass; they change only when
   // a sample arrives, so they are cached until then.
   private version = 0;
@@ -49,9 +50,9 @@ export class SpeedModel {
   private overheadMean: { version: number; value: number } | undefined;
   private readonly agentVersions = new Map<string, number>();
 
-  constructor(opts: { alpha?: number; defaultStepSeconds?: number } = {}) {
+  constructor(opts: { alpha?: number; defaultCallSeconds?: number } = {}) {
     this.alpha = opts.alpha ?? 0.3;
-    this.defaultStepSeconds = opts.defaultStepSeconds ?? 0.1;
+    this.defaultCallSeconds = opts.defaultCallSeconds ?? 0.1;
   }
 
   /** Changes whenever any figure changes (fleet means and load times depend on every agent). */
@@ -64,18 +65,18 @@ export class SpeedModel {
     return this.agentVersions.get(agentId) ?? 0;
   }
 
-  observe(agentId: string, key: SpeedKey, sample: { secondsPerStep: number; overheadSeconds?: number; loadSeconds?: number }): void {
+  observe(agentId: string, key: SpeedKey, sample: { secondsPerCall: number; overheadSeconds?: number; loadSeconds?: number }): void {
     this.version++;
     this.agentVersions.set(agentId, (this.agentVersions.get(agentId) ?? 0) + 1);
-    if (Number.isFinite(sample.secondsPerStep) && sample.secondsPerStep >= 0) {
+    if (Number.isFinite(sample.secondsPerCall) && sample.secondsPerCall >= 0) {
       let byModel = this.perStep.get(agentId);
       if (!byModel) this.perStep.set(agentId, (byModel = new Map()));
       let byPixels = byModel.get(key.model);
       if (!byPixels) byModel.set(key.model, (byPixels = new Map()));
       const px = pixels(key);
       const e = byPixels.get(px);
-      if (e) e.add(sample.secondsPerStep, this.alpha);
-      else byPixels.set(px, new Ema(sample.secondsPerStep));
+      if (e) e.add(sample.secondsPerCall, this.alpha);
+      else byPixels.set(px, new Ema(sample.secondsPerCall));
     }
     if (sample.overheadSeconds !== undefined && Number.isFinite(sample.overheadSeconds) && sample.overheadSeconds >= 0) {
       const e = this.overhead.get(agentId);
@@ -89,8 +90,8 @@ export class SpeedModel {
     }
   }
 
-  /** This agent's seconds per step for the key, scaled from its nearest measured resolution of the model. */
-  agentStepSeconds(agentId: string, key: SpeedKey): number | undefined {
+  /** This agent's seconds per model call for the key, scaled from its nearest measured resolution of the model. */
+  agentCallSeconds(agentId: string, key: SpeedKey): number | undefined {
     const byPixels = this.perStep.get(agentId)?.get(key.model);
     if (!byPixels) return undefined;
     const px = pixels(key);
@@ -104,15 +105,15 @@ export class SpeedModel {
     return best?.v;
   }
 
-  /** The fleet's mean seconds per step for the key (agents that measured it or the model). */
-  fleetStepSeconds(key: SpeedKey): number | undefined {
+  /** The fleet's mean seconds per model call for the key (agents that measured it or the model). */
+  fleetCallSeconds(key: SpeedKey): number | undefined {
     const k = `${key.model}|${pixels(key)}`;
     const cached = this.fleetCache.get(k);
     if (cached && cached.version === this.version) return cached.value;
     let sum = 0;
     let n = 0;
     for (const agentId of this.perStep.keys()) {
-      const v = this.agentStepSeconds(agentId, key);
+      const v = this.agentCallSeconds(agentId, key);
       if (v !== undefined) {
         sum += v;
         n++;
@@ -140,13 +141,13 @@ export class SpeedModel {
     return value;
   }
 
-  /** Estimated wall time of one task of `steps` steps on the agent. */
-  taskSeconds(agentId: string, key: SpeedKey, steps: number, modelLoaded: boolean): Estimate {
-    const own = this.agentStepSeconds(agentId, key);
-    const perStep = own ?? this.fleetStepSeconds(key) ?? (this.defaultStepSeconds * pixels(key)) / (512 * 512);
+  /** Estimated wall time of one task of `modelCalls` model calls on the agent. */
+  taskSeconds(agentId: string, key: SpeedKey, modelCalls: number, modelLoaded: boolean): Estimate {
+    const own = this.agentCallSeconds(agentId, key);
+    const perCall = own ?? this.fleetCallSeconds(key) ?? (this.defaultCallSeconds * pixels(key)) / (512 * 512);
     const overhead = this.overhead.get(agentId)?.value ?? this.fleetOverhead();
     const load = modelLoaded ? 0 : (this.loadSeconds(key.model) ?? 0);
-    return { seconds: overhead + perStep * steps + load, measured: own !== undefined };
+    return { seconds: overhead + perCall * modelCalls + load, measured: own !== undefined };
   }
 
   forget(agentId: string): void {

@@ -15,3 +15,4 @@ export * from "./tiling.js";
 export * from "./hires-size.js";
 export * from "./handover.js";
 export * from "./hires-passes.js";
+export * from "./sampling-work.js";

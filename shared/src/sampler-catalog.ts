@@ -13,6 +13,11 @@ export interface SamplerEntry {
   readonly brownianNoise?: boolean;
   /** DDIM/PLMS/UniPC/DDIM CFG++ walk timesteps instead of a sigma schedule. */
   readonly timestepSampler?: boolean;
+  /**
+   * UNet evaluations a sampling step takes, about (default 1): the second-order samplers evaluate twice
+   * (their last step, or PLMS's first, one more or less); DPM adaptive's count is its own, near 2.
+   */
+  readonly modelCallsPerStep?: number;
 }
 
 export type SchedulerId =
@@ -38,10 +43,10 @@ export interface SchedulerEntry {
 // In A1111's UI order (§4.2 of the behaviour spec).
 export const SAMPLERS: readonly SamplerEntry[] = [
   { name: "DPM++ 2M", aliases: ["k_dpmpp_2m"], defaultScheduler: "karras" },
-  { name: "DPM++ SDE", aliases: ["k_dpmpp_sde"], defaultScheduler: "karras", secondOrder: true, brownianNoise: true },
+  { name: "DPM++ SDE", aliases: ["k_dpmpp_sde"], defaultScheduler: "karras", secondOrder: true, brownianNoise: true, modelCallsPerStep: 2 },
   { name: "DPM++ 2M SDE", aliases: ["k_dpmpp_2m_sde"], defaultScheduler: "exponential", brownianNoise: true },
   { name: "DPM++ 2M SDE Heun", aliases: ["k_dpmpp_2m_sde_heun"], defaultScheduler: "exponential", brownianNoise: true },
-  { name: "DPM++ 2S a", aliases: ["k_dpmpp_2s_a"], defaultScheduler: "karras", usesEnsd: true, secondOrder: true },
+  { name: "DPM++ 2S a", aliases: ["k_dpmpp_2s_a"], defaultScheduler: "karras", usesEnsd: true, secondOrder: true, modelCallsPerStep: 2 },
   {
     name: "DPM++ 3M SDE",
     aliases: ["k_dpmpp_3m_sde"],
@@ -52,8 +57,8 @@ export const SAMPLERS: readonly SamplerEntry[] = [
   { name: "Euler a", aliases: ["k_euler_a", "k_euler_ancestral"], usesEnsd: true },
   { name: "Euler", aliases: ["k_euler"] },
   { name: "LMS", aliases: ["k_lms"] },
-  { name: "Heun", aliases: ["k_heun"], secondOrder: true },
-  { name: "DPM2", aliases: ["k_dpm_2"], defaultScheduler: "karras", discardNextToLastSigma: true, secondOrder: true },
+  { name: "Heun", aliases: ["k_heun"], secondOrder: true, modelCallsPerStep: 2 },
+  { name: "DPM2", aliases: ["k_dpm_2"], defaultScheduler: "karras", discardNextToLastSigma: true, secondOrder: true, modelCallsPerStep: 2 },
   {
     name: "DPM2 a",
     aliases: ["k_dpm_2_a"],
@@ -61,10 +66,11 @@ export const SAMPLERS: readonly SamplerEntry[] = [
     discardNextToLastSigma: true,
     usesEnsd: true,
     secondOrder: true,
+    modelCallsPerStep: 2,
   },
   { name: "DPM fast", aliases: ["k_dpm_fast"], usesEnsd: true },
-  { name: "DPM adaptive", aliases: ["k_dpm_ad"], usesEnsd: true },
-  { name: "Restart", aliases: ["restart"], defaultScheduler: "karras", secondOrder: true },
+  { name: "DPM adaptive", aliases: ["k_dpm_ad"], usesEnsd: true, modelCallsPerStep: 2 },
+  { name: "Restart", aliases: ["restart"], defaultScheduler: "karras", secondOrder: true, modelCallsPerStep: 2 },
   { name: "DDIM", aliases: ["ddim"], timestepSampler: true },
   { name: "DDIM CFG++", aliases: ["ddim_cfgpp"], timestepSampler: true },
   { name: "PLMS", aliases: ["plms"], timestepSampler: true },

@@ -127,6 +127,7 @@ export async function benchPlacement(
       tenant: job.spec.tenant,
       key: { model, width: 512, height: 512 },
       steps: 20,
+      modelCalls: 20,
       cost: 20,
       state: "queued" as const,
       failures: 0,

@@ -10,7 +10,7 @@ import {
   type SamplingSettings,
 } from "./plan.js";
 import { InvalidSamplingParameter } from "./errors.js";
-import { FarmError } from "@latentfarm/shared";
+import { FarmError, modelCallsPerStep } from "@latentfarm/shared";
 import { ImageRng } from "./image-rng.js";
 import { createBrownianNoiseSampler } from "./brownian.js";
 import { drive, gaussianModel } from "./samplers/test-harness.js";
@@ -151,6 +151,29 @@ test("DDIM 20 steps makes 19 model calls; img2img starts at timesteps[t_enc] noi
   const img = prepareSampling({ samplerName: "DDIM", steps: 20, noise: () => new Float32Array(1), img2img: { denoisingStrength: 0.5 } });
   assert.equal(img.timesteps!.length, 10);
   assert.equal(img.steps, 11);
+});
+
+test("the catalogue's model calls per step (the coordinator's cost estimates) are what each sampler makes, within one step's", () => {
+  for (const { name } of listSamplers()) {
+    // DPM adaptive takes as many calls as its error control needs, whatever the steps.
+    if (name === "DPM adaptive") continue;
+    for (const steps of [5, 20, 40]) {
+      const rng = new ImageRng({ shape: [4, 4, 4], seeds: [1], source: "CPU" });
+      const prepared = prepareSampling({
+        samplerName: name,
+        steps,
+        noise: () => rng.next(),
+        brownian: { seeds: [1], shape: [4, 4, 4], source: "CPU" },
+      });
+      const { requests } = drive(prepared.run(prepared.startLatent(rng.first())), (request) => {
+        const out = gaussianModel(0.8)(request);
+        // DDIM CFG++ asks for the negative prompt's prediction too.
+        return request.kind === "eps" && request.needUncond ? { output: out, uncond: out } : out;
+      });
+      const perStep = modelCallsPerStep(name);
+      assert.ok(Math.abs(requests.length - prepared.steps * perStep) <= perStep, `${name}, ${steps} steps: ${requests.length} calls`);
+    }
+  }
 });
 
 test("infotext entries: Schedule type for explicit schedules, Eta when not 1, Discard penultimate when forced", () => {
