@@ -1,12 +1,13 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import sharp from "sharp";
 import { create } from "@bufbuild/protobuf";
 import { FarmError, RngSource, RunTaskRequestSchema } from "@latentfarm/shared";
 import type { LoadedPipeline } from "../pipeline/loaded-pipeline.js";
+import { MANIFEST_FILE, type PipelineManifest } from "../model-graph/index.js";
 import { renderTask } from "../pipeline/txt2img.js";
 import { ModelCatalog } from "./catalog.js";
 import { pipelineKey, type LoraUse } from "./model-loader.js";
@@ -158,10 +159,24 @@ describe("LoRAs named in a prompt merge into the checkpoint", { concurrency: fal
   });
 
   test("Pad conds pads with the base model's empty prompt, also where a LoRA changed the text encoder", async () => {
-    const base = await pipelineFor(catalog, "tiny", [], opts);
-    const textToo = await pipelineFor(catalog, "tiny", [{ name: "style", teWeight: 1, unetWeight: 1 }], opts);
-    open.push(base, textToo);
+    // A cache of its own: the LoRA pipeline pads without importing the base model whole.
+    const own = { ...opts, cacheDir: join(dir, "cache-pad") };
+    const textToo = await pipelineFor(catalog, "tiny", [{ name: "style", teWeight: 1, unetWeight: 1 }], own);
+    open.push(textToo);
     const long = Array.from({ length: 90 }, () => "cat").join(" ");
+    await (await textToo.conditioner()).prepare({ prompt: long, negativePrompt: "", steps: 3, padCondUncond: true });
+    const built = readdirSync(own.cacheDir)
+      .filter((d) => existsSync(join(own.cacheDir, d, MANIFEST_FILE)))
+      .map((d) =>
+        Object.keys((JSON.parse(readFileSync(join(own.cacheDir, d, MANIFEST_FILE), "utf8")) as PipelineManifest).components).sort(),
+      );
+    assert.deepEqual(
+      built.sort(),
+      [["text_encoder"], ["text_encoder", "unet", "vae_decoder", "vae_encoder"]],
+      "the LoRA pipeline and the base text encoder",
+    );
+    const base = await pipelineFor(catalog, "tiny", [], own);
+    open.push(base);
     const uncond = async (pipe: LoadedPipeline) =>
       (await (await pipe.conditioner()).prepare({ prompt: long, negativePrompt: "", steps: 3, padCondUncond: true })).uncondAt(0);
     const [b, l] = [await uncond(base), await uncond(textToo)];
