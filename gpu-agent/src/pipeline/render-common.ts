@@ -246,7 +246,7 @@ export async function conditioningFor(
   });
   recordConditioningInfotext(sampler, cond, negativePrompt, settings, steps);
   for (const u of cond.extraNetworks.unknown) ctx.onWarning(`unknown extra network tag ${u.raw} removed from the prompt`);
-  checkPassPipeline(pipe, b.p, cond, opts.firstPass !== undefined, fields.prompt);
+  checkPassPipeline(pipe, b.p, prompt, opts.firstPass !== undefined, fields.prompt);
   return cond;
 }
 
@@ -257,16 +257,9 @@ export async function conditioningFor(
  * its own fails here rather than render with the wrong weights. (A first pass runs on whatever
  * pipeline its caller chose: a library caller may render a prompt's tags on the base model.)
  */
-function checkPassPipeline(
-  pipe: LoadedPipeline,
-  p: GenerationParams,
-  cond: PreparedConditioning,
-  secondPass: boolean,
-  promptField: string,
-): void {
+function checkPassPipeline(pipe: LoadedPipeline, p: GenerationParams, prompt: string, secondPass: boolean, promptField: string): void {
   if (!secondPass) return;
-  const asked = [...cond.extraNetworks.networks, ...p.loras].map((l) => ({ name: l.name, teWeight: l.teWeight, unetWeight: l.unetWeight }));
-  if (pipelineKey("", asked) !== pipelineKey("", pipe.loras)) {
+  if (pipelineKey("", lorasOf(prompt, p.loras)) !== pipelineKey("", pipe.loras)) {
     const merged = pipe.loras.map((l) => l.name).join(", ") || "none";
     throw FarmError.unimplemented(
       promptField,
@@ -359,7 +352,7 @@ export function modelIdentity(passed: PassModel | undefined, fallback: ModelIden
 
 /** The infotext fields every pass shares, from the request, the first pass's model and its sampler. */
 export function baseInfotext(
-  pipe: ModelIdentity,
+  model: ModelIdentity,
   b: TaskBasics,
   sampler: PreparedSampling,
   size: { width: number; height: number },
@@ -374,15 +367,15 @@ export function baseInfotext(
     seed: b.seed,
     width: size.width,
     height: size.height,
-    model: pipe.name,
-    modelHash: pipe.modelHash,
+    model: model.name,
+    modelHash: model.modelHash,
     subseed: b.subseed,
     subseedStrength: b.p.subseedStrength,
     seedResizeFrom: { w: b.p.seedResizeFromW, h: b.p.seedResizeFromH },
     clipSkip: b.clipSkip,
     ensd: sampler.choice.sampler.usesEnsd && b.ensd !== 0 ? b.ensd : undefined,
     rng: b.rng,
-    extra: [loraHashesEntry(pipe, b.p), ...samplerExtras(sampler)],
+    extra: [loraHashesEntry(model, b.p), ...samplerExtras(sampler)],
   };
 }
 
@@ -417,8 +410,8 @@ export function mergeLoraHashes(first: readonly string[], second: readonly strin
  * A1111 activates extra networks before it encodes prompts or sets the sampler up: its entry comes first.
  * Its names are the prompt's, with ":" and "," removed.
  */
-export function loraHashesEntry(pipe: ModelIdentity, p: GenerationParams): [string, InfotextValue] {
-  const entries = loraHashesInPromptOrder(pipe.loraHashes, p.prompt, p.loras).map(
+export function loraHashesEntry(model: ModelIdentity, p: GenerationParams): [string, InfotextValue] {
+  const entries = loraHashesInPromptOrder(model.loraHashes, p.prompt, p.loras).map(
     (entry) => `${loraOfEntry(entry).replace(/[:,]/g, "")}${entry.slice(loraOfEntry(entry).length)}`,
   );
   return ["Lora hashes", entries.length > 0 ? entries.join(", ") : undefined];
