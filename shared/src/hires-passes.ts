@@ -5,8 +5,10 @@
  */
 import type { GenerationParams } from "./gen/latentfarm/v1/generation_pb.js";
 
-/** The UI's "keep the first-pass checkpoint" choice, which A1111's UI sends as no checkpoint. */
+/** The UI's "keep the first pass's" choices for the hires fields, which A1111's UI sends as none. */
 export const SAME_CHECKPOINT = "Use same checkpoint";
+export const SAME_SAMPLER = "Use same sampler";
+export const SAME_SCHEDULER = "Use same scheduler";
 
 type HiresParams = Pick<GenerationParams, "enableHr" | "initImages" | "hrCheckpointName">;
 
@@ -27,6 +29,11 @@ export function hiresCheckpoint(p: HiresParams): string | undefined {
 /** The model a Hires.fix second pass runs on. */
 export function secondPassModel(p: HiresParams & Pick<GenerationParams, "model">): string {
   return hiresCheckpoint(p) ?? p.model;
+}
+
+/** The sampler of a Hires.fix second pass (hr_sampler_name, else the first pass's). */
+export function secondPassSamplerName(p: Pick<GenerationParams, "hrSamplerName" | "samplerName">): string {
+  return p.hrSamplerName !== "" && p.hrSamplerName !== SAME_SAMPLER ? p.hrSamplerName : p.samplerName;
 }
 
 /** The prompt a Hires.fix second pass is conditioned on, whose LoRAs it merges ('' = the first pass's). */

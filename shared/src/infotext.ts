@@ -3,7 +3,7 @@
 // request's `infotext`: each value fills the field or setting it names when the request leaves that unset.
 import { create, isFieldSet } from "@bufbuild/protobuf";
 import { FarmError } from "./errors.js";
-import { SAME_CHECKPOINT } from "./hires-passes.js";
+import { SAME_CHECKPOINT, SAME_SAMPLER, SAME_SCHEDULER } from "./hires-passes.js";
 import {
   InpaintingFill,
   GenerationParamsSchema,
@@ -250,8 +250,8 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
     p.enableHr = true;
     // "Use same sampler" / "Use same scheduler" are A1111's names for an empty field.
     for (const [key, same] of [
-      ["Hires sampler", "Use same sampler"],
-      ["Hires schedule type", "Use same scheduler"],
+      ["Hires sampler", SAME_SAMPLER],
+      ["Hires schedule type", SAME_SCHEDULER],
       ["Hires checkpoint", SAME_CHECKPOINT],
     ] as const) {
       if (params.get(key) === same) params.delete(key);

@@ -2,7 +2,8 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { GenerationParamsSchema } from "./gen/latentfarm/v1/generation_pb.js";
-import { imageWork, modelCallsPerStep, passWork, secondPassSamplerName } from "./sampling-work.js";
+import { secondPassSamplerName } from "./hires-passes.js";
+import { imageWork, modelCallsPerStep, passWork } from "./sampling-work.js";
 
 test("model calls per step: two for the second-order samplers, by any of their names", () => {
   for (const name of ["Heun", "k_heun", "DPM2 a Karras", "DPM++ SDE", "DPM++ 2S a", "Restart", "DPM adaptive"]) {

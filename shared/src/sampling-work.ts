@@ -14,8 +14,26 @@ export interface SamplingWork {
   readonly modelCalls: number;
 }
 
-/** A1111's UI value for the hires sampler "same as the first pass's". */
-const SAME_SAMPLER = "Use same sampler";
+/** A1111's img2img default denoising strength. */
+export const DEFAULT_DENOISING_STRENGTH = 0.75;
+
+/** A1111's setup_img2img_steps for a denoising strength in [0, 1]: the schedule built and how deep t_enc goes in it. */
+export interface Img2imgStepPlan {
+  /** Length of the schedule that is built (`steps` of get_sigmas / get_timesteps). */
+  scheduleSteps: number;
+  /** A1111 t_enc: t_enc + 1 sampler steps run. */
+  tEnc: number;
+}
+
+/**
+ * setup_img2img_steps: plain img2img runs int(min(d, 0.999)·steps) + 1 steps of a `steps` schedule;
+ * hires passes (and option img2img_fix_steps) run exactly `steps` steps of an int(steps/d) schedule.
+ */
+export function img2imgStepPlan(steps: number, denoisingStrength: number, fixSteps: boolean): Img2imgStepPlan {
+  const d = Math.min(denoisingStrength, 0.999);
+  if (fixSteps) return { scheduleSteps: denoisingStrength > 0 ? Math.trunc(steps / d) : 0, tEnc: steps - 1 };
+  return { scheduleSteps: steps, tEnc: Math.trunc(d * steps) };
+}
 
 /** UNet evaluations per step of a sampler (1 for a name that does not resolve: validation reports it). */
 export function modelCallsPerStep(samplerName: string): number {
@@ -31,21 +49,15 @@ export function passWork(steps: number, samplerName: string): SamplingWork {
   return { steps, modelCalls: steps * modelCallsPerStep(samplerName) };
 }
 
-/** The sampler of a Hires.fix second pass (hr_sampler_name, else the first pass's). */
-export function secondPassSamplerName(p: Pick<GenerationParams, "hrSamplerName" | "samplerName">): string {
-  return p.hrSamplerName !== "" && p.hrSamplerName !== SAME_SAMPLER ? p.hrSamplerName : p.samplerName;
-}
-
 /**
- * The work of an image rendered as one task (txt2img, img2img): img2img runs int(min(d, 0.999)·steps) + 1
- * of its steps (A1111's setup_img2img_steps), all of them with the option img2img_fix_steps. A Hires.fix
- * image is planned as stages, each a pass of its own (passWork).
+ * The work of an image rendered as one task (txt2img, img2img, img2img's steps by img2imgStepPlan). A
+ * Hires.fix image is planned as stages, each a pass of its own (passWork).
  */
 export function imageWork(
   p: Pick<GenerationParams, "steps" | "samplerName" | "initImages" | "denoisingStrength" | "overrideSettings">,
 ): SamplingWork {
   const steps = p.steps ?? 50;
-  if (p.initImages.length === 0 || p.overrideSettings?.img2imgFixSteps === true) return passWork(steps, p.samplerName);
-  const d = Math.min(p.denoisingStrength ?? 0.75, 0.999);
-  return passWork(Math.min(steps, Math.trunc(d * steps) + 1), p.samplerName);
+  if (p.initImages.length === 0) return passWork(steps, p.samplerName);
+  const plan = img2imgStepPlan(steps, p.denoisingStrength ?? DEFAULT_DENOISING_STRENGTH, p.overrideSettings?.img2imgFixSteps ?? false);
+  return passWork(plan.tEnc + 1, p.samplerName);
 }

@@ -3,13 +3,9 @@
  * samplers' sample_img2img), written over an injected schedule builder so this module does not depend
  * on the sampling package.
  */
+import { img2imgStepPlan, type Img2imgStepPlan } from "@latentfarm/shared";
 
-export interface Img2imgStepPlan {
-  /** Length of the schedule that is built (`steps` passed to get_sigmas / get_timesteps). */
-  scheduleSteps: number;
-  /** `t_enc`: how deep into that schedule the init latent is noised. */
-  tEnc: number;
-}
+export type { Img2imgStepPlan };
 
 export interface Img2imgStepInput {
   /** p.steps */
@@ -30,13 +26,10 @@ export function setupImg2imgSteps(input: Img2imgStepInput): Img2imgStepPlan {
   const { steps, denoisingStrength: d } = input;
   if (!Number.isInteger(steps) || steps < 1) throw new RangeError(`steps must be a positive integer, got ${steps}`);
   if (!(d >= 0 && d <= 1)) throw new RangeError(`denoising strength must be in [0, 1], got ${d}`);
-  const capped = Math.min(d, 0.999);
-  if (input.fixSteps || input.requestedSteps !== undefined) {
-    // `steps or p.steps`: 0 falls back to p.steps like Python's `or`.
-    const requested = input.requestedSteps || steps;
-    return { scheduleSteps: d > 0 ? Math.trunc(requested / capped) : 0, tEnc: requested - 1 };
-  }
-  return { scheduleSteps: steps, tEnc: Math.trunc(capped * steps) };
+  // A hires pass passes its steps, which fixes them as the option does; `steps or p.steps`: 0 falls back
+  // to p.steps like Python's `or`.
+  const fixed = input.fixSteps === true || input.requestedSteps !== undefined;
+  return img2imgStepPlan(fixed ? input.requestedSteps || steps : steps, d, fixed);
 }
 
 /** Builds the full sigma list for `steps` (k-diffusion get_sigmas, including discard-penultimate handling). */

@@ -2,7 +2,7 @@
  * Hires.fix planning as A1111 v1.10 does it (processing.py StableDiffusionProcessingTxt2Img:
  * calculate_target_resolution, init, sample_hr_pass). Pure arithmetic; the caller runs the passes.
  */
-import { SAME_CHECKPOINT, hiresTarget, type HiresSizeInput, type HiresTarget } from "@latentfarm/shared";
+import { SAME_CHECKPOINT, SAME_SAMPLER, SAME_SCHEDULER, hiresTarget, type HiresSizeInput, type HiresTarget } from "@latentfarm/shared";
 import { latentUpscaleMode, type LatentUpscaleMode } from "./interpolate.js";
 import { setupImg2imgSteps, type Img2imgStepPlan } from "./denoise-steps.js";
 
@@ -65,8 +65,6 @@ export function hiresPassPlan(input: HiresPassInput): HiresPassPlan {
 }
 
 // The UI's "keep the first-pass value" choices arrive as these strings instead of null.
-const SAME_SAMPLER = "Use same sampler";
-const SAME_SCHEDULER = "Use same scheduler";
 
 export interface HiresInfotextInput extends HiresSizeInput {
   denoisingStrength: number;

@@ -24,6 +24,8 @@ import {
   readRgb,
   rgbHandover,
   secondPassPrompt,
+  secondPassSamplerName,
+  DEFAULT_DENOISING_STRENGTH,
   type Handover,
   type Image,
   InfotextEntrySchema,
@@ -67,7 +69,6 @@ import {
 import { AFTER_SAMPLING_INFOTEXT_KEYS, CONDITIONING_INFOTEXT_KEYS } from "./infotext.js";
 import { resolveUpscaler, upscaleImage } from "./upscalers.js";
 import { restoreFacesIfRequested } from "./face-restore.js";
-import { DEFAULT_DENOISING_STRENGTH } from "./img2img.js";
 
 function scheduleLabel(s: PreparedSampling): string | undefined {
   return s.choice.scheduleType !== undefined ? s.choice.label : undefined;
@@ -142,7 +143,7 @@ function secondPassSampler(s: HiresSetup, h: number, w: number, seed: number, no
   const { b } = s;
   const { p } = b;
   return prepareSampling({
-    samplerName: p.hrSamplerName && p.hrSamplerName !== "Use same sampler" ? p.hrSamplerName : p.samplerName,
+    samplerName: secondPassSamplerName(p),
     scheduler: hiresSchedulerName(p.hrScheduler) ?? p.scheduler,
     steps: s.hrSteps,
     noise,

@@ -5,7 +5,7 @@
  */
 import * as grpc from "@grpc/grpc-js";
 import sharp from "sharp";
-import { FarmError, type Image, type RunTaskRequest } from "@latentfarm/shared";
+import { DEFAULT_DENOISING_STRENGTH, FarmError, type Image, type RunTaskRequest } from "@latentfarm/shared";
 import { prepareSampling } from "../sampling/index.js";
 import { composeOnCanvas, decodeImage, interpolate, planImg2imgResize, type Image8 } from "../imaging/index.js";
 import { checkAborted, denoise } from "./denoise.js";
@@ -33,9 +33,6 @@ import {
   takesInpaintingConditioning,
   type PreparedInpaint,
 } from "./inpaint.js";
-
-/** A1111's img2img default denoising strength. */
-export const DEFAULT_DENOISING_STRENGTH = 0.75;
 
 /** Decodes a user image with the agent's byte and pixel limits; problems are INVALID_ARGUMENT naming `field`. */
 export async function decodeInputImage(bytes: Uint8Array, ctx: RenderContext, field: string): Promise<Image8> {

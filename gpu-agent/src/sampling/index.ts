@@ -84,7 +84,6 @@ export {
   promptScheduleSteps,
   resolveSampler,
   RUN_INFOTEXT_KEYS,
-  type Img2imgStepMapping,
   type PreparedSampling,
   type PrepareSamplingInput,
   type ResolvedSamplerChoice,

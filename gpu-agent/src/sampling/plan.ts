@@ -12,6 +12,8 @@ import {
   resolveSampler as resolveCatalogSampler,
   type SamplerEntry,
   type SchedulerId,
+  img2imgStepPlan,
+  type Img2imgStepPlan,
 } from "@latentfarm/shared";
 import type { BetaQuantile } from "./beta-quantile.js";
 import { BrownianTreeNoiseSampler, type BrownianNoiseOptions } from "./brownian.js";
@@ -138,28 +140,14 @@ export function promptScheduleSteps(sampler: SamplerEntry, steps: number): numbe
   return sampler.secondOrder ? steps * 2 : steps;
 }
 
-export interface Img2imgStepMapping {
-  /** Steps of the full schedule that is built (`steps` of get_sigmas / get_timesteps). */
-  scheduleSteps: number;
-  /** A1111 t_enc; t_enc + 1 sampler steps run. */
-  tEnc: number;
-}
-
-/**
- * setup_img2img_steps: plain img2img runs int(min(d, 0.999)·steps) + 1 steps of a `steps` schedule;
- * hires passes (and option img2img_fix_steps) run exactly `steps` steps of an int(steps/d) schedule.
- */
-export function img2imgSteps(steps: number, denoisingStrength: number, fixSteps = false): Img2imgStepMapping {
+/** setup_img2img_steps (shared img2imgStepPlan), with the steps and strength checked first. */
+export function img2imgSteps(steps: number, denoisingStrength: number, fixSteps = false): Img2imgStepPlan {
   if (!Number.isSafeInteger(steps) || steps < 1)
     throw new InvalidSamplingParameter("steps", `steps must be a positive integer, got ${steps}`);
   if (!(denoisingStrength >= 0 && denoisingStrength <= 1)) {
     throw new InvalidSamplingParameter("denoising_strength", `denoising_strength must be within 0..1, got ${denoisingStrength}`);
   }
-  const d = Math.min(denoisingStrength, 0.999);
-  if (fixSteps) {
-    return { scheduleSteps: denoisingStrength > 0 ? Math.trunc(steps / d) : 0, tEnc: steps - 1 };
-  }
-  return { scheduleSteps: steps, tEnc: Math.trunc(d * steps) };
+  return img2imgStepPlan(steps, denoisingStrength, fixSteps);
 }
 
 export interface SamplingSettings {
