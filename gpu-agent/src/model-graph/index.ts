@@ -30,6 +30,8 @@ export type {
   ValueInfoSpec,
 } from "./onnx.js";
 export { decodeModel, readModel, initializerFloat32 } from "./onnx-read.js";
+export { withTokenOverrides, TOKEN_OVERRIDE_POSITIONS, TOKEN_OVERRIDE_VECTORS } from "./token-override.js";
+export { readTorchFile, TorchTensor, type TorchFloatType } from "./torch-file.js";
 export type { DecodedModel, DecodedNode, DecodedTensor } from "./onnx-read.js";
 export type { LazyBytes } from "./protobuf.js";
 

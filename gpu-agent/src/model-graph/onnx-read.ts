@@ -119,7 +119,7 @@ function decodeAttr(buf: Uint8Array): [string, DecodedAttr] {
   return [name, value ?? 0];
 }
 
-function decodeValueInfo(buf: Uint8Array): DecodedValueInfo {
+export function decodeValueInfo(buf: Uint8Array): DecodedValueInfo {
   const fields = decodeFields(buf);
   const v: DecodedValueInfo = { name: "", elemType: 0, dims: undefined };
   for (const f of fields) {
@@ -145,7 +145,7 @@ function decodeValueInfo(buf: Uint8Array): DecodedValueInfo {
   return v;
 }
 
-function decodeNode(buf: Uint8Array): DecodedNode {
+export function decodeNode(buf: Uint8Array): DecodedNode {
   const n: DecodedNode = { opType: "", domain: "", name: "", inputs: [], outputs: [], attrs: {} };
   for (const f of decodeFields(buf)) {
     if (f.field === 1) n.inputs.push(text(bytes(f.value)));

@@ -136,7 +136,7 @@ function encodeAttr(name: string, a: Attr): ProtoMessage {
   return m;
 }
 
-function encodeValueInfo(v: ValueInfoSpec): ProtoMessage {
+export function encodeValueInfo(v: ValueInfoSpec): ProtoMessage {
   const shape = new ProtoMessage();
   for (const d of v.dims) {
     shape.message(1, typeof d === "number" ? new ProtoMessage().int(1, d) : new ProtoMessage().string(2, d));
@@ -145,7 +145,7 @@ function encodeValueInfo(v: ValueInfoSpec): ProtoMessage {
   return new ProtoMessage().string(1, v.name).message(2, new ProtoMessage().message(1, tensorType));
 }
 
-function encodeNode(n: NodeSpec): ProtoMessage {
+export function encodeNode(n: NodeSpec): ProtoMessage {
   const m = new ProtoMessage();
   for (const i of n.inputs) m.string(1, i);
   for (const o of n.outputs) m.string(2, o);
