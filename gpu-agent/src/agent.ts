@@ -64,6 +64,8 @@ export interface AgentConfig {
   tokenizerDir?: string;
   /** kohya/PEFT LoRA files, referenced as <lora:name:weight>. */
   lorasDir?: string;
+  /** Textual-inversion embeddings (.pt, .bin, .safetensors), named in prompts by file stem. */
+  embeddingsDir?: string;
   /** ESRGAN-family upscaler models (hires fix). */
   upscalersDir?: string;
   /** Face restoration models (CodeFormer and a face detector). */
@@ -125,6 +127,7 @@ export class Agent {
               ...(cfg.intraOpNumThreads ? { intraOpNumThreads: cfg.intraOpNumThreads } : {}),
               ...(cfg.tokenizerDir ? { tokenizerDir: cfg.tokenizerDir } : {}),
               ...(cfg.lorasDir ? { lorasDir: cfg.lorasDir } : {}),
+              ...(cfg.embeddingsDir ? { embeddingsDir: cfg.embeddingsDir } : {}),
               onUnetCall: (_rows, seconds) => {
                 this.m.metrics.unetSteps.inc({ model: name });
                 this.m.metrics.unetStepDuration.observe({ model: name }, seconds);

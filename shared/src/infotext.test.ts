@@ -154,12 +154,11 @@ test("apply: Hires checkpoint names the second pass's model by name, without the
   assert.equal(own.hrCheckpointName, "mine");
 });
 
-test("apply: an infotext that used textual-inversion embeddings says they are not applied", () => {
+test("apply: TI hashes are left to the agent, which compares them with its embedding files", () => {
   const p = create(GenerationParamsSchema, {
     infotext:
       'a tower\nNegative prompt: EasyNegative\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64, TI hashes: "EasyNegative: c74b4e810b03"',
   });
-  assert.deepEqual(applyInfotext(p).notReproduced, [
-    "TI hashes: EasyNegative: c74b4e810b03 (textual-inversion embeddings are not applied: their names are encoded as prompt words)",
-  ]);
+  assert.deepEqual(applyInfotext(p).notReproduced, []);
+  assert.equal(p.negativePrompt, "EasyNegative");
 });

@@ -82,7 +82,8 @@ function versionBelow(v: [number, number, number, number], than: [number, number
 }
 
 // Written by A1111 for information only, or handled with another key.
-const INFORMATIONAL = new Set(["Model hash", "Lora hashes", "Version", "User", "Hashes"]);
+// "TI hashes": the prompt names its embeddings; the agent that encodes it compares the hashes with its files.
+const INFORMATIONAL = new Set(["Model hash", "Lora hashes", "TI hashes", "Version", "User", "Hashes"]);
 
 /** Defaults A1111's parser fills in or writes that change nothing here. */
 const NEUTRAL: Record<string, string> = {
@@ -302,12 +303,6 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
   }
   p.overrideSettings = settings;
 
-  // A1111 replaces an embedding's name in a prompt by the embedding's vectors; the farm has no
-  // textual-inversion embeddings yet, so the name is encoded as words and the image differs.
-  const embeddings = take("TI hashes", str);
-  if (embeddings !== undefined) {
-    notReproduced.push(`TI hashes: ${embeddings} (textual-inversion embeddings are not applied: their names are encoded as prompt words)`);
-  }
   for (const [key, value] of params) {
     if (used.has(key) || INFORMATIONAL.has(key) || NEUTRAL[key] === value) continue;
     // Entries that do not apply to this kind of request (Mask blur without a mask, say).

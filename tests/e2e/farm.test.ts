@@ -4,10 +4,11 @@ import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "n
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { spawnSync } from "node:child_process";
+import { createHash } from "node:crypto";
 import sharp from "sharp";
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, JobState, RngSource, type JobEvent } from "@latentfarm/shared";
-import { FIXTURES, REPO, farmSkipReason, startTestFarm, type TestFarm } from "../harness/farm.js";
+import { FIXTURES, REPO, TEST_EMBEDDING, farmSkipReason, startTestFarm, testEmbedding, type TestFarm } from "../harness/farm.js";
 
 const skip = farmSkipReason();
 
@@ -420,6 +421,7 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     const { jobId } = await farm.client.submit({
       params: {
         prompt: "a castle",
+        negativePrompt: TEST_EMBEDDING,
         model: "tiny-sd15",
         width: 64,
         height: 64,
@@ -456,6 +458,8 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       const meta = await sharp(img.png).metadata();
       assert.deepEqual([meta.width, meta.height], [96, 96]);
       assert.match(img.infotext, /Size: 64x64, .*Denoising strength: 0\.6, .*Hires upscale: 1\.5/);
+      // The first pass's embeddings, recorded as it encoded its prompts.
+      assert.match(img.infotext, new RegExp(`TI hashes: "${TEST_EMBEDDING}: [0-9a-f]{12}"`));
     }
   });
 
@@ -492,6 +496,25 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     const same = await image({});
     assert.deepEqual(switched.pixels, same.pixels);
     assert.doesNotMatch(same.infotext, /Hires checkpoint/);
+  });
+
+  test("a textual-inversion embedding in the agents' --embeddings folder: its name in a prompt uses it, and the infotext says so", async () => {
+    const image = async (prompt: string, negativePrompt = "") => {
+      const { jobId } = await farm.client.submit({
+        params: { prompt, negativePrompt, model: "tiny-sd15", width: 64, height: 64, steps: 3, samplerName: "Euler", seed: 8n },
+      });
+      const events = await collect(farm, jobId);
+      assert.equal(events.at(-1)?.event.case, "done", JSON.stringify(events.at(-1)?.event.value));
+      const img = events.flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))[0]!;
+      return { infotext: img.infotext, pixels: await sharp(img.png).raw().toBuffer() };
+    };
+    const hash = createHash("sha256").update(testEmbedding()).digest("hex").slice(0, 12);
+    const used = await image("a castle", `${TEST_EMBEDDING}, fog`);
+    assert.match(used.infotext, new RegExp(`TI hashes: "${TEST_EMBEDDING}: ${hash}"`));
+    // Its vectors are not the words of its name: the image is another than with a name no embedding has.
+    const words = await image("a castle", "lf-sparkly, fog");
+    assert.doesNotMatch(words.infotext, /TI hashes/);
+    assert.notDeepEqual(used.pixels, words.pixels);
   });
 
   test("Cancel ends the job cancelled within one step and frees the agent", async () => {

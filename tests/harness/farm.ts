@@ -1,7 +1,7 @@
 // Real processes for end-to-end tests: nats-server, a coordinator and agents, each its own
 // process on loopback, all stopped by close().
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, symlinkSync, mkdirSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, symlinkSync, mkdirSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -114,6 +114,18 @@ export interface TestFarm {
   close(): Promise<void>;
 }
 
+/** A textual-inversion embedding every test farm agent has: two vectors for the tiny model's width of 32. */
+export const TEST_EMBEDDING = "lf-sparkle";
+
+/** The embedding's file: safetensors with one `emb_params` tensor, written by hand (8-byte header length, JSON, data). */
+export function testEmbedding(): Buffer {
+  const data = Float32Array.from({ length: 64 }, (_, i) => Math.sin(i * 0.7) * 0.05);
+  const header = Buffer.from(JSON.stringify({ emb_params: { dtype: "F32", shape: [2, 32], data_offsets: [0, data.byteLength] } }));
+  const length = Buffer.alloc(8);
+  length.writeBigUInt64LE(BigInt(header.length));
+  return Buffer.concat([length, header, Buffer.from(data.buffer)]);
+}
+
 export async function startTestFarm(
   opts: { agents?: number; agentTimeoutMs?: number; slots?: number; coordinatorArgs?: string[] } = {},
 ): Promise<TestFarm> {
@@ -124,6 +136,9 @@ export async function startTestFarm(
   symlinkSync(TINY_SD15, join(modelsDir, "tiny-sd15"));
   // The same weights under a second name: a checkpoint to switch to (a Hires.fix job's hires checkpoint).
   symlinkSync(TINY_SD15, join(modelsDir, "tiny-sd15-hr"));
+  const embeddingsDir = join(tmp, "embeddings");
+  mkdirSync(embeddingsDir);
+  writeFileSync(join(embeddingsDir, `${TEST_EMBEDDING}.safetensors`), testEmbedding());
   const started: ServiceProcess[] = [];
   try {
     const coordinator = await startService([
@@ -149,7 +164,7 @@ export async function startTestFarm(
         id: `agent-${i}`,
         slots: opts.slots ?? 2,
         heartbeatMs: 250,
-        extra: ["--metrics-port", "0"],
+        extra: ["--metrics-port", "0", "--embeddings", embeddingsDir],
       });
       started.push(a);
       agents.push(a);

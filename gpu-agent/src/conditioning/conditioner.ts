@@ -1,4 +1,5 @@
 import { CHUNK_TOKENS, emptyChunk, tokenizeLine, type EmphasisMode, type PromptChunk } from "./chunking.js";
+import type { EmbeddingDatabase, TextualInversionEmbedding } from "./embeddings.js";
 import type { ClipTokenizer } from "./clip-tokenizer.js";
 import { parseComposablePrompt } from "./composable.js";
 import { applyEmphasis, type EmphasisRow } from "./emphasis.js";
@@ -12,11 +13,21 @@ export interface TextEncoder {
   readonly hiddenSize: number;
   /** Largest CLIP skip the model can serve: its layer count with hidden_states outputs, else 1. */
   readonly maxClipSkip: number;
+  /** Whether encode() takes token overrides (textual-inversion embeddings). */
+  readonly acceptsTokenOverrides?: boolean;
   /**
    * Encodes n×77 token ids. clipSkip 1 returns last_hidden_state; N > 1 returns hidden_states[-N]
-   * passed through the model's final LayerNorm (A1111's CLIP_stop_at_last_layers).
+   * passed through the model's final LayerNorm (A1111's CLIP_stop_at_last_layers). Overrides replace
+   * the token embeddings at their positions before the position embeddings are added.
    */
-  encode(batch: Int32Array, n: number, clipSkip: number, signal?: AbortSignal): Promise<Float32Array>;
+  encode(batch: Int32Array, n: number, clipSkip: number, signal?: AbortSignal, overrides?: TokenOverrides): Promise<Float32Array>;
+}
+
+/** Token embeddings given by the caller: vector i (of the encoder's width) goes to row rows[i], position positions[i]. */
+export interface TokenOverrides {
+  readonly rows: Int32Array;
+  readonly positions: Int32Array;
+  readonly vectors: Float32Array;
 }
 
 /** A text encoder with resources of its own (ONNX Runtime sessions), released by close(). */
@@ -90,6 +101,11 @@ export interface PreparedConditioning {
   hidden: number;
   /** The positive prompt after extra-network tags were removed. */
   positivePrompt: string;
+  /**
+   * The textual-inversion embeddings each of A1111's encoder passes used: the negative prompt's, then
+   * each distinct subprompt's (see Conditioner.embeddingsUsedBy).
+   */
+  textualInversion: { negative: TextualInversionEmbedding[]; subprompts: TextualInversionEmbedding[][] };
   subprompts: PreparedSubprompt[];
   negative: ScheduledCond[];
   extraNetworks: { networks: LoraNetwork[]; unknown: UnknownExtraNetwork[] };
@@ -119,6 +135,8 @@ export interface ConditionerOptions {
    * LoRA applies.
    */
   emptyPromptEncoder?: () => Promise<ClosableTextEncoder>;
+  /** Textual-inversion embeddings prompts may name; the encoder must accept token overrides. */
+  embeddings?: EmbeddingDatabase;
   /** Bound of the (text, steps, clip skip, emphasis) cache: entries and bytes of tensors. */
   cacheEntries?: number;
   cacheBytes?: number;
@@ -146,6 +164,7 @@ export class Conditioner {
   private readonly emptyPromptEncoder: ConditionerOptions["emptyPromptEncoder"];
   /** The base model's empty prompt by clip skip (emptyPromptEncoder's; a few KB each). */
   private readonly emptyPrompts = new Map<number, Promise<Float32Array>>();
+  private embeddingDb: EmbeddingDatabase | undefined;
 
   constructor(opts: ConditionerOptions) {
     this.tokenizer = opts.tokenizer;
@@ -154,6 +173,38 @@ export class Conditioner {
     this.maxEntries = opts.cacheEntries ?? 32;
     this.emptyPromptEncoder = opts.emptyPromptEncoder;
     this.maxBytes = opts.cacheBytes ?? 256 * 1024 * 1024;
+    this.setEmbeddings(opts.embeddings);
+  }
+
+  get embeddings(): EmbeddingDatabase | undefined {
+    return this.embeddingDb;
+  }
+
+  /** Replaces the embeddings prompts may name (the folder changed); cached conditioning is dropped. */
+  setEmbeddings(db: EmbeddingDatabase | undefined): void {
+    if (db !== undefined && db.size > 0 && this.encoder.acceptsTokenOverrides !== true) {
+      throw new Error("textual-inversion embeddings need a text encoder that accepts token overrides");
+    }
+    this.embeddingDb = db !== undefined && db.size > 0 ? db : undefined;
+    this.clearCache();
+  }
+
+  /**
+   * The embeddings one A1111 forward pass over `texts` (a prompt's schedule) uses, in the order its
+   * used_embeddings dict gets them: chunk by chunk, and within a chunk text by text.
+   */
+  embeddingsUsedBy(texts: readonly string[], emphasis: EmphasisMode = "Original"): TextualInversionEmbedding[] {
+    const db = this.embeddingDb;
+    if (db === undefined) return [];
+    const opts = { emphasis, commaPaddingBacktrack: this.backtrack, embeddings: db };
+    const chunked = [...new Set(texts)].map((t) => tokenizeLine(this.tokenizer, t, opts).chunks);
+    const used = new Map<string, TextualInversionEmbedding>();
+    const count = Math.max(0, ...chunked.map((c) => c.length));
+    for (let ci = 0; ci < count; ci++) {
+      for (const chunks of chunked)
+        for (const fix of chunks[ci]?.fixes ?? []) if (!used.has(fix.embedding.name)) used.set(fix.embedding.name, fix.embedding);
+    }
+    return [...used.values()];
   }
 
   /** Drops cached conditioning, e.g. after the encoder's weights changed (LoRA merged). */
@@ -200,7 +251,12 @@ export class Conditioner {
       if (c === undefined) distinct.push(t);
       counts.set(t, (c ?? 0) + 1);
     }
-    const chunked = distinct.map((t) => tokenizeLine(this.tokenizer, t, { emphasis, commaPaddingBacktrack: this.backtrack }).chunks);
+    const lineOptions = {
+      emphasis,
+      commaPaddingBacktrack: this.backtrack,
+      ...(this.embeddingDb !== undefined && { embeddings: this.embeddingDb }),
+    };
+    const chunked = distinct.map((t) => tokenizeLine(this.tokenizer, t, lineOptions).chunks);
     const chunkCount = Math.max(...chunked.map((c) => c.length));
     const filler = emptyChunk(this.tokenizer);
     const outputs = distinct.map(() => uninitializedFloat32(chunkCount * CHUNK_TOKENS * hidden));
@@ -211,7 +267,7 @@ export class Conditioner {
       const rowOf = new Map<string, number>();
       const encoderRows: PromptChunk[] = [];
       const rows: EmphasisRow[] = chunks.map((chunk, d) => {
-        const key = chunk.tokens.join(",");
+        const key = chunk.fixes === undefined ? chunk.tokens.join(",") : `${chunk.tokens.join(",")}|${fixKey(chunk)}`;
         let encoderRow = rowOf.get(key);
         if (encoderRow === undefined) {
           encoderRow = encoderRows.length;
@@ -223,7 +279,8 @@ export class Conditioner {
       const batch = new Int32Array(encoderRows.length * CHUNK_TOKENS);
       encoderRows.forEach((chunk, r) => batch.set(this.withPadding(chunk.tokens), r * CHUNK_TOKENS));
       signal?.throwIfAborted();
-      const z = await this.encoder.encode(batch, encoderRows.length, clipSkip, signal);
+      const overrides = tokenOverrides(encoderRows, hidden);
+      const z = await this.encoder.encode(batch, encoderRows.length, clipSkip, signal, overrides);
       if (z.length !== encoderRows.length * CHUNK_TOKENS * hidden) {
         throw new Error(`text encoder returned ${z.length} values for ${encoderRows.length}×77×${hidden}`);
       }
@@ -320,9 +377,16 @@ export class Conditioner {
         ? withLastTokenRepeated(c.data, c.tokens, lengths.uncond, hidden)
         : withChunksAppended(c.data, c.tokens, lengths.uncond, lengths.empty, hidden);
     });
+    const emphasis = req.emphasis ?? "Original";
+    const forwardTexts = (schedule: readonly ScheduledCond[]) => schedule.map((e) => e.text);
+    const distinctSubprompts = [...new Map(subprompts.map((s) => [s.text, s])).values()];
     return {
       hidden,
       positivePrompt: extracted.text,
+      textualInversion: {
+        negative: this.embeddingsUsedBy(forwardTexts(negative!), emphasis),
+        subprompts: distinctSubprompts.map((s) => this.embeddingsUsedBy(forwardTexts(s.schedule), emphasis)),
+      },
       subprompts,
       negative: negative!,
       extraNetworks: { networks: extracted.networks, unknown: extracted.unknown },
@@ -402,6 +466,37 @@ export class Conditioner {
       this.cachedBytes -= entry.bytes;
     }
   }
+}
+
+function fixKey(chunk: PromptChunk): string {
+  return (chunk.fixes ?? []).map((f) => `${f.position}:${f.embedding.name}`).join(",");
+}
+
+/**
+ * The embeddings' vectors at their chunks' positions (A1111's EmbeddingsWithFixes). A vector that would
+ * pass the chunk's last position is cut, as there.
+ */
+function tokenOverrides(rows: readonly PromptChunk[], hidden: number): TokenOverrides | undefined {
+  // A later fix wins where two overlap, as A1111 applies them in order.
+  const byPlace = new Map<number, [number, number, Float32Array]>();
+  rows.forEach((chunk, row) => {
+    for (const { position, embedding } of chunk.fixes ?? []) {
+      if (embedding.hidden !== hidden) {
+        throw new ConditioningPreconditionError(
+          `embedding ${embedding.name} has vectors of ${embedding.hidden} values; this model's text encoder takes ${hidden}`,
+          "prompt",
+        );
+      }
+      for (let v = 0; v < embedding.vectors && position + v < CHUNK_TOKENS; v++) {
+        byPlace.set(row * CHUNK_TOKENS + position + v, [row, position + v, embedding.data.subarray(v * hidden, (v + 1) * hidden)]);
+      }
+    }
+  });
+  const at = [...byPlace.values()];
+  if (at.length === 0) return undefined;
+  const vectors = new Float32Array(at.length * hidden);
+  at.forEach(([, , vec], i) => vectors.set(vec, i * hidden));
+  return { rows: Int32Array.from(at, (a) => a[0]), positions: Int32Array.from(at, (a) => a[1]), vectors };
 }
 
 /** Padding copies a tensor: each schedule entry is padded once for the whole run. */

@@ -15,6 +15,7 @@ export {
   type EmphasisMode,
   type ChunkTokenizer,
   type PromptChunk,
+  type ChunkFix,
   type TokenizeLineOptions,
   type TokenizedLine,
 } from "./chunking.js";
@@ -50,7 +51,15 @@ export {
   type PreparedSubprompt,
   type WeightedCond,
   type ConditionerOptions,
+  type TokenOverrides,
 } from "./conditioner.js";
+export {
+  EmbeddingDatabase,
+  embeddingHashEntry,
+  type TextualInversionEmbedding,
+  type EmbeddingLookup,
+  type EmbeddingTokenizer,
+} from "./embeddings.js";
 export { combineDenoised } from "./cfg.js";
 export { describePrompt, type PromptDescription } from "./describe.js";
 export { benchConditioning, benchConditioningDetailed, type ConditioningBench } from "./bench.js";

@@ -87,6 +87,8 @@ export interface ModelLoaderOptions {
   lorasDir?: string;
   /** Where the ONNX Runtime sessions run (SdModel.load's `sessions`). */
   sessions?: "worker" | "this-thread";
+  /** Load the text encoder with token overrides, for textual-inversion embeddings (SdModel.load's). */
+  tokenOverrides?: boolean;
 }
 
 async function defaultTokenizer(catalog: ModelCatalog): Promise<string | undefined> {
@@ -125,7 +127,10 @@ export async function loadModel(
     ...(opts.sessions ? { sessions: opts.sessions } : {}),
   };
   const load = (path: string): Promise<SdModel> =>
-    SdModel.load({ ...entry, path, format: "diffusers-onnx" }, { ...sessions, logger: opts.logger, ...(signal ? { signal } : {}) });
+    SdModel.load(
+      { ...entry, path, format: "diffusers-onnx" },
+      { ...sessions, logger: opts.logger, ...(signal ? { signal } : {}), ...(opts.tokenOverrides ? { tokenOverrides: true } : {}) },
+    );
   if (entry.format === "diffusers-onnx") {
     if (key.loras.length > 0) {
       throw new FarmError(

@@ -1,4 +1,5 @@
-import { readFile } from "node:fs/promises";
+import { randomUUID } from "node:crypto";
+import { readFile, rename, writeFile } from "node:fs/promises";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
@@ -6,9 +7,16 @@ import { FarmError, type Logger } from "@latentfarm/shared";
 import { OrtWorker } from "../runtime/ort-runtime.js";
 import { InThreadOrtSessions, type OrtSessions } from "../runtime/ort-sessions.js";
 import type { ExecutionProvider, SessionInfo, TensorType, ValueMeta, WireTensor } from "../runtime/protocol.js";
-import { f16ToF32, f32ToF16 } from "../model-graph/index.js";
+import {
+  f16ToF32,
+  f32ToF16,
+  ModelFileError,
+  TOKEN_OVERRIDE_POSITIONS,
+  TOKEN_OVERRIDE_VECTORS,
+  withTokenOverrides,
+} from "../model-graph/index.js";
 import type { ModelEntry } from "./catalog.js";
-import type { ClosableTextEncoder, TextEncoder } from "../conditioning/index.js";
+import type { ClosableTextEncoder, TextEncoder, TokenOverrides } from "../conditioning/index.js";
 
 const CLIP_LAYER_NORM_EPS = 1e-5;
 
@@ -70,6 +78,40 @@ export interface SdModelLoadOptions {
    * hosts the whole render (PipelineHost), where a hop to yet another thread per model call is pure cost.
    */
   sessions?: "worker" | "this-thread";
+  /**
+   * Load the text encoder with token-override inputs (withTokenOverrides), so that prompts can use
+   * textual-inversion embeddings. The graph is patched in memory; the model folder is not touched.
+   */
+  tokenOverrides?: boolean;
+}
+
+/** Where a patched text encoder whose weights are external data is saved: beside them, as they are named relative to it. */
+export const TOKEN_OVERRIDES_MODEL = "model.token-overrides.onnx";
+
+/**
+ * The text encoder's model, patched for token overrides when asked: as bytes, or saved beside the
+ * original when its weights are external data files (the farm's checkpoint builds). A graph that cannot
+ * take overrides, or a folder that cannot be written, loads the original, without embeddings: the model
+ * still renders every prompt that names none.
+ */
+async function textEncoderModel(dir: string, tokenOverrides: boolean | undefined, logger?: Logger): Promise<string | Uint8Array> {
+  const path = join(dir, "text_encoder", "model.onnx");
+  if (tokenOverrides !== true) return path;
+  try {
+    const patched = withTokenOverrides(await readFile(path), path);
+    if (!patched.externalData) return patched.model;
+    const target = join(dir, "text_encoder", TOKEN_OVERRIDES_MODEL);
+    // Written whole, then renamed: a pipeline loading meanwhile never reads half a file.
+    const partial = `${target}.${process.pid}.${randomUUID()}.partial`;
+    await writeFile(partial, patched.model);
+    await rename(partial, target);
+    return target;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (!(err instanceof ModelFileError) && code !== "EACCES" && code !== "EROFS" && code !== "EPERM") throw err;
+    logger?.warn("textual-inversion embeddings are off for this model", { model: dir, reason: (err as Error).message });
+    return path;
+  }
 }
 
 function sessionsFor(opts: Omit<SdModelLoadOptions, "logger">): OrtSessions {
@@ -81,7 +123,7 @@ function sessionsFor(opts: Omit<SdModelLoadOptions, "logger">): OrtSessions {
 export async function loadTextEncoder(dir: string, opts: Omit<SdModelLoadOptions, "logger">): Promise<ClosableTextEncoder> {
   const sessions = sessionsFor(opts);
   try {
-    const info = await sessions.load("text_encoder", join(dir, "text_encoder", "model.onnx"), opts.signal);
+    const info = await sessions.load("text_encoder", await textEncoderModel(dir, opts.tokenOverrides), opts.signal);
     const encoder = await OnnxTextEncoder.create(sessions, info, opts.signal);
     return { encoder, close: () => sessions.close() };
   } catch (err) {
@@ -150,7 +192,7 @@ export class SdModel {
     const config = await readConfig(dir);
     const worker = sessionsFor(opts);
     try {
-      const te = await worker.load("text_encoder", join(dir, "text_encoder", "model.onnx"), opts.signal);
+      const te = await worker.load("text_encoder", await textEncoderModel(dir, opts.tokenOverrides, opts.logger), opts.signal);
       const unet = await worker.load("unet", join(dir, "unet", "model.onnx"), opts.signal);
       const vae = await worker.load("vae_decoder", join(dir, "vae_decoder", "model.onnx"), opts.signal);
       const unetInputs = {
@@ -350,7 +392,13 @@ class OnnxTextEncoder implements TextEncoder {
     private readonly lastName: string,
     private readonly gamma: Float32Array | undefined,
     private readonly beta: Float32Array | undefined,
+    /** The token-embedding table's type when the graph takes token overrides. */
+    private readonly overrideType: "float32" | "float16" | undefined,
   ) {}
+
+  get acceptsTokenOverrides(): boolean {
+    return this.overrideType !== undefined;
+  }
 
   get maxClipSkip(): number {
     return this.gamma ? this.layers : 1;
@@ -367,7 +415,9 @@ class OnnxTextEncoder implements TextEncoder {
       .filter((m) => m !== null)
       .map((m) => Number(m[1]));
     const layers = hs.length > 0 ? Math.max(...hs) : 0;
-    const base = new OnnxTextEncoder(worker, idsType, ids.name, hiddenSize, layers, last.name, undefined, undefined);
+    const vectors = info.inputs.find((i) => i.name === TOKEN_OVERRIDE_VECTORS);
+    const overrideType = vectors === undefined ? undefined : vectors.type === "float16" ? "float16" : "float32";
+    const base = new OnnxTextEncoder(worker, idsType, ids.name, hiddenSize, layers, last.name, undefined, undefined, overrideType);
     if (layers < 2 || !Number.isFinite(hiddenSize)) return base;
     // Calibrate the final LayerNorm on a batch of varied ids. Any byte-level BPE vocabulary has the
     // 256 byte tokens, so ids below 256 exist in every CLIP model, tiny test models included.
@@ -375,24 +425,45 @@ class OnnxTextEncoder implements TextEncoder {
     for (let i = 0; i < 77; i++) calib[i] = (i * 37 + 11) % 256;
     const out = await base.runRaw(calib, 1, [last.name, `hidden_states.${layers}`], signal);
     const { gamma, beta } = fitLayerNormAffine(out[`hidden_states.${layers}`]!, out[last.name]!, hiddenSize);
-    return new OnnxTextEncoder(worker, idsType, ids.name, hiddenSize, layers, last.name, gamma, beta);
+    return new OnnxTextEncoder(worker, idsType, ids.name, hiddenSize, layers, last.name, gamma, beta, overrideType);
   }
 
-  private async runRaw(batch: Int32Array, n: number, outputs: string[], signal?: AbortSignal): Promise<Record<string, Float32Array>> {
+  private async runRaw(
+    batch: Int32Array,
+    n: number,
+    outputs: string[],
+    signal?: AbortSignal,
+    overrides?: TokenOverrides,
+  ): Promise<Record<string, Float32Array>> {
     const data = this.idsType === "int64" ? BigInt64Array.from(batch, (v) => BigInt(v)) : own(batch.slice());
-    const res = await this.worker.run(
-      "text_encoder",
-      { [this.idsName]: { type: this.idsType, dims: [n, batch.length / n], data } },
-      outputs,
-      signal,
-    );
+    const feeds: Record<string, WireTensor> = { [this.idsName]: { type: this.idsType, dims: [n, batch.length / n], data } };
+    if (this.overrideType !== undefined) {
+      const count = overrides?.rows.length ?? 0;
+      const at = new BigInt64Array(count * 2);
+      for (let i = 0; i < count; i++) {
+        at[2 * i] = BigInt(overrides!.rows[i]!);
+        at[2 * i + 1] = BigInt(overrides!.positions[i]!);
+      }
+      const vectors = overrides?.vectors ?? new Float32Array(0);
+      feeds[TOKEN_OVERRIDE_POSITIONS] = { type: "int64", dims: [count, 2], data: at };
+      feeds[TOKEN_OVERRIDE_VECTORS] =
+        this.overrideType === "float16"
+          ? { type: "float16", dims: [count, this.hiddenSize], data: f32ToF16(vectors) }
+          : { type: "float32", dims: [count, this.hiddenSize], data: own(vectors.slice()) };
+    } else if (overrides !== undefined && overrides.rows.length > 0) {
+      throw new FarmError(
+        grpc.status.FAILED_PRECONDITION,
+        "this text encoder was loaded without token overrides (textual-inversion embeddings)",
+      );
+    }
+    const res = await this.worker.run("text_encoder", feeds, outputs, signal);
     const out: Record<string, Float32Array> = {};
     for (const o of outputs) out[o] = readFloats(res[o]!);
     return out;
   }
 
-  async encode(batch: Int32Array, n: number, clipSkip: number, signal?: AbortSignal): Promise<Float32Array> {
-    if (clipSkip <= 1) return (await this.runRaw(batch, n, [this.lastName], signal))[this.lastName]!;
+  async encode(batch: Int32Array, n: number, clipSkip: number, signal?: AbortSignal, overrides?: TokenOverrides): Promise<Float32Array> {
+    if (clipSkip <= 1) return (await this.runRaw(batch, n, [this.lastName], signal, overrides))[this.lastName]!;
     if (!this.gamma || !this.beta || clipSkip > this.layers) {
       throw new FarmError(
         grpc.status.FAILED_PRECONDITION,
@@ -403,7 +474,7 @@ class OnnxTextEncoder implements TextEncoder {
       );
     }
     const name = `hidden_states.${this.layers + 1 - clipSkip}`;
-    const h = (await this.runRaw(batch, n, [name], signal))[name]!;
+    const h = (await this.runRaw(batch, n, [name], signal, overrides))[name]!;
     return layerNorm(h, this.hiddenSize, this.gamma, this.beta);
   }
 }

@@ -60,6 +60,7 @@ async function start(): Promise<void> {
         ...(init.intraOpNumThreads ? { intraOpNumThreads: init.intraOpNumThreads } : {}),
         ...(init.tokenizerDir ? { tokenizerDir: init.tokenizerDir } : {}),
         ...(init.lorasDir ? { lorasDir: init.lorasDir } : {}),
+        ...(init.embeddingsDir ? { tokenOverrides: true } : {}),
       },
       loading.signal,
     );
@@ -70,6 +71,7 @@ async function start(): Promise<void> {
       loras: key.loras,
       baseTextEncoder: loaded.baseTextEncoder,
       loadWarnings: loaded.warnings,
+      ...(init.embeddingsDir ? { embeddingsDir: init.embeddingsDir, logger } : {}),
       onUnetCall: (rows, seconds) => post({ type: "unetCall", rows, seconds }),
     });
     if (closing) return;

@@ -34,6 +34,7 @@ function hostInit(o: PipelineHostOptions): HostInit {
     ...(o.intraOpNumThreads !== undefined && { intraOpNumThreads: o.intraOpNumThreads }),
     ...(o.tokenizerDir !== undefined && { tokenizerDir: o.tokenizerDir }),
     ...(o.lorasDir !== undefined && { lorasDir: o.lorasDir }),
+    ...(o.embeddingsDir !== undefined && { embeddingsDir: o.embeddingsDir }),
   };
 }
 

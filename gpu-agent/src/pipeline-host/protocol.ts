@@ -15,6 +15,8 @@ export interface HostInit {
   cacheDir: string;
   tokenizerDir?: string;
   lorasDir?: string;
+  /** Textual-inversion embeddings (A1111's --embeddings-dir). */
+  embeddingsDir?: string;
   maxBatchRows: number;
 }
 

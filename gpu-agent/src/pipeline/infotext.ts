@@ -6,7 +6,7 @@ import type { CondPadding } from "../conditioning/index.js";
 export const FARM_VERSION = "latentfarm-0.1.0";
 
 /** The infotext keys a pass's prompt encoding may add, in the order A1111 adds them. */
-export const CONDITIONING_INFOTEXT_KEYS = ["Old prompt editing timelines", "Emphasis"] as const;
+export const CONDITIONING_INFOTEXT_KEYS = ["Old prompt editing timelines", "TI hashes", "Emphasis"] as const;
 
 /** The infotext keys a pass writes once its sampling is over (CondPadding: the padding options). */
 export const AFTER_SAMPLING_INFOTEXT_KEYS = ["Pad conds", "Pad conds v0"] as const satisfies readonly CondPadding[];

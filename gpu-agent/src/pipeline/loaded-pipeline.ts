@@ -1,4 +1,6 @@
+import { silentLogger, type Logger } from "@latentfarm/shared";
 import { ClipTokenizer, Conditioner, type ClosableTextEncoder } from "../conditioning/index.js";
+import { EmbeddingsFolder } from "../models/embedding-files.js";
 import { NoiseThread } from "../sampling/index.js";
 import { BrownianWorkers } from "../sampling/brownian-thread.js";
 import type { SdModel } from "../models/sd-model.js";
@@ -8,7 +10,9 @@ import { StepBatcher } from "./step-batcher.js";
 /** A model with what tasks share: its tokenizer, a conditioning cache and the step batcher. */
 export class LoadedPipeline {
   readonly batcher: StepBatcher;
-  private conditionerPromise: Promise<Conditioner> | undefined;
+  private conditionerPromise: Promise<{ conditioner: Conditioner; embeddings: EmbeddingsFolder | undefined }> | undefined;
+  private readonly embeddingsDir: string | undefined;
+  private readonly logger: Logger | undefined;
   private readonly baseTextEncoder: (() => Promise<ClosableTextEncoder>) | undefined;
 
   /** A1111 infotext entries: "Model hash" (checkpoints) and "Lora hashes". */
@@ -44,8 +48,13 @@ export class LoadedPipeline {
       baseTextEncoder?: (() => Promise<ClosableTextEncoder>) | undefined;
       loadWarnings?: readonly string[];
       noiseThreadMinValues?: number;
+      /** Textual-inversion embeddings prompts may name; the model's text encoder must take token overrides. */
+      embeddingsDir?: string;
+      logger?: Logger;
     },
   ) {
+    this.embeddingsDir = opts.embeddingsDir;
+    this.logger = opts.logger;
     this.noiseThreadMinValues = opts.noiseThreadMinValues ?? 16_384;
     this.modelHash = opts.modelHash;
     this.loraHashes = opts.loraHashes ?? [];
@@ -64,17 +73,39 @@ export class LoadedPipeline {
     return this.model.name;
   }
 
-  conditioner(): Promise<Conditioner> {
-    this.conditionerPromise ??= ClipTokenizer.fromDirectory(this.model.tokenizerDir).then(
-      (tokenizer) =>
-        new Conditioner({
-          tokenizer,
-          encoder: this.model.textEncoder,
-          ...(this.baseTextEncoder !== undefined && { emptyPromptEncoder: this.baseTextEncoder }),
-        }),
-    );
-    return this.conditionerPromise;
+  /**
+   * The model's conditioner, with the embeddings folder as it is now: a folder changed since the last
+   * task is read again (and the conditioning cache dropped) before this one encodes its prompts.
+   */
+  async conditioner(): Promise<Conditioner> {
+    this.conditionerPromise ??= ClipTokenizer.fromDirectory(this.model.tokenizerDir).then((tokenizer) => {
+      const encoder = this.model.textEncoder;
+      const conditioner = new Conditioner({
+        tokenizer,
+        encoder,
+        ...(this.baseTextEncoder !== undefined && { emptyPromptEncoder: this.baseTextEncoder }),
+      });
+      const usable = this.embeddingsDir !== undefined && encoder.acceptsTokenOverrides === true;
+      const logger = this.logger ?? silentLogger;
+      if (this.embeddingsDir !== undefined && !usable) logger.warn("this model's text encoder takes no embeddings", { model: this.name });
+      return {
+        conditioner,
+        embeddings: usable ? new EmbeddingsFolder(this.embeddingsDir!, tokenizer, encoder.hiddenSize, logger) : undefined,
+      };
+    });
+    const { conditioner, embeddings } = await this.conditionerPromise;
+    if (embeddings !== undefined) {
+      const db = await embeddings.current();
+      if (db !== this.embeddingsInUse) {
+        conditioner.setEmbeddings(db);
+        this.embeddingsInUse = db;
+      }
+    }
+    return conditioner;
   }
+
+  /** The embeddings the conditioner was last given (EmbeddingsFolder returns the same object until the folder changes). */
+  private embeddingsInUse: unknown;
 
   async close(): Promise<void> {
     await Promise.all([this.noise.close(), this.brownian.close()]);

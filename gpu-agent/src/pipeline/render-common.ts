@@ -12,6 +12,7 @@ import {
   PassModelSchema,
   checkOverrideSettings,
   hiresCheckpoint,
+  parseInfotext,
   type GenerationParams,
   type PassModel,
   type Image,
@@ -19,7 +20,12 @@ import {
   type RunTaskRequest,
 } from "@latentfarm/shared";
 import { ImageRng, type PreparedSampling, type SamplingSettings } from "../sampling/index.js";
-import { getLearnedConditioningPromptSchedules, type EmphasisMode, type PreparedConditioning } from "../conditioning/index.js";
+import {
+  embeddingHashEntry,
+  getLearnedConditioningPromptSchedules,
+  type EmphasisMode,
+  type PreparedConditioning,
+} from "../conditioning/index.js";
 import { ImageInputError } from "../imaging/index.js";
 import { checkAborted, type PreviewRequest } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
@@ -157,9 +163,12 @@ export function requestSettingsOf(p: GenerationParams): RequestSettings {
 }
 
 /**
- * The infotext entries A1111 writes as it encodes a pass's prompts: Emphasis when a mode other than
- * Original met a bracket in a text it encoded, and Old prompt editing timelines when the old reading
- * changed a schedule. Recorded in the pass's infotext (and carried between stages with the run's own).
+ * The infotext entries A1111 writes as it encodes a pass's prompts: Old prompt editing timelines when the
+ * old reading changed a schedule; then, in the order its encoder passes first write them (the negative
+ * prompt's, then each subprompt's), TI hashes for the textual-inversion embeddings they used and Emphasis
+ * when a mode other than Original met a bracket in a text. Recorded in the pass's infotext (and carried
+ * between stages with the run's own). A1111 merges a Hires.fix second pass's into the image's infotext
+ * only for Emphasis here, as before; its TI hashes are written after the infotext was made, so they are not.
  */
 export function recordConditioningInfotext(
   sampler: PreparedSampling,
@@ -167,6 +176,7 @@ export function recordConditioningInfotext(
   negativePrompt: string,
   c: ConditioningSettings,
   steps: { steps: number; hiresSteps?: number },
+  pass: "first" | "second" = "first",
 ): void {
   const entries: Array<[(typeof CONDITIONING_INFOTEXT_KEYS)[number], string | boolean]> = [];
   if (c.useOldScheduling) {
@@ -174,11 +184,55 @@ export function recordConditioningInfotext(
     const read = (old: boolean) => JSON.stringify(getLearnedConditioningPromptSchedules(prompts, steps.steps, steps.hiresSteps, old));
     if (read(true) !== read(false)) entries.push(["Old prompt editing timelines", true]);
   }
-  if (c.emphasis !== "Original") {
-    const texts = [...cond.subprompts.flatMap((s) => s.schedule.map((e) => e.text)), ...cond.negative.map((e) => e.text)];
-    if (texts.some((t) => t.includes("(") || t.includes("["))) entries.push(["Emphasis", c.emphasis]);
+  const distinct = [...new Map(cond.subprompts.map((s) => [s.text, s])).values()];
+  const forwards = [
+    { texts: cond.negative.map((e) => e.text), embeddings: cond.textualInversion.negative },
+    ...distinct.map((s, i) => ({ texts: s.schedule.map((e) => e.text), embeddings: cond.textualInversion.subprompts[i] ?? [] })),
+  ];
+  // Each encoder pass puts its hashes before those already written.
+  let hashes = "";
+  const order: Array<"TI hashes" | "Emphasis"> = [];
+  for (const f of forwards) {
+    if (pass === "first" && f.embeddings.length > 0) {
+      const mine = f.embeddings.map(embeddingHashEntry).join(", ");
+      hashes = hashes === "" ? mine : `${mine}, ${hashes}`;
+      if (!order.includes("TI hashes")) order.push("TI hashes");
+    }
+    if (c.emphasis !== "Original" && f.texts.some((t) => t.includes("(") || t.includes("["))) {
+      if (!order.includes("Emphasis")) order.push("Emphasis");
+    }
   }
+  for (const key of order) entries.push(key === "TI hashes" ? [key, hashes] : [key, c.emphasis]);
   putFirst(sampler.infotext, entries);
+}
+
+/**
+ * A pasted infotext's "TI hashes" against the embeddings this render used: an embedding the agent lacks
+ * was encoded as the words of its name, and one whose file differs gives another image.
+ */
+export function pastedEmbeddingWarnings(tiHashes: string | undefined, cond: PreparedConditioning): string[] {
+  if (tiHashes === undefined || tiHashes.trim() === "") return [];
+  const used = new Map(
+    [...cond.textualInversion.negative, ...cond.textualInversion.subprompts.flat()].map((e) => [e.name.replace(/[:,]/g, ""), e]),
+  );
+  const warnings: string[] = [];
+  const seen = new Set<string>();
+  for (const entry of tiHashes.split(",")) {
+    const at = entry.lastIndexOf(":");
+    const name = (at < 0 ? entry : entry.slice(0, at)).trim();
+    const hash = at < 0 ? "" : entry.slice(at + 1).trim();
+    if (name === "" || seen.has(name)) continue;
+    seen.add(name);
+    const e = used.get(name);
+    if (e === undefined) {
+      warnings.push(
+        `TI hashes: no embedding ${name} was applied (none of that name in this agent's embeddings folder, or the prompt does not name it): the image differs`,
+      );
+    } else if (hash !== "" && !e.sha256.startsWith(hash.toLowerCase())) {
+      warnings.push(`TI hashes: embedding ${name} is ${e.sha256.slice(0, 12)} here, the infotext's is ${hash}: the image differs`);
+    }
+  }
+  return warnings;
 }
 
 /** A1111 encodes a pass's prompts before it sets its sampler up, so their entries precede the sampler's. */
@@ -244,7 +298,10 @@ export async function conditioningFor(
     padCondUncondV0: settings.padCondUncondV0,
     signal: ctx.signal,
   });
-  recordConditioningInfotext(sampler, cond, negativePrompt, settings, steps);
+  recordConditioningInfotext(sampler, cond, negativePrompt, settings, steps, opts.firstPass ? "second" : "first");
+  if (opts.firstPass === undefined && b.p.infotext.trim() !== "") {
+    for (const w of pastedEmbeddingWarnings(parseInfotext(b.p.infotext).params.get("TI hashes"), cond)) ctx.onWarning(w);
+  }
   for (const u of cond.extraNetworks.unknown) ctx.onWarning(`unknown extra network tag ${u.raw} removed from the prompt`);
   checkPassPipeline(pipe, b.p, prompt, opts.firstPass !== undefined, fields.prompt);
   return cond;

@@ -61,9 +61,9 @@ export class OrtWorker implements OrtSessions {
     });
   }
 
-  async load(name: string, path: string, signal?: AbortSignal): Promise<SessionInfo> {
+  async load(name: string, model: string | Uint8Array, signal?: AbortSignal): Promise<SessionInfo> {
     if (signal?.aborted) throw abortError(signal);
-    const res = await this.call({ op: "load", name, path });
+    const res = await this.call({ op: "load", name, model });
     return (res as { info: SessionInfo }).info;
   }
 

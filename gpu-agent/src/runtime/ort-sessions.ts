@@ -9,7 +9,8 @@ import type { ExecutionProvider, SessionInfo, WireTensor } from "./protocol.js";
 
 /** What SdModel needs from a set of sessions, whichever thread runs them. */
 export interface OrtSessions {
-  load(name: string, path: string, signal?: AbortSignal): Promise<SessionInfo>;
+  /** Loads a model file, or a model's bytes (a graph patched in memory). */
+  load(name: string, model: string | Uint8Array, signal?: AbortSignal): Promise<SessionInfo>;
   /** Runs a session. Feed buffers may be transferred away (OrtWorker): pass copies to keep the data. */
   run(session: string, feeds: Record<string, WireTensor>, outputs: string[], signal?: AbortSignal): Promise<Record<string, WireTensor>>;
   /** Per session: run() calls and the milliseconds spent inside ONNX Runtime's run(). */
@@ -68,10 +69,12 @@ export class InThreadOrtSessions implements OrtSessions {
 
   constructor(private readonly options: OrtSessionOptions) {}
 
-  async load(name: string, path: string, signal?: AbortSignal): Promise<SessionInfo> {
+  async load(name: string, model: string | Uint8Array, signal?: AbortSignal): Promise<SessionInfo> {
     this.assertOpen();
     if (signal?.aborted) throw abortError(signal);
-    const s = await ort.InferenceSession.create(path, sessionOptions(this.options));
+    const options = sessionOptions(this.options);
+    const s =
+      typeof model === "string" ? await ort.InferenceSession.create(model, options) : await ort.InferenceSession.create(model, options);
     await this.sessions.get(name)?.release();
     this.sessions.set(name, s);
     return info(s);

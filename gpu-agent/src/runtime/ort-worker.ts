@@ -12,7 +12,7 @@ const sessions = new InThreadOrtSessions(
 async function handle(req: Request): Promise<Response> {
   switch (req.op) {
     case "load":
-      return { id: req.id, ok: true, info: await sessions.load(req.name, req.path) };
+      return { id: req.id, ok: true, info: await sessions.load(req.name, req.model) };
     case "run": {
       const before = sessions.runStats.get(req.session)?.ms ?? 0;
       const outputs = await sessions.run(req.session, req.feeds, req.outputs);

@@ -31,7 +31,7 @@ export interface InitMessage {
 }
 
 export type Request =
-  | { id: number; op: "load"; name: string; path: string }
+  | { id: number; op: "load"; name: string; model: string | Uint8Array }
   | { id: number; op: "run"; session: string; feeds: Record<string, WireTensor>; outputs: string[] }
   | { id: number; op: "close" };
 

@@ -1,0 +1,123 @@
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, test } from "node:test";
+import { status } from "@grpc/grpc-js";
+import { silentLogger } from "@latentfarm/shared";
+import { encodeSafetensors, f32ToF16 } from "../model-graph/index.js";
+import { EmbeddingsFolder, readEmbeddingFile, readEmbeddingsFolder } from "./embedding-files.js";
+
+const FIXTURES = join(import.meta.dirname, "..", "test-support", "embeddings");
+const dir = mkdtempSync(join(tmpdir(), "lf-embeddings-"));
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+const value = (k: number) => (((k * 37) % 101) - 50) / 64;
+const f32 = (shape: number[], first = 0) => ({
+  dtype: "F32" as const,
+  shape,
+  data: Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, (_, k) => value(first + k)),
+});
+/** An encoder that knows one word per character, enough to name embeddings. */
+const letters = { encode: (text: string) => [...text].map((c) => c.charCodeAt(0)) };
+
+test("each layout A1111 reads: its own .pt, the textual_inversion repository's, diffusers' .bin, emb_params .safetensors", async () => {
+  const pt = await readEmbeddingFile(join(FIXTURES, "a1111-style.pt"));
+  assert.deepEqual([pt.name, pt.vectors, pt.hidden], ["a1111-style", 2, 32]);
+  assert.deepEqual(
+    [...pt.data],
+    Array.from({ length: 64 }, (_, k) => value(k)),
+  );
+  assert.equal(
+    pt.sha256,
+    createHash("sha256")
+      .update(readFileSync(join(FIXTURES, "a1111-style.pt")))
+      .digest("hex"),
+  );
+
+  const ldm = await readEmbeddingFile(join(FIXTURES, "ldm-style.pt"));
+  assert.deepEqual([ldm.vectors, ldm.hidden], [3, 32]);
+  assert.equal(ldm.data[0], value(1000));
+
+  const concept = await readEmbeddingFile(join(FIXTURES, "concept.bin"));
+  assert.deepEqual([concept.name, concept.vectors, concept.hidden], ["concept", 1, 32]);
+
+  const st = join(dir, "neg-style.safetensors");
+  writeFileSync(st, encodeSafetensors({ emb_params: f32([4, 32]) }));
+  const safe = await readEmbeddingFile(st);
+  assert.deepEqual([safe.name, safe.vectors, safe.hidden], ["neg-style", 4, 32]);
+  // float16 files widen exactly.
+  const half = join(dir, "half.safetensors");
+  writeFileSync(half, encodeSafetensors({ emb_params: { dtype: "F16", shape: [1, 32], data: f32ToF16(f32([32]).data) } }));
+  assert.deepEqual([...(await readEmbeddingFile(half)).data], [...f32([32]).data]);
+});
+
+test("files that are not one embedding are INVALID_ARGUMENT naming the file and the reason", async () => {
+  const bad = async (name: string, tensors: Parameters<typeof encodeSafetensors>[0], why: RegExp) => {
+    const path = join(dir, name);
+    writeFileSync(path, encodeSafetensors(tensors));
+    await assert.rejects(readEmbeddingFile(path), (e: Error & { code?: number }) => {
+      return e.code === status.INVALID_ARGUMENT && e.message.startsWith(path) && why.test(e.message);
+    });
+  };
+  await bad("sdxl.safetensors", { clip_l: f32([2, 768]), clip_g: f32([2, 1280]) }, /SDXL embedding/);
+  await bad("two.safetensors", { a: f32([1, 32]), b: f32([1, 32]) }, /holds 2 tensors/);
+  await bad("long.safetensors", { emb_params: f32([76, 32]) }, /76 vectors; a prompt chunk holds at most 75/);
+  await bad("cube.safetensors", { emb_params: f32([1, 2, 32]) }, /not a vector or a matrix/);
+  const nan = f32([1, 32]);
+  nan.data[3] = Number.NaN;
+  await bad("nan.safetensors", { emb_params: nan }, /NaN/);
+  await assert.rejects(readEmbeddingFile(join(FIXTURES, "runs-a-command.pt")), /not a vector or a matrix/);
+});
+
+test("a folder: nested and linked files by stem, the model's width only, one file per name, unreadable ones reported", async () => {
+  const root = join(dir, "folder");
+  mkdirSync(join(root, "negative"), { recursive: true });
+  copyFileSync(join(FIXTURES, "a1111-style.pt"), join(root, "a1111-style.pt"));
+  copyFileSync(join(FIXTURES, "concept.bin"), join(root, "negative", "concept.bin"));
+  symlinkSync(join(FIXTURES, "ldm-style.pt"), join(root, "linked.pt"));
+  writeFileSync(join(root, "wide.safetensors"), encodeSafetensors({ emb_params: f32([1, 768]) }));
+  writeFileSync(join(root, "broken.pt"), "not a zip");
+  writeFileSync(join(root, "empty.pt"), "");
+  writeFileSync(join(root, "notes.txt"), "ignored");
+  mkdirSync(join(root, "again"));
+  copyFileSync(join(FIXTURES, "concept.bin"), join(root, "again", "concept.bin"));
+
+  const { embeddings, skipped } = await readEmbeddingsFolder(root, 32);
+  assert.deepEqual(
+    embeddings.map((e) => e.name),
+    ["a1111-style", "concept", "linked"],
+  );
+  assert.deepEqual(
+    skipped.map((s) => [s.file.slice(root.length + 1), s.reason.replace(root, "")]),
+    [
+      [
+        "broken.pt",
+        "/broken.pt: not a torch zip archive: files saved by torch before 1.6 (or not by torch.save) are not read; convert it to .safetensors",
+      ],
+      ["negative/concept.bin", `the name concept is already ${join(root, "again", "concept.bin")}'s`.replace(root, "")],
+      ["wide.safetensors", "vectors of 768 values; this model's text encoder takes 32"],
+    ],
+  );
+  assert.deepEqual(await readEmbeddingsFolder(join(dir, "missing"), 32), { embeddings: [], skipped: [] });
+});
+
+test("EmbeddingsFolder reads again only when the folder changed", async () => {
+  const root = join(dir, "live");
+  mkdirSync(join(root, "sub"), { recursive: true });
+  const folder = new EmbeddingsFolder(root, letters, 32, silentLogger);
+  const first = await folder.current();
+  assert.equal(first.size, 0);
+  assert.equal(await folder.current(), first, "unchanged: the same database");
+  copyFileSync(join(FIXTURES, "concept.bin"), join(root, "sub", "concept.bin"));
+  // mtimes can be coarse: move the subfolder's forward so the change shows.
+  utimesSync(join(root, "sub"), new Date(), new Date(Date.now() + 5_000));
+  const second = await folder.current();
+  assert.notEqual(second, first);
+  assert.deepEqual(
+    second.embeddings.map((e) => e.name),
+    ["concept"],
+  );
+  assert.equal(second.findAt(letters.encode("a concept"), 2)?.embedding.name, "concept");
+});

@@ -1,0 +1,189 @@
+// Textual-inversion embedding files, read the way A1111's EmbeddingDatabase reads its embeddings
+// folder (modules/textual_inversion/textual_inversion.py): every .pt, .bin and .safetensors file under
+// it, named by its stem, in any of the layouts A1111 accepts. A file that cannot be read is reported
+// and left out; the folder is read again when it changes.
+
+import { createHash } from "node:crypto";
+import { readdir, readFile, stat } from "node:fs/promises";
+import { basename, extname, join } from "node:path";
+import type { Logger } from "@latentfarm/shared";
+import { CHUNK_LENGTH, EmbeddingDatabase, type EmbeddingTokenizer, type TextualInversionEmbedding } from "../conditioning/index.js";
+import { ModelFileError, readSafetensors, readTorchFile, toFloat32, TorchTensor } from "../model-graph/index.js";
+
+/** A tensor of an embedding file: its shape and values as float32. */
+interface FileTensor {
+  shape: readonly number[];
+  data: Float32Array;
+}
+
+async function safetensorsTensors(path: string): Promise<Map<string, FileTensor>> {
+  const file = await readSafetensors(path);
+  try {
+    const out = new Map<string, FileTensor>();
+    for (const key of file.keys()) {
+      const t = await file.tensor(key);
+      out.set(key, { shape: t.shape, data: Float32Array.from(toFloat32(t, path)) });
+    }
+    return out;
+  } finally {
+    await file.close();
+  }
+}
+
+function entriesOf(value: unknown): Array<[unknown, unknown]> | undefined {
+  if (value instanceof Map) return [...(value as Map<unknown, unknown>).entries()];
+  if (value !== null && typeof value === "object") {
+    // An nn.ParameterDict (the original textual_inversion repository's files) keeps its tensors in _parameters.
+    const params = (value as { _parameters?: unknown })._parameters;
+    if (params !== undefined) return entriesOf(params);
+    return Object.entries(value);
+  }
+  return undefined;
+}
+
+/**
+ * The vectors of one embedding file, by A1111's rules: `string_to_param` with one entry (A1111's and
+ * the textual_inversion repository's .pt), else a file of exactly one tensor (diffusers' learned_embeds.bin,
+ * `emb_params` safetensors); a 1-D tensor is one vector. SDXL files (clip_l and clip_g) are refused.
+ */
+export async function readEmbeddingFile(path: string, bytes?: Uint8Array): Promise<TextualInversionEmbedding> {
+  const ext = extname(path).toLowerCase();
+  const content = bytes ?? (await readFile(path));
+  let tensors: Array<[unknown, unknown]>;
+  if (ext === ".safetensors") {
+    tensors = [...(await safetensorsTensors(path)).entries()];
+  } else if (ext === ".pt" || ext === ".bin") {
+    const data = entriesOf(readTorchFile(content, path));
+    if (data === undefined) throw ModelFileError.invalidFile(path, "holds no dict of tensors");
+    const params = data.find(([k]) => k === "string_to_param");
+    tensors = params === undefined ? data : (entriesOf(params[1]) ?? []);
+  } else {
+    throw ModelFileError.invalidFile(path, "is not a .pt, .bin or .safetensors file");
+  }
+  const keys = tensors.map(([k]) => String(k));
+  if (keys.includes("clip_l") && keys.includes("clip_g")) {
+    throw ModelFileError.invalidFile(path, "is an SDXL embedding (clip_l and clip_g); SD1 and SD2 models cannot use it");
+  }
+  if (tensors.length !== 1) {
+    throw ModelFileError.invalidFile(path, `holds ${tensors.length} tensors where an embedding has one (keys: ${keys.join(", ")})`);
+  }
+  const t = tensors[0]![1];
+  const tensor: FileTensor | undefined =
+    t instanceof TorchTensor ? t : t !== null && typeof t === "object" && "shape" in t && "data" in t ? (t as FileTensor) : undefined;
+  if (tensor === undefined || (tensor.shape.length !== 1 && tensor.shape.length !== 2)) {
+    throw ModelFileError.invalidFile(path, "its tensor is not a vector or a matrix of vectors");
+  }
+  const vectors = tensor.shape.length === 1 ? 1 : tensor.shape[0]!;
+  const hidden = tensor.shape[tensor.shape.length - 1]!;
+  if (vectors < 1 || hidden < 1) throw ModelFileError.invalidFile(path, "has no vectors");
+  if (vectors > CHUNK_LENGTH) {
+    // A1111 loads it, and then fails on the first prompt that names it: it cannot fit one 75-token chunk.
+    throw ModelFileError.invalidFile(path, `has ${vectors} vectors; a prompt chunk holds at most ${CHUNK_LENGTH}`);
+  }
+  if (tensor.data.some((v) => !Number.isFinite(v))) throw ModelFileError.invalidFile(path, "holds NaN or infinite values");
+  return {
+    name: basename(path, extname(path)),
+    vectors,
+    hidden,
+    data: tensor.data,
+    sha256: createHash("sha256").update(content).digest("hex"),
+  };
+}
+
+const EMBEDDING_EXTENSIONS = new Set([".pt", ".bin", ".safetensors"]);
+
+async function filesUnder(dir: string): Promise<string[]> {
+  const out: string[] = [];
+  for (const entry of await readdir(dir, { withFileTypes: true })) {
+    const path = join(dir, entry.name);
+    // Links are followed, as A1111's os.walk(followlinks=True) does.
+    const s = entry.isSymbolicLink() ? await stat(path).catch(() => undefined) : entry;
+    if (s?.isDirectory()) out.push(...(await filesUnder(path)));
+    else if (s?.isFile() && EMBEDDING_EXTENSIONS.has(extname(entry.name).toLowerCase())) out.push(path);
+  }
+  return out;
+}
+
+/** The latest mtime of a folder tree's directories: a file added, removed or renamed anywhere changes it. */
+async function treeMtime(dir: string): Promise<number> {
+  let latest = (await stat(dir)).mtimeMs;
+  for (const entry of await readdir(dir, { withFileTypes: true })) {
+    if (entry.isDirectory()) latest = Math.max(latest, await treeMtime(join(dir, entry.name)));
+  }
+  return latest;
+}
+
+export interface EmbeddingsRead {
+  embeddings: TextualInversionEmbedding[];
+  /** Files left out, with the reason: unreadable, the wrong width for the model, a name used twice. */
+  skipped: Array<{ file: string; reason: string }>;
+}
+
+/** Reads every embedding under `dir` whose vectors are `hidden` wide (the model's text encoder width). */
+export async function readEmbeddingsFolder(dir: string, hidden: number, signal?: AbortSignal): Promise<EmbeddingsRead> {
+  const embeddings: TextualInversionEmbedding[] = [];
+  const skipped: EmbeddingsRead["skipped"] = [];
+  const byName = new Map<string, string>();
+  const files = await filesUnder(dir).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === "ENOENT") return [];
+    throw err;
+  });
+  for (const file of files.sort()) {
+    signal?.throwIfAborted();
+    try {
+      const content = await readFile(file);
+      if (content.byteLength === 0) continue;
+      const e = await readEmbeddingFile(file, content);
+      if (e.hidden !== hidden) {
+        skipped.push({ file, reason: `vectors of ${e.hidden} values; this model's text encoder takes ${hidden}` });
+        continue;
+      }
+      const other = byName.get(e.name);
+      if (other !== undefined) {
+        skipped.push({ file, reason: `the name ${e.name} is already ${other}'s` });
+        continue;
+      }
+      byName.set(e.name, file);
+      embeddings.push(e);
+    } catch (err) {
+      skipped.push({ file, reason: err instanceof Error ? err.message : String(err) });
+    }
+  }
+  return { embeddings, skipped };
+}
+
+/**
+ * An embeddings folder as one model sees it: read on first use, and again whenever a directory in it
+ * changed (A1111 checks its folder's mtime before each generation, too).
+ */
+export class EmbeddingsFolder {
+  private read: { mtime: number; db: EmbeddingDatabase } | undefined;
+  private pending: Promise<EmbeddingDatabase> | undefined;
+
+  constructor(
+    readonly dir: string,
+    private readonly tokenizer: EmbeddingTokenizer,
+    private readonly hidden: number,
+    private readonly logger: Logger,
+  ) {}
+
+  /** The current embeddings; reads the folder again when it changed since the last read. */
+  async current(): Promise<EmbeddingDatabase> {
+    const mtime = await treeMtime(this.dir).catch(() => -1);
+    if (this.read !== undefined && this.read.mtime === mtime) return this.read.db;
+    this.pending ??= (async () => {
+      try {
+        // Shared by every render that asks meanwhile, so no one render's signal may stop it.
+        const { embeddings, skipped } = await readEmbeddingsFolder(this.dir, this.hidden);
+        for (const s of skipped) this.logger.warn("textual-inversion embedding left out", { file: s.file, reason: s.reason });
+        const db = new EmbeddingDatabase(this.tokenizer, embeddings);
+        this.logger.info("textual-inversion embeddings read", { dir: this.dir, count: embeddings.length, skipped: skipped.length });
+        this.read = { mtime, db };
+        return db;
+      } finally {
+        this.pending = undefined;
+      }
+    })();
+    return this.pending;
+  }
+}
