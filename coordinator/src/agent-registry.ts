@@ -7,6 +7,7 @@ import {
   createClient,
   subjects,
   type AgentInfo,
+  type EmbeddingInfo,
   type Heartbeat,
   type Logger,
   type ServiceClient,
@@ -18,6 +19,8 @@ export interface AgentState {
   readonly id: string;
   info: AgentInfo;
   available: Set<string>;
+  /** The textual-inversion embeddings in its embeddings folder (for listings). */
+  embeddings: EmbeddingInfo[];
   freeMemoryBytes: bigint;
   lastSeen: number;
   /** Tasks this coordinator has running there; authoritative over the heartbeat's busy count. */
@@ -79,6 +82,7 @@ export class AgentRegistry {
         id: info.agentId,
         info,
         available: new Set(hb.availableModels.map((m) => m.name)),
+        embeddings: hb.embeddings,
         freeMemoryBytes: hb.freeMemoryBytes,
         lastSeen: Date.now(),
         inFlight: 0,
@@ -104,6 +108,7 @@ export class AgentRegistry {
       available.some((m) => !a.available.has(m));
     a.info = info;
     if (changed) a.available = new Set(available);
+    a.embeddings = hb.embeddings;
     a.freeMemoryBytes = hb.freeMemoryBytes;
     a.lastSeen = Date.now();
     this.opts.onUpdate?.(a, changed);

@@ -382,6 +382,21 @@ export class Coordinator {
           this.tenantOf(ctx);
           return { schedulers: SCHEDULERS.map((e) => ({ name: e.id, label: e.label, aliases: [...e.aliases] })) };
         },
+        listEmbeddings: async (_req, ctx) => {
+          this.tenantOf(ctx);
+          // One entry per file (name and hash): agents whose folders disagree show as two entries.
+          const files = new Map<string, { name: string; vectors: number; width: number; hash: string; agents: string[] }>();
+          for (const a of this.registry.list()) {
+            for (const e of a.embeddings) {
+              const key = `${e.name}\u0000${e.width}\u0000${e.hash}`;
+              const f = files.get(key) ?? { name: e.name, vectors: e.vectors, width: e.width, hash: e.hash, agents: [] };
+              f.agents.push(a.id);
+              files.set(key, f);
+            }
+          }
+          const sorted = [...files.values()].sort((x, y) => (x.name === y.name ? x.width - y.width : x.name < y.name ? -1 : 1));
+          return { embeddings: sorted.map((f) => ({ ...f, agents: f.agents.sort() })) };
+        },
       },
       (method, err) => {
         if (err.code === grpc.status.INTERNAL) this.cfg.logger.error("rpc failed", { method, error: err.message });

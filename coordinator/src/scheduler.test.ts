@@ -71,6 +71,7 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
     id,
     info: create(AgentInfoSchema, { agentId: id, address: id, slots, loadedModels: ["m"] }),
     available: new Set(["m"]),
+    embeddings: [],
     freeMemoryBytes: 0n,
     lastSeen: Date.now(),
     inFlight: 0,

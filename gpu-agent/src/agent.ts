@@ -10,6 +10,7 @@ import {
   FarmError,
   HeartbeatSchema,
   ModelInfoSchema,
+  EmbeddingInfoSchema,
   TaskProgressSchema,
   addHealthAndReflection,
   addService,
@@ -28,6 +29,7 @@ import {
 } from "@latentfarm/shared";
 import { DEFAULT_ORPHAN_GRACE_MS, TaskRun, type RunTaskMessage } from "./task-run.js";
 import { ModelCatalog } from "./models/catalog.js";
+import { EmbeddingsFolder } from "./models/embedding-files.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
 import { parsePipelineKey } from "./models/model-loader.js";
 import { runTaskPasses, type RunOnPipeline } from "./task-passes.js";
@@ -91,6 +93,8 @@ export class Agent {
   private readonly server = new grpc.Server(serverOptions);
   private healthServer: grpc.Server | undefined;
   private readonly catalog: ModelCatalog;
+  /** For heartbeats: what the embeddings folder holds (pipelines read it themselves, in their threads). */
+  private readonly embeddings: EmbeddingsFolder | undefined;
   private readonly cache: PipelineCache<PipelineHost>;
   private readonly m = createMetrics(AGENT_METRICS);
   private nc: NatsConnection | undefined;
@@ -108,6 +112,7 @@ export class Agent {
   constructor(private readonly cfg: AgentConfig) {
     this.id = cfg.agentId ?? `${hostname()}-${randomUUID().slice(0, 8)}`;
     this.catalog = new ModelCatalog(cfg.modelsDir);
+    this.embeddings = cfg.embeddingsDir ? new EmbeddingsFolder(cfg.embeddingsDir, cfg.logger) : undefined;
     const cacheDir = cfg.cacheDir ?? join(tmpdir(), "latentfarm-model-cache");
     this.cache = new PipelineCache<PipelineHost>(
       cfg.maxLoadedModels ?? 2,
@@ -228,14 +233,17 @@ export class Agent {
 
   private publishHeartbeat(): void {
     if (!this.natsOpen()) return;
-    void this.catalog.list().then(
-      (models) => {
+    void Promise.all([this.catalog.list(), this.embeddings?.current()]).then(
+      ([models, embeddings]) => {
         // close() may have begun draining while the catalog was listed; publishing then throws.
         if (!this.nc || !this.natsOpen()) return;
         const hb = create(HeartbeatSchema, {
           agent: this.info(),
           availableModels: models.map((e) => create(ModelInfoSchema, { name: e.name, format: e.format })),
           freeMemoryBytes: BigInt(freemem()),
+          embeddings: (embeddings?.embeddings ?? []).map((e) =>
+            create(EmbeddingInfoSchema, { name: e.name, vectors: e.vectors, width: e.hidden, hash: e.sha256.slice(0, 12) }),
+          ),
         });
         this.nc.publish(subjects.agentHeartbeat(this.id), toBinary(HeartbeatSchema, hb));
       },

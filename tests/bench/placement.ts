@@ -63,6 +63,7 @@ export async function benchPlacement(
       id,
       info: create(AgentInfoSchema, { agentId: id, address: id, slots, loadedModels: models }),
       available: new Set(models),
+      embeddings: [],
       freeMemoryBytes: 0n,
       lastSeen: Date.now(),
       inFlight: 0,

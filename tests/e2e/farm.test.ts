@@ -515,6 +515,23 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     const words = await image("a castle", "lf-sparkly, fog");
     assert.doesNotMatch(words.infotext, /TI hashes/);
     assert.notDeepEqual(used.pixels, words.pixels);
+    // ListEmbeddings: the file, with the agents whose folders have it (from their heartbeats).
+    const listed = { name: TEST_EMBEDDING, vectors: 2, width: 32, hash, agents: ["agent-0", "agent-1"] };
+    const { embeddings } = await farm.client.listEmbeddings({});
+    assert.deepEqual(
+      embeddings.map((e) => ({ name: e.name, vectors: e.vectors, width: e.width, hash: e.hash, agents: e.agents })),
+      [listed],
+    );
+    const cli = spawnSync(
+      process.execPath,
+      [join(REPO, "bin", "latentfarm.js"), "embeddings", "--coordinator", farm.coordinatorAddress, "--json"],
+      {
+        encoding: "utf8",
+        timeout: 60_000,
+      },
+    );
+    assert.equal(cli.status, 0, cli.stderr);
+    assert.deepEqual(JSON.parse(cli.stdout), [listed]);
   });
 
   test("Cancel ends the job cancelled within one step and frees the agent", async () => {

@@ -46,6 +46,7 @@ Usage:
   latentfarm models  --coordinator HOST:PORT [--json]
   latentfarm samplers   --coordinator HOST:PORT [--json]   (A1111 sampler names, aliases, options)
   latentfarm schedulers --coordinator HOST:PORT [--json]   (schedule types: API name, label, aliases)
+  latentfarm embeddings --coordinator HOST:PORT [--json]   (textual-inversion embeddings in the agents' folders)
   latentfarm prompt "<prompt>" [--steps N] [--json] [--tokenizer DIR]
 
 Generation options (A1111's parameter names in kebab case):
@@ -391,7 +392,11 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
   }
 }
 
-async function listCommand(kind: "agents" | "models" | "samplers" | "schedulers", argv: string[], o: Out = io): Promise<number> {
+async function listCommand(
+  kind: "agents" | "models" | "samplers" | "schedulers" | "embeddings",
+  argv: string[],
+  o: Out = io,
+): Promise<number> {
   const { values: v } = parseArgs({
     args: argv,
     options: {
@@ -441,6 +446,11 @@ async function listCommand(kind: "agents" | "models" | "samplers" | "schedulers"
       const { schedulers } = await client.listSchedulers({}, { timeoutMs: 10_000, metadata });
       if (v.json) o.out(JSON.stringify(schedulers.map((s) => ({ name: s.name, label: s.label, aliases: s.aliases }))) + "\n");
       else for (const s of schedulers) o.out(`${s.name}\t${s.label}\t${s.aliases.join(",") || "-"}\n`);
+    } else if (kind === "embeddings") {
+      const { embeddings } = await client.listEmbeddings({}, { timeoutMs: 10_000, metadata });
+      const rows = embeddings.map((e) => ({ name: e.name, vectors: e.vectors, width: e.width, hash: e.hash, agents: e.agents }));
+      if (v.json) o.out(JSON.stringify(rows) + "\n");
+      else for (const e of rows) o.out(`${e.name}\t${e.vectors} vectors\twidth ${e.width}\t${e.hash}\t${e.agents.join(",")}\n`);
     } else {
       const { models } = await client.listModels({}, { timeoutMs: 10_000, metadata });
       if (v.json) o.out(JSON.stringify(models.map((m) => ({ name: m.name, format: m.format, loadedOn: m.loadedOn }))) + "\n");
@@ -745,6 +755,7 @@ export async function main(argv: string[]): Promise<number> {
       case "models":
       case "samplers":
       case "schedulers":
+      case "embeddings":
         return await listCommand(cmd, rest);
       case undefined:
       case "help":

@@ -7,7 +7,7 @@ import { after, test } from "node:test";
 import { status } from "@grpc/grpc-js";
 import { silentLogger } from "@latentfarm/shared";
 import { encodeSafetensors, f32ToF16 } from "../model-graph/index.js";
-import { EmbeddingsFolder, readEmbeddingFile, readEmbeddingsFolder } from "./embedding-files.js";
+import { EmbeddingsFolder, embeddingDatabase, readEmbeddingFile, readEmbeddingsFolder } from "./embedding-files.js";
 
 const FIXTURES = join(import.meta.dirname, "..", "test-support", "embeddings");
 const dir = mkdtempSync(join(tmpdir(), "lf-embeddings-"));
@@ -103,21 +103,28 @@ test("a folder: nested and linked files by stem, the model's width only, one fil
   assert.deepEqual(await readEmbeddingsFolder(join(dir, "missing"), 32), { embeddings: [], skipped: [] });
 });
 
-test("EmbeddingsFolder reads again only when the folder changed", async () => {
+test("EmbeddingsFolder reads again only when the folder changed; a model's database takes its width", async () => {
   const root = join(dir, "live");
   mkdirSync(join(root, "sub"), { recursive: true });
-  const folder = new EmbeddingsFolder(root, letters, 32, silentLogger);
+  const folder = new EmbeddingsFolder(root, silentLogger);
   const first = await folder.current();
-  assert.equal(first.size, 0);
-  assert.equal(await folder.current(), first, "unchanged: the same database");
+  assert.equal(first.embeddings.length, 0);
+  assert.equal(await folder.current(), first, "unchanged: the same read");
   copyFileSync(join(FIXTURES, "concept.bin"), join(root, "sub", "concept.bin"));
   // mtimes can be coarse: move the subfolder's forward so the change shows.
   utimesSync(join(root, "sub"), new Date(), new Date(Date.now() + 5_000));
+  // A name may be taken once per width: an SD2-wide "concept" beside the SD1 one.
+  writeFileSync(join(root, "concept.safetensors"), encodeSafetensors({ emb_params: f32([1, 1024]) }));
   const second = await folder.current();
   assert.notEqual(second, first);
   assert.deepEqual(
-    second.embeddings.map((e) => e.name),
-    ["concept"],
+    second.embeddings.map((e) => [e.name, e.hidden]),
+    [
+      ["concept", 1024],
+      ["concept", 32],
+    ],
   );
-  assert.equal(second.findAt(letters.encode("a concept"), 2)?.embedding.name, "concept");
+  const db = embeddingDatabase(second, letters, 32);
+  assert.equal(db.findAt(letters.encode("a concept"), 2)?.embedding.hidden, 32);
+  assert.equal(embeddingDatabase(second, letters, 768).size, 0);
 });

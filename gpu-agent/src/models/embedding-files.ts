@@ -119,8 +119,11 @@ export interface EmbeddingsRead {
   skipped: Array<{ file: string; reason: string }>;
 }
 
-/** Reads every embedding under `dir` whose vectors are `hidden` wide (the model's text encoder width). */
-export async function readEmbeddingsFolder(dir: string, hidden: number, signal?: AbortSignal): Promise<EmbeddingsRead> {
+/**
+ * Reads every embedding under `dir`, in path order; with `hidden`, only those whose vectors are that wide
+ * (a model's text encoder width). A name is one file's per width: a later file of the same name is left out.
+ */
+export async function readEmbeddingsFolder(dir: string, hidden?: number, signal?: AbortSignal): Promise<EmbeddingsRead> {
   const embeddings: TextualInversionEmbedding[] = [];
   const skipped: EmbeddingsRead["skipped"] = [];
   const byName = new Map<string, string>();
@@ -134,16 +137,17 @@ export async function readEmbeddingsFolder(dir: string, hidden: number, signal?:
       const content = await readFile(file);
       if (content.byteLength === 0) continue;
       const e = await readEmbeddingFile(file, content);
-      if (e.hidden !== hidden) {
+      if (hidden !== undefined && e.hidden !== hidden) {
         skipped.push({ file, reason: `vectors of ${e.hidden} values; this model's text encoder takes ${hidden}` });
         continue;
       }
-      const other = byName.get(e.name);
+      const key = `${e.hidden}:${e.name}`;
+      const other = byName.get(key);
       if (other !== undefined) {
         skipped.push({ file, reason: `the name ${e.name} is already ${other}'s` });
         continue;
       }
-      byName.set(e.name, file);
+      byName.set(key, file);
       embeddings.push(e);
     } catch (err) {
       skipped.push({ file, reason: err instanceof Error ? err.message : String(err) });
@@ -153,37 +157,47 @@ export async function readEmbeddingsFolder(dir: string, hidden: number, signal?:
 }
 
 /**
- * An embeddings folder as one model sees it: read on first use, and again whenever a directory in it
- * changed (A1111 checks its folder's mtime before each generation, too).
+ * An embeddings folder, read on first use and again whenever a directory in it changed (A1111 checks
+ * its folder's mtime before each generation, too). Each read is a new object; an unchanged folder
+ * gives the same one back.
  */
 export class EmbeddingsFolder {
-  private read: { mtime: number; db: EmbeddingDatabase } | undefined;
-  private pending: Promise<EmbeddingDatabase> | undefined;
+  private read: { mtime: number; result: EmbeddingsRead } | undefined;
+  private pending: Promise<EmbeddingsRead> | undefined;
 
   constructor(
     readonly dir: string,
-    private readonly tokenizer: EmbeddingTokenizer,
-    private readonly hidden: number,
     private readonly logger: Logger,
   ) {}
 
-  /** The current embeddings; reads the folder again when it changed since the last read. */
-  async current(): Promise<EmbeddingDatabase> {
+  /** Every readable embedding in the folder, of any width. */
+  async current(): Promise<EmbeddingsRead> {
     const mtime = await treeMtime(this.dir).catch(() => -1);
-    if (this.read !== undefined && this.read.mtime === mtime) return this.read.db;
+    if (this.read !== undefined && this.read.mtime === mtime) return this.read.result;
     this.pending ??= (async () => {
       try {
-        // Shared by every render that asks meanwhile, so no one render's signal may stop it.
-        const { embeddings, skipped } = await readEmbeddingsFolder(this.dir, this.hidden);
-        for (const s of skipped) this.logger.warn("textual-inversion embedding left out", { file: s.file, reason: s.reason });
-        const db = new EmbeddingDatabase(this.tokenizer, embeddings);
-        this.logger.info("textual-inversion embeddings read", { dir: this.dir, count: embeddings.length, skipped: skipped.length });
-        this.read = { mtime, db };
-        return db;
+        // Shared by every caller meanwhile, so no one caller's signal may stop it.
+        const result = await readEmbeddingsFolder(this.dir);
+        for (const s of result.skipped) this.logger.warn("textual-inversion embedding left out", { file: s.file, reason: s.reason });
+        this.logger.info("textual-inversion embeddings read", {
+          dir: this.dir,
+          count: result.embeddings.length,
+          skipped: result.skipped.length,
+        });
+        this.read = { mtime, result };
+        return result;
       } finally {
         this.pending = undefined;
       }
     })();
     return this.pending;
   }
+}
+
+/** The embeddings of a read that a model of text encoder width `hidden` can use, looked up by `tokenizer`'s ids. */
+export function embeddingDatabase(read: EmbeddingsRead, tokenizer: EmbeddingTokenizer, hidden: number): EmbeddingDatabase {
+  return new EmbeddingDatabase(
+    tokenizer,
+    read.embeddings.filter((e) => e.hidden === hidden),
+  );
 }

@@ -1,6 +1,6 @@
 import { silentLogger, type Logger } from "@latentfarm/shared";
 import { ClipTokenizer, Conditioner, type ClosableTextEncoder } from "../conditioning/index.js";
-import { EmbeddingsFolder } from "../models/embedding-files.js";
+import { EmbeddingsFolder, embeddingDatabase } from "../models/embedding-files.js";
 import { NoiseThread } from "../sampling/index.js";
 import { BrownianWorkers } from "../sampling/brownian-thread.js";
 import type { SdModel } from "../models/sd-model.js";
@@ -10,7 +10,8 @@ import { StepBatcher } from "./step-batcher.js";
 /** A model with what tasks share: its tokenizer, a conditioning cache and the step batcher. */
 export class LoadedPipeline {
   readonly batcher: StepBatcher;
-  private conditionerPromise: Promise<{ conditioner: Conditioner; embeddings: EmbeddingsFolder | undefined }> | undefined;
+  private conditionerPromise:
+    Promise<{ conditioner: Conditioner; tokenizer: ClipTokenizer; embeddings: EmbeddingsFolder | undefined }> | undefined;
   private readonly embeddingsDir: string | undefined;
   private readonly logger: Logger | undefined;
   private readonly baseTextEncoder: (() => Promise<ClosableTextEncoder>) | undefined;
@@ -90,22 +91,23 @@ export class LoadedPipeline {
       if (this.embeddingsDir !== undefined && !usable) logger.warn("this model's text encoder takes no embeddings", { model: this.name });
       return {
         conditioner,
-        embeddings: usable ? new EmbeddingsFolder(this.embeddingsDir!, tokenizer, encoder.hiddenSize, logger) : undefined,
+        tokenizer,
+        embeddings: usable ? new EmbeddingsFolder(this.embeddingsDir!, logger) : undefined,
       };
     });
-    const { conditioner, embeddings } = await this.conditionerPromise;
+    const { conditioner, tokenizer, embeddings } = await this.conditionerPromise;
     if (embeddings !== undefined) {
-      const db = await embeddings.current();
-      if (db !== this.embeddingsInUse) {
-        conditioner.setEmbeddings(db);
-        this.embeddingsInUse = db;
+      const read = await embeddings.current();
+      if (read !== this.embeddingsRead) {
+        conditioner.setEmbeddings(embeddingDatabase(read, tokenizer, conditioner.encoder.hiddenSize));
+        this.embeddingsRead = read;
       }
     }
     return conditioner;
   }
 
-  /** The embeddings the conditioner was last given (EmbeddingsFolder returns the same object until the folder changes). */
-  private embeddingsInUse: unknown;
+  /** The folder's read the conditioner's embeddings come from (EmbeddingsFolder gives the same object until the folder changes). */
+  private embeddingsRead: unknown;
 
   async close(): Promise<void> {
     await Promise.all([this.noise.close(), this.brownian.close()]);

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file latentfarm/v1/render.proto.
  */
 export const file_latentfarm_v1_render: GenFile = /*@__PURE__*/
-  fileDesc("ChpsYXRlbnRmYXJtL3YxL3JlbmRlci5wcm90bxINbGF0ZW50ZmFybS52MSKAAQoNU3VibWl0UmVxdWVzdBIvCgZwYXJhbXMYASABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEgoKcmVxdWVzdF9pZBgCIAEoCRIYChBkZWFkbGluZV91bml4X21zGAMgASgDEhAKCHByaW9yaXR5GAQgASgFIjUKDlN1Ym1pdFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRITCgtpbWFnZV9jb3VudBgCIAEoBSI2CgxXYXRjaFJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhYKDmFmdGVyX3NlcXVlbmNlGAIgASgEIscECghKb2JFdmVudBIOCgZqb2JfaWQYASABKAkSEAoIc2VxdWVuY2UYAiABKAQSFAoMdGltZV91bml4X21zGAMgASgDEicKBnF1ZXVlZBgKIAEoCzIVLmxhdGVudGZhcm0udjEuUXVldWVkSAASKwoGcGxhY2VkGAsgASgLMhkubGF0ZW50ZmFybS52MS5UYXNrUGxhY2VkSAASKwoEc3RlcBgMIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASKQoFaW1hZ2UYDSABKAsyGC5sYXRlbnRmYXJtLnYxLkltYWdlRG9uZUgAEiYKBGRvbmUYDiABKAsyFi5sYXRlbnRmYXJtLnYxLkpvYkRvbmVIABIqCgZmYWlsZWQYDyABKAsyGC5sYXRlbnRmYXJtLnYxLkpvYkZhaWxlZEgAEjAKCWNhbmNlbGxlZBgQIAEoCzIbLmxhdGVudGZhcm0udjEuSm9iQ2FuY2VsbGVkSAASKQoHd2FybmluZxgRIAEoCzIWLmxhdGVudGZhcm0udjEuV2FybmluZ0gAEi0KB3JldHJpZWQYEiABKAsyGi5sYXRlbnRmYXJtLnYxLlRhc2tSZXRyaWVkSAASOAoPaW1hZ2VfY2FuY2VsbGVkGBMgASgLMh0ubGF0ZW50ZmFybS52MS5JbWFnZUNhbmNlbGxlZEgAEjIKDGltYWdlX2ZhaWxlZBgUIAEoCzIaLmxhdGVudGZhcm0udjEuSW1hZ2VGYWlsZWRIAEIHCgVldmVudCIdCgZRdWV1ZWQSEwoLaW1hZ2VfY291bnQYASABKAUiVQoKVGFza1BsYWNlZBIPCgd0YXNrX2lkGAEgASgJEhMKC2ltYWdlX2luZGV4GAIgASgFEhAKCGFnZW50X2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUibAoMU3RlcFByb2dyZXNzEg8KB3Rhc2tfaWQYASABKAkSEwoLaW1hZ2VfaW5kZXgYAiABKAUSDAoEc3RlcBgDIAEoBRITCgt0b3RhbF9zdGVwcxgEIAEoBRITCgtwcmV2aWV3X3BuZxgFIAEoDCIwCglJbWFnZURvbmUSIwoFaW1hZ2UYASABKAsyFC5sYXRlbnRmYXJtLnYxLkltYWdlIh4KB0pvYkRvbmUSEwoLaW1hZ2VfY291bnQYASABKAUiPwoJSm9iRmFpbGVkEgwKBGNvZGUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRITCgtpbWFnZV9pbmRleBgDIAEoBSIOCgxKb2JDYW5jZWxsZWQiGgoHV2FybmluZxIPCgdtZXNzYWdlGAEgASgJIkMKC1Rhc2tSZXRyaWVkEg8KB3Rhc2tfaWQYASABKAkSEwoLaW1hZ2VfaW5kZXgYAiABKAUSDgoGcmVhc29uGAMgASgJIiUKDkltYWdlQ2FuY2VsbGVkEhMKC2ltYWdlX2luZGV4GAEgASgFIlMKC0ltYWdlRmFpbGVkEhMKC2ltYWdlX2luZGV4GAEgASgFEgwKBGNvZGUYAiABKAkSDwoHbWVzc2FnZRgDIAEoCRIQCghhdHRlbXB0cxgEIAEoBSI4Cg1Kb2JFdmVudEJhdGNoEicKBmV2ZW50cxgBIAMoCzIXLmxhdGVudGZhcm0udjEuSm9iRXZlbnQiNwoNV2F0Y2hSZXNwb25zZRImCgVldmVudBgBIAEoCzIXLmxhdGVudGZhcm0udjEuSm9iRXZlbnQiHAoKR2V0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkijQIKC0dldFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRImCgVzdGF0ZRgCIAEoDjIXLmxhdGVudGZhcm0udjEuSm9iU3RhdGUSLwoGcGFyYW1zGAMgASgLMh8ubGF0ZW50ZmFybS52MS5HZW5lcmF0aW9uUGFyYW1zEiQKBmltYWdlcxgEIAMoCzIULmxhdGVudGZhcm0udjEuSW1hZ2USEwoLaW1hZ2VfY291bnQYBSABKAUSEgoKZXJyb3JfY29kZRgGIAEoCRIVCg1lcnJvcl9tZXNzYWdlGAcgASgJEhUKDWZhaWxlZF9pbWFnZXMYCCADKAUSGAoQY2FuY2VsbGVkX2ltYWdlcxgJIAMoBSJICg1DYW5jZWxSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIVCg1pbWFnZV9pbmRpY2VzGAIgAygFEhAKCHRhc2tfaWRzGAMgAygJIlIKDkNhbmNlbFJlc3BvbnNlEiYKBXN0YXRlGAEgASgOMhcubGF0ZW50ZmFybS52MS5Kb2JTdGF0ZRIYChBjYW5jZWxsZWRfaW1hZ2VzGAIgAygFIhMKEUxpc3RBZ2VudHNSZXF1ZXN0Ij4KEkxpc3RBZ2VudHNSZXNwb25zZRIoCgZhZ2VudHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbyK2AQoJQWdlbnRJbmZvEhAKCGFnZW50X2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkSGgoSZXhlY3V0aW9uX3Byb3ZpZGVyGAMgASgJEg0KBXNsb3RzGAQgASgFEhIKCmJ1c3lfc2xvdHMYBSABKAUSFQoNbG9hZGVkX21vZGVscxgGIAMoCRIeChZsYXN0X2hlYXJ0YmVhdF91bml4X21zGAcgASgDEhAKCGRyYWluaW5nGAggASgIIhMKEUxpc3RNb2RlbHNSZXF1ZXN0Ij4KEkxpc3RNb2RlbHNSZXNwb25zZRIoCgZtb2RlbHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLk1vZGVsSW5mbyI8CglNb2RlbEluZm8SDAoEbmFtZRgBIAEoCRIOCgZmb3JtYXQYAiABKAkSEQoJbG9hZGVkX29uGAMgAygJIhUKE0xpc3RTYW1wbGVyc1JlcXVlc3QiRAoUTGlzdFNhbXBsZXJzUmVzcG9uc2USLAoIc2FtcGxlcnMYASADKAsyGi5sYXRlbnRmYXJtLnYxLlNhbXBsZXJJbmZvIpYBCgtTYW1wbGVySW5mbxIMCgRuYW1lGAEgASgJEg8KB2FsaWFzZXMYAiADKAkSOAoHb3B0aW9ucxgDIAMoCzInLmxhdGVudGZhcm0udjEuU2FtcGxlckluZm8uT3B0aW9uc0VudHJ5Gi4KDE9wdGlvbnNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIhcKFUxpc3RTY2hlZHVsZXJzUmVxdWVzdCJKChZMaXN0U2NoZWR1bGVyc1Jlc3BvbnNlEjAKCnNjaGVkdWxlcnMYASADKAsyHC5sYXRlbnRmYXJtLnYxLlNjaGVkdWxlckluZm8iPQoNU2NoZWR1bGVySW5mbxIMCgRuYW1lGAEgASgJEg0KBWxhYmVsGAIgASgJEg8KB2FsaWFzZXMYAyADKAkqmgEKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEEpPQl9TVEFURV9RVUVVRUQQARIVChFKT0JfU1RBVEVfUlVOTklORxACEhcKE0pPQl9TVEFURV9TVUNDRUVERUQQAxIUChBKT0JfU1RBVEVfRkFJTEVEEAQSFwoTSk9CX1NUQVRFX0NBTkNFTExFRBAFMv8ECg1SZW5kZXJTZXJ2aWNlEkUKBlN1Ym1pdBIcLmxhdGVudGZhcm0udjEuU3VibWl0UmVxdWVzdBodLmxhdGVudGZhcm0udjEuU3VibWl0UmVzcG9uc2USRAoFV2F0Y2gSGy5sYXRlbnRmYXJtLnYxLldhdGNoUmVxdWVzdBocLmxhdGVudGZhcm0udjEuV2F0Y2hSZXNwb25zZTABEjwKA0dldBIZLmxhdGVudGZhcm0udjEuR2V0UmVxdWVzdBoaLmxhdGVudGZhcm0udjEuR2V0UmVzcG9uc2USRQoGQ2FuY2VsEhwubGF0ZW50ZmFybS52MS5DYW5jZWxSZXF1ZXN0Gh0ubGF0ZW50ZmFybS52MS5DYW5jZWxSZXNwb25zZRJRCgpMaXN0QWdlbnRzEiAubGF0ZW50ZmFybS52MS5MaXN0QWdlbnRzUmVxdWVzdBohLmxhdGVudGZhcm0udjEuTGlzdEFnZW50c1Jlc3BvbnNlElEKCkxpc3RNb2RlbHMSIC5sYXRlbnRmYXJtLnYxLkxpc3RNb2RlbHNSZXF1ZXN0GiEubGF0ZW50ZmFybS52MS5MaXN0TW9kZWxzUmVzcG9uc2USVwoMTGlzdFNhbXBsZXJzEiIubGF0ZW50ZmFybS52MS5MaXN0U2FtcGxlcnNSZXF1ZXN0GiMubGF0ZW50ZmFybS52MS5MaXN0U2FtcGxlcnNSZXNwb25zZRJdCg5MaXN0U2NoZWR1bGVycxIkLmxhdGVudGZhcm0udjEuTGlzdFNjaGVkdWxlcnNSZXF1ZXN0GiUubGF0ZW50ZmFybS52MS5MaXN0U2NoZWR1bGVyc1Jlc3BvbnNlYgZwcm90bzM", [file_latentfarm_v1_generation]);
+  fileDesc("ChpsYXRlbnRmYXJtL3YxL3JlbmRlci5wcm90bxINbGF0ZW50ZmFybS52MSKAAQoNU3VibWl0UmVxdWVzdBIvCgZwYXJhbXMYASABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEgoKcmVxdWVzdF9pZBgCIAEoCRIYChBkZWFkbGluZV91bml4X21zGAMgASgDEhAKCHByaW9yaXR5GAQgASgFIjUKDlN1Ym1pdFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRITCgtpbWFnZV9jb3VudBgCIAEoBSI2CgxXYXRjaFJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhYKDmFmdGVyX3NlcXVlbmNlGAIgASgEIscECghKb2JFdmVudBIOCgZqb2JfaWQYASABKAkSEAoIc2VxdWVuY2UYAiABKAQSFAoMdGltZV91bml4X21zGAMgASgDEicKBnF1ZXVlZBgKIAEoCzIVLmxhdGVudGZhcm0udjEuUXVldWVkSAASKwoGcGxhY2VkGAsgASgLMhkubGF0ZW50ZmFybS52MS5UYXNrUGxhY2VkSAASKwoEc3RlcBgMIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASKQoFaW1hZ2UYDSABKAsyGC5sYXRlbnRmYXJtLnYxLkltYWdlRG9uZUgAEiYKBGRvbmUYDiABKAsyFi5sYXRlbnRmYXJtLnYxLkpvYkRvbmVIABIqCgZmYWlsZWQYDyABKAsyGC5sYXRlbnRmYXJtLnYxLkpvYkZhaWxlZEgAEjAKCWNhbmNlbGxlZBgQIAEoCzIbLmxhdGVudGZhcm0udjEuSm9iQ2FuY2VsbGVkSAASKQoHd2FybmluZxgRIAEoCzIWLmxhdGVudGZhcm0udjEuV2FybmluZ0gAEi0KB3JldHJpZWQYEiABKAsyGi5sYXRlbnRmYXJtLnYxLlRhc2tSZXRyaWVkSAASOAoPaW1hZ2VfY2FuY2VsbGVkGBMgASgLMh0ubGF0ZW50ZmFybS52MS5JbWFnZUNhbmNlbGxlZEgAEjIKDGltYWdlX2ZhaWxlZBgUIAEoCzIaLmxhdGVudGZhcm0udjEuSW1hZ2VGYWlsZWRIAEIHCgVldmVudCIdCgZRdWV1ZWQSEwoLaW1hZ2VfY291bnQYASABKAUiVQoKVGFza1BsYWNlZBIPCgd0YXNrX2lkGAEgASgJEhMKC2ltYWdlX2luZGV4GAIgASgFEhAKCGFnZW50X2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUibAoMU3RlcFByb2dyZXNzEg8KB3Rhc2tfaWQYASABKAkSEwoLaW1hZ2VfaW5kZXgYAiABKAUSDAoEc3RlcBgDIAEoBRITCgt0b3RhbF9zdGVwcxgEIAEoBRITCgtwcmV2aWV3X3BuZxgFIAEoDCIwCglJbWFnZURvbmUSIwoFaW1hZ2UYASABKAsyFC5sYXRlbnRmYXJtLnYxLkltYWdlIh4KB0pvYkRvbmUSEwoLaW1hZ2VfY291bnQYASABKAUiPwoJSm9iRmFpbGVkEgwKBGNvZGUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRITCgtpbWFnZV9pbmRleBgDIAEoBSIOCgxKb2JDYW5jZWxsZWQiGgoHV2FybmluZxIPCgdtZXNzYWdlGAEgASgJIkMKC1Rhc2tSZXRyaWVkEg8KB3Rhc2tfaWQYASABKAkSEwoLaW1hZ2VfaW5kZXgYAiABKAUSDgoGcmVhc29uGAMgASgJIiUKDkltYWdlQ2FuY2VsbGVkEhMKC2ltYWdlX2luZGV4GAEgASgFIlMKC0ltYWdlRmFpbGVkEhMKC2ltYWdlX2luZGV4GAEgASgFEgwKBGNvZGUYAiABKAkSDwoHbWVzc2FnZRgDIAEoCRIQCghhdHRlbXB0cxgEIAEoBSI4Cg1Kb2JFdmVudEJhdGNoEicKBmV2ZW50cxgBIAMoCzIXLmxhdGVudGZhcm0udjEuSm9iRXZlbnQiNwoNV2F0Y2hSZXNwb25zZRImCgVldmVudBgBIAEoCzIXLmxhdGVudGZhcm0udjEuSm9iRXZlbnQiHAoKR2V0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkijQIKC0dldFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRImCgVzdGF0ZRgCIAEoDjIXLmxhdGVudGZhcm0udjEuSm9iU3RhdGUSLwoGcGFyYW1zGAMgASgLMh8ubGF0ZW50ZmFybS52MS5HZW5lcmF0aW9uUGFyYW1zEiQKBmltYWdlcxgEIAMoCzIULmxhdGVudGZhcm0udjEuSW1hZ2USEwoLaW1hZ2VfY291bnQYBSABKAUSEgoKZXJyb3JfY29kZRgGIAEoCRIVCg1lcnJvcl9tZXNzYWdlGAcgASgJEhUKDWZhaWxlZF9pbWFnZXMYCCADKAUSGAoQY2FuY2VsbGVkX2ltYWdlcxgJIAMoBSJICg1DYW5jZWxSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIVCg1pbWFnZV9pbmRpY2VzGAIgAygFEhAKCHRhc2tfaWRzGAMgAygJIlIKDkNhbmNlbFJlc3BvbnNlEiYKBXN0YXRlGAEgASgOMhcubGF0ZW50ZmFybS52MS5Kb2JTdGF0ZRIYChBjYW5jZWxsZWRfaW1hZ2VzGAIgAygFIhMKEUxpc3RBZ2VudHNSZXF1ZXN0Ij4KEkxpc3RBZ2VudHNSZXNwb25zZRIoCgZhZ2VudHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbyK2AQoJQWdlbnRJbmZvEhAKCGFnZW50X2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkSGgoSZXhlY3V0aW9uX3Byb3ZpZGVyGAMgASgJEg0KBXNsb3RzGAQgASgFEhIKCmJ1c3lfc2xvdHMYBSABKAUSFQoNbG9hZGVkX21vZGVscxgGIAMoCRIeChZsYXN0X2hlYXJ0YmVhdF91bml4X21zGAcgASgDEhAKCGRyYWluaW5nGAggASgIIhMKEUxpc3RNb2RlbHNSZXF1ZXN0Ij4KEkxpc3RNb2RlbHNSZXNwb25zZRIoCgZtb2RlbHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLk1vZGVsSW5mbyI8CglNb2RlbEluZm8SDAoEbmFtZRgBIAEoCRIOCgZmb3JtYXQYAiABKAkSEQoJbG9hZGVkX29uGAMgAygJIhcKFUxpc3RFbWJlZGRpbmdzUmVxdWVzdCJKChZMaXN0RW1iZWRkaW5nc1Jlc3BvbnNlEjAKCmVtYmVkZGluZ3MYASADKAsyHC5sYXRlbnRmYXJtLnYxLkVtYmVkZGluZ0luZm8iWwoNRW1iZWRkaW5nSW5mbxIMCgRuYW1lGAEgASgJEg8KB3ZlY3RvcnMYAiABKAUSDQoFd2lkdGgYAyABKAUSDAoEaGFzaBgEIAEoCRIOCgZhZ2VudHMYBSADKAkiFQoTTGlzdFNhbXBsZXJzUmVxdWVzdCJEChRMaXN0U2FtcGxlcnNSZXNwb25zZRIsCghzYW1wbGVycxgBIAMoCzIaLmxhdGVudGZhcm0udjEuU2FtcGxlckluZm8ilgEKC1NhbXBsZXJJbmZvEgwKBG5hbWUYASABKAkSDwoHYWxpYXNlcxgCIAMoCRI4CgdvcHRpb25zGAMgAygLMicubGF0ZW50ZmFybS52MS5TYW1wbGVySW5mby5PcHRpb25zRW50cnkaLgoMT3B0aW9uc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiFwoVTGlzdFNjaGVkdWxlcnNSZXF1ZXN0IkoKFkxpc3RTY2hlZHVsZXJzUmVzcG9uc2USMAoKc2NoZWR1bGVycxgBIAMoCzIcLmxhdGVudGZhcm0udjEuU2NoZWR1bGVySW5mbyI9Cg1TY2hlZHVsZXJJbmZvEgwKBG5hbWUYASABKAkSDQoFbGFiZWwYAiABKAkSDwoHYWxpYXNlcxgDIAMoCSqaAQoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhUKEUpPQl9TVEFURV9SVU5OSU5HEAISFwoTSk9CX1NUQVRFX1NVQ0NFRURFRBADEhQKEEpPQl9TVEFURV9GQUlMRUQQBBIXChNKT0JfU1RBVEVfQ0FOQ0VMTEVEEAUy3gUKDVJlbmRlclNlcnZpY2USRQoGU3VibWl0EhwubGF0ZW50ZmFybS52MS5TdWJtaXRSZXF1ZXN0Gh0ubGF0ZW50ZmFybS52MS5TdWJtaXRSZXNwb25zZRJECgVXYXRjaBIbLmxhdGVudGZhcm0udjEuV2F0Y2hSZXF1ZXN0GhwubGF0ZW50ZmFybS52MS5XYXRjaFJlc3BvbnNlMAESPAoDR2V0EhkubGF0ZW50ZmFybS52MS5HZXRSZXF1ZXN0GhoubGF0ZW50ZmFybS52MS5HZXRSZXNwb25zZRJFCgZDYW5jZWwSHC5sYXRlbnRmYXJtLnYxLkNhbmNlbFJlcXVlc3QaHS5sYXRlbnRmYXJtLnYxLkNhbmNlbFJlc3BvbnNlElEKCkxpc3RBZ2VudHMSIC5sYXRlbnRmYXJtLnYxLkxpc3RBZ2VudHNSZXF1ZXN0GiEubGF0ZW50ZmFybS52MS5MaXN0QWdlbnRzUmVzcG9uc2USUQoKTGlzdE1vZGVscxIgLmxhdGVudGZhcm0udjEuTGlzdE1vZGVsc1JlcXVlc3QaIS5sYXRlbnRmYXJtLnYxLkxpc3RNb2RlbHNSZXNwb25zZRJXCgxMaXN0U2FtcGxlcnMSIi5sYXRlbnRmYXJtLnYxLkxpc3RTYW1wbGVyc1JlcXVlc3QaIy5sYXRlbnRmYXJtLnYxLkxpc3RTYW1wbGVyc1Jlc3BvbnNlEl0KDkxpc3RTY2hlZHVsZXJzEiQubGF0ZW50ZmFybS52MS5MaXN0U2NoZWR1bGVyc1JlcXVlc3QaJS5sYXRlbnRmYXJtLnYxLkxpc3RTY2hlZHVsZXJzUmVzcG9uc2USXQoOTGlzdEVtYmVkZGluZ3MSJC5sYXRlbnRmYXJtLnYxLkxpc3RFbWJlZGRpbmdzUmVxdWVzdBolLmxhdGVudGZhcm0udjEuTGlzdEVtYmVkZGluZ3NSZXNwb25zZWIGcHJvdG8z", [file_latentfarm_v1_generation]);
 
 /**
  * @generated from message latentfarm.v1.SubmitRequest
@@ -776,6 +776,85 @@ export const ModelInfoSchema: GenMessage<ModelInfo> = /*@__PURE__*/
   messageDesc(file_latentfarm_v1_render, 26);
 
 /**
+ * @generated from message latentfarm.v1.ListEmbeddingsRequest
+ */
+export type ListEmbeddingsRequest = Message<"latentfarm.v1.ListEmbeddingsRequest"> & {
+};
+
+/**
+ * Describes the message latentfarm.v1.ListEmbeddingsRequest.
+ * Use `create(ListEmbeddingsRequestSchema)` to create a new message.
+ */
+export const ListEmbeddingsRequestSchema: GenMessage<ListEmbeddingsRequest> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_render, 27);
+
+/**
+ * @generated from message latentfarm.v1.ListEmbeddingsResponse
+ */
+export type ListEmbeddingsResponse = Message<"latentfarm.v1.ListEmbeddingsResponse"> & {
+  /**
+   * By name; a name whose file differs between agents is listed once per file.
+   *
+   * @generated from field: repeated latentfarm.v1.EmbeddingInfo embeddings = 1;
+   */
+  embeddings: EmbeddingInfo[];
+};
+
+/**
+ * Describes the message latentfarm.v1.ListEmbeddingsResponse.
+ * Use `create(ListEmbeddingsResponseSchema)` to create a new message.
+ */
+export const ListEmbeddingsResponseSchema: GenMessage<ListEmbeddingsResponse> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_render, 28);
+
+/**
+ * @generated from message latentfarm.v1.EmbeddingInfo
+ */
+export type EmbeddingInfo = Message<"latentfarm.v1.EmbeddingInfo"> & {
+  /**
+   * The file's stem: what a prompt writes to use it.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Vectors it puts in a prompt (tokens it takes of a 75-token chunk).
+   *
+   * @generated from field: int32 vectors = 2;
+   */
+  vectors: number;
+
+  /**
+   * Values per vector: the text encoder width it fits (768 for SD1, 1024 for SD2).
+   *
+   * @generated from field: int32 width = 3;
+   */
+  width: number;
+
+  /**
+   * The first 12 hex digits of the file's sha256, as the infotext's "TI hashes" writes it.
+   *
+   * @generated from field: string hash = 4;
+   */
+  hash: string;
+
+  /**
+   * Agents whose embeddings folder has this file.
+   *
+   * @generated from field: repeated string agents = 5;
+   */
+  agents: string[];
+};
+
+/**
+ * Describes the message latentfarm.v1.EmbeddingInfo.
+ * Use `create(EmbeddingInfoSchema)` to create a new message.
+ */
+export const EmbeddingInfoSchema: GenMessage<EmbeddingInfo> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_render, 29);
+
+/**
  * @generated from message latentfarm.v1.ListSamplersRequest
  */
 export type ListSamplersRequest = Message<"latentfarm.v1.ListSamplersRequest"> & {
@@ -786,7 +865,7 @@ export type ListSamplersRequest = Message<"latentfarm.v1.ListSamplersRequest"> &
  * Use `create(ListSamplersRequestSchema)` to create a new message.
  */
 export const ListSamplersRequestSchema: GenMessage<ListSamplersRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 27);
+  messageDesc(file_latentfarm_v1_render, 30);
 
 /**
  * @generated from message latentfarm.v1.ListSamplersResponse
@@ -803,7 +882,7 @@ export type ListSamplersResponse = Message<"latentfarm.v1.ListSamplersResponse">
  * Use `create(ListSamplersResponseSchema)` to create a new message.
  */
 export const ListSamplersResponseSchema: GenMessage<ListSamplersResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 28);
+  messageDesc(file_latentfarm_v1_render, 31);
 
 /**
  * @generated from message latentfarm.v1.SamplerInfo
@@ -837,7 +916,7 @@ export type SamplerInfo = Message<"latentfarm.v1.SamplerInfo"> & {
  * Use `create(SamplerInfoSchema)` to create a new message.
  */
 export const SamplerInfoSchema: GenMessage<SamplerInfo> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 29);
+  messageDesc(file_latentfarm_v1_render, 32);
 
 /**
  * @generated from message latentfarm.v1.ListSchedulersRequest
@@ -850,7 +929,7 @@ export type ListSchedulersRequest = Message<"latentfarm.v1.ListSchedulersRequest
  * Use `create(ListSchedulersRequestSchema)` to create a new message.
  */
 export const ListSchedulersRequestSchema: GenMessage<ListSchedulersRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 30);
+  messageDesc(file_latentfarm_v1_render, 33);
 
 /**
  * @generated from message latentfarm.v1.ListSchedulersResponse
@@ -867,7 +946,7 @@ export type ListSchedulersResponse = Message<"latentfarm.v1.ListSchedulersRespon
  * Use `create(ListSchedulersResponseSchema)` to create a new message.
  */
 export const ListSchedulersResponseSchema: GenMessage<ListSchedulersResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 31);
+  messageDesc(file_latentfarm_v1_render, 34);
 
 /**
  * @generated from message latentfarm.v1.SchedulerInfo
@@ -898,7 +977,7 @@ export type SchedulerInfo = Message<"latentfarm.v1.SchedulerInfo"> & {
  * Use `create(SchedulerInfoSchema)` to create a new message.
  */
 export const SchedulerInfoSchema: GenMessage<SchedulerInfo> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 32);
+  messageDesc(file_latentfarm_v1_render, 35);
 
 /**
  * @generated from enum latentfarm.v1.JobState
@@ -1018,6 +1097,16 @@ export const RenderService: GenService<{
     methodKind: "unary";
     input: typeof ListSchedulersRequestSchema;
     output: typeof ListSchedulersResponseSchema;
+  },
+  /**
+   * The textual-inversion embeddings in the agents' embeddings folders, as A1111's /sdapi/v1/embeddings lists them.
+   *
+   * @generated from rpc latentfarm.v1.RenderService.ListEmbeddings
+   */
+  listEmbeddings: {
+    methodKind: "unary";
+    input: typeof ListEmbeddingsRequestSchema;
+    output: typeof ListEmbeddingsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_latentfarm_v1_render, 0);
