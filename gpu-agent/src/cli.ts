@@ -3,7 +3,8 @@ import { availableParallelism } from "node:os";
 import { jsonLogger, tlsFromFlags, type LogLevel } from "@latentfarm/shared";
 import { join } from "node:path";
 import { Agent } from "./agent.js";
-import { ClipTokenizer, describePrompt } from "./conditioning/index.js";
+import { ClipTokenizer, describePrompt, EmbeddingDatabase, type PromptChunk } from "./conditioning/index.js";
+import { readEmbeddingsFolder } from "./models/embedding-files.js";
 import { makeTinyModelCli } from "./model-graph/index.js";
 import type { ExecutionProvider } from "./runtime/protocol.js";
 
@@ -106,7 +107,7 @@ async function runAgent(argv: string[]): Promise<number> {
   return 0;
 }
 
-const PROMPT_USAGE = `latentfarm prompt "<prompt>" [--steps N] [--json] [--tokenizer DIR | --models DIR --model NAME]
+const PROMPT_USAGE = `latentfarm prompt "<prompt>" [--steps N] [--json] [--tokenizer DIR | --models DIR --model NAME] [--embeddings DIR]
 `;
 
 /** A1111's token counter and prompt inspection, offline: no farm needed, only a tokenizer. */
@@ -120,6 +121,7 @@ async function prompt(argv: string[]): Promise<number> {
       tokenizer: { type: "string" },
       models: { type: "string", default: process.env["LATENTFARM_MODELS"] ?? "models" },
       model: { type: "string" },
+      embeddings: { type: "string" },
     },
   });
   if (positionals.length !== 1) {
@@ -140,11 +142,15 @@ async function prompt(argv: string[]): Promise<number> {
     dir = join(v.models, v.model, "tokenizer");
   }
   const tok = await ClipTokenizer.fromDirectory(dir);
-  const d = describePrompt(tok, positionals[0]!, steps);
+  // Counted with the folder's embeddings of every width: the counter has no model to choose by.
+  const embeddings = v.embeddings ? new EmbeddingDatabase(tok, (await readEmbeddingsFolder(v.embeddings)).embeddings) : undefined;
+  const d = describePrompt(tok, positionals[0]!, steps, embeddings ? { embeddings } : {});
+  const fixesOf = (c: PromptChunk) =>
+    (c.fixes ?? []).map((f) => ({ name: f.embedding.name, position: f.position, vectors: f.embedding.vectors }));
   const out = {
     attention: d.attention,
     schedule: d.schedule,
-    chunks: d.chunks.map((c) => ({ tokens: c.tokens, multipliers: c.multipliers })),
+    chunks: d.chunks.map((c) => ({ tokens: c.tokens, multipliers: c.multipliers, embeddings: fixesOf(c) })),
     token_count: d.token_count,
   };
   if (v.json) {
@@ -161,6 +167,7 @@ async function prompt(argv: string[]): Promise<number> {
     w(`chunk ${i}:`);
     w(`  tokens:      ${c.tokens.join(" ")}`);
     w(`  multipliers: ${c.multipliers.join(" ")}`);
+    for (const f of fixesOf(c)) w(`  embedding:   ${f.name}, ${f.vectors} vectors from position ${f.position}`);
   });
   return 0;
 }

@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { ClipTokenizer } from "./clip-tokenizer.js";
 import { describePrompt } from "./describe.js";
+import { EmbeddingDatabase } from "./embeddings.js";
 import { getPromptSchedule } from "./schedule.js";
 import { kitFixture, kitSkip } from "../test-support/kit.js";
 
@@ -61,4 +62,17 @@ test("bad input: 10,000 characters, unbalanced brackets, [a:b:NaN], unknown and 
   const unknownTag = describePrompt(tok, "x <hypernet:y:1> <lora:te=1>", 10);
   assert.equal(unknownTag.schedule[0]![1], "x <hypernet:y:1> <lora:te=1>");
   assert.deepEqual(describePrompt(tok, "x <hypernet:y:1>", 10).schedule, [[10, "x "]]);
+});
+
+test("the counter counts an embedding's vectors, as A1111's does", { skip }, async () => {
+  const tok = await tokenizer();
+  const embedding = { name: "zqxj", vectors: 8, hidden: 4, data: new Float32Array(32), sha256: "0".repeat(64) };
+  const plain = describePrompt(tok, "a zqxj cube", 10);
+  const d = describePrompt(tok, "a zqxj cube", 10, { embeddings: new EmbeddingDatabase(tok, [embedding]) });
+  assert.equal(d.token_count, 1 + 8 + 1);
+  assert.notEqual(plain.token_count, d.token_count);
+  assert.deepEqual(
+    d.chunks[0]!.fixes?.map((f) => [f.embedding.name, f.position]),
+    [["zqxj", 2]],
+  );
 });
