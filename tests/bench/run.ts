@@ -1,8 +1,9 @@
 // `npm run bench`: every benchmark, printing measured numbers and ratios side by side.
-// `npm run bench -- NAME…` runs only those (agent-overhead, coordinator-dispatch, placement, speed-split, tiled-hires, conditioning, samplers, model-io, unet-call).
+// `npm run bench -- NAME…` runs only those (agent-overhead, coordinator-dispatch, placement, speed-split, tiled-hires, conditioning, embeddings, samplers, model-io, unet-call).
 import { availableParallelism, cpus } from "node:os";
 import { benchAgentOverhead } from "./agent-overhead.js";
 import { benchConditioningCost } from "./conditioning.js";
+import { benchEmbeddings } from "./embeddings.js";
 import { benchModelIo } from "./model-io.js";
 import { benchCoordinatorDispatch } from "./coordinator-dispatch.js";
 import { benchPlacementBoth } from "./placement.js";
@@ -29,6 +30,10 @@ if (want("speed-split")) process.stdout.write(`speed-split 1×/2×/4× (target m
 if (want("conditioning"))
   process.stdout.write(
     `conditioning, ~300-token prompt with edits, encoder excluded (target ≤ 2 ms cold): ${fmt(await benchConditioningCost())}\n`,
+  );
+if (want("embeddings"))
+  process.stdout.write(
+    `embeddings, text encoder of SD1.5's width, 2×77 tokens, CPU, 1 thread (with token overrides vs as built): ${fmt(await benchEmbeddings())}\n`,
   );
 if (want("samplers"))
   process.stdout.write(
