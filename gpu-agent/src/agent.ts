@@ -95,6 +95,7 @@ export class Agent {
   private readonly catalog: ModelCatalog;
   /** For heartbeats: what the embeddings folder holds (pipelines read it themselves, in their threads). */
   private readonly embeddings: EmbeddingsFolder | undefined;
+  private embeddingsError: string | undefined;
   private readonly cache: PipelineCache<PipelineHost>;
   private readonly m = createMetrics(AGENT_METRICS);
   private nc: NatsConnection | undefined;
@@ -233,7 +234,20 @@ export class Agent {
 
   private publishHeartbeat(): void {
     if (!this.natsOpen()) return;
-    void Promise.all([this.catalog.list(), this.embeddings?.current()]).then(
+    // An unreadable embeddings folder leaves the heartbeat's list empty; the models still go out.
+    const embeddings = this.embeddings?.current().then(
+      (read) => {
+        this.embeddingsError = undefined;
+        return read;
+      },
+      (err: unknown) => {
+        // Once per error, not once per heartbeat.
+        if (this.embeddingsError !== String(err)) this.cfg.logger.warn("cannot read the embeddings folder", { error: String(err) });
+        this.embeddingsError = String(err);
+        return undefined;
+      },
+    );
+    void Promise.all([this.catalog.list(), embeddings]).then(
       ([models, embeddings]) => {
         // close() may have begun draining while the catalog was listed; publishing then throws.
         if (!this.nc || !this.natsOpen()) return;

@@ -129,3 +129,57 @@ describe("fp16 UNet exports", { skip: !existsSync(TINY_SD15) && "team kit fixtur
     });
   }
 });
+
+/**
+ * A text encoder whose token-embedding table is float16, as fp16 exports keep it: last_hidden_state is
+ * the looked-up rows themselves (cast to float32), so each position shows which vector it got.
+ */
+function fp16TextEncoder(vocab: number): Uint8Array {
+  const g = new GraphBuilder("fp16-text-encoder");
+  const table = f32ToF16(Float32Array.from({ length: vocab * 32 }, (_, i) => ((i % 97) - 48) / 32));
+  const rows = g.initializer("token_embedding.weight", "float16", [vocab, 32], new Uint8Array(table.buffer));
+  const looked = g.op1("Gather", [rows, g.input("input_ids", "int32", ["batch", "sequence"])], { axis: 0 });
+  g.output(g.op1("Cast", [looked], { to: 1 }), "last_hidden_state", "float32", ["batch", "sequence", 32]);
+  return encodeModel(g.toSpec()).toBytes();
+}
+
+describe("token overrides on a float16 text encoder", { skip: !existsSync(TINY_SD15) && "team kit fixtures absent" }, () => {
+  let dir: string;
+  before(() => {
+    dir = mkdtempSync(join(tmpdir(), "latentfarm-fp16-te-"));
+    cpSync(TINY_SD15, dir, { recursive: true });
+    writeFileSync(join(dir, "text_encoder", "model.onnx"), fp16TextEncoder(400));
+  });
+  after(() => rmSync(dir, { recursive: true, force: true }));
+
+  for (const sessions of ["this-thread", "worker"] as const) {
+    test(`vectors go in as float16 at their rows and positions; the table answers elsewhere (${sessions})`, async () => {
+      const load = (tokenOverrides: boolean) =>
+        SdModel.load(
+          { name: "fp16-te", format: "diffusers-onnx", path: dir },
+          { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1, sessions, tokenOverrides },
+        );
+      const model = await load(true);
+      const plain = await load(false);
+      try {
+        assert.equal(model.textEncoder.acceptsTokenOverrides, true);
+        assert.equal(plain.textEncoder.acceptsTokenOverrides, false);
+        const ids = Int32Array.from({ length: 2 * 77 }, (_, i) => (i * 13) % 400);
+        const vectors = Float32Array.from({ length: 2 * 32 }, (_, i) => 1 / 3 + i);
+        const overrides = { rows: Int32Array.of(1, 0), positions: Int32Array.of(5, 76), vectors };
+        const got = await model.textEncoder.encode(ids, 2, 1, undefined, overrides);
+        const want = await plain.textEncoder.encode(ids, 2, 1);
+        assert.deepEqual([...(await model.textEncoder.encode(ids, 2, 1))], [...want], "no overrides: the table's rows");
+        const at = (row: number, position: number) => (row * 77 + position) * 32;
+        const expected = Float32Array.from(want);
+        expected.set(f16ToF32(f32ToF16(vectors.subarray(0, 32))), at(1, 5));
+        expected.set(f16ToF32(f32ToF16(vectors.subarray(32))), at(0, 76));
+        assert.deepEqual([...got], [...expected]);
+        await assert.rejects(plain.textEncoder.encode(ids, 2, 1, undefined, overrides), /loaded without token overrides/);
+      } finally {
+        await model.close();
+        await plain.close();
+      }
+    });
+  }
+});
