@@ -167,8 +167,9 @@ export function requestSettingsOf(p: GenerationParams): RequestSettings {
  * old reading changed a schedule; then, in the order its encoder passes first write them (the negative
  * prompt's, then each subprompt's), TI hashes for the textual-inversion embeddings they used and Emphasis
  * when a mode other than Original met a bracket in a text. Recorded in the pass's infotext (and carried
- * between stages with the run's own). A1111 merges a Hires.fix second pass's into the image's infotext
- * only for Emphasis here, as before; its TI hashes are written after the infotext was made, so they are not.
+ * between stages with the run's own). A Hires.fix second pass records no TI hashes: A1111 encodes the
+ * hires prompts after it took the image's entries from its encoder, so their hashes never reach the
+ * infotext. (Emphasis is still recorded for both passes, as before.)
  */
 export function recordConditioningInfotext(
   sampler: PreparedSampling,
