@@ -31,7 +31,8 @@ const io: Out = { out: (s) => process.stdout.write(s), err: (s) => process.stder
 const USAGE = `latentfarm — a distributed Stable Diffusion render farm
 
 Usage:
-  latentfarm up [--models DIR] [--nats URL] [--port N] [--agents N] [--ep cpu|cuda|webgpu] [--metrics-port N] [hires tiling]
+  latentfarm up [--models DIR] [--nats URL] [--port N] [--agents N] [--ep cpu|cuda|webgpu] [--metrics-port N]
+                [--loras DIR] [--embeddings DIR] [hires tiling]
   latentfarm demo [--models DIR] [--out DIR]           start a one-machine farm, render one image, stop
   latentfarm coordinator [--port N] [--host ADDR] [--nats URL] [--metrics-port N] [--default-model NAME]
                    [--agent-timeout-ms N] [--tls-cert F --tls-key F --tls-ca F] [--api-tokens-file F] [--health-port N]
@@ -578,6 +579,9 @@ export async function startFarm(opts: {
   ep?: string;
   metricsPort?: number;
   hires?: Partial<HiresTiling>;
+  /** The agents' LoRA and textual-inversion embedding folders. */
+  loras?: string;
+  embeddings?: string;
   onLog?: (line: string) => void;
 }): Promise<Farm> {
   let nats: NatsServerHandle | undefined;
@@ -599,6 +603,8 @@ export async function startFarm(opts: {
   for (let i = 0; i < count; i++) {
     const args = [binPath, "agent", "--models", resolve(opts.models), "--nats", natsUrl, "--port", "0", "--ep", ep, "--id", `agent-${i}`];
     if (ep === "cuda") args.push("--device-id", String(i));
+    if (opts.loras !== undefined) args.push("--loras", resolve(opts.loras));
+    if (opts.embeddings !== undefined) args.push("--embeddings", resolve(opts.embeddings));
     // Each CPU agent gets its share of the cores, so agents on one machine do not oversubscribe.
     if (ep === "cpu") args.push("--threads", String(Math.max(1, Math.floor((await import("node:os")).availableParallelism() / count))));
     const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });
@@ -652,6 +658,8 @@ const UP_OPTIONS = {
   agents: { type: "string" },
   ep: { type: "string", default: "cpu" },
   "metrics-port": { type: "string", default: "9464" },
+  loras: { type: "string" },
+  embeddings: { type: "string" },
   ...TILING_OPTIONS,
 } as const satisfies ParseArgsConfig["options"];
 
@@ -666,6 +674,8 @@ async function up(argv: string[]): Promise<number> {
     ep: v.ep,
     metricsPort: Number(v["metrics-port"]),
     hires: tilingFromFlags(v),
+    ...(v.loras !== undefined && { loras: v.loras }),
+    ...(v.embeddings !== undefined && { embeddings: v.embeddings }),
   });
   io.out(`farm up: coordinator ${farm.coordinatorAddress}, ${farm.agents.length} agent(s); Ctrl-C stops it\n`);
   await untilSignal();
