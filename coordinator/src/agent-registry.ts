@@ -8,6 +8,7 @@ import {
   subjects,
   type AgentInfo,
   type EmbeddingInfo,
+  type SkippedEmbedding,
   type Heartbeat,
   type Logger,
   type ServiceClient,
@@ -19,8 +20,9 @@ export interface AgentState {
   readonly id: string;
   info: AgentInfo;
   available: Set<string>;
-  /** The textual-inversion embeddings in its embeddings folder (for listings). */
+  /** The textual-inversion embeddings in its embeddings folder, and the files it left out (for listings). */
   embeddings: EmbeddingInfo[];
+  skippedEmbeddings: SkippedEmbedding[];
   freeMemoryBytes: bigint;
   lastSeen: number;
   /** Tasks this coordinator has running there; authoritative over the heartbeat's busy count. */
@@ -83,6 +85,7 @@ export class AgentRegistry {
         info,
         available: new Set(hb.availableModels.map((m) => m.name)),
         embeddings: hb.embeddings,
+        skippedEmbeddings: hb.skippedEmbeddings,
         freeMemoryBytes: hb.freeMemoryBytes,
         lastSeen: Date.now(),
         inFlight: 0,
@@ -109,6 +112,7 @@ export class AgentRegistry {
     a.info = info;
     if (changed) a.available = new Set(available);
     a.embeddings = hb.embeddings;
+    a.skippedEmbeddings = hb.skippedEmbeddings;
     a.freeMemoryBytes = hb.freeMemoryBytes;
     a.lastSeen = Date.now();
     this.opts.onUpdate?.(a, changed);

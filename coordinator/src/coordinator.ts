@@ -395,7 +395,21 @@ export class Coordinator {
             }
           }
           const sorted = [...files.values()].sort((x, y) => (x.name === y.name ? x.width - y.width : x.name < y.name ? -1 : 1));
-          return { embeddings: sorted.map((f) => ({ ...f, agents: f.agents.sort() })) };
+          const skipped = new Map<string, { file: string; reason: string; agents: string[] }>();
+          for (const a of this.registry.list()) {
+            for (const s of a.skippedEmbeddings) {
+              const key = `${s.file}\u0000${s.reason}`;
+              const entry = skipped.get(key) ?? { file: s.file, reason: s.reason, agents: [] };
+              entry.agents.push(a.id);
+              skipped.set(key, entry);
+            }
+          }
+          return {
+            embeddings: sorted.map((f) => ({ ...f, agents: f.agents.sort() })),
+            skipped: [...skipped.values()]
+              .sort((x, y) => (x.file < y.file ? -1 : x.file > y.file ? 1 : 0))
+              .map((s) => ({ ...s, agents: s.agents.sort() })),
+          };
         },
       },
       (method, err) => {

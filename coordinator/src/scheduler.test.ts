@@ -72,6 +72,7 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
     info: create(AgentInfoSchema, { agentId: id, address: id, slots, loadedModels: ["m"] }),
     available: new Set(["m"]),
     embeddings: [],
+    skippedEmbeddings: [],
     freeMemoryBytes: 0n,
     lastSeen: Date.now(),
     inFlight: 0,

@@ -11,6 +11,7 @@ import {
   HeartbeatSchema,
   ModelInfoSchema,
   EmbeddingInfoSchema,
+  SkippedEmbeddingSchema,
   TaskProgressSchema,
   addHealthAndReflection,
   addService,
@@ -34,7 +35,7 @@ import { PipelineCache } from "./models/pipeline-cache.js";
 import { parsePipelineKey } from "./models/model-loader.js";
 import { runTaskPasses, type RunOnPipeline } from "./task-passes.js";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { join, relative } from "node:path";
 import { PipelineHost } from "./pipeline-host/pipeline-host.js";
 import { DEFAULT_RESOURCES } from "./pipeline/render-common.js";
 import type { ExecutionProvider } from "./runtime/protocol.js";
@@ -257,6 +258,9 @@ export class Agent {
           freeMemoryBytes: BigInt(freemem()),
           embeddings: (embeddings?.embeddings ?? []).map((e) =>
             create(EmbeddingInfoSchema, { name: e.name, vectors: e.vectors, width: e.hidden, hash: e.sha256.slice(0, 12) }),
+          ),
+          skippedEmbeddings: (embeddings?.skipped ?? []).map((s) =>
+            create(SkippedEmbeddingSchema, { file: relative(this.embeddings!.dir, s.file), reason: s.reason }),
           ),
         });
         this.nc.publish(subjects.agentHeartbeat(this.id), toBinary(HeartbeatSchema, hb));

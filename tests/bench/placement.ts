@@ -64,6 +64,7 @@ export async function benchPlacement(
       info: create(AgentInfoSchema, { agentId: id, address: id, slots, loadedModels: models }),
       available: new Set(models),
       embeddings: [],
+      skippedEmbeddings: [],
       freeMemoryBytes: 0n,
       lastSeen: Date.now(),
       inFlight: 0,

@@ -517,11 +517,15 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     assert.notDeepEqual(used.pixels, words.pixels);
     // ListEmbeddings: the file, with the agents whose folders have it (from their heartbeats).
     const listed = { name: TEST_EMBEDDING, vectors: 2, width: 32, hash, agents: ["agent-0", "agent-1"] };
-    const { embeddings } = await farm.client.listEmbeddings({});
+    const { embeddings, skipped } = await farm.client.listEmbeddings({});
     assert.deepEqual(
       embeddings.map((e) => ({ name: e.name, vectors: e.vectors, width: e.width, hash: e.hash, agents: e.agents })),
       [listed],
     );
+    // The file no model can use, with why.
+    const left = skipped.map((s) => ({ file: s.file, reason: s.reason.replace(/^.*not-an-embedding\.pt: /, ""), agents: s.agents }));
+    const why = "not a torch zip archive: files saved by torch before 1.6 (or not by torch.save) are not read; convert it to .safetensors";
+    assert.deepEqual(left, [{ file: "not-an-embedding.pt", reason: why, agents: ["agent-0", "agent-1"] }]);
     const cli = spawnSync(
       process.execPath,
       [join(REPO, "bin", "latentfarm.js"), "embeddings", "--coordinator", farm.coordinatorAddress, "--json"],
@@ -531,7 +535,12 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       },
     );
     assert.equal(cli.status, 0, cli.stderr);
-    assert.deepEqual(JSON.parse(cli.stdout), [listed]);
+    const printed = JSON.parse(cli.stdout) as { embeddings: unknown[]; skipped: Array<{ file: string }> };
+    assert.deepEqual(printed.embeddings, [listed]);
+    assert.deepEqual(
+      printed.skipped.map((s) => s.file),
+      ["not-an-embedding.pt"],
+    );
   });
 
   test("Cancel ends the job cancelled within one step and frees the agent", async () => {

@@ -139,6 +139,8 @@ export async function startTestFarm(
   const embeddingsDir = join(tmp, "embeddings");
   mkdirSync(embeddingsDir);
   writeFileSync(join(embeddingsDir, `${TEST_EMBEDDING}.safetensors`), testEmbedding());
+  // A file no model can use: ListEmbeddings reports it as skipped.
+  writeFileSync(join(embeddingsDir, "not-an-embedding.pt"), "plain text");
   const started: ServiceProcess[] = [];
   try {
     const coordinator = await startService([

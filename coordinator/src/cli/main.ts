@@ -448,10 +448,14 @@ async function listCommand(
       if (v.json) o.out(JSON.stringify(schedulers.map((s) => ({ name: s.name, label: s.label, aliases: s.aliases }))) + "\n");
       else for (const s of schedulers) o.out(`${s.name}\t${s.label}\t${s.aliases.join(",") || "-"}\n`);
     } else if (kind === "embeddings") {
-      const { embeddings } = await client.listEmbeddings({}, { timeoutMs: 10_000, metadata });
+      const { embeddings, skipped } = await client.listEmbeddings({}, { timeoutMs: 10_000, metadata });
       const rows = embeddings.map((e) => ({ name: e.name, vectors: e.vectors, width: e.width, hash: e.hash, agents: e.agents }));
-      if (v.json) o.out(JSON.stringify(rows) + "\n");
-      else for (const e of rows) o.out(`${e.name}\t${e.vectors} vectors\twidth ${e.width}\t${e.hash}\t${e.agents.join(",")}\n`);
+      const left = skipped.map((s) => ({ file: s.file, reason: s.reason, agents: s.agents }));
+      if (v.json) o.out(JSON.stringify({ embeddings: rows, skipped: left }) + "\n");
+      else {
+        for (const e of rows) o.out(`${e.name}\t${e.vectors} vectors\twidth ${e.width}\t${e.hash}\t${e.agents.join(",")}\n`);
+        for (const s of left) o.out(`skipped\t${s.file}\t${s.reason}\t${s.agents.join(",")}\n`);
+      }
     } else {
       const { models } = await client.listModels({}, { timeoutMs: 10_000, metadata });
       if (v.json) o.out(JSON.stringify(models.map((m) => ({ name: m.name, format: m.format, loadedOn: m.loadedOn }))) + "\n");
