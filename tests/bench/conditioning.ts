@@ -1,6 +1,7 @@
 // Conditioning cost on the CPU with the text encoder taken out (an encoder that answers at once):
 // a ~300-token prompt with prompt edits, cold (a new variant each time, so no cache answers) and
-// again through the conditioning cache, against the target of 2 ms per cold prompt.
+// again through the conditioning cache, against the target of 2 ms per cold prompt; and side
+// by side, the same with a folder of 100 textual-inversion embeddings, two of them named by the prompts.
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { ClipTokenizer } from "../../gpu-agent/src/conditioning/clip-tokenizer.js";
@@ -16,6 +17,8 @@ export async function benchConditioningCost(
   if (!existsSync(dir)) return undefined;
   const tokenizer = await ClipTokenizer.fromDirectory(dir);
   const r = await benchConditioningDetailed(tokenizer, { iterations: opts.iterations ?? 200 });
+  // Side by side: the same prompts naming two embeddings of a 100-file folder (8 and 16 vectors).
+  const e = await benchConditioningDetailed(tokenizer, { iterations: opts.iterations ?? 200, embeddings: 100 });
   return {
     cold_ms_per_prompt: r.prepareMs,
     cached_ms: r.cachedMs,
@@ -23,6 +26,9 @@ export async function benchConditioningCost(
     cold_over_cached: r.prepareMs / r.cachedMs,
     text_side_ms: r.textMs,
     prompt_tokens: r.promptTokens,
+    cold_ms_with_100_embeddings: e.prepareMs,
+    cached_ms_with_100_embeddings: e.cachedMs,
+    embeddings_over_none_cold: e.prepareMs / r.prepareMs,
     schedule_entries: r.scheduleEntries,
     cached_encode_calls: r.cachedEncodeCalls,
   };

@@ -4,6 +4,7 @@
 import { tokenizeLine } from "./chunking.js";
 import type { ClipTokenizer } from "./clip-tokenizer.js";
 import { Conditioner, type TextEncoder } from "./conditioner.js";
+import { EmbeddingDatabase, type TextualInversionEmbedding } from "./embeddings.js";
 import { getPromptSchedule } from "./schedule.js";
 
 const PHRASES = [
@@ -40,6 +41,7 @@ export function benchPrompt(variant: number): string {
 /** An encoder that returns a preallocated output instantly, so only conditioning's own work is timed. */
 class NullTextEncoder implements TextEncoder {
   readonly maxClipSkip = 12;
+  readonly acceptsTokenOverrides = true;
   calls = 0;
   private readonly buffers = new Map<number, Float32Array>();
   constructor(readonly hiddenSize: number) {}
@@ -74,14 +76,46 @@ function median(xs: number[]): number {
   return s[Math.floor(s.length / 2)]!;
 }
 
+/**
+ * A folder's worth of embeddings at SD1 width: `count` of them, two of which (`lf-detail`, 8 vectors, and
+ * `lf-negative`, 16) the bench's prompts name when embeddings are on.
+ */
+function benchEmbeddings(tokenizer: ClipTokenizer, count: number, hidden: number): EmbeddingDatabase {
+  const make = (name: string, vectors: number): TextualInversionEmbedding => ({
+    name,
+    vectors,
+    hidden,
+    data: new Float32Array(vectors * hidden).fill(0.01),
+    sha256: "0".repeat(64),
+  });
+  const named = [make("lf-detail", 8), make("lf-negative", 16)];
+  const others = Array.from({ length: Math.max(0, count - named.length) }, (_, k) => make(`style-${k}-embedding`, 1 + (k % 10)));
+  return new EmbeddingDatabase(tokenizer, [...named, ...others]);
+}
+
 export async function benchConditioningDetailed(
   tokenizer: ClipTokenizer,
-  opts: { iterations?: number; hidden?: number; steps?: number } = {},
+  opts: {
+    iterations?: number;
+    hidden?: number;
+    steps?: number;
+    /** Textual-inversion embeddings in the folder; with any, the prompt and negative prompt each name one. */
+    embeddings?: number;
+  } = {},
 ): Promise<ConditioningBench> {
   const iterations = opts.iterations ?? 50;
   const steps = opts.steps ?? 20;
-  const encoder = new NullTextEncoder(opts.hidden ?? 768);
-  const conditioner = new Conditioner({ tokenizer, encoder, cacheEntries: 4 });
+  const hidden = opts.hidden ?? 768;
+  const encoder = new NullTextEncoder(hidden);
+  const withEmbeddings = (opts.embeddings ?? 0) > 0;
+  const conditioner = new Conditioner({
+    tokenizer,
+    encoder,
+    cacheEntries: 4,
+    ...(withEmbeddings && { embeddings: benchEmbeddings(tokenizer, opts.embeddings!, hidden) }),
+  });
+  const named = (prompt: string, negative: string) =>
+    withEmbeddings ? { prompt: `${prompt}, lf-detail`, negativePrompt: `lf-negative, ${negative}` } : { prompt, negativePrompt: negative };
 
   // Warm-up: JIT and the per-word BPE cache, as on an agent that has served a few prompts.
   for (let i = 0; i < 10; i++) {
@@ -103,7 +137,7 @@ export async function benchConditioningDetailed(
     textTimes.push(performance.now() - t0);
     scheduleEntries = schedule.length;
 
-    const request = { prompt: `${prompt} `, negativePrompt: `blurry, lowres ${i}`, steps };
+    const request = { ...named(`${prompt} `, `blurry, lowres ${i}`), steps };
     t0 = performance.now();
     await conditioner.prepare(request);
     prepareTimes.push(performance.now() - t0);

@@ -165,6 +165,8 @@ export class Conditioner {
   /** The base model's empty prompt by clip skip (emptyPromptEncoder's; a few KB each). */
   private readonly emptyPrompts = new Map<number, Promise<Float32Array>>();
   private embeddingDb: EmbeddingDatabase | undefined;
+  /** embeddingsUsedBy's answers: every image of a batch prepares the same texts. Dropped with the cache. */
+  private readonly usedByTexts = new Map<string, TextualInversionEmbedding[]>();
 
   constructor(opts: ConditionerOptions) {
     this.tokenizer = opts.tokenizer;
@@ -196,20 +198,35 @@ export class Conditioner {
   embeddingsUsedBy(texts: readonly string[], emphasis: EmphasisMode = "Original"): TextualInversionEmbedding[] {
     const db = this.embeddingDb;
     if (db === undefined) return [];
+    const known = this.usedByTexts.get(JSON.stringify([emphasis, texts]));
+    if (known !== undefined) return known;
     const opts = { emphasis, commaPaddingBacktrack: this.backtrack, embeddings: db };
-    const chunked = [...new Set(texts)].map((t) => tokenizeLine(this.tokenizer, t, opts).chunks);
+    const distinct = [...new Set(texts)];
+    return this.recordUse(
+      texts,
+      emphasis,
+      distinct.map((t) => tokenizeLine(this.tokenizer, t, opts).chunks),
+    );
+  }
+
+  /** Which embeddings the chunks of a forward pass's distinct texts use (chunk by chunk), remembered for `texts`. */
+  private recordUse(texts: readonly string[], emphasis: EmphasisMode, chunked: readonly PromptChunk[][]): TextualInversionEmbedding[] {
     const used = new Map<string, TextualInversionEmbedding>();
     const count = Math.max(0, ...chunked.map((c) => c.length));
     for (let ci = 0; ci < count; ci++) {
       for (const chunks of chunked)
         for (const fix of chunks[ci]?.fixes ?? []) if (!used.has(fix.embedding.name)) used.set(fix.embedding.name, fix.embedding);
     }
-    return [...used.values()];
+    if (this.usedByTexts.size >= 4 * this.maxEntries) this.usedByTexts.clear();
+    const list = [...used.values()];
+    this.usedByTexts.set(JSON.stringify([emphasis, texts]), list);
+    return list;
   }
 
   /** Drops cached conditioning, e.g. after the encoder's weights changed (LoRA merged). */
   clearCache(): void {
     this.cache.clear();
+    this.usedByTexts.clear();
     this.cachedBytes = 0;
   }
 
@@ -257,6 +274,8 @@ export class Conditioner {
       ...(this.embeddingDb !== undefined && { embeddings: this.embeddingDb }),
     };
     const chunked = distinct.map((t) => tokenizeLine(this.tokenizer, t, lineOptions).chunks);
+    // A schedule is one of A1111's forward passes: note its embeddings now, so prepare() need not chunk it again.
+    if (this.embeddingDb !== undefined) this.recordUse(texts, emphasis, chunked);
     const chunkCount = Math.max(...chunked.map((c) => c.length));
     const filler = emptyChunk(this.tokenizer);
     const outputs = distinct.map(() => uninitializedFloat32(chunkCount * CHUNK_TOKENS * hidden));
