@@ -233,6 +233,21 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
     assert.match(full.infotext, /Emphasis: No norm, Skip Early CFG: 0\.1, NGMS: 0\.5, NGMS all steps: True/);
     const plain = await renderTask(pipe, request({ steps: 4, hrSecondPassSteps: 3, hrUpscaler: "Latent", hrSamplerName: "DDIM" }), ctx);
     assert.notDeepEqual(full.png, plain.png, "the skipped negative prompt changes the image");
+    // Brackets only in the hires prompt: A1111 encodes it after the infotext took its encoder's entries.
+    const hiresOnly = await renderTask(
+      pipe,
+      request({
+        steps: 2,
+        hrSecondPassSteps: 1,
+        hrUpscaler: "Latent",
+        prompt: "a castle",
+        hrPrompt: "a (castle:1.3)",
+        overrideSettings: { emphasis: "No norm" },
+      }),
+      ctx,
+    );
+    assert.match(hiresOnly.infotext, /Hires prompt: "a \(castle:1\.3\)"/);
+    assert.doesNotMatch(hiresOnly.infotext, /Emphasis/);
 
     const { first, outs, tiles } = await stagesMatchFull(params, full);
     assert.deepEqual(
@@ -244,9 +259,10 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
         ["NGMS all steps", "True"],
       ],
     );
+    // The second pass's own encoding writes nothing (see recordConditioningInfotext); its run does.
     assert.deepEqual(
       outs[0]!.secondPassInfotext.map(({ key }) => key),
-      ["Emphasis", "Skip Early CFG"],
+      ["Skip Early CFG"],
     );
     // A hand-over carries only what runs record.
     const forged = { ...outs[0]!, secondPassInfotext: [{ $typeName: "latentfarm.v1.InfotextEntry" as const, key: "Seed", value: "1" }] };

@@ -167,9 +167,10 @@ export function requestSettingsOf(p: GenerationParams): RequestSettings {
  * old reading changed a schedule; then, in the order its encoder passes first write them (the negative
  * prompt's, then each subprompt's), TI hashes for the textual-inversion embeddings they used and Emphasis
  * when a mode other than Original met a bracket in a text. Recorded in the pass's infotext (and carried
- * between stages with the run's own). A Hires.fix second pass records no TI hashes: A1111 encodes the
- * hires prompts after it took the image's entries from its encoder, so their hashes never reach the
- * infotext. (Emphasis is still recorded for both passes, as before.)
+ * between stages with the run's own). A Hires.fix second pass records only the first: A1111 takes its
+ * encoder's entries (TI hashes, Emphasis) into the image's infotext right after it encodes the first
+ * pass's prompts, and encodes the hires prompts later, inside sampling; Old prompt editing timelines it
+ * writes straight into the infotext's entries.
  */
 export function recordConditioningInfotext(
   sampler: PreparedSampling,
@@ -199,7 +200,7 @@ export function recordConditioningInfotext(
       hashes = hashes === "" ? mine : `${mine}, ${hashes}`;
       if (!order.includes("TI hashes")) order.push("TI hashes");
     }
-    if (c.emphasis !== "Original" && f.texts.some((t) => t.includes("(") || t.includes("["))) {
+    if (pass === "first" && c.emphasis !== "Original" && f.texts.some((t) => t.includes("(") || t.includes("["))) {
       if (!order.includes("Emphasis")) order.push("Emphasis");
     }
   }
