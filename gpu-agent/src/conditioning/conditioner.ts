@@ -103,7 +103,8 @@ export interface PreparedConditioning {
   positivePrompt: string;
   /**
    * The textual-inversion embeddings each of A1111's encoder passes used: the negative prompt's, then
-   * each distinct subprompt's (see Conditioner.embeddingsUsedBy).
+   * each distinct subprompt's: chunk by chunk, and within a chunk text by text, as A1111's
+   * used_embeddings dict gets them.
    */
   textualInversion: { negative: TextualInversionEmbedding[]; subprompts: TextualInversionEmbedding[][] };
   subprompts: PreparedSubprompt[];
@@ -142,8 +143,14 @@ export interface ConditionerOptions {
   cacheBytes?: number;
 }
 
+/** One of A1111's forward passes: a prompt's schedule encoded, with the embeddings its chunks used. */
+interface EncodedSchedule {
+  conds: ScheduledCond[];
+  embeddings: TextualInversionEmbedding[];
+}
+
 interface CacheEntry {
-  promise: Promise<ScheduledCond[]>;
+  promise: Promise<EncodedSchedule>;
   bytes: number;
 }
 
@@ -165,8 +172,6 @@ export class Conditioner {
   /** The base model's empty prompt by clip skip (emptyPromptEncoder's; a few KB each). */
   private readonly emptyPrompts = new Map<number, Promise<Float32Array>>();
   private embeddingDb: EmbeddingDatabase | undefined;
-  /** embeddingsUsedBy's answers: every image of a batch prepares the same texts. Dropped with the cache. */
-  private readonly usedByTexts = new Map<string, TextualInversionEmbedding[]>();
 
   constructor(opts: ConditionerOptions) {
     this.tokenizer = opts.tokenizer;
@@ -191,42 +196,9 @@ export class Conditioner {
     this.clearCache();
   }
 
-  /**
-   * The embeddings one A1111 forward pass over `texts` (a prompt's schedule) uses, in the order its
-   * used_embeddings dict gets them: chunk by chunk, and within a chunk text by text.
-   */
-  embeddingsUsedBy(texts: readonly string[], emphasis: EmphasisMode = "Original"): TextualInversionEmbedding[] {
-    const db = this.embeddingDb;
-    if (db === undefined) return [];
-    const known = this.usedByTexts.get(JSON.stringify([emphasis, texts]));
-    if (known !== undefined) return known;
-    const opts = { emphasis, commaPaddingBacktrack: this.backtrack, embeddings: db };
-    const distinct = [...new Set(texts)];
-    return this.recordUse(
-      texts,
-      emphasis,
-      distinct.map((t) => tokenizeLine(this.tokenizer, t, opts).chunks),
-    );
-  }
-
-  /** Which embeddings the chunks of a forward pass's distinct texts use (chunk by chunk), remembered for `texts`. */
-  private recordUse(texts: readonly string[], emphasis: EmphasisMode, chunked: readonly PromptChunk[][]): TextualInversionEmbedding[] {
-    const used = new Map<string, TextualInversionEmbedding>();
-    const count = Math.max(0, ...chunked.map((c) => c.length));
-    for (let ci = 0; ci < count; ci++) {
-      for (const chunks of chunked)
-        for (const fix of chunks[ci]?.fixes ?? []) if (!used.has(fix.embedding.name)) used.set(fix.embedding.name, fix.embedding);
-    }
-    if (this.usedByTexts.size >= 4 * this.maxEntries) this.usedByTexts.clear();
-    const list = [...used.values()];
-    this.usedByTexts.set(JSON.stringify([emphasis, texts]), list);
-    return list;
-  }
-
   /** Drops cached conditioning, e.g. after the encoder's weights changed (LoRA merged). */
   clearCache(): void {
     this.cache.clear();
-    this.usedByTexts.clear();
     this.cachedBytes = 0;
   }
 
@@ -256,6 +228,15 @@ export class Conditioner {
    * emphasis mean over the batch). Repeated texts count as often as they appear.
    */
   async encodeBatch(texts: readonly string[], opts: EncodeOptions = {}, signal?: AbortSignal): Promise<CondTensor[]> {
+    return (await this.encodeTexts(texts, opts, signal)).conds;
+  }
+
+  /** encodeBatch, and the textual-inversion embeddings its chunks used (embeddingsInChunks). */
+  private async encodeTexts(
+    texts: readonly string[],
+    opts: EncodeOptions,
+    signal?: AbortSignal,
+  ): Promise<{ conds: CondTensor[]; embeddings: TextualInversionEmbedding[] }> {
     const clipSkip = opts.clipSkip ?? 1;
     const emphasis = opts.emphasis ?? "Original";
     this.checkClipSkip(clipSkip);
@@ -274,8 +255,6 @@ export class Conditioner {
       ...(this.embeddingDb !== undefined && { embeddings: this.embeddingDb }),
     };
     const chunked = distinct.map((t) => tokenizeLine(this.tokenizer, t, lineOptions).chunks);
-    // A schedule is one of A1111's forward passes: note its embeddings now, so prepare() need not chunk it again.
-    if (this.embeddingDb !== undefined) this.recordUse(texts, emphasis, chunked);
     const chunkCount = Math.max(...chunked.map((c) => c.length));
     const filler = emptyChunk(this.tokenizer);
     const outputs = distinct.map(() => uninitializedFloat32(chunkCount * CHUNK_TOKENS * hidden));
@@ -317,7 +296,7 @@ export class Conditioner {
     const byText = new Map(
       distinct.map((t, d): [string, CondTensor] => [t, { data: outputs[d]!, tokens: chunkCount * CHUNK_TOKENS, hidden }]),
     );
-    return texts.map((t) => byText.get(t)!);
+    return { conds: texts.map((t) => byText.get(t)!), embeddings: embeddingsInChunks(chunked) };
   }
 
   /**
@@ -325,6 +304,10 @@ export class Conditioner {
    * schedule entry. Cached.
    */
   async scheduledConditioning(text: string, req: ScheduleRequest): Promise<ScheduledCond[]> {
+    return (await this.encodedSchedule(text, req)).conds;
+  }
+
+  private async encodedSchedule(text: string, req: ScheduleRequest): Promise<EncodedSchedule> {
     const clipSkip = req.clipSkip ?? 1;
     const emphasis = req.emphasis ?? "Original";
     this.checkClipSkip(clipSkip);
@@ -345,7 +328,7 @@ export class Conditioner {
         entry = created;
         this.cache.set(key, created);
         promise.then(
-          (conds) => {
+          ({ conds }) => {
             created.bytes = new Set(conds.map((c) => c.cond.data)).size * conds[0]!.cond.data.byteLength;
             if (this.cache.get(key) === created) {
               this.cachedBytes += created.bytes;
@@ -375,15 +358,17 @@ export class Conditioner {
   async prepare(req: PrepareRequest): Promise<PreparedConditioning> {
     const extracted = req.stripExtraNetworks === false ? { text: req.prompt, networks: [], unknown: [] } : extractExtraNetworks(req.prompt);
     const parts = parseComposablePrompt(extracted.text);
-    const [negative, ...schedules] = await Promise.all([
-      this.scheduledConditioning(req.negativePrompt ?? "", req),
-      ...parts.map((p) => this.scheduledConditioning(p.text, req)),
+    const [encodedNegative, ...encoded] = await Promise.all([
+      this.encodedSchedule(req.negativePrompt ?? "", req),
+      ...parts.map((p) => this.encodedSchedule(p.text, req)),
     ]);
+    const negative = encodedNegative!.conds;
+    const schedules = encoded.map((e) => e.conds);
     const subprompts = parts.map((p, i): PreparedSubprompt => ({ text: p.text, weight: p.weight, schedule: schedules[i]! }));
     const hidden = this.encoder.hiddenSize;
     // A schedule's entries are encoded as one batch, so each prompt has one length through its run.
     const condTokens = Math.max(...schedules.map((s) => s[0]!.cond.tokens));
-    const uncondTokens = negative![0]!.cond.tokens;
+    const uncondTokens = negative[0]!.cond.tokens;
     const lengths = await this.paddedLengths(condTokens, uncondTokens, req);
     const at = (schedule: ScheduledCond[], step: number) => schedule[condIndexAt(schedule, step)]!.cond;
     const condTensor = memoized((c: CondTensor): Float32Array => {
@@ -396,21 +381,17 @@ export class Conditioner {
         ? withLastTokenRepeated(c.data, c.tokens, lengths.uncond, hidden)
         : withChunksAppended(c.data, c.tokens, lengths.uncond, lengths.empty, hidden);
     });
-    const emphasis = req.emphasis ?? "Original";
-    const forwardTexts = (schedule: readonly ScheduledCond[]) => schedule.map((e) => e.text);
-    const distinctSubprompts = [...new Map(subprompts.map((s) => [s.text, s])).values()];
+    // A repeated subprompt is one forward pass in A1111 (its get_learned_conditioning caches by text).
+    const byText = new Map(parts.map((p, i) => [p.text, encoded[i]!.embeddings]));
     return {
       hidden,
       positivePrompt: extracted.text,
-      textualInversion: {
-        negative: this.embeddingsUsedBy(forwardTexts(negative!), emphasis),
-        subprompts: distinctSubprompts.map((s) => this.embeddingsUsedBy(forwardTexts(s.schedule), emphasis)),
-      },
+      textualInversion: { negative: encodedNegative!.embeddings, subprompts: [...byText.values()] },
       subprompts,
-      negative: negative!,
+      negative,
       extraNetworks: { networks: extracted.networks, unknown: extracted.unknown },
       condAt: (step) => subprompts.map((s) => ({ tensor: condTensor(at(s.schedule, step)), tokens: lengths.cond, weight: s.weight })),
-      uncondAt: (step) => ({ tensor: uncondTensor(at(negative!, step)), tokens: lengths.uncond }),
+      uncondAt: (step) => ({ tensor: uncondTensor(at(negative, step)), tokens: lengths.uncond }),
       padding: lengths.padding,
     };
   }
@@ -460,13 +441,13 @@ export class Conditioner {
     return encoded;
   }
 
-  private async encodeSchedule(schedule: ScheduleEntry[], opts: EncodeOptions, signal?: AbortSignal): Promise<ScheduledCond[]> {
-    const conds = await this.encodeBatch(
+  private async encodeSchedule(schedule: ScheduleEntry[], opts: EncodeOptions, signal?: AbortSignal): Promise<EncodedSchedule> {
+    const { conds, embeddings } = await this.encodeTexts(
       schedule.map(([, text]) => text),
       opts,
       signal,
     );
-    return schedule.map(([endAtStep, text], i) => ({ endAtStep, text, cond: conds[i]! }));
+    return { conds: schedule.map(([endAtStep, text], i) => ({ endAtStep, text, cond: conds[i]! })), embeddings };
   }
 
   // SD1 pads with EOS already; for a tokenizer whose pad differs (SD2), A1111 rewrites every
@@ -485,6 +466,20 @@ export class Conditioner {
       this.cachedBytes -= entry.bytes;
     }
   }
+}
+
+/**
+ * The embeddings an A1111 forward pass over these texts' chunks uses, in the order its used_embeddings
+ * dict gets them: chunk by chunk, and within a chunk text by text.
+ */
+function embeddingsInChunks(chunked: readonly PromptChunk[][]): TextualInversionEmbedding[] {
+  const used = new Map<string, TextualInversionEmbedding>();
+  const count = Math.max(0, ...chunked.map((c) => c.length));
+  for (let ci = 0; ci < count; ci++) {
+    for (const chunks of chunked)
+      for (const fix of chunks[ci]?.fixes ?? []) if (!used.has(fix.embedding.name)) used.set(fix.embedding.name, fix.embedding);
+  }
+  return [...used.values()];
 }
 
 function fixKey(chunk: PromptChunk): string {
