@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { ClipTokenizer } from "./clip-tokenizer.js";
 import { CHUNK_LENGTH, tokenizeLine } from "./chunking.js";
-import { EmbeddingDatabase, embeddingHashEntry, type TextualInversionEmbedding } from "./embeddings.js";
+import { EmbeddingDatabase, type TextualInversionEmbedding } from "./embeddings.js";
 import { kitFixture, kitSkip } from "../test-support/kit.js";
 
 const skip = kitSkip("tiny-sd15", "tokenizer");
@@ -103,9 +103,4 @@ test("comma backtrack moves placeholders on but leaves their fix with the chunk 
   // The placeholders moved on as plain token 0, without vectors.
   assert.deepEqual(chunks[1]!.tokens.slice(1, 3), [0, 0]);
   assert.equal(chunks[1]!.fixes, undefined);
-});
-
-test("the infotext form drops ':' and ',' from the name and keeps 12 characters of the hash", () => {
-  const e = { ...embedding("a:b,c", 1), sha256: "0123456789abcdef".repeat(4) };
-  assert.equal(embeddingHashEntry(e), "abc: 0123456789ab");
 });

@@ -23,11 +23,6 @@ export interface EmbeddingLookup {
   findAt(tokens: readonly number[], offset: number): { embedding: TextualInversionEmbedding; length: number } | undefined;
 }
 
-/** A1111's infotext form of an embedding: "name: sha256[:12]", the name without ':' and ','. */
-export function embeddingHashEntry(e: TextualInversionEmbedding): string {
-  return `${e.name.replace(/[:,]/g, "")}: ${e.sha256.slice(0, 12)}`;
-}
-
 /**
  * The embeddings a model can use, looked up by the token ids of their names. Among names that match at
  * one position the one of most tokens wins, as in A1111; names of equal token ids (CLIP lowercases, so

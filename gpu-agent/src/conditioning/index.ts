@@ -53,13 +53,7 @@ export {
   type ConditionerOptions,
   type TokenOverrides,
 } from "./conditioner.js";
-export {
-  EmbeddingDatabase,
-  embeddingHashEntry,
-  type TextualInversionEmbedding,
-  type EmbeddingLookup,
-  type EmbeddingTokenizer,
-} from "./embeddings.js";
+export { EmbeddingDatabase, type TextualInversionEmbedding, type EmbeddingLookup, type EmbeddingTokenizer } from "./embeddings.js";
 export { combineDenoised } from "./cfg.js";
 export { describePrompt, type PromptDescription } from "./describe.js";
 export { benchConditioning, benchConditioningDetailed, type ConditioningBench } from "./bench.js";

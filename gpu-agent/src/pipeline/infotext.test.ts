@@ -2,7 +2,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { create } from "@bufbuild/protobuf";
 import { GenerationParamsSchema } from "@latentfarm/shared";
-import { buildInfotext, formatInfotext } from "./infotext.js";
+import { buildInfotext, formatInfotext, hashListName } from "./infotext.js";
 import { loraHashesEntry, loraHashesInPromptOrder, mergeLoraHashes } from "./render-common.js";
 
 test("infotext follows A1111's key order, omissions and quoting", () => {
@@ -71,4 +71,8 @@ test("Lora hashes: in the order the prompt names the LoRAs, then the request's; 
   // A weight-0 tag merges nothing and has no hash; a hash of a LoRA no prompt names keeps its place after them.
   assert.deepEqual(loraHashesInPromptOrder(["a: 1", "z: 9"], "<lora:q:0> <lora:a:1>", []), ["a: 1", "z: 9"]);
   assert.deepEqual(mergeLoraHashes(["b: 1", "a: 2"], ["c: 3", "b: 4"]), ["b: 4", "a: 2", "c: 3"]);
+});
+
+test("hash lists name things without ':' and ',' (A1111's Lora hashes and TI hashes)", () => {
+  assert.equal(hashListName("a:b,c d"), "abc d");
 });

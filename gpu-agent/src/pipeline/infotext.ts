@@ -19,6 +19,11 @@ export function pyNumber(v: number): string {
   return String(v);
 }
 
+/** A name in A1111's "Lora hashes" and "TI hashes" lists ("name: hash, …"): without ':' and ','. */
+export function hashListName(name: string): string {
+  return name.replace(/[:,]/g, "");
+}
+
 /** A1111's quote(): JSON-encode values containing ',', '\n' or ':'. */
 export function quote(v: string): string {
   if (!/[,\n:]/.test(v)) return v;

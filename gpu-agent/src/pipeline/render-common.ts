@@ -20,17 +20,12 @@ import {
   type RunTaskRequest,
 } from "@latentfarm/shared";
 import { ImageRng, type PreparedSampling, type SamplingSettings } from "../sampling/index.js";
-import {
-  embeddingHashEntry,
-  getLearnedConditioningPromptSchedules,
-  type EmphasisMode,
-  type PreparedConditioning,
-} from "../conditioning/index.js";
+import { getLearnedConditioningPromptSchedules, type EmphasisMode, type PreparedConditioning } from "../conditioning/index.js";
 import { ImageInputError } from "../imaging/index.js";
 import { checkAborted, type PreviewRequest } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { lorasOf, pipelineKey } from "../models/model-loader.js";
-import { buildInfotext, type CONDITIONING_INFOTEXT_KEYS, type InfotextFields, type InfotextValue } from "./infotext.js";
+import { buildInfotext, hashListName, type CONDITIONING_INFOTEXT_KEYS, type InfotextFields, type InfotextValue } from "./infotext.js";
 import { encodePng, toRgb8 } from "./png.js";
 
 /** Folders and limits a task may use beyond its model, from the agent's configuration. */
@@ -196,7 +191,7 @@ export function recordConditioningInfotext(
   const order: Array<"TI hashes" | "Emphasis"> = [];
   for (const f of forwards) {
     if (pass === "first" && f.embeddings.length > 0) {
-      const mine = f.embeddings.map(embeddingHashEntry).join(", ");
+      const mine = f.embeddings.map((e) => `${hashListName(e.name)}: ${e.sha256.slice(0, 12)}`).join(", ");
       hashes = hashes === "" ? mine : `${mine}, ${hashes}`;
       if (!order.includes("TI hashes")) order.push("TI hashes");
     }
@@ -215,7 +210,7 @@ export function recordConditioningInfotext(
 export function pastedEmbeddingWarnings(tiHashes: string | undefined, cond: PreparedConditioning): string[] {
   if (tiHashes === undefined || tiHashes.trim() === "") return [];
   const used = new Map(
-    [...cond.textualInversion.negative, ...cond.textualInversion.subprompts.flat()].map((e) => [e.name.replace(/[:,]/g, ""), e]),
+    [...cond.textualInversion.negative, ...cond.textualInversion.subprompts.flat()].map((e) => [hashListName(e.name), e]),
   );
   const warnings: string[] = [];
   const seen = new Set<string>();
@@ -471,7 +466,7 @@ export function mergeLoraHashes(first: readonly string[], second: readonly strin
  */
 export function loraHashesEntry(model: ModelIdentity, p: GenerationParams): [string, InfotextValue] {
   const entries = loraHashesInPromptOrder(model.loraHashes, p.prompt, p.loras).map(
-    (entry) => `${loraOfEntry(entry).replace(/[:,]/g, "")}${entry.slice(loraOfEntry(entry).length)}`,
+    (entry) => `${hashListName(loraOfEntry(entry))}${entry.slice(loraOfEntry(entry).length)}`,
   );
   return ["Lora hashes", entries.length > 0 ? entries.join(", ") : undefined];
 }
