@@ -8,7 +8,16 @@ import { createHash } from "node:crypto";
 import sharp from "sharp";
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, JobState, RngSource, type JobEvent } from "@latentfarm/shared";
-import { FIXTURES, REPO, TEST_EMBEDDING, farmSkipReason, startTestFarm, testEmbedding, type TestFarm } from "../harness/farm.js";
+import {
+  FIXTURES,
+  REPO,
+  TEST_EMBEDDING,
+  TEST_EMBEDDING_WORDS,
+  farmSkipReason,
+  startTestFarm,
+  testEmbedding,
+  type TestFarm,
+} from "../harness/farm.js";
 
 const skip = farmSkipReason();
 
@@ -511,10 +520,12 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     const hash = createHash("sha256").update(testEmbedding()).digest("hex").slice(0, 12);
     const used = await image("a castle", `${TEST_EMBEDDING}, fog`);
     assert.match(used.infotext, new RegExp(`TI hashes: "${TEST_EMBEDDING}: ${hash}"`));
-    // Its vectors are not the words of its name: the image is another than with a name no embedding has.
-    const words = await image("a castle", "lf-sparkly, fog");
+    // Its vectors are the model's own rows for TEST_EMBEDDING_WORDS: the agents put them in the text encoder.
+    const words = await image("a castle", `${TEST_EMBEDDING_WORDS}, fog`);
     assert.doesNotMatch(words.infotext, /TI hashes/);
-    assert.notDeepEqual(used.pixels, words.pixels);
+    assert.deepEqual(used.pixels, words.pixels);
+    // A name no embedding has is encoded as words: another image.
+    assert.notDeepEqual((await image("a castle", "lf-sparkly, fog")).pixels, used.pixels);
     // ListEmbeddings: the file, with the agents whose folders have it (from their heartbeats).
     const listed = { name: TEST_EMBEDDING, vectors: 2, width: 32, hash, agents: ["agent-0", "agent-1"] };
     const { embeddings, skipped } = await farm.client.listEmbeddings({});

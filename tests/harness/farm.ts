@@ -1,7 +1,7 @@
 // Real processes for end-to-end tests: nats-server, a coordinator and agents, each its own
 // process on loopback, all stopped by close().
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, symlinkSync, mkdirSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync, mkdirSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -114,12 +114,25 @@ export interface TestFarm {
   close(): Promise<void>;
 }
 
-/** A textual-inversion embedding every test farm agent has: two vectors for the tiny model's width of 32. */
+/**
+ * A textual-inversion embedding every test farm agent has: the tiny model's own token-embedding rows for
+ * the words of TEST_EMBEDDING_WORDS, so a prompt naming it renders exactly as one with those words.
+ */
 export const TEST_EMBEDDING = "lf-sparkle";
+export const TEST_EMBEDDING_WORDS = "red car";
 
-/** The embedding's file: safetensors with one `emb_params` tensor, written by hand (8-byte header length, JSON, data). */
+/**
+ * The embedding's file: safetensors with one `emb_params` tensor, written by hand (8-byte header length,
+ * JSON, data), from the rows of "red" (736) and "car" (1615) in the kit checkpoint's token table.
+ */
 export function testEmbedding(): Buffer {
-  const data = Float32Array.from({ length: 64 }, (_, i) => Math.sin(i * 0.7) * 0.05);
+  const ckpt = readFileSync(join(FIXTURES, "tiny-sd15.safetensors"));
+  const headerLength = Number(ckpt.readBigUInt64LE(0));
+  const tensors = JSON.parse(ckpt.subarray(8, 8 + headerLength).toString("utf8")) as Record<string, { data_offsets: [number, number] }>;
+  const [start] = tensors["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"]!.data_offsets;
+  const row = (id: number) => ckpt.subarray(8 + headerLength + start + id * 32 * 4, 8 + headerLength + start + (id + 1) * 32 * 4);
+  // A copy of its own: a small Buffer is a view into a shared pool.
+  const data = new Float32Array(Uint8Array.from(Buffer.concat([row(736), row(1615)])).buffer);
   const header = Buffer.from(JSON.stringify({ emb_params: { dtype: "F32", shape: [2, 32], data_offsets: [0, data.byteLength] } }));
   const length = Buffer.alloc(8);
   length.writeBigUInt64LE(BigInt(header.length));
