@@ -116,39 +116,11 @@ export async function buildPipeline(weights: WeightSource, outDir: string, opts:
   await rm(join(outDir, MANIFEST_FILE), { force: true });
 
   const used = new Set<string>();
-  const components: Record<string, { modelBytes: number; externalBytes: number; linkedBytes: number; initializers: number }> = {};
+  const components: Record<string, ComponentRecord> = {};
   for (const name of wanted) {
-    const floatType: WeightType = name.startsWith("vae") ? "float32" : weightType;
-    const g = new GraphBuilder(name);
-    const link = opts.linkCheckpoint ?? true;
-    const net = new Net(g, weights, floatType, name === "unet" && opts.fusedAttention === true, link);
-    if (name === "text_encoder") buildTextEncoder(net, arch.textEncoder);
-    else if (name === "unet") buildUNet(net, arch.unet);
-    else if (name === "vae_decoder") buildVaeDecoder(net, arch.vae);
-    else buildVaeEncoder(net, arch.vae);
+    const metadata = { "latentfarm.family": arch.family, "latentfarm.prediction": arch.prediction };
+    const net = await buildComponent(name, weights, arch, metadata, outDir, opts, components);
     for (const k of net.used) used.add(k);
-    const dir = join(outDir, name);
-    await mkdir(dir, { recursive: true });
-    await rm(join(dir, "weights.pb"), { force: true });
-    await rm(join(dir, LINK_NAME), { force: true });
-    const metadata = {
-      "latentfarm.family": arch.family,
-      "latentfarm.prediction": arch.prediction,
-      "latentfarm.builder": String(BUILDER_VERSION),
-    };
-    const saved: SavedModel = await saveModel(g.toSpec({ metadata }), join(dir, "model.onnx"), {
-      weights: name === "unet" || link ? "external" : "auto",
-      externalFile: "weights.pb",
-      ...(link ? { linkName: LINK_NAME } : {}),
-      ...(opts.embedLimitBytes === undefined ? {} : { embedLimitBytes: opts.embedLimitBytes }),
-    });
-    const linkedBytes = [...saved.layout.values()].filter((l) => l.location === LINK_NAME).reduce((a, l) => a + l.length, 0);
-    components[name] = {
-      modelBytes: saved.modelBytes,
-      externalBytes: saved.externalBytes,
-      linkedBytes,
-      initializers: g.initializers.length,
-    };
   }
 
   await mkdir(join(outDir, "scheduler"), { recursive: true });
@@ -175,6 +147,49 @@ export async function buildPipeline(weights: WeightSource, outDir: string, opts:
   };
   await writeJson(join(outDir, MANIFEST_FILE), manifest);
   return { dir: outDir, architecture: arch, manifest, unusedKeys };
+}
+
+export type ComponentRecord = { modelBytes: number; externalBytes: number; linkedBytes: number; initializers: number };
+
+/** Builds one component's graph from `weights` and saves it as `<outDir>/<name>/model.onnx`, recording its sizes. */
+export async function buildComponent(
+  name: ComponentName,
+  weights: WeightSource,
+  arch: Partial<Pick<Architecture, "textEncoder" | "unet" | "vae">>,
+  metadata: Readonly<Record<string, string>>,
+  outDir: string,
+  opts: PipelineBuildOptions,
+  records: Record<string, ComponentRecord>,
+): Promise<Net> {
+  const floatType: WeightType = name.startsWith("vae") ? "float32" : (opts.weightType ?? "float32");
+  const g = new GraphBuilder(name);
+  const link = opts.linkCheckpoint ?? true;
+  const net = new Net(g, weights, floatType, name === "unet" && opts.fusedAttention === true, link);
+  const part = <T>(config: T | undefined): T => {
+    if (config === undefined) throw new Error(`no configuration for ${name}`);
+    return config;
+  };
+  if (name === "text_encoder") buildTextEncoder(net, part(arch.textEncoder));
+  else if (name === "unet") buildUNet(net, part(arch.unet));
+  else if (name === "vae_decoder") buildVaeDecoder(net, part(arch.vae));
+  else buildVaeEncoder(net, part(arch.vae));
+  const dir = join(outDir, name);
+  await mkdir(dir, { recursive: true });
+  await rm(join(dir, "weights.pb"), { force: true });
+  await rm(join(dir, LINK_NAME), { force: true });
+  const saved: SavedModel = await saveModel(
+    g.toSpec({ metadata: { ...metadata, "latentfarm.builder": String(BUILDER_VERSION) } }),
+    join(dir, "model.onnx"),
+    {
+      weights: name === "unet" || link ? "external" : "auto",
+      externalFile: "weights.pb",
+      ...(link ? { linkName: LINK_NAME } : {}),
+      ...(opts.embedLimitBytes === undefined ? {} : { embedLimitBytes: opts.embedLimitBytes }),
+    },
+  );
+  const linkedBytes = [...saved.layout.values()].filter((l) => l.location === LINK_NAME).reduce((a, l) => a + l.length, 0);
+  records[name] = { modelBytes: saved.modelBytes, externalBytes: saved.externalBytes, linkedBytes, initializers: g.initializers.length };
+  return net;
 }
 
 function isModelKey(k: string): boolean {
@@ -332,14 +347,25 @@ export async function importCheckpoint(path: string, opts: ImportOptions): Promi
     return { dir, architecture: existing.architecture, manifest: existing, unusedKeys: [], sha256, modelHash, cached: true };
   }
   if (existing) await rm(dir, { recursive: true, force: true });
-  const tmp = join(opts.cacheDir, `.build-${randomBytes(6).toString("hex")}`);
-  try {
-    const st = await stat(path);
-    const checkpointFile = { size: st.size, mtimeMs: st.mtimeMs };
-    const built = await buildPipelineFromCheckpoint(path, tmp, {
+  const st = await stat(path);
+  const checkpointFile = { size: st.size, mtimeMs: st.mtimeMs };
+  const built = await buildIntoCache(dir, opts.cacheDir, (tmp) =>
+    buildPipelineFromCheckpoint(path, tmp, {
       ...opts,
       manifestExtra: { ...opts.manifestExtra, sha256, modelHash, checkpointFile },
-    });
+    }),
+  );
+  return { ...built, dir, sha256, modelHash, cached: false };
+}
+
+/**
+ * Builds into a private temporary folder under `cacheDir` that is then renamed to `dir`, so concurrent
+ * imports and crashes never expose a partial folder. A folder another import finished first is kept.
+ */
+export async function buildIntoCache<T>(dir: string, cacheDir: string, build: (tmp: string) => Promise<T>): Promise<T> {
+  const tmp = join(cacheDir, `.build-${randomBytes(6).toString("hex")}`);
+  try {
+    const built = await build(tmp);
     try {
       await rename(tmp, dir);
     } catch (err) {
@@ -356,7 +382,7 @@ export async function importCheckpoint(path: string, opts: ImportOptions): Promi
         });
       }
     }
-    return { ...built, dir, sha256, modelHash, cached: false };
+    return built;
   } catch (err) {
     await rm(tmp, { recursive: true, force: true });
     throw err;
@@ -367,7 +393,10 @@ export async function importCheckpoint(path: string, opts: ImportOptions): Promi
  * A linked cache entry shares the checkpoint's inode; if that file was rewritten in place since the build,
  * the entry no longer matches its hash and must be rebuilt.
  */
-async function linksIntact(dir: string, manifest: PipelineManifest): Promise<boolean> {
+export async function linksIntact(
+  dir: string,
+  manifest: Pick<PipelineManifest, "components"> & { readonly checkpointFile?: unknown },
+): Promise<boolean> {
   const recorded = manifest.checkpointFile as { size: number; mtimeMs: number } | undefined;
   for (const c of COMPONENTS) {
     if (!manifest.components[c]?.linkedBytes) continue;
