@@ -9,6 +9,7 @@ import {
   type AgentInfo,
   type EmbeddingInfo,
   type SkippedEmbedding,
+  type VaeInfo,
   type Heartbeat,
   type Logger,
   type ServiceClient,
@@ -23,6 +24,8 @@ export interface AgentState {
   /** The textual-inversion embeddings in its embeddings folder, and the files it left out (for listings). */
   embeddings: EmbeddingInfo[];
   skippedEmbeddings: SkippedEmbedding[];
+  /** The VAE files it lists (A1111's VAE list), for listings and for checking a job's sd_vae. */
+  vaes: VaeInfo[];
   freeMemoryBytes: bigint;
   lastSeen: number;
   /** Tasks this coordinator has running there; authoritative over the heartbeat's busy count. */
@@ -86,6 +89,7 @@ export class AgentRegistry {
         available: new Set(hb.availableModels.map((m) => m.name)),
         embeddings: hb.embeddings,
         skippedEmbeddings: hb.skippedEmbeddings,
+        vaes: hb.vaes,
         freeMemoryBytes: hb.freeMemoryBytes,
         lastSeen: Date.now(),
         inFlight: 0,
@@ -113,6 +117,7 @@ export class AgentRegistry {
     if (changed) a.available = new Set(available);
     a.embeddings = hb.embeddings;
     a.skippedEmbeddings = hb.skippedEmbeddings;
+    a.vaes = hb.vaes;
     a.freeMemoryBytes = hb.freeMemoryBytes;
     a.lastSeen = Date.now();
     this.opts.onUpdate?.(a, changed);

@@ -411,6 +411,22 @@ export class Coordinator {
               .map((s) => ({ ...s, agents: s.agents.sort() })),
           };
         },
+        listVaes: async (_req, ctx) => {
+          this.tenantOf(ctx);
+          const files = new Map<string, { name: string; sizeBytes: bigint; agents: string[] }>();
+          for (const a of this.registry.list()) {
+            for (const v of a.vaes) {
+              const key = `${v.name}\u0000${v.sizeBytes}`;
+              const f = files.get(key) ?? { name: v.name, sizeBytes: v.sizeBytes, agents: [] };
+              f.agents.push(a.id);
+              files.set(key, f);
+            }
+          }
+          const sorted = [...files.values()].sort((x, y) =>
+            x.name < y.name ? -1 : x.name > y.name ? 1 : Number(x.sizeBytes - y.sizeBytes),
+          );
+          return { vaes: sorted.map((f) => ({ ...f, agents: f.agents.sort() })) };
+        },
       },
       (method, err) => {
         if (err.code === grpc.status.INTERNAL) this.cfg.logger.error("rpc failed", { method, error: err.message });
@@ -783,6 +799,17 @@ export class Coordinator {
       throw FarmError.notFound(
         `hires checkpoint "${checkpoint}" is not offered by any agent (known: ${known.join(", ") || "none"})`,
         "hr_checkpoint_name",
+      );
+    }
+    const vae = v.params.overrideSettings?.sdVae ?? "";
+    if (vae !== "" && vae !== "Automatic" && vae !== "auto" && vae !== "None" && !agents.some((a) => a.vaes.some((f) => f.name === vae))) {
+      const known = [...new Set(agents.flatMap((a) => a.vaes.map((f) => f.name)))].sort();
+      const fromInfotext = params.overrideSettings?.sdVae
+        ? ""
+        : "; it comes from the infotext's VAE: set override_settings.sd_vae to render with another";
+      throw FarmError.notFound(
+        `VAE "${vae}" is not in any agent's VAE list (known: ${known.join(", ") || "none"}; or "Automatic", "None")${fromInfotext}`,
+        "override_settings.sd_vae",
       );
     }
     const key: SpeedKey = { model: v.params.model, width: v.params.width ?? 512, height: v.params.height ?? 512 };

@@ -73,6 +73,7 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
     available: new Set(["m"]),
     embeddings: [],
     skippedEmbeddings: [],
+    vaes: [],
     freeMemoryBytes: 0n,
     lastSeen: Date.now(),
     inFlight: 0,

@@ -57,6 +57,11 @@ test("override settings (A1111's options) and s_min_uncond: names known, numbers
   rejects(s({ uniPcOrder: 51 }), "INVALID_ARGUMENT", "override_settings.uni_pc_order");
   rejects(s({ sdNoiseSchedule: "zero terminal snr" }), "INVALID_ARGUMENT", "override_settings.sd_noise_schedule");
   rejects(s({ emphasis: "Strong" }), "INVALID_ARGUMENT", "override_settings.emphasis");
+  // A VAE is named by its file name alone, as ListVaes lists it.
+  for (const sdVae of ["../../etc/passwd", "VAE/x.pt", "a\\b.pt", "x\0.pt", "..", "v".repeat(256)]) {
+    rejects(s({ sdVae }), "INVALID_ARGUMENT", "override_settings.sd_vae");
+  }
+  validateJob(job({ overrideSettings: { sdVae: "vae-ft-mse-840000-ema-pruned.safetensors" } }));
   rejects(s({ skipEarlyCond: 1.5 }), "INVALID_ARGUMENT", "override_settings.skip_early_cond");
   rejects(s({ skipEarlyCond: Number.NaN }), "INVALID_ARGUMENT", "override_settings.skip_early_cond");
   rejects(s({ etaAncestral: -0.1 }), "INVALID_ARGUMENT", "override_settings.eta_ancestral");

@@ -12,6 +12,7 @@ import {
   ModelInfoSchema,
   EmbeddingInfoSchema,
   SkippedEmbeddingSchema,
+  VaeInfoSchema,
   TaskProgressSchema,
   addHealthAndReflection,
   addService,
@@ -31,8 +32,9 @@ import {
 import { DEFAULT_ORPHAN_GRACE_MS, TaskRun, type RunTaskMessage } from "./task-run.js";
 import { ModelCatalog } from "./models/catalog.js";
 import { EmbeddingsFolder } from "./models/embedding-files.js";
+import { VaeList } from "./models/vae-files.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
-import { parsePipelineKey } from "./models/model-loader.js";
+import { parsePipelineKey, passKeysWith } from "./models/model-loader.js";
 import { runTaskPasses, type RunOnPipeline } from "./task-passes.js";
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
@@ -69,6 +71,8 @@ export interface AgentConfig {
   lorasDir?: string;
   /** Textual-inversion embeddings (.pt, .bin, .safetensors), named in prompts by file stem. */
   embeddingsDir?: string;
+  /** A1111's models/VAE: VAE files a job's sd_vae names (besides `*.vae.*` files in the models folder). */
+  vaeDir?: string;
   /** ESRGAN-family upscaler models (hires fix). */
   upscalersDir?: string;
   /** Face restoration models (CodeFormer and a face detector). */
@@ -97,6 +101,8 @@ export class Agent {
   /** For heartbeats: what the embeddings folder holds (pipelines read it themselves, in their threads). */
   private readonly embeddings: EmbeddingsFolder | undefined;
   private embeddingsError: string | undefined;
+  /** A1111's VAE list, which a task's sd_vae resolves against before its pipeline is chosen. */
+  private readonly vaes: VaeList;
   private readonly cache: PipelineCache<PipelineHost>;
   private readonly m = createMetrics(AGENT_METRICS);
   private nc: NatsConnection | undefined;
@@ -115,6 +121,7 @@ export class Agent {
     this.id = cfg.agentId ?? `${hostname()}-${randomUUID().slice(0, 8)}`;
     this.catalog = new ModelCatalog(cfg.modelsDir);
     this.embeddings = cfg.embeddingsDir ? new EmbeddingsFolder(cfg.embeddingsDir, cfg.logger) : undefined;
+    this.vaes = new VaeList({ modelsDir: cfg.modelsDir, ...(cfg.vaeDir !== undefined && { vaeDir: cfg.vaeDir }) });
     const cacheDir = cfg.cacheDir ?? join(tmpdir(), "latentfarm-model-cache");
     this.cache = new PipelineCache<PipelineHost>(
       cfg.maxLoadedModels ?? 2,
@@ -248,8 +255,9 @@ export class Agent {
         return undefined;
       },
     );
-    void Promise.all([this.catalog.list(), embeddings]).then(
-      ([models, embeddings]) => {
+    const vaes = this.vaes.current().catch(() => []);
+    void Promise.all([this.catalog.list(), embeddings, vaes]).then(
+      ([models, embeddings, vaes]) => {
         // close() may have begun draining while the catalog was listed; publishing then throws.
         if (!this.nc || !this.natsOpen()) return;
         const hb = create(HeartbeatSchema, {
@@ -262,6 +270,7 @@ export class Agent {
           skippedEmbeddings: (embeddings?.skipped ?? []).map((s) =>
             create(SkippedEmbeddingSchema, { file: relative(this.embeddings!.dir, s.file), reason: s.reason }),
           ),
+          vaes: vaes.map((f) => create(VaeInfoSchema, { name: f.name, sizeBytes: BigInt(f.sizeBytes ?? 0) })),
         });
         this.nc.publish(subjects.agentHeartbeat(this.id), toBinary(HeartbeatSchema, hb));
       },
@@ -319,7 +328,7 @@ export class Agent {
     const signal = run.abort.signal;
     let outcome: "succeeded" | "failed" | "cancelled" = "failed";
     try {
-      // The pass a task belongs to decides its pipeline: the checkpoint and the LoRAs merged into it.
+      // The pass a task belongs to decides its pipeline: the checkpoint, the LoRAs merged into it, its VAE.
       const runOn: RunOnPipeline = async (key, stageReq, ctx) => {
         const loaded = await this.cache.acquire(key, signal);
         try {
@@ -362,6 +371,7 @@ export class Agent {
           },
         },
         runOn,
+        passKeysWith(this.vaes),
       );
       outcome = "succeeded";
       run.finish({ output });

@@ -12,7 +12,7 @@ const AGENT_USAGE = `latentfarm agent --models DIR [--port N] [--host ADDR] [--n
                  [--slots N] [--threads N] [--max-loaded-models N] [--metrics-port N] [--health-port N]
                  [--advertise-address HOST:PORT] [--id ID] [--heartbeat-ms N] [--drain-seconds N] [--orphan-grace-seconds N]
                  [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--cache-dir DIR] [--tokenizer DIR] [--loras DIR]
-                 [--embeddings DIR] [--upscalers DIR] [--face-models DIR]
+                 [--embeddings DIR] [--vae-dir DIR] [--upscalers DIR] [--face-models DIR]
                  [--max-input-pixels N] [--max-input-bytes N]
 `;
 
@@ -51,6 +51,7 @@ async function runAgent(argv: string[]): Promise<number> {
       tokenizer: { type: "string" },
       loras: { type: "string" },
       embeddings: { type: "string" },
+      "vae-dir": { type: "string" },
       upscalers: { type: "string" },
       "face-models": { type: "string" },
       "max-input-pixels": { type: "string" },
@@ -85,6 +86,7 @@ async function runAgent(argv: string[]): Promise<number> {
     ...(v.tokenizer ? { tokenizerDir: v.tokenizer } : {}),
     ...(v.loras ? { lorasDir: v.loras } : {}),
     ...(v.embeddings ? { embeddingsDir: v.embeddings } : {}),
+    ...(v["vae-dir"] ? { vaeDir: v["vae-dir"] } : {}),
     ...(v.upscalers ? { upscalersDir: v.upscalers } : {}),
     ...(v["face-models"] ? { faceModelsDir: v["face-models"] } : {}),
     ...(v["max-input-pixels"] ? { maxInputPixels: Number(v["max-input-pixels"]) } : {}),

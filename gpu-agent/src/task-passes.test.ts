@@ -24,7 +24,7 @@ const pixels = async (image: Image): Promise<Buffer> => sharp(image.png).raw().t
 const request = (params: Params, stage = TaskStage.FULL): RunTaskRequest =>
   create(RunTaskRequestSchema, { taskId: "t", jobId: "j", seed: 11n, stage, params });
 
-test("a stage runs on its pass's pipeline: the hires checkpoint and the hires prompt's LoRAs from the second pass on", () => {
+test("a stage runs on its pass's pipeline: the hires checkpoint and the hires prompt's LoRAs from the second pass on", async () => {
   const params: Params = {
     model: "a",
     prompt: "x <lora:s:1>",
@@ -33,8 +33,8 @@ test("a stage runs on its pass's pipeline: the hires checkpoint and the hires pr
     enableHr: true,
     loras: [{ name: "u", teWeight: 1, unetWeight: 1 }],
   };
-  const key = (stage: TaskStage, p: Params = params) => parsePipelineKey(stagePipelineKey(request(p, stage)));
-  assert.deepEqual(key(TaskStage.FIRST_PASS), {
+  const key = async (stage: TaskStage, p: Params = params) => parsePipelineKey(await stagePipelineKey(request(p, stage)));
+  assert.deepEqual(await key(TaskStage.FIRST_PASS), {
     model: "a",
     loras: [
       { name: "s", teWeight: 1, unetWeight: 1 },
@@ -42,7 +42,7 @@ test("a stage runs on its pass's pipeline: the hires checkpoint and the hires pr
     ],
   });
   for (const stage of [TaskStage.SECOND_PASS, TaskStage.UPSCALE, TaskStage.SECOND_PASS_TILE, TaskStage.ASSEMBLE]) {
-    assert.deepEqual(key(stage), {
+    assert.deepEqual(await key(stage), {
       model: "b",
       loras: [
         { name: "t", teWeight: 0.5, unetWeight: 0.5 },
@@ -52,11 +52,11 @@ test("a stage runs on its pass's pipeline: the hires checkpoint and the hires pr
   }
   // No hires prompt: the second pass has the first pass's LoRAs; "Use same checkpoint" is the first pass's model.
   assert.equal(
-    stagePipelineKey(request({ ...params, hrPrompt: "", hrCheckpointName: "Use same checkpoint" }, TaskStage.SECOND_PASS)),
-    stagePipelineKey(request(params, TaskStage.FIRST_PASS)),
+    await stagePipelineKey(request({ ...params, hrPrompt: "", hrCheckpointName: "Use same checkpoint" }, TaskStage.SECOND_PASS)),
+    await stagePipelineKey(request(params, TaskStage.FIRST_PASS)),
   );
   // Without Hires.fix (or for img2img, where A1111 ignores it) the hires fields choose nothing.
-  assert.equal(key(TaskStage.FULL, { ...params, enableHr: false }).model, "a");
+  assert.equal((await key(TaskStage.FULL, { ...params, enableHr: false })).model, "a");
   assert.equal(
     passPipelineKey(create(RunTaskRequestSchema, { params: { ...params, initImages: [new Uint8Array(1)] } }).params!, "second"),
     passPipelineKey(create(RunTaskRequestSchema, { params: { ...params, enableHr: false } }).params!, "second"),
@@ -121,10 +121,10 @@ describe("a Hires.fix second pass with its own checkpoint or LoRAs runs on its o
   async function asStages(params: Params): Promise<Image> {
     const ctx: RenderContext = { signal: new AbortController().signal, agentId: "t", onStep: () => {}, onWarning: () => {} };
     const first = request(params, TaskStage.FIRST_PASS);
-    const handover = await runTask(await pipe(stagePipelineKey(first)), first, ctx);
+    const handover = await runTask(await pipe(await stagePipelineKey(first)), first, ctx);
     assert.equal(handover.case, "handover");
     const second = create(RunTaskRequestSchema, { ...request(params, TaskStage.SECOND_PASS), inputs: [handover.value as never] });
-    const image = await runTask(await pipe(stagePipelineKey(second)), second, ctx);
+    const image = await runTask(await pipe(await stagePipelineKey(second)), second, ctx);
     return image.value as Image;
   }
 

@@ -9,7 +9,7 @@
 import * as grpc from "@grpc/grpc-js";
 import { create } from "@bufbuild/protobuf";
 import { FarmError, RunTaskRequestSchema, TaskStage, isHiresTxt2img, type RunTaskRequest } from "@latentfarm/shared";
-import { passPipelineKey } from "./models/model-loader.js";
+import { passPipelineKey, type PassKeyOf } from "./models/model-loader.js";
 import type { RenderContext } from "./pipeline/render-common.js";
 import type { TaskOutput } from "./task-run.js";
 
@@ -21,10 +21,17 @@ const SECOND_PASS_STAGES: ReadonlySet<TaskStage> = new Set([
   TaskStage.ASSEMBLE,
 ]);
 
+/** The pass a stage task belongs to. */
+function stagePass(req: RunTaskRequest): "first" | "second" {
+  return SECOND_PASS_STAGES.has(req.stage) && isHiresTxt2img(req.params!) ? "second" : "first";
+}
+
+/** Pass keys without a VAE file: the checkpoint's own VAE decodes. */
+const checkpointVae: PassKeyOf = (p, pass) => Promise.resolve(passPipelineKey(p, pass));
+
 /** The pipeline key of the pass a stage task belongs to. */
-export function stagePipelineKey(req: RunTaskRequest): string {
-  const p = req.params!;
-  return passPipelineKey(p, SECOND_PASS_STAGES.has(req.stage) && isHiresTxt2img(p) ? "second" : "first");
+export function stagePipelineKey(req: RunTaskRequest, keyOf: PassKeyOf = checkpointVae): Promise<string> {
+  return keyOf(req.params!, stagePass(req));
 }
 
 /** Runs `req` on the pipeline of `key` (acquired and released by the caller's cache). */
@@ -34,11 +41,16 @@ export type RunOnPipeline = (key: string, req: RunTaskRequest, ctx: RenderContex
  * Runs a task on its pipelines: one for most tasks, two in a row for a FULL Hires.fix task whose second
  * pass needs another. Progress then counts both passes, as a FULL task's does.
  */
-export async function runTaskPasses(req: RunTaskRequest, ctx: RenderContext, runOn: RunOnPipeline): Promise<TaskOutput> {
+export async function runTaskPasses(
+  req: RunTaskRequest,
+  ctx: RenderContext,
+  runOn: RunOnPipeline,
+  keyOf: PassKeyOf = checkpointVae,
+): Promise<TaskOutput> {
   const p = req.params!;
-  const first = stagePipelineKey(req);
+  const first = await stagePipelineKey(req, keyOf);
   if (req.stage !== TaskStage.FULL || !isHiresTxt2img(p)) return runOn(first, req, ctx);
-  const second = passPipelineKey(p, "second");
+  const second = await keyOf(p, "second");
   if (second === first) return runOn(first, req, ctx);
   // A FULL task reports first-pass steps out of both passes' total; the first pass reports its own.
   let firstSteps = 0;

@@ -94,15 +94,17 @@ test("apply: img2img requests take no Hires entries; a mask takes the inpainting
 test("apply: what the farm does not reproduce is reported, an older A1111's implied behaviours too; bad values name the key", () => {
   const p = create(GenerationParamsSchema, {
     infotext:
-      "a [cat:dog:5]\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 512x512, VAE: kl-f8-anime2.ckpt, ADetailer model: face_yolov8n.pt, " +
+      "a [cat:dog:5]\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 512x512, VAE hash: 0123456789, VAE: kl-f8-anime2.ckpt, " +
+      "ADetailer model: face_yolov8n.pt, " +
       "Face restoration: GFPGAN, Emphasis: No norm, Version: v1.5.1",
   });
   const { notReproduced } = applyInfotext(p);
-  assert.deepEqual(notReproduced, [
-    "Face restoration: GFPGAN (restored with CodeFormer)",
-    "VAE: kl-f8-anime2.ckpt",
-    "ADetailer model: face_yolov8n.pt",
-  ]);
+  assert.deepEqual(notReproduced, ["Face restoration: GFPGAN (restored with CodeFormer)", "ADetailer model: face_yolov8n.pt"]);
+  // "VAE" is A1111's sd_vae setting (its "VAE hash" only informs), unless the request sets one.
+  assert.equal(p.overrideSettings?.sdVae, "kl-f8-anime2.ckpt");
+  const own = create(GenerationParamsSchema, { infotext: "x\nSteps: 2, Seed: 1, VAE: a.pt", overrideSettings: { sdVae: "None" } });
+  applyInfotext(own);
+  assert.equal(own.overrideSettings?.sdVae, "None");
   assert.equal(p.overrideSettings?.emphasis, "No norm");
   // A prompt-editing bracket before 1.6.0: A1111's paste turns on the old timelines.
   assert.equal(p.overrideSettings?.useOldScheduling, true);

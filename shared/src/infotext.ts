@@ -83,7 +83,8 @@ function versionBelow(v: [number, number, number, number], than: [number, number
 
 // Written by A1111 for information only, or handled with another key.
 // "TI hashes": the prompt names its embeddings; the agent that encodes it compares the hashes with its files.
-const INFORMATIONAL = new Set(["Model hash", "Lora hashes", "TI hashes", "Version", "User", "Hashes"]);
+// "VAE hash": the agent that loads the VAE the "VAE" entry names compares it with its file's.
+const INFORMATIONAL = new Set(["Model hash", "VAE hash", "Lora hashes", "TI hashes", "Version", "User", "Hashes"]);
 
 /** Defaults A1111's parser fills in or writes that change nothing here. */
 const NEUTRAL: Record<string, string> = {
@@ -115,6 +116,7 @@ const SETTINGS: Record<string, [keyof typeof OverrideSettingsSchema.field, Kind]
   "Noise Schedule": ["sdNoiseSchedule", "str"],
   "Downcast alphas_cumprod": ["useDowncastedAlphaBar", "bool"],
   Emphasis: ["emphasis", "str"],
+  VAE: ["sdVae", "str"],
   "Old prompt editing timelines": ["useOldScheduling", "bool"],
   "Pad conds": ["padCondUncond", "bool"],
   "Pad conds v0": ["padCondUncondV0", "bool"],

@@ -67,6 +67,18 @@ function oneOf<T extends string>(name: string, v: string, allowed: readonly T[])
   return found;
 }
 
+/**
+ * sd_vae names a file of an agent's VAE list by its file name alone ("Automatic" and "None" aside): a path
+ * would reach outside the folders the agents list.
+ */
+function checkVaeName(v: string): void {
+  const field = `${FIELD}.sd_vae`;
+  if (v.length > 255) throw FarmError.invalid(field, `must be a VAE file name of at most 255 characters, got ${v.length}`);
+  if (/[/\\\0]/.test(v) || v === "." || v === "..") {
+    throw FarmError.invalid(field, `"${v}" is not a VAE name: give the file's name as ListVaes lists it, without a folder`);
+  }
+}
+
 /** Checks the job's sampler settings, naming the first bad field (INVALID_ARGUMENT). */
 export function checkOverrideSettings(p: Pick<GenerationParams, "sMinUncond" | "overrideSettings">): CheckedOverrideSettings {
   const s: Partial<OverrideSettings> = p.overrideSettings ?? {};
@@ -106,6 +118,7 @@ export function checkOverrideSettings(p: Pick<GenerationParams, "sMinUncond" | "
   put("padCondUncond", s.padCondUncond);
   put("padCondUncondV0", s.padCondUncondV0);
   put("livePreviewContent", oneOf("live_preview_content", s.livePreviewContent ?? "", LIVE_PREVIEW_CONTENTS));
+  checkVaeName(s.sdVae ?? "");
   if (out.useDowncastedAlphaBar && out.noiseSchedule === "Zero Terminal SNR") {
     // ᾱ's last value, 4.9e-8, is 6e-8 in float16, and its σ overflows float16: A1111 renders NaN.
     throw FarmError.invalid(

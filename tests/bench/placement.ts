@@ -65,6 +65,7 @@ export async function benchPlacement(
       available: new Set(models),
       embeddings: [],
       skippedEmbeddings: [],
+      vaes: [],
       freeMemoryBytes: 0n,
       lastSeen: Date.now(),
       inFlight: 0,

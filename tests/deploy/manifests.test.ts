@@ -279,8 +279,8 @@ test("agents: one GPU each, on GPU nodes, probed on the plaintext health port", 
         assert.ok(flag(args, f) !== undefined, `${where}: ${f}`);
       }
       assert.equal(flag(args, "--ep"), "cuda", `${where}: CUDA execution provider`);
-      // LoRAs and embeddings come from the models volume the agent mounts.
-      for (const f of ["--loras", "--embeddings"]) assert.ok(flag(args, f)?.startsWith(`${flag(args, "--models")}/`), `${where}: ${f} on the models volume`);
+      // LoRAs, embeddings and VAE files come from the models volume the agent mounts.
+      for (const f of ["--loras", "--embeddings", "--vae-dir"]) assert.ok(flag(args, f)?.startsWith(`${flag(args, "--models")}/`), `${where}: ${f} on the models volume`);
       assert.equal(quantity(c.resources?.limits?.["nvidia.com/gpu"]), 1, `${where}: limits nvidia.com/gpu 1`);
       const gpuRequest = c.resources?.requests?.["nvidia.com/gpu"];
       if (gpuRequest !== undefined) assert.equal(quantity(gpuRequest), 1, `${where}: GPU request equals the limit`);

@@ -13,9 +13,12 @@ import {
   REPO,
   TEST_EMBEDDING,
   TEST_EMBEDDING_WORDS,
+  TEST_VAE,
+  TEST_VAE_SHIFT,
   farmSkipReason,
   startTestFarm,
   testEmbedding,
+  testVae,
   type TestFarm,
 } from "../harness/farm.js";
 
@@ -551,6 +554,74 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     assert.deepEqual(
       printed.skipped.map((s) => s.file),
       ["not-an-embedding.pt"],
+    );
+  });
+
+  test("a VAE file in the agents' --vae-dir decodes in place of the model's own when a job's sd_vae names it", async () => {
+    const image = async (sdVae: string | undefined, extra: Record<string, unknown> = {}) => {
+      const { jobId } = await farm.client.submit({
+        params: {
+          prompt: "a lighthouse",
+          model: "tiny-sd15",
+          width: 64,
+          height: 64,
+          steps: 3,
+          samplerName: "Euler",
+          seed: 9n,
+          ...(sdVae !== undefined && { overrideSettings: { sdVae } }),
+          ...extra,
+        },
+      });
+      const events = await collect(farm, jobId);
+      assert.equal(events.at(-1)?.event.case, "done", JSON.stringify(events.at(-1)?.event.value));
+      const img = events.flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))[0]!;
+      return { infotext: img.infotext, pixels: await sharp(img.png).raw().toBuffer() };
+    };
+    const own = await image(undefined);
+    const bright = await image(TEST_VAE);
+    const hash = createHash("sha256").update(testVae()).digest("hex").slice(0, 10);
+    assert.match(bright.infotext, new RegExp(`Model: tiny-sd15, VAE hash: ${hash}, VAE: ${TEST_VAE.replace(".", "\\.")},`));
+    assert.doesNotMatch(own.infotext, /VAE/);
+    // Its decoder's output bias is the model's own plus TEST_VAE_SHIFT: every pixel that stays unclipped
+    // is TEST_VAE_SHIFT × 127.5 levels brighter (±2 for the two builds' float rounding).
+    const shift = TEST_VAE_SHIFT * 127.5;
+    let compared = 0;
+    for (let i = 0; i < own.pixels.length; i++) {
+      if (own.pixels[i]! < 3 || own.pixels[i]! + shift > 250) continue;
+      assert.ok(Math.abs(bright.pixels[i]! - own.pixels[i]! - shift) <= 2, `pixel ${i}: ${own.pixels[i]} → ${bright.pixels[i]}`);
+      compared++;
+    }
+    assert.ok(compared > own.pixels.length / 2, `only ${compared} pixels below the clip`);
+    // "None" is the model's own VAE; a pasted infotext's "VAE" names the file as sd_vae does.
+    assert.deepEqual((await image("None")).pixels, own.pixels);
+    const pasted = await image(undefined, { infotext: `a lighthouse\nSteps: 3, Sampler: Euler, Seed: 9, VAE: ${TEST_VAE}` });
+    assert.deepEqual(pasted.pixels, bright.pixels);
+    // The agents list it (ListVaes, and the CLI); a name none has is refused at Submit, naming the field.
+    const listed = { name: TEST_VAE, sizeBytes: testVae().length, agents: ["agent-0", "agent-1"] };
+    const { vaes } = await farm.client.listVaes({});
+    assert.deepEqual(
+      vaes.map((f) => ({ name: f.name, sizeBytes: Number(f.sizeBytes), agents: f.agents })),
+      [listed],
+    );
+    const cli = spawnSync(
+      process.execPath,
+      [join(REPO, "bin", "latentfarm.js"), "vaes", "--coordinator", farm.coordinatorAddress, "--json"],
+      {
+        encoding: "utf8",
+        timeout: 60_000,
+      },
+    );
+    assert.equal(cli.status, 0, cli.stderr);
+    assert.deepEqual(JSON.parse(cli.stdout), [listed]);
+    await expectStatus(
+      farm.client.submit({ params: { prompt: "x", model: "tiny-sd15", overrideSettings: { sdVae: "kl-f8-anime2.ckpt" } } }),
+      grpc.status.NOT_FOUND,
+      "override_settings.sd_vae",
+    );
+    await expectStatus(
+      farm.client.submit({ params: { prompt: "x", model: "tiny-sd15", overrideSettings: { sdVae: "../VAE/x.pt" } } }),
+      grpc.status.INVALID_ARGUMENT,
+      "override_settings.sd_vae",
     );
   });
 

@@ -139,6 +139,43 @@ export function testEmbedding(): Buffer {
   return Buffer.concat([length, header, Buffer.from(data.buffer)]);
 }
 
+/**
+ * A VAE file every test farm agent has in its --vae-dir: the kit checkpoint's own VAE in A1111's
+ * models/VAE layout (no key prefix), its decoder's output bias raised by TEST_VAE_SHIFT, so every
+ * unclipped pixel it decodes is TEST_VAE_SHIFT × 127.5 levels brighter than the checkpoint's VAE makes it.
+ */
+export const TEST_VAE = "lf-bright.safetensors";
+export const TEST_VAE_SHIFT = 0.2;
+
+export function testVae(): Buffer {
+  const ckpt = readFileSync(join(FIXTURES, "tiny-sd15.safetensors"));
+  const headerLength = Number(ckpt.readBigUInt64LE(0));
+  const tensors = JSON.parse(ckpt.subarray(8, 8 + headerLength).toString("utf8")) as Record<
+    string,
+    { dtype: string; shape: number[]; data_offsets: [number, number] }
+  >;
+  const header: Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }> = {};
+  const parts: Buffer[] = [];
+  let at = 0;
+  for (const [key, t] of Object.entries(tensors)) {
+    if (!key.startsWith("first_stage_model.")) continue;
+    // A copy: the shifted tensor must not write into the checkpoint's buffer.
+    const data = Buffer.from(ckpt.subarray(8 + headerLength + t.data_offsets[0], 8 + headerLength + t.data_offsets[1]));
+    if (key === "first_stage_model.decoder.conv_out.bias") {
+      const bias = new Float32Array(Uint8Array.from(data).buffer);
+      for (let i = 0; i < bias.length; i++) bias[i]! += TEST_VAE_SHIFT;
+      Buffer.from(bias.buffer).copy(data);
+    }
+    header[key.slice("first_stage_model.".length)] = { dtype: t.dtype, shape: t.shape, data_offsets: [at, at + data.length] };
+    parts.push(data);
+    at += data.length;
+  }
+  const json = Buffer.from(JSON.stringify(header));
+  const length = Buffer.alloc(8);
+  length.writeBigUInt64LE(BigInt(json.length));
+  return Buffer.concat([length, json, ...parts]);
+}
+
 export async function startTestFarm(
   opts: { agents?: number; agentTimeoutMs?: number; slots?: number; coordinatorArgs?: string[] } = {},
 ): Promise<TestFarm> {
@@ -154,6 +191,9 @@ export async function startTestFarm(
   writeFileSync(join(embeddingsDir, `${TEST_EMBEDDING}.safetensors`), testEmbedding());
   // A file no model can use: ListEmbeddings reports it as skipped.
   writeFileSync(join(embeddingsDir, "not-an-embedding.pt"), "plain text");
+  const vaeDir = join(tmp, "VAE");
+  mkdirSync(vaeDir);
+  writeFileSync(join(vaeDir, TEST_VAE), testVae());
   const started: ServiceProcess[] = [];
   try {
     const coordinator = await startService([
@@ -179,7 +219,7 @@ export async function startTestFarm(
         id: `agent-${i}`,
         slots: opts.slots ?? 2,
         heartbeatMs: 250,
-        extra: ["--metrics-port", "0", "--embeddings", embeddingsDir],
+        extra: ["--metrics-port", "0", "--embeddings", embeddingsDir, "--vae-dir", vaeDir],
       });
       started.push(a);
       agents.push(a);

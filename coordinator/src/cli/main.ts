@@ -32,7 +32,7 @@ const USAGE = `latentfarm — a distributed Stable Diffusion render farm
 
 Usage:
   latentfarm up [--models DIR] [--nats URL] [--port N] [--agents N] [--ep cpu|cuda|webgpu] [--metrics-port N]
-                [--loras DIR] [--embeddings DIR] [hires tiling]
+                [--loras DIR] [--embeddings DIR] [--vae-dir DIR] [hires tiling]
   latentfarm demo [--models DIR] [--out DIR]           start a one-machine farm, render one image, stop
   latentfarm coordinator [--port N] [--host ADDR] [--nats URL] [--metrics-port N] [--default-model NAME]
                    [--agent-timeout-ms N] [--tls-cert F --tls-key F --tls-ca F] [--api-tokens-file F] [--health-port N]
@@ -48,6 +48,7 @@ Usage:
   latentfarm samplers   --coordinator HOST:PORT [--json]   (A1111 sampler names, aliases, options)
   latentfarm schedulers --coordinator HOST:PORT [--json]   (schedule types: API name, label, aliases)
   latentfarm embeddings --coordinator HOST:PORT [--json]   (textual-inversion embeddings in the agents' folders)
+  latentfarm vaes       --coordinator HOST:PORT [--json]   (VAE files a job's sd_vae may name)
   latentfarm prompt "<prompt>" [--steps N] [--json] [--tokenizer DIR]
 
 Generation options (A1111's parameter names in kebab case):
@@ -59,7 +60,8 @@ Generation options (A1111's parameter names in kebab case):
   --preview-every N (a live preview every N steps, written to OUT/previews/JOB-IMAGE-STEP.png)
   --s-min-uncond F (NGMS)  --override-setting KEY=VALUE (repeatable; A1111's option names, as in its
     override_settings: eta_ancestral, always_discard_next_to_last_sigma, sigma_min, sigma_max, rho,
-    uni_pc_variant, uni_pc_order, skip_early_cond, sd_noise_schedule, …)
+    uni_pc_variant, uni_pc_order, skip_early_cond, sd_noise_schedule, sd_vae (a VAE file as
+    "latentfarm vaes" lists it, "Automatic" or "None"), …)
   Hires.fix: --enable-hr (implied by --hr-scale/--hr-resize-*)  --hr-scale F  --hr-upscaler NAME
     --hr-second-pass-steps N  --hr-resize-x N  --hr-resize-y N  --hr-sampler-name NAME  --hr-scheduler NAME
     --hr-prompt TEXT  --hr-negative-prompt TEXT  --hr-checkpoint MODEL  --denoising-strength F
@@ -394,7 +396,7 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
 }
 
 async function listCommand(
-  kind: "agents" | "models" | "samplers" | "schedulers" | "embeddings",
+  kind: "agents" | "models" | "samplers" | "schedulers" | "embeddings" | "vaes",
   argv: string[],
   o: Out = io,
 ): Promise<number> {
@@ -456,6 +458,11 @@ async function listCommand(
         for (const e of rows) o.out(`${e.name}\t${e.vectors} vectors\twidth ${e.width}\t${e.hash}\t${e.agents.join(",")}\n`);
         for (const s of left) o.out(`skipped\t${s.file}\t${s.reason}\t${s.agents.join(",")}\n`);
       }
+    } else if (kind === "vaes") {
+      const { vaes } = await client.listVaes({}, { timeoutMs: 10_000, metadata });
+      const rows = vaes.map((f) => ({ name: f.name, sizeBytes: Number(f.sizeBytes), agents: f.agents }));
+      if (v.json) o.out(JSON.stringify(rows) + "\n");
+      else for (const f of rows) o.out(`${f.name}\t${f.sizeBytes} bytes\t${f.agents.join(",")}\n`);
     } else {
       const { models } = await client.listModels({}, { timeoutMs: 10_000, metadata });
       if (v.json) o.out(JSON.stringify(models.map((m) => ({ name: m.name, format: m.format, loadedOn: m.loadedOn }))) + "\n");
@@ -586,6 +593,8 @@ export async function startFarm(opts: {
   /** The agents' LoRA and textual-inversion embedding folders. */
   loras?: string;
   embeddings?: string;
+  /** The agents' VAE folder (A1111's models/VAE). */
+  vaeDir?: string;
   onLog?: (line: string) => void;
 }): Promise<Farm> {
   let nats: NatsServerHandle | undefined;
@@ -609,6 +618,7 @@ export async function startFarm(opts: {
     if (ep === "cuda") args.push("--device-id", String(i));
     if (opts.loras !== undefined) args.push("--loras", resolve(opts.loras));
     if (opts.embeddings !== undefined) args.push("--embeddings", resolve(opts.embeddings));
+    if (opts.vaeDir !== undefined) args.push("--vae-dir", resolve(opts.vaeDir));
     // Each CPU agent gets its share of the cores, so agents on one machine do not oversubscribe.
     if (ep === "cpu") args.push("--threads", String(Math.max(1, Math.floor((await import("node:os")).availableParallelism() / count))));
     const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "inherit"] });
@@ -664,6 +674,7 @@ const UP_OPTIONS = {
   "metrics-port": { type: "string", default: "9464" },
   loras: { type: "string" },
   embeddings: { type: "string" },
+  "vae-dir": { type: "string" },
   ...TILING_OPTIONS,
 } as const satisfies ParseArgsConfig["options"];
 
@@ -680,6 +691,7 @@ async function up(argv: string[]): Promise<number> {
     hires: tilingFromFlags(v),
     ...(v.loras !== undefined && { loras: v.loras }),
     ...(v.embeddings !== undefined && { embeddings: v.embeddings }),
+    ...(v["vae-dir"] !== undefined && { vaeDir: v["vae-dir"] }),
   });
   io.out(`farm up: coordinator ${farm.coordinatorAddress}, ${farm.agents.length} agent(s); Ctrl-C stops it\n`);
   await untilSignal();
@@ -770,6 +782,7 @@ export async function main(argv: string[]): Promise<number> {
       case "samplers":
       case "schedulers":
       case "embeddings":
+      case "vaes":
         return await listCommand(cmd, rest);
       case undefined:
       case "help":

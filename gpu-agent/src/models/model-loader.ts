@@ -4,6 +4,7 @@ import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, secondPassModel, secondPassPrompt, type GenerationParams, type Logger, type LoraRef } from "@latentfarm/shared";
 import {
+  importVae,
   importCheckpoint,
   importCheckpointWithLoras,
   loraAddnetHash,
@@ -13,6 +14,7 @@ import {
 import type { ExecutionProvider } from "../runtime/protocol.js";
 import type { ModelCatalog, ModelEntry } from "./catalog.js";
 import { SdModel, loadTextEncoder } from "./sd-model.js";
+import type { VaeFile, VaeList } from "./vae-files.js";
 import { extractExtraNetworks, type ClosableTextEncoder } from "../conditioning/index.js";
 
 /** A LoRA as a task asks for it: from a `<lora:name:te:unet>` tag or the request's loras field. */
@@ -22,18 +24,20 @@ export interface LoraUse {
   readonly unetWeight: number;
 }
 
-/** What a pipeline is keyed by: the model and the exact set of merged LoRAs. */
+/** What a pipeline is keyed by: the model, the exact set of merged LoRAs, and the VAE file it decodes with. */
 export interface PipelineKey {
   readonly model: string;
   readonly loras: readonly LoraUse[];
+  /** A VAE file in place of the checkpoint's own (A1111's sd_vae, resolved); absent: the checkpoint's. */
+  readonly vae?: VaeFile;
 }
 
 /** A stable cache key: LoRAs sorted by name, weight-0 LoRAs dropped (they equal the base). */
-export function pipelineKey(model: string, loras: readonly LoraUse[]): string {
+export function pipelineKey(model: string, loras: readonly LoraUse[], vae?: VaeFile): string {
   const active = loras
     .filter((l) => l.teWeight !== 0 || l.unetWeight !== 0)
     .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
-  return JSON.stringify({ model, loras: active } satisfies PipelineKey);
+  return JSON.stringify({ model, loras: active, ...(vae && { vae: { name: vae.name, path: vae.path } }) } satisfies PipelineKey);
 }
 
 /** The LoRAs a prompt's `<lora:…>` tags and the request's `loras` field name, in that order. */
@@ -53,9 +57,25 @@ export function lorasOf(prompt: string, explicit: readonly LoraRef[]): LoraUse[]
  * as A1111 switches checkpoints and activates the hires prompt's extra networks for it. The request's
  * `loras` apply to both.
  */
-export function passPipelineKey(p: GenerationParams, pass: "first" | "second"): string {
-  if (pass === "first") return pipelineKey(p.model, lorasOf(p.prompt, p.loras));
-  return pipelineKey(secondPassModel(p), lorasOf(secondPassPrompt(p), p.loras));
+export function passPipelineKey(p: GenerationParams, pass: "first" | "second", vae?: VaeFile): string {
+  if (pass === "first") return pipelineKey(p.model, lorasOf(p.prompt, p.loras), vae);
+  return pipelineKey(secondPassModel(p), lorasOf(secondPassPrompt(p), p.loras), vae);
+}
+
+/** The checkpoint a pass runs on. */
+export function passModelName(p: GenerationParams, pass: "first" | "second"): string {
+  return pass === "first" ? p.model : secondPassModel(p);
+}
+
+/** A pass's pipeline key with its VAE resolved (a VAE setting resolves per checkpoint, as A1111 reloads it with each). */
+export type PassKeyOf = (p: GenerationParams, pass: "first" | "second") => Promise<string>;
+
+/** Pass keys whose VAE comes from A1111's `sd_vae` setting resolved against `vaes`. */
+export function passKeysWith(vaes: VaeList): PassKeyOf {
+  return async (p, pass) => {
+    const resolved = await vaes.resolve(p.overrideSettings?.sdVae ?? "", passModelName(p, pass));
+    return passPipelineKey(p, pass, resolved.file);
+  };
 }
 
 export function parsePipelineKey(key: string): PipelineKey {
@@ -68,6 +88,8 @@ export interface LoadedModelInfo {
   modelHash: string | undefined;
   /** A1111's "Lora hashes" entries ("name: hash"), in request order. */
   loraHashes: string[];
+  /** A1111's "VAE" (the file name) and "VAE hash" (10 hex) when a VAE file replaces the checkpoint's own. */
+  vae: { name: string; hash: string } | undefined;
   /**
    * Where a LoRA changed the text encoder's weights (a text-encoder weight other than 0): opens the base
    * model's text encoder, whose empty prompt A1111 pads with.
@@ -126,11 +148,29 @@ export async function loadModel(
     ...(opts.intraOpNumThreads ? { intraOpNumThreads: opts.intraOpNumThreads } : {}),
     ...(opts.sessions ? { sessions: opts.sessions } : {}),
   };
-  const load = (path: string): Promise<SdModel> =>
-    SdModel.load(
+  const vae = key.vae === undefined ? undefined : await importVae(key.vae.path, { cacheDir: opts.cacheDir });
+  const vaeInfo = vae && key.vae ? { name: key.vae.name, hash: vae.vaeHash } : undefined;
+  const load = async (path: string): Promise<SdModel> => {
+    const model = await SdModel.load(
       { ...entry, path, format: "diffusers-onnx" },
-      { ...sessions, logger: opts.logger, ...(signal ? { signal } : {}), ...(opts.tokenOverrides ? { tokenOverrides: true } : {}) },
+      {
+        ...sessions,
+        logger: opts.logger,
+        ...(signal ? { signal } : {}),
+        ...(opts.tokenOverrides ? { tokenOverrides: true } : {}),
+        ...(vae ? { vaeDir: vae.dir } : {}),
+      },
     );
+    if (vae && vae.config.latentChannels !== model.config.latentChannels) {
+      await model.close();
+      throw new FarmError(
+        grpc.status.FAILED_PRECONDITION,
+        `VAE "${key.vae?.name}" takes ${vae.config.latentChannels}-channel latents; model "${entry.name}" makes ${model.config.latentChannels}`,
+        { field: "override_settings.sd_vae" },
+      );
+    }
+    return model;
+  };
   if (entry.format === "diffusers-onnx") {
     if (key.loras.length > 0) {
       throw new FarmError(
@@ -139,7 +179,7 @@ export async function loadModel(
         { field: "loras" },
       );
     }
-    return { model: await load(entry.path), modelHash: undefined, loraHashes: [], baseTextEncoder: undefined, warnings: [] };
+    return { model: await load(entry.path), modelHash: undefined, loraHashes: [], vae: vaeInfo, baseTextEncoder: undefined, warnings: [] };
   }
   const tokenizerDir = opts.tokenizerDir ?? (await defaultTokenizer(catalog));
   if (!tokenizerDir) {
@@ -180,7 +220,7 @@ export async function loadModel(
     ? async (): Promise<ClosableTextEncoder> =>
         loadTextEncoder((await importCheckpoint(entry.path, { ...importOpts, components: ["text_encoder"] })).dir, sessions)
     : undefined;
-  return { model: await load(dir), modelHash, loraHashes, baseTextEncoder, warnings };
+  return { model: await load(dir), modelHash, loraHashes, vae: vaeInfo, baseTextEncoder, warnings };
 }
 
 /** Files in the LoRA folder, for listings. */

@@ -83,6 +83,11 @@ export interface SdModelLoadOptions {
    * textual-inversion embeddings. The graph is patched in memory; the model folder is not touched.
    */
   tokenOverrides?: boolean;
+  /**
+   * A folder whose vae_decoder/ (and vae_encoder/) replace the model's own: a VAE file built by importVae,
+   * as A1111's sd_vae loads a VAE over the checkpoint's.
+   */
+  vaeDir?: string;
 }
 
 /** Where a patched text encoder whose weights are external data is saved: beside them, as they are named relative to it. */
@@ -146,6 +151,8 @@ export class SdModel {
     private readonly sessions: Record<"text_encoder" | "unet" | "vae_decoder", SessionInfo>,
     private readonly unetInputs: { sample: ValueMeta; timestep: ValueMeta; context: ValueMeta; output: string },
     readonly textEncoder: TextEncoder,
+    /** The folder whose vae_decoder/ and vae_encoder/ this model decodes and encodes with. */
+    private readonly vaeDir: string,
   ) {}
 
   /**
@@ -194,7 +201,8 @@ export class SdModel {
     try {
       const te = await worker.load("text_encoder", await textEncoderModel(dir, opts.tokenOverrides, opts.logger), opts.signal);
       const unet = await worker.load("unet", join(dir, "unet", "model.onnx"), opts.signal);
-      const vae = await worker.load("vae_decoder", join(dir, "vae_decoder", "model.onnx"), opts.signal);
+      const vaeDir = opts.vaeDir ?? dir;
+      const vae = await worker.load("vae_decoder", join(vaeDir, "vae_decoder", "model.onnx"), opts.signal);
       const unetInputs = {
         sample: inputOf(unet, ["sample"], "unet"),
         timestep: inputOf(unet, ["timestep", "timesteps", "t"], "unet"),
@@ -210,6 +218,7 @@ export class SdModel {
         { text_encoder: te, unet, vae_decoder: vae },
         unetInputs,
         textEncoder,
+        vaeDir,
       );
     } catch (err) {
       await worker.close();
@@ -307,7 +316,7 @@ export class SdModel {
     width: number,
     signal?: AbortSignal,
   ): Promise<{ latent: Float32Array; h: number; w: number }> {
-    const path = join(this.entry.path, "vae_encoder", "model.onnx");
+    const path = join(this.vaeDir, "vae_encoder", "model.onnx");
     if (this.vaeEncoderInfo === undefined) {
       if (!existsSync(path)) {
         throw new FarmError(

@@ -68,6 +68,7 @@ async function start(): Promise<void> {
       maxBatchRows: init.maxBatchRows,
       modelHash: loaded.modelHash,
       loraHashes: loaded.loraHashes,
+      vae: loaded.vae,
       loras: key.loras,
       baseTextEncoder: loaded.baseTextEncoder,
       loadWarnings: loaded.warnings,

@@ -281,6 +281,8 @@ async function finishHires(
   const model: ModelIdentity = {
     name: firstModel.name,
     modelHash: firstModel.modelHash,
+    // A1111 takes "VAE" and "VAE hash" when processing starts, before a hires checkpoint (and its VAE) loads.
+    vae: firstModel.vae,
     loraHashes: sampler2
       ? mergeLoraHashes(
           loraHashesInPromptOrder(firstModel.loraHashes, p.prompt, p.loras),

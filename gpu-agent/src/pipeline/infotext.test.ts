@@ -64,7 +64,7 @@ test("a key whose value equals the key is written alone", () => {
 });
 
 test("Lora hashes: in the order the prompt names the LoRAs, then the request's; names without ':' and ','; passes merged as A1111's dict", () => {
-  const model = { name: "m", modelHash: undefined, loraHashes: ["a,x: 222", "b: 111", "c: 333"] };
+  const model = { name: "m", modelHash: undefined, vae: undefined, loraHashes: ["a,x: 222", "b: 111", "c: 333"] };
   const p = create(GenerationParamsSchema, { prompt: "<lora:b:1> x <lora:a,x:0.5>", loras: [{ name: "c", teWeight: 1, unetWeight: 1 }] });
   assert.deepEqual(loraHashesEntry(model, p), ["Lora hashes", "b: 111, ax: 222, c: 333"]);
   assert.deepEqual(loraHashesEntry({ ...model, loraHashes: [] }, p), ["Lora hashes", undefined]);

@@ -54,6 +54,8 @@ export interface InfotextFields {
   height: number;
   modelHash?: string | undefined;
   model: string;
+  /** A VAE file that replaced the checkpoint's own: "VAE hash" (10 hex) and "VAE" (its file name). */
+  vae?: { name: string; hash: string } | undefined;
   subseed?: number | undefined;
   subseedStrength?: number | undefined;
   seedResizeFrom?: { w: number; h: number } | undefined;
@@ -82,6 +84,8 @@ export function buildInfotext(f: InfotextFields): string {
     ["Size", `${f.width}x${f.height}`],
     ["Model hash", f.modelHash],
     ["Model", f.model],
+    ["VAE hash", f.vae?.hash],
+    ["VAE", f.vae?.name],
     ["Variation seed", variation ? f.subseed : undefined],
     ["Variation seed strength", variation ? f.subseedStrength : undefined],
     [

@@ -19,6 +19,8 @@ export class LoadedPipeline {
   /** A1111 infotext entries: "Model hash" (checkpoints) and "Lora hashes". */
   readonly modelHash: string | undefined;
   readonly loraHashes: readonly string[];
+  /** The VAE file that replaced the checkpoint's own ("VAE" and "VAE hash"), if one did. */
+  readonly vae: { readonly name: string; readonly hash: string } | undefined;
   /** The LoRAs merged into this pipeline's weights (its pipeline key's): the only ones its prompts may name. */
   readonly loras: readonly LoraUse[];
   /** Warnings from building the model (LoRA keys that matched no layer), repeated to each task. */
@@ -43,6 +45,7 @@ export class LoadedPipeline {
       onUnetCall?: (rows: number, seconds: number) => void;
       modelHash?: string | undefined;
       loraHashes?: readonly string[];
+      vae?: { readonly name: string; readonly hash: string } | undefined;
       /** The LoRAs merged into `model` (default none). */
       loras?: readonly LoraUse[];
       /** The base model's text encoder where LoRAs changed this one's (ModelLoader's baseTextEncoder). */
@@ -59,6 +62,7 @@ export class LoadedPipeline {
     this.noiseThreadMinValues = opts.noiseThreadMinValues ?? 16_384;
     this.modelHash = opts.modelHash;
     this.loraHashes = opts.loraHashes ?? [];
+    this.vae = opts.vae;
     this.loras = opts.loras ?? [];
     this.baseTextEncoder = opts.baseTextEncoder;
     this.loadWarnings = opts.loadWarnings ?? [];

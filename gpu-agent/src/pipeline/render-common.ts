@@ -232,6 +232,18 @@ export function pastedEmbeddingWarnings(tiHashes: string | undefined, cond: Prep
   return warnings;
 }
 
+/**
+ * A pasted infotext's "VAE hash" against the VAE file this pipeline decodes with: a warning when the
+ * image will not be the one the infotext came from (another file of that name, or none loaded).
+ */
+export function pastedVaeWarning(vaeHash: string | undefined, vae: { name: string; hash: string } | undefined): string | undefined {
+  const hash = vaeHash?.trim().toLowerCase() ?? "";
+  if (hash === "") return undefined;
+  if (vae === undefined)
+    return `VAE hash: the infotext's VAE (${hash}) is not the one decoding here (the checkpoint's own is): the image differs`;
+  return vae.hash.startsWith(hash) ? undefined : `VAE hash: ${vae.name} is ${vae.hash} here, the infotext's is ${hash}: the image differs`;
+}
+
 /** A1111 encodes a pass's prompts before it sets its sampler up, so their entries precede the sampler's. */
 export function putFirst(
   infotext: Record<string, string | number | boolean>,
@@ -297,7 +309,10 @@ export async function conditioningFor(
   });
   recordConditioningInfotext(sampler, cond, negativePrompt, settings, steps, opts.firstPass ? "second" : "first");
   if (opts.firstPass === undefined && b.p.infotext.trim() !== "") {
-    for (const w of pastedEmbeddingWarnings(parseInfotext(b.p.infotext).params.get("TI hashes"), cond)) ctx.onWarning(w);
+    const pasted = parseInfotext(b.p.infotext).params;
+    for (const w of pastedEmbeddingWarnings(pasted.get("TI hashes"), cond)) ctx.onWarning(w);
+    const vae = pastedVaeWarning(pasted.get("VAE hash"), pipe.vae);
+    if (vae !== undefined) ctx.onWarning(vae);
   }
   for (const u of cond.extraNetworks.unknown) ctx.onWarning(`unknown extra network tag ${u.raw} removed from the prompt`);
   checkPassPipeline(pipe, b.p, prompt, opts.firstPass !== undefined, fields.prompt);
@@ -391,17 +406,30 @@ export interface ModelIdentity {
   readonly name: string;
   readonly modelHash: string | undefined;
   readonly loraHashes: readonly string[];
+  /** The VAE file it decoded with in place of the checkpoint's own. */
+  readonly vae: { readonly name: string; readonly hash: string } | undefined;
 }
 
 /** The hand-over's record of the model a pass ran on. */
 export function passModel(model: ModelIdentity): PassModel {
-  return create(PassModelSchema, { name: model.name, modelHash: model.modelHash ?? "", loraHashes: [...model.loraHashes] });
+  return create(PassModelSchema, {
+    name: model.name,
+    modelHash: model.modelHash ?? "",
+    loraHashes: [...model.loraHashes],
+    vaeName: model.vae?.name ?? "",
+    vaeHash: model.vae?.hash ?? "",
+  });
 }
 
 /** The first pass's model from its hand-over; `fallback` (this stage's own) for a hand-over without one. */
 export function modelIdentity(passed: PassModel | undefined, fallback: ModelIdentity): ModelIdentity {
   if (passed === undefined || passed.name === "") return fallback;
-  return { name: passed.name, modelHash: passed.modelHash || undefined, loraHashes: passed.loraHashes };
+  return {
+    name: passed.name,
+    modelHash: passed.modelHash || undefined,
+    loraHashes: passed.loraHashes,
+    vae: passed.vaeName === "" ? undefined : { name: passed.vaeName, hash: passed.vaeHash },
+  };
 }
 
 /** The infotext fields every pass shares, from the request, the first pass's model and its sampler. */
@@ -423,6 +451,7 @@ export function baseInfotext(
     height: size.height,
     model: model.name,
     modelHash: model.modelHash,
+    vae: model.vae,
     subseed: b.subseed,
     subseedStrength: b.p.subseedStrength,
     seedResizeFrom: { w: b.p.seedResizeFromW, h: b.p.seedResizeFromH },

@@ -1,0 +1,136 @@
+// Which VAE file a pass decodes with, by A1111's rules (modules/sd_vae.py): the VAE list, and the
+// `sd_vae` setting ("Automatic", "None" or a file name) resolved against a checkpoint.
+
+import { readdir, realpath, stat } from "node:fs/promises";
+import { basename, join } from "node:path";
+import * as grpc from "@grpc/grpc-js";
+import { FarmError } from "@latentfarm/shared";
+
+/** A VAE file as A1111 lists it: named by its file name, extension included. */
+export interface VaeFile {
+  readonly name: string;
+  readonly path: string;
+  /** Bytes, when listed (heartbeats carry it instead of a hash, which would read the whole file). */
+  readonly sizeBytes?: number;
+}
+
+/** `sd_vae` values that pick no file by name. */
+export const VAE_AUTOMATIC = "Automatic";
+export const VAE_NONE = "None";
+
+/** A1111's legacy spelling of Automatic, from old configs. */
+const AUTOMATIC = new Set(["", VAE_AUTOMATIC, "auto"]);
+
+export interface VaeFolders {
+  /** The models folder: `*.vae.pt`, `*.vae.ckpt` and `*.vae.safetensors` files in it (at any depth) are VAEs. */
+  readonly modelsDir: string;
+  /** A1111's models/VAE (`--vae-dir`): every `.pt`, `.ckpt` and `.safetensors` file in it is a VAE. */
+  readonly vaeDir?: string;
+}
+
+/** Files under `dir` (links followed, each real folder once, hidden entries skipped), by path. */
+async function walk(dir: string, seen = new Set<string>()): Promise<Array<{ path: string; size: number }>> {
+  const real = await realpath(dir).catch(() => undefined);
+  if (real === undefined || seen.has(real)) return [];
+  seen.add(real);
+  const names = await readdir(dir).catch(() => [] as string[]);
+  const out: Array<{ path: string; size: number }> = [];
+  for (const n of names.sort()) {
+    if (n.startsWith(".")) continue;
+    const p = join(dir, n);
+    const s = await stat(p).catch(() => undefined);
+    if (s?.isDirectory()) out.push(...(await walk(p, seen)));
+    else if (s?.isFile() && s.size > 0) out.push({ path: p, size: s.size });
+  }
+  return out;
+}
+
+/**
+ * The VAE list, in A1111's pattern order: `*.vae.ckpt`, `*.vae.pt`, `*.vae.safetensors` under the models
+ * folder, then `*.ckpt`, `*.pt`, `*.safetensors` under the VAE folder, each pattern's files by path
+ * (A1111 takes them in the file system's order). A name found twice keeps its first place and the later
+ * file, as A1111's dict does.
+ */
+export async function listVaes(folders: VaeFolders): Promise<VaeFile[]> {
+  const byName = new Map<string, VaeFile>();
+  const take = (files: ReadonlyArray<{ path: string; size: number }>, suffixes: readonly string[]): void => {
+    for (const suffix of suffixes) {
+      for (const f of files) {
+        const name = basename(f.path);
+        if (name.toLowerCase().endsWith(suffix)) byName.set(name, { name, path: f.path, sizeBytes: f.size });
+      }
+    }
+  };
+  take(await walk(folders.modelsDir), [".vae.ckpt", ".vae.pt", ".vae.safetensors"]);
+  if (folders.vaeDir !== undefined) take(await walk(folders.vaeDir), [".ckpt", ".pt", ".safetensors"]);
+  return [...byName.values()];
+}
+
+/** How a pass's VAE was chosen, for logs and listings. */
+export type VaeSource = "checkpoint" | "near checkpoint" | "setting";
+
+export interface ResolvedVae {
+  /** The file; undefined when the checkpoint's own (baked-in) VAE decodes. */
+  readonly file: VaeFile | undefined;
+  readonly source: VaeSource;
+}
+
+/** The `sd_vae` setting as a request gives it: '' means A1111's default, Automatic. */
+export function isAutomaticVae(setting: string): boolean {
+  return AUTOMATIC.has(setting);
+}
+
+/**
+ * A1111's resolve_vae with its default `sd_vae_overrides_per_model_preferences` (on) and no per-model
+ * user metadata: a named VAE wins; "None" keeps the checkpoint's own; Automatic takes the first listed VAE
+ * whose file name starts with the checkpoint's file name without its extension ("near the checkpoint"),
+ * else the checkpoint's own. A name no file has is a NOT_FOUND error here, where A1111 logs it and renders
+ * with the checkpoint's VAE: a farm job should not silently come out with other colours.
+ */
+export function resolveVae(setting: string, checkpoint: string, vaes: readonly VaeFile[]): ResolvedVae {
+  if (setting === VAE_NONE) return { file: undefined, source: "checkpoint" };
+  if (!isAutomaticVae(setting)) {
+    const file = vaes.find((v) => v.name === setting);
+    if (file === undefined) {
+      const known = vaes.map((v) => v.name);
+      throw new FarmError(
+        grpc.status.NOT_FOUND,
+        `VAE "${setting}" is not in this agent's VAE list (known: ${known.join(", ") || "none"}; or "Automatic", "None")`,
+        { field: "override_settings.sd_vae" },
+      );
+    }
+    return { file, source: "setting" };
+  }
+  const file = vaes.find((v) => v.name.startsWith(checkpoint));
+  return file === undefined ? { file: undefined, source: "checkpoint" } : { file, source: "near checkpoint" };
+}
+
+/**
+ * The agent's VAE list, read again at most every `maxAgeMs` (and on demand when a name is missing), so
+ * that a file dropped into the folder is used without a restart and a task does not walk the folders.
+ */
+export class VaeList {
+  private cached: { at: number; files: Promise<VaeFile[]> } | undefined;
+
+  constructor(
+    readonly folders: VaeFolders,
+    private readonly maxAgeMs = 5_000,
+  ) {}
+
+  current(fresh = false): Promise<VaeFile[]> {
+    const now = Date.now();
+    if (fresh || this.cached === undefined || now - this.cached.at > this.maxAgeMs) {
+      this.cached = { at: now, files: listVaes(this.folders) };
+    }
+    return this.cached.files;
+  }
+
+  /** resolveVae against the list, read again first when the setting names a file it lacks. */
+  async resolve(setting: string, checkpoint: string): Promise<ResolvedVae> {
+    const files = await this.current();
+    if (!isAutomaticVae(setting) && setting !== VAE_NONE && !files.some((f) => f.name === setting)) {
+      return resolveVae(setting, checkpoint, await this.current(true));
+    }
+    return resolveVae(setting, checkpoint, files);
+  }
+}
