@@ -2,7 +2,15 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import * as grpc from "@grpc/grpc-js";
 import { create } from "@bufbuild/protobuf";
-import { AgentInfoSchema, FarmError, GenerationParamsSchema, ImageSchema, silentLogger, type RunTaskRequest } from "@latentfarm/shared";
+import {
+  AgentInfoSchema,
+  FarmError,
+  GenerationParamsSchema,
+  ImageSchema,
+  VaeInfoSchema,
+  silentLogger,
+  type RunTaskRequest,
+} from "@latentfarm/shared";
 import type { AgentState } from "./agent-registry.js";
 import { DEFAULT_TENANT_POLICY } from "./fair-queue.js";
 import { Job } from "./job-store.js";
@@ -115,10 +123,16 @@ function harness(agents: AgentState[], opts: { maxAttempts?: number; speculate?:
     speed,
   });
   let jobs = 0;
-  const submit = (n: number, steps: number, resume?: { agent: string; until: number; attempt: number }, callsPerStep = 1): Task[] => {
+  const submit = (
+    n: number,
+    steps: number,
+    resume?: { agent: string; until: number; attempt: number },
+    callsPerStep = 1,
+    sdVae = "",
+  ): Task[] => {
     const job = new Job({
       id: `job${jobs++}`,
-      params: create(GenerationParamsSchema, { model: "m", steps, width: 64, height: 64 }),
+      params: create(GenerationParamsSchema, { model: "m", steps, width: 64, height: 64, overrideSettings: { sdVae } }),
       tenant: "t",
       requestId: "",
       imageCount: n,
@@ -174,6 +188,22 @@ test("with measured speeds 1×, 2×, 4× a batch splits about 1:2:4, and the fas
   const count = (id: string): number => h.done.filter((d) => d.agent === id).length;
   assert.ok(count("x4") > count("x2") && count("x2") > count("x1"), `split ${count("x1")}:${count("x2")}:${count("x4")}`);
   assert.ok(count("x4") >= 12, `the 4× agent did ${count("x4")} of 28 (ideal 16)`);
+  h.scheduler.close();
+});
+
+test("a job that names a VAE file runs only on agents that list it; Automatic and None run anywhere", async () => {
+  const log: string[] = [];
+  const withVae = fakeAgent("with-vae", 2, { stepMs: 5 }, log);
+  withVae.vaes = [create(VaeInfoSchema, { name: "anime.vae.pt", sizeBytes: 10n })];
+  const h = harness([fakeAgent("plain", 2, { stepMs: 5 }, log), withVae]);
+  h.submit(6, 2, undefined, 1, "anime.vae.pt");
+  await h.settled(6);
+  assert.deepEqual(new Set(h.done.map((d) => d.agent)), new Set(["with-vae"]));
+  h.done.length = 0;
+  h.submit(4, 2, undefined, 1, "None");
+  h.submit(4, 2, undefined, 1, "Automatic");
+  await h.settled(8);
+  assert.deepEqual(new Set(h.done.map((d) => d.agent)), new Set(["plain", "with-vae"]));
   h.scheduler.close();
 });
 

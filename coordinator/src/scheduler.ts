@@ -4,6 +4,7 @@ import {
   FarmError,
   RunTaskRequestSchema,
   TaskStage,
+  namedVae,
   statusName,
   type COORDINATOR_METRICS,
   type Handover,
@@ -60,6 +61,12 @@ export interface TaskStageSpec {
   readonly request: StageRequest;
   /** Attempts of this stage (an image's stages count their attempts each). */
   attempts: number;
+}
+
+/** Whether the agent lists the VAE file the task's job names (sd_vae), if it names one. */
+function offersVae(a: AgentState, task: Task): boolean {
+  const vae = namedVae(task.job.spec.params.overrideSettings?.sdVae);
+  return vae === undefined || a.vaes.some((f) => f.name === vae);
 }
 
 /** UNet evaluations a reported step of the task takes. */
@@ -603,7 +610,7 @@ export class Scheduler {
     let restrict = false;
     if (task.failedOn.size > 0 || this.opts.minFreeMemoryBytes) {
       for (const a of candidates) {
-        if (!a.info.draining && !task.failedOn.has(a.id) && this.memoryOk(a, task)) {
+        if (!a.info.draining && !task.failedOn.has(a.id) && this.memoryOk(a, task) && offersVae(a, task)) {
           restrict = true;
           break;
         }
@@ -618,7 +625,8 @@ export class Scheduler {
     let bStart = 0;
     for (let i = 0; i < candidates.length; i++) {
       const a = candidates[i]!;
-      if (a.info.draining) continue;
+      // An agent without the VAE file the job names cannot render it (Submit checked that one can).
+      if (a.info.draining || !offersVae(a, task)) continue;
       if (restrict && (task.failedOn.has(a.id) || !this.memoryOk(a, task))) continue;
       const start = plan.slot(a).at;
       if (start === Infinity) continue;
@@ -721,7 +729,14 @@ export class Scheduler {
     const estimates = new Map<string, Map<AgentState, { ms: number; measured: boolean }>>();
     for (const a of idle) {
       for (const c of top) {
-        if (c.task.runs.length !== 1 || c.run.agent === a || c.task.failedOn.has(a.id) || !a.available.has(c.task.key.model)) continue;
+        if (
+          c.task.runs.length !== 1 ||
+          c.run.agent === a ||
+          c.task.failedOn.has(a.id) ||
+          !a.available.has(c.task.key.model) ||
+          !offersVae(a, c.task)
+        )
+          continue;
         let byAgent = estimates.get(c.kind);
         if (!byAgent) estimates.set(c.kind, (byAgent = new Map()));
         let est = byAgent.get(a);

@@ -67,6 +67,14 @@ function oneOf<T extends string>(name: string, v: string, allowed: readonly T[])
   return found;
 }
 
+/** sd_vae values that name no file: A1111's Automatic ('' in a request; "auto" from old configs) and None. */
+const VAE_CHOICES = new Set(["", "Automatic", "auto", "None"]);
+
+/** The VAE file a job's sd_vae names, or undefined for Automatic and None (which any agent can honour). */
+export function namedVae(sdVae: string | undefined): string | undefined {
+  return sdVae === undefined || VAE_CHOICES.has(sdVae) ? undefined : sdVae;
+}
+
 /**
  * sd_vae names a file of an agent's VAE list by its file name alone ("Automatic" and "None" aside): a path
  * would reach outside the folders the agents list.

@@ -4,7 +4,7 @@
 import { readdir, realpath, stat } from "node:fs/promises";
 import { basename, join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
-import { FarmError } from "@latentfarm/shared";
+import { FarmError, namedVae } from "@latentfarm/shared";
 
 /** A VAE file as A1111 lists it: named by its file name, extension included. */
 export interface VaeFile {
@@ -14,12 +14,8 @@ export interface VaeFile {
   readonly sizeBytes?: number;
 }
 
-/** `sd_vae` values that pick no file by name. */
-export const VAE_AUTOMATIC = "Automatic";
+/** The `sd_vae` value that keeps the checkpoint's own VAE. */
 export const VAE_NONE = "None";
-
-/** A1111's legacy spelling of Automatic, from old configs. */
-const AUTOMATIC = new Set(["", VAE_AUTOMATIC, "auto"]);
 
 export interface VaeFolders {
   /** The models folder: `*.vae.pt`, `*.vae.ckpt` and `*.vae.safetensors` files in it (at any depth) are VAEs. */
@@ -75,11 +71,6 @@ export interface ResolvedVae {
   readonly source: VaeSource;
 }
 
-/** The `sd_vae` setting as a request gives it: '' means A1111's default, Automatic. */
-export function isAutomaticVae(setting: string): boolean {
-  return AUTOMATIC.has(setting);
-}
-
 /**
  * A1111's resolve_vae with its default `sd_vae_overrides_per_model_preferences` (on) and no per-model
  * user metadata: a named VAE wins; "None" keeps the checkpoint's own; Automatic takes the first listed VAE
@@ -89,13 +80,14 @@ export function isAutomaticVae(setting: string): boolean {
  */
 export function resolveVae(setting: string, checkpoint: string, vaes: readonly VaeFile[]): ResolvedVae {
   if (setting === VAE_NONE) return { file: undefined, source: "checkpoint" };
-  if (!isAutomaticVae(setting)) {
-    const file = vaes.find((v) => v.name === setting);
+  const named = namedVae(setting);
+  if (named !== undefined) {
+    const file = vaes.find((v) => v.name === named);
     if (file === undefined) {
       const known = vaes.map((v) => v.name);
       throw new FarmError(
         grpc.status.NOT_FOUND,
-        `VAE "${setting}" is not in this agent's VAE list (known: ${known.join(", ") || "none"}; or "Automatic", "None")`,
+        `VAE "${named}" is not in this agent's VAE list (known: ${known.join(", ") || "none"}; or "Automatic", "None")`,
         { field: "override_settings.sd_vae" },
       );
     }
@@ -128,7 +120,8 @@ export class VaeList {
   /** resolveVae against the list, read again first when the setting names a file it lacks. */
   async resolve(setting: string, checkpoint: string): Promise<ResolvedVae> {
     const files = await this.current();
-    if (!isAutomaticVae(setting) && setting !== VAE_NONE && !files.some((f) => f.name === setting)) {
+    const named = namedVae(setting);
+    if (named !== undefined && !files.some((f) => f.name === named)) {
       return resolveVae(setting, checkpoint, await this.current(true));
     }
     return resolveVae(setting, checkpoint, files);
