@@ -26,6 +26,7 @@ import {
   passWork,
   samplerApiOptions,
   secondPassModel,
+  namedVae,
   secondPassSamplerName,
   channelCredentials,
   serverCredentials,
@@ -37,7 +38,7 @@ import {
   type TlsFiles,
   type TokenAuth,
 } from "@latentfarm/shared";
-import { AgentRegistry } from "./agent-registry.js";
+import { AgentRegistry, type AgentState } from "./agent-registry.js";
 import { DEFAULT_DURABLE_CONFIG, DurableStore, type DurableStoreConfig } from "./durable-store.js";
 import { DEFAULT_TENANT_POLICY, type TenantPolicy } from "./fair-queue.js";
 import { Job, JobStore, type JobSpec } from "./job-store.js";
@@ -126,6 +127,29 @@ export class RetryLaterError extends FarmError {
 }
 
 /** The coordinator: RenderService for clients, durable job state on JetStream, the scheduler, and the agent registry. */
+/**
+ * What the agents report of their folders (embeddings, VAE files), one entry per key, each with the
+ * agents that reported it (sorted): folders that disagree show as separate entries.
+ */
+function gatherFromAgents<T, R extends object>(
+  agents: readonly AgentState[],
+  entriesOf: (a: AgentState) => readonly T[],
+  keyOf: (t: T) => string,
+  entryOf: (t: T) => R,
+): Array<R & { agents: string[] }> {
+  const out = new Map<string, R & { agents: string[] }>();
+  for (const a of agents) {
+    for (const t of entriesOf(a)) {
+      const key = keyOf(t);
+      let e = out.get(key);
+      if (e === undefined) out.set(key, (e = { ...entryOf(t), agents: [] }));
+      e.agents.push(a.id);
+    }
+  }
+  for (const e of out.values()) e.agents.sort();
+  return [...out.values()];
+}
+
 export class Coordinator {
   private readonly server = new grpc.Server(serverOptions);
   private readonly m = createMetrics(COORDINATOR_METRICS);
@@ -385,47 +409,33 @@ export class Coordinator {
         listEmbeddings: async (_req, ctx) => {
           this.tenantOf(ctx);
           // One entry per file (name and hash): agents whose folders disagree show as two entries.
-          const files = new Map<string, { name: string; vectors: number; width: number; hash: string; agents: string[] }>();
-          for (const a of this.registry.list()) {
-            for (const e of a.embeddings) {
-              const key = `${e.name}\u0000${e.width}\u0000${e.hash}`;
-              const f = files.get(key) ?? { name: e.name, vectors: e.vectors, width: e.width, hash: e.hash, agents: [] };
-              f.agents.push(a.id);
-              files.set(key, f);
-            }
-          }
-          const sorted = [...files.values()].sort((x, y) => (x.name === y.name ? x.width - y.width : x.name < y.name ? -1 : 1));
-          const skipped = new Map<string, { file: string; reason: string; agents: string[] }>();
-          for (const a of this.registry.list()) {
-            for (const s of a.skippedEmbeddings) {
-              const key = `${s.file}\u0000${s.reason}`;
-              const entry = skipped.get(key) ?? { file: s.file, reason: s.reason, agents: [] };
-              entry.agents.push(a.id);
-              skipped.set(key, entry);
-            }
-          }
+          const agents = this.registry.list();
+          const embeddings = gatherFromAgents(
+            agents,
+            (a) => a.embeddings,
+            (e) => `${e.name}\u0000${e.width}\u0000${e.hash}`,
+            (e) => ({ name: e.name, vectors: e.vectors, width: e.width, hash: e.hash }),
+          );
+          const skipped = gatherFromAgents(
+            agents,
+            (a) => a.skippedEmbeddings,
+            (s) => `${s.file}\u0000${s.reason}`,
+            (s) => ({ file: s.file, reason: s.reason }),
+          );
           return {
-            embeddings: sorted.map((f) => ({ ...f, agents: f.agents.sort() })),
-            skipped: [...skipped.values()]
-              .sort((x, y) => (x.file < y.file ? -1 : x.file > y.file ? 1 : 0))
-              .map((s) => ({ ...s, agents: s.agents.sort() })),
+            embeddings: embeddings.sort((x, y) => (x.name === y.name ? x.width - y.width : x.name < y.name ? -1 : 1)),
+            skipped: skipped.sort((x, y) => (x.file < y.file ? -1 : x.file > y.file ? 1 : 0)),
           };
         },
         listVaes: async (_req, ctx) => {
           this.tenantOf(ctx);
-          const files = new Map<string, { name: string; sizeBytes: bigint; agents: string[] }>();
-          for (const a of this.registry.list()) {
-            for (const v of a.vaes) {
-              const key = `${v.name}\u0000${v.sizeBytes}`;
-              const f = files.get(key) ?? { name: v.name, sizeBytes: v.sizeBytes, agents: [] };
-              f.agents.push(a.id);
-              files.set(key, f);
-            }
-          }
-          const sorted = [...files.values()].sort((x, y) =>
-            x.name < y.name ? -1 : x.name > y.name ? 1 : Number(x.sizeBytes - y.sizeBytes),
+          const vaes = gatherFromAgents(
+            this.registry.list(),
+            (a) => a.vaes,
+            (v) => `${v.name}\u0000${v.sizeBytes}`,
+            (v) => ({ name: v.name, sizeBytes: v.sizeBytes }),
           );
-          return { vaes: sorted.map((f) => ({ ...f, agents: f.agents.sort() })) };
+          return { vaes: vaes.sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : Number(x.sizeBytes - y.sizeBytes))) };
         },
       },
       (method, err) => {
@@ -801,8 +811,8 @@ export class Coordinator {
         "hr_checkpoint_name",
       );
     }
-    const vae = v.params.overrideSettings?.sdVae ?? "";
-    if (vae !== "" && vae !== "Automatic" && vae !== "auto" && vae !== "None" && !agents.some((a) => a.vaes.some((f) => f.name === vae))) {
+    const vae = namedVae(v.params.overrideSettings?.sdVae);
+    if (vae !== undefined && !agents.some((a) => a.vaes.some((f) => f.name === vae))) {
       const known = [...new Set(agents.flatMap((a) => a.vaes.map((f) => f.name)))].sort();
       const fromInfotext = params.overrideSettings?.sdVae
         ? ""

@@ -39,6 +39,20 @@ async function maxLevelDiff(png: Uint8Array, expectedPath: string): Promise<numb
   return max;
 }
 
+/** A list command of the CLI against the farm, with --json: what it printed, parsed. */
+function cliList(farm: TestFarm, command: string): unknown {
+  const cli = spawnSync(
+    process.execPath,
+    [join(REPO, "bin", "latentfarm.js"), command, "--coordinator", farm.coordinatorAddress, "--json"],
+    {
+      encoding: "utf8",
+      timeout: 60_000,
+    },
+  );
+  assert.equal(cli.status, 0, cli.stderr);
+  return JSON.parse(cli.stdout);
+}
+
 async function expectStatus(p: Promise<unknown>, code: grpc.status, field?: string): Promise<void> {
   await assert.rejects(p, (err: unknown) => {
     const fe = FarmError.from(err);
@@ -540,16 +554,7 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     const left = skipped.map((s) => ({ file: s.file, reason: s.reason.replace(/^.*not-an-embedding\.pt: /, ""), agents: s.agents }));
     const why = "not a torch zip archive: files saved by torch before 1.6 (or not by torch.save) are not read; convert it to .safetensors";
     assert.deepEqual(left, [{ file: "not-an-embedding.pt", reason: why, agents: ["agent-0", "agent-1"] }]);
-    const cli = spawnSync(
-      process.execPath,
-      [join(REPO, "bin", "latentfarm.js"), "embeddings", "--coordinator", farm.coordinatorAddress, "--json"],
-      {
-        encoding: "utf8",
-        timeout: 60_000,
-      },
-    );
-    assert.equal(cli.status, 0, cli.stderr);
-    const printed = JSON.parse(cli.stdout) as { embeddings: unknown[]; skipped: Array<{ file: string }> };
+    const printed = cliList(farm, "embeddings") as { embeddings: unknown[]; skipped: Array<{ file: string }> };
     assert.deepEqual(printed.embeddings, [listed]);
     assert.deepEqual(
       printed.skipped.map((s) => s.file),
@@ -603,16 +608,7 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       vaes.map((f) => ({ name: f.name, sizeBytes: Number(f.sizeBytes), agents: f.agents })),
       [listed],
     );
-    const cli = spawnSync(
-      process.execPath,
-      [join(REPO, "bin", "latentfarm.js"), "vaes", "--coordinator", farm.coordinatorAddress, "--json"],
-      {
-        encoding: "utf8",
-        timeout: 60_000,
-      },
-    );
-    assert.equal(cli.status, 0, cli.stderr);
-    assert.deepEqual(JSON.parse(cli.stdout), [listed]);
+    assert.deepEqual(cliList(farm, "vaes"), [listed]);
     await expectStatus(
       farm.client.submit({ params: { prompt: "x", model: "tiny-sd15", overrideSettings: { sdVae: "kl-f8-anime2.ckpt" } } }),
       grpc.status.NOT_FOUND,

@@ -115,11 +115,21 @@ export function readTorchFile(bytes: Uint8Array, label: string): unknown {
     }
     const src = storage(ref);
     const n = shape.reduce((a, b) => a * b, 1);
-    const out = new Float32Array(n);
     // Row-major walk over the strided view; bounds are checked once, at the view's last element.
     let last = offset;
     shape.forEach((d, i) => (last += d === 0 ? 0 : (d - 1) * strides[i]!));
     if (n > 0 && last >= src.length) throw ModelFileError.invalidFile(label, "a tensor reaches past the end of its storage");
+    // A row-major view (nearly every tensor of a saved model) is one slice: a VAE's 84 M values, element
+    // by element, took seconds.
+    let contiguous = 1;
+    const rowMajor = shape.every((_, i) => {
+      const k = shape.length - 1 - i;
+      const ok = shape[k] === 1 || strides[k] === contiguous;
+      contiguous *= shape[k]!;
+      return ok;
+    });
+    if (rowMajor) return new TorchTensor(ref.dtype, shape, src.slice(offset, offset + n));
+    const out = new Float32Array(n);
     const index = new Array<number>(shape.length).fill(0);
     for (let i = 0; i < n; i++) {
       let at = offset;
