@@ -198,6 +198,25 @@ describe("a VAE file (A1111's sd_vae) decodes and encodes in place of the checkp
       const r = await render(base);
       assert.deepEqual(r.pixels, baked.pixels);
       assert.equal(r.infotext.get("VAE"), "tiny.vae.safetensors");
+      // A Hires.fix second pass on another checkpoint resolves Automatic for that one (A1111 reloads the VAE
+      // with the checkpoint); the infotext keeps the first pass's VAE, which A1111 records before sampling.
+      const hires = await render({
+        ...base,
+        enableHr: true,
+        hrScale: 1.5,
+        hrSecondPassSteps: 2,
+        denoisingStrength: 0.5,
+        hrCheckpointName: "tiny-baked",
+      });
+      assert.deepEqual(
+        hires.keys.map((k) => [parsePipelineKey(k).model, parsePipelineKey(k).vae?.name]),
+        [
+          ["tiny", "tiny.vae.safetensors"],
+          ["tiny-baked", undefined],
+        ],
+      );
+      assert.equal(hires.infotext.get("VAE"), "tiny.vae.safetensors");
+      assert.match(hires.infotext.get("Hires checkpoint") ?? "", /^tiny-baked \[[0-9a-f]{10}\]$/);
       // A named VAE wins over the one near the checkpoint; "None" keeps the checkpoint's own.
       assert.equal(parsePipelineKey((await render({ ...base, overrideSettings: { sdVae: "b.ckpt" } })).keys[0]!).vae?.name, "b.ckpt");
       assert.equal((await render({ ...base, overrideSettings: { sdVae: "None" } })).infotext.has("VAE"), false);
