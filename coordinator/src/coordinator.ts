@@ -39,6 +39,7 @@ import {
   type TokenAuth,
 } from "@latentfarm/shared";
 import { AgentRegistry, type AgentState } from "./agent-registry.js";
+import { StyleLibrary } from "./styles.js";
 import { DEFAULT_DURABLE_CONFIG, DurableStore, type DurableStoreConfig } from "./durable-store.js";
 import { DEFAULT_TENANT_POLICY, type TenantPolicy } from "./fair-queue.js";
 import { Job, JobStore, type JobSpec } from "./job-store.js";
@@ -73,6 +74,8 @@ export interface CoordinatorConfig {
   defaultModel?: string;
   limits?: Partial<Limits>;
   samplerSupported?: SamplerSupport;
+  /** A1111 styles files (name, prompt, negative_prompt CSV), read in order; a job's `styles` name their rows. */
+  stylesFiles?: readonly string[];
   /** TLS for clients and mTLS towards agents; plaintext when absent. */
   tls?: TlsFiles;
   /** Tenant API tokens; when set, every RenderService call needs a bearer token. */
@@ -161,6 +164,7 @@ export class Coordinator {
   private readonly tiling: HiresTiling;
   private readonly tenantPolicies: Map<string, TenantPolicy>;
   private readonly defaultPolicy: TenantPolicy;
+  private readonly styles: StyleLibrary;
   /** Unfinished images per tenant (queued or running): what the queued-images limit counts. */
   private readonly outstanding = new Map<string, number>();
   private readonly deadlines = new Map<string, NodeJS.Timeout>();
@@ -175,6 +179,7 @@ export class Coordinator {
 
   constructor(private readonly cfg: CoordinatorConfig) {
     this.limits = { ...DEFAULT_LIMITS, ...cfg.limits };
+    this.styles = new StyleLibrary(cfg.stylesFiles ?? [], cfg.logger);
     this.tiling = { ...DEFAULT_HIRES_TILING, ...cfg.hires };
     checkTiling(this.tiling);
     this.defaultPolicy = { ...DEFAULT_TENANT_POLICY, ...cfg.tenants?.["*"] };
@@ -426,6 +431,10 @@ export class Coordinator {
             embeddings: embeddings.sort((x, y) => (x.name === y.name ? x.width - y.width : x.name < y.name ? -1 : 1)),
             skipped: skipped.sort((x, y) => (x.file < y.file ? -1 : x.file > y.file ? 1 : 0)),
           };
+        },
+        listStyles: async (_req, ctx) => {
+          this.tenantOf(ctx);
+          return { styles: [...(await this.styles.current()).values()] };
         },
         listVaes: async (_req, ctx) => {
           this.tenantOf(ctx);
@@ -790,6 +799,7 @@ export class Coordinator {
     const defaultModel = this.cfg.defaultModel ?? [...new Set(agents.flatMap((a) => [...a.available]))].sort()[0];
     const v = validateJob(params, {
       limits: this.limits,
+      ...(params.styles.length > 0 && { styles: await this.styles.current() }),
       ...(this.cfg.samplerSupported ? { samplerSupported: this.cfg.samplerSupported } : {}),
       ...(defaultModel ? { defaultModel } : {}),
     });

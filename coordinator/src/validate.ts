@@ -12,6 +12,7 @@ import {
   type GenerationParams,
   type ResolvedSampler,
 } from "@latentfarm/shared";
+import { applyStyles, type PromptStyle } from "./styles.js";
 
 export interface Limits {
   maxSteps: number;
@@ -60,9 +61,18 @@ function intIn(field: string, v: number, lo: number, hi: number): void {
  * Checks a job field by field and fills A1111's API defaults (steps 50, cfg 7, 512×512, Euler).
  * Fields that later issues implement are refused with UNIMPLEMENTED rather than ignored.
  */
+/** Styles one job may name. */
+const MAX_STYLES = 64;
+
 export function validateJob(
   input: GenerationParams,
-  opts: { limits?: Limits; samplerSupported?: SamplerSupport; defaultModel?: string } = {},
+  opts: {
+    limits?: Limits;
+    samplerSupported?: SamplerSupport;
+    defaultModel?: string;
+    /** The farm's prompt styles, which the job's `styles` name (none: a job naming one is refused). */
+    styles?: ReadonlyMap<string, PromptStyle>;
+  } = {},
 ): ValidatedJob {
   const L = opts.limits ?? DEFAULT_LIMITS;
   const p = create(GenerationParamsSchema, input);
@@ -70,6 +80,9 @@ export function validateJob(
   // First, so that the fields it fills are checked like the request's own.
   const { notReproduced } = applyInfotext(p);
   const warnings = notReproduced.length > 0 ? [`infotext: not reproduced by this farm: ${notReproduced.join("; ")}`] : [];
+  // Then the styles, into the prompts the infotext may have filled, as A1111 merges them into its prompts.
+  if (p.styles.length > MAX_STYLES) throw FarmError.invalid("styles", `names ${p.styles.length} styles; at most ${MAX_STYLES}`);
+  applyStyles(p, opts.styles ?? new Map());
 
   if (p.prompt.length > L.maxPromptChars) throw FarmError.invalid("prompt", `is longer than ${L.maxPromptChars} characters`);
   if (p.negativePrompt.length > L.maxPromptChars)

@@ -621,6 +621,38 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     );
   });
 
+  test("A1111 prompt styles from the coordinator's --styles-file merge into the prompts; ListStyles lists them", async () => {
+    const image = async (params: Record<string, unknown>) => {
+      const { jobId } = await farm.client.submit({
+        params: { model: "tiny-sd15", width: 64, height: 64, steps: 3, samplerName: "Euler", seed: 4n, ...params },
+      });
+      const events = await collect(farm, jobId);
+      assert.equal(events.at(-1)?.event.case, "done", JSON.stringify(events.at(-1)?.event.value));
+      const img = events.flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))[0]!;
+      return { infotext: img.infotext, pixels: await sharp(img.png).raw().toBuffer() };
+    };
+    const styled = await image({ prompt: "a harbour", negativePrompt: "blurry", styles: ["lf-cinematic", "lf-grain"] });
+    const written = await image({ prompt: "cinematic still of a harbour, bokeh, film grain", negativePrompt: "blurry, cartoon" });
+    assert.deepEqual(styled.pixels, written.pixels);
+    assert.equal(styled.infotext, written.infotext);
+    assert.match(styled.infotext, /^cinematic still of a harbour, bokeh, film grain\nNegative prompt: blurry, cartoon\n/);
+    const listed = [
+      { name: "lf-cinematic", prompt: "cinematic still of {prompt}, bokeh", negativePrompt: "cartoon" },
+      { name: "lf-grain", prompt: "film grain", negativePrompt: "" },
+    ];
+    const { styles } = await farm.client.listStyles({});
+    assert.deepEqual(
+      styles.map((st) => ({ name: st.name, prompt: st.prompt, negativePrompt: st.negativePrompt })),
+      listed,
+    );
+    assert.deepEqual(cliList(farm, "styles"), listed);
+    await expectStatus(
+      farm.client.submit({ params: { prompt: "x", model: "tiny-sd15", styles: ["lf-grain", "Noir"] } }),
+      grpc.status.NOT_FOUND,
+      "styles\\[1\\]",
+    );
+  });
+
   test("Cancel ends the job cancelled within one step and frees the agent", async () => {
     const { jobId } = await farm.client.submit({
       params: { prompt: "slow", model: "tiny-sd15", width: 64, height: 64, steps: 150, samplerName: "Euler", seed: 5n },

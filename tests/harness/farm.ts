@@ -176,6 +176,10 @@ export function testVae(): Buffer {
   return Buffer.concat([length, json, ...parts]);
 }
 
+/** An A1111 styles.csv the test farm's coordinator reads (--styles-file). */
+export const TEST_STYLES_CSV =
+  "name,prompt,negative_prompt\n" + '"lf-cinematic","cinematic still of {prompt}, bokeh","cartoon"\n' + '"lf-grain","film grain",\n';
+
 export async function startTestFarm(
   opts: { agents?: number; agentTimeoutMs?: number; slots?: number; coordinatorArgs?: string[] } = {},
 ): Promise<TestFarm> {
@@ -194,6 +198,8 @@ export async function startTestFarm(
   const vaeDir = join(tmp, "VAE");
   mkdirSync(vaeDir);
   writeFileSync(join(vaeDir, TEST_VAE), testVae());
+  const stylesFile = join(tmp, "styles.csv");
+  writeFileSync(stylesFile, TEST_STYLES_CSV);
   const started: ServiceProcess[] = [];
   try {
     const coordinator = await startService([
@@ -208,6 +214,8 @@ export async function startTestFarm(
       "0",
       "--agent-timeout-ms",
       String(opts.agentTimeoutMs ?? 3000),
+      "--styles-file",
+      stylesFile,
       ...(opts.coordinatorArgs ?? []),
     ]);
     started.push(coordinator);

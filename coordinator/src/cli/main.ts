@@ -32,12 +32,13 @@ const USAGE = `latentfarm — a distributed Stable Diffusion render farm
 
 Usage:
   latentfarm up [--models DIR] [--nats URL] [--port N] [--agents N] [--ep cpu|cuda|webgpu] [--metrics-port N]
-                [--loras DIR] [--embeddings DIR] [--vae-dir DIR] [hires tiling]
+                [--loras DIR] [--embeddings DIR] [--vae-dir DIR] [--styles-file F]... [hires tiling]
   latentfarm demo [--models DIR] [--out DIR]           start a one-machine farm, render one image, stop
   latentfarm coordinator [--port N] [--host ADDR] [--nats URL] [--metrics-port N] [--default-model NAME]
                    [--agent-timeout-ms N] [--tls-cert F --tls-key F --tls-ca F] [--api-tokens-file F] [--health-port N]
                    [--max-attempts N] [--replicas N] [--image-ttl-hours H] [--job-retention-hours H] [--store-prefix P]
                    [--tenants-file F] [--drain-seconds N] [--no-speculate] [--memory-only] [--max-finished-in-memory N]
+                   [--styles-file F]... (A1111 styles.csv: name, prompt, negative_prompt)
                    [hires tiling]
   latentfarm agent --models DIR [--port N] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N] [--slots N]
                    [--metrics-port N] [--health-port N] [--advertise-address HOST:PORT] [--id ID]
@@ -49,6 +50,7 @@ Usage:
   latentfarm schedulers --coordinator HOST:PORT [--json]   (schedule types: API name, label, aliases)
   latentfarm embeddings --coordinator HOST:PORT [--json]   (textual-inversion embeddings in the agents' folders)
   latentfarm vaes       --coordinator HOST:PORT [--json]   (VAE files a job's sd_vae may name)
+  latentfarm styles     --coordinator HOST:PORT [--json]   (prompt styles a job's --style may name)
   latentfarm prompt "<prompt>" [--steps N] [--json] [--tokenizer DIR]
 
 Generation options (A1111's parameter names in kebab case):
@@ -70,6 +72,7 @@ Generation options (A1111's parameter names in kebab case):
   inpainting: --mask FILE  --mask-blur N  --inpainting-fill fill|original|latent-noise|latent-nothing
     --inpaint-full-res true|false  --inpaint-full-res-padding N  --inpainting-mask-invert
   --restore-faces  --code-former-weight F  --lora NAME[:WEIGHT[:UNET_WEIGHT]] (repeatable; or <lora:…> in the prompt)
+  --style NAME (repeatable; an A1111 prompt style of the coordinator's --styles-file, merged in order)
 
 Client options (txt2img, agents, models): --token T (or LATENTFARM_TOKEN), --tls-ca FILE, --json
 
@@ -151,6 +154,7 @@ const GEN_OPTIONS = {
   "restore-faces": { type: "boolean", default: false },
   "code-former-weight": { type: "string" },
   lora: { type: "string", multiple: true },
+  style: { type: "string", multiple: true },
   json: { type: "boolean", default: false },
   quiet: { type: "boolean", default: false },
   token: { type: "string", default: process.env["LATENTFARM_TOKEN"] },
@@ -327,6 +331,7 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
     restoreFaces: v["restore-faces"],
     codeFormerWeight: num("code-former-weight", v["code-former-weight"]),
     loras: (v.lora ?? []).map(loraOf),
+    styles: v.style ?? [],
   };
   const { client, metadata } = renderClient(v.coordinator, v);
   const ac = new AbortController();
@@ -396,7 +401,7 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
 }
 
 async function listCommand(
-  kind: "agents" | "models" | "samplers" | "schedulers" | "embeddings" | "vaes",
+  kind: "agents" | "models" | "samplers" | "schedulers" | "embeddings" | "vaes" | "styles",
   argv: string[],
   o: Out = io,
 ): Promise<number> {
@@ -458,6 +463,11 @@ async function listCommand(
         for (const e of rows) o.out(`${e.name}\t${e.vectors} vectors\twidth ${e.width}\t${e.hash}\t${e.agents.join(",")}\n`);
         for (const s of left) o.out(`skipped\t${s.file}\t${s.reason}\t${s.agents.join(",")}\n`);
       }
+    } else if (kind === "styles") {
+      const { styles } = await client.listStyles({}, { timeoutMs: 10_000, metadata });
+      const rows = styles.map((st) => ({ name: st.name, prompt: st.prompt, negativePrompt: st.negativePrompt }));
+      if (v.json) o.out(JSON.stringify(rows) + "\n");
+      else for (const st of rows) o.out(`${st.name}\t${st.prompt || "-"}\t${st.negativePrompt || "-"}\n`);
     } else if (kind === "vaes") {
       const { vaes } = await client.listVaes({}, { timeoutMs: 10_000, metadata });
       const rows = vaes.map((f) => ({ name: f.name, sizeBytes: Number(f.sizeBytes), agents: f.agents }));
@@ -507,6 +517,7 @@ async function runCoordinator(argv: string[]): Promise<number> {
       "no-speculate": { type: "boolean", default: false },
       "drain-seconds": { type: "string", default: "30" },
       "max-finished-in-memory": { type: "string" },
+      "styles-file": { type: "string", multiple: true },
       ...TILING_OPTIONS,
     },
   });
@@ -536,6 +547,7 @@ async function runCoordinator(argv: string[]): Promise<number> {
     ...(v["tenants-file"] ? { tenants: JSON.parse(readFileSync(v["tenants-file"], "utf8")) as CoordinatorConfig["tenants"] } : {}),
     ...(v["max-finished-in-memory"] ? { maxFinishedInMemory: num("max-finished-in-memory", v["max-finished-in-memory"])! } : {}),
     ...(v["default-model"] ? { defaultModel: v["default-model"] } : {}),
+    ...(v["styles-file"] ? { stylesFiles: v["styles-file"].map((f) => resolve(f)) } : {}),
     ...(tls ? { tls } : {}),
     ...(v["api-tokens-file"] ? { auth: TokenAuth.fromFile(v["api-tokens-file"]) } : {}),
     ...(v["health-port"] !== undefined ? { healthPort: Number(v["health-port"]) } : {}),
@@ -595,6 +607,8 @@ export async function startFarm(opts: {
   embeddings?: string;
   /** The agents' VAE folder (A1111's models/VAE). */
   vaeDir?: string;
+  /** The coordinator's A1111 styles files. */
+  stylesFiles?: readonly string[];
   onLog?: (line: string) => void;
 }): Promise<Farm> {
   let nats: NatsServerHandle | undefined;
@@ -605,6 +619,7 @@ export async function startFarm(opts: {
     natsUrl,
     ...(opts.metricsPort !== undefined ? { metricsPort: opts.metricsPort } : {}),
     ...(opts.hires ? { hires: opts.hires } : {}),
+    ...(opts.stylesFiles ? { stylesFiles: opts.stylesFiles.map((f) => resolve(f)) } : {}),
     logger,
   });
   await coordinator.start();
@@ -675,6 +690,7 @@ const UP_OPTIONS = {
   loras: { type: "string" },
   embeddings: { type: "string" },
   "vae-dir": { type: "string" },
+  "styles-file": { type: "string", multiple: true },
   ...TILING_OPTIONS,
 } as const satisfies ParseArgsConfig["options"];
 
@@ -692,6 +708,7 @@ async function up(argv: string[]): Promise<number> {
     ...(v.loras !== undefined && { loras: v.loras }),
     ...(v.embeddings !== undefined && { embeddings: v.embeddings }),
     ...(v["vae-dir"] !== undefined && { vaeDir: v["vae-dir"] }),
+    ...(v["styles-file"] !== undefined && { stylesFiles: v["styles-file"] }),
   });
   io.out(`farm up: coordinator ${farm.coordinatorAddress}, ${farm.agents.length} agent(s); Ctrl-C stops it\n`);
   await untilSignal();
@@ -783,6 +800,7 @@ export async function main(argv: string[]): Promise<number> {
       case "schedulers":
       case "embeddings":
       case "vaes":
+      case "styles":
         return await listCommand(cmd, rest);
       case undefined:
       case "help":
