@@ -68,6 +68,14 @@ test("resolveVae: a named file wins, None keeps the checkpoint's VAE, Automatic 
     assert.deepEqual(resolveVae(automatic, "sd15", files), { file: files[0], source: "near checkpoint" });
     assert.deepEqual(resolveVae(automatic, "dreamshaper_8", files), { file: undefined, source: "checkpoint" });
   }
+  // The checkpoint's user metadata ("vae" in its .json) comes before a VAE near it, for Automatic only; a
+  // name the list lacks is passed over, "None" keeps the checkpoint's own.
+  assert.deepEqual(resolveVae("Automatic", "sd15", files, "vae-ft-mse.safetensors"), { file: files[1], source: "user metadata" });
+  assert.deepEqual(resolveVae("Automatic", "sd15", files, "None"), { file: undefined, source: "user metadata" });
+  assert.deepEqual(resolveVae("Automatic", "sd15", files, "gone.pt"), { file: files[0], source: "near checkpoint" });
+  assert.deepEqual(resolveVae("Automatic", "sd15", files, "Automatic"), { file: files[0], source: "near checkpoint" });
+  assert.deepEqual(resolveVae("sd15-anime.safetensors", "sd15", files, "vae-ft-mse.safetensors").file, files[2]);
+  assert.deepEqual(resolveVae("None", "sd15", files, "vae-ft-mse.safetensors").file, undefined);
   // A1111 matches by prefix, so "sd1" takes sd15's VAE too.
   assert.equal(resolveVae("Automatic", "sd1", files).file?.name, "sd15.vae.pt");
   assert.throws(
@@ -90,4 +98,9 @@ test("VaeList reads the folders again when a task names a file it has not seen",
   assert.deepEqual(await list.current(), []);
   assert.equal((await list.resolve("new.vae.safetensors", "x")).file?.name, "new.vae.safetensors");
   assert.equal((await list.current()).length, 1);
+  // Automatic reads the checkpoint's user metadata (<models>/<name>.json, beside the farm's architecture hints).
+  writeFileSync(join(models, "x.json"), JSON.stringify({ unetHeads: 4, vae: "new.vae.safetensors" }));
+  assert.deepEqual(await list.resolve("Automatic", "x"), { file: (await list.current())[0], source: "user metadata" });
+  writeFileSync(join(models, "x.json"), "{ not json");
+  assert.deepEqual(await list.resolve("", "x"), { file: undefined, source: "checkpoint" });
 });

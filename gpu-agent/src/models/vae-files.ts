@@ -1,7 +1,7 @@
 // Which VAE file a pass decodes with, by A1111's rules (modules/sd_vae.py): the VAE list, and the
 // `sd_vae` setting ("Automatic", "None" or a file name) resolved against a checkpoint.
 
-import { readdir, realpath, stat } from "node:fs/promises";
+import { readFile, readdir, realpath, stat } from "node:fs/promises";
 import { basename, join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, namedVae } from "@latentfarm/shared";
@@ -63,7 +63,7 @@ export async function listVaes(folders: VaeFolders): Promise<VaeFile[]> {
 }
 
 /** How a pass's VAE was chosen, for logs and listings. */
-export type VaeSource = "checkpoint" | "near checkpoint" | "setting";
+export type VaeSource = "checkpoint" | "near checkpoint" | "setting" | "user metadata";
 
 export interface ResolvedVae {
   /** The file; undefined when the checkpoint's own (baked-in) VAE decodes. */
@@ -72,13 +72,14 @@ export interface ResolvedVae {
 }
 
 /**
- * A1111's resolve_vae with its default `sd_vae_overrides_per_model_preferences` (on) and no per-model
- * user metadata: a named VAE wins; "None" keeps the checkpoint's own; Automatic takes the first listed VAE
- * whose file name starts with the checkpoint's file name without its extension ("near the checkpoint"),
- * else the checkpoint's own. A name no file has is a NOT_FOUND error here, where A1111 logs it and renders
- * with the checkpoint's VAE: a farm job should not silently come out with other colours.
+ * A1111's resolve_vae with its default `sd_vae_overrides_per_model_preferences` (on): a named VAE wins;
+ * "None" keeps the checkpoint's own; Automatic takes the checkpoint's user metadata's "vae" (a file of the
+ * list, or "None"; a name the list lacks is passed over), then the first listed VAE whose file name starts
+ * with the checkpoint's file name without its extension ("near the checkpoint"), else the checkpoint's
+ * own. A setting naming a file none has is a NOT_FOUND error here, where A1111 logs it and renders with
+ * the checkpoint's VAE: a farm job should not silently come out with other colours.
  */
-export function resolveVae(setting: string, checkpoint: string, vaes: readonly VaeFile[]): ResolvedVae {
+export function resolveVae(setting: string, checkpoint: string, vaes: readonly VaeFile[], metadataVae?: string): ResolvedVae {
   if (setting === VAE_NONE) return { file: undefined, source: "checkpoint" };
   const named = namedVae(setting);
   if (named !== undefined) {
@@ -93,8 +94,32 @@ export function resolveVae(setting: string, checkpoint: string, vaes: readonly V
     }
     return { file, source: "setting" };
   }
+  if (metadataVae === VAE_NONE) return { file: undefined, source: "user metadata" };
+  const preferred = namedVae(metadataVae);
+  const fromMetadata = preferred === undefined ? undefined : vaes.find((v) => v.name === preferred);
+  if (fromMetadata !== undefined) return { file: fromMetadata, source: "user metadata" };
   const file = vaes.find((v) => v.name.startsWith(checkpoint));
   return file === undefined ? { file: undefined, source: "checkpoint" } : { file, source: "near checkpoint" };
+}
+
+/**
+ * A checkpoint's VAE preference from A1111's user metadata: `"vae"` in the JSON file beside it
+ * (`<models>/<name>.json`, the file that also carries the farm's architecture hints).
+ */
+export async function metadataVaeOf(modelsDir: string, checkpoint: string): Promise<string | undefined> {
+  let text: string;
+  try {
+    text = await readFile(join(modelsDir, `${checkpoint}.json`), "utf8");
+  } catch {
+    return undefined;
+  }
+  try {
+    const vae = (JSON.parse(text) as { vae?: unknown }).vae;
+    return typeof vae === "string" ? vae : undefined;
+  } catch {
+    // A broken file fails the model's own load with its reason; it names no VAE.
+    return undefined;
+  }
 }
 
 /**
@@ -117,13 +142,15 @@ export class VaeList {
     return this.cached.files;
   }
 
-  /** resolveVae against the list, read again first when the setting names a file it lacks. */
+  /**
+   * resolveVae against the list (read again first when the setting names a file it lacks) and, for
+   * Automatic, the checkpoint's user metadata.
+   */
   async resolve(setting: string, checkpoint: string): Promise<ResolvedVae> {
-    const files = await this.current();
+    let files = await this.current();
     const named = namedVae(setting);
-    if (named !== undefined && !files.some((f) => f.name === named)) {
-      return resolveVae(setting, checkpoint, await this.current(true));
-    }
-    return resolveVae(setting, checkpoint, files);
+    if (named !== undefined && !files.some((f) => f.name === named)) files = await this.current(true);
+    const metadata = named === undefined && setting !== VAE_NONE ? await metadataVaeOf(this.folders.modelsDir, checkpoint) : undefined;
+    return resolveVae(setting, checkpoint, files, metadata);
   }
 }

@@ -48,6 +48,7 @@ describe("a VAE file (A1111's sd_vae) decodes and encodes in place of the checkp
   let catalog: ModelCatalog;
   let vaes: VaeList;
   let vaeHash: string;
+  let hints: object;
   const pipes = new Map<string, Promise<LoadedPipeline>>();
 
   before(async () => {
@@ -60,7 +61,8 @@ describe("a VAE file (A1111's sd_vae) decodes and encodes in place of the checkp
     const b = await makeTinyModel({ outDir: join(dir, "gen-b"), seed: 4, config: "small" });
     symlinkSync(a.tokenizerDir, join(models, "tokenizer"));
     symlinkSync(a.checkpointPath, join(models, "tiny.safetensors"));
-    writeFileSync(join(models, "tiny.json"), JSON.stringify(a.hints));
+    hints = a.hints;
+    writeFileSync(join(models, "tiny.json"), JSON.stringify(hints));
     // The same checkpoint with b's VAE baked in: what tiny + b's VAE file must render.
     const ta = await tensorsOf(a.checkpointPath);
     const tb = await tensorsOf(b.checkpointPath);
@@ -222,6 +224,20 @@ describe("a VAE file (A1111's sd_vae) decodes and encodes in place of the checkp
       assert.equal((await render({ ...base, overrideSettings: { sdVae: "None" } })).infotext.has("VAE"), false);
     } finally {
       rmSync(near);
+    }
+  });
+
+  test("A1111's per-checkpoint VAE: the checkpoint's .json names one for Automatic", async () => {
+    const json = join(catalog.root, "tiny.json");
+    writeFileSync(json, JSON.stringify({ ...hints, vae: "b.ckpt" }));
+    try {
+      const baked = await render({ ...base, model: "tiny-baked" });
+      const r = await render(base);
+      assert.deepEqual(r.pixels, baked.pixels);
+      assert.equal(r.infotext.get("VAE"), "b.ckpt");
+      assert.equal(parsePipelineKey((await render({ ...base, overrideSettings: { sdVae: "None" } })).keys[0]!).vae, undefined);
+    } finally {
+      writeFileSync(json, JSON.stringify(hints));
     }
   });
 
