@@ -386,6 +386,17 @@ test("the coordinator runs `latentfarm coordinator` against the rendered NATS Se
       assert.equal(at(c.readinessProbe, "grpc", "port"), healthPort, `${name}: coordinator readiness on its plaintext gRPC port`);
       assert.equal(at(c.livenessProbe, "grpc", "port"), healthPort, `${name}: coordinator liveness on its plaintext gRPC port`);
       if (flag(args, "--tls-cert")) assert.ok(flag(args, "--health-port"), `${name}: with TLS, probes need a plaintext --health-port`);
+      // Its styles file is a ConfigMap key, mounted as a folder (a subPath mount would never see an edit).
+      const styles = flag(args, "--styles-file");
+      if (styles !== undefined && isFarm(name)) {
+        const mount = c.volumeMounts?.find((m) => styles.startsWith(`${m.mountPath}/`));
+        assert.ok(mount && !("subPath" in mount), `${name}: --styles-file ${styles} is in a folder mount`);
+        const volume = (podSpec(d)["volumes"] as { name: string; configMap?: { name: string } }[]).find((v) => v.name === mount.name);
+        const cm = find(objs, "ConfigMap", volume?.configMap?.name ?? "");
+        const key = styles.slice(mount.mountPath.length + 1);
+        assert.ok(cm && typeof at(cm, "data", key) === "string", `${name}: the styles ConfigMap has ${key}`);
+        assert.match(at(cm, "data", key) as string, /^name,prompt,negative_prompt\n/, `${name}: an A1111 styles.csv header`);
+      }
     }
     for (const w of objs.filter((o) => isCoordinator(o) || isAgent(o))) {
       const url = flag(containers(w)[0]?.args ?? [], "--nats") ?? "";
