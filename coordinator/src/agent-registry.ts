@@ -21,6 +21,8 @@ export interface AgentState {
   readonly id: string;
   info: AgentInfo;
   available: Set<string>;
+  /** What its heartbeat says of each model it offers: format, and A1111's "Model hash" once hashed. */
+  models: Map<string, { format: string; modelHash: string }>;
   /** The textual-inversion embeddings in its embeddings folder, and the files it left out (for listings). */
   embeddings: EmbeddingInfo[];
   skippedEmbeddings: SkippedEmbedding[];
@@ -31,6 +33,10 @@ export interface AgentState {
   /** Tasks this coordinator has running there; authoritative over the heartbeat's busy count. */
   inFlight: number;
   client: ServiceClient<AgentServiceMethods>;
+}
+
+function modelsOf(hb: Heartbeat): Map<string, { format: string; modelHash: string }> {
+  return new Map(hb.availableModels.map((m) => [m.name, { format: m.format, modelHash: m.modelHash }]));
 }
 
 /**
@@ -87,6 +93,7 @@ export class AgentRegistry {
         id: info.agentId,
         info,
         available: new Set(hb.availableModels.map((m) => m.name)),
+        models: modelsOf(hb),
         embeddings: hb.embeddings,
         skippedEmbeddings: hb.skippedEmbeddings,
         vaes: hb.vaes,
@@ -118,6 +125,7 @@ export class AgentRegistry {
     a.embeddings = hb.embeddings;
     a.skippedEmbeddings = hb.skippedEmbeddings;
     a.vaes = hb.vaes;
+    a.models = modelsOf(hb);
     a.freeMemoryBytes = hb.freeMemoryBytes;
     a.lastSeen = Date.now();
     this.opts.onUpdate?.(a, changed);

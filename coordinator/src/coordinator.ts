@@ -27,6 +27,7 @@ import {
   samplerApiOptions,
   secondPassModel,
   namedVae,
+  parseInfotext,
   secondPassSamplerName,
   channelCredentials,
   serverCredentials,
@@ -54,7 +55,7 @@ import {
   type HiresTiling,
 } from "./hires-stages.js";
 import { SpeedModel, type SpeedKey } from "./speed-model.js";
-import { DEFAULT_LIMITS, imageSeeds, resolveSeed, validateJob, type Limits, type SamplerSupport } from "./validate.js";
+import { DEFAULT_LIMITS, imageSeeds, resolveSeed, validateJob, type Limits, type SamplerSupport, type ValidatedJob } from "./validate.js";
 
 export interface CoordinatorConfig {
   /** gRPC listen address, e.g. "0.0.0.0:50051"; port 0 picks a free one. */
@@ -151,6 +152,44 @@ function gatherFromAgents<T, R extends object>(
   }
   for (const e of out.values()) e.agents.sort();
   return [...out.values()];
+}
+
+/**
+ * A pasted infotext's checkpoints, found as A1111 finds them: by "Model hash" (A1111's paste sets
+ * sd_model_checkpoint to the hash), and a Hires checkpoint by the hash in its "name [hash]", so that a
+ * checkpoint saved under another name on this farm still matches. Only where the request names no model
+ * itself; without a match the infotext's names stand (applyInfotext), with a warning when this farm's
+ * checkpoint of that name is known to hold other weights.
+ */
+function modelsFromInfotext(
+  v: ValidatedJob,
+  request: Pick<GenerationParams, "model" | "hrCheckpointName" | "infotext">,
+  agents: readonly AgentState[],
+): void {
+  const byHash = new Map<string, string>();
+  const hashOf = new Map<string, string>();
+  for (const a of agents) {
+    for (const [name, m] of a.models) {
+      if (m.modelHash === "") continue;
+      if (!byHash.has(m.modelHash) || name < byHash.get(m.modelHash)!) byHash.set(m.modelHash, name);
+      hashOf.set(name, m.modelHash);
+    }
+  }
+  const pasted = parseInfotext(request.infotext).params;
+  const pick = (hash: string | undefined, current: string, what: string): string => {
+    if (hash === undefined || !/^[0-9a-f]{10}$/i.test(hash)) return current;
+    const found = byHash.get(hash.toLowerCase());
+    if (found !== undefined) return found;
+    const here = hashOf.get(current);
+    if (here !== undefined)
+      v.warnings.push(`infotext: no checkpoint here has the ${what} hash ${hash}; "${current}" (${here}) renders instead`);
+    return current;
+  };
+  if (request.model === "") v.params.model = pick(pasted.get("Model hash"), v.params.model, "Model");
+  const hires = /^(.*) \[([0-9a-f]{10})\]$/i.exec(pasted.get("Hires checkpoint") ?? "");
+  if (request.hrCheckpointName === "" && hires && v.params.hrCheckpointName !== "") {
+    v.params.hrCheckpointName = pick(hires[2], v.params.hrCheckpointName, "Hires checkpoint");
+  }
 }
 
 export class Coordinator {
@@ -393,15 +432,21 @@ export class Coordinator {
         }),
         listModels: async (_req, ctx) => {
           this.tenantOf(ctx);
-          const models = new Map<string, { format: string; loadedOn: string[] }>();
+          const models = new Map<string, { format: string; modelHash: string; loadedOn: string[] }>();
           for (const a of this.registry.list()) {
             for (const name of a.available) {
-              const m = models.get(name) ?? { format: "", loadedOn: [] };
+              const info = a.models.get(name);
+              const m = models.get(name) ?? { format: info?.format ?? "", modelHash: "", loadedOn: [] };
+              m.modelHash ||= info?.modelHash ?? "";
               if (a.info.loadedModels.includes(name)) m.loadedOn.push(a.id);
               models.set(name, m);
             }
           }
-          return { models: [...models.entries()].sort().map(([name, m]) => ({ name, format: m.format, loadedOn: m.loadedOn })) };
+          return {
+            models: [...models.entries()]
+              .sort(([x], [y]) => (x < y ? -1 : x > y ? 1 : 0))
+              .map(([name, m]) => ({ name, format: m.format, modelHash: m.modelHash, loadedOn: m.loadedOn })),
+          };
         },
         listSamplers: async (_req, ctx) => {
           this.tenantOf(ctx);
@@ -797,6 +842,13 @@ export class Coordinator {
     }
     const agents = this.registry.list();
     const defaultModel = this.cfg.defaultModel ?? [...new Set(agents.flatMap((a) => [...a.available]))].sort()[0];
+    // As the request asked, before validateJob fills them in (from the infotext too): it fills `params` in place.
+    const asked = {
+      model: params.model,
+      hrCheckpointName: params.hrCheckpointName,
+      infotext: params.infotext,
+      sdVae: params.overrideSettings?.sdVae ?? "",
+    };
     const v = validateJob(params, {
       limits: this.limits,
       ...(params.styles.length > 0 && { styles: await this.styles.current() }),
@@ -804,10 +856,11 @@ export class Coordinator {
       ...(defaultModel ? { defaultModel } : {}),
     });
     if (agents.length === 0) throw new FarmError(grpc.status.UNAVAILABLE, "no agents are connected to the farm");
+    if (asked.infotext !== "") modelsFromInfotext(v, asked, agents);
     if (!agents.some((a) => a.available.has(v.params.model))) {
       const known = [...new Set(agents.flatMap((a) => [...a.available]))].sort();
       const fromInfotext =
-        params.model === "" && v.params.infotext !== "" ? "; it comes from the infotext: name a model to render with another" : "";
+        asked.model === "" && asked.infotext !== "" ? "; it comes from the infotext: name a model to render with another" : "";
       throw FarmError.notFound(
         `model "${v.params.model}" is not offered by any agent (known: ${known.join(", ") || "none"})${fromInfotext}`,
         "model",
@@ -824,9 +877,10 @@ export class Coordinator {
     const vae = namedVae(v.params.overrideSettings?.sdVae);
     if (vae !== undefined && !agents.some((a) => a.vaes.some((f) => f.name === vae))) {
       const known = [...new Set(agents.flatMap((a) => a.vaes.map((f) => f.name)))].sort();
-      const fromInfotext = params.overrideSettings?.sdVae
-        ? ""
-        : "; it comes from the infotext's VAE: set override_settings.sd_vae to render with another";
+      const fromInfotext =
+        asked.sdVae === "" && asked.infotext !== ""
+          ? "; it comes from the infotext's VAE: set override_settings.sd_vae to render with another"
+          : "";
       throw FarmError.notFound(
         `VAE "${vae}" is not in any agent's VAE list (known: ${known.join(", ") || "none"}; or "Automatic", "None")${fromInfotext}`,
         "override_settings.sd_vae",

@@ -82,6 +82,7 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
     embeddings: [],
     skippedEmbeddings: [],
     vaes: [],
+    models: new Map(),
     freeMemoryBytes: 0n,
     lastSeen: Date.now(),
     inFlight: 0,

@@ -33,6 +33,7 @@ import { DEFAULT_ORPHAN_GRACE_MS, TaskRun, type RunTaskMessage } from "./task-ru
 import { ModelCatalog } from "./models/catalog.js";
 import { EmbeddingsFolder } from "./models/embedding-files.js";
 import { VaeList } from "./models/vae-files.js";
+import { CheckpointHashes } from "./models/checkpoint-hashes.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
 import { parsePipelineKey, passKeysWith } from "./models/model-loader.js";
 import { runTaskPasses, type RunOnPipeline } from "./task-passes.js";
@@ -103,6 +104,8 @@ export class Agent {
   private embeddingsError: string | undefined;
   /** A1111's VAE list, which a task's sd_vae resolves against before its pipeline is chosen. */
   private readonly vaes: VaeList;
+  /** The checkpoints' "Model hash", hashed in the background, for heartbeats. */
+  private readonly hashes: CheckpointHashes;
   private readonly cache: PipelineCache<PipelineHost>;
   private readonly m = createMetrics(AGENT_METRICS);
   private nc: NatsConnection | undefined;
@@ -123,6 +126,7 @@ export class Agent {
     this.embeddings = cfg.embeddingsDir ? new EmbeddingsFolder(cfg.embeddingsDir, cfg.logger) : undefined;
     this.vaes = new VaeList({ modelsDir: cfg.modelsDir, ...(cfg.vaeDir !== undefined && { vaeDir: cfg.vaeDir }) });
     const cacheDir = cfg.cacheDir ?? join(tmpdir(), "latentfarm-model-cache");
+    this.hashes = new CheckpointHashes(cacheDir, cfg.logger);
     this.cache = new PipelineCache<PipelineHost>(
       cfg.maxLoadedModels ?? 2,
       async (keyString, signal) => {
@@ -256,13 +260,16 @@ export class Agent {
       },
     );
     const vaes = this.vaes.current().catch(() => []);
-    void Promise.all([this.catalog.list(), embeddings, vaes]).then(
-      ([models, embeddings, vaes]) => {
+    const models = this.catalog.list().then(async (entries) => ({ entries, hashes: await this.hashes.of(entries) }));
+    void Promise.all([models, embeddings, vaes]).then(
+      ([{ entries: models, hashes }, embeddings, vaes]) => {
         // close() may have begun draining while the catalog was listed; publishing then throws.
         if (!this.nc || !this.natsOpen()) return;
         const hb = create(HeartbeatSchema, {
           agent: this.info(),
-          availableModels: models.map((e) => create(ModelInfoSchema, { name: e.name, format: e.format })),
+          availableModels: models.map((e) =>
+            create(ModelInfoSchema, { name: e.name, format: e.format, modelHash: hashes.get(e.name) ?? "" }),
+          ),
           freeMemoryBytes: BigInt(freemem()),
           embeddings: (embeddings?.embeddings ?? []).map((e) =>
             create(EmbeddingInfoSchema, { name: e.name, vectors: e.vectors, width: e.hidden, hash: e.sha256.slice(0, 12) }),
@@ -421,6 +428,7 @@ export class Agent {
     if (this.healthServer) await shutdownServer(this.healthServer);
     await this.metricsServer?.close();
     await this.nc?.drain().catch(() => undefined);
+    await this.hashes.close();
     await this.cache.close();
   }
 }

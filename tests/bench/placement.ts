@@ -66,6 +66,7 @@ export async function benchPlacement(
       embeddings: [],
       skippedEmbeddings: [],
       vaes: [],
+      models: new Map(),
       freeMemoryBytes: 0n,
       lastSeen: Date.now(),
       inFlight: 0,

@@ -13,6 +13,7 @@ import {
   REPO,
   TEST_EMBEDDING,
   TEST_EMBEDDING_WORDS,
+  TEST_RENAMED_CHECKPOINT,
   TEST_VAE,
   TEST_VAE_SHIFT,
   farmSkipReason,
@@ -615,6 +616,11 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       "override_settings.sd_vae",
     );
     await expectStatus(
+      farm.client.submit({ params: { model: "tiny-sd15", infotext: "x\nSteps: 3, Seed: 1, VAE: kl-f8-anime2.ckpt" } }),
+      grpc.status.NOT_FOUND,
+      "override_settings.sd_vae.*it comes from the infotext's VAE",
+    );
+    await expectStatus(
       farm.client.submit({ params: { prompt: "x", model: "tiny-sd15", overrideSettings: { sdVae: "../VAE/x.pt" } } }),
       grpc.status.INVALID_ARGUMENT,
       "override_settings.sd_vae",
@@ -650,6 +656,38 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       farm.client.submit({ params: { prompt: "x", model: "tiny-sd15", styles: ["lf-grain", "Noir"] } }),
       grpc.status.NOT_FOUND,
       "styles\\[1\\]",
+    );
+  });
+
+  test("a pasted infotext's model is found by its Model hash, as A1111 finds it, though this farm names the file otherwise", async () => {
+    const hash = createHash("sha256")
+      .update(readFileSync(join(FIXTURES, "tiny-sd15.safetensors")))
+      .digest("hex")
+      .slice(0, 10);
+    // Agents hash their checkpoints in the background and report the hashes in heartbeats (ListModels too).
+    for (const deadline = Date.now() + 20_000; ;) {
+      const { models } = await farm.client.listModels({});
+      const m = models.find((x) => x.name === TEST_RENAMED_CHECKPOINT);
+      if (m?.modelHash === hash) {
+        assert.equal(m.format, "safetensors");
+        assert.equal(models.find((x) => x.name === "tiny-sd15")?.modelHash, "", "an ONNX folder has no Model hash");
+        break;
+      }
+      assert.ok(Date.now() < deadline, `no agent reported ${TEST_RENAMED_CHECKPOINT}'s hash: ${JSON.stringify(m)}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const pasted = `a lighthouse\nSteps: 3, Sampler: Euler, Seed: 6, Size: 64x64, Model hash: ${hash}, Model: tiny-sd15-pruned-fp16`;
+    const { jobId } = await farm.client.submit({ params: { infotext: pasted } });
+    const events = await collect(farm, jobId);
+    assert.equal(events.at(-1)?.event.case, "done", JSON.stringify(events.at(-1)?.event.value));
+    const img = events.flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))[0]!;
+    assert.match(img.infotext, new RegExp(`Model hash: ${hash}, Model: ${TEST_RENAMED_CHECKPOINT},`));
+    // A hash no checkpoint has leaves the infotext's name, which no agent offers here: NOT_FOUND, naming the
+    // model and where it came from.
+    await expectStatus(
+      farm.client.submit({ params: { infotext: "x\nSteps: 3, Seed: 6, Model hash: 0123456789, Model: tiny-sd15-pruned-fp16" } }),
+      grpc.status.NOT_FOUND,
+      "model.*it comes from the infotext",
     );
   });
 

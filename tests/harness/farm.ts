@@ -176,6 +176,9 @@ export function testVae(): Buffer {
   return Buffer.concat([length, json, ...parts]);
 }
 
+/** The kit's tiny-sd15.safetensors as the test farm's agents list it (sorted after the ONNX models). */
+export const TEST_RENAMED_CHECKPOINT = "z-renamed";
+
 /** An A1111 styles.csv the test farm's coordinator reads (--styles-file). */
 export const TEST_STYLES_CSV =
   "name,prompt,negative_prompt\n" + '"lf-cinematic","cinematic still of {prompt}, bokeh","cartoon"\n' + '"lf-grain","film grain",\n';
@@ -190,6 +193,9 @@ export async function startTestFarm(
   symlinkSync(TINY_SD15, join(modelsDir, "tiny-sd15"));
   // The same weights under a second name: a checkpoint to switch to (a Hires.fix job's hires checkpoint).
   symlinkSync(TINY_SD15, join(modelsDir, "tiny-sd15-hr"));
+  // The kit's checkpoint under a name of this farm's own: a pasted infotext finds it by its Model hash.
+  symlinkSync(join(FIXTURES, "tiny-sd15.safetensors"), join(modelsDir, `${TEST_RENAMED_CHECKPOINT}.safetensors`));
+  writeFileSync(join(modelsDir, `${TEST_RENAMED_CHECKPOINT}.json`), JSON.stringify({ unetHeads: 8, textHeads: 4 }));
   const embeddingsDir = join(tmp, "embeddings");
   mkdirSync(embeddingsDir);
   writeFileSync(join(embeddingsDir, `${TEST_EMBEDDING}.safetensors`), testEmbedding());

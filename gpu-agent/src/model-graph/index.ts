@@ -54,6 +54,7 @@ export {
   buildPipelineFromCheckpoint,
   importCheckpoint,
   checkpointSha256,
+  knownSha256,
   readManifest,
   sha256File,
   a1111ModelHash,

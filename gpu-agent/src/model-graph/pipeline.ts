@@ -223,13 +223,15 @@ async function copyDir(from: string, to: string): Promise<void> {
 
 // ---- hashes --------------------------------------------------------------------------------------
 
-/** sha256 of a whole file, streamed. */
-export async function sha256File(path: string, start = 0): Promise<string> {
+/** sha256 of a whole file, streamed. An abort stops the read and rejects with the signal's reason. */
+export async function sha256File(path: string, start = 0, signal?: AbortSignal): Promise<string> {
   const hash = createHash("sha256");
   await new Promise<void>((resolve, reject) => {
-    const s = createReadStream(path, { start, highWaterMark: 4 << 20 });
+    const s = createReadStream(path, { start, highWaterMark: 4 << 20, ...(signal && { signal }) });
     s.on("data", (chunk) => hash.update(chunk));
-    s.on("error", (err) => reject(ModelFileError.invalidFile(path, `cannot read: ${err.message}`, err)));
+    s.on("error", (err) =>
+      reject(signal?.aborted ? (signal.reason as unknown) : ModelFileError.invalidFile(path, `cannot read: ${err.message}`, err)),
+    );
     s.on("end", () => resolve());
   });
   return hash.digest("hex");
@@ -295,26 +297,43 @@ interface HashRecord {
  * The checkpoint's sha256, remembered per (real path, size, mtime) so that a cached load does not rehash
  * gigabytes (A1111 keeps a similar cache.json).
  */
-export async function checkpointSha256(path: string, cacheDir: string): Promise<string> {
+export async function checkpointSha256(path: string, cacheDir: string, signal?: AbortSignal): Promise<string> {
   const real = await realpath(path).catch((err: unknown) => {
     throw ModelFileError.fileNotFound(path, "no such checkpoint", err);
   });
   const st = await stat(real);
+  const recordPath = hashRecordPath(cacheDir, real);
+  const known = await recordedSha256(recordPath, real, st);
+  if (known !== undefined) return known;
+  const sha256 = await sha256File(real, 0, signal);
   const indexDir = join(cacheDir, "hashes");
-  const recordPath = join(indexDir, `${createHash("sha1").update(real).digest("hex")}.json`);
-  try {
-    const rec = JSON.parse(await readFile(recordPath, "utf8")) as HashRecord;
-    if (rec.path === real && rec.size === st.size && rec.mtimeMs === st.mtimeMs && /^[0-9a-f]{64}$/.test(rec.sha256)) return rec.sha256;
-  } catch {
-    // No record yet, or a damaged one: rehash.
-  }
-  const sha256 = await sha256File(real);
   await mkdir(indexDir, { recursive: true });
   const rec: HashRecord = { path: real, size: st.size, mtimeMs: st.mtimeMs, sha256 };
   const tmp = `${recordPath}.${randomBytes(4).toString("hex")}.tmp`;
   await writeFile(tmp, JSON.stringify(rec));
   await rename(tmp, recordPath);
   return sha256;
+}
+
+function hashRecordPath(cacheDir: string, realPath: string): string {
+  return join(cacheDir, "hashes", `${createHash("sha1").update(realPath).digest("hex")}.json`);
+}
+
+async function recordedSha256(recordPath: string, real: string, st: { size: number; mtimeMs: number }): Promise<string | undefined> {
+  try {
+    const rec = JSON.parse(await readFile(recordPath, "utf8")) as HashRecord;
+    if (rec.path === real && rec.size === st.size && rec.mtimeMs === st.mtimeMs && /^[0-9a-f]{64}$/.test(rec.sha256)) return rec.sha256;
+  } catch {
+    // No record yet, or a damaged one.
+  }
+  return undefined;
+}
+
+/** The checkpoint's sha256 if checkpointSha256 has recorded it for the file as it is now; never reads the file. */
+export async function knownSha256(path: string, cacheDir: string): Promise<string | undefined> {
+  const real = await realpath(path).catch(() => undefined);
+  const st = real === undefined ? undefined : await stat(real).catch(() => undefined);
+  return real === undefined || st === undefined ? undefined : recordedSha256(hashRecordPath(cacheDir, real), real, st);
 }
 
 function optionsDigest(opts: ImportOptions): string {
