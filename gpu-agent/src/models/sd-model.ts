@@ -319,10 +319,14 @@ export class SdModel {
     const path = join(this.vaeDir, "vae_encoder", "model.onnx");
     if (this.vaeEncoderInfo === undefined) {
       if (!existsSync(path)) {
+        // A VAE file without an encoder (sd_vae) is the VAE's fault, not the model's.
+        const ownVae = this.vaeDir === this.entry.path;
         throw new FarmError(
           grpc.status.FAILED_PRECONDITION,
-          `model "${this.entry.name}" lacks vae_encoder/ (needed for img2img and hires upscalers)`,
-          { field: "model" },
+          ownVae
+            ? `model "${this.entry.name}" lacks vae_encoder/ (needed for img2img and hires upscalers)`
+            : "the VAE file this job decodes with has no encoder (needed for img2img and hires upscalers): pick another VAE",
+          { field: ownVae ? "model" : "override_settings.sd_vae" },
         );
       }
       this.vaeEncoderInfo = this.worker.load("vae_encoder", path, signal);

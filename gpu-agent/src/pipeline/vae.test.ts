@@ -82,6 +82,10 @@ describe("a VAE file (A1111's sd_vae) decodes and encodes in place of the checkp
     await writeSafetensors(join(vaeDir, "b.safetensors"), st);
     // …and as a torch checkpoint (vae-ft-mse-840000-ema-pruned.ckpt's layout: a Lightning state_dict).
     writeFileSync(join(vaeDir, "b.ckpt"), encodeTorchFile({ state_dict: { ...vae, ...leftovers }, global_step: 840000 }));
+    // A decoder-only VAE (no encoder.* or quant_conv.*): txt2img only.
+    const decoderOnly: Record<string, TensorToWrite> = {};
+    for (const [k, t] of Object.entries(vae)) if (!k.startsWith("encoder.") && !k.startsWith("quant_conv.")) decoderOnly[k] = f32(t);
+    await writeSafetensors(join(vaeDir, "decoder-only.safetensors"), decoderOnly);
     vaeHash = createHash("sha256")
       .update(readFileSync(join(vaeDir, "b.safetensors")))
       .digest("hex")
@@ -190,6 +194,20 @@ describe("a VAE file (A1111's sd_vae) decodes and encodes in place of the checkp
     const baked = await render({ ...img2img, model: "tiny-baked" });
     const viaFile = await render({ ...img2img, overrideSettings: { sdVae: "b.safetensors" } });
     assert.deepEqual(viaFile.pixels, baked.pixels);
+  });
+
+  test("a VAE file without an encoder decodes txt2img; img2img with it fails naming override_settings.sd_vae", async () => {
+    const settings = { sdVae: "decoder-only.safetensors" };
+    const baked = await render({ ...base, model: "tiny-baked" });
+    assert.deepEqual((await render({ ...base, overrideSettings: settings })).pixels, baked.pixels);
+    const init = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 9, g: 9, b: 9 } } })
+      .png()
+      .toBuffer();
+    await assert.rejects(
+      render({ ...base, overrideSettings: settings, initImages: [new Uint8Array(init)], denoisingStrength: 0.5 }),
+      (err: unknown) =>
+        err instanceof FarmError && err.code === 9 && err.field === "override_settings.sd_vae" && /no encoder/.test(err.message),
+    );
   });
 
   test("Automatic takes a VAE whose file name starts with the checkpoint's, found when it appears", async () => {
