@@ -74,6 +74,8 @@ export interface AgentConfig {
   embeddingsDir?: string;
   /** A1111's models/VAE: VAE files a job's sd_vae names (besides `*.vae.*` files in the models folder). */
   vaeDir?: string;
+  /** A1111's --vae-path: the VAE file every render decodes with, whatever its sd_vae. */
+  vaePath?: string;
   /** ESRGAN-family upscaler models (hires fix). */
   upscalersDir?: string;
   /** Face restoration models (CodeFormer and a face detector). */
@@ -124,7 +126,11 @@ export class Agent {
     this.id = cfg.agentId ?? `${hostname()}-${randomUUID().slice(0, 8)}`;
     this.catalog = new ModelCatalog(cfg.modelsDir);
     this.embeddings = cfg.embeddingsDir ? new EmbeddingsFolder(cfg.embeddingsDir, cfg.logger) : undefined;
-    this.vaes = new VaeList({ modelsDir: cfg.modelsDir, ...(cfg.vaeDir !== undefined && { vaeDir: cfg.vaeDir }) });
+    this.vaes = new VaeList({
+      modelsDir: cfg.modelsDir,
+      ...(cfg.vaeDir !== undefined && { vaeDir: cfg.vaeDir }),
+      ...(cfg.vaePath !== undefined && { forced: cfg.vaePath }),
+    });
     const cacheDir = cfg.cacheDir ?? join(tmpdir(), "latentfarm-model-cache");
     this.hashes = new CheckpointHashes(cacheDir, cfg.logger);
     this.cache = new PipelineCache<PipelineHost>(

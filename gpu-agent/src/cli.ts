@@ -1,7 +1,7 @@
 import { parseArgs } from "node:util";
 import { availableParallelism } from "node:os";
 import { jsonLogger, tlsFromFlags, type LogLevel } from "@latentfarm/shared";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { Agent } from "./agent.js";
 import { ClipTokenizer, describePrompt, EmbeddingDatabase, type PromptChunk } from "./conditioning/index.js";
 import { readEmbeddingsFolder } from "./models/embedding-files.js";
@@ -12,7 +12,7 @@ const AGENT_USAGE = `latentfarm agent --models DIR [--port N] [--host ADDR] [--n
                  [--slots N] [--threads N] [--max-loaded-models N] [--metrics-port N] [--health-port N]
                  [--advertise-address HOST:PORT] [--id ID] [--heartbeat-ms N] [--drain-seconds N] [--orphan-grace-seconds N]
                  [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--cache-dir DIR] [--tokenizer DIR] [--loras DIR]
-                 [--embeddings DIR] [--vae-dir DIR] [--upscalers DIR] [--face-models DIR]
+                 [--embeddings DIR] [--vae-dir DIR] [--vae-path FILE] [--upscalers DIR] [--face-models DIR]
                  [--max-input-pixels N] [--max-input-bytes N]
 `;
 
@@ -52,6 +52,7 @@ async function runAgent(argv: string[]): Promise<number> {
       loras: { type: "string" },
       embeddings: { type: "string" },
       "vae-dir": { type: "string" },
+      "vae-path": { type: "string" },
       upscalers: { type: "string" },
       "face-models": { type: "string" },
       "max-input-pixels": { type: "string" },
@@ -87,6 +88,7 @@ async function runAgent(argv: string[]): Promise<number> {
     ...(v.loras ? { lorasDir: v.loras } : {}),
     ...(v.embeddings ? { embeddingsDir: v.embeddings } : {}),
     ...(v["vae-dir"] ? { vaeDir: v["vae-dir"] } : {}),
+    ...(v["vae-path"] ? { vaePath: resolve(v["vae-path"]) } : {}),
     ...(v.upscalers ? { upscalersDir: v.upscalers } : {}),
     ...(v["face-models"] ? { faceModelsDir: v["face-models"] } : {}),
     ...(v["max-input-pixels"] ? { maxInputPixels: Number(v["max-input-pixels"]) } : {}),

@@ -88,6 +88,24 @@ test("resolveVae: a named file wins, None keeps the checkpoint's VAE, Automatic 
   );
 });
 
+test("A1111's --vae-path: one file decodes for every checkpoint whatever sd_vae says, and is listed", async () => {
+  const models = join(dir, "forced", "models");
+  const forced = join(dir, "forced", "elsewhere", "house.vae.pt");
+  touch(join(models, "m.vae.safetensors"));
+  touch(forced, 9);
+  const list = new VaeList({ modelsDir: models, forced }, 0);
+  for (const setting of ["", "Automatic", "None", "m.vae.safetensors", "not-listed.pt"]) {
+    assert.deepEqual(await list.resolve(setting, "m"), { file: { name: "house.vae.pt", path: forced }, source: "forced" }, setting);
+  }
+  assert.deepEqual(
+    (await list.current()).map((f) => [f.name, f.sizeBytes]),
+    [
+      ["m.vae.safetensors", 4],
+      ["house.vae.pt", 9],
+    ],
+  );
+});
+
 test("VaeList reads the folders again when a task names a file it has not seen", async () => {
   const models = join(dir, "fresh", "models");
   mkdirSync(models, { recursive: true });

@@ -22,6 +22,11 @@ export interface VaeFolders {
   readonly modelsDir: string;
   /** A1111's models/VAE (`--vae-dir`): every `.pt`, `.ckpt` and `.safetensors` file in it is a VAE. */
   readonly vaeDir?: string;
+  /**
+   * A1111's `--vae-path`: this file decodes for every checkpoint, whatever a job's sd_vae says. It is
+   * listed as well (A1111 adds it to its list when it loads it).
+   */
+  readonly forced?: string;
 }
 
 /** Files under `dir` (links followed, each real folder once, hidden entries skipped), by path. */
@@ -59,11 +64,15 @@ export async function listVaes(folders: VaeFolders): Promise<VaeFile[]> {
   };
   take(await walk(folders.modelsDir), [".vae.ckpt", ".vae.pt", ".vae.safetensors"]);
   if (folders.vaeDir !== undefined) take(await walk(folders.vaeDir), [".ckpt", ".pt", ".safetensors"]);
+  if (folders.forced !== undefined && !byName.has(basename(folders.forced))) {
+    const st = await stat(folders.forced).catch(() => undefined);
+    if (st?.isFile()) byName.set(basename(folders.forced), { name: basename(folders.forced), path: folders.forced, sizeBytes: st.size });
+  }
   return [...byName.values()];
 }
 
 /** How a pass's VAE was chosen, for logs and listings. */
-export type VaeSource = "checkpoint" | "near checkpoint" | "setting" | "user metadata";
+export type VaeSource = "checkpoint" | "near checkpoint" | "setting" | "user metadata" | "forced";
 
 export interface ResolvedVae {
   /** The file; undefined when the checkpoint's own (baked-in) VAE decodes. */
@@ -147,6 +156,9 @@ export class VaeList {
    * Automatic, the checkpoint's user metadata.
    */
   async resolve(setting: string, checkpoint: string): Promise<ResolvedVae> {
+    const forced = this.folders.forced;
+    // A1111's resolve_vae returns --vae-path before it looks at anything else.
+    if (forced !== undefined) return { file: { name: basename(forced), path: forced }, source: "forced" };
     let files = await this.current();
     const named = namedVae(setting);
     if (named !== undefined && !files.some((f) => f.name === named)) files = await this.current(true);
