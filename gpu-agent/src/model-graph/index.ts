@@ -44,7 +44,7 @@ export { buildTextEncoder, detectTextEncoderConfig } from "./clip.js";
 export type { TextEncoderConfig } from "./clip.js";
 export { buildVaeDecoder, buildVaeEncoder, detectVaeConfig } from "./vae.js";
 export type { VaeConfig } from "./vae.js";
-export { importVae, detectVaeFile, VAE_EXTENSIONS } from "./vae-import.js";
+export { importVae } from "./vae-import.js";
 export type { ImportedVae, VaeImportOptions, VaeManifest } from "./vae-import.js";
 export { detectArchitecture } from "./architecture.js";
 export type { Architecture, ArchitectureHints, ModelFamily, PredictionType } from "./architecture.js";

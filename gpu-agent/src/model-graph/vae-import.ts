@@ -22,9 +22,6 @@ import { readTorchFile, TorchTensor } from "./torch-file.js";
 import { detectVaeConfig, VAE_PREFIX, type VaeConfig } from "./vae.js";
 import { MemoryWeights, SafetensorsWeights, type MemoryTensor, type WeightSource } from "./weights.js";
 
-/** Extensions A1111 reads VAE files with. */
-export const VAE_EXTENSIONS = [".safetensors", ".pt", ".ckpt"] as const;
-
 // Training leftovers A1111 drops before loading a VAE's state dict (sd_vae.load_vae_dict).
 const IGNORED_KEYS = new Set(["model_ema.decay", "model_ema.num_updates"]);
 const isIgnored = (key: string): boolean => key.startsWith("loss") || IGNORED_KEYS.has(key);
@@ -111,16 +108,6 @@ async function readVaeWeights(path: string): Promise<{ weights: WeightSource; cl
     throw ModelFileError.fileNotFound(path, "cannot read the VAE file", err);
   }
   return { weights: new MemoryWeights(tensorsOf(readTorchFile(bytes, path), path), path), close: async () => undefined, torch: true };
-}
-
-/** The VAE's configuration read off its file, as a check before building (what `importVae` would build). */
-export async function detectVaeFile(path: string): Promise<VaeConfig> {
-  const read = await readVaeWeights(path);
-  try {
-    return detectVaeConfig(read.weights, vaePrefix(read.weights));
-  } finally {
-    await read.close();
-  }
 }
 
 async function readVaeManifest(dir: string): Promise<VaeManifest | undefined> {

@@ -63,7 +63,7 @@ export function passPipelineKey(p: GenerationParams, pass: "first" | "second", v
 }
 
 /** The checkpoint a pass runs on. */
-export function passModelName(p: GenerationParams, pass: "first" | "second"): string {
+function passModelName(p: GenerationParams, pass: "first" | "second"): string {
   return pass === "first" ? p.model : secondPassModel(p);
 }
 
