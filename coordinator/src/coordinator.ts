@@ -805,12 +805,7 @@ export class Coordinator {
     const agents = this.registry.list();
     const defaultModel = this.cfg.defaultModel ?? [...new Set(agents.flatMap((a) => [...a.available]))].sort()[0];
     // As the request asked, before validateJob fills them in (from the infotext too): it fills `params` in place.
-    const asked = {
-      model: params.model,
-      hrCheckpointName: params.hrCheckpointName,
-      infotext: params.infotext,
-      sdVae: params.overrideSettings?.sdVae ?? "",
-    };
+    const asked = { model: params.model, infotext: params.infotext, sdVae: params.overrideSettings?.sdVae ?? "" };
     const v = validateJob(params, {
       limits: this.limits,
       ...(params.styles.length > 0 && { styles: await this.styles.current() }),
@@ -818,7 +813,7 @@ export class Coordinator {
       ...(defaultModel ? { defaultModel } : {}),
     });
     if (agents.length === 0) throw new FarmError(grpc.status.UNAVAILABLE, "no agents are connected to the farm");
-    if (asked.infotext !== "") modelsFromInfotext(v, asked, agents);
+    modelsFromInfotext(v, agents);
     if (!agents.some((a) => a.available.has(v.params.model))) {
       const known = [...new Set(agents.flatMap((a) => [...a.available]))].sort();
       const fromInfotext =

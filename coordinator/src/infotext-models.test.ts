@@ -15,12 +15,10 @@ const farm = [
   agent({ "dreamshaper-local": "aaaaaaaaaa" }),
 ];
 
-/** Submit's order: what the request asked, then validateJob (which applies the infotext), then the lookup. */
+/** Submit's order: validateJob (which applies the infotext), then the lookup. */
 function submit(init: MessageInitShape<typeof GenerationParamsSchema>) {
-  const params = create(GenerationParamsSchema, init);
-  const asked = { model: params.model, hrCheckpointName: params.hrCheckpointName, infotext: params.infotext };
-  const v = validateJob(params, { defaultModel: "onnx" });
-  modelsFromInfotext(v, asked, farm);
+  const v = validateJob(create(GenerationParamsSchema, init), { defaultModel: "onnx" });
+  modelsFromInfotext(v, farm);
   return v;
 }
 

@@ -9,6 +9,7 @@ import {
   applyInfotext,
   checkOverrideSettings,
   resolveSampler,
+  type AppliedInfotext,
   type GenerationParams,
   type ResolvedSampler,
 } from "@latentfarm/shared";
@@ -42,6 +43,8 @@ export interface ValidatedJob {
   imageCount: number;
   /** For the job's Warning event: what an infotext asked for that the farm does not reproduce. */
   warnings: string[];
+  /** The hashes of the checkpoints the infotext filled in (applyInfotext), to find them by. */
+  checkpointHashes: AppliedInfotext["checkpointHashes"];
 }
 
 const SEED_MAX = 2 ** 53 - 1;
@@ -78,7 +81,7 @@ export function validateJob(
   const p = create(GenerationParamsSchema, input);
   if (p.infotext.length > L.maxPromptChars * 3) throw FarmError.invalid("infotext", `is longer than ${L.maxPromptChars * 3} characters`);
   // First, so that the fields it fills are checked like the request's own.
-  const { notReproduced } = applyInfotext(p);
+  const { notReproduced, checkpointHashes } = applyInfotext(p);
   const warnings = notReproduced.length > 0 ? [`infotext: not reproduced by this farm: ${notReproduced.join("; ")}`] : [];
   // Then the styles, into the prompts the infotext may have filled, as A1111 merges them into its prompts.
   if (p.styles.length > MAX_STYLES) throw FarmError.invalid("styles", `names ${p.styles.length} styles; at most ${MAX_STYLES}`);
@@ -221,7 +224,7 @@ export function validateJob(
   finite("code_former_weight", p.codeFormerWeight);
   finite("initial_noise_multiplier", p.initialNoiseMultiplier);
 
-  return { params: p, sampler, imageCount, warnings };
+  return { params: p, sampler, imageCount, warnings, checkpointHashes };
 }
 
 /** A1111's seed bookkeeping (behaviour spec §3.1): -1 → random in [0, 4294967293]. */

@@ -100,6 +100,17 @@ test("apply: what the farm does not reproduce is reported, an older A1111's impl
   });
   const { notReproduced } = applyInfotext(p);
   assert.deepEqual(notReproduced, ["Face restoration: GFPGAN (restored with CodeFormer)", "ADetailer model: face_yolov8n.pt"]);
+  // The checkpoints' hashes are kept for finding the farm's checkpoint of those weights, where the text filled the field.
+  const hashes = (init: Partial<Pick<GenerationParams, "model" | "hrCheckpointName">>) =>
+    applyInfotext(
+      create(GenerationParamsSchema, {
+        ...init,
+        infotext:
+          "x\nSteps: 2, Seed: 1, Model hash: 6CE0161689, Model: sd15, Denoising strength: 0.5, Hires upscale: 2, Hires checkpoint: b [0123456789]",
+      }),
+    ).checkpointHashes;
+  assert.deepEqual(hashes({}), { model: "6ce0161689", hiresCheckpoint: "0123456789" });
+  assert.deepEqual(hashes({ model: "mine", hrCheckpointName: "other" }), {});
   // "VAE" is A1111's sd_vae setting (its "VAE hash" only informs), unless the request sets one.
   assert.equal(p.overrideSettings?.sdVae, "kl-f8-anime2.ckpt");
   const own = create(GenerationParamsSchema, { infotext: "x\nSteps: 2, Seed: 1, VAE: a.pt", overrideSettings: { sdVae: "None" } });

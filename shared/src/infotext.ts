@@ -173,7 +173,15 @@ const FILLS: Record<string, InpaintingFill> = {
 export interface AppliedInfotext {
   /** What the infotext asked for that the farm does not do, or keys it does not know: for the job's warnings. */
   notReproduced: string[];
+  /**
+   * A1111's hashes (AutoV2, lower case) of the checkpoints the infotext named where it filled the field:
+   * "Model hash" for `model`, the "[hash]" of "Hires checkpoint: name [hash]" for `hr_checkpoint_name`.
+   * A1111 finds a pasted checkpoint by them, so the farm's names of the same weights can be found too.
+   */
+  checkpointHashes: { model?: string; hiresCheckpoint?: string };
 }
+
+const AUTO_V2 = /^[0-9a-f]{10}$/i;
 
 /**
  * Applies `p.infotext` to the request, as A1111's API does: each entry fills the field it names when the
@@ -182,8 +190,11 @@ export interface AppliedInfotext {
  */
 export function applyInfotext(p: GenerationParams): AppliedInfotext {
   const notReproduced: string[] = [];
-  if (p.infotext.trim() === "") return { notReproduced };
+  const checkpointHashes: AppliedInfotext["checkpointHashes"] = {};
+  if (p.infotext.trim() === "") return { notReproduced, checkpointHashes };
   const { prompt, negativePrompt, params } = parseInfotext(p.infotext);
+  const modelHash = params.get("Model hash");
+  if (p.model === "" && modelHash !== undefined && AUTO_V2.test(modelHash)) checkpointHashes.model = modelHash.toLowerCase();
   const bad = (key: string, value: string, why: string): FarmError => FarmError.invalid("infotext", `"${key}: ${value}" ${why}`);
   const num = (key: string): number | undefined => {
     const v = params.get(key);
@@ -259,10 +270,13 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
     ] as const) {
       if (params.get(key) === same) params.delete(key);
     }
-    // A1111 writes the checkpoint's short title, "name [hash]"; the farm names models by name.
+    // A1111 writes the checkpoint's short title, "name [hash]": the name fills the field, the hash is kept.
     const checkpoint = params.get("Hires checkpoint");
+    const hrAsked = p.hrCheckpointName;
     if (checkpoint !== undefined) params.set("Hires checkpoint", checkpoint.replace(/ \[[0-9a-f]{8,10}\]$/, ""));
     fillFields(HIRES_FIELDS);
+    const hash = / \[([0-9a-f]{10})\]$/i.exec(checkpoint ?? "")?.[1];
+    if (hrAsked === "" && p.hrCheckpointName !== "" && hash !== undefined) checkpointHashes.hiresCheckpoint = hash.toLowerCase();
   }
 
   // Inpainting entries, for an img2img request with a mask.
@@ -312,5 +326,5 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
     if (p.mask.length === 0 && ["Mask blur", "Masked content", "Inpaint area", "Masked area padding"].includes(key)) continue;
     notReproduced.push(`${key}: ${value}`);
   }
-  return { notReproduced };
+  return { notReproduced, checkpointHashes };
 }
