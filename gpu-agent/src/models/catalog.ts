@@ -31,6 +31,14 @@ export function validateModelName(name: string, field = "model"): void {
   }
 }
 
+/**
+ * The JSON file beside a model (`<name>.json`, what A1111's splitext(checkpoint) + ".json" names): A1111's
+ * user metadata (its "vae"), which the farm also reads architecture hints from.
+ */
+export function modelJsonPath(modelsDir: string, name: string): string {
+  return join(modelsDir, `${name}.json`);
+}
+
 /** The models folder: each diffusers-ONNX subfolder is a model named after the folder. */
 export class ModelCatalog {
   constructor(readonly root: string) {}

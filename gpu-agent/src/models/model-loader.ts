@@ -12,7 +12,7 @@ import {
   type ArchitectureHints,
 } from "../model-graph/index.js";
 import type { ExecutionProvider } from "../runtime/protocol.js";
-import type { ModelCatalog, ModelEntry } from "./catalog.js";
+import { modelJsonPath, type ModelCatalog, type ModelEntry } from "./catalog.js";
 import { SdModel, loadTextEncoder } from "./sd-model.js";
 import type { VaeFile, VaeList } from "./vae-files.js";
 import { extractExtraNetworks, type ClosableTextEncoder } from "../conditioning/index.js";
@@ -125,8 +125,8 @@ async function defaultTokenizer(catalog: ModelCatalog): Promise<string | undefin
  * Architecture hints a checkpoint cannot carry (head counts of unusual models, v-prediction), from an
  * optional `<stem>.json` next to it, the way A1111 reads a `<stem>.yaml`.
  */
-async function hintsFor(entry: ModelEntry): Promise<ArchitectureHints> {
-  const side = entry.path.replace(/\.safetensors$/, ".json");
+async function hintsFor(catalog: ModelCatalog, entry: ModelEntry): Promise<ArchitectureHints> {
+  const side = modelJsonPath(catalog.root, entry.name);
   if (!existsSync(side)) return {};
   try {
     return JSON.parse(await readFile(side, "utf8")) as ArchitectureHints;
@@ -191,7 +191,7 @@ export async function loadModel(
       },
     );
   }
-  const importOpts = { cacheDir: opts.cacheDir, tokenizerDir, ...(await hintsFor(entry)) };
+  const importOpts = { cacheDir: opts.cacheDir, tokenizerDir, ...(await hintsFor(catalog, entry)) };
   const warnings: string[] = [];
   const loraHashes: string[] = [];
   let dir: string;

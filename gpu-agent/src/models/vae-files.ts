@@ -5,6 +5,7 @@ import { readFile, readdir, realpath, stat } from "node:fs/promises";
 import { basename, join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, namedVae } from "@latentfarm/shared";
+import { modelJsonPath } from "./catalog.js";
 
 /** A VAE file as A1111 lists it: named by its file name, extension included. */
 export interface VaeFile {
@@ -118,7 +119,7 @@ export function resolveVae(setting: string, checkpoint: string, vaes: readonly V
 export async function metadataVaeOf(modelsDir: string, checkpoint: string): Promise<string | undefined> {
   let text: string;
   try {
-    text = await readFile(join(modelsDir, `${checkpoint}.json`), "utf8");
+    text = await readFile(modelJsonPath(modelsDir, checkpoint), "utf8");
   } catch {
     return undefined;
   }
