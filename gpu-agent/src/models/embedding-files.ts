@@ -4,11 +4,12 @@
 // and left out; the folder is read again when it changes.
 
 import { createHash } from "node:crypto";
-import { readdir, readFile, stat } from "node:fs/promises";
-import { basename, extname, join } from "node:path";
+import { readFile } from "node:fs/promises";
+import { basename, extname } from "node:path";
 import type { Logger } from "@latentfarm/shared";
 import { CHUNK_LENGTH, EmbeddingDatabase, type EmbeddingTokenizer, type TextualInversionEmbedding } from "../conditioning/index.js";
 import { ModelFileError, readSafetensors, readTorchFile, toFloat32, TorchTensor } from "../model-graph/index.js";
+import { filesUnder, treeMtime } from "./folder-tree.js";
 
 /** A tensor of an embedding file: its shape and values as float32. */
 interface FileTensor {
@@ -92,27 +93,6 @@ export async function readEmbeddingFile(path: string, bytes?: Uint8Array): Promi
 
 const EMBEDDING_EXTENSIONS = new Set([".pt", ".bin", ".safetensors"]);
 
-async function filesUnder(dir: string): Promise<string[]> {
-  const out: string[] = [];
-  for (const entry of await readdir(dir, { withFileTypes: true })) {
-    const path = join(dir, entry.name);
-    // Links are followed, as A1111's os.walk(followlinks=True) does.
-    const s = entry.isSymbolicLink() ? await stat(path).catch(() => undefined) : entry;
-    if (s?.isDirectory()) out.push(...(await filesUnder(path)));
-    else if (s?.isFile() && EMBEDDING_EXTENSIONS.has(extname(entry.name).toLowerCase())) out.push(path);
-  }
-  return out;
-}
-
-/** The latest mtime of a folder tree's directories: a file added, removed or renamed anywhere changes it. */
-async function treeMtime(dir: string): Promise<number> {
-  let latest = (await stat(dir)).mtimeMs;
-  for (const entry of await readdir(dir, { withFileTypes: true })) {
-    if (entry.isDirectory()) latest = Math.max(latest, await treeMtime(join(dir, entry.name)));
-  }
-  return latest;
-}
-
 export interface EmbeddingsRead {
   embeddings: TextualInversionEmbedding[];
   /** Files left out, with the reason: unreadable, the wrong width for the model, a name used twice. */
@@ -127,11 +107,13 @@ export async function readEmbeddingsFolder(dir: string, hidden?: number, signal?
   const embeddings: TextualInversionEmbedding[] = [];
   const skipped: EmbeddingsRead["skipped"] = [];
   const byName = new Map<string, string>();
-  const files = await filesUnder(dir).catch((err: NodeJS.ErrnoException) => {
-    if (err.code === "ENOENT") return [];
-    throw err;
-  });
-  for (const file of files.sort()) {
+  const files = await filesUnder(dir, (name) => EMBEDDING_EXTENSIONS.has(extname(name).toLowerCase())).catch(
+    (err: NodeJS.ErrnoException) => {
+      if (err.code === "ENOENT") return [];
+      throw err;
+    },
+  );
+  for (const file of files.map((f) => f.path).sort()) {
     signal?.throwIfAborted();
     try {
       const content = await readFile(file);

@@ -1,11 +1,12 @@
 // Which VAE file a pass decodes with, by A1111's rules (modules/sd_vae.py): the VAE list, and the
 // `sd_vae` setting ("Automatic", "None" or a file name) resolved against a checkpoint.
 
-import { readFile, readdir, realpath, stat } from "node:fs/promises";
-import { basename, join } from "node:path";
+import { readFile, stat } from "node:fs/promises";
+import { basename } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, namedVae } from "@latentfarm/shared";
 import { modelJsonPath } from "./catalog.js";
+import { filesUnder, treeMtime, type TreeFile } from "./folder-tree.js";
 
 /** A VAE file as A1111 lists it: named by its file name, extension included. */
 export interface VaeFile {
@@ -30,23 +31,6 @@ export interface VaeFolders {
   readonly forced?: string;
 }
 
-/** Files under `dir` (links followed, each real folder once, hidden entries skipped), by path. */
-async function walk(dir: string, seen = new Set<string>()): Promise<Array<{ path: string; size: number }>> {
-  const real = await realpath(dir).catch(() => undefined);
-  if (real === undefined || seen.has(real)) return [];
-  seen.add(real);
-  const names = await readdir(dir).catch(() => [] as string[]);
-  const out: Array<{ path: string; size: number }> = [];
-  for (const n of names.sort()) {
-    if (n.startsWith(".")) continue;
-    const p = join(dir, n);
-    const s = await stat(p).catch(() => undefined);
-    if (s?.isDirectory()) out.push(...(await walk(p, seen)));
-    else if (s?.isFile() && s.size > 0) out.push({ path: p, size: s.size });
-  }
-  return out;
-}
-
 /**
  * The VAE list, in A1111's pattern order: `*.vae.ckpt`, `*.vae.pt`, `*.vae.safetensors` under the models
  * folder, then `*.ckpt`, `*.pt`, `*.safetensors` under the VAE folder, each pattern's files by path
@@ -55,7 +39,7 @@ async function walk(dir: string, seen = new Set<string>()): Promise<Array<{ path
  */
 export async function listVaes(folders: VaeFolders): Promise<VaeFile[]> {
   const byName = new Map<string, VaeFile>();
-  const take = (files: ReadonlyArray<{ path: string; size: number }>, suffixes: readonly string[]): void => {
+  const take = (files: readonly TreeFile[], suffixes: readonly string[]): void => {
     for (const suffix of suffixes) {
       for (const f of files) {
         const name = basename(f.path);
@@ -63,6 +47,11 @@ export async function listVaes(folders: VaeFolders): Promise<VaeFile[]> {
       }
     }
   };
+  // A folder that cannot be read lists no VAEs; the other one still does. Empty files are skipped.
+  const walk = async (dir: string): Promise<TreeFile[]> =>
+    (await filesUnder(dir, () => true, { skipHidden: true }).catch(() => []))
+      .filter((f) => f.size > 0)
+      .sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0));
   take(await walk(folders.modelsDir), [".vae.ckpt", ".vae.pt", ".vae.safetensors"]);
   if (folders.vaeDir !== undefined) take(await walk(folders.vaeDir), [".ckpt", ".pt", ".safetensors"]);
   if (folders.forced !== undefined && !byName.has(basename(folders.forced))) {
@@ -137,7 +126,7 @@ export async function metadataVaeOf(modelsDir: string, checkpoint: string): Prom
  * that a file dropped into the folder is used without a restart and a task does not walk the folders.
  */
 export class VaeList {
-  private cached: { at: number; files: Promise<VaeFile[]> } | undefined;
+  private cached: { at: number; stamp: Promise<string>; files: Promise<VaeFile[]> } | undefined;
 
   constructor(
     readonly folders: VaeFolders,
@@ -146,10 +135,23 @@ export class VaeList {
 
   current(fresh = false): Promise<VaeFile[]> {
     const now = Date.now();
-    if (fresh || this.cached === undefined || now - this.cached.at > this.maxAgeMs) {
-      this.cached = { at: now, files: listVaes(this.folders) };
-    }
-    return this.cached.files;
+    const previous = this.cached;
+    if (!fresh && previous !== undefined && now - previous.at <= this.maxAgeMs) return previous.files;
+    // Past its age the list is walked again only if a folder's tree changed: a models folder holds many
+    // files (LoRAs, embeddings), and a walk stats each of them.
+    const stamp = this.stamp();
+    const files =
+      fresh || previous === undefined
+        ? listVaes(this.folders)
+        : Promise.all([stamp, previous.stamp]).then(([latest, before]) => (latest === before ? previous.files : listVaes(this.folders)));
+    this.cached = { at: now, stamp, files };
+    return files;
+  }
+
+  /** The folders' tree mtimes (a file added, removed or renamed anywhere changes them). */
+  private async stamp(): Promise<string> {
+    const dirs = [this.folders.modelsDir, ...(this.folders.vaeDir !== undefined ? [this.folders.vaeDir] : [])];
+    return (await Promise.all(dirs.map((d) => treeMtime(d).catch(() => -1)))).join("|");
   }
 
   /**
