@@ -14,7 +14,7 @@ import {
 import type { ExecutionProvider } from "../runtime/protocol.js";
 import { modelJsonPath, type ModelCatalog, type ModelEntry } from "./catalog.js";
 import { SdModel, loadTextEncoder } from "./sd-model.js";
-import type { VaeFile, VaeList } from "./vae-files.js";
+import type { VaeFile, VaeIdentity, VaeList } from "./vae-files.js";
 import { extractExtraNetworks, type ClosableTextEncoder } from "../conditioning/index.js";
 
 /** A LoRA as a task asks for it: from a `<lora:name:te:unet>` tag or the request's loras field. */
@@ -89,7 +89,7 @@ export interface LoadedModelInfo {
   /** A1111's "Lora hashes" entries ("name: hash"), in request order. */
   loraHashes: string[];
   /** A1111's "VAE" (the file name) and "VAE hash" (10 hex) when a VAE file replaces the checkpoint's own. */
-  vae: { name: string; hash: string } | undefined;
+  vae: VaeIdentity | undefined;
   /**
    * Where a LoRA changed the text encoder's weights (a text-encoder weight other than 0): opens the base
    * model's text encoder, whose empty prompt A1111 pads with.

@@ -16,6 +16,12 @@ export interface VaeFile {
   readonly sizeBytes?: number;
 }
 
+/** A VAE file as an infotext names it: A1111's "VAE" (the file name) and "VAE hash" (10 hex digits). */
+export interface VaeIdentity {
+  readonly name: string;
+  readonly hash: string;
+}
+
 /** The `sd_vae` value that keeps the checkpoint's own VAE. */
 export const VAE_NONE = "None";
 

@@ -2,6 +2,7 @@
 // A1111's key order (behaviour spec §7), so A1111's "PNG Info" and civitai parse it back.
 
 import type { CondPadding } from "../conditioning/index.js";
+import type { VaeIdentity } from "../models/vae-files.js";
 
 export const FARM_VERSION = "latentfarm-0.1.0";
 
@@ -55,7 +56,7 @@ export interface InfotextFields {
   modelHash?: string | undefined;
   model: string;
   /** A VAE file that replaced the checkpoint's own: "VAE hash" (10 hex) and "VAE" (its file name). */
-  vae?: { name: string; hash: string } | undefined;
+  vae?: VaeIdentity | undefined;
   subseed?: number | undefined;
   subseedStrength?: number | undefined;
   seedResizeFrom?: { w: number; h: number } | undefined;

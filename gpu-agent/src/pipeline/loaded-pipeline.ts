@@ -6,6 +6,7 @@ import { BrownianWorkers } from "../sampling/brownian-thread.js";
 import type { SdModel } from "../models/sd-model.js";
 import type { LoraUse } from "../models/model-loader.js";
 import { StepBatcher } from "./step-batcher.js";
+import type { VaeIdentity } from "../models/vae-files.js";
 
 /** A model with what tasks share: its tokenizer, a conditioning cache and the step batcher. */
 export class LoadedPipeline {
@@ -20,7 +21,7 @@ export class LoadedPipeline {
   readonly modelHash: string | undefined;
   readonly loraHashes: readonly string[];
   /** The VAE file that replaced the checkpoint's own ("VAE" and "VAE hash"), if one did. */
-  readonly vae: { readonly name: string; readonly hash: string } | undefined;
+  readonly vae: VaeIdentity | undefined;
   /** The LoRAs merged into this pipeline's weights (its pipeline key's): the only ones its prompts may name. */
   readonly loras: readonly LoraUse[];
   /** Warnings from building the model (LoRA keys that matched no layer), repeated to each task. */
@@ -45,7 +46,7 @@ export class LoadedPipeline {
       onUnetCall?: (rows: number, seconds: number) => void;
       modelHash?: string | undefined;
       loraHashes?: readonly string[];
-      vae?: { readonly name: string; readonly hash: string } | undefined;
+      vae?: VaeIdentity | undefined;
       /** The LoRAs merged into `model` (default none). */
       loras?: readonly LoraUse[];
       /** The base model's text encoder where LoRAs changed this one's (ModelLoader's baseTextEncoder). */

@@ -27,6 +27,7 @@ import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { lorasOf, pipelineKey } from "../models/model-loader.js";
 import { buildInfotext, hashListName, type CONDITIONING_INFOTEXT_KEYS, type InfotextFields, type InfotextValue } from "./infotext.js";
 import { encodePng, toRgb8 } from "./png.js";
+import type { VaeIdentity } from "../models/vae-files.js";
 
 /** Folders and limits a task may use beyond its model, from the agent's configuration. */
 export interface RenderResources {
@@ -236,7 +237,7 @@ export function pastedEmbeddingWarnings(tiHashes: string | undefined, cond: Prep
  * A pasted infotext's "VAE hash" against the VAE file this pipeline decodes with: a warning when the
  * image will not be the one the infotext came from (another file of that name, or none loaded).
  */
-export function pastedVaeWarning(vaeHash: string | undefined, vae: { name: string; hash: string } | undefined): string | undefined {
+export function pastedVaeWarning(vaeHash: string | undefined, vae: VaeIdentity | undefined): string | undefined {
   const hash = vaeHash?.trim().toLowerCase() ?? "";
   if (hash === "") return undefined;
   if (vae === undefined)
@@ -407,7 +408,7 @@ export interface ModelIdentity {
   readonly modelHash: string | undefined;
   readonly loraHashes: readonly string[];
   /** The VAE file it decoded with in place of the checkpoint's own. */
-  readonly vae: { readonly name: string; readonly hash: string } | undefined;
+  readonly vae: VaeIdentity | undefined;
 }
 
 /** The hand-over's record of the model a pass ran on. */
