@@ -1,6 +1,7 @@
 // CLIP text encoder: SD1's HF CLIPTextModel layout (`cond_stage_model.transformer.text_model.*`) and SD2's
-// OpenCLIP layout (`cond_stage_model.model.*`). Outputs last_hidden_state, pooler_output and
-// hidden_states.0..N (0 = embeddings) so that the caller can apply CLIP skip.
+// OpenCLIP layout (`cond_stage_model.model.*`), and SDXL's two encoders under `conditioner.embedders.N.*`.
+// Outputs last_hidden_state, pooler_output (or, for a projected encoder, text_embeds) and hidden_states.0..N
+// (0 = embeddings) so that the caller can apply CLIP skip.
 
 import { ModelFileError } from "./errors.js";
 import type { Net } from "./nn.js";
@@ -8,6 +9,8 @@ import type { WeightSource } from "./weights.js";
 
 export const HF_CLIP_PREFIX = "cond_stage_model.transformer.text_model.";
 export const OPEN_CLIP_PREFIX = "cond_stage_model.model.";
+/** Where SD1/SD2 checkpoints keep their text encoder; checkpoints from old transformers versions lack `text_model.`. */
+export const SD_TEXT_PREFIXES: readonly string[] = [HF_CLIP_PREFIX, "cond_stage_model.transformer.", OPEN_CLIP_PREFIX];
 
 export interface TextEncoderConfig {
   readonly layout: "hf-clip" | "open-clip";
@@ -19,20 +22,33 @@ export interface TextEncoderConfig {
   readonly layers: number;
   readonly heads: number;
   readonly activation: "quick_gelu" | "gelu";
+  /**
+   * Width of OpenCLIP's text_projection. Set only when the graph runs every stored layer, since the pooled
+   * embedding it projects is taken after the whole stack (SDXL's second encoder); the graph then outputs
+   * text_embeds instead of pooler_output.
+   */
+  readonly projectionDim?: number;
+}
+
+export interface TextEncoderHint {
+  readonly heads?: number;
+  readonly layers?: number;
+  /** Prefixes to look for the encoder under, in order; each may hold either layout. Default SD_TEXT_PREFIXES. */
+  readonly prefixes?: readonly string[];
+  /** Run every stored layer (SDXL's OpenCLIP-G) instead of dropping OpenCLIP's last one (SD2). */
+  readonly fullStack?: boolean;
 }
 
 /** Layer count, widths and layout from the checkpoint; heads from `heads` or hidden/64. */
-export function detectTextEncoderConfig(w: WeightSource, hint: { heads?: number; layers?: number } = {}): TextEncoderConfig {
-  // Checkpoints saved with old transformers versions lack the `text_model.` level.
-  const hfPrefix = [HF_CLIP_PREFIX, "cond_stage_model.transformer."].find((p) => w.has(`${p}embeddings.token_embedding.weight`));
-  const hf = hfPrefix !== undefined;
-  const open = w.has(`${OPEN_CLIP_PREFIX}token_embedding.weight`);
-  if (!hf && !open)
+export function detectTextEncoderConfig(w: WeightSource, hint: TextEncoderHint = {}): TextEncoderConfig {
+  const prefixes = hint.prefixes ?? SD_TEXT_PREFIXES;
+  const prefix = prefixes.find((p) => w.has(`${p}embeddings.token_embedding.weight`) || w.has(`${p}token_embedding.weight`));
+  if (prefix === undefined)
     throw ModelFileError.invalidFile(
       w.label,
-      "no CLIP text encoder found (neither cond_stage_model.transformer nor cond_stage_model.model)",
+      `no CLIP text encoder found (nothing under ${prefixes.map((p) => p.slice(0, -1)).join(", ")})`,
     );
-  const prefix = hfPrefix ?? OPEN_CLIP_PREFIX;
+  const hf = w.has(`${prefix}embeddings.token_embedding.weight`);
   const tok = w.shape(hf ? `${prefix}embeddings.token_embedding.weight` : `${prefix}token_embedding.weight`)!;
   const pos = w.shape(hf ? `${prefix}embeddings.position_embedding.weight` : `${prefix}positional_embedding`);
   if (!pos) throw ModelFileError.invalidFile(w.label, "CLIP text encoder has no position embedding");
@@ -46,8 +62,12 @@ export function detectTextEncoderConfig(w: WeightSource, hint: { heads?: number;
     throw ModelFileError.invalidFile(w.label, `cannot infer attention heads for width ${hidden}; pass them in the config`);
   }
   // SD2 conditions on OpenCLIP's penultimate layer, so the last resblock is never run (as in diffusers' conversion).
-  const layers = hint.layers ?? (hf ? stored : stored - 1);
+  const layers = hint.layers ?? (hf || hint.fullStack === true ? stored : stored - 1);
   if (layers > stored || layers < 1) throw ModelFileError.invalidFile(w.label, `text encoder has ${stored} layers; ${layers} requested`);
+  const projection = hf || layers !== stored ? undefined : w.shape(`${prefix}text_projection`);
+  if (projection && (projection.length !== 2 || projection[0] !== hidden)) {
+    throw ModelFileError.invalidFile(w.label, `${prefix}text_projection is ${JSON.stringify(projection)}, not [${hidden}, n]`);
+  }
   return {
     layout: hf ? "hf-clip" : "open-clip",
     prefix,
@@ -57,6 +77,7 @@ export function detectTextEncoderConfig(w: WeightSource, hint: { heads?: number;
     layers,
     heads,
     activation: hf ? "quick_gelu" : "gelu",
+    ...(projection ? { projectionDim: projection[1]! } : {}),
   };
 }
 
@@ -131,7 +152,8 @@ export function buildTextEncoder(net: Net, cfg: TextEncoderConfig): void {
     hiddenStates.push(toBSD(h));
   }
   const last2d = net.layerNorm(h, hf ? `${p}final_layer_norm` : `${p}ln_final`, 1e-5);
-  net.output(toBSD(last2d), "last_hidden_state", ["batch", "sequence", d]);
+  const lastHidden = toBSD(last2d);
+  if (cfg.projectionDim === undefined) net.output(lastHidden, "last_hidden_state", ["batch", "sequence", d]);
 
   // Pooled: the final state at the highest token id (EOS), as CLIPTextModel's legacy argmax rule.
   const eos = g.op1("ArgMax", [ids], { axis: -1, keepdims: 0 });
@@ -139,7 +161,16 @@ export function buildTextEncoder(net: Net, cfg: TextEncoderConfig): void {
   const rows = g.op1("Range", [g.constant("int64", [], [0]), b, g.constant("int64", [], [1])]);
   const seqScalar = g.op1("Squeeze", [seq, g.ints([0])]);
   const flat = net.add(g.op1("Mul", [rows, seqScalar]), eos);
-  net.output(g.op1("Gather", [last2d, flat], { axis: 0 }), "pooler_output", ["batch", d]);
-  // Outputs in the order of the diffusers export: callers that take output 0 get last_hidden_state.
+  const pooled = g.op1("Gather", [last2d, flat], { axis: 0 });
+  if (cfg.projectionDim === undefined) {
+    net.output(pooled, "pooler_output", ["batch", d]);
+  } else {
+    // OpenCLIP applies the projection as `x @ text_projection`: the matrix is [hidden, projection], not a Linear.
+    const embeds = g.op1("MatMul", [pooled, net.param(`${p}text_projection`)]);
+    // In the order of optimum's CLIPTextModelWithProjection export.
+    net.output(embeds, "text_embeds", ["batch", cfg.projectionDim]);
+    net.output(lastHidden, "last_hidden_state", ["batch", "sequence", d]);
+  }
+  // Outputs in the order of the diffusers export: callers that take output 0 of an unprojected encoder get last_hidden_state.
   hiddenStates.forEach((v, i) => net.output(v, `hidden_states.${i}`, ["batch", "sequence", d]));
 }

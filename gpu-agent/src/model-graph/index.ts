@@ -38,15 +38,24 @@ export type { LazyBytes } from "./protobuf.js";
 export { SafetensorsWeights, MemoryWeights } from "./weights.js";
 export type { WeightSource, WeightTransform, WeightType, MemoryTensor } from "./weights.js";
 export { Net } from "./nn.js";
-export { buildUNet, detectUNetConfig, timestepFrequencies, UNET_PREFIX } from "./unet.js";
-export type { UNetConfig } from "./unet.js";
-export { buildTextEncoder, detectTextEncoderConfig } from "./clip.js";
-export type { TextEncoderConfig } from "./clip.js";
+export {
+  buildUNet,
+  detectUNetConfig,
+  timestepFrequencies,
+  sinusoidalEmbedding,
+  textEmbedsDim,
+  UNET_PREFIX,
+  TIME_IDS,
+  TIME_ID_EMBED_DIM,
+} from "./unet.js";
+export type { HeadsHint, UNetConfig } from "./unet.js";
+export { buildTextEncoder, detectTextEncoderConfig, HF_CLIP_PREFIX, OPEN_CLIP_PREFIX, SD_TEXT_PREFIXES } from "./clip.js";
+export type { TextEncoderConfig, TextEncoderHint } from "./clip.js";
 export { buildVaeDecoder, buildVaeEncoder, detectVaeConfig } from "./vae.js";
 export type { VaeConfig } from "./vae.js";
 export { importVae } from "./vae-import.js";
 export type { ImportedVae, VaeImportOptions, VaeManifest } from "./vae-import.js";
-export { detectArchitecture } from "./architecture.js";
+export { detectArchitecture, SDXL_SCALING_FACTOR } from "./architecture.js";
 export type { Architecture, ArchitectureHints, ModelFamily, PredictionType } from "./architecture.js";
 
 export {

@@ -60,11 +60,20 @@ function resnetSuffix(s: string): string {
   return RESNET_SUFFIX[s] ?? s;
 }
 
+/** kohya's text-encoder MLP and attention names → OpenCLIP's (`mlp.c_fc`, `mlp.c_proj`, `attn.*`). */
+function openClipSuffix(s: string): string {
+  return s
+    .replace(/^mlp_fc1$/, "mlp_c_fc")
+    .replace(/^mlp_fc2$/, "mlp_c_proj")
+    .replace(/^self_attn_/, "attn_");
+}
+
 /**
  * kohya/diffusers layer name → the A1111 "compvis" module name (checkpoint module path minus `model.` or
- * `cond_stage_model.`, dots as underscores). Candidates are tried in order, like A1111's fallbacks.
+ * `cond_stage_model.`, or with `conditioner.embedders.N.` as `N_` for SDXL; dots as underscores).
+ * Candidates are tried in order, like A1111's fallbacks.
  */
-export function compvisCandidates(layer: string, arch: Pick<Architecture, "unet" | "textEncoder">): string[] {
+export function compvisCandidates(layer: string, arch: Pick<Architecture, "unet" | "textEncoder" | "textEncoder2">): string[] {
   const out: string[] = [];
   const per = arch.unet.layersPerBlock + 1;
   const levels = arch.unet.levelChannels.length;
@@ -74,6 +83,8 @@ export function compvisCandidates(layer: string, arch: Pick<Architecture, "unet"
   else if ((m = /^lora_unet_conv_norm_out(.*)$/.exec(layer))) out.push(`diffusion_model_out_0${m[1]}`);
   else if ((m = /^lora_unet_time_embedding_linear_(\d+)(.*)$/.exec(layer)))
     out.push(`diffusion_model_time_embed_${2 * Number(m[1]) - 2}${m[2]}`);
+  else if ((m = /^lora_unet_add_embedding_linear_(\d+)(.*)$/.exec(layer)))
+    out.push(`diffusion_model_label_emb_0_${2 * Number(m[1]) - 2}${m[2]}`);
   else if ((m = /^lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)$/.exec(layer))) {
     const attn = m[2] === "attentions";
     const s = attn ? m[4]! : resnetSuffix(m[4]!);
@@ -92,18 +103,19 @@ export function compvisCandidates(layer: string, arch: Pick<Architecture, "unet"
     out.push(`diffusion_model_output_blocks_${per * i + per - 1}_${arch.unet.attentionLevels[level] ? 2 : 1}_conv`);
   }
   if ((m = /^lora_unet_(.+)$/.exec(layer))) out.push(`diffusion_model_${m[1]}`);
+  if (arch.textEncoder2 !== undefined) {
+    // SDXL, as A1111 maps it: te1 is CLIP-L under embedder 0, te2 OpenCLIP-G under embedder 1 (lora_te_ matches nothing).
+    if ((m = /^lora_te1_text_model_(.+)$/.exec(layer))) out.push(`0_transformer_text_model_${m[1]}`);
+    if ((m = /^lora_te2_text_model_encoder_layers_(\d+)_(.+)$/.exec(layer)))
+      out.push(`1_model_transformer_resblocks_${m[1]}_${openClipSuffix(m[2]!)}`);
+    return out;
+  }
   if ((m = /^lora_te1?_text_model_(.+)$/.exec(layer))) {
     // Checkpoints from old transformers versions lack the text_model level.
     if (arch.textEncoder.layout === "hf-clip") out.push(`transformer_text_model_${m[1]}`, `transformer_${m[1]}`);
     else {
       const t = /^encoder_layers_(\d+)_(.+)$/.exec(m[1]!);
-      if (t) {
-        const s = t[2]!
-          .replace(/^mlp_fc1$/, "mlp_c_fc")
-          .replace(/^mlp_fc2$/, "mlp_c_proj")
-          .replace(/^self_attn_/, "attn_");
-        out.push(`model_transformer_resblocks_${t[1]}_${s}`);
-      }
+      if (t) out.push(`model_transformer_resblocks_${t[1]}_${openClipSuffix(t[2]!)}`);
     }
   }
   if ((m = /^lora_te_(.+)$/.exec(layer)) && !layer.startsWith("lora_te_text_model_")) out.push(m[1]!);
@@ -118,7 +130,14 @@ export function moduleIndex(keys: Iterable<string>): Map<string, string> {
     if (k.endsWith(".weight")) module = k.slice(0, -".weight".length);
     else if (k.endsWith(".in_proj_weight")) module = k.slice(0, -".in_proj_weight".length);
     else continue;
-    const stripped = module.startsWith("model.") ? module.slice(6) : module.startsWith("cond_stage_model.") ? module.slice(17) : undefined;
+    const embedder = /^conditioner\.embedders\.(\d+)\.(.+)$/.exec(module);
+    const stripped = module.startsWith("model.")
+      ? module.slice(6)
+      : module.startsWith("cond_stage_model.")
+        ? module.slice(17)
+        : embedder
+          ? `${embedder[1]}.${embedder[2]}`
+          : undefined;
     if (stripped !== undefined) idx.set(stripped.replaceAll(".", "_"), k);
   }
   return idx;
@@ -129,7 +148,10 @@ function splitKey(key: string): { layer: string; part: string } | undefined {
   const peft = /^(.*)\.(lora_A|lora_B)(?:\.default)?\.weight$/.exec(key);
   if (peft) {
     let layer = peft[1]!.replace(/^base_model\.model\./, "");
-    layer = layer.replace(/^unet\./, "lora_unet_").replace(/^text_encoder\./, "lora_te_");
+    layer = layer
+      .replace(/^unet\./, "lora_unet_")
+      .replace(/^text_encoder_2\./, "lora_te2_")
+      .replace(/^text_encoder\./, "lora_te1_");
     return { layer: layer.replaceAll(".", "_"), part: peft[2] === "lora_A" ? "lora_down.weight" : "lora_up.weight" };
   }
   const dot = key.indexOf(".");
@@ -145,7 +167,7 @@ function splitKey(key: string): { layer: string; part: string } | undefined {
  */
 export async function loadLora(
   path: string,
-  arch: Pick<Architecture, "unet" | "textEncoder">,
+  arch: Pick<Architecture, "unet" | "textEncoder" | "textEncoder2">,
   checkpointShapes: ReadonlyMap<string, readonly number[]>,
 ): Promise<ParsedLora> {
   const file = await readSafetensors(path);
@@ -227,7 +249,7 @@ export async function loadLora(
         layer,
         target,
         rowOffset,
-        isText: target.startsWith("cond_stage_model."),
+        isText: target.startsWith("cond_stage_model.") || target.startsWith("conditioner."),
         kind,
         scale,
         parts: tensors,

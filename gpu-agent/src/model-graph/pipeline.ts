@@ -1,12 +1,12 @@
-// Checkpoint → diffusers-ONNX folder (text_encoder/, unet/, vae_decoder/, vae_encoder/, tokenizer/,
-// scheduler/, model_index.json), plus an on-disk cache keyed by the checkpoint's sha256.
+// Checkpoint → diffusers-ONNX folder (text_encoder/, SDXL's text_encoder_2/, unet/, vae_decoder/, vae_encoder/,
+// tokenizer/, scheduler/, model_index.json), plus an on-disk cache keyed by the checkpoint's sha256.
 
 import { createHash, randomBytes } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { copyFile, mkdir, open, readFile, readdir, realpath, rename, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { status } from "@grpc/grpc-js";
-import { detectArchitecture } from "./architecture.js";
+import { SDXL_SCALING_FACTOR, detectArchitecture } from "./architecture.js";
 import type { Architecture, ArchitectureHints } from "./architecture.js";
 import { buildTextEncoder } from "./clip.js";
 import { ModelFileError } from "./errors.js";
@@ -27,8 +27,9 @@ export const MANIFEST_FILE = "latentfarm.json";
 /** Name of the checkpoint hard link inside each component folder of a linked build. */
 export const LINK_NAME = "checkpoint.safetensors";
 
-export type ComponentName = "text_encoder" | "unet" | "vae_decoder" | "vae_encoder";
-export const COMPONENTS: readonly ComponentName[] = ["text_encoder", "unet", "vae_decoder", "vae_encoder"];
+export type ComponentName = "text_encoder" | "text_encoder_2" | "unet" | "vae_decoder" | "vae_encoder";
+/** Every component a build can have; text_encoder_2 only SDXL's, vae_encoder only where the checkpoint has one. */
+export const COMPONENTS: readonly ComponentName[] = ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"];
 
 export interface PipelineBuildOptions extends ArchitectureHints {
   /** Folder with vocab.json, merges.txt, … copied to `tokenizer/`. Without it no tokenizer is written. */
@@ -93,16 +94,44 @@ const SCHEDULER_BASE = {
   trained_betas: null,
 };
 
-function modelIndex(components: readonly ComponentName[], withTokenizer: boolean): Record<string, unknown> {
-  const idx: Record<string, unknown> = {
-    _class_name: "OnnxStableDiffusionPipeline",
-    feature_extractor: [null, null],
-    safety_checker: [null, null],
-    requires_safety_checker: false,
-    scheduler: ["diffusers", "PNDMScheduler"],
-    tokenizer: withTokenizer ? ["transformers", "CLIPTokenizer"] : [null, null],
-  };
-  for (const c of COMPONENTS) idx[c] = components.includes(c) ? ["diffusers", "OnnxRuntimeModel"] : [null, null];
+/** SDXL's scheduler as its diffusers repository configures it (same betas as SD1, leading timestep spacing). */
+const SDXL_SCHEDULER = {
+  _class_name: "EulerDiscreteScheduler",
+  beta_end: 0.012,
+  beta_schedule: "scaled_linear",
+  beta_start: 0.00085,
+  num_train_timesteps: 1000,
+  interpolation_type: "linear",
+  steps_offset: 1,
+  timestep_spacing: "leading",
+  use_karras_sigmas: false,
+  clip_sample: false,
+  trained_betas: null,
+};
+
+function modelIndex(components: readonly ComponentName[], withTokenizer: boolean, arch: Architecture): Record<string, unknown> {
+  const sdxl = arch.family === "sdxl";
+  const tokenizer = withTokenizer ? ["transformers", "CLIPTokenizer"] : [null, null];
+  const idx: Record<string, unknown> = sdxl
+    ? {
+        _class_name: "ORTStableDiffusionXLPipeline",
+        force_zeros_for_empty_prompt: true,
+        scheduler: ["diffusers", "EulerDiscreteScheduler"],
+        tokenizer,
+        tokenizer_2: tokenizer,
+      }
+    : {
+        _class_name: "OnnxStableDiffusionPipeline",
+        feature_extractor: [null, null],
+        safety_checker: [null, null],
+        requires_safety_checker: false,
+        scheduler: ["diffusers", "PNDMScheduler"],
+        tokenizer,
+      };
+  for (const c of COMPONENTS) {
+    if (c === "text_encoder_2" && !sdxl) continue;
+    idx[c] = components.includes(c) ? ["diffusers", "OnnxRuntimeModel"] : [null, null];
+  }
   return idx;
 }
 
@@ -110,7 +139,9 @@ function modelIndex(components: readonly ComponentName[], withTokenizer: boolean
 export async function buildPipeline(weights: WeightSource, outDir: string, opts: PipelineBuildOptions = {}): Promise<BuiltPipeline> {
   const arch = detectArchitecture(weights, opts);
   const weightType = opts.weightType ?? "float32";
-  const wanted = (opts.components ?? COMPONENTS).filter((c) => c !== "vae_encoder" || arch.vae.hasEncoder);
+  const wanted = (opts.components ?? COMPONENTS).filter(
+    (c) => (c !== "vae_encoder" || arch.vae.hasEncoder) && (c !== "text_encoder_2" || arch.textEncoder2 !== undefined),
+  );
   await mkdir(outDir, { recursive: true });
   // A half-written folder must never look complete.
   await rm(join(outDir, MANIFEST_FILE), { force: true });
@@ -123,14 +154,27 @@ export async function buildPipeline(weights: WeightSource, outDir: string, opts:
     for (const k of net.used) used.add(k);
   }
 
+  const sdxl = arch.family === "sdxl";
+  if (sdxl && wanted.includes("vae_decoder")) {
+    // The runtime reads the latent scale here; without the file it assumes SD1's 0.18215.
+    await writeJson(join(outDir, "vae_decoder", "config.json"), {
+      scaling_factor: SDXL_SCALING_FACTOR,
+      latent_channels: arch.vae.latentChannels,
+    });
+  }
   await mkdir(join(outDir, "scheduler"), { recursive: true });
-  await writeJson(join(outDir, "scheduler", "scheduler_config.json"), { ...SCHEDULER_BASE, prediction_type: arch.prediction });
+  await writeJson(join(outDir, "scheduler", "scheduler_config.json"), {
+    ...(sdxl ? SDXL_SCHEDULER : SCHEDULER_BASE),
+    prediction_type: arch.prediction,
+  });
   let withTokenizer = false;
   if (opts.tokenizerDir) {
     await copyDir(opts.tokenizerDir, join(outDir, "tokenizer"));
+    // OpenCLIP's tokenizer is CLIP's vocabulary; only its padding differs (diffusers' tokenizer_2 pads with "!").
+    if (sdxl) await copyDir(opts.tokenizerDir, join(outDir, "tokenizer_2"), padWithExclamation);
     withTokenizer = true;
   }
-  await writeJson(join(outDir, "model_index.json"), modelIndex(wanted, withTokenizer));
+  await writeJson(join(outDir, "model_index.json"), modelIndex(wanted, withTokenizer, arch));
 
   const unusedKeys = [...weights.keys()].filter((k) => !used.has(k) && isModelKey(k));
   const manifest: PipelineManifest = {
@@ -155,7 +199,7 @@ export type ComponentRecord = { modelBytes: number; externalBytes: number; linke
 export async function buildComponent(
   name: ComponentName,
   weights: WeightSource,
-  arch: Partial<Pick<Architecture, "textEncoder" | "unet" | "vae">>,
+  arch: Partial<Pick<Architecture, "textEncoder" | "textEncoder2" | "unet" | "vae">>,
   metadata: Readonly<Record<string, string>>,
   outDir: string,
   opts: PipelineBuildOptions,
@@ -170,6 +214,7 @@ export async function buildComponent(
     return config;
   };
   if (name === "text_encoder") buildTextEncoder(net, part(arch.textEncoder));
+  else if (name === "text_encoder_2") buildTextEncoder(net, part(arch.textEncoder2));
   else if (name === "unet") buildUNet(net, part(arch.unet));
   else if (name === "vae_decoder") buildVaeDecoder(net, part(arch.vae));
   else buildVaeEncoder(net, part(arch.vae));
@@ -193,7 +238,12 @@ export async function buildComponent(
 }
 
 function isModelKey(k: string): boolean {
-  return k.startsWith("model.diffusion_model.") || k.startsWith("first_stage_model.") || k.startsWith("cond_stage_model.");
+  return (
+    k.startsWith("model.diffusion_model.") ||
+    k.startsWith("first_stage_model.") ||
+    k.startsWith("cond_stage_model.") ||
+    k.startsWith("conditioner.")
+  );
 }
 
 /** Builds the ONNX folder for a single-file (LDM layout) .safetensors checkpoint. */
@@ -210,7 +260,19 @@ async function writeJson(path: string, value: unknown): Promise<void> {
   await writeFile(path, `${JSON.stringify(value, null, 1)}\n`);
 }
 
-async function copyDir(from: string, to: string): Promise<void> {
+/** tokenizer_2's JSON files: CLIP's, with OpenCLIP's padding token. */
+function padWithExclamation(name: string, content: Buffer): Buffer {
+  if (name !== "tokenizer_config.json" && name !== "special_tokens_map.json") return content;
+  try {
+    const json = JSON.parse(content.toString("utf8")) as Record<string, unknown>;
+    if (!("pad_token" in json)) return content;
+    return Buffer.from(`${JSON.stringify({ ...json, pad_token: "!" }, null, 1)}\n`);
+  } catch {
+    return content;
+  }
+}
+
+async function copyDir(from: string, to: string, rewrite?: (name: string, content: Buffer) => Buffer): Promise<void> {
   let entries;
   try {
     entries = await readdir(from, { withFileTypes: true });
@@ -218,7 +280,11 @@ async function copyDir(from: string, to: string): Promise<void> {
     throw ModelFileError.fileNotFound(from, "tokenizer folder not readable", err);
   }
   await mkdir(to, { recursive: true });
-  for (const e of entries) if (e.isFile()) await copyFile(join(from, e.name), join(to, e.name));
+  for (const e of entries) {
+    if (!e.isFile()) continue;
+    if (rewrite) await writeFile(join(to, e.name), rewrite(e.name, await readFile(join(from, e.name))));
+    else await copyFile(join(from, e.name), join(to, e.name));
+  }
 }
 
 // ---- hashes --------------------------------------------------------------------------------------
@@ -345,6 +411,8 @@ function optionsDigest(opts: ImportOptions): string {
     unetHeads: opts.unetHeads ?? null,
     unetHeadDim: opts.unetHeadDim ?? null,
     textHeads: opts.textHeads ?? null,
+    // Only when given, so that the keys of existing SD1/SD2 cache entries stay what they were.
+    ...(opts.text2Heads === undefined ? {} : { text2Heads: opts.text2Heads }),
     prediction: opts.prediction ?? null,
     components: opts.components ? [...opts.components].sort() : null,
     variant: opts.variantKey ?? null,

@@ -12,29 +12,40 @@ import { SeededRandom } from "./random.js";
 import { writeSafetensors } from "./safetensors.js";
 import type { TensorToWrite } from "./safetensors.js";
 import { makeTinyVocab, tinyTokenizerFiles } from "./tiny-tokenizer.js";
+import { TIME_IDS, TIME_ID_EMBED_DIM } from "./unet.js";
 import { MemoryWeights } from "./weights.js";
 import type { MemoryTensor } from "./weights.js";
 
 /** The architecture of a generated model, in LDM terms. */
 export interface TinySpec {
-  readonly family: "sd1" | "sd2";
+  readonly family: "sd1" | "sd2" | "sdxl";
   readonly unetChannels: readonly number[];
   readonly unetLayers: number;
   readonly unetAttention: readonly boolean[];
   readonly unetHeads: number;
   readonly inChannels: number;
   readonly transformerDepth: number;
+  /** Transformer blocks per level, where they differ (SDXL); default transformerDepth everywhere. */
+  readonly transformerDepths?: readonly number[];
+  /** Transformer blocks of the middle block; default transformerDepth. */
+  readonly middleDepth?: number;
   readonly textHidden: number;
   readonly textLayers: number;
   readonly textHeads: number;
   readonly textIntermediate: number;
   readonly maxPositions: number;
+  /** SDXL's second (OpenCLIP) text encoder: width, layers, heads, MLP width and text_projection width. */
+  readonly text2Hidden?: number;
+  readonly text2Layers?: number;
+  readonly text2Heads?: number;
+  readonly text2Intermediate?: number;
+  readonly projectionDim?: number;
   readonly vaeChannels: readonly number[];
   readonly vaeLayers: number;
   readonly latentChannels: number;
 }
 
-export type TinyConfigName = "small" | "sd15-topology";
+export type TinyConfigName = "small" | "sd15-topology" | "sdxl-small";
 
 export const TINY_SPECS: Readonly<Record<TinyConfigName, TinySpec>> = {
   // The team kit's tiny-sd15 topology (see the kit's fixtures README) with a small vocabulary.
@@ -73,7 +84,42 @@ export const TINY_SPECS: Readonly<Record<TinyConfigName, TinySpec>> = {
     vaeLayers: 1,
     latentChannels: 4,
   },
+  // SDXL base's layout (no attention at the first level, deeper transformers below it, two text encoders,
+  // label_emb) at `small`'s sizes.
+  "sdxl-small": {
+    family: "sdxl",
+    unetChannels: [32, 64],
+    unetLayers: 2,
+    unetAttention: [false, true],
+    unetHeads: 4,
+    inChannels: 4,
+    transformerDepth: 2,
+    transformerDepths: [0, 2],
+    middleDepth: 2,
+    textHidden: 32,
+    textLayers: 2,
+    textHeads: 4,
+    textIntermediate: 64,
+    maxPositions: 77,
+    text2Hidden: 48,
+    text2Layers: 3,
+    text2Heads: 4,
+    text2Intermediate: 96,
+    projectionDim: 48,
+    vaeChannels: [32, 32, 32, 32],
+    vaeLayers: 1,
+    latentChannels: 4,
+  },
 };
+
+/** The second text encoder of an SDXL spec, checked. */
+function text2Of(spec: TinySpec): { hidden: number; layers: number; heads: number; intermediate: number; projection: number } {
+  const { text2Hidden: hidden, text2Layers: layers, text2Heads: heads, text2Intermediate: intermediate, projectionDim: projection } = spec;
+  if (hidden === undefined || layers === undefined || heads === undefined || intermediate === undefined || projection === undefined) {
+    throw invalidArgument("family", "an sdxl spec needs text2Hidden, text2Layers, text2Heads, text2Intermediate and projectionDim");
+  }
+  return { hidden, layers, heads, intermediate, projection };
+}
 
 /** Every LDM checkpoint key of `spec` with its shape, for a text vocabulary of `vocabSize` tokens. */
 export function ldmTensorShapes(spec: TinySpec, vocabSize: number): Map<string, number[]> {
@@ -96,10 +142,16 @@ export function ldmTensorShapes(spec: TinySpec, vocabSize: number): Map<string, 
   const u = "model.diffusion_model.";
   const mc = spec.unetChannels[0]!;
   const temb = 4 * mc;
-  const ctx = spec.textHidden;
+  const sdxl = spec.family === "sdxl";
+  const ctx = sdxl ? spec.textHidden + text2Of(spec).hidden : spec.textHidden;
   const sd2 = spec.family === "sd2";
+  const linearProj = sd2 || sdxl;
   linear(`${u}time_embed.0`, temb, mc);
   linear(`${u}time_embed.2`, temb, temb);
+  if (sdxl) {
+    linear(`${u}label_emb.0.0`, temb, text2Of(spec).projection + TIME_IDS * TIME_ID_EMBED_DIM);
+    linear(`${u}label_emb.0.2`, temb, temb);
+  }
   conv(`${u}input_blocks.0.0`, mc, spec.inChannels, 3);
   const res = (k: string, cin: number, c: number): void => {
     norm(`${k}.in_layers.0`, cin);
@@ -109,11 +161,11 @@ export function ldmTensorShapes(spec: TinySpec, vocabSize: number): Map<string, 
     conv(`${k}.out_layers.3`, c, c, 3);
     if (cin !== c) conv(`${k}.skip_connection`, c, cin, 1);
   };
-  const attn = (k: string, c: number): void => {
+  const attn = (k: string, c: number, depth: number): void => {
     norm(`${k}.norm`, c);
-    if (sd2) linear(`${k}.proj_in`, c, c);
+    if (linearProj) linear(`${k}.proj_in`, c, c);
     else conv(`${k}.proj_in`, c, c, 1);
-    for (let d = 0; d < spec.transformerDepth; d++) {
+    for (let d = 0; d < depth; d++) {
       const b = `${k}.transformer_blocks.${d}`;
       for (const a of ["attn1", "attn2"]) {
         const kv = a === "attn1" ? c : ctx;
@@ -126,9 +178,10 @@ export function ldmTensorShapes(spec: TinySpec, vocabSize: number): Map<string, 
       linear(`${b}.ff.net.2`, c, 4 * c);
       for (const n of ["norm1", "norm2", "norm3"]) norm(`${b}.${n}`, c);
     }
-    if (sd2) linear(`${k}.proj_out`, c, c);
+    if (linearProj) linear(`${k}.proj_out`, c, c);
     else conv(`${k}.proj_out`, c, c, 1);
   };
+  const depthAt = (level: number): number => spec.transformerDepths?.[level] ?? spec.transformerDepth;
   let ch = mc;
   const skips = [mc];
   let idx = 1;
@@ -137,7 +190,7 @@ export function ldmTensorShapes(spec: TinySpec, vocabSize: number): Map<string, 
     for (let j = 0; j < spec.unetLayers; j++, idx++) {
       res(`${u}input_blocks.${idx}.0`, ch, c);
       ch = c;
-      if (spec.unetAttention[level]) attn(`${u}input_blocks.${idx}.1`, c);
+      if (spec.unetAttention[level]) attn(`${u}input_blocks.${idx}.1`, c, depthAt(level));
       skips.push(ch);
     }
     if (level < levels - 1) {
@@ -147,7 +200,7 @@ export function ldmTensorShapes(spec: TinySpec, vocabSize: number): Map<string, 
     }
   });
   res(`${u}middle_block.0`, ch, ch);
-  attn(`${u}middle_block.1`, ch);
+  attn(`${u}middle_block.1`, ch, spec.middleDepth ?? spec.transformerDepth);
   res(`${u}middle_block.2`, ch, ch);
   idx = 0;
   for (let level = levels - 1; level >= 0; level--) {
@@ -156,7 +209,7 @@ export function ldmTensorShapes(spec: TinySpec, vocabSize: number): Map<string, 
       res(`${u}output_blocks.${idx}.0`, ch + skips.pop()!, c);
       ch = c;
       let sub = 1;
-      if (spec.unetAttention[level]) attn(`${u}output_blocks.${idx}.${sub++}`, c);
+      if (spec.unetAttention[level]) attn(`${u}output_blocks.${idx}.${sub++}`, c, depthAt(level));
       if (level > 0 && j === spec.unetLayers) conv(`${u}output_blocks.${idx}.${sub}.conv`, ch, ch, 3);
     }
   }
@@ -208,14 +261,11 @@ export function ldmTensorShapes(spec: TinySpec, vocabSize: number): Map<string, 
   norm(`${v}decoder.norm_out`, ch);
   conv(`${v}decoder.conv_out`, 3, ch, 3);
 
-  // Text encoder
-  const d = spec.textHidden;
-  const inter = spec.textIntermediate;
-  if (!sd2) {
-    const t = "cond_stage_model.transformer.text_model.";
+  // Text encoders
+  const hfClip = (t: string, d: number, layers: number, inter: number): void => {
     put(`${t}embeddings.token_embedding.weight`, [vocabSize, d]);
     put(`${t}embeddings.position_embedding.weight`, [spec.maxPositions, d]);
-    for (let i = 0; i < spec.textLayers; i++) {
+    for (let i = 0; i < layers; i++) {
       const l = `${t}encoder.layers.${i}`;
       for (const p of ["q_proj", "k_proj", "v_proj", "out_proj"]) linear(`${l}.self_attn.${p}`, d, d);
       norm(`${l}.layer_norm1`, d);
@@ -224,12 +274,11 @@ export function ldmTensorShapes(spec: TinySpec, vocabSize: number): Map<string, 
       linear(`${l}.mlp.fc2`, d, inter);
     }
     norm(`${t}final_layer_norm`, d);
-  } else {
-    const t = "cond_stage_model.model.";
+  };
+  const openClip = (t: string, d: number, layers: number, inter: number, projection: number): void => {
     put(`${t}token_embedding.weight`, [vocabSize, d]);
     put(`${t}positional_embedding`, [spec.maxPositions, d]);
-    // One more block than used: SD2 reads the penultimate layer.
-    for (let i = 0; i <= spec.textLayers; i++) {
+    for (let i = 0; i < layers; i++) {
       const l = `${t}transformer.resblocks.${i}`;
       put(`${l}.attn.in_proj_weight`, [3 * d, d]);
       put(`${l}.attn.in_proj_bias`, [3 * d]);
@@ -240,8 +289,19 @@ export function ldmTensorShapes(spec: TinySpec, vocabSize: number): Map<string, 
       linear(`${l}.mlp.c_proj`, d, inter);
     }
     norm(`${t}ln_final`, d);
-    put(`${t}text_projection`, [d, d]);
+    put(`${t}text_projection`, [d, projection]);
     put(`${t}logit_scale`, []);
+  };
+  if (sdxl) {
+    const t2 = text2Of(spec);
+    hfClip("conditioner.embedders.0.transformer.text_model.", spec.textHidden, spec.textLayers, spec.textIntermediate);
+    // SDXL runs every block of OpenCLIP-G: its pooled output is taken after the last one.
+    openClip("conditioner.embedders.1.model.", t2.hidden, t2.layers, t2.intermediate, t2.projection);
+  } else if (!sd2) {
+    hfClip("cond_stage_model.transformer.text_model.", spec.textHidden, spec.textLayers, spec.textIntermediate);
+  } else {
+    // One more block than used: SD2 reads the penultimate layer.
+    openClip("cond_stage_model.model.", spec.textHidden, spec.textLayers + 1, spec.textIntermediate, spec.textHidden);
   }
   return out;
 }
@@ -277,8 +337,8 @@ export interface TinyModel {
   readonly vocabSize: number;
   readonly bosId: number;
   readonly eosId: number;
-  /** Hints that the importer needs for this model (tiny head counts cannot be inferred). */
-  readonly hints: { readonly unetHeads: number; readonly textHeads: number };
+  /** Hints that the importer needs for this model (tiny head counts cannot be inferred); text2Heads for SDXL. */
+  readonly hints: { readonly unetHeads: number; readonly textHeads: number; readonly text2Heads?: number };
   readonly pipeline: BuiltPipeline | undefined;
 }
 
@@ -289,7 +349,7 @@ export interface TinyModel {
 export async function makeTinyModel(opts: MakeTinyModelOptions): Promise<TinyModel> {
   const configName = opts.config ?? "small";
   const base = TINY_SPECS[configName];
-  if (!base) throw invalidArgument("config", `unknown tiny config ${String(configName)}; use small or sd15-topology`);
+  if (!base) throw invalidArgument("config", `unknown tiny config ${String(configName)}; use ${Object.keys(TINY_SPECS).join(", ")}`);
   const spec: TinySpec = { ...base, ...opts.overrides };
   const seed = opts.seed ?? 0;
   if (!Number.isSafeInteger(seed)) throw invalidArgument("seed", "must be an integer");
@@ -310,7 +370,11 @@ export async function makeTinyModel(opts: MakeTinyModelOptions): Promise<TinyMod
   const tokenizerDir = join(opts.outDir, "tokenizer");
   await mkdir(tokenizerDir, { recursive: true });
   for (const [name, content] of Object.entries(tinyTokenizerFiles(vocab))) await writeFile(join(tokenizerDir, name), content);
-  const hints = { unetHeads: spec.unetHeads, textHeads: spec.textHeads };
+  const hints = {
+    unetHeads: spec.unetHeads,
+    textHeads: spec.textHeads,
+    ...(spec.family === "sdxl" ? { text2Heads: text2Of(spec).heads } : {}),
+  };
   let pipeline: BuiltPipeline | undefined;
   let onnxDir: string | undefined;
   if (!opts.checkpointOnly) {
@@ -325,7 +389,7 @@ export async function makeTinyModel(opts: MakeTinyModelOptions): Promise<TinyMod
   return { checkpointPath, onnxDir, tokenizerDir, spec, vocabSize: vocab.size, bosId: vocab.bosId, eosId: vocab.eosId, hints, pipeline };
 }
 
-/** `make-tiny-model --out DIR [--seed N] [--config small|sd15-topology]` for the agent's CLI. */
+/** `make-tiny-model --out DIR [--seed N] [--config small|sd15-topology|sdxl-small]` for the agent's CLI. */
 export async function makeTinyModelCli(argv: readonly string[]): Promise<TinyModel> {
   let outDir: string | undefined;
   let seed = 0;
@@ -340,7 +404,11 @@ export async function makeTinyModelCli(argv: readonly string[]): Promise<TinyMod
     if (a === "--out") outDir = val();
     else if (a === "--seed") seed = Number(val());
     else if (a === "--config") config = val() as TinyConfigName;
-    else throw invalidArgument(a, "unknown option; usage: make-tiny-model --out DIR [--seed N] [--config small|sd15-topology]");
+    else
+      throw invalidArgument(
+        a,
+        `unknown option; usage: make-tiny-model --out DIR [--seed N] [--config ${Object.keys(TINY_SPECS).join("|")}]`,
+      );
   }
   if (!outDir) throw invalidArgument("--out", "is required");
   return makeTinyModel({ outDir, seed, config });

@@ -8,7 +8,7 @@
 // this works on exported graphs (the diffusers ONNX layout) as well as on the farm's own builds.
 
 import { ModelFileError } from "./errors.js";
-import { encodeNode, encodeValueInfo, type ElemType } from "./onnx.js";
+import { DataType, encodeNode, encodeValueInfo, type ElemType } from "./onnx.js";
 import { decodeNode, decodeTensor, decodeValueInfo, type DecodedNode } from "./onnx-read.js";
 import { decodeFields, fixed32ToFloat, ProtoMessage, type Field } from "./protobuf.js";
 
@@ -26,6 +26,7 @@ function copyField(m: ProtoMessage, f: Field): void {
 }
 
 const text = (b: unknown): string => new TextDecoder().decode(b as Uint8Array);
+const ELEM_BY_CODE = new Map<number, ElemType>(Object.entries(DataType).map(([k, v]) => [v, k as ElemType]));
 
 export interface PatchedModel {
   readonly model: Uint8Array;
@@ -79,6 +80,13 @@ export function withTokenOverrides(model: Uint8Array, label: string): PatchedMod
     const node = decodeNode(f.value as Uint8Array);
     if ((node.opType === "Cast" || node.opType === "Identity") && fromIds.has(node.inputs[0] ?? "")) {
       node.outputs.forEach((o) => fromIds.add(o));
+      return;
+    }
+    // The farm's builds of fp16 checkpoints keep the table in fp16 and Cast it to the compute type.
+    const castFrom = node.opType === "Cast" ? tables.get(node.inputs[0] ?? "") : undefined;
+    if (castFrom !== undefined && node.outputs[0] !== undefined) {
+      const to = Number(node.attrs["to"]);
+      tables.set(node.outputs[0], { elemType: ELEM_BY_CODE.get(to) ?? to, dims: castFrom.dims });
       return;
     }
     const table = tables.get(node.inputs[0] ?? "");

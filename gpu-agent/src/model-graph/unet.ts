@@ -1,11 +1,17 @@
-// UNet2DCondition of SD 1.x/2.x (LDM `openaimodel.UNetModel` layout), built from a config that is read
-// off the checkpoint's tensor shapes. Initializers are named `model.diffusion_model.*` as in the file.
+// UNet2DCondition of SD 1.x/2.x and SDXL (LDM/sgm `openaimodel.UNetModel` layout), built from a config that
+// is read off the checkpoint's tensor shapes. Initializers are named `model.diffusion_model.*` as in the file.
 
 import { ModelFileError } from "./errors.js";
 import type { Net } from "./nn.js";
+import type { GraphBuilder } from "./onnx.js";
 import type { WeightSource } from "./weights.js";
 
 export const UNET_PREFIX = "model.diffusion_model.";
+
+/** SDXL's size and crop conditioning: original h, w, crop top, left, target h, w (diffusers' `time_ids`). */
+export const TIME_IDS = 6;
+/** Width of each time id's sinusoidal embedding (sgm's ConcatTimestepEmbedderND outdim, diffusers' addition_time_embed_dim). */
+export const TIME_ID_EMBED_DIM = 256;
 
 export interface UNetConfig {
   readonly prefix: string;
@@ -20,7 +26,17 @@ export interface UNetConfig {
   /** Attention heads per level (SD1: 8 everywhere; SD2: channels / 64). */
   readonly heads: readonly number[];
   readonly contextDim: number;
+  /** The deepest spatial transformer's block count (SD1/SD2: 1 everywhere). */
   readonly transformerDepth: number;
+  /** Transformer blocks after each input-level resnet (0 at levels without attention); SDXL: [0, 2, 10]. */
+  readonly transformerDepths: readonly number[];
+  /** Transformer blocks of the middle block (0 when it has no attention). */
+  readonly middleTransformerDepth: number;
+  /**
+   * Input width of `label_emb` (SDXL's "vector" conditioning: pooled text embeds + sinusoidal size and crop
+   * embeddings); 0 when the UNet has none. With it the graph takes text_embeds and time_ids.
+   */
+  readonly admInChannels: number;
   /** SD2 projects in/out of the transformer with Linear, SD1 with a 1x1 conv. */
   readonly linearProjection: boolean;
   readonly normGroups: number;
@@ -51,9 +67,14 @@ export function detectUNetConfig(w: WeightSource, hint: HeadsHint = {}, prefix =
   const attentionLevels: boolean[] = [];
   let layersPerBlock = 0;
   let countInLevel = 0;
+  const transformerDepths: number[] = [];
   let contextDim = 0;
-  let depth = 0;
   let linearProjection = false;
+  const depthOf = (block: string): number => {
+    let d = 0;
+    while (w.has(`${prefix}${block}.transformer_blocks.${d}.norm1.weight`)) d++;
+    return d;
+  };
   for (let i = 1; w.has(`${prefix}input_blocks.${i}.0.op.weight`) || w.has(`${prefix}input_blocks.${i}.0.in_layers.2.weight`); i++) {
     if (w.has(`${prefix}input_blocks.${i}.0.op.weight`)) {
       layersPerBlock ||= countInLevel;
@@ -66,21 +87,23 @@ export function detectUNetConfig(w: WeightSource, hint: HeadsHint = {}, prefix =
     if (countInLevel === 0) {
       levelChannels.push(ch);
       attentionLevels.push(attn);
+      transformerDepths.push(attn ? depthOf(`input_blocks.${i}.1`) : 0);
     }
     countInLevel++;
     if (attn && contextDim === 0) {
       contextDim = shape(`input_blocks.${i}.1.transformer_blocks.0.attn2.to_k.weight`)[1]!;
-      while (w.has(`${prefix}input_blocks.${i}.1.transformer_blocks.${depth}.norm1.weight`)) depth++;
       linearProjection = shape(`input_blocks.${i}.1.proj_in.weight`).length === 2;
     }
   }
   layersPerBlock ||= countInLevel;
   if (levelChannels.length === 0) throw ModelFileError.invalidFile(w.label, "not a UNet checkpoint: no input blocks");
-  if (contextDim === 0 && w.has(`${prefix}middle_block.1.proj_in.weight`)) {
+  const middleAttention = w.has(`${prefix}middle_block.1.proj_in.weight`);
+  if (contextDim === 0 && middleAttention) {
     contextDim = shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]!;
-    while (w.has(`${prefix}middle_block.1.transformer_blocks.${depth}.norm1.weight`)) depth++;
     linearProjection = shape("middle_block.1.proj_in.weight").length === 2;
   }
+  const middleTransformerDepth = middleAttention ? depthOf("middle_block.1") : 0;
+  const admInChannels = w.has(`${prefix}label_emb.0.0.weight`) ? shape("label_emb.0.0.weight")[1]! : 0;
   const headDim = hint.headDim ?? (hint.heads === undefined ? (contextDim === 1024 ? 64 : undefined) : undefined);
   const heads = levelChannels.map((ch) => {
     if (headDim !== undefined) {
@@ -101,7 +124,10 @@ export function detectUNetConfig(w: WeightSource, hint: HeadsHint = {}, prefix =
     attentionLevels,
     heads,
     contextDim,
-    transformerDepth: depth,
+    transformerDepth: Math.max(middleTransformerDepth, ...transformerDepths),
+    transformerDepths,
+    middleTransformerDepth,
+    admInChannels,
     linearProjection,
     normGroups: 32,
     timeEmbedDim,
@@ -116,6 +142,23 @@ export function timestepFrequencies(dim: number, freqShift = 0, maxPeriod = 1000
   const out = new Float32Array(half);
   for (let i = 0; i < half; i++) out[i] = fr(Math.exp(fr(fr(logMax * i) / fr(half - freqShift))));
   return out;
+}
+
+/** Width of the pooled text embedding an SDXL UNet with `admInChannels` label_emb inputs takes. */
+export function textEmbedsDim(cfg: Pick<UNetConfig, "admInChannels">): number {
+  return cfg.admInChannels - TIME_IDS * TIME_ID_EMBED_DIM;
+}
+
+/**
+ * sgm's `timestep_embedding(x, dim)` of every element of a float32 [B, n] tensor, concatenated per row:
+ * [B, n·dim], each dim-wide block [cos, sin]. Stays float32: sizes of 1024 and more fall where fp16
+ * steps by whole units, too coarse for the arguments.
+ */
+export function sinusoidalEmbedding(g: GraphBuilder, x: string, dim: number): string {
+  const freqs = g.constant("float32", [1, 1, dim / 2], timestepFrequencies(dim));
+  const args = g.op1("Mul", [g.op1("Unsqueeze", [x, g.ints([2])]), freqs]);
+  const emb = g.op1("Concat", [g.op1("Cos", [args]), g.op1("Sin", [args])], { axis: 2 });
+  return g.op1("Reshape", [emb, g.ints([0, -1])]);
 }
 
 interface Ctx {
@@ -141,6 +184,7 @@ function resBlock(c: Ctx, x: string, key: string): string {
   });
 }
 
+/** A spatial transformer with as many blocks as the checkpoint has under `key` (SDXL varies them per block). */
 function transformer(c: Ctx, x: string, key: string, heads: number): string {
   const { net, cfg } = c;
   const p = cfg.prefix + key;
@@ -156,9 +200,8 @@ function transformer(c: Ctx, x: string, key: string, heads: number): string {
       ]);
     if (cfg.linearProjection) h = net.gemm(toTokens(h, channels), `${p}.proj_in`);
     else h = toTokens(net.conv(h, `${p}.proj_in`), inner);
-    for (let d = 0; d < cfg.transformerDepth; d++) {
+    for (let d = 0; net.has(`${p}.transformer_blocks.${d}.norm1.weight`); d++) {
       const b = `${p}.transformer_blocks.${d}`;
-      if (!net.has(`${b}.norm1.weight`)) break;
       net.g.withScope(`transformer_blocks.${d}`, () => {
         let n = net.layerNorm(h, `${b}.norm1`, 1e-5);
         let a = net.attention(
@@ -203,7 +246,10 @@ function transformer(c: Ctx, x: string, key: string, heads: number): string {
   });
 }
 
-/** Adds the UNet to `net.g`: inputs sample/timestep/encoder_hidden_states, output out_sample. */
+/**
+ * Adds the UNet to `net.g`: inputs sample/timestep/encoder_hidden_states (and, with a label_emb, SDXL's
+ * text_embeds [batch, textEmbedsDim] and time_ids float32 [batch, 6]), output out_sample.
+ */
 export function buildUNet(net: Net, cfg: UNetConfig): void {
   const g = net.g;
   const sample = net.input("sample", ["batch", cfg.inChannels, "height", "width"]);
@@ -213,7 +259,7 @@ export function buildUNet(net: Net, cfg: UNetConfig): void {
   const batch = g.op1("Shape", [sample], { start: 0, end: 1 });
   const p = cfg.prefix;
 
-  const temb = g.withScope("time_embedding", () => {
+  let temb = g.withScope("time_embedding", () => {
     const dim = net.shapeOf(`${p}time_embed.0.weight`)[1]!;
     const freqs = g.constant("float32", [1, dim / 2], timestepFrequencies(dim));
     const args = net.mul(g.op1("Unsqueeze", [timestep, g.ints([1])]), freqs);
@@ -223,6 +269,22 @@ export function buildUNet(net: Net, cfg: UNetConfig): void {
     emb = g.op1("Expand", [emb, g.op1("Concat", [batch, g.ints([1])], { axis: 0 })]);
     return net.gemm(net.silu(net.gemm(net.fromFloat32(emb), `${p}time_embed.0`)), `${p}time_embed.2`);
   });
+  if (cfg.admInChannels > 0) {
+    if (textEmbedsDim(cfg) <= 0) {
+      throw ModelFileError.invalidFile(
+        net.weights.label,
+        `label_emb takes ${cfg.admInChannels} features; SDXL's take text embeds plus ${TIME_IDS}×${TIME_ID_EMBED_DIM} size and crop features`,
+      );
+    }
+    const textEmbeds = net.input("text_embeds", ["batch", textEmbedsDim(cfg)]);
+    const timeIds = g.input("time_ids", "float32", ["batch", TIME_IDS]);
+    const label = g.withScope("add_embedding", () => {
+      const sizes = net.fromFloat32(sinusoidalEmbedding(g, timeIds, TIME_ID_EMBED_DIM));
+      const y = g.op1("Concat", [textEmbeds, sizes], { axis: 1 });
+      return net.gemm(net.silu(net.gemm(y, `${p}label_emb.0.0`)), `${p}label_emb.0.2`);
+    });
+    temb = net.add(temb, label);
+  }
   const ctx: Ctx = { net, cfg, batch, temb, context2d: g.op1("Reshape", [context, g.ints([-1, cfg.contextDim])]) };
 
   let h = g.withScope("conv_in", () => net.conv(sample, `${p}input_blocks.0.0`));
