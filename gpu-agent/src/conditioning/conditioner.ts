@@ -2,7 +2,7 @@ import { CHUNK_TOKENS, emptyChunk, tokenizeLine, type EmphasisMode, type PromptC
 import type { EmbeddingDatabase, TextualInversionEmbedding } from "./embeddings.js";
 import type { ClipTokenizer } from "./clip-tokenizer.js";
 import { parseComposablePrompt } from "./composable.js";
-import { applyEmphasis, type EmphasisRow } from "./emphasis.js";
+import { applyEmphasis, type EmphasisRow, type EmphasisTarget } from "./emphasis.js";
 import { ConditioningPreconditionError } from "./errors.js";
 import { extractExtraNetworks, type LoraNetwork, type UnknownExtraNetwork } from "./extra-networks.js";
 import { getPromptSchedule, type ScheduleEntry } from "./schedule.js";
@@ -15,6 +15,21 @@ export interface TextEncoder {
   readonly maxClipSkip: number;
   /** Whether encode() takes token overrides (textual-inversion embeddings). */
   readonly acceptsTokenOverrides?: boolean;
+  /**
+   * The widths of the encoders whose outputs are concatenated into each token vector (SDXL: CLIP-L's
+   * 768 and OpenCLIP-G's 1280). A1111's embedders each restore their own mean after emphasis.
+   */
+  readonly parts?: readonly number[];
+  /** Width of the pooled text vector the model also conditions on (SDXL's text_embeds); absent for SD1/2. */
+  readonly pooledSize?: number;
+  /** encode() and the pooled vector of each row, for encoders with a pooledSize. */
+  encodePooled?(
+    batch: Int32Array,
+    n: number,
+    clipSkip: number,
+    signal?: AbortSignal,
+    overrides?: TokenOverrides,
+  ): Promise<{ hidden: Float32Array; pooled: Float32Array }>;
   /**
    * Encodes n×77 token ids. clipSkip 1 returns last_hidden_state; N > 1 returns hidden_states[-N]
    * passed through the model's final LayerNorm (A1111's CLIP_stop_at_last_layers). Overrides replace
@@ -41,6 +56,11 @@ export interface CondTensor {
   data: Float32Array;
   tokens: number;
   hidden: number;
+  /**
+   * SDXL's pooled vector (the "vector" conditioning's text part): the text's first chunk's, taken before
+   * emphasis, as A1111's embedder returns `zs[0].pooled`.
+   */
+  pooled?: Float32Array;
 }
 
 export interface ScheduledCond {
@@ -89,6 +109,8 @@ export interface WeightedCond {
   tokens: number;
   /** AND weight of the subprompt. */
   weight: number;
+  /** SDXL's pooled text vector (CondTensor.pooled). */
+  pooled?: Float32Array;
 }
 
 export interface PreparedSubprompt {
@@ -117,7 +139,7 @@ export interface PreparedConditioning {
    */
   condAt(step: number): WeightedCond[];
   /** The negative prompt's cond at denoiser call `step`, padded or cut as the padding options ask. */
-  uncondAt(step: number): { tensor: Float32Array; tokens: number };
+  uncondAt(step: number): { tensor: Float32Array; tokens: number; pooled?: Float32Array };
   /**
    * Set when the options padded one side to the other's length: A1111's CFGDenoiser then writes this
    * entry, after the pass's sampling.
@@ -258,6 +280,8 @@ export class Conditioner {
     const chunkCount = Math.max(...chunked.map((c) => c.length));
     const filler = emptyChunk(this.tokenizer);
     const outputs = distinct.map(() => uninitializedFloat32(chunkCount * CHUNK_TOKENS * hidden));
+    const pooledSize = this.encoder.pooledSize ?? 0;
+    const pooled = distinct.map(() => new Float32Array(pooledSize));
 
     for (let ci = 0; ci < chunkCount; ci++) {
       const chunks: PromptChunk[] = chunked.map((c) => c[ci] ?? filler);
@@ -278,25 +302,46 @@ export class Conditioner {
       encoderRows.forEach((chunk, r) => batch.set(this.withPadding(chunk.tokens), r * CHUNK_TOKENS));
       signal?.throwIfAborted();
       const overrides = tokenOverrides(encoderRows, hidden);
-      const z = await this.encoder.encode(batch, encoderRows.length, clipSkip, signal, overrides);
+      let z: Float32Array;
+      if (pooledSize > 0 && ci === 0) {
+        const encoded = await this.encodePooled(batch, encoderRows.length, clipSkip, signal, overrides);
+        z = encoded.hidden;
+        rows.forEach((row, d) => pooled[d]!.set(encoded.pooled.subarray(row.encoderRow * pooledSize, (row.encoderRow + 1) * pooledSize)));
+      } else {
+        z = await this.encoder.encode(batch, encoderRows.length, clipSkip, signal, overrides);
+      }
       if (z.length !== encoderRows.length * CHUNK_TOKENS * hidden) {
         throw new Error(`text encoder returned ${z.length} values for ${encoderRows.length}×77×${hidden}`);
       }
       const offset = ci * CHUNK_TOKENS * hidden;
-      applyEmphasis(
+      applyEmphasisInParts(
         emphasis,
         z,
-        CHUNK_TOKENS,
         hidden,
+        this.encoder.parts,
         rows,
         outputs.map((array) => ({ array, offset })),
       );
     }
 
     const byText = new Map(
-      distinct.map((t, d): [string, CondTensor] => [t, { data: outputs[d]!, tokens: chunkCount * CHUNK_TOKENS, hidden }]),
+      distinct.map((t, d): [string, CondTensor] => [
+        t,
+        { data: outputs[d]!, tokens: chunkCount * CHUNK_TOKENS, hidden, ...(pooledSize > 0 && { pooled: pooled[d]! }) },
+      ]),
     );
     return { conds: texts.map((t) => byText.get(t)!), embeddings: embeddingsInChunks(chunked) };
+  }
+
+  private encodePooled(
+    batch: Int32Array,
+    n: number,
+    clipSkip: number,
+    signal: AbortSignal | undefined,
+    overrides: TokenOverrides | undefined,
+  ): Promise<{ hidden: Float32Array; pooled: Float32Array }> {
+    if (this.encoder.encodePooled === undefined) throw new Error("the text encoder has a pooledSize but no encodePooled");
+    return this.encoder.encodePooled(batch, n, clipSkip, signal, overrides);
   }
 
   /**
@@ -362,7 +407,12 @@ export class Conditioner {
       this.encodedSchedule(req.negativePrompt ?? "", req),
       ...parts.map((p) => this.encodedSchedule(p.text, req)),
     ]);
-    const negative = encodedNegative!.conds;
+    // SDXL: an empty negative prompt conditions on zeros, pooled vector included (A1111's
+    // force_zero_negative_prompt, for a negative whose every schedule text is empty).
+    const negative =
+      this.encoder.pooledSize !== undefined && encodedNegative!.conds.every((c) => c.text === "")
+        ? encodedNegative!.conds.map((c) => ({ ...c, cond: zeroed(c.cond) }))
+        : encodedNegative!.conds;
     const schedules = encoded.map((e) => e.conds);
     const subprompts = parts.map((p, i): PreparedSubprompt => ({ text: p.text, weight: p.weight, schedule: schedules[i]! }));
     const hidden = this.encoder.hiddenSize;
@@ -390,8 +440,15 @@ export class Conditioner {
       subprompts,
       negative,
       extraNetworks: { networks: extracted.networks, unknown: extracted.unknown },
-      condAt: (step) => subprompts.map((s) => ({ tensor: condTensor(at(s.schedule, step)), tokens: lengths.cond, weight: s.weight })),
-      uncondAt: (step) => ({ tensor: uncondTensor(at(negative, step)), tokens: lengths.uncond }),
+      condAt: (step) =>
+        subprompts.map((s) => {
+          const c = at(s.schedule, step);
+          return { tensor: condTensor(c), tokens: lengths.cond, weight: s.weight, ...(c.pooled && { pooled: c.pooled }) };
+        }),
+      uncondAt: (step) => {
+        const c = at(negative, step);
+        return { tensor: uncondTensor(c), tokens: lengths.uncond, ...(c.pooled && { pooled: c.pooled }) };
+      },
       padding: lengths.padding,
     };
   }
@@ -511,6 +568,48 @@ function tokenOverrides(rows: readonly PromptChunk[], hidden: number): TokenOver
   const vectors = new Float32Array(at.length * hidden);
   at.forEach(([, , vec], i) => vectors.set(vec, i * hidden));
   return { rows: Int32Array.from(at, (a) => a[0]), positions: Int32Array.from(at, (a) => a[1]), vectors };
+}
+
+/** The same shape, all zeros: one per run, never the cached tensor. */
+function zeroed(c: CondTensor): CondTensor {
+  return { ...c, data: new Float32Array(c.data.length), ...(c.pooled && { pooled: new Float32Array(c.pooled.length) }) };
+}
+
+/**
+ * applyEmphasis on each encoder's share of the token vectors (TextEncoder.parts): SDXL's two embedders
+ * each weight and restore the mean of their own output, so one mean over the concatenation would differ.
+ */
+function applyEmphasisInParts(
+  mode: EmphasisMode,
+  z: Float32Array,
+  hidden: number,
+  parts: readonly number[] | undefined,
+  rows: readonly EmphasisRow[],
+  targets: readonly EmphasisTarget[],
+): void {
+  if (parts === undefined || parts.length <= 1) {
+    applyEmphasis(mode, z, CHUNK_TOKENS, hidden, rows, targets);
+    return;
+  }
+  const vectors = z.length / hidden;
+  let start = 0;
+  for (const width of parts) {
+    const share = new Float32Array(vectors * width);
+    for (let v = 0; v < vectors; v++) share.set(z.subarray(v * hidden + start, v * hidden + start + width), v * width);
+    const outs = targets.map(() => new Float32Array(CHUNK_TOKENS * width));
+    applyEmphasis(
+      mode,
+      share,
+      CHUNK_TOKENS,
+      width,
+      rows,
+      outs.map((array) => ({ array, offset: 0 })),
+    );
+    targets.forEach((t, i) => {
+      for (let p = 0; p < CHUNK_TOKENS; p++) t.array.set(outs[i]!.subarray(p * width, (p + 1) * width), t.offset + p * hidden + start);
+    });
+    start += width;
+  }
 }
 
 /** Padding copies a tensor: each schedule entry is padded once for the whole run. */
