@@ -214,11 +214,15 @@ export async function loadModel(
     modelHash = imported.modelHash;
     for (const w of imported.loraWarnings) for (const m of w.warnings) warnings.push(`${w.path}: ${m}`);
   }
-  // Only the text encoder of the base checkpoint is built for it (a small build next to the UNet's):
+  // Only the text encoders of the base checkpoint are built for it (a small build next to the UNet's;
+  // text_encoder_2 only where the checkpoint has one, SDXL's):
   // a farm that renders only this LoRA's pipeline never imports the base model whole.
   const baseTextEncoder = key.loras.some((l) => l.teWeight !== 0)
     ? async (): Promise<ClosableTextEncoder> =>
-        loadTextEncoder((await importCheckpoint(entry.path, { ...importOpts, components: ["text_encoder"] })).dir, sessions)
+        loadTextEncoder(
+          (await importCheckpoint(entry.path, { ...importOpts, components: ["text_encoder", "text_encoder_2"] })).dir,
+          sessions,
+        )
     : undefined;
   return { model: await load(dir), modelHash, loraHashes, vae: vaeInfo, baseTextEncoder, warnings };
 }

@@ -61,6 +61,14 @@ export interface UnetDims {
   contextUnchanged?: boolean;
 }
 
+/** SDXL's "vector" conditioning per row: the pooled text vector, and the six size conditions. */
+export interface AddedConditions {
+  /** [n, pooledSize]. */
+  readonly textEmbeds: Float32Array;
+  /** [n, 6]: original height and width, crop top and left, target height and width, in pixels. */
+  readonly timeIds: Float32Array;
+}
+
 export interface SdModelConfig {
   readonly scalingFactor: number;
   readonly predictionType: "epsilon" | "v_prediction";
@@ -99,13 +107,18 @@ export const TOKEN_OVERRIDES_MODEL = "model.token-overrides.onnx";
  * take overrides, or a folder that cannot be written, loads the original, without embeddings: the model
  * still renders every prompt that names none.
  */
-async function textEncoderModel(dir: string, tokenOverrides: boolean | undefined, logger?: Logger): Promise<string | Uint8Array> {
-  const path = join(dir, "text_encoder", "model.onnx");
+async function textEncoderModel(
+  dir: string,
+  component: "text_encoder" | "text_encoder_2",
+  tokenOverrides: boolean | undefined,
+  logger?: Logger,
+): Promise<string | Uint8Array> {
+  const path = join(dir, component, "model.onnx");
   if (tokenOverrides !== true) return path;
   try {
     const patched = withTokenOverrides(await readFile(path), path);
     if (!patched.externalData) return patched.model;
-    const target = join(dir, "text_encoder", TOKEN_OVERRIDES_MODEL);
+    const target = join(dir, component, TOKEN_OVERRIDES_MODEL);
     // Written whole, then renamed: a pipeline loading meanwhile never reads half a file.
     const partial = `${target}.${process.pid}.${randomUUID()}.partial`;
     await writeFile(partial, patched.model);
@@ -128,13 +141,39 @@ function sessionsFor(opts: Omit<SdModelLoadOptions, "logger">): OrtSessions {
 export async function loadTextEncoder(dir: string, opts: Omit<SdModelLoadOptions, "logger">): Promise<ClosableTextEncoder> {
   const sessions = sessionsFor(opts);
   try {
-    const info = await sessions.load("text_encoder", await textEncoderModel(dir, opts.tokenOverrides), opts.signal);
-    const encoder = await OnnxTextEncoder.create(sessions, info, opts.signal);
+    const encoder = await loadTextEncoders(sessions, dir, opts);
     return { encoder, close: () => sessions.close() };
   } catch (err) {
     await sessions.close();
     throw err;
   }
+}
+
+/** Whether a diffusers ONNX folder is an SDXL pipeline: it has the second text encoder. */
+function isSdxlFolder(dir: string): boolean {
+  return existsSync(join(dir, "text_encoder_2", "model.onnx"));
+}
+
+/** The folder's text encoder: CLIP, or SDXL's two encoders as one. */
+async function loadTextEncoders(
+  sessions: OrtSessions,
+  dir: string,
+  opts: Pick<SdModelLoadOptions, "tokenOverrides" | "signal"> & { logger?: Logger },
+): Promise<TextEncoder> {
+  const te = await sessions.load(
+    "text_encoder",
+    await textEncoderModel(dir, "text_encoder", opts.tokenOverrides, opts.logger),
+    opts.signal,
+  );
+  const first = await OnnxTextEncoder.create(sessions, "text_encoder", te, opts.signal);
+  if (!isSdxlFolder(dir)) return first;
+  const te2 = await sessions.load(
+    "text_encoder_2",
+    await textEncoderModel(dir, "text_encoder_2", opts.tokenOverrides, opts.logger),
+    opts.signal,
+  );
+  const second = await OnnxTextEncoder.create(sessions, "text_encoder_2", te2, opts.signal);
+  return SdxlTextEncoder.create(first, second);
 }
 
 /**
@@ -148,8 +187,16 @@ export class SdModel {
     readonly config: SdModelConfig,
     readonly tokenizerDir: string,
     private readonly worker: OrtSessions,
-    private readonly sessions: Record<"text_encoder" | "unet" | "vae_decoder", SessionInfo>,
-    private readonly unetInputs: { sample: ValueMeta; timestep: ValueMeta; context: ValueMeta; output: string },
+    private readonly sessions: Record<"unet" | "vae_decoder", SessionInfo>,
+    private readonly unetInputs: {
+      sample: ValueMeta;
+      timestep: ValueMeta;
+      context: ValueMeta;
+      /** SDXL's added conditions (absent for SD1/2 UNets). */
+      textEmbeds?: ValueMeta | undefined;
+      timeIds?: ValueMeta | undefined;
+      output: string;
+    },
     readonly textEncoder: TextEncoder,
     /** The folder whose vae_decoder/ and vae_encoder/ this model decodes and encodes with. */
     private readonly vaeDir: string,
@@ -199,7 +246,7 @@ export class SdModel {
     const config = await readConfig(dir);
     const worker = sessionsFor(opts);
     try {
-      const te = await worker.load("text_encoder", await textEncoderModel(dir, opts.tokenOverrides, opts.logger), opts.signal);
+      const textEncoder = await loadTextEncoders(worker, dir, opts);
       const unet = await worker.load("unet", join(dir, "unet", "model.onnx"), opts.signal);
       const vaeDir = opts.vaeDir ?? dir;
       const vae = await worker.load("vae_decoder", join(vaeDir, "vae_decoder", "model.onnx"), opts.signal);
@@ -207,19 +254,21 @@ export class SdModel {
         sample: inputOf(unet, ["sample"], "unet"),
         timestep: inputOf(unet, ["timestep", "timesteps", "t"], "unet"),
         context: inputOf(unet, ["encoder_hidden_states", "context"], "unet"),
+        textEmbeds: unet.inputs.find((i) => i.name === "text_embeds"),
+        timeIds: unet.inputs.find((i) => i.name === "time_ids"),
         output: unet.outputs[0]?.name ?? "out_sample",
       };
-      const textEncoder = await OnnxTextEncoder.create(worker, te, opts.signal);
-      return new SdModel(
-        entry,
-        config,
-        join(dir, "tokenizer"),
-        worker,
-        { text_encoder: te, unet, vae_decoder: vae },
-        unetInputs,
-        textEncoder,
-        vaeDir,
-      );
+      if (
+        (unetInputs.textEmbeds !== undefined) !== (textEncoder.pooledSize !== undefined) ||
+        (unetInputs.textEmbeds === undefined) !== (unetInputs.timeIds === undefined)
+      ) {
+        throw new FarmError(
+          grpc.status.FAILED_PRECONDITION,
+          `model "${entry.name}": the UNet's added conditions (text_embeds, time_ids) do not match its text encoders`,
+          { field: "model" },
+        );
+      }
+      return new SdModel(entry, config, join(dir, "tokenizer"), worker, { unet, vae_decoder: vae }, unetInputs, textEncoder, vaeDir);
     } catch (err) {
       await worker.close();
       throw err;
@@ -238,13 +287,22 @@ export class SdModel {
     return { runs: st?.runs ?? 0, ms: st?.ms ?? 0 };
   }
 
-  /** eps (or v) prediction for a batch: sample [n,Cin,h,w], timesteps [n] (fractional), context [n,seq,dim]. */
+  /** Width of the pooled text vector an SDXL UNet takes (text_embeds); undefined for SD1/2. */
+  get pooledSize(): number | undefined {
+    return this.textEncoder.pooledSize;
+  }
+
+  /**
+   * eps (or v) prediction for a batch: sample [n,Cin,h,w], timesteps [n] (fractional), context
+   * [n,seq,dim], and for SDXL the added conditions.
+   */
   async unet(
     sample: Float32Array,
     timesteps: Float32Array,
     context: Float32Array,
     dims: UnetDims,
     signal?: AbortSignal,
+    added?: AddedConditions,
   ): Promise<Float32Array> {
     const u = this.unetInputs;
     const c = sample.length / (dims.n * dims.h * dims.w);
@@ -260,6 +318,13 @@ export class SdModel {
       [u.timestep.name]: t,
       [u.context.name]: this.contextFeed(context, dims),
     };
+    if (u.textEmbeds !== undefined && u.timeIds !== undefined) {
+      if (added === undefined) throw new FarmError(grpc.status.INTERNAL, "an SDXL UNet call without its added conditions");
+      const pooled = added.textEmbeds.length / dims.n;
+      // Small (a few KB per row): converted afresh, never kept, so a transferred feed costs nothing later.
+      feeds[u.textEmbeds.name] = floatTensor(u.textEmbeds, added.textEmbeds, [dims.n, pooled]);
+      feeds[u.timeIds.name] = floatTensor(u.timeIds, added.timeIds, [dims.n, 6]);
+    }
     const owner = !this.unetInFlight;
     this.unetInFlight = true;
     try {
@@ -398,6 +463,7 @@ async function readConfig(dir: string): Promise<SdModelConfig> {
 class OnnxTextEncoder implements TextEncoder {
   private constructor(
     private readonly worker: OrtSessions,
+    private readonly session: string,
     private readonly idsType: TensorType,
     private readonly idsName: string,
     readonly hiddenSize: number,
@@ -407,7 +473,14 @@ class OnnxTextEncoder implements TextEncoder {
     private readonly beta: Float32Array | undefined,
     /** The token-embedding table's type when the graph takes token overrides. */
     private readonly overrideType: "float32" | "float16" | undefined,
+    /** SDXL's second encoder: its pooled and projected output (text_embeds) and that output's width. */
+    readonly pooledOutput: { name: string; size: number } | undefined,
   ) {}
+
+  /** Transformer layers: the largest hidden_states.N output (0 without them). */
+  get layerCount(): number {
+    return this.layers;
+  }
 
   get acceptsTokenOverrides(): boolean {
     return this.overrideType !== undefined;
@@ -417,11 +490,13 @@ class OnnxTextEncoder implements TextEncoder {
     return this.gamma ? this.layers : 1;
   }
 
-  static async create(worker: OrtSessions, info: SessionInfo, signal?: AbortSignal): Promise<OnnxTextEncoder> {
-    const ids = inputOf(info, ["input_ids"], "text_encoder");
+  static async create(worker: OrtSessions, session: string, info: SessionInfo, signal?: AbortSignal): Promise<OnnxTextEncoder> {
+    const ids = inputOf(info, ["input_ids"], session);
     const idsType: TensorType = ids.type === "int64" ? "int64" : "int32";
     const last = info.outputs.find((o) => o.name === "last_hidden_state") ?? info.outputs[0];
-    if (!last) throw new FarmError(grpc.status.FAILED_PRECONDITION, "text_encoder has no outputs");
+    if (!last) throw new FarmError(grpc.status.FAILED_PRECONDITION, `${session} has no outputs`);
+    const embeds = info.outputs.find((o) => o.name === "text_embeds");
+    const pooledOutput = embeds === undefined ? undefined : { name: embeds.name, size: Number(embeds.shape[embeds.shape.length - 1]) };
     const hiddenSize = Number(last.shape[last.shape.length - 1]);
     const hs = info.outputs
       .map((o) => /^hidden_states\.(\d+)$/.exec(o.name))
@@ -430,7 +505,9 @@ class OnnxTextEncoder implements TextEncoder {
     const layers = hs.length > 0 ? Math.max(...hs) : 0;
     const vectors = info.inputs.find((i) => i.name === TOKEN_OVERRIDE_VECTORS);
     const overrideType = vectors === undefined ? undefined : vectors.type === "float16" ? "float16" : "float32";
-    const base = new OnnxTextEncoder(worker, idsType, ids.name, hiddenSize, layers, last.name, undefined, undefined, overrideType);
+    const make = (gamma?: Float32Array, beta?: Float32Array) =>
+      new OnnxTextEncoder(worker, session, idsType, ids.name, hiddenSize, layers, last.name, gamma, beta, overrideType, pooledOutput);
+    const base = make();
     if (layers < 2 || !Number.isFinite(hiddenSize)) return base;
     // Calibrate the final LayerNorm on a batch of varied ids. Any byte-level BPE vocabulary has the
     // 256 byte tokens, so ids below 256 exist in every CLIP model, tiny test models included.
@@ -438,10 +515,10 @@ class OnnxTextEncoder implements TextEncoder {
     for (let i = 0; i < 77; i++) calib[i] = (i * 37 + 11) % 256;
     const out = await base.runRaw(calib, 1, [last.name, `hidden_states.${layers}`], signal);
     const { gamma, beta } = fitLayerNormAffine(out[`hidden_states.${layers}`]!, out[last.name]!, hiddenSize);
-    return new OnnxTextEncoder(worker, idsType, ids.name, hiddenSize, layers, last.name, gamma, beta, overrideType);
+    return make(gamma, beta);
   }
 
-  private async runRaw(
+  async runRaw(
     batch: Int32Array,
     n: number,
     outputs: string[],
@@ -469,7 +546,7 @@ class OnnxTextEncoder implements TextEncoder {
         "this text encoder was loaded without token overrides (textual-inversion embeddings)",
       );
     }
-    const res = await this.worker.run("text_encoder", feeds, outputs, signal);
+    const res = await this.worker.run(this.session, feeds, outputs, signal);
     const out: Record<string, Float32Array> = {};
     for (const o of outputs) out[o] = readFloats(res[o]!);
     return out;
@@ -490,6 +567,121 @@ class OnnxTextEncoder implements TextEncoder {
     const h = (await this.runRaw(batch, n, [name], signal, overrides))[name]!;
     return layerNorm(h, this.hiddenSize, this.gamma, this.beta);
   }
+}
+
+/**
+ * SDXL's two text encoders as one: each token vector is CLIP-L's penultimate hidden state followed by
+ * OpenCLIP-G's (no final LayerNorm on either), and the pooled vector is G's text_embeds. A1111 ignores
+ * CLIP skip for SDXL (unless sdxl_clip_l_skip, which the farm does not offer), so encode() does too.
+ * G's ids have every position after the first end-of-text set to 0, A1111's id_pad for OpenCLIP.
+ */
+class SdxlTextEncoder implements TextEncoder {
+  readonly hiddenSize: number;
+  readonly parts: readonly number[];
+  readonly pooledSize: number;
+
+  private constructor(
+    private readonly l: OnnxTextEncoder,
+    private readonly g: OnnxTextEncoder,
+    private readonly pooledName: string,
+    pooledSize: number,
+  ) {
+    this.hiddenSize = l.hiddenSize + g.hiddenSize;
+    this.parts = [l.hiddenSize, g.hiddenSize];
+    this.pooledSize = pooledSize;
+  }
+
+  static create(l: OnnxTextEncoder, g: OnnxTextEncoder): SdxlTextEncoder {
+    const pooled = g.pooledOutput;
+    if (l.layerCount < 2 || g.layerCount < 2 || pooled === undefined || !(pooled.size > 0)) {
+      throw new FarmError(
+        grpc.status.FAILED_PRECONDITION,
+        "an SDXL pipeline needs text encoders with hidden_states.N outputs and a text_embeds output on text_encoder_2",
+        { field: "model" },
+      );
+    }
+    return new SdxlTextEncoder(l, g, pooled.name, pooled.size);
+  }
+
+  /** Any CLIP skip A1111 accepts (its slider's 12), which SDXL ignores. */
+  get maxClipSkip(): number {
+    return Math.max(12, this.l.layerCount);
+  }
+
+  get acceptsTokenOverrides(): boolean {
+    return this.l.acceptsTokenOverrides && this.g.acceptsTokenOverrides;
+  }
+
+  async encode(batch: Int32Array, n: number, clipSkip: number, signal?: AbortSignal, overrides?: TokenOverrides): Promise<Float32Array> {
+    return (await this.run(batch, n, false, signal, overrides)).hidden;
+  }
+
+  encodePooled(
+    batch: Int32Array,
+    n: number,
+    _clipSkip: number,
+    signal?: AbortSignal,
+    overrides?: TokenOverrides,
+  ): Promise<{ hidden: Float32Array; pooled: Float32Array }> {
+    return this.run(batch, n, true, signal, overrides);
+  }
+
+  private async run(
+    batch: Int32Array,
+    n: number,
+    withPooled: boolean,
+    signal?: AbortSignal,
+    overrides?: TokenOverrides,
+  ): Promise<{ hidden: Float32Array; pooled: Float32Array }> {
+    const [dl, dg] = this.parts as [number, number];
+    const split = overrides === undefined ? undefined : splitOverrides(overrides, dl, dg);
+    const lName = `hidden_states.${this.l.layerCount - 1}`;
+    const gName = `hidden_states.${this.g.layerCount - 1}`;
+    const [lOut, gOut] = await Promise.all([
+      this.l.runRaw(batch, n, [lName], signal, split?.[0]),
+      this.g.runRaw(paddedAfterEnd(batch, n), n, withPooled ? [gName, this.pooledName] : [gName], signal, split?.[1]),
+    ]);
+    const zl = lOut[lName]!;
+    const zg = gOut[gName]!;
+    const vectors = batch.length;
+    const hidden = new Float32Array(vectors * this.hiddenSize);
+    for (let v = 0; v < vectors; v++) {
+      hidden.set(zl.subarray(v * dl, (v + 1) * dl), v * this.hiddenSize);
+      hidden.set(zg.subarray(v * dg, (v + 1) * dg), v * this.hiddenSize + dl);
+    }
+    return { hidden, pooled: withPooled ? gOut[this.pooledName]! : new Float32Array(0) };
+  }
+}
+
+/**
+ * Each row's ids with every position after its first end-of-text token set to 0. End-of-text is CLIP's
+ * largest id, and A1111's prompts have one in every row, so the row's first maximum is it.
+ */
+function paddedAfterEnd(batch: Int32Array, n: number): Int32Array {
+  const out = batch.slice();
+  const len = batch.length / n;
+  for (let r = 0; r < n; r++) {
+    const row = out.subarray(r * len, (r + 1) * len);
+    let end = 0;
+    for (let i = 1; i < len; i++) if (row[i]! > row[end]!) end = i;
+    row.fill(0, end + 1);
+  }
+  return out;
+}
+
+/** An SDXL embedding's vectors are CLIP-L's followed by G's: each encoder gets its own share. */
+function splitOverrides(o: TokenOverrides, dl: number, dg: number): [TokenOverrides, TokenOverrides] {
+  const count = o.rows.length;
+  const l = new Float32Array(count * dl);
+  const g = new Float32Array(count * dg);
+  for (let i = 0; i < count; i++) {
+    l.set(o.vectors.subarray(i * (dl + dg), i * (dl + dg) + dl), i * dl);
+    g.set(o.vectors.subarray(i * (dl + dg) + dl, (i + 1) * (dl + dg)), i * dg);
+  }
+  return [
+    { rows: o.rows, positions: o.positions, vectors: l },
+    { rows: o.rows, positions: o.positions, vectors: g },
+  ];
 }
 
 function normalizeRows(x: Float32Array, d: number): Float64Array {

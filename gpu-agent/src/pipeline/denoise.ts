@@ -3,7 +3,7 @@ import { FarmError, abortError, type LivePreviewContent } from "@latentfarm/shar
 import { cIn, cfgCombine, scaleLatent, type ImageRng, type NoiseAhead, type PreparedSampling } from "../sampling/index.js";
 import type { PreparedConditioning } from "../conditioning/index.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
-import { previewPng } from "./preview.js";
+import { previewPng, type LatentSpace } from "./preview.js";
 
 /** A request's live previews: every `every` steps, showing `content` (A1111's live_preview_content). */
 export interface PreviewRequest {
@@ -29,6 +29,12 @@ export interface DenoiseInput {
   onStep: (step: number, totalSteps: number, previewPng?: Uint8Array) => void;
   /** Live previews; none when absent. */
   preview?: PreviewRequest | undefined;
+  /**
+   * The size in pixels A1111 conditions an SDXL pass on (its SdConditioning's width and height): the
+   * pass's image; default 8× the latent. A Hires.fix pass gives its upscale target, which may be off the
+   * latent grid.
+   */
+  imageSize?: { width: number; height: number };
   /** Inpainting UNets (9 input channels): A1111's c_concat, appended to every row unscaled. */
   imageCond?: Float32Array;
   /** Inpainting: A1111's CFGDenoiser mask blend. */
@@ -88,8 +94,18 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
   const vPred = pipe.model.config.predictionType === "v_prediction";
   // One UNet input buffer for the run: the batcher copies it into its batch before the call resolves.
   const scaled = new Float32Array(plane);
-  const previews = new Previews(input.preview?.every, pipe.model.config.latentChannels, h, w);
+  const previews = new Previews(
+    input.preview?.every,
+    pipe.model.config.latentChannels,
+    h,
+    w,
+    pipe.model.pooledSize === undefined ? "sd" : "sdxl",
+  );
   const previewContent = input.preview?.content;
+  // SDXL's size conditions: original size = target size = the pass's image, crop at 0,0 (A1111's
+  // defaults of sdxl_crop_top and sdxl_crop_left).
+  const size = input.imageSize ?? { width: 8 * w, height: 8 * h };
+  const timeIds = pipe.model.pooledSize === undefined ? undefined : Float32Array.of(size.height, size.width, 0, 0, size.height, size.width);
   const gen = sampler.run(input.start);
   let r = gen.next();
   let lastStep = -1;
@@ -110,21 +126,23 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       const skipUncond = sampler.skipsUncond(req);
       const uncond = skipUncond ? undefined : cond.uncondAt(req.call);
       // Cond and uncond of different lengths go in separate requests (A1111's default, without the padding options).
-      const groups = new Map<number, Float32Array[]>();
-      const add = (tensor: Float32Array): number => {
+      const groups = new Map<number, { contexts: Float32Array[]; pooled: Float32Array[] }>();
+      const add = (tensor: Float32Array, pooled: Float32Array | undefined): number => {
         const seq = tensor.length / dim;
-        const g = groups.get(seq) ?? [];
-        g.push(tensor);
+        const g = groups.get(seq) ?? { contexts: [], pooled: [] };
+        g.contexts.push(tensor);
+        if (pooled !== undefined) g.pooled.push(pooled);
         groups.set(seq, g);
-        return g.length - 1;
+        return g.contexts.length - 1;
       };
-      const uIdx = uncond === undefined ? -1 : add(uncond.tensor);
-      const cIdx = conds.map((cd) => add(cd.tensor));
+      const uIdx = uncond === undefined ? -1 : add(uncond.tensor, uncond.pooled);
+      const cIdx = conds.map((cd) => add(cd.tensor, cd.pooled));
       const results = new Map<number, Float32Array[]>();
       const evaluating = Promise.all(
-        [...groups.entries()].map(async ([seq, contexts]) => {
+        [...groups.entries()].map(async ([seq, { contexts, pooled }]) => {
           const concat = input.imageCond ? { concat: input.imageCond } : {};
-          results.set(seq, await pipe.batcher.evaluate({ x: scaled, t: req.timestep, contexts, h, w, seq, ...concat }, signal));
+          const added = timeIds === undefined ? {} : { added: { pooled, timeIds } };
+          results.set(seq, await pipe.batcher.evaluate({ x: scaled, t: req.timestep, contexts, h, w, seq, ...concat, ...added }, signal));
         }),
       );
       // Queued after the batcher's dispatch: draws the sampler's next noise while the UNet runs off-thread.
@@ -197,6 +215,7 @@ class Previews {
     channels: number,
     private readonly h: number,
     private readonly w: number,
+    private readonly space: LatentSpace,
   ) {
     this.every = every !== undefined && every > 0 && channels === 4 ? every : 0;
   }
@@ -217,7 +236,7 @@ class Previews {
     const p = this.pending;
     if (p === undefined || p.step !== step) return undefined;
     this.pending = undefined;
-    return previewPng(p.latent, this.h, this.w);
+    return previewPng(p.latent, this.h, this.w, this.space);
   }
 }
 

@@ -353,6 +353,8 @@ async function runSecondPass(
     cfgScale: b.cfgScale,
     h: up.h,
     w: up.w,
+    // A1111 conditions the second pass on hr_upscale_to, which may be off the latent grid.
+    imageSize: target.upscaleTo,
     start,
     signal: ctx.signal,
     onStep: (k, _total, previewPng) => onStep(k, previewPng),
@@ -486,6 +488,8 @@ async function runTile(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCon
     cfgScale: b.cfgScale,
     h,
     w,
+    // A tile is conditioned as the whole second pass is, as if one agent rendered it.
+    imageSize: requireTarget(s).upscaleTo,
     start,
     signal: ctx.signal,
     // No previews: one tile's would stand for the whole image's.

@@ -68,10 +68,14 @@ export class LoadedPipeline {
     this.baseTextEncoder = opts.baseTextEncoder;
     this.loadWarnings = opts.loadWarnings ?? [];
     this.batcher = new StepBatcher(
-      (s, t, c, d, signal) => model.unet(s, t, c, d, signal),
+      (s, t, c, d, signal, added) => model.unet(s, t, c, d, signal, added),
       model.config.latentChannels,
       model.textEncoder.hiddenSize,
-      { maxRows: opts.maxBatchRows, ...(opts.onUnetCall !== undefined && { onCall: opts.onUnetCall }) },
+      {
+        maxRows: opts.maxBatchRows,
+        ...(opts.onUnetCall !== undefined && { onCall: opts.onUnetCall }),
+        ...(model.pooledSize !== undefined && { pooledSize: model.pooledSize }),
+      },
     );
   }
 

@@ -18,6 +18,15 @@ test("cheapApproximation: A1111's SD1 channel mix, then x·0.5 + 0.5 clamped and
   assert.throws(() => cheapApproximation(new Float32Array(9), 1, 3), /4×1×3 latent/);
 });
 
+test("cheapApproximation: SDXL latents get A1111's SDXL channel mix", () => {
+  const latent = new Float32Array(4 * 2);
+  latent[0] = 1; // pixel 0: channel 0 alone
+  latent[3 * 2 + 1] = 1; // pixel 1: channel 3 alone
+  // 255·(0.5 + 0.3448/2) = 171.46 → 171, …; 255·(0.5 − 0.373/2) = 79.94 → 79, …
+  assert.deepEqual([...cheapApproximation(latent, 1, 2, "sdxl")], [171, 180, 183, 79, 95, 100]);
+  assert.notDeepEqual([...cheapApproximation(latent, 1, 2)], [...cheapApproximation(latent, 1, 2, "sdxl")]);
+});
+
 test("rgbPngSync writes a PNG that decodes to its pixels", async () => {
   const rgb = Uint8Array.from({ length: 5 * 3 * 3 }, (_, i) => (i * 37) % 256);
   const png = rgbPngSync(rgb, 5, 3);

@@ -16,12 +16,24 @@ const SD1_CHEAP_COEFFICIENTS: ReadonlyArray<readonly [number, number, number]> =
   [-0.184, -0.271, -0.473],
 ].map((row) => row.map(f32) as [number, number, number]);
 
+/** cheap_approximation's coefficients for SDXL's latent space (A1111 picks them when is_sdxl). */
+const SDXL_CHEAP_COEFFICIENTS: ReadonlyArray<readonly [number, number, number]> = [
+  [0.3448, 0.4168, 0.4395],
+  [-0.1953, -0.029, 0.025],
+  [0.1074, 0.0886, -0.0163],
+  [-0.373, -0.2499, -0.2088],
+].map((row) => row.map(f32) as [number, number, number]);
+
+/** Whose latent space a preview mixes: SD1/SD2 share one, SDXL has its own. */
+export type LatentSpace = "sd" | "sdxl";
+
 /**
  * RGB8 (HWC) of a 4-channel latent [4,h,w]: the coefficients' mix, then A1111's single_sample_to_image
  * (x·0.5 + 0.5, clamped to [0, 1], times 255, truncated). Sums are float32, as torch's einsum makes them
  * up to the last bit (a preview is a picture to watch, not a result to match).
  */
-export function cheapApproximation(latent: Float32Array, h: number, w: number): Uint8Array {
+export function cheapApproximation(latent: Float32Array, h: number, w: number, space: LatentSpace = "sd"): Uint8Array {
+  const coefficients = space === "sdxl" ? SDXL_CHEAP_COEFFICIENTS : SD1_CHEAP_COEFFICIENTS;
   const plane = h * w;
   if (latent.length !== 4 * plane) throw new RangeError(`a cheap preview needs a 4×${h}×${w} latent, got ${latent.length} values`);
   // Channel planes one after another: each pass reads one plane in order.
@@ -30,7 +42,7 @@ export function cheapApproximation(latent: Float32Array, h: number, w: number): 
   const blue = new Float32Array(plane);
   for (let l = 0; l < 4; l++) {
     const channel = latent.subarray(l * plane, (l + 1) * plane);
-    const [cr, cg, cb] = SD1_CHEAP_COEFFICIENTS[l]!;
+    const [cr, cg, cb] = coefficients[l]!;
     for (let i = 0; i < plane; i++) {
       const v = channel[i]!;
       red[i] = red[i]! + v * cr;
@@ -55,8 +67,8 @@ export const MAX_PREVIEW_SIDE = 256;
  * The live preview of a 4-channel latent [4,h,w] as a PNG: cheapApproximation at latent size, box-averaged
  * down by a whole factor when a side exceeds MAX_PREVIEW_SIDE (a 4096-pixel image's latent is 512).
  */
-export function previewPng(latent: Float32Array, h: number, w: number): Buffer {
-  const rgb = cheapApproximation(latent, h, w);
+export function previewPng(latent: Float32Array, h: number, w: number, space: LatentSpace = "sd"): Buffer {
+  const rgb = cheapApproximation(latent, h, w, space);
   const k = Math.ceil(Math.max(h, w) / MAX_PREVIEW_SIDE);
   if (k <= 1) return rgbPngSync(rgb, w, h);
   const ow = Math.ceil(w / k);

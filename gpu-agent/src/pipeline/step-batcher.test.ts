@@ -248,3 +248,34 @@ describe(
     });
   },
 );
+
+test("SDXL: each row gets its own context's pooled vector and its request's size conditions", async () => {
+  const seen: Array<{ textEmbeds: number[]; timeIds: number[] }> = [];
+  const b = new StepBatcher(
+    async (sample, _ts, _ctx, d, _signal, added) => {
+      seen.push({ textEmbeds: [...added!.textEmbeds], timeIds: [...added!.timeIds] });
+      return new Float32Array(sample.length).fill(d.n);
+    },
+    1,
+    2,
+    { pooledSize: 2 },
+  );
+  const req = (v: number, size: number) => ({
+    x: new Float32Array(1).fill(v),
+    t: 1,
+    contexts: [new Float32Array(2), new Float32Array(2)],
+    h: 1,
+    w: 1,
+    seq: 1,
+    added: { pooled: [Float32Array.of(v, v), Float32Array.of(-v, -v)], timeIds: Float32Array.of(size, size, 0, 0, size, size) },
+  });
+  await Promise.all([b.evaluate(req(1, 64)), b.evaluate(req(2, 128))]);
+  assert.equal(seen.length, 1, "one call for both images");
+  assert.deepEqual(seen[0]!.textEmbeds, [1, 1, -1, -1, 2, 2, -2, -2]);
+  assert.deepEqual(seen[0]!.timeIds, [64, 64, 0, 0, 64, 64, 64, 64, 0, 0, 64, 64, 128, 128, 0, 0, 128, 128, 128, 128, 0, 0, 128, 128]);
+  // A request without them, or with one pooled vector too few, is refused before it is queued.
+  const plain: Parameters<typeof b.evaluate>[0] = { ...req(3, 64), added: undefined };
+  await assert.rejects(b.evaluate(plain), /added conditions/);
+  const short = req(3, 64);
+  await assert.rejects(b.evaluate({ ...short, added: { ...short.added, pooled: [short.added.pooled[0]!] } }), /added conditions/);
+});

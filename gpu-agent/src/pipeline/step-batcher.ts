@@ -1,5 +1,5 @@
 import { abortError } from "@latentfarm/shared";
-import type { UnetDims } from "../models/sd-model.js";
+import type { AddedConditions, UnetDims } from "../models/sd-model.js";
 
 /** One image's request: evaluate the UNet on the same input against one or more contexts. */
 export interface UnetRequest {
@@ -17,10 +17,19 @@ export interface UnetRequest {
    * [Cc,h,w], unscaled and the same for every context.
    */
   readonly concat?: Float32Array;
+  /** SDXL: each context's pooled text vector (in the order of `contexts`) and the pass's six size conditions. */
+  readonly added?: { readonly pooled: readonly Float32Array[]; readonly timeIds: Float32Array };
 }
 
 export interface UnetCall {
-  (sample: Float32Array, timesteps: Float32Array, context: Float32Array, dims: UnetDims, signal?: AbortSignal): Promise<Float32Array>;
+  (
+    sample: Float32Array,
+    timesteps: Float32Array,
+    context: Float32Array,
+    dims: UnetDims,
+    signal?: AbortSignal,
+    added?: AddedConditions,
+  ): Promise<Float32Array>;
 }
 
 interface Pending {
@@ -39,6 +48,8 @@ export interface StepBatcherOptions {
    * benchmarks turn this off, to measure what it saves.
    */
   readonly reuseBuffers?: boolean;
+  /** Width of the pooled text vector an SDXL UNet takes; requests then carry `added`. */
+  readonly pooledSize?: number;
 }
 
 /**
@@ -74,6 +85,7 @@ export class StepBatcher {
   private readonly maxRows: number;
   private readonly onCall: ((rows: number, seconds: number) => void) | undefined;
   private readonly reuseBuffers: boolean;
+  private readonly pooledSize: number;
   /** Model calls made and rows evaluated, for metrics and tests. */
   calls = 0;
   rows = 0;
@@ -87,11 +99,17 @@ export class StepBatcher {
     this.maxRows = opts.maxRows ?? 16;
     this.onCall = opts.onCall;
     this.reuseBuffers = opts.reuseBuffers ?? true;
+    this.pooledSize = opts.pooledSize ?? 0;
   }
 
   /** The UNet's output for each of `req.contexts`: views of this request's rows of the batch's output. */
   evaluate(req: UnetRequest, signal?: AbortSignal): Promise<Float32Array[]> {
     if (signal?.aborted) return Promise.reject(abortError(signal));
+    if ((req.added !== undefined) !== this.pooledSize > 0 || (req.added !== undefined && req.added.pooled.length !== req.contexts.length)) {
+      return Promise.reject(
+        new Error("a UNet request's added conditions do not match the model (SDXL takes one pooled vector per context)"),
+      );
+    }
     return new Promise((resolve, reject) => {
       this.queue.push({ req, resolve, reject });
       this.schedule();
@@ -132,10 +150,17 @@ export class StepBatcher {
       const shape = `${key(first)}x${rows}`;
       buffers = this.buffersFor(shape, rows, inPlane, ctxSize);
       const { sample, timesteps: ts, context: ctx, rowContext, rowConcat } = buffers;
+      const pooledSize = this.pooledSize;
+      // A few KB per row: packed afresh for every call, as the UNet call may take them to another thread.
+      const added = pooledSize > 0 ? { textEmbeds: new Float32Array(rows * pooledSize), timeIds: new Float32Array(rows * 6) } : undefined;
       let r = 0;
       let contextUnchanged = true;
       for (const p of batch) {
-        for (const c of p.req.contexts) {
+        for (const [k, c] of p.req.contexts.entries()) {
+          if (added !== undefined) {
+            added.textEmbeds.set(p.req.added!.pooled[k]!, r * pooledSize);
+            added.timeIds.set(p.req.added!.timeIds, r * 6);
+          }
           sample.set(p.req.x, r * inPlane);
           const concat = p.req.concat;
           if (concat !== undefined && rowConcat[r] !== concat) {
@@ -152,7 +177,7 @@ export class StepBatcher {
         }
       }
       const started = performance.now();
-      const out = await this.unet(sample, ts, ctx, { n: rows, h, w, seq, dim: this.dim, contextUnchanged });
+      const out = await this.unet(sample, ts, ctx, { n: rows, h, w, seq, dim: this.dim, contextUnchanged }, undefined, added);
       // An output written over one of the inputs must not be overwritten by the next batch's packing.
       if (out.buffer === sample.buffer || out.buffer === ctx.buffer) this.kept.delete(shape);
       this.calls++;
