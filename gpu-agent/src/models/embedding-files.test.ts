@@ -53,6 +53,16 @@ test("each layout A1111 reads: its own .pt, the textual_inversion repository's, 
   assert.deepEqual([...(await readEmbeddingFile(half)).data], [...f32([32]).data]);
 });
 
+test("an SDXL embedding: each vector is its clip_l part, then its clip_g part", async () => {
+  const path = join(dir, "xl-style.safetensors");
+  const l = f32([2, 3]);
+  const g = f32([2, 5], 100);
+  writeFileSync(path, encodeSafetensors({ clip_g: g, clip_l: l }));
+  const e = await readEmbeddingFile(path);
+  assert.deepEqual([e.name, e.vectors, e.hidden], ["xl-style", 2, 8]);
+  assert.deepEqual([...e.data], [...l.data.subarray(0, 3), ...g.data.subarray(0, 5), ...l.data.subarray(3), ...g.data.subarray(5)]);
+});
+
 test("files that are not one embedding are INVALID_ARGUMENT naming the file and the reason", async () => {
   const bad = async (name: string, tensors: Parameters<typeof encodeSafetensors>[0], why: RegExp) => {
     const path = join(dir, name);
@@ -61,7 +71,7 @@ test("files that are not one embedding are INVALID_ARGUMENT naming the file and 
       return e.code === status.INVALID_ARGUMENT && e.message.startsWith(path) && why.test(e.message);
     });
   };
-  await bad("sdxl.safetensors", { clip_l: f32([2, 768]), clip_g: f32([2, 1280]) }, /SDXL embedding/);
+  await bad("sdxl-mismatch.safetensors", { clip_l: f32([2, 8]), clip_g: f32([3, 12]) }, /2 clip_l vectors and 3 clip_g vectors/);
   await bad("two.safetensors", { a: f32([1, 32]), b: f32([1, 32]) }, /holds 2 tensors/);
   await bad("long.safetensors", { emb_params: f32([76, 32]) }, /76 vectors; a prompt chunk holds at most 75/);
   await bad("cube.safetensors", { emb_params: f32([1, 2, 32]) }, /not a vector or a matrix/);

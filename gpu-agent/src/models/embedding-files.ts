@@ -45,7 +45,8 @@ function entriesOf(value: unknown): Array<[unknown, unknown]> | undefined {
 /**
  * The vectors of one embedding file, by A1111's rules: `string_to_param` with one entry (A1111's and
  * the textual_inversion repository's .pt), else a file of exactly one tensor (diffusers' learned_embeds.bin,
- * `emb_params` safetensors); a 1-D tensor is one vector. SDXL files (clip_l and clip_g) are refused.
+ * `emb_params` safetensors); a 1-D tensor is one vector. An SDXL file (clip_l and clip_g) becomes vectors
+ * of both widths together, for SDXL models.
  */
 export async function readEmbeddingFile(path: string, bytes?: Uint8Array): Promise<TextualInversionEmbedding> {
   const ext = extname(path).toLowerCase();
@@ -62,17 +63,18 @@ export async function readEmbeddingFile(path: string, bytes?: Uint8Array): Promi
     throw ModelFileError.invalidFile(path, "is not a .pt, .bin or .safetensors file");
   }
   const keys = tensors.map(([k]) => String(k));
+  let tensor: FileTensor;
   if (keys.includes("clip_l") && keys.includes("clip_g")) {
-    throw ModelFileError.invalidFile(path, "is an SDXL embedding (clip_l and clip_g); SD1 and SD2 models cannot use it");
-  }
-  if (tensors.length !== 1) {
-    throw ModelFileError.invalidFile(path, `holds ${tensors.length} tensors where an embedding has one (keys: ${keys.join(", ")})`);
-  }
-  const t = tensors[0]![1];
-  const tensor: FileTensor | undefined =
-    t instanceof TorchTensor ? t : t !== null && typeof t === "object" && "shape" in t && "data" in t ? (t as FileTensor) : undefined;
-  if (tensor === undefined || (tensor.shape.length !== 1 && tensor.shape.length !== 2)) {
-    throw ModelFileError.invalidFile(path, "its tensor is not a vector or a matrix of vectors");
+    tensor = sdxlVectors(
+      path,
+      tensorOf(path, tensors.find(([k]) => k === "clip_l")![1]),
+      tensorOf(path, tensors.find(([k]) => k === "clip_g")![1]),
+    );
+  } else {
+    if (tensors.length !== 1) {
+      throw ModelFileError.invalidFile(path, `holds ${tensors.length} tensors where an embedding has one (keys: ${keys.join(", ")})`);
+    }
+    tensor = tensorOf(path, tensors[0]![1]);
   }
   const vectors = tensor.shape.length === 1 ? 1 : tensor.shape[0]!;
   const hidden = tensor.shape[tensor.shape.length - 1]!;
@@ -89,6 +91,33 @@ export async function readEmbeddingFile(path: string, bytes?: Uint8Array): Promi
     data: tensor.data,
     sha256: createHash("sha256").update(content).digest("hex"),
   };
+}
+
+function tensorOf(path: string, t: unknown): FileTensor {
+  const tensor: FileTensor | undefined =
+    t instanceof TorchTensor ? t : t !== null && typeof t === "object" && "shape" in t && "data" in t ? (t as FileTensor) : undefined;
+  if (tensor === undefined || (tensor.shape.length !== 1 && tensor.shape.length !== 2)) {
+    throw ModelFileError.invalidFile(path, "its tensor is not a vector or a matrix of vectors");
+  }
+  return tensor;
+}
+
+/**
+ * An SDXL embedding as one matrix: each vector is its CLIP-L part followed by its OpenCLIP-G part, the
+ * order of the SDXL text encoder's token vectors (A1111 gives each embedder its own part).
+ */
+function sdxlVectors(path: string, l: FileTensor, g: FileTensor): FileTensor {
+  const rows = (t: FileTensor) => (t.shape.length === 1 ? 1 : t.shape[0]!);
+  const width = (t: FileTensor) => t.shape[t.shape.length - 1]!;
+  const n = rows(g);
+  if (rows(l) !== n) throw ModelFileError.invalidFile(path, `has ${rows(l)} clip_l vectors and ${n} clip_g vectors`);
+  const [wl, wg] = [width(l), width(g)];
+  const data = new Float32Array(n * (wl + wg));
+  for (let v = 0; v < n; v++) {
+    data.set(l.data.subarray(v * wl, (v + 1) * wl), v * (wl + wg));
+    data.set(g.data.subarray(v * wg, (v + 1) * wg), v * (wl + wg) + wl);
+  }
+  return { shape: [n, wl + wg], data };
 }
 
 const EMBEDDING_EXTENSIONS = new Set([".pt", ".bin", ".safetensors"]);
