@@ -14,6 +14,7 @@ import {
   TEST_EMBEDDING,
   TEST_EMBEDDING_WORDS,
   TEST_RENAMED_CHECKPOINT,
+  TEST_SDXL_CHECKPOINT,
   TEST_VAE,
   TEST_VAE_SHIFT,
   farmSkipReason,
@@ -523,6 +524,48 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     const same = await image({});
     assert.deepEqual(switched.pixels, same.pixels);
     assert.doesNotMatch(same.infotext, /Hires checkpoint/);
+  });
+
+  test("an SDXL checkpoint renders through the farm, Hires.fix included; a batch image equals its single render", async () => {
+    const params = {
+      prompt: "a (red:1.2) castle",
+      model: TEST_SDXL_CHECKPOINT,
+      width: 64,
+      height: 48,
+      steps: 3,
+      samplerName: "DPM++ 2M",
+      scheduler: "Karras",
+      seed: 31n,
+      enableHr: true,
+      hrScale: 1.5,
+      hrUpscaler: "Latent",
+      denoisingStrength: 0.5,
+    };
+    const render = async (extra: Record<string, unknown>) => {
+      const { jobId } = await farm.client.submit({ params: { ...params, ...extra } });
+      const events = await collect(farm, jobId);
+      assert.equal(events.at(-1)?.event.case, "done", JSON.stringify(events.at(-1)?.event.value));
+      // Images arrive as they finish: by seed, they are in batch order.
+      return Promise.all(
+        events
+          .flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))
+          .sort((a, b) => Number(a.seed - b.seed))
+          .map(async (img) => ({
+            infotext: img.infotext,
+            meta: await sharp(img.png).metadata(),
+            pixels: await sharp(img.png).raw().toBuffer(),
+          })),
+      );
+    };
+    const batch = await render({ batchSize: 2 });
+    assert.equal(batch.length, 2);
+    for (const img of batch) {
+      assert.deepEqual([img.meta.width, img.meta.height], [96, 72]);
+      assert.match(img.infotext, new RegExp(`Model hash: [0-9a-f]{10}, Model: ${TEST_SDXL_CHECKPOINT},`));
+    }
+    assert.notDeepEqual(batch[0]!.pixels, batch[1]!.pixels);
+    const [single] = await render({ seed: 32n });
+    assert.deepEqual(single!.pixels, batch[1]!.pixels);
   });
 
   test("a textual-inversion embedding in the agents' --embeddings folder: its name in a prompt uses it, and the infotext says so", async () => {

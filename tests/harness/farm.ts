@@ -7,6 +7,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { RenderService, createClient, type ServiceClient } from "@latentfarm/shared";
 import { startNatsServer, findNatsServer, type NatsServerHandle } from "@latentfarm/coordinator";
+import { SeededRandom, TINY_SPECS, encodeSafetensors, ldmTensorShapes, randomTensor } from "@latentfarm/gpu-agent/model-graph";
 
 export const REPO = fileURLToPath(new URL("../../", import.meta.url));
 export const KIT = join(REPO, "..", "shared");
@@ -179,6 +180,24 @@ export function testVae(): Buffer {
 /** The kit's tiny-sd15.safetensors as the test farm's agents list it (sorted after the ONNX models). */
 export const TEST_RENAMED_CHECKPOINT = "z-renamed";
 
+/**
+ * An SDXL-layout checkpoint (the repository's "sdxl-small" topology, random weights) with the kit
+ * tokenizer's vocabulary, so the agents' one tokenizer serves it; its `.json` gives the head counts.
+ */
+export const TEST_SDXL_CHECKPOINT = "tiny-sdxl";
+
+export function testSdxlCheckpoint(): { checkpoint: Buffer; hints: string } {
+  const spec = TINY_SPECS["sdxl-small"];
+  const tensors = new Map<string, { dtype: "F32"; shape: number[]; data: Float32Array }>();
+  let seed = 0;
+  for (const [key, shape] of ldmTensorShapes(spec, 49408)) {
+    const data = key.endsWith("logit_scale") ? Float32Array.of(Math.log(100)) : randomTensor(new SeededRandom(++seed), key, shape);
+    tensors.set(key, { dtype: "F32", shape, data });
+  }
+  const hints = { unetHeads: spec.unetHeads, textHeads: spec.textHeads, text2Heads: spec.text2Heads };
+  return { checkpoint: Buffer.from(encodeSafetensors(tensors)), hints: JSON.stringify(hints) };
+}
+
 /** An A1111 styles.csv the test farm's coordinator reads (--styles-file). */
 export const TEST_STYLES_CSV =
   "name,prompt,negative_prompt\n" + '"lf-cinematic","cinematic still of {prompt}, bokeh","cartoon"\n' + '"lf-grain","film grain",\n';
@@ -196,6 +215,9 @@ export async function startTestFarm(
   // The kit's checkpoint under a name of this farm's own: a pasted infotext finds it by its Model hash.
   symlinkSync(join(FIXTURES, "tiny-sd15.safetensors"), join(modelsDir, `${TEST_RENAMED_CHECKPOINT}.safetensors`));
   writeFileSync(join(modelsDir, `${TEST_RENAMED_CHECKPOINT}.json`), JSON.stringify({ unetHeads: 8, textHeads: 4 }));
+  const sdxl = testSdxlCheckpoint();
+  writeFileSync(join(modelsDir, `${TEST_SDXL_CHECKPOINT}.safetensors`), sdxl.checkpoint);
+  writeFileSync(join(modelsDir, `${TEST_SDXL_CHECKPOINT}.json`), sdxl.hints);
   const embeddingsDir = join(tmp, "embeddings");
   mkdirSync(embeddingsDir);
   writeFileSync(join(embeddingsDir, `${TEST_EMBEDDING}.safetensors`), testEmbedding());
