@@ -1,6 +1,6 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as ort from "onnxruntime-node";
@@ -8,7 +8,7 @@ import sharp from "sharp";
 import { create } from "@bufbuild/protobuf";
 import { RngSource, RunTaskRequestSchema, silentLogger, type Image } from "@latentfarm/shared";
 import { CHUNK_TOKENS, tokenizeLine } from "../conditioning/chunking.js";
-import { makeTinyModel, type TinyModel } from "../model-graph/index.js";
+import { encodeSafetensors, makeTinyModel, readSafetensors, toFloat32, type TinyModel } from "../model-graph/index.js";
 import { SdModel, type AddedConditions } from "../models/sd-model.js";
 import { LoadedPipeline } from "./loaded-pipeline.js";
 import type { RenderContext } from "./render-common.js";
@@ -129,6 +129,43 @@ describe("SDXL pipeline on a tiny SDXL checkpoint", { concurrency: false }, () =
       unetCalls.some((c) => c.n === 4),
       "the two images' rows shared UNet calls",
     );
+  });
+
+  test("an SDXL embedding (clip_l + clip_g) of a prompt's words renders as the words do", async () => {
+    const weights = await readSafetensors(tiny.checkpointPath);
+    const conditioner = await pipe.conditioner();
+    const ids = conditioner.tokenizer.encode("red castle");
+    const rows = async (key: string, width: number) => {
+      const table = toFloat32(await weights.tensor(key));
+      const out = new Float32Array(ids.length * width);
+      ids.forEach((id, i) => out.set(table.subarray(id * width, (id + 1) * width), i * width));
+      return { dtype: "F32" as const, shape: [ids.length, width], data: out };
+    };
+    const embeddingsDir = join(dir, "embeddings");
+    mkdirSync(embeddingsDir);
+    writeFileSync(
+      join(embeddingsDir, "zqxj.safetensors"),
+      encodeSafetensors({
+        clip_g: await rows("conditioner.embedders.1.model.token_embedding.weight", tiny.spec.text2Hidden!),
+        clip_l: await rows("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight", tiny.spec.textHidden),
+      }),
+    );
+    await weights.close();
+    const model = await SdModel.load(
+      { name: "tiny-sdxl", format: "diffusers-onnx", path: tiny.onnxDir! },
+      { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1, tokenOverrides: true },
+    );
+    const withEmbeddings = new LoadedPipeline(model, { maxBatchRows: 16, embeddingsDir, logger: silentLogger });
+    try {
+      const named = await renderTask(withEmbeddings, request({ prompt: "a zqxj" }), ctx);
+      const words = await renderTask(withEmbeddings, request({ prompt: "a red castle" }), ctx);
+      const other = await renderTask(withEmbeddings, request({ prompt: "a red tower" }), ctx);
+      assert.match(named.infotext, /TI hashes: "zqxj: [0-9a-f]{12}"/);
+      assert.deepEqual(await pixels(named), await pixels(words));
+      assert.notDeepEqual(await pixels(other), await pixels(words));
+    } finally {
+      await withEmbeddings.close();
+    }
   });
 
   test("Hires.fix: the second pass is conditioned on the upscale target's size", async () => {
