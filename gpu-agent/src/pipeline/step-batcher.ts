@@ -1,5 +1,5 @@
 import { abortError } from "@latentfarm/shared";
-import type { AddedConditions, UnetDims } from "../models/sd-model.js";
+import type { SdModel } from "../models/sd-model.js";
 
 /** One image's request: evaluate the UNet on the same input against one or more contexts. */
 export interface UnetRequest {
@@ -21,16 +21,8 @@ export interface UnetRequest {
   readonly added?: { readonly pooled: readonly Float32Array[]; readonly timeIds: Float32Array };
 }
 
-export interface UnetCall {
-  (
-    sample: Float32Array,
-    timesteps: Float32Array,
-    context: Float32Array,
-    dims: UnetDims,
-    signal?: AbortSignal,
-    added?: AddedConditions,
-  ): Promise<Float32Array>;
-}
+/** A model's UNet call (SdModel.unet), or a stand-in of the same shape in tests. */
+export type UnetCall = SdModel["unet"];
 
 interface Pending {
   req: UnetRequest;
