@@ -1,6 +1,7 @@
-// Benchmark: build + load of an SD1.5-size UNet from a generated random checkpoint, against ONNX Runtime
-// loading the same graph from disk. Not a test (it writes gigabytes); run by hand:
+// Benchmark: build + load of an SD1.5-size (or SDXL-size) UNet from a generated random checkpoint, against
+// ONNX Runtime loading the same graph from disk. Not a test (it writes gigabytes); run by hand:
 //   node --import tsx gpu-agent/src/model-graph/bench-unet.ts --dir /tmp/sd15-bench [--dtype F16|F32] [--mode link|copy]
+//     [--model sd15|sdxl]
 // Each phase runs in a fresh child process so that its peak RSS is its own.
 
 import { execFileSync } from "node:child_process";
@@ -36,10 +37,41 @@ export const SD15_SPEC: TinySpec = {
   latentChannels: 4,
 };
 
-const HINTS = { unetHeads: 8, textHeads: 12 };
+/** SDXL 1.0 base's shapes (sd_xl_base.yaml), expressed as a TinySpec. */
+export const SDXL_SPEC: TinySpec = {
+  family: "sdxl",
+  unetChannels: [320, 640, 1280],
+  unetLayers: 2,
+  unetAttention: [false, true, true],
+  unetHeads: 8,
+  inChannels: 4,
+  transformerDepth: 10,
+  transformerDepths: [0, 2, 10],
+  middleDepth: 10,
+  textHidden: 768,
+  textLayers: 12,
+  textHeads: 12,
+  textIntermediate: 3072,
+  maxPositions: 77,
+  text2Hidden: 1280,
+  text2Layers: 32,
+  text2Heads: 20,
+  text2Intermediate: 5120,
+  projectionDim: 1280,
+  vaeChannels: [128, 256, 512, 512],
+  vaeLayers: 2,
+  latentChannels: 4,
+};
 
-async function make(path: string, dtype: "F16" | "F32"): Promise<void> {
-  const shapes = ldmTensorShapes(SD15_SPEC, 49408);
+const MODELS = {
+  sd15: { spec: SD15_SPEC, hints: { unetHeads: 8, textHeads: 12 } },
+  // SDXL's UNet heads are 64 wide, which the importer assumes for SDXL.
+  sdxl: { spec: SDXL_SPEC, hints: { textHeads: 12 } },
+};
+type ModelName = keyof typeof MODELS;
+
+async function make(path: string, dtype: "F16" | "F32", model: ModelName): Promise<void> {
+  const shapes = ldmTensorShapes(MODELS[model].spec, 49408);
   // Values only need plausible scales; a cycled random block keeps generation fast.
   const rng = new SeededRandom(1);
   const block = rng.normalArray(1 << 20);
@@ -69,7 +101,7 @@ function maxRssMiB(): number {
   return Math.round(process.resourceUsage().maxRSS / 1024);
 }
 
-async function child(phase: string, ckpt: string, cacheDir: string, mode: string): Promise<void> {
+async function child(phase: string, ckpt: string, cacheDir: string, mode: string, model: ModelName): Promise<void> {
   const t0 = performance.now();
   if (phase === "ort-load") {
     const s = await ort.InferenceSession.create(join(cacheDir, "unet", "model.onnx"));
@@ -78,7 +110,12 @@ async function child(phase: string, ckpt: string, cacheDir: string, mode: string
     process.stdout.write(JSON.stringify({ phase, loadMs: Math.round(ms), maxRssMiB: maxRssMiB() }));
     return;
   }
-  const imported = await importCheckpoint(ckpt, { cacheDir, ...HINTS, components: ["unet"], linkCheckpoint: mode === "link" });
+  const imported = await importCheckpoint(ckpt, {
+    cacheDir,
+    ...MODELS[model].hints,
+    components: ["unet"],
+    linkCheckpoint: mode === "link",
+  });
   const importMs = performance.now() - t0;
   const importRss = maxRssMiB();
   const s = await ort.InferenceSession.create(join(imported.dir, "unet", "model.onnx"));
@@ -105,24 +142,26 @@ async function main(): Promise<void> {
     return v;
   };
   if (args[0] === "--child") {
-    await child(args[1]!, args[2]!, args[3]!, args[4]!);
+    await child(args[1]!, args[2]!, args[3]!, args[4]!, args[5] as ModelName);
     return;
   }
   const dir = get("--dir");
   const dtype = get("--dtype", "F16") as "F16" | "F32";
   const mode = get("--mode", "link");
-  const ckpt = join(dir, `sd15-random-${dtype}.safetensors`);
+  const model = get("--model", "sd15") as ModelName;
+  if (!(model in MODELS)) throw new Error(`--model ${model}: use sd15 or sdxl`);
+  const ckpt = join(dir, `${model}-random-${dtype}.safetensors`);
   if (!existsSync(ckpt)) {
     const t = performance.now();
-    await make(ckpt, dtype);
+    await make(ckpt, dtype, model);
     process.stderr.write(`made ${ckpt} (${(statSync(ckpt).size / 2 ** 30).toFixed(2)} GiB) in ${Math.round(performance.now() - t)} ms\n`);
   }
-  const cacheDir = join(dir, `cache-${dtype}-${mode}`);
+  const cacheDir = join(dir, `cache-${model}-${dtype}-${mode}`);
   rmSync(cacheDir, { recursive: true, force: true });
   const script = fileURLToPath(import.meta.url);
   const run = (phase: string, target: string): Record<string, unknown> =>
     JSON.parse(
-      execFileSync(process.execPath, [...process.execArgv, script, "--child", phase, ckpt, target, mode], {
+      execFileSync(process.execPath, [...process.execArgv, script, "--child", phase, ckpt, target, mode, model], {
         encoding: "utf8",
         maxBuffer: 1 << 20,
       }),
@@ -134,7 +173,7 @@ async function main(): Promise<void> {
   const ortMs = Math.min(...ortRuns.map((r) => Number(r.loadMs)));
   const sizeGiB = statSync(ckpt).size / 2 ** 30;
   const report = {
-    checkpoint: { path: ckpt, dtype, GiB: Number(sizeGiB.toFixed(2)) },
+    checkpoint: { path: ckpt, model, dtype, GiB: Number(sizeGiB.toFixed(2)) },
     mode,
     cpus: availableParallelism(),
     ortLoadMs: ortRuns.map((r) => r.loadMs),
