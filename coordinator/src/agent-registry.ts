@@ -21,8 +21,8 @@ export interface AgentState {
   readonly id: string;
   info: AgentInfo;
   available: Set<string>;
-  /** What its heartbeat says of each model it offers: format, and A1111's "Model hash" once hashed. */
-  models: Map<string, { format: string; modelHash: string }>;
+  /** What its heartbeat says of each model it offers: format, family, and A1111's "Model hash" once hashed. */
+  models: Map<string, { format: string; modelHash: string; family: string }>;
   /** The textual-inversion embeddings in its embeddings folder, and the files it left out (for listings). */
   embeddings: EmbeddingInfo[];
   skippedEmbeddings: SkippedEmbedding[];
@@ -35,8 +35,8 @@ export interface AgentState {
   client: ServiceClient<AgentServiceMethods>;
 }
 
-function modelsOf(hb: Heartbeat): Map<string, { format: string; modelHash: string }> {
-  return new Map(hb.availableModels.map((m) => [m.name, { format: m.format, modelHash: m.modelHash }]));
+function modelsOf(hb: Heartbeat): Map<string, { format: string; modelHash: string; family: string }> {
+  return new Map(hb.availableModels.map((m) => [m.name, { format: m.format, modelHash: m.modelHash, family: m.family }]));
 }
 
 /**

@@ -394,12 +394,13 @@ export class Coordinator {
         }),
         listModels: async (_req, ctx) => {
           this.tenantOf(ctx);
-          const models = new Map<string, { format: string; modelHash: string; loadedOn: string[] }>();
+          const models = new Map<string, { format: string; modelHash: string; family: string; loadedOn: string[] }>();
           for (const a of this.registry.list()) {
             for (const name of a.available) {
               const info = a.models.get(name);
-              const m = models.get(name) ?? { format: info?.format ?? "", modelHash: "", loadedOn: [] };
+              const m = models.get(name) ?? { format: info?.format ?? "", modelHash: "", family: "", loadedOn: [] };
               m.modelHash ||= info?.modelHash ?? "";
+              m.family ||= info?.family ?? "";
               if (a.info.loadedModels.includes(name)) m.loadedOn.push(a.id);
               models.set(name, m);
             }
@@ -407,7 +408,7 @@ export class Coordinator {
           return {
             models: [...models.entries()]
               .sort(([x], [y]) => (x < y ? -1 : x > y ? 1 : 0))
-              .map(([name, m]) => ({ name, format: m.format, modelHash: m.modelHash, loadedOn: m.loadedOn })),
+              .map(([name, m]) => ({ name, format: m.format, modelHash: m.modelHash, family: m.family, loadedOn: m.loadedOn })),
           };
         },
         listSamplers: async (_req, ctx) => {

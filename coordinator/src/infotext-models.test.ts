@@ -7,7 +7,10 @@ import { validateJob } from "./validate.js";
 
 const agent = (models: Record<string, string>) => ({
   models: new Map(
-    Object.entries(models).map(([name, modelHash]) => [name, { format: modelHash ? "safetensors" : "diffusers-onnx", modelHash }]),
+    Object.entries(models).map(([name, modelHash]) => [
+      name,
+      { format: modelHash ? "safetensors" : "diffusers-onnx", modelHash, family: "" },
+    ]),
   ),
 });
 const farm = [

@@ -34,6 +34,7 @@ import { ModelCatalog } from "./models/catalog.js";
 import { EmbeddingsFolder } from "./models/embedding-files.js";
 import { VaeList } from "./models/vae-files.js";
 import { CheckpointHashes } from "./models/checkpoint-hashes.js";
+import { ModelFamilies } from "./models/model-families.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
 import { parsePipelineKey, passKeysWith } from "./models/model-loader.js";
 import { runTaskPasses, type RunOnPipeline } from "./task-passes.js";
@@ -108,6 +109,7 @@ export class Agent {
   private readonly vaes: VaeList;
   /** The checkpoints' "Model hash", hashed in the background, for heartbeats. */
   private readonly hashes: CheckpointHashes;
+  private readonly families = new ModelFamilies();
   private readonly cache: PipelineCache<PipelineHost>;
   private readonly m = createMetrics(AGENT_METRICS);
   private nc: NatsConnection | undefined;
@@ -266,15 +268,22 @@ export class Agent {
       },
     );
     const vaes = this.vaes.current().catch(() => []);
-    const models = this.catalog.list().then(async (entries) => ({ entries, hashes: await this.hashes.of(entries) }));
+    const models = this.catalog
+      .list()
+      .then(async (entries) => ({ entries, hashes: await this.hashes.of(entries), families: await this.families.of(entries) }));
     void Promise.all([models, embeddings, vaes]).then(
-      ([{ entries: models, hashes }, embeddings, vaes]) => {
+      ([{ entries: models, hashes, families }, embeddings, vaes]) => {
         // close() may have begun draining while the catalog was listed; publishing then throws.
         if (!this.nc || !this.natsOpen()) return;
         const hb = create(HeartbeatSchema, {
           agent: this.info(),
           availableModels: models.map((e) =>
-            create(ModelInfoSchema, { name: e.name, format: e.format, modelHash: hashes.get(e.name) ?? "" }),
+            create(ModelInfoSchema, {
+              name: e.name,
+              format: e.format,
+              modelHash: hashes.get(e.name) ?? "",
+              family: families.get(e.name) ?? "",
+            }),
           ),
           freeMemoryBytes: BigInt(freemem()),
           embeddings: (embeddings?.embeddings ?? []).map((e) =>

@@ -526,7 +526,7 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     assert.doesNotMatch(same.infotext, /Hires checkpoint/);
   });
 
-  test("an SDXL checkpoint renders through the farm, Hires.fix included; a batch image equals its single render", async () => {
+  test("an SDXL checkpoint renders through the farm, Hires.fix included; a batch image equals its single render; ListModels says SDXL", async () => {
     const params = {
       prompt: "a (red:1.2) castle",
       model: TEST_SDXL_CHECKPOINT,
@@ -566,6 +566,10 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     assert.notDeepEqual(batch[0]!.pixels, batch[1]!.pixels);
     const [single] = await render({ seed: 32n });
     assert.deepEqual(single!.pixels, batch[1]!.pixels);
+    // ListModels tells SDXL from SD 1.x by the files: the kit's ONNX export carries nothing that says.
+    const { models } = await farm.client.listModels({});
+    const family = (name: string) => models.find((m) => m.name === name)?.family;
+    assert.deepEqual([family(TEST_SDXL_CHECKPOINT), family(TEST_RENAMED_CHECKPOINT), family("tiny-sd15")], ["sdxl", "sd1", ""]);
   });
 
   test("a textual-inversion embedding in the agents' --embeddings folder: its name in a prompt uses it, and the infotext says so", async () => {

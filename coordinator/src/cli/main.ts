@@ -475,8 +475,17 @@ async function listCommand(
       else for (const f of rows) o.out(`${f.name}\t${f.sizeBytes} bytes\t${f.agents.join(",")}\n`);
     } else {
       const { models } = await client.listModels({}, { timeoutMs: 10_000, metadata });
-      if (v.json) o.out(JSON.stringify(models.map((m) => ({ name: m.name, format: m.format, loadedOn: m.loadedOn }))) + "\n");
-      else for (const m of models) o.out(`${m.name}\t${m.loadedOn.length ? `loaded on ${m.loadedOn.join(",")}` : "not loaded"}\n`);
+      if (v.json) {
+        o.out(
+          JSON.stringify(
+            models.map((m) => ({ name: m.name, format: m.format, family: m.family, modelHash: m.modelHash, loadedOn: m.loadedOn })),
+          ) + "\n",
+        );
+      } else {
+        for (const m of models) {
+          o.out(`${m.name}\t${m.family || "-"}\t${m.loadedOn.length ? `loaded on ${m.loadedOn.join(",")}` : "not loaded"}\n`);
+        }
+      }
     }
     return 0;
   } catch (err) {
