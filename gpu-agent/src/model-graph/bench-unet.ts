@@ -15,58 +15,12 @@ import { importCheckpoint } from "./pipeline.js";
 import { SeededRandom } from "./random.js";
 import { writeSafetensorsStreaming } from "./safetensors.js";
 import type { LazyTensorToWrite } from "./safetensors.js";
-import { ldmTensorShapes, randomTensor } from "./tiny-model.js";
-import type { TinySpec } from "./tiny-model.js";
-
-/** SD 1.5's shapes (v1-inference.yaml), expressed as a TinySpec. */
-export const SD15_SPEC: TinySpec = {
-  family: "sd1",
-  unetChannels: [320, 640, 1280, 1280],
-  unetLayers: 2,
-  unetAttention: [true, true, true, false],
-  unetHeads: 8,
-  inChannels: 4,
-  transformerDepth: 1,
-  textHidden: 768,
-  textLayers: 12,
-  textHeads: 12,
-  textIntermediate: 3072,
-  maxPositions: 77,
-  vaeChannels: [128, 256, 512, 512],
-  vaeLayers: 2,
-  latentChannels: 4,
-};
-
-/** SDXL 1.0 base's shapes (sd_xl_base.yaml), expressed as a TinySpec. */
-export const SDXL_SPEC: TinySpec = {
-  family: "sdxl",
-  unetChannels: [320, 640, 1280],
-  unetLayers: 2,
-  unetAttention: [false, true, true],
-  unetHeads: 8,
-  inChannels: 4,
-  transformerDepth: 10,
-  transformerDepths: [0, 2, 10],
-  middleDepth: 10,
-  textHidden: 768,
-  textLayers: 12,
-  textHeads: 12,
-  textIntermediate: 3072,
-  maxPositions: 77,
-  text2Hidden: 1280,
-  text2Layers: 32,
-  text2Heads: 20,
-  text2Intermediate: 5120,
-  projectionDim: 1280,
-  vaeChannels: [128, 256, 512, 512],
-  vaeLayers: 2,
-  latentChannels: 4,
-};
+import { FULL_SIZE_SPECS, ldmTensorShapes, randomTensor } from "./tiny-model.js";
 
 const MODELS = {
-  sd15: { spec: SD15_SPEC, hints: { unetHeads: 8, textHeads: 12 } },
+  sd15: { spec: FULL_SIZE_SPECS.sd15, hints: { unetHeads: 8, textHeads: 12 } },
   // SDXL's UNet heads are 64 wide, which the importer assumes for SDXL.
-  sdxl: { spec: SDXL_SPEC, hints: { textHeads: 12 } },
+  sdxl: { spec: FULL_SIZE_SPECS.sdxl, hints: { textHeads: 12 } },
 };
 type ModelName = keyof typeof MODELS;
 

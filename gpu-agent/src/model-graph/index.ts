@@ -83,7 +83,15 @@ export type {
   PipelineManifest,
 } from "./pipeline.js";
 
-export { makeTinyModel, makeTinyModelCli, readTinyConfig, ldmTensorShapes, randomTensor, TINY_SPECS } from "./tiny-model.js";
+export {
+  makeTinyModel,
+  makeTinyModelCli,
+  readTinyConfig,
+  ldmTensorShapes,
+  randomTensor,
+  TINY_SPECS,
+  FULL_SIZE_SPECS,
+} from "./tiny-model.js";
 export type { MakeTinyModelOptions, TinyModel, TinySpec, TinyConfigName } from "./tiny-model.js";
 export { makeTinyVocab, tinyTokenizerFiles } from "./tiny-tokenizer.js";
 export type { TinyVocab } from "./tiny-tokenizer.js";

@@ -15,8 +15,8 @@ import { MANIFEST_FILE, buildComponent, buildPipelineFromCheckpoint, importCheck
 import type { PipelineManifest } from "./pipeline.js";
 import { SeededRandom } from "./random.js";
 import { readSafetensors, writeSafetensors } from "./safetensors.js";
-import { TINY_SPECS, ldmTensorShapes, makeTinyModel, makeTinyModelCli, readTinyConfig } from "./tiny-model.js";
-import type { TinyModel, TinySpec } from "./tiny-model.js";
+import { FULL_SIZE_SPECS, ldmTensorShapes, makeTinyModel, makeTinyModelCli, readTinyConfig } from "./tiny-model.js";
+import type { TinyModel } from "./tiny-model.js";
 import { TOKEN_OVERRIDE_POSITIONS, TOKEN_OVERRIDE_VECTORS, withTokenOverrides } from "./token-override.js";
 import { TIME_IDS, TIME_ID_EMBED_DIM, detectUNetConfig, sinusoidalEmbedding, timestepFrequencies } from "./unet.js";
 import { MemoryWeights } from "./weights.js";
@@ -156,25 +156,7 @@ test("detectArchitecture: SDXL base layout, per-block transformer depths, label_
 });
 
 test("detectArchitecture on SDXL base's real shapes: 64-wide heads, depths [0, 2, 10], 2048 context, 2816 adm", () => {
-  const spec: TinySpec = {
-    ...TINY_SPECS["sdxl-small"],
-    unetChannels: [320, 640, 1280],
-    unetAttention: [false, true, true],
-    transformerDepth: 10,
-    transformerDepths: [0, 2, 10],
-    middleDepth: 10,
-    textHidden: 768,
-    textLayers: 12,
-    textHeads: 12,
-    textIntermediate: 3072,
-    text2Hidden: 1280,
-    text2Layers: 32,
-    text2Heads: 20,
-    text2Intermediate: 5120,
-    projectionDim: 1280,
-    vaeChannels: [128, 256, 512, 512],
-    vaeLayers: 2,
-  };
+  const spec = FULL_SIZE_SPECS.sdxl;
   const shapes = ldmTensorShapes(spec, 49408);
   assert.deepEqual(shapes.get(`${U}label_emb.0.0.weight`), [1280, 2816]);
   assert.deepEqual(shapes.get(`${U}output_blocks.2.2.conv.weight`), [1280, 1280, 3, 3]);

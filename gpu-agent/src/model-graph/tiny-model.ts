@@ -121,6 +121,54 @@ function text2Of(spec: TinySpec): { hidden: number; layers: number; heads: numbe
   return { hidden, layers, heads, intermediate, projection };
 }
 
+/** The real models' shapes as TinySpecs, for benchmarks and shape tests (random weights of these are gigabytes). */
+export const FULL_SIZE_SPECS: Readonly<Record<"sd15" | "sdxl", TinySpec>> = {
+  /** SD 1.5's shapes (v1-inference.yaml), expressed as a TinySpec. */
+  sd15: {
+    family: "sd1",
+    unetChannels: [320, 640, 1280, 1280],
+    unetLayers: 2,
+    unetAttention: [true, true, true, false],
+    unetHeads: 8,
+    inChannels: 4,
+    transformerDepth: 1,
+    textHidden: 768,
+    textLayers: 12,
+    textHeads: 12,
+    textIntermediate: 3072,
+    maxPositions: 77,
+    vaeChannels: [128, 256, 512, 512],
+    vaeLayers: 2,
+    latentChannels: 4,
+  },
+
+  /** SDXL 1.0 base's shapes (sd_xl_base.yaml), expressed as a TinySpec. */
+  sdxl: {
+    family: "sdxl",
+    unetChannels: [320, 640, 1280],
+    unetLayers: 2,
+    unetAttention: [false, true, true],
+    unetHeads: 8,
+    inChannels: 4,
+    transformerDepth: 10,
+    transformerDepths: [0, 2, 10],
+    middleDepth: 10,
+    textHidden: 768,
+    textLayers: 12,
+    textHeads: 12,
+    textIntermediate: 3072,
+    maxPositions: 77,
+    text2Hidden: 1280,
+    text2Layers: 32,
+    text2Heads: 20,
+    text2Intermediate: 5120,
+    projectionDim: 1280,
+    vaeChannels: [128, 256, 512, 512],
+    vaeLayers: 2,
+    latentChannels: 4,
+  },
+};
+
 /** Every LDM checkpoint key of `spec` with its shape, for a text vocabulary of `vocabSize` tokens. */
 export function ldmTensorShapes(spec: TinySpec, vocabSize: number): Map<string, number[]> {
   const out = new Map<string, number[]>();

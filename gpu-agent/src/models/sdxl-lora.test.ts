@@ -11,7 +11,7 @@ import { RngSource, RunTaskRequestSchema } from "@latentfarm/shared";
 import { makeTinyModel, writeSafetensors, type TensorToWrite } from "../model-graph/index.js";
 import type { LoadedPipeline } from "../pipeline/loaded-pipeline.js";
 import { renderTask } from "../pipeline/txt2img.js";
-import { pipelineFor } from "../test-support/lora-catalog.js";
+import { loraTensor, pipelineFor } from "../test-support/lora-catalog.js";
 import { ModelCatalog } from "./catalog.js";
 import type { LoraUse } from "./model-loader.js";
 
@@ -30,14 +30,9 @@ describe("SDXL LoRAs merge into an SDXL checkpoint's three networks", { concurre
     symlinkSync(tiny.tokenizerDir, join(models, "tokenizer"));
     const loras = join(dir, "loras");
     mkdirSync(loras);
-    const n = (shape: number[], v: number): TensorToWrite => ({
-      dtype: "F32",
-      shape,
-      data: Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, (_, i) => v * Math.sin(i + 1)),
-    });
     const pair = (layer: string, out: number, inp: number, v: number): Record<string, TensorToWrite> => ({
-      [`${layer}.lora_up.weight`]: n([out, 2], v),
-      [`${layer}.lora_down.weight`]: n([2, inp], v),
+      [`${layer}.lora_up.weight`]: loraTensor([out, 2], v),
+      [`${layer}.lora_down.weight`]: loraTensor([2, inp], v),
     });
     const c = tiny.spec.unetChannels[1]!;
     const [l, g] = [tiny.spec.textHidden, tiny.spec.text2Hidden!];

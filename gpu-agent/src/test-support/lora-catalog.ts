@@ -26,6 +26,11 @@ export async function pipelineFor(catalog: ModelCatalog, model: string, loras: L
   });
 }
 
+/** A LoRA factor of `shape` with values v·sin(i + 1): deterministic, and different in every position. */
+export function loraTensor(shape: number[], v: number): TensorToWrite {
+  return { dtype: "F32", shape, data: Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, (_, i) => v * Math.sin(i + 1)) };
+}
+
 /**
  * A models folder of generated tiny checkpoints (`tiny`, seed 3, and any `others` by name and seed) with
  * their tokenizer, and a LoRA folder with `style` and `ink`: each on one attention projection of the UNet
@@ -49,11 +54,7 @@ export async function makeLoraCatalog(
   }
   const loras = join(dir, "loras");
   mkdirSync(loras);
-  const n = (shape: number[], v: number): TensorToWrite => ({
-    dtype: "F32",
-    shape,
-    data: Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, (_, i) => v * Math.sin(i + 1)),
-  });
+  const n = loraTensor;
   const q = spec!.unetChannels[0]!;
   const te = spec!.textHidden;
   for (const [name, v] of [
