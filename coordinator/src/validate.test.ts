@@ -65,6 +65,8 @@ test("override settings (A1111's options) and s_min_uncond: names known, numbers
   // Styles: at most 64, and only names the farm has (none here).
   rejects({ styles: Array.from({ length: 65 }, (_, i) => `s${i}`) }, "INVALID_ARGUMENT", "styles");
   rejects({ styles: ["Cinematic"] }, "NOT_FOUND", "styles[0]");
+  rejects(s({ sdxlCropTop: -8 }), "INVALID_ARGUMENT", "override_settings.sdxl_crop_top");
+  rejects(s({ sdxlCropLeft: -1 }), "INVALID_ARGUMENT", "override_settings.sdxl_crop_left");
   rejects(s({ skipEarlyCond: 1.5 }), "INVALID_ARGUMENT", "override_settings.skip_early_cond");
   rejects(s({ skipEarlyCond: Number.NaN }), "INVALID_ARGUMENT", "override_settings.skip_early_cond");
   rejects(s({ etaAncestral: -0.1 }), "INVALID_ARGUMENT", "override_settings.eta_ancestral");

@@ -45,6 +45,9 @@ export interface CheckedOverrideSettings {
   padCondUncond?: boolean;
   padCondUncondV0?: boolean;
   livePreviewContent?: LivePreviewContent;
+  sdxlClipLSkip?: boolean;
+  sdxlCropTop?: number;
+  sdxlCropLeft?: number;
 }
 
 const FIELD = "override_settings";
@@ -126,6 +129,17 @@ export function checkOverrideSettings(p: Pick<GenerationParams, "sMinUncond" | "
   put("padCondUncond", s.padCondUncond);
   put("padCondUncondV0", s.padCondUncondV0);
   put("livePreviewContent", oneOf("live_preview_content", s.livePreviewContent ?? "", LIVE_PREVIEW_CONTENTS));
+  put("sdxlClipLSkip", s.sdxlClipLSkip);
+  for (const [key, name] of [
+    ["sdxlCropTop", "sdxl_crop_top"],
+    ["sdxlCropLeft", "sdxl_crop_left"],
+  ] as const) {
+    const v = s[key];
+    if (v !== undefined && !(Number.isInteger(v) && v >= 0)) {
+      throw FarmError.invalid(`${FIELD}.${name}`, `must be a whole number of pixels ≥ 0, got ${v}`);
+    }
+    put(key, v);
+  }
   checkVaeName(s.sdVae ?? "");
   if (out.useDowncastedAlphaBar && out.noiseSchedule === "Zero Terminal SNR") {
     // ᾱ's last value, 4.9e-8, is 6e-8 in float16, and its σ overflows float16: A1111 renders NaN.

@@ -570,10 +570,11 @@ class OnnxTextEncoder implements TextEncoder {
 }
 
 /**
- * SDXL's two text encoders as one: each token vector is CLIP-L's penultimate hidden state followed by
- * OpenCLIP-G's (no final LayerNorm on either), and the pooled vector is G's text_embeds. A1111 ignores
- * CLIP skip for SDXL (unless sdxl_clip_l_skip, which the farm does not offer), so encode() does too.
- * G's ids have every position after the first end-of-text set to 0, A1111's id_pad for OpenCLIP.
+ * SDXL's two text encoders as one: each token vector is CLIP-L's hidden_states[-clipSkip] followed by
+ * OpenCLIP-G's penultimate hidden state (no final LayerNorm on either), and the pooled vector is G's
+ * text_embeds. A1111's SDXL takes CLIP-L's penultimate layer unless sdxl_clip_l_skip is on, so callers
+ * pass 2 then (see conditioningFor). G's ids have every position after the first end-of-text set to 0,
+ * A1111's id_pad for OpenCLIP.
  */
 class SdxlTextEncoder implements TextEncoder {
   readonly hiddenSize: number;
@@ -603,9 +604,9 @@ class SdxlTextEncoder implements TextEncoder {
     return new SdxlTextEncoder(l, g, pooled.name, pooled.size);
   }
 
-  /** Any CLIP skip A1111 accepts (its slider's 12), which SDXL ignores. */
+  /** hidden_states[-N] exists for N up to CLIP-L's layers + 1 (the embeddings). */
   get maxClipSkip(): number {
-    return Math.max(12, this.l.layerCount);
+    return this.l.layerCount + 1;
   }
 
   get acceptsTokenOverrides(): boolean {
@@ -613,29 +614,35 @@ class SdxlTextEncoder implements TextEncoder {
   }
 
   async encode(batch: Int32Array, n: number, clipSkip: number, signal?: AbortSignal, overrides?: TokenOverrides): Promise<Float32Array> {
-    return (await this.run(batch, n, false, signal, overrides)).hidden;
+    return (await this.run(batch, n, clipSkip, false, signal, overrides)).hidden;
   }
 
   encodePooled(
     batch: Int32Array,
     n: number,
-    _clipSkip: number,
+    clipSkip: number,
     signal?: AbortSignal,
     overrides?: TokenOverrides,
   ): Promise<{ hidden: Float32Array; pooled: Float32Array }> {
-    return this.run(batch, n, true, signal, overrides);
+    return this.run(batch, n, clipSkip, true, signal, overrides);
   }
 
   private async run(
     batch: Int32Array,
     n: number,
+    clipSkip: number,
     withPooled: boolean,
     signal?: AbortSignal,
     overrides?: TokenOverrides,
   ): Promise<{ hidden: Float32Array; pooled: Float32Array }> {
+    if (!Number.isInteger(clipSkip) || clipSkip < 1 || clipSkip > this.maxClipSkip) {
+      throw new FarmError(grpc.status.FAILED_PRECONDITION, `clip skip ${clipSkip} is outside CLIP-L's 1..${this.maxClipSkip}`, {
+        field: "clip_skip",
+      });
+    }
     const [dl, dg] = this.parts as [number, number];
     const split = overrides === undefined ? undefined : splitOverrides(overrides, dl, dg);
-    const lName = `hidden_states.${this.l.layerCount - 1}`;
+    const lName = `hidden_states.${this.l.layerCount + 1 - clipSkip}`;
     const gName = `hidden_states.${this.g.layerCount - 1}`;
     const [lOut, gOut] = await Promise.all([
       this.l.runRaw(batch, n, [lName], signal, split?.[0]),

@@ -35,6 +35,8 @@ export interface DenoiseInput {
    * latent grid.
    */
   imageSize?: { width: number; height: number };
+  /** SDXL's crop conditioning in pixels (A1111's sdxl_crop_top and sdxl_crop_left); default 0, 0. */
+  sdxlCrop?: { top: number; left: number };
   /** Inpainting UNets (9 input channels): A1111's c_concat, appended to every row unscaled. */
   imageCond?: Float32Array;
   /** Inpainting: A1111's CFGDenoiser mask blend. */
@@ -102,10 +104,13 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
     pipe.model.pooledSize === undefined ? "sd" : "sdxl",
   );
   const previewContent = input.preview?.content;
-  // SDXL's size conditions: original size = target size = the pass's image, crop at 0,0 (A1111's
-  // defaults of sdxl_crop_top and sdxl_crop_left).
+  // SDXL's size conditions: original size = target size = the pass's image, and the crop settings.
   const size = input.imageSize ?? { width: 8 * w, height: 8 * h };
-  const timeIds = pipe.model.pooledSize === undefined ? undefined : Float32Array.of(size.height, size.width, 0, 0, size.height, size.width);
+  const crop = input.sdxlCrop ?? { top: 0, left: 0 };
+  const timeIds =
+    pipe.model.pooledSize === undefined
+      ? undefined
+      : Float32Array.of(size.height, size.width, crop.top, crop.left, size.height, size.width);
   const gen = sampler.run(input.start);
   let r = gen.next();
   let lastStep = -1;

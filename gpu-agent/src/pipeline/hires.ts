@@ -192,6 +192,7 @@ async function runFirstPass(
   if (s.target) secondPassSampler(s, s.target.secondPassLatent.height, s.target.secondPassLatent.width, b.seed);
   const cond = await conditioningFor(pipe, ctx, b, b.p.prompt, b.p.negativePrompt, sampler);
   const latent = await denoise(pipe, {
+    sdxlCrop: b.conditioning.sdxlCrop,
     sampler,
     cond,
     cfgScale: b.cfgScale,
@@ -348,6 +349,7 @@ async function runSecondPass(
   });
   const start = sampler2.startLatent(rng.first(), up.latent);
   const latent = await denoise(pipe, {
+    sdxlCrop: b.conditioning.sdxlCrop,
     sampler: sampler2,
     cond,
     cfgScale: b.cfgScale,
@@ -483,6 +485,7 @@ async function runTile(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCon
   });
   const start = sampler.startLatent(rng.first(), latent);
   const out = await denoise(pipe, {
+    sdxlCrop: b.conditioning.sdxlCrop,
     sampler,
     cond,
     cfgScale: b.cfgScale,

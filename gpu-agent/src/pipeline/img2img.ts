@@ -130,6 +130,7 @@ export async function renderImg2img(pipe: LoadedPipeline, req: RunTaskRequest, c
   // A1111 img2img: noise = rng.next() (the first draw), scaled by initial_noise_multiplier inside startLatent.
   const start = sampler.startLatent(imageRng.next(), init);
   let latent = await denoise(pipe, {
+    sdxlCrop: b.conditioning.sdxlCrop,
     sampler,
     cond,
     cfgScale: b.cfgScale,

@@ -106,6 +106,10 @@ export interface ConditioningSettings {
   useOldScheduling: boolean;
   padCondUncond: boolean;
   padCondUncondV0: boolean;
+  /** SDXL: CLIP skip applies to CLIP-L (sdxl_clip_l_skip); otherwise SDXL ignores it. */
+  sdxlClipLSkip: boolean;
+  /** SDXL's crop conditioning in pixels (sdxl_crop_top, sdxl_crop_left). */
+  sdxlCrop: { top: number; left: number };
 }
 
 /** A request's settings for its passes, checked once per task. */
@@ -134,6 +138,9 @@ export function requestSettingsOf(p: GenerationParams): RequestSettings {
     padCondUncond,
     padCondUncondV0,
     livePreviewContent,
+    sdxlClipLSkip,
+    sdxlCropTop,
+    sdxlCropLeft,
     ...sampling
   } = checkOverrideSettings(p);
   const settings: SamplingSettings = sampling;
@@ -152,6 +159,8 @@ export function requestSettingsOf(p: GenerationParams): RequestSettings {
       useOldScheduling: useOldScheduling ?? false,
       padCondUncond: padCondUncond ?? false,
       padCondUncondV0: padCondUncondV0 ?? false,
+      sdxlClipLSkip: sdxlClipLSkip ?? false,
+      sdxlCrop: { top: sdxlCropTop ?? 0, left: sdxlCropLeft ?? 0 },
     },
     img2imgFixSteps: img2imgFixSteps ?? false,
     preview: p.previewEveryNSteps > 0 ? { every: p.previewEveryNSteps, content: livePreviewContent ?? "Prompt" } : undefined,
@@ -301,7 +310,9 @@ export async function conditioningFor(
     prompt,
     negativePrompt,
     ...steps,
-    clipSkip: b.clipSkip,
+    // A1111's SDXL takes CLIP-L's penultimate layer whatever CLIP skip says (hidden_states[-2], which is
+    // what clip skip 2 selects), unless sdxl_clip_l_skip hands it CLIP skip.
+    clipSkip: pipe.model.pooledSize !== undefined && !settings.sdxlClipLSkip ? 2 : b.clipSkip,
     emphasis: settings.emphasis,
     useOldScheduling: settings.useOldScheduling,
     padCondUncond: settings.padCondUncond,

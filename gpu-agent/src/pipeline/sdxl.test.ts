@@ -71,7 +71,8 @@ describe("SDXL pipeline on a tiny SDXL checkpoint", { concurrency: false }, () =
   test("conditioning: CLIP-L's and G's penultimate states side by side, G's ids padded with 0, G's text_embeds pooled", async () => {
     const conditioner = await pipe.conditioner();
     const text = "a red castle";
-    const [cond] = await conditioner.encodeBatch([text], { emphasis: "None" });
+    // Clip skip 2 selects CLIP-L's penultimate layer: what SDXL renders with unless sdxl_clip_l_skip.
+    const [cond] = await conditioner.encodeBatch([text], { emphasis: "None", clipSkip: 2 });
     // The same computation straight through ONNX Runtime, from the folder's two graphs.
     const ids = Int32Array.from(tokenizeLine(conditioner.tokenizer, text, { emphasis: "None" }).chunks[0]!.tokens);
     const end = ids.indexOf(conditioner.tokenizer.eosId);
@@ -166,6 +167,26 @@ describe("SDXL pipeline on a tiny SDXL checkpoint", { concurrency: false }, () =
     } finally {
       await withEmbeddings.close();
     }
+  });
+
+  test("CLIP skip: ignored for SDXL, as A1111 ignores it, unless sdxl_clip_l_skip hands it to CLIP-L", async () => {
+    const render = async (params: Record<string, unknown>) => pixels(await renderTask(pipe, request(params), ctx));
+    const plain = await render({ clipSkip: 1 });
+    assert.deepEqual(await render({ clipSkip: 2 }), plain);
+    assert.deepEqual(await render({ clipSkip: 3 }), plain);
+    const lSkip = (clipSkip: number) => render({ clipSkip, overrideSettings: { sdxlClipLSkip: true } });
+    // hidden_states[-2] is the penultimate layer: the default.
+    assert.deepEqual(await lSkip(2), plain);
+    assert.notDeepEqual(await lSkip(1), plain);
+    assert.notDeepEqual(await lSkip(3), plain);
+    await assert.rejects(lSkip(tiny.spec.textLayers + 2), /clip skip/);
+  });
+
+  test("sdxl_crop_top and sdxl_crop_left reach the UNet's time_ids and change the image", async () => {
+    unetCalls.length = 0;
+    const cropped = await renderTask(pipe, request({ overrideSettings: { sdxlCropTop: 16, sdxlCropLeft: 8 } }), ctx);
+    assert.deepEqual([...unetCalls[0]!.added!.timeIds.subarray(0, 6)], [48, 64, 16, 8, 48, 64]);
+    assert.notDeepEqual(await pixels(cropped), await pixels(await renderTask(pipe, request({}), ctx)));
   });
 
   test("Hires.fix: the second pass is conditioned on the upscale target's size", async () => {

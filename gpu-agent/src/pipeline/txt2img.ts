@@ -47,6 +47,7 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
   // Prompt schedules count denoiser calls, which second-order samplers make twice per step.
   const cond = await conditioningFor(pipe, ctx, b, p.prompt, p.negativePrompt, sampler);
   const latent = await denoise(pipe, {
+    sdxlCrop: b.conditioning.sdxlCrop,
     sampler,
     cond,
     cfgScale: b.cfgScale,
