@@ -160,19 +160,20 @@ async function loadTextEncoders(
   dir: string,
   opts: Pick<SdModelLoadOptions, "tokenOverrides" | "signal"> & { logger?: Logger },
 ): Promise<TextEncoder> {
+  const sdxl = isSdxlFolder(dir);
   const te = await sessions.load(
     "text_encoder",
     await textEncoderModel(dir, "text_encoder", opts.tokenOverrides, opts.logger),
     opts.signal,
   );
-  const first = await OnnxTextEncoder.create(sessions, "text_encoder", te, opts.signal);
-  if (!isSdxlFolder(dir)) return first;
+  const first = await OnnxTextEncoder.create(sessions, "text_encoder", te, opts.signal, !sdxl);
+  if (!sdxl) return first;
   const te2 = await sessions.load(
     "text_encoder_2",
     await textEncoderModel(dir, "text_encoder_2", opts.tokenOverrides, opts.logger),
     opts.signal,
   );
-  const second = await OnnxTextEncoder.create(sessions, "text_encoder_2", te2, opts.signal);
+  const second = await OnnxTextEncoder.create(sessions, "text_encoder_2", te2, opts.signal, false);
   return SdxlTextEncoder.create(first, second);
 }
 
@@ -490,7 +491,17 @@ class OnnxTextEncoder implements TextEncoder {
     return this.gamma ? this.layers : 1;
   }
 
-  static async create(worker: OrtSessions, session: string, info: SessionInfo, signal?: AbortSignal): Promise<OnnxTextEncoder> {
+  /**
+   * `calibrate` false skips fitting the final LayerNorm (one encoder run at load): SDXL's encoders take
+   * hidden states without it, so only SD1/SD2's CLIP skip needs the fit.
+   */
+  static async create(
+    worker: OrtSessions,
+    session: string,
+    info: SessionInfo,
+    signal?: AbortSignal,
+    calibrate = true,
+  ): Promise<OnnxTextEncoder> {
     const ids = inputOf(info, ["input_ids"], session);
     const idsType: TensorType = ids.type === "int64" ? "int64" : "int32";
     const last = info.outputs.find((o) => o.name === "last_hidden_state") ?? info.outputs[0];
@@ -508,7 +519,7 @@ class OnnxTextEncoder implements TextEncoder {
     const make = (gamma?: Float32Array, beta?: Float32Array) =>
       new OnnxTextEncoder(worker, session, idsType, ids.name, hiddenSize, layers, last.name, gamma, beta, overrideType, pooledOutput);
     const base = make();
-    if (layers < 2 || !Number.isFinite(hiddenSize)) return base;
+    if (!calibrate || layers < 2 || !Number.isFinite(hiddenSize)) return base;
     // Calibrate the final LayerNorm on a batch of varied ids. Any byte-level BPE vocabulary has the
     // 256 byte tokens, so ids below 256 exist in every CLIP model, tiny test models included.
     const calib = new Int32Array(77);
