@@ -10,6 +10,8 @@ export interface ModelEntry {
   readonly format: ModelFormat;
   /** The model folder (diffusers-onnx) or checkpoint file (safetensors). */
   readonly path: string;
+  /** Its mtime and size when list() saw it: what was read off the files holds while this stays the same. */
+  readonly version?: string;
 }
 
 /**
@@ -57,9 +59,9 @@ export class ModelCatalog {
       const s = await stat(p).catch(() => undefined);
       if (!s) continue;
       if (s.isDirectory() && existsSync(join(p, "unet", "model.onnx"))) {
-        out.push({ name: n, format: "diffusers-onnx", path: p });
+        out.push({ name: n, format: "diffusers-onnx", path: p, version: `${s.mtimeMs}:${s.size}` });
       } else if (s.isFile() && n.endsWith(".safetensors")) {
-        out.push({ name: n.slice(0, -".safetensors".length), format: "safetensors", path: p });
+        out.push({ name: n.slice(0, -".safetensors".length), format: "safetensors", path: p, version: `${s.mtimeMs}:${s.size}` });
       }
     }
     return out;

@@ -2,7 +2,7 @@
 // and embeddings than SD 1.x, so a farm user picking a model wants to see it. A1111 lists no such thing.
 
 import { existsSync } from "node:fs";
-import { readFile, stat } from "node:fs/promises";
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { MANIFEST_FILE, readSafetensors } from "../model-graph/index.js";
 import type { ModelEntry } from "./catalog.js";
@@ -55,8 +55,9 @@ export async function modelFamily(entry: ModelEntry): Promise<ModelFamilyName> {
 }
 
 /**
- * Model families for the heartbeat, looked at again only when a file or folder changes (its mtime and
- * size): a checkpoint's header is read once per version, not once per heartbeat.
+ * Model families for the heartbeat, read again only when a catalog entry's version (the mtime and size
+ * the catalog's listing saw) changes: a checkpoint's header is read once per file version, not once per
+ * heartbeat. An entry without a version is read every time.
  */
 export class ModelFamilies {
   private readonly known = new Map<string, { version: string; family: ModelFamilyName }>();
@@ -64,15 +65,10 @@ export class ModelFamilies {
   async of(entries: readonly ModelEntry[]): Promise<Map<string, ModelFamilyName>> {
     const out = new Map<string, ModelFamilyName>();
     for (const e of entries) {
-      const version = await stat(e.path).then(
-        (s) => `${s.mtimeMs}:${s.size}`,
-        () => undefined,
-      );
-      if (version === undefined) continue;
       let k = this.known.get(e.path);
-      if (k?.version !== version) {
-        k = { version, family: await modelFamily(e).catch((): ModelFamilyName => "") };
-        this.known.set(e.path, k);
+      if (e.version === undefined || k?.version !== e.version) {
+        k = { version: e.version ?? "", family: await modelFamily(e).catch((): ModelFamilyName => "") };
+        if (e.version !== undefined) this.known.set(e.path, k);
       }
       out.set(e.name, k.family);
     }
