@@ -186,7 +186,11 @@ export const TEST_RENAMED_CHECKPOINT = "z-renamed";
  */
 export const TEST_SDXL_CHECKPOINT = "tiny-sdxl";
 
+let sdxlCheckpoint: { checkpoint: Buffer; hints: string } | undefined;
+
+/** Made once per process (16 MB of random weights), however many test farms it starts. */
 export function testSdxlCheckpoint(): { checkpoint: Buffer; hints: string } {
+  if (sdxlCheckpoint !== undefined) return sdxlCheckpoint;
   const spec = TINY_SPECS["sdxl-small"];
   const tensors = new Map<string, { dtype: "F32"; shape: number[]; data: Float32Array }>();
   let seed = 0;
@@ -195,7 +199,8 @@ export function testSdxlCheckpoint(): { checkpoint: Buffer; hints: string } {
     tensors.set(key, { dtype: "F32", shape, data });
   }
   const hints = { unetHeads: spec.unetHeads, textHeads: spec.textHeads, text2Heads: spec.text2Heads };
-  return { checkpoint: Buffer.from(encodeSafetensors(tensors)), hints: JSON.stringify(hints) };
+  sdxlCheckpoint = { checkpoint: Buffer.from(encodeSafetensors(tensors)), hints: JSON.stringify(hints) };
+  return sdxlCheckpoint;
 }
 
 /** An A1111 styles.csv the test farm's coordinator reads (--styles-file). */

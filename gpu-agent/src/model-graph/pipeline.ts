@@ -81,12 +81,12 @@ export interface BuiltPipeline {
   readonly unusedKeys: readonly string[];
 }
 
+/** The training noise schedule SD1, SD2 and SDXL share. */
+const TRAINING_BETAS = { beta_end: 0.012, beta_schedule: "scaled_linear", beta_start: 0.00085, num_train_timesteps: 1000 };
+
 const SCHEDULER_BASE = {
   _class_name: "PNDMScheduler",
-  beta_end: 0.012,
-  beta_schedule: "scaled_linear",
-  beta_start: 0.00085,
-  num_train_timesteps: 1000,
+  ...TRAINING_BETAS,
   set_alpha_to_one: false,
   skip_prk_steps: true,
   steps_offset: 1,
@@ -97,10 +97,7 @@ const SCHEDULER_BASE = {
 /** SDXL's scheduler as its diffusers repository configures it (same betas as SD1, leading timestep spacing). */
 const SDXL_SCHEDULER = {
   _class_name: "EulerDiscreteScheduler",
-  beta_end: 0.012,
-  beta_schedule: "scaled_linear",
-  beta_start: 0.00085,
-  num_train_timesteps: 1000,
+  ...TRAINING_BETAS,
   interpolation_type: "linear",
   steps_offset: 1,
   timestep_spacing: "leading",

@@ -122,6 +122,7 @@ describe("SDXL pipeline on a tiny SDXL checkpoint", { concurrency: false }, () =
   });
 
   test("a batch renders as single images with seeds s, s+1 (one UNet batch for both)", async () => {
+    unetCalls.length = 0;
     const single = await Promise.all([renderTask(pipe, request({}, 20n), ctx), renderTask(pipe, request({}, 21n), ctx)]);
     assert.notDeepEqual(await pixels(single[0]!), await pixels(single[1]!));
     const alone = await renderTask(pipe, request({}, 21n), ctx);
