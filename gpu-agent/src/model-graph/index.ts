@@ -44,8 +44,10 @@ export {
   timestepFrequencies,
   sinusoidalEmbedding,
   textEmbedsDim,
+  timeIdsOf,
   UNET_PREFIX,
   TIME_IDS,
+  REFINER_TIME_IDS,
   TIME_ID_EMBED_DIM,
 } from "./unet.js";
 export type { HeadsHint, UNetConfig } from "./unet.js";
@@ -56,7 +58,14 @@ export type { VaeConfig } from "./vae.js";
 export { importVae } from "./vae-import.js";
 export type { ImportedVae, VaeImportOptions, VaeManifest } from "./vae-import.js";
 export { detectArchitecture, SDXL_SCALING_FACTOR } from "./architecture.js";
-export type { Architecture, ArchitectureHints, ModelFamily, PredictionType } from "./architecture.js";
+export type {
+  Architecture,
+  ArchitectureHints,
+  ModelFamily,
+  PredictionType,
+  SdArchitecture,
+  SdxlRefinerArchitecture,
+} from "./architecture.js";
 
 export {
   buildPipeline,

@@ -103,8 +103,9 @@ export function compvisCandidates(layer: string, arch: Pick<Architecture, "unet"
     out.push(`diffusion_model_output_blocks_${per * i + per - 1}_${arch.unet.attentionLevels[level] ? 2 : 1}_conv`);
   }
   if ((m = /^lora_unet_(.+)$/.exec(layer))) out.push(`diffusion_model_${m[1]}`);
-  if (arch.textEncoder2 !== undefined) {
+  if (arch.textEncoder2 !== undefined || arch.textEncoder === undefined) {
     // SDXL, as A1111 maps it: te1 is CLIP-L under embedder 0, te2 OpenCLIP-G under embedder 1 (lora_te_ matches nothing).
+    // A1111 maps the refiner's text layers the same way, so they match nothing there: its embedder 0 is OpenCLIP-G.
     if ((m = /^lora_te1_text_model_(.+)$/.exec(layer))) out.push(`0_transformer_text_model_${m[1]}`);
     if ((m = /^lora_te2_text_model_encoder_layers_(\d+)_(.+)$/.exec(layer)))
       out.push(`1_model_transformer_resblocks_${m[1]}_${openClipSuffix(m[2]!)}`);

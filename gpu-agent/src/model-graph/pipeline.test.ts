@@ -247,15 +247,6 @@ test("non-checkpoints and incomplete checkpoints are rejected with the file name
     (e: unknown) =>
       e instanceof ModelFileError && e.code === status.INVALID_ARGUMENT && /looks like a LoRA/.test(e.message) && e.message.includes(lora),
   );
-  // An SDXL refiner: OpenCLIP-G alone under embedder 0.
-  const xl = join(dir, "xl-refiner.safetensors");
-  await writeSafetensors(xl, {
-    "conditioner.embedders.0.model.token_embedding.weight": { dtype: "F32", shape: [1], data: new Float32Array(1) },
-  });
-  await assert.rejects(
-    buildPipelineFromCheckpoint(xl, join(dir, "y")),
-    (e: unknown) => e instanceof ModelFileError && e.code === status.UNIMPLEMENTED && /refiner/.test(e.message),
-  );
   // A checkpoint missing one UNet tensor.
   const tiny = await makeTinyModel({ outDir: join(dir, "cut"), seed: 2, checkpointOnly: true });
   const { readSafetensors } = await import("./safetensors.js");

@@ -1,5 +1,6 @@
 // Checkpoint → diffusers-ONNX folder (text_encoder/, SDXL's text_encoder_2/, unet/, vae_decoder/, vae_encoder/,
-// tokenizer/, scheduler/, model_index.json), plus an on-disk cache keyed by the checkpoint's sha256.
+// tokenizer/, scheduler/, model_index.json), plus an on-disk cache keyed by the checkpoint's sha256. An SDXL
+// refiner's folder has text_encoder_2/ and tokenizer_2/ only, as Optimum exports the refiner.
 
 import { createHash, randomBytes } from "node:crypto";
 import { createReadStream } from "node:fs";
@@ -28,7 +29,10 @@ export const MANIFEST_FILE = "latentfarm.json";
 export const LINK_NAME = "checkpoint.safetensors";
 
 export type ComponentName = "text_encoder" | "text_encoder_2" | "unet" | "vae_decoder" | "vae_encoder";
-/** Every component a build can have; text_encoder_2 only SDXL's, vae_encoder only where the checkpoint has one. */
+/**
+ * Every component a build can have; text_encoder_2 only SDXL's (base and refiner), text_encoder all but the
+ * refiner's, vae_encoder only where the checkpoint has one.
+ */
 export const COMPONENTS: readonly ComponentName[] = ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"];
 
 export interface PipelineBuildOptions extends ArchitectureHints {
@@ -106,25 +110,43 @@ const SDXL_SCHEDULER = {
   trained_betas: null,
 };
 
+/** The refiner's model_index as diffusers saves StableDiffusionXLImg2ImgPipeline: no CLIP-L, aesthetic-score time ids. */
+const REFINER_INDEX = {
+  _class_name: "ORTStableDiffusionXLImg2ImgPipeline",
+  force_zeros_for_empty_prompt: false,
+  requires_aesthetics_score: true,
+  scheduler: ["diffusers", "EulerDiscreteScheduler"],
+  tokenizer: [null, null],
+};
+
+function isSdxlFamily(arch: Pick<Architecture, "family">): boolean {
+  return arch.family === "sdxl" || arch.family === "sdxl-refiner";
+}
+
 function modelIndex(components: readonly ComponentName[], withTokenizer: boolean, arch: Architecture): Record<string, unknown> {
-  const sdxl = arch.family === "sdxl";
+  const sdxl = isSdxlFamily(arch);
   const tokenizer = withTokenizer ? ["transformers", "CLIPTokenizer"] : [null, null];
-  const idx: Record<string, unknown> = sdxl
-    ? {
-        _class_name: "ORTStableDiffusionXLPipeline",
-        force_zeros_for_empty_prompt: true,
-        scheduler: ["diffusers", "EulerDiscreteScheduler"],
-        tokenizer,
-        tokenizer_2: tokenizer,
-      }
-    : {
-        _class_name: "OnnxStableDiffusionPipeline",
-        feature_extractor: [null, null],
-        safety_checker: [null, null],
-        requires_safety_checker: false,
-        scheduler: ["diffusers", "PNDMScheduler"],
-        tokenizer,
-      };
+  let idx: Record<string, unknown>;
+  if (arch.family === "sdxl-refiner") {
+    idx = { ...REFINER_INDEX, tokenizer_2: tokenizer };
+  } else if (sdxl) {
+    idx = {
+      _class_name: "ORTStableDiffusionXLPipeline",
+      force_zeros_for_empty_prompt: true,
+      scheduler: ["diffusers", "EulerDiscreteScheduler"],
+      tokenizer,
+      tokenizer_2: tokenizer,
+    };
+  } else {
+    idx = {
+      _class_name: "OnnxStableDiffusionPipeline",
+      feature_extractor: [null, null],
+      safety_checker: [null, null],
+      requires_safety_checker: false,
+      scheduler: ["diffusers", "PNDMScheduler"],
+      tokenizer,
+    };
+  }
   for (const c of COMPONENTS) {
     if (c === "text_encoder_2" && !sdxl) continue;
     idx[c] = components.includes(c) ? ["diffusers", "OnnxRuntimeModel"] : [null, null];
@@ -137,7 +159,10 @@ export async function buildPipeline(weights: WeightSource, outDir: string, opts:
   const arch = detectArchitecture(weights, opts);
   const weightType = opts.weightType ?? "float32";
   const wanted = (opts.components ?? COMPONENTS).filter(
-    (c) => (c !== "vae_encoder" || arch.vae.hasEncoder) && (c !== "text_encoder_2" || arch.textEncoder2 !== undefined),
+    (c) =>
+      (c !== "vae_encoder" || arch.vae.hasEncoder) &&
+      (c !== "text_encoder" || arch.textEncoder !== undefined) &&
+      (c !== "text_encoder_2" || arch.textEncoder2 !== undefined),
   );
   await mkdir(outDir, { recursive: true });
   // A half-written folder must never look complete.
@@ -151,7 +176,7 @@ export async function buildPipeline(weights: WeightSource, outDir: string, opts:
     for (const k of net.used) used.add(k);
   }
 
-  const sdxl = arch.family === "sdxl";
+  const sdxl = isSdxlFamily(arch);
   if (sdxl && wanted.includes("vae_decoder")) {
     // The runtime reads the latent scale here; without the file it assumes SD1's 0.18215.
     await writeJson(join(outDir, "vae_decoder", "config.json"), {
@@ -166,7 +191,7 @@ export async function buildPipeline(weights: WeightSource, outDir: string, opts:
   });
   let withTokenizer = false;
   if (opts.tokenizerDir) {
-    await copyDir(opts.tokenizerDir, join(outDir, "tokenizer"));
+    if (arch.textEncoder !== undefined) await copyDir(opts.tokenizerDir, join(outDir, "tokenizer"));
     // OpenCLIP's tokenizer is CLIP's vocabulary; only its padding differs (diffusers' tokenizer_2 pads with "!").
     if (sdxl) await copyDir(opts.tokenizerDir, join(outDir, "tokenizer_2"), padWithExclamation);
     withTokenizer = true;

@@ -12,13 +12,14 @@ import { SeededRandom } from "./random.js";
 import { writeSafetensors } from "./safetensors.js";
 import type { TensorToWrite } from "./safetensors.js";
 import { makeTinyVocab, tinyTokenizerFiles } from "./tiny-tokenizer.js";
-import { TIME_IDS, TIME_ID_EMBED_DIM } from "./unet.js";
+import { REFINER_TIME_IDS, TIME_IDS, TIME_ID_EMBED_DIM } from "./unet.js";
 import { MemoryWeights } from "./weights.js";
 import type { MemoryTensor } from "./weights.js";
 
 /** The architecture of a generated model, in LDM terms. */
 export interface TinySpec {
-  readonly family: "sd1" | "sd2" | "sdxl";
+  /** An "sdxl-refiner" has only the OpenCLIP text encoder (the text2* fields); its text* fields are unused. */
+  readonly family: "sd1" | "sd2" | "sdxl" | "sdxl-refiner";
   readonly unetChannels: readonly number[];
   readonly unetLayers: number;
   readonly unetAttention: readonly boolean[];
@@ -45,7 +46,7 @@ export interface TinySpec {
   readonly latentChannels: number;
 }
 
-export type TinyConfigName = "small" | "sd15-topology" | "sdxl-small";
+export type TinyConfigName = "small" | "sd15-topology" | "sdxl-small" | "sdxl-refiner-small";
 
 export const TINY_SPECS: Readonly<Record<TinyConfigName, TinySpec>> = {
   // The team kit's tiny-sd15 topology (see the kit's fixtures README) with a small vocabulary.
@@ -110,9 +111,35 @@ export const TINY_SPECS: Readonly<Record<TinyConfigName, TinySpec>> = {
     vaeLayers: 1,
     latentChannels: 4,
   },
+  // The SDXL refiner's layout: OpenCLIP-G alone under embedder 0 (sdxl-small's), label_emb over 5 time ids, and
+  // attention at the inner levels only (none at the first or the deepest), at sdxl-small's sizes.
+  "sdxl-refiner-small": {
+    family: "sdxl-refiner",
+    unetChannels: [32, 64, 64],
+    unetLayers: 2,
+    unetAttention: [false, true, false],
+    unetHeads: 4,
+    inChannels: 4,
+    transformerDepth: 2,
+    transformerDepths: [0, 2, 0],
+    middleDepth: 2,
+    textHidden: 0,
+    textLayers: 0,
+    textHeads: 0,
+    textIntermediate: 0,
+    maxPositions: 77,
+    text2Hidden: 48,
+    text2Layers: 3,
+    text2Heads: 4,
+    text2Intermediate: 96,
+    projectionDim: 48,
+    vaeChannels: [32, 32, 32, 32],
+    vaeLayers: 1,
+    latentChannels: 4,
+  },
 };
 
-/** The second text encoder of an SDXL spec, checked. */
+/** The second text encoder of an SDXL spec (the refiner's only one), checked. */
 function text2Of(spec: TinySpec): { hidden: number; layers: number; heads: number; intermediate: number; projection: number } {
   const { text2Hidden: hidden, text2Layers: layers, text2Heads: heads, text2Intermediate: intermediate, projectionDim: projection } = spec;
   if (hidden === undefined || layers === undefined || heads === undefined || intermediate === undefined || projection === undefined) {
@@ -122,7 +149,7 @@ function text2Of(spec: TinySpec): { hidden: number; layers: number; heads: numbe
 }
 
 /** The real models' shapes as TinySpecs, for benchmarks and shape tests (random weights of these are gigabytes). */
-export const FULL_SIZE_SPECS: Readonly<Record<"sd15" | "sdxl", TinySpec>> = {
+export const FULL_SIZE_SPECS: Readonly<Record<"sd15" | "sdxl" | "sdxlRefiner", TinySpec>> = {
   /** SD 1.5's shapes (v1-inference.yaml), expressed as a TinySpec. */
   sd15: {
     family: "sd1",
@@ -167,6 +194,32 @@ export const FULL_SIZE_SPECS: Readonly<Record<"sd15" | "sdxl", TinySpec>> = {
     vaeLayers: 2,
     latentChannels: 4,
   },
+
+  /** SDXL 1.0 refiner's shapes (sd_xl_refiner.yaml), expressed as a TinySpec. */
+  sdxlRefiner: {
+    family: "sdxl-refiner",
+    unetChannels: [384, 768, 1536, 1536],
+    unetLayers: 2,
+    unetAttention: [false, true, true, false],
+    unetHeads: 8,
+    inChannels: 4,
+    transformerDepth: 4,
+    transformerDepths: [0, 4, 4, 0],
+    middleDepth: 4,
+    textHidden: 0,
+    textLayers: 0,
+    textHeads: 0,
+    textIntermediate: 0,
+    maxPositions: 77,
+    text2Hidden: 1280,
+    text2Layers: 32,
+    text2Heads: 20,
+    text2Intermediate: 5120,
+    projectionDim: 1280,
+    vaeChannels: [128, 256, 512, 512],
+    vaeLayers: 2,
+    latentChannels: 4,
+  },
 };
 
 /** Every LDM checkpoint key of `spec` with its shape, for a text vocabulary of `vocabSize` tokens. */
@@ -190,14 +243,15 @@ export function ldmTensorShapes(spec: TinySpec, vocabSize: number): Map<string, 
   const u = "model.diffusion_model.";
   const mc = spec.unetChannels[0]!;
   const temb = 4 * mc;
+  const refiner = spec.family === "sdxl-refiner";
   const sdxl = spec.family === "sdxl";
-  const ctx = sdxl ? spec.textHidden + text2Of(spec).hidden : spec.textHidden;
+  const ctx = refiner ? text2Of(spec).hidden : sdxl ? spec.textHidden + text2Of(spec).hidden : spec.textHidden;
   const sd2 = spec.family === "sd2";
-  const linearProj = sd2 || sdxl;
+  const linearProj = sd2 || sdxl || refiner;
   linear(`${u}time_embed.0`, temb, mc);
   linear(`${u}time_embed.2`, temb, temb);
-  if (sdxl) {
-    linear(`${u}label_emb.0.0`, temb, text2Of(spec).projection + TIME_IDS * TIME_ID_EMBED_DIM);
+  if (sdxl || refiner) {
+    linear(`${u}label_emb.0.0`, temb, text2Of(spec).projection + (refiner ? REFINER_TIME_IDS : TIME_IDS) * TIME_ID_EMBED_DIM);
     linear(`${u}label_emb.0.2`, temb, temb);
   }
   conv(`${u}input_blocks.0.0`, mc, spec.inChannels, 3);
@@ -340,7 +394,10 @@ export function ldmTensorShapes(spec: TinySpec, vocabSize: number): Map<string, 
     put(`${t}text_projection`, [d, projection]);
     put(`${t}logit_scale`, []);
   };
-  if (sdxl) {
+  if (refiner) {
+    const t2 = text2Of(spec);
+    openClip("conditioner.embedders.0.model.", t2.hidden, t2.layers, t2.intermediate, t2.projection);
+  } else if (sdxl) {
     const t2 = text2Of(spec);
     hfClip("conditioner.embedders.0.transformer.text_model.", spec.textHidden, spec.textLayers, spec.textIntermediate);
     // SDXL runs every block of OpenCLIP-G: its pooled output is taken after the last one.
@@ -385,8 +442,8 @@ export interface TinyModel {
   readonly vocabSize: number;
   readonly bosId: number;
   readonly eosId: number;
-  /** Hints that the importer needs for this model (tiny head counts cannot be inferred); text2Heads for SDXL. */
-  readonly hints: { readonly unetHeads: number; readonly textHeads: number; readonly text2Heads?: number };
+  /** Hints that the importer needs for this model (tiny head counts cannot be inferred); text2Heads for SDXL and its refiner. */
+  readonly hints: { readonly unetHeads: number; readonly textHeads?: number; readonly text2Heads?: number };
   readonly pipeline: BuiltPipeline | undefined;
 }
 
@@ -418,10 +475,12 @@ export async function makeTinyModel(opts: MakeTinyModelOptions): Promise<TinyMod
   const tokenizerDir = join(opts.outDir, "tokenizer");
   await mkdir(tokenizerDir, { recursive: true });
   for (const [name, content] of Object.entries(tinyTokenizerFiles(vocab))) await writeFile(join(tokenizerDir, name), content);
+  const refiner = spec.family === "sdxl-refiner";
   const hints = {
     unetHeads: spec.unetHeads,
-    textHeads: spec.textHeads,
-    ...(spec.family === "sdxl" ? { text2Heads: text2Of(spec).heads } : {}),
+    // The refiner has no first text encoder for textHeads to describe.
+    ...(refiner ? {} : { textHeads: spec.textHeads }),
+    ...(spec.family === "sdxl" || refiner ? { text2Heads: text2Of(spec).heads } : {}),
   };
   let pipeline: BuiltPipeline | undefined;
   let onnxDir: string | undefined;
@@ -437,7 +496,7 @@ export async function makeTinyModel(opts: MakeTinyModelOptions): Promise<TinyMod
   return { checkpointPath, onnxDir, tokenizerDir, spec, vocabSize: vocab.size, bosId: vocab.bosId, eosId: vocab.eosId, hints, pipeline };
 }
 
-/** `make-tiny-model --out DIR [--seed N] [--config small|sd15-topology|sdxl-small]` for the agent's CLI. */
+/** `make-tiny-model --out DIR [--seed N] [--config small|sd15-topology|sdxl-small|sdxl-refiner-small]` for the agent's CLI. */
 export async function makeTinyModelCli(argv: readonly string[]): Promise<TinyModel> {
   let outDir: string | undefined;
   let seed = 0;

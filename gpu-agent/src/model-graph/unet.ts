@@ -10,6 +10,8 @@ export const UNET_PREFIX = "model.diffusion_model.";
 
 /** SDXL's size and crop conditioning: original h, w, crop top, left, target h, w (diffusers' `time_ids`). */
 export const TIME_IDS = 6;
+/** The SDXL refiner's: original h, w, crop top, left, aesthetic score (the target size is not an input). */
+export const REFINER_TIME_IDS = 5;
 /** Width of each time id's sinusoidal embedding (sgm's ConcatTimestepEmbedderND outdim, diffusers' addition_time_embed_dim). */
 export const TIME_ID_EMBED_DIM = 256;
 
@@ -37,6 +39,11 @@ export interface UNetConfig {
    * embeddings); 0 when the UNet has none. With it the graph takes text_embeds and time_ids.
    */
   readonly admInChannels: number;
+  /**
+   * Width of the time_ids input where it is not SDXL base's TIME_IDS (the refiner's 5). Absent otherwise,
+   * so that the configs recorded in existing build manifests stay as they were.
+   */
+  readonly timeIds?: number;
   /** SD2 projects in/out of the transformer with Linear, SD1 with a 1x1 conv. */
   readonly linearProjection: boolean;
   readonly normGroups: number;
@@ -144,9 +151,14 @@ export function timestepFrequencies(dim: number, freqShift = 0, maxPeriod = 1000
   return out;
 }
 
+/** How many time ids an SDXL UNet takes: 6 for the base, 5 for the refiner. */
+export function timeIdsOf(cfg: Pick<UNetConfig, "timeIds">): number {
+  return cfg.timeIds ?? TIME_IDS;
+}
+
 /** Width of the pooled text embedding an SDXL UNet with `admInChannels` label_emb inputs takes. */
-export function textEmbedsDim(cfg: Pick<UNetConfig, "admInChannels">): number {
-  return cfg.admInChannels - TIME_IDS * TIME_ID_EMBED_DIM;
+export function textEmbedsDim(cfg: Pick<UNetConfig, "admInChannels" | "timeIds">): number {
+  return cfg.admInChannels - timeIdsOf(cfg) * TIME_ID_EMBED_DIM;
 }
 
 /**
@@ -248,7 +260,8 @@ function transformer(c: Ctx, x: string, key: string, heads: number): string {
 
 /**
  * Adds the UNet to `net.g`: inputs sample/timestep/encoder_hidden_states (and, with a label_emb, SDXL's
- * text_embeds [batch, textEmbedsDim] and time_ids float32 [batch, 6]), output out_sample.
+ * text_embeds [batch, textEmbedsDim] and time_ids float32 [batch, 6], or [batch, 5] for the refiner),
+ * output out_sample.
  */
 export function buildUNet(net: Net, cfg: UNetConfig): void {
   const g = net.g;
@@ -273,11 +286,11 @@ export function buildUNet(net: Net, cfg: UNetConfig): void {
     if (textEmbedsDim(cfg) <= 0) {
       throw ModelFileError.invalidFile(
         net.weights.label,
-        `label_emb takes ${cfg.admInChannels} features; SDXL's take text embeds plus ${TIME_IDS}×${TIME_ID_EMBED_DIM} size and crop features`,
+        `label_emb takes ${cfg.admInChannels} features; SDXL's take text embeds plus ${timeIdsOf(cfg)}×${TIME_ID_EMBED_DIM} size and crop features`,
       );
     }
     const textEmbeds = net.input("text_embeds", ["batch", textEmbedsDim(cfg)]);
-    const timeIds = g.input("time_ids", "float32", ["batch", TIME_IDS]);
+    const timeIds = g.input("time_ids", "float32", ["batch", timeIdsOf(cfg)]);
     const label = g.withScope("add_embedding", () => {
       const sizes = net.fromFloat32(sinusoidalEmbedding(g, timeIds, TIME_ID_EMBED_DIM));
       const y = g.op1("Concat", [textEmbeds, sizes], { axis: 1 });

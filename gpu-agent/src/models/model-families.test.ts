@@ -10,9 +10,11 @@ import { ModelFamilies, familyOfKeys, modelFamily } from "./model-families.js";
 const dir = mkdtempSync(join(tmpdir(), "lf-families-"));
 let sd1: Awaited<ReturnType<typeof makeTinyModel>>;
 let xl: Awaited<ReturnType<typeof makeTinyModel>>;
+let refiner: Awaited<ReturnType<typeof makeTinyModel>>;
 before(async () => {
   sd1 = await makeTinyModel({ outDir: join(dir, "sd1"), config: "small" });
   xl = await makeTinyModel({ outDir: join(dir, "xl"), config: "sdxl-small", checkpointOnly: true });
+  refiner = await makeTinyModel({ outDir: join(dir, "refiner"), config: "sdxl-refiner-small" });
 });
 after(() => rmSync(dir, { recursive: true, force: true }));
 
@@ -27,8 +29,15 @@ test("a checkpoint's family from its text encoders' key prefixes", () => {
 test("checkpoints and ONNX folders as the catalog lists them", async () => {
   assert.equal(await modelFamily({ name: "a", format: "safetensors", path: sd1.checkpointPath }), "sd1");
   assert.equal(await modelFamily({ name: "b", format: "safetensors", path: xl.checkpointPath }), "sdxl");
+  assert.equal(await modelFamily({ name: "r", format: "safetensors", path: refiner.checkpointPath }), "sdxl-refiner");
   // A folder the farm built says in its manifest.
   assert.equal(await modelFamily({ name: "c", format: "diffusers-onnx", path: sd1.onnxDir! }), "sd1");
+  // A refiner's folder has text_encoder_2 but no text_encoder.
+  assert.equal(await modelFamily({ name: "rf", format: "diffusers-onnx", path: refiner.onnxDir! }), "sdxl-refiner");
+  const unetOnly = join(dir, "refiner-unet-only");
+  mkdirSync(unetOnly);
+  writeFileSync(join(unetOnly, "latentfarm.json"), JSON.stringify({ family: "sdxl-refiner" }));
+  assert.equal(await modelFamily({ name: "ru", format: "diffusers-onnx", path: unetOnly }), "sdxl-refiner", "from the manifest alone");
   // An exporter's folder: text_encoder_2 means SDXL, else CLIP's width in its config, else unknown.
   const exported = join(dir, "exported");
   mkdirSync(join(exported, "text_encoder"), { recursive: true });
@@ -38,6 +47,9 @@ test("checkpoints and ONNX folders as the catalog lists them", async () => {
   assert.equal(await modelFamily(entry), "sd2");
   mkdirSync(join(exported, "text_encoder_2"));
   assert.equal(await modelFamily(entry), "sdxl");
+  const exportedRefiner = join(dir, "exported-refiner");
+  mkdirSync(join(exportedRefiner, "text_encoder_2"), { recursive: true });
+  assert.equal(await modelFamily({ ...entry, path: exportedRefiner }), "sdxl-refiner");
 });
 
 test("ModelFamilies reads a file again only when it changed; an unreadable one is unknown", async () => {

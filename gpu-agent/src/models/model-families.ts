@@ -26,11 +26,12 @@ export function familyOfKeys(keys: Iterable<string>): ModelFamilyName {
 }
 
 /**
- * A diffusers ONNX folder's family: SDXL has text_encoder_2; a folder the farm built says in its manifest;
- * an exporter's text_encoder/config.json gives CLIP's width (768 for SD 1.x, 1024 for SD 2.x).
+ * A diffusers ONNX folder's family: SDXL has text_encoder_2, and its refiner no text_encoder (no CLIP-L); a
+ * folder the farm built says in its manifest; an exporter's text_encoder/config.json gives CLIP's width (768
+ * for SD 1.x, 1024 for SD 2.x).
  */
 async function familyOfFolder(dir: string): Promise<ModelFamilyName> {
-  if (existsSync(join(dir, "text_encoder_2"))) return "sdxl";
+  if (existsSync(join(dir, "text_encoder_2"))) return existsSync(join(dir, "text_encoder")) ? "sdxl" : "sdxl-refiner";
   const json = async (path: string): Promise<Record<string, unknown> | undefined> => {
     try {
       return JSON.parse(await readFile(join(dir, path), "utf8")) as Record<string, unknown>;
@@ -39,7 +40,7 @@ async function familyOfFolder(dir: string): Promise<ModelFamilyName> {
     }
   };
   const family = (await json(MANIFEST_FILE))?.["family"];
-  if (family === "sd1" || family === "sd2" || family === "sdxl") return family;
+  if (family === "sd1" || family === "sd2" || family === "sdxl" || family === "sdxl-refiner") return family;
   const width = (await json(join("text_encoder", "config.json")))?.["hidden_size"];
   return width === 768 ? "sd1" : width === 1024 ? "sd2" : "";
 }
