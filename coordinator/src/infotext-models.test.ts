@@ -51,3 +51,11 @@ test("a pasted Hires checkpoint 'name [hash]' is found by its hash too", () => {
   assert.equal(submit({ model: "onnx", hrCheckpointName: "onnx", infotext: text }).params.hrCheckpointName, "onnx");
   assert.equal(submit({ model: "onnx", infotext: text.replace("bbbbbbbbbb", "cccccccccc") }).params.hrCheckpointName, "sd15");
 });
+
+test("a pasted Refiner 'name [hash]' is found by its hash too", () => {
+  const text = "a cat\nSteps: 3, Seed: 1, Refiner: sd15 [bbbbbbbbbb], Refiner switch at: 0.8";
+  assert.equal(submit({ model: "onnx", infotext: text }).params.refinerCheckpoint, "sd15-mine");
+  assert.equal(submit({ model: "onnx", refinerCheckpoint: "onnx", infotext: text }).params.refinerCheckpoint, "onnx");
+  const unknown = submit({ model: "onnx", infotext: text.replace("bbbbbbbbbb", "cccccccccc") });
+  assert.equal(unknown.params.refinerCheckpoint, "sd15");
+});

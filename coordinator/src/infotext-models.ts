@@ -5,14 +5,14 @@ import type { ValidatedJob } from "./validate.js";
 
 /**
  * A pasted infotext's checkpoints, found as A1111 finds them: by "Model hash" (A1111's paste sets
- * sd_model_checkpoint to the hash), and a Hires checkpoint by the hash in its "name [hash]", so that a
+ * sd_model_checkpoint to the hash), and a Hires checkpoint and a Refiner by the hash in their "name [hash]", so that a
  * checkpoint saved under another name on this farm still matches. applyInfotext reports the hashes only
  * where the infotext filled the field (the request's own model wins); without a match the infotext's
  * names stand, with a warning when this farm's checkpoint of that name is known to hold other weights.
  */
 export function modelsFromInfotext(v: ValidatedJob, agents: ReadonlyArray<Pick<AgentState, "models">>): void {
-  const { model, hiresCheckpoint } = v.checkpointHashes;
-  if (model === undefined && hiresCheckpoint === undefined) return;
+  const { model, hiresCheckpoint, refiner } = v.checkpointHashes;
+  if (model === undefined && hiresCheckpoint === undefined && refiner === undefined) return;
   const byHash = new Map<string, string>();
   const hashOf = new Map<string, string>();
   for (const a of agents) {
@@ -32,4 +32,5 @@ export function modelsFromInfotext(v: ValidatedJob, agents: ReadonlyArray<Pick<A
   };
   if (model !== undefined) v.params.model = pick(model, v.params.model, "Model");
   if (hiresCheckpoint !== undefined) v.params.hrCheckpointName = pick(hiresCheckpoint, v.params.hrCheckpointName, "Hires checkpoint");
+  if (refiner !== undefined) v.params.refinerCheckpoint = pick(refiner, v.params.refinerCheckpoint, "Refiner");
 }

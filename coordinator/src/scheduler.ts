@@ -5,6 +5,8 @@ import {
   RunTaskRequestSchema,
   TaskStage,
   namedVae,
+  refinerCheckpoint,
+  refinerInPass,
   statusName,
   type COORDINATOR_METRICS,
   type Handover,
@@ -63,10 +65,32 @@ export interface TaskStageSpec {
   attempts: number;
 }
 
-/** Whether the agent lists the VAE file the task's job names (sd_vae), if it names one. */
+/**
+ * Whether the agent has what the task needs beyond its model: the VAE file the job names (sd_vae), and
+ * the refiner checkpoint when a pass the task samples switches to it (an agent runs the switch itself).
+ */
 function offersVae(a: AgentState, task: Task): boolean {
-  const vae = namedVae(task.job.spec.params.overrideSettings?.sdVae);
-  return vae === undefined || a.vaes.some((f) => f.name === vae);
+  const p = task.job.spec.params;
+  const vae = namedVae(p.overrideSettings?.sdVae);
+  if (vae !== undefined && !a.vaes.some((f) => f.name === vae)) return false;
+  const refiner = refinerCheckpoint(p);
+  return refiner === undefined || !samplesWithRefiner(task) || a.available.has(refiner);
+}
+
+/** Whether a pass the task samples may switch to the job's refiner. */
+function samplesWithRefiner(task: Task): boolean {
+  const p = task.job.spec.params;
+  switch (task.stage?.request.stage ?? TaskStage.FULL) {
+    case TaskStage.FULL:
+      return refinerInPass(p, "first") || refinerInPass(p, "second");
+    case TaskStage.FIRST_PASS:
+      return refinerInPass(p, "first");
+    case TaskStage.SECOND_PASS:
+    case TaskStage.SECOND_PASS_TILE:
+      return refinerInPass(p, "second");
+    default:
+      return false;
+  }
 }
 
 /** UNet evaluations a reported step of the task takes. */

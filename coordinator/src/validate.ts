@@ -2,6 +2,8 @@ import { create } from "@bufbuild/protobuf";
 import {
   FarmError,
   hiresCheckpoint,
+  refinerCheckpoint,
+  checkRefinerSwitchAt,
   GenerationParamsSchema,
   InpaintingFill,
   RngSource,
@@ -186,6 +188,12 @@ export function validateJob(
       throw FarmError.invalid(`loras[${i}].name`, `"${l.name}" is not a LoRA name`);
     if (!Number.isFinite(l.teWeight) || !Number.isFinite(l.unetWeight)) throw FarmError.invalid(`loras[${i}]`, "weights must be finite");
   }
+  const refiner = refinerCheckpoint(p);
+  if (refiner !== undefined && (refiner.length > 200 || /[/\\\0]/.test(refiner) || refiner.startsWith(".")))
+    throw FarmError.invalid("refiner_checkpoint", `"${refiner.slice(0, 200)}" is not a model name`);
+  checkRefinerSwitchAt(p);
+  if (refiner !== undefined && p.mask.length > 0 && p.initImages.length > 0)
+    throw FarmError.unimplemented("refiner_checkpoint", "a refiner with inpainting (a mask) is not implemented yet");
   if (p.enableHr) {
     finite("hr_scale", p.hrScale);
     if (p.hrScale !== undefined && (p.hrScale < 1 || p.hrScale > 8))

@@ -14,7 +14,7 @@ import type { RenderContext } from "./pipeline/render-common.js";
 import { renderTask, runTask } from "./pipeline/txt2img.js";
 import { makeLoraCatalog, pipelineFor, type PipelineOptions } from "./test-support/lora-catalog.js";
 import { runTaskPasses, stagePipelineKey } from "./task-passes.js";
-import type { TaskOutput } from "./task-run.js";
+import type { PipelineOutput } from "./pipeline/txt2img.js";
 
 type Params = MessageInitShape<typeof GenerationParamsSchema>;
 
@@ -109,7 +109,7 @@ describe("a Hires.fix second pass with its own checkpoint or LoRAs runs on its o
       onStep: (step, total) => steps.push([step, total]),
       onWarning: () => {},
     };
-    const output = await runTaskPasses(request(params), ctx, async (key, req, c): Promise<TaskOutput> => {
+    const output = await runTaskPasses(request(params), ctx, async (key, req, c): Promise<PipelineOutput> => {
       keys.push(key);
       return runTask(await pipe(key), req, c);
     });

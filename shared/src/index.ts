@@ -16,3 +16,4 @@ export * from "./hires-size.js";
 export * from "./handover.js";
 export * from "./hires-passes.js";
 export * from "./sampling-work.js";
+export * from "./refiner.js";

@@ -175,3 +175,39 @@ test("apply: TI hashes are left to the agent, which compares them with its embed
   assert.deepEqual(applyInfotext(p).notReproduced, []);
   assert.equal(p.negativePrompt, "EasyNegative");
 });
+
+test("apply: the refiner's entries fill refiner_checkpoint (its hash kept), refiner_switch_at and its settings", () => {
+  const text = (extra: string) => `a tower\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64, Model: base, ${extra}`;
+  const p = create(GenerationParamsSchema, {
+    infotext: text("Refiner: xl-refiner [0123456789], Refiner switch at: 0.8, Version: v1.10.1"),
+  });
+  const applied = applyInfotext(p);
+  assert.deepEqual(applied.notReproduced, []);
+  assert.deepEqual([p.refinerCheckpoint, p.refinerSwitchAt], ["xl-refiner", 0.8]);
+  assert.equal(applied.checkpointHashes.refiner, "0123456789");
+  assert.equal(p.overrideSettings?.refinerSwitchBySampleSteps, undefined);
+  // Before 1.8.0 A1111 switched by sampling steps: its infotexts say so by their version alone.
+  const old = create(GenerationParamsSchema, {
+    infotext: text("Refiner: xl-refiner [0123456789], Refiner switch at: 0.8, Version: v1.7.0"),
+  });
+  applyInfotext(old);
+  assert.equal(old.overrideSettings?.refinerSwitchBySampleSteps, true);
+  const hires = create(GenerationParamsSchema, {
+    infotext: text(
+      "Denoising strength: 0.5, Hires upscale: 2, Hires refiner: both passes, Refiner: r, Refiner switch by sampling steps: True",
+    ),
+  });
+  assert.deepEqual(applyInfotext(hires).notReproduced, []);
+  assert.deepEqual(
+    [hires.refinerCheckpoint, hires.overrideSettings?.hiresFixRefinerPass, hires.overrideSettings?.refinerSwitchBySampleSteps],
+    ["r", "both passes", true],
+  );
+  // The request's own refiner wins.
+  const own = create(GenerationParamsSchema, { infotext: text("Refiner: xl-refiner [0123456789]"), refinerCheckpoint: "mine" });
+  assert.equal(applyInfotext(own).checkpointHashes.refiner, undefined);
+  assert.equal(own.refinerCheckpoint, "mine");
+  assert.throws(
+    () => applyInfotext(create(GenerationParamsSchema, { infotext: text("Refiner: r, Refiner switch at: soon") })),
+    (e: unknown) => e instanceof FarmError && e.field === "infotext" && e.message.includes("Refiner switch at"),
+  );
+});

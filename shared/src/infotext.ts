@@ -120,6 +120,8 @@ const SETTINGS: Record<string, [keyof typeof OverrideSettingsSchema.field, Kind]
   "Old prompt editing timelines": ["useOldScheduling", "bool"],
   "Pad conds": ["padCondUncond", "bool"],
   "Pad conds v0": ["padCondUncondV0", "bool"],
+  "Hires refiner": ["hiresFixRefinerPass", "str"],
+  "Refiner switch by sampling steps": ["refinerSwitchBySampleSteps", "bool"],
 };
 
 type Kind = "int" | "num" | "big" | "str" | "bool";
@@ -175,10 +177,11 @@ export interface AppliedInfotext {
   notReproduced: string[];
   /**
    * A1111's hashes (AutoV2, lower case) of the checkpoints the infotext named where it filled the field:
-   * "Model hash" for `model`, the "[hash]" of "Hires checkpoint: name [hash]" for `hr_checkpoint_name`.
-   * A1111 finds a pasted checkpoint by them, so the farm's names of the same weights can be found too.
+   * "Model hash" for `model`, the "[hash]" of "Hires checkpoint: name [hash]" for `hr_checkpoint_name`
+   * and of "Refiner: name [hash]" for `refiner_checkpoint`. A1111 finds a pasted checkpoint by them, so
+   * the farm's names of the same weights can be found too.
    */
-  checkpointHashes: { model?: string; hiresCheckpoint?: string };
+  checkpointHashes: { model?: string; hiresCheckpoint?: string; refiner?: string };
 }
 
 const AUTO_V2 = /^[0-9a-f]{10}$/i;
@@ -279,6 +282,15 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
     if (hrAsked === "" && p.hrCheckpointName !== "" && hash !== undefined) checkpointHashes.hiresCheckpoint = hash.toLowerCase();
   }
 
+  // The refiner, named by its short title as "Hires checkpoint" is.
+  const refiner = take("Refiner", str);
+  if (refiner !== undefined && p.refinerCheckpoint === "") {
+    p.refinerCheckpoint = refiner.replace(/ \[[0-9a-f]{8,10}\]$/, "");
+    const hash = / \[([0-9a-f]{10})\]$/i.exec(refiner)?.[1];
+    if (hash !== undefined) checkpointHashes.refiner = hash.toLowerCase();
+  }
+  fillFields([["Refiner switch at", "refinerSwitchAt", "num"]]);
+
   // Inpainting entries, for an img2img request with a mask.
   if (p.mask.length > 0) {
     const blur = take("Mask blur", int);
@@ -308,6 +320,10 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
     }
     // A1111's own paste turns these into its options (the downcast is reproduced for all but UniPC and LCM).
     if (versionBelow(version, [1, 7, 0, 225]) && !params.has("Downcast alphas_cumprod")) params.set("Downcast alphas_cumprod", "True");
+    // Before 1.8.0 the refiner switched by sampling steps.
+    if (versionBelow(version, [1, 8, 0, 0]) && refiner !== undefined && !params.has("Refiner switch by sampling steps")) {
+      params.set("Refiner switch by sampling steps", "True");
+    }
   }
   // A1111's options that the text sets, unless the request's override_settings sets them.
   const settings: OverrideSettings = p.overrideSettings ?? create(OverrideSettingsSchema);

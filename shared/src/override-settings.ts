@@ -8,6 +8,7 @@ export const UNI_PC_SKIP_TYPES = ["time_uniform", "time_quadratic", "logSNR"] as
 export const NOISE_SCHEDULES = ["Default", "Zero Terminal SNR"] as const;
 export const EMPHASIS_NAMES = ["Original", "No norm", "Ignore", "None"] as const;
 export const LIVE_PREVIEW_CONTENTS = ["Prompt", "Negative prompt", "Combined"] as const;
+export const HIRES_REFINER_PASSES = ["first pass", "second pass", "both passes"] as const;
 /** A1111's slider maximum for uni_pc_order. */
 export const MAX_UNI_PC_ORDER = 50;
 
@@ -16,6 +17,7 @@ export type UniPcSkipTypeName = (typeof UNI_PC_SKIP_TYPES)[number];
 export type NoiseScheduleName = (typeof NOISE_SCHEDULES)[number];
 export type EmphasisName = (typeof EMPHASIS_NAMES)[number];
 export type LivePreviewContent = (typeof LIVE_PREVIEW_CONTENTS)[number];
+export type HiresRefinerPass = (typeof HIRES_REFINER_PASSES)[number];
 
 /** The settings with their values checked: names known, numbers finite and in range. Absent stays absent. */
 export interface CheckedOverrideSettings {
@@ -48,6 +50,10 @@ export interface CheckedOverrideSettings {
   sdxlClipLSkip?: boolean;
   sdxlCropTop?: number;
   sdxlCropLeft?: number;
+  hiresFixRefinerPass?: HiresRefinerPass;
+  refinerSwitchBySampleSteps?: boolean;
+  sdxlRefinerLowAestheticScore?: number;
+  sdxlRefinerHighAestheticScore?: number;
 }
 
 const FIELD = "override_settings";
@@ -138,6 +144,17 @@ export function checkOverrideSettings(p: Pick<GenerationParams, "sMinUncond" | "
     if (v !== undefined && !(Number.isInteger(v) && v >= 0)) {
       throw FarmError.invalid(`${FIELD}.${name}`, `must be a whole number of pixels ≥ 0, got ${v}`);
     }
+    put(key, v);
+  }
+  put("hiresFixRefinerPass", oneOf("hires_fix_refiner_pass", s.hiresFixRefinerPass ?? "", HIRES_REFINER_PASSES));
+  put("refinerSwitchBySampleSteps", s.refinerSwitchBySampleSteps);
+  for (const [key, name] of [
+    ["sdxlRefinerLowAestheticScore", "sdxl_refiner_low_aesthetic_score"],
+    ["sdxlRefinerHighAestheticScore", "sdxl_refiner_high_aesthetic_score"],
+  ] as const) {
+    const v = s[key];
+    // A1111 takes any number here; only one the UNet's sinusoidal embedding cannot take is refused.
+    if (v !== undefined && !Number.isFinite(v)) throw FarmError.invalid(`${FIELD}.${name}`, `must be a finite number, got ${v}`);
     put(key, v);
   }
   checkVaeName(s.sdVae ?? "");

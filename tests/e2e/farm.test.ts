@@ -526,6 +526,26 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     assert.doesNotMatch(same.infotext, /Hires checkpoint/);
   });
 
+  test("a refiner: the pass switches to it on the agent that runs it; the infotext names both; bad refiners are refused", async () => {
+    const params = { prompt: "a tower", model: "tiny-sd15", width: 64, height: 64, steps: 4, samplerName: "DPM++ 2M", seed: 23n };
+    const image = async (extra: Record<string, unknown>) => {
+      const { jobId } = await farm.client.submit({ params: { ...params, ...extra } });
+      const events = await collect(farm, jobId);
+      assert.equal(events.at(-1)?.event.case, "done", JSON.stringify(events.at(-1)?.event.value));
+      const img = events.flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))[0]!;
+      return { infotext: img.infotext, pixels: await sharp(img.png).raw().toBuffer() };
+    };
+    // z-renamed holds the kit's SD 1.x weights as a checkpoint the agent builds: another pipeline to switch to.
+    const sd1 = await image({ refinerCheckpoint: TEST_RENAMED_CHECKPOINT, refinerSwitchAt: 0.5 });
+    assert.match(
+      sd1.infotext,
+      new RegExp(`Model: tiny-sd15, .*Refiner: ${TEST_RENAMED_CHECKPOINT} \\[[0-9a-f]{10}\\], Refiner switch at: 0.5`),
+    );
+    const s = (extra: Record<string, unknown>) => farm.client.submit({ params: { ...params, ...extra } });
+    await expectStatus(s({ refinerCheckpoint: "no-such-refiner" }), grpc.status.NOT_FOUND, "refiner_checkpoint");
+    await expectStatus(s({ refinerCheckpoint: "tiny-sd15-hr", refinerSwitchAt: 2 }), grpc.status.INVALID_ARGUMENT, "refiner_switch_at");
+  });
+
   test("an SDXL checkpoint renders through the farm, Hires.fix included; a batch image equals its single render; ListModels says SDXL", async () => {
     const params = {
       prompt: "a (red:1.2) castle",

@@ -67,6 +67,8 @@ Generation options (A1111's parameter names in kebab case):
   Hires.fix: --enable-hr (implied by --hr-scale/--hr-resize-*)  --hr-scale F  --hr-upscaler NAME
     --hr-second-pass-steps N  --hr-resize-x N  --hr-resize-y N  --hr-sampler-name NAME  --hr-scheduler NAME
     --hr-prompt TEXT  --hr-negative-prompt TEXT  --hr-checkpoint MODEL  --denoising-strength F
+  Refiner: --refiner MODEL  --refiner-switch-at F (0..1; default: the first model call); with Hires.fix the
+    second pass switches unless --override-setting hires_fix_refiner_pass="first pass"|"both passes"
   img2img: --init-image FILE (PNG/JPEG/WebP, repeatable)  --resize-mode just-resize|crop-and-resize|resize-and-fill|latent-upscale
     --initial-noise-multiplier F  --denoising-strength F
   inpainting: --mask FILE  --mask-blur N  --inpainting-fill fill|original|latent-noise|latent-nothing
@@ -141,6 +143,8 @@ const GEN_OPTIONS = {
   "hr-prompt": { type: "string", default: "" },
   "hr-negative-prompt": { type: "string", default: "" },
   "hr-checkpoint": { type: "string", default: "" },
+  refiner: { type: "string", default: "" },
+  "refiner-switch-at": { type: "string" },
   "denoising-strength": { type: "string" },
   "init-image": { type: "string", multiple: true },
   "resize-mode": { type: "string" },
@@ -318,6 +322,8 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
     hrPrompt: v["hr-prompt"],
     hrNegativePrompt: v["hr-negative-prompt"],
     hrCheckpointName: v["hr-checkpoint"],
+    refinerCheckpoint: v.refiner,
+    refinerSwitchAt: num("refiner-switch-at", v["refiner-switch-at"]),
     denoisingStrength: num("denoising-strength", v["denoising-strength"]),
     initImages: await Promise.all((v["init-image"] ?? []).map((f) => readFile(f))),
     resizeMode: choice("resize-mode", v["resize-mode"], RESIZE_MODES),

@@ -2,7 +2,15 @@ import { existsSync } from "node:fs";
 import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
-import { FarmError, secondPassModel, secondPassPrompt, type GenerationParams, type Logger, type LoraRef } from "@latentfarm/shared";
+import {
+  FarmError,
+  refinerCheckpoint,
+  secondPassModel,
+  secondPassPrompt,
+  type GenerationParams,
+  type Logger,
+  type LoraRef,
+} from "@latentfarm/shared";
 import {
   importVae,
   importCheckpoint,
@@ -57,24 +65,34 @@ export function lorasOf(prompt: string, explicit: readonly LoraRef[]): LoraUse[]
  * as A1111 switches checkpoints and activates the hires prompt's extra networks for it. The request's
  * `loras` apply to both.
  */
-export function passPipelineKey(p: GenerationParams, pass: "first" | "second", vae?: VaeFile): string {
-  if (pass === "first") return pipelineKey(p.model, lorasOf(p.prompt, p.loras), vae);
-  return pipelineKey(secondPassModel(p), lorasOf(secondPassPrompt(p), p.loras), vae);
+export function passPipelineKey(p: GenerationParams, pass: "first" | "second", vae?: VaeFile, refiner = false): string {
+  return pipelineKey(passModelName(p, pass, refiner), lorasOf(pass === "first" ? p.prompt : secondPassPrompt(p), p.loras), vae);
 }
 
-/** The checkpoint a pass runs on. */
-function passModelName(p: GenerationParams, pass: "first" | "second"): string {
+/**
+ * The checkpoint a pass runs on; with `refiner`, the one it switches to. The pass's LoRAs stay: A1111's
+ * extra networks stay active across the reload and apply to the refiner's layers of the same names.
+ */
+function passModelName(p: GenerationParams, pass: "first" | "second", refiner = false): string {
+  if (refiner) {
+    const name = refinerCheckpoint(p);
+    if (name === undefined) throw FarmError.invalid("refiner_checkpoint", "the task names no refiner");
+    return name;
+  }
   return pass === "first" ? p.model : secondPassModel(p);
 }
 
-/** A pass's pipeline key with its VAE resolved (a VAE setting resolves per checkpoint, as A1111 reloads it with each). */
-export type PassKeyOf = (p: GenerationParams, pass: "first" | "second") => Promise<string>;
+/**
+ * A pass's pipeline key with its VAE resolved (a VAE setting resolves per checkpoint, as A1111 reloads it
+ * with each); with `refiner`, the key of the refiner the pass switches to.
+ */
+export type PassKeyOf = (p: GenerationParams, pass: "first" | "second", refiner?: boolean) => Promise<string>;
 
 /** Pass keys whose VAE comes from A1111's `sd_vae` setting resolved against `vaes`. */
 export function passKeysWith(vaes: VaeList): PassKeyOf {
-  return async (p, pass) => {
-    const resolved = await vaes.resolve(p.overrideSettings?.sdVae ?? "", passModelName(p, pass));
-    return passPipelineKey(p, pass, resolved.file);
+  return async (p, pass, refiner = false) => {
+    const resolved = await vaes.resolve(p.overrideSettings?.sdVae ?? "", passModelName(p, pass, refiner));
+    return passPipelineKey(p, pass, resolved.file, refiner);
   };
 }
 

@@ -65,7 +65,10 @@ export interface UnetDims {
 export interface AddedConditions {
   /** [n, pooledSize]. */
   readonly textEmbeds: Float32Array;
-  /** [n, 6]: original height and width, crop top and left, target height and width, in pixels. */
+  /**
+   * [n, timeIdsSize]: SDXL base's original height and width, crop top and left, target height and width,
+   * in pixels; the SDXL refiner's original height and width, crop top and left, and aesthetic score.
+   */
   readonly timeIds: Float32Array;
 }
 
@@ -154,20 +157,28 @@ function isSdxlFolder(dir: string): boolean {
   return existsSync(join(dir, "text_encoder_2", "model.onnx"));
 }
 
-/** The folder's text encoder: CLIP, or SDXL's two encoders as one. */
+/** Whether the folder has SDXL's first text encoder (CLIP-L); an SDXL refiner's has only the second. */
+function hasFirstTextEncoder(dir: string): boolean {
+  return existsSync(join(dir, "text_encoder", "model.onnx"));
+}
+
+/** The folder's text encoder: CLIP, SDXL's two encoders as one, or the SDXL refiner's OpenCLIP-G alone. */
 async function loadTextEncoders(
   sessions: OrtSessions,
   dir: string,
   opts: Pick<SdModelLoadOptions, "tokenOverrides" | "signal"> & { logger?: Logger },
 ): Promise<TextEncoder> {
   const sdxl = isSdxlFolder(dir);
-  const te = await sessions.load(
-    "text_encoder",
-    await textEncoderModel(dir, "text_encoder", opts.tokenOverrides, opts.logger),
-    opts.signal,
-  );
-  const first = await OnnxTextEncoder.create(sessions, "text_encoder", te, opts.signal, !sdxl);
-  if (!sdxl) return first;
+  let first: OnnxTextEncoder | undefined;
+  if (!sdxl || hasFirstTextEncoder(dir)) {
+    const te = await sessions.load(
+      "text_encoder",
+      await textEncoderModel(dir, "text_encoder", opts.tokenOverrides, opts.logger),
+      opts.signal,
+    );
+    first = await OnnxTextEncoder.create(sessions, "text_encoder", te, opts.signal, !sdxl);
+    if (!sdxl) return first;
+  }
   const te2 = await sessions.load(
     "text_encoder_2",
     await textEncoderModel(dir, "text_encoder_2", opts.tokenOverrides, opts.logger),
@@ -239,7 +250,10 @@ export class SdModel {
       );
     }
     const dir = entry.path;
-    for (const part of ["text_encoder", "unet", "vae_decoder", "tokenizer"]) {
+    // An SDXL refiner's folder has the second text encoder and its tokenizer only.
+    const refiner = !hasFirstTextEncoder(dir) && isSdxlFolder(dir);
+    const tokenizer = refiner && !existsSync(join(dir, "tokenizer")) ? "tokenizer_2" : "tokenizer";
+    for (const part of [refiner ? "text_encoder_2" : "text_encoder", "unet", "vae_decoder", tokenizer]) {
       if (!existsSync(join(dir, part))) {
         throw new FarmError(grpc.status.FAILED_PRECONDITION, `model "${entry.name}" lacks ${part}/`, { field: "model" });
       }
@@ -269,7 +283,7 @@ export class SdModel {
           { field: "model" },
         );
       }
-      return new SdModel(entry, config, join(dir, "tokenizer"), worker, { unet, vae_decoder: vae }, unetInputs, textEncoder, vaeDir);
+      return new SdModel(entry, config, join(dir, tokenizer), worker, { unet, vae_decoder: vae }, unetInputs, textEncoder, vaeDir);
     } catch (err) {
       await worker.close();
       throw err;
@@ -291,6 +305,17 @@ export class SdModel {
   /** Width of the pooled text vector an SDXL UNet takes (text_embeds); undefined for SD1/2. */
   get pooledSize(): number | undefined {
     return this.textEncoder.pooledSize;
+  }
+
+  /**
+   * Values per row of an SDXL UNet's time_ids: 6 for SDXL base (sizes and crop), 5 for the SDXL refiner
+   * (original size, crop and an aesthetic score); undefined for SD1/2.
+   */
+  get timeIdsSize(): number | undefined {
+    const ids = this.unetInputs.timeIds;
+    if (ids === undefined) return undefined;
+    const declared = ids.shape[1];
+    return typeof declared === "number" && declared > 0 ? declared : 6;
   }
 
   /**
@@ -324,7 +349,7 @@ export class SdModel {
       const pooled = added.textEmbeds.length / dims.n;
       // Small (a few KB per row): converted afresh, never kept, so a transferred feed costs nothing later.
       feeds[u.textEmbeds.name] = floatTensor(u.textEmbeds, added.textEmbeds, [dims.n, pooled]);
-      feeds[u.timeIds.name] = floatTensor(u.timeIds, added.timeIds, [dims.n, 6]);
+      feeds[u.timeIds.name] = floatTensor(u.timeIds, added.timeIds, [dims.n, added.timeIds.length / dims.n]);
     }
     const owner = !this.unetInFlight;
     this.unetInFlight = true;
@@ -587,25 +612,30 @@ class OnnxTextEncoder implements TextEncoder {
  * pass 2 then (see conditioningFor). G's ids have every position after the first end-of-text set to 0,
  * A1111's id_pad for OpenCLIP.
  */
+/**
+ * SDXL's conditioning text encoder: CLIP-L's hidden states beside OpenCLIP-G's, and G's pooled vector;
+ * or, for the SDXL refiner (no `l`), G's alone. CLIP skip selects CLIP-L's layer; G always gives its
+ * penultimate layer, as A1111's FrozenOpenCLIPEmbedder2 does, so the refiner takes no CLIP skip.
+ */
 class SdxlTextEncoder implements TextEncoder {
   readonly hiddenSize: number;
   readonly parts: readonly number[];
   readonly pooledSize: number;
 
   private constructor(
-    private readonly l: OnnxTextEncoder,
+    private readonly l: OnnxTextEncoder | undefined,
     private readonly g: OnnxTextEncoder,
     private readonly pooledName: string,
     pooledSize: number,
   ) {
-    this.hiddenSize = l.hiddenSize + g.hiddenSize;
-    this.parts = [l.hiddenSize, g.hiddenSize];
+    this.hiddenSize = (l?.hiddenSize ?? 0) + g.hiddenSize;
+    this.parts = l === undefined ? [g.hiddenSize] : [l.hiddenSize, g.hiddenSize];
     this.pooledSize = pooledSize;
   }
 
-  static create(l: OnnxTextEncoder, g: OnnxTextEncoder): SdxlTextEncoder {
+  static create(l: OnnxTextEncoder | undefined, g: OnnxTextEncoder): SdxlTextEncoder {
     const pooled = g.pooledOutput;
-    if (l.layerCount < 2 || g.layerCount < 2 || pooled === undefined || !(pooled.size > 0)) {
+    if ((l !== undefined && l.layerCount < 2) || g.layerCount < 2 || pooled === undefined || !(pooled.size > 0)) {
       throw new FarmError(
         grpc.status.FAILED_PRECONDITION,
         "an SDXL pipeline needs text encoders with hidden_states.N outputs and a text_embeds output on text_encoder_2",
@@ -615,13 +645,13 @@ class SdxlTextEncoder implements TextEncoder {
     return new SdxlTextEncoder(l, g, pooled.name, pooled.size);
   }
 
-  /** hidden_states[-N] exists for N up to CLIP-L's layers + 1 (the embeddings). */
+  /** hidden_states[-N] exists for N up to CLIP-L's layers + 1 (the embeddings); the refiner ignores it. */
   get maxClipSkip(): number {
-    return this.l.layerCount + 1;
+    return this.l === undefined ? Number.MAX_SAFE_INTEGER : this.l.layerCount + 1;
   }
 
   get acceptsTokenOverrides(): boolean {
-    return this.l.acceptsTokenOverrides && this.g.acceptsTokenOverrides;
+    return (this.l?.acceptsTokenOverrides ?? true) && this.g.acceptsTokenOverrides;
   }
 
   async encode(batch: Int32Array, n: number, clipSkip: number, signal?: AbortSignal, overrides?: TokenOverrides): Promise<Float32Array> {
@@ -651,13 +681,19 @@ class SdxlTextEncoder implements TextEncoder {
         field: "clip_skip",
       });
     }
+    const gName = `hidden_states.${this.g.layerCount - 1}`;
+    const gIds = paddedAfterEnd(batch, n);
+    const gOutputs = withPooled ? [gName, this.pooledName] : [gName];
+    if (this.l === undefined) {
+      const out = await this.g.runRaw(gIds, n, gOutputs, signal, overrides);
+      return { hidden: out[gName]!, pooled: withPooled ? out[this.pooledName]! : new Float32Array(0) };
+    }
     const [dl, dg] = this.parts as [number, number];
     const split = overrides === undefined ? undefined : splitOverrides(overrides, dl, dg);
     const lName = `hidden_states.${this.l.layerCount + 1 - clipSkip}`;
-    const gName = `hidden_states.${this.g.layerCount - 1}`;
     const [lOut, gOut] = await Promise.all([
       this.l.runRaw(batch, n, [lName], signal, split?.[0]),
-      this.g.runRaw(paddedAfterEnd(batch, n), n, withPooled ? [gName, this.pooledName] : [gName], signal, split?.[1]),
+      this.g.runRaw(gIds, n, gOutputs, signal, split?.[1]),
     ]);
     const zl = lOut[lName]!;
     const zg = gOut[gName]!;

@@ -7,7 +7,7 @@ import { FarmError, abortError, type Logger, type RunTaskRequest } from "@latent
 import type { RenderContext } from "../pipeline/render-common.js";
 import { parsePipelineKey } from "../models/model-loader.js";
 import { spawnModuleWorker } from "../runtime/spawn-worker.js";
-import type { TaskOutput } from "../task-run.js";
+import type { PipelineOutput } from "../pipeline/txt2img.js";
 import { fromWireError, type FromHost, type HostInit, type ToHost } from "./protocol.js";
 
 export type PipelineHostOptions = HostInit & {
@@ -18,7 +18,7 @@ export type PipelineHostOptions = HostInit & {
 
 interface Pending {
   ctx: RenderContext;
-  resolve: (output: TaskOutput) => void;
+  resolve: (output: PipelineOutput) => void;
   reject: (err: unknown) => void;
   onAbort: () => void;
 }
@@ -108,12 +108,12 @@ export class PipelineHost {
   readonly name: string;
 
   /** Renders a task in the pipeline thread; ctx.onStep and ctx.onWarning are called here as events arrive. */
-  runTask(req: RunTaskRequest, ctx: RenderContext): Promise<TaskOutput> {
+  runTask(req: RunTaskRequest, ctx: RenderContext): Promise<PipelineOutput> {
     if (this.failure) return Promise.reject(this.failure);
     if (this.closing) return Promise.reject(new FarmError(grpc.status.UNAVAILABLE, "the pipeline is closing"));
     if (ctx.signal.aborted) return Promise.reject(abortError(ctx.signal));
     const id = this.nextId++;
-    return new Promise<TaskOutput>((resolve, reject) => {
+    return new Promise<PipelineOutput>((resolve, reject) => {
       const onAbort = (): void => this.send({ op: "cancel", id });
       ctx.signal.addEventListener("abort", onAbort, { once: true });
       this.pending.set(id, { ctx, resolve, reject, onAbort });

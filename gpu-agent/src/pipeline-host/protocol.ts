@@ -4,7 +4,7 @@ import type * as grpc from "@grpc/grpc-js";
 import { FarmError, type RunTaskRequest } from "@latentfarm/shared";
 import type { ExecutionProvider } from "../runtime/protocol.js";
 import type { RenderResources } from "../pipeline/render-common.js";
-import type { TaskOutput } from "../task-run.js";
+import type { PipelineOutput } from "../pipeline/txt2img.js";
 
 export interface HostInit {
   modelsDir: string;
@@ -36,7 +36,7 @@ export type FromHost =
    */
   | { type: "step"; id: number; step: number; total: number; at: number; unetRunMs: number; previewPng?: Uint8Array }
   | { type: "warning"; id: number; message: string }
-  | { type: "done"; id: number; output: TaskOutput }
+  | { type: "done"; id: number; output: PipelineOutput }
   | { type: "failed"; id: number; error: WireError }
   | { type: "unetCall"; rows: number; seconds: number }
   | { type: "log"; level: LogLevel; msg: string; fields: Record<string, unknown> | undefined }

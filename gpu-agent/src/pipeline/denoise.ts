@@ -1,6 +1,14 @@
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, abortError, type LivePreviewContent } from "@latentfarm/shared";
-import { cIn, cfgCombine, scaleLatent, type ImageRng, type NoiseAhead, type PreparedSampling } from "../sampling/index.js";
+import {
+  cIn,
+  cfgCombine,
+  scaleLatent,
+  type ImageRng,
+  type ModelRequest,
+  type NoiseAhead,
+  type PreparedSampling,
+} from "../sampling/index.js";
 import type { PreparedConditioning } from "../conditioning/index.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { previewPng, type LatentSpace } from "./preview.js";
@@ -37,6 +45,11 @@ export interface DenoiseInput {
   imageSize?: { width: number; height: number };
   /** SDXL's crop conditioning in pixels (A1111's sdxl_crop_top and sdxl_crop_left); default 0, 0. */
   sdxlCrop?: { top: number; left: number };
+  /**
+   * The SDXL refiner's aesthetic-score conditioning: `high` for the prompts' rows, `low` for the negative
+   * prompt's (A1111's sdxl_refiner_high_aesthetic_score and _low_; default 6 and 2.5).
+   */
+  aestheticScore?: { high: number; low: number };
   /** Inpainting UNets (9 input channels): A1111's c_concat, appended to every row unscaled. */
   imageCond?: Float32Array;
   /** Inpainting: A1111's CFGDenoiser mask blend. */
@@ -46,6 +59,37 @@ export interface DenoiseInput {
    * continued from its state on the pipeline's noise thread, during the UNet calls.
    */
   noiseRng?: ImageRng;
+  /** The job's refiner, when this pass may switch to it (see RefinerMode). */
+  refiner?: RefinerMode | undefined;
+}
+
+/**
+ * A pass with a refiner_checkpoint. "switch": the run on the model stops before the first call the
+ * sampler's switchesToRefiner takes, throwing RefinerSwitch with every answer given so far. "resume":
+ * the refiner's run of the same pass starts from the model's start latent and gives the sampler those
+ * answers again, so it reaches the switch in the state it left it in (its history, noise and infotext
+ * entries), then evaluates the refiner from that call on; `onTakeOver` runs at that call.
+ */
+export type RefinerMode =
+  | { mode: "switch" }
+  | {
+      mode: "resume";
+      start: Float32Array;
+      answers: readonly Float32Array[];
+      uncondAnswers: readonly Float32Array[];
+      onTakeOver: () => void;
+    };
+
+/** Thrown by a "switch" run at its switch: what the refiner's run needs (RefinerMode "resume"). */
+export class RefinerSwitch extends Error {
+  constructor(
+    readonly start: Float32Array,
+    readonly answers: Float32Array[],
+    readonly uncondAnswers: Float32Array[],
+  ) {
+    super(`the pass switches to its refiner after ${answers.length} model calls`);
+    this.name = "RefinerSwitch";
+  }
 }
 
 /**
@@ -107,20 +151,48 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
   // SDXL's size conditions: original size = target size = the pass's image, and the crop settings.
   const size = input.imageSize ?? { width: 8 * w, height: 8 * h };
   const crop = input.sdxlCrop ?? { top: 0, left: 0 };
-  const timeIds =
-    pipe.model.pooledSize === undefined
-      ? undefined
+  // The refiner conditions on original size, crop and an aesthetic score, which differs between the
+  // prompt's and the negative prompt's rows; SDXL base on original size, crop and target size.
+  const refinerIds = pipe.model.timeIdsSize === 5;
+  const score = input.aestheticScore ?? { high: 6, low: 2.5 };
+  const idsOf = (negative: boolean): Float32Array =>
+    refinerIds
+      ? Float32Array.of(size.height, size.width, crop.top, crop.left, negative ? score.low : score.high)
       : Float32Array.of(size.height, size.width, crop.top, crop.left, size.height, size.width);
-  const gen = sampler.run(input.start);
+  const timeIds = pipe.model.pooledSize === undefined ? undefined : { prompt: idsOf(false), negative: idsOf(true) };
+  const refiner = input.refiner;
+  const resume = refiner?.mode === "resume" ? refiner : undefined;
+  if (resume !== undefined && resume.start.length !== input.start.length) {
+    throw new FarmError(
+      grpc.status.FAILED_PRECONDITION,
+      `the refiner's latent has ${input.start.length} values where the model's run had ${resume.start.length}: the two models' latents differ`,
+      { field: "refiner_checkpoint" },
+    );
+  }
+  // What a switching run hands the refiner's: its start as it began, and each call's answer in order.
+  const record =
+    refiner?.mode === "switch" ? { start: input.start.slice(), answers: [] as Float32Array[], uncond: [] as Float32Array[] } : undefined;
+  const gen = sampler.run(resume?.start.slice() ?? input.start);
   let r = gen.next();
   let lastStep = -1;
+  let call = 0;
   try {
     while (!r.done) {
       checkAborted(signal);
       const req = r.value;
+      const replayed = resume !== undefined && call < resume.answers.length;
+      if (refiner !== undefined && sampler.switchesToRefiner(req) && resume === undefined) {
+        throw new RefinerSwitch(record!.start, record!.answers, record!.uncond);
+      }
+      if (resume !== undefined && call === resume.answers.length) resume.onTakeOver();
+      call++;
       if (req.step !== lastStep) {
-        if (lastStep >= 0) input.onStep(lastStep + 1, sampler.steps, previews.take(lastStep + 1));
+        if (lastStep >= 0 && !replayed) input.onStep(lastStep + 1, sampler.steps, previews.take(lastStep + 1));
         lastStep = req.step;
+      }
+      if (replayed) {
+        r = gen.next(await replay(req, resume, call - 1, sampler, ahead, signal));
+        continue;
       }
       const blend = input.maskBlend;
       const x = blend?.beforeModel ? blendLatent(req.x, blend) : req.x;
@@ -131,22 +203,23 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       const skipUncond = sampler.skipsUncond(req);
       const uncond = skipUncond ? undefined : cond.uncondAt(req.call);
       // Cond and uncond of different lengths go in separate requests (A1111's default, without the padding options).
-      const groups = new Map<number, { contexts: Float32Array[]; pooled: Float32Array[] }>();
-      const add = (tensor: Float32Array, pooled: Float32Array | undefined): number => {
+      const groups = new Map<number, { contexts: Float32Array[]; pooled: Float32Array[]; ids: Float32Array[] }>();
+      const add = (tensor: Float32Array, pooled: Float32Array | undefined, negative: boolean): number => {
         const seq = tensor.length / dim;
-        const g = groups.get(seq) ?? { contexts: [], pooled: [] };
+        const g = groups.get(seq) ?? { contexts: [], pooled: [], ids: [] };
         g.contexts.push(tensor);
         if (pooled !== undefined) g.pooled.push(pooled);
+        if (timeIds !== undefined) g.ids.push(negative ? timeIds.negative : timeIds.prompt);
         groups.set(seq, g);
         return g.contexts.length - 1;
       };
-      const uIdx = uncond === undefined ? -1 : add(uncond.tensor, uncond.pooled);
-      const cIdx = conds.map((cd) => add(cd.tensor, cd.pooled));
+      const uIdx = uncond === undefined ? -1 : add(uncond.tensor, uncond.pooled, true);
+      const cIdx = conds.map((cd) => add(cd.tensor, cd.pooled, false));
       const results = new Map<number, Float32Array[]>();
       const evaluating = Promise.all(
-        [...groups.entries()].map(async ([seq, { contexts, pooled }]) => {
+        [...groups.entries()].map(async ([seq, { contexts, pooled, ids }]) => {
           const concat = input.imageCond ? { concat: input.imageCond } : {};
-          const added = timeIds === undefined ? {} : { added: { pooled, timeIds } };
+          const added = timeIds === undefined ? {} : { added: { pooled, timeIds: refinerIds ? concatRows(ids) : timeIds.prompt } };
           results.set(seq, await pipe.batcher.evaluate({ x: scaled, t: req.timestep, contexts, h, w, seq, ...concat, ...added }, signal));
         }),
       );
@@ -170,6 +243,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
           const own = previewContent === "Prompt" ? outputs[0]!.output : previewContent === "Negative prompt" ? uncondOut : undefined;
           previews.offer(req.step + 1, (into) => (own === undefined ? into.set(denoised) : cfgCombine(own, [], 1, toDenoised, into)));
         }
+        record?.answers.push(denoised.slice());
         r = gen.next(denoised);
       } else {
         if (blend && !blend.beforeModel) {
@@ -191,6 +265,8 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
           const eps = previewContent === "Prompt" ? eConds[0]!.output : previewContent === "Negative prompt" ? uncondOut : output;
           previews.offer(req.step + 1, (into) => predictedX0(x, eps, req.sigma, into));
         }
+        record?.answers.push(output.slice());
+        if (req.needUncond) record?.uncond.push(uncondOut.slice());
         r = gen.next(req.needUncond ? { output, uncond: uncondOut } : output);
       }
     }
@@ -198,11 +274,56 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
     // Cancelled or failed: the run's latents go back to the kernels' memory.
     if (!r.done) gen.return(undefined as never);
   }
+  if (resume !== undefined && call <= resume.answers.length) {
+    throw FarmError.invalid(
+      "refiner_resume",
+      `${resume.answers.length} answers for a pass of ${call} model calls: it never reached the refiner`,
+    );
+  }
   input.onStep(sampler.steps, sampler.steps, previews.take(sampler.steps));
   checkAborted(signal);
   // A1111's sampler writes this once its sampling is over, after what the run recorded as it went.
   if (cond.padding !== undefined) sampler.infotext[cond.padding] = true;
   return r.value;
+}
+
+function concatRows(rows: readonly Float32Array[]): Float32Array {
+  const out = new Float32Array(rows.reduce((n, r) => n + r.length, 0));
+  let at = 0;
+  for (const r of rows) {
+    out.set(r, at);
+    at += r.length;
+  }
+  return out;
+}
+
+/**
+ * A call the model's run answered before the refiner switch, answered again with the same values. What
+ * a call records as it is made (NGMS, Skip Early CFG) is recorded again, and the noise it announced drawn.
+ */
+async function replay(
+  req: ModelRequest,
+  resume: Extract<RefinerMode, { mode: "resume" }>,
+  call: number,
+  sampler: PreparedSampling,
+  ahead: NoiseAhead,
+  signal: AbortSignal,
+): Promise<Float32Array | { output: Float32Array; uncond: Float32Array }> {
+  sampler.skipsUncond(req);
+  ahead.drawAhead(req, signal);
+  if (!ahead.readyNow(req)) await ahead.ensureReady(req, signal);
+  const given = resume.answers[call]!;
+  if (given.length !== req.x.length) {
+    throw FarmError.invalid("refiner_resume", `answer ${call} has ${given.length} values, the latent ${req.x.length}`);
+  }
+  const output = req.into ?? new Float32Array(given.length);
+  output.set(given);
+  if (req.kind === "eps" && req.needUncond) {
+    const uncond = resume.uncondAnswers[call];
+    if (uncond?.length !== req.x.length) throw FarmError.invalid("refiner_resume", `call ${call} needs the negative prompt's eps`);
+    return { output, uncond: uncond.slice() };
+  }
+  return output;
 }
 
 /**

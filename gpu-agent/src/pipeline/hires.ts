@@ -19,6 +19,7 @@ import {
   TaskStage,
   hiresCheckpoint,
   latentHandover,
+  refinerInPass,
   layoutFromStarts,
   readLatent,
   readRgb,
@@ -68,6 +69,7 @@ import {
 } from "./render-common.js";
 import { AFTER_SAMPLING_INFOTEXT_KEYS, CONDITIONING_INFOTEXT_KEYS } from "./infotext.js";
 import { resolveUpscaler, upscaleImage } from "./upscalers.js";
+import { checkpointTitle, passIdentity, refinerRun, refinerSampling } from "./refiner.js";
 import { restoreFacesIfRequested } from "./face-restore.js";
 
 function scheduleLabel(s: PreparedSampling): string | undefined {
@@ -81,6 +83,7 @@ function upscalerName(b: TaskBasics): string | null {
 
 /** What every pass derives from the request: sizes, strength and step counts. */
 interface HiresSetup {
+  req: RunTaskRequest;
   b: TaskBasics;
   target: HiresTarget | undefined;
   /** First-pass size in pixels and latent cells. */
@@ -106,6 +109,7 @@ function hiresSetup(pipe: LoadedPipeline, req: RunTaskRequest): HiresSetup {
   const width = target?.firstPass.width ?? b.width;
   const height = target?.firstPass.height ?? b.height;
   return {
+    req,
     b,
     target,
     width,
@@ -136,6 +140,7 @@ function firstPassSampler(s: HiresSetup, noise: () => Float32Array = NO_NOISE): 
     noise,
     brownian: { seeds: [b.seed], shape: [b.channels, s.h, s.w], source: b.rng },
     settings: b.settings,
+    refiner: refinerSampling(s.req, "first"),
   });
 }
 
@@ -151,6 +156,7 @@ function secondPassSampler(s: HiresSetup, h: number, w: number, seed: number, no
     settings: b.settings,
     img2img: { denoisingStrength: s.strength, fixSteps: true },
     fields: { sampler: "hr_sampler_name", scheduler: "hr_scheduler" },
+    refiner: refinerSampling(s.req, "second"),
   });
 }
 
@@ -193,6 +199,7 @@ async function runFirstPass(
   const cond = await conditioningFor(pipe, ctx, b, b.p.prompt, b.p.negativePrompt, sampler);
   const latent = await denoise(pipe, {
     sdxlCrop: b.conditioning.sdxlCrop,
+    aestheticScore: b.conditioning.aestheticScore,
     sampler,
     cond,
     cfgScale: b.cfgScale,
@@ -203,6 +210,7 @@ async function runFirstPass(
     onStep: (k, _total, previewPng) => onStep(k, previewPng),
     preview: b.preview,
     noiseRng: rng,
+    refiner: refinerRun(pipe, s.req, "first", sampler),
   });
   return { latent, sampler };
 }
@@ -254,15 +262,11 @@ async function upscalePixels(
   );
 }
 
-/** A1111's short_title of a checkpoint, as "Hires checkpoint" names it: "name [hash]" (an ONNX folder has no hash). */
-function checkpointTitle(model: ModelIdentity): string {
-  return model.modelHash !== undefined ? `${model.name} [${model.modelHash}]` : model.name;
-}
-
 /**
  * Face restoration, infotext and PNG of a finished hires image (untiled or assembled, the same). `pipe`
- * is the pipeline the second pass ran on, `firstModel` the first pass's (another where the second pass
- * has a checkpoint or LoRAs of its own).
+ * is the pipeline the task ends on, `firstModel` the first pass's model and `secondModel` the second
+ * pass's (another where the second pass has a checkpoint or LoRAs of its own; the model it started on
+ * where it switched to a refiner).
  */
 async function finishHires(
   pipe: LoadedPipeline,
@@ -270,6 +274,7 @@ async function finishHires(
   ctx: RenderContext,
   s: HiresSetup,
   firstModel: ModelIdentity,
+  secondModel: ModelIdentity,
   sampler1: PreparedSampling,
   sampler2: PreparedSampling | undefined,
   rgb: Uint8Array,
@@ -287,7 +292,7 @@ async function finishHires(
     loraHashes: sampler2
       ? mergeLoraHashes(
           loraHashesInPromptOrder(firstModel.loraHashes, p.prompt, p.loras),
-          loraHashesInPromptOrder(pipe.loraHashes, secondPassPrompt(p), p.loras),
+          loraHashesInPromptOrder(secondModel.loraHashes, secondPassPrompt(p), p.loras),
         )
       : firstModel.loraHashes,
   };
@@ -303,7 +308,7 @@ async function finishHires(
         denoisingStrength: s.strength,
         samplerName: sampler1.choice.sampler.name,
         hrSamplerName: p.hrSamplerName ? sampler2.choice.sampler.name : null,
-        hrCheckpointTitle: hiresCheckpoint(p) !== undefined ? checkpointTitle(pipe) : null,
+        hrCheckpointTitle: hiresCheckpoint(p) !== undefined ? checkpointTitle(secondModel) : null,
         prompt: p.prompt,
         negativePrompt: p.negativePrompt,
         hrPrompt: p.hrPrompt,
@@ -350,6 +355,7 @@ async function runSecondPass(
   const start = sampler2.startLatent(rng.first(), up.latent);
   const latent = await denoise(pipe, {
     sdxlCrop: b.conditioning.sdxlCrop,
+    aestheticScore: b.conditioning.aestheticScore,
     sampler: sampler2,
     cond,
     cfgScale: b.cfgScale,
@@ -362,13 +368,21 @@ async function runSecondPass(
     onStep: (k, _total, previewPng) => onStep(k, previewPng),
     preview: b.preview,
     noiseRng: rng,
+    refiner: refinerRun(pipe, req, "second", sampler2),
   });
   const rgb = await decodeToRgb(pipe, latent, up.h, up.w, ctx.signal);
-  return finishHires(pipe, req, ctx, s, firstModel, sampler1, sampler2, rgb, up.w * 8, up.h * 8);
+  return finishHires(pipe, req, ctx, s, firstModel, passIdentity(pipe, req, "second"), sampler1, sampler2, rgb, up.w * 8, up.h * 8);
 }
 
 export async function renderTxt2imgExtended(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): Promise<Image> {
   const s = hiresSetup(pipe, req);
+  if (s.target && (refinerInPass(req.params!, "first") || refinerInPass(req.params!, "second"))) {
+    // Each pass may switch to the refiner and back (A1111 reloads the model for the second pass).
+    throw FarmError.unimplemented(
+      "refiner_checkpoint",
+      "a Hires.fix job with a refiner runs as its two stages (task-passes.ts), not as one FULL render",
+    );
+  }
   // Progress counts both passes, as A1111's total does (a txt2img sampler reports its requested steps).
   let offset = 0;
   const total = s.b.steps + (s.target ? s.hrSteps : 0);
@@ -376,11 +390,12 @@ export async function renderTxt2imgExtended(pipe: LoadedPipeline, req: RunTaskRe
   const first = await runFirstPass(pipe, s, ctx, onStep);
   if (!s.target) {
     const rgb = await decodeToRgb(pipe, first.latent, s.h, s.w, ctx.signal);
-    return finishHires(pipe, req, ctx, s, pipe, first.sampler, undefined, rgb, s.width, s.height);
+    const model = passIdentity(pipe, req, "first");
+    return finishHires(pipe, req, ctx, s, model, model, first.sampler, undefined, rgb, s.width, s.height);
   }
   offset = first.sampler.steps;
   const source = await firstPassOutput(pipe, s, ctx, first.latent);
-  return runSecondPass(pipe, req, ctx, s, pipe, first.sampler, source, onStep);
+  return runSecondPass(pipe, req, ctx, s, passIdentity(pipe, req, "first"), first.sampler, source, onStep);
 }
 
 /** The output of one stage task: the image (last stage) or what the next stage needs. */
@@ -399,7 +414,7 @@ export async function runHiresStage(pipe: LoadedPipeline, req: RunTaskRequest, c
       const first = await runFirstPass(pipe, s, ctx, (k, previewPng) => ctx.onStep(k, s.b.steps, previewPng));
       const out = firstPassHandover(await firstPassOutput(pipe, s, ctx, first.latent), C);
       out.firstPassInfotext = ranInfotext(first.sampler);
-      out.firstPassModel = passModel(pipe);
+      out.firstPassModel = passModel(passIdentity(pipe, req, "first"));
       return { case: "handover", value: out };
     }
     case TaskStage.SECOND_PASS: {
@@ -486,6 +501,7 @@ async function runTile(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCon
   const start = sampler.startLatent(rng.first(), latent);
   const out = await denoise(pipe, {
     sdxlCrop: b.conditioning.sdxlCrop,
+    aestheticScore: b.conditioning.aestheticScore,
     sampler,
     cond,
     cfgScale: b.cfgScale,
@@ -498,6 +514,7 @@ async function runTile(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCon
     // No previews: one tile's would stand for the whole image's.
     onStep: (k) => ctx.onStep(k, s.hrSteps),
     noiseRng: rng,
+    refiner: refinerRun(pipe, req, "second", sampler),
   });
   const tile = rgbHandover(await decodeToRgb(pipe, out, h, w, ctx.signal), w * 8, h * 8);
   tile.firstPassInfotext = input?.firstPassInfotext ?? [];
@@ -542,7 +559,7 @@ async function assemble(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCo
     req.inputs.flatMap((t) => t.secondPassInfotext),
   );
   const firstModel = modelIdentity(req.inputs[0]?.firstPassModel, pipe);
-  return finishHires(pipe, req, ctx, s, firstModel, sampler1, sampler2, rgb, layout.width, layout.height);
+  return finishHires(pipe, req, ctx, s, firstModel, pipe, sampler1, sampler2, rgb, layout.width, layout.height);
 }
 
 const CONDITIONING_KEYS: ReadonlySet<string> = new Set(CONDITIONING_INFOTEXT_KEYS);

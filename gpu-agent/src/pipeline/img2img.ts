@@ -5,7 +5,8 @@
  */
 import * as grpc from "@grpc/grpc-js";
 import sharp from "sharp";
-import { DEFAULT_DENOISING_STRENGTH, FarmError, type Image, type RunTaskRequest } from "@latentfarm/shared";
+import { DEFAULT_DENOISING_STRENGTH, FarmError, refinerCheckpoint, type Image, type RunTaskRequest } from "@latentfarm/shared";
+import { passIdentity, refinerRun, refinerSampling } from "./refiner.js";
 import { prepareSampling } from "../sampling/index.js";
 import { composeOnCanvas, decodeImage, interpolate, planImg2imgResize, type Image8 } from "../imaging/index.js";
 import { checkAborted, denoise } from "./denoise.js";
@@ -108,7 +109,15 @@ export async function renderImg2img(pipe: LoadedPipeline, req: RunTaskRequest, c
     brownian: { seeds: [b.seed], shape: [b.channels, h, w], source: b.rng },
     settings,
     img2img: { denoisingStrength: strength, fixSteps: b.img2imgFixSteps },
+    refiner: refinerSampling(req, "first"),
   });
+  if ((inpaint !== undefined || inpaintingUnet) && refinerCheckpoint(p) !== undefined) {
+    // The refiner's run would blend in and condition on its own VAE's encoding of the picture, not the model's.
+    throw FarmError.unimplemented(
+      "refiner_checkpoint",
+      "a refiner with inpainting (a mask, or an inpainting model) is not implemented yet",
+    );
+  }
 
   const source = p.initImages[req.imageIndex % p.initImages.length]!;
   const img = await decodeInputImage(source, ctx, "init_images");
@@ -131,6 +140,7 @@ export async function renderImg2img(pipe: LoadedPipeline, req: RunTaskRequest, c
   const start = sampler.startLatent(imageRng.next(), init);
   let latent = await denoise(pipe, {
     sdxlCrop: b.conditioning.sdxlCrop,
+    aestheticScore: b.conditioning.aestheticScore,
     sampler,
     cond,
     cfgScale: b.cfgScale,
@@ -143,12 +153,13 @@ export async function renderImg2img(pipe: LoadedPipeline, req: RunTaskRequest, c
     noiseRng: imageRng,
     ...(imageCond && { imageCond }),
     ...(prepared?.maskBlend && { maskBlend: prepared.maskBlend }),
+    refiner: refinerRun(pipe, req, "first", sampler),
   });
   if (prepared) latent = prepared.finishLatent(latent);
   const rgb = await decodeToRgb(pipe, latent, h, w, ctx.signal);
   const restored = await restoreFacesIfRequested(pipe, ctx, p, { width: b.width, height: b.height, channels: 3, data: rgb });
   const out = prepared ? prepared.finishImage(restored.image) : restored.image;
-  const base = baseInfotext(pipe, b, sampler, { width: b.width, height: b.height });
+  const base = baseInfotext(passIdentity(pipe, req, "first"), b, sampler, { width: b.width, height: b.height });
   const infotext = a1111Infotext({
     ...base,
     denoisingStrength: strength,

@@ -75,6 +75,7 @@ export class LoadedPipeline {
         maxRows: opts.maxBatchRows,
         ...(opts.onUnetCall !== undefined && { onCall: opts.onUnetCall }),
         ...(model.pooledSize !== undefined && { pooledSize: model.pooledSize }),
+        ...(model.timeIdsSize !== undefined && { timeIdsSize: model.timeIdsSize }),
       },
     );
   }

@@ -12,6 +12,8 @@ import {
   PassModelSchema,
   checkOverrideSettings,
   hiresCheckpoint,
+  refinerCheckpoint,
+  refinerInPass,
   parseInfotext,
   type GenerationParams,
   type PassModel,
@@ -110,6 +112,8 @@ export interface ConditioningSettings {
   sdxlClipLSkip: boolean;
   /** SDXL's crop conditioning in pixels (sdxl_crop_top, sdxl_crop_left). */
   sdxlCrop: { top: number; left: number };
+  /** The SDXL refiner's aesthetic scores (sdxl_refiner_high_aesthetic_score, sdxl_refiner_low_aesthetic_score). */
+  aestheticScore: { high: number; low: number };
 }
 
 /** A request's settings for its passes, checked once per task. */
@@ -141,8 +145,13 @@ export function requestSettingsOf(p: GenerationParams): RequestSettings {
     sdxlClipLSkip,
     sdxlCropTop,
     sdxlCropLeft,
-    ...sampling
+    sdxlRefinerHighAestheticScore,
+    sdxlRefinerLowAestheticScore,
+    ...checked
   } = checkOverrideSettings(p);
+  // Which passes switch is read off the request (refinerInPass), not a sampler setting.
+  const { hiresFixRefinerPass, ...sampling } = checked;
+  void hiresFixRefinerPass;
   const settings: SamplingSettings = sampling;
   if (p.eta !== undefined) settings.eta = p.eta;
   if (p.sChurn !== undefined) settings.sChurn = p.sChurn;
@@ -161,6 +170,7 @@ export function requestSettingsOf(p: GenerationParams): RequestSettings {
       padCondUncondV0: padCondUncondV0 ?? false,
       sdxlClipLSkip: sdxlClipLSkip ?? false,
       sdxlCrop: { top: sdxlCropTop ?? 0, left: sdxlCropLeft ?? 0 },
+      aestheticScore: { high: sdxlRefinerHighAestheticScore ?? 6, low: sdxlRefinerLowAestheticScore ?? 2.5 },
     },
     img2imgFixSteps: img2imgFixSteps ?? false,
     preview: p.previewEveryNSteps > 0 ? { every: p.previewEveryNSteps, content: livePreviewContent ?? "Prompt" } : undefined,
@@ -348,7 +358,9 @@ function checkPassPipeline(pipe: LoadedPipeline, p: GenerationParams, prompt: st
     );
   }
   const checkpoint = hiresCheckpoint(p);
-  if (checkpoint !== undefined && checkpoint !== pipe.name) {
+  // A second pass that switched to its refiner carries on on the refiner's pipeline.
+  const onRefiner = refinerInPass(p, "second") && pipe.name === refinerCheckpoint(p);
+  if (checkpoint !== undefined && checkpoint !== pipe.name && !onRefiner) {
     throw FarmError.unimplemented(
       "hr_checkpoint_name",
       `the second pass runs on "${checkpoint}", not on this pipeline's "${pipe.name}": it runs as a stage of its own`,

@@ -17,7 +17,11 @@ export interface UnetRequest {
    * [Cc,h,w], unscaled and the same for every context.
    */
   readonly concat?: Float32Array;
-  /** SDXL: each context's pooled text vector (in the order of `contexts`) and the pass's six size conditions. */
+  /**
+   * SDXL: each context's pooled text vector (in the order of `contexts`) and the time ids: one row the
+   * model's timeIdsSize long for every context, or a row per context (the refiner's aesthetic score
+   * differs between the prompt and the negative prompt).
+   */
   readonly added?: { readonly pooled: readonly Float32Array[]; readonly timeIds: Float32Array };
 }
 
@@ -42,6 +46,8 @@ export interface StepBatcherOptions {
   readonly reuseBuffers?: boolean;
   /** Width of the pooled text vector an SDXL UNet takes; requests then carry `added`. */
   readonly pooledSize?: number;
+  /** Values per row of the time ids requests carry (default 6, SDXL base's). */
+  readonly timeIdsSize?: number;
 }
 
 /**
@@ -78,6 +84,7 @@ export class StepBatcher {
   private readonly onCall: ((rows: number, seconds: number) => void) | undefined;
   private readonly reuseBuffers: boolean;
   private readonly pooledSize: number;
+  private readonly timeIdsSize: number;
   /** Model calls made and rows evaluated, for metrics and tests. */
   calls = 0;
   rows = 0;
@@ -92,12 +99,18 @@ export class StepBatcher {
     this.onCall = opts.onCall;
     this.reuseBuffers = opts.reuseBuffers ?? true;
     this.pooledSize = opts.pooledSize ?? 0;
+    this.timeIdsSize = opts.timeIdsSize ?? 6;
   }
 
   /** The UNet's output for each of `req.contexts`: views of this request's rows of the batch's output. */
   evaluate(req: UnetRequest, signal?: AbortSignal): Promise<Float32Array[]> {
     if (signal?.aborted) return Promise.reject(abortError(signal));
-    if ((req.added !== undefined) !== this.pooledSize > 0 || (req.added !== undefined && req.added.pooled.length !== req.contexts.length)) {
+    const ids = req.added?.timeIds.length;
+    if (
+      (req.added !== undefined) !== this.pooledSize > 0 ||
+      (req.added !== undefined && req.added.pooled.length !== req.contexts.length) ||
+      (ids !== undefined && ids !== this.timeIdsSize && ids !== this.timeIdsSize * req.contexts.length)
+    ) {
       return Promise.reject(
         new Error("a UNet request's added conditions do not match the model (SDXL takes one pooled vector per context)"),
       );
@@ -144,14 +157,18 @@ export class StepBatcher {
       const { sample, timesteps: ts, context: ctx, rowContext, rowConcat } = buffers;
       const pooledSize = this.pooledSize;
       // A few KB per row: packed afresh for every call, as the UNet call may take them to another thread.
-      const added = pooledSize > 0 ? { textEmbeds: new Float32Array(rows * pooledSize), timeIds: new Float32Array(rows * 6) } : undefined;
+      const idsSize = this.timeIdsSize;
+      const added =
+        pooledSize > 0 ? { textEmbeds: new Float32Array(rows * pooledSize), timeIds: new Float32Array(rows * idsSize) } : undefined;
       let r = 0;
       let contextUnchanged = true;
       for (const p of batch) {
         for (const [k, c] of p.req.contexts.entries()) {
           if (added !== undefined) {
             added.textEmbeds.set(p.req.added!.pooled[k]!, r * pooledSize);
-            added.timeIds.set(p.req.added!.timeIds, r * 6);
+            const ids = p.req.added!.timeIds;
+            const at = ids.length === idsSize ? 0 : k * idsSize;
+            added.timeIds.set(ids.subarray(at, at + idsSize), r * idsSize);
           }
           sample.set(p.req.x, r * inPlane);
           const concat = p.req.concat;

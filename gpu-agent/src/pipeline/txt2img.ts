@@ -1,18 +1,32 @@
 import * as grpc from "@grpc/grpc-js";
-import { FarmError, TaskStage, type Image, type RunTaskRequest } from "@latentfarm/shared";
+import { FarmError, TaskStage, type Image, type RefinerResume, type RunTaskRequest } from "@latentfarm/shared";
 import { prepareSampling } from "../sampling/index.js";
-import { denoise } from "./denoise.js";
+import { RefinerSwitch, denoise } from "./denoise.js";
+import { passIdentity, refinerResumeOf, refinerRun, refinerSampling } from "./refiner.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { buildInfotext } from "./infotext.js";
 import { baseInfotext, conditioningFor, decodeToRgb, finishImage, imageRngFor, taskBasics, type RenderContext } from "./render-common.js";
 import { renderImg2img } from "./img2img.js";
 import { renderTxt2imgExtended, runHiresStage, type StageOutput } from "./hires.js";
 
-/** Runs a task: a whole image (FULL), or one stage of a Hires.fix image split across agents. */
-export async function runTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): Promise<StageOutput> {
-  if (req.stage === TaskStage.FULL) return { case: "result", value: await renderTask(pipe, req, ctx) };
-  if (req.params?.initImages.length) throw FarmError.invalid("stage", "Hires.fix stages apply to txt2img, not to img2img with init_images");
-  return runHiresStage(pipe, req, ctx);
+/** What a task's run on one pipeline gives: its stage's output, or where its pass switched to the refiner. */
+export type PipelineOutput = StageOutput | { case: "refinerSwitch"; value: RefinerResume };
+
+/**
+ * Runs a task: a whole image (FULL), or one stage of a Hires.fix image split across agents. A pass that
+ * reaches its refiner switch ends the run here; the caller runs the task again on the refiner's pipeline
+ * with the resume (task-passes.ts).
+ */
+export async function runTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): Promise<PipelineOutput> {
+  try {
+    if (req.stage === TaskStage.FULL) return { case: "result", value: await renderTask(pipe, req, ctx) };
+    if (req.params?.initImages.length)
+      throw FarmError.invalid("stage", "Hires.fix stages apply to txt2img, not to img2img with init_images");
+    return await runHiresStage(pipe, req, ctx);
+  } catch (err) {
+    if (err instanceof RefinerSwitch) return { case: "refinerSwitch", value: refinerResumeOf(pipe, err) };
+    throw err;
+  }
 }
 
 /**
@@ -43,11 +57,13 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     // SDE samplers: A1111's Brownian tree per image, seeded with the plain seed (no ENSD).
     brownian: { seeds: [b.seed], shape: [b.channels, h, w], source: b.rng },
     settings: b.settings,
+    refiner: refinerSampling(req, "first"),
   });
   // Prompt schedules count denoiser calls, which second-order samplers make twice per step.
   const cond = await conditioningFor(pipe, ctx, b, p.prompt, p.negativePrompt, sampler);
   const latent = await denoise(pipe, {
     sdxlCrop: b.conditioning.sdxlCrop,
+    aestheticScore: b.conditioning.aestheticScore,
     sampler,
     cond,
     cfgScale: b.cfgScale,
@@ -58,8 +74,9 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     onStep: ctx.onStep,
     preview: b.preview,
     noiseRng: imageRng,
+    refiner: refinerRun(pipe, req, "first", sampler),
   });
   const rgb = await decodeToRgb(pipe, latent, h, w, ctx.signal);
-  const infotext = buildInfotext(baseInfotext(pipe, b, sampler, { width: b.width, height: b.height }));
+  const infotext = buildInfotext(baseInfotext(passIdentity(pipe, req, "first"), b, sampler, { width: b.width, height: b.height }));
   return finishImage(req, ctx, rgb, b.width, b.height, infotext);
 }

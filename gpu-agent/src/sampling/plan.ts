@@ -190,6 +190,8 @@ export interface SamplingSettings {
   sMinUncondAll?: boolean;
   /** Option skip_early_cond: the first fraction of model calls runs without the negative prompt. */
   skipEarlyCond?: number;
+  /** Option refiner_switch_by_sample_steps: the refiner switch counts model calls instead of reading σ. */
+  refinerSwitchBySampleSteps?: boolean;
 }
 
 export interface PrepareSamplingInput {
@@ -213,6 +215,11 @@ export interface PrepareSamplingInput {
   img2img?: { denoisingStrength: number; fixSteps?: boolean };
   schedule?: DiscreteSchedule;
   fields?: { sampler: "sampler_name" | "hr_sampler_name"; scheduler: "scheduler" | "hr_scheduler" };
+  /**
+   * This pass may switch to a refiner checkpoint (A1111's refiner_switch_at; undefined = its None, the
+   * first call). Without it, switchesToRefiner is always false.
+   */
+  refiner?: { switchAt: number | undefined };
 }
 
 export interface PreparedSampling {
@@ -239,6 +246,14 @@ export interface PreparedSampling {
    * option in `infotext`, as A1111 records it when it first applies.
    */
   skipsUncond(request: ModelRequest): boolean;
+  /**
+   * Whether the pass switches to its refiner at model call `request` (A1111's apply_refiner, asked
+   * before every call until it switches): the call's progress, (999 − t)/1000 for the model timestep t
+   * nearest its σ (timestep samplers: its timestep) or calls made / total calls by sample steps, has
+   * reached refiner_switch_at. By sample steps records "Refiner switch by sampling steps" in `infotext`
+   * at every call it is asked about, as A1111 does.
+   */
+  switchesToRefiner(request: ModelRequest): boolean;
   /**
    * The sampler's start latent: txt2img → noise·σ₀ (noise for timestep samplers); img2img → the
    * init latent plus noise at the first scheduled level.
@@ -305,8 +320,18 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
 
   noiseMultiplierInfotext(s, mapping !== undefined, infotext);
   const skipsUncond = uncondSkipRule(s, promptScheduleSteps(sampler, reportedSteps), sampler.timestepSampler ?? false, infotext);
+  const switchesToRefiner = refinerSwitchRule(
+    input.refiner,
+    s,
+    promptScheduleSteps(sampler, reportedSteps),
+    sampler.timestepSampler ? undefined : baseSchedule,
+    infotext,
+  );
   if (sampler.timestepSampler) {
-    return prepareTimestepSampler(input, choice, baseSchedule, scheduleSteps, mapping?.tEnc, reportedSteps, infotext, skipsUncond);
+    return {
+      ...prepareTimestepSampler(input, choice, baseSchedule, scheduleSteps, mapping?.tEnc, reportedSteps, infotext, skipsUncond),
+      switchesToRefiner,
+    };
   }
 
   const eta = s.eta ?? s.etaAncestral ?? 1;
@@ -476,6 +501,7 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
     brownianRange,
     infotext,
     skipsUncond,
+    switchesToRefiner,
     startLatent,
     run,
     drawAhead: (request, signal) => prefetcher.drawAhead(request.upcoming, signal),
@@ -543,7 +569,16 @@ function churnSettings(
 }
 
 /** The infotext keys a run adds as it goes (PreparedSampling.skipsUncond), rather than its setup. */
-export const RUN_INFOTEXT_KEYS: readonly string[] = ["Skip Early CFG", "NGMS", "NGMS all steps"];
+export const RUN_INFOTEXT_KEYS: readonly string[] = [
+  "Skip Early CFG",
+  "NGMS",
+  "NGMS all steps",
+  // The refiner switch (the agent's denoise records the first three when it switches).
+  "Hires refiner",
+  "Refiner",
+  "Refiner switch at",
+  "Refiner switch by sampling steps",
+];
 
 /**
  * Overrides can make a σ list A1111 would run anyway, to a NaN or noisier image: a rho that overflows
@@ -596,6 +631,50 @@ function uncondSkipRule(
   };
 }
 
+/**
+ * A1111's apply_refiner switch test. By σ it finds the model timestep nearest the call's σ in the model's
+ * σ table (the first of equals, as torch.argmin; the difference taken in the table's precision) and
+ * compares (999 − t)/1000, a float32 tensor, with the fraction in float32; timestep samplers hand it
+ * their timestep. By sample steps it compares calls made / total calls in double.
+ */
+function refinerSwitchRule(
+  refiner: PrepareSamplingInput["refiner"],
+  s: SamplingSettings,
+  totalCalls: number,
+  table: DiscreteSchedule | undefined,
+  infotext: Record<string, string | number | boolean>,
+): PreparedSampling["switchesToRefiner"] {
+  if (refiner === undefined) return () => false;
+  const at = refiner.switchAt;
+  if (s.refinerSwitchBySampleSteps ?? false) {
+    return (request) => {
+      infotext["Refiner switch by sampling steps"] = true;
+      return at === undefined || request.call / totalCalls >= at;
+    };
+  }
+  const atF32 = at === undefined ? undefined : f32(at);
+  return (request) => {
+    if (atF32 === undefined) return true;
+    const t = table === undefined ? Math.max(0, Math.trunc(request.timestep)) : nearestTimestep(table, request.sigma);
+    return f32((999 - t) / 1000) >= atF32;
+  };
+}
+
+function nearestTimestep(table: DiscreteSchedule, sigma: number): number {
+  const sigmas = table.sigmas;
+  const x = table.round(f32(sigma));
+  let best = 0;
+  let bestDist = Infinity;
+  for (let i = 0; i < sigmas.length; i++) {
+    const d = Math.abs(table.round(sigmas[i]! - x));
+    if (d < bestDist) {
+      bestDist = d;
+      best = i;
+    }
+  }
+  return best;
+}
+
 /** img2img: A1111 multiplies the first noise draw by initial_noise_multiplier before using it. */
 function scaleInitialNoise(noise: Float32Array, multiplier: number | undefined): Float32Array {
   if (multiplier === undefined || multiplier === 1) return noise;
@@ -612,7 +691,7 @@ function prepareTimestepSampler(
   reportedSteps: number,
   infotext: Record<string, string | number | boolean>,
   skipsUncond: PreparedSampling["skipsUncond"],
-): PreparedSampling {
+): Omit<PreparedSampling, "switchesToRefiner"> {
   const s = input.settings ?? {};
   const { sampler } = choice;
   let discard = sampler.discardNextToLastSigma ?? false;

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file latentfarm/v1/agent.proto.
  */
 export const file_latentfarm_v1_agent: GenFile = /*@__PURE__*/
-  fileDesc("ChlsYXRlbnRmYXJtL3YxL2FnZW50LnByb3RvEg1sYXRlbnRmYXJtLnYxIrUCCg5SdW5UYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIvCgZwYXJhbXMYAyABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEwoLaW1hZ2VfaW5kZXgYBCABKAUSDAoEc2VlZBgFIAEoAxIPCgdzdWJzZWVkGAYgASgDEg8KB2F0dGVtcHQYByABKAUSJwoFc3RhZ2UYCCABKA4yGC5sYXRlbnRmYXJtLnYxLlRhc2tTdGFnZRInCgZpbnB1dHMYCSADKAsyFy5sYXRlbnRmYXJtLnYxLkhhbmRvdmVyEhIKCnRpbGVfaW5kZXgYCiABKAUSJgoFdGlsZXMYCyABKAsyFy5sYXRlbnRmYXJtLnYxLlRpbGVQbGFuIpQCCghIYW5kb3ZlchItCgZsYXRlbnQYASABKAsyGy5sYXRlbnRmYXJtLnYxLkxhdGVudFRlbnNvckgAEiYKA3JnYhgCIAEoCzIXLmxhdGVudGZhcm0udjEuUmdiSW1hZ2VIABI5ChNmaXJzdF9wYXNzX2luZm90ZXh0GAMgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjoKFHNlY29uZF9wYXNzX2luZm90ZXh0GAQgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjIKEGZpcnN0X3Bhc3NfbW9kZWwYBSABKAsyGC5sYXRlbnRmYXJtLnYxLlBhc3NNb2RlbEIGCgRkYXRhImYKCVBhc3NNb2RlbBIMCgRuYW1lGAEgASgJEhIKCm1vZGVsX2hhc2gYAiABKAkSEwoLbG9yYV9oYXNoZXMYAyADKAkSEAoIdmFlX25hbWUYBCABKAkSEAoIdmFlX2hhc2gYBSABKAkiKwoNSW5mb3RleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAkiKwoMTGF0ZW50VGVuc29yEg0KBXNoYXBlGAEgAygFEgwKBGRhdGEYAiABKAwiNwoIUmdiSW1hZ2USDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEgwKBGRhdGEYAyABKAwiagoIVGlsZVBsYW4SDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEhIKCnRpbGVfd2lkdGgYAyABKAUSEwoLdGlsZV9oZWlnaHQYBCABKAUSCgoCeHMYBSADKAUSCgoCeXMYBiADKAUiygEKD1J1blRhc2tSZXNwb25zZRIvCghwcm9ncmVzcxgBIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASJgoGcmVzdWx0GAIgASgLMhQubGF0ZW50ZmFybS52MS5JbWFnZUgAEikKB3dhcm5pbmcYAyABKAsyFi5sYXRlbnRmYXJtLnYxLldhcm5pbmdIABIrCghoYW5kb3ZlchgEIAEoCzIXLmxhdGVudGZhcm0udjEuSGFuZG92ZXJIAEIGCgRraW5kIkUKEUNhbmNlbFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIOCgZyZWFzb24YAyABKAkiJQoSQ2FuY2VsVGFza1Jlc3BvbnNlEg8KB3N0b3BwZWQYASABKAgiDwoNU3RhdHVzUmVxdWVzdCJgCg5TdGF0dXNSZXNwb25zZRInCgVhZ2VudBgBIAEoCzIYLmxhdGVudGZhcm0udjEuQWdlbnRJbmZvEg4KBm1vZGVscxgCIAMoCRIVCg1ydW5uaW5nX3Rhc2tzGAMgAygJIpgCCglIZWFydGJlYXQSJwoFYWdlbnQYASABKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbxIyChBhdmFpbGFibGVfbW9kZWxzGAIgAygLMhgubGF0ZW50ZmFybS52MS5Nb2RlbEluZm8SGQoRZnJlZV9tZW1vcnlfYnl0ZXMYAyABKAMSMAoKZW1iZWRkaW5ncxgEIAMoCzIcLmxhdGVudGZhcm0udjEuRW1iZWRkaW5nSW5mbxI7ChJza2lwcGVkX2VtYmVkZGluZ3MYBSADKAsyHy5sYXRlbnRmYXJtLnYxLlNraXBwZWRFbWJlZGRpbmcSJAoEdmFlcxgGIAMoCzIWLmxhdGVudGZhcm0udjEuVmFlSW5mbyJsCgxUYXNrUHJvZ3Jlc3MSDwoHdGFza19pZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSEAoIYWdlbnRfaWQYAyABKAkSKQoEc3RlcBgEIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzKqkBCglUYXNrU3RhZ2USEwoPVEFTS19TVEFHRV9GVUxMEAASGQoVVEFTS19TVEFHRV9GSVJTVF9QQVNTEAESGgoWVEFTS19TVEFHRV9TRUNPTkRfUEFTUxACEhYKElRBU0tfU1RBR0VfVVBTQ0FMRRADEh8KG1RBU0tfU1RBR0VfU0VDT05EX1BBU1NfVElMRRAEEhcKE1RBU0tfU1RBR0VfQVNTRU1CTEUQBTL0AQoMQWdlbnRTZXJ2aWNlEkoKB1J1blRhc2sSHS5sYXRlbnRmYXJtLnYxLlJ1blRhc2tSZXF1ZXN0Gh4ubGF0ZW50ZmFybS52MS5SdW5UYXNrUmVzcG9uc2UwARJRCgpDYW5jZWxUYXNrEiAubGF0ZW50ZmFybS52MS5DYW5jZWxUYXNrUmVxdWVzdBohLmxhdGVudGZhcm0udjEuQ2FuY2VsVGFza1Jlc3BvbnNlEkUKBlN0YXR1cxIcLmxhdGVudGZhcm0udjEuU3RhdHVzUmVxdWVzdBodLmxhdGVudGZhcm0udjEuU3RhdHVzUmVzcG9uc2ViBnByb3RvMw", [file_latentfarm_v1_generation, file_latentfarm_v1_render]);
+  fileDesc("ChlsYXRlbnRmYXJtL3YxL2FnZW50LnByb3RvEg1sYXRlbnRmYXJtLnYxIusCCg5SdW5UYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIvCgZwYXJhbXMYAyABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEwoLaW1hZ2VfaW5kZXgYBCABKAUSDAoEc2VlZBgFIAEoAxIPCgdzdWJzZWVkGAYgASgDEg8KB2F0dGVtcHQYByABKAUSJwoFc3RhZ2UYCCABKA4yGC5sYXRlbnRmYXJtLnYxLlRhc2tTdGFnZRInCgZpbnB1dHMYCSADKAsyFy5sYXRlbnRmYXJtLnYxLkhhbmRvdmVyEhIKCnRpbGVfaW5kZXgYCiABKAUSJgoFdGlsZXMYCyABKAsyFy5sYXRlbnRmYXJtLnYxLlRpbGVQbGFuEjQKDnJlZmluZXJfcmVzdW1lGAwgASgLMhwubGF0ZW50ZmFybS52MS5SZWZpbmVyUmVzdW1lInAKDVJlZmluZXJSZXN1bWUSDwoHYW5zd2VycxgBIAMoDBIWCg51bmNvbmRfYW5zd2VycxgCIAMoDBINCgVzdGFydBgDIAEoDBInCgVtb2RlbBgEIAEoCzIYLmxhdGVudGZhcm0udjEuUGFzc01vZGVsIpQCCghIYW5kb3ZlchItCgZsYXRlbnQYASABKAsyGy5sYXRlbnRmYXJtLnYxLkxhdGVudFRlbnNvckgAEiYKA3JnYhgCIAEoCzIXLmxhdGVudGZhcm0udjEuUmdiSW1hZ2VIABI5ChNmaXJzdF9wYXNzX2luZm90ZXh0GAMgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjoKFHNlY29uZF9wYXNzX2luZm90ZXh0GAQgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjIKEGZpcnN0X3Bhc3NfbW9kZWwYBSABKAsyGC5sYXRlbnRmYXJtLnYxLlBhc3NNb2RlbEIGCgRkYXRhImYKCVBhc3NNb2RlbBIMCgRuYW1lGAEgASgJEhIKCm1vZGVsX2hhc2gYAiABKAkSEwoLbG9yYV9oYXNoZXMYAyADKAkSEAoIdmFlX25hbWUYBCABKAkSEAoIdmFlX2hhc2gYBSABKAkiKwoNSW5mb3RleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAkiKwoMTGF0ZW50VGVuc29yEg0KBXNoYXBlGAEgAygFEgwKBGRhdGEYAiABKAwiNwoIUmdiSW1hZ2USDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEgwKBGRhdGEYAyABKAwiagoIVGlsZVBsYW4SDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEhIKCnRpbGVfd2lkdGgYAyABKAUSEwoLdGlsZV9oZWlnaHQYBCABKAUSCgoCeHMYBSADKAUSCgoCeXMYBiADKAUiygEKD1J1blRhc2tSZXNwb25zZRIvCghwcm9ncmVzcxgBIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASJgoGcmVzdWx0GAIgASgLMhQubGF0ZW50ZmFybS52MS5JbWFnZUgAEikKB3dhcm5pbmcYAyABKAsyFi5sYXRlbnRmYXJtLnYxLldhcm5pbmdIABIrCghoYW5kb3ZlchgEIAEoCzIXLmxhdGVudGZhcm0udjEuSGFuZG92ZXJIAEIGCgRraW5kIkUKEUNhbmNlbFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIOCgZyZWFzb24YAyABKAkiJQoSQ2FuY2VsVGFza1Jlc3BvbnNlEg8KB3N0b3BwZWQYASABKAgiDwoNU3RhdHVzUmVxdWVzdCJgCg5TdGF0dXNSZXNwb25zZRInCgVhZ2VudBgBIAEoCzIYLmxhdGVudGZhcm0udjEuQWdlbnRJbmZvEg4KBm1vZGVscxgCIAMoCRIVCg1ydW5uaW5nX3Rhc2tzGAMgAygJIpgCCglIZWFydGJlYXQSJwoFYWdlbnQYASABKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbxIyChBhdmFpbGFibGVfbW9kZWxzGAIgAygLMhgubGF0ZW50ZmFybS52MS5Nb2RlbEluZm8SGQoRZnJlZV9tZW1vcnlfYnl0ZXMYAyABKAMSMAoKZW1iZWRkaW5ncxgEIAMoCzIcLmxhdGVudGZhcm0udjEuRW1iZWRkaW5nSW5mbxI7ChJza2lwcGVkX2VtYmVkZGluZ3MYBSADKAsyHy5sYXRlbnRmYXJtLnYxLlNraXBwZWRFbWJlZGRpbmcSJAoEdmFlcxgGIAMoCzIWLmxhdGVudGZhcm0udjEuVmFlSW5mbyJsCgxUYXNrUHJvZ3Jlc3MSDwoHdGFza19pZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSEAoIYWdlbnRfaWQYAyABKAkSKQoEc3RlcBgEIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzKqkBCglUYXNrU3RhZ2USEwoPVEFTS19TVEFHRV9GVUxMEAASGQoVVEFTS19TVEFHRV9GSVJTVF9QQVNTEAESGgoWVEFTS19TVEFHRV9TRUNPTkRfUEFTUxACEhYKElRBU0tfU1RBR0VfVVBTQ0FMRRADEh8KG1RBU0tfU1RBR0VfU0VDT05EX1BBU1NfVElMRRAEEhcKE1RBU0tfU1RBR0VfQVNTRU1CTEUQBTL0AQoMQWdlbnRTZXJ2aWNlEkoKB1J1blRhc2sSHS5sYXRlbnRmYXJtLnYxLlJ1blRhc2tSZXF1ZXN0Gh4ubGF0ZW50ZmFybS52MS5SdW5UYXNrUmVzcG9uc2UwARJRCgpDYW5jZWxUYXNrEiAubGF0ZW50ZmFybS52MS5DYW5jZWxUYXNrUmVxdWVzdBohLmxhdGVudGZhcm0udjEuQ2FuY2VsVGFza1Jlc3BvbnNlEkUKBlN0YXR1cxIcLmxhdGVudGZhcm0udjEuU3RhdHVzUmVxdWVzdBodLmxhdGVudGZhcm0udjEuU3RhdHVzUmVzcG9uc2ViBnByb3RvMw", [file_latentfarm_v1_generation, file_latentfarm_v1_render]);
 
 /**
  * @generated from message latentfarm.v1.RunTaskRequest
@@ -88,6 +88,14 @@ export type RunTaskRequest = Message<"latentfarm.v1.RunTaskRequest"> & {
    * @generated from field: latentfarm.v1.TilePlan tiles = 11;
    */
   tiles?: TilePlan | undefined;
+
+  /**
+   * Set when the pass this task runs switched to the job's refiner_checkpoint on another pipeline:
+   * this run, on the refiner's, replays the pass up to the switch and carries on from there.
+   *
+   * @generated from field: latentfarm.v1.RefinerResume refiner_resume = 12;
+   */
+  refinerResume?: RefinerResume | undefined;
 };
 
 /**
@@ -96,6 +104,52 @@ export type RunTaskRequest = Message<"latentfarm.v1.RunTaskRequest"> & {
  */
 export const RunTaskRequestSchema: GenMessage<RunTaskRequest> = /*@__PURE__*/
   messageDesc(file_latentfarm_v1_agent, 0);
+
+/**
+ * A pass that reached its refiner switch: what the refiner's run of the same pass needs to take over
+ * exactly where the model's run stopped. The sampler is run again from `start` with these answers
+ * (the same arithmetic on the same values gives the same state, history and noise included); the
+ * refiner evaluates the model from the next call on.
+ *
+ * @generated from message latentfarm.v1.RefinerResume
+ */
+export type RefinerResume = Message<"latentfarm.v1.RefinerResume"> & {
+  /**
+   * Every model call's answer to the sampler before the switch, in call order: the CFG-combined
+   * denoised latent (k-diffusion samplers) or eps (timestep samplers), float32 little-endian.
+   *
+   * @generated from field: repeated bytes answers = 1;
+   */
+  answers: Uint8Array[];
+
+  /**
+   * The negative prompt's own eps per call, for the timestep samplers that take it (DDIM CFG++); else empty.
+   *
+   * @generated from field: repeated bytes uncond_answers = 2;
+   */
+  uncondAnswers: Uint8Array[];
+
+  /**
+   * The pass's start latent as the model's run made it (img2img's went through the model's VAE).
+   *
+   * @generated from field: bytes start = 3;
+   */
+  start: Uint8Array;
+
+  /**
+   * The model the pass started on, which the infotext names ("Model", "Model hash", "Lora hashes", "VAE").
+   *
+   * @generated from field: latentfarm.v1.PassModel model = 4;
+   */
+  model?: PassModel | undefined;
+};
+
+/**
+ * Describes the message latentfarm.v1.RefinerResume.
+ * Use `create(RefinerResumeSchema)` to create a new message.
+ */
+export const RefinerResumeSchema: GenMessage<RefinerResume> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_agent, 1);
 
 /**
  * Bytes one stage hands to the next.
@@ -149,7 +203,7 @@ export type Handover = Message<"latentfarm.v1.Handover"> & {
  * Use `create(HandoverSchema)` to create a new message.
  */
 export const HandoverSchema: GenMessage<Handover> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 1);
+  messageDesc(file_latentfarm_v1_agent, 2);
 
 /**
  * A pipeline as an infotext names it.
@@ -197,7 +251,7 @@ export type PassModel = Message<"latentfarm.v1.PassModel"> & {
  * Use `create(PassModelSchema)` to create a new message.
  */
 export const PassModelSchema: GenMessage<PassModel> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 2);
+  messageDesc(file_latentfarm_v1_agent, 3);
 
 /**
  * One "Key: value" of an infotext, the value as the infotext prints it.
@@ -221,7 +275,7 @@ export type InfotextEntry = Message<"latentfarm.v1.InfotextEntry"> & {
  * Use `create(InfotextEntrySchema)` to create a new message.
  */
 export const InfotextEntrySchema: GenMessage<InfotextEntry> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 3);
+  messageDesc(file_latentfarm_v1_agent, 4);
 
 /**
  * A latent as float32 little-endian values in NCHW order.
@@ -245,7 +299,7 @@ export type LatentTensor = Message<"latentfarm.v1.LatentTensor"> & {
  * Use `create(LatentTensorSchema)` to create a new message.
  */
 export const LatentTensorSchema: GenMessage<LatentTensor> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 4);
+  messageDesc(file_latentfarm_v1_agent, 5);
 
 /**
  * 8-bit RGB, row-major, 3 bytes per pixel.
@@ -274,7 +328,7 @@ export type RgbImage = Message<"latentfarm.v1.RgbImage"> & {
  * Use `create(RgbImageSchema)` to create a new message.
  */
 export const RgbImageSchema: GenMessage<RgbImage> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 5);
+  messageDesc(file_latentfarm_v1_agent, 6);
 
 /**
  * Overlapping tiles of a width × height second pass: every (x, y) of xs × ys is the top-left
@@ -319,7 +373,7 @@ export type TilePlan = Message<"latentfarm.v1.TilePlan"> & {
  * Use `create(TilePlanSchema)` to create a new message.
  */
 export const TilePlanSchema: GenMessage<TilePlan> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 6);
+  messageDesc(file_latentfarm_v1_agent, 7);
 
 /**
  * @generated from message latentfarm.v1.RunTaskResponse
@@ -362,7 +416,7 @@ export type RunTaskResponse = Message<"latentfarm.v1.RunTaskResponse"> & {
  * Use `create(RunTaskResponseSchema)` to create a new message.
  */
 export const RunTaskResponseSchema: GenMessage<RunTaskResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 7);
+  messageDesc(file_latentfarm_v1_agent, 8);
 
 /**
  * @generated from message latentfarm.v1.CancelTaskRequest
@@ -391,7 +445,7 @@ export type CancelTaskRequest = Message<"latentfarm.v1.CancelTaskRequest"> & {
  * Use `create(CancelTaskRequestSchema)` to create a new message.
  */
 export const CancelTaskRequestSchema: GenMessage<CancelTaskRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 8);
+  messageDesc(file_latentfarm_v1_agent, 9);
 
 /**
  * @generated from message latentfarm.v1.CancelTaskResponse
@@ -410,7 +464,7 @@ export type CancelTaskResponse = Message<"latentfarm.v1.CancelTaskResponse"> & {
  * Use `create(CancelTaskResponseSchema)` to create a new message.
  */
 export const CancelTaskResponseSchema: GenMessage<CancelTaskResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 9);
+  messageDesc(file_latentfarm_v1_agent, 10);
 
 /**
  * @generated from message latentfarm.v1.StatusRequest
@@ -423,7 +477,7 @@ export type StatusRequest = Message<"latentfarm.v1.StatusRequest"> & {
  * Use `create(StatusRequestSchema)` to create a new message.
  */
 export const StatusRequestSchema: GenMessage<StatusRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 10);
+  messageDesc(file_latentfarm_v1_agent, 11);
 
 /**
  * @generated from message latentfarm.v1.StatusResponse
@@ -452,7 +506,7 @@ export type StatusResponse = Message<"latentfarm.v1.StatusResponse"> & {
  * Use `create(StatusResponseSchema)` to create a new message.
  */
 export const StatusResponseSchema: GenMessage<StatusResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 11);
+  messageDesc(file_latentfarm_v1_agent, 12);
 
 /**
  * Published on NATS subject lf.agent.<agent_id>.heartbeat.
@@ -504,7 +558,7 @@ export type Heartbeat = Message<"latentfarm.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 12);
+  messageDesc(file_latentfarm_v1_agent, 13);
 
 /**
  * Published on NATS subject lf.task.<task_id>.progress.
@@ -538,7 +592,7 @@ export type TaskProgress = Message<"latentfarm.v1.TaskProgress"> & {
  * Use `create(TaskProgressSchema)` to create a new message.
  */
 export const TaskProgressSchema: GenMessage<TaskProgress> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 13);
+  messageDesc(file_latentfarm_v1_agent, 14);
 
 /**
  * A Hires.fix image runs as a small graph of tasks that may land on different agents:

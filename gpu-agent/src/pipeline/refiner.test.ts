@@ -1,0 +1,299 @@
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import sharp from "sharp";
+import {
+  FarmError,
+  RngSource,
+  RunTaskRequestSchema,
+  TaskStage,
+  parseInfotext,
+  type GenerationParamsSchema,
+  type Image,
+  type RunTaskRequest,
+} from "@latentfarm/shared";
+import { prepareSampling, sd1Schedule, type ModelRequest, type PreparedSampling } from "../sampling/index.js";
+import type { ModelCatalog } from "../models/catalog.js";
+import { parsePipelineKey, passPipelineKey } from "../models/model-loader.js";
+import { makeLoraCatalog, pipelineFor, type PipelineOptions } from "../test-support/lora-catalog.js";
+import { runTaskPasses } from "../task-passes.js";
+import { RefinerSwitch, denoise, type RefinerMode } from "./denoise.js";
+import type { LoadedPipeline } from "./loaded-pipeline.js";
+import { conditioningFor, imageRngFor, taskBasics, type RenderContext } from "./render-common.js";
+import { runTask, type PipelineOutput } from "./txt2img.js";
+
+type Params = MessageInitShape<typeof GenerationParamsSchema>;
+
+const request = (params: Params, stage = TaskStage.FULL): RunTaskRequest =>
+  create(RunTaskRequestSchema, { taskId: "t", jobId: "j", seed: 21n, stage, params });
+const pixels = async (image: Image): Promise<Buffer> => sharp(image.png).raw().toBuffer();
+const ctxOf = (steps: Array<[number, number]> = []): RenderContext => ({
+  signal: new AbortController().signal,
+  agentId: "t",
+  onStep: (step, total) => steps.push([step, total]),
+  onWarning: () => {},
+});
+
+/** A model call at σ (k-diffusion) or at a timestep (timestep samplers), for the switch rule alone. */
+const call = (c: number, sigma: number, timestep = 0): ModelRequest => ({
+  kind: "denoise",
+  x: new Float32Array(1),
+  sigma,
+  timestep,
+  step: c,
+  call: c,
+});
+
+describe("the refiner switch rule (A1111's apply_refiner)", () => {
+  const table = sd1Schedule().sigmas;
+  const sampler = (name: string, refiner: { switchAt: number | undefined } | undefined, settings = {}): PreparedSampling =>
+    prepareSampling({ samplerName: name, steps: 10, noise: () => new Float32Array(1), settings, ...(refiner && { refiner }) });
+
+  test("by σ: the progress of the nearest model timestep, (999 − t)/1000 in float32, against the fraction", () => {
+    const s = sampler("Euler", { switchAt: 0.8 });
+    // t = 199 gives 0.8 exactly; t = 200 gives 0.799.
+    assert.equal(s.switchesToRefiner(call(0, table[199]!)), true);
+    assert.equal(s.switchesToRefiner(call(0, table[200]!)), false);
+    // σ between two table entries takes the nearer one's timestep.
+    const mid = (a: number, b: number, w: number) => table[a]! * (1 - w) + table[b]! * w;
+    assert.equal(s.switchesToRefiner(call(0, mid(199, 200, 0.4))), true);
+    assert.equal(s.switchesToRefiner(call(0, mid(199, 200, 0.6))), false);
+    // σ below the table's least is timestep 0: progress 0.999, which a switch at 1 never reaches.
+    assert.equal(sampler("Euler", { switchAt: 1 }).switchesToRefiner(call(0, 0.001)), false);
+    assert.equal(sampler("Euler", { switchAt: 0.999 }).switchesToRefiner(call(0, 0.001)), true);
+    // No fraction (A1111's API default None): the first call switches. No refiner: never.
+    assert.equal(sampler("Euler", { switchAt: undefined }).switchesToRefiner(call(0, 14.6)), true);
+    assert.equal(sampler("Euler", undefined).switchesToRefiner(call(0, 0.001)), false);
+    assert.equal("Refiner switch by sampling steps" in s.infotext, false);
+  });
+
+  test("timestep samplers read their timestep: DDIM's 10 steps (901 … 1) switch at 0.8 on t = 101", () => {
+    const s = sampler("DDIM", { switchAt: 0.8 });
+    // Stored ascending; the sampler walks them from the top.
+    const ts = [...s.timesteps!].reverse();
+    assert.deepEqual(ts, [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]);
+    const first = ts.findIndex((t, i) => s.switchesToRefiner(call(i, 0, t)));
+    assert.equal(ts[first], 101);
+  });
+
+  test("by sample steps: calls made / total calls (doubled for second-order samplers), recorded in the infotext", () => {
+    const euler = sampler("Euler", { switchAt: 0.5 }, { refinerSwitchBySampleSteps: true });
+    assert.equal(euler.switchesToRefiner(call(4, 14.6)), false);
+    assert.equal(euler.switchesToRefiner(call(5, 14.6)), true);
+    assert.equal(euler.infotext["Refiner switch by sampling steps"], true);
+    const heun = sampler("Heun", { switchAt: 0.5 }, { refinerSwitchBySampleSteps: true });
+    assert.equal(heun.switchesToRefiner(call(9, 14.6)), false);
+    assert.equal(heun.switchesToRefiner(call(10, 14.6)), true);
+  });
+});
+
+describe("a pass that switches to its refiner", { concurrency: false }, () => {
+  let dir: string;
+  let catalog: ModelCatalog;
+  let opts: PipelineOptions;
+  const pipes = new Map<string, Promise<LoadedPipeline>>();
+  before(async () => {
+    dir = mkdtempSync(join(tmpdir(), "lf-refiner-"));
+    ({ catalog, opts } = await makeLoraCatalog(dir, { "tiny-b": 4 }));
+  });
+  after(async () => {
+    for (const p of pipes.values()) await (await p).close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const pipe = (key: string): Promise<LoadedPipeline> => {
+    let p = pipes.get(key);
+    if (p === undefined) {
+      const { model, loras } = parsePipelineKey(key);
+      pipes.set(key, (p = pipelineFor(catalog, model, [...loras], opts)));
+    }
+    return p;
+  };
+  const base: Params = {
+    model: "tiny",
+    prompt: "a cat",
+    negativePrompt: "blurry",
+    samplerName: "Euler",
+    steps: 6,
+    width: 64,
+    height: 64,
+    cfgScale: 5,
+    rng: RngSource.CPU,
+  };
+
+  async function render(params: Params, stage = TaskStage.FULL) {
+    const keys: string[] = [];
+    const steps: Array<[number, number]> = [];
+    const output = await runTaskPasses(request(params, stage), ctxOf(steps), async (key, req, c): Promise<PipelineOutput> => {
+      keys.push(parsePipelineKey(key).model);
+      return runTask(await pipe(key), req, c);
+    });
+    assert.equal(output.case, "result");
+    const image = output.value as Image;
+    return { image, keys, steps, info: parseInfotext(image.infotext).params };
+  }
+
+  /**
+   * The replay, checked without a second model: a run stopped at its switch and resumed on the same
+   * pipeline must give the bytes of a run that never stopped, whatever the sampler keeps between calls.
+   */
+  test("a run resumed from its switch equals the run that never switched, for every kind of sampler state", async () => {
+    const tiny = await pipe(passPipelineKey(request(base).params!, "first"));
+    for (const samplerName of ["Euler a", "Heun", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DDIM", "DDIM CFG++", "PLMS", "UniPC", "LMS"]) {
+      const p = request({ ...base, samplerName, steps: 5, ...(samplerName === "DDIM" && { eta: 0.5 }) }).params!;
+      const run = async (refiner: RefinerMode | undefined) => {
+        const b = taskBasics(tiny, request(p));
+        const rng = imageRngFor(b, 8, 8);
+        const sampler = prepareSampling({
+          samplerName,
+          steps: 5,
+          noise: () => rng.next(),
+          brownian: { seeds: [b.seed], shape: [4, 8, 8], source: b.rng },
+          settings: b.settings,
+          refiner: { switchAt: 0.45 },
+        });
+        const cond = await conditioningFor(tiny, ctxOf(), b, p.prompt, p.negativePrompt, sampler);
+        const latent = await denoise(tiny, {
+          sampler,
+          cond,
+          cfgScale: 5,
+          h: 8,
+          w: 8,
+          start: sampler.startLatent(rng.first()),
+          signal: new AbortController().signal,
+          onStep: () => {},
+          noiseRng: rng,
+          refiner,
+        });
+        return { latent, infotext: sampler.infotext };
+      };
+      const plain = await run(undefined);
+      const stop = await run({ mode: "switch" }).then(
+        () => assert.fail(`${samplerName}: the run did not switch`),
+        (e: unknown) => e as RefinerSwitch,
+      );
+      assert.ok(stop instanceof RefinerSwitch, samplerName);
+      assert.ok(stop.answers.length > 0, `${samplerName}: the switch came after some calls`);
+      let tookOver = 0;
+      const resumed = await run({
+        mode: "resume",
+        start: stop.start,
+        answers: stop.answers,
+        uncondAnswers: stop.uncondAnswers,
+        onTakeOver: () => tookOver++,
+      });
+      assert.equal(tookOver, 1, samplerName);
+      assert.deepEqual(resumed.latent, plain.latent, `${samplerName}: resumed after ${stop.answers.length} calls`);
+      assert.equal(samplerName === "DDIM CFG++", stop.uncondAnswers.length === stop.answers.length, samplerName);
+    }
+  });
+
+  test("switching at the first call renders the refiner's image; a switch the pass never reaches leaves the model's", async () => {
+    const onRefiner = await render({ ...base, model: "tiny-b" });
+    const onModel = await render(base);
+    const fromStart = await render({ ...base, refinerCheckpoint: "tiny-b" });
+    assert.deepEqual(fromStart.keys, ["tiny", "tiny-b"]);
+    assert.deepEqual(await pixels(fromStart.image), await pixels(onRefiner.image));
+    assert.equal(fromStart.info.get("Model"), "tiny");
+    const refinerHash = (await pipe(passPipelineKey(request({ ...base, model: "tiny-b" }).params!, "first"))).modelHash;
+    assert.equal(fromStart.info.get("Refiner"), `tiny-b [${refinerHash}]`);
+    assert.equal(fromStart.info.has("Refiner switch at"), false, "A1111 leaves out a None value");
+    // (999 − t)/1000 < 1 for every t: a switch at 1 never happens, and nothing says there was a refiner.
+    const never = await render({ ...base, refinerCheckpoint: "tiny-b", refinerSwitchAt: 1 });
+    assert.deepEqual(never.keys, ["tiny"]);
+    assert.deepEqual(await pixels(never.image), await pixels(onModel.image));
+    assert.equal(never.image.infotext, onModel.image.infotext);
+    // A refiner that is the model itself: A1111 finds it loaded and never switches.
+    const same = await render({ ...base, refinerCheckpoint: "tiny", refinerSwitchAt: 0.5 });
+    assert.equal(same.image.infotext, onModel.image.infotext);
+    const none = await render({ ...base, refinerCheckpoint: "None", refinerSwitchAt: 0.5 });
+    assert.equal(none.image.infotext, onModel.image.infotext);
+  });
+
+  test("a switch part way: both models shape the image, progress runs on, and the infotext says where", async () => {
+    const onModel = await render(base);
+    const onRefiner = await render({ ...base, model: "tiny-b" });
+    const half = await render({ ...base, refinerCheckpoint: "tiny-b", refinerSwitchAt: 0.5 });
+    assert.deepEqual(half.keys, ["tiny", "tiny-b"]);
+    assert.notDeepEqual(await pixels(half.image), await pixels(onModel.image));
+    assert.notDeepEqual(await pixels(half.image), await pixels(onRefiner.image));
+    assert.deepEqual(
+      half.steps.map(([s]) => s),
+      [1, 2, 3, 4, 5, 6],
+      "each step reported once, by the run that made it",
+    );
+    assert.match(half.image.infotext, /Model: tiny, .*Refiner: tiny-b \[[0-9a-f]{10}\], Refiner switch at: 0.5, Version/);
+    // By sample steps: another switch point, and A1111's entry for it.
+    const bySteps = await render({
+      ...base,
+      refinerCheckpoint: "tiny-b",
+      refinerSwitchAt: 0.5,
+      overrideSettings: { refinerSwitchBySampleSteps: true },
+    });
+    assert.equal(bySteps.info.get("Refiner switch by sampling steps"), "True");
+    // Deterministic: a retry gives the same bytes.
+    const again = await render({ ...base, refinerCheckpoint: "tiny-b", refinerSwitchAt: 0.5 });
+    assert.deepEqual(Buffer.from(again.image.png), Buffer.from(half.image.png));
+  });
+
+  test("img2img switches too; inpainting with a refiner is refused naming the field", async () => {
+    const init = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 200, g: 80, b: 40 } } })
+      .png()
+      .toBuffer();
+    const img = { ...base, initImages: [new Uint8Array(init)], denoisingStrength: 0.6 };
+    const plain = await render(img);
+    const refined = await render({ ...img, refinerCheckpoint: "tiny-b", refinerSwitchAt: 0.7 });
+    assert.deepEqual(refined.keys, ["tiny", "tiny-b"]);
+    assert.notDeepEqual(await pixels(refined.image), await pixels(plain.image));
+    assert.match(refined.image.infotext, /Denoising strength: 0.6, .*Refiner: tiny-b \[[0-9a-f]{10}\], Refiner switch at: 0.7/);
+    const mask = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 255, g: 255, b: 255 } } })
+      .png()
+      .toBuffer();
+    await assert.rejects(render({ ...img, mask: new Uint8Array(mask), refinerCheckpoint: "tiny-b" }), (e: unknown) => {
+      const err = FarmError.from(e);
+      return err.codeName === "UNIMPLEMENTED" && err.field === "refiner_checkpoint";
+    });
+  });
+
+  test("Hires.fix: the second pass switches by default, either pass or both on request; FULL equals the stages", async () => {
+    const hires: Params = {
+      ...base,
+      enableHr: true,
+      hrScale: 1.5,
+      hrSecondPassSteps: 4,
+      denoisingStrength: 0.6,
+      refinerCheckpoint: "tiny-b",
+      refinerSwitchAt: 0.6,
+    };
+    const plain = await render({ ...hires, refinerCheckpoint: "" });
+    const second = await render(hires);
+    assert.deepEqual(second.keys, ["tiny", "tiny", "tiny-b"]);
+    assert.notDeepEqual(await pixels(second.image), await pixels(plain.image));
+    assert.equal(second.info.has("Hires refiner"), false, "the default pass is not written");
+    assert.equal(second.info.get("Model"), "tiny");
+    assert.match(second.info.get("Refiner") ?? "", /^tiny-b \[/);
+    for (const which of ["first pass", "both passes"] as const) {
+      const r = await render({ ...hires, overrideSettings: { hiresFixRefinerPass: which } });
+      assert.deepEqual(r.keys, which === "first pass" ? ["tiny", "tiny-b", "tiny"] : ["tiny", "tiny-b", "tiny", "tiny-b"], which);
+      assert.equal(r.info.get("Hires refiner"), which);
+      assert.equal(r.info.get("Model"), "tiny", which);
+      assert.notDeepEqual(await pixels(r.image), await pixels(second.image), which);
+    }
+    // The farm's way across agents: FIRST_PASS then SECOND_PASS as tasks of their own.
+    const both: Params = { ...hires, overrideSettings: { hiresFixRefinerPass: "both passes" } };
+    const first = await runTaskPasses(request(both, TaskStage.FIRST_PASS), ctxOf(), async (key, req, c) =>
+      runTask(await pipe(key), req, c),
+    );
+    assert.equal(first.case, "handover");
+    const staged = await runTaskPasses(
+      create(RunTaskRequestSchema, { ...request(both, TaskStage.SECOND_PASS), inputs: [first.value as never] }),
+      ctxOf(),
+      async (key, req, c) => runTask(await pipe(key), req, c),
+    );
+    const full = await render(both);
+    assert.equal(staged.case, "result");
+    assert.deepEqual(Buffer.from((staged.value as Image).png), Buffer.from(full.image.png));
+  });
+});
