@@ -1,18 +1,14 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import sharp from "sharp";
 import type { GenerationParamsSchema } from "@latentfarm/shared";
 import { FarmError, RngSource, RunTaskRequestSchema, TaskStage, type Image, type RunTaskRequest } from "@latentfarm/shared";
-import type { ModelCatalog } from "./models/catalog.js";
 import { parsePipelineKey, passPipelineKey } from "./models/model-loader.js";
 import type { LoadedPipeline } from "./pipeline/loaded-pipeline.js";
 import type { RenderContext } from "./pipeline/render-common.js";
 import { renderTask, runTask } from "./pipeline/txt2img.js";
-import { makeLoraCatalog, pipelineFor, type PipelineOptions } from "./test-support/lora-catalog.js";
+import { CatalogPipelines } from "./test-support/lora-catalog.js";
 import { runTaskPasses, stagePipelineKey } from "./task-passes.js";
 import type { PipelineOutput } from "./pipeline/txt2img.js";
 
@@ -64,27 +60,12 @@ test("a stage runs on its pass's pipeline: the hires checkpoint and the hires pr
 });
 
 describe("a Hires.fix second pass with its own checkpoint or LoRAs runs on its own pipeline", { concurrency: false }, () => {
-  let dir: string;
-  let catalog: ModelCatalog;
-  let opts: PipelineOptions;
-  const pipes = new Map<string, Promise<LoadedPipeline>>();
+  let pipelines: CatalogPipelines;
   before(async () => {
-    dir = mkdtempSync(join(tmpdir(), "lf-passes-"));
-    ({ catalog, opts } = await makeLoraCatalog(dir, { "tiny-b": 4 }));
+    pipelines = await CatalogPipelines.create({ "tiny-b": 4 });
   });
-  after(async () => {
-    for (const p of pipes.values()) await (await p).close();
-    rmSync(dir, { recursive: true, force: true });
-  });
-
-  const pipe = (key: string): Promise<LoadedPipeline> => {
-    let p = pipes.get(key);
-    if (p === undefined) {
-      const { model, loras } = parsePipelineKey(key);
-      pipes.set(key, (p = pipelineFor(catalog, model, [...loras], opts)));
-    }
-    return p;
-  };
+  after(() => pipelines.close());
+  const pipe = (key: string): Promise<LoadedPipeline> => pipelines.get(key);
   const base: Params = {
     model: "tiny",
     prompt: "a cat <lora:style:1>",

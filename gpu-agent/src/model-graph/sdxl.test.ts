@@ -18,6 +18,7 @@ import type { TinyModel } from "./tiny-model.js";
 import { TOKEN_OVERRIDE_POSITIONS, TOKEN_OVERRIDE_VECTORS, withTokenOverrides } from "./token-override.js";
 import { TIME_IDS, TIME_ID_EMBED_DIM, detectUNetConfig, sinusoidalEmbedding, timestepFrequencies } from "./unet.js";
 import { MemoryWeights } from "./weights.js";
+import { maxAbsDiff, runGraph as run, tokenRows as rowsOf } from "../test-support/graphs.js";
 import type { MemoryTensor } from "./weights.js";
 
 const dir = mkdtempSync(join(tmpdir(), "sdxl-test-"));
@@ -37,34 +38,10 @@ before(async () => {
   await f.close();
 });
 
-function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  assert.equal(a.length, b.length);
-  let m = 0;
-  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]! - b[i]!));
-  return m;
-}
-
 const maxAbs = (a: ArrayLike<number>): number => Array.from(a).reduce((m, v) => Math.max(m, Math.abs(v)), 0);
 
-async function run(model: string | Uint8Array, feeds: Record<string, ort.Tensor>): Promise<Record<string, ort.Tensor>> {
-  const s = typeof model === "string" ? await ort.InferenceSession.create(model) : await ort.InferenceSession.create(model);
-  try {
-    return await s.run(feeds);
-  } finally {
-    await s.release();
-  }
-}
-
-/** Token rows as the tiny tokenizer would give them: BOS, tokens, EOS, then `pad`. */
-function tokenRows(rows: number[][], pad: number): Int32Array {
-  const out = new Int32Array(rows.length * SEQ).fill(pad);
-  rows.forEach((tokens, r) => {
-    out[r * SEQ] = tiny.bosId;
-    out.set(tokens, r * SEQ + 1);
-    out[r * SEQ + 1 + tokens.length] = tiny.eosId;
-  });
-  return out;
-}
+/** Token rows as the tiny tokenizer gives them: BOS, tokens, EOS, then `pad`. */
+const tokenRows = (rows: number[][], pad: number): Int32Array => rowsOf(rows, pad, tiny, SEQ);
 
 /** SDXL's extra UNet inputs for a batch of `timeIds.length / 6` rows. */
 const conditioning = (textEmbeds: Float32Array, timeIds: Float32Array): Record<string, ort.Tensor> => ({

@@ -1,8 +1,5 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import sharp from "sharp";
 import {
@@ -16,9 +13,8 @@ import {
   type RunTaskRequest,
 } from "@latentfarm/shared";
 import { prepareSampling, sd1Schedule, type ModelRequest, type PreparedSampling } from "../sampling/index.js";
-import type { ModelCatalog } from "../models/catalog.js";
 import { parsePipelineKey, passPipelineKey } from "../models/model-loader.js";
-import { makeLoraCatalog, pipelineFor, type PipelineOptions } from "../test-support/lora-catalog.js";
+import { CatalogPipelines } from "../test-support/lora-catalog.js";
 import { runTaskPasses } from "../task-passes.js";
 import { RefinerSwitch, denoise, type RefinerMode } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
@@ -91,26 +87,12 @@ describe("the refiner switch rule (A1111's apply_refiner)", () => {
 });
 
 describe("a pass that switches to its refiner", { concurrency: false }, () => {
-  let dir: string;
-  let catalog: ModelCatalog;
-  let opts: PipelineOptions;
-  const pipes = new Map<string, Promise<LoadedPipeline>>();
+  let pipelines: CatalogPipelines;
   before(async () => {
-    dir = mkdtempSync(join(tmpdir(), "lf-refiner-"));
-    ({ catalog, opts } = await makeLoraCatalog(dir, { "tiny-b": 4 }));
+    pipelines = await CatalogPipelines.create({ "tiny-b": 4 });
   });
-  after(async () => {
-    for (const p of pipes.values()) await (await p).close();
-    rmSync(dir, { recursive: true, force: true });
-  });
-  const pipe = (key: string): Promise<LoadedPipeline> => {
-    let p = pipes.get(key);
-    if (p === undefined) {
-      const { model, loras } = parsePipelineKey(key);
-      pipes.set(key, (p = pipelineFor(catalog, model, [...loras], opts)));
-    }
-    return p;
-  };
+  after(() => pipelines.close());
+  const pipe = (key: string): Promise<LoadedPipeline> => pipelines.get(key);
   const base: Params = {
     model: "tiny",
     prompt: "a cat",

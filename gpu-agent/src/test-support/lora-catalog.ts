@@ -1,4 +1,5 @@
-import { mkdirSync, symlinkSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { makeTinyModel, writeSafetensors, type TensorToWrite } from "../model-graph/index.js";
 import { ModelCatalog } from "../models/catalog.js";
@@ -69,4 +70,37 @@ export async function makeLoraCatalog(
     });
   }
   return { catalog: new ModelCatalog(models), opts: { cacheDir: join(dir, "cache"), lorasDir: loras } };
+}
+
+/**
+ * A makeLoraCatalog folder (with `others`) in a temporary directory, and its pipelines by pipeline key,
+ * each loaded once, as the agent's cache keeps them; close() closes them and removes the folder.
+ */
+export class CatalogPipelines {
+  private readonly pipes = new Map<string, Promise<LoadedPipeline>>();
+  private constructor(
+    private readonly dir: string,
+    private readonly catalog: ModelCatalog,
+    private readonly opts: PipelineOptions,
+  ) {}
+
+  static async create(others: Record<string, number> = {}): Promise<CatalogPipelines> {
+    const dir = mkdtempSync(join(tmpdir(), "lf-catalog-"));
+    const { catalog, opts } = await makeLoraCatalog(dir, others);
+    return new CatalogPipelines(dir, catalog, opts);
+  }
+
+  get(key: string): Promise<LoadedPipeline> {
+    let p = this.pipes.get(key);
+    if (p === undefined) {
+      const { model, loras } = parsePipelineKey(key);
+      this.pipes.set(key, (p = pipelineFor(this.catalog, model, [...loras], this.opts)));
+    }
+    return p;
+  }
+
+  async close(): Promise<void> {
+    for (const p of this.pipes.values()) await (await p.catch(() => undefined))?.close();
+    rmSync(this.dir, { recursive: true, force: true });
+  }
 }
