@@ -807,7 +807,7 @@ export class Coordinator {
     }
     const agents = this.registry.list();
     const defaultModel = this.cfg.defaultModel ?? [...new Set(agents.flatMap((a) => [...a.available]))].sort()[0];
-    // As the request asked, before validateJob fills them in (from the infotext too): it fills `params` in place.
+    // As the request asked (validateJob fills a copy in, from the infotext too).
     const asked = { model: params.model, infotext: params.infotext, sdVae: params.overrideSettings?.sdVae ?? "" };
     const v = validateJob(params, {
       limits: this.limits,

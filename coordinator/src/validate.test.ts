@@ -127,3 +127,10 @@ test("refiner: a model name, a switch fraction in [0, 1], not with inpainting; h
     "override_settings.sdxl_refiner_high_aesthetic_score",
   );
 });
+
+test("validation fills a copy: the request keeps what it asked (the infotext, styles and defaults go into the copy)", () => {
+  const asked = job({ infotext: "a cat\nSteps: 3, Sampler: Euler, Seed: 5, Refiner: r [0123456789]", prompt: "" });
+  const v = validateJob(asked);
+  assert.deepEqual([v.params.prompt, v.params.steps, v.params.refinerCheckpoint], ["a cat", 3, "r"]);
+  assert.deepEqual([asked.prompt, asked.steps, asked.refinerCheckpoint, asked.width], ["", undefined, "", undefined]);
+});

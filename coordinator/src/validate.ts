@@ -80,7 +80,9 @@ export function validateJob(
   } = {},
 ): ValidatedJob {
   const L = opts.limits ?? DEFAULT_LIMITS;
-  const p = create(GenerationParamsSchema, input);
+  // A copy: the infotext, the styles and the defaults fill it in, and the caller's request stays as it asked.
+  // (structuredClone, not protobuf's clone, which would refuse the malformed values checked below.)
+  const p = create(GenerationParamsSchema, structuredClone(input));
   if (p.infotext.length > L.maxPromptChars * 3) throw FarmError.invalid("infotext", `is longer than ${L.maxPromptChars * 3} characters`);
   // First, so that the fields it fills are checked like the request's own.
   const { notReproduced, checkpointHashes } = applyInfotext(p);
