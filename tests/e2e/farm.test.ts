@@ -15,6 +15,7 @@ import {
   TEST_EMBEDDING_WORDS,
   TEST_RENAMED_CHECKPOINT,
   TEST_SDXL_CHECKPOINT,
+  TEST_SDXL_REFINER_CHECKPOINT,
   TEST_VAE,
   TEST_VAE_SHIFT,
   farmSkipReason,
@@ -546,7 +547,7 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     await expectStatus(s({ refinerCheckpoint: "tiny-sd15-hr", refinerSwitchAt: 2 }), grpc.status.INVALID_ARGUMENT, "refiner_switch_at");
   });
 
-  test("an SDXL checkpoint renders through the farm, Hires.fix included; a batch image equals its single render; ListModels says SDXL", async () => {
+  test("an SDXL checkpoint renders through the farm, Hires.fix and the SDXL refiner included; a batch image equals its single render; ListModels says SDXL", async () => {
     const params = {
       prompt: "a (red:1.2) castle",
       model: TEST_SDXL_CHECKPOINT,
@@ -586,10 +587,17 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     assert.notDeepEqual(batch[0]!.pixels, batch[1]!.pixels);
     const [single] = await render({ seed: 32n });
     assert.deepEqual(single!.pixels, batch[1]!.pixels);
+    // Refined by the SDXL refiner: the second pass hands over to it on the agent that holds both.
+    const [refined] = await render({ seed: 32n, refinerCheckpoint: TEST_SDXL_REFINER_CHECKPOINT, refinerSwitchAt: 0.5 });
+    assert.match(refined!.infotext, new RegExp(`Refiner: ${TEST_SDXL_REFINER_CHECKPOINT} \\[[0-9a-f]{10}\\], Refiner switch at: 0.5`));
+    assert.notDeepEqual(refined!.pixels, single!.pixels);
     // ListModels tells SDXL from SD 1.x by the files: the kit's ONNX export carries nothing that says.
     const { models } = await farm.client.listModels({});
     const family = (name: string) => models.find((m) => m.name === name)?.family;
-    assert.deepEqual([family(TEST_SDXL_CHECKPOINT), family(TEST_RENAMED_CHECKPOINT), family("tiny-sd15")], ["sdxl", "sd1", ""]);
+    assert.deepEqual(
+      [family(TEST_SDXL_CHECKPOINT), family(TEST_SDXL_REFINER_CHECKPOINT), family(TEST_RENAMED_CHECKPOINT), family("tiny-sd15")],
+      ["sdxl", "sdxl-refiner", "sd1", ""],
+    );
   });
 
   test("a textual-inversion embedding in the agents' --embeddings folder: its name in a prompt uses it, and the infotext says so", async () => {

@@ -185,22 +185,26 @@ export const TEST_RENAMED_CHECKPOINT = "z-renamed";
  * tokenizer's vocabulary, so the agents' one tokenizer serves it; its `.json` gives the head counts.
  */
 export const TEST_SDXL_CHECKPOINT = "tiny-sdxl";
+/** The same for the SDXL refiner ("sdxl-refiner-small"): OpenCLIP-G alone, an aesthetic score in its time ids. */
+export const TEST_SDXL_REFINER_CHECKPOINT = "tiny-sdxl-refiner";
 
-let sdxlCheckpoint: { checkpoint: Buffer; hints: string } | undefined;
+const checkpoints = new Map<string, { checkpoint: Buffer; hints: string }>();
 
 /** Made once per process (16 MB of random weights), however many test farms it starts. */
-export function testSdxlCheckpoint(): { checkpoint: Buffer; hints: string } {
-  if (sdxlCheckpoint !== undefined) return sdxlCheckpoint;
-  const spec = TINY_SPECS["sdxl-small"];
+export function testSdxlCheckpoint(config: "sdxl-small" | "sdxl-refiner-small" = "sdxl-small"): { checkpoint: Buffer; hints: string } {
+  const made = checkpoints.get(config);
+  if (made !== undefined) return made;
+  const spec = TINY_SPECS[config];
   const tensors = new Map<string, { dtype: "F32"; shape: number[]; data: Float32Array }>();
   let seed = 0;
   for (const [key, shape] of ldmTensorShapes(spec, 49408)) {
     const data = key.endsWith("logit_scale") ? Float32Array.of(Math.log(100)) : randomTensor(new SeededRandom(++seed), key, shape);
     tensors.set(key, { dtype: "F32", shape, data });
   }
-  const hints = { unetHeads: spec.unetHeads, textHeads: spec.textHeads, text2Heads: spec.text2Heads };
-  sdxlCheckpoint = { checkpoint: Buffer.from(encodeSafetensors(tensors)), hints: JSON.stringify(hints) };
-  return sdxlCheckpoint;
+  const hints = { unetHeads: spec.unetHeads, ...(spec.textHeads > 0 && { textHeads: spec.textHeads }), text2Heads: spec.text2Heads };
+  const checkpoint = { checkpoint: Buffer.from(encodeSafetensors(tensors)), hints: JSON.stringify(hints) };
+  checkpoints.set(config, checkpoint);
+  return checkpoint;
 }
 
 /** An A1111 styles.csv the test farm's coordinator reads (--styles-file). */
@@ -223,6 +227,9 @@ export async function startTestFarm(
   const sdxl = testSdxlCheckpoint();
   writeFileSync(join(modelsDir, `${TEST_SDXL_CHECKPOINT}.safetensors`), sdxl.checkpoint);
   writeFileSync(join(modelsDir, `${TEST_SDXL_CHECKPOINT}.json`), sdxl.hints);
+  const refiner = testSdxlCheckpoint("sdxl-refiner-small");
+  writeFileSync(join(modelsDir, `${TEST_SDXL_REFINER_CHECKPOINT}.safetensors`), refiner.checkpoint);
+  writeFileSync(join(modelsDir, `${TEST_SDXL_REFINER_CHECKPOINT}.json`), refiner.hints);
   const embeddingsDir = join(tmp, "embeddings");
   mkdirSync(embeddingsDir);
   writeFileSync(join(embeddingsDir, `${TEST_EMBEDDING}.safetensors`), testEmbedding());
