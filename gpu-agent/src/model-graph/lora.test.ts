@@ -505,3 +505,31 @@ test("fuzz: 1,200 corrupted LoRA files load or fail with ModelFileError, never c
   assert.ok(mergedModules > 1000, `only ${mergedModules} modules were merged`);
   assert.ok(Date.now() - started < 20_000);
 });
+
+test("a layer whose ΔW does not fit the layer it names (a LoRA made for another model) is skipped with a warning, as A1111 skips it", async () => {
+  const f = await readSafetensors(tiny.checkpointPath);
+  const shapes = new Map(f.keys().map((k) => [k, f.info(k).shape] as const));
+  const arch = detectArchitecture(new SafetensorsWeights(f), tiny.hints);
+  await f.close();
+  const other: Record<string, TensorToWrite> = {
+    // to_q is 32×32 here; this one was made for a 48-wide model.
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": t([48, 4]),
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": t([4, 48]),
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_v.lora_up.weight": t([32, 4]),
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_v.lora_down.weight": t([4, 32]),
+  };
+  await writeSafetensors(join(dir, "other.safetensors"), other);
+  const lora = await loadLora(join(dir, "other.safetensors"), arch, shapes);
+  assert.deepEqual(
+    lora.modules.map((m) => m.layer),
+    ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_v"],
+  );
+  assert.equal(lora.warnings.length, 1);
+  assert.match(lora.warnings[0]!, /attn1_to_q: delta of shape \[48,48\] does not fit .*attn1\.to_q\.weight \[32,32\]; layer skipped/);
+  // Factors that do not fit each other are a broken file, not another model's layer.
+  await writeSafetensors(join(dir, "broken.safetensors"), {
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": t([32, 4]),
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": t([8, 32]),
+  });
+  await assert.rejects(loadLora(join(dir, "broken.safetensors"), arch, shapes), (e: unknown) => e instanceof ModelFileError);
+});

@@ -164,7 +164,8 @@ function splitKey(key: string): { layer: string; part: string } | undefined {
 
 /**
  * Reads a LoRA/LoHa/LoKr .safetensors and maps its layers onto `checkpointKeys` (the base model's tensor
- * names and shapes). Bad shapes and unreadable files throw ModelFileError; unmatched layers are warnings.
+ * names and shapes). Factors that do not fit each other and unreadable files throw ModelFileError; layers that
+ * match no layer of the model, or whose ΔW does not fit the layer they match, are warnings (and left out).
  */
 export async function loadLora(
   path: string,
@@ -257,7 +258,16 @@ export async function loadLora(
       };
       // Validate shapes now, so that a broken file fails when it is loaded, not halfway through a build.
       const targetShape = checkpointShapes.get(target)!;
-      checkFit(path, mod, deltaShape(path, mod), targetShape);
+      const delta = deltaShape(path, mod);
+      if (!fits(mod, delta, targetShape)) {
+        // A well-formed layer made for another model (an SDXL base LoRA on the refiner, whose layers share
+        // names but not widths): A1111 catches the failed add, counts it under "Networks with errors"
+        // and renders with the rest, so the layer is left out here too.
+        warnings.push(
+          `layer ${layer}: delta of shape ${JSON.stringify(delta)} does not fit ${target} ${JSON.stringify(targetShape)}; layer skipped`,
+        );
+        continue;
+      }
       const dora = tensors.dora_scale;
       if (dora && (rowOffset > 0 || target.endsWith(".in_proj_weight") || targetShape.length < 2 || numel(dora.shape) !== targetShape[1])) {
         bad(`layer ${layer}: dora_scale of shape ${JSON.stringify(dora.shape)} does not match ${target} ${JSON.stringify(targetShape)}`);
@@ -399,15 +409,11 @@ export function deltaShape(file: string, mod: LoraModule): readonly number[] {
   return out;
 }
 
-function checkFit(file: string, mod: LoraModule, delta: readonly number[], target: readonly number[]): void {
+/** Whether a module's ΔW can be added to its target (a third of a fused in_proj; a zero-padded conv_in). */
+function fits(mod: LoraModule, delta: readonly number[], target: readonly number[]): boolean {
   const fused = mod.target.endsWith(".in_proj_weight");
   const rows = fused ? target[0]! / 3 : target[0]!;
-  if (numel(delta) === rows * numel(target.slice(1))) return;
-  if (isPaddable(delta, target)) return;
-  throw ModelFileError.invalidFile(
-    file,
-    `${mod.layer}: delta of shape ${JSON.stringify(delta)} does not fit ${mod.target} ${JSON.stringify(target)}`,
-  );
+  return numel(delta) === rows * numel(target.slice(1)) || isPaddable(delta, target);
 }
 
 /** A1111 pads a 4-channel conv_in delta with zeros for 9-channel inpainting UNets. */
