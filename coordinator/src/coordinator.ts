@@ -23,7 +23,6 @@ import {
   subjects,
   hiresCheckpoint,
   refinerCheckpoint,
-  refinerInPass,
   imageWork,
   passWork,
   samplerApiOptions,
@@ -834,24 +833,15 @@ export class Coordinator {
         "hr_checkpoint_name",
       );
     }
+    // A pass switches where it runs when that agent offers the refiner too; elsewhere the switch is
+    // handed back and the pass carries on where the refiner is (Scheduler.onRefinerSwitch).
     const refiner = refinerCheckpoint(v.params);
-    if (refiner !== undefined) {
-      if (!agents.some((a) => a.available.has(refiner))) {
-        const known = [...new Set(agents.flatMap((a) => [...a.available]))].sort();
-        throw FarmError.notFound(
-          `refiner "${refiner}" is not offered by any agent (known: ${known.join(", ") || "none"})`,
-          "refiner_checkpoint",
-        );
-      }
-      // A pass switches on the agent it runs on, which must hold both checkpoints.
-      const switching = (["first", "second"] as const).filter((pass) => refinerInPass(v.params, pass));
-      for (const model of new Set(switching.map((pass) => (pass === "first" ? v.params.model : secondPassModel(v.params))))) {
-        if (!agents.some((a) => a.available.has(refiner) && a.available.has(model))) {
-          throw new FarmError(grpc.status.FAILED_PRECONDITION, `no agent offers both "${model}" and the refiner "${refiner}"`, {
-            field: "refiner_checkpoint",
-          });
-        }
-      }
+    if (refiner !== undefined && !agents.some((a) => a.available.has(refiner))) {
+      const known = [...new Set(agents.flatMap((a) => [...a.available]))].sort();
+      throw FarmError.notFound(
+        `refiner "${refiner}" is not offered by any agent (known: ${known.join(", ") || "none"})`,
+        "refiner_checkpoint",
+      );
     }
     const vae = namedVae(v.params.overrideSettings?.sdVae);
     if (vae !== undefined && !agents.some((a) => a.vaes.some((f) => f.name === vae))) {

@@ -7,6 +7,7 @@ import {
   FarmError,
   GenerationParamsSchema,
   ImageSchema,
+  RefinerResumeSchema,
   VaeInfoSchema,
   silentLogger,
   type RunTaskRequest,
@@ -27,6 +28,11 @@ interface FakeBehaviour {
   fail?: (req: RunTaskRequest) => FarmError | undefined;
   /** Stops making progress after the first step, until cancelled. */
   stall?: boolean;
+  /**
+   * A job's refiner this agent does not offer: after this step of a task that has not switched yet, the
+   * agent hands the switch back, as an agent without the refiner does.
+   */
+  refinerSwitchAfter?: number;
 }
 
 /** An agent whose RunTask stream is simulated in-process: steps are timers, results are empty images. */
@@ -48,7 +54,7 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
             );
           });
         };
-        log.push(`start ${id} ${req.taskId}`);
+        log.push(`start ${id} ${req.taskId}${req.refinerResume ? ` resumed after ${req.refinerResume.answers.length}` : ""}`);
         const c = concurrency.get(id) ?? { now: 0, max: 0 };
         concurrency.set(id, c);
         c.now++;
@@ -63,6 +69,11 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
               kind: { case: "progress" as const, value: { taskId: req.taskId, imageIndex: req.imageIndex, step: s, totalSteps: steps } },
             };
             if (b.stall) await wait(3_600_000);
+            if (b.refinerSwitchAfter === s && req.params?.refinerCheckpoint && !req.refinerResume) {
+              const answers = Array.from({ length: s }, () => new Uint8Array(4));
+              yield { kind: { case: "refinerSwitch" as const, value: create(RefinerResumeSchema, { answers }) } };
+              return;
+            }
           }
           yield { kind: { case: "result" as const, value: create(ImageSchema, { index: req.imageIndex, seed: req.seed }) } };
         } finally {
@@ -130,10 +141,11 @@ function harness(agents: AgentState[], opts: { maxAttempts?: number; speculate?:
     resume?: { agent: string; until: number; attempt: number },
     callsPerStep = 1,
     sdVae = "",
+    params: { refinerCheckpoint?: string; refinerSwitchAt?: number } = {},
   ): Task[] => {
     const job = new Job({
       id: `job${jobs++}`,
-      params: create(GenerationParamsSchema, { model: "m", steps, width: 64, height: 64, overrideSettings: { sdVae } }),
+      params: create(GenerationParamsSchema, { model: "m", steps, width: 64, height: 64, overrideSettings: { sdVae }, ...params }),
       tenant: "t",
       requestId: "",
       imageCount: n,
@@ -353,4 +365,41 @@ test("after a restart, running tasks wait for their agent and are re-attached th
   assert.equal(placed[0]?.agent !== "gone", true);
   assert.equal(placed[0]?.attempt, 2);
   h.scheduler.close();
+});
+
+test("a refiner: an agent without it hands the switch back and the task carries on where the refiner is; one with both is preferred", async () => {
+  const log: string[] = [];
+  const baseOnly = fakeAgent("base-only", 1, { stepMs: 5, refinerSwitchAfter: 2 }, log);
+  const refinerOnly = fakeAgent("refiner-only", 1, { stepMs: 5 }, log);
+  refinerOnly.available = new Set(["r"]);
+  refinerOnly.info.loadedModels = ["r"];
+  const h = harness([baseOnly, refinerOnly]);
+  const [task] = h.submit(1, 4, undefined, 1, "", { refinerCheckpoint: "r", refinerSwitchAt: 0.5 });
+  await h.settled(1);
+  assert.deepEqual(
+    h.done.map((d) => d.agent),
+    ["refiner-only"],
+  );
+  assert.deepEqual(
+    log.filter((l) => l.startsWith("start")),
+    [`start base-only ${task!.id}`, `start refiner-only ${task!.id} resumed after 2`],
+  );
+  assert.equal(task!.failures, 0, "a switch is not a failed attempt");
+  assert.equal(h.retried.length, 0);
+  // An agent that offers both takes the task over one that would hand the switch back.
+  const both = fakeAgent("both", 1, { stepMs: 5 }, log);
+  both.available = new Set(["m", "r"]);
+  const h2 = harness([fakeAgent("base-only-2", 1, { stepMs: 5, refinerSwitchAfter: 2 }, log), both]);
+  h2.submit(1, 4, undefined, 1, "", { refinerCheckpoint: "r", refinerSwitchAt: 0.5 });
+  await h2.settled(1);
+  assert.deepEqual(
+    h2.done.map((d) => d.agent),
+    ["both"],
+  );
+  // Without a refiner the same agents take tasks as before.
+  h2.submit(2, 2);
+  await h2.settled(3);
+  assert.deepEqual(new Set(h2.done.slice(1).map((d) => d.agent)), new Set(["base-only-2", "both"]));
+  h.scheduler.close();
+  h2.scheduler.close();
 });

@@ -5,6 +5,7 @@ import {
   RunTaskRequestSchema,
   TaskStage,
   namedVae,
+  type RefinerResume,
   refinerCheckpoint,
   refinerInPass,
   statusName,
@@ -30,7 +31,8 @@ export interface Task extends FairItem {
   readonly imageIndex: number;
   readonly seed: bigint;
   readonly subseed: bigint;
-  readonly key: SpeedKey;
+  /** Its model (the refiner's once it carries on from a refiner switch), size: what it is placed and estimated by. */
+  key: SpeedKey;
   /** Sampling steps the agent reports as progress (0 for stages that do not sample). */
   readonly steps: number;
   /** UNet evaluations those steps take (shared SamplingWork): what the speed model estimates the task by. */
@@ -52,6 +54,11 @@ export interface Task extends FairItem {
   lastStep: number;
   /** Set when the task is one stage of an image split across agents (Hires.fix); absent: the whole image. */
   readonly stage?: TaskStageSpec;
+  /**
+   * Set when its pass reached the refiner switch on an agent without the refiner: the task carries on
+   * from there on an agent that offers it (RunTaskRequest.refiner_resume).
+   */
+  refinerResume?: RefinerResume;
 }
 
 /** What a stage task sends beyond the job's params: the stage, its inputs, its tile. */
@@ -65,16 +72,20 @@ export interface TaskStageSpec {
   attempts: number;
 }
 
-/**
- * Whether the agent has what the task needs beyond its model: the VAE file the job names (sd_vae), and
- * the refiner checkpoint when a pass the task samples switches to it (an agent runs the switch itself).
- */
+/** Whether the agent lists the VAE file the task's job names (sd_vae), if it names one. */
 function offersVae(a: AgentState, task: Task): boolean {
-  const p = task.job.spec.params;
-  const vae = namedVae(p.overrideSettings?.sdVae);
-  if (vae !== undefined && !a.vaes.some((f) => f.name === vae)) return false;
-  const refiner = refinerCheckpoint(p);
-  return refiner === undefined || !samplesWithRefiner(task) || a.available.has(refiner);
+  const vae = namedVae(task.job.spec.params.overrideSettings?.sdVae);
+  return vae === undefined || a.vaes.some((f) => f.name === vae);
+}
+
+/**
+ * The refiner a task's pass may switch to, before it has: an agent that offers it too switches there and
+ * then, where another hands the switch back for a second placement.
+ */
+function refinerToSwitchTo(task: Task): string | undefined {
+  if (task.refinerResume !== undefined) return undefined;
+  const refiner = refinerCheckpoint(task.job.spec.params);
+  return refiner !== undefined && samplesWithRefiner(task) ? refiner : undefined;
 }
 
 /** Whether a pass the task samples may switch to the job's refiner. */
@@ -630,6 +641,11 @@ export class Scheduler {
   private choose(task: Task, plan: Plan, waiting: number): { agent: AgentState; start: number; ms: number; measured: boolean } | undefined {
     const candidates = this.agentsFor(task.key.model);
     const est = this.estimatesFor(task, candidates, plan);
+    // Agents that also offer the refiner the task may switch to, when one can take it, over a hand-back.
+    const refiner = refinerToSwitchTo(task);
+    const withRefiner =
+      refiner !== undefined &&
+      candidates.some((a) => !a.info.draining && !task.failedOn.has(a.id) && a.available.has(refiner) && offersVae(a, task));
     // Agents the task failed on, or short of memory, only when no other agent can take it.
     let restrict = false;
     if (task.failedOn.size > 0 || this.opts.minFreeMemoryBytes) {
@@ -652,6 +668,7 @@ export class Scheduler {
       // An agent without the VAE file the job names cannot render it (Submit checked that one can).
       if (a.info.draining || !offersVae(a, task)) continue;
       if (restrict && (task.failedOn.has(a.id) || !this.memoryOk(a, task))) continue;
+      if (withRefiner && !a.available.has(refiner)) continue;
       const start = plan.slot(a).at;
       if (start === Infinity) continue;
       let finish = start + est.ms[i]!;
@@ -833,8 +850,10 @@ export class Scheduler {
       subseed: task.subseed,
       attempt: run.attempt,
       ...task.stage?.request,
+      ...(task.refinerResume !== undefined && { refinerResume: task.refinerResume }),
     });
     let out: { case: "result"; value: Image } | { case: "handover"; value: Handover } | undefined;
+    let switched: RefinerResume | undefined;
     try {
       const call = agent.client.runTask(req, {
         signal: run.abort.signal,
@@ -843,7 +862,12 @@ export class Scheduler {
       for await (const msg of call) {
         if (msg.kind.case === "progress") this.onProgress(run, msg.kind.value);
         else if (msg.kind.case === "result" || msg.kind.case === "handover") out = msg.kind;
+        else if (msg.kind.case === "refinerSwitch") switched = msg.kind.value;
         else if (msg.kind.case === "warning" && task.state === "running") this.hooks.onWarning(task, msg.kind.value.message);
+      }
+      if (switched !== undefined && !out) {
+        this.onRefinerSwitch(run, switched);
+        return;
       }
       if (!out) throw new FarmError(grpc.status.INTERNAL, `agent ${agent.id} ended task ${task.id} without a result`);
       // An agent that does not know stages renders the whole image instead: another agent may.
@@ -919,11 +943,41 @@ export class Scheduler {
     else this.hooks.onResult(task, out.value, run);
   }
 
+  /**
+   * An attempt's pass reached its refiner switch on an agent without the refiner: the task goes back to
+   * the queue, carrying the switch, to be placed by the refiner (not a failure; other copies stop).
+   */
+  private onRefinerSwitch(run: Run, resume: RefinerResume): void {
+    const { task, agent } = run;
+    if (task.state !== "running" || this.closing) return;
+    const refiner = refinerToSwitchTo(task);
+    if (refiner === undefined) {
+      this.onAttemptFailed(
+        run,
+        new FarmError(grpc.status.INTERNAL, `agent ${agent.id} handed back a refiner switch task ${task.id} cannot make`),
+      );
+      return;
+    }
+    for (const other of task.runs) {
+      if (other !== run)
+        other.abort.abort(new AttemptAborted(grpc.status.CANCELLED, `task ${task.id} switched to its refiner on ${agent.id}`, false));
+    }
+    task.state = "queued";
+    this.leaveRunning(task);
+    task.refinerResume = resume;
+    task.key = { ...task.key, model: refiner };
+    task.preferAgent = undefined;
+    this.countQueued(task, 1);
+    this.queue.pushRetry(task);
+    this.opts.logger.info("task switches to its refiner on another agent", { taskId: task.id, agentId: agent.id, refiner });
+  }
+
   private observeSpeed(run: Run): void {
     const end = Date.now();
     const steps = run.task.steps;
-    // Stages without sampling steps (upscale, assemble) say nothing about seconds per model call.
-    if (steps === 0) return;
+    // Stages without sampling steps (upscale, assemble) say nothing about seconds per model call, nor
+    // does a run that carried on from a refiner switch (its first steps were made elsewhere).
+    if (steps === 0 || run.task.refinerResume !== undefined) return;
     const calls = callsPerStep(run.task);
     if (run.firstProgressAt !== undefined && steps > 1) {
       const perStep = (end - run.firstProgressAt) / (steps - 1) / 1000;

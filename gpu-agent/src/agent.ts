@@ -322,7 +322,13 @@ export class Agent {
   }
 
   private runTask(req: RunTaskRequest, callSignal: AbortSignal): AsyncGenerator<RunTaskMessage> {
-    const existing = this.runs.get(req.taskId);
+    let existing = this.runs.get(req.taskId);
+    // A task resumed from a refiner switch is new work: never the finished run that handed the switch back.
+    if (existing?.finished && existing.resumed !== (req.refinerResume !== undefined)) {
+      existing.dispose();
+      this.runs.delete(req.taskId);
+      existing = undefined;
+    }
     if (existing) {
       this.m.metrics.tasksAttached.inc();
       this.cfg.logger.info("re-attached to a running task", { taskId: req.taskId, attempt: req.attempt, finished: existing.finished });
@@ -334,6 +340,7 @@ export class Agent {
     const run = new TaskRun({
       taskId: req.taskId,
       attempt: req.attempt,
+      resumed: req.refinerResume !== undefined,
       orphanGraceMs: this.cfg.orphanGraceMs ?? DEFAULT_ORPHAN_GRACE_MS,
       onExpired: (r) => {
         if (this.runs.get(r.taskId) === r) this.runs.delete(r.taskId);
@@ -394,6 +401,7 @@ export class Agent {
         },
         runOn,
         passKeysWith(this.vaes),
+        async (name) => (await this.catalog.list()).some((e) => e.name === name),
       );
       outcome = "succeeded";
       run.finish({ output });

@@ -8,7 +8,16 @@
  */
 import * as grpc from "@grpc/grpc-js";
 import { create } from "@bufbuild/protobuf";
-import { FarmError, RunTaskRequestSchema, TaskStage, isHiresTxt2img, refinerInPass, type RunTaskRequest } from "@latentfarm/shared";
+import {
+  FarmError,
+  MAX_MESSAGE_BYTES,
+  RunTaskRequestSchema,
+  TaskStage,
+  isHiresTxt2img,
+  refinerCheckpoint,
+  refinerInPass,
+  type RunTaskRequest,
+} from "@latentfarm/shared";
 import { passPipelineKey, type PassKeyOf } from "./models/model-loader.js";
 import type { RenderContext } from "./pipeline/render-common.js";
 import type { TaskOutput } from "./task-run.js";
@@ -39,23 +48,38 @@ export function stagePipelineKey(req: RunTaskRequest, keyOf: PassKeyOf = checkpo
 export type RunOnPipeline = (key: string, req: RunTaskRequest, ctx: RenderContext) => Promise<PipelineOutput>;
 
 /**
+ * Whether this agent offers a checkpoint (its refiner): one that does not hands a pass's switch back to
+ * the coordinator rather than load it.
+ */
+export type OffersModel = (name: string) => Promise<boolean>;
+
+/**
  * Runs a task on its pipelines: one for most tasks; two in a row for a FULL Hires.fix task whose second
  * pass needs another, or which has a refiner (each pass may then switch to the refiner and back, as
  * A1111 reloads the model for the second pass). A pass that reaches its refiner switch runs again on
- * the refiner's pipeline from there (pipeline/refiner.ts). Progress then counts both passes, as a FULL
- * task's does.
+ * the refiner's pipeline from there (pipeline/refiner.ts), on this agent when it offers the refiner;
+ * otherwise a single-pass task returns the switch for the coordinator to place. A task that comes
+ * with a resume runs on the refiner's pipeline alone. Progress counts both passes, as a FULL task's does.
  */
 export async function runTaskPasses(
   req: RunTaskRequest,
   ctx: RenderContext,
   runOn: RunOnPipeline,
   keyOf: PassKeyOf = checkpointVae,
+  offers: OffersModel = () => Promise.resolve(true),
 ): Promise<TaskOutput> {
   const p = req.params!;
+  const hires = req.stage === TaskStage.FULL && isHiresTxt2img(p);
+  if (req.refinerResume !== undefined) {
+    if (hires) throw FarmError.invalid("refiner_resume", "a FULL Hires.fix task cannot resume a pass: its stages can");
+    return finished(await runOn(await keyOf(p, stagePass(req), true), req, ctx));
+  }
   const first = await stagePipelineKey(req, keyOf);
-  if (req.stage !== TaskStage.FULL || !isHiresTxt2img(p)) return runWithRefiner(first, req, ctx, runOn, keyOf);
+  if (!hires) return runWithRefiner(first, req, ctx, runOn, keyOf, offers, true);
   const second = await keyOf(p, "second");
-  if (second === first && !refinerInPass(p, "first") && !refinerInPass(p, "second")) return runWithRefiner(first, req, ctx, runOn, keyOf);
+  if (second === first && !refinerInPass(p, "first") && !refinerInPass(p, "second")) {
+    return runWithRefiner(first, req, ctx, runOn, keyOf, offers, true);
+  }
   // A FULL task reports first-pass steps out of both passes' total; the first pass reports its own.
   let firstSteps = 0;
   const handover = await runWithRefiner(
@@ -70,36 +94,61 @@ export async function runTaskPasses(
     },
     runOn,
     keyOf,
+    offers,
+    false,
   );
   if (handover.case !== "handover") throw new FarmError(grpc.status.INTERNAL, "the first pass returned an image instead of its hand-over");
   return runWithRefiner(
     second,
     create(RunTaskRequestSchema, { ...req, stage: TaskStage.SECOND_PASS, inputs: [handover.value] }),
-    {
-      ...ctx,
-      onStep: (step, total, previewPng) => ctx.onStep(firstSteps + step, firstSteps + total, previewPng),
-    },
+    { ...ctx, onStep: (step, total, previewPng) => ctx.onStep(firstSteps + step, firstSteps + total, previewPng) },
     runOn,
     keyOf,
+    offers,
+    false,
   );
 }
 
-/** Runs a task on `key`, and again on its refiner's pipeline from the switch when its pass switches. */
+/**
+ * Runs a task on `key`, and when its pass switches, on the refiner's pipeline from the switch; or, with
+ * `mayHandBack` on an agent without the refiner, returns the switch.
+ */
 async function runWithRefiner(
   key: string,
   req: RunTaskRequest,
   ctx: RenderContext,
   runOn: RunOnPipeline,
   keyOf: PassKeyOf,
+  offers: OffersModel,
+  mayHandBack: boolean,
 ): Promise<TaskOutput> {
   const out = await runOn(key, req, ctx);
   if (out.case !== "refinerSwitch") return out;
-  const refined = await runOn(
-    await keyOf(req.params!, stagePass(req), true),
-    create(RunTaskRequestSchema, { ...req, refinerResume: out.value }),
-    ctx,
+  const p = req.params!;
+  if (!(await offers(refinerCheckpoint(p)!))) {
+    if (mayHandBack) {
+      const bytes = out.value.start.byteLength + [...out.value.answers, ...out.value.uncondAnswers].reduce((n, a) => n + a.byteLength, 0);
+      // It goes to the coordinator and on to the refiner's agent in one gRPC message each way.
+      if (bytes > MAX_MESSAGE_BYTES - 1024 * 1024) {
+        throw new FarmError(
+          grpc.status.FAILED_PRECONDITION,
+          `the pass's state at its refiner switch (${Math.ceil(bytes / 2 ** 20)} MiB) is too large to hand to another agent; give this agent the refiner "${refinerCheckpoint(p)}" too`,
+          { field: "refiner_checkpoint" },
+        );
+      }
+      return out;
+    }
+    throw new FarmError(grpc.status.FAILED_PRECONDITION, `this agent does not offer the refiner "${refinerCheckpoint(p)}"`, {
+      field: "refiner_checkpoint",
+    });
+  }
+  return finished(
+    await runOn(await keyOf(p, stagePass(req), true), create(RunTaskRequestSchema, { ...req, refinerResume: out.value }), ctx),
   );
-  if (refined.case === "refinerSwitch")
-    throw new FarmError(grpc.status.INTERNAL, "the refiner's run of a pass switched to the refiner again");
-  return refined;
+}
+
+/** A refiner's run's output, which never switches again. */
+function finished(out: PipelineOutput): TaskOutput {
+  if (out.case === "refinerSwitch") throw new FarmError(grpc.status.INTERNAL, "the refiner's run of a pass switched to the refiner again");
+  return out;
 }

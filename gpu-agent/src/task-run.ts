@@ -1,13 +1,17 @@
 import type { MessageInitShape } from "@bufbuild/protobuf";
-import { FarmError, type Handover, type Image, type RunTaskResponseSchema } from "@latentfarm/shared";
+import { FarmError, type Handover, type Image, type RefinerResume, type RunTaskResponseSchema } from "@latentfarm/shared";
 import * as grpc from "@grpc/grpc-js";
 
 /** Longer than a coordinator restart (process start, JetStream scan) plus one heartbeat. */
 export const DEFAULT_ORPHAN_GRACE_MS = 30_000;
 
 export type RunTaskMessage = MessageInitShape<typeof RunTaskResponseSchema>;
-/** What a task produces: the final image, or a Hires.fix stage's hand-over to the next stage. */
-export type TaskOutput = { case: "result"; value: Image } | { case: "handover"; value: Handover };
+/**
+ * What a task produces: the final image, a Hires.fix stage's hand-over to the next stage, or, from an
+ * agent without the job's refiner, its pass's switch for another agent to carry on from.
+ */
+export type TaskOutput =
+  { case: "result"; value: Image } | { case: "handover"; value: Handover } | { case: "refinerSwitch"; value: RefinerResume };
 
 interface Subscriber {
   readonly queue: RunTaskMessage[];
@@ -17,6 +21,8 @@ interface Subscriber {
 export interface TaskRunOptions {
   taskId: string;
   attempt: number;
+  /** The request carried a refiner resume (RunTaskRequest.refiner_resume); default false. */
+  resumed?: boolean;
   /**
    * How long the run goes on with nobody attached (its coordinator's stream broke), waiting for a
    * restarted coordinator to re-attach; after that it is cancelled. Also how long a finished
@@ -38,6 +44,8 @@ export class TaskRun {
   readonly abort = new AbortController();
   /** The newest attempt attached; CancelTask for an older attempt leaves the run alone. */
   attempt: number;
+  /** Whether the run carries on from a refiner switch made elsewhere (a re-attach must ask for the same). */
+  readonly resumed: boolean;
   private readonly subscribers = new Set<Subscriber>();
   private readonly warnings: RunTaskMessage[] = [];
   private latestProgress: RunTaskMessage | undefined;
@@ -46,6 +54,7 @@ export class TaskRun {
 
   constructor(private readonly opts: TaskRunOptions) {
     this.taskId = opts.taskId;
+    this.resumed = opts.resumed ?? false;
     this.attempt = opts.attempt;
   }
 

@@ -27,6 +27,21 @@ import {
 
 const skip = farmSkipReason();
 
+/** The refiner job both refiner tests render: on one agent holding both checkpoints, and across two. */
+const REFINER_JOB = {
+  prompt: "a tower",
+  model: "tiny-sd15",
+  width: 64,
+  height: 64,
+  steps: 4,
+  samplerName: "DPM++ 2M",
+  seed: 23n,
+  refinerCheckpoint: TEST_RENAMED_CHECKPOINT,
+  refinerSwitchAt: 0.5,
+};
+/** Its image as one agent renders it (set by the first suite's refiner test). */
+let refinedOnOneAgent: { infotext: string; pixels: Buffer } | undefined;
+
 async function collect(farm: TestFarm, jobId: string): Promise<JobEvent[]> {
   const events: JobEvent[] = [];
   for await (const { event } of farm.client.watch({ jobId })) if (event) events.push(event);
@@ -537,7 +552,8 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       return { infotext: img.infotext, pixels: await sharp(img.png).raw().toBuffer() };
     };
     // z-renamed holds the kit's SD 1.x weights as a checkpoint the agent builds: another pipeline to switch to.
-    const sd1 = await image({ refinerCheckpoint: TEST_RENAMED_CHECKPOINT, refinerSwitchAt: 0.5 });
+    const sd1 = await image(REFINER_JOB);
+    refinedOnOneAgent = sd1;
     assert.match(
       sd1.infotext,
       new RegExp(`Model: tiny-sd15, .*Refiner: ${TEST_RENAMED_CHECKPOINT} \\[[0-9a-f]{10}\\], Refiner switch at: 0.5`),
@@ -973,6 +989,47 @@ describe(
       const [img] = events.flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []));
       assert.equal(img?.infotext, tiled!.infotext);
       assert.deepEqual(Buffer.from(img!.png), Buffer.from(tiled!.png), "same bytes whichever agents ran the tiles");
+    });
+  },
+);
+
+describe(
+  "a refiner on another agent (nats-server, coordinator and two one-slot agents, each with one of the checkpoints)",
+  { skip, concurrency: false, timeout: 300_000 },
+  () => {
+    let farm: TestFarm;
+    before(async () => {
+      farm = await startTestFarm({
+        agents: 2,
+        slots: 1,
+        // tiny-sd15-hr (an ONNX folder) gives the second agent its tokenizer for the checkpoint.
+        agentModels: [["tiny-sd15"], [TEST_RENAMED_CHECKPOINT, "tiny-sd15-hr"]],
+      });
+    });
+    after(async () => {
+      await farm?.close();
+    });
+
+    test("the pass runs on the model's agent to its switch, then carries on on the refiner's: the same image as on one agent", async () => {
+      const { jobId } = await farm.client.submit({ params: REFINER_JOB });
+      const events = await collect(farm, jobId);
+      assert.equal(events.at(-1)?.event.case, "done", JSON.stringify(events.at(-1)?.event.value));
+      const placed = events.flatMap((e) => (e.event.case === "placed" ? [e.event.value] : []));
+      assert.deepEqual(
+        placed.map((p) => p.agentId),
+        ["agent-0", "agent-1"],
+      );
+      assert.equal(new Set(placed.map((p) => p.taskId)).size, 1, "one task, placed again from its switch");
+      assert.ok(!events.some((e) => e.event.case === "retried"), "a switch is not a retry");
+      const img = events.flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))[0]!;
+      assert.match(
+        img.infotext,
+        new RegExp(`Model: tiny-sd15, .*Refiner: ${TEST_RENAMED_CHECKPOINT} \\[[0-9a-f]{10}\\], Refiner switch at: 0.5`),
+      );
+      if (refinedOnOneAgent !== undefined) {
+        assert.equal(img.infotext, refinedOnOneAgent.infotext);
+        assert.deepEqual(await sharp(img.png).raw().toBuffer(), refinedOnOneAgent.pixels);
+      }
     });
   },
 );

@@ -1,7 +1,7 @@
 // Real processes for end-to-end tests: nats-server, a coordinator and agents, each its own
 // process on loopback, all stopped by close().
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync, mkdirSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync, mkdirSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -212,7 +212,14 @@ export const TEST_STYLES_CSV =
   "name,prompt,negative_prompt\n" + '"lf-cinematic","cinematic still of {prompt}, bokeh","cartoon"\n' + '"lf-grain","film grain",\n';
 
 export async function startTestFarm(
-  opts: { agents?: number; agentTimeoutMs?: number; slots?: number; coordinatorArgs?: string[] } = {},
+  opts: {
+    agents?: number;
+    agentTimeoutMs?: number;
+    slots?: number;
+    coordinatorArgs?: string[];
+    /** Agent i offers only these models of the farm's (by name); default all of them. */
+    agentModels?: ReadonlyArray<readonly string[]>;
+  } = {},
 ): Promise<TestFarm> {
   const nats = await startNatsServer();
   const tmp = mkdtempSync(join(tmpdir(), "latentfarm-test-"));
@@ -261,9 +268,20 @@ export async function startTestFarm(
     started.push(coordinator);
     const agents: ServiceProcess[] = [];
     for (let i = 0; i < (opts.agents ?? 2); i++) {
+      const only = opts.agentModels?.[i];
+      let agentModelsDir = modelsDir;
+      if (only !== undefined) {
+        // A folder of its own holding the chosen models (and their .json hints) as links to the farm's.
+        agentModelsDir = join(tmp, `models-${i}`);
+        mkdirSync(agentModelsDir);
+        for (const entry of readdirSync(modelsDir)) {
+          const name = entry.replace(/\.(safetensors|json)$/, "");
+          if (only.includes(name)) symlinkSync(join(modelsDir, entry), join(agentModelsDir, entry));
+        }
+      }
       const a = await startAgentProcess({
         natsUrl: nats.url,
-        modelsDir,
+        modelsDir: agentModelsDir,
         id: `agent-${i}`,
         slots: opts.slots ?? 2,
         heartbeatMs: 250,

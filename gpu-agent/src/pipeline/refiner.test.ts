@@ -10,6 +10,7 @@ import {
   parseInfotext,
   type GenerationParamsSchema,
   type Image,
+  type RefinerResume,
   type RunTaskRequest,
 } from "@latentfarm/shared";
 import { prepareSampling, sd1Schedule, type ModelRequest, type PreparedSampling } from "../sampling/index.js";
@@ -218,6 +219,44 @@ describe("a pass that switches to its refiner", { concurrency: false }, () => {
     // Deterministic: a retry gives the same bytes.
     const again = await render({ ...base, refinerCheckpoint: "tiny-b", refinerSwitchAt: 0.5 });
     assert.deepEqual(Buffer.from(again.image.png), Buffer.from(half.image.png));
+  });
+
+  test("an agent without the refiner hands the switch back; the task resumed elsewhere gives the image of a local switch", async () => {
+    const params = { ...base, refinerCheckpoint: "tiny-b", refinerSwitchAt: 0.5 };
+    const local = await render(params);
+    const runOn = async (key: string, req: RunTaskRequest, c: RenderContext): Promise<PipelineOutput> => runTask(await pipe(key), req, c);
+    const withoutRefiner = (name: string) => Promise.resolve(name !== "tiny-b");
+    const handedBack = await runTaskPasses(request(params), ctxOf(), runOn, undefined, withoutRefiner);
+    assert.equal(handedBack.case, "refinerSwitch");
+    const resume = handedBack.value as RefinerResume;
+    assert.ok(resume.answers.length > 0 && resume.answers.length < 6);
+    assert.equal(resume.model?.name, "tiny");
+    // What the coordinator sends the refiner's agent: the task again, with the switch.
+    const keys: string[] = [];
+    const resumed = await runTaskPasses(
+      create(RunTaskRequestSchema, { ...request(params), refinerResume: resume }),
+      ctxOf(),
+      async (key, req, c) => {
+        keys.push(parsePipelineKey(key).model);
+        return runOn(key, req, c);
+      },
+      undefined,
+      (name) => Promise.resolve(name === "tiny-b"),
+    );
+    assert.deepEqual(keys, ["tiny-b"], "the refiner's agent runs no part of the pass on the model");
+    assert.equal(resumed.case, "result");
+    assert.deepEqual(Buffer.from((resumed.value as Image).png), Buffer.from(local.image.png));
+    // A FULL Hires.fix task on an agent without the refiner cannot hand a pass back (the coordinator sends stages).
+    await assert.rejects(
+      runTaskPasses(
+        request({ ...params, enableHr: true, hrScale: 1.5, overrideSettings: { hiresFixRefinerPass: "first pass" } }),
+        ctxOf(),
+        runOn,
+        undefined,
+        withoutRefiner,
+      ),
+      (e: unknown) => FarmError.from(e).codeName === "FAILED_PRECONDITION",
+    );
   });
 
   test("img2img switches too; inpainting with a refiner is refused naming the field", async () => {
