@@ -324,7 +324,8 @@ export class Agent {
   private runTask(req: RunTaskRequest, callSignal: AbortSignal): AsyncGenerator<RunTaskMessage> {
     let existing = this.runs.get(req.taskId);
     // A task resumed from a refiner switch is new work: never the finished run that handed the switch back.
-    if (existing?.finished && existing.resumed !== (req.refinerResume !== undefined)) {
+    // (A re-attach without the resume, after a coordinator restart, may join the resumed run: its result is the task's.)
+    if (existing?.finished && !existing.resumed && req.refinerResume !== undefined) {
       existing.dispose();
       this.runs.delete(req.taskId);
       existing = undefined;

@@ -44,7 +44,7 @@ export class TaskRun {
   readonly abort = new AbortController();
   /** The newest attempt attached; CancelTask for an older attempt leaves the run alone. */
   attempt: number;
-  /** Whether the run carries on from a refiner switch made elsewhere (a re-attach must ask for the same). */
+  /** Whether the run carries on from a refiner switch made elsewhere (RunTaskRequest.refiner_resume). */
   readonly resumed: boolean;
   private readonly subscribers = new Set<Subscriber>();
   private readonly warnings: RunTaskMessage[] = [];
