@@ -110,7 +110,7 @@ test("hr_checkpoint_name: a model name, checked only where Hires.fix applies", (
   validateJob(job({ hrCheckpointName: "../x" }));
 });
 
-test("refiner: a model name, a switch fraction in [0, 1], not with inpainting; hires_fix_refiner_pass and aesthetic scores checked", () => {
+test("refiner: a model name, a switch fraction in [0, 1]; hires_fix_refiner_pass and aesthetic scores checked", () => {
   const ok = validateJob(job({ refinerCheckpoint: "xl-refiner", refinerSwitchAt: 0.8 }));
   assert.deepEqual([ok.params.refinerCheckpoint, ok.params.refinerSwitchAt], ["xl-refiner", 0.8]);
   validateJob(job({ refinerCheckpoint: "None", refinerSwitchAt: 0 }));
@@ -119,7 +119,7 @@ test("refiner: a model name, a switch fraction in [0, 1], not with inpainting; h
   rejects({ refinerCheckpoint: "r", refinerSwitchAt: 1.5 }, "INVALID_ARGUMENT", "refiner_switch_at");
   rejects({ refinerCheckpoint: "r", refinerSwitchAt: -0.1 }, "INVALID_ARGUMENT", "refiner_switch_at");
   rejects({ refinerCheckpoint: "r", refinerSwitchAt: Number.NaN }, "INVALID_ARGUMENT", "refiner_switch_at");
-  rejects({ refinerCheckpoint: "r", initImages: [init], mask }, "UNIMPLEMENTED", "refiner_checkpoint");
+  validateJob(job({ refinerCheckpoint: "r", initImages: [init], mask }));
   rejects({ overrideSettings: { hiresFixRefinerPass: "third pass" } }, "INVALID_ARGUMENT", "override_settings.hires_fix_refiner_pass");
   rejects(
     { overrideSettings: { sdxlRefinerHighAestheticScore: Number.POSITIVE_INFINITY } },

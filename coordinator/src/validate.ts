@@ -194,8 +194,6 @@ export function validateJob(
   if (refiner !== undefined && (refiner.length > 200 || /[/\\\0]/.test(refiner) || refiner.startsWith(".")))
     throw FarmError.invalid("refiner_checkpoint", `"${refiner.slice(0, 200)}" is not a model name`);
   checkRefinerSwitchAt(p);
-  if (refiner !== undefined && p.mask.length > 0 && p.initImages.length > 0)
-    throw FarmError.unimplemented("refiner_checkpoint", "a refiner with inpainting (a mask) is not implemented yet");
   if (p.enableHr) {
     finite("hr_scale", p.hrScale);
     if (p.hrScale !== undefined && (p.hrScale < 1 || p.hrScale > 8))

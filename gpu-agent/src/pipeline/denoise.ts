@@ -75,6 +75,8 @@ export type RefinerMode =
   | {
       mode: "resume";
       start: Float32Array;
+      /** Inpainting: the model's init latent, which the blend (and the caller's finish) use in place of the refiner's encoding. */
+      init: Float32Array | undefined;
       answers: readonly Float32Array[];
       uncondAnswers: readonly Float32Array[];
       onTakeOver: () => void;
@@ -86,6 +88,8 @@ export class RefinerSwitch extends Error {
     readonly start: Float32Array,
     readonly answers: Float32Array[],
     readonly uncondAnswers: Float32Array[],
+    /** Inpainting: the init latent the pass blends toward. */
+    readonly init: Float32Array | undefined,
   ) {
     super(`the pass switches to its refiner after ${answers.length} model calls`);
     this.name = "RefinerSwitch";
@@ -169,6 +173,13 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       { field: "refiner_checkpoint" },
     );
   }
+  if (resume !== undefined && input.maskBlend !== undefined) {
+    // The blend goes toward the model's encoding of the picture, as A1111's init_latent stays the model's.
+    if (resume.init?.length !== input.maskBlend.init.length) {
+      throw FarmError.invalid("refiner_resume.init", "an inpainting pass's resume needs the model's init latent");
+    }
+    input.maskBlend.init.set(resume.init);
+  }
   // What a switching run hands the refiner's: its start as it began, and each call's answer in order.
   const record =
     refiner?.mode === "switch" ? { start: input.start.slice(), answers: [] as Float32Array[], uncond: [] as Float32Array[] } : undefined;
@@ -182,7 +193,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       const req = r.value;
       const replayed = resume !== undefined && call < resume.answers.length;
       if (refiner !== undefined && sampler.switchesToRefiner(req) && resume === undefined) {
-        throw new RefinerSwitch(record!.start, record!.answers, record!.uncond);
+        throw new RefinerSwitch(record!.start, record!.answers, record!.uncond, input.maskBlend?.init.slice());
       }
       if (resume !== undefined && call === resume.answers.length) resume.onTakeOver();
       call++;

@@ -111,11 +111,11 @@ export async function renderImg2img(pipe: LoadedPipeline, req: RunTaskRequest, c
     img2img: { denoisingStrength: strength, fixSteps: b.img2imgFixSteps },
     refiner: refinerSampling(req, "first"),
   });
-  if ((inpaint !== undefined || inpaintingUnet) && refinerCheckpoint(p) !== undefined) {
-    // The refiner's run would blend in and condition on its own VAE's encoding of the picture, not the model's.
+  if (inpaintingUnet && refinerCheckpoint(p) !== undefined) {
+    // Its c_concat (the masked picture's latent) would be the refiner's own VAE's encoding, not the model's.
     throw FarmError.unimplemented(
       "refiner_checkpoint",
-      "a refiner with inpainting (a mask, or an inpainting model) is not implemented yet",
+      `a refiner with an inpainting (9-channel) model ("${pipe.name}") is not implemented yet`,
     );
   }
 

@@ -124,9 +124,20 @@ describe("a pass that switches to its refiner", { concurrency: false }, () => {
    */
   test("a run resumed from its switch equals the run that never switched, for every kind of sampler state", async () => {
     const tiny = await pipe(passPipelineKey(request(base).params!, "first"));
+    // An inpainting blend toward a picture's latent (the left half kept), for some of them: the resume must
+    // carry the model's latent, standing in for the refiner's own VAE's encoding of the picture.
+    const picture = Float32Array.from({ length: 256 }, (_, i) => Math.sin(i * 0.37));
+    const keep = Float32Array.from({ length: 256 }, (_, i) => (i % 8 < 4 ? 1 : 0));
+    const blendOf = (init: Float32Array, sampler: string) => ({
+      init,
+      mask: keep,
+      nmask: keep.map((k) => 1 - k),
+      beforeModel: ["DDIM", "DDIM CFG++", "PLMS", "UniPC"].includes(sampler),
+    });
     for (const samplerName of ["Euler a", "Heun", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DDIM", "DDIM CFG++", "PLMS", "UniPC", "LMS"]) {
       const p = request({ ...base, samplerName, steps: 5, ...(samplerName === "DDIM" && { eta: 0.5 }) }).params!;
-      const run = async (refiner: RefinerMode | undefined) => {
+      const inpaint = ["Euler a", "DPM++ 2M", "DDIM", "PLMS"].includes(samplerName);
+      const run = async (refiner: RefinerMode | undefined, init = picture) => {
         const b = taskBasics(tiny, request(p));
         const rng = imageRngFor(b, 8, 8);
         const sampler = prepareSampling({
@@ -149,6 +160,7 @@ describe("a pass that switches to its refiner", { concurrency: false }, () => {
           onStep: () => {},
           noiseRng: rng,
           refiner,
+          ...(inpaint && { maskBlend: blendOf(init, samplerName) }),
         });
         return { latent, infotext: sampler.infotext };
       };
@@ -160,13 +172,19 @@ describe("a pass that switches to its refiner", { concurrency: false }, () => {
       assert.ok(stop instanceof RefinerSwitch, samplerName);
       assert.ok(stop.answers.length > 0, `${samplerName}: the switch came after some calls`);
       let tookOver = 0;
-      const resumed = await run({
-        mode: "resume",
-        start: stop.start,
-        answers: stop.answers,
-        uncondAnswers: stop.uncondAnswers,
-        onTakeOver: () => tookOver++,
-      });
+      assert.deepEqual(stop.init, inpaint ? picture : undefined, samplerName);
+      const resumed = await run(
+        {
+          mode: "resume",
+          start: stop.start,
+          init: stop.init,
+          answers: stop.answers,
+          uncondAnswers: stop.uncondAnswers,
+          onTakeOver: () => tookOver++,
+        },
+        // The refiner's run encodes the picture with its own VAE: here, to other values.
+        picture.map((v) => v + 0.25),
+      );
       assert.equal(tookOver, 1, samplerName);
       assert.deepEqual(resumed.latent, plain.latent, `${samplerName}: resumed after ${stop.answers.length} calls`);
       assert.equal(samplerName === "DDIM CFG++", stop.uncondAnswers.length === stop.answers.length, samplerName);
@@ -259,7 +277,7 @@ describe("a pass that switches to its refiner", { concurrency: false }, () => {
     );
   });
 
-  test("img2img switches too; inpainting with a refiner is refused naming the field", async () => {
+  test("img2img and inpainting switch too; the inpainted image keeps the picture outside its mask", async () => {
     const init = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 200, g: 80, b: 40 } } })
       .png()
       .toBuffer();
@@ -269,13 +287,23 @@ describe("a pass that switches to its refiner", { concurrency: false }, () => {
     assert.deepEqual(refined.keys, ["tiny", "tiny-b"]);
     assert.notDeepEqual(await pixels(refined.image), await pixels(plain.image));
     assert.match(refined.image.infotext, /Denoising strength: 0.6, .*Refiner: tiny-b \[[0-9a-f]{10}\], Refiner switch at: 0.7/);
-    const mask = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 255, g: 255, b: 255 } } })
+    // The right half masked (white): A1111 pastes the picture back over the left half.
+    const mask = await sharp({
+      create: { width: 64, height: 64, channels: 3, background: { r: 0, g: 0, b: 0 } },
+    })
+      .composite([{ input: { create: { width: 32, height: 64, channels: 3, background: { r: 255, g: 255, b: 255 } } }, left: 32, top: 0 }])
       .png()
       .toBuffer();
-    await assert.rejects(render({ ...img, mask: new Uint8Array(mask), refinerCheckpoint: "tiny-b" }), (e: unknown) => {
-      const err = FarmError.from(e);
-      return err.codeName === "UNIMPLEMENTED" && err.field === "refiner_checkpoint";
-    });
+    const inpaint = { ...img, mask: new Uint8Array(mask), maskBlur: 0, inpaintFullRes: false };
+    const unrefined = await render(inpaint);
+    const inpainted = await render({ ...inpaint, refinerCheckpoint: "tiny-b", refinerSwitchAt: 0.7 });
+    assert.deepEqual(inpainted.keys, ["tiny", "tiny-b"]);
+    const [a, b] = [await pixels(inpainted.image), await pixels(unrefined.image)];
+    const left = (buf: Buffer) => Buffer.concat(Array.from({ length: 64 }, (_, y) => buf.subarray(y * 64 * 3, y * 64 * 3 + 24 * 3)));
+    const right = (buf: Buffer) => Buffer.concat(Array.from({ length: 64 }, (_, y) => buf.subarray(y * 64 * 3 + 40 * 3, (y + 1) * 64 * 3)));
+    assert.deepEqual(left(a), left(b), "outside the mask both are the picture");
+    assert.notDeepEqual(right(a), right(b), "inside it the refiner shows");
+    assert.match(inpainted.image.infotext, /Refiner: tiny-b/);
   });
 
   test("Hires.fix: the second pass switches by default, either pass or both on request; FULL equals the stages", async () => {

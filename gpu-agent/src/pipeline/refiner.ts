@@ -65,6 +65,7 @@ export function refinerRun(pipe: LoadedPipeline, req: RunTaskRequest, pass: Pass
   return {
     mode: "resume",
     start: floats(resume.start, "refiner_resume.start"),
+    init: resume.init.length > 0 ? floats(resume.init, "refiner_resume.init") : undefined,
     answers: resume.answers.map((a, i) => floats(a, `refiner_resume.answers[${i}]`)),
     uncondAnswers: resume.uncondAnswers.map((a, i) => floats(a, `refiner_resume.uncond_answers[${i}]`)),
     onTakeOver: () => {
@@ -92,6 +93,7 @@ export function refinerResumeOf(pipe: ModelIdentity, s: RefinerSwitch): RefinerR
     start: bytesOf(s.start),
     answers: s.answers.map(bytesOf),
     uncondAnswers: s.uncondAnswers.map(bytesOf),
+    ...(s.init !== undefined && { init: bytesOf(s.init) }),
     model: passModel(pipe),
   });
 }
