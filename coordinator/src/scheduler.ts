@@ -969,6 +969,7 @@ export class Scheduler {
     task.preferAgent = undefined;
     this.countQueued(task, 1);
     this.queue.pushRetry(task);
+    this.opts.metrics?.refinerHandbacks.inc();
     this.opts.logger.info("task switches to its refiner on another agent", { taskId: task.id, agentId: agent.id, refiner });
   }
 

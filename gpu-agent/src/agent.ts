@@ -179,6 +179,7 @@ export class Agent {
     // Pre-create the labelled series the dashboards read, so they exist before the first task.
     for (const outcome of ["succeeded", "failed", "cancelled"]) this.m.metrics.tasks.inc({ outcome }, 0);
     this.m.metrics.busySeconds.inc(0);
+    for (const where of ["local", "handed_back"]) this.m.metrics.refinerSwitches.inc({ outcome: where }, 0);
   }
 
   get slots(): number {
@@ -403,6 +404,7 @@ export class Agent {
         runOn,
         passKeysWith(this.vaes),
         async (name) => (await this.catalog.list()).some((e) => e.name === name),
+        (where) => this.m.metrics.refinerSwitches.inc({ outcome: where }),
       );
       outcome = "succeeded";
       run.finish({ output });

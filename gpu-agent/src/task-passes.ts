@@ -67,6 +67,8 @@ export async function runTaskPasses(
   runOn: RunOnPipeline,
   keyOf: PassKeyOf = checkpointVae,
   offers: OffersModel = () => Promise.resolve(true),
+  /** Each pass that reaches its refiner switch: whether the refiner runs here or the switch is handed back. */
+  onSwitch: (where: "local" | "handed_back") => void = () => {},
 ): Promise<TaskOutput> {
   const p = req.params!;
   const hires = req.stage === TaskStage.FULL && isHiresTxt2img(p);
@@ -75,10 +77,10 @@ export async function runTaskPasses(
     return finished(await runOn(await keyOf(p, stagePass(req), true), req, ctx));
   }
   const first = await stagePipelineKey(req, keyOf);
-  if (!hires) return runWithRefiner(first, req, ctx, runOn, keyOf, offers, true);
+  if (!hires) return runWithRefiner(first, req, ctx, runOn, keyOf, offers, onSwitch, true);
   const second = await keyOf(p, "second");
   if (second === first && !refinerInPass(p, "first") && !refinerInPass(p, "second")) {
-    return runWithRefiner(first, req, ctx, runOn, keyOf, offers, true);
+    return runWithRefiner(first, req, ctx, runOn, keyOf, offers, onSwitch, true);
   }
   // A FULL task reports first-pass steps out of both passes' total; the first pass reports its own.
   let firstSteps = 0;
@@ -95,6 +97,7 @@ export async function runTaskPasses(
     runOn,
     keyOf,
     offers,
+    onSwitch,
     false,
   );
   if (handover.case !== "handover") throw new FarmError(grpc.status.INTERNAL, "the first pass returned an image instead of its hand-over");
@@ -105,6 +108,7 @@ export async function runTaskPasses(
     runOn,
     keyOf,
     offers,
+    onSwitch,
     false,
   );
 }
@@ -120,6 +124,7 @@ async function runWithRefiner(
   runOn: RunOnPipeline,
   keyOf: PassKeyOf,
   offers: OffersModel,
+  onSwitch: (where: "local" | "handed_back") => void,
   mayHandBack: boolean,
 ): Promise<TaskOutput> {
   const out = await runOn(key, req, ctx);
@@ -136,12 +141,14 @@ async function runWithRefiner(
           { field: "refiner_checkpoint" },
         );
       }
+      onSwitch("handed_back");
       return out;
     }
     throw new FarmError(grpc.status.FAILED_PRECONDITION, `this agent does not offer the refiner "${refinerCheckpoint(p)}"`, {
       field: "refiner_checkpoint",
     });
   }
+  onSwitch("local");
   return finished(
     await runOn(await keyOf(p, stagePass(req), true), create(RunTaskRequestSchema, { ...req, refinerResume: out.value }), ctx),
   );

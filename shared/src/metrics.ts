@@ -57,6 +57,12 @@ export const COORDINATOR_METRICS = {
     labels: [],
   },
   tasksDispatched: { name: "latentfarm_tasks_dispatched_total", kind: "counter", help: "Task attempts sent to agents.", labels: [] },
+  refinerHandbacks: {
+    name: "latentfarm_refiner_handbacks_total",
+    kind: "counter",
+    help: "Tasks whose pass reached its refiner switch on an agent without the refiner, placed again where the refiner is.",
+    labels: [],
+  },
   taskRetries: {
     name: "latentfarm_task_retries_total",
     kind: "counter",
@@ -138,6 +144,12 @@ export const AGENT_METRICS = {
     name: "latentfarm_agent_tasks_total",
     kind: "counter",
     help: "Tasks this agent finished, by outcome (succeeded, failed, cancelled).",
+    labels: ["outcome"],
+  },
+  refinerSwitches: {
+    name: "latentfarm_agent_refiner_switches_total",
+    kind: "counter",
+    help: "Passes that reached their refiner switch here, by outcome: local (the refiner ran here) or handed_back (to the coordinator).",
     labels: ["outcome"],
   },
   tasksAttached: {

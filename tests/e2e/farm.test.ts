@@ -1030,6 +1030,12 @@ describe(
         assert.equal(img.infotext, refinedOnOneAgent.infotext);
         assert.deepEqual(await sharp(img.png).raw().toBuffer(), refinedOnOneAgent.pixels);
       }
+      // What the dashboards show: one switch handed back by agent-0, one task placed again.
+      const metric = async (url: string, series: string) =>
+        Number(new RegExp(`^${series.replace(/[{}]/g, "\\$&")} ([0-9.e+-]+)$`, "m").exec(await fetch(url).then((r) => r.text()))?.[1]);
+      assert.equal(await metric(farm.agentMetricsUrls[0]!, 'latentfarm_agent_refiner_switches_total{outcome="handed_back"}'), 1);
+      assert.equal(await metric(farm.agentMetricsUrls[1]!, 'latentfarm_agent_refiner_switches_total{outcome="handed_back"}'), 0);
+      assert.equal(await metric(farm.coordinatorMetricsUrl, "latentfarm_refiner_handbacks_total"), 1);
     });
   },
 );
