@@ -211,3 +211,13 @@ test("apply: the refiner's entries fill refiner_checkpoint (its hash kept), refi
     (e: unknown) => e instanceof FarmError && e.field === "infotext" && e.message.includes("Refiner switch at"),
   );
 });
+
+test("apply: Tiling: True turns tiling on, unless the request sets it", () => {
+  const p = create(GenerationParamsSchema, { infotext: "a wall\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64, RNG: CPU, Tiling: True" });
+  assert.deepEqual(applyInfotext(p).notReproduced, []);
+  assert.equal(p.tiling, true);
+  assert.throws(
+    () => applyInfotext(create(GenerationParamsSchema, { infotext: "a wall\nSteps: 20, Sampler: Euler, Tiling: yes" })),
+    (e: unknown) => e instanceof FarmError && e.field === "infotext" && e.message.includes("Tiling"),
+  );
+});

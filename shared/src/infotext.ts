@@ -133,6 +133,7 @@ const FIELDS: ReadonlyArray<readonly [string, ParamsField, Kind]> = [
   ["Schedule type", "scheduler", "str"],
   ["CFG scale", "cfgScale", "num"],
   ["Seed", "seed", "big"],
+  ["Tiling", "tiling", "bool"],
   ["Size-1", "width", "int"],
   ["Size-2", "height", "int"],
   ["Model", "model", "str"],

@@ -73,7 +73,7 @@ Generation options (A1111's parameter names in kebab case):
     --initial-noise-multiplier F  --denoising-strength F
   inpainting: --mask FILE  --mask-blur N  --inpainting-fill fill|original|latent-noise|latent-nothing
     --inpaint-full-res true|false  --inpaint-full-res-padding N  --inpainting-mask-invert
-  --restore-faces  --code-former-weight F  --lora NAME[:WEIGHT[:UNET_WEIGHT]] (repeatable; or <lora:…> in the prompt)
+  --tiling (A1111's Tiling: seamless, circularly padded convolutions)  --restore-faces  --code-former-weight F  --lora NAME[:WEIGHT[:UNET_WEIGHT]] (repeatable; or <lora:…> in the prompt)
   --style NAME (repeatable; an A1111 prompt style of the coordinator's --styles-file, merged in order)
 
 Client options (txt2img, agents, models): --token T (or LATENTFARM_TOKEN), --tls-ca FILE, --json
@@ -144,6 +144,7 @@ const GEN_OPTIONS = {
   "hr-negative-prompt": { type: "string", default: "" },
   "hr-checkpoint": { type: "string", default: "" },
   refiner: { type: "string", default: "" },
+  tiling: { type: "boolean", default: false },
   "refiner-switch-at": { type: "string" },
   "denoising-strength": { type: "string" },
   "init-image": { type: "string", multiple: true },
@@ -323,6 +324,7 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
     hrNegativePrompt: v["hr-negative-prompt"],
     hrCheckpointName: v["hr-checkpoint"],
     refinerCheckpoint: v.refiner,
+    tiling: v.tiling,
     refinerSwitchAt: num("refiner-switch-at", v["refiner-switch-at"]),
     denoisingStrength: num("denoising-strength", v["denoising-strength"]),
     initImages: await Promise.all((v["init-image"] ?? []).map((f) => readFile(f))),

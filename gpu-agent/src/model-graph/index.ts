@@ -31,6 +31,7 @@ export type {
 } from "./onnx.js";
 export { decodeModel, readModel, initializerFloat32 } from "./onnx-read.js";
 export { withTokenOverrides, TOKEN_OVERRIDE_POSITIONS, TOKEN_OVERRIDE_VECTORS } from "./token-override.js";
+export { withCircularPadding } from "./circular-padding.js";
 export { readTorchFile, TorchTensor, type TorchFloatType } from "./torch-file.js";
 export type { DecodedModel, DecodedNode, DecodedTensor } from "./onnx-read.js";
 export type { LazyBytes } from "./protobuf.js";

@@ -38,14 +38,21 @@ export interface PipelineKey {
   readonly loras: readonly LoraUse[];
   /** A VAE file in place of the checkpoint's own (A1111's sd_vae, resolved); absent: the checkpoint's. */
   readonly vae?: VaeFile;
+  /** A1111's Tiling: the UNet's and VAE's convolutions pad circularly; absent: zeros. */
+  readonly tiling?: true;
 }
 
 /** A stable cache key: LoRAs sorted by name, weight-0 LoRAs dropped (they equal the base). */
-export function pipelineKey(model: string, loras: readonly LoraUse[], vae?: VaeFile): string {
+export function pipelineKey(model: string, loras: readonly LoraUse[], vae?: VaeFile, tiling = false): string {
   const active = loras
     .filter((l) => l.teWeight !== 0 || l.unetWeight !== 0)
     .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
-  return JSON.stringify({ model, loras: active, ...(vae && { vae: { name: vae.name, path: vae.path } }) } satisfies PipelineKey);
+  return JSON.stringify({
+    model,
+    loras: active,
+    ...(vae && { vae: { name: vae.name, path: vae.path } }),
+    ...(tiling && { tiling: true as const }),
+  } satisfies PipelineKey);
 }
 
 /** The LoRAs a prompt's `<lora:…>` tags and the request's `loras` field name, in that order. */
@@ -66,7 +73,7 @@ export function lorasOf(prompt: string, explicit: readonly LoraRef[]): LoraUse[]
  * `loras` apply to both.
  */
 export function passPipelineKey(p: GenerationParams, pass: "first" | "second", vae?: VaeFile, refiner = false): string {
-  return pipelineKey(passModelName(p, pass, refiner), lorasOf(pass === "first" ? p.prompt : secondPassPrompt(p), p.loras), vae);
+  return pipelineKey(passModelName(p, pass, refiner), lorasOf(pass === "first" ? p.prompt : secondPassPrompt(p), p.loras), vae, p.tiling);
 }
 
 /**
@@ -177,6 +184,7 @@ export async function loadModel(
         ...(signal ? { signal } : {}),
         ...(opts.tokenOverrides ? { tokenOverrides: true } : {}),
         ...(vae ? { vaeDir: vae.dir } : {}),
+        ...(key.tiling ? { circular: true, scratchDir: join(opts.cacheDir, "circular") } : {}),
       },
     );
     if (vae && vae.config.latentChannels !== model.config.latentChannels) {

@@ -1,7 +1,7 @@
-import { randomUUID } from "node:crypto";
-import { readFile, rename, writeFile } from "node:fs/promises";
+import { createHash, randomUUID } from "node:crypto";
+import { copyFile, link, mkdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { existsSync } from "node:fs";
-import { join } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { FarmError, type Logger } from "@latentfarm/shared";
 import { OrtWorker } from "../runtime/ort-runtime.js";
@@ -13,6 +13,7 @@ import {
   ModelFileError,
   TOKEN_OVERRIDE_POSITIONS,
   TOKEN_OVERRIDE_VECTORS,
+  withCircularPadding,
   withTokenOverrides,
 } from "../model-graph/index.js";
 import type { ModelEntry } from "./catalog.js";
@@ -99,6 +100,61 @@ export interface SdModelLoadOptions {
    * as A1111's sd_vae loads a VAE over the checkpoint's.
    */
   vaeDir?: string;
+  /**
+   * A1111's Tiling: the UNet and the VAE pad every convolution circularly (withCircularPadding), so the
+   * picture wraps around at its edges.
+   */
+  circular?: boolean;
+  /** Where circularly padded graphs with external data go: a folder each, with the data hard-linked (or copied). */
+  scratchDir?: string;
+}
+
+/** The file name of a circularly padded graph whose weights are external data (in its scratch folder). */
+export const CIRCULAR_MODEL = "model.circular.onnx";
+
+/** Written whole, then renamed: a pipeline loading meanwhile never reads half a file. */
+async function writeWhole(target: string, bytes: Uint8Array): Promise<void> {
+  const partial = `${target}.${process.pid}.${randomUUID()}.partial`;
+  await writeFile(partial, bytes);
+  await rename(partial, target);
+}
+
+/**
+ * A UNet or VAE graph to load: the folder's own, or with circular padding (A1111's Tiling). A patched
+ * graph with external data goes to a folder of its own under `scratchDir`, beside the data (ONNX Runtime
+ * finds external data relative to the graph file); the model's folder is never written.
+ */
+async function convGraph(dir: string, component: string, circular: boolean | undefined, scratchDir?: string): Promise<string | Uint8Array> {
+  const path = join(dir, component, "model.onnx");
+  if (circular !== true) return path;
+  const patched = withCircularPadding(await readFile(path), path);
+  if (!patched.externalData) return patched.model;
+  if (scratchDir === undefined) {
+    throw new FarmError(grpc.status.FAILED_PRECONDITION, `tiling needs a scratch folder for a circularly padded ${component} of ${dir}`, {
+      field: "tiling",
+    });
+  }
+  const folder = join(scratchDir, createHash("sha256").update(resolve(path)).digest("hex").slice(0, 16), component);
+  await mkdir(folder, { recursive: true });
+  for (const file of patched.externalFiles) {
+    const target = join(folder, file);
+    const source = resolve(dir, component, file);
+    // ONNX Runtime refuses external data reached through a link out of the graph's folder, so the data
+    // is hard-linked (no copy; the farm's builds and their cache share a filesystem), or else copied once.
+    if (existsSync(target) && (await stat(target)).size === (await stat(source)).size) continue;
+    await mkdir(dirname(target), { recursive: true });
+    await rm(target, { force: true });
+    await link(source, target).catch(async (e: NodeJS.ErrnoException) => {
+      if (e.code === "EEXIST") return;
+      if (e.code !== "EXDEV" && e.code !== "EPERM") throw e;
+      const partial = `${target}.${process.pid}.${randomUUID()}.partial`;
+      await copyFile(source, partial);
+      await rename(partial, target);
+    });
+  }
+  const moved = join(folder, CIRCULAR_MODEL);
+  await writeWhole(moved, patched.model);
+  return moved;
 }
 
 /** Where a patched text encoder whose weights are external data is saved: beside them, as they are named relative to it. */
@@ -212,6 +268,8 @@ export class SdModel {
     readonly textEncoder: TextEncoder,
     /** The folder whose vae_decoder/ and vae_encoder/ this model decodes and encodes with. */
     private readonly vaeDir: string,
+    /** A1111's Tiling: its convolutions pad circularly (the encoder's too, when it loads); with its scratchDir. */
+    private readonly circular: { scratchDir: string | undefined } | undefined,
   ) {}
 
   /**
@@ -262,9 +320,9 @@ export class SdModel {
     const worker = sessionsFor(opts);
     try {
       const textEncoder = await loadTextEncoders(worker, dir, opts);
-      const unet = await worker.load("unet", join(dir, "unet", "model.onnx"), opts.signal);
+      const unet = await worker.load("unet", await convGraph(dir, "unet", opts.circular, opts.scratchDir), opts.signal);
       const vaeDir = opts.vaeDir ?? dir;
-      const vae = await worker.load("vae_decoder", join(vaeDir, "vae_decoder", "model.onnx"), opts.signal);
+      const vae = await worker.load("vae_decoder", await convGraph(vaeDir, "vae_decoder", opts.circular, opts.scratchDir), opts.signal);
       const unetInputs = {
         sample: inputOf(unet, ["sample"], "unet"),
         timestep: inputOf(unet, ["timestep", "timesteps", "t"], "unet"),
@@ -283,7 +341,17 @@ export class SdModel {
           { field: "model" },
         );
       }
-      return new SdModel(entry, config, join(dir, tokenizer), worker, { unet, vae_decoder: vae }, unetInputs, textEncoder, vaeDir);
+      return new SdModel(
+        entry,
+        config,
+        join(dir, tokenizer),
+        worker,
+        { unet, vae_decoder: vae },
+        unetInputs,
+        textEncoder,
+        vaeDir,
+        opts.circular === true ? { scratchDir: opts.scratchDir } : undefined,
+      );
     } catch (err) {
       await worker.close();
       throw err;
@@ -420,7 +488,9 @@ export class SdModel {
           { field: ownVae ? "model" : "override_settings.sd_vae" },
         );
       }
-      this.vaeEncoderInfo = this.worker.load("vae_encoder", path, signal);
+      this.vaeEncoderInfo = convGraph(this.vaeDir, "vae_encoder", this.circular !== undefined, this.circular?.scratchDir).then((graph) =>
+        this.worker.load("vae_encoder", graph, signal),
+      );
       this.vaeEncoderInfo.catch(() => (this.vaeEncoderInfo = undefined));
     }
     const info = await this.vaeEncoderInfo;

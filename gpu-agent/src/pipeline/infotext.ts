@@ -63,6 +63,8 @@ export interface InfotextFields {
   clipSkip?: number | undefined;
   ensd?: number | undefined;
   rng?: "CPU" | "GPU" | "NV" | undefined;
+  /** A1111's Tiling (circular convolutions): "Tiling: True" after RNG. */
+  tiling?: boolean | undefined;
   /** "Face restoration" slot (after Seed). */
   faceRestoration?: string | undefined;
   /** "Denoising strength" slot (after Seed resize from). */
@@ -98,6 +100,7 @@ export function buildInfotext(f: InfotextFields): string {
     ["Clip skip", f.clipSkip !== undefined && f.clipSkip > 1 ? f.clipSkip : undefined],
     ["ENSD", f.ensd ? f.ensd : undefined],
     ["RNG", f.rng && f.rng !== "GPU" ? f.rng : undefined],
+    ["Tiling", f.tiling ? "True" : undefined],
     ...(f.extra ?? []),
     ["Version", FARM_VERSION],
   ];

@@ -482,6 +482,7 @@ export function baseInfotext(
     clipSkip: b.clipSkip,
     ensd: sampler.choice.sampler.usesEnsd && b.ensd !== 0 ? b.ensd : undefined,
     rng: b.rng,
+    tiling: b.p.tiling,
     extra: [loraHashesEntry(model, b.p), ...samplerExtras(sampler)],
   };
 }

@@ -14,8 +14,14 @@ export interface PipelineOptions {
 }
 
 /** A pipeline as the agent's pipeline thread loads it, for a model and LoRAs (one ORT thread). */
-export async function pipelineFor(catalog: ModelCatalog, model: string, loras: LoraUse[], opts: PipelineOptions): Promise<LoadedPipeline> {
-  const key = parsePipelineKey(pipelineKey(model, loras));
+export async function pipelineFor(
+  catalog: ModelCatalog,
+  model: string,
+  loras: LoraUse[],
+  opts: PipelineOptions,
+  tiling = false,
+): Promise<LoadedPipeline> {
+  const key = parsePipelineKey(pipelineKey(model, loras, undefined, tiling));
   const loaded = await loadModel(catalog, key, { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1, ...opts });
   return new LoadedPipeline(loaded.model, {
     maxBatchRows: 8,
@@ -93,8 +99,8 @@ export class CatalogPipelines {
   get(key: string): Promise<LoadedPipeline> {
     let p = this.pipes.get(key);
     if (p === undefined) {
-      const { model, loras } = parsePipelineKey(key);
-      this.pipes.set(key, (p = pipelineFor(this.catalog, model, [...loras], this.opts)));
+      const { model, loras, tiling } = parsePipelineKey(key);
+      this.pipes.set(key, (p = pipelineFor(this.catalog, model, [...loras], this.opts, tiling === true)));
     }
     return p;
   }
