@@ -151,7 +151,6 @@ export function requestSettingsOf(p: GenerationParams): RequestSettings {
   } = checkOverrideSettings(p);
   // Which passes switch is read off the request (refinerInPass), not a sampler setting.
   const { hiresFixRefinerPass, ...sampling } = checked;
-  void hiresFixRefinerPass;
   const settings: SamplingSettings = sampling;
   if (p.eta !== undefined) settings.eta = p.eta;
   if (p.sChurn !== undefined) settings.sChurn = p.sChurn;
