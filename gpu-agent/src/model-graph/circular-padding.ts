@@ -8,21 +8,14 @@
 
 import { ModelFileError } from "./errors.js";
 import { encodeNode, type NodeSpec } from "./onnx.js";
-import { decodeNode, decodeTensor } from "./onnx-read.js";
-import { decodeFields, fixed32ToFloat, ProtoMessage, type Field } from "./protobuf.js";
+import { decodeNode, decodeTensor, graphForRewrite } from "./onnx-read.js";
+import { copyField, decodeFields, ProtoMessage } from "./protobuf.js";
 import type { PatchedModel } from "./token-override.js";
 
 /** Slice with starts/ends/axes as inputs. */
 const MIN_OPSET = 10;
 
 const text = (b: unknown): string => new TextDecoder().decode(b as Uint8Array);
-
-function copyField(m: ProtoMessage, f: Field): void {
-  if (f.wire === 0) m.varint(f.field, f.value as bigint);
-  else if (f.wire === 2) m.bytes(f.field, f.value as Uint8Array);
-  else if (f.wire === 5) m.float(f.field, fixed32ToFloat(f.value as number));
-  else throw new RangeError(`cannot copy a fixed64 field (${f.field})`);
-}
 
 function int64Constant(name: string, value: bigint): NodeSpec {
   const data = new Uint8Array(8);
@@ -47,19 +40,7 @@ export function withCircularPadding(
   model: Uint8Array,
   label: string,
 ): PatchedModel & { converted: number; /** The external data files the graph names, relative to its folder. */ externalFiles: string[] } {
-  const top = decodeFields(model);
-  const graphField = top.find((f) => f.field === 7);
-  if (graphField === undefined) throw ModelFileError.invalidFile(label, "not an ONNX model: no graph");
-  for (const f of top) {
-    if (f.field !== 8) continue;
-    const opset = decodeFields(f.value as Uint8Array);
-    const domain = opset.find((o) => o.field === 1);
-    const version = Number(opset.find((o) => o.field === 2)?.value ?? 0);
-    if ((domain === undefined || text(domain.value) === "" || text(domain.value) === "ai.onnx") && version < MIN_OPSET) {
-      throw ModelFileError.invalidFile(label, `opset ${version} predates Slice with inputs (opset ${MIN_OPSET}); re-export the model`);
-    }
-  }
-  const graph = decodeFields(graphField.value as Uint8Array);
+  const { top, graph } = graphForRewrite(model, label, MIN_OPSET, "Slice with inputs");
   const externalFiles = new Set<string>();
   for (const f of graph) {
     if (f.field !== 5) continue;

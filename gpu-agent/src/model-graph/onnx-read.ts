@@ -3,7 +3,8 @@
 
 import { readFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
-import { decodeFields, decodePackedVarints, fixed32ToFloat, toSigned64 } from "./protobuf.js";
+import { decodeFields, decodePackedVarints, fixed32ToFloat, toSigned64, type Field } from "./protobuf.js";
+import { ModelFileError } from "./errors.js";
 import { DataType } from "./onnx.js";
 import type { Dim, ElemType } from "./onnx.js";
 
@@ -217,4 +218,25 @@ export async function initializerFloat32(t: DecodedTensor, modelPath: string): P
     return new Float32Array(Uint8Array.from(file.subarray(offset, offset + length)).buffer);
   }
   return new Float32Array(0);
+}
+
+/**
+ * A model's top-level fields and its graph's, for a rewrite that copies byte for byte what it leaves
+ * alone. A graph whose default-domain opset is below `minOpset` is refused, naming what it lacks (`needs`).
+ */
+export function graphForRewrite(model: Uint8Array, label: string, minOpset: number, needs: string): { top: Field[]; graph: Field[] } {
+  const top = decodeFields(model);
+  const graphField = top.find((f) => f.field === 7);
+  if (graphField === undefined) throw ModelFileError.invalidFile(label, "not an ONNX model: no graph");
+  const text = (b: unknown): string => new TextDecoder().decode(b as Uint8Array);
+  for (const f of top) {
+    if (f.field !== 8) continue;
+    const opset = decodeFields(f.value as Uint8Array);
+    const domain = opset.find((o) => o.field === 1);
+    const version = Number(opset.find((o) => o.field === 2)?.value ?? 0);
+    if ((domain === undefined || text(domain.value) === "" || text(domain.value) === "ai.onnx") && version < minOpset) {
+      throw ModelFileError.invalidFile(label, `opset ${version} predates ${needs} (opset ${minOpset}); re-export the model`);
+    }
+  }
+  return { top, graph: decodeFields(graphField.value as Uint8Array) };
 }

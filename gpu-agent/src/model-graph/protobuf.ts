@@ -241,3 +241,11 @@ export function fixed32ToFloat(bits: number): number {
 export function toSigned64(v: bigint): bigint {
   return BigInt.asIntN(64, v);
 }
+
+/** Writes a decoded field into `m` as it was: what a graph rewrite leaves unchanged is copied this way. */
+export function copyField(m: ProtoMessage, f: Field): void {
+  if (f.wire === 0) m.varint(f.field, f.value as bigint);
+  else if (f.wire === 2) m.bytes(f.field, f.value as Uint8Array);
+  else if (f.wire === 5) m.float(f.field, fixed32ToFloat(f.value as number));
+  else throw new RangeError(`cannot copy a fixed64 field (${f.field})`);
+}

@@ -9,8 +9,8 @@
 
 import { ModelFileError } from "./errors.js";
 import { DataType, encodeNode, encodeValueInfo, type ElemType } from "./onnx.js";
-import { decodeNode, decodeTensor, decodeValueInfo, type DecodedNode } from "./onnx-read.js";
-import { decodeFields, fixed32ToFloat, ProtoMessage, type Field } from "./protobuf.js";
+import { decodeNode, decodeTensor, decodeValueInfo, graphForRewrite, type DecodedNode } from "./onnx-read.js";
+import { copyField, decodeFields, ProtoMessage } from "./protobuf.js";
 
 export const TOKEN_OVERRIDE_POSITIONS = "token_override_positions";
 export const TOKEN_OVERRIDE_VECTORS = "token_override_vectors";
@@ -18,14 +18,6 @@ export const TOKEN_OVERRIDE_VECTORS = "token_override_vectors";
 /** ScatterND's first opset. */
 const MIN_OPSET = 11;
 
-function copyField(m: ProtoMessage, f: Field): void {
-  if (f.wire === 0) m.varint(f.field, f.value as bigint);
-  else if (f.wire === 2) m.bytes(f.field, f.value as Uint8Array);
-  else if (f.wire === 5) m.float(f.field, fixed32ToFloat(f.value as number));
-  else throw new RangeError(`cannot copy a fixed64 field (${f.field})`);
-}
-
-const text = (b: unknown): string => new TextDecoder().decode(b as Uint8Array);
 const ELEM_BY_CODE = new Map<number, ElemType>(Object.entries(DataType).map(([k, v]) => [v, k as ElemType]));
 
 export interface PatchedModel {
@@ -42,20 +34,7 @@ export interface PatchedModel {
  * token-embedding lookup from its input ids, or already has the inputs.
  */
 export function withTokenOverrides(model: Uint8Array, label: string): PatchedModel {
-  const top = decodeFields(model);
-  const graphField = top.find((f) => f.field === 7);
-  if (graphField === undefined) throw ModelFileError.invalidFile(label, "not an ONNX model: no graph");
-  for (const f of top) {
-    if (f.field !== 8) continue;
-    const opset = decodeFields(f.value as Uint8Array);
-    const domain = opset.find((o) => o.field === 1);
-    const version = Number(opset.find((o) => o.field === 2)?.value ?? 0);
-    if ((domain === undefined || text(domain.value) === "" || text(domain.value) === "ai.onnx") && version < MIN_OPSET) {
-      throw ModelFileError.invalidFile(label, `opset ${version} predates ScatterND (opset ${MIN_OPSET}); re-export the text encoder`);
-    }
-  }
-
-  const graph = decodeFields(graphField.value as Uint8Array);
+  const { top, graph } = graphForRewrite(model, label, MIN_OPSET, "ScatterND");
   const inputs = graph.filter((f) => f.field === 11).map((f) => decodeValueInfo(f.value as Uint8Array));
   if (inputs.some((i) => i.name === TOKEN_OVERRIDE_POSITIONS || i.name === TOKEN_OVERRIDE_VECTORS)) {
     throw ModelFileError.invalidFile(label, "the text encoder already takes token overrides");
