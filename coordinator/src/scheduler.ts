@@ -8,6 +8,7 @@ import {
   type RefinerResume,
   refinerCheckpoint,
   refinerInPass,
+  samplingPass,
   statusName,
   type COORDINATOR_METRICS,
   type Handover,
@@ -91,17 +92,10 @@ function refinerToSwitchTo(task: Task): string | undefined {
 /** Whether a pass the task samples may switch to the job's refiner. */
 function samplesWithRefiner(task: Task): boolean {
   const p = task.job.spec.params;
-  switch (task.stage?.request.stage ?? TaskStage.FULL) {
-    case TaskStage.FULL:
-      return refinerInPass(p, "first") || refinerInPass(p, "second");
-    case TaskStage.FIRST_PASS:
-      return refinerInPass(p, "first");
-    case TaskStage.SECOND_PASS:
-    case TaskStage.SECOND_PASS_TILE:
-      return refinerInPass(p, "second");
-    default:
-      return false;
-  }
+  const stage = task.stage?.request.stage ?? TaskStage.FULL;
+  if (stage === TaskStage.FULL) return refinerInPass(p, "first") || refinerInPass(p, "second");
+  const pass = samplingPass(stage);
+  return pass !== undefined && refinerInPass(p, pass);
 }
 
 /** UNet evaluations a reported step of the task takes. */

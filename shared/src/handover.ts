@@ -18,13 +18,27 @@ function assertLittleEndian(): void {
   if (!LITTLE_ENDIAN) throw new FarmError(grpc.status.UNIMPLEMENTED, "latent hand-over needs a little-endian host");
 }
 
-export function latentHandover(data: Float32Array, shape: readonly number[]): Handover {
+const bad = (field: string, message: string): FarmError => FarmError.invalid(field, message);
+
+/** float32 values as the wire's little-endian bytes (a view, no copy). */
+export function float32Bytes(data: Float32Array): Uint8Array {
   assertLittleEndian();
+  return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+}
+
+/** The wire's little-endian float32 bytes copied into an aligned array; INVALID_ARGUMENT naming `field` if they are not whole values. */
+export function float32FromBytes(bytes: Uint8Array, field: string): Float32Array {
+  assertLittleEndian();
+  if (bytes.byteLength % 4 !== 0) throw bad(field, `${bytes.byteLength} bytes are not float32 values`);
+  const out = new Float32Array(bytes.byteLength / 4);
+  new Uint8Array(out.buffer).set(bytes);
+  return out;
+}
+
+export function latentHandover(data: Float32Array, shape: readonly number[]): Handover {
   if (shape.reduce((a, b) => a * b, 1) !== data.length)
     throw new RangeError(`shape [${shape.join(",")}] does not hold ${data.length} values`);
-  return create(HandoverSchema, {
-    data: { case: "latent", value: { shape: [...shape], data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) } },
-  });
+  return create(HandoverSchema, { data: { case: "latent", value: { shape: [...shape], data: float32Bytes(data) } } });
 }
 
 export function rgbHandover(data: Uint8Array, width: number, height: number): Handover {
@@ -32,8 +46,6 @@ export function rgbHandover(data: Uint8Array, width: number, height: number): Ha
     throw new RangeError(`${width}x${height} RGB needs ${width * height * 3} bytes, got ${data.length}`);
   return create(HandoverSchema, { data: { case: "rgb", value: { width, height, data } } });
 }
-
-const bad = (field: string, message: string): FarmError => FarmError.invalid(field, message);
 
 /** The latent in a hand-over, copied to an aligned array; INVALID_ARGUMENT naming `field` if it is not one. */
 export function readLatent(h: Handover | undefined, field = "inputs"): { data: Float32Array; shape: [number, number, number, number] } {
@@ -44,9 +56,7 @@ export function readLatent(h: Handover | undefined, field = "inputs"): { data: F
     throw bad(field, `latent shape [${shape.join(",")}] is not NCHW`);
   const n = shape.reduce((a, b) => a * b, 1);
   if (data.byteLength !== n * 4) throw bad(field, `latent [${shape.join(",")}] needs ${n * 4} bytes, got ${data.byteLength}`);
-  const out = new Float32Array(n);
-  new Uint8Array(out.buffer).set(data);
-  return { data: out, shape: shape as [number, number, number, number] };
+  return { data: float32FromBytes(data, field), shape: shape as [number, number, number, number] };
 }
 
 /** The RGB image in a hand-over; INVALID_ARGUMENT naming `field` if it is not one. */

@@ -5,6 +5,7 @@
  */
 import { FarmError } from "./errors.js";
 import type { GenerationParams } from "./gen/latentfarm/v1/generation_pb.js";
+import { TaskStage } from "./gen/latentfarm/v1/agent_pb.js";
 import { isHiresTxt2img, secondPassModel } from "./hires-passes.js";
 
 /** What A1111's process_images reads as "no refiner". */
@@ -42,4 +43,22 @@ export function checkRefinerSwitchAt(p: Pick<GenerationParams, "refinerSwitchAt"
     throw FarmError.invalid("refiner_switch_at", `must be a fraction of the pass in [0, 1], got ${v}`);
   }
   return v;
+}
+
+/**
+ * The pass a task of `stage` samples: FULL and FIRST_PASS the first (a FULL Hires.fix task both, which
+ * its runner splits into the two stages), SECOND_PASS and its tiles the second; undefined for the stages
+ * that do not sample (UPSCALE, ASSEMBLE).
+ */
+export function samplingPass(stage: TaskStage): "first" | "second" | undefined {
+  switch (stage) {
+    case TaskStage.FULL:
+    case TaskStage.FIRST_PASS:
+      return "first";
+    case TaskStage.SECOND_PASS:
+    case TaskStage.SECOND_PASS_TILE:
+      return "second";
+    default:
+      return undefined;
+  }
 }

@@ -10,7 +10,9 @@ import { create } from "@bufbuild/protobuf";
 import {
   FarmError,
   RefinerResumeSchema,
-  TaskStage,
+  float32Bytes,
+  float32FromBytes,
+  samplingPass,
   checkRefinerSwitchAt,
   isHiresTxt2img,
   refinerCheckpoint,
@@ -20,16 +22,10 @@ import {
 } from "@latentfarm/shared";
 import type { PrepareSamplingInput, PreparedSampling } from "../sampling/index.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
-import type { RefinerSwitch } from "./denoise.js";
-import { type RefinerMode } from "./denoise.js";
+import type { RefinerMode, RefinerSwitch } from "./denoise.js";
 import { passModel, modelIdentity, type ModelIdentity } from "./render-common.js";
 
 export type Pass = "first" | "second";
-
-/** The pass a task's sampling belongs to (a FULL task with Hires.fix runs its passes as stages when it has a refiner). */
-function resumedPass(req: RunTaskRequest): Pass {
-  return req.stage === TaskStage.SECOND_PASS || req.stage === TaskStage.SECOND_PASS_TILE ? "second" : "first";
-}
 
 /** prepareSampling's `refiner` for `pass` of the task (undefined when the pass never switches). */
 export function refinerSampling(req: RunTaskRequest, pass: Pass): PrepareSamplingInput["refiner"] {
@@ -37,15 +33,6 @@ export function refinerSampling(req: RunTaskRequest, pass: Pass): PrepareSamplin
   if (!refinerInPass(p, pass)) return undefined;
   return { switchAt: checkRefinerSwitchAt(p) };
 }
-
-function floats(bytes: Uint8Array, field: string): Float32Array {
-  if (bytes.byteLength % 4 !== 0) throw FarmError.invalid(field, `${bytes.byteLength} bytes are not float32 values`);
-  const out = new Float32Array(bytes.byteLength / 4);
-  new Uint8Array(out.buffer).set(bytes);
-  return out;
-}
-
-const bytesOf = (a: Float32Array): Uint8Array => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 
 /**
  * denoise's `refiner` for `pass` of the task on `pipe`: "resume" on the refiner's pipeline with the
@@ -57,17 +44,17 @@ export function refinerRun(pipe: LoadedPipeline, req: RunTaskRequest, pass: Pass
   const p = req.params!;
   if (!refinerInPass(p, pass)) return undefined;
   const resume = req.refinerResume;
-  if (resume === undefined || resumedPass(req) !== pass) return { mode: "switch" };
+  if (resume === undefined || samplingPass(req.stage) !== pass) return { mode: "switch" };
   if (pipe.name !== refinerCheckpoint(p)) {
     throw FarmError.invalid("refiner_resume", `the refiner's run is on "${pipe.name}", not on the refiner "${refinerCheckpoint(p)}"`);
   }
   const switchAt = checkRefinerSwitchAt(p);
   return {
     mode: "resume",
-    start: floats(resume.start, "refiner_resume.start"),
-    init: resume.init.length > 0 ? floats(resume.init, "refiner_resume.init") : undefined,
-    answers: resume.answers.map((a, i) => floats(a, `refiner_resume.answers[${i}]`)),
-    uncondAnswers: resume.uncondAnswers.map((a, i) => floats(a, `refiner_resume.uncond_answers[${i}]`)),
+    start: float32FromBytes(resume.start, "refiner_resume.start"),
+    init: resume.init.length > 0 ? float32FromBytes(resume.init, "refiner_resume.init") : undefined,
+    answers: resume.answers.map((a, i) => float32FromBytes(a, `refiner_resume.answers[${i}]`)),
+    uncondAnswers: resume.uncondAnswers.map((a, i) => float32FromBytes(a, `refiner_resume.uncond_answers[${i}]`)),
     onTakeOver: () => {
       const which = p.overrideSettings?.hiresFixRefinerPass || "second pass";
       if (isHiresTxt2img(p) && which !== "second pass") sampler.infotext["Hires refiner"] = which;
@@ -83,17 +70,17 @@ export function refinerRun(pipe: LoadedPipeline, req: RunTaskRequest, pass: Pass
  */
 export function passIdentity(pipe: LoadedPipeline, req: RunTaskRequest, pass: Pass): ModelIdentity {
   const resume = req.refinerResume;
-  if (resume === undefined || resumedPass(req) !== pass) return pipe;
+  if (resume === undefined || samplingPass(req.stage) !== pass) return pipe;
   return modelIdentity(resume.model, pipe);
 }
 
 /** A switch thrown by a pass on `pipe` as the task's output for the refiner's run. */
 export function refinerResumeOf(pipe: ModelIdentity, s: RefinerSwitch): RefinerResume {
   return create(RefinerResumeSchema, {
-    start: bytesOf(s.start),
-    answers: s.answers.map(bytesOf),
-    uncondAnswers: s.uncondAnswers.map(bytesOf),
-    ...(s.init !== undefined && { init: bytesOf(s.init) }),
+    start: float32Bytes(s.start),
+    answers: s.answers.map(float32Bytes),
+    uncondAnswers: s.uncondAnswers.map(float32Bytes),
+    ...(s.init !== undefined && { init: float32Bytes(s.init) }),
     model: passModel(pipe),
   });
 }
