@@ -140,8 +140,12 @@ async function convGraph(dir: string, component: string, circular: boolean | und
     const target = join(folder, file);
     const source = resolve(dir, component, file);
     // ONNX Runtime refuses external data reached through a link out of the graph's folder, so the data
-    // is hard-linked (no copy; the farm's builds and their cache share a filesystem), or else copied once.
-    if (existsSync(target) && (await stat(target)).size === (await stat(source)).size) continue;
+    // is hard-linked (no copy; the farm's builds and their cache share a filesystem), or else copied once:
+    // kept while it is the source's own inode, or a copy made since the source last changed.
+    if (existsSync(target)) {
+      const [t, src] = [await stat(target), await stat(source)];
+      if (t.ino === src.ino || (t.size === src.size && t.mtimeMs >= src.mtimeMs)) continue;
+    }
     await mkdir(dirname(target), { recursive: true });
     await rm(target, { force: true });
     await link(source, target).catch(async (e: NodeJS.ErrnoException) => {
