@@ -48,6 +48,15 @@ async function collect(farm: TestFarm, jobId: string): Promise<JobEvent[]> {
   return events;
 }
 
+/** Renders a job's first image: its events (the job done), infotext and pixels. */
+async function renderImage(farm: TestFarm, params: Record<string, unknown>) {
+  const { jobId } = await farm.client.submit({ params });
+  const events = await collect(farm, jobId);
+  assert.equal(events.at(-1)?.event.case, "done", JSON.stringify(events.at(-1)?.event.value));
+  const img = events.flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))[0]!;
+  return { events, infotext: img.infotext, pixels: await sharp(img.png).raw().toBuffer() };
+}
+
 async function maxLevelDiff(png: Uint8Array, expectedPath: string): Promise<number> {
   const a = await sharp(png).removeAlpha().raw().toBuffer();
   const b = await sharp(expectedPath).removeAlpha().raw().toBuffer();
@@ -520,13 +529,7 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       hrScale: 1.5,
       denoisingStrength: 0.5,
     };
-    const image = async (extra: Record<string, unknown>) => {
-      const { jobId } = await farm.client.submit({ params: { ...params, ...extra } });
-      const events = await collect(farm, jobId);
-      assert.equal(events.at(-1)?.event.case, "done", JSON.stringify(events.at(-1)?.event.value));
-      const img = events.flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))[0]!;
-      return { infotext: img.infotext, pixels: await sharp(img.png).raw().toBuffer() };
-    };
+    const image = (extra: Record<string, unknown>) => renderImage(farm, { ...params, ...extra });
     const switched = await image({ hrCheckpointName: "tiny-sd15-hr" });
     assert.match(switched.infotext, /Model: tiny-sd15, .*Hires checkpoint: tiny-sd15-hr,/);
     // Agents report their loaded models in their heartbeats.
@@ -544,13 +547,7 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
 
   test("a refiner: the pass switches to it on the agent that runs it; the infotext names both; bad refiners are refused", async () => {
     const params = { prompt: "a tower", model: "tiny-sd15", width: 64, height: 64, steps: 4, samplerName: "DPM++ 2M", seed: 23n };
-    const image = async (extra: Record<string, unknown>) => {
-      const { jobId } = await farm.client.submit({ params: { ...params, ...extra } });
-      const events = await collect(farm, jobId);
-      assert.equal(events.at(-1)?.event.case, "done", JSON.stringify(events.at(-1)?.event.value));
-      const img = events.flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))[0]!;
-      return { infotext: img.infotext, pixels: await sharp(img.png).raw().toBuffer() };
-    };
+    const image = (extra: Record<string, unknown>) => renderImage(farm, { ...params, ...extra });
     // z-renamed holds the kit's SD 1.x weights as a checkpoint the agent builds: another pipeline to switch to.
     const sd1 = await image(REFINER_JOB);
     refinedOnOneAgent = sd1;
@@ -1011,9 +1008,7 @@ describe(
     });
 
     test("the pass runs on the model's agent to its switch, then carries on on the refiner's: the same image as on one agent", async () => {
-      const { jobId } = await farm.client.submit({ params: REFINER_JOB });
-      const events = await collect(farm, jobId);
-      assert.equal(events.at(-1)?.event.case, "done", JSON.stringify(events.at(-1)?.event.value));
+      const { events, infotext, pixels } = await renderImage(farm, REFINER_JOB);
       const placed = events.flatMap((e) => (e.event.case === "placed" ? [e.event.value] : []));
       assert.deepEqual(
         placed.map((p) => p.agentId),
@@ -1021,14 +1016,13 @@ describe(
       );
       assert.equal(new Set(placed.map((p) => p.taskId)).size, 1, "one task, placed again from its switch");
       assert.ok(!events.some((e) => e.event.case === "retried"), "a switch is not a retry");
-      const img = events.flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))[0]!;
       assert.match(
-        img.infotext,
+        infotext,
         new RegExp(`Model: tiny-sd15, .*Refiner: ${TEST_RENAMED_CHECKPOINT} \\[[0-9a-f]{10}\\], Refiner switch at: 0.5`),
       );
       if (refinedOnOneAgent !== undefined) {
-        assert.equal(img.infotext, refinedOnOneAgent.infotext);
-        assert.deepEqual(await sharp(img.png).raw().toBuffer(), refinedOnOneAgent.pixels);
+        assert.equal(infotext, refinedOnOneAgent.infotext);
+        assert.deepEqual(pixels, refinedOnOneAgent.pixels);
       }
       // What the dashboards show: one switch handed back by agent-0, one task placed again.
       const metric = async (url: string, series: string) =>

@@ -15,9 +15,9 @@ import { SeededRandom } from "./random.js";
 import { readSafetensors, writeSafetensors } from "./safetensors.js";
 import { FULL_SIZE_SPECS, TINY_SPECS, ldmTensorShapes, makeTinyModel, makeTinyModelCli, readTinyConfig } from "./tiny-model.js";
 import type { TinyModel } from "./tiny-model.js";
-import { REFINER_TIME_IDS, TIME_IDS, TIME_ID_EMBED_DIM, detectUNetConfig, textEmbedsDim, timestepFrequencies } from "./unet.js";
+import { REFINER_TIME_IDS, TIME_IDS, TIME_ID_EMBED_DIM, textEmbedsDim } from "./unet.js";
 import { MemoryWeights } from "./weights.js";
-import { maxAbsDiff, runGraph as run, tokenRows as rowsOf } from "../test-support/graphs.js";
+import { buildTestUnet, fourierReference, maxAbsDiff, runGraph as run, tokenRows as rowsOf } from "../test-support/graphs.js";
 import type { MemoryTensor } from "./weights.js";
 
 const dir = mkdtempSync(join(tmpdir(), "sdxl-refiner-test-"));
@@ -57,26 +57,6 @@ const unetFeeds = (rng: SeededRandom, batch: number): Record<string, ort.Tensor>
 });
 
 /** The UNet alone, from the given tensors (a UNet without label_emb is no refiner, so detection is bypassed). */
-async function buildUnet(name: string, t: ReadonlyMap<string, MemoryTensor>, timeIds?: number): Promise<string> {
-  const w = new MemoryWeights(t, name);
-  const unet = { ...detectUNetConfig(w, { heads: 4 }), ...(timeIds === undefined ? {} : { timeIds }) };
-  await buildComponent("unet", w, { unet }, {}, join(dir, name), { linkCheckpoint: false }, {});
-  return join(dir, name, "unet", "model.onnx");
-}
-
-/** sgm's float32 argument x·freq (torch computes both in float32), then [cos, sin] in float64. */
-function fourierReference(x: number, dim: number): Float64Array {
-  const freqs = timestepFrequencies(dim);
-  const half = dim / 2;
-  const out = new Float64Array(dim);
-  for (let i = 0; i < half; i++) {
-    const arg = Math.fround(Math.fround(x) * freqs[i]!);
-    out[i] = Math.cos(arg);
-    out[half + i] = Math.sin(arg);
-  }
-  return out;
-}
-
 const shapeOnly = (shapes: ReadonlyMap<string, readonly number[]>, label: string): MemoryWeights =>
   new MemoryWeights(new Map([...shapes].map(([k, shape]) => [k, { shape, data: new Float32Array(0) }])), label);
 
@@ -312,8 +292,8 @@ test("UNet label_emb over text_embeds and 5 time ids (aesthetic score last), che
   const zeroed = new Map(tensors);
   zeroed.set(`${U}label_emb.0.2.weight`, { shape: [ted, ted], data: new Float32Array(ted * ted) });
   zeroed.set(`${U}label_emb.0.2.bias`, { shape: [ted], data: b });
-  const zeroPath = await buildUnet("label-zero", zeroed, REFINER_TIME_IDS);
-  const plain = await buildUnet("label-none", withoutLabel(b));
+  const zeroPath = await buildTestUnet(dir, "label-zero", zeroed, REFINER_TIME_IDS);
+  const plain = await buildTestUnet(dir, "label-none", withoutLabel(b));
   const ids = new Float32Array([1024, 1024, 0, 0, 6]);
   let d = maxAbsDiff(
     (await run(zeroPath, { ...single, ...conditioning(rng.normalArray(D), ids) })).out_sample!.data as Float32Array,
@@ -348,7 +328,7 @@ test("UNet label_emb over text_embeds and 5 time ids (aesthetic score last), che
   const label = Float64Array.from(b2);
   const silu = (v: number): number => v / (1 + Math.exp(-v));
   picks.forEach((k, r) => c[r]!.forEach((v, i) => (label[i]! += v * silu(y[k]!))));
-  const shifted = await buildUnet("label-shifted", withoutLabel(label));
+  const shifted = await buildTestUnet(dir, "label-shifted", withoutLabel(label));
   const want = (await run(shifted, single)).out_sample!.data as Float32Array;
   const got = (await run(join(sel, "unet", "model.onnx"), { ...single, ...conditioning(embeds, one) })).out_sample!.data as Float32Array;
   d = maxAbsDiff(got, want);

@@ -9,16 +9,16 @@ import { f16ToF32, f32ToF16 } from "./half.js";
 import { GraphBuilder, encodeModel } from "./onnx.js";
 import { decodeModel, initializerFloat32, readModel } from "./onnx-read.js";
 import { importCheckpointWithLoras, loadLora } from "./lora.js";
-import { MANIFEST_FILE, buildComponent, buildPipelineFromCheckpoint, importCheckpoint } from "./pipeline.js";
+import { MANIFEST_FILE, buildPipelineFromCheckpoint, importCheckpoint } from "./pipeline.js";
 import type { PipelineManifest } from "./pipeline.js";
 import { SeededRandom } from "./random.js";
 import { readSafetensors, writeSafetensors } from "./safetensors.js";
 import { FULL_SIZE_SPECS, ldmTensorShapes, makeTinyModel, makeTinyModelCli, readTinyConfig } from "./tiny-model.js";
 import type { TinyModel } from "./tiny-model.js";
 import { TOKEN_OVERRIDE_POSITIONS, TOKEN_OVERRIDE_VECTORS, withTokenOverrides } from "./token-override.js";
-import { TIME_IDS, TIME_ID_EMBED_DIM, detectUNetConfig, sinusoidalEmbedding, timestepFrequencies } from "./unet.js";
+import { TIME_IDS, TIME_ID_EMBED_DIM, sinusoidalEmbedding } from "./unet.js";
 import { MemoryWeights } from "./weights.js";
-import { maxAbsDiff, runGraph as run, tokenRows as rowsOf } from "../test-support/graphs.js";
+import { buildTestUnet, fourierReference, maxAbsDiff, runGraph as run, tokenRows as rowsOf } from "../test-support/graphs.js";
 import type { MemoryTensor } from "./weights.js";
 
 const dir = mkdtempSync(join(tmpdir(), "sdxl-test-"));
@@ -57,25 +57,6 @@ const unetFeeds = (rng: SeededRandom, batch: number, textEmbeds?: Float32Array, 
 });
 
 /** The UNet alone, from the given tensors (the architecture check would refuse a base model without label_emb). */
-async function buildUnet(name: string, t: ReadonlyMap<string, MemoryTensor>): Promise<string> {
-  const w = new MemoryWeights(t, name);
-  await buildComponent("unet", w, { unet: detectUNetConfig(w, { heads: 4 }) }, {}, join(dir, name), { linkCheckpoint: false }, {});
-  return join(dir, name, "unet", "model.onnx");
-}
-
-/** sgm's float32 argument x·freq (torch computes both in float32), then cos/sin in float64. */
-function fourierReference(x: number, dim: number): Float64Array {
-  const freqs = timestepFrequencies(dim);
-  const half = dim / 2;
-  const out = new Float64Array(dim);
-  for (let i = 0; i < half; i++) {
-    const arg = Math.fround(Math.fround(x) * freqs[i]!);
-    out[i] = Math.cos(arg);
-    out[half + i] = Math.sin(arg);
-  }
-  return out;
-}
-
 test("detectArchitecture: SDXL base layout, per-block transformer depths, label_emb, both text encoders", () => {
   const w = new MemoryWeights(tensors, "tiny-sdxl");
   const a = detectArchitecture(w, tiny.hints);
@@ -309,8 +290,8 @@ test("UNet label_emb: emb = time_embed(t) + label_emb(y), checked against a UNet
   const zeroed = new Map(tensors);
   zeroed.set(`${U}label_emb.0.2.weight`, { shape: [ted, ted], data: new Float32Array(ted * ted) });
   zeroed.set(`${U}label_emb.0.2.bias`, { shape: [ted], data: b });
-  const a = await buildUnet("label-zero", zeroed);
-  const plain = await buildUnet("label-none", withoutLabel(b));
+  const a = await buildTestUnet(dir, "label-zero", zeroed);
+  const plain = await buildTestUnet(dir, "label-none", withoutLabel(b));
   const plainModel = await ort.InferenceSession.create(plain);
   assert.deepEqual([...plainModel.inputNames], ["sample", "timestep", "encoder_hidden_states"], "no label_emb, no extra inputs");
   await plainModel.release();
@@ -342,8 +323,8 @@ test("UNet label_emb: emb = time_embed(t) + label_emb(y), checked against a UNet
   const label = Float64Array.from(b2);
   const silu = (v: number): number => v / (1 + Math.exp(-v));
   picks.forEach((k, r) => c[r]!.forEach((v, i) => (label[i]! += v * silu(y[k]!))));
-  const sel = await buildUnet("label-select", select);
-  const shifted = await buildUnet("label-shifted", withoutLabel(label));
+  const sel = await buildTestUnet(dir, "label-select", select);
+  const shifted = await buildTestUnet(dir, "label-shifted", withoutLabel(label));
   const single = unetFeeds(rng, 1);
   const got2 = (await run(sel, { ...single, ...conditioning(embeds, one) })).out_sample!;
   const want2 = (await run(shifted, single)).out_sample!;

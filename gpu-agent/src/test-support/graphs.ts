@@ -1,5 +1,9 @@
 // What the model-graph tests that run built graphs in ONNX Runtime share.
+import { join } from "node:path";
 import * as ort from "onnxruntime-node";
+import { buildComponent } from "../model-graph/pipeline.js";
+import { detectUNetConfig, timestepFrequencies } from "../model-graph/unet.js";
+import { MemoryWeights, type MemoryTensor } from "../model-graph/weights.js";
 
 /** The largest absolute difference between two arrays of the same length. */
 export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
@@ -28,4 +32,28 @@ export function tokenRows(rows: number[][], pad: number, ids: { bosId: number; e
     out[r * seq + 1 + tokens.length] = ids.eosId;
   });
   return out;
+}
+
+/** sgm's float32 argument x·freq (torch computes both in float32), then [cos, sin] in float64: a size id's embedding. */
+export function fourierReference(x: number, dim: number): Float64Array {
+  const freqs = timestepFrequencies(dim);
+  const half = dim / 2;
+  const out = new Float64Array(dim);
+  for (let i = 0; i < half; i++) {
+    const arg = Math.fround(Math.fround(x) * freqs[i]!);
+    out[i] = Math.cos(arg);
+    out[half + i] = Math.sin(arg);
+  }
+  return out;
+}
+
+/**
+ * A UNet graph built alone from `t` (4 heads, as the tiny SDXL configs have) into `<dir>/<name>/unet/`;
+ * `timeIds` sets its time-id count (the refiner's 5). Returns the graph's path.
+ */
+export async function buildTestUnet(dir: string, name: string, t: ReadonlyMap<string, MemoryTensor>, timeIds?: number): Promise<string> {
+  const w = new MemoryWeights(t, name);
+  const unet = { ...detectUNetConfig(w, { heads: 4 }), ...(timeIds === undefined ? {} : { timeIds }) };
+  await buildComponent("unet", w, { unet }, {}, join(dir, name), { linkCheckpoint: false }, {});
+  return join(dir, name, "unet", "model.onnx");
 }
