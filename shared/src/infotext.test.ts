@@ -127,6 +127,11 @@ test("apply: what the farm does not reproduce is reported, an older A1111's impl
   const rc = create(GenerationParamsSchema, { infotext: "x\nSteps: 2, Seed: 1, Version: 1.7.0-RC-5-gabc" });
   applyInfotext(rc);
   assert.equal(rc.overrideSettings?.useDowncastedAlphaBar, true);
+  // UniPC before 1.6 was a sampler of its own (float32 log ᾱ): rendered as 1.6 runs it, and said so.
+  const oldUniPc = (version: string) =>
+    applyInfotext(create(GenerationParamsSchema, { infotext: `x\nSteps: 2, Sampler: UniPC, Seed: 1, Version: ${version}` })).notReproduced;
+  assert.deepEqual(oldUniPc("v1.5.2"), ["Version: v1.5.2 (UniPC as A1111 before 1.6 ran it; rendered as 1.6 runs it)"]);
+  assert.deepEqual(oldUniPc("v1.6.0"), []);
   // Defaults A1111 writes, its own later versions, and the farm's own infotexts imply nothing.
   for (const version of ["latentfarm-0.1.0", "v1.7.0-225-gabc", "v1.10.1"]) {
     const later = create(GenerationParamsSchema, { infotext: `x\nSteps: 2, Seed: 1, Emphasis: Original, Version: ${version}` });

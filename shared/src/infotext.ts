@@ -319,8 +319,13 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
     if (versionBelow(version, [1, 6, 0, 0]) && (sampler === "DDIM" || sampler === "PLMS") && !params.has("Pad conds v0")) {
       params.set("Pad conds v0", "True");
     }
-    // A1111's own paste turns these into its options (the downcast is reproduced for all but UniPC and LCM).
+    // A1111's own paste turns these into its options.
     if (versionBelow(version, [1, 7, 0, 225]) && !params.has("Downcast alphas_cumprod")) params.set("Downcast alphas_cumprod", "True");
+    // Before 1.6 UniPC was a sampler of its own, which took log ᾱ in float32 of the float16 ᾱ; the farm runs
+    // 1.6's (log ᾱ a float16 op), so such an image's UniPC steps can differ in their last bits.
+    if (versionBelow(version, [1, 6, 0, 0]) && sampler === "UniPC") {
+      notReproduced.push(`Version: ${params.get("Version")} (UniPC as A1111 before 1.6 ran it; rendered as 1.6 runs it)`);
+    }
     // Before 1.8.0 the refiner switched by sampling steps.
     if (versionBelow(version, [1, 8, 0, 0]) && refiner !== undefined && !params.has("Refiner switch by sampling steps")) {
       params.set("Refiner switch by sampling steps", "True");

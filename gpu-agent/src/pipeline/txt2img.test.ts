@@ -223,8 +223,8 @@ describe("txt2img pipeline against A1111 reference renders", { skip, concurrency
     assert.equal(even.infotext, (await render({})).infotext);
   });
 
-  test("use_downcasted_alpha_bar reaches DDIM and PLMS: a different image, and A1111's entry", async () => {
-    for (const samplerName of ["DDIM", "PLMS"]) {
+  test("use_downcasted_alpha_bar reaches DDIM, PLMS, UniPC and LCM: a different image, and A1111's entry", async () => {
+    for (const samplerName of ["DDIM", "PLMS", "UniPC", "LCM"]) {
       const current = await renderImage(12n, { samplerName });
       const old = await renderImage(12n, { samplerName, overrideSettings: { useDowncastedAlphaBar: true } });
       assert.notDeepEqual(old.png, current.png, samplerName);

@@ -10,13 +10,13 @@ import {
   type SamplingSettings,
 } from "./plan.js";
 import { InvalidSamplingParameter } from "./errors.js";
-import { FarmError, modelCallsPerStep } from "@latentfarm/shared";
+import { modelCallsPerStep } from "@latentfarm/shared";
 import { ImageRng } from "./image-rng.js";
 import { createBrownianNoiseSampler } from "./brownian.js";
 import { drive, gaussianModel } from "./samplers/test-harness.js";
 import { INTERMEDIATE_DIR, assertClose, assertRelClose, fixturesAbsent, readF32, readJson } from "./test-support.js";
 import type { ModelRequest } from "./samplers/types.js";
-import { ddimCoefficients } from "./samplers/timesteps.js";
+import { ddimCoefficients, vpScheduleOf } from "./samplers/timesteps.js";
 import { sd1ScheduleWith } from "./sigmas.js";
 
 test("legacy combined names split into sampler + schedule type; the default schedule becomes Automatic", () => {
@@ -493,7 +493,7 @@ test("infotext entries keep A1111's order: processing, σ list, start latent, th
   assert.deepEqual(img2img.infotext, before);
 });
 
-test("use_downcasted_alpha_bar: k-diffusion samplers get the float16 tables and the infotext entry; UniPC and LCM are refused", () => {
+test("use_downcasted_alpha_bar: k-diffusion samplers get the float16 tables and the infotext entry", () => {
   const karras = (downcast: boolean) =>
     prepareSampling({
       samplerName: "DPM++ 2M",
@@ -507,13 +507,38 @@ test("use_downcasted_alpha_bar: k-diffusion samplers get the float16 tables and 
   assertRelClose([old.sigmas[0]!, old.sigmas[9]!], [14.609375, 0.03125], 1e-6, "Karras ends");
   assert.notDeepEqual(old.sigmas, karras(false).sigmas);
   assert.deepEqual(Object.keys(old.infotext), ["Downcast alphas_cumprod", "Schedule type"]);
-  for (const samplerName of ["UniPC", "LCM"]) {
-    assert.throws(
-      () => prepareSampling({ samplerName, steps: 10, noise: fourNoise, settings: { downcastAlphasCumprod: true } }),
-      (e: unknown) => e instanceof FarmError && e.codeName === "UNIMPLEMENTED" && e.field === "override_settings.use_downcasted_alpha_bar",
-      samplerName,
-    );
-  }
+});
+
+test("use_downcasted_alpha_bar with UniPC and LCM: UniPC's log ᾱ is a float16 op, LCM's table float32 from the float16 ᾱ", () => {
+  // numpy: ac16 = float16(float32(cumprod(1 − linspace(0.00085**.5, 0.012**.5, 1000)**2))); UniPC (A1111 1.6+,
+  // sd_samplers_timesteps_impl.unipc → NoiseScheduleVP) takes float32(float16(0.5) * log(ac16)).
+  const half = sd1ScheduleWith("Default", "float16");
+  const logAlpha = vpScheduleOf(half).logAlpha;
+  assert.deepEqual(
+    [0, 1, 499, 999].map((t) => logAlpha[t]),
+    [-0.0004887580871582031, -0.0007328987121582031, -0.640625, -2.68359375],
+  );
+  // Without the downcast the log is float32's, as before.
+  assert.equal(
+    vpScheduleOf(sd1ScheduleWith("Default", "float32")).logAlpha[499],
+    Math.fround(0.5 * Math.fround(Math.log(sd1ScheduleWith("Default", "float32").alphasCumprod[499]!))),
+  );
+  // LCM (sd_samplers_lcm.LCMCompVisDenoiser) copies ac16 at timesteps 19, 39, … 999 into a float32 tensor:
+  // σ = ((1 − a)/a)**0.5 in float32, and the schedule's first σ is exp(log σ) of the last, as k-diffusion's t_to_sigma.
+  const lcm = prepareSampling({ samplerName: "LCM", steps: 4, noise: fourNoise, settings: { downcastAlphasCumprod: true } });
+  assert.equal(lcm.sigmas[0], 14.612339973449707);
+  assert.equal(Object.keys(lcm.infotext)[0], "Downcast alphas_cumprod");
+  assert.notDeepEqual(lcm.sigmas, prepareSampling({ samplerName: "LCM", steps: 4, noise: fourNoise }).sigmas);
+
+  const uniPc = (downcast: boolean): Float32Array => {
+    const prepared = prepareSampling({ samplerName: "UniPC", steps: 9, noise: fourNoise, settings: { downcastAlphasCumprod: downcast } });
+    if (downcast) assert.equal(Object.keys(prepared.infotext)[0], "Downcast alphas_cumprod");
+    const answer = gaussianModel(0.8);
+    return drive(prepared.run(prepared.startLatent(Float32Array.from([1, -0.5, 0.25, 2]))), (r: ModelRequest) => answer(r)).x;
+  };
+  const [downcast, plain] = [uniPc(true), uniPc(false)];
+  assert.notDeepEqual(downcast, plain);
+  assertRelClose([...downcast], [...plain], 1e-2, "the same flow, slightly moved");
 });
 
 test("use_downcasted_alpha_bar with DDIM and PLMS: their coefficients are float16 tensor ops on the float16 ᾱ, as numpy's float16 makes them", () => {

@@ -5,7 +5,6 @@
  * with the same table.
  */
 import {
-  FarmError,
   SAMPLERS,
   SCHEDULERS,
   UnknownNameError,
@@ -294,14 +293,8 @@ export function prepareSampling(input: PrepareSamplingInput): PreparedSampling {
   const noiseSchedule = s.noiseSchedule ?? "Default";
   const downcast = input.schedule === undefined && (s.downcastAlphasCumprod ?? false);
   const isLcm = sampler.name === "LCM";
-  if (downcast && (sampler.name === "UniPC" || isLcm)) {
-    // These do more of their own arithmetic on the float16 ᾱ (UniPC's log-SNR times, LCM's boundary
-    // scalings) than DDIM's and PLMS's few coefficients, which ddimCoefficients reproduces.
-    throw FarmError.unimplemented(
-      "override_settings.use_downcasted_alpha_bar",
-      `"${sampler.name}" with ᾱ downcast to float16 (A1111 before 1.7.0-225) is not reproduced; set use_downcasted_alpha_bar false for the current A1111's image`,
-    );
-  }
+  // UniPC takes log ᾱ of the float16 table (samplers/timesteps.ts VpSchedule); LCM copies the float16 ᾱ it
+  // picks into a float32 table of its own and works in float32 from there (lcm.ts), as A1111's LCM denoiser does.
   const baseSchedule = input.schedule ?? sd1ScheduleWith(noiseSchedule, downcast ? "float16" : "float32");
   const lcm = isLcm ? new LcmSchedule(baseSchedule) : undefined;
   const sigmaModel: SigmaModel = lcm ?? baseSchedule;

@@ -171,16 +171,20 @@ export interface UniPcOptions {
   lowerOrderFinal?: boolean;
 }
 
-/** NoiseScheduleVP('discrete'): log α_t interpolated piecewise-linearly on t_n = (n+1)/N, in float32. */
+/**
+ * NoiseScheduleVP('discrete'): log α_t interpolated piecewise-linearly on t_n = (n+1)/N, in float32.
+ * `round` is ᾱ's tensor precision: A1111 1.6+ hands UniPC the model's own ᾱ tensor, so with ᾱ downcast
+ * the log is a float16 op (computed in float32, rounded to float16) before the table becomes float32.
+ */
 export class VpSchedule {
   readonly tArray: Float32Array;
   readonly logAlpha: Float32Array;
   readonly totalN: number;
 
-  constructor(alphasCumprod: Float32Array) {
+  constructor(alphasCumprod: Float32Array, round: (v: number) => number = f32) {
     this.totalN = alphasCumprod.length;
     this.tArray = linspaceF32(0, 1, this.totalN + 1).slice(1);
-    this.logAlpha = alphasCumprod.map((a) => f32(0.5 * f32(Math.log(a))));
+    this.logAlpha = alphasCumprod.map((a) => f32(0.5 * round(f32(Math.log(a)))));
   }
 
   private interpolate(x: number, xp: Float32Array, yp: Float32Array): number {
@@ -378,9 +382,9 @@ export interface UniPcPlan {
 /** The VP schedule of each discrete schedule, shared by every plan on it with its memo of log α_t. */
 const vpSchedules = new WeakMap<DiscreteSchedule, VpSchedule>();
 
-function vpScheduleOf(schedule: DiscreteSchedule): VpSchedule {
+export function vpScheduleOf(schedule: DiscreteSchedule): VpSchedule {
   let ns = vpSchedules.get(schedule);
-  if (ns === undefined) vpSchedules.set(schedule, (ns = new VpSchedule(schedule.alphasCumprod)));
+  if (ns === undefined) vpSchedules.set(schedule, (ns = new VpSchedule(schedule.alphasCumprod, schedule.round)));
   return ns;
 }
 

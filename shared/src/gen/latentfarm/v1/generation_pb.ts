@@ -537,8 +537,8 @@ export type OverrideSettings = Message<"latentfarm.v1.OverrideSettings"> & {
 
   /**
    * ᾱ rounded to float16 before the σ tables are made, as every A1111 before 1.7.0-225 had it with an
-   * fp16 model ("Downcast alphas_cumprod"; for reproducing old seeds). k-diffusion samplers, DDIM and
-   * PLMS (UniPC and LCM are UNIMPLEMENTED).
+   * fp16 model ("Downcast alphas_cumprod"; for reproducing old seeds). Every sampler: UniPC as A1111 1.6+
+   * runs it (log ᾱ a float16 op), LCM from a float32 copy of the float16 ᾱ.
    *
    * @generated from field: optional bool use_downcasted_alpha_bar = 20;
    */
