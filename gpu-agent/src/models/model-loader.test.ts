@@ -5,24 +5,25 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import sharp from "sharp";
 import { create } from "@bufbuild/protobuf";
-import { FarmError, RngSource, RunTaskRequestSchema } from "@latentfarm/shared";
+import { FarmError, GenerationParamsSchema, RngSource, RunTaskRequestSchema } from "@latentfarm/shared";
 import type { LoadedPipeline } from "../pipeline/loaded-pipeline.js";
-import { MANIFEST_FILE, type PipelineManifest } from "../model-graph/index.js";
+import { MANIFEST_FILE, loraAddnetHash, type PipelineManifest } from "../model-graph/index.js";
 import { renderTask } from "../pipeline/txt2img.js";
 import { ModelCatalog } from "./catalog.js";
-import { pipelineKey, type LoraUse } from "./model-loader.js";
+import { pipelineKey, unmergedLoraHashes, type LoraUse } from "./model-loader.js";
 import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
 import { makeLoraCatalog, pipelineFor } from "../test-support/lora-catalog.js";
 
 const FIXTURES = KIT_FIXTURES;
 const REF = join(FIXTURES, "reference", "txt2img");
 
-async function render(pipe: LoadedPipeline, params: Record<string, unknown>, seed = 42n) {
+async function render(pipe: LoadedPipeline, params: Record<string, unknown>, seed = 42n, unmergedLoraHashes?: Map<string, string>) {
   return renderTask(pipe, create(RunTaskRequestSchema, { taskId: "t", jobId: "j", seed, params: { model: pipe.name, ...params } }), {
     signal: new AbortController().signal,
     agentId: "t",
     onStep: () => {},
     onWarning: () => {},
+    ...(unmergedLoraHashes && { unmergedLoraHashes }),
   });
 }
 
@@ -129,6 +130,42 @@ describe("LoRAs named in a prompt merge into the checkpoint", { concurrency: fal
     const img = await render(one, params);
     assert.notDeepEqual(await sharp(img.png).raw().toBuffer(), b);
     assert.match(img.infotext, /Lora hashes: "style: [0-9a-f]{12}"/);
+  });
+
+  test("a weight-0 LoRA merges nothing and is listed in Lora hashes where its pass's prompt names it, as A1111 lists it", async () => {
+    const missing: string[] = [];
+    const request = create(GenerationParamsSchema, {
+      prompt: "a cat <lora:style:0> <lora:gone:0:0>",
+      hrPrompt: "a dog <lora:also:0>",
+      enableHr: true,
+      loras: [{ name: "kept", teWeight: 1, unetWeight: 1 }],
+    });
+    const unmerged = await unmergedLoraHashes(request, opts.lorasDir, (name) => missing.push(name));
+    const hash = await loraAddnetHash(join(opts.lorasDir, "style.safetensors"));
+    // "kept" is merged (its hash is the pipeline's); "also" and "gone" are not in the folder.
+    assert.deepEqual([...unmerged], [["style", `style: ${hash}`]]);
+    assert.deepEqual(missing, ["gone", "also"]);
+    // The same file again: served from the cache by size and mtime, the same entry.
+    assert.deepEqual(await unmergedLoraHashes(request, opts.lorasDir, () => {}), unmerged);
+    // No folder: every weight-0 LoRA is missing, nothing throws.
+    const none: string[] = [];
+    assert.equal((await unmergedLoraHashes(request, undefined, (name) => none.push(name))).size, 0);
+    assert.deepEqual(none, ["style", "gone", "also"]);
+
+    const base = await pipelineFor(catalog, "tiny", [], opts);
+    open.push(base);
+    const zero = { ...params, prompt: "a cat <lora:style:0>" };
+    const img = await render(base, zero, 42n, unmerged);
+    assert.match(img.infotext, new RegExp(`Lora hashes: "style: ${hash}"`));
+    // The weight changes nothing in the image.
+    assert.deepEqual(
+      await sharp(img.png).raw().toBuffer(),
+      await sharp((await render(base, { ...params, prompt: "a cat" })).png)
+        .raw()
+        .toBuffer(),
+    );
+    // A prompt that does not name it lists nothing.
+    assert.doesNotMatch((await render(base, { ...params, prompt: "a cat" }, 42n, unmerged)).infotext, /Lora hashes/);
   });
 
   test("a LoRA tag in the prompt works with Hires.fix and img2img too, and names its hash there", async () => {

@@ -1,5 +1,5 @@
 import { existsSync } from "node:fs";
-import { readdir, readFile } from "node:fs/promises";
+import { readdir, readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import {
@@ -64,6 +64,43 @@ export function lorasOf(prompt: string, explicit: readonly LoraRef[]): LoraUse[]
   }));
   for (const l of explicit) loras.push({ name: l.name, teWeight: l.teWeight, unetWeight: l.unetWeight });
   return loras;
+}
+
+/** A LoRA file's addnet hash, by path, while its size and mtime stay: a weight-0 LoRA is hashed once, not per task. */
+const unmergedHashCache = new Map<string, { size: number; mtimeMs: number; hash: string }>();
+const MAX_CACHED_HASHES = 1024;
+
+/**
+ * A1111's "Lora hashes" entries ("name: hash") of the request's LoRAs named only at weight 0, by name.
+ * A1111 loads and lists a `<lora:name:0>` like any other; the farm merges nothing for it (pipelineKey
+ * drops it), so no pipeline carries its hash. A file the agent lacks is reported to `onMissing` and left
+ * out, as A1111 leaves out a network it cannot find.
+ */
+export async function unmergedLoraHashes(
+  p: GenerationParams,
+  lorasDir: string | undefined,
+  onMissing: (name: string) => void,
+): Promise<Map<string, string>> {
+  const uses = [...lorasOf(p.prompt, p.loras), ...lorasOf(secondPassPrompt(p), p.loras)];
+  const merged = new Set(uses.filter((l) => l.teWeight !== 0 || l.unetWeight !== 0).map((l) => l.name));
+  const out = new Map<string, string>();
+  for (const name of new Set(uses.map((l) => l.name))) {
+    if (merged.has(name)) continue;
+    const path = lorasDir === undefined ? undefined : await resolveNamedFile(lorasDir, name, "lora").catch(() => undefined);
+    const st = path === undefined ? undefined : await stat(path).catch(() => undefined);
+    if (path === undefined || st === undefined) {
+      onMissing(name);
+      continue;
+    }
+    let cached = unmergedHashCache.get(path);
+    if (cached === undefined || cached.size !== st.size || cached.mtimeMs !== st.mtimeMs) {
+      cached = { size: st.size, mtimeMs: st.mtimeMs, hash: await loraAddnetHash(path) };
+      if (unmergedHashCache.size >= MAX_CACHED_HASHES) unmergedHashCache.clear();
+      unmergedHashCache.set(path, cached);
+    }
+    out.set(name, `${name}: ${cached.hash}`);
+  }
+  return out;
 }
 
 /**

@@ -2,14 +2,15 @@
 // thread and renders tasks here, so a denoising step goes sampler → UNet → sampler without leaving
 // the thread. The agent's event loop only sends tasks and receives progress and results.
 import { parentPort, workerData } from "node:worker_threads";
-import type { Logger } from "@latentfarm/shared";
+import { TaskStage, type Logger } from "@latentfarm/shared";
 import { ModelCatalog } from "../models/catalog.js";
-import { loadModel, parsePipelineKey } from "../models/model-loader.js";
+import { loadModel, parsePipelineKey, unmergedLoraHashes } from "../models/model-loader.js";
 import { LoadedPipeline } from "../pipeline/loaded-pipeline.js";
 import { runTask } from "../pipeline/txt2img.js";
 import { toWireError, type FromHost, type HostInit, type LogLevel, type ToHost } from "./protocol.js";
 
 const init = workerData as HostInit;
+const WRITES_INFOTEXT: ReadonlySet<TaskStage> = new Set([TaskStage.FULL, TaskStage.SECOND_PASS, TaskStage.ASSEMBLE]);
 const port = parentPort!;
 const post = (m: FromHost): void => port.postMessage(m);
 
@@ -91,6 +92,14 @@ async function renderOn(m: Extract<ToHost, { op: "run" }>, abort: AbortControlle
   try {
     if (!pipe) throw new Error("the pipeline is not loaded");
     const p = pipe;
+    const onWarning = (message: string): void => post({ type: "warning", id: m.id, message });
+    // Only the stages that write the infotext look the weight-0 LoRAs up (one warning per image, not per tile).
+    const unmerged =
+      m.req.params === undefined || !WRITES_INFOTEXT.has(m.req.stage)
+        ? undefined
+        : await unmergedLoraHashes(m.req.params, init.lorasDir, (name) =>
+            onWarning(`lora "${name}" (weight 0) is not in this agent's LoRA folder: left out of "Lora hashes"`),
+          );
     const output = await runTask(p, m.req, {
       signal: abort.signal,
       agentId: m.agentId,
@@ -104,8 +113,9 @@ async function renderOn(m: Extract<ToHost, { op: "run" }>, abort: AbortControlle
           unetRunMs: p.model.ortRunStats("unet").ms,
           ...(previewPng !== undefined && { previewPng }),
         }),
-      onWarning: (message) => post({ type: "warning", id: m.id, message }),
+      onWarning,
       ...(m.resources ? { resources: m.resources } : {}),
+      ...(unmerged !== undefined && { unmergedLoraHashes: unmerged }),
     });
     post({ type: "done", id: m.id, output });
   } catch (err) {

@@ -1,5 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
@@ -9,6 +10,7 @@ import type { GenerationParamsSchema } from "@latentfarm/shared";
 import { FarmError, RngSource, RunTaskRequestSchema, silentLogger, type RunTaskRequest } from "@latentfarm/shared";
 import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
 import { pipelineKey } from "../models/model-loader.js";
+import { loraAddnetHash, writeSafetensors } from "../model-graph/index.js";
 import { LoadedPipeline } from "../pipeline/loaded-pipeline.js";
 import { renderTask } from "../pipeline/txt2img.js";
 import { PipelineHost } from "./pipeline-host.js";
@@ -123,4 +125,35 @@ test(
 test("a pipeline that cannot load fails start() with the loader's status, and its thread ends", { skip }, async () => {
   await assert.rejects(start("no-such-model"), (e: unknown) => e instanceof FarmError && e.code === grpc.status.NOT_FOUND);
   assert.equal(PipelineHost.threadsAlive, 0, "the failed pipeline's thread ended");
+});
+
+test("a host thread lists a weight-0 LoRA of its folder in Lora hashes, and warns of one it lacks", { skip }, async () => {
+  const lorasDir = mkdtempSync(join(tmpdir(), "lf-host-loras-"));
+  await writeSafetensors(join(lorasDir, "grain.safetensors"), {
+    "lora_unet_x.lora_up.weight": { dtype: "F32", shape: [2, 1], data: Float32Array.from([0.5, -0.5]) },
+  });
+  const host = await PipelineHost.start({
+    modelsDir: KIT_FIXTURES,
+    key: pipelineKey("tiny-sd15", []),
+    ep: { name: "cpu" },
+    intraOpNumThreads: 1,
+    cacheDir: join(tmpdir(), "latentfarm-test-cache"),
+    maxBatchRows: 16,
+    logger: silentLogger,
+    lorasDir,
+  });
+  try {
+    const warnings: string[] = [];
+    const out = await host.runTask(request({ prompt: "a red apple <lora:grain:0> <lora:absent:0>", steps: 2 }), {
+      ...ctx(),
+      onWarning: (m: string) => warnings.push(m),
+    });
+    assert.equal(out.case, "result");
+    const hash = await loraAddnetHash(join(lorasDir, "grain.safetensors"));
+    assert.match(out.value.infotext as string, new RegExp(`Lora hashes: "grain: ${hash}"`));
+    assert.deepEqual(warnings, [`lora "absent" (weight 0) is not in this agent's LoRA folder: left out of "Lora hashes"`]);
+  } finally {
+    await host.close();
+    rmSync(lorasDir, { recursive: true, force: true });
+  }
 });

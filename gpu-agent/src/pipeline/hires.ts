@@ -95,8 +95,8 @@ interface HiresSetup {
   hrSteps: number;
 }
 
-function hiresSetup(pipe: LoadedPipeline, req: RunTaskRequest): HiresSetup {
-  const b = taskBasics(pipe, req);
+function hiresSetup(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): HiresSetup {
+  const b = taskBasics(pipe, req, ctx);
   const { p } = b;
   let target: HiresTarget | undefined;
   if (p.enableHr) {
@@ -291,8 +291,8 @@ async function finishHires(
     vae: firstModel.vae,
     loraHashes: sampler2
       ? mergeLoraHashes(
-          loraHashesInPromptOrder(firstModel.loraHashes, p.prompt, p.loras),
-          loraHashesInPromptOrder(secondModel.loraHashes, secondPassPrompt(p), p.loras),
+          loraHashesInPromptOrder(firstModel.loraHashes, p.prompt, p.loras, b.unmergedLoraHashes),
+          loraHashesInPromptOrder(secondModel.loraHashes, secondPassPrompt(p), p.loras, b.unmergedLoraHashes),
         )
       : firstModel.loraHashes,
   };
@@ -375,7 +375,7 @@ async function runSecondPass(
 }
 
 export async function renderTxt2imgExtended(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): Promise<Image> {
-  const s = hiresSetup(pipe, req);
+  const s = hiresSetup(pipe, req, ctx);
   if (s.target && (refinerInPass(req.params!, "first") || refinerInPass(req.params!, "second"))) {
     // Each pass may switch to the refiner and back (A1111 reloads the model for the second pass).
     throw FarmError.unimplemented(
@@ -406,7 +406,7 @@ export type StageOutput = { case: "result"; value: Image } | { case: "handover";
  * stage (step of this stage's steps); the coordinator adds the stages up for the job's progress.
  */
 export async function runHiresStage(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): Promise<StageOutput> {
-  const s = hiresSetup(pipe, req);
+  const s = hiresSetup(pipe, req, ctx);
   const target = requireTarget(s);
   const C = pipe.model.config.latentChannels;
   switch (req.stage) {

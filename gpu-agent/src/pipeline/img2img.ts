@@ -82,7 +82,7 @@ export async function encodeInit(
 }
 
 export async function renderImg2img(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderContext): Promise<Image> {
-  const b = taskBasics(pipe, req);
+  const b = taskBasics(pipe, req, ctx);
   const { p } = b;
   if (p.enableHr) throw FarmError.invalid("enable_hr", "Hires.fix applies to txt2img, not to img2img with init_images");
   const C = pipe.model.config.latentChannels;

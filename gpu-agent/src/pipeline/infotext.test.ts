@@ -66,10 +66,16 @@ test("a key whose value equals the key is written alone", () => {
 test("Lora hashes: in the order the prompt names the LoRAs, then the request's; names without ':' and ','; passes merged as A1111's dict", () => {
   const model = { name: "m", modelHash: undefined, vae: undefined, loraHashes: ["a,x: 222", "b: 111", "c: 333"] };
   const p = create(GenerationParamsSchema, { prompt: "<lora:b:1> x <lora:a,x:0.5>", loras: [{ name: "c", teWeight: 1, unetWeight: 1 }] });
-  assert.deepEqual(loraHashesEntry(model, p), ["Lora hashes", "b: 111, ax: 222, c: 333"]);
-  assert.deepEqual(loraHashesEntry({ ...model, loraHashes: [] }, p), ["Lora hashes", undefined]);
-  // A weight-0 tag merges nothing and has no hash; a hash of a LoRA no prompt names keeps its place after them.
+  assert.deepEqual(loraHashesEntry(model, { p, unmergedLoraHashes: new Map() }), ["Lora hashes", "b: 111, ax: 222, c: 333"]);
+  assert.deepEqual(loraHashesEntry({ ...model, loraHashes: [] }, { p, unmergedLoraHashes: new Map() }), ["Lora hashes", undefined]);
+  // A weight-0 tag merges nothing: its entry comes from the unmerged ones, in its place in the prompt, and
+  // only where the prompt names it; a hash of a LoRA no prompt names keeps its place after them.
   assert.deepEqual(loraHashesInPromptOrder(["a: 1", "z: 9"], "<lora:q:0> <lora:a:1>", []), ["a: 1", "z: 9"]);
+  const unmerged = new Map([
+    ["q", "q: 5"],
+    ["r", "r: 6"],
+  ]);
+  assert.deepEqual(loraHashesInPromptOrder(["a: 1", "z: 9"], "<lora:q:0> <lora:a:1>", [], unmerged), ["q: 5", "a: 1", "z: 9"]);
   assert.deepEqual(mergeLoraHashes(["b: 1", "a: 2"], ["c: 3", "b: 4"]), ["b: 4", "a: 2", "c: 3"]);
 });
 

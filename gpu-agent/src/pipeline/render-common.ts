@@ -51,6 +51,8 @@ export interface RenderContext {
   onStep: (step: number, totalSteps: number, previewPng?: Uint8Array) => void;
   onWarning: (message: string) => void;
   resources?: RenderResources;
+  /** The request's weight-0 LoRAs' "Lora hashes" entries by name (no pipeline merges them); see unmergedLoraHashes. */
+  unmergedLoraHashes?: ReadonlyMap<string, string>;
 }
 
 const RNG_NAMES: Record<WireRng, "GPU" | "CPU" | "NV"> = {
@@ -77,9 +79,11 @@ export interface TaskBasics {
   conditioning: ConditioningSettings;
   img2imgFixSteps: boolean;
   preview: PreviewRequest | undefined;
+  /** RenderContext.unmergedLoraHashes: weight-0 LoRAs' entries, which the infotext lists where the pass's prompt names them. */
+  unmergedLoraHashes: ReadonlyMap<string, string>;
 }
 
-export function taskBasics(pipe: LoadedPipeline, req: RunTaskRequest): TaskBasics {
+export function taskBasics(pipe: LoadedPipeline, req: RunTaskRequest, ctx?: Pick<RenderContext, "unmergedLoraHashes">): TaskBasics {
   const p = req.params;
   if (!p) throw FarmError.invalid("params", "the task has no generation parameters");
   const { sampling: settings, conditioning, img2imgFixSteps, preview } = requestSettingsOf(p);
@@ -99,6 +103,7 @@ export function taskBasics(pipe: LoadedPipeline, req: RunTaskRequest): TaskBasic
     conditioning,
     img2imgFixSteps,
     preview,
+    unmergedLoraHashes: ctx?.unmergedLoraHashes ?? new Map(),
   };
 }
 
@@ -482,7 +487,7 @@ export function baseInfotext(
     ensd: sampler.choice.sampler.usesEnsd && b.ensd !== 0 ? b.ensd : undefined,
     rng: b.rng,
     tiling: b.p.tiling,
-    extra: [loraHashesEntry(model, b.p), ...samplerExtras(sampler)],
+    extra: [loraHashesEntry(model, b), ...samplerExtras(sampler)],
   };
 }
 
@@ -491,13 +496,19 @@ const loraOfEntry = (entry: string): string => entry.slice(0, Math.max(0, entry.
 
 /**
  * A pipeline's LoRA hashes in the order `prompt` (then the request's `loras`) names the LoRAs, as A1111
- * lists its loaded networks; the pipeline keeps them in its key's order (by name).
+ * lists its loaded networks; the pipeline keeps them in its key's order (by name). A name at weight 0,
+ * which the pipeline did not merge, takes its entry from `unmerged`.
  */
-export function loraHashesInPromptOrder(hashes: readonly string[], prompt: string, explicit: readonly LoraRef[]): string[] {
+export function loraHashesInPromptOrder(
+  hashes: readonly string[],
+  prompt: string,
+  explicit: readonly LoraRef[],
+  unmerged: ReadonlyMap<string, string> = new Map(),
+): string[] {
   const byName = new Map(hashes.map((entry) => [loraOfEntry(entry), entry]));
   const ordered = new Map<string, string>();
   for (const name of [...lorasOf(prompt, explicit).map((l) => l.name), ...byName.keys()]) {
-    const entry = byName.get(name);
+    const entry = byName.get(name) ?? unmerged.get(name);
     if (entry !== undefined && !ordered.has(name)) ordered.set(name, entry);
   }
   return [...ordered.values()];
@@ -517,8 +528,8 @@ export function mergeLoraHashes(first: readonly string[], second: readonly strin
  * A1111 activates extra networks before it encodes prompts or sets the sampler up: its entry comes first.
  * Its names are the prompt's, with ":" and "," removed.
  */
-export function loraHashesEntry(model: ModelIdentity, p: GenerationParams): [string, InfotextValue] {
-  const entries = loraHashesInPromptOrder(model.loraHashes, p.prompt, p.loras).map(
+export function loraHashesEntry(model: ModelIdentity, b: Pick<TaskBasics, "p" | "unmergedLoraHashes">): [string, InfotextValue] {
+  const entries = loraHashesInPromptOrder(model.loraHashes, b.p.prompt, b.p.loras, b.unmergedLoraHashes).map(
     (entry) => `${hashListName(loraOfEntry(entry))}${entry.slice(loraOfEntry(entry).length)}`,
   );
   return ["Lora hashes", entries.length > 0 ? entries.join(", ") : undefined];

@@ -45,7 +45,7 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     );
   }
   if (p.enableHr || p.restoreFaces) return renderTxt2imgExtended(pipe, req, ctx);
-  const b = taskBasics(pipe, req);
+  const b = taskBasics(pipe, req, ctx);
   const h = b.height / 8;
   const w = b.width / 8;
   const imageRng = imageRngFor(b, h, w);
