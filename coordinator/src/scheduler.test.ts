@@ -403,3 +403,45 @@ test("a refiner: an agent without it hands the switch back and the task carries 
   h.scheduler.close();
   h2.scheduler.close();
 });
+
+test("a refiner task does not wait for a busy agent with both checkpoints while one without the refiner is free: it hands the switch back", async () => {
+  const log: string[] = [];
+  const both = fakeAgent("both", 1, { stepMs: 20 }, log);
+  both.available = new Set(["m", "r"]);
+  both.info.loadedModels = ["m", "r"];
+  const baseOnly = fakeAgent("base-only", 1, { stepMs: 20, refinerSwitchAfter: 2 }, log);
+  const h = harness([both, baseOnly]);
+  const [first, second] = h.submit(2, 4, undefined, 1, "", { refinerCheckpoint: "r", refinerSwitchAt: 0.5 });
+  await h.settled(2);
+  const starts = log.filter((l) => l.startsWith("start"));
+  // The first takes the free agent with both; the second starts at once where the refiner is not, and
+  // carries on on "both" once that is free, instead of waiting for it to run the whole task.
+  assert.deepEqual(starts.slice(0, 2), [`start both ${first!.id}`, `start base-only ${second!.id}`]);
+  assert.ok(starts.includes(`start both ${second!.id} resumed after 2`), starts.join("; "));
+  assert.deepEqual(new Set(h.done.map((d) => d.agent)), new Set(["both"]));
+  h.scheduler.close();
+});
+
+test("a refiner task's estimate counts the refiner's load on an agent that would switch to it unloaded", async () => {
+  const log: string[] = [];
+  // Listed first and equally fast: without the refiner's load in its estimate, it would win the tie.
+  const cold = fakeAgent("cold", 1, { stepMs: 5 }, log);
+  cold.available = new Set(["m", "r"]);
+  const warm = fakeAgent("warm", 1, { stepMs: 5 }, log);
+  warm.available = new Set(["m", "r"]);
+  warm.info.loadedModels = ["m", "r"];
+  const h = harness([cold, warm]);
+  for (const id of ["cold", "warm"]) h.speed.observe(id, { model: "m", width: 64, height: 64 }, { secondsPerCall: 0.005 });
+  h.speed.observe("warm", { model: "r", width: 64, height: 64 }, { secondsPerCall: 0.005, loadSeconds: 30 });
+  h.submit(1, 4, undefined, 1, "", { refinerCheckpoint: "r", refinerSwitchAt: 0.5 });
+  await h.settled(1);
+  assert.deepEqual(
+    h.done.map((d) => d.agent),
+    ["warm"],
+  );
+  // Without a refiner the tie goes to the first listed, as before.
+  h.submit(1, 4);
+  await h.settled(2);
+  assert.equal(h.done[1]?.agent, "cold");
+  h.scheduler.close();
+});

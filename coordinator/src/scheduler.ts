@@ -89,6 +89,11 @@ function refinerToSwitchTo(task: Task): string | undefined {
   return refiner !== undefined && samplesWithRefiner(task) ? refiner : undefined;
 }
 
+/** An agent that would switch to the refiner itself, and has its pipeline to load for that. */
+function loadsRefiner(a: AgentState, refiner: string): boolean {
+  return a.available.has(refiner) && !a.info.loadedModels.includes(refiner);
+}
+
 /** Whether a pass the task samples may switch to the job's refiner. */
 function samplesWithRefiner(task: Task): boolean {
   const p = task.job.spec.params;
@@ -581,10 +586,13 @@ export class Scheduler {
     this.wakeTimer.unref();
   }
 
-  private estimate(a: AgentState, task: Task): { ms: number; measured: boolean } {
+  private estimate(a: AgentState, task: Task, refiner = refinerToSwitchTo(task)): { ms: number; measured: boolean } {
+    const speed = this.opts.speed;
     const loaded = a.info.loadedModels.includes(task.key.model);
-    const e = this.opts.speed.taskSeconds(a.id, task.key, task.modelCalls, loaded);
-    return { ms: e.seconds * 1000, measured: e.measured };
+    const e = speed.taskSeconds(a.id, task.key, task.modelCalls, loaded);
+    // An agent that switches to the refiner itself loads its pipeline first, unless it is loaded.
+    const refinerLoad = refiner !== undefined && loadsRefiner(a, refiner) ? (speed.loadSeconds(refiner) ?? 0) : 0;
+    return { ms: (e.seconds + refinerLoad) * 1000, measured: e.measured };
   }
 
   /**
@@ -593,7 +601,8 @@ export class Scheduler {
    * loaded or dropped the model.
    */
   private estimatesFor(task: Task, candidates: AgentState[], plan: Plan): { ms: Float64Array; measured: Uint8Array } {
-    const kind = `${task.key.model}|${task.key.width}x${task.key.height}|${task.modelCalls}`;
+    const refiner = refinerToSwitchTo(task);
+    const kind = `${task.key.model}|${task.key.width}x${task.key.height}|${task.modelCalls}${refiner === undefined ? "" : `|${refiner}`}`;
     const inPass = plan.estimates.get(kind);
     if (inPass) return inPass;
     let e = this.estimateCache.get(kind);
@@ -614,10 +623,11 @@ export class Scheduler {
     for (let i = 0; i < candidates.length; i++) {
       const a = candidates[i]!;
       const v = speed.agentVersion(a.id);
-      const loaded = a.info.loadedModels.includes(task.key.model) ? 1 : 0;
+      // Bit 1: the model is loaded; bit 2: the refiner it would switch to here is not (a load to count).
+      const loaded = (a.info.loadedModels.includes(task.key.model) ? 1 : 0) | (refiner !== undefined && loadsRefiner(a, refiner) ? 2 : 0);
       // Load times are fleet figures too, so an unloaded agent follows the fleet version.
-      if (e.version[i] === v && e.loaded[i] === loaded && ((e.measured[i] && loaded) || e.fleet === fleet)) continue;
-      const x = this.estimate(a, task);
+      if (e.version[i] === v && e.loaded[i] === loaded && ((e.measured[i] && loaded === 1) || e.fleet === fleet)) continue;
+      const x = this.estimate(a, task, refiner);
       e.ms[i] = x.ms;
       e.measured[i] = x.measured ? 1 : 0;
       e.version[i] = v;
@@ -635,11 +645,16 @@ export class Scheduler {
   private choose(task: Task, plan: Plan, waiting: number): { agent: AgentState; start: number; ms: number; measured: boolean } | undefined {
     const candidates = this.agentsFor(task.key.model);
     const est = this.estimatesFor(task, candidates, plan);
-    // Agents that also offer the refiner the task may switch to, when one can take it, over a hand-back.
+    // Agents that also offer the refiner the task may switch to, when one can start it now, over a
+    // hand-back. When all of them are busy, an agent without the refiner starts it: its pass runs up to
+    // the switch meanwhile and the rest waits for a refiner's slot, which finishes no later than waiting
+    // for that slot to run it all (the hand-back costs its state's transfer and a second placement).
     const refiner = refinerToSwitchTo(task);
     const withRefiner =
       refiner !== undefined &&
-      candidates.some((a) => !a.info.draining && !task.failedOn.has(a.id) && a.available.has(refiner) && offersVae(a, task));
+      candidates.some(
+        (a) => !a.info.draining && !task.failedOn.has(a.id) && a.available.has(refiner) && offersVae(a, task) && plan.freeNow(a),
+      );
     // Agents the task failed on, or short of memory, only when no other agent can take it.
     let restrict = false;
     if (task.failedOn.size > 0 || this.opts.minFreeMemoryBytes) {
