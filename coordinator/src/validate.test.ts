@@ -57,6 +57,8 @@ test("override settings (A1111's options) and s_min_uncond: names known, numbers
   rejects(s({ uniPcOrder: 51 }), "INVALID_ARGUMENT", "override_settings.uni_pc_order");
   rejects(s({ sdNoiseSchedule: "zero terminal snr" }), "INVALID_ARGUMENT", "override_settings.sd_noise_schedule");
   rejects(s({ emphasis: "Strong" }), "INVALID_ARGUMENT", "override_settings.emphasis");
+  rejects(s({ faceRestorationModel: "gfpgan" }), "INVALID_ARGUMENT", "override_settings.face_restoration_model");
+  validateJob(job({ restoreFaces: true, overrideSettings: { faceRestorationModel: "GFPGAN" } }));
   // A VAE is named by its file name alone, as ListVaes lists it.
   for (const sdVae of ["../../etc/passwd", "VAE/x.pt", "a\\b.pt", "x\0.pt", "..", "v".repeat(256)]) {
     rejects(s({ sdVae }), "INVALID_ARGUMENT", "override_settings.sd_vae");

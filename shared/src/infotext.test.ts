@@ -99,7 +99,19 @@ test("apply: what the farm does not reproduce is reported, an older A1111's impl
       "Face restoration: GFPGAN, Emphasis: No norm, Version: v1.5.1",
   });
   const { notReproduced } = applyInfotext(p);
-  assert.deepEqual(notReproduced, ["Face restoration: GFPGAN (restored with CodeFormer)", "ADetailer model: face_yolov8n.pt"]);
+  assert.deepEqual(notReproduced, ["ADetailer model: face_yolov8n.pt"]);
+  // "Face restoration" turns restore_faces on and names A1111's face_restoration_model (unless the request names one).
+  assert.equal(p.restoreFaces, true);
+  assert.equal(p.overrideSettings?.faceRestorationModel, "GFPGAN");
+  const faces = (entry: string, faceRestorationModel = "") => {
+    const q = create(GenerationParamsSchema, {
+      infotext: `x\nSteps: 2, Seed: 1, Face restoration: ${entry}`,
+      overrideSettings: { faceRestorationModel },
+    });
+    return { notReproduced: applyInfotext(q).notReproduced, model: q.overrideSettings?.faceRestorationModel };
+  };
+  assert.deepEqual(faces("GFPGAN", "CodeFormer"), { notReproduced: [], model: "CodeFormer" });
+  assert.deepEqual(faces("RestoreFormer"), { notReproduced: ["Face restoration: RestoreFormer (restored with CodeFormer)"], model: "" });
   // The checkpoints' hashes are kept for finding the farm's checkpoint of those weights, where the text filled the field.
   const hashes = (init: Partial<Pick<GenerationParams, "model" | "hrCheckpointName">>) =>
     applyInfotext(

@@ -255,10 +255,15 @@ export function applyInfotext(p: GenerationParams): AppliedInfotext {
     p.rng = source;
   }
   const faces = take("Face restoration", str);
-  if (faces !== undefined && !p.restoreFaces) {
+  if (faces !== undefined) {
     p.restoreFaces = true;
-    // The farm restores faces with CodeFormer (GFPGAN's model is not among its face models).
-    if (faces !== "CodeFormer") notReproduced.push(`Face restoration: ${faces} (restored with CodeFormer)`);
+    // The entry is also A1111's face_restoration_model setting, unless the request's override_settings chose one.
+    const chosen = (p.overrideSettings ??= create(OverrideSettingsSchema));
+    if (faces === "GFPGAN" || faces === "CodeFormer") {
+      if (chosen.faceRestorationModel === "") chosen.faceRestorationModel = faces;
+    } else {
+      notReproduced.push(`Face restoration: ${faces} (restored with ${chosen.faceRestorationModel || "CodeFormer"})`);
+    }
   }
 
   // Hires.fix, as A1111's paste does: enable_hr when the text has a denoising strength and a hires entry.

@@ -9,6 +9,7 @@ export const NOISE_SCHEDULES = ["Default", "Zero Terminal SNR"] as const;
 export const EMPHASIS_NAMES = ["Original", "No norm", "Ignore", "None"] as const;
 export const LIVE_PREVIEW_CONTENTS = ["Prompt", "Negative prompt", "Combined"] as const;
 export const HIRES_REFINER_PASSES = ["first pass", "second pass", "both passes"] as const;
+export const FACE_RESTORATION_MODELS = ["CodeFormer", "GFPGAN"] as const;
 /** A1111's slider maximum for uni_pc_order. */
 export const MAX_UNI_PC_ORDER = 50;
 
@@ -18,6 +19,7 @@ export type NoiseScheduleName = (typeof NOISE_SCHEDULES)[number];
 export type EmphasisName = (typeof EMPHASIS_NAMES)[number];
 export type LivePreviewContent = (typeof LIVE_PREVIEW_CONTENTS)[number];
 export type HiresRefinerPass = (typeof HIRES_REFINER_PASSES)[number];
+export type FaceRestorationModel = (typeof FACE_RESTORATION_MODELS)[number];
 
 /** The settings with their values checked: names known, numbers finite and in range. Absent stays absent. */
 export interface CheckedOverrideSettings {
@@ -54,6 +56,7 @@ export interface CheckedOverrideSettings {
   refinerSwitchBySampleSteps?: boolean;
   sdxlRefinerLowAestheticScore?: number;
   sdxlRefinerHighAestheticScore?: number;
+  faceRestorationModel?: FaceRestorationModel;
 }
 
 const FIELD = "override_settings";
@@ -157,6 +160,7 @@ export function checkOverrideSettings(p: Pick<GenerationParams, "sMinUncond" | "
     if (v !== undefined && !Number.isFinite(v)) throw FarmError.invalid(`${FIELD}.${name}`, `must be a finite number, got ${v}`);
     put(key, v);
   }
+  put("faceRestorationModel", oneOf("face_restoration_model", s.faceRestorationModel ?? "", FACE_RESTORATION_MODELS));
   checkVaeName(s.sdVae ?? "");
   if (out.useDowncastedAlphaBar && out.noiseSchedule === "Zero Terminal SNR") {
     // ᾱ's last value, 4.9e-8, is 6e-8 in float16, and its σ overflows float16: A1111 renders NaN.

@@ -93,6 +93,15 @@ export async function writeTinyCodeFormer(path: string, seed = 3): Promise<void>
   await saveModel(g.toSpec(), path);
 }
 
+/** GFPGAN-shaped restorer: one image input, output = tanh(conv(input)). */
+export async function writeTinyGfpgan(path: string, seed = 5): Promise<void> {
+  const g = new GraphBuilder("tiny_gfpgan", 17);
+  const rand = mulberry32(seed);
+  const x = g.input("input", "float32", [1, 3, 512, 512]);
+  g.output(g.op1("Tanh", [conv(g, x, "stylegan_decoder", 3, 3, rand, 0.5)]), "output", "float32", [1, 3, 512, 512]);
+  await saveModel(g.toSpec(), path);
+}
+
 export interface TinyDetection {
   /** cx, cy, w, h in detector (640²) pixels. */
   box: readonly [number, number, number, number];

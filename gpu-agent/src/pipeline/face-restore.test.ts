@@ -4,9 +4,17 @@ import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { FFHQ_TEMPLATE_512, alignmentMatrix, applyAffine, type Image8, type Point } from "../imaging/index.js";
-import { writeTinyCodeFormer, writeTinyFaceDetector } from "../imaging/tiny-models.js";
+import { writeTinyCodeFormer, writeTinyFaceDetector, writeTinyGfpgan } from "../imaging/tiny-models.js";
 import { inProcessRunner } from "./aux-runner.test-support.js";
-import { CODEFORMER_FILE, DETECTOR_FILE, decodeYoloFaces, detectFaces, faceModelPaths, restoreFaces } from "./face-restore.js";
+import {
+  CODEFORMER_FILE,
+  DETECTOR_FILE,
+  GFPGAN_FILES,
+  decodeYoloFaces,
+  detectFaces,
+  faceModelPaths,
+  restoreFaces,
+} from "./face-restore.js";
 
 const signal = new AbortController().signal;
 const W = 160;
@@ -28,6 +36,23 @@ function smoothImage(): Image8 {
     data[i * 3 + 2] = Math.round(100 + x / 4 + y / 4);
   }
   return { width: W, height: H, channels: 3, data };
+}
+
+/** The largest red change near the nose landmark, and far outside the face's aligned crop. */
+function changeAroundFace(before: Image8, after: Image8): { inside: number; outside: number } {
+  let inside = 0;
+  let outside = 0;
+  const toCrop = alignmentMatrix(LANDMARKS);
+  for (let y = 0; y < H; y++) {
+    for (let x = 0; x < W; x++) {
+      const d = Math.abs(after.data[(y * W + x) * 3]! - before.data[(y * W + x) * 3]!);
+      const [cx, cy] = LANDMARKS[2]!;
+      if (Math.hypot(x - cx, y - cy) < 15) inside = Math.max(inside, d);
+      const [u, v] = applyAffine(toCrop, [x, y]);
+      if (u < -4 || v < -4 || u > 516 || v > 516) outside = Math.max(outside, d);
+    }
+  }
+  return { inside, outside };
 }
 
 test("YOLO-face decoding: detector pixels back to the image, score threshold, NMS, tiny faces dropped", () => {
@@ -76,20 +101,29 @@ describe("CodeFormer face restoration with tiny generated models", () => {
     for (let i = 0; i < img.data.length; i++) maxSame = Math.max(maxSame, Math.abs(same.image.data[i]! - img.data[i]!));
     assert.ok(maxSame <= 6, `identity restoration moved pixels by ${maxSame} levels`);
     const changed = await restoreFaces(inProcessRunner(), paths, img, 0, signal);
-    let inside = 0;
-    let outside = 0;
-    const toCrop = alignmentMatrix(LANDMARKS);
-    for (let y = 0; y < H; y++) {
-      for (let x = 0; x < W; x++) {
-        const d = Math.abs(changed.image.data[(y * W + x) * 3]! - img.data[(y * W + x) * 3]!);
-        const [cx, cy] = LANDMARKS[2]!;
-        if (Math.hypot(x - cx, y - cy) < 15) inside = Math.max(inside, d);
-        const [u, v] = applyAffine(toCrop, [x, y]);
-        if (u < -4 || v < -4 || u > 516 || v > 516) outside = Math.max(outside, d);
-      }
-    }
+    const { inside, outside } = changeAroundFace(img, changed.image);
     assert.ok(inside > 10, `face region changed by only ${inside}`);
     assert.ok(outside <= 1, `pixels far from the face changed by ${outside}`);
+  });
+
+  test("GFPGAN restores the face region only, from either of its published file names", async () => {
+    const img = smoothImage();
+    assert.throws(
+      () => faceModelPaths(dir, "GFPGAN"),
+      (e: Error & { codeName?: string; field?: string }) =>
+        e.codeName === "FAILED_PRECONDITION" &&
+        e.field === "override_settings.face_restoration_model" &&
+        e.message.includes(GFPGAN_FILES[0]),
+    );
+    await writeTinyGfpgan(join(dir, GFPGAN_FILES[1]));
+    const paths = faceModelPaths(dir, "GFPGAN");
+    assert.equal(paths.network, join(dir, GFPGAN_FILES[1]));
+    const out = await restoreFaces(inProcessRunner(), paths, img, 1, signal);
+    const { inside, outside } = changeAroundFace(img, out.image);
+    assert.ok(inside > 10, `face region changed by only ${inside}`);
+    assert.ok(outside <= 1, `pixels far from the face changed by ${outside}`);
+    // CodeFormer's file is still the default restorer's.
+    assert.equal(faceModelPaths(dir).network, join(dir, CODEFORMER_FILE));
   });
 
   test("missing model files are FAILED_PRECONDITION naming the file", () => {

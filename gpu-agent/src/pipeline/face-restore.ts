@@ -1,13 +1,14 @@
 /**
  * Face restoration after generation (A1111 §9.1 with ONNX models, onnx-notes §E): a YOLO-face style
  * detector gives boxes and 5 landmarks, each face is aligned to the FFHQ 512 template, restored by
- * CodeFormer at fidelity w, and pasted back through a feathered mask.
+ * A1111's face_restoration_model (CodeFormer at fidelity w, or GFPGAN v1.4, which A1111 runs through the
+ * same helper with only the network swapped), and pasted back through a feathered mask.
  */
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import sharp from "sharp";
-import { FarmError, type GenerationParams } from "@latentfarm/shared";
+import { FarmError, checkOverrideSettings, type FaceRestorationModel, type GenerationParams } from "@latentfarm/shared";
 import {
   alignFace,
   boxFeatherMask,
@@ -26,6 +27,8 @@ import type { RenderContext } from "./render-common.js";
 import { resourcesOf } from "./render-common.js";
 
 export const CODEFORMER_FILE = "codeformer.onnx";
+/** GFPGAN v1.4 exported to ONNX, under the names its exports are published with, in the order tried. */
+export const GFPGAN_FILES = ["GFPGANv1.4.onnx", "gfpgan_1.4.onnx"] as const;
 export const DETECTOR_FILE = "yoloface_8n.onnx";
 export const DETECTOR_SIZE = 640;
 export const DEFAULT_CODEFORMER_WEIGHT = 0.5;
@@ -114,22 +117,40 @@ export async function detectorInput(image: Image8, size = DETECTOR_SIZE): Promis
   return { tensor, scale };
 }
 
-/** The model files restore_faces needs; a missing one is FAILED_PRECONDITION naming it. */
-export function faceModelPaths(dir: string | undefined): { detector: string; codeformer: string } {
+/** The detector and the restoring network restore_faces runs. */
+export interface FaceModelPaths {
+  detector: string;
+  restorer: FaceRestorationModel;
+  /** The restorer's ONNX file. */
+  network: string;
+}
+
+/** The model files restore_faces needs with `restorer`; a missing one is FAILED_PRECONDITION naming it. */
+export function faceModelPaths(dir: string | undefined, restorer: FaceRestorationModel = "CodeFormer"): FaceModelPaths {
+  const files: readonly string[] = restorer === "GFPGAN" ? GFPGAN_FILES : [CODEFORMER_FILE];
   if (!dir) {
     throw new FarmError(
       grpc.status.FAILED_PRECONDITION,
-      `restore_faces needs ${DETECTOR_FILE} and ${CODEFORMER_FILE}, but this agent has no face model folder (--face-models)`,
+      `restore_faces needs ${DETECTOR_FILE} and ${files.join(" or ")}, but this agent has no face model folder (--face-models)`,
       { field: "restore_faces" },
     );
   }
   const detector = join(dir, DETECTOR_FILE);
-  const codeformer = join(dir, CODEFORMER_FILE);
-  for (const f of [detector, codeformer]) {
-    if (!existsSync(f))
-      throw new FarmError(grpc.status.FAILED_PRECONDITION, `face restoration model ${f} not found`, { field: "restore_faces" });
+  if (!existsSync(detector)) {
+    throw new FarmError(grpc.status.FAILED_PRECONDITION, `face restoration model ${detector} not found`, { field: "restore_faces" });
   }
-  return { detector, codeformer };
+  const network = files.map((f) => join(dir, f)).find((f) => existsSync(f));
+  if (network === undefined) {
+    const field = restorer === "CodeFormer" ? "restore_faces" : "override_settings.face_restoration_model";
+    throw new FarmError(
+      grpc.status.FAILED_PRECONDITION,
+      `face restoration model ${files.map((f) => join(dir, f)).join(" or ")} not found`,
+      {
+        field,
+      },
+    );
+  }
+  return { detector, restorer, network };
 }
 
 export async function detectFaces(
@@ -178,10 +199,25 @@ export async function codeFormer(model: AuxiliaryRunner, path: string, face: Ima
   return tensorToFace(out.data as Float32Array, face.width, face.height);
 }
 
-/** Detect, align, restore and paste back every face. */
+/** GFPGAN on one aligned 512² face: its one input in [-1,1], its first output (A1111's `net(x, return_rgb=False)[0]`). */
+export async function gfpgan(model: AuxiliaryRunner, path: string, face: Image8, signal: AbortSignal): Promise<Image8> {
+  const info = await model.loadAuxiliary(path, signal);
+  const image = info.inputs[0];
+  const output = info.outputs[0];
+  if (!image || !output || info.inputs.length !== 1) {
+    throw new FarmError(grpc.status.FAILED_PRECONDITION, `GFPGAN ${path} must take one image input and give an output`, {
+      field: "override_settings.face_restoration_model",
+    });
+  }
+  const feeds = { [image.name]: { type: "float32" as const, dims: [1, 3, face.height, face.width], data: faceToTensor(face) } };
+  const out = (await model.runAuxiliary(path, feeds, [output.name], signal))[output.name]!;
+  return tensorToFace(out.data as Float32Array, face.width, face.height);
+}
+
+/** Detect, align, restore and paste back every face; `weight` is CodeFormer's fidelity (GFPGAN has none). */
 export async function restoreFaces(
   model: AuxiliaryRunner,
-  paths: { detector: string; codeformer: string },
+  paths: FaceModelPaths,
   image: Image8,
   weight: number,
   signal: AbortSignal,
@@ -191,7 +227,10 @@ export async function restoreFaces(
   for (const f of faces) {
     checkAborted(signal);
     const aligned = alignFace(image, f.landmarks);
-    const out = await codeFormer(model, paths.codeformer, aligned.face, weight, signal);
+    const out =
+      paths.restorer === "GFPGAN"
+        ? await gfpgan(model, paths.network, aligned.face, signal)
+        : await codeFormer(model, paths.network, aligned.face, weight, signal);
     restored.push({ face: out, inverse: aligned.inverse, mask: boxFeatherMask() });
   }
   return { image: restored.length > 0 ? pasteFaces(image, restored) : image, faces };
@@ -207,7 +246,9 @@ export async function restoreFacesIfRequested(
   if (!p.restoreFaces) return { image, infotext: undefined };
   const weight = p.codeFormerWeight ?? DEFAULT_CODEFORMER_WEIGHT;
   if (!(weight >= 0 && weight <= 1)) throw FarmError.invalid("code_former_weight", `code_former_weight must be within 0..1, got ${weight}`);
-  const paths = faceModelPaths(resourcesOf(ctx).faceModelsDir);
+  const restorer = checkOverrideSettings(p).faceRestorationModel ?? "CodeFormer";
+  const paths = faceModelPaths(resourcesOf(ctx).faceModelsDir, restorer);
   const out = await restoreFaces(pipe.model, paths, image, weight, ctx.signal);
-  return { image: out.image, infotext: "CodeFormer" };
+  // A1111 writes the face_restoration_model's name.
+  return { image: out.image, infotext: restorer };
 }

@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
 import { RngSource, RunTaskRequestSchema, TaskStage, cropHandover, planTiles, type Handover, type Image } from "@latentfarm/shared";
 import { tToSigma } from "../sampling/index.js";
-import { writeTinyCodeFormer, writeTinyFaceDetector, writeTinySrvggNet } from "../imaging/tiny-models.js";
+import { writeTinyCodeFormer, writeTinyFaceDetector, writeTinyGfpgan, writeTinySrvggNet } from "../imaging/tiny-models.js";
 import { FFHQ_TEMPLATE_512 } from "../imaging/index.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import type { RenderContext } from "./render-common.js";
@@ -33,6 +33,7 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
       { box: [320, 320, 500, 500], score: 0.9, landmarks: FFHQ_TEMPLATE_512.map(([x, y]) => [x, y] as const) },
     ]);
     await writeTinyCodeFormer(join(upscalersDir, "codeformer.onnx"));
+    await writeTinyGfpgan(join(upscalersDir, "GFPGANv1.4.onnx"));
   });
   after(async () => pipe?.close());
 
@@ -127,6 +128,27 @@ describe("Hires.fix on the tiny fixture model", { skip, concurrency: false }, ()
     const restored = await renderTask(pipe, request({ enableHr: false, steps: 3, restoreFaces: true, codeFormerWeight: 0 }), faces);
     assert.notDeepEqual(restored.png, plain.png);
     assert.match(restored.infotext, /Seed: 7, Face restoration: CodeFormer, Size: 64x64/);
+    // face_restoration_model GFPGAN: its own network (code_former_weight does not reach it) and its name.
+    const gfpgan = (codeFormerWeight: number) =>
+      renderTask(
+        pipe,
+        request({ enableHr: false, steps: 3, restoreFaces: true, codeFormerWeight, overrideSettings: { faceRestorationModel: "GFPGAN" } }),
+        faces,
+      );
+    const byGfpgan = await gfpgan(0);
+    assert.match(byGfpgan.infotext, /Seed: 7, Face restoration: GFPGAN, Size: 64x64/);
+    assert.notDeepEqual(byGfpgan.png, restored.png);
+    assert.notDeepEqual(byGfpgan.png, plain.png);
+    assert.deepEqual((await gfpgan(1)).png, byGfpgan.png);
+    await assert.rejects(
+      renderTask(
+        pipe,
+        request({ enableHr: false, steps: 3, restoreFaces: true, overrideSettings: { faceRestorationModel: "GPEN" } }),
+        faces,
+      ),
+      (e: Error & { codeName?: string; field?: string }) =>
+        e.codeName === "INVALID_ARGUMENT" && e.field === "override_settings.face_restoration_model",
+    );
     await assert.rejects(
       renderTask(pipe, request({ enableHr: false, steps: 3, restoreFaces: true }), ctx),
       (e: Error & { codeName?: string }) => e.codeName === "FAILED_PRECONDITION" && /restore_faces/.test(e.message),
