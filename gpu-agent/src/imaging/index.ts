@@ -58,6 +58,8 @@ export {
   type Rect,
 } from "./resize-modes.js";
 
+export { upscaleWithTensorTiles, tensorTileStarts, type UpscaleTensor, type TensorTilesOptions } from "./tensor-tiling.js";
+
 export {
   upscaleWithModel,
   splitGrid,

@@ -1,9 +1,9 @@
 import { before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync } from "node:fs";
+import { mkdirSync, mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { upscaleWithModel, type Image8 } from "../imaging/index.js";
+import { upscaleWithModel, upscaleWithTensorTiles, type Image8 } from "../imaging/index.js";
 import { writeTinyRrdbNet, writeTinySrvggNet } from "../imaging/tiny-models.js";
 import { inProcessRunner } from "./aux-runner.test-support.js";
 import { resolveUpscaler, upscaleImage, upscalerFileCandidates } from "./upscalers.js";
@@ -93,5 +93,46 @@ describe("ESRGAN-family ONNX upscalers", () => {
       [...nearest.data.subarray((2 * 80 + 2) * 3, (2 * 80 + 2) * 3 + 3)],
       [...src.data.subarray((1 * 40 + 1) * 3, (1 * 40 + 1) * 3 + 3)],
     );
+  });
+});
+
+describe("SwinIR and ScuNET: tensor tiles, as A1111's upscale_2", () => {
+  const dir = mkdtempSync(join(tmpdir(), "upscalers-swinir-"));
+  before(async () => {
+    // A1111's download name for "SwinIR 4x" at the top, a model of the user's own in A1111's SwinIR folder,
+    // and a DAT model, which A1111 tiles as ESRGAN.
+    await writeTinySrvggNet(join(dir, "SwinIR_4x.onnx"));
+    mkdirSync(join(dir, "SwinIR"));
+    await writeTinySrvggNet(join(dir, "SwinIR", "my-swinir.onnx"));
+    await writeTinySrvggNet(join(dir, "DAT_x4.onnx"));
+  });
+
+  test("built-in names and the family's folder get SWIN_tile 192/8; DAT and the rest keep split_grid", async () => {
+    const runner = inProcessRunner();
+    for (const name of ["SwinIR 4x", "my-swinir"]) {
+      const up = await resolveUpscaler(runner, name, resources(dir), "hr_upscaler", signal);
+      assert.ok(up.kind === "model" && up.tensorTiles, name);
+      assert.deepEqual([up.tensorTiles.tileSize, up.tensorTiles.tileOverlap, up.scale], [192, 8, 4], name);
+    }
+    const dat = await resolveUpscaler(runner, "DAT x4", resources(dir), "hr_upscaler", signal);
+    assert.ok(dat.kind === "model" && dat.tensorTiles === undefined && dat.path.endsWith("DAT_x4.onnx"));
+    await assert.rejects(
+      resolveUpscaler(runner, "ScuNET GAN", resources(dir), "hr_upscaler", signal),
+      /scunet_color_real_gan\.onnx or .*ScuNET\.onnx not found \(nor in its SwinIR or ScuNET folder\)/,
+    );
+  });
+
+  test("upscaleImage runs a SwinIR model on tensor tiles: averaged overlaps, not split_grid's 8-bit blend", async () => {
+    const runner = inProcessRunner();
+    const up = await resolveUpscaler(runner, "SwinIR 4x", resources(dir), "hr_upscaler", signal);
+    assert.ok(up.kind === "model" && up.tensorTiles);
+    // 200×40: the tile is min(192, 40, 200) = 40 px at a stride of 32, six tiles along a row.
+    const img = picture(200, 40);
+    const out = await upscaleImage(img, { width: 800, height: 160 }, up, signal);
+    assert.deepEqual([out.width, out.height], [800, 160]);
+    const direct = await upscaleWithTensorTiles(img, (x, w, h) => up.tensorTiles!.runTensor(x, w, h, signal), up.tensorTiles);
+    assert.deepEqual(out, direct);
+    const grid = await upscaleWithModel(img, (t) => up.run(t, signal));
+    assert.notDeepEqual(out.data, grid.data);
   });
 });

@@ -1,16 +1,28 @@
 /**
- * Pixel-space upscalers for Hires.fix and img2img: Lanczos and Nearest through sharp, and ESRGAN-family
- * ONNX models (RRDBNet, SRVGGNetCompact) from the agent's upscaler folder, tiled as A1111 tiles them.
+ * Pixel-space upscalers for Hires.fix and img2img: Lanczos and Nearest through sharp, and ONNX models
+ * from the agent's upscaler folder, tiled as A1111 tiles each family: ESRGAN-family models (RRDBNet,
+ * SRVGGNetCompact, DAT) by images.split_grid with an 8-bit blend, SwinIR and ScuNET by tensor tiles
+ * averaged where they overlap (upscale_2).
  */
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import sharp from "sharp";
 import { FarmError } from "@latentfarm/shared";
-import { bgrTensorToTile, planPixelUpscale, tileToBgrTensor, upscaleWithModel, type Image8, type Size } from "../imaging/index.js";
+import {
+  bgrTensorToTile,
+  planPixelUpscale,
+  tileToBgrTensor,
+  upscaleWithModel,
+  upscaleWithTensorTiles,
+  type Image8,
+  type Size,
+  type UpscaleTensor,
+} from "../imaging/index.js";
 import type { SdModel } from "../models/sd-model.js";
 import type { WireTensor } from "../runtime/protocol.js";
 import { f16ToF32, f32ToF16 } from "../model-graph/index.js";
+import { roundToF16 } from "../model-graph/half.js";
 import type { RenderResources } from "./render-common.js";
 import { checkAborted } from "./denoise.js";
 
@@ -23,6 +35,28 @@ const KNOWN_FILES: Readonly<Record<string, readonly string[]>> = {
   "R-ESRGAN General WDN 4xV3": ["realesr-general-wdn-x4v3"],
   "R-ESRGAN AnimeVideo": ["realesr-animevideov3"],
   ESRGAN_4x: ["ESRGAN_x4", "ESRGAN_4x"],
+  // A1111 saves SwinIR's download as its name with "_"; ScuNET's and DAT's under their release names.
+  "SwinIR 4x": ["SwinIR_4x"],
+  "ScuNET GAN": ["scunet_color_real_gan", "ScuNET"],
+  "ScuNET PSNR": ["scunet_color_real_psnr"],
+  "DAT x2": ["DAT_x2"],
+  "DAT x3": ["DAT_x3"],
+  "DAT x4": ["DAT_x4"],
+};
+
+/**
+ * Families A1111 upscales with tensor tiles (upscale_2), with their tile settings (SWIN_tile and
+ * SCUNET_tile with their overlaps, A1111's defaults): its built-in names, and any model in the folder of
+ * that name under the upscaler folder, as A1111 lists models/SwinIR and models/ScuNET.
+ */
+const TENSOR_TILED: Readonly<Record<string, { tileSize: number; tileOverlap: number }>> = {
+  SwinIR: { tileSize: 192, tileOverlap: 8 },
+  ScuNET: { tileSize: 256, tileOverlap: 8 },
+};
+const TENSOR_TILED_NAMES: Readonly<Record<string, keyof typeof TENSOR_TILED>> = {
+  "SwinIR 4x": "SwinIR",
+  "ScuNET GAN": "ScuNET",
+  "ScuNET PSNR": "ScuNET",
 };
 
 /** What the upscaler and face paths need from a model host: SdModel's auxiliary sessions. */
@@ -30,7 +64,20 @@ export type AuxiliaryRunner = Pick<SdModel, "loadAuxiliary" | "runAuxiliary">;
 
 export type PixelUpscaler =
   | { kind: "resize"; name: "Lanczos" | "Nearest" | "None" }
-  | { kind: "model"; name: string; path: string; scale: number; run: (tile: Image8, signal: AbortSignal) => Promise<Image8> };
+  | {
+      kind: "model";
+      name: string;
+      path: string;
+      scale: number;
+      run: (tile: Image8, signal: AbortSignal) => Promise<Image8>;
+      /** SwinIR and ScuNET: upscale_2's tensor tiles, the model on tensors, sums in the model's precision. */
+      tensorTiles?: {
+        tileSize: number;
+        tileOverlap: number;
+        runTensor: (...args: [...Parameters<UpscaleTensor>, AbortSignal]) => ReturnType<UpscaleTensor>;
+        round: (v: number) => number;
+      };
+    };
 
 /** The files an upscaler name may be stored as, in the order they are tried. */
 export function upscalerFileCandidates(name: string): string[] {
@@ -59,29 +106,41 @@ export async function resolveUpscaler(
       { field },
     );
   }
-  const found = files.map((f) => join(resources.upscalersDir!, f)).find((p) => existsSync(p));
-  if (found === undefined) {
+  // The folder itself, then A1111's per-family folders whose models it tiles as tensors.
+  const places = [undefined, ...Object.keys(TENSOR_TILED)].flatMap((family) =>
+    files.map((f) => ({
+      family,
+      path: family === undefined ? join(resources.upscalersDir!, f) : join(resources.upscalersDir!, family, f),
+    })),
+  );
+  const place = places.find((p) => existsSync(p.path));
+  if (place === undefined) {
     throw new FarmError(
       grpc.status.FAILED_PRECONDITION,
-      `upscaler "${name}": ${files.map((f) => join(resources.upscalersDir!, f)).join(" or ")} not found`,
-      { field },
+      `upscaler "${name}": ${files.map((f) => join(resources.upscalersDir!, f)).join(" or ")} not found (nor in its ${Object.keys(TENSOR_TILED).join(" or ")} folder)`,
+      {
+        field,
+      },
     );
   }
+  const found = place.path;
+  const family = TENSOR_TILED_NAMES[name] ?? place.family;
   const info = await model.loadAuxiliary(found, signal);
   const input = info.inputs[0];
   const output = info.outputs[0];
   if (!input || !output) throw new FarmError(grpc.status.FAILED_PRECONDITION, `upscaler ${found} has no input or output`, { field });
   const half = input.type === "float16";
-  const run = async (tile: Image8, sig: AbortSignal): Promise<Image8> => {
-    const x = tileToBgrTensor(tile);
+  const runOn = async (x: Float32Array, width: number, height: number, sig: AbortSignal) => {
     const feed: WireTensor = half
-      ? { type: "float16", dims: [1, 3, tile.height, tile.width], data: f32ToF16(x) }
-      : { type: "float32", dims: [1, 3, tile.height, tile.width], data: x };
+      ? { type: "float16", dims: [1, 3, height, width], data: f32ToF16(x) }
+      : { type: "float32", dims: [1, 3, height, width], data: x };
     const out = (await model.runAuxiliary(found, { [input.name]: feed }, [output.name], sig))[output.name]!;
     const data = out.type === "float16" ? f16ToF32(out.data as Uint16Array) : (out.data as Float32Array);
-    const oh = Number(out.dims[2]);
-    const ow = Number(out.dims[3]);
-    return bgrTensorToTile(data, ow, oh);
+    return { data, width: Number(out.dims[3]), height: Number(out.dims[2]) };
+  };
+  const run = async (tile: Image8, sig: AbortSignal): Promise<Image8> => {
+    const out = await runOn(tileToBgrTensor(tile), tile.width, tile.height, sig);
+    return bgrTensorToTile(out.data, out.width, out.height);
   };
   // The scale is a property of the network, not of its metadata (often symbolic): measure it once.
   const probe = await run({ width: 16, height: 16, channels: 3, data: new Uint8Array(16 * 16 * 3) }, signal);
@@ -93,7 +152,17 @@ export async function resolveUpscaler(
       { field },
     );
   }
-  return { kind: "model", name, path: found, scale, run };
+  const tiling = family === undefined ? undefined : TENSOR_TILED[family];
+  return {
+    kind: "model",
+    name,
+    path: found,
+    scale,
+    run,
+    ...(tiling && {
+      tensorTiles: { ...tiling, runTensor: runOn, round: half ? roundToF16 : Math.fround },
+    }),
+  };
 }
 
 async function sharpResize(img: Image8, to: Size, kernel: "lanczos3" | "nearest"): Promise<Image8> {
@@ -122,7 +191,10 @@ export async function upscaleImage(img: Image8, target: Size, upscaler: PixelUps
       cur = await sharpResize(cur, step.to, step.kernel);
     } else {
       if (upscaler.kind !== "model") throw new RangeError(`${upscaler.name} has no model`);
-      cur = await upscaleWithModel(cur, (tile) => upscaler.run(tile, signal));
+      const tensor = upscaler.tensorTiles;
+      cur = tensor
+        ? await upscaleWithTensorTiles(cur, (x, w, h) => tensor.runTensor(x, w, h, signal), tensor)
+        : await upscaleWithModel(cur, (tile) => upscaler.run(tile, signal));
     }
   }
   return cur;
