@@ -316,21 +316,23 @@ test("PEFT lora_A/lora_B, LoHa and LoKr deltas", async () => {
   );
 });
 
-test("DoRA rescales each input column of W + ΔW to dora_scale; Tucker-form LoHa layers are skipped with a warning", async () => {
+test("DoRA rescales each input column of W + ΔW to dora_scale; a Tucker-form LoHa half is the CP product of its core", async () => {
   const L = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0";
   const up = t([32, 4]);
   const down = t([4, 32]);
   const doraScale = { dtype: "F32" as const, shape: [1, 32], data: rng.uniformArray(32, 0.5, 2) };
+  const [tuckerA, tuckerB, plainA, plainB, core] = [t([2, 32]), t([2, 32]), t([32, 2]), t([2, 32]), t([2, 2, 1, 1])];
   await writeSafetensors(join(dir, "dora.safetensors"), {
     [`${L}.lora_up.weight`]: up,
     [`${L}.lora_down.weight`]: down,
     [`${L}.alpha`]: scalar(2),
     [`${L}.dora_scale`]: doraScale,
-    "lora_unet_down_blocks_0_attentions_0_proj_out.hada_w1_a": t([32, 2]),
-    "lora_unet_down_blocks_0_attentions_0_proj_out.hada_w1_b": t([2, 32]),
-    "lora_unet_down_blocks_0_attentions_0_proj_out.hada_w2_a": t([32, 2]),
-    "lora_unet_down_blocks_0_attentions_0_proj_out.hada_w2_b": t([2, 32]),
-    "lora_unet_down_blocks_0_attentions_0_proj_out.hada_t1": t([2, 2, 1, 1]),
+    // With its core, a half's w_a is [rank, out] (LyCORIS's use_tucker); the other half stays w_a·w_b.
+    "lora_unet_down_blocks_0_attentions_0_proj_out.hada_w1_a": tuckerA,
+    "lora_unet_down_blocks_0_attentions_0_proj_out.hada_w1_b": tuckerB,
+    "lora_unet_down_blocks_0_attentions_0_proj_out.hada_w2_a": plainA,
+    "lora_unet_down_blocks_0_attentions_0_proj_out.hada_w2_b": plainB,
+    "lora_unet_down_blocks_0_attentions_0_proj_out.hada_t1": core,
   });
   const mult = 0.7;
   const res = await importCheckpointWithLoras(tiny.checkpointPath, [{ path: join(dir, "dora.safetensors"), unetWeight: mult }], {
@@ -338,7 +340,7 @@ test("DoRA rescales each input column of W + ΔW to dora_scale; Tucker-form LoHa
     ...tiny.hints,
     components: ["unet"],
   });
-  assert.ok(res.loraWarnings[0]!.warnings.some((w) => /proj_out.*Tucker.*skipped/.test(w)));
+  assert.deepEqual(res.loraWarnings[0]!.warnings, []);
   const key = `${U}input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight`;
   const w = base.get(key)!;
   const d = product(up, down);
@@ -351,14 +353,155 @@ test("DoRA rescales each input column of W + ΔW to dora_scale; Tucker-form LoHa
     join(res.dir, "unet", "model.onnx"),
   );
   assertDelta(got, w, expected, "dora");
+  // make_weight_cp: half1[p, r] = Σ_i Σ_j core[i, j]·w_b[j, r]·w_a[i, p]; ΔW = half1 ⊙ (w2_a·w2_b), no alpha: scale 1.
   const po = `${U}input_blocks.1.1.proj_out.weight`;
-  assert.deepEqual(
+  const half2 = product(plainA, plainB);
+  const tucker = Array.from({ length: 32 * 32 }, (_, k) => {
+    const [row, col] = [Math.floor(k / 32), k % 32];
+    let sum = 0;
+    for (let i = 0; i < 2; i++)
+      for (let j = 0; j < 2; j++) sum += data(core)[i * 2 + j]! * data(tuckerB)[j * 32 + col]! * data(tuckerA)[i * 32 + row]!;
+    return sum * half2[k]! * mult;
+  });
+  assertDelta(
     await initializerFloat32(
       m.graph.initializers.find((i) => i.name === po)!,
       join(res.dir, "unet", "model.onnx"),
     ),
-    base.get(po),
+    base.get(po)!,
+    tucker,
+    "tucker loha",
   );
+});
+
+test("a Tucker-form LoKr: w2 is the CP product of lokr_t2 on a 3×3 conv, kron'd with w1 as A1111's make_kron", async () => {
+  const L = "lora_unet_down_blocks_0_resnets_0_conv1";
+  const key = `${U}input_blocks.1.0.in_layers.2.weight`;
+  const [w1, w2a, w2b, t2] = [t([2, 2]), t([2, 16]), t([2, 16]), t([2, 2, 3, 3])];
+  await writeSafetensors(join(dir, "lokr-tucker.safetensors"), {
+    [`${L}.lokr_w1`]: w1,
+    [`${L}.lokr_w2_a`]: w2a,
+    [`${L}.lokr_w2_b`]: w2b,
+    [`${L}.lokr_t2`]: t2,
+    [`${L}.alpha`]: scalar(1),
+  });
+  const res = await importCheckpointWithLoras(tiny.checkpointPath, [{ path: join(dir, "lokr-tucker.safetensors"), unetWeight: 1 }], {
+    cacheDir: join(dir, "cache-lokr-tucker"),
+    ...tiny.hints,
+    components: ["unet"],
+  });
+  assert.deepEqual(res.loraWarnings[0]!.warnings, []);
+  assert.equal(base.get(key)!.length, 32 * 32 * 9, "the tiny UNet's first resnet conv is 32×32×3×3");
+  // w2[p, r, k, l] = Σ_i Σ_j t2[i, j, k, l]·w2_b[j, r]·w2_a[i, p]; ΔW[(a·16 + p), (b·16 + r), k, l] = w1[a, b]·w2[p, r, k, l];
+  // scale alpha / rank(w2_b) = 1 / 2.
+  const expected = new Float64Array(32 * 32 * 9);
+  for (let a = 0; a < 2; a++)
+    for (let b = 0; b < 2; b++)
+      for (let p = 0; p < 16; p++)
+        for (let r = 0; r < 16; r++)
+          for (let tap = 0; tap < 9; tap++) {
+            let w2 = 0;
+            for (let i = 0; i < 2; i++)
+              for (let j = 0; j < 2; j++) w2 += data(t2)[(i * 2 + j) * 9 + tap]! * data(w2b)[j * 16 + r]! * data(w2a)[i * 16 + p]!;
+            expected[((a * 16 + p) * 32 + (b * 16 + r)) * 9 + tap] = data(w1)[a * 2 + b]! * w2 * 0.5;
+          }
+  const m = await readModel(join(res.dir, "unet", "model.onnx"));
+  const got = await initializerFloat32(
+    m.graph.initializers.find((i) => i.name === key)!,
+    join(res.dir, "unet", "model.onnx"),
+  );
+  assertDelta(got, base.get(key)!, expected, "tucker lokr");
+});
+
+test("A1111's other LyCORIS modules: full (diff, diff_b), norm (w_norm, b_norm), IA3 both ways, GLoRA; alpha unused", async () => {
+  const P = "lora_unet_down_blocks_0_attentions_0";
+  const TB = `${P}_transformer_blocks_0`;
+  const K = `${U}input_blocks.1.1.`;
+  const [diff, diffB, wNorm, bNorm, ia3In, ia3Out] = [t([32, 32, 1, 1]), t([32]), t([32]), t([32]), t([32]), t([32])];
+  const [b2, b1, a2, a1] = [t([32, 2]), t([2, 32]), t([32, 3]), t([3, 32])];
+  const flag = (v: boolean): TensorToWrite => ({ dtype: "BOOL", shape: [], data: new Uint8Array([v ? 1 : 0]) });
+  await writeSafetensors(join(dir, "lycoris.safetensors"), {
+    [`${P}_proj_in.diff`]: diff,
+    [`${P}_proj_in.diff_b`]: diffB,
+    [`${P}_proj_in.alpha`]: scalar(8),
+    [`${TB}_norm1.w_norm`]: wNorm,
+    [`${TB}_norm1.b_norm`]: bNorm,
+    [`${TB}_attn2_to_k.weight`]: ia3In,
+    [`${TB}_attn2_to_k.on_input`]: flag(true),
+    [`${TB}_attn2_to_v.weight`]: ia3Out,
+    [`${TB}_attn2_to_v.on_input`]: scalar(0),
+    [`${TB}_attn1_to_q.a1.weight`]: a1,
+    [`${TB}_attn1_to_q.a2.weight`]: a2,
+    [`${TB}_attn1_to_q.b1.weight`]: b1,
+    [`${TB}_attn1_to_q.b2.weight`]: b2,
+    [`${TB}_attn1_to_q.alpha`]: scalar(4),
+    // to_k has no bias: its diff_b is left out with a warning, its diff merged.
+    [`${TB}_attn1_to_k.diff`]: diff,
+    [`${TB}_attn1_to_k.diff_b`]: diffB,
+  });
+  const mult = 0.8;
+  const res = await importCheckpointWithLoras(tiny.checkpointPath, [{ path: join(dir, "lycoris.safetensors"), unetWeight: mult }], {
+    cacheDir: join(dir, "cache-lycoris"),
+    ...tiny.hints,
+    components: ["unet"],
+  });
+  assert.deepEqual(res.loraWarnings[0]!.warnings, [
+    `layer ${TB}_attn1_to_k: its bias delta fits no bias of ${K}transformer_blocks.0.attn1.to_k.weight; bias left out`,
+  ]);
+  const m = await readModel(join(res.dir, "unet", "model.onnx"));
+  const got = (key: string) =>
+    initializerFloat32(
+      m.graph.initializers.find((i) => i.name === key)!,
+      join(res.dir, "unet", "model.onnx"),
+    );
+  const times = (x: ArrayLike<number>) => Array.from(x, (v) => v * mult);
+  // full and norm: the stored ΔW, and the bias's, times the multiplier (no alpha/dim scale: A1111 sets no dim).
+  assertDelta(await got(`${K}proj_in.weight`), base.get(`${K}proj_in.weight`)!, times(data(diff)), "full");
+  assertDelta(await got(`${K}proj_in.bias`), base.get(`${K}proj_in.bias`)!, times(data(diffB)), "full bias");
+  assertDelta(
+    await got(`${K}transformer_blocks.0.norm1.weight`),
+    base.get(`${K}transformer_blocks.0.norm1.weight`)!,
+    times(data(wNorm)),
+    "norm",
+  );
+  assertDelta(
+    await got(`${K}transformer_blocks.0.norm1.bias`),
+    base.get(`${K}transformer_blocks.0.norm1.bias`)!,
+    times(data(bNorm)),
+    "norm bias",
+  );
+  assertDelta(
+    await got(`${K}transformer_blocks.0.attn1.to_k.weight`),
+    base.get(`${K}transformer_blocks.0.attn1.to_k.weight`)!,
+    times(data(diff)),
+    "full, no bias",
+  );
+  // IA3: W ⊙ w per input column (on_input) or per output row.
+  const wk = base.get(`${K}transformer_blocks.0.attn2.to_k.weight`)!;
+  assertDelta(
+    await got(`${K}transformer_blocks.0.attn2.to_k.weight`),
+    wk,
+    times(Array.from(wk, (v, i) => v * data(ia3In)[i % 32]!)),
+    "ia3 on input",
+  );
+  const wv = base.get(`${K}transformer_blocks.0.attn2.to_v.weight`)!;
+  assertDelta(
+    await got(`${K}transformer_blocks.0.attn2.to_v.weight`),
+    wv,
+    times(Array.from(wv, (v, i) => v * data(ia3Out)[Math.floor(i / 32)]!)),
+    "ia3 on output",
+  );
+  // GLoRA: b2·b1 + W·a2·a1.
+  const wq = base.get(`${K}transformer_blocks.0.attn1.to_q.weight`)!;
+  const wq64 = { dtype: "F32" as const, shape: [32, 32], data: wq };
+  const wa2 = product(wq64, a2);
+  const glora = product(b2, b1).map((v, i) => {
+    const [r, c] = [Math.floor(i / 32), i % 32];
+    let x = 0;
+    for (let k = 0; k < 3; k++) x += wa2[r * 3 + k]! * data(a1)[k * 32 + c]!;
+    return v + x;
+  });
+  assertDelta(await got(`${K}transformer_blocks.0.attn1.to_q.weight`), wq, times(glora), "glora");
 });
 
 test("SD2 text-encoder q/k/v LoRAs land in slices of OpenCLIP's fused in_proj; inpainting conv_in deltas are zero-padded", async () => {

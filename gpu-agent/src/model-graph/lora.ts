@@ -21,7 +21,15 @@ interface Mat {
   readonly data: Float32Array;
 }
 
-type ModuleKind = "lora" | "loha" | "lokr";
+/**
+ * A1111's network module types (extensions-builtin/Lora/network_*.py): LoRA/LoCon, LoHa, LoKr, IA³,
+ * "full" (a stored ΔW, `diff`), "norm" (LayerNorm/GroupNorm ΔW, `w_norm`), GLoRA; and "bias", the
+ * ΔW of a layer's bias that full and norm modules carry (`diff_b`, `b_norm`).
+ */
+type ModuleKind = "lora" | "loha" | "lokr" | "ia3" | "full" | "norm" | "glora" | "bias";
+
+/** Kinds whose ΔW is a function of the weight it changes (A1111 passes calc_updown the current weight). */
+const READS_WEIGHT: ReadonlySet<ModuleKind> = new Set(["ia3", "glora"]);
 
 /** One layer's adapter, already mapped onto the checkpoint. */
 export interface LoraModule {
@@ -201,15 +209,17 @@ export async function loadLora(
             : (parts.has("lokr_w1") || (parts.has("lokr_w1_a") && parts.has("lokr_w1_b"))) &&
                 (parts.has("lokr_w2") || (parts.has("lokr_w2_a") && parts.has("lokr_w2_b")))
               ? "lokr"
-              : undefined;
+              : parts.has("weight") && parts.has("on_input")
+                ? "ia3"
+                : parts.has("diff")
+                  ? "full"
+                  : parts.has("w_norm") && parts.has("b_norm")
+                    ? "norm"
+                    : ["a1.weight", "a2.weight", "alpha", "b1.weight", "b2.weight"].every((x) => parts.has(x))
+                      ? "glora"
+                      : undefined;
       if (!kind) {
         warnings.push(`layer ${layer}: unsupported parts ${[...parts.keys()].join(", ")}`);
-        continue;
-      }
-      const unsupported = ["hada_t1", "hada_t2", "lokr_t2"].filter((p) => parts.has(p));
-      if (unsupported.length) {
-        // Merging without the Tucker cores would give a different ΔW than A1111; skip the layer instead.
-        warnings.push(`layer ${layer}: ${unsupported.join(", ")} (Tucker form) is not supported; layer skipped`);
         continue;
       }
       // Resolve the target module.
@@ -236,15 +246,23 @@ export async function loadLora(
       const tensors: Record<string, Mat> = {};
       for (const [part, key] of parts) {
         const info = file.info(key);
-        if (!["F32", "F16", "BF16", "F64"].includes(info.dtype)) bad(`${key} has dtype ${info.dtype}; LoRA tensors must be floats`);
+        // IA3's on_input is a flag, often saved as a bool tensor.
+        const flag = part === "on_input" && ["BOOL", "U8", "I8", "I32", "I64"].includes(info.dtype);
+        if (!flag && !["F32", "F16", "BF16", "F64"].includes(info.dtype))
+          bad(`${key} has dtype ${info.dtype}; LoRA tensors must be floats`);
         tensors[part] = { shape: info.shape, data: await file.float32(key) };
       }
       const alpha = tensors.alpha?.data[0];
       const explicit = tensors.scale?.data[0];
+      // A1111's other module types set no dim, so their alpha is not applied (calc_scale gives 1).
       let dim: number | undefined;
       if (kind === "lora") dim = tensors["lora_down.weight"]!.shape[0];
       else if (kind === "loha") dim = tensors.hada_w1_b!.shape[0];
-      else dim = tensors.lokr_w1_b?.shape[0] ?? tensors.lokr_w2_b?.shape[0];
+      else if (kind === "lokr") dim = tensors.lokr_w1_b?.shape[0] ?? tensors.lokr_w2_b?.shape[0];
+      if (READS_WEIGHT.has(kind) && (rowOffset > 0 || target.endsWith(".in_proj_weight"))) {
+        warnings.push(`layer ${layer}: ${kind} on a fused q/k/v projection is not supported; layer skipped`);
+        continue;
+      }
       const scale = explicit ?? (alpha !== undefined && dim ? alpha / dim : 1);
       if (!Number.isFinite(scale)) bad(`layer ${layer} has a non-finite scale`);
       const mod: LoraModule = {
@@ -258,7 +276,7 @@ export async function loadLora(
       };
       // Validate shapes now, so that a broken file fails when it is loaded, not halfway through a build.
       const targetShape = checkpointShapes.get(target)!;
-      const delta = deltaShape(path, mod);
+      const delta = deltaShape(path, mod, targetShape);
       if (!fits(mod, delta, targetShape)) {
         // A well-formed layer made for another model (an SDXL base LoRA on the refiner, whose layers share
         // names but not widths): A1111 catches the failed add, counts it under "Networks with errors"
@@ -273,6 +291,17 @@ export async function loadLora(
         bad(`layer ${layer}: dora_scale of shape ${JSON.stringify(dora.shape)} does not match ${target} ${JSON.stringify(targetShape)}`);
       }
       modules.push(mod);
+      // full and norm modules may change the layer's bias too: by that ΔW times the multiplier alone.
+      const biasDelta = kind === "full" ? tensors.diff_b : kind === "norm" ? tensors.b_norm : undefined;
+      if (biasDelta) {
+        const biasKey = target.replace(/\.weight$/, ".bias");
+        const biasShape = checkpointShapes.get(biasKey);
+        if (biasKey === target || biasShape === undefined || numel(biasShape) !== numel(biasDelta.shape)) {
+          warnings.push(`layer ${layer}: its bias delta fits no bias of ${target}; bias left out`);
+        } else {
+          modules.push({ ...mod, target: biasKey, kind: "bias", scale: 1, parts: { diff: biasDelta } });
+        }
+      }
     }
     return { path, modules, warnings, metadata: { ...file.metadata } };
   } finally {
@@ -363,8 +392,33 @@ function matrixDims(file: string, t: Mat, what: string): [number, number] {
 }
 
 /** The shape of ΔW implied by a module's factors, checking that they fit together (no arithmetic on data). */
-export function deltaShape(file: string, mod: LoraModule): readonly number[] {
+export function deltaShape(file: string, mod: LoraModule, target?: readonly number[]): readonly number[] {
   const p = mod.parts;
+  if (mod.kind === "full" || mod.kind === "bias") return p.diff!.shape;
+  if (mod.kind === "norm") return p.w_norm!.shape;
+  if (mod.kind === "ia3" || mod.kind === "glora") {
+    if (target === undefined || target.length !== 2) return [0];
+    const [out, inCh] = target as [number, number];
+    if (mod.kind === "ia3") {
+      const n = numel(p.weight!.shape);
+      if (n !== (p.on_input!.data[0] ? inCh : out)) {
+        throw ModelFileError.invalidFile(
+          file,
+          `${mod.layer}: IA3 weight of ${n} values scales neither the ${out} outputs nor the ${inCh} inputs`,
+        );
+      }
+      return target;
+    }
+    // ΔW = b2·b1 + W·a2·a1: b2 [out, r], b1 [r, in], a2 [in, s], a1 [s, in].
+    const [b2r, b2c] = matrixDims(file, p["b2.weight"]!, `${mod.layer}.b2`);
+    const [b1r, b1c] = matrixDims(file, p["b1.weight"]!, `${mod.layer}.b1`);
+    const [a2r, a2c] = matrixDims(file, p["a2.weight"]!, `${mod.layer}.a2`);
+    const [a1r, a1c] = matrixDims(file, p["a1.weight"]!, `${mod.layer}.a1`);
+    if (b2r !== out || b2c !== b1r || b1c !== inCh || a2r !== inCh || a2c !== a1r || a1c !== inCh) {
+      throw ModelFileError.invalidFile(file, `${mod.layer}: GLoRA factors do not make a ${out}x${inCh} delta`);
+    }
+    return target;
+  }
   const spatial = (t: Mat): number[] => (t.shape.length === 4 ? [t.shape[2]!, t.shape[3]!] : []);
   if (mod.kind === "lora") {
     const up = p["lora_up.weight"]!;
@@ -382,17 +436,22 @@ export function deltaShape(file: string, mod: LoraModule): readonly number[] {
     return down.shape.length === 4 ? [out, down.shape[1]!, ...spatial(down)] : [out, dcols];
   }
   if (mod.kind === "loha") {
-    const [o1, r1a] = matrixDims(file, p.hada_w1_a!, `${mod.layer}.hada_w1_a`);
-    const [r1, c1] = matrixDims(file, p.hada_w1_b!, `${mod.layer}.hada_w1_b`);
-    const [o2, r2a] = matrixDims(file, p.hada_w2_a!, `${mod.layer}.hada_w2_a`);
-    const [r2, c2] = matrixDims(file, p.hada_w2_b!, `${mod.layer}.hada_w2_b`);
-    if (r1a !== r1 || r2a !== r2 || o1 !== o2 || c1 !== c2)
+    const half = (n: 1 | 2): readonly number[] => {
+      const [a, b, t] = [`hada_w${n}_a`, `hada_w${n}_b`, `hada_t${n}`];
+      if (p[t]) return cpShape(file, mod.layer, p[t], p[a]!, p[b]!, t);
+      const [o, ra] = matrixDims(file, p[a]!, `${mod.layer}.${a}`);
+      const [r, c] = matrixDims(file, p[b]!, `${mod.layer}.${b}`);
+      if (ra !== r) throw ModelFileError.invalidFile(file, `${mod.layer}: ${a} and ${b} do not multiply`);
+      return p[b]!.shape.length === 4 ? [o, p[b]!.shape[1]!, ...spatial(p[b]!)] : [o, c];
+    };
+    const [x, y] = [half(1), half(2)];
+    if (numel(x) !== numel(y) || x[0] !== y[0])
       throw ModelFileError.invalidFile(file, `${mod.layer}: LoHa factors have inconsistent shapes`);
-    const b = p.hada_w1_b!;
-    return b.shape.length === 4 ? [o1, b.shape[1]!, ...spatial(b)] : [o1, c1];
+    return x.length >= y.length ? x : y;
   }
-  const factor = (full: string, fa: string, fb: string): readonly number[] => {
+  const factor = (full: string, fa: string, fb: string, core?: string): readonly number[] => {
     if (p[full]) return p[full].shape;
+    if (core !== undefined && p[core]) return cpShape(file, mod.layer, p[core], p[fa]!, p[fb]!, core);
     const [ra, ca] = matrixDims(file, p[fa]!, `${mod.layer}.${fa}`);
     const [rb, cb] = matrixDims(file, p[fb]!, `${mod.layer}.${fb}`);
     if (ca !== rb) throw ModelFileError.invalidFile(file, `${mod.layer}: ${fa} and ${fb} do not multiply`);
@@ -400,7 +459,7 @@ export function deltaShape(file: string, mod: LoraModule): readonly number[] {
     return b.shape.length === 4 ? [ra, b.shape[1]!, ...spatial(b)] : [ra, cb];
   };
   const x = factor("lokr_w1", "lokr_w1_a", "lokr_w1_b");
-  const y = factor("lokr_w2", "lokr_w2_a", "lokr_w2_b");
+  const y = factor("lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2");
   if (![2, 4].includes(x.length) || ![2, 4].includes(y.length) || x.some((d) => d < 1) || y.some((d) => d < 1)) {
     throw ModelFileError.invalidFile(file, `${mod.layer}: LoKr factors must be non-empty 2-D or 4-D tensors`);
   }
@@ -429,8 +488,30 @@ function isPaddable(delta: readonly number[], target: readonly number[]): boolea
 }
 
 /** ΔW of one module before scale and multiplier, with the shape its factors imply. */
-export async function computeDelta(file: string, mod: LoraModule): Promise<Mat> {
+export async function computeDelta(file: string, mod: LoraModule, weight?: Mat): Promise<Mat> {
   const p = mod.parts;
+  if (mod.kind === "full" || mod.kind === "bias") return p.diff!;
+  if (mod.kind === "norm") return p.w_norm!;
+  if (mod.kind === "ia3" || mod.kind === "glora") {
+    if (weight === undefined || weight.shape.length !== 2)
+      throw ModelFileError.invalidFile(file, `${mod.layer}: ${mod.kind} needs a 2-D weight`);
+    const [out, inCh] = weight.shape as [number, number];
+    if (mod.kind === "ia3") {
+      // W ⊙ w: per input column with on_input, else per output row.
+      const w = p.weight!.data;
+      const onInput = p.on_input!.data[0] !== 0;
+      const data = new Float32Array(out * inCh);
+      for (let r = 0; r < out; r++) for (let c = 0; c < inCh; c++) data[r * inCh + c] = weight.data[r * inCh + c]! * w[onInput ? c : r]!;
+      return { shape: weight.shape, data };
+    }
+    const [b2, b1, a2, a1] = ["b2.weight", "b1.weight", "a2.weight", "a1.weight"].map((k) => p[k]!) as [Mat, Mat, Mat, Mat];
+    const r = b1.data.length / inCh;
+    const s = a1.data.length / inCh;
+    const data = Float32Array.from(await matmul(b2.data, b1.data, out, r, inCh));
+    const wa = await matmul(await matmul(weight.data, a2.data, out, inCh, s), a1.data, out, s, inCh);
+    for (let i = 0; i < data.length; i++) data[i]! += wa[i]!;
+    return { shape: weight.shape, data };
+  }
   if (mod.kind === "lora") {
     const up = p["lora_up.weight"]!;
     const down = p["lora_down.weight"]!;
@@ -462,27 +543,25 @@ export async function computeDelta(file: string, mod: LoraModule): Promise<Mat> 
     return { shape, data: await matmul(u.data, d.data, out, rank, d.cols) };
   }
   if (mod.kind === "loha") {
-    const w1a = p.hada_w1_a!;
-    const w1b = p.hada_w1_b!;
-    const w2a = p.hada_w2_a!;
-    const w2b = p.hada_w2_b!;
-    const r1 = w1b.shape[0]!;
-    const r2 = w2b.shape[0]!;
-    const a1 = asMatrix(file, w1a, w1a.shape[0], `${mod.layer}.hada_w1_a`);
-    const b1 = asMatrix(file, w1b, r1, `${mod.layer}.hada_w1_b`);
-    const a2 = asMatrix(file, w2a, w2a.shape[0], `${mod.layer}.hada_w2_a`);
-    const b2 = asMatrix(file, w2b, r2, `${mod.layer}.hada_w2_b`);
-    if (a1.cols !== r1 || a2.cols !== r2 || a1.rows !== a2.rows || b1.cols !== b2.cols) {
-      throw ModelFileError.invalidFile(file, `${mod.layer}: LoHa factors have inconsistent shapes`);
-    }
-    const x = Float32Array.from(await matmul(a1.data, b1.data, a1.rows, r1, b1.cols));
-    const y = await matmul(a2.data, b2.data, a2.rows, r2, b2.cols);
-    for (let i = 0; i < x.length; i++) x[i]! *= y[i]!;
-    const shape = w1b.shape.length === 4 ? [a1.rows, w1b.shape[1]!, w1b.shape[2]!, w1b.shape[3]!] : [a1.rows, b1.cols];
-    return { shape, data: x };
+    // Each half is w_a·w_b, or with its Tucker core t (LyCORIS's use_tucker) the CP product of t, w_a and w_b.
+    const half = async (n: 1 | 2): Promise<Mat> => {
+      const [a, b, t] = [p[`hada_w${n}_a`]!, p[`hada_w${n}_b`]!, p[`hada_t${n}`]];
+      if (t) return cpWeight(file, mod.layer, t, a, b);
+      const ma = asMatrix(file, a, a.shape[0], `${mod.layer}.hada_w${n}_a`);
+      const mb = asMatrix(file, b, b.shape[0], `${mod.layer}.hada_w${n}_b`);
+      if (ma.cols !== mb.rows) throw ModelFileError.invalidFile(file, `${mod.layer}: LoHa factors have inconsistent shapes`);
+      const shape = b.shape.length === 4 ? [ma.rows, b.shape[1]!, b.shape[2]!, b.shape[3]!] : [ma.rows, mb.cols];
+      return { shape, data: await matmul(ma.data, mb.data, ma.rows, ma.cols, mb.cols) };
+    };
+    const [w1, w2] = [await half(1), await half(2)];
+    if (w1.data.length !== w2.data.length) throw ModelFileError.invalidFile(file, `${mod.layer}: LoHa factors have inconsistent shapes`);
+    const x = Float32Array.from(w1.data);
+    for (let i = 0; i < x.length; i++) x[i]! *= w2.data[i]!;
+    return { shape: w1.shape.length >= w2.shape.length ? w1.shape : w2.shape, data: x };
   }
-  const factor = async (full: string, fa: string, fb: string): Promise<Mat> => {
+  const factor = async (full: string, fa: string, fb: string, core?: string): Promise<Mat> => {
     if (p[full]) return p[full];
+    if (core !== undefined && p[core]) return cpWeight(file, mod.layer, p[core], p[fa]!, p[fb]!);
     const a = p[fa]!;
     const b = p[fb]!;
     const ma = asMatrix(file, a, a.shape[0], `${mod.layer}.${fa}`);
@@ -492,12 +571,50 @@ export async function computeDelta(file: string, mod: LoraModule): Promise<Mat> 
     return { shape, data: await matmul(ma.data, mb.data, ma.rows, ma.cols, mb.cols) };
   };
   const w1 = await factor("lokr_w1", "lokr_w1_a", "lokr_w1_b");
-  const w2 = await factor("lokr_w2", "lokr_w2_a", "lokr_w2_b");
+  const w2 = await factor("lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2");
   if (w1.shape.length < 2 || w2.shape.length < 2 || w1.shape.length > 4 || w2.shape.length > 4) {
     throw ModelFileError.invalidFile(file, `${mod.layer}: LoKr factors must be 2-D or 4-D`);
   }
   if (numel(w1.shape) * numel(w2.shape) > 1e9) throw ModelFileError.invalidFile(file, `${mod.layer}: LoKr product is implausibly large`);
   return kron(w1, w2);
+}
+
+/**
+ * The shape of a Tucker (CP) product: core t [i, j, kh, kw] with w_a [i, p] and w_b [j, r] gives [p, r, kh, kw]
+ * (A1111's lyco_helpers.make_weight_cp); checks that the factors fit the core.
+ */
+function cpShape(file: string, layer: string, t: Mat, wa: Mat, wb: Mat, what: string): readonly number[] {
+  const [i, j, kh = 1, kw = 1] = t.shape as number[];
+  const [ai, p] = matrixDims(file, wa, `${layer} (${what}'s a factor)`);
+  const [bj, r] = matrixDims(file, wb, `${layer} (${what}'s b factor)`);
+  if (t.shape.length !== 4 || ai !== i || bj !== j) {
+    throw ModelFileError.invalidFile(
+      file,
+      `${layer}: Tucker core ${what} ${JSON.stringify(t.shape)} does not fit its factors ${JSON.stringify(wa.shape)}, ${JSON.stringify(wb.shape)}`,
+    );
+  }
+  return [p, r, kh, kw];
+}
+
+/**
+ * make_weight_cp: out[p, r, k, l] = Σ_i Σ_j t[i, j, k, l]·w_b[j, r]·w_a[i, p], per kernel tap as two
+ * matrix products (t_kl · w_b, then w_aᵀ · that).
+ */
+async function cpWeight(file: string, layer: string, t: Mat, wa: Mat, wb: Mat): Promise<Mat> {
+  const [p, r, kh, kw] = cpShape(file, layer, t, wa, wb, "core") as [number, number, number, number];
+  const [i, j] = t.shape as [number, number];
+  const taps = kh * kw;
+  const waT = new Float32Array(p * i);
+  for (let a = 0; a < i; a++) for (let c = 0; c < p; c++) waT[c * i + a] = wa.data[a * p + c]!;
+  const out = new Float32Array(p * r * taps);
+  const tTap = new Float32Array(i * j);
+  for (let tap = 0; tap < taps; tap++) {
+    for (let a = 0; a < i * j; a++) tTap[a] = t.data[a * taps + tap]!;
+    const temp = await matmul(tTap, wb.data, i, j, r);
+    const prod = await matmul(waT, temp, p, i, r);
+    for (let a = 0; a < p * r; a++) out[a * taps + tap] = prod[a]!;
+  }
+  return { shape: [p, r, kh, kw], data: out };
 }
 
 /** Checks ΔW against the target and returns it laid out like the target (inpainting conv_in zero-padded). */
@@ -549,7 +666,12 @@ export function loraTransform(apps: readonly LoraApplication[]): WeightTransform
     const out = Float32Array.from(values);
     // In order: like A1111, each module sees the weight as the modules before it left it (matters for DoRA).
     for (const { mod, mult, file } of list) {
-      const delta = fitDelta(file, mod, await computeDelta(file, mod), shape);
+      const delta = fitDelta(
+        file,
+        mod,
+        await computeDelta(file, mod, READS_WEIGHT.has(mod.kind) ? { shape, data: out } : undefined),
+        shape,
+      );
       const base = mod.rowOffset * numel(shape.slice(1));
       const dora = mod.parts.dora_scale;
       if (dora) {
