@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { status } from "@grpc/grpc-js";
 import { FarmError } from "@latentfarm/shared";
 import { ModelFileError } from "./errors.js";
-import { importCheckpointWithLoras, loadLora, loraTransform, resolveNamedFile } from "./lora.js";
+import { factorization, importCheckpointWithLoras, loadLora, loraTransform, resolveNamedFile } from "./lora.js";
 import { initializerFloat32, readModel } from "./onnx-read.js";
 import { buildPipelineFromCheckpoint } from "./pipeline.js";
 import { SeededRandom } from "./random.js";
@@ -502,6 +502,71 @@ test("A1111's other LyCORIS modules: full (diff, diff_b), norm (w_norm, b_norm),
     return v + x;
   });
   assertDelta(await got(`${K}transformer_blocks.0.attn1.to_q.weight`), wq, times(glora), "glora");
+});
+
+test("LyCORIS's factorization, as A1111's lyco_helpers has it", () => {
+  const cases: Array<[number, number, [number, number]]> = [
+    [320, 4, [4, 80]],
+    [32, 8, [4, 8]],
+    [127, 4, [1, 127]],
+    [360, -1, [18, 20]],
+    [360, 7, [6, 60]],
+    [1024, -1, [32, 32]],
+    [250, 8, [5, 50]],
+  ];
+  for (const [d, f, expected] of cases) assert.deepEqual(factorization(d, f), expected, `${d}, ${f}`);
+});
+
+test("OFT rotates blocks of output rows: kohya's oft_blocks and LyCORIS's oft_diag, multiplier inside the rotation", async () => {
+  const TB = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0";
+  const K = `${U}input_blocks.1.1.transformer_blocks.0.`;
+  const conv = `${U}input_blocks.1.0.out_layers.3.weight`;
+  const [kohya, diag, convDiag, misfit] = [t([4, 8, 8]), t([8, 4, 4]), t([8, 4, 4]), t([4, 8, 8])];
+  await writeSafetensors(join(dir, "oft.safetensors"), {
+    [`${TB}_attn1_to_q.oft_blocks`]: kohya,
+    [`${TB}_attn1_to_q.alpha`]: scalar(1e-3),
+    [`${TB}_attn1_to_v.oft_diag`]: diag,
+    "lora_unet_down_blocks_0_resnets_0_conv2.oft_diag": convDiag,
+    // Blocks of 8 over 32 rows: LyCORIS's layout is 8 blocks of 4, so A1111 cannot apply it.
+    [`${TB}_attn2_to_v.oft_diag`]: misfit,
+  });
+  const mult = 0.6;
+  const res = await importCheckpointWithLoras(tiny.checkpointPath, [{ path: join(dir, "oft.safetensors"), unetWeight: mult }], {
+    cacheDir: join(dir, "cache-oft"),
+    ...tiny.hints,
+    components: ["unet"],
+  });
+  assert.equal(res.loraWarnings[0]!.warnings.length, 1);
+  assert.match(res.loraWarnings[0]!.warnings[0]!, /attn2_to_v: delta .* does not fit .*layer skipped/);
+  const m = await readModel(join(res.dir, "unet", "model.onnx"));
+  const got = (key: string) =>
+    initializerFloat32(
+      m.graph.initializers.find((i) => i.name === key)!,
+      join(res.dir, "unet", "model.onnx"),
+    );
+  // Row k·size + j of the result: Σ_n R_k[n][j]·W[k·size + n], R_k = (B_k − B_kᵀ)·mult + I.
+  const rotated = (w: Float32Array, blocks: TensorToWrite, size: number): number[] => {
+    const rest = w.length / 32;
+    return Array.from(w, (v, i) => {
+      const [row, c] = [Math.floor(i / rest), i % rest];
+      const [k, j] = [Math.floor(row / size), row % size];
+      let sum = 0;
+      for (let n = 0; n < size; n++) {
+        const b = data(blocks);
+        const r = (b[(k * size + n) * size + j]! - b[(k * size + j) * size + n]!) * mult + (n === j ? 1 : 0);
+        sum += r * w[(k * size + n) * rest + c]!;
+      }
+      return sum - v;
+    });
+  };
+  for (const [key, blocks, size] of [
+    [`${K}attn1.to_q.weight`, kohya, 8],
+    [`${K}attn1.to_v.weight`, diag, 4],
+    [conv, convDiag, 4],
+  ] as const) {
+    assertDelta(await got(key), base.get(key)!, rotated(base.get(key)!, blocks, size), key);
+  }
+  assert.deepEqual(await got(`${K}attn2.to_v.weight`), base.get(`${K}attn2.to_v.weight`));
 });
 
 test("SD2 text-encoder q/k/v LoRAs land in slices of OpenCLIP's fused in_proj; inpainting conv_in deltas are zero-padded", async () => {

@@ -23,13 +23,14 @@ interface Mat {
 
 /**
  * A1111's network module types (extensions-builtin/Lora/network_*.py): LoRA/LoCon, LoHa, LoKr, IA³,
- * "full" (a stored ΔW, `diff`), "norm" (LayerNorm/GroupNorm ΔW, `w_norm`), GLoRA; and "bias", the
+ * "full" (a stored ΔW, `diff`), "norm" (LayerNorm/GroupNorm ΔW, `w_norm`), GLoRA, OFT (kohya's
+ * `oft_blocks`, LyCORIS's `oft_diag`: block-diagonal rotations of the output rows); and "bias", the
  * ΔW of a layer's bias that full and norm modules carry (`diff_b`, `b_norm`).
  */
-type ModuleKind = "lora" | "loha" | "lokr" | "ia3" | "full" | "norm" | "glora" | "bias";
+type ModuleKind = "lora" | "loha" | "lokr" | "ia3" | "full" | "norm" | "glora" | "oft" | "bias";
 
 /** Kinds whose ΔW is a function of the weight it changes (A1111 passes calc_updown the current weight). */
-const READS_WEIGHT: ReadonlySet<ModuleKind> = new Set(["ia3", "glora"]);
+const READS_WEIGHT: ReadonlySet<ModuleKind> = new Set(["ia3", "glora", "oft"]);
 
 /** One layer's adapter, already mapped onto the checkpoint. */
 export interface LoraModule {
@@ -217,7 +218,9 @@ export async function loadLora(
                     ? "norm"
                     : ["a1.weight", "a2.weight", "alpha", "b1.weight", "b2.weight"].every((x) => parts.has(x))
                       ? "glora"
-                      : undefined;
+                      : parts.has("oft_blocks") || parts.has("oft_diag")
+                        ? "oft"
+                        : undefined;
       if (!kind) {
         warnings.push(`layer ${layer}: unsupported parts ${[...parts.keys()].join(", ")}`);
         continue;
@@ -263,7 +266,8 @@ export async function loadLora(
         warnings.push(`layer ${layer}: ${kind} on a fused q/k/v projection is not supported; layer skipped`);
         continue;
       }
-      const scale = explicit ?? (alpha !== undefined && dim ? alpha / dim : 1);
+      // OFT applies the multiplier inside its rotation and no scale at all (A1111's finalize_updown override).
+      const scale = kind === "oft" ? 1 : (explicit ?? (alpha !== undefined && dim ? alpha / dim : 1));
       if (!Number.isFinite(scale)) bad(`layer ${layer} has a non-finite scale`);
       const mod: LoraModule = {
         layer,
@@ -396,6 +400,12 @@ export function deltaShape(file: string, mod: LoraModule, target?: readonly numb
   const p = mod.parts;
   if (mod.kind === "full" || mod.kind === "bias") return p.diff!.shape;
   if (mod.kind === "norm") return p.w_norm!.shape;
+  if (mod.kind === "oft") {
+    if (target === undefined || (target.length !== 2 && target.length !== 4)) return [0];
+    const { blocks, size } = oftBlocks(file, mod, target[0]!);
+    if (blocks * size !== target[0]) return [0];
+    return target;
+  }
   if (mod.kind === "ia3" || mod.kind === "glora") {
     if (target === undefined || target.length !== 2) return [0];
     const [out, inCh] = target as [number, number];
@@ -488,8 +498,12 @@ function isPaddable(delta: readonly number[], target: readonly number[]): boolea
 }
 
 /** ΔW of one module before scale and multiplier, with the shape its factors imply. */
-export async function computeDelta(file: string, mod: LoraModule, weight?: Mat): Promise<Mat> {
+export async function computeDelta(file: string, mod: LoraModule, weight?: Mat, multiplier = 1): Promise<Mat> {
   const p = mod.parts;
+  if (mod.kind === "oft") {
+    if (weight === undefined) throw ModelFileError.invalidFile(file, `${mod.layer}: OFT needs the layer's weight`);
+    return oftDelta(file, mod, weight, multiplier);
+  }
   if (mod.kind === "full" || mod.kind === "bias") return p.diff!;
   if (mod.kind === "norm") return p.w_norm!;
   if (mod.kind === "ia3" || mod.kind === "glora") {
@@ -617,6 +631,69 @@ async function cpWeight(file: string, layer: string, t: Mat, wa: Mat, wb: Mat): 
   return { shape: [p, r, kh, kw], data: out };
 }
 
+/** LyCORIS's factorization: dimension = m·n with m the divisor nearest `factor`, as (smaller, larger). */
+export function factorization(dimension: number, factor = -1): [number, number] {
+  if (factor > 0 && dimension % factor === 0) {
+    const [m, n] = [factor, dimension / factor];
+    return m > n ? [n, m] : [m, n];
+  }
+  const limit = factor < 0 ? dimension : factor;
+  let [m, n] = [1, dimension];
+  // LyCORIS compares against the first pair's sum throughout, not the last one's.
+  const length = 1 + dimension;
+  while (m < n) {
+    let next = m + 1;
+    while (dimension % next !== 0) next++;
+    const other = dimension / next;
+    if (next + other > length || next > limit) break;
+    [m, n] = [next, other];
+  }
+  return m > n ? [n, m] : [m, n];
+}
+
+/**
+ * OFT's block layout over `outDim` output rows (A1111's network_oft): kohya's oft_blocks [blocks, size, size]
+ * name the block count (size = outDim / blocks); LyCORIS's oft_diag name the block size, the layout being
+ * factorization(outDim, size) = (size, blocks). Blocks stored in another shape give 0 blocks (no fit).
+ */
+function oftBlocks(file: string, mod: LoraModule, outDim: number): { blocks: number; size: number; data: Float32Array } {
+  const kohya = mod.parts.oft_blocks;
+  const stored = kohya ?? mod.parts.oft_diag!;
+  if (stored.shape.length !== 3 || stored.shape[1] !== stored.shape[2]) {
+    throw ModelFileError.invalidFile(file, `${mod.layer}: OFT blocks of shape ${JSON.stringify(stored.shape)} are not square blocks`);
+  }
+  const [size, blocks] = kohya ? [Math.floor(outDim / stored.shape[0]!), stored.shape[0]!] : factorization(outDim, stored.shape[1]!);
+  if (stored.shape[0] !== blocks || stored.shape[1] !== size) return { blocks: 0, size: 0, data: stored.data };
+  return { blocks, size, data: stored.data };
+}
+
+/**
+ * OFT: per block k, R = (B_k − B_kᵀ)·multiplier + I, and the block's rows become Σ_n R[n, m]·W[k·size + n];
+ * ΔW is that minus W.
+ */
+function oftDelta(file: string, mod: LoraModule, weight: Mat, multiplier: number): Mat {
+  const outDim = weight.shape[0]!;
+  const { blocks, size, data: b } = oftBlocks(file, mod, outDim);
+  if (blocks * size !== outDim) throw ModelFileError.invalidFile(file, `${mod.layer}: OFT blocks do not cover ${outDim} output rows`);
+  const rest = weight.data.length / outDim;
+  const delta = new Float32Array(weight.data.length);
+  const r = new Float64Array(size * size);
+  for (let k = 0; k < blocks; k++) {
+    const at = k * size * size;
+    for (let n = 0; n < size; n++)
+      for (let m = 0; m < size; m++) r[n * size + m] = (b[at + n * size + m]! - b[at + m * size + n]!) * multiplier + (n === m ? 1 : 0);
+    for (let m = 0; m < size; m++) {
+      const row = (k * size + m) * rest;
+      for (let c = 0; c < rest; c++) {
+        let v = 0;
+        for (let n = 0; n < size; n++) v += r[n * size + m]! * weight.data[(k * size + n) * rest + c]!;
+        delta[row + c] = v - weight.data[row + c]!;
+      }
+    }
+  }
+  return { shape: weight.shape, data: delta };
+}
+
 /** Checks ΔW against the target and returns it laid out like the target (inpainting conv_in zero-padded). */
 function fitDelta(file: string, mod: LoraModule, delta: Mat, target: readonly number[]): Float32Array {
   const rows = mod.target.endsWith(".in_proj_weight") ? target[0]! / 3 : target[0]!;
@@ -669,7 +746,7 @@ export function loraTransform(apps: readonly LoraApplication[]): WeightTransform
       const delta = fitDelta(
         file,
         mod,
-        await computeDelta(file, mod, READS_WEIGHT.has(mod.kind) ? { shape, data: out } : undefined),
+        await computeDelta(file, mod, READS_WEIGHT.has(mod.kind) ? { shape, data: out } : undefined, mult),
         shape,
       );
       const base = mod.rowOffset * numel(shape.slice(1));
@@ -678,7 +755,7 @@ export function loraTransform(apps: readonly LoraApplication[]): WeightTransform
         applyDora(out, delta, mod.scale, mult, dora.data, shape);
         continue;
       }
-      const k = mod.scale * mult;
+      const k = mod.kind === "oft" ? 1 : mod.scale * mult;
       for (let i = 0; i < delta.length; i++) out[base + i]! += delta[i]! * k;
     }
     return out;
