@@ -4,6 +4,7 @@ import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import {
   FarmError,
+  isHiresTxt2img,
   refinerCheckpoint,
   secondPassModel,
   secondPassPrompt,
@@ -81,7 +82,7 @@ export async function unmergedLoraHashes(
   lorasDir: string | undefined,
   onMissing: (name: string) => void,
 ): Promise<Map<string, string>> {
-  const uses = [...lorasOf(p.prompt, p.loras), ...lorasOf(secondPassPrompt(p), p.loras)];
+  const uses = [...lorasOf(p.prompt, p.loras), ...(isHiresTxt2img(p) ? lorasOf(secondPassPrompt(p), p.loras) : [])];
   const merged = new Set(uses.filter((l) => l.teWeight !== 0 || l.unetWeight !== 0).map((l) => l.name));
   const out = new Map<string, string>();
   for (const name of new Set(uses.map((l) => l.name))) {
