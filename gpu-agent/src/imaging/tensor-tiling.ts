@@ -57,18 +57,18 @@ export async function upscaleWithTensorTiles(img: Image8, run: UpscaleTensor, op
     return bgrTensorToTile(out.data, out.width, out.height);
   }
   const stride = tile - options.tileOverlap;
+  const tops = tensorTileStarts(h, tile, stride);
+  const lefts = tensorTileStarts(w, tile, stride);
   let scale = 0;
   let sum: Float32Array | undefined;
-  let count: Float32Array | undefined;
-  for (const top of tensorTileStarts(h, tile, stride)) {
-    for (const left of tensorTileStarts(w, tile, stride)) {
+  for (const top of tops) {
+    for (const left of lefts) {
       const out = await run(cropPlanes(x, w, h, left, top, tile), tile, tile);
       if (sum === undefined) {
         scale = out.width / tile;
         if (!Number.isInteger(scale) || scale < 1)
           throw new RangeError(`the model maps a ${tile}px tile to ${out.width}px, not an integer scale`);
         sum = new Float32Array(3 * h * scale * w * scale);
-        count = new Float32Array(sum.length);
       }
       const size = tile * scale;
       if (out.width !== size || out.height !== size || out.data.length !== 3 * size * size) {
@@ -80,15 +80,26 @@ export async function upscaleWithTensorTiles(img: Image8, run: UpscaleTensor, op
         for (let row = 0; row < size; row++) {
           const base = c * plane + (top * scale + row) * W + left * scale;
           const from = c * size * size + row * size;
-          for (let k = 0; k < size; k++) {
-            sum[base + k] = round(sum[base + k]! + out.data[from + k]!);
-            count![base + k] = count![base + k]! + 1;
-          }
+          for (let k = 0; k < size; k++) sum[base + k] = round(sum[base + k]! + out.data[from + k]!);
         }
       }
     }
   }
+  // The tiles form a grid, so a pixel's count (torch's weights tensor) is the tiles covering its row times
+  // those covering its column.
+  const covering = (starts: number[], n: number): Uint16Array => {
+    const counts = new Uint16Array(n * scale);
+    for (const s of starts) for (let i = s * scale; i < (s + tile) * scale; i++) counts[i]!++;
+    return counts;
+  };
+  const rows = covering(tops, h);
+  const cols = covering(lefts, w);
   const result = sum!;
-  for (let i = 0; i < result.length; i++) result[i] = round(result[i]! / count![i]!);
+  const W = w * scale;
+  const plane = W * h * scale;
+  for (let i = 0; i < result.length; i++) {
+    const at = i % plane;
+    result[i] = round(result[i]! / (rows[Math.floor(at / W)]! * cols[at % W]!));
+  }
   return bgrTensorToTile(result, w * scale, h * scale);
 }
