@@ -90,6 +90,8 @@ export class RefinerSwitch extends Error {
     readonly uncondAnswers: Float32Array[],
     /** Inpainting: the init latent the pass blends toward. */
     readonly init: Float32Array | undefined,
+    /** The model took the inpainting conditioning (a 9-channel UNet's c_concat). */
+    readonly inpaintingConditioning = false,
   ) {
     super(`the pass switches to its refiner after ${answers.length} model calls`);
     this.name = "RefinerSwitch";
@@ -193,7 +195,13 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       const req = r.value;
       const replayed = resume !== undefined && call < resume.answers.length;
       if (refiner !== undefined && sampler.switchesToRefiner(req) && resume === undefined) {
-        throw new RefinerSwitch(record!.start, record!.answers, record!.uncond, input.maskBlend?.init.slice());
+        throw new RefinerSwitch(
+          record!.start,
+          record!.answers,
+          record!.uncond,
+          input.maskBlend?.init.slice(),
+          input.imageCond !== undefined,
+        );
       }
       if (resume !== undefined && call === resume.answers.length) resume.onTakeOver();
       call++;

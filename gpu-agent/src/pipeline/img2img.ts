@@ -5,7 +5,7 @@
  */
 import * as grpc from "@grpc/grpc-js";
 import sharp from "sharp";
-import { DEFAULT_DENOISING_STRENGTH, FarmError, refinerCheckpoint, type Image, type RunTaskRequest } from "@latentfarm/shared";
+import { DEFAULT_DENOISING_STRENGTH, FarmError, samplingPass, type Image, type RunTaskRequest } from "@latentfarm/shared";
 import { passIdentity, refinerRun, refinerSampling } from "./refiner.js";
 import { prepareSampling } from "../sampling/index.js";
 import { composeOnCanvas, decodeImage, interpolate, planImg2imgResize, type Image8 } from "../imaging/index.js";
@@ -111,11 +111,13 @@ export async function renderImg2img(pipe: LoadedPipeline, req: RunTaskRequest, c
     img2img: { denoisingStrength: strength, fixSteps: b.img2imgFixSteps },
     refiner: refinerSampling(req, "first"),
   });
-  if (inpaintingUnet && refinerCheckpoint(p) !== undefined) {
-    // Its c_concat (the masked picture's latent) would be the refiner's own VAE's encoding, not the model's.
+  // An inpainting model switches to a plain refiner, which ignores A1111's c_concat; an inpainting refiner
+  // would take the model's conditioning, made with the model's VAE, which its run does not have.
+  const resumed = req.refinerResume !== undefined && samplingPass(req.stage) === "first" ? req.refinerResume : undefined;
+  if (inpaintingUnet && resumed !== undefined) {
     throw FarmError.unimplemented(
       "refiner_checkpoint",
-      `a refiner with an inpainting (9-channel) model ("${pipe.name}") is not implemented yet`,
+      `an inpainting (9-channel) refiner ("${pipe.name}") is not implemented yet: it would take the model's image conditioning`,
     );
   }
 
@@ -163,7 +165,7 @@ export async function renderImg2img(pipe: LoadedPipeline, req: RunTaskRequest, c
   const infotext = a1111Infotext({
     ...base,
     denoisingStrength: strength,
-    conditionalMaskWeight: inpaintingUnet ? pyFloat(maskWeight) : undefined,
+    conditionalMaskWeight: inpaintingUnet || resumed?.inpaintingConditioning ? pyFloat(maskWeight) : undefined,
     faceRestoration: restored.infotext,
     extra: [...(prepared?.infotext ?? []), ...(base.extra ?? [])],
   });

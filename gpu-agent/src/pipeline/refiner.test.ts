@@ -90,7 +90,7 @@ describe("the refiner switch rule (A1111's apply_refiner)", () => {
 describe("a pass that switches to its refiner", { concurrency: false }, () => {
   let pipelines: CatalogPipelines;
   before(async () => {
-    pipelines = await CatalogPipelines.create({ "tiny-b": 4 });
+    pipelines = await CatalogPipelines.create({ "tiny-b": 4, "tiny-inpaint": { seed: 6, inChannels: 9 } });
   });
   after(() => pipelines.close());
   const pipe = (key: string): Promise<LoadedPipeline> => pipelines.get(key);
@@ -304,6 +304,57 @@ describe("a pass that switches to its refiner", { concurrency: false }, () => {
     assert.deepEqual(left(a), left(b), "outside the mask both are the picture");
     assert.notDeepEqual(right(a), right(b), "inside it the refiner shows");
     assert.match(inpainted.image.infotext, /Refiner: tiny-b/);
+  });
+
+  test("an inpainting (9-channel) model switches to a plain refiner, which ignores its conditioning; an inpainting refiner is UNIMPLEMENTED", async () => {
+    const init = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 40, g: 160, b: 90 } } })
+      .png()
+      .toBuffer();
+    const mask = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 0, g: 0, b: 0 } } })
+      .composite([{ input: { create: { width: 32, height: 64, channels: 3, background: { r: 255, g: 255, b: 255 } } }, left: 32, top: 0 }])
+      .png()
+      .toBuffer();
+    const inpaint: Params = {
+      ...base,
+      model: "tiny-inpaint",
+      initImages: [new Uint8Array(init)],
+      mask: new Uint8Array(mask),
+      denoisingStrength: 0.6,
+      maskBlur: 0,
+      inpaintFullRes: false,
+    };
+    const unrefined = await render(inpaint);
+    assert.equal(unrefined.info.get("Conditional mask weight"), "1.0");
+    const refined = await render({ ...inpaint, refinerCheckpoint: "tiny-b", refinerSwitchAt: 0.7 });
+    assert.deepEqual(refined.keys, ["tiny-inpaint", "tiny-b"]);
+    // A1111 decides "Conditional mask weight" when processing starts, on the model: it stays after the switch.
+    assert.equal(refined.info.get("Conditional mask weight"), "1.0");
+    assert.equal(refined.info.get("Model"), "tiny-inpaint");
+    assert.match(refined.image.infotext, /Refiner: tiny-b \[[0-9a-f]{10}\], Refiner switch at: 0.7/);
+    const [a, b] = [await pixels(refined.image), await pixels(unrefined.image)];
+    const left = (buf: Buffer) => Buffer.concat(Array.from({ length: 64 }, (_, y) => buf.subarray(y * 64 * 3, y * 64 * 3 + 24 * 3)));
+    const right = (buf: Buffer) => Buffer.concat(Array.from({ length: 64 }, (_, y) => buf.subarray(y * 64 * 3 + 40 * 3, (y + 1) * 64 * 3)));
+    assert.deepEqual(left(a), left(b), "outside the mask both are the picture");
+    assert.notDeepEqual(right(a), right(b), "inside it the refiner shows");
+    // Handed back to an agent with the refiner: the same bytes.
+    const runOn = async (key: string, req: RunTaskRequest, c: RenderContext): Promise<PipelineOutput> => runTask(await pipe(key), req, c);
+    const params = { ...inpaint, refinerCheckpoint: "tiny-b", refinerSwitchAt: 0.7 };
+    const handedBack = await runTaskPasses(request(params), ctxOf(), runOn, undefined, (name) => Promise.resolve(name !== "tiny-b"));
+    assert.equal(handedBack.case, "refinerSwitch");
+    assert.equal((handedBack.value as RefinerResume).inpaintingConditioning, true);
+    const resumed = await runTaskPasses(
+      create(RunTaskRequestSchema, { ...request(params), refinerResume: handedBack.value as RefinerResume }),
+      ctxOf(),
+      runOn,
+      undefined,
+      (name) => Promise.resolve(name === "tiny-b"),
+    );
+    assert.deepEqual(Buffer.from((resumed.value as Image).png), Buffer.from(refined.image.png));
+    // A plain model switching to an inpainting refiner: A1111 hands that UNet a 5×1×1 dummy and fails; here UNIMPLEMENTED.
+    await assert.rejects(render({ ...inpaint, model: "tiny", refinerCheckpoint: "tiny-inpaint", refinerSwitchAt: 0.5 }), (e: unknown) => {
+      const err = FarmError.from(e);
+      return err.codeName === "UNIMPLEMENTED" && err.field === "refiner_checkpoint";
+    });
   });
 
   test("Hires.fix: the second pass switches by default, either pass or both on request; FULL equals the stages", async () => {

@@ -82,6 +82,7 @@ export function refinerResumeOf(pipe: ModelIdentity, s: RefinerSwitch): RefinerR
     uncondAnswers: s.uncondAnswers.map(float32Bytes),
     ...(s.init !== undefined && { init: float32Bytes(s.init) }),
     model: passModel(pipe),
+    inpaintingConditioning: s.inpaintingConditioning,
   });
 }
 

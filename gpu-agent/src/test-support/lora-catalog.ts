@@ -38,6 +38,9 @@ export function loraTensor(shape: number[], v: number): TensorToWrite {
   return { dtype: "F32", shape, data: Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, (_, i) => v * Math.sin(i + 1)) };
 }
 
+/** A catalog model: its seed, or its seed and UNet input channels (9 for an inpainting model). */
+export type CatalogModel = number | { seed: number; inChannels: number };
+
 /**
  * A models folder of generated tiny checkpoints (`tiny`, seed 3, and any `others` by name and seed) with
  * their tokenizer, and a LoRA folder with `style` and `ink`: each on one attention projection of the UNet
@@ -45,14 +48,20 @@ export function loraTensor(shape: number[], v: number): TensorToWrite {
  */
 export async function makeLoraCatalog(
   dir: string,
-  others: Record<string, number> = {},
+  others: Record<string, CatalogModel> = {},
 ): Promise<{ catalog: ModelCatalog; opts: PipelineOptions & { lorasDir: string } }> {
   const models = join(dir, "models");
   mkdirSync(models);
   let first = true;
   let spec: Awaited<ReturnType<typeof makeTinyModel>>["spec"] | undefined;
-  for (const [name, seed] of Object.entries({ tiny: 3, ...others })) {
-    const tiny = await makeTinyModel({ outDir: join(dir, `gen-${name}`), seed, config: "small" });
+  for (const [name, model] of Object.entries({ tiny: 3, ...others })) {
+    const { seed, inChannels } = typeof model === "number" ? { seed: model, inChannels: undefined } : model;
+    const tiny = await makeTinyModel({
+      outDir: join(dir, `gen-${name}`),
+      seed,
+      config: "small",
+      ...(inChannels !== undefined && { overrides: { inChannels } }),
+    });
     symlinkSync(tiny.checkpointPath, join(models, `${name}.safetensors`));
     writeFileSync(join(models, `${name}.json`), JSON.stringify(tiny.hints));
     if (first) symlinkSync(tiny.tokenizerDir, join(models, "tokenizer"));
@@ -90,7 +99,7 @@ export class CatalogPipelines {
     private readonly opts: PipelineOptions,
   ) {}
 
-  static async create(others: Record<string, number> = {}): Promise<CatalogPipelines> {
+  static async create(others: Record<string, CatalogModel> = {}): Promise<CatalogPipelines> {
     const dir = mkdtempSync(join(tmpdir(), "lf-catalog-"));
     const { catalog, opts } = await makeLoraCatalog(dir, others);
     return new CatalogPipelines(dir, catalog, opts);
