@@ -394,6 +394,7 @@ export class Agent {
             );
           },
           onWarning: (message) => run.warning({ kind: { case: "warning", value: { message } } }),
+          onCheckpoint: (checkpoint) => run.checkpoint({ kind: { case: "checkpoint", value: checkpoint } }),
           resources: {
             maxInputPixels: this.cfg.maxInputPixels ?? DEFAULT_RESOURCES.maxInputPixels,
             maxInputBytes: this.cfg.maxInputBytes ?? DEFAULT_RESOURCES.maxInputBytes,

@@ -37,7 +37,8 @@ export interface TaskRunOptions {
  * One task's render on this agent, decoupled from the RunTask calls that watch it. A coordinator
  * that restarts loses its streams but not the agents' work: the render keeps going for a grace
  * period, and a RunTask for the same task id attaches to it and receives the rest — the latest
- * step at once, then live progress and the result. Every attached call sees the same outcome.
+ * step at once (after its warnings and checkpoints), then live progress and the result. Every attached
+ * call sees the same outcome.
  */
 export class TaskRun {
   readonly taskId: string;
@@ -48,6 +49,8 @@ export class TaskRun {
   readonly resumed: boolean;
   private readonly subscribers = new Set<Subscriber>();
   private readonly warnings: RunTaskMessage[] = [];
+  /** The pass's checkpoints so far, which a re-attaching coordinator needs from the first. */
+  private readonly checkpoints: RunTaskMessage[] = [];
   private latestProgress: RunTaskMessage | undefined;
   private outcome: { output: TaskOutput } | { error: FarmError } | undefined;
   private timer: NodeJS.Timeout | undefined;
@@ -76,6 +79,11 @@ export class TaskRun {
     this.broadcast(msg);
   }
 
+  checkpoint(msg: RunTaskMessage): void {
+    this.checkpoints.push(msg);
+    this.broadcast(msg);
+  }
+
   /** The render ended; attached calls get its output or the error. */
   finish(outcome: { output: TaskOutput } | { error: FarmError }): void {
     if (this.outcome) return;
@@ -97,7 +105,7 @@ export class TaskRun {
     this.attempt = Math.max(this.attempt, attempt);
     if (this.timer) clearTimeout(this.timer);
     this.timer = undefined;
-    const sub: Subscriber = { queue: [...this.warnings], wake: undefined };
+    const sub: Subscriber = { queue: [...this.warnings, ...this.checkpoints], wake: undefined };
     if (this.latestProgress) sub.queue.push(this.latestProgress);
     this.subscribers.add(sub);
     const onAbort = (): void => sub.wake?.();

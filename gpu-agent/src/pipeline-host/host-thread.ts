@@ -114,6 +114,7 @@ async function renderOn(m: Extract<ToHost, { op: "run" }>, abort: AbortControlle
           ...(previewPng !== undefined && { previewPng }),
         }),
       onWarning,
+      onCheckpoint: (checkpoint) => post({ type: "checkpoint", id: m.id, checkpoint }),
       ...(m.resources ? { resources: m.resources } : {}),
       ...(unmerged !== undefined && { unmergedLoraHashes: unmerged }),
     });

@@ -107,7 +107,7 @@ export class PipelineHost {
   /** The model's name (the pipeline key's). */
   readonly name: string;
 
-  /** Renders a task in the pipeline thread; ctx.onStep and ctx.onWarning are called here as events arrive. */
+  /** Renders a task in the pipeline thread; ctx.onStep, onWarning and onCheckpoint are called here as events arrive. */
   runTask(req: RunTaskRequest, ctx: RenderContext): Promise<PipelineOutput> {
     if (this.failure) return Promise.reject(this.failure);
     if (this.closing) return Promise.reject(new FarmError(grpc.status.UNAVAILABLE, "the pipeline is closing"));
@@ -149,6 +149,9 @@ export class PipelineHost {
         this.pending.get(m.id)?.ctx.onStep(m.step, m.total, m.previewPng);
         return;
       }
+      case "checkpoint":
+        this.pending.get(m.id)?.ctx.onCheckpoint?.(m.checkpoint);
+        break;
       case "warning":
         this.pending.get(m.id)?.ctx.onWarning(m.message);
         return;

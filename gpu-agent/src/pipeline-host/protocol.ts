@@ -1,7 +1,7 @@
 // Messages between the agent's event loop and a pipeline host thread. Protobuf-es messages are plain
 // objects, so requests and outputs cross by structured clone as they are.
 import type * as grpc from "@grpc/grpc-js";
-import { FarmError, type RunTaskRequest } from "@latentfarm/shared";
+import { FarmError, type PassCheckpoint, type RunTaskRequest } from "@latentfarm/shared";
 import type { ExecutionProvider } from "../runtime/protocol.js";
 import type { RenderResources } from "../pipeline/render-common.js";
 import type { PipelineOutput } from "../pipeline/txt2img.js";
@@ -36,6 +36,7 @@ export type FromHost =
    */
   | { type: "step"; id: number; step: number; total: number; at: number; unetRunMs: number; previewPng?: Uint8Array }
   | { type: "warning"; id: number; message: string }
+  | { type: "checkpoint"; id: number; checkpoint: PassCheckpoint }
   | { type: "done"; id: number; output: PipelineOutput }
   | { type: "failed"; id: number; error: WireError }
   | { type: "unetCall"; rows: number; seconds: number }

@@ -61,6 +61,38 @@ export interface DenoiseInput {
   noiseRng?: ImageRng;
   /** The job's refiner, when this pass may switch to it (see RefinerMode). */
   refiner?: RefinerMode | undefined;
+  /** Checkpoints of this pass, and the one it resumes from (see CheckpointRun); not with a refiner. */
+  checkpoint?: CheckpointRun | undefined;
+}
+
+/** A pass's recorded progress: its start latent and each model call's answer (see RunTaskRequest.resume_from). */
+export interface PassProgress {
+  start: Float32Array;
+  /** Inpainting: the init latent the pass blends toward. */
+  init: Float32Array | undefined;
+  answers: readonly Float32Array[];
+  uncondAnswers: readonly Float32Array[];
+}
+
+/** The answers a checkpoint adds, from call `firstCall` on; the first one also carries start and init. */
+export interface CheckpointPart {
+  firstCall: number;
+  answers: Float32Array[];
+  uncondAnswers: Float32Array[];
+  start: Float32Array | undefined;
+  init: Float32Array | undefined;
+}
+
+/**
+ * Checkpoints: every `every` sampling steps (0: none) the run hands `emit` the answers it made since
+ * the last, so that a retry elsewhere can replay them. With `resume`, the run first replays a failed
+ * attempt's progress (no model calls for those answers), as a refiner's run replays the model's, and
+ * carries on from there: the same arithmetic on the same values, so the same image.
+ */
+export interface CheckpointRun {
+  every: number;
+  emit: (part: CheckpointPart) => void;
+  resume: PassProgress | undefined;
 }
 
 /**
@@ -167,7 +199,17 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       : Float32Array.of(size.height, size.width, crop.top, crop.left, size.height, size.width);
   const timeIds = pipe.model.pooledSize === undefined ? undefined : { prompt: idsOf(false), negative: idsOf(true) };
   const refiner = input.refiner;
-  const resume = refiner?.mode === "resume" ? refiner : undefined;
+  const checkpoint = input.checkpoint;
+  if (refiner !== undefined && checkpoint !== undefined) throw new Error("a pass with a refiner carries its own resume, not checkpoints");
+  const fromRefiner = refiner?.mode === "resume" ? refiner : undefined;
+  // What the run replays before it calls the model: the model's answers (refiner) or a failed attempt's.
+  const resume: PassProgress | undefined = fromRefiner ?? checkpoint?.resume;
+  if (checkpoint?.resume !== undefined && checkpoint.resume.start.length !== input.start.length) {
+    throw FarmError.invalid(
+      "resume_from.start",
+      `the checkpoint's latent has ${checkpoint.resume.start.length} values, this pass's ${input.start.length}`,
+    );
+  }
   if (resume !== undefined && resume.start.length !== input.start.length) {
     throw new FarmError(
       grpc.status.FAILED_PRECONDITION,
@@ -178,10 +220,30 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
   if (resume !== undefined && input.maskBlend !== undefined) {
     // The blend goes toward the model's encoding of the picture, as A1111's init_latent stays the model's.
     if (resume.init?.length !== input.maskBlend.init.length) {
-      throw FarmError.invalid("refiner_resume.init", "an inpainting pass's resume needs the model's init latent");
+      const field = fromRefiner ? "refiner_resume.init" : "resume_from.init";
+      throw FarmError.invalid(field, "an inpainting pass's resume needs the model's init latent");
     }
     input.maskBlend.init.set(resume.init);
   }
+  // A checkpointing run's answers not sent yet, and how many calls the coordinator already has.
+  const every = checkpoint?.every ?? 0;
+  const unsent =
+    every > 0 ? { answers: [] as Float32Array[], uncond: [] as Float32Array[], sentUpTo: resume?.answers.length ?? 0 } : undefined;
+  const sendCheckpoint = (): void => {
+    if (unsent === undefined || unsent.answers.length === 0) return;
+    const first = unsent.sentUpTo === 0;
+    checkpoint!.emit({
+      firstCall: unsent.sentUpTo,
+      answers: unsent.answers,
+      uncondAnswers: unsent.uncond,
+      start: first ? (resume?.start ?? startLatent).slice() : undefined,
+      init: first ? input.maskBlend?.init.slice() : undefined,
+    });
+    unsent.sentUpTo += unsent.answers.length;
+    unsent.answers = [];
+    unsent.uncond = [];
+  };
+  const startLatent = input.start.slice();
   // What a switching run hands the refiner's: its start as it began, and each call's answer in order.
   const record =
     refiner?.mode === "switch" ? { start: input.start.slice(), answers: [] as Float32Array[], uncond: [] as Float32Array[] } : undefined;
@@ -203,14 +265,18 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
           input.imageCond !== undefined,
         );
       }
-      if (resume !== undefined && call === resume.answers.length) resume.onTakeOver();
+      if (fromRefiner !== undefined && call === fromRefiner.answers.length) fromRefiner.onTakeOver();
       call++;
       if (req.step !== lastStep) {
-        if (lastStep >= 0 && !replayed) input.onStep(lastStep + 1, sampler.steps, previews.take(lastStep + 1));
+        // A step a failed attempt made and checkpointed, that attempt reported.
+        const reported = checkpoint?.resume !== undefined && call - 1 <= checkpoint.resume.answers.length;
+        if (lastStep >= 0 && !replayed && !reported) input.onStep(lastStep + 1, sampler.steps, previews.take(lastStep + 1));
+        // A step is done: every `every` steps, its answers go out.
+        if (lastStep >= 0 && every > 0 && (lastStep + 1) % every === 0) sendCheckpoint();
         lastStep = req.step;
       }
       if (replayed) {
-        r = gen.next(await replay(req, resume, call - 1, sampler, ahead, signal));
+        r = gen.next(await replay(req, resume, fromRefiner ? "refiner_resume" : "resume_from", call - 1, sampler, ahead, signal));
         continue;
       }
       const blend = input.maskBlend;
@@ -263,6 +329,7 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
           previews.offer(req.step + 1, (into) => (own === undefined ? into.set(denoised) : cfgCombine(own, [], 1, toDenoised, into)));
         }
         record?.answers.push(denoised.slice());
+        unsent?.answers.push(denoised.slice());
         r = gen.next(denoised);
       } else {
         if (blend && !blend.beforeModel) {
@@ -286,6 +353,8 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
         }
         record?.answers.push(output.slice());
         if (req.needUncond) record?.uncond.push(uncondOut.slice());
+        unsent?.answers.push(output.slice());
+        if (req.needUncond) unsent?.uncond.push(uncondOut.slice());
         r = gen.next(req.needUncond ? { output, uncond: uncondOut } : output);
       }
     }
@@ -293,11 +362,14 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
     // Cancelled or failed: the run's latents go back to the kernels' memory.
     if (!r.done) gen.return(undefined as never);
   }
-  if (resume !== undefined && call <= resume.answers.length) {
+  if (fromRefiner !== undefined && call <= fromRefiner.answers.length) {
     throw FarmError.invalid(
       "refiner_resume",
-      `${resume.answers.length} answers for a pass of ${call} model calls: it never reached the refiner`,
+      `${fromRefiner.answers.length} answers for a pass of ${call} model calls: it never reached the refiner`,
     );
+  }
+  if (checkpoint?.resume !== undefined && call < checkpoint.resume.answers.length) {
+    throw FarmError.invalid("resume_from", `${checkpoint.resume.answers.length} answers for a pass of ${call} model calls`);
   }
   input.onStep(sampler.steps, sampler.steps, previews.take(sampler.steps));
   checkAborted(signal);
@@ -317,12 +389,14 @@ function concatRows(rows: readonly Float32Array[]): Float32Array {
 }
 
 /**
- * A call the model's run answered before the refiner switch, answered again with the same values. What
- * a call records as it is made (NGMS, Skip Early CFG) is recorded again, and the noise it announced drawn.
+ * A call an earlier run answered (the model's before a refiner switch, or a failed attempt's), answered
+ * again with the same values. What a call records as it is made (NGMS, Skip Early CFG) is recorded again,
+ * and the noise it announced drawn.
  */
 async function replay(
   req: ModelRequest,
-  resume: Extract<RefinerMode, { mode: "resume" }>,
+  resume: PassProgress,
+  field: "refiner_resume" | "resume_from",
   call: number,
   sampler: PreparedSampling,
   ahead: NoiseAhead,
@@ -333,13 +407,13 @@ async function replay(
   if (!ahead.readyNow(req)) await ahead.ensureReady(req, signal);
   const given = resume.answers[call]!;
   if (given.length !== req.x.length) {
-    throw FarmError.invalid("refiner_resume", `answer ${call} has ${given.length} values, the latent ${req.x.length}`);
+    throw FarmError.invalid(field, `answer ${call} has ${given.length} values, the latent ${req.x.length}`);
   }
   const output = req.into ?? new Float32Array(given.length);
   output.set(given);
   if (req.kind === "eps" && req.needUncond) {
     const uncond = resume.uncondAnswers[call];
-    if (uncond?.length !== req.x.length) throw FarmError.invalid("refiner_resume", `call ${call} needs the negative prompt's eps`);
+    if (uncond?.length !== req.x.length) throw FarmError.invalid(field, `call ${call} needs the negative prompt's eps`);
     return { output, uncond: uncond.slice() };
   }
   return output;

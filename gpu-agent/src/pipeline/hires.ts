@@ -45,6 +45,7 @@ import {
   tileSeed,
   type HiresTarget,
 } from "../imaging/index.js";
+import { checkpointRun } from "./checkpoint.js";
 import { checkAborted, denoise } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import type { RenderContext } from "./render-common.js";
@@ -211,6 +212,7 @@ async function runFirstPass(
     preview: b.preview,
     noiseRng: rng,
     refiner: refinerRun(pipe, s.req, "first", sampler),
+    checkpoint: checkpointRun(s.req, ctx, "first"),
   });
   return { latent, sampler };
 }
@@ -369,6 +371,7 @@ async function runSecondPass(
     preview: b.preview,
     noiseRng: rng,
     refiner: refinerRun(pipe, req, "second", sampler2),
+    checkpoint: checkpointRun(req, ctx, "second"),
   });
   const rgb = await decodeToRgb(pipe, latent, up.h, up.w, ctx.signal);
   return finishHires(pipe, req, ctx, s, firstModel, passIdentity(pipe, req, "second"), sampler1, sampler2, rgb, up.w * 8, up.h * 8);
@@ -515,6 +518,7 @@ async function runTile(pipe: LoadedPipeline, req: RunTaskRequest, ctx: RenderCon
     onStep: (k) => ctx.onStep(k, s.hrSteps),
     noiseRng: rng,
     refiner: refinerRun(pipe, req, "second", sampler),
+    checkpoint: checkpointRun(req, ctx, "second"),
   });
   const tile = rgbHandover(await decodeToRgb(pipe, out, h, w, ctx.signal), w * 8, h * 8);
   tile.firstPassInfotext = input?.firstPassInfotext ?? [];

@@ -9,6 +9,7 @@ import { DEFAULT_DENOISING_STRENGTH, FarmError, samplingPass, type Image, type R
 import { passIdentity, refinerRun, refinerSampling } from "./refiner.js";
 import { prepareSampling } from "../sampling/index.js";
 import { composeOnCanvas, decodeImage, interpolate, planImg2imgResize, type Image8 } from "../imaging/index.js";
+import { checkpointRun } from "./checkpoint.js";
 import { checkAborted, denoise } from "./denoise.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import type { RenderContext } from "./render-common.js";
@@ -156,6 +157,7 @@ export async function renderImg2img(pipe: LoadedPipeline, req: RunTaskRequest, c
     ...(imageCond && { imageCond }),
     ...(prepared?.maskBlend && { maskBlend: prepared.maskBlend }),
     refiner: refinerRun(pipe, req, "first", sampler),
+    checkpoint: checkpointRun(req, ctx, "first"),
   });
   if (prepared) latent = prepared.finishLatent(latent);
   const rgb = await decodeToRgb(pipe, latent, h, w, ctx.signal);

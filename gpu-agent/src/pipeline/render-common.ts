@@ -19,6 +19,7 @@ import {
   type PassModel,
   type Image,
   type LoraRef,
+  type PassCheckpoint,
   type RunTaskRequest,
 } from "@latentfarm/shared";
 import { ImageRng, type PreparedSampling, type SamplingSettings } from "../sampling/index.js";
@@ -51,6 +52,8 @@ export interface RenderContext {
   onStep: (step: number, totalSteps: number, previewPng?: Uint8Array) => void;
   onWarning: (message: string) => void;
   resources?: RenderResources;
+  /** A checkpoint of the task's sampling pass (RunTaskRequest.checkpoint_every_steps), for the coordinator. */
+  onCheckpoint?: (checkpoint: PassCheckpoint) => void;
   /** The request's weight-0 LoRAs' "Lora hashes" entries by name (no pipeline merges them); see unmergedLoraHashes. */
   unmergedLoraHashes?: ReadonlyMap<string, string>;
 }

@@ -2,6 +2,7 @@ import * as grpc from "@grpc/grpc-js";
 import { FarmError, TaskStage, type Image, type RefinerResume, type RunTaskRequest } from "@latentfarm/shared";
 import { prepareSampling } from "../sampling/index.js";
 import { RefinerSwitch, denoise } from "./denoise.js";
+import { checkpointRun } from "./checkpoint.js";
 import { passIdentity, refinerResumeOf, refinerRun, refinerSampling } from "./refiner.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
 import { buildInfotext } from "./infotext.js";
@@ -75,6 +76,7 @@ export async function renderTask(pipe: LoadedPipeline, req: RunTaskRequest, ctx:
     preview: b.preview,
     noiseRng: imageRng,
     refiner: refinerRun(pipe, req, "first", sampler),
+    checkpoint: checkpointRun(req, ctx, "first"),
   });
   const rgb = await decodeToRgb(pipe, latent, h, w, ctx.signal);
   const infotext = buildInfotext(baseInfotext(passIdentity(pipe, req, "first"), b, sampler, { width: b.width, height: b.height }));

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file latentfarm/v1/agent.proto.
  */
 export const file_latentfarm_v1_agent: GenFile = /*@__PURE__*/
-  fileDesc("ChlsYXRlbnRmYXJtL3YxL2FnZW50LnByb3RvEg1sYXRlbnRmYXJtLnYxIusCCg5SdW5UYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIvCgZwYXJhbXMYAyABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEwoLaW1hZ2VfaW5kZXgYBCABKAUSDAoEc2VlZBgFIAEoAxIPCgdzdWJzZWVkGAYgASgDEg8KB2F0dGVtcHQYByABKAUSJwoFc3RhZ2UYCCABKA4yGC5sYXRlbnRmYXJtLnYxLlRhc2tTdGFnZRInCgZpbnB1dHMYCSADKAsyFy5sYXRlbnRmYXJtLnYxLkhhbmRvdmVyEhIKCnRpbGVfaW5kZXgYCiABKAUSJgoFdGlsZXMYCyABKAsyFy5sYXRlbnRmYXJtLnYxLlRpbGVQbGFuEjQKDnJlZmluZXJfcmVzdW1lGAwgASgLMhwubGF0ZW50ZmFybS52MS5SZWZpbmVyUmVzdW1lIp8BCg1SZWZpbmVyUmVzdW1lEg8KB2Fuc3dlcnMYASADKAwSFgoOdW5jb25kX2Fuc3dlcnMYAiADKAwSDQoFc3RhcnQYAyABKAwSJwoFbW9kZWwYBCABKAsyGC5sYXRlbnRmYXJtLnYxLlBhc3NNb2RlbBIMCgRpbml0GAUgASgMEh8KF2lucGFpbnRpbmdfY29uZGl0aW9uaW5nGAYgASgIIpQCCghIYW5kb3ZlchItCgZsYXRlbnQYASABKAsyGy5sYXRlbnRmYXJtLnYxLkxhdGVudFRlbnNvckgAEiYKA3JnYhgCIAEoCzIXLmxhdGVudGZhcm0udjEuUmdiSW1hZ2VIABI5ChNmaXJzdF9wYXNzX2luZm90ZXh0GAMgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjoKFHNlY29uZF9wYXNzX2luZm90ZXh0GAQgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjIKEGZpcnN0X3Bhc3NfbW9kZWwYBSABKAsyGC5sYXRlbnRmYXJtLnYxLlBhc3NNb2RlbEIGCgRkYXRhImYKCVBhc3NNb2RlbBIMCgRuYW1lGAEgASgJEhIKCm1vZGVsX2hhc2gYAiABKAkSEwoLbG9yYV9oYXNoZXMYAyADKAkSEAoIdmFlX25hbWUYBCABKAkSEAoIdmFlX2hhc2gYBSABKAkiKwoNSW5mb3RleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAkiKwoMTGF0ZW50VGVuc29yEg0KBXNoYXBlGAEgAygFEgwKBGRhdGEYAiABKAwiNwoIUmdiSW1hZ2USDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEgwKBGRhdGEYAyABKAwiagoIVGlsZVBsYW4SDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEhIKCnRpbGVfd2lkdGgYAyABKAUSEwoLdGlsZV9oZWlnaHQYBCABKAUSCgoCeHMYBSADKAUSCgoCeXMYBiADKAUiggIKD1J1blRhc2tSZXNwb25zZRIvCghwcm9ncmVzcxgBIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASJgoGcmVzdWx0GAIgASgLMhQubGF0ZW50ZmFybS52MS5JbWFnZUgAEikKB3dhcm5pbmcYAyABKAsyFi5sYXRlbnRmYXJtLnYxLldhcm5pbmdIABIrCghoYW5kb3ZlchgEIAEoCzIXLmxhdGVudGZhcm0udjEuSGFuZG92ZXJIABI2Cg5yZWZpbmVyX3N3aXRjaBgFIAEoCzIcLmxhdGVudGZhcm0udjEuUmVmaW5lclJlc3VtZUgAQgYKBGtpbmQiRQoRQ2FuY2VsVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEg4KBnJlYXNvbhgDIAEoCSIlChJDYW5jZWxUYXNrUmVzcG9uc2USDwoHc3RvcHBlZBgBIAEoCCIPCg1TdGF0dXNSZXF1ZXN0ImAKDlN0YXR1c1Jlc3BvbnNlEicKBWFnZW50GAEgASgLMhgubGF0ZW50ZmFybS52MS5BZ2VudEluZm8SDgoGbW9kZWxzGAIgAygJEhUKDXJ1bm5pbmdfdGFza3MYAyADKAkimAIKCUhlYXJ0YmVhdBInCgVhZ2VudBgBIAEoCzIYLmxhdGVudGZhcm0udjEuQWdlbnRJbmZvEjIKEGF2YWlsYWJsZV9tb2RlbHMYAiADKAsyGC5sYXRlbnRmYXJtLnYxLk1vZGVsSW5mbxIZChFmcmVlX21lbW9yeV9ieXRlcxgDIAEoAxIwCgplbWJlZGRpbmdzGAQgAygLMhwubGF0ZW50ZmFybS52MS5FbWJlZGRpbmdJbmZvEjsKEnNraXBwZWRfZW1iZWRkaW5ncxgFIAMoCzIfLmxhdGVudGZhcm0udjEuU2tpcHBlZEVtYmVkZGluZxIkCgR2YWVzGAYgAygLMhYubGF0ZW50ZmFybS52MS5WYWVJbmZvImwKDFRhc2tQcm9ncmVzcxIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIQCghhZ2VudF9pZBgDIAEoCRIpCgRzdGVwGAQgASgLMhsubGF0ZW50ZmFybS52MS5TdGVwUHJvZ3Jlc3MqqQEKCVRhc2tTdGFnZRITCg9UQVNLX1NUQUdFX0ZVTEwQABIZChVUQVNLX1NUQUdFX0ZJUlNUX1BBU1MQARIaChZUQVNLX1NUQUdFX1NFQ09ORF9QQVNTEAISFgoSVEFTS19TVEFHRV9VUFNDQUxFEAMSHwobVEFTS19TVEFHRV9TRUNPTkRfUEFTU19USUxFEAQSFwoTVEFTS19TVEFHRV9BU1NFTUJMRRAFMvQBCgxBZ2VudFNlcnZpY2USSgoHUnVuVGFzaxIdLmxhdGVudGZhcm0udjEuUnVuVGFza1JlcXVlc3QaHi5sYXRlbnRmYXJtLnYxLlJ1blRhc2tSZXNwb25zZTABElEKCkNhbmNlbFRhc2sSIC5sYXRlbnRmYXJtLnYxLkNhbmNlbFRhc2tSZXF1ZXN0GiEubGF0ZW50ZmFybS52MS5DYW5jZWxUYXNrUmVzcG9uc2USRQoGU3RhdHVzEhwubGF0ZW50ZmFybS52MS5TdGF0dXNSZXF1ZXN0Gh0ubGF0ZW50ZmFybS52MS5TdGF0dXNSZXNwb25zZWIGcHJvdG8z", [file_latentfarm_v1_generation, file_latentfarm_v1_render]);
+  fileDesc("ChlsYXRlbnRmYXJtL3YxL2FnZW50LnByb3RvEg1sYXRlbnRmYXJtLnYxIr8DCg5SdW5UYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIvCgZwYXJhbXMYAyABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEwoLaW1hZ2VfaW5kZXgYBCABKAUSDAoEc2VlZBgFIAEoAxIPCgdzdWJzZWVkGAYgASgDEg8KB2F0dGVtcHQYByABKAUSJwoFc3RhZ2UYCCABKA4yGC5sYXRlbnRmYXJtLnYxLlRhc2tTdGFnZRInCgZpbnB1dHMYCSADKAsyFy5sYXRlbnRmYXJtLnYxLkhhbmRvdmVyEhIKCnRpbGVfaW5kZXgYCiABKAUSJgoFdGlsZXMYCyABKAsyFy5sYXRlbnRmYXJtLnYxLlRpbGVQbGFuEjQKDnJlZmluZXJfcmVzdW1lGAwgASgLMhwubGF0ZW50ZmFybS52MS5SZWZpbmVyUmVzdW1lEjIKC3Jlc3VtZV9mcm9tGA0gASgLMh0ubGF0ZW50ZmFybS52MS5QYXNzQ2hlY2twb2ludBIeChZjaGVja3BvaW50X2V2ZXJ5X3N0ZXBzGA4gASgFImoKDlBhc3NDaGVja3BvaW50EhIKCmZpcnN0X2NhbGwYASABKAUSDwoHYW5zd2VycxgCIAMoDBIWCg51bmNvbmRfYW5zd2VycxgDIAMoDBINCgVzdGFydBgEIAEoDBIMCgRpbml0GAUgASgMIp8BCg1SZWZpbmVyUmVzdW1lEg8KB2Fuc3dlcnMYASADKAwSFgoOdW5jb25kX2Fuc3dlcnMYAiADKAwSDQoFc3RhcnQYAyABKAwSJwoFbW9kZWwYBCABKAsyGC5sYXRlbnRmYXJtLnYxLlBhc3NNb2RlbBIMCgRpbml0GAUgASgMEh8KF2lucGFpbnRpbmdfY29uZGl0aW9uaW5nGAYgASgIIpQCCghIYW5kb3ZlchItCgZsYXRlbnQYASABKAsyGy5sYXRlbnRmYXJtLnYxLkxhdGVudFRlbnNvckgAEiYKA3JnYhgCIAEoCzIXLmxhdGVudGZhcm0udjEuUmdiSW1hZ2VIABI5ChNmaXJzdF9wYXNzX2luZm90ZXh0GAMgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjoKFHNlY29uZF9wYXNzX2luZm90ZXh0GAQgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjIKEGZpcnN0X3Bhc3NfbW9kZWwYBSABKAsyGC5sYXRlbnRmYXJtLnYxLlBhc3NNb2RlbEIGCgRkYXRhImYKCVBhc3NNb2RlbBIMCgRuYW1lGAEgASgJEhIKCm1vZGVsX2hhc2gYAiABKAkSEwoLbG9yYV9oYXNoZXMYAyADKAkSEAoIdmFlX25hbWUYBCABKAkSEAoIdmFlX2hhc2gYBSABKAkiKwoNSW5mb3RleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAkiKwoMTGF0ZW50VGVuc29yEg0KBXNoYXBlGAEgAygFEgwKBGRhdGEYAiABKAwiNwoIUmdiSW1hZ2USDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEgwKBGRhdGEYAyABKAwiagoIVGlsZVBsYW4SDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEhIKCnRpbGVfd2lkdGgYAyABKAUSEwoLdGlsZV9oZWlnaHQYBCABKAUSCgoCeHMYBSADKAUSCgoCeXMYBiADKAUitwIKD1J1blRhc2tSZXNwb25zZRIvCghwcm9ncmVzcxgBIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASJgoGcmVzdWx0GAIgASgLMhQubGF0ZW50ZmFybS52MS5JbWFnZUgAEikKB3dhcm5pbmcYAyABKAsyFi5sYXRlbnRmYXJtLnYxLldhcm5pbmdIABIrCghoYW5kb3ZlchgEIAEoCzIXLmxhdGVudGZhcm0udjEuSGFuZG92ZXJIABI2Cg5yZWZpbmVyX3N3aXRjaBgFIAEoCzIcLmxhdGVudGZhcm0udjEuUmVmaW5lclJlc3VtZUgAEjMKCmNoZWNrcG9pbnQYBiABKAsyHS5sYXRlbnRmYXJtLnYxLlBhc3NDaGVja3BvaW50SABCBgoEa2luZCJFChFDYW5jZWxUYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDgoGcmVhc29uGAMgASgJIiUKEkNhbmNlbFRhc2tSZXNwb25zZRIPCgdzdG9wcGVkGAEgASgIIg8KDVN0YXR1c1JlcXVlc3QiYAoOU3RhdHVzUmVzcG9uc2USJwoFYWdlbnQYASABKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbxIOCgZtb2RlbHMYAiADKAkSFQoNcnVubmluZ190YXNrcxgDIAMoCSKYAgoJSGVhcnRiZWF0EicKBWFnZW50GAEgASgLMhgubGF0ZW50ZmFybS52MS5BZ2VudEluZm8SMgoQYXZhaWxhYmxlX21vZGVscxgCIAMoCzIYLmxhdGVudGZhcm0udjEuTW9kZWxJbmZvEhkKEWZyZWVfbWVtb3J5X2J5dGVzGAMgASgDEjAKCmVtYmVkZGluZ3MYBCADKAsyHC5sYXRlbnRmYXJtLnYxLkVtYmVkZGluZ0luZm8SOwoSc2tpcHBlZF9lbWJlZGRpbmdzGAUgAygLMh8ubGF0ZW50ZmFybS52MS5Ta2lwcGVkRW1iZWRkaW5nEiQKBHZhZXMYBiADKAsyFi5sYXRlbnRmYXJtLnYxLlZhZUluZm8ibAoMVGFza1Byb2dyZXNzEg8KB3Rhc2tfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEikKBHN0ZXAYBCABKAsyGy5sYXRlbnRmYXJtLnYxLlN0ZXBQcm9ncmVzcyqpAQoJVGFza1N0YWdlEhMKD1RBU0tfU1RBR0VfRlVMTBAAEhkKFVRBU0tfU1RBR0VfRklSU1RfUEFTUxABEhoKFlRBU0tfU1RBR0VfU0VDT05EX1BBU1MQAhIWChJUQVNLX1NUQUdFX1VQU0NBTEUQAxIfChtUQVNLX1NUQUdFX1NFQ09ORF9QQVNTX1RJTEUQBBIXChNUQVNLX1NUQUdFX0FTU0VNQkxFEAUy9AEKDEFnZW50U2VydmljZRJKCgdSdW5UYXNrEh0ubGF0ZW50ZmFybS52MS5SdW5UYXNrUmVxdWVzdBoeLmxhdGVudGZhcm0udjEuUnVuVGFza1Jlc3BvbnNlMAESUQoKQ2FuY2VsVGFzaxIgLmxhdGVudGZhcm0udjEuQ2FuY2VsVGFza1JlcXVlc3QaIS5sYXRlbnRmYXJtLnYxLkNhbmNlbFRhc2tSZXNwb25zZRJFCgZTdGF0dXMSHC5sYXRlbnRmYXJtLnYxLlN0YXR1c1JlcXVlc3QaHS5sYXRlbnRmYXJtLnYxLlN0YXR1c1Jlc3BvbnNlYgZwcm90bzM", [file_latentfarm_v1_generation, file_latentfarm_v1_render]);
 
 /**
  * @generated from message latentfarm.v1.RunTaskRequest
@@ -96,6 +96,22 @@ export type RunTaskRequest = Message<"latentfarm.v1.RunTaskRequest"> & {
    * @generated from field: latentfarm.v1.RefinerResume refiner_resume = 12;
    */
   refinerResume?: RefinerResume | undefined;
+
+  /**
+   * A retry of a task whose earlier attempt sent checkpoints: this run replays its sampling pass from
+   * them (the sampler gets the recorded answers, no model call is made for them) and carries on, so the
+   * image is the one an uninterrupted run gives.
+   *
+   * @generated from field: latentfarm.v1.PassCheckpoint resume_from = 13;
+   */
+  resumeFrom?: PassCheckpoint | undefined;
+
+  /**
+   * Send a PassCheckpoint of the task's sampling pass every this many sampling steps (0: none).
+   *
+   * @generated from field: int32 checkpoint_every_steps = 14;
+   */
+  checkpointEverySteps: number;
 };
 
 /**
@@ -104,6 +120,51 @@ export type RunTaskRequest = Message<"latentfarm.v1.RunTaskRequest"> & {
  */
 export const RunTaskRequestSchema: GenMessage<RunTaskRequest> = /*@__PURE__*/
   messageDesc(file_latentfarm_v1_agent, 0);
+
+/**
+ * A sampling pass's progress, enough to carry it on elsewhere: its start latent and each model call's
+ * answer to the sampler, in call order (float32 little-endian, as RefinerResume's). An attempt sends the
+ * answers it made since its last checkpoint; `first_call` is the index of the first of them.
+ *
+ * @generated from message latentfarm.v1.PassCheckpoint
+ */
+export type PassCheckpoint = Message<"latentfarm.v1.PassCheckpoint"> & {
+  /**
+   * @generated from field: int32 first_call = 1;
+   */
+  firstCall: number;
+
+  /**
+   * @generated from field: repeated bytes answers = 2;
+   */
+  answers: Uint8Array[];
+
+  /**
+   * The negative prompt's own eps per call, for the samplers that take it (DDIM CFG++); else empty.
+   *
+   * @generated from field: repeated bytes uncond_answers = 3;
+   */
+  uncondAnswers: Uint8Array[];
+
+  /**
+   * With first_call 0: the pass's start latent, and inpainting's init latent (else empty).
+   *
+   * @generated from field: bytes start = 4;
+   */
+  start: Uint8Array;
+
+  /**
+   * @generated from field: bytes init = 5;
+   */
+  init: Uint8Array;
+};
+
+/**
+ * Describes the message latentfarm.v1.PassCheckpoint.
+ * Use `create(PassCheckpointSchema)` to create a new message.
+ */
+export const PassCheckpointSchema: GenMessage<PassCheckpoint> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_agent, 1);
 
 /**
  * A pass that reached its refiner switch: what the refiner's run of the same pass needs to take over
@@ -165,7 +226,7 @@ export type RefinerResume = Message<"latentfarm.v1.RefinerResume"> & {
  * Use `create(RefinerResumeSchema)` to create a new message.
  */
 export const RefinerResumeSchema: GenMessage<RefinerResume> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 1);
+  messageDesc(file_latentfarm_v1_agent, 2);
 
 /**
  * Bytes one stage hands to the next.
@@ -219,7 +280,7 @@ export type Handover = Message<"latentfarm.v1.Handover"> & {
  * Use `create(HandoverSchema)` to create a new message.
  */
 export const HandoverSchema: GenMessage<Handover> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 2);
+  messageDesc(file_latentfarm_v1_agent, 3);
 
 /**
  * A pipeline as an infotext names it.
@@ -267,7 +328,7 @@ export type PassModel = Message<"latentfarm.v1.PassModel"> & {
  * Use `create(PassModelSchema)` to create a new message.
  */
 export const PassModelSchema: GenMessage<PassModel> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 3);
+  messageDesc(file_latentfarm_v1_agent, 4);
 
 /**
  * One "Key: value" of an infotext, the value as the infotext prints it.
@@ -291,7 +352,7 @@ export type InfotextEntry = Message<"latentfarm.v1.InfotextEntry"> & {
  * Use `create(InfotextEntrySchema)` to create a new message.
  */
 export const InfotextEntrySchema: GenMessage<InfotextEntry> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 4);
+  messageDesc(file_latentfarm_v1_agent, 5);
 
 /**
  * A latent as float32 little-endian values in NCHW order.
@@ -315,7 +376,7 @@ export type LatentTensor = Message<"latentfarm.v1.LatentTensor"> & {
  * Use `create(LatentTensorSchema)` to create a new message.
  */
 export const LatentTensorSchema: GenMessage<LatentTensor> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 5);
+  messageDesc(file_latentfarm_v1_agent, 6);
 
 /**
  * 8-bit RGB, row-major, 3 bytes per pixel.
@@ -344,7 +405,7 @@ export type RgbImage = Message<"latentfarm.v1.RgbImage"> & {
  * Use `create(RgbImageSchema)` to create a new message.
  */
 export const RgbImageSchema: GenMessage<RgbImage> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 6);
+  messageDesc(file_latentfarm_v1_agent, 7);
 
 /**
  * Overlapping tiles of a width × height second pass: every (x, y) of xs × ys is the top-left
@@ -389,7 +450,7 @@ export type TilePlan = Message<"latentfarm.v1.TilePlan"> & {
  * Use `create(TilePlanSchema)` to create a new message.
  */
 export const TilePlanSchema: GenMessage<TilePlan> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 7);
+  messageDesc(file_latentfarm_v1_agent, 8);
 
 /**
  * @generated from message latentfarm.v1.RunTaskResponse
@@ -433,6 +494,14 @@ export type RunTaskResponse = Message<"latentfarm.v1.RunTaskResponse"> & {
      */
     value: RefinerResume;
     case: "refinerSwitch";
+  } | {
+    /**
+     * Progress of the task's sampling pass to resume from (RunTaskRequest.checkpoint_every_steps).
+     *
+     * @generated from field: latentfarm.v1.PassCheckpoint checkpoint = 6;
+     */
+    value: PassCheckpoint;
+    case: "checkpoint";
   } | { case: undefined; value?: undefined };
 };
 
@@ -441,7 +510,7 @@ export type RunTaskResponse = Message<"latentfarm.v1.RunTaskResponse"> & {
  * Use `create(RunTaskResponseSchema)` to create a new message.
  */
 export const RunTaskResponseSchema: GenMessage<RunTaskResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 8);
+  messageDesc(file_latentfarm_v1_agent, 9);
 
 /**
  * @generated from message latentfarm.v1.CancelTaskRequest
@@ -470,7 +539,7 @@ export type CancelTaskRequest = Message<"latentfarm.v1.CancelTaskRequest"> & {
  * Use `create(CancelTaskRequestSchema)` to create a new message.
  */
 export const CancelTaskRequestSchema: GenMessage<CancelTaskRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 9);
+  messageDesc(file_latentfarm_v1_agent, 10);
 
 /**
  * @generated from message latentfarm.v1.CancelTaskResponse
@@ -489,7 +558,7 @@ export type CancelTaskResponse = Message<"latentfarm.v1.CancelTaskResponse"> & {
  * Use `create(CancelTaskResponseSchema)` to create a new message.
  */
 export const CancelTaskResponseSchema: GenMessage<CancelTaskResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 10);
+  messageDesc(file_latentfarm_v1_agent, 11);
 
 /**
  * @generated from message latentfarm.v1.StatusRequest
@@ -502,7 +571,7 @@ export type StatusRequest = Message<"latentfarm.v1.StatusRequest"> & {
  * Use `create(StatusRequestSchema)` to create a new message.
  */
 export const StatusRequestSchema: GenMessage<StatusRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 11);
+  messageDesc(file_latentfarm_v1_agent, 12);
 
 /**
  * @generated from message latentfarm.v1.StatusResponse
@@ -531,7 +600,7 @@ export type StatusResponse = Message<"latentfarm.v1.StatusResponse"> & {
  * Use `create(StatusResponseSchema)` to create a new message.
  */
 export const StatusResponseSchema: GenMessage<StatusResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 12);
+  messageDesc(file_latentfarm_v1_agent, 13);
 
 /**
  * Published on NATS subject lf.agent.<agent_id>.heartbeat.
@@ -583,7 +652,7 @@ export type Heartbeat = Message<"latentfarm.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 13);
+  messageDesc(file_latentfarm_v1_agent, 14);
 
 /**
  * Published on NATS subject lf.task.<task_id>.progress.
@@ -617,7 +686,7 @@ export type TaskProgress = Message<"latentfarm.v1.TaskProgress"> & {
  * Use `create(TaskProgressSchema)` to create a new message.
  */
 export const TaskProgressSchema: GenMessage<TaskProgress> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 14);
+  messageDesc(file_latentfarm_v1_agent, 15);
 
 /**
  * A Hires.fix image runs as a small graph of tasks that may land on different agents:
