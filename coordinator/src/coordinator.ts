@@ -95,6 +95,8 @@ export interface CoordinatorConfig {
   imageCacheBytes?: number;
   /** Agents below this free memory get a model they have not loaded only when no other agent can. */
   minFreeMemoryBytes?: bigint;
+  /** Checkpoints of each task's sampling pass every this many steps, which a retry resumes from (default 0: none). */
+  checkpointEverySteps?: number;
   /** When a Hires.fix second pass is tiled, and the tiles' size and overlap. */
   hires?: Partial<HiresTiling>;
   logger: Logger;
@@ -266,6 +268,7 @@ export class Coordinator {
         speed: this.speed,
         metrics: this.m.metrics,
         ...(cfg.minFreeMemoryBytes !== undefined ? { minFreeMemoryBytes: cfg.minFreeMemoryBytes } : {}),
+        ...(cfg.checkpointEverySteps ? { checkpointEverySteps: cfg.checkpointEverySteps } : {}),
       },
     );
     for (const state of ["ready", "draining"]) this.m.metrics.agents.set({ state }, 0);

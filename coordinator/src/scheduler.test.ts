@@ -7,6 +7,7 @@ import {
   FarmError,
   GenerationParamsSchema,
   ImageSchema,
+  PassCheckpointSchema,
   RefinerResumeSchema,
   VaeInfoSchema,
   silentLogger,
@@ -33,6 +34,8 @@ interface FakeBehaviour {
    * agent hands the switch back, as an agent without the refiner does.
    */
   refinerSwitchAfter?: number;
+  /** Fails attempt k (1-based) with UNAVAILABLE, as a lost agent's stream breaks, after step failAfter[k − 1]. */
+  failAfter?: number[];
 }
 
 /** An agent whose RunTask stream is simulated in-process: steps are timers, results are empty images. */
@@ -54,14 +57,19 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
             );
           });
         };
-        log.push(`start ${id} ${req.taskId}${req.refinerResume ? ` resumed after ${req.refinerResume.answers.length}` : ""}`);
+        log.push(
+          `start ${id} ${req.taskId}${req.refinerResume ? ` resumed after ${req.refinerResume.answers.length}` : ""}` +
+            (req.resumeFrom ? ` from checkpoint ${req.resumeFrom.answers.map((a) => a[0]).join(",")}` : ""),
+        );
         const c = concurrency.get(id) ?? { now: 0, max: 0 };
         concurrency.set(id, c);
         c.now++;
         c.max = Math.max(c.max, c.now);
         try {
           const steps = req.params?.steps ?? 1;
-          for (let s = 1; s <= steps; s++) {
+          // One "answer" a step, its byte the step's number; a resumed attempt starts after its checkpoint's.
+          const from = req.resumeFrom?.answers.length ?? 0;
+          for (let s = from + 1; s <= steps; s++) {
             await wait(b.stepMs);
             const err = b.fail?.(req);
             if (err) throw err;
@@ -69,6 +77,17 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
               kind: { case: "progress" as const, value: { taskId: req.taskId, imageIndex: req.imageIndex, step: s, totalSteps: steps } },
             };
             if (b.stall) await wait(3_600_000);
+            const every = req.checkpointEverySteps;
+            if (every > 0 && s % every === 0) {
+              const answers = Array.from({ length: every }, (_, k) => Uint8Array.of(s - every + 1 + k));
+              yield {
+                kind: {
+                  case: "checkpoint" as const,
+                  value: create(PassCheckpointSchema, { firstCall: s - every, answers, ...(s === every && { start: Uint8Array.of(0) }) }),
+                },
+              };
+            }
+            if (b.failAfter?.[req.attempt - 1] === s) throw new FarmError(grpc.status.UNAVAILABLE, "agent lost");
             if (b.refinerSwitchAfter === s && req.params?.refinerCheckpoint && !req.refinerResume) {
               const answers = Array.from({ length: s }, () => new Uint8Array(4));
               yield { kind: { case: "refinerSwitch" as const, value: create(RefinerResumeSchema, { answers }) } };
@@ -101,7 +120,7 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
   };
 }
 
-function harness(agents: AgentState[], opts: { maxAttempts?: number; speculate?: boolean } = {}) {
+function harness(agents: AgentState[], opts: { maxAttempts?: number; speculate?: boolean; checkpointEverySteps?: number } = {}) {
   const done: Array<{ task: Task; agent: string }> = [];
   const failed: Array<{ task: Task; err: FarmError }> = [];
   const retried: Array<{ task: Task; err: FarmError }> = [];
@@ -131,6 +150,7 @@ function harness(agents: AgentState[], opts: { maxAttempts?: number; speculate?:
     logger: silentLogger,
     maxAttempts: opts.maxAttempts ?? 3,
     speculate: opts.speculate ?? false,
+    ...(opts.checkpointEverySteps !== undefined && { checkpointEverySteps: opts.checkpointEverySteps }),
     tenantPolicy: () => DEFAULT_TENANT_POLICY,
     speed,
   });
@@ -401,6 +421,38 @@ test("a refiner: an agent without it hands the switch back and the task carries 
   await h2.settled(3);
   assert.deepEqual(new Set(h2.done.slice(1).map((d) => d.agent)), new Set(["base-only-2", "both"]));
   h.scheduler.close();
+  h2.scheduler.close();
+});
+
+test("checkpoints: a retry after a lost attempt resumes from the attempt's last checkpoint, and carries the checkpoints on", async () => {
+  const log: string[] = [];
+  const lost = fakeAgent("lost", 1, { stepMs: 5, failAfter: [5, 7] }, log);
+  const h = harness([lost], { checkpointEverySteps: 2, maxAttempts: 3 });
+  const [task] = h.submit(1, 8);
+  // The first attempt checkpointed steps 1–2 and 3–4, then was lost after step 5; the second (the agent is
+  // back) replayed 1–4, made and checkpointed 5–6, and was lost after step 7; the third replays 1–6.
+  await h.settled(1);
+  const starts = log.filter((l) => l.startsWith("start"));
+  assert.deepEqual(starts, [
+    `start lost ${task!.id}`,
+    `start lost ${task!.id} from checkpoint 1,2,3,4`,
+    `start lost ${task!.id} from checkpoint 1,2,3,4,5,6`,
+  ]);
+  assert.equal(h.retried.length, 2);
+  assert.equal(h.done.length, 1);
+  // A finished task's checkpoints are let go (its job keeps the task while it is in memory).
+  assert.equal(task!.checkpoint, undefined);
+  h.scheduler.close();
+  // Without --checkpoint-every the retry starts over.
+  const log2: string[] = [];
+  const h2 = harness([fakeAgent("lost-2", 1, { stepMs: 5, failAfter: [5, 5, 5] }, log2)]);
+  const [t2] = h2.submit(1, 6);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.ok(
+    log2.filter((l) => l.startsWith("start")).every((l) => l === `start lost-2 ${t2!.id}`),
+    log2.join("; "),
+  );
+  assert.equal(t2!.checkpoint, undefined);
   h2.scheduler.close();
 });
 

@@ -2,9 +2,11 @@ import * as grpc from "@grpc/grpc-js";
 import { create } from "@bufbuild/protobuf";
 import {
   FarmError,
+  PassCheckpointSchema,
   RunTaskRequestSchema,
   TaskStage,
   namedVae,
+  type PassCheckpoint,
   type RefinerResume,
   refinerCheckpoint,
   refinerInPass,
@@ -60,6 +62,11 @@ export interface Task extends FairItem {
    * from there on an agent that offers it (RunTaskRequest.refiner_resume).
    */
   refinerResume?: RefinerResume;
+  /**
+   * Its sampling pass's progress, from the checkpoints of attempt `owner` (the newest attempt started
+   * with it, or the first to send one): what a retry resumes from (RunTaskRequest.resume_from).
+   */
+  checkpoint?: { owner: number; start: Uint8Array; init: Uint8Array; answers: Uint8Array[]; uncondAnswers: Uint8Array[] };
 }
 
 /** What a stage task sends beyond the job's params: the stage, its inputs, its tile. */
@@ -129,6 +136,8 @@ export interface Run {
   expectedEnd: number;
   /** Whether the estimate came from measurements of this agent (speculation needs that). */
   measured: boolean;
+  /** Model calls it replays from an earlier attempt's checkpoint (0: it samples from the start). */
+  resumedCalls?: number;
 }
 
 export interface SchedulerHooks {
@@ -155,6 +164,12 @@ export interface SchedulerOptions {
   metrics?: MetricSet<typeof COORDINATOR_METRICS>;
   /** Agents whose free memory is below this, without the model loaded, are used only when nothing else can run the task. */
   minFreeMemoryBytes?: bigint;
+  /**
+   * Ask agents for a checkpoint of each task's sampling pass every this many steps (0 or absent: none),
+   * so that a retry resumes where the failed attempt's last checkpoint was. Costs the coordinator the
+   * pass's answers per running task: steps × the latent's bytes (256 KiB a step at 1024×1024).
+   */
+  checkpointEverySteps?: number;
 }
 
 // Statuses that mean "this agent could not finish", not "this task is bad".
@@ -837,6 +852,13 @@ export class Scheduler {
       expectedEnd: now + est.ms,
       measured: est.measured,
     };
+    // A new attempt of a task with a checkpoint resumes from it, and owns the checkpoints from here on.
+    const checkpoint = task.checkpoint;
+    if (!adopt && checkpoint !== undefined && checkpoint.answers.length > 0) {
+      run.resumedCalls = checkpoint.answers.length;
+      checkpoint.owner = run.attempt;
+      this.opts.metrics?.checkpointResumes.inc();
+    }
     task.runs.push(run);
     agent.inFlight++;
     let set = this.runsByAgent.get(agent.id);
@@ -860,6 +882,8 @@ export class Scheduler {
       attempt: run.attempt,
       ...task.stage?.request,
       ...(task.refinerResume !== undefined && { refinerResume: task.refinerResume }),
+      ...(this.opts.checkpointEverySteps && { checkpointEverySteps: this.opts.checkpointEverySteps }),
+      ...(run.resumedCalls && { resumeFrom: this.resumeFrom(task) }),
     });
     let out: { case: "result"; value: Image } | { case: "handover"; value: Handover } | undefined;
     let switched: RefinerResume | undefined;
@@ -872,6 +896,7 @@ export class Scheduler {
         if (msg.kind.case === "progress") this.onProgress(run, msg.kind.value);
         else if (msg.kind.case === "result" || msg.kind.case === "handover") out = msg.kind;
         else if (msg.kind.case === "refinerSwitch") switched = msg.kind.value;
+        else if (msg.kind.case === "checkpoint") this.onCheckpoint(run, msg.kind.value);
         else if (msg.kind.case === "warning" && task.state === "running") this.hooks.onWarning(task, msg.kind.value.message);
       }
       if (switched !== undefined && !out) {
@@ -898,6 +923,30 @@ export class Scheduler {
     } finally {
       this.endRun(run);
     }
+  }
+
+  /**
+   * A checkpoint of an attempt's pass: the calls it adds are appended when they follow the stored ones
+   * and come from the attempt that owns them. Another attempt's (a backup racing the original) are
+   * dropped, so a resume never mixes two attempts' answers.
+   */
+  private onCheckpoint(run: Run, c: PassCheckpoint): void {
+    const task = run.task;
+    if (task.state !== "running") return;
+    const stored = task.checkpoint;
+    if (stored === undefined) {
+      if (c.firstCall !== 0 || c.start.length === 0) return;
+      task.checkpoint = { owner: run.attempt, start: c.start, init: c.init, answers: [...c.answers], uncondAnswers: [...c.uncondAnswers] };
+      return;
+    }
+    if (stored.owner !== run.attempt || c.firstCall !== stored.answers.length) return;
+    stored.answers.push(...c.answers);
+    stored.uncondAnswers.push(...c.uncondAnswers);
+  }
+
+  private resumeFrom(task: Task): PassCheckpoint {
+    const c = task.checkpoint!;
+    return create(PassCheckpointSchema, { start: c.start, init: c.init, answers: c.answers, uncondAnswers: c.uncondAnswers });
   }
 
   private stopOnAgent(run: Run, reason: string): void {
@@ -943,6 +992,8 @@ export class Scheduler {
     }
     task.state = "done";
     this.leaveRunning(task);
+    // The job keeps its tasks while it is in memory; their checkpoints are of no use any more.
+    task.checkpoint = undefined;
     this.tasks.delete(task.id);
     for (const other of task.runs) {
       if (other !== run) other.abort.abort(new AttemptAborted(grpc.status.CANCELLED, `task ${task.id} finished on ${agent.id}`, false));
@@ -987,7 +1038,7 @@ export class Scheduler {
     const steps = run.task.steps;
     // Stages without sampling steps (upscale, assemble) say nothing about seconds per model call, nor
     // does a run that carried on from a refiner switch (its first steps were made elsewhere).
-    if (steps === 0 || run.task.refinerResume !== undefined) return;
+    if (steps === 0 || run.task.refinerResume !== undefined || run.resumedCalls) return;
     const calls = callsPerStep(run.task);
     if (run.firstProgressAt !== undefined && steps > 1) {
       const perStep = (end - run.firstProgressAt) / (steps - 1) / 1000;
@@ -1037,6 +1088,7 @@ export class Scheduler {
     }
     task.state = "failed";
     this.leaveRunning(task);
+    task.checkpoint = undefined;
     this.tasks.delete(task.id);
     this.hooks.onFailed(task, err);
   }
@@ -1076,6 +1128,7 @@ export class Scheduler {
         this.leaveRunning(t);
         for (const r of t.runs) r.abort.abort(new AttemptAborted(grpc.status.CANCELLED, message, false));
       } else continue;
+      t.checkpoint = undefined;
       this.tasks.delete(t.id);
     }
     this.updateGauges();

@@ -63,6 +63,12 @@ export const COORDINATOR_METRICS = {
     help: "Tasks whose pass reached its refiner switch on an agent without the refiner, placed again where the refiner is.",
     labels: [],
   },
+  checkpointResumes: {
+    name: "latentfarm_checkpoint_resumes_total",
+    kind: "counter",
+    help: "Task attempts that resumed from an earlier attempt's checkpoint instead of sampling from the start.",
+    labels: [],
+  },
   taskRetries: {
     name: "latentfarm_task_retries_total",
     kind: "counter",

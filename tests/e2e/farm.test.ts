@@ -92,7 +92,8 @@ async function expectStatus(p: Promise<unknown>, code: grpc.status, field?: stri
 describe("farm end to end (nats-server, coordinator and two agents as processes)", { skip, concurrency: false, timeout: 300_000 }, () => {
   let farm: TestFarm;
   before(async () => {
-    farm = await startTestFarm({ agents: 2, slots: 2 });
+    // Checkpoints every 2 steps: they change no image, and a retry resumes from them.
+    farm = await startTestFarm({ agents: 2, slots: 2, coordinatorArgs: ["--checkpoint-every", "2"] });
   });
   after(async () => {
     await farm?.close();
@@ -812,25 +813,28 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     await expectStatus(farm.client.cancel({ jobId }), grpc.status.FAILED_PRECONDITION, "job_id");
   });
 
-  test("killing an agent mid-task re-runs its task on the other agent and the job completes", async () => {
-    const { jobId } = await farm.client.submit({
-      params: {
-        prompt: "resilient",
-        model: "tiny-sd15",
-        width: 64,
-        height: 64,
-        steps: 60,
-        samplerName: "Euler a",
-        seed: 77n,
-        batchSize: 2,
-      },
-    });
+  test("killing an agent mid-task resumes its task on the other agent from its last checkpoint: the image of an uninterrupted run", async () => {
+    const params = {
+      prompt: "resilient",
+      model: "tiny-sd15",
+      width: 64,
+      height: 64,
+      steps: 60,
+      samplerName: "Euler a",
+      seed: 77n,
+      batchSize: 2,
+    };
+    const metric = async (series: string) =>
+      Number(new RegExp(`^${series} ([0-9.e+-]+)$`, "m").exec(await fetch(farm.coordinatorMetricsUrl).then((r) => r.text()))?.[1] ?? 0);
+    const resumesBefore = await metric("latentfarm_checkpoint_resumes_total");
+    const { jobId } = await farm.client.submit({ params });
     const events: JobEvent[] = [];
     let killed = "";
     for await (const { event } of farm.client.watch({ jobId })) {
       if (!event) continue;
       events.push(event);
-      if (!killed && event.event.case === "step" && event.event.value.step >= 3) {
+      // Step 5: the checkpoint of steps 1–2 went out two steps before, on the same stream as the steps.
+      if (!killed && event.event.case === "step" && event.event.value.step >= 5) {
         const placed = events.filter((e) => e.event.case === "placed").map((e) => e.event.value as { agentId: string; imageIndex: number });
         const victim = placed.find((p) => p.imageIndex === (event.event.value as { imageIndex: number }).imageIndex)!.agentId;
         killed = victim;
@@ -850,6 +854,14 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       images.every((i) => i.agentId !== killed),
       "the killed agent produced no image",
     );
+    // The retry replayed the lost attempt's checkpointed steps, and the images are those of a job no one interrupted.
+    assert.ok((await metric("latentfarm_checkpoint_resumes_total")) > resumesBefore, "a retry resumed from a checkpoint");
+    const again = (await collect(farm, (await farm.client.submit({ params })).jobId))
+      .filter((e) => e.event.case === "image")
+      .map((e) => (e.event.value as { image: { index: number; png: Uint8Array } }).image);
+    const byIndex = (list: Array<{ index: number; png: Uint8Array }>) =>
+      [...list].sort((a, b) => a.index - b.index).map((i) => Buffer.from(i.png).toString("base64"));
+    assert.deepEqual(byIndex(images as unknown as Array<{ index: number; png: Uint8Array }>), byIndex(again));
   });
 });
 

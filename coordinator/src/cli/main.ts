@@ -32,12 +32,13 @@ const USAGE = `latentfarm — a distributed Stable Diffusion render farm
 
 Usage:
   latentfarm up [--models DIR] [--nats URL] [--port N] [--agents N] [--ep cpu|cuda|webgpu] [--metrics-port N]
-                [--loras DIR] [--embeddings DIR] [--vae-dir DIR] [--styles-file F]... [hires tiling]
+                [--loras DIR] [--embeddings DIR] [--vae-dir DIR] [--styles-file F]... [--checkpoint-every N] [hires tiling]
   latentfarm demo [--models DIR] [--out DIR]           start a one-machine farm, render one image, stop
   latentfarm coordinator [--port N] [--host ADDR] [--nats URL] [--metrics-port N] [--default-model NAME]
                    [--agent-timeout-ms N] [--tls-cert F --tls-key F --tls-ca F] [--api-tokens-file F] [--health-port N]
                    [--max-attempts N] [--replicas N] [--image-ttl-hours H] [--job-retention-hours H] [--store-prefix P]
                    [--tenants-file F] [--drain-seconds N] [--no-speculate] [--memory-only] [--max-finished-in-memory N]
+                   [--checkpoint-every N] (a retry resumes a task's sampling from its last checkpoint, taken every N steps)
                    [--styles-file F]... (A1111 styles.csv: name, prompt, negative_prompt)
                    [hires tiling]
   latentfarm agent --models DIR [--port N] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N] [--slots N]
@@ -82,6 +83,13 @@ Hires tiling (coordinator, up): a Hires.fix second pass of more pixels than --hi
 (WxH or a count; default 1536x1536) runs as overlapping tiles on several agents, blended without
 seams: --hires-tile-size PX (default 512, a multiple of 64) --hires-tile-overlap PX (default 64).
 `;
+
+/** `--checkpoint-every N`: a whole number of steps, 0 for none. */
+function checkpointEvery(x: string): number {
+  const n = Number(x);
+  if (!Number.isSafeInteger(n) || n < 0) throw new UsageError(`--checkpoint-every must be a whole number of steps (0: none), got "${x}"`);
+  return n;
+}
 
 const TILING_OPTIONS = {
   "hires-tile-above": { type: "string" },
@@ -535,6 +543,7 @@ async function runCoordinator(argv: string[]): Promise<number> {
       "drain-seconds": { type: "string", default: "30" },
       "max-finished-in-memory": { type: "string" },
       "styles-file": { type: "string", multiple: true },
+      "checkpoint-every": { type: "string", default: "0" },
       ...TILING_OPTIONS,
     },
   });
@@ -560,6 +569,7 @@ async function runCoordinator(argv: string[]): Promise<number> {
           prefix: v["store-prefix"],
         },
     speculate: !v["no-speculate"],
+    checkpointEverySteps: checkpointEvery(v["checkpoint-every"]),
     hires: tilingFromFlags(v),
     ...(v["tenants-file"] ? { tenants: JSON.parse(readFileSync(v["tenants-file"], "utf8")) as CoordinatorConfig["tenants"] } : {}),
     ...(v["max-finished-in-memory"] ? { maxFinishedInMemory: num("max-finished-in-memory", v["max-finished-in-memory"])! } : {}),
@@ -626,6 +636,8 @@ export async function startFarm(opts: {
   vaeDir?: string;
   /** The coordinator's A1111 styles files. */
   stylesFiles?: readonly string[];
+  /** Checkpoints of each task's sampling pass every this many steps (0: none). */
+  checkpointEverySteps?: number;
   onLog?: (line: string) => void;
 }): Promise<Farm> {
   let nats: NatsServerHandle | undefined;
@@ -637,6 +649,7 @@ export async function startFarm(opts: {
     ...(opts.metricsPort !== undefined ? { metricsPort: opts.metricsPort } : {}),
     ...(opts.hires ? { hires: opts.hires } : {}),
     ...(opts.stylesFiles ? { stylesFiles: opts.stylesFiles.map((f) => resolve(f)) } : {}),
+    ...(opts.checkpointEverySteps ? { checkpointEverySteps: opts.checkpointEverySteps } : {}),
     logger,
   });
   await coordinator.start();
@@ -708,6 +721,7 @@ const UP_OPTIONS = {
   embeddings: { type: "string" },
   "vae-dir": { type: "string" },
   "styles-file": { type: "string", multiple: true },
+  "checkpoint-every": { type: "string", default: "0" },
   ...TILING_OPTIONS,
 } as const satisfies ParseArgsConfig["options"];
 
@@ -726,6 +740,7 @@ async function up(argv: string[]): Promise<number> {
     ...(v.embeddings !== undefined && { embeddings: v.embeddings }),
     ...(v["vae-dir"] !== undefined && { vaeDir: v["vae-dir"] }),
     ...(v["styles-file"] !== undefined && { stylesFiles: v["styles-file"] }),
+    checkpointEverySteps: checkpointEvery(v["checkpoint-every"]),
   });
   io.out(`farm up: coordinator ${farm.coordinatorAddress}, ${farm.agents.length} agent(s); Ctrl-C stops it\n`);
   await untilSignal();
