@@ -23,7 +23,7 @@ function newRun(graceMs: number, expired: TaskRun[] = []): TaskRun {
   return new TaskRun({ taskId: "t", attempt: 1, orphanGraceMs: graceMs, onExpired: (r) => expired.push(r) });
 }
 
-test("a caller that re-attaches after its stream broke gets the latest step, the rest live, then the result", async () => {
+test("a caller that re-attaches after its stream broke gets the warnings and checkpoints, the latest step, the rest live, then the result", async () => {
   const run = newRun(10_000);
   const first = new AbortController();
   const a = run.attach(first.signal, 1);
@@ -35,6 +35,8 @@ test("a caller that re-attaches after its stream broke gets the latest step, the
   );
   first.abort();
   run.progress(step(2));
+  // Checkpoints add up: a coordinator that re-attaches needs every one, from the first.
+  run.checkpoint({ kind: { case: "checkpoint", value: { firstCall: 0, answers: [new Uint8Array(4), new Uint8Array(4)] } } });
   run.progress(step(3));
   assert.equal(run.abort.signal.aborted, false, "the render goes on with nobody attached");
   const b = collect(run.attach(new AbortController().signal, 1));
@@ -43,7 +45,7 @@ test("a caller that re-attaches after its stream broke gets the latest step, the
   const got = await b;
   assert.deepEqual(
     got.map((m) => (m.kind?.case === "progress" ? m.kind.value?.step : m.kind?.case)),
-    ["warning", 3, 4, "result"],
+    ["warning", "checkpoint", 3, 4, "result"],
   );
   run.dispose();
 });
