@@ -38,6 +38,7 @@ import {
   type Logger,
   type TlsFiles,
   type TokenAuth,
+  EXTRAS_MODEL,
 } from "@latentfarm/shared";
 import { AgentRegistry, type AgentState } from "./agent-registry.js";
 import { StyleLibrary } from "./styles.js";
@@ -45,7 +46,7 @@ import { modelsFromInfotext } from "./infotext-models.js";
 import { DEFAULT_DURABLE_CONFIG, DurableStore, type DurableStoreConfig } from "./durable-store.js";
 import { DEFAULT_TENANT_POLICY, type TenantPolicy } from "./fair-queue.js";
 import { Job, JobStore, type JobSpec } from "./job-store.js";
-import { Scheduler, type Task } from "./scheduler.js";
+import { Scheduler, offersModel, type Task } from "./scheduler.js";
 import {
   DEFAULT_HIRES_TILING,
   HiresImage,
@@ -772,7 +773,7 @@ export class Coordinator {
     let measured = false;
     let fastest = Infinity;
     for (const a of this.registry.list()) {
-      if (a.info.draining || !a.available.has(key.model)) continue;
+      if (a.info.draining || !offersModel(a, key.model)) continue;
       const e = this.speed.taskSeconds(a.id, key, modelCalls, a.info.loadedModels.includes(key.model));
       measured ||= e.measured;
       rate += a.info.slots / Math.max(1e-6, e.seconds);
@@ -819,7 +820,7 @@ export class Coordinator {
     });
     if (agents.length === 0) throw new FarmError(grpc.status.UNAVAILABLE, "no agents are connected to the farm");
     modelsFromInfotext(v, agents);
-    if (!agents.some((a) => a.available.has(v.params.model))) {
+    if (v.params.model !== EXTRAS_MODEL && !agents.some((a) => a.available.has(v.params.model))) {
       const known = [...new Set(agents.flatMap((a) => [...a.available]))].sort();
       const fromInfotext =
         asked.model === "" && asked.infotext !== "" ? "; it comes from the infotext: name a model to render with another" : "";

@@ -18,6 +18,7 @@ import {
   type Logger,
   type MetricSet,
   type StepProgress,
+  EXTRAS_MODEL,
 } from "@latentfarm/shared";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { AgentRegistry, AgentState } from "./agent-registry.js";
@@ -94,6 +95,11 @@ function refinerToSwitchTo(task: Task): string | undefined {
   if (task.refinerResume !== undefined) return undefined;
   const refiner = refinerCheckpoint(task.job.spec.params);
   return refiner !== undefined && samplesWithRefiner(task) ? refiner : undefined;
+}
+
+/** Whether an agent can run a task of `model`: it offers the model, or the task is an Extras one (no model). */
+export function offersModel(a: AgentState, model: string): boolean {
+  return model === EXTRAS_MODEL || a.available.has(model);
 }
 
 /** An agent that would switch to the refiner itself, and has its pipeline to load for that. */
@@ -489,6 +495,8 @@ export class Scheduler {
         }
       }
     }
+    // Every agent can take an Extras task: it needs no model.
+    if (model === EXTRAS_MODEL) return this.registry.list();
     return this.byModel.get(model) ?? [];
   }
 
@@ -798,7 +806,7 @@ export class Scheduler {
           c.task.runs.length !== 1 ||
           c.run.agent === a ||
           c.task.failedOn.has(a.id) ||
-          !a.available.has(c.task.key.model) ||
+          !offersModel(a, c.task.key.model) ||
           !offersVae(a, c.task)
         )
           continue;

@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { FarmError, GenerationParamsSchema, type InpaintingFill } from "@latentfarm/shared";
+import { EXTRAS_MODEL, FarmError, GenerationParamsSchema, type InpaintingFill } from "@latentfarm/shared";
 import { validateJob } from "./validate.js";
 
 type Params = MessageInitShape<typeof GenerationParamsSchema>;
@@ -135,4 +135,18 @@ test("validation fills a copy: the request keeps what it asked (the infotext, st
   const v = validateJob(asked);
   assert.deepEqual([v.params.prompt, v.params.steps, v.params.refinerCheckpoint], ["a cat", 3, "r"]);
   assert.deepEqual([asked.prompt, asked.steps, asked.refinerCheckpoint, asked.width], ["", undefined, "", undefined]);
+});
+
+test("an Extras job: one image per init image, no model; its settings checked, and images needed", () => {
+  const ok = validateJob(job({ model: "", initImages: [init, init], extras: { upscaler1: "R-ESRGAN 4x+", upscalingResize: 4 } }));
+  assert.equal(ok.imageCount, 2);
+  assert.equal(ok.params.model, EXTRAS_MODEL);
+  // The generation fields an Extras job does not read are not checked either.
+  validateJob(job({ initImages: [init], extras: {}, steps: 0, width: 3 }));
+  rejects({ extras: {} }, "INVALID_ARGUMENT", "init_images");
+  rejects({ initImages: [init], extras: { resizeMode: 3 } }, "INVALID_ARGUMENT", "extras.resize_mode");
+  rejects({ initImages: [init], extras: { upscalingResize: 0 } }, "INVALID_ARGUMENT", "extras.upscaling_resize");
+  rejects({ initImages: [init], extras: { resizeMode: 1, upscalingResizeW: 0 } }, "INVALID_ARGUMENT", "extras.upscaling_resize_w");
+  rejects({ initImages: [init], extras: { codeformerWeight: -0.1 } }, "INVALID_ARGUMENT", "extras.codeformer_weight");
+  rejects({ initImages: [init], extras: { upscaler2: "a/b" } }, "INVALID_ARGUMENT", "extras.upscaler_2");
 });

@@ -1,6 +1,8 @@
 import { create } from "@bufbuild/protobuf";
 import {
+  EXTRAS_MODEL,
   FarmError,
+  checkExtras,
   hiresCheckpoint,
   refinerCheckpoint,
   checkRefinerSwitchAt,
@@ -83,6 +85,14 @@ export function validateJob(
   // A copy: the infotext, the styles and the defaults fill it in, and the caller's request stays as it asked.
   // (structuredClone, not protobuf's clone, which would refuse the malformed values checked below.)
   const p = create(GenerationParamsSchema, structuredClone(input));
+  if (p.extras !== undefined) {
+    // An Extras job (A1111's Extras tab) reads its init_images and its extras settings alone.
+    checkExtras(p);
+    const imageCount = p.initImages.length;
+    if (imageCount > L.maxImagesPerJob) throw FarmError.invalid("init_images", `${imageCount} images exceed ${L.maxImagesPerJob} a job`);
+    p.model = EXTRAS_MODEL;
+    return { params: p, sampler: resolveSampler("", ""), imageCount, warnings: [], checkpointHashes: {} };
+  }
   if (p.infotext.length > L.maxPromptChars * 3) throw FarmError.invalid("infotext", `is longer than ${L.maxPromptChars * 3} characters`);
   // First, so that the fields it fills are checked like the request's own.
   const { notReproduced, checkpointHashes } = applyInfotext(p);

@@ -28,6 +28,7 @@ import {
   type Logger,
   type TlsFiles,
   type RunTaskRequest,
+  EXTRAS_MODEL,
 } from "@latentfarm/shared";
 import { DEFAULT_ORPHAN_GRACE_MS, TaskRun, type RunTaskMessage } from "./task-run.js";
 import { ModelCatalog } from "./models/catalog.js";
@@ -36,12 +37,12 @@ import { VaeList } from "./models/vae-files.js";
 import { CheckpointHashes } from "./models/checkpoint-hashes.js";
 import { ModelFamilies } from "./models/model-families.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
-import { parsePipelineKey, passKeysWith } from "./models/model-loader.js";
+import { EXTRAS_PIPELINE_KEY, parsePipelineKey, passKeysWith } from "./models/model-loader.js";
 import { runTaskPasses, type RunOnPipeline } from "./task-passes.js";
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
 import { PipelineHost } from "./pipeline-host/pipeline-host.js";
-import { DEFAULT_RESOURCES } from "./pipeline/render-common.js";
+import { DEFAULT_RESOURCES, type RenderContext } from "./pipeline/render-common.js";
 import type { ExecutionProvider } from "./runtime/protocol.js";
 
 export interface AgentConfig {
@@ -247,7 +248,7 @@ export class Agent {
       executionProvider: this.cfg.ep.name,
       slots: this.slots,
       busySlots: this.active,
-      loadedModels: [...new Set(this.cache.names.map((k) => parsePipelineKey(k).model))],
+      loadedModels: [...new Set(this.cache.names.map((k) => parsePipelineKey(k).model))].filter((m) => m !== EXTRAS_MODEL),
       lastHeartbeatUnixMs: BigInt(Date.now()),
       draining: this.draining,
     });
@@ -371,42 +372,47 @@ export class Agent {
           if (loaded.value.failed) this.cache.discard(key, loaded.value);
         }
       };
-      const output = await runTaskPasses(
-        req,
-        {
-          signal,
-          agentId: this.id,
-          onStep: (step, total, previewPng) => {
-            const progress = {
-              taskId: req.taskId,
-              imageIndex: req.imageIndex,
-              step,
-              totalSteps: total,
-              ...(previewPng !== undefined && { previewPng }),
-            };
-            run.progress({ kind: { case: "progress", value: progress } });
-            this.nc?.publish(
-              subjects.taskProgress(req.taskId),
-              toBinary(
-                TaskProgressSchema,
-                create(TaskProgressSchema, { taskId: req.taskId, jobId: req.jobId, agentId: this.id, step: progress }),
-              ),
-            );
-          },
-          onWarning: (message) => run.warning({ kind: { case: "warning", value: { message } } }),
-          onCheckpoint: (checkpoint) => run.checkpoint({ kind: { case: "checkpoint", value: checkpoint } }),
-          resources: {
-            maxInputPixels: this.cfg.maxInputPixels ?? DEFAULT_RESOURCES.maxInputPixels,
-            maxInputBytes: this.cfg.maxInputBytes ?? DEFAULT_RESOURCES.maxInputBytes,
-            ...(this.cfg.upscalersDir ? { upscalersDir: this.cfg.upscalersDir } : {}),
-            ...(this.cfg.faceModelsDir ? { faceModelsDir: this.cfg.faceModelsDir } : {}),
-          },
+      const ctx: RenderContext = {
+        signal,
+        agentId: this.id,
+        onStep: (step, total, previewPng) => {
+          const progress = {
+            taskId: req.taskId,
+            imageIndex: req.imageIndex,
+            step,
+            totalSteps: total,
+            ...(previewPng !== undefined && { previewPng }),
+          };
+          run.progress({ kind: { case: "progress", value: progress } });
+          this.nc?.publish(
+            subjects.taskProgress(req.taskId),
+            toBinary(
+              TaskProgressSchema,
+              create(TaskProgressSchema, { taskId: req.taskId, jobId: req.jobId, agentId: this.id, step: progress }),
+            ),
+          );
         },
-        runOn,
-        passKeysWith(this.vaes),
-        async (name) => (await this.catalog.list()).some((e) => e.name === name),
-        (where) => this.m.metrics.refinerSwitches.inc({ outcome: where }),
-      );
+        onWarning: (message) => run.warning({ kind: { case: "warning", value: { message } } }),
+        onCheckpoint: (checkpoint) => run.checkpoint({ kind: { case: "checkpoint", value: checkpoint } }),
+        resources: {
+          maxInputPixels: this.cfg.maxInputPixels ?? DEFAULT_RESOURCES.maxInputPixels,
+          maxInputBytes: this.cfg.maxInputBytes ?? DEFAULT_RESOURCES.maxInputBytes,
+          ...(this.cfg.upscalersDir ? { upscalersDir: this.cfg.upscalersDir } : {}),
+          ...(this.cfg.faceModelsDir ? { faceModelsDir: this.cfg.faceModelsDir } : {}),
+        },
+      };
+      // An Extras task runs on the Extras host, which loads no Stable Diffusion model.
+      const output =
+        req.params?.extras !== undefined
+          ? await runOn(EXTRAS_PIPELINE_KEY, req, ctx)
+          : await runTaskPasses(
+              req,
+              ctx,
+              runOn,
+              passKeysWith(this.vaes),
+              async (name) => (await this.catalog.list()).some((e) => e.name === name),
+              (where) => this.m.metrics.refinerSwitches.inc({ outcome: where }),
+            );
       outcome = "succeeded";
       run.finish({ output });
     } catch (err) {

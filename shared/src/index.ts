@@ -16,4 +16,5 @@ export * from "./hires-size.js";
 export * from "./handover.js";
 export * from "./hires-passes.js";
 export * from "./sampling-work.js";
+export * from "./extras.js";
 export * from "./refiner.js";

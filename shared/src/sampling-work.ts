@@ -54,8 +54,12 @@ export function passWork(steps: number, samplerName: string): SamplingWork {
  * Hires.fix image is planned as stages, each a pass of its own (passWork).
  */
 export function imageWork(
-  p: Pick<GenerationParams, "steps" | "samplerName" | "initImages" | "denoisingStrength" | "overrideSettings">,
+  p: Pick<GenerationParams, "steps" | "samplerName" | "initImages" | "denoisingStrength" | "overrideSettings"> & {
+    extras?: GenerationParams["extras"];
+  },
 ): SamplingWork {
+  // An Extras image samples nothing: its work is one model's pass over it, about a model call's worth.
+  if (p.extras !== undefined) return { steps: 0, modelCalls: 1 };
   const steps = p.steps ?? 50;
   if (p.initImages.length === 0) return passWork(steps, p.samplerName);
   const plan = img2imgStepPlan(steps, p.denoisingStrength ?? DEFAULT_DENOISING_STRENGTH, p.overrideSettings?.img2imgFixSteps ?? false);

@@ -351,6 +351,37 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       assert.equal(again.status, 0, again.stderr);
       const [apng] = readdirSync(join(dir, "again"));
       assert.deepEqual(readFileSync(join(dir, "again", apng!)), readFileSync(join(dir, "tuned", tpng!)));
+      // A1111's Extras tab as a job: the rendered PNG upscaled by 2 (Lanczos) on an agent, its parameters kept.
+      const extrasCli = (...args: string[]) =>
+        spawnSync(
+          process.execPath,
+          [join(REPO, "bin", "latentfarm.js"), "extras", ...args, "--coordinator", farm.coordinatorAddress, "--quiet"],
+          {
+            encoding: "utf8",
+            timeout: 120_000,
+          },
+        );
+      const up = extrasCli(
+        "--image",
+        join(dir, "tuned", tpng!),
+        "--upscaler-1",
+        "Lanczos",
+        "--upscaling-resize",
+        "2",
+        "--out",
+        join(dir, "extras"),
+      );
+      assert.equal(up.status, 0, up.stderr);
+      const [epng] = readdirSync(join(dir, "extras"));
+      assert.match(epng!, /^\d{5}\.png$/);
+      const upMeta = await sharp(join(dir, "extras", epng!)).metadata();
+      assert.deepEqual([upMeta.width, upMeta.height], [128, 128]);
+      const upText = Object.fromEntries((upMeta.comments ?? []).map((c) => [c.keyword, c.text]));
+      assert.equal(upText["parameters"], tunedText);
+      assert.equal(upText["postprocessing"], "Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos");
+      const noImage = extrasCli("--upscaler-1", "Lanczos", "--out", join(dir, "bad"));
+      assert.equal(noImage.status, 2);
+      assert.match(noImage.stderr, /--image/);
       const noText = cli("txt2img", "--infotext-from", join(dir, "init.png"), "--out", join(dir, "bad"));
       assert.equal(noText.status, 2);
       assert.match(noText.stderr, /has no "parameters" text/);

@@ -1,7 +1,7 @@
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { existsSync, readFileSync } from "node:fs";
 import * as grpc from "@grpc/grpc-js";
-import { fromJson, type JsonValue } from "@bufbuild/protobuf";
+import { fromJson, type JsonValue, type MessageInitShape } from "@bufbuild/protobuf";
 import { mkdir, readFile, readdir, rename, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
@@ -20,6 +20,7 @@ import {
   tlsFromFlags,
   type LogLevel,
   type OverrideSettings,
+  type GenerationParamsSchema,
 } from "@latentfarm/shared";
 import { Coordinator, type CoordinatorConfig } from "../coordinator.js";
 import { parsePixelCount, type HiresTiling } from "../hires-stages.js";
@@ -45,6 +46,9 @@ Usage:
                    [--metrics-port N] [--health-port N] [--advertise-address HOST:PORT] [--id ID]
                    [--threads N] [--heartbeat-ms N] [--drain-seconds N] [--orphan-grace-seconds N] [--tls-cert F --tls-key F --tls-ca F]
   latentfarm txt2img --coordinator HOST:PORT --prompt TEXT --out DIR [generation options]
+  latentfarm extras  --coordinator HOST:PORT --image FILE... --out DIR [--upscaler-1 NAME] [--upscaling-resize F |
+                     --upscaling-resize-w W --upscaling-resize-h H [--no-upscaling-crop]] [--upscaler-2 NAME
+                     --extras-upscaler-2-visibility F] [--gfpgan-visibility F] [--codeformer-visibility F --codeformer-weight F]
   latentfarm agents  --coordinator HOST:PORT [--json]
   latentfarm models  --coordinator HOST:PORT [--json]
   latentfarm samplers   --coordinator HOST:PORT [--json]   (A1111 sampler names, aliases, options)
@@ -349,6 +353,29 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
     loras: (v.lora ?? []).map(loraOf),
     styles: v.style ?? [],
   };
+  return submitAndWrite(params, v, o, (n, img) => `${String(n).padStart(5, "0")}-${img.seed}.png`);
+}
+
+/** What submitAndWrite reads of a command's flags. */
+interface JobFlags {
+  coordinator: string;
+  out: string;
+  quiet?: boolean | undefined;
+  json?: boolean | undefined;
+  token?: string | undefined;
+  "tls-ca"?: string | undefined;
+}
+
+/**
+ * Submits a job, follows it with a progress line, and writes each image into the output folder under
+ * `fileName` (numbered on from the folder's last image, as A1111 numbers); 0 only when every image came.
+ */
+async function submitAndWrite(
+  params: MessageInitShape<typeof GenerationParamsSchema>,
+  v: JobFlags,
+  o: Out,
+  fileName: (n: number, img: { seed: bigint }) => string,
+): Promise<number> {
   const { client, metadata } = renderClient(v.coordinator, v);
   const ac = new AbortController();
   const onSigint = (): void => ac.abort();
@@ -379,7 +406,7 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
         }
       } else if (e.case === "image" && e.value.image) {
         const img = e.value.image;
-        const path = join(dir, `${String(n++).padStart(5, "0")}-${img.seed}.png`);
+        const path = join(dir, fileName(n++, img));
         await writeFile(path, img.png);
         paths.push(path);
         written++;
@@ -414,6 +441,54 @@ export async function txt2img(argv: string[], o: Out = io): Promise<number> {
     process.off("SIGINT", onSigint);
     client.close();
   }
+}
+
+const EXTRAS_OPTIONS = {
+  coordinator: { type: "string", default: "127.0.0.1:50051" },
+  out: { type: "string", default: "outputs" },
+  image: { type: "string", multiple: true },
+  "upscaler-1": { type: "string", default: "None" },
+  "upscaler-2": { type: "string", default: "None" },
+  "extras-upscaler-2-visibility": { type: "string" },
+  "upscaling-resize": { type: "string" },
+  "upscaling-resize-w": { type: "string" },
+  "upscaling-resize-h": { type: "string" },
+  "no-upscaling-crop": { type: "boolean", default: false },
+  "gfpgan-visibility": { type: "string" },
+  "codeformer-visibility": { type: "string" },
+  "codeformer-weight": { type: "string" },
+  json: { type: "boolean", default: false },
+  quiet: { type: "boolean", default: false },
+  token: { type: "string", default: process.env["LATENTFARM_TOKEN"] },
+  "tls-ca": { type: "string" },
+} as const satisfies ParseArgsConfig["options"];
+
+/**
+ * `latentfarm extras`: A1111's Extras tab over the farm. Scale to a size when --upscaling-resize-w or -h
+ * is given, else by --upscaling-resize; each --image is one image of the job, written as NNNNN.png.
+ */
+export async function extras(argv: string[], o: Out = io): Promise<number> {
+  const { values: v } = parseArgs({ args: argv, options: EXTRAS_OPTIONS, allowPositionals: false });
+  const images = v.image ?? [];
+  if (images.length === 0) throw new UsageError("extras needs at least one --image FILE");
+  const to = v["upscaling-resize-w"] !== undefined || v["upscaling-resize-h"] !== undefined;
+  const params = {
+    initImages: await Promise.all(images.map((f) => readFile(f))),
+    extras: {
+      resizeMode: to ? 1 : 0,
+      upscalingResize: num("upscaling-resize", v["upscaling-resize"]),
+      upscalingResizeW: num("upscaling-resize-w", v["upscaling-resize-w"]),
+      upscalingResizeH: num("upscaling-resize-h", v["upscaling-resize-h"]),
+      upscalingCrop: !v["no-upscaling-crop"],
+      upscaler1: v["upscaler-1"],
+      upscaler2: v["upscaler-2"],
+      extrasUpscaler2Visibility: num("extras-upscaler-2-visibility", v["extras-upscaler-2-visibility"]) ?? 0,
+      gfpganVisibility: num("gfpgan-visibility", v["gfpgan-visibility"]) ?? 0,
+      codeformerVisibility: num("codeformer-visibility", v["codeformer-visibility"]) ?? 0,
+      codeformerWeight: num("codeformer-weight", v["codeformer-weight"]) ?? 0,
+    },
+  };
+  return submitAndWrite(params, v, o, (n) => `${String(n).padStart(5, "0")}.png`);
 }
 
 async function listCommand(
@@ -826,6 +901,8 @@ export async function main(argv: string[]): Promise<number> {
       case "txt2img":
       case "img2img":
         return await txt2img(rest);
+      case "extras":
+        return await extras(rest);
       case "agents":
       case "models":
       case "samplers":

@@ -46,6 +46,7 @@ export {
   composeOnCanvas,
   sharpOperations,
   planPixelUpscale,
+  planUpscaleBy,
   resizeModeName,
   RESIZE_MODES,
   type ResizeModeName,

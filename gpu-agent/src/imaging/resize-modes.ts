@@ -230,51 +230,65 @@ export function sharpOperations(plan: Img2imgResizePlan): SharpOperation[] {
 export type UpscaleStep = { op: "model"; from: Size; to: Size } | { op: "resize"; kernel: "lanczos3" | "nearest"; from: Size; to: Size };
 
 /**
+ * A1111's `Upscaler.upscale(img, scale)`: up to 3 passes of the upscaler until the image covers
+ * dest = (w·scale)//8·8 (or stops growing), then a Lanczos resize to dest. `modelScale` is the factor one
+ * pass multiplies by (4 for R-ESRGAN 4x+); "Lanczos" and "Nearest" upscale by `scale` itself in one pass.
+ * (At a scale of exactly 1 A1111 would pass a model over the image three times; one pass is made here.)
+ */
+export function planUpscaleBy(
+  source: Size,
+  scale: number,
+  upscaler: { name: string; modelScale?: number },
+): { steps: UpscaleStep[]; size: Size } {
+  const steps: UpscaleStep[] = [];
+  const { name } = upscaler;
+  const dest = {
+    width: Math.trunc(Math.floor((source.width * scale) / 8) * 8),
+    height: Math.trunc(Math.floor((source.height * scale) / 8) * 8),
+  };
+  let cur: Size = source;
+  for (let i = 0; i < 3; i++) {
+    if (cur.width >= dest.width && cur.height >= dest.height && (i > 0 || scale !== 1)) break;
+    let next: Size;
+    if (name === "Lanczos" || name === "Nearest") {
+      next = { width: Math.trunc(cur.width * scale), height: Math.trunc(cur.height * scale) };
+      steps.push({ op: "resize", kernel: name === "Lanczos" ? "lanczos3" : "nearest", from: cur, to: next });
+    } else {
+      const s = upscaler.modelScale;
+      if (s === undefined || !Number.isInteger(s) || s < 1) throw new RangeError(`upscaler "${name}" needs its integer model scale`);
+      next = { width: cur.width * s, height: cur.height * s };
+      steps.push({ op: "model", from: cur, to: next });
+    }
+    if (next.width === cur.width && next.height === cur.height) break;
+    cur = next;
+  }
+  if (cur.width !== dest.width || cur.height !== dest.height) steps.push({ op: "resize", kernel: "lanczos3", from: cur, to: dest });
+  return { steps, size: dest };
+}
+
+/**
  * `images.resize_image(0, …, upscaler_name)` for one image: plain Lanczos when no upscaler or no growth,
- * otherwise `Upscaler.upscale(img, scale)` — up to 3 passes of the upscaler until the image covers
- * dest = (w·scale)//8·8, a Lanczos resize to dest, and a final Lanczos resize to the exact target.
- * `modelScale` is the factor one pass multiplies by (4 for R-ESRGAN 4x+); "Lanczos" and "Nearest"
- * upscale by `scale` itself in one pass.
+ * otherwise `Upscaler.upscale(img, scale)` (planUpscaleBy) with scale = the larger of the two ratios, and a
+ * final Lanczos resize to the exact target.
  */
 export function planPixelUpscale(
   source: Size,
   target: Size,
   upscaler: { name: string | null | undefined; modelScale?: number },
 ): UpscaleStep[] {
-  const steps: UpscaleStep[] = [];
   const name = upscaler.name;
   if (name == null || name === "None") {
-    if (source.width !== target.width || source.height !== target.height) {
-      steps.push({ op: "resize", kernel: "lanczos3", from: source, to: target });
-    }
-    return steps;
+    return source.width !== target.width || source.height !== target.height
+      ? [{ op: "resize", kernel: "lanczos3", from: source, to: target }]
+      : [];
   }
   const scale = Math.max(target.width / source.width, target.height / source.height);
   let cur: Size = source;
+  const steps: UpscaleStep[] = [];
   if (scale > 1) {
-    const dest = {
-      width: Math.trunc(Math.floor((source.width * scale) / 8) * 8),
-      height: Math.trunc(Math.floor((source.height * scale) / 8) * 8),
-    };
-    for (let i = 0; i < 3; i++) {
-      if (cur.width >= dest.width && cur.height >= dest.height && (i > 0 || scale !== 1)) break;
-      let next: Size;
-      if (name === "Lanczos" || name === "Nearest") {
-        next = { width: Math.trunc(cur.width * scale), height: Math.trunc(cur.height * scale) };
-        steps.push({ op: "resize", kernel: name === "Lanczos" ? "lanczos3" : "nearest", from: cur, to: next });
-      } else {
-        const s = upscaler.modelScale;
-        if (s === undefined || !Number.isInteger(s) || s < 1) throw new RangeError(`upscaler "${name}" needs its integer model scale`);
-        next = { width: cur.width * s, height: cur.height * s };
-        steps.push({ op: "model", from: cur, to: next });
-      }
-      if (next.width === cur.width && next.height === cur.height) break;
-      cur = next;
-    }
-    if (cur.width !== dest.width || cur.height !== dest.height) {
-      steps.push({ op: "resize", kernel: "lanczos3", from: cur, to: dest });
-      cur = dest;
-    }
+    const by = planUpscaleBy(source, scale, { name, ...(upscaler.modelScale !== undefined && { modelScale: upscaler.modelScale }) });
+    steps.push(...by.steps);
+    cur = by.size;
   }
   if (cur.width !== target.width || cur.height !== target.height) {
     steps.push({ op: "resize", kernel: "lanczos3", from: cur, to: target });

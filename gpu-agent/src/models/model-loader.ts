@@ -3,6 +3,7 @@ import { readdir, readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import {
+  EXTRAS_MODEL,
   FarmError,
   isHiresTxt2img,
   refinerCheckpoint,
@@ -55,6 +56,9 @@ export function pipelineKey(model: string, loras: readonly LoraUse[], vae?: VaeF
     ...(tiling && { tiling: true as const }),
   } satisfies PipelineKey);
 }
+
+/** The pipeline an Extras task runs on: no model, only auxiliary sessions (see the host thread). */
+export const EXTRAS_PIPELINE_KEY = pipelineKey(EXTRAS_MODEL, []);
 
 /** The LoRAs a prompt's `<lora:…>` tags and the request's `loras` field name, in that order. */
 export function lorasOf(prompt: string, explicit: readonly LoraRef[]): LoraUse[] {

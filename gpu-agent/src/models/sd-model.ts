@@ -6,6 +6,7 @@ import * as grpc from "@grpc/grpc-js";
 import { FarmError, type Logger } from "@latentfarm/shared";
 import { OrtWorker } from "../runtime/ort-runtime.js";
 import { InThreadOrtSessions, type OrtSessions } from "../runtime/ort-sessions.js";
+import { AuxiliarySessions } from "./auxiliary-sessions.js";
 import type { ExecutionProvider, SessionInfo, TensorType, ValueMeta, WireTensor } from "../runtime/protocol.js";
 import {
   f16ToF32,
@@ -274,7 +275,9 @@ export class SdModel {
     private readonly vaeDir: string,
     /** A1111's Tiling: its convolutions pad circularly (the encoder's too, when it loads); with its scratchDir. */
     private readonly circular: { scratchDir: string | undefined } | undefined,
-  ) {}
+  ) {
+    this.auxiliary = new AuxiliarySessions(worker);
+  }
 
   /**
    * An fp16 UNet's converted inputs, kept per input between calls: a fresh 0.5 MB array per call faults
@@ -466,7 +469,7 @@ export class SdModel {
   }
 
   private vaeEncoderInfo: Promise<SessionInfo> | undefined;
-  private readonly extraSessions = new Map<string, Promise<SessionInfo>>();
+  private readonly auxiliary: AuxiliarySessions;
 
   /**
    * image [1,3,height,width] in [-1,1] → the posterior mean [1,C,h,w] (h, w from the encoder's output,
@@ -510,24 +513,17 @@ export class SdModel {
    * once per path, so it runs on the same execution provider without blocking the event loop.
    */
   loadAuxiliary(path: string, signal?: AbortSignal): Promise<SessionInfo> {
-    let info = this.extraSessions.get(path);
-    if (info === undefined) {
-      info = this.worker.load(`aux:${path}`, path, signal);
-      this.extraSessions.set(path, info);
-      info.catch(() => this.extraSessions.delete(path));
-    }
-    return info;
+    return this.auxiliary.loadAuxiliary(path, signal);
   }
 
   /** Runs a session loaded with loadAuxiliary; feeds are transferred like unet()'s. */
-  async runAuxiliary(
+  runAuxiliary(
     path: string,
     feeds: Record<string, WireTensor>,
     outputs: string[],
     signal?: AbortSignal,
   ): Promise<Record<string, WireTensor>> {
-    await this.loadAuxiliary(path, signal);
-    return this.worker.run(`aux:${path}`, feeds, outputs, signal);
+    return this.auxiliary.runAuxiliary(path, feeds, outputs, signal);
   }
 
   close(): Promise<void> {

@@ -2,7 +2,10 @@
 // thread and renders tasks here, so a denoising step goes sampler → UNet → sampler without leaving
 // the thread. The agent's event loop only sends tasks and receives progress and results.
 import { parentPort, workerData } from "node:worker_threads";
-import { TaskStage, type Logger } from "@latentfarm/shared";
+import { EXTRAS_MODEL, TaskStage, type Logger } from "@latentfarm/shared";
+import { AuxiliarySessions } from "../models/auxiliary-sessions.js";
+import { InThreadOrtSessions } from "../runtime/ort-sessions.js";
+import { runExtras } from "../pipeline/extras.js";
 import { ModelCatalog } from "../models/catalog.js";
 import { loadModel, parsePipelineKey, unmergedLoraHashes } from "../models/model-loader.js";
 import { LoadedPipeline } from "../pipeline/loaded-pipeline.js";
@@ -45,11 +48,19 @@ const loading = new AbortController();
 /** Renders in progress: their abort, and their end (settles, never rejects). */
 const running = new Map<number, { abort: AbortController; ended: Promise<void> }>();
 let pipe: LoadedPipeline | undefined;
+/** An Extras host's sessions: it loads no Stable Diffusion model, only the upscalers and face models its tasks name. */
+let extras: AuxiliarySessions | undefined;
 let closing: Promise<void> | undefined;
 
 async function start(): Promise<void> {
   try {
     const key = parsePipelineKey(init.key);
+    if (key.model === EXTRAS_MODEL) {
+      const threads = init.intraOpNumThreads ? { intraOpNumThreads: init.intraOpNumThreads } : {};
+      extras = new AuxiliarySessions(new InThreadOrtSessions({ ep: init.ep, ...threads }));
+      if (!closing) post({ type: "ready", modelHash: undefined, loraHashes: [], warnings: [] });
+      return;
+    }
     const loaded = await loadModel(
       new ModelCatalog(init.modelsDir),
       key,
@@ -90,9 +101,20 @@ function render(m: Extract<ToHost, { op: "run" }>): void {
 
 async function renderOn(m: Extract<ToHost, { op: "run" }>, abort: AbortController): Promise<void> {
   try {
+    const onWarning = (message: string): void => post({ type: "warning", id: m.id, message });
+    if (extras !== undefined) {
+      const image = await runExtras(extras, m.req, {
+        signal: abort.signal,
+        agentId: m.agentId,
+        onStep: () => {},
+        onWarning,
+        ...(m.resources ? { resources: m.resources } : {}),
+      });
+      post({ type: "done", id: m.id, output: { case: "result", value: image } });
+      return;
+    }
     if (!pipe) throw new Error("the pipeline is not loaded");
     const p = pipe;
-    const onWarning = (message: string): void => post({ type: "warning", id: m.id, message });
     // Only the stages that write the infotext look the weight-0 LoRAs up (one warning per image, not per tile).
     const unmerged =
       m.req.params === undefined || !WRITES_INFOTEXT.has(m.req.stage)
@@ -133,6 +155,7 @@ async function close(): Promise<void> {
   for (const r of running.values()) r.abort.abort();
   await Promise.all([...running.values()].map((r) => r.ended));
   await pipe?.close();
+  await extras?.close();
   post({ type: "closed" });
   port.close();
 }

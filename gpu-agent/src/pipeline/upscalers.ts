@@ -12,11 +12,13 @@ import { FarmError } from "@latentfarm/shared";
 import {
   bgrTensorToTile,
   planPixelUpscale,
+  planUpscaleBy,
   tileToBgrTensor,
   upscaleWithModel,
   upscaleWithTensorTiles,
   type Image8,
   type Size,
+  type UpscaleStep,
   type UpscaleTensor,
 } from "../imaging/index.js";
 import type { SdModel } from "../models/sd-model.js";
@@ -184,6 +186,19 @@ export async function upscaleImage(img: Image8, target: Size, upscaler: PixelUps
     name: upscaler.name,
     ...(upscaler.kind === "model" && { modelScale: upscaler.scale }),
   });
+  return runUpscaleSteps(img, steps, upscaler, signal);
+}
+
+/** A1111 `Upscaler.upscale(img, scale)` (the Extras tab's upscale): its passes and a Lanczos resize to (w·scale)//8·8. */
+export async function upscaleBy(img: Image8, scale: number, upscaler: PixelUpscaler, signal: AbortSignal): Promise<Image8> {
+  const { steps } = planUpscaleBy({ width: img.width, height: img.height }, scale, {
+    name: upscaler.name,
+    ...(upscaler.kind === "model" && { modelScale: upscaler.scale }),
+  });
+  return runUpscaleSteps(img, steps, upscaler, signal);
+}
+
+async function runUpscaleSteps(img: Image8, steps: readonly UpscaleStep[], upscaler: PixelUpscaler, signal: AbortSignal): Promise<Image8> {
   let cur = img;
   for (const step of steps) {
     checkAborted(signal);
