@@ -1,6 +1,5 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import sharp from "sharp";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import {
   FarmError,
@@ -11,6 +10,7 @@ import {
   type PassCheckpoint,
   type RunTaskRequest,
 } from "@latentfarm/shared";
+import { rightHalfMask, solidPng } from "../test-support/images.js";
 import { kitSkip } from "../test-support/kit.js";
 import { loadTinyPipeline } from "../test-support/tiny-pipeline.js";
 import type { LoadedPipeline } from "./loaded-pipeline.js";
@@ -117,17 +117,12 @@ describe("checkpoints of a sampling pass, and a retry that resumes from them", {
   });
 
   test("an inpainting pass resumes toward the first attempt's init latent; a checkpoint that does not fit is INVALID_ARGUMENT", async () => {
-    const picture = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 200, g: 90, b: 30 } } })
-      .png()
-      .toBuffer();
-    const mask = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 0, g: 0, b: 0 } } })
-      .composite([{ input: { create: { width: 32, height: 64, channels: 3, background: { r: 255, g: 255, b: 255 } } }, left: 32, top: 0 }])
-      .png()
-      .toBuffer();
+    const picture = await solidPng(64, 64, { r: 200, g: 90, b: 30 });
+    const mask = await rightHalfMask();
     const inpaint: Params = {
       samplerName: "Euler a",
-      initImages: [new Uint8Array(picture)],
-      mask: new Uint8Array(mask),
+      initImages: [picture],
+      mask,
       denoisingStrength: 0.7,
       maskBlur: 0,
     };

@@ -2,6 +2,7 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import sharp from "sharp";
+import { rightHalfMask, solidPng } from "../test-support/images.js";
 import {
   FarmError,
   RngSource,
@@ -278,23 +279,16 @@ describe("a pass that switches to its refiner", { concurrency: false }, () => {
   });
 
   test("img2img and inpainting switch too; the inpainted image keeps the picture outside its mask", async () => {
-    const init = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 200, g: 80, b: 40 } } })
-      .png()
-      .toBuffer();
-    const img = { ...base, initImages: [new Uint8Array(init)], denoisingStrength: 0.6 };
+    const init = await solidPng(64, 64, { r: 200, g: 80, b: 40 });
+    const img = { ...base, initImages: [init], denoisingStrength: 0.6 };
     const plain = await render(img);
     const refined = await render({ ...img, refinerCheckpoint: "tiny-b", refinerSwitchAt: 0.7 });
     assert.deepEqual(refined.keys, ["tiny", "tiny-b"]);
     assert.notDeepEqual(await pixels(refined.image), await pixels(plain.image));
     assert.match(refined.image.infotext, /Denoising strength: 0.6, .*Refiner: tiny-b \[[0-9a-f]{10}\], Refiner switch at: 0.7/);
     // The right half masked (white): A1111 pastes the picture back over the left half.
-    const mask = await sharp({
-      create: { width: 64, height: 64, channels: 3, background: { r: 0, g: 0, b: 0 } },
-    })
-      .composite([{ input: { create: { width: 32, height: 64, channels: 3, background: { r: 255, g: 255, b: 255 } } }, left: 32, top: 0 }])
-      .png()
-      .toBuffer();
-    const inpaint = { ...img, mask: new Uint8Array(mask), maskBlur: 0, inpaintFullRes: false };
+    const mask = await rightHalfMask();
+    const inpaint = { ...img, mask, maskBlur: 0, inpaintFullRes: false };
     const unrefined = await render(inpaint);
     const inpainted = await render({ ...inpaint, refinerCheckpoint: "tiny-b", refinerSwitchAt: 0.7 });
     assert.deepEqual(inpainted.keys, ["tiny", "tiny-b"]);
@@ -307,18 +301,13 @@ describe("a pass that switches to its refiner", { concurrency: false }, () => {
   });
 
   test("an inpainting (9-channel) model switches to a plain refiner, which ignores its conditioning; an inpainting refiner is UNIMPLEMENTED", async () => {
-    const init = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 40, g: 160, b: 90 } } })
-      .png()
-      .toBuffer();
-    const mask = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 0, g: 0, b: 0 } } })
-      .composite([{ input: { create: { width: 32, height: 64, channels: 3, background: { r: 255, g: 255, b: 255 } } }, left: 32, top: 0 }])
-      .png()
-      .toBuffer();
+    const init = await solidPng(64, 64, { r: 40, g: 160, b: 90 });
+    const mask = await rightHalfMask();
     const inpaint: Params = {
       ...base,
       model: "tiny-inpaint",
-      initImages: [new Uint8Array(init)],
-      mask: new Uint8Array(mask),
+      initImages: [init],
+      mask,
       denoisingStrength: 0.6,
       maskBlur: 0,
       inpaintFullRes: false,

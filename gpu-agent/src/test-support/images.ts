@@ -19,3 +19,23 @@ export function gradientRgb(width: number, height: number, blue: (x: number, y: 
 export async function rawPng(data: Uint8Array, width: number, height: number, channels: 1 | 3 = 3): Promise<Uint8Array> {
   return new Uint8Array(await sharp(data, { raw: { width, height, channels } }).png().toBuffer());
 }
+
+/** A PNG of one colour. */
+export async function solidPng(width: number, height: number, rgb: { r: number; g: number; b: number }): Promise<Uint8Array> {
+  return new Uint8Array(
+    await sharp({ create: { width, height, channels: 3, background: rgb } })
+      .png()
+      .toBuffer(),
+  );
+}
+
+/** An inpainting mask PNG (size × size) with its right half white (masked) and its left half black. */
+export async function rightHalfMask(size = 64): Promise<Uint8Array> {
+  const half = { create: { width: size / 2, height: size, channels: 3 as const, background: { r: 255, g: 255, b: 255 } } };
+  return new Uint8Array(
+    await sharp({ create: { width: size, height: size, channels: 3, background: { r: 0, g: 0, b: 0 } } })
+      .composite([{ input: half, left: size / 2, top: 0 }])
+      .png()
+      .toBuffer(),
+  );
+}
