@@ -28,6 +28,9 @@ export interface AgentState {
   skippedEmbeddings: SkippedEmbedding[];
   /** The VAE files it lists (A1111's VAE list), for listings and for checking a job's sd_vae. */
   vaes: VaeInfo[];
+  /** The upscalers and face restorers it has model files for (Heartbeat.upscalers, face_restorers). */
+  upscalers: ReadonlySet<string>;
+  faceRestorers: ReadonlySet<string>;
   freeMemoryBytes: bigint;
   lastSeen: number;
   /** Tasks this coordinator has running there; authoritative over the heartbeat's busy count. */
@@ -97,6 +100,8 @@ export class AgentRegistry {
         embeddings: hb.embeddings,
         skippedEmbeddings: hb.skippedEmbeddings,
         vaes: hb.vaes,
+        upscalers: new Set(hb.upscalers),
+        faceRestorers: new Set(hb.faceRestorers),
         freeMemoryBytes: hb.freeMemoryBytes,
         lastSeen: Date.now(),
         inFlight: 0,
@@ -125,6 +130,8 @@ export class AgentRegistry {
     a.embeddings = hb.embeddings;
     a.skippedEmbeddings = hb.skippedEmbeddings;
     a.vaes = hb.vaes;
+    a.upscalers = new Set(hb.upscalers);
+    a.faceRestorers = new Set(hb.faceRestorers);
     a.models = modelsOf(hb);
     a.freeMemoryBytes = hb.freeMemoryBytes;
     a.lastSeen = Date.now();

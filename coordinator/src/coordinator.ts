@@ -39,6 +39,7 @@ import {
   type TlsFiles,
   type TokenAuth,
   EXTRAS_MODEL,
+  auxiliaryNeeds,
 } from "@latentfarm/shared";
 import { AgentRegistry, type AgentState } from "./agent-registry.js";
 import { StyleLibrary } from "./styles.js";
@@ -858,6 +859,22 @@ export class Coordinator {
         `VAE "${vae}" is not in any agent's VAE list (known: ${known.join(", ") || "none"}; or "Automatic", "None")${fromInfotext}`,
         "override_settings.sd_vae",
       );
+    }
+    // Upscalers and face restorers run from the agents' model files: one an agent lacks fails the image there.
+    const needs = auxiliaryNeeds(v.params);
+    for (const u of needs.upscalers) {
+      if (!agents.some((a) => a.upscalers.has(u.name))) {
+        const known = [...new Set(agents.flatMap((a) => [...a.upscalers]))].sort();
+        throw FarmError.notFound(
+          `upscaler "${u.name}" has no model file on any agent (known: ${known.join(", ") || "none"}; or a latent mode, Lanczos, Nearest, None)`,
+          u.field,
+        );
+      }
+    }
+    for (const f of needs.faceRestorers) {
+      if (!agents.some((a) => a.faceRestorers.has(f.name))) {
+        throw FarmError.notFound(`face restorer ${f.name} has no model files on any agent (--face-models)`, f.field);
+      }
     }
     const key: SpeedKey = { model: v.params.model, width: v.params.width ?? 512, height: v.params.height ?? 512 };
     const plan = planHires(v.params, this.tiling);

@@ -111,6 +111,8 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
     available: new Set(["m"]),
     embeddings: [],
     skippedEmbeddings: [],
+    upscalers: new Set<string>(),
+    faceRestorers: new Set<string>(),
     vaes: [],
     models: new Map(),
     freeMemoryBytes: 0n,
@@ -161,11 +163,26 @@ function harness(agents: AgentState[], opts: { maxAttempts?: number; speculate?:
     resume?: { agent: string; until: number; attempt: number },
     callsPerStep = 1,
     sdVae = "",
-    params: { refinerCheckpoint?: string; refinerSwitchAt?: number } = {},
+    params: {
+      refinerCheckpoint?: string;
+      refinerSwitchAt?: number;
+      enableHr?: boolean;
+      hrUpscaler?: string;
+      denoisingStrength?: number;
+      restoreFaces?: boolean;
+      overrideSettings?: { faceRestorationModel?: string };
+    } = {},
   ): Task[] => {
     const job = new Job({
       id: `job${jobs++}`,
-      params: create(GenerationParamsSchema, { model: "m", steps, width: 64, height: 64, overrideSettings: { sdVae }, ...params }),
+      params: create(GenerationParamsSchema, {
+        model: "m",
+        steps,
+        width: 64,
+        height: 64,
+        ...params,
+        overrideSettings: { sdVae, ...params.overrideSettings },
+      }),
       tenant: "t",
       requestId: "",
       imageCount: n,
@@ -422,6 +439,25 @@ test("a refiner: an agent without it hands the switch back and the task carries 
   assert.deepEqual(new Set(h2.done.slice(1).map((d) => d.agent)), new Set(["base-only-2", "both"]));
   h.scheduler.close();
   h2.scheduler.close();
+});
+
+test("a task that runs an upscaler or a face restorer goes only to agents with its model files", async () => {
+  const log: string[] = [];
+  const plain = fakeAgent("plain", 2, { stepMs: 5 }, log);
+  const withFiles = fakeAgent("with-files", 1, { stepMs: 5 }, log);
+  withFiles.upscalers = new Set(["R-ESRGAN 4x+"]);
+  withFiles.faceRestorers = new Set(["GFPGAN"]);
+  const h = harness([plain, withFiles]);
+  h.submit(3, 2, undefined, 1, "", { enableHr: true, hrUpscaler: "R-ESRGAN 4x+", denoisingStrength: 0.5 });
+  h.submit(2, 2, undefined, 1, "", { restoreFaces: true, overrideSettings: { faceRestorationModel: "GFPGAN" } });
+  await h.settled(5);
+  assert.deepEqual(new Set(h.done.map((d) => d.agent)), new Set(["with-files"]));
+  // A latent upscaler and no face restoration need no file: both agents take those.
+  h.done.length = 0;
+  h.submit(6, 2, undefined, 1, "", { enableHr: true, hrUpscaler: "Latent", denoisingStrength: 0.5 });
+  await h.settled(6);
+  assert.deepEqual(new Set(h.done.map((d) => d.agent)), new Set(["plain", "with-files"]));
+  h.scheduler.close();
 });
 
 test("checkpoints: a retry after a lost attempt resumes from the attempt's last checkpoint, and carries the checkpoints on", async () => {

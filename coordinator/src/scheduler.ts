@@ -19,6 +19,8 @@ import {
   type MetricSet,
   type StepProgress,
   EXTRAS_MODEL,
+  auxiliaryNeeds,
+  type AuxiliaryNeeds,
 } from "@latentfarm/shared";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { AgentRegistry, AgentState } from "./agent-registry.js";
@@ -68,6 +70,8 @@ export interface Task extends FairItem {
    * with it, or the first to send one): what a retry resumes from (RunTaskRequest.resume_from).
    */
   checkpoint?: { owner: number; start: Uint8Array; init: Uint8Array; answers: Uint8Array[]; uncondAnswers: Uint8Array[] };
+  /** The upscalers and face restorers its stage runs, worked out at its first placement. */
+  auxiliary?: AuxiliaryNeeds;
 }
 
 /** What a stage task sends beyond the job's params: the stage, its inputs, its tile. */
@@ -82,9 +86,12 @@ export interface TaskStageSpec {
 }
 
 /** Whether the agent lists the VAE file the task's job names (sd_vae), if it names one. */
+/** Whether an agent has the files a task names: its VAE, and the upscalers and face restorers its stage runs. */
 function offersVae(a: AgentState, task: Task): boolean {
   const vae = namedVae(task.job.spec.params.overrideSettings?.sdVae);
-  return vae === undefined || a.vaes.some((f) => f.name === vae);
+  if (vae !== undefined && !a.vaes.some((f) => f.name === vae)) return false;
+  const needs = (task.auxiliary ??= auxiliaryNeeds(task.job.spec.params, task.stage?.request.stage));
+  return needs.upscalers.every((u) => a.upscalers.has(u.name)) && needs.faceRestorers.every((f) => a.faceRestorers.has(f.name));
 }
 
 /**

@@ -43,6 +43,8 @@ import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
 import { PipelineHost } from "./pipeline-host/pipeline-host.js";
 import { DEFAULT_RESOURCES, type RenderContext } from "./pipeline/render-common.js";
+import { listUpscalers } from "./pipeline/upscalers.js";
+import { listFaceRestorers } from "./pipeline/face-restore.js";
 import type { ExecutionProvider } from "./runtime/protocol.js";
 
 export interface AgentConfig {
@@ -270,11 +272,12 @@ export class Agent {
       },
     );
     const vaes = this.vaes.current().catch(() => []);
+    const upscalers = listUpscalers(this.cfg.upscalersDir);
     const models = this.catalog
       .list()
       .then(async (entries) => ({ entries, hashes: await this.hashes.of(entries), families: await this.families.of(entries) }));
-    void Promise.all([models, embeddings, vaes]).then(
-      ([{ entries: models, hashes, families }, embeddings, vaes]) => {
+    void Promise.all([models, embeddings, vaes, upscalers]).then(
+      ([{ entries: models, hashes, families }, embeddings, vaes, upscalers]) => {
         // close() may have begun draining while the catalog was listed; publishing then throws.
         if (!this.nc || !this.natsOpen()) return;
         const hb = create(HeartbeatSchema, {
@@ -295,6 +298,8 @@ export class Agent {
             create(SkippedEmbeddingSchema, { file: relative(this.embeddings!.dir, s.file), reason: s.reason }),
           ),
           vaes: vaes.map((f) => create(VaeInfoSchema, { name: f.name, sizeBytes: BigInt(f.sizeBytes ?? 0) })),
+          upscalers,
+          faceRestorers: listFaceRestorers(this.cfg.faceModelsDir),
         });
         this.nc.publish(subjects.agentHeartbeat(this.id), toBinary(HeartbeatSchema, hb));
       },

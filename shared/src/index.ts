@@ -17,4 +17,5 @@ export * from "./handover.js";
 export * from "./hires-passes.js";
 export * from "./sampling-work.js";
 export * from "./extras.js";
+export * from "./auxiliary-models.js";
 export * from "./refiner.js";

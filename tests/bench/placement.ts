@@ -65,6 +65,8 @@ export async function benchPlacement(
       available: new Set(models),
       embeddings: [],
       skippedEmbeddings: [],
+      upscalers: new Set<string>(),
+      faceRestorers: new Set<string>(),
       vaes: [],
       models: new Map(),
       freeMemoryBytes: 0n,

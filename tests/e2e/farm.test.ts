@@ -413,6 +413,15 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     await expectStatus(s({ enableHr: true, hrSamplerName: "nope" }), grpc.status.INVALID_ARGUMENT, "hr_sampler_name");
     await expectStatus(s({ denoisingStrength: 1.5 }), grpc.status.INVALID_ARGUMENT, "denoising_strength");
     await expectStatus(s({ loras: [{ name: "../x", teWeight: 1, unetWeight: 1 }] }), grpc.status.INVALID_ARGUMENT, "loras");
+    // Upscalers and face restorers no agent has a model file for, refused at Submit naming their field.
+    await expectStatus(s({ enableHr: true, hrUpscaler: "4x-UltraSharp", denoisingStrength: 0.5 }), grpc.status.NOT_FOUND, "hr_upscaler");
+    await expectStatus(s({ restoreFaces: true }), grpc.status.NOT_FOUND, "restore_faces");
+    await expectStatus(
+      s({ initImages: [new Uint8Array(8)], extras: { upscaler1: "R-ESRGAN 4x+" } }),
+      grpc.status.NOT_FOUND,
+      "extras.upscaler_1",
+    );
+    await expectStatus(s({ extras: { upscaler1: "Lanczos" } }), grpc.status.INVALID_ARGUMENT, "init_images");
     await expectStatus(s({ sMinUncond: -1 }), grpc.status.INVALID_ARGUMENT, "s_min_uncond");
     await expectStatus(s({ overrideSettings: { uniPcVariant: "bh9" } }), grpc.status.INVALID_ARGUMENT, "override_settings.uni_pc_variant");
     await expectStatus(s({ overrideSettings: { skipEarlyCond: 2 } }), grpc.status.INVALID_ARGUMENT, "override_settings.skip_early_cond");

@@ -117,6 +117,15 @@ export async function detectorInput(image: Image8, size = DETECTOR_SIZE): Promis
   return { tensor, scale };
 }
 
+/** The face restorers whose files `dir` holds (the detector and the restorer's network). */
+export function listFaceRestorers(dir: string | undefined): FaceRestorationModel[] {
+  if (dir === undefined || !existsSync(join(dir, DETECTOR_FILE))) return [];
+  const out: FaceRestorationModel[] = [];
+  if (existsSync(join(dir, CODEFORMER_FILE))) out.push("CodeFormer");
+  if (GFPGAN_FILES.some((f) => existsSync(join(dir, f)))) out.push("GFPGAN");
+  return out;
+}
+
 /** The detector and the restoring network restore_faces runs. */
 export interface FaceModelPaths {
   detector: string;

@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { upscaleWithModel, upscaleWithTensorTiles, type Image8 } from "../imaging/index.js";
 import { writeTinyRrdbNet, writeTinySrvggNet } from "../imaging/tiny-models.js";
 import { inProcessRunner } from "./aux-runner.test-support.js";
-import { resolveUpscaler, upscaleImage, upscalerFileCandidates } from "./upscalers.js";
+import { listUpscalers, resolveUpscaler, upscaleImage, upscalerFileCandidates } from "./upscalers.js";
 
 const resources = (upscalersDir?: string) => ({ maxInputPixels: 1 << 24, maxInputBytes: 1 << 24, ...(upscalersDir && { upscalersDir }) });
 const signal = new AbortController().signal;
@@ -114,6 +114,9 @@ describe("SwinIR and ScuNET: tensor tiles, as A1111's upscale_2", () => {
       assert.ok(up.kind === "model" && up.tensorTiles, name);
       assert.deepEqual([up.tensorTiles.tileSize, up.tensorTiles.tileOverlap, up.scale], [192, 8, 4], name);
     }
+    // What the agent's heartbeat lists: every file's stem, and A1111's names of the files it knows.
+    assert.deepEqual(await listUpscalers(dir), ["DAT x4", "DAT_x4", "SwinIR 4x", "SwinIR_4x", "my-swinir"]);
+    assert.deepEqual(await listUpscalers(undefined), []);
     const dat = await resolveUpscaler(runner, "DAT x4", resources(dir), "hr_upscaler", signal);
     assert.ok(dat.kind === "model" && dat.tensorTiles === undefined && dat.path.endsWith("DAT_x4.onnx"));
     await assert.rejects(

@@ -5,6 +5,7 @@
  * averaged where they overlap (upscale_2).
  */
 import { existsSync } from "node:fs";
+import { readdir } from "node:fs/promises";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import sharp from "sharp";
@@ -80,6 +81,23 @@ export type PixelUpscaler =
         round: (v: number) => number;
       };
     };
+
+/**
+ * The upscalers `dir` holds a model file for (what resolveUpscaler finds), by the names a job may give:
+ * each .onnx file's stem, in the folder and its SwinIR/ and ScuNET/ subfolders, and A1111's names of the
+ * files it knows (R-ESRGAN 4x+ for RealESRGAN_x4plus.onnx). Sorted; none without a folder.
+ */
+export async function listUpscalers(dir: string | undefined): Promise<string[]> {
+  if (dir === undefined) return [];
+  const stems = new Set<string>();
+  for (const sub of [undefined, ...Object.keys(TENSOR_TILED)]) {
+    const files = await readdir(sub === undefined ? dir : join(dir, sub)).catch(() => [] as string[]);
+    for (const f of files) if (f.endsWith(".onnx")) stems.add(f.slice(0, -".onnx".length));
+  }
+  const names = new Set(stems);
+  for (const [name, known] of Object.entries(KNOWN_FILES)) if (known.some((k) => stems.has(k))) names.add(name);
+  return [...names].sort();
+}
 
 /** The files an upscaler name may be stored as, in the order they are tried. */
 export function upscalerFileCandidates(name: string): string[] {

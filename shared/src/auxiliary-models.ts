@@ -1,0 +1,61 @@
+// The auxiliary model files a task needs on its agent (upscalers, face restorers), by the names agents
+// advertise them under (Heartbeat.upscalers, face_restorers), so the coordinator refuses a job no agent
+// can finish and places each task where its files are.
+import { checkExtras } from "./extras.js";
+import { TaskStage } from "./gen/latentfarm/v1/agent_pb.js";
+import type { GenerationParams } from "./gen/latentfarm/v1/generation_pb.js";
+import { isHiresTxt2img } from "./hires-passes.js";
+
+/** Upscaler names every agent can run without a file: A1111's latent modes and its resize upscalers. */
+export const BUILTIN_UPSCALERS: ReadonlySet<string> = new Set([
+  "None",
+  "Lanczos",
+  "Nearest",
+  "Latent",
+  "Latent (antialiased)",
+  "Latent (bicubic)",
+  "Latent (bicubic antialiased)",
+  "Latent (nearest)",
+  "Latent (nearest-exact)",
+]);
+
+/** A named model a task needs, and the request field that names it. */
+export interface NeededModel {
+  name: string;
+  field: string;
+}
+
+export interface AuxiliaryNeeds {
+  upscalers: NeededModel[];
+  faceRestorers: NeededModel[];
+}
+
+const UPSCALING_STAGES: ReadonlySet<TaskStage> = new Set([TaskStage.FULL, TaskStage.SECOND_PASS, TaskStage.UPSCALE]);
+const FACE_STAGES: ReadonlySet<TaskStage> = new Set([TaskStage.FULL, TaskStage.SECOND_PASS, TaskStage.ASSEMBLE]);
+
+/**
+ * The upscalers and face restorers a task of job `p` runs at `stage` (the whole job's when absent): a
+ * Hires.fix image's pixel upscaler where it upscales, its face restorer where it finishes the image; an
+ * Extras image's upscalers and restorers.
+ */
+export function auxiliaryNeeds(p: GenerationParams, stage?: TaskStage): AuxiliaryNeeds {
+  const needs: AuxiliaryNeeds = { upscalers: [], faceRestorers: [] };
+  const upscaler = (name: string, field: string): void => {
+    if (!BUILTIN_UPSCALERS.has(name)) needs.upscalers.push({ name, field });
+  };
+  if (p.extras !== undefined) {
+    const x = checkExtras(p);
+    upscaler(x.upscaler1, "extras.upscaler_1");
+    if (x.upscaler1 !== "None" && x.upscaler2Visibility > 0) upscaler(x.upscaler2, "extras.upscaler_2");
+    if (x.gfpganVisibility > 0) needs.faceRestorers.push({ name: "GFPGAN", field: "extras.gfpgan_visibility" });
+    if (x.codeformerVisibility > 0) needs.faceRestorers.push({ name: "CodeFormer", field: "extras.codeformer_visibility" });
+    return needs;
+  }
+  if (isHiresTxt2img(p) && p.hrUpscaler !== "" && (stage === undefined || UPSCALING_STAGES.has(stage)))
+    upscaler(p.hrUpscaler, "hr_upscaler");
+  if (p.restoreFaces && (stage === undefined || FACE_STAGES.has(stage))) {
+    const name = p.overrideSettings?.faceRestorationModel || "CodeFormer";
+    needs.faceRestorers.push({ name, field: name === "CodeFormer" ? "restore_faces" : "override_settings.face_restoration_model" });
+  }
+  return needs;
+}
