@@ -99,6 +99,8 @@ export interface CoordinatorConfig {
   minFreeMemoryBytes?: bigint;
   /** Checkpoints of each task's sampling pass every this many steps, which a retry resumes from (default 0: none). */
   checkpointEverySteps?: number;
+  /** The most checkpoint bytes held at once (default 1 GiB). */
+  checkpointMaxBytes?: number;
   /** When a Hires.fix second pass is tiled, and the tiles' size and overlap. */
   hires?: Partial<HiresTiling>;
   logger: Logger;
@@ -271,6 +273,7 @@ export class Coordinator {
         metrics: this.m.metrics,
         ...(cfg.minFreeMemoryBytes !== undefined ? { minFreeMemoryBytes: cfg.minFreeMemoryBytes } : {}),
         ...(cfg.checkpointEverySteps ? { checkpointEverySteps: cfg.checkpointEverySteps } : {}),
+        ...(cfg.checkpointMaxBytes !== undefined ? { checkpointMaxBytes: cfg.checkpointMaxBytes } : {}),
       },
     );
     for (const state of ["ready", "draining"]) this.m.metrics.agents.set({ state }, 0);

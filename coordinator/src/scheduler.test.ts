@@ -122,7 +122,10 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
   };
 }
 
-function harness(agents: AgentState[], opts: { maxAttempts?: number; speculate?: boolean; checkpointEverySteps?: number } = {}) {
+function harness(
+  agents: AgentState[],
+  opts: { maxAttempts?: number; speculate?: boolean; checkpointEverySteps?: number; checkpointMaxBytes?: number } = {},
+) {
   const done: Array<{ task: Task; agent: string }> = [];
   const failed: Array<{ task: Task; err: FarmError }> = [];
   const retried: Array<{ task: Task; err: FarmError }> = [];
@@ -153,6 +156,7 @@ function harness(agents: AgentState[], opts: { maxAttempts?: number; speculate?:
     maxAttempts: opts.maxAttempts ?? 3,
     speculate: opts.speculate ?? false,
     ...(opts.checkpointEverySteps !== undefined && { checkpointEverySteps: opts.checkpointEverySteps }),
+    ...(opts.checkpointMaxBytes !== undefined && { checkpointMaxBytes: opts.checkpointMaxBytes }),
     tenantPolicy: () => DEFAULT_TENANT_POLICY,
     speed,
   });
@@ -479,6 +483,17 @@ test("checkpoints: a retry after a lost attempt resumes from the attempt's last 
   // A finished task's checkpoints are let go (its job keeps the task while it is in memory).
   assert.equal(task!.checkpoint, undefined);
   h.scheduler.close();
+  // Under a byte cap of 3 (the first checkpoint's start and two answers), the second checkpoint is dropped:
+  // the retry resumes from steps 1–2.
+  const log3: string[] = [];
+  const h3 = harness([fakeAgent("capped", 1, { stepMs: 5, failAfter: [5] }, log3)], { checkpointEverySteps: 2, checkpointMaxBytes: 3 });
+  const [t3] = h3.submit(1, 6);
+  await h3.settled(1);
+  assert.deepEqual(
+    log3.filter((l) => l.startsWith("start")),
+    [`start capped ${t3!.id}`, `start capped ${t3!.id} from checkpoint 1,2`],
+  );
+  h3.scheduler.close();
   // Without --checkpoint-every the retry starts over.
   const log2: string[] = [];
   const h2 = harness([fakeAgent("lost-2", 1, { stepMs: 5, failAfter: [5, 5, 5] }, log2)]);

@@ -69,7 +69,7 @@ export interface Task extends FairItem {
    * Its sampling pass's progress, from the checkpoints of attempt `owner` (the newest attempt started
    * with it, or the first to send one): what a retry resumes from (RunTaskRequest.resume_from).
    */
-  checkpoint?: { owner: number; start: Uint8Array; init: Uint8Array; answers: Uint8Array[]; uncondAnswers: Uint8Array[] };
+  checkpoint?: { owner: number; start: Uint8Array; init: Uint8Array; answers: Uint8Array[]; uncondAnswers: Uint8Array[]; bytes: number };
   /** The upscalers and face restorers its stage runs, worked out at its first placement. */
   auxiliary?: AuxiliaryNeeds;
 }
@@ -183,7 +183,15 @@ export interface SchedulerOptions {
    * pass's answers per running task: steps × the latent's bytes (256 KiB a step at 1024×1024).
    */
   checkpointEverySteps?: number;
+  /**
+   * The most checkpoint bytes held at once (default 1 GiB): past it, a task's further checkpoints are
+   * dropped (it keeps the ones it has, and a retry resumes from those).
+   */
+  checkpointMaxBytes?: number;
 }
+
+/** Checkpoint bytes held at most by default. */
+const DEFAULT_CHECKPOINT_MAX_BYTES = 1 << 30;
 
 // Statuses that mean "this agent could not finish", not "this task is bad".
 const RETRY_ON = new Set<grpc.status>([
@@ -948,16 +956,40 @@ export class Scheduler {
   private onCheckpoint(run: Run, c: PassCheckpoint): void {
     const task = run.task;
     if (task.state !== "running") return;
+    const bytes = c.start.length + c.init.length + [...c.answers, ...c.uncondAnswers].reduce((n, a) => n + a.length, 0);
+    // Over the cap the part is dropped; the next ones then follow no stored call and are dropped too.
+    if (this.checkpointBytes + bytes > (this.opts.checkpointMaxBytes ?? DEFAULT_CHECKPOINT_MAX_BYTES)) return;
     const stored = task.checkpoint;
     if (stored === undefined) {
       if (c.firstCall !== 0 || c.start.length === 0) return;
-      task.checkpoint = { owner: run.attempt, start: c.start, init: c.init, answers: [...c.answers], uncondAnswers: [...c.uncondAnswers] };
-      return;
+      task.checkpoint = {
+        owner: run.attempt,
+        start: c.start,
+        init: c.init,
+        answers: [...c.answers],
+        uncondAnswers: [...c.uncondAnswers],
+        bytes,
+      };
+    } else {
+      if (stored.owner !== run.attempt || c.firstCall !== stored.answers.length) return;
+      stored.answers.push(...c.answers);
+      stored.uncondAnswers.push(...c.uncondAnswers);
+      stored.bytes += bytes;
     }
-    if (stored.owner !== run.attempt || c.firstCall !== stored.answers.length) return;
-    stored.answers.push(...c.answers);
-    stored.uncondAnswers.push(...c.uncondAnswers);
+    this.checkpointBytes += bytes;
+    this.opts.metrics?.checkpointBytes.set(this.checkpointBytes);
   }
+
+  /** A task ended: its checkpoints go (its job keeps the task while the job is in memory). */
+  private dropCheckpoint(task: Task): void {
+    if (task.checkpoint === undefined) return;
+    this.checkpointBytes -= task.checkpoint.bytes;
+    task.checkpoint = undefined;
+    this.opts.metrics?.checkpointBytes.set(this.checkpointBytes);
+  }
+
+  /** Bytes of the checkpoints held for running tasks. */
+  private checkpointBytes = 0;
 
   private resumeFrom(task: Task): PassCheckpoint {
     const c = task.checkpoint!;
@@ -1007,8 +1039,7 @@ export class Scheduler {
     }
     task.state = "done";
     this.leaveRunning(task);
-    // The job keeps its tasks while it is in memory; their checkpoints are of no use any more.
-    task.checkpoint = undefined;
+    this.dropCheckpoint(task);
     this.tasks.delete(task.id);
     for (const other of task.runs) {
       if (other !== run) other.abort.abort(new AttemptAborted(grpc.status.CANCELLED, `task ${task.id} finished on ${agent.id}`, false));
@@ -1103,7 +1134,7 @@ export class Scheduler {
     }
     task.state = "failed";
     this.leaveRunning(task);
-    task.checkpoint = undefined;
+    this.dropCheckpoint(task);
     this.tasks.delete(task.id);
     this.hooks.onFailed(task, err);
   }
@@ -1143,7 +1174,7 @@ export class Scheduler {
         this.leaveRunning(t);
         for (const r of t.runs) r.abort.abort(new AttemptAborted(grpc.status.CANCELLED, message, false));
       } else continue;
-      t.checkpoint = undefined;
+      this.dropCheckpoint(t);
       this.tasks.delete(t.id);
     }
     this.updateGauges();

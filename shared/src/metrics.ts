@@ -69,6 +69,12 @@ export const COORDINATOR_METRICS = {
     help: "Task attempts that resumed from an earlier attempt's checkpoint instead of sampling from the start.",
     labels: [],
   },
+  checkpointBytes: {
+    name: "latentfarm_checkpoint_bytes",
+    kind: "gauge",
+    help: "Bytes of sampling-pass checkpoints the coordinator holds for running tasks (capped by --checkpoint-max-bytes).",
+    labels: [],
+  },
   taskRetries: {
     name: "latentfarm_task_retries_total",
     kind: "counter",

@@ -39,7 +39,8 @@ Usage:
                    [--agent-timeout-ms N] [--tls-cert F --tls-key F --tls-ca F] [--api-tokens-file F] [--health-port N]
                    [--max-attempts N] [--replicas N] [--image-ttl-hours H] [--job-retention-hours H] [--store-prefix P]
                    [--tenants-file F] [--drain-seconds N] [--no-speculate] [--memory-only] [--max-finished-in-memory N]
-                   [--checkpoint-every N] (a retry resumes a task's sampling from its last checkpoint, taken every N steps)
+                   [--checkpoint-every N] [--checkpoint-max-mib M] (a retry resumes a task's sampling from its last
+                   checkpoint, taken every N steps; the coordinator holds at most M MiB of them, default 1024)
                    [--styles-file F]... (A1111 styles.csv: name, prompt, negative_prompt)
                    [hires tiling]
   latentfarm agent --models DIR [--port N] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N] [--slots N]
@@ -88,10 +89,10 @@ Hires tiling (coordinator, up): a Hires.fix second pass of more pixels than --hi
 seams: --hires-tile-size PX (default 512, a multiple of 64) --hires-tile-overlap PX (default 64).
 `;
 
-/** `--checkpoint-every N`: a whole number of steps, 0 for none. */
-function checkpointEvery(x: string): number {
+/** `--checkpoint-every N` (steps, 0 for none) and `--checkpoint-max-mib M`: whole numbers ≥ 0. */
+function checkpointEvery(x: string, flag = "checkpoint-every"): number {
   const n = Number(x);
-  if (!Number.isSafeInteger(n) || n < 0) throw new UsageError(`--checkpoint-every must be a whole number of steps (0: none), got "${x}"`);
+  if (!Number.isSafeInteger(n) || n < 0) throw new UsageError(`--${flag} must be a whole number ≥ 0, got "${x}"`);
   return n;
 }
 
@@ -619,6 +620,7 @@ async function runCoordinator(argv: string[]): Promise<number> {
       "max-finished-in-memory": { type: "string" },
       "styles-file": { type: "string", multiple: true },
       "checkpoint-every": { type: "string", default: "0" },
+      "checkpoint-max-mib": { type: "string", default: "1024" },
       ...TILING_OPTIONS,
     },
   });
@@ -645,6 +647,7 @@ async function runCoordinator(argv: string[]): Promise<number> {
         },
     speculate: !v["no-speculate"],
     checkpointEverySteps: checkpointEvery(v["checkpoint-every"]),
+    checkpointMaxBytes: checkpointEvery(v["checkpoint-max-mib"], "checkpoint-max-mib") * 1024 * 1024,
     hires: tilingFromFlags(v),
     ...(v["tenants-file"] ? { tenants: JSON.parse(readFileSync(v["tenants-file"], "utf8")) as CoordinatorConfig["tenants"] } : {}),
     ...(v["max-finished-in-memory"] ? { maxFinishedInMemory: num("max-finished-in-memory", v["max-finished-in-memory"])! } : {}),
