@@ -40,6 +40,7 @@ import {
   type TokenAuth,
   EXTRAS_MODEL,
   auxiliaryNeeds,
+  BUILTIN_UPSCALERS,
 } from "@latentfarm/shared";
 import { AgentRegistry, type AgentState } from "./agent-registry.js";
 import { StyleLibrary } from "./styles.js";
@@ -452,6 +453,21 @@ export class Coordinator {
         listStyles: async (_req, ctx) => {
           this.tenantOf(ctx);
           return { styles: [...(await this.styles.current()).values()] };
+        },
+        listUpscalers: async (_req, ctx) => {
+          this.tenantOf(ctx);
+          const agents = this.registry.list();
+          const withFiles = (of: (a: AgentState) => ReadonlySet<string>) => {
+            const byName = new Map<string, string[]>();
+            for (const a of agents) for (const n of of(a)) byName.set(n, [...(byName.get(n) ?? []), a.id]);
+            return [...byName.entries()]
+              .sort(([x], [y]) => (x < y ? -1 : x > y ? 1 : 0))
+              .map(([name, ids]) => ({ name, agents: ids.sort() }));
+          };
+          return {
+            upscalers: [...[...BUILTIN_UPSCALERS].map((name) => ({ name, builtin: true })), ...withFiles((a) => a.upscalers)],
+            faceRestorers: withFiles((a) => a.faceRestorers),
+          };
         },
         listVaes: async (_req, ctx) => {
           this.tenantOf(ctx);

@@ -16,6 +16,7 @@ import {
   TEST_RENAMED_CHECKPOINT,
   TEST_SDXL_CHECKPOINT,
   TEST_SDXL_REFINER_CHECKPOINT,
+  TEST_UPSCALER,
   TEST_VAE,
   TEST_VAE_SHIFT,
   farmSkipReason,
@@ -851,6 +852,49 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       await new Promise((r) => setTimeout(r, 20));
     }
     await expectStatus(farm.client.cancel({ jobId }), grpc.status.FAILED_PRECONDITION, "job_id");
+  });
+
+  test("ListUpscalers names the built-in upscalers and the model files agents have; an Extras job with one runs where it is", async () => {
+    const { upscalers, faceRestorers } = await farm.client.listUpscalers({});
+    assert.ok(upscalers.some((u) => u.name === "Lanczos" && u.builtin && u.agents.length === 0));
+    assert.ok(upscalers.some((u) => u.name === "Latent (nearest-exact)" && u.builtin));
+    assert.deepEqual(
+      upscalers.filter((u) => !u.builtin).map((u) => ({ name: u.name, agents: u.agents })),
+      [{ name: TEST_UPSCALER, agents: ["agent-0"] }],
+    );
+    assert.deepEqual(faceRestorers, []);
+    const [w, h] = [24, 16];
+    const raw = Uint8Array.from({ length: w * h * 3 }, (_, i) => (i * 37) % 256);
+    const source = await sharp(raw, { raw: { width: w, height: h, channels: 3 } })
+      .png()
+      .toBuffer();
+    const images = (
+      await collect(
+        farm,
+        (await farm.client.submit({ params: { initImages: [source], extras: { upscaler1: TEST_UPSCALER, upscalingResize: 2 } } })).jobId,
+      )
+    )
+      .filter((e) => e.event.case === "image")
+      .map((e) => (e.event.value as { image: { agentId: string; png: Uint8Array; infotext: string } }).image);
+    assert.equal(images.length, 1);
+    assert.equal(images[0]!.agentId, "agent-0", "only agent-0 has the upscaler's file");
+    assert.equal(images[0]!.infotext, `Postprocess upscale by: 2.0, Postprocess upscaler: ${TEST_UPSCALER}`);
+    // ×2 nearest: each source pixel becomes a 2×2 block.
+    const { data, info } = await sharp(images[0]!.png).raw().toBuffer({ resolveWithObject: true });
+    assert.deepEqual([info.width, info.height], [2 * w, 2 * h]);
+    for (const [x, y] of [
+      [0, 0],
+      [5, 3],
+      [23, 15],
+    ] as const) {
+      for (const [dx, dy] of [
+        [0, 0],
+        [1, 1],
+      ] as const) {
+        const at = ((2 * y + dy) * 2 * w + 2 * x + dx) * info.channels;
+        assert.deepEqual([...data.subarray(at, at + 3)], [...raw.subarray((y * w + x) * 3, (y * w + x) * 3 + 3)], `pixel ${x},${y}`);
+      }
+    }
   });
 
   test("killing an agent mid-task resumes its task on the other agent from its last checkpoint: the image of an uninterrupted run", async () => {

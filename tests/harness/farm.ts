@@ -7,7 +7,15 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { RenderService, createClient, type ServiceClient } from "@latentfarm/shared";
 import { startNatsServer, findNatsServer, type NatsServerHandle } from "@latentfarm/coordinator";
-import { SeededRandom, TINY_SPECS, encodeSafetensors, ldmTensorShapes, randomTensor } from "@latentfarm/gpu-agent/model-graph";
+import {
+  GraphBuilder,
+  SeededRandom,
+  TINY_SPECS,
+  encodeSafetensors,
+  ldmTensorShapes,
+  randomTensor,
+  saveModel,
+} from "@latentfarm/gpu-agent/model-graph";
 
 export const REPO = fileURLToPath(new URL("../../", import.meta.url));
 export const KIT = join(REPO, "..", "shared");
@@ -211,6 +219,18 @@ export function testSdxlCheckpoint(config: "sdxl-small" | "sdxl-refiner-small" =
 export const TEST_STYLES_CSV =
   "name,prompt,negative_prompt\n" + '"lf-cinematic","cinematic still of {prompt}, bokeh","cartoon"\n' + '"lf-grain","film grain",\n';
 
+/** The upscaler model file startTestFarm gives its first agent: ×2 nearest-neighbour. */
+export const TEST_UPSCALER = "2x-nearest-test";
+
+/** A ×2 nearest-neighbour upscaler as an ONNX model: four copies of the image's channels, then DepthToSpace (DCR). */
+async function writeNearest2xUpscaler(path: string): Promise<void> {
+  const g = new GraphBuilder("nearest2x", 17);
+  const x = g.input("input", "float32", [1, 3, "height", "width"]);
+  const copies = g.op1("Concat", [x, x, x, x], { axis: 1 });
+  g.output(g.op1("DepthToSpace", [copies], { blocksize: 2, mode: "DCR" }), "output", "float32", [1, 3, "height_out", "width_out"]);
+  await saveModel(g.toSpec(), path);
+}
+
 export async function startTestFarm(
   opts: {
     agents?: number;
@@ -247,6 +267,10 @@ export async function startTestFarm(
   writeFileSync(join(vaeDir, TEST_VAE), testVae());
   const stylesFile = join(tmp, "styles.csv");
   writeFileSync(stylesFile, TEST_STYLES_CSV);
+  // An upscaler model file on the first agent only: ListUpscalers names it, and tasks that run it go there.
+  const upscalersDir = join(tmp, "upscalers");
+  mkdirSync(upscalersDir);
+  await writeNearest2xUpscaler(join(upscalersDir, `${TEST_UPSCALER}.onnx`));
   const started: ServiceProcess[] = [];
   try {
     const coordinator = await startService([
@@ -285,7 +309,15 @@ export async function startTestFarm(
         id: `agent-${i}`,
         slots: opts.slots ?? 2,
         heartbeatMs: 250,
-        extra: ["--metrics-port", "0", "--embeddings", embeddingsDir, "--vae-dir", vaeDir],
+        extra: [
+          "--metrics-port",
+          "0",
+          "--embeddings",
+          embeddingsDir,
+          "--vae-dir",
+          vaeDir,
+          ...(i === 0 ? ["--upscalers", upscalersDir] : []),
+        ],
       });
       started.push(a);
       agents.push(a);

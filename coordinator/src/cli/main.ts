@@ -56,6 +56,7 @@ Usage:
   latentfarm schedulers --coordinator HOST:PORT [--json]   (schedule types: API name, label, aliases)
   latentfarm embeddings --coordinator HOST:PORT [--json]   (textual-inversion embeddings in the agents' folders)
   latentfarm vaes       --coordinator HOST:PORT [--json]   (VAE files a job's sd_vae may name)
+  latentfarm upscalers  --coordinator HOST:PORT [--json]   (upscalers and face restorers a job may name, and their agents)
   latentfarm styles     --coordinator HOST:PORT [--json]   (prompt styles a job's --style may name)
   latentfarm prompt "<prompt>" [--steps N] [--json] [--tokenizer DIR]
 
@@ -493,7 +494,7 @@ export async function extras(argv: string[], o: Out = io): Promise<number> {
 }
 
 async function listCommand(
-  kind: "agents" | "models" | "samplers" | "schedulers" | "embeddings" | "vaes" | "styles",
+  kind: "agents" | "models" | "samplers" | "schedulers" | "embeddings" | "vaes" | "styles" | "upscalers",
   argv: string[],
   o: Out = io,
 ): Promise<number> {
@@ -560,6 +561,14 @@ async function listCommand(
       const rows = styles.map((st) => ({ name: st.name, prompt: st.prompt, negativePrompt: st.negativePrompt }));
       if (v.json) o.out(JSON.stringify(rows) + "\n");
       else for (const st of rows) o.out(`${st.name}\t${st.prompt || "-"}\t${st.negativePrompt || "-"}\n`);
+    } else if (kind === "upscalers") {
+      const { upscalers, faceRestorers } = await client.listUpscalers({}, { timeoutMs: 10_000, metadata });
+      const rows = (list: typeof upscalers) => list.map((u) => ({ name: u.name, builtin: u.builtin, agents: u.agents }));
+      if (v.json) o.out(JSON.stringify({ upscalers: rows(upscalers), faceRestorers: rows(faceRestorers) }) + "\n");
+      else {
+        for (const u of upscalers) o.out(`${u.name}\t${u.builtin ? "built in" : u.agents.join(",")}\n`);
+        for (const f of faceRestorers) o.out(`face restorer\t${f.name}\t${f.agents.join(",")}\n`);
+      }
     } else if (kind === "vaes") {
       const { vaes } = await client.listVaes({}, { timeoutMs: 10_000, metadata });
       const rows = vaes.map((f) => ({ name: f.name, sizeBytes: Number(f.sizeBytes), agents: f.agents }));
@@ -913,6 +922,7 @@ export async function main(argv: string[]): Promise<number> {
       case "embeddings":
       case "vaes":
       case "styles":
+      case "upscalers":
         return await listCommand(cmd, rest);
       case undefined:
       case "help":
