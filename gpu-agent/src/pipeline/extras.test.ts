@@ -91,6 +91,21 @@ describe("A1111's Extras tab on one image", () => {
       postprocessing: out.infotext,
       extras: out.infotext,
     });
+    // Every input text is kept, in A1111's order: "parameters" last of them, then the new entries (an
+    // earlier Extras run's "postprocessing" keeps its place and takes the new text).
+    const again = await runExtras(
+      inProcessRunner(),
+      await request({ upscaler1: "Lanczos", upscalingResize: 2 }, [
+        await png(source, { postprocessing: "old", parameters: "a cat", Software: "x" }),
+      ]),
+      ctx,
+    );
+    assert.deepEqual(Object.entries(readTextChunks(Buffer.from(again.png))), [
+      ["postprocessing", again.infotext],
+      ["Software", "x"],
+      ["parameters", "a cat"],
+      ["extras", again.infotext],
+    ]);
     const runner = inProcessRunner();
     const model = await resolveUpscaler(runner, "R-ESRGAN General 4xV3", ctx.resources!, "x", signal);
     const both = await runExtras(

@@ -83,22 +83,21 @@ export async function runExtras(aux: AuxiliaryRunner, req: RunTaskRequest, ctx: 
     if (restorer === "CodeFormer") info.set("CodeFormer weight", round3(x.codeformerWeight));
   }
   const text = formatInfotext("", "", [...info.entries()]).trimStart();
-  // The input's generation data stays with the image, as A1111's read_info_from_image hands it on.
-  const texts: Record<string, string> = {};
+  // The input's text stays with the image, in A1111's order: read_info_from_image takes "parameters" out
+  // and puts it back last, then "postprocessing" and "extras" are set (an earlier run's keep their places).
   const given = Buffer.from(source);
-  if (given.subarray(1, 4).toString("latin1") === "PNG") {
-    const parameters = readTextChunks(given)["parameters"];
-    if (parameters !== undefined) texts["parameters"] = parameters;
-  }
-  texts["postprocessing"] = text;
-  texts["extras"] = text;
+  const inputTexts = given.subarray(1, 4).toString("latin1") === "PNG" ? readTextChunks(given) : {};
+  const texts = new Map(Object.entries(inputTexts).filter(([k]) => k !== "parameters"));
+  if (inputTexts["parameters"] !== undefined) texts.set("parameters", inputTexts["parameters"]);
+  texts.set("postprocessing", text);
+  texts.set("extras", text);
   const png = await sharp(image.data, { raw: { width: image.width, height: image.height, channels: 3 } })
     .png({ compressionLevel: 6 })
     .toBuffer();
   return create(ImageSchema, {
     index: req.imageIndex,
     seed: req.seed,
-    png: withTextChunks(png, texts),
+    png: withTextChunks(png, Object.fromEntries(texts)),
     infotext: text,
     width: image.width,
     height: image.height,
