@@ -61,6 +61,12 @@ import {
 import { SpeedModel, type SpeedKey } from "./speed-model.js";
 import { DEFAULT_LIMITS, imageSeeds, resolveSeed, validateJob, type Limits, type SamplerSupport } from "./validate.js";
 
+/**
+ * Checkpoints every 5 sampling steps by default: a retry then loses at most 5 steps, for the answers
+ * of the running tasks' passes in the coordinator's memory (capped; see SchedulerOptions).
+ */
+export const DEFAULT_CHECKPOINT_EVERY_STEPS = 5;
+
 export interface CoordinatorConfig {
   /** gRPC listen address, e.g. "0.0.0.0:50051"; port 0 picks a free one. */
   listen: string;
@@ -98,7 +104,7 @@ export interface CoordinatorConfig {
   imageCacheBytes?: number;
   /** Agents below this free memory get a model they have not loaded only when no other agent can. */
   minFreeMemoryBytes?: bigint;
-  /** Checkpoints of each task's sampling pass every this many steps, which a retry resumes from (default 0: none). */
+  /** Checkpoints of each task's sampling pass every this many steps, which a retry resumes from (default 5; 0: none). */
   checkpointEverySteps?: number;
   /** The most checkpoint bytes held at once (default 1 GiB). */
   checkpointMaxBytes?: number;
@@ -273,7 +279,7 @@ export class Coordinator {
         speed: this.speed,
         metrics: this.m.metrics,
         ...(cfg.minFreeMemoryBytes !== undefined ? { minFreeMemoryBytes: cfg.minFreeMemoryBytes } : {}),
-        ...(cfg.checkpointEverySteps ? { checkpointEverySteps: cfg.checkpointEverySteps } : {}),
+        checkpointEverySteps: cfg.checkpointEverySteps ?? DEFAULT_CHECKPOINT_EVERY_STEPS,
         ...(cfg.checkpointMaxBytes !== undefined ? { checkpointMaxBytes: cfg.checkpointMaxBytes } : {}),
       },
     );

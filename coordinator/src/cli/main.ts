@@ -40,7 +40,7 @@ Usage:
                    [--max-attempts N] [--replicas N] [--image-ttl-hours H] [--job-retention-hours H] [--store-prefix P]
                    [--tenants-file F] [--drain-seconds N] [--no-speculate] [--memory-only] [--max-finished-in-memory N]
                    [--checkpoint-every N] [--checkpoint-max-mib M] (a retry resumes a task's sampling from its last
-                   checkpoint, taken every N steps; the coordinator holds at most M MiB of them, default 1024)
+                   checkpoint, taken every N steps, default 5, 0 for none; the coordinator holds at most M MiB of them, default 1024)
                    [--styles-file F]... (A1111 styles.csv: name, prompt, negative_prompt)
                    [hires tiling]
   latentfarm agent --models DIR [--port N] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N] [--slots N]
@@ -628,7 +628,7 @@ async function runCoordinator(argv: string[]): Promise<number> {
       "drain-seconds": { type: "string", default: "30" },
       "max-finished-in-memory": { type: "string" },
       "styles-file": { type: "string", multiple: true },
-      "checkpoint-every": { type: "string", default: "0" },
+      "checkpoint-every": { type: "string", default: "5" },
       "checkpoint-max-mib": { type: "string", default: "1024" },
       ...TILING_OPTIONS,
     },
@@ -723,7 +723,7 @@ export async function startFarm(opts: {
   vaeDir?: string;
   /** The coordinator's A1111 styles files. */
   stylesFiles?: readonly string[];
-  /** Checkpoints of each task's sampling pass every this many steps (0: none). */
+  /** Checkpoints of each task's sampling pass every this many steps (0: none; default 5). */
   checkpointEverySteps?: number;
   onLog?: (line: string) => void;
 }): Promise<Farm> {
@@ -736,7 +736,7 @@ export async function startFarm(opts: {
     ...(opts.metricsPort !== undefined ? { metricsPort: opts.metricsPort } : {}),
     ...(opts.hires ? { hires: opts.hires } : {}),
     ...(opts.stylesFiles ? { stylesFiles: opts.stylesFiles.map((f) => resolve(f)) } : {}),
-    ...(opts.checkpointEverySteps ? { checkpointEverySteps: opts.checkpointEverySteps } : {}),
+    ...(opts.checkpointEverySteps !== undefined ? { checkpointEverySteps: opts.checkpointEverySteps } : {}),
     logger,
   });
   await coordinator.start();
@@ -808,7 +808,7 @@ const UP_OPTIONS = {
   embeddings: { type: "string" },
   "vae-dir": { type: "string" },
   "styles-file": { type: "string", multiple: true },
-  "checkpoint-every": { type: "string", default: "0" },
+  "checkpoint-every": { type: "string", default: "5" },
   ...TILING_OPTIONS,
 } as const satisfies ParseArgsConfig["options"];
 
