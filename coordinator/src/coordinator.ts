@@ -144,9 +144,8 @@ export class RetryLaterError extends FarmError {
   }
 }
 
-/** The coordinator: RenderService for clients, durable job state on JetStream, the scheduler, and the agent registry. */
 /**
- * What the agents report of their folders (embeddings, VAE files), one entry per key, each with the
+ * What the agents report of their folders (embeddings, VAE files, upscalers), one entry per key, each with the
  * agents that reported it (sorted): folders that disagree show as separate entries.
  */
 function gatherFromAgents<T, R extends object>(
@@ -168,6 +167,7 @@ function gatherFromAgents<T, R extends object>(
   return [...out.values()];
 }
 
+/** The coordinator: RenderService for clients, durable job state on JetStream, the scheduler, and the agent registry. */
 export class Coordinator {
   private readonly server = new grpc.Server(serverOptions);
   private readonly m = createMetrics(COORDINATOR_METRICS);
@@ -463,13 +463,13 @@ export class Coordinator {
         listUpscalers: async (_req, ctx) => {
           this.tenantOf(ctx);
           const agents = this.registry.list();
-          const withFiles = (of: (a: AgentState) => ReadonlySet<string>) => {
-            const byName = new Map<string, string[]>();
-            for (const a of agents) for (const n of of(a)) byName.set(n, [...(byName.get(n) ?? []), a.id]);
-            return [...byName.entries()]
-              .sort(([x], [y]) => (x < y ? -1 : x > y ? 1 : 0))
-              .map(([name, ids]) => ({ name, agents: ids.sort() }));
-          };
+          const withFiles = (of: (a: AgentState) => ReadonlySet<string>) =>
+            gatherFromAgents(
+              agents,
+              (a) => [...of(a)],
+              (name) => name,
+              (name) => ({ name }),
+            ).sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : 0));
           return {
             upscalers: [...[...BUILTIN_UPSCALERS].map((name) => ({ name, builtin: true })), ...withFiles((a) => a.upscalers)],
             faceRestorers: withFiles((a) => a.faceRestorers),

@@ -85,9 +85,8 @@ export interface TaskStageSpec {
   attempts: number;
 }
 
-/** Whether the agent lists the VAE file the task's job names (sd_vae), if it names one. */
 /** Whether an agent has the files a task names: its VAE, and the upscalers and face restorers its stage runs. */
-function offersVae(a: AgentState, task: Task): boolean {
+function hasFilesFor(a: AgentState, task: Task): boolean {
   const vae = namedVae(task.job.spec.params.overrideSettings?.sdVae);
   if (vae !== undefined && !a.vaes.some((f) => f.name === vae)) return false;
   const needs = (task.auxiliary ??= auxiliaryNeeds(task.job.spec.params, task.stage?.request.stage));
@@ -691,13 +690,13 @@ export class Scheduler {
     const withRefiner =
       refiner !== undefined &&
       candidates.some(
-        (a) => !a.info.draining && !task.failedOn.has(a.id) && a.available.has(refiner) && offersVae(a, task) && plan.freeNow(a),
+        (a) => !a.info.draining && !task.failedOn.has(a.id) && a.available.has(refiner) && hasFilesFor(a, task) && plan.freeNow(a),
       );
     // Agents the task failed on, or short of memory, only when no other agent can take it.
     let restrict = false;
     if (task.failedOn.size > 0 || this.opts.minFreeMemoryBytes) {
       for (const a of candidates) {
-        if (!a.info.draining && !task.failedOn.has(a.id) && this.memoryOk(a, task) && offersVae(a, task)) {
+        if (!a.info.draining && !task.failedOn.has(a.id) && this.memoryOk(a, task) && hasFilesFor(a, task)) {
           restrict = true;
           break;
         }
@@ -713,7 +712,7 @@ export class Scheduler {
     for (let i = 0; i < candidates.length; i++) {
       const a = candidates[i]!;
       // An agent without the VAE file the job names cannot render it (Submit checked that one can).
-      if (a.info.draining || !offersVae(a, task)) continue;
+      if (a.info.draining || !hasFilesFor(a, task)) continue;
       if (restrict && (task.failedOn.has(a.id) || !this.memoryOk(a, task))) continue;
       if (withRefiner && !a.available.has(refiner)) continue;
       const start = plan.slot(a).at;
@@ -822,7 +821,7 @@ export class Scheduler {
           c.run.agent === a ||
           c.task.failedOn.has(a.id) ||
           !offersModel(a, c.task.key.model) ||
-          !offersVae(a, c.task)
+          !hasFilesFor(a, c.task)
         )
           continue;
         let byAgent = estimates.get(c.kind);
