@@ -47,6 +47,7 @@ export {
   sharpOperations,
   planPixelUpscale,
   planUpscaleBy,
+  upscaleTarget,
   resizeModeName,
   RESIZE_MODES,
   type ResizeModeName,

@@ -229,6 +229,14 @@ export function sharpOperations(plan: Img2imgResizePlan): SharpOperation[] {
 
 export type UpscaleStep = { op: "model"; from: Size; to: Size } | { op: "resize"; kernel: "lanczos3" | "nearest"; from: Size; to: Size };
 
+/** The size A1111's `Upscaler.upscale(img, scale)` ends at: (w·scale)//8·8 by (h·scale)//8·8. */
+export function upscaleTarget(source: Size, scale: number): Size {
+  return {
+    width: Math.trunc(Math.floor((source.width * scale) / 8) * 8),
+    height: Math.trunc(Math.floor((source.height * scale) / 8) * 8),
+  };
+}
+
 /**
  * A1111's `Upscaler.upscale(img, scale)`: up to 3 passes of the upscaler until the image covers
  * dest = (w·scale)//8·8 (or stops growing), then a Lanczos resize to dest. `modelScale` is the factor one
@@ -242,10 +250,7 @@ export function planUpscaleBy(
 ): { steps: UpscaleStep[]; size: Size } {
   const steps: UpscaleStep[] = [];
   const { name } = upscaler;
-  const dest = {
-    width: Math.trunc(Math.floor((source.width * scale) / 8) * 8),
-    height: Math.trunc(Math.floor((source.height * scale) / 8) * 8),
-  };
+  const dest = upscaleTarget(source, scale);
   let cur: Size = source;
   for (let i = 0; i < 3; i++) {
     if (cur.width >= dest.width && cur.height >= dest.height && (i > 0 || scale !== 1)) break;

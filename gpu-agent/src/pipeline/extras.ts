@@ -3,7 +3,6 @@
  * scripts, in that order) for one image of an Extras job: no Stable Diffusion model runs, only the
  * upscalers and face models the job names, on an Extras host's auxiliary sessions.
  */
-import * as grpc from "@grpc/grpc-js";
 import { create } from "@bufbuild/protobuf";
 import sharp from "sharp";
 import {
@@ -15,7 +14,7 @@ import {
   type Image,
   type RunTaskRequest,
 } from "@latentfarm/shared";
-import type { Image8 } from "../imaging/index.js";
+import { upscaleTarget, type Image8 } from "../imaging/index.js";
 import { checkAborted } from "./denoise.js";
 import { faceModelPaths, restoreFaces } from "./face-restore.js";
 import { decodeInputImage } from "./img2img.js";
@@ -114,7 +113,7 @@ async function upscaleStep(
 ): Promise<Image8> {
   if (x.upscaler1 === "None") return image;
   const by = x.resizeMode === 1 ? Math.max(x.upscalingResizeW / image.width, x.upscalingResizeH / image.height) : x.upscalingResize;
-  const dest = { width: Math.floor((image.width * by) / 8) * 8, height: Math.floor((image.height * by) / 8) * 8 };
+  const dest = upscaleTarget(image, by);
   if (dest.width < 1 || dest.height < 1 || dest.width * dest.height > MAX_EXTRAS_OUTPUT_PIXELS) {
     throw FarmError.invalid(
       x.resizeMode === 1 ? "extras.upscaling_resize_w" : "extras.upscaling_resize",
@@ -139,6 +138,5 @@ async function upscaleStep(
     out = blendImages(out, await one(x.upscaler2, "extras.upscaler_2"), x.upscaler2Visibility);
     info.set("Postprocess upscaler 2", x.upscaler2);
   }
-  if (out.width * out.height === 0) throw new FarmError(grpc.status.INTERNAL, "the upscale made an empty image");
   return out;
 }
