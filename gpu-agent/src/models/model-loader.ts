@@ -71,9 +71,20 @@ export function lorasOf(prompt: string, explicit: readonly LoraRef[]): LoraUse[]
   return loras;
 }
 
-/** A LoRA file's addnet hash, by path, while its size and mtime stay: a weight-0 LoRA is hashed once, not per task. */
-const unmergedHashCache = new Map<string, { size: number; mtimeMs: number; hash: string }>();
+/** LoRA files' addnet hashes, by path, while size and mtime stay: a weight-0 LoRA is hashed once, not per task. */
+const addnetHashCache = new Map<string, { size: number; mtimeMs: number; hash: string }>();
 const MAX_CACHED_HASHES = 1024;
+
+async function cachedAddnetHash(path: string): Promise<string> {
+  const st = await stat(path);
+  let cached = addnetHashCache.get(path);
+  if (cached === undefined || cached.size !== st.size || cached.mtimeMs !== st.mtimeMs) {
+    cached = { size: st.size, mtimeMs: st.mtimeMs, hash: await loraAddnetHash(path) };
+    if (addnetHashCache.size >= MAX_CACHED_HASHES) addnetHashCache.clear();
+    addnetHashCache.set(path, cached);
+  }
+  return cached.hash;
+}
 
 /**
  * A1111's "Lora hashes" entries ("name: hash") of the request's LoRAs named only at weight 0, by name.
@@ -92,18 +103,19 @@ export async function unmergedLoraHashes(
   for (const name of new Set(uses.map((l) => l.name))) {
     if (merged.has(name)) continue;
     const path = lorasDir === undefined ? undefined : await resolveNamedFile(lorasDir, name, "lora").catch(() => undefined);
-    const st = path === undefined ? undefined : await stat(path).catch(() => undefined);
-    if (path === undefined || st === undefined) {
+    // Only a file gone between the lookup and the hash counts as missing; an unreadable one fails the task.
+    const hash =
+      path === undefined
+        ? undefined
+        : await cachedAddnetHash(path).catch((e: unknown) => {
+            if ((e as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+            throw e;
+          });
+    if (hash === undefined) {
       onMissing(name);
       continue;
     }
-    let cached = unmergedHashCache.get(path);
-    if (cached === undefined || cached.size !== st.size || cached.mtimeMs !== st.mtimeMs) {
-      cached = { size: st.size, mtimeMs: st.mtimeMs, hash: await loraAddnetHash(path) };
-      if (unmergedHashCache.size >= MAX_CACHED_HASHES) unmergedHashCache.clear();
-      unmergedHashCache.set(path, cached);
-    }
-    out.set(name, `${name}: ${cached.hash}`);
+    out.set(name, `${name}: ${hash}`);
   }
   return out;
 }
@@ -275,7 +287,7 @@ export async function loadModel(
     for (const l of key.loras) {
       const path = await resolveNamedFile(opts.lorasDir, l.name, "lora");
       requests.push({ path, unetWeight: l.unetWeight, textWeight: l.teWeight });
-      loraHashes.push(`${l.name}: ${await loraAddnetHash(path)}`);
+      loraHashes.push(`${l.name}: ${await cachedAddnetHash(path)}`);
     }
     const imported = await importCheckpointWithLoras(entry.path, requests, importOpts);
     dir = imported.dir;
