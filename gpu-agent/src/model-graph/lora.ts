@@ -446,28 +446,14 @@ export function deltaShape(file: string, mod: LoraModule, target?: readonly numb
     return down.shape.length === 4 ? [out, down.shape[1]!, ...spatial(down)] : [out, dcols];
   }
   if (mod.kind === "loha") {
-    const half = (n: 1 | 2): readonly number[] => {
-      const [a, b, t] = [`hada_w${n}_a`, `hada_w${n}_b`, `hada_t${n}`];
-      if (p[t]) return cpShape(file, mod.layer, p[t], p[a]!, p[b]!, t);
-      const [o, ra] = matrixDims(file, p[a]!, `${mod.layer}.${a}`);
-      const [r, c] = matrixDims(file, p[b]!, `${mod.layer}.${b}`);
-      if (ra !== r) throw ModelFileError.invalidFile(file, `${mod.layer}: ${a} and ${b} do not multiply`);
-      return p[b]!.shape.length === 4 ? [o, p[b]!.shape[1]!, ...spatial(p[b]!)] : [o, c];
-    };
+    const half = (n: 1 | 2): readonly number[] => productShape(file, mod, `hada_w${n}_a`, `hada_w${n}_b`, `hada_t${n}`);
     const [x, y] = [half(1), half(2)];
     if (numel(x) !== numel(y) || x[0] !== y[0])
       throw ModelFileError.invalidFile(file, `${mod.layer}: LoHa factors have inconsistent shapes`);
     return x.length >= y.length ? x : y;
   }
-  const factor = (full: string, fa: string, fb: string, core?: string): readonly number[] => {
-    if (p[full]) return p[full].shape;
-    if (core !== undefined && p[core]) return cpShape(file, mod.layer, p[core], p[fa]!, p[fb]!, core);
-    const [ra, ca] = matrixDims(file, p[fa]!, `${mod.layer}.${fa}`);
-    const [rb, cb] = matrixDims(file, p[fb]!, `${mod.layer}.${fb}`);
-    if (ca !== rb) throw ModelFileError.invalidFile(file, `${mod.layer}: ${fa} and ${fb} do not multiply`);
-    const b = p[fb]!;
-    return b.shape.length === 4 ? [ra, b.shape[1]!, ...spatial(b)] : [ra, cb];
-  };
+  const factor = (full: string, fa: string, fb: string, core?: string): readonly number[] =>
+    p[full] ? p[full].shape : productShape(file, mod, fa, fb, core);
   const x = factor("lokr_w1", "lokr_w1_a", "lokr_w1_b");
   const y = factor("lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2");
   if (![2, 4].includes(x.length) || ![2, 4].includes(y.length) || x.some((d) => d < 1) || y.some((d) => d < 1)) {
@@ -558,32 +544,15 @@ export async function computeDelta(file: string, mod: LoraModule, weight?: Mat, 
   }
   if (mod.kind === "loha") {
     // Each half is w_a·w_b, or with its Tucker core t (LyCORIS's use_tucker) the CP product of t, w_a and w_b.
-    const half = async (n: 1 | 2): Promise<Mat> => {
-      const [a, b, t] = [p[`hada_w${n}_a`]!, p[`hada_w${n}_b`]!, p[`hada_t${n}`]];
-      if (t) return cpWeight(file, mod.layer, t, a, b);
-      const ma = asMatrix(file, a, a.shape[0], `${mod.layer}.hada_w${n}_a`);
-      const mb = asMatrix(file, b, b.shape[0], `${mod.layer}.hada_w${n}_b`);
-      if (ma.cols !== mb.rows) throw ModelFileError.invalidFile(file, `${mod.layer}: LoHa factors have inconsistent shapes`);
-      const shape = b.shape.length === 4 ? [ma.rows, b.shape[1]!, b.shape[2]!, b.shape[3]!] : [ma.rows, mb.cols];
-      return { shape, data: await matmul(ma.data, mb.data, ma.rows, ma.cols, mb.cols) };
-    };
+    const half = (n: 1 | 2): Promise<Mat> => productWeight(file, mod, `hada_w${n}_a`, `hada_w${n}_b`, `hada_t${n}`);
     const [w1, w2] = [await half(1), await half(2)];
     if (w1.data.length !== w2.data.length) throw ModelFileError.invalidFile(file, `${mod.layer}: LoHa factors have inconsistent shapes`);
     const x = Float32Array.from(w1.data);
     for (let i = 0; i < x.length; i++) x[i]! *= w2.data[i]!;
     return { shape: w1.shape.length >= w2.shape.length ? w1.shape : w2.shape, data: x };
   }
-  const factor = async (full: string, fa: string, fb: string, core?: string): Promise<Mat> => {
-    if (p[full]) return p[full];
-    if (core !== undefined && p[core]) return cpWeight(file, mod.layer, p[core], p[fa]!, p[fb]!);
-    const a = p[fa]!;
-    const b = p[fb]!;
-    const ma = asMatrix(file, a, a.shape[0], `${mod.layer}.${fa}`);
-    const mb = asMatrix(file, b, b.shape[0], `${mod.layer}.${fb}`);
-    if (ma.cols !== mb.rows) throw ModelFileError.invalidFile(file, `${mod.layer}: ${fa} and ${fb} do not multiply`);
-    const shape = b.shape.length === 4 ? [ma.rows, b.shape[1]!, b.shape[2]!, b.shape[3]!] : [ma.rows, mb.cols];
-    return { shape, data: await matmul(ma.data, mb.data, ma.rows, ma.cols, mb.cols) };
-  };
+  const factor = async (full: string, fa: string, fb: string, core?: string): Promise<Mat> =>
+    p[full] ?? productWeight(file, mod, fa, fb, core);
   const w1 = await factor("lokr_w1", "lokr_w1_a", "lokr_w1_b");
   const w2 = await factor("lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2");
   if (w1.shape.length < 2 || w2.shape.length < 2 || w1.shape.length > 4 || w2.shape.length > 4) {
@@ -591,6 +560,32 @@ export async function computeDelta(file: string, mod: LoraModule, weight?: Mat, 
   }
   if (numel(w1.shape) * numel(w2.shape) > 1e9) throw ModelFileError.invalidFile(file, `${mod.layer}: LoKr product is implausibly large`);
   return kron(w1, w2);
+}
+
+/**
+ * The shape of a LoHa half or LoKr factor stored as parts a·b (b may be a conv kernel [r, in, kh, kw]), or
+ * with its Tucker core as their CP product.
+ */
+function productShape(file: string, mod: LoraModule, a: string, b: string, core?: string): readonly number[] {
+  const p = mod.parts;
+  if (core !== undefined && p[core]) return cpShape(file, mod.layer, p[core], p[a]!, p[b]!, core);
+  const [ra, ca] = matrixDims(file, p[a]!, `${mod.layer}.${a}`);
+  const [rb, cb] = matrixDims(file, p[b]!, `${mod.layer}.${b}`);
+  if (ca !== rb) throw ModelFileError.invalidFile(file, `${mod.layer}: ${a} and ${b} do not multiply`);
+  const bs = p[b]!.shape;
+  return bs.length === 4 ? [ra, bs[1]!, bs[2]!, bs[3]!] : [ra, cb];
+}
+
+/** The LoHa half or LoKr factor whose shape productShape gives. */
+async function productWeight(file: string, mod: LoraModule, a: string, b: string, core?: string): Promise<Mat> {
+  const p = mod.parts;
+  if (core !== undefined && p[core]) return cpWeight(file, mod.layer, p[core], p[a]!, p[b]!);
+  const ma = asMatrix(file, p[a]!, p[a]!.shape[0], `${mod.layer}.${a}`);
+  const mb = asMatrix(file, p[b]!, p[b]!.shape[0], `${mod.layer}.${b}`);
+  if (ma.cols !== mb.rows) throw ModelFileError.invalidFile(file, `${mod.layer}: ${a} and ${b} do not multiply`);
+  const bs = p[b]!.shape;
+  const shape = bs.length === 4 ? [ma.rows, bs[1]!, bs[2]!, bs[3]!] : [ma.rows, mb.cols];
+  return { shape, data: await matmul(ma.data, mb.data, ma.rows, ma.cols, mb.cols) };
 }
 
 /**
