@@ -116,6 +116,15 @@ describe("checkpoints of a sampling pass, and a retry that resumes from them", {
     }
   });
 
+  test("a resumed run takes the checkpoint's answers rather than making those model calls again", async () => {
+    const full = await render(pipe, request({ samplerName: "Euler a" }, { checkpointEverySteps: 2 }));
+    const first = joined(full.checkpoints, 1);
+    // Were the replayed steps computed afresh, answers of zeros would change nothing.
+    const zeroed = create(PassCheckpointSchema, { ...first, answers: first.answers.map((a) => new Uint8Array(a.length)) });
+    const resumed = await render(pipe, request({ samplerName: "Euler a" }, { checkpointEverySteps: 2, resumeFrom: zeroed }));
+    assert.notDeepEqual(Buffer.from(resumed.image.png), Buffer.from(full.image.png));
+  });
+
   test("an inpainting pass resumes toward the first attempt's init latent; a checkpoint that does not fit is INVALID_ARGUMENT", async () => {
     const picture = await solidPng(64, 64, { r: 200, g: 90, b: 30 });
     const mask = await rightHalfMask();
