@@ -499,10 +499,8 @@ test("checkpoints: a retry after a lost attempt resumes from the attempt's last 
   const h2 = harness([fakeAgent("lost-2", 1, { stepMs: 5, failAfter: [5, 5, 5] }, log2)]);
   const [t2] = h2.submit(1, 6);
   await new Promise((r) => setTimeout(r, 300));
-  assert.ok(
-    log2.filter((l) => l.startsWith("start")).every((l) => l === `start lost-2 ${t2!.id}`),
-    log2.join("; "),
-  );
+  const starts2 = log2.filter((l) => l.startsWith("start"));
+  assert.ok(starts2.length >= 2 && starts2.every((l) => l === `start lost-2 ${t2!.id}`), log2.join("; "));
   assert.equal(t2!.checkpoint, undefined);
   h2.scheduler.close();
 });
