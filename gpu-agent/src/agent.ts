@@ -273,11 +273,12 @@ export class Agent {
     );
     const vaes = this.vaes.current().catch(() => []);
     const upscalers = listUpscalers(this.cfg.upscalersDir);
+    const faceRestorers = listFaceRestorers(this.cfg.faceModelsDir);
     const models = this.catalog
       .list()
       .then(async (entries) => ({ entries, hashes: await this.hashes.of(entries), families: await this.families.of(entries) }));
-    void Promise.all([models, embeddings, vaes, upscalers]).then(
-      ([{ entries: models, hashes, families }, embeddings, vaes, upscalers]) => {
+    void Promise.all([models, embeddings, vaes, upscalers, faceRestorers]).then(
+      ([{ entries: models, hashes, families }, embeddings, vaes, upscalers, faceRestorers]) => {
         // close() may have begun draining while the catalog was listed; publishing then throws.
         if (!this.nc || !this.natsOpen()) return;
         const hb = create(HeartbeatSchema, {
@@ -299,7 +300,7 @@ export class Agent {
           ),
           vaes: vaes.map((f) => create(VaeInfoSchema, { name: f.name, sizeBytes: BigInt(f.sizeBytes ?? 0) })),
           upscalers,
-          faceRestorers: listFaceRestorers(this.cfg.faceModelsDir),
+          faceRestorers,
         });
         this.nc.publish(subjects.agentHeartbeat(this.id), toBinary(HeartbeatSchema, hb));
       },

@@ -116,10 +116,10 @@ describe("CodeFormer face restoration with tiny generated models", () => {
         e.field === "override_settings.face_restoration_model" &&
         e.message.includes(GFPGAN_FILES[0]),
     );
-    assert.deepEqual(listFaceRestorers(dir), ["CodeFormer"]);
+    assert.deepEqual(await listFaceRestorers(dir), ["CodeFormer"]);
     await writeTinyGfpgan(join(dir, GFPGAN_FILES[1]));
-    assert.deepEqual(listFaceRestorers(dir), ["CodeFormer", "GFPGAN"]);
-    assert.deepEqual(listFaceRestorers(mkdtempSync(join(tmpdir(), "nofaces-"))), [], "no detector, no restorer");
+    assert.deepEqual(await listFaceRestorers(dir), ["CodeFormer", "GFPGAN"]);
+    assert.deepEqual(await listFaceRestorers(mkdtempSync(join(tmpdir(), "nofaces-"))), [], "no detector, no restorer");
     const paths = faceModelPaths(dir, "GFPGAN");
     assert.equal(paths.network, join(dir, GFPGAN_FILES[1]));
     const out = await restoreFaces(inProcessRunner(), paths, img, 1, signal);

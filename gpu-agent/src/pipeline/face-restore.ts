@@ -5,6 +5,7 @@
  * same helper with only the network swapped), and pasted back through a feathered mask.
  */
 import { existsSync } from "node:fs";
+import { readdir } from "node:fs/promises";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import sharp from "sharp";
@@ -118,11 +119,13 @@ export async function detectorInput(image: Image8, size = DETECTOR_SIZE): Promis
 }
 
 /** The face restorers whose files `dir` holds (the detector and the restorer's network). */
-export function listFaceRestorers(dir: string | undefined): FaceRestorationModel[] {
-  if (dir === undefined || !existsSync(join(dir, DETECTOR_FILE))) return [];
+export async function listFaceRestorers(dir: string | undefined): Promise<FaceRestorationModel[]> {
+  // One readdir off the event loop: the heartbeat asks every second.
+  const files = new Set(dir === undefined ? [] : await readdir(dir).catch(() => [] as string[]));
+  if (!files.has(DETECTOR_FILE)) return [];
   const out: FaceRestorationModel[] = [];
-  if (existsSync(join(dir, CODEFORMER_FILE))) out.push("CodeFormer");
-  if (GFPGAN_FILES.some((f) => existsSync(join(dir, f)))) out.push("GFPGAN");
+  if (files.has(CODEFORMER_FILE)) out.push("CodeFormer");
+  if (GFPGAN_FILES.some((f) => files.has(f))) out.push("GFPGAN");
   return out;
 }
 
