@@ -227,8 +227,16 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
   }
   // A checkpointing run's answers not sent yet, and how many calls the coordinator already has.
   const every = checkpoint?.every ?? 0;
+  // The first checkpoint carries the start as the pass began (the sampler may work in input.start).
   const unsent =
-    every > 0 ? { answers: [] as Float32Array[], uncond: [] as Float32Array[], sentUpTo: resume?.answers.length ?? 0 } : undefined;
+    every > 0
+      ? {
+          answers: [] as Float32Array[],
+          uncond: [] as Float32Array[],
+          sentUpTo: resume?.answers.length ?? 0,
+          start: resume?.start ?? input.start.slice(),
+        }
+      : undefined;
   const sendCheckpoint = (): void => {
     if (unsent === undefined || unsent.answers.length === 0) return;
     const first = unsent.sentUpTo === 0;
@@ -236,14 +244,13 @@ async function drive(pipe: LoadedPipeline, input: DenoiseInput, ahead: NoiseAhea
       firstCall: unsent.sentUpTo,
       answers: unsent.answers,
       uncondAnswers: unsent.uncond,
-      start: first ? (resume?.start ?? startLatent).slice() : undefined,
+      start: first ? unsent.start.slice() : undefined,
       init: first ? input.maskBlend?.init.slice() : undefined,
     });
     unsent.sentUpTo += unsent.answers.length;
     unsent.answers = [];
     unsent.uncond = [];
   };
-  const startLatent = input.start.slice();
   // What a switching run hands the refiner's: its start as it began, and each call's answer in order.
   const record =
     refiner?.mode === "switch" ? { start: input.start.slice(), answers: [] as Float32Array[], uncond: [] as Float32Array[] } : undefined;
