@@ -77,7 +77,8 @@ export type PixelUpscaler =
       tensorTiles?: {
         tileSize: number;
         tileOverlap: number;
-        runTensor: (...args: [...Parameters<UpscaleTensor>, AbortSignal]) => ReturnType<UpscaleTensor>;
+        /** The model on one BGR tensor tile (an UpscaleTensor that takes a signal). */
+        runTensor: (bgr: Float32Array, width: number, height: number, signal: AbortSignal) => ReturnType<UpscaleTensor>;
         round: (v: number) => number;
       };
     };
@@ -198,21 +199,21 @@ async function sharpResize(img: Image8, to: Size, kernel: "lanczos3" | "nearest"
   };
 }
 
+/** What the upscale planners need of an upscaler: its name and a model's scale. */
+const planned = (upscaler: PixelUpscaler): { name: string; modelScale?: number } => ({
+  name: upscaler.name,
+  ...(upscaler.kind === "model" && { modelScale: upscaler.scale }),
+});
+
 /** A1111 `images.resize_image(0, img, W, H, upscaler)`: the upscaler's passes, then Lanczos to the exact size. */
 export async function upscaleImage(img: Image8, target: Size, upscaler: PixelUpscaler, signal: AbortSignal): Promise<Image8> {
-  const steps = planPixelUpscale({ width: img.width, height: img.height }, target, {
-    name: upscaler.name,
-    ...(upscaler.kind === "model" && { modelScale: upscaler.scale }),
-  });
+  const steps = planPixelUpscale({ width: img.width, height: img.height }, target, planned(upscaler));
   return runUpscaleSteps(img, steps, upscaler, signal);
 }
 
 /** A1111 `Upscaler.upscale(img, scale)` (the Extras tab's upscale): its passes and a Lanczos resize to (w·scale)//8·8. */
 export async function upscaleBy(img: Image8, scale: number, upscaler: PixelUpscaler, signal: AbortSignal): Promise<Image8> {
-  const { steps } = planUpscaleBy({ width: img.width, height: img.height }, scale, {
-    name: upscaler.name,
-    ...(upscaler.kind === "model" && { modelScale: upscaler.scale }),
-  });
+  const { steps } = planUpscaleBy({ width: img.width, height: img.height }, scale, planned(upscaler));
   return runUpscaleSteps(img, steps, upscaler, signal);
 }
 
