@@ -6,18 +6,20 @@ import { TaskStage } from "./gen/latentfarm/v1/agent_pb.js";
 import type { GenerationParams } from "./gen/latentfarm/v1/generation_pb.js";
 import { isHiresTxt2img } from "./hires-passes.js";
 
-/** Upscaler names every agent can run without a file: A1111's latent modes and its resize upscalers. */
-export const BUILTIN_UPSCALERS: ReadonlySet<string> = new Set([
-  "None",
-  "Lanczos",
-  "Nearest",
+/** A1111's latent upscale modes (shared.latent_upscale_modes), by the names hr_upscaler takes. */
+export const LATENT_UPSCALERS = [
   "Latent",
   "Latent (antialiased)",
   "Latent (bicubic)",
   "Latent (bicubic antialiased)",
   "Latent (nearest)",
   "Latent (nearest-exact)",
-]);
+] as const;
+
+export type LatentUpscaler = (typeof LATENT_UPSCALERS)[number];
+
+/** Upscaler names every agent can run without a file: A1111's latent modes and its resize upscalers. */
+export const BUILTIN_UPSCALERS: ReadonlySet<string> = new Set(["None", "Lanczos", "Nearest", ...LATENT_UPSCALERS]);
 
 /** A named model a task needs, and the request field that names it. */
 export interface NeededModel {

@@ -9,6 +9,7 @@
  * documented rather than guessed: whether the compiler fused a multiply-add into an FMA (1 ulp), and
  * CUDA's kernels, which use the same formulas with a different summation order (1 ulp).
  */
+import type { LatentUpscaler } from "@latentfarm/shared";
 
 const f32 = Math.fround;
 
@@ -20,7 +21,7 @@ export interface LatentUpscaleMode {
 }
 
 /** A1111 `shared.latent_upscale_modes`, keyed by the names the UI and the API use for hr_upscaler. */
-export const LATENT_UPSCALE_MODES: Readonly<Record<string, LatentUpscaleMode>> = Object.freeze({
+export const LATENT_UPSCALE_MODES: Readonly<Record<LatentUpscaler, LatentUpscaleMode>> = Object.freeze({
   Latent: { mode: "bilinear", antialias: false },
   "Latent (antialiased)": { mode: "bilinear", antialias: true },
   "Latent (bicubic)": { mode: "bicubic", antialias: false },
@@ -35,7 +36,7 @@ export const DEFAULT_LATENT_UPSCALER = "Latent";
 /** The interpolate mode for an A1111 latent upscaler name, or undefined for pixel-space upscalers. */
 export function latentUpscaleMode(name: string | null | undefined): LatentUpscaleMode | undefined {
   const key = name ?? DEFAULT_LATENT_UPSCALER;
-  return Object.hasOwn(LATENT_UPSCALE_MODES, key) ? LATENT_UPSCALE_MODES[key] : undefined;
+  return Object.hasOwn(LATENT_UPSCALE_MODES, key) ? LATENT_UPSCALE_MODES[key as LatentUpscaler] : undefined;
 }
 
 export type Nchw = readonly [n: number, c: number, h: number, w: number];
