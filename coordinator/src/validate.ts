@@ -3,6 +3,7 @@ import {
   EXTRAS_MODEL,
   FarmError,
   checkExtras,
+  isPlainName,
   hiresCheckpoint,
   refinerCheckpoint,
   checkRefinerSwitchAt,
@@ -201,7 +202,7 @@ export function validateJob(
     if (!Number.isFinite(l.teWeight) || !Number.isFinite(l.unetWeight)) throw FarmError.invalid(`loras[${i}]`, "weights must be finite");
   }
   const refiner = refinerCheckpoint(p);
-  if (refiner !== undefined && (refiner.length > 200 || /[/\\\0]/.test(refiner) || refiner.startsWith(".")))
+  if (refiner !== undefined && !isPlainName(refiner))
     throw FarmError.invalid("refiner_checkpoint", `"${refiner.slice(0, 200)}" is not a model name`);
   checkRefinerSwitchAt(p);
   if (p.enableHr) {
@@ -217,7 +218,7 @@ export function validateJob(
     if (p.hrSecondPassSteps < 0 || p.hrSecondPassSteps > L.maxSteps)
       throw FarmError.invalid("hr_second_pass_steps", `must be in [0, ${L.maxSteps}]`);
     const checkpoint = hiresCheckpoint(p);
-    if (checkpoint !== undefined && (checkpoint.length > 200 || /[/\\\0]/.test(checkpoint) || checkpoint.startsWith(".")))
+    if (checkpoint !== undefined && !isPlainName(checkpoint))
       throw FarmError.invalid("hr_checkpoint_name", `"${checkpoint.slice(0, 200)}" is not a model name`);
     if (p.hrSamplerName !== "" || p.hrScheduler !== "") {
       try {

@@ -1,6 +1,7 @@
 // A1111's Extras tab as a farm job (GenerationParams.extras): its defaults and its checks, shared by the
 // coordinator, which refuses a bad job at Submit, and the agent, which runs it.
 import { FarmError } from "./errors.js";
+import { isPlainName } from "./names.js";
 import type { ExtrasParams, GenerationParams } from "./gen/latentfarm/v1/generation_pb.js";
 
 /**
@@ -37,8 +38,7 @@ function unit(name: string, v: number): number {
 
 function upscalerName(name: string, v: string): string {
   const s = v === "" ? "None" : v;
-  if (s.length > 200 || /[/\\\0]/.test(s) || s.startsWith("."))
-    throw FarmError.invalid(`${FIELD}.${name}`, `"${s.slice(0, 200)}" is not an upscaler name`);
+  if (!isPlainName(s)) throw FarmError.invalid(`${FIELD}.${name}`, `"${s.slice(0, 200)}" is not an upscaler name`);
   return s;
 }
 

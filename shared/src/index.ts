@@ -18,4 +18,5 @@ export * from "./hires-passes.js";
 export * from "./sampling-work.js";
 export * from "./extras.js";
 export * from "./auxiliary-models.js";
+export * from "./names.js";
 export * from "./refiner.js";
