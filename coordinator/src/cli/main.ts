@@ -90,8 +90,8 @@ Hires tiling (coordinator, up): a Hires.fix second pass of more pixels than --hi
 seams: --hires-tile-size PX (default 512, a multiple of 64) --hires-tile-overlap PX (default 64).
 `;
 
-/** `--checkpoint-every N` (steps, 0 for none) and `--checkpoint-max-mib M`: whole numbers ≥ 0. */
-function checkpointEvery(x: string, flag = "checkpoint-every"): number {
+/** A flag that takes a whole number ≥ 0 (--checkpoint-every, --checkpoint-max-mib). */
+function wholeNumber(flag: string, x: string): number {
   const n = Number(x);
   if (!Number.isSafeInteger(n) || n < 0) throw new UsageError(`--${flag} must be a whole number ≥ 0, got "${x}"`);
   return n;
@@ -655,8 +655,8 @@ async function runCoordinator(argv: string[]): Promise<number> {
           prefix: v["store-prefix"],
         },
     speculate: !v["no-speculate"],
-    checkpointEverySteps: checkpointEvery(v["checkpoint-every"]),
-    checkpointMaxBytes: checkpointEvery(v["checkpoint-max-mib"], "checkpoint-max-mib") * 1024 * 1024,
+    checkpointEverySteps: wholeNumber("checkpoint-every", v["checkpoint-every"]),
+    checkpointMaxBytes: wholeNumber("checkpoint-max-mib", v["checkpoint-max-mib"]) * 1024 * 1024,
     hires: tilingFromFlags(v),
     ...(v["tenants-file"] ? { tenants: JSON.parse(readFileSync(v["tenants-file"], "utf8")) as CoordinatorConfig["tenants"] } : {}),
     ...(v["max-finished-in-memory"] ? { maxFinishedInMemory: num("max-finished-in-memory", v["max-finished-in-memory"])! } : {}),
@@ -827,7 +827,7 @@ async function up(argv: string[]): Promise<number> {
     ...(v.embeddings !== undefined && { embeddings: v.embeddings }),
     ...(v["vae-dir"] !== undefined && { vaeDir: v["vae-dir"] }),
     ...(v["styles-file"] !== undefined && { stylesFiles: v["styles-file"] }),
-    checkpointEverySteps: checkpointEvery(v["checkpoint-every"]),
+    checkpointEverySteps: wholeNumber("checkpoint-every", v["checkpoint-every"]),
   });
   io.out(`farm up: coordinator ${farm.coordinatorAddress}, ${farm.agents.length} agent(s); Ctrl-C stops it\n`);
   await untilSignal();
