@@ -157,9 +157,7 @@ export function faceModelPaths(dir: string | undefined, restorer: FaceRestoratio
     throw new FarmError(
       grpc.status.FAILED_PRECONDITION,
       `face restoration model ${files.map((f) => join(dir, f)).join(" or ")} not found`,
-      {
-        field,
-      },
+      { field },
     );
   }
   return { detector, restorer, network };

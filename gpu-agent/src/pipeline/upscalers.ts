@@ -139,9 +139,7 @@ export async function resolveUpscaler(
     throw new FarmError(
       grpc.status.FAILED_PRECONDITION,
       `upscaler "${name}": ${files.map((f) => join(resources.upscalersDir!, f)).join(" or ")} not found (nor in its ${Object.keys(TENSOR_TILED).join(" or ")} folder)`,
-      {
-        field,
-      },
+      { field },
     );
   }
   const found = place.path;
