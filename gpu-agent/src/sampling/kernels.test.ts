@@ -99,27 +99,30 @@ test("kernels refuse parameters that are not float32 values and operands of the 
   }
 });
 
-test("abs and max match Math.abs and Math.max, and long arrays run block by block with the same bits", () => {
+test("abs, max and pmax match Math.abs, Math.max and a < b ? b : a, and long arrays run block by block with the same bits", () => {
   const random = prng(11);
   for (let trial = 0; trial < 12; trial++) {
     const inputs = 1 + Math.floor(random() * 3);
     const params = 1 + Math.floor(random() * 2);
     const leaf = (): Expr => (random() < 0.7 ? e.in(Math.floor(random() * inputs)) : e.param(Math.floor(random() * params)));
     const a = randomExpr(random, inputs, params, 2);
-    const outputs = [e.max(e.abs(a), leaf()), e.div(e.sub(leaf(), a), e.max(e.param(0), e.abs(leaf())))];
+    const outputs = [e.max(e.abs(a), leaf()), e.div(e.sub(leaf(), a), e.max(e.param(0), e.abs(leaf()))), e.pmax(a, leaf())];
     const kernel = new Kernel({ inputs, params, outputs });
     // Several blocks, a partial last block, and a tail that is not a multiple of 4.
     const n = [KERNEL_BLOCK * 2 + 7, KERNEL_BLOCK, KERNEL_BLOCK + 1, 3 * KERNEL_BLOCK - 2][trial % 4]!;
     const ins = Array.from({ length: inputs }, () => operand(random, n));
     const ps = Array.from({ length: params }, () => Math.fround((random() - 0.5) * 8));
-    const want = [new Float32Array(n), new Float32Array(n)];
+    const want = [new Float32Array(n), new Float32Array(n), new Float32Array(n)];
     kernel.runReference(want, ins, ps);
-    const got = [new Float32Array(n), new Float32Array(n)];
+    const got = [new Float32Array(n), new Float32Array(n), new Float32Array(n)];
     kernel.run(got, ins, ps);
-    assert.ok(sameBits(got[0]!, want[0]!) && sameBits(got[1]!, want[1]!), `trial ${trial} (n=${n})`);
+    assert.ok(
+      got.every((g, j) => sameBits(g, want[j]!)),
+      `trial ${trial} (n=${n})`,
+    );
     // Writing over an input, block by block, still reads each input value before it is replaced.
     const inPlace = ins.map((x) => x.slice());
-    kernel.run([inPlace[0]!, got[1]!], inPlace, ps);
+    kernel.run([inPlace[0]!, got[1]!, got[2]!], inPlace, ps);
     assert.ok(sameBits(inPlace[0]!, want[0]!) && sameBits(got[1]!, want[1]!), `in place, trial ${trial}`);
   }
   assert.equal(Math.max(-0, 0), 0);
@@ -130,6 +133,15 @@ test("abs and max match Math.abs and Math.max, and long arrays run block by bloc
     [...out].map((v) => (Object.is(v, -0) ? "-0" : String(v))),
     ["0", "0", "NaN", "NaN", "-0", "0", "-1", "2"],
   );
+  // pmax is a < b ? b : a: NaN only from its first operand, and the first of two zeros.
+  const pseudo = new Kernel({ inputs: 2, params: 0, outputs: [e.pmax(e.in(0), e.in(1))] });
+  const pairs = [Float32Array.of(-0, 0, NaN, 1, -0, 0, -1, 2), Float32Array.of(0, -0, 1, NaN, -0, 0, -2, 3)] as const;
+  const want = new Float32Array(8);
+  pseudo.runReference([want], [...pairs]);
+  pseudo.run([out], [...pairs]);
+  const shown = (a: Float32Array): string[] => [...a].map((v) => (Object.is(v, -0) ? "-0" : String(v)));
+  assert.deepEqual(shown(want), ["-0", "0", "NaN", "1", "-0", "0", "-1", "3"]);
+  assert.deepEqual(shown(out), shown(want));
 });
 
 test("runSumOfSquares's order: element k into S(k mod 4), then (S0 + S1) + (S2 + S3), then the tail", () => {

@@ -13,7 +13,7 @@ import { name, section, uleb } from "../runtime/wasm-encoding.js";
 export type Expr =
   | { readonly op: "in"; readonly index: number }
   | { readonly op: "param"; readonly index: number }
-  | { readonly op: "add" | "sub" | "mul" | "div" | "max"; readonly a: Expr; readonly b: Expr }
+  | { readonly op: "add" | "sub" | "mul" | "div" | "max" | "pmax"; readonly a: Expr; readonly b: Expr }
   | { readonly op: "sqrt" | "abs"; readonly a: Expr };
 
 export const e = {
@@ -28,6 +28,12 @@ export const e = {
   abs: (a: Expr): Expr => ({ op: "abs", a }),
   /** JS Math.max(a, b): NaN when either is NaN, +0 over −0; exact (it picks one operand). */
   max: (a: Expr, b: Expr): Expr => ({ op: "max", a, b }),
+  /**
+   * a < b ? b : a (WebAssembly's pmax): exact, one instruction where max takes several to get NaN and
+   * signed zeros right. It is NaN only when a is, so it equals max when a is the operand that may be NaN
+   * and neither is −0 against +0 (as for magnitudes, or a positive tolerance).
+   */
+  pmax: (a: Expr, b: Expr): Expr => ({ op: "pmax", a, b }),
 };
 
 export interface KernelSpec {
@@ -68,6 +74,7 @@ const SIMD_OP = {
   div: 0xe7,
   // f32x4.max, not pmax: NaN-propagating and +0 over −0, as Math.max.
   max: 0xe9,
+  pmax: 0xeb,
   shuffle: 0x0d,
   promoteLow: 0x5f,
   f64Add: 0xf0,
@@ -99,7 +106,7 @@ function countUses(outputs: readonly Expr[]): Map<Expr, number> {
     const seen = uses.get(node) ?? 0;
     uses.set(node, seen + 1);
     if (seen > 0) return;
-    if (node.op === "add" || node.op === "sub" || node.op === "mul" || node.op === "div" || node.op === "max") {
+    if (node.op === "add" || node.op === "sub" || node.op === "mul" || node.op === "div" || node.op === "max" || node.op === "pmax") {
       visit(node.a);
       visit(node.b);
     } else if (node.op === "sqrt" || node.op === "abs") visit(node.a);
@@ -424,6 +431,11 @@ function evaluate(node: Expr, ins: readonly Float32Array[], params: readonly num
       return Math.abs(evaluate(node.a, ins, params, k));
     case "max":
       return Math.max(evaluate(node.a, ins, params, k), evaluate(node.b, ins, params, k));
+    case "pmax": {
+      const a = evaluate(node.a, ins, params, k);
+      const b = evaluate(node.b, ins, params, k);
+      return a < b ? b : a;
+    }
   }
 }
 

@@ -325,6 +325,9 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
   if (!forward && eta) throw new RangeError("eta must be 0 for reverse sampling");
   const atol = f32(o.atol ?? 0.0078);
   const rtol = f32(o.rtol ?? 0.05);
+  // The error kernel's maxima take NaN from the latents only (updates.ts adaptiveErrorExpr).
+  if (Number.isNaN(atol) || Number.isNaN(rtol))
+    throw new RangeError(`DPM adaptive's atol and rtol must be numbers, got ${atol} and ${rtol}`);
   const pid = new PidStepSizeController(
     Math.abs(o.hInit ?? 0.05) * (forward ? 1 : -1),
     o.pcoeff ?? 0,

@@ -326,4 +326,27 @@ test("DPM-Solver kernels with the ancestral noise or the adaptive error fused in
     assert.ok(sameBits(high, wantCombined), "high + noise");
     assert.ok(Object.is(gotSum, wantSum), `error sum ${gotSum} vs ${wantSum}`);
   }
+  // δ's maxima where they are not plain: magnitudes of zero (δ = atol), an infinite x_prev, and NaN in x_prev
+  // (torch.maximum's NaN: the error is NaN, whatever low is) or in low.
+  const atol = f32(0.0078);
+  const rtol = f32(0.05);
+  const edgePrev = Float32Array.from(prev);
+  const edgeLow = Float32Array.from(low);
+  edgePrev[0] = 0;
+  edgeLow[0] = -0;
+  edgePrev[5] = Infinity;
+  edgePrev[9] = -0;
+  const sumOf = (lowArg: Float32Array, prevArg: Float32Array): number =>
+    dpmEpsCombineWithError(new Float32Array(n), u, denU, start, sigmaU, pair, lowArg, prevArg, atol, rtol, { noise, scale });
+  const finite = sumOf(edgeLow, edgePrev);
+  assert.ok(Object.is(finite, scalarErrorSum(edgeLow, combined, edgePrev, atol, rtol)), `edge sum ${finite}`);
+  assert.ok(Number.isFinite(finite), "an infinite x_prev makes δ infinite and r 0");
+  for (const at of [3, n - 1]) {
+    const nanPrev = Float32Array.from(prev);
+    nanPrev[at] = NaN;
+    assert.ok(Number.isNaN(sumOf(low, nanPrev)), `NaN in x_prev at ${at}`);
+    const nanLow = Float32Array.from(low);
+    nanLow[at] = NaN;
+    assert.ok(Number.isNaN(sumOf(nanLow, prev)), `NaN in low at ${at}`);
+  }
 });

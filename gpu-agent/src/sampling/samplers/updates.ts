@@ -712,9 +712,12 @@ export function uniPcDataPrediction(out: Float32Array, x: Float32Array, eps: Flo
 /**
  * DPM adaptive's error ratio r = (low − high)/δ with δ = max(atol, rtol·max(|low|, |x_prev|)), one
  * float32 rounding per operation as the scalar form max(atol, f32(rtol·max(…))), f32(f32(low − high)/δ).
+ * Both maxima are pmax, with the operand that may be NaN first: torch.maximum's NaN where it decides r
+ * (|x_prev| NaN; |low| NaN makes the numerator NaN anyway), no signed zeros to tell apart (magnitudes,
+ * rtol and atol positive), and a third of the kernel's time where NaN-exact max took it.
  */
 const adaptiveErrorExpr = (low: Expr, high: Expr, xPrev: Expr, atol: Expr, rtol: Expr): Expr =>
-  e.div(e.sub(low, high), e.max(atol, e.mul(rtol, e.max(e.abs(low), e.abs(xPrev)))));
+  e.div(e.sub(low, high), e.pmax(e.mul(rtol, e.pmax(e.abs(xPrev), e.abs(low))), atol));
 
 /**
  * DPM adaptive's last combination (one pair of dpmEpsCombines: `high`) and its error against `low` in the
