@@ -48,7 +48,7 @@ import { modelsFromInfotext } from "./infotext-models.js";
 import { DEFAULT_DURABLE_CONFIG, DurableStore, type DurableStoreConfig } from "./durable-store.js";
 import { DEFAULT_TENANT_POLICY, type TenantPolicy } from "./fair-queue.js";
 import { Job, JobStore, type JobSpec } from "./job-store.js";
-import { Scheduler, offersModel, type Task } from "./scheduler.js";
+import { Scheduler, checkStagesPlaceable, offersModel, type Task } from "./scheduler.js";
 import {
   DEFAULT_HIRES_TILING,
   HiresImage,
@@ -903,6 +903,7 @@ export class Coordinator {
     }
     const key: SpeedKey = { model: v.params.model, width: v.params.width ?? 512, height: v.params.height ?? 512 };
     const plan = planHires(v.params, this.tiling);
+    checkStagesPlaceable(v.params, plan, agents);
     const modelCalls = plan ? equivalentModelCalls(plan, v.params) : imageWork(v.params).modelCalls;
     this.admit(tenant, key, modelCalls, v.imageCount, opts.deadlineUnixMs ?? 0);
     v.params.seed = resolveSeed(v.params.seed);

@@ -103,6 +103,13 @@ export function equivalentModelCalls(plan: HiresPlan, p: Pick<GenerationParams, 
   return passWork(plan.steps, p.samplerName).modelCalls + Math.ceil((second * px2) / px1);
 }
 
+/** The kinds of task an image of this plan runs, in order (FULL: the image is one task). */
+export function stageKinds(plan: HiresPlan | undefined): TaskStage[] {
+  if (!plan) return [TaskStage.FULL];
+  if (!plan.layout) return [TaskStage.FIRST_PASS, TaskStage.SECOND_PASS];
+  return [TaskStage.FIRST_PASS, TaskStage.UPSCALE, TaskStage.SECOND_PASS_TILE, TaskStage.ASSEMBLE];
+}
+
 export interface StageSpec {
   /** "first", "second", "up", "t<n>", "asm": the task id's suffix and the hand-over's name. */
   readonly name: string;

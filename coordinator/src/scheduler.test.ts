@@ -4,6 +4,7 @@ import * as grpc from "@grpc/grpc-js";
 import { create } from "@bufbuild/protobuf";
 import {
   AgentInfoSchema,
+  EXTRAS_MODEL,
   FarmError,
   GenerationParamsSchema,
   ImageSchema,
@@ -16,7 +17,8 @@ import {
 import type { AgentState } from "./agent-registry.js";
 import { DEFAULT_TENANT_POLICY } from "./fair-queue.js";
 import { Job } from "./job-store.js";
-import { Scheduler, type SchedulerHooks, type Task } from "./scheduler.js";
+import { Scheduler, checkStagesPlaceable, type SchedulerHooks, type Task } from "./scheduler.js";
+import { DEFAULT_HIRES_TILING, planHires } from "./hires-stages.js";
 import { SpeedModel } from "./speed-model.js";
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -541,4 +543,55 @@ test("a refiner task's estimate counts the refiner's load on an agent that would
     ["warm"],
   );
   h.scheduler.close();
+});
+
+test("a job is refused at submit when no one agent has a stage's checkpoint and files together, each existing somewhere", () => {
+  const log: string[] = [];
+  const agent = (id: string, models: string[], files: { upscalers?: string[]; faces?: string[]; vaes?: string[] }): AgentState => {
+    const a = fakeAgent(id, 1, { stepMs: 1 }, log);
+    a.available = new Set(models);
+    a.upscalers = new Set(files.upscalers ?? []);
+    a.faceRestorers = new Set(files.faces ?? []);
+    a.vaes = (files.vaes ?? []).map((name) => create(VaeInfoSchema, { name }));
+    return a;
+  };
+  const refused = (p: Parameters<typeof create<typeof GenerationParamsSchema>>[1], agents: AgentState[]): FarmError | undefined => {
+    const params = create(GenerationParamsSchema, { prompt: "x", steps: 4, width: 512, height: 512, ...p });
+    try {
+      checkStagesPlaceable(params, planHires(params, DEFAULT_HIRES_TILING), agents);
+      return undefined;
+    } catch (err) {
+      assert.ok(err instanceof FarmError);
+      return err;
+    }
+  };
+  const hires = { model: "m", enableHr: true, hrScale: 2, hrUpscaler: "4x-Up" };
+  // The upscaler is on the agent without the model: the second pass (which upscales) has nowhere to run.
+  const split = [agent("a0", ["m"], {}), agent("a1", ["other"], { upscalers: ["4x-Up"] })];
+  const err = refused(hires, split);
+  assert.equal(err?.code, grpc.status.FAILED_PRECONDITION);
+  assert.equal(err?.field, "hr_upscaler");
+  assert.equal(err?.retryable, false);
+  assert.match(err!.message, /checkpoint "m" \(on a0\) and upscaler "4x-Up".*on a1/);
+  assert.equal(refused(hires, [...split, agent("a2", ["m"], { upscalers: ["4x-Up"] })]), undefined, "a2 has both");
+  // Tiled (2048²): the upscale stage needs it too; a built-in upscaler needs no file.
+  assert.equal(refused({ ...hires, width: 1024, height: 1024 }, split)?.field, "hr_upscaler");
+  assert.equal(refused({ ...hires, hrUpscaler: "Lanczos" }, split), undefined);
+  // The second pass runs on hr_checkpoint_name's agents.
+  const second = [agent("a0", ["m"], { upscalers: ["4x-Up"] }), agent("a1", ["m2"], {})];
+  assert.equal(refused({ ...hires, hrCheckpointName: "m2" }, second)?.field, "hr_upscaler");
+  assert.equal(refused(hires, second), undefined);
+  // Face restoration with a refiner: the pass may finish where the refiner is, so its agents need the files too.
+  const faces = [agent("a0", ["m"], { faces: ["CodeFormer"] }), agent("a1", ["r"], {})];
+  const withRefiner = { model: "m", restoreFaces: true, refinerCheckpoint: "r", refinerSwitchAt: 0.5 };
+  assert.equal(refused(withRefiner, faces)?.field, "restore_faces");
+  assert.equal(refused({ ...withRefiner, refinerCheckpoint: "" }, faces), undefined);
+  // The job's VAE.
+  const vae = [agent("a0", ["m"], {}), agent("a1", ["m2"], { vaes: ["v.safetensors"] })];
+  assert.equal(refused({ model: "m", overrideSettings: { sdVae: "v.safetensors" } }, vae)?.field, "override_settings.sd_vae");
+  // Extras run on any agent, but on one: its upscaler and face restorer must be on the same agent.
+  const extras = { model: EXTRAS_MODEL, initImages: [new Uint8Array(1)], extras: { upscaler1: "4x-Up", gfpganVisibility: 0.5 } };
+  const apart = [agent("a0", ["m"], { upscalers: ["4x-Up"] }), agent("a1", ["m"], { faces: ["GFPGAN"] })];
+  assert.equal(refused(extras, apart)?.field, "extras.gfpgan_visibility");
+  assert.equal(refused(extras, [...apart, agent("a2", [], { upscalers: ["4x-Up"], faces: ["GFPGAN"] })]), undefined);
 });

@@ -11,6 +11,7 @@ import {
   refinerCheckpoint,
   refinerInPass,
   samplingPass,
+  secondPassModel,
   statusName,
   type COORDINATOR_METRICS,
   type Handover,
@@ -21,11 +22,13 @@ import {
   EXTRAS_MODEL,
   auxiliaryNeeds,
   type AuxiliaryNeeds,
+  type GenerationParams,
 } from "@latentfarm/shared";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { AgentRegistry, AgentState } from "./agent-registry.js";
 import { FairQueue, type FairItem, type TenantPolicy } from "./fair-queue.js";
 import type { Job } from "./job-store.js";
+import { stageKinds, type HiresPlan } from "./hires-stages.js";
 import type { SpeedKey, SpeedModel } from "./speed-model.js";
 
 export type TaskState = "queued" | "running" | "done" | "failed" | "cancelled";
@@ -87,10 +90,20 @@ export interface TaskStageSpec {
 
 /** Whether an agent has the files a task names: its VAE, and the upscalers and face restorers its stage runs. */
 function hasFilesFor(a: AgentState, task: Task): boolean {
-  const vae = namedVae(task.job.spec.params.overrideSettings?.sdVae);
-  if (vae !== undefined && !a.vaes.some((f) => f.name === vae)) return false;
-  const needs = (task.auxiliary ??= auxiliaryNeeds(task.job.spec.params, task.stage?.request.stage));
-  return needs.upscalers.every((u) => a.upscalers.has(u.name)) && needs.faceRestorers.every((f) => a.faceRestorers.has(f.name));
+  return (
+    missingFile(a, task.job.spec.params, (task.auxiliary ??= auxiliaryNeeds(task.job.spec.params, task.stage?.request.stage))) === undefined
+  );
+}
+
+/** A file of a job's stage (`needs`: its upscalers and face restorers; and the job's VAE) that an agent lacks. */
+export function missingFile(a: AgentState, p: GenerationParams, needs: AuxiliaryNeeds): { what: string; field: string } | undefined {
+  const vae = namedVae(p.overrideSettings?.sdVae);
+  if (vae !== undefined && !a.vaes.some((f) => f.name === vae)) return { what: `VAE "${vae}"`, field: "override_settings.sd_vae" };
+  const upscaler = needs.upscalers.find((u) => !a.upscalers.has(u.name));
+  if (upscaler !== undefined) return { what: `upscaler "${upscaler.name}"`, field: upscaler.field };
+  const restorer = needs.faceRestorers.find((f) => !a.faceRestorers.has(f.name));
+  if (restorer !== undefined) return { what: `face restorer ${restorer.name}`, field: restorer.field };
+  return undefined;
 }
 
 /**
@@ -1193,5 +1206,44 @@ export class Scheduler {
     this.paused = true;
     if (this.tick) clearInterval(this.tick);
     if (this.wakeTimer) clearTimeout(this.wakeTimer);
+  }
+}
+
+/**
+ * Each stage of a job has an agent that holds its checkpoint and every file it runs, together: a job whose
+ * upscaler is on one agent and model on another is accepted otherwise and then waits for an agent that
+ * never comes. A pass that may switch to a refiner finishes where the refiner is, with the same files.
+ * FAILED_PRECONDITION naming the field of the file the model's agents lack (the farm's layout, not the
+ * request, is what would change). Draining agents count: their files come back with the agent.
+ */
+export function checkStagesPlaceable(p: GenerationParams, plan: HiresPlan | undefined, agents: readonly AgentState[]): void {
+  for (const stage of stageKinds(plan)) {
+    const needs = auxiliaryNeeds(p, stage);
+    const first = stage === TaskStage.FULL || stage === TaskStage.FIRST_PASS;
+    const models = [p.model === EXTRAS_MODEL || first ? p.model : secondPassModel(p)];
+    const pass = samplingPass(stage);
+    const refiner = refinerCheckpoint(p);
+    const switches =
+      stage === TaskStage.FULL ? refinerInPass(p, "first") || refinerInPass(p, "second") : pass !== undefined && refinerInPass(p, pass);
+    if (refiner !== undefined && switches) models.push(refiner);
+    for (const model of models) {
+      const holders = agents.filter((a) => offersModel(a, model));
+      if (holders.length === 0) continue; // NOT_FOUND already, for the model itself
+      const lacking = holders.map((a) => missingFile(a, p, needs));
+      if (lacking.some((m) => m === undefined)) continue;
+      const { what, field } = lacking[0]!;
+      const where = agents
+        .filter((a) => missingFile(a, p, needs) === undefined)
+        .map((a) => a.id)
+        .sort();
+      const holderIds = holders.map((a) => a.id).sort();
+      throw new FarmError(
+        grpc.status.FAILED_PRECONDITION,
+        `no agent has both checkpoint "${model}" (on ${holderIds.join(", ")}) and ${what}` +
+          (where.length > 0 ? ` with the job's other files (those are on ${where.join(", ")})` : "") +
+          `: put the file on an agent with the checkpoint, or render elsewhere`,
+        { field, retryable: false },
+      );
+    }
   }
 }
