@@ -41,6 +41,10 @@ import {
   EXTRAS_MODEL,
   auxiliaryNeeds,
   BUILTIN_UPSCALERS,
+  AttemptOutcome,
+  ImageProvenanceSchema,
+  type ImageProvenance,
+  type TaskAttempt,
 } from "@latentfarm/shared";
 import { AgentRegistry, type AgentState } from "./agent-registry.js";
 import { StyleLibrary } from "./styles.js";
@@ -254,6 +258,15 @@ export class Coordinator {
           }
         },
         onWarning: (task, message) => this.store.emit(task.job, { case: "warning", value: { message } }),
+        onAttemptEnded: (task, attempt) => {
+          const job = task.job;
+          const i = task.imageIndex;
+          // Attempts ending after their image was made (a backup's, a late result) are counted in the metric only.
+          if (job.images[i] !== "q" && job.images[i] !== "r") return;
+          let list = job.provenance.get(i);
+          if (list === undefined) job.provenance.set(i, (list = []));
+          list.push(attempt);
+        },
         onResult: (task, image, run) => void this.onImage(task, image, run.agent.id),
         onHandover: (task, handover) => void this.onHandover(task, handover),
         onRetry: (task, err) => {
@@ -1027,7 +1040,8 @@ export class Coordinator {
       hi.finishing = true;
     }
     try {
-      const full = create(ImageSchema, { ...image, agentId, index: i });
+      const full = create(ImageSchema, { ...image, agentId, index: i, provenance: provenanceOf(job.provenance.get(i) ?? []) });
+      job.provenance.delete(i);
       await this.store.storeImage(job, full);
       if (job.images[i] !== "q" && job.images[i] !== "r") return;
       this.endStages(job, i, "image finished");
@@ -1242,4 +1256,15 @@ export class Coordinator {
     await this.metricsServer?.close();
     await this.nc?.drain().catch(() => undefined);
   }
+}
+
+/** An image's record from its attempts: their device time, and the part whose work did not reach the image. */
+function provenanceOf(attempts: TaskAttempt[]): ImageProvenance {
+  let deviceSeconds = 0;
+  let wastedDeviceSeconds = 0;
+  for (const a of attempts) {
+    deviceSeconds += a.seconds;
+    if (a.outcome !== AttemptOutcome.USED && a.outcome !== AttemptOutcome.HANDED_BACK) wastedDeviceSeconds += a.seconds;
+  }
+  return create(ImageProvenanceSchema, { attempts, deviceSeconds, wastedDeviceSeconds });
 }

@@ -10,6 +10,7 @@ import {
   type GenerationParams,
   type Handover,
   type Image,
+  type TaskAttempt,
   type JobEvent,
   type Logger,
 } from "@latentfarm/shared";
@@ -52,6 +53,8 @@ export class Job {
   readonly hires: Array<HiresImage<Task> | undefined>;
   /** Agent of each image's latest attempt. */
   readonly agents: Array<string | undefined>;
+  /** Per image not yet made, its attempts that have ended (its provenance, ImageProvenance). */
+  readonly provenance = new Map<number, TaskAttempt[]>();
   readonly imageErrors = new Map<number, { code: string; message: string }>();
   error: { code: string; message: string; imageIndex: number } | undefined;
   finishedAt: number | undefined;

@@ -4,7 +4,13 @@ import * as grpc from "@grpc/grpc-js";
 import { create } from "@bufbuild/protobuf";
 import {
   AgentInfoSchema,
+  AttemptOutcome,
+  COORDINATOR_METRICS,
   EXTRAS_MODEL,
+  TaskUsageSchema,
+  createMetrics,
+  type MetricSet,
+  type TaskAttempt,
   FarmError,
   GenerationParamsSchema,
   ImageSchema,
@@ -38,6 +44,8 @@ interface FakeBehaviour {
   refinerSwitchAfter?: number;
   /** Fails attempt k (1-based) with UNAVAILABLE, as a lost agent's stream breaks, after step failAfter[k − 1]. */
   failAfter?: number[];
+  /** Sends RunTaskResponse.usage with these seconds before its result. */
+  usageSeconds?: number;
 }
 
 /** An agent whose RunTask stream is simulated in-process: steps are timers, results are empty images. */
@@ -96,6 +104,9 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
               return;
             }
           }
+          if (b.usageSeconds !== undefined) {
+            yield { kind: { case: "usage" as const, value: create(TaskUsageSchema, { seconds: b.usageSeconds, loadSeconds: 0.25 }) } };
+          }
           yield { kind: { case: "result" as const, value: create(ImageSchema, { index: req.imageIndex, seed: req.seed }) } };
         } finally {
           c.now--;
@@ -126,9 +137,16 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
 
 function harness(
   agents: AgentState[],
-  opts: { maxAttempts?: number; speculate?: boolean; checkpointEverySteps?: number; checkpointMaxBytes?: number } = {},
+  opts: {
+    maxAttempts?: number;
+    speculate?: boolean;
+    checkpointEverySteps?: number;
+    checkpointMaxBytes?: number;
+    metrics?: MetricSet<typeof COORDINATOR_METRICS>;
+  } = {},
 ) {
-  const done: Array<{ task: Task; agent: string }> = [];
+  const done: Array<{ task: Task; agent: string; attemptsEnded: number }> = [];
+  const ended: Array<{ task: Task; attempt: TaskAttempt }> = [];
   const failed: Array<{ task: Task; err: FarmError }> = [];
   const retried: Array<{ task: Task; err: FarmError }> = [];
   let waiters: Array<() => void> = [];
@@ -143,9 +161,10 @@ function harness(
     onStep: () => undefined,
     onWarning: () => undefined,
     onResult: (task, _image, run) => {
-      done.push({ task, agent: run.agent.id });
+      done.push({ task, agent: run.agent.id, attemptsEnded: ended.filter((e) => e.task === task).length });
       wake();
     },
+    onAttemptEnded: (task, attempt) => ended.push({ task, attempt }),
     onRetry: (task, err) => retried.push({ task, err }),
     onFailed: (task, err) => {
       failed.push({ task, err });
@@ -159,6 +178,7 @@ function harness(
     speculate: opts.speculate ?? false,
     ...(opts.checkpointEverySteps !== undefined && { checkpointEverySteps: opts.checkpointEverySteps }),
     ...(opts.checkpointMaxBytes !== undefined && { checkpointMaxBytes: opts.checkpointMaxBytes }),
+    ...(opts.metrics !== undefined && { metrics: opts.metrics }),
     tenantPolicy: () => DEFAULT_TENANT_POLICY,
     speed,
   });
@@ -229,7 +249,7 @@ function harness(
       });
     }
   };
-  return { scheduler, speed, submit, settled, done, failed, retried };
+  return { scheduler, speed, submit, settled, done, failed, retried, ended };
 }
 
 test("with measured speeds 1×, 2×, 4× a batch splits about 1:2:4, and the fastest agent takes the most", async () => {
@@ -358,6 +378,15 @@ test("a stalled attempt gets a backup copy on an idle agent; the first result wi
   assert.equal(task!.runs.length, 0, "the stalled copy was cancelled");
   assert.ok(log.includes(`cancel stuck ${task!.id}`), "the stalled render was stopped on its agent, not just its stream");
   assert.equal(h.scheduler.stats.backups, 1);
+  // The winner's record is in when the image is; the stalled copy's ends after it, superseded.
+  assert.equal(h.done[0]!.attemptsEnded, 1);
+  assert.deepEqual(
+    h.ended.map((e) => [e.attempt.agentId, e.attempt.outcome]),
+    [
+      ["idle", AttemptOutcome.USED],
+      ["stuck", AttemptOutcome.SUPERSEDED],
+    ],
+  );
   h.scheduler.close();
 });
 
@@ -429,6 +458,14 @@ test("a refiner: an agent without it hands the switch back and the task carries 
   );
   assert.equal(task!.failures, 0, "a switch is not a failed attempt");
   assert.equal(h.retried.length, 0);
+  // Both attempts' work is in the image: the first's model calls are replayed by the second.
+  assert.deepEqual(
+    h.ended.map((e) => [e.attempt.agentId, e.attempt.outcome]),
+    [
+      ["base-only", AttemptOutcome.HANDED_BACK],
+      ["refiner-only", AttemptOutcome.USED],
+    ],
+  );
   // An agent that offers both takes the task over one that would hand the switch back.
   const both = fakeAgent("both", 1, { stepMs: 5 }, log);
   both.available = new Set(["m", "r"]);
@@ -594,4 +631,41 @@ test("a job is refused at submit when no one agent has a stage's checkpoint and 
   const apart = [agent("a0", ["m"], { upscalers: ["4x-Up"] }), agent("a1", ["m"], { faces: ["GFPGAN"] })];
   assert.equal(refused(extras, apart)?.field, "extras.gfpgan_visibility");
   assert.equal(refused(extras, [...apart, agent("a2", [], { upscalers: ["4x-Up"], faces: ["GFPGAN"] })]), undefined);
+});
+
+test("every attempt leaves a record: the agent's own time when it sent one, the coordinator's otherwise; tenants are charged by outcome", async () => {
+  const log: string[] = [];
+  const agent = fakeAgent("gpu0", 1, { stepMs: 5, failAfter: [2], usageSeconds: 1.5 }, log);
+  agent.info.executionProvider = "webgpu";
+  agent.info.device = "Test GPU";
+  agent.info.runtime = "onnxruntime-node 1.30.0";
+  const m = createMetrics(COORDINATOR_METRICS);
+  const h = harness([agent], { metrics: m.metrics });
+  const started = Date.now();
+  const [task] = h.submit(1, 4);
+  await h.settled(1);
+  const elapsed = (Date.now() - started) / 1000;
+  const records = h.ended.filter((e) => e.task === task).map((e) => e.attempt);
+  assert.deepEqual(
+    records.map((r) => [r.attempt, r.outcome, r.agentMeasured]),
+    [
+      [1, AttemptOutcome.FAILED, false],
+      [2, AttemptOutcome.USED, true],
+    ],
+  );
+  const [lost, used] = records as [TaskAttempt, TaskAttempt];
+  // The lost attempt streamed no usage: the coordinator's dispatch-to-end time stands in.
+  assert.ok(lost.seconds > 0 && lost.seconds <= elapsed, `lost attempt ${lost.seconds} s of ${elapsed} s`);
+  assert.equal(lost.error, "agent lost");
+  assert.deepEqual(
+    [used.seconds, used.loadSeconds, used.agentId, used.executionProvider, used.device, used.runtime, used.stage],
+    [1.5, 0.25, "gpu0", "webgpu", "Test GPU", "onnxruntime-node 1.30.0", ""],
+  );
+  // The used attempt's record is in before its result is handed on, so the image can carry it.
+  assert.equal(h.done[0]!.attemptsEnded, 2);
+  const charged = await m.registry.getSingleMetric("latentfarm_tenant_device_seconds_total")!.get();
+  const byOutcome = Object.fromEntries(charged.values.map((v) => [v.labels["outcome"], v.value]));
+  assert.equal(byOutcome["used"], 1.5);
+  assert.equal(byOutcome["wasted"], lost.seconds);
+  h.scheduler.close();
 });

@@ -23,6 +23,10 @@ import {
   auxiliaryNeeds,
   type AuxiliaryNeeds,
   type GenerationParams,
+  AttemptOutcome,
+  TaskAttemptSchema,
+  type TaskAttempt,
+  type TaskUsage,
 } from "@latentfarm/shared";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { AgentRegistry, AgentState } from "./agent-registry.js";
@@ -163,6 +167,10 @@ export interface Run {
   measured: boolean;
   /** Model calls it replays from an earlier attempt's checkpoint (0: it samples from the start). */
   resumedCalls?: number;
+  /** The agent's own time for the attempt (RunTaskResponse.usage), sent just before its output. */
+  usage?: TaskUsage;
+  /** Its record went out (SchedulerHooks.onAttemptEnded): once per attempt. */
+  recorded?: boolean;
 }
 
 export interface SchedulerHooks {
@@ -176,6 +184,11 @@ export interface SchedulerHooks {
   onRetry(task: Task, err: FarmError, run: Run): void;
   /** The task failed for good (non-retryable error, or the delivery limit was reached). */
   onFailed(task: Task, err: FarmError): void;
+  /**
+   * An attempt ended (each once, at coordinator shutdown none): its record for the image's provenance.
+   * An attempt whose output is used ends before onResult or onHandover is called for it.
+   */
+  onAttemptEnded?(task: Task, attempt: TaskAttempt): void;
 }
 
 export interface SchedulerOptions {
@@ -932,6 +945,7 @@ export class Scheduler {
         else if (msg.kind.case === "result" || msg.kind.case === "handover") out = msg.kind;
         else if (msg.kind.case === "refinerSwitch") switched = msg.kind.value;
         else if (msg.kind.case === "checkpoint") this.onCheckpoint(run, msg.kind.value);
+        else if (msg.kind.case === "usage") run.usage = msg.kind.value;
         else if (msg.kind.case === "warning" && task.state === "running") this.hooks.onWarning(task, msg.kind.value.message);
       }
       if (switched !== undefined && !out) {
@@ -1042,13 +1056,45 @@ export class Scheduler {
     if (run) this.onProgress(run, step);
   }
 
+  /**
+   * An attempt's record, once: the agent's time when it sent it, else this coordinator's from dispatch,
+   * and the tenant's device-seconds by whether the work reached an image.
+   */
+  private recordAttempt(run: Run, outcome: AttemptOutcome, error = ""): void {
+    if (run.recorded) return;
+    run.recorded = true;
+    const { task, agent, usage } = run;
+    const seconds = usage?.seconds ?? (Date.now() - run.startedAt) / 1000;
+    const used = outcome === AttemptOutcome.USED || outcome === AttemptOutcome.HANDED_BACK;
+    this.opts.metrics?.tenantDeviceSeconds.inc({ tenant: task.tenant, outcome: used ? "used" : "wasted" }, seconds);
+    this.hooks.onAttemptEnded?.(
+      task,
+      create(TaskAttemptSchema, {
+        stage: task.stage?.name ?? "",
+        attempt: run.attempt,
+        agentId: agent.id,
+        outcome,
+        seconds,
+        agentMeasured: usage !== undefined,
+        loadSeconds: usage?.loadSeconds ?? 0,
+        executionProvider: agent.info.executionProvider,
+        device: agent.info.device,
+        runtime: agent.info.runtime,
+        resumedCalls: run.resumedCalls ?? 0,
+        error,
+      }),
+    );
+  }
+
   private onResult(run: Run, out: { case: "result"; value: Image } | { case: "handover"; value: Handover }): void {
     const { task, agent } = run;
     if (task.state !== "running") {
       // A late result: the task finished elsewhere, was cancelled, or this attempt was given up on.
       this.opts.metrics?.resultsDiscarded.inc({ reason: task.state === "done" ? "duplicate" : "late" });
+      this.recordAttempt(run, AttemptOutcome.SUPERSEDED, `task ${task.id} ended before this attempt's output arrived`);
       return;
     }
+    this.recordAttempt(run, AttemptOutcome.USED);
     task.state = "done";
     this.leaveRunning(task);
     this.dropCheckpoint(task);
@@ -1067,7 +1113,11 @@ export class Scheduler {
    */
   private onRefinerSwitch(run: Run, resume: RefinerResume): void {
     const { task, agent } = run;
-    if (task.state !== "running" || this.closing) return;
+    if (this.closing) return;
+    if (task.state !== "running") {
+      this.recordAttempt(run, AttemptOutcome.SUPERSEDED, `task ${task.id} ended before this attempt's refiner switch arrived`);
+      return;
+    }
     const refiner = refinerToSwitchTo(task);
     if (refiner === undefined) {
       this.onAttemptFailed(
@@ -1076,6 +1126,7 @@ export class Scheduler {
       );
       return;
     }
+    this.recordAttempt(run, AttemptOutcome.HANDED_BACK);
     for (const other of task.runs) {
       if (other !== run)
         other.abort.abort(new AttemptAborted(grpc.status.CANCELLED, `task ${task.id} switched to its refiner on ${agent.id}`, false));
@@ -1116,8 +1167,11 @@ export class Scheduler {
 
   private onAttemptFailed(run: Run, err: FarmError): void {
     const { task, agent } = run;
-    // At shutdown running tasks stay "running" in the store; the next coordinator places them again.
-    if (task.state !== "running" || this.closing) return;
+    // At shutdown running tasks stay "running" in the store; the next coordinator places them again
+    // (and adopts the renders still going, so this attempt is not over).
+    if (this.closing) return;
+    this.recordAttempt(run, err instanceof AttemptAborted && !err.counts ? AttemptOutcome.SUPERSEDED : AttemptOutcome.FAILED, err.message);
+    if (task.state !== "running") return;
     if (task.runs.length > 1) {
       // Another copy is still running; this one just ends.
       if (!(err instanceof AttemptAborted && !err.counts)) task.failedOn.add(agent.id);
@@ -1158,6 +1212,7 @@ export class Scheduler {
 
   private endRun(run: Run): void {
     const { task, agent } = run;
+    if (!this.closing) this.recordAttempt(run, AttemptOutcome.FAILED, "the attempt ended without an outcome");
     const i = task.runs.indexOf(run);
     if (i >= 0) task.runs.splice(i, 1);
     agent.inFlight = Math.max(0, agent.inFlight - 1);

@@ -39,7 +39,8 @@ import { ModelFamilies } from "./models/model-families.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
 import { EXTRAS_PIPELINE_KEY, parsePipelineKey, passKeysWith } from "./models/model-loader.js";
 import { runTaskPasses, type RunOnPipeline } from "./task-passes.js";
-import { tmpdir } from "node:os";
+import { availableParallelism, cpus, tmpdir } from "node:os";
+import { createRequire } from "node:module";
 import { join, relative } from "node:path";
 import { PipelineHost } from "./pipeline-host/pipeline-host.js";
 import { DEFAULT_RESOURCES, type RenderContext } from "./pipeline/render-common.js";
@@ -94,7 +95,21 @@ export interface AgentConfig {
   orphanGraceMs?: number;
   /** mTLS on the AgentService port: only holders of a certificate from this CA (the coordinator) get in. */
   tls?: TlsFiles;
+  /** What the agent runs on, for AgentInfo.device and images' provenance; default: describeDevice(ep). */
+  deviceName?: string;
   logger: Logger;
+}
+
+/** The ONNX Runtime package's version, read from its package.json (the native binding only loads in pipeline threads). */
+export const RUNTIME = `onnxruntime-node ${(createRequire(import.meta.url)("onnxruntime-node/package.json") as { version: string }).version}`;
+
+/**
+ * A device's description when the operator gives none: the CPU's model for the CPU provider; for a GPU
+ * provider its name and device index (ONNX Runtime does not say which GPU it found).
+ */
+export function describeDevice(ep: ExecutionProvider): string {
+  if (ep.name === "cpu") return `${cpus()[0]?.model.trim() || "CPU"} × ${availableParallelism()}`;
+  return ep.name === "cuda" ? `CUDA device ${ep.deviceId}` : "WebGPU adapter";
 }
 
 const SERVICE = AgentService.typeName;
@@ -253,6 +268,8 @@ export class Agent {
       loadedModels: [...new Set(this.cache.names.map((k) => parsePipelineKey(k).model))].filter((m) => m !== EXTRAS_MODEL),
       lastHeartbeatUnixMs: BigInt(Date.now()),
       draining: this.draining,
+      device: this.cfg.deviceName || describeDevice(this.cfg.ep),
+      runtime: RUNTIME,
     });
   }
 
@@ -365,10 +382,12 @@ export class Agent {
     const started = performance.now();
     const signal = run.abort.signal;
     let outcome: "succeeded" | "failed" | "cancelled" = "failed";
+    let loadMs = 0;
     try {
       // The pass a task belongs to decides its pipeline: the checkpoint, the LoRAs merged into it, its VAE.
       const runOn: RunOnPipeline = async (key, stageReq, ctx) => {
-        const loaded = await this.cache.acquire(key, signal);
+        const asked = performance.now();
+        const loaded = await this.cache.acquire(key, signal).finally(() => (loadMs += performance.now() - asked));
         try {
           for (const w of loaded.value.loadWarnings) run.warning({ kind: { case: "warning", value: { message: w } } });
           return await loaded.value.runTask(stageReq, ctx);
@@ -420,7 +439,7 @@ export class Agent {
               (where) => this.m.metrics.refinerSwitches.inc({ outcome: where }),
             );
       outcome = "succeeded";
-      run.finish({ output });
+      run.finish({ output, usage: { seconds: (performance.now() - started) / 1000, loadSeconds: loadMs / 1000 } });
     } catch (err) {
       // An abort carries its reason (a drain's hand-back, a CancelTask), which the caller must see.
       const reason: unknown = signal.aborted ? signal.reason : undefined;

@@ -9,6 +9,7 @@ import { makeTinyModelCli } from "./model-graph/index.js";
 import type { ExecutionProvider } from "./runtime/protocol.js";
 
 const AGENT_USAGE = `latentfarm agent --models DIR [--port N] [--host ADDR] [--nats URL] [--ep cpu|cuda|webgpu] [--device-id N]
+                 [--device-name NAME]
                  [--slots N] [--threads N] [--max-loaded-models N] [--metrics-port N] [--health-port N]
                  [--advertise-address HOST:PORT] [--id ID] [--heartbeat-ms N] [--drain-seconds N] [--orphan-grace-seconds N]
                  [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--cache-dir DIR] [--tokenizer DIR] [--loras DIR]
@@ -33,6 +34,8 @@ async function runAgent(argv: string[]): Promise<number> {
       nats: { type: "string", default: process.env["NATS_URL"] ?? "nats://127.0.0.1:4222" },
       ep: { type: "string", default: "cpu" },
       "device-id": { type: "string", default: "0" },
+      // What the agent runs on, as images' provenance records it (e.g. "NVIDIA H200"); default: the CPU's model, or the provider and device index.
+      "device-name": { type: "string" },
       slots: { type: "string", default: "4" },
       threads: { type: "string" },
       "max-loaded-models": { type: "string", default: "2" },
@@ -79,6 +82,7 @@ async function runAgent(argv: string[]): Promise<number> {
     maxLoadedModels: Number(v["max-loaded-models"]),
     intraOpNumThreads: v.threads ? Number(v.threads) : Math.max(1, availableParallelism()),
     ...(v.id ? { agentId: v.id } : {}),
+    ...(v["device-name"] ? { deviceName: v["device-name"] } : {}),
     ...(v["metrics-port"] !== undefined ? { metricsPort: Number(v["metrics-port"]) } : {}),
     ...(v["health-port"] !== undefined ? { healthPort: Number(v["health-port"]) } : {}),
     ...(v["advertise-address"] ? { advertiseAddress: v["advertise-address"] } : {}),

@@ -41,11 +41,19 @@ test("a caller that re-attaches after its stream broke gets the warnings and che
   assert.equal(run.abort.signal.aborted, false, "the render goes on with nobody attached");
   const b = collect(run.attach(new AbortController().signal, 1));
   run.progress(step(4));
-  run.finish({ output: { case: "result", value: image } });
+  run.finish({ output: { case: "result", value: image }, usage: { seconds: 2.5, loadSeconds: 1 } });
   const got = await b;
   assert.deepEqual(
     got.map((m) => (m.kind?.case === "progress" ? m.kind.value?.step : m.kind?.case)),
-    ["warning", "checkpoint", 3, 4, "result"],
+    ["warning", "checkpoint", 3, 4, "usage", "result"],
+  );
+  // The agent's time for the task comes just before its output, to every caller.
+  const usage = got.find((m) => m.kind?.case === "usage")?.kind?.value;
+  assert.deepEqual(usage, { seconds: 2.5, loadSeconds: 1 });
+  const late = await collect(run.attach(new AbortController().signal, 1));
+  assert.deepEqual(
+    late.map((m) => m.kind?.case),
+    ["warning", "checkpoint", "progress", "usage", "result"],
   );
   run.dispose();
 });

@@ -1,5 +1,12 @@
 import type { MessageInitShape } from "@bufbuild/protobuf";
-import { FarmError, type Handover, type Image, type RefinerResume, type RunTaskResponseSchema } from "@latentfarm/shared";
+import {
+  FarmError,
+  type Handover,
+  type Image,
+  type RefinerResume,
+  type RunTaskResponseSchema,
+  type TaskUsageSchema,
+} from "@latentfarm/shared";
 import * as grpc from "@grpc/grpc-js";
 
 /** Longer than a coordinator restart (process start, JetStream scan) plus one heartbeat. */
@@ -12,6 +19,9 @@ export type RunTaskMessage = MessageInitShape<typeof RunTaskResponseSchema>;
  */
 export type TaskOutput =
   { case: "result"; value: Image } | { case: "handover"; value: Handover } | { case: "refinerSwitch"; value: RefinerResume };
+
+/** How a render ended: its output and the agent's time for it, or its error. */
+export type TaskOutcome = { output: TaskOutput; usage?: MessageInitShape<typeof TaskUsageSchema> } | { error: FarmError };
 
 interface Subscriber {
   readonly queue: RunTaskMessage[];
@@ -37,8 +47,8 @@ export interface TaskRunOptions {
  * One task's render on this agent, decoupled from the RunTask calls that watch it. A coordinator
  * that restarts loses its streams but not the agents' work: the render keeps going for a grace
  * period, and a RunTask for the same task id attaches to it and receives the rest — the latest
- * step at once (after its warnings and checkpoints), then live progress and the result. Every attached
- * call sees the same outcome.
+ * step at once (after its warnings and checkpoints), then live progress, the agent's time for it (usage)
+ * and the result. Every attached call sees the same outcome.
  */
 export class TaskRun {
   readonly taskId: string;
@@ -52,7 +62,7 @@ export class TaskRun {
   /** The pass's checkpoints so far, which a re-attaching coordinator needs from the first. */
   private readonly checkpoints: RunTaskMessage[] = [];
   private latestProgress: RunTaskMessage | undefined;
-  private outcome: { output: TaskOutput } | { error: FarmError } | undefined;
+  private outcome: TaskOutcome | undefined;
   private timer: NodeJS.Timeout | undefined;
 
   constructor(private readonly opts: TaskRunOptions) {
@@ -85,7 +95,7 @@ export class TaskRun {
   }
 
   /** The render ended; attached calls get its output or the error. */
-  finish(outcome: { output: TaskOutput } | { error: FarmError }): void {
+  finish(outcome: TaskOutcome): void {
     if (this.outcome) return;
     this.outcome = outcome;
     for (const s of this.subscribers) s.wake?.();
@@ -120,6 +130,7 @@ export class TaskRun {
       }
       const outcome = this.outcome;
       if ("error" in outcome) throw outcome.error;
+      if (outcome.usage !== undefined) yield { kind: { case: "usage", value: outcome.usage } };
       yield { kind: outcome.output };
     } finally {
       signal.removeEventListener("abort", onAbort);

@@ -93,6 +93,12 @@ export const COORDINATOR_METRICS = {
     help: "Images requested by accepted jobs, by tenant.",
     labels: ["tenant"],
   },
+  tenantDeviceSeconds: {
+    name: "latentfarm_tenant_device_seconds_total",
+    kind: "counter",
+    help: "Agent time spent on a tenant's tasks, by tenant and outcome: used (the attempt's work reached an image) or wasted (failed, lost, superseded by another attempt, cancelled).",
+    labels: ["tenant", "outcome"],
+  },
   tenantQueuedImages: {
     name: "latentfarm_tenant_queued_images",
     kind: "gauge",

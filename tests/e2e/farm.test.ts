@@ -7,7 +7,7 @@ import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import sharp from "sharp";
 import * as grpc from "@grpc/grpc-js";
-import { FarmError, JobState, RngSource, type JobEvent } from "@latentfarm/shared";
+import { AttemptOutcome, FarmError, JobState, RngSource, type ImageProvenance, type JobEvent } from "@latentfarm/shared";
 import {
   FIXTURES,
   REPO,
@@ -132,6 +132,17 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       const meta = await sharp(img.png).metadata();
       assert.equal(meta.format, "png");
       assert.equal(meta.width, 64);
+      // Provenance: the attempt that made it, where, on what, and how long its agent took.
+      const { attempts, deviceSeconds, wastedDeviceSeconds } = (img as unknown as { provenance: ImageProvenance }).provenance;
+      assert.equal(attempts.length, 1);
+      const a = attempts[0]!;
+      assert.deepEqual(
+        [a.stage, a.agentId, a.outcome, a.agentMeasured, a.executionProvider],
+        ["", img.agentId, AttemptOutcome.USED, true, "cpu"],
+      );
+      assert.match(a.runtime, /^onnxruntime-node \d+\.\d+\.\d+$/);
+      assert.ok(a.device.length > 0 && a.seconds > 0 && a.loadSeconds >= 0 && a.loadSeconds <= a.seconds);
+      assert.deepEqual([deviceSeconds, wastedDeviceSeconds], [a.seconds, 0]);
     }
     // Steps arrive in order per image, and each image's steps precede its image event.
     const lastStep = new Map<number, number>();
@@ -940,6 +951,23 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     );
     // The retry replayed the lost attempt's checkpointed steps, and the images are those of a job no one interrupted.
     assert.ok((await metric("latentfarm_checkpoint_resumes_total")) > resumesBefore, "a retry resumed from a checkpoint");
+    // Each image's provenance ends with the attempt that made it, timed by its agent; the lost attempt is
+    // in it too, timed by the coordinator, as wasted device time; the attempt after it resumed.
+    const records = images.map((i) => (i as unknown as { provenance: ImageProvenance }).provenance);
+    for (const [k, p] of records.entries()) {
+      const last = p.attempts.at(-1)!;
+      assert.equal(last.outcome, AttemptOutcome.USED);
+      assert.equal(last.agentId, images[k]!.agentId);
+      assert.ok(last.agentMeasured && last.seconds > 0);
+      assert.ok(Math.abs(p.deviceSeconds - p.attempts.reduce((n, a) => n + a.seconds, 0)) < 1e-9);
+    }
+    const interrupted = records.find((p) => p.attempts.some((a) => a.agentId === killed));
+    assert.ok(interrupted, "the killed agent's attempt is in its image's provenance");
+    const lost = interrupted.attempts.find((a) => a.agentId === killed)!;
+    assert.equal(lost.outcome, AttemptOutcome.FAILED);
+    assert.equal(lost.agentMeasured, false);
+    assert.ok(interrupted.wastedDeviceSeconds >= lost.seconds && lost.seconds > 0);
+    assert.ok(interrupted.attempts.at(-1)!.resumedCalls > 0, "the attempt that made it resumed from the checkpoint");
     const again = (await collect(farm, (await farm.client.submit({ params })).jobId))
       .filter((e) => e.event.case === "image")
       .map((e) => (e.event.value as { image: { index: number; png: Uint8Array } }).image);
@@ -1063,6 +1091,15 @@ describe(
         img.infotext,
         /Steps: 3, Sampler: Euler a, .*Size: 64x64, .*Denoising strength: 0\.5, .*Hires upscale: 2, Hires steps: 2/,
       );
+      // The image's provenance has every stage that made it, each where the placements say it ran.
+      const used = img.provenance!.attempts.filter((a) => a.outcome === AttemptOutcome.USED);
+      assert.deepEqual(used.map((a) => a.stage).sort(), ["asm", "first", "up", ...Array.from({ length: 9 }, (_, k) => `t${k}`)].sort());
+      for (const a of used) {
+        assert.ok(
+          placed.some((p) => p.stage === a.stage && p.agentId === a.agentId && p.attempt === a.attempt),
+          `${a.stage} on ${a.agentId}`,
+        );
+      }
       tiled = { png: img.png, infotext: img.infotext };
     });
 

@@ -1,7 +1,7 @@
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { existsSync, readFileSync } from "node:fs";
 import * as grpc from "@grpc/grpc-js";
-import { fromJson, type JsonValue, type MessageInitShape } from "@bufbuild/protobuf";
+import { fromJson, toJson, type JsonValue, type MessageInitShape } from "@bufbuild/protobuf";
 import { mkdir, readFile, readdir, rename, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
@@ -21,6 +21,7 @@ import {
   type LogLevel,
   type OverrideSettings,
   type GenerationParamsSchema,
+  ImageProvenanceSchema,
 } from "@latentfarm/shared";
 import { Coordinator, type CoordinatorConfig } from "../coordinator.js";
 import { parsePixelCount, type HiresTiling } from "../hires-stages.js";
@@ -391,6 +392,7 @@ async function submitAndWrite(
     let totalSteps = 0;
     let written = 0;
     const paths: string[] = [];
+    const provenance: unknown[] = [];
     let ok = false;
     let failure = "";
     for await (const { event } of client.watch({ jobId }, { signal: ac.signal, metadata })) {
@@ -411,6 +413,7 @@ async function submitAndWrite(
         const path = join(dir, fileName(n++, img));
         await writeFile(path, img.png);
         paths.push(path);
+        provenance.push(img.provenance ? toJson(ImageProvenanceSchema, img.provenance) : null);
         written++;
         steps.set(img.index, totalSteps / Math.max(1, imageCount));
       } else if (e.case === "warning") {
@@ -428,7 +431,7 @@ async function submitAndWrite(
       }
     }
     if (!v.quiet && !v.json) o.err("\n");
-    if (v.json) o.out(JSON.stringify({ jobId, images: paths, ok, error: failure || undefined }) + "\n");
+    if (v.json) o.out(JSON.stringify({ jobId, images: paths, provenance, ok, error: failure || undefined }) + "\n");
     else for (const p of paths) o.out(p + "\n");
     if (!ok || written !== imageCount) {
       o.err(`job ${jobId} ${failure ? `failed: ${failure}` : `wrote ${written} of ${imageCount} images`}\n`);
@@ -518,6 +521,8 @@ async function listCommand(
               id: a.agentId,
               address: a.address,
               ep: a.executionProvider,
+              device: a.device,
+              runtime: a.runtime,
               slots: a.slots,
               busy: a.busySlots,
               loadedModels: a.loadedModels,
@@ -528,7 +533,7 @@ async function listCommand(
       } else {
         for (const a of agents)
           o.out(
-            `${a.agentId}\t${a.address}\t${a.executionProvider}\t${a.busySlots}/${a.slots} busy\t${a.draining ? "draining" : "ready"}\t${a.loadedModels.join(",") || "-"}\n`,
+            `${a.agentId}\t${a.address}\t${a.executionProvider}\t${a.busySlots}/${a.slots} busy\t${a.draining ? "draining" : "ready"}\t${a.loadedModels.join(",") || "-"}\t${a.device || "-"}\n`,
           );
       }
     } else if (kind === "samplers") {

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file latentfarm/v1/agent.proto.
  */
 export const file_latentfarm_v1_agent: GenFile = /*@__PURE__*/
-  fileDesc("ChlsYXRlbnRmYXJtL3YxL2FnZW50LnByb3RvEg1sYXRlbnRmYXJtLnYxIr8DCg5SdW5UYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIvCgZwYXJhbXMYAyABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEwoLaW1hZ2VfaW5kZXgYBCABKAUSDAoEc2VlZBgFIAEoAxIPCgdzdWJzZWVkGAYgASgDEg8KB2F0dGVtcHQYByABKAUSJwoFc3RhZ2UYCCABKA4yGC5sYXRlbnRmYXJtLnYxLlRhc2tTdGFnZRInCgZpbnB1dHMYCSADKAsyFy5sYXRlbnRmYXJtLnYxLkhhbmRvdmVyEhIKCnRpbGVfaW5kZXgYCiABKAUSJgoFdGlsZXMYCyABKAsyFy5sYXRlbnRmYXJtLnYxLlRpbGVQbGFuEjQKDnJlZmluZXJfcmVzdW1lGAwgASgLMhwubGF0ZW50ZmFybS52MS5SZWZpbmVyUmVzdW1lEjIKC3Jlc3VtZV9mcm9tGA0gASgLMh0ubGF0ZW50ZmFybS52MS5QYXNzQ2hlY2twb2ludBIeChZjaGVja3BvaW50X2V2ZXJ5X3N0ZXBzGA4gASgFImoKDlBhc3NDaGVja3BvaW50EhIKCmZpcnN0X2NhbGwYASABKAUSDwoHYW5zd2VycxgCIAMoDBIWCg51bmNvbmRfYW5zd2VycxgDIAMoDBINCgVzdGFydBgEIAEoDBIMCgRpbml0GAUgASgMIp8BCg1SZWZpbmVyUmVzdW1lEg8KB2Fuc3dlcnMYASADKAwSFgoOdW5jb25kX2Fuc3dlcnMYAiADKAwSDQoFc3RhcnQYAyABKAwSJwoFbW9kZWwYBCABKAsyGC5sYXRlbnRmYXJtLnYxLlBhc3NNb2RlbBIMCgRpbml0GAUgASgMEh8KF2lucGFpbnRpbmdfY29uZGl0aW9uaW5nGAYgASgIIpQCCghIYW5kb3ZlchItCgZsYXRlbnQYASABKAsyGy5sYXRlbnRmYXJtLnYxLkxhdGVudFRlbnNvckgAEiYKA3JnYhgCIAEoCzIXLmxhdGVudGZhcm0udjEuUmdiSW1hZ2VIABI5ChNmaXJzdF9wYXNzX2luZm90ZXh0GAMgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjoKFHNlY29uZF9wYXNzX2luZm90ZXh0GAQgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjIKEGZpcnN0X3Bhc3NfbW9kZWwYBSABKAsyGC5sYXRlbnRmYXJtLnYxLlBhc3NNb2RlbEIGCgRkYXRhImYKCVBhc3NNb2RlbBIMCgRuYW1lGAEgASgJEhIKCm1vZGVsX2hhc2gYAiABKAkSEwoLbG9yYV9oYXNoZXMYAyADKAkSEAoIdmFlX25hbWUYBCABKAkSEAoIdmFlX2hhc2gYBSABKAkiKwoNSW5mb3RleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAkiKwoMTGF0ZW50VGVuc29yEg0KBXNoYXBlGAEgAygFEgwKBGRhdGEYAiABKAwiNwoIUmdiSW1hZ2USDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEgwKBGRhdGEYAyABKAwiagoIVGlsZVBsYW4SDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEhIKCnRpbGVfd2lkdGgYAyABKAUSEwoLdGlsZV9oZWlnaHQYBCABKAUSCgoCeHMYBSADKAUSCgoCeXMYBiADKAUitwIKD1J1blRhc2tSZXNwb25zZRIvCghwcm9ncmVzcxgBIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASJgoGcmVzdWx0GAIgASgLMhQubGF0ZW50ZmFybS52MS5JbWFnZUgAEikKB3dhcm5pbmcYAyABKAsyFi5sYXRlbnRmYXJtLnYxLldhcm5pbmdIABIrCghoYW5kb3ZlchgEIAEoCzIXLmxhdGVudGZhcm0udjEuSGFuZG92ZXJIABI2Cg5yZWZpbmVyX3N3aXRjaBgFIAEoCzIcLmxhdGVudGZhcm0udjEuUmVmaW5lclJlc3VtZUgAEjMKCmNoZWNrcG9pbnQYBiABKAsyHS5sYXRlbnRmYXJtLnYxLlBhc3NDaGVja3BvaW50SABCBgoEa2luZCJFChFDYW5jZWxUYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg8KB2F0dGVtcHQYAiABKAUSDgoGcmVhc29uGAMgASgJIiUKEkNhbmNlbFRhc2tSZXNwb25zZRIPCgdzdG9wcGVkGAEgASgIIg8KDVN0YXR1c1JlcXVlc3QiYAoOU3RhdHVzUmVzcG9uc2USJwoFYWdlbnQYASABKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbxIOCgZtb2RlbHMYAiADKAkSFQoNcnVubmluZ190YXNrcxgDIAMoCSLDAgoJSGVhcnRiZWF0EicKBWFnZW50GAEgASgLMhgubGF0ZW50ZmFybS52MS5BZ2VudEluZm8SMgoQYXZhaWxhYmxlX21vZGVscxgCIAMoCzIYLmxhdGVudGZhcm0udjEuTW9kZWxJbmZvEhkKEWZyZWVfbWVtb3J5X2J5dGVzGAMgASgDEjAKCmVtYmVkZGluZ3MYBCADKAsyHC5sYXRlbnRmYXJtLnYxLkVtYmVkZGluZ0luZm8SOwoSc2tpcHBlZF9lbWJlZGRpbmdzGAUgAygLMh8ubGF0ZW50ZmFybS52MS5Ta2lwcGVkRW1iZWRkaW5nEiQKBHZhZXMYBiADKAsyFi5sYXRlbnRmYXJtLnYxLlZhZUluZm8SEQoJdXBzY2FsZXJzGAcgAygJEhYKDmZhY2VfcmVzdG9yZXJzGAggAygJImwKDFRhc2tQcm9ncmVzcxIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIQCghhZ2VudF9pZBgDIAEoCRIpCgRzdGVwGAQgASgLMhsubGF0ZW50ZmFybS52MS5TdGVwUHJvZ3Jlc3MqqQEKCVRhc2tTdGFnZRITCg9UQVNLX1NUQUdFX0ZVTEwQABIZChVUQVNLX1NUQUdFX0ZJUlNUX1BBU1MQARIaChZUQVNLX1NUQUdFX1NFQ09ORF9QQVNTEAISFgoSVEFTS19TVEFHRV9VUFNDQUxFEAMSHwobVEFTS19TVEFHRV9TRUNPTkRfUEFTU19USUxFEAQSFwoTVEFTS19TVEFHRV9BU1NFTUJMRRAFMvQBCgxBZ2VudFNlcnZpY2USSgoHUnVuVGFzaxIdLmxhdGVudGZhcm0udjEuUnVuVGFza1JlcXVlc3QaHi5sYXRlbnRmYXJtLnYxLlJ1blRhc2tSZXNwb25zZTABElEKCkNhbmNlbFRhc2sSIC5sYXRlbnRmYXJtLnYxLkNhbmNlbFRhc2tSZXF1ZXN0GiEubGF0ZW50ZmFybS52MS5DYW5jZWxUYXNrUmVzcG9uc2USRQoGU3RhdHVzEhwubGF0ZW50ZmFybS52MS5TdGF0dXNSZXF1ZXN0Gh0ubGF0ZW50ZmFybS52MS5TdGF0dXNSZXNwb25zZWIGcHJvdG8z", [file_latentfarm_v1_generation, file_latentfarm_v1_render]);
+  fileDesc("ChlsYXRlbnRmYXJtL3YxL2FnZW50LnByb3RvEg1sYXRlbnRmYXJtLnYxIr8DCg5SdW5UYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIvCgZwYXJhbXMYAyABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEwoLaW1hZ2VfaW5kZXgYBCABKAUSDAoEc2VlZBgFIAEoAxIPCgdzdWJzZWVkGAYgASgDEg8KB2F0dGVtcHQYByABKAUSJwoFc3RhZ2UYCCABKA4yGC5sYXRlbnRmYXJtLnYxLlRhc2tTdGFnZRInCgZpbnB1dHMYCSADKAsyFy5sYXRlbnRmYXJtLnYxLkhhbmRvdmVyEhIKCnRpbGVfaW5kZXgYCiABKAUSJgoFdGlsZXMYCyABKAsyFy5sYXRlbnRmYXJtLnYxLlRpbGVQbGFuEjQKDnJlZmluZXJfcmVzdW1lGAwgASgLMhwubGF0ZW50ZmFybS52MS5SZWZpbmVyUmVzdW1lEjIKC3Jlc3VtZV9mcm9tGA0gASgLMh0ubGF0ZW50ZmFybS52MS5QYXNzQ2hlY2twb2ludBIeChZjaGVja3BvaW50X2V2ZXJ5X3N0ZXBzGA4gASgFImoKDlBhc3NDaGVja3BvaW50EhIKCmZpcnN0X2NhbGwYASABKAUSDwoHYW5zd2VycxgCIAMoDBIWCg51bmNvbmRfYW5zd2VycxgDIAMoDBINCgVzdGFydBgEIAEoDBIMCgRpbml0GAUgASgMIp8BCg1SZWZpbmVyUmVzdW1lEg8KB2Fuc3dlcnMYASADKAwSFgoOdW5jb25kX2Fuc3dlcnMYAiADKAwSDQoFc3RhcnQYAyABKAwSJwoFbW9kZWwYBCABKAsyGC5sYXRlbnRmYXJtLnYxLlBhc3NNb2RlbBIMCgRpbml0GAUgASgMEh8KF2lucGFpbnRpbmdfY29uZGl0aW9uaW5nGAYgASgIIpQCCghIYW5kb3ZlchItCgZsYXRlbnQYASABKAsyGy5sYXRlbnRmYXJtLnYxLkxhdGVudFRlbnNvckgAEiYKA3JnYhgCIAEoCzIXLmxhdGVudGZhcm0udjEuUmdiSW1hZ2VIABI5ChNmaXJzdF9wYXNzX2luZm90ZXh0GAMgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjoKFHNlY29uZF9wYXNzX2luZm90ZXh0GAQgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjIKEGZpcnN0X3Bhc3NfbW9kZWwYBSABKAsyGC5sYXRlbnRmYXJtLnYxLlBhc3NNb2RlbEIGCgRkYXRhImYKCVBhc3NNb2RlbBIMCgRuYW1lGAEgASgJEhIKCm1vZGVsX2hhc2gYAiABKAkSEwoLbG9yYV9oYXNoZXMYAyADKAkSEAoIdmFlX25hbWUYBCABKAkSEAoIdmFlX2hhc2gYBSABKAkiKwoNSW5mb3RleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAkiKwoMTGF0ZW50VGVuc29yEg0KBXNoYXBlGAEgAygFEgwKBGRhdGEYAiABKAwiNwoIUmdiSW1hZ2USDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEgwKBGRhdGEYAyABKAwiagoIVGlsZVBsYW4SDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEhIKCnRpbGVfd2lkdGgYAyABKAUSEwoLdGlsZV9oZWlnaHQYBCABKAUSCgoCeHMYBSADKAUSCgoCeXMYBiADKAUi4gIKD1J1blRhc2tSZXNwb25zZRIvCghwcm9ncmVzcxgBIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASJgoGcmVzdWx0GAIgASgLMhQubGF0ZW50ZmFybS52MS5JbWFnZUgAEikKB3dhcm5pbmcYAyABKAsyFi5sYXRlbnRmYXJtLnYxLldhcm5pbmdIABIrCghoYW5kb3ZlchgEIAEoCzIXLmxhdGVudGZhcm0udjEuSGFuZG92ZXJIABI2Cg5yZWZpbmVyX3N3aXRjaBgFIAEoCzIcLmxhdGVudGZhcm0udjEuUmVmaW5lclJlc3VtZUgAEjMKCmNoZWNrcG9pbnQYBiABKAsyHS5sYXRlbnRmYXJtLnYxLlBhc3NDaGVja3BvaW50SAASKQoFdXNhZ2UYByABKAsyGC5sYXRlbnRmYXJtLnYxLlRhc2tVc2FnZUgAQgYKBGtpbmQiMgoJVGFza1VzYWdlEg8KB3NlY29uZHMYASABKAESFAoMbG9hZF9zZWNvbmRzGAIgASgBIkUKEUNhbmNlbFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIOCgZyZWFzb24YAyABKAkiJQoSQ2FuY2VsVGFza1Jlc3BvbnNlEg8KB3N0b3BwZWQYASABKAgiDwoNU3RhdHVzUmVxdWVzdCJgCg5TdGF0dXNSZXNwb25zZRInCgVhZ2VudBgBIAEoCzIYLmxhdGVudGZhcm0udjEuQWdlbnRJbmZvEg4KBm1vZGVscxgCIAMoCRIVCg1ydW5uaW5nX3Rhc2tzGAMgAygJIsMCCglIZWFydGJlYXQSJwoFYWdlbnQYASABKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbxIyChBhdmFpbGFibGVfbW9kZWxzGAIgAygLMhgubGF0ZW50ZmFybS52MS5Nb2RlbEluZm8SGQoRZnJlZV9tZW1vcnlfYnl0ZXMYAyABKAMSMAoKZW1iZWRkaW5ncxgEIAMoCzIcLmxhdGVudGZhcm0udjEuRW1iZWRkaW5nSW5mbxI7ChJza2lwcGVkX2VtYmVkZGluZ3MYBSADKAsyHy5sYXRlbnRmYXJtLnYxLlNraXBwZWRFbWJlZGRpbmcSJAoEdmFlcxgGIAMoCzIWLmxhdGVudGZhcm0udjEuVmFlSW5mbxIRCgl1cHNjYWxlcnMYByADKAkSFgoOZmFjZV9yZXN0b3JlcnMYCCADKAkibAoMVGFza1Byb2dyZXNzEg8KB3Rhc2tfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEikKBHN0ZXAYBCABKAsyGy5sYXRlbnRmYXJtLnYxLlN0ZXBQcm9ncmVzcyqpAQoJVGFza1N0YWdlEhMKD1RBU0tfU1RBR0VfRlVMTBAAEhkKFVRBU0tfU1RBR0VfRklSU1RfUEFTUxABEhoKFlRBU0tfU1RBR0VfU0VDT05EX1BBU1MQAhIWChJUQVNLX1NUQUdFX1VQU0NBTEUQAxIfChtUQVNLX1NUQUdFX1NFQ09ORF9QQVNTX1RJTEUQBBIXChNUQVNLX1NUQUdFX0FTU0VNQkxFEAUy9AEKDEFnZW50U2VydmljZRJKCgdSdW5UYXNrEh0ubGF0ZW50ZmFybS52MS5SdW5UYXNrUmVxdWVzdBoeLmxhdGVudGZhcm0udjEuUnVuVGFza1Jlc3BvbnNlMAESUQoKQ2FuY2VsVGFzaxIgLmxhdGVudGZhcm0udjEuQ2FuY2VsVGFza1JlcXVlc3QaIS5sYXRlbnRmYXJtLnYxLkNhbmNlbFRhc2tSZXNwb25zZRJFCgZTdGF0dXMSHC5sYXRlbnRmYXJtLnYxLlN0YXR1c1JlcXVlc3QaHS5sYXRlbnRmYXJtLnYxLlN0YXR1c1Jlc3BvbnNlYgZwcm90bzM", [file_latentfarm_v1_generation, file_latentfarm_v1_render]);
 
 /**
  * @generated from message latentfarm.v1.RunTaskRequest
@@ -502,6 +502,14 @@ export type RunTaskResponse = Message<"latentfarm.v1.RunTaskResponse"> & {
      */
     value: PassCheckpoint;
     case: "checkpoint";
+  } | {
+    /**
+     * The agent's time for the task, sent just before its output (result, handover or refiner_switch).
+     *
+     * @generated from field: latentfarm.v1.TaskUsage usage = 7;
+     */
+    value: TaskUsage;
+    case: "usage";
   } | { case: undefined; value?: undefined };
 };
 
@@ -511,6 +519,32 @@ export type RunTaskResponse = Message<"latentfarm.v1.RunTaskResponse"> & {
  */
 export const RunTaskResponseSchema: GenMessage<RunTaskResponse> = /*@__PURE__*/
   messageDesc(file_latentfarm_v1_agent, 9);
+
+/**
+ * @generated from message latentfarm.v1.TaskUsage
+ */
+export type TaskUsage = Message<"latentfarm.v1.TaskUsage"> & {
+  /**
+   * From the render's start to its output, pipeline loading included.
+   *
+   * @generated from field: double seconds = 1;
+   */
+  seconds: number;
+
+  /**
+   * Of seconds, the time spent waiting for the pass pipelines to load or build.
+   *
+   * @generated from field: double load_seconds = 2;
+   */
+  loadSeconds: number;
+};
+
+/**
+ * Describes the message latentfarm.v1.TaskUsage.
+ * Use `create(TaskUsageSchema)` to create a new message.
+ */
+export const TaskUsageSchema: GenMessage<TaskUsage> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_agent, 10);
 
 /**
  * @generated from message latentfarm.v1.CancelTaskRequest
@@ -539,7 +573,7 @@ export type CancelTaskRequest = Message<"latentfarm.v1.CancelTaskRequest"> & {
  * Use `create(CancelTaskRequestSchema)` to create a new message.
  */
 export const CancelTaskRequestSchema: GenMessage<CancelTaskRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 10);
+  messageDesc(file_latentfarm_v1_agent, 11);
 
 /**
  * @generated from message latentfarm.v1.CancelTaskResponse
@@ -558,7 +592,7 @@ export type CancelTaskResponse = Message<"latentfarm.v1.CancelTaskResponse"> & {
  * Use `create(CancelTaskResponseSchema)` to create a new message.
  */
 export const CancelTaskResponseSchema: GenMessage<CancelTaskResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 11);
+  messageDesc(file_latentfarm_v1_agent, 12);
 
 /**
  * @generated from message latentfarm.v1.StatusRequest
@@ -571,7 +605,7 @@ export type StatusRequest = Message<"latentfarm.v1.StatusRequest"> & {
  * Use `create(StatusRequestSchema)` to create a new message.
  */
 export const StatusRequestSchema: GenMessage<StatusRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 12);
+  messageDesc(file_latentfarm_v1_agent, 13);
 
 /**
  * @generated from message latentfarm.v1.StatusResponse
@@ -600,7 +634,7 @@ export type StatusResponse = Message<"latentfarm.v1.StatusResponse"> & {
  * Use `create(StatusResponseSchema)` to create a new message.
  */
 export const StatusResponseSchema: GenMessage<StatusResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 13);
+  messageDesc(file_latentfarm_v1_agent, 14);
 
 /**
  * Published on NATS subject lf.agent.<agent_id>.heartbeat.
@@ -668,7 +702,7 @@ export type Heartbeat = Message<"latentfarm.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 14);
+  messageDesc(file_latentfarm_v1_agent, 15);
 
 /**
  * Published on NATS subject lf.task.<task_id>.progress.
@@ -702,7 +736,7 @@ export type TaskProgress = Message<"latentfarm.v1.TaskProgress"> & {
  * Use `create(TaskProgressSchema)` to create a new message.
  */
 export const TaskProgressSchema: GenMessage<TaskProgress> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 15);
+  messageDesc(file_latentfarm_v1_agent, 16);
 
 /**
  * A Hires.fix image runs as a small graph of tasks that may land on different agents:

@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file latentfarm/v1/generation.proto.
  */
 export const file_latentfarm_v1_generation: GenFile = /*@__PURE__*/
-  fileDesc("Ch5sYXRlbnRmYXJtL3YxL2dlbmVyYXRpb24ucHJvdG8SDWxhdGVudGZhcm0udjEi8Q8KEEdlbmVyYXRpb25QYXJhbXMSDgoGcHJvbXB0GAEgASgJEhcKD25lZ2F0aXZlX3Byb21wdBgCIAEoCRIRCgRzZWVkGAMgASgDSACIAQESFAoHc3Vic2VlZBgEIAEoA0gBiAEBEhgKEHN1YnNlZWRfc3RyZW5ndGgYBSABKAESGgoSc2VlZF9yZXNpemVfZnJvbV93GAYgASgFEhoKEnNlZWRfcmVzaXplX2Zyb21faBgHIAEoBRIUCgxzYW1wbGVyX25hbWUYCCABKAkSEQoJc2NoZWR1bGVyGAkgASgJEhIKBXN0ZXBzGAogASgFSAKIAQESFgoJY2ZnX3NjYWxlGAsgASgBSAOIAQESEgoFd2lkdGgYDCABKAVIBIgBARITCgZoZWlnaHQYDSABKAVIBYgBARIXCgpiYXRjaF9zaXplGA4gASgFSAaIAQESEwoGbl9pdGVyGA8gASgFSAeIAQESFgoJY2xpcF9za2lwGBAgASgFSAiIAQESDQoFbW9kZWwYESABKAkSJQoDcm5nGBIgASgOMhgubGF0ZW50ZmFybS52MS5SbmdTb3VyY2USHAoUZXRhX25vaXNlX3NlZWRfZGVsdGEYEyABKAMSEAoDZXRhGBQgASgBSAmIAQESFAoHc19jaHVybhgVIAEoAUgKiAEBEhMKBnNfdG1pbhgWIAEoAUgLiAEBEhMKBnNfdG1heBgXIAEoAUgMiAEBEhQKB3Nfbm9pc2UYGCABKAFIDYgBARIZCgxzX21pbl91bmNvbmQYGSABKAFIDogBARI6ChFvdmVycmlkZV9zZXR0aW5ncxgaIAEoCzIfLmxhdGVudGZhcm0udjEuT3ZlcnJpZGVTZXR0aW5ncxIQCghpbmZvdGV4dBgbIAEoCRIdChVwcmV2aWV3X2V2ZXJ5X25fc3RlcHMYHCABKAUSEQoJZW5hYmxlX2hyGB4gASgIEhUKCGhyX3NjYWxlGB8gASgBSA+IAQESEwoLaHJfdXBzY2FsZXIYICABKAkSHAoUaHJfc2Vjb25kX3Bhc3Nfc3RlcHMYISABKAUSEwoLaHJfcmVzaXplX3gYIiABKAUSEwoLaHJfcmVzaXplX3kYIyABKAUSFwoPaHJfc2FtcGxlcl9uYW1lGCQgASgJEhQKDGhyX3NjaGVkdWxlchglIAEoCRIRCglocl9wcm9tcHQYJiABKAkSGgoSaHJfbmVnYXRpdmVfcHJvbXB0GCcgASgJEh8KEmRlbm9pc2luZ19zdHJlbmd0aBgoIAEoAUgQiAEBEhoKEmhyX2NoZWNrcG9pbnRfbmFtZRgpIAEoCRIaChJyZWZpbmVyX2NoZWNrcG9pbnQYKiABKAkSHgoRcmVmaW5lcl9zd2l0Y2hfYXQYKyABKAFIEYgBARITCgtpbml0X2ltYWdlcxgyIAMoDBIuCgtyZXNpemVfbW9kZRgzIAEoDjIZLmxhdGVudGZhcm0udjEuUmVzaXplTW9kZRIMCgRtYXNrGDQgASgMEhYKCW1hc2tfYmx1chg1IAEoBUgSiAEBEhgKC21hc2tfYmx1cl94GFAgASgFSBOIAQESGAoLbWFza19ibHVyX3kYUSABKAVIFIgBARI2Cg9pbnBhaW50aW5nX2ZpbGwYNiABKA4yHS5sYXRlbnRmYXJtLnYxLklucGFpbnRpbmdGaWxsEh0KEGlucGFpbnRfZnVsbF9yZXMYNyABKAhIFYgBARIgChhpbnBhaW50X2Z1bGxfcmVzX3BhZGRpbmcYOCABKAUSHgoWaW5wYWludGluZ19tYXNrX2ludmVydBg5IAEoCBIXCgptYXNrX3JvdW5kGFIgASgISBaIAQESIwoWaW5wYWludGluZ19tYXNrX3dlaWdodBhTIAEoAUgXiAEBEiUKGGluaXRpYWxfbm9pc2VfbXVsdGlwbGllchg6IAEoAUgYiAEBEhUKDXJlc3RvcmVfZmFjZXMYPCABKAgSHwoSY29kZV9mb3JtZXJfd2VpZ2h0GD0gASgBSBmIAQESJQoFbG9yYXMYRiADKAsyFi5sYXRlbnRmYXJtLnYxLkxvcmFSZWYSDgoGc3R5bGVzGFQgAygJEg4KBnRpbGluZxhVIAEoCBIrCgZleHRyYXMYViABKAsyGy5sYXRlbnRmYXJtLnYxLkV4dHJhc1BhcmFtc0IHCgVfc2VlZEIKCghfc3Vic2VlZEIICgZfc3RlcHNCDAoKX2NmZ19zY2FsZUIICgZfd2lkdGhCCQoHX2hlaWdodEINCgtfYmF0Y2hfc2l6ZUIJCgdfbl9pdGVyQgwKCl9jbGlwX3NraXBCBgoEX2V0YUIKCghfc19jaHVybkIJCgdfc190bWluQgkKB19zX3RtYXhCCgoIX3Nfbm9pc2VCDwoNX3NfbWluX3VuY29uZEILCglfaHJfc2NhbGVCFQoTX2Rlbm9pc2luZ19zdHJlbmd0aEIUChJfcmVmaW5lcl9zd2l0Y2hfYXRCDAoKX21hc2tfYmx1ckIOCgxfbWFza19ibHVyX3hCDgoMX21hc2tfYmx1cl95QhMKEV9pbnBhaW50X2Z1bGxfcmVzQg0KC19tYXNrX3JvdW5kQhkKF19pbnBhaW50aW5nX21hc2tfd2VpZ2h0QhsKGV9pbml0aWFsX25vaXNlX211bHRpcGxpZXJCFQoTX2NvZGVfZm9ybWVyX3dlaWdodCKaAwoMRXh0cmFzUGFyYW1zEhMKC3Jlc2l6ZV9tb2RlGAEgASgFEh0KEHVwc2NhbGluZ19yZXNpemUYAiABKAFIAIgBARIfChJ1cHNjYWxpbmdfcmVzaXplX3cYAyABKAVIAYgBARIfChJ1cHNjYWxpbmdfcmVzaXplX2gYBCABKAVIAogBARIbCg51cHNjYWxpbmdfY3JvcBgFIAEoCEgDiAEBEhIKCnVwc2NhbGVyXzEYBiABKAkSEgoKdXBzY2FsZXJfMhgHIAEoCRIkChxleHRyYXNfdXBzY2FsZXJfMl92aXNpYmlsaXR5GAggASgBEhkKEWdmcGdhbl92aXNpYmlsaXR5GAkgASgBEh0KFWNvZGVmb3JtZXJfdmlzaWJpbGl0eRgKIAEoARIZChFjb2RlZm9ybWVyX3dlaWdodBgLIAEoAUITChFfdXBzY2FsaW5nX3Jlc2l6ZUIVChNfdXBzY2FsaW5nX3Jlc2l6ZV93QhUKE191cHNjYWxpbmdfcmVzaXplX2hCEQoPX3Vwc2NhbGluZ19jcm9wIpUNChBPdmVycmlkZVNldHRpbmdzEhoKDWV0YV9hbmNlc3RyYWwYASABKAFIAIgBARIVCghldGFfZGRpbRgCIAEoAUgBiAEBEi4KIWFsd2F5c19kaXNjYXJkX25leHRfdG9fbGFzdF9zaWdtYRgDIAEoCEgCiAEBEhYKCXNpZ21hX21pbhgEIAEoAUgDiAEBEhYKCXNpZ21hX21heBgFIAEoAUgEiAEBEhAKA3JobxgGIAEoAUgFiAEBEiEKFHNnbV9ub2lzZV9tdWx0aXBsaWVyGAcgASgISAaIAQESLAofdXNlX29sZF9rYXJyYXNfc2NoZWR1bGVyX3NpZ21hcxgIIAEoCEgHiAEBEhwKD2JldGFfZGlzdF9hbHBoYRgJIAEoAUgIiAEBEhsKDmJldGFfZGlzdF9iZXRhGAogASgBSAmIAQESFgoOdW5pX3BjX3ZhcmlhbnQYCyABKAkSGAoQdW5pX3BjX3NraXBfdHlwZRgMIAEoCRIZCgx1bmlfcGNfb3JkZXIYDSABKAVICogBARIlChh1bmlfcGNfbG93ZXJfb3JkZXJfZmluYWwYDiABKAhIC4gBARIgChNpbWcyaW1nX2V4dHJhX25vaXNlGA8gASgBSAyIAQESHgoRaW1nMmltZ19maXhfc3RlcHMYECABKAhIDYgBARIcCg9za2lwX2Vhcmx5X2NvbmQYESABKAFIDogBARIdChBzX21pbl91bmNvbmRfYWxsGBIgASgISA+IAQESGQoRc2Rfbm9pc2Vfc2NoZWR1bGUYEyABKAkSJQoYdXNlX2Rvd25jYXN0ZWRfYWxwaGFfYmFyGBQgASgISBCIAQESEAoIZW1waGFzaXMYFSABKAkSHwoSdXNlX29sZF9zY2hlZHVsaW5nGBYgASgISBGIAQESHAoPcGFkX2NvbmRfdW5jb25kGBcgASgISBKIAQESHwoScGFkX2NvbmRfdW5jb25kX3YwGBggASgISBOIAQESHAoUbGl2ZV9wcmV2aWV3X2NvbnRlbnQYGSABKAkSDgoGc2RfdmFlGBogASgJEh0KEHNkeGxfY2xpcF9sX3NraXAYGyABKAhIFIgBARIaCg1zZHhsX2Nyb3BfdG9wGBwgASgFSBWIAQESGwoOc2R4bF9jcm9wX2xlZnQYHSABKAVIFogBARIeChZoaXJlc19maXhfcmVmaW5lcl9wYXNzGB4gASgJEisKHnJlZmluZXJfc3dpdGNoX2J5X3NhbXBsZV9zdGVwcxgfIAEoCEgXiAEBEi0KIHNkeGxfcmVmaW5lcl9sb3dfYWVzdGhldGljX3Njb3JlGCAgASgBSBiIAQESLgohc2R4bF9yZWZpbmVyX2hpZ2hfYWVzdGhldGljX3Njb3JlGCEgASgBSBmIAQESHgoWZmFjZV9yZXN0b3JhdGlvbl9tb2RlbBgiIAEoCUIQCg5fZXRhX2FuY2VzdHJhbEILCglfZXRhX2RkaW1CJAoiX2Fsd2F5c19kaXNjYXJkX25leHRfdG9fbGFzdF9zaWdtYUIMCgpfc2lnbWFfbWluQgwKCl9zaWdtYV9tYXhCBgoEX3Job0IXChVfc2dtX25vaXNlX211bHRpcGxpZXJCIgogX3VzZV9vbGRfa2FycmFzX3NjaGVkdWxlcl9zaWdtYXNCEgoQX2JldGFfZGlzdF9hbHBoYUIRCg9fYmV0YV9kaXN0X2JldGFCDwoNX3VuaV9wY19vcmRlckIbChlfdW5pX3BjX2xvd2VyX29yZGVyX2ZpbmFsQhYKFF9pbWcyaW1nX2V4dHJhX25vaXNlQhQKEl9pbWcyaW1nX2ZpeF9zdGVwc0ISChBfc2tpcF9lYXJseV9jb25kQhMKEV9zX21pbl91bmNvbmRfYWxsQhsKGV91c2VfZG93bmNhc3RlZF9hbHBoYV9iYXJCFQoTX3VzZV9vbGRfc2NoZWR1bGluZ0ISChBfcGFkX2NvbmRfdW5jb25kQhUKE19wYWRfY29uZF91bmNvbmRfdjBCEwoRX3NkeGxfY2xpcF9sX3NraXBCEAoOX3NkeGxfY3JvcF90b3BCEQoPX3NkeGxfY3JvcF9sZWZ0QiEKH19yZWZpbmVyX3N3aXRjaF9ieV9zYW1wbGVfc3RlcHNCIwohX3NkeGxfcmVmaW5lcl9sb3dfYWVzdGhldGljX3Njb3JlQiQKIl9zZHhsX3JlZmluZXJfaGlnaF9hZXN0aGV0aWNfc2NvcmUiPwoHTG9yYVJlZhIMCgRuYW1lGAEgASgJEhEKCXRlX3dlaWdodBgCIAEoARITCgt1bmV0X3dlaWdodBgDIAEoASKFAQoFSW1hZ2USDQoFaW5kZXgYASABKAUSDAoEc2VlZBgCIAEoAxIPCgdzdWJzZWVkGAMgASgDEgsKA3BuZxgEIAEoDBIQCghpbmZvdGV4dBgFIAEoCRINCgV3aWR0aBgGIAEoBRIOCgZoZWlnaHQYByABKAUSEAoIYWdlbnRfaWQYCCABKAkqYgoJUm5nU291cmNlEhoKFlJOR19TT1VSQ0VfVU5TUEVDSUZJRUQQABISCg5STkdfU09VUkNFX0dQVRABEhIKDlJOR19TT1VSQ0VfQ1BVEAISEQoNUk5HX1NPVVJDRV9OVhADKosBCgpSZXNpemVNb2RlEhsKF1JFU0laRV9NT0RFX0pVU1RfUkVTSVpFEAASHwobUkVTSVpFX01PREVfQ1JPUF9BTkRfUkVTSVpFEAESHwobUkVTSVpFX01PREVfUkVTSVpFX0FORF9GSUxMEAISHgoaUkVTSVpFX01PREVfTEFURU5UX1VQU0NBTEUQAyqOAQoOSW5wYWludGluZ0ZpbGwSGAoUSU5QQUlOVElOR19GSUxMX0ZJTEwQABIcChhJTlBBSU5USU5HX0ZJTExfT1JJR0lOQUwQARIgChxJTlBBSU5USU5HX0ZJTExfTEFURU5UX05PSVNFEAISIgoeSU5QQUlOVElOR19GSUxMX0xBVEVOVF9OT1RISU5HEANiBnByb3RvMw");
+  fileDesc("Ch5sYXRlbnRmYXJtL3YxL2dlbmVyYXRpb24ucHJvdG8SDWxhdGVudGZhcm0udjEi8Q8KEEdlbmVyYXRpb25QYXJhbXMSDgoGcHJvbXB0GAEgASgJEhcKD25lZ2F0aXZlX3Byb21wdBgCIAEoCRIRCgRzZWVkGAMgASgDSACIAQESFAoHc3Vic2VlZBgEIAEoA0gBiAEBEhgKEHN1YnNlZWRfc3RyZW5ndGgYBSABKAESGgoSc2VlZF9yZXNpemVfZnJvbV93GAYgASgFEhoKEnNlZWRfcmVzaXplX2Zyb21faBgHIAEoBRIUCgxzYW1wbGVyX25hbWUYCCABKAkSEQoJc2NoZWR1bGVyGAkgASgJEhIKBXN0ZXBzGAogASgFSAKIAQESFgoJY2ZnX3NjYWxlGAsgASgBSAOIAQESEgoFd2lkdGgYDCABKAVIBIgBARITCgZoZWlnaHQYDSABKAVIBYgBARIXCgpiYXRjaF9zaXplGA4gASgFSAaIAQESEwoGbl9pdGVyGA8gASgFSAeIAQESFgoJY2xpcF9za2lwGBAgASgFSAiIAQESDQoFbW9kZWwYESABKAkSJQoDcm5nGBIgASgOMhgubGF0ZW50ZmFybS52MS5SbmdTb3VyY2USHAoUZXRhX25vaXNlX3NlZWRfZGVsdGEYEyABKAMSEAoDZXRhGBQgASgBSAmIAQESFAoHc19jaHVybhgVIAEoAUgKiAEBEhMKBnNfdG1pbhgWIAEoAUgLiAEBEhMKBnNfdG1heBgXIAEoAUgMiAEBEhQKB3Nfbm9pc2UYGCABKAFIDYgBARIZCgxzX21pbl91bmNvbmQYGSABKAFIDogBARI6ChFvdmVycmlkZV9zZXR0aW5ncxgaIAEoCzIfLmxhdGVudGZhcm0udjEuT3ZlcnJpZGVTZXR0aW5ncxIQCghpbmZvdGV4dBgbIAEoCRIdChVwcmV2aWV3X2V2ZXJ5X25fc3RlcHMYHCABKAUSEQoJZW5hYmxlX2hyGB4gASgIEhUKCGhyX3NjYWxlGB8gASgBSA+IAQESEwoLaHJfdXBzY2FsZXIYICABKAkSHAoUaHJfc2Vjb25kX3Bhc3Nfc3RlcHMYISABKAUSEwoLaHJfcmVzaXplX3gYIiABKAUSEwoLaHJfcmVzaXplX3kYIyABKAUSFwoPaHJfc2FtcGxlcl9uYW1lGCQgASgJEhQKDGhyX3NjaGVkdWxlchglIAEoCRIRCglocl9wcm9tcHQYJiABKAkSGgoSaHJfbmVnYXRpdmVfcHJvbXB0GCcgASgJEh8KEmRlbm9pc2luZ19zdHJlbmd0aBgoIAEoAUgQiAEBEhoKEmhyX2NoZWNrcG9pbnRfbmFtZRgpIAEoCRIaChJyZWZpbmVyX2NoZWNrcG9pbnQYKiABKAkSHgoRcmVmaW5lcl9zd2l0Y2hfYXQYKyABKAFIEYgBARITCgtpbml0X2ltYWdlcxgyIAMoDBIuCgtyZXNpemVfbW9kZRgzIAEoDjIZLmxhdGVudGZhcm0udjEuUmVzaXplTW9kZRIMCgRtYXNrGDQgASgMEhYKCW1hc2tfYmx1chg1IAEoBUgSiAEBEhgKC21hc2tfYmx1cl94GFAgASgFSBOIAQESGAoLbWFza19ibHVyX3kYUSABKAVIFIgBARI2Cg9pbnBhaW50aW5nX2ZpbGwYNiABKA4yHS5sYXRlbnRmYXJtLnYxLklucGFpbnRpbmdGaWxsEh0KEGlucGFpbnRfZnVsbF9yZXMYNyABKAhIFYgBARIgChhpbnBhaW50X2Z1bGxfcmVzX3BhZGRpbmcYOCABKAUSHgoWaW5wYWludGluZ19tYXNrX2ludmVydBg5IAEoCBIXCgptYXNrX3JvdW5kGFIgASgISBaIAQESIwoWaW5wYWludGluZ19tYXNrX3dlaWdodBhTIAEoAUgXiAEBEiUKGGluaXRpYWxfbm9pc2VfbXVsdGlwbGllchg6IAEoAUgYiAEBEhUKDXJlc3RvcmVfZmFjZXMYPCABKAgSHwoSY29kZV9mb3JtZXJfd2VpZ2h0GD0gASgBSBmIAQESJQoFbG9yYXMYRiADKAsyFi5sYXRlbnRmYXJtLnYxLkxvcmFSZWYSDgoGc3R5bGVzGFQgAygJEg4KBnRpbGluZxhVIAEoCBIrCgZleHRyYXMYViABKAsyGy5sYXRlbnRmYXJtLnYxLkV4dHJhc1BhcmFtc0IHCgVfc2VlZEIKCghfc3Vic2VlZEIICgZfc3RlcHNCDAoKX2NmZ19zY2FsZUIICgZfd2lkdGhCCQoHX2hlaWdodEINCgtfYmF0Y2hfc2l6ZUIJCgdfbl9pdGVyQgwKCl9jbGlwX3NraXBCBgoEX2V0YUIKCghfc19jaHVybkIJCgdfc190bWluQgkKB19zX3RtYXhCCgoIX3Nfbm9pc2VCDwoNX3NfbWluX3VuY29uZEILCglfaHJfc2NhbGVCFQoTX2Rlbm9pc2luZ19zdHJlbmd0aEIUChJfcmVmaW5lcl9zd2l0Y2hfYXRCDAoKX21hc2tfYmx1ckIOCgxfbWFza19ibHVyX3hCDgoMX21hc2tfYmx1cl95QhMKEV9pbnBhaW50X2Z1bGxfcmVzQg0KC19tYXNrX3JvdW5kQhkKF19pbnBhaW50aW5nX21hc2tfd2VpZ2h0QhsKGV9pbml0aWFsX25vaXNlX211bHRpcGxpZXJCFQoTX2NvZGVfZm9ybWVyX3dlaWdodCKaAwoMRXh0cmFzUGFyYW1zEhMKC3Jlc2l6ZV9tb2RlGAEgASgFEh0KEHVwc2NhbGluZ19yZXNpemUYAiABKAFIAIgBARIfChJ1cHNjYWxpbmdfcmVzaXplX3cYAyABKAVIAYgBARIfChJ1cHNjYWxpbmdfcmVzaXplX2gYBCABKAVIAogBARIbCg51cHNjYWxpbmdfY3JvcBgFIAEoCEgDiAEBEhIKCnVwc2NhbGVyXzEYBiABKAkSEgoKdXBzY2FsZXJfMhgHIAEoCRIkChxleHRyYXNfdXBzY2FsZXJfMl92aXNpYmlsaXR5GAggASgBEhkKEWdmcGdhbl92aXNpYmlsaXR5GAkgASgBEh0KFWNvZGVmb3JtZXJfdmlzaWJpbGl0eRgKIAEoARIZChFjb2RlZm9ybWVyX3dlaWdodBgLIAEoAUITChFfdXBzY2FsaW5nX3Jlc2l6ZUIVChNfdXBzY2FsaW5nX3Jlc2l6ZV93QhUKE191cHNjYWxpbmdfcmVzaXplX2hCEQoPX3Vwc2NhbGluZ19jcm9wIpUNChBPdmVycmlkZVNldHRpbmdzEhoKDWV0YV9hbmNlc3RyYWwYASABKAFIAIgBARIVCghldGFfZGRpbRgCIAEoAUgBiAEBEi4KIWFsd2F5c19kaXNjYXJkX25leHRfdG9fbGFzdF9zaWdtYRgDIAEoCEgCiAEBEhYKCXNpZ21hX21pbhgEIAEoAUgDiAEBEhYKCXNpZ21hX21heBgFIAEoAUgEiAEBEhAKA3JobxgGIAEoAUgFiAEBEiEKFHNnbV9ub2lzZV9tdWx0aXBsaWVyGAcgASgISAaIAQESLAofdXNlX29sZF9rYXJyYXNfc2NoZWR1bGVyX3NpZ21hcxgIIAEoCEgHiAEBEhwKD2JldGFfZGlzdF9hbHBoYRgJIAEoAUgIiAEBEhsKDmJldGFfZGlzdF9iZXRhGAogASgBSAmIAQESFgoOdW5pX3BjX3ZhcmlhbnQYCyABKAkSGAoQdW5pX3BjX3NraXBfdHlwZRgMIAEoCRIZCgx1bmlfcGNfb3JkZXIYDSABKAVICogBARIlChh1bmlfcGNfbG93ZXJfb3JkZXJfZmluYWwYDiABKAhIC4gBARIgChNpbWcyaW1nX2V4dHJhX25vaXNlGA8gASgBSAyIAQESHgoRaW1nMmltZ19maXhfc3RlcHMYECABKAhIDYgBARIcCg9za2lwX2Vhcmx5X2NvbmQYESABKAFIDogBARIdChBzX21pbl91bmNvbmRfYWxsGBIgASgISA+IAQESGQoRc2Rfbm9pc2Vfc2NoZWR1bGUYEyABKAkSJQoYdXNlX2Rvd25jYXN0ZWRfYWxwaGFfYmFyGBQgASgISBCIAQESEAoIZW1waGFzaXMYFSABKAkSHwoSdXNlX29sZF9zY2hlZHVsaW5nGBYgASgISBGIAQESHAoPcGFkX2NvbmRfdW5jb25kGBcgASgISBKIAQESHwoScGFkX2NvbmRfdW5jb25kX3YwGBggASgISBOIAQESHAoUbGl2ZV9wcmV2aWV3X2NvbnRlbnQYGSABKAkSDgoGc2RfdmFlGBogASgJEh0KEHNkeGxfY2xpcF9sX3NraXAYGyABKAhIFIgBARIaCg1zZHhsX2Nyb3BfdG9wGBwgASgFSBWIAQESGwoOc2R4bF9jcm9wX2xlZnQYHSABKAVIFogBARIeChZoaXJlc19maXhfcmVmaW5lcl9wYXNzGB4gASgJEisKHnJlZmluZXJfc3dpdGNoX2J5X3NhbXBsZV9zdGVwcxgfIAEoCEgXiAEBEi0KIHNkeGxfcmVmaW5lcl9sb3dfYWVzdGhldGljX3Njb3JlGCAgASgBSBiIAQESLgohc2R4bF9yZWZpbmVyX2hpZ2hfYWVzdGhldGljX3Njb3JlGCEgASgBSBmIAQESHgoWZmFjZV9yZXN0b3JhdGlvbl9tb2RlbBgiIAEoCUIQCg5fZXRhX2FuY2VzdHJhbEILCglfZXRhX2RkaW1CJAoiX2Fsd2F5c19kaXNjYXJkX25leHRfdG9fbGFzdF9zaWdtYUIMCgpfc2lnbWFfbWluQgwKCl9zaWdtYV9tYXhCBgoEX3Job0IXChVfc2dtX25vaXNlX211bHRpcGxpZXJCIgogX3VzZV9vbGRfa2FycmFzX3NjaGVkdWxlcl9zaWdtYXNCEgoQX2JldGFfZGlzdF9hbHBoYUIRCg9fYmV0YV9kaXN0X2JldGFCDwoNX3VuaV9wY19vcmRlckIbChlfdW5pX3BjX2xvd2VyX29yZGVyX2ZpbmFsQhYKFF9pbWcyaW1nX2V4dHJhX25vaXNlQhQKEl9pbWcyaW1nX2ZpeF9zdGVwc0ISChBfc2tpcF9lYXJseV9jb25kQhMKEV9zX21pbl91bmNvbmRfYWxsQhsKGV91c2VfZG93bmNhc3RlZF9hbHBoYV9iYXJCFQoTX3VzZV9vbGRfc2NoZWR1bGluZ0ISChBfcGFkX2NvbmRfdW5jb25kQhUKE19wYWRfY29uZF91bmNvbmRfdjBCEwoRX3NkeGxfY2xpcF9sX3NraXBCEAoOX3NkeGxfY3JvcF90b3BCEQoPX3NkeGxfY3JvcF9sZWZ0QiEKH19yZWZpbmVyX3N3aXRjaF9ieV9zYW1wbGVfc3RlcHNCIwohX3NkeGxfcmVmaW5lcl9sb3dfYWVzdGhldGljX3Njb3JlQiQKIl9zZHhsX3JlZmluZXJfaGlnaF9hZXN0aGV0aWNfc2NvcmUiPwoHTG9yYVJlZhIMCgRuYW1lGAEgASgJEhEKCXRlX3dlaWdodBgCIAEoARITCgt1bmV0X3dlaWdodBgDIAEoASK5AQoFSW1hZ2USDQoFaW5kZXgYASABKAUSDAoEc2VlZBgCIAEoAxIPCgdzdWJzZWVkGAMgASgDEgsKA3BuZxgEIAEoDBIQCghpbmZvdGV4dBgFIAEoCRINCgV3aWR0aBgGIAEoBRIOCgZoZWlnaHQYByABKAUSEAoIYWdlbnRfaWQYCCABKAkSMgoKcHJvdmVuYW5jZRgJIAEoCzIeLmxhdGVudGZhcm0udjEuSW1hZ2VQcm92ZW5hbmNlInYKD0ltYWdlUHJvdmVuYW5jZRIsCghhdHRlbXB0cxgBIAMoCzIaLmxhdGVudGZhcm0udjEuVGFza0F0dGVtcHQSFgoOZGV2aWNlX3NlY29uZHMYAiABKAESHQoVd2FzdGVkX2RldmljZV9zZWNvbmRzGAMgASgBIpECCgtUYXNrQXR0ZW1wdBINCgVzdGFnZRgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEhAKCGFnZW50X2lkGAMgASgJEi4KB291dGNvbWUYBCABKA4yHS5sYXRlbnRmYXJtLnYxLkF0dGVtcHRPdXRjb21lEg8KB3NlY29uZHMYBSABKAESFgoOYWdlbnRfbWVhc3VyZWQYBiABKAgSFAoMbG9hZF9zZWNvbmRzGAcgASgBEhoKEmV4ZWN1dGlvbl9wcm92aWRlchgIIAEoCRIOCgZkZXZpY2UYCSABKAkSDwoHcnVudGltZRgKIAEoCRIVCg1yZXN1bWVkX2NhbGxzGAsgASgFEg0KBWVycm9yGAwgASgJKmIKCVJuZ1NvdXJjZRIaChZSTkdfU09VUkNFX1VOU1BFQ0lGSUVEEAASEgoOUk5HX1NPVVJDRV9HUFUQARISCg5STkdfU09VUkNFX0NQVRACEhEKDVJOR19TT1VSQ0VfTlYQAyqLAQoKUmVzaXplTW9kZRIbChdSRVNJWkVfTU9ERV9KVVNUX1JFU0laRRAAEh8KG1JFU0laRV9NT0RFX0NST1BfQU5EX1JFU0laRRABEh8KG1JFU0laRV9NT0RFX1JFU0laRV9BTkRfRklMTBACEh4KGlJFU0laRV9NT0RFX0xBVEVOVF9VUFNDQUxFEAMqjgEKDklucGFpbnRpbmdGaWxsEhgKFElOUEFJTlRJTkdfRklMTF9GSUxMEAASHAoYSU5QQUlOVElOR19GSUxMX09SSUdJTkFMEAESIAocSU5QQUlOVElOR19GSUxMX0xBVEVOVF9OT0lTRRACEiIKHklOUEFJTlRJTkdfRklMTF9MQVRFTlRfTk9USElORxADKqgBCg5BdHRlbXB0T3V0Y29tZRIfChtBVFRFTVBUX09VVENPTUVfVU5TUEVDSUZJRUQQABIYChRBVFRFTVBUX09VVENPTUVfVVNFRBABEh8KG0FUVEVNUFRfT1VUQ09NRV9IQU5ERURfQkFDSxACEhoKFkFUVEVNUFRfT1VUQ09NRV9GQUlMRUQQAxIeChpBVFRFTVBUX09VVENPTUVfU1VQRVJTRURFRBAEYgZwcm90bzM");
 
 /**
  * Real-valued parameters are double so the decimal a user typed (0.6, 7.1) is what the infotext prints.
@@ -827,6 +827,13 @@ export type Image = Message<"latentfarm.v1.Image"> & {
    * @generated from field: string agent_id = 8;
    */
   agentId: string;
+
+  /**
+   * Where and how the image was made, and the device time it took.
+   *
+   * @generated from field: latentfarm.v1.ImageProvenance provenance = 9;
+   */
+  provenance?: ImageProvenance | undefined;
 };
 
 /**
@@ -835,6 +842,127 @@ export type Image = Message<"latentfarm.v1.Image"> & {
  */
 export const ImageSchema: GenMessage<Image> = /*@__PURE__*/
   messageDesc(file_latentfarm_v1_generation, 4);
+
+/**
+ * An image's record for reproducing it and for chargeback: every attempt of its tasks (one task, or a
+ * Hires.fix image's stages) that ended before the image was made, in the order they ended.
+ *
+ * @generated from message latentfarm.v1.ImageProvenance
+ */
+export type ImageProvenance = Message<"latentfarm.v1.ImageProvenance"> & {
+  /**
+   * @generated from field: repeated latentfarm.v1.TaskAttempt attempts = 1;
+   */
+  attempts: TaskAttempt[];
+
+  /**
+   * Seconds of agent time all of them took: the image's cost, retries and lost races included.
+   *
+   * @generated from field: double device_seconds = 2;
+   */
+  deviceSeconds: number;
+
+  /**
+   * The part of device_seconds spent by attempts whose work did not reach the image (failed, superseded).
+   *
+   * @generated from field: double wasted_device_seconds = 3;
+   */
+  wastedDeviceSeconds: number;
+};
+
+/**
+ * Describes the message latentfarm.v1.ImageProvenance.
+ * Use `create(ImageProvenanceSchema)` to create a new message.
+ */
+export const ImageProvenanceSchema: GenMessage<ImageProvenance> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_generation, 5);
+
+/**
+ * One attempt of one task on one agent.
+ *
+ * @generated from message latentfarm.v1.TaskAttempt
+ */
+export type TaskAttempt = Message<"latentfarm.v1.TaskAttempt"> & {
+  /**
+   * The stage ("first", "second", "up", "t<n>", "asm"), or "" for an image that is one task.
+   *
+   * @generated from field: string stage = 1;
+   */
+  stage: string;
+
+  /**
+   * @generated from field: int32 attempt = 2;
+   */
+  attempt: number;
+
+  /**
+   * @generated from field: string agent_id = 3;
+   */
+  agentId: string;
+
+  /**
+   * @generated from field: latentfarm.v1.AttemptOutcome outcome = 4;
+   */
+  outcome: AttemptOutcome;
+
+  /**
+   * The agent's own time for the task (pipeline loading included) when it reported it; otherwise the
+   * coordinator's, from dispatch to the attempt's end.
+   *
+   * @generated from field: double seconds = 5;
+   */
+  seconds: number;
+
+  /**
+   * @generated from field: bool agent_measured = 6;
+   */
+  agentMeasured: boolean;
+
+  /**
+   * Of seconds, the time spent loading or building the pipeline (agent-measured only).
+   *
+   * @generated from field: double load_seconds = 7;
+   */
+  loadSeconds: number;
+
+  /**
+   * The agent's execution provider, device and runtime when the attempt ran (AgentInfo).
+   *
+   * @generated from field: string execution_provider = 8;
+   */
+  executionProvider: string;
+
+  /**
+   * @generated from field: string device = 9;
+   */
+  device: string;
+
+  /**
+   * @generated from field: string runtime = 10;
+   */
+  runtime: string;
+
+  /**
+   * Model calls replayed from a checkpoint instead of evaluated (a resumed attempt).
+   *
+   * @generated from field: int32 resumed_calls = 11;
+   */
+  resumedCalls: number;
+
+  /**
+   * Why it did not reach the image (FAILED, SUPERSEDED).
+   *
+   * @generated from field: string error = 12;
+   */
+  error: string;
+};
+
+/**
+ * Describes the message latentfarm.v1.TaskAttempt.
+ * Use `create(TaskAttemptSchema)` to create a new message.
+ */
+export const TaskAttemptSchema: GenMessage<TaskAttempt> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_generation, 6);
 
 /**
  * @generated from enum latentfarm.v1.RngSource
@@ -930,4 +1058,47 @@ export enum InpaintingFill {
  */
 export const InpaintingFillSchema: GenEnum<InpaintingFill> = /*@__PURE__*/
   enumDesc(file_latentfarm_v1_generation, 2);
+
+/**
+ * @generated from enum latentfarm.v1.AttemptOutcome
+ */
+export enum AttemptOutcome {
+  /**
+   * @generated from enum value: ATTEMPT_OUTCOME_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Its output is the image, or a stage's hand-over the image was made from.
+   *
+   * @generated from enum value: ATTEMPT_OUTCOME_USED = 1;
+   */
+  USED = 1,
+
+  /**
+   * It sampled up to its refiner switch and handed the pass to an agent with the refiner, which
+   * replayed its model calls: its work reached the image.
+   *
+   * @generated from enum value: ATTEMPT_OUTCOME_HANDED_BACK = 2;
+   */
+  HANDED_BACK = 2,
+
+  /**
+   * @generated from enum value: ATTEMPT_OUTCOME_FAILED = 3;
+   */
+  FAILED = 3,
+
+  /**
+   * Stopped because another attempt finished first (a backup copy), or the job was cancelled.
+   *
+   * @generated from enum value: ATTEMPT_OUTCOME_SUPERSEDED = 4;
+   */
+  SUPERSEDED = 4,
+}
+
+/**
+ * Describes the enum latentfarm.v1.AttemptOutcome.
+ */
+export const AttemptOutcomeSchema: GenEnum<AttemptOutcome> = /*@__PURE__*/
+  enumDesc(file_latentfarm_v1_generation, 3);
 
