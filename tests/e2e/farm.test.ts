@@ -20,6 +20,7 @@ import {
   TEST_VAE,
   TEST_VAE_SHIFT,
   farmSkipReason,
+  startService,
   startTestFarm,
   testEmbedding,
   testVae,
@@ -905,6 +906,124 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
         const at = ((2 * y + dy) * 2 * w + 2 * x + dx) * info.channels;
         assert.deepEqual([...data.subarray(at, at + 3)], [...raw.subarray((y * w + x) * 3, (y * w + x) * 3 + 3)], `pixel ${x},${y}`);
       }
+    }
+  });
+
+  test("A1111's HTTP API (latentfarm a1111-api) renders what Submit renders, answers as A1111 does, and cancels a job whose caller leaves", async () => {
+    const gateway = await startService(["a1111-api", "--coordinator", farm.coordinatorAddress, "--port", "0"]);
+    const base = `${String(gateway.ready["url"])}/sdapi/v1`;
+    const post = (path: string, body: unknown, signal?: AbortSignal) =>
+      fetch(`${base}/${path}`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify(body),
+        ...(signal && { signal }),
+      });
+    try {
+      // A body as A1111 clients send it: the checkpoint by its A1111 title, a null for a default, settings by option name.
+      const body = {
+        prompt: "a lighthouse",
+        negative_prompt: "fog",
+        seed: 4242,
+        steps: 5,
+        cfg_scale: 6,
+        width: 64,
+        height: 64,
+        batch_size: 2,
+        sampler_name: "DPM++ 2M",
+        scheduler: "Karras",
+        restore_faces: null,
+        send_images: true,
+        save_images: false,
+        alwayson_scripts: {},
+        override_settings: { sd_model_checkpoint: "tiny-sd15.safetensors", CLIP_stop_at_last_layers: 2, samples_format: "png" },
+      };
+      const res = await post("txt2img", body);
+      assert.equal(res.status, 200, await res.clone().text());
+      const answer = (await res.json()) as { images: string[]; parameters: Record<string, unknown>; info: string };
+      assert.equal(answer.images.length, 2);
+      assert.deepEqual(answer.parameters, body);
+      const info = JSON.parse(answer.info) as Record<string, unknown>;
+      assert.deepEqual(info["all_seeds"], [4242, 4243]);
+      assert.equal(info["seed"], 4242);
+      assert.equal(info["sampler_name"], "DPM++ 2M");
+      assert.equal(info["clip_skip"], 2);
+      assert.equal(info["sd_model_name"], "tiny-sd15");
+      assert.deepEqual(info["all_prompts"], ["a lighthouse", "a lighthouse"]);
+      // The same job through Submit gives the same PNGs (infotext included) byte for byte.
+      const { jobId } = await farm.client.submit({
+        params: {
+          prompt: "a lighthouse",
+          negativePrompt: "fog",
+          seed: 4242n,
+          steps: 5,
+          cfgScale: 6,
+          width: 64,
+          height: 64,
+          batchSize: 2,
+          samplerName: "DPM++ 2M",
+          scheduler: "Karras",
+          model: "tiny-sd15",
+          clipSkip: 2,
+        },
+      });
+      const direct = (await collect(farm, jobId))
+        .flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []))
+        .sort((a, b) => a.index - b.index);
+      assert.deepEqual(
+        answer.images,
+        direct.map((i) => Buffer.from(i.png).toString("base64")),
+      );
+      assert.deepEqual(
+        info["infotexts"],
+        direct.map((i) => i.infotext),
+      );
+      // Listings in A1111's shapes.
+      const samplers = (await (await fetch(`${base}/samplers`)).json()) as Array<{ name: string; aliases: string[] }>;
+      assert.ok(samplers.some((s) => s.name === "Euler a" && s.aliases.includes("k_euler_a")));
+      const sdModels = (await (await fetch(`${base}/sd-models`)).json()) as Array<{ model_name: string; title: string }>;
+      assert.ok(sdModels.some((m) => m.model_name === "tiny-sd15"));
+      // Bad input: FastAPI's 422 naming the field; unknown routes 404; an unknown sampler is the farm's NOT_FOUND-free refusal.
+      const bad = await post("txt2img", { steps: "many" });
+      assert.equal(bad.status, 422);
+      assert.deepEqual(((await bad.json()) as { detail: Array<{ loc: string[] }> }).detail[0]!.loc, ["body", "steps"]);
+      const badSampler = await post("txt2img", { sampler_name: "Nope", steps: 2, width: 64, height: 64 });
+      assert.equal(badSampler.status, 422, await badSampler.clone().text());
+      assert.deepEqual(((await badSampler.json()) as { detail: Array<{ loc: string[] }> }).detail[0]!.loc, ["body", "sampler_name"]);
+      const script = await post("txt2img", { script_name: "x/y/z plot" });
+      assert.equal(script.status, 422);
+      assert.equal((await fetch(`${base}/nothing-here`)).status, 404);
+      // Idle progress is A1111's zeros.
+      const idle = (await (await fetch(`${base}/progress`)).json()) as { progress: number; state: { job_count: number } };
+      assert.deepEqual([idle.progress, idle.state.job_count], [0, 0]);
+      // A caller that leaves mid-job: its job is cancelled on the farm. /progress shows the job while it runs.
+      const leaving = new AbortController();
+      const long = post(
+        "txt2img",
+        { prompt: "a long wait", steps: 150, batch_size: 2, width: 64, height: 64, sampler_name: "Euler" },
+        leaving.signal,
+      );
+      let early = "";
+      long.then(
+        async (r) => (early = `answered ${r.status} ${await r.text()}`),
+        () => undefined,
+      );
+      let job = "";
+      for (const deadline = Date.now() + 30_000; job === "";) {
+        assert.ok(Date.now() < deadline && early === "", `the long job shows in /progress ${early}`);
+        const p = (await (await fetch(`${base}/progress`)).json()) as { progress: number; state: { job: string; sampling_steps: number } };
+        if (p.progress > 0 && p.state.sampling_steps === 150) job = p.state.job;
+        else await new Promise((r) => setTimeout(r, 50));
+      }
+      leaving.abort();
+      for (const deadline = Date.now() + 30_000; ;) {
+        const { state } = await farm.client.get({ jobId: job });
+        if (state === JobState.CANCELLED) break;
+        assert.ok(Date.now() < deadline, `job ${job} is ${JobState[state]}, not cancelled`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    } finally {
+      await gateway.kill();
     }
   });
 

@@ -24,6 +24,7 @@ import {
   ImageProvenanceSchema,
 } from "@latentfarm/shared";
 import { Coordinator, type CoordinatorConfig } from "../coordinator.js";
+import { A1111Gateway } from "../a1111-api/gateway.js";
 import { parsePixelCount, type HiresTiling } from "../hires-stages.js";
 import { startNatsServer, type NatsServerHandle } from "./nats-server.js";
 
@@ -35,6 +36,10 @@ const USAGE = `latentfarm — a distributed Stable Diffusion render farm
 Usage:
   latentfarm up [--models DIR] [--nats URL] [--port N] [--agents N] [--ep cpu|cuda|webgpu] [--metrics-port N]
                 [--loras DIR] [--embeddings DIR] [--vae-dir DIR] [--styles-file F]... [--checkpoint-every N] [hires tiling]
+                [--a1111-api-port N] (also serve A1111's HTTP API, /sdapi/v1/…, on 127.0.0.1:N)
+  latentfarm a1111-api [--coordinator HOST:PORT] [--port N] [--host ADDR] [--tls-ca F] [--max-body-mib M]
+                   A1111's HTTP API (/sdapi/v1/txt2img, img2img, extra-single-image, progress, interrupt, samplers,
+                   schedulers, sd-models, upscalers, …) in front of a coordinator; default 127.0.0.1:7860
   latentfarm demo [--models DIR] [--out DIR]           start a one-machine farm, render one image, stop
   latentfarm coordinator [--port N] [--host ADDR] [--nats URL] [--metrics-port N] [--default-model NAME]
                    [--agent-timeout-ms N] [--tls-cert F --tls-key F --tls-ca F] [--api-tokens-file F] [--health-port N]
@@ -814,8 +819,35 @@ const UP_OPTIONS = {
   "vae-dir": { type: "string" },
   "styles-file": { type: "string", multiple: true },
   "checkpoint-every": { type: "string", default: "5" },
+  "a1111-api-port": { type: "string" },
   ...TILING_OPTIONS,
 } as const satisfies ParseArgsConfig["options"];
+
+/** A1111's HTTP API in front of a coordinator, until SIGINT or SIGTERM. */
+async function a1111Api(argv: string[]): Promise<number> {
+  const { values: v } = parseArgs({
+    args: argv,
+    options: {
+      coordinator: { type: "string", default: process.env["LATENTFARM_COORDINATOR"] ?? "127.0.0.1:50051" },
+      port: { type: "string", default: "7860" },
+      host: { type: "string", default: "127.0.0.1" },
+      "tls-ca": { type: "string" },
+      "max-body-mib": { type: "string", default: "64" },
+    },
+  });
+  const gateway = await A1111Gateway.start({
+    coordinator: v.coordinator,
+    host: v.host,
+    port: wholeNumber("port", v.port),
+    maxBodyBytes: wholeNumber("max-body-mib", v["max-body-mib"]) * 1024 * 1024,
+    ...(v["tls-ca"] ? { tlsCa: readFileSync(v["tls-ca"]) } : {}),
+    logger: jsonLogger({ level: logLevel(), base: { service: "a1111-api" } }),
+  });
+  io.out(JSON.stringify({ ready: true, url: gateway.url }) + "\n");
+  await untilSignal();
+  await gateway.close();
+  return 0;
+}
 
 async function up(argv: string[]): Promise<number> {
   const { values: v } = parseArgs({ args: argv, options: UP_OPTIONS });
@@ -834,8 +866,24 @@ async function up(argv: string[]): Promise<number> {
     ...(v["styles-file"] !== undefined && { stylesFiles: v["styles-file"] }),
     checkpointEverySteps: wholeNumber("checkpoint-every", v["checkpoint-every"]),
   });
-  io.out(`farm up: coordinator ${farm.coordinatorAddress}, ${farm.agents.length} agent(s); Ctrl-C stops it\n`);
+  const gateway =
+    v["a1111-api-port"] === undefined
+      ? undefined
+      : await A1111Gateway.start({
+          coordinator: farm.coordinatorAddress,
+          port: wholeNumber("a1111-api-port", v["a1111-api-port"]),
+          logger: jsonLogger({ level: logLevel(), base: { service: "a1111-api" } }),
+        }).catch(async (err: unknown) => {
+          await farm.close();
+          throw err;
+        });
+  io.out(
+    `farm up: coordinator ${farm.coordinatorAddress}, ${farm.agents.length} agent(s)` +
+      (gateway ? `, A1111 API ${gateway.url}/sdapi/v1/` : "") +
+      `; Ctrl-C stops it\n`,
+  );
   await untilSignal();
+  await gateway?.close();
   await farm.close();
   return 0;
 }
@@ -915,6 +963,8 @@ export async function main(argv: string[]): Promise<number> {
         return await demo(rest);
       case "coordinator":
         return await runCoordinator(rest);
+      case "a1111-api":
+        return await a1111Api(rest);
       case "txt2img":
       case "img2img":
         return await txt2img(rest);

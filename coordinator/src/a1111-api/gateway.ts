@@ -1,0 +1,321 @@
+// A1111's HTTP API (/sdapi/v1/…) in front of the farm, so that tools written against a WebUI started
+// with --api (scripts, plugins, bots) render on the farm unchanged. It is a RenderService client like
+// any other: a txt2img call is a Submit, then a Watch until the job ends, answered as A1111 answers
+// (base64 PNGs with their infotext, `info` with every seed). The caller's Authorization header goes to
+// the coordinator as it is (Basic: its password is taken as the token, as A1111's --api-auth clients
+// send it), so tenants, limits and fairness apply as for gRPC clients. A call whose client goes away
+// cancels its job. /progress and /interrupt act on the caller's own jobs, not the whole farm's.
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import type { AddressInfo } from "node:net";
+import { randomUUID } from "node:crypto";
+import * as grpc from "@grpc/grpc-js";
+import type { JsonObject, JsonValue } from "@bufbuild/protobuf";
+import {
+  FarmError,
+  LATENT_UPSCALERS,
+  RenderService,
+  createClient,
+  isServiceError,
+  statusName,
+  type Image,
+  type Logger,
+  type ModelInfo,
+} from "@latentfarm/shared";
+import { ApiFieldError, readApiRequest, type Endpoint } from "./request.js";
+import { extrasResponse, generationResponse, progressResponse, type JobProgress } from "./response.js";
+
+export interface A1111GatewayOptions {
+  /** The coordinator's RenderService address (host:port). */
+  coordinator: string;
+  /** Listen address; A1111 listens on 127.0.0.1 unless told otherwise (--listen). */
+  host?: string;
+  /** 0: any free port. */
+  port: number;
+  /** The CA of the coordinator's TLS certificate, when it serves TLS. */
+  tlsCa?: Buffer;
+  /** Largest request body accepted (init images are base64 in it); default 64 MiB. */
+  maxBodyBytes?: number;
+  logger: Logger;
+}
+
+type RenderClient = ReturnType<typeof createClient<(typeof RenderService)["method"]>>;
+
+/** An HTTP error answered in FastAPI's shapes: 422 `detail` lists for fields, else `detail` text. */
+class HttpError extends Error {
+  constructor(
+    readonly status: number,
+    readonly body: JsonObject,
+    readonly headers: Record<string, string> = {},
+  ) {
+    super(JSON.stringify(body));
+  }
+}
+
+const fieldError = (field: string, msg: string): HttpError =>
+  new HttpError(422, { detail: [{ loc: ["body", ...field.split(".")], msg, type: "value_error" }] });
+
+/** gRPC statuses as the HTTP statuses A1111 and FastAPI clients expect. */
+function httpError(err: unknown): HttpError {
+  if (err instanceof HttpError) return err;
+  if (err instanceof ApiFieldError) return fieldError(err.field, err.message);
+  const fe = FarmError.from(err);
+  const service = isServiceError(fe.cause) ? fe.cause : isServiceError(err) ? err : undefined;
+  const field = service?.metadata?.get("x-field")[0]?.toString() ?? fe.field;
+  const message = field && fe.message.startsWith(`${field}: `) ? fe.message.slice(field.length + 2) : fe.message;
+  switch (fe.code) {
+    case grpc.status.INVALID_ARGUMENT:
+      return field ? fieldError(field, message) : new HttpError(422, { detail: message });
+    case grpc.status.NOT_FOUND:
+      return new HttpError(404, { detail: fe.message });
+    case grpc.status.UNAUTHENTICATED:
+      return new HttpError(401, { detail: fe.message }, { "www-authenticate": "Bearer" });
+    case grpc.status.PERMISSION_DENIED:
+      return new HttpError(403, { detail: fe.message });
+    case grpc.status.RESOURCE_EXHAUSTED: {
+      const after = Number(service?.metadata?.get("grpc-retry-pushback-ms")[0] ?? NaN);
+      const headers: Record<string, string> = Number.isFinite(after) ? { "retry-after": String(Math.ceil(after / 1000)) } : {};
+      return new HttpError(429, { detail: fe.message }, headers);
+    }
+    case grpc.status.FAILED_PRECONDITION:
+    case grpc.status.UNIMPLEMENTED:
+      return new HttpError(field ? 422 : 409, field ? fieldError(field, message).body : { detail: fe.message });
+    case grpc.status.UNAVAILABLE:
+      return new HttpError(503, { detail: fe.message });
+    case grpc.status.DEADLINE_EXCEEDED:
+      return new HttpError(504, { detail: fe.message });
+    default:
+      return new HttpError(500, { error: statusName(fe.code), detail: fe.message, body: "", errors: fe.message });
+  }
+}
+
+/** The gRPC metadata of a caller: its bearer token, or a Basic password as the token. */
+function callerMetadata(req: IncomingMessage): Record<string, string> {
+  const auth = req.headers.authorization;
+  if (!auth) return {};
+  const basic = /^Basic\s+(.+)$/i.exec(auth);
+  if (basic) {
+    const decoded = Buffer.from(basic[1]!, "base64").toString("utf8");
+    const colon = decoded.indexOf(":");
+    return { authorization: `Bearer ${colon >= 0 ? decoded.slice(colon + 1) : decoded}` };
+  }
+  return { authorization: auth };
+}
+
+/** Progress and interrupts are per caller: its credentials, or everyone anonymous together. */
+const callerKey = (metadata: Record<string, string>): string => metadata["authorization"] ?? "";
+
+export class A1111Gateway {
+  private readonly server: Server;
+  private readonly client: RenderClient;
+  /** Jobs being watched for API calls, by caller. */
+  private readonly running = new Map<string, Set<JobProgress & { abort: AbortController }>>();
+  private readonly calls = new Set<AbortController>();
+  private boundPort = 0;
+
+  private constructor(private readonly opts: A1111GatewayOptions) {
+    this.client = createClient(RenderService, opts.coordinator, opts.tlsCa ? { credentials: grpc.credentials.createSsl(opts.tlsCa) } : {});
+    this.server = createServer((req, res) => void this.handle(req, res));
+  }
+
+  static async start(opts: A1111GatewayOptions): Promise<A1111Gateway> {
+    const g = new A1111Gateway(opts);
+    await new Promise<void>((resolve, reject) => {
+      g.server.once("error", reject);
+      g.server.listen(opts.port, opts.host ?? "127.0.0.1", () => resolve());
+    });
+    g.boundPort = (g.server.address() as AddressInfo).port;
+    return g;
+  }
+
+  get port(): number {
+    return this.boundPort;
+  }
+
+  /** http://host:port, the base A1111 clients are given (their calls add /sdapi/v1/…). */
+  get url(): string {
+    const host = this.opts.host ?? "127.0.0.1";
+    return `http://${host === "0.0.0.0" ? "127.0.0.1" : host}:${this.boundPort}`;
+  }
+
+  /** Stops serving; calls in progress end (their jobs go on on the farm, as any client's do when it leaves). */
+  async close(): Promise<void> {
+    for (const c of this.calls) c.abort(new FarmError(grpc.status.UNAVAILABLE, "the A1111 API gateway is shutting down"));
+    await new Promise<void>((resolve) => {
+      this.server.closeAllConnections();
+      this.server.close(() => resolve());
+    });
+    this.client.close();
+  }
+
+  private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const url = new URL(req.url ?? "/", "http://gateway");
+    const route = `${req.method ?? "GET"} ${url.pathname.replace(/\/+$/, "")}`;
+    const metadata = callerMetadata(req);
+    const call = new AbortController();
+    this.calls.add(call);
+    // The client went away before its answer: stop watching (and its job, below).
+    res.on("close", () => {
+      if (!res.writableFinished) call.abort(new FarmError(grpc.status.CANCELLED, "the API client closed the connection"));
+    });
+    try {
+      const body = await this.answer(route, url, req, metadata, call.signal);
+      this.send(res, 200, body);
+    } catch (err) {
+      const e = httpError(err);
+      if (e.status >= 500) this.opts.logger.warn("A1111 API call failed", { route, status: e.status, error: e.message });
+      this.send(res, e.status, e.body, e.headers);
+    } finally {
+      this.calls.delete(call);
+    }
+  }
+
+  private send(res: ServerResponse, status: number, body: JsonValue, headers: Record<string, string> = {}): void {
+    if (res.headersSent || res.destroyed) return;
+    const text = JSON.stringify(body);
+    res.writeHead(status, { "content-type": "application/json", "content-length": Buffer.byteLength(text), ...headers }).end(text);
+  }
+
+  private async answer(
+    route: string,
+    url: URL,
+    req: IncomingMessage,
+    metadata: Record<string, string>,
+    signal: AbortSignal,
+  ): Promise<JsonValue> {
+    const o = { metadata, signal, timeoutMs: 30_000 };
+    switch (route) {
+      case "POST /sdapi/v1/txt2img":
+        return this.generate("txt2img", await this.body(req), metadata, signal);
+      case "POST /sdapi/v1/img2img":
+        return this.generate("img2img", await this.body(req), metadata, signal);
+      case "POST /sdapi/v1/extra-single-image":
+        return this.generate("extra-single-image", await this.body(req), metadata, signal);
+      case "GET /sdapi/v1/progress": {
+        const mine = [...(this.running.get(callerKey(metadata)) ?? [])];
+        return progressResponse(mine.at(-1), Date.now(), url.searchParams.get("skip_current_image") === "true");
+      }
+      case "POST /sdapi/v1/interrupt":
+      case "POST /sdapi/v1/skip": {
+        for (const job of this.running.get(callerKey(metadata)) ?? []) {
+          await this.client.cancel({ jobId: job.jobId }, o).catch(() => undefined);
+        }
+        return null;
+      }
+      case "GET /sdapi/v1/samplers": {
+        const { samplers } = await this.client.listSamplers({}, o);
+        return samplers.map((s) => ({ name: s.name, aliases: [...s.aliases], options: { ...s.options } }));
+      }
+      case "GET /sdapi/v1/schedulers": {
+        const { schedulers } = await this.client.listSchedulers({}, o);
+        return schedulers.map((s) => ({ name: s.name, label: s.label, aliases: [...s.aliases], default_rho: -1, need_inner_model: false }));
+      }
+      case "GET /sdapi/v1/sd-models": {
+        const { models } = await this.client.listModels({}, o);
+        return models.map((m) => ({
+          title: m.modelHash ? `${m.name} [${m.modelHash}]` : m.name,
+          model_name: m.name,
+          hash: m.modelHash || null,
+          sha256: null,
+          filename: m.name,
+          config: null,
+        }));
+      }
+      case "GET /sdapi/v1/upscalers": {
+        const { upscalers } = await this.client.listUpscalers({}, o);
+        return upscalers
+          .filter((u) => !(LATENT_UPSCALERS as readonly string[]).includes(u.name))
+          .map((u) => ({ name: u.name, model_name: u.builtin ? null : u.name, model_path: null, model_url: null, scale: 4 }));
+      }
+      case "GET /sdapi/v1/latent-upscale-modes":
+        return LATENT_UPSCALERS.map((name) => ({ name }));
+      case "GET /sdapi/v1/face-restorers": {
+        const { faceRestorers } = await this.client.listUpscalers({}, o);
+        return faceRestorers.map((f) => ({ name: f.name, cmd_dir: null }));
+      }
+      case "GET /sdapi/v1/sd-vae": {
+        const { vaes } = await this.client.listVaes({}, o);
+        return vaes.map((v) => ({ model_name: v.name, filename: v.name }));
+      }
+      case "GET /sdapi/v1/prompt-styles": {
+        const { styles } = await this.client.listStyles({}, o);
+        return styles.map((s) => ({ name: s.name, prompt: s.prompt, negative_prompt: s.negativePrompt }));
+      }
+      default:
+        throw new HttpError(404, { detail: "Not Found" });
+    }
+  }
+
+  /** The request's JSON body, within the size limit. */
+  private async body(req: IncomingMessage): Promise<unknown> {
+    const limit = this.opts.maxBodyBytes ?? 64 << 20;
+    const chunks: Buffer[] = [];
+    let size = 0;
+    for await (const chunk of req as AsyncIterable<Buffer>) {
+      size += chunk.length;
+      if (size > limit) throw new HttpError(413, { detail: `the request body is over ${limit} bytes` });
+      chunks.push(chunk);
+    }
+    try {
+      return JSON.parse(Buffer.concat(chunks).toString("utf8"));
+    } catch (err) {
+      throw new HttpError(422, { detail: [{ loc: ["body"], msg: (err as Error).message, type: "value_error.jsondecode" }] });
+    }
+  }
+
+  /** Submit, then watch the job to its end: the A1111 response, or the job's error. */
+  private async generate(endpoint: Endpoint, raw: unknown, metadata: Record<string, string>, signal: AbortSignal): Promise<JsonValue> {
+    const o = { metadata, signal, timeoutMs: 30_000 };
+    const checkpoint = (raw as { override_settings?: { sd_model_checkpoint?: unknown } } | null)?.override_settings?.sd_model_checkpoint;
+    const models: ModelInfo[] = typeof checkpoint === "string" ? (await this.client.listModels({}, o)).models : [];
+    const { params, sendImages, ignored } = readApiRequest(endpoint, raw, models);
+    if (ignored.length > 0) this.opts.logger.debug("A1111 API fields left out", { endpoint, fields: ignored });
+    const startedAt = new Date();
+    const { jobId, imageCount } = await this.client.submit({ params, requestId: randomUUID() }, o);
+    const job: JobProgress & { abort: AbortController } = {
+      jobId,
+      imageCount,
+      totalSteps: 0,
+      steps: new Map(),
+      done: 0,
+      startedAt: startedAt.getTime(),
+      preview: undefined,
+      abort: new AbortController(),
+    };
+    const key = callerKey(metadata);
+    let mine = this.running.get(key);
+    if (!mine) this.running.set(key, (mine = new Set()));
+    mine.add(job);
+    const images: Image[] = [];
+    let failure: FarmError | undefined;
+    try {
+      for await (const { event } of this.client.watch({ jobId }, { metadata, signal })) {
+        const e = event?.event;
+        if (e?.case === "step") {
+          job.totalSteps = e.value.totalSteps;
+          job.steps.set(e.value.imageIndex, e.value.step);
+          if (e.value.previewPng.length > 0) job.preview = e.value.previewPng;
+        } else if (e?.case === "image" && e.value.image) {
+          images.push(e.value.image);
+          job.done++;
+        } else if (e?.case === "failed") {
+          failure = new FarmError(grpc.status[e.value.code as keyof typeof grpc.status] ?? grpc.status.INTERNAL, e.value.message);
+        }
+      }
+    } catch (err) {
+      // The caller left (or the gateway is closing): the job is of no use to anyone now.
+      if (signal.aborted) await this.client.cancel({ jobId }, { metadata, timeoutMs: 10_000 }).catch(() => undefined);
+      throw err;
+    } finally {
+      mine.delete(job);
+      if (mine.size === 0) this.running.delete(key);
+    }
+    // A job interrupted through /interrupt answers with the images made so far, as A1111 does.
+    if (failure && images.length === 0) throw failure;
+    images.sort((a, b) => a.index - b.index);
+    if (endpoint === "extra-single-image") {
+      if (!images[0]) throw new FarmError(grpc.status.INTERNAL, `job ${jobId} ended without an image`);
+      return extrasResponse(images[0]);
+    }
+    return generationResponse(raw as JsonObject, endpoint === "img2img", params, images, sendImages, startedAt);
+  }
+}
