@@ -508,7 +508,48 @@ test("NetworkPolicies: only the coordinator reaches agents, only farm pods reach
     const coordinatorArgs = containers(coordinator)[0]?.args ?? [];
     assert.ok(allow(coordinator, Number(flag(coordinatorArgs, "--port")), { namespace: "elsewhere", labels: {} }), `${name}: clients reach the API`);
     assert.ok(!allow(coordinator, Number(flag(coordinatorArgs, "--metrics-port")), stranger), `${name}: others cannot read coordinator metrics`);
+    const gateway = find(objs, "Deployment", "latentfarm-a1111-api");
+    assert.ok(gateway, `${name}: the A1111 API gateway is rendered`);
+    const gatewayPort = Number(flag(containers(gateway)[0]?.args ?? [], "--port"));
+    assert.ok(allow(gateway, gatewayPort, { namespace: "elsewhere", labels: {} }), `${name}: A1111 API clients reach the gateway`);
+    assert.ok(!allow(gateway, gatewayPort + 1, stranger), `${name}: nothing else on the gateway is open`);
+    assert.ok(allow(coordinator, Number(flag(coordinatorArgs, "--port")), pod(gateway)), `${name}: gateway -> coordinator`);
   }
+});
+
+test("the A1111 API gateway runs `latentfarm a1111-api` against the coordinator Service, checking its certificate under TLS", { skip }, () => {
+  forEachRendering((name, objs) => {
+    const gateway = find(objs, "Deployment", "latentfarm-a1111-api");
+    if (!isFarm(name) && !gateway) return;
+    assert.ok(gateway, `${name}: the gateway is rendered`);
+    const c = containers(gateway)[0] as Container;
+    const args = c.args ?? [];
+    assert.equal(args[0], "a1111-api");
+    assert.equal(flag(args, "--host"), "0.0.0.0", `${name}: the gateway listens beyond loopback`);
+    const port = Number(flag(args, "--port"));
+    const http = (c.ports ?? []).find((p) => p.name === "http");
+    assert.equal(http?.containerPort, port, `${name}: its named port is --port`);
+    for (const probe of [c.readinessProbe, c.livenessProbe]) {
+      assert.equal(at(probe, "httpGet", "path"), "/sdapi/v1/progress", `${name}: probed on a route that needs no coordinator call`);
+      assert.equal(at(probe, "httpGet", "port"), "http");
+    }
+    const [host, coordinatorPort] = (flag(args, "--coordinator") ?? "").split(":");
+    const coordinator = objs.find(isCoordinator);
+    assert.ok(coordinator, `${name}: a coordinator`);
+    assert.equal(Number(coordinatorPort), Number(flag(containers(coordinator)[0]?.args ?? [], "--port")), `${name}: the coordinator's port`);
+    if (isFarm(name)) {
+      const svc = find(objs, "Service", host ?? "");
+      assert.ok(svc && selects(at(svc, "spec", "selector") as Record<string, string>, podLabels(coordinator)), `${name}: ${host} is the coordinator's Service`);
+    }
+    // Where the coordinator serves TLS, the gateway has the CA to check it by, from the mounted Secret.
+    if (flag(containers(coordinator)[0]?.args ?? [], "--tls-cert")) {
+      const ca = flag(args, "--tls-ca");
+      assert.ok(ca, `${name}: the gateway has --tls-ca`);
+      const mount = c.volumeMounts?.find((m) => ca.startsWith(`${m.mountPath}/`));
+      const volume = (podSpec(gateway)["volumes"] as { name: string; secret?: { secretName: string } }[]).find((v) => v.name === mount?.name);
+      assert.equal(volume?.secret?.secretName, "latentfarm-tls", `${name}: --tls-ca ${ca} is in the TLS Secret`);
+    }
+  });
 });
 
 test("ServiceMonitors select the farm's metrics Services and set stable job names", { skip }, () => {

@@ -137,9 +137,15 @@ export class A1111Gateway {
     return `http://${host === "0.0.0.0" ? "127.0.0.1" : host}:${this.boundPort}`;
   }
 
-  /** Stops serving; calls in progress end (their jobs go on on the farm, as any client's do when it leaves). */
+  /**
+   * Stops serving. Calls in progress end as when their clients leave: their jobs are cancelled (nobody
+   * is left to receive the images), for at most 10 s, before the coordinator connection closes.
+   */
   async close(): Promise<void> {
     for (const c of this.calls) c.abort(new FarmError(grpc.status.UNAVAILABLE, "the A1111 API gateway is shutting down"));
+    for (const deadline = Date.now() + 10_000; this.calls.size > 0 && Date.now() < deadline;) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
     await new Promise<void>((resolve) => {
       this.server.closeAllConnections();
       this.server.close(() => resolve());
