@@ -978,6 +978,26 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
         info["infotexts"],
         direct.map((i) => i.infotext),
       );
+      // png-info reads the generation data back from an image, as A1111's does.
+      const pngInfo = (await (await post("png-info", { image: `data:image/png;base64,${answer.images[1]}` })).json()) as {
+        info: string;
+        parameters: Record<string, string>;
+      };
+      assert.equal(pngInfo.info, direct[1]!.infotext);
+      assert.deepEqual(
+        [pngInfo.parameters["Prompt"], pngInfo.parameters["Seed"], pngInfo.parameters["Sampler"]],
+        ["a lighthouse", "4243", "DPM++ 2M"],
+      );
+      // POST /options sets the caller's settings for its later calls (as A1111's global options), checked when set.
+      const unknownModel = await post("options", { sd_model_checkpoint: "no-such-model.safetensors [0123456789]" });
+      assert.equal(unknownModel.status, 404, await unknownModel.clone().text());
+      assert.equal((await post("options", { sd_model_checkpoint: "tiny-sd15", CLIP_stop_at_last_layers: 2 })).status, 200);
+      assert.deepEqual(await (await fetch(`${base}/options`)).json(), { sd_model_checkpoint: "tiny-sd15", CLIP_stop_at_last_layers: 2 });
+      const { override_settings: _omitted, ...withoutSettings } = body;
+      const viaOptions = (await (await post("txt2img", withoutSettings)).json()) as { images: string[] };
+      assert.deepEqual(viaOptions.images, answer.images, "the stored options render the same images");
+      assert.equal((await post("options", { sd_model_checkpoint: null, CLIP_stop_at_last_layers: null })).status, 200);
+      assert.deepEqual(await (await fetch(`${base}/options`)).json(), { sd_model_checkpoint: null });
       // Listings in A1111's shapes.
       const samplers = (await (await fetch(`${base}/samplers`)).json()) as Array<{ name: string; aliases: string[] }>;
       assert.ok(samplers.some((s) => s.name === "Euler a" && s.aliases.includes("k_euler_a")));

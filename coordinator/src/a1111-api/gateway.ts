@@ -10,10 +10,12 @@ import type { AddressInfo } from "node:net";
 import { randomUUID } from "node:crypto";
 import * as grpc from "@grpc/grpc-js";
 import type { JsonObject, JsonValue } from "@bufbuild/protobuf";
+import sharp from "sharp";
 import {
   FarmError,
   LATENT_UPSCALERS,
   RenderService,
+  parseInfotext,
   createClient,
   isServiceError,
   statusName,
@@ -21,7 +23,7 @@ import {
   type Logger,
   type ModelInfo,
 } from "@latentfarm/shared";
-import { ApiFieldError, readApiRequest, type Endpoint } from "./request.js";
+import { ApiFieldError, imageBase64, readApiRequest, type Endpoint } from "./request.js";
 import { extrasResponse, generationResponse, progressResponse, type JobProgress } from "./response.js";
 
 export interface A1111GatewayOptions {
@@ -88,6 +90,29 @@ function httpError(err: unknown): HttpError {
   }
 }
 
+/**
+ * png-info: an image's text chunks, its A1111 generation data ("parameters") apart and read as
+ * parse_generation_parameters reads it (Prompt, Negative prompt, then the parameter line's entries).
+ */
+async function pngInfo(bytes: Buffer): Promise<JsonObject> {
+  const meta = await sharp(bytes)
+    .metadata()
+    .catch((err: Error) => {
+      throw fieldError("image", `is not an image: ${err.message}`);
+    });
+  const items: JsonObject = {};
+  for (const c of meta.comments ?? []) items[c.keyword] = c.text;
+  const info = typeof items["parameters"] === "string" ? items["parameters"] : "";
+  delete items["parameters"];
+  if (info === "") return { info: "", items, parameters: {} };
+  const parsed = parseInfotext(info);
+  return {
+    info,
+    items,
+    parameters: { Prompt: parsed.prompt, "Negative prompt": parsed.negativePrompt, ...Object.fromEntries(parsed.params) },
+  };
+}
+
 /** The gRPC metadata of a caller: its bearer token, or a Basic password as the token. */
 function callerMetadata(req: IncomingMessage): Record<string, string> {
   const auth = req.headers.authorization;
@@ -110,6 +135,12 @@ export class A1111Gateway {
   /** Jobs being watched for API calls, by caller. */
   private readonly running = new Map<string, Set<JobProgress & { abort: AbortController }>>();
   private readonly calls = new Set<AbortController>();
+  /**
+   * Options each caller set with POST /options (A1111's global settings, such as sd_model_checkpoint),
+   * applied to its later calls. Per caller, not global: one tenant switching models must not switch
+   * another's.
+   */
+  private readonly options = new Map<string, JsonObject>();
   private boundPort = 0;
 
   private constructor(private readonly opts: A1111GatewayOptions) {
@@ -246,6 +277,33 @@ export class A1111Gateway {
         const { styles } = await this.client.listStyles({}, o);
         return styles.map((s) => ({ name: s.name, prompt: s.prompt, negative_prompt: s.negativePrompt }));
       }
+      case "POST /sdapi/v1/png-info": {
+        const body = await this.body(req);
+        const image = typeof body === "object" && body !== null ? (body as JsonObject)["image"] : undefined;
+        return pngInfo(Buffer.from(imageBase64(image ?? null, "image"), "base64"));
+      }
+      case "GET /sdapi/v1/options":
+        return { sd_model_checkpoint: null, ...this.options.get(callerKey(metadata)) };
+      case "POST /sdapi/v1/options": {
+        const body = await this.body(req);
+        if (typeof body !== "object" || body === null || Array.isArray(body))
+          throw fieldError("body", "must be an object of A1111 option names and values");
+        const key = callerKey(metadata);
+        const next: JsonObject = { ...this.options.get(key) };
+        for (const [name, value] of Object.entries(body as JsonObject)) {
+          if (value === null) delete next[name];
+          else next[name] = value;
+        }
+        // Checked now, as A1111 loads the checkpoint now: a bad setting fails here, not in every later call.
+        const models = await this.modelsFor(next, o);
+        const { params } = readApiRequest("txt2img", { override_settings: next }, models);
+        if (params.model !== "" && !models.some((m) => m.name === params.model)) {
+          throw new HttpError(404, { detail: `checkpoint ${JSON.stringify(next["sd_model_checkpoint"])} is not offered by any agent` });
+        }
+        if (Object.keys(next).length > 0) this.options.set(key, next);
+        else this.options.delete(key);
+        return null;
+      }
       default:
         throw new HttpError(404, { detail: "Not Found" });
     }
@@ -268,12 +326,30 @@ export class A1111Gateway {
     }
   }
 
+  /** The farm's models, when settings name a checkpoint to find among them (else none are needed). */
+  private async modelsFor(
+    settings: JsonObject | undefined,
+    o: { metadata: Record<string, string>; signal: AbortSignal; timeoutMs: number },
+  ): Promise<ModelInfo[]> {
+    return typeof settings?.["sd_model_checkpoint"] === "string" ? (await this.client.listModels({}, o)).models : [];
+  }
+
   /** Submit, then watch the job to its end: the A1111 response, or the job's error. */
   private async generate(endpoint: Endpoint, raw: unknown, metadata: Record<string, string>, signal: AbortSignal): Promise<JsonValue> {
     const o = { metadata, signal, timeoutMs: 30_000 };
-    const checkpoint = (raw as { override_settings?: { sd_model_checkpoint?: unknown } } | null)?.override_settings?.sd_model_checkpoint;
-    const models: ModelInfo[] = typeof checkpoint === "string" ? (await this.client.listModels({}, o)).models : [];
-    const { params, sendImages, ignored } = readApiRequest(endpoint, raw, models);
+    // The caller's options (POST /options) apply under the call's own override_settings, as A1111's
+    // global options do.
+    const stored = this.options.get(callerKey(metadata));
+    let request = raw;
+    if (stored !== undefined && endpoint !== "extra-single-image" && typeof raw === "object" && raw !== null && !Array.isArray(raw)) {
+      const own = (raw as JsonObject)["override_settings"];
+      request = {
+        ...(raw as JsonObject),
+        override_settings: { ...stored, ...(typeof own === "object" && own !== null && !Array.isArray(own) ? own : {}) },
+      };
+    }
+    const settings = (request as { override_settings?: JsonObject } | null)?.override_settings;
+    const { params, sendImages, ignored } = readApiRequest(endpoint, request, await this.modelsFor(settings, o));
     if (ignored.length > 0) this.opts.logger.debug("A1111 API fields left out", { endpoint, fields: ignored });
     const startedAt = new Date();
     const { jobId, imageCount } = await this.client.submit({ params, requestId: randomUUID() }, o);

@@ -95,7 +95,7 @@ function refuseUnsupported(body: JsonObject): void {
 }
 
 /** The bytes of an API image: base64, or a data URL of it. URLs are not fetched (A1111 fetches them only when allowed). */
-function imageBase64(v: JsonValue, field: string): string {
+export function imageBase64(v: JsonValue, field: string): string {
   if (typeof v !== "string" || v === "") throw new ApiFieldError(field, "must be a base64-encoded image");
   if (/^https?:\/\//i.test(v)) throw new ApiFieldError(field, "image URLs are not fetched: send the image as base64");
   const comma = v.startsWith("data:") ? v.indexOf(",") : -1;
