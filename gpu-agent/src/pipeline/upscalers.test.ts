@@ -1,6 +1,6 @@
 import { before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdirSync, mkdtempSync } from "node:fs";
+import { mkdirSync, mkdtempSync, utimesSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { upscaleWithModel, upscaleWithTensorTiles, type Image8 } from "../imaging/index.js";
@@ -38,6 +38,22 @@ describe("ESRGAN-family ONNX upscalers", () => {
       assert.equal(up.kind, "model");
       assert.equal(up.kind === "model" && up.scale, 4);
     }
+  });
+
+  test("the scale is measured once per file: later resolutions run no probe, a file changed since is probed again", async () => {
+    const runner = inProcessRunner();
+    const own = mkdtempSync(join(tmpdir(), "upscaler-probe-"));
+    const file = join(own, "RealESRGAN_x4plus.onnx");
+    await writeTinyRrdbNet(file);
+    for (let i = 0; i < 3; i++) {
+      const up = await resolveUpscaler(runner, "R-ESRGAN 4x+", resources(own), "hr_upscaler", signal);
+      assert.equal(up.kind === "model" && up.scale, 4);
+    }
+    assert.equal(runner.runs.get(file), 1, "one probe for three resolutions");
+    // Written again (a new mtime): measured again.
+    utimesSync(file, new Date(), new Date(Date.now() + 5_000));
+    await resolveUpscaler(runner, "R-ESRGAN 4x+", resources(own), "hr_upscaler", signal);
+    assert.equal(runner.runs.get(file), 2);
   });
 
   test("a missing model is FAILED_PRECONDITION naming the file; no folder names the flag", async () => {

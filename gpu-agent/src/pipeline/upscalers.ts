@@ -5,7 +5,7 @@
  * averaged where they overlap (upscale_2).
  */
 import { existsSync } from "node:fs";
-import { readdir } from "node:fs/promises";
+import { readdir, stat } from "node:fs/promises";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import sharp from "sharp";
@@ -107,6 +107,18 @@ export function upscalerFileCandidates(name: string): string[] {
 }
 
 /**
+ * Scales measured by a 16×16 probe, by file (path, size and mtime: a replaced file is probed again), so
+ * that each Hires.fix task or Extras image does not run the network once more just to learn it.
+ */
+const measuredScales = new Map<string, number>();
+const MAX_MEASURED_SCALES = 64;
+
+async function fileIdentity(path: string): Promise<string> {
+  const s = await stat(path);
+  return `${path}\u0000${s.size}\u0000${s.mtimeMs}`;
+}
+
+/**
  * Resolves an upscaler name. Model upscalers must exist in `resources.upscalersDir`; otherwise the
  * task fails with FAILED_PRECONDITION naming the files looked for, since no retry elsewhere with the
  * same configuration would help.
@@ -161,15 +173,21 @@ export async function resolveUpscaler(
     const out = await runOn(tileToBgrTensor(tile), tile.width, tile.height, sig);
     return bgrTensorToTile(out.data, out.width, out.height);
   };
-  // The scale is a property of the network, not of its metadata (often symbolic): measure it once.
-  const probe = await run({ width: 16, height: 16, channels: 3, data: new Uint8Array(16 * 16 * 3) }, signal);
-  const scale = probe.width / 16;
-  if (!Number.isInteger(scale) || scale < 1 || probe.height !== 16 * scale) {
-    throw new FarmError(
-      grpc.status.FAILED_PRECONDITION,
-      `upscaler ${found} maps 16x16 to ${probe.width}x${probe.height}, not an integer scale`,
-      { field },
-    );
+  // The scale is a property of the network, not of its metadata (often symbolic): measure it once per file.
+  const identity = await fileIdentity(found);
+  let scale = measuredScales.get(identity);
+  if (scale === undefined) {
+    const probe = await run({ width: 16, height: 16, channels: 3, data: new Uint8Array(16 * 16 * 3) }, signal);
+    scale = probe.width / 16;
+    if (!Number.isInteger(scale) || scale < 1 || probe.height !== 16 * scale) {
+      throw new FarmError(
+        grpc.status.FAILED_PRECONDITION,
+        `upscaler ${found} maps 16x16 to ${probe.width}x${probe.height}, not an integer scale`,
+        { field },
+      );
+    }
+    if (measuredScales.size >= MAX_MEASURED_SCALES) measuredScales.delete(measuredScales.keys().next().value!);
+    measuredScales.set(identity, scale);
   }
   const tiling = family === undefined ? undefined : TENSOR_TILED[family];
   return {
