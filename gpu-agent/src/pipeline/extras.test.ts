@@ -12,7 +12,7 @@ import { inProcessRunner } from "./aux-runner.test-support.js";
 import { blendImages, runExtras } from "./extras.js";
 import { faceModelPaths, restoreFaces } from "./face-restore.js";
 import { readTextChunks, withTextChunks } from "./png.js";
-import type { RenderContext } from "./render-common.js";
+import { resourcesOf, type RenderContext } from "./render-common.js";
 import { resolveUpscaler, upscaleBy } from "./upscalers.js";
 
 const dir = mkdtempSync(join(tmpdir(), "lf-extras-"));
@@ -180,6 +180,17 @@ describe("A1111's Extras tab on one image", () => {
     await fails({ gfpganVisibility: 1.5 }, "INVALID_ARGUMENT", "extras.gfpgan_visibility");
     await fails({ upscaler1: "../up/x" }, "INVALID_ARGUMENT", "extras.upscaler_1");
     await fails({ upscaler1: "4x-UltraSharp" }, "FAILED_PRECONDITION", "extras.upscaler_1");
+    // Face models the agent lacks name the visibility that asked for them, not txt2img's restore_faces.
+    const noFaces: RenderContext = { ...ctx, resources: { ...resourcesOf(ctx), faceModelsDir: join(dir, "up") } };
+    for (const [extras, field] of [
+      [{ gfpganVisibility: 0.5 }, "extras.gfpgan_visibility"],
+      [{ codeformerVisibility: 1 }, "extras.codeformer_visibility"],
+    ] as const) {
+      await assert.rejects(runExtras(inProcessRunner(), await request(extras, [input]), noFaces), (e: unknown) => {
+        const err = FarmError.from(e);
+        return err.codeName === "FAILED_PRECONDITION" && err.field === field && !err.message.includes("restore_faces:");
+      });
+    }
     // To 8192×8192 from 20×16: by 512, 10240×8192, over the largest image an Extras job makes.
     const small = await png(picture(20, 16));
     await assert.rejects(

@@ -59,6 +59,13 @@ const round3 = (v: number): string => pyFloat(Math.round(v * 1000) / 1000);
  * the image before it by its visibility and skipped at 0. The PNG keeps the input's "parameters" and gets
  * A1111's "postprocessing" and "extras" text, which is also the Image's infotext.
  */
+/** A FarmError that names a field, re-addressed to `field`; anything else as it is. */
+function withField(err: unknown, field: string): unknown {
+  if (!(err instanceof FarmError) || err.field === undefined) return err;
+  const message = err.message.startsWith(`${err.field}: `) ? err.message.slice(err.field.length + 2) : err.message;
+  return new FarmError(err.code, message, { field, cause: err, retryable: err.retryable, handBack: err.handBack });
+}
+
 export async function runExtras(aux: AuxiliaryRunner, req: RunTaskRequest, ctx: RenderContext): Promise<Image> {
   const p = req.params!;
   const x = checkExtras(p);
@@ -75,8 +82,14 @@ export async function runExtras(aux: AuxiliaryRunner, req: RunTaskRequest, ctx: 
   ] as const) {
     if (visibility === 0) continue;
     checkAborted(ctx.signal);
-    const paths = faceModelPaths(resourcesOf(ctx).faceModelsDir, restorer);
-    const restored = (await restoreFaces(aux, paths, image, x.codeformerWeight, ctx.signal)).image;
+    let restored: Image8;
+    try {
+      const paths = faceModelPaths(resourcesOf(ctx).faceModelsDir, restorer);
+      restored = (await restoreFaces(aux, paths, image, x.codeformerWeight, ctx.signal)).image;
+    } catch (err) {
+      // The face code names txt2img's fields (restore_faces, face_restoration_model); here it is the visibility's.
+      throw withField(err, restorer === "GFPGAN" ? "extras.gfpgan_visibility" : "extras.codeformer_visibility");
+    }
     image = visibility < 1 ? blendImages(image, restored, visibility) : restored;
     info.set(`${restorer} visibility`, round3(visibility));
     if (restorer === "CodeFormer") info.set("CodeFormer weight", round3(x.codeformerWeight));
