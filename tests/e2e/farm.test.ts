@@ -988,6 +988,19 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
         [pngInfo.parameters["Prompt"], pngInfo.parameters["Seed"], pngInfo.parameters["Sampler"]],
         ["a lighthouse", "4243", "DPM++ 2M"],
       );
+      // Extras in a batch: each image upscaled, in the list's order.
+      const batch = (await (
+        await post("extra-batch-images", {
+          imageList: answer.images.map((data, k) => ({ data, name: `${k}.png` })),
+          upscaler_1: "Lanczos",
+          upscaling_resize: 2,
+        })
+      ).json()) as { images: string[] };
+      assert.equal(batch.images.length, 2);
+      for (const b of batch.images) {
+        const meta = await sharp(Buffer.from(b, "base64")).metadata();
+        assert.deepEqual([meta.width, meta.height], [128, 128]);
+      }
       // POST /options sets the caller's settings for its later calls (as A1111's global options), checked when set.
       const unknownModel = await post("options", { sd_model_checkpoint: "no-such-model.safetensors [0123456789]" });
       assert.equal(unknownModel.status, 404, await unknownModel.clone().text());

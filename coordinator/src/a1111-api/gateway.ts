@@ -24,7 +24,7 @@ import {
   type ModelInfo,
 } from "@latentfarm/shared";
 import { ApiFieldError, imageBase64, readApiRequest, type Endpoint } from "./request.js";
-import { extrasResponse, generationResponse, progressResponse, type JobProgress } from "./response.js";
+import { extrasBatchResponse, extrasResponse, generationResponse, progressResponse, type JobProgress } from "./response.js";
 
 export interface A1111GatewayOptions {
   /** The coordinator's RenderService address (host:port). */
@@ -227,6 +227,8 @@ export class A1111Gateway {
         return this.generate("img2img", await this.body(req), metadata, signal);
       case "POST /sdapi/v1/extra-single-image":
         return this.generate("extra-single-image", await this.body(req), metadata, signal);
+      case "POST /sdapi/v1/extra-batch-images":
+        return this.generate("extra-batch-images", await this.body(req), metadata, signal);
       case "GET /sdapi/v1/progress": {
         const mine = [...(this.running.get(callerKey(metadata)) ?? [])];
         return progressResponse(mine.at(-1), Date.now(), url.searchParams.get("skip_current_image") === "true");
@@ -341,7 +343,7 @@ export class A1111Gateway {
     // global options do.
     const stored = this.options.get(callerKey(metadata));
     let request = raw;
-    if (stored !== undefined && endpoint !== "extra-single-image" && typeof raw === "object" && raw !== null && !Array.isArray(raw)) {
+    if (stored !== undefined && !endpoint.startsWith("extra-") && typeof raw === "object" && raw !== null && !Array.isArray(raw)) {
       const own = (raw as JsonObject)["override_settings"];
       request = {
         ...(raw as JsonObject),
@@ -398,6 +400,7 @@ export class A1111Gateway {
       if (!images[0]) throw new FarmError(grpc.status.INTERNAL, `job ${jobId} ended without an image`);
       return extrasResponse(images[0]);
     }
+    if (endpoint === "extra-batch-images") return extrasBatchResponse(images);
     return generationResponse(raw as JsonObject, endpoint === "img2img", params, images, sendImages, startedAt);
   }
 }

@@ -151,7 +151,7 @@ test("bad fields are refused by name; scripts and inputs the farm cannot honour 
   assert.doesNotThrow(() => readApiRequest("txt2img", { script_name: "", script_args: [] }, []));
 });
 
-test("extra-single-image: the image and A1111's Extras fields; upscaler_1 defaults to None", () => {
+test("extra-single-image and extra-batch-images: the images and A1111's Extras fields; upscaler_1 defaults to None", () => {
   const png = Buffer.from([0x89, 0x50, 0x4e, 0x47, 9]);
   const { params } = readApiRequest(
     "extra-single-image",
@@ -172,5 +172,25 @@ test("extra-single-image: the image and A1111's Extras fields; upscaler_1 defaul
   assert.deepEqual([params.extras?.upscalingResize, params.extras?.upscaler1, params.extras?.gfpganVisibility], [2, "R-ESRGAN 4x+", 0.5]);
   assert.equal(readApiRequest("extra-single-image", { image: png.toString("base64") }, []).params.extras?.upscaler1, "None");
   refused(() => readApiRequest("extra-single-image", { upscaling_resize: 2 }, []), "image");
+  // A batch: one image of the job per list entry, in order.
+  const other = Buffer.from([0x89, 0x50, 0x4e, 0x47, 7]);
+  const batch = readApiRequest(
+    "extra-batch-images",
+    {
+      imageList: [
+        { data: png.toString("base64"), name: "a.png" },
+        { data: other.toString("base64"), name: "b.png" },
+      ],
+      upscaling_resize: 2,
+    },
+    [],
+  ).params;
+  assert.deepEqual(
+    batch.initImages.map((b) => Buffer.from(b).at(-1)),
+    [9, 7],
+  );
+  assert.equal(batch.extras?.upscalingResize, 2);
+  refused(() => readApiRequest("extra-batch-images", { imageList: [] }, []), "imageList");
+  refused(() => readApiRequest("extra-batch-images", { imageList: [{ name: "x" }] }, []), "imageList[0].data");
   refused(() => readApiRequest("extra-single-image", { image: png.toString("base64"), upscaling_resize: "big" }, []), "upscaling_resize");
 });

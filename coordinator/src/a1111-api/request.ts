@@ -20,7 +20,7 @@ import {
   type ModelInfo,
 } from "@latentfarm/shared";
 
-export type Endpoint = "txt2img" | "img2img" | "extra-single-image";
+export type Endpoint = "txt2img" | "img2img" | "extra-single-image" | "extra-batch-images";
 
 /** A body field the farm cannot read or honour: HTTP 422 naming it, as FastAPI's validation errors do. */
 export class ApiFieldError extends Error {
@@ -135,7 +135,9 @@ export function readApiRequest(endpoint: Endpoint, raw: unknown, models: readonl
   const ignored: string[] = [];
   const out: JsonObject = {};
   const sendImages = body["send_images"] !== false;
-  if (endpoint === "extra-single-image") return { params: extrasParams(body, ignored), sendImages, ignored };
+  if (endpoint === "extra-single-image" || endpoint === "extra-batch-images") {
+    return { params: extrasParams(endpoint, body, ignored), sendImages, ignored };
+  }
 
   for (const [key, value] of Object.entries(body)) {
     if (value === null || INERT_FIELDS.has(key) || key === "override_settings") continue;
@@ -201,18 +203,28 @@ function overrideSettings(
   return kept;
 }
 
-/** /sdapi/v1/extra-single-image: the image and A1111's ExtrasBaseRequest fields. */
-function extrasParams(body: JsonObject, ignored: string[]): GenerationParams {
+/**
+ * /sdapi/v1/extra-single-image (`image`) and extra-batch-images (`imageList` of {data, name}): the
+ * images and A1111's ExtrasBaseRequest fields. A batch is one job of an image each, in list order.
+ */
+function extrasParams(endpoint: Endpoint, body: JsonObject, ignored: string[]): GenerationParams {
   const extras: JsonObject = {};
   const extrasFields = new Set(GenerationParamsSchema.fields.find((f) => f.name === "extras")!.message!.fields.map((f) => f.name));
   for (const [key, value] of Object.entries(body)) {
-    if (value === null || key === "image" || INERT_FIELDS.has(key)) continue;
+    if (value === null || key === "image" || key === "imageList" || INERT_FIELDS.has(key)) continue;
     if (extrasFields.has(key)) extras[key] = value;
     else ignored.push(key);
   }
   // upscaler_1's default is None in A1111's model: nothing to run.
   extras["upscaler_1"] ??= "None";
-  return decode({ model: EXTRAS_MODEL, init_images: [imageBase64(body["image"] ?? null, "image")], extras });
+  let images: string[];
+  if (endpoint === "extra-single-image") images = [imageBase64(body["image"] ?? null, "image")];
+  else {
+    const list = body["imageList"];
+    if (!Array.isArray(list) || list.length === 0) throw new ApiFieldError("imageList", "needs at least one {data, name} image");
+    images = list.map((item, i) => imageBase64(isObject(item) ? (item["data"] ?? null) : null, `imageList[${i}].data`));
+  }
+  return decode({ model: EXTRAS_MODEL, init_images: images, extras });
 }
 
 /** protobuf JSON decoding, its errors named by the field they are about. */

@@ -94,6 +94,11 @@ export function extrasResponse(image: Image): JsonObject {
   return { html_info: "", image: base64(image.png) };
 }
 
+/** extra-batch-images: the images in the list's order. */
+export function extrasBatchResponse(images: readonly Image[]): JsonObject {
+  return { html_info: "", images: images.map((i) => base64(i.png)) };
+}
+
 /** What /progress reports of a job being watched for an API call. */
 export interface JobProgress {
   jobId: string;

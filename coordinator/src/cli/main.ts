@@ -38,7 +38,7 @@ Usage:
                 [--loras DIR] [--embeddings DIR] [--vae-dir DIR] [--styles-file F]... [--checkpoint-every N] [hires tiling]
                 [--a1111-api-port N] (also serve A1111's HTTP API, /sdapi/v1/…, on 127.0.0.1:N)
   latentfarm a1111-api [--coordinator HOST:PORT] [--port N] [--host ADDR] [--tls-ca F] [--max-body-mib M]
-                   A1111's HTTP API (/sdapi/v1/txt2img, img2img, extra-single-image, progress, interrupt, samplers,
+                   A1111's HTTP API (/sdapi/v1/txt2img, img2img, extra-single-image, extra-batch-images, progress, interrupt, samplers,
                    schedulers, sd-models, upscalers, …) in front of a coordinator; default 127.0.0.1:7860
   latentfarm demo [--models DIR] [--out DIR]           start a one-machine farm, render one image, stop
   latentfarm coordinator [--port N] [--host ADDR] [--nats URL] [--metrics-port N] [--default-model NAME]
