@@ -540,6 +540,10 @@ test("the A1111 API gateway runs `latentfarm a1111-api` against the coordinator 
     if (isFarm(name)) {
       const svc = find(objs, "Service", host ?? "");
       assert.ok(svc && selects(at(svc, "spec", "selector") as Record<string, string>, podLabels(coordinator)), `${name}: ${host} is the coordinator's Service`);
+      // A caller's progress and options live on one replica: with several, its calls must stay there.
+      const own = objs.find((o) => o.kind === "Service" && selects(at(o, "spec", "selector") as Record<string, string>, podLabels(gateway)));
+      assert.ok(own, `${name}: the gateway has a Service`);
+      if (Number(at(gateway, "spec", "replicas") ?? 1) > 1) assert.equal(at(own, "spec", "sessionAffinity"), "ClientIP", `${name}: ClientIP affinity`);
     }
     // Where the coordinator serves TLS, the gateway has the CA to check it by, from the mounted Secret.
     if (flag(containers(coordinator)[0]?.args ?? [], "--tls-cert")) {
