@@ -1065,6 +1065,7 @@ export class Coordinator {
     const i = task.imageIndex;
     if (job.images[i] !== "q" && job.images[i] !== "r") return;
     job.images[i] = "f";
+    job.provenance.delete(i);
     job.failures[i] = Math.max(task.stage ? (job.failures[i] ?? 0) : 0, task.failures);
     job.imageErrors.set(i, { code: err.codeName, message: err.message });
     this.endStages(job, i, "image failed");
@@ -1102,6 +1103,8 @@ export class Coordinator {
   private async finish(job: Job, state: JobState, err: FarmError | undefined, rest: "c" | "f"): Promise<void> {
     if (job.final) return;
     job.state = state;
+    // Records of images that will not be made (cancelled, failed at a deadline) are of no further use.
+    job.provenance.clear();
     job.finishedAt = Date.now();
     if (err) job.error = { code: err.codeName, message: err.message, imageIndex: -1 };
     const open: Task[] = [];

@@ -85,6 +85,9 @@ function httpError(err: unknown): HttpError {
       return new HttpError(503, { detail: fe.message });
     case grpc.status.DEADLINE_EXCEEDED:
       return new HttpError(504, { detail: fe.message });
+    case grpc.status.CANCELLED:
+      // Mostly a client that went away (nginx's 499), which nobody reads; or a job cancelled elsewhere.
+      return new HttpError(499, { detail: fe.message });
     default:
       return new HttpError(500, { error: statusName(fe.code), detail: fe.message, body: "", errors: fe.message });
   }
