@@ -215,6 +215,29 @@ export const AGENT_METRICS = {
   },
 } as const satisfies Record<string, MetricDef>;
 
+/** The A1111 API gateway (`latentfarm a1111-api`): its HTTP calls; what they render shows in the coordinator's. */
+export const A1111_API_METRICS = {
+  apiRequests: {
+    name: "latentfarm_a1111_api_requests_total",
+    kind: "counter",
+    help: "HTTP calls to the A1111 API gateway, by route (txt2img, progress, …; other for unknown paths) and HTTP status.",
+    labels: ["route", "status"],
+  },
+  apiRequestDuration: {
+    name: "latentfarm_a1111_api_request_duration_seconds",
+    kind: "histogram",
+    help: "Time from an A1111 API call's arrival to its answer, by route: a txt2img call lasts as long as its job.",
+    labels: ["route"],
+    buckets: [0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300],
+  },
+  apiCallsInFlight: {
+    name: "latentfarm_a1111_api_calls_in_flight",
+    kind: "gauge",
+    help: "A1111 API calls being answered now (generation calls wait for their jobs).",
+    labels: [],
+  },
+} as const satisfies Record<string, MetricDef>;
+
 type Metric<D extends MetricDef> = D["kind"] extends "counter"
   ? Counter<D["labels"][number]>
   : D["kind"] extends "gauge"

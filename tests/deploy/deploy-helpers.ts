@@ -5,7 +5,7 @@ import { accessSync, constants, existsSync, readFileSync, readdirSync, statSync 
 import { delimiter, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseAllDocuments, parse as parseYaml } from "yaml";
-import { AGENT_METRICS, COORDINATOR_METRICS, createMetrics } from "@latentfarm/shared";
+import { A1111_API_METRICS, AGENT_METRICS, COORDINATOR_METRICS, createMetrics } from "@latentfarm/shared";
 
 export const repoRoot = resolve(fileURLToPath(new URL(".", import.meta.url)), "../..");
 export const deployDir = join(repoRoot, "deploy");
@@ -96,13 +96,14 @@ export interface CatalogEntry {
   kind: MetricKind;
   labels: readonly string[];
   help: string;
-  service: "coordinator" | "agent";
+  service: "coordinator" | "agent" | "a1111-api";
 }
 
 export function catalog(): CatalogEntry[] {
   return [
     ...Object.values(COORDINATOR_METRICS).map((d) => ({ ...d, service: "coordinator" as const })),
     ...Object.values(AGENT_METRICS).map((d) => ({ ...d, service: "agent" as const })),
+    ...Object.values(A1111_API_METRICS).map((d) => ({ ...d, service: "a1111-api" as const })),
   ];
 }
 

@@ -28,7 +28,7 @@ import {
   rulesFile,
   substituteGrafanaVariables,
 } from "./deploy-helpers.js";
-import { farmSkipReason, startTestFarm } from "../harness/farm.js";
+import { farmSkipReason, startService, startTestFarm, type ServiceProcess } from "../harness/farm.js";
 
 const skip = needs({ promtool, prometheus }, "CI: apt-get install prometheus") || farmSkipReason();
 
@@ -153,7 +153,12 @@ test("live: the deploy files hold against a running coordinator and agent", { sk
   const farm = await startTestFarm();
   const agentUrls = farm.agentMetricsUrls;
   let prom: Prometheus | undefined;
+  let gateway: ServiceProcess | undefined;
   try {
+    // The A1111 API gateway in front of it, with one call made, so its labelled series exist.
+    gateway = await startService(["a1111-api", "--coordinator", farm.coordinatorAddress, "--port", "0", "--metrics-port", "0"]);
+    const gatewayMetricsUrl = String(gateway.ready["metrics"]);
+    assert.equal((await fetch(`${String(gateway.ready["url"])}/sdapi/v1/progress`)).status, 200);
     const scrape = async (url: string): Promise<string> => {
       const res = await fetch(url);
       assert.equal(res.status, 200, `GET ${url}`);
@@ -161,7 +166,7 @@ test("live: the deploy files hold against a running coordinator and agent", { sk
     };
 
     await t.test("promtool check metrics passes on the live /metrics of both services", async () => {
-      for (const url of [farm.coordinatorMetricsUrl, ...agentUrls]) {
+      for (const url of [farm.coordinatorMetricsUrl, ...agentUrls, gatewayMetricsUrl]) {
         const { status, problems } = lintExposition(await scrape(url));
         assert.deepEqual(problems, [], `promtool check metrics ${url}`);
         assert.notEqual(status, 1, `${url} parses`);
@@ -171,24 +176,27 @@ test("live: the deploy files hold against a running coordinator and agent", { sk
     await t.test("the README's metric names equal the names the services expose", async () => {
       const coordinator = exposedFamilies(await scrape(farm.coordinatorMetricsUrl));
       const agent = exposedFamilies(await scrape(agentUrls[0] as string));
-      const exposed = new Map([...coordinator, ...agent].filter(([n]) => n.startsWith("latentfarm_")));
+      const a1111Api = exposedFamilies(await scrape(gatewayMetricsUrl));
+      const exposed = new Map([...coordinator, ...agent, ...a1111Api].filter(([n]) => n.startsWith("latentfarm_")));
       const documented = documentedMetrics(readFileSync(readmeFile, "utf8"));
       assert.deepEqual([...exposed.keys()].sort(), documented.map((d) => d.name).sort());
       for (const d of documented) assert.equal(exposed.get(d.name), d.type, `${d.name} type`);
       for (const m of catalog()) {
-        assert.ok((m.service === "coordinator" ? coordinator : agent).has(m.name), `${m.name} is served by the ${m.service}`);
+        const by = { coordinator, agent, "a1111-api": a1111Api }[m.service];
+        assert.ok(by.has(m.name), `${m.name} is served by the ${m.service}`);
       }
     });
 
     prom = await Prometheus.start([
       { job: "latentfarm-coordinator", urls: [farm.coordinatorMetricsUrl] },
       { job: "latentfarm-agent", urls: agentUrls },
+      { job: "latentfarm-a1111-api", urls: [gatewayMetricsUrl] },
     ]);
     const p = prom;
-    await until("both targets to be up", 20_000, async () => {
+    await until("every target to be up", 20_000, async () => {
       const r = await p.api<{ activeTargets: { health: string }[] }>("targets");
       const targets = r.data.activeTargets;
-      return targets.length === 1 + agentUrls.length && targets.every((x) => x.health === "up") ? true : undefined;
+      return targets.length === 2 + agentUrls.length && targets.every((x) => x.health === "up") ? true : undefined;
     });
 
     await farm.runJob();
@@ -230,6 +238,7 @@ test("live: the deploy files hold against a running coordinator and agent", { sk
     throw err;
   } finally {
     await prom?.stop();
+    await gateway?.kill();
     await farm.close();
   }
 });

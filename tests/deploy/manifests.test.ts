@@ -513,6 +513,9 @@ test("NetworkPolicies: only the coordinator reaches agents, only farm pods reach
     const gatewayPort = Number(flag(containers(gateway)[0]?.args ?? [], "--port"));
     assert.ok(allow(gateway, gatewayPort, { namespace: "elsewhere", labels: {} }), `${name}: A1111 API clients reach the gateway`);
     assert.ok(!allow(gateway, gatewayPort + 1, stranger), `${name}: nothing else on the gateway is open`);
+    const gatewayMetrics = Number(flag(containers(gateway)[0]?.args ?? [], "--metrics-port"));
+    assert.ok(allow(gateway, gatewayMetrics, prometheusPod), `${name}: Prometheus scrapes the gateway`);
+    assert.ok(!allow(gateway, gatewayMetrics, stranger), `${name}: others cannot read the gateway's metrics`);
     assert.ok(allow(coordinator, Number(flag(coordinatorArgs, "--port")), pod(gateway)), `${name}: gateway -> coordinator`);
   }
 });
@@ -578,8 +581,8 @@ test("ServiceMonitors select the farm's metrics Services and set stable job name
         assert.equal(n, 1, `${name}: Service ${s.metadata.name} is scraped exactly once`);
       }
     }
-    // The alert rules name these jobs.
-    assert.deepEqual([...jobs].sort(), ["latentfarm-agent", "latentfarm-coordinator"], `${name}: job names`);
+    // The alert rules name the coordinator's and agents' jobs.
+    assert.deepEqual([...jobs].sort(), ["latentfarm-a1111-api", "latentfarm-agent", "latentfarm-coordinator"], `${name}: job names`);
   });
 });
 

@@ -4,13 +4,13 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
-import { AGENT_METRICS, COORDINATOR_METRICS, createMetrics } from "@latentfarm/shared";
+import { A1111_API_METRICS, AGENT_METRICS, COORDINATOR_METRICS, createMetrics } from "@latentfarm/shared";
 import { catalog, documentedMetrics, lintExposition, needs, promtool, readmeFile } from "./deploy-helpers.js";
 
 const documented = documentedMetrics(readFileSync(readmeFile, "utf8"));
 
 /** Label names whose values come from small fixed sets; anything else could leak job ids or prompts. */
-const BOUNDED_LABELS = new Set(["outcome", "reason", "state", "code", "tenant", "model"]);
+const BOUNDED_LABELS = new Set(["outcome", "reason", "state", "code", "tenant", "model", "route", "status"]);
 
 test("the README's metrics reference lists exactly the catalog's metrics", () => {
   const names = documented.map((d) => d.name);
@@ -50,7 +50,7 @@ test("labels are bounded: no job ids, prompts or seeds", () => {
   for (const m of catalog()) for (const l of m.labels) assert.ok(BOUNDED_LABELS.has(l), `${m.name}{${l}} is not a bounded label`);
 });
 
-test("promtool check metrics passes on both services' metric sets, filled", { skip: needs({ promtool }, "CI: apt-get install prometheus") }, async () => {
+test("promtool check metrics passes on the services' metric sets, filled", { skip: needs({ promtool }, "CI: apt-get install prometheus") }, async () => {
   const coordinator = createMetrics(COORDINATOR_METRICS);
   const c = coordinator.metrics;
   c.jobsSubmitted.inc({ tenant: "default" });
@@ -70,7 +70,15 @@ test("promtool check metrics passes on both services' metric sets, filled", { sk
   a.unetStepDuration.observe({ model: "sd15" }, 0.08);
   a.modelLoad.observe({ model: "sd15" }, 3);
   a.modelLoadFailures.inc({ model: "sdxl" });
-  for (const [service, registry] of [["coordinator", coordinator.registry], ["agent", agent.registry]] as const) {
+  const gateway = createMetrics(A1111_API_METRICS);
+  gateway.metrics.apiRequests.inc({ route: "txt2img", status: "200" });
+  gateway.metrics.apiRequestDuration.observe({ route: "txt2img" }, 7);
+  gateway.metrics.apiCallsInFlight.set(2);
+  for (const [service, registry] of [
+    ["coordinator", coordinator.registry],
+    ["agent", agent.registry],
+    ["a1111-api", gateway.registry],
+  ] as const) {
     const { status, problems } = lintExposition(await registry.metrics());
     assert.deepEqual(problems, [], `${service}: promtool check metrics`);
     assert.notEqual(status, 1, `${service}: the exposition parses`);

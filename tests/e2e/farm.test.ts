@@ -910,7 +910,7 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
   });
 
   test("A1111's HTTP API (latentfarm a1111-api) renders what Submit renders, answers as A1111 does, and cancels a job whose caller leaves", async () => {
-    const gateway = await startService(["a1111-api", "--coordinator", farm.coordinatorAddress, "--port", "0"]);
+    const gateway = await startService(["a1111-api", "--coordinator", farm.coordinatorAddress, "--port", "0", "--metrics-port", "0"]);
     const base = `${String(gateway.ready["url"])}/sdapi/v1`;
     const post = (path: string, body: unknown, signal?: AbortSignal) =>
       fetch(`${base}/${path}`, {
@@ -1049,6 +1049,13 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
         else await new Promise((r) => setTimeout(r, 50));
       }
       leaving.abort();
+      // Its /metrics counts the calls by route and status.
+      const exposition = await (await fetch(String(gateway.ready["metrics"]))).text();
+      const count = (labels: string) =>
+        Number(new RegExp(`^latentfarm_a1111_api_requests_total\\{${labels}\\} (\\d+)$`, "m").exec(exposition)?.[1] ?? 0);
+      assert.ok(count('route="txt2img",status="200"') >= 2, exposition);
+      assert.ok(count('route="txt2img",status="422"') >= 3);
+      assert.equal(count('route="other",status="404"'), 1);
       for (const deadline = Date.now() + 30_000; ;) {
         const { state } = await farm.client.get({ jobId: job });
         if (state === JobState.CANCELLED) break;

@@ -12,8 +12,11 @@ import * as grpc from "@grpc/grpc-js";
 import type { JsonObject, JsonValue } from "@bufbuild/protobuf";
 import sharp from "sharp";
 import {
+  A1111_API_METRICS,
   FarmError,
   LATENT_UPSCALERS,
+  createMetrics,
+  startMetricsServer,
   RenderService,
   parseInfotext,
   createClient,
@@ -37,7 +40,36 @@ export interface A1111GatewayOptions {
   tlsCa?: Buffer;
   /** Largest request body accepted (init images are base64 in it); default 64 MiB. */
   maxBodyBytes?: number;
+  /** Port for /metrics; undefined = none, 0 = any free port. */
+  metricsPort?: number;
+  metricsHost?: string;
   logger: Logger;
+}
+
+/** The routes as metric labels: the path's last part for known routes, "other" for the rest (bounded). */
+const ROUTE_LABELS = new Set([
+  "txt2img",
+  "img2img",
+  "extra-single-image",
+  "extra-batch-images",
+  "png-info",
+  "progress",
+  "interrupt",
+  "skip",
+  "options",
+  "samplers",
+  "schedulers",
+  "sd-models",
+  "upscalers",
+  "latent-upscale-modes",
+  "face-restorers",
+  "sd-vae",
+  "prompt-styles",
+]);
+
+function routeLabel(pathname: string): string {
+  const m = /^\/sdapi\/v1\/([a-z0-9-]+)\/?$/.exec(pathname);
+  return m && ROUTE_LABELS.has(m[1]!) ? m[1]! : "other";
 }
 
 type RenderClient = ReturnType<typeof createClient<(typeof RenderService)["method"]>>;
@@ -145,6 +177,8 @@ export class A1111Gateway {
    */
   private readonly options = new Map<string, JsonObject>();
   private boundPort = 0;
+  private readonly m = createMetrics(A1111_API_METRICS, { defaultMetrics: true });
+  private metricsServer: { url: string; close(): Promise<void> } | undefined;
 
   private constructor(private readonly opts: A1111GatewayOptions) {
     this.client = createClient(RenderService, opts.coordinator, opts.tlsCa ? { credentials: grpc.credentials.createSsl(opts.tlsCa) } : {});
@@ -158,7 +192,20 @@ export class A1111Gateway {
       g.server.listen(opts.port, opts.host ?? "127.0.0.1", () => resolve());
     });
     g.boundPort = (g.server.address() as AddressInfo).port;
+    if (opts.metricsPort !== undefined) {
+      try {
+        g.metricsServer = await startMetricsServer(g.m.registry, opts.metricsPort, opts.metricsHost ?? "0.0.0.0");
+      } catch (err) {
+        await g.close();
+        throw err;
+      }
+    }
     return g;
+  }
+
+  /** The /metrics URL, when it serves one. */
+  get metricsUrl(): string | undefined {
+    return this.metricsServer?.url;
   }
 
   get port(): number {
@@ -184,6 +231,7 @@ export class A1111Gateway {
       this.server.closeAllConnections();
       this.server.close(() => resolve());
     });
+    await this.metricsServer?.close();
     this.client.close();
   }
 
@@ -193,6 +241,10 @@ export class A1111Gateway {
     const metadata = callerMetadata(req);
     const call = new AbortController();
     this.calls.add(call);
+    const label = routeLabel(url.pathname);
+    const timer = this.m.metrics.apiRequestDuration.startTimer({ route: label });
+    this.m.metrics.apiCallsInFlight.inc();
+    let status = 200;
     // The client went away before its answer: stop watching (and its job, below).
     res.on("close", () => {
       if (!res.writableFinished) call.abort(new FarmError(grpc.status.CANCELLED, "the API client closed the connection"));
@@ -202,10 +254,14 @@ export class A1111Gateway {
       this.send(res, 200, body);
     } catch (err) {
       const e = httpError(err);
+      status = e.status;
       if (e.status >= 500) this.opts.logger.warn("A1111 API call failed", { route, status: e.status, error: e.message });
       this.send(res, e.status, e.body, e.headers);
     } finally {
       this.calls.delete(call);
+      timer();
+      this.m.metrics.apiCallsInFlight.dec();
+      this.m.metrics.apiRequests.inc({ route: label, status: String(status) });
     }
   }
 

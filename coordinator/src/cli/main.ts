@@ -37,7 +37,7 @@ Usage:
   latentfarm up [--models DIR] [--nats URL] [--port N] [--agents N] [--ep cpu|cuda|webgpu] [--metrics-port N]
                 [--loras DIR] [--embeddings DIR] [--vae-dir DIR] [--styles-file F]... [--checkpoint-every N] [hires tiling]
                 [--a1111-api-port N] (also serve A1111's HTTP API, /sdapi/v1/…, on 127.0.0.1:N)
-  latentfarm a1111-api [--coordinator HOST:PORT] [--port N] [--host ADDR] [--tls-ca F] [--max-body-mib M]
+  latentfarm a1111-api [--coordinator HOST:PORT] [--port N] [--host ADDR] [--tls-ca F] [--max-body-mib M] [--metrics-port N]
                    A1111's HTTP API (/sdapi/v1/txt2img, img2img, extra-single-image, extra-batch-images, progress, interrupt, samplers,
                    schedulers, sd-models, upscalers, …) in front of a coordinator; default 127.0.0.1:7860
   latentfarm demo [--models DIR] [--out DIR]           start a one-machine farm, render one image, stop
@@ -833,6 +833,7 @@ async function a1111Api(argv: string[]): Promise<number> {
       host: { type: "string", default: "127.0.0.1" },
       "tls-ca": { type: "string" },
       "max-body-mib": { type: "string", default: "64" },
+      "metrics-port": { type: "string" },
     },
   });
   const gateway = await A1111Gateway.start({
@@ -841,9 +842,10 @@ async function a1111Api(argv: string[]): Promise<number> {
     port: wholeNumber("port", v.port),
     maxBodyBytes: wholeNumber("max-body-mib", v["max-body-mib"]) * 1024 * 1024,
     ...(v["tls-ca"] ? { tlsCa: readFileSync(v["tls-ca"]) } : {}),
+    ...(v["metrics-port"] !== undefined && { metricsPort: wholeNumber("metrics-port", v["metrics-port"]) }),
     logger: jsonLogger({ level: logLevel(), base: { service: "a1111-api" } }),
   });
-  io.out(JSON.stringify({ ready: true, url: gateway.url }) + "\n");
+  io.out(JSON.stringify({ ready: true, url: gateway.url, metrics: gateway.metricsUrl }) + "\n");
   await untilSignal();
   await gateway.close();
   return 0;
