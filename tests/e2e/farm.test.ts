@@ -1033,7 +1033,15 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       const leaving = new AbortController();
       const long = post(
         "txt2img",
-        { prompt: "a long wait", steps: 150, batch_size: 2, width: 64, height: 64, sampler_name: "Euler" },
+        {
+          prompt: "a long wait",
+          steps: 150,
+          batch_size: 2,
+          width: 64,
+          height: 64,
+          sampler_name: "Euler",
+          override_settings: { show_progress_every_n_steps: 2 },
+        },
         leaving.signal,
       );
       let early = "";
@@ -1044,9 +1052,16 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       let job = "";
       for (const deadline = Date.now() + 30_000; job === "";) {
         assert.ok(Date.now() < deadline && early === "", `the long job shows in /progress ${early}`);
-        const p = (await (await fetch(`${base}/progress`)).json()) as { progress: number; state: { job: string; sampling_steps: number } };
-        if (p.progress > 0 && p.state.sampling_steps === 150) job = p.state.job;
-        else await new Promise((r) => setTimeout(r, 50));
+        const p = (await (await fetch(`${base}/progress`)).json()) as {
+          progress: number;
+          current_image: string | null;
+          state: { job: string; sampling_steps: number };
+        };
+        // With show_progress_every_n_steps, current_image is the live preview, a PNG.
+        if (p.progress > 0 && p.state.sampling_steps === 150 && p.current_image !== null) {
+          assert.equal((await sharp(Buffer.from(p.current_image, "base64")).metadata()).format, "png");
+          job = p.state.job;
+        } else await new Promise((r) => setTimeout(r, 50));
       }
       leaving.abort();
       // Its /metrics counts the calls by route and status.

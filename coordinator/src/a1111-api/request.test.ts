@@ -97,6 +97,13 @@ test("override_settings: options that are request fields move there (a body fiel
   assert.equal(params.overrideSettings?.sdVae, "anime.vae.pt");
   assert.equal(params.overrideSettings?.etaDdim, 0.5);
   assert.deepEqual(ignored, ["override_settings.samples_format"]);
+  // Live previews, for /progress's current_image: A1111's -1 is every step.
+  assert.equal(readApiRequest("txt2img", { override_settings: { show_progress_every_n_steps: 5 } }, []).params.previewEveryNSteps, 5);
+  assert.equal(readApiRequest("txt2img", { override_settings: { show_progress_every_n_steps: -1 } }, []).params.previewEveryNSteps, 1);
+  refused(
+    () => readApiRequest("txt2img", { override_settings: { show_progress_every_n_steps: 1.5 } }, []),
+    "override_settings.show_progress_every_n_steps",
+  );
   refused(() => readApiRequest("txt2img", { override_settings: { randn_source: "TPU" } }, models), "override_settings.randn_source");
   refused(() => readApiRequest("txt2img", { override_settings: "x" }, models), "override_settings");
   refused(() => readApiRequest("txt2img", { override_settings: { eta_ddim: "lots" } }, models), "override_settings.eta_ddim");

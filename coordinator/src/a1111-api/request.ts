@@ -195,6 +195,15 @@ function overrideSettings(
       if (source === undefined)
         throw new ApiFieldError("override_settings.randn_source", `must be "GPU", "CPU" or "NV", got ${JSON.stringify(value)}`);
       if (body["rng"] === undefined) out["rng"] = source;
+    } else if (key === "show_progress_every_n_steps") {
+      // Live previews for /progress's current_image: A1111's -1 is every step, 0 none.
+      if (typeof value !== "number" || !Number.isInteger(value) || value < -1) {
+        throw new ApiFieldError(
+          "override_settings.show_progress_every_n_steps",
+          `must be a whole number ≥ -1, got ${JSON.stringify(value)}`,
+        );
+      }
+      if (body["preview_every_n_steps"] === undefined) out["preview_every_n_steps"] = value === -1 ? 1 : value;
     } else if (field !== undefined) {
       if (body[field] === undefined || body[field] === null) out[field] = value;
     } else if (SETTING_FIELDS.has(key)) kept[key] = value;
