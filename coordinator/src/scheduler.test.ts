@@ -630,6 +630,10 @@ test("a job is refused at submit when no one agent has a stage's checkpoint and 
   const extras = { model: EXTRAS_MODEL, initImages: [new Uint8Array(1)], extras: { upscaler1: "4x-Up", gfpganVisibility: 0.5 } };
   const apart = [agent("a0", ["m"], { upscalers: ["4x-Up"] }), agent("a1", ["m"], { faces: ["GFPGAN"] })];
   assert.equal(refused(extras, apart)?.field, "extras.gfpgan_visibility");
+  assert.match(
+    refused(extras, apart)!.message,
+    /no agent has every file this Extras job runs: none with the others has face restorer GFPGAN/,
+  );
   assert.equal(refused(extras, [...apart, agent("a2", [], { upscalers: ["4x-Up"], faces: ["GFPGAN"] })]), undefined);
 });
 

@@ -1292,13 +1292,13 @@ export function checkStagesPlaceable(p: GenerationParams, plan: HiresPlan | unde
         .map((a) => a.id)
         .sort();
       const holderIds = holders.map((a) => a.id).sort();
-      throw new FarmError(
-        grpc.status.FAILED_PRECONDITION,
-        `no agent has both checkpoint "${model}" (on ${holderIds.join(", ")}) and ${what}` +
-          (where.length > 0 ? ` with the job's other files (those are on ${where.join(", ")})` : "") +
-          `: put the file on an agent with the checkpoint, or render elsewhere`,
-        { field, retryable: false },
-      );
+      const message =
+        model === EXTRAS_MODEL
+          ? `no agent has every file this Extras job runs: none with the others has ${what}`
+          : `no agent has both checkpoint "${model}" (on ${holderIds.join(", ")}) and ${what}` +
+            (where.length > 0 ? ` with the job's other files (those are on ${where.join(", ")})` : "") +
+            `: put the file on an agent with the checkpoint, or render elsewhere`;
+      throw new FarmError(grpc.status.FAILED_PRECONDITION, message, { field, retryable: false });
     }
   }
 }
