@@ -40,6 +40,11 @@ export interface A1111GatewayOptions {
   tlsCa?: Buffer;
   /** Largest request body accepted (init images are base64 in it); default 64 MiB. */
   maxBodyBytes?: number;
+  /**
+   * Origins whose browser pages may call the API (A1111's --cors-allow-origins), or "*" for any; none
+   * by default. Browser front ends served elsewhere (openOutpaint and the like) need them.
+   */
+  corsAllowOrigins?: readonly string[];
   /** Port for /metrics; undefined = none, 0 = any free port. */
   metricsPort?: number;
   metricsHost?: string;
@@ -235,7 +240,39 @@ export class A1111Gateway {
     this.client.close();
   }
 
+  /**
+   * CORS as Starlette's CORSMiddleware answers it with A1111's settings (any method and header,
+   * credentials allowed): an allowed Origin is echoed on every answer, and a preflight is answered here.
+   * Returns true when the request was a preflight (answered).
+   */
+  private cors(req: IncomingMessage, res: ServerResponse): boolean {
+    const origin = req.headers.origin;
+    const allowed = this.opts.corsAllowOrigins ?? [];
+    const ok = origin !== undefined && (allowed.includes("*") || allowed.includes(origin));
+    if (ok) {
+      res.setHeader("access-control-allow-origin", origin);
+      res.setHeader("access-control-allow-credentials", "true");
+      res.setHeader("vary", "Origin");
+    }
+    const method = req.headers["access-control-request-method"];
+    if (req.method !== "OPTIONS" || method === undefined) return false;
+    if (!ok) {
+      res.writeHead(400, { "content-type": "text/plain" }).end("Disallowed CORS origin");
+      return true;
+    }
+    res.writeHead(200, {
+      "access-control-allow-methods": "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT",
+      "access-control-allow-headers": req.headers["access-control-request-headers"] ?? "*",
+      "access-control-max-age": "600",
+      "content-length": "2",
+      "content-type": "text/plain",
+    });
+    res.end("OK");
+    return true;
+  }
+
   private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    if (this.cors(req, res)) return;
     const url = new URL(req.url ?? "/", "http://gateway");
     const route = `${req.method ?? "GET"} ${url.pathname.replace(/\/+$/, "")}`;
     const metadata = callerMetadata(req);

@@ -38,6 +38,7 @@ Usage:
                 [--loras DIR] [--embeddings DIR] [--vae-dir DIR] [--styles-file F]... [--checkpoint-every N] [hires tiling]
                 [--a1111-api-port N] (also serve A1111's HTTP API, /sdapi/v1/…, on 127.0.0.1:N)
   latentfarm a1111-api [--coordinator HOST:PORT] [--port N] [--host ADDR] [--tls-ca F] [--max-body-mib M] [--metrics-port N]
+                   [--cors-allow-origins ORIGIN,...]
                    A1111's HTTP API (/sdapi/v1/txt2img, img2img, extra-single-image, extra-batch-images, progress, interrupt, samplers,
                    schedulers, sd-models, upscalers, …) in front of a coordinator; default 127.0.0.1:7860
   latentfarm demo [--models DIR] [--out DIR]           start a one-machine farm, render one image, stop
@@ -834,6 +835,7 @@ async function a1111Api(argv: string[]): Promise<number> {
       "tls-ca": { type: "string" },
       "max-body-mib": { type: "string", default: "64" },
       "metrics-port": { type: "string" },
+      "cors-allow-origins": { type: "string" },
     },
   });
   const gateway = await A1111Gateway.start({
@@ -843,6 +845,12 @@ async function a1111Api(argv: string[]): Promise<number> {
     maxBodyBytes: wholeNumber("max-body-mib", v["max-body-mib"]) * 1024 * 1024,
     ...(v["tls-ca"] ? { tlsCa: readFileSync(v["tls-ca"]) } : {}),
     ...(v["metrics-port"] !== undefined && { metricsPort: wholeNumber("metrics-port", v["metrics-port"]) }),
+    ...(v["cors-allow-origins"] !== undefined && {
+      corsAllowOrigins: v["cors-allow-origins"]
+        .split(",")
+        .map((o) => o.trim())
+        .filter((o) => o !== ""),
+    }),
     logger: jsonLogger({ level: logLevel(), base: { service: "a1111-api" } }),
   });
   io.out(JSON.stringify({ ready: true, url: gateway.url, metrics: gateway.metricsUrl }) + "\n");
