@@ -19,6 +19,53 @@ export function jobTimestamp(at: Date): string {
   return at.toISOString().replace(/[-:T]/g, "").slice(0, 14);
 }
 
+/**
+ * The infotext keys processing.create_infotext writes from its own generation_params; the image's other
+ * entries came from p.extra_generation_params (Schedule type, Hires …, Lora hashes, Refiner …), which
+ * `info` reports apart.
+ */
+const GENERATION_PARAMS = new Set([
+  "Steps",
+  "Sampler",
+  "CFG scale",
+  "Image CFG scale",
+  "Seed",
+  "Face restoration",
+  "Size-1",
+  "Size-2",
+  "Model hash",
+  "Model",
+  "FP8 weight",
+  "Cache FP16 weight for LoRA",
+  "VAE hash",
+  "VAE",
+  "Variation seed",
+  "Variation seed strength",
+  "Seed resize from-1",
+  "Seed resize from-2",
+  "Denoising strength",
+  "Conditional mask weight",
+  "Clip skip",
+  "ENSD",
+  "Init image hash",
+  "RNG",
+  "Tiling",
+  "Version",
+  "User",
+]);
+
+/** The entries outside GENERATION_PARAMS, with `WxH` values (parsed as Key-1 and Key-2) whole again. */
+function extraGenerationParams(p: ReadonlyMap<string, string>): JsonObject {
+  const out: JsonObject = {};
+  for (const [key, value] of p) {
+    if (GENERATION_PARAMS.has(key) || key.endsWith("-2")) continue;
+    const base = key.endsWith("-1") ? key.slice(0, -2) : undefined;
+    if (base !== undefined && p.has(`${base}-2`)) out[base] = `${value}x${p.get(`${base}-2`)!}`;
+    else out[key] = value;
+  }
+  return out;
+}
+
 /** `info`: Processed.js() for images in index order. */
 export function processedInfo(params: GenerationParams, images: readonly Image[], startedAt: Date): JsonObject {
   const parsed = images.map((i) => parseInfotext(i.infotext));
@@ -51,7 +98,7 @@ export function processedInfo(params: GenerationParams, images: readonly Image[]
     seed_resize_from_w: params.seedResizeFromW || -1,
     seed_resize_from_h: params.seedResizeFromH || -1,
     denoising_strength: numberOr(p.get("Denoising strength"), null),
-    extra_generation_params: {},
+    extra_generation_params: extraGenerationParams(p),
     index_of_first_image: 0,
     infotexts: images.map((i) => i.infotext),
     styles: [...params.styles],
