@@ -1014,6 +1014,8 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       // Listings in A1111's shapes.
       const samplers = (await (await fetch(`${base}/samplers`)).json()) as Array<{ name: string; aliases: string[] }>;
       assert.ok(samplers.some((s) => s.name === "Euler a" && s.aliases.includes("k_euler_a")));
+      const emb = (await (await fetch(`${base}/embeddings`)).json()) as { loaded: Record<string, { vectors: number; shape: number }> };
+      assert.ok((emb.loaded[TEST_EMBEDDING]?.vectors ?? 0) > 0, JSON.stringify(emb));
       const sdModels = (await (await fetch(`${base}/sd-models`)).json()) as Array<{ model_name: string; title: string }>;
       assert.ok(sdModels.some((m) => m.model_name === "tiny-sd15"));
       // Bad input: FastAPI's 422 naming the field; unknown routes 404; an unknown sampler is the farm's NOT_FOUND-free refusal.

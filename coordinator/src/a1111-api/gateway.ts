@@ -70,6 +70,7 @@ const ROUTE_LABELS = new Set([
   "face-restorers",
   "sd-vae",
   "prompt-styles",
+  "embeddings",
 ]);
 
 function routeLabel(pathname: string): string {
@@ -370,6 +371,17 @@ export class A1111Gateway {
       case "GET /sdapi/v1/sd-vae": {
         const { vaes } = await this.client.listVaes({}, o);
         return vaes.map((v) => ({ model_name: v.name, filename: v.name }));
+      }
+      case "GET /sdapi/v1/embeddings": {
+        // A1111's EmbeddingsResponse: loaded by name (step and checkpoint unknown here), skipped by file.
+        const { embeddings, skipped } = await this.client.listEmbeddings({}, o);
+        const loaded: JsonObject = {};
+        for (const e of embeddings) {
+          loaded[e.name] = { step: null, sd_checkpoint: null, sd_checkpoint_name: null, shape: e.width, vectors: e.vectors };
+        }
+        const left: JsonObject = {};
+        for (const x of skipped) left[x.file] = { step: null, sd_checkpoint: null, sd_checkpoint_name: null, shape: 0, vectors: 0 };
+        return { loaded, skipped: left };
       }
       case "GET /sdapi/v1/prompt-styles": {
         const { styles } = await this.client.listStyles({}, o);
