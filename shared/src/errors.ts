@@ -24,12 +24,15 @@ export class FarmError extends Error {
    * failed: the caller places it elsewhere without counting a failure against it.
    */
   readonly handBack: boolean;
+  /** The message without the "field: " prefix `message` carries when there is a field. */
+  readonly detail: string;
 
   constructor(code: grpc.status, message: string, opts: { field?: string; cause?: unknown; retryable?: boolean; handBack?: boolean } = {}) {
     super(opts.field ? `${opts.field}: ${message}` : message, { cause: opts.cause });
     this.name = "FarmError";
     this.code = code;
     this.field = opts.field;
+    this.detail = message;
     this.retryable = opts.retryable ?? RETRYABLE.has(code);
     this.handBack = opts.handBack ?? false;
   }
@@ -55,7 +58,11 @@ export class FarmError extends Error {
     if (err instanceof FarmError) return err;
     if (isServiceError(err)) {
       const handBack = err.metadata?.get("x-handback")[0]?.toString() === "true";
-      return new FarmError(err.code, err.details || err.message, { cause: err, handBack });
+      // The field travels in the trailers (toStatus), and already prefixes the details.
+      const field = err.metadata?.get("x-field")[0]?.toString() || undefined;
+      const text = err.details || err.message;
+      const message = field !== undefined && text.startsWith(`${field}: `) ? text.slice(field.length + 2) : text;
+      return new FarmError(err.code, message, { cause: err, handBack, ...(field !== undefined && { field }) });
     }
     if (err instanceof Error && err.name === "AbortError") {
       return new FarmError(grpc.status.CANCELLED, err.message || "cancelled", { cause: err });

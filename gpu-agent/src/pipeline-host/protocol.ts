@@ -54,9 +54,7 @@ export interface WireError {
 
 export function toWireError(err: unknown): WireError {
   const fe = FarmError.from(err);
-  const prefix = fe.field ? `${fe.field}: ` : "";
-  const message = prefix && fe.message.startsWith(prefix) ? fe.message.slice(prefix.length) : fe.message;
-  return { code: fe.code, message, field: fe.field, retryable: fe.retryable, handBack: fe.handBack };
+  return { code: fe.code, message: fe.detail, field: fe.field, retryable: fe.retryable, handBack: fe.handBack };
 }
 
 export function fromWireError(e: WireError): FarmError {

@@ -62,8 +62,7 @@ const round3 = (v: number): string => pyFloat(Math.round(v * 1000) / 1000);
 /** A FarmError that names a field, re-addressed to `field`; anything else as it is. */
 function withField(err: unknown, field: string): unknown {
   if (!(err instanceof FarmError) || err.field === undefined) return err;
-  const message = err.message.startsWith(`${err.field}: `) ? err.message.slice(err.field.length + 2) : err.message;
-  return new FarmError(err.code, message, { field, cause: err, retryable: err.retryable, handBack: err.handBack });
+  return new FarmError(err.code, err.detail, { field, cause: err, retryable: err.retryable, handBack: err.handBack });
 }
 
 export async function runExtras(aux: AuxiliaryRunner, req: RunTaskRequest, ctx: RenderContext): Promise<Image> {
