@@ -10,7 +10,6 @@ import type { AddressInfo } from "node:net";
 import { randomUUID } from "node:crypto";
 import * as grpc from "@grpc/grpc-js";
 import type { JsonObject, JsonValue } from "@bufbuild/protobuf";
-import sharp from "sharp";
 import {
   A1111_API_METRICS,
   FarmError,
@@ -26,6 +25,7 @@ import {
   type Logger,
   type ModelInfo,
 } from "@latentfarm/shared";
+import { InfotextFileError, imageGenerationData } from "../cli/infotext-file.js";
 import { ApiFieldError, imageBase64, readApiRequest, type Endpoint } from "./request.js";
 import { extrasBatchResponse, extrasResponse, generationResponse, progressResponse, type JobProgress } from "./response.js";
 
@@ -51,31 +51,14 @@ export interface A1111GatewayOptions {
   logger: Logger;
 }
 
-/** The routes as metric labels: the path's last part for known routes, "other" for the rest (bounded). */
-const ROUTE_LABELS = new Set([
-  "txt2img",
-  "img2img",
-  "extra-single-image",
-  "extra-batch-images",
-  "png-info",
-  "progress",
-  "interrupt",
-  "skip",
-  "options",
-  "samplers",
-  "schedulers",
-  "sd-models",
-  "upscalers",
-  "latent-upscale-modes",
-  "face-restorers",
-  "sd-vae",
-  "prompt-styles",
-  "embeddings",
-]);
-
-function routeLabel(pathname: string): string {
-  const m = /^\/sdapi\/v1\/([a-z0-9-]+)\/?$/.exec(pathname);
-  return m && ROUTE_LABELS.has(m[1]!) ? m[1]! : "other";
+/** One call to the API, as its route handler sees it. */
+interface Call {
+  url: URL;
+  req: IncomingMessage;
+  metadata: Record<string, string>;
+  signal: AbortSignal;
+  /** Options for unary RenderService calls made for it. */
+  o: { metadata: Record<string, string>; signal: AbortSignal; timeoutMs: number };
 }
 
 type RenderClient = ReturnType<typeof createClient<(typeof RenderService)["method"]>>;
@@ -99,9 +82,8 @@ function httpError(err: unknown): HttpError {
   if (err instanceof HttpError) return err;
   if (err instanceof ApiFieldError) return fieldError(err.field, err.message);
   const fe = FarmError.from(err);
-  const service = isServiceError(fe.cause) ? fe.cause : isServiceError(err) ? err : undefined;
-  const field = service?.metadata?.get("x-field")[0]?.toString() ?? fe.field;
-  const message = field && fe.message.startsWith(`${field}: `) ? fe.message.slice(field.length + 2) : fe.message;
+  const service = isServiceError(fe.cause) ? fe.cause : undefined;
+  const { field, detail: message } = fe;
   switch (fe.code) {
     case grpc.status.INVALID_ARGUMENT:
       return field ? fieldError(field, message) : new HttpError(422, { detail: message });
@@ -132,23 +114,19 @@ function httpError(err: unknown): HttpError {
 }
 
 /**
- * png-info: an image's text chunks, its A1111 generation data ("parameters") apart and read as
- * parse_generation_parameters reads it (Prompt, Negative prompt, then the parameter line's entries).
+ * png-info: an image's text chunks, its A1111 generation data apart ("parameters", or a JPEG's or WebP's
+ * EXIF UserComment) and read as parse_generation_parameters reads it (Prompt, Negative prompt, then the
+ * parameter line's entries).
  */
 async function pngInfo(bytes: Buffer): Promise<JsonObject> {
-  const meta = await sharp(bytes)
-    .metadata()
-    .catch((err: Error) => {
-      throw fieldError("image", `is not an image: ${err.message}`);
-    });
-  const items: JsonObject = {};
-  for (const c of meta.comments ?? []) items[c.keyword] = c.text;
-  const info = typeof items["parameters"] === "string" ? items["parameters"] : "";
-  delete items["parameters"];
-  if (info === "") return { info: "", items, parameters: {} };
-  const parsed = parseInfotext(info);
+  const { text, comments } = await imageGenerationData(bytes, "image").catch((err: unknown) => {
+    throw err instanceof InfotextFileError ? fieldError("image", err.message) : err;
+  });
+  const items: JsonObject = Object.fromEntries(comments.filter((c) => c.keyword !== "parameters").map((c) => [c.keyword, c.text]));
+  if (text === undefined || text === "") return { info: "", items, parameters: {} };
+  const parsed = parseInfotext(text);
   return {
-    info,
+    info: text,
     items,
     parameters: { Prompt: parsed.prompt, "Negative prompt": parsed.negativePrompt, ...Object.fromEntries(parsed.params) },
   };
@@ -174,7 +152,7 @@ export class A1111Gateway {
   private readonly server: Server;
   private readonly client: RenderClient;
   /** Jobs being watched for API calls, by caller. */
-  private readonly running = new Map<string, Set<JobProgress & { abort: AbortController }>>();
+  private readonly running = new Map<string, Set<JobProgress>>();
   private readonly calls = new Set<AbortController>();
   /**
    * Options each caller set with POST /options (A1111's global settings, such as sd_model_checkpoint),
@@ -212,10 +190,6 @@ export class A1111Gateway {
   /** The /metrics URL, when it serves one. */
   get metricsUrl(): string | undefined {
     return this.metricsServer?.url;
-  }
-
-  get port(): number {
-    return this.boundPort;
   }
 
   /** http://host:port, the base A1111 clients are given (their calls add /sdapi/v1/…). */
@@ -279,7 +253,8 @@ export class A1111Gateway {
     const metadata = callerMetadata(req);
     const call = new AbortController();
     this.calls.add(call);
-    const label = routeLabel(url.pathname);
+    const handler = this.routes.get(route);
+    const label = handler ? route.slice(route.lastIndexOf("/") + 1) : "other";
     const timer = this.m.metrics.apiRequestDuration.startTimer({ route: label });
     this.m.metrics.apiCallsInFlight.inc();
     let status = 200;
@@ -288,7 +263,8 @@ export class A1111Gateway {
       if (!res.writableFinished) call.abort(new FarmError(grpc.status.CANCELLED, "the API client closed the connection"));
     });
     try {
-      const body = await this.answer(route, url, req, metadata, call.signal);
+      if (handler === undefined) throw new HttpError(404, { detail: "Not Found" });
+      const body = await handler({ url, req, metadata, signal: call.signal, o: { metadata, signal: call.signal, timeoutMs: 30_000 } });
       this.send(res, 200, body);
     } catch (err) {
       const e = httpError(err);
@@ -309,114 +285,135 @@ export class A1111Gateway {
     res.writeHead(status, { "content-type": "application/json", "content-length": Buffer.byteLength(text), ...headers }).end(text);
   }
 
-  private async answer(
-    route: string,
-    url: URL,
-    req: IncomingMessage,
-    metadata: Record<string, string>,
-    signal: AbortSignal,
-  ): Promise<JsonValue> {
-    const o = { metadata, signal, timeoutMs: 30_000 };
-    switch (route) {
-      case "POST /sdapi/v1/txt2img":
-        return this.generate("txt2img", await this.body(req), metadata, signal);
-      case "POST /sdapi/v1/img2img":
-        return this.generate("img2img", await this.body(req), metadata, signal);
-      case "POST /sdapi/v1/extra-single-image":
-        return this.generate("extra-single-image", await this.body(req), metadata, signal);
-      case "POST /sdapi/v1/extra-batch-images":
-        return this.generate("extra-batch-images", await this.body(req), metadata, signal);
-      case "GET /sdapi/v1/progress": {
-        const mine = [...(this.running.get(callerKey(metadata)) ?? [])];
-        return progressResponse(mine.at(-1), Date.now(), url.searchParams.get("skip_current_image") === "true");
-      }
-      case "POST /sdapi/v1/interrupt":
-      case "POST /sdapi/v1/skip": {
-        for (const job of this.running.get(callerKey(metadata)) ?? []) {
-          await this.client.cancel({ jobId: job.jobId }, o).catch(() => undefined);
-        }
-        return null;
-      }
-      case "GET /sdapi/v1/samplers": {
-        const { samplers } = await this.client.listSamplers({}, o);
-        return samplers.map((s) => ({ name: s.name, aliases: [...s.aliases], options: { ...s.options } }));
-      }
-      case "GET /sdapi/v1/schedulers": {
-        const { schedulers } = await this.client.listSchedulers({}, o);
-        return schedulers.map((s) => ({ name: s.name, label: s.label, aliases: [...s.aliases], default_rho: -1, need_inner_model: false }));
-      }
-      case "GET /sdapi/v1/sd-models": {
-        const { models } = await this.client.listModels({}, o);
-        return models.map((m) => ({
+  /**
+   * The API's routes, "METHOD /path" → handler. Their last path parts are the metric's route labels
+   * (anything else is "other"), so the label set is this table's.
+   */
+  private readonly routes: ReadonlyMap<string, (c: Call) => Promise<JsonValue>> = new Map<string, (c: Call) => Promise<JsonValue>>([
+    ["POST /sdapi/v1/txt2img", (c) => this.generate("txt2img", c)],
+    ["POST /sdapi/v1/img2img", (c) => this.generate("img2img", c)],
+    ["POST /sdapi/v1/extra-single-image", (c) => this.generate("extra-single-image", c)],
+    ["POST /sdapi/v1/extra-batch-images", (c) => this.generate("extra-batch-images", c)],
+    [
+      "GET /sdapi/v1/progress",
+      async (c) => {
+        const mine = [...(this.running.get(callerKey(c.metadata)) ?? [])];
+        return progressResponse(mine.at(-1), Date.now(), c.url.searchParams.get("skip_current_image") === "true");
+      },
+    ],
+    ["POST /sdapi/v1/interrupt", (c) => this.interrupt(c)],
+    ["POST /sdapi/v1/skip", (c) => this.interrupt(c)],
+    [
+      "GET /sdapi/v1/samplers",
+      async (c) =>
+        (await this.client.listSamplers({}, c.o)).samplers.map((s) => ({
+          name: s.name,
+          aliases: [...s.aliases],
+          options: { ...s.options },
+        })),
+    ],
+    [
+      "GET /sdapi/v1/schedulers",
+      async (c) =>
+        (await this.client.listSchedulers({}, c.o)).schedulers.map((s) => ({
+          name: s.name,
+          label: s.label,
+          aliases: [...s.aliases],
+          default_rho: -1,
+          need_inner_model: false,
+        })),
+    ],
+    [
+      "GET /sdapi/v1/sd-models",
+      async (c) =>
+        (await this.client.listModels({}, c.o)).models.map((m) => ({
           title: m.modelHash ? `${m.name} [${m.modelHash}]` : m.name,
           model_name: m.name,
           hash: m.modelHash || null,
           sha256: null,
           filename: m.name,
           config: null,
-        }));
-      }
-      case "GET /sdapi/v1/upscalers": {
-        const { upscalers } = await this.client.listUpscalers({}, o);
-        return upscalers
+        })),
+    ],
+    [
+      "GET /sdapi/v1/upscalers",
+      async (c) =>
+        (await this.client.listUpscalers({}, c.o)).upscalers
           .filter((u) => !(LATENT_UPSCALERS as readonly string[]).includes(u.name))
-          .map((u) => ({ name: u.name, model_name: u.builtin ? null : u.name, model_path: null, model_url: null, scale: 4 }));
-      }
-      case "GET /sdapi/v1/latent-upscale-modes":
-        return LATENT_UPSCALERS.map((name) => ({ name }));
-      case "GET /sdapi/v1/face-restorers": {
-        const { faceRestorers } = await this.client.listUpscalers({}, o);
-        return faceRestorers.map((f) => ({ name: f.name, cmd_dir: null }));
-      }
-      case "GET /sdapi/v1/sd-vae": {
-        const { vaes } = await this.client.listVaes({}, o);
-        return vaes.map((v) => ({ model_name: v.name, filename: v.name }));
-      }
-      case "GET /sdapi/v1/embeddings": {
+          .map((u) => ({ name: u.name, model_name: u.builtin ? null : u.name, model_path: null, model_url: null, scale: 4 })),
+    ],
+    ["GET /sdapi/v1/latent-upscale-modes", () => Promise.resolve(LATENT_UPSCALERS.map((name) => ({ name })))],
+    [
+      "GET /sdapi/v1/face-restorers",
+      async (c) => (await this.client.listUpscalers({}, c.o)).faceRestorers.map((f) => ({ name: f.name, cmd_dir: null })),
+    ],
+    [
+      "GET /sdapi/v1/sd-vae",
+      async (c) => (await this.client.listVaes({}, c.o)).vaes.map((v) => ({ model_name: v.name, filename: v.name })),
+    ],
+    [
+      "GET /sdapi/v1/embeddings",
+      async (c) => {
         // A1111's EmbeddingsResponse: loaded by name (step and checkpoint unknown here), skipped by file.
-        const { embeddings, skipped } = await this.client.listEmbeddings({}, o);
-        const loaded: JsonObject = {};
-        for (const e of embeddings) {
-          loaded[e.name] = { step: null, sd_checkpoint: null, sd_checkpoint_name: null, shape: e.width, vectors: e.vectors };
-        }
-        const left: JsonObject = {};
-        for (const x of skipped) left[x.file] = { step: null, sd_checkpoint: null, sd_checkpoint_name: null, shape: 0, vectors: 0 };
-        return { loaded, skipped: left };
-      }
-      case "GET /sdapi/v1/prompt-styles": {
-        const { styles } = await this.client.listStyles({}, o);
-        return styles.map((s) => ({ name: s.name, prompt: s.prompt, negative_prompt: s.negativePrompt }));
-      }
-      case "POST /sdapi/v1/png-info": {
-        const body = await this.body(req);
+        const { embeddings, skipped } = await this.client.listEmbeddings({}, c.o);
+        const entry = (shape: number, vectors: number): JsonObject => ({
+          step: null,
+          sd_checkpoint: null,
+          sd_checkpoint_name: null,
+          shape,
+          vectors,
+        });
+        return {
+          loaded: Object.fromEntries(embeddings.map((e) => [e.name, entry(e.width, e.vectors)])),
+          skipped: Object.fromEntries(skipped.map((x) => [x.file, entry(0, 0)])),
+        };
+      },
+    ],
+    [
+      "GET /sdapi/v1/prompt-styles",
+      async (c) =>
+        (await this.client.listStyles({}, c.o)).styles.map((s) => ({ name: s.name, prompt: s.prompt, negative_prompt: s.negativePrompt })),
+    ],
+    [
+      "POST /sdapi/v1/png-info",
+      async (c) => {
+        const body = await this.body(c.req);
         const image = typeof body === "object" && body !== null ? (body as JsonObject)["image"] : undefined;
         return pngInfo(Buffer.from(imageBase64(image ?? null, "image"), "base64"));
-      }
-      case "GET /sdapi/v1/options":
-        return { sd_model_checkpoint: null, ...this.options.get(callerKey(metadata)) };
-      case "POST /sdapi/v1/options": {
-        const body = await this.body(req);
-        if (typeof body !== "object" || body === null || Array.isArray(body))
-          throw fieldError("body", "must be an object of A1111 option names and values");
-        const key = callerKey(metadata);
-        const next: JsonObject = { ...this.options.get(key) };
-        for (const [name, value] of Object.entries(body as JsonObject)) {
-          if (value === null) delete next[name];
-          else next[name] = value;
-        }
-        // Checked now, as A1111 loads the checkpoint now: a bad setting fails here, not in every later call.
-        const models = await this.modelsFor(next, o);
-        const { params } = readApiRequest("txt2img", { override_settings: next }, models);
-        if (params.model !== "" && !models.some((m) => m.name === params.model)) {
-          throw new HttpError(404, { detail: `checkpoint ${JSON.stringify(next["sd_model_checkpoint"])} is not offered by any agent` });
-        }
-        if (Object.keys(next).length > 0) this.options.set(key, next);
-        else this.options.delete(key);
-        return null;
-      }
-      default:
-        throw new HttpError(404, { detail: "Not Found" });
+      },
+    ],
+    ["GET /sdapi/v1/options", (c) => Promise.resolve({ sd_model_checkpoint: null, ...this.options.get(callerKey(c.metadata)) })],
+    ["POST /sdapi/v1/options", (c) => this.setOptions(c)],
+  ]);
+
+  /** interrupt and skip: the caller's own jobs (A1111's act on the one job it runs). */
+  private async interrupt(c: Call): Promise<null> {
+    for (const job of this.running.get(callerKey(c.metadata)) ?? []) {
+      await this.client.cancel({ jobId: job.jobId }, c.o).catch(() => undefined);
     }
+    return null;
+  }
+
+  /** POST /options: the caller's settings for its later calls; null removes one. */
+  private async setOptions(c: Call): Promise<null> {
+    const body = await this.body(c.req);
+    if (typeof body !== "object" || body === null || Array.isArray(body))
+      throw fieldError("body", "must be an object of A1111 option names and values");
+    const key = callerKey(c.metadata);
+    const next: JsonObject = { ...this.options.get(key) };
+    for (const [name, value] of Object.entries(body as JsonObject)) {
+      if (value === null) delete next[name];
+      else next[name] = value;
+    }
+    // Checked now, as A1111 loads the checkpoint now: a bad setting fails here, not in every later call.
+    const models = await this.modelsFor(next, c.o);
+    const { params } = readApiRequest("txt2img", { override_settings: next }, models);
+    if (params.model !== "" && !models.some((m) => m.name === params.model)) {
+      throw new HttpError(404, { detail: `checkpoint ${JSON.stringify(next["sd_model_checkpoint"])} is not offered by any agent` });
+    }
+    if (Object.keys(next).length > 0) this.options.set(key, next);
+    else this.options.delete(key);
+    return null;
   }
 
   /** The request's JSON body, within the size limit. */
@@ -437,16 +434,14 @@ export class A1111Gateway {
   }
 
   /** The farm's models, when settings name a checkpoint to find among them (else none are needed). */
-  private async modelsFor(
-    settings: JsonObject | undefined,
-    o: { metadata: Record<string, string>; signal: AbortSignal; timeoutMs: number },
-  ): Promise<ModelInfo[]> {
+  private async modelsFor(settings: JsonObject | undefined, o: Call["o"]): Promise<ModelInfo[]> {
     return typeof settings?.["sd_model_checkpoint"] === "string" ? (await this.client.listModels({}, o)).models : [];
   }
 
   /** Submit, then watch the job to its end: the A1111 response, or the job's error. */
-  private async generate(endpoint: Endpoint, raw: unknown, metadata: Record<string, string>, signal: AbortSignal): Promise<JsonValue> {
-    const o = { metadata, signal, timeoutMs: 30_000 };
+  private async generate(endpoint: Endpoint, c: Call): Promise<JsonValue> {
+    const { metadata, signal, o } = c;
+    const raw = await this.body(c.req);
     // The caller's options (POST /options) apply under the call's own override_settings, as A1111's
     // global options do.
     const stored = this.options.get(callerKey(metadata));
@@ -463,7 +458,7 @@ export class A1111Gateway {
     if (ignored.length > 0) this.opts.logger.debug("A1111 API fields left out", { endpoint, fields: ignored });
     const startedAt = new Date();
     const { jobId, imageCount } = await this.client.submit({ params, requestId: randomUUID() }, o);
-    const job: JobProgress & { abort: AbortController } = {
+    const job: JobProgress = {
       jobId,
       imageCount,
       totalSteps: 0,
@@ -471,7 +466,6 @@ export class A1111Gateway {
       done: 0,
       startedAt: startedAt.getTime(),
       preview: undefined,
-      abort: new AbortController(),
     };
     const key = callerKey(metadata);
     let mine = this.running.get(key);

@@ -21,16 +21,28 @@ export async function readInfotextFile(path: string): Promise<string> {
     throw new InfotextFileError(err.message);
   });
   if (!IMAGE_SIGNATURES.some((isKind) => isKind(bytes))) return bytes.toString("utf8");
-  const meta = await sharp(bytes)
-    .metadata()
-    .catch((err: Error) => {
-      throw new InfotextFileError(`${path} is not an image sharp can read: ${err.message}`);
-    });
-  const text = meta.comments?.find((c) => c.keyword === "parameters")?.text ?? userComment(meta.exif);
+  const { text } = await imageGenerationData(bytes, path);
   if (text === undefined || text === "") {
     throw new InfotextFileError(`${path} has no "parameters" text or EXIF UserComment (A1111's generation data)`);
   }
   return text;
+}
+
+/**
+ * An image's generation data ("parameters" text, else the EXIF UserComment) and its text chunks, as
+ * A1111's read_info_from_image finds them. `name` says which image in errors.
+ */
+export async function imageGenerationData(
+  bytes: Buffer,
+  name: string,
+): Promise<{ text: string | undefined; comments: ReadonlyArray<{ keyword: string; text: string }> }> {
+  const meta = await sharp(bytes)
+    .metadata()
+    .catch((err: Error) => {
+      throw new InfotextFileError(`${name} is not an image sharp can read: ${err.message}`);
+    });
+  const comments = meta.comments ?? [];
+  return { text: comments.find((c) => c.keyword === "parameters")?.text ?? userComment(meta.exif), comments };
 }
 
 /** EXIF UserComment's text, decoded by its charset prefix as piexif's UserComment.load does. */
