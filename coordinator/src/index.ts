@@ -3,7 +3,7 @@ export { validateJob, imageSeeds, resolveSeed, DEFAULT_LIMITS, type Limits } fro
 export { startNatsServer, findNatsServer, freePort, type NatsServerHandle } from "./cli/nats-server.js";
 export { startFarm, type Farm } from "./cli/main.js";
 export { A1111Gateway, type A1111GatewayOptions } from "./a1111-api/gateway.js";
-export { readApiRequest, modelFromCheckpointTitle, ApiFieldError, type ApiRequest, type Endpoint } from "./a1111-api/request.js";
+export { readApiRequest, modelFromCheckpointTitle, type ApiRequest, type Endpoint } from "./a1111-api/request.js";
 export {
   DurableStore,
   DEFAULT_DURABLE_CONFIG,

@@ -26,7 +26,7 @@ import {
   type ModelInfo,
 } from "@latentfarm/shared";
 import { InfotextFileError, imageGenerationData } from "../cli/infotext-file.js";
-import { ApiFieldError, imageBase64, readApiRequest, type Endpoint } from "./request.js";
+import { imageBase64, readApiRequest, type Endpoint } from "./request.js";
 import { extrasBatchResponse, extrasResponse, generationResponse, progressResponse, type JobProgress } from "./response.js";
 
 export interface A1111GatewayOptions {
@@ -80,7 +80,6 @@ const fieldError = (field: string, msg: string): HttpError =>
 /** gRPC statuses as the HTTP statuses A1111 and FastAPI clients expect. */
 function httpError(err: unknown): HttpError {
   if (err instanceof HttpError) return err;
-  if (err instanceof ApiFieldError) return fieldError(err.field, err.message);
   const fe = FarmError.from(err);
   const service = isServiceError(fe.cause) ? fe.cause : undefined;
   const { field, detail: message } = fe;

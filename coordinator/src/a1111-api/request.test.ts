@@ -1,8 +1,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { create } from "@bufbuild/protobuf";
-import { EXTRAS_MODEL, ModelInfoSchema, RngSource } from "@latentfarm/shared";
-import { ApiFieldError, modelFromCheckpointTitle, readApiRequest } from "./request.js";
+import { EXTRAS_MODEL, FarmError, ModelInfoSchema, RngSource } from "@latentfarm/shared";
+import { modelFromCheckpointTitle, readApiRequest } from "./request.js";
 
 const models = [
   create(ModelInfoSchema, { name: "v1-5-pruned-emaonly", modelHash: "6ce0161689" }),
@@ -10,7 +10,11 @@ const models = [
 ];
 
 const refused = (f: () => unknown, field: string): void => {
-  assert.throws(f, (e: unknown) => e instanceof ApiFieldError && e.field === field, `refused naming ${field}`);
+  assert.throws(
+    f,
+    (e: unknown) => e instanceof FarmError && e.codeName === "INVALID_ARGUMENT" && e.field === field,
+    `refused naming ${field}`,
+  );
 };
 
 test("a txt2img body as A1111 clients send it: fields by A1111's names, nulls for defaults, Euler when no sampler is named", () => {

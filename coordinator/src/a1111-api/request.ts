@@ -13,6 +13,7 @@
 import { fromJson, type JsonObject, type JsonValue } from "@bufbuild/protobuf";
 import {
   EXTRAS_MODEL,
+  FarmError,
   GenerationParamsSchema,
   OverrideSettingsSchema,
   RngSource,
@@ -21,16 +22,6 @@ import {
 } from "@latentfarm/shared";
 
 export type Endpoint = "txt2img" | "img2img" | "extra-single-image" | "extra-batch-images";
-
-/** A body field the farm cannot read or honour: HTTP 422 naming it, as FastAPI's validation errors do. */
-export class ApiFieldError extends Error {
-  constructor(
-    readonly field: string,
-    message: string,
-  ) {
-    super(message);
-  }
-}
 
 export interface ApiRequest {
   params: GenerationParams;
@@ -75,32 +66,38 @@ const INERT_FIELDS = new Set([
   "upscale_first",
 ]);
 
-/** Fields whose effect the farm does not have: refused when set, as ignoring them would change the image. */
+/**
+ * Fields whose effect the farm does not have, and when a value asks for it: refused then (as ignoring
+ * them would change the image), never listed as ignored.
+ */
+const UNSUPPORTED: Readonly<Record<string, { asks: (v: JsonValue) => boolean; why: (v: JsonValue) => string }>> = {
+  script_name: {
+    asks: (v) => typeof v === "string" && v !== "",
+    why: (v) => `scripts are not run on this farm (asked for "${String(v)}")`,
+  },
+  alwayson_scripts: {
+    asks: (v) => v !== null && (typeof v !== "object" || Object.keys(v).length > 0),
+    why: () => "always-on scripts (ControlNet and other extensions) are not run on this farm",
+  },
+  disable_extra_networks: { asks: (v) => v === true, why: () => "not supported: remove the <lora:…> tags from the prompt instead" },
+  latent_mask: { asks: (v) => v !== null && v !== "", why: () => "not supported on this farm" },
+  firstpass_image: { asks: (v) => v !== null && v !== "", why: () => "not supported on this farm" },
+};
+
 function refuseUnsupported(body: JsonObject): void {
-  const script = body["script_name"];
-  if (typeof script === "string" && script !== "") {
-    throw new ApiFieldError("script_name", `scripts are not run on this farm (asked for "${script}")`);
-  }
-  const always = body["alwayson_scripts"];
-  if (always !== undefined && always !== null && (typeof always !== "object" || Object.keys(always).length > 0)) {
-    throw new ApiFieldError("alwayson_scripts", "always-on scripts (ControlNet and other extensions) are not run on this farm");
-  }
-  if (body["disable_extra_networks"] === true) {
-    throw new ApiFieldError("disable_extra_networks", "not supported: remove the <lora:…> tags from the prompt instead");
-  }
-  for (const field of ["latent_mask", "firstpass_image"]) {
+  for (const [field, { asks, why }] of Object.entries(UNSUPPORTED)) {
     const v = body[field];
-    if (v !== undefined && v !== null && v !== "") throw new ApiFieldError(field, "not supported on this farm");
+    if (v !== undefined && asks(v)) throw FarmError.invalid(field, why(v));
   }
 }
 
 /** The bytes of an API image: base64, or a data URL of it. URLs are not fetched (A1111 fetches them only when allowed). */
 export function imageBase64(v: JsonValue, field: string): string {
-  if (typeof v !== "string" || v === "") throw new ApiFieldError(field, "must be a base64-encoded image");
-  if (/^https?:\/\//i.test(v)) throw new ApiFieldError(field, "image URLs are not fetched: send the image as base64");
+  if (typeof v !== "string" || v === "") throw FarmError.invalid(field, "must be a base64-encoded image");
+  if (/^https?:\/\//i.test(v)) throw FarmError.invalid(field, "image URLs are not fetched: send the image as base64");
   const comma = v.startsWith("data:") ? v.indexOf(",") : -1;
   const data = comma >= 0 ? v.slice(comma + 1) : v;
-  if (!/^[A-Za-z0-9+/=_\-\s]*$/.test(data)) throw new ApiFieldError(field, "is not base64");
+  if (!/^[A-Za-z0-9+/=_\-\s]*$/.test(data)) throw FarmError.invalid(field, "is not base64");
   return data.replace(/\s+/g, "");
 }
 
@@ -127,9 +124,9 @@ function isObject(v: JsonValue | undefined): v is JsonObject {
 const PARAM_FIELDS = new Set(GenerationParamsSchema.fields.map((f) => f.name));
 const SETTING_FIELDS = new Set(OverrideSettingsSchema.fields.map((f) => f.name));
 
-/** Reads an A1111 API body into the farm's parameters, or throws ApiFieldError naming the field. */
+/** Reads an A1111 API body into the farm's parameters, or throws INVALID_ARGUMENT naming the field. */
 export function readApiRequest(endpoint: Endpoint, raw: unknown, models: readonly ModelInfo[]): ApiRequest {
-  if (!isObject(raw as JsonValue)) throw new ApiFieldError("body", "must be a JSON object");
+  if (!isObject(raw as JsonValue)) throw FarmError.invalid("body", "must be a JSON object");
   const body = raw as JsonObject;
   refuseUnsupported(body);
   const ignored: string[] = [];
@@ -143,8 +140,7 @@ export function readApiRequest(endpoint: Endpoint, raw: unknown, models: readonl
     if (value === null || INERT_FIELDS.has(key) || key === "override_settings") continue;
     if (key === "init_images" || key === "mask") continue;
     if (PARAM_FIELDS.has(key) && key !== "extras") out[key] = value;
-    else if (!["script_name", "alwayson_scripts", "disable_extra_networks", "latent_mask", "firstpass_image"].includes(key))
-      ignored.push(key);
+    else if (!(key in UNSUPPORTED)) ignored.push(key);
   }
   // sampler = sampler_name or sampler_index: the API's default sampler is Euler.
   const samplerName = body["sampler_name"];
@@ -154,7 +150,7 @@ export function readApiRequest(endpoint: Endpoint, raw: unknown, models: readonl
   }
   if (endpoint === "img2img") {
     const images = body["init_images"];
-    if (!Array.isArray(images) || images.length === 0) throw new ApiFieldError("init_images", "img2img needs at least one init image");
+    if (!Array.isArray(images) || images.length === 0) throw FarmError.invalid("init_images", "img2img needs at least one init image");
     out["init_images"] = images.map((v, i) => imageBase64(v, `init_images[${i}]`));
     const mask = body["mask"];
     if (mask !== undefined && mask !== null && mask !== "") out["mask"] = imageBase64(mask, "mask");
@@ -168,7 +164,7 @@ export function readApiRequest(endpoint: Endpoint, raw: unknown, models: readonl
   }
   const settings = body["override_settings"];
   if (settings !== undefined && settings !== null) {
-    if (!isObject(settings)) throw new ApiFieldError("override_settings", "must be an object of A1111 option names and values");
+    if (!isObject(settings)) throw FarmError.invalid("override_settings", "must be an object of A1111 option names and values");
     out["override_settings"] = overrideSettings(settings, out, body, models, ignored);
   }
   return { params: decode(out), sendImages, ignored };
@@ -188,17 +184,17 @@ function overrideSettings(
     const field = OPTIONS_AS_FIELDS[key];
     if (key === "sd_model_checkpoint") {
       if (typeof value !== "string")
-        throw new ApiFieldError("override_settings.sd_model_checkpoint", "must be a checkpoint's title or name");
+        throw FarmError.invalid("override_settings.sd_model_checkpoint", "must be a checkpoint's title or name");
       if (body["model"] === undefined) out["model"] = modelFromCheckpointTitle(value, models);
     } else if (key === "randn_source") {
       const source = typeof value === "string" ? RNG_SOURCES[value] : undefined;
       if (source === undefined)
-        throw new ApiFieldError("override_settings.randn_source", `must be "GPU", "CPU" or "NV", got ${JSON.stringify(value)}`);
+        throw FarmError.invalid("override_settings.randn_source", `must be "GPU", "CPU" or "NV", got ${JSON.stringify(value)}`);
       if (body["rng"] === undefined) out["rng"] = source;
     } else if (key === "show_progress_every_n_steps") {
       // Live previews for /progress's current_image: A1111's -1 is every step, 0 none.
       if (typeof value !== "number" || !Number.isInteger(value) || value < -1) {
-        throw new ApiFieldError(
+        throw FarmError.invalid(
           "override_settings.show_progress_every_n_steps",
           `must be a whole number ≥ -1, got ${JSON.stringify(value)}`,
         );
@@ -230,7 +226,7 @@ function extrasParams(endpoint: Endpoint, body: JsonObject, ignored: string[]): 
   if (endpoint === "extra-single-image") images = [imageBase64(body["image"] ?? null, "image")];
   else {
     const list = body["imageList"];
-    if (!Array.isArray(list) || list.length === 0) throw new ApiFieldError("imageList", "needs at least one {data, name} image");
+    if (!Array.isArray(list) || list.length === 0) throw FarmError.invalid("imageList", "needs at least one {data, name} image");
     images = list.map((item, i) => imageBase64(isObject(item) ? (item["data"] ?? null) : null, `imageList[${i}].data`));
   }
   return decode({ model: EXTRAS_MODEL, init_images: images, extras });
@@ -245,6 +241,6 @@ function decode(json: JsonObject): GenerationParams {
     // protobuf-es: "cannot decode field latentfarm.v1.GenerationParams.steps from JSON: …"
     const m = /latentfarm\.v1\.(GenerationParams|OverrideSettings|ExtrasParams)\.(\w+)/.exec(message);
     const field = m === null ? "body" : m[1] === "OverrideSettings" ? `override_settings.${m[2]}` : m[2]!;
-    throw new ApiFieldError(field, message.replace(/^cannot decode (field|message) [\w.]+ from JSON: /, "cannot read "));
+    throw FarmError.invalid(field, message.replace(/^cannot decode (field|message) [\w.]+ from JSON: /, "cannot read "));
   }
 }
