@@ -1272,23 +1272,23 @@ export class Scheduler {
  * request, is what would change). Draining agents count: their files come back with the agent.
  */
 export function checkStagesPlaceable(p: GenerationParams, plan: HiresPlan | undefined, agents: readonly AgentState[]): void {
+  const refiner = refinerCheckpoint(p);
   for (const stage of stageKinds(plan)) {
     const needs = auxiliaryNeeds(p, stage);
+    const missing = new Map(agents.map((a) => [a, missingFile(a, p, needs)]));
     const first = stage === TaskStage.FULL || stage === TaskStage.FIRST_PASS;
     const models = [p.model === EXTRAS_MODEL || first ? p.model : secondPassModel(p)];
     const pass = samplingPass(stage);
-    const refiner = refinerCheckpoint(p);
     const switches =
       stage === TaskStage.FULL ? refinerInPass(p, "first") || refinerInPass(p, "second") : pass !== undefined && refinerInPass(p, pass);
     if (refiner !== undefined && switches) models.push(refiner);
     for (const model of models) {
       const holders = agents.filter((a) => offersModel(a, model));
       if (holders.length === 0) continue; // NOT_FOUND already, for the model itself
-      const lacking = holders.map((a) => missingFile(a, p, needs));
-      if (lacking.some((m) => m === undefined)) continue;
-      const { what, field } = lacking[0]!;
+      if (holders.some((a) => missing.get(a) === undefined)) continue;
+      const { what, field } = missing.get(holders[0]!)!;
       const where = agents
-        .filter((a) => missingFile(a, p, needs) === undefined)
+        .filter((a) => missing.get(a) === undefined)
         .map((a) => a.id)
         .sort();
       const holderIds = holders.map((a) => a.id).sort();
