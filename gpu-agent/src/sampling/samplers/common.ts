@@ -24,8 +24,17 @@ export class ModelCaller {
 
   /** D(x, σ): the CFG-combined denoised prediction. */
   *denoise(x: Float32Array, sigma: number, step: number, upcoming?: UpcomingNoise): Generator<ModelRequest, Float32Array, ModelResponse> {
+    const request = this.denoiseRequest(x, sigma, step, upcoming);
+    return this.denoised(request, yield request);
+  }
+
+  /**
+   * denoise() in two halves, for a sampler that yields the request itself: each yield* level between the
+   * driver and the yield is one more generator frame to resume on every model call.
+   */
+  denoiseRequest(x: Float32Array, sigma: number, step: number, upcoming?: UpcomingNoise): ModelRequest {
     const into = this.offer();
-    const request: ModelRequest = {
+    return {
       kind: "denoise",
       x,
       sigma,
@@ -35,9 +44,12 @@ export class ModelCaller {
       ...(upcoming !== undefined && { upcoming }),
       ...(into !== undefined && { into }),
     };
-    // Not a shared generator helper: every yield* level is one more frame on each resume.
-    const answer = expectArray(yield request, this.length);
-    this.settle(into, answer);
+  }
+
+  /** The answer to a denoiseRequest, checked, its slot settled. */
+  denoised(request: ModelRequest, response: ModelResponse): Float32Array {
+    const answer = expectArray(response, this.length);
+    this.settle(request.into, answer);
     return answer;
   }
 

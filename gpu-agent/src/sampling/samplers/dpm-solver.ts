@@ -6,8 +6,17 @@ import { linspaceF32 } from "../float32.js";
 import { ModelCaller, ONE_DRAW, ancestralStep, checkedNoise, expF, expm1F, logF } from "./common.js";
 import type { ModelRequest, ModelResponse, UpcomingNoise } from "./types.js";
 import type { DiscreteSchedule } from "../sigmas.js";
-import { dpmEpsCombineWithError, dpmEpsCombines, dpmEpsStages, type DpmStart, type ScaledNoise } from "./updates.js";
-import { freshLatent, releaseLatent, supersede } from "./latent-pool.js";
+import {
+  dpmAdaptive2Last,
+  dpmAdaptive3Last,
+  dpmAdaptive3Stage2,
+  dpmEpsCombines,
+  dpmEpsStages,
+  type DpmAdaptiveCoefficients,
+  type DpmStart,
+  type ScaledNoise,
+} from "./updates.js";
+import { freshLatent, releaseLatent, resultInPlaceOf, supersede } from "./latent-pool.js";
 
 const f32 = Math.fround;
 
@@ -29,30 +38,13 @@ type EvalGenerator = Generator<ModelRequest, Float32Array, ModelResponse>;
  */
 type FinalNoise = () => ScaledNoise;
 
-/**
- * What DPM adaptive's error needs besides the pair: the error is computed in the pass that makes `high`,
- * and so is the ancestral noise an accepted step adds to it (`noise`).
- */
-interface ErrorTerms {
-  xPrev: Float32Array;
-  atol: number;
-  rtol: number;
-  noise: FinalNoise;
-}
-
-/**
- * An adaptive attempt: the low-order result, `next` (the high-order one with the step's noise added: the next x
- * if the attempt is accepted) and Σ r² of the pair's error.
- */
-type PairGenerator = Generator<ModelRequest, { low: Float32Array; next: Float32Array; sumSquares: number }, ModelResponse>;
-
 const sigmaOf = (t: number): number => expF(-t);
 const tOf = (sigma: number): number => -logF(sigma);
 
 /**
- * k-diffusion's DPMSolver steps. Its eps_cache (eps at t and at the r1 stage, shared by DPM adaptive's
- * embedded pair) is kept implicit: each attempt is written out with every eps computed once per kernel,
- * from the model's answers, which the step keeps instead (./updates.ts).
+ * k-diffusion's DPMSolver steps, as DPM fast takes them, and their coefficients, which DPM adaptive's
+ * attempts share. Its eps_cache (eps at t and at the r1 stage) is kept implicit: every eps is computed
+ * again in each kernel that needs it, from the model's answers, which the step keeps instead (./updates.ts).
  */
 class Solver {
   readonly model: ModelCaller;
@@ -113,40 +105,13 @@ class Solver {
     return outs;
   }
 
-  /** combine for the last pair of an adaptive attempt: `high` plus the step's noise (`next`), and the error sum of `high` against `low`. */
-  private *combineWithError(
-    u: Float32Array,
-    s: number,
-    pair: readonly [number, number],
-    low: Float32Array,
-    error: ErrorTerms,
-  ): PairGenerator {
-    const den = yield* this.denoised(u, s);
-    const next = freshLatent(this.length);
-    const sumSquares = dpmEpsCombineWithError(
-      next,
-      u,
-      den,
-      this.begun!,
-      sigmaOf(s),
-      pair,
-      low,
-      error.xPrev,
-      error.atol,
-      error.rtol,
-      error.noise(),
-    );
-    releaseLatent(den);
-    return { low, next, sumSquares };
-  }
-
   /** Coefficients of DPM-Solver-1: x − a·eps. */
-  private static first(tNext: number, h: number): number {
+  static first(tNext: number, h: number): number {
     return f32(sigmaOf(tNext) * expm1F(h));
   }
 
   /** Stage r1 of DPM-Solver-2: (s1, c1) with u1 = x − c1·eps, and the final (a, b). */
-  private static second(t: number, tNext: number, h: number, r1: number): { s1: number; c1: number; final: [number, number] } {
+  static second(t: number, tNext: number, h: number, r1: number): { s1: number; c1: number; final: [number, number] } {
     const s1 = f32(t + f32(f32(r1) * h));
     const c1 = f32(sigmaOf(s1) * expm1F(f32(f32(r1) * h)));
     const sigmaNext = sigmaOf(tNext);
@@ -156,7 +121,7 @@ class Solver {
   }
 
   /** DPM-Solver-3 with r1 = 1/3, r2 = 2/3: stages (s1, c1), (s2, c2, c3) and the final (a, b). */
-  private static third(t: number, tNext: number, h: number, r1 = 1 / 3, r2 = 2 / 3) {
+  static third(t: number, tNext: number, h: number, r1 = 1 / 3, r2 = 2 / 3) {
     const r1h = f32(f32(r1) * h);
     const r2h = f32(f32(r2) * h);
     const s1 = f32(t + r1h);
@@ -194,31 +159,6 @@ class Solver {
     releaseLatent(u2);
     this.finish();
     return out!;
-  }
-
-  /** DPM adaptive's order-2 pair: step1 (low) and step2 (high), sharing eps. */
-  *pair12(x: Float32Array, t: number, tNext: number, error: ErrorTerms): PairGenerator {
-    const h = f32(tNext - t);
-    const { s1, c1, final } = Solver.second(t, tNext, h, 1 / 2);
-    const [low, u1] = yield* this.start(x, t, [Solver.first(tNext, h), c1]);
-    const pair = yield* this.combineWithError(u1!, s1, final, low!, error);
-    releaseLatent(u1);
-    this.finish();
-    return pair;
-  }
-
-  /** DPM adaptive's order-3 pair: step2 with r1 = 1/3 (low) and step3 (high), sharing eps and eps_r1. */
-  *pair23(x: Float32Array, t: number, tNext: number, error: ErrorTerms): PairGenerator {
-    const h = f32(tNext - t);
-    const second = Solver.second(t, tNext, h, 1 / 3);
-    const third = Solver.third(t, tNext, h);
-    const [u1] = yield* this.start(x, t, [second.c1]);
-    const [low, u2] = yield* this.combine(u1!, second.s1, [second.final, third.stage2]);
-    releaseLatent(u1);
-    const pair = yield* this.combineWithError(u2!, third.s2, third.final, low!, error);
-    releaseLatent(u2);
-    this.finish();
-    return pair;
   }
 }
 
@@ -313,12 +253,40 @@ class PidStepSizeController {
   }
 }
 
+/** One attempt's coefficients (updates.ts DpmAdaptiveCoefficients) and the σ of its model calls. */
+function attemptCoefficients(order: 2 | 3, t: number, tNext: number): DpmAdaptiveCoefficients {
+  const h = f32(tNext - t);
+  const sigma = sigmaOf(t);
+  if (order === 2) {
+    const { s1, c1, final } = Solver.second(t, tNext, h, 1 / 2);
+    return { sigma, sigma1: sigmaOf(s1), sigma2: 0, c1, stage2: [0, 0], low: [Solver.first(tNext, h), 0], high: final };
+  }
+  const second = Solver.second(t, tNext, h, 1 / 3);
+  const third = Solver.third(t, tNext, h);
+  return {
+    sigma,
+    sigma1: sigmaOf(second.s1),
+    sigma2: sigmaOf(third.s2),
+    c1: second.c1,
+    stage2: third.stage2,
+    low: second.final,
+    high: third.final,
+  };
+}
+
+/**
+ * k-diffusion's dpm_solver_adaptive: embedded pairs (DPM-Solver-1/2 for order 2, 2/3 for order 3) sharing
+ * their model calls, and the PID controller on the pair's error. Written as one generator, its requests
+ * yielded here: it makes more model calls than any other sampler, and every generator level between the
+ * driver and the yield is resumed on each of them (ModelCaller.denoiseRequest).
+ */
 export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): EvalGenerator {
   checkRange(o);
   const order = o.order ?? 3;
   const eta = o.eta ?? 0;
   const sNoise = f32(o.sNoise ?? 1);
-  const solver = new Solver(x.length, o.schedule);
+  const n = x.length;
+  const model = new ModelCaller(n, o.schedule);
   const tStart = tOf(f32(o.sigmaMax));
   const tEnd = tOf(f32(o.sigmaMin));
   const forward = tEnd > tStart;
@@ -340,20 +308,50 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
   let s = tStart;
   let xPrev = x;
   const limit = forward ? f32(tEnd - 1e-5) : f32(tEnd + 1e-5);
-  // An accepted step adds su·s_noise·noise to its result (k-diffusion adds it even when su is 0), in the
+  // An accepted attempt adds su·s_noise·noise to its result (k-diffusion adds it even when su is 0), in the
   // pass that makes the result. That pass takes the draw; a rejected attempt keeps it for the next one,
   // so draws are consumed once per accepted step, in order, as k-diffusion consumes them.
   let drawn: Float32Array | undefined;
-  // Every model call announces the one draw its attempt may take.
-  solver.upcoming = ONE_DRAW;
-  while (forward ? s < limit : s > limit) {
-    if (solver.step >= maxSteps) throw new RangeError(`DPM adaptive did not finish within ${maxSteps} steps`);
+  for (let attempt = 0; forward ? s < limit : s > limit; attempt++) {
+    if (attempt >= maxSteps) throw new RangeError(`DPM adaptive did not finish within ${maxSteps} steps`);
     const t = forward ? Math.min(tEnd, f32(s + pid.h)) : Math.max(tEnd, f32(s + pid.h));
     const { tTarget, su } = ancestralT(s, t, tEnd, eta);
-    const noise = (): ScaledNoise => ({ noise: (drawn ??= checkedNoise(o.noise, x.length)), scale: f32(su * sNoise) });
-    const terms = { xPrev, atol, rtol, noise };
-    const { low, next, sumSquares } = order === 2 ? yield* solver.pair12(x, s, tTarget, terms) : yield* solver.pair23(x, s, tTarget, terms);
-    const error = f32(f32(Math.sqrt(sumSquares)) / f32(Math.sqrt(x.length)));
+    const k = attemptCoefficients(order, s, tTarget);
+    // Every model call announces the one draw its attempt may take.
+    let request = model.denoiseRequest(x, k.sigma, attempt, ONE_DRAW);
+    const start: DpmStart = { x, den: model.denoised(request, yield request), sigma: k.sigma };
+    const u1 = freshLatent(n);
+    dpmEpsStages([u1], start, [k.c1]);
+    request = model.denoiseRequest(u1, k.sigma1, attempt, ONE_DRAW);
+    const den1 = model.denoised(request, yield request);
+    releaseLatent(u1);
+    const scale = f32(su * sNoise);
+    // Results go over the answers just read, where the run holds them (updates.ts).
+    let low: Float32Array;
+    let next: Float32Array;
+    let sumSquares: number;
+    if (order === 3) {
+      low = resultInPlaceOf(den1);
+      const u2 = freshLatent(n);
+      dpmAdaptive3Stage2(low, u2, start, den1, k);
+      if (low !== den1) releaseLatent(den1);
+      request = model.denoiseRequest(u2, k.sigma2, attempt, ONE_DRAW);
+      const den2 = model.denoised(request, yield request);
+      next = resultInPlaceOf(den2);
+      sumSquares = dpmAdaptive3Last(next, u2, den2, start, low, k, xPrev, atol, rtol, {
+        noise: (drawn ??= checkedNoise(o.noise, n)),
+        scale,
+      });
+      if (next !== den2) releaseLatent(den2);
+      releaseLatent(u2, start.den);
+    } else {
+      next = resultInPlaceOf(den1);
+      low = resultInPlaceOf(start.den);
+      sumSquares = dpmAdaptive2Last(next, low, start, den1, k, xPrev, atol, rtol, { noise: (drawn ??= checkedNoise(o.noise, n)), scale });
+      if (next !== den1) releaseLatent(den1);
+      if (low !== start.den) releaseLatent(start.den);
+    }
+    const error = f32(f32(Math.sqrt(sumSquares)) / f32(Math.sqrt(n)));
     if (pid.proposeStep(error)) {
       // The previous step's low result and its x (the start latent is the caller's: no-op).
       releaseLatent(xPrev, x);
@@ -364,7 +362,6 @@ export function* sampleDpmAdaptive(x: Float32Array, o: DpmAdaptiveOptions): Eval
     } else {
       releaseLatent(low, next);
     }
-    solver.step++;
   }
   return x;
 }

@@ -2,8 +2,10 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { setImmediate as nextTurn } from "node:timers/promises";
 import {
-  dpmEpsCombineWithError,
   ddimStep,
+  dpmAdaptive2Last,
+  dpmAdaptive3Last,
+  dpmAdaptive3Stage2,
   dpmEpsCombines,
   dpmEpsStages,
   eulerStep,
@@ -283,14 +285,12 @@ function plusScaledNoise(x: Float32Array, noise: Float32Array, c: number): Float
   return x.map((v, k) => f32(v + f32(noise[k]! * c)));
 }
 
-test("DPM-Solver kernels with the ancestral noise or the adaptive error fused in give the bits of the separate passes", () => {
+test("DPM-Solver kernels with the ancestral noise fused in give the bits of the separate passes", () => {
   const x = latent(25);
   const den = latent(26);
   const u = latent(27);
   const denU = latent(28);
   const noise = latent(29);
-  const low = latent(30);
-  const prev = latent(31);
   const n = x.length;
   const sigma = f32(2.9);
   const sigmaU = f32(1.6);
@@ -310,43 +310,130 @@ test("DPM-Solver kernels with the ancestral noise or the adaptive error fused in
   const gotCombined = new Float32Array(n);
   dpmEpsCombines([gotCombined], u, denU, start, sigmaU, [pair], { noise, scale });
   assert.ok(sameBits(gotCombined, wantCombined), "combination + noise");
+});
+
+/** A DPM adaptive attempt's coefficients (arbitrary float32 values: the kernels' algebra is what is tested). */
+const adaptiveCoefficients = {
+  sigma: f32(2.9),
+  sigma1: f32(1.6),
+  sigma2: f32(1.1),
+  c1: f32(0.37),
+  stage2: [f32(0.52), f32(-0.09)],
+  low: [f32(-0.8), f32(0.11)],
+  high: [f32(-0.77), f32(0.13)],
+} as const;
+
+/**
+ * An attempt by its separate passes, as the sampler made it before the last pass recomputed the stage points:
+ * each stage point stored, `low` and `high` combined from them, the noise added to `high` in a pass of its own.
+ */
+function adaptiveBySeparatePasses(
+  order: 2 | 3,
+  x: Float32Array,
+  den: Float32Array,
+  den1: Float32Array,
+  den2: Float32Array,
+  noise: Float32Array,
+  scale: number,
+): { u2: Float32Array; low: Float32Array; high: Float32Array; next: Float32Array } {
+  const k = adaptiveCoefficients;
+  const n = x.length;
+  const start = { x, den, sigma: k.sigma };
+  const [u1, u2, low, high] = [0, 1, 2, 3].map(() => new Float32Array(n)) as [Float32Array, Float32Array, Float32Array, Float32Array];
+  if (order === 2) {
+    dpmEpsStages([low, u1], start, [k.low[0], k.c1]);
+    dpmEpsCombines([high], u1, den1, start, k.sigma1, [k.high]);
+  } else {
+    dpmEpsStages([u1], start, [k.c1]);
+    dpmEpsCombines([low, u2], u1, den1, start, k.sigma1, [k.low, k.stage2]);
+    dpmEpsCombines([high], u2, den2, start, k.sigma2, [k.high]);
+  }
+  return { u2, low, high, next: plusScaledNoise(high, noise, scale) };
+}
+
+test("DPM adaptive's passes, making stage points again and writing over answers, give the bits and the error sum of the separate passes", () => {
+  const x = latent(25);
+  const den = latent(26);
+  const den1 = latent(27);
+  const den2 = latent(28);
+  const noise = latent(29);
+  const prev = latent(31);
+  const n = x.length;
+  const scale = f32(0.21);
+  const k = adaptiveCoefficients;
+  const start = { x, den, sigma: k.sigma };
+  // The latent has a tail past its whole vectors, which the kernels sum on their own.
+  assert.equal(n % 4, 2);
+  /** Order 3's passes as the sampler makes them: low over D₁, then high + n·c over D₂. */
+  const order3 = (
+    xArg: Float32Array,
+    denArg: Float32Array,
+    prevArg: Float32Array,
+    atol: number,
+    rtol: number,
+    den1Arg = den1,
+  ): { low: Float32Array; u2: Float32Array; next: Float32Array; sum: number } => {
+    const low = Float32Array.from(den1Arg);
+    const u2 = new Float32Array(n);
+    const at = { x: xArg, den: denArg, sigma: k.sigma };
+    dpmAdaptive3Stage2(low, u2, at, low, k);
+    const next = Float32Array.from(den2);
+    const sum = dpmAdaptive3Last(next, u2, next, at, low, k, prevArg, atol, rtol, { noise, scale });
+    return { low, u2, next, sum };
+  };
   for (const [atol, rtol] of [
     [f32(0.0078), f32(0.05)],
     [f32(1e-6), f32(0.5)],
   ] as const) {
-    // The latent has a tail past its whole vectors, which the kernel sums on its own.
-    assert.equal(n % 4, 2);
-    const wantSum = scalarErrorSum(low, combined, prev, atol, rtol);
-    // The accepted step's noise is added in the same pass; the error is still the one of `high` itself.
-    const high = new Float32Array(n);
-    const gotSum = dpmEpsCombineWithError(high, u, denU, start, sigmaU, pair, low, prev, atol, rtol, {
-      noise,
-      scale,
-    });
-    assert.ok(sameBits(high, wantCombined), "high + noise");
-    assert.ok(Object.is(gotSum, wantSum), `error sum ${gotSum} vs ${wantSum}`);
+    const want3 = adaptiveBySeparatePasses(3, x, den, den1, den2, noise, scale);
+    const got3 = order3(x, den, prev, atol, rtol);
+    assert.ok(sameBits(got3.low, want3.low) && sameBits(got3.u2, want3.u2), "order 3: low and u₂");
+    assert.ok(sameBits(got3.next, want3.next), "order 3: high + noise");
+    assert.ok(Object.is(got3.sum, scalarErrorSum(want3.low, want3.high, prev, atol, rtol)), `order 3: error sum ${got3.sum}`);
+    // In separate arrays too.
+    const low = new Float32Array(n);
+    const u2 = new Float32Array(n);
+    dpmAdaptive3Stage2(low, u2, start, den1, k);
+    const next = new Float32Array(n);
+    const sum = dpmAdaptive3Last(next, u2, den2, start, low, k, prev, atol, rtol, { noise, scale });
+    assert.ok(sameBits(low, want3.low) && sameBits(u2, want3.u2) && sameBits(next, want3.next), "order 3, separate arrays");
+    assert.ok(Object.is(sum, got3.sum), "order 3, separate arrays: error sum");
+
+    const want2 = adaptiveBySeparatePasses(2, x, den, den1, den2, noise, scale);
+    const wantSum2 = scalarErrorSum(want2.low, want2.high, prev, atol, rtol);
+    const next2 = Float32Array.from(den1);
+    const low2 = Float32Array.from(den);
+    const sum2 = dpmAdaptive2Last(next2, low2, { x, den: low2, sigma: k.sigma }, next2, k, prev, atol, rtol, { noise, scale });
+    assert.ok(sameBits(next2, want2.next) && sameBits(low2, want2.low), "order 2: high + noise and low, over D₁ and D");
+    assert.ok(Object.is(sum2, wantSum2), `order 2: error sum ${sum2} vs ${wantSum2}`);
   }
   // δ's maxima where they are not plain: magnitudes of zero (δ = atol), an infinite x_prev, and NaN in x_prev
   // (torch.maximum's NaN: the error is NaN, whatever low is) or in low.
   const atol = f32(0.0078);
   const rtol = f32(0.05);
+  const edgeX = Float32Array.from(x);
+  const edgeDen = Float32Array.from(den);
   const edgePrev = Float32Array.from(prev);
-  const edgeLow = Float32Array.from(low);
+  const edgeDen1 = Float32Array.from(den1);
+  // x = D = D₁ = 0 make eps, eps₁ and low 0 there.
+  edgeX[0] = 0;
+  edgeDen[0] = 0;
+  edgeDen1[0] = 0;
   edgePrev[0] = 0;
-  edgeLow[0] = -0;
   edgePrev[5] = Infinity;
   edgePrev[9] = -0;
-  const sumOf = (lowArg: Float32Array, prevArg: Float32Array): number =>
-    dpmEpsCombineWithError(new Float32Array(n), u, denU, start, sigmaU, pair, lowArg, prevArg, atol, rtol, { noise, scale });
-  const finite = sumOf(edgeLow, edgePrev);
-  assert.ok(Object.is(finite, scalarErrorSum(edgeLow, combined, edgePrev, atol, rtol)), `edge sum ${finite}`);
+  const edge = adaptiveBySeparatePasses(3, edgeX, edgeDen, edgeDen1, den2, noise, scale);
+  assert.equal(Math.abs(edge.low[0]!), 0);
+  const finite = order3(edgeX, edgeDen, edgePrev, atol, rtol, edgeDen1).sum;
+  assert.ok(Object.is(finite, scalarErrorSum(edge.low, edge.high, edgePrev, atol, rtol)), `edge sum ${finite}`);
   assert.ok(Number.isFinite(finite), "an infinite x_prev makes δ infinite and r 0");
   for (const at of [3, n - 1]) {
     const nanPrev = Float32Array.from(prev);
     nanPrev[at] = NaN;
-    assert.ok(Number.isNaN(sumOf(low, nanPrev)), `NaN in x_prev at ${at}`);
-    const nanLow = Float32Array.from(low);
-    nanLow[at] = NaN;
-    assert.ok(Number.isNaN(sumOf(nanLow, prev)), `NaN in low at ${at}`);
+    assert.ok(Number.isNaN(order3(x, den, nanPrev, atol, rtol).sum), `NaN in x_prev at ${at}`);
+    // A NaN answer at the start makes low (and high) NaN there.
+    const nanDen = Float32Array.from(den);
+    nanDen[at] = NaN;
+    assert.ok(Number.isNaN(order3(x, nanDen, prev, atol, rtol).sum), `NaN in low at ${at}`);
   }
 });

@@ -369,6 +369,9 @@ export function dpmEpsStages(outs: readonly Float32Array[], start: DpmStart, cs:
   else kernel.run(outs, [x, den, noise.noise], [sigma, ...cs, noise.scale]);
 }
 
+/** (x − a·eps) − b·(eps_u − eps): the DPM-Solver combination. */
+const dpmCombine = (x: Expr, eps: Expr, a: Expr, b: Expr, epsU: Expr): Expr => e.sub(e.sub(x, e.mul(a, eps)), e.mul(b, e.sub(epsU, eps)));
+
 /**
  * eps_u = (u − D_u)/σ_u, eps = (x − D_x)/σ_x and (x − a·eps) − b·(eps_u − eps), from operands u, D_u, x, D_x
  * and params σ_u, σ_x, a, b at `p`.
@@ -377,7 +380,7 @@ function dpmCombineExprs(pairCount: number, p: (k: number) => Expr): Expr[] {
   const epsU = toD(X, D, p(0));
   const xIn = e.in(2);
   const eps = toD(xIn, e.in(3), p(1));
-  return Array.from({ length: pairCount }, (_, j) => e.sub(e.sub(xIn, e.mul(p(2 + 2 * j), eps)), e.mul(p(3 + 2 * j), e.sub(epsU, eps))));
+  return Array.from({ length: pairCount }, (_, j) => dpmCombine(xIn, eps, p(2 + 2 * j), p(3 + 2 * j), epsU));
 }
 
 /**
@@ -720,16 +723,53 @@ const adaptiveErrorExpr = (low: Expr, high: Expr, xPrev: Expr, atol: Expr, rtol:
   e.div(e.sub(low, high), e.pmax(e.mul(rtol, e.pmax(e.abs(xPrev), e.abs(low))), atol));
 
 /**
- * DPM adaptive's last combination (one pair of dpmEpsCombines: `high`) and its error against `low` in the
- * same pass: `high` is not read back. The output is the accepted step's result high + n·c (k-diffusion's
- * separate x_high + su·s_noise·noise pass, same roundings; made whether or not the step is accepted, so
- * that an accepted one needs no pass of its own), while the error is taken on `high` itself. Returns
- * Σ r² over the latent in float64 in the kernels' order (KernelSpec.sumOfSquares); the r's themselves are
- * not stored, as only their sum is read. k-diffusion takes torch's norm, whose CPU reduction has a blocked
- * order of its own, so no order is A1111's; this one is fixed. Operands u, D_u, x, D_x, low, x_prev, n;
- * params σ_u, σ_x, a, b, atol, rtol, c.
+ * DPM adaptive's attempts, in as few passes over cold latents as their model calls allow without more
+ * divisions (each a few cycles per vector, while a latent read from memory costs about as much as two of them
+ * here). Where a pass can make a point from operands it reads anyway with a multiplication and a subtraction,
+ * it computes it again instead of reading it back: the same float32 operations on the same values give the
+ * same bits as where it was first made. Each pass writes over the answer it has just read, when it is the
+ * run's own and no later pass reads it (latent-pool.ts resultInPlaceOf), so that those writes go to lines
+ * already in the cache. eps = (x − D)/σ.
+ *
+ * Order 3 (`low` DPM-Solver-2 with r₁ = 1/3, `high` DPM-Solver-3), 16 latents read or written, not 17:
+ *   stage 1: u₁ = x − c₁·eps (dpmEpsStages)
+ *   stage 2: low = (x − a_l·eps) − b_l·(eps₁ − eps) and u₂ = (x − c₂·eps) − c₃·(eps₁ − eps),
+ *            eps₁ = (u₁ − D₁)/σ₁ with u₁ made again from x and eps, not read
+ *   last:    high = (x − a_h·eps) − b_h·(eps₂ − eps), eps₂ = (u₂ − D₂)/σ₂
+ * Order 2 (`low` DPM-Solver-1, `high` DPM-Solver-2 with r₁ = 1/2), 10 latents, not 12:
+ *   stage 1: u₁ = x − c₁·eps
+ *   last:    low = x − a_l·eps, high = (x − a_h·eps) − b_h·(eps₁ − eps), u₁ made again
+ * The last pass writes high + n·c (k-diffusion's separate x_high + su·s_noise·noise pass, same roundings;
+ * made whether or not the attempt is accepted, so that an accepted one needs no pass of its own) and returns
+ * Σ r² of the error of `high` itself against `low` (adaptiveErrorExpr) over the latent, in float64 in the
+ * kernels' order (KernelSpec.sumOfSquares). k-diffusion takes torch's norm, whose CPU reduction has a blocked
+ * order of its own, so no order is A1111's; this one is fixed.
  */
-const combineWithErrorKernel = (() => {
+export interface DpmAdaptiveCoefficients {
+  /** σ at the start, at u₁ and (order 3) at u₂. */
+  sigma: number;
+  sigma1: number;
+  sigma2: number;
+  /** u₁ = x − c₁·eps. */
+  c1: number;
+  /** Order 3: (c₂, c₃) of u₂. */
+  stage2: readonly [number, number];
+  /** (a_l, b_l) of low; order 2 reads a_l only. */
+  low: readonly [number, number];
+  /** (a_h, b_h) of high. */
+  high: readonly [number, number];
+}
+
+/** Order 3, stage 2: x, D, D₁ in; low and u₂ out. Params σ, c₁, σ₁, a_l, b_l, c₂, c₃. */
+const adaptive3Stage2Kernel = (() => {
+  const p = e.param;
+  const eps = toD(X, D, p(0));
+  const eps1 = toD(e.sub(X, e.mul(p(1), eps)), e.in(2), p(2));
+  return new Kernel({ inputs: 3, params: 7, outputs: [dpmCombine(X, eps, p(3), p(4), eps1), dpmCombine(X, eps, p(5), p(6), eps1)] });
+})();
+
+/** Order 3, last: u₂, D₂, x, D, low, x_prev, n in; high + n·c out, Σ r² returned. Params σ₂, σ, a_h, b_h, atol, rtol, c. */
+const adaptive3LastKernel = (() => {
   const [high] = dpmCombineExprs(1, e.param);
   return new Kernel({
     inputs: 7,
@@ -739,22 +779,71 @@ const combineWithErrorKernel = (() => {
   });
 })();
 
-export function dpmEpsCombineWithError(
-  highPlusNoise: Float32Array,
-  u: Float32Array,
-  denU: Float32Array,
-  start: DpmStart,
-  sigmaU: number,
-  pair: readonly [a: number, b: number],
+/** Order 2, last: x, D, D₁, x_prev, n in; high + n·c and low out, Σ r² returned. Params σ, c₁, σ₁, a_l, a_h, b_h, atol, rtol, c. */
+const adaptive2LastKernel = (() => {
+  const p = e.param;
+  const eps = toD(X, D, p(0));
+  const eps1 = toD(e.sub(X, e.mul(p(1), eps)), e.in(2), p(2));
+  const low = e.sub(X, e.mul(p(3), eps));
+  const high = dpmCombine(X, eps, p(4), p(5), eps1);
+  return new Kernel({
+    inputs: 5,
+    params: 9,
+    outputs: [plusNoise(high, e.in(4), p(8)), low],
+    sumOfSquares: adaptiveErrorExpr(low, high, e.in(3), p(6), p(7)),
+  });
+})();
+
+/** Order 3, stage 2: low and u₂ from the start and the answer at u₁; low may be written over den1. */
+export function dpmAdaptive3Stage2(
   low: Float32Array,
+  u2: Float32Array,
+  start: DpmStart,
+  den1: Float32Array,
+  k: DpmAdaptiveCoefficients,
+): void {
+  adaptive3Stage2Kernel.run(
+    [low, u2],
+    [start.x, start.den, den1],
+    [start.sigma, k.c1, k.sigma1, k.low[0], k.low[1], k.stage2[0], k.stage2[1]],
+  );
+}
+
+/** Order 3, last: writes highPlusNoise (which may be den2) and returns Σ r². */
+export function dpmAdaptive3Last(
+  highPlusNoise: Float32Array,
+  u2: Float32Array,
+  den2: Float32Array,
+  start: DpmStart,
+  low: Float32Array,
+  k: DpmAdaptiveCoefficients,
   xPrev: Float32Array,
   atol: number,
   rtol: number,
   { noise, scale }: ScaledNoise,
 ): number {
-  return combineWithErrorKernel.runSumOfSquares(
+  return adaptive3LastKernel.runSumOfSquares(
     [highPlusNoise],
-    [u, denU, start.x, start.den, low, xPrev, noise],
-    [sigmaU, start.sigma, pair[0], pair[1], atol, rtol, scale],
+    [u2, den2, start.x, start.den, low, xPrev, noise],
+    [k.sigma2, start.sigma, k.high[0], k.high[1], atol, rtol, scale],
+  );
+}
+
+/** Order 2, last: writes highPlusNoise (which may be den1) and low (which may be start.den), returns Σ r². */
+export function dpmAdaptive2Last(
+  highPlusNoise: Float32Array,
+  low: Float32Array,
+  start: DpmStart,
+  den1: Float32Array,
+  k: DpmAdaptiveCoefficients,
+  xPrev: Float32Array,
+  atol: number,
+  rtol: number,
+  { noise, scale }: ScaledNoise,
+): number {
+  return adaptive2LastKernel.runSumOfSquares(
+    [highPlusNoise, low],
+    [start.x, start.den, den1, xPrev, noise],
+    [start.sigma, k.c1, k.sigma1, k.low[0], k.high[0], k.high[1], atol, rtol, scale],
   );
 }
