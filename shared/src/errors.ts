@@ -98,3 +98,11 @@ export function abortError(signal: AbortSignal): FarmError {
   if (reason instanceof FarmError) return reason;
   return new FarmError(grpc.status.CANCELLED, reason instanceof Error ? reason.message : "cancelled", { cause: reason });
 }
+
+/** A prompt A1111 itself would reject (it raises while parsing); field "prompt", INVALID_ARGUMENT. */
+export class PromptSyntaxError extends FarmError {
+  constructor(message: string) {
+    super(grpc.status.INVALID_ARGUMENT, message, { field: "prompt" });
+    this.name = "PromptSyntaxError";
+  }
+}

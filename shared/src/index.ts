@@ -8,6 +8,8 @@ export * from "./metrics.js";
 export * from "./grpc.js";
 export * from "./sampler-catalog.js";
 export * from "./override-settings.js";
+export * from "./extra-networks.js";
+export { parsePythonFloat, parsePythonInt, PY_WHITESPACE_CLASS } from "./python-float.js";
 export * from "./infotext.js";
 export * from "./metrics-server.js";
 export * from "./security.js";

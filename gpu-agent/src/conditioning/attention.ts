@@ -1,5 +1,5 @@
 import { PromptSyntaxError } from "./errors.js";
-import { parsePythonFloat } from "./python-float.js";
+import { parsePythonFloat } from "@latentfarm/shared";
 import { PY_WHITESPACE_CLASS } from "./text-cleanup.js";
 
 /** A prompt fragment and its weight; `["BREAK", -1]` marks a forced chunk break. */

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { getMulticondPromptList, parseComposablePrompt } from "./composable.js";
 import { PromptSyntaxError } from "./errors.js";
-import { extractExtraNetworks, extractExtraNetworksBatch } from "./extra-networks.js";
+import { extractExtraNetworks, extractExtraNetworksBatch } from "@latentfarm/shared";
 
 test("§1.6 AND split with weights (spec vectors)", () => {
   assert.deepEqual(parseComposablePrompt("a cat :1.2 AND a dog:0.8"), [

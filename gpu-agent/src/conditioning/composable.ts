@@ -1,4 +1,4 @@
-import { parsePythonFloat } from "./python-float.js";
+import { parsePythonFloat } from "@latentfarm/shared";
 import { PY_WHITESPACE_CLASS } from "./text-cleanup.js";
 
 /** One AND-separated part of a positive prompt and its composable-diffusion weight. */

@@ -4,7 +4,7 @@ import type { ClipTokenizer } from "./clip-tokenizer.js";
 import { parseComposablePrompt } from "./composable.js";
 import { applyEmphasis, type EmphasisRow, type EmphasisTarget } from "./emphasis.js";
 import { ConditioningPreconditionError } from "./errors.js";
-import { extractExtraNetworks, type LoraNetwork, type UnknownExtraNetwork } from "./extra-networks.js";
+import { extractExtraNetworks, type LoraNetwork, type UnknownExtraNetwork } from "@latentfarm/shared";
 import { getPromptSchedule, type ScheduleEntry } from "./schedule.js";
 
 /** The CLIP text model, injected so conditioning stays independent of the runtime. */

@@ -1,7 +1,7 @@
 import type { AttentionFragment } from "./attention.js";
 import { targetPromptTokenCount, tokenizeLine, type ChunkTokenizer, type PromptChunk, type TokenizeLineOptions } from "./chunking.js";
 import { parseComposablePrompt } from "./composable.js";
-import { extractExtraNetworks, type LoraNetwork } from "./extra-networks.js";
+import { extractExtraNetworks, type LoraNetwork } from "@latentfarm/shared";
 import { getPromptSchedule, type ScheduleEntry } from "./schedule.js";
 
 export interface PromptDescription {

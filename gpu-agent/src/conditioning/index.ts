@@ -35,7 +35,7 @@ export {
   type ExtractedExtraNetworks,
   type LoraNetwork,
   type UnknownExtraNetwork,
-} from "./extra-networks.js";
+} from "@latentfarm/shared";
 export { applyEmphasis, type EmphasisRow, type EmphasisTarget } from "./emphasis.js";
 export {
   Conditioner,

@@ -3,8 +3,9 @@
 // lower-casing. ftfy's mojibake repair (`fix_encoding`) is not reproduced: it needs ftfy's badness
 // heuristics and only changes text that looks like UTF-8 decoded as a single-byte code page.
 
-/** Characters for which Python's `str.isspace()` is true; `re`'s `\s` and `str.strip()` use this set. */
-export const PY_WHITESPACE_CLASS = "\\t\\n\\v\\f\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000";
+import { PY_WHITESPACE_CLASS } from "@latentfarm/shared";
+
+export { PY_WHITESPACE_CLASS };
 
 const PY_WHITESPACE_RUN = new RegExp(`[${PY_WHITESPACE_CLASS}]+`, "g");
 

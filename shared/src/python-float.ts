@@ -1,4 +1,5 @@
-import { PY_WHITESPACE_CLASS } from "./text-cleanup.js";
+/** Characters for which Python's `str.isspace()` is true; `re`'s `\s` and `str.strip()` use this set. */
+export const PY_WHITESPACE_CLASS = "\\t\\n\\v\\f\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000";
 
 const PY_FLOAT_RE = /^[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf(?:inity)?|nan)$/i;
 const ASCII_DECIMAL = /^[+-]?(?:\d+\.?\d*|\.\d+)$/;
