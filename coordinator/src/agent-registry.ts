@@ -4,11 +4,13 @@ import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import {
   AgentService,
   HeartbeatSchema,
+  loraKey,
   createClient,
   subjects,
   type AgentInfo,
   type EmbeddingInfo,
   type SkippedEmbedding,
+  type LoraInfo,
   type VaeInfo,
   type Heartbeat,
   type Logger,
@@ -31,6 +33,9 @@ export interface AgentState {
   /** The upscalers and face restorers it has model files for (Heartbeat.upscalers, face_restorers). */
   upscalers: ReadonlySet<string>;
   faceRestorers: ReadonlySet<string>;
+  /** Its LoRA files (for listings), and their names in lower case: tags match them without regard to case. */
+  loras: LoraInfo[];
+  loraNames: ReadonlySet<string>;
   freeMemoryBytes: bigint;
   lastSeen: number;
   /** Tasks this coordinator has running there; authoritative over the heartbeat's busy count. */
@@ -102,6 +107,8 @@ export class AgentRegistry {
         vaes: hb.vaes,
         upscalers: new Set(hb.upscalers),
         faceRestorers: new Set(hb.faceRestorers),
+        loras: hb.loras,
+        loraNames: loraNamesOf(hb.loras),
         freeMemoryBytes: hb.freeMemoryBytes,
         lastSeen: Date.now(),
         inFlight: 0,
@@ -132,6 +139,8 @@ export class AgentRegistry {
     a.vaes = hb.vaes;
     a.upscalers = new Set(hb.upscalers);
     a.faceRestorers = new Set(hb.faceRestorers);
+    a.loras = hb.loras;
+    a.loraNames = loraNamesOf(hb.loras);
     a.models = modelsOf(hb);
     a.freeMemoryBytes = hb.freeMemoryBytes;
     a.lastSeen = Date.now();
@@ -181,4 +190,9 @@ export class AgentRegistry {
     for (const a of this.agents.values()) a.client.close();
     this.agents.clear();
   }
+}
+
+/** LoRA names as placement compares them: a tag matches a file without regard to case, as the agent resolves it. */
+export function loraNamesOf(loras: readonly LoraInfo[]): ReadonlySet<string> {
+  return new Set(loras.map((l) => loraKey(l.name)));
 }

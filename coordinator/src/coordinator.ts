@@ -498,6 +498,16 @@ export class Coordinator {
           );
           return { vaes: vaes.sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : Number(x.sizeBytes - y.sizeBytes))) };
         },
+        listLoras: async (_req, ctx) => {
+          this.tenantOf(ctx);
+          const loras = gatherFromAgents(
+            this.registry.list(),
+            (a) => a.loras,
+            (l) => `${l.name}\u0000${l.sizeBytes}`,
+            (l) => ({ name: l.name, sizeBytes: l.sizeBytes }),
+          );
+          return { loras: loras.sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : Number(x.sizeBytes - y.sizeBytes))) };
+        },
       },
       (method, err) => {
         if (err.code === grpc.status.INTERNAL) this.cfg.logger.error("rpc failed", { method, error: err.message });

@@ -17,10 +17,11 @@ import {
   PassCheckpointSchema,
   RefinerResumeSchema,
   VaeInfoSchema,
+  LoraInfoSchema,
   silentLogger,
   type RunTaskRequest,
 } from "@latentfarm/shared";
-import type { AgentState } from "./agent-registry.js";
+import { loraNamesOf, type AgentState } from "./agent-registry.js";
 import { DEFAULT_TENANT_POLICY } from "./fair-queue.js";
 import { Job } from "./job-store.js";
 import { Scheduler, checkStagesPlaceable, type SchedulerHooks, type Task } from "./scheduler.js";
@@ -126,6 +127,8 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
     skippedEmbeddings: [],
     upscalers: new Set<string>(),
     faceRestorers: new Set<string>(),
+    loras: [],
+    loraNames: new Set<string>(),
     vaes: [],
     models: new Map(),
     freeMemoryBytes: 0n,
@@ -197,6 +200,8 @@ function harness(
       denoisingStrength?: number;
       restoreFaces?: boolean;
       overrideSettings?: { faceRestorationModel?: string };
+      prompt?: string;
+      loras?: { name: string; teWeight: number; unetWeight: number }[];
     } = {},
   ): Task[] => {
     const job = new Job({
@@ -503,6 +508,24 @@ test("a task that runs an upscaler or a face restorer goes only to agents with i
   h.scheduler.close();
 });
 
+test("a task that merges a LoRA goes only to agents with its file, by name without regard to case; weight 0 needs none", async () => {
+  const log: string[] = [];
+  const plain = fakeAgent("plain", 2, { stepMs: 5 }, log);
+  const withLora = fakeAgent("with-lora", 1, { stepMs: 5 }, log);
+  withLora.loras = [create(LoraInfoSchema, { name: "Detail_Tweaker", sizeBytes: 100n })];
+  withLora.loraNames = loraNamesOf(withLora.loras);
+  const h = harness([plain, withLora]);
+  h.submit(3, 2, undefined, 1, "", { prompt: "a cat <lora:detail_tweaker:0.7>" });
+  h.submit(2, 2, undefined, 1, "", { loras: [{ name: "DETAIL_TWEAKER.safetensors", teWeight: 1, unetWeight: 1 }] });
+  await h.settled(5);
+  assert.deepEqual(new Set(h.done.map((d) => d.agent)), new Set(["with-lora"]));
+  h.done.length = 0;
+  h.submit(6, 2, undefined, 1, "", { prompt: "a cat <lora:detail_tweaker:0>" });
+  await h.settled(6);
+  assert.deepEqual(new Set(h.done.map((d) => d.agent)), new Set(["plain", "with-lora"]));
+  h.scheduler.close();
+});
+
 test("checkpoints: a retry after a lost attempt resumes from the attempt's last checkpoint, and carries the checkpoints on", async () => {
   const log: string[] = [];
   const lost = fakeAgent("lost", 1, { stepMs: 5, failAfter: [5, 7] }, log);
@@ -584,12 +607,18 @@ test("a refiner task's estimate counts the refiner's load on an agent that would
 
 test("a job is refused at submit when no one agent has a stage's checkpoint and files together, each existing somewhere", () => {
   const log: string[] = [];
-  const agent = (id: string, models: string[], files: { upscalers?: string[]; faces?: string[]; vaes?: string[] }): AgentState => {
+  const agent = (
+    id: string,
+    models: string[],
+    files: { upscalers?: string[]; faces?: string[]; vaes?: string[]; loras?: string[] },
+  ): AgentState => {
     const a = fakeAgent(id, 1, { stepMs: 1 }, log);
     a.available = new Set(models);
     a.upscalers = new Set(files.upscalers ?? []);
     a.faceRestorers = new Set(files.faces ?? []);
     a.vaes = (files.vaes ?? []).map((name) => create(VaeInfoSchema, { name }));
+    a.loras = (files.loras ?? []).map((name) => create(LoraInfoSchema, { name }));
+    a.loraNames = loraNamesOf(a.loras);
     return a;
   };
   const refused = (p: Parameters<typeof create<typeof GenerationParamsSchema>>[1], agents: AgentState[]): FarmError | undefined => {
@@ -635,6 +664,19 @@ test("a job is refused at submit when no one agent has a stage's checkpoint and 
     /no agent has every file this Extras job runs: none with the others has face restorer GFPGAN/,
   );
   assert.equal(refused(extras, [...apart, agent("a2", [], { upscalers: ["4x-Up"], faces: ["GFPGAN"] })]), undefined);
+  // LoRAs: each pass's, by the field that names them; a weight-0 tag needs no file.
+  const loras = [agent("a0", ["m"], {}), agent("a1", ["other"], { loras: ["Style", "hr"] })];
+  const tagged = refused({ model: "m", prompt: "x <lora:style:0.8>" }, loras);
+  assert.equal(tagged?.field, "prompt");
+  assert.match(tagged!.message, /checkpoint "m" \(on a0\) and LoRA "style".*on a1/);
+  assert.equal(refused({ model: "m", prompt: "x <lora:style:0>" }, loras), undefined);
+  assert.equal(refused({ model: "m", loras: [{ name: "style", teWeight: 1, unetWeight: 1 }] }, loras)?.field, "loras[0].name");
+  const withLoras = [...loras, agent("a2", ["m"], { loras: ["STYLE"] })];
+  assert.equal(refused({ model: "m", prompt: "x <lora:style:0.8>" }, withLoras), undefined, "a2 has both");
+  assert.equal(
+    refused({ model: "m", prompt: "x <lora:style:0.8>", enableHr: true, hrScale: 2, hrPrompt: "<lora:hr:1>" }, withLoras)?.field,
+    "hr_prompt",
+  );
 });
 
 test("every attempt leaves a record: the agent's own time when it sent one, the coordinator's otherwise; tenants are charged by outcome", async () => {

@@ -21,6 +21,7 @@ import {
   type StepProgress,
   EXTRAS_MODEL,
   auxiliaryNeeds,
+  loraKey,
   type AuxiliaryNeeds,
   type GenerationParams,
   AttemptOutcome,
@@ -107,6 +108,8 @@ export function missingFile(a: AgentState, p: GenerationParams, needs: Auxiliary
   if (upscaler !== undefined) return { what: `upscaler "${upscaler.name}"`, field: upscaler.field };
   const restorer = needs.faceRestorers.find((f) => !a.faceRestorers.has(f.name));
   if (restorer !== undefined) return { what: `face restorer ${restorer.name}`, field: restorer.field };
+  const lora = needs.loras.find((l) => !a.loraNames.has(loraKey(l.name)));
+  if (lora !== undefined) return { what: `LoRA "${lora.name}"`, field: lora.field };
   return undefined;
 }
 

@@ -150,3 +150,13 @@ test("an Extras job: one image per init image, no model; its settings checked, a
   rejects({ initImages: [init], extras: { codeformerWeight: -0.1 } }, "INVALID_ARGUMENT", "extras.codeformer_weight");
   rejects({ initImages: [init], extras: { upscaler2: "a/b" } }, "INVALID_ARGUMENT", "extras.upscaler_2");
 });
+
+test("LoRA tags and names: a tag A1111 fails to parse, or a name outside the LoRA folder, is refused at submit naming its prompt", () => {
+  rejects({ prompt: "a cat <lora:style:heavy>" }, "INVALID_ARGUMENT", "prompt");
+  rejects({ prompt: "a cat <lora::1>" }, "INVALID_ARGUMENT", "prompt");
+  rejects({ prompt: "a cat <lora:../secret:1>" }, "INVALID_ARGUMENT", "prompt");
+  rejects({ enableHr: true, hrScale: 2, hrPrompt: "<lora:x:1:dyn=many>" }, "INVALID_ARGUMENT", "hr_prompt");
+  rejects({ loras: [{ name: "a\u0001b", teWeight: 1, unetWeight: 1 }] }, "INVALID_ARGUMENT", "loras[0].name");
+  // Tags of other kinds are A1111's to ignore, and weights take Python's float forms.
+  assert.doesNotThrow(() => validateJob(job({ prompt: "a cat <lora:style:1e-1:unet=.5> <hypernet:h:1> <lyco:l:1>" })));
+});

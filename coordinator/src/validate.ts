@@ -17,6 +17,9 @@ import {
   type AppliedInfotext,
   type GenerationParams,
   type ResolvedSampler,
+  extractExtraNetworks,
+  PromptSyntaxError,
+  type LoraNetwork,
 } from "@latentfarm/shared";
 import { applyStyles, type PromptStyle } from "./styles.js";
 
@@ -105,6 +108,20 @@ export function validateJob(
   if (p.prompt.length > L.maxPromptChars) throw FarmError.invalid("prompt", `is longer than ${L.maxPromptChars} characters`);
   if (p.negativePrompt.length > L.maxPromptChars)
     throw FarmError.invalid("negative_prompt", `is longer than ${L.maxPromptChars} characters`);
+  // <lora:…> tags A1111 fails on, and names that are no file's: refused here, not by the agent once the job is in.
+  for (const [field, text] of [
+    ["prompt", p.prompt],
+    ["hr_prompt", p.hrPrompt],
+  ] as const) {
+    let tags: LoraNetwork[];
+    try {
+      tags = extractExtraNetworks(text).networks;
+    } catch (err) {
+      if (err instanceof PromptSyntaxError) throw FarmError.invalid(field, err.detail);
+      throw err;
+    }
+    for (const t of tags) if (!isLoraName(t.name)) throw FarmError.invalid(field, `${JSON.stringify(t.name)} is not a LoRA name`);
+  }
 
   p.steps ??= 50;
   intIn("steps", p.steps, 1, L.maxSteps);
@@ -197,8 +214,7 @@ export function validateJob(
   if (p.enableHr && p.initImages.length > 0)
     throw FarmError.invalid("enable_hr", "hires fix applies to txt2img; it cannot be combined with init_images");
   for (const [i, l] of p.loras.entries()) {
-    if (!l.name || /[/\\\0]/.test(l.name) || l.name.includes(".."))
-      throw FarmError.invalid(`loras[${i}].name`, `"${l.name}" is not a LoRA name`);
+    if (!isLoraName(l.name)) throw FarmError.invalid(`loras[${i}].name`, `"${l.name}" is not a LoRA name`);
     if (!Number.isFinite(l.teWeight) || !Number.isFinite(l.unetWeight)) throw FarmError.invalid(`loras[${i}]`, "weights must be finite");
   }
   const refiner = refinerCheckpoint(p);
@@ -263,4 +279,10 @@ export function imageSeeds(
     seed: subseedStrength === 0 ? seed + BigInt(i) : seed,
     subseed: subseed + BigInt(i),
   }));
+}
+
+/** A name the agent can look a LoRA file up by: inside its LoRA folder (lora.ts resolveNamedFile). */
+function isLoraName(name: string): boolean {
+  // eslint-disable-next-line no-control-regex
+  return name !== "" && !/[/\\\u0000-\u001f]/.test(name) && !name.includes("..");
 }

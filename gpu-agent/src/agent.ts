@@ -9,6 +9,7 @@ import {
   AgentService,
   FarmError,
   HeartbeatSchema,
+  LoraInfoSchema,
   ModelInfoSchema,
   EmbeddingInfoSchema,
   SkippedEmbeddingSchema,
@@ -37,7 +38,7 @@ import { VaeList } from "./models/vae-files.js";
 import { CheckpointHashes } from "./models/checkpoint-hashes.js";
 import { ModelFamilies } from "./models/model-families.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
-import { EXTRAS_PIPELINE_KEY, parsePipelineKey, passKeysWith } from "./models/model-loader.js";
+import { EXTRAS_PIPELINE_KEY, LoraList, parsePipelineKey, passKeysWith } from "./models/model-loader.js";
 import { runTaskPasses, type RunOnPipeline } from "./task-passes.js";
 import { availableParallelism, cpus, tmpdir } from "node:os";
 import { createRequire } from "node:module";
@@ -125,6 +126,8 @@ export class Agent {
   private embeddingsError: string | undefined;
   /** A1111's VAE list, which a task's sd_vae resolves against before its pipeline is chosen. */
   private readonly vaes: VaeList;
+  /** For heartbeats: what the LoRA folder holds (pipelines resolve their LoRAs themselves). */
+  private readonly loras: LoraList;
   /** The checkpoints' "Model hash", hashed in the background, for heartbeats. */
   private readonly hashes: CheckpointHashes;
   private readonly families = new ModelFamilies();
@@ -146,6 +149,7 @@ export class Agent {
     this.id = cfg.agentId ?? `${hostname()}-${randomUUID().slice(0, 8)}`;
     this.catalog = new ModelCatalog(cfg.modelsDir);
     this.embeddings = cfg.embeddingsDir ? new EmbeddingsFolder(cfg.embeddingsDir, cfg.logger) : undefined;
+    this.loras = new LoraList(cfg.lorasDir);
     this.vaes = new VaeList({
       modelsDir: cfg.modelsDir,
       ...(cfg.vaeDir !== undefined && { vaeDir: cfg.vaeDir }),
@@ -291,11 +295,12 @@ export class Agent {
     const vaes = this.vaes.current().catch(() => []);
     const upscalers = listUpscalers(this.cfg.upscalersDir);
     const faceRestorers = listFaceRestorers(this.cfg.faceModelsDir);
+    const loras = this.loras.current();
     const models = this.catalog
       .list()
       .then(async (entries) => ({ entries, hashes: await this.hashes.of(entries), families: await this.families.of(entries) }));
-    void Promise.all([models, embeddings, vaes, upscalers, faceRestorers]).then(
-      ([{ entries: models, hashes, families }, embeddings, vaes, upscalers, faceRestorers]) => {
+    void Promise.all([models, embeddings, vaes, upscalers, faceRestorers, loras]).then(
+      ([{ entries: models, hashes, families }, embeddings, vaes, upscalers, faceRestorers, loras]) => {
         // close() may have begun draining while the catalog was listed; publishing then throws.
         if (!this.nc || !this.natsOpen()) return;
         const hb = create(HeartbeatSchema, {
@@ -318,6 +323,7 @@ export class Agent {
           vaes: vaes.map((f) => create(VaeInfoSchema, { name: f.name, sizeBytes: BigInt(f.sizeBytes ?? 0) })),
           upscalers,
           faceRestorers,
+          loras: loras.map((f) => create(LoraInfoSchema, { name: f.name, sizeBytes: BigInt(f.sizeBytes) })),
         });
         this.nc.publish(subjects.agentHeartbeat(this.id), toBinary(HeartbeatSchema, hb));
       },

@@ -1,10 +1,12 @@
-// The auxiliary model files a task needs on its agent (upscalers, face restorers), by the names agents
-// advertise them under (Heartbeat.upscalers, face_restorers), so the coordinator refuses a job no agent
-// can finish and places each task where its files are.
+// The model files a task needs on its agent besides its checkpoint (upscalers, face restorers, LoRAs), by
+// the names agents advertise them under (Heartbeat.upscalers, face_restorers, loras), so the coordinator
+// refuses a job no agent can finish and places each task where its files are.
+import { extractExtraNetworks } from "./extra-networks.js";
 import { checkExtras } from "./extras.js";
 import { TaskStage } from "./gen/latentfarm/v1/agent_pb.js";
 import type { GenerationParams } from "./gen/latentfarm/v1/generation_pb.js";
-import { isHiresTxt2img } from "./hires-passes.js";
+import { isHiresTxt2img, secondPassPrompt } from "./hires-passes.js";
+import { samplingPass } from "./refiner.js";
 
 /** A1111's latent upscale modes (shared.latent_upscale_modes), by the names hr_upscaler takes. */
 export const LATENT_UPSCALERS = [
@@ -30,6 +32,37 @@ export interface NeededModel {
 export interface AuxiliaryNeeds {
   upscalers: NeededModel[];
   faceRestorers: NeededModel[];
+  /** The LoRAs its passes merge (weight ≠ 0), as named; compare them by loraKey. */
+  loras: NeededModel[];
+}
+
+/**
+ * A LoRA name as agents match it to a file: without ".safetensors", without regard to case (the agent
+ * looks for the exact file first, then any that differs in case only).
+ */
+export function loraKey(name: string): string {
+  const lower = name.toLowerCase();
+  return lower.endsWith(".safetensors") ? lower.slice(0, -".safetensors".length) : lower;
+}
+
+/**
+ * The LoRAs a sampling pass merges: its prompt's <lora:…> tags and the request's `loras`, at a weight
+ * other than 0 (the agent merges nothing for weight 0, and only lists such a LoRA's hash when it has the
+ * file). A tag the agent would refuse to parse names nothing here; Submit refuses the prompt itself.
+ */
+function passLoras(p: GenerationParams, pass: "first" | "second", out: NeededModel[]): void {
+  const promptField = pass === "second" && p.hrPrompt !== "" ? "hr_prompt" : "prompt";
+  let tags: { name: string; teWeight: number; unetWeight: number }[] = [];
+  try {
+    tags = extractExtraNetworks(pass === "first" ? p.prompt : secondPassPrompt(p)).networks;
+  } catch {
+    // Left to the agent's own error.
+  }
+  const add = (name: string, teWeight: number, unetWeight: number, field: string): void => {
+    if ((teWeight !== 0 || unetWeight !== 0) && !out.some((l) => loraKey(l.name) === loraKey(name))) out.push({ name, field });
+  };
+  for (const t of tags) add(t.name, t.teWeight, t.unetWeight, promptField);
+  for (const [i, l] of p.loras.entries()) add(l.name, l.teWeight, l.unetWeight, `loras[${i}].name`);
 }
 
 const UPSCALING_STAGES: ReadonlySet<TaskStage> = new Set([TaskStage.FULL, TaskStage.SECOND_PASS, TaskStage.UPSCALE]);
@@ -41,7 +74,7 @@ const FACE_STAGES: ReadonlySet<TaskStage> = new Set([TaskStage.FULL, TaskStage.S
  * Extras image's upscalers and restorers.
  */
 export function auxiliaryNeeds(p: GenerationParams, stage?: TaskStage): AuxiliaryNeeds {
-  const needs: AuxiliaryNeeds = { upscalers: [], faceRestorers: [] };
+  const needs: AuxiliaryNeeds = { upscalers: [], faceRestorers: [], loras: [] };
   const upscaler = (name: string, field: string): void => {
     if (!BUILTIN_UPSCALERS.has(name)) needs.upscalers.push({ name, field });
   };
@@ -53,6 +86,10 @@ export function auxiliaryNeeds(p: GenerationParams, stage?: TaskStage): Auxiliar
     if (x.codeformerVisibility > 0) needs.faceRestorers.push({ name: "CodeFormer", field: "extras.codeformer_visibility" });
     return needs;
   }
+  const pass = stage === undefined ? "first" : samplingPass(stage);
+  if (pass !== undefined) passLoras(p, pass, needs.loras);
+  // A whole image (one task, or the job as a whole) samples both passes.
+  if ((stage === undefined || stage === TaskStage.FULL) && isHiresTxt2img(p)) passLoras(p, "second", needs.loras);
   if (isHiresTxt2img(p) && p.hrUpscaler !== "" && (stage === undefined || UPSCALING_STAGES.has(stage)))
     upscaler(p.hrUpscaler, "hr_upscaler");
   if (p.restoreFaces && (stage === undefined || FACE_STAGES.has(stage))) {

@@ -67,6 +67,8 @@ export async function benchPlacement(
       skippedEmbeddings: [],
       upscalers: new Set<string>(),
       faceRestorers: new Set<string>(),
+      loras: [],
+      loraNames: new Set<string>(),
       vaes: [],
       models: new Map(),
       freeMemoryBytes: 0n,

@@ -17,6 +17,7 @@ import {
   TEST_SDXL_CHECKPOINT,
   TEST_SDXL_REFINER_CHECKPOINT,
   TEST_UPSCALER,
+  TEST_LORA,
   TEST_VAE,
   TEST_VAE_SHIFT,
   farmSkipReason,
@@ -769,6 +770,40 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     );
   });
 
+  test("LoRA files are listed with their agents (ListLoras, the CLI); a LoRA no agent with the checkpoint has is refused at Submit", async () => {
+    const listed = { name: TEST_LORA, sizeBytes: 96, agents: ["agent-0"] };
+    const { loras } = await farm.client.listLoras({});
+    assert.deepEqual(
+      loras.map((l) => ({ name: l.name, sizeBytes: Number(l.sizeBytes), agents: l.agents })),
+      [listed],
+    );
+    assert.deepEqual(cliList(farm, "loras"), [listed]);
+    // Named in the prompt (in any case), in `loras`, or in the hires prompt only: each names its field.
+    await expectStatus(
+      farm.client.submit({ params: { prompt: "x <lora:nowhere:0.8>", model: "tiny-sd15" } }),
+      grpc.status.FAILED_PRECONDITION,
+      'prompt: no agent has both checkpoint "tiny-sd15".* and LoRA "nowhere"',
+    );
+    await expectStatus(
+      farm.client.submit({ params: { prompt: "x", model: "tiny-sd15", loras: [{ name: "nowhere", teWeight: 1, unetWeight: 1 }] } }),
+      grpc.status.FAILED_PRECONDITION,
+      "loras\\[0\\].name",
+    );
+    await expectStatus(
+      farm.client.submit({
+        params: { prompt: "x", model: "tiny-sd15", enableHr: true, hrScale: 2, hrPrompt: "<lora:nowhere:1>", width: 64, height: 64 },
+      }),
+      grpc.status.FAILED_PRECONDITION,
+      "hr_prompt",
+    );
+    // A tag A1111 cannot parse is the prompt's error.
+    await expectStatus(
+      farm.client.submit({ params: { prompt: `x <lora:${TEST_LORA}:heavy>`, model: "tiny-sd15" } }),
+      grpc.status.INVALID_ARGUMENT,
+      "prompt",
+    );
+  });
+
   test("A1111 prompt styles from the coordinator's --styles-file merge into the prompts; ListStyles lists them", async () => {
     const image = async (params: Record<string, unknown>) => {
       const { jobId } = await farm.client.submit({
@@ -1018,6 +1053,10 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       assert.ok((emb.loaded[TEST_EMBEDDING]?.vectors ?? 0) > 0, JSON.stringify(emb));
       const sdModels = (await (await fetch(`${base}/sd-models`)).json()) as Array<{ model_name: string; title: string }>;
       assert.ok(sdModels.some((m) => m.model_name === "tiny-sd15"));
+      assert.deepEqual(await (await fetch(`${base}/loras`)).json(), [
+        { name: TEST_LORA, alias: TEST_LORA, path: `${TEST_LORA}.safetensors`, metadata: {} },
+      ]);
+      assert.equal((await post("refresh-loras", {})).status, 200);
       // Bad input: FastAPI's 422 naming the field; unknown routes 404; an unknown sampler is the farm's NOT_FOUND-free refusal.
       const bad = await post("txt2img", { steps: "many" });
       assert.equal(bad.status, 422);

@@ -221,6 +221,8 @@ export const TEST_STYLES_CSV =
 
 /** The upscaler model file startTestFarm gives its first agent: ×2 nearest-neighbour. */
 export const TEST_UPSCALER = "2x-nearest-test";
+/** A file in the first agent's LoRA folder (listed, never merged: its bytes are no LoRA). */
+export const TEST_LORA = "lf-listed-only";
 
 /** A ×2 nearest-neighbour upscaler as an ONNX model: four copies of the image's channels, then DepthToSpace (DCR). */
 async function writeNearest2xUpscaler(path: string): Promise<void> {
@@ -271,6 +273,10 @@ export async function startTestFarm(
   const upscalersDir = join(tmp, "upscalers");
   mkdirSync(upscalersDir);
   await writeNearest2xUpscaler(join(upscalersDir, `${TEST_UPSCALER}.onnx`));
+  // A LoRA folder on the first agent only: ListLoras lists the file there, and placement checks for it.
+  const lorasDir = join(tmp, "loras");
+  mkdirSync(lorasDir);
+  writeFileSync(join(lorasDir, `${TEST_LORA}.safetensors`), Buffer.alloc(96));
   const started: ServiceProcess[] = [];
   try {
     const coordinator = await startService([
@@ -316,7 +322,7 @@ export async function startTestFarm(
           embeddingsDir,
           "--vae-dir",
           vaeDir,
-          ...(i === 0 ? ["--upscalers", upscalersDir] : []),
+          ...(i === 0 ? ["--upscalers", upscalersDir, "--loras", lorasDir] : []),
         ],
       });
       started.push(a);

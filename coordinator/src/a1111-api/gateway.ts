@@ -351,6 +351,20 @@ export class A1111Gateway {
       async (c) => (await this.client.listVaes({}, c.o)).vaes.map((v) => ({ model_name: v.name, filename: v.name })),
     ],
     [
+      // The Lora extension's listing. Its alias is the file's ss_output_name where A1111 is set to prefer that;
+      // tags here name the file, so the alias is the name. Paths stay the agents' own.
+      "GET /sdapi/v1/loras",
+      async (c) => {
+        const { loras } = await this.client.listLoras({}, c.o);
+        const names = [...new Set(loras.map((l) => l.name))];
+        return names.map((name) => ({ name, alias: name, path: `${name}.safetensors`, metadata: {} }));
+      },
+    ],
+    // Agents read their folders on every heartbeat: there is nothing to refresh.
+    ["POST /sdapi/v1/refresh-loras", () => Promise.resolve(null)],
+    ["POST /sdapi/v1/refresh-checkpoints", () => Promise.resolve(null)],
+    ["POST /sdapi/v1/refresh-vae", () => Promise.resolve(null)],
+    [
       "GET /sdapi/v1/embeddings",
       async (c) => {
         // A1111's EmbeddingsResponse: loaded by name (step and checkpoint unknown here), skipped by file.

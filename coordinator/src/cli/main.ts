@@ -63,6 +63,7 @@ Usage:
   latentfarm schedulers --coordinator HOST:PORT [--json]   (schedule types: API name, label, aliases)
   latentfarm embeddings --coordinator HOST:PORT [--json]   (textual-inversion embeddings in the agents' folders)
   latentfarm vaes       --coordinator HOST:PORT [--json]   (VAE files a job's sd_vae may name)
+  latentfarm loras      --coordinator HOST:PORT [--json]   (LoRA files a prompt's <lora:name:w> may name, and their agents)
   latentfarm upscalers  --coordinator HOST:PORT [--json]   (upscalers and face restorers a job may name, and their agents)
   latentfarm styles     --coordinator HOST:PORT [--json]   (prompt styles a job's --style may name)
   latentfarm prompt "<prompt>" [--steps N] [--json] [--tokenizer DIR]
@@ -503,7 +504,7 @@ export async function extras(argv: string[], o: Out = io): Promise<number> {
 }
 
 async function listCommand(
-  kind: "agents" | "models" | "samplers" | "schedulers" | "embeddings" | "vaes" | "styles" | "upscalers",
+  kind: "agents" | "models" | "samplers" | "schedulers" | "embeddings" | "vaes" | "loras" | "styles" | "upscalers",
   argv: string[],
   o: Out = io,
 ): Promise<number> {
@@ -580,6 +581,11 @@ async function listCommand(
         for (const u of upscalers) o.out(`${u.name}\t${u.builtin ? "built in" : u.agents.join(",")}\n`);
         for (const f of faceRestorers) o.out(`face restorer\t${f.name}\t${f.agents.join(",")}\n`);
       }
+    } else if (kind === "loras") {
+      const { loras } = await client.listLoras({}, { timeoutMs: 10_000, metadata });
+      const rows = loras.map((l) => ({ name: l.name, sizeBytes: Number(l.sizeBytes), agents: l.agents }));
+      if (v.json) o.out(JSON.stringify(rows) + "\n");
+      else for (const l of rows) o.out(`${l.name}\t${l.sizeBytes} bytes\t${l.agents.join(",")}\n`);
     } else if (kind === "vaes") {
       const { vaes } = await client.listVaes({}, { timeoutMs: 10_000, metadata });
       const rows = vaes.map((f) => ({ name: f.name, sizeBytes: Number(f.sizeBytes), agents: f.agents }));
@@ -986,6 +992,7 @@ export async function main(argv: string[]): Promise<number> {
       case "schedulers":
       case "embeddings":
       case "vaes":
+      case "loras":
       case "styles":
       case "upscalers":
         return await listCommand(cmd, rest);

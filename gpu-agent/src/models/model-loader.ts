@@ -307,9 +307,40 @@ export async function loadModel(
   return { model: await load(dir), modelHash, loraHashes, vae: vaeInfo, baseTextEncoder, warnings };
 }
 
-/** Files in the LoRA folder, for listings. */
-export async function listLoras(dir: string | undefined): Promise<string[]> {
+/** A LoRA file as tags name it (the file name without ".safetensors") and its size. */
+export interface LoraFile {
+  name: string;
+  sizeBytes: number;
+}
+
+/** The LoRA folder's files at its top level, where resolveNamedFile finds them, by name. */
+export async function listLoras(dir: string | undefined): Promise<LoraFile[]> {
   if (!dir) return [];
   const names = await readdir(dir).catch(() => [] as string[]);
-  return names.filter((n) => n.endsWith(".safetensors")).map((n) => n.slice(0, -".safetensors".length));
+  const suffix = ".safetensors";
+  const files = await Promise.all(
+    names
+      .filter((n) => n.length > suffix.length && n.toLowerCase().endsWith(suffix))
+      .map(async (n) => {
+        const st = await stat(join(dir, n)).catch(() => undefined);
+        return st?.isFile() === true ? { name: n.slice(0, -suffix.length), sizeBytes: st.size } : undefined;
+      }),
+  );
+  return files.filter((f) => f !== undefined).sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : 0));
+}
+
+/** listLoras for heartbeats, which go out every second: the folder is read again at most every `maxAgeMs`. */
+export class LoraList {
+  private last: { at: number; files: Promise<LoraFile[]> } | undefined;
+
+  constructor(
+    private readonly dir: string | undefined,
+    private readonly maxAgeMs = 5_000,
+  ) {}
+
+  current(): Promise<LoraFile[]> {
+    const now = Date.now();
+    if (this.last === undefined || now - this.last.at > this.maxAgeMs) this.last = { at: now, files: listLoras(this.dir) };
+    return this.last.files;
+  }
 }

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file latentfarm/v1/render.proto.
  */
 export const file_latentfarm_v1_render: GenFile = /*@__PURE__*/
-  fileDesc("ChpsYXRlbnRmYXJtL3YxL3JlbmRlci5wcm90bxINbGF0ZW50ZmFybS52MSKAAQoNU3VibWl0UmVxdWVzdBIvCgZwYXJhbXMYASABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEgoKcmVxdWVzdF9pZBgCIAEoCRIYChBkZWFkbGluZV91bml4X21zGAMgASgDEhAKCHByaW9yaXR5GAQgASgFIjUKDlN1Ym1pdFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRITCgtpbWFnZV9jb3VudBgCIAEoBSI2CgxXYXRjaFJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhYKDmFmdGVyX3NlcXVlbmNlGAIgASgEIscECghKb2JFdmVudBIOCgZqb2JfaWQYASABKAkSEAoIc2VxdWVuY2UYAiABKAQSFAoMdGltZV91bml4X21zGAMgASgDEicKBnF1ZXVlZBgKIAEoCzIVLmxhdGVudGZhcm0udjEuUXVldWVkSAASKwoGcGxhY2VkGAsgASgLMhkubGF0ZW50ZmFybS52MS5UYXNrUGxhY2VkSAASKwoEc3RlcBgMIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASKQoFaW1hZ2UYDSABKAsyGC5sYXRlbnRmYXJtLnYxLkltYWdlRG9uZUgAEiYKBGRvbmUYDiABKAsyFi5sYXRlbnRmYXJtLnYxLkpvYkRvbmVIABIqCgZmYWlsZWQYDyABKAsyGC5sYXRlbnRmYXJtLnYxLkpvYkZhaWxlZEgAEjAKCWNhbmNlbGxlZBgQIAEoCzIbLmxhdGVudGZhcm0udjEuSm9iQ2FuY2VsbGVkSAASKQoHd2FybmluZxgRIAEoCzIWLmxhdGVudGZhcm0udjEuV2FybmluZ0gAEi0KB3JldHJpZWQYEiABKAsyGi5sYXRlbnRmYXJtLnYxLlRhc2tSZXRyaWVkSAASOAoPaW1hZ2VfY2FuY2VsbGVkGBMgASgLMh0ubGF0ZW50ZmFybS52MS5JbWFnZUNhbmNlbGxlZEgAEjIKDGltYWdlX2ZhaWxlZBgUIAEoCzIaLmxhdGVudGZhcm0udjEuSW1hZ2VGYWlsZWRIAEIHCgVldmVudCIdCgZRdWV1ZWQSEwoLaW1hZ2VfY291bnQYASABKAUiVQoKVGFza1BsYWNlZBIPCgd0YXNrX2lkGAEgASgJEhMKC2ltYWdlX2luZGV4GAIgASgFEhAKCGFnZW50X2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUibAoMU3RlcFByb2dyZXNzEg8KB3Rhc2tfaWQYASABKAkSEwoLaW1hZ2VfaW5kZXgYAiABKAUSDAoEc3RlcBgDIAEoBRITCgt0b3RhbF9zdGVwcxgEIAEoBRITCgtwcmV2aWV3X3BuZxgFIAEoDCIwCglJbWFnZURvbmUSIwoFaW1hZ2UYASABKAsyFC5sYXRlbnRmYXJtLnYxLkltYWdlIh4KB0pvYkRvbmUSEwoLaW1hZ2VfY291bnQYASABKAUiPwoJSm9iRmFpbGVkEgwKBGNvZGUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRITCgtpbWFnZV9pbmRleBgDIAEoBSIOCgxKb2JDYW5jZWxsZWQiGgoHV2FybmluZxIPCgdtZXNzYWdlGAEgASgJIkMKC1Rhc2tSZXRyaWVkEg8KB3Rhc2tfaWQYASABKAkSEwoLaW1hZ2VfaW5kZXgYAiABKAUSDgoGcmVhc29uGAMgASgJIiUKDkltYWdlQ2FuY2VsbGVkEhMKC2ltYWdlX2luZGV4GAEgASgFIlMKC0ltYWdlRmFpbGVkEhMKC2ltYWdlX2luZGV4GAEgASgFEgwKBGNvZGUYAiABKAkSDwoHbWVzc2FnZRgDIAEoCRIQCghhdHRlbXB0cxgEIAEoBSI4Cg1Kb2JFdmVudEJhdGNoEicKBmV2ZW50cxgBIAMoCzIXLmxhdGVudGZhcm0udjEuSm9iRXZlbnQiNwoNV2F0Y2hSZXNwb25zZRImCgVldmVudBgBIAEoCzIXLmxhdGVudGZhcm0udjEuSm9iRXZlbnQiHAoKR2V0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkijQIKC0dldFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRImCgVzdGF0ZRgCIAEoDjIXLmxhdGVudGZhcm0udjEuSm9iU3RhdGUSLwoGcGFyYW1zGAMgASgLMh8ubGF0ZW50ZmFybS52MS5HZW5lcmF0aW9uUGFyYW1zEiQKBmltYWdlcxgEIAMoCzIULmxhdGVudGZhcm0udjEuSW1hZ2USEwoLaW1hZ2VfY291bnQYBSABKAUSEgoKZXJyb3JfY29kZRgGIAEoCRIVCg1lcnJvcl9tZXNzYWdlGAcgASgJEhUKDWZhaWxlZF9pbWFnZXMYCCADKAUSGAoQY2FuY2VsbGVkX2ltYWdlcxgJIAMoBSJICg1DYW5jZWxSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIVCg1pbWFnZV9pbmRpY2VzGAIgAygFEhAKCHRhc2tfaWRzGAMgAygJIlIKDkNhbmNlbFJlc3BvbnNlEiYKBXN0YXRlGAEgASgOMhcubGF0ZW50ZmFybS52MS5Kb2JTdGF0ZRIYChBjYW5jZWxsZWRfaW1hZ2VzGAIgAygFIhMKEUxpc3RBZ2VudHNSZXF1ZXN0Ij4KEkxpc3RBZ2VudHNSZXNwb25zZRIoCgZhZ2VudHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbyLXAQoJQWdlbnRJbmZvEhAKCGFnZW50X2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkSGgoSZXhlY3V0aW9uX3Byb3ZpZGVyGAMgASgJEg0KBXNsb3RzGAQgASgFEhIKCmJ1c3lfc2xvdHMYBSABKAUSFQoNbG9hZGVkX21vZGVscxgGIAMoCRIeChZsYXN0X2hlYXJ0YmVhdF91bml4X21zGAcgASgDEhAKCGRyYWluaW5nGAggASgIEg4KBmRldmljZRgJIAEoCRIPCgdydW50aW1lGAogASgJIhMKEUxpc3RNb2RlbHNSZXF1ZXN0Ij4KEkxpc3RNb2RlbHNSZXNwb25zZRIoCgZtb2RlbHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLk1vZGVsSW5mbyJgCglNb2RlbEluZm8SDAoEbmFtZRgBIAEoCRIOCgZmb3JtYXQYAiABKAkSEQoJbG9hZGVkX29uGAMgAygJEhIKCm1vZGVsX2hhc2gYBCABKAkSDgoGZmFtaWx5GAUgASgJIhcKFUxpc3RFbWJlZGRpbmdzUmVxdWVzdCJ8ChZMaXN0RW1iZWRkaW5nc1Jlc3BvbnNlEjAKCmVtYmVkZGluZ3MYASADKAsyHC5sYXRlbnRmYXJtLnYxLkVtYmVkZGluZ0luZm8SMAoHc2tpcHBlZBgCIAMoCzIfLmxhdGVudGZhcm0udjEuU2tpcHBlZEVtYmVkZGluZyJAChBTa2lwcGVkRW1iZWRkaW5nEgwKBGZpbGUYASABKAkSDgoGcmVhc29uGAIgASgJEg4KBmFnZW50cxgDIAMoCSJbCg1FbWJlZGRpbmdJbmZvEgwKBG5hbWUYASABKAkSDwoHdmVjdG9ycxgCIAEoBRINCgV3aWR0aBgDIAEoBRIMCgRoYXNoGAQgASgJEg4KBmFnZW50cxgFIAMoCSIRCg9MaXN0VmFlc1JlcXVlc3QiOAoQTGlzdFZhZXNSZXNwb25zZRIkCgR2YWVzGAEgAygLMhYubGF0ZW50ZmFybS52MS5WYWVJbmZvIjsKB1ZhZUluZm8SDAoEbmFtZRgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgDEg4KBmFnZW50cxgDIAMoCSIWChRMaXN0VXBzY2FsZXJzUmVxdWVzdCJ8ChVMaXN0VXBzY2FsZXJzUmVzcG9uc2USLgoJdXBzY2FsZXJzGAEgAygLMhsubGF0ZW50ZmFybS52MS5VcHNjYWxlckluZm8SMwoOZmFjZV9yZXN0b3JlcnMYAiADKAsyGy5sYXRlbnRmYXJtLnYxLlVwc2NhbGVySW5mbyI9CgxVcHNjYWxlckluZm8SDAoEbmFtZRgBIAEoCRIOCgZhZ2VudHMYAiADKAkSDwoHYnVpbHRpbhgDIAEoCCITChFMaXN0U3R5bGVzUmVxdWVzdCJAChJMaXN0U3R5bGVzUmVzcG9uc2USKgoGc3R5bGVzGAEgAygLMhoubGF0ZW50ZmFybS52MS5Qcm9tcHRTdHlsZSJECgtQcm9tcHRTdHlsZRIMCgRuYW1lGAEgASgJEg4KBnByb21wdBgCIAEoCRIXCg9uZWdhdGl2ZV9wcm9tcHQYAyABKAkiFQoTTGlzdFNhbXBsZXJzUmVxdWVzdCJEChRMaXN0U2FtcGxlcnNSZXNwb25zZRIsCghzYW1wbGVycxgBIAMoCzIaLmxhdGVudGZhcm0udjEuU2FtcGxlckluZm8ilgEKC1NhbXBsZXJJbmZvEgwKBG5hbWUYASABKAkSDwoHYWxpYXNlcxgCIAMoCRI4CgdvcHRpb25zGAMgAygLMicubGF0ZW50ZmFybS52MS5TYW1wbGVySW5mby5PcHRpb25zRW50cnkaLgoMT3B0aW9uc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiFwoVTGlzdFNjaGVkdWxlcnNSZXF1ZXN0IkoKFkxpc3RTY2hlZHVsZXJzUmVzcG9uc2USMAoKc2NoZWR1bGVycxgBIAMoCzIcLmxhdGVudGZhcm0udjEuU2NoZWR1bGVySW5mbyI9Cg1TY2hlZHVsZXJJbmZvEgwKBG5hbWUYASABKAkSDQoFbGFiZWwYAiABKAkSDwoHYWxpYXNlcxgDIAMoCSqaAQoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhUKEUpPQl9TVEFURV9SVU5OSU5HEAISFwoTSk9CX1NUQVRFX1NVQ0NFRURFRBADEhQKEEpPQl9TVEFURV9GQUlMRUQQBBIXChNKT0JfU1RBVEVfQ0FOQ0VMTEVEEAUy2gcKDVJlbmRlclNlcnZpY2USRQoGU3VibWl0EhwubGF0ZW50ZmFybS52MS5TdWJtaXRSZXF1ZXN0Gh0ubGF0ZW50ZmFybS52MS5TdWJtaXRSZXNwb25zZRJECgVXYXRjaBIbLmxhdGVudGZhcm0udjEuV2F0Y2hSZXF1ZXN0GhwubGF0ZW50ZmFybS52MS5XYXRjaFJlc3BvbnNlMAESPAoDR2V0EhkubGF0ZW50ZmFybS52MS5HZXRSZXF1ZXN0GhoubGF0ZW50ZmFybS52MS5HZXRSZXNwb25zZRJFCgZDYW5jZWwSHC5sYXRlbnRmYXJtLnYxLkNhbmNlbFJlcXVlc3QaHS5sYXRlbnRmYXJtLnYxLkNhbmNlbFJlc3BvbnNlElEKCkxpc3RBZ2VudHMSIC5sYXRlbnRmYXJtLnYxLkxpc3RBZ2VudHNSZXF1ZXN0GiEubGF0ZW50ZmFybS52MS5MaXN0QWdlbnRzUmVzcG9uc2USUQoKTGlzdE1vZGVscxIgLmxhdGVudGZhcm0udjEuTGlzdE1vZGVsc1JlcXVlc3QaIS5sYXRlbnRmYXJtLnYxLkxpc3RNb2RlbHNSZXNwb25zZRJXCgxMaXN0U2FtcGxlcnMSIi5sYXRlbnRmYXJtLnYxLkxpc3RTYW1wbGVyc1JlcXVlc3QaIy5sYXRlbnRmYXJtLnYxLkxpc3RTYW1wbGVyc1Jlc3BvbnNlEl0KDkxpc3RTY2hlZHVsZXJzEiQubGF0ZW50ZmFybS52MS5MaXN0U2NoZWR1bGVyc1JlcXVlc3QaJS5sYXRlbnRmYXJtLnYxLkxpc3RTY2hlZHVsZXJzUmVzcG9uc2USXQoOTGlzdEVtYmVkZGluZ3MSJC5sYXRlbnRmYXJtLnYxLkxpc3RFbWJlZGRpbmdzUmVxdWVzdBolLmxhdGVudGZhcm0udjEuTGlzdEVtYmVkZGluZ3NSZXNwb25zZRJLCghMaXN0VmFlcxIeLmxhdGVudGZhcm0udjEuTGlzdFZhZXNSZXF1ZXN0Gh8ubGF0ZW50ZmFybS52MS5MaXN0VmFlc1Jlc3BvbnNlEloKDUxpc3RVcHNjYWxlcnMSIy5sYXRlbnRmYXJtLnYxLkxpc3RVcHNjYWxlcnNSZXF1ZXN0GiQubGF0ZW50ZmFybS52MS5MaXN0VXBzY2FsZXJzUmVzcG9uc2USUQoKTGlzdFN0eWxlcxIgLmxhdGVudGZhcm0udjEuTGlzdFN0eWxlc1JlcXVlc3QaIS5sYXRlbnRmYXJtLnYxLkxpc3RTdHlsZXNSZXNwb25zZWIGcHJvdG8z", [file_latentfarm_v1_generation]);
+  fileDesc("ChpsYXRlbnRmYXJtL3YxL3JlbmRlci5wcm90bxINbGF0ZW50ZmFybS52MSKAAQoNU3VibWl0UmVxdWVzdBIvCgZwYXJhbXMYASABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEgoKcmVxdWVzdF9pZBgCIAEoCRIYChBkZWFkbGluZV91bml4X21zGAMgASgDEhAKCHByaW9yaXR5GAQgASgFIjUKDlN1Ym1pdFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRITCgtpbWFnZV9jb3VudBgCIAEoBSI2CgxXYXRjaFJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhYKDmFmdGVyX3NlcXVlbmNlGAIgASgEIscECghKb2JFdmVudBIOCgZqb2JfaWQYASABKAkSEAoIc2VxdWVuY2UYAiABKAQSFAoMdGltZV91bml4X21zGAMgASgDEicKBnF1ZXVlZBgKIAEoCzIVLmxhdGVudGZhcm0udjEuUXVldWVkSAASKwoGcGxhY2VkGAsgASgLMhkubGF0ZW50ZmFybS52MS5UYXNrUGxhY2VkSAASKwoEc3RlcBgMIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASKQoFaW1hZ2UYDSABKAsyGC5sYXRlbnRmYXJtLnYxLkltYWdlRG9uZUgAEiYKBGRvbmUYDiABKAsyFi5sYXRlbnRmYXJtLnYxLkpvYkRvbmVIABIqCgZmYWlsZWQYDyABKAsyGC5sYXRlbnRmYXJtLnYxLkpvYkZhaWxlZEgAEjAKCWNhbmNlbGxlZBgQIAEoCzIbLmxhdGVudGZhcm0udjEuSm9iQ2FuY2VsbGVkSAASKQoHd2FybmluZxgRIAEoCzIWLmxhdGVudGZhcm0udjEuV2FybmluZ0gAEi0KB3JldHJpZWQYEiABKAsyGi5sYXRlbnRmYXJtLnYxLlRhc2tSZXRyaWVkSAASOAoPaW1hZ2VfY2FuY2VsbGVkGBMgASgLMh0ubGF0ZW50ZmFybS52MS5JbWFnZUNhbmNlbGxlZEgAEjIKDGltYWdlX2ZhaWxlZBgUIAEoCzIaLmxhdGVudGZhcm0udjEuSW1hZ2VGYWlsZWRIAEIHCgVldmVudCIdCgZRdWV1ZWQSEwoLaW1hZ2VfY291bnQYASABKAUiVQoKVGFza1BsYWNlZBIPCgd0YXNrX2lkGAEgASgJEhMKC2ltYWdlX2luZGV4GAIgASgFEhAKCGFnZW50X2lkGAMgASgJEg8KB2F0dGVtcHQYBCABKAUibAoMU3RlcFByb2dyZXNzEg8KB3Rhc2tfaWQYASABKAkSEwoLaW1hZ2VfaW5kZXgYAiABKAUSDAoEc3RlcBgDIAEoBRITCgt0b3RhbF9zdGVwcxgEIAEoBRITCgtwcmV2aWV3X3BuZxgFIAEoDCIwCglJbWFnZURvbmUSIwoFaW1hZ2UYASABKAsyFC5sYXRlbnRmYXJtLnYxLkltYWdlIh4KB0pvYkRvbmUSEwoLaW1hZ2VfY291bnQYASABKAUiPwoJSm9iRmFpbGVkEgwKBGNvZGUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRITCgtpbWFnZV9pbmRleBgDIAEoBSIOCgxKb2JDYW5jZWxsZWQiGgoHV2FybmluZxIPCgdtZXNzYWdlGAEgASgJIkMKC1Rhc2tSZXRyaWVkEg8KB3Rhc2tfaWQYASABKAkSEwoLaW1hZ2VfaW5kZXgYAiABKAUSDgoGcmVhc29uGAMgASgJIiUKDkltYWdlQ2FuY2VsbGVkEhMKC2ltYWdlX2luZGV4GAEgASgFIlMKC0ltYWdlRmFpbGVkEhMKC2ltYWdlX2luZGV4GAEgASgFEgwKBGNvZGUYAiABKAkSDwoHbWVzc2FnZRgDIAEoCRIQCghhdHRlbXB0cxgEIAEoBSI4Cg1Kb2JFdmVudEJhdGNoEicKBmV2ZW50cxgBIAMoCzIXLmxhdGVudGZhcm0udjEuSm9iRXZlbnQiNwoNV2F0Y2hSZXNwb25zZRImCgVldmVudBgBIAEoCzIXLmxhdGVudGZhcm0udjEuSm9iRXZlbnQiHAoKR2V0UmVxdWVzdBIOCgZqb2JfaWQYASABKAkijQIKC0dldFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRImCgVzdGF0ZRgCIAEoDjIXLmxhdGVudGZhcm0udjEuSm9iU3RhdGUSLwoGcGFyYW1zGAMgASgLMh8ubGF0ZW50ZmFybS52MS5HZW5lcmF0aW9uUGFyYW1zEiQKBmltYWdlcxgEIAMoCzIULmxhdGVudGZhcm0udjEuSW1hZ2USEwoLaW1hZ2VfY291bnQYBSABKAUSEgoKZXJyb3JfY29kZRgGIAEoCRIVCg1lcnJvcl9tZXNzYWdlGAcgASgJEhUKDWZhaWxlZF9pbWFnZXMYCCADKAUSGAoQY2FuY2VsbGVkX2ltYWdlcxgJIAMoBSJICg1DYW5jZWxSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIVCg1pbWFnZV9pbmRpY2VzGAIgAygFEhAKCHRhc2tfaWRzGAMgAygJIlIKDkNhbmNlbFJlc3BvbnNlEiYKBXN0YXRlGAEgASgOMhcubGF0ZW50ZmFybS52MS5Kb2JTdGF0ZRIYChBjYW5jZWxsZWRfaW1hZ2VzGAIgAygFIhMKEUxpc3RBZ2VudHNSZXF1ZXN0Ij4KEkxpc3RBZ2VudHNSZXNwb25zZRIoCgZhZ2VudHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbyLXAQoJQWdlbnRJbmZvEhAKCGFnZW50X2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkSGgoSZXhlY3V0aW9uX3Byb3ZpZGVyGAMgASgJEg0KBXNsb3RzGAQgASgFEhIKCmJ1c3lfc2xvdHMYBSABKAUSFQoNbG9hZGVkX21vZGVscxgGIAMoCRIeChZsYXN0X2hlYXJ0YmVhdF91bml4X21zGAcgASgDEhAKCGRyYWluaW5nGAggASgIEg4KBmRldmljZRgJIAEoCRIPCgdydW50aW1lGAogASgJIhMKEUxpc3RNb2RlbHNSZXF1ZXN0Ij4KEkxpc3RNb2RlbHNSZXNwb25zZRIoCgZtb2RlbHMYASADKAsyGC5sYXRlbnRmYXJtLnYxLk1vZGVsSW5mbyJgCglNb2RlbEluZm8SDAoEbmFtZRgBIAEoCRIOCgZmb3JtYXQYAiABKAkSEQoJbG9hZGVkX29uGAMgAygJEhIKCm1vZGVsX2hhc2gYBCABKAkSDgoGZmFtaWx5GAUgASgJIhcKFUxpc3RFbWJlZGRpbmdzUmVxdWVzdCJ8ChZMaXN0RW1iZWRkaW5nc1Jlc3BvbnNlEjAKCmVtYmVkZGluZ3MYASADKAsyHC5sYXRlbnRmYXJtLnYxLkVtYmVkZGluZ0luZm8SMAoHc2tpcHBlZBgCIAMoCzIfLmxhdGVudGZhcm0udjEuU2tpcHBlZEVtYmVkZGluZyJAChBTa2lwcGVkRW1iZWRkaW5nEgwKBGZpbGUYASABKAkSDgoGcmVhc29uGAIgASgJEg4KBmFnZW50cxgDIAMoCSJbCg1FbWJlZGRpbmdJbmZvEgwKBG5hbWUYASABKAkSDwoHdmVjdG9ycxgCIAEoBRINCgV3aWR0aBgDIAEoBRIMCgRoYXNoGAQgASgJEg4KBmFnZW50cxgFIAMoCSIRCg9MaXN0VmFlc1JlcXVlc3QiOAoQTGlzdFZhZXNSZXNwb25zZRIkCgR2YWVzGAEgAygLMhYubGF0ZW50ZmFybS52MS5WYWVJbmZvIjsKB1ZhZUluZm8SDAoEbmFtZRgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgDEg4KBmFnZW50cxgDIAMoCSISChBMaXN0TG9yYXNSZXF1ZXN0IjsKEUxpc3RMb3Jhc1Jlc3BvbnNlEiYKBWxvcmFzGAEgAygLMhcubGF0ZW50ZmFybS52MS5Mb3JhSW5mbyI8CghMb3JhSW5mbxIMCgRuYW1lGAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAMSDgoGYWdlbnRzGAMgAygJIhYKFExpc3RVcHNjYWxlcnNSZXF1ZXN0InwKFUxpc3RVcHNjYWxlcnNSZXNwb25zZRIuCgl1cHNjYWxlcnMYASADKAsyGy5sYXRlbnRmYXJtLnYxLlVwc2NhbGVySW5mbxIzCg5mYWNlX3Jlc3RvcmVycxgCIAMoCzIbLmxhdGVudGZhcm0udjEuVXBzY2FsZXJJbmZvIj0KDFVwc2NhbGVySW5mbxIMCgRuYW1lGAEgASgJEg4KBmFnZW50cxgCIAMoCRIPCgdidWlsdGluGAMgASgIIhMKEUxpc3RTdHlsZXNSZXF1ZXN0IkAKEkxpc3RTdHlsZXNSZXNwb25zZRIqCgZzdHlsZXMYASADKAsyGi5sYXRlbnRmYXJtLnYxLlByb21wdFN0eWxlIkQKC1Byb21wdFN0eWxlEgwKBG5hbWUYASABKAkSDgoGcHJvbXB0GAIgASgJEhcKD25lZ2F0aXZlX3Byb21wdBgDIAEoCSIVChNMaXN0U2FtcGxlcnNSZXF1ZXN0IkQKFExpc3RTYW1wbGVyc1Jlc3BvbnNlEiwKCHNhbXBsZXJzGAEgAygLMhoubGF0ZW50ZmFybS52MS5TYW1wbGVySW5mbyKWAQoLU2FtcGxlckluZm8SDAoEbmFtZRgBIAEoCRIPCgdhbGlhc2VzGAIgAygJEjgKB29wdGlvbnMYAyADKAsyJy5sYXRlbnRmYXJtLnYxLlNhbXBsZXJJbmZvLk9wdGlvbnNFbnRyeRouCgxPcHRpb25zRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIXChVMaXN0U2NoZWR1bGVyc1JlcXVlc3QiSgoWTGlzdFNjaGVkdWxlcnNSZXNwb25zZRIwCgpzY2hlZHVsZXJzGAEgAygLMhwubGF0ZW50ZmFybS52MS5TY2hlZHVsZXJJbmZvIj0KDVNjaGVkdWxlckluZm8SDAoEbmFtZRgBIAEoCRINCgVsYWJlbBgCIAEoCRIPCgdhbGlhc2VzGAMgAygJKpoBCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIUChBKT0JfU1RBVEVfUVVFVUVEEAESFQoRSk9CX1NUQVRFX1JVTk5JTkcQAhIXChNKT0JfU1RBVEVfU1VDQ0VFREVEEAMSFAoQSk9CX1NUQVRFX0ZBSUxFRBAEEhcKE0pPQl9TVEFURV9DQU5DRUxMRUQQBTKqCAoNUmVuZGVyU2VydmljZRJFCgZTdWJtaXQSHC5sYXRlbnRmYXJtLnYxLlN1Ym1pdFJlcXVlc3QaHS5sYXRlbnRmYXJtLnYxLlN1Ym1pdFJlc3BvbnNlEkQKBVdhdGNoEhsubGF0ZW50ZmFybS52MS5XYXRjaFJlcXVlc3QaHC5sYXRlbnRmYXJtLnYxLldhdGNoUmVzcG9uc2UwARI8CgNHZXQSGS5sYXRlbnRmYXJtLnYxLkdldFJlcXVlc3QaGi5sYXRlbnRmYXJtLnYxLkdldFJlc3BvbnNlEkUKBkNhbmNlbBIcLmxhdGVudGZhcm0udjEuQ2FuY2VsUmVxdWVzdBodLmxhdGVudGZhcm0udjEuQ2FuY2VsUmVzcG9uc2USUQoKTGlzdEFnZW50cxIgLmxhdGVudGZhcm0udjEuTGlzdEFnZW50c1JlcXVlc3QaIS5sYXRlbnRmYXJtLnYxLkxpc3RBZ2VudHNSZXNwb25zZRJRCgpMaXN0TW9kZWxzEiAubGF0ZW50ZmFybS52MS5MaXN0TW9kZWxzUmVxdWVzdBohLmxhdGVudGZhcm0udjEuTGlzdE1vZGVsc1Jlc3BvbnNlElcKDExpc3RTYW1wbGVycxIiLmxhdGVudGZhcm0udjEuTGlzdFNhbXBsZXJzUmVxdWVzdBojLmxhdGVudGZhcm0udjEuTGlzdFNhbXBsZXJzUmVzcG9uc2USXQoOTGlzdFNjaGVkdWxlcnMSJC5sYXRlbnRmYXJtLnYxLkxpc3RTY2hlZHVsZXJzUmVxdWVzdBolLmxhdGVudGZhcm0udjEuTGlzdFNjaGVkdWxlcnNSZXNwb25zZRJdCg5MaXN0RW1iZWRkaW5ncxIkLmxhdGVudGZhcm0udjEuTGlzdEVtYmVkZGluZ3NSZXF1ZXN0GiUubGF0ZW50ZmFybS52MS5MaXN0RW1iZWRkaW5nc1Jlc3BvbnNlEksKCExpc3RWYWVzEh4ubGF0ZW50ZmFybS52MS5MaXN0VmFlc1JlcXVlc3QaHy5sYXRlbnRmYXJtLnYxLkxpc3RWYWVzUmVzcG9uc2USTgoJTGlzdExvcmFzEh8ubGF0ZW50ZmFybS52MS5MaXN0TG9yYXNSZXF1ZXN0GiAubGF0ZW50ZmFybS52MS5MaXN0TG9yYXNSZXNwb25zZRJaCg1MaXN0VXBzY2FsZXJzEiMubGF0ZW50ZmFybS52MS5MaXN0VXBzY2FsZXJzUmVxdWVzdBokLmxhdGVudGZhcm0udjEuTGlzdFVwc2NhbGVyc1Jlc3BvbnNlElEKCkxpc3RTdHlsZXMSIC5sYXRlbnRmYXJtLnYxLkxpc3RTdHlsZXNSZXF1ZXN0GiEubGF0ZW50ZmFybS52MS5MaXN0U3R5bGVzUmVzcG9uc2ViBnByb3RvMw", [file_latentfarm_v1_generation]);
 
 /**
  * @generated from message latentfarm.v1.SubmitRequest
@@ -992,6 +992,72 @@ export const VaeInfoSchema: GenMessage<VaeInfo> = /*@__PURE__*/
   messageDesc(file_latentfarm_v1_render, 33);
 
 /**
+ * @generated from message latentfarm.v1.ListLorasRequest
+ */
+export type ListLorasRequest = Message<"latentfarm.v1.ListLorasRequest"> & {
+};
+
+/**
+ * Describes the message latentfarm.v1.ListLorasRequest.
+ * Use `create(ListLorasRequestSchema)` to create a new message.
+ */
+export const ListLorasRequestSchema: GenMessage<ListLorasRequest> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_render, 34);
+
+/**
+ * @generated from message latentfarm.v1.ListLorasResponse
+ */
+export type ListLorasResponse = Message<"latentfarm.v1.ListLorasResponse"> & {
+  /**
+   * By name; a name whose file size differs between agents is listed once per size.
+   *
+   * @generated from field: repeated latentfarm.v1.LoraInfo loras = 1;
+   */
+  loras: LoraInfo[];
+};
+
+/**
+ * Describes the message latentfarm.v1.ListLorasResponse.
+ * Use `create(ListLorasResponseSchema)` to create a new message.
+ */
+export const ListLorasResponseSchema: GenMessage<ListLorasResponse> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_render, 35);
+
+/**
+ * @generated from message latentfarm.v1.LoraInfo
+ */
+export type LoraInfo = Message<"latentfarm.v1.LoraInfo"> & {
+  /**
+   * The name a prompt's <lora:name:…> tag gives it: the file's name without ".safetensors", as written in
+   * the agent's LoRA folder (tags match it without regard to case).
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The file's size in bytes (the infotext's "Lora hashes" are computed when a pipeline merges it).
+   *
+   * @generated from field: int64 size_bytes = 2;
+   */
+  sizeBytes: bigint;
+
+  /**
+   * Agents that have it (empty in a heartbeat).
+   *
+   * @generated from field: repeated string agents = 3;
+   */
+  agents: string[];
+};
+
+/**
+ * Describes the message latentfarm.v1.LoraInfo.
+ * Use `create(LoraInfoSchema)` to create a new message.
+ */
+export const LoraInfoSchema: GenMessage<LoraInfo> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_render, 36);
+
+/**
  * @generated from message latentfarm.v1.ListUpscalersRequest
  */
 export type ListUpscalersRequest = Message<"latentfarm.v1.ListUpscalersRequest"> & {
@@ -1002,7 +1068,7 @@ export type ListUpscalersRequest = Message<"latentfarm.v1.ListUpscalersRequest">
  * Use `create(ListUpscalersRequestSchema)` to create a new message.
  */
 export const ListUpscalersRequestSchema: GenMessage<ListUpscalersRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 34);
+  messageDesc(file_latentfarm_v1_render, 37);
 
 /**
  * @generated from message latentfarm.v1.ListUpscalersResponse
@@ -1029,7 +1095,7 @@ export type ListUpscalersResponse = Message<"latentfarm.v1.ListUpscalersResponse
  * Use `create(ListUpscalersResponseSchema)` to create a new message.
  */
 export const ListUpscalersResponseSchema: GenMessage<ListUpscalersResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 35);
+  messageDesc(file_latentfarm_v1_render, 38);
 
 /**
  * @generated from message latentfarm.v1.UpscalerInfo
@@ -1060,7 +1126,7 @@ export type UpscalerInfo = Message<"latentfarm.v1.UpscalerInfo"> & {
  * Use `create(UpscalerInfoSchema)` to create a new message.
  */
 export const UpscalerInfoSchema: GenMessage<UpscalerInfo> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 36);
+  messageDesc(file_latentfarm_v1_render, 39);
 
 /**
  * @generated from message latentfarm.v1.ListStylesRequest
@@ -1073,7 +1139,7 @@ export type ListStylesRequest = Message<"latentfarm.v1.ListStylesRequest"> & {
  * Use `create(ListStylesRequestSchema)` to create a new message.
  */
 export const ListStylesRequestSchema: GenMessage<ListStylesRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 37);
+  messageDesc(file_latentfarm_v1_render, 40);
 
 /**
  * @generated from message latentfarm.v1.ListStylesResponse
@@ -1092,7 +1158,7 @@ export type ListStylesResponse = Message<"latentfarm.v1.ListStylesResponse"> & {
  * Use `create(ListStylesResponseSchema)` to create a new message.
  */
 export const ListStylesResponseSchema: GenMessage<ListStylesResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 38);
+  messageDesc(file_latentfarm_v1_render, 41);
 
 /**
  * @generated from message latentfarm.v1.PromptStyle
@@ -1119,7 +1185,7 @@ export type PromptStyle = Message<"latentfarm.v1.PromptStyle"> & {
  * Use `create(PromptStyleSchema)` to create a new message.
  */
 export const PromptStyleSchema: GenMessage<PromptStyle> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 39);
+  messageDesc(file_latentfarm_v1_render, 42);
 
 /**
  * @generated from message latentfarm.v1.ListSamplersRequest
@@ -1132,7 +1198,7 @@ export type ListSamplersRequest = Message<"latentfarm.v1.ListSamplersRequest"> &
  * Use `create(ListSamplersRequestSchema)` to create a new message.
  */
 export const ListSamplersRequestSchema: GenMessage<ListSamplersRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 40);
+  messageDesc(file_latentfarm_v1_render, 43);
 
 /**
  * @generated from message latentfarm.v1.ListSamplersResponse
@@ -1149,7 +1215,7 @@ export type ListSamplersResponse = Message<"latentfarm.v1.ListSamplersResponse">
  * Use `create(ListSamplersResponseSchema)` to create a new message.
  */
 export const ListSamplersResponseSchema: GenMessage<ListSamplersResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 41);
+  messageDesc(file_latentfarm_v1_render, 44);
 
 /**
  * @generated from message latentfarm.v1.SamplerInfo
@@ -1183,7 +1249,7 @@ export type SamplerInfo = Message<"latentfarm.v1.SamplerInfo"> & {
  * Use `create(SamplerInfoSchema)` to create a new message.
  */
 export const SamplerInfoSchema: GenMessage<SamplerInfo> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 42);
+  messageDesc(file_latentfarm_v1_render, 45);
 
 /**
  * @generated from message latentfarm.v1.ListSchedulersRequest
@@ -1196,7 +1262,7 @@ export type ListSchedulersRequest = Message<"latentfarm.v1.ListSchedulersRequest
  * Use `create(ListSchedulersRequestSchema)` to create a new message.
  */
 export const ListSchedulersRequestSchema: GenMessage<ListSchedulersRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 43);
+  messageDesc(file_latentfarm_v1_render, 46);
 
 /**
  * @generated from message latentfarm.v1.ListSchedulersResponse
@@ -1213,7 +1279,7 @@ export type ListSchedulersResponse = Message<"latentfarm.v1.ListSchedulersRespon
  * Use `create(ListSchedulersResponseSchema)` to create a new message.
  */
 export const ListSchedulersResponseSchema: GenMessage<ListSchedulersResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 44);
+  messageDesc(file_latentfarm_v1_render, 47);
 
 /**
  * @generated from message latentfarm.v1.SchedulerInfo
@@ -1244,7 +1310,7 @@ export type SchedulerInfo = Message<"latentfarm.v1.SchedulerInfo"> & {
  * Use `create(SchedulerInfoSchema)` to create a new message.
  */
 export const SchedulerInfoSchema: GenMessage<SchedulerInfo> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_render, 45);
+  messageDesc(file_latentfarm_v1_render, 48);
 
 /**
  * @generated from enum latentfarm.v1.JobState
@@ -1384,6 +1450,16 @@ export const RenderService: GenService<{
     methodKind: "unary";
     input: typeof ListVaesRequestSchema;
     output: typeof ListVaesResponseSchema;
+  },
+  /**
+   * The LoRA files a job's <lora:name:…> tags and `loras` may name, as A1111's /sdapi/v1/loras lists them.
+   *
+   * @generated from rpc latentfarm.v1.RenderService.ListLoras
+   */
+  listLoras: {
+    methodKind: "unary";
+    input: typeof ListLorasRequestSchema;
+    output: typeof ListLorasResponseSchema;
   },
   /**
    * Upscalers and face restorers a job may name (A1111's /sdapi/v1/upscalers, latent-upscale-modes, face-restorers).
