@@ -111,7 +111,6 @@ export {
   loraTransform,
   loraTargets,
   importCheckpointWithLoras,
-  resolveNamedFile,
   computeDelta,
   deltaShape,
   compvisCandidates,

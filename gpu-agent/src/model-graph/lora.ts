@@ -3,9 +3,8 @@
 // `loraTransform` then adds ΔW·scale·multiplier to those weights while a model is being written, so the
 // base checkpoint is never modified.
 
-import { readdir, stat } from "node:fs/promises";
 import * as ort from "onnxruntime-node";
-import { basename, isAbsolute, join } from "node:path";
+import { basename } from "node:path";
 import { detectArchitecture } from "./architecture.js";
 import type { Architecture } from "./architecture.js";
 import { ModelFileError, invalidArgument } from "./errors.js";
@@ -791,35 +790,6 @@ function applyDora(
 /** Targets changed by a set of LoRAs (for reporting and tests). */
 export function loraTargets(apps: readonly LoraApplication[]): Set<string> {
   return new Set(apps.flatMap((a) => a.lora.modules.filter((m) => (m.isText ? a.textWeight : a.unetWeight) !== 0).map((m) => m.target)));
-}
-
-// ---- names inside configured folders ---------------------------------------------------------------
-
-/**
- * Resolves a model or LoRA name to `<dir>/<name><ext>`. Names are plain file stems: separators, `..`,
- * absolute paths and control characters are INVALID_ARGUMENT; a name that is not there is NOT_FOUND.
- */
-export async function resolveNamedFile(
-  dir: string,
-  name: string,
-  field: string,
-  extensions: readonly string[] = [".safetensors"],
-): Promise<string> {
-  // eslint-disable-next-line no-control-regex
-  if (!name || name.includes("/") || name.includes("\\") || name.includes("..") || isAbsolute(name) || /[\u0000-\u001f]/.test(name)) {
-    throw invalidArgument(field, `${JSON.stringify(name)} is not a plain name`);
-  }
-  for (const ext of extensions) {
-    const candidate = name.endsWith(ext) ? name : `${name}${ext}`;
-    const p = join(dir, candidate);
-    const st = await stat(p).catch(() => undefined);
-    if (st?.isFile()) return p;
-  }
-  // Case-insensitive match, as users type names from the UI.
-  const entries = await readdir(dir).catch(() => [] as string[]);
-  const hit = entries.find((e) => extensions.some((ext) => e.toLowerCase() === `${name}${ext}`.toLowerCase()));
-  if (hit) return join(dir, hit);
-  throw ModelFileError.fileNotFound(join(dir, name), `no ${field} named ${JSON.stringify(name)}`);
 }
 
 // ---- import with LoRAs -----------------------------------------------------------------------------

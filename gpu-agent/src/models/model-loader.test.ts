@@ -10,7 +10,7 @@ import type { LoadedPipeline } from "../pipeline/loaded-pipeline.js";
 import { MANIFEST_FILE, loraAddnetHash, type PipelineManifest } from "../model-graph/index.js";
 import { renderTask } from "../pipeline/txt2img.js";
 import { ModelCatalog } from "./catalog.js";
-import { LoraList, listLoras, pipelineKey, unmergedLoraHashes, type LoraUse } from "./model-loader.js";
+import { pipelineKey, unmergedLoraHashes, type LoraUse } from "./model-loader.js";
 import { KIT_FIXTURES, kitSkip } from "../test-support/kit.js";
 import { makeLoraCatalog, pipelineFor } from "../test-support/lora-catalog.js";
 
@@ -26,39 +26,6 @@ async function render(pipe: LoadedPipeline, params: Record<string, unknown>, see
     ...(unmergedLoraHashes && { unmergedLoraHashes }),
   });
 }
-
-test("the LoRA folder's listing: .safetensors files at its top level, by name, with sizes; read again once stale", async () => {
-  const dir = mkdtempSync(join(tmpdir(), "lf-lora-list-"));
-  try {
-    writeFileSync(join(dir, "b_style.safetensors"), Buffer.alloc(10));
-    writeFileSync(join(dir, "A.SafeTensors"), Buffer.alloc(3));
-    writeFileSync(join(dir, "notes.txt"), "x");
-    writeFileSync(join(dir, ".safetensors"), "");
-    mkdirSync(join(dir, "sub.safetensors"));
-    mkdirSync(join(dir, "nested"));
-    writeFileSync(join(dir, "nested", "deep.safetensors"), "");
-    symlinkSync(join(dir, "b_style.safetensors"), join(dir, "linked.safetensors"));
-    symlinkSync(join(dir, "gone"), join(dir, "dangling.safetensors"));
-    const want = [
-      { name: "A", sizeBytes: 3 },
-      { name: "b_style", sizeBytes: 10 },
-      { name: "linked", sizeBytes: 10 },
-    ];
-    assert.deepEqual(await listLoras(dir), want);
-    assert.deepEqual(await listLoras(join(dir, "missing")), []);
-    assert.deepEqual(await listLoras(undefined), []);
-    const list = new LoraList(dir, 60_000);
-    assert.deepEqual(await list.current(), want);
-    writeFileSync(join(dir, "c.safetensors"), "");
-    assert.deepEqual(await list.current(), want, "not read again within maxAgeMs");
-    assert.deepEqual(
-      (await new LoraList(dir, -1).current()).map((f) => f.name),
-      ["A", "b_style", "c", "linked"],
-    );
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
-});
 
 test("pipeline keys ignore LoRA order and weight-0 LoRAs", () => {
   const a = pipelineKey("m", [

@@ -1,5 +1,5 @@
 import { existsSync } from "node:fs";
-import { readdir, readFile, stat } from "node:fs/promises";
+import { readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import {
@@ -13,18 +13,12 @@ import {
   type Logger,
   type LoraRef,
 } from "@latentfarm/shared";
-import {
-  importVae,
-  importCheckpoint,
-  importCheckpointWithLoras,
-  loraAddnetHash,
-  resolveNamedFile,
-  type ArchitectureHints,
-} from "../model-graph/index.js";
+import { importVae, importCheckpoint, importCheckpointWithLoras, loraAddnetHash, type ArchitectureHints } from "../model-graph/index.js";
 import type { ExecutionProvider } from "../runtime/protocol.js";
 import { modelJsonPath, type ModelCatalog, type ModelEntry } from "./catalog.js";
 import { SdModel, loadTextEncoder } from "./sd-model.js";
 import type { VaeFile, VaeIdentity, VaeList } from "./vae-files.js";
+import { resolveLoraFile } from "./lora-files.js";
 import { extractExtraNetworks, type ClosableTextEncoder } from "../conditioning/index.js";
 
 /** A LoRA as a task asks for it: from a `<lora:name:te:unet>` tag or the request's loras field. */
@@ -102,7 +96,7 @@ export async function unmergedLoraHashes(
   const out = new Map<string, string>();
   for (const name of new Set(uses.map((l) => l.name))) {
     if (merged.has(name)) continue;
-    const path = lorasDir === undefined ? undefined : await resolveNamedFile(lorasDir, name, "lora").catch(() => undefined);
+    const path = lorasDir === undefined ? undefined : await resolveLoraFile(lorasDir, name).catch(() => undefined);
     // Only a file gone between the lookup and the hash counts as missing; an unreadable one fails the task.
     const hash =
       path === undefined
@@ -285,7 +279,7 @@ export async function loadModel(
       throw new FarmError(grpc.status.FAILED_PRECONDITION, "this agent has no LoRA folder (--loras DIR)", { field: "loras" });
     const requests = [];
     for (const l of key.loras) {
-      const path = await resolveNamedFile(opts.lorasDir, l.name, "lora");
+      const path = await resolveLoraFile(opts.lorasDir, l.name);
       requests.push({ path, unetWeight: l.unetWeight, textWeight: l.teWeight });
       loraHashes.push(`${l.name}: ${await cachedAddnetHash(path)}`);
     }
@@ -305,42 +299,4 @@ export async function loadModel(
         )
     : undefined;
   return { model: await load(dir), modelHash, loraHashes, vae: vaeInfo, baseTextEncoder, warnings };
-}
-
-/** A LoRA file as tags name it (the file name without ".safetensors") and its size. */
-export interface LoraFile {
-  name: string;
-  sizeBytes: number;
-}
-
-/** The LoRA folder's files at its top level, where resolveNamedFile finds them, by name. */
-export async function listLoras(dir: string | undefined): Promise<LoraFile[]> {
-  if (!dir) return [];
-  const names = await readdir(dir).catch(() => [] as string[]);
-  const suffix = ".safetensors";
-  const files = await Promise.all(
-    names
-      .filter((n) => n.length > suffix.length && n.toLowerCase().endsWith(suffix))
-      .map(async (n) => {
-        const st = await stat(join(dir, n)).catch(() => undefined);
-        return st?.isFile() === true ? { name: n.slice(0, -suffix.length), sizeBytes: st.size } : undefined;
-      }),
-  );
-  return files.filter((f) => f !== undefined).sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : 0));
-}
-
-/** listLoras for heartbeats, which go out every second: the folder is read again at most every `maxAgeMs`. */
-export class LoraList {
-  private last: { at: number; files: Promise<LoraFile[]> } | undefined;
-
-  constructor(
-    private readonly dir: string | undefined,
-    private readonly maxAgeMs = 5_000,
-  ) {}
-
-  current(): Promise<LoraFile[]> {
-    const now = Date.now();
-    if (this.last === undefined || now - this.last.at > this.maxAgeMs) this.last = { at: now, files: listLoras(this.dir) };
-    return this.last.files;
-  }
 }

@@ -1,0 +1,98 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { status } from "@grpc/grpc-js";
+import { FarmError } from "@latentfarm/shared";
+import { LoraList, listLoras, resolveLoraFile } from "./lora-files.js";
+
+function folder(files: Record<string, number>): string {
+  const dir = mkdtempSync(join(tmpdir(), "lf-loras-"));
+  for (const [path, size] of Object.entries(files)) {
+    mkdirSync(join(dir, path, ".."), { recursive: true });
+    writeFileSync(join(dir, path), Buffer.alloc(size));
+  }
+  return dir;
+}
+
+test("the LoRA folder: .safetensors files in it and its subfolders, by file name, with sizes", async () => {
+  const dir = folder({
+    "A.SafeTensors": 3,
+    "b_style.safetensors": 10,
+    "characters/hero.safetensors": 7,
+    "characters/deep/villain.safetensors": 8,
+    "notes.txt": 1,
+    ".safetensors": 0,
+    ".hidden/secret.safetensors": 5,
+    "sub.safetensors/inside.safetensors": 2,
+  });
+  try {
+    symlinkSync(join(dir, "b_style.safetensors"), join(dir, "linked.safetensors"));
+    symlinkSync(join(dir, "gone"), join(dir, "dangling.safetensors"));
+    const want = [
+      { name: "A", sizeBytes: 3 },
+      { name: "b_style", sizeBytes: 10 },
+      { name: "hero", sizeBytes: 7 },
+      { name: "inside", sizeBytes: 2 },
+      { name: "linked", sizeBytes: 10 },
+      { name: "villain", sizeBytes: 8 },
+    ];
+    assert.deepEqual(await listLoras(dir), want);
+    assert.deepEqual(await listLoras(join(dir, "missing")), []);
+    assert.deepEqual(await listLoras(undefined), []);
+    // Heartbeats read it again only once their listing is stale.
+    const list = new LoraList(dir, 60_000);
+    assert.deepEqual(await list.current(), want);
+    writeFileSync(join(dir, "c.safetensors"), "");
+    assert.deepEqual(await list.current(), want, "not read again within maxAgeMs");
+    assert.ok((await new LoraList(dir, -1).current()).some((f) => f.name === "c"));
+    // Tags name them by file name, wherever they are; with or without the extension, in any case.
+    assert.equal(await resolveLoraFile(dir, "hero"), join(dir, "characters", "hero.safetensors"));
+    assert.equal(await resolveLoraFile(dir, "Villain.safetensors"), join(dir, "characters", "deep", "villain.safetensors"));
+    assert.equal(await resolveLoraFile(dir, "a"), join(dir, "A.SafeTensors"));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("a name in two folders is the file A1111 ends on: folders in natural order, later ones replacing earlier", async () => {
+  // A1111 walks folders sorted by their paths' natural keys (digit runs by value, no case), and its
+  // dict keeps the last file of a name: "set10" comes after "set9", and a subfolder after its parent.
+  const dir = folder({
+    "x.safetensors": 1,
+    "set9/x.safetensors": 2,
+    "set10/x.safetensors": 3,
+    "Set2/y.safetensors": 4,
+    "set1/y.safetensors": 5,
+  });
+  try {
+    assert.equal(await resolveLoraFile(dir, "x"), join(dir, "set10", "x.safetensors"));
+    assert.equal(await resolveLoraFile(dir, "y"), join(dir, "Set2", "y.safetensors"));
+    assert.deepEqual(await listLoras(dir), [
+      { name: "x", sizeBytes: 3 },
+      { name: "y", sizeBytes: 4 },
+    ]);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("LoRA names resolve only inside the folder: anything like a path is INVALID_ARGUMENT, an absent name NOT_FOUND", async () => {
+  const dir = folder({ "Style.safetensors": 1 });
+  try {
+    for (const bad of ["../Style", "a/b", "/etc/passwd", "", "x\\y", "..", "a\u0000"]) {
+      await assert.rejects(
+        resolveLoraFile(dir, bad),
+        (e: unknown) => e instanceof FarmError && e.code === status.INVALID_ARGUMENT && e.field === "lora",
+        JSON.stringify(bad),
+      );
+    }
+    await assert.rejects(
+      resolveLoraFile(dir, "missing"),
+      (e: unknown) => e instanceof FarmError && e.code === status.NOT_FOUND && /missing/.test(e.message),
+    );
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
