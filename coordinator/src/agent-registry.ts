@@ -33,7 +33,7 @@ export interface AgentState {
   /** The upscalers and face restorers it has model files for (Heartbeat.upscalers, face_restorers). */
   upscalers: ReadonlySet<string>;
   faceRestorers: ReadonlySet<string>;
-  /** Its LoRA files (for listings), and their names in lower case: tags match them without regard to case. */
+  /** Its LoRA files (for listings), and the names tags may give them (loraNamesOf). */
   loras: LoraInfo[];
   loraNames: ReadonlySet<string>;
   freeMemoryBytes: bigint;
@@ -192,7 +192,10 @@ export class AgentRegistry {
   }
 }
 
-/** LoRA names as placement compares them: a tag matches a file without regard to case, as the agent resolves it. */
+/**
+ * The names tags may give an agent's LoRAs, as placement compares them: file names and aliases, without
+ * regard to case (the agent falls back to that for file names).
+ */
 export function loraNamesOf(loras: readonly LoraInfo[]): ReadonlySet<string> {
-  return new Set(loras.map((l) => loraKey(l.name)));
+  return new Set(loras.flatMap((l) => (l.alias === "" ? [loraKey(l.name)] : [loraKey(l.name), loraKey(l.alias)])));
 }

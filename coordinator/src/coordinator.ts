@@ -503,8 +503,8 @@ export class Coordinator {
           const loras = gatherFromAgents(
             this.registry.list(),
             (a) => a.loras,
-            (l) => `${l.name}\u0000${l.sizeBytes}`,
-            (l) => ({ name: l.name, sizeBytes: l.sizeBytes }),
+            (l) => `${l.name}\u0000${l.sizeBytes}\u0000${l.alias}`,
+            (l) => ({ name: l.name, sizeBytes: l.sizeBytes, alias: l.alias }),
           );
           return { loras: loras.sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : Number(x.sizeBytes - y.sizeBytes))) };
         },

@@ -508,16 +508,18 @@ test("a task that runs an upscaler or a face restorer goes only to agents with i
   h.scheduler.close();
 });
 
-test("a task that merges a LoRA goes only to agents with its file, by name without regard to case; weight 0 needs none", async () => {
+test("a task that merges a LoRA goes only to agents with its file, by name (any case) or alias; weight 0 needs none", async () => {
   const log: string[] = [];
   const plain = fakeAgent("plain", 2, { stepMs: 5 }, log);
   const withLora = fakeAgent("with-lora", 1, { stepMs: 5 }, log);
-  withLora.loras = [create(LoraInfoSchema, { name: "Detail_Tweaker", sizeBytes: 100n })];
+  withLora.loras = [create(LoraInfoSchema, { name: "Detail_Tweaker", sizeBytes: 100n, alias: "add_detail" })];
   withLora.loraNames = loraNamesOf(withLora.loras);
   const h = harness([plain, withLora]);
   h.submit(3, 2, undefined, 1, "", { prompt: "a cat <lora:detail_tweaker:0.7>" });
   h.submit(2, 2, undefined, 1, "", { loras: [{ name: "DETAIL_TWEAKER.safetensors", teWeight: 1, unetWeight: 1 }] });
-  await h.settled(5);
+  // By the name it was trained under, as prompts shared with images name it.
+  h.submit(1, 2, undefined, 1, "", { prompt: "a cat <lora:add_detail:1>" });
+  await h.settled(6);
   assert.deepEqual(new Set(h.done.map((d) => d.agent)), new Set(["with-lora"]));
   h.done.length = 0;
   h.submit(6, 2, undefined, 1, "", { prompt: "a cat <lora:detail_tweaker:0>" });

@@ -324,7 +324,7 @@ export class Agent {
           vaes: vaes.map((f) => create(VaeInfoSchema, { name: f.name, sizeBytes: BigInt(f.sizeBytes ?? 0) })),
           upscalers,
           faceRestorers,
-          loras: loras.map((f) => create(LoraInfoSchema, { name: f.name, sizeBytes: BigInt(f.sizeBytes) })),
+          loras: loras.map((f) => create(LoraInfoSchema, { name: f.name, alias: f.alias ?? "", sizeBytes: BigInt(f.sizeBytes) })),
         });
         this.nc.publish(subjects.agentHeartbeat(this.id), toBinary(HeartbeatSchema, hb));
       },

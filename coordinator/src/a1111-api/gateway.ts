@@ -351,13 +351,13 @@ export class A1111Gateway {
       async (c) => (await this.client.listVaes({}, c.o)).vaes.map((v) => ({ model_name: v.name, filename: v.name })),
     ],
     [
-      // The Lora extension's listing. Its alias is the file's ss_output_name where A1111 is set to prefer that;
-      // tags here name the file, so the alias is the name. Paths stay the agents' own.
+      // The Lora extension's listing: alias as get_alias() gives it (the usable ss_output_name, else the
+      // name; A1111's default lora_preferred_name). Paths stay the agents' own.
       "GET /sdapi/v1/loras",
       async (c) => {
         const { loras } = await this.client.listLoras({}, c.o);
-        const names = [...new Set(loras.map((l) => l.name))];
-        return names.map((name) => ({ name, alias: name, path: `${name}.safetensors`, metadata: {} }));
+        const byName = new Map(loras.map((l) => [l.name, l.alias || l.name]));
+        return [...byName].map(([name, alias]) => ({ name, alias, path: `${name}.safetensors`, metadata: {} }));
       },
     ],
     // Agents read their folders on every heartbeat: there is nothing to refresh.

@@ -583,9 +583,14 @@ async function listCommand(
       }
     } else if (kind === "loras") {
       const { loras } = await client.listLoras({}, { timeoutMs: 10_000, metadata });
-      const rows = loras.map((l) => ({ name: l.name, sizeBytes: Number(l.sizeBytes), agents: l.agents }));
+      const rows = loras.map((l) => ({
+        name: l.name,
+        ...(l.alias !== "" && { alias: l.alias }),
+        sizeBytes: Number(l.sizeBytes),
+        agents: l.agents,
+      }));
       if (v.json) o.out(JSON.stringify(rows) + "\n");
-      else for (const l of rows) o.out(`${l.name}\t${l.sizeBytes} bytes\t${l.agents.join(",")}\n`);
+      else for (const l of rows) o.out(`${l.name}\t${l.alias ?? "-"}\t${l.sizeBytes} bytes\t${l.agents.join(",")}\n`);
     } else if (kind === "vaes") {
       const { vaes } = await client.listVaes({}, { timeoutMs: 10_000, metadata });
       const rows = vaes.map((f) => ({ name: f.name, sizeBytes: Number(f.sizeBytes), agents: f.agents }));

@@ -6,6 +6,7 @@ import { join } from "node:path";
 export interface TreeFile {
   readonly path: string;
   readonly size: number;
+  readonly mtimeMs: number;
 }
 
 /**
@@ -27,7 +28,10 @@ export async function filesUnder(
     const path = join(dir, entry.name);
     const s = entry.isSymbolicLink() ? await stat(path).catch(() => undefined) : entry;
     if (s?.isDirectory()) out.push(...(await filesUnder(path, keep, opts, seen)));
-    else if (s?.isFile() && keep(entry.name)) out.push({ path, size: (await stat(path)).size });
+    else if (s?.isFile() && keep(entry.name)) {
+      const { size, mtimeMs } = await stat(path);
+      out.push({ path, size, mtimeMs });
+    }
   }
   return out;
 }

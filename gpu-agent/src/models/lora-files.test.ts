@@ -5,6 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { status } from "@grpc/grpc-js";
 import { FarmError } from "@latentfarm/shared";
+import { encodeSafetensors } from "../model-graph/index.js";
 import { LoraList, listLoras, resolveLoraFile } from "./lora-files.js";
 
 function folder(files: Record<string, number>): string {
@@ -92,6 +93,46 @@ test("LoRA names resolve only inside the folder: anything like a path is INVALID
       resolveLoraFile(dir, "missing"),
       (e: unknown) => e instanceof FarmError && e.code === status.NOT_FOUND && /missing/.test(e.message),
     );
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("tags may name a LoRA by the name it was trained under (ss_output_name), unless another file took that name first", async () => {
+  const dir = folder({});
+  const lora = (path: string, trainedAs?: string): void => {
+    mkdirSync(join(dir, path, ".."), { recursive: true });
+    writeFileSync(join(dir, path), encodeSafetensors({}, trainedAs === undefined ? {} : { ss_output_name: trainedAs }));
+  };
+  try {
+    // Renamed on download: the prompt shared with an image names it as it was trained.
+    lora("detail_tweaker_v1.safetensors", "add_detail");
+    // Its alias is its own name: nothing to add.
+    lora("plain.safetensors", "plain");
+    // "style" is a file's name first, so a later file trained as "style" does not take it.
+    lora("a/style.safetensors");
+    lora("b/ink_v2.safetensors", "style");
+    // "none" is forbidden as an alias (A1111's seed).
+    lora("c/blank.safetensors", "none");
+    assert.equal(await resolveLoraFile(dir, "add_detail"), join(dir, "detail_tweaker_v1.safetensors"));
+    assert.equal(await resolveLoraFile(dir, "detail_tweaker_v1"), join(dir, "detail_tweaker_v1.safetensors"));
+    assert.equal(await resolveLoraFile(dir, "style"), join(dir, "a", "style.safetensors"));
+    assert.equal(await resolveLoraFile(dir, "ink_v2"), join(dir, "b", "ink_v2.safetensors"));
+    await assert.rejects(resolveLoraFile(dir, "none"), (e: unknown) => e instanceof FarmError && e.code === status.NOT_FOUND);
+    const listed = await listLoras(dir);
+    assert.deepEqual(
+      listed.map((l) => [l.name, l.alias]),
+      [
+        ["blank", undefined],
+        ["detail_tweaker_v1", "add_detail"],
+        ["ink_v2", undefined],
+        ["plain", undefined],
+        ["style", undefined],
+      ],
+    );
+    // A file rewritten with another alias is read again (the aliases are cached by size and mtime).
+    writeFileSync(join(dir, "detail_tweaker_v1.safetensors"), encodeSafetensors({}, { ss_output_name: "more_detail_v2" }));
+    assert.equal((await listLoras(dir)).find((l) => l.name === "detail_tweaker_v1")?.alias, "more_detail_v2");
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

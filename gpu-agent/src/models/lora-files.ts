@@ -1,17 +1,42 @@
 // The agent's LoRA folder as A1111's Lora extension sees it: every .safetensors file under it, subfolders
-// included (users sort their LoRAs into folders), named by its file name without the extension.
+// included (users sort their LoRAs into folders), named by its file name without the extension and by its
+// alias, the name it was trained under (metadata ss_output_name), which A1111's UI writes into prompts and
+// so prompts shared with images (civitai's) carry, whatever the file was renamed to on download.
 
 import { dirname, join, relative, sep } from "node:path";
 import { FarmError } from "@latentfarm/shared";
-import { ModelFileError } from "../model-graph/index.js";
+import { ModelFileError, readSafetensors } from "../model-graph/index.js";
 import { filesUnder, type TreeFile } from "./folder-tree.js";
 
 const EXTENSION = ".safetensors";
 
-/** A LoRA file as tags name it (the file name without ".safetensors") and its size. */
+/** A LoRA file as tags name it (the file name without ".safetensors"), its alias and its size. */
 export interface LoraFile {
   name: string;
+  /** The name it was trained under (ss_output_name), where that differs from `name` and A1111 lets tags use it. */
+  alias?: string;
   sizeBytes: number;
+}
+
+/** ss_output_name by file, while its size and mtime stay: heartbeats list the folder every few seconds. */
+const aliasCache = new Map<string, { size: number; mtimeMs: number; alias: string | undefined }>();
+const MAX_CACHED_ALIASES = 4096;
+
+async function aliasOf(f: TreeFile): Promise<string | undefined> {
+  const cached = aliasCache.get(f.path);
+  if (cached !== undefined && cached.size === f.size && cached.mtimeMs === f.mtimeMs) return cached.alias;
+  let alias: string | undefined;
+  try {
+    const file = await readSafetensors(f.path);
+    await file.close();
+    const v = file.metadata["ss_output_name"];
+    alias = v !== undefined && v !== "" ? v : undefined;
+  } catch {
+    // Not a readable safetensors file: named by its file name only; loading it reports why.
+  }
+  if (aliasCache.size >= MAX_CACHED_ALIASES) aliasCache.clear();
+  aliasCache.set(f.path, { size: f.size, mtimeMs: f.mtimeMs, alias });
+  return alias;
 }
 
 /** Python's natural_sort_key as A1111 sorts folders and files: digit runs by value, the rest without case. */
@@ -31,12 +56,24 @@ function compareNatural(a: string, b: string): number {
 }
 
 /**
- * The folder's LoRAs by name, as A1111's list_available_networks makes them: its walk goes through the
- * folders in natural order of their paths and each folder's files in natural order, and a later file of
- * the same name replaces an earlier one. Folders whose name starts with "." are left out (A1111's
- * list_hidden_files off); links are followed. A missing or unreadable folder has no LoRAs.
+ * The folder's LoRAs as A1111's list_available_networks makes them. Its walk goes through the folders in
+ * natural order of their paths and each folder's files in natural order; a later file of a name replaces an
+ * earlier one, both by name and by alias; an alias already taken (by an earlier file's name or alias) is
+ * forbidden: tags naming it find files by name only. Folders whose name starts with "." are left out
+ * (list_hidden_files off); links are followed. A missing or unreadable folder has no LoRAs.
  */
-export async function loraFiles(dir: string): Promise<Map<string, TreeFile>> {
+export interface LoraFolder {
+  /** By name (available_networks), in walk order, each name at its last file. */
+  byName: Map<string, TreeFile>;
+  /** By name and alias (available_network_aliases). */
+  byAlias: Map<string, TreeFile>;
+  /** Aliases tags may not use, in lower case (forbidden_network_aliases; A1111 seeds it with "none" and "Addams"). */
+  forbidden: Set<string>;
+  /** Each file's alias, where it has one. */
+  aliases: Map<TreeFile, string>;
+}
+
+export async function loraFolder(dir: string): Promise<LoraFolder> {
   const files = await filesUnder(dir, (name) => name.length > EXTENSION.length && name.toLowerCase().endsWith(EXTENSION)).catch(
     () => [] as TreeFile[],
   );
@@ -47,21 +84,29 @@ export async function loraFiles(dir: string): Promise<Map<string, TreeFile>> {
         .some((part) => part.startsWith(".")),
   );
   visible.sort((a, b) => compareNatural(dirname(a.path), dirname(b.path)) || compareNatural(a.path, b.path));
-  const byName = new Map<string, TreeFile>();
-  for (const f of visible) {
+  const aliasList = await Promise.all(visible.map(aliasOf));
+  // A1111 checks lower-cased names against these, so its "Addams" never matches: kept as it is.
+  const folder: LoraFolder = { byName: new Map(), byAlias: new Map(), forbidden: new Set(["none", "Addams"]), aliases: new Map() };
+  for (const [i, f] of visible.entries()) {
     const file = f.path.slice(dirname(f.path).length + 1);
     const name = file.slice(0, -EXTENSION.length);
-    // A later file replaces the earlier one at the end of the order, as a dict assignment does.
-    byName.delete(name);
-    byName.set(name, f);
+    const alias = aliasList[i] ?? name;
+    // A later file moves to the end, so that "the last of a name" is the last in the map's order too.
+    folder.byName.delete(name);
+    folder.byName.set(name, f);
+    if (folder.byAlias.has(alias)) folder.forbidden.add(alias.toLowerCase());
+    folder.byAlias.set(name, f);
+    folder.byAlias.set(alias, f);
+    if (alias !== name) folder.aliases.set(f, alias);
   }
-  return byName;
+  return folder;
 }
 
 /**
- * The file a `<lora:name:…>` tag (or a request's `loras` entry) names. Names are plain file names: path
- * separators, `..`, absolute paths and control characters are INVALID_ARGUMENT. The name as A1111 looks it
- * up first, then without regard to case, as users type names they have seen; NOT_FOUND when neither.
+ * The file a `<lora:name:…>` tag (or a request's `loras` entry) names. Names are plain names: path
+ * separators, `..` and control characters are INVALID_ARGUMENT. A1111's lookup first (by name where the
+ * name is a forbidden alias, else by name or alias), then by file name without regard to case, as users
+ * type names they have seen; NOT_FOUND when none.
  */
 export async function resolveLoraFile(dir: string, name: string): Promise<string> {
   // eslint-disable-next-line no-control-regex
@@ -69,21 +114,28 @@ export async function resolveLoraFile(dir: string, name: string): Promise<string
     throw FarmError.invalid("lora", `${JSON.stringify(name)} is not a plain name`);
   }
   const stem = name.toLowerCase().endsWith(EXTENSION) ? name.slice(0, -EXTENSION.length) : name;
-  const files = await loraFiles(dir);
-  const exact = files.get(stem);
-  if (exact !== undefined) return exact.path;
+  const folder = await loraFolder(dir);
+  const found = folder.forbidden.has(stem.toLowerCase()) ? folder.byName.get(stem) : folder.byAlias.get(stem);
+  if (found !== undefined) return found.path;
   const lower = stem.toLowerCase();
   let hit: TreeFile | undefined;
-  for (const [n, f] of files) if (n.toLowerCase() === lower) hit = f;
+  for (const [n, f] of folder.byName) if (n.toLowerCase() === lower) hit = f;
   if (hit !== undefined) return hit.path;
   throw ModelFileError.fileNotFound(join(dir, name), `no lora named ${JSON.stringify(name)}`);
 }
 
-/** The folder's LoRAs by name, with their sizes (those resolveLoraFile picks). */
+/** The folder's LoRAs by name, with their usable aliases and sizes (the files resolveLoraFile picks). */
 export async function listLoras(dir: string | undefined): Promise<LoraFile[]> {
   if (!dir) return [];
-  const files = await loraFiles(dir);
-  return [...files].map(([name, f]) => ({ name, sizeBytes: f.size })).sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : 0));
+  const folder = await loraFolder(dir);
+  return [...folder.byName]
+    .map(([name, f]): LoraFile => {
+      const alias = folder.aliases.get(f);
+      // An alias that does not find this file (forbidden, or taken by a later one) is not offered.
+      const usable = alias !== undefined && !folder.forbidden.has(alias.toLowerCase()) && folder.byAlias.get(alias) === f;
+      return { name, ...(usable && { alias }), sizeBytes: f.size };
+    })
+    .sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : 0));
 }
 
 /** listLoras for heartbeats, which go out every second: the folder is read again at most every `maxAgeMs`. */
