@@ -93,3 +93,27 @@ test("refusals before any Submit: bad JSON and bad fields are 422 naming them, a
     await g.close();
   }
 });
+
+test("what tools probe before they call: empty script and extension lists, no-op checkpoint reloads, ping; none needs the coordinator", async () => {
+  const g = await gateway();
+  try {
+    const get = async (path: string): Promise<unknown> => {
+      const res = await fetch(`${g.url}${path}`);
+      assert.equal(res.status, 200, path);
+      return res.json();
+    };
+    assert.deepEqual(await get("/sdapi/v1/scripts"), { txt2img: [], img2img: [] });
+    for (const path of ["script-info", "extensions", "hypernetworks", "sd-modules"])
+      assert.deepEqual(await get(`/sdapi/v1/${path}`), [], path);
+    assert.deepEqual(await get("/internal/ping"), {});
+    for (const path of ["refresh-loras", "refresh-checkpoints", "refresh-vae", "unload-checkpoint", "reload-checkpoint"]) {
+      const res = await fetch(`${g.url}/sdapi/v1/${path}`, { method: "POST" });
+      assert.equal(res.status, 200, path);
+      assert.equal(await res.json(), null, path);
+    }
+    // A listing that needs the coordinator is 503 with it unreachable, not an empty list.
+    assert.equal((await fetch(`${g.url}/sdapi/v1/loras`)).status, 503);
+  } finally {
+    await g.close();
+  }
+});

@@ -364,6 +364,18 @@ export class A1111Gateway {
     ["POST /sdapi/v1/refresh-loras", () => Promise.resolve(null)],
     ["POST /sdapi/v1/refresh-checkpoints", () => Promise.resolve(null)],
     ["POST /sdapi/v1/refresh-vae", () => Promise.resolve(null)],
+    // Agents load and unload pipelines as jobs need them: there is no one checkpoint to unload or reload.
+    ["POST /sdapi/v1/unload-checkpoint", () => Promise.resolve(null)],
+    ["POST /sdapi/v1/reload-checkpoint", () => Promise.resolve(null)],
+    // What tools probe before they use an extension (ControlNet's alwayson script, say): the farm runs
+    // none, and refuses a request that names one (request.ts), so these lists are empty.
+    ["GET /sdapi/v1/scripts", () => Promise.resolve({ txt2img: [], img2img: [] })],
+    ["GET /sdapi/v1/script-info", () => Promise.resolve([])],
+    ["GET /sdapi/v1/extensions", () => Promise.resolve([])],
+    ["GET /sdapi/v1/hypernetworks", () => Promise.resolve([])],
+    ["GET /sdapi/v1/sd-modules", () => Promise.resolve([])],
+    // The WebUI's liveness route, which clients poll before their first call.
+    ["GET /internal/ping", () => Promise.resolve({})],
     [
       "GET /sdapi/v1/embeddings",
       async (c) => {
