@@ -64,4 +64,6 @@ test("the LoRAs a task merges, by pass: its prompt's tags and `loras`, weight 0 
   // A tag the agent refuses to parse names nothing here (Submit refuses the prompt).
   assert.deepEqual(auxiliaryNeeds(create(GenerationParamsSchema, { prompt: "<lora:x:notanumber>" })).loras, []);
   assert.equal(loraKey("My_LoRA.SafeTensors"), "my_lora");
+  assert.equal(loraKey("Old.PT"), "old");
+  assert.equal(loraKey(".ckpt"), ".ckpt");
 });

@@ -37,12 +37,13 @@ export interface AuxiliaryNeeds {
 }
 
 /**
- * A LoRA name as agents match it to a file: without ".safetensors", without regard to case (the agent
- * looks for the exact file first, then any that differs in case only).
+ * A LoRA name as agents match it to a file: without its extension (.safetensors, .pt, .ckpt), without
+ * regard to case (the agent looks for the exact name first, then any that differs in case only).
  */
 export function loraKey(name: string): string {
   const lower = name.toLowerCase();
-  return lower.endsWith(".safetensors") ? lower.slice(0, -".safetensors".length) : lower;
+  const ext = [".safetensors", ".pt", ".ckpt"].find((e) => lower.endsWith(e) && lower.length > e.length);
+  return ext === undefined ? lower : lower.slice(0, -ext.length);
 }
 
 /**

@@ -79,6 +79,7 @@ export {
   a1111ModelHash,
   a1111LegacyModelHash,
   loraAddnetHash,
+  loraShortHash,
   COMPONENTS,
   MANIFEST_FILE,
   LINK_NAME,

@@ -3,6 +3,7 @@
 // `loraTransform` then adds ΔW·scale·multiplier to those weights while a model is being written, so the
 // base checkpoint is never modified.
 
+import { readFile } from "node:fs/promises";
 import * as ort from "onnxruntime-node";
 import { basename } from "node:path";
 import { detectArchitecture } from "./architecture.js";
@@ -11,7 +12,8 @@ import { ModelFileError, invalidArgument } from "./errors.js";
 import { GraphBuilder, encodeModel } from "./onnx.js";
 import { importCheckpoint, sha256File } from "./pipeline.js";
 import type { ImportOptions, ImportedCheckpoint } from "./pipeline.js";
-import { readSafetensors } from "./safetensors.js";
+import { readSafetensors, type SafetensorsDType } from "./safetensors.js";
+import { readTorchFile, TorchTensor, type TorchFloatType } from "./torch-file.js";
 import { SafetensorsWeights } from "./weights.js";
 import type { WeightTransform } from "./weights.js";
 
@@ -170,8 +172,54 @@ function splitKey(key: string): { layer: string; part: string } | undefined {
 
 // ---- parsing ---------------------------------------------------------------------------------------
 
+/** What loadLora reads of a LoRA file: its tensors' names, dtypes and shapes, their values, its metadata. */
+interface LoraTensors {
+  keys(): string[];
+  info(key: string): { dtype: string; shape: readonly number[] };
+  float32(key: string): Promise<Float32Array>;
+  readonly metadata: Readonly<Record<string, string>>;
+  close(): Promise<void>;
+}
+
+const TORCH_DTYPES: Record<TorchFloatType, SafetensorsDType> = { float32: "F32", float16: "F16", bfloat16: "BF16", float64: "F64" };
+
+/** Whether A1111 reads a LoRA file as safetensors (by its extension); .pt and .ckpt files are torch.save archives. */
+export function isSafetensorsLora(path: string): boolean {
+  return path.toLowerCase().endsWith(".safetensors");
+}
+
 /**
- * Reads a LoRA/LoHa/LoKr .safetensors and maps its layers onto `checkpointKeys` (the base model's tensor
+ * A .pt or .ckpt LoRA: a torch.save'd dict of tensors, as kohya's scripts and older trainers wrote them.
+ * It is read whole (LoRA files are small) and unpickled without running anything (torch-file.ts).
+ */
+async function readTorchLora(path: string): Promise<LoraTensors> {
+  let bytes: Uint8Array;
+  try {
+    bytes = await readFile(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") throw ModelFileError.fileNotFound(path, "no such file", err);
+    throw ModelFileError.invalidFile(path, `cannot read: ${(err as Error).message}`, err);
+  }
+  const value = readTorchFile(bytes, path);
+  if (!(value instanceof Map)) throw ModelFileError.invalidFile(path, "a torch LoRA file must hold a dict of tensors");
+  const tensors = new Map<string, TorchTensor>();
+  for (const [k, v] of value as Map<unknown, unknown>) if (typeof k === "string" && v instanceof TorchTensor) tensors.set(k, v);
+  const get = (key: string): TorchTensor => tensors.get(key)!;
+  return {
+    keys: () => [...tensors.keys()],
+    info: (key) => ({ dtype: TORCH_DTYPES[get(key).dtype], shape: get(key).shape }),
+    float32: (key) => Promise.resolve(get(key).data),
+    metadata: {},
+    close: () => Promise.resolve(),
+  };
+}
+
+function openLora(path: string): Promise<LoraTensors> {
+  return isSafetensorsLora(path) ? readSafetensors(path) : readTorchLora(path);
+}
+
+/**
+ * Reads a LoRA/LoHa/LoKr file (.safetensors, or a torch .pt/.ckpt) and maps its layers onto `checkpointKeys` (the base model's tensor
  * names and shapes). Factors that do not fit each other and unreadable files throw ModelFileError; layers that
  * match no layer of the model, or whose ΔW does not fit the layer they match, are warnings (and left out).
  */
@@ -180,7 +228,7 @@ export async function loadLora(
   arch: Pick<Architecture, "unet" | "textEncoder" | "textEncoder2">,
   checkpointShapes: ReadonlyMap<string, readonly number[]>,
 ): Promise<ParsedLora> {
-  const file = await readSafetensors(path);
+  const file = await openLora(path);
   const bad = (msg: string): never => {
     throw ModelFileError.invalidFile(path, msg);
   };

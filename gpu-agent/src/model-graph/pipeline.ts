@@ -343,6 +343,19 @@ export async function a1111LegacyModelHash(path: string): Promise<string> {
   }
 }
 
+/**
+ * The hash A1111's infotext gives a LoRA ("Lora hashes"): its metadata's sshs_model_hash where it has one
+ * (kohya's scripts write it when they save), else the addnet hash of a .safetensors file, else the sha256
+ * of the whole file (.pt, .ckpt); 12 hex digits.
+ */
+export async function loraShortHash(path: string): Promise<string> {
+  if (!path.toLowerCase().endsWith(".safetensors")) return (await sha256File(path)).slice(0, 12);
+  const file = await readSafetensors(path);
+  const recorded = file.metadata["sshs_model_hash"];
+  await file.close();
+  return recorded ? recorded.slice(0, 12) : loraAddnetHash(path);
+}
+
 /** kohya "addnet" hash A1111 shows for LoRAs: sha256 of a safetensors file's bytes after the header, 12 hex digits. */
 export async function loraAddnetHash(path: string): Promise<string> {
   const h = await open(path, "r");

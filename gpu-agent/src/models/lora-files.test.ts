@@ -137,3 +137,19 @@ test("tags may name a LoRA by the name it was trained under (ss_output_name), un
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("torch LoRAs (.pt, .ckpt) are listed and resolved like .safetensors ones; in one folder a .safetensors comes after a .pt of its name", async () => {
+  const dir = folder({ "old.pt": 4, "older.ckpt": 6, "both.pt": 1, "both.safetensors": 2, "notes.pth": 1, ".pt": 1 });
+  try {
+    assert.deepEqual(await listLoras(dir), [
+      { name: "both", sizeBytes: 2 },
+      { name: "old", sizeBytes: 4 },
+      { name: "older", sizeBytes: 6 },
+    ]);
+    assert.equal(await resolveLoraFile(dir, "old"), join(dir, "old.pt"));
+    assert.equal(await resolveLoraFile(dir, "older.ckpt"), join(dir, "older.ckpt"));
+    assert.equal(await resolveLoraFile(dir, "both"), join(dir, "both.safetensors"));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

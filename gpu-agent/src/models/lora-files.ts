@@ -1,4 +1,4 @@
-// The agent's LoRA folder as A1111's Lora extension sees it: every .safetensors file under it, subfolders
+// The agent's LoRA folder as A1111's Lora extension sees it: every .safetensors, .pt and .ckpt file under it, subfolders
 // included (users sort their LoRAs into folders), named by its file name without the extension and by its
 // alias, the name it was trained under (metadata ss_output_name), which A1111's UI writes into prompts and
 // so prompts shared with images (civitai's) carry, whatever the file was renamed to on download.
@@ -8,9 +8,17 @@ import { FarmError } from "@latentfarm/shared";
 import { ModelFileError, readSafetensors } from "../model-graph/index.js";
 import { filesUnder, type TreeFile } from "./folder-tree.js";
 
-const EXTENSION = ".safetensors";
+/** The files A1111 lists as LoRAs; .pt and .ckpt are torch.save archives (lora.ts reads both kinds). */
+const EXTENSIONS = [".safetensors", ".pt", ".ckpt"] as const;
 
-/** A LoRA file as tags name it (the file name without ".safetensors"), its alias and its size. */
+/** The file name without its LoRA extension, or undefined when it has none (or nothing before it). */
+function loraStem(file: string): string | undefined {
+  const lower = file.toLowerCase();
+  const ext = EXTENSIONS.find((e) => lower.endsWith(e));
+  return ext === undefined || file.length === ext.length ? undefined : file.slice(0, -ext.length);
+}
+
+/** A LoRA file as tags name it (the file name without its extension), its alias and its size. */
 export interface LoraFile {
   name: string;
   /** The name it was trained under (ss_output_name), where that differs from `name` and A1111 lets tags use it. */
@@ -23,6 +31,8 @@ const aliasCache = new Map<string, { size: number; mtimeMs: number; alias: strin
 const MAX_CACHED_ALIASES = 4096;
 
 async function aliasOf(f: TreeFile): Promise<string | undefined> {
+  // Only safetensors files carry metadata (A1111 reads none from .pt and .ckpt files).
+  if (!f.path.toLowerCase().endsWith(".safetensors")) return undefined;
   const cached = aliasCache.get(f.path);
   if (cached !== undefined && cached.size === f.size && cached.mtimeMs === f.mtimeMs) return cached.alias;
   let alias: string | undefined;
@@ -74,9 +84,7 @@ export interface LoraFolder {
 }
 
 export async function loraFolder(dir: string): Promise<LoraFolder> {
-  const files = await filesUnder(dir, (name) => name.length > EXTENSION.length && name.toLowerCase().endsWith(EXTENSION)).catch(
-    () => [] as TreeFile[],
-  );
+  const files = await filesUnder(dir, (name) => loraStem(name) !== undefined).catch(() => [] as TreeFile[]);
   const visible = files.filter(
     (f) =>
       !relative(dir, dirname(f.path))
@@ -89,7 +97,7 @@ export async function loraFolder(dir: string): Promise<LoraFolder> {
   const folder: LoraFolder = { byName: new Map(), byAlias: new Map(), forbidden: new Set(["none", "Addams"]), aliases: new Map() };
   for (const [i, f] of visible.entries()) {
     const file = f.path.slice(dirname(f.path).length + 1);
-    const name = file.slice(0, -EXTENSION.length);
+    const name = loraStem(file)!;
     const alias = aliasList[i] ?? name;
     // A later file moves to the end, so that "the last of a name" is the last in the map's order too.
     folder.byName.delete(name);
@@ -113,7 +121,7 @@ export async function resolveLoraFile(dir: string, name: string): Promise<string
   if (!name || name.includes("/") || name.includes("\\") || name.includes("..") || /[\u0000-\u001f]/.test(name)) {
     throw FarmError.invalid("lora", `${JSON.stringify(name)} is not a plain name`);
   }
-  const stem = name.toLowerCase().endsWith(EXTENSION) ? name.slice(0, -EXTENSION.length) : name;
+  const stem = loraStem(name) ?? name;
   const folder = await loraFolder(dir);
   const found = folder.forbidden.has(stem.toLowerCase()) ? folder.byName.get(stem) : folder.byAlias.get(stem);
   if (found !== undefined) return found.path;

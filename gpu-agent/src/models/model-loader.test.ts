@@ -7,7 +7,17 @@ import sharp from "sharp";
 import { create } from "@bufbuild/protobuf";
 import { FarmError, GenerationParamsSchema, RngSource, RunTaskRequestSchema } from "@latentfarm/shared";
 import type { LoadedPipeline } from "../pipeline/loaded-pipeline.js";
-import { MANIFEST_FILE, loraAddnetHash, type PipelineManifest } from "../model-graph/index.js";
+import { createHash } from "node:crypto";
+import {
+  MANIFEST_FILE,
+  encodeSafetensors,
+  loraAddnetHash,
+  loraShortHash,
+  readSafetensors,
+  type PipelineManifest,
+  type TensorToWrite,
+} from "../model-graph/index.js";
+import { encodeTorchFile } from "../test-support/torch-writer.js";
 import { renderTask } from "../pipeline/txt2img.js";
 import { ModelCatalog } from "./catalog.js";
 import { pipelineKey, unmergedLoraHashes, type LoraUse } from "./model-loader.js";
@@ -130,6 +140,41 @@ describe("LoRAs named in a prompt merge into the checkpoint", { concurrency: fal
     const img = await render(one, params);
     assert.notDeepEqual(await sharp(img.png).raw().toBuffer(), b);
     assert.match(img.infotext, /Lora hashes: "style: [0-9a-f]{12}"/);
+  });
+
+  test("a torch .pt LoRA merges as the .safetensors of the same tensors does; its hash is the whole file's, and sshs_model_hash is used where recorded", async () => {
+    // style.pt and style_sshs.safetensors: the tensors of style.safetensors, as torch.save and as kohya save them.
+    const st = await readSafetensors(join(opts.lorasDir, "style.safetensors"));
+    const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
+    const toWrite: Record<string, TensorToWrite> = {};
+    for (const k of st.keys()) {
+      const data = await st.float32(k);
+      tensors[k] = { shape: [...st.info(k).shape], data };
+      toWrite[k] = { dtype: "F32", shape: [...st.info(k).shape], data };
+    }
+    await st.close();
+    const pt = encodeTorchFile(tensors);
+    writeFileSync(join(opts.lorasDir, "style_pt.pt"), pt);
+    const recorded = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    writeFileSync(join(opts.lorasDir, "style_sshs.safetensors"), encodeSafetensors(toWrite, { sshs_model_hash: recorded }));
+    const one = await pipelineFor(catalog, "tiny", [{ name: "style", teWeight: 1, unetWeight: 1 }], opts);
+    const fromPt = await pipelineFor(catalog, "tiny", [{ name: "style_pt", teWeight: 1, unetWeight: 1 }], opts);
+    const fromSshs = await pipelineFor(catalog, "tiny", [{ name: "style_sshs", teWeight: 1, unetWeight: 1 }], opts);
+    open.push(one, fromPt, fromSshs);
+    const want = await sharp((await render(one, params)).png)
+      .raw()
+      .toBuffer();
+    const ptImage = await render(fromPt, { ...params, prompt: "a cat <lora:style_pt:1>" });
+    assert.deepEqual(await sharp(ptImage.png).raw().toBuffer(), want);
+    const wholeFile = createHash("sha256").update(pt).digest("hex").slice(0, 12);
+    assert.match(ptImage.infotext, new RegExp(`Lora hashes: "style_pt: ${wholeFile}"`));
+    const sshsImage = await render(fromSshs, { ...params, prompt: "a cat <lora:style_sshs:1>" });
+    assert.deepEqual(await sharp(sshsImage.png).raw().toBuffer(), want);
+    assert.match(sshsImage.infotext, /Lora hashes: "style_sshs: 0123456789ab"/);
+    assert.equal(
+      await loraShortHash(join(opts.lorasDir, "style.safetensors")),
+      await loraAddnetHash(join(opts.lorasDir, "style.safetensors")),
+    );
   });
 
   test("a weight-0 LoRA merges nothing and is listed in Lora hashes where its pass's prompt names it, as A1111 lists it", async () => {

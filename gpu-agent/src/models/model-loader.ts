@@ -13,7 +13,7 @@ import {
   type Logger,
   type LoraRef,
 } from "@latentfarm/shared";
-import { importVae, importCheckpoint, importCheckpointWithLoras, loraAddnetHash, type ArchitectureHints } from "../model-graph/index.js";
+import { importVae, importCheckpoint, importCheckpointWithLoras, loraShortHash, type ArchitectureHints } from "../model-graph/index.js";
 import type { ExecutionProvider } from "../runtime/protocol.js";
 import { modelJsonPath, type ModelCatalog, type ModelEntry } from "./catalog.js";
 import { SdModel, loadTextEncoder } from "./sd-model.js";
@@ -65,17 +65,17 @@ export function lorasOf(prompt: string, explicit: readonly LoraRef[]): LoraUse[]
   return loras;
 }
 
-/** LoRA files' addnet hashes, by path, while size and mtime stay: a weight-0 LoRA is hashed once, not per task. */
-const addnetHashCache = new Map<string, { size: number; mtimeMs: number; hash: string }>();
+/** LoRA files' infotext hashes (loraShortHash), by path, while size and mtime stay: a weight-0 LoRA is hashed once, not per task. */
+const loraHashCache = new Map<string, { size: number; mtimeMs: number; hash: string }>();
 const MAX_CACHED_HASHES = 1024;
 
-async function cachedAddnetHash(path: string): Promise<string> {
+async function cachedLoraHash(path: string): Promise<string> {
   const st = await stat(path);
-  let cached = addnetHashCache.get(path);
+  let cached = loraHashCache.get(path);
   if (cached === undefined || cached.size !== st.size || cached.mtimeMs !== st.mtimeMs) {
-    cached = { size: st.size, mtimeMs: st.mtimeMs, hash: await loraAddnetHash(path) };
-    if (addnetHashCache.size >= MAX_CACHED_HASHES) addnetHashCache.clear();
-    addnetHashCache.set(path, cached);
+    cached = { size: st.size, mtimeMs: st.mtimeMs, hash: await loraShortHash(path) };
+    if (loraHashCache.size >= MAX_CACHED_HASHES) loraHashCache.clear();
+    loraHashCache.set(path, cached);
   }
   return cached.hash;
 }
@@ -101,7 +101,7 @@ export async function unmergedLoraHashes(
     const hash =
       path === undefined
         ? undefined
-        : await cachedAddnetHash(path).catch((e: unknown) => {
+        : await cachedLoraHash(path).catch((e: unknown) => {
             if ((e as NodeJS.ErrnoException).code === "ENOENT") return undefined;
             throw e;
           });
@@ -281,7 +281,7 @@ export async function loadModel(
     for (const l of key.loras) {
       const path = await resolveLoraFile(opts.lorasDir, l.name);
       requests.push({ path, unetWeight: l.unetWeight, textWeight: l.teWeight });
-      loraHashes.push(`${l.name}: ${await cachedAddnetHash(path)}`);
+      loraHashes.push(`${l.name}: ${await cachedLoraHash(path)}`);
     }
     const imported = await importCheckpointWithLoras(entry.path, requests, importOpts);
     dir = imported.dir;
