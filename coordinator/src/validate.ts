@@ -281,7 +281,7 @@ export function imageSeeds(
   }));
 }
 
-/** A name the agent can look a LoRA file up by: inside its LoRA folder (lora.ts resolveNamedFile). */
+/** A name the agent can look a LoRA file up by: inside its LoRA folder (gpu-agent models/lora-files.ts resolveLoraFile). */
 function isLoraName(name: string): boolean {
   // eslint-disable-next-line no-control-regex
   return name !== "" && !/[/\\\u0000-\u001f]/.test(name) && !name.includes("..");

@@ -41,9 +41,17 @@ export interface AuxiliaryNeeds {
  * regard to case (the agent looks for the exact name first, then any that differs in case only).
  */
 export function loraKey(name: string): string {
-  const lower = name.toLowerCase();
-  const ext = [".safetensors", ".pt", ".ckpt"].find((e) => lower.endsWith(e) && lower.length > e.length);
-  return ext === undefined ? lower : lower.slice(0, -ext.length);
+  return (loraStem(name) ?? name).toLowerCase();
+}
+
+/** The files A1111 lists as LoRAs (any case here); .pt and .ckpt ones are torch.save archives. */
+export const LORA_EXTENSIONS = [".safetensors", ".pt", ".ckpt"] as const;
+
+/** A file name without its LoRA extension, or undefined when it has none (or nothing before it). */
+export function loraStem(file: string): string | undefined {
+  const lower = file.toLowerCase();
+  const ext = LORA_EXTENSIONS.find((e) => lower.endsWith(e));
+  return ext === undefined || file.length === ext.length ? undefined : file.slice(0, -ext.length);
 }
 
 /**

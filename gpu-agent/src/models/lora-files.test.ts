@@ -115,6 +115,8 @@ test("tags may name a LoRA by the name it was trained under (ss_output_name), un
     // "none" is forbidden as an alias (A1111's seed).
     lora("c/blank.safetensors", "none");
     assert.equal(await resolveLoraFile(dir, "add_detail"), join(dir, "detail_tweaker_v1.safetensors"));
+    // In another case too, as placement matches names and aliases.
+    assert.equal(await resolveLoraFile(dir, "Add_Detail"), join(dir, "detail_tweaker_v1.safetensors"));
     assert.equal(await resolveLoraFile(dir, "detail_tweaker_v1"), join(dir, "detail_tweaker_v1.safetensors"));
     assert.equal(await resolveLoraFile(dir, "style"), join(dir, "a", "style.safetensors"));
     assert.equal(await resolveLoraFile(dir, "ink_v2"), join(dir, "b", "ink_v2.safetensors"));

@@ -4,19 +4,9 @@
 // so prompts shared with images (civitai's) carry, whatever the file was renamed to on download.
 
 import { dirname, join, relative, sep } from "node:path";
-import { FarmError } from "@latentfarm/shared";
+import { FarmError, loraStem } from "@latentfarm/shared";
 import { ModelFileError, readSafetensors } from "../model-graph/index.js";
 import { filesUnder, type TreeFile } from "./folder-tree.js";
-
-/** The files A1111 lists as LoRAs; .pt and .ckpt are torch.save archives (lora.ts reads both kinds). */
-const EXTENSIONS = [".safetensors", ".pt", ".ckpt"] as const;
-
-/** The file name without its LoRA extension, or undefined when it has none (or nothing before it). */
-function loraStem(file: string): string | undefined {
-  const lower = file.toLowerCase();
-  const ext = EXTENSIONS.find((e) => lower.endsWith(e));
-  return ext === undefined || file.length === ext.length ? undefined : file.slice(0, -ext.length);
-}
 
 /** A LoRA file as tags name it (the file name without its extension), its alias and its size. */
 export interface LoraFile {
@@ -113,8 +103,8 @@ export async function loraFolder(dir: string): Promise<LoraFolder> {
 /**
  * The file a `<lora:name:…>` tag (or a request's `loras` entry) names. Names are plain names: path
  * separators, `..` and control characters are INVALID_ARGUMENT. A1111's lookup first (by name where the
- * name is a forbidden alias, else by name or alias), then by file name without regard to case, as users
- * type names they have seen; NOT_FOUND when none.
+ * name is a forbidden alias, else by name or alias), then without regard to case, as users type names
+ * they have seen; NOT_FOUND when none.
  */
 export async function resolveLoraFile(dir: string, name: string): Promise<string> {
   // eslint-disable-next-line no-control-regex
@@ -125,9 +115,11 @@ export async function resolveLoraFile(dir: string, name: string): Promise<string
   const folder = await loraFolder(dir);
   const found = folder.forbidden.has(stem.toLowerCase()) ? folder.byName.get(stem) : folder.byAlias.get(stem);
   if (found !== undefined) return found.path;
+  // Without regard to case: file names first, then aliases tags may use (placement matches both that way).
   const lower = stem.toLowerCase();
   let hit: TreeFile | undefined;
   for (const [n, f] of folder.byName) if (n.toLowerCase() === lower) hit = f;
+  if (hit === undefined && !folder.forbidden.has(lower)) for (const [n, f] of folder.byAlias) if (n.toLowerCase() === lower) hit = f;
   if (hit !== undefined) return hit.path;
   throw ModelFileError.fileNotFound(join(dir, name), `no lora named ${JSON.stringify(name)}`);
 }
