@@ -697,7 +697,7 @@ export type Heartbeat = Message<"latentfarm.v1.Heartbeat"> & {
   faceRestorers: string[];
 
   /**
-   * LoRA files in the agent's LoRA folder (--loras), without `agents`.
+   * LoRA files in the agent's LoRA folder (--loras) and its subfolders, as tags find them, without `agents`.
    *
    * @generated from field: repeated latentfarm.v1.LoraInfo loras = 9;
    */

@@ -1028,8 +1028,8 @@ export const ListLorasResponseSchema: GenMessage<ListLorasResponse> = /*@__PURE_
  */
 export type LoraInfo = Message<"latentfarm.v1.LoraInfo"> & {
   /**
-   * The name a prompt's <lora:name:…> tag gives it: the file's name without ".safetensors", as written in
-   * the agent's LoRA folder (tags match it without regard to case).
+   * The name a prompt's <lora:name:…> tag gives it: the file's name without its extension (.safetensors,
+   * .pt, .ckpt), as written in the agent's LoRA folder or a subfolder (tags match it without regard to case).
    *
    * @generated from field: string name = 1;
    */
