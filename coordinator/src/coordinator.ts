@@ -434,10 +434,18 @@ export class Coordinator {
               models.set(name, m);
             }
           }
+          const defaultModel = this.defaultModel(this.registry.list());
           return {
             models: [...models.entries()]
               .sort(([x], [y]) => (x < y ? -1 : x > y ? 1 : 0))
-              .map(([name, m]) => ({ name, format: m.format, modelHash: m.modelHash, family: m.family, loadedOn: m.loadedOn })),
+              .map(([name, m]) => ({
+                name,
+                format: m.format,
+                modelHash: m.modelHash,
+                family: m.family,
+                loadedOn: m.loadedOn,
+                isDefault: name === defaultModel,
+              })),
           };
         },
         listSamplers: async (_req, ctx) => {
@@ -858,7 +866,7 @@ export class Coordinator {
       if (existing) return { jobId: existing.id, imageCount: existing.spec.imageCount };
     }
     const agents = this.registry.list();
-    const defaultModel = this.cfg.defaultModel ?? [...new Set(agents.flatMap((a) => [...a.available]))].sort()[0];
+    const defaultModel = this.defaultModel(agents);
     // As the request asked (validateJob fills a copy in, from the infotext too).
     const asked = { model: params.model, infotext: params.infotext, sdVae: params.overrideSettings?.sdVae ?? "" };
     const v = validateJob(params, {
@@ -1038,6 +1046,11 @@ export class Coordinator {
       job.persistTimer = undefined;
       if (!job.final) this.persistLater(job);
     }, 100);
+  }
+
+  /** The model a job that names none renders with: --default-model, else the first the agents offer by name. */
+  private defaultModel(agents: readonly AgentState[]): string | undefined {
+    return this.cfg.defaultModel ?? [...new Set(agents.flatMap((a) => [...a.available]))].sort()[0];
   }
 
   /** A finished image: stored in the object store, then announced; the job record follows shortly. */

@@ -1045,7 +1045,11 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       const viaOptions = (await (await post("txt2img", withoutSettings)).json()) as { images: string[] };
       assert.deepEqual(viaOptions.images, answer.images, "the stored options render the same images");
       assert.equal((await post("options", { sd_model_checkpoint: null, CLIP_stop_at_last_layers: null })).status, 200);
-      assert.deepEqual(await (await fetch(`${base}/options`)).json(), { sd_model_checkpoint: null });
+      // Unset, the checkpoint is the farm's default model, which the caller's jobs render with, by A1111's title.
+      const fallback = (await farm.client.listModels({})).models.find((m) => m.isDefault)!;
+      const cleared = (await (await fetch(`${base}/options`)).json()) as { sd_model_checkpoint: string };
+      assert.deepEqual(Object.keys(cleared), ["sd_model_checkpoint"]);
+      assert.match(cleared.sd_model_checkpoint, new RegExp(`^${fallback.name}( \\[[0-9a-f]{10}\\])?$`));
       // Listings in A1111's shapes.
       const samplers = (await (await fetch(`${base}/samplers`)).json()) as Array<{ name: string; aliases: string[] }>;
       assert.ok(samplers.some((s) => s.name === "Euler a" && s.aliases.includes("k_euler_a")));

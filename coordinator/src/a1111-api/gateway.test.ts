@@ -106,6 +106,8 @@ test("what tools probe before they call: empty script and extension lists, no-op
     for (const path of ["script-info", "extensions", "hypernetworks", "sd-modules"])
       assert.deepEqual(await get(`/sdapi/v1/${path}`), [], path);
     assert.deepEqual(await get("/internal/ping"), {});
+    // Options answer without the coordinator too; the default checkpoint is then unknown.
+    assert.deepEqual(await get("/sdapi/v1/options"), { sd_model_checkpoint: null });
     for (const path of ["refresh-loras", "refresh-checkpoints", "refresh-vae", "unload-checkpoint", "reload-checkpoint"]) {
       const res = await fetch(`${g.url}/sdapi/v1/${path}`, { method: "POST" });
       assert.equal(res.status, 200, path);

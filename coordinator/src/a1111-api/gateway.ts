@@ -326,7 +326,7 @@ export class A1111Gateway {
       "GET /sdapi/v1/sd-models",
       async (c) =>
         (await this.client.listModels({}, c.o)).models.map((m) => ({
-          title: m.modelHash ? `${m.name} [${m.modelHash}]` : m.name,
+          title: checkpointTitle(m),
           model_name: m.name,
           hash: m.modelHash || null,
           sha256: null,
@@ -407,7 +407,7 @@ export class A1111Gateway {
         return pngInfo(Buffer.from(imageBase64(image ?? null, "image"), "base64"));
       },
     ],
-    ["GET /sdapi/v1/options", (c) => Promise.resolve({ sd_model_checkpoint: null, ...this.options.get(callerKey(c.metadata)) })],
+    ["GET /sdapi/v1/options", (c) => this.getOptions(c)],
     ["POST /sdapi/v1/options", (c) => this.setOptions(c)],
   ]);
 
@@ -420,6 +420,22 @@ export class A1111Gateway {
   }
 
   /** POST /options: the caller's settings for its later calls; null removes one. */
+  /**
+   * The caller's options. Its checkpoint, until it sets one, is the farm's default model, which its jobs
+   * render with, by the title A1111 gives its loaded checkpoint: tools read it to show "the" model. Without
+   * the coordinator that is unknown (null), and the call still answers.
+   */
+  private async getOptions(c: Call): Promise<JsonObject> {
+    const mine = this.options.get(callerKey(c.metadata));
+    if (typeof mine?.["sd_model_checkpoint"] === "string") return mine;
+    const models = await this.client.listModels({}, c.o).then(
+      (r) => r.models,
+      () => [] as ModelInfo[],
+    );
+    const fallback = models.find((m) => m.isDefault);
+    return { sd_model_checkpoint: fallback === undefined ? null : checkpointTitle(fallback), ...mine };
+  }
+
   private async setOptions(c: Call): Promise<null> {
     const body = await this.body(c.req);
     if (typeof body !== "object" || body === null || Array.isArray(body))
@@ -530,4 +546,9 @@ export class A1111Gateway {
     if (endpoint === "extra-batch-images") return extrasBatchResponse(images);
     return generationResponse(raw as JsonObject, endpoint === "img2img", params, images, sendImages, startedAt);
   }
+}
+
+/** A checkpoint's title as A1111 gives it: "name [hash]" once hashed, else the name. */
+function checkpointTitle(m: Pick<ModelInfo, "name" | "modelHash">): string {
+  return m.modelHash ? `${m.name} [${m.modelHash}]` : m.name;
 }
