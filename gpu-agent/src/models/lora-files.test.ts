@@ -52,6 +52,9 @@ test("the LoRA folder: .safetensors files in it and its subfolders, by file name
     assert.equal(await resolveLoraFile(dir, "hero"), join(dir, "characters", "hero.safetensors"));
     assert.equal(await resolveLoraFile(dir, "Villain.safetensors"), join(dir, "characters", "deep", "villain.safetensors"));
     assert.equal(await resolveLoraFile(dir, "a"), join(dir, "A.SafeTensors"));
+    // A file added since the last walk is found: a name the recent walk lacks is looked for afresh.
+    writeFileSync(join(dir, "characters", "late.safetensors"), "");
+    assert.equal(await resolveLoraFile(dir, "late"), join(dir, "characters", "late.safetensors"));
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

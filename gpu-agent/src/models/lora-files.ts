@@ -55,13 +55,7 @@ function compareNatural(a: string, b: string): number {
   return x.length - y.length;
 }
 
-/**
- * The folder's LoRAs as A1111's list_available_networks makes them. Its walk goes through the folders in
- * natural order of their paths and each folder's files in natural order; a later file of a name replaces an
- * earlier one, both by name and by alias; an alias already taken (by an earlier file's name or alias) is
- * forbidden: tags naming it find files by name only. Folders whose name starts with "." are left out
- * (list_hidden_files off); links are followed. A missing or unreadable folder has no LoRAs.
- */
+/** A LoRA folder as A1111's Lora extension holds it (loraFolder). */
 export interface LoraFolder {
   /** By name (available_networks), in walk order, each name at its last file. */
   byName: Map<string, TreeFile>;
@@ -73,6 +67,13 @@ export interface LoraFolder {
   aliases: Map<TreeFile, string>;
 }
 
+/**
+ * The folder's LoRAs as A1111's list_available_networks makes them. Its walk goes through the folders in
+ * natural order of their paths and each folder's files in natural order; a later file of a name replaces an
+ * earlier one, both by name and by alias; an alias already taken (by an earlier file's name or alias) is
+ * forbidden: tags naming it find files by name only. Folders whose name starts with "." are left out
+ * (list_hidden_files off); links are followed. A missing or unreadable folder has no LoRAs.
+ */
 export async function loraFolder(dir: string): Promise<LoraFolder> {
   const files = await filesUnder(dir, (name) => loraStem(name) !== undefined).catch(() => [] as TreeFile[]);
   const visible = files.filter(
@@ -112,16 +113,34 @@ export async function resolveLoraFile(dir: string, name: string): Promise<string
     throw FarmError.invalid("lora", `${JSON.stringify(name)} is not a plain name`);
   }
   const stem = loraStem(name) ?? name;
-  const folder = await loraFolder(dir);
-  const found = folder.forbidden.has(stem.toLowerCase()) ? folder.byName.get(stem) : folder.byAlias.get(stem);
+  // A walk stats every file of the tree: a recent one serves, and a name it lacks is looked for afresh.
+  const path = lookUp(await recentFolder(dir), stem) ?? lookUp(await recentFolder(dir, true), stem);
+  if (path !== undefined) return path;
+  throw ModelFileError.fileNotFound(join(dir, name), `no lora named ${JSON.stringify(name)}`);
+}
+
+function lookUp(folder: LoraFolder, stem: string): string | undefined {
+  const lower = stem.toLowerCase();
+  const found = folder.forbidden.has(lower) ? folder.byName.get(stem) : folder.byAlias.get(stem);
   if (found !== undefined) return found.path;
   // Without regard to case: file names first, then aliases tags may use (placement matches both that way).
-  const lower = stem.toLowerCase();
   let hit: TreeFile | undefined;
   for (const [n, f] of folder.byName) if (n.toLowerCase() === lower) hit = f;
   if (hit === undefined && !folder.forbidden.has(lower)) for (const [n, f] of folder.byAlias) if (n.toLowerCase() === lower) hit = f;
-  if (hit !== undefined) return hit.path;
-  throw ModelFileError.fileNotFound(join(dir, name), `no lora named ${JSON.stringify(name)}`);
+  return hit?.path;
+}
+
+/** Walks of each folder, newest first; one younger than RECENT_MS serves a lookup. */
+const walks = new Map<string, { at: number; folder: Promise<LoraFolder> }>();
+const RECENT_MS = 5_000;
+
+function recentFolder(dir: string, fresh = false): Promise<LoraFolder> {
+  const now = Date.now();
+  const last = walks.get(dir);
+  if (!fresh && last !== undefined && now - last.at <= RECENT_MS) return last.folder;
+  const folder = loraFolder(dir);
+  walks.set(dir, { at: now, folder });
+  return folder;
 }
 
 /** The folder's LoRAs by name, with their usable aliases and sizes (the files resolveLoraFile picks). */
