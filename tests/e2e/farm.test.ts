@@ -18,6 +18,7 @@ import {
   TEST_SDXL_REFINER_CHECKPOINT,
   TEST_UPSCALER,
   TEST_LORA,
+  testLora,
   TEST_VAE,
   TEST_VAE_SHIFT,
   farmSkipReason,
@@ -770,14 +771,34 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     );
   });
 
-  test("LoRA files are listed with their agents (ListLoras, the CLI); a LoRA no agent with the checkpoint has is refused at Submit", async () => {
-    const listed = { name: TEST_LORA, sizeBytes: 96, agents: ["agent-0"] };
+  test("a LoRA on one agent: listed there (ListLoras, the CLI), its jobs rendered there; one no agent with the checkpoint has is refused at Submit", async () => {
+    const listed = { name: TEST_LORA, sizeBytes: testLora().length, agents: ["agent-0"] };
     const { loras } = await farm.client.listLoras({});
     assert.deepEqual(
       loras.map((l) => ({ name: l.name, sizeBytes: Number(l.sizeBytes), agents: l.agents })),
       [listed],
     );
     assert.deepEqual(cliList(farm, "loras"), [listed]);
+    // Its images come from agent-0, the one with the file, merged into the checkpoint (LoRAs merge into .safetensors ones).
+    const render = async (prompt: string) => {
+      const { jobId } = await farm.client.submit({
+        params: { prompt, model: TEST_RENAMED_CHECKPOINT, width: 64, height: 64, steps: 3, samplerName: "Euler", seed: 5n, batchSize: 2 },
+      });
+      const events = await collect(farm, jobId);
+      assert.equal(events.at(-1)?.event.case, "done", JSON.stringify(events.at(-1)?.event.value));
+      return events.flatMap((e) => (e.event.case === "image" ? [e.event.value.image!] : []));
+    };
+    const withLora = await render(`a lighthouse <lora:${TEST_LORA.toUpperCase()}:1>`);
+    assert.deepEqual(
+      withLora.map((i) => i.agentId),
+      ["agent-0", "agent-0"],
+    );
+    const hash = createHash("sha256")
+      .update(testLora().subarray(8 + Number(Buffer.from(testLora()).readBigUInt64LE(0))))
+      .digest("hex");
+    assert.match(withLora[0]!.infotext, new RegExp(`Lora hashes: "${TEST_LORA.toUpperCase()}: ${hash.slice(0, 12)}"`));
+    const without = await render("a lighthouse");
+    assert.notDeepEqual(await sharp(withLora[0]!.png).raw().toBuffer(), await sharp(without[0]!.png).raw().toBuffer());
     // Named in the prompt (in any case), in `loras`, or in the hires prompt only: each names its field.
     await expectStatus(
       farm.client.submit({ params: { prompt: "x <lora:nowhere:0.8>", model: "tiny-sd15" } }),

@@ -221,8 +221,23 @@ export const TEST_STYLES_CSV =
 
 /** The upscaler model file startTestFarm gives its first agent: ×2 nearest-neighbour. */
 export const TEST_UPSCALER = "2x-nearest-test";
-/** A file in the first agent's LoRA folder (listed, never merged: its bytes are no LoRA). */
-export const TEST_LORA = "lf-listed-only";
+/** A LoRA for the kit's tiny SD1.5, in the first agent's LoRA folder only. */
+export const TEST_LORA = "lf-ink";
+
+/** TEST_LORA's file: rank-2 factors on the UNet's first self-attention query and the text encoder's first layer's. */
+export function testLora(): Uint8Array {
+  const factor = (shape: number[], v: number) => ({
+    dtype: "F32" as const,
+    shape,
+    data: Float32Array.from({ length: shape[0]! * shape[1]! }, (_, i) => v * Math.sin(i + 1)),
+  });
+  return encodeSafetensors({
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": factor([32, 2], 0.6),
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": factor([2, 32], 0.6),
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": factor([32, 2], 0.4),
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": factor([2, 32], 0.4),
+  });
+}
 
 /** A ×2 nearest-neighbour upscaler as an ONNX model: four copies of the image's channels, then DepthToSpace (DCR). */
 async function writeNearest2xUpscaler(path: string): Promise<void> {
@@ -276,7 +291,7 @@ export async function startTestFarm(
   // A LoRA folder on the first agent only: ListLoras lists the file there, and placement checks for it.
   const lorasDir = join(tmp, "loras");
   mkdirSync(lorasDir);
-  writeFileSync(join(lorasDir, `${TEST_LORA}.safetensors`), Buffer.alloc(96));
+  writeFileSync(join(lorasDir, `${TEST_LORA}.safetensors`), testLora());
   const started: ServiceProcess[] = [];
   try {
     const coordinator = await startService([
