@@ -679,6 +679,19 @@ test("a job is refused at submit when no one agent has a stage's checkpoint and 
     refused({ model: "m", prompt: "x <lora:style:0.8>", enableHr: true, hrScale: 2, hrPrompt: "<lora:hr:1>" }, withLoras)?.field,
     "hr_prompt",
   );
+  // A model that is an ONNX folder wherever it is takes no LoRA (they merge into checkpoints' named weights).
+  for (const a of withLoras) a.models.set("m", { format: "diffusers-onnx", modelHash: "", family: "sd1" });
+  const onnx = refused({ model: "m", prompt: "x <lora:style:0.8>" }, withLoras);
+  assert.equal(onnx?.field, "model");
+  assert.match(onnx!.message, /"m" is an ONNX folder on every agent that has it/);
+  assert.equal(refused({ model: "m", prompt: "x <lora:style:0>" }, withLoras), undefined, "weight 0 merges nothing");
+  withLoras[0]!.models.set("m", { format: "safetensors", modelHash: "", family: "sd1" });
+  withLoras[0]!.loras = [create(LoraInfoSchema, { name: "ink" })];
+  withLoras[0]!.loraNames = loraNamesOf(withLoras[0]!.loras);
+  // a0 has the checkpoint but not the LoRA; a2 the LoRA but the ONNX folder: no agent can merge it.
+  assert.match(refused({ model: "m", prompt: "x <lora:style:0.8>" }, withLoras)!.message, /checkpoint "m" \(on a0\) and LoRA "style"/);
+  withLoras[2]!.models.set("m", { format: "safetensors", modelHash: "", family: "sd1" });
+  assert.equal(refused({ model: "m", prompt: "x <lora:style:0.8>" }, withLoras), undefined, "a2 has both as files");
 });
 
 test("every attempt leaves a record: the agent's own time when it sent one, the coordinator's otherwise; tenants are charged by outcome", async () => {

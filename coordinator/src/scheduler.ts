@@ -1286,8 +1286,18 @@ export function checkStagesPlaceable(p: GenerationParams, plan: HiresPlan | unde
       stage === TaskStage.FULL ? refinerInPass(p, "first") || refinerInPass(p, "second") : pass !== undefined && refinerInPass(p, pass);
     if (refiner !== undefined && switches) models.push(refiner);
     for (const model of models) {
-      const holders = agents.filter((a) => offersModel(a, model));
-      if (holders.length === 0) continue; // NOT_FOUND already, for the model itself
+      const offering = agents.filter((a) => offersModel(a, model));
+      if (offering.length === 0) continue; // NOT_FOUND already, for the model itself
+      // LoRAs merge into checkpoints' named weights; an exported ONNX folder has none (the agent refuses it),
+      // so a stage that merges one needs an agent with the model as a checkpoint.
+      const holders = needs.loras.length > 0 ? offering.filter((a) => a.models.get(model)?.format !== "diffusers-onnx") : offering;
+      if (holders.length === 0) {
+        throw new FarmError(
+          grpc.status.FAILED_PRECONDITION,
+          `"${model}" is an ONNX folder on every agent that has it, and LoRAs (here "${needs.loras[0]!.name}") merge into .safetensors checkpoints only: render with a checkpoint`,
+          { field: model === p.model ? "model" : model === refiner ? "refiner_checkpoint" : "hr_checkpoint_name", retryable: false },
+        );
+      }
       if (holders.some((a) => missing.get(a) === undefined)) continue;
       const { what, field } = missing.get(holders[0]!)!;
       const where = agents

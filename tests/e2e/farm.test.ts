@@ -801,21 +801,37 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
     assert.notDeepEqual(await sharp(withLora[0]!.png).raw().toBuffer(), await sharp(without[0]!.png).raw().toBuffer());
     // Named in the prompt (in any case), in `loras`, or in the hires prompt only: each names its field.
     await expectStatus(
-      farm.client.submit({ params: { prompt: "x <lora:nowhere:0.8>", model: "tiny-sd15" } }),
+      farm.client.submit({ params: { prompt: "x <lora:nowhere:0.8>", model: TEST_RENAMED_CHECKPOINT } }),
       grpc.status.FAILED_PRECONDITION,
-      'prompt: no agent has both checkpoint "tiny-sd15".* and LoRA "nowhere"',
+      `prompt: no agent has both checkpoint "${TEST_RENAMED_CHECKPOINT}".* and LoRA "nowhere"`,
     );
     await expectStatus(
-      farm.client.submit({ params: { prompt: "x", model: "tiny-sd15", loras: [{ name: "nowhere", teWeight: 1, unetWeight: 1 }] } }),
+      farm.client.submit({
+        params: { prompt: "x", model: TEST_RENAMED_CHECKPOINT, loras: [{ name: "nowhere", teWeight: 1, unetWeight: 1 }] },
+      }),
       grpc.status.FAILED_PRECONDITION,
       "loras\\[0\\].name",
     );
     await expectStatus(
       farm.client.submit({
-        params: { prompt: "x", model: "tiny-sd15", enableHr: true, hrScale: 2, hrPrompt: "<lora:nowhere:1>", width: 64, height: 64 },
+        params: {
+          prompt: "x",
+          model: TEST_RENAMED_CHECKPOINT,
+          enableHr: true,
+          hrScale: 2,
+          hrPrompt: "<lora:nowhere:1>",
+          width: 64,
+          height: 64,
+        },
       }),
       grpc.status.FAILED_PRECONDITION,
       "hr_prompt",
+    );
+    // The kit's tiny-sd15 is an ONNX folder on both agents: no LoRA merges into it.
+    await expectStatus(
+      farm.client.submit({ params: { prompt: `x <lora:${TEST_LORA}:1>`, model: "tiny-sd15" } }),
+      grpc.status.FAILED_PRECONDITION,
+      'model: "tiny-sd15" is an ONNX folder on every agent that has it',
     );
     // A tag A1111 cannot parse is the prompt's error.
     await expectStatus(
