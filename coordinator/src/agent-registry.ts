@@ -36,6 +36,8 @@ export interface AgentState {
   /** Its LoRA files (for listings), and the names tags may give them (loraNamesOf). */
   loras: LoraInfo[];
   loraNames: ReadonlySet<string>;
+  /** Its LoRA list did not fit in a heartbeat (Heartbeat.loras_unlisted): it may have any LoRA. */
+  lorasUnlisted: boolean;
   freeMemoryBytes: bigint;
   lastSeen: number;
   /** Tasks this coordinator has running there; authoritative over the heartbeat's busy count. */
@@ -109,6 +111,7 @@ export class AgentRegistry {
         faceRestorers: new Set(hb.faceRestorers),
         loras: hb.loras,
         loraNames: loraNamesOf(hb.loras),
+        lorasUnlisted: hb.lorasUnlisted,
         freeMemoryBytes: hb.freeMemoryBytes,
         lastSeen: Date.now(),
         inFlight: 0,
@@ -141,6 +144,7 @@ export class AgentRegistry {
     a.faceRestorers = new Set(hb.faceRestorers);
     a.loras = hb.loras;
     a.loraNames = loraNamesOf(hb.loras);
+    a.lorasUnlisted = hb.lorasUnlisted;
     a.models = modelsOf(hb);
     a.freeMemoryBytes = hb.freeMemoryBytes;
     a.lastSeen = Date.now();

@@ -129,6 +129,7 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
     faceRestorers: new Set<string>(),
     loras: [],
     loraNames: new Set<string>(),
+    lorasUnlisted: false,
     vaes: [],
     models: new Map(),
     freeMemoryBytes: 0n,
@@ -523,6 +524,12 @@ test("a task that merges a LoRA goes only to agents with its file, by name (any 
   assert.deepEqual(new Set(h.done.map((d) => d.agent)), new Set(["with-lora"]));
   h.done.length = 0;
   h.submit(6, 2, undefined, 1, "", { prompt: "a cat <lora:detail_tweaker:0>" });
+  await h.settled(6);
+  assert.deepEqual(new Set(h.done.map((d) => d.agent)), new Set(["plain", "with-lora"]));
+  // An agent whose list did not fit in its heartbeat may have any LoRA, as before agents listed them.
+  h.done.length = 0;
+  plain.lorasUnlisted = true;
+  h.submit(6, 2, undefined, 1, "", { prompt: "a cat <lora:detail_tweaker:0.7>" });
   await h.settled(6);
   assert.deepEqual(new Set(h.done.map((d) => d.agent)), new Set(["plain", "with-lora"]));
   h.scheduler.close();

@@ -108,7 +108,7 @@ export function missingFile(a: AgentState, p: GenerationParams, needs: Auxiliary
   if (upscaler !== undefined) return { what: `upscaler "${upscaler.name}"`, field: upscaler.field };
   const restorer = needs.faceRestorers.find((f) => !a.faceRestorers.has(f.name));
   if (restorer !== undefined) return { what: `face restorer ${restorer.name}`, field: restorer.field };
-  const lora = needs.loras.find((l) => !a.loraNames.has(loraKey(l.name)));
+  const lora = a.lorasUnlisted ? undefined : needs.loras.find((l) => !a.loraNames.has(loraKey(l.name)));
   if (lora !== undefined) return { what: `LoRA "${lora.name}"`, field: lora.field };
   return undefined;
 }

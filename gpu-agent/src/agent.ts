@@ -40,6 +40,7 @@ import { ModelFamilies } from "./models/model-families.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
 import { EXTRAS_PIPELINE_KEY, parsePipelineKey, passKeysWith } from "./models/model-loader.js";
 import { LoraList } from "./models/lora-files.js";
+import { heartbeatBytes } from "./heartbeat.js";
 import { runTaskPasses, type RunOnPipeline } from "./task-passes.js";
 import { availableParallelism, cpus, tmpdir } from "node:os";
 import { createRequire } from "node:module";
@@ -129,6 +130,8 @@ export class Agent {
   private readonly vaes: VaeList;
   /** For heartbeats: what the LoRA folder holds (pipelines resolve their LoRAs themselves). */
   private readonly loras: LoraList;
+  /** Whether the last heartbeat left the LoRA list out (warned once per stretch). */
+  private lorasUnlistedWarned = false;
   /** The checkpoints' "Model hash", hashed in the background, for heartbeats. */
   private readonly hashes: CheckpointHashes;
   private readonly families = new ModelFamilies();
@@ -326,7 +329,19 @@ export class Agent {
           faceRestorers,
           loras: loras.map((f) => create(LoraInfoSchema, { name: f.name, alias: f.alias ?? "", sizeBytes: BigInt(f.sizeBytes) })),
         });
-        this.nc.publish(subjects.agentHeartbeat(this.id), toBinary(HeartbeatSchema, hb));
+        const { bytes, lorasUnlisted } = heartbeatBytes(hb, this.nc.info?.max_payload ?? 1024 * 1024);
+        if (lorasUnlisted && !this.lorasUnlistedWarned) {
+          this.cfg.logger.warn("the LoRA folder's list does not fit in a heartbeat: placement will not know which LoRAs are here", {
+            files: hb.loras.length,
+          });
+        }
+        this.lorasUnlistedWarned = lorasUnlisted;
+        try {
+          this.nc.publish(subjects.agentHeartbeat(this.id), bytes);
+        } catch (err) {
+          // A heartbeat lost is the next one's to make up; an exception here would end the process.
+          this.cfg.logger.warn("heartbeat not published", { error: String(err) });
+        }
       },
       (err: unknown) => this.cfg.logger.warn("cannot list models", { error: String(err) }),
     );

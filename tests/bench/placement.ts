@@ -69,6 +69,7 @@ export async function benchPlacement(
       faceRestorers: new Set<string>(),
       loras: [],
       loraNames: new Set<string>(),
+      lorasUnlisted: false,
       vaes: [],
       models: new Map(),
       freeMemoryBytes: 0n,
