@@ -4,6 +4,7 @@ import {
   FarmError,
   checkExtras,
   isPlainName,
+  isLoraName,
   hiresCheckpoint,
   refinerCheckpoint,
   checkRefinerSwitchAt,
@@ -279,10 +280,4 @@ export function imageSeeds(
     seed: subseedStrength === 0 ? seed + BigInt(i) : seed,
     subseed: subseed + BigInt(i),
   }));
-}
-
-/** A name the agent can look a LoRA file up by: inside its LoRA folder (gpu-agent models/lora-files.ts resolveLoraFile). */
-function isLoraName(name: string): boolean {
-  // eslint-disable-next-line no-control-regex
-  return name !== "" && !/[/\\\u0000-\u001f]/.test(name) && !name.includes("..");
 }

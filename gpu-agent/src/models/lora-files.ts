@@ -4,7 +4,7 @@
 // so prompts shared with images (civitai's) carry, whatever the file was renamed to on download.
 
 import { dirname, join, relative, sep } from "node:path";
-import { FarmError, loraStem } from "@latentfarm/shared";
+import { FarmError, isLoraName, loraStem } from "@latentfarm/shared";
 import { ModelFileError, readSafetensors } from "../model-graph/index.js";
 import { filesUnder, type TreeFile } from "./folder-tree.js";
 
@@ -108,10 +108,7 @@ export async function loraFolder(dir: string): Promise<LoraFolder> {
  * they have seen; NOT_FOUND when none.
  */
 export async function resolveLoraFile(dir: string, name: string): Promise<string> {
-  // eslint-disable-next-line no-control-regex
-  if (!name || name.includes("/") || name.includes("\\") || name.includes("..") || /[\u0000-\u001f]/.test(name)) {
-    throw FarmError.invalid("lora", `${JSON.stringify(name)} is not a plain name`);
-  }
+  if (!isLoraName(name)) throw FarmError.invalid("lora", `${JSON.stringify(name)} is not a plain name`);
   const stem = loraStem(name) ?? name;
   // A walk stats every file of the tree: a recent one serves, and a name it lacks is looked for afresh.
   const path = lookUp(await recentFolder(dir), stem) ?? lookUp(await recentFolder(dir, true), stem);
