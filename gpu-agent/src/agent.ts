@@ -39,7 +39,7 @@ import { CheckpointHashes } from "./models/checkpoint-hashes.js";
 import { ModelFamilies } from "./models/model-families.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
 import { EXTRAS_PIPELINE_KEY, parsePipelineKey, passKeysWith } from "./models/model-loader.js";
-import { LoraList } from "./models/lora-files.js";
+import { recentLoras } from "./models/lora-files.js";
 import { heartbeatBytes } from "./heartbeat.js";
 import { runTaskPasses, type RunOnPipeline } from "./task-passes.js";
 import { availableParallelism, cpus, tmpdir } from "node:os";
@@ -128,8 +128,6 @@ export class Agent {
   private embeddingsError: string | undefined;
   /** A1111's VAE list, which a task's sd_vae resolves against before its pipeline is chosen. */
   private readonly vaes: VaeList;
-  /** For heartbeats: what the LoRA folder holds (pipelines resolve their LoRAs themselves). */
-  private readonly loras: LoraList;
   /** Whether the last heartbeat left the LoRA list out (warned once per stretch). */
   private lorasUnlistedWarned = false;
   /** The checkpoints' "Model hash", hashed in the background, for heartbeats. */
@@ -153,7 +151,6 @@ export class Agent {
     this.id = cfg.agentId ?? `${hostname()}-${randomUUID().slice(0, 8)}`;
     this.catalog = new ModelCatalog(cfg.modelsDir);
     this.embeddings = cfg.embeddingsDir ? new EmbeddingsFolder(cfg.embeddingsDir, cfg.logger) : undefined;
-    this.loras = new LoraList(cfg.lorasDir);
     this.vaes = new VaeList({
       modelsDir: cfg.modelsDir,
       ...(cfg.vaeDir !== undefined && { vaeDir: cfg.vaeDir }),
@@ -299,7 +296,7 @@ export class Agent {
     const vaes = this.vaes.current().catch(() => []);
     const upscalers = listUpscalers(this.cfg.upscalersDir);
     const faceRestorers = listFaceRestorers(this.cfg.faceModelsDir);
-    const loras = this.loras.current();
+    const loras = recentLoras(this.cfg.lorasDir);
     const models = this.catalog
       .list()
       .then(async (entries) => ({ entries, hashes: await this.hashes.of(entries), families: await this.families.of(entries) }));

@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { status } from "@grpc/grpc-js";
 import { FarmError } from "@latentfarm/shared";
 import { encodeSafetensors } from "../model-graph/index.js";
-import { LoraList, listLoras, resolveLoraFile } from "./lora-files.js";
+import { listLoras, recentLoras, resolveLoraFile } from "./lora-files.js";
 
 function folder(files: Record<string, number>): string {
   const dir = mkdtempSync(join(tmpdir(), "lf-loras-"));
@@ -42,12 +42,11 @@ test("the LoRA folder: .safetensors files in it and its subfolders, by file name
     assert.deepEqual(await listLoras(dir), want);
     assert.deepEqual(await listLoras(join(dir, "missing")), []);
     assert.deepEqual(await listLoras(undefined), []);
-    // Heartbeats read it again only once their listing is stale.
-    const list = new LoraList(dir, 60_000);
-    assert.deepEqual(await list.current(), want);
+    // Heartbeats take a walk of the last few seconds: a file added since shows in the next fresh one.
     writeFileSync(join(dir, "c.safetensors"), "");
-    assert.deepEqual(await list.current(), want, "not read again within maxAgeMs");
-    assert.ok((await new LoraList(dir, -1).current()).some((f) => f.name === "c"));
+    assert.deepEqual(await listLoras(dir, 60_000), want, "not walked again within maxAgeMs");
+    assert.deepEqual(await recentLoras(dir), want, "a heartbeat's listing, from the same walk");
+    assert.ok((await listLoras(dir)).some((f) => f.name === "c"));
     // Tags name them by file name, wherever they are; with or without the extension, in any case.
     assert.equal(await resolveLoraFile(dir, "hero"), join(dir, "characters", "hero.safetensors"));
     assert.equal(await resolveLoraFile(dir, "Villain.safetensors"), join(dir, "characters", "deep", "villain.safetensors"));

@@ -111,7 +111,7 @@ export async function resolveLoraFile(dir: string, name: string): Promise<string
   if (!isLoraName(name)) throw FarmError.invalid("lora", `${JSON.stringify(name)} is not a plain name`);
   const stem = loraStem(name) ?? name;
   // A walk stats every file of the tree: a recent one serves, and a name it lacks is looked for afresh.
-  const path = lookUp(await recentFolder(dir), stem) ?? lookUp(await recentFolder(dir, true), stem);
+  const path = lookUp(await recentFolder(dir), stem) ?? lookUp(await recentFolder(dir, 0), stem);
   if (path !== undefined) return path;
   throw ModelFileError.fileNotFound(join(dir, name), `no lora named ${JSON.stringify(name)}`);
 }
@@ -127,23 +127,27 @@ function lookUp(folder: LoraFolder, stem: string): string | undefined {
   return hit?.path;
 }
 
-/** Walks of each folder, newest first; one younger than RECENT_MS serves a lookup. */
+/** The last walk of each folder, and when it began. */
 const walks = new Map<string, { at: number; folder: Promise<LoraFolder> }>();
+/** How old a walk may be to serve a lookup, or a heartbeat's listing (they go out every second). */
 const RECENT_MS = 5_000;
 
-function recentFolder(dir: string, fresh = false): Promise<LoraFolder> {
+function recentFolder(dir: string, maxAgeMs = RECENT_MS): Promise<LoraFolder> {
   const now = Date.now();
   const last = walks.get(dir);
-  if (!fresh && last !== undefined && now - last.at <= RECENT_MS) return last.folder;
+  if (last !== undefined && now - last.at <= maxAgeMs) return last.folder;
   const folder = loraFolder(dir);
   walks.set(dir, { at: now, folder });
   return folder;
 }
 
-/** The folder's LoRAs by name, with their usable aliases and sizes (the files resolveLoraFile picks). */
-export async function listLoras(dir: string | undefined): Promise<LoraFile[]> {
+/**
+ * The folder's LoRAs by name, with their usable aliases and sizes (the files resolveLoraFile picks), from
+ * a walk at most `maxAgeMs` old (0: a new one): heartbeats take one lookups made, and the other way round.
+ */
+export async function listLoras(dir: string | undefined, maxAgeMs = 0): Promise<LoraFile[]> {
   if (!dir) return [];
-  const folder = await loraFolder(dir);
+  const folder = await recentFolder(dir, maxAgeMs);
   return [...folder.byName]
     .map(([name, f]): LoraFile => {
       const alias = folder.aliases.get(f);
@@ -154,18 +158,7 @@ export async function listLoras(dir: string | undefined): Promise<LoraFile[]> {
     .sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : 0));
 }
 
-/** listLoras for heartbeats, which go out every second: the folder is read again at most every `maxAgeMs`. */
-export class LoraList {
-  private last: { at: number; files: Promise<LoraFile[]> } | undefined;
-
-  constructor(
-    private readonly dir: string | undefined,
-    private readonly maxAgeMs = 5_000,
-  ) {}
-
-  current(): Promise<LoraFile[]> {
-    const now = Date.now();
-    if (this.last === undefined || now - this.last.at > this.maxAgeMs) this.last = { at: now, files: listLoras(this.dir) };
-    return this.last.files;
-  }
+/** listLoras as heartbeats take it: from a walk of the last few seconds. */
+export function recentLoras(dir: string | undefined): Promise<LoraFile[]> {
+  return listLoras(dir, RECENT_MS);
 }
