@@ -351,9 +351,10 @@ export async function a1111LegacyModelHash(path: string): Promise<string> {
 export async function loraShortHash(path: string): Promise<string> {
   if (!path.toLowerCase().endsWith(".safetensors")) return (await sha256File(path)).slice(0, 12);
   const file = await readSafetensors(path);
-  const recorded = file.metadata["sshs_model_hash"];
   await file.close();
-  return recorded ? recorded.slice(0, 12) : loraAddnetHash(path);
+  const recorded = file.metadata["sshs_model_hash"];
+  // The addnet hash covers the bytes after the header, which the open file has found already.
+  return recorded ? recorded.slice(0, 12) : (await sha256File(path, file.dataOffset)).slice(0, 12);
 }
 
 /** kohya "addnet" hash A1111 shows for LoRAs: sha256 of a safetensors file's bytes after the header, 12 hex digits. */
