@@ -793,6 +793,14 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       withLora.map((i) => i.agentId),
       ["agent-0", "agent-0"],
     );
+    // Placed there from the start: no attempt failed on the agent without the file first.
+    for (const img of withLora) {
+      const { attempts } = (img as unknown as { provenance: ImageProvenance }).provenance;
+      assert.deepEqual(
+        attempts.map((a) => [a.agentId, a.outcome]),
+        [["agent-0", AttemptOutcome.USED]],
+      );
+    }
     const hash = createHash("sha256")
       .update(testLora().subarray(8 + Number(Buffer.from(testLora()).readBigUInt64LE(0))))
       .digest("hex");
