@@ -20,6 +20,14 @@
 //                             step of a sampler making two model calls costs at least two passes;
 //   "pass_floor_ms_per_call_median": the median of the samplers' b_pass_floor_per_call over the run (the upper
 //                             middle one for an even count);
+//   "<sampler> b_in_sampler_hot": b_in_sampler with a model that answers at once instead of after 30 ms,
+//                             measured in the same rounds: the sampler's work with its latents, code and
+//                             tables still in the caches (samplers_hot_within_0.3ms_per_step counts them);
+//   "page_touch_us_hot" / "page_touch_us_after_30ms_idle": what the machine charges per 4 KB page for the
+//                             first read of each page of three latents, right after reading them and after the
+//                             thread waited idle for 30 ms, as it waits for the model. Where the second is
+//                             many times the first, the pause itself, not the code, sets b_in_sampler: a
+//                             step reading two latents touches 128 pages;
 //   "<sampler> b_in_sampler_copying": b_in_sampler with latent residency off, side by side: every kernel
 //                             copies its operands into WebAssembly memory and its results out;
 //   "<sampler> b_no_prefetch": b_critical without drawing ahead, measured side by side;
@@ -44,7 +52,7 @@
 // step, measured with a do-nothing sampler) and, on a loaded machine, thread wake-up delays. Each number is
 // the fastest of `repeats` runs; load_1min is the machine's load when the run started.
 import { loadavg } from "node:os";
-import { benchSamplers } from "../../gpu-agent/src/sampling/bench.js";
+import { benchSamplers, pageTouchMicros } from "../../gpu-agent/src/sampling/bench.js";
 import { median } from "./stats.js";
 
 export async function benchSamplerOverhead(
@@ -62,6 +70,7 @@ export async function benchSamplerOverhead(
   let meetingPerStep = 0;
   let meetingPerCall = 0;
   let meetingInPipeline = 0;
+  let meetingHot = 0;
   for (const r of results) {
     out[`${r.sampler} a_sync`] = r.syncMsPerStep;
     out[`${r.sampler} b_critical`] = r.criticalMsPerStep!;
@@ -70,6 +79,8 @@ export async function benchSamplerOverhead(
     out[`${r.sampler} b_in_sampler_per_call`] = perCall;
     out[`${r.sampler} b_pass_floor_per_call`] = r.passFloorMsPerCall!;
     out[`${r.sampler} b_in_sampler_over_floor`] = perCall / r.passFloorMsPerCall!;
+    out[`${r.sampler} b_in_sampler_hot`] = r.hotInSamplerMsPerStep!;
+    if (r.hotInSamplerMsPerStep! <= 0.3) meetingHot++;
     out[`${r.sampler} b_in_sampler_copying`] = r.criticalInSamplerCopyingMsPerStep!;
     out[`${r.sampler} b_no_prefetch`] = r.criticalNoPrefetchMsPerStep!;
     out[`${r.sampler} b_longest_block`] = r.longestBlockMs!;
@@ -98,6 +109,10 @@ export async function benchSamplerOverhead(
   out["samplers_in_sampler_within_0.3ms_per_step"] = meetingPerStep;
   out["samplers_in_sampler_within_0.3ms_per_call"] = meetingPerCall;
   out["samplers_c_within_0.3ms"] = meetingInPipeline;
+  out["samplers_hot_within_0.3ms_per_step"] = meetingHot;
+  // After the samplers, so that the bench's threads are idle; each is the median of 21 rounds.
+  out["page_touch_us_hot"] = pageTouchMicros(0);
+  out["page_touch_us_after_30ms_idle"] = pageTouchMicros(30);
   out["samplers"] = results.length;
   return out;
 }

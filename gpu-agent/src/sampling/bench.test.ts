@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { benchSamplers } from "./bench.js";
+import { benchSamplers, pageTouchMicros } from "./bench.js";
 import { residentArraysOut } from "./kernels.js";
 import { listSamplers } from "./plan.js";
 
@@ -44,7 +44,7 @@ test("benchSamplers (b): with an off-thread model every draw after the first req
   );
   for (const r of results) {
     assert.equal(r.criticalNoiseCalls, 0, `${r.sampler}: draws left on the critical path`);
-    for (const v of [r.criticalMsPerStep, r.floorMsPerStep, r.passFloorMsPerCall])
+    for (const v of [r.criticalMsPerStep, r.floorMsPerStep, r.passFloorMsPerCall, r.hotInSamplerMsPerStep])
       assert.ok(v !== undefined && Number.isFinite(v) && v >= 0, `${r.sampler}: ${v}`);
   }
   // Every run, the bare passes' included, gave its latents back.
@@ -56,4 +56,11 @@ test("benchSamplers (b): with an off-thread model every draw after the first req
   const noisy = results.filter((r) => r.noiseCalls > 0).map((r) => r.sampler);
   for (const name of ["Euler a", "DPM++ SDE", "DPM++ 2M SDE", "DDIM", "LCM", "DPM fast", "DPM adaptive"])
     assert.ok(noisy.includes(name), name);
+});
+
+test("pageTouchMicros: a positive time per page, with and without a pause", () => {
+  for (const pause of [0, 1]) {
+    const us = pageTouchMicros(pause, 3);
+    assert.ok(Number.isFinite(us) && us > 0, `${pause} ms: ${us}`);
+  }
 });

@@ -59,6 +59,11 @@ export interface BenchSamplersOptions {
   withoutPrefetch?: boolean;
   /** Measure each number this many times and keep the fastest, against noise from other load (default 3). */
   repeats?: number;
+  /**
+   * (b) also measure each sampler with a model that answers at once (`hotInSamplerMsPerStep`), so that
+   * nothing of the sampler's goes cold between two calls (default true when modelMs > 0).
+   */
+  hot?: boolean;
 }
 
 export interface SamplerBenchResult {
@@ -123,6 +128,12 @@ export interface SamplerBenchResult {
   passFloorMsPerCall?: number;
   /** (b) noise draws or tree queries still made on the critical path (inside the sampler, not ahead). */
   criticalNoiseCalls?: number;
+  /**
+   * (b) criticalInSamplerMsPerStep with a model that answers at once instead of after modelMs: the same
+   * driver and noise drawn ahead, but the sampler's latents, code and tables are still in the caches when
+   * it resumes. Against criticalInSamplerMsPerStep it shows what the pause alone costs on this machine.
+   */
+  hotInSamplerMsPerStep?: number;
 }
 
 /** The trivial model: D(x, σ) = x/(1 + σ²), eps = x·σ/(1 + σ²) (scaled input), uncond 0.9·eps. */
@@ -431,6 +442,7 @@ type OffThreadNumbers = Pick<
   | "firstWaitMs"
   | "workerBootMs"
   | "criticalAfterStartMsPerStep"
+  | "hotInSamplerMsPerStep"
 >;
 
 function minimum(a: OffThreadNumbers, b: OffThreadNumbers): OffThreadNumbers {
@@ -450,6 +462,7 @@ function minimum(a: OffThreadNumbers, b: OffThreadNumbers): OffThreadNumbers {
     floorMsPerStep: min(a.floorMsPerStep, b.floorMsPerStep),
     passFloorMsPerCall: min(a.passFloorMsPerCall, b.passFloorMsPerCall),
     criticalNoiseCalls: Math.max(a.criticalNoiseCalls ?? 0, b.criticalNoiseCalls ?? 0),
+    hotInSamplerMsPerStep: min(a.hotInSamplerMsPerStep, b.hotInSamplerMsPerStep),
   };
 }
 
@@ -475,6 +488,7 @@ async function measureOffThread(
   withoutPrefetch: boolean,
   service: BrownianWorkers,
   workerBootMs: number,
+  hotModel: OffThreadModel | undefined,
 ): Promise<OffThreadNumbers> {
   const counted = prepare(bench, true);
   const reported = counted.prepared.steps;
@@ -522,7 +536,44 @@ async function measureOffThread(
   const passes = await runOffThread(barePasses(requests), model, undefined);
   // Like a sampler's, its first resumption (the start) and its copy of the result out are in it.
   out.passFloorMsPerCall = passes.samplerMs / requests.length;
+  if (hotModel !== undefined) {
+    const { run: hot } = await runDrawingAhead(prepare(bench, true), hotModel, service);
+    out.hotInSamplerMsPerStep = hot.samplerMs / reported;
+  }
   return out;
+}
+
+/** Where pageTouchMicros's reads go, so that the engine cannot drop them (read by nothing else). */
+export let pageTouchSum = 0;
+
+/**
+ * Microseconds per 4 KB page for the first read of each page of three latent-sized arrays (768 KB) after
+ * this thread has waited idle for `pauseMs` (Atomics.wait: it touches no memory meanwhile, as the
+ * sampler's thread waiting for the model), the median of `rounds`. A machine that keeps the pages in its
+ * caches and TLBs over the pause gives about what it gives with no pause; one whose other work (other
+ * tenants of a VM host, another process) evicts them gives what every sampler pays per page it first
+ * touches after a model call, whatever its code does.
+ */
+export function pageTouchMicros(pauseMs: number, rounds = 21): number {
+  const n = 4 * 128 * 128;
+  const arrays = [new Float32Array(n).fill(1), new Float32Array(n).fill(2), new Float32Array(n).fill(3)];
+  const perPage = 1024;
+  const touch = (): number => {
+    let s = 0;
+    for (let i = 0; i < n; i += perPage) s += arrays[0]![i]! + arrays[1]![i]! + arrays[2]![i]!;
+    return s;
+  };
+  for (let k = 0; k < 200; k++) touch();
+  const times: number[] = [];
+  const idle = new Int32Array(new SharedArrayBuffer(4));
+  for (let r = 0; r < rounds; r++) {
+    if (pauseMs > 0) Atomics.wait(idle, 0, 0, pauseMs);
+    const t = performance.now();
+    pageTouchSum += touch();
+    times.push(((performance.now() - t) * 1000) / ((3 * n) / perPage));
+  }
+  times.sort((a, b) => a - b);
+  return times[rounds >> 1]!;
 }
 
 export async function benchSamplers(options: BenchSamplersOptions = {}): Promise<SamplerBenchResult[]> {
@@ -535,6 +586,7 @@ export async function benchSamplers(options: BenchSamplersOptions = {}): Promise
   const modelMs = options.modelMs ?? 0;
   const length = shape[0] * shape[1] * shape[2];
   const model = modelMs > 0 ? new OffThreadModel(length, modelMs) : undefined;
+  const hotModel = model !== undefined && (options.hot ?? true) ? new OffThreadModel(length, 0) : undefined;
   const noiseThread = new NoiseThread();
   // One service for the whole bench, as one pipeline serves all its runs; its start-up is timed once, here.
   const service = new BrownianWorkers();
@@ -559,7 +611,7 @@ export async function benchSamplers(options: BenchSamplersOptions = {}): Promise
       for (let k = 0; k < repeats && model !== undefined; k++) {
         Object.assign(
           result,
-          minimum(result, await measureOffThread(bench, model, options.withoutPrefetch ?? true, service, workerBootMs)),
+          minimum(result, await measureOffThread(bench, model, options.withoutPrefetch ?? true, service, workerBootMs, hotModel)),
         );
       }
       for (let k = 0; k < repeats && modelMs > 0; k++) {
@@ -571,7 +623,7 @@ export async function benchSamplers(options: BenchSamplersOptions = {}): Promise
       results.push(result);
     }
   } finally {
-    await model?.close();
+    await Promise.all([model?.close(), hotModel?.close()]);
     await Promise.all([noiseThread.close(), service.close()]);
   }
   return results;
