@@ -316,7 +316,7 @@ export class Agent {
           ),
           freeMemoryBytes: BigInt(freemem()),
           embeddings: (embeddings?.embeddings ?? []).map((e) =>
-            create(EmbeddingInfoSchema, { name: e.name, vectors: e.vectors, width: e.hidden, hash: e.sha256.slice(0, 12) }),
+            create(EmbeddingInfoSchema, { name: e.name, vectors: e.vectors, width: e.hidden, hash: (e.sha256 ?? "").slice(0, 12) }),
           ),
           skippedEmbeddings: (embeddings?.skipped ?? []).map((s) =>
             create(SkippedEmbeddingSchema, { file: relative(this.embeddings!.dir, s.file), reason: s.reason }),

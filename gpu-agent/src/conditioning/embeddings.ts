@@ -10,8 +10,13 @@ export interface TextualInversionEmbedding {
   readonly hidden: number;
   /** vectors × hidden, row-major. */
   readonly data: Float32Array;
-  /** sha256 of the file (hex); A1111's infotext writes its first 12 characters ("TI hashes"). */
-  readonly sha256: string;
+  /**
+   * sha256 of the file (hex); A1111's infotext writes its first 12 characters ("TI hashes"). None for an
+   * embedding bundled in a LoRA: A1111 gives those no hash, and leaves them out of TI hashes.
+   */
+  readonly sha256?: string;
+  /** The LoRA whose file carried this embedding (`bundle_emb`), where one did. */
+  readonly bundledIn?: string;
 }
 
 export interface EmbeddingTokenizer {

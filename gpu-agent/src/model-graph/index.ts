@@ -116,6 +116,8 @@ export {
   deltaShape,
   compvisCandidates,
   moduleIndex,
+  readLoraBundleTensors,
+  BUNDLED_EMBEDDING_PREFIX,
 } from "./lora.js";
 export type { LoraApplication, LoraModule, LoraRequest, ParsedLora, ImportedWithLoras } from "./lora.js";
 

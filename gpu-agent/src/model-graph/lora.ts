@@ -218,6 +218,27 @@ function openLora(path: string): Promise<LoraTensors> {
   return isSafetensorsLora(path) ? readSafetensors(path) : readTorchLora(path);
 }
 
+/** The prefix of the tensors in which a LoRA file carries textual-inversion embeddings (A1111 1.7's "bundle_emb"). */
+export const BUNDLED_EMBEDDING_PREFIX = "bundle_emb.";
+
+/**
+ * The tensors of a LoRA file whose keys start with `bundle_emb.`, in the file's key order, as float32 with
+ * their shapes. Most LoRAs have none; then only the file's header (or torch archive) is read.
+ */
+export async function readLoraBundleTensors(path: string): Promise<Array<[string, { shape: readonly number[]; data: Float32Array }]>> {
+  const file = await openLora(path);
+  try {
+    const out: Array<[string, { shape: readonly number[]; data: Float32Array }]> = [];
+    for (const key of file.keys()) {
+      if (!key.startsWith(BUNDLED_EMBEDDING_PREFIX)) continue;
+      out.push([key, { shape: file.info(key).shape, data: await file.float32(key) }]);
+    }
+    return out;
+  } finally {
+    await file.close();
+  }
+}
+
 /**
  * Reads a LoRA/LoHa/LoKr file (.safetensors, or a torch .pt/.ckpt) and maps its layers onto `checkpointKeys` (the base model's tensor
  * names and shapes). Factors that do not fit each other and unreadable files throw ModelFileError; layers that
@@ -241,7 +262,7 @@ export async function loadLora(
         warnings.push(`ignored key ${key}`);
         continue;
       }
-      if (s.layer === "bundle_emb" || key.startsWith("bundle_emb.")) continue;
+      if (s.layer === "bundle_emb" || key.startsWith(BUNDLED_EMBEDDING_PREFIX)) continue;
       let g = groups.get(s.layer);
       if (!g) groups.set(s.layer, (g = new Map()));
       g.set(s.part, key);

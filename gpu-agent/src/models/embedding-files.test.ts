@@ -7,7 +7,15 @@ import { after, test } from "node:test";
 import { status } from "@grpc/grpc-js";
 import { silentLogger } from "@latentfarm/shared";
 import { encodeSafetensors, f32ToF16 } from "../model-graph/index.js";
-import { EmbeddingsFolder, embeddingDatabase, readEmbeddingFile, readEmbeddingsFolder } from "./embedding-files.js";
+import {
+  EmbeddingsFolder,
+  bundledEmbeddingsOf,
+  embeddingDatabase,
+  readBundledEmbeddings,
+  readEmbeddingFile,
+  readEmbeddingsFolder,
+} from "./embedding-files.js";
+import { encodeTorchFile } from "../test-support/torch-writer.js";
 
 const FIXTURES = join(import.meta.dirname, "..", "test-support", "embeddings");
 const dir = mkdtempSync(join(tmpdir(), "lf-embeddings-"));
@@ -137,4 +145,86 @@ test("EmbeddingsFolder reads again only when the folder changed; a model's datab
   const db = embeddingDatabase(second, letters, 32);
   assert.equal(db.findAt(letters.encode("a concept"), 2)?.embedding.hidden, 32);
   assert.equal(embeddingDatabase(second, letters, 768).size, 0);
+});
+
+test("embeddings bundled in a LoRA, read as A1111 1.7 reads bundle_emb keys: each layout, by name, without a hash", async () => {
+  const lora = "lora_te_text_model_encoder_layers_0_self_attn_q_proj";
+  const path = join(dir, "bundle.safetensors");
+  writeFileSync(
+    path,
+    encodeSafetensors({
+      [`${lora}.lora_up.weight`]: f32([32, 2]),
+      [`${lora}.lora_down.weight`]: f32([2, 32]),
+      // Two string_to_param entries: A1111 keeps the last, and prefers it to the embedding's other tensors.
+      "bundle_emb.trig.string_to_param.old": f32([1, 32], 500),
+      "bundle_emb.trig.string_to_param.*": f32([2, 32], 100),
+      "bundle_emb.trig.extra": f32([3, 32], 900),
+      "bundle_emb.solo.emb_params": f32([32], 200),
+      "bundle_emb.xl.clip_l": f32([1, 4], 300),
+      "bundle_emb.xl.clip_g": f32([1, 6], 400),
+    }),
+  );
+  const read = await readBundledEmbeddings(path, "bundle");
+  const byName = new Map(read.map((e) => [e.name, e]));
+  assert.deepEqual([...byName.keys()].sort(), ["solo", "trig", "xl"]);
+  const trig = byName.get("trig")!;
+  assert.deepEqual([trig.vectors, trig.hidden, trig.sha256, trig.bundledIn], [2, 32, undefined, "bundle"]);
+  assert.deepEqual([...trig.data], [...f32([2, 32], 100).data]);
+  // A 1-D tensor is one vector; clip_l and clip_g are SDXL's, L's part first.
+  assert.deepEqual([byName.get("solo")!.vectors, byName.get("solo")!.hidden], [1, 32]);
+  const xl = byName.get("xl")!;
+  assert.deepEqual([xl.vectors, xl.hidden], [1, 10]);
+  assert.deepEqual([...xl.data], [...f32([1, 4], 300).data, ...f32([1, 6], 400).data]);
+
+  // A torch .pt LoRA carries them under the same keys.
+  const pt = join(dir, "bundle.pt");
+  writeFileSync(pt, encodeTorchFile({ "bundle_emb.trig.string_to_param.*": { shape: [2, 32], data: f32([2, 32], 100).data } }));
+  assert.deepEqual([...(await readBundledEmbeddings(pt, "bundle_pt"))[0]!.data], [...trig.data]);
+
+  // A LoRA without a bundle has none; a bundle A1111 cannot read (two plain tensors, no tensor name) throws.
+  const plain = join(dir, "plain.safetensors");
+  writeFileSync(plain, encodeSafetensors({ [`${lora}.lora_up.weight`]: f32([32, 2]), [`${lora}.lora_down.weight`]: f32([2, 32]) }));
+  assert.deepEqual(await readBundledEmbeddings(plain, "plain"), []);
+  const two = join(dir, "two.safetensors");
+  writeFileSync(two, encodeSafetensors({ "bundle_emb.t.a": f32([1, 32]), "bundle_emb.t.b": f32([1, 32]) }));
+  await assert.rejects(readBundledEmbeddings(two, "two"), { code: status.INVALID_ARGUMENT, message: /holds 2 tensors/ });
+  const bare = join(dir, "bare.safetensors");
+  writeFileSync(bare, encodeSafetensors({ "bundle_emb.t": f32([1, 32]) }));
+  await assert.rejects(readBundledEmbeddings(bare, "bare"), /names no embedding and tensor/);
+
+  // Several LoRAs: the later one's embedding of a name replaces the earlier one's.
+  const again = join(dir, "again.safetensors");
+  writeFileSync(again, encodeSafetensors({ "bundle_emb.trig.emb_params": f32([1, 32], 700) }));
+  const merged = await bundledEmbeddingsOf([
+    { name: "bundle", path },
+    { name: "again", path: again },
+  ]);
+  const last = merged.find((e) => e.name === "trig")!;
+  assert.deepEqual([last.bundledIn, last.vectors], ["again", 1]);
+  assert.equal(merged.filter((e) => e.name === "trig").length, 1);
+});
+
+test("a database with bundled embeddings: the folder's embedding of a name wins, other widths are left out", async () => {
+  const folderDir = join(dir, "folder-vs-bundle");
+  mkdirSync(folderDir);
+  writeFileSync(join(folderDir, "trig.safetensors"), encodeSafetensors({ emb_params: f32([1, 32], 5) }));
+  const read = await readEmbeddingsFolder(folderDir);
+  const bundled = [
+    { name: "trig", vectors: 1, hidden: 32, data: f32([1, 32], 6).data, bundledIn: "l" },
+    { name: "only", vectors: 1, hidden: 32, data: f32([1, 32], 7).data, bundledIn: "l" },
+    { name: "wide", vectors: 1, hidden: 768, data: f32([1, 768], 8).data, bundledIn: "l" },
+  ];
+  const db = embeddingDatabase(read, letters, 32, bundled);
+  assert.deepEqual(db.embeddings.map((e) => [e.name, e.bundledIn]).sort(), [
+    ["only", "l"],
+    ["trig", undefined],
+  ]);
+  assert.ok(db.get("trig")!.sha256 !== undefined);
+  // Without a folder: the bundle alone.
+  assert.deepEqual(
+    embeddingDatabase(undefined, letters, 32, bundled)
+      .embeddings.map((e) => e.name)
+      .sort(),
+    ["only", "trig"],
+  );
 });

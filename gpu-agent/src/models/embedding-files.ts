@@ -8,7 +8,15 @@ import { readFile } from "node:fs/promises";
 import { basename, extname } from "node:path";
 import type { Logger } from "@latentfarm/shared";
 import { CHUNK_LENGTH, EmbeddingDatabase, type EmbeddingTokenizer, type TextualInversionEmbedding } from "../conditioning/index.js";
-import { ModelFileError, readSafetensors, readTorchFile, toFloat32, TorchTensor } from "../model-graph/index.js";
+import {
+  BUNDLED_EMBEDDING_PREFIX,
+  ModelFileError,
+  readLoraBundleTensors,
+  readSafetensors,
+  readTorchFile,
+  toFloat32,
+  TorchTensor,
+} from "../model-graph/index.js";
 import { filesUnder, treeMtime } from "./folder-tree.js";
 
 /** A tensor of an embedding file: its shape and values as float32. */
@@ -62,35 +70,79 @@ export async function readEmbeddingFile(path: string, bytes?: Uint8Array): Promi
   } else {
     throw ModelFileError.invalidFile(path, "is not a .pt, .bin or .safetensors file");
   }
+  return embeddingFromTensors(path, basename(path, extname(path)), tensors, createHash("sha256").update(content).digest("hex"));
+}
+
+/**
+ * One embedding from its tensors (key, tensor), by A1111's create_embedding_from_data: clip_l with clip_g
+ * is SDXL's, else the one tensor there is. `source` names it in errors.
+ */
+function embeddingFromTensors(
+  source: string,
+  name: string,
+  tensors: ReadonlyArray<readonly [unknown, unknown]>,
+  sha256: string | undefined,
+  bundledIn?: string,
+): TextualInversionEmbedding {
   const keys = tensors.map(([k]) => String(k));
   let tensor: FileTensor;
   if (keys.includes("clip_l") && keys.includes("clip_g")) {
     tensor = sdxlVectors(
-      path,
-      tensorOf(path, tensors.find(([k]) => k === "clip_l")![1]),
-      tensorOf(path, tensors.find(([k]) => k === "clip_g")![1]),
+      source,
+      tensorOf(source, tensors.find(([k]) => k === "clip_l")![1]),
+      tensorOf(source, tensors.find(([k]) => k === "clip_g")![1]),
     );
   } else {
     if (tensors.length !== 1) {
-      throw ModelFileError.invalidFile(path, `holds ${tensors.length} tensors where an embedding has one (keys: ${keys.join(", ")})`);
+      throw ModelFileError.invalidFile(source, `holds ${tensors.length} tensors where an embedding has one (keys: ${keys.join(", ")})`);
     }
-    tensor = tensorOf(path, tensors[0]![1]);
+    tensor = tensorOf(source, tensors[0]![1]);
   }
   const vectors = tensor.shape.length === 1 ? 1 : tensor.shape[0]!;
   const hidden = tensor.shape[tensor.shape.length - 1]!;
-  if (vectors < 1 || hidden < 1) throw ModelFileError.invalidFile(path, "has no vectors");
+  if (vectors < 1 || hidden < 1) throw ModelFileError.invalidFile(source, "has no vectors");
   if (vectors > CHUNK_LENGTH) {
     // A1111 loads it, and then fails on the first prompt that names it: it cannot fit one 75-token chunk.
-    throw ModelFileError.invalidFile(path, `has ${vectors} vectors; a prompt chunk holds at most ${CHUNK_LENGTH}`);
+    throw ModelFileError.invalidFile(source, `has ${vectors} vectors; a prompt chunk holds at most ${CHUNK_LENGTH}`);
   }
-  if (tensor.data.some((v) => !Number.isFinite(v))) throw ModelFileError.invalidFile(path, "holds NaN or infinite values");
+  if (tensor.data.some((v) => !Number.isFinite(v))) throw ModelFileError.invalidFile(source, "holds NaN or infinite values");
   return {
-    name: basename(path, extname(path)),
+    name,
     vectors,
     hidden,
     data: tensor.data,
-    sha256: createHash("sha256").update(content).digest("hex"),
+    ...(sha256 !== undefined && { sha256 }),
+    ...(bundledIn !== undefined && { bundledIn }),
   };
+}
+
+/**
+ * The textual-inversion embeddings a LoRA file carries (`bundle_emb.<name>.<tensor>`), as A1111 1.7+ reads
+ * them when the LoRA is loaded: by name, in the order their first tensor comes in the file. Under a name,
+ * `string_to_param.<k>` tensors make a string_to_param entry of their own, the last one replacing the
+ * others, which A1111 then prefers to every other tensor; else clip_l with clip_g, or the one tensor there
+ * is. They have no hash (A1111 writes none into TI hashes for them). A bundle A1111 cannot read fails its
+ * LoRA there; here it throws ModelFileError.
+ */
+export async function readBundledEmbeddings(loraPath: string, loraName: string): Promise<TextualInversionEmbedding[]> {
+  const byName = new Map<string, { params?: readonly [string, FileTensor]; tensors: Array<[string, FileTensor]> }>();
+  for (const [key, tensor] of await readLoraBundleTensors(loraPath)) {
+    const rest = key.slice(BUNDLED_EMBEDDING_PREFIX.length);
+    const dot = rest.indexOf(".");
+    if (dot <= 0 || dot === rest.length - 1) throw ModelFileError.invalidFile(loraPath, `${key} names no embedding and tensor`);
+    const [name, vec] = [rest.slice(0, dot), rest.slice(dot + 1)];
+    let entry = byName.get(name);
+    if (entry === undefined) byName.set(name, (entry = { tensors: [] }));
+    if (vec.split(".")[0] === "string_to_param") {
+      if (!vec.includes(".")) throw ModelFileError.invalidFile(loraPath, `${key} has no parameter name after string_to_param`);
+      entry.params = [vec, tensor];
+    } else {
+      entry.tensors.push([vec, tensor]);
+    }
+  }
+  return [...byName].map(([name, e]) =>
+    embeddingFromTensors(`${loraPath} (bundle_emb.${name})`, name, e.params !== undefined ? [e.params] : e.tensors, undefined, loraName),
+  );
 }
 
 function tensorOf(path: string, t: unknown): FileTensor {
@@ -205,10 +257,28 @@ export class EmbeddingsFolder {
   }
 }
 
-/** The embeddings of a read that a model of text encoder width `hidden` can use, looked up by `tokenizer`'s ids. */
-export function embeddingDatabase(read: EmbeddingsRead, tokenizer: EmbeddingTokenizer, hidden: number): EmbeddingDatabase {
-  return new EmbeddingDatabase(
-    tokenizer,
-    read.embeddings.filter((e) => e.hidden === hidden),
-  );
+/**
+ * The embeddings a model of text encoder width `hidden` can use, looked up by `tokenizer`'s ids: the
+ * folder's (`read`, if any), then those bundled in the pipeline's LoRAs (`bundled`). A bundled embedding
+ * whose name a folder embedding of this width already has is left out: A1111 keeps the folder's.
+ */
+export function embeddingDatabase(
+  read: EmbeddingsRead | undefined,
+  tokenizer: EmbeddingTokenizer,
+  hidden: number,
+  bundled: readonly TextualInversionEmbedding[] = [],
+): EmbeddingDatabase {
+  const fromFolder = (read?.embeddings ?? []).filter((e) => e.hidden === hidden);
+  const names = new Set(fromFolder.map((e) => e.name));
+  return new EmbeddingDatabase(tokenizer, [...fromFolder, ...bundled.filter((e) => e.hidden === hidden && !names.has(e.name))]);
+}
+
+/**
+ * The embeddings bundled in a pipeline's LoRAs, in the order the LoRAs are loaded: a later LoRA's
+ * embedding replaces an earlier one's of the same name, as A1111 registers them one after another.
+ */
+export async function bundledEmbeddingsOf(loras: ReadonlyArray<{ name: string; path: string }>): Promise<TextualInversionEmbedding[]> {
+  const byName = new Map<string, TextualInversionEmbedding>();
+  for (const l of loras) for (const e of await readBundledEmbeddings(l.path, l.name)) byName.set(e.name, e);
+  return [...byName.values()];
 }

@@ -19,7 +19,8 @@ import { modelJsonPath, type ModelCatalog, type ModelEntry } from "./catalog.js"
 import { SdModel, loadTextEncoder } from "./sd-model.js";
 import type { VaeFile, VaeIdentity, VaeList } from "./vae-files.js";
 import { resolveLoraFile } from "./lora-files.js";
-import { extractExtraNetworks, type ClosableTextEncoder } from "../conditioning/index.js";
+import { extractExtraNetworks, type ClosableTextEncoder, type TextualInversionEmbedding } from "../conditioning/index.js";
+import { bundledEmbeddingsOf } from "./embedding-files.js";
 
 /** A LoRA as a task asks for it: from a `<lora:name:te:unet>` tag or the request's loras field. */
 export interface LoraUse {
@@ -168,6 +169,8 @@ export interface LoadedModelInfo {
    * model's text encoder, whose empty prompt A1111 pads with.
    */
   baseTextEncoder: (() => Promise<ClosableTextEncoder>) | undefined;
+  /** Textual-inversion embeddings bundled in the merged LoRAs' files (bundledEmbeddingsOf); the model then takes token overrides. */
+  bundledEmbeddings: TextualInversionEmbedding[];
   warnings: string[];
 }
 
@@ -223,6 +226,7 @@ export async function loadModel(
   };
   const vae = key.vae === undefined ? undefined : await importVae(key.vae.path, { cacheDir: opts.cacheDir });
   const vaeInfo = vae && key.vae ? { name: key.vae.name, hash: vae.vaeHash } : undefined;
+  let tokenOverrides = opts.tokenOverrides === true;
   const load = async (path: string): Promise<SdModel> => {
     const model = await SdModel.load(
       { ...entry, path, format: "diffusers-onnx" },
@@ -230,7 +234,7 @@ export async function loadModel(
         ...sessions,
         logger: opts.logger,
         ...(signal ? { signal } : {}),
-        ...(opts.tokenOverrides ? { tokenOverrides: true } : {}),
+        ...(tokenOverrides ? { tokenOverrides: true } : {}),
         ...(vae ? { vaeDir: vae.dir } : {}),
         ...(key.tiling ? { circular: true, scratchDir: join(opts.cacheDir, "circular") } : {}),
       },
@@ -253,7 +257,15 @@ export async function loadModel(
         { field: "loras" },
       );
     }
-    return { model: await load(entry.path), modelHash: undefined, loraHashes: [], vae: vaeInfo, baseTextEncoder: undefined, warnings: [] };
+    return {
+      model: await load(entry.path),
+      modelHash: undefined,
+      loraHashes: [],
+      vae: vaeInfo,
+      baseTextEncoder: undefined,
+      bundledEmbeddings: [],
+      warnings: [],
+    };
   }
   const tokenizerDir = opts.tokenizerDir ?? (await defaultTokenizer(catalog));
   if (!tokenizerDir) {
@@ -270,6 +282,7 @@ export async function loadModel(
   const loraHashes: string[] = [];
   let dir: string;
   let modelHash: string;
+  let bundledEmbeddings: TextualInversionEmbedding[] = [];
   if (key.loras.length === 0) {
     const imported = await importCheckpoint(entry.path, importOpts);
     dir = imported.dir;
@@ -278,11 +291,16 @@ export async function loadModel(
     if (!opts.lorasDir)
       throw new FarmError(grpc.status.FAILED_PRECONDITION, "this agent has no LoRA folder (--loras DIR)", { field: "loras" });
     const requests = [];
+    const files: Array<{ name: string; path: string }> = [];
     for (const l of key.loras) {
       const path = await resolveLoraFile(opts.lorasDir, l.name);
       requests.push({ path, unetWeight: l.unetWeight, textWeight: l.teWeight });
+      files.push({ name: l.name, path });
       loraHashes.push(`${l.name}: ${await cachedLoraHash(path)}`);
     }
+    bundledEmbeddings = await bundledEmbeddingsOf(files);
+    // A prompt may name them whether or not the agent has an embeddings folder.
+    if (bundledEmbeddings.length > 0) tokenOverrides = true;
     const imported = await importCheckpointWithLoras(entry.path, requests, importOpts);
     dir = imported.dir;
     modelHash = imported.modelHash;
@@ -298,5 +316,5 @@ export async function loadModel(
           sessions,
         )
     : undefined;
-  return { model: await load(dir), modelHash, loraHashes, vae: vaeInfo, baseTextEncoder, warnings };
+  return { model: await load(dir), modelHash, loraHashes, vae: vaeInfo, baseTextEncoder, bundledEmbeddings, warnings };
 }

@@ -84,7 +84,9 @@ async function start(): Promise<void> {
       loras: key.loras,
       baseTextEncoder: loaded.baseTextEncoder,
       loadWarnings: loaded.warnings,
-      ...(init.embeddingsDir ? { embeddingsDir: init.embeddingsDir, logger } : {}),
+      bundledEmbeddings: loaded.bundledEmbeddings,
+      logger,
+      ...(init.embeddingsDir ? { embeddingsDir: init.embeddingsDir } : {}),
       onUnetCall: (rows, seconds) => post({ type: "unetCall", rows, seconds }),
     });
     if (closing) return;

@@ -1,5 +1,5 @@
 import { silentLogger, type Logger } from "@latentfarm/shared";
-import { ClipTokenizer, Conditioner, type ClosableTextEncoder } from "../conditioning/index.js";
+import { ClipTokenizer, Conditioner, type ClosableTextEncoder, type TextualInversionEmbedding } from "../conditioning/index.js";
 import { EmbeddingsFolder, embeddingDatabase } from "../models/embedding-files.js";
 import { NoiseThread } from "../sampling/index.js";
 import { BrownianWorkers } from "../sampling/brownian-thread.js";
@@ -14,6 +14,8 @@ export class LoadedPipeline {
   private conditionerPromise:
     Promise<{ conditioner: Conditioner; tokenizer: ClipTokenizer; embeddings: EmbeddingsFolder | undefined }> | undefined;
   private readonly embeddingsDir: string | undefined;
+  /** Embeddings bundled in the merged LoRAs' files, usable while this pipeline's LoRAs are (A1111 1.7+). */
+  readonly bundledEmbeddings: readonly TextualInversionEmbedding[];
   private readonly logger: Logger | undefined;
   private readonly baseTextEncoder: (() => Promise<ClosableTextEncoder>) | undefined;
 
@@ -55,10 +57,13 @@ export class LoadedPipeline {
       noiseThreadMinValues?: number;
       /** Textual-inversion embeddings prompts may name; the model's text encoder must take token overrides. */
       embeddingsDir?: string;
+      /** Embeddings bundled in the LoRAs merged into `model` (ModelLoader's bundledEmbeddings); the same requirement. */
+      bundledEmbeddings?: readonly TextualInversionEmbedding[];
       logger?: Logger;
     },
   ) {
     this.embeddingsDir = opts.embeddingsDir;
+    this.bundledEmbeddings = opts.bundledEmbeddings ?? [];
     this.logger = opts.logger;
     this.noiseThreadMinValues = opts.noiseThreadMinValues ?? 16_384;
     this.modelHash = opts.modelHash;
@@ -96,20 +101,28 @@ export class LoadedPipeline {
         encoder,
         ...(this.baseTextEncoder !== undefined && { emptyPromptEncoder: this.baseTextEncoder }),
       });
-      const usable = this.embeddingsDir !== undefined && encoder.acceptsTokenOverrides === true;
+      const wanted = this.embeddingsDir !== undefined || this.bundledEmbeddings.length > 0;
+      const usable = wanted && encoder.acceptsTokenOverrides === true;
       const logger = this.logger ?? silentLogger;
-      if (this.embeddingsDir !== undefined && !usable) logger.warn("this model's text encoder takes no embeddings", { model: this.name });
-      return {
-        conditioner,
-        tokenizer,
-        embeddings: usable ? new EmbeddingsFolder(this.embeddingsDir!, logger) : undefined,
-      };
+      if (wanted && !usable) logger.warn("this model's text encoder takes no embeddings", { model: this.name });
+      const hidden = encoder.hiddenSize;
+      for (const e of this.bundledEmbeddings) {
+        if (e.hidden !== hidden) {
+          // A1111 puts it among its skipped embeddings: the shape is not its model's.
+          logger.warn("LoRA's bundled embedding left out", { lora: e.bundledIn, embedding: e.name, width: e.hidden, model_width: hidden });
+        }
+      }
+      const folder = usable && this.embeddingsDir !== undefined ? new EmbeddingsFolder(this.embeddingsDir, logger) : undefined;
+      if (usable && folder === undefined && this.bundledEmbeddings.length > 0) {
+        conditioner.setEmbeddings(embeddingDatabase(undefined, tokenizer, hidden, this.bundledEmbeddings));
+      }
+      return { conditioner, tokenizer, embeddings: folder };
     });
     const { conditioner, tokenizer, embeddings } = await this.conditionerPromise;
     if (embeddings !== undefined) {
       const read = await embeddings.current();
       if (read !== this.embeddingsRead) {
-        conditioner.setEmbeddings(embeddingDatabase(read, tokenizer, conditioner.encoder.hiddenSize));
+        conditioner.setEmbeddings(embeddingDatabase(read, tokenizer, conditioner.encoder.hiddenSize, this.bundledEmbeddings));
         this.embeddingsRead = read;
       }
     }

@@ -217,8 +217,10 @@ export function recordConditioningInfotext(
   let hashes = "";
   const order: Array<"TI hashes" | "Emphasis"> = [];
   for (const f of forwards) {
-    if (pass === "first" && f.embeddings.length > 0) {
-      const mine = f.embeddings.map((e) => `${hashListName(e.name)}: ${e.sha256.slice(0, 12)}`).join(", ");
+    // Embeddings without a hash (a LoRA's bundled ones) are not listed, as in A1111.
+    const hashed = f.embeddings.filter((e) => e.sha256 !== undefined && e.sha256 !== "");
+    if (pass === "first" && hashed.length > 0) {
+      const mine = hashed.map((e) => `${hashListName(e.name)}: ${e.sha256!.slice(0, 12)}`).join(", ");
       hashes = hashes === "" ? mine : `${mine}, ${hashes}`;
       if (!order.includes("TI hashes")) order.push("TI hashes");
     }
@@ -251,6 +253,10 @@ export function pastedEmbeddingWarnings(tiHashes: string | undefined, cond: Prep
     if (e === undefined) {
       warnings.push(
         `TI hashes: no embedding ${name} was applied (none of that name in this agent's embeddings folder, or the prompt does not name it): the image differs`,
+      );
+    } else if (e.sha256 === undefined) {
+      warnings.push(
+        `TI hashes: embedding ${name} came from LoRA ${e.bundledIn ?? "?"}'s bundled embeddings here, the infotext's from a file${hash === "" ? "" : ` of hash ${hash}`}: the image may differ`,
       );
     } else if (hash !== "" && !e.sha256.startsWith(hash.toLowerCase())) {
       warnings.push(`TI hashes: embedding ${name} is ${e.sha256.slice(0, 12)} here, the infotext's is ${hash}: the image differs`);

@@ -11,6 +11,8 @@ export interface PipelineOptions {
   cacheDir: string;
   tokenizerDir?: string;
   lorasDir?: string;
+  /** A textual-inversion embeddings folder (the text encoder then takes token overrides). */
+  embeddingsDir?: string;
 }
 
 /** A pipeline as the agent's pipeline thread loads it, for a model and LoRAs (one ORT thread). */
@@ -22,7 +24,14 @@ export async function pipelineFor(
   tiling = false,
 ): Promise<LoadedPipeline> {
   const key = parsePipelineKey(pipelineKey(model, loras, undefined, tiling));
-  const loaded = await loadModel(catalog, key, { ep: { name: "cpu" }, logger: silentLogger, intraOpNumThreads: 1, ...opts });
+  const { embeddingsDir, ...paths } = opts;
+  const loaded = await loadModel(catalog, key, {
+    ep: { name: "cpu" },
+    logger: silentLogger,
+    intraOpNumThreads: 1,
+    ...paths,
+    ...(embeddingsDir !== undefined && { tokenOverrides: true }),
+  });
   return new LoadedPipeline(loaded.model, {
     maxBatchRows: 8,
     modelHash: loaded.modelHash,
@@ -30,6 +39,8 @@ export async function pipelineFor(
     loras: key.loras,
     baseTextEncoder: loaded.baseTextEncoder,
     loadWarnings: loaded.warnings,
+    bundledEmbeddings: loaded.bundledEmbeddings,
+    ...(embeddingsDir !== undefined && { embeddingsDir, logger: silentLogger }),
   });
 }
 
