@@ -38,6 +38,8 @@ export interface AgentState {
   loraNames: ReadonlySet<string>;
   /** Its LoRA list did not fit in a heartbeat (Heartbeat.loras_unlisted): it may have any LoRA. */
   lorasUnlisted: boolean;
+  /** The digest of the inventory above (Heartbeat.inventory_digest; '' from agents that send none). */
+  inventoryDigest: string;
   freeMemoryBytes: bigint;
   lastSeen: number;
   /** Tasks this coordinator has running there; authoritative over the heartbeat's busy count. */
@@ -102,16 +104,17 @@ export class AgentRegistry {
       a = {
         id: info.agentId,
         info,
-        available: new Set(hb.availableModels.map((m) => m.name)),
-        models: modelsOf(hb),
-        embeddings: hb.embeddings,
-        skippedEmbeddings: hb.skippedEmbeddings,
-        vaes: hb.vaes,
-        upscalers: new Set(hb.upscalers),
-        faceRestorers: new Set(hb.faceRestorers),
-        loras: hb.loras,
-        loraNames: loraNamesOf(hb.loras),
-        lorasUnlisted: hb.lorasUnlisted,
+        available: new Set(),
+        models: new Map(),
+        embeddings: [],
+        skippedEmbeddings: [],
+        vaes: [],
+        upscalers: new Set(),
+        faceRestorers: new Set(),
+        loras: [],
+        loraNames: new Set(),
+        lorasUnlisted: false,
+        inventoryDigest: "",
         freeMemoryBytes: hb.freeMemoryBytes,
         lastSeen: Date.now(),
         inFlight: 0,
@@ -122,21 +125,34 @@ export class AgentRegistry {
           channelOptions: { "grpc.enable_retries": 0 },
         }),
       };
+      if (!hb.inventoryOmitted) this.takeInventory(a, hb);
       this.agents.set(a.id, a);
       this.opts.logger.info("agent joined", { agentId: a.id, address: info.address });
       this.opts.onJoin?.(a);
+      // Joined between two inventories (this coordinator started after the agent): it offers nothing until asked.
+      if (hb.inventoryOmitted) this.askInventory(a);
       return;
     }
-    const available = hb.availableModels.map((m) => m.name);
     // Placement indexes agents by model; only a change in what the agent offers needs a re-index.
-    const changed =
+    let changed =
       a.info.draining !== info.draining ||
       a.info.slots !== info.slots ||
-      a.info.loadedModels.join("\u0000") !== info.loadedModels.join("\u0000") ||
-      available.length !== a.available.size ||
-      available.some((m) => !a.available.has(m));
+      a.info.loadedModels.join("\u0000") !== info.loadedModels.join("\u0000");
     a.info = info;
+    if (!hb.inventoryOmitted) changed = this.takeInventory(a, hb) || changed;
+    else if (hb.inventoryDigest !== a.inventoryDigest) this.askInventory(a);
+    a.freeMemoryBytes = hb.freeMemoryBytes;
+    a.lastSeen = Date.now();
+    this.opts.onUpdate?.(a, changed);
+  }
+
+  /** Takes a heartbeat's inventory (whole); true when the models the agent offers changed. */
+  private takeInventory(a: AgentState, hb: Heartbeat): boolean {
+    a.inventoryDigest = hb.inventoryDigest;
+    const available = hb.availableModels.map((m) => m.name);
+    const changed = available.length !== a.available.size || available.some((m) => !a.available.has(m));
     if (changed) a.available = new Set(available);
+    a.models = modelsOf(hb);
     a.embeddings = hb.embeddings;
     a.skippedEmbeddings = hb.skippedEmbeddings;
     a.vaes = hb.vaes;
@@ -145,10 +161,33 @@ export class AgentRegistry {
     a.loras = hb.loras;
     a.loraNames = loraNamesOf(hb.loras);
     a.lorasUnlisted = hb.lorasUnlisted;
-    a.models = modelsOf(hb);
-    a.freeMemoryBytes = hb.freeMemoryBytes;
-    a.lastSeen = Date.now();
-    this.opts.onUpdate?.(a, changed);
+    return changed;
+  }
+
+  /** Agents whose inventory is being asked for (Status with inventory), so that one call at a time goes out. */
+  private readonly asking = new Set<AgentState>();
+
+  /**
+   * The agent left out an inventory this coordinator has not seen (it started after the agent sent it, or
+   * that heartbeat was lost): asks the agent's Status for it rather than waiting for the next whole one.
+   */
+  private askInventory(a: AgentState): void {
+    if (this.asking.has(a)) return;
+    this.asking.add(a);
+    a.client
+      .status({ inventory: true }, { timeoutMs: 10_000 })
+      .then(
+        (res) => {
+          if (this.agents.get(a.id) !== a || res.heartbeat === undefined) return;
+          const changed = this.takeInventory(a, res.heartbeat);
+          this.opts.onUpdate?.(a, changed);
+        },
+        (err: unknown) => {
+          // The next heartbeat that leaves it out asks again; the agent sends it whole within 10 s anyway.
+          this.opts.logger.warn("cannot ask an agent for its inventory", { agentId: a.id, error: String(err) });
+        },
+      )
+      .finally(() => this.asking.delete(a));
   }
 
   /**

@@ -130,6 +130,7 @@ function fakeAgent(id: string, slots: number, b: FakeBehaviour, log: string[]): 
     loras: [],
     loraNames: new Set<string>(),
     lorasUnlisted: false,
+    inventoryDigest: "",
     vaes: [],
     models: new Map(),
     freeMemoryBytes: 0n,

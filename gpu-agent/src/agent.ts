@@ -9,6 +9,7 @@ import {
   AgentService,
   FarmError,
   HeartbeatSchema,
+  type Heartbeat,
   LoraInfoSchema,
   ModelInfoSchema,
   EmbeddingInfoSchema,
@@ -40,7 +41,7 @@ import { ModelFamilies } from "./models/model-families.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
 import { EXTRAS_PIPELINE_KEY, parsePipelineKey, passKeysWith } from "./models/model-loader.js";
 import { recentLoras } from "./models/lora-files.js";
-import { heartbeatBytes } from "./heartbeat.js";
+import { fittedHeartbeat, HeartbeatEncoder } from "./heartbeat.js";
 import { runTaskPasses, type RunOnPipeline } from "./task-passes.js";
 import { availableParallelism, cpus, tmpdir } from "node:os";
 import { createRequire } from "node:module";
@@ -130,6 +131,8 @@ export class Agent {
   private readonly vaes: VaeList;
   /** Whether the last heartbeat left the LoRA list out (warned once per stretch). */
   private lorasUnlistedWarned = false;
+  /** Leaves the inventory out of heartbeats that would repeat it. */
+  private readonly heartbeats = new HeartbeatEncoder();
   /** The checkpoints' "Model hash", hashed in the background, for heartbeats. */
   private readonly hashes: CheckpointHashes;
   private readonly families = new ModelFamilies();
@@ -234,7 +237,8 @@ export class Agent {
       {
         runTask: (req, ctx) => this.runTask(req, ctx.signal),
         cancelTask: async (req) => ({ stopped: this.cancelTask(req.taskId, req.attempt, req.reason) }),
-        status: async () => ({
+        status: async (req) => ({
+          ...(req.inventory && { heartbeat: (await this.currentHeartbeat()).heartbeat }),
           agent: this.info(),
           models: (await this.catalog.list()).map((e) => e.name),
           runningTasks: [...this.runs.values()].filter((r) => !r.finished).map((r) => r.taskId),
@@ -280,6 +284,30 @@ export class Agent {
 
   private publishHeartbeat(): void {
     if (!this.natsOpen()) return;
+    this.currentHeartbeat().then(
+      ({ heartbeat, lorasUnlisted }) => {
+        // close() may have begun draining while the catalog was listed; publishing then throws.
+        if (!this.nc || !this.natsOpen()) return;
+        if (lorasUnlisted && !this.lorasUnlistedWarned) {
+          this.cfg.logger.warn("the LoRA folder's list does not fit in a heartbeat: placement will not know which LoRAs are here", {
+            files: heartbeat.loras.length,
+          });
+        }
+        this.lorasUnlistedWarned = lorasUnlisted;
+        try {
+          this.nc.publish(subjects.agentHeartbeat(this.id), this.heartbeats.encode(heartbeat, Date.now()));
+        } catch (err) {
+          // A heartbeat lost is the next one's to make up; an exception here would end the process.
+          this.cfg.logger.warn("heartbeat not published", { error: String(err) });
+          this.heartbeats.forget();
+        }
+      },
+      (err: unknown) => this.cfg.logger.warn("cannot list models", { error: String(err) }),
+    );
+  }
+
+  /** A heartbeat with the whole inventory as it is now, fitted to NATS's max_payload (fittedHeartbeat). */
+  private async currentHeartbeat(): Promise<{ heartbeat: Heartbeat; lorasUnlisted: boolean }> {
     // An unreadable embeddings folder leaves the heartbeat's list empty; the models still go out.
     const embeddings = this.embeddings?.current().then(
       (read) => {
@@ -300,48 +328,37 @@ export class Agent {
     const models = this.catalog
       .list()
       .then(async (entries) => ({ entries, hashes: await this.hashes.of(entries), families: await this.families.of(entries) }));
-    void Promise.all([models, embeddings, vaes, upscalers, faceRestorers, loras]).then(
-      ([{ entries: models, hashes, families }, embeddings, vaes, upscalers, faceRestorers, loras]) => {
-        // close() may have begun draining while the catalog was listed; publishing then throws.
-        if (!this.nc || !this.natsOpen()) return;
-        const hb = create(HeartbeatSchema, {
-          agent: this.info(),
-          availableModels: models.map((e) =>
-            create(ModelInfoSchema, {
-              name: e.name,
-              format: e.format,
-              modelHash: hashes.get(e.name) ?? "",
-              family: families.get(e.name) ?? "",
-            }),
-          ),
-          freeMemoryBytes: BigInt(freemem()),
-          embeddings: (embeddings?.embeddings ?? []).map((e) =>
-            create(EmbeddingInfoSchema, { name: e.name, vectors: e.vectors, width: e.hidden, hash: (e.sha256 ?? "").slice(0, 12) }),
-          ),
-          skippedEmbeddings: (embeddings?.skipped ?? []).map((s) =>
-            create(SkippedEmbeddingSchema, { file: relative(this.embeddings!.dir, s.file), reason: s.reason }),
-          ),
-          vaes: vaes.map((f) => create(VaeInfoSchema, { name: f.name, sizeBytes: BigInt(f.sizeBytes ?? 0) })),
-          upscalers,
-          faceRestorers,
-          loras: loras.map((f) => create(LoraInfoSchema, { name: f.name, alias: f.alias ?? "", sizeBytes: BigInt(f.sizeBytes) })),
-        });
-        const { bytes, lorasUnlisted } = heartbeatBytes(hb, this.nc.info?.max_payload ?? 1024 * 1024);
-        if (lorasUnlisted && !this.lorasUnlistedWarned) {
-          this.cfg.logger.warn("the LoRA folder's list does not fit in a heartbeat: placement will not know which LoRAs are here", {
-            files: hb.loras.length,
-          });
-        }
-        this.lorasUnlistedWarned = lorasUnlisted;
-        try {
-          this.nc.publish(subjects.agentHeartbeat(this.id), bytes);
-        } catch (err) {
-          // A heartbeat lost is the next one's to make up; an exception here would end the process.
-          this.cfg.logger.warn("heartbeat not published", { error: String(err) });
-        }
-      },
-      (err: unknown) => this.cfg.logger.warn("cannot list models", { error: String(err) }),
-    );
+    const [{ entries, hashes, families }, read, vaeFiles, upscalerNames, faceRestorerNames, loraFiles] = await Promise.all([
+      models,
+      embeddings,
+      vaes,
+      upscalers,
+      faceRestorers,
+      loras,
+    ]);
+    const hb = create(HeartbeatSchema, {
+      agent: this.info(),
+      availableModels: entries.map((e) =>
+        create(ModelInfoSchema, {
+          name: e.name,
+          format: e.format,
+          modelHash: hashes.get(e.name) ?? "",
+          family: families.get(e.name) ?? "",
+        }),
+      ),
+      freeMemoryBytes: BigInt(freemem()),
+      embeddings: (read?.embeddings ?? []).map((e) =>
+        create(EmbeddingInfoSchema, { name: e.name, vectors: e.vectors, width: e.hidden, hash: (e.sha256 ?? "").slice(0, 12) }),
+      ),
+      skippedEmbeddings: (read?.skipped ?? []).map((s) =>
+        create(SkippedEmbeddingSchema, { file: relative(this.embeddings!.dir, s.file), reason: s.reason }),
+      ),
+      vaes: vaeFiles.map((f) => create(VaeInfoSchema, { name: f.name, sizeBytes: BigInt(f.sizeBytes ?? 0) })),
+      upscalers: upscalerNames,
+      faceRestorers: faceRestorerNames,
+      loras: loraFiles.map((f) => create(LoraInfoSchema, { name: f.name, alias: f.alias ?? "", sizeBytes: BigInt(f.sizeBytes) })),
+    });
+    return fittedHeartbeat(hb, this.nc?.info?.max_payload ?? 1024 * 1024);
   }
 
   /** Whether the NATS connection still takes publishes (not closed, not draining). */

@@ -70,6 +70,7 @@ export async function benchPlacement(
       loras: [],
       loraNames: new Set<string>(),
       lorasUnlisted: false,
+      inventoryDigest: "",
       vaes: [],
       models: new Map(),
       freeMemoryBytes: 0n,
