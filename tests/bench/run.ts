@@ -1,9 +1,10 @@
 // `npm run bench`: every benchmark, printing measured numbers and ratios side by side.
-// `npm run bench -- NAME…` runs only those (agent-overhead, coordinator-dispatch, placement, speed-split, tiled-hires, conditioning, embeddings, samplers, model-io, unet-call).
+// `npm run bench -- NAME…` runs only those (agent-overhead, coordinator-dispatch, placement, heartbeats, speed-split, tiled-hires, conditioning, embeddings, samplers, model-io, unet-call).
 import { availableParallelism, cpus } from "node:os";
 import { benchAgentOverhead } from "./agent-overhead.js";
 import { benchConditioningCost } from "./conditioning.js";
 import { benchEmbeddings } from "./embeddings.js";
+import { benchHeartbeats } from "./heartbeats.js";
 import { benchModelIo } from "./model-io.js";
 import { benchCoordinatorDispatch } from "./coordinator-dispatch.js";
 import { benchPlacementBoth } from "./placement.js";
@@ -26,6 +27,10 @@ if (want("agent-overhead")) process.stdout.write(`agent-overhead (target ≤ 5%)
 if (want("coordinator-dispatch"))
   process.stdout.write(`coordinator-dispatch (target ≥ 500 tasks/s): ${fmt(await benchCoordinatorDispatch())}\n`);
 if (want("placement")) process.stdout.write(`placement, 256 agents (target ≥ 2,000/s, p99 ≤ 5 ms): ${fmt(await benchPlacementBoth())}\n`);
+if (want("heartbeats"))
+  process.stdout.write(
+    `heartbeats, one agent with 1,000 LoRAs, 200 embeddings, 40 models, 1/s, over a minute (whole inventory every beat vs digests): ${fmt(benchHeartbeats())}\n`,
+  );
 if (want("speed-split")) process.stdout.write(`speed-split 1×/2×/4× (target makespan ≤ 1.15 × ideal): ${fmt(await benchSpeedSplit())}\n`);
 if (want("conditioning"))
   process.stdout.write(
