@@ -148,6 +148,8 @@ export class AgentRegistry {
 
   /** Takes a heartbeat's inventory (whole); true when the models the agent offers changed. */
   private takeInventory(a: AgentState, hb: Heartbeat): boolean {
+    // The whole inventory again (every 10 s) as the registry has it: nothing to rebuild.
+    if (hb.inventoryDigest !== "" && hb.inventoryDigest === a.inventoryDigest) return false;
     a.inventoryDigest = hb.inventoryDigest;
     const available = hb.availableModels.map((m) => m.name);
     const changed = available.length !== a.available.size || available.some((m) => !a.available.has(m));

@@ -71,7 +71,7 @@ export class HeartbeatEncoder {
     );
   }
 
-  /** The next heartbeat carries the inventory whatever its digest (the NATS connection came back, say). */
+  /** The next heartbeat carries the inventory whatever its digest (the last one may not have gone out). */
   forget(): void {
     this.sentDigest = undefined;
   }
