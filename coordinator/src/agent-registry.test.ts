@@ -31,6 +31,8 @@ describe("AgentRegistry: heartbeats without their inventory", { skip, concurrenc
   /** What the agent's Status answers, and how often it was asked for its inventory. */
   let inventory: Heartbeat;
   let asked = 0;
+  let statusFails = false;
+  const warnings: string[] = [];
   let registry: AgentRegistry;
   const updates: Array<{ id: string; changed: boolean }> = [];
 
@@ -70,13 +72,15 @@ describe("AgentRegistry: heartbeats without their inventory", { skip, concurrenc
       cancelTask: async () => ({ stopped: false }),
       status: async (req) => {
         if (req.inventory) asked++;
+        if (statusFails) throw new FarmError(grpc.status.UNAVAILABLE, "restarting");
         return { agent: inventory.agent, models: [], runningTasks: [], ...(req.inventory && { heartbeat: inventory }) };
       },
     });
     address = `127.0.0.1:${await bindServer(server, "127.0.0.1:0")}`;
+    const logger = { ...silentLogger, warn: (message: string) => void warnings.push(message) };
     registry = new AgentRegistry({
       timeoutMs: 60_000,
-      logger: silentLogger,
+      logger,
       onUpdate: (a, changed) => updates.push({ id: a.id, changed }),
     });
     registry.start(nc);
@@ -125,5 +129,27 @@ describe("AgentRegistry: heartbeats without their inventory", { skip, concurrenc
     await publish(whole("", ["sd15"], ["ink", "style"]));
     await until("the digest-less inventory", () => agent().loraNames.size === 2);
     assert.equal(asked, 2);
+  });
+
+  test("an agent whose Status fails is asked again at its next heartbeat, with one warning until it answers", async () => {
+    statusFails = true;
+    inventory = whole("d4", ["sd15", "sdxl"], []);
+    const before = asked;
+    for (let k = 1; k <= 3; k++) {
+      await publish(omitted("d4"));
+      await until(`ask ${k}`, () => asked === before + k);
+      // The failed call is over before the next heartbeat asks again.
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.deepEqual(
+      warnings.filter((w) => w === "cannot ask an agent for its inventory"),
+      ["cannot ask an agent for its inventory"],
+    );
+    // The inventory it had (the digest-less one above) is kept meanwhile.
+    assert.deepEqual([agent().inventoryDigest, agent().loraNames.size, agent().available.has("sdxl")], ["", 2, false]);
+    statusFails = false;
+    await publish(omitted("d4"));
+    await until("the inventory d4", () => agent().inventoryDigest === "d4");
+    assert.ok(agent().available.has("sdxl"));
   });
 });

@@ -168,6 +168,8 @@ export class AgentRegistry {
 
   /** Agents whose inventory is being asked for (Status with inventory), so that one call at a time goes out. */
   private readonly asking = new Set<AgentState>();
+  /** Agents whose last inventory call failed (warned once). */
+  private readonly askFailed = new WeakSet<AgentState>();
 
   /**
    * The agent left out an inventory this coordinator has not seen (it started after the agent sent it, or
@@ -180,13 +182,16 @@ export class AgentRegistry {
       .status({ inventory: true }, { timeoutMs: 10_000 })
       .then(
         (res) => {
+          this.askFailed.delete(a);
           if (this.agents.get(a.id) !== a || res.heartbeat === undefined) return;
           const changed = this.takeInventory(a, res.heartbeat);
           this.opts.onUpdate?.(a, changed);
         },
         (err: unknown) => {
-          // The next heartbeat that leaves it out asks again; the agent sends it whole within 10 s anyway.
-          this.opts.logger.warn("cannot ask an agent for its inventory", { agentId: a.id, error: String(err) });
+          // The next heartbeat that leaves it out asks again (warned once until an answer comes); the
+          // agent sends it whole within 10 s anyway.
+          if (!this.askFailed.has(a)) this.opts.logger.warn("cannot ask an agent for its inventory", { agentId: a.id, error: String(err) });
+          this.askFailed.add(a);
         },
       )
       .finally(() => this.asking.delete(a));
