@@ -36,18 +36,21 @@ describe("AgentRegistry: heartbeats without their inventory", { skip, concurrenc
   let registry: AgentRegistry;
   const updates: Array<{ id: string; changed: boolean }> = [];
 
-  const whole = (digest: string, models: string[], loras: string[]): Heartbeat =>
+  /** A whole heartbeat, from an agent that leaves repeats out (`omits`) or not yet. */
+  const whole = (digest: string, models: string[], loras: string[], omits = true): Heartbeat =>
     create(HeartbeatSchema, {
       agent: { agentId: "gpu0", address, slots: 2 },
       availableModels: models.map((name) => create(ModelInfoSchema, { name, format: "safetensors" })),
       loras: loras.map((name) => create(LoraInfoSchema, { name, sizeBytes: 1n })),
       inventoryDigest: digest,
+      omitsInventory: omits && digest !== "",
     });
   const omitted = (digest: string, busy = 0): Heartbeat =>
     create(HeartbeatSchema, {
       agent: { agentId: "gpu0", address, slots: 2, busySlots: busy },
       inventoryDigest: digest,
       inventoryOmitted: true,
+      omitsInventory: true,
     });
   const publish = async (hb: Heartbeat) => {
     nc.publish(subjects.agentHeartbeat("gpu0"), toBinary(HeartbeatSchema, hb));
@@ -125,10 +128,22 @@ describe("AgentRegistry: heartbeats without their inventory", { skip, concurrenc
     assert.equal(asked, 2);
     assert.deepEqual([[...agent().available], [...agent().loraNames]], [["sd15"], ["style"]]);
 
-    // Agents that send no digest: every heartbeat is whole, as before.
+    // An agent that does not leave repeats out yet (it restarted) is asked once: that starts it.
+    inventory = whole("d5", ["sd15"], ["style"], true);
+    await publish(whole("d5", ["sd15"], ["style"], false));
+    await until("the ask that starts omission", () => asked === 3);
+    await publish(whole("d5", ["sd15"], ["style"], true));
+    await publish(omitted("d5", 2));
+    await until("the omitted heartbeat", () => agent().info.busySlots === 2);
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(asked, 3);
+
+    // Agents that send no digest: every heartbeat is whole, as before, and nobody asks.
     await publish(whole("", ["sd15"], ["ink", "style"]));
     await until("the digest-less inventory", () => agent().loraNames.size === 2);
-    assert.equal(asked, 2);
+    await publish(whole("", ["sd15"], ["ink", "style"]));
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(asked, 3);
   });
 
   test("an agent whose Status fails is asked again at its next heartbeat, with one warning until it answers", async () => {

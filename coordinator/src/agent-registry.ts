@@ -129,8 +129,9 @@ export class AgentRegistry {
       this.agents.set(a.id, a);
       this.opts.logger.info("agent joined", { agentId: a.id, address: info.address });
       this.opts.onJoin?.(a);
-      // Joined between two inventories (this coordinator started after the agent): it offers nothing until asked.
-      if (hb.inventoryOmitted) this.askInventory(a);
+      // Joined between two inventories (this coordinator started after the agent): it offers nothing until
+      // asked. An agent not leaving inventories out yet starts once asked.
+      if (hb.inventoryOmitted || (hb.inventoryDigest !== "" && !hb.omitsInventory)) this.askInventory(a);
       return;
     }
     // Placement indexes agents by model; only a change in what the agent offers needs a re-index.
@@ -140,7 +141,9 @@ export class AgentRegistry {
       a.info.loadedModels.join("\u0000") !== info.loadedModels.join("\u0000");
     a.info = info;
     if (!hb.inventoryOmitted) changed = this.takeInventory(a, hb) || changed;
-    else if (hb.inventoryDigest !== a.inventoryDigest) this.askInventory(a);
+    if (hb.inventoryOmitted ? hb.inventoryDigest !== a.inventoryDigest : hb.inventoryDigest !== "" && !hb.omitsInventory) {
+      this.askInventory(a);
+    }
     a.freeMemoryBytes = hb.freeMemoryBytes;
     a.lastSeen = Date.now();
     this.opts.onUpdate?.(a, changed);
@@ -174,6 +177,8 @@ export class AgentRegistry {
   /**
    * The agent left out an inventory this coordinator has not seen (it started after the agent sent it, or
    * that heartbeat was lost): asks the agent's Status for it rather than waiting for the next whole one.
+   * Also asked of an agent that sends a digest but every inventory whole: the call tells it that this
+   * coordinator takes heartbeats without one.
    */
   private askInventory(a: AgentState): void {
     if (this.asking.has(a)) return;

@@ -237,12 +237,15 @@ export class Agent {
       {
         runTask: (req, ctx) => this.runTask(req, ctx.signal),
         cancelTask: async (req) => ({ stopped: this.cancelTask(req.taskId, req.attempt, req.reason) }),
-        status: async (req) => ({
-          ...(req.inventory && { heartbeat: (await this.currentHeartbeat()).heartbeat }),
-          agent: this.info(),
-          models: (await this.catalog.list()).map((e) => e.name),
-          runningTasks: [...this.runs.values()].filter((r) => !r.finished).map((r) => r.taskId),
-        }),
+        status: async (req) => {
+          if (req.inventory) this.heartbeats.allowOmission();
+          return {
+            ...(req.inventory && { heartbeat: (await this.currentHeartbeat()).heartbeat }),
+            agent: this.info(),
+            models: (await this.catalog.list()).map((e) => e.name),
+            runningTasks: [...this.runs.values()].filter((r) => !r.finished).map((r) => r.taskId),
+          };
+        },
       },
       (method, err) => {
         if (err.code === grpc.status.INTERNAL) this.cfg.logger.error("rpc failed", { method, error: err.message });

@@ -41,15 +41,28 @@ test("the inventory digest names the models and file lists, not the agent's stat
   }
 });
 
+test("until a coordinator asked for the inventory, every heartbeat carries it", () => {
+  const encoder = new HeartbeatEncoder();
+  const hb = fittedHeartbeat(create(HeartbeatSchema, { agent: { agentId: "gpu0" }, loras: loras(10) }), 1 << 20).heartbeat;
+  for (const at of [0, 1000, 2000]) {
+    const sent = fromBinary(HeartbeatSchema, encoder.encode(hb, at));
+    assert.deepEqual([sent.inventoryOmitted, sent.omitsInventory, sent.loras.length], [false, false, 10]);
+  }
+  encoder.allowOmission();
+  const sent = fromBinary(HeartbeatSchema, encoder.encode(hb, 3000));
+  assert.deepEqual([sent.inventoryOmitted, sent.omitsInventory, sent.loras.length], [true, true, 0]);
+});
+
 test("heartbeats carry the inventory when it changed and every INVENTORY_EVERY_MS, else only its digest", () => {
   const encoder = new HeartbeatEncoder();
+  encoder.allowOmission();
   const hb = (n: number, busy: number) =>
     fittedHeartbeat(create(HeartbeatSchema, { agent: { agentId: "gpu0", busySlots: busy }, freeMemoryBytes: 5n, loras: loras(n) }), 1 << 20)
       .heartbeat;
   const sent = (n: number, busy: number, at: number) => fromBinary(HeartbeatSchema, encoder.encode(hb(n, busy), at));
 
   const first = sent(100, 0, 0);
-  assert.deepEqual([first.inventoryOmitted, first.loras.length], [false, 100]);
+  assert.deepEqual([first.inventoryOmitted, first.omitsInventory, first.loras.length], [false, true, 100]);
   // Unchanged a second later: the agent's state and the digest, no lists.
   const next = sent(100, 1, 1000);
   assert.deepEqual(

@@ -42,23 +42,34 @@ export function fittedHeartbeat(hb: Heartbeat, maxPayload: number): { heartbeat:
 }
 
 /**
- * Encodes an agent's heartbeats: the inventory (models and file lists, tens of kilobytes with a large
- * LoRA folder) only when its digest changed or INVENTORY_EVERY_MS passed since it was last sent whole;
- * the others carry the digest and the agent's state. Every coordinator then decodes the lists about once
+ * Encodes an agent's heartbeats: once a coordinator has asked for the inventory (allowOmission), the
+ * inventory (models and file lists, tens of kilobytes with a large LoRA folder) only when its digest
+ * changed or INVENTORY_EVERY_MS passed since it was last sent whole; the others carry the digest and the
+ * agent's state. Every coordinator then decodes the lists about once
  * per change instead of once a second per agent.
  */
 export class HeartbeatEncoder {
   private sentDigest: string | undefined;
   private sentAt = -Infinity;
+  /**
+   * Whether heartbeats may leave the inventory out: only once a coordinator asked for it (allowOmission),
+   * so a coordinator that predates digests, which takes every heartbeat as whole, keeps getting whole ones.
+   */
+  private omitting = false;
 
   constructor(private readonly inventoryEveryMs = INVENTORY_EVERY_MS) {}
 
+  /** A coordinator asked this agent's Status for its inventory: it understands heartbeats without one. */
+  allowOmission(): void {
+    this.omitting = true;
+  }
+
   /** `hb` from fittedHeartbeat; `now` in milliseconds. */
   encode(hb: Heartbeat, now: number): Uint8Array {
-    if (hb.inventoryDigest !== this.sentDigest || now - this.sentAt >= this.inventoryEveryMs) {
+    if (!this.omitting || hb.inventoryDigest !== this.sentDigest || now - this.sentAt >= this.inventoryEveryMs) {
       this.sentDigest = hb.inventoryDigest;
       this.sentAt = now;
-      return toBinary(HeartbeatSchema, hb);
+      return toBinary(HeartbeatSchema, create(HeartbeatSchema, { ...hb, omitsInventory: this.omitting }));
     }
     return toBinary(
       HeartbeatSchema,
@@ -67,6 +78,7 @@ export class HeartbeatEncoder {
         freeMemoryBytes: hb.freeMemoryBytes,
         inventoryDigest: hb.inventoryDigest,
         inventoryOmitted: true,
+        omitsInventory: true,
       }),
     );
   }

@@ -7,7 +7,19 @@ import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import sharp from "sharp";
 import * as grpc from "@grpc/grpc-js";
-import { AttemptOutcome, FarmError, JobState, RngSource, type ImageProvenance, type JobEvent } from "@latentfarm/shared";
+import { fromBinary } from "@bufbuild/protobuf";
+import { connect } from "@nats-io/transport-node";
+import {
+  AttemptOutcome,
+  FarmError,
+  HeartbeatSchema,
+  JobState,
+  RngSource,
+  subjects,
+  type Heartbeat,
+  type ImageProvenance,
+  type JobEvent,
+} from "@latentfarm/shared";
 import {
   FIXTURES,
   REPO,
@@ -846,6 +858,46 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       farm.client.submit({ params: { prompt: `x <lora:${TEST_LORA}:heavy>`, model: "tiny-sd15" } }),
       grpc.status.INVALID_ARGUMENT,
       "prompt",
+    );
+  });
+
+  test("agents leave repeated inventories out of their heartbeats once the coordinator has asked; its listings stay whole", async () => {
+    const nc = await connect({ servers: farm.nats.url });
+    const seen = new Map<string, Heartbeat[]>();
+    try {
+      const sub = nc.subscribe(subjects.allAgentHeartbeats, {
+        callback: (err, msg) => {
+          if (err) return;
+          const hb = fromBinary(HeartbeatSchema, msg.data);
+          const id = hb.agent?.agentId ?? "";
+          seen.set(id, [...(seen.get(id) ?? []), hb]);
+        },
+      });
+      // Heartbeats every 250 ms here; whole inventories every 10 s or on a change.
+      await new Promise((r) => setTimeout(r, 2000));
+      sub.unsubscribe();
+    } finally {
+      await nc.close();
+    }
+    for (const id of ["agent-0", "agent-1"]) {
+      const beats = seen.get(id) ?? [];
+      assert.ok(beats.length >= 4, `${id}: ${beats.length} heartbeats`);
+      assert.ok(
+        beats.every((b) => b.omitsInventory && /^[0-9a-f]{32}$/.test(b.inventoryDigest)),
+        `${id}: the coordinator asked, so the agent leaves repeats out`,
+      );
+      assert.ok(
+        beats.some((b) => b.inventoryOmitted && b.availableModels.length === 0 && b.loras.length === 0),
+        id,
+      );
+    }
+    // The coordinator kept what they left out.
+    const { models } = await farm.client.listModels({});
+    assert.ok(models.some((m) => m.name === TEST_RENAMED_CHECKPOINT));
+    const { loras } = await farm.client.listLoras({});
+    assert.deepEqual(
+      loras.map((l) => [l.name, l.agents]),
+      [[TEST_LORA, ["agent-0"]]],
     );
   });
 
