@@ -73,6 +73,7 @@ describe("AgentRegistry: heartbeats without their inventory", { skip, concurrenc
         throw FarmError.invalid("task_id", "not here");
       },
       cancelTask: async () => ({ stopped: false }),
+      loraMetadata: async () => ({ metadataJson: {} }),
       status: async (req) => {
         if (req.inventory) asked++;
         if (statusFails) throw new FarmError(grpc.status.UNAVAILABLE, "restarting");

@@ -506,7 +506,7 @@ export class Coordinator {
           );
           return { vaes: vaes.sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : Number(x.sizeBytes - y.sizeBytes))) };
         },
-        listLoras: async (_req, ctx) => {
+        listLoras: async (req, ctx) => {
           this.tenantOf(ctx);
           const loras = gatherFromAgents(
             this.registry.list(),
@@ -514,7 +514,10 @@ export class Coordinator {
             (l) => `${l.name}\u0000${l.sizeBytes}\u0000${l.alias}`,
             (l) => ({ name: l.name, sizeBytes: l.sizeBytes, alias: l.alias }),
           );
-          return { loras: loras.sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : Number(x.sizeBytes - y.sizeBytes))) };
+          loras.sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : Number(x.sizeBytes - y.sizeBytes)));
+          if (!req.metadata) return { loras };
+          const metadata = await this.loraMetadata(loras, ctx.signal);
+          return { loras: loras.map((l) => ({ ...l, metadataJson: metadata.get(`${l.agents[0]}\u0000${l.name}`) ?? "" })) };
         },
       },
       (method, err) => {
@@ -639,6 +642,38 @@ export class Coordinator {
   }
 
   /** The caller's tenant: from its API token when tokens are configured, else the x-tenant header. */
+  /**
+   * The metadata of the listed LoRAs, each asked of the first agent that lists it (one call per agent, at
+   * once), by "agent\u0000name". An agent that does not answer leaves its LoRAs without (logged).
+   */
+  private async loraMetadata(
+    loras: ReadonlyArray<{ name: string; agents: readonly string[] }>,
+    signal: AbortSignal,
+  ): Promise<Map<string, string>> {
+    const byAgent = new Map<string, string[]>();
+    for (const l of loras) {
+      const id = l.agents[0];
+      if (id === undefined) continue;
+      let names = byAgent.get(id);
+      if (names === undefined) byAgent.set(id, (names = []));
+      names.push(l.name);
+    }
+    const out = new Map<string, string>();
+    await Promise.all(
+      [...byAgent].map(async ([id, names]) => {
+        const agent = this.registry.get(id);
+        if (agent === undefined) return;
+        try {
+          const { metadataJson } = await agent.client.loraMetadata({ names }, { timeoutMs: 30_000, signal });
+          for (const [name, json] of Object.entries(metadataJson)) out.set(`${id}\u0000${name}`, json);
+        } catch (err) {
+          this.cfg.logger.warn("cannot read LoRA metadata from an agent", { agentId: id, error: String(err) });
+        }
+      }),
+    );
+    return out;
+  }
+
   private tenantOf(ctx: HandlerContext): string {
     if (this.cfg.auth) return this.cfg.auth.tenantOf(ctx.metadata);
     return ctx.metadata.get(TENANT_HEADER)[0]?.toString() || "default";

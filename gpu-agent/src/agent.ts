@@ -40,7 +40,7 @@ import { CheckpointHashes } from "./models/checkpoint-hashes.js";
 import { ModelFamilies } from "./models/model-families.js";
 import { PipelineCache } from "./models/pipeline-cache.js";
 import { EXTRAS_PIPELINE_KEY, parsePipelineKey, passKeysWith } from "./models/model-loader.js";
-import { recentLoras } from "./models/lora-files.js";
+import { loraMetadataByName, recentLoras } from "./models/lora-files.js";
 import { fittedHeartbeat, HeartbeatEncoder } from "./heartbeat.js";
 import { runTaskPasses, type RunOnPipeline } from "./task-passes.js";
 import { availableParallelism, cpus, tmpdir } from "node:os";
@@ -237,6 +237,10 @@ export class Agent {
       {
         runTask: (req, ctx) => this.runTask(req, ctx.signal),
         cancelTask: async (req) => ({ stopped: this.cancelTask(req.taskId, req.attempt, req.reason) }),
+        loraMetadata: async (req) => {
+          const found = await loraMetadataByName(this.cfg.lorasDir, req.names);
+          return { metadataJson: Object.fromEntries([...found].map(([name, m]) => [name, JSON.stringify(m)])) };
+        },
         status: async (req) => {
           if (req.inventory) this.heartbeats.allowOmission();
           return {

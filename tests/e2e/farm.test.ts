@@ -786,6 +786,14 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
   test("a LoRA on one agent: listed there (ListLoras, the CLI), its jobs rendered there; one no agent with the checkpoint has is refused at Submit", async () => {
     const listed = { name: TEST_LORA, sizeBytes: testLora().length, agents: ["agent-0"] };
     const { loras } = await farm.client.listLoras({});
+    // Metadata only when asked for, read from the agent that has the file.
+    assert.equal(loras[0]?.metadataJson, "");
+    const withMetadata = await farm.client.listLoras({ metadata: true });
+    assert.deepEqual(JSON.parse(withMetadata.loras[0]!.metadataJson), {
+      ss_resolution: "(64, 64)",
+      ss_tag_frequency: { ink: { lf: 3 } },
+      ss_network_dim: "2",
+    });
     assert.deepEqual(
       loras.map((l) => ({ name: l.name, sizeBytes: Number(l.sizeBytes), agents: l.agents })),
       [listed],
@@ -1154,9 +1162,17 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       assert.ok((emb.loaded[TEST_EMBEDDING]?.vectors ?? 0) > 0, JSON.stringify(emb));
       const sdModels = (await (await fetch(`${base}/sd-models`)).json()) as Array<{ model_name: string; title: string }>;
       assert.ok(sdModels.some((m) => m.model_name === "tiny-sd15"));
-      assert.deepEqual(await (await fetch(`${base}/loras`)).json(), [
-        { name: TEST_LORA, alias: TEST_LORA, path: `${TEST_LORA}.safetensors`, metadata: {} },
+      // With its training metadata, as A1111 gives it: JSON values parsed, ss_resolution and ss_tag_frequency first.
+      const loraList = (await (await fetch(`${base}/loras`)).json()) as Array<{ metadata: Record<string, unknown> }>;
+      assert.deepEqual(loraList, [
+        {
+          name: TEST_LORA,
+          alias: TEST_LORA,
+          path: `${TEST_LORA}.safetensors`,
+          metadata: { ss_resolution: "(64, 64)", ss_tag_frequency: { ink: { lf: 3 } }, ss_network_dim: "2" },
+        },
       ]);
+      assert.deepEqual(Object.keys(loraList[0]!.metadata), ["ss_resolution", "ss_tag_frequency", "ss_network_dim"]);
       assert.equal((await post("refresh-loras", {})).status, 200);
       // Bad input: FastAPI's 422 naming the field; unknown routes 404; an unknown sampler is the farm's NOT_FOUND-free refusal.
       const bad = await post("txt2img", { steps: "many" });

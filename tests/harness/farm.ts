@@ -224,20 +224,26 @@ export const TEST_UPSCALER = "2x-nearest-test";
 /** A LoRA for the kit's tiny SD1.5, in the first agent's LoRA folder only. */
 export const TEST_LORA = "lf-ink";
 
-/** TEST_LORA's file: rank-2 factors on the UNet's first self-attention query and the text encoder's first layer's. */
+/** TEST_LORA's file: rank-2 factors on the UNet's first self-attention query and the text encoder's first layer's, with some metadata. */
 export function testLora(): Uint8Array {
   const factor = (shape: number[], v: number) => ({
     dtype: "F32" as const,
     shape,
     data: Float32Array.from({ length: shape[0]! * shape[1]! }, (_, i) => v * Math.sin(i + 1)),
   });
-  return encodeSafetensors({
-    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": factor([32, 2], 0.6),
-    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": factor([2, 32], 0.6),
-    "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": factor([32, 2], 0.4),
-    "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": factor([2, 32], 0.4),
-  });
+  return encodeSafetensors(
+    {
+      "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": factor([32, 2], 0.6),
+      "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": factor([2, 32], 0.6),
+      "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": factor([32, 2], 0.4),
+      "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": factor([2, 32], 0.4),
+    },
+    TEST_LORA_METADATA,
+  );
 }
+
+/** TEST_LORA's training metadata, as kohya's scripts write some of it (the header's __metadata__, all strings). */
+export const TEST_LORA_METADATA = { ss_network_dim: "2", ss_tag_frequency: '{"ink": {"lf": 3}}', ss_resolution: "(64, 64)" };
 
 /** A ×2 nearest-neighbour upscaler as an ONNX model: four copies of the image's channels, then DepthToSpace (DCR). */
 async function writeNearest2xUpscaler(path: string): Promise<void> {

@@ -268,6 +268,8 @@ export class SimAgent {
         models: this.o.models ?? ["sim"],
         runningTasks: [...this.running.values()].filter((r) => !r.finished).map((r) => r.taskId),
       }),
+      // A simulated agent has no LoRA folder.
+      loraMetadata: async () => ({ metadataJson: {} }),
     });
     const port = await bindServer(this.server, "127.0.0.1:0");
     this.address = `127.0.0.1:${port}`;

@@ -355,9 +355,15 @@ export class A1111Gateway {
       // name; A1111's default lora_preferred_name). Paths stay the agents' own.
       "GET /sdapi/v1/loras",
       async (c) => {
-        const { loras } = await this.client.listLoras({}, c.o);
-        const byName = new Map(loras.map((l) => [l.name, l.alias || l.name]));
-        return [...byName].map(([name, alias]) => ({ name, alias, path: `${name}.safetensors`, metadata: {} }));
+        // A1111's create_lora_json: the file's training metadata too, as the agents read it.
+        const { loras } = await this.client.listLoras({ metadata: true }, c.o);
+        const byName = new Map(loras.map((l) => [l.name, l]));
+        return [...byName.values()].map((l) => ({
+          name: l.name,
+          alias: l.alias || l.name,
+          path: `${l.name}.safetensors`,
+          metadata: l.metadataJson === "" ? {} : (JSON.parse(l.metadataJson) as JsonValue),
+        }));
       },
     ],
     // Agents read their folders on every heartbeat: there is nothing to refresh.

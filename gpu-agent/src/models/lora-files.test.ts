@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { status } from "@grpc/grpc-js";
 import { FarmError } from "@latentfarm/shared";
 import { encodeSafetensors } from "../model-graph/index.js";
-import { listLoras, recentLoras, resolveLoraFile } from "./lora-files.js";
+import { listLoras, loraMetadata, loraMetadataByName, recentLoras, resolveLoraFile } from "./lora-files.js";
 
 function folder(files: Record<string, number>): string {
   const dir = mkdtempSync(join(tmpdir(), "lf-loras-"));
@@ -153,6 +153,42 @@ test("torch LoRAs (.pt, .ckpt) are listed and resolved like .safetensors ones; i
     assert.equal(await resolveLoraFile(dir, "old"), join(dir, "old.pt"));
     assert.equal(await resolveLoraFile(dir, "older.ckpt"), join(dir, "older.ckpt"));
     assert.equal(await resolveLoraFile(dir, "both"), join(dir, "both.safetensors"));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("LoRA metadata as A1111's /sdapi/v1/loras gives it: JSON-looking values parsed, A1111's key order, none for torch files", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "lf-lora-meta-"));
+  try {
+    const tensors = { "lora_unet_x.lora_up.weight": { dtype: "F32" as const, shape: [1, 1], data: Float32Array.of(1) } };
+    writeFileSync(
+      join(dir, "styled.safetensors"),
+      encodeSafetensors(tensors, {
+        ss_network_dim: "2",
+        ss_tag_frequency: '{"ink": {"lf": 3}}',
+        modelspec_title: "{not json",
+        ss_resolution: "(512, 512)",
+        ss_sd_model_name: "v1-5-pruned.ckpt",
+      }),
+    );
+    writeFileSync(join(dir, "plain.safetensors"), encodeSafetensors(tensors));
+    writeFileSync(join(dir, "old.pt"), Uint8Array.of(1, 2, 3));
+    const styled = await loraMetadata(join(dir, "styled.safetensors"));
+    assert.deepEqual(styled, {
+      ss_sd_model_name: "v1-5-pruned.ckpt",
+      ss_resolution: "(512, 512)",
+      ss_tag_frequency: { ink: { lf: 3 } },
+      ss_network_dim: "2",
+      modelspec_title: "{not json",
+    });
+    assert.deepEqual(Object.keys(styled), ["ss_sd_model_name", "ss_resolution", "ss_tag_frequency", "ss_network_dim", "modelspec_title"]);
+    assert.deepEqual(await loraMetadata(join(dir, "old.pt")), {});
+    // By the names the folder lists; a name it lacks is left out, and nothing outside it is read.
+    const byName = await loraMetadataByName(dir, ["styled", "plain", "old", "gone", "../styled"]);
+    assert.deepEqual([...byName.keys()].sort(), ["old", "plain", "styled"]);
+    assert.deepEqual(byName.get("plain"), {});
+    assert.equal((await loraMetadataByName(undefined, ["styled"])).size, 0);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -162,3 +162,55 @@ export async function listLoras(dir: string | undefined, maxAgeMs = 0): Promise<
 export function recentLoras(dir: string | undefined): Promise<LoraFile[]> {
   return listLoras(dir, RECENT_MS);
 }
+
+/** A1111's order for metadata keys (the Lora extension's metadata_tags_order); other keys follow, in the file's order. */
+const METADATA_KEY_ORDER: Readonly<Record<string, number>> = {
+  ss_sd_model_name: 1,
+  ss_resolution: 2,
+  ss_clip_skip: 3,
+  ss_num_train_images: 10,
+  ss_tag_frequency: 20,
+};
+
+/**
+ * A LoRA file's training metadata as A1111's /sdapi/v1/loras gives it (read_metadata_from_safetensors): a
+ * .safetensors file's `__metadata__`, each value that starts with "{" parsed as JSON where it parses, keys in
+ * A1111's order. A .pt or .ckpt file has none ({}), and neither has a header that cannot be read.
+ */
+export async function loraMetadata(path: string): Promise<Record<string, unknown>> {
+  if (!path.toLowerCase().endsWith(".safetensors")) return {};
+  let raw: Readonly<Record<string, string>>;
+  try {
+    const file = await readSafetensors(path);
+    await file.close();
+    raw = file.metadata;
+  } catch {
+    return {};
+  }
+  const entries = Object.entries(raw).map(([k, v]): [string, unknown] => {
+    if (!v.startsWith("{")) return [k, v];
+    try {
+      return [k, JSON.parse(v) as unknown];
+    } catch {
+      return [k, v];
+    }
+  });
+  // A stable sort: keys A1111 does not order keep the file's order.
+  entries.sort(([a], [b]) => (METADATA_KEY_ORDER[a] ?? 999) - (METADATA_KEY_ORDER[b] ?? 999));
+  return Object.fromEntries(entries);
+}
+
+/** loraMetadata of the folder's files by the names listLoras gives them; names it does not list are left out. */
+export async function loraMetadataByName(dir: string | undefined, names: readonly string[]): Promise<Map<string, Record<string, unknown>>> {
+  const out = new Map<string, Record<string, unknown>>();
+  if (!dir) return out;
+  const recent = await recentFolder(dir);
+  // A name the recent walk lacks is looked for in one fresh walk, as resolveLoraFile does.
+  let fresh: LoraFolder | undefined;
+  for (const name of new Set(names)) {
+    let f = recent.byName.get(name);
+    if (f === undefined) f = (fresh ??= await recentFolder(dir, 0)).byName.get(name);
+    if (f !== undefined) out.set(name, await loraMetadata(f.path));
+  }
+  return out;
+}

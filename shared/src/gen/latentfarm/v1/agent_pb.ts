@@ -14,7 +14,43 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file latentfarm/v1/agent.proto.
  */
 export const file_latentfarm_v1_agent: GenFile = /*@__PURE__*/
-  fileDesc("ChlsYXRlbnRmYXJtL3YxL2FnZW50LnByb3RvEg1sYXRlbnRmYXJtLnYxIr8DCg5SdW5UYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgJEg4KBmpvYl9pZBgCIAEoCRIvCgZwYXJhbXMYAyABKAsyHy5sYXRlbnRmYXJtLnYxLkdlbmVyYXRpb25QYXJhbXMSEwoLaW1hZ2VfaW5kZXgYBCABKAUSDAoEc2VlZBgFIAEoAxIPCgdzdWJzZWVkGAYgASgDEg8KB2F0dGVtcHQYByABKAUSJwoFc3RhZ2UYCCABKA4yGC5sYXRlbnRmYXJtLnYxLlRhc2tTdGFnZRInCgZpbnB1dHMYCSADKAsyFy5sYXRlbnRmYXJtLnYxLkhhbmRvdmVyEhIKCnRpbGVfaW5kZXgYCiABKAUSJgoFdGlsZXMYCyABKAsyFy5sYXRlbnRmYXJtLnYxLlRpbGVQbGFuEjQKDnJlZmluZXJfcmVzdW1lGAwgASgLMhwubGF0ZW50ZmFybS52MS5SZWZpbmVyUmVzdW1lEjIKC3Jlc3VtZV9mcm9tGA0gASgLMh0ubGF0ZW50ZmFybS52MS5QYXNzQ2hlY2twb2ludBIeChZjaGVja3BvaW50X2V2ZXJ5X3N0ZXBzGA4gASgFImoKDlBhc3NDaGVja3BvaW50EhIKCmZpcnN0X2NhbGwYASABKAUSDwoHYW5zd2VycxgCIAMoDBIWCg51bmNvbmRfYW5zd2VycxgDIAMoDBINCgVzdGFydBgEIAEoDBIMCgRpbml0GAUgASgMIp8BCg1SZWZpbmVyUmVzdW1lEg8KB2Fuc3dlcnMYASADKAwSFgoOdW5jb25kX2Fuc3dlcnMYAiADKAwSDQoFc3RhcnQYAyABKAwSJwoFbW9kZWwYBCABKAsyGC5sYXRlbnRmYXJtLnYxLlBhc3NNb2RlbBIMCgRpbml0GAUgASgMEh8KF2lucGFpbnRpbmdfY29uZGl0aW9uaW5nGAYgASgIIpQCCghIYW5kb3ZlchItCgZsYXRlbnQYASABKAsyGy5sYXRlbnRmYXJtLnYxLkxhdGVudFRlbnNvckgAEiYKA3JnYhgCIAEoCzIXLmxhdGVudGZhcm0udjEuUmdiSW1hZ2VIABI5ChNmaXJzdF9wYXNzX2luZm90ZXh0GAMgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjoKFHNlY29uZF9wYXNzX2luZm90ZXh0GAQgAygLMhwubGF0ZW50ZmFybS52MS5JbmZvdGV4dEVudHJ5EjIKEGZpcnN0X3Bhc3NfbW9kZWwYBSABKAsyGC5sYXRlbnRmYXJtLnYxLlBhc3NNb2RlbEIGCgRkYXRhImYKCVBhc3NNb2RlbBIMCgRuYW1lGAEgASgJEhIKCm1vZGVsX2hhc2gYAiABKAkSEwoLbG9yYV9oYXNoZXMYAyADKAkSEAoIdmFlX25hbWUYBCABKAkSEAoIdmFlX2hhc2gYBSABKAkiKwoNSW5mb3RleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAkiKwoMTGF0ZW50VGVuc29yEg0KBXNoYXBlGAEgAygFEgwKBGRhdGEYAiABKAwiNwoIUmdiSW1hZ2USDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEgwKBGRhdGEYAyABKAwiagoIVGlsZVBsYW4SDQoFd2lkdGgYASABKAUSDgoGaGVpZ2h0GAIgASgFEhIKCnRpbGVfd2lkdGgYAyABKAUSEwoLdGlsZV9oZWlnaHQYBCABKAUSCgoCeHMYBSADKAUSCgoCeXMYBiADKAUi4gIKD1J1blRhc2tSZXNwb25zZRIvCghwcm9ncmVzcxgBIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzSAASJgoGcmVzdWx0GAIgASgLMhQubGF0ZW50ZmFybS52MS5JbWFnZUgAEikKB3dhcm5pbmcYAyABKAsyFi5sYXRlbnRmYXJtLnYxLldhcm5pbmdIABIrCghoYW5kb3ZlchgEIAEoCzIXLmxhdGVudGZhcm0udjEuSGFuZG92ZXJIABI2Cg5yZWZpbmVyX3N3aXRjaBgFIAEoCzIcLmxhdGVudGZhcm0udjEuUmVmaW5lclJlc3VtZUgAEjMKCmNoZWNrcG9pbnQYBiABKAsyHS5sYXRlbnRmYXJtLnYxLlBhc3NDaGVja3BvaW50SAASKQoFdXNhZ2UYByABKAsyGC5sYXRlbnRmYXJtLnYxLlRhc2tVc2FnZUgAQgYKBGtpbmQiMgoJVGFza1VzYWdlEg8KB3NlY29uZHMYASABKAESFAoMbG9hZF9zZWNvbmRzGAIgASgBIkUKEUNhbmNlbFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDwoHYXR0ZW1wdBgCIAEoBRIOCgZyZWFzb24YAyABKAkiJQoSQ2FuY2VsVGFza1Jlc3BvbnNlEg8KB3N0b3BwZWQYASABKAgiIgoNU3RhdHVzUmVxdWVzdBIRCglpbnZlbnRvcnkYASABKAgijQEKDlN0YXR1c1Jlc3BvbnNlEicKBWFnZW50GAEgASgLMhgubGF0ZW50ZmFybS52MS5BZ2VudEluZm8SDgoGbW9kZWxzGAIgAygJEhUKDXJ1bm5pbmdfdGFza3MYAyADKAkSKwoJaGVhcnRiZWF0GAQgASgLMhgubGF0ZW50ZmFybS52MS5IZWFydGJlYXQi0QMKCUhlYXJ0YmVhdBInCgVhZ2VudBgBIAEoCzIYLmxhdGVudGZhcm0udjEuQWdlbnRJbmZvEjIKEGF2YWlsYWJsZV9tb2RlbHMYAiADKAsyGC5sYXRlbnRmYXJtLnYxLk1vZGVsSW5mbxIZChFmcmVlX21lbW9yeV9ieXRlcxgDIAEoAxIwCgplbWJlZGRpbmdzGAQgAygLMhwubGF0ZW50ZmFybS52MS5FbWJlZGRpbmdJbmZvEjsKEnNraXBwZWRfZW1iZWRkaW5ncxgFIAMoCzIfLmxhdGVudGZhcm0udjEuU2tpcHBlZEVtYmVkZGluZxIkCgR2YWVzGAYgAygLMhYubGF0ZW50ZmFybS52MS5WYWVJbmZvEhEKCXVwc2NhbGVycxgHIAMoCRIWCg5mYWNlX3Jlc3RvcmVycxgIIAMoCRImCgVsb3JhcxgJIAMoCzIXLmxhdGVudGZhcm0udjEuTG9yYUluZm8SFgoObG9yYXNfdW5saXN0ZWQYCiABKAgSGAoQaW52ZW50b3J5X2RpZ2VzdBgLIAEoCRIZChFpbnZlbnRvcnlfb21pdHRlZBgMIAEoCBIXCg9vbWl0c19pbnZlbnRvcnkYDSABKAgibAoMVGFza1Byb2dyZXNzEg8KB3Rhc2tfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEhAKCGFnZW50X2lkGAMgASgJEikKBHN0ZXAYBCABKAsyGy5sYXRlbnRmYXJtLnYxLlN0ZXBQcm9ncmVzcyqpAQoJVGFza1N0YWdlEhMKD1RBU0tfU1RBR0VfRlVMTBAAEhkKFVRBU0tfU1RBR0VfRklSU1RfUEFTUxABEhoKFlRBU0tfU1RBR0VfU0VDT05EX1BBU1MQAhIWChJUQVNLX1NUQUdFX1VQU0NBTEUQAxIfChtUQVNLX1NUQUdFX1NFQ09ORF9QQVNTX1RJTEUQBBIXChNUQVNLX1NUQUdFX0FTU0VNQkxFEAUy9AEKDEFnZW50U2VydmljZRJKCgdSdW5UYXNrEh0ubGF0ZW50ZmFybS52MS5SdW5UYXNrUmVxdWVzdBoeLmxhdGVudGZhcm0udjEuUnVuVGFza1Jlc3BvbnNlMAESUQoKQ2FuY2VsVGFzaxIgLmxhdGVudGZhcm0udjEuQ2FuY2VsVGFza1JlcXVlc3QaIS5sYXRlbnRmYXJtLnYxLkNhbmNlbFRhc2tSZXNwb25zZRJFCgZTdGF0dXMSHC5sYXRlbnRmYXJtLnYxLlN0YXR1c1JlcXVlc3QaHS5sYXRlbnRmYXJtLnYxLlN0YXR1c1Jlc3BvbnNlYgZwcm90bzM", [file_latentfarm_v1_generation, file_latentfarm_v1_render]);
+  fileDesc("ChlsYXRlbnRmYXJtL3YxL2FnZW50LnByb3RvEg1sYXRlbnRmYXJtLnYxIiQKE0xvcmFNZXRhZGF0YVJlcXVlc3QSDQoFbmFtZXMYASADKAkimQEKFExvcmFNZXRhZGF0YVJlc3BvbnNlEkwKDW1ldGFkYXRhX2pzb24YASADKAsyNS5sYXRlbnRmYXJtLnYxLkxvcmFNZXRhZGF0YVJlc3BvbnNlLk1ldGFkYXRhSnNvbkVudHJ5GjMKEU1ldGFkYXRhSnNvbkVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEivwMKDlJ1blRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAkSDgoGam9iX2lkGAIgASgJEi8KBnBhcmFtcxgDIAEoCzIfLmxhdGVudGZhcm0udjEuR2VuZXJhdGlvblBhcmFtcxITCgtpbWFnZV9pbmRleBgEIAEoBRIMCgRzZWVkGAUgASgDEg8KB3N1YnNlZWQYBiABKAMSDwoHYXR0ZW1wdBgHIAEoBRInCgVzdGFnZRgIIAEoDjIYLmxhdGVudGZhcm0udjEuVGFza1N0YWdlEicKBmlucHV0cxgJIAMoCzIXLmxhdGVudGZhcm0udjEuSGFuZG92ZXISEgoKdGlsZV9pbmRleBgKIAEoBRImCgV0aWxlcxgLIAEoCzIXLmxhdGVudGZhcm0udjEuVGlsZVBsYW4SNAoOcmVmaW5lcl9yZXN1bWUYDCABKAsyHC5sYXRlbnRmYXJtLnYxLlJlZmluZXJSZXN1bWUSMgoLcmVzdW1lX2Zyb20YDSABKAsyHS5sYXRlbnRmYXJtLnYxLlBhc3NDaGVja3BvaW50Eh4KFmNoZWNrcG9pbnRfZXZlcnlfc3RlcHMYDiABKAUiagoOUGFzc0NoZWNrcG9pbnQSEgoKZmlyc3RfY2FsbBgBIAEoBRIPCgdhbnN3ZXJzGAIgAygMEhYKDnVuY29uZF9hbnN3ZXJzGAMgAygMEg0KBXN0YXJ0GAQgASgMEgwKBGluaXQYBSABKAwinwEKDVJlZmluZXJSZXN1bWUSDwoHYW5zd2VycxgBIAMoDBIWCg51bmNvbmRfYW5zd2VycxgCIAMoDBINCgVzdGFydBgDIAEoDBInCgVtb2RlbBgEIAEoCzIYLmxhdGVudGZhcm0udjEuUGFzc01vZGVsEgwKBGluaXQYBSABKAwSHwoXaW5wYWludGluZ19jb25kaXRpb25pbmcYBiABKAgilAIKCEhhbmRvdmVyEi0KBmxhdGVudBgBIAEoCzIbLmxhdGVudGZhcm0udjEuTGF0ZW50VGVuc29ySAASJgoDcmdiGAIgASgLMhcubGF0ZW50ZmFybS52MS5SZ2JJbWFnZUgAEjkKE2ZpcnN0X3Bhc3NfaW5mb3RleHQYAyADKAsyHC5sYXRlbnRmYXJtLnYxLkluZm90ZXh0RW50cnkSOgoUc2Vjb25kX3Bhc3NfaW5mb3RleHQYBCADKAsyHC5sYXRlbnRmYXJtLnYxLkluZm90ZXh0RW50cnkSMgoQZmlyc3RfcGFzc19tb2RlbBgFIAEoCzIYLmxhdGVudGZhcm0udjEuUGFzc01vZGVsQgYKBGRhdGEiZgoJUGFzc01vZGVsEgwKBG5hbWUYASABKAkSEgoKbW9kZWxfaGFzaBgCIAEoCRITCgtsb3JhX2hhc2hlcxgDIAMoCRIQCgh2YWVfbmFtZRgEIAEoCRIQCgh2YWVfaGFzaBgFIAEoCSIrCg1JbmZvdGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCSIrCgxMYXRlbnRUZW5zb3ISDQoFc2hhcGUYASADKAUSDAoEZGF0YRgCIAEoDCI3CghSZ2JJbWFnZRINCgV3aWR0aBgBIAEoBRIOCgZoZWlnaHQYAiABKAUSDAoEZGF0YRgDIAEoDCJqCghUaWxlUGxhbhINCgV3aWR0aBgBIAEoBRIOCgZoZWlnaHQYAiABKAUSEgoKdGlsZV93aWR0aBgDIAEoBRITCgt0aWxlX2hlaWdodBgEIAEoBRIKCgJ4cxgFIAMoBRIKCgJ5cxgGIAMoBSLiAgoPUnVuVGFza1Jlc3BvbnNlEi8KCHByb2dyZXNzGAEgASgLMhsubGF0ZW50ZmFybS52MS5TdGVwUHJvZ3Jlc3NIABImCgZyZXN1bHQYAiABKAsyFC5sYXRlbnRmYXJtLnYxLkltYWdlSAASKQoHd2FybmluZxgDIAEoCzIWLmxhdGVudGZhcm0udjEuV2FybmluZ0gAEisKCGhhbmRvdmVyGAQgASgLMhcubGF0ZW50ZmFybS52MS5IYW5kb3ZlckgAEjYKDnJlZmluZXJfc3dpdGNoGAUgASgLMhwubGF0ZW50ZmFybS52MS5SZWZpbmVyUmVzdW1lSAASMwoKY2hlY2twb2ludBgGIAEoCzIdLmxhdGVudGZhcm0udjEuUGFzc0NoZWNrcG9pbnRIABIpCgV1c2FnZRgHIAEoCzIYLmxhdGVudGZhcm0udjEuVGFza1VzYWdlSABCBgoEa2luZCIyCglUYXNrVXNhZ2USDwoHc2Vjb25kcxgBIAEoARIUCgxsb2FkX3NlY29uZHMYAiABKAEiRQoRQ2FuY2VsVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoCRIPCgdhdHRlbXB0GAIgASgFEg4KBnJlYXNvbhgDIAEoCSIlChJDYW5jZWxUYXNrUmVzcG9uc2USDwoHc3RvcHBlZBgBIAEoCCIiCg1TdGF0dXNSZXF1ZXN0EhEKCWludmVudG9yeRgBIAEoCCKNAQoOU3RhdHVzUmVzcG9uc2USJwoFYWdlbnQYASABKAsyGC5sYXRlbnRmYXJtLnYxLkFnZW50SW5mbxIOCgZtb2RlbHMYAiADKAkSFQoNcnVubmluZ190YXNrcxgDIAMoCRIrCgloZWFydGJlYXQYBCABKAsyGC5sYXRlbnRmYXJtLnYxLkhlYXJ0YmVhdCLRAwoJSGVhcnRiZWF0EicKBWFnZW50GAEgASgLMhgubGF0ZW50ZmFybS52MS5BZ2VudEluZm8SMgoQYXZhaWxhYmxlX21vZGVscxgCIAMoCzIYLmxhdGVudGZhcm0udjEuTW9kZWxJbmZvEhkKEWZyZWVfbWVtb3J5X2J5dGVzGAMgASgDEjAKCmVtYmVkZGluZ3MYBCADKAsyHC5sYXRlbnRmYXJtLnYxLkVtYmVkZGluZ0luZm8SOwoSc2tpcHBlZF9lbWJlZGRpbmdzGAUgAygLMh8ubGF0ZW50ZmFybS52MS5Ta2lwcGVkRW1iZWRkaW5nEiQKBHZhZXMYBiADKAsyFi5sYXRlbnRmYXJtLnYxLlZhZUluZm8SEQoJdXBzY2FsZXJzGAcgAygJEhYKDmZhY2VfcmVzdG9yZXJzGAggAygJEiYKBWxvcmFzGAkgAygLMhcubGF0ZW50ZmFybS52MS5Mb3JhSW5mbxIWCg5sb3Jhc191bmxpc3RlZBgKIAEoCBIYChBpbnZlbnRvcnlfZGlnZXN0GAsgASgJEhkKEWludmVudG9yeV9vbWl0dGVkGAwgASgIEhcKD29taXRzX2ludmVudG9yeRgNIAEoCCJsCgxUYXNrUHJvZ3Jlc3MSDwoHdGFza19pZBgBIAEoCRIOCgZqb2JfaWQYAiABKAkSEAoIYWdlbnRfaWQYAyABKAkSKQoEc3RlcBgEIAEoCzIbLmxhdGVudGZhcm0udjEuU3RlcFByb2dyZXNzKqkBCglUYXNrU3RhZ2USEwoPVEFTS19TVEFHRV9GVUxMEAASGQoVVEFTS19TVEFHRV9GSVJTVF9QQVNTEAESGgoWVEFTS19TVEFHRV9TRUNPTkRfUEFTUxACEhYKElRBU0tfU1RBR0VfVVBTQ0FMRRADEh8KG1RBU0tfU1RBR0VfU0VDT05EX1BBU1NfVElMRRAEEhcKE1RBU0tfU1RBR0VfQVNTRU1CTEUQBTLNAgoMQWdlbnRTZXJ2aWNlEkoKB1J1blRhc2sSHS5sYXRlbnRmYXJtLnYxLlJ1blRhc2tSZXF1ZXN0Gh4ubGF0ZW50ZmFybS52MS5SdW5UYXNrUmVzcG9uc2UwARJRCgpDYW5jZWxUYXNrEiAubGF0ZW50ZmFybS52MS5DYW5jZWxUYXNrUmVxdWVzdBohLmxhdGVudGZhcm0udjEuQ2FuY2VsVGFza1Jlc3BvbnNlEkUKBlN0YXR1cxIcLmxhdGVudGZhcm0udjEuU3RhdHVzUmVxdWVzdBodLmxhdGVudGZhcm0udjEuU3RhdHVzUmVzcG9uc2USVwoMTG9yYU1ldGFkYXRhEiIubGF0ZW50ZmFybS52MS5Mb3JhTWV0YWRhdGFSZXF1ZXN0GiMubGF0ZW50ZmFybS52MS5Mb3JhTWV0YWRhdGFSZXNwb25zZWIGcHJvdG8z", [file_latentfarm_v1_generation, file_latentfarm_v1_render]);
+
+/**
+ * @generated from message latentfarm.v1.LoraMetadataRequest
+ */
+export type LoraMetadataRequest = Message<"latentfarm.v1.LoraMetadataRequest"> & {
+  /**
+   * @generated from field: repeated string names = 1;
+   */
+  names: string[];
+};
+
+/**
+ * Describes the message latentfarm.v1.LoraMetadataRequest.
+ * Use `create(LoraMetadataRequestSchema)` to create a new message.
+ */
+export const LoraMetadataRequestSchema: GenMessage<LoraMetadataRequest> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_agent, 0);
+
+/**
+ * @generated from message latentfarm.v1.LoraMetadataResponse
+ */
+export type LoraMetadataResponse = Message<"latentfarm.v1.LoraMetadataResponse"> & {
+  /**
+   * By name, as LoraInfo.metadata_json; names not in the folder are left out.
+   *
+   * @generated from field: map<string, string> metadata_json = 1;
+   */
+  metadataJson: { [key: string]: string };
+};
+
+/**
+ * Describes the message latentfarm.v1.LoraMetadataResponse.
+ * Use `create(LoraMetadataResponseSchema)` to create a new message.
+ */
+export const LoraMetadataResponseSchema: GenMessage<LoraMetadataResponse> = /*@__PURE__*/
+  messageDesc(file_latentfarm_v1_agent, 1);
 
 /**
  * @generated from message latentfarm.v1.RunTaskRequest
@@ -119,7 +155,7 @@ export type RunTaskRequest = Message<"latentfarm.v1.RunTaskRequest"> & {
  * Use `create(RunTaskRequestSchema)` to create a new message.
  */
 export const RunTaskRequestSchema: GenMessage<RunTaskRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 0);
+  messageDesc(file_latentfarm_v1_agent, 2);
 
 /**
  * A sampling pass's progress, enough to carry it on elsewhere: its start latent and each model call's
@@ -164,7 +200,7 @@ export type PassCheckpoint = Message<"latentfarm.v1.PassCheckpoint"> & {
  * Use `create(PassCheckpointSchema)` to create a new message.
  */
 export const PassCheckpointSchema: GenMessage<PassCheckpoint> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 1);
+  messageDesc(file_latentfarm_v1_agent, 3);
 
 /**
  * A pass that reached its refiner switch: what the refiner's run of the same pass needs to take over
@@ -226,7 +262,7 @@ export type RefinerResume = Message<"latentfarm.v1.RefinerResume"> & {
  * Use `create(RefinerResumeSchema)` to create a new message.
  */
 export const RefinerResumeSchema: GenMessage<RefinerResume> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 2);
+  messageDesc(file_latentfarm_v1_agent, 4);
 
 /**
  * Bytes one stage hands to the next.
@@ -280,7 +316,7 @@ export type Handover = Message<"latentfarm.v1.Handover"> & {
  * Use `create(HandoverSchema)` to create a new message.
  */
 export const HandoverSchema: GenMessage<Handover> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 3);
+  messageDesc(file_latentfarm_v1_agent, 5);
 
 /**
  * A pipeline as an infotext names it.
@@ -328,7 +364,7 @@ export type PassModel = Message<"latentfarm.v1.PassModel"> & {
  * Use `create(PassModelSchema)` to create a new message.
  */
 export const PassModelSchema: GenMessage<PassModel> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 4);
+  messageDesc(file_latentfarm_v1_agent, 6);
 
 /**
  * One "Key: value" of an infotext, the value as the infotext prints it.
@@ -352,7 +388,7 @@ export type InfotextEntry = Message<"latentfarm.v1.InfotextEntry"> & {
  * Use `create(InfotextEntrySchema)` to create a new message.
  */
 export const InfotextEntrySchema: GenMessage<InfotextEntry> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 5);
+  messageDesc(file_latentfarm_v1_agent, 7);
 
 /**
  * A latent as float32 little-endian values in NCHW order.
@@ -376,7 +412,7 @@ export type LatentTensor = Message<"latentfarm.v1.LatentTensor"> & {
  * Use `create(LatentTensorSchema)` to create a new message.
  */
 export const LatentTensorSchema: GenMessage<LatentTensor> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 6);
+  messageDesc(file_latentfarm_v1_agent, 8);
 
 /**
  * 8-bit RGB, row-major, 3 bytes per pixel.
@@ -405,7 +441,7 @@ export type RgbImage = Message<"latentfarm.v1.RgbImage"> & {
  * Use `create(RgbImageSchema)` to create a new message.
  */
 export const RgbImageSchema: GenMessage<RgbImage> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 7);
+  messageDesc(file_latentfarm_v1_agent, 9);
 
 /**
  * Overlapping tiles of a width × height second pass: every (x, y) of xs × ys is the top-left
@@ -450,7 +486,7 @@ export type TilePlan = Message<"latentfarm.v1.TilePlan"> & {
  * Use `create(TilePlanSchema)` to create a new message.
  */
 export const TilePlanSchema: GenMessage<TilePlan> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 8);
+  messageDesc(file_latentfarm_v1_agent, 10);
 
 /**
  * @generated from message latentfarm.v1.RunTaskResponse
@@ -518,7 +554,7 @@ export type RunTaskResponse = Message<"latentfarm.v1.RunTaskResponse"> & {
  * Use `create(RunTaskResponseSchema)` to create a new message.
  */
 export const RunTaskResponseSchema: GenMessage<RunTaskResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 9);
+  messageDesc(file_latentfarm_v1_agent, 11);
 
 /**
  * @generated from message latentfarm.v1.TaskUsage
@@ -544,7 +580,7 @@ export type TaskUsage = Message<"latentfarm.v1.TaskUsage"> & {
  * Use `create(TaskUsageSchema)` to create a new message.
  */
 export const TaskUsageSchema: GenMessage<TaskUsage> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 10);
+  messageDesc(file_latentfarm_v1_agent, 12);
 
 /**
  * @generated from message latentfarm.v1.CancelTaskRequest
@@ -573,7 +609,7 @@ export type CancelTaskRequest = Message<"latentfarm.v1.CancelTaskRequest"> & {
  * Use `create(CancelTaskRequestSchema)` to create a new message.
  */
 export const CancelTaskRequestSchema: GenMessage<CancelTaskRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 11);
+  messageDesc(file_latentfarm_v1_agent, 13);
 
 /**
  * @generated from message latentfarm.v1.CancelTaskResponse
@@ -592,7 +628,7 @@ export type CancelTaskResponse = Message<"latentfarm.v1.CancelTaskResponse"> & {
  * Use `create(CancelTaskResponseSchema)` to create a new message.
  */
 export const CancelTaskResponseSchema: GenMessage<CancelTaskResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 12);
+  messageDesc(file_latentfarm_v1_agent, 14);
 
 /**
  * @generated from message latentfarm.v1.StatusRequest
@@ -611,7 +647,7 @@ export type StatusRequest = Message<"latentfarm.v1.StatusRequest"> & {
  * Use `create(StatusRequestSchema)` to create a new message.
  */
 export const StatusRequestSchema: GenMessage<StatusRequest> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 13);
+  messageDesc(file_latentfarm_v1_agent, 15);
 
 /**
  * @generated from message latentfarm.v1.StatusResponse
@@ -648,7 +684,7 @@ export type StatusResponse = Message<"latentfarm.v1.StatusResponse"> & {
  * Use `create(StatusResponseSchema)` to create a new message.
  */
 export const StatusResponseSchema: GenMessage<StatusResponse> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 14);
+  messageDesc(file_latentfarm_v1_agent, 16);
 
 /**
  * Published on NATS subject lf.agent.<agent_id>.heartbeat.
@@ -757,7 +793,7 @@ export type Heartbeat = Message<"latentfarm.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 15);
+  messageDesc(file_latentfarm_v1_agent, 17);
 
 /**
  * Published on NATS subject lf.task.<task_id>.progress.
@@ -791,7 +827,7 @@ export type TaskProgress = Message<"latentfarm.v1.TaskProgress"> & {
  * Use `create(TaskProgressSchema)` to create a new message.
  */
 export const TaskProgressSchema: GenMessage<TaskProgress> = /*@__PURE__*/
-  messageDesc(file_latentfarm_v1_agent, 16);
+  messageDesc(file_latentfarm_v1_agent, 18);
 
 /**
  * A Hires.fix image runs as a small graph of tasks that may land on different agents:
@@ -889,6 +925,16 @@ export const AgentService: GenService<{
     methodKind: "unary";
     input: typeof StatusRequestSchema;
     output: typeof StatusResponseSchema;
+  },
+  /**
+   * The training metadata of LoRA files in the agent's folder, by the names heartbeats list them under.
+   *
+   * @generated from rpc latentfarm.v1.AgentService.LoraMetadata
+   */
+  loraMetadata: {
+    methodKind: "unary";
+    input: typeof LoraMetadataRequestSchema;
+    output: typeof LoraMetadataResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_latentfarm_v1_agent, 0);
