@@ -83,10 +83,10 @@ async function maxLevelDiff(png: Uint8Array, expectedPath: string): Promise<numb
 }
 
 /** A list command of the CLI against the farm, with --json: what it printed, parsed. */
-function cliList(farm: TestFarm, command: string): unknown {
+function cliList(farm: TestFarm, command: string, ...flags: string[]): unknown {
   const cli = spawnSync(
     process.execPath,
-    [join(REPO, "bin", "latentfarm.js"), command, "--coordinator", farm.coordinatorAddress, "--json"],
+    [join(REPO, "bin", "latentfarm.js"), command, "--coordinator", farm.coordinatorAddress, "--json", ...flags],
     {
       encoding: "utf8",
       timeout: 60_000,
@@ -799,6 +799,18 @@ describe("farm end to end (nats-server, coordinator and two agents as processes)
       [listed],
     );
     assert.deepEqual(cliList(farm, "loras"), [listed]);
+    assert.deepEqual(cliList(farm, "loras", "--metadata"), [
+      { ...listed, metadata: { ss_resolution: "(64, 64)", ss_tag_frequency: { ink: { lf: 3 } }, ss_network_dim: "2" } },
+    ]);
+    const misuse = spawnSync(
+      process.execPath,
+      [join(REPO, "bin", "latentfarm.js"), "vaes", "--coordinator", farm.coordinatorAddress, "--metadata"],
+      {
+        encoding: "utf8",
+        timeout: 60_000,
+      },
+    );
+    assert.deepEqual([misuse.status, misuse.stderr], [2, "latentfarm vaes: --metadata is for `latentfarm loras` only\n"]);
     // Its images come from agent-0, the one with the file, merged into the checkpoint (LoRAs merge into .safetensors ones).
     const render = async (prompt: string) => {
       const { jobId } = await farm.client.submit({

@@ -63,7 +63,7 @@ Usage:
   latentfarm schedulers --coordinator HOST:PORT [--json]   (schedule types: API name, label, aliases)
   latentfarm embeddings --coordinator HOST:PORT [--json]   (textual-inversion embeddings in the agents' folders)
   latentfarm vaes       --coordinator HOST:PORT [--json]   (VAE files a job's sd_vae may name)
-  latentfarm loras      --coordinator HOST:PORT [--json]   (LoRA files a prompt's <lora:name:w> may name, and their agents)
+  latentfarm loras      --coordinator HOST:PORT [--json] [--metadata]   (LoRA files a prompt's <lora:name:w> may name, and their agents; with their training metadata)
   latentfarm upscalers  --coordinator HOST:PORT [--json]   (upscalers and face restorers a job may name, and their agents)
   latentfarm styles     --coordinator HOST:PORT [--json]   (prompt styles a job's --style may name)
   latentfarm prompt "<prompt>" [--steps N] [--json] [--tokenizer DIR]
@@ -513,10 +513,16 @@ async function listCommand(
     options: {
       coordinator: { type: "string", default: "127.0.0.1:50051" },
       json: { type: "boolean", default: false },
+      // loras only: each file's training metadata, read from an agent that has it.
+      metadata: { type: "boolean", default: false },
       token: { type: "string", default: process.env["LATENTFARM_TOKEN"] },
       "tls-ca": { type: "string" },
     },
   });
+  if (v.metadata && kind !== "loras") {
+    o.err(`latentfarm ${kind}: --metadata is for \`latentfarm loras\` only\n`);
+    return 2;
+  }
   const { client, metadata } = renderClient(v.coordinator, v);
   try {
     if (kind === "agents") {
@@ -582,15 +588,21 @@ async function listCommand(
         for (const f of faceRestorers) o.out(`face restorer\t${f.name}\t${f.agents.join(",")}\n`);
       }
     } else if (kind === "loras") {
-      const { loras } = await client.listLoras({}, { timeoutMs: 10_000, metadata });
+      const { loras } = await client.listLoras({ metadata: v.metadata }, { timeoutMs: v.metadata ? 60_000 : 10_000, metadata });
       const rows = loras.map((l) => ({
         name: l.name,
         ...(l.alias !== "" && { alias: l.alias }),
         sizeBytes: Number(l.sizeBytes),
         agents: l.agents,
+        ...(v.metadata && { metadata: (l.metadataJson === "" ? null : JSON.parse(l.metadataJson)) as JsonValue }),
       }));
       if (v.json) o.out(JSON.stringify(rows) + "\n");
-      else for (const l of rows) o.out(`${l.name}\t${l.alias ?? "-"}\t${l.sizeBytes} bytes\t${l.agents.join(",")}\n`);
+      else {
+        for (const l of rows) {
+          const extra = v.metadata ? `\t${JSON.stringify(l.metadata ?? null)}` : "";
+          o.out(`${l.name}\t${l.alias ?? "-"}\t${l.sizeBytes} bytes\t${l.agents.join(",")}${extra}\n`);
+        }
+      }
     } else if (kind === "vaes") {
       const { vaes } = await client.listVaes({}, { timeoutMs: 10_000, metadata });
       const rows = vaes.map((f) => ({ name: f.name, sizeBytes: Number(f.sizeBytes), agents: f.agents }));
