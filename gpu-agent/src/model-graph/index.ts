@@ -117,6 +117,7 @@ export {
   compvisCandidates,
   moduleIndex,
   readLoraBundleTensors,
+  isSafetensorsLora,
   BUNDLED_EMBEDDING_PREFIX,
 } from "./lora.js";
 export type { LoraApplication, LoraModule, LoraRequest, ParsedLora, ImportedWithLoras } from "./lora.js";

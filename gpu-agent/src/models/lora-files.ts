@@ -5,7 +5,7 @@
 
 import { dirname, join, relative, sep } from "node:path";
 import { FarmError, isLoraName, loraStem } from "@latentfarm/shared";
-import { ModelFileError, readSafetensors } from "../model-graph/index.js";
+import { isSafetensorsLora, ModelFileError, readSafetensors } from "../model-graph/index.js";
 import { filesUnder, type TreeFile } from "./folder-tree.js";
 
 /** A LoRA file as tags name it (the file name without its extension), its alias and its size. */
@@ -20,20 +20,29 @@ export interface LoraFile {
 const aliasCache = new Map<string, { size: number; mtimeMs: number; alias: string | undefined }>();
 const MAX_CACHED_ALIASES = 4096;
 
+/**
+ * A LoRA file's header metadata (`__metadata__`, strings as written): only .safetensors files carry any (A1111
+ * reads none from .pt and .ckpt files); undefined for those, and for a header that cannot be read (loading
+ * the file reports why).
+ */
+async function headerMetadata(path: string): Promise<Readonly<Record<string, string>> | undefined> {
+  if (!isSafetensorsLora(path)) return undefined;
+  try {
+    const file = await readSafetensors(path);
+    await file.close();
+    return file.metadata;
+  } catch {
+    return undefined;
+  }
+}
+
 async function aliasOf(f: TreeFile): Promise<string | undefined> {
-  // Only safetensors files carry metadata (A1111 reads none from .pt and .ckpt files).
-  if (!f.path.toLowerCase().endsWith(".safetensors")) return undefined;
+  if (!isSafetensorsLora(f.path)) return undefined;
   const cached = aliasCache.get(f.path);
   if (cached !== undefined && cached.size === f.size && cached.mtimeMs === f.mtimeMs) return cached.alias;
-  let alias: string | undefined;
-  try {
-    const file = await readSafetensors(f.path);
-    await file.close();
-    const v = file.metadata["ss_output_name"];
-    alias = v !== undefined && v !== "" ? v : undefined;
-  } catch {
-    // Not a readable safetensors file: named by its file name only; loading it reports why.
-  }
+  // Without metadata, named by its file name only.
+  const v = (await headerMetadata(f.path))?.["ss_output_name"];
+  const alias = v !== undefined && v !== "" ? v : undefined;
   if (aliasCache.size >= MAX_CACHED_ALIASES) aliasCache.clear();
   aliasCache.set(f.path, { size: f.size, mtimeMs: f.mtimeMs, alias });
   return alias;
@@ -178,16 +187,7 @@ const METADATA_KEY_ORDER: Readonly<Record<string, number>> = {
  * A1111's order. A .pt or .ckpt file has none ({}), and neither has a header that cannot be read.
  */
 export async function loraMetadata(path: string): Promise<Record<string, unknown>> {
-  if (!path.toLowerCase().endsWith(".safetensors")) return {};
-  let raw: Readonly<Record<string, string>>;
-  try {
-    const file = await readSafetensors(path);
-    await file.close();
-    raw = file.metadata;
-  } catch {
-    return {};
-  }
-  const entries = Object.entries(raw).map(([k, v]): [string, unknown] => {
+  const entries = Object.entries((await headerMetadata(path)) ?? {}).map(([k, v]): [string, unknown] => {
     if (!v.startsWith("{")) return [k, v];
     try {
       return [k, JSON.parse(v) as unknown];
