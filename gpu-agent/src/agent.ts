@@ -243,10 +243,13 @@ export class Agent {
         },
         status: async (req) => {
           if (req.inventory) this.heartbeats.allowOmission();
+          // The inventory already lists the models: the catalog is read once.
+          const heartbeat = req.inventory ? (await this.currentHeartbeat()).heartbeat : undefined;
+          const models = heartbeat?.availableModels.map((m) => m.name) ?? (await this.catalog.list()).map((e) => e.name);
           return {
-            ...(req.inventory && { heartbeat: (await this.currentHeartbeat()).heartbeat }),
+            ...(heartbeat !== undefined && { heartbeat }),
             agent: this.info(),
-            models: (await this.catalog.list()).map((e) => e.name),
+            models,
             runningTasks: [...this.runs.values()].filter((r) => !r.finished).map((r) => r.taskId),
           };
         },
