@@ -33,6 +33,8 @@ describe("embeddings bundled in a LoRA", { concurrency: false }, () => {
     await ink.close();
     width = Object.entries(tensors).find(([k]) => k.startsWith("lora_te_") && k.endsWith("lora_down.weight"))![1].shape[1]!;
     tensors["bundle_emb.zqxj.string_to_param.*"] = vectors(0.05);
+    // One the folders do not have: it stays usable beside them.
+    tensors["bundle_emb.qwvk.emb_params"] = vectors(0.02);
     writeFileSync(join(opts.lorasDir, "ink_bundle.safetensors"), encodeSafetensors(tensors));
     // Two embeddings folders: one with the bundle's vectors under the same name, one with other vectors.
     for (const [folder, v] of [
@@ -97,7 +99,11 @@ describe("embeddings bundled in a LoRA", { concurrency: false }, () => {
   });
 
   test("an embeddings folder's embedding of the same name is used instead of the bundled one, as in A1111", async () => {
-    const both = await render(await pipeline("ink_bundle", "other"), "ink_bundle");
+    const pipe = await pipeline("ink_bundle", "other");
+    const both = await render(pipe, "ink_bundle");
+    // The folder's zqxj, and the bundle's other embedding beside it.
+    const db = (await pipe.conditioner()).embeddings!;
+    assert.deepEqual([db.get("zqxj")?.bundledIn, db.get("qwvk")?.bundledIn], [undefined, "ink_bundle"]);
     const folderOnly = await render(await pipeline("ink", "other"), "ink");
     assert.deepEqual(both.pixels, folderOnly.pixels);
     // The folder's vectors are not the bundle's: the bundled ones would have given another image.
