@@ -641,7 +641,6 @@ export class Coordinator {
     this.m.metrics.jobsInMemory.set(this.store.size);
   }
 
-  /** The caller's tenant: from its API token when tokens are configured, else the x-tenant header. */
   /**
    * The metadata of the listed LoRAs, each asked of the first agent that lists it (one call per agent, at
    * once), by "agent\u0000name". An agent that does not answer leaves its LoRAs without (logged).
@@ -674,6 +673,7 @@ export class Coordinator {
     return out;
   }
 
+  /** The caller's tenant: from its API token when tokens are configured, else the x-tenant header. */
   private tenantOf(ctx: HandlerContext): string {
     if (this.cfg.auth) return this.cfg.auth.tenantOf(ctx.metadata);
     return ctx.metadata.get(TENANT_HEADER)[0]?.toString() || "default";
